@@ -1,0 +1,101 @@
+"""Loading the base model: one function, used by serving and training alike."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loraplex.embedded import EMBEDDED_NAME, embedded_checkpoint
+from loraplex.errors import BaseModelError
+
+DeviceSpec = Literal["auto", "cuda", "cpu"]
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    served_name: str  # the name clients use for the base model (OpenAI `model`, /v1/models)
+    source: str  # hub id or local directory it came from
+    device: torch.device
+    quantized: bool
+
+
+def resolve_device(spec: DeviceSpec) -> torch.device:
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def nf4_config(compute_dtype: torch.dtype = torch.bfloat16):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def resolve_source(base_model: str | None, cache_dir: Path) -> tuple[str, str]:
+    """(where to load from, default served name). None means the embedded SmolLM2."""
+    if base_model is None:
+        return str(embedded_checkpoint(cache_dir)), EMBEDDED_NAME
+    path = Path(base_model).expanduser()
+    looks_like_path = base_model.startswith((".", "/", "~")) or path.exists() or base_model.count("/") != 1
+    if looks_like_path:
+        if not path.is_dir():
+            raise BaseModelError(f"base model directory {base_model!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"{base_model!r} has no config.json: not a transformers model directory")
+        return str(path), path.name
+    return base_model, base_model.split("/")[-1]
+
+
+def load_base_model(
+    base_model: str | None,
+    *,
+    cache_dir: Path,
+    device: DeviceSpec = "auto",
+    quantize: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    served_name: str | None = None,
+) -> LoadedBase:
+    """Load a causal LM (hub id, local directory, or None for the embedded model) with its tokenizer.
+
+    quantize=True gives NF4 weights with double quantization and `dtype` compute (bitsandbytes, on CUDA
+    and on CPU); quantize=False keeps `dtype` weights (the fp32 reference path of the tests).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, default_name = resolve_source(base_model, cache_dir)
+    dev = resolve_device(device)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read the config of base model {source!r}: {_first_line(exc)}") from exc
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise BaseModelError(
+            f"base model {source!r} is a {config.model_type!r} model, not a causal language model"
+        )
+    kwargs: dict = {"dtype": dtype, "device_map": {"": dev}}
+    if quantize:
+        kwargs["quantization_config"] = nf4_config(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot load base model {source!r}: {_first_line(exc)}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedBase(model, tokenizer, served_name or default_name, source, dev, quantize)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
