@@ -1,0 +1,117 @@
+"""Safe extraction of an uploaded .tar.gz / .zip holding a PEFT directory.
+
+Headers are not trusted: sizes are counted while the bytes are written, members are limited in number,
+and only regular files and directories with plain relative paths are accepted.
+"""
+
+import stat
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from adapters.errors import AdapterTooLarge, UnsafeArchive
+from adapters.validate import CONFIG_FILE
+
+MAX_MEMBERS = 64  # a PEFT directory holds a handful of files
+_CHUNK = 1 << 20
+
+
+def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
+    """Extract into the empty directory `dest`; return the PEFT directory inside (at the top or one
+    directory deep)."""
+    with archive.open("rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK\x03\x04"):
+        _extract_zip(archive, dest, max_bytes)
+    elif tarfile.is_tarfile(archive):
+        _extract_tar(archive, dest, max_bytes)
+    else:
+        raise UnsafeArchive("the archive is neither a .tar.gz nor a .zip; pack the PEFT directory with tar or zip")
+    return _peft_dir(dest)
+
+
+def _safe_path(dest: Path, name: str) -> Path:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
+        raise UnsafeArchive(f"archive member {name!r} points outside the archive; pack relative paths only")
+    return dest.joinpath(*path.parts)
+
+
+class _Budget:
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+        self.max_bytes = max_bytes
+        self.members = 0
+
+    def member(self) -> None:
+        self.members += 1
+        if self.members > MAX_MEMBERS:
+            raise UnsafeArchive(f"the archive has more than {MAX_MEMBERS} members; pack only the PEFT directory")
+
+    def copy(self, src: IO[bytes], target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("xb") as out:
+            while chunk := src.read(_CHUNK):
+                self.left -= len(chunk)
+                if self.left < 0:
+                    raise AdapterTooLarge(
+                        f"the archive unpacks to more than {self.max_bytes / 2**20:.0f} MiB, the server's "
+                        "limit (--max-adapter-mb)"
+                    )
+                out.write(chunk)
+
+
+def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
+    budget = _Budget(max_bytes)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:  # streaming: members are read one by one, never all listed up front
+                budget.member()
+                target = _safe_path(dest, member.name)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif member.isfile():
+                    src = tar.extractfile(member)
+                    assert src is not None  # regular files always have a stream
+                    budget.copy(src, target)
+                else:
+                    raise UnsafeArchive(
+                        f"archive member {member.name!r} is a link or special file; pack regular files only"
+                    )
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UnsafeArchive(f"the archive is damaged ({exc}); pack it again") from exc
+
+
+def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
+    budget = _Budget(max_bytes)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                budget.member()
+                target = _safe_path(dest, info.filename)
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                    raise UnsafeArchive(
+                        f"archive member {info.filename!r} is a link or special file; pack regular files only"
+                    )
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    with zf.open(info) as src:
+                        budget.copy(src, target)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        raise UnsafeArchive(f"the archive is damaged ({exc}); pack it again") from exc
+
+
+def _peft_dir(root: Path) -> Path:
+    if (root / CONFIG_FILE).is_file():
+        return root
+    nested = [d for d in root.iterdir() if d.is_dir() and (d / CONFIG_FILE).is_file()]
+    if len(nested) != 1:
+        raise UnsafeArchive(
+            f"the archive holds no single PEFT directory: put {CONFIG_FILE} and the weights at its top "
+            "or in one directory"
+        )
+    return nested[0]
+

@@ -1,0 +1,75 @@
+"""Typed adapter errors. Each class carries its HTTP status and code, so the status table lives here, in
+one place, and the server's single LoraplexError handler answers with them."""
+
+from loraplex.errors import LoraplexError
+
+
+class AdapterError(LoraplexError):
+    """Base of every adapter error: a bad upload, an unknown name, a failed load."""
+
+    http_status = 400
+    code = "invalid_adapter"
+
+
+class InvalidAdapterName(AdapterError):
+    code = "invalid_adapter_name"
+
+
+class AdapterNotFound(AdapterError):
+    http_status = 404
+    code = "adapter_not_found"
+
+
+class AdapterTooLarge(AdapterError):
+    http_status = 413
+    code = "adapter_too_large"
+
+
+class UnsafeAdapterFormat(AdapterError):
+    """Pickle-based weights (.bin / .pt) or anything that is not safetensors."""
+
+    http_status = 415
+    code = "unsafe_adapter_format"
+
+
+class UnsafeArchive(AdapterError):
+    """Path traversal, links, special files, too many members or too many bytes once extracted."""
+
+    code = "unsafe_archive"
+
+
+class InvalidAdapterConfig(AdapterError):
+    http_status = 422
+    code = "invalid_adapter_config"
+
+
+class UnsupportedAdapter(AdapterError):
+    """Valid PEFT, but a feature the server cannot serve (DoRA, modules_to_save, embedding changes)."""
+
+    http_status = 422
+    code = "unsupported_adapter"
+
+
+class InvalidAdapterWeights(AdapterError):
+    """Tensors that are not finite, not floating point, or not lora_A / lora_B pairs."""
+
+    http_status = 422
+    code = "invalid_adapter_weights"
+
+
+class IncompatibleAdapter(AdapterError):
+    """The adapter does not fit the served base model (unknown module, wrong shape)."""
+
+    http_status = 422
+    code = "incompatible_adapter"
+
+
+class AdapterRankTooLarge(IncompatibleAdapter):
+    code = "adapter_rank_too_large"
+
+
+class AdapterLoadFailed(AdapterError):
+    """A stored adapter could not be read back from disk (disk error, files changed behind the server)."""
+
+    http_status = 500
+    code = "adapter_load_failed"

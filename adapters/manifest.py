@@ -1,0 +1,59 @@
+"""Adapter names, references (`name` / `name@N`) and the manifest stored next to every version."""
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters.errors import InvalidAdapterName
+from adapters.fingerprint import BaseFingerprint
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+_REF = re.compile(r"^(?P<name>[^@]+)(?:@(?P<version>[1-9][0-9]{0,8}))?$")
+
+Origin = Literal["uploaded", "trained"]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidAdapterName(
+            f"invalid adapter name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'support-bot' -> ('support-bot', None) (the newest version); 'support-bot@3' -> ('support-bot', 3)."""
+    match = _REF.fullmatch(ref)
+    if match is None:
+        raise InvalidAdapterName(f"invalid adapter reference {ref!r}: use NAME or NAME@VERSION, e.g. bot@2")
+    version = match["version"]
+    return check_name(match["name"]), int(version) if version else None
+
+
+def adapter_key(name: str, version: int) -> str:
+    return f"{name}@{version}"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    base: BaseFingerprint  # architecture and the shapes of the targeted modules only
+    rank: int  # the largest rank over modules (rank_pattern may vary it)
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]  # module suffixes, e.g. ["q_proj", "v_proj"]
+    size_bytes: int  # config + weights as stored
+    sha256: str  # of the canonical content: identical uploads hash alike
+    created_at: datetime
+    origin: Origin
+    training: dict[str, Any] | None = None  # free-form, for trained adapters
+
+    @property
+    def key(self) -> str:
+        return adapter_key(self.name, self.version)

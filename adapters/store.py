@@ -1,0 +1,272 @@
+"""The on-disk adapter store: `<root>/<name>/<version>/` holding the PEFT files and `manifest.json`.
+
+Writes are atomic: files are staged in a `.tmp-*` directory on the same filesystem, fsynced, then the
+directory is renamed into place, so a crash leaves at most a temp directory, removed at the next start.
+A per-name file lock serialises writers of one name, across threads and processes. The manifests are
+indexed in memory at start; requests never read them from disk.
+"""
+
+import bisect
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from adapters.errors import AdapterLoadFailed, AdapterNotFound
+from adapters.fingerprint import BaseFingerprint
+from adapters.lora import LoraWeights, lora_weights_from_state
+from adapters.manifest import Manifest, check_name, parse_ref
+from adapters.validate import (
+    CONFIG_FILE,
+    TRAINING_FILE,
+    WEIGHTS_FILE,
+    AdapterLimits,
+    read_config,
+    validate_adapter_dir,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+_TMP_PREFIX = ".tmp-"
+_LOCKS = ".locks"
+_LAST_VERSION = ".last-version"  # keeps version numbers increasing after the newest one is deleted
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _last_version(name_dir: Path) -> int:
+    try:
+        return int((name_dir / _LAST_VERSION).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _save_last_version(name_dir: Path, version: int) -> None:
+    tmp = name_dir / f"{_TMP_PREFIX}{_LAST_VERSION}"
+    tmp.unlink(missing_ok=True)
+    _write_synced(tmp, str(version).encode())
+    tmp.replace(name_dir / _LAST_VERSION)
+
+
+class AdapterStore:
+    def __init__(self, root: Path, base: BaseFingerprint, limits: AdapterLimits) -> None:
+        self.root = root
+        self.base = base
+        self.limits = limits
+        self._mu = threading.Lock()  # guards the in-memory index
+        self._index: dict[str, dict[int, Manifest]] = {}
+        self._names: list[str] = []  # sorted, for paginated listing
+        root.mkdir(parents=True, exist_ok=True)
+        (root / _LOCKS).mkdir(exist_ok=True)
+        for leftover in root.glob(_TMP_PREFIX + "*"):  # what a crash mid-write or mid-delete left
+            shutil.rmtree(leftover, ignore_errors=True)
+        for name_dir in sorted(root.iterdir()):
+            if name_dir.is_dir() and not name_dir.name.startswith("."):
+                self._set_versions(name_dir.name, self._scan(name_dir.name))
+
+    # -- reading the index --------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> Manifest:
+        """'name' -> the newest version's manifest; 'name@N' -> that version's."""
+        name, version = parse_ref(ref)
+        with self._mu:
+            versions = self._index.get(name)
+            if not versions:
+                raise AdapterNotFound(f"no adapter named {name!r}; upload it first (POST /v1/adapters)")
+            if version is None:
+                return versions[max(versions)]
+            if version not in versions:
+                raise AdapterNotFound(
+                    f"adapter {name!r} has no version {version}; its versions are {sorted(versions)}"
+                )
+            return versions[version]
+
+    def contains(self, name: str, version: int) -> bool:
+        with self._mu:
+            return version in self._index.get(name, {})
+
+    def versions(self, name: str) -> list[Manifest]:
+        with self._mu:
+            versions = self._index.get(check_name(name))
+            if not versions:
+                raise AdapterNotFound(f"no adapter named {name!r}; upload it first (POST /v1/adapters)")
+            return [versions[v] for v in sorted(versions)]
+
+    def page(self, limit: int, after: str | None = None) -> tuple[list[Manifest], str | None]:
+        """The newest version of up to `limit` names after `after`, in name order, and the next cursor."""
+        with self._mu:
+            start = bisect.bisect_right(self._names, after) if after else 0
+            names = self._names[start : start + limit]
+            more = start + limit < len(self._names)
+            data = [self._index[n][max(self._index[n])] for n in names]
+        return data, (names[-1] if more and names else None)
+
+    def __len__(self) -> int:
+        with self._mu:
+            return len(self._names)
+
+    def read_weights(self, manifest: Manifest) -> LoraWeights:
+        """Load a stored version into CPU memory (already validated when stored)."""
+        path = self._version_dir(manifest.name, manifest.version)
+        try:
+            return lora_weights_from_state(load_file(path / WEIGHTS_FILE), read_config(path / CONFIG_FILE))
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise AdapterLoadFailed(
+                f"adapter {manifest.key} could not be read from {path} ({exc}); delete and upload it again"
+            ) from exc
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A temporary directory on the store's filesystem, removed on exit (or at the next start)."""
+        path = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def put(self, name: str, src: Path) -> tuple[Manifest, bool]:
+        """Validate the PEFT directory `src` and store it as the next version of `name`.
+
+        Returns (manifest, created); identical content (same sha256) returns the existing version with
+        created=False. A `training.json` in `src` marks the adapter as trained and is kept in the manifest.
+        """
+        check_name(name)
+        with self.scratch() as scratch:
+            staged = scratch / "adapter"  # renamed into place whole; the scratch dir is removed after
+            staged.mkdir()
+            # validate the staged copy, so the bytes checked are the bytes stored
+            for filename in (CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE):
+                if (src / filename).is_file():
+                    shutil.copyfile(src / filename, staged / filename)
+            checked = validate_adapter_dir(staged, self.base, self.limits)
+            (staged / TRAINING_FILE).unlink(missing_ok=True)  # kept in the manifest instead
+            with self._name_lock(name):
+                versions = self._scan(name)  # another process may have written since the index was built
+                same = [m for m in versions.values() if m.sha256 == checked.sha256]
+                if same:
+                    self._set_versions(name, versions)
+                    return same[0], False
+                name_dir = self.root / name
+                version = max([_last_version(name_dir), *versions]) + 1
+                manifest = Manifest(
+                    name=name,
+                    version=version,
+                    base=checked.base,
+                    rank=checked.rank,
+                    alpha=checked.alpha,
+                    use_rslora=checked.use_rslora,
+                    target_modules=checked.target_modules,
+                    size_bytes=checked.size_bytes,
+                    sha256=checked.sha256,
+                    created_at=datetime.now(UTC),
+                    origin="trained" if checked.training is not None else "uploaded",
+                    training=checked.training,
+                )
+                self._publish(staged, name_dir, manifest)
+                versions[version] = manifest
+                self._set_versions(name, versions)
+                return manifest, True
+
+    def delete(self, ref: str) -> list[Manifest]:
+        """Remove `name` (every version) or `name@N`; return the removed manifests."""
+        name, version = parse_ref(ref)
+        with self._name_lock(name):
+            versions = self._scan(name)
+            if not versions or (version is not None and version not in versions):
+                self._set_versions(name, versions)
+                raise AdapterNotFound(f"no adapter {ref!r} to delete")
+            if version is None:
+                removed, versions = list(versions.values()), {}
+            else:
+                removed = [versions.pop(version)]
+            self._set_versions(name, versions)  # new lookups 404 from now on
+            # rename out of sight first (atomic), then delete at leisure; a name left without versions
+            # goes whole, so that it no longer shows up at the next start
+            victim = self.root / name if not versions else self._version_dir(name, removed[0].version)
+            with self.scratch() as trash:
+                victim.rename(trash / "removed")
+                _fsync_dir(victim.parent)
+        return removed
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _version_dir(self, name: str, version: int) -> Path:
+        return self.root / name / str(version)
+
+    @contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        # flock excludes other processes and, through separate open file descriptions, other threads
+        with (self.root / _LOCKS / f"{name}.lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _scan(self, name: str) -> dict[int, Manifest]:
+        versions: dict[int, Manifest] = {}
+        name_dir = self.root / name
+        if not name_dir.is_dir():
+            return versions
+        for version_dir in name_dir.iterdir():
+            if not version_dir.name.isdigit():
+                continue
+            try:
+                manifest = Manifest.model_validate_json((version_dir / MANIFEST_FILE).read_bytes())
+            except (OSError, ValidationError) as exc:
+                log.warning("ignoring %s: unreadable manifest (%s)", version_dir, exc)
+                continue
+            versions[manifest.version] = manifest
+        return versions
+
+    def _set_versions(self, name: str, versions: dict[int, Manifest]) -> None:
+        with self._mu:
+            known = name in self._index
+            if versions:
+                self._index[name] = versions
+                if not known:
+                    bisect.insort(self._names, name)
+            elif known:
+                del self._index[name]
+                self._names.remove(name)
+
+    def _publish(self, staged: Path, name_dir: Path, manifest: Manifest) -> None:
+        _write_synced(staged / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+        for path in staged.iterdir():
+            if path.name != MANIFEST_FILE:
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(staged)
+        new_name = not name_dir.exists()
+        name_dir.mkdir(exist_ok=True)
+        staged.rename(self._version_dir(manifest.name, manifest.version))
+        _fsync_dir(name_dir)
+        if new_name:
+            _fsync_dir(self.root)
+        _save_last_version(name_dir, manifest.version)

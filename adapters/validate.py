@@ -1,0 +1,238 @@
+"""Everything an adapter must pass before it is stored. Nothing here unpickles: weights are read only as
+safetensors, after their header has been checked."""
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from adapters.errors import (
+    AdapterRankTooLarge,
+    AdapterTooLarge,
+    IncompatibleAdapter,
+    InvalidAdapterConfig,
+    InvalidAdapterWeights,
+    UnsafeAdapterFormat,
+    UnsupportedAdapter,
+)
+from adapters.fingerprint import BaseFingerprint
+from adapters.lora import lora_weights_from_state, split_peft_key
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TRAINING_FILE = "training.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Modules whose adaptation changes the vocabulary or embeddings: the slot-stacked kernels serve Linear
+# projections inside the blocks only.
+VOCAB_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"})
+_MAX_HEADER = 64 << 20  # safetensors' own limit is 100 MB; an adapter's header is a few KB
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    max_rank: int
+    max_bytes: int  # config + weights + training metadata
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    """The checked content of a PEFT directory and what its manifest says about it."""
+
+    base: BaseFingerprint  # restricted to the modules the adapter targets
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    size_bytes: int
+    sha256: str
+    training: dict[str, Any] | None
+
+
+def validate_adapter_dir(src: Path, base: BaseFingerprint, limits: AdapterLimits) -> ValidatedAdapter:
+    config_path, weights_path = src / CONFIG_FILE, src / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickled = [p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES] if src.is_dir() else []
+        if pickled:
+            raise UnsafeAdapterFormat(_pickle_message(pickled[0]))
+        raise InvalidAdapterWeights(f"{WEIGHTS_FILE} is missing: save the adapter with save_pretrained()")
+    if not config_path.is_file():
+        raise InvalidAdapterConfig(f"{CONFIG_FILE} is missing: save the adapter with save_pretrained()")
+    training_path = src / TRAINING_FILE
+    files = [config_path, weights_path] + ([training_path] if training_path.is_file() else [])
+    size = sum(p.stat().st_size for p in files)
+    if size > limits.max_bytes:
+        raise AdapterTooLarge(
+            f"the adapter is {size / 2**20:.1f} MiB, over the server's limit of "
+            f"{limits.max_bytes / 2**20:.0f} MiB (--max-adapter-mb); lower its rank or target fewer modules"
+        )
+    config = read_config(config_path)
+    check_config(config, base)
+    state = read_safetensors(weights_path)
+    rank = check_weights(state, config, base, limits)
+    modules = sorted({_module_of(key) for key in state})
+    return ValidatedAdapter(
+        base=base.restrict(modules),
+        rank=rank,
+        alpha=float(config.get("lora_alpha", 8)),
+        use_rslora=bool(config.get("use_rslora")),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        size_bytes=size,
+        sha256=content_sha256(config, state),
+        training=read_training(training_path) if training_path.is_file() else None,
+    )
+
+
+def _pickle_message(filename: str) -> str:
+    return (
+        f"{filename} is a pickle-based checkpoint, which can run arbitrary code when loaded and is refused; "
+        "save the adapter as safetensors (save_pretrained(..., safe_serialization=True)) and upload "
+        f"{WEIGHTS_FILE}"
+    )
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapterConfig(f"{what} is not valid JSON ({exc}); upload the file as written") from exc
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config = _read_json(path, CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise InvalidAdapterConfig(f"{CONFIG_FILE} must be a JSON object, as PEFT writes it")
+    return config
+
+
+def read_training(path: Path) -> dict[str, Any]:
+    training = _read_json(path, "the training metadata")
+    if not isinstance(training, dict):
+        raise InvalidAdapterConfig("the training metadata must be a JSON object")
+    return training
+
+
+def _suffix_matches(target: str, base: BaseFingerprint) -> bool:
+    return any(name == target or name.endswith("." + target) for name in base.modules)
+
+
+def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
+    if config.get("peft_type") != "LORA":
+        raise InvalidAdapterConfig(
+            f"peft_type is {config.get('peft_type')!r}: only LoRA adapters (peft_type 'LORA') can be served"
+        )
+    if config.get("use_dora"):
+        raise UnsupportedAdapter("DoRA adapters (use_dora: true) are not supported; train a plain LoRA adapter")
+    if config.get("modules_to_save"):
+        raise UnsupportedAdapter(
+            f"modules_to_save {config['modules_to_save']} would replace whole base modules per adapter; "
+            "train without modules_to_save so that only LoRA weights change"
+        )
+    if config.get("trainable_token_indices"):
+        raise UnsupportedAdapter(
+            "trainable_token_indices changes the vocabulary embeddings; adapters must leave them as they are"
+        )
+    if config.get("lora_bias"):
+        raise UnsupportedAdapter("lora_bias: true is not supported; train with lora_bias=False")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidAdapterConfig(f"r must be a positive integer, not {rank!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        vocab = [t for t in targets if t.rsplit(".", 1)[-1] in VOCAB_MODULES]
+        if vocab:
+            raise UnsupportedAdapter(
+                f"target_modules {vocab} would change the embeddings or the output vocabulary; "
+                "target only the attention and MLP projections"
+            )
+        unknown = [t for t in targets if not _suffix_matches(t, base)]
+        if unknown:
+            known = sorted({n.rsplit(".", 1)[-1] for n in base.modules} - VOCAB_MODULES)
+            raise IncompatibleAdapter(
+                f"target_modules {unknown} do not exist in the served base model ({base.architecture}); "
+                f"its Linear modules are {known}"
+            )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Check the header by hand first, so a pickle gets a clear refusal, then let safetensors parse it."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":  # pickle protocol 2+, or torch.save's zip
+        raise UnsafeAdapterFormat(_pickle_message(path.name))
+    (header_len,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (0,)
+    if len(head) < 9 or head[8:9] != b"{" or header_len > min(size - 8, _MAX_HEADER):
+        raise UnsafeAdapterFormat(
+            f"{path.name} is not a safetensors file; save the adapter with save_pretrained() (safetensors)"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise UnsafeAdapterFormat(f"{path.name} is a damaged safetensors file ({exc}); upload it again") from exc
+
+
+def _module_of(key: str) -> str:
+    parsed = split_peft_key(key)
+    return parsed[0] if parsed else key
+
+
+def check_weights(
+    state: dict[str, torch.Tensor], config: dict[str, Any], base: BaseFingerprint, limits: AdapterLimits
+) -> int:
+    """Check every tensor against the base model; return the adapter's largest rank."""
+    vocab = sorted({m for m in map(_module_of, state) if m.rsplit(".", 1)[-1] in VOCAB_MODULES})
+    if vocab:
+        raise UnsupportedAdapter(
+            f"the adapter changes {vocab}, i.e. the embeddings or the output vocabulary; "
+            "target only the attention and MLP projections"
+        )
+    try:
+        weights = lora_weights_from_state(state, config)
+    except ValueError as exc:
+        raise InvalidAdapterWeights(f"{exc}; save the adapter with PEFT's save_pretrained()") from exc
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise InvalidAdapterWeights(f"tensor {key!r} has dtype {tensor.dtype}; LoRA weights are floating point")
+        if not torch.isfinite(tensor).all():
+            raise InvalidAdapterWeights(
+                f"tensor {key!r} holds NaN or infinite values; the training diverged, use an earlier checkpoint"
+            )
+    for module, lora in weights.modules.items():
+        if module not in base.modules:
+            raise IncompatibleAdapter(
+                f"module {module!r} does not exist in the served base model ({base.architecture}); "
+                "was the adapter trained on another model?"
+            )
+        in_features, out_features = base.modules[module]
+        r = lora.rank
+        if tuple(lora.a.shape) != (r, in_features) or tuple(lora.b.shape) != (out_features, r):
+            raise IncompatibleAdapter(
+                f"module {module!r}: lora_A {tuple(lora.a.shape)} / lora_B {tuple(lora.b.shape)} do not fit "
+                f"its ({in_features} -> {out_features}) shape in the served base model; "
+                "was the adapter trained on another model?"
+            )
+    if weights.rank > limits.max_rank:
+        raise AdapterRankTooLarge(
+            f"rank {weights.rank} is over the server's limit of {limits.max_rank} (--max-lora-rank); "
+            "retrain with a smaller r or raise the limit"
+        )
+    return weights.rank
+
+
+def content_sha256(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """Hash of what the adapter computes, independent of JSON formatting and safetensors layout."""
+    canonical = dict(config)
+    if isinstance(canonical.get("target_modules"), list):  # PEFT writes a set, in no fixed order
+        canonical["target_modules"] = sorted(canonical["target_modules"])
+    digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode())
+    for key in sorted(state):
+        tensor = state[key].contiguous()
+        digest.update(f"\n{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
