@@ -57,6 +57,25 @@ def resolve_source(base_model: str | None, cache_dir: Path) -> tuple[str, str]:
     return base_model, base_model.split("/")[-1]
 
 
+def check_base_model(base_model: str | None, cache_dir: Path) -> tuple[str, str]:
+    """Fail fast, before any weight is read: the source exists and holds a causal LM config.
+
+    Returns (where to load from, default served name).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, default_name = resolve_source(base_model, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot read the config of base model {source!r}: {_first_line(exc)}") from exc
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise BaseModelError(
+            f"base model {source!r} is a {config.model_type!r} model, not a causal language model"
+        )
+    return source, default_name
+
+
 def load_base_model(
     base_model: str | None,
     *,
@@ -71,18 +90,10 @@ def load_base_model(
     quantize=True gives NF4 weights with double quantization and `dtype` compute (bitsandbytes, on CUDA
     and on CPU); quantize=False keeps `dtype` weights (the fp32 reference path of the tests).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, default_name = resolve_source(base_model, cache_dir)
+    source, default_name = check_base_model(base_model, cache_dir)
     dev = resolve_device(device)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot read the config of base model {source!r}: {_first_line(exc)}") from exc
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise BaseModelError(
-            f"base model {source!r} is a {config.model_type!r} model, not a causal language model"
-        )
     kwargs: dict = {"dtype": dtype, "device_map": {"": dev}}
     if quantize:
         kwargs["quantization_config"] = nf4_config(dtype)

@@ -1,9 +1,22 @@
-"""Errors of the shared foundation. Each says what is wrong and how to fix it."""
+"""Errors raised on purpose. Each says what is wrong and how to fix it.
+
+Every class carries the HTTP status and error code the server answers with, so the mapping from error to
+status lives with the error, and the HTTP layer maps all of them in one handler.
+"""
 
 
 class LoraplexError(Exception):
     """Base of every error loraplex raises on purpose."""
 
+    http_status: int = 500
+    code: str = "internal_error"
+
+    @property
+    def error_type(self) -> str:
+        return "invalid_request_error" if 400 <= self.http_status < 500 else "server_error"
+
 
 class BaseModelError(LoraplexError):
     """The base model cannot be found or loaded (missing path, not a causal LM, missing package)."""
+
+    code = "base_model_error"

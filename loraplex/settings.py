@@ -46,9 +46,11 @@ class Settings(BaseSettings):
     @field_validator("api_key", "admin_key", "preload", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        # "a,b" from the environment, or ["a,b", "c"] from repeated flags: both give ["a", "b", "c"]
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
     @field_validator("base_model", "served_model_name", mode="before")
     @classmethod

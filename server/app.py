@@ -1,0 +1,74 @@
+"""The FastAPI application factory. The model loads in a worker thread after the port opens:
+/health answers at once, /ready turns 200 once the model is loaded and warmed."""
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from loraplex.basemodel import LoadedBase
+from loraplex.settings import Settings
+from server.api.errors import error_body, install_error_handlers
+from server.runtime import Runtime
+
+log = logging.getLogger("loraplex")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def create_app(
+    settings: Settings, base: LoadedBase | None = None, on_fatal: Callable[[], None] | None = None
+) -> FastAPI:
+    """`base`: an already loaded model (tests); `on_fatal`: called when start-up fails (the CLI exits)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.api_key and not settings.admin_key and not _is_loopback(settings.host):
+            log.warning("no API keys configured and bound to %s: anyone who reaches it may generate and "
+                        "manage adapters; set --admin-key / --api-key", settings.host)
+        starting = asyncio.create_task(_start(app))
+        yield
+        starting.cancel()
+        if app.state.runtime is not None:
+            await asyncio.to_thread(app.state.runtime.stop)
+
+    async def _start(app: FastAPI) -> None:
+        try:
+            app.state.runtime = await asyncio.to_thread(Runtime.start, settings, base)
+        except Exception as exc:
+            log.exception("start-up failed")
+            app.state.startup_error = str(exc)
+            app.state.exit_code = 1
+            if on_fatal is not None:
+                on_fatal()
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
+                  description="Many LoRA adapters served from one NF4 base model.")
+    app.state.settings = settings
+    app.state.runtime = None
+    app.state.startup_error = None
+    app.state.exit_code = 0
+    install_error_handlers(app)
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready(request: Request) -> JSONResponse:
+        state = request.app.state
+        if state.runtime is None:
+            message = state.startup_error or "the model is loading; retry shortly"
+            return JSONResponse(error_body(message, "server_error", "not_ready"), 503, {"Retry-After": "2"})
+        return JSONResponse({"status": "ready", "model": state.runtime.base.served_name})
+
+    return app

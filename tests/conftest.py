@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random model directories (fast) and the embedded model's cache (converted once)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # `import tiny` from any test folder
+
+from tiny import FAMILIES, save_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_dir() -> Path:
+    """Cache dir for the embedded SmolLM2 checkpoint: git-ignored and kept between runs, so it converts once."""
+    path = REPO / ".cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny random model directory per supported family, as a user would pass to --base-model."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: save_tiny(root / family, family, seed=i) for i, family in enumerate(FAMILIES)}

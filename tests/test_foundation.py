@@ -1,0 +1,82 @@
+"""The foundation: settings and flags, base-model loading in NF4 on CPU, and start-up errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import ViTConfig
+
+from loraplex.basemodel import check_base_model, load_base_model
+from loraplex.cli import build_parser
+from loraplex.errors import BaseModelError
+from loraplex.settings import Settings
+from server.cli import settings_from_args
+
+
+def serve(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraplex", "serve", *argv], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_tiny_model_loads_in_nf4_on_cpu(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
+    base = load_base_model(str(tiny_model_dirs[family]), cache_dir=tmp_path, device="cpu")
+    linears = [m for n, m in base.model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linears)
+    assert all(m.weight.quant_state.nested for m in linears)  # double quantization
+    assert base.served_name == family and base.quantized
+    out = base.model(torch.tensor([[5, 6, 7]])).logits
+    assert out.shape == (1, 3, base.model.config.vocab_size) and torch.isfinite(out).all()
+
+
+def test_served_name_override(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    base = load_base_model(str(tiny_model_dirs["llama"]), cache_dir=tmp_path, device="cpu", quantize=False,
+                           served_name="my-base")
+    assert base.served_name == "my-base"
+
+
+def test_missing_and_non_causal_base_models_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(BaseModelError, match="does not exist"):
+        check_base_model(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(BaseModelError, match=r"no config\.json"):
+        check_base_model(str(tmp_path), tmp_path)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
+    with pytest.raises(BaseModelError, match="not a causal language model"):
+        check_base_model(str(tmp_path / "vit"), tmp_path)
+
+
+def test_flags_override_env_and_lists_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAPLEX_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("LORAPLEX_PORT", "9000")
+    monkeypatch.setenv("LORAPLEX_API_KEY", "a, b")
+    args = build_parser().parse_args(["serve", "--port", "9001", "--admin-key", "x", "--admin-key", "y"])
+    settings = settings_from_args(args)
+    assert (settings.port, settings.max_batch_size) == (9001, 7)
+    assert settings.api_key == ["a", "b"] and settings.admin_key == ["x", "y"]
+    assert Settings(preload=["a,b", "c"]).preload == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--port", "http"], "--port (LORAPLEX_PORT): Input should be a valid integer"),
+        (["--device", "tpu"], "--device (LORAPLEX_DEVICE): Input should be 'auto', 'cuda' or 'cpu'"),
+        (["--max-active-adapters", "16", "--max-cpu-adapters", "4"], "max_cpu_adapters (4) must be >="),
+        (["--base-model", "/definitely/not/here"], "base model directory '/definitely/not/here' does not exist"),
+    ],
+)
+def test_bad_serve_flags_fail_with_one_clear_line(argv: list[str], expected: str) -> None:
+    result = serve(*argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loraplex serve: error: ") and expected in lines[0]
+
+
+def test_not_a_causal_lm_fails_at_start(tmp_path: Path) -> None:
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    result = serve("--base-model", str(tmp_path))
+    assert result.returncode == 2 and "not a causal language model" in result.stderr
