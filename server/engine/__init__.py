@@ -1,0 +1,21 @@
+"""The multi-LoRA inference engine: one thread, one model, continuous batching over many adapters."""
+
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.errors import AdapterTooLarge, EngineError, EngineStopped, PromptTooLong, QueueFull
+from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
+from server.engine.sampling import SamplingParams
+
+__all__ = [
+    "AdapterTooLarge",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineStopped",
+    "FinishReason",
+    "GenerationRequest",
+    "PromptTooLong",
+    "QueueFull",
+    "SamplingParams",
+    "TokenEvent",
+]

@@ -1,0 +1,92 @@
+"""Static KV cache and the attention function the HF modules call through `AttentionInterface`.
+
+The model runs with use_cache=False and explicit position_ids; each attention layer writes its new K/V into
+the engine's preallocated cache at (row, position) and attends over the cached prefix with a mask built from
+the positions. Rows of a decode batch are cache rows 0..B-1, read in place (no gather); rows that are not
+decoding write into a spare dummy row so they never disturb a request that is still prefilling.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "loraplex_static"
+
+
+class KVCache:
+    """Per layer k/v [rows + 1, kv_heads, max_seq_len, head_dim]; the last row is the dummy row."""
+
+    def __init__(
+        self,
+        layers: int,
+        rows: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (rows + 1, kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.dummy_row = rows
+        self.max_seq_len = max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v)
+
+
+@dataclass
+class StepContext:
+    """What one forward attends over; passed to the model as the `engine_step` keyword."""
+
+    cache: KVCache
+    write_rows: torch.Tensor  # [B] long: cache row each batch row writes to (dummy row for padding)
+    positions: torch.Tensor  # [B, T] long: position of each new token (= its index in the row)
+    read_start: int  # batch row b reads cache row read_start + b
+    kv_len: int  # how many cached positions to attend over (static under CUDA graphs)
+
+
+def static_cache_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    engine_step: StepContext | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    # query: [B, Hq, T, D]; key, value: [B, Hkv, T, D]
+    if engine_step is None:
+        raise RuntimeError(f"the {ATTENTION_NAME!r} attention only runs inside the engine")
+    step, layer = engine_step, module.layer_idx
+    k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]  # [R, Hkv, S, D]
+    rows = step.write_rows[:, None]  # [B, 1]
+    k_cache[rows, :, step.positions] = key.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D]
+    v_cache[rows, :, step.positions] = value.transpose(1, 2).to(v_cache.dtype)
+    b = query.shape[0]
+    keys = k_cache[step.read_start : step.read_start + b, :, : step.kv_len]  # [B, Hkv, L, D]
+    values = v_cache[step.read_start : step.read_start + b, :, : step.kv_len]
+    kv_pos = torch.arange(step.kv_len, device=query.device)  # [L]
+    q_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
+    mask = kv_pos <= q_pos  # [B, 1, T, L]
+    if sliding_window is not None:
+        mask = mask & (q_pos - kv_pos < sliding_window)
+    out = F.scaled_dot_product_attention(
+        query,
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )  # [B, Hq, T, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, static_cache_attention)

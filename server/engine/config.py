@@ -1,0 +1,37 @@
+"""EngineConfig: the engine's limits, fixed at start-up because every buffer is allocated from them."""
+
+from dataclasses import dataclass
+
+from loraplex.settings import Settings
+
+# Modules wrapped with multi-LoRA by default: the seven projections of llama-like decoders.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # KV rows, i.e. requests running at once
+    max_active_adapters: int = 8  # LoRA slots on the device
+    max_lora_rank: int = 64  # every slot is padded to this rank
+    max_seq_len: int = 2048  # prompt + completion per request
+    prefill_chunk: int = 512  # longest prompt piece run in one forward
+    cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "EngineConfig":
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_active_adapters=settings.max_active_adapters,
+            max_lora_rank=settings.max_lora_rank,
+            max_seq_len=settings.max_seq_len,
+            cuda_graphs=settings.cuda_graphs,
+        )
+
+    def graph_buckets(self) -> list[int]:
+        """Batch sizes with a captured decode graph: powers of two up to max_batch_size, and it."""
+        buckets, size = [], 1
+        while size < self.max_batch_size:
+            buckets.append(size)
+            size *= 2
+        return [*buckets, self.max_batch_size]

@@ -1,0 +1,36 @@
+"""The engine's typed errors. The HTTP layer maps each class to a status code; never match on text."""
+
+from loraplex.errors import LoraplexError
+
+
+class EngineError(LoraplexError):
+    """Base of every error the engine and scheduler raise on purpose."""
+
+
+class PromptTooLong(EngineError):
+    """prompt + max_new_tokens does not fit one KV row (max_seq_len). Maps to HTTP 400."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+        super().__init__(
+            f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+            f"{max_seq_len}: shorten the prompt or lower max_new_tokens"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.max_seq_len = max_seq_len
+
+
+class QueueFull(EngineError):
+    """The waiting queue holds max_queue requests already. Maps to HTTP 429/503."""
+
+    def __init__(self, max_queue: int) -> None:
+        super().__init__(f"the waiting queue is full ({max_queue} requests); retry later")
+        self.max_queue = max_queue
+
+
+class AdapterTooLarge(EngineError):
+    """An adapter's rank exceeds max_lora_rank, or it targets a module the engine does not serve."""
+
+
+class EngineStopped(EngineError):
+    """The engine thread has stopped (shutdown or a fatal error); no request is accepted."""

@@ -1,0 +1,35 @@
+"""What goes into the engine (GenerationRequest) and what comes out of it (TokenEvent)."""
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adapters.lora import LoraWeights
+from server.engine.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter_key: str | None = None  # e.g. "support-bot@3"; None: the base model
+    lora: LoraWeights | None = None  # CPU weights of adapter_key (ideally pinned); None for the base model
+    # Called once, from the engine thread, when an accepted request has left the engine (finished,
+    # cancelled or failed): where the registry drops its hold on the adapter. Must be thread-safe and quick.
+    on_finish: Callable[[], None] | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    index: int  # 0-based number of this completion token (of the last token for end-only events)
+    token_id: int | None  # None on an end-only event (cancelled, error)
+    text: str  # text this event adds (stop sequences and their tail never appear)
+    logprob: float | None  # log-probability of token_id under the final sampling distribution
+    prompt_tokens: int
+    finish_reason: FinishReason | None = None  # set on the last event of a request only
+    error: BaseException | None = None  # with finish_reason "error"

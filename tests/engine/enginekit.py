@@ -1,0 +1,119 @@
+"""Helpers of the engine tests: PEFT-saved adapters, the PEFT oracle, and a synchronous engine driver."""
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from adapters.lora import LoraWeights, lora_weights_from_state
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, TokenEvent
+
+# Four adapters with different ranks, target sets and scaling rules (rsLoRA, rank/alpha patterns).
+ADAPTER_CONFIGS = {
+    "qv-r2": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "all-r8-rslora": LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "mlp-pattern": LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"down_proj": 6},
+        alpha_pattern={"down_proj": 3},
+    ),
+    "ko-r16": LoraConfig(r=16, lora_alpha=16, target_modules=["k_proj", "o_proj"]),
+}
+
+
+@dataclass
+class SavedAdapter:
+    key: str
+    path: Path
+    weights: LoraWeights
+
+
+def save_adapter(base: torch.nn.Module, config: LoraConfig, path: Path, seed: int) -> SavedAdapter:
+    """Save a PEFT adapter with random non-zero B (so it changes the output) and parse it back."""
+    torch.manual_seed(seed)
+    config = copy.deepcopy(config)
+    config.init_lora_weights = False
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(path)
+    state = load_file(path / "adapter_model.safetensors")
+    adapter_config = json.loads((path / "adapter_config.json").read_text())
+    return SavedAdapter(f"{path.name}@1", path, lora_weights_from_state(state, adapter_config))
+
+
+def reference_generate(
+    base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
+    model = copy.deepcopy(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter.path)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logprobs = [s[0].float().log_softmax(-1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
+    return tokens, logprobs
+
+
+def make_engine(base: torch.nn.Module, tokenizer, **config) -> Engine:
+    """An engine over a private copy of `base` (the engine wraps its model's layers in place)."""
+    defaults = dict(max_batch_size=8, max_active_adapters=4, max_lora_rank=16, max_seq_len=64, prefill_chunk=8)
+    defaults.update(config)
+    return Engine(copy.deepcopy(base), tokenizer, EngineConfig(**defaults))
+
+
+class Collector:
+    """An event sink that records events per request id."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[TokenEvent]] = {}
+
+    def __call__(self, event: TokenEvent) -> None:
+        self.events.setdefault(event.request_id, []).append(event)
+
+    def tokens(self, request_id: str) -> list[int]:
+        return [e.token_id for e in self.events[request_id] if e.token_id is not None]
+
+    def logprobs(self, request_id: str) -> list[float]:
+        return [e.logprob for e in self.events[request_id] if e.logprob is not None]
+
+    def finish(self, request_id: str) -> str | None:
+        return self.events[request_id][-1].finish_reason
+
+
+def run_to_end(engine: Engine, max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if not engine.step():
+            return
+    raise AssertionError("the engine did not drain")
+
+
+def greedy(max_new_tokens: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **kwargs)
+
+
+def request(
+    prompt: list[int], params: SamplingParams, adapter: SavedAdapter | None = None, request_id: str | None = None
+) -> GenerationRequest:
+    extra = {"request_id": request_id} if request_id else {}
+    return GenerationRequest(
+        prompt, params, adapter.key if adapter else None, adapter.weights if adapter else None, **extra
+    )
