@@ -1,0 +1,95 @@
+"""The one training configuration: flags and an optional YAML file merged into a validated pydantic model."""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from training.errors import TrainingError
+
+DataFormat = Literal["auto", "chat", "prompt-completion", "text"]
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer except the output head (QLoRA's advice)
+
+
+class TrainConfig(BaseModel):
+    """Every `loraplex train` flag; a YAML config uses the same keys (hyphens or underscores)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: Path = Field(description="JSONL file: {messages}, {prompt, completion} or {text} rows.")
+    output: Path = Field(description="Directory for the adapter, training.json and checkpoints.")
+    base_model: str | None = Field(None, description="Hub id or local directory; empty: the embedded model.")
+    cache_dir: Path | None = Field(None, description="Model cache (default: the server's cache directory).")
+    format: DataFormat = "auto"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    lr: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = ALL_LINEAR
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per device).")
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(1024, ge=2)
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(50, ge=1, description="Optimizer steps between eval losses.")
+    save_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
+    seed: int = 0
+    resume: bool = Field(False, description="Continue from the newest checkpoint in OUTPUT/checkpoints.")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    push: str | None = Field(None, description="Server URL to upload the finished adapter to.")
+    name: str | None = Field(None, description="Adapter name for --push.")
+    api_key: str | None = None
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str) and value != ALL_LINEAR:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("base_model", "push", "name", "api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _push_needs_name(self) -> "TrainConfig":
+        if self.push and not self.name:
+            raise ValueError("--push needs --name: the name the adapter gets on the server")
+        if self.target_modules != ALL_LINEAR and not self.target_modules:
+            raise ValueError("--target-modules is empty")
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output / "checkpoints"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise TrainingError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise TrainingError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise TrainingError(f"config file {path} must hold a mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
+    """Flags given on the command line override the file; anything unknown or out of range is one error."""
+    merged = {**file_values, **{key: value for key, value in flag_values.items() if value is not None}}
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise TrainingError(f"invalid training option {where!r}: {first['msg']}") from exc

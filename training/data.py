@@ -1,0 +1,189 @@
+"""Training rows: read and validate a JSONL file, then tokenize each row with its loss mask.
+
+Every check that can fail on user data runs here, before the base model is loaded, and names the line.
+Labels follow the causal-LM convention: `labels[t]` is the token at t, -100 where no loss is taken
+(prompts, non-assistant turns; padding is added later by the collator).
+"""
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from training.errors import DataError
+
+IGNORE = -100
+RowFormat = Literal["chat", "prompt-completion", "text"]
+_SHAPES: dict[frozenset[str], RowFormat] = {
+    frozenset({"messages"}): "chat",
+    frozenset({"prompt", "completion"}): "prompt-completion",
+    frozenset({"text"}): "text",
+}
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int  # 1-based line number in the file, for error messages
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        # labels[0] is never predicted (nothing precedes it), so it never counts
+        return sum(label != IGNORE for label in self.labels[1:])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    format: RowFormat
+    rows: list[Row]
+    sha256: str
+
+
+def read_dataset(path: Path, format: str = "auto") -> Dataset:
+    """Parse and check every row; all rows must share one format (detected from the first row on auto)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"data file {path} does not exist") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror}") from exc
+    rows = []
+    for number, text in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
+        rows.append(Row(number, data))
+    if not rows:
+        raise DataError(f"data file {path} holds no rows")
+    expected = row_format(rows[0], path) if format == "auto" else format
+    for row in rows:
+        found = row_format(row, path)
+        if found != expected:
+            raise DataError(f"{path} line {row.line}: a {found} row, but the data format is {expected}")
+        _check_row(row, found, path)
+    return Dataset(expected, rows, hashlib.sha256(raw).hexdigest())
+
+
+def row_format(row: Row, path: Path) -> RowFormat:
+    found = _SHAPES.get(frozenset(row.data))
+    if found is None:
+        raise DataError(
+            f"{path} line {row.line}: unknown row shape with keys {sorted(row.data)}; expected "
+            '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'
+        )
+    return found
+
+
+def _check_row(row: Row, fmt: RowFormat, path: Path) -> None:
+    where = f"{path} line {row.line}"
+    if fmt == "chat":
+        messages = row.data["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: message {i} needs a string 'content'")
+            if message.get("role") not in _ROLES:
+                raise DataError(f"{where}: message {i} has role {message.get('role')!r}, not one of {_ROLES}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: the chat has no assistant turn, so there is nothing to learn")
+    else:
+        keys = ("prompt", "completion") if fmt == "prompt-completion" else ("text",)
+        for key in keys:
+            if not isinstance(row.data[key], str):
+                raise DataError(f"{where}: {key!r} must be a string")
+        if not row.data[keys[-1]]:
+            raise DataError(f"{where}: {keys[-1]!r} is empty, so there is nothing to learn")
+
+
+def tokenize_dataset(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, path: Path
+) -> tuple[list[Example], int]:
+    """(examples, rows dropped because truncation left them nothing to learn). Raises if none remain."""
+    if dataset.format == "chat" and not tokenizer.chat_template:
+        raise DataError("the base model's tokenizer has no chat template; use prompt-completion or text rows")
+    examples = []
+    for row in dataset.rows:
+        example = tokenize_row(row, dataset.format, tokenizer, path)
+        example = Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+        if example.trained_tokens:
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: max_seq_len {max_seq_len} truncates away every trained token of every row; raise it")
+    return examples, len(dataset.rows) - len(examples)
+
+
+def tokenize_row(row: Row, fmt: RowFormat, tokenizer: PreTrainedTokenizerBase, path: Path) -> Example:
+    if fmt == "chat":
+        return _chat_example(row, tokenizer, path)
+    eos = _eos_id(tokenizer)
+    if fmt == "prompt-completion":
+        # Tokenized apart so that the boundary is exact: the prompt never leaks into the loss.
+        prompt = tokenizer(row.data["prompt"])["input_ids"]
+        completion = tokenizer(row.data["completion"], add_special_tokens=False)["input_ids"] + [eos]
+        return Example(prompt + completion, [IGNORE] * len(prompt) + completion)
+    ids = tokenizer(row.data["text"])["input_ids"] + [eos]
+    return Example(ids, list(ids))
+
+
+def _chat_example(row: Row, tokenizer: PreTrainedTokenizerBase, path: Path) -> Example:
+    """Loss on assistant turns only, located by rendering prefixes of the conversation.
+
+    Rendering `messages[:i]` with the generation prompt and `messages[:i+1]` gives the characters of
+    assistant turn i (its content and the template's end-of-turn marker) whatever the template looks like;
+    the whole conversation is then tokenized once and tokens are labelled by their character offsets, so
+    BPE merges across turn boundaries cannot shift the mask.
+    """
+    messages = row.data["messages"]
+    full = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _render(tokenizer, messages[:i], generation_prompt=True)
+        end = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (end.startswith(start) and full.startswith(end)):
+            raise DataError(
+                f"{path} line {row.line}: the chat template renders turns differently as the chat grows, "
+                "so assistant turns cannot be located; use prompt-completion rows"
+            )
+        spans.append((len(start), len(end)))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = encoded["input_ids"]
+    labels = [
+        token if any(lo <= begin < hi for lo, hi in spans) else IGNORE
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    eos = _eos_id(tokenizer)
+    if eos not in (t for t, label in zip(ids, labels, strict=True) if label != IGNORE):
+        # The template ends turns without EOS: append it so the model learns to stop.
+        ids, labels = [*ids, eos], [*labels, eos]
+    return Example(ids, labels)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the base model's tokenizer has no EOS token, so the model could not learn to stop")
+    return tokenizer.eos_token_id

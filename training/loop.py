@@ -1,0 +1,189 @@
+"""The training loop: length-grouped micro-batches, gradient accumulation, eval, checkpoints, progress.
+
+Written against `accelerate.Accelerator`, so the same code runs on a CPU, one GPU, or several GPUs under
+`accelerate launch` (DDP: each process takes every world-th micro-batch of the same shuffled order).
+"""
+
+import contextlib
+import itertools
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from training.batching import batches_per_epoch, collate, length_grouped_batches, micro_batches, shard
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.data import Example
+from training.errors import TrainingError
+from training.model import CausalLMLoss
+
+
+@dataclass(frozen=True)
+class FitResult:
+    steps: int
+    first_loss: float | None  # training loss of the first step this run took
+    final_loss: float | None  # training loss of the last step
+    eval_loss: float | None  # on the held-out rows after the last step; None without --eval-fraction
+    trained_tokens: int  # tokens that carried a label (all processes)
+    real_tokens: int  # non-padding tokens fed through the model (all processes)
+    seconds: float
+    peak_memory_bytes: int
+
+
+def total_steps(config: TrainConfig, n_rows: int, world: int) -> int:
+    if config.max_steps:
+        return config.max_steps
+    return config.epochs * math.ceil(batches_per_epoch(n_rows, config.batch_size, world) / config.grad_accum)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, cuda: bool) -> torch.optim.Optimizer:
+    if cuda:
+        import bitsandbytes as bnb
+
+        # Paged 8-bit AdamW: state in 8 bits, paged to host memory under pressure instead of OOM.
+        return bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def fit(
+    model: PeftModel,
+    train: Sequence[Example],
+    evals: Sequence[Example],
+    config: TrainConfig,
+    accelerator: Accelerator,
+    pad_id: int,
+    *,
+    progress: bool = True,
+) -> FitResult:
+    """Train `model` in place for total_steps(config) optimizer steps (resuming if config.resume)."""
+    cuda = accelerator.device.type == "cuda"
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps = total_steps(config, len(train), world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config, cuda)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    start, tokens_before = 0, 0
+    if config.resume:
+        found = latest_checkpoint(config.checkpoint_dir)
+        if found is None:
+            raise TrainingError(f"--resume: no checkpoint in {config.checkpoint_dir}")
+        resumed = load_checkpoint(found, model, optimizer, scheduler)
+        start, tokens_before = resumed.step, resumed.tokens
+    # The scheduler stays outside prepare(): it steps once per optimizer step, on every process alike.
+    loss_module, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+    loss_module.train()
+    lengths = [len(e.input_ids) for e in train]
+    stream = micro_batches(lengths, config.batch_size, config.seed, rank, world)
+    # Batch order depends only on (seed, epoch), so skipping replays a resumed run's exact data order.
+    stream = itertools.islice(stream, start * config.grad_accum, None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    first_loss = final_loss = eval_loss = None
+    trained = real = 0
+    began = time.perf_counter()
+    for step in range(start + 1, steps + 1):
+        window = [[train[i] for i in next(stream)] for _ in range(config.grad_accum)]
+        # Normalise by the trained tokens of the whole step (all micro-batches, all processes): every
+        # token weighs the same however the rows fall into micro-batches. DDP averages gradients over
+        # processes, hence the factor world.
+        step_tokens = _sum(accelerator, sum(e.trained_tokens for rows in window for e in rows))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for k, rows in enumerate(window):
+            batch = {key: t.to(accelerator.device) for key, t in collate(rows, pad_id).items()}
+            last = k == len(window) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
+                batch_loss, _ = loss_module(**batch)
+                accelerator.backward(batch_loss * world / step_tokens)
+            loss_sum += batch_loss.detach()
+            real += int(batch["attention_mask"].sum())
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        final_loss = _sum(accelerator, loss_sum).item() / step_tokens
+        first_loss = first_loss if first_loss is not None else final_loss
+        trained += step_tokens
+        elapsed = time.perf_counter() - began
+        bar.set_postfix(loss=f"{final_loss:.4f}", tok_s=f"{real * world / elapsed:,.0f}", refresh=False)
+        bar.update(1)
+        if evals and (step % config.eval_every == 0 or step == steps):
+            eval_loss = evaluate(loss_module, evals, config.batch_size, accelerator, pad_id)
+            bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+        if step % config.save_every == 0 and step < steps:
+            _save(accelerator, config, step, tokens_before + trained, loss_module, optimizer, scheduler)
+    bar.close()
+    seconds = time.perf_counter() - began
+    return FitResult(
+        steps=steps,
+        first_loss=first_loss,
+        final_loss=final_loss,
+        eval_loss=eval_loss,
+        trained_tokens=tokens_before + trained,
+        real_tokens=int(_sum(accelerator, real)),
+        seconds=seconds,
+        peak_memory_bytes=_peak_memory(accelerator.device),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    loss_module: torch.nn.Module, evals: Sequence[Example], batch_size: int, accelerator: Accelerator, pad_id: int
+) -> float:
+    """Mean token loss on the held-out rows (dropout off), summed over every process's share."""
+    loss_module.eval()
+    lengths = [len(e.input_ids) for e in evals]
+    batches = shard(
+        length_grouped_batches(lengths, batch_size, seed=0), accelerator.process_index, accelerator.num_processes
+    )
+    total = torch.zeros((), device=accelerator.device)
+    count = 0
+    for indices in batches:
+        batch = {k: t.to(accelerator.device) for k, t in collate([evals[i] for i in indices], pad_id).items()}
+        loss, n = loss_module(**batch)
+        total += loss
+        count += int(n)
+    loss_module.train()
+    return _sum(accelerator, total).item() / _sum(accelerator, count)
+
+
+def _save(
+    accelerator: Accelerator, config: TrainConfig, step: int, tokens: int, loss_module, optimizer, scheduler
+) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        model = accelerator.unwrap_model(loss_module).model
+        save_checkpoint(config.checkpoint_dir, step, tokens, model, optimizer, scheduler)
+    accelerator.wait_for_everyone()
+
+
+def _sum(accelerator: Accelerator, value):
+    """Sum a count or a scalar tensor over processes (identity on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.as_tensor(value, device=accelerator.device)
+    reduced = accelerator.reduce(tensor, reduction="sum")
+    return reduced if isinstance(value, torch.Tensor) else reduced.item()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

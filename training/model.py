@@ -1,0 +1,78 @@
+"""The trainable model: LoRA on an NF4 base, and the loss module that the training loop calls."""
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from training.config import TrainConfig
+from training.data import IGNORE
+
+LOSS_CHUNK = 1024  # positions per logits chunk: bounds [chunk, vocab] float32 logits (0.5 GB at 128k vocab)
+
+
+def add_lora(
+    model: PreTrainedModel, config: TrainConfig, *, gradient_checkpointing: bool, compute_dtype: torch.dtype
+) -> PeftModel:
+    """prepare_model_for_kbit_training + LoRA on config.target_modules ("all-linear": all but the head)."""
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    # prepare_model_for_kbit_training upcasts every non-4-bit weight to float32. For the norms that is
+    # cheap stability; for the frozen embedding and output head (2 x 0.5 B weights at a 128k vocab) it
+    # doubles their memory and runs the largest matmul in float32, so those two go back to compute dtype.
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        module.to(compute_dtype)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only holds memory
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def target_module_names(model: PeftModel) -> list[str]:
+    """The resolved suffixes LoRA was put on (e.g. "all-linear" -> q_proj, k_proj, ...)."""
+    return sorted(model.peft_config["default"].target_modules)
+
+
+class CausalLMLoss(nn.Module):
+    """(sum of token losses, trained tokens) for a batch; the module the loop wraps for DDP.
+
+    Logits are computed only at positions that carry a label, in chunks that are recomputed in backward,
+    so the [batch, seq, vocab] float32 logits tensor, the largest activation of a big-vocabulary model,
+    never exists, and prompt and padding positions cost no head matmul at all.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        super().__init__()
+        self.model = model
+        causal_lm = model.get_base_model()
+        self.softcap: float | None = getattr(causal_lm.config, "final_logit_softcapping", None)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        causal_lm = self.model.get_base_model()
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # hidden: [B, T, H]; position t predicts labels[t + 1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        hidden, targets = hidden[:, :-1][keep], targets[keep]  # [N, H], [N]
+        head = causal_lm.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for h, t in zip(hidden.split(LOSS_CHUNK), targets.split(LOSS_CHUNK), strict=True):
+            total = total + checkpoint(self._chunk_loss, head, h, t, use_reentrant=False)
+        return total, keep.sum()
+
+    def _chunk_loss(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).float()  # [n, vocab]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return nn.functional.cross_entropy(logits, targets, reduction="sum")

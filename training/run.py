@@ -1,0 +1,70 @@
+"""`train(config)`: the whole run, callable from Python (tests, notebooks) and from `loraplex train`.
+
+Order matters: everything about the data is checked, with the base tokenizer, before the model loads.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoTokenizer
+
+from loraplex.basemodel import load_base_model, resolve_source
+from loraplex.settings import Settings
+from training.batching import choose_pad_id
+from training.config import TrainConfig
+from training.data import read_dataset, tokenize_dataset
+from training.loop import FitResult, fit
+from training.model import add_lora
+from training.output import write_adapter
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    fit: FitResult
+    rows: int
+    dropped_rows: int  # rows whose every trained token lay beyond max_seq_len
+    pushed: dict | None  # the server's answer to --push
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    dataset = read_dataset(config.data, config.format)
+    cache_dir = config.cache_dir or Settings().cache_dir
+    source, _ = resolve_source(config.base_model, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    examples, dropped = tokenize_dataset(dataset, tokenizer, config.max_seq_len, config.data)
+    train_rows, eval_rows = split(examples, config.eval_fraction, config.seed)
+
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    cuda = accelerator.device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # CPUs lack fast bf16 matmuls; NF4 is stored alike
+    base = load_base_model(
+        config.base_model, cache_dir=cache_dir, device=accelerator.device.type, quantize=True, dtype=dtype
+    )
+    model = add_lora(base.model, config, gradient_checkpointing=cuda, compute_dtype=dtype)
+    result = fit(model, train_rows, eval_rows, config, accelerator, choose_pad_id(tokenizer), progress=progress)
+
+    pushed = None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_adapter(model, config, dataset, result, base_source=source, world=accelerator.num_processes)
+        if config.push:
+            from adapters.client import AdminClient
+
+            pushed = AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
+    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed)
+
+
+def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random `fraction` held out, at least one row each when fraction > 0."""
+    if fraction == 0 or len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
