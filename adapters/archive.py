@@ -90,8 +90,9 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
             for info in zf.infolist():
                 budget.member()
                 target = _safe_path(dest, info.filename)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                # Unix file type bits, when the packer wrote them (zip tools on Windows leave them 0)
+                file_type = stat.S_IFMT(info.external_attr >> 16)
+                if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise UnsafeArchive(
                         f"archive member {info.filename!r} is a link or special file; pack regular files only"
                     )

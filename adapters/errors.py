@@ -73,3 +73,16 @@ class AdapterLoadFailed(AdapterError):
 
     http_status = 500
     code = "adapter_load_failed"
+
+
+class TooManyPinned(AdapterError):
+    """Pinning more adapters than the CPU tier holds would leave no room to serve any other."""
+
+    http_status = 409
+    code = "too_many_pinned_adapters"
+
+
+class InvalidUpload(AdapterError):
+    """The upload request itself is malformed (missing fields, both archive and files)."""
+
+    code = "invalid_upload"

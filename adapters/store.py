@@ -31,6 +31,7 @@ from adapters.validate import (
     TRAINING_FILE,
     WEIGHTS_FILE,
     AdapterLimits,
+    adapter_files,
     read_config,
     validate_adapter_dir,
 )
@@ -161,9 +162,8 @@ class AdapterStore:
             staged = scratch / "adapter"  # renamed into place whole; the scratch dir is removed after
             staged.mkdir()
             # validate the staged copy, so the bytes checked are the bytes stored
-            for filename in (CONFIG_FILE, WEIGHTS_FILE, TRAINING_FILE):
-                if (src / filename).is_file():
-                    shutil.copyfile(src / filename, staged / filename)
+            for path in adapter_files(src):
+                shutil.copyfile(path, staged / path.name)
             checked = validate_adapter_dir(staged, self.base, self.limits)
             (staged / TRAINING_FILE).unlink(missing_ok=True)  # kept in the manifest instead
             with self._name_lock(name):

@@ -54,8 +54,9 @@ class ValidatedAdapter:
     training: dict[str, Any] | None
 
 
-def validate_adapter_dir(src: Path, base: BaseFingerprint, limits: AdapterLimits) -> ValidatedAdapter:
-    config_path, weights_path = src / CONFIG_FILE, src / WEIGHTS_FILE
+def adapter_files(src: Path) -> list[Path]:
+    """The files of a PEFT directory that are stored: config, weights and, if present, training metadata."""
+    config_path, weights_path, training_path = src / CONFIG_FILE, src / WEIGHTS_FILE, src / TRAINING_FILE
     if not weights_path.is_file():
         pickled = [p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES] if src.is_dir() else []
         if pickled:
@@ -63,8 +64,12 @@ def validate_adapter_dir(src: Path, base: BaseFingerprint, limits: AdapterLimits
         raise InvalidAdapterWeights(f"{WEIGHTS_FILE} is missing: save the adapter with save_pretrained()")
     if not config_path.is_file():
         raise InvalidAdapterConfig(f"{CONFIG_FILE} is missing: save the adapter with save_pretrained()")
-    training_path = src / TRAINING_FILE
-    files = [config_path, weights_path] + ([training_path] if training_path.is_file() else [])
+    return [config_path, weights_path] + ([training_path] if training_path.is_file() else [])
+
+
+def validate_adapter_dir(src: Path, base: BaseFingerprint, limits: AdapterLimits) -> ValidatedAdapter:
+    files = adapter_files(src)
+    config_path, weights_path, training_path = src / CONFIG_FILE, src / WEIGHTS_FILE, src / TRAINING_FILE
     size = sum(p.stat().st_size for p in files)
     if size > limits.max_bytes:
         raise AdapterTooLarge(

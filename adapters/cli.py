@@ -1,0 +1,71 @@
+"""`loraplex adapters push|list|rm`: manage a running server's adapters."""
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from adapters.client import DEFAULT_SERVER, AdminClient, AdminClientError
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser("adapters", help="upload, list and remove adapters on a running server")
+    commands = parser.add_subparsers(dest="adapters_command", required=True, metavar="{push,list,rm}")
+
+    push = commands.add_parser("push", help="upload a PEFT adapter directory (or a .tar.gz / .zip of one)")
+    push.add_argument("dir", help="PEFT directory: adapter_config.json + adapter_model.safetensors")
+    push.add_argument("--name", required=True, help="adapter name; pushing new content adds a version")
+    push.set_defaults(func=_runner(_push))
+
+    listing = commands.add_parser("list", help="list adapters (newest version of each)")
+    listing.set_defaults(func=_runner(_list))
+
+    rm = commands.add_parser("rm", help="delete NAME (every version) or NAME@N")
+    rm.add_argument("ref", metavar="NAME[@N]")
+    rm.set_defaults(func=_runner(_rm))
+
+    for command in (push, listing, rm):
+        command.add_argument("--server", default=DEFAULT_SERVER, help=f"server URL (default {DEFAULT_SERVER})")
+        command.add_argument("--api-key", default=None, help="an admin key, when the server has keys")
+
+
+def _runner(command: Callable[[AdminClient, argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with AdminClient(args.server, args.api_key) as client:
+                command(client, args)
+        except AdminClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
+def _push(client: AdminClient, args: argparse.Namespace) -> None:
+    manifest = client.push(args.dir, args.name)
+    print(f"{manifest['name']}@{manifest['version']}  rank {manifest['rank']}  sha256 {manifest['sha256'][:12]}")
+
+
+def _list(client: AdminClient, args: argparse.Namespace) -> None:
+    manifests = client.list()
+    if not manifests:
+        print("no adapters")
+        return
+    rows = [_row(m) for m in manifests]
+    widths = [max(len(r[i]) for r in [*rows, _HEADER]) for i in range(len(_HEADER))]
+    for row in [_HEADER, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+_HEADER = ("NAME", "VERSION", "RANK", "ORIGIN", "SIZE", "CREATED")
+
+
+def _row(m: dict[str, Any]) -> tuple[str, ...]:
+    size = f"{m['size_bytes'] / 2**20:.1f} MiB"
+    return (m["name"], str(m["version"]), str(m["rank"]), m["origin"], size, m["created_at"][:19])
+
+
+def _rm(client: AdminClient, args: argparse.Namespace) -> None:
+    client.remove(args.ref)
+    print(f"deleted {args.ref}")

@@ -1,0 +1,86 @@
+"""A small client for the admin API, used by the CLI and by training to publish what it trained."""
+
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from adapters.validate import CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE
+from loraplex.errors import LoraplexError
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+_PAGE = 1000
+
+
+class AdminClientError(LoraplexError):
+    """The server refused a request (its message is kept) or could not be reached."""
+
+    def __init__(self, message: str, http_status: int = 503, code: str | None = "server_unreachable") -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code or "server_error"
+
+
+class AdminClient:
+    def __init__(self, base_url: str = DEFAULT_SERVER, api_key: str | None = None, timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def push(self, dir: Path | str, name: str) -> dict[str, Any]:
+        """Upload a PEFT directory (adapter_config.json, adapter_model.safetensors, optional training.json)
+        or a .tar.gz / .zip of one; returns the stored version's manifest."""
+        path = Path(dir)
+        with ExitStack() as stack:
+            if path.is_dir():
+                fields = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
+                files = {
+                    field: (filename, stack.enter_context((path / filename).open("rb")))
+                    for field, filename in fields.items()
+                    if (path / filename).is_file() or field != "training"
+                }
+            else:
+                files = {"archive": (path.name, stack.enter_context(path.open("rb")))}
+            return self._call("POST", "/v1/adapters", data={"name": name}, files=files)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every adapter's newest version, following the pages."""
+        manifests: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": _PAGE}
+        while True:
+            page = self._call("GET", "/v1/adapters", params=params)
+            manifests.extend(page["data"])
+            if page["next"] is None:
+                return manifests
+            params["after"] = page["next"]
+
+    def remove(self, name: str) -> None:
+        """Delete 'name' (every version) or 'name@N'."""
+        self._call("DELETE", f"/v1/adapters/{name}")
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except FileNotFoundError as exc:
+            raise AdminClientError(f"cannot read {exc.filename}: is it a PEFT adapter directory?", 400,
+                                   "invalid_adapter") from exc
+        except httpx.HTTPError as exc:
+            raise AdminClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from exc
+        if response.is_success:
+            return response.json()
+        try:
+            error = response.json()["error"]
+            message, code = error["message"], error.get("code")
+        except (ValueError, KeyError, TypeError):
+            message, code = response.text.strip() or response.reason_phrase, None
+        raise AdminClientError(message, response.status_code, code)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "AdminClient":
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,138 @@
+"""Admin routes for adapters: upload, list, show, delete. Needs an admin key when keys are configured.
+
+Expects `app.state.registry` (an AdapterRegistry). Errors are typed (adapters.errors) and answered by the
+app's one LoraplexError handler from each class's `http_status` and `code`.
+"""
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartParser
+
+from adapters.archive import extract_archive
+from adapters.errors import AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
+from adapters.manifest import Manifest
+from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
+from server.api.auth import require_admin
+from server.registry import AdapterRegistry
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(require_admin)])
+
+_FILE_FIELDS = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
+_FORM_OVERHEAD = 64 << 10  # multipart boundaries and headers around the files
+
+
+def _registry(request: Request) -> AdapterRegistry:
+    return request.app.state.registry
+
+
+Registry = Annotated[AdapterRegistry, Depends(_registry)]
+
+
+async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """The request body, cut off as soon as it passes the limit (Content-Length is not trusted)."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise AdapterTooLarge(
+                f"the upload is over the server's limit of {max_bytes / 2**20:.1f} MiB (--max-adapter-mb)"
+            )
+        yield chunk
+
+
+async def _read_form(request: Request, max_bytes: int) -> FormData:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidUpload("send the adapter as multipart/form-data (fields: name, config, weights | archive)")
+    parser = MultiPartParser(
+        request.headers, _limited(request.stream(), max_bytes + _FORM_OVERHEAD), max_files=4, max_fields=4
+    )
+    return await parser.parse()
+
+
+def _stage(form: FormData, dest: Path, max_bytes: int) -> Path:
+    """Worker thread: write the uploaded files as a PEFT directory under `dest`; return that directory."""
+    files = {key: value for key, value in form.multi_items() if isinstance(value, UploadFile)}
+    if "archive" in files:
+        if files.keys() & _FILE_FIELDS.keys():
+            raise InvalidUpload("send either an 'archive' or 'config' + 'weights' files, not both")
+        archive = dest / "upload"
+        with archive.open("wb") as out:
+            shutil.copyfileobj(files["archive"].file, out)
+        return extract_archive(archive, dest / "extracted", max_bytes)
+    missing = [f for f in ("config", "weights") if f not in files]
+    if missing:
+        raise InvalidUpload(f"missing file field(s) {missing}: send 'config' and 'weights', or one 'archive'")
+    weights_name = files["weights"].filename or ""
+    if weights_name.endswith(PICKLE_SUFFIXES):
+        raise UnsafeAdapterFormat(
+            f"{weights_name} is a pickle-based checkpoint and is refused; upload {WEIGHTS_FILE} (safetensors)"
+        )
+    peft_dir = dest / "peft"
+    peft_dir.mkdir()
+    for field, filename in _FILE_FIELDS.items():
+        if field in files:
+            with (peft_dir / filename).open("wb") as out:
+                shutil.copyfileobj(files[field].file, out)
+    return peft_dir
+
+
+def _manifest_json(manifest: Manifest) -> dict[str, Any]:
+    return manifest.model_dump(mode="json")
+
+
+@router.post("", status_code=201)
+async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
+    """201 with the new version's manifest; 200 with the existing one when the content is identical."""
+    max_bytes = registry.store.limits.max_bytes
+    form = await _read_form(request, max_bytes)
+    try:
+        name = form.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidUpload("missing text field 'name': the adapter's name, e.g. support-bot")
+        with registry.store.scratch() as scratch:
+            src = await asyncio.to_thread(_stage, form, scratch, max_bytes)
+            manifest, created = await registry.put(name, src)
+    finally:
+        await form.close()
+    return JSONResponse(_manifest_json(manifest), status_code=201 if created else 200)
+
+
+@router.get("")
+async def list_adapters(
+    registry: Registry,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
+) -> dict[str, Any]:
+    """The newest version of each adapter, in name order."""
+    manifests, cursor = registry.store.page(limit, after)
+    return {"data": [_manifest_json(m) for m in manifests], "next": cursor}
+
+
+@router.get("/{ref}")
+async def show_adapter(ref: str, registry: Registry) -> dict[str, Any]:
+    """'name': the newest version's manifest; 'name@N': that version's; both with every version's state."""
+    manifest = registry.store.resolve(ref)
+    versions = registry.store.versions(manifest.name)
+    return {
+        **_manifest_json(manifest),
+        "state": registry.state(manifest.key),
+        "versions": [
+            {"version": m.version, "sha256": m.sha256, "created_at": m.created_at.isoformat(),
+             "state": registry.state(m.key)}
+            for m in versions
+        ],
+    }
+
+
+@router.delete("/{ref}")
+async def delete_adapter(ref: str, registry: Registry) -> dict[str, Any]:
+    """'name' deletes every version, 'name@N' one."""
+    removed = await registry.delete(ref)
+    return {"deleted": [m.key for m in removed]}

@@ -1,0 +1,317 @@
+"""The adapter registry: which adapters exist (the store) and which are loaded in CPU memory.
+
+Tiers: disk (the store) -> CPU (an LRU of `LoraWeights`, bounded by max_cpu_adapters) -> device slots (the
+engine's; it copies a lease's weights into a slot, and `on_unload(key)` tells it to drop one). Requests
+hold a `Lease` while they run: a leased adapter is never evicted, and a deleted one is freed when its
+last lease is released. Loads run in worker threads, never on the event loop, and concurrent acquires of
+one adapter share one load. The state lives behind one threading lock because leases are released from
+the engine thread as well as from the event loop.
+"""
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+import torch
+
+from adapters.errors import AdapterError, AdapterNotFound, IncompatibleAdapter, TooManyPinned
+from adapters.lora import LoraModule, LoraWeights
+from adapters.manifest import Manifest
+from adapters.store import AdapterStore
+
+
+class AdapterState(StrEnum):
+    STORED = "stored"  # on disk only
+    LOADING = "loading"  # disk -> CPU in progress
+    ON_CPU = "on_cpu"  # in the CPU tier, no request holds it
+    ACTIVE = "active"  # leased by at least one request (the engine may hold it in a device slot)
+    FAILED = "failed"  # the last load failed; the next acquire retries
+    DELETING = "deleting"  # deleted, waiting for its last lease
+
+
+class RegistryMetrics(Protocol):
+    """What the registry reports; the HTTP layer backs it with prometheus-client objects."""
+
+    def observe_load(self, seconds: float) -> None: ...  # one disk -> CPU load
+
+    def count_eviction(self) -> None: ...  # one adapter dropped from the CPU tier to make room
+
+
+@dataclass(eq=False)
+class _Entry:
+    manifest: Manifest
+    weights: LoraWeights | None = None
+    loading: Future[LoraWeights] | None = None
+    refs: int = 0
+    pinned: bool = False
+    deleting: bool = False
+    error: str | None = None
+    leases: set["Lease"] = field(default_factory=set)
+
+
+class Lease:
+    """A request's hold on one adapter version: `key` ('name@N'), its manifest and CPU weights."""
+
+    def __init__(self, registry: "AdapterRegistry", entry: _Entry, weights: LoraWeights) -> None:
+        self._registry = registry
+        self._entry = entry
+        self.manifest = entry.manifest
+        self.key = entry.manifest.key
+        self.weights = weights
+
+    def release(self) -> None:
+        """Idempotent and thread-safe (the engine thread releases when a request finishes)."""
+        self._registry._release(self._entry, self)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.release()
+
+
+def _pinned_copy(weights: LoraWeights) -> LoraWeights:
+    # page-locked host memory makes the engine's host -> device slot copies asynchronous
+    return LoraWeights(
+        {name: LoraModule(m.a.pin_memory(), m.b.pin_memory(), m.scaling) for name, m in weights.modules.items()}
+    )
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        *,
+        max_cpu_adapters: int,
+        on_unload: Callable[[str], None] | None = None,
+        metrics: RegistryMetrics | None = None,
+        pin_memory: bool | None = None,
+        load_workers: int = 2,
+    ) -> None:
+        """`on_unload(key)` is called (outside any lock) whenever an adapter leaves the CPU tier, so the
+        engine can free its device slot; `pin_memory` defaults to whether CUDA is available."""
+        self.store = store
+        self.max_cpu_adapters = max_cpu_adapters
+        self._on_unload = on_unload
+        self._metrics = metrics
+        self._pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
+        self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
+        self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+
+    # -- serving ------------------------------------------------------------------------------------
+
+    async def acquire(self, ref: str) -> Lease:
+        """Resolve 'name' (newest version) or 'name@N', load it to CPU if needed, and lease it."""
+        manifest = self.store.resolve(ref)
+        with self._lock:
+            entry = self._entry_locked(manifest)
+            entry.refs += 1  # reserved from here on: never evicted while loading
+            if entry.weights is not None:
+                self._cpu.move_to_end(manifest.key)
+                return self._lease_locked(entry, entry.weights)
+            if entry.loading is None:
+                entry.loading = self._executor.submit(self._load, entry)
+            loading = entry.loading
+        try:
+            # shielded: one waiter's cancellation must not cancel the load the others share
+            weights = await asyncio.shield(asyncio.wrap_future(loading))
+        except BaseException:
+            self._release(entry, None)
+            raise
+        with self._lock:
+            return self._lease_locked(entry, weights)
+
+    def _entry_locked(self, manifest: Manifest) -> _Entry:
+        entry = self._entries.get(manifest.key)
+        if entry is not None:
+            return entry
+        # checked under the lock: a delete removes the version from the store before it takes this lock
+        if not self.store.contains(manifest.name, manifest.version):
+            raise AdapterNotFound(f"adapter {manifest.key} was deleted")
+        mismatch = self.store.base.mismatch(manifest.base)
+        if mismatch:
+            raise IncompatibleAdapter(f"adapter {manifest.key} does not fit the served base model: {mismatch}")
+        entry = self._entries[manifest.key] = _Entry(manifest)
+        return entry
+
+    def _lease_locked(self, entry: _Entry, weights: LoraWeights) -> Lease:
+        lease = Lease(self, entry, weights)
+        entry.leases.add(lease)
+        return lease
+
+    def _load(self, entry: _Entry) -> LoraWeights:
+        """Worker thread: disk -> CPU."""
+        start = time.perf_counter()
+        try:
+            weights = self.store.read_weights(entry.manifest)
+            if self._pin_memory:
+                weights = _pinned_copy(weights)
+        except AdapterError as exc:
+            with self._lock:
+                entry.loading = None
+                entry.error = str(exc)
+                if entry.deleting:  # the files went away under the load
+                    raise AdapterNotFound(f"adapter {entry.manifest.key} was deleted") from exc
+            raise
+        if self._metrics is not None:
+            self._metrics.observe_load(time.perf_counter() - start)
+        with self._lock:
+            entry.loading = None
+            entry.error = None
+            entry.weights = weights
+            if entry.deleting:  # leases that started before the delete still get it; freed on release
+                return weights
+            self._cpu[entry.manifest.key] = entry
+            unloaded = self._evict_locked()
+        self._unload(unloaded)
+        return weights
+
+    def _release(self, entry: _Entry, lease: Lease | None) -> None:
+        with self._lock:
+            if lease is not None:
+                if lease not in entry.leases:
+                    return  # released before
+                entry.leases.discard(lease)
+            entry.refs -= 1
+            if entry.refs:
+                return
+            if entry.deleting:
+                unloaded = [entry.manifest.key] if entry.weights is not None else []
+                entry.weights = None
+            else:
+                unloaded = self._evict_locked()
+                self._forget_if_idle_locked(entry)
+        self._unload(unloaded)
+
+    def _evict_locked(self) -> list[str]:
+        """Drop least recently used, unleased, unpinned adapters until the CPU tier fits. Leased ones stay
+        even over the bound: they are in use and come back under it when released."""
+        unloaded = []
+        for key, entry in list(self._cpu.items()):
+            if len(self._cpu) <= self.max_cpu_adapters:
+                break
+            if entry.refs or entry.pinned:
+                continue
+            del self._cpu[key]
+            entry.weights = None
+            self._forget_if_idle_locked(entry)
+            unloaded.append(key)
+            if self._metrics is not None:
+                self._metrics.count_eviction()
+        return unloaded
+
+    def _forget_if_idle_locked(self, entry: _Entry) -> None:
+        # keep the index of held entries small with thousands of adapters on disk
+        idle = not (entry.refs or entry.pinned or entry.weights is not None or entry.loading or entry.error)
+        if idle and self._entries.get(entry.manifest.key) is entry:
+            del self._entries[entry.manifest.key]
+
+    def _unload(self, keys: Iterable[str]) -> None:
+        if self._on_unload is not None:
+            for key in keys:
+                self._on_unload(key)
+
+    # -- pinning ------------------------------------------------------------------------------------
+
+    def pin(self, ref: str) -> str:
+        """Keep an adapter version ('name' pins the newest now) in the CPU tier; returns its key. It is
+        loaded by the next acquire (or `preload`) and never evicted until unpinned."""
+        manifest = self.store.resolve(ref)
+        with self._lock:
+            pinned = sum(e.pinned for e in self._entries.values())
+            entry = self._entry_locked(manifest)
+            if not entry.pinned and pinned + 1 >= self.max_cpu_adapters:
+                self._forget_if_idle_locked(entry)
+                raise TooManyPinned(
+                    f"cannot pin {manifest.key}: {pinned} adapters are pinned and the CPU tier holds "
+                    f"{self.max_cpu_adapters} (--max-cpu-adapters); unpin one or raise the limit"
+                )
+            entry.pinned = True
+        return manifest.key
+
+    def unpin(self, ref: str) -> None:
+        manifest = self.store.resolve(ref)
+        with self._lock:
+            entry = self._entries.get(manifest.key)
+            if entry is None or not entry.pinned:
+                return
+            entry.pinned = False
+            unloaded = self._evict_locked()
+            self._forget_if_idle_locked(entry)
+        self._unload(unloaded)
+
+    async def preload(self, refs: Iterable[str]) -> None:
+        """Start-up (Settings.preload): pin each adapter and load it now."""
+        for ref in refs:
+            self.pin(ref)
+            (await self.acquire(ref)).release()
+
+    # -- managing -----------------------------------------------------------------------------------
+
+    async def put(self, name: str, src: Path) -> tuple[Manifest, bool]:
+        """Validate and store a PEFT directory as the next version of `name` (see AdapterStore.put)."""
+        return await asyncio.to_thread(self.store.put, name, src)
+
+    async def delete(self, ref: str) -> list[Manifest]:
+        """Delete 'name' (all versions) or 'name@N'. New acquires get AdapterNotFound at once; a leased
+        version is freed (and `on_unload` called) when its last lease is released."""
+        removed = await asyncio.to_thread(self.store.delete, ref)
+        unloaded = []
+        with self._lock:
+            for manifest in removed:
+                entry = self._entries.pop(manifest.key, None)
+                if entry is None:
+                    continue
+                entry.deleting = True
+                entry.pinned = False
+                self._cpu.pop(manifest.key, None)
+                if not entry.refs and entry.weights is not None:
+                    entry.weights = None
+                    unloaded.append(manifest.key)
+        self._unload(unloaded)
+        return removed
+
+    def state(self, key: str) -> AdapterState:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return AdapterState.STORED
+            if entry.deleting:
+                return AdapterState.DELETING
+            if entry.loading is not None:
+                return AdapterState.LOADING
+            if entry.weights is not None:
+                return AdapterState.ACTIVE if entry.refs else AdapterState.ON_CPU
+            return AdapterState.FAILED if entry.error else AdapterState.STORED
+
+    @property
+    def cpu_adapters(self) -> int:
+        with self._lock:
+            return len(self._cpu)
+
+    @property
+    def cpu_bytes(self) -> int:
+        """Bytes of LoRA weights held in the CPU tier (what max_cpu_adapters bounds)."""
+        with self._lock:
+            return sum(e.weights.nbytes for e in self._cpu.values() if e.weights is not None)
+
+    def close(self) -> None:
+        """Stop the load workers and drop the CPU tier (server shutdown)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            unloaded = list(self._cpu)
+            for entry in self._cpu.values():
+                entry.weights = None
+            self._cpu.clear()
+            self._entries.clear()
+        self._unload(unloaded)

@@ -1,0 +1,134 @@
+"""The on-disk store: versions, idempotent uploads, restart, concurrent writers, crashes mid-write."""
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from peft_dirs import make_peft_dir, new_store
+
+from adapters.errors import AdapterNotFound, InvalidAdapterName
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_versions_and_idempotent_uploads(tmp_path: Path, peft_dir: Path) -> None:
+    store = new_store(tmp_path / "store")
+    first, created = store.put("bot", peft_dir)
+    again, created_again = store.put("bot", peft_dir)
+    assert created and not created_again and again == first
+    second, created = store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    assert created and second.version == 2 and second.sha256 != first.sha256
+    assert store.resolve("bot") == second and store.resolve("bot@1") == first
+    assert [m.version for m in store.versions("bot")] == [1, 2]
+    # the same content under another name is another adapter
+    assert store.put("other", peft_dir)[0].key == "other@1"
+    with pytest.raises(AdapterNotFound, match=r"versions are \[1, 2\]"):
+        store.resolve("bot@3")
+    with pytest.raises(InvalidAdapterName):
+        store.resolve("bot@x")
+
+
+def test_restart_finds_everything(tmp_path: Path, peft_dir: Path) -> None:
+    store = new_store(tmp_path / "store")
+    made = [store.put(f"a{i}", make_peft_dir(tmp_path / f"p{i}", seed=i))[0] for i in range(3)]
+    made.append(store.put("a0", make_peft_dir(tmp_path / "p9", seed=9))[0])
+    reopened = new_store(tmp_path / "store")
+    assert len(reopened) == 3
+    assert [reopened.resolve(m.key) for m in made] == made
+    weights = reopened.read_weights(made[0])
+    assert weights.rank == 4 and len(weights.modules) == 4
+
+
+def test_delete_versions_and_numbers_are_not_reused(tmp_path: Path, peft_dir: Path) -> None:
+    store = new_store(tmp_path / "store")
+    store.put("bot", peft_dir)
+    store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    assert [m.key for m in store.delete("bot@2")] == ["bot@2"]
+    assert store.resolve("bot").version == 1
+    # the newest version was deleted: the next upload still gets a new number
+    assert store.put("bot", make_peft_dir(tmp_path / "v3", seed=2))[0].version == 3
+    assert sorted(m.key for m in store.delete("bot")) == ["bot@1", "bot@3"]
+    with pytest.raises(AdapterNotFound):
+        store.resolve("bot")
+    with pytest.raises(AdapterNotFound):
+        store.delete("bot")
+    assert len(new_store(tmp_path / "store")) == 0
+    assert not (tmp_path / "store" / "bot").exists()
+
+
+def test_pagination(tmp_path: Path, peft_dir: Path) -> None:
+    store = new_store(tmp_path / "store")
+    for name in ["c", "a", "b", "e", "d"]:
+        store.put(name, peft_dir)
+    page, cursor = store.page(2)
+    assert [m.name for m in page] == ["a", "b"] and cursor == "b"
+    page, cursor = store.page(2, cursor)
+    assert [m.name for m in page] == ["c", "d"] and cursor == "d"
+    page, cursor = store.page(2, cursor)
+    assert [m.name for m in page] == ["e"] and cursor is None
+
+
+def test_concurrent_uploads_of_one_name(tmp_path: Path) -> None:
+    """Eight writers (two store instances, as two processes would have) race on one name: every distinct
+    content gets its own version, duplicates collapse, nothing is lost or half-written."""
+    dirs = [make_peft_dir(tmp_path / f"p{i}", seed=i) for i in range(6)]
+    stores = [new_store(tmp_path / "store"), new_store(tmp_path / "store")]
+    results: list = []
+    barrier = threading.Barrier(8)
+
+    def upload(i: int) -> None:
+        barrier.wait()
+        results.append(stores[i % 2].put("race", dirs[i % 6]))
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    created = [m for m, c in results if c]
+    assert len(created) == 6 and sorted(m.version for m in created) == [1, 2, 3, 4, 5, 6]
+    assert len({m.sha256 for m, _ in results}) == 6
+    reopened = new_store(tmp_path / "store")
+    assert [m.version for m in reopened.versions("race")] == [1, 2, 3, 4, 5, 6]
+    for manifest in reopened.versions("race"):
+        reopened.read_weights(manifest)
+
+
+_CRASHING_WRITER = """
+import sys, time
+sys.path[:0] = sys.argv[1:4]
+from pathlib import Path
+from adapters.store import AdapterStore
+from peft_dirs import LIMITS, fingerprint
+
+class Crashing(AdapterStore):
+    def _publish(self, staged, name_dir, manifest):
+        (staged / "manifest.json").write_text(manifest.model_dump_json()[:20])  # half a manifest
+        print("staged", flush=True)
+        time.sleep(60)
+
+Crashing(Path(sys.argv[4]), fingerprint(), LIMITS).put("bot", Path(sys.argv[5]))
+"""
+
+
+def test_kill_during_upload_leaves_nothing_visible(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_WRITER, str(REPO), str(REPO / "tests"), str(Path(__file__).parent), str(root),
+         str(make_peft_dir(tmp_path / "v2", seed=1))],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "staged\n"
+        assert list(root.glob(".tmp-*"))  # mid-write: the staged copy exists
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    store = new_store(root)
+    assert [m.version for m in store.versions("bot")] == [1]
+    assert not list(root.glob(".tmp-*"))  # cleaned at start
+    assert store.put("bot", tmp_path / "v2")[0].version == 2
