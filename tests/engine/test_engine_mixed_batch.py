@@ -2,7 +2,6 @@
 
 import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
-
 from tiny import FAMILIES
 
 NEW_TOKENS = 8

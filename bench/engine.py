@@ -1,0 +1,255 @@
+"""Engine speed on Llama-3-8B shapes (NF4 + bf16, random weights) against the transformers + PEFT baseline.
+
+python bench/engine.py --out results.json          # CUDA: 8B shapes
+python bench/engine.py --tiny --out tiny.json      # CPU smoke test of the same code path
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
+
+from adapters.lora import LoraModule, LoraWeights
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=259,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    prompt: int
+    new_tokens: int
+    baseline_tokens: int  # the baseline is ~50x slower: fewer tokens give the same per-token rate
+    requests: int
+    adapters: int
+    baseline_adapters: int
+    rank: int
+
+
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(**(TINY if tiny else LLAMA3_8B), max_position_embeddings=4096, tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    if device.type == "cuda":
+        quantize_nf4(model, dtype)
+    return model.eval().requires_grad_(False)
+
+
+def quantize_nf4(model: nn.Module, dtype: torch.dtype) -> None:
+    """Swap each decoder Linear for an NF4 Linear4bit, one at a time, so bf16 weights never exist twice."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.model.layers.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        q = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=False,
+            compute_dtype=dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
+        ).cuda()
+        parent, _, child = name.rpartition(".")
+        setattr(model.model.layers.get_submodule(parent), child, q)
+        del module
+    torch.cuda.empty_cache()
+
+
+def random_loras(model: nn.Module, count: int, distinct: int, rank: int, dtype: torch.dtype) -> list[LoraWeights]:
+    """`count` adapters over `distinct` random weight sets (speed does not depend on values), pinned on CPU."""
+    pin = torch.cuda.is_available()
+    sets = []
+    for _ in range(distinct):
+        modules = {}
+        for name, m in model.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS and hasattr(m, "in_features"):
+                a = torch.randn(rank, m.in_features, dtype=dtype) * 0.01
+                b = torch.randn(m.out_features, rank, dtype=dtype) * 0.01
+                modules[name] = LoraModule(a.pin_memory() if pin else a, b.pin_memory() if pin else b, 2.0)
+        sets.append(LoraWeights(modules))
+    return [sets[i % distinct] for i in range(count)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def baseline(model: nn.Module, loras: int, batch: int, shape: Shape, device: torch.device) -> float:
+    """tokens/s of transformers generate() + PEFT, `batch` rows spread over `loras` adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(TARGETS))
+    peft_model = get_peft_model(model, config, adapter_name="a0").eval()
+    for i in range(1, loras):
+        peft_model.add_adapter(f"a{i}", config)
+    ids = torch.randint(10, model.config.vocab_size, (batch, shape.prompt), device=device)
+    kwargs = dict(max_new_tokens=shape.baseline_tokens, min_new_tokens=shape.baseline_tokens, do_sample=False)
+    if loras > 1:
+        kwargs["adapter_names"] = [f"a{i % loras}" for i in range(batch)]
+    with torch.no_grad():
+        peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        sync(device)
+        seconds = time.perf_counter() - start
+    peft_model.unload()  # back to the plain base model for the engine
+    return batch * shape.baseline_tokens / seconds
+
+
+def engine_run(engine: Engine, loras: list[LoraWeights | None], shape: Shape, tag: str) -> dict[str, float]:
+    """Submit one request per entry of `loras` at once; aggregate and decode-only tokens/s."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def sink(event) -> None:
+        now = time.perf_counter()
+        first.setdefault(event.request_id, now)
+        last[event.request_id] = now
+
+    params = SamplingParams(max_new_tokens=shape.new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for i, lora in enumerate(loras):
+        prompt = torch.randint(10, engine.model.config.vocab_size, (shape.prompt,)).tolist()
+        key = None if lora is None else f"{tag}-{i}"
+        engine.submit(GenerationRequest(prompt, params, key, lora, request_id=f"{tag}{i}"), sink)
+    while engine.step():
+        pass
+    wall = time.perf_counter() - start
+    decode_tokens = len(loras) * (shape.new_tokens - 1)  # tokens after each request's first
+    return {
+        "tok_s": len(loras) * shape.new_tokens / wall,
+        "decode_tok_s": decode_tokens / (max(last.values()) - min(first.values())),
+        "ttft_ms": 1000 * statistics.median(first[k] - start for k in first),
+    }
+
+
+def profile_decode(engine: Engine, loras: list[LoraWeights], shape: Shape) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_new_tokens=shape.new_tokens, ignore_eos=True)
+    for i, lora in enumerate(loras):
+        prompt = torch.randint(10, engine.model.config.vocab_size, (shape.prompt,)).tolist()
+        engine.submit(GenerationRequest(prompt, params, f"prof-{i}", lora), lambda e: None)
+    for _ in range(len(loras) + 1):  # one prefill per step: afterwards every row is decoding
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+    while engine.step():
+        pass
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny llama on CPU (smoke test)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    shape = (
+        Shape(prompt=16, new_tokens=8, baseline_tokens=4, requests=4, adapters=4, baseline_adapters=2, rank=4)
+        if args.tiny
+        else Shape(
+            prompt=128, new_tokens=128, baseline_tokens=32, requests=32, adapters=32, baseline_adapters=8, rank=16
+        )
+    )
+    torch.manual_seed(0)
+    model = build_model(args.tiny, device, dtype)
+    results: dict[str, float] = {}
+    results["baseline_1_lora_tok_s"] = baseline(model, 1, 1, shape, device)
+    results["baseline_mixed_tok_s"] = baseline(model, shape.baseline_adapters, shape.requests, shape, device)
+
+    loras = random_loras(model, shape.adapters, 4, shape.rank, dtype)
+    config = EngineConfig(
+        max_batch_size=shape.requests,
+        max_active_adapters=shape.adapters,
+        max_lora_rank=shape.rank,
+        max_seq_len=shape.prompt + shape.new_tokens,
+        prefill_chunk=shape.prompt,
+        cuda_graphs=not args.no_graphs,
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_null_tokenizer())
+    engine = Engine(model, tokenizer, config)
+    engine_run(engine, [loras[0]], shape, "warm")
+    single = engine_run(engine, [loras[1]], shape, "one")
+    single_base = engine_run(engine, [None], shape, "one-base")
+    many = engine_run(engine, loras[: shape.requests], shape, "many")
+    many_base = engine_run(engine, [None] * shape.requests, shape, "many-base")
+    activation = sorted(engine.activation_seconds)
+    results.update(
+        {
+            "engine_1_lora_decode_tok_s": single["decode_tok_s"],
+            "engine_1_lora_ttft_ms": single["ttft_ms"],
+            "engine_1_base_decode_tok_s": single_base["decode_tok_s"],
+            "engine_32_lora_tok_s": many["tok_s"],
+            "engine_32_lora_decode_tok_s": many["decode_tok_s"],
+            "engine_32_base_tok_s": many_base["tok_s"],
+            "lora_overhead_1_pct": 100 * (single_base["decode_tok_s"] / single["decode_tok_s"] - 1),
+            "lora_overhead_32_pct": 100 * (many_base["tok_s"] / many["tok_s"] - 1),
+            "activation_ms_median": 1000 * statistics.median(activation),
+            "activation_ms_max": 1000 * activation[-1],
+            "activations": len(activation),
+        }
+    )
+    results["speedup_1_vs_baseline"] = results["engine_1_lora_decode_tok_s"] / results["baseline_1_lora_tok_s"]
+    results["speedup_32_vs_baseline"] = results["engine_32_lora_tok_s"] / results["baseline_mixed_tok_s"]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {device_name}, torch {torch.__version__}, cuda graphs: {config.cuda_graphs and not args.tiny}")
+    print("| metric | value |\n|---|---|")
+    for key, value in results.items():
+        print(f"| {key} | {value:.2f} |")
+    args.out.write_text(json.dumps({"device": device_name, **results}, indent=2))
+    if args.profile:
+        print(profile_decode(engine, loras[: shape.requests], shape))
+
+
+def _null_tokenizer():
+    """A word-level tokenizer over the model's vocabulary: the benchmark never reads the text."""
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel(vocab={"<unk>": 0}, unk_token="<unk>"))
+
+
+if __name__ == "__main__":
+    main()
