@@ -1,0 +1,216 @@
+"""The admin routes through a FastAPI app that includes the router, with real multipart uploads; the
+client and the CLI against the same app served by uvicorn."""
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from peft_dirs import LIMITS, make_peft_dir, new_store
+
+from adapters import cli
+from adapters.client import AdminClient, AdminClientError
+from adapters.validate import AdapterLimits
+from loraplex.settings import Settings
+from server.api.adapters import router
+from server.api.errors import install_error_handlers
+from server.registry import AdapterRegistry
+
+
+def make_app(root: Path, limits: AdapterLimits = LIMITS, **settings: object) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.settings = Settings(adapter_dir=root, **settings)
+    app.state.registry = AdapterRegistry(new_store(root, limits), max_cpu_adapters=4)
+    return app
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(make_app(tmp_path / "store")) as test_client:
+        yield test_client
+
+
+def files_of(peft_dir: Path, training: dict | None = None) -> dict:
+    files = {
+        "config": ("adapter_config.json", (peft_dir / "adapter_config.json").read_bytes()),
+        "weights": ("adapter_model.safetensors", (peft_dir / "adapter_model.safetensors").read_bytes()),
+    }
+    if training is not None:
+        files["training"] = ("training.json", json.dumps(training).encode())
+    return files
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def assert_error(response, status: int, code: str, match: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and match in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_upload_versions_and_idempotency(client: TestClient, peft_dir: Path, tmp_path: Path) -> None:
+    first = client.post("/v1/adapters", data={"name": "bot"}, files=files_of(peft_dir))
+    assert first.status_code == 201 and first.json()["version"] == 1 and first.json()["origin"] == "uploaded"
+    again = client.post("/v1/adapters", data={"name": "bot"}, files=files_of(peft_dir))
+    assert again.status_code == 200 and again.json() == first.json()
+    second = client.post(
+        "/v1/adapters", data={"name": "bot"},
+        files=files_of(make_peft_dir(tmp_path / "v2", seed=1), training={"dataset_sha256": "00", "loss": 1.2}),
+    )
+    assert second.status_code == 201 and second.json()["version"] == 2
+    assert second.json()["origin"] == "trained" and second.json()["training"]["loss"] == 1.2
+    shown = client.get("/v1/adapters/bot").json()
+    assert shown["version"] == 2 and shown["state"] == "stored"
+    assert [v["version"] for v in shown["versions"]] == [1, 2]
+    assert client.get("/v1/adapters/bot@1").json()["sha256"] == first.json()["sha256"]
+
+
+def test_archive_upload_with_training_metadata(client: TestClient, peft_dir: Path) -> None:
+    members = {f"out/{p.name}": p.read_bytes() for p in peft_dir.iterdir() if p.suffix != ".md"}
+    members["out/training.json"] = json.dumps({"epochs": 2}).encode()
+    response = client.post(
+        "/v1/adapters", data={"name": "packed"}, files={"archive": ("a.tar.gz", tar_bytes(members))}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["origin"] == "trained" and response.json()["training"] == {"epochs": 2}
+
+
+def test_unsafe_uploads_are_refused(client: TestClient, peft_dir: Path, tmp_path: Path) -> None:
+    pickled = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, pickled)
+    files = files_of(peft_dir)
+    files["weights"] = ("adapter_model.safetensors", pickled.getvalue())
+    assert_error(client.post("/v1/adapters", data={"name": "p"}, files=files), 415, "unsafe_adapter_format", "pickle")
+    files["weights"] = ("adapter_model.bin", pickled.getvalue())
+    assert_error(client.post("/v1/adapters", data={"name": "p"}, files=files), 415, "unsafe_adapter_format", "pickle")
+
+    evil = tar_bytes({"../../evil": b"x", "adapter_config.json": b"{}"})
+    response = client.post("/v1/adapters", data={"name": "t"}, files={"archive": ("a.tar.gz", evil)})
+    assert_error(response, 400, "unsafe_archive", "outside")
+    assert not (tmp_path / "evil").exists()
+
+    dora = make_peft_dir(tmp_path / "dora", use_dora=True)
+    response = client.post("/v1/adapters", data={"name": "d"}, files=files_of(dora))
+    assert_error(response, 422, "unsupported_adapter", "DoRA")
+    assert client.get("/v1/adapters").json() == {"data": [], "next": None}
+
+
+def test_malformed_requests(client: TestClient, peft_dir: Path) -> None:
+    files = files_of(peft_dir)
+    assert_error(client.post("/v1/adapters", files=files), 400, "invalid_upload", "'name'")
+    response = client.post("/v1/adapters", data={"name": "x"}, files={"config": files["config"]})
+    assert_error(response, 400, "invalid_upload", "weights")
+    response = client.post("/v1/adapters", data={"name": "x"}, files={**files, "archive": ("a.zip", b"PK")})
+    assert_error(response, 400, "invalid_upload", "not both")
+    response = client.post("/v1/adapters", data={"name": "Bad Name"}, files=files)
+    assert_error(response, 400, "invalid_adapter_name", "a-z")
+    assert_error(client.post("/v1/adapters", json={"name": "x"}), 400, "invalid_upload", "multipart")
+
+
+def test_upload_over_the_limit_is_cut_off(tmp_path: Path, peft_dir: Path) -> None:
+    with TestClient(make_app(tmp_path / "store", AdapterLimits(max_rank=16, max_bytes=1024))) as client:
+        big = {"weights": ("adapter_model.safetensors", b"\0" * (200 << 10))}
+        response = client.post("/v1/adapters", data={"name": "big"}, files=big)
+        assert_error(response, 413, "adapter_too_large", "max-adapter-mb")
+
+
+def test_list_show_delete(client: TestClient, peft_dir: Path) -> None:
+    for name in ["c", "a", "b"]:
+        assert client.post("/v1/adapters", data={"name": name}, files=files_of(peft_dir)).status_code == 201
+    page = client.get("/v1/adapters", params={"limit": 2}).json()
+    assert [m["name"] for m in page["data"]] == ["a", "b"] and page["next"] == "b"
+    page = client.get("/v1/adapters", params={"limit": 2, "after": page["next"]}).json()
+    assert [m["name"] for m in page["data"]] == ["c"] and page["next"] is None
+
+    registry: AdapterRegistry = client.app.state.registry
+    asyncio.run(registry.acquire("a")).release()
+    assert client.get("/v1/adapters/a").json()["state"] == "on_cpu"
+
+    assert client.delete("/v1/adapters/a@1").json() == {"deleted": ["a@1"]}
+    assert client.delete("/v1/adapters/b").json() == {"deleted": ["b@1"]}
+    assert registry.cpu_adapters == 0
+    assert_error(client.get("/v1/adapters/a"), 404, "adapter_not_found", "'a'")
+    assert_error(client.delete("/v1/adapters/b"), 404, "adapter_not_found", "b")
+    assert_error(client.get("/v1/adapters/x@0"), 400, "invalid_adapter_name", "NAME@VERSION")
+    assert [m["name"] for m in client.get("/v1/adapters").json()["data"]] == ["c"]
+
+
+def test_admin_key_is_required_when_keys_are_set(tmp_path: Path, peft_dir: Path) -> None:
+    app = make_app(tmp_path / "store", admin_key=["adm"], api_key=["inf"])
+    with TestClient(app) as client:
+        assert client.get("/v1/adapters").status_code == 401
+        assert client.get("/v1/adapters", headers={"Authorization": "Bearer inf"}).status_code == 403
+        assert client.get("/v1/adapters", headers={"Authorization": "Bearer adm"}).status_code == 200
+
+
+# -- client and CLI against a served app ------------------------------------------------------------
+
+
+@pytest.fixture
+def server_url(tmp_path: Path) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(tmp_path / "store"), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join()
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="loraplex")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_client_push_list_remove(server_url: str, peft_dir: Path, tmp_path: Path) -> None:
+    trained = make_peft_dir(tmp_path / "trained", seed=3)
+    (trained / "training.json").write_text(json.dumps({"steps": 10}))
+    with AdminClient(server_url) as client:
+        assert client.push(peft_dir, "one")["version"] == 1
+        assert client.push(trained, "two")["origin"] == "trained"
+        assert [m["name"] for m in client.list()] == ["one", "two"]
+        client.remove("one")
+        with pytest.raises(AdminClientError, match="no adapter 'one' to delete") as failure:
+            client.remove("one")
+        assert failure.value.http_status == 404 and failure.value.code == "adapter_not_found"
+    with pytest.raises(AdminClientError, match="cannot reach"):
+        AdminClient("http://127.0.0.1:9").list()
+
+
+def test_cli(server_url: str, peft_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("adapters", "push", str(peft_dir), "--name", "bot", "--server", server_url) == 0
+    assert capsys.readouterr().out.startswith("bot@1  rank 4")
+    assert run_cli("adapters", "list", "--server", server_url) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "RANK", "ORIGIN", "SIZE", "CREATED"]
+    assert lines[1].split()[:4] == ["bot", "1", "4", "uploaded"]
+    assert run_cli("adapters", "rm", "bot@1", "--server", server_url) == 0
+    assert run_cli("adapters", "rm", "bot", "--server", server_url) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no adapter 'bot' to delete"]

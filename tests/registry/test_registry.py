@@ -1,0 +1,249 @@
+"""The registry's tiers, leases, pinning and deletes, on real stored adapters."""
+
+import asyncio
+import gc
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from peft_dirs import fingerprint, make_peft_dir, new_store
+
+from adapters.errors import AdapterLoadFailed, AdapterNotFound, IncompatibleAdapter, TooManyPinned
+from adapters.fingerprint import BaseFingerprint
+from adapters.store import AdapterStore
+from server.registry import AdapterRegistry, AdapterState
+
+
+class Recorder:
+    """A RegistryMetrics sink that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.loads: list[float] = []
+        self.evictions = 0
+
+    def observe_load(self, seconds: float) -> None:
+        self.loads.append(seconds)
+
+    def count_eviction(self) -> None:
+        self.evictions += 1
+
+
+def registry_with(tmp_path: Path, peft_dir: Path, names: list[str], max_cpu: int = 2):
+    store = new_store(tmp_path / "store")
+    for name in names:
+        store.put(name, peft_dir)
+    unloaded: list[str] = []
+    metrics = Recorder()
+    registry = AdapterRegistry(store, max_cpu_adapters=max_cpu, on_unload=unloaded.append, metrics=metrics)
+    return registry, unloaded, metrics
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_acquire_loads_once_and_shares_concurrent_loads(tmp_path: Path, peft_dir: Path) -> None:
+    registry, _, metrics = registry_with(tmp_path, peft_dir, ["a"])
+
+    async def main() -> None:
+        leases = await asyncio.gather(*(registry.acquire("a") for _ in range(10)))
+        assert {lease.key for lease in leases} == {"a@1"}
+        assert len({id(lease.weights) for lease in leases}) == 1
+        assert registry.state("a@1") == AdapterState.ACTIVE
+        for lease in leases:
+            lease.release()
+            lease.release()  # idempotent
+        assert registry.state("a@1") == AdapterState.ON_CPU
+        with await registry.acquire("a@1") as lease:
+            assert lease.weights.rank == 4
+
+    asyncio.run(main())
+    assert len(metrics.loads) == 1 and metrics.loads[0] > 0
+    registry.close()
+
+
+def test_lru_eviction_spares_leased_adapters(tmp_path: Path, peft_dir: Path) -> None:
+    registry, unloaded, metrics = registry_with(tmp_path, peft_dir, ["a", "b", "c"])
+
+    async def main() -> None:
+        held = await registry.acquire("a")
+        (await registry.acquire("b")).release()
+        (await registry.acquire("c")).release()  # over the bound: b is the LRU unleased one
+        assert unloaded == ["b@1"] and metrics.evictions == 1
+        assert registry.state("a@1") == AdapterState.ACTIVE and registry.state("b@1") == AdapterState.STORED
+        held.release()
+        (await registry.acquire("b")).release()  # now a is least recently used and free
+        assert unloaded == ["b@1", "a@1"] and registry.cpu_adapters == 2
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_pinned_adapters_stay_and_preload(tmp_path: Path, peft_dir: Path) -> None:
+    registry, unloaded, _ = registry_with(tmp_path, peft_dir, ["a", "b", "c", "d"], max_cpu=3)
+
+    async def main() -> None:
+        await registry.preload(["a"])
+        assert registry.state("a@1") == AdapterState.ON_CPU
+        for name in ["b", "c", "d", "b", "c", "d"]:
+            (await registry.acquire(name)).release()
+        assert "a@1" not in unloaded and registry.state("a@1") == AdapterState.ON_CPU
+        registry.pin("b")
+        with pytest.raises(TooManyPinned):
+            registry.pin("c")
+        registry.unpin("a")
+        (await registry.acquire("b")).release()  # loads b: a is now the least recently used
+        assert unloaded[-1] == "a@1" and registry.state("b@1") == AdapterState.ON_CPU
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_delete_while_leased(tmp_path: Path, peft_dir: Path) -> None:
+    registry, unloaded, _ = registry_with(tmp_path, peft_dir, ["a"])
+
+    async def main() -> None:
+        lease = await registry.acquire("a")
+        removed = await registry.delete("a")
+        assert [m.key for m in removed] == ["a@1"]
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("a")
+        assert unloaded == [] and lease.weights.rank == 4  # the running request keeps its weights
+        lease.release()
+        assert unloaded == ["a@1"] and registry.cpu_bytes == 0
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_new_version_does_not_move_running_leases(tmp_path: Path, peft_dir: Path) -> None:
+    registry, _, _ = registry_with(tmp_path, peft_dir, ["a"])
+
+    async def main() -> None:
+        old = await registry.acquire("a")
+        manifest, created = await registry.put("a", make_peft_dir(tmp_path / "v2", seed=1))
+        assert created and manifest.key == "a@2"
+        new = await registry.acquire("a")
+        assert (old.key, new.key) == ("a@1", "a@2") and old.weights is not new.weights
+        old.release()
+        new.release()
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_failed_load_is_reported_and_retried(tmp_path: Path, peft_dir: Path) -> None:
+    registry, _, _ = registry_with(tmp_path, peft_dir, ["a"])
+    weights = tmp_path / "store" / "a" / "1" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])  # damaged behind the server's back
+
+    async def main() -> None:
+        with pytest.raises(AdapterLoadFailed, match="delete and upload it again"):
+            await registry.acquire("a")
+        assert registry.state("a@1") == AdapterState.FAILED
+        weights.write_bytes(good)
+        (await registry.acquire("a")).release()
+        assert registry.state("a@1") == AdapterState.ON_CPU
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_cancelled_acquire_does_not_break_the_shared_load(tmp_path: Path, peft_dir: Path) -> None:
+    registry, _, _ = registry_with(tmp_path, peft_dir, ["a"])
+
+    async def main() -> None:
+        first = asyncio.create_task(registry.acquire("a"))
+        second = asyncio.create_task(registry.acquire("a"))
+        await asyncio.sleep(0)
+        first.cancel()
+        lease = await second
+        assert lease.weights.rank == 4
+        lease.release()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_adapters_for_another_base_are_refused(tmp_path: Path, peft_dir: Path) -> None:
+    new_store(tmp_path / "store").put("a", peft_dir)
+    other = BaseFingerprint(architecture="MistralForCausalLM", modules=fingerprint().modules)
+    registry = AdapterRegistry(AdapterStore(tmp_path / "store", other, new_store.__defaults__[0]), max_cpu_adapters=2)
+    with pytest.raises(IncompatibleAdapter, match="MistralForCausalLM"):
+        asyncio.run(registry.acquire("a"))
+    registry.close()
+
+
+def test_200_load_delete_cycles_do_not_leak(tmp_path: Path) -> None:
+    # rank 16 on every projection: ~128 KB per adapter, so a leak of 200 shows in RSS
+    big = make_peft_dir(tmp_path / "big", r=16, target_modules="all-linear")
+    registry, unloaded, _ = registry_with(tmp_path, big, [], max_cpu=8)
+
+    async def cycle(i: int) -> None:
+        await registry.put(f"m{i}", big)
+        lease = await registry.acquire(f"m{i}")
+        assert lease.weights.nbytes > 100_000
+        lease.release()
+        await registry.delete(f"m{i}")
+
+    async def main() -> None:
+        for i in range(20):  # warm up allocator pools and caches before measuring
+            await cycle(i)
+        gc.collect()
+        start = rss_bytes()
+        for i in range(20, 220):
+            await cycle(i)
+        gc.collect()
+        assert registry.cpu_bytes == 0 and registry.cpu_adapters == 0
+        assert len(unloaded) == 220 and len(registry.store) == 0
+        assert rss_bytes() - start < 16 << 20
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_thousand_adapters_list_and_serve_round_robin(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    first, _ = new_store(root).put("adapter-0000", peft_dir)
+    for i in range(1, 1000):  # clone on disk, as a server restarting over a large store finds them
+        name = f"adapter-{i:04d}"
+        shutil.copytree(root / first.name, root / name)
+        (root / name / "1" / "manifest.json").write_text(first.model_copy(update={"name": name}).model_dump_json())
+
+    started = time.perf_counter()
+    store = new_store(root)
+    names, cursor = [], None
+    while True:
+        page, cursor = store.page(100, cursor)
+        names += [m.name for m in page]
+        if cursor is None:
+            break
+    assert time.perf_counter() - started < 5
+    assert len(names) == 1000 and names == sorted(names)
+
+    unloaded: list[str] = []
+    registry = AdapterRegistry(store, max_cpu_adapters=8, on_unload=unloaded.append)
+
+    async def round_robin() -> None:
+        for name in names:
+            leases = [await registry.acquire(name)]
+            leases.append(await registry.acquire(name))  # a second request on the same adapter
+            for lease in leases:
+                lease.release()
+            assert registry.cpu_adapters <= 8
+
+    asyncio.run(round_robin())
+    gc.collect()
+    rss = rss_bytes()
+    asyncio.run(round_robin())
+    gc.collect()
+    assert registry.cpu_adapters == 8 and registry.cpu_bytes == 8 * 7168
+    assert len(unloaded) == 2000 - 8
+    assert rss_bytes() - rss < 16 << 20
+    registry.close()
