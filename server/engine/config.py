@@ -1,8 +1,10 @@
 """EngineConfig: the engine's limits, fixed at start-up because every buffer is allocated from them."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from loraplex.settings import Settings
+if TYPE_CHECKING:  # Settings pulls in pydantic, which the engine itself does not need
+    from loraplex.settings import Settings
 
 # Modules wrapped with multi-LoRA by default: the seven projections of llama-like decoders.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -19,7 +21,7 @@ class EngineConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "EngineConfig":
+    def from_settings(cls, settings: "Settings") -> "EngineConfig":
         return cls(
             max_batch_size=settings.max_batch_size,
             max_active_adapters=settings.max_active_adapters,
