@@ -92,11 +92,12 @@ class Workload:
 # ---- one request ------------------------------------------------------------------------------------------
 
 
-async def send(client: httpx.AsyncClient, item: Planned) -> Result:
-    """POST /generate_stream and time every SSE token event."""
+async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None = None) -> Result:
+    """POST /generate_stream and time every SSE token event. `arrived`: when an open-loop request was due;
+    TTFT and latency count from then, so time spent waiting for a free client is not hidden."""
     body = {"inputs": item.prompt,
             "parameters": {"adapter_id": item.adapter, "max_new_tokens": item.max_new_tokens, "details": True}}
-    result = Result(status=0, started=time.perf_counter())
+    result = Result(status=0, started=time.perf_counter() if arrived is None else arrived)
     last = result.started
     try:
         async with client.stream("POST", "/generate_stream", json=body) as response:
@@ -136,9 +137,10 @@ async def run_point(client: httpx.AsyncClient, workload: Workload, concurrency: 
     start = time.perf_counter()
 
     async def poisson(item: Planned) -> Result:
-        await asyncio.sleep(max(0.0, start + item.at - time.perf_counter()))
+        arrived = start + item.at
+        await asyncio.sleep(max(0.0, arrived - time.perf_counter()))
         async with slots:
-            return await send(client, item)
+            return await send(client, item, arrived)
 
     async def closed_loop() -> list[Result]:
         done = [await send(client, workload.next())]  # at least one request per client, however short the point
