@@ -34,14 +34,23 @@ class AdminClient:
         path = Path(dir)
         with ExitStack() as stack:
             if path.is_dir():
-                fields = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
+                missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
+                if missing:
+                    raise AdminClientError(
+                        f"{path} is not a PEFT adapter directory: {', '.join(missing)} missing "
+                        "(write it with save_pretrained())", 400, "invalid_adapter",
+                    )
+                fields = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE}
+                if (path / TRAINING_FILE).is_file():
+                    fields["training"] = TRAINING_FILE
                 files = {
                     field: (filename, stack.enter_context((path / filename).open("rb")))
                     for field, filename in fields.items()
-                    if (path / filename).is_file() or field != "training"
                 }
-            else:
+            elif path.is_file():
                 files = {"archive": (path.name, stack.enter_context(path.open("rb")))}
+            else:
+                raise AdminClientError(f"{path}: no such adapter directory or archive", 400, "invalid_adapter")
             return self._call("POST", "/v1/adapters", data={"name": name}, files=files)
 
     def list(self) -> list[dict[str, Any]]:
@@ -62,9 +71,6 @@ class AdminClient:
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, url, **kwargs)
-        except FileNotFoundError as exc:
-            raise AdminClientError(f"cannot read {exc.filename}: is it a PEFT adapter directory?", 400,
-                                   "invalid_adapter") from exc
         except httpx.HTTPError as exc:
             raise AdminClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from exc
         if response.is_success:

@@ -194,7 +194,16 @@ def test_client_push_list_remove(server_url: str, peft_dir: Path, tmp_path: Path
     with AdminClient(server_url) as client:
         assert client.push(peft_dir, "one")["version"] == 1
         assert client.push(trained, "two")["origin"] == "trained"
-        assert [m["name"] for m in client.list()] == ["one", "two"]
+        archive = tmp_path / "three.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(peft_dir, arcname="three")
+        assert client.push(archive, "three")["sha256"] == client.push(peft_dir, "one")["sha256"]
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(AdminClientError, match="not a PEFT adapter directory"):
+            client.push(tmp_path / "empty", "x")
+        with pytest.raises(AdminClientError, match="no such adapter directory"):
+            client.push(tmp_path / "nowhere", "x")
+        assert [m["name"] for m in client.list()] == ["one", "three", "two"]
         client.remove("one")
         with pytest.raises(AdminClientError, match="no adapter 'one' to delete") as failure:
             client.remove("one")
