@@ -147,7 +147,16 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InvalidAdapterConfig(f"r must be a positive integer, not {rank!r}")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise InvalidAdapterConfig(f"lora_alpha must be a number, not {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(v, int | float) for v in pattern.values()):
+            raise InvalidAdapterConfig(f"{key} must map module patterns to numbers, not {pattern!r}")
     targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise InvalidAdapterConfig(f"target_modules must be a list of module names or a regex, not {targets!r}")
     if isinstance(targets, list):
         vocab = [t for t in targets if t.rsplit(".", 1)[-1] in VOCAB_MODULES]
         if vocab:

@@ -16,7 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
 from adapters.archive import extract_archive
-from adapters.errors import AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
+from adapters.errors import AdaptersNotReady, AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
 from adapters.manifest import Manifest
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin
@@ -29,7 +29,10 @@ _FORM_OVERHEAD = 64 << 10  # multipart boundaries and headers around the files
 
 
 def _registry(request: Request) -> AdapterRegistry:
-    return request.app.state.registry
+    registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
+    if registry is None:  # set once the base model is loaded, which happens after the port opens
+        raise AdaptersNotReady("the server is still loading the base model; retry shortly")
+    return registry
 
 
 Registry = Annotated[AdapterRegistry, Depends(_registry)]

@@ -155,6 +155,15 @@ def test_list_show_delete(client: TestClient, peft_dir: Path) -> None:
     assert [m["name"] for m in client.get("/v1/adapters").json()["data"]] == ["c"]
 
 
+def test_503_until_the_registry_is_up(tmp_path: Path) -> None:
+    app = make_app(tmp_path / "store")
+    del app.state.registry
+    with TestClient(app) as client:
+        response = client.get("/v1/adapters")
+        assert response.status_code == 503 and response.headers["retry-after"] == "2"
+        assert response.json()["error"]["code"] == "not_ready"
+
+
 def test_admin_key_is_required_when_keys_are_set(tmp_path: Path, peft_dir: Path) -> None:
     app = make_app(tmp_path / "store", admin_key=["adm"], api_key=["inf"])
     with TestClient(app) as client:

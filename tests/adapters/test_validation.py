@@ -84,6 +84,9 @@ def test_garbage_weights_are_not_safetensors(tmp_path: Path, peft_dir: Path) -> 
         ({"target_modules": ["q_proj", "lm_head"]}, errors.UnsupportedAdapter, "vocabulary"),
         ({"target_modules": ["q_proj", "c_attn"]}, errors.IncompatibleAdapter, "c_attn"),
         ({"r": "four"}, errors.InvalidAdapterConfig, "positive integer"),
+        ({"lora_alpha": "16"}, errors.InvalidAdapterConfig, "lora_alpha"),
+        ({"alpha_pattern": {"q_proj": None}}, errors.InvalidAdapterConfig, "alpha_pattern"),
+        ({"target_modules": [1, 2]}, errors.InvalidAdapterConfig, "target_modules"),
     ],
 )
 def test_bad_config(tmp_path: Path, peft_dir: Path, changes: dict, error: type, match: str) -> None:
