@@ -204,9 +204,12 @@ def parse_metrics(text: str, prefix: str = METRIC_PREFIX) -> dict[str, float]:
     return samples
 
 
+COUNTER_SUFFIXES = ("_total", "_count", "_sum")  # counters, and histograms' counts and sums (e.g. load seconds)
+
+
 def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Counter increases over a point (`_total` samples only: gauges have no meaningful delta)."""
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if k.split("{")[0].endswith("_total")}
+    """Increases over a point of the counter-like samples; gauges have no meaningful delta."""
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if k.split("{")[0].endswith(COUNTER_SUFFIXES)}
 
 
 async def read_metrics(client: httpx.AsyncClient) -> dict[str, float]:

@@ -49,9 +49,11 @@ def test_metrics_deltas_of_adapter_counters_only() -> None:
     before = parse_metrics("# HELP x\nloraplex_adapter_loads_total 2\nloraplex_adapter_active 3\nother_total 9\n")
     after = parse_metrics(
         'loraplex_adapter_loads_total 7\nloraplex_adapter_active 5\nloraplex_adapter_evictions_total{tier="gpu"} 4\n'
+        'loraplex_adapter_load_seconds_sum{tier="cpu_to_slot"} 0.5\nloraplex_adapter_loads_created 1.7e9\n'
     )
     assert counter_deltas(before, after) == {
-        "loraplex_adapter_loads_total": 5.0, 'loraplex_adapter_evictions_total{tier="gpu"}': 4.0
+        "loraplex_adapter_loads_total": 5.0, 'loraplex_adapter_evictions_total{tier="gpu"}': 4.0,
+        'loraplex_adapter_load_seconds_sum{tier="cpu_to_slot"}': 0.5,
     }
 
 
