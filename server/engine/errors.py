@@ -8,7 +8,10 @@ class EngineError(LoraplexError):
 
 
 class PromptTooLong(EngineError):
-    """prompt + max_new_tokens does not fit one KV row (max_seq_len). Maps to HTTP 400."""
+    """prompt + max_new_tokens does not fit one KV row (max_seq_len)."""
+
+    http_status = 422
+    code = "prompt_too_long"
 
     def __init__(self, prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
         super().__init__(
@@ -21,7 +24,11 @@ class PromptTooLong(EngineError):
 
 
 class QueueFull(EngineError):
-    """The waiting queue holds max_queue requests already. Maps to HTTP 429/503."""
+    """The waiting queue holds max_queue requests already."""
+
+    http_status = 429
+    code = "queue_full"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
 
     def __init__(self, max_queue: int) -> None:
         super().__init__(f"the waiting queue is full ({max_queue} requests); retry later")
@@ -31,6 +38,12 @@ class QueueFull(EngineError):
 class AdapterTooLarge(EngineError):
     """An adapter's rank exceeds max_lora_rank, or it targets a module the engine does not serve."""
 
+    http_status = 422
+    code = "adapter_not_servable"
+
 
 class EngineStopped(EngineError):
     """The engine thread has stopped (shutdown or a fatal error); no request is accepted."""
+
+    http_status = 503
+    code = "engine_stopped"
