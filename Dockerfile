@@ -16,6 +16,7 @@ ENV TORCH_INDEX_URL=https://pypi.org/simple
 FROM ubuntu:24.04 AS base-cpu
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
+# base-cuda or base-cpu above, both tagged images (hadolint cannot see through the variable)
 # hadolint ignore=DL3006
 FROM base-${VARIANT}
 ARG TORCH_VERSION=2.13.0
