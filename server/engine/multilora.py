@@ -59,7 +59,7 @@ class MultiLoraLinear(nn.Module):
             return
         r = module.rank
         a[:r].copy_(module.a, non_blocking=True)
-        b[:r].copy_(module.b.T, non_blocking=True)
+        b[:r].T.copy_(module.b, non_blocking=True)  # transposed on the device: the CPU source stays contiguous
         b[:r].mul_(module.scaling)  # scaling folded into B on the device, after the copy
         a[r:].zero_()
         b[r:].zero_()
