@@ -217,6 +217,15 @@ async def read_metrics(client: httpx.AsyncClient) -> dict[str, float]:
     return parse_metrics(response.text) if response.status_code == 200 else {}
 
 
+async def check_ready(client: httpx.AsyncClient) -> None:
+    try:
+        response = await client.get("/ready")
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach the server at {client.base_url}: {exc}") from exc
+    if response.status_code != 200:
+        raise SystemExit(f"the server is not ready: {response.status_code} {response.text[:300]}")
+
+
 async def upload_adapters(client: httpx.AsyncClient, directory: Path) -> list[str]:
     """POST every PEFT directory under `directory` as an adapter named after it; returns the names."""
     names = []
@@ -273,6 +282,7 @@ async def bench(args: argparse.Namespace, url: str) -> dict:
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as client:
+        await check_ready(client)
         names = await upload_adapters(client, args.adapters_dir) if args.upload else []
         if args.adapters_dir and not names:
             names = sorted(p.name for p in args.adapters_dir.iterdir() if p.is_dir())
@@ -360,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.upload and args.adapters_dir is None:
+        parser.error("--upload needs --adapters-dir")
     if args.smoke:
         args.concurrency, args.duration, args.prompt_len, args.output_len = 2, 2.0, (8, 16), (4, 8)
     process, url = start_server(args.serve) if args.serve else (None, args.url)
