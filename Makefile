@@ -5,6 +5,8 @@ VENV   ?= .venv
 TORCH  ?= torch>=2.5,<3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The published TGI / LoRAX clients pin huggingface-hub < 1.0 (transformers 5 needs >= 1.0): their own venv.
+CLIENTS := .venv-clients
 
 .PHONY: setup serve test lint clean
 
@@ -22,7 +24,12 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/loraplex serve $(ARGS)
 
-test: setup
+$(CLIENTS)/.installed:
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/pip install -q text-generation lorax-client
+	touch $@
+
+test: setup $(CLIENTS)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(ARGS)
 
@@ -30,4 +37,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CLIENTS) .pytest_cache .ruff_cache

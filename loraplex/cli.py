@@ -4,6 +4,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from adapters import cli as adapters_cli
 from server import cli as serve_cli
 
 
@@ -13,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,train,adapters}")
     serve_cli.register(sub)
+    adapters_cli.register(sub)
     return parser
 
 

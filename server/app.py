@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.basemodel import LoadedBase
 from loraplex.settings import Settings
+from server.api import adapters as adapters_api
+from server.api import generate, openai
 from server.api.errors import error_body, install_error_handlers
+from server.metrics import Metrics
 from server.runtime import Runtime
 
 log = logging.getLogger("loraplex")
@@ -39,11 +43,13 @@ def create_app(
         yield
         starting.cancel()
         if app.state.runtime is not None:
-            await asyncio.to_thread(app.state.runtime.stop)
+            runtime, app.state.runtime, app.state.registry = app.state.runtime, None, None
+            await asyncio.to_thread(runtime.stop)
 
     async def _start(app: FastAPI) -> None:
         try:
-            app.state.runtime = await asyncio.to_thread(Runtime.start, settings, base)
+            app.state.runtime = await Runtime.start(settings, app.state.metrics, base)
+            app.state.registry = app.state.runtime.registry
         except Exception as exc:
             log.exception("start-up failed")
             app.state.startup_error = str(exc)
@@ -55,9 +61,14 @@ def create_app(
                   description="Many LoRA adapters served from one NF4 base model.")
     app.state.settings = settings
     app.state.runtime = None
+    app.state.registry = None
     app.state.startup_error = None
     app.state.exit_code = 0
+    app.state.metrics = Metrics()
     install_error_handlers(app)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
+    app.include_router(adapters_api.router)
 
     @app.get("/health", tags=["operations"])
     async def health() -> dict:
@@ -70,5 +81,9 @@ def create_app(
             message = state.startup_error or "the model is loading; retry shortly"
             return JSONResponse(error_body(message, "server_error", "not_ready"), 503, {"Retry-After": "2"})
         return JSONResponse({"status": "ready", "model": state.runtime.base.served_name})
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,10 +1,20 @@
-"""Everything the server holds once the model is up: base model, registry, engine, scheduler."""
+"""Everything the server holds once the model is up: base model, adapter registry, engine, scheduler."""
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
+from adapters.fingerprint import base_fingerprint
+from adapters.store import AdapterStore
+from adapters.validate import AdapterLimits
 from loraplex.basemodel import LoadedBase, load_base_model
 from loraplex.settings import Settings
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.inference import Inference
+from server.metrics import Metrics
+from server.registry import AdapterRegistry
+from server.scheduler import LatencyHooks, Scheduler
 
 log = logging.getLogger("loraplex")
 
@@ -13,16 +23,61 @@ log = logging.getLogger("loraplex")
 class Runtime:
     settings: Settings
     base: LoadedBase
+    metrics: Metrics
+    registry: AdapterRegistry
+    engine: Engine
+    scheduler: Scheduler
+    inference: Inference
+    started: int  # unix time, the `created` of the base model in /v1/models
 
     @classmethod
-    def start(cls, settings: Settings, base: LoadedBase | None = None) -> "Runtime":
-        """Blocking: loads the model (unless given) and starts the engine. Run it off the event loop."""
+    async def start(cls, settings: Settings, metrics: Metrics, base: LoadedBase | None = None) -> "Runtime":
+        """Load the model (unless given) and the engine off the event loop, preload adapters, warm up."""
         if base is None:
             log.info("loading base model %s", settings.base_model or "(embedded SmolLM2-135M-Instruct)")
-            base = load_base_model(settings.base_model, cache_dir=settings.cache_dir, device=settings.device,
-                                   served_name=settings.served_model_name)
-        log.info("base model %s ready on %s", base.served_name, base.device)
-        return cls(settings, base)
+            base = await asyncio.to_thread(
+                load_base_model, settings.base_model, cache_dir=settings.cache_dir, device=settings.device,
+                served_name=settings.served_model_name,
+            )
+        config = EngineConfig.from_settings(settings)
+        model_limit = base.model.config.get_text_config().max_position_embeddings
+        if config.max_seq_len > model_limit:
+            log.info("max_seq_len %d lowered to the model's context length %d", config.max_seq_len, model_limit)
+            config = EngineConfig.from_settings(settings.model_copy(update={"max_seq_len": model_limit}))
+        engine = await asyncio.to_thread(
+            Engine, base.model, base.tokenizer, config, on_activation=metrics.observe_activation
+        )
+        store = await asyncio.to_thread(
+            AdapterStore, settings.adapter_dir, base_fingerprint(base.model),
+            AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
+        )
+        registry = AdapterRegistry(store, max_cpu_adapters=settings.max_cpu_adapters, on_unload=engine.deactivate,
+                                   metrics=metrics)
+        scheduler = Scheduler(engine, settings.max_queue,
+                              LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe))
+        metrics.bind_live(
+            queue_depth=lambda: scheduler.queue_depth, batch_size=lambda: scheduler.running,
+            active_slots=lambda: len(engine.active_adapters()), cpu_adapters=lambda: registry.cpu_adapters,
+            device=base.device,
+        )
+        engine.start()
+        runtime = cls(settings, base, metrics, registry, engine, scheduler,
+                      Inference(base, registry, scheduler, metrics, config.max_seq_len), int(time.time()))
+        try:
+            await registry.preload(settings.preload)
+            await runtime.warm_up()
+        except BaseException:
+            runtime.stop()
+            raise
+        log.info("base model %s ready on %s with %d adapters stored", base.served_name, base.device, len(store))
+        return runtime
+
+    async def warm_up(self) -> None:
+        """One real request through the whole path (and CUDA graph capture, if any) before /ready says so."""
+        request = GenerationRequest(self.inference.encode("Hello"), SamplingParams(max_new_tokens=2))
+        async for _ in self.scheduler.generate(request):
+            pass
 
     def stop(self) -> None:
-        pass
+        self.engine.stop()
+        self.registry.close()

@@ -1,0 +1,125 @@
+"""TGI / LoRAX generate protocol: POST /generate, POST /generate_stream (SSE), and POST / which dispatches
+on `stream` and, when not streaming, answers a JSON array of one response (what their clients expect)."""
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.auth import require_inference
+from server.api.deps import get_inference
+from server.api.schemas import (
+    TgiDetails,
+    TgiFinishReason,
+    TgiInputToken,
+    TgiRequest,
+    TgiResponse,
+    TgiStreamDetails,
+    TgiStreamEvent,
+    TgiToken,
+)
+from server.api.sse import sse_response
+from server.engine import SamplingParams, TokenEvent
+from server.inference import Inference
+
+DEFAULT_MAX_NEW_TOKENS = 100
+
+router = APIRouter(tags=["generate (TGI / LoRAX)"], dependencies=[Depends(require_inference)])
+InferenceDep = Annotated[Inference, Depends(get_inference)]
+
+
+def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -> SamplingParams:
+    p = body.parameters
+    # TGI: do_sample=false means greedy whatever the temperature; do_sample=true with no temperature is 1.0
+    temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
+    if p.do_sample and temperature == 0.0:
+        temperature = 1.0
+    max_new = p.max_new_tokens or inference.default_max_new_tokens(prompt_ids, DEFAULT_MAX_NEW_TOKENS)
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_k=p.top_k or 0,
+        top_p=p.top_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        stop=tuple(p.stop),
+        seed=p.seed,
+    )
+
+
+def finish_reason_of(event: TokenEvent, inference: Inference) -> TgiFinishReason:
+    if event.finish_reason == "length":
+        return "length"
+    return "eos_token" if event.token_id in inference.eos_ids else "stop_sequence"
+
+
+def token_of(event: TokenEvent, inference: Inference) -> TgiToken:
+    assert event.token_id is not None
+    return TgiToken(id=event.token_id, text=event.text, logprob=event.logprob,
+                    special=event.token_id in inference.special_ids)
+
+
+async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
+    prompt_ids = inference.encode(body.inputs)
+    sampling = sampling_of(body, prompt_ids, inference)
+    result = await inference.generate(request, prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
+    text = (body.inputs + result.text) if body.parameters.return_full_text else result.text
+    details = None
+    if body.parameters.details:
+        prefill = []
+        if body.parameters.decoder_input_details:
+            prefill = [TgiInputToken(id=i, text=inference.base.tokenizer.decode([i])) for i in prompt_ids]
+        details = TgiDetails(
+            finish_reason=finish_reason_of(result.events[-1], inference),
+            prompt_tokens=result.prompt_tokens,
+            generated_tokens=len(result.tokens),
+            seed=sampling.seed if not sampling.greedy else None,
+            prefill=prefill,
+            tokens=[token_of(e, inference) for e in result.tokens],
+        )
+    return TgiResponse(generated_text=text, details=details)
+
+
+async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
+    prompt_ids = inference.encode(body.inputs)
+    sampling = sampling_of(body, prompt_ids, inference)
+    events = await inference.open_stream(prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
+    text = body.inputs if body.parameters.return_full_text else ""
+    count = 0
+
+    async def rest() -> AsyncIterator[TgiStreamEvent]:
+        nonlocal text, count
+        async for event in events:
+            if event.token_id is None:  # an end-only event carries no token for TGI's schema
+                continue
+            text += event.text
+            count += 1
+            out = TgiStreamEvent(token=token_of(event, inference))
+            if event.finish_reason is not None:
+                out.generated_text = text
+                out.details = TgiStreamDetails(
+                    finish_reason=finish_reason_of(event, inference), prompt_tokens=len(prompt_ids),
+                    generated_tokens=count, seed=sampling.seed if not sampling.greedy else None,
+                )
+            yield out
+
+    return rest()
+
+
+@router.post("/generate", response_model=TgiResponse)
+async def generate(body: TgiRequest, request: Request, inference: InferenceDep) -> TgiResponse:
+    return await _generate(body, request, inference)
+
+
+@router.post("/generate_stream", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "TgiStreamEvent per token"}})
+async def generate_stream(body: TgiRequest, inference: InferenceDep) -> StreamingResponse:
+    return sse_response(await _events(body, inference))
+
+
+@router.post("/", response_model=list[TgiResponse],
+             responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
+async def compat(body: TgiRequest, request: Request, inference: InferenceDep) -> list[TgiResponse] | StreamingResponse:
+    if body.stream:
+        return sse_response(await _events(body, inference))
+    return [await _generate(body, request, inference)]

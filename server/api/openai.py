@@ -1,0 +1,151 @@
+"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions. `model` names an adapter
+(`name` or `name@N`) or the base model's served name; `stream: true` is SSE ending with `data: [DONE]`."""
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from adapters.errors import AdapterError, AdapterNotFound
+from server.api.auth import require_inference
+from server.api.deps import get_inference, get_runtime
+from server.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    OpenAIFinishReason,
+    OpenAISampling,
+    Usage,
+)
+from server.api.sse import sse_response
+from server.engine import SamplingParams, TokenEvent
+from server.inference import Inference
+from server.runtime import Runtime
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 512
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_inference)])
+InferenceDep = Annotated[Inference, Depends(get_inference)]
+
+
+class ModelNotFound(AdapterNotFound):
+    code = "model_not_found"
+
+
+def _sampling(body: OpenAISampling, prompt_ids: list[int], inference: Inference, cap: int) -> SamplingParams:
+    limit = body.max_completion_tokens or body.max_tokens or inference.default_max_new_tokens(prompt_ids, cap)
+    return SamplingParams(
+        max_new_tokens=limit,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=body.top_p or 1.0,
+        stop=tuple(body.stop_list),
+        seed=body.seed,
+    )
+
+
+def _adapter(body: OpenAISampling, inference: Inference) -> str | None:
+    ref = inference.adapter_ref(body.model)
+    if ref is not None:
+        try:
+            inference.registry.store.resolve(ref)
+        except AdapterError as exc:  # an unknown or malformed name: OpenAI clients expect 404
+            raise ModelNotFound(
+                f"the model {body.model!r} does not exist: use {inference.base.served_name!r} or an adapter "
+                "listed by GET /v1/models"
+            ) from exc
+    return ref
+
+
+def _finish(event: TokenEvent) -> OpenAIFinishReason:
+    return "length" if event.finish_reason == "length" else "stop"
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+@router.get("/models", response_model=ModelList)
+async def models(runtime: Annotated[Runtime, Depends(get_runtime)]) -> ModelList:
+    base = runtime.base.served_name
+    cards = [ModelCard(id=base, created=runtime.started)]
+    after: str | None = None
+    while True:
+        page, after = runtime.registry.store.page(limit=1000, after=after)
+        cards += [ModelCard(id=m.name, created=int(m.created_at.timestamp()), parent=base) for m in page]
+        if after is None:
+            return ModelList(data=cards)
+
+
+@router.post("/completions", response_model=CompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
+async def completions(body: CompletionRequest, request: Request,
+                      inference: InferenceDep) -> CompletionResponse | StreamingResponse:
+    adapter = _adapter(body, inference)
+    prompt_ids = inference.encode(body.text)
+    sampling = _sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        events = await inference.open_stream(prompt_ids, sampling, adapter)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[CompletionResponse]:
+            count = 0
+            async for event in events:
+                count += event.token_id is not None
+                finish = _finish(event) if event.finish_reason else None
+                usage = _usage(len(prompt_ids), count) if finish and include_usage else None
+                yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage,
+                                         choices=[CompletionChoice(text=event.text, finish_reason=finish)])
+
+        return sse_response(chunks(), done_marker=True, exclude_none=False)
+    result = await inference.generate(request, prompt_ids, sampling, adapter)
+    return CompletionResponse(
+        id=rid, created=created, model=body.model, usage=_usage(len(prompt_ids), len(result.tokens)),
+        choices=[CompletionChoice(text=result.text, finish_reason=_finish(result.events[-1]))],
+    )
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           inference: InferenceDep) -> ChatCompletionResponse | StreamingResponse:
+    adapter = _adapter(body, inference)
+    prompt_ids = inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    sampling = _sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        events = await inference.open_stream(prompt_ids, sampling, adapter)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def chunks() -> AsyncIterator[ChatCompletionChunk]:
+            yield ChatCompletionChunk(id=rid, created=created, model=body.model,
+                                      choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+            count = 0
+            async for event in events:
+                count += event.token_id is not None
+                finish = _finish(event) if event.finish_reason else None
+                usage = _usage(len(prompt_ids), count) if finish and include_usage else None
+                yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage,
+                                          choices=[ChatChunkChoice(delta=ChatDelta(content=event.text),
+                                                                   finish_reason=finish)])
+
+        return sse_response(chunks(), done_marker=True, exclude_none=False)
+    result = await inference.generate(request, prompt_ids, sampling, adapter)
+    return ChatCompletionResponse(
+        id=rid, created=created, model=body.model, usage=_usage(len(prompt_ids), len(result.tokens)),
+        choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=_finish(result.events[-1]))],
+    )

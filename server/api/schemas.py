@@ -1,0 +1,222 @@
+"""Request and response bodies of the generation APIs: TGI/LoRAX and OpenAI. Fields clients send that we
+do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# ---- TGI / LoRAX ---------------------------------------------------------------------------------------
+
+TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class TgiParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = Field(None, description="Adapter `name` or `name@N`; null or empty: the base model.")
+    max_new_tokens: int | None = Field(None, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    return_full_text: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+
+class TgiRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(min_length=1)
+    parameters: TgiParameters = Field(default_factory=TgiParameters)
+    stream: bool = False
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: object) -> object:
+        return {} if value is None else value
+
+
+class TgiToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class TgiInputToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class TgiDetails(BaseModel):
+    finish_reason: TgiFinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TgiInputToken]
+    tokens: list[TgiToken]
+
+
+class TgiResponse(BaseModel):
+    generated_text: str
+    details: TgiDetails | None = None
+
+
+class TgiStreamDetails(BaseModel):
+    finish_reason: TgiFinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None
+
+
+class TgiStreamEvent(BaseModel):
+    token: TgiToken
+    generated_text: str | None = None
+    details: TgiStreamDetails | None = None
+
+
+# ---- OpenAI --------------------------------------------------------------------------------------------
+
+OpenAIFinishReason = Literal["stop", "length"]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class OpenAISampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="An adapter name (`name` or `name@N`) or the base model's served name.")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str] = Field(description="A string (a list must hold exactly one).")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("send one prompt per request (a list must hold exactly one string)")
+        return value
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: OpenAIFinishReason | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: OpenAIFinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: OpenAIFinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loraplex"
+    parent: str | None = Field(None, description="For an adapter: the base model it runs on.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

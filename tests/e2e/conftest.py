@@ -1,0 +1,18 @@
+"""End-to-end fixtures: real servers on loopback ports, serving the embedded model in NF4 on CPU."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.server import running_server
+
+
+@pytest.fixture(scope="session")
+def server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An open server (no keys) with a small batch, shared by the end-to-end tests."""
+    tmp = tmp_path_factory.mktemp("server")
+    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
+                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "4",
+                        "--max-seq-len", "512") as url:
+        yield url
