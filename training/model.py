@@ -1,5 +1,6 @@
 """The trainable model: LoRA on an NF4 base, and the loss module that the training loop calls."""
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
@@ -26,6 +27,12 @@ def add_lora(
     # doubles their memory and runs the largest matmul in float32, so those two go back to compute dtype.
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         module.to(compute_dtype)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On AVX512-BF16 CPUs, bitsandbytes repacks the weight for inference the first time the layer runs
+            # in eval mode without grad (our eval loss), and from then on takes a kernel without autograd:
+            # gradients would silently stop flowing through every base layer for the rest of training.
+            module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False  # the KV cache is for generation; in training it only holds memory
     lora = LoraConfig(
         r=config.rank,
@@ -38,8 +45,8 @@ def add_lora(
 
 
 def target_module_names(model: PeftModel) -> list[str]:
-    """The resolved suffixes LoRA was put on (e.g. "all-linear" -> q_proj, k_proj, ...)."""
-    return sorted(model.peft_config["default"].target_modules)
+    """The module suffixes LoRA was put on (e.g. "all-linear" -> down_proj, gate_proj, ...)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in model.peft_config["default"].target_modules})
 
 
 class CausalLMLoss(nn.Module):

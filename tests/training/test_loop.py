@@ -1,0 +1,96 @@
+"""The training loop on a tiny random NF4 model: learning, checkpoints and an exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.loop
+from training.checkpoint import STATE_FILE, latest_checkpoint
+from training.config import TrainConfig
+from training.errors import TrainingError
+from training.run import train
+
+ROWS = [{"prompt": f"question {i}?", "completion": f" answer {i % 3}."} for i in range(12)]
+
+
+@pytest.fixture
+def data(write_jsonl) -> Path:
+    return write_jsonl(ROWS)
+
+
+def config(data: Path, model_dir: Path, output: Path, **overrides) -> TrainConfig:
+    values = dict(
+        data=data,
+        output=output,
+        base_model=str(model_dir),
+        device="cpu",
+        rank=4,
+        lr=5e-3,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=6,
+        save_every=3,
+        dropout=0.1,
+        seed=7,
+    )
+    return TrainConfig(**(values | overrides))
+
+
+def test_trains_and_writes_adapter(data, tiny_model_dirs, tmp_path):
+    result = train(
+        config(data, tiny_model_dirs["llama"], tmp_path / "out", eval_fraction=0.25, eval_every=2), progress=False
+    )
+    fit = result.fit
+    assert fit.steps == 6 and fit.final_loss < fit.first_loss and fit.eval_loss is not None
+    assert {"adapter_config.json", "adapter_model.safetensors", "training.json"} <= {
+        p.name for p in result.output_dir.iterdir()
+    }
+    meta = json.loads((result.output_dir / "training.json").read_text())
+    assert meta["dataset"]["rows"] == 12 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["hyperparameters"]["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert meta["base_model"]["architecture"] == "LlamaForCausalLM"
+    assert meta["results"]["trained_tokens"] == fit.trained_tokens > 0
+    assert latest_checkpoint(result.output_dir / "checkpoints").name == "step-0000003"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_restores_optimizer_and_scheduler_exactly(data, tiny_model_dirs, tmp_path, monkeypatch):
+    model_dir = tiny_model_dirs["qwen2"]
+    whole = train(config(data, model_dir, tmp_path / "whole"), progress=False)
+
+    # The same run, killed right after its step-3 checkpoint, then continued with --resume.
+    real_save = training.loop.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Crash
+
+    interrupted = config(data, model_dir, tmp_path / "resumed")
+    monkeypatch.setattr(training.loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(interrupted, progress=False)
+    monkeypatch.undo()
+    state = torch.load(latest_checkpoint(interrupted.checkpoint_dir) / STATE_FILE, weights_only=True)
+    assert state["step"] == 3 and state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 3
+
+    resumed = train(interrupted.model_copy(update={"resume": True}), progress=False)
+    assert resumed.fit.steps == 6 and resumed.fit.trained_tokens == whole.fit.trained_tokens
+    assert resumed.fit.final_loss == pytest.approx(whole.fit.final_loss, rel=1e-6)
+    a = load_file(whole.output_dir / "adapter_model.safetensors")
+    b = load_file(resumed.output_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_without_checkpoint_is_an_error(data, tiny_model_dirs, tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(config(data, tiny_model_dirs["llama"], tmp_path / "o", resume=True), progress=False)
