@@ -22,11 +22,14 @@ def add_lora(
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    # prepare_model_for_kbit_training upcasts every non-4-bit weight to float32. For the norms that is
-    # cheap stability; for the frozen embedding and output head (2 x 0.5 B weights at a 128k vocab) it
-    # doubles their memory and runs the largest matmul in float32, so those two go back to compute dtype.
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        module.to(compute_dtype)
+    # prepare_model_for_kbit_training upcasts every frozen non-4-bit weight to float32, a guard for fp16
+    # training. In bf16 it only costs: the embedding and head (2 x 0.5 B weights at a 128k vocab) double in
+    # memory, and float32 norm weights promote the whole residual stream to float32 (twice the activation
+    # memory, slower elementwise work). So the base goes back to the dtype it runs in when serving; LoRA
+    # weights stay float32 (PEFT casts around them), which is where precision matters.
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             # On AVX512-BF16 CPUs, bitsandbytes repacks the weight for inference the first time the layer runs

@@ -1,0 +1,278 @@
+"""Training throughput: the seed's QLoRA recipe (HF Trainer) against loraplex's loop, same model, same rows.
+
+    python bench/train.py --out train.json           # Llama-3-8B shapes, random NF4 weights, needs CUDA
+    python bench/train.py --tiny --out train.json    # tiny model on CPU: checks the bench itself still runs
+
+Seed recipe: every row padded to 512 with pad = EOS, labels = input_ids, LoRA r=16 on PEFT's default
+q_proj/v_proj, paged_adamw_8bit, micro-batch 2 x accumulation 4, bf16, prepare_model_for_kbit_training.
+loraplex: length-grouped dynamic padding, labels masked on padding, micro-batch 8 x accumulation 1 (the
+same 8 rows per optimizer step), chunked loss; once on q_proj/v_proj (like for like), once on all linear
+layers (its default). Each case builds a fresh model, runs `--warmup` untimed steps, then `--steps` timed
+ones. Throughput counts real (non-padding) tokens only; memory is torch.cuda.max_memory_allocated.
+"""
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from accelerate import Accelerator
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers.quantizers import AutoHfQuantizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
+
+from loraplex.basemodel import nf4_config
+from training.config import TrainConfig
+from training.data import Example
+from training.loop import fit
+from training.model import add_lora
+
+LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+)  # fmt: skip
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, max_position_embeddings=512,
+)  # fmt: skip
+SEED_TARGETS = ["q_proj", "v_proj"]
+PAD_TO = 512
+EFFECTIVE_BATCH = 8  # rows per optimizer step, both recipes
+
+
+@dataclass
+class Case:
+    name: str
+    targets: str
+    micro_batch: str
+    steps: int
+    real_tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_gb: float
+
+
+def build_nf4_model(shape: dict, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random weights of the given shape, created on the device, every Linear but the head quantized to NF4
+    (double quantization) the way from_pretrained with nf4_config() would; weights never touch the disk."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for parent in list(model.model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=False, compute_dtype=dtype,
+                    compress_statistics=True, quant_type="nf4", device="meta",
+                )  # fmt: skip
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                ).to(device)
+                setattr(parent, child_name, q)
+                del child
+    # What from_pretrained(quantization_config=...) marks; PEFT and Trainer read these to pick 4-bit paths.
+    model.is_loaded_in_4bit = True
+    model.is_quantized = True
+    model.quantization_method = "bitsandbytes"
+    model.hf_quantizer = AutoHfQuantizer.from_config(nf4_config(dtype))
+    model.requires_grad_(False)
+    gc.collect()
+    _empty_cache(device)
+    return model
+
+
+def synthetic_rows(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+class TokenMeter:
+    """Counts real tokens entering the model's forward (a pre-hook), and marks the start of the timed steps."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device, self.tokens, self.mark_tokens, self.mark_time = device, 0, 0, time.perf_counter()
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        self.tokens += int(kwargs["attention_mask"].sum())
+
+    def mark(self) -> None:
+        _sync(self.device)
+        self.mark_tokens, self.mark_time = self.tokens, time.perf_counter()
+
+    def since_mark(self) -> tuple[int, float]:
+        _sync(self.device)
+        return self.tokens - self.mark_tokens, time.perf_counter() - self.mark_time
+
+
+class PaddedRows(torch.utils.data.Dataset):
+    """The seed's rows: padded to 512 with pad = EOS, labels = input_ids (so padding is trained on)."""
+
+    def __init__(self, rows: list[list[int]], eos: int) -> None:
+        self.rows, self.eos = rows, eos
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        ids = torch.tensor(row + [self.eos] * (PAD_TO - len(row)))
+        mask = torch.tensor([1] * len(row) + [0] * (PAD_TO - len(row)))
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def seed_recipe(shape: dict, rows: list[list[int]], steps: int, warmup: int, device: torch.device, tmp: Path) -> Case:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import TrainerCallback
+
+    cuda = device.type == "cuda"
+    model = build_nf4_model(shape, device, torch.bfloat16 if cuda else torch.float32)
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
+    meter = TokenMeter(model.get_base_model(), device)
+
+    class MarkAfterWarmup(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                meter.mark()
+
+    args = TrainingArguments(
+        output_dir=str(tmp / "seed"), per_device_train_batch_size=2, gradient_accumulation_steps=4,
+        max_steps=warmup + steps, learning_rate=2e-4, bf16=cuda, use_cpu=not cuda,
+        optim="paged_adamw_8bit" if cuda else "adamw_torch", save_strategy="no", report_to="none",
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=PaddedRows(rows, eos=2), callbacks=[MarkAfterWarmup()])
+    _reset_peak(device)
+    trainer.train()
+    tokens, seconds = meter.since_mark()
+    case = _case("seed recipe (HF Trainer, pad 512)", "q_proj,v_proj", "2 x 4", steps, tokens, seconds, device)
+    del trainer, model
+    return case
+
+
+def loraplex_loop(
+    shape: dict, rows: list[list[int]], targets: list[str] | str, steps: int, warmup: int, device: torch.device,
+    tmp: Path,
+) -> Case:  # fmt: skip
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    base = build_nf4_model(shape, device, dtype)
+    examples = [Example(row, row) for row in rows]
+    config = TrainConfig(
+        data=tmp / "synthetic.jsonl", output=tmp / "loraplex", rank=16, alpha=32, dropout=0.05,
+        target_modules=targets, batch_size=EFFECTIVE_BATCH, grad_accum=1, max_seq_len=PAD_TO, lr=2e-4,
+        save_every=10**9, max_steps=warmup,
+    )  # fmt: skip
+    model = add_lora(base, config, gradient_checkpointing=cuda, compute_dtype=dtype)
+    accelerator = Accelerator(cpu=not cuda)
+    pad_id = 0
+    fit(model, examples[: warmup * EFFECTIVE_BATCH], [], config, accelerator, pad_id, progress=False)
+    timed = config.model_copy(update={"max_steps": steps})
+    result = fit(model, examples[warmup * EFFECTIVE_BATCH :], [], timed, accelerator, pad_id, progress=False)
+    name = "loraplex loop (length-grouped, dynamic pad)"
+    label = "q_proj,v_proj" if targets != "all-linear" else "all-linear (default)"
+    case = _case(name, label, f"{EFFECTIVE_BATCH} x 1", steps, result.real_tokens, result.seconds, device)
+    case.peak_gb = result.peak_memory_bytes / 2**30 if cuda else case.peak_gb
+    del model, base
+    return case
+
+
+def _case(name: str, targets: str, micro: str, steps: int, tokens: int, seconds: float, device) -> Case:
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return Case(name, targets, micro, steps, tokens, round(seconds, 3), round(tokens / seconds, 1), round(peak, 2))
+
+
+def _fresh_state(device: torch.device) -> None:
+    """Free the previous case's model and let the next case start its own Accelerator settings."""
+    from accelerate.state import AcceleratorState
+
+    # Trainer initialises accelerate's process-wide state with bf16 mixed precision; the loop's own
+    # Accelerator asks for none. Resetting between cases is what a fresh process would give.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()
+    _empty_cache(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def table(cases: list[Case], baseline: Case) -> str:
+    lines = [
+        "| recipe | LoRA targets | micro-batch x accum | steps | real tokens/s | vs seed | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        ratio = c.tokens_per_s / baseline.tokens_per_s
+        lines.append(
+            f"| {c.name} | {c.targets} | {c.micro_batch} | {c.steps} | {c.tokens_per_s:,.0f} | {ratio:.2f}x | "
+            f"{c.peak_gb:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (a smoke test of this script)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per case (default 12; tiny: 2)")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 2; tiny: 1)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    steps = args.steps or (2 if args.tiny else 12)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available; use --tiny for the CPU smoke run")
+    shape = TINY if args.tiny else LLAMA3_8B
+    rows = synthetic_rows(EFFECTIVE_BATCH * (warmup + steps), shape["vocab_size"], 64, PAD_TO)
+    tmp = Path("/tmp") / "loraplex-bench-train"  # nothing is saved there: checkpoints are disabled
+    cases = []
+    for run in (
+        lambda: seed_recipe(shape, rows, steps, warmup, device, tmp),
+        lambda: loraplex_loop(shape, rows, SEED_TARGETS, steps, warmup, device, tmp),
+        lambda: loraplex_loop(shape, rows, "all-linear", steps, warmup, device, tmp),
+    ):
+        _fresh_state(device)
+        cases.append(run())
+        print(f"{cases[-1]}", file=sys.stderr, flush=True)
+    baseline = cases[0]
+    print(table(cases, baseline))
+    if args.out:
+        report = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "bench/train.py", *(argv if argv is not None else sys.argv[1:])]),
+            "shape": "tiny" if args.tiny else "llama-3-8b",
+            "versions": {"torch": torch.__version__, "bitsandbytes": bnb.__version__},
+            "cases": [asdict(c) for c in cases],
+            "speedup_same_targets": cases[1].tokens_per_s / baseline.tokens_per_s,
+            "memory_ratio_same_targets": cases[1].peak_gb / baseline.peak_gb if baseline.peak_gb else None,
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
