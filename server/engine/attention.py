@@ -3,7 +3,8 @@
 The model runs with use_cache=False and explicit position_ids; each attention layer writes its new K/V into
 the engine's preallocated cache at (row, position) and attends over the cached prefix with a mask built from
 the positions. Rows of a decode batch are cache rows 0..B-1, read in place (no gather); rows that are not
-decoding write into a spare dummy row so they never disturb a request that is still prefilling.
+decoding, and the left padding of a batched prefill, write into a spare dummy row so they never disturb a
+request. A prefill batch reads its (scattered) cache rows by index.
 """
 
 from dataclasses import dataclass
@@ -44,9 +45,9 @@ class StepContext:
     """What one forward attends over; passed to the model as the `engine_step` keyword."""
 
     cache: KVCache
-    write_rows: torch.Tensor  # [B] long: cache row each batch row writes to (dummy row for padding)
+    write_rows: torch.Tensor  # [B, T] long: cache row each new token writes to (dummy row for padding)
     positions: torch.Tensor  # [B, T] long: position of each new token (= its index in the row)
-    read_start: int  # batch row b reads cache row read_start + b
+    read_rows: torch.Tensor | None  # [B] long: cache row each batch row reads; None: rows 0..B-1 in place
     kv_len: int  # how many cached positions to attend over (static under CUDA graphs)
 
 
@@ -67,12 +68,15 @@ def static_cache_attention(
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention only runs inside the engine")
     step, layer = engine_step, module.layer_idx
     k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]  # [R, Hkv, S, D]
-    rows = step.write_rows[:, None]  # [B, 1]
-    k_cache[rows, :, step.positions] = key.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D]
-    v_cache[rows, :, step.positions] = value.transpose(1, 2).to(v_cache.dtype)
-    b = query.shape[0]
-    keys = k_cache[step.read_start : step.read_start + b, :, : step.kv_len]  # [B, Hkv, L, D]
-    values = v_cache[step.read_start : step.read_start + b, :, : step.kv_len]
+    k_cache[step.write_rows, :, step.positions] = key.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D]
+    v_cache[step.write_rows, :, step.positions] = value.transpose(1, 2).to(v_cache.dtype)
+    if step.read_rows is None:
+        b = query.shape[0]
+        keys = k_cache[:b, :, : step.kv_len]  # [B, Hkv, L, D]
+        values = v_cache[:b, :, : step.kv_len]
+    else:
+        keys = k_cache[step.read_rows, :, : step.kv_len]
+        values = v_cache[step.read_rows, :, : step.kv_len]
     kv_pos = torch.arange(step.kv_len, device=query.device)  # [L]
     q_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
     mask = kv_pos <= q_pos  # [B, 1, T, L]

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from server.engine.graphs import buckets_up_to
+
 if TYPE_CHECKING:  # Settings pulls in pydantic, which the engine itself does not need
     from loraplex.settings import Settings
 
@@ -16,7 +18,8 @@ class EngineConfig:
     max_active_adapters: int = 8  # LoRA slots on the device
     max_lora_rank: int = 64  # every slot is padded to this rank
     max_seq_len: int = 2048  # prompt + completion per request
-    prefill_chunk: int = 512  # longest prompt piece run in one forward
+    prefill_chunk: int = 512  # longest prompt piece of one request run in one forward
+    max_prefill_tokens: int = 4096  # prompt pieces of several requests share a forward up to this many (padded)
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
@@ -32,8 +35,8 @@ class EngineConfig:
 
     def graph_buckets(self) -> list[int]:
         """Batch sizes with a captured decode graph: powers of two up to max_batch_size, and it."""
-        buckets, size = [], 1
-        while size < self.max_batch_size:
-            buckets.append(size)
-            size *= 2
-        return [*buckets, self.max_batch_size]
+        return buckets_up_to(self.max_batch_size, 1)
+
+    def kv_buckets(self) -> list[int]:
+        """KV lengths with a captured decode graph: powers of two from 256 up to max_seq_len, and it."""
+        return buckets_up_to(self.max_seq_len, 256)

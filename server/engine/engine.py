@@ -1,8 +1,9 @@
 """The engine: one thread owns the model and the device and runs the continuous-batching loop.
 
 Each iteration admits waiting requests into free KV rows (activating their adapter into a slot if needed),
-runs one prefill chunk of one admitted request, then one decode step for every decoding row. Requests
-leave the moment they finish or are cancelled, freeing their row.
+runs one batched prefill chunk over the admitted requests still prefilling (as many as the token budget
+holds), then one decode step for every decoding row. Each forward's tokens are sampled on the device and
+come back in one copy. Requests leave the moment they finish or are cancelled, freeing their row.
 """
 
 import heapq
@@ -19,10 +20,10 @@ from adapters.lora import LoraWeights
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext
 from server.engine.config import EngineConfig
 from server.engine.errors import AdapterTooLarge, EngineStopped, PromptTooLong
-from server.engine.graphs import DecodeGraphs
-from server.engine.multilora import LoraContext, MultiLoraLinear
+from server.engine.graphs import IDS, POSITIONS, SLOTS, WRITE_ROWS, DecodeGraphs, decode_args
+from server.engine.multilora import LoraContext, LoraLayout, LoraStore, MultiLoraLinear, PackCache
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
-from server.engine.sampling import greedy_batch, sample
+from server.engine.sampling import sample_batch
 from server.engine.slots import SlotTable
 from server.engine.text import TextStream
 
@@ -67,8 +68,9 @@ class Engine:
         self._on_activation = on_activation
         text_config = model.config.get_text_config()
         model.set_attn_implementation(ATTENTION_NAME)
-        self._lora_context = LoraContext(torch.full((1,), self.no_adapter, device=self.device))
-        self.lora_layers = self._wrap_targets()
+        self._lora_context = LoraContext(config.max_active_adapters, config.max_lora_rank)
+        self.lora_store, self.lora_layers = self._wrap_targets()
+        self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.cache = KVCache(
             text_config.num_hidden_layers,
@@ -91,32 +93,39 @@ class Engine:
         self._stopped = False
         self._active_snapshot: dict[str, int] = {}
         self.activation_seconds: deque[float] = deque(maxlen=1024)  # recent CPU -> slot latencies
+        # Decode inputs [4, max_batch] are filled here and reach the device in one copy per step.
+        self._host_inputs = torch.zeros(
+            4, config.max_batch_size, dtype=torch.long, pin_memory=self.device.type == "cuda"
+        )
+        self._host_view = self._host_inputs.numpy()  # the same memory, for cheap per-row writes
         self._graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            self._graphs = DecodeGraphs(
-                self._graph_forward, config.graph_buckets(), self.cache.dummy_row, self.no_adapter, self.device
-            )
+            self._graphs = DecodeGraphs(self._graph_forward, config.graph_buckets(), config.kv_buckets(), self.device)
 
     # ---- set-up -------------------------------------------------------------------------------------
-    def _wrap_targets(self) -> dict[str, MultiLoraLinear]:
+    def _wrap_targets(self) -> tuple[LoraStore, dict[str, MultiLoraLinear]]:
+        targets = [
+            (name, module)
+            for name, module in self.model.named_modules()
+            if name.rsplit(".", 1)[-1] in self.config.target_modules and hasattr(module, "in_features")
+        ]
+        a_offsets, b_offsets, a_width, b_width = {}, {}, 0, 0
+        for name, module in targets:
+            a_offsets[name], b_offsets[name] = a_width, b_width
+            a_width += module.in_features
+            b_width += module.out_features
+        layout = LoraLayout(a_offsets, b_offsets, a_width, b_width)
+        store = LoraStore(layout, self.config.max_active_adapters, self.config.max_lora_rank, self.dtype, self.device)
         layers: dict[str, MultiLoraLinear] = {}
-        for name, module in list(self.model.named_modules()):
-            if name.rsplit(".", 1)[-1] not in self.config.target_modules or not hasattr(module, "in_features"):
-                continue
-            parent_name, _, child = name.rpartition(".")
+        for name, module in targets:
+            lora_a, lora_b = store.views(name, module.in_features, module.out_features)
             wrapped = MultiLoraLinear(
-                module,
-                module.in_features,
-                module.out_features,
-                self.config.max_active_adapters,
-                self.config.max_lora_rank,
-                self.dtype,
-                self.device,
-                self._lora_context,
+                module, module.in_features, module.out_features, lora_a, lora_b, self._lora_context
             )
+            parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, wrapped)
             layers[name] = wrapped
-        return layers
+        return store, layers
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -142,6 +151,8 @@ class Engine:
     def submit(self, request: GenerationRequest, sink: EventSink) -> None:
         """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued."""
         self.validate(request)
+        if request.lora is not None:
+            self._packs.get(request.lora)  # pack on the caller's thread: activation then only copies
         with self._cv:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
@@ -212,9 +223,9 @@ class Engine:
         self._apply_commands()
         self._admit()
         ran = False
-        prefilling = next((r for r in self._rows.values() if not r.decoding), None)
-        if prefilling is not None:
-            self._guarded([prefilling], lambda: self._prefill_chunk(prefilling))
+        prefilling = self._prefill_batch()
+        if prefilling:
+            self._guarded(prefilling, lambda: self._prefill(prefilling))
             ran = True
         decoding = [r for r in self._rows.values() if r.decoding and r.generated]
         if decoding:
@@ -289,8 +300,7 @@ class Engine:
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
         assert lora is not None  # validate() pairs adapter_key with lora
         start = time.perf_counter()
-        for name, layer in self.lora_layers.items():
-            layer.load(slot, lora.modules.get(name))
+        self.lora_store.load(slot, self._packs.get(lora))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -306,64 +316,87 @@ class Engine:
         positions: torch.Tensor,
         write_rows: torch.Tensor,
         slots: torch.Tensor,
-        read_start: int,
+        read_rows: torch.Tensor | None,
         kv_len: int,
     ) -> torch.Tensor:
-        # ids, positions: [B, T]; write_rows, slots: [B]  ->  logits of the last position [B, V]
-        self._lora_context.slot_ids = slots
-        step = StepContext(self.cache, write_rows, positions, read_start, kv_len)
+        # ids, positions, write_rows: [B, T]; slots, read_rows: [B]  ->  logits of the last position [B, V]
+        self._lora_context.set(slots, self.dtype)
+        step = StepContext(self.cache, write_rows, positions, read_rows, kv_len)
         out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, engine_step=step)
         return out.logits[:, -1]
 
     def _graph_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor, slots: torch.Tensor
+        self, ids: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor, slots: torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        return self._forward(ids, positions, write_rows, slots, 0, self.cache.max_seq_len)
+        return self._forward(ids, positions, write_rows, slots, None, kv_len)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _prefill_batch(self) -> list[_Row]:
+        """Rows still prefilling, in admission order, while their padded chunk fits the token budget."""
+        batch: list[_Row] = []
+        longest = 0
+        for row in self._rows.values():
+            if row.decoding:
+                continue
+            chunk = min(len(row.request.prompt_ids) - row.prefilled, self.config.prefill_chunk)
+            if batch and (len(batch) + 1) * max(longest, chunk) > self.config.max_prefill_tokens:
+                break
+            batch.append(row)
+            longest = max(longest, chunk)
+        return batch
 
-    def _prefill_chunk(self, row: _Row) -> None:
-        start = row.prefilled
-        end = min(len(row.request.prompt_ids), start + self.config.prefill_chunk)
-        ids = self._tensor(row.request.prompt_ids[start:end])[None]  # [1, T]
-        positions = torch.arange(start, end, device=self.device)[None]  # [1, T]
-        logits = self._forward(ids, positions, self._tensor([row.row]), self._tensor([row.slot]), row.row, end)
-        row.prefilled = end
-        if row.decoding:
-            self._sample([row], logits)
+    def _prefill(self, rows: list[_Row]) -> None:
+        """One chunk of each row in one forward, left-padded to the longest so every row ends on its last
+        token (the only position whose logits are computed); padding writes to the dummy row."""
+        ends = [min(len(r.request.prompt_ids), r.prefilled + self.config.prefill_chunk) for r in rows]
+        width = max(end - r.prefilled for r, end in zip(rows, ends, strict=True))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
+        positions = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
+        write_rows = torch.full((len(rows), width), self.cache.dummy_row, dtype=torch.long)  # [B, T]
+        for i, (r, end) in enumerate(zip(rows, ends, strict=True)):
+            pad = width - (end - r.prefilled)
+            ids[i, pad:] = torch.tensor(r.request.prompt_ids[r.prefilled : end])
+            positions[i, pad:] = torch.arange(r.prefilled, end)
+            write_rows[i, pad:] = r.row
+        slots = torch.tensor([r.slot for r in rows])
+        read_rows = torch.tensor([r.row for r in rows])
+        tensors = [t.to(self.device, non_blocking=True) for t in (ids, positions, write_rows, slots, read_rows)]
+        logits = self._forward(*tensors, max(ends))
+        for r, end in zip(rows, ends, strict=True):
+            r.prefilled = end
+        done = [i for i, r in enumerate(rows) if r.decoding]
+        if done:
+            self._sample([rows[i] for i in done], logits[done] if len(done) < len(rows) else logits)
 
     def _decode(self, rows: list[_Row]) -> None:
         width = max(r.row for r in rows) + 1  # batch row b is cache row b: idle rows in between are padding
-        ids, positions = [0] * width, [0] * width
-        write_rows, slots = [self.cache.dummy_row] * width, [self.no_adapter] * width
+        graphs = self._graphs if self._graphs is not None and width <= self._graphs.max_batch else None
+        if graphs is not None:
+            width = graphs.batch_bucket(width)
+        # The previous step's copy out of this buffer has finished: its tokens were read back since.
+        view = self._host_view[:, :width]  # [4, width]
+        view[IDS], view[POSITIONS], view[WRITE_ROWS], view[SLOTS] = 0, 0, self.cache.dummy_row, self.no_adapter
         for r in rows:
-            ids[r.row], positions[r.row] = r.ids[-1], len(r.ids) - 1
-            write_rows[r.row], slots[r.row] = r.row, r.slot
-        args = (
-            self._tensor(ids)[:, None],
-            self._tensor(positions)[:, None],
-            self._tensor(write_rows),
-            self._tensor(slots),
-        )
-        if self._graphs is not None and width <= self._graphs.buckets[-1]:
-            logits = self._graphs.run(*args)
+            view[:, r.row] = (r.ids[-1], len(r.ids) - 1, r.row, r.slot)
+        inputs = self._host_inputs[:, :width]
+        kv_len = max(len(r.ids) for r in rows)
+        if graphs is not None:
+            logits = graphs.run(inputs, kv_len)
         else:
-            logits = self._forward(*args, 0, max(positions) + 1)
+            logits = self._forward(*decode_args(inputs.to(self.device, non_blocking=True)), None, kv_len)
         self._sample(rows, logits[[r.row for r in rows]])
 
     # ---- sampling and finishing ---------------------------------------------------------------------
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        # logits: [len(rows), V]
-        tokens, logprobs = greedy_batch(logits)
-        tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
-        for i, row in enumerate(rows):
-            params = row.request.sampling
-            if not params.greedy or params.repetition_penalty != 1.0:
-                seen = self._tensor(row.ids)
-                token, logprob = sample(logits[i], params, seen, row.generator)
-                tokens_list[i], logprobs_list[i] = int(token), float(logprob)
-            self._emit_token(row, tokens_list[i], logprobs_list[i])
+        # logits: [len(rows), V]; one device -> host copy brings every row's token and logprob
+        params = [r.request.sampling for r in rows]
+        seen = [
+            torch.tensor(r.ids, device=self.device) if p.repetition_penalty != 1.0 else None
+            for r, p in zip(rows, params, strict=True)
+        ]
+        tokens, logprobs = sample_batch(logits, params, seen, [r.generator for r in rows])
+        picked = torch.stack([tokens.double(), logprobs.double()]).tolist()  # float64 holds token ids exactly
+        for row, token, logprob in zip(rows, picked[0], picked[1], strict=True):
+            self._emit_token(row, int(token), logprob)
 
     def _emit_token(self, row: _Row, token: int, logprob: float) -> None:
         row.ids.append(token)

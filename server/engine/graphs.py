@@ -1,58 +1,72 @@
-"""CUDA graphs of the decode step, one per batch-size bucket, over static input buffers.
+"""CUDA graphs of the decode step, one per (batch bucket, KV-length bucket), over one static input buffer.
 
-Adapters are activated by copying into the LoRA slot buffers in place, so graphs are never recaptured.
+A graph attends over its KV bucket only, so short sequences do not pay for max_seq_len. Adapters are
+activated by copying into the LoRA slot stores in place, so graphs are never recaptured.
 """
 
 from collections.abc import Callable
 
 import torch
 
-# forward(input_ids [B, 1], positions [B, 1], write_rows [B], slot_ids [B]) -> logits [B, V]
-DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# forward(input_ids [B, 1], positions [B, 1], write_rows [B, 1], slot_ids [B], kv_len) -> logits [B, V]
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+# Rows of the packed step inputs [4, B]: what each batch row feeds the decode step.
+IDS, POSITIONS, WRITE_ROWS, SLOTS = range(4)
+
+
+def decode_args(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split packed inputs [4, B] into (ids [B, 1], positions [B, 1], write_rows [B, 1], slots [B])."""
+    return inputs[IDS, :, None], inputs[POSITIONS, :, None], inputs[WRITE_ROWS, :, None], inputs[SLOTS]
+
+
+def buckets_up_to(limit: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` below `limit`, then `limit`."""
+    sizes, size = [], smallest
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
 
 
 class DecodeGraphs:
     def __init__(
-        self, forward: DecodeForward, buckets: list[int], dummy_row: int, no_adapter: int, device: torch.device
+        self, forward: DecodeForward, batch_buckets: list[int], kv_buckets: list[int], device: torch.device
     ) -> None:
-        self.buckets = sorted(buckets)
-        size = self.buckets[-1]
-        self._ids = torch.zeros(size, 1, dtype=torch.long, device=device)
-        self._positions = torch.zeros(size, 1, dtype=torch.long, device=device)
-        self._rows = torch.full((size,), dummy_row, dtype=torch.long, device=device)
-        self._slots = torch.full((size,), no_adapter, dtype=torch.long, device=device)
-        self._pad = (dummy_row, no_adapter)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self.batch_buckets, self.kv_buckets = sorted(batch_buckets), sorted(kv_buckets)
+        self._inputs = torch.zeros(4, self.batch_buckets[-1], dtype=torch.long, device=device)  # [4, B_max]
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, int], torch.Tensor] = {}
         pool = None
-        for b in reversed(self.buckets):  # largest first, so smaller graphs fit in its memory pool
-            args = (self._ids[:b], self._positions[:b], self._rows[:b], self._slots[:b])
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
-                    forward(*args)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._logits[b] = forward(*args)
-            pool = graph.pool()
-            self._graphs[b] = graph
+        # Largest first, so smaller graphs fit in its memory pool. The zero inputs write into cache row 0,
+        # position 0, which holds no request yet when graphs are captured at start-up.
+        for b in reversed(self.batch_buckets):
+            for kv in reversed(self.kv_buckets):
+                args = (*decode_args(self._inputs[:, :b]), kv)
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
+                        forward(*args)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._logits[b, kv] = forward(*args)
+                pool = graph.pool()
+                self._graphs[b, kv] = graph
 
-    def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+    @property
+    def max_batch(self) -> int:
+        return self.batch_buckets[-1]
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        # ids, positions: [n, 1]; rows, slots: [n]  ->  logits [n, V]
-        n = ids.shape[0]
-        b = self.bucket(n)
-        self._ids[:n].copy_(ids)
-        self._positions[:n].copy_(positions)
-        self._rows[:n].copy_(rows)
-        self._slots[:n].copy_(slots)
-        self._ids[n:b].zero_()
-        self._positions[n:b].zero_()
-        self._rows[n:b].fill_(self._pad[0])
-        self._slots[n:b].fill_(self._pad[1])
-        self._graphs[b].replay()
-        return self._logits[b][:n]
+    def batch_bucket(self, n: int) -> int:
+        return next(b for b in self.batch_buckets if b >= n)
+
+    def run(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Replay the graph of `inputs`' width (a batch bucket, padded by the caller) and the smallest KV bucket
+        holding kv_len positions; inputs: [4, b] long (pinned host memory: the copy does not block)."""
+        b = inputs.shape[1]
+        kv = next(k for k in self.kv_buckets if k >= kv_len)
+        self._inputs[:, :b].copy_(inputs, non_blocking=True)
+        self._graphs[b, kv].replay()
+        return self._logits[b, kv]  # [b, V]

@@ -1,4 +1,4 @@
-"""Sampling as pure functions on logits (gpt-fast style). Each takes and returns float logits [V] or [B, V]."""
+"""Sampling as pure functions on float logits [B, V], batched over rows with per-row parameters."""
 
 from dataclasses import dataclass, field
 
@@ -36,50 +36,67 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     return logits.scatter(0, seen, picked)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+def top_k_filter(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits (and ties with the k-th); logits: [B, V], k: [B] in 1..V."""
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, k[:, None] - 1)  # [B, 1]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches p (the top token always stays)."""
-    if p >= 1.0:
-        return logits
+def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of tokens whose mass reaches p (the top token always stays); p 1: off."""
+    # logits: [B, V]; p: [B]
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass ahead of each token
+    drop_sorted = (before >= p[:, None]) & (p[:, None] < 1.0)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def final_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor) -> torch.Tensor:
-    """The distribution a token is drawn from: penalty, temperature, top-k, top-p, in HF's order."""
-    # logits: [V] float32
-    logits = repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return logits
-    logits = logits / params.temperature
-    return top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
-
-
-def sample(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None
+def sample_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: list[torch.Tensor | None],
+    generators: list[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token id, its logprob under the final distribution) as 0-d tensors; logits: [V]."""
-    logits = final_logits(logits.float(), params, seen)
-    logprobs = logits.log_softmax(-1)
-    if params.greedy:
-        token = logits.argmax(-1)
-    else:
-        token = torch.multinomial(logprobs.exp(), 1, generator=generator)[0]
-    return token, logprobs[token]
-
-
-def greedy_batch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy tokens and logprobs for many rows at once (rows without penalty or sampling)."""
-    # logits: [B, V]
-    logprobs = logits.float().log_softmax(-1)
+    """Tokens [B] and their logprobs [B] under each row's final distribution (penalty, temperature, top-k,
+    top-p, in HF's order), with no host sync. Sampled rows draw by an exponential race over their own noise
+    (argmax of p / E, E ~ Exp(1)): it picks token i with probability p_i, and a seeded row's noise comes from
+    its own generator alone, so its draws do not depend on the rest of the batch."""
+    # logits: [B, V]; seen[i]: token ids already in row i (only read where its penalty is on)
+    logits = logits.float()
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0 and seen[i] is not None:
+            logits[i] = repetition_penalty(logits[i], seen[i], p.repetition_penalty)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        logits = _filtered(logits, params, sampled)
+    logprobs = logits.log_softmax(-1)  # [B, V]
     tokens = logprobs.argmax(-1)  # [B]
+    if sampled:
+        noise = torch.empty(len(sampled), logits.shape[-1], device=logits.device)  # [n, V]
+        unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
+        if unseeded:
+            noise[unseeded] = torch.rand(len(unseeded), logits.shape[-1], device=logits.device)
+        for j, i in enumerate(sampled):
+            if generators[i] is not None:
+                noise[j].uniform_(generator=generators[i])
+        index = torch.tensor(sampled, device=logits.device)
+        race = logprobs[index] - (-noise.clamp_min(1e-30).log()).log()  # log p - log E
+        tokens = tokens.index_copy(0, index, race.argmax(-1))
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _filtered(logits: torch.Tensor, params: list[SamplingParams], sampled: list[int]) -> torch.Tensor:
+    """Temperature, top-k and top-p on the sampled rows (greedy rows pass through unchanged)."""
+    # logits: [B, V]
+    index = torch.tensor(sampled, device=logits.device)
+    rows = logits[index]  # [n, V]
+    temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+    rows = rows / temperature[:, None]
+    if any(params[i].top_k for i in sampled):
+        k = [params[i].top_k or logits.shape[-1] for i in sampled]
+        rows = top_k_filter(rows, torch.tensor(k, device=logits.device))
+    if any(params[i].top_p < 1.0 for i in sampled):
+        rows = top_p_filter(rows, torch.tensor([params[i].top_p for i in sampled], device=logits.device))
+    return logits.index_copy(0, index, rows)

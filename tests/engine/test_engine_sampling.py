@@ -2,19 +2,19 @@
 
 import torch
 
-from server.engine.sampling import SamplingParams, greedy_batch, repetition_penalty, sample, top_k_filter, top_p_filter
+from server.engine.sampling import SamplingParams, repetition_penalty, sample_batch, top_k_filter, top_p_filter
 from server.engine.text import TextStream
 
 
 def test_top_k_keeps_the_k_largest() -> None:
-    out = top_k_filter(torch.tensor([1.0, 3.0, 2.0, 0.0]), 2)
-    assert torch.isinf(out).tolist() == [True, False, False, True]
+    out = top_k_filter(torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]]), torch.tensor([2, 4]))
+    assert torch.isinf(out).tolist() == [[True, False, False, True], [False] * 4]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
-    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    assert torch.isfinite(top_p_filter(logits, 0.7)).tolist() == [True, True, False, False]
-    assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [True, False, False, False]
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(3, 4)
+    kept = torch.isfinite(top_p_filter(logits, torch.tensor([0.7, 0.1, 1.0]))).tolist()
+    assert kept == [[True, True, False, False], [True, False, False, False], [True] * 4]
 
 
 def test_repetition_penalty_follows_hf() -> None:
@@ -24,14 +24,33 @@ def test_repetition_penalty_follows_hf() -> None:
 
 def test_greedy_and_seeded_sampling() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
-    tokens, logprobs = greedy_batch(logits)
+    greedy = [SamplingParams()] * 2
+    tokens, logprobs = sample_batch(logits, greedy, [None, None], [None, None])
     assert tokens.tolist() == [1, 0]
     assert torch.allclose(logprobs, logits.log_softmax(-1).max(-1).values)
     params = SamplingParams(temperature=1.0, seed=3)
-    draws = [
-        int(sample(logits[0], params, torch.tensor([]).long(), torch.Generator().manual_seed(3))[0]) for _ in range(2)
-    ]
+    flat = torch.zeros(1, 64)
+    draws = [sample_batch(flat, [params], [None], [torch.Generator().manual_seed(3)])[0].item() for _ in range(2)]
     assert draws[0] == draws[1]
+    # beside other rows (greedy or drawing from the global generator), a seeded row draws the same token
+    crowded = sample_batch(
+        torch.zeros(3, 64),
+        [SamplingParams(temperature=1.0), params, SamplingParams()],
+        [None] * 3,
+        [None, torch.Generator().manual_seed(3), None],
+    )[0]
+    assert crowded[1].item() == draws[0] and crowded[2].item() == 0
+
+
+def test_exponential_race_draws_by_probability() -> None:
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = probs.log().expand(4000, 4)
+    generator = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=1.0)] * 4000
+    tokens, logprobs = sample_batch(logits, params, [None] * 4000, [generator] * 4000)
+    frequency = torch.bincount(tokens, minlength=4) / 4000
+    assert torch.allclose(frequency, probs, atol=0.03)
+    assert torch.allclose(logprobs, probs.log()[tokens])
 
 
 def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
