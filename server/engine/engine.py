@@ -22,6 +22,7 @@ from server.engine.config import EngineConfig
 from server.engine.errors import AdapterTooLarge, EngineStopped, PromptTooLong
 from server.engine.graphs import IDS, POSITIONS, SLOTS, WRITE_ROWS, DecodeGraphs, decode_args
 from server.engine.multilora import LoraContext, LoraLayout, LoraStore, MultiLoraLinear, PackCache
+from server.engine.nf4 import fused_nf4
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import sample_batch
 from server.engine.slots import SlotTable
@@ -119,8 +120,9 @@ class Engine:
         layers: dict[str, MultiLoraLinear] = {}
         for name, module in targets:
             lora_a, lora_b = store.views(name, module.in_features, module.out_features)
+            nf4 = fused_nf4(module) if self.config.fused_nf4 else None
             wrapped = MultiLoraLinear(
-                module, module.in_features, module.out_features, lora_a, lora_b, self._lora_context
+                module, module.in_features, module.out_features, lora_a, lora_b, self._lora_context, nf4
             )
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, wrapped)
