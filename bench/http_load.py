@@ -17,6 +17,7 @@ import json
 import math
 import random
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -375,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.upload and args.adapters_dir is None:
         parser.error("--upload needs --adapters-dir")
     if args.smoke:
+        # a stalled server fails the run within seconds instead of holding CI for the default timeout
         args.concurrency, args.duration, args.prompt_len, args.output_len = 2, 2.0, (8, 16), (4, 8)
+        args.timeout = min(args.timeout, 20.0)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so that the server we started is stopped too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     process, url = start_server(args.serve) if args.serve else (None, args.url)
     try:
         report = asyncio.run(bench(args, url))
