@@ -322,7 +322,10 @@ def markdown(report: dict) -> str:
     ]
     for p in report["points"]:
         ttft, itl = ("/".join(_ms(p[kind][f"p{q}"]) for q in PERCENTILES) for kind in ("ttft_s", "itl_s"))
-        counters = ", ".join(f"{k.removeprefix(METRIC_PREFIX)} +{v:g}" for k, v in p["adapter_counters"].items() if v)
+        counters = ", ".join(  # counts only; load seconds stay in the JSON
+            f"{k.removeprefix(METRIC_PREFIX)} +{v:g}" for k, v in p["adapter_counters"].items()
+            if v and k.split("{")[0].endswith("_total")
+        )
         lines.append(
             f"| {p['adapters_in_use']} | {p['rate'] or 'closed'} | {p['ok']}/{p['requests']} "
             f"| {p['requests_per_s']:.2f} | {p['output_tokens_per_s']:.1f} | {ttft} | {itl} "
