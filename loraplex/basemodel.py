@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraplex.embedded import EMBEDDED_NAME, embedded_checkpoint
 from loraplex.errors import BaseModelError
+from loraplex.synthetic import check_synthetic, is_synthetic, load_synthetic
 
 DeviceSpec = Literal["auto", "cuda", "cpu"]
 
@@ -62,6 +63,8 @@ def check_base_model(base_model: str | None, cache_dir: Path) -> tuple[str, str]
 
     Returns (where to load from, default served name).
     """
+    if is_synthetic(base_model):  # random:<preset|config.json>, random weights for capacity planning
+        return check_synthetic(base_model)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source, default_name = resolve_source(base_model, cache_dir)
@@ -94,6 +97,9 @@ def load_base_model(
 
     source, default_name = check_base_model(base_model, cache_dir)
     dev = resolve_device(device)
+    if is_synthetic(source):
+        model, tokenizer = load_synthetic(source, dev, dtype, quantize)
+        return LoadedBase(model, tokenizer, served_name or default_name, source, dev, quantize)
     kwargs: dict = {"dtype": dtype, "device_map": {"": dev}}
     if quantize:
         kwargs["quantization_config"] = nf4_config(dtype)

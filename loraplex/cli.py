@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from adapters import cli as adapters_cli
 from server import cli as serve_cli
+from training import cli as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,train,adapters}")
     serve_cli.register(sub)
+    train_cli.register(sub)
     adapters_cli.register(sub)
     return parser
 

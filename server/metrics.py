@@ -49,7 +49,7 @@ class Metrics:
         self.adapter_evictions.inc()
 
     # ---- the engine's activation hook (CPU -> slot) ----------------------------------------------------
-    def observe_activation(self, seconds: float) -> None:
+    def observe_activation(self, key: str, slot: int, seconds: float) -> None:  # the engine's hook signature
         self.adapter_loads.labels("cpu_to_slot").inc()
         self.adapter_load_seconds.labels("cpu_to_slot").observe(seconds)
 

@@ -44,11 +44,13 @@ class Runtime:
         if config.max_seq_len > model_limit:
             log.info("max_seq_len %d lowered to the model's context length %d", config.max_seq_len, model_limit)
             config = EngineConfig.from_settings(settings.model_copy(update={"max_seq_len": model_limit}))
+        # before the engine wraps the linear layers: adapters are checked against the model as PEFT sees it
+        fingerprint = base_fingerprint(base.model)
         engine = await asyncio.to_thread(
             Engine, base.model, base.tokenizer, config, on_activation=metrics.observe_activation
         )
         store = await asyncio.to_thread(
-            AdapterStore, settings.adapter_dir, base_fingerprint(base.model),
+            AdapterStore, settings.adapter_dir, fingerprint,
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
         )
         registry = AdapterRegistry(store, max_cpu_adapters=settings.max_cpu_adapters, on_unload=engine.deactivate,

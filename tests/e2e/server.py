@@ -1,6 +1,7 @@
-"""A real `loraplex serve` process on a free loopback port, for end-to-end tests."""
+"""A real `loraplex serve` process on a free loopback port, and the published clients, for end-to-end tests."""
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -10,6 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS_PYTHON = REPO / ".venv-clients" / "bin" / "python"  # made by `make test`
 
 
 def free_port() -> int:
@@ -47,3 +52,14 @@ def running_server(log: Path, *args: str, startup_timeout: float = 300) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def run_published_clients(url: str, prompt: str, max_new_tokens: int, adapter: str | None = None) -> dict:
+    """What text-generation and lorax-client get from the server (see clients/tgi_clients.py)."""
+    if not CLIENTS_PYTHON.exists():
+        pytest.skip("the client venv is made by `make test`")
+    script = Path(__file__).parent / "clients" / "tgi_clients.py"
+    args = [str(CLIENTS_PYTHON), str(script), url, prompt, str(max_new_tokens), *([adapter] if adapter else [])]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)

@@ -2,17 +2,16 @@
 published TGI / LoRAX clients (from their own venv)."""
 
 import json
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from e2e.server import run_published_clients
+
 pytestmark = pytest.mark.e2e
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-CLIENTS_PYTHON = Path(__file__).resolve().parents[2] / ".venv-clients" / "bin" / "python"
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -95,12 +94,8 @@ def test_openai_package(server: str) -> None:
     assert err.value.body["code"] == "model_not_found"
 
 
-@pytest.mark.skipif(not CLIENTS_PYTHON.exists(), reason="the client venv is made by `make test`")
 def test_published_tgi_and_lorax_clients(server: str) -> None:
-    run = subprocess.run([str(CLIENTS_PYTHON), str(Path(__file__).parent / "clients" / "tgi_clients.py"),
-                          server, "The capital of France is", "6"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    got = json.loads(run.stdout)
+    got = run_published_clients(server, "The capital of France is", 6)
     reference = httpx.post(f"{server}/generate", timeout=60, json={
         "inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}}).json()["generated_text"]
     for client in ("text-generation", "lorax-client"):
