@@ -58,26 +58,26 @@ def batches_per_epoch(n_rows: int, batch_size: int, world: int = 1) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. The attention mask comes from lengths, never from comparing ids
-    with pad_id, so a pad id that also occurs in text cannot hide real tokens."""
+    """Right-pad to the longest row: input_ids [B, T] and labels [B, T] (-100 on padding).
+
+    No attention mask: with right padding and causal attention a real token never attends to the padding
+    after it, and padding carries no label, so the model runs mask-free (see CausalLMLoss.forward)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def choose_pad_id(tokenizer) -> int:
     """A pad id that is not EOS, without growing the vocabulary.
 
-    Padding is masked out of attention and loss, so any existing id works as filler; what must not happen
-    is pad == EOS, where masking padding would also mask the EOS the model has to learn. Adding a new token
-    would resize the embeddings and make the adapter depend on a vocabulary the server's base lacks.
+    Padding is never attended to by real tokens and carries no label, so any existing id works as filler;
+    what must not happen is pad == EOS, where masking padding by id would also mask the EOS to be learned.
+    Adding a new token would resize the embeddings and tie the adapter to a vocabulary the server's base lacks.
     """
     eos = tokenizer.eos_token_id
     candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id, *tokenizer.all_special_ids, 0, 1]

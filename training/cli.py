@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     except LoraplexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary(result))
+    if result.main_process:
+        print(summary(result))
     return 0
 
 

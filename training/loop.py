@@ -107,12 +107,12 @@ def fit(
         loss_sum = torch.zeros((), device=accelerator.device)
         for k, rows in enumerate(window):
             batch = {key: t.to(accelerator.device) for key, t in collate(rows, pad_id).items()}
+            real += sum(len(e.input_ids) for e in rows)
             last = k == len(window) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
-                batch_loss, _ = loss_module(**batch)
+                batch_loss, _ = loss_module(batch["input_ids"], batch["labels"])
                 accelerator.backward(batch_loss * world / step_tokens)
             loss_sum += batch_loss.detach()
-            real += int(batch["attention_mask"].sum())
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -125,7 +125,8 @@ def fit(
         bar.update(1)
         if evals and (step % config.eval_every == 0 or step == steps):
             eval_loss = evaluate(loss_module, evals, config.batch_size, accelerator, pad_id)
-            bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+            if accelerator.is_main_process:
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
         if step % config.save_every == 0 and step < steps:
             _save(accelerator, config, step, tokens_before + trained, loss_module, optimizer, scheduler)
     bar.close()
@@ -156,7 +157,7 @@ def evaluate(
     count = 0
     for indices in batches:
         batch = {k: t.to(accelerator.device) for k, t in collate([evals[i] for i in indices], pad_id).items()}
-        loss, n = loss_module(**batch)
+        loss, n = loss_module(batch["input_ids"], batch["labels"])
         total += loss
         count += int(n)
     loss_module.train()

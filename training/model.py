@@ -66,11 +66,13 @@ class CausalLMLoss(nn.Module):
         causal_lm = model.get_base_model()
         self.softcap: float | None = getattr(causal_lm.config, "final_logit_softcapping", None)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # No attention mask, on purpose: rows are right-padded and attention is causal, so a real token
+        # never sees the padding after it, and padding positions carry no label. Without a mask, SDPA
+        # runs its flash kernel with is_causal instead of materialising a [B, 1, T, T] mask.
+        # (tests/training check that real positions come out identical with and without the mask.)
         causal_lm = self.model.get_base_model()
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = causal_lm.get_decoder()(input_ids=input_ids).last_hidden_state
         # hidden: [B, T, H]; position t predicts labels[t + 1]
         targets = labels[:, 1:]
         keep = targets != IGNORE

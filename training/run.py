@@ -28,6 +28,7 @@ class TrainResult:
     rows: int
     dropped_rows: int  # rows whose every trained token lay beyond max_seq_len
     pushed: dict | None  # the server's answer to --push
+    main_process: bool  # False on the other processes of a multi-GPU run: they write and report nothing
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
@@ -57,7 +58,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             from adapters.client import AdminClient
 
             pushed = AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
-    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed)
+    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed, accelerator.is_main_process)
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -36,8 +36,7 @@ def test_shards_are_disjoint_and_equal():
     assert shard(batches[:1], 1, 2) == [[0]]  # fewer batches than processes: still one each
 
 
-def test_collate_pads_right():
+def test_collate_pads_right_and_labels_padding_ignored():
     batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -1,6 +1,8 @@
 """The training loop on a tiny random NF4 model: learning, checkpoints and an exact resume."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from training.config import TrainConfig
 from training.errors import TrainingError
 from training.run import train
 
+REPO = Path(__file__).resolve().parents[2]
+ENTRY = Path(__file__).with_name("ddp_entry.py")
 ROWS = [{"prompt": f"question {i}?", "completion": f" answer {i % 3}."} for i in range(12)]
 
 
@@ -94,3 +98,18 @@ def test_resume_restores_optimizer_and_scheduler_exactly(data, tiny_model_dirs, 
 def test_resume_without_checkpoint_is_an_error(data, tiny_model_dirs, tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint"):
         train(config(data, tiny_model_dirs["llama"], tmp_path / "o", resume=True), progress=False)
+
+
+def test_two_process_ddp_on_cpu(data, tiny_model_dirs, tmp_path):
+    """What `accelerate launch` / torchrun does on GPUs, on CPU with gloo: both processes train, one writes."""
+    out = tmp_path / "ddp"
+    argv = ["train", "--data", str(data), "--output", str(out), "--base-model", str(tiny_model_dirs["llama"])]
+    argv += ["--device", "cpu", "--rank", "4", "--max-steps", "3", "--batch-size", "2", "--eval-fraction", "0.2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ENTRY), *argv, "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter written to") == 1  # only the main process reports
+    meta = json.loads((out / "training.json").read_text())
+    assert meta["hyperparameters"]["processes"] == 2 and meta["results"]["steps"] == 3
