@@ -1,0 +1,64 @@
+"""Scoped keys and backpressure through a real server: 401/403 by key, and a flood against a short queue
+gets 429s with Retry-After, never a 5xx, and the server serves normally afterwards."""
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from e2e.server import running_server
+
+pytestmark = pytest.mark.e2e
+ADMIN, USER = "admin-secret", "user-secret"
+GENERATE = {"inputs": "1, 2, 3,", "parameters": {"max_new_tokens": 16}}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("guarded")
+    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
+                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "2", "--max-queue", "4",
+                        "--api-key", USER, "--admin-key", ADMIN) as url:
+        yield url
+
+
+def test_keys_are_scoped(guarded: str) -> None:
+    assert httpx.get(f"{guarded}/health").status_code == 200  # liveness stays open
+    no_key = httpx.post(f"{guarded}/generate", json=GENERATE)
+    assert no_key.status_code == 401 and no_key.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in no_key.json()["error"]["message"]
+    wrong = httpx.post(f"{guarded}/v1/completions", json={"model": "x", "prompt": "hi"}, headers=bearer("nope"))
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+    assert httpx.post(f"{guarded}/generate", json=GENERATE, headers=bearer(USER), timeout=60).status_code == 200
+    assert httpx.post(f"{guarded}/generate", json=GENERATE, headers=bearer(ADMIN), timeout=60).status_code == 200
+    forbidden = httpx.get(f"{guarded}/v1/adapters", headers=bearer(USER))
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "insufficient_permissions"
+    assert httpx.get(f"{guarded}/v1/adapters", headers=bearer(ADMIN)).status_code == 200
+    assert httpx.delete(f"{guarded}/v1/adapters/anything", headers=bearer(USER)).status_code == 403
+
+
+def test_flood_gets_429_then_normal_service(guarded: str) -> None:
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=bearer(USER), timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.gather(*(client.post(f"{guarded}/generate", json=GENERATE) for _ in range(48)))
+
+    responses = asyncio.run(flood())
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses[429] > 0 and statuses[200] > 0, statuses
+    assert set(statuses) <= {200, 429}, statuses  # never a 5xx for load
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full"
+        else:
+            assert r.json()["details"] is None and r.json()["generated_text"]
+    after = httpx.post(f"{guarded}/generate", json=GENERATE, headers=bearer(USER), timeout=60)
+    assert after.status_code == 200
