@@ -6,6 +6,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapters.errors import InvalidAdapterName
+from adapters.manifest import check_name
 from training.errors import TrainingError
 
 DataFormat = Literal["auto", "chat", "prompt-completion", "text"]
@@ -61,6 +63,11 @@ class TrainConfig(BaseModel):
     def _push_needs_name(self) -> "TrainConfig":
         if self.push and not self.name:
             raise ValueError("--push needs --name: the name the adapter gets on the server")
+        if self.name:
+            try:  # a bad name is found now, not after hours of training
+                check_name(self.name)
+            except InvalidAdapterName as exc:
+                raise ValueError(str(exc)) from None
         if self.target_modules != ALL_LINEAR and not self.target_modules:
             raise ValueError("--target-modules is empty")
         return self

@@ -16,6 +16,7 @@ from loraplex.settings import Settings
 from training.batching import choose_pad_id
 from training.config import TrainConfig
 from training.data import read_dataset, tokenize_dataset
+from training.errors import TrainingError
 from training.loop import FitResult, fit
 from training.model import add_lora
 from training.output import write_adapter
@@ -55,9 +56,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     if accelerator.is_main_process:
         write_adapter(model, config, dataset, result, base_source=source, world=accelerator.num_processes)
         if config.push:
-            from adapters.client import AdminClient
-
-            pushed = AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
+            pushed = _push(config)
     return TrainResult(config.output, result, len(dataset.rows), dropped, pushed, accelerator.is_main_process)
 
 
@@ -69,3 +68,15 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _push(config: TrainConfig) -> dict:
+    from adapters.client import AdminClient, AdminClientError
+
+    try:
+        return AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
+    except AdminClientError as exc:
+        raise TrainingError(
+            f"the adapter was written to {config.output}, but --push failed: {exc} "
+            f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
+        ) from exc

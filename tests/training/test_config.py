@@ -39,6 +39,7 @@ def test_flags_override_yaml_and_yaml_fills_the_rest(tmp_path: Path):
         ("data: a\noutput: b\nrnak: 8\n", [], "'rnak'"),
         ("data: a\noutput: b\n", ["--rank", "0"], "'rank'"),
         ("data: a\noutput: b\n", ["--push", "http://x"], "--push needs --name"),
+        ("data: a\noutput: b\n", ["--push", "http://x", "--name", "Bad Name"], "invalid adapter name"),
         ("output: b\n", [], "'data'"),
         ("data: a\noutput: b\n", ["--lr", "-1"], "'lr'"),
         ("- a\n- b\n", [], "must hold a mapping"),

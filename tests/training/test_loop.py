@@ -113,3 +113,30 @@ def test_two_process_ddp_on_cpu(data, tiny_model_dirs, tmp_path):
     assert proc.stdout.count("adapter written to") == 1  # only the main process reports
     meta = json.loads((out / "training.json").read_text())
     assert meta["hyperparameters"]["processes"] == 2 and meta["results"]["steps"] == 3
+
+
+def test_push_uploads_the_written_adapter(data, tiny_model_dirs, tmp_path, monkeypatch):
+    import adapters.client
+
+    calls = []
+
+    class FakeClient:
+        def __init__(self, base_url: str, api_key: str | None = None) -> None:
+            calls.append((base_url, api_key))
+
+        def push(self, dir: Path, name: str) -> dict:
+            assert (dir / "training.json").is_file() and (dir / "adapter_model.safetensors").is_file()
+            return {"name": name, "version": 1}
+
+    monkeypatch.setattr(adapters.client, "AdminClient", FakeClient)
+    cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://srv", name="bot")
+    cfg = cfg.model_copy(update={"api_key": "k"})
+    result = train(cfg, progress=False)
+    assert calls == [("http://srv", "k")] and result.pushed == {"name": "bot", "version": 1}
+
+
+def test_failed_push_says_where_the_adapter_is(data, tiny_model_dirs, tmp_path):
+    cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://127.0.0.1:9", name="bot")
+    with pytest.raises(TrainingError, match=r"adapter was written to .*/o, but --push failed"):
+        train(cfg, progress=False)
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
