@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
+from adapters import client as admin
 from loraplex.basemodel import load_base_model, resolve_source
 from loraplex.settings import Settings
 from training.batching import choose_pad_id
@@ -71,11 +72,9 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 
 def _push(config: TrainConfig) -> dict:
-    from adapters.client import AdminClient, AdminClientError
-
     try:
-        return AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
-    except AdminClientError as exc:
+        return admin.AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
+    except admin.AdminClientError as exc:
         raise TrainingError(
             f"the adapter was written to {config.output}, but --push failed: {exc} "
             f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
