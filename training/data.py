@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from training.errors import DataError
@@ -151,19 +152,22 @@ def _chat_example(row: Row, tokenizer: PreTrainedTokenizerBase, path: Path) -> E
     BPE merges across turn boundaries cannot shift the mask.
     """
     messages = row.data["messages"]
-    full = _render(tokenizer, messages, generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = _render(tokenizer, messages[:i], generation_prompt=True)
-        end = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+    try:
+        full = _render(tokenizer, messages, generation_prompt=False)
+        rendered = [
+            (_render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False))
+            for i, message in enumerate(messages)
+            if message["role"] == "assistant"
+        ]
+    except TemplateError as exc:  # e.g. a template that refuses system turns or non-alternating roles
+        raise DataError(f"{path} line {row.line}: the base model's chat template refuses this chat: {exc}") from None
+    for start, end in rendered:
         if not (end.startswith(start) and full.startswith(end)):
             raise DataError(
                 f"{path} line {row.line}: the chat template renders turns differently as the chat grows, "
                 "so assistant turns cannot be located; use prompt-completion rows"
             )
-        spans.append((len(start), len(end)))
+    spans = [(len(start), len(end)) for start, end in rendered]
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = encoded["input_ids"]
     labels = [

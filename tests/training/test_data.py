@@ -129,3 +129,20 @@ def test_dataset_hash_and_blank_lines(write_jsonl):
     dataset = read_dataset(write_jsonl([TEXT, "", TEXT]))
     assert isinstance(dataset, Dataset) and dataset.format == "text"
     assert [row.line for row in dataset.rows] == [1, 3] and len(dataset.sha256) == 64
+
+
+def test_chat_template_refusal_is_a_data_error(write_jsonl):
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}<|eos|>{% endfor %}"
+    )
+    with pytest.raises(DataError, match="line 1: the base model's chat template refuses this chat: System role"):
+        tokenize(write_jsonl, tok, [CHAT])
+
+
+def test_template_that_rewrites_history_is_a_data_error(write_jsonl):
+    tok = byte_tokenizer()
+    tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}<|eos|>{% endfor %}"
+    with pytest.raises(DataError, match="renders turns differently as the chat grows"):
+        tokenize(write_jsonl, tok, [CHAT])
