@@ -60,11 +60,13 @@ def read_dataset(path: Path, format: str = "auto") -> Dataset:
     except OSError as exc:
         raise DataError(f"cannot read data file {path}: {exc.strerror}") from exc
     rows = []
-    for number, text in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not text.strip():
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
             continue
         try:
-            data = json.loads(text)
+            data = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path} line {number}: not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(data, dict):
@@ -119,6 +121,9 @@ def tokenize_dataset(
     """(examples, rows dropped because truncation left them nothing to learn). Raises if none remain."""
     if dataset.format == "chat" and not tokenizer.chat_template:
         raise DataError("the base model's tokenizer has no chat template; use prompt-completion or text rows")
+    if dataset.format == "chat" and not tokenizer.is_fast:
+        # assistant turns are located through character offsets, which only fast tokenizers report
+        raise DataError("chat rows need a fast (Rust) tokenizer for the base model; use prompt-completion rows")
     examples = []
     for row in dataset.rows:
         example = tokenize_row(row, dataset.format, tokenizer, path)

@@ -115,6 +115,13 @@ def test_bad_data_is_one_clear_error(write_jsonl, lines, message):
         read_dataset(write_jsonl(lines))
 
 
+def test_invalid_utf8_names_its_line(tmp_path: Path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="line 2: not UTF-8"):
+        read_dataset(path)
+
+
 def test_missing_file(tmp_path: Path):
     with pytest.raises(DataError, match="does not exist"):
         read_dataset(tmp_path / "nope.jsonl")
