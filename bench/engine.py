@@ -194,7 +194,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
-    parser.add_argument("--no-fused-nf4", action="store_true", help="bitsandbytes for every NF4 matmul")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers + PEFT (the slow part)")
     args = parser.parse_args()
 
@@ -222,7 +221,6 @@ def main() -> None:
         max_seq_len=shape.prompt + shape.new_tokens,
         prefill_chunk=shape.prompt,
         cuda_graphs=not args.no_graphs,
-        fused_nf4=not args.no_fused_nf4,
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_null_tokenizer())
     engine = Engine(model, tokenizer, config)

@@ -21,7 +21,6 @@ class EngineConfig:
     prefill_chunk: int = 512  # longest prompt piece of one request run in one forward
     max_prefill_tokens: int = 4096  # prompt pieces of several requests share a forward up to this many (padded)
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
-    fused_nf4: bool = True  # NF4 layers run small batches through the fused kernel (CUDA with Triton only)
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
     @classmethod

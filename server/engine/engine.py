@@ -22,7 +22,6 @@ from server.engine.config import EngineConfig
 from server.engine.errors import AdapterTooLarge, EngineStopped, PromptTooLong
 from server.engine.graphs import IDS, POSITIONS, SLOTS, WRITE_ROWS, DecodeGraphs, decode_args
 from server.engine.multilora import LoraContext, LoraLayout, LoraStore, MultiLoraLinear, PackCache
-from server.engine.nf4 import fused_nf4
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import sample_batch
 from server.engine.slots import SlotTable
@@ -120,9 +119,8 @@ class Engine:
         layers: dict[str, MultiLoraLinear] = {}
         for name, module in targets:
             lora_a, lora_b = store.views(name, module.in_features, module.out_features)
-            nf4 = fused_nf4(module) if self.config.fused_nf4 else None
             wrapped = MultiLoraLinear(
-                module, module.in_features, module.out_features, lora_a, lora_b, self._lora_context, nf4
+                module, module.in_features, module.out_features, lora_a, lora_b, self._lora_context
             )
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, wrapped)
@@ -154,7 +152,7 @@ class Engine:
         """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued."""
         self.validate(request)
         if request.lora is not None:
-            self._packs.get(request.lora)  # pack on the caller's thread: activation then only copies
+            self.prepare_adapter(request.lora)
         with self._cv:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
@@ -185,6 +183,12 @@ class Engine:
                     f"adapter module {name!r} maps {module.a.shape[1]} -> {module.b.shape[0]} features, "
                     f"the model's layer {layer.in_features} -> {layer.out_features}"
                 )
+
+    def prepare_adapter(self, lora: LoraWeights) -> None:
+        """Pack `lora` for activation (once per LoraWeights object, kept while it lives). Thread-safe; submit()
+        calls it on the caller's thread, so the engine thread only pays the copies. Calling it when an adapter
+        is loaded into the CPU tier takes even that off the request path."""
+        self._packs.get(lora)
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step (its row is freed); its last event says "cancelled"."""

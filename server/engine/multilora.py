@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from adapters.lora import LoraWeights
-from server.engine.nf4 import MAX_ROWS, Nf4Weight, nf4_matmul
 
 
 class LoraContext:
@@ -124,24 +123,18 @@ class MultiLoraLinear(nn.Module):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         context: LoraContext,
-        nf4: Nf4Weight | None,
     ) -> None:
         super().__init__()
         self.base = base
         self.in_features, self.out_features = in_features, out_features
         self.context = context
-        self._nf4 = nf4  # if set, small batches skip bitsandbytes' dequantize-then-GEMM
         # Views of the shared stores (not buffers: they must keep aliasing the stores).
         self.lora_a = lora_a  # [S+1, r_max, in]
         self.lora_b = lora_b  # [S+1, r_max, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, in]
-        tokens = x.shape[0] * x.shape[1]
-        if self._nf4 is not None and 1 < tokens <= MAX_ROWS:
-            y = nf4_matmul(x.reshape(tokens, -1), self._nf4).view(*x.shape[:2], -1)  # [B, T, out]
-        else:
-            y = self.base(x)  # [B, T, out]
+        y = self.base(x)  # [B, T, out]
         slots, mask = self.context.slot_ids, self.context.mask  # [B], [B, (S+1) r] or None
         xa = x.to(self.lora_a.dtype)
         if mask is not None and x.shape[1] == 1:  # decode of a large batch: every slot once, own slot masked in
