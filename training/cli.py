@@ -1,7 +1,8 @@
 """`loraplex train`: flags (or the same keys in --config FILE.yaml; flags win) -> TrainConfig -> train().
 
-Multi-GPU (DDP), one process per GPU:
-    accelerate launch --num_processes 4 -m loraplex train --data rows.jsonl --output out/
+Several GPUs (DDP), one process per GPU; each process takes --batch-size rows per micro-batch, so one
+optimizer step sees batch-size x grad-accum x processes rows:
+    accelerate launch --multi_gpu --num_processes 4 -m loraplex train --data rows.jsonl --output out/
 """
 
 import argparse
