@@ -77,8 +77,9 @@ def create_app(
     @app.get("/ready", tags=["operations"])
     async def ready(request: Request) -> JSONResponse:
         state = request.app.state
-        if state.runtime is None:
-            message = state.startup_error or "the model is loading; retry shortly"
+        if state.runtime is None or not state.runtime.engine.alive:
+            message = state.startup_error or ("the model is loading; retry shortly" if state.runtime is None
+                                              else "the engine has stopped; see the server log")
             return JSONResponse(error_body(message, "server_error", "not_ready"), 503, {"Retry-After": "2"})
         return JSONResponse({"status": "ready", "model": state.runtime.base.served_name})
 

@@ -94,15 +94,19 @@ class AdapterRegistry:
         on_unload: Callable[[str], None] | None = None,
         metrics: RegistryMetrics | None = None,
         pin_memory: bool | None = None,
+        prepare: Callable[[LoraWeights], None] | None = None,
         load_workers: int = 2,
     ) -> None:
         """`on_unload(key)` is called (outside any lock) whenever an adapter leaves the CPU tier, so the
-        engine can free its device slot; `pin_memory` defaults to whether CUDA is available."""
+        engine can free its device slot; `pin_memory` defaults to whether CUDA is available; `prepare(weights)`
+        runs on the load worker after each disk -> CPU load (the engine packs adapters there, off the
+        request path)."""
         self.store = store
         self.max_cpu_adapters = max_cpu_adapters
         self._on_unload = on_unload
         self._metrics = metrics
         self._pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._prepare = prepare
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
         self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
@@ -156,6 +160,8 @@ class AdapterRegistry:
             weights = self.store.read_weights(entry.manifest)
             if self._pin_memory:
                 weights = _pinned_copy(weights)
+            if self._prepare is not None:
+                self._prepare(weights)
         except AdapterError as exc:
             with self._lock:
                 entry.loading = None

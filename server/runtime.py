@@ -53,8 +53,9 @@ class Runtime:
             AdapterStore, settings.adapter_dir, fingerprint,
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
         )
+        # the engine keeps its own pinned, packed copy of each adapter (prepare_adapter): no second pinned copy
         registry = AdapterRegistry(store, max_cpu_adapters=settings.max_cpu_adapters, on_unload=engine.deactivate,
-                                   metrics=metrics)
+                                   metrics=metrics, pin_memory=False, prepare=engine.prepare_adapter)
         scheduler = Scheduler(engine, settings.max_queue,
                               LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe))
         metrics.bind_live(

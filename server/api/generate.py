@@ -31,10 +31,9 @@ InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -> SamplingParams:
     p = body.parameters
-    # TGI: do_sample=false means greedy whatever the temperature; do_sample=true with no temperature is 1.0
-    temperature = (p.temperature if p.temperature is not None else 1.0) if p.do_sample else 0.0
-    if p.do_sample and temperature == 0.0:
-        temperature = 1.0
+    # TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)
+    warped = p.temperature not in (None, 1.0) or bool(p.top_k) or p.top_p not in (None, 1.0)
+    temperature = (1.0 if p.temperature is None else p.temperature) if p.do_sample or warped else 0.0
     max_new = p.max_new_tokens or inference.default_max_new_tokens(prompt_ids, DEFAULT_MAX_NEW_TOKENS)
     return SamplingParams(
         max_new_tokens=max_new,

@@ -7,6 +7,7 @@ come back in one copy. Requests leave the moment they finish or are cancelled, f
 """
 
 import heapq
+import logging
 import threading
 import time
 from collections import deque
@@ -26,6 +27,8 @@ from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import sample_batch
 from server.engine.slots import SlotTable
 from server.engine.text import TextStream
+
+log = logging.getLogger("loraplex.engine")
 
 EventSink = Callable[[TokenEvent], None]
 # on_activation(adapter key, slot, seconds from CPU weights to usable slot)
@@ -190,6 +193,11 @@ class Engine:
         is loaded into the CPU tier takes even that off the request path."""
         self._packs.get(lora)
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs and accepts requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
+
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step (its row is freed); its last event says "cancelled"."""
         with self._cv:
@@ -222,7 +230,14 @@ class Engine:
                     self._cv.wait()
                 if self._stopped:
                     return
-            self.step()
+            try:
+                self.step()
+            except BaseException as exc:  # a fault outside a forward: end every request rather than hang them
+                log.exception("the engine thread failed; no further requests are accepted")
+                with self._cv:
+                    self._stopped = True
+                self._fail_all(EngineStopped(f"the engine failed: {exc}"))
+                return
 
     def step(self) -> bool:
         """One iteration; True if a forward ran. Tests call it directly, without the thread."""

@@ -120,11 +120,11 @@ def test_disconnect_cancels_the_request(server: str) -> None:
     body = {"inputs": "1, 2, 3, 4, 5, 6,", "parameters": {"max_new_tokens": 400}}  # counts on, no EOS soon
     with httpx.stream("POST", f"{server}/generate_stream", json=body, timeout=60) as r:
         next(r.iter_lines())  # one token arrived: the request is running
-    deadline = time.monotonic() + 10
-    while metric(server, "loraplex_requests_total", status="499") == cancelled:
+    deadline = time.monotonic() + 10  # the engine drops the row at its next step
+    while (metric(server, "loraplex_requests_total", status="499") == cancelled
+           or metric(server, "loraplex_running_batch_size") > 0):
         assert time.monotonic() < deadline, "the disconnected request was not cancelled"
         time.sleep(0.05)
-    assert metric(server, "loraplex_running_batch_size") == 0
 
     async_cancelled = metric(server, "loraplex_requests_total", status="499")
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up

@@ -1,10 +1,21 @@
 """Admission limits, cancellation, seeded sampling, stop sequences and slot deactivation on the engine."""
 
+import copy
+import threading
+
 import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
 from adapters.lora import LoraModule, LoraWeights
-from server.engine import AdapterTooLarge, GenerationRequest, PromptTooLong, SamplingParams
+from server.engine import (
+    AdapterTooLarge,
+    Engine,
+    EngineConfig,
+    EngineStopped,
+    GenerationRequest,
+    PromptTooLong,
+    SamplingParams,
+)
 
 
 def test_rank_above_max_lora_rank_is_refused(family_setup, tokenizer) -> None:
@@ -106,3 +117,34 @@ def test_deactivate_frees_the_slot(family_setup, tokenizer) -> None:
     engine.deactivate(adapters[0].key)
     engine.step()
     assert engine.active_adapters() == {}
+
+
+def test_a_fault_on_the_engine_thread_ends_every_request(family_setup, tokenizer) -> None:
+    """A bug outside a forward (here: the activation hook raises) must not leave requests waiting forever."""
+    base, adapters = family_setup("llama")
+
+    def broken_hook(key: str, slot: int, seconds: float) -> None:
+        raise RuntimeError("metrics sink broke")
+
+    engine = Engine(copy.deepcopy(base), tokenizer, EngineConfig(max_batch_size=2, max_active_adapters=2,
+                                                                  max_lora_rank=16, max_seq_len=64),
+                    on_activation=broken_hook)
+    sink, done = Collector(), threading.Event()
+
+    def record(event) -> None:
+        sink(event)
+        if len(sink.events) == 2 and all(e[-1].finish_reason for e in sink.events.values()):
+            done.set()
+
+    engine.submit(request([5, 6, 7], greedy(4), None, "base"), record)
+    engine.submit(request([5, 6, 7], greedy(4), adapters[0], "lora"), record)
+    engine.start()
+    try:
+        assert done.wait(30), "requests were left hanging"
+        assert {sink.finish("base"), sink.finish("lora")} == {"error"}
+        assert isinstance(sink.events["lora"][-1].error, EngineStopped)
+        assert not engine.alive
+        with pytest.raises(EngineStopped):
+            engine.submit(request([1, 2], greedy(2), None, "late"), record)
+    finally:
+        engine.stop()
