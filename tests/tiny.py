@@ -3,16 +3,13 @@
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+# every byte is one token (ids 3..258), plus pad/bos/eos (0, 1, 2) and a chat template
+from loraplex.synthetic import BYTE_VOCAB as VOCAB
+from loraplex.synthetic import byte_tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
-VOCAB = 256 + len(SPECIALS)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>{% endfor %}"
-    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
-)
 
 
 def tiny_config(family: str = "llama", **overrides):
@@ -41,22 +38,6 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     return model.eval()
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Every byte is one token (ids 3..258), plus pad/bos/eos (0, 1, 2) and a chat template."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def save_tiny(path: Path, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
