@@ -14,32 +14,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from adapters.lora import LoraModule, LoraWeights
+from loraplex.synthetic import load_synthetic
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=259,
-)
-
-
 @dataclass(frozen=True)
 class Shape:
     prompt: int
@@ -49,45 +31,6 @@ class Shape:
     adapters: int
     baseline_adapters: int
     rank: int
-
-
-def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    config = LlamaConfig(**(TINY if tiny else LLAMA3_8B), max_position_embeddings=4096, tie_word_embeddings=False)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    if device.type == "cuda":
-        quantize_nf4(model, dtype)
-    return model.eval().requires_grad_(False)
-
-
-def quantize_nf4(model: nn.Module, dtype: torch.dtype) -> None:
-    """Swap each decoder Linear for an NF4 Linear4bit, one at a time, so bf16 weights never exist twice."""
-    import bitsandbytes as bnb
-
-    for name, module in list(model.model.layers.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        q = bnb.nn.Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=False,
-            compute_dtype=dtype,
-            quant_type="nf4",
-            compress_statistics=True,
-            device="meta",
-        )
-        q.weight = bnb.nn.Params4bit(
-            module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
-        ).cuda()
-        parent, _, child = name.rpartition(".")
-        setattr(model.model.layers.get_submodule(parent), child, q)
-        del module
-    torch.cuda.empty_cache()
 
 
 def random_loras(model: nn.Module, count: int, distinct: int, rank: int, dtype: torch.dtype) -> list[LoraWeights]:
@@ -207,7 +150,9 @@ def main() -> None:
         )
     )
     torch.manual_seed(0)
-    model = build_model(args.tiny, device, dtype)
+    # the tiny smoke run keeps fp32 weights: NF4 is what the CUDA run measures
+    model, tokenizer = load_synthetic("random:tiny" if args.tiny else "random:llama3-8b", device, dtype,
+                                      quantize=not args.tiny)
     results: dict[str, float] = {}
     if not args.no_baseline:
         results["baseline_1_lora_tok_s"] = baseline(model, 1, 1, shape, device)
@@ -222,7 +167,6 @@ def main() -> None:
         prefill_chunk=shape.prompt,
         cuda_graphs=not args.no_graphs,
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_null_tokenizer())
     engine = Engine(model, tokenizer, config)
     engine_run(engine, [loras[0]], shape, "warm")
     single = engine_run(engine, [loras[1]], shape, "one")
@@ -260,13 +204,6 @@ def main() -> None:
     if args.profile:
         for rows in (1, shape.requests):
             print(profile_decode(engine, loras[:rows], shape))
-
-
-def _null_tokenizer():
-    """A word-level tokenizer over the model's vocabulary: the benchmark never reads the text."""
-    from tokenizers import Tokenizer, models
-
-    return Tokenizer(models.WordLevel(vocab={"<unk>": 0}, unk_token="<unk>"))
 
 
 if __name__ == "__main__":

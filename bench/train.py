@@ -30,25 +30,16 @@ import bitsandbytes as bnb
 import torch
 from accelerate import Accelerator
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-from transformers.quantizers import AutoHfQuantizer
+from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from loraplex.basemodel import nf4_config
+from loraplex.synthetic import load_synthetic, synthetic_config
 from training.config import TrainConfig
 from training.data import Example
 from training.loop import fit
 from training.model import add_lora
 
-LLAMA3_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-)  # fmt: skip
-TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=512, max_position_embeddings=512,
-)  # fmt: skip
 SEED_TARGETS = ["q_proj", "v_proj"]
 PAD_TO = 512
 EFFECTIVE_BATCH = 8  # rows per optimizer step, both recipes
@@ -64,36 +55,6 @@ class Case:
     seconds: float
     tokens_per_s: float
     peak_gb: float
-
-
-def build_nf4_model(shape: dict, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Random weights of the given shape, created on the device, every Linear but the head quantized to NF4
-    (double quantization) the way from_pretrained with nf4_config() would; weights never touch the disk."""
-    torch.manual_seed(0)
-    config = LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for parent in list(model.model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=False, compute_dtype=dtype,
-                    compress_statistics=True, quant_type="nf4", device="meta",
-                )  # fmt: skip
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
-                ).to(device)
-                setattr(parent, child_name, q)
-                del child
-    # What from_pretrained(quantization_config=...) marks; PEFT and Trainer read these to pick 4-bit paths.
-    model.is_loaded_in_4bit = True
-    model.is_quantized = True
-    model.quantization_method = "bitsandbytes"
-    model.hf_quantizer = AutoHfQuantizer.from_config(nf4_config(dtype))
-    model.requires_grad_(False)
-    gc.collect()
-    _empty_cache(device)
-    return model
 
 
 def synthetic_rows(n: int, vocab: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
@@ -137,13 +98,13 @@ class PaddedRows(torch.utils.data.Dataset):
 
 
 def seed_recipe(
-    shape: dict, rows: list[list[int]], steps: int, warmup: int, device: torch.device, tmp: Path, prepare: bool
+    preset: str, rows: list[list[int]], steps: int, warmup: int, device: torch.device, tmp: Path, prepare: bool
 ) -> Case:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import TrainerCallback
 
     cuda = device.type == "cuda"
-    model = build_nf4_model(shape, device, torch.bfloat16 if cuda else torch.float32)
+    model, _ = load_synthetic(preset, device, torch.bfloat16 if cuda else torch.float32, quantize=True)
     if prepare:
         model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
@@ -171,12 +132,12 @@ def seed_recipe(
 
 
 def loraplex_loop(
-    shape: dict, rows: list[list[int]], targets: list[str] | str, steps: int, warmup: int, device: torch.device,
+    preset: str, rows: list[list[int]], targets: list[str] | str, steps: int, warmup: int, device: torch.device,
     tmp: Path,
 ) -> Case:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    base = build_nf4_model(shape, device, dtype)
+    base, _ = load_synthetic(preset, device, dtype, quantize=True)
     examples = [Example(row, row) for row in rows]
     config = TrainConfig(
         data=tmp / "synthetic.jsonl", output=tmp / "loraplex", rank=16, alpha=32, dropout=0.05,
@@ -253,15 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available; use --tiny for the CPU smoke run")
-    shape = TINY if args.tiny else LLAMA3_8B
-    rows = synthetic_rows(EFFECTIVE_BATCH * (warmup + steps), shape["vocab_size"], 64, PAD_TO)
+    preset = "random:tiny" if args.tiny else "random:llama3-8b"
+    rows = synthetic_rows(EFFECTIVE_BATCH * (warmup + steps), synthetic_config(preset).vocab_size, 64, PAD_TO)
     tmp = Path("/tmp") / "loraplex-bench-train"  # nothing is saved there: checkpoints are disabled
     cases = []
     for run in (
-        lambda: seed_recipe(shape, rows, steps, warmup, device, tmp, prepare=False),
-        lambda: seed_recipe(shape, rows, steps, warmup, device, tmp, prepare=True),
-        lambda: loraplex_loop(shape, rows, SEED_TARGETS, steps, warmup, device, tmp),
-        lambda: loraplex_loop(shape, rows, "all-linear", steps, warmup, device, tmp),
+        lambda: seed_recipe(preset, rows, steps, warmup, device, tmp, prepare=False),
+        lambda: seed_recipe(preset, rows, steps, warmup, device, tmp, prepare=True),
+        lambda: loraplex_loop(preset, rows, SEED_TARGETS, steps, warmup, device, tmp),
+        lambda: loraplex_loop(preset, rows, "all-linear", steps, warmup, device, tmp),
     ):
         _fresh_state(device)
         cases.append(run())

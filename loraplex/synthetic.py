@@ -135,6 +135,14 @@ def load_synthetic(
                 model._init_weights(module)  # transformers' own init: normal weights, unit norms, RoPE tables
     if config.tie_word_embeddings:
         model.tie_weights()
+    if quantize:  # what from_pretrained(quantization_config=nf4_config()) marks; PEFT and Trainer read these
+        from transformers.quantizers import AutoHfQuantizer
+
+        from loraplex.basemodel import nf4_config  # here: basemodel imports this module
+
+        model.is_loaded_in_4bit = model.is_quantized = True
+        model.quantization_method = "bitsandbytes"
+        model.hf_quantizer = AutoHfQuantizer.from_config(nf4_config(dtype))
     model.eval().requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.empty_cache()
