@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import tiny` from any test folder
 
+from peft_dirs import make_peft_dir
 from tiny import FAMILIES, save_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,3 +36,9 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     """One saved tiny random model directory per supported family, as a user would pass to --base-model."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {family: save_tiny(root / family, family, seed=i) for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def peft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One valid PEFT adapter on the tiny llama (read-only: tests that alter files copy it first)."""
+    return make_peft_dir(tmp_path_factory.mktemp("peft") / "good")
