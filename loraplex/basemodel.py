@@ -106,7 +106,9 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # corrupt weights, a missing tokenizer, a hub error: one clear line, whatever raised
+        if isinstance(exc, BaseModelError):
+            raise
         raise BaseModelError(f"cannot load base model {source!r}: {_first_line(exc)}") from exc
     model.eval()
     model.requires_grad_(False)

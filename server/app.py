@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loraplex.basemodel import LoadedBase
+from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
 from server.api import adapters as adapters_api
 from server.api import generate, openai
@@ -51,7 +52,10 @@ def create_app(
             app.state.runtime = await Runtime.start(settings, app.state.metrics, base)
             app.state.registry = app.state.runtime.registry
         except Exception as exc:
-            log.exception("start-up failed")
+            if isinstance(exc, LoraplexError):  # a cause we can name: one line, no traceback
+                log.error("start-up failed: %s", exc)
+            else:
+                log.exception("start-up failed")
             app.state.startup_error = str(exc)
             app.state.exit_code = 1
             if on_fatal is not None:

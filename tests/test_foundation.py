@@ -1,5 +1,6 @@
 """The foundation: settings and flags, base-model loading in NF4 on CPU, and start-up errors."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,14 @@ def test_not_a_causal_lm_fails_at_start(tmp_path: Path) -> None:
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     result = serve("--base-model", str(tmp_path))
     assert result.returncode == 2 and "not a causal language model" in result.stderr
+
+
+def test_a_model_that_fails_to_load_after_the_port_opens_stops_the_server(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dirs["llama"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = serve("--base-model", str(broken), "--port", "0", "--cache-dir", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 1
+    assert "cannot load base model" in result.stderr
