@@ -87,10 +87,3 @@ class InvalidUpload(AdapterError):
 
     code = "invalid_upload"
 
-
-class AdaptersNotReady(AdapterError):
-    """The server is still starting: the adapter registry comes up with the base model."""
-
-    http_status = 503
-    code = "not_ready"
-    headers = {"Retry-After": "2"}  # noqa: RUF012 - read-only class constant

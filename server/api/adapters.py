@@ -16,10 +16,11 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
 from adapters.archive import extract_archive
-from adapters.errors import AdaptersNotReady, AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
+from adapters.errors import AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
 from adapters.manifest import Manifest
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin
+from server.api.deps import NotReady
 from server.registry import AdapterRegistry
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(require_admin)])
@@ -31,7 +32,7 @@ _FORM_OVERHEAD = 64 << 10  # multipart boundaries and headers around the files
 def _registry(request: Request) -> AdapterRegistry:
     registry: AdapterRegistry | None = getattr(request.app.state, "registry", None)
     if registry is None:  # set once the base model is loaded, which happens after the port opens
-        raise AdaptersNotReady("the server is still loading the base model; retry shortly")
+        raise NotReady("the server is still loading the base model; retry shortly")
     return registry
 
 
