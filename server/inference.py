@@ -25,6 +25,11 @@ class EmptyPrompt(LoraplexError):
     code = "empty_prompt"
 
 
+class InvalidChat(LoraplexError):
+    http_status = 422
+    code = "invalid_messages"
+
+
 @dataclass
 class Generation:
     """A finished (or cancelled) request, as the non-streaming routes answer it."""
@@ -64,8 +69,11 @@ class Inference:
         return ids
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False)
+        try:
+            ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)
+        except Exception as exc:  # templates raise what they like (jinja errors, ValueError) on messages they refuse
+            raise InvalidChat(f"the base model's chat template refused these messages: {exc}") from exc
         return list(ids)
 
     def default_max_new_tokens(self, prompt_ids: list[int], cap: int) -> int:
