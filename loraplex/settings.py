@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_cpu_adapters: int = Field(64, ge=1)
     max_lora_rank: int = Field(64, ge=1, le=1024)
     max_seq_len: int = Field(2048, ge=16, description="Longest prompt + completion per request (KV rows).")
+    max_prefill_tokens: int = Field(
+        4096, ge=1, description="Prompt tokens prefilled in one engine step: lower streams running requests more "
+        "smoothly while new ones arrive, higher gives new requests their first token sooner."
+    )
     max_adapter_mb: int = Field(512, ge=1, description="Largest accepted adapter upload, in MiB.")
     api_key: CommaList = Field(default_factory=list)
     admin_key: CommaList = Field(default_factory=list)

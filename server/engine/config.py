@@ -30,6 +30,7 @@ class EngineConfig:
             max_active_adapters=settings.max_active_adapters,
             max_lora_rank=settings.max_lora_rank,
             max_seq_len=settings.max_seq_len,
+            max_prefill_tokens=settings.max_prefill_tokens,
             cuda_graphs=settings.cuda_graphs,
         )
 
