@@ -3,6 +3,7 @@ request's lifetime, submission to the scheduler, metrics, and cancellation when 
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -128,12 +129,10 @@ class Inference:
         first = await anext(events)
 
         async def chained() -> AsyncIterator[TokenEvent]:
-            try:
+            async with aclosing(events):
                 yield first
                 async for event in events:
                     yield event
-            finally:
-                await events.aclose()  # type: ignore[attr-defined]
 
         return chained()
 

@@ -2,6 +2,7 @@
 on `stream` and, when not streaming, answers a JSON array of one response (what their clients expect)."""
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -83,24 +84,23 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
     prompt_ids = inference.encode(body.inputs)
     sampling = sampling_of(body, prompt_ids, inference)
     events = await inference.open_stream(prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
-    text = body.inputs if body.parameters.return_full_text else ""
-    count = 0
-
     async def rest() -> AsyncIterator[TgiStreamEvent]:
-        nonlocal text, count
-        async for event in events:
-            if event.token_id is None:  # an end-only event carries no token for TGI's schema
-                continue
-            text += event.text
-            count += 1
-            out = TgiStreamEvent(token=token_of(event, inference))
-            if event.finish_reason is not None:
-                out.generated_text = text
-                out.details = TgiStreamDetails(
-                    finish_reason=finish_reason_of(event, inference), prompt_tokens=len(prompt_ids),
-                    generated_tokens=count, seed=sampling.seed if not sampling.greedy else None,
-                )
-            yield out
+        text = body.inputs if body.parameters.return_full_text else ""
+        count = 0
+        async with aclosing(events):  # closing this stream closes `events`, which cancels the request
+            async for event in events:
+                if event.token_id is None:  # an end-only event carries no token for TGI's schema
+                    continue
+                text += event.text
+                count += 1
+                out = TgiStreamEvent(token=token_of(event, inference))
+                if event.finish_reason is not None:
+                    out.generated_text = text
+                    out.details = TgiStreamDetails(
+                        finish_reason=finish_reason_of(event, inference), prompt_tokens=len(prompt_ids),
+                        generated_tokens=count, seed=sampling.seed if not sampling.greedy else None,
+                    )
+                yield out
 
     return rest()
 

@@ -4,6 +4,7 @@
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -73,6 +74,18 @@ def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return "length" if event.finish_reason == "length" else "stop"
 
 
+async def _deltas(events: AsyncIterator[TokenEvent], prompt_tokens: int,
+                  include_usage: bool) -> AsyncIterator[tuple[str, OpenAIFinishReason | None, Usage | None]]:
+    """Per event: its text, its finish reason (the last event only) and, if asked for, the usage (last only).
+    Closing this closes `events`, which cancels the request in the engine."""
+    async with aclosing(events):
+        count = 0
+        async for event in events:
+            count += event.token_id is not None
+            finish = _finish(event) if event.finish_reason else None
+            yield event.text, finish, (_usage(prompt_tokens, count) if finish and include_usage else None)
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
@@ -100,16 +113,12 @@ async def completions(body: CompletionRequest, request: Request,
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         events = await inference.open_stream(prompt_ids, sampling, adapter)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
-            count = 0
-            async for event in events:
-                count += event.token_id is not None
-                finish = _finish(event) if event.finish_reason else None
-                usage = _usage(len(prompt_ids), count) if finish and include_usage else None
-                yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage,
-                                         choices=[CompletionChoice(text=event.text, finish_reason=finish)])
+            async with aclosing(_deltas(events, len(prompt_ids), body.include_usage)) as deltas:
+                async for text, finish, usage in deltas:
+                    yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage,
+                                             choices=[CompletionChoice(text=text, finish_reason=finish)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
     result = await inference.generate(request, prompt_ids, sampling, adapter)
@@ -129,19 +138,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         events = await inference.open_stream(prompt_ids, sampling, adapter)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-            yield ChatCompletionChunk(id=rid, created=created, model=body.model,
-                                      choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
-            count = 0
-            async for event in events:
-                count += event.token_id is not None
-                finish = _finish(event) if event.finish_reason else None
-                usage = _usage(len(prompt_ids), count) if finish and include_usage else None
-                yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage,
-                                          choices=[ChatChunkChoice(delta=ChatDelta(content=event.text),
-                                                                   finish_reason=finish)])
+            async with aclosing(_deltas(events, len(prompt_ids), body.include_usage)) as deltas:
+                yield ChatCompletionChunk(id=rid, created=created, model=body.model,
+                                          choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+                async for text, finish, usage in deltas:
+                    yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage,
+                                              choices=[ChatChunkChoice(delta=ChatDelta(content=text),
+                                                                       finish_reason=finish)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
     result = await inference.generate(request, prompt_ids, sampling, adapter)

@@ -110,6 +110,10 @@ class OpenAISampling(BaseModel):
     stream_options: StreamOptions | None = None
 
     @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 

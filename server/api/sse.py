@@ -1,6 +1,7 @@
 """Server-sent events from an async iterator of Pydantic models; OpenAI-style streams end with [DONE]."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import anyio
 from fastapi.responses import StreamingResponse
@@ -10,15 +11,13 @@ from starlette.types import Receive, Scope, Send
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _encode(events: AsyncIterator[BaseModel], done_marker: bool, exclude_none: bool) -> AsyncIterator[bytes]:
-    # When the client disconnects, Starlette cancels this generator; closing `events` cancels the request.
-    try:
+async def _encode(events: AsyncGenerator[BaseModel], done_marker: bool, exclude_none: bool) -> AsyncGenerator[bytes]:
+    # When the client disconnects, this generator is cancelled; closing `events` cancels the request.
+    async with aclosing(events):
         async for event in events:
             yield b"data: " + event.model_dump_json(exclude_none=exclude_none).encode() + b"\n\n"
         if done_marker:
             yield b"data: [DONE]\n\n"
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
 
 
 class EventStreamResponse(StreamingResponse):
@@ -41,7 +40,7 @@ class EventStreamResponse(StreamingResponse):
 
 
 def sse_response(
-    events: AsyncIterator[BaseModel], *, done_marker: bool = False, exclude_none: bool = True
+    events: AsyncGenerator[BaseModel], *, done_marker: bool = False, exclude_none: bool = True
 ) -> StreamingResponse:
     """TGI streams: no marker, unset fields left out; OpenAI streams: `[DONE]` and explicit nulls."""
     body = _encode(events, done_marker, exclude_none)

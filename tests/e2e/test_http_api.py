@@ -115,24 +115,32 @@ def test_client_mistakes_are_4xx_with_a_message(server: str) -> None:
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "adapter_not_found"
 
 
-def test_disconnect_cancels_the_request(server: str) -> None:
-    cancelled = metric(server, "loraplex_requests_total", status="499")
-    body = {"inputs": "1, 2, 3, 4, 5, 6,", "parameters": {"max_new_tokens": 400}}  # counts on, no EOS soon
-    with httpx.stream("POST", f"{server}/generate_stream", json=body, timeout=60) as r:
-        next(r.iter_lines())  # one token arrived: the request is running
+def wait_for_cancel(url: str, cancelled_before: float) -> None:
     deadline = time.monotonic() + 10  # the engine drops the row at its next step
-    while (metric(server, "loraplex_requests_total", status="499") == cancelled
-           or metric(server, "loraplex_running_batch_size") > 0):
+    while (metric(url, "loraplex_requests_total", status="499") == cancelled_before
+           or metric(url, "loraplex_running_batch_size") > 0):
         assert time.monotonic() < deadline, "the disconnected request was not cancelled"
         time.sleep(0.05)
 
-    async_cancelled = metric(server, "loraplex_requests_total", status="499")
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate_stream", {"inputs": "1, 2, 3, 4, 5, 6,", "parameters": {"max_new_tokens": 400}}),
+    ("/v1/completions", {"model": "SmolLM2-135M-Instruct", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400,
+                         "temperature": 0, "stream": True}),
+])
+def test_disconnect_cancels_a_stream(server: str, path: str, body: dict) -> None:
+    cancelled = metric(server, "loraplex_requests_total", status="499")
+    with httpx.stream("POST", f"{server}{path}", json=body, timeout=60) as r:
+        next(r.iter_lines())  # one token arrived: the request is running; the prompt counts on, no EOS soon
+    wait_for_cancel(server, cancelled)
+
+
+def test_disconnect_cancels_a_plain_request(server: str) -> None:
+    body = {"inputs": "1, 2, 3, 4, 5, 6,", "parameters": {"max_new_tokens": 400}}
+    cancelled = metric(server, "loraplex_requests_total", status="499")
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
         httpx.post(f"{server}/generate", json=body, timeout=1.5)
-    deadline = time.monotonic() + 10
-    while metric(server, "loraplex_requests_total", status="499") == async_cancelled:
-        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
-        time.sleep(0.05)
+    wait_for_cancel(server, cancelled)
 
 
 def test_metrics_are_exported(server: str) -> None:
