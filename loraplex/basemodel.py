@@ -19,9 +19,7 @@ class LoadedBase:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     served_name: str  # the name clients use for the base model (OpenAI `model`, /v1/models)
-    source: str  # hub id or local directory it came from
     device: torch.device
-    quantized: bool
 
 
 def resolve_device(spec: DeviceSpec) -> torch.device:
@@ -99,7 +97,7 @@ def load_base_model(
     dev = resolve_device(device)
     if is_synthetic(source):
         model, tokenizer = load_synthetic(source, dev, dtype, quantize)
-        return LoadedBase(model, tokenizer, served_name or default_name, source, dev, quantize)
+        return LoadedBase(model, tokenizer, served_name or default_name, dev)
     kwargs: dict = {"dtype": dtype, "device_map": {"": dev}}
     if quantize:
         kwargs["quantization_config"] = nf4_config(dtype)
@@ -112,7 +110,7 @@ def load_base_model(
         raise BaseModelError(f"cannot load base model {source!r}: {_first_line(exc)}") from exc
     model.eval()
     model.requires_grad_(False)
-    return LoadedBase(model, tokenizer, served_name or default_name, source, dev, quantize)
+    return LoadedBase(model, tokenizer, served_name or default_name, dev)
 
 
 def _first_line(exc: BaseException) -> str:

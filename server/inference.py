@@ -46,10 +46,6 @@ class Generation:
     def tokens(self) -> list[TokenEvent]:
         return [e for e in self.events if e.token_id is not None]
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.events[-1].finish_reason if self.events else None
-
 
 class Inference:
     def __init__(self, base: LoadedBase, registry: AdapterRegistry, scheduler: Scheduler, metrics: Metrics,
