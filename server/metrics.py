@@ -37,6 +37,8 @@ class Metrics:
         self.active_slots = Gauge("loraplex_active_adapter_slots", "Device adapter slots holding an adapter",
                                   registry=r)
         self.cpu_adapters = Gauge("loraplex_cpu_adapters", "Adapters held in the CPU tier", registry=r)
+        self.cpu_adapter_bytes = Gauge("loraplex_cpu_adapter_bytes", "Bytes of adapter weights in the CPU tier",
+                                       registry=r)
         self.device_memory = Gauge("loraplex_device_memory_bytes", "Device memory allocated by torch",
                                    registry=r)
 
@@ -55,11 +57,12 @@ class Metrics:
 
     def bind_live(self, queue_depth: Callable[[], float], batch_size: Callable[[], float],
                   active_slots: Callable[[], float], cpu_adapters: Callable[[], float],
-                  device: torch.device) -> None:
+                  cpu_adapter_bytes: Callable[[], float], device: torch.device) -> None:
         self.queue_depth.set_function(queue_depth)
         self.batch_size.set_function(batch_size)
         self.active_slots.set_function(active_slots)
         self.cpu_adapters.set_function(cpu_adapters)
+        self.cpu_adapter_bytes.set_function(cpu_adapter_bytes)
         if device.type == "cuda":
             self.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
 

@@ -61,7 +61,7 @@ class Runtime:
         metrics.bind_live(
             queue_depth=lambda: scheduler.queue_depth, batch_size=lambda: scheduler.running,
             active_slots=lambda: len(engine.active_adapters()), cpu_adapters=lambda: registry.cpu_adapters,
-            device=base.device,
+            cpu_adapter_bytes=lambda: registry.cpu_bytes, device=base.device,
         )
         engine.start()
         runtime = cls(settings, base, metrics, registry, engine, scheduler,

@@ -13,9 +13,6 @@ class SlotTable:
         self._free = list(range(num_slots))
         self._doomed: set[str] = set()  # deactivated while in use: freed when its last row leaves
 
-    def lookup(self, key: str) -> int | None:
-        return self._keys.get(key)
-
     def acquire(self, key: str) -> tuple[int, bool] | None:
         """(slot, whether its weights must be copied in) for a new row using `key`; None if all slots are busy."""
         slot = self._keys.get(key)

@@ -149,6 +149,6 @@ def test_metrics_are_exported(server: str) -> None:
     for name in ("loraplex_requests_total", "loraplex_prompt_tokens_total", "loraplex_generated_tokens_total",
                  "loraplex_queue_depth", "loraplex_running_batch_size", "loraplex_time_to_first_token_seconds",
                  "loraplex_inter_token_latency_seconds", "loraplex_adapter_load_seconds",
-                 "loraplex_adapter_evictions_total", "loraplex_active_adapter_slots"):
+                 "loraplex_adapter_evictions_total", "loraplex_active_adapter_slots", "loraplex_cpu_adapter_bytes"):
         assert name in text, name
     assert metric(server, "loraplex_generated_tokens_total", adapter="-") >= 3
