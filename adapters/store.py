@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.json"
 _TMP_PREFIX = ".tmp-"
 _LOCKS = ".locks"
-_LAST_VERSION = ".last-version"  # keeps version numbers increasing after the newest one is deleted
+# <root>/.versions/<name>: the last version number given to a name. It outlives the name's directory, so a
+# number is never given twice, even after every version was deleted: `name@N` always means one content, in
+# clients' records and in the engine's slots alike.
+_VERSIONS = ".versions"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,18 +62,18 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _last_version(name_dir: Path) -> int:
+def _last_version(root: Path, name: str) -> int:
     try:
-        return int((name_dir / _LAST_VERSION).read_text())
+        return int((root / _VERSIONS / name).read_text())
     except (OSError, ValueError):
         return 0
 
 
-def _save_last_version(name_dir: Path, version: int) -> None:
-    tmp = name_dir / f"{_TMP_PREFIX}{_LAST_VERSION}"
+def _save_last_version(root: Path, name: str, version: int) -> None:
+    tmp = root / _VERSIONS / f"{_TMP_PREFIX}{name}"
     tmp.unlink(missing_ok=True)
     _write_synced(tmp, str(version).encode())
-    tmp.replace(name_dir / _LAST_VERSION)
+    tmp.replace(root / _VERSIONS / name)
 
 
 class AdapterStore:
@@ -83,6 +86,7 @@ class AdapterStore:
         self._names: list[str] = []  # sorted, for paginated listing
         root.mkdir(parents=True, exist_ok=True)
         (root / _LOCKS).mkdir(exist_ok=True)
+        (root / _VERSIONS).mkdir(exist_ok=True)
         for leftover in root.glob(_TMP_PREFIX + "*"):  # what a crash mid-write or mid-delete left
             shutil.rmtree(leftover, ignore_errors=True)
         for name_dir in sorted(root.iterdir()):
@@ -173,7 +177,7 @@ class AdapterStore:
                     self._set_versions(name, versions)
                     return same[0], False
                 name_dir = self.root / name
-                version = max([_last_version(name_dir), *versions]) + 1
+                version = max([_last_version(self.root, name), *versions]) + 1
                 manifest = Manifest(
                     name=name,
                     version=version,
@@ -269,4 +273,4 @@ class AdapterStore:
         _fsync_dir(name_dir)
         if new_name:
             _fsync_dir(self.root)
-        _save_last_version(name_dir, manifest.version)
+        _save_last_version(self.root, manifest.name, manifest.version)

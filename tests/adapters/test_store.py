@@ -57,6 +57,9 @@ def test_delete_versions_and_numbers_are_not_reused(tmp_path: Path, peft_dir: Pa
         store.delete("bot")
     assert len(new_store(tmp_path / "store")) == 0
     assert not (tmp_path / "store" / "bot").exists()
+    # even a name deleted whole never gives a number twice, also after a restart: bot@1 meant other content
+    reborn = new_store(tmp_path / "store").put("bot", make_peft_dir(tmp_path / "v4", seed=3))[0]
+    assert reborn.version == 4
 
 
 def test_pagination(tmp_path: Path, peft_dir: Path) -> None:
