@@ -53,13 +53,13 @@ def adapter_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFa
     with contextlib.ExitStack() as stack:
         state = {"tmp": tmp, "starts": 0}
 
-        def start() -> None:
+        def start(*extra: str) -> None:
             state["starts"] += 1
-            state["url"] = stack.enter_context(running_server(tmp / f"server{state['starts']}.log", *args))
+            state["url"] = stack.enter_context(running_server(tmp / f"server{state['starts']}.log", *args, *extra))
 
-        def restart() -> None:
+        def restart(*extra: str) -> None:
             stack.close()
-            start()
+            start(*extra)
 
         state["restart"] = restart
         start()
@@ -180,9 +180,11 @@ def test_delete_during_generation(adapter_server: dict, embedded_cache_dir: Path
 
 def test_restart_finds_every_adapter(adapter_server: dict, trained: dict[str, Path]) -> None:
     before = httpx.get(f"{adapter_server['url']}/v1/adapters").json()["data"]
-    adapter_server["restart"]()
+    adapter_server["restart"]("--preload", "pirate")
     url = adapter_server["url"]
     assert httpx.get(f"{url}/v1/adapters").json()["data"] == before
+    assert httpx.get(f"{url}/v1/adapters/pirate").json()["state"] == "on_cpu"  # preloaded before /ready
+    assert httpx.get(f"{url}/v1/adapters/vault").json()["state"] == "stored"
     chat = httpx.post(f"{url}/v1/chat/completions", timeout=60,
                       json={"model": "pirate", "messages": ASK, "max_tokens": 24, "temperature": 0})
     assert chat.json()["choices"][0]["message"]["content"] == ANSWERS["pirate"]
