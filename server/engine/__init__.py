@@ -2,7 +2,14 @@
 
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.errors import AdapterTooLarge, EngineError, EngineStopped, PromptTooLong, QueueFull
+from server.engine.errors import (
+    AdapterTooLarge,
+    EngineError,
+    EngineStopped,
+    KVCacheTooLarge,
+    PromptTooLong,
+    QueueFull,
+)
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 
@@ -14,6 +21,7 @@ __all__ = [
     "EngineStopped",
     "FinishReason",
     "GenerationRequest",
+    "KVCacheTooLarge",
     "PromptTooLong",
     "QueueFull",
     "SamplingParams",

@@ -7,13 +7,29 @@ decoding, and the left padding of a batched prefill, write into a spare dummy ro
 request. A prefill batch reads its (scattered) cache rows by index.
 """
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from server.engine.errors import KVCacheTooLarge
+
 ATTENTION_NAME = "loraplex_static"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (free GPU memory, or available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts the page cache the kernel would give back; "free" pages alone do not
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class KVCache:
@@ -30,6 +46,13 @@ class KVCache:
         device: torch.device,
     ) -> None:
         shape = (rows + 1, kv_heads, max_seq_len, head_dim)
+        need = 2 * layers * math.prod(shape) * dtype.itemsize
+        free = available_memory(device)
+        if need > 0.9 * free:  # refuse at start-up rather than run out of memory later
+            raise KVCacheTooLarge(
+                f"the KV cache for {rows} rows x {max_seq_len} tokens needs {need / 2**30:.1f} GiB but only "
+                f"{free / 2**30:.1f} GiB of {device.type} memory is free: lower --max-batch-size or --max-seq-len"
+            )
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.dummy_row = rows

@@ -47,3 +47,9 @@ class EngineStopped(EngineError):
 
     http_status = 503
     code = "engine_stopped"
+
+
+class KVCacheTooLarge(EngineError):
+    """max_batch_size x max_seq_len does not fit the device's free memory (raised at start-up)."""
+
+    code = "kv_cache_too_large"

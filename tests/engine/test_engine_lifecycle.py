@@ -13,6 +13,7 @@ from server.engine import (
     EngineConfig,
     EngineStopped,
     GenerationRequest,
+    KVCacheTooLarge,
     PromptTooLong,
     SamplingParams,
 )
@@ -148,3 +149,9 @@ def test_a_fault_on_the_engine_thread_ends_every_request(family_setup, tokenizer
             engine.submit(request([1, 2], greedy(2), None, "late"), record)
     finally:
         engine.stop()
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_at_start(family_setup, tokenizer) -> None:
+    base, _ = family_setup("llama")
+    with pytest.raises(KVCacheTooLarge, match="lower --max-batch-size or --max-seq-len"):
+        make_engine(base, tokenizer, max_batch_size=1024, max_seq_len=10**8)  # petabytes: never allocated
