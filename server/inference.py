@@ -88,8 +88,9 @@ class Inference:
         long) raise typed errors; leaving early cancels the request in the engine."""
         label = adapter or BASE_LABEL
         try:
-            lease = await self.registry.acquire(adapter) if adapter is not None else None
             request = GenerationRequest(prompt_ids, sampling)
+            self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
+            lease = await self.registry.acquire(adapter) if adapter is not None else None
             if lease is not None:
                 request.adapter_key, request.lora, request.on_finish = lease.key, lease.weights, lease.release
             try:

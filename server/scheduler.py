@@ -94,11 +94,19 @@ class Scheduler:
     def running(self) -> int:
         return self.engine.num_running
 
+    def _ensure_room(self) -> None:
+        if self.engine.num_waiting >= self.max_queue:
+            raise QueueFull(self.max_queue)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise QueueFull or PromptTooLong now: callers check before they load the request's adapter."""
+        self._ensure_room()
+        self.engine.validate(request)
+
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Start a request. Raises QueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or ValueError
         before anything runs (then `request.on_finish` is not called: the caller still owns its hold)."""
-        if self.engine.num_waiting >= self.max_queue:
-            raise QueueFull(self.max_queue)
+        self._ensure_room()
         return TokenStream(self.engine, request, self.hooks)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:

@@ -61,6 +61,13 @@ def live(kind: type) -> int:
     return sum(isinstance(o, kind) for o in gc.get_objects())
 
 
+def test_a_refused_request_loads_no_adapter(stack: dict) -> None:
+    client = stack["client"]
+    body = {"inputs": "x" * 80, "parameters": {"adapter_id": "a1", "max_new_tokens": 4}}  # 80 + 4 > 64 tokens
+    assert client.post("/generate", json=body).status_code == 422
+    assert client.get("/v1/adapters/a1").json()["state"] == "stored"  # never loaded, nothing evicted for it
+
+
 def test_round_robin_over_more_adapters_than_tiers(stack: dict) -> None:
     client, runtime = stack["client"], stack["app"].state.runtime
     before = live(LoraWeights), live(PackedLora)  # other tests' adapters may be alive too
