@@ -30,6 +30,12 @@ router = APIRouter(tags=["generate (TGI / LoRAX)"], dependencies=[Depends(requir
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
+def prompt_of(body: TgiRequest, inference: Inference) -> list[int]:
+    ids = inference.encode(body.inputs)
+    truncate = body.parameters.truncate
+    return ids[-truncate:] if truncate else ids  # TGI's `truncate`: the prompt's last tokens
+
+
 def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -> SamplingParams:
     p = body.parameters
     # TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)
@@ -60,7 +66,7 @@ def token_of(event: TokenEvent, inference: Inference) -> TgiToken:
 
 
 async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
-    prompt_ids = inference.encode(body.inputs)
+    prompt_ids = prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     result = await inference.generate(request, prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
     text = (body.inputs + result.text) if body.parameters.return_full_text else result.text
@@ -81,7 +87,7 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
 
 
 async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
-    prompt_ids = inference.encode(body.inputs)
+    prompt_ids = prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     events = await inference.open_stream(prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
     async def rest() -> AsyncIterator[TgiStreamEvent]:

@@ -25,6 +25,7 @@ class TgiParameters(BaseModel):
     return_full_text: bool = False
     details: bool = False
     decoder_input_details: bool = False
+    truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
 
     @field_validator("stop", mode="before")
     @classmethod

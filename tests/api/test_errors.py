@@ -62,3 +62,11 @@ def test_base_model_name_and_empty_adapter_mean_the_base(client: TestClient) -> 
     tgi = client.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": "", "max_new_tokens": 4}})
     assert by_name.status_code == tgi.status_code == 200
     assert by_name.json()["choices"][0]["text"] == tgi.json()["generated_text"]
+
+
+def test_tgi_truncate_keeps_the_prompts_last_tokens(client: TestClient) -> None:
+    long = {"inputs": "x" * 200 + "hello", "parameters": {"max_new_tokens": 4, "details": True, "truncate": 5}}
+    short = {"inputs": "hello", "parameters": {"max_new_tokens": 4, "details": True}}
+    kept = client.post("/generate", json=long).json()  # 205 tokens would not fit max_seq_len 64
+    assert kept["details"]["prompt_tokens"] == 5
+    assert kept["generated_text"] == client.post("/generate", json=short).json()["generated_text"]
