@@ -6,27 +6,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 # every byte is one token (ids 3..258), plus pad/bos/eos (0, 1, 2) and a chat template
-from loraplex.synthetic import BYTE_VOCAB as VOCAB
-from loraplex.synthetic import byte_tokenizer
+from loraplex.synthetic import PRESETS, byte_tokenizer
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
 
 def tiny_config(family: str = "llama", **overrides):
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    """The `random:tiny` shapes (hidden 64, 2 layers, byte vocabulary) in any supported family."""
+    kwargs = {key: value for key, value in PRESETS["tiny"].items() if key != "model_type"}
+    kwargs.update(max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kwargs.update(overrides)
     return AutoConfig.for_model(family, **kwargs)
 
