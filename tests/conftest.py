@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random model directories (fast) and the embedded model's cache (converted once)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import tiny` from any test folder
+if not torch.cuda.is_available():  # before Triton is imported: its kernels then run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from peft_dirs import make_peft_dir
 from tiny import FAMILIES, save_tiny

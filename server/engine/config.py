@@ -21,6 +21,8 @@ class EngineConfig:
     prefill_chunk: int = 512  # longest prompt piece of one request run in one forward
     max_prefill_tokens: int = 4096  # prompt pieces of several requests share a forward up to this many (padded)
     cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
+    # Triton kernels for decode steps: None = on CUDA; True = anywhere (on CPU: Triton's interpreter, for tests)
+    fused_kernels: bool | None = None
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
     @classmethod
@@ -32,6 +34,7 @@ class EngineConfig:
             max_seq_len=settings.max_seq_len,
             max_prefill_tokens=settings.max_prefill_tokens,
             cuda_graphs=settings.cuda_graphs,
+            fused_kernels=None if settings.fused_kernels else False,
         )
 
     def graph_buckets(self) -> list[int]:

@@ -72,6 +72,11 @@ class Engine:
         text_config = model.config.get_text_config()
         model.set_attn_implementation(ATTENTION_NAME)
         self._lora_context = LoraContext(config.max_active_adapters, config.max_lora_rank)
+        if config.fused_kernels or (config.fused_kernels is None and self.device.type == "cuda"):
+            from server.engine import kernels  # Triton: in CUDA builds of torch, not a CPU install's requirement
+
+            kernels.install(model)
+            self._lora_context.decode_delta = kernels.add_lora_delta
         self.lora_store, self.lora_layers = self._wrap_targets()
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads

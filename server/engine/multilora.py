@@ -8,12 +8,16 @@ adapter is packed once on the CPU into the same column layout, so activating it 
 
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from adapters.lora import LoraWeights
+
+# (y [B, out], x [B, in], A [S+1, r, in], B [S+1, r, out], slots [B]) -> None: y += each row's LoRA delta
+DecodeDelta = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class LoraContext:
@@ -23,6 +27,7 @@ class LoraContext:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_ids = torch.empty(0, dtype=torch.long)  # [B] slot of each batch row
         self.mask: torch.Tensor | None = None  # [B, (S+1) * r_max]: 1 on the row's own slot, for the dense path
+        self.decode_delta: DecodeDelta | None = None  # a fused kernel for decode steps, where one is installed
 
     def set(self, slot_ids: torch.Tensor, dtype: torch.dtype) -> None:
         """Pick the LoRA kernel for this forward: gathering per-row weights reads each row's adapter three
@@ -30,7 +35,7 @@ class LoraContext:
         for prefill its FLOPs grow with the tokens)."""
         self.slot_ids = slot_ids
         self.mask = None
-        if 3 * slot_ids.shape[0] > self.num_slots + 1:
+        if self.decode_delta is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
             columns = torch.arange((self.num_slots + 1) * self.max_rank, device=slot_ids.device)
             self.mask = (columns // self.max_rank == slot_ids[:, None]).to(dtype)
 
@@ -136,6 +141,10 @@ class MultiLoraLinear(nn.Module):
         # x: [B, T, in]
         y = self.base(x)  # [B, T, out]
         slots, mask = self.context.slot_ids, self.context.mask  # [B], [B, (S+1) r] or None
+        if self.context.decode_delta is not None and x.shape[1] == 1:
+            self.context.decode_delta(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a,
+                                      self.lora_b, slots)  # fmt: skip
+            return y
         xa = x.to(self.lora_a.dtype)
         if mask is not None and x.shape[1] == 1:  # decode of a large batch: every slot once, own slot masked in
             shrunk = xa[:, 0] @ self.lora_a.flatten(0, 1).T  # [B, (S+1) r]

@@ -1,0 +1,92 @@
+"""The per-row LoRA delta of a decode step in two kernels (the BGMV of Punica/S-LoRA), reading each row's
+slot straight from the slot stores: no per-layer gather copies, no mask over every slot.
+
+shrink: partial[b, c, :] = A[slot_b][:, chunk c] @ x[b, chunk c]     (K split in chunks for parallelism)
+expand: y[b, :] += (sum over c of partial[b, c, :]) @ B[slot_b]      (in place, into the base output)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+SHRINK_BLOCK_K = 256
+EXPAND_BLOCK_N = 256
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # [B, K], row stride stride_x
+    a_ptr,  # [S+1, R, K] view of the A store: strides (stride_as, stride_ar, 1)
+    slot_ptr,  # [B] long
+    partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32
+    K,
+    R,
+    stride_x,
+    stride_as,
+    stride_ar,
+    CHUNKS_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    slot = tl.load(slot_ptr + row)
+    offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
+    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :]
+    a = tl.load(a_tile, mask=(offs_r[:, None] < R) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
+    tl.store(partial_ptr + (row * CHUNKS_PAD + chunk) * R_PAD + offs_r, tl.sum(a * x[None, :], axis=1))
+
+
+@triton.jit
+def _expand_kernel(
+    partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32, chunks past `chunks` unwritten
+    b_ptr,  # [S+1, R, N] view of the B store (scaling folded in): strides (stride_bs, stride_br, 1)
+    slot_ptr,  # [B] long
+    y_ptr,  # [B, N], row stride stride_y: the base output, updated in place
+    N,
+    R,
+    chunks,
+    stride_y,
+    stride_bs,
+    stride_br,
+    CHUNKS_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0)
+    slot = tl.load(slot_ptr + row)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    offs_c = tl.arange(0, CHUNKS_PAD)
+    n_mask = offs_n < N
+    partials = partial_ptr + (row * CHUNKS_PAD + offs_c[:, None]) * R_PAD + offs_r[None, :]
+    partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
+    # The shrunk activations are rounded to the compute dtype, as the unfused x @ A.T would leave them.
+    shrunk = tl.sum(partial, axis=0).to(y_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
+    b_tile = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
+    b = tl.load(b_tile, mask=(offs_r[:, None] < R) & n_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
+    delta = tl.sum(b * shrunk[:, None], axis=0)  # [BN]
+    y_row = y_ptr + row * stride_y + offs_n
+    y = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_row, (y + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def add_lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> None:
+    """y [B, N] += x [B, K] @ A[slots].T @ B[slots], in place; a: [S+1, R, K], b: [S+1, R, N] with unit
+    column strides (views of the slot stores); slots: [B] long."""
+    rows, k = x.shape
+    n, rank = y.shape[1], a.shape[1]
+    chunks = triton.cdiv(k, SHRINK_BLOCK_K)
+    chunks_pad, r_pad = triton.next_power_of_2(chunks), max(16, triton.next_power_of_2(rank))  # tl.arange sizes
+    partial = torch.empty(rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(rows, chunks)](
+        x, a, slots, partial, k, rank, x.stride(0), a.stride(0), a.stride(1),
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
+    )  # fmt: skip
+    _expand_kernel[(rows, triton.cdiv(n, EXPAND_BLOCK_N))](
+        partial, b, slots, y, n, rank, chunks, y.stride(0), b.stride(0), b.stride(1),
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=EXPAND_BLOCK_N,
+    )  # fmt: skip
