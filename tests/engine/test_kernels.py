@@ -35,10 +35,10 @@ def quantized(
 @pytest.mark.parametrize(
     ("m", "n", "k", "config"),
     [
-        (1, 96, 512, (1, 32, 256, 2, 4, 3)),  # one row: the dot-product path, K split over two programs
-        (3, 80, 256, (16, 64, 128, 1, 4, 3)),  # N not a multiple of BLOCK_N
-        (5, 64, 512, (16, 64, 128, 2, 4, 3)),  # tensor-core path with split K
-        (17, 64, 64, (32, 64, 64, 1, 4, 3)),  # K of one quantization block
+        (1, 96, 512, (1, 32, 2, 4, 3)),  # one row: the dot-product path, K split over two programs
+        (3, 80, 256, (16, 64, 1, 4, 3)),  # N not a multiple of BLOCK_N
+        (5, 64, 512, (16, 64, 2, 4, 3)),  # tensor-core path with split K
+        (17, 64, 64, (32, 64, 1, 4, 3)),  # K of one quantization block
         (64, 48, 768, None),  # the largest decode batch, with the configuration the launcher picks
     ],
 )

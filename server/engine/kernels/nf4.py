@@ -43,54 +43,53 @@ def _nf4_matmul_kernel(
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    K_TILES: tl.constexpr,  # K / SPLIT_K / BLOCK_K: the tiles one program reduces over
+    K_BLOCKS: tl.constexpr,  # K / SPLIT_K / 64: the quantization blocks one program reduces over
 ):
+    # One iteration is one quantization block (64 columns, one scale per row), so the scale multiplies the
+    # block's partial sums, not every weight.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_byte = tl.arange(0, BLOCK_K // 2)
-    offs_block = tl.arange(0, BLOCK_K // 64)
+    offs_byte = tl.arange(0, 32)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, K_TILES):
-        k0 = (pid_k * K_TILES + i) * BLOCK_K
-        first = offs_n[:, None] * K + k0  # [BN, 1] flat index of each row's first weight in this tile
-        packed = tl.load(w_ptr + first // 2 + offs_byte[None, :], mask=n_mask[:, None], other=0)  # [BN, BK/2]
-        blocks = first // 64 + offs_block[None, :]  # [BN, BK/64]
-        scale = tl.load(absmax_ptr + blocks, mask=n_mask[:, None], other=0)
+    if BLOCK_M == 1:  # one row: per-column products summed once at the end, no tensor cores to fill
+        acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, K_BLOCKS):
+        k0 = (pid_k * K_BLOCKS + i) * 64
+        block = offs_n * (K // 64) + k0 // 64  # [BN] quantization block of each row
+        packed = tl.load(w_ptr + block[:, None] * 32 + offs_byte[None, :], mask=n_mask[:, None], other=0)  # [BN, 32]
+        scale = tl.load(absmax_ptr + block, mask=n_mask, other=0)  # [BN]
         if NESTED:
-            scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + blocks // 256) + tl.load(offset_ptr)
-        scale = tl.reshape(scale, (BLOCK_N, BLOCK_K // 64, 1))
-        hi = tl.load(nf4_ptr + (packed >> 4).to(tl.int32))  # [BN, BK/2] fp32: even columns
+            scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256) + tl.load(offset_ptr)
+        hi = tl.load(nf4_ptr + (packed >> 4).to(tl.int32))  # [BN, 32] fp32 codes of the even columns
         lo = tl.load(nf4_ptr + (packed & 15).to(tl.int32))  # odd columns
-        hi = tl.reshape(tl.reshape(hi, (BLOCK_N, BLOCK_K // 64, 32)) * scale, (BLOCK_N, BLOCK_K // 2))
-        lo = tl.reshape(tl.reshape(lo, (BLOCK_N, BLOCK_K // 64, 32)) * scale, (BLOCK_N, BLOCK_K // 2))
-        x_cols = x_ptr + offs_m[:, None] * stride_xm + k0 + 2 * offs_byte[None, :]  # [BM, BK/2]
+        x_cols = x_ptr + offs_m[:, None] * stride_xm + k0 + 2 * offs_byte[None, :]  # [BM, 32]
         x_even = tl.load(x_cols, mask=m_mask[:, None], other=0.0)
         x_odd = tl.load(x_cols + 1, mask=m_mask[:, None], other=0.0)
-        # Weights are rounded to the compute dtype, as bitsandbytes' dequantization does.
-        hi = hi.to(x_ptr.dtype.element_ty)
-        lo = lo.to(x_ptr.dtype.element_ty)
-        if BLOCK_M == 1:  # one row: a dot product per output, no tensor cores to fill
-            partial = tl.sum(hi.to(tl.float32) * x_even.to(tl.float32), axis=1)
-            partial += tl.sum(lo.to(tl.float32) * x_odd.to(tl.float32), axis=1)
-            acc += partial[None, :]
+        if BLOCK_M == 1:
+            acc += (hi * x_even.to(tl.float32) + lo * x_odd.to(tl.float32)) * scale[:, None]
         elif IEEE:
-            acc = tl.dot(x_even, tl.trans(hi), acc, input_precision="ieee")
-            acc = tl.dot(x_odd, tl.trans(lo), acc, input_precision="ieee")
+            part = tl.dot(x_even, tl.trans(hi), input_precision="ieee")
+            acc += tl.dot(x_odd, tl.trans(lo), part, input_precision="ieee") * scale[None, :]
         else:
-            acc = tl.dot(x_even, tl.trans(hi), acc)
-            acc = tl.dot(x_odd, tl.trans(lo), acc)
+            part = tl.dot(x_even, tl.trans(hi.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(x_odd, tl.trans(lo.to(x_ptr.dtype.element_ty)), part) * scale[None, :]
+    if BLOCK_M == 1:
+        result = tl.sum(acc, axis=1)[None, :]  # [1, BN]
+    else:
+        result = acc
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        tl.store(out_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], result, mask=out_mask)
 
 
 @triton.jit
@@ -114,20 +113,17 @@ def _sum_splits_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def pick_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] product, m <= MAX_ROWS.
+def pick_config(m: int, n: int, k: int, sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] product, m <= MAX_ROWS.
 
-    Split K until there are about four programs per SM, as long as each still reduces several tiles.
+    Split K until there are about four programs per SM, as long as each still reduces several blocks.
     """
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-    block_n, block_k = (32, 256) if m == 1 else (64, 128)
-    while k % block_k:  # k is a multiple of QBLOCK
-        block_k //= 2
-    tiles_n = triton.cdiv(n, block_n)
-    split = 1
-    while tiles_n * split < 4 * sms and k % (2 * split * block_k) == 0 and k // (2 * split) >= 4 * block_k:
+    block_n = 128 if m == 1 else 64
+    blocks, tiles_n, split = k // QBLOCK, triton.cdiv(n, block_n), 1
+    while tiles_n * split < 4 * sms and blocks % (2 * split) == 0 and blocks // (2 * split) >= 8:
         split *= 2
-    return block_m, block_n, block_k, split, 4, 3
+    return block_m, block_n, split, 4, 3
 
 
 @functools.cache
@@ -141,7 +137,7 @@ def nf4_matmul(
     weight: torch.Tensor,
     state: QuantState,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS, unit column stride) @ dequant(weight).T -> [M, N] in x's dtype; `state` is the
     weight's bitsandbytes QuantState (nf4, block size 64, K a multiple of 64)."""
@@ -149,7 +145,7 @@ def nf4_matmul(
     n = state.shape[0]
     if config is None:
         config = pick_config(m, n, k, _multiprocessors(x.device))
-    block_m, block_n, block_k, split, warps, stages = config
+    block_m, block_n, split, warps, stages = config
     nested = bool(state.nested)
     # state.offset stays a tensor: reading it on the host would synchronize, which CUDA graph capture forbids
     absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
@@ -160,7 +156,7 @@ def nf4_matmul(
         x, weight, state.absmax, absmax2, code2, offset, state.code, bias if has_bias else out, target,
         m, n, k, x.stride(0),
         NESTED=nested, HAS_BIAS=has_bias, SPLIT_K=split, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_TILES=k // split // block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, K_BLOCKS=k // QBLOCK // split,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split > 1:
