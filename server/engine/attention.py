@@ -9,7 +9,7 @@ request. A prefill batch reads its (scattered) cache rows by index.
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,18 @@ class StepContext:
     positions: torch.Tensor  # [B, T] long: position of each new token (= its index in the row)
     read_rows: torch.Tensor | None  # [B] long: cache row each batch row reads; None: rows 0..B-1 in place
     kv_len: int  # how many cached positions to attend over (static under CUDA graphs)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, T, L] bool: which cached positions each new token sees; built once per forward, not per layer."""
+        if sliding_window not in self._masks:
+            kv_pos = torch.arange(self.kv_len, device=self.positions.device)  # [L]
+            q_pos = self.positions[:, None, :, None]  # [B, 1, T, 1]
+            mask = kv_pos <= q_pos
+            if sliding_window is not None:
+                mask = mask & (q_pos - kv_pos < sliding_window)
+            self._masks[sliding_window] = mask
+        return self._masks[sliding_window]
 
 
 def static_cache_attention(
@@ -100,16 +112,11 @@ def static_cache_attention(
     else:
         keys = k_cache[step.read_rows, :, : step.kv_len]
         values = v_cache[step.read_rows, :, : step.kv_len]
-    kv_pos = torch.arange(step.kv_len, device=query.device)  # [L]
-    q_pos = step.positions[:, None, :, None]  # [B, 1, T, 1]
-    mask = kv_pos <= q_pos  # [B, 1, T, L]
-    if sliding_window is not None:
-        mask = mask & (q_pos - kv_pos < sliding_window)
     out = F.scaled_dot_product_attention(
         query,
         keys.to(query.dtype),
         values.to(query.dtype),
-        attn_mask=mask,
+        attn_mask=step.mask(sliding_window),
         scale=scaling,
         enable_gqa=query.shape[1] != keys.shape[1],
     )  # [B, Hq, T, D]
