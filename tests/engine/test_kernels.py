@@ -9,15 +9,17 @@ import torch
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
 from server.engine.kernels import add_lora_delta
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
+from server.engine.kernels.rope import rotary
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("rows", [[2, 0, 3, 2, 1], [1]])  # several rows (shrink, expand), one (fused)
+@pytest.mark.parametrize("rows", [[2, 0, 3, 2, 1], [1]])
 def test_lora_delta_matches_per_row_gather(rows) -> None:
     torch.manual_seed(0)
     slots, rank, k, n = 3, 6, 320, 300  # K and N not multiples of the kernels' blocks, rank not a power of 2
@@ -41,6 +43,19 @@ def test_fused_rms_norm_matches_the_module(norm_class) -> None:
         norm.weight.normal_()
     x = torch.randn(2, 3, 96, device=DEVICE) * 4
     assert torch.allclose(FusedRMSNorm(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
+def test_rotary_gives_the_bits_of_the_hf_function(dtype) -> None:
+    torch.manual_seed(0)
+    b, t, hq, hkv, d = 2, 3, 4, 2, 32
+    q = torch.randn(b, t, hq, d, device=DEVICE, dtype=dtype).transpose(1, 2)  # [B, H, T, D] views, as in HF
+    k = torch.randn(b, t, hkv, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+    angles = torch.randn(b, t, d // 2, device=DEVICE) * 3
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    bits = dtype == torch.bfloat16  # rounded after every product and sum in both: the same bits
+    for got, expected in zip(rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+        assert torch.equal(got, expected) if bits else torch.allclose(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
