@@ -3,7 +3,8 @@ four products, two sums) that the HF `apply_rotary_pos_emb` launches per layer.
 
 HF calls that function from its attention modules through their modeling module's globals, so the engine
 replaces it there, for CUDA tensors only (CPU tensors keep the original). The kernel rounds after every
-product and sum as the original does in the input dtype, so the results are the same bits.
+product and sum as the original does in the input dtype; in bf16 results may still differ from the original's
+by one rounding (measured on an H200).
 """
 
 import functools
