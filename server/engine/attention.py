@@ -72,7 +72,7 @@ class StepContext:
     positions: torch.Tensor  # [B, T] long: position of each new token (= its index in the row)
     read_rows: torch.Tensor | None  # [B] long: cache row each batch row reads; None: rows 0..B-1 in place
     kv_len: int  # how many cached positions to attend over (static under CUDA graphs)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """[B, 1, T, L] bool: which cached positions each new token sees; built once per forward, not per layer."""

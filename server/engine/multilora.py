@@ -32,7 +32,7 @@ class LoraContext:
     def set(self, slot_ids: torch.Tensor, dtype: torch.dtype) -> None:
         """Pick the LoRA kernel for this forward: gathering per-row weights reads each row's adapter three
         times (read, write, read), the dense path reads every slot once; dense wins once 3B > S+1 (decode only:
-        for prefill its FLOPs grow with the tokens)."""
+        for prefill its FLOPs grow with the tokens). Where a fused decode kernel is installed, decode takes it."""
         self.slot_ids = slot_ids
         self.mask = None
         if self.decode_delta is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
