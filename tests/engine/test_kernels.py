@@ -59,10 +59,13 @@ def test_rotary_matches_the_hf_function(dtype) -> None:
         assert torch.allclose(got.float(), expected.float(), atol=4 * ulp, rtol=2 * ulp)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_engine_with_kernels_matches_peft(family, family_setup, tokenizer) -> None:
+@pytest.mark.parametrize(("family", "nf4"), [*((f, False) for f in FAMILIES), ("llama", True)])
+def test_engine_with_kernels_matches_peft(family, nf4, tmp_path, family_setup, tokenizer) -> None:
     cpu_base, adapters = family_setup(family)
     base = copy.deepcopy(cpu_base).to(DEVICE)
+    if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit
+        load = dict(quantization_config=nf4_config(torch.float32), dtype=torch.float32, device_map={"": DEVICE})
+        base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / family, family), **load).eval()
     engine = make_engine(base, tokenizer, fused_kernels=True)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
     rows = [*adapters, None]
@@ -74,20 +77,5 @@ def test_engine_with_kernels_matches_peft(family, family_setup, tokenizer) -> No
     for i, adapter in enumerate(rows):
         tokens, logprobs = reference_generate(base, adapter, [*prompt, 3 + i], 6)
         assert sink.tokens(f"r{i}") == tokens, f"row {i}"
-        assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
-
-
-def test_engine_with_kernels_on_an_nf4_base_matches_peft(tmp_path, family_setup, tokenizer) -> None:
-    _, adapters = family_setup("llama")  # the same seed-0 tiny llama as save_tiny, so the adapters fit
-    load = dict(quantization_config=nf4_config(torch.float32), dtype=torch.float32, device_map={"": DEVICE})
-    base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "llama", "llama"), **load).eval()
-    engine = make_engine(base, tokenizer, fused_kernels=True)
-    rows = [*adapters, None]
-    prompt = tokenizer("nf4 kernels")["input_ids"]
-    sink = Collector()
-    for i, adapter in enumerate(rows):
-        engine.submit(request([*prompt, 3 + i], greedy(6), adapter, f"r{i}"), sink)
-    run_to_end(engine)
-    for i, adapter in enumerate(rows):
-        assert sink.tokens(f"r{i}") == reference_generate(base, adapter, [*prompt, 3 + i], 6)[0], f"row {i}"
-
+        # NF4: bitsandbytes' kernels round differently for different batch shapes (~1e-3); tokens must agree
+        assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-2 if nf4 else 1e-4)
