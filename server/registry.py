@@ -94,13 +94,13 @@ class AdapterRegistry:
         on_unload: Callable[[str], None] | None = None,
         metrics: RegistryMetrics | None = None,
         pin_memory: bool | None = None,
-        prepare: Callable[[LoraWeights], None] | None = None,
+        prepare: Callable[[LoraWeights], LoraWeights] | None = None,
         load_workers: int = 2,
     ) -> None:
         """`on_unload(key)` is called (outside any lock) whenever an adapter leaves the CPU tier, so the
         engine can free its device slot; `pin_memory` defaults to whether CUDA is available; `prepare(weights)`
-        runs on the load worker after each disk -> CPU load (the engine packs adapters there, off the
-        request path)."""
+        runs on the load worker after each disk -> CPU load and returns what the CPU tier keeps instead (the
+        engine packs adapters there, off the request path, and hands back views of the pack)."""
         self.store = store
         self.max_cpu_adapters = max_cpu_adapters
         self._on_unload = on_unload
@@ -161,7 +161,7 @@ class AdapterRegistry:
             if self._pin_memory:
                 weights = _pinned_copy(weights)
             if self._prepare is not None:
-                self._prepare(weights)
+                weights = self._prepare(weights)
         except AdapterError as exc:
             with self._lock:
                 entry.loading = None

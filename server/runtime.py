@@ -53,7 +53,7 @@ class Runtime:
             AdapterStore, settings.adapter_dir, fingerprint,
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
         )
-        # the engine keeps its own pinned, packed copy of each adapter (prepare_adapter): no second pinned copy
+        # the CPU tier keeps each adapter as views of the engine's (pinned) packed copy: one copy, pinned once
         registry = AdapterRegistry(store, max_cpu_adapters=settings.max_cpu_adapters, on_unload=engine.deactivate,
                                    metrics=metrics, pin_memory=False, prepare=engine.prepare_adapter)
         scheduler = Scheduler(engine, settings.max_queue,

@@ -160,7 +160,7 @@ class Engine:
         """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued."""
         self.validate(request)
         if request.lora is not None:
-            self.prepare_adapter(request.lora)
+            self._packs.get(request.lora)  # packed here, on the caller's thread: the engine thread only copies
         with self._cv:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
@@ -192,11 +192,11 @@ class Engine:
                     f"the model's layer {layer.in_features} -> {layer.out_features}"
                 )
 
-    def prepare_adapter(self, lora: LoraWeights) -> None:
-        """Pack `lora` for activation (once per LoraWeights object, kept while it lives). Thread-safe; submit()
-        calls it on the caller's thread, so the engine thread only pays the copies. Calling it when an adapter
-        is loaded into the CPU tier takes even that off the request path."""
-        self._packs.get(lora)
+    def prepare_adapter(self, lora: LoraWeights) -> LoraWeights:
+        """Pack `lora` for activation and return the adapter to keep instead of it: the same weights as views of
+        the pack, which lives as long as they do, so a CPU tier holds each adapter once. Thread-safe; the
+        registry calls it on its load worker, so the engine thread only pays the device copies."""
+        return self._packs.pack_in_place_of(lora)
 
     @property
     def alive(self) -> bool:

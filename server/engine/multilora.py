@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters.lora import LoraWeights
+from adapters.lora import LoraModule, LoraWeights
 
 # (y [B, out], x [B, in], A [S+1, r, in], B [S+1, r, out], slots [B]) -> None: y += each row's LoRA delta
 DecodeDelta = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -103,15 +103,32 @@ class PackCache:
         self._lock = threading.Lock()
 
     def get(self, lora: LoraWeights) -> PackedLora:
+        with self._lock:
+            packed = self._packs.get(id(lora))
+        if packed is None:
+            packed = self._keep(lora, pack_lora(lora, self._layout, self._dtype, self._pin))
+        return packed
+
+    def pack_in_place_of(self, lora: LoraWeights) -> LoraWeights:
+        """Pack `lora` and return the same adapter as views of its pack (scaling folded into B), whose pack is
+        kept while the views live: whoever holds the views instead of `lora` holds the adapter's memory once."""
+        packed = pack_lora(lora, self._layout, self._dtype, self._pin)
+        views = {}
+        for name, module in lora.modules.items():
+            a0, b0 = self._layout.a_offsets[name], self._layout.b_offsets[name]
+            a = packed.a[: module.rank, a0 : a0 + module.a.shape[1]]  # [r, in]
+            b = packed.b[: module.rank, b0 : b0 + module.b.shape[0]].T  # [out, r]
+            views[name] = LoraModule(a, b, 1.0)
+        viewed = LoraWeights(views)
+        self._keep(viewed, packed)
+        return viewed
+
+    def _keep(self, lora: LoraWeights, packed: PackedLora) -> PackedLora:
         key = id(lora)
         with self._lock:
-            packed = self._packs.get(key)
-        if packed is None:
-            packed = pack_lora(lora, self._layout, self._dtype, self._pin)
-            with self._lock:
-                if key not in self._packs:
-                    weakref.finalize(lora, self._drop, key)
-                self._packs[key] = packed
+            if key not in self._packs:
+                weakref.finalize(lora, self._drop, key)
+            self._packs[key] = packed
         return packed
 
     def _drop(self, key: int) -> None:

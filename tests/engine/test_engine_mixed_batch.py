@@ -4,6 +4,8 @@ import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 from tiny import FAMILIES
 
+from server.engine import GenerationRequest
+
 NEW_TOKENS = 8
 
 
@@ -61,3 +63,21 @@ def test_slots_are_reused_when_adapters_outnumber_them(family_setup, tokenizer) 
     assert len(engine.activation_seconds) >= 4  # every adapter was copied in at least once
     for i, adapter in enumerate(order):
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, 4)[0]
+
+
+def test_prepared_adapters_are_views_of_one_pack_and_serve_alike(family_setup, tokenizer) -> None:
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    adapter = adapters[1]  # every projection, rsLoRA scaling (folded into the pack's B)
+    kept = engine.prepare_adapter(adapter.weights)
+    # what a CPU tier keeps instead of the loaded weights holds no memory besides the pack's two tensors
+    assert len({m.a.untyped_storage().data_ptr() for m in kept.modules.values()}) == 1
+    assert len({m.b.untyped_storage().data_ptr() for m in kept.modules.values()}) == 1
+    assert kept.modules.keys() == adapter.weights.modules.keys() and kept.rank == adapter.weights.rank
+    prompt = prompts(tokenizer, 1)[0]
+    sink = Collector()
+    engine.submit(GenerationRequest(prompt, greedy(NEW_TOKENS), adapter.key, kept, request_id="kept"), sink)
+    run_to_end(engine)
+    tokens, logprobs = reference_generate(base, adapter, prompt, NEW_TOKENS)
+    assert sink.tokens("kept") == tokens
+    assert sink.logprobs("kept") == pytest.approx(logprobs, abs=1e-4)
