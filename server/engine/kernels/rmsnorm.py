@@ -70,12 +70,9 @@ class FusedRMSNorm(nn.Module):
         return out.view(*x.shape[:-1], d)
 
 
-def fuse_rms_norms(model: nn.Module) -> int:
-    """Swap every RMSNorm of a supported family in `model` for a FusedRMSNorm; returns how many."""
-    swapped = 0
+def fuse_rms_norms(model: nn.Module) -> None:
+    """Swap every RMSNorm of a supported family in `model` for a FusedRMSNorm."""
     for name, module in list(model.named_modules()):
         if type(module) in NORMS:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, FusedRMSNorm(module))
-            swapped += 1
-    return swapped

@@ -93,13 +93,9 @@ def _dispatch(original: RotaryFn) -> RotaryFn:
     return apply_rotary_pos_emb
 
 
-def fuse_rotary(model: nn.Module) -> int:
-    """Point the supported modeling modules that `model`'s layers come from at the fused rotary; returns how many
-    modules now use it."""
-    patched = 0
+def fuse_rotary(model: nn.Module) -> None:
+    """Point the supported modeling modules that `model`'s layers come from at the fused rotary."""
     for name in {type(m).__module__ for m in model.modules()} & set(MODULES):
         module = sys.modules[name]
         if not getattr(module.apply_rotary_pos_emb, "fused", False):
             module.apply_rotary_pos_emb = _dispatch(module.apply_rotary_pos_emb)
-        patched += 1
-    return patched
