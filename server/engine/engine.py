@@ -76,7 +76,7 @@ class Engine:
             from server.engine import kernels  # Triton: in CUDA builds of torch, not a CPU install's requirement
 
             kernels.install(model)
-            self._lora_context.decode_delta = kernels.add_lora_delta
+            self._lora_context.decode_linear = kernels.decode_lora_linear
         self.lora_store, self.lora_layers = self._wrap_targets()
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads

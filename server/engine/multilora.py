@@ -16,8 +16,8 @@ from torch import nn
 
 from adapters.lora import LoraModule, LoraWeights
 
-# (y [B, out], x [B, in], A [S+1, r, in], B [S+1, r, out], slots [B]) -> None: y += each row's LoRA delta
-DecodeDelta = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (base layer, x [B, in], A [S+1, r, in], B [S+1, r, out], slots [B]) -> base(x) + each row's LoRA delta [B, out]
+DecodeLinear = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LoraContext:
@@ -27,7 +27,7 @@ class LoraContext:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_ids = torch.empty(0, dtype=torch.long)  # [B] slot of each batch row
         self.mask: torch.Tensor | None = None  # [B, (S+1) * r_max]: 1 on the row's own slot, for the dense path
-        self.decode_delta: DecodeDelta | None = None  # a fused kernel for decode steps, where one is installed
+        self.decode_linear: DecodeLinear | None = None  # fused kernels for decode steps, where installed
 
     def set(self, slot_ids: torch.Tensor, dtype: torch.dtype) -> None:
         """Pick the LoRA kernel for this forward: gathering per-row weights reads each row's adapter three
@@ -35,7 +35,7 @@ class LoraContext:
         for prefill its FLOPs grow with the tokens). Where a fused decode kernel is installed, decode takes it."""
         self.slot_ids = slot_ids
         self.mask = None
-        if self.decode_delta is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
+        if self.decode_linear is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
             columns = torch.arange((self.num_slots + 1) * self.max_rank, device=slot_ids.device)
             self.mask = (columns // self.max_rank == slot_ids[:, None]).to(dtype)
 
@@ -156,12 +156,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, in]
-        y = self.base(x)  # [B, T, out]
         slots, mask = self.context.slot_ids, self.context.mask  # [B], [B, (S+1) r] or None
-        if self.context.decode_delta is not None and x.shape[1] == 1:
-            self.context.decode_delta(y.view(-1, self.out_features), x.reshape(-1, self.in_features), self.lora_a,
-                                      self.lora_b, slots)  # fmt: skip
-            return y
+        if self.context.decode_linear is not None and x.shape[1] == 1:
+            y = self.context.decode_linear(self.base, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, slots)
+            return y.view(*x.shape[:-1], self.out_features)
+        y = self.base(x)  # [B, T, out]
         xa = x.to(self.lora_a.dtype)
         if mask is not None and x.shape[1] == 1:  # decode of a large batch: every slot once, own slot masked in
             shrunk = xa[:, 0] @ self.lora_a.flatten(0, 1).T  # [B, (S+1) r]

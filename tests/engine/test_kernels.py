@@ -6,13 +6,16 @@ import copy
 
 import pytest
 import torch
+from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
+from bitsandbytes.nn import Linear4bit
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
-from server.engine.kernels import add_lora_delta
+from server.engine.kernels.lora import add_lora_delta, lora_shrink
+from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, nf4_gemv
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
 
@@ -33,6 +36,33 @@ def test_lora_delta_matches_per_row_gather(rows) -> None:
     add_lora_delta(y, x, store_a, store_b, rows)
     assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
+
+
+@pytest.mark.parametrize(("nested", "bias", "lora"), [(True, False, False), (False, True, False), (True, True, True)])
+def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
+    torch.manual_seed(0)
+    n, k, slots, rank = 40, 64 * 9, 3, 5  # K / 64 odd, N not a multiple of the row blocks, rank not a power of 2
+    layer = Linear4bit(k, n, bias=bias, compress_statistics=nested, quant_type="nf4", compute_dtype=torch.float32)
+    layer = layer.to(DEVICE)  # quantizes on CUDA; on the CPU the first forward does
+    layer(torch.zeros(1, k, device=DEVICE))
+    weight, state = layer.weight, layer.weight.quant_state
+    # The reference: the codes through bf16-rounded NF4 values (the kernel's precision), times each block's absmax
+    packed = weight.view(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], -1).view(n, k)
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+    values = get_4bit_type("nf4", device=DEVICE).to(torch.bfloat16).float()[codes]
+    dense = (values.view(-1, 64) * absmax.float()[:, None]).view(n, k)
+    x = torch.randn(k, device=DEVICE)
+    expected = dense @ x + (layer.bias if bias else 0)
+    epilogue = None
+    if lora:
+        store_a = torch.randn(slots + 1, rank, k, device=DEVICE)
+        store_b = torch.randn(slots + 1, rank, n, device=DEVICE)
+        slot = torch.tensor([1], device=DEVICE)
+        epilogue = LoraEpilogue(*lora_shrink(x[None], store_a, slot), store_b, slot)
+        expected = expected + (store_a[1] @ x) @ store_b[1]
+    got = nf4_gemv(x, weight, state, layer.bias if bias else None, epilogue)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("norm_class", sorted(NORMS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
@@ -59,8 +89,11 @@ def test_rotary_matches_the_hf_function(dtype) -> None:
         assert torch.allclose(got.float(), expected.float(), atol=4 * ulp, rtol=2 * ulp)
 
 
-@pytest.mark.parametrize(("family", "nf4"), [*((f, False) for f in FAMILIES), ("llama", True)])
-def test_engine_with_kernels_matches_peft(family, nf4, tmp_path, family_setup, tokenizer) -> None:
+@pytest.mark.parametrize(
+    ("family", "nf4", "alone"), [*((f, False, False) for f in FAMILIES), ("llama", True, False), ("llama", True, True)]
+)
+def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_setup, tokenizer) -> None:
+    """A mixed batch, or (`alone`) each request on its own: one-row NF4 decode steps run the fused GEMV."""
     cpu_base, adapters = family_setup(family)
     base = copy.deepcopy(cpu_base).to(DEVICE)
     if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit
@@ -68,11 +101,14 @@ def test_engine_with_kernels_matches_peft(family, nf4, tmp_path, family_setup, t
         base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / family, family), **load).eval()
     engine = make_engine(base, tokenizer, fused_kernels=True)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
+    assert any(isinstance(m, FusedNf4Linear) for m in engine.model.modules()) == nf4
     rows = [*adapters, None]
     prompt = tokenizer("fused kernels")["input_ids"]
     sink = Collector()
     for i, adapter in enumerate(rows):
         engine.submit(request([*prompt, 3 + i], greedy(6), adapter, f"r{i}"), sink)
+        if alone:
+            run_to_end(engine)
     run_to_end(engine)
     for i, adapter in enumerate(rows):
         tokens, logprobs = reference_generate(base, adapter, [*prompt, 3 + i], 6)

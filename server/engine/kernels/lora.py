@@ -74,11 +74,11 @@ def _expand_kernel(
     tl.store(y_row, (y + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def add_lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> None:
-    """y [B, N] += x [B, K] @ A[slots].T @ B[slots], in place; a: [S+1, R, K], b: [S+1, R, N] with unit
-    column strides (views of the slot stores); slots: [B] long."""
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-chunk partial products of x [B, K] @ A[slots].T: ([B, CHUNKS_PAD, R_PAD] fp32, chunks written);
+    a: [S+1, R, K] with unit column stride (a view of the slot store); slots: [B] long."""
     rows, k = x.shape
-    n, rank = y.shape[1], a.shape[1]
+    rank = a.shape[1]
     chunks = triton.cdiv(k, SHRINK_BLOCK_K)
     chunks_pad, r_pad = triton.next_power_of_2(chunks), max(16, triton.next_power_of_2(rank))  # tl.arange sizes
     partial = torch.empty(rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
@@ -86,7 +86,16 @@ def add_lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
         x, a, slots, partial, k, rank, x.stride(0), a.stride(0), a.stride(1),
         CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
     )  # fmt: skip
+    return partial, chunks
+
+
+def add_lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> None:
+    """y [B, N] += x [B, K] @ A[slots].T @ B[slots], in place; a: [S+1, R, K], b: [S+1, R, N] with unit
+    column strides (views of the slot stores); slots: [B] long."""
+    partial, chunks = lora_shrink(x, a, slots)
+    rows, chunks_pad, r_pad = partial.shape
+    n = y.shape[1]
     _expand_kernel[(rows, triton.cdiv(n, EXPAND_BLOCK_N))](
-        partial, b, slots, y, n, rank, chunks, y.stride(0), b.stride(0), b.stride(1),
+        partial, b, slots, y, n, b.shape[1], chunks, y.stride(0), b.stride(0), b.stride(1),
         CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=EXPAND_BLOCK_N,
     )  # fmt: skip

@@ -1,0 +1,265 @@
+"""An NF4 matrix-vector product for one-row decode steps: y = x @ dequant(W).T, W never materialized.
+
+bitsandbytes' own 4-bit GEMV reads the weights at about a quarter of the H100's bandwidth, and one-row decode
+is nothing but that read (BENCHMARKS.md). This kernel reads bitsandbytes' storage in place: two NF4 codes per
+byte, the even column in the high nibble; one absmax per 64 weights, itself 8-bit quantized per 256 blocks
+under double quantization. The bytes are loaded as int32 words (8 codes each, 16-byte vector loads); each
+program owns a few output rows, so every x value it loads serves all of them, and the scale multiplies a
+word's 8 products at once, not each weight.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from bitsandbytes.functional import QuantState, get_4bit_type
+from bitsandbytes.nn import Linear4bit
+from torch import nn
+
+QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size this kernel reads
+QBLOCK2 = 256  # absmax values per second-level scale under double quantization
+
+
+def _decode_asm() -> str:
+    """PTX decoding one int32 word (8 codes) into four words of two bf16 NF4 values each.
+
+    A 16-entry byte table is two `prmt` lookups (each picks among 8 bytes by the low 3 bits of a selector
+    nibble) and a select on the code's high bit; a bf16 needs a table for its high and one for its low byte.
+    Register permutes instead of loads: the decode costs about 4 integer instructions per weight.
+    """
+    bits = [b & 0xFFFF for b in get_4bit_type("nf4", device="cpu").to(torch.bfloat16).view(torch.int16).tolist()]
+
+    def words(table: list[int]) -> list[str]:  # 16 bytes as four little-endian words
+        return [hex(sum(table[4 * w + i] << (8 * i) for i in range(4))) for w in range(4)]
+
+    high, low = words([b >> 8 for b in bits]), words([b & 0xFF for b in bits])
+    lines = [".reg .b32 w, s, m, a, b, h, l, k, t0, t1, t2, t3, u0, u1, u2, u3;"]
+    lines += ["mov.b32 w, $4;", "mov.b32 k, 0x8000;"]
+    lines += [f"mov.b32 t{i}, {high[i]};" for i in range(4)] + [f"mov.b32 u{i}, {low[i]};" for i in range(4)]
+    for half in range(2):  # selector nibbles: columns 1, 0, 3, 2 of the half word (the even column is the high nibble)
+        lines += [
+            "and.b32 s, w, 0x7777;",  # the low 3 bits: which of 8 bytes
+            "shr.b32 m, w, 3;",
+            "lop3.b32 m, m, 0x1111, 0x8888, 0xEA;",  # (m & 0x1111) | 0x8888: sign-replicate byte 0 or 1 of k
+            "prmt.b32 m, k, 0, m;",  # byte i: 0xFF where code i >= 8
+            "prmt.b32 a, t0, t1, s;",
+            "prmt.b32 b, t2, t3, s;",
+            "lop3.b32 h, a, b, m, 0xD8;",  # (a & ~m) | (b & m): the high bytes of the four values
+            "prmt.b32 a, u0, u1, s;",
+            "prmt.b32 b, u2, u3, s;",
+            "lop3.b32 l, a, b, m, 0xD8;",  # their low bytes
+            f"prmt.b32 ${2 * half}, l, h, 0x5140;",  # bf16 pairs: (column 1 low, column 0 high), then 3 and 2
+            f"prmt.b32 ${2 * half + 1}, l, h, 0x7362;",
+            "shr.b32 w, w, 16;",
+        ]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_DECODE_PTX = tl.constexpr(_decode_asm())
+
+
+@triton.jit
+def _decode_words(words):
+    # [...] int32 -> four [...] int32, each two bf16 values: columns (0, 1), (2, 3), (4, 5), (6, 7) of each word
+    return tl.inline_asm_elementwise(
+        _DECODE_PTX, "=r,=r,=r,=r,r", [words], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _high_half(pair):
+    return (pair & -65536).to(tl.float32, bitcast=True)  # a bf16's bits in a float's high half: the same value
+
+
+@triton.jit
+def _low_half(pair):
+    return (pair << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _add_columns(part, even, odd, x_even_ptr):
+    # part, even, odd: [BN, B, 8] fp32; x_even_ptr: [B, 8] pointers to each word's even column
+    part += even * tl.load(x_even_ptr).to(tl.float32)[None, :, :]
+    return part + odd * tl.load(x_even_ptr + 1).to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr,  # [K] compute dtype
+    w_ptr,  # [N * K / 8] int32: bitsandbytes' packed bytes, 8 codes per word
+    absmax_ptr,  # [N * K / 64] fp32, or uint8 indices into code2_ptr when NESTED
+    absmax2_ptr,  # [N * K / 64 / 256] fp32 (NESTED only)
+    code2_ptr,  # [256] fp32 (NESTED only)
+    offset_ptr,  # [] fp32 added to every absmax (NESTED only)
+    nf4_ptr,  # [16] fp32: the NF4 code book rounded to bf16 (not DECODE_ASM only)
+    bias_ptr,  # [N] (HAS_BIAS only)
+    partial_ptr,  # [CHUNKS_PAD, R_PAD] fp32: the LoRA shrink's partial sums for this row (HAS_LORA only)
+    lora_b_ptr,  # [S+1, R, N] view of the B store, strides (stride_bs, stride_br, 1) (HAS_LORA only)
+    slot_ptr,  # [1] long: the row's slot (HAS_LORA only)
+    out_ptr,  # [N] compute dtype
+    N,
+    R,
+    chunks,
+    stride_bs,
+    stride_br,
+    BLOCKS_PER_ROW: tl.constexpr,  # K / 64: a constant per layer shape, so the loop bound is known at compile time
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,  # add the row's LoRA delta: the expand half of the LoRA kernels, fused
+    CHUNKS_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DECODE_ASM: tl.constexpr,  # decode codes with byte permutes (CUDA), not a table in memory
+    BLOCK_N: tl.constexpr,  # output rows per program
+    BLOCKS: tl.constexpr,  # quantization blocks (of 64 weights = 8 words) per row per iteration
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    row_mask = rows < N
+    offs_b = tl.arange(0, BLOCKS)
+    offs_w = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_N, BLOCKS, 8), dtype=tl.float32)
+    for b0 in range(0, BLOCKS_PER_ROW, BLOCKS):
+        block = rows[:, None] * BLOCKS_PER_ROW + b0 + offs_b[None, :]  # [BN, B] quantization block ids
+        words = tl.load(w_ptr + block[:, :, None] * 8 + offs_w[None, None, :], mask=row_mask[:, None, None], other=0)
+        x_words = x_ptr + ((b0 + offs_b[:, None]) * 8 + offs_w[None, :]) * 8  # [B, 8] first column of each word
+        part = tl.zeros((BLOCK_N, BLOCKS, 8), dtype=tl.float32)
+        if DECODE_ASM:
+            pair0, pair1, pair2, pair3 = _decode_words(words)
+            part = _add_columns(part, _high_half(pair0), _low_half(pair0), x_words)
+            part = _add_columns(part, _high_half(pair1), _low_half(pair1), x_words + 2)
+            part = _add_columns(part, _high_half(pair2), _low_half(pair2), x_words + 4)
+            part = _add_columns(part, _high_half(pair3), _low_half(pair3), x_words + 6)
+        else:  # Triton's CPU interpreter runs no PTX: the same bf16 values from a table in memory
+            for i in tl.static_range(4):  # columns 2i (the high nibble of byte i) and 2i + 1 (its low nibble)
+                even = tl.load(nf4_ptr + ((words >> (8 * i + 4)) & 15))
+                part = _add_columns(part, even, tl.load(nf4_ptr + ((words >> (8 * i)) & 15)), x_words + 2 * i)
+        scale = tl.load(absmax_ptr + block, mask=row_mask[:, None], other=0)  # [BN, B]
+        if NESTED:
+            scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256) + tl.load(offset_ptr)
+        acc += part * scale[:, :, None]
+    result = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + rows, mask=row_mask, other=0).to(tl.float32)
+    if HAS_LORA:  # rounded as the unfused layers round: the base output, the shrunk activations, then the sum
+        offs_c, offs_r = tl.arange(0, CHUNKS_PAD), tl.arange(0, R_PAD)
+        partials = partial_ptr + offs_c[:, None] * R_PAD + offs_r[None, :]
+        partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
+        shrunk = tl.sum(partial, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
+        b_tile = lora_b_ptr + tl.load(slot_ptr) * stride_bs + offs_r[:, None] * stride_br + rows[None, :]
+        b = tl.load(b_tile, mask=(offs_r[:, None] < R) & row_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
+        result = result.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.sum(b * shrunk[:, None], axis=0)
+    tl.store(out_ptr + rows, result.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@functools.cache
+def _bf16_code_book(device: torch.device) -> torch.Tensor:
+    return get_4bit_type("nf4", device=device).to(torch.bfloat16).float()  # [16]
+
+
+def pick_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCKS, num_warps) for an [n, k] weight: the best found per Llama-3-8B projection shape on the
+    H100 (`bench/nf4_kernel.py --sweep`), by the nearest shape; BLOCKS shrinks to divide K / 64."""
+    if n <= 2048:
+        block_n, blocks, warps = 4, 16, 8
+    elif k > 8192:
+        block_n, blocks, warps = 8, 8, 4
+    elif n > 8192:
+        block_n, blocks, warps = 16, 4, 4
+    else:
+        block_n, blocks, warps = 8, 8, 8
+    while (k // QBLOCK) % blocks:
+        blocks //= 2
+    return block_n, blocks, warps
+
+
+@dataclass(frozen=True)
+class LoraEpilogue:
+    """The expand half of one row's LoRA delta, added to the GEMV's output in the same kernel."""
+
+    partial: torch.Tensor  # [1, CHUNKS_PAD, R_PAD] fp32 from lora_shrink
+    chunks: int  # chunks of `partial` written
+    b: torch.Tensor  # [S+1, R, N] view of the B store (scaling folded in), unit column stride
+    slots: torch.Tensor  # [1] long
+
+
+def nf4_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+    lora: LoraEpilogue | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [K] (unit stride) @ dequant(weight).T (+ bias, + the row's LoRA delta) -> [N] in x's dtype; `state` is
+    the weight's bitsandbytes QuantState (nf4, block size 64, K a multiple of 64)."""
+    n, k = state.shape
+    on_cuda = x.device.type == "cuda"
+    # Triton's CPU interpreter runs programs one by one: there, few large ones
+    block_n, blocks, warps = config or (pick_config(n, k) if on_cuda else (min(128, triton.next_power_of_2(n)), 1, 1))
+    nested = bool(state.nested)
+    # state.offset stays a tensor: reading it on the host would synchronize, which CUDA graph capture forbids
+    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if lora is None:
+        partial, b, slots, rank, chunks, chunks_pad, r_pad = out, out, out, 0, 0, 1, 1
+        stride_bs = stride_br = 0
+    else:
+        partial, b, slots, rank, chunks = lora.partial, lora.b, lora.slots, lora.b.shape[1], lora.chunks
+        chunks_pad, r_pad = partial.shape[1:]
+        stride_bs, stride_br = b.stride(0), b.stride(1)
+    _nf4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset,
+        out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, partial, b, slots, out,
+        n, rank, chunks, stride_bs, stride_br, k // QBLOCK,
+        NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=lora is not None, CHUNKS_PAD=chunks_pad, R_PAD=r_pad,
+        DECODE_ASM=on_cuda, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether `module` is an NF4 linear layer this kernel reads: bitsandbytes' layout, block size 64."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return (
+        isinstance(module, Linear4bit)
+        and state is not None
+        and state.quant_type == "nf4"
+        and state.blocksize == QBLOCK
+        and (not state.nested or state.state2.blocksize == QBLOCK2)
+        and state.shape[1] % QBLOCK == 0
+    )
+
+
+class FusedNf4Linear(nn.Module):
+    """An NF4 Linear4bit whose one-row forwards run the GEMV above; larger ones run bitsandbytes."""
+
+    def __init__(self, base: Linear4bit) -> None:
+        super().__init__()
+        # bitsandbytes would repack the weight on a CPU with AVX512-BF16 the first time it runs there (prefill
+        # under Triton's CPU interpreter): the kernel reads bitsandbytes' standard layout only.
+        base.support_avx512bf16_for_cpu = False
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in]
+        if x.numel() != self.in_features:
+            return self.base(x)
+        return self.one_row(x.reshape(1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def one_row(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
+        """x [1, in] -> [1, out] in x's dtype, computed in the layer's compute dtype."""
+        compute = self.base.compute_dtype or x.dtype
+        bias = None if self.base.bias is None else self.base.bias.to(compute)
+        weight = self.base.weight
+        y = nf4_gemv(x[0].to(compute).contiguous(), weight, weight.quant_state, bias, lora)  # [out]
+        return y.to(x.dtype)[None]
+
+
+def fuse_nf4_linears(model: nn.Module) -> None:
+    """Swap every NF4 linear layer of `model` the GEMV reads for a FusedNf4Linear."""
+    for name, module in list(model.named_modules()):
+        if supported(module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FusedNf4Linear(module))
