@@ -22,7 +22,15 @@ from server.engine.attention import ATTENTION_NAME, KVCache, StepContext
 from server.engine.config import EngineConfig
 from server.engine.errors import AdapterTooLarge, EngineStopped, PromptTooLong
 from server.engine.graphs import IDS, POSITIONS, SLOTS, WRITE_ROWS, DecodeGraphs, decode_args
-from server.engine.multilora import LoraContext, LoraLayout, LoraStore, MultiLoraLinear, PackCache
+from server.engine.multilora import (
+    LoraContext,
+    LoraLayout,
+    LoraStore,
+    MultiLoraLinear,
+    PackCache,
+    ShrinkGroup,
+    shrink_groups,
+)
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import sample_batch
 from server.engine.slots import SlotTable
@@ -76,7 +84,7 @@ class Engine:
             from server.engine import kernels  # Triton: in CUDA builds of torch, not a CPU install's requirement
 
             kernels.install(model)
-            self._lora_context.decode_linear = kernels.decode_lora_linear
+            self._lora_context.decode_kernels = kernels.FusedDecode()
         self.lora_store, self.lora_layers = self._wrap_targets()
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -125,14 +133,17 @@ class Engine:
         layout = LoraLayout(a_offsets, b_offsets, a_width, b_width)
         store = LoraStore(layout, self.config.max_active_adapters, self.config.max_lora_rank, self.dtype, self.device)
         layers: dict[str, MultiLoraLinear] = {}
-        for name, module in targets:
-            lora_a, lora_b = store.views(name, module.in_features, module.out_features)
-            wrapped = MultiLoraLinear(
-                module, module.in_features, module.out_features, lora_a, lora_b, self._lora_context
-            )
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, wrapped)
-            layers[name] = wrapped
+        for members in shrink_groups(targets, a_offsets):
+            in_features = members[0][1].in_features
+            a0 = a_offsets[members[0][0]]
+            group = ShrinkGroup(store.a[:, :, a0 : a0 + len(members) * in_features], len(members))
+            for member, (name, module) in enumerate(members):
+                lora_a, lora_b = store.views(name, module.in_features, module.out_features)
+                wrapped = MultiLoraLinear(module, module.in_features, module.out_features, lora_a, lora_b,
+                                          self._lora_context, group, member)  # fmt: skip
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name), child, wrapped)
+                layers[name] = wrapped
         return store, layers
 
     def _eos_ids(self) -> frozenset[int]:

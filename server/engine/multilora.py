@@ -8,16 +8,30 @@ adapter is packed once on the CPU into the same column layout, so activating it 
 
 import threading
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from adapters.lora import LoraModule, LoraWeights
 
-# (base layer, x [B, in], A [S+1, r, in], B [S+1, r, out], slots [B]) -> base(x) + each row's LoRA delta [B, out]
-DecodeLinear = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class DecodeKernels(Protocol):
+    """Fused kernels for the LoRA delta of decode steps (the engine installs them on CUDA)."""
+
+    def shrink(self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
+        """x [B, in], a [S+1, r, G * in] -> (partial sums [G, B, chunks_pad, r_pad], chunks written)."""
+        ...
+
+    def linear(
+        self, base: nn.Module, x: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """base(x) + each row's LoRA delta from its shrink `partial` [B, chunks_pad, r_pad]: x [B, in] -> [B, out]."""
+        ...
 
 
 class LoraContext:
@@ -27,7 +41,7 @@ class LoraContext:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_ids = torch.empty(0, dtype=torch.long)  # [B] slot of each batch row
         self.mask: torch.Tensor | None = None  # [B, (S+1) * r_max]: 1 on the row's own slot, for the dense path
-        self.decode_linear: DecodeLinear | None = None  # fused kernels for decode steps, where installed
+        self.decode_kernels: DecodeKernels | None = None  # fused kernels for decode steps, where installed
 
     def set(self, slot_ids: torch.Tensor, dtype: torch.dtype) -> None:
         """Pick the LoRA kernel for this forward: gathering per-row weights reads each row's adapter three
@@ -35,7 +49,7 @@ class LoraContext:
         for prefill its FLOPs grow with the tokens). Where a fused decode kernel is installed, decode takes it."""
         self.slot_ids = slot_ids
         self.mask = None
-        if self.decode_linear is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
+        if self.decode_kernels is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
             columns = torch.arange((self.num_slots + 1) * self.max_rank, device=slot_ids.device)
             self.mask = (columns // self.max_rank == slot_ids[:, None]).to(dtype)
 
@@ -136,6 +150,46 @@ class PackCache:
             self._packs.pop(key, None)
 
 
+class ShrinkGroup:
+    """Wrapped layers called on the same input whose A columns are adjacent in the store (q/k/v, gate/up, or
+    one layer alone): in a decode step the first member's call shrinks x for all of them in one kernel."""
+
+    def __init__(self, a: torch.Tensor, size: int) -> None:
+        self.a = a  # [S+1, r_max, size * in]: a view of the A store
+        self.size = size
+        self._x: torch.Tensor | None = None  # the input tensor of the last shrink, held so its id stays unique
+        self._shrunk: tuple[torch.Tensor, int] = (torch.empty(0), 0)
+
+    def shrunk(self, x: torch.Tensor, slots: torch.Tensor, kernels: DecodeKernels) -> tuple[torch.Tensor, int]:
+        """(partial sums [G, B, chunks_pad, r_pad], chunks) of x [B, 1, in], shrunk once per input tensor."""
+        if self._x is not x:
+            self._shrunk = kernels.shrink(x.reshape(-1, x.shape[-1]), self.a, slots, self.size)
+            self._x = x
+        return self._shrunk
+
+
+def shrink_groups(targets: list[tuple[str, nn.Module]], a_offsets: dict[str, int]) -> list[list[tuple[str, nn.Module]]]:
+    """Split the wrapped layers (in store order) into runs that one decode-step shrink can serve: siblings
+    that their HF module calls on the same input (SHARED_INPUTS) with adjacent A columns; others alone."""
+    groups: list[list[tuple[str, nn.Module]]] = []
+    for name, module in targets:
+        parent, _, child = name.rpartition(".")
+        if groups:
+            first_name, first = groups[-1][0]
+            last_name, last = groups[-1][-1]
+            first_parent, _, first_child = first_name.rpartition(".")
+            if (
+                parent == first_parent
+                and any(first_child in shared and child in shared for shared in SHARED_INPUTS)
+                and module.in_features == first.in_features
+                and a_offsets[last_name] + last.in_features == a_offsets[name]
+            ):
+                groups[-1].append((name, module))
+                continue
+        groups.append([(name, module)])
+    return groups
+
+
 class MultiLoraLinear(nn.Module):
     def __init__(
         self,
@@ -145,6 +199,8 @@ class MultiLoraLinear(nn.Module):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         context: LoraContext,
+        group: ShrinkGroup,
+        member: int,
     ) -> None:
         super().__init__()
         self.base = base
@@ -153,12 +209,16 @@ class MultiLoraLinear(nn.Module):
         # Views of the shared stores (not buffers: they must keep aliasing the stores).
         self.lora_a = lora_a  # [S+1, r_max, in]
         self.lora_b = lora_b  # [S+1, r_max, out]
+        self.group, self.member = group, member  # this layer's A is columns member * in.. of the group's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, in]
         slots, mask = self.context.slot_ids, self.context.mask  # [B], [B, (S+1) r] or None
-        if self.context.decode_linear is not None and x.shape[1] == 1:
-            y = self.context.decode_linear(self.base, x.reshape(-1, self.in_features), self.lora_a, self.lora_b, slots)
+        kernels = self.context.decode_kernels
+        if kernels is not None and x.shape[1] == 1:
+            partial, chunks = self.group.shrunk(x, slots, kernels)
+            y = kernels.linear(self.base, x.reshape(-1, self.in_features), partial[self.member], chunks, self.lora_b,
+                               slots)  # fmt: skip
             return y.view(*x.shape[:-1], self.out_features)
         y = self.base(x)  # [B, T, out]
         xa = x.to(self.lora_a.dtype)

@@ -81,3 +81,26 @@ def test_prepared_adapters_are_views_of_one_pack_and_serve_alike(family_setup, t
     tokens, logprobs = reference_generate(base, adapter, prompt, NEW_TOKENS)
     assert sink.tokens("kept") == tokens
     assert sink.logprobs("kept") == pytest.approx(logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (None, [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+        (("q_proj", "v_proj", "o_proj", "down_proj"), [["q_proj", "v_proj"], ["o_proj"], ["down_proj"]]),
+    ],
+)
+def test_layers_sharing_an_input_share_one_shrink(targets, expected, family_setup, tokenizer) -> None:
+    """q/k/v (and gate/up) take the same tensor: their A columns are adjacent and one decode shrink serves them."""
+    base, _ = family_setup("llama")
+    engine = make_engine(base, tokenizer, **({} if targets is None else {"target_modules": targets}))
+    layer0 = [(name, layer) for name, layer in engine.lora_layers.items() if ".layers.0." in name]
+    groups: dict[int, list[str]] = {}
+    for name, layer in layer0:
+        members = groups.setdefault(id(layer.group), [])
+        assert layer.member == len(members)
+        members.append(name.rsplit(".", 1)[-1])
+        own = layer.group.a[:, :, layer.member * layer.in_features : (layer.member + 1) * layer.in_features]
+        assert own.data_ptr() == layer.lora_a.data_ptr() and own.shape == layer.lora_a.shape  # its own columns
+    assert list(groups.values()) == expected
+    assert all(len(members) == layer.group.size for _, layer in layer0 for members in [groups[id(layer.group)]])

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
-from server.engine.kernels.lora import add_lora_delta, lora_shrink
+from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, nf4_gemv
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
@@ -22,20 +22,25 @@ from server.engine.kernels.rope import rotary
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("rows", [[2, 0, 3, 2, 1], [1]])
-def test_lora_delta_matches_per_row_gather(rows) -> None:
+@pytest.mark.parametrize(("rows", "groups"), [([2, 0, 3, 2, 1], 1), ([1], 1), ([2, 0, 3], 3)])
+def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
+    """Shrink (for `groups` layers sharing x, as q/k/v do) then expand, against the gathered bmm per layer."""
     torch.manual_seed(0)
     slots, rank, k, n = 3, 6, 320, 300  # K and N not multiples of the kernels' blocks, rank not a power of 2
-    store_a = torch.randn(slots + 1, rank, k + 40, device=DEVICE)[:, :, 20 : 20 + k]  # views of wider stores
-    store_b = torch.randn(slots + 1, rank, n + 8, device=DEVICE)[:, :, :n]
+    store_a = torch.randn(slots + 1, rank, groups * k + 40, device=DEVICE)[:, :, 20 : 20 + groups * k]  # views
+    store_b = torch.randn(slots + 1, rank, n + 8, device=DEVICE)[:, :, :n]  # of wider stores
     store_a[slots], store_b[slots] = 0, 0  # the no-adapter slot
     rows = torch.tensor(rows, device=DEVICE)
-    x, y = torch.randn(len(rows), k, device=DEVICE), torch.randn(len(rows), n, device=DEVICE)
-    expected = y + torch.bmm(torch.bmm(x[:, None], store_a[rows].transpose(1, 2)), store_b[rows])[:, 0]
-    base_rows = y[rows == slots].clone()
-    add_lora_delta(y, x, store_a, store_b, rows)
-    assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4)
-    assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
+    x = torch.randn(len(rows), k, device=DEVICE)
+    partial, chunks = lora_shrink(x, store_a, rows, groups)
+    for g in range(groups):
+        y = torch.randn(len(rows), n, device=DEVICE)
+        a = store_a[:, :, g * k : (g + 1) * k]
+        expected = y + torch.bmm(torch.bmm(x[:, None], a[rows].transpose(1, 2)), store_b[rows])[:, 0]
+        base_rows = y[rows == slots].clone()
+        lora_expand(y, partial[g], chunks, store_b, rows)
+        assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4), f"layer {g}"
+        assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
 
 
 @pytest.mark.parametrize(("nested", "bias", "lora"), [(True, False, False), (False, True, False), (True, True, True)])
@@ -59,7 +64,8 @@ def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
         store_a = torch.randn(slots + 1, rank, k, device=DEVICE)
         store_b = torch.randn(slots + 1, rank, n, device=DEVICE)
         slot = torch.tensor([1], device=DEVICE)
-        epilogue = LoraEpilogue(*lora_shrink(x[None], store_a, slot), store_b, slot)
+        partial, chunks = lora_shrink(x[None], store_a, slot)
+        epilogue = LoraEpilogue(partial[0], chunks, store_b, slot)
         expected = expected + (store_a[1] @ x) @ store_b[1]
     got = nf4_gemv(x, weight, state, layer.bias if bias else None, epilogue)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)

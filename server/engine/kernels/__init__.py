@@ -7,31 +7,36 @@ The engine installs them on CUDA only; the tests run them on the CPU under Trito
 import torch
 from torch import nn
 
-from server.engine.kernels.lora import add_lora_delta, lora_shrink
+from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears
 from server.engine.kernels.rmsnorm import fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
 
-__all__ = ["decode_lora_linear", "install"]
+__all__ = ["FusedDecode", "install"]
 
 
 def install(model: nn.Module) -> None:
     """Swap `model`'s NF4 linear layers, RMSNorms and rotary embeddings for their fused forms (the LoRA delta
-    is the engine's: `decode_lora_linear`)."""
+    is the multi-LoRA layers': `FusedDecode`)."""
     fuse_nf4_linears(model)
     fuse_rms_norms(model)
     fuse_rotary(model)
 
 
-def decode_lora_linear(
-    base: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
-) -> torch.Tensor:
-    """base(x) + each row's LoRA delta for a decode step: x [B, in] -> [B, out]; a: [S+1, R, in],
-    b: [S+1, R, out] (views of the slot stores); slots: [B] long. One NF4 row: the shrink, then the GEMV with
-    the expand fused in; otherwise the base layer, then the two LoRA kernels in place on its output."""
-    if x.shape[0] == 1 and isinstance(base, FusedNf4Linear):
-        partial, chunks = lora_shrink(x, a, slots)
-        return base.one_row(x, LoraEpilogue(partial, chunks, b, slots))
-    y = base(x)
-    add_lora_delta(y, x, a, b, slots)
-    return y
+class FusedDecode:
+    """The decode step's multi-LoRA kernels, as the multi-LoRA layers call them (multilora.DecodeKernels)."""
+
+    shrink = staticmethod(lora_shrink)
+
+    @staticmethod
+    def linear(
+        base: nn.Module, x: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """base(x) + each row's LoRA delta: x [B, in] -> [B, out]; partial: the shrink's [B, CHUNKS_PAD, R_PAD]
+        for this layer; b: [S+1, R, out] (a view of the B store); slots: [B] long. One NF4 row: the GEMV with
+        the expand fused in; otherwise the base layer, then the expand in place on its output."""
+        if x.shape[0] == 1 and isinstance(base, FusedNf4Linear):
+            return base.one_row(x, LoraEpilogue(partial, chunks, b, slots))
+        y = base(x)
+        lora_expand(y, partial, chunks, b, slots)
+        return y

@@ -1,8 +1,9 @@
 """The per-row LoRA delta of a decode step in two kernels (the BGMV of Punica/S-LoRA), reading each row's
 slot straight from the slot stores: no per-layer gather copies, no mask over every slot.
 
-shrink: partial[b, c, :] = A[slot_b][:, chunk c] @ x[b, chunk c]     (K split in chunks for parallelism)
-expand: y[b, :] += (sum over c of partial[b, c, :]) @ B[slot_b]      (in place, into the base output)
+shrink: partial[g, b, c, :] = A_g[slot_b][:, chunk c] @ x[b, chunk c]   (K split in chunks for parallelism;
+        g: layers sharing the input, e.g. q/k/v, whose A columns are adjacent in the store: one launch for all)
+expand: y[b, :] += (sum over c of partial[g, b, c, :]) @ B[slot_b]      (in place, into the base output)
 """
 
 import torch
@@ -16,9 +17,10 @@ EXPAND_BLOCK_N = 256
 @triton.jit
 def _shrink_kernel(
     x_ptr,  # [B, K], row stride stride_x
-    a_ptr,  # [S+1, R, K] view of the A store: strides (stride_as, stride_ar, 1)
+    a_ptr,  # [S+1, R, G * K] view of the A store: strides (stride_as, stride_ar, 1)
     slot_ptr,  # [B] long
-    partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32
+    partial_ptr,  # [G, B, CHUNKS_PAD, R_PAD] fp32
+    B,
     K,
     R,
     stride_x,
@@ -30,14 +32,16 @@ def _shrink_kernel(
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
+    group = tl.program_id(2)
     slot = tl.load(slot_ptr + row)
     offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     k_mask = offs_k < K
     x = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
-    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :]
+    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + group * K + offs_k[None, :]
     a = tl.load(a_tile, mask=(offs_r[:, None] < R) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
-    tl.store(partial_ptr + (row * CHUNKS_PAD + chunk) * R_PAD + offs_r, tl.sum(a * x[None, :], axis=1))
+    partial = partial_ptr + ((group * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
+    tl.store(partial, tl.sum(a * x[None, :], axis=1))
 
 
 @triton.jit
@@ -74,25 +78,25 @@ def _expand_kernel(
     tl.store(y_row, (y + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Per-chunk partial products of x [B, K] @ A[slots].T: ([B, CHUNKS_PAD, R_PAD] fp32, chunks written);
-    a: [S+1, R, K] with unit column stride (a view of the slot store); slots: [B] long."""
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, int]:
+    """Per-chunk partial products of x [B, K] @ A_g[slots].T for each of `groups` layers taking x, whose A
+    columns are adjacent: ([G, B, CHUNKS_PAD, R_PAD] fp32, chunks written); a: [S+1, R, G * K] with unit column
+    stride (a view of the slot store); slots: [B] long."""
     rows, k = x.shape
     rank = a.shape[1]
     chunks = triton.cdiv(k, SHRINK_BLOCK_K)
     chunks_pad, r_pad = triton.next_power_of_2(chunks), max(16, triton.next_power_of_2(rank))  # tl.arange sizes
-    partial = torch.empty(rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
-    _shrink_kernel[(rows, chunks)](
-        x, a, slots, partial, k, rank, x.stride(0), a.stride(0), a.stride(1),
+    partial = torch.empty(groups, rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(rows, chunks, groups)](
+        x, a, slots, partial, rows, k, rank, x.stride(0), a.stride(0), a.stride(1),
         CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
     )  # fmt: skip
     return partial, chunks
 
 
-def add_lora_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor) -> None:
-    """y [B, N] += x [B, K] @ A[slots].T @ B[slots], in place; a: [S+1, R, K], b: [S+1, R, N] with unit
-    column strides (views of the slot stores); slots: [B] long."""
-    partial, chunks = lora_shrink(x, a, slots)
+def lora_expand(y: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor) -> None:
+    """y [B, N] += (the shrink's partial [B, CHUNKS_PAD, R_PAD] summed) @ B[slots], in place; b: [S+1, R, N]
+    with unit column stride (a view of the slot store); slots: [B] long."""
     rows, chunks_pad, r_pad = partial.shape
     n = y.shape[1]
     _expand_kernel[(rows, triton.cdiv(n, EXPAND_BLOCK_N))](

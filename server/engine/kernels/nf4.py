@@ -177,7 +177,7 @@ def pick_config(n: int, k: int) -> tuple[int, int, int]:
 class LoraEpilogue:
     """The expand half of one row's LoRA delta, added to the GEMV's output in the same kernel."""
 
-    partial: torch.Tensor  # [1, CHUNKS_PAD, R_PAD] fp32 from lora_shrink
+    partial: torch.Tensor  # [1, CHUNKS_PAD, R_PAD] fp32: one layer's part of lora_shrink's output
     chunks: int  # chunks of `partial` written
     b: torch.Tensor  # [S+1, R, N] view of the B store (scaling folded in), unit column stride
     slots: torch.Tensor  # [1] long
