@@ -1,5 +1,4 @@
-"""The NF4 kernels against bitsandbytes on Llama-3-8B projection shapes, per decode batch size (CUDA): the
-GEMV for one row, the tensor-core kernel for more.
+"""The NF4 GEMV against bitsandbytes' on Llama-3-8B projection shapes, one decode row (CUDA).
 
 python bench/nf4_kernel.py --out nf4.json            # the launcher's configurations
 python bench/nf4_kernel.py --sweep 60 --out nf4.json  # also search configurations for up to 60 s per shape
@@ -20,7 +19,7 @@ from bitsandbytes.nn import Linear4bit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from server.engine.kernels.nf4 import nf4_gemv, nf4_matmul
+from server.engine.kernels.nf4 import nf4_gemv, pick_config
 
 # (out, in) of each projection of a Llama-3-8B layer, and how many of that shape one layer has
 SHAPES = {"q_proj/o_proj": ((4096, 4096), 2), "k_proj/v_proj": ((1024, 4096), 2),
@@ -50,9 +49,7 @@ def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
     return 1000 * start.elapsed_time(end) / (calls * replays)
 
 
-def candidates(m: int, k: int) -> list[tuple[int, ...]]:
-    if m > 1:
-        return list(itertools.product((16, 32, 64, 128), (2, 4, 8)))
+def candidates(k: int) -> list[tuple[int, int, int]]:
     blocks = k // 64
     found = [
         (block_n, per_iteration, warps)
@@ -63,55 +60,41 @@ def candidates(m: int, k: int) -> list[tuple[int, ...]]:
     return found
 
 
-def kernel(m: int):
-    """(x, weight, state, config) -> y: the kernel the engine runs for `m` rows."""
-    if m == 1:
-        return lambda x, weight, state, config=None: nf4_gemv(x[0], weight, state, None, None, config)
-    return lambda x, weight, state, config=None: nf4_matmul(x, weight, state, None, config)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rows", default="1,8,32,64", help="decode batch sizes")
     parser.add_argument("--sweep", type=float, default=0.0, help="seconds to search configurations, per shape")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"device": torch.cuda.get_device_name(0), "rows": {}}
-    layers = {}
-    for name, ((n, k), _) in SHAPES.items():
+    results = {"device": torch.cuda.get_device_name(0), "shapes": {}}
+    for name, ((n, k), count) in SHAPES.items():
         layer = Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")  # double quant
-        layers[name] = layer.to(torch.bfloat16).cuda()  # quantizes
-    for m in (int(r) for r in args.rows.split(",")):
-        run, shapes = kernel(m), {}
-        for name, ((n, k), count) in SHAPES.items():
-            layer = layers[name]
-            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            weight, state = layer.weight, layer.weight.quant_state
-            expected = layer(x).float()
-            got = run(x, weight, state).float()
-            error = ((got - expected).abs().max() / expected.abs().max()).item()
-            bnb_us = graph_us(lambda: layer(x))  # noqa: B023
-            fused_us = graph_us(lambda: run(x, weight, state))  # noqa: B023
-            best, best_us = None, fused_us
-            deadline = time.monotonic() + args.sweep
-            for config in candidates(m, k):
-                if time.monotonic() > deadline:
-                    break
-                us = graph_us(lambda: run(x, weight, state, config), calls=10, replays=5)  # noqa: B023
-                if us < best_us:
-                    best, best_us = config, us
-            gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
-            shapes[name] = {"bnb_us": bnb_us, "fused_us": fused_us, "best_us": best_us, "best_config": best,
-                            "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
-            print(f"M={m:3d} {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  best {best_us:7.1f} us "
-                  f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
-        row = {"shapes": shapes}
-        for key in ("bnb_us", "fused_us", "best_us"):
-            row[f"step_ms_{key[:-3]}"] = LAYERS * sum(s[key] * s["per_layer"] for s in shapes.values()) / 1000
-        print(f"M={m:3d} linear layers per decode step: bnb {row['step_ms_bnb']:.2f} ms, fused "
-              f"{row['step_ms_fused']:.2f} ms, best found {row['step_ms_best']:.2f} ms", flush=True)  # fmt: skip
-        results["rows"][m] = row
+        layer = layer.to(torch.bfloat16).cuda()  # quantizes
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        weight, state = layer.weight, layer.weight.quant_state
+        expected = layer(x)[0].float()
+        got = nf4_gemv(x[0], weight, state).float()
+        error = ((got - expected).abs().max() / expected.abs().max()).item()
+        bnb_us = graph_us(lambda: layer(x))  # noqa: B023
+        fused_us = graph_us(lambda: nf4_gemv(x[0], weight, state))  # noqa: B023
+        best, best_us = pick_config(n, k), fused_us
+        deadline = time.monotonic() + args.sweep
+        for config in candidates(k):
+            if time.monotonic() > deadline:
+                break
+            us = graph_us(lambda: nf4_gemv(x[0], weight, state, None, None, config), calls=10, replays=5)  # noqa: B023
+            if us < best_us:
+                best, best_us = config, us
+        gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
+        results["shapes"][name] = {"bnb_us": bnb_us, "fused_us": fused_us, "best_us": best_us, "best_config": best,
+                                   "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
+        print(f"{name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  best {best_us:7.1f} us "
+              f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
+    shapes = results["shapes"]
+    for key in ("bnb_us", "fused_us", "best_us"):
+        results[f"step_ms_{key[:-3]}"] = LAYERS * sum(s[key] * s["per_layer"] for s in shapes.values()) / 1000
+    print(f"linear layers per decode step: bnb {results['step_ms_bnb']:.2f} ms, fused "
+          f"{results['step_ms_fused']:.2f} ms, best found {results['step_ms_best']:.2f} ms", flush=True)  # fmt: skip
     args.out.write_text(json.dumps(results, indent=1))
 
 

@@ -20,7 +20,6 @@ from torch import nn
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size this kernel reads
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
-MAX_ROWS = 64  # above this many rows, bitsandbytes' dequantize + a dense matmul (prefill)
 
 
 def _decode_asm() -> str:
@@ -153,86 +152,6 @@ def _nf4_gemv_kernel(
     tl.store(out_ptr + rows, result.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-@triton.jit
-def _decoded_tile(words, nf4_ptr, dtype: tl.constexpr, DECODE_ASM: tl.constexpr):
-    # words [BN, 8] int32 (one quantization block per row) -> [BN, 64] weights in `dtype`, the columns in the
-    # order of _decoded_columns (the joins below): a matmul only needs x's columns in the same order.
-    if DECODE_ASM:
-        pair0, pair1, pair2, pair3 = _decode_words(words)
-        even0, odd0 = _high_half(pair0).to(dtype), _low_half(pair0).to(dtype)
-        even1, odd1 = _high_half(pair1).to(dtype), _low_half(pair1).to(dtype)
-        even2, odd2 = _high_half(pair2).to(dtype), _low_half(pair2).to(dtype)
-        even3, odd3 = _high_half(pair3).to(dtype), _low_half(pair3).to(dtype)
-    else:
-        even0, odd0 = tl.load(nf4_ptr + ((words >> 4) & 15)).to(dtype), tl.load(nf4_ptr + (words & 15)).to(dtype)
-        even1 = tl.load(nf4_ptr + ((words >> 12) & 15)).to(dtype)
-        odd1 = tl.load(nf4_ptr + ((words >> 8) & 15)).to(dtype)
-        even2 = tl.load(nf4_ptr + ((words >> 20) & 15)).to(dtype)
-        odd2 = tl.load(nf4_ptr + ((words >> 16) & 15)).to(dtype)
-        even3 = tl.load(nf4_ptr + ((words >> 28) & 15)).to(dtype)
-        odd3 = tl.load(nf4_ptr + ((words >> 24) & 15)).to(dtype)
-    low = tl.join(tl.join(even0, odd0), tl.join(even1, odd1))  # [BN, 8, 2, 2]
-    high = tl.join(tl.join(even2, odd2), tl.join(even3, odd3))
-    return tl.reshape(tl.join(low, high), (words.shape[0], 64))
-
-
-@triton.jit
-def _decoded_columns():
-    # Column of the block held at position j of _decoded_tile: j = 8 w + 4 p + 2 q + r is word w, column
-    # 2 (2 r + q) + p of it (p: odd, q and r: which of the word's four pairs)
-    j = tl.arange(0, 64)
-    return (j // 8) * 8 + 4 * (j % 2) + 2 * ((j // 2) % 2) + (j // 4) % 2
-
-
-@triton.jit
-def _nf4_matmul_kernel(
-    x_ptr,  # [M, K] compute dtype, row stride stride_xm
-    w_ptr,  # [N * K / 8] int32: bitsandbytes' packed bytes, 8 codes per word
-    absmax_ptr,  # [N * K / 64] fp32, or uint8 indices into code2_ptr when NESTED
-    absmax2_ptr,  # [N * K / 64 / 256] fp32 (NESTED only)
-    code2_ptr,  # [256] fp32 (NESTED only)
-    offset_ptr,  # [] fp32 added to every absmax (NESTED only)
-    nf4_ptr,  # [16] fp32: the NF4 code book rounded to bf16 (not DECODE_ASM only)
-    bias_ptr,  # [N] (HAS_BIAS only)
-    out_ptr,  # [M, N] compute dtype
-    M,
-    N,
-    stride_xm,
-    BLOCKS_PER_ROW: tl.constexpr,  # K / 64
-    NESTED: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DECODE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One quantization block (64 columns, one scale per output row) per iteration: the scale multiplies the
-    # block's fp32 products on the way into the accumulator, so the weights go to the tensor cores as codes.
-    dtype = x_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    row_mask = rows < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    x_cols = x_ptr + offs_m[:, None] * stride_xm + _decoded_columns()[None, :]  # [BM, 64]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(0, BLOCKS_PER_ROW):
-        block = rows * BLOCKS_PER_ROW + b  # [BN]
-        words = tl.load(w_ptr + block[:, None] * 8 + tl.arange(0, 8)[None, :], mask=row_mask[:, None], other=0)
-        weights = _decoded_tile(words, nf4_ptr, dtype, DECODE_ASM)  # [BN, 64]
-        x = tl.load(x_cols + b * 64, mask=m_mask[:, None], other=0.0)  # [BM, 64]
-        scale = tl.load(absmax_ptr + block, mask=row_mask, other=0)  # [BN]
-        if NESTED:
-            scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256) + tl.load(offset_ptr)
-        if dtype == tl.float32:
-            products = tl.dot(x, tl.trans(weights), input_precision="ieee")
-        else:
-            products = tl.dot(x, tl.trans(weights))
-        acc += products * scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_mask, other=0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * N + rows[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
-
-
 @functools.cache
 def _bf16_code_book(device: torch.device) -> torch.Tensor:
     return get_4bit_type("nf4", device=device).to(torch.bfloat16).float()  # [16]
@@ -299,31 +218,6 @@ def nf4_gemv(
     return out
 
 
-def nf4_matmul(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    state: QuantState,
-    bias: torch.Tensor | None = None,
-    config: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, unit column stride) @ dequant(weight).T (+ bias) -> [M, N] in x's dtype, on the
-    tensor cores; `state` as for nf4_gemv. config: (BLOCK_N, num_warps)."""
-    m, k = x.shape
-    n = state.shape[0]
-    on_cuda = x.device.type == "cuda"
-    block_n, warps = config or ((64, 4) if on_cuda else (128, 1))
-    nested = bool(state.nested)
-    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _nf4_matmul_kernel[(triton.cdiv(n, block_n),)](
-        x, weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset,
-        out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, out, m, n, x.stride(0),
-        k // QBLOCK, NESTED=nested, HAS_BIAS=bias is not None, DECODE_ASM=on_cuda,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, num_warps=warps,
-    )  # fmt: skip
-    return out
-
-
 def supported(module: nn.Module) -> bool:
     """Whether `module` is an NF4 linear layer this kernel reads: bitsandbytes' layout, block size 64."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -338,8 +232,7 @@ def supported(module: nn.Module) -> bool:
 
 
 class FusedNf4Linear(nn.Module):
-    """An NF4 Linear4bit whose forwards of one row run the GEMV above, of up to MAX_ROWS rows the tensor-core
-    kernel, of more (prefill) bitsandbytes."""
+    """An NF4 Linear4bit whose one-row forwards run the GEMV above; larger ones run bitsandbytes."""
 
     def __init__(self, base: Linear4bit) -> None:
         super().__init__()
@@ -351,19 +244,9 @@ class FusedNf4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]
-        rows = x.numel() // self.in_features
-        if rows > MAX_ROWS:
+        if x.numel() != self.in_features:
             return self.base(x)
-        flat = x.reshape(rows, self.in_features)
-        if rows == 1:
-            return self.one_row(flat).view(*x.shape[:-1], self.out_features)
-        compute = self.base.compute_dtype or x.dtype
-        flat = flat.to(compute)
-        if flat.stride(1) != 1:
-            flat = flat.contiguous()
-        bias = None if self.base.bias is None else self.base.bias.to(compute)
-        y = nf4_matmul(flat, self.base.weight, self.base.weight.quant_state, bias)  # [rows, out]
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return self.one_row(x.reshape(1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def one_row(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
         """x [1, in] -> [1, out] in x's dtype, computed in the layer's compute dtype."""
