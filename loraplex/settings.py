@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     preload: CommaList = Field(default_factory=list)
     cuda_graphs: bool = Field(True, description="Capture the decode step in CUDA graphs (CUDA only).")
     fused_kernels: bool = Field(
-        True, description="Run the decode step's LoRA deltas, RMSNorms and rotary embeddings as Triton kernels (CUDA)"
+        True,
+        description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and one-row NF4 GEMVs as Triton "
+        "kernels (CUDA)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
 from server.engine.kernels.lora import lora_expand, lora_shrink
-from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, nf4_gemv
+from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
 
@@ -121,3 +121,16 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
         assert sink.tokens(f"r{i}") == tokens, f"row {i}"
         # NF4: bitsandbytes' kernels round differently for different batch shapes (~1e-3); tokens must agree
         assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-2 if nf4 else 1e-4)
+
+
+def test_only_nf4_layers_the_gemv_reads_are_swapped() -> None:
+    model = torch.nn.Sequential(
+        Linear4bit(128, 32, quant_type="nf4", compute_dtype=torch.float32),
+        Linear4bit(128, 32, quant_type="fp4", compute_dtype=torch.float32),  # another code book
+        Linear4bit(96, 32, quant_type="nf4", compute_dtype=torch.float32),  # K not a multiple of the block
+        torch.nn.Linear(128, 32),
+    ).to(DEVICE)
+    for layer, k in zip(model, (128, 128, 96, 128), strict=True):
+        layer(torch.zeros(1, k, device=DEVICE))  # on the CPU the first forward quantizes
+    fuse_nf4_linears(model)
+    assert [type(layer).__name__ for layer in model] == ["FusedNf4Linear", "Linear4bit", "Linear4bit", "Linear"]

@@ -3,9 +3,10 @@
 bitsandbytes' own 4-bit GEMV reads the weights at about a quarter of the H100's bandwidth, and one-row decode
 is nothing but that read (BENCHMARKS.md). This kernel reads bitsandbytes' storage in place: two NF4 codes per
 byte, the even column in the high nibble; one absmax per 64 weights, itself 8-bit quantized per 256 blocks
-under double quantization. The bytes are loaded as int32 words (8 codes each, 16-byte vector loads); each
-program owns a few output rows, so every x value it loads serves all of them, and the scale multiplies a
-word's 8 products at once, not each weight.
+under double quantization. The bytes are loaded as int32 words (8 codes each) and decoded with register byte
+permutes (not a table in memory); each program owns a few output rows and every x value it loads serves all
+of them; the scale multiplies a word's 8 products at once, not each weight. The row's LoRA delta can be
+added in the epilogue (the expand half of the LoRA kernels), so a projection with a LoRA is two launches.
 """
 
 import functools
