@@ -171,7 +171,11 @@ def main() -> None:
     engine_run(engine, [loras[0]], shape, "warm")
     single = engine_run(engine, [loras[1]], shape, "one")
     single_base = engine_run(engine, [None], shape, "one-base")
+    # First use: each adapter is packed (pinned) on submit, then copied into a slot. The server's registry packs
+    # an adapter once, when it loads it into its CPU tier; the second run (new keys, so new slot copies) is that
+    # steady state.
     many = engine_run(engine, loras[: shape.requests], shape, "many")
+    many_resident = engine_run(engine, loras[: shape.requests], shape, "many-resident")
     many_base = engine_run(engine, [None] * shape.requests, shape, "many-base")
     many_sampled = engine_run(engine, loras[: shape.requests], shape, "many-sampled", sampled=True)
     activation = sorted(engine.activation_seconds)
@@ -183,10 +187,15 @@ def main() -> None:
             "engine_32_lora_tok_s": many["tok_s"],
             "engine_32_lora_decode_tok_s": many["decode_tok_s"],
             "engine_32_lora_ttft_ms": many["ttft_ms"],
+            "engine_32_lora_resident_tok_s": many_resident["tok_s"],
+            "engine_32_lora_resident_decode_tok_s": many_resident["decode_tok_s"],
             "engine_32_lora_sampled_tok_s": many_sampled["tok_s"],
             "engine_32_base_tok_s": many_base["tok_s"],
+            "engine_32_base_decode_tok_s": many_base["decode_tok_s"],
             "lora_overhead_1_pct": 100 * (single_base["decode_tok_s"] / single["decode_tok_s"] - 1),
-            "lora_overhead_32_pct": 100 * (many_base["tok_s"] / many["tok_s"] - 1),
+            "lora_overhead_32_pct": 100 * (many_base["tok_s"] / many_resident["tok_s"] - 1),
+            "lora_overhead_32_decode_pct": 100 * (many_base["decode_tok_s"] / many_resident["decode_tok_s"] - 1),
+            "lora_overhead_32_first_use_pct": 100 * (many_base["tok_s"] / many["tok_s"] - 1),
             "activation_ms_median": 1000 * statistics.median(activation),
             "activation_ms_max": 1000 * activation[-1],
             "activations": len(activation),

@@ -1,17 +1,22 @@
-"""The NF4 GEMV against bitsandbytes' on Llama-3-8B projection shapes, one decode row (CUDA).
+"""The NF4 kernels against bitsandbytes on Llama-3-8B projection shapes (CUDA): the GEMV for one row, the
+tensor-core matmul for more.
 
-python bench/nf4_kernel.py --out nf4.json            # the launcher's configurations
-python bench/nf4_kernel.py --sweep 60 --out nf4.json  # also search configurations for up to 60 s per shape
+python bench/nf4_kernel.py --out nf4.json                       # 1 and 32 rows, the launchers' configurations
+python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also search configurations, 60 s each
 
-Each time is one call inside a CUDA graph (as in the engine's decode step), averaged over 20 replays.
+Each time is one call inside a CUDA graph (as in the engine's decode step), averaged over replays of a graph
+that runs the projection over enough copies of the weight (200 MB at least) that they come from memory, not
+from the 50 MB L2 cache, as in a decode step.
 """
 
 import argparse
 import itertools
 import json
+import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,16 +24,17 @@ from bitsandbytes.nn import Linear4bit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from server.engine.kernels.nf4 import nf4_gemv, pick_config
+from server.engine.kernels.nf4 import nf4_gemv, nf4_matmul, pick_config, pick_matmul_config
 
 # (out, in) of each projection of a Llama-3-8B layer, and how many of that shape one layer has
 SHAPES = {"q_proj/o_proj": ((4096, 4096), 2), "k_proj/v_proj": ((1024, 4096), 2),
           "gate_proj/up_proj": ((14336, 4096), 2), "down_proj": ((4096, 14336), 1)}  # fmt: skip
 LAYERS = 32
+STREAMED_BYTES = 200e6
 
 
-def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
-    """Microseconds per call of `fn`, captured `calls` times in one CUDA graph."""
+def graph_us(fn: Callable[[], None], calls: int, replays: int = 10) -> float:
+    """Microseconds per call of `fn`, one call per weight copy: `calls` of them captured in one CUDA graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -36,8 +42,7 @@ def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        fn()
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -49,52 +54,75 @@ def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
     return 1000 * start.elapsed_time(end) / (calls * replays)
 
 
-def candidates(k: int) -> list[tuple[int, int, int]]:
-    blocks = k // 64
-    found = [
-        (block_n, per_iteration, warps)
-        for block_n, per_iteration, warps in itertools.product((4, 8, 16, 32, 64), (1, 2, 4, 8, 16), (1, 2, 4, 8))
-        if blocks % per_iteration == 0 and block_n * per_iteration * 8 >= 32 * warps  # a word per thread at least
-    ]
+def candidates(n: int, k: int, rows: int) -> list[tuple]:
+    """Configurations to search: the GEMV's (BLOCK_N, BLOCKS, warps) for one row, else the matmul's."""
+    if rows == 1:
+        found = [
+            (block_n, per_iteration, warps)
+            for block_n, per_iteration, warps in itertools.product((4, 8, 16, 32, 64), (1, 2, 4, 8, 16), (1, 2, 4, 8))
+            if (k // 64) % per_iteration == 0 and block_n * per_iteration * 8 >= 32 * warps  # a word per thread
+        ]
+    else:
+        found = [
+            (block_n, block_k, split_k, warps, stages)
+            for block_n, block_k, split_k, warps, stages in itertools.product(
+                (32, 64, 128), (64, 128, 256), (1, 2, 4, 8, 16), (4, 8), (1, 2, 3)
+            )
+            if k % (block_k * split_k) == 0 and 100 <= n // block_n * split_k <= 4000  # the SMs busy, not swamped
+        ]
     random.Random(0).shuffle(found)  # a time-boxed search then samples the whole space
     return found
+
+
+def kernel(x: torch.Tensor, layer: Linear4bit, config: tuple | None) -> torch.Tensor:
+    state = layer.weight.quant_state
+    if x.shape[0] == 1:
+        return nf4_gemv(x[0], layer.weight, state, None, None, config)[None]
+    return nf4_matmul(x, layer.weight, state, None, config)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", default="1,32", help="comma-separated row counts (1: the GEMV)")
     parser.add_argument("--sweep", type=float, default=0.0, help="seconds to search configurations, per shape")
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"device": torch.cuda.get_device_name(0), "shapes": {}}
+    results = {"device": torch.cuda.get_device_name(0), "rows": {}}
     for name, ((n, k), count) in SHAPES.items():
-        layer = Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")  # double quant
-        layer = layer.to(torch.bfloat16).cuda()  # quantizes
-        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        weight, state = layer.weight, layer.weight.quant_state
-        expected = layer(x)[0].float()
-        got = nf4_gemv(x[0], weight, state).float()
-        error = ((got - expected).abs().max() / expected.abs().max()).item()
-        bnb_us = graph_us(lambda: layer(x))  # noqa: B023
-        fused_us = graph_us(lambda: nf4_gemv(x[0], weight, state))  # noqa: B023
-        best, best_us = pick_config(n, k), fused_us
-        deadline = time.monotonic() + args.sweep
-        for config in candidates(k):
-            if time.monotonic() > deadline:
-                break
-            us = graph_us(lambda: nf4_gemv(x[0], weight, state, None, None, config), calls=10, replays=5)  # noqa: B023
-            if us < best_us:
-                best, best_us = config, us
-        gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
-        results["shapes"][name] = {"bnb_us": bnb_us, "fused_us": fused_us, "best_us": best_us, "best_config": best,
-                                   "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
-        print(f"{name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  best {best_us:7.1f} us "
-              f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
-    shapes = results["shapes"]
-    for key in ("bnb_us", "fused_us", "best_us"):
-        results[f"step_ms_{key[:-3]}"] = LAYERS * sum(s[key] * s["per_layer"] for s in shapes.values()) / 1000
-    print(f"linear layers per decode step: bnb {results['step_ms_bnb']:.2f} ms, fused "
-          f"{results['step_ms_fused']:.2f} ms, best found {results['step_ms_best']:.2f} ms", flush=True)  # fmt: skip
+        copies = math.ceil(STREAMED_BYTES / (n * k / 2))
+        layers = [
+            Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(torch.bfloat16).cuda()
+            for _ in range(copies)
+        ]  # quantized (double quantization) on the way to the device
+        for rows in map(int, args.rows.split(",")):
+            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+            expected = layers[0](x).float()
+            got = kernel(x, layers[0], None).float()
+            error = ((got - expected).abs().max() / expected.abs().max()).item()
+            bnb_us = graph_us(lambda: [layer(x) for layer in layers], copies)  # noqa: B023
+            fused_us = graph_us(lambda: [kernel(x, layer, None) for layer in layers], copies)  # noqa: B023
+            best = pick_config(n, k) if rows == 1 else pick_matmul_config(n, k, on_cuda=True)
+            best_us = fused_us
+            deadline = time.monotonic() + args.sweep
+            for config in candidates(n, k, rows):
+                if time.monotonic() > deadline:
+                    break
+                us = graph_us(lambda: [kernel(x, layer, config) for layer in layers], copies, 3)  # noqa: B023
+                if us < best_us:
+                    best, best_us = config, us
+            gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
+            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "best_us": best_us, "best_config": best,
+                     "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
+            results["rows"].setdefault(str(rows), {})[name] = shape
+            print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  best {best_us:7.1f} us "
+                  f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
+    for rows, shapes in results["rows"].items():
+        step = {key: LAYERS * sum(s[f"{key}_us"] * s["per_layer"] for s in shapes.values()) / 1000
+                for key in ("bnb", "fused", "best")}  # fmt: skip
+        results[f"step_ms_{rows}_rows"] = step
+        print(f"{rows} rows, linear layers per decode step: bnb {step['bnb']:.2f} ms, fused {step['fused']:.2f} ms, "
+              f"best found {step['best']:.2f} ms", flush=True)  # fmt: skip
     args.out.write_text(json.dumps(results, indent=1))
 
 

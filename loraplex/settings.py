@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="Capture the decode step in CUDA graphs (CUDA only).")
     fused_kernels: bool = Field(
         True,
-        description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and one-row NF4 GEMVs as Triton "
-        "kernels (CUDA)",
+        description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and NF4 projections (up to 64 "
+        "rows) as Triton kernels (CUDA)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

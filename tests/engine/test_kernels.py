@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
 from server.engine.kernels.lora import lora_expand, lora_shrink
-from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv
+from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
 
@@ -43,20 +43,26 @@ def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
         assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
 
 
+def nf4_layer(n: int, k: int, nested: bool, bias: bool) -> tuple[Linear4bit, torch.Tensor]:
+    """An NF4 layer and its weight [n, k] as the kernels compute it: the codes through bf16-rounded NF4 values
+    (the kernels' precision), times each block's absmax."""
+    layer = Linear4bit(k, n, bias=bias, compress_statistics=nested, quant_type="nf4", compute_dtype=torch.float32)
+    layer = layer.to(DEVICE)  # quantizes on CUDA; on the CPU the first forward does
+    layer(torch.zeros(1, k, device=DEVICE))
+    state = layer.weight.quant_state
+    packed = layer.weight.view(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], -1).view(n, k)
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+    values = get_4bit_type("nf4", device=DEVICE).to(torch.bfloat16).float()[codes]
+    return layer, (values.view(-1, 64) * absmax.float()[:, None]).view(n, k)
+
+
 @pytest.mark.parametrize(("nested", "bias", "lora"), [(True, False, False), (False, True, False), (True, True, True)])
 def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
     torch.manual_seed(0)
     n, k, slots, rank = 40, 64 * 9, 3, 5  # K / 64 odd, N not a multiple of the row blocks, rank not a power of 2
-    layer = Linear4bit(k, n, bias=bias, compress_statistics=nested, quant_type="nf4", compute_dtype=torch.float32)
-    layer = layer.to(DEVICE)  # quantizes on CUDA; on the CPU the first forward does
-    layer(torch.zeros(1, k, device=DEVICE))
+    layer, dense = nf4_layer(n, k, nested, bias)
     weight, state = layer.weight, layer.weight.quant_state
-    # The reference: the codes through bf16-rounded NF4 values (the kernel's precision), times each block's absmax
-    packed = weight.view(-1).long()
-    codes = torch.stack([packed >> 4, packed & 15], -1).view(n, k)
-    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
-    values = get_4bit_type("nf4", device=DEVICE).to(torch.bfloat16).float()[codes]
-    dense = (values.view(-1, 64) * absmax.float()[:, None]).view(n, k)
     x = torch.randn(k, device=DEVICE)
     expected = dense @ x + (layer.bias if bias else 0)
     epilogue = None
@@ -69,6 +75,22 @@ def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
         expected = expected + (store_a[1] @ x) @ store_b[1]
     got = nf4_gemv(x, weight, state, layer.bias if bias else None, epilogue)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("rows", "nested", "bias", "config"),
+    [(5, True, False, None), (64, False, True, None), (17, True, True, (32, 64, 3, 1, 1))],  # 3 programs per tile
+)
+def test_nf4_matmul_matches_the_dequantized_weight(rows, nested, bias, config) -> None:
+    torch.manual_seed(0)
+    n, k = 40, 64 * 9
+    layer, dense = nf4_layer(n, k, nested, bias)
+    x = torch.randn(rows, k, device=DEVICE)
+    expected = x @ dense.T + (layer.bias if bias else 0)
+    got = nf4_matmul(x, layer.weight, layer.weight.quant_state, layer.bias if bias else None, config)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    if config is None:  # the layer takes this kernel for any [..., k] input of up to MAX_ROWS rows
+        assert torch.allclose(FusedNf4Linear(layer)(x.view(rows, 1, k)), expected[:, None], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("norm_class", sorted(NORMS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
@@ -99,7 +121,8 @@ def test_rotary_matches_the_hf_function(dtype) -> None:
     ("family", "nf4", "alone"), [*((f, False, False) for f in FAMILIES), ("llama", True, False), ("llama", True, True)]
 )
 def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_setup, tokenizer) -> None:
-    """A mixed batch, or (`alone`) each request on its own: one-row NF4 decode steps run the fused GEMV."""
+    """A mixed batch, or (`alone`) each request on its own: NF4 decode steps of one row run the fused GEMV, of
+    several the NF4 matmul."""
     cpu_base, adapters = family_setup(family)
     base = copy.deepcopy(cpu_base).to(DEVICE)
     if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit

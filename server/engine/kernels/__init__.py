@@ -1,5 +1,5 @@
-"""Triton kernels of the decode step on CUDA: the NF4 GEMV of one-row steps, the per-row LoRA delta, RMSNorm
-and rotary embeddings.
+"""Triton kernels of the decode step on CUDA: the NF4 projections (a GEMV for one row, a tensor-core matmul for
+up to 64), the per-row LoRA delta, RMSNorm and rotary embeddings.
 
 The engine installs them on CUDA only; the tests run them on the CPU under Triton's interpreter.
 """

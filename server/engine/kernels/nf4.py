@@ -1,12 +1,18 @@
-"""An NF4 matrix-vector product for one-row decode steps: y = x @ dequant(W).T, W never materialized.
+"""NF4 matrix products for decode steps, W never materialized: a GEMV for one row, a tensor-core kernel for
+2-64 rows (y = x @ dequant(W).T).
 
-bitsandbytes' own 4-bit GEMV reads the weights at about a quarter of the H100's bandwidth, and one-row decode
-is nothing but that read (BENCHMARKS.md). This kernel reads bitsandbytes' storage in place: two NF4 codes per
-byte, the even column in the high nibble; one absmax per 64 weights, itself 8-bit quantized per 256 blocks
-under double quantization. The bytes are loaded as int32 words (8 codes each) and decoded with register byte
-permutes (not a table in memory); each program owns a few output rows and every x value it loads serves all
-of them; the scale multiplies a word's 8 products at once, not each weight. The row's LoRA delta can be
-added in the epilogue (the expand half of the LoRA kernels), so a projection with a LoRA is two launches.
+bitsandbytes' own 4-bit GEMV reads the weights at about a quarter of the H100's bandwidth, and for more rows it
+dequantizes the whole weight to bf16 and multiplies densely: 4.5 bytes of traffic per weight instead of the
+0.5 of NF4 (BENCHMARKS.md). Both kernels here read bitsandbytes' storage in place: two NF4 codes per byte, the
+even column in the high nibble; one absmax per 64 weights, itself 8-bit quantized per 256 blocks under double
+quantization. The bytes are loaded as int32 words (8 codes each) and decoded with register byte permutes (not
+a table in memory).
+- The GEMV: each program owns a few output rows and every x value it loads serves all of them; the scale
+  multiplies a word's 8 products at once, not each weight. The row's LoRA delta can be added in the epilogue
+  (the expand half of the LoRA kernels), so a projection with a LoRA is two launches.
+- The matmul: each program decodes a [BLOCK_N, BLOCK_K] weight tile once, scaled, into registers and feeds it
+  to one tensor-core dot with all the rows' x; K is split over several programs that add into one fp32 output,
+  so even a 1,024-row weight keeps every SM streaming.
 """
 
 import functools
@@ -19,8 +25,9 @@ from bitsandbytes.functional import QuantState, get_4bit_type
 from bitsandbytes.nn import Linear4bit
 from torch import nn
 
-QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size this kernel reads
+QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
+MAX_ROWS = 64  # above this many rows (prefill), bitsandbytes' dequantize + a dense matmul
 
 
 def _decode_asm() -> str:
@@ -87,6 +94,37 @@ def _add_columns(part, even, odd, x_even_ptr):
 
 
 @triton.jit
+def _decoded_columns(words, nf4_ptr, DECODE_ASM: tl.constexpr):
+    # words [...] int32 -> eight [...] fp32: columns 0..7 of each word (2i: the high nibble of byte i)
+    if DECODE_ASM:
+        pair0, pair1, pair2, pair3 = _decode_words(words)
+        columns = (_high_half(pair0), _low_half(pair0), _high_half(pair1), _low_half(pair1),
+                   _high_half(pair2), _low_half(pair2), _high_half(pair3), _low_half(pair3))  # fmt: skip
+    else:  # Triton's CPU interpreter runs no PTX: the same bf16 values from a table in memory
+        columns = (tl.load(nf4_ptr + ((words >> 4) & 15)), tl.load(nf4_ptr + (words & 15)),
+                   tl.load(nf4_ptr + ((words >> 12) & 15)), tl.load(nf4_ptr + ((words >> 8) & 15)),
+                   tl.load(nf4_ptr + ((words >> 20) & 15)), tl.load(nf4_ptr + ((words >> 16) & 15)),
+                   tl.load(nf4_ptr + ((words >> 28) & 15)), tl.load(nf4_ptr + ((words >> 24) & 15)))  # fmt: skip
+    return columns
+
+
+@triton.jit
+def _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED: tl.constexpr):
+    scale = tl.load(absmax_ptr + block, mask=mask, other=0)
+    if NESTED:
+        scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256) + tl.load(offset_ptr)
+    return scale
+
+
+@triton.jit
+def _dot(x, w, acc):
+    # x [BM, K] @ w [BN, K].T + acc: fp32 (the CPU tests' models) exactly, bf16 on the tensor cores
+    if x.dtype == tl.float32:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
 def _nf4_gemv_kernel(
     x_ptr,  # [K] compute dtype
     w_ptr,  # [N * K / 8] int32: bitsandbytes' packed bytes, 8 codes per word
@@ -124,20 +162,12 @@ def _nf4_gemv_kernel(
         block = rows[:, None] * BLOCKS_PER_ROW + b0 + offs_b[None, :]  # [BN, B] quantization block ids
         words = tl.load(w_ptr + block[:, :, None] * 8 + offs_w[None, None, :], mask=row_mask[:, None, None], other=0)
         x_words = x_ptr + ((b0 + offs_b[:, None]) * 8 + offs_w[None, :]) * 8  # [B, 8] first column of each word
-        part = tl.zeros((BLOCK_N, BLOCKS, 8), dtype=tl.float32)
-        if DECODE_ASM:
-            pair0, pair1, pair2, pair3 = _decode_words(words)
-            part = _add_columns(part, _high_half(pair0), _low_half(pair0), x_words)
-            part = _add_columns(part, _high_half(pair1), _low_half(pair1), x_words + 2)
-            part = _add_columns(part, _high_half(pair2), _low_half(pair2), x_words + 4)
-            part = _add_columns(part, _high_half(pair3), _low_half(pair3), x_words + 6)
-        else:  # Triton's CPU interpreter runs no PTX: the same bf16 values from a table in memory
-            for i in tl.static_range(4):  # columns 2i (the high nibble of byte i) and 2i + 1 (its low nibble)
-                even = tl.load(nf4_ptr + ((words >> (8 * i + 4)) & 15))
-                part = _add_columns(part, even, tl.load(nf4_ptr + ((words >> (8 * i)) & 15)), x_words + 2 * i)
-        scale = tl.load(absmax_ptr + block, mask=row_mask[:, None], other=0)  # [BN, B]
-        if NESTED:
-            scale = tl.load(code2_ptr + scale.to(tl.int32)) * tl.load(absmax2_ptr + block // 256) + tl.load(offset_ptr)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _decoded_columns(words, nf4_ptr, DECODE_ASM)
+        part = _add_columns(tl.zeros((BLOCK_N, BLOCKS, 8), dtype=tl.float32), v0, v1, x_words)
+        part = _add_columns(part, v2, v3, x_words + 2)
+        part = _add_columns(part, v4, v5, x_words + 4)
+        part = _add_columns(part, v6, v7, x_words + 6)
+        scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, row_mask[:, None], NESTED)  # [BN, B]
         acc += part * scale[:, :, None]
     result = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
     if HAS_BIAS:
@@ -153,6 +183,67 @@ def _nf4_gemv_kernel(
     tl.store(out_ptr + rows, result.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr,  # [M, K] compute dtype, row stride stride_xm
+    w_ptr,  # [N * K / 8] int32: bitsandbytes' packed bytes, 8 codes per word
+    absmax_ptr,  # as _nf4_gemv_kernel's
+    absmax2_ptr,
+    code2_ptr,
+    offset_ptr,
+    nf4_ptr,
+    bias_ptr,  # [N] (HAS_BIAS only)
+    out_ptr,  # [M, N]: compute dtype when SPLIT_K is 1, else fp32 zeros the programs add into
+    M,
+    N,
+    stride_xm,
+    BLOCKS_PER_ROW: tl.constexpr,  # K / 64
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DECODE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 64
+    SPLIT_K: tl.constexpr,  # programs sharing one output tile, each over K / SPLIT_K columns
+):
+    dtype = x_ptr.dtype.element_ty
+    WORDS: tl.constexpr = BLOCK_K // 8
+    BLOCKS: tl.constexpr = BLOCK_K // 64
+    STEPS: tl.constexpr = BLOCKS_PER_ROW * 64 // (BLOCK_K * SPLIT_K)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    row_mask = rows[:, None] < N  # [BN, 1]
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m[:, None] < M
+    block0 = tl.program_id(1) * STEPS * BLOCKS
+    word = rows[:, None] * (BLOCKS_PER_ROW * 8) + block0 * 8 + tl.arange(0, WORDS)[None, :]  # [BN, W]
+    block = rows[:, None] * BLOCKS_PER_ROW + block0 + tl.arange(0, BLOCKS)[None, :]  # [BN, BLOCKS]
+    x_tile = x_ptr + offs_m[:, None] * stride_xm + block0 * 64 + tl.arange(0, BLOCK_K)[None, :]  # [BM, BK]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(STEPS):
+        words = tl.load(w_ptr + word, mask=row_mask, other=0)
+        scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, row_mask, NESTED)  # [BN, BLOCKS]
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, BLOCKS, 8)), (BLOCK_N, WORDS))
+        v0, v1, v2, v3, v4, v5, v6, v7 = _decoded_columns(words, nf4_ptr, DECODE_ASM)
+        # a join's two halves become the new last axis, so the last join picks the fastest bit of the column:
+        # [BN, W, 2, 2, 2] holds column 8 w + 4 h + 2 p + q (v_(4h + 2p + q)) at [:, w, h, p, q]
+        even = tl.join(tl.join(v0 * scale, v4 * scale), tl.join(v2 * scale, v6 * scale))
+        odd = tl.join(tl.join(v1 * scale, v5 * scale), tl.join(v3 * scale, v7 * scale))
+        tile = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K)).to(dtype)  # [BN, BK]
+        acc = _dot(tl.load(x_tile, mask=m_mask, other=0.0), tile, acc)
+        x_tile += BLOCK_K
+        word += WORDS
+        block += BLOCKS
+    if HAS_BIAS:  # added by one of the programs sharing the tile
+        bias = tl.load(bias_ptr + rows, mask=rows < N, other=0).to(tl.float32)  # [BN]
+        acc += tl.where(tl.program_id(1) == 0, bias, 0.0)[None, :]
+    out = out_ptr + offs_m[:, None] * N + rows[None, :]
+    mask = m_mask & (rows[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+
+
 @functools.cache
 def _bf16_code_book(device: torch.device) -> torch.Tensor:
     return get_4bit_type("nf4", device=device).to(torch.bfloat16).float()  # [16]
@@ -160,13 +251,13 @@ def _bf16_code_book(device: torch.device) -> torch.Tensor:
 
 def pick_config(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCKS, num_warps) for an [n, k] weight: the best found per Llama-3-8B projection shape on the
-    H100 (`bench/nf4_kernel.py --sweep`), by the nearest shape; BLOCKS shrinks to divide K / 64."""
+    H100 (`bench/nf4_kernel.py --rows 1 --sweep`), by the nearest shape; BLOCKS shrinks to divide K / 64."""
     if n <= 2048:
         block_n, blocks, warps = 4, 16, 8
     elif k > 8192:
-        block_n, blocks, warps = 8, 8, 4
+        block_n, blocks, warps = 4, 8, 4
     elif n > 8192:
-        block_n, blocks, warps = 16, 4, 4
+        block_n, blocks, warps = 16, 8, 8
     else:
         block_n, blocks, warps = 8, 8, 8
     while (k // QBLOCK) % blocks:
@@ -219,8 +310,60 @@ def nf4_gemv(
     return out
 
 
+def pick_matmul_config(n: int, k: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [n, k] weight: on CUDA the best found per
+    Llama-3-8B projection shape for 32 rows on the H100 (a sweep of `bench/nf4_kernel.py`), by the nearest shape;
+    under Triton's CPU interpreter few large programs. BLOCK_K and SPLIT_K shrink until they divide K."""
+    if not on_cuda:
+        block_n, block_k, split_k, warps, stages = min(128, max(16, triton.next_power_of_2(n))), 512, 1, 1, 1
+    elif n <= 2048:
+        block_n, block_k, split_k, warps, stages = 64, 256, 8, 4, 2
+    elif k > 8192:
+        block_n, block_k, split_k, warps, stages = 128, 128, 8, 8, 2
+    elif n > 8192:
+        block_n, block_k, split_k, warps, stages = 64, 256, 16, 4, 1
+    else:
+        block_n, block_k, split_k, warps, stages = 128, 128, 8, 4, 2
+    while k % (block_k * split_k):
+        if split_k > 1:
+            split_k //= 2
+        else:
+            block_k //= 2
+    return block_n, block_k, split_k, warps, stages
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS, unit column stride) @ dequant(weight).T (+ bias) -> [M, N] in x's dtype, on the
+    tensor cores; `state` as for nf4_gemv. With SPLIT_K > 1 the programs add into fp32 atomically, so the
+    order of those additions (and a result's last bits) can change from call to call."""
+    m, k = x.shape
+    n = state.shape[0]
+    on_cuda = x.device.type == "cuda"
+    block_n, block_k, split_k, warps, stages = config or pick_matmul_config(n, k, on_cuda)
+    nested = bool(state.nested)
+    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
+    if split_k == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    _nf4_matmul_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset,
+        out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, out, m, n, x.stride(0),
+        k // QBLOCK, NESTED=nested, HAS_BIAS=bias is not None, DECODE_ASM=on_cuda,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out.to(x.dtype)
+
+
 def supported(module: nn.Module) -> bool:
-    """Whether `module` is an NF4 linear layer this kernel reads: bitsandbytes' layout, block size 64."""
+    """Whether `module` is an NF4 linear layer these kernels read: bitsandbytes' layout, block size 64."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     return (
         isinstance(module, Linear4bit)
@@ -233,33 +376,42 @@ def supported(module: nn.Module) -> bool:
 
 
 class FusedNf4Linear(nn.Module):
-    """An NF4 Linear4bit whose one-row forwards run the GEMV above; larger ones run bitsandbytes."""
+    """An NF4 Linear4bit whose forwards of one row run the GEMV above, of up to MAX_ROWS rows the tensor-core
+    kernel, of more (prefill) bitsandbytes' dequantize + dense matmul."""
 
     def __init__(self, base: Linear4bit) -> None:
         super().__init__()
         # bitsandbytes would repack the weight on a CPU with AVX512-BF16 the first time it runs there (prefill
-        # under Triton's CPU interpreter): the kernel reads bitsandbytes' standard layout only.
+        # under Triton's CPU interpreter): the kernels read bitsandbytes' standard layout only.
         base.support_avx512bf16_for_cpu = False
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]
-        if x.numel() != self.in_features:
+        rows = x.numel() // self.in_features
+        if rows == 1:
+            return self.one_row(x.reshape(1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if rows > MAX_ROWS:
             return self.base(x)
-        return self.one_row(x.reshape(1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        compute = self.base.compute_dtype or x.dtype
+        flat = x.reshape(rows, self.in_features).to(compute).contiguous()
+        y = nf4_matmul(flat, self.base.weight, self.base.weight.quant_state, self._bias(compute))  # [rows, out]
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def one_row(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
         """x [1, in] -> [1, out] in x's dtype, computed in the layer's compute dtype."""
         compute = self.base.compute_dtype or x.dtype
-        bias = None if self.base.bias is None else self.base.bias.to(compute)
         weight = self.base.weight
-        y = nf4_gemv(x[0].to(compute).contiguous(), weight, weight.quant_state, bias, lora)  # [out]
+        y = nf4_gemv(x[0].to(compute).contiguous(), weight, weight.quant_state, self._bias(compute), lora)  # [out]
         return y.to(x.dtype)[None]
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.base.bias is None else self.base.bias.to(dtype)
 
 
 def fuse_nf4_linears(model: nn.Module) -> None:
-    """Swap every NF4 linear layer of `model` the GEMV reads for a FusedNf4Linear."""
+    """Swap every NF4 linear layer of `model` the kernels read for a FusedNf4Linear."""
     for name, module in list(model.named_modules()):
         if supported(module):
             parent, _, child = name.rpartition(".")
