@@ -164,7 +164,6 @@ def main() -> None:
         max_active_adapters=shape.adapters,
         max_lora_rank=shape.rank,
         max_seq_len=shape.prompt + shape.new_tokens,
-        prefill_chunk=shape.prompt,
         cuda_graphs=not args.no_graphs,
     )
     engine = Engine(model, tokenizer, config)

@@ -1,23 +1,28 @@
 """Static KV cache and the attention function the HF modules call through `AttentionInterface`.
 
-The model runs with use_cache=False and explicit position_ids; each attention layer writes its new K/V into
-the engine's preallocated cache at (row, position) and attends over the cached prefix with a mask built from
-the positions. Rows of a decode batch are cache rows 0..B-1, read in place (no gather); rows that are not
-decoding, and the left padding of a batched prefill, write into a spare dummy row so they never disturb a
-request. A prefill batch reads its (scattered) cache rows by index.
+The model runs with use_cache=False over one flat batch of tokens (see step.py): each attention layer writes
+the new tokens' K/V into the engine's preallocated cache at (row, position), then every token attends to its
+own row's positions up to its own, whatever its sequence's length (ragged attention: no padding, no mask).
+Nothing outside a token's own prefix is ever read, so values left in the cache by earlier requests (or
+written by a faulty one) cannot reach another request's answer.
 """
 
 import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from server.engine.errors import KVCacheTooLarge
+from server.engine.ragged_attention import ragged_attention
+from server.engine.step import StepTensors
 
 ATTENTION_NAME = "loraplex_static"
+
+# (q [N, Hq, D], k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window) -> [N, Hq, D]
+RaggedAttention = Callable[..., torch.Tensor]
 
 
 def available_memory(device: torch.device) -> int:
@@ -63,27 +68,20 @@ class KVCache:
         return sum(t.nbytes for t in self.k + self.v)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepContext:
     """What one forward attends over; passed to the model as the `engine_step` keyword."""
 
     cache: KVCache
-    write_rows: torch.Tensor  # [B, T] long: cache row each new token writes to (dummy row for padding)
-    positions: torch.Tensor  # [B, T] long: position of each new token (= its index in the row)
-    read_rows: torch.Tensor | None  # [B] long: cache row each batch row reads; None: rows 0..B-1 in place
-    kv_len: int  # how many cached positions to attend over (static under CUDA graphs)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    tensors: StepTensors
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, T, L] bool: which cached positions each new token sees; built once per forward, not per layer."""
-        if sliding_window not in self._masks:
-            kv_pos = torch.arange(self.kv_len, device=self.positions.device)  # [L]
-            q_pos = self.positions[:, None, :, None]  # [B, 1, T, 1]
-            mask = kv_pos <= q_pos
-            if sliding_window is not None:
-                mask = mask & (q_pos - kv_pos < sliding_window)
-            self._masks[sliding_window] = mask
-        return self._masks[sliding_window]
+
+def _attend_fn(device: torch.device) -> RaggedAttention:
+    if device.type == "cuda":  # the Triton kernel: no host syncs, so steps can be captured in CUDA graphs
+        from server.engine.kernels.attention import ragged_attention as kernel
+
+        return kernel
+    return ragged_attention
 
 
 def static_cache_attention(
@@ -98,29 +96,20 @@ def static_cache_attention(
     engine_step: StepContext | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    # query: [B, Hq, T, D]; key, value: [B, Hkv, T, D]
+    # query: [1, Hq, N, D]; key, value: [1, Hkv, N, D] (the step's flat token batch)
     if engine_step is None:
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention only runs inside the engine")
-    step, layer = engine_step, module.layer_idx
-    k_cache, v_cache = step.cache.k[layer], step.cache.v[layer]  # [R, Hkv, S, D]
-    k_cache[step.write_rows, :, step.positions] = key.transpose(1, 2).to(k_cache.dtype)  # [B, T, Hkv, D]
-    v_cache[step.write_rows, :, step.positions] = value.transpose(1, 2).to(v_cache.dtype)
-    if step.read_rows is None:
-        b = query.shape[0]
-        keys = k_cache[:b, :, : step.kv_len]  # [B, Hkv, L, D]
-        values = v_cache[:b, :, : step.kv_len]
-    else:
-        keys = k_cache[step.read_rows, :, : step.kv_len]
-        values = v_cache[step.read_rows, :, : step.kv_len]
-    out = F.scaled_dot_product_attention(
-        query,
-        keys.to(query.dtype),
-        values.to(query.dtype),
-        attn_mask=step.mask(sliding_window),
-        scale=scaling,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    )  # [B, Hq, T, D]
-    return out.transpose(1, 2).contiguous(), None
+    t, layer = engine_step.tensors, module.layer_idx
+    k_cache, v_cache = engine_step.cache.k[layer], engine_step.cache.v[layer]  # [R, Hkv, S, D]
+    positions = t.positions[0]  # [N]
+    k_cache[t.write_rows, :, positions] = key[0].transpose(0, 1).to(k_cache.dtype)  # [N, Hkv, D]
+    v_cache[t.write_rows, :, positions] = value[0].transpose(0, 1).to(v_cache.dtype)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = _attend_fn(query.device)(
+        query[0].transpose(0, 1).contiguous(), k_cache, v_cache, t.query_start, t.seq_rows, t.seq_lens, scale,
+        sliding_window,
+    )  # [N, Hq, D]
+    return out[None], None
 
 
 AttentionInterface.register(ATTENTION_NAME, static_cache_attention)

@@ -18,9 +18,10 @@ class EngineConfig:
     max_active_adapters: int = 8  # LoRA slots on the device
     max_lora_rank: int = 64  # every slot is padded to this rank
     max_seq_len: int = 2048  # prompt + completion per request
-    prefill_chunk: int = 512  # longest prompt piece of one request run in one forward
-    max_prefill_tokens: int = 4096  # prompt pieces of several requests share a forward up to this many (padded)
-    cuda_graphs: bool = True  # capture the decode step per batch bucket (CUDA only)
+    # Prompt tokens per step, beside one token per decoding request: bounds a step's cost, so the latency that
+    # running streams see while new prompts arrive (Sarathi-Serve's token budget)
+    max_prefill_tokens: int = 512
+    cuda_graphs: bool = True  # capture the step per token bucket (CUDA only)
     # Triton kernels for decode steps: None = on CUDA; True = anywhere (on CPU: Triton's interpreter, for tests)
     fused_kernels: bool | None = None
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -37,10 +38,11 @@ class EngineConfig:
             fused_kernels=None if settings.fused_kernels else False,
         )
 
-    def graph_buckets(self) -> list[int]:
-        """Batch sizes with a captured decode graph: powers of two up to max_batch_size, and it."""
-        return buckets_up_to(self.max_batch_size, 1)
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step runs: a token for every running request and the prompt budget."""
+        return self.max_batch_size + self.max_prefill_tokens
 
-    def kv_buckets(self) -> list[int]:
-        """KV lengths with a captured decode graph: powers of two from 256 up to max_seq_len, and it."""
-        return buckets_up_to(self.max_seq_len, 256)
+    def graph_buckets(self) -> list[int]:
+        """Token counts with a captured step: powers of two up to max_step_tokens, and it."""
+        return buckets_up_to(self.max_step_tokens, 1)

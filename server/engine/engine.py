@@ -1,9 +1,11 @@
 """The engine: one thread owns the model and the device and runs the continuous-batching loop.
 
 Each iteration admits waiting requests into free KV rows (activating their adapter into a slot if needed),
-runs one batched prefill chunk over the admitted requests still prefilling (as many as the token budget
-holds), then one decode step for every decoding row. Each forward's tokens are sampled on the device and
-come back in one copy. Requests leave the moment they finish or are cancelled, freeing their row.
+then runs ONE forward over a flat batch of tokens: the next token of every decoding request and chunks of the
+prompts still prefilling, up to the step's prompt-token budget (batching.py decides, step.py lays it out).
+The forward's tokens are sampled on the device and come back in one copy. Requests leave the moment they
+finish or are cancelled, freeing their row. A request that fails (at admission or in a forward) ends alone;
+the loop goes on.
 """
 
 import heapq
@@ -19,9 +21,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.lora import LoraWeights
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext
+from server.engine.batching import plan_step
 from server.engine.config import EngineConfig
-from server.engine.errors import AdapterTooLarge, EngineStopped, PromptTooLong
-from server.engine.graphs import IDS, POSITIONS, SLOTS, WRITE_ROWS, DecodeGraphs, decode_args
+from server.engine.errors import AdapterTooLarge, EngineStopped, InvalidSampling, PromptTooLong
+from server.engine.graphs import StepGraphs
 from server.engine.multilora import (
     LoraContext,
     LoraLayout,
@@ -34,6 +37,7 @@ from server.engine.multilora import (
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import sample_batch
 from server.engine.slots import SlotTable
+from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
 
 log = logging.getLogger("loraplex.engine")
@@ -109,14 +113,12 @@ class Engine:
         self._stopped = False
         self._active_snapshot: dict[str, int] = {}
         self.activation_seconds: deque[float] = deque(maxlen=1024)  # recent CPU -> slot latencies
-        # Decode inputs [4, max_batch] are filled here and reach the device in one copy per step.
-        self._host_inputs = torch.zeros(
-            4, config.max_batch_size, dtype=torch.long, pin_memory=self.device.type == "cuda"
-        )
-        self._host_view = self._host_inputs.numpy()  # the same memory, for cheap per-row writes
-        self._graphs: DecodeGraphs | None = None
+        # Each step's tokens and metadata are laid out here and reach the device in one copy.
+        self._step = StepBuffer(config.max_step_tokens, config.max_batch_size, self.cache.dummy_row, self.no_adapter,
+                                pin=self.device.type == "cuda")  # fmt: skip
+        self._graphs: StepGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            self._graphs = DecodeGraphs(self._graph_forward, config.graph_buckets(), config.kv_buckets(), self.device)
+            self._graphs = StepGraphs(self._graph_forward, config.graph_buckets(), self._step.host, self.device)
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _wrap_targets(self) -> tuple[LoraStore, dict[str, MultiLoraLinear]]:
@@ -182,6 +184,12 @@ class Engine:
         n, limit = len(request.prompt_ids), self.config.max_seq_len
         if n == 0:
             raise ValueError("the prompt is empty")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not all(0 <= token < vocab for token in request.prompt_ids):
+            raise InvalidSampling(f"prompt token ids must lie in 0..{vocab - 1}")
+        seed = request.sampling.seed
+        if seed is not None and not 0 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise InvalidSampling(f"seed must lie in 0..2**64 - 1, got {seed}")
         if n + request.sampling.max_new_tokens > limit:
             raise PromptTooLong(n, request.sampling.max_new_tokens, limit)
         if (request.lora is None) != (request.adapter_key is None):
@@ -248,27 +256,30 @@ class Engine:
                     return
             try:
                 self.step()
-            except BaseException as exc:  # a fault outside a forward: end every request rather than hang them
-                log.exception("the engine thread failed; no further requests are accepted")
+            except Exception as exc:  # a fault outside one request's guard: end the running ones, go on
+                log.exception("an engine step failed; its running requests end with an error")
+                for row in list(self._rows.values()):
+                    self._finish(row, "error", error=exc)
+            except BaseException as exc:  # the interpreter is going down: liveness must say so
                 with self._cv:
                     self._stopped = True
                 self._fail_all(EngineStopped(f"the engine failed: {exc}"))
-                return
+                raise
 
     def step(self) -> bool:
         """One iteration; True if a forward ran. Tests call it directly, without the thread."""
         self._apply_commands()
         self._admit()
-        ran = False
-        prefilling = self._prefill_batch()
-        if prefilling:
-            self._guarded(prefilling, lambda: self._prefill(prefilling))
-            ran = True
-        decoding = [r for r in self._rows.values() if r.decoding and r.generated]
-        if decoding:
-            self._guarded(decoding, lambda: self._decode(decoding))
-            ran = True
-        return ran
+        rows = self._rows.values()
+        plan = plan_step(
+            [r for r in rows if r.decoding and r.generated],
+            [(r, len(r.request.prompt_ids) - r.prefilled) for r in rows if not r.decoding],
+            self.config.max_prefill_tokens,
+        )
+        if not plan:
+            return False
+        self._guarded([row for row, _ in plan], lambda: self._run(plan))
+        return True
 
     def _guarded(self, rows: list[_Row], work: Callable[[], None]) -> None:
         # A failing forward (e.g. out of memory) ends the requests in it, not the engine.
@@ -306,33 +317,40 @@ class Engine:
         for request, sink in candidates:
             if not self._free_rows:
                 break
-            slot = self.no_adapter
-            if request.adapter_key is not None:
-                acquired = self.slots.acquire(request.adapter_key)
-                if acquired is None:
-                    continue  # every slot is used by running rows: wait; later requests may still fit
-                slot, needs_copy = acquired
-                if needs_copy:
-                    self._activate(request.adapter_key, request.lora, slot)
-            row = heapq.heappop(self._free_rows)
-            generator = None
-            if request.sampling.seed is not None:
-                generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
-            self._rows[request.request_id] = _Row(
-                request,
-                sink,
-                row,
-                slot,
-                list(request.prompt_ids),
-                0,
-                TextStream(self.tokenizer, request.sampling.stop),
-                generator,
-            )
-            admitted.add(request.request_id)
+            try:
+                if self._admit_one(request, sink):
+                    admitted.add(request.request_id)
+            except Exception as exc:  # this request cannot run (e.g. its adapter cannot be activated): it alone ends
+                log.warning("request %s failed at admission: %s", request.request_id, exc)
+                admitted.add(request.request_id)
+                self._end_unadmitted(request, sink, "error", exc)
         if admitted:
             with self._cv:
                 self._waiting = deque(w for w in self._waiting if w[0].request_id not in admitted)
             self._active_snapshot = self.slots.active()
+
+    def _admit_one(self, request: GenerationRequest, sink: EventSink) -> bool:
+        """Give `request` a row (and its adapter a slot); False if every slot is held by running rows."""
+        slot = self.no_adapter
+        if request.adapter_key is not None:
+            acquired = self.slots.acquire(request.adapter_key)
+            if acquired is None:
+                return False  # wait; later requests may still fit
+            slot, needs_copy = acquired
+            try:
+                if needs_copy:
+                    self._activate(request.adapter_key, request.lora, slot)
+            except BaseException:
+                self.slots.release(slot)
+                self.slots.deactivate(request.adapter_key)  # its slot may hold half a copy
+                raise
+        generator = None
+        if request.sampling.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
+        row = heapq.heappop(self._free_rows)
+        text = TextStream(self.tokenizer, request.sampling.stop)
+        self._rows[request.request_id] = _Row(request, sink, row, slot, list(request.prompt_ids), 0, text, generator)
+        return True
 
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
         assert lora is not None  # validate() pairs adapter_key with lora
@@ -346,81 +364,43 @@ class Engine:
             self._on_activation(key, slot, seconds)
 
     # ---- forwards -----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        write_rows: torch.Tensor,
-        slots: torch.Tensor,
-        read_rows: torch.Tensor | None,
-        kv_len: int,
-    ) -> torch.Tensor:
-        # ids, positions, write_rows: [B, T]; slots, read_rows: [B]  ->  logits of the last position [B, V]
-        self._lora_context.set(slots, self.dtype)
-        step = StepContext(self.cache, write_rows, positions, read_rows, kv_len)
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, engine_step=step)
-        return out.logits[:, -1]
-
-    def _graph_forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor, slots: torch.Tensor, kv_len: int
-    ) -> torch.Tensor:
-        return self._forward(ids, positions, write_rows, slots, None, kv_len)
-
-    def _prefill_batch(self) -> list[_Row]:
-        """Rows still prefilling, in admission order, while their padded chunk fits the token budget."""
-        batch: list[_Row] = []
-        longest = 0
-        for row in self._rows.values():
+    def _run(self, plan: list[tuple[_Row, int]]) -> None:
+        """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token."""
+        plan = sorted(plan, key=lambda item: item[0].slot)  # stable: each adapter's tokens one run (step.py)
+        seqs = []
+        for row, n in plan:
             if row.decoding:
-                continue
-            chunk = min(len(row.request.prompt_ids) - row.prefilled, self.config.prefill_chunk)
-            if batch and (len(batch) + 1) * max(longest, chunk) > self.config.max_prefill_tokens:
-                break
-            batch.append(row)
-            longest = max(longest, chunk)
-        return batch
-
-    def _prefill(self, rows: list[_Row]) -> None:
-        """One chunk of each row in one forward, left-padded to the longest so every row ends on its last
-        token (the only position whose logits are computed); padding writes to the dummy row."""
-        ends = [min(len(r.request.prompt_ids), r.prefilled + self.config.prefill_chunk) for r in rows]
-        width = max(end - r.prefilled for r, end in zip(rows, ends, strict=True))
-        ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
-        positions = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
-        write_rows = torch.full((len(rows), width), self.cache.dummy_row, dtype=torch.long)  # [B, T]
-        for i, (r, end) in enumerate(zip(rows, ends, strict=True)):
-            pad = width - (end - r.prefilled)
-            ids[i, pad:] = torch.tensor(r.request.prompt_ids[r.prefilled : end])
-            positions[i, pad:] = torch.arange(r.prefilled, end)
-            write_rows[i, pad:] = r.row
-        slots = torch.tensor([r.slot for r in rows])
-        read_rows = torch.tensor([r.row for r in rows])
-        tensors = [t.to(self.device, non_blocking=True) for t in (ids, positions, write_rows, slots, read_rows)]
-        logits = self._forward(*tensors, max(ends))
-        for r, end in zip(rows, ends, strict=True):
-            r.prefilled = end
-        done = [i for i, r in enumerate(rows) if r.decoding]
-        if done:
-            self._sample([rows[i] for i in done], logits[done] if len(done) < len(rows) else logits)
-
-    def _decode(self, rows: list[_Row]) -> None:
-        width = max(r.row for r in rows) + 1  # batch row b is cache row b: idle rows in between are padding
-        graphs = self._graphs if self._graphs is not None and width <= self._graphs.max_batch else None
-        if graphs is not None:
-            width = graphs.batch_bucket(width)
-        # The previous step's copy out of this buffer has finished: its tokens were read back since.
-        view = self._host_view[:, :width]  # [4, width]
-        view[IDS], view[POSITIONS], view[WRITE_ROWS], view[SLOTS] = 0, 0, self.cache.dummy_row, self.no_adapter
-        for r in rows:
-            view[:, r.row] = (r.ids[-1], len(r.ids) - 1, r.row, r.slot)
-        inputs = self._host_inputs[:, :width]
-        kv_len = max(len(r.ids) for r in rows)
-        if graphs is not None:
-            logits = graphs.run(inputs, kv_len)
+                seqs.append(Sequence(row.row, row.slot, [row.ids[-1]], len(row.ids) - 1, True))
+            else:
+                end = row.prefilled + n
+                prompt = row.request.prompt_ids
+                seqs.append(Sequence(row.row, row.slot, prompt[row.prefilled : end], row.prefilled, end == len(prompt)))
+        tokens = sum(len(seq.tokens) for seq in seqs)
+        sampled = [row for (row, _), seq in zip(plan, seqs, strict=True) if seq.sample]
+        if self._graphs is not None:
+            width = self._graphs.bucket(tokens)
+            self._step.fill(seqs, width)
+            logits = self._graphs.run(self._step.host, width)
         else:
-            logits = self._forward(*decode_args(inputs.to(self.device, non_blocking=True)), None, kv_len)
-        self._sample(rows, logits[[r.row for r in rows]])
+            segments = self._step.fill(seqs, tokens)
+            buffer = self._step.host.to(self.device, non_blocking=True)  # the host buffer itself on CPU
+            logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments)
+        for (row, n), seq in zip(plan, seqs, strict=True):
+            if not row.decoding:
+                row.prefilled = seq.start + n
+        if sampled:
+            self._sample(sampled, logits[: len(sampled)])
+
+    @torch.inference_mode()
+    def _forward(self, tensors: StepTensors, segments: list[Segment] | None) -> torch.Tensor:
+        # the step's flat tokens [1, N] -> logits of its sampled tokens [len(sample_index), V]
+        self._lora_context.set(tensors.slots, segments)
+        out = self.model(input_ids=tensors.ids, position_ids=tensors.positions, use_cache=False,
+                         logits_to_keep=tensors.sample_index, engine_step=StepContext(self.cache, tensors))
+        return out.logits[0]
+
+    def _graph_forward(self, buffer: torch.Tensor, width: int) -> torch.Tensor:
+        return self._forward(self._step.views(buffer, width), None)
 
     # ---- sampling and finishing ---------------------------------------------------------------------
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -462,9 +442,15 @@ class Engine:
         error: BaseException | None = None,
     ) -> None:
         request = row.request
-        row.sink(TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error))
+        event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error)
         if finish is not None:
             self._release(row)
+        try:
+            row.sink(event)
+        except Exception:  # a consumer that went away (its event loop closed) must not stop the engine
+            log.warning("request %s: its event could not be delivered", request.request_id)
+            if finish is None:
+                self._finish(row, "cancelled")
 
     def _finish(self, row: _Row, reason: FinishReason, error: BaseException | None = None) -> None:
         self._send(row, max(row.generated - 1, 0), None, "", None, reason, error)
@@ -480,9 +466,12 @@ class Engine:
     def _end_unadmitted(
         self, request: GenerationRequest, sink: EventSink, reason: FinishReason, error: BaseException | None = None
     ) -> None:
-        sink(TokenEvent(request.request_id, 0, None, "", None, len(request.prompt_ids), reason, error))
         if request.on_finish is not None:
             request.on_finish()
+        try:
+            sink(TokenEvent(request.request_id, 0, None, "", None, len(request.prompt_ids), reason, error))
+        except Exception:  # as in _send: a consumer that went away must not stop the engine
+            log.warning("request %s: its event could not be delivered", request.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for row in list(self._rows.values()):

@@ -42,6 +42,20 @@ class AdapterTooLarge(EngineError):
     code = "adapter_not_servable"
 
 
+class AdapterNotFinite(EngineError):
+    """An adapter's weights overflow or hold NaN once scaled and cast to the serving dtype."""
+
+    http_status = 422
+    code = "adapter_not_finite"
+
+
+class InvalidSampling(EngineError):
+    """A sampling parameter the engine cannot execute (the API bounds them first; this is the backstop)."""
+
+    http_status = 422
+    code = "invalid_sampling"
+
+
 class EngineStopped(EngineError):
     """The engine thread has stopped (shutdown or a fatal error); no request is accepted."""
 

@@ -1,23 +1,16 @@
-"""CUDA graphs of the decode step, one per (batch bucket, KV-length bucket), over one static input buffer.
+"""CUDA graphs of the engine step, one per token bucket, over one static device copy of the step buffer.
 
-A graph attends over its KV bucket only, so short sequences do not pay for max_seq_len. Adapters are
-activated by copying into the LoRA slot stores in place, so graphs are never recaptured.
+Every step (decode tokens and prompt chunks alike) is one forward over a flat token batch whose metadata lives
+in device tensors (step.py), so a step's only shape is its token count: padded up to a bucket, it replays a
+graph. Adapters are activated by copying into the LoRA slot stores in place, so graphs are never recaptured.
 """
 
 from collections.abc import Callable
 
 import torch
 
-# forward(input_ids [B, 1], positions [B, 1], write_rows [B, 1], slot_ids [B], kv_len) -> logits [B, V]
-DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-# Rows of the packed step inputs [4, B]: what each batch row feeds the decode step.
-IDS, POSITIONS, WRITE_ROWS, SLOTS = range(4)
-
-
-def decode_args(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split packed inputs [4, B] into (ids [B, 1], positions [B, 1], write_rows [B, 1], slots [B])."""
-    return inputs[IDS, :, None], inputs[POSITIONS, :, None], inputs[WRITE_ROWS, :, None], inputs[SLOTS]
+# forward(step buffer on the device, width in tokens) -> logits [max_seqs, V] of the sampled tokens
+StepForward = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def buckets_up_to(limit: int, smallest: int) -> list[int]:
@@ -29,44 +22,39 @@ def buckets_up_to(limit: int, smallest: int) -> list[int]:
     return [*sizes, limit]
 
 
-class DecodeGraphs:
+class StepGraphs:
     def __init__(
-        self, forward: DecodeForward, batch_buckets: list[int], kv_buckets: list[int], device: torch.device
+        self, forward: StepForward, buckets: list[int], empty_step: torch.Tensor, device: torch.device
     ) -> None:
-        self.batch_buckets, self.kv_buckets = sorted(batch_buckets), sorted(kv_buckets)
-        self._inputs = torch.zeros(4, self.batch_buckets[-1], dtype=torch.long, device=device)  # [4, B_max]
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._logits: dict[tuple[int, int], torch.Tensor] = {}
+        """`empty_step`: a host step buffer laid out with no sequence (every token padding), replayed at capture."""
+        self.buckets = sorted(buckets)
+        self._buffer = empty_step.to(device)  # the static input every graph reads
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
         pool = None
-        # Largest first, so smaller graphs fit in its memory pool. The zero inputs write into cache row 0,
-        # position 0, which holds no request yet when graphs are captured at start-up.
-        for b in reversed(self.batch_buckets):
-            for kv in reversed(self.kv_buckets):
-                args = (*decode_args(self._inputs[:, :b]), kv)
-                stream = torch.cuda.Stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
-                        forward(*args)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._logits[b, kv] = forward(*args)
-                pool = graph.pool()
-                self._graphs[b, kv] = graph
+        for width in reversed(self.buckets):  # largest first, so smaller graphs fit in its memory pool
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: lazy inits and autotuning happen outside the capture
+                    forward(self._buffer, width)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[width] = forward(self._buffer, width)
+            pool = graph.pool()
+            self._graphs[width] = graph
 
     @property
-    def max_batch(self) -> int:
-        return self.batch_buckets[-1]
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
 
-    def batch_bucket(self, n: int) -> int:
-        return next(b for b in self.batch_buckets if b >= n)
+    def bucket(self, tokens: int) -> int:
+        return next(b for b in self.buckets if b >= tokens)
 
-    def run(self, inputs: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Replay the graph of `inputs`' width (a batch bucket, padded by the caller) and the smallest KV bucket
-        holding kv_len positions; inputs: [4, b] long (pinned host memory: the copy does not block)."""
-        b = inputs.shape[1]
-        kv = next(k for k in self.kv_buckets if k >= kv_len)
-        self._inputs[:, :b].copy_(inputs, non_blocking=True)
-        self._graphs[b, kv].replay()
-        return self._logits[b, kv]  # [b, V]
+    def run(self, step: torch.Tensor, width: int) -> torch.Tensor:
+        """Replay the graph of `width` (a bucket) on `step`, a host step buffer (pinned: the copy does not
+        block) -> logits [max_seqs, V], the sampled sequences' first."""
+        self._buffer.copy_(step, non_blocking=True)
+        self._graphs[width].replay()
+        return self._logits[width]

@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 from adapters.lora import LoraModule, LoraWeights
+from server.engine.errors import AdapterNotFinite
+from server.engine.step import Segment
+
+# The fused kernels read each token's own slot: past this many tokens, matmuls over runs of tokens are faster.
+KERNEL_TOKENS = 64
 
 # Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -35,23 +40,34 @@ class DecodeKernels(Protocol):
 
 
 class LoraContext:
-    """Per-forward slot of every row, shared by all wrapped layers; the engine sets it before each forward."""
+    """Per-forward adapter slot of every token, shared by all wrapped layers; the engine sets it before each
+    forward, and with it how the LoRA deltas run:
+    - fused kernels (where installed) for steps of up to KERNEL_TOKENS tokens: each token reads its own slot;
+    - segments: the step's tokens are runs sharing a slot (step.py orders them so), one pair of matmuls per
+      run; needs the runs on the host, so it serves eager forwards;
+    - dense (captured steps too large for the kernels): every token times every slot, then only its own slot's
+      columns kept, by selection, not by multiplying with a mask (0 x NaN is NaN: a faulty slot stays its own);
+      the expand then meets other slots' B with zeros, which stays zero because packs are checked finite.
+    """
 
     def __init__(self, num_slots: int, max_rank: int) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.slot_ids = torch.empty(0, dtype=torch.long)  # [B] slot of each batch row
-        self.mask: torch.Tensor | None = None  # [B, (S+1) * r_max]: 1 on the row's own slot, for the dense path
-        self.decode_kernels: DecodeKernels | None = None  # fused kernels for decode steps, where installed
+        self.slot_ids = torch.empty(0, dtype=torch.long)  # [N] slot of each token
+        self.use_kernels = False
+        self.segments: list[Segment] | None = None
+        self.own: torch.Tensor | None = None  # [N, (S+1) * r_max] bool: the token's own slot, for the dense path
+        self.decode_kernels: DecodeKernels | None = None  # fused kernels, where installed
 
-    def set(self, slot_ids: torch.Tensor, dtype: torch.dtype) -> None:
-        """Pick the LoRA kernel for this forward: gathering per-row weights reads each row's adapter three
-        times (read, write, read), the dense path reads every slot once; dense wins once 3B > S+1 (decode only:
-        for prefill its FLOPs grow with the tokens). Where a fused decode kernel is installed, decode takes it."""
+    def set(self, slot_ids: torch.Tensor, segments: list[Segment] | None) -> None:
+        """slot_ids: [N]; segments: the runs of tokens sharing an adapter (base-model runs left out), or None
+        when the forward is being captured (the runs change from step to step, a graph does not)."""
         self.slot_ids = slot_ids
-        self.mask = None
-        if self.decode_kernels is None and 3 * slot_ids.shape[0] > self.num_slots + 1:
+        self.use_kernels = self.decode_kernels is not None and slot_ids.shape[0] <= KERNEL_TOKENS
+        self.segments = None if self.use_kernels else segments
+        self.own = None
+        if not self.use_kernels and segments is None:
             columns = torch.arange((self.num_slots + 1) * self.max_rank, device=slot_ids.device)
-            self.mask = (columns // self.max_rank == slot_ids[:, None]).to(dtype)
+            self.own = columns // self.max_rank == slot_ids[:, None]
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,10 @@ def pack_lora(lora: LoraWeights, layout: LoraLayout, dtype: torch.dtype, pin: bo
         a0, b0 = layout.a_offsets[name], layout.b_offsets[name]
         a[: module.rank, a0 : a0 + module.a.shape[1]] = module.a
         b[: module.rank, b0 : b0 + module.b.shape[0]] = module.b.T * module.scaling
+    # Checked where it matters, after scaling and the cast to the serving dtype (3e38 is finite in fp32, not
+    # in bf16): the store validates uploads too, but a slot must never hold what could poison a forward.
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterNotFinite(f"the adapter's weights are not finite once scaled and cast to {dtype}")
     return PackedLora(a, b)
 
 
@@ -212,25 +232,23 @@ class MultiLoraLinear(nn.Module):
         self.group, self.member = group, member  # this layer's A is columns member * in.. of the group's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, T, in]
-        slots, mask = self.context.slot_ids, self.context.mask  # [B], [B, (S+1) r] or None
-        kernels = self.context.decode_kernels
-        if kernels is not None and x.shape[1] == 1:
+        # x: [1, N, in] (the step's flat tokens) -> [1, N, out]
+        context, slots = self.context, self.context.slot_ids  # [N]
+        kernels = context.decode_kernels
+        if context.use_kernels and kernels is not None:
             partial, chunks = self.group.shrunk(x, slots, kernels)
             y = kernels.linear(self.base, x.reshape(-1, self.in_features), partial[self.member], chunks, self.lora_b,
                                slots)  # fmt: skip
             return y.view(*x.shape[:-1], self.out_features)
-        y = self.base(x)  # [B, T, out]
-        xa = x.to(self.lora_a.dtype)
-        if mask is not None and x.shape[1] == 1:  # decode of a large batch: every slot once, own slot masked in
-            shrunk = xa[:, 0] @ self.lora_a.flatten(0, 1).T  # [B, (S+1) r]
-            delta = ((shrunk * mask) @ self.lora_b.flatten(0, 1))[:, None]  # [B, 1, out]
-        elif x.shape[0] == 1:  # one request: index its slot instead of gathering copies per row
-            a = self.lora_a.index_select(0, slots)[0]  # [r, in]; index_select: no host sync under capture
-            b = self.lora_b.index_select(0, slots)[0]  # [r, out]
-            delta = ((xa[0] @ a.T) @ b)[None]
+        y = self.base(x)
+        xa = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
+        flat = y.view(-1, self.out_features)  # [N, out]
+        if context.segments is not None:
+            for slot, start, end in context.segments:
+                shrunk = xa[start:end] @ self.lora_a[slot].T  # [n, r_max]
+                flat[start:end] += (shrunk @ self.lora_b[slot]).to(y.dtype)
         else:
-            a = self.lora_a.index_select(0, slots)  # [B, r, in]
-            b = self.lora_b.index_select(0, slots)  # [B, r, out]
-            delta = torch.bmm(torch.bmm(xa, a.transpose(1, 2)), b)  # [B, T, out]
-        return y + delta.to(y.dtype)
+            shrunk = xa @ self.lora_a.flatten(0, 1).T  # [N, (S+1) r_max]
+            own = torch.where(context.own, shrunk, 0.0)  # type: ignore[arg-type]
+            flat += (own @ self.lora_b.flatten(0, 1)).to(y.dtype)
+        return y

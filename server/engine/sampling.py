@@ -1,5 +1,6 @@
 """Sampling as pure functions on float logits [B, V], batched over rows with per-row parameters."""
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        floats = (self.temperature, self.top_p, self.repetition_penalty)
+        if not all(math.isfinite(x) for x in floats):  # NaN passes every comparison below
+            raise ValueError("temperature, top_p and repetition_penalty must be finite")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError("temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
 
@@ -95,7 +99,8 @@ def _filtered(logits: torch.Tensor, params: list[SamplingParams], sampled: list[
     temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
     rows = rows / temperature[:, None]
     if any(params[i].top_k for i in sampled):
-        k = [params[i].top_k or logits.shape[-1] for i in sampled]
+        vocab = logits.shape[-1]
+        k = [min(params[i].top_k, vocab) or vocab for i in sampled]  # a k beyond the vocabulary keeps all of it
         rows = top_k_filter(rows, torch.tensor(k, device=logits.device))
     if any(params[i].top_p < 1.0 for i in sampled):
         rows = top_p_filter(rows, torch.tensor([params[i].top_p for i in sampled], device=logits.device))

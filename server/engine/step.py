@@ -1,0 +1,103 @@
+"""One engine step as a flat token batch: the layout that the forward, the attention and the LoRA layers read.
+
+Each sequence of a step (a decode token, or a chunk of a prompt) is a contiguous run of tokens; runs are
+ordered by adapter slot, so each slot's tokens form one range and the LoRA delta runs once per range with no
+gather. Everything a step needs is written into one int64 host buffer, which reaches the device in one copy;
+CUDA graphs replay over a static device copy of the same layout, so a step's shape is just its token bucket.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+# Rows of the token block [4, max_tokens] at the start of the buffer.
+IDS, POSITIONS, WRITE_ROWS, SLOTS = range(4)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """What one request runs in a step."""
+
+    row: int  # its KV cache row
+    slot: int  # its adapter slot
+    tokens: list[int]  # the new tokens, at positions start, start + 1, ...
+    start: int
+    sample: bool  # its last token's logits are sampled (a decode token, or the end of the prompt)
+
+
+@dataclass(frozen=True)
+class StepTensors:
+    """Views of a step buffer (host or device) for a batch of `width` tokens."""
+
+    ids: torch.Tensor  # [1, width]
+    positions: torch.Tensor  # [1, width]
+    write_rows: torch.Tensor  # [width]: the cache row each token's K/V goes to (the dummy row for padding)
+    slots: torch.Tensor  # [width]: each token's adapter slot
+    query_start: torch.Tensor  # [max_seqs + 1]: sequence s owns tokens query_start[s]:query_start[s + 1]
+    seq_rows: torch.Tensor  # [max_seqs]: its cache row
+    seq_lens: torch.Tensor  # [max_seqs]: its KV length after this step
+    sample_index: torch.Tensor  # [max_seqs]: token whose logits are sampled, for the sampled sequences first
+
+
+Segment = tuple[int, int, int]  # (slot, first token, end token) of a run of tokens sharing an adapter
+
+
+class StepBuffer:
+    """The host side of a step: `fill` lays sequences out; `views` reads any buffer of the same layout."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, dummy_row: int, no_adapter: int, pin: bool) -> None:
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.dummy_row, self.no_adapter = dummy_row, no_adapter
+        self.host = torch.zeros(4 * max_tokens + 4 * max_seqs + 1, dtype=torch.long, pin_memory=pin)
+        self._view = self.host.numpy()  # the same memory, for cheap element writes
+        self.fill([], max_tokens)  # all padding: what graphs are captured on
+
+    def fill(self, seqs: list[Sequence], width: int) -> list[Segment]:
+        """Lay out `seqs` (already in slot order) in `width` >= their tokens; the rest is padding that writes to
+        the dummy row and belongs to no sequence. Returns the adapter segments (base-model runs left out)."""
+        t, v = self.max_tokens, self._view
+        tokens = v[: 4 * t].reshape(4, t)
+        tokens[IDS, :width], tokens[POSITIONS, :width] = 0, 0
+        tokens[WRITE_ROWS, :width], tokens[SLOTS, :width] = self.dummy_row, self.no_adapter
+        query_start, seq_rows, seq_lens, sample_index = self._seq_fields(v)
+        segments: list[Segment] = []
+        at = 0
+        sampled = 0
+        for s, seq in enumerate(seqs):
+            n = len(seq.tokens)
+            tokens[IDS, at : at + n] = seq.tokens
+            tokens[POSITIONS, at : at + n] = range(seq.start, seq.start + n)
+            tokens[WRITE_ROWS, at : at + n] = seq.row
+            tokens[SLOTS, at : at + n] = seq.slot
+            query_start[s], seq_rows[s], seq_lens[s] = at, seq.row, seq.start + n
+            if seq.sample:
+                sample_index[sampled] = at + n - 1
+                sampled += 1
+            if seq.slot != self.no_adapter:
+                if segments and segments[-1][0] == seq.slot and segments[-1][2] == at:
+                    segments[-1] = (seq.slot, segments[-1][1], at + n)
+                else:
+                    segments.append((seq.slot, at, at + n))
+            at += n
+        assert at <= width <= t and len(seqs) <= self.max_seqs, "a step larger than its buffer"
+        query_start[len(seqs) :] = at  # padding sequences own no tokens
+        seq_rows[len(seqs) :], seq_lens[len(seqs) :] = self.dummy_row, 0
+        sample_index[sampled:] = 0
+        return segments
+
+    def _seq_fields(self, v):  # the four per-sequence arrays after the token block
+        t, m = self.max_tokens, self.max_seqs
+        base = 4 * t
+        return (v[base : base + m + 1], v[base + m + 1 : base + 2 * m + 1], v[base + 2 * m + 1 : base + 3 * m + 1],
+                v[base + 3 * m + 1 : base + 4 * m + 1])  # fmt: skip
+
+    def views(self, buffer: torch.Tensor, width: int, sampled: int | None = None) -> StepTensors:
+        """Named views of `buffer` (this layout, on any device) for `width` tokens; `sampled`: keep only that
+        many sample indices (eager), None: all max_seqs (a graph's static shape)."""
+        t = self.max_tokens
+        tokens = buffer[: 4 * t].view(4, t)[:, :width]
+        query_start, seq_rows, seq_lens, sample_index = self._seq_fields(buffer)
+        return StepTensors(
+            tokens[IDS][None], tokens[POSITIONS][None], tokens[WRITE_ROWS], tokens[SLOTS],
+            query_start, seq_rows, seq_lens, sample_index if sampled is None else sample_index[:sampled],
+        )  # fmt: skip
