@@ -25,32 +25,37 @@ class Settings(BaseSettings):
         None, description="Hub id or local directory of the base model; empty: the embedded SmolLM2-135M."
     )
     served_model_name: str | None = Field(None, description="Name shown in /v1/models (default: derived).")
-    adapter_dir: Path = Field(default_factory=lambda: _user_dir("data"))
-    cache_dir: Path = Field(default_factory=lambda: _user_dir("cache"))
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    max_batch_size: int = Field(32, ge=1, le=1024)
-    max_queue: int = Field(256, ge=0)
-    max_active_adapters: int = Field(8, ge=1, le=1024)
-    max_cpu_adapters: int = Field(64, ge=1)
-    max_lora_rank: int = Field(64, ge=1, le=1024)
+    adapter_dir: Path = Field(default_factory=lambda: _user_dir("data"), description="The adapter store.")
+    cache_dir: Path = Field(
+        default_factory=lambda: _user_dir("cache"), description="Where the embedded model is converted, once."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Requests running at once (KV cache rows).")
+    max_queue: int = Field(256, ge=0, description="Waiting requests before new ones get 429.")
+    max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
+    max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")
     max_seq_len: int = Field(2048, ge=16, description="Longest prompt + completion per request (KV rows).")
     max_prefill_tokens: int = Field(
-        4096, ge=1, description="Prompt tokens prefilled in one engine step: lower streams running requests more "
-        "smoothly while new ones arrive, higher gives new requests their first token sooner."
+        512, ge=1, description="Prompt tokens per engine step, run in the same forward as one token of every running "
+        "request: lower keeps running streams smoother while new prompts arrive, higher gives first tokens sooner."
     )
     max_adapter_mb: int = Field(512, ge=1, description="Largest accepted adapter upload, in MiB.")
-    api_key: CommaList = Field(default_factory=list)
-    admin_key: CommaList = Field(default_factory=list)
-    preload: CommaList = Field(default_factory=list)
+    max_request_mb: int = Field(
+        4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."
+    )
+    api_key: CommaList = Field(default_factory=list, description="Inference keys (comma-separated in the variable).")
+    admin_key: CommaList = Field(default_factory=list, description="Keys that may also upload and delete adapters.")
+    preload: CommaList = Field(default_factory=list, description="Adapters to load (and pin) at start.")
     cuda_graphs: bool = Field(True, description="Capture the decode step in CUDA graphs (CUDA only).")
     fused_kernels: bool = Field(
         True,
         description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and NF4 projections (up to 64 "
         "rows) as Triton kernels (CUDA)",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
     @field_validator("api_key", "admin_key", "preload", mode="before")
     @classmethod

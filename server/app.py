@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -16,7 +16,9 @@ from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
 from server.api import adapters as adapters_api
 from server.api import generate, openai
+from server.api.auth import require_inference
 from server.api.errors import error_body, install_error_handlers
+from server.api.guard import RequestGuard
 from server.metrics import Metrics
 from server.runtime import Runtime
 
@@ -70,13 +72,23 @@ def create_app(
     app.state.exit_code = 0
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    probes_and_docs = {"/health", "/ready", app.docs_url, app.redoc_url, app.openapi_url,
+                       app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(RequestGuard, settings=settings, open_paths=probes_and_docs - {None},
+                       own_limit=(adapters_api.router.prefix,))
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(adapters_api.router)
 
     @app.get("/health", tags=["operations"])
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health(request: Request) -> JSONResponse:
+        """Liveness: 200 while the model loads; 503 once start-up failed or the engine thread has stopped,
+        which only a restart cures (an orchestrator's cue)."""
+        state = request.app.state
+        if state.startup_error is not None or (state.runtime is not None and not state.runtime.engine.alive):
+            message = state.startup_error or "the engine has stopped; restart the server (see its log)"
+            return JSONResponse(error_body(message, "server_error", "engine_stopped"), 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready", tags=["operations"])
     async def ready(request: Request) -> JSONResponse:
@@ -87,7 +99,8 @@ def create_app(
             return JSONResponse(error_body(message, "server_error", "not_ready"), 503, {"Retry-After": "2"})
         return JSONResponse({"status": "ready", "model": state.runtime.base.served_name})
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    # any configured key may scrape (Prometheus: `authorization: {credentials: <key>}`); adapter names show
+    @app.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(require_inference)])
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,8 +1,10 @@
-"""Scoped keys: inference keys may generate; admin keys may also manage adapters. No keys: open server."""
+"""Scoped keys: inference keys may generate and read /metrics; admin keys may also manage adapters. No keys:
+an open server. The request guard authenticates before a body is read; these dependencies check the scope."""
 
 import hmac
 
 from fastapi import Request
+from starlette.datastructures import Headers
 
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
@@ -19,8 +21,8 @@ class Forbidden(LoraplexError):
     code = "insufficient_permissions"
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def _bearer(headers: Headers) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
@@ -32,24 +34,25 @@ def _matches(token: str, keys: list[str]) -> bool:
     return found
 
 
-def _check(request: Request, admin: bool) -> None:
-    settings: Settings = request.app.state.settings
+def authenticate(settings: Settings, headers: Headers) -> bool:
+    """Whether the request may manage adapters; raises Unauthorized without a configured key. No keys
+    configured: an open server, where everyone may do everything."""
     if not settings.api_key and not settings.admin_key:
-        return
-    token = _bearer(request)
+        return True
+    token = _bearer(headers)
     if token is None:
         raise Unauthorized("missing API key: send the header 'Authorization: Bearer <key>'")
     if _matches(token, settings.admin_key):
-        return
+        return True
     if not _matches(token, settings.api_key):
         raise Unauthorized("invalid API key: check the key passed in 'Authorization: Bearer <key>'")
-    if admin:
-        raise Forbidden("this key may only run inference; managing adapters needs an admin key")
+    return False
 
 
 async def require_inference(request: Request) -> None:
-    _check(request, admin=False)
+    authenticate(request.app.state.settings, request.headers)
 
 
 async def require_admin(request: Request) -> None:
-    _check(request, admin=True)
+    if not authenticate(request.app.state.settings, request.headers):
+        raise Forbidden("this key may only run inference; managing adapters needs an admin key")

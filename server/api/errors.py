@@ -12,6 +12,11 @@ def error_body(message: str, error_type: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": error_type, "code": code}}
 
 
+def error_response(exc: LoraplexError) -> JSONResponse:
+    body = error_body(str(exc), exc.error_type, exc.code)
+    return JSONResponse(body, status_code=exc.http_status, headers=getattr(exc, "headers", None))
+
+
 def _describe(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -23,9 +28,7 @@ def _describe(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoraplexError)
     async def _loraplex(_: Request, exc: LoraplexError) -> JSONResponse:
-        headers = getattr(exc, "headers", None)
-        body = error_body(str(exc), exc.error_type, exc.code)
-        return JSONResponse(body, status_code=exc.http_status, headers=headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

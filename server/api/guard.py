@@ -1,0 +1,78 @@
+"""The request guard: an ASGI middleware in front of every route. FastAPI reads and parses a JSON body before
+any dependency runs, so the key check and the body limit cannot be dependencies: here a request without a
+valid key gets its 401 before one byte of its body is read, and a body over the limit gets its 413 as soon
+as it passes the limit, never buffered whole."""
+
+from collections.abc import Collection
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loraplex.errors import LoraplexError
+from loraplex.settings import Settings
+from server.api.auth import authenticate
+from server.api.errors import error_response
+
+
+class RequestTooLarge(LoraplexError):
+    http_status = 413
+    code = "request_too_large"
+
+
+class RequestGuard:
+    """`open_paths` need no key (probes, docs); routes under `own_limit` read their bodies themselves,
+    against their own limit (the adapter upload: --max-adapter-mb)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, open_paths: Collection[str], own_limit: tuple[str, ...]) -> None:
+        self.app = app
+        self.settings = settings
+        self.open_paths = frozenset(open_paths)
+        self.own_limit = own_limit
+        self.max_bytes = settings.max_request_mb << 20
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        try:
+            if path not in self.open_paths:
+                authenticate(self.settings, Headers(scope=scope))
+            if not path.startswith(self.own_limit):
+                receive = await self._read_body(scope, receive)
+        except LoraplexError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
+        """Read the whole body, at most max_bytes of it (the route would buffer it all anyway), and hand the
+        app a `receive` that replays it, then listens on for the client's disconnect."""
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # the app sees it, and ends
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending: list[Message] = [message]
+
+        async def replayed() -> Message:
+            return pending.pop() if pending else await receive()
+
+        return replayed
+
+    def _too_large(self) -> RequestTooLarge:
+        return RequestTooLarge(
+            f"the request body is over this server's limit of {self.settings.max_request_mb} MiB "
+            "(--max-request-mb): send a shorter prompt or fewer messages"
+        )
