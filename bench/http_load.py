@@ -3,18 +3,40 @@ requests spread over many adapters (S-LoRA style), plus the adapter loads/evicti
 
 python bench/http_load.py --url http://127.0.0.1:8000 --adapters-dir /tmp/adapters --upload \\
     --adapters-in-use 1,8,32 --rate 4 --duration 30 --out results.json
+python bench/http_load.py --serve "--base-model random:llama3-8b ..." --workload mixed --goodput --out g.json
 python bench/http_load.py --smoke --serve "--base-model random:tiny --device cpu"   # CI: fails loudly
 
-Each point of the sweep (every --adapters-in-use x --rate) runs for --duration seconds. --rate 0 is a
-closed loop (--concurrency clients, each sends its next request when the last one ends); otherwise
-arrivals are Poisson at --rate requests/s with at most --concurrency in flight. Prompt lengths are in
-bytes, which is tokens for `random:` base models (byte-level tokenizer). Markdown summary on stdout.
+Workloads (--workload, a comma list runs each in turn against one server) set the prompt length, the output
+length and the clients; explicit --prompt-len / --output-len / --concurrency override them:
+  mixed    prompts 128-512 tokens, 64-128 new tokens, 32 clients (chat / RAG-like traffic)
+  decode   prompt 128, 128 new tokens, 32 clients
+  prefill  prompt 512, 1 new token, 32 clients (prompt tokens/s is the figure)
+  single   prompt 128, 128 new tokens, 1 client (idle-server latency)
+
+Lengths are in tokens of the served model. Prompts come from --tokenizer: `bytes` (the default, and what
+`random:` base models use: one token per byte, no special tokens) or a transformers tokenizer (a local
+directory or hub id; with --serve, the served --base-model when it is not `random:`), whose encoding with
+special tokens, as the server encodes, is checked to have exactly the length asked for. The server's own
+count (details.prompt_tokens of each stream) is compared too: mismatches are counted per point and warned
+about. The API has no ignore_eos, so a request may stop before its max_new_tokens: output tokens are those the
+server streamed (details.generated_tokens), never the requested ones, and early stops are counted.
+
+Each point of the sweep (every workload x --adapters-in-use x --rate) runs for --duration seconds. --rate 0 is
+a closed loop (--concurrency clients, each sends its next request when the last one ends); otherwise arrivals
+are Poisson at --rate requests/s with at most --concurrency in flight, and TTFT counts from the arrival.
+
+--goodput: the highest Poisson rate whose p90 TTFT <= --slo-ttft and p90 ITL <= --slo-itl with no failed
+request. With --rate, those rates are run; without, a search from --rate-start doubles the rate until a point
+misses the SLO, then bisects --bisect times between the best passing and the lowest failing rate. Open loop
+means arrivals do not wait for answers, so in-flight requests are not capped (unless --concurrency is given).
+Markdown summary on stdout; --out writes everything as JSON (bench/plot.py draws it).
 """
 
 import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import shlex
 import signal
@@ -23,14 +45,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
 PERCENTILES = (50, 90, 99)
 METRIC_PREFIX = "loraplex_adapter_"
 READY_TIMEOUT_S = 600.0  # an 8B base model loads in a few minutes at worst
+# a goodput sweep is open loop: this only guards the client's sockets, far above any server's batch
+GOODPUT_IN_FLIGHT = 1024
+PROMPT_ALPHABET = "abcdefghijklmnopqrstuvwxyz    "  # ASCII, so bytes == characters; spaces make words
 
 
 @dataclass(frozen=True)
@@ -39,26 +66,129 @@ class Planned:
     adapter: str | None
     prompt: str
     max_new_tokens: int
+    prompt_tokens: int  # the length the prompt was built to, in the served model's tokens
 
 
 @dataclass
 class Result:
     status: int  # HTTP status; 0: the connection failed, 299: the stream ended without a final event
     started: float
+    requested_tokens: int = 0
+    planned_prompt_tokens: int = 0
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
+    prompt_tokens: int | None = None  # the server's count, from the final event's details
+    finish_reason: str | None = None
     latency: float = 0.0
     error: str | None = None
 
 
-# ---- workload ---------------------------------------------------------------------------------------------
+# ---- workloads and prompts --------------------------------------------------------------------------------
 
 
 def parse_range(text: str) -> tuple[int, int]:
     """'64' or '32:128' -> inclusive (low, high)."""
     low, _, high = text.partition(":")
     return int(low), int(high or low)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a named workload fixes: prompt and output lengths in tokens (inclusive ranges) and clients."""
+
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+    concurrency: int
+
+
+WORKLOADS: dict[str, Shape] = {
+    "mixed": Shape((128, 512), (64, 128), 32),
+    "decode": Shape((128, 128), (128, 128), 32),
+    "prefill": Shape((512, 512), (1, 1), 32),
+    "single": Shape((128, 128), (128, 128), 1),
+}
+UNNAMED = Shape((64, 256), (32, 128), 16)  # without --workload: the lengths earlier reports were measured with
+
+
+def resolve_shape(name: str | None, prompt_len: tuple[int, int] | None, output_len: tuple[int, int] | None,
+                  concurrency: int | None, goodput: bool = False) -> Shape:
+    """A workload's shape with the explicit flags (not None) on top. A goodput sweep is open loop, so unless
+    --concurrency is given its in-flight cap is GOODPUT_IN_FLIGHT, not the workload's client count."""
+    base = WORKLOADS[name] if name else UNNAMED
+    if concurrency is None:
+        concurrency = GOODPUT_IN_FLIGHT if goodput else base.concurrency
+    return Shape(prompt_len or base.prompt_len, output_len or base.output_len, concurrency)
+
+
+class Prompts(Protocol):
+    def make(self, rng: random.Random, tokens: int) -> str: ...
+
+
+class BytePrompts:
+    """`random:` base models: one token per byte and no special tokens, so N ASCII characters are N tokens."""
+
+    def make(self, rng: random.Random, tokens: int) -> str:
+        return "".join(rng.choices(PROMPT_ALPHABET, k=tokens))
+
+
+class TokenizerPrompts:
+    """Prompts of exactly N tokens of a transformers tokenizer, counted as the server counts them (encoded
+    with the special tokens it adds, e.g. BOS). Random letters give no shared prefix between requests."""
+
+    ATTEMPTS = 8
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # tokens the tokenizer adds around any text (BOS, ...): the prompt's own tokens are the rest
+        self.added = self.count("a") - len(tokenizer("a", add_special_tokens=False)["input_ids"])
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def make(self, rng: random.Random, tokens: int) -> str:
+        # at most one token per character, and real tokenizers merge random letters ~2-3 to a token:
+        # 4 characters per token leaves room to extend the cut
+        ids = self.tokenizer("".join(rng.choices(PROMPT_ALPHABET, k=4 * tokens + 16)),
+                             add_special_tokens=False)["input_ids"]
+        keep = tokens - self.added
+        # decoding a cut token list and encoding it again can merge across the cut: correct by the difference
+        for _ in range(self.ATTEMPTS):
+            if not 0 < keep <= len(ids):
+                break
+            text = self.tokenizer.decode(ids[:keep], clean_up_tokenization_spaces=False)
+            got = self.count(text)
+            if got == tokens:
+                return text
+            keep += tokens - got
+        raise ValueError(f"cannot build a prompt of exactly {tokens} tokens with this tokenizer")
+
+
+def serve_base_model(serve_args: str) -> str | None:
+    """--base-model of a `loraplex serve` argument string (or its environment default); None: not given."""
+    args = shlex.split(serve_args)
+    for i, arg in enumerate(args):
+        if arg == "--base-model" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--base-model="):
+            return arg.partition("=")[2]
+    return os.environ.get("LORAPLEX_BASE_MODEL") or None
+
+
+def tokenizer_source(tokenizer: str | None, serve_args: str | None) -> str:
+    """`bytes` or a transformers tokenizer to load: --tokenizer, else the --serve base model unless `random:`."""
+    if tokenizer:
+        return tokenizer
+    base = serve_base_model(serve_args) if serve_args else None
+    return "bytes" if base is None or base.startswith("random:") else base
+
+
+def load_prompts(source: str) -> Prompts:
+    if source == "bytes":
+        return BytePrompts()
+    from transformers import AutoTokenizer  # only here: the byte path needs no transformers import
+
+    return TokenizerPrompts(AutoTokenizer.from_pretrained(source))
 
 
 def adapter_weights(count: int, zipf: float) -> list[float]:
@@ -75,12 +205,13 @@ class Workload:
     zipf: float
     prompt_len: tuple[int, int]
     output_len: tuple[int, int]
+    prompts: Prompts = field(default_factory=BytePrompts)
 
     def next(self, at: float = 0.0) -> Planned:
         weights = adapter_weights(len(self.adapters), self.zipf)
-        # random letters and spaces: no shared prefix between requests, and ASCII so bytes == characters
-        prompt = "".join(self.rng.choices("abcdefghijklmnopqrstuvwxyz    ", k=self.rng.randint(*self.prompt_len)))
-        return Planned(at, self.rng.choices(self.adapters, weights)[0], prompt, self.rng.randint(*self.output_len))
+        length = self.rng.randint(*self.prompt_len)
+        adapter = self.rng.choices(self.adapters, weights)[0]
+        return Planned(at, adapter, self.prompts.make(self.rng, length), self.rng.randint(*self.output_len), length)
 
     def poisson(self, rate: float, duration: float) -> list[Planned]:
         """Arrivals at `rate` requests/s over `duration` seconds."""
@@ -98,7 +229,8 @@ async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None =
     TTFT and latency count from then, so time spent waiting for a free client is not hidden."""
     body = {"inputs": item.prompt,
             "parameters": {"adapter_id": item.adapter, "max_new_tokens": item.max_new_tokens, "details": True}}
-    result = Result(status=0, started=time.perf_counter() if arrived is None else arrived)
+    result = Result(status=0, started=time.perf_counter() if arrived is None else arrived,
+                    requested_tokens=item.max_new_tokens, planned_prompt_tokens=item.prompt_tokens)
     last = result.started
     try:
         async with client.stream("POST", "/generate_stream", json=body) as response:
@@ -121,7 +253,13 @@ async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None =
                     result.itl.append(now - last)
                 last = now
                 result.tokens += 1
-                finished = finished or event.get("generated_text") is not None
+                if event.get("generated_text") is not None:
+                    finished = True
+                    details = event.get("details") or {}
+                    # the server's counts are the truth: an event may in principle carry more than one token
+                    result.tokens = details.get("generated_tokens", result.tokens)
+                    result.prompt_tokens = details.get("prompt_tokens")
+                    result.finish_reason = details.get("finish_reason")
             if not finished:
                 result.status, result.error = 299, result.error or "the stream ended without its final event"
     except httpx.HTTPError as exc:
@@ -135,6 +273,8 @@ async def run_point(client: httpx.AsyncClient, workload: Workload, concurrency: 
                     duration: float) -> tuple[list[Result], float]:
     """Run one sweep point; (results, wall seconds from the first send to the last answer)."""
     slots = asyncio.Semaphore(concurrency)
+    # Poisson arrivals (prompts included) are drawn before the clock starts: tokenizing is not load
+    arrivals = workload.poisson(rate, duration) if rate > 0 else []
     start = time.perf_counter()
 
     async def poisson(item: Planned) -> Result:
@@ -150,11 +290,23 @@ async def run_point(client: httpx.AsyncClient, workload: Workload, concurrency: 
         return done
 
     if rate > 0:
-        results = list(await asyncio.gather(*map(poisson, workload.poisson(rate, duration))))
+        results = list(await asyncio.gather(*map(poisson, arrivals)))
     else:
         per_client = await asyncio.gather(*(closed_loop() for _ in range(concurrency)))
         results = [r for done in per_client for r in done]
     return results, time.perf_counter() - start
+
+
+async def warm_up(client: httpx.AsyncClient, workload: Workload, count: int, concurrency: int) -> None:
+    """`count` unrecorded requests of the workload: first-time costs (kernel compilation for new shapes,
+    adapter loads) stay out of the first point."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one() -> Result:
+        async with slots:
+            return await send(client, workload.next())
+
+    await asyncio.gather(*(one() for _ in range(count)))
 
 
 # ---- statistics -------------------------------------------------------------------------------------------
@@ -177,6 +329,8 @@ def latency_stats(values: list[float]) -> dict[str, float | None]:
 def summarize(results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.error is None and r.status == 200]
     tokens = sum(r.tokens for r in ok)
+    # the server's prompt count where it sent one; the planned length otherwise (an old server)
+    prompt_tokens = sum(r.planned_prompt_tokens if r.prompt_tokens is None else r.prompt_tokens for r in ok)
     return {
         "requests": len(results),
         "ok": len(ok),
@@ -186,10 +340,55 @@ def summarize(results: list[Result], wall: float) -> dict:
         "requests_per_s": len(ok) / wall if wall else 0.0,
         "output_tokens": tokens,
         "output_tokens_per_s": tokens / wall if wall else 0.0,
+        "requested_output_tokens": sum(r.requested_tokens for r in ok),
+        "stopped_early": sum(r.tokens < r.requested_tokens for r in ok),
+        "finish_reasons": dict(Counter(r.finish_reason for r in ok if r.finish_reason)),
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_per_s": prompt_tokens / wall if wall else 0.0,
+        "prompt_length_mismatches": sum(r.prompt_tokens not in (None, r.planned_prompt_tokens) for r in ok),
         "ttft_s": latency_stats([r.ttft for r in ok if r.ttft is not None]),
         "itl_s": latency_stats([x for r in ok for x in r.itl]),
         "latency_s": latency_stats([r.latency for r in ok]),
     }
+
+
+# ---- goodput ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft: float  # p90 time to first token, seconds
+    itl: float  # p90 inter-token latency, seconds
+
+
+def meets_slo(point: dict, slo: Slo) -> bool:
+    """No failed request, at least one answered, p90 TTFT and p90 ITL within the SLO. A point without
+    inter-token gaps (1-token outputs) has no ITL to miss."""
+    ttft, itl = point["ttft_s"]["p90"], point["itl_s"]["p90"]
+    return (point["ok"] > 0 and not point["errors"] and ttft is not None and ttft <= slo.ttft
+            and (itl is None or itl <= slo.itl))
+
+
+def goodput(verdicts: list[tuple[float, bool]]) -> float | None:
+    """The highest offered rate that met the SLO below every rate that missed it: a pass above a miss is
+    noise, not capacity. (rate, met) pairs of open-loop points; None when no rate passed."""
+    first_miss = min((rate for rate, met in verdicts if not met), default=math.inf)
+    return max((rate for rate, met in verdicts if met and rate < first_miss), default=None)
+
+
+def next_rate(verdicts: list[tuple[float, bool]], start: float, bisect: int, rate_max: float) -> float | None:
+    """The automatic search: `start`, doubled while every point meets the SLO (up to rate_max), then `bisect`
+    halvings of the gap between the best passing and the lowest failing rate. None: the search is done."""
+    if not verdicts:
+        return start
+    misses = [rate for rate, met in verdicts if not met]
+    if not misses:
+        top = max(rate for rate, _ in verdicts)
+        return None if top >= rate_max else min(2 * top, rate_max)
+    first_miss_at = next(i for i, (_, met) in enumerate(verdicts) if not met)
+    if len(verdicts) - 1 - first_miss_at >= bisect:
+        return None
+    return ((goodput(verdicts) or 0.0) + min(misses)) / 2
 
 
 # ---- server side: metrics, adapters, a server of our own --------------------------------------------------
@@ -279,35 +478,80 @@ def stop_server(process: subprocess.Popen) -> None:
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
-async def bench(args: argparse.Namespace, url: str) -> dict:
+def sweep_rates(listed: list[float] | None, verdicts: list[tuple[float, bool]], start: float, bisect: int,
+                rate_max: float) -> Iterator[float]:
+    """The listed rates in order, or else the goodput search, which reads the verdicts that the caller
+    appends after each point."""
+    if listed is not None:
+        yield from listed
+        return
+    while (rate := next_rate(verdicts, start, bisect, rate_max)) is not None:
+        yield rate
+
+
+async def bench(args: argparse.Namespace, url: str, prompts: Prompts,
+                transport: httpx.AsyncBaseTransport | None = None) -> dict:
+    """Every point of the run; `transport`: an in-process app instead of the network (the tests' fakes)."""
+    shapes = {name: resolve_shape(name, args.prompt_len, args.output_len, args.concurrency, args.goodput)
+              for name in args.workload or [None]}
+    in_flight = max(shape.concurrency for shape in shapes.values())
+    slo = Slo(args.slo_ttft, args.slo_itl)
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as client:
+    limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits,
+                                 transport=transport) as client:
         await check_ready(client)
         names = await upload_adapters(client, args.adapters_dir) if args.upload else []
         if args.adapters_dir and not names:
             names = sorted(p.name for p in args.adapters_dir.iterdir() if p.is_dir())
         rng = random.Random(args.seed)
-        points = []
-        for in_use in args.adapters_in_use:
-            if in_use > len(names):
-                raise SystemExit(f"--adapters-in-use {in_use} but only {len(names)} adapters are available")
-            adapters: list[str | None] = list(names[:in_use]) if in_use else [None]
-            workload = Workload(rng, adapters, args.zipf, args.prompt_len, args.output_len)
-            for rate in args.rate:
-                before = await read_metrics(client)
-                results, wall = await run_point(client, workload, args.concurrency, rate, args.duration)
-                counters = counter_deltas(before, await read_metrics(client))
-                point = {"adapters_in_use": in_use, "rate": rate, **summarize(results, wall),
-                         "adapter_counters": counters}
-                points.append(point)
-                print(f"adapters={in_use} rate={rate or 'closed'}: {point['ok']}/{point['requests']} ok, "
-                      f"{point['output_tokens_per_s']:.1f} tok/s", file=sys.stderr)
-        return {"url": url, "registered_adapters": len(names), "config": _config_of(args), "points": points}
+        points, goodputs = [], []
+        for name, shape in shapes.items():
+            for in_use in args.adapters_in_use:
+                if in_use > len(names):
+                    raise SystemExit(f"--adapters-in-use {in_use} but only {len(names)} adapters are available")
+                adapters: list[str | None] = list(names[:in_use]) if in_use else [None]
+                workload = Workload(rng, adapters, args.zipf, shape.prompt_len, shape.output_len, prompts)
+                if args.warmup:
+                    await warm_up(client, workload, args.warmup, shape.concurrency)
+                verdicts: list[tuple[float, bool]] = []
+                for rate in sweep_rates(args.rate, verdicts, args.rate_start, args.bisect, args.rate_max):
+                    before = await read_metrics(client)
+                    results, wall = await run_point(client, workload, shape.concurrency, rate, args.duration)
+                    counters = counter_deltas(before, await read_metrics(client))
+                    point = {"workload": name, "adapters_in_use": in_use, "rate": rate,
+                             "concurrency": shape.concurrency, **summarize(results, wall),
+                             "adapter_counters": counters}
+                    if args.goodput:
+                        point["meets_slo"] = meets_slo(point, slo)
+                        if rate > 0:  # a closed loop offers no rate
+                            verdicts.append((rate, point["meets_slo"]))
+                    points.append(point)
+                    _progress(point)
+                if args.goodput:
+                    goodputs.append({"workload": name, "adapters_in_use": in_use, "rate": goodput(verdicts)})
+        return {"url": url, "registered_adapters": len(names), "tokenizer": args.tokenizer,
+                "workloads": {name or "": vars(shape) for name, shape in shapes.items()},
+                "slo": vars(slo) if args.goodput else None, "goodput": goodputs,
+                "config": _config_of(args), "points": points}
+
+
+def _progress(point: dict) -> None:
+    verdict = {True: ", meets the SLO", False: ", misses the SLO"}.get(point.get("meets_slo"), "")
+    print(f"workload={point['workload'] or '-'} adapters={point['adapters_in_use']} "
+          f"rate={_rate(point['rate'])}: {point['ok']}/{point['requests']} ok, "
+          f"{point['output_tokens_per_s']:.1f} tok/s{verdict}", file=sys.stderr)
+    if point["prompt_length_mismatches"]:
+        print(f"WARNING: the server counted another prompt length than planned in "
+              f"{point['prompt_length_mismatches']} requests: pass the served model's --tokenizer", file=sys.stderr)
 
 
 def _config_of(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "key"}
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:g}" if rate else "closed"
 
 
 def _ms(value: float | None) -> str:
@@ -316,9 +560,9 @@ def _ms(value: float | None) -> str:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| adapters | rate | ok/sent | req/s | out tok/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | errors "
-        "| adapter counters |",
-        "|---:|---:|---:|---:|---:|---|---|---|---|",
+        "| workload | adapters | offered req/s | ok/sent | req/s | out tok/s | prompt tok/s | TTFT p50/p90/p99 ms "
+        "| ITL p50/p90/p99 ms | SLO | errors | adapter counters |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for p in report["points"]:
         ttft, itl = ("/".join(_ms(p[kind][f"p{q}"]) for q in PERCENTILES) for kind in ("ttft_s", "itl_s"))
@@ -326,27 +570,46 @@ def markdown(report: dict) -> str:
             f"{k.removeprefix(METRIC_PREFIX)} +{v:g}" for k, v in p["adapter_counters"].items()
             if v and k.split("{")[0].endswith("_total")
         )
+        slo = {True: "met", False: "missed"}.get(p.get("meets_slo"), "-")
         lines.append(
-            f"| {p['adapters_in_use']} | {p['rate'] or 'closed'} | {p['ok']}/{p['requests']} "
-            f"| {p['requests_per_s']:.2f} | {p['output_tokens_per_s']:.1f} | {ttft} | {itl} "
-            f"| {p['errors'] or '-'} | {counters or '-'} |"
+            f"| {p.get('workload') or '-'} | {p['adapters_in_use']} | {_rate(p['rate'])} "
+            f"| {p['ok']}/{p['requests']} | {p['requests_per_s']:.2f} | {p['output_tokens_per_s']:.1f} "
+            f"| {p.get('prompt_tokens_per_s', 0.0):.0f} | {ttft} | {itl} | {slo} | {p['errors'] or '-'} "
+            f"| {counters or '-'} |"
         )
+    if report.get("slo"):
+        slo = report["slo"]
+        lines.append("")
+        for g in report["goodput"]:
+            rate = "none (no rate met the SLO)" if g["rate"] is None else f"{g['rate']:g} req/s"
+            lines.append(f"goodput, workload {g['workload'] or '-'}, {g['adapters_in_use']} adapters: {rate} "
+                         f"(p90 TTFT <= {slo['ttft']:g} s, p90 ITL <= {slo['itl'] * 1000:g} ms, no errors)")
     return "\n".join(lines)
 
 
 def failures(report: dict) -> list[str]:
-    """What makes a smoke run fail: any failed request, or a point that streamed no token at all."""
+    """What makes a smoke run fail: any failed request, a point that streamed no token at all, or prompts
+    whose length the server counted differently from the one they were built to."""
     problems = []
     for p in report["points"]:
         if p["errors"]:
             problems.append(f"adapters={p['adapters_in_use']}: failed requests {p['errors']}: {p['first_errors']}")
         if p["output_tokens"] == 0:
             problems.append(f"adapters={p['adapters_in_use']}: no tokens came back")
+        if p.get("prompt_length_mismatches"):
+            problems.append(f"adapters={p['adapters_in_use']}: {p['prompt_length_mismatches']} prompts of "
+                            "another length than planned")
     return problems
 
 
-def csv_of(kind: type):
+def csv_of(kind: Callable[[str], Any]) -> Callable[[str], list]:
     return lambda text: [kind(x) for x in text.split(",")]
+
+
+def workload_name(text: str) -> str:
+    if text not in WORKLOADS:
+        raise argparse.ArgumentTypeError(f"unknown workload {text!r}; one of {', '.join(WORKLOADS)}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,12 +622,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upload", action="store_true", help="upload --adapters-dir first, named after the dirs")
     parser.add_argument("--adapters-in-use", type=csv_of(int), default=[0],
                         help="distinct adapters the requests spread over, one point each; 0: base model only")
-    parser.add_argument("--rate", type=csv_of(float), default=[0.0], help="requests/s (Poisson), 0: closed loop")
-    parser.add_argument("--concurrency", type=int, default=16, help="clients / most requests in flight")
+    parser.add_argument("--workload", type=csv_of(workload_name),
+                        help=f"named lengths and clients, a comma list: {', '.join(WORKLOADS)}")
+    parser.add_argument("--rate", type=csv_of(float),
+                        help="requests/s (Poisson), 0: closed loop (default); with --goodput, omit to search")
+    parser.add_argument("--concurrency", type=int,
+                        help=f"clients / most requests in flight (default: the workload's, else {UNNAMED.concurrency};"
+                             f" with --goodput {GOODPUT_IN_FLIGHT})")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per point")
+    parser.add_argument("--warmup", type=int, default=0, help="unrecorded requests before each workload's points")
     parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity exponent; 0: uniform")
-    parser.add_argument("--prompt-len", type=parse_range, default=(64, 256), help="bytes, N or MIN:MAX")
-    parser.add_argument("--output-len", type=parse_range, default=(32, 128), help="max_new_tokens, N or MIN:MAX")
+    parser.add_argument("--prompt-len", type=parse_range, help="tokens, N or MIN:MAX (default: the workload's)")
+    parser.add_argument("--output-len", type=parse_range, help="max_new_tokens, N or MIN:MAX (default: the workload's)")
+    parser.add_argument("--tokenizer",
+                        help="`bytes` or a transformers tokenizer (directory or hub id) to build prompts with "
+                             "(default: the --serve base model's, bytes for random: models or --url)")
+    parser.add_argument("--goodput", action="store_true", help="judge every point against the SLO, report goodput")
+    parser.add_argument("--slo-ttft", type=float, default=1.0, help="p90 time to first token, seconds")
+    parser.add_argument("--slo-itl", type=float, default=0.05, help="p90 inter-token latency, seconds")
+    parser.add_argument("--rate-start", type=float, default=1.0, help="first rate of the goodput search, req/s")
+    parser.add_argument("--rate-max", type=float, default=256.0, help="the goodput search doubles no further")
+    parser.add_argument("--bisect", type=int, default=3, help="bisection steps of the goodput search")
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the full report as JSON")
@@ -378,15 +656,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.upload and args.adapters_dir is None:
         parser.error("--upload needs --adapters-dir")
+    if args.rate_start <= 0:
+        parser.error("--rate-start must be above 0")
+    if args.rate is None and not args.goodput:
+        args.rate = [0.0]
     if args.smoke:
         # a stalled server fails the run within seconds instead of holding CI for the default timeout
         args.concurrency, args.duration, args.prompt_len, args.output_len = 2, 2.0, (8, 16), (4, 8)
         args.timeout = min(args.timeout, 20.0)
+    args.tokenizer = tokenizer_source(args.tokenizer, args.serve)
+    prompts = load_prompts(args.tokenizer)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so that the server we started is stopped too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     process, url = start_server(args.serve) if args.serve else (None, args.url)
     try:
-        report = asyncio.run(bench(args, url))
+        report = asyncio.run(bench(args, url, prompts))
     finally:
         if process is not None:
             stop_server(process)

@@ -39,6 +39,7 @@ def test_smoke_run_against_a_served_tiny_model(tmp_path: Path) -> None:
     assert process.returncode == 0, stdout + stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["registered_adapters"] == 2
+    assert report["tokenizer"] == str(model_dir)  # prompts built with the served model's tokenizer and checked
     assert [p["adapters_in_use"] for p in report["points"]] == [0, 2]
     assert all(p["ok"] == p["requests"] > 0 and p["output_tokens"] > 0 for p in report["points"])
     assert "| adapters |" in stdout
