@@ -1,7 +1,9 @@
-"""What every generation route shares: prompt encoding, adapter resolution with a lease held for the
-request's lifetime, submission to the scheduler, metrics, and cancellation when the client goes away."""
+"""What every generation route shares: prompt encoding, the checks that depend on the served model (prompt
+size, max_new_tokens, top_k, temperature), adapter resolution with a lease held for the request's lifetime,
+submission to the scheduler, metrics, and cancellation when the client goes away."""
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -9,6 +11,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from adapters.errors import AdapterError
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
@@ -17,8 +20,17 @@ from server.registry import AdapterRegistry
 from server.scheduler import Scheduler
 
 T = TypeVar("T")
+log = logging.getLogger("loraplex")
 BASE_LABEL = "-"  # the `adapter` label of base-model requests in metrics
+# the label of every adapter the store does not hold: labels never grow with what clients make up
+UNKNOWN_LABEL = "<unknown>"
 CLIENT_CLOSED = "499"  # nginx's code for "client closed the request": a cancel, not a server failure
+# Prompt text beyond this many characters per token of max_seq_len cannot fit once tokenized (tokens of
+# real vocabularies average ~4 characters; 32 leaves room for long runs of spaces or digits, and for TGI's
+# `truncate`): refused before the tokenizer spends seconds on it.
+PROMPT_CHARS_PER_TOKEN = 32
+# Positive temperatures below this overflow the logits they divide (vLLM raises them to the same floor).
+MIN_TEMPERATURE = 0.01
 
 
 class EmptyPrompt(LoraplexError):
@@ -29,6 +41,27 @@ class EmptyPrompt(LoraplexError):
 class InvalidChat(LoraplexError):
     http_status = 422
     code = "invalid_messages"
+
+
+class PromptTooLong(LoraplexError):
+    """The prompt leaves no room in max_seq_len (the engine's PromptTooLong is only a backstop)."""
+
+    http_status = 422
+    code = "prompt_too_long"
+
+
+class MaxTokensTooLarge(LoraplexError):
+    """The prompt fits, but not with as many new tokens as asked for."""
+
+    http_status = 422
+    code = "max_tokens_too_large"
+
+
+class ClientDisconnected(LoraplexError):
+    """The client left before its answer: nobody reads this, and it is no server failure."""
+
+    http_status = int(CLIENT_CLOSED)
+    code = "client_closed_request"
 
 
 @dataclass
@@ -55,17 +88,27 @@ class Inference:
         self.scheduler = scheduler
         self.metrics = metrics
         self.max_seq_len = max_seq_len
+        self.max_prompt_chars = PROMPT_CHARS_PER_TOKEN * max_seq_len
+        self.vocab_size: int = base.model.config.get_text_config().vocab_size
         self.eos_ids = scheduler.engine.eos_ids
         self.special_ids = frozenset(base.tokenizer.all_special_ids)
 
-    # ---- prompts -----------------------------------------------------------------------------------------
+    # ---- prompts: tokenizing and templating run in a worker thread, so the event loop keeps serving -------
     def encode(self, text: str) -> list[int]:
         ids = self.base.tokenizer(text)["input_ids"]
         if not ids:
             raise EmptyPrompt("the prompt encodes to no tokens; send some text")
         return ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_prompt(self, text: str) -> list[int]:
+        self._check_chars(len(text), "the prompt")
+        return await asyncio.to_thread(self.encode, text)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
+        return await asyncio.to_thread(self._apply_template, messages)
+
+    def _apply_template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                           return_dict=False)
@@ -73,9 +116,39 @@ class Inference:
             raise InvalidChat(f"the base model's chat template refused these messages: {exc}") from exc
         return list(ids)
 
-    def default_max_new_tokens(self, prompt_ids: list[int], cap: int) -> int:
-        """Clients that send no limit get `cap`, or what is left of the request's KV row when that is less."""
-        return max(1, min(cap, self.max_seq_len - len(prompt_ids)))
+    def _check_chars(self, chars: int, what: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise PromptTooLong(
+                f"{what} has {chars} characters; this server takes at most {self.max_prompt_chars} "
+                f"({PROMPT_CHARS_PER_TOKEN} per token of max_seq_len {self.max_seq_len}): shorten it"
+            )
+
+    # ---- sampling values that depend on the served model ---------------------------------------------------
+    def max_new_tokens(self, prompt_tokens: int, requested: int | None, field: str, default: int) -> int:
+        """The request's completion limit: `requested` (sent as `field`) if it fits the KV row with the prompt,
+        else a typed error saying what fits; no request: `default`, or what is left of the row if less."""
+        room = self.max_seq_len - prompt_tokens
+        if room < 1:
+            raise PromptTooLong(
+                f"the prompt is {prompt_tokens} tokens; max_seq_len {self.max_seq_len} takes at most "
+                f"{self.max_seq_len - 1} prompt tokens, to leave room for one new token: shorten it"
+            )
+        if requested is None:
+            return min(default, room)
+        if requested > room:
+            raise MaxTokensTooLarge(
+                f"{field} {requested} + the prompt's {prompt_tokens} tokens exceed max_seq_len {self.max_seq_len}: "
+                f"send {field} <= {room}, or a shorter prompt"
+            )
+        return requested
+
+    def top_k(self, top_k: int | None) -> int:
+        """0 (off) for None and for every k that keeps the whole vocabulary, as HF and vLLM read it."""
+        return 0 if top_k is None or top_k >= self.vocab_size else top_k
+
+    @staticmethod
+    def temperature(temperature: float) -> float:
+        return temperature if temperature == 0 else max(temperature, MIN_TEMPERATURE)
 
     def adapter_ref(self, model_or_adapter: str | None) -> str | None:
         """None, "" and the base model's served name mean the base model."""
@@ -86,7 +159,7 @@ class Inference:
                      adapter: str | None) -> AsyncIterator[TokenEvent]:
         """Events of one request. Errors before the first event (unknown adapter, queue full, prompt too
         long) raise typed errors; leaving early cancels the request in the engine."""
-        label = adapter or BASE_LABEL
+        label = self._label(adapter)
         try:
             request = GenerationRequest(prompt_ids, sampling)
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
@@ -117,6 +190,15 @@ class Inference:
         finally:
             await token_stream.aclose()
             self.metrics.requests.labels(label, status).inc()
+
+    def _label(self, adapter: str | None) -> str:
+        if adapter is None:
+            return BASE_LABEL
+        try:
+            self.registry.store.resolve(adapter)
+        except AdapterError:
+            return UNKNOWN_LABEL
+        return adapter  # a stored name (at most 64 characters) or name@N
 
     async def open_stream(self, prompt_ids: list[int], sampling: SamplingParams,
                           adapter: str | None) -> AsyncIterator[TokenEvent]:
@@ -157,7 +239,8 @@ async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]],
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise asyncio.CancelledError("client disconnected")
+                log.info("client disconnected from %s; its request is cancelled", request.url.path)
+                raise ClientDisconnected("the client disconnected")
     finally:
         if not task.done():
             task.cancel()

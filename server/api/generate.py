@@ -30,8 +30,8 @@ router = APIRouter(tags=["generate (TGI / LoRAX)"], dependencies=[Depends(requir
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
-def prompt_of(body: TgiRequest, inference: Inference) -> list[int]:
-    ids = inference.encode(body.inputs)
+async def prompt_of(body: TgiRequest, inference: Inference) -> list[int]:
+    ids = await inference.encode_prompt(body.inputs)
     truncate = body.parameters.truncate
     return ids[-truncate:] if truncate else ids  # TGI's `truncate`: the prompt's last tokens
 
@@ -41,11 +41,11 @@ def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -
     # TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)
     warped = p.temperature not in (None, 1.0) or bool(p.top_k) or p.top_p not in (None, 1.0)
     temperature = (1.0 if p.temperature is None else p.temperature) if p.do_sample or warped else 0.0
-    max_new = p.max_new_tokens or inference.default_max_new_tokens(prompt_ids, DEFAULT_MAX_NEW_TOKENS)
     return SamplingParams(
-        max_new_tokens=max_new,
-        temperature=temperature,
-        top_k=p.top_k or 0,
+        max_new_tokens=inference.max_new_tokens(len(prompt_ids), p.max_new_tokens, "max_new_tokens",
+                                                DEFAULT_MAX_NEW_TOKENS),
+        temperature=inference.temperature(temperature),
+        top_k=inference.top_k(p.top_k),
         top_p=p.top_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0,
         stop=tuple(p.stop),
@@ -66,7 +66,7 @@ def token_of(event: TokenEvent, inference: Inference) -> TgiToken:
 
 
 async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
-    prompt_ids = prompt_of(body, inference)
+    prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     result = await inference.generate(request, prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
     text = (body.inputs + result.text) if body.parameters.return_full_text else result.text
@@ -87,7 +87,7 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
 
 
 async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
-    prompt_ids = prompt_of(body, inference)
+    prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     events = await inference.open_stream(prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
     async def rest() -> AsyncIterator[TgiStreamEvent]:

@@ -46,11 +46,11 @@ class ModelNotFound(AdapterNotFound):
     code = "model_not_found"
 
 
-def _sampling(body: OpenAISampling, prompt_ids: list[int], inference: Inference, cap: int) -> SamplingParams:
-    limit = body.max_completion_tokens or body.max_tokens or inference.default_max_new_tokens(prompt_ids, cap)
+def _sampling(body: OpenAISampling, prompt_ids: list[int], inference: Inference, default: int) -> SamplingParams:
+    limit, field = body.max_tokens_field
     return SamplingParams(
-        max_new_tokens=limit,
-        temperature=1.0 if body.temperature is None else body.temperature,
+        max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
+        temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
         stop=tuple(body.stop_list),
         seed=body.seed,
@@ -108,7 +108,7 @@ async def models(runtime: Annotated[Runtime, Depends(get_runtime)]) -> ModelList
 async def completions(body: CompletionRequest, request: Request,
                       inference: InferenceDep) -> CompletionResponse | StreamingResponse:
     adapter = _adapter(body, inference)
-    prompt_ids = inference.encode(body.text)
+    prompt_ids = await inference.encode_prompt(body.text)
     sampling = _sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -133,7 +133,7 @@ async def completions(body: CompletionRequest, request: Request,
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            inference: InferenceDep) -> ChatCompletionResponse | StreamingResponse:
     adapter = _adapter(body, inference)
-    prompt_ids = inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     sampling = _sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:

@@ -1,9 +1,29 @@
 """Request and response bodies of the generation APIs: TGI/LoRAX and OpenAI. Fields clients send that we
-do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working."""
+do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working.
 
-from typing import Literal
+Every field a client sends is bounded here to what the engine can execute: floats are finite (pydantic
+would otherwise take "NaN" and "Infinity"), seeds fit torch.Generator.manual_seed, lists and strings have a
+length. What depends on the served model (prompt size, max_new_tokens, top_k) is checked by the routes."""
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+# torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds alias positive ones, so only these
+MAX_SEED = 2**64 - 1
+# OpenAI allows 4 stop sequences, TGI 4 by default: 16 is generous, and every one is matched per token
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 1024
+MAX_NAME_CHARS = 256  # adapter refs are at most 74 characters; served model names are operators' choice
+MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float precision
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+StopSequence = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+
+# request bodies: unknown fields ignored, and no NaN or Infinity in any float
+REQUEST = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 # ---- TGI / LoRAX ---------------------------------------------------------------------------------------
 
@@ -11,17 +31,18 @@ TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
 class TgiParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
-    adapter_id: str | None = Field(None, description="Adapter `name` or `name@N`; null or empty: the base model.")
+    adapter_id: str | None = Field(None, max_length=MAX_NAME_CHARS,
+                                   description="Adapter `name` or `name@N`; null or empty: the base model.")
     max_new_tokens: int | None = Field(None, ge=1)
     do_sample: bool = False
-    temperature: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_k: int | None = Field(None, ge=0, description="Values at or over the vocabulary size mean no top-k.")
     top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=0)
-    stop: list[str] = Field(default_factory=list)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    seed: Seed | None = None
+    stop: StopList = Field(default_factory=list)
     return_full_text: bool = False
     details: bool = False
     decoder_input_details: bool = False
@@ -97,15 +118,16 @@ class StreamOptions(BaseModel):
 
 
 class OpenAISampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
-    model: str = Field(description="An adapter name (`name` or `name@N`) or the base model's served name.")
+    model: str = Field(max_length=MAX_NAME_CHARS,
+                       description="An adapter name (`name` or `name@N`) or the base model's served name.")
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: StopSequence | StopList | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -117,6 +139,13 @@ class OpenAISampling(BaseModel):
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def max_tokens_field(self) -> tuple[int | None, str]:
+        """The completion limit the client sent, and the name it sent it under (for errors)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class CompletionRequest(OpenAISampling):
@@ -134,20 +163,37 @@ class CompletionRequest(OpenAISampling):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content. The served models read text only: other parts (images, audio) are
+    refused, rather than dropped, so that no one gets an answer about an input the model never saw."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value: object) -> object:
+        if isinstance(value, dict) and value.get("type") != "text":
+            raise ValueError(f"only text content parts are supported (type 'text'), not {value.get('type')!r}")
+        return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(OpenAISampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
 class Usage(BaseModel):

@@ -1,0 +1,242 @@
+"""Every client value is bounded where it enters (in process, tiny byte-level model, max_seq_len 64): a value
+the engine cannot execute is a 422 naming its field, or is mapped to what it means (top_k over the vocabulary
+is no top-k at all), and the engine never sees it."""
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
+from server.app import create_app
+from server.inference import ClientDisconnected, until_disconnected
+
+MAX_SEQ_LEN = 64
+TGI_ROUTES = ["/generate", "/generate_stream", "/"]
+ROUTES = [*TGI_ROUTES, "/v1/completions", "/v1/chat/completions"]
+
+
+def body(path: str, prompt: str = "hi", **params: object) -> dict:
+    """A request on `path` with sampling `params` where that protocol puts them."""
+    if path in TGI_ROUTES:
+        return {"inputs": prompt, "parameters": params}
+    if path == "/v1/completions":
+        return {"model": "llama", "prompt": prompt, **params}
+    return {"model": "llama", "messages": [{"role": "user", "content": prompt}], **params}
+
+
+def ready(client: TestClient) -> TestClient:
+    deadline = time.monotonic() + 30
+    while client.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return client
+
+
+@pytest.fixture(scope="module")
+def app_settings(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    tmp = tmp_path_factory.mktemp("boundary")
+    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=MAX_SEQ_LEN,
+                        max_batch_size=2)
+    return tiny_model_dirs["llama"], settings
+
+
+def start(app_settings: tuple) -> TestClient:
+    model_dir, settings = app_settings
+    base = load_base_model(str(model_dir), cache_dir=settings.cache_dir, device="cpu", quantize=False,
+                           dtype=torch.float32)
+    return TestClient(create_app(settings, base=base))
+
+
+@pytest.fixture(scope="module")
+def client(app_settings: tuple) -> Iterator[TestClient]:
+    with start(app_settings) as c:
+        yield ready(c)
+
+
+def post(client: TestClient, path: str, payload: dict | str) -> tuple[int, dict]:
+    """Status and JSON (an error, or the answer; a stream answers its last event)."""
+    kwargs = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, str) \
+        else {"json": payload}
+    with client.stream("POST", path, **kwargs) as response:  # type: ignore[arg-type]
+        text = response.read().decode()
+    if response.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+        return response.status_code, {"events": events}
+    return response.status_code, response.json()
+
+
+def assert_422(client: TestClient, path: str, payload: dict | str, says: str, code: str = "invalid_request") -> None:
+    status, answer = post(client, path, payload)
+    assert status == 422, (status, answer)
+    assert answer["error"]["code"] == code and says in answer["error"]["message"], answer
+
+
+def sampled(path: str, **params: object) -> dict:
+    # TGI samples with do_sample; OpenAI's default temperature is 1
+    return body(path, max_new_tokens=4, do_sample=True, **params) if path in TGI_ROUTES \
+        else body(path, max_tokens=4, **params)
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_seed_is_bounded_to_what_torch_accepts(client: TestClient, path: str) -> None:
+    assert_422(client, path, sampled(path, seed=2**64), "seed")
+    assert_422(client, path, sampled(path, seed=-1), "seed")
+    assert post(client, path, sampled(path, seed=2**64 - 1))[0] == 200
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", ROUTES)
+@pytest.mark.parametrize("value", ['"NaN"', '"Infinity"', "NaN", "-Infinity", "1e999"])
+def test_non_finite_floats_are_422(client: TestClient, path: str, value: str) -> None:
+    fields = ["temperature", "top_p", "repetition_penalty"] if path in TGI_ROUTES else ["temperature", "top_p"]
+    for field in fields:
+        payload = body(path, **{field: 123456.0})
+        raw = json.dumps(payload).replace("123456.0", value)
+        assert_422(client, path, raw, field)
+
+
+def test_sane_ranges(client: TestClient) -> None:
+    assert_422(client, "/generate", body("/generate", temperature=1000), "temperature")
+    assert_422(client, "/generate", body("/generate", repetition_penalty=1e-30), "repetition_penalty")
+    assert_422(client, "/generate", body("/generate", repetition_penalty=1000), "repetition_penalty")
+    assert_422(client, "/generate", body("/generate", truncate=0), "truncate")
+    assert_422(client, "/generate", body("/generate", adapter_id="a" * 300), "adapter_id")
+    assert_422(client, "/v1/completions", {**body("/v1/completions"), "model": "m" * 300}, "model")
+
+
+def tokens(client: TestClient, **params: object) -> list[int]:
+    status, answer = post(client, "/generate", body("/generate", max_new_tokens=8, details=True, seed=7, **params))
+    assert status == 200, answer
+    return [t["id"] for t in answer["details"]["tokens"]]
+
+
+def test_top_k_over_the_vocabulary_means_no_top_k(client: TestClient) -> None:
+    assert tokens(client, top_k=100_000) == tokens(client, top_k=2**70) == tokens(client, do_sample=True)
+
+
+def test_tiny_temperatures_are_raised_to_the_smallest_safe_one(client: TestClient) -> None:
+    assert tokens(client, temperature=1e-30) == tokens(client, temperature=0.01)
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_stop_strings_are_bounded(client: TestClient, path: str) -> None:
+    assert_422(client, path, body(path, stop=["x"] * 17), "stop")
+    assert_422(client, path, body(path, stop=["x" * 257]), "stop")
+    assert post(client, path, body(path, stop=["y" * 256] * 16))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("messages", "says"),
+    [
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages.0.content"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "messages.0.content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text content"),
+        ([{"role": "user", "content": [5]}], "messages.0.content"),
+        ([{"role": "user", "content": {"text": "hi"}}], "messages.0.content"),
+        ([{"role": "robot", "content": "hi"}], "messages.0.role"),
+        ([{"role": "user", "content": "hi"}] * 1025, "messages"),
+        ([], "messages"),
+    ],
+)
+def test_chat_message_shapes(client: TestClient, messages: list, says: str) -> None:
+    assert_422(client, "/v1/chat/completions", {"model": "llama", "messages": messages}, says)
+
+
+def test_text_content_parts_are_joined(client: TestClient) -> None:
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    joined = post(client, "/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": parts}],
+                                                   "max_tokens": 4, "temperature": 0})
+    plain = post(client, "/v1/chat/completions", body("/v1/chat/completions", max_tokens=4, temperature=0))
+    assert joined[0] == 200 and joined[1]["choices"] == plain[1]["choices"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [("/generate", "max_new_tokens"), ("/generate_stream", "max_new_tokens"), ("/v1/completions", "max_tokens"),
+     ("/v1/completions", "max_completion_tokens"), ("/v1/chat/completions", "max_tokens")],
+)
+def test_too_many_new_tokens_names_the_field_sent(client: TestClient, path: str, field: str) -> None:
+    status, answer = post(client, path, body(path, "hi", **{field: 100}))  # "hi": 2 tokens; 100 > 64
+    assert status == 422, answer
+    error = answer["error"]
+    assert error["code"] == "max_tokens_too_large" and f"{field} 100" in error["message"], error
+    if field != "max_new_tokens":
+        assert "max_new_tokens" not in error["message"]
+    if path == "/v1/completions":
+        assert f"{field} <= 62" in error["message"]  # 64 - the prompt's 2 tokens
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_a_prompt_that_leaves_no_room_is_prompt_too_long(client: TestClient, path: str) -> None:
+    assert_422(client, path, body(path, "x" * 200), "max_seq_len 64", code="prompt_too_long")
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_prompt_characters_are_bounded_before_tokenizing(client: TestClient, path: str) -> None:
+    assert_422(client, path, body(path, "x" * 100_000), "characters", code="prompt_too_long")
+
+
+def test_tokenizing_and_templating_run_off_the_event_loop(client: TestClient,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer_type = type(client.app.state.runtime.base.tokenizer)  # type: ignore[attr-defined]
+    on_loop: list[bool] = []
+
+    def spy(name: str) -> Callable[..., object]:
+        original = getattr(tokenizer_type, name)
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:
+                on_loop.append(False)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(tokenizer_type, "__call__", spy("__call__"))
+    monkeypatch.setattr(tokenizer_type, "apply_chat_template", spy("apply_chat_template"))
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        assert post(client, path, body(path, max_new_tokens=1, max_tokens=1))[0] == 200
+    assert on_loop and not any(on_loop), on_loop
+
+
+def test_unknown_adapters_share_one_metrics_label(client: TestClient) -> None:
+    for i in range(20):
+        assert client.post("/generate", json=body("/generate", adapter_id=f"nobody-{i}")).status_code == 404
+        assert client.post("/generate", json=body("/generate", adapter_id=f"Bad Name {i}")).status_code == 400
+        assert client.post("/v1/completions", json={**body("/v1/completions"), "model": f"x{i}"}).status_code == 404
+    metrics = client.get("/metrics").text
+    assert "nobody-" not in metrics and "Bad Name" not in metrics and 'adapter="x' not in metrics
+    assert 'adapter="<unknown>",status="404"' in metrics and 'adapter="<unknown>",status="400"' in metrics
+
+
+def test_a_client_that_leaves_is_one_typed_error_not_a_cancellation() -> None:
+    class Gone:
+        url = SimpleNamespace(path="/generate")
+
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def forever() -> None:
+        await asyncio.sleep(60)
+
+    with pytest.raises(ClientDisconnected):
+        asyncio.run(until_disconnected(Gone(), forever))  # type: ignore[arg-type]
+
+
+def test_health_fails_once_the_engine_stopped(app_settings: tuple) -> None:
+    with start(app_settings) as c:
+        ready(c)
+        assert c.get("/health").json() == {"status": "ok"}
+        c.app.state.runtime.engine.stop()  # type: ignore[attr-defined]
+        response = c.get("/health")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stopped"
