@@ -1,0 +1,124 @@
+"""Hostile requests against a real server while honest ones are in flight: each hostile client gets its own
+4xx (or a harmless answer), the honest answers are exactly what they are alone, and the server stays live,
+with bounded metrics and a quiet log."""
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from e2e.server import running_server
+
+pytestmark = pytest.mark.e2e
+KEY = "user-secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "SmolLM2-135M-Instruct"
+HONEST = [
+    ("/generate", {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 16}}),
+    ("/generate", {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 16, "do_sample": True, "seed": 42}}),
+    ("/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 16, "temperature": 0}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
+                              "max_tokens": 16, "temperature": 0}),
+]
+# (path, body: JSON or raw bytes, headers, expected status, expected error code or None)
+HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
+    ("/generate", {"inputs": "hi", "parameters": {"do_sample": True, "seed": 2**64}}, AUTH, 422, "invalid_request"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, AUTH, 422, "invalid_request"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_k": 100_000, "max_new_tokens": 4}}, AUTH, 200, None),
+    ("/generate", b'{"inputs": "hi", "parameters": {"temperature": NaN}}', AUTH, 422, "invalid_request"),
+    ("/generate", {"inputs": "hi", "parameters": {"stop": ["x"] * 150_000}}, AUTH, 422, "invalid_request"),
+    ("/generate", {"inputs": "hi", "parameters": {"stop": ["y" * 256] * 16, "max_new_tokens": 8}}, AUTH, 200, None),
+    ("/v1/completions", b"{not json", {}, 401, "invalid_api_key"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     AUTH, 422, "invalid_request"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, AUTH, 422, "max_tokens_too_large"),
+    ("/generate", {"inputs": "x" * 500_000}, AUTH, 422, "prompt_too_long"),
+    *[("/generate", {"inputs": "hi", "parameters": {"adapter_id": f"ghost-{i}"}}, AUTH, 404, "adapter_not_found")
+      for i in range(8)],
+]
+
+
+@pytest.fixture(scope="module")
+def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    log = tmp / "server.log"
+    with running_server(log, "--cache-dir", str(embedded_cache_dir), "--adapter-dir", str(tmp / "adapters"),
+                        "--device", "cpu", "--max-batch-size", "8", "--max-seq-len", "512", "--max-request-mb", "1",
+                        "--api-key", KEY) as url:
+        yield url, log
+
+
+def answer_of(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    if "generated_text" in body:
+        return body["generated_text"]
+    choice = body["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+async def post(client: httpx.AsyncClient, path: str, body: object, headers: dict[str, str]) -> httpx.Response:
+    if isinstance(body, bytes):
+        return await client.post(path, content=body, headers={"content-type": "application/json", **headers})
+    return await client.post(path, json=body, headers=headers)
+
+
+async def send_part(url: str, declared: int, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST /generate declaring a `declared`-byte body but sending only its first MiB: the answer must come
+    without the rest (a server that waited for it would wait forever)."""
+    address = urlsplit(url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Type": "application/json",
+                                                 "Content-Length": str(declared), **headers}.items())
+    writer.write(f"POST /generate HTTP/1.1\r\n{head}\r\n".encode() + b'{"inputs": "' + b"x" * (1 << 20))
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 30)
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        length = int(value) if name.lower() == "content-length" else length
+    body = json.loads(await reader.readexactly(length))
+    writer.close()
+    return int(status_line.split()[1]), body
+
+
+async def leave_early(client: httpx.AsyncClient) -> None:
+    """A client that gives up on a long answer: its request is cancelled, and logged in one line."""
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post("/generate", json={"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 400}},
+                          headers=AUTH, timeout=0.5)
+
+
+def test_hostile_requests_harm_only_their_senders(guarded: tuple[str, Path]) -> None:
+    url, log = guarded
+
+    async def run() -> tuple[list[str], list[str], list[tuple[int, dict]], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
+            honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
+            await asyncio.sleep(0.3)  # the honest requests are running when the hostile ones arrive
+            _, no_key, too_large, *hostile = await asyncio.gather(
+                leave_early(client), send_part(url, 100 << 20, {}), send_part(url, 100 << 20, AUTH),
+                *(post(client, path, body, headers) for path, body, headers, *_ in HOSTILE))
+            together = [answer_of(r) for r in await asyncio.gather(*honest)]
+            return alone, together, [no_key, too_large], hostile
+
+    alone, together, unread, hostile = asyncio.run(run())
+    assert together == alone
+    assert unread[0][0] == 401 and unread[0][1]["error"]["code"] == "invalid_api_key"
+    assert unread[1][0] == 413 and unread[1][1]["error"]["code"] == "request_too_large"
+    for (path, _, _, status, code), response in zip(HOSTILE, hostile, strict=True):
+        assert response.status_code == status, (path, response.text[:300])
+        if code is not None:
+            assert response.json()["error"]["code"] == code, (path, response.text[:300])
+
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
+    assert "ghost-" not in metrics and 'adapter="<unknown>",status="404"' in metrics
+    text = log.read_text()
+    assert "Traceback" not in text and "client disconnected" in text, text[-3000:]
