@@ -1,5 +1,7 @@
 """One place that turns errors into HTTP answers, in OpenAI's shape: {"error": {"message", "type", "code"}}."""
 
+from http import HTTPStatus
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,6 +38,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        # the framework's own refusals (unknown route, wrong method, an unparsable body): its status as the code
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = error_body(str(exc.detail), error_type, None)
+        body = error_body(str(exc.detail), error_type, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
