@@ -105,3 +105,8 @@ def test_an_open_server_needs_no_key_for_metrics() -> None:
 def test_a_body_too_deep_to_parse_is_a_json_400() -> None:
     response = send("/generate", key=USER, body=b"[" * 1_000_000)
     assert response.status_code == 400 and error_of(response)["code"] == "bad_request"
+
+
+def test_health_is_200_while_the_model_loads() -> None:
+    response = send("/health", method="GET", body=b"")  # no lifespan here: the model never finishes loading
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
