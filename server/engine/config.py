@@ -10,6 +10,7 @@ if TYPE_CHECKING:  # Settings pulls in pydantic, which the engine itself does no
 
 # Modules wrapped with multi-LoRA by default: the seven projections of llama-like decoders.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IDLE_PREFILL_FACTOR = 4  # prompt budget of steps with no decoding request, in multiples of max_prefill_tokens
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,16 @@ class EngineConfig:
         )
 
     @property
+    def idle_prefill_tokens(self) -> int:
+        """The prompt budget of a step in which no request decodes: no stream waits on it, and a bigger step
+        spreads its fixed cost (reading every weight, ~3,000 kernels) over more prompt tokens."""
+        return IDLE_PREFILL_FACTOR * self.max_prefill_tokens
+
+    @property
     def max_step_tokens(self) -> int:
-        """The most tokens one step runs: a token for every running request and the prompt budget."""
-        return self.max_batch_size + self.max_prefill_tokens
+        """The most tokens one step runs: a token for every running request and the prompt budget, or the
+        idle budget alone."""
+        return max(self.max_batch_size + self.max_prefill_tokens, self.idle_prefill_tokens)
 
     def graph_buckets(self) -> list[int]:
         """Token counts with a captured step: powers of two up to max_step_tokens, and it."""

@@ -271,11 +271,10 @@ class Engine:
         self._apply_commands()
         self._admit()
         rows = self._rows.values()
-        plan = plan_step(
-            [r for r in rows if r.decoding and r.generated],
-            [(r, len(r.request.prompt_ids) - r.prefilled) for r in rows if not r.decoding],
-            self.config.max_prefill_tokens,
-        )
+        decoding = [r for r in rows if r.decoding and r.generated]
+        budget = self.config.max_prefill_tokens if decoding else self.config.idle_prefill_tokens
+        plan = plan_step(decoding, [(r, len(r.request.prompt_ids) - r.prefilled) for r in rows if not r.decoding],
+                         budget)  # fmt: skip
         if not plan:
             return False
         self._guarded([row for row, _ in plan], lambda: self._run(plan))
