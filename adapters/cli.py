@@ -5,7 +5,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from adapters.client import DEFAULT_SERVER, AdminClient, AdminClientError
+from adapters.client import DEFAULT_SERVER, AdminClient, AdminClientError, PushedManifest
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -17,7 +17,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     push.add_argument("--name", required=True, help="adapter name; pushing new content adds a version")
     push.set_defaults(func=_runner(_push))
 
-    listing = commands.add_parser("list", help="list adapters (newest version of each)")
+    listing = commands.add_parser("list", help="list adapters and their versions")
     listing.set_defaults(func=_runner(_list))
 
     rm = commands.add_parser("rm", help="delete NAME (every version) or NAME@N")
@@ -42,9 +42,17 @@ def _runner(command: Callable[[AdminClient, argparse.Namespace], None]) -> Calla
     return run
 
 
+def describe_push(manifest: PushedManifest) -> str:
+    """One line for a push, here and after `loraplex train --push`."""
+    ref = f"{manifest['name']}@{manifest['version']}"
+    facts = f"rank {manifest['rank']}, sha256 {manifest['sha256'][:12]}"
+    if manifest.created:
+        return f"pushed {ref} ({facts})"
+    return f"already stored as {ref}, the same content ({facts}): no new version"
+
+
 def _push(client: AdminClient, args: argparse.Namespace) -> None:
-    manifest = client.push(args.dir, args.name)
-    print(f"{manifest['name']}@{manifest['version']}  rank {manifest['rank']}  sha256 {manifest['sha256'][:12]}")
+    print(describe_push(client.push(args.dir, args.name)))
 
 
 def _list(client: AdminClient, args: argparse.Namespace) -> None:
@@ -52,18 +60,25 @@ def _list(client: AdminClient, args: argparse.Namespace) -> None:
     if not manifests:
         print("no adapters")
         return
-    rows = [_row(m) for m in manifests]
+    rows = [_row(m, client) for m in manifests]
     widths = [max(len(r[i]) for r in [*rows, _HEADER]) for i in range(len(_HEADER))]
     for row in [_HEADER, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-_HEADER = ("NAME", "VERSION", "RANK", "ORIGIN", "SIZE", "CREATED")
+# NAME serves the newest version (the last of VERSIONS, whose facts the other columns show); NAME@N any other.
+_HEADER = ("NAME", "VERSIONS", "RANK", "ORIGIN", "SIZE", "CREATED")
 
 
-def _row(m: dict[str, Any]) -> tuple[str, ...]:
+def _row(m: dict[str, Any], client: AdminClient) -> tuple[str, ...]:
+    try:
+        versions = ",".join(str(v["version"]) for v in client.versions(m["name"]))
+    except AdminClientError as exc:
+        if exc.code != "adapter_not_found":
+            raise
+        versions = "deleted"  # removed between the listing and this request
     size = f"{m['size_bytes'] / 2**20:.1f} MiB"
-    return (m["name"], str(m["version"]), str(m["rank"]), m["origin"], size, m["created_at"][:19])
+    return (m["name"], versions, str(m["rank"]), m["origin"], size, m["created_at"][:19])
 
 
 def _rm(client: AdminClient, args: argparse.Namespace) -> None:

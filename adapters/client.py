@@ -7,7 +7,6 @@ from typing import Any
 
 import httpx
 
-from adapters.validate import CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE
 from loraplex.errors import LoraplexError
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -23,15 +22,32 @@ class AdminClientError(LoraplexError):
         self.code = code or "server_error"
 
 
+class PushedManifest(dict[str, Any]):
+    """The stored version's manifest, as the server answered it. `created` is False when the server already
+    held this content under the name (it answers 200 instead of 201) and gave no new version."""
+
+    def __init__(self, manifest: dict[str, Any], created: bool) -> None:
+        super().__init__(manifest)
+        self.created = created
+
+
 class AdminClient:
     def __init__(self, base_url: str = DEFAULT_SERVER, api_key: str | None = None, timeout: float = 300.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def push(self, dir: Path | str, name: str) -> dict[str, Any]:
+    def push(self, dir: Path | str, name: str) -> PushedManifest:
         """Upload a PEFT directory (adapter_config.json, adapter_model.safetensors, optional training.json)
         or a .tar.gz / .zip of one; returns the stored version's manifest."""
+        # imported here: adapters.validate loads torch, which listing and deleting need not wait for
+        from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
+
         path = Path(dir)
+        if path.is_file() and path.name.endswith((".safetensors", ".json", *PICKLE_SUFFIXES)):
+            raise AdminClientError(
+                f"{path} is one file of an adapter; push the directory that holds {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE}, e.g. {path.parent}, or a .tar.gz / .zip of it", 400, "invalid_adapter",
+            )
         with ExitStack() as stack:
             if path.is_dir():
                 missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
@@ -51,7 +67,21 @@ class AdminClient:
                 files = {"archive": (path.name, stack.enter_context(path.open("rb")))}
             else:
                 raise AdminClientError(f"{path}: no such adapter directory or archive", 400, "invalid_adapter")
-            return self._call("POST", "/v1/adapters", data={"name": name}, files=files)
+            response = self._request("POST", "/v1/adapters", data={"name": name}, files=files)
+            return PushedManifest(response.json(), created=response.status_code == 201)
+
+    def check_access(self) -> None:
+        """Raise unless the server answers and accepts this client's key on the admin routes (a server still
+        loading its model counts as ready: it will be by the time a training run pushes)."""
+        try:
+            self._call("GET", "/v1/adapters", params={"limit": 1})
+        except AdminClientError as exc:
+            if exc.code != "not_ready":
+                raise
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Every stored version of `name`, oldest first: version, sha256, created_at, state."""
+        return self._call("GET", f"/v1/adapters/{name}")["versions"]
 
     def list(self) -> list[dict[str, Any]]:
         """Every adapter's newest version, following the pages."""
@@ -69,12 +99,15 @@ class AdminClient:
         self._call("DELETE", f"/v1/adapters/{name}")
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
+        return self._request(method, url, **kwargs).json()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             raise AdminClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from exc
         if response.is_success:
-            return response.json()
+            return response
         try:
             error = response.json()["error"]
             message, code = error["message"], error.get("code")

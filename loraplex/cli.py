@@ -1,10 +1,15 @@
-"""The `loraplex` console command: one subcommand per area, each registered by its own package."""
+"""The `loraplex` console command: one subcommand per area, each registered by its own package.
+
+Registering a subcommand imports nothing heavy: torch, transformers and the server load inside the command
+that needs them, so `--help` and the adapter commands start in a fraction of a second.
+"""
 
 import argparse
 import sys
 from collections.abc import Sequence
 
 from adapters import cli as adapters_cli
+from loraplex.logs import quiet_third_party
 from server import cli as serve_cli
 from training import cli as train_cli
 
@@ -21,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     return args.func(args)
 

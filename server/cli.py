@@ -1,17 +1,25 @@
-"""`loraplex serve`: flags generated from the Settings fields, so flag and LORAPLEX_<FLAG> never drift."""
+"""`loraplex serve`: flags generated from the Settings fields, so flag and LORAPLEX_<FLAG> never drift.
+
+Only the settings are imported up front: the model, torch and the server load inside `run`, after the
+port is bound, so `--help` is instant and a port in use fails before any weight is read.
+"""
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 import typing
+from pathlib import Path
 
 from pydantic import ValidationError
 
-from loraplex.basemodel import check_base_model, resolve_device
 from loraplex.errors import LoraplexError
+from loraplex.logs import configure
 from loraplex.settings import Settings
 
 log = logging.getLogger("loraplex")
+_METAVARS = {int: "N", Path: "DIR"}
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -23,14 +31,29 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         origin = typing.get_origin(field.annotation)
-        help_text = (field.description or "") + f" [env LORAPLEX_{name.upper()}]"
+        help_text = f"{field.description or ''}{_default_text(field)} [env LORAPLEX_{name.upper()}]"
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif origin is typing.Annotated or origin is list:  # comma lists: repeatable flags
             parser.add_argument(flag, dest=name, action="append", help=help_text + " (repeatable)")
+        elif origin is typing.Literal:
+            parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), help=help_text)
         else:
-            parser.add_argument(flag, dest=name, help=help_text)
+            parser.add_argument(flag, dest=name, metavar=_METAVARS.get(field.annotation), help=help_text)
     parser.set_defaults(func=run, **dict.fromkeys(Settings.model_fields))
+
+
+def _default_text(field: typing.Any) -> str:
+    # argparse's own defaults stay None (so that LORAPLEX_* variables are not overridden): the default
+    # shown is the Settings one. "%" is doubled because argparse formats help strings with %-style.
+    default = field.get_default(call_default_factory=True, validated_data={})
+    if default is None or default == []:
+        return ""
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    elif isinstance(default, Path):
+        default = str(default).replace(str(Path.home()), "~", 1)
+    return f" (default: {str(default).replace('%', '%%')})"
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -48,17 +71,42 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class CannotListen(LoraplexError):
+    code = "cannot_listen"
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a port in use is found in a millisecond, not after the model loads,
+    and no other process can take the port between this check and the server's start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = " (is another server running? choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from exc
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"loraplex serve: error: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:  # fail fast on a wrong base model or device before the port opens
+    configure(settings.log_level)
+    sock = None
+    try:  # fail fast on a port in use, a wrong base model or device, before the model loads
+        sock = listen_socket(settings.host, settings.port)
+        from loraplex.basemodel import check_base_model, resolve_device  # torch: after the port is ours
+
         resolve_device(settings.device)
         check_base_model(settings.base_model, settings.cache_dir)
     except LoraplexError as exc:
+        if sock is not None:
+            sock.close()
         print(f"loraplex serve: error: {exc}", file=sys.stderr)
         return 2
 
@@ -71,5 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
+    server.run(sockets=[sock])
     return app.state.exit_code

@@ -1,63 +1,73 @@
-"""`loraplex train`: flags (or the same keys in --config FILE.yaml; flags win) -> TrainConfig -> train().
-
-Several GPUs (DDP), one process per GPU; each process takes --batch-size rows per micro-batch, so one
-optimizer step sees batch-size x grad-accum x processes rows:
-    accelerate launch --multi_gpu --num_processes 4 -m loraplex train --data rows.jsonl --output out/
-"""
+"""`loraplex train`: one flag per TrainConfig field, so the flags, the YAML keys and the defaults shown in
+--help come from one place. torch and transformers load only once a run really starts."""
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
+from pydantic.fields import FieldInfo
+
 from loraplex.errors import LoraplexError
-from training.config import ALL_LINEAR, TrainConfig, build_config, read_config_file
+from loraplex.logs import configure
+from training.config import TrainConfig, build_config, read_config_file
+
+DESCRIPTION = """\
+Train a QLoRA adapter on a JSONL file and write it as a PEFT directory; with --push, upload it to a
+running server. Every option may also be given in --config FILE.yaml (same names); flags win over the file.
+
+Row formats (all rows of a file share one):
+  {"messages": [...]}               chat turns, loss on the assistant turns (for /v1/chat/completions)
+  {"prompt": ..., "completion": ...} loss on the completion; plain text continuation (for /generate and
+                                    /v1/completions), or chat turns with --chat-template
+  {"text": ...}                     loss on every token
+EOS is appended and trained, so the adapter learns to stop.
+
+Several GPUs (DDP), one process per GPU; each process takes --batch-size rows per micro-batch:
+  accelerate launch --multi_gpu --num_processes 4 -m loraplex train --data rows.jsonl --output out/
+"""
+_METAVARS = {int: "N", float: "X", Path: "PATH"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    # Every default is None: only flags given on the command line override the config file; the real
-    # defaults live in TrainConfig, in one place.
     p = subparsers.add_parser(
         "train",
         help="train a QLoRA adapter on a JSONL file",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, help="YAML file with any of the options below")
-    p.add_argument("--data", type=Path, help="JSONL rows: {messages}, {prompt, completion} or {text}")
-    p.add_argument("--output", type=Path, help="directory for the adapter, training.json and checkpoints")
-    p.add_argument("--base-model", help="hub id or local directory (default: the embedded SmolLM2-135M)")
-    p.add_argument("--cache-dir", type=Path, help="model cache (default: the server's)")
-    p.add_argument("--format", choices=["auto", "chat", "prompt-completion", "text"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    p.add_argument("--lr", type=float, help="peak learning rate (2e-4), cosine decay after warmup")
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--max-grad-norm", type=float)
-    p.add_argument("--rank", type=int, help="LoRA rank (16)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (32)")
-    p.add_argument("--dropout", type=float, help="LoRA dropout (0.05)")
-    p.add_argument("--target-modules", help=f"comma-separated module names, or {ALL_LINEAR} (default)")
-    p.add_argument("--batch-size", type=int, help="rows per micro-batch per device (8)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1)")
-    p.add_argument("--max-seq-len", type=int, help="tokens per row; longer rows are truncated (1024)")
-    p.add_argument("--eval-fraction", type=float, help="share of rows held out for eval loss (0)")
-    p.add_argument("--eval-every", type=int, help="optimizer steps between eval losses (50)")
-    p.add_argument("--save-every", type=int, help="optimizer steps between checkpoints (100)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_const", const=True, help="continue from the newest checkpoint")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--push", metavar="URL", help="upload the finished adapter to this server")
-    p.add_argument("--name", help="adapter name on the server (with --push)")
-    p.add_argument("--api-key", help="admin API key for --push")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML file with any of the options below")
+    for name, field in TrainConfig.model_fields.items():
+        _add_flag(p, name, field)
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar (logs, CI)")
     p.set_defaults(func=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from training.run import train  # torch and transformers load only when a run really starts
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    # Every argparse default is None: only flags given on the command line override the config file; the
+    # real defaults live in TrainConfig and are only shown here.
+    flag = "--" + name.replace("_", "-")
+    default = field.get_default()
+    shown = "" if default is None or field.is_required() else f" (default: {default})"
+    help_text = f"{field.description}{shown}".replace("%", "%%")  # argparse %-formats help strings
+    kind = typing.get_args(field.annotation)[0] if typing.get_origin(field.annotation) else field.annotation
+    if field.annotation is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+    elif typing.get_origin(field.annotation) is typing.Literal:
+        parser.add_argument(flag, choices=typing.get_args(field.annotation), help=help_text)
+    else:  # pydantic converts and checks the value, with the same messages as for the config file
+        parser.add_argument(flag, metavar=_METAVARS.get(kind, name.upper()), help=help_text)
 
+
+def run(args: argparse.Namespace) -> int:
+    from training.run import train
+
+    configure()
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its weight-loading bar, too
     try:
         config = config_from_args(args)
         result = train(config, progress=not args.no_progress)
@@ -70,11 +80,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {k: v for k, v in vars(args).items() if k not in {"config", "func", "no_progress", "command"}}
+    flags = {name: getattr(args, name) for name in TrainConfig.model_fields}
     return build_config(read_config_file(args.config) if args.config else {}, flags)
 
 
 def summary(result) -> str:
+    from adapters.cli import describe_push
+
     fit = result.fit
     losses = f"loss {_fmt(fit.first_loss)} -> {_fmt(fit.final_loss)}"
     if fit.eval_loss is not None:
@@ -89,7 +101,7 @@ def summary(result) -> str:
         f"adapter written to {result.output_dir}",
     ]
     if result.pushed is not None:
-        lines.append(f"pushed: {result.pushed}")
+        lines.append(describe_push(result.pushed))
     return "\n".join(lines)
 
 

@@ -6,8 +6,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adapters.errors import InvalidAdapterName
-from adapters.manifest import check_name
 from training.errors import TrainingError
 
 DataFormat = Literal["auto", "chat", "prompt-completion", "text"]
@@ -23,29 +21,39 @@ class TrainConfig(BaseModel):
     output: Path = Field(description="Directory for the adapter, training.json and checkpoints.")
     base_model: str | None = Field(None, description="Hub id or local directory; empty: the embedded model.")
     cache_dir: Path | None = Field(None, description="Model cache (default: the server's cache directory).")
-    format: DataFormat = "auto"
-    epochs: int = Field(1, ge=1)
+    format: DataFormat = Field("auto", description="Row format; auto: detected from the first row.")
+    chat_template: bool = Field(
+        False,
+        description="Render prompt/completion rows with the base model's chat template (the prompt as the user "
+        "turn, the completion as the assistant turn), for adapters used through /v1/chat/completions.",
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the training rows.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    lr: float = Field(2e-4, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = ALL_LINEAR
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per device).")
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(1024, ge=2)
-    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate; cosine decay after the warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ALL_LINEAR, description=f"Comma-separated module names, or {ALL_LINEAR}: every linear layer but the head."
+    )
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(1024, ge=2, description="Tokens per row; longer rows are truncated.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the rows held out for an eval loss.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between eval losses.")
     save_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
-    seed: int = 0
+    log_every: int = Field(10, ge=1, description="Optimizer steps between log lines when the progress bar is off.")
+    seed: int = Field(0, description="Seed of the LoRA initialisation, the data order and the eval split.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in OUTPUT/checkpoints.")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    push: str | None = Field(None, description="Server URL to upload the finished adapter to.")
-    name: str | None = Field(None, description="Adapter name for --push.")
-    api_key: str | None = None
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    push: str | None = Field(
+        None, description="Server URL to upload the finished adapter to (checked before training starts)."
+    )
+    name: str | None = Field(None, description="Adapter name on the server (with --push).")
+    api_key: str | None = Field(None, description="An admin key of the server (with --push).")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -64,6 +72,10 @@ class TrainConfig(BaseModel):
         if self.push and not self.name:
             raise ValueError("--push needs --name: the name the adapter gets on the server")
         if self.name:
+            # imported here: adapters.manifest loads torch, which `loraplex train --help` must not wait for
+            from adapters.errors import InvalidAdapterName
+            from adapters.manifest import check_name
+
             try:  # a bad name is found now, not after hours of training
                 check_name(self.name)
             except InvalidAdapterName as exc:

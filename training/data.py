@@ -116,17 +116,32 @@ def _check_row(row: Row, fmt: RowFormat, path: Path) -> None:
 
 
 def tokenize_dataset(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, path: Path
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    path: Path,
+    *,
+    chat_template: bool = False,
 ) -> tuple[list[Example], int]:
-    """(examples, rows dropped because truncation left them nothing to learn). Raises if none remain."""
-    if dataset.format == "chat" and not tokenizer.chat_template:
+    """(examples, rows dropped because truncation left them nothing to learn). Raises if none remain.
+
+    chat_template: prompt/completion rows become a user turn and an assistant turn of the base model's chat
+    template, so that the adapter answers (and stops) the way chat clients ask.
+    """
+    if chat_template and dataset.format != "prompt-completion":
+        raise DataError(
+            f"--chat-template applies to prompt/completion rows; {path} holds {dataset.format} rows"
+            + (", which always use the chat template" if dataset.format == "chat" else "")
+        )
+    templated = dataset.format == "chat" or chat_template
+    if templated and not tokenizer.chat_template:
         raise DataError("the base model's tokenizer has no chat template; use prompt-completion or text rows")
-    if dataset.format == "chat" and not tokenizer.is_fast:
+    if templated and not tokenizer.is_fast:
         # assistant turns are located through character offsets, which only fast tokenizers report
         raise DataError("chat rows need a fast (Rust) tokenizer for the base model; use prompt-completion rows")
     examples = []
     for row in dataset.rows:
-        example = tokenize_row(row, dataset.format, tokenizer, path)
+        example = tokenize_row(row, dataset.format, tokenizer, path, chat_template=chat_template)
         example = Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
         if example.trained_tokens:
             examples.append(example)
@@ -135,9 +150,17 @@ def tokenize_dataset(
     return examples, len(dataset.rows) - len(examples)
 
 
-def tokenize_row(row: Row, fmt: RowFormat, tokenizer: PreTrainedTokenizerBase, path: Path) -> Example:
+def tokenize_row(
+    row: Row, fmt: RowFormat, tokenizer: PreTrainedTokenizerBase, path: Path, *, chat_template: bool = False
+) -> Example:
     if fmt == "chat":
-        return _chat_example(row, tokenizer, path)
+        return _chat_example(row.data["messages"], row.line, tokenizer, path)
+    if fmt == "prompt-completion" and chat_template:
+        turns = [
+            {"role": "user", "content": row.data["prompt"]},
+            {"role": "assistant", "content": row.data["completion"]},
+        ]
+        return _chat_example(turns, row.line, tokenizer, path)
     eos = _eos_id(tokenizer)
     if fmt == "prompt-completion":
         # Tokenized apart so that the boundary is exact: the prompt never leaks into the loss.
@@ -148,7 +171,7 @@ def tokenize_row(row: Row, fmt: RowFormat, tokenizer: PreTrainedTokenizerBase, p
     return Example(ids, list(ids))
 
 
-def _chat_example(row: Row, tokenizer: PreTrainedTokenizerBase, path: Path) -> Example:
+def _chat_example(messages: list[dict], line: int, tokenizer: PreTrainedTokenizerBase, path: Path) -> Example:
     """Loss on assistant turns only, located by rendering prefixes of the conversation.
 
     Rendering `messages[:i]` with the generation prompt and `messages[:i+1]` gives the characters of
@@ -156,7 +179,6 @@ def _chat_example(row: Row, tokenizer: PreTrainedTokenizerBase, path: Path) -> E
     the whole conversation is then tokenized once and tokens are labelled by their character offsets, so
     BPE merges across turn boundaries cannot shift the mask.
     """
-    messages = row.data["messages"]
     try:
         full = _render(tokenizer, messages, generation_prompt=False)
         rendered = [
@@ -165,11 +187,11 @@ def _chat_example(row: Row, tokenizer: PreTrainedTokenizerBase, path: Path) -> E
             if message["role"] == "assistant"
         ]
     except TemplateError as exc:  # e.g. a template that refuses system turns or non-alternating roles
-        raise DataError(f"{path} line {row.line}: the base model's chat template refuses this chat: {exc}") from None
+        raise DataError(f"{path} line {line}: the base model's chat template refuses this chat: {exc}") from None
     for start, end in rendered:
         if not (end.startswith(start) and full.startswith(end)):
             raise DataError(
-                f"{path} line {row.line}: the chat template renders turns differently as the chat grows, "
+                f"{path} line {line}: the chat template renders turns differently as the chat grows, "
                 "so assistant turns cannot be located; use prompt-completion rows"
             )
     spans = [(len(start), len(end)) for start, end in rendered]

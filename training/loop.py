@@ -6,6 +6,7 @@ Written against `accelerate.Accelerator`, so the same code runs on a CPU, one GP
 
 import contextlib
 import itertools
+import logging
 import math
 import resource
 import sys
@@ -25,6 +26,8 @@ from training.config import TrainConfig
 from training.data import Example
 from training.errors import TrainingError
 from training.model import CausalLMLoss
+
+log = logging.getLogger("loraplex.training")
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ def fit(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    # With the bar off (logs, CI) progress goes to log lines instead: the first step, every log_every, the last.
+    log_lines = not progress and accelerator.is_main_process
+    say = log.info if log_lines else bar.write
     first_loss = final_loss = eval_loss = None
     trained = real = 0
     began = time.perf_counter()
@@ -121,12 +127,15 @@ def fit(
         first_loss = first_loss if first_loss is not None else final_loss
         trained += step_tokens
         elapsed = time.perf_counter() - began
-        bar.set_postfix(loss=f"{final_loss:.4f}", tok_s=f"{real * world / elapsed:,.0f}", refresh=False)
+        rate = f"{real * world / elapsed:,.0f}"
+        bar.set_postfix(loss=f"{final_loss:.4f}", tok_s=rate, refresh=False)
         bar.update(1)
+        if log_lines and (step == start + 1 or step % config.log_every == 0 or step == steps):
+            log.info("step %d/%d: loss %.4f, %s tokens/s, %.0f s", step, steps, final_loss, rate, elapsed)
         if evals and (step % config.eval_every == 0 or step == steps):
             eval_loss = evaluate(loss_module, evals, config.batch_size, accelerator, pad_id)
             if accelerator.is_main_process:
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
+                say(f"step {step}: eval loss {eval_loss:.4f}")
         if step % config.save_every == 0 and step < steps:
             _save(accelerator, config, step, tokens_before + trained, loss_module, optimizer, scheduler)
     bar.close()

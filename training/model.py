@@ -1,5 +1,7 @@
 """The trainable model: LoRA on an NF4 base, and the loss module that the training loop calls."""
 
+import warnings
+
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -17,11 +19,14 @@ def add_lora(
     model: PreTrainedModel, config: TrainConfig, *, gradient_checkpointing: bool, compute_dtype: torch.dtype
 ) -> PeftModel:
     """prepare_model_for_kbit_training + LoRA on config.target_modules ("all-linear": all but the head)."""
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    with warnings.catch_warnings():
+        # PEFT calls a transformers 5 property that warns of its own deprecation on every run: not ours to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     # prepare_model_for_kbit_training upcasts every frozen non-4-bit weight to float32, a guard for fp16
     # training. In bf16 it only costs: the embedding and head (2 x 0.5 B weights at a 128k vocab) double in
     # memory, and float32 norm weights promote the whole residual stream to float32 (twice the activation

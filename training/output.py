@@ -1,21 +1,24 @@
 """The finished adapter: a PEFT directory plus training.json, the metadata the server keeps in its manifest."""
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 
 from adapters.fingerprint import base_fingerprint
+from adapters.validate import CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE
 from training.config import TrainConfig
 from training.data import Dataset
 from training.loop import FitResult
 from training.model import target_module_names
 
-TRAINING_FILE = "training.json"
 # Hyperparameters worth keeping with the adapter; paths, credentials and run plumbing are left out.
 HYPERPARAMETERS = (
     "format",
+    "chat_template",
     "epochs",
     "max_steps",
     "lr",
@@ -45,6 +48,9 @@ def write_adapter(
     """adapter_config.json + adapter_model.safetensors (safetensors only) + training.json in config.output."""
     config.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(config.output, safe_serialization=True)
+    # safetensors writes its file with mode 0600 whatever the umask; give it the mode the umask gave the
+    # config next to it, so whoever may read the adapter directory may read all of it.
+    os.chmod(config.output / WEIGHTS_FILE, stat.S_IMODE((config.output / CONFIG_FILE).stat().st_mode))
     trained_modules = [name for name, _ in model.named_modules() if name.endswith(".lora_A")]
     fingerprint = base_fingerprint(model)
     touched = [name.removeprefix("base_model.model.").removesuffix(".lora_A") for name in trained_modules]

@@ -29,7 +29,7 @@ class TrainResult:
     fit: FitResult
     rows: int
     dropped_rows: int  # rows whose every trained token lay beyond max_seq_len
-    pushed: dict | None  # the server's answer to --push
+    pushed: admin.PushedManifest | None  # the server's answer to --push
     main_process: bool  # False on the other processes of a multi-GPU run: they write and report nothing
 
 
@@ -38,8 +38,12 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     cache_dir = config.cache_dir or Settings().cache_dir
     source, _ = resolve_source(config.base_model, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    examples, dropped = tokenize_dataset(dataset, tokenizer, config.max_seq_len, config.data)
+    examples, dropped = tokenize_dataset(
+        dataset, tokenizer, config.max_seq_len, config.data, chat_template=config.chat_template
+    )
     train_rows, eval_rows = split(examples, config.eval_fraction, config.seed)
+    if config.push:
+        _check_push_target(config.push, config.api_key)  # a wrong URL or key is found now, not after training
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     torch.manual_seed(config.seed)
@@ -71,9 +75,18 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-def _push(config: TrainConfig) -> dict:
+def _check_push_target(url: str, api_key: str | None) -> None:
     try:
-        return admin.AdminClient(config.push, api_key=config.api_key).push(config.output, config.name)
+        with admin.AdminClient(url, api_key=api_key) as client:
+            client.check_access()
+    except admin.AdminClientError as exc:
+        raise TrainingError(f"--push {url}: {exc}; nothing was trained") from exc
+
+
+def _push(config: TrainConfig) -> admin.PushedManifest:
+    try:
+        with admin.AdminClient(config.push, api_key=config.api_key) as client:
+            return client.push(config.output, config.name)
     except admin.AdminClientError as exc:
         raise TrainingError(
             f"the adapter was written to {config.output}, but --push failed: {exc} "

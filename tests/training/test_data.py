@@ -153,3 +153,23 @@ def test_template_that_rewrites_history_is_a_data_error(write_jsonl):
     tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}<|eos|>{% endfor %}"
     with pytest.raises(DataError, match="renders turns differently as the chat grows"):
         tokenize(write_jsonl, tok, [CHAT])
+
+
+
+def test_chat_template_turns_prompt_completion_into_a_chat(write_jsonl, tokenizer):
+    """--chat-template: exactly the chat row of the same turns, so the adapter answers and stops in chats."""
+    path = write_jsonl([PROMPT], "prompt.jsonl")
+    templated = tokenize_dataset(read_dataset(path), tokenizer, 512, path, chat_template=True)
+    turns = [{"role": "user", "content": PROMPT["prompt"]}, {"role": "assistant", "content": PROMPT["completion"]}]
+    assert templated == tokenize(write_jsonl, tokenizer, [{"messages": turns}])
+    (example,), _ = templated
+    assert trained_text(tokenizer, example).strip() == f"{PROMPT['completion'].strip()}{tokenizer.eos_token}"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"), [(CHAT, "chat rows, which always use the chat template"), (TEXT, "text rows")]
+)
+def test_chat_template_is_for_prompt_completion_rows(write_jsonl, row, message):
+    path = write_jsonl([row])
+    with pytest.raises(DataError, match=f"--chat-template applies to prompt/completion rows; .* holds {message}"):
+        tokenize_dataset(read_dataset(path), byte_tokenizer(), 512, path, chat_template=True)

@@ -1,14 +1,17 @@
 """The training loop on a tiny random NF4 model: learning, checkpoints and an exact resume."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapters.client
 import training.loop
 from training.checkpoint import STATE_FILE, latest_checkpoint
 from training.config import TrainConfig
@@ -43,15 +46,22 @@ def config(data: Path, model_dir: Path, output: Path, **overrides) -> TrainConfi
     return TrainConfig(**(values | overrides))
 
 
-def test_trains_and_writes_adapter(data, tiny_model_dirs, tmp_path):
+def test_trains_and_writes_adapter(data, tiny_model_dirs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "loraplex.training")
     result = train(
-        config(data, tiny_model_dirs["llama"], tmp_path / "out", eval_fraction=0.25, eval_every=2), progress=False
+        config(data, tiny_model_dirs["llama"], tmp_path / "out", eval_fraction=0.25, eval_every=2, log_every=4),
+        progress=False,
     )
     fit = result.fit
     assert fit.steps == 6 and fit.final_loss < fit.first_loss and fit.eval_loss is not None
+    # without the bar: the first step, every log_every, the last, and the eval losses
+    logged = [m.split(":")[0] for m in caplog.messages]
+    assert logged == ["step 1/6", "step 2", "step 4/6", "step 4", "step 6/6", "step 6"]
     assert {"adapter_config.json", "adapter_model.safetensors", "training.json"} <= {
         p.name for p in result.output_dir.iterdir()
     }
+    modes = {p.name: p.stat().st_mode & 0o777 for p in result.output_dir.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' own 0600 is not left on the weights
     meta = json.loads((result.output_dir / "training.json").read_text())
     assert meta["dataset"]["rows"] == 12 and len(meta["dataset"]["sha256"]) == 64
     assert meta["hyperparameters"]["target_modules"] == sorted(
@@ -115,28 +125,61 @@ def test_two_process_ddp_on_cpu(data, tiny_model_dirs, tmp_path):
     assert meta["hyperparameters"]["processes"] == 2 and meta["results"]["steps"] == 3
 
 
-def test_push_uploads_the_written_adapter(data, tiny_model_dirs, tmp_path, monkeypatch):
-    import adapters.client
+class FakeClient:
+    """The admin client, recording what training asks of it; `refuse` makes the named call fail."""
 
-    calls = []
+    calls: ClassVar[list[tuple]] = []
+    refuse: ClassVar[str | None] = None
 
-    class FakeClient:
-        def __init__(self, base_url: str, api_key: str | None = None) -> None:
-            calls.append((base_url, api_key))
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        self.calls.append(("connect", base_url, api_key))
 
-        def push(self, dir: Path, name: str) -> dict:
-            assert (dir / "training.json").is_file() and (dir / "adapter_model.safetensors").is_file()
-            return {"name": name, "version": 1}
+    def __enter__(self) -> "FakeClient":
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _call(self, what: str, *args: object) -> None:
+        self.calls.append((what, *args))
+        if self.refuse == what:
+            raise adapters.client.AdminClientError("the key is refused", 401, "invalid_api_key")
+
+    def check_access(self) -> None:
+        self._call("check")
+
+    def push(self, dir: Path, name: str) -> dict:
+        assert (dir / "training.json").is_file() and (dir / "adapter_model.safetensors").is_file()
+        self._call("push", name)
+        return {"name": name, "version": 1}
+
+
+@pytest.fixture
+def fake_client(monkeypatch) -> type[FakeClient]:
     monkeypatch.setattr(adapters.client, "AdminClient", FakeClient)
+    monkeypatch.setattr(FakeClient, "calls", [])
+    return FakeClient
+
+
+def test_push_checks_the_server_first_then_uploads_the_written_adapter(data, tiny_model_dirs, tmp_path, fake_client):
     cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://srv", name="bot")
-    cfg = cfg.model_copy(update={"api_key": "k"})
-    result = train(cfg, progress=False)
-    assert calls == [("http://srv", "k")] and result.pushed == {"name": "bot", "version": 1}
+    result = train(cfg.model_copy(update={"api_key": "k"}), progress=False)
+    connect = ("connect", "http://srv", "k")
+    assert fake_client.calls == [connect, ("check",), connect, ("push", "bot")]
+    assert result.pushed == {"name": "bot", "version": 1}
 
 
-def test_failed_push_says_where_the_adapter_is(data, tiny_model_dirs, tmp_path):
-    cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://127.0.0.1:9", name="bot")
+def test_refused_push_target_stops_before_training(data, tiny_model_dirs, tmp_path, fake_client, monkeypatch):
+    monkeypatch.setattr(fake_client, "refuse", "check")
+    cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://srv", name="bot")
+    with pytest.raises(TrainingError, match="--push http://srv: the key is refused; nothing was trained"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_push_says_where_the_adapter_is(data, tiny_model_dirs, tmp_path, fake_client, monkeypatch):
+    monkeypatch.setattr(fake_client, "refuse", "push")
+    cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://srv", name="bot")
     with pytest.raises(TrainingError, match=r"adapter was written to .*/o, but --push failed"):
         train(cfg, progress=False)
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()

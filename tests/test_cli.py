@@ -1,0 +1,145 @@
+"""The `loraplex` command line: a quick start that loads nothing heavy, help that says everything, fast
+failures, and the adapter commands against a fake admin API."""
+
+import logging
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters import client as admin
+from loraplex.cli import main
+from loraplex.logs import quiet_third_party
+from loraplex.settings import Settings
+from training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "server.app")
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraplex", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def test_help_imports_nothing_heavy():
+    argvs = [["--help"], ["serve", "--help"], ["train", "--help"], ["adapters", "list", "-h"]]
+    probe = "\n".join([
+        "import sys",
+        "from loraplex.cli import main",
+        f"for argv in {argvs!r}:",
+        "    try:",
+        "        main(argv)",
+        "    except SystemExit:",
+        "        pass",
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)",
+    ])
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run.returncode == 0 and run.stdout.count("usage: loraplex") == len(argvs), run.stderr
+    assert "HEAVY []" in run.stderr
+
+
+def test_help_starts_in_under_a_second():
+    # CPU seconds of the child, not wall time: the same bound on an idle machine and on a busy one
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = run_cli("--help")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert run.returncode == 0 and run.stderr == ""  # no third-party noise either
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) < 1.0
+
+
+def test_serve_help_shows_every_flag_with_its_description_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, field in Settings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text
+        assert field.description and " ".join(field.description.split()) in text, name
+    assert "(default: 8000)" in text and "(default: auto)" in text and "(default: on)" in text
+
+
+def test_train_help_shows_every_option_in_user_words(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    text = " ".join(out.split())
+    for name, field in TrainConfig.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text and field.description, name
+    assert "(default: 0.0002)" in text and "(default: all-linear)" in text and "--chat-template" in text
+    assert "TrainConfig" not in out and "train()" not in out and "->" not in out
+
+
+def test_serve_on_a_port_in_use_fails_at_once_in_one_line(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        run = run_cli("serve", "--port", str(port), "--cache-dir", str(tmp_path), "--device", "cpu")
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"loraplex serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                  "(is another server running? choose another --port)")
+    assert time.monotonic() - began < 60 and not (tmp_path / "models").exists()  # nothing was converted or loaded
+
+
+def test_bitsandbytes_kernels_warning_is_dropped_and_others_kept(caplog: pytest.LogCaptureFixture):
+    quiet_third_party()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+    logger.warning("something else")
+    assert caplog.messages == ["something else"]
+
+
+class FakeServer:
+    """The admin API as far as the CLI uses it: one adapter `bot` with versions 1 and 2."""
+
+    def __init__(self) -> None:
+        self.manifest = {"name": "bot", "version": 2, "rank": 8, "origin": "trained", "size_bytes": 3 << 20,
+                         "created_at": "2026-12-01T10:00:00+00:00", "sha256": "ab" * 32}
+        self.uploads = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/v1/adapters":
+            return httpx.Response(200, json={"data": [self.manifest], "next": None})
+        if request.method == "GET" and request.url.path == "/v1/adapters/bot":
+            versions = [{"version": v, "sha256": "ab" * 32, "created_at": "", "state": "stored"} for v in (1, 2)]
+            return httpx.Response(200, json={**self.manifest, "versions": versions})
+        if request.method == "POST":  # the tests push one content: 201 the first time, then 200 (already stored)
+            self.uploads += 1
+            return httpx.Response(201 if self.uploads == 1 else 200, json=self.manifest)
+        return httpx.Response(404, json={"error": {"message": "no such route", "type": "x", "code": "not_found"}})
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
+    server = FakeServer()
+    real_client = httpx.Client
+    monkeypatch.setattr(admin.httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(server), **kw))
+    return server
+
+
+def test_adapters_list_shows_every_version(fake_server: FakeServer, capsys):
+    assert main(["adapters", "list"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["NAME", "VERSIONS", "RANK", "ORIGIN", "SIZE", "CREATED"]
+    assert row.split()[:3] == ["bot", "1,2", "8"]
+
+
+def test_pushing_the_same_content_again_says_it_was_already_stored(fake_server: FakeServer, peft_dir: Path, capsys):
+    assert main(["adapters", "push", str(peft_dir), "--name", "bot"]) == 0
+    assert capsys.readouterr().out.strip() == f"pushed bot@2 (rank 8, sha256 {'ab' * 6})"
+    assert main(["adapters", "push", str(peft_dir), "--name", "bot"]) == 0
+    assert capsys.readouterr().out.strip().startswith("already stored as bot@2, the same content")
+
+
+@pytest.mark.parametrize("file", ["adapter_model.safetensors", "adapter_config.json"])
+def test_pushing_one_file_suggests_its_directory(peft_dir: Path, file: str, capsys):
+    assert main(["adapters", "push", str(peft_dir / file), "--name", "bot", "--server", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is one file of an adapter" in err and f"e.g. {peft_dir}," in err
+
