@@ -32,6 +32,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         flag = "--" + name.replace("_", "-")
         origin = typing.get_origin(field.annotation)
         help_text = f"{field.description or ''}{_default_text(field)} [env LORAPLEX_{name.upper()}]"
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %-style
         if field.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif origin is typing.Annotated or origin is list:  # comma lists: repeatable flags
@@ -45,7 +46,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def _default_text(field: typing.Any) -> str:
     # argparse's own defaults stay None (so that LORAPLEX_* variables are not overridden): the default
-    # shown is the Settings one. "%" is doubled because argparse formats help strings with %-style.
+    # shown is the Settings one.
     default = field.get_default(call_default_factory=True, validated_data={})
     if default is None or default == []:
         return ""
@@ -53,7 +54,7 @@ def _default_text(field: typing.Any) -> str:
         default = "on" if default else "off"
     elif isinstance(default, Path):
         default = str(default).replace(str(Path.home()), "~", 1)
-    return f" (default: {str(default).replace('%', '%%')})"
+    return f" (default: {default})"
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -27,6 +27,7 @@ Several GPUs (DDP), one process per GPU; each process takes --batch-size rows pe
   accelerate launch --multi_gpu --num_processes 4 -m loraplex train --data rows.jsonl --output out/
 """
 _METAVARS = {int: "N", float: "X", Path: "PATH"}
+_NAMED_METAVARS = {"push": "URL", "api_key": "KEY", "target_modules": "MODULES", "base_model": "MODEL"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,6 +50,8 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> N
     # real defaults live in TrainConfig and are only shown here.
     flag = "--" + name.replace("_", "-")
     default = field.get_default()
+    if isinstance(default, bool):
+        default = "on" if default else "off"
     shown = "" if default is None or field.is_required() else f" (default: {default})"
     help_text = f"{field.description}{shown}".replace("%", "%%")  # argparse %-formats help strings
     kind = typing.get_args(field.annotation)[0] if typing.get_origin(field.annotation) else field.annotation
@@ -57,7 +60,8 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> N
     elif typing.get_origin(field.annotation) is typing.Literal:
         parser.add_argument(flag, choices=typing.get_args(field.annotation), help=help_text)
     else:  # pydantic converts and checks the value, with the same messages as for the config file
-        parser.add_argument(flag, metavar=_METAVARS.get(kind, name.upper()), help=help_text)
+        metavar = _NAMED_METAVARS.get(name) or _METAVARS.get(kind, name.upper())
+        parser.add_argument(flag, metavar=metavar, help=help_text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """The trainable model: LoRA on an NF4 base, and the loss module that the training loop calls."""
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import bitsandbytes as bnb
 import torch
@@ -19,9 +21,7 @@ def add_lora(
     model: PreTrainedModel, config: TrainConfig, *, gradient_checkpointing: bool, compute_dtype: torch.dtype
 ) -> PeftModel:
     """prepare_model_for_kbit_training + LoRA on config.target_modules ("all-linear": all but the head)."""
-    with warnings.catch_warnings():
-        # PEFT calls a transformers 5 property that warns of its own deprecation on every run: not ours to fix
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with _quiet_peft():
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
@@ -49,7 +49,16 @@ def add_lora(
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with _quiet_peft():
+        return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # PEFT reads a transformers 5 property that warns of its own deprecation on every run: noise a user can't act on
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def target_module_names(model: PeftModel) -> list[str]:
