@@ -1,34 +1,53 @@
-"""Safe extraction of an uploaded .tar.gz / .zip holding a PEFT directory.
+"""Safe extraction of an uploaded .tar(.gz, .bz2, .xz) / .zip holding a PEFT directory.
 
 Headers are not trusted: sizes are counted while the bytes are written, members are limited in number,
-and only regular files and directories with plain relative paths are accepted.
+tar headers are read in bounded pieces (adapters.tarstream), decompression stops where the archive ends or
+the budget does, and only regular files and directories with plain relative paths are accepted.
 """
 
+import bz2
+import gzip
+import lzma
 import stat
-import tarfile
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Protocol
 
 from adapters.errors import AdapterTooLarge, UnsafeArchive
+from adapters.tarstream import damaged, members, not_an_archive
 from adapters.validate import CONFIG_FILE
 
 MAX_MEMBERS = 64  # a PEFT directory holds a handful of files
 _CHUNK = 1 << 20
+# magic bytes -> how to open the tar inside; anything else is read as a plain tar
+_COMPRESSED: dict[bytes, Callable[[Path], IO[bytes]]] = {
+    b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open,
+}
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 def extract_archive(archive: Path, dest: Path, max_bytes: int) -> Path:
-    """Extract into the empty directory `dest`; return the PEFT directory inside (at the top or one
-    directory deep)."""
+    """Extract into `dest`; return the PEFT directory inside (at the top or one directory deep)."""
+    dest.mkdir(parents=True, exist_ok=True)  # an archive of no members still leaves a directory to look in
     with archive.open("rb") as f:
-        magic = f.read(4)
+        magic = f.read(6)
     if magic.startswith(b"PK\x03\x04"):
         _extract_zip(archive, dest, max_bytes)
-    elif tarfile.is_tarfile(archive):
-        _extract_tar(archive, dest, max_bytes)
+    elif magic.startswith(b"PK"):  # an empty zip, or a split one
+        raise not_an_archive()
     else:
-        raise UnsafeArchive("the archive is neither a .tar.gz nor a .zip; pack the PEFT directory with tar or zip")
+        opener = next((open_ for prefix, open_ in _COMPRESSED.items() if magic.startswith(prefix)), None)
+        _extract_tar(archive, opener or _open_plain, dest, max_bytes)
     return _peft_dir(dest)
+
+
+def _open_plain(path: Path) -> IO[bytes]:
+    return path.open("rb")
 
 
 def _safe_path(dest: Path, name: str) -> Path:
@@ -49,7 +68,7 @@ class _Budget:
         if self.members > MAX_MEMBERS:
             raise UnsafeArchive(f"the archive has more than {MAX_MEMBERS} members; pack only the PEFT directory")
 
-    def copy(self, src: IO[bytes], target: Path) -> None:
+    def copy(self, src: Readable, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("xb") as out:
             while chunk := src.read(_CHUNK):
@@ -62,25 +81,23 @@ class _Budget:
                 out.write(chunk)
 
 
-def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
+def _extract_tar(archive: Path, opener: Callable[[Path], IO[bytes]], dest: Path, max_bytes: int) -> None:
     budget = _Budget(max_bytes)
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:  # streaming: members are read one by one, never all listed up front
+        with opener(archive) as stream:
+            for member in members(stream):  # streaming: read one by one, never all listed up front
                 budget.member()
                 target = _safe_path(dest, member.name)
-                if member.isdir():
+                if member.kind == "directory":
                     target.mkdir(parents=True, exist_ok=True)
-                elif member.isfile():
-                    src = tar.extractfile(member)
-                    assert src is not None  # regular files always have a stream
-                    budget.copy(src, target)
+                elif member.kind == "file":
+                    budget.copy(member.data, target)
                 else:
                     raise UnsafeArchive(
                         f"archive member {member.name!r} is a link or special file; pack regular files only"
                     )
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise UnsafeArchive(f"the archive is damaged ({exc}); pack it again") from exc
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # what the decompressors raise on bad data
+        raise damaged(str(exc)) from exc
 
 
 def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:

@@ -40,9 +40,11 @@ class LoraWeights:
 
 
 def pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's rule for rank_pattern / alpha_pattern: a key matches a module name suffix (as a regex)."""
+    """PEFT's rule for rank_pattern / alpha_pattern: the first key that is the module's name or a dotted
+    suffix of it. PEFT reads keys as regexes; uploads may only hold plain dotted module paths (see
+    adapters.validate), for which this comparison is the same rule, with no pattern from a client evaluated."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if module == key or module.endswith("." + key):
             return value
     return default
 

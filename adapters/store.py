@@ -3,7 +3,8 @@
 Writes are atomic: files are staged in a `.tmp-*` directory on the same filesystem, fsynced, then the
 directory is renamed into place, so a crash leaves at most a temp directory, removed at the next start.
 A per-name file lock serialises writers of one name, across threads and processes. The manifests are
-indexed in memory at start; requests never read them from disk.
+indexed in memory at start; requests never read them from disk. A version whose manifest cannot be read is
+never served, but stays listed (`broken()`) and deletable, so an admin can see it and clear it.
 """
 
 import bisect
@@ -15,17 +16,18 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adapters.bounds import check_magnitudes, check_tensors
 from adapters.errors import AdapterLoadFailed, AdapterNotFound
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
-from adapters.manifest import Manifest, check_name, parse_ref
+from adapters.manifest import Manifest, adapter_key, check_name, parse_ref
 from adapters.validate import (
     CONFIG_FILE,
     TRAINING_FILE,
@@ -70,10 +72,25 @@ def _last_version(root: Path, name: str) -> int:
 
 
 def _save_last_version(root: Path, name: str, version: int) -> None:
+    """Durably: called before the version becomes visible, so a crash can burn a number, never reuse one."""
     tmp = root / _VERSIONS / f"{_TMP_PREFIX}{name}"
     tmp.unlink(missing_ok=True)
     _write_synced(tmp, str(version).encode())
     tmp.replace(root / _VERSIONS / name)
+    _fsync_dir(root / _VERSIONS)
+
+
+@dataclass(frozen=True)
+class BrokenVersion:
+    """A stored version directory whose manifest cannot be read: never served, listed and deletable."""
+
+    name: str
+    version: int
+    error: str
+
+    @property
+    def key(self) -> str:
+        return adapter_key(self.name, self.version)
 
 
 class AdapterStore:
@@ -83,7 +100,8 @@ class AdapterStore:
         self.limits = limits
         self._mu = threading.Lock()  # guards the in-memory index
         self._index: dict[str, dict[int, Manifest]] = {}
-        self._names: list[str] = []  # sorted, for paginated listing
+        self._broken: dict[str, dict[int, BrokenVersion]] = {}
+        self._names: list[str] = []  # sorted, for paginated listing; names with a servable version
         root.mkdir(parents=True, exist_ok=True)
         (root / _LOCKS).mkdir(exist_ok=True)
         (root / _VERSIONS).mkdir(exist_ok=True)
@@ -91,7 +109,7 @@ class AdapterStore:
             shutil.rmtree(leftover, ignore_errors=True)
         for name_dir in sorted(root.iterdir()):
             if name_dir.is_dir() and not name_dir.name.startswith("."):
-                self._set_versions(name_dir.name, self._scan(name_dir.name))
+                self._set_versions(name_dir.name, *self._scan(name_dir.name))
 
     # -- reading the index --------------------------------------------------------------------------
 
@@ -99,7 +117,14 @@ class AdapterStore:
         """'name' -> the newest version's manifest; 'name@N' -> that version's."""
         name, version = parse_ref(ref)
         with self._mu:
-            versions = self._index.get(name)
+            versions = self._index.get(name, {})
+            broken = self._broken.get(name, {})
+            if version in broken or (version is None and broken and not versions):
+                bad = broken[version if version is not None else max(broken)]
+                raise AdapterNotFound(
+                    f"adapter {bad.key} is stored but unreadable ({bad.error}); delete it "
+                    f"(DELETE /v1/adapters/{bad.key}) and upload it again"
+                )
             if not versions:
                 raise AdapterNotFound(f"no adapter named {name!r}; upload it first (POST /v1/adapters)")
             if version is None:
@@ -130,19 +155,29 @@ class AdapterStore:
             data = [self._index[n][max(self._index[n])] for n in names]
         return data, (names[-1] if more and names else None)
 
+    def broken(self) -> list[BrokenVersion]:
+        """Every stored version that cannot be read, by name and version."""
+        with self._mu:
+            return [b for name in sorted(self._broken) for _, b in sorted(self._broken[name].items())]
+
     def __len__(self) -> int:
         with self._mu:
             return len(self._names)
 
     def read_weights(self, manifest: Manifest) -> LoraWeights:
-        """Load a stored version into CPU memory (already validated when stored)."""
+        """Load a stored version into CPU memory. Validated when stored; its numbers are checked again, as
+        versions stored by an older server (or altered on disk) may hold what no slot must receive."""
         path = self._version_dir(manifest.name, manifest.version)
         try:
-            return lora_weights_from_state(load_file(path / WEIGHTS_FILE), read_config(path / CONFIG_FILE))
+            state = load_file(path / WEIGHTS_FILE)
+            weights = lora_weights_from_state(state, read_config(path / CONFIG_FILE))
         except (OSError, SafetensorError, ValueError) as exc:
             raise AdapterLoadFailed(
                 f"adapter {manifest.key} could not be read from {path} ({exc}); delete and upload it again"
             ) from exc
+        check_tensors(state)
+        check_magnitudes(weights)
+        return weights
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -171,13 +206,15 @@ class AdapterStore:
             checked = validate_adapter_dir(staged, self.base, self.limits)
             (staged / TRAINING_FILE).unlink(missing_ok=True)  # kept in the manifest instead
             with self._name_lock(name):
-                versions = self._scan(name)  # another process may have written since the index was built
+                versions, broken = self._scan(name)  # another process may have written since the index was built
                 same = [m for m in versions.values() if m.sha256 == checked.sha256]
                 if same:
-                    self._set_versions(name, versions)
+                    self._set_versions(name, versions, broken)
                     return same[0], False
                 name_dir = self.root / name
-                version = max([_last_version(self.root, name), *versions]) + 1
+                # the counter, and every number on disk in case a counter was lost: never a number twice
+                version = max([_last_version(self.root, name), *versions, *broken]) + 1
+                _save_last_version(self.root, name, version)
                 manifest = Manifest(
                     name=name,
                     version=version,
@@ -194,29 +231,33 @@ class AdapterStore:
                 )
                 self._publish(staged, name_dir, manifest)
                 versions[version] = manifest
-                self._set_versions(name, versions)
+                self._set_versions(name, versions, broken)
                 return manifest, True
 
-    def delete(self, ref: str) -> list[Manifest]:
-        """Remove `name` (every version) or `name@N`; return the removed manifests."""
+    def delete(self, ref: str) -> list[str]:
+        """Remove `name` (every version, readable or not) or `name@N`; return the removed keys."""
         name, version = parse_ref(ref)
+        if not (self.root / name).is_dir():  # checked before locking: no lock file for names never stored
+            self._set_versions(name, {}, {})
+            raise AdapterNotFound(f"no adapter {ref!r} to delete")
         with self._name_lock(name):
-            versions = self._scan(name)
-            if not versions or (version is not None and version not in versions):
-                self._set_versions(name, versions)
+            versions, broken = self._scan(name)
+            stored = sorted({*versions, *broken})
+            if not stored or (version is not None and version not in stored):
+                self._set_versions(name, versions, broken)
                 raise AdapterNotFound(f"no adapter {ref!r} to delete")
-            if version is None:
-                removed, versions = list(versions.values()), {}
-            else:
-                removed = [versions.pop(version)]
-            self._set_versions(name, versions)  # new lookups 404 from now on
+            removed = stored if version is None else [version]
+            for number in removed:
+                versions.pop(number, None)
+                broken.pop(number, None)
+            self._set_versions(name, versions, broken)  # new lookups 404 from now on
             # rename out of sight first (atomic), then delete at leisure; a name left without versions
             # goes whole, so that it no longer shows up at the next start
-            victim = self.root / name if not versions else self._version_dir(name, removed[0].version)
+            victim = self.root / name if not (versions or broken) else self._version_dir(name, removed[0])
             with self.scratch() as trash:
                 victim.rename(trash / "removed")
                 _fsync_dir(victim.parent)
-        return removed
+        return [adapter_key(name, number) for number in removed]
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -233,24 +274,34 @@ class AdapterStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _scan(self, name: str) -> dict[int, Manifest]:
+    def _scan(self, name: str) -> tuple[dict[int, Manifest], dict[int, BrokenVersion]]:
+        """The name's version directories, by number: readable manifests, and the others."""
         versions: dict[int, Manifest] = {}
+        broken: dict[int, BrokenVersion] = {}
         name_dir = self.root / name
         if not name_dir.is_dir():
-            return versions
+            return versions, broken
         for version_dir in name_dir.iterdir():
-            if not version_dir.name.isdigit():
+            if not (version_dir.name.isdigit() and version_dir.name.isascii()):
                 continue
+            number = int(version_dir.name)
             try:
                 manifest = Manifest.model_validate_json((version_dir / MANIFEST_FILE).read_bytes())
-            except (OSError, ValidationError) as exc:
-                log.warning("ignoring %s: unreadable manifest (%s)", version_dir, exc)
+                if (manifest.name, manifest.version) != (name, number):
+                    raise ValueError(f"the manifest says {manifest.key}")
+            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+                log.warning("%s is not served: unreadable manifest (%s)", version_dir, exc)
+                broken[number] = BrokenVersion(name, number, f"unreadable manifest: {exc}"[:500])
                 continue
-            versions[manifest.version] = manifest
-        return versions
+            versions[number] = manifest
+        return versions, broken
 
-    def _set_versions(self, name: str, versions: dict[int, Manifest]) -> None:
+    def _set_versions(self, name: str, versions: dict[int, Manifest], broken: dict[int, BrokenVersion]) -> None:
         with self._mu:
+            if broken:
+                self._broken[name] = broken
+            else:
+                self._broken.pop(name, None)
             known = name in self._index
             if versions:
                 self._index[name] = versions
@@ -273,4 +324,3 @@ class AdapterStore:
         _fsync_dir(name_dir)
         if new_name:
             _fsync_dir(self.root)
-        _save_last_version(self.root, manifest.name, manifest.version)

@@ -3,6 +3,8 @@ safetensors, after their header has been checked."""
 
 import hashlib
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adapters.bounds import check_magnitudes, check_tensors
 from adapters.errors import (
     AdapterRankTooLarge,
     AdapterTooLarge,
@@ -32,6 +35,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # projections inside the blocks only.
 VOCAB_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"})
 _MAX_HEADER = 64 << 20  # safetensors' own limit is 100 MB; an adapter's header is a few KB
+MAX_JSON_DEPTH = 32  # PEFT's config is 2 levels deep; training metadata a few more
+_MODULE_PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")  # ours, linear: never a client's pattern
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,29 @@ def _pickle_message(filename: str) -> str:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_bytes())
+        value = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapterConfig(f"{what} is not valid JSON ({exc}); upload the file as written") from exc
+    except RecursionError as exc:  # the parser recurses per level: thousands of '[' exhaust the stack
+        raise InvalidAdapterConfig(_too_deep(what)) from exc
+    if _depth(value) > MAX_JSON_DEPTH:  # kept in the manifest, whose serializer has its own depth limit
+        raise InvalidAdapterConfig(_too_deep(what))
+    return value
+
+
+def _too_deep(what: str) -> str:
+    return f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; PEFT writes flat objects"
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        level.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -131,6 +156,9 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         raise InvalidAdapterConfig(
             f"peft_type is {config.get('peft_type')!r}: only LoRA adapters (peft_type 'LORA') can be served"
         )
+    for flag in ("use_rslora", "use_dora", "lora_bias"):  # "false" is a truthy string: no coercion
+        if not isinstance(config.get(flag, False), bool):
+            raise InvalidAdapterConfig(f"{flag} must be true or false, not {config[flag]!r}")
     if config.get("use_dora"):
         raise UnsupportedAdapter("DoRA adapters (use_dora: true) are not supported; train a plain LoRA adapter")
     if config.get("modules_to_save"):
@@ -144,16 +172,19 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         )
     if config.get("lora_bias"):
         raise UnsupportedAdapter("lora_bias: true is not supported; train with lora_bias=False")
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidAdapterConfig(f"r must be a positive integer, not {rank!r}")
-    alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise InvalidAdapterConfig(f"lora_alpha must be a number, not {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
+    _check_rank("r", config.get("r"))
+    _check_alpha("lora_alpha", config.get("lora_alpha", 8))
+    for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(isinstance(v, int | float) for v in pattern.values()):
-            raise InvalidAdapterConfig(f"{key} must map module patterns to numbers, not {pattern!r}")
+        if not isinstance(pattern, dict):
+            raise InvalidAdapterConfig(f"{key} must map module names to numbers, not {pattern!r}")
+        for module, value in pattern.items():
+            if not _MODULE_PATH.fullmatch(module):
+                raise InvalidAdapterConfig(
+                    f"{key} key {module!r} is not a module name: use a module's name or a dotted suffix of it, "
+                    "e.g. 'q_proj' or 'model.layers.0.self_attn.q_proj' (keys are not read as regular expressions)"
+                )
+            check(f"{key}[{module!r}]", value)
     targets = config.get("target_modules")
     if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise InvalidAdapterConfig(f"target_modules must be a list of module names or a regex, not {targets!r}")
@@ -171,6 +202,18 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
                 f"target_modules {unknown} do not exist in the served base model ({base.architecture}); "
                 f"its Linear modules are {known}"
             )
+
+
+def _check_rank(what: str, rank: Any) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidAdapterConfig(f"{what} must be a positive integer, not {rank!r}")
+
+
+def _check_alpha(what: str, alpha: Any) -> None:
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise InvalidAdapterConfig(f"{what} must be a number, not {alpha!r}")
+    if not math.isfinite(alpha):
+        raise InvalidAdapterConfig(f"{what} is {alpha}: it must be a finite number, e.g. 16")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -210,13 +253,7 @@ def check_weights(
         weights = lora_weights_from_state(state, config)
     except ValueError as exc:
         raise InvalidAdapterWeights(f"{exc}; save the adapter with PEFT's save_pretrained()") from exc
-    for key, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise InvalidAdapterWeights(f"tensor {key!r} has dtype {tensor.dtype}; LoRA weights are floating point")
-        if not torch.isfinite(tensor).all():
-            raise InvalidAdapterWeights(
-                f"tensor {key!r} holds NaN or infinite values; the training diverged, use an earlier checkpoint"
-            )
+    check_tensors(state)
     for module, lora in weights.modules.items():
         if module not in base.modules:
             raise IncompatibleAdapter(
@@ -231,6 +268,7 @@ def check_weights(
                 f"its ({in_features} -> {out_features}) shape in the served base model; "
                 "was the adapter trained on another model?"
             )
+    check_magnitudes(weights)
     if weights.rank > limits.max_rank:
         raise AdapterRankTooLarge(
             f"rank {weights.rank} is over the server's limit of {limits.max_rank} (--max-lora-rank); "

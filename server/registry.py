@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from adapters.errors import AdapterError, AdapterNotFound, IncompatibleAdapter, TooManyPinned
+from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, IncompatibleAdapter, TooManyPinned
 from adapters.lora import LoraModule, LoraWeights
 from adapters.manifest import Manifest
 from adapters.store import AdapterStore
@@ -154,7 +154,8 @@ class AdapterRegistry:
         return lease
 
     def _load(self, entry: _Entry) -> LoraWeights:
-        """Worker thread: disk -> CPU."""
+        """Worker thread: disk -> CPU. Any failure, typed or not (the engine's packing of weights it cannot
+        take), ends in FAILED with a typed error: never LOADING for good."""
         start = time.perf_counter()
         try:
             weights = self.store.read_weights(entry.manifest)
@@ -162,13 +163,18 @@ class AdapterRegistry:
                 weights = _pinned_copy(weights)
             if self._prepare is not None:
                 weights = self._prepare(weights)
-        except AdapterError as exc:
+        except Exception as exc:
             with self._lock:
                 entry.loading = None
                 entry.error = str(exc)
                 if entry.deleting:  # the files went away under the load
                     raise AdapterNotFound(f"adapter {entry.manifest.key} was deleted") from exc
-            raise
+            if isinstance(exc, AdapterError):
+                raise
+            raise AdapterLoadFailed(
+                f"adapter {entry.manifest.key} could not be loaded ({type(exc).__name__}: {exc}); "
+                "delete it and upload it again"
+            ) from exc
         if self._metrics is not None:
             self._metrics.observe_load(time.perf_counter() - start)
         with self._lock:
@@ -268,22 +274,23 @@ class AdapterRegistry:
         """Validate and store a PEFT directory as the next version of `name` (see AdapterStore.put)."""
         return await asyncio.to_thread(self.store.put, name, src)
 
-    async def delete(self, ref: str) -> list[Manifest]:
-        """Delete 'name' (all versions) or 'name@N'. New acquires get AdapterNotFound at once; a leased
-        version is freed (and `on_unload` called) when its last lease is released."""
+    async def delete(self, ref: str) -> list[str]:
+        """Delete 'name' (all versions, unreadable ones included) or 'name@N'; return the removed keys. New
+        acquires get AdapterNotFound at once; a leased version is freed (and `on_unload` called) when its
+        last lease is released."""
         removed = await asyncio.to_thread(self.store.delete, ref)
         unloaded = []
         with self._lock:
-            for manifest in removed:
-                entry = self._entries.pop(manifest.key, None)
+            for key in removed:
+                entry = self._entries.pop(key, None)
                 if entry is None:
                     continue
                 entry.deleting = True
                 entry.pinned = False
-                self._cpu.pop(manifest.key, None)
+                self._cpu.pop(key, None)
                 if not entry.refs and entry.weights is not None:
                     entry.weights = None
-                    unloaded.append(manifest.key)
+                    unloaded.append(key)
         self._unload(unloaded)
         return removed
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.archive import extract_archive
 from adapters.errors import AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
@@ -57,7 +57,13 @@ async def _read_form(request: Request, max_bytes: int) -> FormData:
     parser = MultiPartParser(
         request.headers, _limited(request.stream(), max_bytes + _FORM_OVERHEAD), max_files=4, max_fields=4
     )
-    return await parser.parse()
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:  # no boundary, too many parts, a part over its limit, bad framing
+        raise InvalidUpload(
+            f"the multipart body is malformed ({exc.message}); send the fields name, config and weights "
+            "(or archive), one each"
+        ) from exc
 
 
 def _stage(form: FormData, dest: Path, max_bytes: int) -> Path:
@@ -114,9 +120,17 @@ async def list_adapters(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
 ) -> dict[str, Any]:
-    """The newest version of each adapter, in name order."""
+    """The newest version of each adapter, in name order, with its state. The first page also lists, under
+    `broken`, every stored version that cannot be read: never served, deletable with DELETE."""
     manifests, cursor = registry.store.page(limit, after)
-    return {"data": [_manifest_json(m) for m in manifests], "next": cursor}
+    listing: dict[str, Any] = {
+        "data": [{**_manifest_json(m), "state": registry.state(m.key)} for m in manifests],
+        "next": cursor,
+    }
+    if after is None:
+        listing["broken"] = [{"key": b.key, "name": b.name, "version": b.version, "error": b.error}
+                             for b in registry.store.broken()]
+    return listing
 
 
 @router.get("/{ref}")
@@ -138,5 +152,4 @@ async def show_adapter(ref: str, registry: Registry) -> dict[str, Any]:
 @router.delete("/{ref}")
 async def delete_adapter(ref: str, registry: Registry) -> dict[str, Any]:
     """'name' deletes every version, 'name@N' one."""
-    removed = await registry.delete(ref)
-    return {"deleted": [m.key for m in removed]}
+    return {"deleted": await registry.delete(ref)}

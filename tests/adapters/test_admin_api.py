@@ -112,7 +112,7 @@ def test_unsafe_uploads_are_refused(client: TestClient, peft_dir: Path, tmp_path
     dora = make_peft_dir(tmp_path / "dora", use_dora=True)
     response = client.post("/v1/adapters", data={"name": "d"}, files=files_of(dora))
     assert_error(response, 422, "unsupported_adapter", "DoRA")
-    assert client.get("/v1/adapters").json() == {"data": [], "next": None}
+    assert client.get("/v1/adapters").json() == {"data": [], "next": None, "broken": []}
 
 
 def test_malformed_requests(client: TestClient, peft_dir: Path) -> None:

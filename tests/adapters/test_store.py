@@ -46,11 +46,11 @@ def test_delete_versions_and_numbers_are_not_reused(tmp_path: Path, peft_dir: Pa
     store = new_store(tmp_path / "store")
     store.put("bot", peft_dir)
     store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
-    assert [m.key for m in store.delete("bot@2")] == ["bot@2"]
+    assert store.delete("bot@2") == ["bot@2"]
     assert store.resolve("bot").version == 1
     # the newest version was deleted: the next upload still gets a new number
     assert store.put("bot", make_peft_dir(tmp_path / "v3", seed=2))[0].version == 3
-    assert sorted(m.key for m in store.delete("bot")) == ["bot@1", "bot@3"]
+    assert store.delete("bot") == ["bot@1", "bot@3"]
     with pytest.raises(AdapterNotFound):
         store.resolve("bot")
     with pytest.raises(AdapterNotFound):
@@ -134,4 +134,83 @@ def test_kill_during_upload_leaves_nothing_visible(tmp_path: Path, peft_dir: Pat
     store = new_store(root)
     assert [m.version for m in store.versions("bot")] == [1]
     assert not list(root.glob(".tmp-*"))  # cleaned at start
-    assert store.put("bot", tmp_path / "v2")[0].version == 2
+    # the number the killed writer reserved is spent: it may have been seen, so it is never given again
+    assert store.put("bot", tmp_path / "v2")[0].version == 3
+
+
+# -- issue 14: unreadable versions stay manageable, numbers are durable, no stray lock files ---------------
+
+
+def test_unreadable_versions_are_listed_and_deletable(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    store = new_store(root)
+    store.put("bot", peft_dir)
+    store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    store.put("ghost", peft_dir)
+    (root / "bot" / "2" / "manifest.json").write_text('{"alpha": NaN')  # what a NaN upload used to leave
+    (root / "ghost" / "1" / "manifest.json").unlink()
+    store = new_store(root)
+    assert [(b.key, "manifest" in b.error) for b in store.broken()] == [("bot@2", True), ("ghost@1", True)]
+    assert store.resolve("bot").version == 1  # the readable version is still served
+    with pytest.raises(AdapterNotFound, match="unreadable"):
+        store.resolve("ghost")
+    assert store.delete("bot@2") == ["bot@2"]
+    assert store.delete("ghost") == ["ghost@1"]
+    assert store.broken() == [] and not (root / "ghost").exists()
+    assert [m.key for m in new_store(root).versions("bot")] == ["bot@1"]
+    # a broken version's number is never given again either
+    assert new_store(root).put("bot", make_peft_dir(tmp_path / "v3", seed=2))[0].version == 3
+
+
+_KILLED_AFTER_RENAME = """
+import os, signal, sys
+sys.path[:0] = sys.argv[1:4]
+from pathlib import Path
+from adapters.store import AdapterStore
+from peft_dirs import LIMITS, fingerprint
+
+root = Path(sys.argv[4])
+rename = Path.rename
+
+def rename_then_die(self, target):
+    moved = rename(self, target)
+    if Path(target) == root / "bot" / "1":  # the version is visible: die before anything else happens
+        os.kill(os.getpid(), signal.SIGKILL)
+    return moved
+
+Path.rename = rename_then_die
+AdapterStore(root, fingerprint(), LIMITS).put("bot", Path(sys.argv[5]))
+"""
+
+
+def test_kill_right_after_the_rename_never_reissues_a_number(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    new_store(root)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_RENAME, str(REPO), str(REPO / "tests"), str(Path(__file__).parent),
+         str(root), str(peft_dir)], capture_output=True, text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = new_store(root)
+    assert [m.key for m in store.versions("bot")] == ["bot@1"]
+    store.delete("bot")
+    assert store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))[0].version == 2
+
+
+def test_the_counter_is_only_one_of_the_sources_of_numbers(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    (root / ".versions" / "bot").unlink()  # a counter lost (or an older store without one)
+    assert new_store(root).put("bot", make_peft_dir(tmp_path / "v2", seed=1))[0].version == 2
+
+
+def test_deleting_unknown_names_leaves_no_files(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = new_store(root)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for i in range(20):
+        with pytest.raises(AdapterNotFound):
+            store.delete(f"never-{i}")
+        with pytest.raises(AdapterNotFound):
+            store.delete(f"never-{i}@3")
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

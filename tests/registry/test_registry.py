@@ -108,7 +108,7 @@ def test_delete_while_leased(tmp_path: Path, peft_dir: Path) -> None:
     async def main() -> None:
         lease = await registry.acquire("a")
         removed = await registry.delete("a")
-        assert [m.key for m in removed] == ["a@1"]
+        assert removed == ["a@1"]
         with pytest.raises(AdapterNotFound):
             await registry.acquire("a")
         assert unloaded == [] and lease.weights.rank == 4  # the running request keeps its weights
@@ -246,4 +246,24 @@ def test_thousand_adapters_list_and_serve_round_robin(tmp_path: Path, peft_dir: 
     assert registry.cpu_adapters == 8 and registry.cpu_bytes == 8 * 7168
     assert len(unloaded) == 2000 - 8
     assert rss_bytes() - rss < 16 << 20
+    registry.close()
+
+
+def test_a_load_that_fails_in_any_way_ends_failed_not_loading(tmp_path: Path, peft_dir: Path) -> None:
+    """The engine's packing (`prepare`) or pinning can fail on weights the store accepted: the adapter must
+    show FAILED and each acquire answer a typed error, never hang in LOADING."""
+    def prepare(weights):
+        raise RuntimeError("Promotion for Float8 types is not supported")
+
+    store = new_store(tmp_path / "store")
+    store.put("a", peft_dir)
+    registry = AdapterRegistry(store, max_cpu_adapters=2, prepare=prepare)
+
+    async def main() -> None:
+        for _ in range(2):
+            with pytest.raises(AdapterLoadFailed, match="Float8"):
+                await registry.acquire("a")
+            assert registry.state("a@1") == AdapterState.FAILED
+
+    asyncio.run(main())
     registry.close()

@@ -1,0 +1,57 @@
+"""What an adapter's numbers may be: a dtype the server computes in, finite, and bounded so that no sum or
+product the kernels form from them overflows, checked after PEFT's scaling is applied.
+
+The bound. A LoRA layer adds  dy = s * B (A x)  to a projection. The engine folds the scaling s into B, casts
+A and sB to the serving dtype (bf16) and computes t = A x (the shrink) then dy = (sB) t (the expand). With
+|M| the largest row sum of |M| (the induced max-norm), every partial sum of the shrink is at most
+|A| * max|x|, and of the expand at most |sB| * |A| * max|x|. So we bound |A|, |sB|, their product (the
+layer's gain) and |s| itself (the engine multiplies every entry of B by it, even zeros: 0 * inf is NaN) by
+MAX_GAIN:
+- an entry is at most its row's sum, and MAX_GAIN is below fp16's largest value (65504): every entry stays
+  finite after the cast to fp16 as to bf16 (whose range is far wider);
+- with activations of 1e4, beyond those of real models, no partial sum passes 4e12, some 26 orders of
+  magnitude below bf16's largest value (3.4e38), for any hidden size, since the row sums already count it;
+- real adapters sit far below: PEFT's default init gives |A| ~ sqrt(in) / 2 (85 for in = 28672), its
+  gaussian init in / (1.25 r) (23,000 at in = 28672 and r = 1, the widest case), and trained rows of sB sum
+  to O(1), with s = lora_alpha / r (or / sqrt(r)) in the tens at most.
+"""
+
+import torch
+
+from adapters.errors import InvalidAdapterWeights
+from adapters.lora import LoraWeights
+
+SERVED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+MAX_GAIN = 60_000.0
+_DIVERGED = "the training diverged or the file was altered; use an earlier checkpoint"
+
+
+def check_tensors(state: dict[str, torch.Tensor]) -> None:
+    """Each tensor is in a dtype the server computes in, and finite."""
+    for key, tensor in state.items():
+        if tensor.dtype not in SERVED_DTYPES:
+            raise InvalidAdapterWeights(
+                f"tensor {key!r} has dtype {tensor.dtype}; save LoRA weights as float32, float16 or bfloat16, "
+                "the dtypes the server computes in"
+            )
+        if not torch.isfinite(tensor).all():
+            raise InvalidAdapterWeights(f"tensor {key!r} holds NaN or infinite values; {_DIVERGED}")
+
+
+def check_magnitudes(weights: LoraWeights) -> None:
+    """Each module's |A|, |sB|, gain and scaling within MAX_GAIN (see the module's docstring)."""
+    for module, lora in weights.modules.items():
+        scaling = abs(lora.scaling)
+        if not scaling <= MAX_GAIN:  # written so that NaN fails too
+            raise InvalidAdapterWeights(
+                f"module {module!r}: its scaling (lora_alpha / r, or its alpha_pattern value / r) is "
+                f"{lora.scaling:g}, over the server's bound of {MAX_GAIN:g}; lower lora_alpha"
+            )
+        a_norm = lora.a.float().abs().sum(dim=1).max().item()  # [r, in]: over the inputs of each rank
+        b_norm = lora.b.float().abs().sum(dim=1).max().item() * scaling  # [out, r]: over the ranks of each output
+        for what, norm in (("lora_A", a_norm), ("lora_B times the scaling", b_norm), ("the gain", a_norm * b_norm)):
+            if not norm <= MAX_GAIN:
+                raise InvalidAdapterWeights(
+                    f"module {module!r}: {what} reaches {norm:g} (largest row sum of absolute values), over the "
+                    f"server's bound of {MAX_GAIN:g}; {_DIVERGED}, or lower lora_alpha"
+                )

@@ -1,0 +1,253 @@
+"""Issue 14, the adapter side: hostile uploads get a clear 4xx, cost bounded work, and leave the store as
+it was. Each test reproduces one way an upload used to harm the server or other clients."""
+
+import gzip
+import io
+import math
+import tarfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from peft_dirs import make_peft_dir, new_store
+from test_admin_api import assert_error, files_of, make_app
+from test_validation import copy, edit_config, edit_weights
+from tiny import tiny_model
+
+from adapters import errors
+from adapters.archive import extract_archive
+from adapters.bounds import MAX_GAIN
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    with TestClient(make_app(tmp_path / "store")) as test_client:
+        yield test_client
+
+
+def upload(client: TestClient, peft_dir: Path, name: str = "bad"):
+    return client.post("/v1/adapters", data={"name": name}, files=files_of(peft_dir))
+
+
+def assert_nothing_stored(client: TestClient, root: Path) -> None:
+    assert client.get("/v1/adapters").json()["data"] == []
+    assert not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+def set_first(which: str, value: float):
+    def change(state: dict) -> None:
+        state[next(k for k in state if f"lora_{which}" in k)][0, 0] = value
+
+    return change
+
+
+# -- item 2 and 4: an adapter's numbers, after scaling and in the serving dtype ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("weights", "config", "code", "match"),
+    [
+        # finite in fp32, infinite once cast to bf16 / fp16
+        (set_first("A", 3e38), {}, "invalid_adapter_weights", "lora_A"),
+        (set_first("B", -3e38), {}, "invalid_adapter_weights", "lora_B"),
+        (set_first("A", 1e5), {}, "invalid_adapter_weights", "lora_A"),
+        (None, {"lora_alpha": 1e30}, "invalid_adapter_weights", "lora_alpha"),
+        (None, {"lora_alpha": float("nan")}, "invalid_adapter_config", "finite"),
+        (None, {"lora_alpha": float("inf")}, "invalid_adapter_config", "finite"),
+        (None, {"alpha_pattern": {"q_proj": float("nan")}}, "invalid_adapter_config", "finite"),
+        (None, {"alpha_pattern": {"q_proj": 1e30}}, "invalid_adapter_weights", "alpha_pattern"),
+        (None, {"rank_pattern": {"q_proj": True}}, "invalid_adapter_config", "rank_pattern"),
+    ],
+)
+def test_absurd_numbers_are_refused_before_anything_is_stored(
+    client: TestClient, tmp_path: Path, peft_dir: Path, weights, config: dict, code: str, match: str
+) -> None:
+    bad = copy(peft_dir, tmp_path / "bad")
+    if weights is not None:
+        edit_weights(bad, weights)
+    edit_config(bad, **config)  # json.dumps writes NaN / Infinity, as the attacker's file did
+    assert_error(upload(client, bad), 422, code, match)
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+def test_the_bound_admits_real_adapters_at_its_edge(tmp_path: Path) -> None:
+    """rsLoRA with a large alpha on every projection: a real, if aggressive, PEFT adapter is accepted; the
+    same adapter with alpha past the bound is not."""
+    store = new_store(tmp_path / "store")
+    big = make_peft_dir(tmp_path / "big", r=16, lora_alpha=256, use_rslora=True, target_modules="all-linear")
+    assert store.put("big", big)[1]
+    with pytest.raises(errors.InvalidAdapterWeights, match=f"{MAX_GAIN:g}"):
+        store.put("huge", edit_config(copy(big, tmp_path / "huge"), lora_alpha=1e6))
+
+
+# -- item 6: rank_pattern / alpha_pattern keys are module names, never regexes ---------------------------
+
+
+@pytest.mark.parametrize("key", ["(", "(.*a){30}x", "q_proj|v_proj", "layers.[0-9].q_proj", "", "q_proj."])
+def test_pattern_keys_that_are_not_module_paths_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, key: str
+) -> None:
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), alpha_pattern={key: 16})
+    started = time.perf_counter()
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", "module name")
+    assert time.perf_counter() - started < 2
+    bad = edit_config(copy(peft_dir, tmp_path / "bad2"), rank_pattern={key: 2})
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", "module name")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
+    """PEFT's rule (a key names a module or a dotted suffix of its name), checked against PeftModel."""
+    peft_dir = make_peft_dir(
+        tmp_path / "p", r=4, target_modules=["q_proj", "v_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 24, "1.self_attn.q_proj": 3},
+    )
+    store = new_store(tmp_path / "store")
+    weights = store.read_weights(store.put("p", peft_dir)[0])
+    peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
+    for name, module in weights.modules.items():
+        layer = peft.get_submodule(f"base_model.model.{name}")
+        assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
+    assert weights.modules["model.layers.1.self_attn.q_proj"].scaling == 3 / 2
+
+
+# -- item 11 and 12: every malformed upload is a 4xx ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float64, torch.int8])
+def test_weights_in_a_dtype_serving_does_not_support(
+    client: TestClient, tmp_path: Path, peft_dir: Path, dtype: torch.dtype
+) -> None:
+    def cast(state: dict) -> None:
+        for key in state:
+            state[key] = state[key].to(dtype)
+
+    response = upload(client, edit_weights(copy(peft_dir, tmp_path / "bad"), cast))
+    assert_error(response, 422, "invalid_adapter_weights", "float32, float16 or bfloat16")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+@pytest.mark.parametrize("field", ["use_rslora", "use_dora", "lora_bias"])
+def test_boolean_fields_are_strict(client: TestClient, tmp_path: Path, peft_dir: Path, field: str) -> None:
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **{field: "false"})
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", f"{field} must be true or false")
+
+
+@pytest.mark.parametrize("file", ["adapter_config.json", "training.json"])
+def test_deeply_nested_json(client: TestClient, tmp_path: Path, peft_dir: Path, file: str) -> None:
+    bad = copy(peft_dir, tmp_path / "bad")
+    if file == "adapter_config.json":
+        (bad / file).write_text('{"r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    else:
+        (bad / file).write_text('{"x": ' + "[" * 500 + "]" * 500 + "}")
+    files = files_of(bad)
+    files["training"] = ("training.json", (bad / "training.json").read_bytes()) if file == "training.json" else None
+    files = {k: v for k, v in files.items() if v is not None}
+    response = client.post("/v1/adapters", data={"name": "deep"}, files=files)
+    assert_error(response, 422, "invalid_adapter_config", "nested")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+def test_malformed_multipart(client: TestClient, peft_dir: Path, tmp_path: Path) -> None:
+    files = [("config", ("c", b"{}"))] * 5
+    response = client.post("/v1/adapters", data={"name": "x"}, files=files)
+    assert_error(response, 400, "invalid_upload", "Too many files")
+    response = client.post(
+        "/v1/adapters", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}
+    )
+    assert_error(response, 400, "invalid_upload", "boundary")
+    files = {"config": files_of(peft_dir)["config"]}
+    response = client.post("/v1/adapters", data={"name": "x" * ((1 << 20) + 16)}, files=files)  # a 1 MiB limit
+    assert_error(response, 400, "invalid_upload", "exceeded maximum size")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+# -- item 5 and 11: archives whose headers would cost memory or time ---------------------------------------
+
+
+def gz_tar(path: Path, *parts: tuple[tarfile.TarInfo, bytes | int]) -> Path:
+    """A .tar.gz written block by block, so headers can say what tarfile itself would never write; a part's
+    payload is bytes, or a count of b'1' bytes streamed into the archive without holding them."""
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        for info, payload in parts:
+            size = payload if isinstance(payload, int) else len(payload)
+            info.size = size
+            out.write(info.tobuf(tarfile.GNU_FORMAT))
+            if isinstance(payload, int):
+                chunk = b"1" * (1 << 20)
+                for start in range(0, size, len(chunk)):
+                    out.write(chunk[: size - start])
+            else:
+                out.write(payload)
+            out.write(b"\0" * (-size % 512))
+        out.write(b"\0" * 1024)
+    return path
+
+
+def meta(type_: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo("././@LongLink" if type_ in (b"L", b"K") else "././@PaxHeader")
+    info.type = type_
+    return info
+
+
+@pytest.mark.parametrize("type_", [b"L", b"K", b"x", b"g"])
+def test_huge_tar_metadata_headers_are_refused_unread(tmp_path: Path, type_: bytes) -> None:
+    archive = gz_tar(tmp_path / "a.tar.gz", (meta(type_), 64 << 20), (tarfile.TarInfo("adapter_config.json"), b"{}"))
+    assert archive.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.UnsafeArchive, match="header"):
+            extract_archive(archive, tmp_path / "out", 1 << 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_pax_header_of_digits_is_refused_at_once(tmp_path: Path) -> None:
+    archive = gz_tar(tmp_path / "a.tar.gz", (meta(b"x"), b"9" * 50_000), (tarfile.TarInfo("x"), b"x"))
+    started = time.perf_counter()
+    with pytest.raises(errors.UnsafeArchive):
+        extract_archive(archive, tmp_path / "out", 1 << 20)
+    assert time.perf_counter() - started < 0.5
+
+
+def test_pax_records_that_are_not_well_formed(tmp_path: Path) -> None:
+    for i, payload in enumerate([b"99 path=x\n", b"0 path=x\n", b"12 pathx\n", b"x" * 100]):
+        archive = gz_tar(tmp_path / f"{i}.tar.gz", (meta(b"x"), payload), (tarfile.TarInfo("x"), b"x"))
+        with pytest.raises(errors.UnsafeArchive, match="damaged"):
+            extract_archive(archive, tmp_path / f"out{i}", 1 << 20)
+
+
+def test_long_names_and_pax_paths_still_work(tmp_path: Path, peft_dir: Path) -> None:
+    """What real packers write: GNU long names, pax paths (tarfile's default format), nested directories."""
+    long = "run-" + "x" * 150 + "é"  # past ustar's 100 bytes, and not ASCII
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        archive = tmp_path / f"{fmt}.tar.gz"
+        with tarfile.open(archive, "w:gz", format=fmt) as tar:
+            tar.add(peft_dir, arcname=long if fmt != tarfile.USTAR_FORMAT else "u" * 120)  # ustar: a prefix
+        found = extract_archive(archive, tmp_path / f"out{fmt}", 1 << 20)
+        assert found.name in (long, "u" * 120) and (found / "adapter_config.json").is_file()
+
+
+def test_empty_archives_are_a_4xx(client: TestClient, tmp_path: Path) -> None:
+    empty_tar = io.BytesIO()
+    tarfile.open(fileobj=empty_tar, mode="w").close()
+    for name, data in [("e.tar.gz", gzip.compress(empty_tar.getvalue())), ("e.tar", empty_tar.getvalue()),
+                       ("z.tar.gz", gzip.compress(b""))]:
+        response = client.post("/v1/adapters", data={"name": "e"}, files={"archive": (name, data)})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "unsafe_archive", name
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+def test_tar_that_unpacks_past_the_budget_stops_reading(tmp_path: Path) -> None:
+    # a gzip bomb of one big member: cut off at the budget, not decompressed whole
+    archive = gz_tar(tmp_path / "a.tar.gz", (tarfile.TarInfo("adapter_model.safetensors"), 256 << 20))
+    started = time.perf_counter()
+    with pytest.raises(errors.AdapterTooLarge, match="unpacks to more than"):
+        extract_archive(archive, tmp_path / "out", 1 << 20)
+    assert time.perf_counter() - started < 1
