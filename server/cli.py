@@ -77,13 +77,15 @@ class CannotListen(LoraplexError):
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound now: a port in use is found in a millisecond, not after the model loads,
-    and no other process can take the port between this check and the server's start."""
+    """The server's socket, listening now: a port in use is found in a millisecond, not after the model loads,
+    and no other process can take the port before the server starts (two sockets with SO_REUSEADDR may both
+    bind a port on Linux until one listens). Connections made before the server starts wait in the backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
     try:
         sock.bind((host, port))
+        sock.listen()
     except OSError as exc:
         sock.close()
         hint = " (is another server running? choose another --port)" if exc.errno == errno.EADDRINUSE else ""
