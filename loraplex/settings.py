@@ -32,7 +32,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0: every interface).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Requests running at once (KV cache rows).")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="Requests running at once (KV cache rows); default: what half the GPU "
+        "memory free after the model holds, at most 256 (32 on a CPU)."
+    )
     max_queue: int = Field(256, ge=0, description="Waiting requests before new ones get 429.")
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")

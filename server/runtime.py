@@ -39,11 +39,7 @@ class Runtime:
                 load_base_model, settings.base_model, cache_dir=settings.cache_dir, device=settings.device,
                 served_name=settings.served_model_name,
             )
-        config = EngineConfig.from_settings(settings)
-        model_limit = base.model.config.get_text_config().max_position_embeddings
-        if config.max_seq_len > model_limit:
-            log.info("max_seq_len %d lowered to the model's context length %d", config.max_seq_len, model_limit)
-            config = EngineConfig.from_settings(settings.model_copy(update={"max_seq_len": model_limit}))
+        config = EngineConfig.for_model(settings, base.model)
         # before the engine wraps the linear layers: adapters are checked against the model as PEFT sees it
         fingerprint = base_fingerprint(base.model)
         engine = await asyncio.to_thread(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 
 from server.engine.errors import KVCacheTooLarge
 from server.engine.ragged_attention import ragged_attention
@@ -35,6 +35,16 @@ def available_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_head_dim(text_config: PretrainedConfig) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
+def kv_row_bytes(text_config: PretrainedConfig, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV cache row (one request) of max_seq_len tokens, over every layer, K and V."""
+    layers, kv_heads = text_config.num_hidden_layers, text_config.num_key_value_heads
+    return 2 * layers * kv_heads * max_seq_len * kv_head_dim(text_config) * dtype.itemsize
 
 
 class KVCache:

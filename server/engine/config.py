@@ -1,8 +1,12 @@
 """EngineConfig: the engine's limits, fixed at start-up because every buffer is allocated from them."""
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from transformers import PreTrainedModel
+
+from server.engine.attention import available_memory, kv_row_bytes
 from server.engine.graphs import buckets_up_to
 
 if TYPE_CHECKING:  # Settings pulls in pydantic, which the engine itself does not need
@@ -10,7 +14,23 @@ if TYPE_CHECKING:  # Settings pulls in pydantic, which the engine itself does no
 
 # Modules wrapped with multi-LoRA by default: the seven projections of llama-like decoders.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CPU_BATCH_SIZE = 32  # a CPU computes rather than streams: more rows only queue work behind each other
+AUTO_BATCH_CAP = 256  # past this many rows a step is compute-bound: latency grows, throughput barely
+KV_MEMORY_SHARE = 0.5  # of the device memory free after the model; the rest: adapter slots, activations, graphs
 IDLE_PREFILL_FACTOR = 4  # prompt budget of steps with no decoding request, in multiples of max_prefill_tokens
+
+
+log = logging.getLogger("loraplex.engine")
+
+
+def fit_batch_size(model: PreTrainedModel, max_seq_len: int) -> int:
+    """KV rows of max_seq_len tokens that KV_MEMORY_SHARE of the free GPU memory holds, up to AUTO_BATCH_CAP
+    (an H200 with an 8B NF4 model: the cap); CPU_BATCH_SIZE on a CPU."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    row = kv_row_bytes(model.config.get_text_config(), max_seq_len, weight.dtype)
+    return max(1, min(AUTO_BATCH_CAP, int(KV_MEMORY_SHARE * available_memory(weight.device) / row)))
 
 
 @dataclass(frozen=True)
@@ -28,12 +48,22 @@ class EngineConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "EngineConfig":
+    def for_model(cls, settings: "Settings", model: PreTrainedModel) -> "EngineConfig":
+        """The settings, completed for `model`: max_seq_len at most its context length, and max_batch_size, when
+        not set, the KV rows that fit the device (fit_batch_size)."""
+        text = model.config.get_text_config()
+        max_seq_len = min(settings.max_seq_len, text.max_position_embeddings)
+        if max_seq_len < settings.max_seq_len:
+            log.info("max_seq_len %d lowered to the model's context length %d", settings.max_seq_len, max_seq_len)
+        max_batch_size = settings.max_batch_size
+        if max_batch_size is None:
+            max_batch_size = fit_batch_size(model, max_seq_len)
+            log.info("max_batch_size %d: the KV rows of %d tokens that fit", max_batch_size, max_seq_len)
         return cls(
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=max_batch_size,
             max_active_adapters=settings.max_active_adapters,
             max_lora_rank=settings.max_lora_rank,
-            max_seq_len=settings.max_seq_len,
+            max_seq_len=max_seq_len,
             max_prefill_tokens=settings.max_prefill_tokens,
             cuda_graphs=settings.cuda_graphs,
             fused_kernels=None if settings.fused_kernels else False,

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.lora import LoraWeights
-from server.engine.attention import ATTENTION_NAME, KVCache, StepContext
+from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
 from server.engine.batching import plan_step
 from server.engine.config import EngineConfig
 from server.engine.errors import AdapterTooLarge, EngineStopped, InvalidSampling, PromptTooLong
@@ -91,13 +91,12 @@ class Engine:
             self._lora_context.decode_kernels = kernels.FusedDecode()
         self.lora_store, self.lora_layers = self._wrap_targets()
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         self.cache = KVCache(
             text_config.num_hidden_layers,
             config.max_batch_size,
             text_config.num_key_value_heads,
             config.max_seq_len,
-            head_dim,
+            kv_head_dim(text_config),
             self.dtype,
             self.device,
         )
