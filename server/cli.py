@@ -9,6 +9,7 @@ import errno
 import logging
 import socket
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         elif origin is typing.Literal:
             parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), help=help_text)
         else:
-            parser.add_argument(flag, dest=name, metavar=_METAVARS.get(field.annotation), help=help_text)
+            kind = typing.get_args(field.annotation)[0] if origin is types.UnionType else field.annotation  # X | None
+            parser.add_argument(flag, dest=name, metavar=_METAVARS.get(kind), help=help_text)
     parser.set_defaults(func=run, **dict.fromkeys(Settings.model_fields))
 
 
