@@ -1,6 +1,7 @@
 """Issue 14, the adapter side: hostile uploads get a clear 4xx, cost bounded work, and leave the store as
 it was. Each test reproduces one way an upload used to harm the server or other clients."""
 
+import asyncio
 import gzip
 import io
 import math
@@ -251,3 +252,30 @@ def test_tar_that_unpacks_past_the_budget_stops_reading(tmp_path: Path) -> None:
     with pytest.raises(errors.AdapterTooLarge, match="unpacks to more than"):
         extract_archive(archive, tmp_path / "out", 1 << 20)
     assert time.perf_counter() - started < 1
+
+
+# -- item 4 and 11: what cannot be read or loaded is visible and removable through the API ----------------
+
+
+def test_broken_and_failed_versions_are_listed_and_deletable(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    store = new_store(root)
+    store.put("bot", peft_dir)
+    store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    store.put("ghost", peft_dir)
+    (root / "bot" / "2" / "manifest.json").write_text('{"alpha": NaN')  # what a NaN upload used to leave
+    (root / "ghost" / "1" / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # loads, then fails
+    with TestClient(make_app(root)) as client:
+        listing = client.get("/v1/adapters").json()
+        assert [(b["key"], b["version"]) for b in listing["broken"]] == [("bot@2", 2)]
+        assert "manifest" in listing["broken"][0]["error"]
+        assert [(m["name"], m["version"], m["state"]) for m in listing["data"]] == [
+            ("bot", 1, "stored"), ("ghost", 1, "stored")]
+        with pytest.raises(errors.AdapterLoadFailed):
+            asyncio.run(client.app.state.registry.acquire("ghost"))
+        assert [m["state"] for m in client.get("/v1/adapters").json()["data"]] == ["stored", "failed"]
+        assert client.get("/v1/adapters", params={"after": "a"}).json().get("broken") is None  # first page only
+        assert client.delete("/v1/adapters/bot@2").json() == {"deleted": ["bot@2"]}
+        assert client.delete("/v1/adapters/ghost").json() == {"deleted": ["ghost@1"]}
+        assert client.get("/v1/adapters").json()["broken"] == []
+        assert [m["name"] for m in client.get("/v1/adapters").json()["data"]] == ["bot"]

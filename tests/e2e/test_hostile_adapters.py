@@ -1,0 +1,123 @@
+"""Issue 14 through a real server: hostile adapter uploads sent while honest requests (on the base model and
+on an honest adapter) are in flight. Each hostile upload gets a 4xx JSON error and leaves nothing stored,
+and the honest answers are the ones the server gave before any hostile input."""
+
+import gzip
+import io
+import json
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save
+
+from e2e.server import running_server
+
+pytestmark = pytest.mark.e2e
+HIDDEN, KV = 576, 192  # SmolLM2-135M: q_proj 576 -> 576, v_proj 576 -> 192 (3 kv heads of 64)
+PROMPTS = ["The capital of France is", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def url(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
+                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "4",
+                        "--max-seq-len", "256") as served:
+        yield served
+
+
+def lora_files(config: dict | None = None, change: Callable[[dict], None] | None = None,
+               config_text: str | None = None) -> dict:
+    """A LoRA on layer 0's q_proj and v_proj of the embedded model, laid out as PEFT saves it."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for module, out in (("q_proj", HIDDEN), ("v_proj", KV)):
+        prefix = f"base_model.model.model.layers.0.self_attn.{module}"
+        state[f"{prefix}.lora_A.weight"] = torch.randn(4, HIDDEN, generator=generator) * 0.05
+        state[f"{prefix}.lora_B.weight"] = torch.randn(out, 4, generator=generator) * 0.5
+    if change is not None:
+        change(state)
+    base = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    text = config_text if config_text is not None else json.dumps({**base, **(config or {})})
+    return {"config": ("adapter_config.json", text.encode()), "weights": ("adapter_model.safetensors", save(state))}
+
+
+def huge_header_tar(type_: bytes, payload: bytes | int) -> dict:
+    """A .tar.gz whose first header is a GNU long name or pax header of `payload` (or that many bytes)."""
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as out:
+        info = tarfile.TarInfo("././@LongLink")
+        info.type, info.size = type_, payload if isinstance(payload, int) else len(payload)
+        out.write(info.tobuf(tarfile.GNU_FORMAT))
+        if isinstance(payload, int):
+            for _ in range(payload >> 20):
+                out.write(b"a" * (1 << 20))
+        else:
+            out.write(payload + b"\0" * (-len(payload) % 512))
+        out.write(b"\0" * 1024)
+    return {"archive": ("adapter.tar.gz", raw.getvalue())}
+
+
+def set_first_a(value: float) -> Callable[[dict], None]:
+    def change(state: dict) -> None:
+        state[next(k for k in state if "lora_A" in k)][0, 0] = value
+
+    return change
+
+
+def to_fp8(state: dict) -> None:
+    for key in state:
+        state[key] = state[key].to(torch.float8_e5m2)
+
+
+HOSTILE = {
+    "alpha-nan": lambda: lora_files(config_text=json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": float("nan"),
+                                                            "target_modules": ["q_proj", "v_proj"]})),
+    "alpha-huge": lambda: lora_files({"lora_alpha": 1e30}),
+    "a-past-bf16": lambda: lora_files(change=set_first_a(3e38)),
+    "pattern-nan": lambda: lora_files({"alpha_pattern": {"q_proj": float("nan")}}),
+    "pattern-regex": lambda: lora_files({"alpha_pattern": {"(.*a){25}x": 16}}),
+    "pattern-paren": lambda: lora_files({"rank_pattern": {"(": 2}}),
+    "fp8-weights": lambda: lora_files(change=to_fp8),
+    "rslora-string": lambda: lora_files({"use_rslora": "false"}),
+    "nested-config": lambda: lora_files(config_text='{"r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    "longname-tar": lambda: huge_header_tar(b"L", 300 << 20),
+    "pax-digits-tar": lambda: huge_header_tar(b"x", b"9" * 50_000),
+    "empty-tar": lambda: {"archive": ("a.tar.gz", gzip.compress(bytes(10240)))},
+}
+
+
+def generate(url: str, prompt: str, adapter: str | None) -> str:
+    parameters = {"max_new_tokens": 12, **({"adapter_id": adapter} if adapter else {})}
+    response = httpx.post(f"{url}/generate", json={"inputs": prompt, "parameters": parameters}, timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()["generated_text"]
+
+
+def test_hostile_uploads_harm_no_honest_request(url: str) -> None:
+    honest = httpx.post(f"{url}/v1/adapters", data={"name": "honest"}, files=lora_files(), timeout=60)
+    assert honest.status_code == 201, honest.text
+    jobs = [(prompt, adapter) for prompt in PROMPTS for adapter in (None, "honest")]
+    expected = [generate(url, prompt, adapter) for prompt, adapter in jobs]
+    assert expected[0] != expected[1] or expected[2] != expected[3]  # the honest adapter changes answers
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = [pool.submit(generate, url, prompt, adapter) for prompt, adapter in jobs]
+        for name, files in HOSTILE.items():
+            started = time.perf_counter()
+            response = httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files(), timeout=60)
+            assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+            assert response.json()["error"]["code"], name
+            assert time.perf_counter() - started < 10, name
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert [a.result() for a in answers] == expected
+
+    listing = httpx.get(f"{url}/v1/adapters").json()
+    assert [m["name"] for m in listing["data"]] == ["honest"] and listing["broken"] == []
+    assert [generate(url, prompt, adapter) for prompt, adapter in jobs] == expected
