@@ -15,7 +15,7 @@ from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
 from server.api import adapters as adapters_api
-from server.api import generate, openai
+from server.api import generate, openai, tokenize
 from server.api.auth import require_inference
 from server.api.errors import error_body, install_error_handlers
 from server.api.guard import RequestGuard
@@ -78,6 +78,7 @@ def create_app(
                        own_limit=(adapters_api.router.prefix,))
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     app.include_router(adapters_api.router)
 
     @app.get("/health", tags=["operations"])

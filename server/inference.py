@@ -50,6 +50,13 @@ class PromptTooLong(LoraplexError):
     code = "prompt_too_long"
 
 
+class InvalidTokens(LoraplexError):
+    """Token ids the tokenizer cannot decode, or more than one request may carry."""
+
+    http_status = 422
+    code = "invalid_tokens"
+
+
 class MaxTokensTooLarge(LoraplexError):
     """The prompt fits, but not with as many new tokens as asked for."""
 
@@ -92,6 +99,7 @@ class Inference:
         self.vocab_size: int = base.model.config.get_text_config().vocab_size
         self.eos_ids = scheduler.engine.eos_ids
         self.special_ids = frozenset(base.tokenizer.all_special_ids)
+        self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
 
     # ---- prompts: tokenizing and templating run in a worker thread, so the event loop keeps serving -------
     def encode(self, text: str) -> list[int]:
@@ -104,17 +112,46 @@ class Inference:
         self._check_chars(len(text), "the prompt")
         return await asyncio.to_thread(self.encode, text)
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
-        return await asyncio.to_thread(self._apply_template, messages)
+        return await asyncio.to_thread(self._apply_template, messages, add_generation_prompt)
 
-    def _apply_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:
-            ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)
+            ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          tokenize=True, return_dict=False)
         except Exception as exc:  # templates raise what they like (jinja errors, ValueError) on messages they refuse
             raise InvalidChat(f"the base model's chat template refused these messages: {exc}") from exc
         return list(ids)
+
+    # ---- the tokenizer endpoints: the same bounds, and the same worker thread --------------------------------
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
+        """(token id, start, stop) per token of `text`: offsets into `text`, for TGI's /tokenize."""
+        self._check_chars(len(text), "the text")
+
+        def run() -> list[tuple[int, int, int]]:
+            encoded = self.base.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            return [(i, start, stop) for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"],
+                                                                 strict=True)]
+
+        return await asyncio.to_thread(run)
+
+    async def token_strings(self, ids: list[int]) -> list[str]:
+        self.check_token_ids(ids)
+        return await asyncio.to_thread(self.base.tokenizer.convert_ids_to_tokens, ids)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        self.check_token_ids(ids)
+        return await asyncio.to_thread(self.base.tokenizer.decode, ids)
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """What the tokenizer can decode: ids of the vocabulary, at most max_seq_len of them (one KV row)."""
+        if len(ids) > self.max_seq_len:
+            raise InvalidTokens(f"{len(ids)} token ids; this server decodes at most {self.max_seq_len} "
+                                "(max_seq_len) per request: send fewer")
+        bad = next((i for i in ids if not 0 <= i < self.tokenizer_size), None)
+        if bad is not None:
+            raise InvalidTokens(f"token id {bad} is not in the vocabulary (0..{self.tokenizer_size - 1})")
 
     def _check_chars(self, chars: int, what: str) -> None:
         if chars > self.max_prompt_chars:

@@ -7,7 +7,16 @@ length. What depends on the served model (prompt size, max_new_tokens, top_k) is
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 # torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds alias positive ones, so only these
 MAX_SEED = 2**64 - 1
@@ -271,3 +280,70 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- tokenizer endpoints: vLLM's shapes, and TGI's on /tokenize when the body is TGI's --------------------
+
+
+class VllmTokenizeCompletion(BaseModel):
+    model_config = REQUEST
+
+    model: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Ignored: adapters share the tokenizer.")
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class VllmTokenizeChat(BaseModel):
+    model_config = REQUEST
+
+    model: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Ignored: adapters share the tokenizer.")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TgiTokenize(BaseModel):
+    model_config = REQUEST
+
+    inputs: str
+    parameters: dict | None = None  # TGI accepts its generate parameters here and ignores them
+
+
+def _tokenize_kind(value: object) -> str:
+    # TGI sends `inputs`, vLLM `prompt` or `messages`: one route serves both protocols
+    if isinstance(value, dict):
+        return "tgi" if "inputs" in value else "chat" if "messages" in value else "completion"
+    return "tgi" if isinstance(value, TgiTokenize) else "chat" if isinstance(value, VllmTokenizeChat) else "completion"
+
+
+TokenizeRequest = Annotated[
+    Annotated[TgiTokenize, Tag("tgi")] | Annotated[VllmTokenizeChat, Tag("chat")]
+    | Annotated[VllmTokenizeCompletion, Tag("completion")],
+    Discriminator(_tokenize_kind),
+]
+
+
+class VllmTokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class TgiSimpleToken(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = REQUEST
+
+    model: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Ignored: adapters share the tokenizer.")
+    tokens: list[int] = Field(description="At most max_seq_len ids of the vocabulary.")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -1,0 +1,43 @@
+"""Tokenizer endpoints: POST /tokenize and /detokenize in vLLM's shapes; /tokenize answers TGI's shape (a list
+of tokens with their character offsets) when the body is TGI's (`inputs`). Tokenizing runs in a worker
+thread, after the same character bound as the generation routes."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends
+
+from server.api.auth import require_inference
+from server.api.deps import get_inference
+from server.api.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TgiSimpleToken,
+    TgiTokenize,
+    TokenizeRequest,
+    VllmTokenizeChat,
+    VllmTokenizeResponse,
+)
+from server.inference import Inference
+
+router = APIRouter(tags=["tokenizer"], dependencies=[Depends(require_inference)])
+InferenceDep = Annotated[Inference, Depends(get_inference)]
+
+
+@router.post("/tokenize", response_model=VllmTokenizeResponse | list[TgiSimpleToken])
+async def tokenize(body: Annotated[TokenizeRequest, Body()],
+                   inference: InferenceDep) -> VllmTokenizeResponse | list[TgiSimpleToken]:
+    if isinstance(body, TgiTokenize):
+        spans = await inference.tokenize(body.inputs)
+        return [TgiSimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop) for i, start, stop in spans]
+    if isinstance(body, VllmTokenizeChat):
+        ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages],
+                                          body.add_generation_prompt)
+    else:
+        ids = [i for i, _, _ in await inference.tokenize(body.prompt, body.add_special_tokens)]
+    strings = await inference.token_strings(ids) if body.return_token_strs else None
+    return VllmTokenizeResponse(count=len(ids), max_model_len=inference.max_seq_len, tokens=ids, token_strs=strings)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, inference: InferenceDep) -> DetokenizeResponse:
+    return DetokenizeResponse(prompt=await inference.detokenize(body.tokens))
