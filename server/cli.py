@@ -38,8 +38,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif origin is typing.Annotated or origin is list:  # comma lists: repeatable flags
             parser.add_argument(flag, dest=name, action="append", help=help_text + " (repeatable)")
-        elif origin is typing.Literal:
-            parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), help=help_text)
+        elif origin is typing.Literal:  # the choices shown, checked by Settings: one error line, like other flags
+            metavar = "{" + ",".join(typing.get_args(field.annotation)) + "}"
+            parser.add_argument(flag, dest=name, metavar=metavar, help=help_text)
         else:
             kind = typing.get_args(field.annotation)[0] if origin is types.UnionType else field.annotation  # X | None
             parser.add_argument(flag, dest=name, metavar=_METAVARS.get(kind), help=help_text)
@@ -127,5 +128,8 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on (as uvicorn.run, we swallow it)
+        pass
     return app.state.exit_code
