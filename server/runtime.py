@@ -58,6 +58,11 @@ class Runtime:
             queue_depth=lambda: scheduler.queue_depth, batch_size=lambda: scheduler.running,
             active_slots=lambda: len(engine.active_adapters()), cpu_adapters=lambda: registry.cpu_adapters,
             cpu_adapter_bytes=lambda: registry.cpu_bytes, device=base.device,
+            kv_cache_usage=lambda: scheduler.running / config.max_batch_size,
+            slot_adapters=engine.active_adapters,
+            # the engine does not expose the adapters of its queued requests yet: none are listed as waiting
+            waiting_adapters=lambda: (),
+            newest=lambda name: store.resolve(name).key, max_adapters=config.max_active_adapters,
         )
         engine.start()
         runtime = cls(settings, base, metrics, registry, engine, scheduler,
