@@ -100,6 +100,7 @@ class Inference:
         self.eos_ids = scheduler.engine.eos_ids
         self.special_ids = frozenset(base.tokenizer.all_special_ids)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
+        self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
 
     # ---- prompts: tokenizing and templating run in a worker thread, so the event loop keeps serving -------
     def encode(self, text: str) -> list[int]:
@@ -143,6 +144,13 @@ class Inference:
     async def detokenize(self, ids: list[int]) -> str:
         self.check_token_ids(ids)
         return await asyncio.to_thread(self.base.tokenizer.decode, ids)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, as logprobs report it (cached: a top-20 answer names thousands of tokens)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.base.tokenizer.decode([token_id])
+        return text
 
     def check_token_ids(self, ids: list[int]) -> None:
         """What the tokenizer can decode: ids of the vocabulary, at most max_seq_len of them (one KV row)."""

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from server.api.auth import require_inference
 from server.api.deps import get_inference
 from server.api.schemas import (
+    LOGPROB_FLOOR,
     TgiDetails,
     TgiFinishReason,
     TgiInputToken,
@@ -50,6 +51,7 @@ def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -
         repetition_penalty=p.repetition_penalty or 1.0,
         stop=tuple(p.stop),
         seed=p.seed,
+        top_logprobs=p.top_n_tokens or 0,
     )
 
 
@@ -63,6 +65,11 @@ def token_of(event: TokenEvent, inference: Inference) -> TgiToken:
     assert event.token_id is not None
     return TgiToken(id=event.token_id, text=event.text, logprob=event.logprob,
                     special=event.token_id in inference.special_ids)
+
+
+def top_tokens_of(event: TokenEvent, inference: Inference) -> list[TgiToken]:
+    return [TgiToken(id=t, text=inference.token_text(t), logprob=max(v, LOGPROB_FLOOR),
+                     special=t in inference.special_ids) for t, v in event.top_logprobs]
 
 
 async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
@@ -82,6 +89,7 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
             seed=sampling.seed if not sampling.greedy else None,
             prefill=prefill,
             tokens=[token_of(e, inference) for e in result.tokens],
+            top_tokens=[top_tokens_of(e, inference) for e in result.tokens] if sampling.top_logprobs else [],
         )
     return TgiResponse(generated_text=text, details=details)
 
@@ -99,7 +107,7 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
                     continue
                 text += event.text
                 count += 1
-                out = TgiStreamEvent(token=token_of(event, inference))
+                out = TgiStreamEvent(token=token_of(event, inference), top_tokens=top_tokens_of(event, inference))
                 if event.finish_reason is not None:
                     out.generated_text = text
                     out.details = TgiStreamDetails(

@@ -14,6 +14,7 @@ from adapters.errors import AdapterError, AdapterNotFound
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
 from server.api.schemas import (
+    LOGPROB_FLOOR,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -21,13 +22,17 @@ from server.api.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
     OpenAIFinishReason,
     OpenAISampling,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from server.api.sse import sse_response
@@ -46,7 +51,8 @@ class ModelNotFound(AdapterNotFound):
     code = "model_not_found"
 
 
-def _sampling(body: OpenAISampling, prompt_ids: list[int], inference: Inference, default: int) -> SamplingParams:
+def _sampling(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], inference: Inference,
+              default: int) -> SamplingParams:
     limit, field = body.max_tokens_field
     return SamplingParams(
         max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
@@ -54,6 +60,7 @@ def _sampling(body: OpenAISampling, prompt_ids: list[int], inference: Inference,
         top_p=body.top_p or 1.0,
         stop=tuple(body.stop_list),
         seed=body.seed,
+        top_logprobs=body.top_logprobs_asked,
     )
 
 
@@ -74,16 +81,50 @@ def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return "length" if event.finish_reason == "length" else "stop"
 
 
-async def _deltas(events: AsyncIterator[TokenEvent], prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[tuple[str, OpenAIFinishReason | None, Usage | None]]:
-    """Per event: its text, its finish reason (the last event only) and, if asked for, the usage (last only).
+async def _deltas(events: AsyncIterator[TokenEvent], prompt_tokens: int, include_usage: bool
+                  ) -> AsyncIterator[tuple[TokenEvent, OpenAIFinishReason | None, Usage | None]]:
+    """Per event: the event, its finish reason (the last event only) and, if asked for, the usage (last only).
     Closing this closes `events`, which cancels the request in the engine."""
     async with aclosing(events):
         count = 0
         async for event in events:
             count += event.token_id is not None
             finish = _finish(event) if event.finish_reason else None
-            yield event.text, finish, (_usage(prompt_tokens, count) if finish and include_usage else None)
+            yield event, finish, (_usage(prompt_tokens, count) if finish and include_usage else None)
+
+
+def _top(token_id: int, logprob: float, inference: Inference) -> TopLogprob:
+    text = inference.token_text(token_id)
+    return TopLogprob(token=text, logprob=max(logprob, LOGPROB_FLOOR), bytes=list(text.encode()))
+
+
+def _chat_logprobs(events: list[TokenEvent], inference: Inference) -> ChatLogprobs:
+    content = []
+    for e in events:
+        if e.token_id is None or e.logprob is None:
+            continue
+        picked = _top(e.token_id, e.logprob, inference)
+        content.append(TokenLogprob(**picked.model_dump(),
+                                    top_logprobs=[_top(t, v, inference) for t, v in e.top_logprobs]))
+    return ChatLogprobs(content=content)
+
+
+def _completion_logprobs(events: list[TokenEvent], inference: Inference, offset: int = 0) -> CompletionLogprobs:
+    """The legacy shape; each top_logprobs entry holds the N most likely tokens and the sampled one, as OpenAI's
+    (so up to N + 1). `offset`: characters of this choice's text before these events (streaming)."""
+    out = CompletionLogprobs()
+    for e in events:
+        if e.token_id is None or e.logprob is None:
+            continue
+        text = inference.token_text(e.token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
+        top = {inference.token_text(t): max(v, LOGPROB_FLOOR) for t, v in e.top_logprobs}
+        top.setdefault(text, max(e.logprob, LOGPROB_FLOOR))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -115,16 +156,24 @@ async def completions(body: CompletionRequest, request: Request,
         events = await inference.open_stream(prompt_ids, sampling, adapter)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
+            offset = 0
             async with aclosing(_deltas(events, len(prompt_ids), body.include_usage)) as deltas:
-                async for text, finish, usage in deltas:
+                async for event, finish, usage in deltas:
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = _completion_logprobs([event], inference, offset)
+                        offset += sum(len(t) for t in logprobs.tokens)
                     yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage,
-                                             choices=[CompletionChoice(text=text, finish_reason=finish)])
+                                             choices=[CompletionChoice(text=event.text, finish_reason=finish,
+                                                                       logprobs=logprobs)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
     result = await inference.generate(request, prompt_ids, sampling, adapter)
     return CompletionResponse(
         id=rid, created=created, model=body.model, usage=_usage(len(prompt_ids), len(result.tokens)),
-        choices=[CompletionChoice(text=result.text, finish_reason=_finish(result.events[-1]))],
+        choices=[CompletionChoice(text=result.text, finish_reason=_finish(result.events[-1]),
+                                  logprobs=None if body.logprobs is None
+                                  else _completion_logprobs(result.events, inference))],
     )
 
 
@@ -143,14 +192,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             async with aclosing(_deltas(events, len(prompt_ids), body.include_usage)) as deltas:
                 yield ChatCompletionChunk(id=rid, created=created, model=body.model,
                                           choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
-                async for text, finish, usage in deltas:
+                async for event, finish, usage in deltas:
+                    logprobs = _chat_logprobs([event], inference) if body.logprobs else None
                     yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage,
-                                              choices=[ChatChunkChoice(delta=ChatDelta(content=text),
-                                                                       finish_reason=finish)])
+                                              choices=[ChatChunkChoice(delta=ChatDelta(content=event.text),
+                                                                       finish_reason=finish, logprobs=logprobs)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
     result = await inference.generate(request, prompt_ids, sampling, adapter)
     return ChatCompletionResponse(
         id=rid, created=created, model=body.model, usage=_usage(len(prompt_ids), len(result.tokens)),
-        choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=_finish(result.events[-1]))],
+        choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=_finish(result.events[-1]),
+                            logprobs=_chat_logprobs(result.events, inference) if body.logprobs else None)],
     )

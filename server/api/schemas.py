@@ -26,6 +26,11 @@ MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
 MAX_NAME_CHARS = 256  # adapter refs are at most 74 characters; served model names are operators' choice
 MAX_TEMPERATURE = 100.0  # beyond it every distribution is uniform to float precision
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (and vLLM's default); TGI's top_n_tokens shares it
+# JSON has no -inf: a token outside top-k/top-p reports this logprob instead, as vLLM does
+LOGPROB_FLOOR = -9999.0
+
+TopN = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 StopSequence = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
@@ -54,8 +59,10 @@ class TgiParameters(BaseModel):
     stop: StopList = Field(default_factory=list)
     return_full_text: bool = False
     details: bool = False
-    decoder_input_details: bool = False
+    decoder_input_details: bool = Field(False, description="The prompt's tokens in details.prefill (their "
+                                        "logprobs are not computed: null).")
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
+    top_n_tokens: TopN | None = Field(None, description="The N most likely tokens at each position, in details.")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -96,6 +103,7 @@ class TgiDetails(BaseModel):
     seed: int | None
     prefill: list[TgiInputToken]
     tokens: list[TgiToken]
+    top_tokens: list[list[TgiToken]] = Field(default_factory=list)
 
 
 class TgiResponse(BaseModel):
@@ -112,6 +120,7 @@ class TgiStreamDetails(BaseModel):
 
 class TgiStreamEvent(BaseModel):
     token: TgiToken
+    top_tokens: list[TgiToken] = Field(default_factory=list)
     generated_text: str | None = None
     details: TgiStreamDetails | None = None
 
@@ -159,6 +168,11 @@ class OpenAISampling(BaseModel):
 
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str] = Field(description="A string (a list must hold exactly one).")
+    logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
+
+    @property
+    def top_logprobs_asked(self) -> int:
+        return self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod
@@ -203,6 +217,18 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool | None = None
+    top_logprobs: TopN | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_asked(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
 
 class Usage(BaseModel):
@@ -211,11 +237,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: OpenAIFinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -232,11 +267,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: OpenAIFinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -257,7 +306,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: OpenAIFinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

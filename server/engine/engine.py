@@ -34,8 +34,8 @@ from server.engine.multilora import (
     ShrinkGroup,
     shrink_groups,
 )
-from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
-from server.engine.sampling import sample_batch
+from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
+from server.engine.sampling import draw, final_logprobs, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
@@ -402,32 +402,44 @@ class Engine:
 
     # ---- sampling and finishing ---------------------------------------------------------------------
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        # logits: [len(rows), V]; one device -> host copy brings every row's token and logprob
+        # logits: [len(rows), V]; one device -> host copy brings every row's token, logprob and top logprobs
         params = [r.request.sampling for r in rows]
         seen = [
             torch.tensor(r.ids, device=self.device) if p.repetition_penalty != 1.0 else None
             for r, p in zip(rows, params, strict=True)
         ]
-        tokens, logprobs = sample_batch(logits, params, seen, [r.generator for r in rows])
-        picked = torch.stack([tokens.double(), logprobs.double()]).tolist()  # float64 holds token ids exactly
-        for row, token, logprob in zip(rows, picked[0], picked[1], strict=True):
-            self._emit_token(row, int(token), logprob)
+        logprobs = final_logprobs(logits, params, seen)  # [B, V]
+        tokens = draw(logprobs, params, [r.generator for r in rows])  # [B]
+        picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
+        asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
+        # float64 holds token ids exactly: one flat tensor, one copy
+        flat = torch.cat([tokens.double(), picked.double(), top_ids.double().flatten(), top_values.double().flatten()])
+        host = flat.tolist()
+        b, n = len(rows), top_ids.shape[-1] if asking else 0
+        tops: dict[int, Top] = {}
+        for j, i in enumerate(asking):
+            ids = host[2 * b + j * n : 2 * b + (j + 1) * n]
+            values = host[2 * b + len(asking) * n + j * n : 2 * b + len(asking) * n + (j + 1) * n]
+            keep = params[i].top_logprobs
+            tops[i] = tuple((int(t), v) for t, v in zip(ids[:keep], values[:keep], strict=True))
+        for i, row in enumerate(rows):
+            self._emit_token(row, int(host[i]), host[b + i], tops.get(i, ()))
 
-    def _emit_token(self, row: _Row, token: int, logprob: float) -> None:
+    def _emit_token(self, row: _Row, token: int, logprob: float, top: Top = ()) -> None:
         row.ids.append(token)
         row.generated += 1
         index = row.generated - 1
         params = row.request.sampling
         if token in self.eos_ids and not params.ignore_eos:
-            self._send(row, index, token, row.text.flush(), logprob, "stop")
+            self._send(row, index, token, row.text.flush(), logprob, "stop", top=top)
             return
         delta, stopped = row.text.push(token)
         if stopped:
-            self._send(row, index, token, delta, logprob, "stop")
+            self._send(row, index, token, delta, logprob, "stop", top=top)
         elif row.generated >= params.max_new_tokens:
-            self._send(row, index, token, delta + row.text.flush(), logprob, "length")
+            self._send(row, index, token, delta + row.text.flush(), logprob, "length", top=top)
         else:
-            self._send(row, index, token, delta, logprob, None)
+            self._send(row, index, token, delta, logprob, None, top=top)
 
     def _send(
         self,
@@ -438,9 +450,11 @@ class Engine:
         logprob: float | None,
         finish: FinishReason | None,
         error: BaseException | None = None,
+        top: Top = (),
     ) -> None:
         request = row.request
-        event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error)
+        event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error,
+                           top)  # fmt: skip
         if finish is not None:
             self._release(row)
         try:

@@ -9,6 +9,7 @@ from adapters.lora import LoraWeights
 from server.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+Top = tuple[tuple[int, float], ...]  # (token id, logprob) of the most likely tokens, most likely first
 
 
 @dataclass
@@ -33,3 +34,5 @@ class TokenEvent:
     prompt_tokens: int
     finish_reason: FinishReason | None = None  # set on the last event of a request only
     error: BaseException | None = None  # with finish_reason "error"
+    # the request's top_logprobs most likely tokens at this position, under the same distribution as logprob
+    top_logprobs: Top = ()

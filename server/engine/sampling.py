@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# OpenAI's bound on top_logprobs; every asked-for column costs a host copy per token
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,10 +19,13 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop sequences, matched on decoded text
     seed: int | None = None  # per-request generator: same output whatever else is in the batch
     ignore_eos: bool = False
+    top_logprobs: int = 0  # the N most likely tokens (and their logprobs) reported with each token; 0: off
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
         floats = (self.temperature, self.top_p, self.repetition_penalty)
         if not all(math.isfinite(x) for x in floats):  # NaN passes every comparison below
             raise ValueError("temperature, top_p and repetition_penalty must be finite")
@@ -64,9 +70,15 @@ def sample_batch(
     generators: list[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] and their logprobs [B] under each row's final distribution (penalty, temperature, top-k,
-    top-p, in HF's order), with no host sync. Sampled rows draw by an exponential race over their own noise
-    (argmax of p / E, E ~ Exp(1)): it picks token i with probability p_i, and a seeded row's noise comes from
-    its own generator alone, so its draws do not depend on the rest of the batch."""
+    top-p, in HF's order), with no host sync."""
+    logprobs = final_logprobs(logits, params, seen)
+    tokens = draw(logprobs, params, generators)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def final_logprobs(logits: torch.Tensor, params: list[SamplingParams],
+                   seen: list[torch.Tensor | None]) -> torch.Tensor:
+    """Each row's log-distribution to draw from [B, V]: penalty, then (sampled rows) temperature, top-k, top-p."""
     # logits: [B, V]; seen[i]: token ids already in row i (only read where its penalty is on)
     logits = logits.float()
     for i, p in enumerate(params):
@@ -75,20 +87,42 @@ def sample_batch(
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         logits = _filtered(logits, params, sampled)
-    logprobs = logits.log_softmax(-1)  # [B, V]
+    return logits.log_softmax(-1)
+
+
+def draw(logprobs: torch.Tensor, params: list[SamplingParams],
+         generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Tokens [B]: argmax for greedy rows; sampled rows draw by an exponential race over their own noise
+    (argmax of p / E, E ~ Exp(1)): it picks token i with probability p_i, and a seeded row's noise comes from
+    its own generator alone, so its draws do not depend on the rest of the batch."""
+    # logprobs: [B, V]
     tokens = logprobs.argmax(-1)  # [B]
-    if sampled:
-        noise = torch.empty(len(sampled), logits.shape[-1], device=logits.device)  # [n, V]
-        unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
-        if unseeded:
-            noise[unseeded] = torch.rand(len(unseeded), logits.shape[-1], device=logits.device)
-        for j, i in enumerate(sampled):
-            if generators[i] is not None:
-                noise[j].uniform_(generator=generators[i])
-        index = torch.tensor(sampled, device=logits.device)
-        race = logprobs[index] - (-noise.clamp_min(1e-30).log()).log()  # log p - log E
-        tokens = tokens.index_copy(0, index, race.argmax(-1))
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return tokens
+    noise = torch.empty(len(sampled), logprobs.shape[-1], device=logprobs.device)  # [n, V]
+    unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
+    if unseeded:
+        noise[unseeded] = torch.rand(len(unseeded), logprobs.shape[-1], device=logprobs.device)
+    for j, i in enumerate(sampled):
+        if generators[i] is not None:
+            noise[j].uniform_(generator=generators[i])
+    index = torch.tensor(sampled, device=logprobs.device)
+    race = logprobs[index] - (-noise.clamp_min(1e-30).log()).log()  # log p - log E
+    return tokens.index_copy(0, index, race.argmax(-1))
+
+
+def top_logprobs(logprobs: torch.Tensor, params: list[SamplingParams]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(rows that ask, their top ids [m, N], top logprobs [m, N]) with N the largest count asked: one topk over
+    the asking rows only, so the others pay nothing; each row keeps its own first top_logprobs columns."""
+    # logprobs: [B, V]
+    rows = [i for i, p in enumerate(params) if p.top_logprobs]
+    if not rows:
+        empty = logprobs.new_empty(0, 0)
+        return rows, empty.long(), empty
+    n = min(max(params[i].top_logprobs for i in rows), logprobs.shape[-1])
+    values, ids = logprobs[torch.tensor(rows, device=logprobs.device)].topk(n, dim=-1)  # [m, N] each
+    return rows, ids, values
 
 
 def _filtered(logits: torch.Tensor, params: list[SamplingParams], sampled: list[int]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Generation API parity with vLLM, TGI and LoRAX, in process on the tiny byte-level llama (max_seq_len 64):
 tokenizer endpoints, log probabilities, several choices, adapter mixing and structured output."""
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +72,69 @@ def test_tgi_tokenize_gives_offsets(client: TestClient) -> None:
 def test_tokenizer_inputs_are_bounded(client: TestClient, path: str, payload: dict, says: str, code: str) -> None:
     error = error_of(client.post(path, json=payload))
     assert error["code"] == code and says in error["message"], error
+
+
+# ---- log probabilities -----------------------------------------------------------------------------------
+
+
+def chat(**params: object) -> dict:
+    return {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
+            **params}
+
+
+def test_chat_logprobs_and_top_logprobs(client: TestClient) -> None:
+    choice = client.post("/v1/chat/completions", json=chat(logprobs=True, top_logprobs=3)).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 4 and "".join(c["token"] for c in content) == choice["message"]["content"]
+    for entry in content:
+        tops = entry["top_logprobs"]
+        assert len(tops) == 3 and tops[0]["token"] == entry["token"]  # greedy: the sampled token is the top one
+        assert tops[0]["logprob"] == pytest.approx(entry["logprob"]) and entry["logprob"] <= 0
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+        assert entry["bytes"] == list(entry["token"].encode())
+    plain = client.post("/v1/chat/completions", json=chat()).json()["choices"][0]
+    assert plain["logprobs"] is None
+    assert all(not c["top_logprobs"] for c in client.post(
+        "/v1/chat/completions", json=chat(logprobs=True)).json()["choices"][0]["logprobs"]["content"])
+
+
+def test_chat_stream_carries_logprobs_per_chunk(client: TestClient) -> None:
+    with client.stream("POST", "/v1/chat/completions", json=chat(logprobs=True, top_logprobs=2, stream=True)) as r:
+        chunks = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    logprobs = [json.loads(chunk)["choices"][0]["logprobs"] for chunk in chunks[1:]]
+    entries = [entry for lp in logprobs if lp for entry in lp["content"]]
+    assert len(entries) == 4 and all(len(e["top_logprobs"]) == 2 for e in entries)
+
+
+def test_completion_logprobs_legacy_shape(client: TestClient) -> None:
+    body = {"model": "llama", "prompt": "hi", "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 5
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(5)]
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert top[token] == pytest.approx(logprob) and 1 <= len(top) <= 3
+
+
+def test_tgi_details_and_top_n_tokens(client: TestClient) -> None:
+    params = {"max_new_tokens": 4, "details": True, "top_n_tokens": 3, "decoder_input_details": True}
+    details = client.post("/generate", json={"inputs": "hi", "parameters": params}).json()["details"]
+    assert len(details["tokens"]) == len(details["top_tokens"]) == 4
+    for token, top in zip(details["tokens"], details["top_tokens"], strict=True):
+        assert len(top) == 3 and top[0]["id"] == token["id"] and top[0]["logprob"] == pytest.approx(token["logprob"])
+    assert [t["id"] for t in details["prefill"]] == client.post("/tokenize", json={"prompt": "hi"}).json()["tokens"]
+    with client.stream("POST", "/generate_stream", json={"inputs": "hi", "parameters": params}) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 4 and all(len(e["top_tokens"]) == 3 for e in events)
+
+
+@pytest.mark.parametrize(("path", "payload", "says"), [
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("/v1/chat/completions", chat(top_logprobs=2), "logprobs: true"),
+    ("/v1/completions", {"model": "llama", "prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
+])
+def test_logprob_counts_are_bounded(client: TestClient, path: str, payload: dict, says: str) -> None:
+    error = error_of(client.post(path, json=payload))
+    assert error["code"] == "invalid_request" and says in error["message"], error
