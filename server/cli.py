@@ -5,6 +5,7 @@ port is bound, so `--help` is instant and a port in use fails before any weight 
 """
 
 import argparse
+import contextlib
 import errno
 import logging
 import socket
@@ -128,8 +129,6 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the signal it shut down on (as uvicorn.run, we swallow it)
-        pass
     return app.state.exit_code

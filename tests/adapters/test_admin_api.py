@@ -223,10 +223,10 @@ def test_client_push_list_remove(server_url: str, peft_dir: Path, tmp_path: Path
 
 def test_cli(server_url: str, peft_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("adapters", "push", str(peft_dir), "--name", "bot", "--server", server_url) == 0
-    assert capsys.readouterr().out.startswith("bot@1  rank 4")
+    assert capsys.readouterr().out.startswith("pushed bot@1 (rank 4")
     assert run_cli("adapters", "list", "--server", server_url) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "VERSION", "RANK", "ORIGIN", "SIZE", "CREATED"]
+    assert lines[0].split() == ["NAME", "VERSIONS", "RANK", "ORIGIN", "SIZE", "CREATED"]
     assert lines[1].split()[:4] == ["bot", "1", "4", "uploaded"]
     assert run_cli("adapters", "rm", "bot@1", "--server", server_url) == 0
     assert run_cli("adapters", "rm", "bot", "--server", server_url) == 1
