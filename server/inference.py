@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from fastapi import Request
@@ -263,14 +263,80 @@ class Inference:
     async def generate(self, request: Request, prompt_ids: list[int], sampling: SamplingParams,
                        adapter: str | None) -> Generation:
         """Run to the end; a client that disconnects meanwhile cancels the request at once."""
+        return (await self.generate_many(request, prompt_ids, [sampling], adapter))[0]
 
-        async def collect() -> Generation:
+    async def generate_many(self, request: Request, prompt_ids: list[int], samplings: list[SamplingParams],
+                            adapter: str | None) -> list[Generation]:
+        """One Generation per sampling, run concurrently as requests of the same batch; the first error (queue
+        full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
+
+        async def collect(sampling: SamplingParams) -> Generation:
             result = Generation(len(prompt_ids))
             async for event in self.stream(prompt_ids, sampling, adapter):
                 result.events.append(event)
             return result
 
-        return await until_disconnected(request, collect)
+        async def collect_all() -> list[Generation]:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(collect(s)) for s in samplings]
+            except ExceptionGroup as errors:  # the routes map one typed error; the first is the cause
+                raise errors.exceptions[0] from None
+            return [t.result() for t in tasks]
+
+        return await until_disconnected(request, collect_all)
+
+    async def open_streams(self, prompt_ids: list[int], samplings: list[SamplingParams],
+                           adapter: str | None) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) of several requests, as they come; errors before the first events raise here.
+        Closing the stream cancels every request still running."""
+        streams: list[AsyncIterator[TokenEvent]] = []
+        try:
+            for sampling in samplings:
+                streams.append(await self.open_stream(prompt_ids, sampling, adapter))
+        except BaseException:
+            for opened in streams:
+                await opened.aclose()  # type: ignore[attr-defined]
+            raise
+        return _merged(streams)
+
+
+async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Interleave streams by arrival; an error in one raises here, and closing this cancels them all."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for event in stream:
+                    await queue.put((index, event))
+            await queue.put((index, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def choice_samplings(sampling: SamplingParams, count: int) -> list[SamplingParams]:
+    """`count` choices of one request: the same parameters, choice i seeded with seed + i when a seed is set,
+    so each choice equals the same request sent alone with that seed."""
+    if sampling.seed is None:
+        return [sampling] * count
+    return [replace(sampling, seed=(sampling.seed + i) % 2**64) for i in range(count)]
 
 
 async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]], poll: float = 0.1) -> T:

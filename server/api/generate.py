@@ -8,10 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference
 from server.api.schemas import (
     LOGPROB_FLOOR,
+    TgiBestOfSequence,
     TgiDetails,
     TgiFinishReason,
     TgiInputToken,
@@ -23,9 +25,14 @@ from server.api.schemas import (
 )
 from server.api.sse import sse_response
 from server.engine import SamplingParams, TokenEvent
-from server.inference import Inference
+from server.inference import Generation, Inference, choice_samplings
 
 DEFAULT_MAX_NEW_TOKENS = 100
+
+
+class StreamedBestOf(LoraplexError):
+    http_status = 422
+    code = "invalid_request"
 
 router = APIRouter(tags=["generate (TGI / LoRAX)"], dependencies=[Depends(require_inference)])
 InferenceDep = Annotated[Inference, Depends(get_inference)]
@@ -39,9 +46,7 @@ async def prompt_of(body: TgiRequest, inference: Inference) -> list[int]:
 
 def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -> SamplingParams:
     p = body.parameters
-    # TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)
-    warped = p.temperature not in (None, 1.0) or bool(p.top_k) or p.top_p not in (None, 1.0)
-    temperature = (1.0 if p.temperature is None else p.temperature) if p.do_sample or warped else 0.0
+    temperature = (1.0 if p.temperature is None else p.temperature) if p.samples else 0.0
     return SamplingParams(
         max_new_tokens=inference.max_new_tokens(len(prompt_ids), p.max_new_tokens, "max_new_tokens",
                                                 DEFAULT_MAX_NEW_TOKENS),
@@ -72,29 +77,44 @@ def top_tokens_of(event: TokenEvent, inference: Inference) -> list[TgiToken]:
                      special=t in inference.special_ids) for t, v in event.top_logprobs]
 
 
+def _sequence(result: Generation, sampling: SamplingParams, prompt_ids: list[int], body: TgiRequest,
+              inference: Inference) -> TgiBestOfSequence:
+    prefill = []
+    if body.parameters.decoder_input_details:
+        prefill = [TgiInputToken(id=i, text=inference.token_text(i)) for i in prompt_ids]
+    return TgiBestOfSequence(
+        generated_text=(body.inputs + result.text) if body.parameters.return_full_text else result.text,
+        finish_reason=finish_reason_of(result.events[-1], inference),
+        generated_tokens=len(result.tokens),
+        seed=sampling.seed if not sampling.greedy else None,
+        prefill=prefill,
+        tokens=[token_of(e, inference) for e in result.tokens],
+        top_tokens=[top_tokens_of(e, inference) for e in result.tokens] if sampling.top_logprobs else [],
+    )
+
+
+def _total_logprob(result: Generation) -> float:
+    return sum(e.logprob for e in result.tokens if e.logprob is not None)
+
+
 async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
     prompt_ids = await prompt_of(body, inference)
-    sampling = sampling_of(body, prompt_ids, inference)
-    result = await inference.generate(request, prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
-    text = (body.inputs + result.text) if body.parameters.return_full_text else result.text
+    samplings = choice_samplings(sampling_of(body, prompt_ids, inference), body.parameters.best_of or 1)
+    results = await inference.generate_many(request, prompt_ids, samplings,
+                                            inference.adapter_ref(body.parameters.adapter_id))
+    # best_of: the sequence of highest total logprob answers; the others go to details.best_of_sequences
+    ranked = sorted(zip(results, samplings, strict=True), key=lambda pair: _total_logprob(pair[0]), reverse=True)
+    best, *others = [_sequence(r, s, prompt_ids, body, inference) for r, s in ranked]
     details = None
     if body.parameters.details:
-        prefill = []
-        if body.parameters.decoder_input_details:
-            prefill = [TgiInputToken(id=i, text=inference.base.tokenizer.decode([i])) for i in prompt_ids]
-        details = TgiDetails(
-            finish_reason=finish_reason_of(result.events[-1], inference),
-            prompt_tokens=result.prompt_tokens,
-            generated_tokens=len(result.tokens),
-            seed=sampling.seed if not sampling.greedy else None,
-            prefill=prefill,
-            tokens=[token_of(e, inference) for e in result.tokens],
-            top_tokens=[top_tokens_of(e, inference) for e in result.tokens] if sampling.top_logprobs else [],
-        )
-    return TgiResponse(generated_text=text, details=details)
+        details = TgiDetails(**best.model_dump(exclude={"generated_text"}), prompt_tokens=len(prompt_ids),
+                             best_of_sequences=others or None)
+    return TgiResponse(generated_text=best.generated_text, details=details)
 
 
 async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
+    if (body.parameters.best_of or 1) > 1:
+        raise StreamedBestOf("best_of > 1 cannot be streamed (TGI's rule): use /generate, or best_of 1")
     prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     events = await inference.open_stream(prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))

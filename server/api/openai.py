@@ -37,7 +37,7 @@ from server.api.schemas import (
 )
 from server.api.sse import sse_response
 from server.engine import SamplingParams, TokenEvent
-from server.inference import Inference
+from server.inference import Generation, Inference, choice_samplings
 from server.runtime import Runtime
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -79,18 +79,6 @@ def _adapter(body: OpenAISampling, inference: Inference) -> str | None:
 
 def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return "length" if event.finish_reason == "length" else "stop"
-
-
-async def _deltas(events: AsyncIterator[TokenEvent], prompt_tokens: int, include_usage: bool
-                  ) -> AsyncIterator[tuple[TokenEvent, OpenAIFinishReason | None, Usage | None]]:
-    """Per event: the event, its finish reason (the last event only) and, if asked for, the usage (last only).
-    Closing this closes `events`, which cancels the request in the engine."""
-    async with aclosing(events):
-        count = 0
-        async for event in events:
-            count += event.token_id is not None
-            finish = _finish(event) if event.finish_reason else None
-            yield event, finish, (_usage(prompt_tokens, count) if finish and include_usage else None)
 
 
 def _top(token_id: int, logprob: float, inference: Inference) -> TopLogprob:
@@ -144,36 +132,58 @@ async def models(runtime: Annotated[Runtime, Depends(get_runtime)]) -> ModelList
             return ModelList(data=cards)
 
 
+def _cumulative_logprob(result: Generation) -> float:
+    return sum(e.logprob for e in result.tokens if e.logprob is not None)
+
+
+async def _choice_chunks(events: AsyncIterator[tuple[int, TokenEvent]], count: int, prompt_tokens: int,
+                         include_usage: bool) -> AsyncIterator[tuple[int, TokenEvent, OpenAIFinishReason | None,
+                                                                     Usage | None]]:
+    """Per event of `count` choices: its choice index, the event, its finish reason and, on the event that ends
+    the last choice, the usage if asked for. Closing this cancels every choice still running."""
+    async with aclosing(events):  # type: ignore[type-var]
+        generated, running = 0, count
+        async for index, event in events:
+            generated += event.token_id is not None
+            finish = _finish(event) if event.finish_reason else None
+            running -= finish is not None
+            usage = _usage(prompt_tokens, generated) if include_usage and not running else None
+            yield index, event, finish, usage
+
+
 @router.post("/completions", response_model=CompletionResponse,
              responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
 async def completions(body: CompletionRequest, request: Request,
                       inference: InferenceDep) -> CompletionResponse | StreamingResponse:
     adapter = _adapter(body, inference)
     prompt_ids = await inference.encode_prompt(body.text)
-    sampling = _sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS)
+    samplings = choice_samplings(_sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await inference.open_stream(prompt_ids, sampling, adapter)
+        events = await inference.open_streams(prompt_ids, samplings, adapter)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
-            offset = 0
-            async with aclosing(_deltas(events, len(prompt_ids), body.include_usage)) as deltas:
-                async for event, finish, usage in deltas:
+            offsets = [0] * body.n
+            async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
+                async for index, event, finish, usage in choices:
                     logprobs = None
                     if body.logprobs is not None:
-                        logprobs = _completion_logprobs([event], inference, offset)
-                        offset += sum(len(t) for t in logprobs.tokens)
+                        logprobs = _completion_logprobs([event], inference, offsets[index])
+                        offsets[index] += sum(len(t) for t in logprobs.tokens)
                     yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage,
-                                             choices=[CompletionChoice(text=event.text, finish_reason=finish,
-                                                                       logprobs=logprobs)])
+                                             choices=[CompletionChoice(index=index, text=event.text,
+                                                                       finish_reason=finish, logprobs=logprobs)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
-    result = await inference.generate(request, prompt_ids, sampling, adapter)
+    results = await inference.generate_many(request, prompt_ids, samplings, adapter)
+    if len(results) > body.n:  # best_of: the n of highest total logprob, best first (as vLLM)
+        results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
     return CompletionResponse(
-        id=rid, created=created, model=body.model, usage=_usage(len(prompt_ids), len(result.tokens)),
-        choices=[CompletionChoice(text=result.text, finish_reason=_finish(result.events[-1]),
-                                  logprobs=None if body.logprobs is None
-                                  else _completion_logprobs(result.events, inference))],
+        id=rid, created=created, model=body.model,
+        usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
+        choices=[CompletionChoice(index=i, text=r.text, finish_reason=_finish(r.events[-1]),
+                                  logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference))
+                 for i, r in enumerate(results)],
     )
 
 
@@ -183,25 +193,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            inference: InferenceDep) -> ChatCompletionResponse | StreamingResponse:
     adapter = _adapter(body, inference)
     prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-    sampling = _sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS)
+    samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await inference.open_stream(prompt_ids, sampling, adapter)
+        events = await inference.open_streams(prompt_ids, samplings, adapter)
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-            async with aclosing(_deltas(events, len(prompt_ids), body.include_usage)) as deltas:
-                yield ChatCompletionChunk(id=rid, created=created, model=body.model,
-                                          choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
-                async for event, finish, usage in deltas:
+            async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
+                for index in range(body.n):
+                    yield ChatCompletionChunk(id=rid, created=created, model=body.model, choices=[
+                        ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+                async for index, event, finish, usage in choices:
                     logprobs = _chat_logprobs([event], inference) if body.logprobs else None
-                    yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage,
-                                              choices=[ChatChunkChoice(delta=ChatDelta(content=event.text),
-                                                                       finish_reason=finish, logprobs=logprobs)])
+                    yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage, choices=[
+                        ChatChunkChoice(index=index, delta=ChatDelta(content=event.text), finish_reason=finish,
+                                        logprobs=logprobs)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
-    result = await inference.generate(request, prompt_ids, sampling, adapter)
+    results = await inference.generate_many(request, prompt_ids, samplings, adapter)
     return ChatCompletionResponse(
-        id=rid, created=created, model=body.model, usage=_usage(len(prompt_ids), len(result.tokens)),
-        choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=_finish(result.events[-1]),
-                            logprobs=_chat_logprobs(result.events, inference) if body.logprobs else None)],
+        id=rid, created=created, model=body.model,
+        usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r.events[-1]),
+                            logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None)
+                 for i, r in enumerate(results)],
     )

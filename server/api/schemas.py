@@ -31,6 +31,10 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (and vLLM's default); TG
 LOGPROB_FLOOR = -9999.0
 
 TopN = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+# choices of one request (n, best_of): each is a request of its own in the batch, so n x max_tokens is bounded
+# by MAX_CHOICES x max_seq_len, and each takes a place in the queue
+MAX_CHOICES = 8
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 StopSequence = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
@@ -63,11 +67,25 @@ class TgiParameters(BaseModel):
                                         "logprobs are not computed: null).")
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
     top_n_tokens: TopN | None = Field(None, description="The N most likely tokens at each position, in details.")
+    best_of: Choices | None = Field(None, description="Sample this many sequences and answer the one of highest "
+                                    "total logprob (the others in details.best_of_sequences); needs sampling.")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _none_is_empty(cls, value: object) -> object:
         return [] if value is None else value
+
+    @property
+    def samples(self) -> bool:
+        """TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)."""
+        warped = self.temperature not in (None, 1.0) or bool(self.top_k) or self.top_p not in (None, 1.0)
+        return self.do_sample or warped
+
+    @model_validator(mode="after")
+    def _best_of_samples(self) -> "TgiParameters":
+        if (self.best_of or 1) > 1 and not self.samples:
+            raise ValueError("best_of > 1 needs sampling: set do_sample true (greedy sequences would all be equal)")
+        return self
 
 
 class TgiRequest(BaseModel):
@@ -96,6 +114,16 @@ class TgiInputToken(BaseModel):
     logprob: float | None = None
 
 
+class TgiBestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[TgiInputToken]
+    tokens: list[TgiToken]
+    top_tokens: list[list[TgiToken]] = Field(default_factory=list)
+
+
 class TgiDetails(BaseModel):
     finish_reason: TgiFinishReason
     prompt_tokens: int
@@ -104,6 +132,7 @@ class TgiDetails(BaseModel):
     prefill: list[TgiInputToken]
     tokens: list[TgiToken]
     top_tokens: list[list[TgiToken]] = Field(default_factory=list)
+    best_of_sequences: list[TgiBestOfSequence] | None = None
 
 
 class TgiResponse(BaseModel):
@@ -146,7 +175,8 @@ class OpenAISampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: Seed | None = None
     stop: StopSequence | StopList | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: Choices = Field(1, description=f"Choices to generate (at most {MAX_CHOICES}); with a seed, choice i uses "
+                       "seed + i.")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -169,6 +199,20 @@ class OpenAISampling(BaseModel):
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str] = Field(description="A string (a list must hold exactly one).")
     logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
+    best_of: Choices | None = Field(None, description="Generate this many and answer the n of highest total "
+                                    "logprob; not with stream.")
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.candidates > self.n:
+            raise ValueError("best_of > n cannot be streamed: send stream false, or best_of equal to n")
+        return self
+
+    @property
+    def candidates(self) -> int:
+        return self.best_of or self.n
 
     @property
     def top_logprobs_asked(self) -> int:

@@ -138,3 +138,65 @@ def test_tgi_details_and_top_n_tokens(client: TestClient) -> None:
 def test_logprob_counts_are_bounded(client: TestClient, path: str, payload: dict, says: str) -> None:
     error = error_of(client.post(path, json=payload))
     assert error["code"] == "invalid_request" and says in error["message"], error
+
+
+# ---- several choices -------------------------------------------------------------------------------------
+
+
+def sse(client: TestClient, path: str, payload: dict) -> list[dict]:
+    with client.stream("POST", path, json=payload) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def test_n_choices_with_a_seed_equal_the_requests_sent_one_by_one(client: TestClient) -> None:
+    payload = chat(n=3, seed=5, temperature=1.0, max_tokens=6)
+    answer = client.post("/v1/chat/completions", json=payload).json()
+    texts = [c["message"]["content"] for c in answer["choices"]]
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    alone = [client.post("/v1/chat/completions", json={**payload, "n": 1, "seed": 5 + i}).json()
+             for i in range(3)]
+    assert texts == [a["choices"][0]["message"]["content"] for a in alone]
+    assert len(set(texts)) > 1  # different seeds, different samples
+    assert answer["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    streamed = sse(client, "/v1/chat/completions", {**payload, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+    by_index = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk["choices"]:
+            by_index[choice["index"]] += choice["delta"].get("content") or ""
+    assert by_index == texts and streamed[-1]["usage"] == answer["usage"]
+    assert sum(c["finish_reason"] is not None for chunk in streamed for c in chunk["choices"]) == 3
+
+
+def test_completions_n_and_best_of_rank_by_total_logprob(client: TestClient) -> None:
+    payload = {"model": "llama", "prompt": "hi", "max_tokens": 5, "seed": 11, "n": 2, "best_of": 4, "logprobs": 0}
+    choices = client.post("/v1/completions", json=payload).json()["choices"]
+    totals = [sum(c["logprobs"]["token_logprobs"]) for c in choices]
+    assert len(choices) == 2 and totals == sorted(totals, reverse=True)
+    candidates = client.post("/v1/completions", json={**payload, "n": 4}).json()["choices"]
+    assert sorted(sum(c["logprobs"]["token_logprobs"]) for c in candidates)[-2:] == pytest.approx(sorted(totals))
+
+
+def test_tgi_best_of_answers_the_most_likely_sequence(client: TestClient) -> None:
+    params = {"max_new_tokens": 5, "do_sample": True, "best_of": 3, "seed": 2, "details": True}
+    answer = client.post("/generate", json={"inputs": "hi", "parameters": params}).json()
+    others = answer["details"]["best_of_sequences"]
+    best = sum(t["logprob"] for t in answer["details"]["tokens"])
+    assert len(others) == 2 and all(best >= sum(t["logprob"] for t in o["tokens"]) for o in others)
+    alone = {client.post("/generate", json={"inputs": "hi", "parameters": {**params, "best_of": 1, "seed": 2 + i}}
+                         ).json()["generated_text"] for i in range(3)}
+    assert {answer["generated_text"], *(o["generated_text"] for o in others)} == alone
+
+
+@pytest.mark.parametrize(("path", "payload", "says"), [
+    ("/v1/chat/completions", chat(n=9), "n"),
+    ("/v1/completions", {"model": "llama", "prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
+    ("/v1/completions", {"model": "llama", "prompt": "hi", "best_of": 2, "stream": True}, "stream"),
+    ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, "sampling"),
+    ("/generate", {"inputs": "hi", "parameters": {"best_of": 9, "do_sample": True}}, "best_of"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"best_of": 2, "do_sample": True}}, "streamed"),
+])
+def test_choice_counts_are_bounded(client: TestClient, path: str, payload: dict, says: str) -> None:
+    error = error_of(client.post(path, json=payload))
+    assert error["code"] == "invalid_request" and says in error["message"], error
