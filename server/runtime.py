@@ -60,8 +60,7 @@ class Runtime:
             cpu_adapter_bytes=lambda: registry.cpu_bytes, device=base.device,
             kv_cache_usage=lambda: scheduler.running / config.max_batch_size,
             slot_adapters=engine.active_adapters,
-            # the engine does not expose the adapters of its queued requests yet: none are listed as waiting
-            waiting_adapters=lambda: (),
+            waiting_adapters=engine.waiting_adapters,
             newest=lambda name: store.resolve(name).key, max_adapters=config.max_active_adapters,
         )
         engine.start()

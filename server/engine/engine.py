@@ -237,6 +237,12 @@ class Engine:
         """Adapter key -> slot, as of the last step (a snapshot, safe from any thread)."""
         return dict(self._active_snapshot)
 
+    def waiting_adapters(self) -> list[str]:
+        """Adapter keys of the queued requests, each once, in queue order (safe from any thread)."""
+        with self._cv:
+            keys = [request.adapter_key for request, _ in self._waiting if request.adapter_key is not None]
+        return list(dict.fromkeys(keys))
+
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)

@@ -60,6 +60,7 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
             assert time.monotonic() < deadline
             time.sleep(0.02)
         upload(client, "tiny", make_peft_dir(tmp / "tiny", seed=0))
+        upload(client, "other", make_peft_dir(tmp / "other", seed=2))
         yield client
 
 
@@ -111,15 +112,19 @@ def test_queued_running_kv_and_lora_info_move_with_load(client: TestClient) -> N
 
     prompt = runtime.inference.encode("Hello")
     sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    queued = client.portal.call(runtime.registry.acquire, "other")
     runtime.engine.submit(GenerationRequest(prompt, sampling, adapter_key=lease.key, lora=lease.weights,
                                             on_finish=lease.release), sink)
-    for _ in range(2):
-        runtime.engine.submit(GenerationRequest(prompt, sampling), sink)
+    runtime.engine.submit(GenerationRequest(prompt, sampling), sink)
+    runtime.engine.submit(GenerationRequest(prompt, sampling, adapter_key=queued.key, lora=queued.weights,
+                                            on_finish=queued.release), sink)
     try:
         wait_for(lambda: value(client, SPECS["runningRequestsSpec"]) == 1
                  and value(client, SPECS["queuedRequestsSpec"]) == 2)
         assert value(client, SPECS["kvUsageSpec"]) == 1.0  # the one row is taken
-        assert lora_labels(client)["running_lora_adapters"] == "tiny"  # the name a request for it sends
+        labels = lora_labels(client)
+        assert labels["running_lora_adapters"] == "tiny"  # the name a request for it sends
+        assert labels["waiting_lora_adapters"] == "other"  # queued for a row, not in a slot yet
     finally:
         gate.set()
     for _ in range(3):
@@ -127,8 +132,10 @@ def test_queued_running_kv_and_lora_info_move_with_load(client: TestClient) -> N
     assert all(e.error is None for e in events)
     wait_for(lambda: value(client, SPECS["runningRequestsSpec"]) == 0)
     assert value(client, SPECS["queuedRequestsSpec"]) == 0 and value(client, SPECS["kvUsageSpec"]) == 0.0
-    # still in its device slot: a request for it needs no load, which is what the picker prefers
-    assert lora_labels(client)["running_lora_adapters"] == "tiny"
+    # still in their device slots: a request for either needs no load, which is what the picker prefers
+    labels = lora_labels(client)
+    assert set(labels["running_lora_adapters"].split(",")) == {"tiny", "other"}
+    assert labels["waiting_lora_adapters"] == ""
 
 
 def test_an_older_version_in_a_slot_is_listed_by_its_version(client: TestClient, tmp_path: Path) -> None:
@@ -137,7 +144,8 @@ def test_an_older_version_in_a_slot_is_listed_by_its_version(client: TestClient,
     assert client.post("/generate", json=body).status_code == 200
     wait_for(lambda: "tiny@1" in runtime.engine.active_adapters())
     upload(client, "tiny", make_peft_dir(tmp_path / "tiny-2", seed=1))  # 'tiny' now means tiny@2
-    assert lora_labels(client)["running_lora_adapters"] == "tiny@1"
+    running = lora_labels(client)["running_lora_adapters"].split(",")
+    assert "tiny@1" in running and "tiny" not in running
 
 
 def test_routed_names() -> None:
