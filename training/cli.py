@@ -12,6 +12,9 @@ from loraplex.errors import LoraplexError
 from loraplex.logs import configure
 from training.config import TrainConfig, build_config, read_config_file
 
+if typing.TYPE_CHECKING:
+    from training.checkpoint import Resume
+
 DESCRIPTION = """\
 Train a QLoRA adapter on a JSONL file and write it as a PEFT directory; with --push, upload it to a
 running server. Every option may also be given in --config FILE.yaml (same names); flags win over the file.
@@ -99,14 +102,24 @@ def summary(result) -> str:
     rate = fit.real_tokens / max(fit.seconds, 1e-9)
     lines = [
         f"trained {fit.steps} steps on {result.rows - result.dropped_rows} rows{dropped}",
+        *(_describe_resume(resume) for resume in fit.resumes),
         losses,
         f"{fit.trained_tokens:,} trained tokens, {fit.real_tokens:,} tokens through the model in {fit.seconds:.1f} s "
         f"({rate:,.0f} tokens/s), peak memory {fit.peak_memory_bytes / 2**30:.2f} GiB",
         f"adapter written to {result.output_dir}",
     ]
+    if result.kept_checkpoints is not None:
+        lines.append(f"checkpoints kept in {result.kept_checkpoints}")
     if result.pushed is not None:
         lines.append(describe_push(result.pushed))
     return "\n".join(lines)
+
+
+def _describe_resume(resume: "Resume") -> str:
+    from training.fingerprint import describe
+
+    changed = f", with changed settings: {describe(resume.changed)}" if resume.changed else ""
+    return f"resumed from step {resume.from_step}{changed} (counts and times cover the whole run)"
 
 
 def _fmt(value: float | None) -> str:

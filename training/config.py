@@ -10,6 +10,26 @@ from training.errors import TrainingError
 
 DataFormat = Literal["auto", "chat", "prompt-completion", "text"]
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer except the output head (QLoRA's advice)
+# The settings that shape what is trained: kept with the adapter in training.json, and part of the fingerprint
+# a resume must match. Paths, credentials, logging and checkpoint cadence are left out: they change no weight.
+RUN_SETTINGS = (
+    "format",
+    "chat_template",
+    "epochs",
+    "max_steps",
+    "lr",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "rank",
+    "alpha",
+    "dropout",
+    "batch_size",
+    "grad_accum",
+    "max_seq_len",
+    "eval_fraction",
+    "seed",
+)
 
 
 class TrainConfig(BaseModel):
@@ -47,7 +67,19 @@ class TrainConfig(BaseModel):
     save_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     log_every: int = Field(10, ge=1, description="Optimizer steps between log lines when the progress bar is off.")
     seed: int = Field(0, description="Seed of the LoRA initialisation, the data order and the eval split.")
-    resume: bool = Field(False, description="Continue from the newest checkpoint in OUTPUT/checkpoints.")
+    resume: bool = Field(
+        False,
+        description="Continue from the newest intact checkpoint in OUTPUT/checkpoints (the previous one if the "
+        "newest is damaged); refused if the data or settings differ from the checkpoint's.",
+    )
+    force_resume: bool = Field(
+        False,
+        description="With --resume: continue even though the data or settings differ from the checkpoint's; "
+        "training.json records what changed.",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep OUTPUT/checkpoints after the adapter is written (removed by default)."
+    )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     push: str | None = Field(
         None, description="Server URL to upload the finished adapter to (checked before training starts)."
@@ -58,8 +90,11 @@ class TrainConfig(BaseModel):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
+        # Sorted and unique: the order names no different layers, so two spellings of one set are one run.
         if isinstance(value, str) and value != ALL_LINEAR:
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = value.split(",")
+        if isinstance(value, list) and all(isinstance(part, str) for part in value):  # else pydantic says why
+            return sorted({part.strip() for part in value if part.strip()})
         return value
 
     @field_validator("base_model", "push", "name", "api_key", mode="before")
@@ -82,6 +117,8 @@ class TrainConfig(BaseModel):
                 raise ValueError(str(exc)) from None
         if self.target_modules != ALL_LINEAR and not self.target_modules:
             raise ValueError("--target-modules is empty")
+        if self.force_resume and not self.resume:
+            raise ValueError("--force-resume only applies with --resume")
         return self
 
     @property

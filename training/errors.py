@@ -9,3 +9,7 @@ class TrainingError(LoraplexError):
 
 class DataError(TrainingError):
     """The data file is missing, empty or malformed; the message names the line where it can."""
+
+
+class CheckpointDamaged(TrainingError):
+    """A checkpoint is not as it was written (cut short, emptied, edited, or never finished)."""

@@ -21,10 +21,9 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from training.batching import batches_per_epoch, collate, length_grouped_batches, micro_batches, shard
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointPlan, Progress, Resume, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import Example
-from training.errors import TrainingError
 from training.model import CausalLMLoss
 
 log = logging.getLogger("loraplex.training")
@@ -32,14 +31,17 @@ log = logging.getLogger("loraplex.training")
 
 @dataclass(frozen=True)
 class FitResult:
+    """The whole run's results: counters carried in checkpoints cover the segments before each resume."""
+
     steps: int
-    first_loss: float | None  # training loss of the first step this run took
+    first_loss: float | None  # training loss of the run's first step
     final_loss: float | None  # training loss of the last step
     eval_loss: float | None  # on the held-out rows after the last step; None without --eval-fraction
     trained_tokens: int  # tokens that carried a label (all processes)
     real_tokens: int  # non-padding tokens fed through the model (all processes)
-    seconds: float
-    peak_memory_bytes: int
+    seconds: float  # in the training loop; model loading is left out
+    peak_memory_bytes: int  # the highest of every segment's peak
+    resumes: tuple[Resume, ...]  # empty for a run that was never resumed
 
 
 def total_steps(config: TrainConfig, n_rows: int, world: int) -> int:
@@ -65,22 +67,21 @@ def fit(
     accelerator: Accelerator,
     pad_id: int,
     *,
+    checkpoints: CheckpointPlan | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Train `model` in place for total_steps(config) optimizer steps (resuming if config.resume)."""
+    """Train `model` in place for total_steps(config) optimizer steps; without `checkpoints` none are
+    read or written (benchmarks), with them the run starts where the plan says and saves every save_every."""
     cuda = accelerator.device.type == "cuda"
     world, rank = accelerator.num_processes, accelerator.process_index
     steps = total_steps(config, len(train), world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config, cuda)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-    start, tokens_before = 0, 0
-    if config.resume:
-        found = latest_checkpoint(config.checkpoint_dir)
-        if found is None:
-            raise TrainingError(f"--resume: no checkpoint in {config.checkpoint_dir}")
-        resumed = load_checkpoint(found, model, optimizer, scheduler)
-        start, tokens_before = resumed.step, resumed.tokens
+    before = checkpoints.start if checkpoints else Progress()
+    if checkpoints and checkpoints.resume_from:
+        load_checkpoint(checkpoints.resume_from, model, optimizer, scheduler)
+    start = before.step
     # The scheduler stays outside prepare(): it steps once per optimizer step, on every process alike.
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
     loss_module.train()
@@ -101,9 +102,22 @@ def fit(
     # With the bar off (logs, CI) progress goes to log lines instead: the first step, every log_every, the last.
     log_lines = not progress and accelerator.is_main_process
     say = log.info if log_lines else bar.write
-    first_loss = final_loss = eval_loss = None
-    trained = real = 0
+    first_loss, final_loss, eval_loss = before.first_loss, None, None
+    trained = real = 0  # this segment's; `real` this process's alone
     began = time.perf_counter()
+
+    def so_far(step: int) -> Progress:  # the whole run up to `step`; a collective: every process calls it
+        return before.model_copy(
+            update={
+                "step": step,
+                "trained_tokens": before.trained_tokens + trained,
+                "real_tokens": before.real_tokens + int(_sum(accelerator, real)),
+                "seconds": before.seconds + time.perf_counter() - began,
+                "first_loss": first_loss,
+                "peak_memory_bytes": max(before.peak_memory_bytes, _peak_memory(accelerator.device)),
+            }
+        )
+
     for step in range(start + 1, steps + 1):
         window = [[train[i] for i in next(stream)] for _ in range(config.grad_accum)]
         # Normalise by the trained tokens of the whole step (all micro-batches, all processes): every
@@ -136,19 +150,20 @@ def fit(
             eval_loss = evaluate(loss_module, evals, config.batch_size, accelerator, pad_id)
             if accelerator.is_main_process:
                 say(f"step {step}: eval loss {eval_loss:.4f}")
-        if step % config.save_every == 0 and step < steps:
-            _save(accelerator, config, step, tokens_before + trained, loss_module, optimizer, scheduler)
+        if checkpoints and step % config.save_every == 0 and step < steps:
+            _save(accelerator, checkpoints, so_far(step), loss_module, optimizer, scheduler)
     bar.close()
-    seconds = time.perf_counter() - began
+    done = so_far(steps)
     return FitResult(
         steps=steps,
-        first_loss=first_loss,
+        first_loss=done.first_loss,
         final_loss=final_loss,
         eval_loss=eval_loss,
-        trained_tokens=tokens_before + trained,
-        real_tokens=int(_sum(accelerator, real)),
-        seconds=seconds,
-        peak_memory_bytes=_peak_memory(accelerator.device),
+        trained_tokens=done.trained_tokens,
+        real_tokens=done.real_tokens,
+        seconds=done.seconds,
+        peak_memory_bytes=done.peak_memory_bytes,
+        resumes=done.resumes,
     )
 
 
@@ -174,13 +189,12 @@ def evaluate(
 
 
 def _save(
-    accelerator: Accelerator, config: TrainConfig, step: int, tokens: int, loss_module, optimizer, scheduler
+    accelerator: Accelerator, plan: CheckpointPlan, progress: Progress, loss_module, optimizer, scheduler
 ) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         model = accelerator.unwrap_model(loss_module).model
-        save_checkpoint(config.checkpoint_dir, step, tokens, model, optimizer, scheduler)
+        save_checkpoint(plan, progress, model, optimizer, scheduler)
     accelerator.wait_for_everyone()
 
 

@@ -50,7 +50,12 @@ def add_lora(
         task_type="CAUSAL_LM",
     )
     with _quiet_peft():
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
+    # PEFT keeps the resolved targets as a set and writes it to adapter_config.json in set order, which
+    # changes from process to process (string hashes are salted); sorted, the same run writes the same file.
+    resolved = peft_model.peft_config["default"]
+    resolved.target_modules = sorted(resolved.target_modules)
+    return peft_model
 
 
 @contextlib.contextmanager

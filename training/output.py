@@ -6,34 +6,19 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from adapters.fingerprint import base_fingerprint
 from adapters.validate import CONFIG_FILE, TRAINING_FILE, WEIGHTS_FILE
-from training.config import TrainConfig
+from training.checkpoint import fsync_dir
+from training.config import RUN_SETTINGS, TrainConfig
 from training.data import Dataset
+from training.errors import TrainingError
 from training.loop import FitResult
 from training.model import target_module_names
-
-# Hyperparameters worth keeping with the adapter; paths, credentials and run plumbing are left out.
-HYPERPARAMETERS = (
-    "format",
-    "chat_template",
-    "epochs",
-    "max_steps",
-    "lr",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "rank",
-    "alpha",
-    "dropout",
-    "batch_size",
-    "grad_accum",
-    "max_seq_len",
-    "eval_fraction",
-    "seed",
-)
 
 
 def write_adapter(
@@ -45,7 +30,8 @@ def write_adapter(
     base_source: str,
     world: int,
 ) -> Path:
-    """adapter_config.json + adapter_model.safetensors (safetensors only) + training.json in config.output."""
+    """adapter_config.json + adapter_model.safetensors (safetensors only) + training.json in config.output,
+    fsynced and read back, so that the checkpoints may go once this returns."""
     config.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(config.output, safe_serialization=True)
     # safetensors writes its file with mode 0600 whatever the umask; give it the mode the umask gave the
@@ -63,7 +49,7 @@ def write_adapter(
             "format": dataset.format,
         },
         "hyperparameters": {
-            **config.model_dump(mode="json", include=set(HYPERPARAMETERS)),
+            **config.model_dump(mode="json", include=set(RUN_SETTINGS)),
             "target_modules": target_module_names(model),
             "processes": world,
         },
@@ -76,7 +62,29 @@ def write_adapter(
             "real_tokens": fit.real_tokens,
             "seconds": round(fit.seconds, 3),
             "peak_memory_bytes": fit.peak_memory_bytes,
+            # each resume: the step it went on from, and the settings --force-resume let change there
+            "resumed": [resume.model_dump(mode="json") for resume in fit.resumes],
         },
     }
     (config.output / TRAINING_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    fsync_dir(config.output)
+    _check_written(config.output / WEIGHTS_FILE, model, config)
     return config.output
+
+
+def _check_written(path: Path, model: PeftModel, config: TrainConfig) -> None:
+    """The weights file holds exactly the trained LoRA weights; else the checkpoints must stay."""
+    expected = get_peft_model_state_dict(model)
+    try:
+        written = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        why = str(exc)
+    else:
+        same = written.keys() == expected.keys() and all(torch.equal(written[k], expected[k].cpu()) for k in expected)
+        if same:
+            return
+        why = "other weights than the trained ones"
+    raise TrainingError(
+        f"{path} does not read back as written ({why}); check the disk and run again, with --resume if "
+        f"{config.checkpoint_dir} holds checkpoints"
+    )

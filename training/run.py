@@ -1,9 +1,12 @@
 """`train(config)`: the whole run, callable from Python (tests, notebooks) and from `loraplex train`.
 
-Order matters: everything about the data is checked, with the base tokenizer, before the model loads.
+Order matters: everything about the data, the push target and the checkpoint to resume from is checked,
+with the base tokenizer, before the model loads.
 """
 
+import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +18,16 @@ from adapters import client as admin
 from loraplex.basemodel import load_base_model, resolve_source
 from loraplex.settings import Settings
 from training.batching import choose_pad_id
+from training.checkpoint import plan_checkpoints
 from training.config import TrainConfig
 from training.data import read_dataset, tokenize_dataset
 from training.errors import TrainingError
+from training.fingerprint import run_fingerprint
 from training.loop import FitResult, fit
 from training.model import add_lora
 from training.output import write_adapter
+
+log = logging.getLogger("loraplex.training")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class TrainResult:
     dropped_rows: int  # rows whose every trained token lay beyond max_seq_len
     pushed: admin.PushedManifest | None  # the server's answer to --push
     main_process: bool  # False on the other processes of a multi-GPU run: they write and report nothing
+    kept_checkpoints: Path | None  # with --keep-checkpoints; else they are removed once the adapter is written
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
@@ -46,6 +54,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         _check_push_target(config.push, config.api_key)  # a wrong URL or key is found now, not after training
 
     accelerator = Accelerator(cpu=config.device == "cpu")
+    fingerprint = run_fingerprint(
+        config, dataset, train_rows, eval_rows, world=accelerator.num_processes, device=accelerator.device.type
+    )
+    warn = log.warning if accelerator.is_main_process else _silent
+    checkpoints = plan_checkpoints(config, fingerprint, warn)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     cuda = accelerator.device.type == "cuda"
@@ -54,15 +67,20 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         config.base_model, cache_dir=cache_dir, device=accelerator.device.type, quantize=True, dtype=dtype
     )
     model = add_lora(base.model, config, gradient_checkpointing=cuda, compute_dtype=dtype)
-    result = fit(model, train_rows, eval_rows, config, accelerator, choose_pad_id(tokenizer), progress=progress)
+    pad_id = choose_pad_id(tokenizer)
+    result = fit(model, train_rows, eval_rows, config, accelerator, pad_id, checkpoints=checkpoints, progress=progress)
 
     pushed = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # write_adapter reads the adapter back and fsyncs it, so the checkpoints go only once it is safe
         write_adapter(model, config, dataset, result, base_source=source, world=accelerator.num_processes)
+        if not config.keep_checkpoints:
+            _remove_checkpoints(config.checkpoint_dir)
         if config.push:
             pushed = _push(config)
-    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed, accelerator.is_main_process)
+    kept = config.checkpoint_dir if config.keep_checkpoints and config.checkpoint_dir.is_dir() else None
+    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed, accelerator.is_main_process, kept)
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -73,6 +91,19 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _remove_checkpoints(root: Path) -> None:
+    try:
+        shutil.rmtree(root)
+    except FileNotFoundError:  # a run shorter than save_every wrote none
+        pass
+    except OSError as exc:  # the adapter is written: a leftover folder is worth a warning, not a failed run
+        log.warning("could not remove the checkpoints in %s (%s); remove them by hand", root, exc.strerror)
+
+
+def _silent(message: str) -> None:
+    """The warnings of the other processes of a multi-GPU run: the main process says them once."""
 
 
 def _check_push_target(url: str, api_key: str | None) -> None:

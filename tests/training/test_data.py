@@ -155,7 +155,6 @@ def test_template_that_rewrites_history_is_a_data_error(write_jsonl):
         tokenize(write_jsonl, tok, [CHAT])
 
 
-
 def test_chat_template_turns_prompt_completion_into_a_chat(write_jsonl, tokenizer):
     """--chat-template: exactly the chat row of the same turns, so the adapter answers and stops in chats."""
     path = write_jsonl([PROMPT], "prompt.jsonl")
