@@ -87,3 +87,10 @@ class InvalidUpload(AdapterError):
 
     code = "invalid_upload"
 
+
+
+class AdapterStoreUnavailable(AdapterError):
+    """The shared store (an S3 bucket) did not answer, or refused this server's credentials."""
+
+    http_status = 503
+    code = "adapter_store_unavailable"

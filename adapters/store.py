@@ -1,24 +1,25 @@
-"""The on-disk adapter store: `<root>/<name>/<version>/` holding the PEFT files and `manifest.json`.
+"""The adapter store: every version of every adapter, indexed in memory, kept in a backend that several server
+processes may share (a directory, adapters.localstore; S3-compatible storage, adapters.s3store).
 
-Writes are atomic: files are staged in a `.tmp-*` directory on the same filesystem, fsynced, then the
-directory is renamed into place, so a crash leaves at most a temp directory, removed at the next start.
-A per-name file lock serialises writers of one name, across threads and processes. The manifests are
-indexed in memory at start; requests never read them from disk. A version whose manifest cannot be read is
-never served, but stays listed (`broken()`) and deletable, so an admin can see it and clear it.
+The backend owns the bytes and the cross-process rules: a version number is allocated once, ever; a version
+becomes visible whole or not at all; a deleted number is never given again. This class owns what is the same
+for both: validation before anything is stored, identical uploads answered with the existing version, the
+in-memory index that requests read (never the backend), and keeping that index in step with what other
+processes did: `refresh()` every few seconds (`start_refresh`), and at once for a name or version that a
+lookup misses. Versions are immutable, so a manifest once read is never read again. Every version is checked
+against its manifest's sha256 when it is read, so `name@N` is the same adapter on every server, forever.
 """
 
 import bisect
-import fcntl
 import logging
-import os
 import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -33,7 +34,9 @@ from adapters.validate import (
     TRAINING_FILE,
     WEIGHTS_FILE,
     AdapterLimits,
+    ValidatedAdapter,
     adapter_files,
+    content_sha256,
     read_config,
     validate_adapter_dir,
 )
@@ -41,48 +44,11 @@ from adapters.validate import (
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-_TMP_PREFIX = ".tmp-"
-_LOCKS = ".locks"
-# <root>/.versions/<name>: the last version number given to a name. It outlives the name's directory, so a
-# number is never given twice, even after every version was deleted: `name@N` always means one content, in
-# clients' records and in the engine's slots alike.
-_VERSIONS = ".versions"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _last_version(root: Path, name: str) -> int:
-    try:
-        return int((root / _VERSIONS / name).read_text())
-    except (OSError, ValueError):
-        return 0
-
-
-def _save_last_version(root: Path, name: str, version: int) -> None:
-    """Durably: called before the version becomes visible, so a crash can burn a number, never reuse one."""
-    tmp = root / _VERSIONS / f"{_TMP_PREFIX}{name}"
-    tmp.unlink(missing_ok=True)
-    _write_synced(tmp, str(version).encode())
-    tmp.replace(root / _VERSIONS / name)
-    _fsync_dir(root / _VERSIONS)
 
 
 @dataclass(frozen=True)
 class BrokenVersion:
-    """A stored version directory whose manifest cannot be read: never served, listed and deletable."""
+    """A stored version whose manifest cannot be read: never served, listed and deletable."""
 
     name: str
     version: int
@@ -93,28 +59,80 @@ class BrokenVersion:
         return adapter_key(self.name, self.version)
 
 
+Versions = dict[int, Manifest]
+Broken = dict[int, BrokenVersion]
+
+
+class StoreBackend(Protocol):
+    """Where versions live. Called from several threads; safety across processes is the backend's."""
+
+    # a backend that keeps local copies of remote versions: a copy that fails its check is fetched again
+    copies: bool
+
+    def names(self) -> dict[str, Hashable | None]:
+        """Every stored name, with a token that changes whenever its versions do (None: rescan it anyway)."""
+        ...
+
+    def scan(self, name: str, known: Mapping[int, Manifest]) -> tuple[Versions, Broken]:
+        """The name's versions now; `known` manifests are reused for numbers still there (versions are
+        immutable). A name never stored scans empty and leaves nothing behind (no lock, no file)."""
+        ...
+
+    def lock(self, name: str) -> AbstractContextManager[None]:
+        """Held around every scan whose result updates the index, and around publish and remove."""
+        ...
+
+    def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
+        """Store the directory `staged` as a new version of `name`, numbered above `taken` and above every
+        number ever given to the name, by any process; visible whole, once `manifest_for(number)` is stored."""
+        ...
+
+    def remove(self, name: str, numbers: list[int], whole: bool) -> None:
+        """Make these versions invisible at once, then delete their bytes (`whole`: the name has no other)."""
+        ...
+
+    def open(self, manifest: Manifest, fresh: bool) -> AbstractContextManager[Path]:
+        """A local directory holding the version's files while the context lasts (`fresh`: not a copy kept
+        before). Raises AdapterNotFound when the version is gone."""
+        ...
+
+    def scratch(self) -> AbstractContextManager[Path]:
+        """A private temporary directory (on the store's filesystem, for a directory store), removed on exit."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class AdapterStore:
-    def __init__(self, root: Path, base: BaseFingerprint, limits: AdapterLimits) -> None:
-        self.root = root
+    def __init__(self, backend: StoreBackend, base: BaseFingerprint, limits: AdapterLimits) -> None:
+        self.backend = backend
         self.base = base
         self.limits = limits
         self._mu = threading.Lock()  # guards the in-memory index
-        self._index: dict[str, dict[int, Manifest]] = {}
-        self._broken: dict[str, dict[int, BrokenVersion]] = {}
+        self._index: dict[str, Versions] = {}
+        self._broken: dict[str, Broken] = {}
         self._names: list[str] = []  # sorted, for paginated listing; names with a servable version
-        root.mkdir(parents=True, exist_ok=True)
-        (root / _LOCKS).mkdir(exist_ok=True)
-        (root / _VERSIONS).mkdir(exist_ok=True)
-        for leftover in root.glob(_TMP_PREFIX + "*"):  # what a crash mid-write or mid-delete left
-            shutil.rmtree(leftover, ignore_errors=True)
-        for name_dir in sorted(root.iterdir()):
-            if name_dir.is_dir() and not name_dir.name.startswith("."):
-                self._set_versions(name_dir.name, *self._scan(name_dir.name))
+        self._tokens: dict[str, Hashable] = {}  # each name's backend token when the index last matched it
+        self._listeners: list[Callable[[list[str]], None]] = []
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self.refresh()
 
     # -- reading the index --------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> Manifest:
-        """'name' -> the newest version's manifest; 'name@N' -> that version's."""
+    def resolve(self, ref: str, recheck: bool = True) -> Manifest:
+        """'name' -> the newest version's manifest; 'name@N' -> that version's. A name or version this
+        server has not seen is looked up in the backend first (`recheck`; blocking: from a worker thread
+        where the backend is remote), so what another server stored is found at once."""
+        try:
+            return self._resolve_indexed(ref)
+        except AdapterNotFound:
+            if not recheck:
+                raise
+        self.recheck(parse_ref(ref)[0])
+        return self._resolve_indexed(ref)
+
+    def _resolve_indexed(self, ref: str) -> Manifest:
         name, version = parse_ref(ref)
         with self._mu:
             versions = self._index.get(name, {})
@@ -165,30 +183,104 @@ class AdapterStore:
             return len(self._names)
 
     def read_weights(self, manifest: Manifest) -> LoraWeights:
-        """Load a stored version into CPU memory. Validated when stored; its numbers are checked again, as
-        versions stored by an older server (or altered on disk) may hold what no slot must receive."""
-        path = self._version_dir(manifest.name, manifest.version)
+        """Load a stored version into CPU memory. Its content must hash to the manifest's sha256 (a local
+        copy that does not is fetched again, once); its numbers are checked again, as versions stored by an
+        older server (or altered in storage) may hold what no slot must receive."""
+        for fresh in (False, True) if self.backend.copies else (False,):
+            try:
+                with self.backend.open(manifest, fresh) as path:
+                    return self._read(manifest, path)
+            except AdapterNotFound:
+                self.recheck(manifest.name)  # deleted by another server: gone from the index too
+                raise
+            except AdapterLoadFailed:
+                if fresh or not self.backend.copies:
+                    raise
+                log.warning("the local copy of %s failed its check; fetching it again", manifest.key)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _read(self, manifest: Manifest, path: Path) -> LoraWeights:
         try:
             state = load_file(path / WEIGHTS_FILE)
-            weights = lora_weights_from_state(state, read_config(path / CONFIG_FILE))
+            config = read_config(path / CONFIG_FILE)
+            weights = lora_weights_from_state(state, config)
         except (OSError, SafetensorError, ValueError) as exc:
             raise AdapterLoadFailed(
                 f"adapter {manifest.key} could not be read from {path} ({exc}); delete and upload it again"
             ) from exc
+        if content_sha256(config, state) != manifest.sha256:
+            raise AdapterLoadFailed(
+                f"adapter {manifest.key} in {path} does not match its manifest's sha256: it was changed after "
+                "it was stored; delete it and upload it again"
+            )
         check_tensors(state)
         check_magnitudes(weights)
         return weights
 
+    # -- following other processes ------------------------------------------------------------------
+
+    def on_removed(self, listener: Callable[[list[str]], None]) -> None:
+        """Call `listener(keys)` (outside every lock) whenever versions leave the index: deleted here, or
+        found deleted by another process."""
+        self._listeners.append(listener)
+
+    def refresh(self) -> None:
+        """Bring the whole index in step with the backend: names whose token changed are scanned again."""
+        tokens = self.backend.names()
+        with self._mu:
+            held = self._tokens.keys() | self._index.keys() | self._broken.keys()
+        removed: list[str] = []
+        for name in sorted(held | tokens.keys()):
+            token = tokens.get(name)
+            if token is None or self._tokens.get(name) != token:
+                removed += self._rescan(name, token)
+        self._notify(removed)
+
+    def recheck(self, name: str) -> None:
+        """Scan one name again now (a lookup missed it, or its files were gone)."""
+        self._notify(self._rescan(check_name(name), None))
+
+    def start_refresh(self, seconds: float) -> None:
+        """Refresh every `seconds` in a background thread, until `close()`: how long a version deleted by
+        another process may still be served here (added ones are found at the first request for them)."""
+
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                try:
+                    self.refresh()
+                except Exception:  # the store may be briefly unreachable: serve what is known, try again
+                    log.warning("refreshing the adapter index failed; retrying in %.1f s", seconds, exc_info=True)
+
+        self._refresher = threading.Thread(target=loop, name="adapter-store-refresh", daemon=True)
+        self._refresher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
+        self.backend.close()
+
+    def _rescan(self, name: str, token: Hashable | None) -> list[str]:
+        with self._mu:
+            held = name in self._index or name in self._broken
+            known = dict(self._index.get(name, {}))
+        first = self.backend.scan(name, known)
+        if not held and first == ({}, {}):  # never stored, nothing to forget: no lock (and no lock file)
+            return []
+        with self.backend.lock(name):  # so that no older scan overwrites what a writer just indexed
+            versions, broken = self.backend.scan(name, {**known, **first[0]})
+            return self._set_versions(name, versions, broken, token)
+
+    def _notify(self, removed: list[str]) -> None:
+        if removed:
+            for listener in self._listeners:
+                listener(removed)
+
     # -- writing ------------------------------------------------------------------------------------
 
-    @contextmanager
-    def scratch(self) -> Iterator[Path]:
-        """A temporary directory on the store's filesystem, removed on exit (or at the next start)."""
-        path = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+    def scratch(self) -> AbstractContextManager[Path]:
+        """A temporary directory for an upload in progress, removed on exit (or when a crash left it)."""
+        return self.backend.scratch()
 
     def put(self, name: str, src: Path) -> tuple[Manifest, bool]:
         """Validate the PEFT directory `src` and store it as the next version of `name`.
@@ -197,130 +289,107 @@ class AdapterStore:
         created=False. A `training.json` in `src` marks the adapter as trained and is kept in the manifest.
         """
         check_name(name)
-        with self.scratch() as scratch:
-            staged = scratch / "adapter"  # renamed into place whole; the scratch dir is removed after
+        with self.backend.scratch() as scratch:
+            staged = scratch / "adapter"
             staged.mkdir()
             # validate the staged copy, so the bytes checked are the bytes stored
             for path in adapter_files(src):
                 shutil.copyfile(path, staged / path.name)
             checked = validate_adapter_dir(staged, self.base, self.limits)
             (staged / TRAINING_FILE).unlink(missing_ok=True)  # kept in the manifest instead
-            with self._name_lock(name):
-                versions, broken = self._scan(name)  # another process may have written since the index was built
+            with self.backend.lock(name):
+                # what other processes wrote since the index was last refreshed counts too
+                versions, broken = self.backend.scan(name, self._known(name))
                 same = [m for m in versions.values() if m.sha256 == checked.sha256]
                 if same:
-                    self._set_versions(name, versions, broken)
-                    return same[0], False
-                name_dir = self.root / name
-                # the counter, and every number on disk in case a counter was lost: never a number twice
-                version = max([_last_version(self.root, name), *versions, *broken]) + 1
-                _save_last_version(self.root, name, version)
-                manifest = Manifest(
-                    name=name,
-                    version=version,
-                    base=checked.base,
-                    rank=checked.rank,
-                    alpha=checked.alpha,
-                    use_rslora=checked.use_rslora,
-                    target_modules=checked.target_modules,
-                    size_bytes=checked.size_bytes,
-                    sha256=checked.sha256,
-                    created_at=datetime.now(UTC),
-                    origin="trained" if checked.training is not None else "uploaded",
-                    training=checked.training,
-                )
-                self._publish(staged, name_dir, manifest)
-                versions[version] = manifest
-                self._set_versions(name, versions, broken)
-                return manifest, True
+                    removed = self._set_versions(name, versions, broken)
+                    created = False
+                    manifest = same[0]
+                else:
+                    manifest = self.backend.publish(
+                        name, staged, lambda number: _manifest(name, number, checked), {*versions, *broken}
+                    )
+                    versions[manifest.version] = manifest
+                    removed = self._set_versions(name, versions, broken)
+                    created = True
+        self._notify(removed)
+        return manifest, created
 
     def delete(self, ref: str) -> list[str]:
         """Remove `name` (every version, readable or not) or `name@N`; return the removed keys."""
         name, version = parse_ref(ref)
-        if not (self.root / name).is_dir():  # checked before locking: no lock file for names never stored
-            self._set_versions(name, {}, {})
+        if self.backend.scan(name, self._known(name)) == ({}, {}):  # no lock taken for names never stored
+            self._notify(self._set_versions(name, {}, {}))
             raise AdapterNotFound(f"no adapter {ref!r} to delete")
-        with self._name_lock(name):
-            versions, broken = self._scan(name)
+        with self.backend.lock(name):
+            versions, broken = self.backend.scan(name, self._known(name))
             stored = sorted({*versions, *broken})
             if not stored or (version is not None and version not in stored):
-                self._set_versions(name, versions, broken)
+                self._notify(self._set_versions(name, versions, broken))
                 raise AdapterNotFound(f"no adapter {ref!r} to delete")
-            removed = stored if version is None else [version]
-            for number in removed:
+            gone = stored if version is None else [version]
+            for number in gone:
                 versions.pop(number, None)
                 broken.pop(number, None)
-            self._set_versions(name, versions, broken)  # new lookups 404 from now on
-            # rename out of sight first (atomic), then delete at leisure; a name left without versions
-            # goes whole, so that it no longer shows up at the next start
-            victim = self.root / name if not (versions or broken) else self._version_dir(name, removed[0])
-            with self.scratch() as trash:
-                victim.rename(trash / "removed")
-                _fsync_dir(victim.parent)
-        return [adapter_key(name, number) for number in removed]
+            removed = self._set_versions(name, versions, broken)  # new lookups 404 from now on
+            self.backend.remove(name, gone, whole=not (versions or broken))
+        self._notify(removed)
+        return [adapter_key(name, number) for number in gone]
 
     # -- internals ----------------------------------------------------------------------------------
 
-    def _version_dir(self, name: str, version: int) -> Path:
-        return self.root / name / str(version)
-
-    @contextmanager
-    def _name_lock(self, name: str) -> Iterator[None]:
-        # flock excludes other processes and, through separate open file descriptions, other threads
-        with (self.root / _LOCKS / f"{name}.lock").open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def _scan(self, name: str) -> tuple[dict[int, Manifest], dict[int, BrokenVersion]]:
-        """The name's version directories, by number: readable manifests, and the others."""
-        versions: dict[int, Manifest] = {}
-        broken: dict[int, BrokenVersion] = {}
-        name_dir = self.root / name
-        if not name_dir.is_dir():
-            return versions, broken
-        for version_dir in name_dir.iterdir():
-            if not (version_dir.name.isdigit() and version_dir.name.isascii()):
-                continue
-            number = int(version_dir.name)
-            try:
-                manifest = Manifest.model_validate_json((version_dir / MANIFEST_FILE).read_bytes())
-                if (manifest.name, manifest.version) != (name, number):
-                    raise ValueError(f"the manifest says {manifest.key}")
-            except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-                log.warning("%s is not served: unreadable manifest (%s)", version_dir, exc)
-                broken[number] = BrokenVersion(name, number, f"unreadable manifest: {exc}"[:500])
-                continue
-            versions[number] = manifest
-        return versions, broken
-
-    def _set_versions(self, name: str, versions: dict[int, Manifest], broken: dict[int, BrokenVersion]) -> None:
+    def _known(self, name: str) -> Versions:
         with self._mu:
+            return dict(self._index.get(name, {}))
+
+    def _set_versions(self, name: str, versions: Versions, broken: Broken, token: Hashable | None = None) -> list[str]:
+        """Replace the name's entry in the index; return the keys of the readable versions it lost."""
+        with self._mu:
+            if token is None:
+                self._tokens.pop(name, None)
+            else:
+                self._tokens[name] = token
             if broken:
                 self._broken[name] = broken
             else:
                 self._broken.pop(name, None)
-            known = name in self._index
+            old = self._index.get(name, {})
             if versions:
                 self._index[name] = versions
-                if not known:
+                if not old:
                     bisect.insort(self._names, name)
-            elif known:
+            elif old:
                 del self._index[name]
                 self._names.remove(name)
+        return [adapter_key(name, number) for number in sorted(old.keys() - versions.keys())]
 
-    def _publish(self, staged: Path, name_dir: Path, manifest: Manifest) -> None:
-        _write_synced(staged / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
-        for path in staged.iterdir():
-            if path.name != MANIFEST_FILE:
-                with path.open("rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(staged)
-        new_name = not name_dir.exists()
-        name_dir.mkdir(exist_ok=True)
-        staged.rename(self._version_dir(manifest.name, manifest.version))
-        _fsync_dir(name_dir)
-        if new_name:
-            _fsync_dir(self.root)
+
+def _manifest(name: str, version: int, checked: ValidatedAdapter) -> Manifest:
+    return Manifest(
+        name=name,
+        version=version,
+        base=checked.base,
+        rank=checked.rank,
+        alpha=checked.alpha,
+        use_rslora=checked.use_rslora,
+        target_modules=checked.target_modules,
+        size_bytes=checked.size_bytes,
+        sha256=checked.sha256,
+        created_at=datetime.now(UTC),
+        origin="trained" if checked.training is not None else "uploaded",
+        training=checked.training,
+    )
+
+
+def open_store(
+    location: str | None, adapter_dir: Path, base: BaseFingerprint, limits: AdapterLimits, cache_bytes: int
+) -> AdapterStore:
+    """The store the settings name: `s3://bucket/prefix` (with `adapter_dir` as this server's cache of it,
+    `cache_bytes` at most), or the directory `adapter_dir` itself."""
+    if location:
+        from adapters.s3store import S3Backend  # the s3 extra: imported only when an S3 store is configured
+
+        return AdapterStore(S3Backend(location, adapter_dir, cache_bytes), base, limits)
+    from adapters.localstore import LocalBackend
+
+    return AdapterStore(LocalBackend(adapter_dir), base, limits)

@@ -25,7 +25,24 @@ class Settings(BaseSettings):
         None, description="Hub id or local directory of the base model; empty: the embedded SmolLM2-135M."
     )
     served_model_name: str | None = Field(None, description="Name shown in /v1/models (default: derived).")
-    adapter_dir: Path = Field(default_factory=lambda: _user_dir("data"), description="The adapter store.")
+    adapter_dir: Path = Field(
+        default_factory=lambda: _user_dir("data"),
+        description="The adapter store, a directory several servers may share; with --adapter-store: this server's "
+        "cache of it.",
+    )
+    adapter_store: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3://bucket/prefix: keep adapters in S3-compatible storage (endpoint, region and credentials "
+        "from the usual AWS_* variables; needs loraplex[s3]); empty: the directory --adapter-dir.",
+    )
+    store_refresh_s: float = Field(
+        2.0, gt=0, le=3600, description="Seconds between checks of the adapter store for versions other servers "
+        "added or deleted: how long a deleted version may still start requests here (a name or version not "
+        "known here is looked up at once).",
+    )
+    store_cache_mb: int = Field(
+        8192, ge=1, description="With --adapter-store: local disk cache of the versions this server serves, in MiB."
+    )
     cache_dir: Path = Field(
         default_factory=lambda: _user_dir("cache"), description="Where the embedded model is converted, once."
     )
@@ -69,7 +86,7 @@ class Settings(BaseSettings):
             return value
         return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
-    @field_validator("base_model", "served_model_name", mode="before")
+    @field_validator("base_model", "served_model_name", "adapter_store", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

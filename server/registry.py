@@ -111,12 +111,14 @@ class AdapterRegistry:
         self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
         self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        # deletes through this server and those found in the shared store take one path: _forget
+        store.on_removed(self._forget)
 
     # -- serving ------------------------------------------------------------------------------------
 
     async def acquire(self, ref: str) -> Lease:
         """Resolve 'name' (newest version) or 'name@N', load it to CPU if needed, and lease it."""
-        manifest = self.store.resolve(ref)
+        manifest = await self.resolve(ref)
         with self._lock:
             entry = self._entry_locked(manifest)
             entry.refs += 1  # reserved from here on: never evicted while loading
@@ -134,6 +136,14 @@ class AdapterRegistry:
             raise
         with self._lock:
             return self._lease_locked(entry, weights)
+
+    async def resolve(self, ref: str) -> Manifest:
+        """The manifest `ref` means now. From the index; a name or version not in it is looked for in the
+        store (off the event loop: the store may be remote), so what another server stored is found."""
+        try:
+            return self.store.resolve(ref, recheck=False)
+        except AdapterNotFound:
+            return await asyncio.to_thread(self.store.resolve, ref)
 
     def _entry_locked(self, manifest: Manifest) -> _Entry:
         entry = self._entries.get(manifest.key)
@@ -278,7 +288,11 @@ class AdapterRegistry:
         """Delete 'name' (all versions, unreadable ones included) or 'name@N'; return the removed keys. New
         acquires get AdapterNotFound at once; a leased version is freed (and `on_unload` called) when its
         last lease is released."""
-        removed = await asyncio.to_thread(self.store.delete, ref)
+        return await asyncio.to_thread(self.store.delete, ref)
+
+    def _forget(self, removed: list[str]) -> None:
+        """The store no longer has these versions (deleted here or by another server): no new lease, and
+        each is freed once its last lease is released."""
         unloaded = []
         with self._lock:
             for key in removed:
@@ -292,7 +306,6 @@ class AdapterRegistry:
                     entry.weights = None
                     unloaded.append(key)
         self._unload(unloaded)
-        return removed
 
     def state(self, key: str) -> AdapterState:
         with self._lock:
@@ -319,8 +332,9 @@ class AdapterRegistry:
             return sum(e.weights.nbytes for e in self._cpu.values() if e.weights is not None)
 
     def close(self) -> None:
-        """Stop the load workers and drop the CPU tier (server shutdown)."""
+        """Stop the load workers, drop the CPU tier and close the store (server shutdown)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
         with self._lock:
             unloaded = list(self._cpu)
             for entry in self._cpu.values():

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from adapters.fingerprint import base_fingerprint
-from adapters.store import AdapterStore
+from adapters.store import open_store
 from adapters.validate import AdapterLimits
 from loraplex.basemodel import LoadedBase, load_base_model
 from loraplex.settings import Settings
@@ -46,8 +46,9 @@ class Runtime:
             Engine, base.model, base.tokenizer, config, on_activation=metrics.observe_activation
         )
         store = await asyncio.to_thread(
-            AdapterStore, settings.adapter_dir, fingerprint,
+            open_store, settings.adapter_store, settings.adapter_dir, fingerprint,
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
+            settings.store_cache_mb * 2**20,
         )
         # the CPU tier keeps each adapter as views of the engine's (pinned) packed copy: one copy, pinned once
         registry = AdapterRegistry(store, max_cpu_adapters=settings.max_cpu_adapters, on_unload=engine.deactivate,
@@ -61,8 +62,9 @@ class Runtime:
             kv_cache_usage=lambda: scheduler.running / config.max_batch_size,
             slot_adapters=engine.active_adapters,
             waiting_adapters=engine.waiting_adapters,
-            newest=lambda name: store.resolve(name).key, max_adapters=config.max_active_adapters,
+            newest=lambda name: store.resolve(name, recheck=False).key, max_adapters=config.max_active_adapters,
         )
+        store.start_refresh(settings.store_refresh_s)  # other servers may share the store
         engine.start()
         runtime = cls(settings, base, metrics, registry, engine, scheduler,
                       Inference(base, registry, scheduler, metrics, config.max_seq_len), int(time.time()))

@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
 from adapters.fingerprint import BaseFingerprint, base_fingerprint
+from adapters.localstore import LocalBackend
 from adapters.store import AdapterStore
 from adapters.validate import AdapterLimits
 
@@ -34,4 +35,4 @@ def make_peft_dir(path: Path, seed: int = 0, family: str = "llama", **lora: obje
 
 
 def new_store(root: Path, limits: AdapterLimits = LIMITS) -> AdapterStore:
-    return AdapterStore(root, fingerprint(), limits)
+    return AdapterStore(LocalBackend(root), fingerprint(), limits)

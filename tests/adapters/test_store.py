@@ -104,16 +104,17 @@ _CRASHING_WRITER = """
 import sys, time
 sys.path[:0] = sys.argv[1:4]
 from pathlib import Path
+from adapters.localstore import LocalBackend
 from adapters.store import AdapterStore
 from peft_dirs import LIMITS, fingerprint
 
-class Crashing(AdapterStore):
-    def _publish(self, staged, name_dir, manifest):
+class Crashing(LocalBackend):
+    def _publish(self, staged, manifest):
         (staged / "manifest.json").write_text(manifest.model_dump_json()[:20])  # half a manifest
         print("staged", flush=True)
         time.sleep(60)
 
-Crashing(Path(sys.argv[4]), fingerprint(), LIMITS).put("bot", Path(sys.argv[5]))
+AdapterStore(Crashing(Path(sys.argv[4])), fingerprint(), LIMITS).put("bot", Path(sys.argv[5]))
 """
 
 
@@ -166,8 +167,7 @@ _KILLED_AFTER_RENAME = """
 import os, signal, sys
 sys.path[:0] = sys.argv[1:4]
 from pathlib import Path
-from adapters.store import AdapterStore
-from peft_dirs import LIMITS, fingerprint
+from peft_dirs import new_store
 
 root = Path(sys.argv[4])
 rename = Path.rename
@@ -179,7 +179,7 @@ def rename_then_die(self, target):
     return moved
 
 Path.rename = rename_then_die
-AdapterStore(root, fingerprint(), LIMITS).put("bot", Path(sys.argv[5]))
+new_store(root).put("bot", Path(sys.argv[5]))
 """
 
 

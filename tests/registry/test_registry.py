@@ -12,6 +12,7 @@ from peft_dirs import fingerprint, make_peft_dir, new_store
 
 from adapters.errors import AdapterLoadFailed, AdapterNotFound, IncompatibleAdapter, TooManyPinned
 from adapters.fingerprint import BaseFingerprint
+from adapters.localstore import LocalBackend
 from adapters.store import AdapterStore
 from server.registry import AdapterRegistry, AdapterState
 
@@ -174,7 +175,8 @@ def test_cancelled_acquire_does_not_break_the_shared_load(tmp_path: Path, peft_d
 def test_adapters_for_another_base_are_refused(tmp_path: Path, peft_dir: Path) -> None:
     new_store(tmp_path / "store").put("a", peft_dir)
     other = BaseFingerprint(architecture="MistralForCausalLM", modules=fingerprint().modules)
-    registry = AdapterRegistry(AdapterStore(tmp_path / "store", other, new_store.__defaults__[0]), max_cpu_adapters=2)
+    store = AdapterStore(LocalBackend(tmp_path / "store"), other, new_store.__defaults__[0])
+    registry = AdapterRegistry(store, max_cpu_adapters=2)
     with pytest.raises(IncompatibleAdapter, match="MistralForCausalLM"):
         asyncio.run(registry.acquire("a"))
     registry.close()
