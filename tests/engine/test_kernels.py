@@ -20,6 +20,9 @@ from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Whole-engine runs under Triton's CPU interpreter cost ~30 s each: there, the families whose modules differ most
+# (gemma's norm, qwen3's q/k norms) stand for the rest, whose norms and rotary are checked one by one below.
+ENGINE_FAMILIES = FAMILIES if DEVICE == "cuda" else ("llama", "gemma", "qwen3")
 
 
 @pytest.mark.parametrize(("rows", "groups"), [([2, 0, 3, 2, 1], 1), ([1], 1), ([2, 0, 3], 3)])
@@ -118,7 +121,8 @@ def test_rotary_matches_the_hf_function(dtype) -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "nf4", "alone"), [*((f, False, False) for f in FAMILIES), ("llama", True, False), ("llama", True, True)]
+    ("family", "nf4", "alone"),
+    [*((f, False, False) for f in ENGINE_FAMILIES), ("llama", True, False), ("llama", True, True)],
 )
 def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_setup, tokenizer) -> None:
     """A mixed batch, or (`alone`) each request on its own: NF4 decode steps of one row run the fused GEMV, of
@@ -131,8 +135,9 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
     engine = make_engine(base, tokenizer, fused_kernels=True)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
     assert any(isinstance(m, FusedNf4Linear) for m in engine.model.modules()) == nf4
-    rows = [*adapters, None]
-    prompt = tokenizer("fused kernels")["input_ids"]
+    # alone: the adapter on every projection and a base row suffice to prove the one-row GEMV and its LoRA epilogue
+    rows = [adapters[1], None] if alone else [*adapters, None]
+    prompt = tokenizer("fused")["input_ids"]
     sink = Collector()
     for i, adapter in enumerate(rows):
         engine.submit(request([*prompt, 3 + i], greedy(6), adapter, f"r{i}"), sink)
