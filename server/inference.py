@@ -12,18 +12,22 @@ from typing import TypeVar
 from fastapi import Request
 
 from adapters.errors import AdapterError
+from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
 from server.metrics import Metrics
-from server.registry import AdapterRegistry
+from server.mixing import AdapterMix, MixCache, mix_key
+from server.registry import AdapterRegistry, Lease
 from server.scheduler import Scheduler
 
 T = TypeVar("T")
+Adapter = str | AdapterMix | None  # what a request runs on: an adapter ref, a mix, or the base model
 log = logging.getLogger("loraplex")
 BASE_LABEL = "-"  # the `adapter` label of base-model requests in metrics
 # the label of every adapter the store does not hold: labels never grow with what clients make up
 UNKNOWN_LABEL = "<unknown>"
+MIX_LABEL = "<mix>"  # every per-request adapter mix: one label, whatever the client mixes
 CLIENT_CLOSED = "499"  # nginx's code for "client closed the request": a cancel, not a server failure
 # Prompt text beyond this many characters per token of max_seq_len cannot fit once tokenized (tokens of
 # real vocabularies average ~4 characters; 32 leaves room for long runs of spaces or digits, and for TGI's
@@ -99,6 +103,8 @@ class Inference:
         self.vocab_size: int = base.model.config.get_text_config().vocab_size
         self.eos_ids = scheduler.engine.eos_ids
         self.special_ids = frozenset(base.tokenizer.all_special_ids)
+        engine = scheduler.engine
+        self.mixes = MixCache(engine.config.max_lora_rank, engine.prepare_adapter, engine.deactivate)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
 
@@ -201,21 +207,21 @@ class Inference:
 
     # ---- running -------------------------------------------------------------------------------------------
     async def stream(self, prompt_ids: list[int], sampling: SamplingParams,
-                     adapter: str | None) -> AsyncIterator[TokenEvent]:
+                     adapter: Adapter) -> AsyncIterator[TokenEvent]:
         """Events of one request. Errors before the first event (unknown adapter, queue full, prompt too
         long) raise typed errors; leaving early cancels the request in the engine."""
         label = self._label(adapter)
         try:
             request = GenerationRequest(prompt_ids, sampling)
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
-            lease = await self.registry.acquire(adapter) if adapter is not None else None
-            if lease is not None:
-                request.adapter_key, request.lora, request.on_finish = lease.key, lease.weights, lease.release
+            held = await self._hold(adapter) if adapter is not None else None
+            if held is not None:
+                request.adapter_key, request.lora, request.on_finish = held
             try:
                 token_stream = self.scheduler.submit(request)
             except BaseException:
-                if lease is not None:
-                    lease.release()  # the engine never took it
+                if held is not None:
+                    held[2]()  # the engine never took it
                 raise
         except LoraplexError as exc:
             self.metrics.requests.labels(label, str(exc.http_status)).inc()
@@ -236,9 +242,33 @@ class Inference:
             await token_stream.aclose()
             self.metrics.requests.labels(label, status).inc()
 
-    def _label(self, adapter: str | None) -> str:
+    async def _hold(self, adapter: str | AdapterMix) -> tuple[str, LoraWeights, Callable[[], None]]:
+        """(adapter key, weights, release) for the request's lifetime: a lease on the adapter, or on each
+        component of a mix (so none is unloaded or deleted under it) and the derived adapter."""
+        if isinstance(adapter, str):
+            lease = await self.registry.acquire(adapter)
+            return lease.key, lease.weights, lease.release
+        leases: list[Lease] = []
+
+        def release() -> None:
+            for lease in leases:
+                lease.release()
+
+        try:
+            for ref in adapter.refs:
+                leases.append(await self.registry.acquire(ref))
+            key = mix_key([lease.key for lease in leases], adapter.weights)
+            components = [(lease.key, lease.weights, w) for lease, w in zip(leases, adapter.weights, strict=True)]
+            return key, await self.mixes.get(key, components), release
+        except BaseException:
+            release()
+            raise
+
+    def _label(self, adapter: str | AdapterMix | None) -> str:
         if adapter is None:
             return BASE_LABEL
+        if isinstance(adapter, AdapterMix):
+            return MIX_LABEL
         try:
             self.registry.store.resolve(adapter)
         except AdapterError:
@@ -246,7 +276,7 @@ class Inference:
         return adapter  # a stored name (at most 64 characters) or name@N
 
     async def open_stream(self, prompt_ids: list[int], sampling: SamplingParams,
-                          adapter: str | None) -> AsyncIterator[TokenEvent]:
+                          adapter: Adapter) -> AsyncIterator[TokenEvent]:
         """`stream`, started: waits for the first event so that errors before it (unknown adapter, queue
         full, prompt too long) raise here, while a streaming route can still answer with an HTTP error."""
         events = self.stream(prompt_ids, sampling, adapter)
@@ -261,12 +291,12 @@ class Inference:
         return chained()
 
     async def generate(self, request: Request, prompt_ids: list[int], sampling: SamplingParams,
-                       adapter: str | None) -> Generation:
+                       adapter: Adapter) -> Generation:
         """Run to the end; a client that disconnects meanwhile cancels the request at once."""
         return (await self.generate_many(request, prompt_ids, [sampling], adapter))[0]
 
     async def generate_many(self, request: Request, prompt_ids: list[int], samplings: list[SamplingParams],
-                            adapter: str | None) -> list[Generation]:
+                            adapter: Adapter) -> list[Generation]:
         """One Generation per sampling, run concurrently as requests of the same batch; the first error (queue
         full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
 
@@ -287,7 +317,7 @@ class Inference:
         return await until_disconnected(request, collect_all)
 
     async def open_streams(self, prompt_ids: list[int], samplings: list[SamplingParams],
-                           adapter: str | None) -> AsyncIterator[tuple[int, TokenEvent]]:
+                           adapter: Adapter) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice index, event) of several requests, as they come; errors before the first events raise here.
         Closing the stream cancels every request still running."""
         streams: list[AsyncIterator[TokenEvent]] = []

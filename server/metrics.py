@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from adapters.errors import AdapterNotFound
 from adapters.manifest import parse_ref
+from server.mixing import MIX_PREFIX
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -35,6 +36,8 @@ def routed_names(keys: Iterable[str], newest: Callable[[str], str]) -> list[str]
     `newest(name)` is that name's newest key; AdapterNotFound once the name is deleted."""
     names = set()
     for key in keys:
+        if key.startswith(MIX_PREFIX):  # a per-request mix: no name routes to it, and its weights are the client's
+            continue
         name, _ = parse_ref(key)
         try:
             names.add(name if newest(name) == key else key)

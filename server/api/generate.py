@@ -25,7 +25,7 @@ from server.api.schemas import (
 )
 from server.api.sse import sse_response
 from server.engine import SamplingParams, TokenEvent
-from server.inference import Generation, Inference, choice_samplings
+from server.inference import Adapter, Generation, Inference, choice_samplings
 
 DEFAULT_MAX_NEW_TOKENS = 100
 
@@ -58,6 +58,11 @@ def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -
         seed=p.seed,
         top_logprobs=p.top_n_tokens or 0,
     )
+
+
+def adapter_of(body: TgiRequest, inference: Inference) -> Adapter:
+    p = body.parameters
+    return p.merged_adapters.mix() if p.merged_adapters is not None else inference.adapter_ref(p.adapter_id)
 
 
 def finish_reason_of(event: TokenEvent, inference: Inference) -> TgiFinishReason:
@@ -101,7 +106,7 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
     prompt_ids = await prompt_of(body, inference)
     samplings = choice_samplings(sampling_of(body, prompt_ids, inference), body.parameters.best_of or 1)
     results = await inference.generate_many(request, prompt_ids, samplings,
-                                            inference.adapter_ref(body.parameters.adapter_id))
+                                            adapter_of(body, inference))
     # best_of: the sequence of highest total logprob answers; the others go to details.best_of_sequences
     ranked = sorted(zip(results, samplings, strict=True), key=lambda pair: _total_logprob(pair[0]), reverse=True)
     best, *others = [_sequence(r, s, prompt_ids, body, inference) for r, s in ranked]
@@ -117,7 +122,7 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
         raise StreamedBestOf("best_of > 1 cannot be streamed (TGI's rule): use /generate, or best_of 1")
     prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
-    events = await inference.open_stream(prompt_ids, sampling, inference.adapter_ref(body.parameters.adapter_id))
+    events = await inference.open_stream(prompt_ids, sampling, adapter_of(body, inference))
     async def rest() -> AsyncIterator[TgiStreamEvent]:
         text = body.inputs if body.parameters.return_full_text else ""
         count = 0

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from adapters.errors import AdapterError, AdapterNotFound
+from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
 from server.api.schemas import (
@@ -37,7 +38,7 @@ from server.api.schemas import (
 )
 from server.api.sse import sse_response
 from server.engine import SamplingParams, TokenEvent
-from server.inference import Generation, Inference, choice_samplings
+from server.inference import Adapter, Generation, Inference, choice_samplings
 from server.runtime import Runtime
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -49,6 +50,11 @@ InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 class ModelNotFound(AdapterNotFound):
     code = "model_not_found"
+
+
+class MixOnAdapter(LoraplexError):
+    http_status = 422
+    code = "invalid_adapter_mix"
 
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], inference: Inference,
@@ -64,8 +70,13 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[
     )
 
 
-def _adapter(body: OpenAISampling, inference: Inference) -> str | None:
+def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
     ref = inference.adapter_ref(body.model)
+    if body.merged_adapters is not None:
+        if ref is not None:
+            raise MixOnAdapter(f"merged_adapters runs on the base model: send model {inference.base.served_name!r}, "
+                               f"not {body.model!r} (add that adapter to merged_adapters.ids instead)")
+        return body.merged_adapters.mix()
     if ref is not None:
         try:
             inference.registry.store.resolve(ref)

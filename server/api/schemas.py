@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
+
 # torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds alias positive ones, so only these
 MAX_SEED = 2**64 - 1
 # OpenAI allows 4 stop sequences, TGI 4 by default: 16 is generous, and every one is matched per token
@@ -42,6 +44,32 @@ StopList = Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
 
 # request bodies: unknown fields ignored, and no NaN or Infinity in any float
 REQUEST = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+# ---- adapter mixing (LoRAX's merged_adapters; the OpenAI routes take it as an extra body field) -----------
+
+
+class MergedAdapters(BaseModel):
+    model_config = REQUEST
+
+    ids: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]] = Field(
+        min_length=1, max_length=MAX_MIX_ADAPTERS, description="Adapters (`name` or `name@N`) to mix.")
+    weights: list[Annotated[float, Field(ge=-MAX_MIX_WEIGHT, le=MAX_MIX_WEIGHT)]] = Field(
+        min_length=1, max_length=MAX_MIX_ADAPTERS, description="One weight per adapter.")
+    merge_strategy: str = Field("linear", description='"linear": the weighted sum of the adapters\' deltas.')
+    density: float | None = None  # LoRAX's TIES/DARE knobs: accepted, unused by "linear"
+    majority_sign_method: str | None = None
+
+    @model_validator(mode="after")
+    def _linear_and_paired(self) -> "MergedAdapters":
+        if self.merge_strategy != "linear":
+            raise ValueError(f"merge_strategy {self.merge_strategy!r} is not supported: use \"linear\"")
+        if len(self.ids) != len(self.weights):
+            raise ValueError(f"{len(self.ids)} ids but {len(self.weights)} weights: send one weight per adapter")
+        return self
+
+    def mix(self) -> AdapterMix:
+        return AdapterMix(tuple(self.ids), tuple(self.weights))
+
 
 # ---- TGI / LoRAX ---------------------------------------------------------------------------------------
 
@@ -69,6 +97,8 @@ class TgiParameters(BaseModel):
     top_n_tokens: TopN | None = Field(None, description="The N most likely tokens at each position, in details.")
     best_of: Choices | None = Field(None, description="Sample this many sequences and answer the one of highest "
                                     "total logprob (the others in details.best_of_sequences); needs sampling.")
+    merged_adapters: MergedAdapters | None = Field(None, description="Run on a weighted mix of adapters "
+                                                   "(instead of adapter_id).")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -80,6 +110,12 @@ class TgiParameters(BaseModel):
         """TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)."""
         warped = self.temperature not in (None, 1.0) or bool(self.top_k) or self.top_p not in (None, 1.0)
         return self.do_sample or warped
+
+    @model_validator(mode="after")
+    def _one_adapter_choice(self) -> "TgiParameters":
+        if self.merged_adapters is not None and self.adapter_id:
+            raise ValueError("send adapter_id or merged_adapters, not both")
+        return self
 
     @model_validator(mode="after")
     def _best_of_samples(self) -> "TgiParameters":
@@ -179,6 +215,8 @@ class OpenAISampling(BaseModel):
                        "seed + i.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    merged_adapters: MergedAdapters | None = Field(None, description="Run on a weighted mix of adapters; `model` "
+                                                   "then names the base model.")
 
     @property
     def include_usage(self) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from peft_dirs import make_peft_dir
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -21,7 +22,7 @@ MAX_SEQ_LEN = 64
 def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("parity")
     settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=MAX_SEQ_LEN,
-                        max_batch_size=4)
+                        max_batch_size=4, max_lora_rank=16)
     base = load_base_model(str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False,
                            dtype=torch.float32)
     with TestClient(create_app(settings, base=base)) as c:
@@ -29,6 +30,11 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         while c.get("/ready").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        for name, seed, rank in (("m1", 1, 4), ("m2", 2, 8)):
+            peft = make_peft_dir(tmp / name, seed=seed, r=rank, target_modules=["q_proj", "v_proj", "o_proj"])
+            files = {"config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
+                     "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes())}
+            assert c.post("/v1/adapters", data={"name": name}, files=files).status_code == 201
         yield c
 
 
@@ -200,3 +206,59 @@ def test_tgi_best_of_answers_the_most_likely_sequence(client: TestClient) -> Non
 def test_choice_counts_are_bounded(client: TestClient, path: str, payload: dict, says: str) -> None:
     error = error_of(client.post(path, json=payload))
     assert error["code"] == "invalid_request" and says in error["message"], error
+
+
+# ---- adapter mixing --------------------------------------------------------------------------------------
+
+
+def tgi(client: TestClient, **params: object) -> dict:
+    params = {"max_new_tokens": 8, "details": True, **params}
+    response = client.post("/generate", json={"inputs": "mix me", "parameters": params})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_mix_of_one_adapter_at_weight_one_is_that_adapter(client: TestClient) -> None:
+    alone = tgi(client, adapter_id="m2")
+    mixed = tgi(client, merged_adapters={"ids": ["m2"], "weights": [1.0], "merge_strategy": "linear"})
+    assert mixed["generated_text"] == alone["generated_text"]
+    assert [t["logprob"] for t in mixed["details"]["tokens"]] == pytest.approx(
+        [t["logprob"] for t in alone["details"]["tokens"]], abs=1e-4)
+    base = [t["logprob"] for t in tgi(client)["details"]["tokens"]]
+    assert [t["logprob"] for t in alone["details"]["tokens"]] != pytest.approx(base, abs=1e-3)  # it changes them
+
+
+def test_a_mix_at_weight_zero_is_the_base_model_and_openai_takes_the_extra_field(client: TestClient) -> None:
+    zero = {"ids": ["m1", "m2@1"], "weights": [0.0, 0.0]}
+    logprobs = [[t["logprob"] for t in tgi(client, **p)["details"]["tokens"]] for p in ({"merged_adapters": zero}, {})]
+    assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-5)
+    body = {"model": "llama", "prompt": "mix me", "max_tokens": 8, "temperature": 0}
+    base = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    mixed = client.post("/v1/completions", json={**body, "merged_adapters": zero}).json()["choices"][0]["text"]
+    half = client.post("/v1/completions", json={**body, "merged_adapters": {"ids": ["m1", "m2"],
+                                                                            "weights": [0.5, 0.5]}})
+    assert mixed == base and half.status_code == 200
+    assert 'adapter="<mix>"' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "code", "says"), [
+    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m2", "m2", "m2"], "weights": [1, 1, 1]}}},
+     422, "invalid_adapter_mix", "max_lora_rank"),
+    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1"], "weights": [1],
+                                                                     "merge_strategy": "ties"}}},
+     422, "invalid_request", "linear"),
+    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1", "m2"], "weights": [1]}}},
+     422, "invalid_request", "one weight per adapter"),
+    ("/generate", {"inputs": "x", "parameters": {"adapter_id": "m1",
+                                                 "merged_adapters": {"ids": ["m2"], "weights": [1]}}},
+     422, "invalid_request", "not both"),
+    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["nobody"], "weights": [1]}}},
+     404, "adapter_not_found", "nobody"),
+    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1"], "weights": [1e9]}}},
+     422, "invalid_request", "weights"),
+    ("/v1/completions", {"model": "m1", "prompt": "x", "merged_adapters": {"ids": ["m2"], "weights": [1]}},
+     422, "invalid_adapter_mix", "base model"),
+])
+def test_mixes_are_checked(client: TestClient, path: str, payload: dict, status: int, code: str, says: str) -> None:
+    error = error_of(client.post(path, json=payload), status)
+    assert error["code"] == code and says in error["message"], error
