@@ -214,3 +214,61 @@ def test_deleting_unknown_names_leaves_no_files(tmp_path: Path) -> None:
         with pytest.raises(AdapterNotFound):
             store.delete(f"never-{i}@3")
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+# -- issue 17: several processes on one directory ---------------------------------------------------------
+
+
+def test_another_store_on_the_directory_is_followed(tmp_path: Path, peft_dir: Path) -> None:
+    """Two stores on one directory, as two servers: a miss looks in the directory at once; a refresh finds
+    newer versions and deletes, and tells the listeners what went."""
+    root = tmp_path / "store"
+    here, there = new_store(root), new_store(root)
+    removed: list[list[str]] = []
+    here.on_removed(removed.append)
+    there.put("bot", peft_dir)
+    assert here.resolve("bot").key == "bot@1"  # never seen here: found at once
+    with pytest.raises(AdapterNotFound):
+        here.resolve("bot@2", recheck=False)
+    there.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    assert here.resolve("bot").key == "bot@1"  # 'name' follows at the next refresh
+    assert here.resolve("bot@2").key == "bot@2"  # a version not seen here is looked up at once
+    there.delete("bot@1")
+    here.refresh()
+    assert removed == [["bot@1"]] and [m.key for m in here.versions("bot")] == ["bot@2"]
+    there.delete("bot")
+    with pytest.raises(AdapterNotFound):
+        here.read_weights(here.resolve("bot@2", recheck=False))  # its files are gone: re-checked, 404
+    assert removed == [["bot@1"], ["bot@2"]] and len(here) == 0
+
+
+def test_numbers_are_never_reissued_across_stores(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    here, there = new_store(root), new_store(root)
+    assert here.put("bot", peft_dir)[0].version == 1
+    there.delete("bot")  # whole, through the other process; `here` still believes in bot@1
+    assert here.put("bot", make_peft_dir(tmp_path / "v2", seed=1))[0].version == 2
+    assert there.put("bot", peft_dir)[0].version == 3  # the content of the deleted bot@1: a new number
+
+
+def test_a_starting_store_spares_the_uploads_of_live_ones(tmp_path: Path, peft_dir: Path) -> None:
+    root = tmp_path / "store"
+    with new_store(root).scratch() as busy:
+        (busy / "half-an-upload").write_bytes(b"x")
+        new_store(root)  # another process starting: only what dead processes left is removed
+        assert (busy / "half-an-upload").exists()
+
+
+def test_content_that_does_not_match_its_manifest_is_refused(tmp_path: Path, peft_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from adapters.errors import AdapterLoadFailed
+
+    store = new_store(tmp_path / "store")
+    manifest = store.put("bot", peft_dir)[0]
+    weights = tmp_path / "store" / "bot" / "1" / "adapter_model.safetensors"
+    state = load_file(weights)
+    next(iter(state.values()))[0, 0] += 0.01  # still a valid adapter, not the stored one
+    save_file(state, weights)
+    with pytest.raises(AdapterLoadFailed, match="sha256"):
+        store.read_weights(manifest)

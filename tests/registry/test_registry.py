@@ -269,3 +269,37 @@ def test_a_load_that_fails_in_any_way_ends_failed_not_loading(tmp_path: Path, pe
 
     asyncio.run(main())
     registry.close()
+
+
+def test_another_servers_uploads_and_deletes_reach_the_registry(tmp_path: Path, peft_dir: Path) -> None:
+    """A second store on the same directory stands for another server: what it stores is served here at
+    once; what it deletes starts no new request here after a refresh, while running ones keep their lease."""
+    registry, unloaded, _ = registry_with(tmp_path, peft_dir, [])
+    other = new_store(tmp_path / "store")
+
+    async def main() -> None:
+        other.put("a", peft_dir)
+        lease = await registry.acquire("a")  # never seen here: looked up in the store, not a 404
+        assert lease.key == "a@1"
+        other.delete("a")
+        registry.store.refresh()
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("a")
+        assert registry.state("a@1") == AdapterState.STORED and lease.weights.rank == 4 and unloaded == []
+        lease.release()
+        assert unloaded == ["a@1"] and registry.cpu_adapters == 0
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_the_refresh_thread_follows_the_store(tmp_path: Path, peft_dir: Path) -> None:
+    registry, unloaded, _ = registry_with(tmp_path, peft_dir, ["a"])
+    registry.store.start_refresh(0.05)
+    asyncio.run(registry.acquire("a")).release()
+    new_store(tmp_path / "store").delete("a")
+    deadline = time.monotonic() + 5
+    while unloaded != ["a@1"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert unloaded == ["a@1"]
+    registry.close()

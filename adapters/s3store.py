@@ -1,0 +1,344 @@
+"""The adapter store in S3-compatible object storage (AWS S3, MinIO, Ceph, R2, GCS's S3 API), through boto3.
+
+boto3 because it is the reference client: it reads the endpoint, region and credentials the usual way
+(AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, profiles, web identity) with no code here, exposes
+conditional writes (`IfNoneMatch`) as a plain parameter, and its calls are synchronous, which suits the store's
+worker threads; s3fs adds an async layer and pins botocore, obstore is young and wraps the same calls.
+
+Layout under `s3://bucket/prefix/`:
+- `claims/<name>/<N>`: written FIRST, with `If-None-Match: *`: exactly one writer creates it, so exactly one
+  writer owns number N. Never deleted: the tombstone that keeps N from being given again after a delete.
+- `data/<name>/<N>/<file>`: the PEFT files, written only by N's owner, so nothing overwrites them.
+- `manifests/<name>/<N>.json`: written LAST, with `If-None-Match: *`: a version exists once its manifest
+  does, so no process sees half a version; a writer that dies before it leaves a burnt number and objects no
+  manifest names, never served (deleting the name removes them).
+What is relied on: that PutObject with `If-None-Match: *` succeeds for one writer of a key and answers 412
+to the others (AWS S3 since 2024-08, MinIO, Ceph, R2), and strong read-after-write and list-after-write
+consistency (AWS S3 since 2020-12, MinIO). A store that ignores the header gives no such guarantee.
+
+Each server keeps the versions it serves in a local disk cache (LRU, bounded in bytes) under the adapter
+directory; the store checks every copy against the manifest's sha256 when it reads it.
+"""
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import AdapterLoadFailed, AdapterNotFound, AdapterStoreUnavailable
+from adapters.localstore import ScratchSpace
+from adapters.manifest import Manifest
+from adapters.store import Broken, BrokenVersion, Versions
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+
+try:
+    import boto3
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+except ImportError as exc:  # the s3 extra is not installed
+    raise AdapterStoreUnavailable(
+        "an s3:// adapter store needs boto3: pip install 'loraplex[s3]'"
+    ) from exc
+
+log = logging.getLogger(__name__)
+
+_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+_LOCK_STRIPES = 64
+# 409 ConditionalRequestConflict: another conditional write of the key was in flight; its outcome decides
+_CONFLICT_RETRIES = 20
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+@contextlib.contextmanager
+def _answers(what: str) -> Iterator[None]:
+    """An unreachable or refusing store becomes a typed 503; a missing object is the caller's business."""
+    try:
+        yield
+    except ClientError as exc:
+        if _status(exc) in (404, 409, 412):
+            raise
+        raise AdapterStoreUnavailable(f"the adapter store refused to {what}: {exc}") from exc
+    except (BotoCoreError, S3UploadFailedError) as exc:
+        raise AdapterStoreUnavailable(f"the adapter store could not {what}: {exc}") from exc
+
+
+class S3Backend:
+    copies = True
+
+    def __init__(self, url: str, cache_dir: Path, cache_bytes: int) -> None:
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        # endpoint, region and credentials: botocore reads the AWS_* variables and files itself
+        self._s3: Any = boto3.session.Session().client("s3", config=Config(retries={"mode": "standard"}))
+        with _answers(f"show the bucket {bucket!r}"):
+            self._s3.head_bucket(Bucket=bucket)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self._cache = _DiskCache(cache_dir / "s3-cache", cache_bytes)
+        self._scratch = ScratchSpace(cache_dir)
+        # in this process, index updates of a name take turns (other processes are excluded by the
+        # conditional writes); striped, so the locks stay bounded however many names there are
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+
+    # -- keys ---------------------------------------------------------------------------------------
+
+    def _manifest_key(self, name: str, number: int) -> str:
+        return f"{self.prefix}manifests/{name}/{number}.json"
+
+    def _claim_key(self, name: str, number: int) -> str:
+        return f"{self.prefix}claims/{name}/{number}"
+
+    def _data_key(self, name: str, number: int, file: str) -> str:
+        return f"{self.prefix}data/{name}/{number}/{file}"
+
+    def _list(self, prefix: str) -> list[dict[str, Any]]:
+        objects: list[dict[str, Any]] = []
+        with _answers(f"list {prefix}"):
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                objects += page.get("Contents", [])
+        return objects
+
+    def _numbered(self, prefix: str, suffix: str = "") -> dict[int, dict[str, Any]]:
+        """The objects `<prefix><N><suffix>`, by N."""
+        found = {}
+        for obj in self._list(prefix):
+            stem = obj["Key"][len(prefix):].removesuffix(suffix)
+            if stem.isdigit() and stem.isascii() and obj["Key"].endswith(suffix):
+                found[int(stem)] = obj
+        return found
+
+    def _put_new(self, key: str, body: bytes) -> bool:
+        """Create `key` unless it exists: True if this call created it."""
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                with _answers(f"write {key}"):
+                    self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                if _status(exc) == 412:
+                    return False
+                if _status(exc) != 409:
+                    raise AdapterStoreUnavailable(f"the adapter store refused to write {key}: {exc}") from exc
+                time.sleep(0.05)
+        raise AdapterStoreUnavailable(f"the adapter store kept answering 409 to a write of {key}; retry")
+
+    # -- the backend --------------------------------------------------------------------------------
+
+    def names(self) -> dict[str, Hashable | None]:
+        root = f"{self.prefix}manifests/"
+        versions: dict[str, list[tuple[str, str]]] = {}
+        for obj in self._list(root):
+            name, _, leaf = obj["Key"][len(root):].partition("/")
+            versions.setdefault(name, []).append((leaf, obj.get("ETag", "")))
+        return {name: tuple(sorted(leaves)) for name, leaves in versions.items()}
+
+    def scan(self, name: str, known: Mapping[int, Manifest]) -> tuple[Versions, Broken]:
+        versions: Versions = {}
+        broken: Broken = {}
+        for number in self._numbered(f"{self.prefix}manifests/{name}/", ".json"):
+            if number in known:
+                versions[number] = known[number]
+                continue
+            try:
+                with _answers(f"read the manifest of {name}@{number}"):
+                    body = self._s3.get_object(Bucket=self.bucket, Key=self._manifest_key(name, number))["Body"]
+                manifest = Manifest.model_validate_json(body.read())
+                if (manifest.name, manifest.version) != (name, number):
+                    raise ValueError(f"the manifest says {manifest.key}")
+            except ClientError as exc:  # deleted since the listing
+                if _status(exc) != 404:
+                    raise
+                continue
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                log.warning("%s@%d is not served: unreadable manifest (%s)", name, number, exc)
+                broken[number] = BrokenVersion(name, number, f"unreadable manifest: {exc}"[:500])
+                continue
+            versions[number] = manifest
+        return versions, broken
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        with self._locks[hash(name) % _LOCK_STRIPES]:
+            yield
+
+    def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
+        number = max([0, *self._numbered(f"{self.prefix}claims/{name}/"), *taken]) + 1
+        while not self._put_new(self._claim_key(name, number), b""):
+            number += 1  # another server owns it: the next one
+        for file in _FILES:
+            with _answers(f"write {name}@{number}"):
+                self._s3.upload_file(str(staged / file), self.bucket, self._data_key(name, number, file))
+        manifest = manifest_for(number)
+        if not self._put_new(self._manifest_key(name, number), manifest.model_dump_json(indent=2).encode()):
+            raise AdapterStoreUnavailable(
+                f"the manifest of {manifest.key} exists though this server owns the number: the store does not "
+                "honour If-None-Match (conditional writes), which a shared S3 store needs"
+            )
+        self._cache.adopt(manifest, staged)  # what was just stored is what this server will serve
+        return manifest
+
+    def remove(self, name: str, numbers: list[int], whole: bool) -> None:
+        manifests = [{"Key": self._manifest_key(name, n)} for n in numbers]
+        with _answers(f"delete {name}"):
+            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": manifests, "Quiet": True})  # invisible
+        # then the bytes; `whole` also takes what writers that died before their manifest left behind
+        # (claims stay: they are the tombstones)
+        data = (self._list(f"{self.prefix}data/{name}/") if whole else
+                [obj for n in numbers for obj in self._list(f"{self.prefix}data/{name}/{n}/")])
+        for start in range(0, len(data), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": obj["Key"]} for obj in data[start : start + 1000]]
+            with _answers(f"delete {name}"):
+                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        for number in numbers:
+            self._cache.drop(name, number)
+
+    @contextlib.contextmanager
+    def open(self, manifest: Manifest, fresh: bool) -> Iterator[Path]:
+        with self._cache.hold(manifest, fresh, self._download) as path:
+            yield path
+
+    def _download(self, manifest: Manifest, dest: Path) -> None:
+        try:
+            with _answers(f"read {manifest.key}"):
+                self._s3.head_object(Bucket=self.bucket, Key=self._manifest_key(manifest.name, manifest.version))
+                for file in _FILES:
+                    key = self._data_key(manifest.name, manifest.version, file)
+                    self._s3.download_file(self.bucket, key, str(dest / file))
+        except ClientError as exc:
+            if _status(exc) != 404:
+                raise
+            if not self._exists(self._manifest_key(manifest.name, manifest.version)):
+                raise AdapterNotFound(f"adapter {manifest.key} was deleted") from exc
+            raise AdapterLoadFailed(
+                f"adapter {manifest.key} is missing files in the store ({exc}); delete it and upload it again"
+            ) from exc
+
+    def _exists(self, key: str) -> bool:
+        try:
+            with _answers(f"read {key}"):
+                self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return False
+            raise
+        return True
+
+    def scratch(self) -> contextlib.AbstractContextManager[Path]:
+        return self._scratch.scratch()
+
+    def close(self) -> None:
+        self._scratch.close()
+
+
+class _DiskCache:
+    """Local copies of versions, `<root>/<name>/<N>/`, least recently used dropped beyond `max_bytes`; a copy
+    being read is never dropped. Copies arrive whole (downloaded aside, then renamed), and survive restarts."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._mu = threading.Lock()
+        self._sizes: OrderedDict[tuple[str, int], int] = OrderedDict()  # least recently used first
+        self._held: dict[tuple[str, int], int] = {}
+        self._incoming = ScratchSpace(self._ensure(root))
+        found = []
+        for version_dir in root.glob("*/*"):
+            if not version_dir.parent.name.startswith(".") and version_dir.name.isdigit() and (
+                version_dir / WEIGHTS_FILE
+            ).exists():
+                found.append((version_dir.stat().st_mtime, (version_dir.parent.name, int(version_dir.name))))
+        for _, key in sorted(found):
+            self._sizes[key] = self._size(self._dir(key))
+
+    @staticmethod
+    def _ensure(root: Path) -> Path:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _dir(self, key: tuple[str, int]) -> Path:
+        return self.root / key[0] / str(key[1])
+
+    @staticmethod
+    def _size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.iterdir())
+
+    @contextlib.contextmanager
+    def hold(self, manifest: Manifest, fresh: bool, download: Callable[[Manifest, Path], None]) -> Iterator[Path]:
+        key = (manifest.name, manifest.version)
+        path = self._dir(key)
+        with self._mu:
+            self._held[key] = self._held.get(key, 0) + 1
+            cached = key in self._sizes and not fresh
+            if cached:
+                self._sizes.move_to_end(key)
+        try:
+            if not cached:
+                with self._incoming.scratch() as incoming:
+                    download(manifest, incoming)
+                    self._install(key, incoming)
+            os.utime(path)  # the order of use, for the next start
+            yield path
+        finally:
+            with self._mu:
+                self._held[key] -= 1
+                if not self._held[key]:
+                    del self._held[key]
+                dropped = key not in self._sizes and key not in self._held  # deleted while being read
+            if dropped:
+                self._remove(path)
+            self._evict()
+
+    def adopt(self, manifest: Manifest, staged: Path) -> None:
+        """Keep a copy of a version this server just stored (the upload's own files)."""
+        with self._incoming.scratch() as incoming:
+            for file in _FILES:
+                shutil.copyfile(staged / file, incoming / file)
+            self._install((manifest.name, manifest.version), incoming)
+        self._evict()
+
+    def drop(self, name: str, number: int) -> None:
+        with self._mu:
+            self._sizes.pop((name, number), None)
+            if (name, number) in self._held:
+                return  # being read: removed when the last reader is done
+        self._remove(self._dir((name, number)))
+
+    def _install(self, key: tuple[str, int], incoming: Path) -> None:
+        path = self._dir(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._mu:
+            if path.exists():  # a copy that failed its check, or one a concurrent load brought
+                self._remove(path)
+            incoming.rename(path)
+            self._sizes[key] = self._size(path)
+            self._sizes.move_to_end(key)
+
+    def _evict(self) -> None:
+        with self._mu:
+            total = sum(self._sizes.values())
+            victims = []
+            for key, size in list(self._sizes.items()):
+                if total <= self.max_bytes:
+                    break
+                if key in self._held:
+                    continue
+                del self._sizes[key]
+                total -= size
+                victims.append(self._dir(key))
+        for victim in victims:
+            self._remove(victim)
+
+    def _remove(self, path: Path) -> None:
+        # renamed aside first, so a reader never finds half a copy under its name
+        with contextlib.suppress(FileNotFoundError), self._incoming.scratch() as trash:
+            path.rename(trash / "gone")

@@ -1,0 +1,135 @@
+"""The S3 backend against an S3-compatible server on loopback: versions, numbers owned by conditional writes,
+deletes and tombstones, the local cache checked against the manifest, and two stores as two servers."""
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peft_dirs import LIMITS, fingerprint, make_peft_dir
+from s3_server import s3_server
+
+from adapters.errors import AdapterLoadFailed, AdapterNotFound
+from adapters.store import AdapterStore
+
+BUCKET = "loraplex-test"
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    with s3_server(BUCKET) as env:
+        yield env
+
+
+@pytest.fixture
+def url(s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    for key, value in s3_env.items():  # read by boto3 itself, as in production
+        monkeypatch.setenv(key, value)
+    return f"s3://{BUCKET}/t{next(_prefixes)}"
+
+
+def s3_store(url: str, cache: Path, cache_bytes: int = 1 << 30) -> AdapterStore:
+    from adapters.s3store import S3Backend
+
+    return AdapterStore(S3Backend(url, cache, cache_bytes), fingerprint(), LIMITS)
+
+
+def client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def test_versions_deletes_and_numbers_never_reissued(url: str, tmp_path: Path, peft_dir: Path) -> None:
+    store = s3_store(url, tmp_path / "cache")
+    first, created = store.put("bot", peft_dir)
+    assert created and first.key == "bot@1" and store.put("bot", peft_dir) == (first, False)
+    second = store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))[0]
+    assert second.key == "bot@2" and store.resolve("bot") == second
+    assert store.read_weights(first).rank == 4
+    assert store.delete("bot") == ["bot@1", "bot@2"]
+    with pytest.raises(AdapterNotFound):
+        store.resolve("bot")
+    reopened = s3_store(url, tmp_path / "cache2")
+    assert len(reopened) == 0
+    assert reopened.put("bot", peft_dir)[0].version == 3  # the claims are tombstones
+    keys = {o["Key"].removeprefix(url.split("/", 3)[3] + "/") for o in
+            client().list_objects_v2(Bucket=BUCKET, Prefix=url.split("/", 3)[3] + "/")["Contents"]}
+    assert keys == {"claims/bot/1", "claims/bot/2", "claims/bot/3", "manifests/bot/3.json",
+                    "data/bot/3/adapter_config.json", "data/bot/3/adapter_model.safetensors"}
+
+
+def test_a_number_another_server_owns_is_skipped(url: str, tmp_path: Path, peft_dir: Path) -> None:
+    store = s3_store(url, tmp_path / "cache")
+    prefix = url.split("/", 3)[3]
+    # another server claimed 1 and died before its manifest: a burnt number, and objects nobody serves
+    client().put_object(Bucket=BUCKET, Key=f"{prefix}/claims/bot/1", Body=b"")
+    client().put_object(Bucket=BUCKET, Key=f"{prefix}/data/bot/1/adapter_model.safetensors", Body=b"half")
+    assert store.put("bot", peft_dir)[0].version == 2
+    assert [m.version for m in s3_store(url, tmp_path / "c2").versions("bot")] == [2]
+    store.delete("bot")  # whole: the dead writer's objects go too
+    listed = client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/data/")
+    assert "Contents" not in listed
+
+
+def test_racing_servers_get_distinct_numbers(url: str, tmp_path: Path) -> None:
+    """Two stores (two servers: no lock in common, only the conditional writes) race on one name."""
+    stores = [s3_store(url, tmp_path / "a"), s3_store(url, tmp_path / "b")]
+    dirs = [make_peft_dir(tmp_path / f"p{i}", seed=i) for i in range(6)]
+    results: list = []
+    barrier = threading.Barrier(6)
+
+    def upload(i: int) -> None:
+        barrier.wait()
+        results.append(stores[i % 2].put("race", dirs[i]))
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(m.version for m, created in results if created) == [1, 2, 3, 4, 5, 6]
+    fresh = s3_store(url, tmp_path / "c")
+    assert {m.sha256 for m in fresh.versions("race")} == {m.sha256 for m, _ in results}
+    for manifest in fresh.versions("race"):
+        fresh.read_weights(manifest)
+
+
+def test_another_server_is_followed(url: str, tmp_path: Path, peft_dir: Path) -> None:
+    here, there = s3_store(url, tmp_path / "a"), s3_store(url, tmp_path / "b")
+    removed: list[list[str]] = []
+    here.on_removed(removed.append)
+    there.put("bot", peft_dir)
+    manifest = here.resolve("bot")  # not seen here: found at once
+    assert here.read_weights(manifest).rank == 4
+    there.delete("bot")
+    here.refresh()
+    assert removed == [["bot@1"]] and len(here) == 0
+    with pytest.raises(AdapterNotFound):
+        here.resolve("bot@1")
+
+
+def test_the_cache_is_bounded_and_checked(url: str, tmp_path: Path, peft_dir: Path) -> None:
+    cache = tmp_path / "cache"
+    dirs = [make_peft_dir(tmp_path / f"p{i}", seed=i) for i in range(3)]
+    size = sum(f.stat().st_size for f in dirs[0].iterdir() if f.suffix in (".json", ".safetensors"))
+    uploader = s3_store(url, tmp_path / "uploader")
+    for i, d in enumerate(dirs):
+        uploader.put(f"a{i}", d)
+    store = s3_store(url, cache, cache_bytes=2 * size + size // 2)  # room for two
+    for i in range(3):
+        store.read_weights(store.resolve(f"a{i}"))
+    cached = sorted(p.parent.name for p in (cache / "s3-cache").glob("*/1"))
+    assert cached == ["a1", "a2"]
+    # a damaged copy is noticed by its sha256 and fetched again
+    weights = cache / "s3-cache" / "a2" / "1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert store.read_weights(store.resolve("a2")).rank == 4
+    # a changed object in the bucket is refused, whatever the cache holds
+    prefix = url.split("/", 3)[3]
+    client().put_object(Bucket=BUCKET, Key=f"{prefix}/data/a0/1/adapter_model.safetensors",
+                        Body=(dirs[1] / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterLoadFailed, match="sha256"):
+        store.read_weights(store.resolve("a0"))
