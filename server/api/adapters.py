@@ -17,7 +17,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.archive import extract_archive
 from adapters.errors import AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
-from adapters.manifest import Manifest
+from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin
 from server.api.deps import NotReady
@@ -135,8 +135,10 @@ async def list_adapters(
 
 @router.get("/{ref}")
 async def show_adapter(ref: str, registry: Registry) -> dict[str, Any]:
-    """'name': the newest version's manifest; 'name@N': that version's; both with every version's state."""
-    manifest = registry.store.resolve(ref)
+    """'name': the newest version's manifest; 'name@N': that version's; both with every version's state.
+    The name is looked up in the store first: other servers sharing it may have changed it."""
+    await asyncio.to_thread(registry.store.recheck, parse_ref(ref)[0])
+    manifest = registry.store.resolve(ref, recheck=False)
     versions = registry.store.versions(manifest.name)
     return {
         **_manifest_json(manifest),
