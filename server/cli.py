@@ -7,6 +7,7 @@ port is bound, so `--help` is instant and a port in use fails before any weight 
 import argparse
 import contextlib
 import errno
+import importlib.util
 import logging
 import socket
 import sys
@@ -45,6 +46,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         else:
             kind = typing.get_args(field.annotation)[0] if origin is types.UnionType else field.annotation  # X | None
             parser.add_argument(flag, dest=name, metavar=_METAVARS.get(kind), help=help_text)
+    fleet = parser.add_argument_group(
+        "Ray Serve", "several replicas behind one endpoint, routed by adapter (needs the `ray` extra); every "
+        "flag above applies to each replica; --host and --port are the endpoint's")
+    fleet.add_argument("--ray", action="store_true", help="serve through Ray Serve: a local Ray instance, or the "
+                       "cluster at RAY_ADDRESS")
+    fleet.add_argument("--replicas", type=int, metavar="N", help="replicas, one GPU each on a cluster with GPUs "
+                       "(default: 1); with --max-replicas, the fewest the autoscaler keeps")
+    fleet.add_argument("--max-replicas", type=int, metavar="N", help="autoscale up to N replicas by ongoing requests")
     parser.set_defaults(func=run, **dict.fromkeys(Settings.model_fields))
 
 
@@ -104,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"loraplex serve: error: {describe_validation_error(exc)}", file=sys.stderr)
         return 2
     configure(settings.log_level)
+    if args.ray or args.replicas is not None or args.max_replicas is not None:
+        return _run_ray(args, settings)
     sock = None
     try:  # fail fast on a port in use, a wrong base model or device, before the model loads
         sock = listen_socket(settings.host, settings.port)
@@ -132,3 +143,20 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
     return app.state.exit_code
+
+
+def _run_ray(args: argparse.Namespace, settings: Settings) -> int:
+    replicas = 1 if args.replicas is None else args.replicas
+    problem = None
+    if not args.ray:
+        problem = "--replicas and --max-replicas need --ray"
+    elif replicas < 1 or (args.max_replicas is not None and args.max_replicas < replicas):
+        problem = "--replicas must be >= 1, and --max-replicas >= --replicas"
+    elif importlib.util.find_spec("ray") is None:
+        problem = "--ray needs Ray Serve: pip install 'loraplex[ray]'"
+    if problem is not None:
+        print(f"loraplex serve: error: {problem}", file=sys.stderr)
+        return 2
+    from server.fleet import ray_serve
+
+    return ray_serve.run(settings, replicas, args.max_replicas)
