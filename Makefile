@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # The published TGI / LoRAX clients pin huggingface-hub < 1.0 (transformers 5 needs >= 1.0): their own venv.
 CLIENTS := .venv-clients
 
-.PHONY: setup serve test lint clean
+.PHONY: setup serve test test-ray lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ $(CLIENTS)/.installed:
 test: setup $(CLIENTS)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(ARGS)
+
+# the Ray Serve tests (tests/fleet), which `make test` skips without Ray: installs the `ray` extra, runs them
+test-ray: setup
+	$(BIN)/pip install -q -e ".[ray]"
+	$(BIN)/pytest -q tests/fleet $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
