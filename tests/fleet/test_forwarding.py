@@ -1,0 +1,85 @@
+"""What the Ray ingress relies on, without Ray: the routing key a request names, and the in-process call of
+the app that carries a request across and streams its answer back."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from server.api import schemas
+from server.cli import run as serve_run
+from server.fleet import routing
+from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
+
+
+@pytest.mark.parametrize(("method", "path", "body", "adapter"), [
+    ("POST", "/generate", {"inputs": "x", "parameters": {"adapter_id": "bot@2"}}, "bot@2"),
+    ("POST", "/generate_stream", {"inputs": "x", "parameters": {"adapter_id": None}}, None),
+    ("POST", "/v1/chat/completions", {"model": "bot", "messages": []}, "bot"),
+    ("POST", "/v1/completions", {"model": "x" * 257, "prompt": "p"}, None),  # no route accepts it
+    ("POST", "/v1/completions", {"model": 3, "prompt": "p"}, None),
+    ("POST", "/v1/adapters", {"model": "bot"}, None),  # admin: any replica
+    ("GET", "/v1/models", None, None),
+    ("POST", "/generate", [1, 2], None),
+    ("POST", "/generate", b"{not json", None),  # the replica answers with its own 422
+])
+def test_the_routing_key_is_the_adapter_the_routes_read(method: str, path: str, body: object,
+                                                         adapter: str | None) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
+    assert routing.adapter_of(method, path, raw) == adapter
+
+
+def test_the_routing_bound_is_the_routes_bound() -> None:
+    assert routing.MAX_NAME_CHARS == schemas.MAX_NAME_CHARS
+
+
+def _forwarded(path: str) -> ForwardedRequest:
+    return ForwardedRequest("POST", path, b"", [(b"content-type", b"application/json")], b'{"n": 3}')
+
+
+def test_a_forwarded_request_streams_its_answer_chunk_by_chunk() -> None:
+    app = FastAPI()
+    finished = asyncio.Event()
+    left = asyncio.Event()
+
+    @app.post("/count")
+    async def count(body: dict) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                for i in range(body["n"]):
+                    yield f"{i};".encode()
+                finished.set()
+                await asyncio.sleep(3600)  # a stream that runs until its client leaves
+            finally:
+                left.set()
+        return StreamingResponse(chunks(), headers={"x-app": "yes"})
+
+    async def scenario() -> None:
+        answer = call_app(app, _forwarded("/count"), [(b"x-loraplex-replica", b"r1")])
+        start = await anext(answer)
+        assert isinstance(start, ResponseStart) and start.status == 200
+        assert (b"x-app", b"yes") in start.headers and (b"x-loraplex-replica", b"r1") in start.headers
+        assert [await anext(answer) for _ in range(3)] == [b"0;", b"1;", b"2;"]
+        await asyncio.wait_for(finished.wait(), 5)
+        await answer.aclose()  # the client went away: the app's stream is cancelled, not left running
+        await asyncio.wait_for(left.wait(), 5)
+
+    asyncio.run(scenario())
+
+
+def test_a_forwarded_request_gets_the_apps_own_answers() -> None:
+    async def scenario() -> list[ResponseStart | bytes]:
+        return [item async for item in call_app(FastAPI(), _forwarded("/nowhere"))]
+
+    start, body = asyncio.run(scenario())
+    assert isinstance(start, ResponseStart) and start.status == 404 and json.loads(body) == {"detail": "Not Found"}
+
+
+def test_replicas_without_ray_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from loraplex.cli import build_parser
+
+    assert serve_run(build_parser().parse_args(["serve", "--replicas", "2"])) == 2
+    assert capsys.readouterr().err == "loraplex serve: error: --replicas and --max-replicas need --ray\n"
