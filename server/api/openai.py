@@ -70,7 +70,7 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[
     )
 
 
-def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
+async def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
     ref = inference.adapter_ref(body.model)
     if body.merged_adapters is not None:
         if ref is not None:
@@ -79,7 +79,7 @@ def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
         return body.merged_adapters.mix()
     if ref is not None:
         try:
-            inference.registry.store.resolve(ref)
+            await inference.registry.resolve(ref)  # off the event loop where the store is remote
         except AdapterError as exc:  # an unknown or malformed name: OpenAI clients expect 404
             raise ModelNotFound(
                 f"the model {body.model!r} does not exist: use {inference.base.served_name!r} or an adapter "
@@ -166,12 +166,13 @@ async def _choice_chunks(events: AsyncIterator[tuple[int, TokenEvent]], count: i
              responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
 async def completions(body: CompletionRequest, request: Request,
                       inference: InferenceDep) -> CompletionResponse | StreamingResponse:
-    adapter = _adapter(body, inference)
+    adapter = await _adapter(body, inference)
+    grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_prompt(body.text)
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await inference.open_streams(prompt_ids, samplings, adapter)
+        events = await inference.open_streams(prompt_ids, samplings, adapter, grammar)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
             offsets = [0] * body.n
@@ -186,7 +187,7 @@ async def completions(body: CompletionRequest, request: Request,
                                                                        finish_reason=finish, logprobs=logprobs)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
-    results = await inference.generate_many(request, prompt_ids, samplings, adapter)
+    results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     if len(results) > body.n:  # best_of: the n of highest total logprob, best first (as vLLM)
         results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
     return CompletionResponse(
@@ -202,12 +203,13 @@ async def completions(body: CompletionRequest, request: Request,
              responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            inference: InferenceDep) -> ChatCompletionResponse | StreamingResponse:
-    adapter = _adapter(body, inference)
+    adapter = await _adapter(body, inference)
+    grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await inference.open_streams(prompt_ids, samplings, adapter)
+        events = await inference.open_streams(prompt_ids, samplings, adapter, grammar)
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
             async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
@@ -221,7 +223,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                                         logprobs=logprobs)])
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
-    results = await inference.generate_many(request, prompt_ids, samplings, adapter)
+    results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     return ChatCompletionResponse(
         id=rid, created=created, model=body.model,
         usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
