@@ -23,7 +23,8 @@ from adapters.lora import LoraWeights
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
 from server.engine.batching import plan_step
 from server.engine.config import EngineConfig
-from server.engine.errors import AdapterTooLarge, EngineStopped, InvalidSampling, PromptTooLong
+from server.engine.constraints import fill_masks
+from server.engine.errors import AdapterTooLarge, EngineStopped, GrammarFailed, InvalidSampling, PromptTooLong
 from server.engine.graphs import StepGraphs
 from server.engine.multilora import (
     LoraContext,
@@ -409,12 +410,15 @@ class Engine:
     # ---- sampling and finishing ---------------------------------------------------------------------
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         # logits: [len(rows), V]; one device -> host copy brings every row's token, logprob and top logprobs
+        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
+        masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
         seen = [
             torch.tensor(r.ids, device=self.device) if p.repetition_penalty != 1.0 else None
             for r, p in zip(rows, params, strict=True)
         ]
-        logprobs = final_logprobs(logits, params, seen)  # [B, V]
+        allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
+        logprobs = final_logprobs(logits, params, seen, allowed)  # [B, V]
         tokens = draw(logprobs, params, [r.generator for r in rows])  # [B]
         picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
         asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
@@ -429,19 +433,30 @@ class Engine:
             keep = params[i].top_logprobs
             tops[i] = tuple((int(t), v) for t, v in zip(ids[:keep], values[:keep], strict=True))
         for i, row in enumerate(rows):
-            self._emit_token(row, int(host[i]), host[b + i], tops.get(i, ()))
+            if masks is not None and i in masks.failed:
+                self._finish(row, "error", error=masks.failed[i])
+            else:
+                self._emit_token(row, int(host[i]), host[b + i], tops.get(i, ()))
 
     def _emit_token(self, row: _Row, token: int, logprob: float, top: Top = ()) -> None:
         row.ids.append(token)
         row.generated += 1
         index = row.generated - 1
-        params = row.request.sampling
+        params, grammar = row.request.sampling, row.request.grammar
+        if grammar is not None:
+            try:
+                grammar.advance(token)
+            except Exception as exc:  # this request's matcher alone
+                self._finish(row, "error", error=GrammarFailed(f"the grammar refused token {token}: {exc}"))
+                return
         if token in self.eos_ids and not params.ignore_eos:
             self._send(row, index, token, row.text.flush(), logprob, "stop", top=top)
             return
         delta, stopped = row.text.push(token)
         if stopped:
             self._send(row, index, token, delta, logprob, "stop", top=top)
+        elif grammar is not None and grammar.is_finished():  # complete: only EOS could follow, so skip its step
+            self._send(row, index, token, delta + row.text.flush(), logprob, "stop", top=top)
         elif row.generated >= params.max_new_tokens:
             self._send(row, index, token, delta + row.text.flush(), logprob, "length", top=top)
         else:

@@ -67,3 +67,9 @@ class KVCacheTooLarge(EngineError):
     """max_batch_size x max_seq_len does not fit the device's free memory (raised at start-up)."""
 
     code = "kv_cache_too_large"
+
+
+class GrammarFailed(EngineError):
+    """A request's grammar matcher failed mid-generation (it refused a token, or allows none): that request ends."""
+
+    code = "grammar_failed"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from adapters.lora import LoraWeights
+from server.engine.constraints import TokenConstraint
 from server.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -21,6 +22,8 @@ class GenerationRequest:
     # Called once, from the engine thread, when an accepted request has left the engine (finished,
     # cancelled or failed): where the registry drops its hold on the adapter. Must be thread-safe and quick.
     on_finish: Callable[[], None] | None = None
+    # structured output: the tokens this request may emit, one matcher per request (it holds the parse state)
+    grammar: TokenConstraint | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

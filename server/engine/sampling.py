@@ -76,11 +76,15 @@ def sample_batch(
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
-def final_logprobs(logits: torch.Tensor, params: list[SamplingParams],
-                   seen: list[torch.Tensor | None]) -> torch.Tensor:
-    """Each row's log-distribution to draw from [B, V]: penalty, then (sampled rows) temperature, top-k, top-p."""
-    # logits: [B, V]; seen[i]: token ids already in row i (only read where its penalty is on)
+def final_logprobs(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None],
+                   allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalty,
+    then (sampled rows) temperature, top-k, top-p."""
+    # logits: [B, V]; seen[i]: token ids already in row i (only read where its penalty is on);
+    # allowed: (rows [m], mask [m, V] bool) of the constrained rows
     logits = logits.float()
+    if allowed is not None:
+        logits = mask_logits(logits, *allowed)
     for i, p in enumerate(params):
         if p.repetition_penalty != 1.0 and seen[i] is not None:
             logits[i] = repetition_penalty(logits[i], seen[i], p.repetition_penalty)
@@ -88,6 +92,12 @@ def final_logprobs(logits: torch.Tensor, params: list[SamplingParams],
     if sampled:
         logits = _filtered(logits, params, sampled)
     return logits.log_softmax(-1)
+
+
+def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Disallowed tokens of `rows` set to -inf (never multiplied: 0 x inf is NaN); other rows untouched."""
+    # logits: [B, V]; rows: [m]; allowed: [m, V] bool
+    return logits.index_copy(0, rows, logits[rows].masked_fill(~allowed, float("-inf")))
 
 
 def draw(logprobs: torch.Tensor, params: list[SamplingParams],

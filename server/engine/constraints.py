@@ -1,0 +1,66 @@
+"""Token constraints (structured output) on the engine side: what a per-request matcher must do, and the step's
+masks for the constrained rows. The grammar engine itself lives outside the engine (server/grammar.py); here a
+matcher is anything with `fill_mask`, `advance` and `is_finished`.
+
+Masks are token bitmasks, as xgrammar and llguidance fill them: int32 words, bit b of word w allowing token
+32 w + b. The engine fills them on its thread after it has launched the forward and before it samples, so the
+CPU work overlaps the device's; rows without a constraint are not looked at."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from server.engine.errors import GrammarFailed
+
+
+class TokenConstraint(Protocol):
+    def fill_mask(self, row: torch.Tensor) -> None:
+        """Write the tokens allowed next into `row` (int32 [ceil(V / 32)], CPU), every word of it."""
+
+    def advance(self, token: int) -> None:
+        """Take the emitted token; raise if the grammar refuses it."""
+
+    def is_finished(self) -> bool:
+        """The grammar is complete and nothing but the end of the sequence may follow."""
+
+
+def mask_words(vocab: int) -> int:
+    return (vocab + 31) // 32
+
+
+@dataclass
+class StepMasks:
+    """The masks of one step's constrained rows, by their position among the step's sampled rows."""
+
+    rows: list[int]
+    bits: torch.Tensor  # int32 [len(rows), ceil(V / 32)], CPU
+    failed: dict[int, BaseException] = field(default_factory=dict)  # rows whose matcher raised: they end alone
+
+    def allowed(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [m], allowed [m, V] bool) on `device`: the words unpacked bit by bit on the device."""
+        bits = self.bits.to(device)  # [m, W]
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
+        allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [m, W * 32] -> [m, V]
+        return torch.tensor(self.rows, device=device), allowed
+
+
+def fill_masks(constraints: Sequence[TokenConstraint | None], vocab: int) -> StepMasks | None:
+    """The masks of the rows that have a constraint; None (no work at all) when no row has one. A row whose
+    matcher raises, or allows no token, is recorded in `failed` and left unmasked (its token is thrown away)."""
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return None
+    masks = StepMasks(rows, torch.zeros(len(rows), mask_words(vocab), dtype=torch.int32))
+    for j, i in enumerate(rows):
+        constraint = constraints[i]
+        assert constraint is not None
+        try:
+            constraint.fill_mask(masks.bits[j])
+            if not masks.bits[j].any():
+                raise GrammarFailed("the grammar allows no token at this point")
+        except Exception as exc:
+            masks.failed[i] = exc if isinstance(exc, GrammarFailed) else GrammarFailed(f"the grammar failed: {exc}")
+            masks.bits[j] = -1  # all bits set: the row stays finite, and its draw is discarded
+    return masks

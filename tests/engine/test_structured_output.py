@@ -1,0 +1,182 @@
+"""Structured output in the batched engine: constrained rows (JSON schema, regex; base model and adapters,
+greedy and sampled) always parse and validate, in the same batch as unconstrained rows that still equal PEFT;
+a failing matcher ends its request alone; grammars are bounded, cached and refused with a readable reason."""
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+
+from loraplex.synthetic import BYTE_VOCAB
+from server.engine import SamplingParams
+from server.engine.constraints import fill_masks
+from server.engine.errors import GrammarFailed
+from server.engine.sampling import final_logprobs
+from server.grammar import JSON_OBJECT, MAX_GRAMMAR_CHARS, MAX_SCHEMA_DEPTH, Grammars, GrammarSpec, InvalidGrammar
+
+NEW_TOKENS = 8
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "ok": {"type": "boolean"},
+        "size": {"enum": ["S", "M", "L"]},
+        "tags": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3},
+    },
+    "required": ["name", "ok", "size", "tags"],
+    "additionalProperties": False,
+}
+PATTERN = r"(yes|no), [0-9]{1,3}( [a-z]{2,4}){0,2}\."
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer) -> Grammars:
+    return Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id])
+
+
+def compiled(grammars: Grammars, spec: GrammarSpec):
+    return asyncio.run(grammars.get(spec))
+
+
+def text_of(sink: Collector, tokenizer, request_id: str) -> str:
+    return tokenizer.decode(sink.tokens(request_id), skip_special_tokens=True)
+
+
+def test_constrained_rows_validate_beside_unconstrained_rows_equal_to_peft(family_setup, tokenizer,
+                                                                           grammars) -> None:
+    base, adapters = family_setup("llama")
+    schema, regex = compiled(grammars, GrammarSpec.json_schema(SCHEMA)), compiled(grammars, GrammarSpec.regex(PATTERN))
+    sampled = SamplingParams(max_new_tokens=96, temperature=1.0, seed=7)
+    plan = [  # (adapter, grammar, sampling): constrained and free rows interleaved, base and adapters
+        (None, schema, greedy(96)), (adapters[0], None, greedy(NEW_TOKENS)), (adapters[1], schema, greedy(96)),
+        (None, None, greedy(NEW_TOKENS)), (adapters[2], regex, greedy(48)), (None, regex, sampled),
+        (adapters[3], schema, sampled), (adapters[1], regex, SamplingParams(max_new_tokens=48, seed=3)),
+    ]
+    engine = make_engine(base, tokenizer, max_seq_len=160)
+    sink = Collector()
+    prompt = tokenizer("answer in the format asked")["input_ids"]
+    for i, (adapter, grammar, sampling) in enumerate(plan):
+        req = request(prompt, sampling, adapter, f"r{i}")
+        req.grammar = grammar.matcher() if grammar else None
+        engine.submit(req, sink)
+    run_to_end(engine)
+    for i, (adapter, grammar, _) in enumerate(plan):
+        rid = f"r{i}"
+        if grammar is None:
+            assert sink.tokens(rid) == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
+            continue
+        assert sink.finish(rid) == "stop", text_of(sink, tokenizer, rid)
+        text = text_of(sink, tokenizer, rid)
+        if grammar is regex:
+            assert re.fullmatch(PATTERN, text), text
+        else:
+            jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_takes_any_object_and_nothing_else(tokenizer, grammars) -> None:
+    any_object = compiled(grammars, JSON_OBJECT)
+    matcher = any_object.matcher()
+    for token in tokenizer('{"a":[1,{"b":null}],"c":"x"}')["input_ids"]:
+        matcher.advance(token)
+    assert matcher.is_finished()
+    with pytest.raises(ValueError):
+        any_object.matcher().advance(tokenizer("[")["input_ids"][0])
+
+
+class Failing:
+    """A matcher that allows every token, then fails at its `at`-th mask (or refuses every token)."""
+
+    def __init__(self, at: int, allow_none: bool = False, refuse: bool = False) -> None:
+        self.at, self.allow_none, self.refuse, self.calls = at, allow_none, refuse, 0
+
+    def fill_mask(self, row: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            if not self.allow_none:
+                raise RuntimeError("matcher broke")
+            return  # the row stays all zeros: no token allowed
+        row.fill_(-1)
+
+    def advance(self, token: int) -> None:
+        if self.refuse:
+            raise ValueError("no")
+
+    def is_finished(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("failing", [Failing(3), Failing(2, allow_none=True), Failing(1, refuse=True)],
+                         ids=["raises", "allows-none", "refuses"])
+def test_a_failing_matcher_ends_its_request_alone(family_setup, tokenizer, failing) -> None:
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    prompt = tokenizer("hello world")["input_ids"]
+    broken = request(prompt, greedy(NEW_TOKENS), adapters[0], "broken")
+    broken.grammar = failing
+    engine.submit(broken, sink)
+    for i, adapter in enumerate([None, adapters[0]]):
+        engine.submit(request(prompt, greedy(NEW_TOKENS), adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    assert sink.finish("broken") == "error"
+    assert isinstance(sink.events["broken"][-1].error, GrammarFailed)
+    assert len(sink.tokens("broken")) == (0 if failing.refuse else failing.at - 1)
+    for i, adapter in enumerate([None, adapters[0]]):
+        assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
+    assert engine.num_running == 0
+
+
+def test_masks_touch_constrained_rows_only() -> None:
+    assert fill_masks([None, None], 40) is None  # no constrained row: no work, no tensors
+    only_5 = Failing(0)
+    only_5.fill_mask = lambda row: row.copy_(torch.tensor([1 << 5, 0], dtype=torch.int32))  # type: ignore[method-assign]
+    masks = fill_masks([None, only_5, None], 40)
+    assert masks is not None and masks.rows == [1] and not masks.failed
+    logits = torch.randn(3, 40)
+    logits[2, 0] = float("inf")  # a hostile value in another row stays in that row
+    out = final_logprobs(logits, [SamplingParams()] * 3, [None] * 3, masks.allowed(40, logits.device))
+    assert out[1].argmax() == 5 and torch.isinf(out[1]).sum() == 39 and out[1, 5] == 0
+    reference = final_logprobs(logits, [SamplingParams()] * 3, [None] * 3)
+    assert torch.equal(out[[0, 2]].nan_to_num(), reference[[0, 2]].nan_to_num())
+
+
+def test_bad_grammars_are_refused_with_the_reason(grammars) -> None:
+    with pytest.raises(InvalidGrammar, match="Invalid type: foo"):
+        compiled(grammars, GrammarSpec.json_schema({"type": "foo"}))
+    with pytest.raises(InvalidGrammar, match="backreferences are not supported"):
+        compiled(grammars, GrammarSpec.regex(r"(a)\1"))
+    with pytest.raises(InvalidGrammar, match="not valid JSON"):
+        GrammarSpec.json_schema("{not json")
+    with pytest.raises(InvalidGrammar, match=f"at most {MAX_GRAMMAR_CHARS}"):
+        GrammarSpec.regex("a" * (MAX_GRAMMAR_CHARS + 1))
+    with pytest.raises(InvalidGrammar, match=f"at most {MAX_GRAMMAR_CHARS}"):
+        GrammarSpec.json_schema({"enum": ["x" * MAX_GRAMMAR_CHARS]})
+    deep: dict = {"type": "object"}
+    for _ in range(MAX_SCHEMA_DEPTH):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(InvalidGrammar, match="nests"):
+        GrammarSpec.json_schema(deep)
+
+
+def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer) -> None:
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], capacity=2)
+    first = compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    same = compiled(grammars, GrammarSpec.json_schema('{"properties": {"a": {"type": "integer"}}, "type": "object"}'))
+    assert same is first  # key order and whitespace do not matter
+    compiled(grammars, GrammarSpec.regex("a+"))
+    compiled(grammars, GrammarSpec.regex("b+"))  # evicts the schema (least recently used)
+    assert compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})) \
+        is not first
+    # a pattern that backtracking matchers take exponential time on: a grammar, no backtracking
+    matcher = compiled(grammars, GrammarSpec.regex(r"(a+)+$")).matcher()
+    for token in tokenizer("a" * 40)["input_ids"]:
+        matcher.advance(token)
+    slow = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=0.0)
+    with pytest.raises(InvalidGrammar, match="did not compile within"):
+        compiled(slow, GrammarSpec.regex("c+"))
+    grammars.close()
+    slow.close()
