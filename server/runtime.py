@@ -85,4 +85,5 @@ class Runtime:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.inference.grammars.close()
         self.registry.close()

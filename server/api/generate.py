@@ -103,10 +103,10 @@ def _total_logprob(result: Generation) -> float:
 
 
 async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
+    grammar = await inference.grammar(body.parameters.grammar_spec())
     prompt_ids = await prompt_of(body, inference)
     samplings = choice_samplings(sampling_of(body, prompt_ids, inference), body.parameters.best_of or 1)
-    results = await inference.generate_many(request, prompt_ids, samplings,
-                                            adapter_of(body, inference))
+    results = await inference.generate_many(request, prompt_ids, samplings, adapter_of(body, inference), grammar)
     # best_of: the sequence of highest total logprob answers; the others go to details.best_of_sequences
     ranked = sorted(zip(results, samplings, strict=True), key=lambda pair: _total_logprob(pair[0]), reverse=True)
     best, *others = [_sequence(r, s, prompt_ids, body, inference) for r, s in ranked]
@@ -120,9 +120,10 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
 async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
     if (body.parameters.best_of or 1) > 1:
         raise StreamedBestOf("best_of > 1 cannot be streamed (TGI's rule): use /generate, or best_of 1")
+    grammar = await inference.grammar(body.parameters.grammar_spec())
     prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
-    events = await inference.open_stream(prompt_ids, sampling, adapter_of(body, inference))
+    events = await inference.open_stream(prompt_ids, sampling, adapter_of(body, inference), grammar)
     async def rest() -> AsyncIterator[TgiStreamEvent]:
         text = body.inputs if body.parameters.return_full_text else ""
         count = 0

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.grammar import JSON_OBJECT, GrammarSpec, InvalidGrammar
 from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
 
 # torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds alias positive ones, so only these
@@ -71,6 +72,67 @@ class MergedAdapters(BaseModel):
         return AdapterMix(tuple(self.ids), tuple(self.weights))
 
 
+# ---- structured output: bounds and compilation live in server/grammar.py (a failure there is a 422) --------
+
+
+class TgiGrammar(BaseModel):
+    model_config = REQUEST
+
+    type: Literal["json", "regex"]
+    value: dict | str = Field(description="json: a JSON schema (an object, or its JSON text); regex: a pattern.")
+
+    def spec(self) -> GrammarSpec:
+        if self.type == "json":
+            return GrammarSpec.json_schema(self.value)
+        if not isinstance(self.value, str):
+            raise InvalidGrammar("a regex grammar's value is the pattern, a string")
+        return GrammarSpec.regex(self.value)
+
+
+class LoraxResponseFormat(BaseModel):
+    """LoRAX's parameters.response_format: {"type": "json_object", "schema": {...}} (no schema: any object)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    type: Literal["json_object"]
+    schema_: dict | None = Field(None, alias="schema")
+
+    def spec(self) -> GrammarSpec:
+        return JSON_OBJECT if self.schema_ is None else GrammarSpec.json_schema(self.schema_)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", max_length=MAX_NAME_CHARS)
+    description: str | None = None
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any object) or json_schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs a json_schema object')
+        return self
+
+    def spec(self) -> GrammarSpec | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return JSON_OBJECT
+        assert self.json_schema is not None
+        return GrammarSpec.json_schema(self.json_schema.schema_)
+
+
 # ---- TGI / LoRAX ---------------------------------------------------------------------------------------
 
 TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -99,6 +161,8 @@ class TgiParameters(BaseModel):
                                     "total logprob (the others in details.best_of_sequences); needs sampling.")
     merged_adapters: MergedAdapters | None = Field(None, description="Run on a weighted mix of adapters "
                                                    "(instead of adapter_id).")
+    grammar: TgiGrammar | None = Field(None, description="Constrain the output to a JSON schema or a regex.")
+    response_format: LoraxResponseFormat | None = Field(None, description="LoRAX's form of a JSON constraint.")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -116,6 +180,16 @@ class TgiParameters(BaseModel):
         if self.merged_adapters is not None and self.adapter_id:
             raise ValueError("send adapter_id or merged_adapters, not both")
         return self
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> "TgiParameters":
+        if self.grammar is not None and self.response_format is not None:
+            raise ValueError("send grammar or response_format, not both")
+        return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        constraint = self.grammar or self.response_format
+        return constraint.spec() if constraint is not None else None
 
     @model_validator(mode="after")
     def _best_of_samples(self) -> "TgiParameters":
@@ -217,6 +291,10 @@ class OpenAISampling(BaseModel):
     stream_options: StreamOptions | None = None
     merged_adapters: MergedAdapters | None = Field(None, description="Run on a weighted mix of adapters; `model` "
                                                    "then names the base model.")
+    response_format: ResponseFormat | None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        return self.response_format.spec() if self.response_format is not None else None
 
     @property
     def include_usage(self) -> bool:

@@ -2,6 +2,7 @@
 tokenizer endpoints, log probabilities, several choices, adapter mixing and structured output."""
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,65 @@ def test_a_mix_at_weight_zero_is_the_base_model_and_openai_takes_the_extra_field
 def test_mixes_are_checked(client: TestClient, path: str, payload: dict, status: int, code: str, says: str) -> None:
     error = error_of(client.post(path, json=payload), status)
     assert error["code"] == code and says in error["message"], error
+
+
+# ---- structured output -------------------------------------------------------------------------------------
+
+SMALL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+                "required": ["ok", "n"], "additionalProperties": False}
+SMALL_PATTERN = r"(yes|no) [0-9]{1,2}"
+
+
+def valid_small(text: str) -> bool:
+    value = json.loads(text)
+    return set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+
+
+@pytest.mark.parametrize("value", [SMALL_SCHEMA, json.dumps(SMALL_SCHEMA)], ids=["object", "json-text"])
+def test_tgi_json_grammar_validates_on_an_adapter(client: TestClient, value) -> None:
+    params = {"adapter_id": "m1", "max_new_tokens": 40, "grammar": {"type": "json", "value": value},
+              "details": True}
+    out = client.post("/generate", json={"inputs": "json please", "parameters": params}).json()
+    assert valid_small(out["generated_text"]), out
+    assert out["details"]["finish_reason"] in ("eos_token", "stop_sequence")
+
+
+def test_tgi_regex_grammar_streamed_and_lorax_response_format(client: TestClient) -> None:
+    params = {"max_new_tokens": 20, "grammar": {"type": "regex", "value": SMALL_PATTERN}}
+    with client.stream("POST", "/generate_stream", json={"inputs": "yes or no", "parameters": params}) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert re.fullmatch(SMALL_PATTERN, events[-1]["generated_text"]), events[-1]
+    lorax = {"adapter_id": "m2", "max_new_tokens": 40, "response_format": {"type": "json_object",
+                                                                            "schema": SMALL_SCHEMA}}
+    assert valid_small(client.post("/generate", json={"inputs": "json", "parameters": lorax}).json()["generated_text"])
+
+
+def test_openai_response_format_json_schema_and_json_object(client: TestClient) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL_SCHEMA,
+                                                              "strict": True}}
+    out = client.post("/v1/chat/completions", json=chat(model="m2", max_tokens=40, n=2, seed=5,
+                                                        response_format=response_format)).json()
+    assert len(out["choices"]) == 2 and all(valid_small(c["message"]["content"]) for c in out["choices"])
+    assert all(c["finish_reason"] == "stop" for c in out["choices"])
+    body = {"model": "llama", "prompt": "an object:", "max_tokens": 40, "temperature": 0,
+            "response_format": {"type": "json_object"}}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert text.startswith("{")  # any object: a random model may not close it within max_tokens
+
+
+@pytest.mark.parametrize(("grammar", "message"), [
+    ({"type": "json", "value": {"type": "foo"}}, "Invalid type: foo"),
+    ({"type": "json", "value": "{not json"}, "not valid JSON"),
+    ({"type": "regex", "value": r"(a)\1"}, "backreferences are not supported"),
+    ({"type": "regex", "value": "a" * 40_000}, "at most"),
+    ({"type": "regex", "value": {"x": 1}}, "a string"),
+])
+def test_a_grammar_that_cannot_compile_is_a_422_naming_the_problem(client: TestClient, grammar, message) -> None:
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": grammar}}
+    error = error_of(client.post("/generate", json=body))
+    assert error["code"] == "invalid_grammar" and message in error["message"], error
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}
+    error = error_of(client.post("/v1/chat/completions", json=chat(response_format=bad)))
+    assert error["code"] == "invalid_grammar"
+    assert error_of(client.post("/v1/chat/completions",
+                                json=chat(response_format={"type": "json_schema"})))["code"] == "invalid_request"
