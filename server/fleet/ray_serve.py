@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -227,6 +228,13 @@ def build(args: dict[str, Any]) -> serve.Application:
 def run(settings: Settings, replicas: int, max_replicas: int | None) -> int:
     """`loraplex serve --ray`: start (or join, with RAY_ADDRESS) a Ray cluster, serve on --host/--port until
     Ctrl-C, then take the application down."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # a stop by SIGTERM (a container's, a service manager's) takes the application and the local Ray down as
+    # Ctrl-C does, instead of leaving Ray's processes behind
+    signal.signal(signal.SIGTERM, stop)
     ray.init()
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
