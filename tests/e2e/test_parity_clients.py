@@ -1,0 +1,116 @@
+"""Issue 19 end to end, with the real clients against one real server on the embedded model (NF4, CPU):
+`openai` (structured output through `chat.completions.parse` with a Pydantic model, logprobs and top_logprobs,
+n with a seed), `text-generation` (grammar, details with top_n_tokens, best_of) and `lorax-client`
+(response_format on an adapter, merged_adapters)."""
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import openai
+import pytest
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import save_file
+
+from e2e.server import CLIENTS_PYTHON, running_server
+
+pytestmark = pytest.mark.e2e
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                           "size": {"enum": ["small", "large"]}},
+          "required": ["city", "size"], "additionalProperties": False}
+
+
+class Capital(BaseModel):
+    country: Literal["France", "Spain"]
+    capital: str = Field(max_length=16)
+    sure: bool
+
+
+def write_adapter(path: Path, config: dict, seed: int) -> Path:
+    """A small random LoRA (q_proj, v_proj, rank 4) for the embedded model, written as PEFT writes it."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, kv = config["hidden_size"], config["num_key_value_heads"] * config["head_dim"]
+    state = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, out in (("q_proj", hidden), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(4, hidden, generator=generator) * 0.05
+            state[f"{prefix}.lora_B.weight"] = torch.randn(out, 4, generator=generator) * 0.05
+    path.mkdir(parents=True)
+    save_file(state, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("parity-clients")
+    config = json.loads((embedded_cache_dir / "models" / "SmolLM2-135M-Instruct" / "config.json").read_text())
+    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
+                        str(tmp / "store"), "--device", "cpu", "--max-batch-size", "4", "--max-seq-len", "512") as url:
+        for i, name in enumerate(("alpha", "beta")):
+            peft = write_adapter(tmp / name, config, seed=i)
+            files = {"config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
+                     "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes())}
+            response = httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=60)
+            assert response.status_code == 201, response.text
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(served: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", timeout=120)
+
+
+def test_openai_parse_with_a_pydantic_model_on_an_adapter(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.parse(
+        model="alpha", messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+        response_format=Capital, max_tokens=60, temperature=0)
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Capital), message.content
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_openai_logprobs_and_seeded_n(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}]
+    out = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=4,
+                                         temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)  # greedy
+    both = client.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=1.0, seed=11,
+                                          n=2)
+    alone = [client.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=1.0,
+                                            seed=seed).choices[0].message.content for seed in (11, 12)]
+    assert [c.message.content for c in both.choices] == alone
+
+
+def test_tgi_and_lorax_clients(served: str) -> None:
+    if not CLIENTS_PYTHON.exists():
+        pytest.skip("the client venv is made by `make test`")
+    script = Path(__file__).parent / "clients" / "parity_clients.py"
+    run = subprocess.run([str(CLIENTS_PYTHON), str(script), served, "alpha", "beta", json.dumps(SCHEMA)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    for key in ("tgi_json", "lorax_json"):
+        value = json.loads(got[key]["text"])
+        assert set(value) == {"city", "size"} and value["size"] in ("small", "large"), got[key]
+        assert len(value["city"]) <= 16 and got[key]["finish_reason"] != "length"
+    assert re.fullmatch(r"(yes|no), [0-9]{1,2}", got["tgi_regex"]), got["tgi_regex"]
+    top = got["tgi_top_n"]
+    assert len(top["top_tokens"]) == len(top["tokens"]) == 4 and all(len(t) == 3 for t in top["top_tokens"])
+    assert [t[0][0] for t in top["top_tokens"]] == [t[0] for t in top["tokens"]]  # greedy: the top token
+    assert got["tgi_best_of"]["text"] and len(got["tgi_best_of"]["others"]) == 1
+    body = {"inputs": "The capital of France is", "parameters": {
+        "max_new_tokens": 4, "details": True,
+        "merged_adapters": {"ids": ["alpha", "beta"], "weights": [0.5, 0.5], "merge_strategy": "linear"}}}
+    direct = httpx.post(f"{served}/generate", json=body, timeout=120).json()
+    assert got["lorax_mix"]["tokens"] == [t["id"] for t in direct["details"]["tokens"]]
