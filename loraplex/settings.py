@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     api_key: CommaList = Field(default_factory=list, description="Inference keys (comma-separated in the variable).")
     admin_key: CommaList = Field(default_factory=list, description="Keys that may also upload and delete adapters.")
     preload: CommaList = Field(default_factory=list, description="Adapters to load (and pin) at start.")
-    cuda_graphs: bool = Field(True, description="Capture the decode step in CUDA graphs (CUDA only).")
+    open_metrics: bool = Field(
+        False, description="Serve /metrics without a key even when keys are configured: for scrapers that send "
+        "none (the inference gateway's endpoint picker); then limit who reaches the port (it lists adapter names)."
+    )
+    cuda_graphs: bool = Field(True, description="Capture every engine step in CUDA graphs (CUDA only).")
     fused_kernels: bool = Field(
         True,
         description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and NF4 projections (up to 64 "

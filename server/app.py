@@ -74,8 +74,8 @@ def create_app(
     install_error_handlers(app)
     probes_and_docs = {"/health", "/ready", app.docs_url, app.redoc_url, app.openapi_url,
                        app.swagger_ui_oauth2_redirect_url}
-    app.add_middleware(RequestGuard, settings=settings, open_paths=probes_and_docs - {None},
-                       own_limit=(adapters_api.router.prefix,))
+    open_paths = probes_and_docs - {None} | ({"/metrics"} if settings.open_metrics else set())
+    app.add_middleware(RequestGuard, settings=settings, open_paths=open_paths, own_limit=(adapters_api.router.prefix,))
     app.include_router(generate.router)
     app.include_router(openai.router)
     app.include_router(tokenize.router)
@@ -100,8 +100,11 @@ def create_app(
             return JSONResponse(error_body(message, "server_error", "not_ready"), 503, {"Retry-After": "2"})
         return JSONResponse({"status": "ready", "model": state.runtime.base.served_name})
 
-    # any configured key may scrape (Prometheus: `authorization: {credentials: <key>}`); adapter names show
-    @app.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(require_inference)])
+    # any configured key may scrape (Prometheus: `authorization: {credentials: <key>}`), or anyone with
+    # --open-metrics; adapter names show
+    metrics_auth = [] if settings.open_metrics else [Depends(require_inference)]
+
+    @app.get("/metrics", tags=["operations"], response_class=Response, dependencies=metrics_auth)
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

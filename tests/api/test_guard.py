@@ -102,6 +102,12 @@ def test_an_open_server_needs_no_key_for_metrics() -> None:
     assert send("/metrics", method="GET", body=b"", api_key=[], admin_key=[]).status_code == 200
 
 
+def test_open_metrics_opens_metrics_alone() -> None:
+    """For scrapers that send no key (the inference gateway's endpoint picker): /metrics only, nothing else."""
+    assert send("/metrics", method="GET", body=b"", open_metrics=True).status_code == 200
+    assert send("/generate", body=b"{}", open_metrics=True).status_code == 401
+
+
 def test_a_body_too_deep_to_parse_is_a_json_400() -> None:
     response = send("/generate", key=USER, body=b"[" * 1_000_000)
     assert response.status_code == 400 and error_of(response)["code"] == "bad_request"
