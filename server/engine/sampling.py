@@ -63,19 +63,6 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_batch(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    seen: list[torch.Tensor | None],
-    generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [B] and their logprobs [B] under each row's final distribution (penalty, temperature, top-k,
-    top-p, in HF's order), with no host sync."""
-    logprobs = final_logprobs(logits, params, seen)
-    tokens = draw(logprobs, params, generators)
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
-
-
 def final_logprobs(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None],
                    allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalty,

@@ -57,6 +57,3 @@ class SlotTable:
 
     def active(self) -> dict[str, int]:
         return {k: s for k, s in self._keys.items() if k not in self._doomed}
-
-    def in_use(self) -> int:
-        return sum(1 for u in self._users if u)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from adapters.lora import LoraWeights, lora_weights_from_state
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, TokenEvent
+from server.engine.sampling import draw, final_logprobs
 
 # Four adapters with different ranks, target sets and scaling rules (rsLoRA, rank/alpha patterns).
 ADAPTER_CONFIGS = {
@@ -71,6 +72,18 @@ def reference_generate(
     tokens = out.sequences[0, len(prompt) :].tolist()
     logprobs = [s[0].float().log_softmax(-1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
     return tokens, logprobs
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: list[torch.Tensor | None],
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [B] and their logprobs [B] as the engine's sampler picks them from logits [B, V]."""
+    logprobs = final_logprobs(logits, params, seen)
+    tokens = draw(logprobs, params, generators)
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
 def make_engine(base: torch.nn.Module, tokenizer, **config) -> Engine:

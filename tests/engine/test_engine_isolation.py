@@ -5,13 +5,12 @@ import copy
 
 import pytest
 import torch
-from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end, sample_batch
 
 from adapters.lora import LoraModule, LoraWeights
 from server.engine import GenerationRequest, SamplingParams
 from server.engine.errors import AdapterNotFinite, InvalidSampling
 from server.engine.multilora import LoraContext, MultiLoraLinear, ShrinkGroup
-from server.engine.sampling import sample_batch
 from server.engine.step import StepBuffer
 
 

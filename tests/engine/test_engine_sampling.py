@@ -1,8 +1,9 @@
 """Sampling functions and incremental text with stop sequences."""
 
 import torch
+from enginekit import sample_batch
 
-from server.engine.sampling import SamplingParams, repetition_penalty, sample_batch, top_k_filter, top_p_filter
+from server.engine.sampling import SamplingParams, repetition_penalty, top_k_filter, top_p_filter
 from server.engine.text import TextStream
 
 
