@@ -62,10 +62,6 @@ class _Row:
     generator: torch.Generator | None
     generated: int = 0
 
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.request.prompt_ids)
-
 
 class Engine:
     def __init__(
@@ -277,11 +273,16 @@ class Engine:
         """One iteration; True if a forward ran. Tests call it directly, without the thread."""
         self._apply_commands()
         self._admit()
-        rows = self._rows.values()
-        decoding = [r for r in rows if r.decoding and r.generated]
+        decoding: list[_Row] = []
+        prefilling: list[tuple[_Row, int]] = []  # (row, prompt tokens not yet in the cache)
+        for r in self._rows.values():
+            left = len(r.request.prompt_ids) - r.prefilled
+            if left:
+                prefilling.append((r, left))
+            elif r.generated:
+                decoding.append(r)
         budget = self.config.max_prefill_tokens if decoding else self.config.idle_prefill_tokens
-        plan = plan_step(decoding, [(r, len(r.request.prompt_ids) - r.prefilled) for r in rows if not r.decoding],
-                         budget)  # fmt: skip
+        plan = plan_step(decoding, prefilling, budget)
         if not plan:
             return False
         self._guarded([row for row, _ in plan], lambda: self._run(plan))
@@ -373,16 +374,22 @@ class Engine:
     def _run(self, plan: list[tuple[_Row, int]]) -> None:
         """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token."""
         plan = sorted(plan, key=lambda item: item[0].slot)  # stable: each adapter's tokens one run (step.py)
-        seqs = []
+        seqs: list[Sequence] = []
+        sampled: list[_Row] = []  # the rows whose sequence ends on a new token, in the order of their logits
+        chunks: list[tuple[_Row, int]] = []  # prefilling rows and their prompt tokens after this step
         for row, n in plan:
-            if row.decoding:
+            prompt = row.request.prompt_ids
+            if row.prefilled == len(prompt):  # decoding: its last token
                 seqs.append(Sequence(row.row, row.slot, [row.ids[-1]], len(row.ids) - 1, True))
+                sampled.append(row)
             else:
                 end = row.prefilled + n
-                prompt = row.request.prompt_ids
-                seqs.append(Sequence(row.row, row.slot, prompt[row.prefilled : end], row.prefilled, end == len(prompt)))
+                last = end == len(prompt)
+                seqs.append(Sequence(row.row, row.slot, prompt[row.prefilled : end], row.prefilled, last))
+                chunks.append((row, end))
+                if last:
+                    sampled.append(row)
         tokens = sum(len(seq.tokens) for seq in seqs)
-        sampled = [row for (row, _), seq in zip(plan, seqs, strict=True) if seq.sample]
         if self._graphs is not None:
             width = self._graphs.bucket(tokens)
             self._step.fill(seqs, width)
@@ -391,9 +398,8 @@ class Engine:
             segments = self._step.fill(seqs, tokens)
             buffer = self._step.host.to(self.device, non_blocking=True)  # the host buffer itself on CPU
             logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments)
-        for (row, n), seq in zip(plan, seqs, strict=True):
-            if not row.decoding:
-                row.prefilled = seq.start + n
+        for row, end in chunks:
+            row.prefilled = end
         if sampled:
             self._sample(sampled, logits[: len(sampled)])
 
@@ -402,7 +408,7 @@ class Engine:
         # the step's flat tokens [1, N] -> logits of its sampled tokens [len(sample_index), V]
         self._lora_context.set(tensors.slots, segments)
         out = self.model(input_ids=tensors.ids, position_ids=tensors.positions, use_cache=False,
-                         logits_to_keep=tensors.sample_index, engine_step=StepContext(self.cache, tensors))
+                         logits_to_keep=tensors.sample_index, engine_step=StepContext(self.cache, tensors))  # fmt: skip
         return out.logits[0]
 
     def _graph_forward(self, buffer: torch.Tensor, width: int) -> torch.Tensor:

@@ -7,16 +7,17 @@ CUDA graphs replay over a static device copy of the same layout, so a step's sha
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy
 import torch
 
 # Rows of the token block [4, max_tokens] at the start of the buffer.
 IDS, POSITIONS, WRITE_ROWS, SLOTS = range(4)
 
 
-@dataclass(frozen=True)
-class Sequence:
-    """What one request runs in a step."""
+class Sequence(NamedTuple):
+    """What one request runs in a step (a tuple: one is made per row and step)."""
 
     row: int  # its KV cache row
     slot: int  # its adapter slot
@@ -50,39 +51,50 @@ class StepBuffer:
         self.dummy_row, self.no_adapter = dummy_row, no_adapter
         self.host = torch.zeros(4 * max_tokens + 4 * max_seqs + 1, dtype=torch.long, pin_memory=pin)
         self._view = self.host.numpy()  # the same memory, for cheap element writes
+        self._padding = numpy.array([[0], [0], [dummy_row], [no_adapter]])  # ids, positions, write rows, slots
         self.fill([], max_tokens)  # all padding: what graphs are captured on
 
     def fill(self, seqs: list[Sequence], width: int) -> list[Segment]:
         """Lay out `seqs` (already in slot order) in `width` >= their tokens; the rest is padding that writes to
         the dummy row and belongs to no sequence. Returns the adapter segments (base-model runs left out)."""
-        t, v = self.max_tokens, self._view
-        tokens = v[: 4 * t].reshape(4, t)
-        tokens[IDS, :width], tokens[POSITIONS, :width] = 0, 0
-        tokens[WRITE_ROWS, :width], tokens[SLOTS, :width] = self.dummy_row, self.no_adapter
-        query_start, seq_rows, seq_lens, sample_index = self._seq_fields(v)
+        # Gathered in lists and written in one assignment per array: numpy's per-call cost dominates
+        # element writes, and a decode step has one token per sequence.
+        ids: list[int] = []
+        positions: list[int] = []
+        write_rows: list[int] = []
+        slots: list[int] = []
+        starts: list[int] = []
+        rows: list[int] = []
+        lens: list[int] = []
+        samples: list[int] = []
         segments: list[Segment] = []
-        at = 0
-        sampled = 0
-        for s, seq in enumerate(seqs):
-            n = len(seq.tokens)
-            tokens[IDS, at : at + n] = seq.tokens
-            tokens[POSITIONS, at : at + n] = range(seq.start, seq.start + n)
-            tokens[WRITE_ROWS, at : at + n] = seq.row
-            tokens[SLOTS, at : at + n] = seq.slot
-            query_start[s], seq_rows[s], seq_lens[s] = at, seq.row, seq.start + n
+        no_adapter = self.no_adapter
+        for seq in seqs:
+            at, n, slot, end = len(ids), len(seq.tokens), seq.slot, seq.start + len(seq.tokens)
+            starts.append(at)
+            rows.append(seq.row)
+            lens.append(end)
+            ids += seq.tokens
+            positions += range(seq.start, end)
+            write_rows += [seq.row] * n
+            slots += [slot] * n
             if seq.sample:
-                sample_index[sampled] = at + n - 1
-                sampled += 1
-            if seq.slot != self.no_adapter:
-                if segments and segments[-1][0] == seq.slot and segments[-1][2] == at:
-                    segments[-1] = (seq.slot, segments[-1][1], at + n)
+                samples.append(at + n - 1)
+            if slot != no_adapter:
+                if segments and segments[-1][0] == slot and segments[-1][2] == at:
+                    segments[-1] = (slot, segments[-1][1], at + n)
                 else:
-                    segments.append((seq.slot, at, at + n))
-            at += n
-        assert at <= width <= t and len(seqs) <= self.max_seqs, "a step larger than its buffer"
-        query_start[len(seqs) :] = at  # padding sequences own no tokens
-        seq_rows[len(seqs) :], seq_lens[len(seqs) :] = self.dummy_row, 0
-        sample_index[sampled:] = 0
+                    segments.append((slot, at, at + n))
+        t, s, at = self.max_tokens, len(seqs), len(ids)
+        assert at <= width <= t and s <= self.max_seqs, "a step larger than its buffer"
+        tokens = self._view[: 4 * t].reshape(4, t)
+        tokens[:, :at] = (ids, positions, write_rows, slots)
+        tokens[:, at:width] = self._padding  # padding tokens write to the dummy row with no adapter
+        query_start, seq_rows, seq_lens, sample_index = self._seq_fields(self._view)
+        query_start[:s], query_start[s:] = starts, at  # padding sequences own no tokens
+        seq_rows[:s], seq_rows[s:] = rows, self.dummy_row
+        seq_lens[:s], seq_lens[s:] = lens, 0
+        sample_index[: len(samples)], sample_index[len(samples) :] = samples, 0
         return segments
 
     def _seq_fields(self, v):  # the four per-sequence arrays after the token block

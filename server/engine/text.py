@@ -1,6 +1,26 @@
 """Incremental detokenization with stop sequences: text deltas that never show a stop sequence."""
 
-from transformers import PreTrainedTokenizerBase
+from collections.abc import Callable
+from functools import partial
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+Decode = Callable[[list[int]], str]
+
+
+def window_decoder(tokenizer: PreTrainedTokenizerBase) -> Decode:
+    """`tokenizer.decode(ids, skip_special_tokens=True)` as one function: the Rust tokenizer's own decode when that
+    is all the call would run (a fast tokenizer that overrides nothing and cleans up no spaces), since the
+    wrapper's argument handling costs twice the decode itself and a stream decodes twice per token of every row."""
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    ):
+        return partial(tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
+    return partial(tokenizer.decode, skip_special_tokens=True)
 
 
 class TextStream:
@@ -11,18 +31,18 @@ class TextStream:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
-        self._tokenizer = tokenizer
+        self._decode = window_decoder(tokenizer)
         self._stop = tuple(s for s in stop if s)
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
-        self._text = ""  # all decoded text so far
+        self._text = ""  # all decoded text so far (with stop sequences only: without, nothing is held back)
         self._emitted = 0  # characters of _text already returned
 
     def _decode_new(self) -> str:
-        prefix = self._tokenizer.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
-        full = self._tokenizer.decode(self._ids[self._prefix :], skip_special_tokens=True)
+        prefix = self._decode(self._ids[self._prefix : self._read])
+        full = self._decode(self._ids[self._prefix :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
@@ -31,6 +51,8 @@ class TextStream:
     def push(self, token_id: int) -> tuple[str, bool]:
         """(text delta, whether a stop sequence was hit). After a hit the delta ends before the stop text."""
         self._ids.append(token_id)
+        if not self._stop:  # every character goes out at once: no text to keep
+            return self._decode_new(), False
         self._text += self._decode_new()
         # A stop may straddle earlier text: search from where the longest stop could begin.
         start = max(0, self._emitted - self._holdback)
@@ -40,7 +62,7 @@ class TextStream:
             delta = self._text[self._emitted : end]
             self._emitted = max(self._emitted, end)
             return delta, True
-        end = len(self._text) - self._holdback if self._stop else len(self._text)
+        end = len(self._text) - self._holdback
         if end <= self._emitted:
             return "", False
         delta, self._emitted = self._text[self._emitted : end], end

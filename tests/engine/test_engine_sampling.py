@@ -3,8 +3,9 @@
 import torch
 from enginekit import sample_batch
 
+from loraplex.synthetic import byte_tokenizer
 from server.engine.sampling import SamplingParams, repetition_penalty, top_k_filter, top_p_filter
-from server.engine.text import TextStream
+from server.engine.text import TextStream, window_decoder
 
 
 def test_top_k_keeps_the_k_largest() -> None:
@@ -62,3 +63,30 @@ def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
     assert stopped and delta == ""
     plain = TextStream(tokenizer, ())
     assert "".join(plain.push(t)[0] for t in tokenizer("héllo")["input_ids"]) == "héllo"  # multi-byte waits
+
+
+class _OwnDecode(type(byte_tokenizer())):  # a tokenizer class with its own decoding rule
+    def _decode(self, token_ids, skip_special_tokens=False, **kwargs) -> str:
+        return super()._decode(token_ids, skip_special_tokens, **kwargs).upper()
+
+
+def test_window_decoder_is_the_tokenizers_decode() -> None:
+    """The Rust tokenizer is called directly only where the wrapper would run nothing else."""
+    plain = byte_tokenizer(600)
+    assert window_decoder(plain).func == plain.backend_tokenizer.decode
+    cleaning = byte_tokenizer(600)
+    cleaning.clean_up_tokenization_spaces = True
+    own = _OwnDecode(tokenizer_object=plain.backend_tokenizer, eos_token="<|eos|>")
+    ids = [*plain("héllo, world ?")["input_ids"], 2, 300, 0, 417, 1]  # specials are skipped
+    for tokenizer in (plain, cleaning, own):
+        expected = tokenizer.decode(ids, skip_special_tokens=True)
+        assert window_decoder(tokenizer)(ids) == expected
+        for stop in ((), ("W417", "w417")):
+            stream, text, stopped = TextStream(tokenizer, stop), "", False
+            for t in ids:
+                delta, stopped = stream.push(t)
+                text += delta
+                if stopped:
+                    break
+            assert stopped == bool(stop)
+            assert text == (expected[: expected.lower().index("w417")] if stop else expected + stream.flush())
