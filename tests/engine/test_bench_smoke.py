@@ -1,6 +1,7 @@
 """bench/engine.py --tiny runs end to end on CPU, so the benchmark cannot rot."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,3 +14,13 @@ def test_bench_tiny_runs(tmp_path) -> None:
     subprocess.run([sys.executable, str(BENCH), "--tiny", "--out", str(out)], check=True, capture_output=True)
     results = json.loads(out.read_text())
     assert results["engine_32_lora_tok_s"] > 0 and results["baseline_mixed_tok_s"] > 0
+
+
+def test_nf4_sass_counts_the_gemv_loop() -> None:
+    """bench/nf4_sass.py compiles the GEMV for sm_90 without a GPU and finds its loop (a decode has byte permutes)."""
+    script = BENCH.parent / "nf4_sass.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it compiles for the GPU, runs nothing
+    done = subprocess.run([sys.executable, str(script)], check=True, capture_output=True, text=True, env=env)
+    summary, mix = done.stdout.splitlines()[-2:]
+    assert float(summary.split(",")[-1].split()[0]) > 3  # instructions per weight: at least the decode's
+    assert "PRMT" in mix and "FFMA" in mix
