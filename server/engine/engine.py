@@ -3,8 +3,11 @@
 Each iteration admits waiting requests into free KV rows (activating their adapter into a slot if needed),
 then runs ONE forward over a flat batch of tokens: the next token of every decoding request and chunks of the
 prompts still prefilling, up to the step's prompt-token budget (batching.py decides, step.py lays it out).
-The forward's tokens are sampled on the device and come back in one copy. Requests leave the moment they
-finish or are cancelled, freeing their row. A request that fails (at admission or in a forward) ends alone;
+The forward's tokens are sampled on the device and come back in one copy. What the next step needs of them
+(ids, grammar state, ends by EOS or length) is taken at once; their text (detokenization, stop sequences) and
+events wait until the next step has been launched, so on CUDA that host work overlaps the device's. Requests
+leave the moment they finish or are cancelled, freeing their row; one whose text reaches a stop sequence has
+its token of the step in flight discarded. A request that fails (at admission or in a forward) ends alone;
 the loop goes on.
 """
 
@@ -15,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,7 +27,7 @@ from adapters.lora import LoraWeights
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
 from server.engine.batching import plan_step
 from server.engine.config import EngineConfig
-from server.engine.constraints import fill_masks
+from server.engine.constraints import StepMasks, fill_masks
 from server.engine.errors import AdapterTooLarge, EngineStopped, GrammarFailed, InvalidSampling, PromptTooLong
 from server.engine.graphs import StepGraphs
 from server.engine.multilora import (
@@ -61,6 +65,29 @@ class _Row:
     text: TextStream
     generator: torch.Generator | None
     generated: int = 0
+    ended: bool = False  # released: its KV row and slot are another request's now
+
+
+class _Output(NamedTuple):
+    """A token taken from the device whose text and event wait until the next step has been launched."""
+
+    row: _Row
+    index: int
+    token: int
+    logprob: float
+    top: Top
+    finish: FinishReason | None  # decided by the token alone (EOS, a complete grammar, max tokens)
+    eos: bool  # the token ends the sequence: it adds no text
+
+
+class _Drawn(NamedTuple):
+    """A step's sampling, launched on the device: every row's token and logprob, then the asking rows' top ids
+    and logprobs, flat in one float64 tensor."""
+
+    flat: torch.Tensor
+    masks: StepMasks | None
+    asking: list[int]  # rows (by position) that asked for top logprobs
+    top_n: int  # columns of top logprobs per asking row
 
 
 class Engine:
@@ -104,6 +131,7 @@ class Engine:
         self._waiting: deque[tuple[GenerationRequest, EventSink]] = deque()
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
+        self._pending: list[_Output] = []  # the last step's tokens, delivered once the next step is launched
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -261,6 +289,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # a fault outside one request's guard: end the running ones, go on
                 log.exception("an engine step failed; its running requests end with an error")
+                self._deliver()
                 for row in list(self._rows.values()):
                     self._finish(row, "error", error=exc)
             except BaseException as exc:  # the interpreter is going down: liveness must say so
@@ -293,8 +322,9 @@ class Engine:
         try:
             work()
         except Exception as exc:
+            self._deliver()  # the previous step's events first: each request's stay in order
             for row in rows:
-                if row.request.request_id in self._rows:
+                if not row.ended:
                     self._finish(row, "error", error=exc)
 
     def _apply_commands(self) -> None:
@@ -309,6 +339,8 @@ class Engine:
                     else:
                         kept.append((request, sink))
                 self._waiting = kept
+        if cancels:
+            self._deliver()  # a cancelled row's last token event comes before its end
         for request_id in cancels:
             row = self._rows.get(request_id)
             if row is not None:
@@ -372,7 +404,8 @@ class Engine:
 
     # ---- forwards -----------------------------------------------------------------------------------
     def _run(self, plan: list[tuple[_Row, int]]) -> None:
-        """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token."""
+        """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token; the
+        previous step's events go out between the launch and the wait for this step's tokens."""
         plan = sorted(plan, key=lambda item: item[0].slot)  # stable: each adapter's tokens one run (step.py)
         seqs: list[Sequence] = []
         sampled: list[_Row] = []  # the rows whose sequence ends on a new token, in the order of their logits
@@ -400,8 +433,13 @@ class Engine:
             logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments)
         for row, end in chunks:
             row.prefilled = end
-        if sampled:
-            self._sample(sampled, logits[: len(sampled)])
+        drawn = self._launch_sampling(sampled, logits[: len(sampled)]) if sampled else None
+        # On CUDA the step so far was only launched: the previous step's text and events overlap the device.
+        self._deliver()
+        if drawn is not None:
+            self._take(sampled, drawn)
+        if not self._rows:  # no next step to overlap this one's with
+            self._deliver()
 
     @torch.inference_mode()
     def _forward(self, tensors: StepTensors, segments: list[Segment] | None) -> torch.Tensor:
@@ -415,8 +453,8 @@ class Engine:
         return self._forward(self._step.views(buffer, width), None)
 
     # ---- sampling and finishing ---------------------------------------------------------------------
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        # logits: [len(rows), V]; one device -> host copy brings every row's token, logprob and top logprobs
+    def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor) -> _Drawn:
+        # logits: [len(rows), V]; one device -> host copy will bring every row's token, logprob and top logprobs
         # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
@@ -430,25 +468,36 @@ class Engine:
         picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
         asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
         # float64 holds token ids exactly: one flat tensor, one copy
-        flat = torch.cat([tokens.double(), picked.double(), top_ids.double().flatten(), top_values.double().flatten()])
-        host = flat.tolist()
-        b, n = len(rows), top_ids.shape[-1] if asking else 0
-        tops: dict[int, Top] = {}
-        for j, i in enumerate(asking):
-            ids = host[2 * b + j * n : 2 * b + (j + 1) * n]
-            values = host[2 * b + len(asking) * n + j * n : 2 * b + len(asking) * n + (j + 1) * n]
-            keep = params[i].top_logprobs
-            tops[i] = tuple((int(t), v) for t, v in zip(ids[:keep], values[:keep], strict=True))
-        for i, row in enumerate(rows):
-            if masks is not None and i in masks.failed:
-                self._finish(row, "error", error=masks.failed[i])
-            else:
-                self._emit_token(row, int(host[i]), host[b + i], tops.get(i, ()))
+        parts = [tokens.double(), picked.double()]
+        if asking:
+            parts += [top_ids.double().flatten(), top_values.double().flatten()]
+        return _Drawn(torch.cat(parts), masks, asking, top_ids.shape[-1] if asking else 0)
 
-    def _emit_token(self, row: _Row, token: int, logprob: float, top: Top = ()) -> None:
+    def _take(self, rows: list[_Row], drawn: _Drawn) -> None:
+        """Wait for the step's tokens and take each one (_take_token)."""
+        host = drawn.flat.tolist()
+        b, m, n = len(rows), len(drawn.asking), drawn.top_n
+        tops: dict[int, Top] = {}
+        for j, i in enumerate(drawn.asking):
+            ids = host[2 * b + j * n : 2 * b + (j + 1) * n]
+            values = host[2 * b + m * n + j * n : 2 * b + m * n + (j + 1) * n]
+            keep = rows[i].request.sampling.top_logprobs
+            tops[i] = tuple((int(t), v) for t, v in zip(ids[:keep], values[:keep], strict=True))
+        failed = drawn.masks.failed if drawn.masks is not None else {}
+        for i, row in enumerate(rows):
+            if row.ended:  # by its last token's delivery, after this step was launched (a stop sequence, a
+                continue  # consumer gone, a text fault): this token was computed in vain and never existed
+            if i in failed:
+                self._finish(row, "error", error=failed[i])
+            else:
+                self._take_token(row, int(host[i]), host[b + i], tops.get(i, ()))
+
+    def _take_token(self, row: _Row, token: int, logprob: float, top: Top) -> None:
+        """What the next step needs of a token now: the row's ids, its grammar's state, and the ends the token
+        decides alone (EOS, a complete grammar, max tokens), which free the row before the next step is planned.
+        Its text (a stop sequence may end the row there) and its event wait in _pending for _deliver."""
         row.ids.append(token)
         row.generated += 1
-        index = row.generated - 1
         params, grammar = row.request.sampling, row.request.grammar
         if grammar is not None:
             try:
@@ -456,18 +505,36 @@ class Engine:
             except Exception as exc:  # this request's matcher alone
                 self._finish(row, "error", error=GrammarFailed(f"the grammar refused token {token}: {exc}"))
                 return
-        if token in self.eos_ids and not params.ignore_eos:
-            self._send(row, index, token, row.text.flush(), logprob, "stop", top=top)
-            return
-        delta, stopped = row.text.push(token)
-        if stopped:
-            self._send(row, index, token, delta, logprob, "stop", top=top)
-        elif grammar is not None and grammar.is_finished():  # complete: only EOS could follow, so skip its step
-            self._send(row, index, token, delta + row.text.flush(), logprob, "stop", top=top)
+        eos = token in self.eos_ids and not params.ignore_eos
+        finish: FinishReason | None = None
+        if eos or (grammar is not None and grammar.is_finished()):  # complete: only EOS could follow, so skip its step
+            finish = "stop"
         elif row.generated >= params.max_new_tokens:
-            self._send(row, index, token, delta + row.text.flush(), logprob, "length", top=top)
-        else:
-            self._send(row, index, token, delta, logprob, None, top=top)
+            finish = "length"
+        if finish is not None:
+            self._release(row)
+        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, eos))
+
+    def _deliver(self) -> None:
+        """The text and events of the tokens taken last step, in order. A row whose text reaches a stop sequence
+        ends here; a token of its drawn since is discarded by _take."""
+        pending, self._pending = self._pending, []
+        for out in pending:
+            row = out.row
+            finish = out.finish
+            try:
+                if out.eos:  # the end of the sequence has no text of its own
+                    text = row.text.flush()
+                else:
+                    text, stopped = row.text.push(out.token)
+                    if stopped:
+                        finish = "stop"
+                    elif finish is not None:
+                        text += row.text.flush()
+            except Exception as exc:  # this request's text alone (a tokenizer fault): it ends, the others go on
+                self._send(row, out.index, None, "", None, "error", error=exc)
+                continue
+            self._send(row, out.index, out.token, text, out.logprob, finish, top=out.top)
 
     def _send(
         self,
@@ -483,7 +550,7 @@ class Engine:
         request = row.request
         event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error,
                            top)  # fmt: skip
-        if finish is not None:
+        if finish is not None and not row.ended:  # a row ended by its token alone was released when taken
             self._release(row)
         try:
             row.sink(event)
@@ -496,6 +563,7 @@ class Engine:
         self._send(row, max(row.generated - 1, 0), None, "", None, reason, error)
 
     def _release(self, row: _Row) -> None:
+        row.ended = True
         del self._rows[row.request.request_id]
         heapq.heappush(self._free_rows, row.row)
         if row.slot != self.no_adapter:
@@ -514,6 +582,7 @@ class Engine:
             log.warning("request %s: its event could not be delivered", request.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
+        self._deliver()
         for row in list(self._rows.values()):
             self._finish(row, "error", error)
         with self._cv:
