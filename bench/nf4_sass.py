@@ -33,7 +33,10 @@ def sass(block_n: int, blocks: int, warps: int, k: int) -> str:
     constants = dict(BLOCKS_PER_ROW=k // nf4.QBLOCK, NESTED=True, HAS_BIAS=False, HAS_LORA=False, CHUNKS_PAD=16,
                      R_PAD=16, DECODE_ASM=True, BLOCK_N=block_n, BLOCKS=blocks)  # fmt: skip
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32") for name in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    # what a launch specializes on: 16-byte aligned pointers and N a multiple of 16 (loads vectorize on it)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in POINTERS or n == "N"}
+    constexprs = {(fn.arg_names.index(n),): v for n, v in constants.items()}
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "gemv.cubin"
