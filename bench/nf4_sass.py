@@ -1,5 +1,5 @@
 """The NF4 GEMV's machine code for sm_90, compiled here without a GPU: its inner loop's instruction mix and
-instructions per weight, the figure that bounds the kernel once memory is not the limit (H200: ~3.4
+instructions per weight, the figure that bounds the kernel once memory is not the limit (H200: ~3.5
 instructions per weight at full bandwidth, see BENCHMARKS.md).
 
 python bench/nf4_sass.py                          # the launcher's configuration for a 4096 x 4096 weight
