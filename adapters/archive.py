@@ -1,8 +1,9 @@
 """Safe extraction of an uploaded .tar(.gz, .bz2, .xz) / .zip holding a PEFT directory.
 
 Headers are not trusted: sizes are counted while the bytes are written, members are limited in number,
-tar headers are read in bounded pieces (adapters.tarstream), decompression stops where the archive ends or
-the budget does, and only regular files and directories with plain relative paths are accepted.
+tar headers are read in bounded pieces (adapters.tarstream), a zip's central directory is bounded before it
+is read, decompression stops where the archive ends or the budget does, and only regular files and
+directories with plain relative paths are accepted.
 """
 
 import bz2
@@ -20,10 +21,15 @@ from adapters.tarstream import damaged, members, not_an_archive
 from adapters.validate import CONFIG_FILE
 
 MAX_MEMBERS = 64  # a PEFT directory holds a handful of files
+# A zip's central directory: a 46-byte header per entry plus its name, extra field and comment. 4 KiB an entry
+# leaves room for long names and every common extra field; zipfile reads and parses all of it up front.
+MAX_CENTRAL_DIRECTORY = MAX_MEMBERS * 4096
 _CHUNK = 1 << 20
 # magic bytes -> how to open the tar inside; anything else is read as a plain tar
 _COMPRESSED: dict[bytes, Callable[[Path], IO[bytes]]] = {
-    b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open,
+    b"\x1f\x8b": gzip.open,
+    b"BZh": bz2.open,
+    b"\xfd7zXZ\x00": lzma.open,
 }
 
 
@@ -100,8 +106,28 @@ def _extract_tar(archive: Path, opener: Callable[[Path], IO[bytes]], dest: Path,
         raise damaged(str(exc)) from exc
 
 
+def _check_zip_directory(archive: Path) -> None:
+    """Refuse a zip whose end record declares more than MAX_MEMBERS entries or a central directory larger than
+    MAX_CENTRAL_DIRECTORY, before zipfile reads it: zipfile parses every entry of the directory into memory
+    (however many the archive holds, whatever the end record counts), so an upload of small entries would
+    cost about ten times its size in memory before any per-member check ran."""
+    with archive.open("rb") as f:
+        end = zipfile._EndRecData(f)  # the end record zipfile itself reads, zip64's included
+    if end is None:
+        raise UnsafeArchive("the archive is damaged (no zip end record); pack it again")
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > MAX_MEMBERS:
+        raise UnsafeArchive(f"the archive has more than {MAX_MEMBERS} members; pack only the PEFT directory")
+    if size > MAX_CENTRAL_DIRECTORY:
+        raise UnsafeArchive(
+            f"the archive's central directory takes {size} bytes, more than {MAX_CENTRAL_DIRECTORY} for "
+            f"{MAX_MEMBERS} members; pack only the PEFT directory, with plain names"
+        )
+
+
 def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
     budget = _Budget(max_bytes)
+    _check_zip_directory(archive)
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
@@ -132,4 +158,3 @@ def _peft_dir(root: Path) -> Path:
             "or in one directory"
         )
     return nested[0]
-
