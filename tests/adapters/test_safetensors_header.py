@@ -1,0 +1,67 @@
+"""A weights file's header is bounded (size, tensor count) before safetensors makes a tensor of every entry."""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from peft_dirs import new_store
+
+from adapters import errors, validate
+from adapters.validate import MAX_TENSORS, AdapterLimits, read_safetensors
+
+
+def weights_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+    header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def empty_tensors(count: int) -> bytes:
+    empty = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    entries = {f"base_model.model.layers.{i}.q_proj.lora_A.weight": empty for i in range(count)}
+    return json.dumps({"__metadata__": {"format": "pt"}, **entries}).encode()
+
+
+@pytest.fixture
+def load_file_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("safetensors parsed a header that should have been refused")
+
+    monkeypatch.setattr(validate, "load_file", refuse)
+
+
+def test_more_tensors_than_an_adapter_has_are_refused_unparsed(tmp_path: Path, load_file_unused: None) -> None:
+    path = weights_file(tmp_path / "adapter_model.safetensors", empty_tensors(MAX_TENSORS + 1))
+    with pytest.raises(errors.UnsafeAdapterFormat, match=f"declares {MAX_TENSORS + 1} tensors"):
+        read_safetensors(path)
+
+
+def test_a_header_over_the_bound_is_refused_unread(tmp_path: Path, load_file_unused: None) -> None:
+    header = b'{"__metadata__": {"pad": "' + b"x" * (5 << 20) + b'"}}'  # one entry, 5 MB of header
+    path = weights_file(tmp_path / "adapter_model.safetensors", header)
+    with pytest.raises(errors.UnsafeAdapterFormat, match="header takes"):
+        read_safetensors(path)
+
+
+@pytest.mark.parametrize("header", [b"{" + b"[" * 100_000, b'{"a": 1', b'{"\xff": 1}'], ids=["deep", "cut", "utf8"])
+def test_a_malformed_header_is_damaged(tmp_path: Path, header: bytes, load_file_unused: None) -> None:
+    path = weights_file(tmp_path / "adapter_model.safetensors", header)
+    with pytest.raises(errors.UnsafeAdapterFormat, match="damaged"):
+        read_safetensors(path)
+
+
+def test_an_adapter_at_the_tensor_bound_is_read(tmp_path: Path) -> None:
+    path = weights_file(tmp_path / "adapter_model.safetensors", empty_tensors(MAX_TENSORS))
+    assert len(read_safetensors(path)) == MAX_TENSORS
+
+
+def test_an_upload_with_too_many_tensors_leaves_the_store_as_it_was(tmp_path: Path, peft_dir: Path) -> None:
+    store = new_store(tmp_path / "store", AdapterLimits(max_rank=16, max_bytes=8 << 20))  # the header fits
+    store.put("good", peft_dir)
+    bad = Path(shutil.copytree(peft_dir, tmp_path / "bad"))
+    weights_file(bad / "adapter_model.safetensors", empty_tensors(MAX_TENSORS + 1))
+    with pytest.raises(errors.UnsafeAdapterFormat, match="tensors"):
+        store.put("good", bad)
+    assert [m.version for m in store.versions("good")] == [1]
