@@ -40,6 +40,9 @@ VOCAB_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "embed_in", "embed_
 MAX_TENSORS = 16_384
 _MAX_HEADER = 4 << 20
 MAX_JSON_DEPTH = 32  # PEFT's config is 2 levels deep; training metadata a few more
+# json.loads takes ~10x a document's size in memory, holding the GIL: the config is ~1 KB, the training
+# metadata tens of KB (it lists the base model's modules)
+MAX_JSON_BYTES = 4 << 20
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")  # ours, linear: never a client's pattern
 
 
@@ -111,6 +114,11 @@ def _pickle_message(filename: str) -> str:
 
 
 def _read_json(path: Path, what: str) -> Any:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise InvalidAdapterConfig(
+            f"{what} takes {size} bytes, over the server's bound of {MAX_JSON_BYTES}; upload the file as written"
+        )
     try:
         value = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
