@@ -22,6 +22,8 @@ from loraplex.synthetic import load_synthetic
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class Shape:
     prompt: int
@@ -128,8 +130,13 @@ def profile_decode(engine: Engine, loras: list[LoraWeights], shape: Shape) -> st
     step_ms = 100 * (time.perf_counter() - start)
     while engine.step():
         pass
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
-    return f"batch {len(loras)}: {step_ms:.2f} ms/decode step (unprofiled)\n{table}"
+    averages = prof.key_averages()
+    # device time and kernels a step: what the gap to the wall time is made of (launches, host work)
+    device_ms = sum(e.self_device_time_total for e in averages) / 10 / 1000
+    kernels = sum(e.count for e in averages if e.self_device_time_total > 0) / 10
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    return (f"batch {len(loras)}: {step_ms:.2f} ms a decode step (unprofiled), {device_ms:.2f} ms of it on the "
+            f"device in {kernels:.0f} kernels\n{table}")  # fmt: skip
 
 
 def main() -> None:
@@ -152,8 +159,9 @@ def main() -> None:
     )
     torch.manual_seed(0)
     # the tiny smoke run keeps fp32 weights: NF4 is what the CUDA run measures
-    model, tokenizer = load_synthetic("random:tiny" if args.tiny else "random:llama3-8b", device, dtype,
-                                      quantize=not args.tiny)
+    model, tokenizer = load_synthetic(
+        "random:tiny" if args.tiny else "random:llama3-8b", device, dtype, quantize=not args.tiny
+    )
     results: dict[str, float] = {}
     if not args.no_baseline:
         results["baseline_1_lora_tok_s"] = baseline(model, 1, 1, shape, device)
