@@ -10,7 +10,9 @@ from e2e.server import running_server
 
 @pytest.fixture(scope="session")
 def server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An open server (no keys) with a small batch, shared by the end-to-end tests."""
+    """An open server (no keys) with a small batch and one adapter store, shared by every end-to-end module that
+    needs no server flags of its own: each start loads the model again (~15 s on two cores). Modules that share
+    it upload under names of their own and never assume an empty store."""
     tmp = tmp_path_factory.mktemp("server")
     with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
                         str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "4",

@@ -7,29 +7,17 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save
 
-from e2e.server import running_server
-
 pytestmark = pytest.mark.e2e
 HIDDEN, KV = 576, 192  # SmolLM2-135M: q_proj 576 -> 576, v_proj 576 -> 192 (3 kv heads of 64)
 PROMPTS = ["The capital of France is", "Once upon a time"]
-
-
-@pytest.fixture(scope="module")
-def url(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
-                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "4",
-                        "--max-seq-len", "256") as served:
-        yield served
 
 
 def lora_files(config: dict | None = None, change: Callable[[dict], None] | None = None,
@@ -100,7 +88,15 @@ def generate(url: str, prompt: str, adapter: str | None) -> str:
     return response.json()["generated_text"]
 
 
-def test_hostile_uploads_harm_no_honest_request(url: str) -> None:
+def stored_names(url: str) -> list[str]:
+    listing = httpx.get(f"{url}/v1/adapters").json()
+    assert listing["broken"] == []
+    return sorted(m["name"] for m in listing["data"])
+
+
+def test_hostile_uploads_harm_no_honest_request(server: str) -> None:
+    url = server
+    before = stored_names(url)  # the shared server's store may hold other modules' adapters
     honest = httpx.post(f"{url}/v1/adapters", data={"name": "honest"}, files=lora_files(), timeout=60)
     assert honest.status_code == 201, honest.text
     jobs = [(prompt, adapter) for prompt in PROMPTS for adapter in (None, "honest")]
@@ -118,6 +114,5 @@ def test_hostile_uploads_harm_no_honest_request(url: str) -> None:
             assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert [a.result() for a in answers] == expected
 
-    listing = httpx.get(f"{url}/v1/adapters").json()
-    assert [m["name"] for m in listing["data"]] == ["honest"] and listing["broken"] == []
+    assert stored_names(url) == sorted([*before, "honest"])
     assert [generate(url, prompt, adapter) for prompt, adapter in jobs] == expected

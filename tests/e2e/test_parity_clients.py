@@ -6,7 +6,6 @@ n with a seed), `text-generation` (grammar, details with top_n_tokens, best_of) 
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import save_file
 
-from e2e.server import CLIENTS_PYTHON, running_server
+from e2e.server import CLIENTS_PYTHON
 
 pytestmark = pytest.mark.e2e
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
@@ -50,18 +49,17 @@ def write_adapter(path: Path, config: dict, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(server: str, embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The shared server, with two random adapters of this module's uploaded into it."""
     tmp = tmp_path_factory.mktemp("parity-clients")
     config = json.loads((embedded_cache_dir / "models" / "SmolLM2-135M-Instruct" / "config.json").read_text())
-    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
-                        str(tmp / "store"), "--device", "cpu", "--max-batch-size", "4", "--max-seq-len", "512") as url:
-        for i, name in enumerate(("alpha", "beta")):
-            peft = write_adapter(tmp / name, config, seed=i)
-            files = {"config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
-                     "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes())}
-            response = httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=60)
-            assert response.status_code == 201, response.text
-        yield url
+    for i, name in enumerate(("alpha", "beta")):
+        peft = write_adapter(tmp / name, config, seed=i)
+        files = {"config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
+                 "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes())}
+        response = httpx.post(f"{server}/v1/adapters", data={"name": name}, files=files, timeout=60)
+        assert response.status_code == 201, response.text
+    return server
 
 
 @pytest.fixture(scope="module")

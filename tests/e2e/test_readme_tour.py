@@ -1,8 +1,9 @@
 """The README's quick tour, run as written: its commands are read from README.md, so the tour cannot drift.
 
 The one substitution is the server's address: the tour talks to `make serve` on port 8000, this test to its own
-server on a free port with a fresh adapter store. Commands run from a directory that looks like a fresh clone
-(the checkout's .venv and examples/, nothing else), so the tour's outputs stay out of the checkout.
+server on a free port with a fresh adapter store (and short rows, see tour_server). Commands run from a directory
+that looks like a fresh clone (the checkout's .venv and examples/, nothing else), so the tour's outputs stay out of
+the checkout.
 """
 
 import json
@@ -35,7 +36,10 @@ def tour_commands(readme: str) -> list[str]:
 def tour_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("tour-server")
     with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
-                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "2") as url:
+                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "2",
+                        # The tour's first chat samples the base model with no max_tokens: it may ramble to the
+                        # row's end (~0.3 s a token on two cores). A short row bounds it; every tour answer fits.
+                        "--max-seq-len", "128") as url:
         yield url
 
 
