@@ -1,5 +1,5 @@
-"""The NF4 kernels against bitsandbytes on Llama-3-8B projection shapes (CUDA): the GEMV for one row, the
-tensor-core matmul for more.
+"""The NF4 kernels against bitsandbytes on Llama-3-8B projection shapes (CUDA): the Triton GEMV for one row, the
+Triton tensor-core matmul for more ("fused", its configuration searched with --sweep), and nf4_mma ("mma").
 
 python bench/nf4_kernel.py --out nf4.json                       # 1 and 32 rows, the launchers' configurations
 python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also search configurations, 60 s each
@@ -25,6 +25,7 @@ from bitsandbytes.nn import Linear4bit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from server.engine.kernels.nf4 import nf4_gemv, nf4_matmul, pick_config, pick_matmul_config
+from server.engine.kernels.nf4_mma import nf4_mma
 
 # (out, in) of each projection of a Llama-3-8B layer, and how many of that shape one layer has
 SHAPES = {"q_proj/o_proj": ((4096, 4096), 2), "k_proj/v_proj": ((1024, 4096), 2),
@@ -102,6 +103,7 @@ def main() -> None:
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             bnb_us = graph_us(lambda: [layer(x) for layer in layers], copies)  # noqa: B023
             fused_us = graph_us(lambda: [kernel(x, layer, None) for layer in layers], copies)  # noqa: B023
+            mma_us = graph_us(lambda: [nf4_mma(x, layer.weight, layer.weight.quant_state) for layer in layers], copies)  # noqa: B023
             best = pick_config(n, k) if rows == 1 else pick_matmul_config(n, k, on_cuda=True)
             best_us = fused_us
             deadline = time.monotonic() + args.sweep
@@ -112,17 +114,18 @@ def main() -> None:
                 if us < best_us:
                     best, best_us = config, us
             gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
-            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "best_us": best_us, "best_config": best,
+            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "mma_us": mma_us, "best_us": best_us, "best_config": best,
                      "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
             results["rows"].setdefault(str(rows), {})[name] = shape
-            print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  best {best_us:7.1f} us "
+            print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  mma {mma_us:7.1f} us  "
+                  f"best {best_us:7.1f} us "
                   f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
     for rows, shapes in results["rows"].items():
         step = {key: LAYERS * sum(s[f"{key}_us"] * s["per_layer"] for s in shapes.values()) / 1000
-                for key in ("bnb", "fused", "best")}  # fmt: skip
+                for key in ("bnb", "fused", "mma", "best")}  # fmt: skip
         results[f"step_ms_{rows}_rows"] = step
         print(f"{rows} rows, linear layers per decode step: bnb {step['bnb']:.2f} ms, fused {step['fused']:.2f} ms, "
-              f"best found {step['best']:.2f} ms", flush=True)  # fmt: skip
+              f"mma {step['mma']:.2f} ms, best found {step['best']:.2f} ms", flush=True)  # fmt: skip
     args.out.write_text(json.dumps(results, indent=1))
 
 

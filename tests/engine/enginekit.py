@@ -1,4 +1,4 @@
-"""Helpers of the engine tests: PEFT-saved adapters, the PEFT oracle, and a synchronous engine driver."""
+"""Helpers of the engine tests: PEFT-saved adapters, the PEFT oracle, a synchronous engine driver, NF4 layers."""
 
 import copy
 import json
@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
+from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -131,3 +133,17 @@ def request(
     return GenerationRequest(
         prompt, params, adapter.key if adapter else None, adapter.weights if adapter else None, **extra
     )
+
+
+def nf4_layer(n: int, k: int, nested: bool, bias: bool, device: str) -> tuple[Linear4bit, torch.Tensor]:
+    """An NF4 layer and its weight [n, k] as the kernels compute it: the codes through bf16-rounded NF4 values
+    (the kernels' precision), times each block's absmax."""
+    layer = Linear4bit(k, n, bias=bias, compress_statistics=nested, quant_type="nf4", compute_dtype=torch.float32)
+    layer = layer.to(device)  # quantizes on CUDA; on the CPU the first forward does
+    layer(torch.zeros(1, k, device=device))
+    state = layer.weight.quant_state
+    packed = layer.weight.view(-1).long()
+    codes = torch.stack([packed >> 4, packed & 15], -1).view(n, k)
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+    values = get_4bit_type("nf4", device=device).to(torch.bfloat16).float()[codes]
+    return layer, (values.view(-1, 64) * absmax.float()[:, None]).view(n, k)

@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
 from bitsandbytes.nn import Linear4bit
-from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+from enginekit import Collector, greedy, make_engine, nf4_layer, reference_generate, request, run_to_end
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -46,25 +45,11 @@ def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
         assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
 
 
-def nf4_layer(n: int, k: int, nested: bool, bias: bool) -> tuple[Linear4bit, torch.Tensor]:
-    """An NF4 layer and its weight [n, k] as the kernels compute it: the codes through bf16-rounded NF4 values
-    (the kernels' precision), times each block's absmax."""
-    layer = Linear4bit(k, n, bias=bias, compress_statistics=nested, quant_type="nf4", compute_dtype=torch.float32)
-    layer = layer.to(DEVICE)  # quantizes on CUDA; on the CPU the first forward does
-    layer(torch.zeros(1, k, device=DEVICE))
-    state = layer.weight.quant_state
-    packed = layer.weight.view(-1).long()
-    codes = torch.stack([packed >> 4, packed & 15], -1).view(n, k)
-    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
-    values = get_4bit_type("nf4", device=DEVICE).to(torch.bfloat16).float()[codes]
-    return layer, (values.view(-1, 64) * absmax.float()[:, None]).view(n, k)
-
-
 @pytest.mark.parametrize(("nested", "bias", "lora"), [(True, False, False), (False, True, False), (True, True, True)])
 def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
     torch.manual_seed(0)
     n, k, slots, rank = 40, 64 * 9, 3, 5  # K / 64 odd, N not a multiple of the row blocks, rank not a power of 2
-    layer, dense = nf4_layer(n, k, nested, bias)
+    layer, dense = nf4_layer(n, k, nested, bias, DEVICE)
     weight, state = layer.weight, layer.weight.quant_state
     x = torch.randn(k, device=DEVICE)
     expected = dense @ x + (layer.bias if bias else 0)
@@ -87,7 +72,7 @@ def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
 def test_nf4_matmul_matches_the_dequantized_weight(rows, nested, bias, config) -> None:
     torch.manual_seed(0)
     n, k = 40, 64 * 9
-    layer, dense = nf4_layer(n, k, nested, bias)
+    layer, dense = nf4_layer(n, k, nested, bias, DEVICE)
     x = torch.randn(rows, k, device=DEVICE)
     expected = x @ dense.T + (layer.bias if bias else 0)
     got = nf4_matmul(x, layer.weight, layer.weight.quant_state, layer.bias if bias else None, config)

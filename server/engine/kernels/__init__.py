@@ -33,10 +33,10 @@ class FusedDecode:
         base: nn.Module, x: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor
     ) -> torch.Tensor:
         """base(x) + each row's LoRA delta: x [B, in] -> [B, out]; partial: the shrink's [B, CHUNKS_PAD, R_PAD]
-        for this layer; b: [S+1, R, out] (a view of the B store); slots: [B] long. One NF4 row: the GEMV with
-        the expand fused in; otherwise the base layer, then the expand in place on its output."""
-        if x.shape[0] == 1 and isinstance(base, FusedNf4Linear):
-            return base.one_row(x, LoraEpilogue(partial, chunks, b, slots))
+        for this layer; b: [S+1, R, out] (a view of the B store); slots: [B] long. An NF4 layer adds the delta
+        in its kernel's epilogue where it can; otherwise the base layer, then the expand in place on its output."""
+        if isinstance(base, FusedNf4Linear):
+            return base.project(x, LoraEpilogue(partial, chunks, b, slots))
         y = base(x)
         lora_expand(y, partial, chunks, b, slots)
         return y

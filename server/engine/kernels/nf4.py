@@ -16,7 +16,6 @@ a table in memory).
 """
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -24,6 +23,11 @@ import triton.language as tl
 from bitsandbytes.functional import QuantState, get_4bit_type
 from bitsandbytes.nn import Linear4bit
 from torch import nn
+
+from server.engine.kernels.epilogue import LoraEpilogue
+from server.engine.kernels.lora import lora_expand
+from server.engine.kernels.nf4_mma import MMA_ROWS, nf4_mma
+from server.engine.kernels.nf4_mma import available as mma_available
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
@@ -265,16 +269,6 @@ def pick_config(n: int, k: int) -> tuple[int, int, int]:
     return block_n, blocks, warps
 
 
-@dataclass(frozen=True)
-class LoraEpilogue:
-    """The expand half of one row's LoRA delta, added to the GEMV's output in the same kernel."""
-
-    partial: torch.Tensor  # [1, CHUNKS_PAD, R_PAD] fp32: one layer's part of lora_shrink's output
-    chunks: int  # chunks of `partial` written
-    b: torch.Tensor  # [S+1, R, N] view of the B store (scaling folded in), unit column stride
-    slots: torch.Tensor  # [1] long
-
-
 def nf4_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -376,8 +370,9 @@ def supported(module: nn.Module) -> bool:
 
 
 class FusedNf4Linear(nn.Module):
-    """An NF4 Linear4bit whose forwards of one row run the GEMV above, of up to MAX_ROWS rows the tensor-core
-    kernel, of more (prefill) bitsandbytes' dequantize + dense matmul."""
+    """An NF4 Linear4bit whose forwards of up to MMA_ROWS rows run nf4_mma (bf16 on CUDA), of one row otherwise
+    the GEMV above, of up to MAX_ROWS rows the Triton tensor-core kernel, of more (prefill) bitsandbytes'
+    dequantize + dense matmul."""
 
     def __init__(self, base: Linear4bit) -> None:
         super().__init__()
@@ -390,21 +385,23 @@ class FusedNf4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]
         rows = x.numel() // self.in_features
-        if rows == 1:
-            return self.one_row(x.reshape(1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        if rows > MAX_ROWS:
-            return self.base(x)
-        compute = self.base.compute_dtype or x.dtype
-        flat = x.reshape(rows, self.in_features).to(compute).contiguous()
-        y = nf4_matmul(flat, self.base.weight, self.base.weight.quant_state, self._bias(compute))  # [rows, out]
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return self.project(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
 
-    def one_row(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
-        """x [1, in] -> [1, out] in x's dtype, computed in the layer's compute dtype."""
+    def project(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
+        """x [rows, in] -> [rows, out] in x's dtype, computed in the layer's compute dtype, + each row's LoRA
+        delta when `lora` is given (in the kernel's epilogue where it has one, else by the expand kernel)."""
+        rows = x.shape[0]
         compute = self.base.compute_dtype or x.dtype
-        weight = self.base.weight
-        y = nf4_gemv(x[0].to(compute).contiguous(), weight, weight.quant_state, self._bias(compute), lora)  # [out]
-        return y.to(x.dtype)[None]
+        weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
+        flat = x.to(compute).contiguous()
+        if rows <= MMA_ROWS and mma_available(flat):
+            return nf4_mma(flat, weight, state, bias, lora).to(x.dtype)
+        if rows == 1:
+            return nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None]
+        y = nf4_matmul(flat, weight, state, bias) if rows <= MAX_ROWS else self.base(x)  # [rows, out]
+        if lora is not None:
+            lora_expand(y, lora.partial, lora.chunks, lora.b, lora.slots)
+        return y.to(x.dtype)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.base.bias is None else self.base.bias.to(dtype)

@@ -1,0 +1,246 @@
+// y [m, n] = x [m, k] @ dequant(W [n, k]).T (+ bias) for 1-64 rows of x on the tensor cores (sm_80+), W in
+// bitsandbytes' NF4 layout as stored: two codes a byte (the even column in the high nibble), one absmax a 64
+// weights (8-bit quantized per 256 blocks under double quantization).
+//
+// Why not a table in registers (the Triton kernels): each lane decodes a byte of two codes into the bf16 pair a
+// tensor-core operand register holds with one shared-memory load from a 256-entry table of pairs, stored once
+// per lane (entry e of lane l at word 32 e + l, so every lane reads its own bank: no conflicts). A weight costs
+// ~1.5 instructions (shift, mask, load per two), under the ~3.5 a weight the H100/H200 can issue at full memory
+// bandwidth; the multiply-adds are the tensor cores'.
+//
+// The reduction order of an mma is free, so a lane's k indices are chosen to match the bytes it loads: lane
+// (g = lane / 4, t = lane % 4) loads bytes 8t..8t+7 of a 32-byte block row (64 weights) for rows g and g+8 of a
+// 16-row tile; step s of the block's four m16n8k16 products takes its bytes 2s and 2s+1, i.e. columns
+// 16t+4s..16t+4s+3, and the same four columns of x are its B operand (one 8-byte load). A block's four steps
+// sum into a fresh accumulator, scaled by the two rows' absmax into the running one.
+//
+// A CTA owns NT tiles of 16 output rows; its WARPS warps split K (K / 64 / WARPS blocks each, GROUP blocks
+// loaded ahead) and add their partial sums in shared memory at the end, where the bias and each row's LoRA delta
+// (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot) are added. Defined by
+// the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), NESTED, HAS_BIAS, HAS_LORA, R_PAD.
+
+__constant__ unsigned short NF4_BF16[16] = {0xbf80, 0xbf32, 0xbf06, 0xbeca, 0xbe92, 0xbe3d, 0xbdba, 0x0000,
+                                            0x3da3, 0x3e25, 0x3e7c, 0x3ead, 0x3ee2, 0x3f10, 0x3f39, 0x3f80};
+
+#define LUT_WORDS (256 * 32)
+#define ROWS (16 * NT)
+#define RED_WORDS (WARPS * MT * 8 * ROWS)
+#define SMEM_WORDS (LUT_WORDS > RED_WORDS ? LUT_WORDS : RED_WORDS)
+
+__device__ __forceinline__ uint2 load_stream(const unsigned char* p) {
+    // weights are read once a step: do not let them evict x and the scales from L1
+    uint2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float block_scale(const void* absmax, const float* absmax2, const float* code2,
+                                             float offset, unsigned block) {
+#if NESTED
+    return code2[static_cast<const unsigned char*>(absmax)[block]] * absmax2[block >> 8] + offset;
+#else
+    return static_cast<const float*>(absmax)[block];
+#endif
+}
+
+__device__ __forceinline__ unsigned pair_of(const unsigned* lut, unsigned lane4, unsigned word, int byte) {
+    // the bf16 pair of byte `byte` of `word`: byte offset 128 e + 4 lane of the table (one OR: disjoint bits)
+    const unsigned offset = lane4 | ((byte == 0 ? word << 7 : word >> (8 * byte - 7)) & 0x7F80u);
+    return *reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(lut) + offset);
+}
+
+__device__ __forceinline__ float bf16_round(float v) {  // to bf16 and back: the rounding an unfused layer does
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return __uint_as_float(unsigned(h) << 16);
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
+    const unsigned short* __restrict__ x,    // [m, ldx] bf16
+    int ldx, int m,
+    const unsigned char* __restrict__ w,     // [n, k / 2] NF4 codes
+    const void* __restrict__ absmax,         // [n * k / 64] fp32, or uint8 codes of code2 when NESTED
+    const float* __restrict__ absmax2,       // [n * k / 64 / 256] (NESTED)
+    const float* __restrict__ code2,         // [256] (NESTED)
+    const float* __restrict__ offset_ptr,    // [] added to every absmax (NESTED)
+    const unsigned short* __restrict__ bias, // [n] bf16 (HAS_BIAS)
+    const float* __restrict__ partial,       // [m, chunks_pad, R_PAD] the LoRA shrink's partial sums (HAS_LORA)
+    int chunks, int chunks_pad, int rank,
+    const unsigned short* __restrict__ lora_b,  // [S+1, rank, n] bf16, strides (stride_bs, stride_br, 1)
+    int stride_bs, int stride_br,
+    const long long* __restrict__ slots,     // [m] each row's slot (HAS_LORA)
+    unsigned short* __restrict__ out,        // [m, n] bf16
+    int n, int k) {
+    __shared__ __align__(16) unsigned smem[SMEM_WORDS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int blocks_k = k >> 6, per_warp = blocks_k / WARPS;
+    const unsigned char* wp[NT][2];
+    unsigned block[NT][2];  // the warp's first block of each of the lane's rows (32-bit: under 2^37 weights)
+#pragma unroll
+    for (int tile = 0; tile < NT; ++tile) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = min(int(blockIdx.x) * ROWS + 16 * tile + 8 * h + g, n - 1);
+            block[tile][h] = unsigned(row) * blocks_k + warp * per_warp;
+            wp[tile][h] = w + size_t(block[tile][h]) * 32 + 8 * t;
+        }
+    }
+#if NESTED
+    const float offset = *offset_ptr;
+#else
+    const float offset = 0.0f;
+#endif
+
+    uint2 codes[GROUP][NT][2];
+    float scale[GROUP][NT][2];
+#pragma unroll
+    for (int i = 0; i < GROUP; ++i) {  // the first group's loads are in flight while the table is written
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                codes[i][tile][h] = load_stream(wp[tile][h] + 32 * i);
+                scale[i][tile][h] = block_scale(absmax, absmax2, code2, offset, block[tile][h] + i);
+            }
+        }
+    }
+
+    // the table: 16-byte stores, a warp writing four whole entries (512 contiguous bytes, no bank conflicts)
+    for (int q = tid; q < LUT_WORDS / 4; q += WARPS * 32) {
+        const int e = q >> 3;
+        const unsigned pair = NF4_BF16[e >> 4] | (unsigned(NF4_BF16[e & 15]) << 16);
+        reinterpret_cast<uint4*>(smem)[q] = make_uint4(pair, pair, pair, pair);
+    }
+    __syncthreads();
+    const unsigned lane4 = 4 * lane;
+
+    // x rows of this lane's B operands: row 8 j + g of x, columns from the warp's first block + 16 t
+    const unsigned short* xs[MT];
+    bool valid[MT];
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+        valid[j] = 8 * j + g < m;
+        xs[j] = x + size_t(valid[j] ? 8 * j + g : 0) * ldx + warp * per_warp * 64 + 16 * t;
+    }
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile) acc[j][tile][0] = acc[j][tile][1] = acc[j][tile][2] = acc[j][tile][3] = 0.0f;
+
+    for (int kb = 0; kb < per_warp; kb += GROUP) {
+        uint2 next[GROUP][NT][2];
+        float next_scale[GROUP][NT][2];
+        const bool more = kb + GROUP < per_warp;
+        if (more) {  // the next group's loads, issued before this group's math
+#pragma unroll
+            for (int i = 0; i < GROUP; ++i)
+#pragma unroll
+                for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        next[i][tile][h] = load_stream(wp[tile][h] + 32 * (kb + GROUP + i));
+                        next_scale[i][tile][h] = block_scale(absmax, absmax2, code2, offset, block[tile][h] + kb + GROUP + i);
+                    }
+        }
+#pragma unroll
+        for (int i = 0; i < GROUP; ++i) {
+            unsigned a[NT][4][4];  // [tile][step][A register]: rows g, g+8 x columns 16t+4s+{0,1}, then +{2,3}
+#pragma unroll
+            for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const unsigned word0 = s < 2 ? codes[i][tile][0].x : codes[i][tile][0].y;
+                    const unsigned word1 = s < 2 ? codes[i][tile][1].x : codes[i][tile][1].y;
+                    a[tile][s][0] = pair_of(smem, lane4, word0, 2 * (s & 1));
+                    a[tile][s][1] = pair_of(smem, lane4, word1, 2 * (s & 1));
+                    a[tile][s][2] = pair_of(smem, lane4, word0, 2 * (s & 1) + 1);
+                    a[tile][s][3] = pair_of(smem, lane4, word1, 2 * (s & 1) + 1);
+                }
+#pragma unroll
+            for (int j = 0; j < MT; ++j) {
+                uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;  // x columns 16t..16t+7, 16t+8..16t+15 of this block
+                if (valid[j]) {
+                    const uint4* p = reinterpret_cast<const uint4*>(xs[j] + (kb + i) * 64);
+                    lo = p[0];
+                    hi = p[1];
+                }
+#pragma unroll
+                for (int tile = 0; tile < NT; ++tile) {
+                    float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    mma(part, a[tile][0], lo.x, lo.y);
+                    mma(part, a[tile][1], lo.z, lo.w);
+                    mma(part, a[tile][2], hi.x, hi.y);
+                    mma(part, a[tile][3], hi.z, hi.w);
+                    acc[j][tile][0] += part[0] * scale[i][tile][0];
+                    acc[j][tile][1] += part[1] * scale[i][tile][0];
+                    acc[j][tile][2] += part[2] * scale[i][tile][1];
+                    acc[j][tile][3] += part[3] * scale[i][tile][1];
+                }
+            }
+        }
+        if (more) {
+#pragma unroll
+            for (int i = 0; i < GROUP; ++i)
+#pragma unroll
+                for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        codes[i][tile][h] = next[i][tile][h];
+                        scale[i][tile][h] = next_scale[i][tile][h];
+                    }
+        }
+    }
+
+    // the warps' partial sums: [warp][x row][output row of the CTA], in the table's memory
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile) {  // C fragment: rows g, g+8 x x rows 8 j + 2t, 8 j + 2t + 1
+            float* base = red + (warp * MT * 8 + 8 * j + 2 * t) * ROWS + 16 * tile + g;
+            base[0] = acc[j][tile][0];
+            base[ROWS] = acc[j][tile][1];
+            base[8] = acc[j][tile][2];
+            base[ROWS + 8] = acc[j][tile][3];
+        }
+#if HAS_LORA
+    // each x row's shrunk activations, rounded to bf16 as the unfused x @ A.T leaves them
+    __shared__ float shrunk[MT * 8][R_PAD];
+    for (int i = tid; i < m * R_PAD; i += WARPS * 32) {
+        const float* p = partial + size_t(i / R_PAD) * chunks_pad * R_PAD + i % R_PAD;
+        float sum = 0.0f;
+        for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];
+        shrunk[i / R_PAD][i % R_PAD] = bf16_round(sum);
+    }
+#endif
+    __syncthreads();
+    for (int i = tid; i < m * ROWS; i += WARPS * 32) {
+        const int token = i / ROWS, row = blockIdx.x * ROWS + i % ROWS;
+        float sum = 0.0f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 8 * ROWS + i];
+        if (row < n) {
+#if HAS_BIAS
+            sum += __uint_as_float(unsigned(bias[row]) << 16);
+#endif
+#if HAS_LORA  // rounded as the unfused layers round: the base output, then the sum with the delta
+            sum = bf16_round(sum);
+            const unsigned short* b = lora_b + size_t(slots[token]) * stride_bs + row;
+            for (int r = 0; r < rank; ++r) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
+#endif
+            unsigned short y;
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum));
+            out[size_t(token) * n + row] = y;
+        }
+    }
+}

@@ -1,0 +1,105 @@
+"""The NF4 tensor-core kernel for 1-64 rows (nf4_mma.cu), compiled with NVRTC through torch at first use, one
+build per launch shape and epilogue.
+
+It reads bitsandbytes' storage as the Triton kernels do and decodes codes through a table in shared memory
+instead of register permutes, which Triton cannot express (the .cu file says why it is faster). Used on CUDA
+devices of compute capability 8.0+ for bf16 compute; the Triton kernels serve everything else.
+"""
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bitsandbytes.functional import QuantState
+
+from server.engine.kernels.epilogue import LoraEpilogue
+
+MMA_ROWS = 16  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
+_LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
+
+
+@functools.cache
+def _source() -> str:
+    return Path(__file__).with_name("nf4_mma.cu").read_text()
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether nf4_mma runs for `x`: bf16 rows 16-byte aligned on a CUDA device with bf16 tensor cores and a
+    torch with NVRTC."""
+    return (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and x.data_ptr() % 16 == 0
+        and x.stride(0) % 8 == 0
+        and hasattr(torch.cuda, "_compile_kernel")
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def pick_launch(k: int, rows: int, row_tiles: int = 1, warps: int = 8, group: int = 4) -> tuple[int, int, int]:
+    """(warps, group, row tiles) for x [rows, k] and a CTA of `row_tiles` 16-row weight tiles: up to `warps`
+    warps splitting K where they divide its blocks (their partial sums must fit in the table's memory), each
+    loading up to `group` blocks ahead."""
+    x_tiles = -(-rows // 8)
+    blocks = k // 64
+    sums = x_tiles * 8 * 16 * row_tiles  # a warp's partial sums
+    warps = next(w for w in (8, 4, 2, 1) if w <= warps and blocks % w == 0 and w * sums <= _LUT_WORDS)
+    group = next(g for g in (4, 2, 1) if g <= group and (blocks // warps) % g == 0)
+    return warps, group, x_tiles
+
+
+def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int]:
+    """(16-row weight tiles a CTA, most warps, most blocks loaded ahead) for an [n, k] weight and `rows` rows of
+    x: the best of a sweep on the H200 (`bench/nf4_kernel.py`) for the nearest Llama-3-8B projection shape."""
+    if rows <= 16:
+        return 1, 8, 2 if max(n, k) > 8192 else 4
+    if n <= 2048:
+        return 1, 8, 4
+    return 2, 8, 1 if n > 8192 else 2
+
+
+@functools.cache
+def _kernel(
+    warps: int, group: int, row_tiles: int, x_tiles: int, nested: bool, bias: bool, r_pad: int, device: int
+) -> Callable[..., None]:
+    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "NESTED": int(nested),
+               "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0), "R_PAD": max(r_pad, 1)}  # fmt: skip
+    source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(source, "nf4_mma")
+
+
+def nf4_mma(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+    lora: LoraEpilogue | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
+    + each row's LoRA delta) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block size
+    64); config: pick_config's by default."""
+    m, k = x.shape
+    n = state.shape[0]
+    config = config or pick_config(n, k, m)
+    row_tiles = config[0]
+    warps, group, x_tiles = pick_launch(k, m, *config)
+    nested = bool(state.nested)
+    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if lora is None:
+        partial, b, slots, chunks, chunks_pad, r_pad, rank, stride_bs, stride_br = out, out, out, 0, 0, 0, 0, 0, 0
+    else:
+        partial, b, slots, chunks = lora.partial, lora.b, lora.slots, lora.chunks
+        chunks_pad, r_pad = partial.shape[1:]
+        rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
+    kernel = _kernel(warps, group, row_tiles, x_tiles, nested, bias is not None, r_pad, x.device.index or 0)
+    kernel(
+        grid=(-(-n // (16 * row_tiles)), 1, 1),
+        block=(32 * warps, 1, 1),
+        args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
+              partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, out, n, k],
+    )  # fmt: skip
+    return out

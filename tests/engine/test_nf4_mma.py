@@ -1,0 +1,62 @@
+"""CUDA only: nf4_mma, the NF4 tensor-core kernel in CUDA, against the dequantized weight (with a bias and each
+row's LoRA delta), and the NF4 layer taking it for up to MMA_ROWS bf16 rows."""
+
+import pytest
+import torch
+from enginekit import nf4_layer
+
+from server.engine.kernels.epilogue import LoraEpilogue
+from server.engine.kernels.lora import lora_shrink
+from server.engine.kernels.nf4 import FusedNf4Linear, nf4_matmul
+from server.engine.kernels.nf4_mma import MMA_ROWS, nf4_mma
+
+pytestmark = pytest.mark.gpu
+N, K = 72, 64 * 12  # N not a multiple of the 16-row tiles; K / 64 splits over 4 warps of 3 blocks (no group of 4)
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Within bf16 rounding of the output (x is bf16; products and sums are fp32 in both)."""
+    return torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
+@pytest.mark.parametrize("config", [(1, 8, 4), (2, 8, 2), (1, 2, 1)])  # weight tiles, warps, blocks ahead
+def test_nf4_mma_matches_the_dequantized_weight(rows, nested, bias, config) -> None:
+    torch.manual_seed(0)
+    layer, dense = nf4_layer(N, K, nested, bias, "cuda")
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    expected = x.float() @ dense.T + (layer.bias if bias else 0)
+    b = layer.bias.bfloat16() if bias else None
+    assert close(nf4_mma(x, layer.weight, layer.weight.quant_state, b, None, config), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_nf4_mma_adds_each_rows_lora_delta(rows) -> None:
+    torch.manual_seed(0)
+    layer, dense = nf4_layer(N, K, True, False, "cuda")
+    slots, rank = 3, 5  # rank not a power of 2; the last slot is the no-adapter one
+    store_a = (torch.randn(slots + 1, rank, K, device="cuda") / 8).bfloat16()
+    store_b = (torch.randn(slots + 1, rank, N + 8, device="cuda") / 8).bfloat16()[:, :, :N]  # a wider store's view
+    store_a[slots], store_b[slots] = 0, 0
+    slot = torch.arange(rows, device="cuda") % (slots + 1)
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    partial, chunks = lora_shrink(x, store_a, slot)
+    got = nf4_mma(x, layer.weight, layer.weight.quant_state, None, LoraEpilogue(partial[0], chunks, store_b, slot))
+    shrunk = torch.einsum("bk,brk->br", x.float(), store_a[slot].float())
+    expected = x.float() @ dense.T + torch.einsum("br,brn->bn", shrunk, store_b[slot].float())
+    assert close(got, expected)
+    base = nf4_mma(x, layer.weight, layer.weight.quant_state)
+    assert torch.equal(got[slot == slots], base[slot == slots])  # the no-adapter slot adds exactly nothing
+
+
+def test_the_layer_takes_nf4_mma_for_few_bf16_rows() -> None:
+    torch.manual_seed(0)
+    layer, _ = nf4_layer(N, K, True, False, "cuda")
+    layer.compute_dtype = torch.bfloat16  # the engine's: the kernel computes in bf16 only
+    fused = FusedNf4Linear(layer)
+    state = layer.weight.quant_state
+    for rows in (1, MMA_ROWS, MMA_ROWS + 1):
+        x = torch.randn(rows, K, device="cuda").bfloat16()
+        kernel = nf4_mma if rows <= MMA_ROWS else nf4_matmul
+        assert torch.equal(fused(x), kernel(x, layer.weight, state))
