@@ -1,5 +1,5 @@
-"""NF4 matrix products for decode steps, W never materialized: a GEMV for one row, a tensor-core kernel for
-2-64 rows (y = x @ dequant(W).T).
+"""NF4 matrix products for decode steps in Triton, W never materialized: a GEMV for one row, a tensor-core kernel
+for 2-64 rows (y = x @ dequant(W).T); FusedNf4Linear takes nf4_mma (CUDA) before them where it runs.
 
 bitsandbytes' own 4-bit GEMV reads the weights at about a quarter of the H100's bandwidth, and for more rows it
 dequantizes the whole weight to bf16 and multiplies densely: 4.5 bytes of traffic per weight instead of the

@@ -17,7 +17,8 @@
 // A CTA owns NT tiles of 16 output rows; its WARPS warps split K (K / 64 / WARPS blocks each, GROUP blocks
 // loaded ahead) and add their partial sums in shared memory at the end, where the bias and each row's LoRA delta
 // (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot) are added. Defined by
-// the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), NESTED, HAS_BIAS, HAS_LORA, R_PAD.
+// the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), MIN_BLOCKS (CTAs an SM must fit by registers),
+// NESTED, HAS_BIAS, HAS_LORA, R_PAD.
 
 __constant__ unsigned short NF4_BF16[16] = {0xbf80, 0xbf32, 0xbf06, 0xbeca, 0xbe92, 0xbe3d, 0xbdba, 0x0000,
                                             0x3da3, 0x3e25, 0x3e7c, 0x3ead, 0x3ee2, 0x3f10, 0x3f39, 0x3f80};
@@ -62,7 +63,7 @@ __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsig
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     const unsigned short* __restrict__ x,    // [m, ldx] bf16
     int ldx, int m,
     const unsigned char* __restrict__ w,     // [n, k / 2] NF4 codes

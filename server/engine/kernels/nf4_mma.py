@@ -37,8 +37,8 @@ def available(x: torch.Tensor) -> bool:
     )
 
 
-def pick_launch(k: int, rows: int, row_tiles: int = 1, warps: int = 8, group: int = 4) -> tuple[int, int, int]:
-    """(warps, group, row tiles) for x [rows, k] and a CTA of `row_tiles` 16-row weight tiles: up to `warps`
+def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tuple[int, int, int]:
+    """(warps, group, n8 tiles of x rows) for x [rows, k] and a CTA of `row_tiles` 16-row weight tiles: up to `warps`
     warps splitting K where they divide its blocks (their partial sums must fit in the table's memory), each
     loading up to `group` blocks ahead."""
     x_tiles = -(-rows // 8)
@@ -49,21 +49,28 @@ def pick_launch(k: int, rows: int, row_tiles: int = 1, warps: int = 8, group: in
     return warps, group, x_tiles
 
 
-def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int]:
-    """(16-row weight tiles a CTA, most warps, most blocks loaded ahead) for an [n, k] weight and `rows` rows of
-    x: the best of a sweep on the H200 (`bench/nf4_kernel.py`) for the nearest Llama-3-8B projection shape."""
-    if rows <= 16:
-        return 1, 8, 2 if max(n, k) > 8192 else 4
-    if n <= 2048:
-        return 1, 8, 4
-    return 2, 8, 1 if n > 8192 else 2
+def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int]:
+    """(16-row weight tiles a CTA, most warps, most blocks loaded ahead, CTAs an SM must fit by registers) for an
+    [n, k] weight and `rows` rows of x: the best of a sweep on the H200 for the nearest Llama-3-8B shape."""
+    if rows <= 16 or n <= 2048:
+        return 1, 8, 4, 2
+    return 2, 8, 1 if n > 8192 else 2, 1
 
 
 @functools.cache
 def _kernel(
-    warps: int, group: int, row_tiles: int, x_tiles: int, nested: bool, bias: bool, r_pad: int, device: int
+    warps: int,
+    group: int,
+    row_tiles: int,
+    x_tiles: int,
+    min_blocks: int,
+    nested: bool,
+    bias: bool,
+    r_pad: int,
+    device: int,
 ) -> Callable[..., None]:
-    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "NESTED": int(nested),
+    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
+               "NESTED": int(nested),
                "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0), "R_PAD": max(r_pad, 1)}  # fmt: skip
     source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
     with torch.cuda.device(device):
@@ -76,16 +83,15 @@ def nf4_mma(
     state: QuantState,
     bias: torch.Tensor | None = None,
     lora: LoraEpilogue | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
     + each row's LoRA delta) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block size
     64); config: pick_config's by default."""
     m, k = x.shape
     n = state.shape[0]
-    config = config or pick_config(n, k, m)
-    row_tiles = config[0]
-    warps, group, x_tiles = pick_launch(k, m, *config)
+    row_tiles, warps, group, min_blocks = config or pick_config(n, k, m)
+    warps, group, x_tiles = pick_launch(k, m, row_tiles, warps, group)
     nested = bool(state.nested)
     absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
@@ -95,7 +101,7 @@ def nf4_mma(
         partial, b, slots, chunks = lora.partial, lora.b, lora.slots, lora.chunks
         chunks_pad, r_pad = partial.shape[1:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
-    kernel = _kernel(warps, group, row_tiles, x_tiles, nested, bias is not None, r_pad, x.device.index or 0)
+    kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, nested, bias is not None, r_pad, x.device.index or 0)
     kernel(
         grid=(-(-n // (16 * row_tiles)), 1, 1),
         block=(32 * warps, 1, 1),
