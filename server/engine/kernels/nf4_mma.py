@@ -7,6 +7,7 @@ devices of compute capability 8.0+ for bf16 compute; the Triton kernels serve ev
 """
 
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from bitsandbytes.functional import QuantState
 
 from server.engine.kernels.epilogue import LoraEpilogue
 
+log = logging.getLogger("loraplex.engine")
 MMA_ROWS = 16  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
 _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
 
@@ -25,16 +27,28 @@ def _source() -> str:
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether nf4_mma runs for `x`: bf16 rows 16-byte aligned on a CUDA device with bf16 tensor cores and a
-    torch with NVRTC."""
+    """Whether nf4_mma runs for `x`: bf16 rows 16-byte aligned on a CUDA device with bf16 tensor cores where
+    torch's NVRTC compiles the kernel."""
     return (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
         and x.data_ptr() % 16 == 0
         and x.stride(0) % 8 == 0
-        and hasattr(torch.cuda, "_compile_kernel")
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and _compiles(x.device.index or 0)
     )
+
+
+@functools.cache
+def _compiles(device: int) -> bool:
+    """One build on `device`, once: torch without NVRTC (or its library missing) leaves the Triton kernels."""
+    if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    try:
+        _kernel(8, 4, 1, 1, 2, False, False, 0, device)
+    except (OSError, RuntimeError) as error:
+        log.warning("nf4_mma does not compile here (%s): the Triton NF4 kernels serve every step", error)
+        return False
+    return True
 
 
 def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tuple[int, int, int]:
