@@ -1,11 +1,14 @@
 """The asyncio facade over the engine thread: bounded queue, token streams, cancellation, latency hooks.
 
-Nothing here touches torch or waits on the device: the engine thread hands events over with
-`loop.call_soon_threadsafe`, and leaving a stream early cancels its request in the engine.
+Nothing here touches torch or waits on the device: the engine thread hands events over through a mailbox that
+wakes the event loop once per burst (a step's events), and leaving a stream early cancels its request in the
+engine.
 """
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -27,6 +30,34 @@ class GenerationFailed(EngineError):
     """The engine ended a request with an error (e.g. the device ran out of memory); `__cause__` is why."""
 
 
+class Mailbox:
+    """Events from the engine thread to streams on one event loop. Each `call_soon_threadsafe` is a lock and a
+    write to the loop's self-pipe, paid by the engine thread between steps: one per burst of events (a step
+    delivers one per running request) instead of one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._events: deque[tuple[asyncio.Queue[TokenEvent], TokenEvent]] = deque()
+        self._scheduled = False
+
+    def post(self, queue: "asyncio.Queue[TokenEvent]", event: TokenEvent) -> None:
+        """From any thread: `event` goes into `queue` on the loop, after everything posted before it."""
+        with self._lock:
+            self._events.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:  # cleared first: an event posted after the swap schedules the next delivery
+            self._scheduled = False
+            events, self._events = self._events, deque()
+        for queue, event in events:
+            queue.put_nowait(event)
+
+
 class TokenStream:
     """Async iterator of one request's TokenEvents; the last has finish_reason set.
 
@@ -34,7 +65,7 @@ class TokenStream:
     An engine-side error is raised as GenerationFailed from the iterator.
     """
 
-    def __init__(self, engine: Engine, request: GenerationRequest, hooks: LatencyHooks) -> None:
+    def __init__(self, engine: Engine, request: GenerationRequest, hooks: LatencyHooks, mailbox: Mailbox) -> None:
         self.request_id = request.request_id
         self._engine = engine
         self._hooks = hooks
@@ -42,8 +73,7 @@ class TokenStream:
         self._done = False
         self._submitted = time.perf_counter()
         self._last: float | None = None
-        loop = asyncio.get_running_loop()
-        engine.submit(request, lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event))
+        engine.submit(request, lambda event: mailbox.post(self._queue, event))
 
     def __aiter__(self) -> "TokenStream":
         return self
@@ -85,6 +115,7 @@ class Scheduler:
         self.engine = engine
         self.max_queue = max_queue
         self.hooks = hooks or LatencyHooks()
+        self._mailbox: Mailbox | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -107,7 +138,10 @@ class Scheduler:
         """Start a request. Raises QueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or ValueError
         before anything runs (then `request.on_finish` is not called: the caller still owns its hold)."""
         self._ensure_room()
-        return TokenStream(self.engine, request, self.hooks)
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return TokenStream(self.engine, request, self.hooks, self._mailbox)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         stream = self.submit(request)

@@ -24,3 +24,10 @@ def test_nf4_sass_counts_the_gemv_loop() -> None:
     summary, mix = done.stdout.splitlines()[-2:]
     assert float(summary.split(",")[-1].split()[0]) > 3  # instructions per weight: at least the decode's
     assert "PRMT" in mix and "FFMA" in mix
+
+
+def test_event_delivery_bench_runs() -> None:
+    script = BENCH.parent / "event_delivery.py"
+    done = subprocess.run([sys.executable, str(script), "--streams", "4", "--steps", "20"], check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    assert [line.split(":")[0].strip() for line in done.stdout.splitlines()] == ["per event", "mailbox"] * 2

@@ -1,12 +1,13 @@
 """The asyncio facade over a running engine thread."""
 
 import asyncio
+import threading
 
 import pytest
 from enginekit import greedy, make_engine, reference_generate, request
 
-from server.engine import QueueFull
-from server.scheduler import LatencyHooks, Scheduler
+from server.engine import QueueFull, TokenEvent
+from server.scheduler import LatencyHooks, Mailbox, Scheduler
 
 
 @pytest.fixture
@@ -49,5 +50,34 @@ def test_leaving_early_cancels_and_full_queue_refuses(engine) -> None:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError("the cancelled request kept its row")
+
+    asyncio.run(main())
+
+
+def test_mailbox_wakes_the_loop_once_a_burst_and_keeps_each_streams_order(monkeypatch) -> None:
+    """What the engine thread posts while the loop is busy (a step's events) arrives in one wakeup, each queue's
+    events in the order posted; a later burst wakes the loop again."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        original = loop.call_soon_threadsafe
+        monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *args: wakeups.append(1) or original(*args))
+        mailbox = Mailbox(loop)
+        queues = [asyncio.Queue() for _ in range(4)]
+
+        def engine_steps(first: int, steps: int) -> None:
+            for step in range(first, first + steps):
+                for i, queue in enumerate(queues):
+                    mailbox.post(queue, TokenEvent(f"r{i}", step, step, "", None, 3))
+
+        for first, bursts in ((0, 1), (3, 2)):
+            thread = threading.Thread(target=engine_steps, args=(first, 3))
+            thread.start()
+            thread.join()  # the loop is blocked meanwhile: every post of the three steps is one burst
+            got = [[(await asyncio.wait_for(queue.get(), 5)).index for _ in range(3)] for queue in queues]
+            assert got == [[first, first + 1, first + 2]] * 4
+            assert len(wakeups) == bursts
+            assert all(queue.empty() for queue in queues)
 
     asyncio.run(main())
