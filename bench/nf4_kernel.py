@@ -82,6 +82,10 @@ def kernel(x: torch.Tensor, layer: Linear4bit, config: tuple | None) -> torch.Te
     return nf4_matmul(x, layer.weight, state, None, config)
 
 
+def mma(x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+    return nf4_mma(x, layer.weight, layer.weight.quant_state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -103,7 +107,7 @@ def main() -> None:
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             bnb_us = graph_us(lambda: [layer(x) for layer in layers], copies)  # noqa: B023
             fused_us = graph_us(lambda: [kernel(x, layer, None) for layer in layers], copies)  # noqa: B023
-            mma_us = graph_us(lambda: [nf4_mma(x, layer.weight, layer.weight.quant_state) for layer in layers], copies)  # noqa: B023
+            mma_us = graph_us(lambda: [mma(x, layer) for layer in layers], copies)  # noqa: B023
             best = pick_config(n, k) if rows == 1 else pick_matmul_config(n, k, on_cuda=True)
             best_us = fused_us
             deadline = time.monotonic() + args.sweep
@@ -114,8 +118,8 @@ def main() -> None:
                 if us < best_us:
                     best, best_us = config, us
             gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
-            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "mma_us": mma_us, "best_us": best_us, "best_config": best,
-                     "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
+            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "mma_us": mma_us, "best_us": best_us,
+                     "best_config": best, "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
             results["rows"].setdefault(str(rows), {})[name] = shape
             print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  mma {mma_us:7.1f} us  "
                   f"best {best_us:7.1f} us "

@@ -391,17 +391,20 @@ class FusedNf4Linear(nn.Module):
         """x [rows, in] -> [rows, out] in x's dtype, computed in the layer's compute dtype, + each row's LoRA
         delta when `lora` is given (in the kernel's epilogue where it has one, else by the expand kernel)."""
         rows = x.shape[0]
-        compute = self.base.compute_dtype or x.dtype
-        weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
-        flat = x.to(compute).contiguous()
-        if rows <= MMA_ROWS and mma_available(flat):
-            return nf4_mma(flat, weight, state, bias, lora).to(x.dtype)
-        if rows == 1:
-            return nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None]
-        y = nf4_matmul(flat, weight, state, bias) if rows <= MAX_ROWS else self.base(x)  # [rows, out]
+        if rows > MAX_ROWS:  # prefill: bitsandbytes' dequantize + a dense matmul, then the expand
+            y = self.base(x)  # [rows, out]
+        else:
+            compute = self.base.compute_dtype or x.dtype
+            weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
+            flat = x.to(compute).contiguous()
+            if rows <= MMA_ROWS and mma_available(flat):
+                return nf4_mma(flat, weight, state, bias, lora).to(x.dtype)
+            if rows == 1:
+                return nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None]
+            y = nf4_matmul(flat, weight, state, bias).to(x.dtype)
         if lora is not None:
             lora_expand(y, lora.partial, lora.chunks, lora.b, lora.slots)
-        return y.to(x.dtype)
+        return y
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.base.bias is None else self.base.bias.to(dtype)
