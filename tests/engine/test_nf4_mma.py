@@ -61,3 +61,23 @@ def test_the_layer_takes_nf4_mma_for_few_bf16_rows() -> None:
         x = torch.randn(rows, K, device="cuda").bfloat16()
         kernel = nf4_mma if rows <= MMA_ROWS else nf4_matmul
         assert torch.equal(fused(x), kernel(x, layer.weight, state))
+
+
+def test_the_layer_leaves_ranks_whose_activations_do_not_fit_to_the_triton_kernels() -> None:
+    """Rank 256: for 16 rows the shrunk activations (16 KB) do not fit beside the table, so the Triton matmul and
+    the expand add the delta instead (for 1 row, 8 KB, nf4_mma still does); the layer's answers are right."""
+    torch.manual_seed(0)
+    layer, dense = nf4_layer(N, K, True, False, "cuda")
+    layer.compute_dtype = torch.bfloat16
+    fused = FusedNf4Linear(layer)
+    rank = 256
+    store_a = (torch.randn(2, rank, K, device="cuda") / 32).bfloat16()
+    store_b = (torch.randn(2, rank, N, device="cuda") / 32).bfloat16()
+    for rows in (1, MMA_ROWS):
+        x = torch.randn(rows, K, device="cuda").bfloat16()
+        slot = torch.zeros(rows, dtype=torch.long, device="cuda")
+        partial, chunks = lora_shrink(x, store_a, slot)
+        got = fused.project(x, LoraEpilogue(partial[0], chunks, store_b, slot))
+        shrunk = torch.einsum("bk,brk->br", x.float(), store_a[slot].float())
+        expected = x.float() @ dense.T + torch.einsum("br,brn->bn", shrunk, store_b[slot].float())
+        assert close(got, expected)

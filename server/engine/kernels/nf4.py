@@ -397,7 +397,7 @@ class FusedNf4Linear(nn.Module):
             compute = self.base.compute_dtype or x.dtype
             weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
             flat = x.to(compute).contiguous()
-            if rows <= MMA_ROWS and mma_available(flat):
+            if rows <= MMA_ROWS and mma_available(flat, lora):
                 return nf4_mma(flat, weight, state, bias, lora).to(x.dtype)
             if rows == 1:
                 return nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None]

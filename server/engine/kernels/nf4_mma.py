@@ -19,6 +19,7 @@ from server.engine.kernels.epilogue import LoraEpilogue
 log = logging.getLogger("loraplex.engine")
 MMA_ROWS = 16  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
 _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
+_SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
 
 
 @functools.cache
@@ -26,14 +27,16 @@ def _source() -> str:
     return Path(__file__).with_name("nf4_mma.cu").read_text()
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether nf4_mma runs for `x`: bf16 rows 16-byte aligned on a CUDA device with bf16 tensor cores where
-    torch's NVRTC compiles the kernel."""
+def available(x: torch.Tensor, lora: LoraEpilogue | None = None) -> bool:
+    """Whether nf4_mma runs for `x` (and `lora`): bf16 rows 16-byte aligned on a CUDA device with bf16 tensor
+    cores where torch's NVRTC compiles the kernel, and the rows' shrunk activations fit its shared memory (up to
+    rank 128 for 16 rows, 256 for 8)."""
     return (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
         and x.data_ptr() % 16 == 0
         and x.stride(0) % 8 == 0
+        and (lora is None or -(-x.shape[0] // 8) * 8 * lora.partial.shape[2] * 4 <= _SHRUNK_BYTES)
         and _compiles(x.device.index or 0)
     )
 
