@@ -18,10 +18,9 @@
 // loaded ahead) and add their partial sums in shared memory at the end, where the bias and each row's LoRA delta
 // (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot) are added. Defined by
 // the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), MIN_BLOCKS (CTAs an SM must fit by registers),
-// NESTED, HAS_BIAS, HAS_LORA, R_PAD.
+// NESTED, HAS_BIAS, HAS_LORA, R_PAD, and NF4_CODES (bitsandbytes' code book as bf16 bits).
 
-__constant__ unsigned short NF4_BF16[16] = {0xbf80, 0xbf32, 0xbf06, 0xbeca, 0xbe92, 0xbe3d, 0xbdba, 0x0000,
-                                            0x3da3, 0x3e25, 0x3e7c, 0x3ead, 0x3ee2, 0x3f10, 0x3f39, 0x3f80};
+__constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
 
 #define LUT_WORDS (256 * 32)
 #define ROWS (16 * NT)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bitsandbytes.functional import QuantState
+from bitsandbytes.functional import QuantState, get_4bit_type
 
 from server.engine.kernels.epilogue import LoraEpilogue
 
@@ -24,7 +24,10 @@ _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table
 
 @functools.cache
 def _source() -> str:
-    return Path(__file__).with_name("nf4_mma.cu").read_text()
+    """The kernel's source after its code book: bitsandbytes' NF4 values rounded to bf16, as bit patterns."""
+    bits = get_4bit_type("nf4", device="cpu").to(torch.bfloat16).view(torch.int16).tolist()
+    codes = ", ".join(hex(b & 0xFFFF) for b in bits)
+    return f"#define NF4_CODES {codes}\n" + Path(__file__).with_name("nf4_mma.cu").read_text()
 
 
 def available(x: torch.Tensor, lora: LoraEpilogue | None = None) -> bool:
