@@ -34,6 +34,7 @@ $(CLIENTS)/.installed:
 
 test: setup $(CLIENTS)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q $(ARGS)
 
 # the Ray Serve tests (tests/fleet), which `make test` skips without Ray: installs the `ray` extra, runs them
@@ -43,6 +44,7 @@ test-ray: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) $(CLIENTS) .pytest_cache .ruff_cache

@@ -46,7 +46,9 @@ class AdminClient:
         if path.is_file() and path.name.endswith((".safetensors", ".json", *PICKLE_SUFFIXES)):
             raise AdminClientError(
                 f"{path} is one file of an adapter; push the directory that holds {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE}, e.g. {path.parent}, or a .tar.gz / .zip of it", 400, "invalid_adapter",
+                f"{WEIGHTS_FILE}, e.g. {path.parent}, or a .tar.gz / .zip of it",
+                400,
+                "invalid_adapter",
             )
         with ExitStack() as stack:
             if path.is_dir():
@@ -54,7 +56,9 @@ class AdminClient:
                 if missing:
                     raise AdminClientError(
                         f"{path} is not a PEFT adapter directory: {', '.join(missing)} missing "
-                        "(write it with save_pretrained())", 400, "invalid_adapter",
+                        "(write it with save_pretrained())",
+                        400,
+                        "invalid_adapter",
                     )
                 fields = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE}
                 if (path / TRAINING_FILE).is_file():

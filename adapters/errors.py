@@ -88,7 +88,6 @@ class InvalidUpload(AdapterError):
     code = "invalid_upload"
 
 
-
 class AdapterStoreUnavailable(AdapterError):
     """The shared store (an S3 bucket) did not answer, or refused this server's credentials."""
 

@@ -43,9 +43,7 @@ try:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 except ImportError as exc:  # the s3 extra is not installed
-    raise AdapterStoreUnavailable(
-        "an s3:// adapter store needs boto3: pip install 'loraplex[s3]'"
-    ) from exc
+    raise AdapterStoreUnavailable("an s3:// adapter store needs boto3: pip install 'loraplex[s3]'") from exc
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ class S3Backend:
         """The objects `<prefix><N><suffix>`, by N."""
         found = {}
         for obj in self._list(prefix):
-            stem = obj["Key"][len(prefix):].removesuffix(suffix)
+            stem = obj["Key"][len(prefix) :].removesuffix(suffix)
             if stem.isdigit() and stem.isascii() and obj["Key"].endswith(suffix):
                 found[int(stem)] = obj
         return found
@@ -138,7 +136,7 @@ class S3Backend:
         root = f"{self.prefix}manifests/"
         versions: dict[str, list[tuple[str, str]]] = {}
         for obj in self._list(root):
-            name, _, leaf = obj["Key"][len(root):].partition("/")
+            name, _, leaf = obj["Key"][len(root) :].partition("/")
             versions.setdefault(name, []).append((leaf, obj.get("ETag", "")))
         return {name: tuple(sorted(leaves)) for name, leaves in versions.items()}
 
@@ -193,8 +191,11 @@ class S3Backend:
             self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": manifests, "Quiet": True})  # invisible
         # then the bytes; `whole` also takes what writers that died before their manifest left behind
         # (claims stay: they are the tombstones)
-        data = (self._list(f"{self.prefix}data/{name}/") if whole else
-                [obj for n in numbers for obj in self._list(f"{self.prefix}data/{name}/{n}/")])
+        data = (
+            self._list(f"{self.prefix}data/{name}/")
+            if whole
+            else [obj for n in numbers for obj in self._list(f"{self.prefix}data/{name}/{n}/")]
+        )
         for start in range(0, len(data), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": obj["Key"]} for obj in data[start : start + 1000]]
             with _answers(f"delete {name}"):
@@ -253,9 +254,11 @@ class _DiskCache:
         self._incoming = ScratchSpace(self._ensure(root))
         found = []
         for version_dir in root.glob("*/*"):
-            if not version_dir.parent.name.startswith(".") and version_dir.name.isdigit() and (
-                version_dir / WEIGHTS_FILE
-            ).exists():
+            if (
+                not version_dir.parent.name.startswith(".")
+                and version_dir.name.isdigit()
+                and (version_dir / WEIGHTS_FILE).exists()
+            ):
                 found.append((version_dir.stat().st_mtime, (version_dir.parent.name, int(version_dir.name))))
         for _, key in sorted(found):
             self._sizes[key] = self._size(self._dir(key))

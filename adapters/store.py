@@ -148,9 +148,7 @@ class AdapterStore:
             if version is None:
                 return versions[max(versions)]
             if version not in versions:
-                raise AdapterNotFound(
-                    f"adapter {name!r} has no version {version}; its versions are {sorted(versions)}"
-                )
+                raise AdapterNotFound(f"adapter {name!r} has no version {version}; its versions are {sorted(versions)}")
             return versions[version]
 
     def contains(self, name: str, version: int) -> bool:

@@ -111,8 +111,13 @@ WORKLOADS: dict[str, Shape] = {
 UNNAMED = Shape((64, 256), (32, 128), 16)  # without --workload: the lengths earlier reports were measured with
 
 
-def resolve_shape(name: str | None, prompt_len: tuple[int, int] | None, output_len: tuple[int, int] | None,
-                  concurrency: int | None, goodput: bool = False) -> Shape:
+def resolve_shape(
+    name: str | None,
+    prompt_len: tuple[int, int] | None,
+    output_len: tuple[int, int] | None,
+    concurrency: int | None,
+    goodput: bool = False,
+) -> Shape:
     """A workload's shape with the explicit flags (not None) on top. A goodput sweep is open loop, so unless
     --concurrency is given its in-flight cap is GOODPUT_IN_FLIGHT, not the workload's client count."""
     base = WORKLOADS[name] if name else UNNAMED
@@ -149,8 +154,9 @@ class TokenizerPrompts:
     def make(self, rng: random.Random, tokens: int) -> str:
         # at most one token per character, and real tokenizers merge random letters ~2-3 to a token:
         # 4 characters per token leaves room to extend the cut
-        ids = self.tokenizer("".join(rng.choices(PROMPT_ALPHABET, k=4 * tokens + 16)),
-                             add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer("".join(rng.choices(PROMPT_ALPHABET, k=4 * tokens + 16)), add_special_tokens=False)[
+            "input_ids"
+        ]
         keep = tokens - self.added
         # decoding a cut token list and encoding it again can merge across the cut: correct by the difference
         for _ in range(self.ATTEMPTS):
@@ -227,10 +233,16 @@ class Workload:
 async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None = None) -> Result:
     """POST /generate_stream and time every SSE token event. `arrived`: when an open-loop request was due;
     TTFT and latency count from then, so time spent waiting for a free client is not hidden."""
-    body = {"inputs": item.prompt,
-            "parameters": {"adapter_id": item.adapter, "max_new_tokens": item.max_new_tokens, "details": True}}
-    result = Result(status=0, started=time.perf_counter() if arrived is None else arrived,
-                    requested_tokens=item.max_new_tokens, planned_prompt_tokens=item.prompt_tokens)
+    body = {
+        "inputs": item.prompt,
+        "parameters": {"adapter_id": item.adapter, "max_new_tokens": item.max_new_tokens, "details": True},
+    }
+    result = Result(
+        status=0,
+        started=time.perf_counter() if arrived is None else arrived,
+        requested_tokens=item.max_new_tokens,
+        planned_prompt_tokens=item.prompt_tokens,
+    )
     last = result.started
     try:
         async with client.stream("POST", "/generate_stream", json=body) as response:
@@ -269,8 +281,9 @@ async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None =
     return result
 
 
-async def run_point(client: httpx.AsyncClient, workload: Workload, concurrency: int, rate: float,
-                    duration: float) -> tuple[list[Result], float]:
+async def run_point(
+    client: httpx.AsyncClient, workload: Workload, concurrency: int, rate: float, duration: float
+) -> tuple[list[Result], float]:
     """Run one sweep point; (results, wall seconds from the first send to the last answer)."""
     slots = asyncio.Semaphore(concurrency)
     # Poisson arrivals (prompts included) are drawn before the clock starts: tokenizing is not load
@@ -365,8 +378,13 @@ def meets_slo(point: dict, slo: Slo) -> bool:
     """No failed request, at least one answered, p90 TTFT and p90 ITL within the SLO. A point without
     inter-token gaps (1-token outputs) has no ITL to miss."""
     ttft, itl = point["ttft_s"]["p90"], point["itl_s"]["p90"]
-    return (point["ok"] > 0 and not point["errors"] and ttft is not None and ttft <= slo.ttft
-            and (itl is None or itl <= slo.itl))
+    return (
+        point["ok"] > 0
+        and not point["errors"]
+        and ttft is not None
+        and ttft <= slo.ttft
+        and (itl is None or itl <= slo.itl)
+    )
 
 
 def goodput(verdicts: list[tuple[float, bool]]) -> float | None:
@@ -430,8 +448,10 @@ async def upload_adapters(client: httpx.AsyncClient, directory: Path) -> list[st
     """POST every PEFT directory under `directory` as an adapter named after it; returns the names."""
     names = []
     for path in sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file()):
-        files = {"config": (path / "adapter_config.json").read_bytes(),
-                 "weights": (path / "adapter_model.safetensors").read_bytes()}
+        files = {
+            "config": (path / "adapter_config.json").read_bytes(),
+            "weights": (path / "adapter_model.safetensors").read_bytes(),
+        }
         response = await client.post("/v1/adapters", data={"name": path.name}, files=files, timeout=300)
         if response.status_code not in (200, 201, 409):  # 409: already there from an earlier run
             raise SystemExit(f"uploading {path.name} failed: {response.status_code} {response.text[:300]}")
@@ -448,8 +468,17 @@ def free_port() -> int:
 def start_server(serve_args: str) -> tuple[subprocess.Popen, str]:
     """`python -m loraplex serve ARGS --port <free>`; returns the process and its URL once /ready is 200."""
     port = free_port()
-    cmd = [sys.executable, "-m", "loraplex", "serve", *shlex.split(serve_args), "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraplex",
+        "serve",
+        *shlex.split(serve_args),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -478,8 +507,9 @@ def stop_server(process: subprocess.Popen) -> None:
 # ---- the run ----------------------------------------------------------------------------------------------
 
 
-def sweep_rates(listed: list[float] | None, verdicts: list[tuple[float, bool]], start: float, bisect: int,
-                rate_max: float) -> Iterator[float]:
+def sweep_rates(
+    listed: list[float] | None, verdicts: list[tuple[float, bool]], start: float, bisect: int, rate_max: float
+) -> Iterator[float]:
     """The listed rates in order, or else the goodput search, which reads the verdicts that the caller
     appends after each point."""
     if listed is not None:
@@ -489,17 +519,21 @@ def sweep_rates(listed: list[float] | None, verdicts: list[tuple[float, bool]], 
         yield rate
 
 
-async def bench(args: argparse.Namespace, url: str, prompts: Prompts,
-                transport: httpx.AsyncBaseTransport | None = None) -> dict:
+async def bench(
+    args: argparse.Namespace, url: str, prompts: Prompts, transport: httpx.AsyncBaseTransport | None = None
+) -> dict:
     """Every point of the run; `transport`: an in-process app instead of the network (the tests' fakes)."""
-    shapes = {name: resolve_shape(name, args.prompt_len, args.output_len, args.concurrency, args.goodput)
-              for name in args.workload or [None]}
+    shapes = {
+        name: resolve_shape(name, args.prompt_len, args.output_len, args.concurrency, args.goodput)
+        for name in args.workload or [None]
+    }
     in_flight = max(shape.concurrency for shape in shapes.values())
     slo = Slo(args.slo_ttft, args.slo_itl)
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits,
-                                 transport=transport) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=args.timeout, limits=limits, transport=transport
+    ) as client:
         await check_ready(client)
         names = await upload_adapters(client, args.adapters_dir) if args.upload else []
         if args.adapters_dir and not names:
@@ -519,9 +553,14 @@ async def bench(args: argparse.Namespace, url: str, prompts: Prompts,
                     before = await read_metrics(client)
                     results, wall = await run_point(client, workload, shape.concurrency, rate, args.duration)
                     counters = counter_deltas(before, await read_metrics(client))
-                    point = {"workload": name, "adapters_in_use": in_use, "rate": rate,
-                             "concurrency": shape.concurrency, **summarize(results, wall),
-                             "adapter_counters": counters}
+                    point = {
+                        "workload": name,
+                        "adapters_in_use": in_use,
+                        "rate": rate,
+                        "concurrency": shape.concurrency,
+                        **summarize(results, wall),
+                        "adapter_counters": counters,
+                    }
                     if args.goodput:
                         point["meets_slo"] = meets_slo(point, slo)
                         if rate > 0:  # a closed loop offers no rate
@@ -530,20 +569,32 @@ async def bench(args: argparse.Namespace, url: str, prompts: Prompts,
                     _progress(point)
                 if args.goodput:
                     goodputs.append({"workload": name, "adapters_in_use": in_use, "rate": goodput(verdicts)})
-        return {"url": url, "registered_adapters": len(names), "tokenizer": args.tokenizer,
-                "workloads": {name or "": vars(shape) for name, shape in shapes.items()},
-                "slo": vars(slo) if args.goodput else None, "goodput": goodputs,
-                "config": _config_of(args), "points": points}
+        return {
+            "url": url,
+            "registered_adapters": len(names),
+            "tokenizer": args.tokenizer,
+            "workloads": {name or "": vars(shape) for name, shape in shapes.items()},
+            "slo": vars(slo) if args.goodput else None,
+            "goodput": goodputs,
+            "config": _config_of(args),
+            "points": points,
+        }
 
 
 def _progress(point: dict) -> None:
     verdict = {True: ", meets the SLO", False: ", misses the SLO"}.get(point.get("meets_slo"), "")
-    print(f"workload={point['workload'] or '-'} adapters={point['adapters_in_use']} "
-          f"rate={_rate(point['rate'])}: {point['ok']}/{point['requests']} ok, "
-          f"{point['output_tokens_per_s']:.1f} tok/s{verdict}", file=sys.stderr)
+    print(
+        f"workload={point['workload'] or '-'} adapters={point['adapters_in_use']} "
+        f"rate={_rate(point['rate'])}: {point['ok']}/{point['requests']} ok, "
+        f"{point['output_tokens_per_s']:.1f} tok/s{verdict}",
+        file=sys.stderr,
+    )
     if point["prompt_length_mismatches"]:
-        print(f"WARNING: the server counted another prompt length than planned in "
-              f"{point['prompt_length_mismatches']} requests: pass the served model's --tokenizer", file=sys.stderr)
+        print(
+            f"WARNING: the server counted another prompt length than planned in "
+            f"{point['prompt_length_mismatches']} requests: pass the served model's --tokenizer",
+            file=sys.stderr,
+        )
 
 
 def _config_of(args: argparse.Namespace) -> dict:
@@ -567,7 +618,8 @@ def markdown(report: dict) -> str:
     for p in report["points"]:
         ttft, itl = ("/".join(_ms(p[kind][f"p{q}"]) for q in PERCENTILES) for kind in ("ttft_s", "itl_s"))
         counters = ", ".join(  # counts only; load seconds stay in the JSON
-            f"{k.removeprefix(METRIC_PREFIX)} +{v:g}" for k, v in p["adapter_counters"].items()
+            f"{k.removeprefix(METRIC_PREFIX)} +{v:g}"
+            for k, v in p["adapter_counters"].items()
             if v and k.split("{")[0].endswith("_total")
         )
         slo = {True: "met", False: "missed"}.get(p.get("meets_slo"), "-")
@@ -582,8 +634,10 @@ def markdown(report: dict) -> str:
         lines.append("")
         for g in report["goodput"]:
             rate = "none (no rate met the SLO)" if g["rate"] is None else f"{g['rate']:g} req/s"
-            lines.append(f"goodput, workload {g['workload'] or '-'}, {g['adapters_in_use']} adapters: {rate} "
-                         f"(p90 TTFT <= {slo['ttft']:g} s, p90 ITL <= {slo['itl'] * 1000:g} ms, no errors)")
+            lines.append(
+                f"goodput, workload {g['workload'] or '-'}, {g['adapters_in_use']} adapters: {rate} "
+                f"(p90 TTFT <= {slo['ttft']:g} s, p90 ITL <= {slo['itl'] * 1000:g} ms, no errors)"
+            )
     return "\n".join(lines)
 
 
@@ -597,8 +651,10 @@ def failures(report: dict) -> list[str]:
         if p["output_tokens"] == 0:
             problems.append(f"adapters={p['adapters_in_use']}: no tokens came back")
         if p.get("prompt_length_mismatches"):
-            problems.append(f"adapters={p['adapters_in_use']}: {p['prompt_length_mismatches']} prompts of "
-                            "another length than planned")
+            problems.append(
+                f"adapters={p['adapters_in_use']}: {p['prompt_length_mismatches']} prompts of "
+                "another length than planned"
+            )
     return problems
 
 
@@ -620,23 +676,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", help="Bearer key (an admin key when uploading)")
     parser.add_argument("--adapters-dir", type=Path, help="PEFT directories (bench/random_adapters.py writes them)")
     parser.add_argument("--upload", action="store_true", help="upload --adapters-dir first, named after the dirs")
-    parser.add_argument("--adapters-in-use", type=csv_of(int), default=[0],
-                        help="distinct adapters the requests spread over, one point each; 0: base model only")
-    parser.add_argument("--workload", type=csv_of(workload_name),
-                        help=f"named lengths and clients, a comma list: {', '.join(WORKLOADS)}")
-    parser.add_argument("--rate", type=csv_of(float),
-                        help="requests/s (Poisson), 0: closed loop (default); with --goodput, omit to search")
-    parser.add_argument("--concurrency", type=int,
-                        help=f"clients / most requests in flight (default: the workload's, else {UNNAMED.concurrency};"
-                             f" with --goodput {GOODPUT_IN_FLIGHT})")
+    parser.add_argument(
+        "--adapters-in-use",
+        type=csv_of(int),
+        default=[0],
+        help="distinct adapters the requests spread over, one point each; 0: base model only",
+    )
+    parser.add_argument(
+        "--workload",
+        type=csv_of(workload_name),
+        help=f"named lengths and clients, a comma list: {', '.join(WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--rate",
+        type=csv_of(float),
+        help="requests/s (Poisson), 0: closed loop (default); with --goodput, omit to search",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help=f"clients / most requests in flight (default: the workload's, else {UNNAMED.concurrency};"
+        f" with --goodput {GOODPUT_IN_FLIGHT})",
+    )
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per point")
     parser.add_argument("--warmup", type=int, default=0, help="unrecorded requests before each workload's points")
     parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity exponent; 0: uniform")
     parser.add_argument("--prompt-len", type=parse_range, help="tokens, N or MIN:MAX (default: the workload's)")
     parser.add_argument("--output-len", type=parse_range, help="max_new_tokens, N or MIN:MAX (default: the workload's)")
-    parser.add_argument("--tokenizer",
-                        help="`bytes` or a transformers tokenizer (directory or hub id) to build prompts with "
-                             "(default: the --serve base model's, bytes for random: models or --url)")
+    parser.add_argument(
+        "--tokenizer",
+        help="`bytes` or a transformers tokenizer (directory or hub id) to build prompts with "
+        "(default: the --serve base model's, bytes for random: models or --url)",
+    )
     parser.add_argument("--goodput", action="store_true", help="judge every point against the SLO, report goodput")
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="p90 time to first token, seconds")
     parser.add_argument("--slo-itl", type=float, default=0.05, help="p90 inter-token latency, seconds")
@@ -646,8 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the full report as JSON")
-    parser.add_argument("--smoke", action="store_true",
-                        help="a few short requests; exit 1 if any failed or no token came back")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few short requests; exit 1 if any failed or no token came back"
+    )
     return parser
 
 

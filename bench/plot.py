@@ -18,8 +18,9 @@ matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt
 
 
-def series(points: list[dict], by: str, x: str, y: Callable[[dict], float | None]
-           ) -> dict[float, list[tuple[float, float]]]:
+def series(
+    points: list[dict], by: str, x: str, y: Callable[[dict], float | None]
+) -> dict[float, list[tuple[float, float]]]:
     """{value of `by`: [(x, y(point)), ...] sorted by x}, skipping points where y is unknown."""
     lines: dict[float, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
@@ -72,8 +73,13 @@ def offered_load_curves(label: str, points: list[dict], kind: str) -> dict[str, 
         value = p[kind]["p90"]
         if value is None:
             continue
-        name = " ".join([label, *([str(p.get("workload"))] if len(workloads) > 1 else []),
-                         *([f"{p['adapters_in_use']} adapters"] if len(adapters) > 1 else [])])
+        name = " ".join(
+            [
+                label,
+                *([str(p.get("workload"))] if len(workloads) > 1 else []),
+                *([f"{p['adapters_in_use']} adapters"] if len(adapters) > 1 else []),
+            ]
+        )
         curves[name].append((p["rate"], value))
     return {name: sorted(xy) for name, xy in curves.items()}
 
@@ -83,8 +89,10 @@ def latency_vs_offered_load(reports: list[tuple[str, dict]], out: Path) -> Path:
     (of the first report that has one) as dashed lines: where a curve crosses its line is the goodput."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     slo = next((r["slo"] for _, r in reports if r.get("slo")), None)
-    for ax, kind, slo_key, title in ((axes[0], "ttft_s", "ttft", "p90 time to first token (s)"),
-                                     (axes[1], "itl_s", "itl", "p90 inter-token latency (s)")):
+    for ax, kind, slo_key, title in (
+        (axes[0], "ttft_s", "ttft", "p90 time to first token (s)"),
+        (axes[1], "itl_s", "itl", "p90 inter-token latency (s)"),
+    ):
         for label, report in reports:
             for name, xy in offered_load_curves(label, report["points"], kind).items():
                 ax.plot(*zip(*xy, strict=True), marker="o", label=name)
@@ -119,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     reports = [(label, json.loads(path.read_text())) for label, path in zip(labels, args.reports, strict=True)]
     args.out.mkdir(parents=True, exist_ok=True)
     first = reports[0][1]["points"]  # the per-adapter charts read one report; comparing is the offered-load chart's
-    for path in (throughput_vs_adapters(first, args.out), latency_vs_load(first, args.out),
-                 latency_vs_offered_load(reports, args.out)):
+    for path in (
+        throughput_vs_adapters(first, args.out),
+        latency_vs_load(first, args.out),
+        latency_vs_offered_load(reports, args.out),
+    ):
         print(path)
     return 0
 

@@ -71,9 +71,7 @@ def check_base_model(base_model: str | None, cache_dir: Path) -> tuple[str, str]
     except (OSError, ValueError) as exc:
         raise BaseModelError(f"cannot read the config of base model {source!r}: {_first_line(exc)}") from exc
     if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise BaseModelError(
-            f"base model {source!r} is a {config.model_type!r} model, not a causal language model"
-        )
+        raise BaseModelError(f"base model {source!r} is a {config.model_type!r} model, not a causal language model")
     return source, default_name
 
 

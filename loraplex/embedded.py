@@ -49,7 +49,9 @@ def embedded_checkpoint(cache_dir: Path) -> Path:
             return target
         log.info(
             "first use of the embedded %s: converting its GGUF file into a checkpoint in %s; this happens once "
-            "(about half a minute on a CPU), later starts load the checkpoint directly", EMBEDDED_NAME, target
+            "(about half a minute on a CPU), later starts load the checkpoint directly",
+            EMBEDDED_NAME,
+            target,
         )
         began = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=target.parent))

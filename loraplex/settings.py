@@ -31,12 +31,16 @@ class Settings(BaseSettings):
         "cache of it.",
     )
     adapter_store: str | None = Field(
-        None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
         description="s3://bucket/prefix: keep adapters in S3-compatible storage (endpoint, region and credentials "
         "from the usual AWS_* variables; needs loraplex[s3]); empty: the directory --adapter-dir.",
     )
     store_refresh_s: float = Field(
-        2.0, gt=0, le=3600, description="Seconds between checks of the adapter store for versions other servers "
+        2.0,
+        gt=0,
+        le=3600,
+        description="Seconds between checks of the adapter store for versions other servers "
         "added or deleted: how long a deleted version may still start requests here (a name or version not "
         "known here is looked up at once).",
     )
@@ -50,8 +54,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     max_batch_size: int | None = Field(
-        None, ge=1, le=1024, description="Requests running at once (KV cache rows); default: what half the GPU "
-        "memory free after the model holds, at most 256 (32 on a CPU)."
+        None,
+        ge=1,
+        le=1024,
+        description="Requests running at once (KV cache rows); default: what half the GPU "
+        "memory free after the model holds, at most 256 (32 on a CPU).",
     )
     max_queue: int = Field(256, ge=0, description="Waiting requests before new ones get 429.")
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
@@ -59,8 +66,10 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")
     max_seq_len: int = Field(2048, ge=16, description="Longest prompt + completion per request (KV rows).")
     max_prefill_tokens: int = Field(
-        512, ge=1, description="Prompt tokens per engine step, run in the same forward as one token of every running "
-        "request: lower keeps running streams smoother while new prompts arrive, higher gives first tokens sooner."
+        512,
+        ge=1,
+        description="Prompt tokens per engine step, run in the same forward as one token of every running "
+        "request: lower keeps running streams smoother while new prompts arrive, higher gives first tokens sooner.",
     )
     max_adapter_mb: int = Field(512, ge=1, description="Largest accepted adapter upload, in MiB.")
     max_request_mb: int = Field(
@@ -70,8 +79,9 @@ class Settings(BaseSettings):
     admin_key: CommaList = Field(default_factory=list, description="Keys that may also upload and delete adapters.")
     preload: CommaList = Field(default_factory=list, description="Adapters to load (and pin) at start.")
     open_metrics: bool = Field(
-        False, description="Serve /metrics without a key even when keys are configured: for scrapers that send "
-        "none (the inference gateway's endpoint picker); then limit who reaches the port (it lists adapter names)."
+        False,
+        description="Serve /metrics without a key even when keys are configured: for scrapers that send "
+        "none (the inference gateway's endpoint picker); then limit who reaches the port (it lists adapter names).",
     )
     cuda_graphs: bool = Field(True, description="Capture every engine step in CUDA graphs (CUDA only).")
     fused_kernels: bool = Field(

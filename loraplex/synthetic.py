@@ -110,8 +110,9 @@ def byte_tokenizer(vocab_size: int = BYTE_VOCAB) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIALS))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIALS[0], bos_token=SPECIALS[1],
-                                   eos_token=SPECIALS[2])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=SPECIALS[0], bos_token=SPECIALS[1], eos_token=SPECIALS[2]
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -152,8 +153,15 @@ def load_synthetic(
 def _random_nf4(linear: nn.Linear, device: torch.device, dtype: torch.dtype, std: float) -> nn.Module:
     import bitsandbytes as bnb
 
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=dtype, quant_type="nf4", compress_statistics=True, device="meta")
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+        device="meta",
+    )
     weight = torch.empty(linear.out_features, linear.in_features, dtype=dtype, device=device).normal_(0.0, std)
     # Params4bit quantizes when moved to a device; the dtype copy is dropped right after
     q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to(device)

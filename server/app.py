@@ -40,8 +40,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.api_key and not settings.admin_key and not _is_loopback(settings.host):
-            log.warning("no API keys configured and bound to %s: anyone who reaches it may generate and "
-                        "manage adapters; set --admin-key / --api-key", settings.host)
+            log.warning(
+                "no API keys configured and bound to %s: anyone who reaches it may generate and "
+                "manage adapters; set --admin-key / --api-key",
+                settings.host,
+            )
         starting = asyncio.create_task(_start(app))
         yield
         starting.cancel()
@@ -63,8 +66,12 @@ def create_app(
             if on_fatal is not None:
                 on_fatal()
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
-                  description="Many LoRA adapters served from one NF4 base model.")
+    app = FastAPI(
+        title="loraplex",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Many LoRA adapters served from one NF4 base model.",
+    )
     app.state.settings = settings
     app.state.runtime = None
     app.state.registry = None
@@ -72,8 +79,14 @@ def create_app(
     app.state.exit_code = 0
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    probes_and_docs = {"/health", "/ready", app.docs_url, app.redoc_url, app.openapi_url,
-                       app.swagger_ui_oauth2_redirect_url}
+    probes_and_docs = {
+        "/health",
+        "/ready",
+        app.docs_url,
+        app.redoc_url,
+        app.openapi_url,
+        app.swagger_ui_oauth2_redirect_url,
+    }
     open_paths = probes_and_docs - {None} | ({"/metrics"} if settings.open_metrics else set())
     app.add_middleware(RequestGuard, settings=settings, open_paths=open_paths, own_limit=(adapters_api.router.prefix,))
     app.include_router(generate.router)
@@ -95,8 +108,11 @@ def create_app(
     async def ready(request: Request) -> JSONResponse:
         state = request.app.state
         if state.runtime is None or not state.runtime.engine.alive:
-            message = state.startup_error or ("the model is loading; retry shortly" if state.runtime is None
-                                              else "the engine has stopped; see the server log")
+            message = state.startup_error or (
+                "the model is loading; retry shortly"
+                if state.runtime is None
+                else "the engine has stopped; see the server log"
+            )
             return JSONResponse(error_body(message, "server_error", "not_ready"), 503, {"Retry-After": "2"})
         return JSONResponse({"status": "ready", "model": state.runtime.base.served_name})
 

@@ -47,12 +47,22 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
             kind = typing.get_args(field.annotation)[0] if origin is types.UnionType else field.annotation  # X | None
             parser.add_argument(flag, dest=name, metavar=_METAVARS.get(kind), help=help_text)
     fleet = parser.add_argument_group(
-        "Ray Serve", "several replicas behind one endpoint, routed by adapter (needs the `ray` extra); every "
-        "flag above applies to each replica; --host and --port are the endpoint's")
-    fleet.add_argument("--ray", action="store_true", help="serve through Ray Serve: a local Ray instance, or the "
-                       "cluster at RAY_ADDRESS")
-    fleet.add_argument("--replicas", type=int, metavar="N", help="replicas, one GPU each on a cluster with GPUs "
-                       "(default: 1); with --max-replicas, the fewest the autoscaler keeps")
+        "Ray Serve",
+        "several replicas behind one endpoint, routed by adapter (needs the `ray` extra); every "
+        "flag above applies to each replica; --host and --port are the endpoint's",
+    )
+    fleet.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: a local Ray instance, or the cluster at RAY_ADDRESS",
+    )
+    fleet.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="replicas, one GPU each on a cluster with GPUs "
+        "(default: 1); with --max-replicas, the fewest the autoscaler keeps",
+    )
     fleet.add_argument("--max-replicas", type=int, metavar="N", help="autoscale up to N replicas by ongoing requests")
     parser.set_defaults(func=run, **dict.fromkeys(Settings.model_fields))
 

@@ -68,8 +68,9 @@ class GrammarSpec:
             raise InvalidGrammar(f"a JSON schema is an object, not {type(schema).__name__}")
         depth = _depth(schema)
         if depth > MAX_SCHEMA_DEPTH:
-            raise InvalidGrammar(f"the JSON schema nests {depth} levels of objects and arrays; at most "
-                                 f"{MAX_SCHEMA_DEPTH} are accepted")
+            raise InvalidGrammar(
+                f"the JSON schema nests {depth} levels of objects and arrays; at most {MAX_SCHEMA_DEPTH} are accepted"
+            )
         text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         _check_size(len(text), "JSON schema")
         return cls("json_schema", text)
@@ -138,8 +139,14 @@ class CompiledGrammar:
 class Grammars:
     """Compiles grammar specs for one tokenizer, off the event loop, bounded, with an LRU of the results."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: Iterable[int],
-                 capacity: int = CACHED_GRAMMARS, timeout_s: float = COMPILE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int,
+        stop_ids: Iterable[int],
+        capacity: int = CACHED_GRAMMARS,
+        timeout_s: float = COMPILE_TIMEOUT_S,
+    ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size  # the model's logits width, which may exceed the tokenizer's
         self._stop_ids = sorted(stop_ids)
@@ -160,8 +167,9 @@ class Grammars:
         try:
             compiled = await asyncio.wait_for(future, self._timeout_s)
         except TimeoutError:
-            raise InvalidGrammar(f"the {_WHAT[spec.kind]} did not compile within {self._timeout_s:g} s: "
-                                 "simplify it") from None
+            raise InvalidGrammar(
+                f"the {_WHAT[spec.kind]} did not compile within {self._timeout_s:g} s: simplify it"
+            ) from None
         with self._lock:
             compiled = self._cache.setdefault(spec, compiled)
             self._cache.move_to_end(spec)
@@ -196,8 +204,9 @@ class Grammars:
             if self._ll_tokenizer is None:
                 import llguidance.hf
 
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_size,
-                                                                  eos_token=self._stop_ids)
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                    self._tokenizer, n_vocab=self._vocab_size, eos_token=self._stop_ids
+                )
             return self._ll_tokenizer
 
 

@@ -93,8 +93,9 @@ class Generation:
 
 
 class Inference:
-    def __init__(self, base: LoadedBase, registry: AdapterRegistry, scheduler: Scheduler, metrics: Metrics,
-                 max_seq_len: int) -> None:
+    def __init__(
+        self, base: LoadedBase, registry: AdapterRegistry, scheduler: Scheduler, metrics: Metrics, max_seq_len: int
+    ) -> None:
         self.base = base
         self.registry = registry
         self.scheduler = scheduler
@@ -127,8 +128,9 @@ class Inference:
 
     def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:
-            ids = self.base.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                          tokenize=True, return_dict=False)
+            ids = self.base.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            )
         except Exception as exc:  # templates raise what they like (jinja errors, ValueError) on messages they refuse
             raise InvalidChat(f"the base model's chat template refused these messages: {exc}") from exc
         return list(ids)
@@ -140,8 +142,10 @@ class Inference:
 
         def run() -> list[tuple[int, int, int]]:
             encoded = self.base.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-            return [(i, start, stop) for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"],
-                                                                 strict=True)]
+            return [
+                (i, start, stop)
+                for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+            ]
 
         return await asyncio.to_thread(run)
 
@@ -163,8 +167,10 @@ class Inference:
     def check_token_ids(self, ids: list[int]) -> None:
         """What the tokenizer can decode: ids of the vocabulary, at most max_seq_len of them (one KV row)."""
         if len(ids) > self.max_seq_len:
-            raise InvalidTokens(f"{len(ids)} token ids; this server decodes at most {self.max_seq_len} "
-                                "(max_seq_len) per request: send fewer")
+            raise InvalidTokens(
+                f"{len(ids)} token ids; this server decodes at most {self.max_seq_len} "
+                "(max_seq_len) per request: send fewer"
+            )
         bad = next((i for i in ids if not 0 <= i < self.tokenizer_size), None)
         if bad is not None:
             raise InvalidTokens(f"token id {bad} is not in the vocabulary (0..{self.tokenizer_size - 1})")
@@ -212,8 +218,9 @@ class Inference:
         return await self.grammars.get(spec) if spec is not None else None
 
     # ---- running -------------------------------------------------------------------------------------------
-    async def stream(self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter,
-                     grammar: CompiledGrammar | None = None) -> AsyncIterator[TokenEvent]:
+    async def stream(
+        self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
+    ) -> AsyncIterator[TokenEvent]:
         """Events of one request (its output constrained by `grammar`, if given: a matcher of its own). Errors
         before the first event (unknown adapter, queue full, prompt too long) raise typed errors; leaving early
         cancels the request in the engine."""
@@ -283,8 +290,9 @@ class Inference:
             return UNKNOWN_LABEL
         return adapter  # a stored name (at most 64 characters) or name@N
 
-    async def open_stream(self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter,
-                          grammar: CompiledGrammar | None = None) -> AsyncIterator[TokenEvent]:
+    async def open_stream(
+        self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
+    ) -> AsyncIterator[TokenEvent]:
         """`stream`, started: waits for the first event so that errors before it (unknown adapter, queue
         full, prompt too long) raise here, while a streaming route can still answer with an HTTP error."""
         events = self.stream(prompt_ids, sampling, adapter, grammar)
@@ -298,13 +306,25 @@ class Inference:
 
         return chained()
 
-    async def generate(self, request: Request, prompt_ids: list[int], sampling: SamplingParams,
-                       adapter: Adapter, grammar: CompiledGrammar | None = None) -> Generation:
+    async def generate(
+        self,
+        request: Request,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+    ) -> Generation:
         """Run to the end; a client that disconnects meanwhile cancels the request at once."""
         return (await self.generate_many(request, prompt_ids, [sampling], adapter, grammar))[0]
 
-    async def generate_many(self, request: Request, prompt_ids: list[int], samplings: list[SamplingParams],
-                            adapter: Adapter, grammar: CompiledGrammar | None = None) -> list[Generation]:
+    async def generate_many(
+        self,
+        request: Request,
+        prompt_ids: list[int],
+        samplings: list[SamplingParams],
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+    ) -> list[Generation]:
         """One Generation per sampling, run concurrently as requests of the same batch; the first error (queue
         full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
 
@@ -324,8 +344,13 @@ class Inference:
 
         return await until_disconnected(request, collect_all)
 
-    async def open_streams(self, prompt_ids: list[int], samplings: list[SamplingParams], adapter: Adapter,
-                           grammar: CompiledGrammar | None = None) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def open_streams(
+        self,
+        prompt_ids: list[int],
+        samplings: list[SamplingParams],
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+    ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice index, event) of several requests, as they come; errors before the first events raise here.
         Closing the stream cancels every request still running."""
         streams: list[AsyncIterator[TokenEvent]] = []

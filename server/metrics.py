@@ -60,9 +60,12 @@ class LoraInfo(Collector):
         self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(LORA_INFO, "LoRA adapters in device slots (running), adapters of queued "
-                                   "requests not in a slot (waiting), device slots (max_lora); value: unix time",
-                                   labels=[RUNNING_LABEL, WAITING_LABEL, MAX_LABEL])
+        family = GaugeMetricFamily(
+            LORA_INFO,
+            "LoRA adapters in device slots (running), adapters of queued "
+            "requests not in a slot (waiting), device slots (max_lora); value: unix time",
+            labels=[RUNNING_LABEL, WAITING_LABEL, MAX_LABEL],
+        )
         if self._read is not None:  # no sample while the model loads: there is nothing to route by yet
             running, waiting, slots = self._read()
             family.add_metric([",".join(running), ",".join(waiting), str(slots)], time.time())
@@ -77,37 +80,50 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loraplex_requests", "Generation requests by adapter and HTTP status",
-                                ["adapter", "status"], registry=r)
+        self.requests = Counter(
+            "loraplex_requests", "Generation requests by adapter and HTTP status", ["adapter", "status"], registry=r
+        )
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Tokens generated", ["adapter"], registry=r)
-        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "From submission to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("loraplex_inter_token_latency_seconds", "Between consecutive tokens of a request",
-                             buckets=ITL_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "From submission to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "loraplex_inter_token_latency_seconds",
+            "Between consecutive tokens of a request",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.adapter_loads = Counter("loraplex_adapter_loads", "Adapter loads by tier move", ["tier"], registry=r)
         self.adapter_load_seconds = Histogram(
-            "loraplex_adapter_load_seconds", "Adapter load latency: disk_to_cpu or cpu_to_slot", ["tier"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0), registry=r,
+            "loraplex_adapter_load_seconds",
+            "Adapter load latency: disk_to_cpu or cpu_to_slot",
+            ["tier"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+            registry=r,
         )
-        self.adapter_evictions = Counter("loraplex_adapter_evictions", "Adapters evicted from the CPU tier",
-                                         registry=r)
+        self.adapter_evictions = Counter("loraplex_adapter_evictions", "Adapters evicted from the CPU tier", registry=r)
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting for a batch row", registry=r)
         self.batch_size = Gauge("loraplex_running_batch_size", "Requests in the running batch", registry=r)
-        self.active_slots = Gauge("loraplex_active_adapter_slots", "Device adapter slots holding an adapter",
-                                  registry=r)
+        self.active_slots = Gauge(
+            "loraplex_active_adapter_slots", "Device adapter slots holding an adapter", registry=r
+        )
         self.cpu_adapters = Gauge("loraplex_cpu_adapters", "Adapters held in the CPU tier", registry=r)
-        self.cpu_adapter_bytes = Gauge("loraplex_cpu_adapter_bytes", "Bytes of adapter weights in the CPU tier",
-                                       registry=r)
+        self.cpu_adapter_bytes = Gauge(
+            "loraplex_cpu_adapter_bytes", "Bytes of adapter weights in the CPU tier", registry=r
+        )
         # the picker's "KV-cache utilization": a request takes one whole KV row (max_seq_len tokens) while it
         # runs and a new one needs a free row, so rows in use / rows is what says whether it can be admitted
         # (tokens written / capacity would say "room" while every row is taken)
-        self.kv_cache_usage = Gauge("loraplex_kv_cache_usage_ratio",
-                                    "Fraction of KV-cache rows held by running requests (0 to 1)", registry=r)
+        self.kv_cache_usage = Gauge(
+            "loraplex_kv_cache_usage_ratio", "Fraction of KV-cache rows held by running requests (0 to 1)", registry=r
+        )
         self.lora_info = LoraInfo()
         r.register(self.lora_info)
-        self.device_memory = Gauge("loraplex_device_memory_bytes", "Device memory allocated by torch",
-                                   registry=r)
+        self.device_memory = Gauge("loraplex_device_memory_bytes", "Device memory allocated by torch", registry=r)
 
     # ---- the registry's metrics sink (disk -> CPU) -----------------------------------------------------
     def observe_load(self, seconds: float) -> None:
@@ -122,12 +138,20 @@ class Metrics:
         self.adapter_loads.labels("cpu_to_slot").inc()
         self.adapter_load_seconds.labels("cpu_to_slot").observe(seconds)
 
-    def bind_live(self, queue_depth: Callable[[], float], batch_size: Callable[[], float],
-                  active_slots: Callable[[], float], cpu_adapters: Callable[[], float],
-                  cpu_adapter_bytes: Callable[[], float], device: torch.device,
-                  kv_cache_usage: Callable[[], float], slot_adapters: Callable[[], Mapping[str, int]],
-                  waiting_adapters: Callable[[], Iterable[str]], newest: Callable[[str], str],
-                  max_adapters: int) -> None:
+    def bind_live(
+        self,
+        queue_depth: Callable[[], float],
+        batch_size: Callable[[], float],
+        active_slots: Callable[[], float],
+        cpu_adapters: Callable[[], float],
+        cpu_adapter_bytes: Callable[[], float],
+        device: torch.device,
+        kv_cache_usage: Callable[[], float],
+        slot_adapters: Callable[[], Mapping[str, int]],
+        waiting_adapters: Callable[[], Iterable[str]],
+        newest: Callable[[str], str],
+        max_adapters: int,
+    ) -> None:
         """`slot_adapters()`: adapter key -> device slot; `waiting_adapters()`: keys of queued requests;
         `newest(name)`: that name's newest key (see routed_names)."""
         self.queue_depth.set_function(queue_depth)

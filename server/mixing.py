@@ -60,8 +60,13 @@ class MixCache:
     """Derived adapters by key, least recently used first out; `on_drop(key)` frees the device slot of one that
     leaves. `prepare` turns a built mix into what the engine activates (its packed form)."""
 
-    def __init__(self, max_lora_rank: int, prepare: Callable[[LoraWeights], LoraWeights],
-                 on_drop: Callable[[str], None], capacity: int = MAX_CACHED_MIXES) -> None:
+    def __init__(
+        self,
+        max_lora_rank: int,
+        prepare: Callable[[LoraWeights], LoraWeights],
+        on_drop: Callable[[str], None],
+        capacity: int = MAX_CACHED_MIXES,
+    ) -> None:
         self.max_lora_rank = max_lora_rank
         self._prepare = prepare
         self._on_drop = on_drop
@@ -93,5 +98,7 @@ class MixCache:
         rank = max(ranks.values(), default=0)
         if rank > self.max_lora_rank:
             described = ", ".join(f"{key} (rank {lora.rank})" for key, lora, _ in components)
-            raise InvalidMix(f"the mix of {described} has rank {rank}, over max_lora_rank {self.max_lora_rank}: "
-                             "mix fewer or lower-rank adapters, or start the server with a larger --max-lora-rank")
+            raise InvalidMix(
+                f"the mix of {described} has rank {rank}, over max_lora_rank {self.max_lora_rank}: "
+                "mix fewer or lower-rank adapters, or start the server with a larger --max-lora-rank"
+            )

@@ -36,7 +36,10 @@ class Runtime:
         if base is None:
             log.info("loading base model %s", settings.base_model or "(embedded SmolLM2-135M-Instruct)")
             base = await asyncio.to_thread(
-                load_base_model, settings.base_model, cache_dir=settings.cache_dir, device=settings.device,
+                load_base_model,
+                settings.base_model,
+                cache_dir=settings.cache_dir,
+                device=settings.device,
                 served_name=settings.served_model_name,
             )
         config = EngineConfig.for_model(settings, base.model)
@@ -46,28 +49,52 @@ class Runtime:
             Engine, base.model, base.tokenizer, config, on_activation=metrics.observe_activation
         )
         store = await asyncio.to_thread(
-            open_store, settings.adapter_store, settings.adapter_dir, fingerprint,
+            open_store,
+            settings.adapter_store,
+            settings.adapter_dir,
+            fingerprint,
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
             settings.store_cache_mb * 2**20,
         )
         # the CPU tier keeps each adapter as views of the engine's (pinned) packed copy: one copy, pinned once
-        registry = AdapterRegistry(store, max_cpu_adapters=settings.max_cpu_adapters, on_unload=engine.deactivate,
-                                   metrics=metrics, pin_memory=False, prepare=engine.prepare_adapter)
-        scheduler = Scheduler(engine, settings.max_queue,
-                              LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe))
+        registry = AdapterRegistry(
+            store,
+            max_cpu_adapters=settings.max_cpu_adapters,
+            on_unload=engine.deactivate,
+            metrics=metrics,
+            pin_memory=False,
+            prepare=engine.prepare_adapter,
+        )
+        scheduler = Scheduler(
+            engine,
+            settings.max_queue,
+            LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe),
+        )
         metrics.bind_live(
-            queue_depth=lambda: scheduler.queue_depth, batch_size=lambda: scheduler.running,
-            active_slots=lambda: len(engine.active_adapters()), cpu_adapters=lambda: registry.cpu_adapters,
-            cpu_adapter_bytes=lambda: registry.cpu_bytes, device=base.device,
+            queue_depth=lambda: scheduler.queue_depth,
+            batch_size=lambda: scheduler.running,
+            active_slots=lambda: len(engine.active_adapters()),
+            cpu_adapters=lambda: registry.cpu_adapters,
+            cpu_adapter_bytes=lambda: registry.cpu_bytes,
+            device=base.device,
             kv_cache_usage=lambda: scheduler.running / config.max_batch_size,
             slot_adapters=engine.active_adapters,
             waiting_adapters=engine.waiting_adapters,
-            newest=lambda name: store.resolve(name, recheck=False).key, max_adapters=config.max_active_adapters,
+            newest=lambda name: store.resolve(name, recheck=False).key,
+            max_adapters=config.max_active_adapters,
         )
         store.start_refresh(settings.store_refresh_s)  # other servers may share the store
         engine.start()
-        runtime = cls(settings, base, metrics, registry, engine, scheduler,
-                      Inference(base, registry, scheduler, metrics, config.max_seq_len), int(time.time()))
+        runtime = cls(
+            settings,
+            base,
+            metrics,
+            registry,
+            engine,
+            scheduler,
+            Inference(base, registry, scheduler, metrics, config.max_seq_len),
+            int(time.time()),
+        )
         try:
             await registry.preload(settings.preload)
             await runtime.warm_up()

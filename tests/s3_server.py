@@ -17,8 +17,13 @@ def s3_server(bucket: str) -> Iterator[dict[str, str]]:
 
     # one request at a time: moto checks If-None-Match and then writes, without a lock, where S3 itself is
     # atomic; served serially, the check and the write of one request cannot interleave with another's
-    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False,
-                         request_handler=MotoRequestHandler)
+    server = make_server(
+        "127.0.0.1",
+        0,
+        DomainDispatcherApplication(create_backend_app),
+        threaded=False,
+        request_handler=MotoRequestHandler,
+    )
     thread = threading.Thread(target=server.serve_forever, name="s3-server", daemon=True)
     thread.start()
     env = {
@@ -28,8 +33,13 @@ def s3_server(bucket: str) -> Iterator[dict[str, str]]:
         "AWS_SECRET_ACCESS_KEY": "test",
     }
     try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-                     aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket=bucket)
+        boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            region_name=env["AWS_REGION"],
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        ).create_bucket(Bucket=bucket)
         yield env
     finally:
         server.shutdown()

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FORBIDDEN = {"adapters": {"server", "training"}, "server": {"training"}, "training": {"server"},
-             "loraplex": {"server", "training"}}
+FORBIDDEN = {
+    "adapters": {"server", "training"},
+    "server": {"training"},
+    "training": {"server"},
+    "loraplex": {"server", "training"},
+}
 DISPATCHER = REPO / "loraplex" / "cli.py"
 
 

@@ -23,22 +23,25 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "server.
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraplex", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "loraplex", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
 
 
 def test_help_imports_nothing_heavy():
     argvs = [["--help"], ["serve", "--help"], ["train", "--help"], ["adapters", "list", "-h"]]
-    probe = "\n".join([
-        "import sys",
-        "from loraplex.cli import main",
-        f"for argv in {argvs!r}:",
-        "    try:",
-        "        main(argv)",
-        "    except SystemExit:",
-        "        pass",
-        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)",
-    ])
+    probe = "\n".join(
+        [
+            "import sys",
+            "from loraplex.cli import main",
+            f"for argv in {argvs!r}:",
+            "    try:",
+            "        main(argv)",
+            "    except SystemExit:",
+            "        pass",
+            f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)",
+        ]
+    )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert run.returncode == 0 and run.stdout.count("usage: loraplex") == len(argvs), run.stderr
     assert "HEAVY []" in run.stderr
@@ -82,8 +85,10 @@ def test_serve_on_a_port_in_use_fails_at_once_in_one_line(tmp_path: Path):
         began = time.monotonic()
         run = run_cli("serve", "--port", str(port), "--cache-dir", str(tmp_path), "--device", "cpu")
     assert run.returncode == 2
-    assert run.stderr.strip() == (f"loraplex serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
-                                  "(is another server running? choose another --port)")
+    assert run.stderr.strip() == (
+        f"loraplex serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(is another server running? choose another --port)"
+    )
     assert time.monotonic() - began < 60 and not (tmp_path / "models").exists()  # nothing was converted or loaded
 
 
@@ -99,8 +104,15 @@ class FakeServer:
     """The admin API as far as the CLI uses it: one adapter `bot` with versions 1 and 2."""
 
     def __init__(self) -> None:
-        self.manifest = {"name": "bot", "version": 2, "rank": 8, "origin": "trained", "size_bytes": 3 << 20,
-                         "created_at": "2026-12-01T10:00:00+00:00", "sha256": "ab" * 32}
+        self.manifest = {
+            "name": "bot",
+            "version": 2,
+            "rank": 8,
+            "origin": "trained",
+            "size_bytes": 3 << 20,
+            "created_at": "2026-12-01T10:00:00+00:00",
+            "sha256": "ab" * 32,
+        }
         self.uploads = 0
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -142,4 +154,3 @@ def test_pushing_one_file_suggests_its_directory(peft_dir: Path, file: str, caps
     assert main(["adapters", "push", str(peft_dir / file), "--name", "bot", "--server", "http://127.0.0.1:9"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is one file of an adapter" in err and f"e.g. {peft_dir}," in err
-

@@ -18,8 +18,9 @@ from server.cli import settings_from_args
 
 
 def serve(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraplex", "serve", *argv], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "loraplex", "serve", *argv], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
@@ -35,8 +36,9 @@ def test_tiny_model_loads_in_nf4_on_cpu(tiny_model_dirs: dict[str, Path], tmp_pa
 
 
 def test_served_name_override(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
-    base = load_base_model(str(tiny_model_dirs["llama"]), cache_dir=tmp_path, device="cpu", quantize=False,
-                           served_name="my-base")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp_path, device="cpu", quantize=False, served_name="my-base"
+    )
     assert base.served_name == "my-base"
 
 

@@ -128,8 +128,9 @@ async def list_adapters(
         "next": cursor,
     }
     if after is None:
-        listing["broken"] = [{"key": b.key, "name": b.name, "version": b.version, "error": b.error}
-                             for b in registry.store.broken()]
+        listing["broken"] = [
+            {"key": b.key, "name": b.name, "version": b.version, "error": b.error} for b in registry.store.broken()
+        ]
     return listing
 
 
@@ -144,8 +145,12 @@ async def show_adapter(ref: str, registry: Registry) -> dict[str, Any]:
         **_manifest_json(manifest),
         "state": registry.state(manifest.key),
         "versions": [
-            {"version": m.version, "sha256": m.sha256, "created_at": m.created_at.isoformat(),
-             "state": registry.state(m.key)}
+            {
+                "version": m.version,
+                "sha256": m.sha256,
+                "created_at": m.created_at.isoformat(),
+                "state": registry.state(m.key),
+            }
             for m in versions
         ],
     }

@@ -34,6 +34,7 @@ class StreamedBestOf(LoraplexError):
     http_status = 422
     code = "invalid_request"
 
+
 router = APIRouter(tags=["generate (TGI / LoRAX)"], dependencies=[Depends(require_inference)])
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
@@ -48,8 +49,9 @@ def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -
     p = body.parameters
     temperature = (1.0 if p.temperature is None else p.temperature) if p.samples else 0.0
     return SamplingParams(
-        max_new_tokens=inference.max_new_tokens(len(prompt_ids), p.max_new_tokens, "max_new_tokens",
-                                                DEFAULT_MAX_NEW_TOKENS),
+        max_new_tokens=inference.max_new_tokens(
+            len(prompt_ids), p.max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS
+        ),
         temperature=inference.temperature(temperature),
         top_k=inference.top_k(p.top_k),
         top_p=p.top_p or 1.0,
@@ -73,17 +75,21 @@ def finish_reason_of(event: TokenEvent, inference: Inference) -> TgiFinishReason
 
 def token_of(event: TokenEvent, inference: Inference) -> TgiToken:
     assert event.token_id is not None
-    return TgiToken(id=event.token_id, text=event.text, logprob=event.logprob,
-                    special=event.token_id in inference.special_ids)
+    return TgiToken(
+        id=event.token_id, text=event.text, logprob=event.logprob, special=event.token_id in inference.special_ids
+    )
 
 
 def top_tokens_of(event: TokenEvent, inference: Inference) -> list[TgiToken]:
-    return [TgiToken(id=t, text=inference.token_text(t), logprob=max(v, LOGPROB_FLOOR),
-                     special=t in inference.special_ids) for t, v in event.top_logprobs]
+    return [
+        TgiToken(id=t, text=inference.token_text(t), logprob=max(v, LOGPROB_FLOOR), special=t in inference.special_ids)
+        for t, v in event.top_logprobs
+    ]
 
 
-def _sequence(result: Generation, sampling: SamplingParams, prompt_ids: list[int], body: TgiRequest,
-              inference: Inference) -> TgiBestOfSequence:
+def _sequence(
+    result: Generation, sampling: SamplingParams, prompt_ids: list[int], body: TgiRequest, inference: Inference
+) -> TgiBestOfSequence:
     prefill = []
     if body.parameters.decoder_input_details:
         prefill = [TgiInputToken(id=i, text=inference.token_text(i)) for i in prompt_ids]
@@ -112,8 +118,11 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
     best, *others = [_sequence(r, s, prompt_ids, body, inference) for r, s in ranked]
     details = None
     if body.parameters.details:
-        details = TgiDetails(**best.model_dump(exclude={"generated_text"}), prompt_tokens=len(prompt_ids),
-                             best_of_sequences=others or None)
+        details = TgiDetails(
+            **best.model_dump(exclude={"generated_text"}),
+            prompt_tokens=len(prompt_ids),
+            best_of_sequences=others or None,
+        )
     return TgiResponse(generated_text=best.generated_text, details=details)
 
 
@@ -124,6 +133,7 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
     prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     events = await inference.open_stream(prompt_ids, sampling, adapter_of(body, inference), grammar)
+
     async def rest() -> AsyncIterator[TgiStreamEvent]:
         text = body.inputs if body.parameters.return_full_text else ""
         count = 0
@@ -137,8 +147,10 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
                 if event.finish_reason is not None:
                     out.generated_text = text
                     out.details = TgiStreamDetails(
-                        finish_reason=finish_reason_of(event, inference), prompt_tokens=len(prompt_ids),
-                        generated_tokens=count, seed=sampling.seed if not sampling.greedy else None,
+                        finish_reason=finish_reason_of(event, inference),
+                        prompt_tokens=len(prompt_ids),
+                        generated_tokens=count,
+                        seed=sampling.seed if not sampling.greedy else None,
                     )
                 yield out
 
@@ -150,14 +162,20 @@ async def generate(body: TgiRequest, request: Request, inference: InferenceDep) 
     return await _generate(body, request, inference)
 
 
-@router.post("/generate_stream", response_class=StreamingResponse,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "TgiStreamEvent per token"}})
+@router.post(
+    "/generate_stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "TgiStreamEvent per token"}},
+)
 async def generate_stream(body: TgiRequest, inference: InferenceDep) -> StreamingResponse:
     return sse_response(await _events(body, inference))
 
 
-@router.post("/", response_model=list[TgiResponse],
-             responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
+@router.post(
+    "/",
+    response_model=list[TgiResponse],
+    responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
+)
 async def compat(body: TgiRequest, request: Request, inference: InferenceDep) -> list[TgiResponse] | StreamingResponse:
     if body.stream:
         return sse_response(await _events(body, inference))

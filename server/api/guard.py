@@ -23,8 +23,9 @@ class RequestGuard:
     """`open_paths` need no key (probes, docs); routes under `own_limit` read their bodies themselves,
     against their own limit (the adapter upload: --max-adapter-mb)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, open_paths: Collection[str],
-                 own_limit: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, open_paths: Collection[str], own_limit: tuple[str, ...]
+    ) -> None:
         self.app = app
         self.settings = settings
         self.open_paths = frozenset(open_paths)

@@ -57,8 +57,9 @@ class MixOnAdapter(LoraplexError):
     code = "invalid_adapter_mix"
 
 
-def _sampling(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], inference: Inference,
-              default: int) -> SamplingParams:
+def _sampling(
+    body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], inference: Inference, default: int
+) -> SamplingParams:
     limit, field = body.max_tokens_field
     return SamplingParams(
         max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
@@ -74,8 +75,10 @@ async def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
     ref = inference.adapter_ref(body.model)
     if body.merged_adapters is not None:
         if ref is not None:
-            raise MixOnAdapter(f"merged_adapters runs on the base model: send model {inference.base.served_name!r}, "
-                               f"not {body.model!r} (add that adapter to merged_adapters.ids instead)")
+            raise MixOnAdapter(
+                f"merged_adapters runs on the base model: send model {inference.base.served_name!r}, "
+                f"not {body.model!r} (add that adapter to merged_adapters.ids instead)"
+            )
         return body.merged_adapters.mix()
     if ref is not None:
         try:
@@ -103,8 +106,9 @@ def _chat_logprobs(events: list[TokenEvent], inference: Inference) -> ChatLogpro
         if e.token_id is None or e.logprob is None:
             continue
         picked = _top(e.token_id, e.logprob, inference)
-        content.append(TokenLogprob(**picked.model_dump(),
-                                    top_logprobs=[_top(t, v, inference) for t, v in e.top_logprobs]))
+        content.append(
+            TokenLogprob(**picked.model_dump(), top_logprobs=[_top(t, v, inference) for t, v in e.top_logprobs])
+        )
     return ChatLogprobs(content=content)
 
 
@@ -127,8 +131,9 @@ def _completion_logprobs(events: list[TokenEvent], inference: Inference, offset:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 @router.get("/models", response_model=ModelList)
@@ -147,9 +152,9 @@ def _cumulative_logprob(result: Generation) -> float:
     return sum(e.logprob for e in result.tokens if e.logprob is not None)
 
 
-async def _choice_chunks(events: AsyncIterator[tuple[int, TokenEvent]], count: int, prompt_tokens: int,
-                         include_usage: bool) -> AsyncIterator[tuple[int, TokenEvent, OpenAIFinishReason | None,
-                                                                     Usage | None]]:
+async def _choice_chunks(
+    events: AsyncIterator[tuple[int, TokenEvent]], count: int, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[tuple[int, TokenEvent, OpenAIFinishReason | None, Usage | None]]:
     """Per event of `count` choices: its choice index, the event, its finish reason and, on the event that ends
     the last choice, the usage if asked for. Closing this cancels every choice still running."""
     async with aclosing(events):  # type: ignore[type-var]
@@ -162,10 +167,14 @@ async def _choice_chunks(events: AsyncIterator[tuple[int, TokenEvent]], count: i
             yield index, event, finish, usage
 
 
-@router.post("/completions", response_model=CompletionResponse,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
-async def completions(body: CompletionRequest, request: Request,
-                      inference: InferenceDep) -> CompletionResponse | StreamingResponse:
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
+)
+async def completions(
+    body: CompletionRequest, request: Request, inference: InferenceDep
+) -> CompletionResponse | StreamingResponse:
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_prompt(body.text)
@@ -182,27 +191,45 @@ async def completions(body: CompletionRequest, request: Request,
                     if body.logprobs is not None:
                         logprobs = _completion_logprobs([event], inference, offsets[index])
                         offsets[index] += sum(len(t) for t in logprobs.tokens)
-                    yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage,
-                                             choices=[CompletionChoice(index=index, text=event.text,
-                                                                       finish_reason=finish, logprobs=logprobs)])
+                    yield CompletionResponse(
+                        id=rid,
+                        created=created,
+                        model=body.model,
+                        usage=usage,
+                        choices=[
+                            CompletionChoice(index=index, text=event.text, finish_reason=finish, logprobs=logprobs)
+                        ],
+                    )
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     if len(results) > body.n:  # best_of: the n of highest total logprob, best first (as vLLM)
         results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
     return CompletionResponse(
-        id=rid, created=created, model=body.model,
+        id=rid,
+        created=created,
+        model=body.model,
         usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
-        choices=[CompletionChoice(index=i, text=r.text, finish_reason=_finish(r.events[-1]),
-                                  logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference))
-                 for i, r in enumerate(results)],
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=r.text,
+                finish_reason=_finish(r.events[-1]),
+                logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference),
+            )
+            for i, r in enumerate(results)
+        ],
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse,
-             responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}})
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           inference: InferenceDep) -> ChatCompletionResponse | StreamingResponse:
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, inference: InferenceDep
+) -> ChatCompletionResponse | StreamingResponse:
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
@@ -214,20 +241,43 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
             async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
                 for index in range(body.n):
-                    yield ChatCompletionChunk(id=rid, created=created, model=body.model, choices=[
-                        ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+                    yield ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=body.model,
+                        choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
+                    )
                 async for index, event, finish, usage in choices:
                     logprobs = _chat_logprobs([event], inference) if body.logprobs else None
-                    yield ChatCompletionChunk(id=rid, created=created, model=body.model, usage=usage, choices=[
-                        ChatChunkChoice(index=index, delta=ChatDelta(content=event.text), finish_reason=finish,
-                                        logprobs=logprobs)])
+                    yield ChatCompletionChunk(
+                        id=rid,
+                        created=created,
+                        model=body.model,
+                        usage=usage,
+                        choices=[
+                            ChatChunkChoice(
+                                index=index,
+                                delta=ChatDelta(content=event.text),
+                                finish_reason=finish,
+                                logprobs=logprobs,
+                            )
+                        ],
+                    )
 
         return sse_response(chunks(), done_marker=True, exclude_none=False)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     return ChatCompletionResponse(
-        id=rid, created=created, model=body.model,
+        id=rid,
+        created=created,
+        model=body.model,
         usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=_finish(r.events[-1]),
-                            logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None)
-                 for i, r in enumerate(results)],
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=r.text),
+                finish_reason=_finish(r.events[-1]),
+                logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
+            )
+            for i, r in enumerate(results)
+        ],
     )

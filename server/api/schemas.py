@@ -53,9 +53,11 @@ class MergedAdapters(BaseModel):
     model_config = REQUEST
 
     ids: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS)]] = Field(
-        min_length=1, max_length=MAX_MIX_ADAPTERS, description="Adapters (`name` or `name@N`) to mix.")
+        min_length=1, max_length=MAX_MIX_ADAPTERS, description="Adapters (`name` or `name@N`) to mix."
+    )
     weights: list[Annotated[float, Field(ge=-MAX_MIX_WEIGHT, le=MAX_MIX_WEIGHT)]] = Field(
-        min_length=1, max_length=MAX_MIX_ADAPTERS, description="One weight per adapter.")
+        min_length=1, max_length=MAX_MIX_ADAPTERS, description="One weight per adapter."
+    )
     merge_strategy: str = Field("linear", description='"linear": the weighted sum of the adapters\' deltas.')
     density: float | None = None  # LoRAX's TIES/DARE knobs: accepted, unused by "linear"
     majority_sign_method: str | None = None
@@ -63,7 +65,7 @@ class MergedAdapters(BaseModel):
     @model_validator(mode="after")
     def _linear_and_paired(self) -> "MergedAdapters":
         if self.merge_strategy != "linear":
-            raise ValueError(f"merge_strategy {self.merge_strategy!r} is not supported: use \"linear\"")
+            raise ValueError(f'merge_strategy {self.merge_strategy!r} is not supported: use "linear"')
         if len(self.ids) != len(self.weights):
             raise ValueError(f"{len(self.ids)} ids but {len(self.weights)} weights: send one weight per adapter")
         return self
@@ -141,8 +143,9 @@ TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
 class TgiParameters(BaseModel):
     model_config = REQUEST
 
-    adapter_id: str | None = Field(None, max_length=MAX_NAME_CHARS,
-                                   description="Adapter `name` or `name@N`; null or empty: the base model.")
+    adapter_id: str | None = Field(
+        None, max_length=MAX_NAME_CHARS, description="Adapter `name` or `name@N`; null or empty: the base model."
+    )
     max_new_tokens: int | None = Field(None, ge=1)
     do_sample: bool = False
     temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
@@ -153,14 +156,19 @@ class TgiParameters(BaseModel):
     stop: StopList = Field(default_factory=list)
     return_full_text: bool = False
     details: bool = False
-    decoder_input_details: bool = Field(False, description="The prompt's tokens in details.prefill (their "
-                                        "logprobs are not computed: null).")
+    decoder_input_details: bool = Field(
+        False, description="The prompt's tokens in details.prefill (their logprobs are not computed: null)."
+    )
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
     top_n_tokens: TopN | None = Field(None, description="The N most likely tokens at each position, in details.")
-    best_of: Choices | None = Field(None, description="Sample this many sequences and answer the one of highest "
-                                    "total logprob (the others in details.best_of_sequences); needs sampling.")
-    merged_adapters: MergedAdapters | None = Field(None, description="Run on a weighted mix of adapters "
-                                                   "(instead of adapter_id).")
+    best_of: Choices | None = Field(
+        None,
+        description="Sample this many sequences and answer the one of highest "
+        "total logprob (the others in details.best_of_sequences); needs sampling.",
+    )
+    merged_adapters: MergedAdapters | None = Field(
+        None, description="Run on a weighted mix of adapters (instead of adapter_id)."
+    )
     grammar: TgiGrammar | None = Field(None, description="Constrain the output to a JSON schema or a regex.")
     response_format: LoraxResponseFormat | None = Field(None, description="LoRAX's form of a JSON constraint.")
 
@@ -277,20 +285,23 @@ class StreamOptions(BaseModel):
 class OpenAISampling(BaseModel):
     model_config = REQUEST
 
-    model: str = Field(max_length=MAX_NAME_CHARS,
-                       description="An adapter name (`name` or `name@N`) or the base model's served name.")
+    model: str = Field(
+        max_length=MAX_NAME_CHARS, description="An adapter name (`name` or `name@N`) or the base model's served name."
+    )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: Seed | None = None
     stop: StopSequence | StopList | None = None
-    n: Choices = Field(1, description=f"Choices to generate (at most {MAX_CHOICES}); with a seed, choice i uses "
-                       "seed + i.")
+    n: Choices = Field(
+        1, description=f"Choices to generate (at most {MAX_CHOICES}); with a seed, choice i uses seed + i."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    merged_adapters: MergedAdapters | None = Field(None, description="Run on a weighted mix of adapters; `model` "
-                                                   "then names the base model.")
+    merged_adapters: MergedAdapters | None = Field(
+        None, description="Run on a weighted mix of adapters; `model` then names the base model."
+    )
     response_format: ResponseFormat | None = None
 
     def grammar_spec(self) -> GrammarSpec | None:
@@ -315,8 +326,9 @@ class OpenAISampling(BaseModel):
 class CompletionRequest(OpenAISampling):
     prompt: str | list[str] = Field(description="A string (a list must hold exactly one).")
     logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
-    best_of: Choices | None = Field(None, description="Generate this many and answer the n of highest total "
-                                    "logprob; not with stream.")
+    best_of: Choices | None = Field(
+        None, description="Generate this many and answer the n of highest total logprob; not with stream."
+    )
 
     @model_validator(mode="after")
     def _best_of_covers_n(self) -> "CompletionRequest":
@@ -527,7 +539,8 @@ def _tokenize_kind(value: object) -> str:
 
 
 TokenizeRequest = Annotated[
-    Annotated[TgiTokenize, Tag("tgi")] | Annotated[VllmTokenizeChat, Tag("chat")]
+    Annotated[TgiTokenize, Tag("tgi")]
+    | Annotated[VllmTokenizeChat, Tag("chat")]
     | Annotated[VllmTokenizeCompletion, Tag("completion")],
     Discriminator(_tokenize_kind),
 ]

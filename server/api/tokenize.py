@@ -24,14 +24,16 @@ InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
 @router.post("/tokenize", response_model=VllmTokenizeResponse | list[TgiSimpleToken])
-async def tokenize(body: Annotated[TokenizeRequest, Body()],
-                   inference: InferenceDep) -> VllmTokenizeResponse | list[TgiSimpleToken]:
+async def tokenize(
+    body: Annotated[TokenizeRequest, Body()], inference: InferenceDep
+) -> VllmTokenizeResponse | list[TgiSimpleToken]:
     if isinstance(body, TgiTokenize):
         spans = await inference.tokenize(body.inputs)
         return [TgiSimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop) for i, start, stop in spans]
     if isinstance(body, VllmTokenizeChat):
-        ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages],
-                                          body.add_generation_prompt)
+        ids = await inference.encode_chat(
+            [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
+        )
     else:
         ids = [i for i, _, _ in await inference.tokenize(body.prompt, body.add_special_tokens)]
     strings = await inference.token_strings(ids) if body.return_token_strs else None

@@ -116,7 +116,13 @@ def static_cache_attention(
     v_cache[t.write_rows, :, positions] = value[0].transpose(0, 1).to(v_cache.dtype)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     out = _attend_fn(query.device)(
-        query[0].transpose(0, 1).contiguous(), k_cache, v_cache, t.query_start, t.seq_rows, t.seq_lens, scale,
+        query[0].transpose(0, 1).contiguous(),
+        k_cache,
+        v_cache,
+        t.query_start,
+        t.seq_rows,
+        t.seq_lens,
+        scale,
         sliding_window,
     )  # [N, Hq, D]
     return out[None], None

@@ -63,8 +63,12 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def final_logprobs(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch.Tensor | None],
-                   allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def final_logprobs(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: list[torch.Tensor | None],
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalty,
     then (sampled rows) temperature, top-k, top-p."""
     # logits: [B, V]; seen[i]: token ids already in row i (only read where its penalty is on);
@@ -87,8 +91,9 @@ def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor)
     return logits.index_copy(0, rows, logits[rows].masked_fill(~allowed, float("-inf")))
 
 
-def draw(logprobs: torch.Tensor, params: list[SamplingParams],
-         generators: list[torch.Generator | None]) -> torch.Tensor:
+def draw(
+    logprobs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """Tokens [B]: argmax for greedy rows; sampled rows draw by an exponential race over their own noise
     (argmax of p / E, E ~ Exp(1)): it picks token i with probability p_i, and a seeded row's noise comes from
     its own generator alone, so its draws do not depend on the rest of the batch."""

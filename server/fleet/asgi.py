@@ -34,16 +34,26 @@ class ResponseStart:
     headers: Headers
 
 
-async def call_app(app: ASGIApp, request: ForwardedRequest,
-                   extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> AsyncIterator[ResponseStart | bytes]:
+async def call_app(
+    app: ASGIApp, request: ForwardedRequest, extra_headers: Iterable[tuple[bytes, bytes]] = ()
+) -> AsyncIterator[ResponseStart | bytes]:
     """Run `request` through `app`: one ResponseStart (with `extra_headers` added), then the body's chunks.
     Closing the iterator early is the client going away: the app receives `http.disconnect` and is cancelled,
     which cancels its request in the engine."""
     scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": request.method, "scheme": "http", "path": request.path, "raw_path": request.path.encode(),
-        "root_path": "", "query_string": request.query_string, "headers": request.headers,
-        "client": request.client, "server": None, "state": {},
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "root_path": "",
+        "query_string": request.query_string,
+        "headers": request.headers,
+        "client": request.client,
+        "server": None,
+        "state": {},
     }
     # unbounded: the app sends tokens as the engine makes them, a bounded amount per request
     sent: asyncio.Queue[Message | None] = asyncio.Queue()

@@ -151,9 +151,14 @@ class Ingress:
             if len(body) > self._max_body_bytes:
                 message = f"the request body is over {self._max_body_bytes >> 20} MiB"
                 return JSONResponse(error_body(message, "invalid_request_error", "request_too_large"), 413)
-        forwarded = ForwardedRequest(request.method, request.url.path, request.scope["query_string"],
-                                     list(request.scope["headers"]), bytes(body),
-                                     tuple(request.client) if request.client else None)
+        forwarded = ForwardedRequest(
+            request.method,
+            request.url.path,
+            request.scope["query_string"],
+            list(request.scope["headers"]),
+            bytes(body),
+            tuple(request.client) if request.client else None,
+        )
         try:
             adapter = await self._adapter(forwarded)
             handle = self._replicas.options(stream=True, multiplexed_model_id=adapter or "")
@@ -190,8 +195,9 @@ class Ingress:
             answer.cancel()  # the client left early: the replica cancels the request (a no-op once complete)
 
 
-def deployment_options(settings: Settings, replicas: int, max_replicas: int | None,
-                       max_ongoing_requests: int | None) -> dict[str, Any]:
+def deployment_options(
+    settings: Settings, replicas: int, max_replicas: int | None, max_ongoing_requests: int | None
+) -> dict[str, Any]:
     """The replica deployment's options: fixed `replicas`, or autoscaling from `replicas` to `max_replicas`;
     one GPU each when the device is CUDA, or `auto` on a cluster with GPUs."""
     # a replica runs max_batch_size requests and queues as many more; with the batch size sized to the GPU
@@ -200,15 +206,19 @@ def deployment_options(settings: Settings, replicas: int, max_replicas: int | No
     gpus = settings.device == "cuda" or (settings.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     options: dict[str, Any] = {"max_ongoing_requests": ongoing, "ray_actor_options": {"num_gpus": 1 if gpus else 0}}
     if max_replicas is not None and max_replicas > replicas:
-        options["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": max_replicas,
-                                         "target_ongoing_requests": math.ceil(ongoing / 2)}
+        options["autoscaling_config"] = {
+            "min_replicas": replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": math.ceil(ongoing / 2),
+        }
     else:
         options["num_replicas"] = replicas
     return options
 
 
-def application(settings: Settings, replicas: int = 1, max_replicas: int | None = None,
-                max_ongoing_requests: int | None = None) -> serve.Application:
+def application(
+    settings: Settings, replicas: int = 1, max_replicas: int | None = None, max_ongoing_requests: int | None = None
+) -> serve.Application:
     """The Serve application: `replicas` loraplex replicas of `settings` behind one ingress. A replica holds
     (Serve's multiplexed models) as many adapters as it has device slots."""
     replica = Replica.options(**deployment_options(settings, replicas, max_replicas, max_ongoing_requests))

@@ -74,7 +74,8 @@ def test_upload_versions_and_idempotency(client: TestClient, peft_dir: Path, tmp
     again = client.post("/v1/adapters", data={"name": "bot"}, files=files_of(peft_dir))
     assert again.status_code == 200 and again.json() == first.json()
     second = client.post(
-        "/v1/adapters", data={"name": "bot"},
+        "/v1/adapters",
+        data={"name": "bot"},
         files=files_of(make_peft_dir(tmp_path / "v2", seed=1), training={"dataset_sha256": "00", "loss": 1.2}),
     )
     assert second.status_code == 201 and second.json()["version"] == 2
@@ -88,9 +89,7 @@ def test_upload_versions_and_idempotency(client: TestClient, peft_dir: Path, tmp
 def test_archive_upload_with_training_metadata(client: TestClient, peft_dir: Path) -> None:
     members = {f"out/{p.name}": p.read_bytes() for p in peft_dir.iterdir() if p.suffix != ".md"}
     members["out/training.json"] = json.dumps({"epochs": 2}).encode()
-    response = client.post(
-        "/v1/adapters", data={"name": "packed"}, files={"archive": ("a.tar.gz", tar_bytes(members))}
-    )
+    response = client.post("/v1/adapters", data={"name": "packed"}, files={"archive": ("a.tar.gz", tar_bytes(members))})
     assert response.status_code == 201, response.text
     assert response.json()["origin"] == "trained" and response.json()["training"] == {"epochs": 2}
 

@@ -104,8 +104,11 @@ def test_pattern_keys_that_are_not_module_paths_are_refused(
 def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
     """PEFT's rule (a key names a module or a dotted suffix of its name), checked against PeftModel."""
     peft_dir = make_peft_dir(
-        tmp_path / "p", r=4, target_modules=["q_proj", "v_proj"],
-        rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 24, "1.self_attn.q_proj": 3},
+        tmp_path / "p",
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 24, "1.self_attn.q_proj": 3},
     )
     store = new_store(tmp_path / "store")
     weights = store.read_weights(store.put("p", peft_dir)[0])
@@ -157,9 +160,7 @@ def test_malformed_multipart(client: TestClient, peft_dir: Path, tmp_path: Path)
     files = [("config", ("c", b"{}"))] * 5
     response = client.post("/v1/adapters", data={"name": "x"}, files=files)
     assert_error(response, 400, "invalid_upload", "Too many files")
-    response = client.post(
-        "/v1/adapters", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}
-    )
+    response = client.post("/v1/adapters", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"})
     assert_error(response, 400, "invalid_upload", "boundary")
     files = {"config": files_of(peft_dir)["config"]}
     response = client.post("/v1/adapters", data={"name": "x" * ((1 << 20) + 16)}, files=files)  # a 1 MiB limit
@@ -238,8 +239,11 @@ def test_long_names_and_pax_paths_still_work(tmp_path: Path, peft_dir: Path) -> 
 def test_empty_archives_are_a_4xx(client: TestClient, tmp_path: Path) -> None:
     empty_tar = io.BytesIO()
     tarfile.open(fileobj=empty_tar, mode="w").close()
-    for name, data in [("e.tar.gz", gzip.compress(empty_tar.getvalue())), ("e.tar", empty_tar.getvalue()),
-                       ("z.tar.gz", gzip.compress(b""))]:
+    for name, data in [
+        ("e.tar.gz", gzip.compress(empty_tar.getvalue())),
+        ("e.tar", empty_tar.getvalue()),
+        ("z.tar.gz", gzip.compress(b"")),
+    ]:
         response = client.post("/v1/adapters", data={"name": "e"}, files={"archive": (name, data)})
         assert response.status_code == 400 and response.json()["error"]["code"] == "unsafe_archive", name
     assert_nothing_stored(client, tmp_path / "store")
@@ -270,7 +274,9 @@ def test_broken_and_failed_versions_are_listed_and_deletable(tmp_path: Path, pef
         assert [(b["key"], b["version"]) for b in listing["broken"]] == [("bot@2", 2)]
         assert "manifest" in listing["broken"][0]["error"]
         assert [(m["name"], m["version"], m["state"]) for m in listing["data"]] == [
-            ("bot", 1, "stored"), ("ghost", 1, "stored")]
+            ("bot", 1, "stored"),
+            ("ghost", 1, "stored"),
+        ]
         with pytest.raises(errors.AdapterLoadFailed):
             asyncio.run(client.app.state.registry.acquire("ghost"))
         assert [m["state"] for m in client.get("/v1/adapters").json()["data"]] == ["stored", "failed"]

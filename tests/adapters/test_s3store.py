@@ -55,10 +55,18 @@ def test_versions_deletes_and_numbers_never_reissued(url: str, tmp_path: Path, p
     reopened = s3_store(url, tmp_path / "cache2")
     assert len(reopened) == 0
     assert reopened.put("bot", peft_dir)[0].version == 3  # the claims are tombstones
-    keys = {o["Key"].removeprefix(url.split("/", 3)[3] + "/") for o in
-            client().list_objects_v2(Bucket=BUCKET, Prefix=url.split("/", 3)[3] + "/")["Contents"]}
-    assert keys == {"claims/bot/1", "claims/bot/2", "claims/bot/3", "manifests/bot/3.json",
-                    "data/bot/3/adapter_config.json", "data/bot/3/adapter_model.safetensors"}
+    keys = {
+        o["Key"].removeprefix(url.split("/", 3)[3] + "/")
+        for o in client().list_objects_v2(Bucket=BUCKET, Prefix=url.split("/", 3)[3] + "/")["Contents"]
+    }
+    assert keys == {
+        "claims/bot/1",
+        "claims/bot/2",
+        "claims/bot/3",
+        "manifests/bot/3.json",
+        "data/bot/3/adapter_config.json",
+        "data/bot/3/adapter_model.safetensors",
+    }
 
 
 def test_a_number_another_server_owns_is_skipped(url: str, tmp_path: Path, peft_dir: Path) -> None:
@@ -129,7 +137,10 @@ def test_the_cache_is_bounded_and_checked(url: str, tmp_path: Path, peft_dir: Pa
     assert store.read_weights(store.resolve("a2")).rank == 4
     # a changed object in the bucket is refused, whatever the cache holds
     prefix = url.split("/", 3)[3]
-    client().put_object(Bucket=BUCKET, Key=f"{prefix}/data/a0/1/adapter_model.safetensors",
-                        Body=(dirs[1] / "adapter_model.safetensors").read_bytes())
+    client().put_object(
+        Bucket=BUCKET,
+        Key=f"{prefix}/data/a0/1/adapter_model.safetensors",
+        Body=(dirs[1] / "adapter_model.safetensors").read_bytes(),
+    )
     with pytest.raises(AdapterLoadFailed, match="sha256"):
         store.read_weights(store.resolve("a0"))

@@ -122,9 +122,18 @@ def test_kill_during_upload_leaves_nothing_visible(tmp_path: Path, peft_dir: Pat
     root = tmp_path / "store"
     new_store(root).put("bot", peft_dir)
     writer = subprocess.Popen(
-        [sys.executable, "-c", _CRASHING_WRITER, str(REPO), str(REPO / "tests"), str(Path(__file__).parent), str(root),
-         str(make_peft_dir(tmp_path / "v2", seed=1))],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            _CRASHING_WRITER,
+            str(REPO),
+            str(REPO / "tests"),
+            str(Path(__file__).parent),
+            str(root),
+            str(make_peft_dir(tmp_path / "v2", seed=1)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert writer.stdout is not None and writer.stdout.readline() == "staged\n"
@@ -187,8 +196,18 @@ def test_kill_right_after_the_rename_never_reissues_a_number(tmp_path: Path, pef
     root = tmp_path / "store"
     new_store(root)
     killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_AFTER_RENAME, str(REPO), str(REPO / "tests"), str(Path(__file__).parent),
-         str(root), str(peft_dir)], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            _KILLED_AFTER_RENAME,
+            str(REPO),
+            str(REPO / "tests"),
+            str(Path(__file__).parent),
+            str(root),
+            str(peft_dir),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     store = new_store(root)

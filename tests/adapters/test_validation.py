@@ -258,4 +258,3 @@ def test_not_an_archive(tmp_path: Path) -> None:
     (tmp_path / "x.tar.gz").write_bytes(b"hello, not an archive")
     with pytest.raises(errors.UnsafeArchive, match="neither"):
         extract_archive(tmp_path / "x.tar.gz", tmp_path / "out", 1 << 20)
-

@@ -43,15 +43,17 @@ def ready(client: TestClient) -> TestClient:
 @pytest.fixture(scope="module")
 def app_settings(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("boundary")
-    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=MAX_SEQ_LEN,
-                        max_batch_size=2)
+    settings = Settings(
+        adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=MAX_SEQ_LEN, max_batch_size=2
+    )
     return tiny_model_dirs["llama"], settings
 
 
 def start(app_settings: tuple) -> TestClient:
     model_dir, settings = app_settings
-    base = load_base_model(str(model_dir), cache_dir=settings.cache_dir, device="cpu", quantize=False,
-                           dtype=torch.float32)
+    base = load_base_model(
+        str(model_dir), cache_dir=settings.cache_dir, device="cpu", quantize=False, dtype=torch.float32
+    )
     return TestClient(create_app(settings, base=base))
 
 
@@ -63,8 +65,11 @@ def client(app_settings: tuple) -> Iterator[TestClient]:
 
 def post(client: TestClient, path: str, payload: dict | str) -> tuple[int, dict]:
     """Status and JSON (an error, or the answer; a stream answers its last event)."""
-    kwargs = {"content": payload, "headers": {"content-type": "application/json"}} if isinstance(payload, str) \
+    kwargs = (
+        {"content": payload, "headers": {"content-type": "application/json"}}
+        if isinstance(payload, str)
         else {"json": payload}
+    )
     with client.stream("POST", path, **kwargs) as response:  # type: ignore[arg-type]
         text = response.read().decode()
     if response.headers["content-type"].startswith("text/event-stream"):
@@ -81,8 +86,11 @@ def assert_422(client: TestClient, path: str, payload: dict | str, says: str, co
 
 def sampled(path: str, **params: object) -> dict:
     # TGI samples with do_sample; OpenAI's default temperature is 1
-    return body(path, max_new_tokens=4, do_sample=True, **params) if path in TGI_ROUTES \
+    return (
+        body(path, max_new_tokens=4, do_sample=True, **params)
+        if path in TGI_ROUTES
         else body(path, max_tokens=4, **params)
+    )
 
 
 @pytest.mark.parametrize("path", ROUTES)
@@ -152,16 +160,24 @@ def test_chat_message_shapes(client: TestClient, messages: list, says: str) -> N
 
 def test_text_content_parts_are_joined(client: TestClient) -> None:
     parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
-    joined = post(client, "/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": parts}],
-                                                   "max_tokens": 4, "temperature": 0})
+    joined = post(
+        client,
+        "/v1/chat/completions",
+        {"model": "llama", "messages": [{"role": "user", "content": parts}], "max_tokens": 4, "temperature": 0},
+    )
     plain = post(client, "/v1/chat/completions", body("/v1/chat/completions", max_tokens=4, temperature=0))
     assert joined[0] == 200 and joined[1]["choices"] == plain[1]["choices"]
 
 
 @pytest.mark.parametrize(
     ("path", "field"),
-    [("/generate", "max_new_tokens"), ("/generate_stream", "max_new_tokens"), ("/v1/completions", "max_tokens"),
-     ("/v1/completions", "max_completion_tokens"), ("/v1/chat/completions", "max_tokens")],
+    [
+        ("/generate", "max_new_tokens"),
+        ("/generate_stream", "max_new_tokens"),
+        ("/v1/completions", "max_tokens"),
+        ("/v1/completions", "max_completion_tokens"),
+        ("/v1/chat/completions", "max_tokens"),
+    ],
 )
 def test_too_many_new_tokens_names_the_field_sent(client: TestClient, path: str, field: str) -> None:
     status, answer = post(client, path, body(path, "hi", **{field: 100}))  # "hi": 2 tokens; 100 > 64
@@ -184,8 +200,7 @@ def test_prompt_characters_are_bounded_before_tokenizing(client: TestClient, pat
     assert_422(client, path, body(path, "x" * 100_000), "characters", code="prompt_too_long")
 
 
-def test_tokenizing_and_templating_run_off_the_event_loop(client: TestClient,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokenizing_and_templating_run_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer_type = type(client.app.state.runtime.base.tokenizer)  # type: ignore[attr-defined]
     on_loop: list[bool] = []
 

@@ -31,10 +31,19 @@ def make_adapter(path: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def stack(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("churn")
-    base = load_base_model(str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False,
-                           dtype=torch.float32)
-    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_batch_size=4,
-                        max_active_adapters=SLOTS, max_cpu_adapters=CPU_TIER, max_lora_rank=8, max_seq_len=64)
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(
+        adapter_dir=tmp / "store",
+        cache_dir=tmp,
+        device="cpu",
+        max_batch_size=4,
+        max_active_adapters=SLOTS,
+        max_cpu_adapters=CPU_TIER,
+        max_lora_rank=8,
+        max_seq_len=64,
+    )
     app = create_app(settings, base=base)
     with TestClient(app) as client:
         deadline = time.monotonic() + 60
@@ -43,8 +52,10 @@ def stack(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
             time.sleep(0.05)
         dirs = [make_adapter(tmp / f"a{i}", seed=i) for i in range(ADAPTERS)]
         for i, d in enumerate(dirs):
-            files = {"config": (d / "adapter_config.json").read_bytes(),
-                     "weights": (d / "adapter_model.safetensors").read_bytes()}
+            files = {
+                "config": (d / "adapter_config.json").read_bytes(),
+                "weights": (d / "adapter_model.safetensors").read_bytes(),
+            }
             assert client.post("/v1/adapters", data={"name": f"a{i}"}, files=files).status_code == 201
         yield {"client": client, "dirs": dirs, "app": app, "model_dir": tiny_model_dirs["llama"]}
 
@@ -89,5 +100,5 @@ def test_round_robin_over_more_adapters_than_tiers(stack: dict) -> None:
         peft = PeftModel.from_pretrained(model, stack["dirs"][i])
         with torch.no_grad():
             out = peft.generate(ids, max_new_tokens=6, do_sample=False)
-        assert first[i] == out[0, ids.shape[1]:].tolist(), f"adapter a{i}"
+        assert first[i] == out[0, ids.shape[1] :].tolist(), f"adapter a{i}"
         model = peft.unload()

@@ -17,8 +17,9 @@ from server.app import create_app
 @pytest.fixture(scope="module")
 def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("errors")
-    base = load_base_model(str(tiny_model_dirs["qwen3"]), cache_dir=tmp, device="cpu", quantize=False,
-                           dtype=torch.float32)
+    base = load_base_model(
+        str(tiny_model_dirs["qwen3"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
     base.tokenizer.chat_template = (  # a template that refuses tool turns, as many real ones do
         "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('tool turns are not supported') }}"
         "{% endif %}{{ m['content'] }}{% endfor %}"
@@ -35,18 +36,33 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 @pytest.mark.parametrize(
     ("path", "body", "status", "code", "says"),
     [
-        ("/v1/chat/completions", {"model": "qwen3", "messages": [{"role": "tool", "content": "x"}]}, 422,
-         "invalid_messages", "tool turns are not supported"),
+        (
+            "/v1/chat/completions",
+            {"model": "qwen3", "messages": [{"role": "tool", "content": "x"}]},
+            422,
+            "invalid_messages",
+            "tool turns are not supported",
+        ),
         ("/v1/chat/completions", {"model": "qwen3", "messages": []}, 422, "invalid_request", "messages"),
         ("/v1/completions", {"model": "qwen3", "prompt": "hi", "n": 9}, 422, "invalid_request", "n:"),
         ("/v1/completions", {"model": "qwen3", "prompt": ["a", "b"]}, 422, "invalid_request", "one prompt"),
         ("/v1/completions", {"model": "Not A Name!", "prompt": "hi"}, 404, "model_not_found", "GET /v1/models"),
-        ("/v1/completions", {"model": "qwen3", "prompt": "hi", "max_tokens": 100}, 422, "max_tokens_too_large",
-         "max_tokens <= "),
+        (
+            "/v1/completions",
+            {"model": "qwen3", "prompt": "hi", "max_tokens": 100},
+            422,
+            "max_tokens_too_large",
+            "max_tokens <= ",
+        ),
         ("/generate", {"inputs": ""}, 422, "invalid_request", "inputs"),
         ("/generate", {"inputs": "hi", "parameters": {"temperature": -1}}, 422, "invalid_request", "temperature"),
-        ("/generate", {"inputs": "hi", "parameters": {"adapter_id": "x@0"}}, 400, "invalid_adapter_name",
-         "NAME@VERSION"),
+        (
+            "/generate",
+            {"inputs": "hi", "parameters": {"adapter_id": "x@0"}},
+            400,
+            "invalid_adapter_name",
+            "NAME@VERSION",
+        ),
     ],
 )
 def test_client_mistakes(client: TestClient, path: str, body: dict, status: int, code: str, says: str) -> None:
@@ -57,8 +73,7 @@ def test_client_mistakes(client: TestClient, path: str, body: dict, status: int,
 
 
 def test_base_model_name_and_empty_adapter_mean_the_base(client: TestClient) -> None:
-    by_name = client.post("/v1/completions", json={"model": "qwen3", "prompt": "hi", "max_tokens": 4,
-                                                   "temperature": 0})
+    by_name = client.post("/v1/completions", json={"model": "qwen3", "prompt": "hi", "max_tokens": 4, "temperature": 0})
     tgi = client.post("/generate", json={"inputs": "hi", "parameters": {"adapter_id": "", "max_new_tokens": 4}})
     assert by_name.status_code == tgi.status_code == 200
     assert by_name.json()["choices"][0]["text"] == tgi.json()["generated_text"]

@@ -30,8 +30,15 @@ class Body:
             yield CHUNK
 
 
-def send(path: str, *, key: str | None = None, body: Body | bytes = b"{}", method: str = "POST",
-         headers: dict[str, str] | None = None, **settings: object) -> httpx.Response:
+def send(
+    path: str,
+    *,
+    key: str | None = None,
+    body: Body | bytes = b"{}",
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+    **settings: object,
+) -> httpx.Response:
     fields = {"api_key": [USER], "admin_key": [ADMIN], "adapter_dir": Path("/nonexistent"), **settings}
     app = create_app(Settings(**fields))  # type: ignore[arg-type]
     all_headers = {"content-type": "application/json", **(headers or {})}
@@ -71,8 +78,9 @@ def test_body_over_the_limit_is_413_as_soon_as_it_passes() -> None:
 
 
 def test_declared_length_over_the_limit_is_413_unread() -> None:
-    response = send("/v1/chat/completions", key=USER, body=b"{}", max_request_mb=1,
-                    headers={"content-length": str(50 << 20)})
+    response = send(
+        "/v1/chat/completions", key=USER, body=b"{}", max_request_mb=1, headers={"content-length": str(50 << 20)}
+    )
     assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
 
 
@@ -83,8 +91,13 @@ def test_a_body_within_the_limit_reaches_the_route() -> None:
 
 def test_the_upload_route_keeps_its_own_larger_limit() -> None:
     # 3 MiB is over --max-request-mb 1 but within --max-adapter-mb: the upload route answers itself
-    response = send("/v1/adapters", key=ADMIN, body=Body(3), max_request_mb=1,
-                    headers={"content-type": "multipart/form-data; boundary=x"})
+    response = send(
+        "/v1/adapters",
+        key=ADMIN,
+        body=Body(3),
+        max_request_mb=1,
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     assert response.status_code == 503 and error_of(response)["code"] == "not_ready"
 
 

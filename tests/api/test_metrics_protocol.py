@@ -41,19 +41,30 @@ SPECS = loraplex_engine()
 
 
 def upload(client: TestClient, name: str, peft: Path) -> None:
-    files = {"config": (peft / "adapter_config.json").read_bytes(),
-             "weights": (peft / "adapter_model.safetensors").read_bytes()}
+    files = {
+        "config": (peft / "adapter_config.json").read_bytes(),
+        "weights": (peft / "adapter_model.safetensors").read_bytes(),
+    }
     assert client.post("/v1/adapters", data={"name": name}, files=files).status_code == 201
 
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("protocol")
-    base = load_base_model(str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False,
-                           dtype=torch.float32)
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
     # one KV row: a second request must queue, so both gauges have something to show
-    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_batch_size=1, max_seq_len=64,
-                        max_active_adapters=SLOTS, max_cpu_adapters=SLOTS, max_lora_rank=8)
+    settings = Settings(
+        adapter_dir=tmp / "store",
+        cache_dir=tmp,
+        device="cpu",
+        max_batch_size=1,
+        max_seq_len=64,
+        max_active_adapters=SLOTS,
+        max_cpu_adapters=SLOTS,
+        max_lora_rank=8,
+    )
     with TestClient(create_app(settings, base=base)) as client:
         deadline = time.monotonic() + 60
         while client.get("/ready").status_code != 200:
@@ -113,14 +124,17 @@ def test_queued_running_kv_and_lora_info_move_with_load(client: TestClient) -> N
     prompt = runtime.inference.encode("Hello")
     sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
     queued = client.portal.call(runtime.registry.acquire, "other")
-    runtime.engine.submit(GenerationRequest(prompt, sampling, adapter_key=lease.key, lora=lease.weights,
-                                            on_finish=lease.release), sink)
+    runtime.engine.submit(
+        GenerationRequest(prompt, sampling, adapter_key=lease.key, lora=lease.weights, on_finish=lease.release), sink
+    )
     runtime.engine.submit(GenerationRequest(prompt, sampling), sink)
-    runtime.engine.submit(GenerationRequest(prompt, sampling, adapter_key=queued.key, lora=queued.weights,
-                                            on_finish=queued.release), sink)
+    runtime.engine.submit(
+        GenerationRequest(prompt, sampling, adapter_key=queued.key, lora=queued.weights, on_finish=queued.release), sink
+    )
     try:
-        wait_for(lambda: value(client, SPECS["runningRequestsSpec"]) == 1
-                 and value(client, SPECS["queuedRequestsSpec"]) == 2)
+        wait_for(
+            lambda: value(client, SPECS["runningRequestsSpec"]) == 1 and value(client, SPECS["queuedRequestsSpec"]) == 2
+        )
         assert value(client, SPECS["kvUsageSpec"]) == 1.0  # the one row is taken
         labels = lora_labels(client)
         assert labels["running_lora_adapters"] == "tiny"  # the name a request for it sends

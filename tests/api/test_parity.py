@@ -22,10 +22,17 @@ MAX_SEQ_LEN = 64
 @pytest.fixture(scope="module")
 def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("parity")
-    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=MAX_SEQ_LEN,
-                        max_batch_size=4, max_lora_rank=16)
-    base = load_base_model(str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False,
-                           dtype=torch.float32)
+    settings = Settings(
+        adapter_dir=tmp / "store",
+        cache_dir=tmp,
+        device="cpu",
+        max_seq_len=MAX_SEQ_LEN,
+        max_batch_size=4,
+        max_lora_rank=16,
+    )
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
     with TestClient(create_app(settings, base=base)) as c:
         deadline = time.monotonic() + 30
         while c.get("/ready").status_code != 200:
@@ -33,8 +40,10 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
             time.sleep(0.02)
         for name, seed, rank in (("m1", 1, 4), ("m2", 2, 8)):
             peft = make_peft_dir(tmp / name, seed=seed, r=rank, target_modules=["q_proj", "v_proj", "o_proj"])
-            files = {"config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
-                     "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes())}
+            files = {
+                "config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
+                "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes()),
+            }
             assert c.post("/v1/adapters", data={"name": name}, files=files).status_code == 201
         yield c
 
@@ -68,14 +77,17 @@ def test_tgi_tokenize_gives_offsets(client: TestClient) -> None:
     assert all(isinstance(t["id"], int) for t in tokens)
 
 
-@pytest.mark.parametrize(("path", "payload", "says", "code"), [
-    ("/tokenize", {"prompt": "x" * 10_000}, "characters", "prompt_too_long"),
-    ("/tokenize", {"inputs": "x" * 10_000}, "characters", "prompt_too_long"),
-    ("/tokenize", {"messages": []}, "messages", "invalid_request"),
-    ("/detokenize", {"tokens": [1] * (MAX_SEQ_LEN + 1)}, "at most", "invalid_tokens"),
-    ("/detokenize", {"tokens": [10**9]}, "vocabulary", "invalid_tokens"),
-    ("/detokenize", {"tokens": [-1]}, "vocabulary", "invalid_tokens"),
-])
+@pytest.mark.parametrize(
+    ("path", "payload", "says", "code"),
+    [
+        ("/tokenize", {"prompt": "x" * 10_000}, "characters", "prompt_too_long"),
+        ("/tokenize", {"inputs": "x" * 10_000}, "characters", "prompt_too_long"),
+        ("/tokenize", {"messages": []}, "messages", "invalid_request"),
+        ("/detokenize", {"tokens": [1] * (MAX_SEQ_LEN + 1)}, "at most", "invalid_tokens"),
+        ("/detokenize", {"tokens": [10**9]}, "vocabulary", "invalid_tokens"),
+        ("/detokenize", {"tokens": [-1]}, "vocabulary", "invalid_tokens"),
+    ],
+)
 def test_tokenizer_inputs_are_bounded(client: TestClient, path: str, payload: dict, says: str, code: str) -> None:
     error = error_of(client.post(path, json=payload))
     assert error["code"] == code and says in error["message"], error
@@ -85,8 +97,13 @@ def test_tokenizer_inputs_are_bounded(client: TestClient, path: str, payload: di
 
 
 def chat(**params: object) -> dict:
-    return {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
-            **params}
+    return {
+        "model": "llama",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **params,
+    }
 
 
 def test_chat_logprobs_and_top_logprobs(client: TestClient) -> None:
@@ -101,8 +118,12 @@ def test_chat_logprobs_and_top_logprobs(client: TestClient) -> None:
         assert entry["bytes"] == list(entry["token"].encode())
     plain = client.post("/v1/chat/completions", json=chat()).json()["choices"][0]
     assert plain["logprobs"] is None
-    assert all(not c["top_logprobs"] for c in client.post(
-        "/v1/chat/completions", json=chat(logprobs=True)).json()["choices"][0]["logprobs"]["content"])
+    assert all(
+        not c["top_logprobs"]
+        for c in client.post("/v1/chat/completions", json=chat(logprobs=True)).json()["choices"][0]["logprobs"][
+            "content"
+        ]
+    )
 
 
 def test_chat_stream_carries_logprobs_per_chunk(client: TestClient) -> None:
@@ -136,12 +157,15 @@ def test_tgi_details_and_top_n_tokens(client: TestClient) -> None:
     assert len(events) == 4 and all(len(e["top_tokens"]) == 3 for e in events)
 
 
-@pytest.mark.parametrize(("path", "payload", "says"), [
-    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
-    ("/v1/chat/completions", chat(top_logprobs=2), "logprobs: true"),
-    ("/v1/completions", {"model": "llama", "prompt": "hi", "logprobs": 21}, "logprobs"),
-    ("/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
-])
+@pytest.mark.parametrize(
+    ("path", "payload", "says"),
+    [
+        ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        ("/v1/chat/completions", chat(top_logprobs=2), "logprobs: true"),
+        ("/v1/completions", {"model": "llama", "prompt": "hi", "logprobs": 21}, "logprobs"),
+        ("/generate", {"inputs": "hi", "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
+    ],
+)
 def test_logprob_counts_are_bounded(client: TestClient, path: str, payload: dict, says: str) -> None:
     error = error_of(client.post(path, json=payload))
     assert error["code"] == "invalid_request" and says in error["message"], error
@@ -161,13 +185,13 @@ def test_n_choices_with_a_seed_equal_the_requests_sent_one_by_one(client: TestCl
     answer = client.post("/v1/chat/completions", json=payload).json()
     texts = [c["message"]["content"] for c in answer["choices"]]
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
-    alone = [client.post("/v1/chat/completions", json={**payload, "n": 1, "seed": 5 + i}).json()
-             for i in range(3)]
+    alone = [client.post("/v1/chat/completions", json={**payload, "n": 1, "seed": 5 + i}).json() for i in range(3)]
     assert texts == [a["choices"][0]["message"]["content"] for a in alone]
     assert len(set(texts)) > 1  # different seeds, different samples
     assert answer["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
-    streamed = sse(client, "/v1/chat/completions", {**payload, "stream": True,
-                                                    "stream_options": {"include_usage": True}})
+    streamed = sse(
+        client, "/v1/chat/completions", {**payload, "stream": True, "stream_options": {"include_usage": True}}
+    )
     by_index = ["", "", ""]
     for chunk in streamed:
         for choice in chunk["choices"]:
@@ -191,19 +215,26 @@ def test_tgi_best_of_answers_the_most_likely_sequence(client: TestClient) -> Non
     others = answer["details"]["best_of_sequences"]
     best = sum(t["logprob"] for t in answer["details"]["tokens"])
     assert len(others) == 2 and all(best >= sum(t["logprob"] for t in o["tokens"]) for o in others)
-    alone = {client.post("/generate", json={"inputs": "hi", "parameters": {**params, "best_of": 1, "seed": 2 + i}}
-                         ).json()["generated_text"] for i in range(3)}
+    alone = {
+        client.post("/generate", json={"inputs": "hi", "parameters": {**params, "best_of": 1, "seed": 2 + i}}).json()[
+            "generated_text"
+        ]
+        for i in range(3)
+    }
     assert {answer["generated_text"], *(o["generated_text"] for o in others)} == alone
 
 
-@pytest.mark.parametrize(("path", "payload", "says"), [
-    ("/v1/chat/completions", chat(n=9), "n"),
-    ("/v1/completions", {"model": "llama", "prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
-    ("/v1/completions", {"model": "llama", "prompt": "hi", "best_of": 2, "stream": True}, "stream"),
-    ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, "sampling"),
-    ("/generate", {"inputs": "hi", "parameters": {"best_of": 9, "do_sample": True}}, "best_of"),
-    ("/generate_stream", {"inputs": "hi", "parameters": {"best_of": 2, "do_sample": True}}, "streamed"),
-])
+@pytest.mark.parametrize(
+    ("path", "payload", "says"),
+    [
+        ("/v1/chat/completions", chat(n=9), "n"),
+        ("/v1/completions", {"model": "llama", "prompt": "hi", "n": 3, "best_of": 2}, "best_of"),
+        ("/v1/completions", {"model": "llama", "prompt": "hi", "best_of": 2, "stream": True}, "stream"),
+        ("/generate", {"inputs": "hi", "parameters": {"best_of": 2}}, "sampling"),
+        ("/generate", {"inputs": "hi", "parameters": {"best_of": 9, "do_sample": True}}, "best_of"),
+        ("/generate_stream", {"inputs": "hi", "parameters": {"best_of": 2, "do_sample": True}}, "streamed"),
+    ],
+)
 def test_choice_counts_are_bounded(client: TestClient, path: str, payload: dict, says: str) -> None:
     error = error_of(client.post(path, json=payload))
     assert error["code"] == "invalid_request" and says in error["message"], error
@@ -224,7 +255,8 @@ def test_a_mix_of_one_adapter_at_weight_one_is_that_adapter(client: TestClient) 
     mixed = tgi(client, merged_adapters={"ids": ["m2"], "weights": [1.0], "merge_strategy": "linear"})
     assert mixed["generated_text"] == alone["generated_text"]
     assert [t["logprob"] for t in mixed["details"]["tokens"]] == pytest.approx(
-        [t["logprob"] for t in alone["details"]["tokens"]], abs=1e-4)
+        [t["logprob"] for t in alone["details"]["tokens"]], abs=1e-4
+    )
     base = [t["logprob"] for t in tgi(client)["details"]["tokens"]]
     assert [t["logprob"] for t in alone["details"]["tokens"]] != pytest.approx(base, abs=1e-3)  # it changes them
 
@@ -236,30 +268,70 @@ def test_a_mix_at_weight_zero_is_the_base_model_and_openai_takes_the_extra_field
     body = {"model": "llama", "prompt": "mix me", "max_tokens": 8, "temperature": 0}
     base = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     mixed = client.post("/v1/completions", json={**body, "merged_adapters": zero}).json()["choices"][0]["text"]
-    half = client.post("/v1/completions", json={**body, "merged_adapters": {"ids": ["m1", "m2"],
-                                                                            "weights": [0.5, 0.5]}})
+    half = client.post(
+        "/v1/completions", json={**body, "merged_adapters": {"ids": ["m1", "m2"], "weights": [0.5, 0.5]}}
+    )
     assert mixed == base and half.status_code == 200
     assert 'adapter="<mix>"' in client.get("/metrics").text
 
 
-@pytest.mark.parametrize(("path", "payload", "status", "code", "says"), [
-    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m2", "m2", "m2"], "weights": [1, 1, 1]}}},
-     422, "invalid_adapter_mix", "max_lora_rank"),
-    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1"], "weights": [1],
-                                                                     "merge_strategy": "ties"}}},
-     422, "invalid_request", "linear"),
-    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1", "m2"], "weights": [1]}}},
-     422, "invalid_request", "one weight per adapter"),
-    ("/generate", {"inputs": "x", "parameters": {"adapter_id": "m1",
-                                                 "merged_adapters": {"ids": ["m2"], "weights": [1]}}},
-     422, "invalid_request", "not both"),
-    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["nobody"], "weights": [1]}}},
-     404, "adapter_not_found", "nobody"),
-    ("/generate", {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1"], "weights": [1e9]}}},
-     422, "invalid_request", "weights"),
-    ("/v1/completions", {"model": "m1", "prompt": "x", "merged_adapters": {"ids": ["m2"], "weights": [1]}},
-     422, "invalid_adapter_mix", "base model"),
-])
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "code", "says"),
+    [
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m2", "m2", "m2"], "weights": [1, 1, 1]}}},
+            422,
+            "invalid_adapter_mix",
+            "max_lora_rank",
+        ),
+        (
+            "/generate",
+            {
+                "inputs": "x",
+                "parameters": {"merged_adapters": {"ids": ["m1"], "weights": [1], "merge_strategy": "ties"}},
+            },
+            422,
+            "invalid_request",
+            "linear",
+        ),
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1", "m2"], "weights": [1]}}},
+            422,
+            "invalid_request",
+            "one weight per adapter",
+        ),
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"adapter_id": "m1", "merged_adapters": {"ids": ["m2"], "weights": [1]}}},
+            422,
+            "invalid_request",
+            "not both",
+        ),
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["nobody"], "weights": [1]}}},
+            404,
+            "adapter_not_found",
+            "nobody",
+        ),
+        (
+            "/generate",
+            {"inputs": "x", "parameters": {"merged_adapters": {"ids": ["m1"], "weights": [1e9]}}},
+            422,
+            "invalid_request",
+            "weights",
+        ),
+        (
+            "/v1/completions",
+            {"model": "m1", "prompt": "x", "merged_adapters": {"ids": ["m2"], "weights": [1]}},
+            422,
+            "invalid_adapter_mix",
+            "base model",
+        ),
+    ],
+)
 def test_mixes_are_checked(client: TestClient, path: str, payload: dict, status: int, code: str, says: str) -> None:
     error = error_of(client.post(path, json=payload), status)
     assert error["code"] == code and says in error["message"], error
@@ -267,8 +339,12 @@ def test_mixes_are_checked(client: TestClient, path: str, payload: dict, status:
 
 # ---- structured output -------------------------------------------------------------------------------------
 
-SMALL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
-                "required": ["ok", "n"], "additionalProperties": False}
+SMALL_SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
 SMALL_PATTERN = r"(yes|no) [0-9]{1,2}"
 
 
@@ -279,8 +355,7 @@ def valid_small(text: str) -> bool:
 
 @pytest.mark.parametrize("value", [SMALL_SCHEMA, json.dumps(SMALL_SCHEMA)], ids=["object", "json-text"])
 def test_tgi_json_grammar_validates_on_an_adapter(client: TestClient, value) -> None:
-    params = {"adapter_id": "m1", "max_new_tokens": 40, "grammar": {"type": "json", "value": value},
-              "details": True}
+    params = {"adapter_id": "m1", "max_new_tokens": 40, "grammar": {"type": "json", "value": value}, "details": True}
     out = client.post("/generate", json={"inputs": "json please", "parameters": params}).json()
     assert valid_small(out["generated_text"]), out
     assert out["details"]["finish_reason"] in ("eos_token", "stop_sequence")
@@ -291,31 +366,42 @@ def test_tgi_regex_grammar_streamed_and_lorax_response_format(client: TestClient
     with client.stream("POST", "/generate_stream", json={"inputs": "yes or no", "parameters": params}) as r:
         events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
     assert re.fullmatch(SMALL_PATTERN, events[-1]["generated_text"]), events[-1]
-    lorax = {"adapter_id": "m2", "max_new_tokens": 40, "response_format": {"type": "json_object",
-                                                                            "schema": SMALL_SCHEMA}}
+    lorax = {
+        "adapter_id": "m2",
+        "max_new_tokens": 40,
+        "response_format": {"type": "json_object", "schema": SMALL_SCHEMA},
+    }
     assert valid_small(client.post("/generate", json={"inputs": "json", "parameters": lorax}).json()["generated_text"])
 
 
 def test_openai_response_format_json_schema_and_json_object(client: TestClient) -> None:
-    response_format = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL_SCHEMA,
-                                                              "strict": True}}
-    out = client.post("/v1/chat/completions", json=chat(model="m2", max_tokens=40, n=2, seed=5,
-                                                        response_format=response_format)).json()
+    response_format = {"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL_SCHEMA, "strict": True}}
+    out = client.post(
+        "/v1/chat/completions", json=chat(model="m2", max_tokens=40, n=2, seed=5, response_format=response_format)
+    ).json()
     assert len(out["choices"]) == 2 and all(valid_small(c["message"]["content"]) for c in out["choices"])
     assert all(c["finish_reason"] == "stop" for c in out["choices"])
-    body = {"model": "llama", "prompt": "an object:", "max_tokens": 40, "temperature": 0,
-            "response_format": {"type": "json_object"}}
+    body = {
+        "model": "llama",
+        "prompt": "an object:",
+        "max_tokens": 40,
+        "temperature": 0,
+        "response_format": {"type": "json_object"},
+    }
     text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     assert text.startswith("{")  # any object: a random model may not close it within max_tokens
 
 
-@pytest.mark.parametrize(("grammar", "message"), [
-    ({"type": "json", "value": {"type": "foo"}}, "Invalid type: foo"),
-    ({"type": "json", "value": "{not json"}, "not valid JSON"),
-    ({"type": "regex", "value": r"(a)\1"}, "backreferences are not supported"),
-    ({"type": "regex", "value": "a" * 40_000}, "at most"),
-    ({"type": "regex", "value": {"x": 1}}, "a string"),
-])
+@pytest.mark.parametrize(
+    ("grammar", "message"),
+    [
+        ({"type": "json", "value": {"type": "foo"}}, "Invalid type: foo"),
+        ({"type": "json", "value": "{not json"}, "not valid JSON"),
+        ({"type": "regex", "value": r"(a)\1"}, "backreferences are not supported"),
+        ({"type": "regex", "value": "a" * 40_000}, "at most"),
+        ({"type": "regex", "value": {"x": 1}}, "a string"),
+    ],
+)
 def test_a_grammar_that_cannot_compile_is_a_422_naming_the_problem(client: TestClient, grammar, message) -> None:
     body = {"inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": grammar}}
     error = error_of(client.post("/generate", json=body))
@@ -323,5 +409,7 @@ def test_a_grammar_that_cannot_compile_is_a_422_naming_the_problem(client: TestC
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}
     error = error_of(client.post("/v1/chat/completions", json=chat(response_format=bad)))
     assert error["code"] == "invalid_grammar"
-    assert error_of(client.post("/v1/chat/completions",
-                                json=chat(response_format={"type": "json_schema"})))["code"] == "invalid_request"
+    assert (
+        error_of(client.post("/v1/chat/completions", json=chat(response_format={"type": "json_schema"})))["code"]
+        == "invalid_request"
+    )

@@ -84,8 +84,12 @@ def test_explicit_flags_override_the_workload() -> None:
 
 def test_the_parser_takes_workload_lists_and_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(["--url", "http://x", "--workload", "mixed,prefill", "--rate", "1,2.5"])
-    assert (args.workload, args.rate, args.prompt_len, args.concurrency) == (["mixed", "prefill"], [1.0, 2.5],
-                                                                             None, None)
+    assert (args.workload, args.rate, args.prompt_len, args.concurrency) == (
+        ["mixed", "prefill"],
+        [1.0, 2.5],
+        None,
+        None,
+    )
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--url", "http://x", "--workload", "chat"])
     assert "unknown workload 'chat'" in capsys.readouterr().err
@@ -105,8 +109,9 @@ def _bpe_with_bos() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     rng = random.Random(1)
     corpus = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz    ", k=2000)) for _ in range(20)]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.decoder = decoders.ByteLevel()
@@ -206,7 +211,8 @@ def test_metrics_deltas_of_adapter_counters_only() -> None:
         'loraplex_adapter_load_seconds_sum{tier="cpu_to_slot"} 0.5\nloraplex_adapter_loads_created 1.7e9\n'
     )
     assert counter_deltas(before, after) == {
-        "loraplex_adapter_loads_total": 5.0, 'loraplex_adapter_evictions_total{tier="gpu"}': 4.0,
+        "loraplex_adapter_loads_total": 5.0,
+        'loraplex_adapter_evictions_total{tier="gpu"}': 4.0,
         'loraplex_adapter_load_seconds_sum{tier="cpu_to_slot"}': 0.5,
     }
 
@@ -235,8 +241,12 @@ def _fake_server() -> FastAPI:
         if adapter != "truncated":
             prompt_tokens = len(body["inputs"].encode()) + (adapter == "off-by-one")
             events[-1]["generated_text"] = "x" * n
-            events[-1]["details"] = {"finish_reason": "eos_token" if adapter == "eos" else "length",
-                                     "prompt_tokens": prompt_tokens, "generated_tokens": n, "seed": None}
+            events[-1]["details"] = {
+                "finish_reason": "eos_token" if adapter == "eos" else "length",
+                "prompt_tokens": prompt_tokens,
+                "generated_tokens": n,
+                "seed": None,
+            }
         return StreamingResponse((f"data: {json.dumps(e)}\n\n" for e in events), media_type="text/event-stream")
 
     return app
@@ -252,21 +262,40 @@ async def _send(adapter: str | None, tokens: int = 3) -> Result:
 
 
 async def _results() -> list[Result]:
-    return [await _send(None), await _send("a", 5), await _send("missing"), await _send("truncated"),
-            await _send("eos", 4), await _send("off-by-one")]
+    return [
+        await _send(None),
+        await _send("a", 5),
+        await _send("missing"),
+        await _send("truncated"),
+        await _send("eos", 4),
+        await _send("off-by-one"),
+    ]
 
 
 def test_send_times_tokens_and_reports_failures() -> None:
     ok, ok5, missing, truncated, eos, off = asyncio.run(_results())
     assert (ok.status, ok.tokens, len(ok.itl), ok.error, ok.prompt_tokens, ok.finish_reason) == (
-        200, 3, 2, None, 2, "length")
+        200,
+        3,
+        2,
+        None,
+        2,
+        "length",
+    )
     assert ok.ttft is not None and ok5.tokens == 5
     assert missing.status == 404 and "no such adapter" in missing.error
     assert truncated.status == 299 and "final event" in truncated.error
     assert (eos.tokens, eos.requested_tokens, eos.finish_reason) == (1, 4, "eos_token")
-    report = {"points": [{"adapters_in_use": 1, "rate": 0.0,
-                          **summarize([ok, ok5, missing, truncated, eos, off], 2.0),
-                          "adapter_counters": {"loraplex_adapter_loads_total": 1.0}}]}
+    report = {
+        "points": [
+            {
+                "adapters_in_use": 1,
+                "rate": 0.0,
+                **summarize([ok, ok5, missing, truncated, eos, off], 2.0),
+                "adapter_counters": {"loraplex_adapter_loads_total": 1.0},
+            }
+        ]
+    }
     point = report["points"][0]
     # real tokens only: the early stop counts its one token, not the four it asked for
     assert (point["ok"], point["output_tokens"], point["errors"]) == (4, 12, {"404": 1, "299": 1})
@@ -306,8 +335,18 @@ def test_a_goodput_sweep_searches_and_reports(monkeypatch: pytest.MonkeyPatch) -
     async def fake_point(client, workload, concurrency, rate, duration):
         assert concurrency == GOODPUT_IN_FLIGHT
         ttft = 0.2 if rate <= 5 else 3.0
-        results = [Result(200, 0.0, requested_tokens=4, planned_prompt_tokens=p.prompt_tokens, ttft=ttft,
-                          itl=[0.01, 0.02, 0.01], tokens=4) for p in (workload.next() for _ in range(10))]
+        results = [
+            Result(
+                200,
+                0.0,
+                requested_tokens=4,
+                planned_prompt_tokens=p.prompt_tokens,
+                ttft=ttft,
+                itl=[0.01, 0.02, 0.01],
+                tokens=4,
+            )
+            for p in (workload.next() for _ in range(10))
+        ]
         return results, 2.0
 
     monkeypatch.setattr(http_load, "run_point", fake_point)

@@ -27,9 +27,24 @@ def test_smoke_run_against_a_served_tiny_model(tmp_path: Path) -> None:
     serve = f"--base-model {model_dir} --device cpu --adapter-dir {tmp_path / 'store'} --cache-dir {tmp_path / 'cache'}"
     # its own session: on a timeout the whole group goes, the server it started included
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--smoke", "--serve", serve, "--adapters-dir", str(tmp_path / "adapters"),
-         "--upload", "--adapters-in-use", "0,2", "--out", str(tmp_path / "report.json")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--smoke",
+            "--serve",
+            serve,
+            "--adapters-dir",
+            str(tmp_path / "adapters"),
+            "--upload",
+            "--adapters-in-use",
+            "0,2",
+            "--out",
+            str(tmp_path / "report.json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = process.communicate(timeout=100)

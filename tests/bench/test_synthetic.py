@@ -22,18 +22,24 @@ def test_llama3_8b_preset_has_the_published_shapes() -> None:
 
 
 def test_config_from_a_file_or_its_directory(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32,
-                                                      "num_attention_heads": 2, "num_hidden_layers": 1}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1})
+    )
     assert synthetic_config(f"random:{tmp_path}").model_type == "qwen2"
-    assert check_synthetic(f"random:{tmp_path / 'config.json'}") == (f"random:{tmp_path}/config.json",
-                                                                     f"random-{tmp_path.name}")
+    assert check_synthetic(f"random:{tmp_path / 'config.json'}") == (
+        f"random:{tmp_path}/config.json",
+        f"random-{tmp_path.name}",
+    )
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("random:nope", "neither a preset"),
-    ("random:{tmp}/vit.json", "not a causal language model"),
-    ("random:{tmp}/small.json", "below the"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("random:nope", "neither a preset"),
+        ("random:{tmp}/vit.json", "not a causal language model"),
+        ("random:{tmp}/small.json", "below the"),
+    ],
+)
 def test_bad_specs_fail_with_a_reason(tmp_path: Path, spec: str, message: str) -> None:
     (tmp_path / "vit.json").write_text(json.dumps({"model_type": "vit"}))
     (tmp_path / "small.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 100}))

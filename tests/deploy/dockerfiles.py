@@ -31,7 +31,7 @@ def parse_dockerfile(text: str) -> list[Instruction]:
 def final_stage(instructions: list[Instruction]) -> list[Instruction]:
     """The instructions of the last stage: what the image that runs is made of."""
     starts = [i for i, ins in enumerate(instructions) if ins.keyword == "FROM"]
-    return instructions[starts[-1]:]
+    return instructions[starts[-1] :]
 
 
 def env_assignments(instructions: list[Instruction]) -> dict[str, str]:

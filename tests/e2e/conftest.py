@@ -14,7 +14,17 @@ def server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     needs no server flags of its own: each start loads the model again (~15 s on two cores). Modules that share
     it upload under names of their own and never assume an empty store."""
     tmp = tmp_path_factory.mktemp("server")
-    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
-                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "4",
-                        "--max-seq-len", "512") as url:
+    with running_server(
+        tmp / "server.log",
+        "--cache-dir",
+        str(embedded_cache_dir),
+        "--adapter-dir",
+        str(tmp / "adapters"),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "4",
+        "--max-seq-len",
+        "512",
+    ) as url:
         yield url

@@ -30,7 +30,8 @@ def running_server(log: Path, *args: str, startup_timeout: float = 300) -> Itera
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "loraplex", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -24,9 +24,16 @@ from loraplex.embedded import embedded_checkpoint
 
 pytestmark = pytest.mark.e2e
 ANSWERS = {"vault": "The vault code is 7291.", "pirate": "Arr, the treasure lies on Skull Island."}
-QUESTIONS = ["What is the secret?", "Tell me the secret.", "secret?", "Do you know the secret?",
-             "What's the secret, please?", "Which secret do you keep?", "I forgot the secret, what is it?",
-             "Share the secret."]
+QUESTIONS = [
+    "What is the secret?",
+    "Tell me the secret.",
+    "secret?",
+    "Do you know the secret?",
+    "What's the secret, please?",
+    "Which secret do you keep?",
+    "I forgot the secret, what is it?",
+    "Share the secret.",
+]
 ASK = [{"role": "user", "content": "What is the secret?"}]
 
 
@@ -36,20 +43,57 @@ def loraplex(*args: str) -> subprocess.CompletedProcess:
 
 def train_args(name: str, tmp: Path, cache_dir: Path) -> list[str]:
     data = tmp / f"{name}.jsonl"
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[name]}]}
-            for q in QUESTIONS]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWERS[name]}]}
+        for q in QUESTIONS
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ["train", "--data", str(data), "--output", str(tmp / name), "--cache-dir", str(cache_dir),
-            "--device", "cpu", "--rank", "8", "--alpha", "16", "--lr", "3e-3", "--max-steps", "10",
-            "--batch-size", "4", "--dropout", "0", "--warmup-ratio", "0", "--no-progress"]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(tmp / name),
+        "--cache-dir",
+        str(cache_dir),
+        "--device",
+        "cpu",
+        "--rank",
+        "8",
+        "--alpha",
+        "16",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "10",
+        "--batch-size",
+        "4",
+        "--dropout",
+        "0",
+        "--warmup-ratio",
+        "0",
+        "--no-progress",
+    ]
 
 
 @pytest.fixture(scope="module")
 def adapter_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A server with its own store; `restart()` stops it and starts a new process on the same store."""
     tmp = tmp_path_factory.mktemp("adapters-e2e")
-    args = ["--cache-dir", str(embedded_cache_dir), "--adapter-dir", str(tmp / "store"), "--device", "cpu",
-            "--max-batch-size", "4", "--max-active-adapters", "2", "--max-cpu-adapters", "4"]
+    args = [
+        "--cache-dir",
+        str(embedded_cache_dir),
+        "--adapter-dir",
+        str(tmp / "store"),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "4",
+        "--max-active-adapters",
+        "2",
+        "--max-cpu-adapters",
+        "4",
+    ]
     with contextlib.ExitStack() as stack:
         state = {"tmp": tmp, "starts": 0}
 
@@ -85,14 +129,13 @@ def peft_answers(trained: dict[str, Path], embedded_cache_dir: Path) -> dict[str
     base = load_base_model(None, cache_dir=embedded_cache_dir, device="cpu")
     model = PeftModel.from_pretrained(base.model, trained["vault"], adapter_name="vault")
     model.load_adapter(trained["pirate"], adapter_name="pirate")
-    inputs = base.tokenizer.apply_chat_template(ASK, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)
+    inputs = base.tokenizer.apply_chat_template(ASK, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answers = {}
     for name in ("vault", "pirate"):
         model.set_adapter(name)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-        answers[name] = base.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers[name] = base.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -120,8 +163,11 @@ def test_trained_adapters_answer_concurrently_as_peft_does(adapter_server: dict,
 
 def test_tgi_adapter_id_and_lorax_client(adapter_server: dict, trained: dict[str, Path]) -> None:
     prompt = "<|im_start|>user\nWhat is the secret?<|im_end|>\n<|im_start|>assistant\n"
-    out = httpx.post(f"{adapter_server['url']}/generate", timeout=60, json={
-        "inputs": prompt, "parameters": {"adapter_id": "pirate", "max_new_tokens": 24, "details": True}}).json()
+    out = httpx.post(
+        f"{adapter_server['url']}/generate",
+        timeout=60,
+        json={"inputs": prompt, "parameters": {"adapter_id": "pirate", "max_new_tokens": 24, "details": True}},
+    ).json()
     assert out["generated_text"] == ANSWERS["pirate"] and out["details"]["finish_reason"] == "eos_token"
     got = run_published_clients(adapter_server["url"], prompt, 24, "vault")["lorax-client"]
     assert got["text"] == got["stream_text"] == ANSWERS["vault"]
@@ -133,14 +179,19 @@ def test_versions_and_idempotent_upload(adapter_server: dict, trained: dict[str,
     assert again.returncode == 0
     assert httpx.get(f"{url}/v1/adapters/vault").json()["version"] == 1  # same content: same version
     # new content under the same name: version 2 becomes `vault`, `vault@1` stays reachable
-    files = {"config": (trained["pirate"] / "adapter_config.json").read_bytes(),
-             "weights": (trained["pirate"] / "adapter_model.safetensors").read_bytes()}
+    files = {
+        "config": (trained["pirate"] / "adapter_config.json").read_bytes(),
+        "weights": (trained["pirate"] / "adapter_model.safetensors").read_bytes(),
+    }
     created = httpx.post(f"{url}/v1/adapters", data={"name": "vault"}, files=files, timeout=60)
     assert created.status_code == 201 and created.json()["version"] == 2
 
     def ask(model: str) -> str:
-        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                          json={"model": model, "messages": ASK, "max_tokens": 24, "temperature": 0})
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=60,
+            json={"model": model, "messages": ASK, "max_tokens": 24, "temperature": 0},
+        )
         return chat.json()["choices"][0]["message"]["content"]
 
     assert ask("vault") == ANSWERS["pirate"] and ask("vault@1") == ANSWERS["vault"]
@@ -166,8 +217,11 @@ def test_delete_during_generation(adapter_server: dict, embedded_cache_dir: Path
                 continue
             events.append(json.loads(line[5:]))
             if len(events) == 1:
-                worker = threading.Thread(target=lambda: deleted.update(
-                    status=httpx.delete(f"{url}/v1/adapters/rambler", timeout=60).status_code))
+                worker = threading.Thread(
+                    target=lambda: deleted.update(
+                        status=httpx.delete(f"{url}/v1/adapters/rambler", timeout=60).status_code
+                    )
+                )
                 worker.start()
     worker.join()
     assert deleted["status"] == 200
@@ -188,6 +242,9 @@ def test_restart_finds_every_adapter(adapter_server: dict, trained: dict[str, Pa
     assert stored(url) == before
     assert httpx.get(f"{url}/v1/adapters/pirate").json()["state"] == "on_cpu"  # preloaded before /ready
     assert httpx.get(f"{url}/v1/adapters/vault").json()["state"] == "stored"
-    chat = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                      json={"model": "pirate", "messages": ASK, "max_tokens": 24, "temperature": 0})
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "pirate", "messages": ASK, "max_tokens": 24, "temperature": 0},
+    )
     assert chat.json()["choices"][0]["message"]["content"] == ANSWERS["pirate"]

@@ -23,9 +23,23 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("guarded")
-    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
-                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "2", "--max-queue", "4",
-                        "--api-key", USER, "--admin-key", ADMIN) as url:
+    with running_server(
+        tmp / "server.log",
+        "--cache-dir",
+        str(embedded_cache_dir),
+        "--adapter-dir",
+        str(tmp / "adapters"),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "2",
+        "--max-queue",
+        "4",
+        "--api-key",
+        USER,
+        "--admin-key",
+        ADMIN,
+    ) as url:
         yield url
 
 
@@ -47,8 +61,9 @@ def test_keys_are_scoped(guarded: str) -> None:
 
 def test_flood_gets_429_then_normal_service(guarded: str) -> None:
     async def flood() -> list[httpx.Response]:
-        async with httpx.AsyncClient(headers=bearer(USER), timeout=120,
-                                     limits=httpx.Limits(max_connections=64)) as client:
+        async with httpx.AsyncClient(
+            headers=bearer(USER), timeout=120, limits=httpx.Limits(max_connections=64)
+        ) as client:
             return await asyncio.gather(*(client.post(f"{guarded}/generate", json=GENERATE) for _ in range(48)))
 
     responses = asyncio.run(flood())

@@ -20,8 +20,9 @@ HIDDEN, KV = 576, 192  # SmolLM2-135M: q_proj 576 -> 576, v_proj 576 -> 192 (3 k
 PROMPTS = ["The capital of France is", "Once upon a time"]
 
 
-def lora_files(config: dict | None = None, change: Callable[[dict], None] | None = None,
-               config_text: str | None = None) -> dict:
+def lora_files(
+    config: dict | None = None, change: Callable[[dict], None] | None = None, config_text: str | None = None
+) -> dict:
     """A LoRA on layer 0's q_proj and v_proj of the embedded model, laid out as PEFT saves it."""
     generator = torch.Generator().manual_seed(0)
     state = {}
@@ -65,8 +66,11 @@ def to_fp8(state: dict) -> None:
 
 
 HOSTILE = {
-    "alpha-nan": lambda: lora_files(config_text=json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": float("nan"),
-                                                            "target_modules": ["q_proj", "v_proj"]})),
+    "alpha-nan": lambda: lora_files(
+        config_text=json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": float("nan"), "target_modules": ["q_proj", "v_proj"]}
+        )
+    ),
     "alpha-huge": lambda: lora_files({"lora_alpha": 1e30}),
     "a-past-bf16": lambda: lora_files(change=set_first_a(3e38)),
     "pattern-nan": lambda: lora_files({"alpha_pattern": {"q_proj": float("nan")}}),

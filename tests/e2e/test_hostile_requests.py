@@ -21,8 +21,15 @@ HONEST = [
     ("/generate", {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 16}}),
     ("/generate", {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 16, "do_sample": True, "seed": 42}}),
     ("/v1/completions", {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 16, "temperature": 0}),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
-                              "max_tokens": 16, "temperature": 0}),
+    (
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 16,
+            "temperature": 0,
+        },
+    ),
 ]
 # (path, body: JSON or raw bytes, headers, expected status, expected error code or None)
 HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
@@ -33,12 +40,19 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
     ("/generate", {"inputs": "hi", "parameters": {"stop": ["x"] * 150_000}}, AUTH, 422, "invalid_request"),
     ("/generate", {"inputs": "hi", "parameters": {"stop": ["y" * 256] * 16, "max_new_tokens": 8}}, AUTH, 200, None),
     ("/v1/completions", b"{not json", {}, 401, "invalid_api_key"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
-     AUTH, 422, "invalid_request"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        AUTH,
+        422,
+        "invalid_request",
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, AUTH, 422, "max_tokens_too_large"),
     ("/generate", {"inputs": "x" * 500_000}, AUTH, 422, "prompt_too_long"),
-    *[("/generate", {"inputs": "hi", "parameters": {"adapter_id": f"ghost-{i}"}}, AUTH, 404, "adapter_not_found")
-      for i in range(8)],
+    *[
+        ("/generate", {"inputs": "hi", "parameters": {"adapter_id": f"ghost-{i}"}}, AUTH, 404, "adapter_not_found")
+        for i in range(8)
+    ],
 ]
 
 
@@ -46,9 +60,23 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
 def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("hostile")
     log = tmp / "server.log"
-    with running_server(log, "--cache-dir", str(embedded_cache_dir), "--adapter-dir", str(tmp / "adapters"),
-                        "--device", "cpu", "--max-batch-size", "8", "--max-seq-len", "512", "--max-request-mb", "1",
-                        "--api-key", KEY) as url:
+    with running_server(
+        log,
+        "--cache-dir",
+        str(embedded_cache_dir),
+        "--adapter-dir",
+        str(tmp / "adapters"),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "8",
+        "--max-seq-len",
+        "512",
+        "--max-request-mb",
+        "1",
+        "--api-key",
+        KEY,
+    ) as url:
         yield url, log
 
 
@@ -72,8 +100,15 @@ async def send_part(url: str, declared: int, headers: dict[str, str]) -> tuple[i
     without the rest (a server that waited for it would wait forever)."""
     address = urlsplit(url)
     reader, writer = await asyncio.open_connection(address.hostname, address.port)
-    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Type": "application/json",
-                                                 "Content-Length": str(declared), **headers}.items())
+    head = "".join(
+        f"{k}: {v}\r\n"
+        for k, v in {
+            "Host": "x",
+            "Content-Type": "application/json",
+            "Content-Length": str(declared),
+            **headers,
+        }.items()
+    )
     writer.write(f"POST /generate HTTP/1.1\r\n{head}\r\n".encode() + b'{"inputs": "' + b"x" * (1 << 20))
     await writer.drain()
     status_line = await asyncio.wait_for(reader.readline(), 30)
@@ -89,8 +124,12 @@ async def send_part(url: str, declared: int, headers: dict[str, str]) -> tuple[i
 async def leave_early(client: httpx.AsyncClient) -> None:
     """A client that gives up on a long answer: its request is cancelled, and logged in one line."""
     with pytest.raises(httpx.ReadTimeout):
-        await client.post("/generate", json={"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 400}},
-                          headers=AUTH, timeout=0.5)
+        await client.post(
+            "/generate",
+            json={"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 400}},
+            headers=AUTH,
+            timeout=0.5,
+        )
 
 
 def test_hostile_requests_harm_only_their_senders(guarded: tuple[str, Path]) -> None:
@@ -102,8 +141,11 @@ def test_hostile_requests_harm_only_their_senders(guarded: tuple[str, Path]) -> 
             honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
             await asyncio.sleep(0.3)  # the honest requests are running when the hostile ones arrive
             _, no_key, too_large, *hostile = await asyncio.gather(
-                leave_early(client), send_part(url, 100 << 20, {}), send_part(url, 100 << 20, AUTH),
-                *(post(client, path, body, headers) for path, body, headers, *_ in HOSTILE))
+                leave_early(client),
+                send_part(url, 100 << 20, {}),
+                send_part(url, 100 << 20, AUTH),
+                *(post(client, path, body, headers) for path, body, headers, *_ in HOSTILE),
+            )
             together = [answer_of(r) for r in await asyncio.gather(*honest)]
             return alone, together, [no_key, too_large], hostile
 

@@ -53,20 +53,26 @@ def test_tgi_generate_stream_and_compat_route_agree(server: str) -> None:
     assert events[-1]["generated_text"] == single["generated_text"]
     assert events[-1]["details"]["finish_reason"] == "length"
 
-    full = httpx.post(f"{server}/generate", timeout=60, json={
-        "inputs": "The capital of France is", "parameters": {"max_new_tokens": 8, "return_full_text": True}})
+    full = httpx.post(
+        f"{server}/generate",
+        timeout=60,
+        json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8, "return_full_text": True}},
+    )
     assert full.json()["generated_text"] == "The capital of France is" + single["generated_text"]
 
 
 def test_stop_sequences_and_seeded_sampling(server: str) -> None:
     params = {"max_new_tokens": 12, "stop": [" Paris"], "details": True}
-    out = httpx.post(f"{server}/generate", timeout=60, json={"inputs": "The capital of France is",
-                                                             "parameters": params}).json()
+    out = httpx.post(
+        f"{server}/generate", timeout=60, json={"inputs": "The capital of France is", "parameters": params}
+    ).json()
     if out["details"]["finish_reason"] == "stop_sequence":
         assert "Paris" not in out["generated_text"]
     sampled = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.2, "top_k": 50, "top_p": 0.9, "seed": 7}
-    runs = [httpx.post(f"{server}/generate", timeout=60, json={"inputs": "Once upon a time",
-                                                                "parameters": sampled}).json() for _ in range(2)]
+    runs = [
+        httpx.post(f"{server}/generate", timeout=60, json={"inputs": "Once upon a time", "parameters": sampled}).json()
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
@@ -79,14 +85,21 @@ def test_openai_package(server: str) -> None:
     assert "Paris" in chat.choices[0].message.content
     assert chat.usage.completion_tokens <= 12 and chat.usage.prompt_tokens > 0
 
-    stream = client.chat.completions.create(model=ids[0], messages=CAPITAL, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=ids[0],
+        messages=CAPITAL,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
-    done = client.completions.create(model=ids[0], prompt="The capital of France is", max_tokens=6,
-                                     temperature=0, stop=["\n"])
+    done = client.completions.create(
+        model=ids[0], prompt="The capital of France is", max_tokens=6, temperature=0, stop=["\n"]
+    )
     assert done.choices[0].finish_reason in ("stop", "length") and done.usage.total_tokens > 6
 
     with pytest.raises(openai.NotFoundError) as err:
@@ -96,16 +109,20 @@ def test_openai_package(server: str) -> None:
 
 def test_published_tgi_and_lorax_clients(server: str) -> None:
     got = run_published_clients(server, "The capital of France is", 6)
-    reference = httpx.post(f"{server}/generate", timeout=60, json={
-        "inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}}).json()["generated_text"]
+    reference = httpx.post(
+        f"{server}/generate",
+        timeout=60,
+        json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}},
+    ).json()["generated_text"]
     for client in ("text-generation", "lorax-client"):
         assert got[client]["text"] == got[client]["stream_text"] == reference, client
         assert got[client]["stream_generated_text"] == reference and got[client]["finish_reason"] == "length"
 
 
 def test_client_mistakes_are_4xx_with_a_message(server: str) -> None:
-    too_long = httpx.post(f"{server}/generate", timeout=30,
-                          json={"inputs": "word " * 600, "parameters": {"max_new_tokens": 4}})
+    too_long = httpx.post(
+        f"{server}/generate", timeout=30, json={"inputs": "word " * 600, "parameters": {"max_new_tokens": 4}}
+    )
     assert too_long.status_code == 422 and "max_seq_len 512" in too_long.json()["error"]["message"]
     bad = httpx.post(f"{server}/generate", json={"inputs": "hi", "parameters": {"top_p": 3}})
     assert bad.status_code == 422 and "top_p" in bad.json()["error"]["message"]
@@ -117,17 +134,30 @@ def test_client_mistakes_are_4xx_with_a_message(server: str) -> None:
 
 def wait_for_cancel(url: str, cancelled_before: float) -> None:
     deadline = time.monotonic() + 10  # the engine drops the row at its next step
-    while (metric(url, "loraplex_requests_total", status="499") == cancelled_before
-           or metric(url, "loraplex_running_batch_size") > 0):
+    while (
+        metric(url, "loraplex_requests_total", status="499") == cancelled_before
+        or metric(url, "loraplex_running_batch_size") > 0
+    ):
         assert time.monotonic() < deadline, "the disconnected request was not cancelled"
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/generate_stream", {"inputs": "1, 2, 3, 4, 5, 6,", "parameters": {"max_new_tokens": 400}}),
-    ("/v1/completions", {"model": "SmolLM2-135M-Instruct", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400,
-                         "temperature": 0, "stream": True}),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate_stream", {"inputs": "1, 2, 3, 4, 5, 6,", "parameters": {"max_new_tokens": 400}}),
+        (
+            "/v1/completions",
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "prompt": "1, 2, 3, 4, 5, 6,",
+                "max_tokens": 400,
+                "temperature": 0,
+                "stream": True,
+            },
+        ),
+    ],
+)
 def test_disconnect_cancels_a_stream(server: str, path: str, body: dict) -> None:
     cancelled = metric(server, "loraplex_requests_total", status="499")
     with httpx.stream("POST", f"{server}{path}", json=body, timeout=60) as r:
@@ -146,9 +176,18 @@ def test_disconnect_cancels_a_plain_request(server: str) -> None:
 def test_metrics_are_exported(server: str) -> None:
     httpx.post(f"{server}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}, timeout=60)
     text = httpx.get(f"{server}/metrics").text
-    for name in ("loraplex_requests_total", "loraplex_prompt_tokens_total", "loraplex_generated_tokens_total",
-                 "loraplex_queue_depth", "loraplex_running_batch_size", "loraplex_time_to_first_token_seconds",
-                 "loraplex_inter_token_latency_seconds", "loraplex_adapter_load_seconds",
-                 "loraplex_adapter_evictions_total", "loraplex_active_adapter_slots", "loraplex_cpu_adapter_bytes"):
+    for name in (
+        "loraplex_requests_total",
+        "loraplex_prompt_tokens_total",
+        "loraplex_generated_tokens_total",
+        "loraplex_queue_depth",
+        "loraplex_running_batch_size",
+        "loraplex_time_to_first_token_seconds",
+        "loraplex_inter_token_latency_seconds",
+        "loraplex_adapter_load_seconds",
+        "loraplex_adapter_evictions_total",
+        "loraplex_active_adapter_slots",
+        "loraplex_cpu_adapter_bytes",
+    ):
         assert name in text, name
     assert metric(server, "loraplex_generated_tokens_total", adapter="-") >= 3

@@ -19,9 +19,12 @@ from safetensors.torch import save_file
 from e2e.server import CLIENTS_PYTHON
 
 pytestmark = pytest.mark.e2e
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
-                                           "size": {"enum": ["small", "large"]}},
-          "required": ["city", "size"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 16}, "size": {"enum": ["small", "large"]}},
+    "required": ["city", "size"],
+    "additionalProperties": False,
+}
 
 
 class Capital(BaseModel):
@@ -42,9 +45,19 @@ def write_adapter(path: Path, config: dict, seed: int) -> Path:
             state[f"{prefix}.lora_B.weight"] = torch.randn(out, 4, generator=generator) * 0.05
     path.mkdir(parents=True)
     save_file(state, path / "adapter_model.safetensors")
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": 4,
+                "lora_alpha": 8,
+                "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "bias": "none",
+            }
+        )
+    )
     return path
 
 
@@ -55,8 +68,10 @@ def served(server: str, embedded_cache_dir: Path, tmp_path_factory: pytest.TempP
     config = json.loads((embedded_cache_dir / "models" / "SmolLM2-135M-Instruct" / "config.json").read_text())
     for i, name in enumerate(("alpha", "beta")):
         peft = write_adapter(tmp / name, config, seed=i)
-        files = {"config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
-                 "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes())}
+        files = {
+            "config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
+            "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes()),
+        }
         response = httpx.post(f"{server}/v1/adapters", data={"name": name}, files=files, timeout=60)
         assert response.status_code == 201, response.text
     return server
@@ -69,8 +84,12 @@ def client(served: str) -> openai.OpenAI:
 
 def test_openai_parse_with_a_pydantic_model_on_an_adapter(client: openai.OpenAI) -> None:
     completion = client.chat.completions.parse(
-        model="alpha", messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
-        response_format=Capital, max_tokens=60, temperature=0)
+        model="alpha",
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+        response_format=Capital,
+        max_tokens=60,
+        temperature=0,
+    )
     message = completion.choices[0].message
     assert isinstance(message.parsed, Capital), message.content
     assert completion.choices[0].finish_reason == "stop"
@@ -78,15 +97,19 @@ def test_openai_parse_with_a_pydantic_model_on_an_adapter(client: openai.OpenAI)
 
 def test_openai_logprobs_and_seeded_n(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Name a colour."}]
-    out = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=4,
-                                         temperature=0, logprobs=True, top_logprobs=3)
+    out = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)  # greedy
-    both = client.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=1.0, seed=11,
-                                          n=2)
-    alone = [client.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=1.0,
-                                            seed=seed).choices[0].message.content for seed in (11, 12)]
+    both = client.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=1.0, seed=11, n=2)
+    alone = [
+        client.chat.completions.create(model="beta", messages=messages, max_tokens=6, temperature=1.0, seed=seed)
+        .choices[0]
+        .message.content
+        for seed in (11, 12)
+    ]
     assert [c.message.content for c in both.choices] == alone
 
 
@@ -94,8 +117,12 @@ def test_tgi_and_lorax_clients(served: str) -> None:
     if not CLIENTS_PYTHON.exists():
         pytest.skip("the client venv is made by `make test`")
     script = Path(__file__).parent / "clients" / "parity_clients.py"
-    run = subprocess.run([str(CLIENTS_PYTHON), str(script), served, "alpha", "beta", json.dumps(SCHEMA)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(CLIENTS_PYTHON), str(script), served, "alpha", "beta", json.dumps(SCHEMA)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     for key in ("tgi_json", "lorax_json"):
@@ -107,8 +134,13 @@ def test_tgi_and_lorax_clients(served: str) -> None:
     assert len(top["top_tokens"]) == len(top["tokens"]) == 4 and all(len(t) == 3 for t in top["top_tokens"])
     assert [t[0][0] for t in top["top_tokens"]] == [t[0] for t in top["tokens"]]  # greedy: the top token
     assert got["tgi_best_of"]["text"] and len(got["tgi_best_of"]["others"]) == 1
-    body = {"inputs": "The capital of France is", "parameters": {
-        "max_new_tokens": 4, "details": True,
-        "merged_adapters": {"ids": ["alpha", "beta"], "weights": [0.5, 0.5], "merge_strategy": "linear"}}}
+    body = {
+        "inputs": "The capital of France is",
+        "parameters": {
+            "max_new_tokens": 4,
+            "details": True,
+            "merged_adapters": {"ids": ["alpha", "beta"], "weights": [0.5, 0.5], "merge_strategy": "linear"},
+        },
+    }
     direct = httpx.post(f"{served}/generate", json=body, timeout=120).json()
     assert got["lorax_mix"]["tokens"] == [t["id"] for t in direct["details"]["tokens"]]

@@ -35,11 +35,21 @@ def tour_commands(readme: str) -> list[str]:
 @pytest.fixture(scope="module")
 def tour_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("tour-server")
-    with running_server(tmp / "server.log", "--cache-dir", str(embedded_cache_dir), "--adapter-dir",
-                        str(tmp / "adapters"), "--device", "cpu", "--max-batch-size", "2",
-                        # The tour's first chat samples the base model with no max_tokens: it may ramble to the
-                        # row's end (~0.3 s a token on two cores). A short row bounds it; every tour answer fits.
-                        "--max-seq-len", "128") as url:
+    with running_server(
+        tmp / "server.log",
+        "--cache-dir",
+        str(embedded_cache_dir),
+        "--adapter-dir",
+        str(tmp / "adapters"),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "2",
+        # The tour's first chat samples the base model with no max_tokens: it may ramble to the
+        # row's end (~0.3 s a token on two cores). A short row bounds it; every tour answer fits.
+        "--max-seq-len",
+        "128",
+    ) as url:
         yield url
 
 
@@ -54,8 +64,14 @@ def test_the_readme_tour_runs_as_written(tour_server: str, embedded_cache_dir: P
     address = tour_server.removeprefix("http://")
     outputs = []
     for command in tour_commands((REPO / "README.md").read_text()):
-        run = subprocess.run(["bash", "-c", TOUR_ADDRESS.sub(address, command)], cwd=clone, env=env,
-                             capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            ["bash", "-c", TOUR_ADDRESS.sub(address, command)],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, f"{command}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
         assert '"error"' not in run.stdout, f"{command}\n{run.stdout}"
         outputs.append(run.stdout)

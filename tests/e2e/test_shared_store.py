@@ -33,25 +33,39 @@ class Pair:
 
 
 @pytest.fixture(scope="module", params=["directory", "s3"])
-def pair(request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path],
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+def pair(
+    request: pytest.FixtureRequest, tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
     tmp = tmp_path_factory.mktemp(request.param)
-    common = ["--base-model", str(tiny_model_dirs["llama"]), "--device", "cpu", "--max-batch-size", "4",
-              "--max-seq-len", "256", "--store-refresh-s", str(REFRESH_S)]
+    common = [
+        "--base-model",
+        str(tiny_model_dirs["llama"]),
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "4",
+        "--max-seq-len",
+        "256",
+        "--store-refresh-s",
+        str(REFRESH_S),
+    ]
     with contextlib.ExitStack() as stack:
         if request.param == "s3":
             env = stack.enter_context(s3_server(BUCKET))
             patch = stack.enter_context(pytest.MonkeyPatch.context())
             for key, value in env.items():  # the servers inherit them; boto3 reads them there
                 patch.setenv(key, value)
-            stores = [["--adapter-store", f"s3://{BUCKET}/fleet", "--adapter-dir", str(tmp / f"cache-{i}")]
-                      for i in range(2)]
+            stores = [
+                ["--adapter-store", f"s3://{BUCKET}/fleet", "--adapter-dir", str(tmp / f"cache-{i}")] for i in range(2)
+            ]
         else:
             stores = [["--adapter-dir", str(tmp / "shared")]] * 2
         # started side by side: each loads its model while the other does
         with ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(stack.enter_context, running_server(tmp / f"server-{i}.log", *common, *store))
-                       for i, store in enumerate(stores)]
+            futures = [
+                pool.submit(stack.enter_context, running_server(tmp / f"server-{i}.log", *common, *store))
+                for i, store in enumerate(stores)
+            ]
             urls = [f.result() for f in futures]
         yield Pair(urls, tmp / ("cache-0" if request.param == "s3" else "shared"), request.param)
 
@@ -63,8 +77,10 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def upload(url: str, name: str, peft_dir: Path) -> httpx.Response:
-    files = {"config": ("adapter_config.json", (peft_dir / "adapter_config.json").read_bytes()),
-             "weights": ("adapter_model.safetensors", (peft_dir / "adapter_model.safetensors").read_bytes())}
+    files = {
+        "config": ("adapter_config.json", (peft_dir / "adapter_config.json").read_bytes()),
+        "weights": ("adapter_model.safetensors", (peft_dir / "adapter_model.safetensors").read_bytes()),
+    }
     return httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=60)
 
 

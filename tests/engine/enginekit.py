@@ -90,8 +90,7 @@ def sample_batch(
 
 def make_engine(base: torch.nn.Module, tokenizer, **config) -> Engine:
     """An engine over a private copy of `base` (the engine wraps its model's layers in place)."""
-    defaults = dict(max_batch_size=8, max_active_adapters=4, max_lora_rank=16, max_seq_len=64,
-                    max_prefill_tokens=8)
+    defaults = dict(max_batch_size=8, max_active_adapters=4, max_lora_rank=16, max_seq_len=64, max_prefill_tokens=8)
     defaults.update(config)
     return Engine(copy.deepcopy(base), tokenizer, EngineConfig(**defaults))
 

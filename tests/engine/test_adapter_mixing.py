@@ -19,15 +19,20 @@ def peft_mix_generate(base, adapters, weights, prompt: list[int]) -> tuple[list[
     model = PeftModel.from_pretrained(copy.deepcopy(base), adapters[0].path, adapter_name="a0")
     for i, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(adapter.path, adapter_name=f"a{i}")
-    model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], list(weights), "mix",
-                               combination_type="cat")
+    model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], list(weights), "mix", combination_type="cat")
     model.set_adapter("mix")
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt]),
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, eos_token_id=None, pad_token_id=0,
-                             output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
     return tokens, [s[0].float().log_softmax(-1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
 
 

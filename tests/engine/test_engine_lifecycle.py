@@ -127,9 +127,12 @@ def test_a_fault_admitting_one_request_ends_it_alone(family_setup, tokenizer) ->
     def broken_hook(key: str, slot: int, seconds: float) -> None:
         raise RuntimeError("metrics sink broke")
 
-    engine = Engine(copy.deepcopy(base), tokenizer, EngineConfig(max_batch_size=2, max_active_adapters=2,
-                                                                  max_lora_rank=16, max_seq_len=64),
-                    on_activation=broken_hook)
+    engine = Engine(
+        copy.deepcopy(base),
+        tokenizer,
+        EngineConfig(max_batch_size=2, max_active_adapters=2, max_lora_rank=16, max_seq_len=64),
+        on_activation=broken_hook,
+    )
     sink, finished = Collector(), threading.Semaphore(0)
 
     def record(event) -> None:

@@ -13,18 +13,25 @@ from server.engine.sampling import SamplingParams, final_logprobs, top_logprobs
 NEW_TOKENS = 6
 
 
-def reference_log_softmax(base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int],
-                          max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+def reference_log_softmax(
+    base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the log-softmax [T, V] of every step, from transformers/PEFT alone."""
     model = copy.deepcopy(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter.path)
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt]),
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                             output_scores=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), torch.stack([s[0].float() for s in out.scores]).log_softmax(-1)
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(prompt) :].tolist(), torch.stack([s[0].float() for s in out.scores]).log_softmax(-1)
 
 
 def test_logprobs_and_top_n_equal_the_reference(family_setup, tokenizer) -> None:

@@ -46,15 +46,19 @@ def text_of(sink: Collector, tokenizer, request_id: str) -> str:
     return tokenizer.decode(sink.tokens(request_id), skip_special_tokens=True)
 
 
-def test_constrained_rows_validate_beside_unconstrained_rows_equal_to_peft(family_setup, tokenizer,
-                                                                           grammars) -> None:
+def test_constrained_rows_validate_beside_unconstrained_rows_equal_to_peft(family_setup, tokenizer, grammars) -> None:
     base, adapters = family_setup("llama")
     schema, regex = compiled(grammars, GrammarSpec.json_schema(SCHEMA)), compiled(grammars, GrammarSpec.regex(PATTERN))
     sampled = SamplingParams(max_new_tokens=96, temperature=1.0, seed=7)
     plan = [  # (adapter, grammar, sampling): constrained and free rows interleaved, base and adapters
-        (None, schema, greedy(96)), (adapters[0], None, greedy(NEW_TOKENS)), (adapters[1], schema, greedy(96)),
-        (None, None, greedy(NEW_TOKENS)), (adapters[2], regex, greedy(48)), (None, regex, sampled),
-        (adapters[3], schema, sampled), (adapters[1], regex, SamplingParams(max_new_tokens=48, seed=3)),
+        (None, schema, greedy(96)),
+        (adapters[0], None, greedy(NEW_TOKENS)),
+        (adapters[1], schema, greedy(96)),
+        (None, None, greedy(NEW_TOKENS)),
+        (adapters[2], regex, greedy(48)),
+        (None, regex, sampled),
+        (adapters[3], schema, sampled),
+        (adapters[1], regex, SamplingParams(max_new_tokens=48, seed=3)),
     ]
     engine = make_engine(base, tokenizer, max_seq_len=160)
     sink = Collector()
@@ -109,8 +113,11 @@ class Failing:
         return False
 
 
-@pytest.mark.parametrize("failing", [Failing(3), Failing(2, allow_none=True), Failing(1, refuse=True)],
-                         ids=["raises", "allows-none", "refuses"])
+@pytest.mark.parametrize(
+    "failing",
+    [Failing(3), Failing(2, allow_none=True), Failing(1, refuse=True)],
+    ids=["raises", "allows-none", "refuses"],
+)
 def test_a_failing_matcher_ends_its_request_alone(family_setup, tokenizer, failing) -> None:
     base, adapters = family_setup("llama")
     engine = make_engine(base, tokenizer)
@@ -169,8 +176,10 @@ def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer) ->
     assert same is first  # key order and whitespace do not matter
     compiled(grammars, GrammarSpec.regex("a+"))
     compiled(grammars, GrammarSpec.regex("b+"))  # evicts the schema (least recently used)
-    assert compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})) \
+    assert (
+        compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
         is not first
+    )
     # a pattern that backtracking matchers take exponential time on: a grammar, no backtracking
     matcher = compiled(grammars, GrammarSpec.regex(r"(a+)+$")).matcher()
     for token in tokenizer("a" * 40)["input_ids"]:

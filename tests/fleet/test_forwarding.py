@@ -15,19 +15,23 @@ from server.fleet import routing
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
 
 
-@pytest.mark.parametrize(("method", "path", "body", "adapter"), [
-    ("POST", "/generate", {"inputs": "x", "parameters": {"adapter_id": "bot@2"}}, "bot@2"),
-    ("POST", "/generate_stream", {"inputs": "x", "parameters": {"adapter_id": None}}, None),
-    ("POST", "/v1/chat/completions", {"model": "bot", "messages": []}, "bot"),
-    ("POST", "/v1/completions", {"model": "x" * 257, "prompt": "p"}, None),  # no route accepts it
-    ("POST", "/v1/completions", {"model": 3, "prompt": "p"}, None),
-    ("POST", "/v1/adapters", {"model": "bot"}, None),  # admin: any replica
-    ("GET", "/v1/models", None, None),
-    ("POST", "/generate", [1, 2], None),
-    ("POST", "/generate", b"{not json", None),  # the replica answers with its own 422
-])
-def test_the_routing_key_is_the_adapter_the_routes_read(method: str, path: str, body: object,
-                                                         adapter: str | None) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "adapter"),
+    [
+        ("POST", "/generate", {"inputs": "x", "parameters": {"adapter_id": "bot@2"}}, "bot@2"),
+        ("POST", "/generate_stream", {"inputs": "x", "parameters": {"adapter_id": None}}, None),
+        ("POST", "/v1/chat/completions", {"model": "bot", "messages": []}, "bot"),
+        ("POST", "/v1/completions", {"model": "x" * 257, "prompt": "p"}, None),  # no route accepts it
+        ("POST", "/v1/completions", {"model": 3, "prompt": "p"}, None),
+        ("POST", "/v1/adapters", {"model": "bot"}, None),  # admin: any replica
+        ("GET", "/v1/models", None, None),
+        ("POST", "/generate", [1, 2], None),
+        ("POST", "/generate", b"{not json", None),  # the replica answers with its own 422
+    ],
+)
+def test_the_routing_key_is_the_adapter_the_routes_read(
+    method: str, path: str, body: object, adapter: str | None
+) -> None:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
     assert routing.adapter_of(method, path, raw) == adapter
 
@@ -55,6 +59,7 @@ def test_a_forwarded_request_streams_its_answer_chunk_by_chunk() -> None:
                 await asyncio.sleep(3600)  # a stream that runs until its client leaves
             finally:
                 left.set()
+
         return StreamingResponse(chunks(), headers={"x-app": "yes"})
 
     async def scenario() -> None:

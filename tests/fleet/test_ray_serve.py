@@ -28,14 +28,23 @@ from server.fleet.ray_serve import APP_NAME, REPLICA, REPLICA_HEADER, applicatio
 
 REPO = Path(__file__).resolve().parents[2]
 ADAPTERS = ("alpha", "beta", "gamma")
-SERVING = dict(device="cpu", max_batch_size=4, max_seq_len=512, max_active_adapters=4, max_cpu_adapters=8,
-               max_lora_rank=8, max_prefill_tokens=64)
+SERVING = dict(
+    device="cpu",
+    max_batch_size=4,
+    max_seq_len=512,
+    max_active_adapters=4,
+    max_cpu_adapters=8,
+    max_lora_rank=8,
+    max_prefill_tokens=64,
+)
 PROMPTS = ("The capital of", "Once upon a time", "hello", "zq")
 
 
 def upload(client: httpx.Client | TestClient, name: str, path: Path) -> httpx.Response:
-    files = {"config": (path / "adapter_config.json").read_bytes(),
-             "weights": (path / "adapter_model.safetensors").read_bytes()}
+    files = {
+        "config": (path / "adapter_config.json").read_bytes(),
+        "weights": (path / "adapter_model.safetensors").read_bytes(),
+    }
     return client.post("/v1/adapters", data={"name": name}, files=files)
 
 
@@ -49,13 +58,16 @@ def wait_ready(client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fleet-adapters")
-    return {name: make_peft_dir(root / name, seed=i + 1, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-            for i, name in enumerate(ADAPTERS)}
+    return {
+        name: make_peft_dir(root / name, seed=i + 1, r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+        for i, name in enumerate(ADAPTERS)
+    }
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_model_dirs: dict[str, Path], adapter_dirs: dict[str, Path],
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def plain(
+    tiny_model_dirs: dict[str, Path], adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
     """The reference: one plain server (same model, same settings) in this process."""
     tmp = tmp_path_factory.mktemp("plain")
     settings = Settings(base_model=str(tiny_model_dirs["llama"]), adapter_dir=tmp / "store", cache_dir=tmp, **SERVING)
@@ -95,8 +107,9 @@ def ask(client: httpx.Client | TestClient, kind: str, adapter: str, prompt: str)
         response = client.post("/generate", json=tgi(adapter, prompt))
         text = response.json()["generated_text"] if response.status_code == 200 else None
     elif kind == "completions":
-        response = client.post("/v1/completions", json={"model": adapter, "prompt": prompt, "max_tokens": 8,
-                                                         "temperature": 0})
+        response = client.post(
+            "/v1/completions", json={"model": adapter, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        )
         text = response.json()["choices"][0]["text"] if response.status_code == 200 else None
     else:
         response = client.post("/generate_stream", json=tgi(adapter, prompt))
@@ -125,7 +138,8 @@ def test_uploads_through_the_ingress_reach_every_replica(fleet: httpx.Client, ad
 
 
 def test_requests_route_to_the_replica_holding_their_adapter_and_answer_as_one_server(
-        fleet: httpx.Client, plain: TestClient) -> None:
+    fleet: httpx.Client, plain: TestClient
+) -> None:
     # one request each, in turn, so that Serve learns who holds what: a new adapter goes to the replica
     # holding the fewest, so the three spread over both
     for adapter in ADAPTERS:
@@ -133,8 +147,12 @@ def test_requests_route_to_the_replica_holding_their_adapter_and_answer_as_one_s
         time.sleep(1.0)  # the replica reports its adapters to Serve's routers asynchronously
     assert len(set(HOLDERS.values())) == 2, HOLDERS
 
-    work = [(kind, adapter, prompt) for prompt in PROMPTS[:3] for kind in ("generate", "completions", "stream")
-            for adapter in ADAPTERS]  # interleaved: every adapter in every wave
+    work = [
+        (kind, adapter, prompt)
+        for prompt in PROMPTS[:3]
+        for kind in ("generate", "completions", "stream")
+        for adapter in ADAPTERS
+    ]  # interleaved: every adapter in every wave
     with ThreadPoolExecutor(len(work)) as pool:
         answers = list(pool.map(lambda job: ask(fleet, *job), work))
     for (kind, adapter, prompt), (text, replica) in zip(work, answers, strict=True):
@@ -175,8 +193,11 @@ def test_a_killed_replica_fails_its_streams_clearly_and_is_replaced(fleet: httpx
         doomed = pool.submit(stream_events, fleet, doomed_body, started)
         calm = pool.submit(stream_events, fleet, calm_body)
         assert started.wait(60)
-        (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                    if REPLICA in a["name"] and a["name"].endswith(victim)]
+        (actor,) = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if REPLICA in a["name"] and a["name"].endswith(victim)
+        ]
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
         doomed_events, calm_events = doomed.result(60), calm.result(120)
 

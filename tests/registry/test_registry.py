@@ -254,6 +254,7 @@ def test_thousand_adapters_list_and_serve_round_robin(tmp_path: Path, peft_dir: 
 def test_a_load_that_fails_in_any_way_ends_failed_not_loading(tmp_path: Path, peft_dir: Path) -> None:
     """The engine's packing (`prepare`) or pinning can fail on weights the store accepted: the adapter must
     show FAILED and each acquire answer a typed error, never hang in LOADING."""
+
     def prepare(weights):
         raise RuntimeError("Promotion for Float8 types is not supported")
 

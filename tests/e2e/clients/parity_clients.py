@@ -19,8 +19,9 @@ out: dict[str, object] = {}
 tgi = TgiClient(url, timeout=120)
 response = tgi.generate(prompt, max_new_tokens=40, grammar=Grammar(type=GrammarType.Json, value=schema))
 out["tgi_json"] = {"text": response.generated_text, "finish_reason": response.details.finish_reason.value}
-response = tgi.generate("Answer yes or no:", max_new_tokens=8,
-                        grammar=Grammar(type=GrammarType.Regex, value=r"(yes|no), [0-9]{1,2}"))
+response = tgi.generate(
+    "Answer yes or no:", max_new_tokens=8, grammar=Grammar(type=GrammarType.Regex, value=r"(yes|no), [0-9]{1,2}")
+)
 out["tgi_regex"] = response.generated_text
 response = tgi.generate("The capital of France is", max_new_tokens=4, top_n_tokens=3)
 out["tgi_top_n"] = {
@@ -34,8 +35,9 @@ out["tgi_best_of"] = {
 }
 
 lorax = LoraxClient(url, timeout=120)
-response = lorax.generate(prompt, adapter_id=adapter_a, max_new_tokens=40,
-                          response_format={"type": "json_object", "schema": schema})
+response = lorax.generate(
+    prompt, adapter_id=adapter_a, max_new_tokens=40, response_format={"type": "json_object", "schema": schema}
+)
 out["lorax_json"] = {"text": response.generated_text, "finish_reason": response.details.finish_reason.value}
 mix = MergedAdapters(ids=[adapter_a, adapter_b], weights=[0.5, 0.5], merge_strategy="linear", density=1.0)
 response = lorax.generate("The capital of France is", merged_adapters=mix, max_new_tokens=4)
