@@ -50,7 +50,9 @@ def _compiles(device: int) -> bool:
     if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
         return False
     try:
-        _kernel(8, 4, 1, 1, 2, False, False, 0, device)
+        _kernel(
+            warps=8, group=4, row_tiles=1, x_tiles=1, min_blocks=2, nested=False, bias=False, r_pad=0, device=device
+        )
     except (OSError, RuntimeError) as error:
         log.warning("nf4_mma does not compile here (%s): the Triton NF4 kernels serve every step", error)
         return False
@@ -90,8 +92,8 @@ def _kernel(
     device: int,
 ) -> Callable[..., None]:
     defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
-               "NESTED": int(nested),
-               "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0), "R_PAD": max(r_pad, 1)}  # fmt: skip
+               "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
+               "R_PAD": max(r_pad, 1)}  # fmt: skip
     source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
     with torch.cuda.device(device):
         return torch.cuda._compile_kernel(source, "nf4_mma")
