@@ -53,13 +53,10 @@ def save_adapter(base: torch.nn.Module, config: LoraConfig, path: Path, seed: in
     return SavedAdapter(f"{path.name}@1", path, lora_weights_from_state(state, adapter_config))
 
 
-def reference_generate(
-    base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], max_new_tokens: int
-) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
-    model = copy.deepcopy(base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter.path)
+def greedy_log_softmax(
+    model: torch.nn.Module, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and the log-softmax [T, V] of every step, from `model.generate` (transformers/PEFT alone)."""
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt]),
@@ -71,9 +68,22 @@ def reference_generate(
             output_scores=True,
             return_dict_in_generate=True,
         )
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    logprobs = [s[0].float().log_softmax(-1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
-    return tokens, logprobs
+    return out.sequences[0, len(prompt) :].tolist(), torch.stack([s[0].float() for s in out.scores]).log_softmax(-1)
+
+
+def token_logprobs(tokens: list[int], log_softmax: torch.Tensor) -> list[float]:
+    return log_softmax[torch.arange(len(tokens)), tokens].tolist()
+
+
+def reference_generate(
+    base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
+    model = copy.deepcopy(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter.path)
+    tokens, log_softmax = greedy_log_softmax(model, prompt, max_new_tokens)
+    return tokens, token_logprobs(tokens, log_softmax)
 
 
 def sample_batch(

@@ -4,8 +4,16 @@ weighted sum of the deltas), in a batch beside its components and the base model
 import copy
 
 import pytest
-import torch
-from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+from enginekit import (
+    Collector,
+    greedy,
+    greedy_log_softmax,
+    make_engine,
+    reference_generate,
+    request,
+    run_to_end,
+    token_logprobs,
+)
 from peft import PeftModel
 
 from server.engine import GenerationRequest
@@ -21,19 +29,8 @@ def peft_mix_generate(base, adapters, weights, prompt: list[int]) -> tuple[list[
         model.load_adapter(adapter.path, adapter_name=f"a{i}")
     model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], list(weights), "mix", combination_type="cat")
     model.set_adapter("mix")
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[0, len(prompt) :].tolist()
-    return tokens, [s[0].float().log_softmax(-1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
+    tokens, log_softmax = greedy_log_softmax(model, prompt, NEW_TOKENS)
+    return tokens, token_logprobs(tokens, log_softmax)
 
 
 def test_a_mix_equals_peft_weighted_adapter_cat(family_setup, tokenizer) -> None:

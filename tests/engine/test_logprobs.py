@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from enginekit import Collector, SavedAdapter, greedy, make_engine, request, run_to_end
+from enginekit import Collector, SavedAdapter, greedy, greedy_log_softmax, make_engine, request, run_to_end
 from peft import PeftModel
 
 from server.engine.sampling import SamplingParams, final_logprobs, top_logprobs
@@ -20,18 +20,7 @@ def reference_log_softmax(
     model = copy.deepcopy(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter.path)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, len(prompt) :].tolist(), torch.stack([s[0].float() for s in out.scores]).log_softmax(-1)
+    return greedy_log_softmax(model, prompt, max_new_tokens)
 
 
 def test_logprobs_and_top_n_equal_the_reference(family_setup, tokenizer) -> None:
