@@ -32,7 +32,7 @@ def test_nf4_mma_matches_the_dequantized_weight(rows, nested, bias, config) -> N
     assert close(nf4_mma(x, layer.weight, layer.weight.quant_state, b, None, config), expected)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 5, 16, 32])
 def test_nf4_mma_adds_each_rows_lora_delta(rows) -> None:
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, True, False, "cuda")

@@ -34,12 +34,42 @@ __device__ __forceinline__ uint2 load_stream(const unsigned char* p) {
     return v;
 }
 
-__device__ __forceinline__ float block_scale(const void* absmax, const float* absmax2, const float* code2,
-                                             float offset, unsigned block) {
+// A row's absmax for the GROUP blocks a warp takes at once, loaded a group ahead and turned into floats only
+// when used: under double quantization an absmax is an index into code2, and looking it up where it is loaded
+// would stall the warp for a memory round trip before it could issue the next group's weight loads.
+struct Scales {
 #if NESTED
-    return code2[static_cast<const unsigned char*>(absmax)[block]] * absmax2[block >> 8] + offset;
+    unsigned codes;  // GROUP bytes, indices into code2 (a group never crosses a 256-block boundary: see the host)
+    float absmax2;   // the second-level scale of the group's 256 blocks
 #else
-    return static_cast<const float*>(absmax)[block];
+    float absmax[GROUP];
+#endif
+};
+
+__device__ __forceinline__ Scales load_scales(const void* absmax, const float* absmax2, unsigned block) {
+    Scales s;
+#if NESTED
+    const unsigned char* p = static_cast<const unsigned char*>(absmax) + block;  // block: a multiple of GROUP
+#if GROUP == 4
+    s.codes = __ldg(reinterpret_cast<const unsigned*>(p));
+#elif GROUP == 2
+    s.codes = __ldg(reinterpret_cast<const unsigned short*>(p));
+#else
+    s.codes = __ldg(p);
+#endif
+    s.absmax2 = __ldg(absmax2 + (block >> 8));
+#else
+#pragma unroll
+    for (int i = 0; i < GROUP; ++i) s.absmax[i] = __ldg(static_cast<const float*>(absmax) + block + i);
+#endif
+    return s;
+}
+
+__device__ __forceinline__ float scale_of(const Scales& s, int i, const float* code2, float offset) {
+#if NESTED
+    return code2[(s.codes >> (8 * i)) & 0xFFu] * s.absmax2 + offset;
+#else
+    return s.absmax[i];
 #endif
 }
 
@@ -79,6 +109,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     unsigned short* __restrict__ out,        // [m, n] bf16
     int n, int k) {
     __shared__ __align__(16) unsigned smem[SMEM_WORDS];
+    __shared__ float code2_s[NESTED ? 256 : 1];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int blocks_k = k >> 6, per_warp = blocks_k / WARPS;
     const unsigned char* wp[NT][2];
@@ -99,20 +130,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #endif
 
     uint2 codes[GROUP][NT][2];
-    float scale[GROUP][NT][2];
+    Scales scales[NT][2];
 #pragma unroll
-    for (int i = 0; i < GROUP; ++i) {  // the first group's loads are in flight while the table is written
+    for (int tile = 0; tile < NT; ++tile) {  // the first group's loads are in flight while the tables are written
 #pragma unroll
-        for (int tile = 0; tile < NT; ++tile) {
+        for (int h = 0; h < 2; ++h) {
+            scales[tile][h] = load_scales(absmax, absmax2, block[tile][h]);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                codes[i][tile][h] = load_stream(wp[tile][h] + 32 * i);
-                scale[i][tile][h] = block_scale(absmax, absmax2, code2, offset, block[tile][h] + i);
-            }
+            for (int i = 0; i < GROUP; ++i) codes[i][tile][h] = load_stream(wp[tile][h] + 32 * i);
         }
     }
+#if NESTED
+    for (int i = tid; i < 256; i += WARPS * 32) code2_s[i] = code2[i];
+#endif
 
-    // the table: 16-byte stores, a warp writing four whole entries (512 contiguous bytes, no bank conflicts)
+    // the decode table: 16-byte stores, a warp writing four whole entries (512 contiguous bytes, no bank conflicts)
     for (int q = tid; q < LUT_WORDS / 4; q += WARPS * 32) {
         const int e = q >> 3;
         const unsigned pair = NF4_BF16[e >> 4] | (unsigned(NF4_BF16[e & 15]) << 16);
@@ -138,18 +170,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 
     for (int kb = 0; kb < per_warp; kb += GROUP) {
         uint2 next[GROUP][NT][2];
-        float next_scale[GROUP][NT][2];
+        Scales next_scales[NT][2];
         const bool more = kb + GROUP < per_warp;
         if (more) {  // the next group's loads, issued before this group's math
 #pragma unroll
-            for (int i = 0; i < GROUP; ++i)
+            for (int tile = 0; tile < NT; ++tile)
 #pragma unroll
-                for (int tile = 0; tile < NT; ++tile)
+                for (int h = 0; h < 2; ++h) {
+                    next_scales[tile][h] = load_scales(absmax, absmax2, block[tile][h] + kb + GROUP);
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        next[i][tile][h] = load_stream(wp[tile][h] + 32 * (kb + GROUP + i));
-                        next_scale[i][tile][h] = block_scale(absmax, absmax2, code2, offset, block[tile][h] + kb + GROUP + i);
-                    }
+                    for (int i = 0; i < GROUP; ++i) next[i][tile][h] = load_stream(wp[tile][h] + 32 * (kb + GROUP + i));
+                }
         }
 #pragma unroll
         for (int i = 0; i < GROUP; ++i) {
@@ -175,28 +206,29 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
                 }
 #pragma unroll
                 for (int tile = 0; tile < NT; ++tile) {
+                    const float s0 = scale_of(scales[tile][0], i, code2_s, offset);
+                    const float s1 = scale_of(scales[tile][1], i, code2_s, offset);
                     float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                     mma(part, a[tile][0], lo.x, lo.y);
                     mma(part, a[tile][1], lo.z, lo.w);
                     mma(part, a[tile][2], hi.x, hi.y);
                     mma(part, a[tile][3], hi.z, hi.w);
-                    acc[j][tile][0] += part[0] * scale[i][tile][0];
-                    acc[j][tile][1] += part[1] * scale[i][tile][0];
-                    acc[j][tile][2] += part[2] * scale[i][tile][1];
-                    acc[j][tile][3] += part[3] * scale[i][tile][1];
+                    acc[j][tile][0] += part[0] * s0;
+                    acc[j][tile][1] += part[1] * s0;
+                    acc[j][tile][2] += part[2] * s1;
+                    acc[j][tile][3] += part[3] * s1;
                 }
             }
         }
         if (more) {
 #pragma unroll
-            for (int i = 0; i < GROUP; ++i)
+            for (int tile = 0; tile < NT; ++tile)
 #pragma unroll
-                for (int tile = 0; tile < NT; ++tile)
+                for (int h = 0; h < 2; ++h) {
+                    scales[tile][h] = next_scales[tile][h];
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        codes[i][tile][h] = next[i][tile][h];
-                        scale[i][tile][h] = next_scale[i][tile][h];
-                    }
+                    for (int i = 0; i < GROUP; ++i) codes[i][tile][h] = next[i][tile][h];
+                }
         }
     }
 

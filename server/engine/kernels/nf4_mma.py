@@ -17,7 +17,7 @@ from bitsandbytes.functional import QuantState, get_4bit_type
 from server.engine.kernels.epilogue import LoraEpilogue
 
 log = logging.getLogger("loraplex.engine")
-MMA_ROWS = 16  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
+MMA_ROWS = 32  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
 _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
 _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
 
@@ -33,7 +33,7 @@ def _source() -> str:
 def available(x: torch.Tensor, lora: LoraEpilogue | None = None) -> bool:
     """Whether nf4_mma runs for `x` (and `lora`): bf16 rows 16-byte aligned on a CUDA device with bf16 tensor
     cores where torch's NVRTC compiles the kernel, and the rows' shrunk activations fit its shared memory (up to
-    rank 128 for 16 rows, 256 for 8)."""
+    rank 64 for 32 rows, 128 for 16, 256 for 8)."""
     return (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
@@ -74,9 +74,11 @@ def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tu
 def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int]:
     """(16-row weight tiles a CTA, most warps, most blocks loaded ahead, CTAs an SM must fit by registers) for an
     [n, k] weight and `rows` rows of x: the best of a sweep on the H200 for the nearest Llama-3-8B shape."""
-    if rows <= 16 or n <= 2048:
-        return 1, 8, 4, 2
-    return 2, 8, 1 if n > 8192 else 2, 1
+    if rows <= 16:
+        return (2, 8, 4, 1) if rows > 8 and k > 8192 else (1, 8, 4, 2)
+    if n <= 2048:
+        return 1, 8, 2, 2
+    return (2, 4, 2, 1) if n > 8192 else (2, 8, 2, 1)
 
 
 @functools.cache
