@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
+from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
@@ -103,6 +104,24 @@ def test_rotary_matches_the_hf_function(dtype) -> None:
     for got, expected in zip(rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
         assert got.dtype == expected.dtype
         assert torch.allclose(got.float(), expected.float(), atol=4 * ulp, rtol=2 * ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_matches_index_assignment(dtype) -> None:
+    """Both caches written in one launch, from views (as the attention gets them), at each token's row and
+    position."""
+    torch.manual_seed(0)
+    rows, heads, seq, d, n = 4, 2, 9, 24, 5  # D not a power of 2
+    k_cache, v_cache = (torch.randn(rows, heads, seq, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    key = torch.randn(1, heads, n, d, device=DEVICE, dtype=dtype)[0].transpose(0, 1)  # [N, H, D] views
+    value = torch.randn(n, heads + 1, d, device=DEVICE, dtype=dtype)[:, 1:]
+    token_rows = torch.tensor([3, 0, 3, 1, 0], device=DEVICE)
+    positions = torch.tensor([8, 0, 2, 5, 1], device=DEVICE)
+    expected_k[token_rows, :, positions] = key
+    expected_v[token_rows, :, positions] = value
+    write_kv(k_cache, v_cache, key, value, token_rows, positions)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
 @pytest.mark.parametrize(

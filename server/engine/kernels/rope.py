@@ -1,4 +1,4 @@
-"""Rotary embeddings of q and k in one kernel each, in place of the ten elementwise kernels (slices, neg, cat,
+"""Rotary embeddings of q and k in one kernel, in place of the ten elementwise kernels (slices, neg, cat,
 four products, two sums) that the HF `apply_rotary_pos_emb` launches per layer.
 
 HF calls that function from its attention modules through their modeling module's globals, so the engine
@@ -25,22 +25,11 @@ RotaryFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @triton.jit
-def _rope_kernel(
-    x_ptr,  # [B, H, T, D] any strides but unit ones along D
-    cos_ptr,  # [B, T, D], row strides (stride_cb, stride_ct)
-    sin_ptr,
-    out_ptr,  # [B, H, T, D] contiguous
-    H,
-    T,
-    stride_xb,
-    stride_xh,
-    stride_xt,
-    stride_cb,
-    stride_ct,
-    HALF: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)  # one (b, h, t) per program, in out's order
+def _rotate_head(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, pid, H, T, stride_xb, stride_xh, stride_xt, stride_cb, stride_ct,
+    HALF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # one (b, h, t) of x [B, H, T, D]; out is [B, T, H, D] in memory
     t = pid % T
     h = (pid // T) % H
     b = pid // (T * H)
@@ -58,26 +47,47 @@ def _rope_kernel(
     # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), rounded where the original rounds
     first = (x1 * cos1).to(dtype).to(tl.float32) - (x2 * sin1).to(dtype).to(tl.float32)
     second = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-    out = out_ptr + pid * 2 * HALF + offs
+    out = out_ptr + ((b * T + t) * H + h) * 2 * HALF + offs
     tl.store(out, first.to(dtype), mask=mask)
     tl.store(out + HALF, second.to(dtype), mask=mask)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos, sin: [B, T, D]
-    b, h, t, d = x.shape
-    out = torch.empty(b, h, t, d, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
-    _rope_kernel[(b * h * t,)](
-        x, cos, sin, out, h, t, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
-    )  # fmt: skip
-    return out
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # [B, Hq, T, D] any strides but unit ones along D
+    k_ptr,  # [B, Hkv, T, D] the same
+    cos_ptr,  # [B, T, D], row strides (stride_cb, stride_ct)
+    sin_ptr,
+    q_out_ptr,  # [B, T, Hq, D] contiguous
+    k_out_ptr,  # [B, T, Hkv, D] contiguous
+    HQ, HKV, T, Q_PROGRAMS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_cb, stride_ct,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # one (b, h, t) of q (the first B * HQ * T programs), then of k, per program
+    if pid < Q_PROGRAMS:
+        _rotate_head(q_ptr, cos_ptr, sin_ptr, q_out_ptr, pid, HQ, T, stride_qb, stride_qh, stride_qt, stride_cb,
+                     stride_ct, HALF, BLOCK)  # fmt: skip
+    else:
+        _rotate_head(k_ptr, cos_ptr, sin_ptr, k_out_ptr, pid - Q_PROGRAMS, HKV, T, stride_kb, stride_kh, stride_kt,
+                     stride_cb, stride_ct, HALF, BLOCK)  # fmt: skip
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """apply_rotary_pos_emb(q, k, cos, sin) with unsqueeze_dim=1: q [B, Hq, T, D], k [B, Hkv, T, D], cos, sin
-    [B, T, D] (unit stride along D)."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    """apply_rotary_pos_emb(q, k, cos, sin) with unsqueeze_dim=1, in one launch: q [B, Hq, T, D], k [B, Hkv, T, D],
+    cos, sin [B, T, D] (unit stride along D). The results are [B, H, T, D] views of [B, T, H, D] memory, the
+    layout the engine's attention reads its queries in (no copy) and its cache write its keys from."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    q_out = torch.empty(b, t, hq, d, dtype=dtype, device=q.device)
+    k_out = torch.empty(b, t, hkv, d, dtype=dtype, device=q.device)
+    _rope_kernel[(b * (hq + hkv) * t,)](
+        q, k, cos, sin, q_out, k_out, hq, hkv, t, b * hq * t, *q.stride()[:3], *k.stride()[:3], *cos.stride()[:2],
+        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+    )  # fmt: skip
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
 def _dispatch(original: RotaryFn) -> RotaryFn:
