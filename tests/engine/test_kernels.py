@@ -122,6 +122,9 @@ def test_kv_write_matches_index_assignment(dtype) -> None:
     expected_v[token_rows, :, positions] = value
     write_kv(k_cache, v_cache, key, value, token_rows, positions)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    outside = torch.tensor([rows, 0, 3, -1, 0], device=DEVICE), torch.tensor([0, seq, -1, 0, 2**40], device=DEVICE)
+    write_kv(k_cache, v_cache, key + 1, value + 1, *outside)  # rows / positions past either end: nothing written
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,17 @@ def _write_kernel(
     rows_ptr,  # [N] long: each token's cache row
     positions_ptr,  # [N] long: its position
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cr, stride_ch, stride_cs,
+    R, S,  # the caches' rows and positions
     D: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     token, head = tl.program_id(0), tl.program_id(1)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < D
     # int64 offsets: a cache can hold more than 2^31 values
     row, position = tl.load(rows_ptr + token), tl.load(positions_ptr + token)
+    # the engine admits no position past the cache; were one to come, it is dropped, not written over other memory
+    inside = (row >= 0) & (row < R) & (position >= 0) & (position < S)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.where(inside, D, 0)
     slot = row * stride_cr + head * stride_ch + position * stride_cs + offs
     key = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs, mask=mask)
     value = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs, mask=mask)
@@ -39,11 +42,13 @@ def write_kv(
     positions: torch.Tensor,
 ) -> None:
     """k_cache[rows[i], :, positions[i]] = key[i] and the same for v, cast to the caches' dtype: key, value
-    [N, H, D], caches [R, H, S, D] of equal strides, all with unit stride along D; rows, positions [N] long."""
+    [N, H, D], caches [R, H, S, D] of equal strides, all with unit stride along D; rows, positions [N] long.
+    A token whose row or position is outside the caches writes nothing."""
     n, heads, d = key.shape
     if n == 0:
         return
     _write_kernel[(n, heads)](
         key, value, k_cache, v_cache, rows, positions, key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), *k_cache.stride()[:3], D=d, BLOCK=triton.next_power_of_2(d),
+        value.stride(1), *k_cache.stride()[:3], k_cache.shape[0], k_cache.shape[2], D=d,
+        BLOCK=triton.next_power_of_2(d),
     )  # fmt: skip
