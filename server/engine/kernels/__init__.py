@@ -1,5 +1,6 @@
 """Kernels of the decode step on CUDA: the NF4 projections (nf4_mma in CUDA for up to 32 bf16 rows; in Triton a
-GEMV for one row and a tensor-core matmul for up to 64), the per-row LoRA delta, RMSNorm and rotary embeddings.
+GEMV for one row and a tensor-core matmul for up to 64), the per-row LoRA delta, RMSNorm, rotary embeddings and the
+KV cache write.
 
 The engine installs them on CUDA only; the tests run the Triton ones on the CPU under Triton's interpreter.
 """
