@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -64,8 +65,10 @@ def train_args(name: str, tmp: Path, cache_dir: Path) -> list[str]:
         "16",
         "--lr",
         "3e-3",
+        # Six steps take the loss below 0.01; the greedy answers then win by over 4 nats a token (PEFT, checked
+        # on two cores), so exact-match checks stay firm while each training costs ~8 s less than ten steps.
         "--max-steps",
-        "10",
+        "6",
         "--batch-size",
         "4",
         "--dropout",
@@ -163,13 +166,13 @@ def test_trained_adapters_answer_concurrently_as_peft_does(adapter_server: dict,
 
 def test_tgi_adapter_id_and_lorax_client(adapter_server: dict, trained: dict[str, Path]) -> None:
     prompt = "<|im_start|>user\nWhat is the secret?<|im_end|>\n<|im_start|>assistant\n"
-    out = httpx.post(
-        f"{adapter_server['url']}/generate",
-        timeout=60,
-        json={"inputs": prompt, "parameters": {"adapter_id": "pirate", "max_new_tokens": 24, "details": True}},
-    ).json()
+    body = {"inputs": prompt, "parameters": {"adapter_id": "pirate", "max_new_tokens": 24, "details": True}}
+    # the two are independent: the TGI request is answered while the LoRAX client's venv starts up
+    with ThreadPoolExecutor(1) as pool:
+        tgi = pool.submit(httpx.post, f"{adapter_server['url']}/generate", timeout=60, json=body)
+        got = run_published_clients(adapter_server["url"], prompt, 24, "vault")["lorax-client"]
+        out = tgi.result().json()
     assert out["generated_text"] == ANSWERS["pirate"] and out["details"]["finish_reason"] == "eos_token"
-    got = run_published_clients(adapter_server["url"], prompt, 24, "vault")["lorax-client"]
     assert got["text"] == got["stream_text"] == ANSWERS["vault"]
 
 
@@ -194,13 +197,15 @@ def test_versions_and_idempotent_upload(adapter_server: dict, trained: dict[str,
         )
         return chat.json()["choices"][0]["message"]["content"]
 
-    assert ask("vault") == ANSWERS["pirate"] and ask("vault@1") == ANSWERS["vault"]
+    with ThreadPoolExecutor(2) as pool:  # in one batch: each row resolves its own version
+        assert list(pool.map(ask, ["vault", "vault@1"])) == [ANSWERS["pirate"], ANSWERS["vault"]]
     assert httpx.delete(f"{url}/v1/adapters/vault@2").status_code == 200
     assert ask("vault") == ANSWERS["vault"]
 
 
 def test_delete_during_generation(adapter_server: dict, embedded_cache_dir: Path, tmp_path: Path) -> None:
-    """An untrained random adapter rambles on: delete it mid-stream; the stream finishes, then it is gone."""
+    """An untrained random adapter rambles on: delete it mid-stream; the stream finishes, then it is gone.
+    Tokens arrive after the delete has answered, so the delete landed while the adapter was in use."""
     url = adapter_server["url"]
     model = AutoModelForCausalLM.from_pretrained(embedded_checkpoint(embedded_cache_dir))
     torch.manual_seed(0)
@@ -209,22 +214,25 @@ def test_delete_during_generation(adapter_server: dict, embedded_cache_dir: Path
     assert loraplex("adapters", "push", str(tmp_path / "rambler"), "--name", "rambler", "--server", url).returncode == 0
 
     deleted: dict[str, int] = {}
-    body = {"inputs": "1, 2, 3,", "parameters": {"adapter_id": "rambler", "max_new_tokens": 60}}
+    # 24 tokens take seconds on a CPU; the delete answers in milliseconds (checked below, not assumed)
+    body = {"inputs": "1, 2, 3,", "parameters": {"adapter_id": "rambler", "max_new_tokens": 24}}
     events = []
+
+    def delete() -> None:
+        status = httpx.delete(f"{url}/v1/adapters/rambler", timeout=60).status_code
+        deleted.update(status=status, events_before=len(events))
+
     with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=120) as r:
         for line in r.iter_lines():
             if not line.startswith("data:"):
                 continue
             events.append(json.loads(line[5:]))
             if len(events) == 1:
-                worker = threading.Thread(
-                    target=lambda: deleted.update(
-                        status=httpx.delete(f"{url}/v1/adapters/rambler", timeout=60).status_code
-                    )
-                )
+                worker = threading.Thread(target=delete)
                 worker.start()
     worker.join()
     assert deleted["status"] == 200
+    assert deleted["events_before"] < len(events), "the stream ended before the delete answered"
     assert events[-1]["details"]["finish_reason"] in ("length", "eos_token")
     assert len(events) == events[-1]["details"]["generated_tokens"]
     assert httpx.get(f"{url}/v1/adapters/rambler").status_code == 404
