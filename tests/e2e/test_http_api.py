@@ -3,6 +3,7 @@ published TGI / LoRAX clients (from their own venv)."""
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -36,43 +37,51 @@ def test_health_ready_docs(server: str) -> None:
 
 def test_tgi_generate_stream_and_compat_route_agree(server: str) -> None:
     body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8, "details": True}}
-    single = httpx.post(f"{server}/generate", json=body, timeout=60).json()
+    full_body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8, "return_full_text": True}}
+    # the four routes are asked at once and decode in one batch: greedy rows must agree with each other
+    with ThreadPoolExecutor(3) as pool:
+        pending = [
+            pool.submit(httpx.post, f"{server}{path}", json=b, timeout=60)
+            for path, b in (("/generate", body), ("/", body), ("/generate", full_body))
+        ]
+        with httpx.stream("POST", f"{server}/generate_stream", json=body, timeout=60) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+        single, array, full = (p.result().json() for p in pending)
     details = single["details"]
     assert details["generated_tokens"] == len(details["tokens"]) == 8 and details["finish_reason"] == "length"
     assert details["prompt_tokens"] > 0 and isinstance(details["prefill"], list) and details["seed"] is None
     assert "".join(t["text"] for t in details["tokens"]) == single["generated_text"]
     assert all(t["logprob"] <= 0 for t in details["tokens"])
 
-    array = httpx.post(f"{server}/", json=body, timeout=60).json()
     assert isinstance(array, list) and array[0]["generated_text"] == single["generated_text"]
 
-    with httpx.stream("POST", f"{server}/generate_stream", json=body, timeout=60) as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
     assert [e["token"]["id"] for e in events] == [t["id"] for t in details["tokens"]]
     assert events[-1]["generated_text"] == single["generated_text"]
     assert events[-1]["details"]["finish_reason"] == "length"
 
-    full = httpx.post(
-        f"{server}/generate",
-        timeout=60,
-        json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8, "return_full_text": True}},
-    )
-    assert full.json()["generated_text"] == "The capital of France is" + single["generated_text"]
+    assert full["generated_text"] == "The capital of France is" + single["generated_text"]
 
 
 def test_stop_sequences_and_seeded_sampling(server: str) -> None:
-    params = {"max_new_tokens": 12, "stop": [" Paris"], "details": True}
-    out = httpx.post(
-        f"{server}/generate", timeout=60, json={"inputs": "The capital of France is", "parameters": params}
-    ).json()
+    stop = {
+        "inputs": "The capital of France is",
+        "parameters": {"max_new_tokens": 12, "stop": [" Paris"], "details": True},
+    }
+    sampled = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.2, "top_k": 50, "top_p": 0.9, "seed": 7}
+
+    def run_sampled() -> dict:
+        body = {"inputs": "Once upon a time", "parameters": sampled}
+        return httpx.post(f"{server}/generate", timeout=60, json=body).json()
+
+    # the stop-sequence request shares its batch with the first seeded run; the second runs after both
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{server}/generate", timeout=60, json=stop)
+        runs = [run_sampled()]
+        out = pending.result().json()
+    runs.append(run_sampled())
     if out["details"]["finish_reason"] == "stop_sequence":
         assert "Paris" not in out["generated_text"]
-    sampled = {"max_new_tokens": 10, "do_sample": True, "temperature": 1.2, "top_k": 50, "top_p": 0.9, "seed": 7}
-    runs = [
-        httpx.post(f"{server}/generate", timeout=60, json={"inputs": "Once upon a time", "parameters": sampled}).json()
-        for _ in range(2)
-    ]
     assert runs[0] == runs[1]
 
 
@@ -81,19 +90,23 @@ def test_openai_package(server: str) -> None:
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "SmolLM2-135M-Instruct"
 
-    chat = client.chat.completions.create(model=ids[0], messages=CAPITAL, max_tokens=12, temperature=0)
+    # the plain and the streamed chat in one batch: one decode run instead of two
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            client.chat.completions.create, model=ids[0], messages=CAPITAL, max_tokens=12, temperature=0
+        )
+        stream = client.chat.completions.create(
+            model=ids[0],
+            messages=CAPITAL,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        chat = pending.result()
     assert "Paris" in chat.choices[0].message.content
     assert chat.usage.completion_tokens <= 12 and chat.usage.prompt_tokens > 0
-
-    stream = client.chat.completions.create(
-        model=ids[0],
-        messages=CAPITAL,
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
@@ -108,12 +121,12 @@ def test_openai_package(server: str) -> None:
 
 
 def test_published_tgi_and_lorax_clients(server: str) -> None:
-    got = run_published_clients(server, "The capital of France is", 6)
-    reference = httpx.post(
-        f"{server}/generate",
-        timeout=60,
-        json={"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}},
-    ).json()["generated_text"]
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}}
+    # the reference is answered while the clients' venv starts up: independent requests, greedy either way
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{server}/generate", timeout=60, json=body)
+        got = run_published_clients(server, "The capital of France is", 6)
+        reference = pending.result().json()["generated_text"]
     for client in ("text-generation", "lorax-client"):
         assert got[client]["text"] == got[client]["stream_text"] == reference, client
         assert got[client]["stream_generated_text"] == reference and got[client]["finish_reason"] == "length"
