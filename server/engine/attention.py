@@ -94,24 +94,6 @@ def _attend_fn(device: torch.device) -> RaggedAttention:
     return ragged_attention
 
 
-def _write_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    # key, value: [N, Hkv, D] -> k_cache, v_cache [R, Hkv, S, D] at (rows[i], :, positions[i])
-    if k_cache.is_cuda and key.stride(-1) == 1 and value.stride(-1) == 1:  # one launch for both, not two
-        from server.engine.kernels.kv_cache import write_kv
-
-        write_kv(k_cache, v_cache, key, value, rows, positions)
-        return
-    k_cache[rows, :, positions] = key.to(k_cache.dtype)
-    v_cache[rows, :, positions] = value.to(v_cache.dtype)
-
-
 def static_cache_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -130,7 +112,14 @@ def static_cache_attention(
     t, layer = engine_step.tensors, module.layer_idx
     k_cache, v_cache = engine_step.cache.k[layer], engine_step.cache.v[layer]  # [R, Hkv, S, D]
     positions = t.positions[0]  # [N]
-    _write_kv(k_cache, v_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), t.write_rows, positions)
+    key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [N, Hkv, D]
+    if key.is_cuda and key.stride(-1) == 1 and value.stride(-1) == 1:  # one launch for K and V, not two
+        from server.engine.kernels.kv_cache import write_kv
+
+        write_kv(k_cache, v_cache, key, value, t.write_rows, positions)
+    else:
+        k_cache[t.write_rows, :, positions] = key.to(k_cache.dtype)
+        v_cache[t.write_rows, :, positions] = value.to(v_cache.dtype)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     out = _attend_fn(query.device)(
         query[0].transpose(0, 1).contiguous(),

@@ -26,7 +26,7 @@ from torch import nn
 
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import lora_expand
-from server.engine.kernels.nf4_mma import MMA_ROWS, nf4_mma
+from server.engine.kernels.nf4_mma import MMA_ROWS, nf4_bf16_bits, nf4_mma
 from server.engine.kernels.nf4_mma import available as mma_available
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
@@ -41,7 +41,7 @@ def _decode_asm() -> str:
     nibble) and a select on the code's high bit; a bf16 needs a table for its high and one for its low byte.
     Register permutes instead of loads: the decode costs about 4 integer instructions per weight.
     """
-    bits = [b & 0xFFFF for b in get_4bit_type("nf4", device="cpu").to(torch.bfloat16).view(torch.int16).tolist()]
+    bits = nf4_bf16_bits()
 
     def words(table: list[int]) -> list[str]:  # 16 bytes as four little-endian words
         return [hex(sum(table[4 * w + i] << (8 * i) for i in range(4))) for w in range(4)]

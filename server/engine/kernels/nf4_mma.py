@@ -22,11 +22,15 @@ _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps'
 _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
 
 
+def nf4_bf16_bits() -> list[int]:
+    """bitsandbytes' 16 NF4 values rounded to bf16, as bit patterns: the code book both NF4 decoders build in."""
+    return [b & 0xFFFF for b in get_4bit_type("nf4", device="cpu").to(torch.bfloat16).view(torch.int16).tolist()]
+
+
 @functools.cache
 def _source() -> str:
-    """The kernel's source after its code book: bitsandbytes' NF4 values rounded to bf16, as bit patterns."""
-    bits = get_4bit_type("nf4", device="cpu").to(torch.bfloat16).view(torch.int16).tolist()
-    codes = ", ".join(hex(b & 0xFFFF) for b in bits)
+    """The kernel's source after its code book."""
+    codes = ", ".join(map(hex, nf4_bf16_bits()))
     return f"#define NF4_CODES {codes}\n" + Path(__file__).with_name("nf4_mma.cu").read_text()
 
 
