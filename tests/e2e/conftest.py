@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.server import running_server
+from e2e.server import embedded_server
 
 
 @pytest.fixture(scope="session")
@@ -14,14 +14,9 @@ def server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     needs no server flags of its own: each start loads the model again (~15 s on two cores). Modules that share
     it upload under names of their own and never assume an empty store."""
     tmp = tmp_path_factory.mktemp("server")
-    with running_server(
-        tmp / "server.log",
-        "--cache-dir",
-        str(embedded_cache_dir),
-        "--adapter-dir",
-        str(tmp / "adapters"),
-        "--device",
-        "cpu",
+    with embedded_server(
+        tmp,
+        embedded_cache_dir,
         "--max-batch-size",
         "4",
         "--max-seq-len",

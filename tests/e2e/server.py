@@ -55,6 +55,14 @@ def running_server(log: Path, *args: str, startup_timeout: float = 300) -> Itera
             proc.wait()
 
 
+def embedded_server(tmp: Path, cache_dir: Path, *flags: str) -> contextlib.AbstractContextManager[str]:
+    """running_server on the embedded model on the CPU, its log (`server.log`) and adapter store under `tmp`."""
+    return running_server(
+        tmp / "server.log", "--cache-dir", str(cache_dir), "--adapter-dir", str(tmp / "adapters"), "--device", "cpu",
+        *flags,
+    )  # fmt: skip
+
+
 def run_published_clients(url: str, prompt: str, max_new_tokens: int, adapter: str | None = None) -> dict:
     """What text-generation and lorax-client get from the server (see clients/tgi_clients.py)."""
     if not CLIENTS_PYTHON.exists():

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from e2e.server import running_server
+from e2e.server import embedded_server
 
 pytestmark = pytest.mark.e2e
 ADMIN, USER = "admin-secret", "user-secret"
@@ -24,14 +24,9 @@ def bearer(key: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("guarded")
-    with running_server(
-        tmp / "server.log",
-        "--cache-dir",
-        str(embedded_cache_dir),
-        "--adapter-dir",
-        str(tmp / "adapters"),
-        "--device",
-        "cpu",
+    with embedded_server(
+        tmp,
+        embedded_cache_dir,
         "--max-batch-size",
         "2",
         "--max-queue",

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from e2e.server import running_server
+from e2e.server import embedded_server
 
 pytestmark = pytest.mark.e2e
 KEY = "user-secret"
@@ -60,14 +60,9 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
 def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     tmp = tmp_path_factory.mktemp("hostile")
     log = tmp / "server.log"
-    with running_server(
-        log,
-        "--cache-dir",
-        str(embedded_cache_dir),
-        "--adapter-dir",
-        str(tmp / "adapters"),
-        "--device",
-        "cpu",
+    with embedded_server(
+        tmp,
+        embedded_cache_dir,
         "--max-batch-size",
         "8",
         "--max-seq-len",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.server import REPO, running_server
+from e2e.server import REPO, embedded_server
 
 pytestmark = pytest.mark.e2e
 TOUR_HEADING = "## Quick tour"
@@ -35,14 +35,9 @@ def tour_commands(readme: str) -> list[str]:
 @pytest.fixture(scope="module")
 def tour_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("tour-server")
-    with running_server(
-        tmp / "server.log",
-        "--cache-dir",
-        str(embedded_cache_dir),
-        "--adapter-dir",
-        str(tmp / "adapters"),
-        "--device",
-        "cpu",
+    with embedded_server(
+        tmp,
+        embedded_cache_dir,
         "--max-batch-size",
         "2",
         # The tour's first chat samples the base model with no max_tokens: it may ramble to the row's end
