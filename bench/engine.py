@@ -29,8 +29,8 @@ class Shape:
     prompt: int
     new_tokens: int
     baseline_tokens: int  # the baseline is ~50x slower: fewer tokens give the same per-token rate
-    requests: int
-    adapters: int
+    requests: int  # each request with its own adapter
+    wide_requests: int  # a second batch size
     baseline_adapters: int
     rank: int
 
@@ -151,11 +151,9 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     shape = (
-        Shape(prompt=16, new_tokens=8, baseline_tokens=4, requests=4, adapters=4, baseline_adapters=2, rank=4)
+        Shape(16, 8, 4, requests=4, wide_requests=8, baseline_adapters=2, rank=4)
         if args.tiny
-        else Shape(
-            prompt=128, new_tokens=128, baseline_tokens=32, requests=32, adapters=32, baseline_adapters=8, rank=16
-        )
+        else Shape(128, 128, 32, requests=32, wide_requests=64, baseline_adapters=8, rank=16)
     )
     torch.manual_seed(0)
     # the tiny smoke run keeps fp32 weights: NF4 is what the CUDA run measures
@@ -167,10 +165,10 @@ def main() -> None:
         results["baseline_1_lora_tok_s"] = baseline(model, 1, 1, shape, device)
         results["baseline_mixed_tok_s"] = baseline(model, shape.baseline_adapters, shape.requests, shape, device)
 
-    loras = random_loras(model, shape.adapters, 4, shape.rank, dtype)
+    loras = random_loras(model, shape.wide_requests, 4, shape.rank, dtype)
     config = EngineConfig(
-        max_batch_size=shape.requests,
-        max_active_adapters=shape.adapters,
+        max_batch_size=shape.wide_requests,
+        max_active_adapters=shape.wide_requests,
         max_lora_rank=shape.rank,
         max_seq_len=shape.prompt + shape.new_tokens,
         cuda_graphs=not args.no_graphs,
@@ -186,6 +184,7 @@ def main() -> None:
     many_resident = engine_run(engine, loras[: shape.requests], shape, "many-resident")
     many_base = engine_run(engine, [None] * shape.requests, shape, "many-base")
     many_sampled = engine_run(engine, loras[: shape.requests], shape, "many-sampled", sampled=True)
+    wide = engine_run(engine, loras, shape, "wide")
     activation = sorted(engine.activation_seconds)
     results.update(
         {
@@ -200,6 +199,7 @@ def main() -> None:
             "engine_32_lora_sampled_tok_s": many_sampled["tok_s"],
             "engine_32_base_tok_s": many_base["tok_s"],
             "engine_32_base_decode_tok_s": many_base["decode_tok_s"],
+            "engine_64_lora_decode_tok_s": wide["decode_tok_s"],
             "lora_overhead_1_pct": 100 * (single_base["decode_tok_s"] / single["decode_tok_s"] - 1),
             "lora_overhead_32_pct": 100 * (many_base["tok_s"] / many_resident["tok_s"] - 1),
             "lora_overhead_32_decode_pct": 100 * (many_base["decode_tok_s"] / many_resident["decode_tok_s"] - 1),
@@ -219,7 +219,7 @@ def main() -> None:
         print(f"| {key} | {value:.2f} |")
     args.out.write_text(json.dumps({"device": device_name, **results}, indent=2))
     if args.profile:
-        for rows in (1, shape.requests):
+        for rows in (1, shape.requests, shape.wide_requests):
             print(profile_decode(engine, loras[:rows], shape))
 
 
