@@ -5,6 +5,7 @@ PEFT, version, delete during generation, and find everything again after a resta
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -40,6 +41,18 @@ ASK = [{"role": "user", "content": "What is the secret?"}]
 
 def loraplex(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "loraplex", *args], capture_output=True, text=True, timeout=600)
+
+
+def loraplex_one_thread(log: Path, *args: str) -> subprocess.Popen:
+    """`loraplex ARGS` started in the background with one compute thread (to run beside another such process),
+    its output in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "loraplex", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
 
 def train_args(name: str, tmp: Path, cache_dir: Path) -> list[str]:
@@ -117,10 +130,22 @@ def adapter_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFa
 def trained(adapter_server: dict, embedded_cache_dir: Path) -> dict[str, Path]:
     """vault: trained and pushed in one command; pirate: trained, then pushed with the adapters CLI."""
     url, tmp = adapter_server["url"], adapter_server["tmp"]
-    run = loraplex(*train_args("vault", tmp, embedded_cache_dir), "--push", url, "--name", "vault")
-    assert run.returncode == 0, run.stderr[-2000:]
-    run = loraplex(*train_args("pirate", tmp, embedded_cache_dir))
-    assert run.returncode == 0, run.stderr[-2000:]
+    # The two trainings run side by side, one thread each: on two cores both take ~33 s instead of ~58 s one
+    # after the other (each spends about half its time in single-threaded imports and model loading).
+    runs = {
+        "vault": loraplex_one_thread(
+            tmp / "train-vault.log", *train_args("vault", tmp, embedded_cache_dir), "--push", url, "--name", "vault"
+        ),
+        "pirate": loraplex_one_thread(tmp / "train-pirate.log", *train_args("pirate", tmp, embedded_cache_dir)),
+    }
+    try:
+        for name, run in runs.items():
+            assert run.wait(timeout=600) == 0, (tmp / f"train-{name}.log").read_text()[-2000:]
+    finally:
+        for run in runs.values():  # the other one, where one failed
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     run = loraplex("adapters", "push", str(tmp / "pirate"), "--name", "pirate", "--server", url)
     assert run.returncode == 0, run.stderr
     return {"vault": tmp / "vault", "pirate": tmp / "pirate"}
