@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+INFERENCE_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # the keyed server's (conftest.py)
 CLIENTS_PYTHON = REPO / ".venv-clients" / "bin" / "python"  # made by `make test`
 
 

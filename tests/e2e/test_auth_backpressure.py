@@ -3,17 +3,16 @@ gets 429s with Retry-After, never a 5xx, and the server serves normally afterwar
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from e2e.server import embedded_server
+from e2e.server import ADMIN_KEY, INFERENCE_KEY
 
 pytestmark = pytest.mark.e2e
-ADMIN, USER = "admin-secret", "user-secret"
+ADMIN, USER = ADMIN_KEY, INFERENCE_KEY
 GENERATE = {"inputs": "1, 2, 3,", "parameters": {"max_new_tokens": 16}}
 
 
@@ -22,21 +21,8 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("guarded")
-    with embedded_server(
-        tmp,
-        embedded_cache_dir,
-        "--max-batch-size",
-        "2",
-        "--max-queue",
-        "4",
-        "--api-key",
-        USER,
-        "--admin-key",
-        ADMIN,
-    ) as url:
-        yield url
+def guarded(keyed_server: tuple[str, Path]) -> str:
+    return keyed_server[0]
 
 
 def test_keys_are_scoped(guarded: str) -> None:

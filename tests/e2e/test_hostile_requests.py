@@ -4,17 +4,16 @@ with bounded metrics and a quiet log."""
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from e2e.server import embedded_server
+from e2e.server import INFERENCE_KEY
 
 pytestmark = pytest.mark.e2e
-KEY = "user-secret"
+KEY = INFERENCE_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
 HONEST = [
@@ -57,22 +56,8 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
 
 
 @pytest.fixture(scope="module")
-def guarded(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    log = tmp / "server.log"
-    with embedded_server(
-        tmp,
-        embedded_cache_dir,
-        "--max-batch-size",
-        "8",
-        "--max-seq-len",
-        "512",
-        "--max-request-mb",
-        "1",
-        "--api-key",
-        KEY,
-    ) as url:
-        yield url, log
+def guarded(keyed_server: tuple[str, Path]) -> tuple[str, Path]:
+    return keyed_server
 
 
 def answer_of(response: httpx.Response) -> str:
