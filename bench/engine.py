@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers + PEFT (the slow part)")
+    parser.add_argument("--store-rank", type=int, help="slots padded to this rank (the server's max_lora_rank, 64 "
+                        "by default there) instead of the adapters' own (16)")  # fmt: skip
     args = parser.parse_args()
 
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -169,7 +171,7 @@ def main() -> None:
     config = EngineConfig(
         max_batch_size=shape.wide_requests,
         max_active_adapters=shape.wide_requests,
-        max_lora_rank=shape.rank,
+        max_lora_rank=args.store_rank or shape.rank,
         max_seq_len=shape.prompt + shape.new_tokens,
         cuda_graphs=not args.no_graphs,
     )

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("variants", type=Path, nargs="+", help="nf4_mma.cu variants to compare with this tree's")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every variant, alternating")
+    parser.add_argument("--store-rank", type=int, help="slots padded to this rank instead of the adapters' own (16)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def main() -> None:
     config = EngineConfig(
         max_batch_size=shape.wide_requests,
         max_active_adapters=shape.wide_requests,
-        max_lora_rank=shape.rank,
+        max_lora_rank=args.store_rank or shape.rank,
         max_seq_len=shape.prompt + shape.new_tokens,
     )
     engine = Engine(model, tokenizer, config)  # captures this tree's kernel
