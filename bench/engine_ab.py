@@ -60,10 +60,10 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
             engine._graphs = graphs[name]
-            run = {
-                f"{len(batch)}_lora_decode_tok_s": engine_run(engine, batch, shape, f"{round_}-{name}-")["decode_tok_s"]
-                for batch in ([loras[1]], loras[: shape.requests], loras)
-            }
+            run = {}
+            for batch in ([loras[1]], loras[: shape.requests], loras):  # new adapter keys each run, as engine.py's
+                tag = f"{round_}-{name}-{len(batch)}"
+                run[f"{len(batch)}_lora_decode_tok_s"] = engine_run(engine, batch, shape, tag)["decode_tok_s"]
             results[name].append(run)
             print(name, {key: round(value, 1) for key, value in run.items()}, flush=True)
     device, variants = torch.cuda.get_device_name(0), [str(path) for path in args.variants]
