@@ -35,6 +35,22 @@ class Shape:
     rank: int
 
 
+SHAPE_8B = Shape(128, 128, 32, requests=32, wide_requests=64, baseline_adapters=8, rank=16)
+SHAPE_TINY = Shape(16, 8, 4, requests=4, wide_requests=8, baseline_adapters=2, rank=4)
+
+
+def engine_config(shape: Shape, store_rank: int | None, cuda_graphs: bool = True) -> EngineConfig:
+    """Rows and slots for the wide batch, each request with its own adapter; slots padded to `store_rank` (the
+    server's max_lora_rank) or, when None, to the adapters' own rank."""
+    return EngineConfig(
+        max_batch_size=shape.wide_requests,
+        max_active_adapters=shape.wide_requests,
+        max_lora_rank=store_rank or shape.rank,
+        max_seq_len=shape.prompt + shape.new_tokens,
+        cuda_graphs=cuda_graphs,
+    )
+
+
 def random_loras(model: nn.Module, count: int, distinct: int, rank: int, dtype: torch.dtype) -> list[LoraWeights]:
     """`count` adapters over `distinct` random weight sets (speed does not depend on values), pinned on CPU."""
     pin = torch.cuda.is_available()
@@ -152,11 +168,7 @@ def main() -> None:
 
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    shape = (
-        Shape(16, 8, 4, requests=4, wide_requests=8, baseline_adapters=2, rank=4)
-        if args.tiny
-        else Shape(128, 128, 32, requests=32, wide_requests=64, baseline_adapters=8, rank=16)
-    )
+    shape = SHAPE_TINY if args.tiny else SHAPE_8B
     torch.manual_seed(0)
     # the tiny smoke run keeps fp32 weights: NF4 is what the CUDA run measures
     model, tokenizer = load_synthetic(
@@ -168,13 +180,7 @@ def main() -> None:
         results["baseline_mixed_tok_s"] = baseline(model, shape.baseline_adapters, shape.requests, shape, device)
 
     loras = random_loras(model, shape.wide_requests, 4, shape.rank, dtype)
-    config = EngineConfig(
-        max_batch_size=shape.wide_requests,
-        max_active_adapters=shape.wide_requests,
-        max_lora_rank=args.store_rank or shape.rank,
-        max_seq_len=shape.prompt + shape.new_tokens,
-        cuda_graphs=not args.no_graphs,
-    )
+    config = engine_config(shape, args.store_rank, cuda_graphs=not args.no_graphs)
     engine = Engine(model, tokenizer, config)
     engine_run(engine, [loras[0]], shape, "warm")
     single = engine_run(engine, [loras[1]], shape, "one")

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from bench.engine import Shape, engine_run, random_loras
+from bench.engine import SHAPE_8B, engine_config, engine_run, random_loras
 from loraplex.synthetic import load_synthetic
-from server.engine import Engine, EngineConfig
+from server.engine import Engine
 from server.engine.graphs import StepGraphs
 from server.engine.kernels import nf4_mma
 
@@ -35,15 +35,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    shape = Shape(128, 128, 32, requests=32, wide_requests=64, baseline_adapters=8, rank=16)
+    shape = SHAPE_8B
     model, tokenizer = load_synthetic("random:llama3-8b", torch.device("cuda"), torch.bfloat16, quantize=True)
     loras = random_loras(model, shape.wide_requests, 4, shape.rank, torch.bfloat16)
-    config = EngineConfig(
-        max_batch_size=shape.wide_requests,
-        max_active_adapters=shape.wide_requests,
-        max_lora_rank=args.store_rank or shape.rank,
-        max_seq_len=shape.prompt + shape.new_tokens,
-    )
+    config = engine_config(shape, args.store_rank)
     engine = Engine(model, tokenizer, config)  # captures this tree's kernel
     graphs = {"tree": engine._graphs}
     tree_source = nf4_mma._source()
