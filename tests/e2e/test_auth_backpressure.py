@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from e2e.server import ADMIN_KEY, INFERENCE_KEY
+from e2e.server import ADMIN_KEY as ADMIN
+from e2e.server import INFERENCE_KEY as USER
 
 pytestmark = pytest.mark.e2e
-ADMIN, USER = ADMIN_KEY, INFERENCE_KEY
 GENERATE = {"inputs": "1, 2, 3,", "parameters": {"max_new_tokens": 16}}
 
 
@@ -36,7 +36,7 @@ def test_keys_are_scoped(guarded: str) -> None:
     def generate_as(key: str) -> int:
         return httpx.post(f"{guarded}/generate", json=GENERATE, headers=bearer(key), timeout=60).status_code
 
-    with ThreadPoolExecutor(2) as pool:  # both fit in one batch of two: one decode run instead of two
+    with ThreadPoolExecutor(2) as pool:  # both in one batch: one decode run instead of two
         assert list(pool.map(generate_as, [USER, ADMIN])) == [200, 200]
     forbidden = httpx.get(f"{guarded}/v1/adapters", headers=bearer(USER))
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "insufficient_permissions"

@@ -10,10 +10,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from e2e.server import INFERENCE_KEY
+from e2e.server import INFERENCE_KEY as KEY
 
 pytestmark = pytest.mark.e2e
-KEY = INFERENCE_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
 HONEST = [
@@ -53,11 +52,6 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
         for i in range(8)
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def guarded(keyed_server: tuple[str, Path]) -> tuple[str, Path]:
-    return keyed_server
 
 
 def answer_of(response: httpx.Response) -> str:
@@ -112,8 +106,8 @@ async def leave_early(client: httpx.AsyncClient) -> None:
         )
 
 
-def test_hostile_requests_harm_only_their_senders(guarded: tuple[str, Path]) -> None:
-    url, log = guarded
+def test_hostile_requests_harm_only_their_senders(keyed_server: tuple[str, Path]) -> None:
+    url, log = keyed_server
 
     async def run() -> tuple[list[str], list[str], list[tuple[int, dict]], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
