@@ -33,12 +33,15 @@ def test_nf4_mma_matches_the_dequantized_weight(rows, nested, bias, config) -> N
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 32])
-def test_nf4_mma_adds_each_rows_lora_delta(rows) -> None:
+# column 0: B rows 16-byte aligned, copied into shared memory at the start; column 1: read in the epilogue
+@pytest.mark.parametrize("column", [0, 1])
+def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, True, False, "cuda")
     slots, rank = 3, 5  # rank not a power of 2; the last slot is the no-adapter one
     store_a = (torch.randn(slots + 1, rank, K, device="cuda") / 8).bfloat16()
-    store_b = (torch.randn(slots + 1, rank, N + 8, device="cuda") / 8).bfloat16()[:, :, :N]  # a wider store's view
+    store = (torch.randn(slots + 1, rank, N + 8, device="cuda") / 8).bfloat16()
+    store_b = store[:, :, column : column + N]  # a wider store's view, as the engine's layers are
     store_a[slots], store_b[slots] = 0, 0
     slot = torch.arange(rows, device="cuda") % (slots + 1)
     x = torch.randn(rows, K, device="cuda").bfloat16()

@@ -18,7 +18,7 @@
 // loaded ahead) and add their partial sums in shared memory at the end, where the bias and each row's LoRA delta
 // (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot) are added. Defined by
 // the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), MIN_BLOCKS (CTAs an SM must fit by registers),
-// NESTED, HAS_BIAS, HAS_LORA, R_PAD, and NF4_CODES (bitsandbytes' code book as bf16 bits).
+// NESTED, HAS_BIAS, HAS_LORA, R_PAD, BTILE, and NF4_CODES (bitsandbytes' code book as bf16 bits).
 
 __constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
 
@@ -112,7 +112,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     int n, int k) {
     __shared__ __align__(16) unsigned smem[SMEM_WORDS];
     __shared__ float code2_s[NESTED ? 256 : 1];
+#if BTILE
+    // [m][rank][ROWS] bf16: each x row's slot's B rows for this CTA's outputs (the host sizes it, 16-byte rows)
+    extern __shared__ __align__(16) unsigned short btile[];
+    __shared__ long long slot_s[MT * 8];
+#endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+#if BTILE
+    const long long my_slot = tid < m ? slots[tid] : 0;  // used once the table is written: its latency hides there
+#endif
     const int blocks_k = k >> 6, per_warp = blocks_k / WARPS;
     const unsigned char* wp[NT][2];
     unsigned block[NT][2];  // the warp's first block of each of the lane's rows (32-bit: under 2^37 weights)
@@ -152,7 +160,25 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
         const unsigned pair = NF4_BF16[e >> 4] | (unsigned(NF4_BF16[e & 15]) << 16);
         reinterpret_cast<uint4*>(smem)[q] = make_uint4(pair, pair, pair, pair);
     }
+#if BTILE
+    if (tid < m) slot_s[tid] = my_slot;
+    for (int token = tid + WARPS * 32; token < m; token += WARPS * 32) slot_s[token] = slots[token];
+#endif
     __syncthreads();
+#if BTILE
+    // The epilogue's B rows, copied into shared memory while the weights stream (cp.async holds no registers):
+    // read from global memory in the epilogue, they ended every CTA on a chain of round trips (~10% of a decode
+    // step at batch 1, ~20% at 32). 16 bytes a copy; those past the last output row copy nothing and zero-fill.
+    for (int c = tid; c < m * rank * (ROWS / 8); c += WARPS * 32) {
+        const int token = c / (rank * (ROWS / 8)), r = c / (ROWS / 8) % rank, col = blockIdx.x * ROWS + 8 * (c % (ROWS / 8));
+        const int bytes = max(0, min(16, 2 * (n - col)));
+        const unsigned short* src =  // a copy of nothing still names an address inside the row: the CTA's first
+            lora_b + size_t(slot_s[token]) * stride_bs + size_t(r) * stride_br + (bytes ? col : blockIdx.x * ROWS);
+        const unsigned dst = unsigned(__cvta_generic_to_shared(btile + 8 * c));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+    }
+    asm volatile("cp.async.commit_group;");
+#endif
     const unsigned lane4 = 4 * lane;
 
     // x rows of this lane's B operands: row 8 j + g of x, columns from the warp's first block + 16 t
@@ -257,6 +283,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
         shrunk[i / R_PAD][i % R_PAD] = bf16_round(sum);
     }
 #endif
+#if BTILE
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
     __syncthreads();
     for (int i = tid; i < m * ROWS; i += WARPS * 32) {
         const int token = i / ROWS, row = blockIdx.x * ROWS + i % ROWS;
@@ -269,8 +298,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #endif
 #if HAS_LORA  // rounded as the unfused layers round: the base output, then the sum with the delta
             sum = bf16_round(sum);
+#if BTILE
+            const unsigned short* b = btile + size_t(token) * rank * ROWS + i % ROWS;
+            for (int r = 0; r < rank; ++r) sum += __uint_as_float(unsigned(b[r * ROWS]) << 16) * shrunk[token][r];
+#else
             const unsigned short* b = lora_b + size_t(slots[token]) * stride_bs + row;
             for (int r = 0; r < rank; ++r) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
+#endif
 #endif
             unsigned short y;
             asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum));

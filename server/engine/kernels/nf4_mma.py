@@ -20,6 +20,11 @@ log = logging.getLogger("loraplex.engine")
 MMA_ROWS = 32  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
 _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
 _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
+# The epilogue's B rows copied into shared memory at the start, at most (beside ~41 KB of static memory: two CTAs
+# still fit an SM); past it (many rows of a high-rank store), or for B rows not 16-byte aligned, the epilogue reads
+# them from global memory
+_BTILE_BYTES = 64 * 1024
+_MAX_DYNAMIC_SHARED_MEMORY = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
 def nf4_bf16_bits() -> list[int]:
@@ -55,7 +60,16 @@ def _compiles(device: int) -> bool:
         return False
     try:
         _kernel(
-            warps=8, group=4, row_tiles=1, x_tiles=1, min_blocks=2, nested=False, bias=False, r_pad=0, device=device
+            warps=8,
+            group=4,
+            row_tiles=1,
+            x_tiles=1,
+            min_blocks=2,
+            nested=False,
+            bias=False,
+            r_pad=0,
+            btile=False,
+            device=device,
         )
     except (OSError, RuntimeError) as error:
         log.warning("nf4_mma does not compile here (%s): the Triton NF4 kernels serve every step", error)
@@ -95,14 +109,22 @@ def _kernel(
     nested: bool,
     bias: bool,
     r_pad: int,
+    btile: bool,
     device: int,
 ) -> Callable[..., None]:
     defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
                "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
-               "R_PAD": max(r_pad, 1)}  # fmt: skip
+               "R_PAD": max(r_pad, 1), "BTILE": int(btile)}  # fmt: skip
     source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source, "nf4_mma")
+        kernel = torch.cuda._compile_kernel(source, "nf4_mma")
+        if btile:  # static and dynamic shared memory together pass 48 KB: a launch must be allowed to
+            torch.cuda._utils._check_cuda(
+                torch.cuda._utils._get_gpu_runtime_library().cuFuncSetAttribute(
+                    kernel.func, _MAX_DYNAMIC_SHARED_MEMORY, _BTILE_BYTES
+                )
+            )
+        return kernel
 
 
 def nf4_mma(
@@ -123,17 +145,22 @@ def nf4_mma(
     nested = bool(state.nested)
     absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    btile = 0  # bytes of the epilogue's B rows in shared memory
     if lora is None:
         partial, b, slots, chunks, chunks_pad, r_pad, rank, stride_bs, stride_br = out, out, out, 0, 0, 0, 0, 0, 0
     else:
         partial, b, slots, chunks = lora.partial, lora.b, lora.slots, lora.chunks
         chunks_pad, r_pad = partial.shape[1:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
-    kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, nested, bias is not None, r_pad, x.device.index or 0)
+        if b.data_ptr() % 16 == 0 and stride_bs % 8 == 0 and stride_br % 8 == 0:  # 16-byte copies
+            btile = m * rank * 16 * row_tiles * 2 if m * rank * 16 * row_tiles * 2 <= _BTILE_BYTES else 0
+    kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, nested, bias is not None, r_pad, btile > 0,
+                     x.device.index or 0)  # fmt: skip
     kernel(
         grid=(-(-n // (16 * row_tiles)), 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
               partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, out, n, k],
+        shared_mem=btile,
     )  # fmt: skip
     return out
