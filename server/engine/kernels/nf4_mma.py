@@ -24,7 +24,6 @@ _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table
 # still fit an SM); past it (many rows of a high-rank store), or for B rows not 16-byte aligned, the epilogue reads
 # them from global memory
 _BTILE_BYTES = 64 * 1024
-_MAX_DYNAMIC_SHARED_MEMORY = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
 def nf4_bf16_bits() -> list[int]:
@@ -119,11 +118,7 @@ def _kernel(
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_mma")
         if btile:  # static and dynamic shared memory together pass 48 KB: a launch must be allowed to
-            torch.cuda._utils._check_cuda(
-                torch.cuda._utils._get_gpu_runtime_library().cuFuncSetAttribute(
-                    kernel.func, _MAX_DYNAMIC_SHARED_MEMORY, _BTILE_BYTES
-                )
-            )
+            kernel.set_shared_memory_config(_BTILE_BYTES)
         return kernel
 
 
