@@ -114,6 +114,7 @@ class Engine:
             kernels.install(model)
             self._lora_context.decode_kernels = kernels.FusedDecode()
         self.lora_store, self.lora_layers = self._wrap_targets()
+        self._lora_context.slot_ranks = self.lora_store.ranks
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         self.cache = KVCache(
             text_config.num_hidden_layers,

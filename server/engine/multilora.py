@@ -28,8 +28,10 @@ SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class DecodeKernels(Protocol):
     """Fused kernels for the LoRA delta of decode steps (the engine installs them on CUDA)."""
 
-    def shrink(self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
-        """x [B, in], a [S+1, r, G * in] -> (partial sums [G, B, chunks_pad, r_pad], chunks written)."""
+    def shrink(
+        self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, int]:
+        """x [B, in], a [S+1, r, G * in], ranks [S+1] -> (partial sums [G, B, chunks_pad, r_pad], chunks written)."""
         ...
 
     def linear(
@@ -57,6 +59,7 @@ class LoraContext:
         self.segments: list[Segment] | None = None
         self.own: torch.Tensor | None = None  # [N, (S+1) * r_max] bool: the token's own slot, for the dense path
         self.decode_kernels: DecodeKernels | None = None  # fused kernels, where installed
+        self.slot_ranks = torch.zeros(num_slots + 1, dtype=torch.int32)  # [S+1] the store's, set by the engine
 
     def set(self, slot_ids: torch.Tensor, segments: list[Segment] | None) -> None:
         """slot_ids: [N]; segments: the runs of tokens sharing an adapter (base-model runs left out), or None
@@ -89,6 +92,8 @@ class LoraStore:
         self.layout = layout
         self.a = torch.zeros(num_slots + 1, max_rank, layout.a_width, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots + 1, max_rank, layout.b_width, dtype=dtype, device=device)
+        # each slot's adapter rank: the fused kernels read no row past it (slot S, no adapter: 0)
+        self.ranks = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
 
     def views(self, name: str, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's [S+1, r_max, in] and [S+1, r_max, out] views of the stores."""
@@ -102,6 +107,7 @@ class LoraStore:
         self.b[slot, :r].copy_(packed.b, non_blocking=True)
         self.a[slot, r:].zero_()
         self.b[slot, r:].zero_()
+        self.ranks[slot] = r
 
 
 @dataclass(frozen=True)
@@ -180,10 +186,12 @@ class ShrinkGroup:
         self._x: torch.Tensor | None = None  # the input tensor of the last shrink, held so its id stays unique
         self._shrunk: tuple[torch.Tensor, int] = (torch.empty(0), 0)
 
-    def shrunk(self, x: torch.Tensor, slots: torch.Tensor, kernels: DecodeKernels) -> tuple[torch.Tensor, int]:
+    def shrunk(
+        self, x: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, kernels: DecodeKernels
+    ) -> tuple[torch.Tensor, int]:
         """(partial sums [G, B, chunks_pad, r_pad], chunks) of x [B, 1, in], shrunk once per input tensor."""
         if self._x is not x:
-            self._shrunk = kernels.shrink(x.reshape(-1, x.shape[-1]), self.a, slots, self.size)
+            self._shrunk = kernels.shrink(x.reshape(-1, x.shape[-1]), self.a, slots, ranks, self.size)
             self._x = x
         return self._shrunk
 
@@ -236,7 +244,7 @@ class MultiLoraLinear(nn.Module):
         context, slots = self.context, self.context.slot_ids  # [N]
         kernels = context.decode_kernels
         if context.use_kernels and kernels is not None:
-            partial, chunks = self.group.shrunk(x, slots, kernels)
+            partial, chunks = self.group.shrunk(x, slots, context.slot_ranks, kernels)
             y = kernels.linear(self.base, x.reshape(-1, self.in_features), partial[self.member], chunks, self.lora_b,
                                slots)  # fmt: skip
             return y.view(*x.shape[:-1], self.out_features)

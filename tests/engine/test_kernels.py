@@ -28,19 +28,24 @@ ENGINE_FAMILIES = FAMILIES if DEVICE == "cuda" else ("gemma", "qwen3")
 
 @pytest.mark.parametrize(("rows", "groups"), [([2, 0, 3, 2, 1], 1), ([1], 1), ([2, 0, 3], 3)])
 def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
-    """Shrink (for `groups` layers sharing x, as q/k/v do) then expand, against the gathered bmm per layer."""
+    """Shrink (for `groups` layers sharing x, as q/k/v do) then expand, against the gathered bmm per layer; each
+    slot's rows past its own rank are never read (garbage in A, NaN in B there would show)."""
     torch.manual_seed(0)
     slots, rank, k, n = 3, 6, 320, 300  # K and N not multiples of the kernels' blocks, rank not a power of 2
+    ranks = torch.tensor([6, 2, 5, 0], dtype=torch.int32, device=DEVICE)  # slot 3, the no-adapter one: 0
     store_a = torch.randn(slots + 1, rank, groups * k + 40, device=DEVICE)[:, :, 20 : 20 + groups * k]  # views
     store_b = torch.randn(slots + 1, rank, n + 8, device=DEVICE)[:, :, :n]  # of wider stores
-    store_a[slots], store_b[slots] = 0, 0  # the no-adapter slot
+    used = torch.arange(rank, device=DEVICE)[None, :] < ranks[:, None]  # [S+1, R]
+    a_used, b_used = store_a * used[:, :, None], store_b * used[:, :, None]
+    store_a.masked_fill_(~used[:, :, None], 1e3)
+    store_b.masked_fill_(~used[:, :, None], float("nan"))
     rows = torch.tensor(rows, device=DEVICE)
     x = torch.randn(len(rows), k, device=DEVICE)
-    partial, chunks = lora_shrink(x, store_a, rows, groups)
+    partial, chunks = lora_shrink(x, store_a, rows, ranks, groups)
     for g in range(groups):
         y = torch.randn(len(rows), n, device=DEVICE)
-        a = store_a[:, :, g * k : (g + 1) * k]
-        expected = y + torch.bmm(torch.bmm(x[:, None], a[rows].transpose(1, 2)), store_b[rows])[:, 0]
+        a = a_used[:, :, g * k : (g + 1) * k]
+        expected = y + torch.bmm(torch.bmm(x[:, None], a[rows].transpose(1, 2)), b_used[rows])[:, 0]
         base_rows = y[rows == slots].clone()
         lora_expand(y, partial[g], chunks, store_b, rows)
         assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4), f"layer {g}"
@@ -59,10 +64,12 @@ def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
     if lora:
         store_a = torch.randn(slots + 1, rank, k, device=DEVICE)
         store_b = torch.randn(slots + 1, rank, n, device=DEVICE)
+        store_b[1, 3:] = float("nan")  # past slot 1's rank: never read
+        ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device=DEVICE)
         slot = torch.tensor([1], device=DEVICE)
-        partial, chunks = lora_shrink(x[None], store_a, slot)
+        partial, chunks = lora_shrink(x[None], store_a, slot, ranks)
         epilogue = LoraEpilogue(partial[0], chunks, store_b, slot)
-        expected = expected + (store_a[1] @ x) @ store_b[1]
+        expected = expected + (store_a[1, :3] @ x) @ store_b[1, :3]
     got = nf4_gemv(x, weight, state, layer.bias if bias else None, epilogue)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 

@@ -4,6 +4,11 @@ slot straight from the slot stores: no per-layer gather copies, no mask over eve
 shrink: partial[g, b, c, :] = A_g[slot_b][:, chunk c] @ x[b, chunk c]   (K split in chunks for parallelism;
         g: layers sharing the input, e.g. q/k/v, whose A columns are adjacent in the store: one launch for all)
 expand: y[b, :] += (sum over c of partial[g, b, c, :]) @ B[slot_b]      (in place, into the base output)
+
+Slots are padded to the store's rank, but an adapter's rows past its own rank are zero: the shrink reads only
+the slot's rank (the store keeps it), and the expand skips every B row whose shrunk activation is zero (those
+rows, and any exact zero: a zero times a finite B adds nothing). With max_lora_rank 64 and rank-16 adapters
+that is a quarter of the bytes; a row without adapter (rank 0) reads none.
 """
 
 import torch
@@ -19,10 +24,10 @@ def _shrink_kernel(
     x_ptr,  # [B, K], row stride stride_x
     a_ptr,  # [S+1, R, G * K] view of the A store: strides (stride_as, stride_ar, 1)
     slot_ptr,  # [B] long
+    rank_ptr,  # [S+1] int32: each slot's adapter rank (its A rows past it are zero)
     partial_ptr,  # [G, B, CHUNKS_PAD, R_PAD] fp32
     B,
     K,
-    R,
     stride_x,
     stride_as,
     stride_ar,
@@ -34,12 +39,13 @@ def _shrink_kernel(
     chunk = tl.program_id(1)
     group = tl.program_id(2)
     slot = tl.load(slot_ptr + row)
+    rank = tl.load(rank_ptr + slot)
     offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     k_mask = offs_k < K
     x = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
     a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + group * K + offs_k[None, :]
-    a = tl.load(a_tile, mask=(offs_r[:, None] < R) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
+    a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
     partial = partial_ptr + ((group * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
     tl.store(partial, tl.sum(a * x[None, :], axis=1))
 
@@ -71,24 +77,28 @@ def _expand_kernel(
     # The shrunk activations are rounded to the compute dtype, as the unfused x @ A.T would leave them.
     shrunk = tl.sum(partial, axis=0).to(y_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
     b_tile = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
-    b = tl.load(b_tile, mask=(offs_r[:, None] < R) & n_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
+    b_mask = (offs_r[:, None] < R) & (shrunk[:, None] != 0) & n_mask[None, :]  # B rows that can add something
+    b = tl.load(b_tile, mask=b_mask, other=0.0).to(tl.float32)  # [R_PAD, BN]
     delta = tl.sum(b * shrunk[:, None], axis=0)  # [BN]
     y_row = y_ptr + row * stride_y + offs_n
     y = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_row, (y + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, int]:
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int = 1
+) -> tuple[torch.Tensor, int]:
     """Per-chunk partial products of x [B, K] @ A_g[slots].T for each of `groups` layers taking x, whose A
-    columns are adjacent: ([G, B, CHUNKS_PAD, R_PAD] fp32, chunks written); a: [S+1, R, G * K] with unit column
-    stride (a view of the slot store); slots: [B] long."""
+    columns are adjacent: ([G, B, CHUNKS_PAD, R_PAD] fp32, chunks written; ranks past a slot's rank are zero);
+    a: [S+1, R, G * K] with unit column stride (a view of the slot store); slots: [B] long; ranks: [S+1] int32,
+    each slot's rank (its rows of A past it must be zero)."""
     rows, k = x.shape
     rank = a.shape[1]
     chunks = triton.cdiv(k, SHRINK_BLOCK_K)
     chunks_pad, r_pad = triton.next_power_of_2(chunks), max(16, triton.next_power_of_2(rank))  # tl.arange sizes
     partial = torch.empty(groups, rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
     _shrink_kernel[(rows, chunks, groups)](
-        x, a, slots, partial, rows, k, rank, x.stride(0), a.stride(0), a.stride(1),
+        x, a, slots, ranks, partial, rows, k, x.stride(0), a.stride(0), a.stride(1),
         CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
     )  # fmt: skip
     return partial, chunks

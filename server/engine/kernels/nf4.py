@@ -182,7 +182,8 @@ def _nf4_gemv_kernel(
         partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
         shrunk = tl.sum(partial, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
         b_tile = lora_b_ptr + tl.load(slot_ptr) * stride_bs + offs_r[:, None] * stride_br + rows[None, :]
-        b = tl.load(b_tile, mask=(offs_r[:, None] < R) & row_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
+        b_mask = (offs_r[:, None] < R) & (shrunk[:, None] != 0) & row_mask[None, :]  # as lora.py's expand
+        b = tl.load(b_tile, mask=b_mask, other=0.0).to(tl.float32)  # [R_PAD, BN]
         result = result.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.sum(b * shrunk[:, None], axis=0)
     tl.store(out_ptr + rows, result.to(out_ptr.dtype.element_ty), mask=row_mask)
 

@@ -303,7 +303,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             for (int r = 0; r < rank; ++r) sum += __uint_as_float(unsigned(b[r * ROWS]) << 16) * shrunk[token][r];
 #else
             const unsigned short* b = lora_b + size_t(slots[token]) * stride_bs + row;
-            for (int r = 0; r < rank; ++r) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
+            for (int r = 0; r < rank; ++r)  // a row whose shrunk activation is zero adds nothing (lora.py's expand)
+                if (shrunk[token][r] != 0.0f) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
 #endif
 #endif
             unsigned short y;
