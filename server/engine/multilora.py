@@ -31,11 +31,19 @@ class DecodeKernels(Protocol):
     def shrink(
         self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int
     ) -> tuple[torch.Tensor, int]:
-        """x [B, in], a [S+1, r, G * in], ranks [S+1] -> (partial sums [G, B, chunks_pad, r_pad], chunks written)."""
+        """x [B, in], a [S+1, r, G * in], slots and ranks [B] -> (partial sums [G, B, chunks_pad, r_pad], chunks
+        written)."""
         ...
 
     def linear(
-        self, base: nn.Module, x: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor
+        self,
+        base: nn.Module,
+        x: torch.Tensor,
+        partial: torch.Tensor,
+        chunks: int,
+        b: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
     ) -> torch.Tensor:
         """base(x) + each row's LoRA delta from its shrink `partial` [B, chunks_pad, r_pad]: x [B, in] -> [B, out]."""
         ...
@@ -60,12 +68,15 @@ class LoraContext:
         self.own: torch.Tensor | None = None  # [N, (S+1) * r_max] bool: the token's own slot, for the dense path
         self.decode_kernels: DecodeKernels | None = None  # fused kernels, where installed
         self.slot_ranks = torch.zeros(num_slots + 1, dtype=torch.int32)  # [S+1] the store's, set by the engine
+        self.ranks = torch.empty(0, dtype=torch.int32)  # [N] each token's adapter rank, for the fused kernels
 
     def set(self, slot_ids: torch.Tensor, segments: list[Segment] | None) -> None:
         """slot_ids: [N]; segments: the runs of tokens sharing an adapter (base-model runs left out), or None
         when the forward is being captured (the runs change from step to step, a graph does not)."""
         self.slot_ids = slot_ids
         self.use_kernels = self.decode_kernels is not None and slot_ids.shape[0] <= KERNEL_TOKENS
+        if self.use_kernels:  # one gather a step, on the device (a captured step replays it)
+            self.ranks = self.slot_ranks[slot_ids]
         self.segments = None if self.use_kernels else segments
         self.own = None
         if not self.use_kernels and segments is None:
@@ -244,9 +255,9 @@ class MultiLoraLinear(nn.Module):
         context, slots = self.context, self.context.slot_ids  # [N]
         kernels = context.decode_kernels
         if context.use_kernels and kernels is not None:
-            partial, chunks = self.group.shrunk(x, slots, context.slot_ranks, kernels)
+            partial, chunks = self.group.shrunk(x, slots, context.ranks, kernels)
             y = kernels.linear(self.base, x.reshape(-1, self.in_features), partial[self.member], chunks, self.lora_b,
-                               slots)  # fmt: skip
+                               slots, context.ranks)  # fmt: skip
             return y.view(*x.shape[:-1], self.out_features)
         y = self.base(x)
         xa = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]

@@ -41,13 +41,13 @@ def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
     store_b.masked_fill_(~used[:, :, None], float("nan"))
     rows = torch.tensor(rows, device=DEVICE)
     x = torch.randn(len(rows), k, device=DEVICE)
-    partial, chunks = lora_shrink(x, store_a, rows, ranks, groups)
+    partial, chunks = lora_shrink(x, store_a, rows, ranks[rows], groups)
     for g in range(groups):
         y = torch.randn(len(rows), n, device=DEVICE)
         a = a_used[:, :, g * k : (g + 1) * k]
         expected = y + torch.bmm(torch.bmm(x[:, None], a[rows].transpose(1, 2)), b_used[rows])[:, 0]
         base_rows = y[rows == slots].clone()
-        lora_expand(y, partial[g], chunks, store_b, rows)
+        lora_expand(y, partial[g], chunks, store_b, rows, ranks[rows])
         assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4), f"layer {g}"
         assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
 
@@ -64,11 +64,10 @@ def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
     if lora:
         store_a = torch.randn(slots + 1, rank, k, device=DEVICE)
         store_b = torch.randn(slots + 1, rank, n, device=DEVICE)
-        store_b[1, 3:] = float("nan")  # past slot 1's rank: never read
-        ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device=DEVICE)
-        slot = torch.tensor([1], device=DEVICE)
-        partial, chunks = lora_shrink(x[None], store_a, slot, ranks)
-        epilogue = LoraEpilogue(partial[0], chunks, store_b, slot)
+        store_a[1, 3:], store_b[1, 3:] = 1e3, float("nan")  # past slot 1's rank 3: never read
+        slot, rank_1 = torch.tensor([1], device=DEVICE), torch.tensor([3], dtype=torch.int32, device=DEVICE)
+        partial, chunks = lora_shrink(x[None], store_a, slot, rank_1)
+        epilogue = LoraEpilogue(partial[0], chunks, store_b, slot, rank_1)
         expected = expected + (store_a[1, :3] @ x) @ store_b[1, :3]
     got = nf4_gemv(x, weight, state, layer.bias if bias else None, epilogue)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)

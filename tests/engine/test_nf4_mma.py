@@ -44,11 +44,12 @@ def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
     store_b = store[:, :, column : column + N]  # a wider store's view, as the engine's layers are
     store_a[slots], store_b[slots] = 0, 0
     ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device="cuda")
-    store_b[1, 3:] = float("nan")  # past slot 1's rank: never read
+    store_a[1, 3:], store_b[1, 3:] = 1e3, float("nan")  # past slot 1's rank: never read
     slot = torch.arange(rows, device="cuda") % (slots + 1)
     x = torch.randn(rows, K, device="cuda").bfloat16()
-    partial, chunks = lora_shrink(x, store_a, slot, ranks)
-    got = nf4_mma(x, layer.weight, layer.weight.quant_state, None, LoraEpilogue(partial[0], chunks, store_b, slot))
+    partial, chunks = lora_shrink(x, store_a, slot, ranks[slot])
+    epilogue = LoraEpilogue(partial[0], chunks, store_b, slot, ranks[slot])
+    got = nf4_mma(x, layer.weight, layer.weight.quant_state, None, epilogue)
     store_a[1, 3:], store_b[1, 3:] = 0, 0  # what slot 1 holds
     shrunk = torch.einsum("bk,brk->br", x.float(), store_a[slot].float())
     expected = x.float() @ dense.T + torch.einsum("br,brn->bn", shrunk, store_b[slot].float())
@@ -82,8 +83,9 @@ def test_the_layer_leaves_ranks_whose_activations_do_not_fit_to_the_triton_kerne
     for rows in (1, MMA_ROWS):
         x = torch.randn(rows, K, device="cuda").bfloat16()
         slot = torch.zeros(rows, dtype=torch.long, device="cuda")
-        partial, chunks = lora_shrink(x, store_a, slot, torch.tensor([rank, 0], dtype=torch.int32, device="cuda"))
-        got = fused.project(x, LoraEpilogue(partial[0], chunks, store_b, slot))
+        ranks = torch.full((rows,), rank, dtype=torch.int32, device="cuda")
+        partial, chunks = lora_shrink(x, store_a, slot, ranks)
+        got = fused.project(x, LoraEpilogue(partial[0], chunks, store_b, slot, ranks))
         shrunk = torch.einsum("bk,brk->br", x.float(), store_a[slot].float())
         expected = x.float() @ dense.T + torch.einsum("br,brn->bn", shrunk, store_b[slot].float())
         assert close(got, expected)

@@ -31,13 +31,20 @@ class FusedDecode:
 
     @staticmethod
     def linear(
-        base: nn.Module, x: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor
+        base: nn.Module,
+        x: torch.Tensor,
+        partial: torch.Tensor,
+        chunks: int,
+        b: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
     ) -> torch.Tensor:
         """base(x) + each row's LoRA delta: x [B, in] -> [B, out]; partial: the shrink's [B, CHUNKS_PAD, R_PAD]
-        for this layer; b: [S+1, R, out] (a view of the B store); slots: [B] long. An NF4 layer adds the delta
-        in its kernel's epilogue where it can; otherwise the base layer, then the expand in place on its output."""
+        for this layer; b: [S+1, R, out] (a view of the B store); slots: [B] long; ranks: [B] int32. An NF4 layer
+        adds the delta in its kernel's epilogue where it can; otherwise the base layer, then the expand in place
+        on its output."""
         if isinstance(base, FusedNf4Linear):
-            return base.project(x, LoraEpilogue(partial, chunks, b, slots))
+            return base.project(x, LoraEpilogue(partial, chunks, b, slots, ranks))
         y = base(x)
-        lora_expand(y, partial, chunks, b, slots)
+        lora_expand(y, partial, chunks, b, slots, ranks)
         return y

@@ -13,3 +13,4 @@ class LoraEpilogue:
     chunks: int  # chunks of `partial` written
     b: torch.Tensor  # [S+1, R, N] view of the B store (scaling folded in), unit column stride
     slots: torch.Tensor  # [rows] long
+    ranks: torch.Tensor  # [rows] int32: each row's adapter rank (B rows past it are not read)

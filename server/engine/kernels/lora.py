@@ -5,10 +5,9 @@ shrink: partial[g, b, c, :] = A_g[slot_b][:, chunk c] @ x[b, chunk c]   (K split
         g: layers sharing the input, e.g. q/k/v, whose A columns are adjacent in the store: one launch for all)
 expand: y[b, :] += (sum over c of partial[g, b, c, :]) @ B[slot_b]      (in place, into the base output)
 
-Slots are padded to the store's rank, but an adapter's rows past its own rank are zero: the shrink reads only
-the slot's rank (the store keeps it), and the expand skips every B row whose shrunk activation is zero (those
-rows, and any exact zero: a zero times a finite B adds nothing). With max_lora_rank 64 and rank-16 adapters
-that is a quarter of the bytes; a row without adapter (rank 0) reads none.
+Slots are padded to the store's rank; both kernels read only each row's own adapter rank of them (the store
+keeps every slot's, the step gathers them per row): with max_lora_rank 64 and rank-16 adapters that is a
+quarter of the bytes, and a row without adapter (rank 0) reads none.
 """
 
 import torch
@@ -24,7 +23,7 @@ def _shrink_kernel(
     x_ptr,  # [B, K], row stride stride_x
     a_ptr,  # [S+1, R, G * K] view of the A store: strides (stride_as, stride_ar, 1)
     slot_ptr,  # [B] long
-    rank_ptr,  # [S+1] int32: each slot's adapter rank (its A rows past it are zero)
+    rank_ptr,  # [B] int32: each row's adapter rank (A rows past it are not read: their partial sums are zero)
     partial_ptr,  # [G, B, CHUNKS_PAD, R_PAD] fp32
     B,
     K,
@@ -39,7 +38,7 @@ def _shrink_kernel(
     chunk = tl.program_id(1)
     group = tl.program_id(2)
     slot = tl.load(slot_ptr + row)
-    rank = tl.load(rank_ptr + slot)
+    rank = tl.load(rank_ptr + row)
     offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     k_mask = offs_k < K
@@ -55,9 +54,9 @@ def _expand_kernel(
     partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32, chunks past `chunks` unwritten
     b_ptr,  # [S+1, R, N] view of the B store (scaling folded in): strides (stride_bs, stride_br, 1)
     slot_ptr,  # [B] long
+    rank_ptr,  # [B] int32: each row's adapter rank (B rows past it are not read)
     y_ptr,  # [B, N], row stride stride_y: the base output, updated in place
     N,
-    R,
     chunks,
     stride_y,
     stride_bs,
@@ -68,6 +67,7 @@ def _expand_kernel(
 ):
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row)
+    rank = tl.load(rank_ptr + row)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     offs_c = tl.arange(0, CHUNKS_PAD)
@@ -77,8 +77,7 @@ def _expand_kernel(
     # The shrunk activations are rounded to the compute dtype, as the unfused x @ A.T would leave them.
     shrunk = tl.sum(partial, axis=0).to(y_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
     b_tile = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
-    b_mask = (offs_r[:, None] < R) & (shrunk[:, None] != 0) & n_mask[None, :]  # B rows that can add something
-    b = tl.load(b_tile, mask=b_mask, other=0.0).to(tl.float32)  # [R_PAD, BN]
+    b = tl.load(b_tile, mask=(offs_r[:, None] < rank) & n_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
     delta = tl.sum(b * shrunk[:, None], axis=0)  # [BN]
     y_row = y_ptr + row * stride_y + offs_n
     y = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
@@ -89,9 +88,9 @@ def lora_shrink(
     x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int = 1
 ) -> tuple[torch.Tensor, int]:
     """Per-chunk partial products of x [B, K] @ A_g[slots].T for each of `groups` layers taking x, whose A
-    columns are adjacent: ([G, B, CHUNKS_PAD, R_PAD] fp32, chunks written; ranks past a slot's rank are zero);
-    a: [S+1, R, G * K] with unit column stride (a view of the slot store); slots: [B] long; ranks: [S+1] int32,
-    each slot's rank (its rows of A past it must be zero)."""
+    columns are adjacent: ([G, B, CHUNKS_PAD, R_PAD] fp32, chunks written; zero past each row's rank);
+    a: [S+1, R, G * K] with unit column stride (a view of the slot store); slots: [B] long; ranks: [B] int32,
+    each row's adapter rank."""
     rows, k = x.shape
     rank = a.shape[1]
     chunks = triton.cdiv(k, SHRINK_BLOCK_K)
@@ -104,12 +103,14 @@ def lora_shrink(
     return partial, chunks
 
 
-def lora_expand(y: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor) -> None:
+def lora_expand(
+    y: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor
+) -> None:
     """y [B, N] += (the shrink's partial [B, CHUNKS_PAD, R_PAD] summed) @ B[slots], in place; b: [S+1, R, N]
-    with unit column stride (a view of the slot store); slots: [B] long."""
+    with unit column stride (a view of the slot store); slots: [B] long; ranks: [B] int32, each row's rank."""
     rows, chunks_pad, r_pad = partial.shape
     n = y.shape[1]
     _expand_kernel[(rows, triton.cdiv(n, EXPAND_BLOCK_N))](
-        partial, b, slots, y, n, b.shape[1], chunks, y.stride(0), b.stride(0), b.stride(1),
+        partial, b, slots, ranks, y, n, chunks, y.stride(0), b.stride(0), b.stride(1),
         CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=EXPAND_BLOCK_N,
     )  # fmt: skip

@@ -141,9 +141,9 @@ def _nf4_gemv_kernel(
     partial_ptr,  # [CHUNKS_PAD, R_PAD] fp32: the LoRA shrink's partial sums for this row (HAS_LORA only)
     lora_b_ptr,  # [S+1, R, N] view of the B store, strides (stride_bs, stride_br, 1) (HAS_LORA only)
     slot_ptr,  # [1] long: the row's slot (HAS_LORA only)
+    rank_ptr,  # [1] int32: the row's adapter rank (HAS_LORA only)
     out_ptr,  # [N] compute dtype
     N,
-    R,
     chunks,
     stride_bs,
     stride_br,
@@ -182,7 +182,7 @@ def _nf4_gemv_kernel(
         partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
         shrunk = tl.sum(partial, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
         b_tile = lora_b_ptr + tl.load(slot_ptr) * stride_bs + offs_r[:, None] * stride_br + rows[None, :]
-        b_mask = (offs_r[:, None] < R) & (shrunk[:, None] != 0) & row_mask[None, :]  # as lora.py's expand
+        b_mask = (offs_r[:, None] < tl.load(rank_ptr)) & row_mask[None, :]
         b = tl.load(b_tile, mask=b_mask, other=0.0).to(tl.float32)  # [R_PAD, BN]
         result = result.to(out_ptr.dtype.element_ty).to(tl.float32) + tl.sum(b * shrunk[:, None], axis=0)
     tl.store(out_ptr + rows, result.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -289,16 +289,16 @@ def nf4_gemv(
     absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     if lora is None:
-        partial, b, slots, rank, chunks, chunks_pad, r_pad = out, out, out, 0, 0, 1, 1
+        partial, b, slots, ranks, chunks, chunks_pad, r_pad = out, out, out, out, 0, 1, 1
         stride_bs = stride_br = 0
     else:
-        partial, b, slots, rank, chunks = lora.partial, lora.b, lora.slots, lora.b.shape[1], lora.chunks
+        partial, b, slots, ranks, chunks = lora.partial, lora.b, lora.slots, lora.ranks, lora.chunks
         chunks_pad, r_pad = partial.shape[1:]
         stride_bs, stride_br = b.stride(0), b.stride(1)
     _nf4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset,
-        out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, partial, b, slots, out,
-        n, rank, chunks, stride_bs, stride_br, k // QBLOCK,
+        out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, partial, b, slots, ranks,
+        out, n, chunks, stride_bs, stride_br, k // QBLOCK,
         NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=lora is not None, CHUNKS_PAD=chunks_pad, R_PAD=r_pad,
         DECODE_ASM=on_cuda, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps,
     )  # fmt: skip
@@ -404,7 +404,7 @@ class FusedNf4Linear(nn.Module):
                 return nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None]
             y = nf4_matmul(flat, weight, state, bias).to(x.dtype)
         if lora is not None:
-            lora_expand(y, lora.partial, lora.chunks, lora.b, lora.slots)
+            lora_expand(y, lora.partial, lora.chunks, lora.b, lora.slots, lora.ranks)
         return y
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:

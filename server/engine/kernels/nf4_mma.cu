@@ -108,6 +108,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     const unsigned short* __restrict__ lora_b,  // [S+1, rank, n] bf16, strides (stride_bs, stride_br, 1)
     int stride_bs, int stride_br,
     const long long* __restrict__ slots,     // [m] each row's slot (HAS_LORA)
+    const int* __restrict__ ranks,           // [m] each row's adapter rank: B rows past it are not read (HAS_LORA)
     unsigned short* __restrict__ out,        // [m, n] bf16
     int n, int k) {
     __shared__ __align__(16) unsigned smem[SMEM_WORDS];
@@ -115,11 +116,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #if BTILE
     // [m][rank][ROWS] bf16: each x row's slot's B rows for this CTA's outputs (the host sizes it, 16-byte rows)
     extern __shared__ __align__(16) unsigned short btile[];
-    __shared__ long long slot_s[MT * 8];
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-#if BTILE
-    const long long my_slot = tid < m ? slots[tid] : 0;  // used once the table is written: its latency hides there
+#if HAS_LORA
+    __shared__ long long slot_s[MT * 8];
+    __shared__ int rank_s[MT * 8];
+    // used once the table is written: their latency hides there
+    const long long my_slot = tid < m ? slots[tid] : 0;
+    const int my_rank = tid < m ? ranks[tid] : 0;
 #endif
     const int blocks_k = k >> 6, per_warp = blocks_k / WARPS;
     const unsigned char* wp[NT][2];
@@ -160,17 +164,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
         const unsigned pair = NF4_BF16[e >> 4] | (unsigned(NF4_BF16[e & 15]) << 16);
         reinterpret_cast<uint4*>(smem)[q] = make_uint4(pair, pair, pair, pair);
     }
-#if BTILE
-    if (tid < m) slot_s[tid] = my_slot;
-    for (int token = tid + WARPS * 32; token < m; token += WARPS * 32) slot_s[token] = slots[token];
+#if HAS_LORA
+    if (tid < m) slot_s[tid] = my_slot, rank_s[tid] = my_rank;
+    for (int token = tid + WARPS * 32; token < m; token += WARPS * 32) slot_s[token] = slots[token], rank_s[token] = ranks[token];
 #endif
     __syncthreads();
 #if BTILE
     // The epilogue's B rows, copied into shared memory while the weights stream (cp.async holds no registers):
     // read from global memory in the epilogue, they ended every CTA on a chain of round trips (~10% of a decode
-    // step at batch 1, ~20% at 32). 16 bytes a copy; those past the last output row copy nothing and zero-fill.
+    // step at batch 1, ~20% at 32). 16 bytes a copy; those past the last output row copy nothing and zero-fill;
+    // rows past the x row's rank are not copied (nor read).
     for (int c = tid; c < m * rank * (ROWS / 8); c += WARPS * 32) {
         const int token = c / (rank * (ROWS / 8)), r = c / (ROWS / 8) % rank, col = blockIdx.x * ROWS + 8 * (c % (ROWS / 8));
+        if (r >= rank_s[token]) continue;
         const int bytes = max(0, min(16, 2 * (n - col)));
         const unsigned short* src =  // a copy of nothing still names an address inside the row: the CTA's first
             lora_b + size_t(slot_s[token]) * stride_bs + size_t(r) * stride_br + (bytes ? col : blockIdx.x * ROWS);
@@ -277,6 +283,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     // each x row's shrunk activations, rounded to bf16 as the unfused x @ A.T leaves them
     __shared__ float shrunk[MT * 8][R_PAD];
     for (int i = tid; i < m * R_PAD; i += WARPS * 32) {
+        if (i % R_PAD >= rank_s[i / R_PAD]) continue;  // past the row's rank: not read below
         const float* p = partial + size_t(i / R_PAD) * chunks_pad * R_PAD + i % R_PAD;
         float sum = 0.0f;
         for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];
@@ -298,13 +305,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #endif
 #if HAS_LORA  // rounded as the unfused layers round: the base output, then the sum with the delta
             sum = bf16_round(sum);
+            const int rank_t = rank_s[token];
 #if BTILE
             const unsigned short* b = btile + size_t(token) * rank * ROWS + i % ROWS;
-            for (int r = 0; r < rank; ++r) sum += __uint_as_float(unsigned(b[r * ROWS]) << 16) * shrunk[token][r];
+            for (int r = 0; r < rank_t; ++r) sum += __uint_as_float(unsigned(b[r * ROWS]) << 16) * shrunk[token][r];
 #else
-            const unsigned short* b = lora_b + size_t(slots[token]) * stride_bs + row;
-            for (int r = 0; r < rank; ++r)  // a row whose shrunk activation is zero adds nothing (lora.py's expand)
-                if (shrunk[token][r] != 0.0f) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
+            const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + row;
+            for (int r = 0; r < rank_t; ++r) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
 #endif
 #endif
             unsigned short y;

@@ -142,9 +142,9 @@ def nf4_mma(
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     btile = 0  # bytes of the epilogue's B rows in shared memory
     if lora is None:
-        partial, b, slots, chunks, chunks_pad, r_pad, rank, stride_bs, stride_br = out, out, out, 0, 0, 0, 0, 0, 0
+        partial, b, slots, ranks, chunks, chunks_pad, r_pad, rank, stride_bs, stride_br = (out,) * 4 + (0,) * 6
     else:
-        partial, b, slots, chunks = lora.partial, lora.b, lora.slots, lora.chunks
+        partial, b, slots, ranks, chunks = lora.partial, lora.b, lora.slots, lora.ranks, lora.chunks
         chunks_pad, r_pad = partial.shape[1:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
         if b.data_ptr() % 16 == 0 and stride_bs % 8 == 0 and stride_br % 8 == 0:  # 16-byte copies
@@ -155,7 +155,7 @@ def nf4_mma(
         grid=(-(-n // (16 * row_tiles)), 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
-              partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, out, n, k],
+              partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, n, k],
         shared_mem=btile,
     )  # fmt: skip
     return out
