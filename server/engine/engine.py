@@ -161,9 +161,10 @@ class Engine:
         store = LoraStore(layout, self.config.max_active_adapters, self.config.max_lora_rank, self.dtype, self.device)
         layers: dict[str, MultiLoraLinear] = {}
         for members in shrink_groups(targets, a_offsets):
-            in_features = members[0][1].in_features
-            a0 = a_offsets[members[0][0]]
-            group = ShrinkGroup(store.a[:, :, a0 : a0 + len(members) * in_features], len(members))
+            in_features, out_features = members[0][1].in_features, sum(module.out_features for _, module in members)
+            a0, b0 = a_offsets[members[0][0]], b_offsets[members[0][0]]
+            group = ShrinkGroup(store.a[:, :, a0 : a0 + len(members) * in_features],
+                                store.b[:, :, b0 : b0 + out_features], [module for _, module in members])  # fmt: skip
             for member, (name, module) in enumerate(members):
                 lora_a, lora_b = store.views(name, module.in_features, module.out_features)
                 wrapped = MultiLoraLinear(module, module.in_features, module.out_features, lora_a, lora_b,

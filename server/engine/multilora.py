@@ -48,6 +48,20 @@ class DecodeKernels(Protocol):
         """base(x) + each row's LoRA delta from its shrink `partial` [B, chunks_pad, r_pad]: x [B, in] -> [B, out]."""
         ...
 
+    def linears(
+        self,
+        bases: list[nn.Module],
+        x: torch.Tensor,
+        partial: torch.Tensor,
+        chunks: int,
+        b: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
+    ) -> list[torch.Tensor] | None:
+        """Every base(x) + each row's LoRA delta for layers sharing x, in one launch where the kernels can (else
+        None): x [B, in], partial [G, B, chunks_pad, r_pad], b [S+1, r, sum of outs] -> G outputs [B, out_g]."""
+        ...
+
 
 class LoraContext:
     """Per-forward adapter slot of every token, shared by all wrapped layers; the engine sets it before each
@@ -188,23 +202,40 @@ class PackCache:
 
 
 class ShrinkGroup:
-    """Wrapped layers called on the same input whose A columns are adjacent in the store (q/k/v, gate/up, or
-    one layer alone): in a decode step the first member's call shrinks x for all of them in one kernel."""
+    """Wrapped layers called on the same input whose A and B columns are adjacent in the stores (q/k/v, gate/up,
+    or one layer alone): in a decode step the first member's call shrinks x for all of them in one kernel, and
+    projects x through all of them in one launch where the kernels can (fewer launches, each streaming more)."""
 
-    def __init__(self, a: torch.Tensor, size: int) -> None:
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bases: list[nn.Module]) -> None:
         self.a = a  # [S+1, r_max, size * in]: a view of the A store
-        self.size = size
+        self.b = b  # [S+1, r_max, sum of the members' out]: a view of the B store
+        self.bases = bases  # the members' base layers, in column order
+        self.size = len(bases)
         self._x: torch.Tensor | None = None  # the input tensor of the last shrink, held so its id stays unique
         self._shrunk: tuple[torch.Tensor, int] = (torch.empty(0), 0)
+        self._outputs: list[torch.Tensor] | None = None  # every member's output, when one launch made them
 
-    def shrunk(
-        self, x: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, kernels: DecodeKernels
-    ) -> tuple[torch.Tensor, int]:
-        """(partial sums [G, B, chunks_pad, r_pad], chunks) of x [B, 1, in], shrunk once per input tensor."""
+    def project(
+        self,
+        member: int,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
+        kernels: DecodeKernels,
+        lora_b: torch.Tensor,
+    ) -> torch.Tensor:
+        """Member `member`'s base(x) + each row's LoRA delta: x [B, 1, in] -> [B, out]; lora_b: its B view."""
+        flat = x.reshape(-1, x.shape[-1])
         if self._x is not x:
-            self._shrunk = kernels.shrink(x.reshape(-1, x.shape[-1]), self.a, slots, ranks, self.size)
+            self._shrunk = kernels.shrink(flat, self.a, slots, ranks, self.size)
+            self._outputs = None
+            if self.size > 1:
+                self._outputs = kernels.linears(self.bases, flat, *self._shrunk, self.b, slots, ranks)
             self._x = x
-        return self._shrunk
+        if self._outputs is not None:
+            return self._outputs[member]
+        partial, chunks = self._shrunk
+        return kernels.linear(self.bases[member], flat, partial[member], chunks, lora_b, slots, ranks)
 
 
 def shrink_groups(targets: list[tuple[str, nn.Module]], a_offsets: dict[str, int]) -> list[list[tuple[str, nn.Module]]]:
@@ -255,9 +286,7 @@ class MultiLoraLinear(nn.Module):
         context, slots = self.context, self.context.slot_ids  # [N]
         kernels = context.decode_kernels
         if context.use_kernels and kernels is not None:
-            partial, chunks = self.group.shrunk(x, slots, context.ranks, kernels)
-            y = kernels.linear(self.base, x.reshape(-1, self.in_features), partial[self.member], chunks, self.lora_b,
-                               slots, context.ranks)  # fmt: skip
+            y = self.group.project(self.member, x, slots, context.ranks, kernels, self.lora_b)
             return y.view(*x.shape[:-1], self.out_features)
         y = self.base(x)
         xa = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]

@@ -38,7 +38,8 @@ def test_a_slot_holding_nan_reaches_no_other_token(segments) -> None:
     b = torch.randn(slots + 1, rank, d_out)
     a[slots], b[slots] = 0, 0  # the no-adapter slot
     context = LoraContext(slots, rank)
-    layer = MultiLoraLinear(torch.nn.Linear(d_in, d_out), d_in, d_out, a, b, context, ShrinkGroup(a, 1), 0)
+    base = torch.nn.Linear(d_in, d_out)
+    layer = MultiLoraLinear(base, d_in, d_out, a, b, context, ShrinkGroup(a, b, [base]), 0)
     token_slots = torch.tensor([0, 0, 1, 2, 3, 3])  # a run per slot; slot 3 is the base model
     x = torch.randn(1, len(token_slots), d_in)
     runs = [(0, 0, 2), (1, 2, 3), (2, 3, 4)]

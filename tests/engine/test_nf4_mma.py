@@ -5,10 +5,12 @@ import pytest
 import torch
 from enginekit import nf4_layer
 
+from server.engine.kernels import FusedDecode
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, nf4_matmul
-from server.engine.kernels.nf4_mma import MMA_ROWS, nf4_mma
+from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma, nf4_mma_segments
+from server.engine.multilora import ShrinkGroup
 
 pytestmark = pytest.mark.gpu
 N, K = 72, 64 * 12  # N not a multiple of the 16-row tiles; K / 64 splits over 4 warps of 3 blocks (no group of 4)
@@ -56,6 +58,63 @@ def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
     assert close(got, expected)
     base = nf4_mma(x, layer.weight, layer.weight.quant_state)
     assert torch.equal(got[slot == slots], base[slot == slots])  # the no-adapter slot adds exactly nothing
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
+@pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 8, 2, 1)])
+def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) -> None:
+    """Three weights sharing x in one launch (as q/k/v do), each row's LoRA delta from its own A and B: each
+    weight's columns of the output are what nf4_mma gives for that weight alone, bit for bit."""
+    torch.manual_seed(0)
+    sizes = (72, 40, 24)  # not multiples of a CTA's rows: every segment ends in a partial tile
+    layers = [nf4_layer(n, K, nested, bias, "cuda")[0] for n in sizes]
+    parts = [(layer.weight, layer.weight.quant_state, layer.bias.bfloat16() if bias else None) for layer in layers]
+    segments = Nf4Segments(parts)
+    assert segments.supported()
+    slots, rank, width = 3, 5, sum(sizes)
+    store_a = (torch.randn(slots + 1, rank, len(sizes) * K, device="cuda") / 8).bfloat16()
+    store_b = (torch.randn(slots + 1, rank, width + 8, device="cuda") / 8).bfloat16()[:, :, :width]
+    store_a[slots], store_b[slots] = 0, 0
+    slot = torch.arange(rows, device="cuda") % (slots + 1)
+    ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device="cuda")[slot]
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    partial, chunks = lora_shrink(x, store_a, slot, ranks, len(sizes))
+    got = nf4_mma_segments(x, segments, LoraEpilogue(partial, chunks, store_b, slot, ranks), config)
+    assert got.shape == (rows, width)
+    column = 0
+    for i, ((weight, state, b), n) in enumerate(zip(parts, sizes, strict=True)):
+        lora = LoraEpilogue(partial[i], chunks, store_b[:, :, column : column + n], slot, ranks)
+        assert torch.equal(got[:, column : column + n], nf4_mma(x, weight, state, b, lora, config)), f"weight {i}"
+        column += n
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_shrink_group_projects_all_its_layers_in_one_launch(rows) -> None:
+    """q/k/v-like bf16 NF4 layers in a decode step: the group's one launch gives each member exactly the output
+    that member's own kernel gives (LoRA delta included)."""
+    torch.manual_seed(0)
+    sizes, slots, rank = (64, 32, 32), 3, 4
+    layers = []
+    for n in sizes:
+        layer = nf4_layer(n, K, True, False, "cuda")[0]
+        layer.compute_dtype = torch.bfloat16  # the engine's
+        layers.append(FusedNf4Linear(layer))
+    store_a = (torch.randn(slots + 1, rank, len(sizes) * K, device="cuda") / 8).bfloat16()
+    store_b = (torch.randn(slots + 1, rank, sum(sizes), device="cuda") / 8).bfloat16()
+    store_a[slots], store_b[slots] = 0, 0
+    group, kernels = ShrinkGroup(store_a, store_b, layers), FusedDecode()
+    slot = torch.arange(rows, device="cuda") % (slots + 1)
+    ranks = torch.tensor([rank, rank, rank, 0], dtype=torch.int32, device="cuda")[slot]
+    x = torch.randn(rows, 1, K, device="cuda").bfloat16()
+    partial, chunks = lora_shrink(x[:, 0], store_a, slot, ranks, len(sizes))
+    column = 0
+    for member, (layer, n) in enumerate(zip(layers, sizes, strict=True)):
+        b = store_b[:, :, column : column + n]
+        alone = FusedDecode.linear(layer, x[:, 0], partial[member], chunks, b, slot, ranks)
+        assert torch.equal(group.project(member, x, slot, ranks, kernels, b), alone), f"member {member}"
+        column += n
+    assert kernels.linears(layers, x[:, 0], partial, chunks, store_b, slot, ranks) is not None  # one launch
 
 
 def test_the_layer_takes_nf4_mma_for_few_bf16_rows() -> None:

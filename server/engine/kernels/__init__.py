@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from server.engine.kernels.lora import lora_expand, lora_shrink
-from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears
+from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_segments
+from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma_segments
+from server.engine.kernels.nf4_mma import available as mma_available
 from server.engine.kernels.rmsnorm import fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
 
@@ -28,6 +30,9 @@ class FusedDecode:
     """The decode step's multi-LoRA kernels, as the multi-LoRA layers call them (multilora.DecodeKernels)."""
 
     shrink = staticmethod(lora_shrink)
+
+    def __init__(self) -> None:
+        self._segments: dict[tuple[int, ...], Nf4Segments | None] = {}  # by the layers' ids: None, not fusable
 
     @staticmethod
     def linear(
@@ -48,3 +53,25 @@ class FusedDecode:
         y = base(x)
         lora_expand(y, partial, chunks, b, slots, ranks)
         return y
+
+    def linears(
+        self,
+        bases: list[nn.Module],
+        x: torch.Tensor,
+        partial: torch.Tensor,
+        chunks: int,
+        b: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
+    ) -> list[torch.Tensor] | None:
+        """NF4 layers sharing x (q/k/v, gate/up) in one nf4_mma launch, each row's LoRA delta in its epilogue:
+        x [B, in], partial [G, B, CHUNKS_PAD, R_PAD], b [S+1, R, sum of outs] -> G outputs [B, out_g] (column
+        views of one tensor); None where that launch does not run (the layers then run one by one)."""
+        key = tuple(map(id, bases))
+        if key not in self._segments:
+            self._segments[key] = nf4_segments(bases)
+        segments = self._segments[key]
+        lora = LoraEpilogue(partial, chunks, b, slots, ranks)
+        if segments is None or x.shape[0] > MMA_ROWS or not mma_available(x, lora) or x.stride(1) != 1:
+            return None
+        return list(nf4_mma_segments(x, segments, lora).split(segments.n, dim=1))

@@ -26,7 +26,7 @@ from torch import nn
 
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import lora_expand
-from server.engine.kernels.nf4_mma import MMA_ROWS, nf4_bf16_bits, nf4_mma
+from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_bf16_bits, nf4_mma
 from server.engine.kernels.nf4_mma import available as mma_available
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
@@ -409,6 +409,16 @@ class FusedNf4Linear(nn.Module):
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.base.bias is None else self.base.bias.to(dtype)
+
+
+def nf4_segments(layers: list[nn.Module]) -> Nf4Segments | None:
+    """The NF4 layers sharing an input as one nf4_mma launch's segments, or None where one launch cannot serve
+    them: a layer not a FusedNf4Linear computing in bf16, or weights of different K, kind or bias."""
+    if not all(isinstance(layer, FusedNf4Linear) and layer.base.compute_dtype == torch.bfloat16 for layer in layers):
+        return None
+    parts = [(layer.base.weight, layer.base.weight.quant_state, layer.base.bias) for layer in layers]
+    segments = Nf4Segments(parts)  # type: ignore[arg-type]
+    return segments if segments.supported() else None
 
 
 def fuse_nf4_linears(model: nn.Module) -> None:

@@ -18,7 +18,8 @@
 // loaded ahead) and add their partial sums in shared memory at the end, where the bias and each row's LoRA delta
 // (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot) are added. Defined by
 // the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), MIN_BLOCKS (CTAs an SM must fit by registers),
-// NESTED, HAS_BIAS, HAS_LORA, R_PAD, BTILE, and NF4_CODES (bitsandbytes' code book as bf16 bits).
+// NESTED, HAS_BIAS, HAS_LORA, R_PAD, BTILE, SEGMENTS (weights of one launch, up to 3), and NF4_CODES (bitsandbytes'
+// code book as bf16 bits).
 
 __constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
 
@@ -105,12 +106,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     const unsigned short* __restrict__ bias, // [n] bf16 (HAS_BIAS)
     const float* __restrict__ partial,       // [m, chunks_pad, R_PAD] the LoRA shrink's partial sums (HAS_LORA)
     int chunks, int chunks_pad, int rank,
-    const unsigned short* __restrict__ lora_b,  // [S+1, rank, n] bf16, strides (stride_bs, stride_br, 1)
+    const unsigned short* __restrict__ lora_b,  // [S+1, rank, ldo] bf16, strides (stride_bs, stride_br, 1)
     int stride_bs, int stride_br,
     const long long* __restrict__ slots,     // [m] each row's slot (HAS_LORA)
     const int* __restrict__ ranks,           // [m] each row's adapter rank: B rows past it are not read (HAS_LORA)
-    unsigned short* __restrict__ out,        // [m, n] bf16
-    int n, int k) {
+    unsigned short* __restrict__ out,        // [m, ldo] bf16
+    int ldo, int n, int k,
+    int partial_stride,                      // between the segments' partial sums (SEGMENTS > 1)
+    // segments 1 and 2 (SEGMENTS > 1, 3): their weights, scales and bias as segment 0's above, their n, and the
+    // CTAs before segment 1's and segment 2's
+    const unsigned char* __restrict__ w_1, const void* __restrict__ absmax_1, const float* __restrict__ absmax2_1,
+    const float* __restrict__ code2_1, const float* __restrict__ offset_1, const unsigned short* __restrict__ bias_1,
+    int n_1,
+    const unsigned char* __restrict__ w_2, const void* __restrict__ absmax_2, const float* __restrict__ absmax2_2,
+    const float* __restrict__ code2_2, const float* __restrict__ offset_2, const unsigned short* __restrict__ bias_2,
+    int n_2, int end_0, int end_1) {
     __shared__ __align__(16) unsigned smem[SMEM_WORDS];
     __shared__ float code2_s[NESTED ? 256 : 1];
 #if BTILE
@@ -118,6 +128,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     extern __shared__ __align__(16) unsigned short btile[];
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    int cta = blockIdx.x, col0 = 0;  // this CTA's tile in its weight, and that weight's first column of out
+#if SEGMENTS > 1
+    // Weights that share x (q/k/v, gate/up) in one launch: each is a segment of the output columns, its CTAs
+    // after the previous segments'. Chosen among kernel parameters: no memory read before the weights'.
+    if (cta >= end_0) {
+        const bool second = SEGMENTS == 2 || cta < end_1;
+        col0 = second ? n : n + n_1;
+        cta -= second ? end_0 : end_1;
+        w = second ? w_1 : w_2;
+        absmax = second ? absmax_1 : absmax_2;
+        absmax2 = second ? absmax2_1 : absmax2_2;
+        code2 = second ? code2_1 : code2_2;
+        offset_ptr = second ? offset_1 : offset_2;
+        bias = second ? bias_1 : bias_2;
+        n = second ? n_1 : n_2;
+        partial += (second ? 1 : 2) * partial_stride;
+    }
+#endif
 #if HAS_LORA
     __shared__ long long slot_s[MT * 8];
     __shared__ int rank_s[MT * 8];
@@ -132,7 +160,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     for (int tile = 0; tile < NT; ++tile) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = min(int(blockIdx.x) * ROWS + 16 * tile + 8 * h + g, n - 1);
+            const int row = min(cta * ROWS + 16 * tile + 8 * h + g, n - 1);
             block[tile][h] = unsigned(row) * blocks_k + warp * per_warp;
             wp[tile][h] = w + size_t(block[tile][h]) * 32 + 8 * t;
         }
@@ -175,11 +203,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     // step at batch 1, ~20% at 32). 16 bytes a copy; those past the last output row copy nothing and zero-fill;
     // rows past the x row's rank are not copied (nor read).
     for (int c = tid; c < m * rank * (ROWS / 8); c += WARPS * 32) {
-        const int token = c / (rank * (ROWS / 8)), r = c / (ROWS / 8) % rank, col = blockIdx.x * ROWS + 8 * (c % (ROWS / 8));
+        const int token = c / (rank * (ROWS / 8)), r = c / (ROWS / 8) % rank, col = cta * ROWS + 8 * (c % (ROWS / 8));
         if (r >= rank_s[token]) continue;
         const int bytes = max(0, min(16, 2 * (n - col)));
         const unsigned short* src =  // a copy of nothing still names an address inside the row: the CTA's first
-            lora_b + size_t(slot_s[token]) * stride_bs + size_t(r) * stride_br + (bytes ? col : blockIdx.x * ROWS);
+            lora_b + size_t(slot_s[token]) * stride_bs + size_t(r) * stride_br + col0 + (bytes ? col : cta * ROWS);
         const unsigned dst = unsigned(__cvta_generic_to_shared(btile + 8 * c));
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
     }
@@ -295,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #endif
     __syncthreads();
     for (int i = tid; i < m * ROWS; i += WARPS * 32) {
-        const int token = i / ROWS, row = blockIdx.x * ROWS + i % ROWS;
+        const int token = i / ROWS, row = cta * ROWS + i % ROWS;
         float sum = 0.0f;
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 8 * ROWS + i];
@@ -310,13 +338,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             const unsigned short* b = btile + size_t(token) * rank * ROWS + i % ROWS;
             for (int r = 0; r < rank_t; ++r) sum += __uint_as_float(unsigned(b[r * ROWS]) << 16) * shrunk[token][r];
 #else
-            const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + row;
+            const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + col0 + row;
             for (int r = 0; r < rank_t; ++r) sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
 #endif
 #endif
             unsigned short y;
             asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum));
-            out[size_t(token) * n + row] = y;
+            out[size_t(token) * ldo + col0 + row] = y;
         }
     }
 }

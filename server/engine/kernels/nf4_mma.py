@@ -7,6 +7,7 @@ devices of compute capability 8.0+ for bf16 compute; the Triton kernels serve ev
 """
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,7 @@ def available(x: torch.Tensor, lora: LoraEpilogue | None = None) -> bool:
         and x.dtype == torch.bfloat16
         and x.data_ptr() % 16 == 0
         and x.stride(0) % 8 == 0
-        and (lora is None or -(-x.shape[0] // 8) * 8 * lora.partial.shape[2] * 4 <= _SHRUNK_BYTES)
+        and (lora is None or -(-x.shape[0] // 8) * 8 * lora.partial.shape[-1] * 4 <= _SHRUNK_BYTES)
         and _compiles(x.device.index or 0)
     )
 
@@ -68,6 +69,7 @@ def _compiles(device: int) -> bool:
             bias=False,
             r_pad=0,
             btile=False,
+            segments=1,
             device=device,
         )
     except (OSError, RuntimeError) as error:
@@ -109,17 +111,48 @@ def _kernel(
     bias: bool,
     r_pad: int,
     btile: bool,
+    segments: int,
     device: int,
 ) -> Callable[..., None]:
     defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
                "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
-               "R_PAD": max(r_pad, 1), "BTILE": int(btile)}  # fmt: skip
+               "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments}  # fmt: skip
     source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_mma")
         if btile:  # static and dynamic shared memory together pass 48 KB: a launch must be allowed to
             kernel.set_shared_memory_config(_BTILE_BYTES)
         return kernel
+
+
+Part = tuple[torch.Tensor, QuantState, torch.Tensor | None]  # an NF4 weight, its QuantState, its bias (bf16)
+
+
+class Nf4Segments:
+    """NF4 weights that share their input (q/k/v, gate/up; up to three), projected by one nf4_mma launch into one
+    output [M, sum of N]: each weight's CTAs follow the previous weight's; a CTA picks its weight's pointers
+    among the kernel's parameters."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.parts = parts
+        self.n = [state.shape[0] for _, state, _ in parts]
+
+    def supported(self) -> bool:
+        """Whether one launch can serve the weights: two or three of one K, one quantization kind, a bias on all
+        or none (bf16, read as it is)."""
+        states = [state for _, state, _ in self.parts]
+        biases = [bias for _, _, bias in self.parts]
+        return (
+            2 <= len(self.parts) <= 3
+            and len({state.shape[1] for state in states}) == 1
+            and len({bool(state.nested) for state in states}) == 1
+            and (all(b is None for b in biases) or all(b is not None and b.dtype == torch.bfloat16 for b in biases))
+        )
+
+
+def _second_level(state: QuantState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(absmax2, code2, offset) of a double-quantized state; placeholders the kernel does not read otherwise."""
+    return (state.state2.absmax, state.state2.code, state.offset) if state.nested else (state.absmax,) * 3
 
 
 def nf4_mma(
@@ -133,29 +166,60 @@ def nf4_mma(
     """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
     + each row's LoRA delta) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block size
     64); config: pick_config's by default."""
+    return _launch(x, [(weight, state, bias)], None, lora, config)
+
+
+def nf4_mma_segments(
+    x: torch.Tensor,
+    segments: Nf4Segments,
+    lora: LoraEpilogue | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """nf4_mma for each weight of `segments` (supported()) in one launch -> [M, sum of N], the weights' outputs
+    side by side; lora.partial is the shrink's [G, M, CHUNKS_PAD, R_PAD] for the G weights, lora.b their B
+    columns side by side, [S+1, R, sum of N]."""
+    return _launch(x, segments.parts, segments, lora, config)
+
+
+def _launch(
+    x: torch.Tensor,
+    parts: list[Part],
+    segments: Nf4Segments | None,
+    lora: LoraEpilogue | None,
+    config: tuple[int, int, int, int] | None,
+) -> torch.Tensor:
     m, k = x.shape
-    n = state.shape[0]
-    row_tiles, warps, group, min_blocks = config or pick_config(n, k, m)
+    ns = [state.shape[0] for _, state, _ in parts]
+    total = sum(ns)
+    row_tiles, warps, group, min_blocks = config or pick_config(total, k, m)
     warps, group, x_tiles = pick_launch(k, m, row_tiles, warps, group)
-    nested = bool(state.nested)
-    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    weight, state, bias = parts[0]
+    absmax2, code2, offset = _second_level(state)
+    out = torch.empty(m, total, dtype=torch.bfloat16, device=x.device)
     btile = 0  # bytes of the epilogue's B rows in shared memory
     if lora is None:
         partial, b, slots, ranks, chunks, chunks_pad, r_pad, rank, stride_bs, stride_br = (out,) * 4 + (0,) * 6
     else:
         partial, b, slots, ranks, chunks = lora.partial, lora.b, lora.slots, lora.ranks, lora.chunks
-        chunks_pad, r_pad = partial.shape[1:]
+        chunks_pad, r_pad = partial.shape[-2:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
-        if b.data_ptr() % 16 == 0 and stride_bs % 8 == 0 and stride_br % 8 == 0:  # 16-byte copies
+        aligned = [b.data_ptr(), stride_bs, stride_br, *itertools.accumulate(ns[:-1])]  # 16-byte copies
+        if all(value % 8 == 0 for value in aligned[1:]) and aligned[0] % 16 == 0:
             btile = m * rank * 16 * row_tiles * 2 if m * rank * 16 * row_tiles * 2 <= _BTILE_BYTES else 0
-    kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, nested, bias is not None, r_pad, btile > 0,
-                     x.device.index or 0)  # fmt: skip
+    partial_stride = partial.stride(0) if segments is not None and lora is not None else 0
+    ends = list(itertools.accumulate(-(-n // (16 * row_tiles)) for n in ns))
+    more = []  # segments 1 and 2's parameters (segment 0's where there are fewer: never read)
+    for i in (min(1, len(parts) - 1), min(2, len(parts) - 1)):
+        w_i, state_i, bias_i = parts[i]
+        more += [w_i, state_i.absmax, *_second_level(state_i), out if bias_i is None else bias_i, ns[i]]
+    kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, bool(state.nested), bias is not None, r_pad,
+                     btile > 0, len(parts), x.device.index or 0)  # fmt: skip
     kernel(
-        grid=(-(-n // (16 * row_tiles)), 1, 1),
+        grid=(ends[-1], 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
-              partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, n, k],
+              partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, total, ns[0], k,
+              partial_stride, *more, ends[0], ends[min(1, len(ends) - 1)]],
         shared_mem=btile,
     )  # fmt: skip
     return out
