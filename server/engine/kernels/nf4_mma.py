@@ -203,9 +203,10 @@ def _launch(
         partial, b, slots, ranks, chunks = lora.partial, lora.b, lora.slots, lora.ranks, lora.chunks
         chunks_pad, r_pad = partial.shape[-2:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
-        aligned = [b.data_ptr(), stride_bs, stride_br, *itertools.accumulate(ns[:-1])]  # 16-byte copies
-        if all(value % 8 == 0 for value in aligned[1:]) and aligned[0] % 16 == 0:
-            btile = m * rank * 16 * row_tiles * 2 if m * rank * 16 * row_tiles * 2 <= _BTILE_BYTES else 0
+        starts = itertools.accumulate(ns[:-1])  # the segments' first columns of B past the first
+        tile = m * rank * 16 * row_tiles * 2  # [m, rank, the CTA's outputs] bf16
+        if b.data_ptr() % 16 == 0 and all(v % 8 == 0 for v in (stride_bs, stride_br, *starts)):  # 16-byte copies
+            btile = tile if tile <= _BTILE_BYTES else 0
     partial_stride = partial.stride(0) if segments is not None and lora is not None else 0
     ends = list(itertools.accumulate(-(-n // (16 * row_tiles)) for n in ns))
     more = []  # segments 1 and 2's parameters (segment 0's where there are fewer: never read)
