@@ -61,6 +61,30 @@ def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 4, 2, 1)])
+def test_nf4_mma_epilogues_agree_bit_for_bit(rows, config) -> None:
+    """The same B values as a 16-byte aligned view (copied into shared memory, eight outputs a thread) and as an
+    unaligned one (read from global memory, an output a thread), with a bias: the same bits."""
+    torch.manual_seed(0)
+    layer, _ = nf4_layer(N, K, True, True, "cuda")
+    slots, rank = 3, 5
+    store_a = (torch.randn(slots + 1, rank, K, device="cuda") / 8).bfloat16()
+    values = (torch.randn(slots + 1, rank, N, device="cuda") / 8).bfloat16()
+    wide = torch.zeros(2, slots + 1, rank, N + 8, dtype=torch.bfloat16, device="cuda")
+    wide[0, :, :, :N], wide[1, :, :, 1 : N + 1] = values, values
+    slot = torch.arange(rows, device="cuda") % (slots + 1)
+    ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device="cuda")[slot]
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    partial, chunks = lora_shrink(x, store_a, slot, ranks)
+    bias = layer.bias.bfloat16()
+    aligned, unaligned = (
+        LoraEpilogue(partial[0], chunks, b, slot, ranks) for b in (wide[0, :, :, :N], wide[1, :, :, 1 : N + 1])
+    )
+    got = nf4_mma(x, layer.weight, layer.weight.quant_state, bias, aligned, config)
+    assert torch.equal(got, nf4_mma(x, layer.weight, layer.weight.quant_state, bias, unaligned, config))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
 @pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 8, 2, 1)])
 def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) -> None:
