@@ -1,5 +1,6 @@
 """CUDA only: the decode step captured in CUDA graphs gives PEFT's tokens, including adapters activated after
-capture (slot copies into static buffers, no recapture), in fp32 and with an NF4 base."""
+capture (slot copies into static buffers, no recapture), in fp32 and with an NF4 base; in bf16 (nf4_mma), the
+grouped q/k/v and gate/up launches give what one launch a layer gives."""
 
 import copy
 
@@ -10,6 +11,8 @@ from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
 from loraplex.basemodel import nf4_config
+from server.engine.kernels import FusedDecode
+from server.engine.kernels.nf4 import FusedNf4Linear
 
 pytestmark = pytest.mark.gpu
 
@@ -48,3 +51,25 @@ def test_nf4_graphs_match_eager(tmp_path, family_setup, tokenizer) -> None:
     assert outputs[0] == outputs[1]
     for i, adapter in enumerate(rows):
         assert outputs[0][i] == reference_generate(base, adapter, [*prompt, 3 + i], 8)[0], f"row {i}"
+
+
+def test_bf16_grouped_launches_match_one_launch_a_layer(tmp_path, family_setup, tokenizer, monkeypatch) -> None:
+    """A bf16 NF4 engine (nf4_mma serves its decode steps) with and without the grouped launches: the same tokens
+    and logprobs, bit for bit (the tiny model's projections take one launch configuration either way)."""
+    _, adapters = family_setup("llama")
+    path = save_tiny(tmp_path / "llama", "llama")
+    load = dict(quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16, device_map={"": "cuda"})
+    base = AutoModelForCausalLM.from_pretrained(path, **load).eval()
+    prompt = tokenizer("nf4 in bf16")["input_ids"]
+    outputs = []
+    for grouped in (True, False):
+        with monkeypatch.context() as patch:
+            if not grouped:  # every layer its own launch, as before the grouped launches
+                patch.setattr(FusedDecode, "linears", lambda self, *args: None)
+            engine = make_engine(base, tokenizer, max_batch_size=16, cuda_graphs=True)
+            assert any(isinstance(m, FusedNf4Linear) for m in engine.model.modules())
+            rows, sink = run_mixed(engine, adapters, prompt, 8)
+            segments = engine._lora_context.decode_kernels._segments.values()  # the groups' launches, once built
+            assert any(s is not None for s in segments) == grouped
+        outputs.append([(sink.tokens(f"r{i}"), sink.logprobs(f"r{i}")) for i in range(len(rows))])
+    assert outputs[0] == outputs[1]
