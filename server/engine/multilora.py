@@ -23,6 +23,11 @@ KERNEL_TOKENS = 64
 
 # Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# The norm of a decoder layer whose output those layers take: (its name, the module holding them, the group)
+NORM_INPUTS = (
+    ("input_layernorm", "self_attn", SHARED_INPUTS[0]),
+    ("post_attention_layernorm", "mlp", SHARED_INPUTS[1]),
+)
 
 
 class DecodeKernels(Protocol):
@@ -46,6 +51,13 @@ class DecodeKernels(Protocol):
         ranks: torch.Tensor,
     ) -> torch.Tensor:
         """base(x) + each row's LoRA delta from its shrink `partial` [B, chunks_pad, r_pad]: x [B, in] -> [B, out]."""
+        ...
+
+    def norm_shrink(
+        self, norm: nn.Module, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]] | None:
+        """(norm(x), the shrink of norm(x) as `shrink` gives it) in one kernel, or None where the kernels have
+        none for that norm: x [..., D] of B rows, a [S+1, r, G * D], slots and ranks [B]."""
         ...
 
     def linears(
@@ -214,6 +226,11 @@ class ShrinkGroup:
         self._x: torch.Tensor | None = None  # the input tensor of the last shrink, held so its id stays unique
         self._shrunk: tuple[torch.Tensor, int] = (torch.empty(0), 0)
         self._outputs: list[torch.Tensor] | None = None  # every member's output, when one launch made them
+        self._primed: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None  # (input, its shrink) of a norm
+
+    def prime(self, x: torch.Tensor, shrunk: tuple[torch.Tensor, int]) -> None:
+        """x's shrink, made by the kernel that made x (NormShrink): the members' first call on x takes it."""
+        self._primed = (x, shrunk)
 
     def project(
         self,
@@ -227,7 +244,11 @@ class ShrinkGroup:
         """Member `member`'s base(x) + each row's LoRA delta: x [B, 1, in] -> [B, out]; lora_b: its B view."""
         flat = x.reshape(-1, x.shape[-1])
         if self._x is not x:
-            self._shrunk = kernels.shrink(flat, self.a, slots, ranks, self.size)
+            primed, self._primed = self._primed, None
+            if primed is not None and primed[0] is x:
+                self._shrunk = primed[1]
+            else:
+                self._shrunk = kernels.shrink(flat, self.a, slots, ranks, self.size)
             self._outputs = None
             if self.size > 1:
                 self._outputs = kernels.linears(self.bases, flat, *self._shrunk, self.b, slots, ranks)
@@ -300,3 +321,35 @@ class MultiLoraLinear(nn.Module):
             own = torch.where(context.own, shrunk, 0.0)  # type: ignore[arg-type]
             flat += (own @ self.lora_b.flatten(0, 1)).to(y.dtype)
         return y
+
+
+class NormShrink(nn.Module):
+    """A decoder layer's norm whose output a shrink group takes (NORM_INPUTS): in a decode step with the fused
+    kernels, the norm and the group's shrink run as one kernel, and the group takes that shrink."""
+
+    def __init__(self, norm: nn.Module, group: ShrinkGroup, context: LoraContext) -> None:
+        super().__init__()
+        self.norm, self.group, self.context = norm, group, context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [1, N, D] (the step's flat tokens) -> [1, N, D]
+        context, kernels = self.context, self.context.decode_kernels
+        if context.use_kernels and kernels is not None:
+            fused = kernels.norm_shrink(self.norm, x, self.group.a, context.slot_ids, context.ranks, self.group.size)
+            if fused is not None:
+                self.group.prime(*fused)
+                return fused[0]
+        return self.norm(x)
+
+
+def wrap_norms(model: nn.Module, context: LoraContext) -> None:
+    """Wrap every decoder layer's norm whose output wrapped layers of a shrink group take (NORM_INPUTS) in a
+    NormShrink for that group (the group of the first of those layers: q/k/v and gate/up are one group each
+    where their A columns are adjacent)."""
+    for module in list(model.modules()):
+        for norm_name, holder_name, members in NORM_INPUTS:
+            norm, holder = getattr(module, norm_name, None), getattr(module, holder_name, None)
+            layers = [getattr(holder, member, None) for member in members] if holder is not None else []
+            layer = next((layer for layer in layers if isinstance(layer, MultiLoraLinear)), None)
+            if norm is not None and layer is not None:
+                setattr(module, norm_name, NormShrink(norm, layer.group, context))

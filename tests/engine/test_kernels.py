@@ -10,14 +10,17 @@ from bitsandbytes.nn import Linear4bit
 from enginekit import Collector, greedy, make_engine, nf4_layer, reference_generate, request, run_to_end
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
+from server.engine.kernels import FusedDecode
 from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
+from server.engine.multilora import LoraContext, MultiLoraLinear, NormShrink, ShrinkGroup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Whole-engine runs under Triton's CPU interpreter cost ~15-20 s each: there, the families whose modules differ
@@ -99,6 +102,45 @@ def test_fused_rms_norm_matches_the_module(norm_class) -> None:
     assert torch.allclose(FusedRMSNorm(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
 
 
+class NoShrink(FusedDecode):
+    def shrink(self, *args, **kwargs):  # type: ignore[override]
+        raise AssertionError("the norm's kernel made this shrink")
+
+
+@pytest.mark.parametrize("norm_class", [LlamaRMSNorm, GemmaRMSNorm], ids=lambda c: c.__name__)
+def test_a_norm_and_the_shrink_of_the_layers_reading_it_run_as_one_kernel(norm_class) -> None:
+    """q/k/v-like layers after a norm in a decode step: the norm's kernel also makes their shrink (the group's own
+    is never called), with the norm's output and each row's LoRA delta what the unfused kernels give."""
+    torch.manual_seed(0)
+    d, sizes, slots, rank = 320, (40, 24, 24), 3, 6  # D not a multiple of the shrink's chunks
+    norm = norm_class(d, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.normal_()
+    fused = FusedRMSNorm(norm)
+    ranks = torch.tensor([6, 2, 5, 0], dtype=torch.int32, device=DEVICE)  # slot 3, the no-adapter one: 0
+    used = torch.arange(rank, device=DEVICE)[None, :] < ranks[:, None]  # [S+1, R]
+    store_a = torch.randn(slots + 1, rank, 3 * d + 8, device=DEVICE)[:, :, 8:].masked_fill(~used[:, :, None], 1e3)
+    store_b = torch.randn(slots + 1, rank, sum(sizes), device=DEVICE) * used[:, :, None]
+    context = LoraContext(slots, rank)
+    context.decode_kernels, context.slot_ranks = NoShrink(), ranks
+    rows = torch.tensor([2, 0, 3, 1, 2], device=DEVICE)
+    context.set(rows, None)
+    bases = [torch.nn.Linear(d, n).to(DEVICE) for n in sizes]
+    group = ShrinkGroup(store_a, store_b, bases)
+    layers, column = [], 0
+    for i, (base, n) in enumerate(zip(bases, sizes, strict=True)):
+        a, b = store_a[:, :, i * d : (i + 1) * d], store_b[:, :, column : column + n]
+        layers.append(MultiLoraLinear(base, d, n, a, b, context, group, i))
+        column += n
+    x = torch.randn(1, len(rows), d, device=DEVICE) * 4
+    h = NormShrink(fused, group, context)(x)
+    assert torch.equal(h, fused(x))
+    for i, (layer, base) in enumerate(zip(layers, bases, strict=True)):
+        a = (store_a * used[:, :, None])[:, :, i * d : (i + 1) * d][rows]  # [B, R, D]
+        delta = torch.bmm(torch.bmm(h[0, :, None], a.transpose(1, 2)), layer.lora_b[rows])[:, 0]
+        assert torch.allclose(layer(h)[0], base(h[0]) + delta, atol=1e-4, rtol=1e-4), f"layer {i}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
 def test_rotary_matches_the_hf_function(dtype) -> None:
     torch.manual_seed(0)
@@ -148,6 +190,7 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
         base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / family, family), **load).eval()
     engine = make_engine(base, tokenizer, fused_kernels=True)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
+    assert any(isinstance(m, NormShrink) for m in engine.model.modules())
     assert any(isinstance(m, FusedNf4Linear) for m in engine.model.modules()) == nf4
     # alone: the adapter on every projection and a base row suffice to prove the one-row GEMV and its LoRA epilogue
     rows = [adapters[1], None] if alone else [*adapters, None]

@@ -12,7 +12,7 @@ from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_segments
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma_segments
 from server.engine.kernels.nf4_mma import available as mma_available
-from server.engine.kernels.rmsnorm import fuse_rms_norms
+from server.engine.kernels.rmsnorm import FusedRMSNorm, fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
 
 __all__ = ["FusedDecode", "install"]
@@ -53,6 +53,15 @@ class FusedDecode:
         y = base(x)
         lora_expand(y, partial, chunks, b, slots, ranks)
         return y
+
+    @staticmethod
+    def norm_shrink(
+        norm: nn.Module, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]] | None:
+        """(norm(x), lora_shrink of norm(x)) in one kernel where `norm` is a FusedRMSNorm, else None."""
+        if not isinstance(norm, FusedRMSNorm):
+            return None
+        return norm.forward_and_shrink(x, a, slots, ranks, groups)
 
     def linears(
         self,

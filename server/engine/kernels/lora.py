@@ -84,6 +84,12 @@ def _expand_kernel(
     tl.store(y_row, (y + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+def shrink_shape(k: int, rank: int) -> tuple[int, int, int]:
+    """(chunks, CHUNKS_PAD, R_PAD) of a shrink over K = k for a store of rank `rank` (tl.arange sizes)."""
+    chunks = triton.cdiv(k, SHRINK_BLOCK_K)
+    return chunks, triton.next_power_of_2(chunks), max(16, triton.next_power_of_2(rank))
+
+
 def lora_shrink(
     x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int = 1
 ) -> tuple[torch.Tensor, int]:
@@ -92,9 +98,7 @@ def lora_shrink(
     a: [S+1, R, G * K] with unit column stride (a view of the slot store); slots: [B] long; ranks: [B] int32,
     each row's adapter rank."""
     rows, k = x.shape
-    rank = a.shape[1]
-    chunks = triton.cdiv(k, SHRINK_BLOCK_K)
-    chunks_pad, r_pad = triton.next_power_of_2(chunks), max(16, triton.next_power_of_2(rank))  # tl.arange sizes
+    chunks, chunks_pad, r_pad = shrink_shape(k, a.shape[1])
     partial = torch.empty(groups, rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
     _shrink_kernel[(rows, chunks, groups)](
         x, a, slots, ranks, partial, rows, k, x.stride(0), a.stride(0), a.stride(1),

@@ -1,4 +1,5 @@
-"""RMSNorm in one kernel per call, in place of the seven elementwise kernels of the HF modules' forward.
+"""RMSNorm in one kernel per call, in place of the seven elementwise kernels of the HF modules' forward; in a
+decode step, with the LoRA shrink of the layers that read its output (q/k/v, gate/up) in the same kernel.
 
 Same arithmetic as the modules it replaces: fp32 statistics; Llama-style multiplies the weight after
 rounding to the input dtype, Gemma-style multiplies by (1 + weight) in fp32 and rounds last.
@@ -13,6 +14,8 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_shape
 
 # The norm classes of the supported families -> (eps attribute, Gemma-style (1 + weight) scaling)
 NORMS: dict[type[nn.Module], tuple[str, bool]] = {
@@ -48,6 +51,57 @@ def _rmsnorm_kernel(
     tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rmsnorm_shrink_kernel(
+    x_ptr,  # [B, D], row stride stride_x
+    w_ptr,  # [D]
+    out_ptr,  # [B, D] contiguous
+    a_ptr,  # [S+1, R, G * D] view of the A store: strides (stride_as, stride_ar, 1)
+    slot_ptr,  # [B] long
+    rank_ptr,  # [B] int32: each row's adapter rank
+    partial_ptr,  # [G, B, CHUNKS_PAD, R_PAD] fp32
+    B,
+    D,
+    eps,
+    stride_x,
+    stride_as,
+    stride_ar,
+    ONE_PLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUPS: tl.constexpr,
+    CHUNKS_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # A program per (row, chunk of BLOCK_K columns): the row's statistics over the whole row (8 KB at D 4096,
+    # read by each of its programs), then its chunk normalized and stored, then that chunk's part of lora.py's
+    # shrink for each of the G layers reading the output, as _shrink_kernel computes it from the stored values.
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_D)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < D, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < D
+    normed = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32) * rstd
+    w = tl.load(w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    if ONE_PLUS:
+        y = normed * (1.0 + w)
+    else:
+        y = w * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * D + offs_k, y, mask=k_mask)
+    slot = tl.load(slot_ptr + row)
+    rank = tl.load(rank_ptr + row)
+    offs_r = tl.arange(0, R_PAD)
+    y = y.to(tl.float32)
+    for g in tl.static_range(GROUPS):
+        a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + g * D + offs_k[None, :]
+        a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
+        partial = partial_ptr + ((g * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
+        tl.store(partial, tl.sum(a * y[None, :], axis=1))
+
+
 class FusedRMSNorm(nn.Module):
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
@@ -57,17 +111,37 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., D]
-        d = x.shape[-1]
-        flat = x.reshape(-1, d)
-        if flat.stride(1) != 1:
-            flat = flat.contiguous()
-        dtype = x.dtype if self.one_plus else torch.promote_types(self.weight.dtype, x.dtype)
-        out = torch.empty(flat.shape, dtype=dtype, device=x.device)
+        flat, out = self._rows(x)
+        d = flat.shape[1]
         block = triton.next_power_of_2(d)
         _rmsnorm_kernel[(flat.shape[0],)](
             flat, self.weight, out, d, self.eps, flat.stride(0), ONE_PLUS=self.one_plus, BLOCK_D=block
         )
         return out.view(*x.shape[:-1], d)
+
+    def forward_and_shrink(
+        self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+        """(forward(x), lora_shrink(forward(x) as [B, D], a, slots, ranks, groups)) in one kernel: x [..., D] with
+        B rows; a: [S+1, R, groups * D] with unit column stride; slots: [B] long; ranks: [B] int32."""
+        flat, out = self._rows(x)
+        rows, d = flat.shape
+        chunks, chunks_pad, r_pad = shrink_shape(d, a.shape[1])
+        partial = torch.empty(groups, rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
+        _rmsnorm_shrink_kernel[(rows, chunks)](
+            flat, self.weight, out, a, slots, ranks, partial, rows, d, self.eps, flat.stride(0), a.stride(0),
+            a.stride(1), ONE_PLUS=self.one_plus, BLOCK_D=triton.next_power_of_2(d), GROUPS=groups,
+            CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
+        )  # fmt: skip
+        return out.view(*x.shape[:-1], d), (partial, chunks)
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] as rows [B, D] with unit column stride, and the output [B, D] they are normalized into."""
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.stride(1) != 1:
+            flat = flat.contiguous()
+        dtype = x.dtype if self.one_plus else torch.promote_types(self.weight.dtype, x.dtype)
+        return flat, torch.empty(flat.shape, dtype=dtype, device=x.device)
 
 
 def fuse_rms_norms(model: nn.Module) -> None:
