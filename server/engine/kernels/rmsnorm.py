@@ -68,16 +68,18 @@ def _rmsnorm_shrink_kernel(
     stride_ar,
     ONE_PLUS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    GROUPS: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # A program per (row, chunk of BLOCK_K columns): the row's statistics over the whole row (8 KB at D 4096,
-    # read by each of its programs), then its chunk normalized and stored, then that chunk's part of lora.py's
-    # shrink for each of the G layers reading the output, as _shrink_kernel computes it from the stored values.
+    # A program per (row, chunk of BLOCK_K columns, layer reading the output), as _shrink_kernel's grid (one
+    # program for all G layers had a third of the programs at batch 1, and was slower there than the two
+    # kernels): the row's statistics over the whole row (8 KB at D 4096, read by each of its programs), then its
+    # chunk normalized (stored by the first layer's program), then that chunk's part of lora.py's shrink for the
+    # program's layer, as _shrink_kernel computes it from the stored values.
     row = tl.program_id(0)
     chunk = tl.program_id(1)
+    group = tl.program_id(2)
     offs = tl.arange(0, BLOCK_D)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < D, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
@@ -90,16 +92,15 @@ def _rmsnorm_shrink_kernel(
     else:
         y = w * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * D + offs_k, y, mask=k_mask)
+    if group == 0:
+        tl.store(out_ptr + row * D + offs_k, y, mask=k_mask)
     slot = tl.load(slot_ptr + row)
     rank = tl.load(rank_ptr + row)
     offs_r = tl.arange(0, R_PAD)
-    y = y.to(tl.float32)
-    for g in tl.static_range(GROUPS):
-        a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + g * D + offs_k[None, :]
-        a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
-        partial = partial_ptr + ((g * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
-        tl.store(partial, tl.sum(a * y[None, :], axis=1))
+    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + group * D + offs_k[None, :]
+    a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
+    partial = partial_ptr + ((group * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
+    tl.store(partial, tl.sum(a * y.to(tl.float32)[None, :], axis=1))
 
 
 class FusedRMSNorm(nn.Module):
@@ -128,10 +129,10 @@ class FusedRMSNorm(nn.Module):
         rows, d = flat.shape
         chunks, chunks_pad, r_pad = shrink_shape(d, a.shape[1])
         partial = torch.empty(groups, rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
-        _rmsnorm_shrink_kernel[(rows, chunks)](
+        _rmsnorm_shrink_kernel[(rows, chunks, groups)](
             flat, self.weight, out, a, slots, ranks, partial, rows, d, self.eps, flat.stride(0), a.stride(0),
-            a.stride(1), ONE_PLUS=self.one_plus, BLOCK_D=triton.next_power_of_2(d), GROUPS=groups,
-            CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
+            a.stride(1), ONE_PLUS=self.one_plus, BLOCK_D=triton.next_power_of_2(d), CHUNKS_PAD=chunks_pad, R_PAD=r_pad,
+            BLOCK_K=SHRINK_BLOCK_K,
         )  # fmt: skip
         return out.view(*x.shape[:-1], d), (partial, chunks)
 
