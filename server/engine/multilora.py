@@ -13,6 +13,11 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers.models.gemma.modeling_gemma import GemmaMLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.mistral.modeling_mistral import MistralMLP
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from adapters.lora import LoraModule, LoraWeights
 from server.engine.errors import AdapterNotFinite
@@ -28,6 +33,8 @@ NORM_INPUTS = (
     ("input_layernorm", "self_attn", SHARED_INPUTS[0]),
     ("post_attention_layernorm", "mlp", SHARED_INPUTS[1]),
 )
+# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation makes down's input
+GATED_MLPS = (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP, GemmaMLP)
 
 
 class DecodeKernels(Protocol):
@@ -58,6 +65,19 @@ class DecodeKernels(Protocol):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]] | None:
         """(norm(x), the shrink of norm(x) as `shrink` gives it) in one kernel, or None where the kernels have
         none for that norm: x [..., D] of B rows, a [S+1, r, G * D], slots and ranks [B]."""
+        ...
+
+    def act_shrink(
+        self,
+        act: nn.Module,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        a: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]] | None:
+        """(act(gate) * up, the shrink of it for one layer as `shrink` gives it) in one kernel, or None where the
+        kernels have none for that activation: gate, up [..., N] of B rows, a [S+1, r, N], slots and ranks [B]."""
         ...
 
     def linears(
@@ -342,10 +362,33 @@ class NormShrink(nn.Module):
         return self.norm(x)
 
 
-def wrap_norms(model: nn.Module, context: LoraContext) -> None:
-    """Wrap every decoder layer's norm whose output wrapped layers of a shrink group take (NORM_INPUTS) in a
-    NormShrink for that group (the group of the first of those layers: q/k/v and gate/up are one group each
-    where their A columns are adjacent)."""
+class GatedMlpShrink(nn.Module):
+    """A gated MLP (GATED_MLPS) whose down projection is a wrapped layer: in a decode step with the fused kernels,
+    its activation, the product with up and down's shrink run as one kernel where the kernels have one for its
+    act_fn, and down's group takes that shrink."""
+
+    def __init__(self, mlp: nn.Module, group: ShrinkGroup, context: LoraContext) -> None:
+        super().__init__()
+        self.mlp, self.group, self.context = mlp, group, context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [1, N, D] (the step's flat tokens) -> [1, N, D]
+        context, kernels, mlp = self.context, self.context.decode_kernels, self.mlp
+        if not (context.use_kernels and kernels is not None):
+            return mlp(x)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        fused = kernels.act_shrink(mlp.act_fn, gate, up, self.group.a, context.slot_ids, context.ranks)
+        if fused is None:
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        self.group.prime(*fused)
+        return mlp.down_proj(fused[0])
+
+
+def wrap_producers(model: nn.Module, context: LoraContext) -> None:
+    """Wrap the modules that make a shrink group's input, so that in decode steps their kernel also makes the
+    group's shrink: every decoder layer's norm whose output wrapped layers take (NORM_INPUTS) in a NormShrink for
+    their group (the group of the first of those layers: q/k/v and gate/up are one group each where their A
+    columns are adjacent), and every gated MLP whose down projection is wrapped in a GatedMlpShrink."""
     for module in list(model.modules()):
         for norm_name, holder_name, members in NORM_INPUTS:
             norm, holder = getattr(module, norm_name, None), getattr(module, holder_name, None)
@@ -353,3 +396,6 @@ def wrap_norms(model: nn.Module, context: LoraContext) -> None:
             layer = next((layer for layer in layers if isinstance(layer, MultiLoraLinear)), None)
             if norm is not None and layer is not None:
                 setattr(module, norm_name, NormShrink(norm, layer.group, context))
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, GATED_MLPS) and isinstance(mlp.down_proj, MultiLoraLinear):
+            module.mlp = GatedMlpShrink(mlp, mlp.down_proj.group, context)

@@ -11,7 +11,7 @@ from enginekit import Collector, greedy, make_engine, nf4_layer, reference_gener
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
 from server.engine.kernels import FusedDecode
@@ -20,7 +20,7 @@ from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
-from server.engine.multilora import LoraContext, MultiLoraLinear, NormShrink, ShrinkGroup
+from server.engine.multilora import GatedMlpShrink, LoraContext, MultiLoraLinear, NormShrink, ShrinkGroup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Whole-engine runs under Triton's CPU interpreter cost ~15-20 s each: there, the families whose modules differ
@@ -141,6 +141,58 @@ def test_a_norm_and_the_shrink_of_the_layers_reading_it_run_as_one_kernel(norm_c
         assert torch.allclose(layer(h)[0], base(h[0]) + delta, atol=1e-4, rtol=1e-4), f"layer {i}"
 
 
+class NoDownShrink(FusedDecode):
+    def __init__(self, down_in: int) -> None:
+        super().__init__()
+        self.down_in = down_in
+
+    def shrink(self, x, *args, **kwargs):  # type: ignore[override]
+        assert x.shape[-1] != self.down_in, "the activation's kernel made down's shrink"
+        return super().shrink(x, *args, **kwargs)
+
+
+def test_a_gated_mlps_activation_and_the_shrink_of_its_down_projection_run_as_one_kernel() -> None:
+    """A Llama MLP whose projections are wrapped, in a decode step: silu(gate) * up and down's shrink are one
+    kernel (down's group never shrinks), and the output is what the unfused layers give, each row's LoRA deltas
+    on all three projections."""
+    torch.manual_seed(0)
+    d, inter, slots, rank = 48, 300, 3, 6  # the intermediate size not a multiple of the shrink's chunks
+    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=inter, num_attention_heads=4, hidden_act="silu")).to(
+        DEVICE
+    )
+    ranks = torch.tensor([6, 2, 5, 0], dtype=torch.int32, device=DEVICE)  # slot 3, the no-adapter one: 0
+    used = torch.arange(rank, device=DEVICE)[None, :] < ranks[:, None]  # [S+1, R]
+    # A columns: gate, up (one group), down; B columns: gate, up, down. Past each slot's rank: never read.
+    store_a = torch.randn(slots + 1, rank, 2 * d + inter, device=DEVICE).masked_fill(~used[:, :, None], 1e3)
+    store_b = torch.randn(slots + 1, rank, 2 * inter + d, device=DEVICE) * used[:, :, None]
+    context = LoraContext(slots, rank)
+    context.decode_kernels, context.slot_ranks = NoDownShrink(inter), ranks
+    rows = torch.tensor([2, 0, 3, 1, 2], device=DEVICE)
+    context.set(rows, None)
+    bases = {name: getattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")}
+    gate_up = ShrinkGroup(store_a[:, :, : 2 * d], store_b[:, :, : 2 * inter], [bases["gate_proj"], bases["up_proj"]])
+    down = ShrinkGroup(store_a[:, :, 2 * d :], store_b[:, :, 2 * inter :], [bases["down_proj"]])
+    columns = {"gate_proj": (0, d, 0, inter), "up_proj": (d, 2 * d, inter, 2 * inter)}
+    columns["down_proj"] = (2 * d, 2 * d + inter, 2 * inter, 2 * inter + d)
+    for member, name in enumerate(("gate_proj", "up_proj", "down_proj")):
+        a0, a1, b0, b1 = columns[name]
+        base = bases[name]
+        group, member = (down, 0) if name == "down_proj" else (gate_up, member)
+        wrapped = MultiLoraLinear(base, base.in_features, base.out_features, store_a[:, :, a0:a1],
+                                  store_b[:, :, b0:b1], context, group, member)  # fmt: skip
+        setattr(mlp, name, wrapped)
+
+    def reference(name: str, x: torch.Tensor) -> torch.Tensor:  # x [B, in]: base + each row's delta
+        a0, a1, b0, b1 = columns[name]
+        a, b = (store_a * used[:, :, None])[rows, :, a0:a1], store_b[rows, :, b0:b1]  # [B, R, in], [B, R, out]
+        return bases[name](x) + torch.bmm(torch.bmm(x[:, None], a.transpose(1, 2)), b)[:, 0]
+
+    x = torch.randn(1, len(rows), d, device=DEVICE)
+    h = torch.nn.functional.silu(reference("gate_proj", x[0])) * reference("up_proj", x[0])
+    got = GatedMlpShrink(mlp, down, context)(x)
+    assert torch.allclose(got[0], reference("down_proj", h), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
 def test_rotary_matches_the_hf_function(dtype) -> None:
     torch.manual_seed(0)
@@ -191,6 +243,7 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
     engine = make_engine(base, tokenizer, fused_kernels=True)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
     assert any(isinstance(m, NormShrink) for m in engine.model.modules())
+    assert any(isinstance(m, GatedMlpShrink) for m in engine.model.modules())
     assert any(isinstance(m, FusedNf4Linear) for m in engine.model.modules()) == nf4
     # alone: the adapter on every projection and a base row suffice to prove the one-row GEMV and its LoRA epilogue
     rows = [adapters[1], None] if alone else [*adapters, None]

@@ -1,6 +1,7 @@
 """Kernels of the decode step on CUDA: the NF4 projections (nf4_mma in CUDA for up to 32 bf16 rows; in Triton a
-GEMV for one row and a tensor-core matmul for up to 64), the per-row LoRA delta, RMSNorm, rotary embeddings and the
-KV cache write.
+GEMV for one row and a tensor-core matmul for up to 64), the per-row LoRA delta, RMSNorm, the gated MLP's
+activation (the last two with the LoRA shrink of the layers reading their output), rotary embeddings and the KV
+cache write.
 
 The engine installs them on CUDA only; the tests run the Triton ones on the CPU under Triton's interpreter.
 """
@@ -8,6 +9,7 @@ The engine installs them on CUDA only; the tests run the Triton ones on the CPU 
 import torch
 from torch import nn
 
+from server.engine.kernels.activation import SILU, silu_mul_shrink
 from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_segments
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma_segments
@@ -62,6 +64,20 @@ class FusedDecode:
         if not isinstance(norm, FusedRMSNorm):
             return None
         return norm.forward_and_shrink(x, a, slots, ranks, groups)
+
+    @staticmethod
+    def act_shrink(
+        act: nn.Module,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        a: torch.Tensor,
+        slots: torch.Tensor,
+        ranks: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]] | None:
+        """(act(gate) * up, lora_shrink of it for one layer) in one kernel where `act` is SiLU, else None."""
+        if not isinstance(act, SILU):
+            return None
+        return silu_mul_shrink(gate, up, a, slots, ranks)
 
     def linears(
         self,
