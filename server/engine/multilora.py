@@ -246,10 +246,11 @@ class ShrinkGroup:
         self._x: torch.Tensor | None = None  # the input tensor of the last shrink, held so its id stays unique
         self._shrunk: tuple[torch.Tensor, int] = (torch.empty(0), 0)
         self._outputs: list[torch.Tensor] | None = None  # every member's output, when one launch made them
-        self._primed: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None  # (input, its shrink) of a norm
+        self._primed: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None  # (input, its shrink), made early
 
     def prime(self, x: torch.Tensor, shrunk: tuple[torch.Tensor, int]) -> None:
-        """x's shrink, made by the kernel that made x (NormShrink): the members' first call on x takes it."""
+        """x's shrink, made by the kernel that made x (NormShrink, GatedMlpShrink): the members' first call on x
+        takes it."""
         self._primed = (x, shrunk)
 
     def project(
