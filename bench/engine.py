@@ -9,7 +9,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of decode steps")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers + PEFT (the slow part)")
+    parser.add_argument("--prompt", type=int, help="prompt tokens of every request (default: 128; decode attends "
+                        "over the prompt and the tokens so far)")  # fmt: skip
     parser.add_argument("--store-rank", type=int, help="slots padded to this rank (the server's max_lora_rank, 64 "
                         "by default there) instead of the adapters' own (16)")  # fmt: skip
     args = parser.parse_args()
@@ -169,6 +171,8 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     shape = SHAPE_TINY if args.tiny else SHAPE_8B
+    if args.prompt:
+        shape = replace(shape, prompt=args.prompt)
     torch.manual_seed(0)
     # the tiny smoke run keeps fp32 weights: NF4 is what the CUDA run measures
     model, tokenizer = load_synthetic(
