@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_shape
+from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape
 
 # The act_fn modules of SiLU-gated MLPs (Llama, Mistral, Qwen): transformers 5 has its own SiLU module
 SILU = tuple(c for c in (nn.SiLU, getattr(transformers.activations, "SiLUActivation", None)) if c is not None)
@@ -47,13 +47,8 @@ def _silu_mul_shrink_kernel(
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     h = (silu * up).to(dtype)
     tl.store(out_ptr + row * N + offs_k, h, mask=k_mask)
-    slot = tl.load(slot_ptr + row)
-    rank = tl.load(rank_ptr + row)
-    offs_r = tl.arange(0, R_PAD)
-    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :]
-    a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
-    partial = partial_ptr + (row * CHUNKS_PAD + chunk) * R_PAD + offs_r
-    tl.store(partial, tl.sum(a * h.to(tl.float32)[None, :], axis=1))
+    shrink_chunk(h.to(tl.float32), offs_k, k_mask, a_ptr, slot_ptr, rank_ptr, partial_ptr, row, chunk, 0, 0, N,
+                 stride_as, stride_ar, CHUNKS_PAD, R_PAD)  # fmt: skip
 
 
 def silu_mul_shrink(

@@ -19,6 +19,36 @@ EXPAND_BLOCK_N = 1024  # output columns per program: at batch 32 on the H100, 0.
 
 
 @triton.jit
+def shrink_chunk(
+    x,  # [BLOCK_K] fp32: row `row`'s inputs in columns offs_k (zero where k_mask is not set)
+    offs_k,
+    k_mask,
+    a_ptr,  # [S+1, R, G * K] view of the A store: strides (stride_as, stride_ar, 1)
+    slot_ptr,  # [B] long
+    rank_ptr,  # [B] int32: each row's adapter rank (A rows past it are not read: their partial sums are zero)
+    partial_ptr,  # [G, B, CHUNKS_PAD, R_PAD] fp32
+    row,
+    chunk,
+    group,
+    B,
+    K,
+    stride_as,
+    stride_ar,
+    CHUNKS_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
+    """partial[group, row, chunk, :] = A_group[slot of row][:, offs_k] @ x: one program's part of the shrink, in
+    this kernel and in those that make the shrink's input (the norms', the gated activation's)."""
+    slot = tl.load(slot_ptr + row)
+    rank = tl.load(rank_ptr + row)
+    offs_r = tl.arange(0, R_PAD)
+    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + group * K + offs_k[None, :]
+    a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
+    partial = partial_ptr + ((group * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
+    tl.store(partial, tl.sum(a * x[None, :], axis=1))
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr,  # [B, K], row stride stride_x
     a_ptr,  # [S+1, R, G * K] view of the A store: strides (stride_as, stride_ar, 1)
@@ -37,16 +67,11 @@ def _shrink_kernel(
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     group = tl.program_id(2)
-    slot = tl.load(slot_ptr + row)
-    rank = tl.load(rank_ptr + row)
     offs_k = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
     k_mask = offs_k < K
     x = tl.load(x_ptr + row * stride_x + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
-    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + group * K + offs_k[None, :]
-    a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
-    partial = partial_ptr + ((group * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
-    tl.store(partial, tl.sum(a * x[None, :], axis=1))
+    shrink_chunk(x, offs_k, k_mask, a_ptr, slot_ptr, rank_ptr, partial_ptr, row, chunk, group, B, K, stride_as,
+                 stride_ar, CHUNKS_PAD, R_PAD)  # fmt: skip
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_shape
+from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape
 
 # The norm classes of the supported families -> (eps attribute, Gemma-style (1 + weight) scaling)
 NORMS: dict[type[nn.Module], tuple[str, bool]] = {
@@ -94,13 +94,8 @@ def _rmsnorm_shrink_kernel(
     y = y.to(out_ptr.dtype.element_ty)
     if group == 0:
         tl.store(out_ptr + row * D + offs_k, y, mask=k_mask)
-    slot = tl.load(slot_ptr + row)
-    rank = tl.load(rank_ptr + row)
-    offs_r = tl.arange(0, R_PAD)
-    a_tile = a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + group * D + offs_k[None, :]
-    a = tl.load(a_tile, mask=(offs_r[:, None] < rank) & k_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BK]
-    partial = partial_ptr + ((group * B + row) * CHUNKS_PAD + chunk) * R_PAD + offs_r
-    tl.store(partial, tl.sum(a * y.to(tl.float32)[None, :], axis=1))
+    shrink_chunk(y.to(tl.float32), offs_k, k_mask, a_ptr, slot_ptr, rank_ptr, partial_ptr, row, chunk, group, B, D,
+                 stride_as, stride_ar, CHUNKS_PAD, R_PAD)  # fmt: skip
 
 
 class FusedRMSNorm(nn.Module):
