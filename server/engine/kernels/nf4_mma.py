@@ -166,7 +166,7 @@ def nf4_mma(
     """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
     + each row's LoRA delta) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block size
     64); config: pick_config's by default."""
-    return _launch(x, [(weight, state, bias)], None, lora, config)
+    return _launch(x, [(weight, state, bias)], lora, config)
 
 
 def nf4_mma_segments(
@@ -178,13 +178,12 @@ def nf4_mma_segments(
     """nf4_mma for each weight of `segments` (supported()) in one launch -> [M, sum of N], the weights' outputs
     side by side; lora.partial is the shrink's [G, M, CHUNKS_PAD, R_PAD] for the G weights, lora.b their B
     columns side by side, [S+1, R, sum of N]."""
-    return _launch(x, segments.parts, segments, lora, config)
+    return _launch(x, segments.parts, lora, config)
 
 
 def _launch(
     x: torch.Tensor,
     parts: list[Part],
-    segments: Nf4Segments | None,
     lora: LoraEpilogue | None,
     config: tuple[int, int, int, int] | None,
 ) -> torch.Tensor:
@@ -207,7 +206,7 @@ def _launch(
         tile = m * rank * 16 * row_tiles * 2  # [m, rank, the CTA's outputs] bf16
         if b.data_ptr() % 16 == 0 and all(v % 8 == 0 for v in (stride_bs, stride_br, *starts)):  # 16-byte copies
             btile = tile if tile <= _BTILE_BYTES else 0
-    partial_stride = partial.stride(0) if segments is not None and lora is not None else 0
+    partial_stride = partial.stride(0) if len(parts) > 1 and lora is not None else 0  # partial: [G, M, ...]
     ends = list(itertools.accumulate(-(-n // (16 * row_tiles)) for n in ns))
     more = []  # segments 1 and 2's parameters (segment 0's where there are fewer: never read)
     for i in (min(1, len(parts) - 1), min(2, len(parts) - 1)):
