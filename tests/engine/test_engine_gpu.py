@@ -37,11 +37,15 @@ def test_cuda_graph_decode_matches_peft(family_setup, tokenizer) -> None:
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, [*prompt, 3 + i], 8)[0], f"row {i}"
 
 
+def nf4_tiny_llama(tmp_path, dtype: torch.dtype) -> torch.nn.Module:
+    """save_tiny's seed-0 llama (the family_setup adapters fit it) loaded in NF4 on CUDA, computing in `dtype`."""
+    load = dict(quantization_config=nf4_config(dtype), dtype=dtype, device_map={"": "cuda"})
+    return AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "llama", "llama"), **load).eval()
+
+
 def test_nf4_graphs_match_eager(tmp_path, family_setup, tokenizer) -> None:
     _, adapters = family_setup("llama")  # same seed-0 tiny llama as save_tiny, so the adapters fit
-    path = save_tiny(tmp_path / "llama", "llama")
-    load = dict(quantization_config=nf4_config(torch.float32), dtype=torch.float32, device_map={"": "cuda"})
-    base = AutoModelForCausalLM.from_pretrained(path, **load).eval()
+    base = nf4_tiny_llama(tmp_path, torch.float32)
     prompt = tokenizer("nf4 base")["input_ids"]
     outputs = []
     for graphs in (True, False):
@@ -57,9 +61,7 @@ def test_bf16_grouped_launches_match_one_launch_a_layer(tmp_path, family_setup, 
     """A bf16 NF4 engine (nf4_mma serves its decode steps) with and without the grouped launches: the same tokens
     and logprobs, bit for bit (the tiny model's projections take one launch configuration either way)."""
     _, adapters = family_setup("llama")
-    path = save_tiny(tmp_path / "llama", "llama")
-    load = dict(quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16, device_map={"": "cuda"})
-    base = AutoModelForCausalLM.from_pretrained(path, **load).eval()
+    base = nf4_tiny_llama(tmp_path, torch.bfloat16)
     prompt = tokenizer("nf4 in bf16")["input_ids"]
     outputs = []
     for grouped in (True, False):
