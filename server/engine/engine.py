@@ -29,6 +29,7 @@ from server.engine.batching import plan_step
 from server.engine.config import EngineConfig
 from server.engine.constraints import StepMasks, fill_masks
 from server.engine.errors import AdapterTooLarge, EngineStopped, GrammarFailed, InvalidSampling, PromptTooLong
+from server.engine.fusions import wrap_fusions
 from server.engine.graphs import StepGraphs
 from server.engine.multilora import (
     LoraContext,
@@ -38,7 +39,6 @@ from server.engine.multilora import (
     PackCache,
     ShrinkGroup,
     shrink_groups,
-    wrap_producers,
 )
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
 from server.engine.sampling import draw, final_logprobs, top_logprobs
@@ -116,7 +116,7 @@ class Engine:
             self._lora_context.decode_kernels = kernels.FusedDecode()
         self.lora_store, self.lora_layers = self._wrap_targets()
         if self._lora_context.decode_kernels is not None:
-            wrap_producers(self.model, self._lora_context)
+            wrap_fusions(self.model, self._lora_context)
         self._lora_context.slot_ranks = self.lora_store.ranks
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         self.cache = KVCache(

@@ -13,11 +13,6 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from transformers.models.gemma.modeling_gemma import GemmaMLP
-from transformers.models.llama.modeling_llama import LlamaMLP
-from transformers.models.mistral.modeling_mistral import MistralMLP
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
-from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
 from adapters.lora import LoraModule, LoraWeights
 from server.engine.errors import AdapterNotFinite
@@ -28,13 +23,6 @@ KERNEL_TOKENS = 64
 
 # Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# The norm of a decoder layer whose output those layers take: (its name, the module holding them, the group)
-NORM_INPUTS = (
-    ("input_layernorm", "self_attn", SHARED_INPUTS[0]),
-    ("post_attention_layernorm", "mlp", SHARED_INPUTS[1]),
-)
-# MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)): the activation makes down's input
-GATED_MLPS = (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP, GemmaMLP)
 
 
 class DecodeKernels(Protocol):
@@ -56,8 +44,10 @@ class DecodeKernels(Protocol):
         b: torch.Tensor,
         slots: torch.Tensor,
         ranks: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """base(x) + each row's LoRA delta from its shrink `partial` [B, chunks_pad, r_pad]: x [B, in] -> [B, out]."""
+        """base(x) + each row's LoRA delta from its shrink `partial` [B, chunks_pad, r_pad] (+ `residual` [B, out],
+        added last): x [B, in] -> [B, out]."""
         ...
 
     def norm_shrink(
@@ -261,8 +251,10 @@ class ShrinkGroup:
         ranks: torch.Tensor,
         kernels: DecodeKernels,
         lora_b: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Member `member`'s base(x) + each row's LoRA delta: x [B, 1, in] -> [B, out]; lora_b: its B view."""
+        """Member `member`'s base(x) + each row's LoRA delta (+ `residual` [B, out], added last, in a group of one):
+        x [B, 1, in] -> [B, out]; lora_b: its B view."""
         flat = x.reshape(-1, x.shape[-1])
         if self._x is not x:
             primed, self._primed = self._primed, None
@@ -275,9 +267,11 @@ class ShrinkGroup:
                 self._outputs = kernels.linears(self.bases, flat, *self._shrunk, self.b, slots, ranks)
             self._x = x
         if self._outputs is not None:
+            if residual is not None:
+                raise ValueError("a residual is added by the projection of a group of one")
             return self._outputs[member]
         partial, chunks = self._shrunk
-        return kernels.linear(self.bases[member], flat, partial[member], chunks, lora_b, slots, ranks)
+        return kernels.linear(self.bases[member], flat, partial[member], chunks, lora_b, slots, ranks, residual)
 
 
 def shrink_groups(targets: list[tuple[str, nn.Module]], a_offsets: dict[str, int]) -> list[list[tuple[str, nn.Module]]]:
@@ -322,13 +316,21 @@ class MultiLoraLinear(nn.Module):
         self.lora_a = lora_a  # [S+1, r_max, in]
         self.lora_b = lora_b  # [S+1, r_max, out]
         self.group, self.member = group, member  # this layer's A is columns member * in.. of the group's
+        self._residual: torch.Tensor | None = None  # added to the next output
+
+    def add_to_next_output(self, residual: torch.Tensor) -> None:
+        """Add `residual` [..., out] (as many rows as the next input) to the next forward's output, in the
+        projection's kernel where it can: `residual + self(x)`, rounded as that rounds."""
+        self._residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [1, N, in] (the step's flat tokens) -> [1, N, out]
         context, slots = self.context, self.context.slot_ids  # [N]
         kernels = context.decode_kernels
+        residual, self._residual = self._residual, None
         if context.use_kernels and kernels is not None:
-            y = self.group.project(self.member, x, slots, context.ranks, kernels, self.lora_b)
+            flat_residual = None if residual is None else residual.reshape(-1, self.out_features)
+            y = self.group.project(self.member, x, slots, context.ranks, kernels, self.lora_b, flat_residual)
             return y.view(*x.shape[:-1], self.out_features)
         y = self.base(x)
         xa = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
@@ -341,62 +343,4 @@ class MultiLoraLinear(nn.Module):
             shrunk = xa @ self.lora_a.flatten(0, 1).T  # [N, (S+1) r_max]
             own = torch.where(context.own, shrunk, 0.0)  # type: ignore[arg-type]
             flat += (own @ self.lora_b.flatten(0, 1)).to(y.dtype)
-        return y
-
-
-class NormShrink(nn.Module):
-    """A decoder layer's norm whose output a shrink group takes (NORM_INPUTS): in a decode step with the fused
-    kernels, the norm and the group's shrink run as one kernel, and the group takes that shrink."""
-
-    def __init__(self, norm: nn.Module, group: ShrinkGroup, context: LoraContext) -> None:
-        super().__init__()
-        self.norm, self.group, self.context = norm, group, context
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [1, N, D] (the step's flat tokens) -> [1, N, D]
-        context, kernels = self.context, self.context.decode_kernels
-        if context.use_kernels and kernels is not None:
-            fused = kernels.norm_shrink(self.norm, x, self.group.a, context.slot_ids, context.ranks, self.group.size)
-            if fused is not None:
-                self.group.prime(*fused)
-                return fused[0]
-        return self.norm(x)
-
-
-class GatedMlpShrink(nn.Module):
-    """A gated MLP (GATED_MLPS) whose down projection is a wrapped layer: in a decode step with the fused kernels,
-    its activation, the product with up and down's shrink run as one kernel where the kernels have one for its
-    act_fn, and down's group takes that shrink."""
-
-    def __init__(self, mlp: nn.Module, group: ShrinkGroup, context: LoraContext) -> None:
-        super().__init__()
-        self.mlp, self.group, self.context = mlp, group, context
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [1, N, D] (the step's flat tokens) -> [1, N, D]
-        context, kernels, mlp = self.context, self.context.decode_kernels, self.mlp
-        if not (context.use_kernels and kernels is not None):
-            return mlp(x)
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        fused = kernels.act_shrink(mlp.act_fn, gate, up, self.group.a, context.slot_ids, context.ranks)
-        if fused is None:
-            return mlp.down_proj(mlp.act_fn(gate) * up)
-        self.group.prime(*fused)
-        return mlp.down_proj(fused[0])
-
-
-def wrap_producers(model: nn.Module, context: LoraContext) -> None:
-    """Wrap the modules that make a shrink group's input, so that in decode steps their kernel also makes the
-    group's shrink: every decoder layer's norm whose output wrapped layers take (NORM_INPUTS) in a NormShrink for
-    their group (the group of the first of those layers: q/k/v and gate/up are one group each where their A
-    columns are adjacent), and every gated MLP whose down projection is wrapped in a GatedMlpShrink."""
-    for module in list(model.modules()):
-        for norm_name, holder_name, members in NORM_INPUTS:
-            norm, holder = getattr(module, norm_name, None), getattr(module, holder_name, None)
-            layers = [getattr(holder, member, None) for member in members] if holder is not None else []
-            layer = next((layer for layer in layers if isinstance(layer, MultiLoraLinear)), None)
-            if norm is not None and layer is not None:
-                setattr(module, norm_name, NormShrink(norm, layer.group, context))
-        mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, GATED_MLPS) and isinstance(mlp.down_proj, MultiLoraLinear):
-            module.mlp = GatedMlpShrink(mlp, mlp.down_proj.group, context)
+        return y if residual is None else residual + y

@@ -14,13 +14,14 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb
 
 from loraplex.basemodel import nf4_config
+from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
 from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
-from server.engine.multilora import GatedMlpShrink, LoraContext, MultiLoraLinear, NormShrink, ShrinkGroup
+from server.engine.multilora import LoraContext, MultiLoraLinear, ShrinkGroup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Whole-engine runs under Triton's CPU interpreter cost ~15-20 s each: there, the families whose modules differ
@@ -232,9 +233,17 @@ def test_kv_write_matches_index_assignment(dtype) -> None:
     ("family", "nf4", "alone"),
     [*((f, False, False) for f in ENGINE_FAMILIES), ("llama", True, False), ("llama", True, True)],
 )
-def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_setup, tokenizer) -> None:
+def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_setup, tokenizer, monkeypatch) -> None:
     """A mixed batch, or (`alone`) each request on its own: NF4 decode steps of one row run the fused GEMV, of
-    several the NF4 matmul."""
+    several the NF4 matmul; the decoder layers' residual adds go to o_proj's and down_proj's kernels."""
+    handed = []  # per projection call of a decode step: whether it was handed a residual to add
+    linear = FusedDecode.linear
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        handed.append(args[7] is not None if len(args) > 7 else kwargs.get("residual") is not None)
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(FusedDecode, "linear", staticmethod(recording))
     cpu_base, adapters = family_setup(family)
     base = copy.deepcopy(cpu_base).to(DEVICE)
     if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit
@@ -244,6 +253,7 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
     assert any(isinstance(m, NormShrink) for m in engine.model.modules())
     assert any(isinstance(m, GatedMlpShrink) for m in engine.model.modules())
+    assert any(isinstance(m, ResidualEpilogues) for m in engine.model.modules())
     assert any(isinstance(m, FusedNf4Linear) for m in engine.model.modules()) == nf4
     # alone: the adapter on every projection and a base row suffice to prove the one-row GEMV and its LoRA epilogue
     rows = [adapters[1], None] if alone else [*adapters, None]
@@ -256,6 +266,7 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
         if alone:
             run_to_end(engine)
     run_to_end(engine)
+    assert any(handed)  # o_proj and down_proj take one
     for i, adapter in enumerate(rows):
         tokens, logprobs = reference_generate(base, adapter, [*prompt, 3 + i], 6)
         assert sink.tokens(f"r{i}") == tokens, f"row {i}"

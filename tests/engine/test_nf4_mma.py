@@ -172,3 +172,27 @@ def test_the_layer_leaves_ranks_whose_activations_do_not_fit_to_the_triton_kerne
         shrunk = torch.einsum("bk,brk->br", x.float(), store_a[slot].float())
         expected = x.float() @ dense.T + torch.einsum("br,brn->bn", shrunk, store_b[slot].float())
         assert close(got, expected)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize(("lora", "column"), [(False, 0), (True, 0), (True, 1)])  # column 1: B read in the epilogue
+def test_nf4_mma_adds_a_residual_as_the_layer_after_it_would(rows, lora, column) -> None:
+    """A decoder layer's residual add made in the epilogue (o_proj, down_proj): the bits of residual + the
+    kernel's own rounded output, with or without each row's LoRA delta, by either epilogue."""
+    torch.manual_seed(0)
+    layer, _ = nf4_layer(N, K, True, True, "cuda")
+    weight, state, bias = layer.weight, layer.weight.quant_state, layer.bias.bfloat16()
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    residual = (torch.randn(rows, N + 8, device="cuda") * 4).bfloat16()[:, 8:]  # a view with its own row stride
+    epilogue = None
+    if lora:
+        slots, rank = 3, 5
+        store_a = (torch.randn(slots + 1, rank, K, device="cuda") / 8).bfloat16()
+        store_b = (torch.randn(slots + 1, rank, N + 8, device="cuda") / 8).bfloat16()[:, :, column : column + N]
+        slot = torch.arange(rows, device="cuda") % (slots + 1)
+        ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device="cuda")[slot]
+        partial, chunks = lora_shrink(x, store_a, slot, ranks)
+        epilogue = LoraEpilogue(partial[0], chunks, store_b, slot, ranks)
+    alone = nf4_mma(x, weight, state, bias, epilogue)
+    got = nf4_mma(x, weight, state, bias, epilogue, residual=residual)
+    assert torch.equal(got, residual + alone)

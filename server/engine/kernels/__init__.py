@@ -45,15 +45,18 @@ class FusedDecode:
         b: torch.Tensor,
         slots: torch.Tensor,
         ranks: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """base(x) + each row's LoRA delta: x [B, in] -> [B, out]; partial: the shrink's [B, CHUNKS_PAD, R_PAD]
-        for this layer; b: [S+1, R, out] (a view of the B store); slots: [B] long; ranks: [B] int32. An NF4 layer
-        adds the delta in its kernel's epilogue where it can; otherwise the base layer, then the expand in place
-        on its output."""
+        """base(x) + each row's LoRA delta (+ residual [B, out], added last): x [B, in] -> [B, out]; partial: the
+        shrink's [B, CHUNKS_PAD, R_PAD] for this layer; b: [S+1, R, out] (a view of the B store); slots: [B]
+        long; ranks: [B] int32. An NF4 layer adds the delta and the residual in its kernel's epilogue where it
+        can; otherwise the base layer, then the expand in place on its output, then the residual."""
         if isinstance(base, FusedNf4Linear):
-            return base.project(x, LoraEpilogue(partial, chunks, b, slots, ranks))
+            return base.project(x, LoraEpilogue(partial, chunks, b, slots, ranks), residual)
         y = base(x)
         lora_expand(y, partial, chunks, b, slots, ranks)
+        if residual is not None:
+            y += residual
         return y
 
     @staticmethod

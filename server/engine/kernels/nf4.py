@@ -388,23 +388,30 @@ class FusedNf4Linear(nn.Module):
         rows = x.numel() // self.in_features
         return self.project(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
 
-    def project(self, x: torch.Tensor, lora: LoraEpilogue | None = None) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [rows, in] -> [rows, out] in x's dtype, computed in the layer's compute dtype, + each row's LoRA
-        delta when `lora` is given (in the kernel's epilogue where it has one, else by the expand kernel)."""
+        delta when `lora` is given (in the kernel's epilogue where it has one, else by the expand kernel), then
+        + `residual` [rows, out] when given (in nf4_mma's epilogue, else by an add)."""
         rows = x.shape[0]
+        expand = lora  # the delta still to add
         if rows > MAX_ROWS:  # prefill: bitsandbytes' dequantize + a dense matmul, then the expand
             y = self.base(x)  # [rows, out]
         else:
             compute = self.base.compute_dtype or x.dtype
             weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
             flat = x.to(compute).contiguous()
-            if rows <= MMA_ROWS and mma_available(flat, lora):
-                return nf4_mma(flat, weight, state, bias, lora).to(x.dtype)
+            if rows <= MMA_ROWS and mma_available(flat, lora, residual):
+                return nf4_mma(flat, weight, state, bias, lora, residual=residual).to(x.dtype)
             if rows == 1:
-                return nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None]
-            y = nf4_matmul(flat, weight, state, bias).to(x.dtype)
-        if lora is not None:
-            lora_expand(y, lora.partial, lora.chunks, lora.b, lora.slots, lora.ranks)
+                y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None
+            else:
+                y = nf4_matmul(flat, weight, state, bias).to(x.dtype)
+        if expand is not None:
+            lora_expand(y, expand.partial, expand.chunks, expand.b, expand.slots, expand.ranks)
+        if residual is not None:
+            y += residual
         return y
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:

@@ -18,8 +18,9 @@
 // loaded ahead) and add their partial sums in shared memory at the end, where the bias and each row's LoRA delta
 // (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot) are added. Defined by
 // the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), MIN_BLOCKS (CTAs an SM must fit by registers),
-// NESTED, HAS_BIAS, HAS_LORA, R_PAD, BTILE, SEGMENTS (weights of one launch, up to 3), and NF4_CODES (bitsandbytes'
-// code book as bf16 bits).
+// NESTED, HAS_BIAS, HAS_LORA, R_PAD, BTILE, SEGMENTS (weights of one launch, up to 3), HAS_RESIDUAL (a tensor added
+// to the rounded output, as a decoder layer's residual add does), and NF4_CODES (bitsandbytes' code book as bf16
+// bits).
 
 __constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
 
@@ -120,7 +121,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     int n_1,
     const unsigned char* __restrict__ w_2, const void* __restrict__ absmax_2, const float* __restrict__ absmax2_2,
     const float* __restrict__ code2_2, const float* __restrict__ offset_2, const unsigned short* __restrict__ bias_2,
-    int n_2, int end_0, int end_1) {
+    int n_2, int end_0, int end_1,
+    const unsigned short* __restrict__ residual,  // [m, ldr] bf16 (HAS_RESIDUAL; one segment)
+    int ldr) {
     __shared__ __align__(16) unsigned smem[SMEM_WORDS];
     __shared__ float code2_s[NESTED ? 256 : 1];
 #if BTILE
@@ -358,6 +361,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #pragma unroll
         for (int e = 0; e < 8; ++e)
             if (row + e < n) {
+#if HAS_RESIDUAL  // the residual add after the layer, on its rounded output
+                sum[e] = bf16_round(sum[e]) + __uint_as_float(unsigned(residual[size_t(token) * ldr + row + e]) << 16);
+#endif
                 unsigned short y;
                 asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum[e]));
                 out[size_t(token) * ldo + col0 + row + e] = y;
@@ -377,6 +383,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + col0 + row;
             for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r)
                 sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token][r];
+#if HAS_RESIDUAL  // the residual add after the layer, on its rounded output
+            sum = bf16_round(sum) + __uint_as_float(unsigned(residual[size_t(token) * ldr + row]) << 16);
+#endif
             unsigned short y;
             asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum));
             out[size_t(token) * ldo + col0 + row] = y;

@@ -39,16 +39,17 @@ def _source() -> str:
     return f"#define NF4_CODES {codes}\n" + Path(__file__).with_name("nf4_mma.cu").read_text()
 
 
-def available(x: torch.Tensor, lora: LoraEpilogue | None = None) -> bool:
-    """Whether nf4_mma runs for `x` (and `lora`): bf16 rows 16-byte aligned on a CUDA device with bf16 tensor
-    cores where torch's NVRTC compiles the kernel, and the rows' shrunk activations fit its shared memory (up to
-    rank 64 for 32 rows, 128 for 16, 256 for 8)."""
+def available(x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None) -> bool:
+    """Whether nf4_mma runs for `x` (and `lora`, `residual`): bf16 rows 16-byte aligned on a CUDA device with bf16
+    tensor cores where torch's NVRTC compiles the kernel, the rows' shrunk activations fit its shared memory (up
+    to rank 64 for 32 rows, 128 for 16, 256 for 8), and a residual of bf16 rows with unit column stride."""
     return (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
         and x.data_ptr() % 16 == 0
         and x.stride(0) % 8 == 0
         and (lora is None or -(-x.shape[0] // 8) * 8 * lora.partial.shape[-1] * 4 <= _SHRUNK_BYTES)
+        and (residual is None or (residual.dtype == torch.bfloat16 and residual.stride(-1) == 1))
         and _compiles(x.device.index or 0)
     )
 
@@ -70,6 +71,7 @@ def _compiles(device: int) -> bool:
             r_pad=0,
             btile=False,
             segments=1,
+            residual=False,
             device=device,
         )
     except (OSError, RuntimeError) as error:
@@ -112,11 +114,13 @@ def _kernel(
     r_pad: int,
     btile: bool,
     segments: int,
+    residual: bool,
     device: int,
 ) -> Callable[..., None]:
     defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
                "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
-               "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments}  # fmt: skip
+               "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments,
+               "HAS_RESIDUAL": int(residual)}  # fmt: skip
     source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_mma")
@@ -162,11 +166,13 @@ def nf4_mma(
     bias: torch.Tensor | None = None,
     lora: LoraEpilogue | None = None,
     config: tuple[int, int, int, int] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
-    + each row's LoRA delta) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block size
-    64); config: pick_config's by default."""
-    return _launch(x, [(weight, state, bias)], lora, config)
+    + each row's LoRA delta, then + residual [M, N] bf16 with unit column stride, added to the rounded output as
+    `residual + layer(x)` adds it) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block
+    size 64); config: pick_config's by default."""
+    return _launch(x, [(weight, state, bias)], lora, config, residual)
 
 
 def nf4_mma_segments(
@@ -178,7 +184,7 @@ def nf4_mma_segments(
     """nf4_mma for each weight of `segments` (supported()) in one launch -> [M, sum of N], the weights' outputs
     side by side; lora.partial is the shrink's [G, M, CHUNKS_PAD, R_PAD] for the G weights, lora.b their B
     columns side by side, [S+1, R, sum of N]."""
-    return _launch(x, segments.parts, lora, config)
+    return _launch(x, segments.parts, lora, config, None)
 
 
 def _launch(
@@ -186,6 +192,7 @@ def _launch(
     parts: list[Part],
     lora: LoraEpilogue | None,
     config: tuple[int, int, int, int] | None,
+    residual: torch.Tensor | None,
 ) -> torch.Tensor:
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
@@ -213,13 +220,14 @@ def _launch(
         w_i, state_i, bias_i = parts[i]
         more += [w_i, state_i.absmax, *_second_level(state_i), out if bias_i is None else bias_i, ns[i]]
     kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, bool(state.nested), bias is not None, r_pad,
-                     btile > 0, len(parts), x.device.index or 0)  # fmt: skip
+                     btile > 0, len(parts), residual is not None, x.device.index or 0)  # fmt: skip
     kernel(
         grid=(ends[-1], 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
               partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, total, ns[0], k,
-              partial_stride, *more, ends[0], ends[min(1, len(ends) - 1)]],
+              partial_stride, *more, ends[0], ends[min(1, len(ends) - 1)],
+              out if residual is None else residual, 0 if residual is None else residual.stride(0)],
         shared_mem=btile,
     )  # fmt: skip
     return out
