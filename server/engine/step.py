@@ -34,9 +34,11 @@ class StepTensors:
     positions: torch.Tensor  # [1, width]
     write_rows: torch.Tensor  # [width]: the cache row each token's K/V goes to (the dummy row for padding)
     slots: torch.Tensor  # [width]: each token's adapter slot
-    query_start: torch.Tensor  # [max_seqs + 1]: sequence s owns tokens query_start[s]:query_start[s + 1]
-    seq_rows: torch.Tensor  # [max_seqs]: its cache row
-    seq_lens: torch.Tensor  # [max_seqs]: its KV length after this step
+    # the first min(max_seqs, width) sequences: every sequence with tokens (each owns one at least, and the
+    # padding ones come last)
+    query_start: torch.Tensor  # [seqs + 1]: sequence s owns tokens query_start[s]:query_start[s + 1]
+    seq_rows: torch.Tensor  # [seqs]: its cache row
+    seq_lens: torch.Tensor  # [seqs]: its KV length after this step
     sample_index: torch.Tensor  # [max_seqs]: token whose logits are sampled, for the sampled sequences first
 
 
@@ -109,7 +111,12 @@ class StepBuffer:
         t = self.max_tokens
         tokens = buffer[: 4 * t].view(4, t)[:, :width]
         query_start, seq_rows, seq_lens, sample_index = self._seq_fields(buffer)
+        # A step of `width` tokens has at most `width` sequences: the attention's grid and its split of each
+        # sequence's KV range are sized by that, not by max_seqs (a one-token decode step otherwise ran one
+        # program a KV head over the whole context, its grid padded with max_seqs - 1 empty sequences).
+        seqs = min(self.max_seqs, width)
         return StepTensors(
             tokens[IDS][None], tokens[POSITIONS][None], tokens[WRITE_ROWS], tokens[SLOTS],
-            query_start, seq_rows, seq_lens, sample_index if sampled is None else sample_index[:sampled],
+            query_start[: seqs + 1], seq_rows[:seqs], seq_lens[:seqs],
+            sample_index if sampled is None else sample_index[:sampled],
         )  # fmt: skip

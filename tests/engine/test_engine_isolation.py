@@ -107,3 +107,7 @@ def test_step_layout_groups_tokens_by_slot_and_pads_to_the_dummy_row() -> None:
     assert t.seq_rows.tolist() == [0, 2, 1] and t.seq_lens.tolist() == [4, 3, 6]
     assert t.sample_index.tolist() == [0, 4]
     copy.deepcopy(t)  # views of one buffer: plain tensors
+    # a narrower step sees as many sequences as it has tokens at most: the attention is sized by them
+    buffer.fill([Sequence(2, 1, [5], 4, True)], width=2)
+    t = buffer.views(buffer.host, 2)
+    assert t.query_start.tolist() == [0, 1, 1] and t.seq_rows.tolist() == [2, 9] and t.seq_lens.tolist() == [5, 0]
