@@ -84,10 +84,14 @@ class ResidualEpilogues(nn.Module):
         layer, context = self.layer, self.context
         if args or not (context.use_kernels and context.decode_kernels is not None):
             return layer(hidden_states, *args, **kwargs)
-        self.o_proj.add_to_next_output(hidden_states)
-        hidden_states, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
-        self.down_proj.add_to_next_output(hidden_states)
-        return layer.mlp(layer.post_attention_layernorm(hidden_states))
+        try:
+            self.o_proj.add_to_next_output(hidden_states)
+            hidden_states, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+            self.down_proj.add_to_next_output(hidden_states)
+            return layer.mlp(layer.post_attention_layernorm(hidden_states))
+        finally:  # a step that failed before a projection took its residual must not hand it to the next step's
+            self.o_proj.add_to_next_output(None)
+            self.down_proj.add_to_next_output(None)
 
 
 def wrap_fusions(model: nn.Module, context: LoraContext) -> None:

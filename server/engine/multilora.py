@@ -318,9 +318,9 @@ class MultiLoraLinear(nn.Module):
         self.group, self.member = group, member  # this layer's A is columns member * in.. of the group's
         self._residual: torch.Tensor | None = None  # added to the next output
 
-    def add_to_next_output(self, residual: torch.Tensor) -> None:
+    def add_to_next_output(self, residual: torch.Tensor | None) -> None:
         """Add `residual` [..., out] (as many rows as the next input) to the next forward's output, in the
-        projection's kernel where it can: `residual + self(x)`, rounded as that rounds."""
+        projection's kernel where it can: `residual + self(x)`, rounded as that rounds; None: nothing."""
         self._residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

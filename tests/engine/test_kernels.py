@@ -11,7 +11,13 @@ from enginekit import Collector, greedy, make_engine, nf4_layer, reference_gener
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP, LlamaRMSNorm, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import (
+    LlamaConfig,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    apply_rotary_pos_emb,
+)
 
 from loraplex.basemodel import nf4_config
 from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
@@ -21,7 +27,7 @@ from server.engine.kernels.lora import lora_expand, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
-from server.engine.multilora import LoraContext, MultiLoraLinear, ShrinkGroup
+from server.engine.multilora import KERNEL_TOKENS, LoraContext, MultiLoraLinear, ShrinkGroup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Whole-engine runs under Triton's CPU interpreter cost ~15-20 s each: there, the families whose modules differ
@@ -192,6 +198,48 @@ def test_a_gated_mlps_activation_and_the_shrink_of_its_down_projection_run_as_on
     h = torch.nn.functional.silu(reference("gate_proj", x[0])) * reference("up_proj", x[0])
     got = GatedMlpShrink(mlp, down, context)(x)
     assert torch.allclose(got[0], reference("down_proj", h), atol=1e-4, rtol=1e-4)
+
+
+def test_a_step_failing_inside_a_layer_leaves_no_residual_for_the_next_step() -> None:
+    """A decode step with the residual epilogues fails after o_proj was handed its residual but before o_proj ran
+    (the engine fails that step's requests and goes on). The next step, a wider one without the kernels, gets
+    what the unwrapped layer gives: the failed step's residual is not added to its o_proj output."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    layer = LlamaDecoderLayer(config, 0).to(DEVICE)
+    slots, rank = 2, 4
+    context = LoraContext(slots, rank)
+    context.decode_kernels = FusedDecode()
+    context.slot_ranks = torch.tensor([4, 2, 0], dtype=torch.int32, device=DEVICE)
+    projections = []
+    for holder, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+        base = getattr(holder, name)
+        a = torch.randn(slots + 1, rank, base.in_features, device=DEVICE) / 4
+        b = torch.randn(slots + 1, rank, base.out_features, device=DEVICE) / 4
+        wrapped = MultiLoraLinear(
+            base, base.in_features, base.out_features, a, b, context, ShrinkGroup(a, b, [base]), 0
+        )
+        setattr(holder, name, wrapped)
+        projections.append(wrapped)
+    fused = ResidualEpilogues(layer, *projections, context)
+
+    def step(tokens: int) -> tuple[torch.Tensor, dict]:  # x [1, N, D] and the layer's keyword arguments
+        context.set(torch.arange(tokens, device=DEVICE) % (slots + 1), None)
+        angles = torch.randn(1, tokens, config.head_dim // 2, device=DEVICE)
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        return torch.randn(1, tokens, config.hidden_size, device=DEVICE), {"position_embeddings": (cos, sin)}
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("a failure inside the step")
+
+    x, kwargs = step(3)
+    hook = layer.self_attn.k_proj.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="inside the step"):
+        fused(x, **kwargs)
+    hook.remove()
+    x, kwargs = step(KERNEL_TOKENS + 1)
+    assert not context.use_kernels
+    assert torch.allclose(fused(x, **kwargs), layer(x, **kwargs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
