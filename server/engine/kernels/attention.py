@@ -216,9 +216,10 @@ def choose_config(tokens: int, num_seqs: int, q_heads: int, kv_heads: int, devic
     block_m = max(64 if prefill else 16, triton.next_power_of_2(group))
     block_q = block_m // group
     programs = (tokens // block_q + num_seqs) * kv_heads
-    # Fewer programs than two waves: split each one's KV range so the GPU fills (flash-decoding). The merge
-    # costs a round trip of fp32 partials, so splits stop at 16.
-    target = 2 * _sm_count(device)
+    # Fewer programs than two waves (eight for decode-only steps: a decode program streams its sequence's whole
+    # context, however long, while the graph's split count is fixed at capture): split each one's KV range so the
+    # GPU fills (flash-decoding). The merge costs a round trip of fp32 partials, so splits stop at 16.
+    target = (2 if prefill else 8) * _sm_count(device)
     splits = 1 if programs >= target else min(16, triton.next_power_of_2(triton.cdiv(target, max(programs, 1))))
     # 3 stages of K/V loads in flight: prefill and mixed batches 8-20% faster than 2 on the H200, decode-only
     # ones up to 12% slower.
