@@ -1,13 +1,18 @@
 """The NF4 GEMV's machine code for sm_90, compiled here without a GPU: its inner loop's instruction mix and
 instructions per weight, the figure that bounds the kernel once memory is not the limit (H200: ~3.5
-instructions per weight at full bandwidth, see BENCHMARKS.md).
+instructions per weight at full bandwidth, see BENCHMARKS.md). With --mma, nf4_mma's (CUDA, compiled with
+NVRTC: `pip install nvidia-cuda-nvrtc-cu12`), built as a decode step's projection uses it: double quantization,
+a rank-16 LoRA epilogue with its B rows in shared memory.
 
 python bench/nf4_sass.py                          # the launcher's configuration for a 4096 x 4096 weight
 python bench/nf4_sass.py --config 16,8,8 --k 4096 --sass gemv.sass
+python bench/nf4_sass.py --mma --rows 1 --n 14336 # nf4_mma's configuration for 1 row of gate_proj's shape
 """
 
 import argparse
 import collections
+import ctypes
+import importlib.util
 import re
 import subprocess
 import sys
@@ -20,7 +25,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from server.engine.kernels import nf4
+from server.engine.kernels import nf4, nf4_mma
 
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
             "offset_ptr": "*fp32", "nf4_ptr": "*fp32", "bias_ptr": "*bf16", "partial_ptr": "*fp32",
@@ -38,20 +43,55 @@ def sass(block_n: int, blocks: int, warps: int, k: int) -> str:
     constexprs = {(fn.arg_names.index(n),): v for n, v in constants.items()}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return cubin_sass(compiled.asm["cubin"])
+
+
+def cubin_sass(cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as folder:
-        cubin = Path(folder) / "gemv.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
         cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        return subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def mma_sass(n: int, k: int, rows: int) -> tuple[str, int]:
+    """SASS of nf4_mma for sm_90 in the launcher's configuration for an [n, k] weight and `rows` rows, and the
+    weights one iteration of its main loop takes a warp."""
+    row_tiles, warps, group, min_blocks = nf4_mma.pick_config(n, k, rows)
+    warps, group, x_tiles = nf4_mma.pick_launch(k, rows, row_tiles, warps, group)
+    source = nf4_mma.kernel_source(warps, group, row_tiles, x_tiles, min_blocks, True, False, 16, True, 1, False)
+    spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--mma needs NVRTC: pip install nvidia-cuda-nvrtc-cu12")
+    nvrtc = ctypes.CDLL(str(next(Path(spec.submodule_search_locations[0], "lib").glob("libnvrtc.so*"))))
+    program = ctypes.c_void_p()
+    nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"nf4_mma.cu", 0, None, None)
+    options = [b"--gpu-architecture=sm_90", b"-std=c++17"]
+    failed = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    if failed:
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(program, log)
+        raise SystemExit(log.value.decode())
+    nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetCUBIN(program, cubin)
+    return cubin_sass(cubin.raw), group * row_tiles * 16 * 64
 
 
 def loop_mix(code: str) -> collections.Counter[str]:
-    """Opcodes of the kernel's main loop: the instructions between a backward branch's target and the branch."""
+    """Opcodes of the kernel's main loop: the instructions between a backward branch's target and the branch;
+    of several loops, the one with the most tensor-core instructions (the first where none has any)."""
     instruction = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+ )?([^;]+);")  # address, predicate, text
     lines = [(int(m.group(1), 16), m.group(3)) for m in instruction.finditer(code)]
-    start, end = next((int(m.group(1), 16), address) for address, text in lines
-                      if (m := re.match(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address)  # fmt: skip
-    return collections.Counter(text.split()[0].split(".")[0] for address, text in lines if start <= address <= end)
+    loops = [(int(m.group(1), 16), address) for address, text in lines
+             if (m := re.match(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]  # fmt: skip
+    mixes = [
+        collections.Counter(text.split()[0].split(".")[0] for address, text in lines if start <= address <= end)
+        for start, end in loops
+    ]
+    return max(mixes, key=lambda mix: mix["HMMA"])
 
 
 def main() -> None:
@@ -60,16 +100,21 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096, help="output rows of the weight (picks the default config)")
     parser.add_argument("--k", type=int, default=4096, help="input columns of the weight")
     parser.add_argument("--sass", type=Path, help="also write the whole SASS here")
+    parser.add_argument("--mma", action="store_true", help="nf4_mma instead of the GEMV (needs NVRTC)")
+    parser.add_argument("--rows", type=int, default=1, help="with --mma: rows of x (picks its configuration)")
     args = parser.parse_args()
-    block_n, blocks, warps = map(int, args.config.split(",")) if args.config else nf4.pick_config(args.n, args.k)
-    code = sass(block_n, blocks, warps, args.k)
+    if args.mma:
+        code, warp_weights = mma_sass(args.n, args.k, args.rows)
+        weights, label = warp_weights / 32, f"nf4_mma {nf4_mma.pick_config(args.n, args.k, args.rows)}"
+    else:
+        block_n, blocks, warps = map(int, args.config.split(",")) if args.config else nf4.pick_config(args.n, args.k)
+        code = sass(block_n, blocks, warps, args.k)
+        weights, label = block_n * blocks * 64 / (32 * warps), f"config ({block_n}, {blocks}, {warps})"
     if args.sass:
         args.sass.write_text(code)
     mix = loop_mix(code)
-    weights = block_n * blocks * 64 / (32 * warps)  # one loop iteration of one thread
-    total = sum(mix.values())
-    print(f"config ({block_n}, {blocks}, {warps}): loop of {total} instructions a thread for {weights:.0f} weights, "
-          f"{total / weights:.2f} per weight")  # fmt: skip
+    total = sum(mix.values())  # one loop iteration of one thread, for `weights` weights
+    print(f"{label}: loop of {total} instructions a thread for {weights:.0f} weights, {total / weights:.2f} per weight")
     print(", ".join(f"{op} {count}" for op, count in mix.most_common()))
 
 

@@ -102,6 +102,27 @@ def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int]:
     return (2, 4, 2, 1) if n > 8192 else (2, 8, 2, 1)
 
 
+def kernel_source(
+    warps: int,
+    group: int,
+    row_tiles: int,
+    x_tiles: int,
+    min_blocks: int,
+    nested: bool,
+    bias: bool,
+    r_pad: int,
+    btile: bool,
+    segments: int,
+    residual: bool,
+) -> str:
+    """The CUDA source of one build of the kernel: its defines (the .cu file's header lists them), then _source()."""
+    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
+               "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
+               "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments,
+               "HAS_RESIDUAL": int(residual)}  # fmt: skip
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
+
+
 @functools.cache
 def _kernel(
     warps: int,
@@ -117,11 +138,8 @@ def _kernel(
     residual: bool,
     device: int,
 ) -> Callable[..., None]:
-    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
-               "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
-               "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments,
-               "HAS_RESIDUAL": int(residual)}  # fmt: skip
-    source = "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
+    source = kernel_source(warps, group, row_tiles, x_tiles, min_blocks, nested, bias, r_pad, btile, segments,
+                           residual)  # fmt: skip
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_mma")
         if btile:  # static and dynamic shared memory together pass 48 KB: a launch must be allowed to
