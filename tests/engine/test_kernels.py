@@ -23,7 +23,7 @@ from loraplex.basemodel import nf4_config
 from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
 from server.engine.kernels.kv_cache import write_kv
-from server.engine.kernels.lora import lora_expand, lora_shrink
+from server.engine.kernels.lora import finish_projection, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
@@ -57,9 +57,43 @@ def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
         a = a_used[:, :, g * k : (g + 1) * k]
         expected = y + torch.bmm(torch.bmm(x[:, None], a[rows].transpose(1, 2)), b_used[rows])[:, 0]
         base_rows = y[rows == slots].clone()
-        lora_expand(y, partial[g], chunks, store_b, rows, ranks[rows])
+        finish_projection(y, y, LoraEpilogue(partial[g], chunks, store_b, rows, ranks[rows]))  # in place
         assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4), f"layer {g}"
         assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_projections_cast_delta_and_residual_take_one_launch_rounded_as_three(lora) -> None:
+    """finish_projection from fp32 sums (a split-K matmul's) into a 16-bit dtype: the cast, each row's LoRA delta
+    and the residual (given with a column stride, as a transposed view) are rounded as the separate steps would
+    round them; a row without adapter gets exactly the cast sums plus the residual. (bf16 on CUDA; fp16 under
+    Triton's CPU interpreter, whose casts to bf16 truncate.)"""
+    torch.manual_seed(0)
+    half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    slots, rank, k, n = 3, 6, 320, 300
+    ranks = torch.tensor([6, 2, 5, 0], dtype=torch.int32, device=DEVICE)
+    store_a = torch.randn(slots + 1, rank, k, device=DEVICE, dtype=half)
+    store_b = torch.randn(slots + 1, rank, n, device=DEVICE, dtype=half)
+    rows = torch.tensor([2, 0, 3, 1, 2], device=DEVICE)
+    x = torch.randn(len(rows), k, device=DEVICE, dtype=half)
+    sums = 30 * torch.randn(len(rows), n, device=DEVICE)  # [B, N] fp32
+    residual = torch.randn(n, len(rows), device=DEVICE, dtype=half).T  # [B, N], column stride B
+    expected = sums.to(half)
+    epilogue = None
+    if lora:
+        partial, chunks = lora_shrink(x, store_a, rows, ranks[rows])
+        epilogue = LoraEpilogue(partial[0], chunks, store_b, rows, ranks[rows])
+        shrunk = partial[0].sum(1).to(half).float()  # [B, R_PAD]: rounded as the unfused x @ A.T
+        used = torch.arange(rank, device=DEVICE)[None, :] < ranks[rows][:, None]  # [B, R]
+        delta = torch.bmm((shrunk[:, :rank] * used)[:, None], store_b[rows].float())[:, 0]  # [B, N]
+        expected = (expected.float() + delta).to(half)
+    expected = expected + residual
+    y = torch.full((len(rows), n), float("nan"), device=DEVICE, dtype=half)
+    finish_projection(y, sums, epilogue, residual)
+    # the delta's fp32 sum runs in another order than bmm's, so its last bit may round the other way
+    assert torch.allclose(y.float(), expected.float(), rtol=2**-7, atol=0)
+    exact = rows == slots if lora else torch.ones_like(rows, dtype=torch.bool)  # no delta: the same bits
+    assert torch.equal(y[exact], expected[exact])
 
 
 @pytest.mark.parametrize(("nested", "bias", "lora"), [(True, False, False), (False, True, False), (True, True, True)])

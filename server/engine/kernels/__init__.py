@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from server.engine.kernels.activation import SILU, silu_mul_shrink
-from server.engine.kernels.lora import lora_expand, lora_shrink
+from server.engine.kernels.lora import finish_projection, lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_segments
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma_segments
 from server.engine.kernels.nf4_mma import available as mma_available
@@ -50,13 +50,11 @@ class FusedDecode:
         """base(x) + each row's LoRA delta (+ residual [B, out], added last): x [B, in] -> [B, out]; partial: the
         shrink's [B, CHUNKS_PAD, R_PAD] for this layer; b: [S+1, R, out] (a view of the B store); slots: [B]
         long; ranks: [B] int32. An NF4 layer adds the delta and the residual in its kernel's epilogue where it
-        can; otherwise the base layer, then the expand in place on its output, then the residual."""
+        can; otherwise the base layer, then one launch adding both to its output in place."""
         if isinstance(base, FusedNf4Linear):
             return base.project(x, LoraEpilogue(partial, chunks, b, slots, ranks), residual)
         y = base(x)
-        lora_expand(y, partial, chunks, b, slots, ranks)
-        if residual is not None:
-            y += residual
+        finish_projection(y, y, LoraEpilogue(partial, chunks, b, slots, ranks), residual)
         return y
 
     @staticmethod

@@ -3,7 +3,8 @@ slot straight from the slot stores: no per-layer gather copies, no mask over eve
 
 shrink: partial[g, b, c, :] = A_g[slot_b][:, chunk c] @ x[b, chunk c]   (K split in chunks for parallelism;
         g: layers sharing the input, e.g. q/k/v, whose A columns are adjacent in the store: one launch for all)
-expand: y[b, :] += (sum over c of partial[g, b, c, :]) @ B[slot_b]      (in place, into the base output)
+expand: y[b, :] += (sum over c of partial[g, b, c, :]) @ B[slot_b]      (in place, into the base output; or
+        from a matmul's fp32 split-K sums, cast in the same launch, and with the layer's residual added last)
 
 Slots are padded to the store's rank; both kernels read only each row's own adapter rank of them (the store
 keeps every slot's, the step gathers them per row): with max_lora_rank 64 and rank-16 adapters that is a
@@ -13,6 +14,8 @@ quarter of the bytes, and a row without adapter (rank 0) reads none.
 import torch
 import triton
 import triton.language as tl
+
+from server.engine.kernels.epilogue import LoraEpilogue
 
 SHRINK_BLOCK_K = 256
 EXPAND_BLOCK_N = 1024  # output columns per program: at batch 32 on the H100, 0.66 ms a step vs 2.17 at 256
@@ -76,37 +79,47 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32, chunks past `chunks` unwritten
-    b_ptr,  # [S+1, R, N] view of the B store (scaling folded in): strides (stride_bs, stride_br, 1)
-    slot_ptr,  # [B] long
-    rank_ptr,  # [B] int32: each row's adapter rank (B rows past it are not read)
-    y_ptr,  # [B, N], row stride stride_y: the base output, updated in place
+    partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32, chunks past `chunks` unwritten (HAS_LORA only)
+    b_ptr,  # [S+1, R, N] view of the B store (scaling folded in): strides (stride_bs, stride_br, 1) (HAS_LORA)
+    slot_ptr,  # [B] long (HAS_LORA only)
+    rank_ptr,  # [B] int32: each row's adapter rank (B rows past it are not read) (HAS_LORA only)
+    src_ptr,  # [B, N], row stride stride_src: the base output (y itself, or a matmul's fp32 split-K sums)
+    res_ptr,  # [B, N], row stride stride_res: the residual (HAS_RESIDUAL only)
+    y_ptr,  # [B, N], row stride stride_y
     N,
     chunks,
+    stride_src,
+    stride_res,
     stride_y,
     stride_bs,
     stride_br,
+    HAS_LORA: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    dtype = y_ptr.dtype.element_ty
     row = tl.program_id(0)
-    slot = tl.load(slot_ptr + row)
-    rank = tl.load(rank_ptr + row)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    offs_c = tl.arange(0, CHUNKS_PAD)
     n_mask = offs_n < N
-    partials = partial_ptr + (row * CHUNKS_PAD + offs_c[:, None]) * R_PAD + offs_r[None, :]
-    partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
-    # The shrunk activations are rounded to the compute dtype, as the unfused x @ A.T would leave them.
-    shrunk = tl.sum(partial, axis=0).to(y_ptr.dtype.element_ty).to(tl.float32)  # [R_PAD]
-    b_tile = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
-    b = tl.load(b_tile, mask=(offs_r[:, None] < rank) & n_mask[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
-    delta = tl.sum(b * shrunk[:, None], axis=0)  # [BN]
-    y_row = y_ptr + row * stride_y + offs_n
-    y = tl.load(y_row, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_row, (y + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
+    # Each stage rounded to y's dtype as the separate cast, expand and add would leave it: the same bits.
+    y = tl.load(src_ptr + row * stride_src + offs_n, mask=n_mask, other=0.0).to(dtype).to(tl.float32)  # [BN]
+    if HAS_LORA:
+        slot = tl.load(slot_ptr + row)
+        rank = tl.load(rank_ptr + row)
+        offs_r = tl.arange(0, R_PAD)
+        offs_c = tl.arange(0, CHUNKS_PAD)
+        partials = partial_ptr + (row * CHUNKS_PAD + offs_c[:, None]) * R_PAD + offs_r[None, :]
+        partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
+        # The shrunk activations are rounded to the compute dtype, as the unfused x @ A.T would leave them.
+        shrunk = tl.sum(partial, axis=0).to(dtype).to(tl.float32)  # [R_PAD]
+        b_tile = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :]
+        b = tl.load(b_tile, mask=(offs_r[:, None] < rank) & n_mask[None, :], other=0.0).to(tl.float32)  # [R, BN]
+        y = (y + tl.sum(b * shrunk[:, None], axis=0)).to(dtype).to(tl.float32)
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + row * stride_res + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs_n, y.to(dtype), mask=n_mask)
 
 
 def shrink_shape(k: int, rank: int) -> tuple[int, int, int]:
@@ -132,14 +145,25 @@ def lora_shrink(
     return partial, chunks
 
 
-def lora_expand(
-    y: torch.Tensor, partial: torch.Tensor, chunks: int, b: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor
+def finish_projection(
+    y: torch.Tensor, src: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None
 ) -> None:
-    """y [B, N] += (the shrink's partial [B, CHUNKS_PAD, R_PAD] summed) @ B[slots], in place; b: [S+1, R, N]
-    with unit column stride (a view of the slot store); slots: [B] long; ranks: [B] int32, each row's rank."""
-    rows, chunks_pad, r_pad = partial.shape
-    n = y.shape[1]
+    """y [B, N] = src [B, N] in y's dtype, + each row's LoRA delta (`lora`), + `residual` [B, N], in one launch,
+    each stage rounded to y's dtype as a cast, the expand in place and `y += residual` in turn would leave it.
+    src is y itself (in place) or a matmul's fp32 split-K sums (the cast fused); y and src: unit column stride."""
+    rows, n = y.shape
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    if lora is None:  # HAS_LORA off: its pointers are never read
+        partial = b = slots = ranks = src
+        chunks, chunks_pad, r_pad, stride_bs, stride_br = 0, 1, 1, 0, 0
+    else:
+        partial, chunks, b, slots, ranks = lora.partial, lora.chunks, lora.b, lora.slots, lora.ranks
+        chunks_pad, r_pad = partial.shape[1:]
+        stride_bs, stride_br = b.stride(0), b.stride(1)
+    res = src if residual is None else residual
     _expand_kernel[(rows, triton.cdiv(n, EXPAND_BLOCK_N))](
-        partial, b, slots, ranks, y, n, chunks, y.stride(0), b.stride(0), b.stride(1),
-        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=EXPAND_BLOCK_N,
+        partial, b, slots, ranks, src, res, y, n, chunks, src.stride(0), res.stride(0), y.stride(0), stride_bs,
+        stride_br, HAS_LORA=lora is not None, HAS_RESIDUAL=residual is not None, CHUNKS_PAD=chunks_pad,
+        R_PAD=r_pad, BLOCK_N=EXPAND_BLOCK_N,
     )  # fmt: skip

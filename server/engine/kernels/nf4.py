@@ -25,7 +25,7 @@ from bitsandbytes.nn import Linear4bit
 from torch import nn
 
 from server.engine.kernels.epilogue import LoraEpilogue
-from server.engine.kernels.lora import lora_expand
+from server.engine.kernels.lora import finish_projection
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_bf16_bits, nf4_mma
 from server.engine.kernels.nf4_mma import available as mma_available
 
@@ -337,6 +337,17 @@ def nf4_matmul(
     """x [M, K] (M <= MAX_ROWS, unit column stride) @ dequant(weight).T (+ bias) -> [M, N] in x's dtype, on the
     tensor cores; `state` as for nf4_gemv. With SPLIT_K > 1 the programs add into fp32 atomically, so the
     order of those additions (and a result's last bits) can change from call to call."""
+    return nf4_matmul_sums(x, weight, state, bias, config).to(x.dtype)
+
+
+def nf4_matmul_sums(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """nf4_matmul before its cast: [M, N] in x's dtype where K is not split, else the programs' fp32 sums."""
     m, k = x.shape
     n = state.shape[0]
     on_cuda = x.device.type == "cuda"
@@ -354,7 +365,7 @@ def nf4_matmul(
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return out.to(x.dtype)
+    return out
 
 
 def supported(module: nn.Module) -> bool:
@@ -392,8 +403,8 @@ class FusedNf4Linear(nn.Module):
         self, x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [rows, in] -> [rows, out] in x's dtype, computed in the layer's compute dtype, + each row's LoRA
-        delta when `lora` is given (in the kernel's epilogue where it has one, else by the expand kernel), then
-        + `residual` [rows, out] when given (in nf4_mma's epilogue, else by an add)."""
+        delta when `lora` is given, then + `residual` [rows, out] when given: both in the kernel's epilogue where it
+        has one (nf4_mma; the GEMV adds the delta), else in one launch after it (finish_projection)."""
         rows = x.shape[0]
         expand = lora  # the delta still to add
         if rows > MAX_ROWS:  # prefill: bitsandbytes' dequantize + a dense matmul, then the expand
@@ -406,12 +417,12 @@ class FusedNf4Linear(nn.Module):
                 return nf4_mma(flat, weight, state, bias, lora, residual=residual).to(x.dtype)
             if rows == 1:
                 y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None
-            else:
-                y = nf4_matmul(flat, weight, state, bias).to(x.dtype)
-        if expand is not None:
-            lora_expand(y, expand.partial, expand.chunks, expand.b, expand.slots, expand.ranks)
-        if residual is not None:
-            y += residual
+            else:  # the split-K sums' cast, the delta and the residual in one launch
+                y = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
+                finish_projection(y, nf4_matmul_sums(flat, weight, state, bias), lora, residual)
+                return y
+        if expand is not None or residual is not None:
+            finish_projection(y, y, expand, residual)
         return y
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
