@@ -3,6 +3,7 @@ Triton tensor-core matmul for more ("fused", its configuration searched with --s
 
 python bench/nf4_kernel.py --out nf4.json                       # 1 and 32 rows, the launchers' configurations
 python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also search configurations, 60 s each
+python bench/nf4_kernel.py --rows 64 --shapes down_proj --sweep 120 --out nf4.json  # one shape (no step total)
 
 Each time is one call inside a CUDA graph (as in the engine's decode step), averaged over replays of a graph
 that runs the projection over enough copies of the weight (200 MB at least) that they come from memory, not
@@ -91,10 +92,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="1,32", help="comma-separated row counts (1: the GEMV)")
     parser.add_argument("--sweep", type=float, default=0.0, help="seconds to search configurations, per shape")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes to measure (all: a step)")
     args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    if unknown := set(shapes) - set(SHAPES):
+        parser.error(f"unknown shapes {sorted(unknown)}; known: {', '.join(SHAPES)}")
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(0), "rows": {}}
-    for name, ((n, k), count) in SHAPES.items():
+    for name in shapes:
+        (n, k), count = SHAPES[name]
         copies = math.ceil(STREAMED_BYTES / (n * k / 2))
         layers = [
             Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(torch.bfloat16).cuda()
@@ -124,8 +130,10 @@ def main() -> None:
             print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  mma {mma_us:7.1f} us  "
                   f"best {best_us:7.1f} us "
                   f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
-    for rows, shapes in results["rows"].items():
-        step = {key: LAYERS * sum(s[f"{key}_us"] * s["per_layer"] for s in shapes.values()) / 1000
+    for rows, measured in results["rows"].items():
+        if len(measured) < len(SHAPES):  # a step's time only from all its shapes
+            continue
+        step = {key: LAYERS * sum(s[f"{key}_us"] * s["per_layer"] for s in measured.values()) / 1000
                 for key in ("bnb", "fused", "mma", "best")}  # fmt: skip
         results[f"step_ms_{rows}_rows"] = step
         print(f"{rows} rows, linear layers per decode step: bnb {step['bnb']:.2f} ms, fused {step['fused']:.2f} ms, "
