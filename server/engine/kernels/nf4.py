@@ -307,7 +307,7 @@ def nf4_gemv(
 
 def pick_matmul_config(n: int, k: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [n, k] weight: on CUDA the best found per
-    Llama-3-8B projection shape for 64 rows on the H200 (`bench/nf4_kernel.py --rows 64 --sweep 25`; nf4_mma
+    Llama-3-8B projection shape for 64 rows on the H200 (`bench/nf4_kernel.py --rows 64 --sweep 80`; nf4_mma
     serves bf16 steps of up to 32 rows, so this kernel's steps are 33-64 rows, one 64-row tile), by the nearest
     shape; under Triton's CPU interpreter few large programs. BLOCK_K and SPLIT_K shrink until they divide K."""
     if not on_cuda:
@@ -317,7 +317,7 @@ def pick_matmul_config(n: int, k: int, on_cuda: bool) -> tuple[int, int, int, in
     elif k > 8192:
         block_n, block_k, split_k, warps, stages = 128, 128, 8, 4, 3
     elif n > 8192:
-        block_n, block_k, split_k, warps, stages = 64, 128, 4, 4, 3
+        block_n, block_k, split_k, warps, stages = 128, 64, 8, 4, 3
     else:
         block_n, block_k, split_k, warps, stages = 128, 64, 16, 4, 3
     while k % (block_k * split_k):
