@@ -79,6 +79,8 @@ def lora_weights_from_state(state: Mapping[str, torch.Tensor], config: Mapping) 
             raise ValueError(
                 f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a LoRA pair"
             )
+        if a.shape[0] == 0:  # its scaling would divide by zero
+            raise ValueError(f"module {module!r} has rank 0 (lora_A {tuple(a.shape)}): drop it, or give it a rank")
         modules[module] = LoraModule(a, b, module_scaling(config, module, a.shape[0]))
     if not modules:
         raise ValueError("the adapter holds no LoRA weights")

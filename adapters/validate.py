@@ -121,7 +121,7 @@ def _read_json(path: Path, what: str) -> Any:
         )
     try:
         value = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # bad UTF-8 or syntax, or an integer of more digits than Python converts
         raise InvalidAdapterConfig(f"{what} is not valid JSON ({exc}); upload the file as written") from exc
     except RecursionError as exc:  # the parser recurses per level: thousands of '[' exhaust the stack
         raise InvalidAdapterConfig(_too_deep(what)) from exc
@@ -224,7 +224,11 @@ def _check_rank(what: str, rank: Any) -> None:
 def _check_alpha(what: str, alpha: Any) -> None:
     if not isinstance(alpha, int | float) or isinstance(alpha, bool):
         raise InvalidAdapterConfig(f"{what} must be a number, not {alpha!r}")
-    if not math.isfinite(alpha):
+    try:
+        finite = math.isfinite(alpha)
+    except OverflowError:  # an integer, which JSON reads exactly, past float's range
+        raise InvalidAdapterConfig(f"{what} is past float's range: it must be a finite number, e.g. 16") from None
+    if not finite:
         raise InvalidAdapterConfig(f"{what} is {alpha}: it must be a finite number, e.g. 16")
 
 
@@ -250,7 +254,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         header = f.read(header_len)
     try:
         entries = json.loads(header)  # a flat object, its size bounded above
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or syntax, or an integer too long
         raise UnsafeAdapterFormat(f"{path.name} is a damaged safetensors file ({exc}); upload it again") from exc
     tensors = len(entries) - ("__metadata__" in entries) if isinstance(entries, dict) else 0
     if tensors > MAX_TENSORS:

@@ -168,6 +168,50 @@ def test_malformed_multipart(client: TestClient, peft_dir: Path, tmp_path: Path)
     assert_nothing_stored(client, tmp_path / "store")
 
 
+def zero_rank(state: dict) -> None:
+    for key, tensor in state.items():
+        state[key] = tensor[:0] if "lora_A" in key else tensor[:, :0]
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_tensors_of_rank_zero_are_refused(client: TestClient, tmp_path: Path, peft_dir: Path, use_rslora: bool) -> None:
+    # lora_A [0, in] and lora_B [out, 0] pair up, and the scaling alpha / r divided by zero
+    bad = edit_config(edit_weights(copy(peft_dir, tmp_path / "bad"), zero_rank), use_rslora=use_rslora)
+    assert_error(upload(client, bad), 422, "invalid_adapter_weights", "rank 0")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+BIG = "1" + "0" * 400  # an integer JSON reads exactly, past float's range
+HUGE = "1" * 5000  # past the digits Python converts to an int at all
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("lora_alpha", BIG, "finite"),
+        ("alpha_pattern", f'{{"q_proj": {BIG}}}', "finite"),
+        ("lora_alpha", HUGE, "not valid JSON"),
+        ("r", HUGE, "not valid JSON"),
+    ],
+)
+def test_integers_past_floats_range_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, field: str, value: str, match: str
+) -> None:
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **{field: "@"})
+    config = bad / "adapter_config.json"
+    config.write_text(config.read_text().replace('"@"', value))  # json.dumps cannot write these
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", match)
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+def test_a_weights_header_with_a_huge_integer_is_damaged(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
+    bad = copy(peft_dir, tmp_path / "bad")
+    header = b'{"x": ' + HUGE.encode() + b"}"
+    (bad / "adapter_model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert_error(upload(client, bad), 415, "unsafe_adapter_format", "damaged")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
 # -- item 5 and 11: archives whose headers would cost memory or time ---------------------------------------
 
 
