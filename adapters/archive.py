@@ -25,6 +25,9 @@ MAX_MEMBERS = 64  # a PEFT directory holds a handful of files
 # leaves room for long names and every common extra field; zipfile reads and parses all of it up front.
 MAX_CENTRAL_DIRECTORY = MAX_MEMBERS * 4096
 _CHUNK = 1 << 20
+# zipfile bounds what one read of a deflated member inflates to; bzip2 and lzma members it inflates a whole
+# compressed chunk at a time, gigabytes from 4 KiB, before the budget sees a byte. Zip tools deflate by default.
+_ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 # magic bytes -> how to open the tar inside; anything else is read as a plain tar
 _COMPRESSED: dict[bytes, Callable[[Path], IO[bytes]]] = {
     b"\x1f\x8b": gzip.open,
@@ -57,6 +60,8 @@ def _open_plain(path: Path) -> IO[bytes]:
 
 
 def _safe_path(dest: Path, name: str) -> Path:
+    if "\0" in name:  # a pax path may hold one; no file name can
+        raise UnsafeArchive(f"archive member {name!r} has a NUL byte in its name; pack plain file names only")
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
         raise UnsafeArchive(f"archive member {name!r} points outside the archive; pack relative paths only")
@@ -141,9 +146,16 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                     )
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
-                else:
-                    with zf.open(info) as src:
-                        budget.copy(src, target)
+                    continue
+                if info.flag_bits & 0x1:
+                    raise UnsafeArchive(f"archive member {info.filename!r} is encrypted; pack it without a password")
+                if info.compress_type not in _ZIP_METHODS:
+                    raise UnsafeArchive(
+                        f"archive member {info.filename!r} uses zip compression method {info.compress_type}; "
+                        "pack with deflate (zip's default) or no compression"
+                    )
+                with zf.open(info) as src:
+                    budget.copy(src, target)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
         raise UnsafeArchive(f"the archive is damaged ({exc}); pack it again") from exc
 

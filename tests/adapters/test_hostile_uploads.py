@@ -8,6 +8,7 @@ import math
 import tarfile
 import time
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,59 @@ def test_tar_that_unpacks_past_the_budget_stops_reading(tmp_path: Path) -> None:
     with pytest.raises(errors.AdapterTooLarge, match="unpacks to more than"):
         extract_archive(archive, tmp_path / "out", 1 << 20)
     assert time.perf_counter() - started < 1
+
+
+def zip_of(path: Path, compress_type: int, data: bytes | int) -> Path:
+    """A zip of one member, its payload bytes or a count of zero bytes streamed in without holding them."""
+    info = zipfile.ZipInfo("adapter_model.safetensors")
+    info.compress_type = compress_type
+    with zipfile.ZipFile(path, "w") as zf, zf.open(info, "w", force_zip64=True) as out:
+        if isinstance(data, bytes):
+            out.write(data)
+        else:
+            for _ in range(data >> 20):
+                out.write(bytes(1 << 20))
+    return path
+
+
+@pytest.mark.parametrize("compress_type", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_zip_members_zipfile_would_decompress_unbounded_are_refused(tmp_path: Path, compress_type: int) -> None:
+    # zipfile bounds a deflate read by its size; bzip2 and lzma reads inflate a whole compressed chunk at once
+    # (64 MiB from a few hundred bytes here; gigabytes from one 4 KiB chunk), before the budget can stop them
+    archive = zip_of(tmp_path / "a.zip", compress_type, 64 << 20)
+    assert archive.stat().st_size < 64 << 10
+    tracemalloc.start()
+    try:
+        with pytest.raises(errors.UnsafeArchive, match="compression"):
+            extract_archive(archive, tmp_path / "out", 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_encrypted_and_unknown_zip_members_are_a_4xx(client: TestClient, tmp_path: Path) -> None:
+    encrypted = bytearray(zip_of(tmp_path / "e.zip", zipfile.ZIP_STORED, b"{}").read_bytes())
+    unknown = encrypted.copy()
+    for header, flags, method in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):  # local and central
+        at = encrypted.find(header)
+        encrypted[at + flags] |= 1  # "encrypted": zipfile asks for a password
+        unknown[at + method] = 99  # a method zipfile does not implement
+    for data, says in ((encrypted, "encrypted"), (unknown, "compression")):
+        response = client.post("/v1/adapters", data={"name": "z"}, files={"archive": ("a.zip", bytes(data))})
+        assert_error(response, 400, "unsafe_archive", says)
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+def test_a_tar_member_name_with_a_nul_byte_is_a_4xx(tmp_path: Path) -> None:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("x")
+        info.pax_headers = {"path": "adapter\0config.json"}  # ustar names end at a NUL; pax paths need not
+        tar.addfile(info, io.BytesIO())
+    (tmp_path / "a.tar").write_bytes(archive.getvalue())
+    with pytest.raises(errors.UnsafeArchive, match="NUL"):
+        extract_archive(tmp_path / "a.tar", tmp_path / "out", 1 << 20)
 
 
 # -- item 4 and 11: what cannot be read or loaded is visible and removable through the API ----------------
