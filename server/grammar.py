@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.errors import LoraplexError
+from server.engine.constraints import mask_words
 
 if TYPE_CHECKING:
     import llguidance
@@ -197,6 +198,15 @@ class Grammars:
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
         if matcher.is_error():
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {matcher.get_error()}")
+        # llguidance builds the lexer at the first mask, into state every copy shares (a short pattern can take
+        # seconds there): build it now, under the compile timeout, not on the engine thread at a request's first
+        # token. A build that hit a limit leaves the next copy in error, so a second mask tells the client here.
+        row = torch.zeros(mask_words(self._vocab_size), dtype=torch.int32)
+        try:
+            for _ in range(2):
+                GrammarMatcher(matcher.deep_copy()).fill_mask(row)
+        except ValueError as exc:
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
         return CompiledGrammar(matcher)
 
     def _get_tokenizer(self) -> "llguidance.LLTokenizer":

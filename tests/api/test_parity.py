@@ -413,3 +413,22 @@ def test_a_grammar_that_cannot_compile_is_a_422_naming_the_problem(client: TestC
         error_of(client.post("/v1/chat/completions", json=chat(response_format={"type": "json_schema"})))["code"]
         == "invalid_request"
     )
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        # compile at once (llguidance builds its lexer lazily), then cost a second or more of lexer work at the
+        # first token mask, on the engine thread that every running request waits on, and fail there
+        {"type": "regex", "value": "(a{1000}){1000}"},
+        {"type": "regex", "value": "b{3}a{2147483647}"},
+        {"type": "json", "value": {"$ref": "#"}},  # a schema that is only itself
+    ],
+)
+def test_a_grammar_whose_first_mask_fails_is_a_422_before_it_runs(client: TestClient, grammar: dict) -> None:
+    honest = {"inputs": "yes or no", "parameters": {"max_new_tokens": 8, "grammar": {"type": "regex", "value": "x+"}}}
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": grammar}}
+    for _ in range(2):  # the second request takes the compiled grammar from the cache
+        error = error_of(client.post("/generate", json=body))
+        assert error["code"] == "invalid_grammar" and "cannot be compiled" in error["message"], error
+    assert re.fullmatch("x+", client.post("/generate", json=honest).json()["generated_text"])
