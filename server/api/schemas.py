@@ -8,6 +8,7 @@ length. What depends on the served model (prompt size, max_new_tokens, top_k) is
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -42,6 +43,21 @@ Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 StopSequence = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
 StopList = Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+def _unicode(text: str) -> str:
+    # JSON may escape half of a surrogate pair alone ("\ud800"): Python holds it, no UTF-8 can, and the tokenizer
+    # raises on it (constrained strings are refused by pydantic itself; this covers the others)
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"character {exc.start} is half of a UTF-16 surrogate pair ({text[exc.start]!r}): send valid Unicode text"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # text that reaches the tokenizer
 
 # request bodies: unknown fields ignored, and no NaN or Infinity in any float
 REQUEST = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -324,7 +340,7 @@ class OpenAISampling(BaseModel):
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: str | list[str] = Field(description="A string (a list must hold exactly one).")
+    prompt: Text | list[Text] = Field(description="A string (a list must hold exactly one).")
     logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
@@ -365,7 +381,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
     @model_validator(mode="before")
     @classmethod
@@ -379,7 +395,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -510,7 +526,7 @@ class VllmTokenizeCompletion(BaseModel):
     model_config = REQUEST
 
     model: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Ignored: adapters share the tokenizer.")
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -527,7 +543,7 @@ class VllmTokenizeChat(BaseModel):
 class TgiTokenize(BaseModel):
     model_config = REQUEST
 
-    inputs: str
+    inputs: Text
     parameters: dict | None = None  # TGI accepts its generate parameters here and ignores them
 
 

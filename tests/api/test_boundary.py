@@ -169,6 +169,26 @@ def test_text_content_parts_are_joined(client: TestClient) -> None:
     assert joined[0] == 200 and joined[1]["choices"] == plain[1]["choices"]
 
 
+SURROGATE_BODIES = [
+    *((path, json.dumps(body(path, "@"))) for path in ROUTES),
+    (
+        "/v1/chat/completions",
+        json.dumps({"model": "llama", "messages": [{"role": "user", "content": [{"type": "text", "text": "@"}]}]}),
+    ),
+    ("/tokenize", json.dumps({"prompt": "@"})),
+    ("/tokenize", json.dumps({"inputs": "@"})),
+    ("/tokenize", json.dumps({"messages": [{"role": "user", "content": "@"}]})),
+]
+
+
+@pytest.mark.parametrize(("path", "payload"), SURROGATE_BODIES)
+def test_text_that_is_not_unicode_is_a_422(client: TestClient, path: str, payload: str) -> None:
+    # JSON may escape half of a surrogate pair alone: Python holds it, no UTF-8 can, and the tokenizer raises
+    status, answer = post(client, path, payload.replace('"@"', '"h\\ud800i"'))
+    assert status == 422, (status, answer)
+    assert answer["error"]["code"] == "invalid_request" and "unicode" in answer["error"]["message"].lower(), answer
+
+
 @pytest.mark.parametrize(
     ("path", "field"),
     [
