@@ -76,9 +76,12 @@ def final_logprobs(
     logits = logits.float()
     if allowed is not None:
         logits = mask_logits(logits, *allowed)
-    for i, p in enumerate(params):
-        if p.repetition_penalty != 1.0 and seen[i] is not None:
-            logits[i] = repetition_penalty(logits[i], seen[i], p.repetition_penalty)
+    penalized = [(i, ids) for i, (p, ids) in enumerate(zip(params, seen, strict=True)) if p.repetition_penalty != 1.0
+                 and ids is not None]  # fmt: skip
+    if penalized:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
+        rows = torch.tensor([i for i, _ in penalized], device=logits.device)
+        penalties = [repetition_penalty(logits[i], ids, params[i].repetition_penalty) for i, ids in penalized]
+        logits = logits.index_copy(0, rows, torch.stack(penalties))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         logits = _filtered(logits, params, sampled)

@@ -54,15 +54,17 @@ def save_adapter(base: torch.nn.Module, config: LoraConfig, path: Path, seed: in
 
 
 def greedy_log_softmax(
-    model: torch.nn.Module, prompt: list[int], max_new_tokens: int
+    model: torch.nn.Module, prompt: list[int], max_new_tokens: int, repetition_penalty: float = 1.0
 ) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and the log-softmax [T, V] of every step, from `model.generate` (transformers/PEFT alone)."""
+    """Greedy tokens and the log-softmax [T, V] of every step (after the penalty), from `model.generate`
+    (transformers/PEFT alone)."""
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            repetition_penalty=repetition_penalty,
             eos_token_id=None,
             pad_token_id=0,
             output_scores=True,
@@ -76,13 +78,17 @@ def token_logprobs(tokens: list[int], log_softmax: torch.Tensor) -> list[float]:
 
 
 def reference_generate(
-    base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], max_new_tokens: int
+    base: torch.nn.Module,
+    adapter: SavedAdapter | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
     model = copy.deepcopy(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter.path)
-    tokens, log_softmax = greedy_log_softmax(model, prompt, max_new_tokens)
+    tokens, log_softmax = greedy_log_softmax(model, prompt, max_new_tokens, repetition_penalty)
     return tokens, token_logprobs(tokens, log_softmax)
 
 

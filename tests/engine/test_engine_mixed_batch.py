@@ -104,3 +104,19 @@ def test_layers_sharing_an_input_share_one_shrink(targets, expected, family_setu
         assert own.data_ptr() == layer.lora_a.data_ptr() and own.shape == layer.lora_a.shape  # its own columns
     assert list(groups.values()) == expected
     assert all(len(members) == layer.group.size for _, layer in layer0 for members in [groups[id(layer.group)]])
+
+
+def test_repetition_penalties_match_hf_beside_rows_without_one(family_setup, tokenizer) -> None:
+    """Rows with a repetition penalty (above and below 1, one with an adapter) in a batch with rows without one:
+    each gives what transformers' generate gives with that penalty, the others what they give alone."""
+    base, adapters = family_setup("llama")
+    rows = [(adapters[0], 1.5), (None, 1.0), (None, 0.7), (adapters[1], 1.0)]
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    for i, ((adapter, penalty), prompt) in enumerate(zip(rows, prompts(tokenizer, len(rows)), strict=True)):
+        engine.submit(request(prompt, greedy(NEW_TOKENS, repetition_penalty=penalty), adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    for i, ((adapter, penalty), prompt) in enumerate(zip(rows, prompts(tokenizer, len(rows)), strict=True)):
+        tokens, logprobs = reference_generate(base, adapter, prompt, NEW_TOKENS, penalty)
+        assert sink.tokens(f"r{i}") == tokens, f"row {i} (penalty {penalty})"
+        assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
