@@ -263,18 +263,22 @@ class Inference:
         if isinstance(adapter, str):
             lease = await self.registry.acquire(adapter)
             return lease.key, lease.weights, lease.release
-        leases: list[Lease] = []
+        holds: list[Callable[[], None]] = []
 
         def release() -> None:
-            for lease in leases:
-                lease.release()
+            for hold in holds:
+                hold()
 
         try:
+            leases: list[Lease] = []
             for ref in adapter.refs:
                 leases.append(await self.registry.acquire(ref))
+                holds.append(leases[-1].release)
             key = mix_key([lease.key for lease in leases], adapter.weights)
             components = [(lease.key, lease.weights, w) for lease, w in zip(leases, adapter.weights, strict=True)]
-            return key, await self.mixes.get(key, components), release
+            mixed, hold = await self.mixes.acquire(key, components)
+            holds.append(hold)
+            return key, mixed, release
         except BaseException:
             release()
             raise

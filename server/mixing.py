@@ -6,11 +6,13 @@ deltas). The base model is never touched: the derived adapter goes into a device
 mixed request runs in the same batch as the rest.
 
 Derived adapters are keyed by their components' resolved versions and weights, built off the event loop, and
-kept in a small LRU (each is as large as its components together); one dropped from it frees its slot."""
+kept in a small LRU (each is as large as its components together); one dropped from it frees its slot. Mix
+weights are any floats, so clients can ask for endless distinct mixes: the mixes alive at once (cached, held by
+a request, or being built) are bounded, and a new one past the bound is a 429 until one is released."""
 
 import asyncio
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,12 +24,20 @@ from loraplex.errors import LoraplexError
 MAX_MIX_ADAPTERS = 8
 MAX_MIX_WEIGHT = 100.0  # |weight|: beyond it a delta swamps the base model's output anyway
 MAX_CACHED_MIXES = 8
+# Each mix is up to a max_lora_rank adapter in host memory: requests may hold this many beyond the cache's.
+MAX_LIVE_MIXES = 2 * MAX_CACHED_MIXES
 MIX_PREFIX = "mix:"  # engine keys of derived adapters: never a stored name (which has no ":")
 
 
 class InvalidMix(LoraplexError):
     http_status = 422
     code = "invalid_adapter_mix"
+
+
+class TooManyMixes(LoraplexError):
+    http_status = 429
+    code = "too_many_adapter_mixes"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,8 @@ def mix_lora(components: list[tuple[LoraWeights, float]]) -> LoraWeights:
 
 class MixCache:
     """Derived adapters by key, least recently used first out; `on_drop(key)` frees the device slot of one that
-    leaves. `prepare` turns a built mix into what the engine activates (its packed form)."""
+    leaves. `prepare` turns a built mix into what the engine activates (its packed form). A request holds its mix
+    from `acquire` until it calls the release it was given."""
 
     def __init__(
         self,
@@ -66,29 +77,67 @@ class MixCache:
         prepare: Callable[[LoraWeights], LoraWeights],
         on_drop: Callable[[str], None],
         capacity: int = MAX_CACHED_MIXES,
+        max_live: int = MAX_LIVE_MIXES,
     ) -> None:
         self.max_lora_rank = max_lora_rank
         self._prepare = prepare
         self._on_drop = on_drop
         self._capacity = capacity
+        self._max_live = max_live
         self._mixes: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._held: Counter[str] = Counter()  # requests holding each mix, cached or not
+        self._building = 0  # mixes being built: alive, not yet in either
         self._lock = threading.Lock()
 
-    async def get(self, key: str, components: list[tuple[str, LoraWeights, float]]) -> LoraWeights:
-        """The mix of (resolved key, weights, mix weight) components, built in a worker thread on a miss."""
+    async def acquire(
+        self, key: str, components: list[tuple[str, LoraWeights, float]]
+    ) -> tuple[LoraWeights, Callable[[], None]]:
+        """The mix of (resolved key, weights, mix weight) components, built in a worker thread on a miss, and the
+        call that releases the caller's hold on it (once)."""
         with self._lock:
-            if key in self._mixes:
+            mixed = self._mixes.get(key)
+            if mixed is None:
+                live = len(self._mixes.keys() | self._held.keys()) + self._building
+                if live >= self._max_live:
+                    raise TooManyMixes(
+                        f"{live} adapter mixes are in use, the most this server keeps at once: retry when requests "
+                        "finish, or reuse the weights of a mix in use"
+                    )
+                self._building += 1
+            else:
                 self._mixes.move_to_end(key)
-                return self._mixes[key]
-        self._check_rank(components)
-        mixed = await asyncio.to_thread(lambda: self._prepare(mix_lora([(lora, w) for _, lora, w in components])))
-        with self._lock:
-            mixed = self._mixes.setdefault(key, mixed)  # a concurrent build of the same key: keep the first
-            self._mixes.move_to_end(key)
-            dropped = [self._mixes.popitem(last=False)[0] for _ in range(len(self._mixes) - self._capacity)]
-        for old in dropped:
-            self._on_drop(old)
-        return mixed
+                self._held[key] += 1
+        if mixed is None:
+            try:
+                self._check_rank(components)
+                built = await asyncio.to_thread(
+                    lambda: self._prepare(mix_lora([(lora, w) for _, lora, w in components]))
+                )
+            finally:
+                with self._lock:
+                    self._building -= 1
+            with self._lock:
+                mixed = self._mixes.setdefault(key, built)  # a concurrent build of the same key: keep the first
+                self._mixes.move_to_end(key)
+                self._held[key] += 1
+                dropped = [self._mixes.popitem(last=False)[0] for _ in range(len(self._mixes) - self._capacity)]
+            for old in dropped:
+                self._on_drop(old)
+        return mixed, self._release_of(key)
+
+    def _release_of(self, key: str) -> Callable[[], None]:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self._held[key] -= 1
+                    if not self._held[key]:
+                        del self._held[key]
+
+        return release
 
     def _check_rank(self, components: list[tuple[str, LoraWeights, float]]) -> None:
         ranks: dict[str, int] = {}

@@ -1,9 +1,11 @@
 """A weighted mix of adapters served as one derived LoRA equals PEFT's add_weighted_adapter "cat" (the exact
 weighted sum of the deltas), in a batch beside its components and the base model."""
 
+import asyncio
 import copy
 
 import pytest
+import torch
 from enginekit import (
     Collector,
     greedy,
@@ -16,8 +18,9 @@ from enginekit import (
 )
 from peft import PeftModel
 
+from adapters.lora import LoraModule, LoraWeights
 from server.engine import GenerationRequest
-from server.mixing import mix_key, mix_lora
+from server.mixing import InvalidMix, MixCache, TooManyMixes, mix_key, mix_lora
 
 NEW_TOKENS = 8
 WEIGHTS = (0.7, -0.4)
@@ -57,3 +60,36 @@ def test_a_mix_equals_peft_weighted_adapter_cat(family_setup, tokenizer) -> None
 def test_mix_keys_are_deterministic() -> None:
     assert mix_key(["a@1", "b@2"], (0.5, 0.5)) == "mix:a@1*0.5+b@2*0.5"
     assert mix_key(["a@1", "b@2"], (0.5, 0.5)) != mix_key(["b@2", "a@1"], (0.5, 0.5))
+
+
+def test_the_mixes_alive_at_once_are_bounded_until_requests_release_them() -> None:
+    """Mix weights are any floats, so clients could ask for endless distinct mixes, each up to a max-rank adapter
+    in memory: past the bound on mixes alive (cached, held by a request, being built) a new one is a 429 until a
+    request releases one; a mix in use is shared, and a build refused for its rank holds nothing."""
+    lora = LoraWeights({"m": LoraModule(torch.randn(2, 4), torch.randn(4, 2), 1.0)})
+    dropped: list[str] = []
+    cache = MixCache(max_lora_rank=3, prepare=lambda w: w, on_drop=dropped.append, capacity=2, max_live=3)
+
+    def mix(weight: float):  # type: ignore[no-untyped-def]
+        return cache.acquire(f"mix:a*{weight}", [("a", lora, weight)])
+
+    async def run() -> None:
+        held = [await mix(w) for w in (1.0, 2.0, 3.0)]  # the cache keeps two; the first is held by its request
+        assert dropped == ["mix:a*1.0"]
+        with pytest.raises(TooManyMixes) as refused:
+            await mix(4.0)
+        assert refused.value.http_status == 429 and "retry" in str(refused.value)
+        shared, release_shared = await mix(3.0)
+        assert shared is held[2][0]
+        held[0][1]()
+        held[0][1]()  # once, however often called
+        with pytest.raises(InvalidMix):  # rank 4 over 3
+            await cache.acquire("mix:a*1+b*1", [("a", lora, 1.0), ("b", lora, 1.0)])
+        await mix(4.0)  # the first mix is gone: the cache drops the second, which its request still holds
+        with pytest.raises(TooManyMixes):
+            await mix(5.0)
+        held[1][1]()
+        await mix(5.0)
+        release_shared()
+
+    asyncio.run(run())
