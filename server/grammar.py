@@ -212,12 +212,34 @@ class Grammars:
     def _get_tokenizer(self) -> "llguidance.LLTokenizer":
         with self._tokenizer_lock:  # the vocabulary is read once (about a second for 49k tokens)
             if self._ll_tokenizer is None:
+                import llguidance
                 import llguidance.hf
 
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                    self._tokenizer, n_vocab=self._vocab_size, eos_token=self._stop_ids
+                read = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_size, eos_token=self._stop_ids)
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    llguidance.TokenizerWrapper(_PlainTextTokenizer(self._tokenizer, read)),
+                    n_vocab=self._vocab_size,
+                    eos_token=self._stop_ids,
                 )
             return self._ll_tokenizer
+
+
+class _PlainTextTokenizer:
+    """The tokenizer as llguidance reads it (TokenizerWrapper's interface), encoding a special token's text as
+    plain text. llguidance tokenizes the bytes a grammar forces to pick the tokens it allows; the Rust tokenizer
+    it builds from a fast tokenizer turns "<|im_end|>" in such bytes into the special token, which the matcher
+    then refuses (special tokens are never text to it): a grammar that spells one ended its request in a 500."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, read: "llguidance.LLTokenizer") -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.tokens = [read.decode_bytes([i]) for i in range(read.vocab_size)]  # each token's bytes
+        self.special_token_ids = list(tokenizer.all_special_ids)
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        text = text.decode() if isinstance(text, bytes) else text
+        return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _limits() -> "llguidance.LLParserLimits":

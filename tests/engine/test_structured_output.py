@@ -91,6 +91,25 @@ def test_json_object_takes_any_object_and_nothing_else(tokenizer, grammars) -> N
         any_object.matcher().advance(tokenizer("[")["input_ids"][0])
 
 
+@pytest.mark.parametrize("pattern", [r"<\|eos\|>", r"a<\|bos\|>b", r"<\|pad\|><\|eos\|>"])
+def test_a_grammar_spelling_a_special_tokens_text_is_written_in_plain_tokens(tokenizer, grammars, pattern) -> None:
+    """The text of a special token, when a grammar forces it, is plain text: every token the mask allows is one the
+    matcher takes (the special token itself, which the mask once offered, made the matcher refuse it)."""
+    matcher = compiled(grammars, GrammarSpec.regex(pattern)).matcher()
+    row = torch.zeros((BYTE_VOCAB + 31) // 32, dtype=torch.int32)
+    out: list[int] = []
+    while not matcher.is_finished():
+        assert len(out) < 32, tokenizer.decode(out)
+        matcher.fill_mask(row)
+        bits = ((row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:BYTE_VOCAB]
+        allowed = bits.nonzero()[:, 0].tolist()
+        # the end of the sequence, once the text is complete, is the only special token a mask may allow
+        assert set(allowed) & set(tokenizer.all_special_ids) <= {tokenizer.eos_token_id}, tokenizer.decode(out)
+        out.append(allowed[-1])  # the forced text's token (above the special ids), or the end alone
+        matcher.advance(out[-1])
+    assert re.fullmatch(pattern, tokenizer.decode(out, skip_special_tokens=True))
+
+
 class Failing:
     """A matcher that allows every token, then fails at its `at`-th mask (or refuses every token)."""
 
