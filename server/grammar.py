@@ -15,6 +15,7 @@ in input size, schema depth, llguidance's fuel and time; compiled matchers are k
 (kind, canonical text) and each request takes a copy. llguidance is imported on the first grammar request."""
 
 import asyncio
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -231,7 +232,12 @@ class _PlainTextTokenizer:
     then refuses (special tokens are never text to it): a grammar that spells one ended its request in a 500."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, read: "llguidance.LLTokenizer") -> None:
-        self._tokenizer = tokenizer
+        # The Rust tokenizer itself, called straight: llguidance calls this on the engine thread while it fills a
+        # mask, where transformers' own __call__ would triple a mask's time
+        self._backend = copy.copy(tokenizer.backend_tokenizer)  # type: ignore[attr-defined]
+        self._backend.no_padding()
+        self._backend.no_truncation()
+        self._backend.encode_special_tokens = True  # a special token's text is text
         self.eos_token_id = tokenizer.eos_token_id
         self.bos_token_id = tokenizer.bos_token_id
         self.tokens = [read.decode_bytes([i]) for i in range(read.vocab_size)]  # each token's bytes
@@ -239,7 +245,7 @@ class _PlainTextTokenizer:
 
     def __call__(self, text: str | bytes) -> list[int]:
         text = text.decode() if isinstance(text, bytes) else text
-        return self._tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self._backend.encode(text, add_special_tokens=False).ids
 
 
 def _limits() -> "llguidance.LLParserLimits":
