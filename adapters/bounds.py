@@ -16,6 +16,8 @@ MAX_GAIN:
   to O(1), with s = lora_alpha / r (or / sqrt(r)) in the tens at most.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from adapters.errors import InvalidAdapterWeights
@@ -23,6 +25,7 @@ from adapters.lora import LoraWeights
 
 SERVED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 MAX_GAIN = 60_000.0
+SCALING = "its scaling (lora_alpha / r, or its alpha_pattern value / r)"
 _DIVERGED = "the training diverged or the file was altered; use an earlier checkpoint"
 
 
@@ -38,20 +41,41 @@ def check_tensors(state: dict[str, torch.Tensor]) -> None:
             raise InvalidAdapterWeights(f"tensor {key!r} holds NaN or infinite values; {_DIVERGED}")
 
 
-def check_magnitudes(weights: LoraWeights) -> None:
-    """Each module's |A|, |sB|, gain and scaling within MAX_GAIN (see the module's docstring)."""
+@dataclass(frozen=True)
+class Excess:
+    """A module's quantity over MAX_GAIN."""
+
+    module: str
+    quantity: str
+    value: float
+
+
+def excess_magnitude(weights: LoraWeights) -> Excess | None:
+    """The first module whose scaling, |A|, |sB| or gain passes MAX_GAIN (see the module's docstring); None
+    when every module is within. Uploads and derived adapters (mixes) are held to the same bound."""
     for module, lora in weights.modules.items():
         scaling = abs(lora.scaling)
         if not scaling <= MAX_GAIN:  # written so that NaN fails too
-            raise InvalidAdapterWeights(
-                f"module {module!r}: its scaling (lora_alpha / r, or its alpha_pattern value / r) is "
-                f"{lora.scaling:g}, over the server's bound of {MAX_GAIN:g}; lower lora_alpha"
-            )
+            return Excess(module, SCALING, lora.scaling)
         a_norm = lora.a.float().abs().sum(dim=1).max().item()  # [r, in]: over the inputs of each rank
         b_norm = lora.b.float().abs().sum(dim=1).max().item() * scaling  # [out, r]: over the ranks of each output
         for what, norm in (("lora_A", a_norm), ("lora_B times the scaling", b_norm), ("the gain", a_norm * b_norm)):
             if not norm <= MAX_GAIN:
-                raise InvalidAdapterWeights(
-                    f"module {module!r}: {what} reaches {norm:g} (largest row sum of absolute values), over the "
-                    f"server's bound of {MAX_GAIN:g}; {_DIVERGED}, or lower lora_alpha"
-                )
+                return Excess(module, what, norm)
+    return None
+
+
+def check_magnitudes(weights: LoraWeights) -> None:
+    """Each module's |A|, |sB|, gain and scaling within MAX_GAIN (see the module's docstring)."""
+    excess = excess_magnitude(weights)
+    if excess is None:
+        return
+    if excess.quantity == SCALING:
+        raise InvalidAdapterWeights(
+            f"module {excess.module!r}: {SCALING} is {excess.value:g}, over the server's bound of {MAX_GAIN:g}; "
+            "lower lora_alpha"
+        )
+    raise InvalidAdapterWeights(
+        f"module {excess.module!r}: {excess.quantity} reaches {excess.value:g} (largest row sum of absolute "
+        f"values), over the server's bound of {MAX_GAIN:g}; {_DIVERGED}, or lower lora_alpha"
+    )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.bounds import MAX_GAIN, excess_magnitude
 from adapters.lora import LoraModule, LoraWeights
 from loraplex.errors import LoraplexError
 
@@ -110,9 +111,7 @@ class MixCache:
         if mixed is None:
             try:
                 self._check_rank(components)
-                built = await asyncio.to_thread(
-                    lambda: self._prepare(mix_lora([(lora, w) for _, lora, w in components]))
-                )
+                built = await asyncio.to_thread(self._build, components)
             finally:
                 with self._lock:
                     self._building -= 1
@@ -138,6 +137,21 @@ class MixCache:
                         del self._held[key]
 
         return release
+
+    def _build(self, components: list[tuple[str, LoraWeights, float]]) -> LoraWeights:
+        mixed = mix_lora([(lora, w) for _, lora, w in components])
+        # Each component is within the upload bound, but weights multiply its lora_B: up to 8 adapters at |100|
+        # reach 800 times it. The derived adapter is held to the same bound, which keeps the kernels finite.
+        excess = excess_magnitude(mixed)
+        if excess is not None:
+            described = " + ".join(f"{weight:g} * {key}" for key, _, weight in components)
+            raise InvalidMix(
+                f"the mix {described} reaches {excess.value:g} in module {excess.module!r} "
+                f"({excess.quantity}, with each adapter's weight folded into its lora_B; the largest row sum of "
+                f"absolute values), over the bound of {MAX_GAIN:g} every adapter is held to: lower the weights' "
+                "magnitudes, or mix fewer adapters"
+            )
+        return self._prepare(mixed)
 
     def _check_rank(self, components: list[tuple[str, LoraWeights, float]]) -> None:
         ranks: dict[str, int] = {}

@@ -38,8 +38,11 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         while c.get("/ready").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        for name, seed, rank in (("m1", 1, 4), ("m2", 2, 8)):
-            peft = make_peft_dir(tmp / name, seed=seed, r=rank, target_modules=["q_proj", "v_proj", "o_proj"])
+        # "loud": rank 1, scaling 1000, its gain ~1500 of the bound's 60000: at weight 100 a mix passes the bound
+        for name, seed, rank, alpha in (("m1", 1, 4, 8), ("m2", 2, 8, 8), ("loud", 3, 1, 1000)):
+            peft = make_peft_dir(
+                tmp / name, seed=seed, r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "o_proj"]
+            )
             files = {
                 "config": ("adapter_config.json", (peft / "adapter_config.json").read_bytes()),
                 "weights": ("adapter_model.safetensors", (peft / "adapter_model.safetensors").read_bytes()),
@@ -335,6 +338,16 @@ def test_a_mix_at_weight_zero_is_the_base_model_and_openai_takes_the_extra_field
 def test_mixes_are_checked(client: TestClient, path: str, payload: dict, status: int, code: str, says: str) -> None:
     error = error_of(client.post(path, json=payload), status)
     assert error["code"] == code and says in error["message"], error
+
+
+def test_a_mix_past_the_bound_on_adapters_is_refused_and_lower_weights_serve(client: TestClient) -> None:
+    """Every stored adapter is within the bound that keeps the model's numbers finite; a mix's weights multiply
+    its values, so the derived adapter is checked against the same bound: a 422 that says to lower the weights."""
+    loud = {"ids": ["loud", "m1"], "weights": [100.0, -1.0]}
+    error = error_of(client.post("/generate", json={"inputs": "x", "parameters": {"merged_adapters": loud}}))
+    assert error["code"] == "invalid_adapter_mix" and "lower the weights" in error["message"], error
+    assert "60000" in error["message"] and "loud" in error["message"], error
+    tgi(client, merged_adapters={**loud, "weights": [1.0, -1.0]})
 
 
 # ---- structured output -------------------------------------------------------------------------------------

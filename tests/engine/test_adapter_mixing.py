@@ -18,6 +18,7 @@ from enginekit import (
 )
 from peft import PeftModel
 
+from adapters.bounds import MAX_GAIN, check_magnitudes
 from adapters.lora import LoraModule, LoraWeights
 from server.engine import GenerationRequest
 from server.mixing import InvalidMix, MixCache, TooManyMixes, mix_key, mix_lora
@@ -91,5 +92,26 @@ def test_the_mixes_alive_at_once_are_bounded_until_requests_release_them() -> No
         held[1][1]()
         await mix(5.0)
         release_shared()
+
+    asyncio.run(run())
+
+
+def test_a_mix_is_held_to_the_bound_every_uploaded_adapter_obeys() -> None:
+    """Each component passes the upload bound, but the weights multiply it: eight near the bound at |100| would
+    reach 800 times it, two at weight 1 twice it. Such a mix is a 422 naming the fix, and holds nothing; the same
+    adapter at a smaller weight mixes."""
+    near = LoraWeights({"m": LoraModule(torch.full((1, 4), 60.0), torch.full((4, 1), 240.0), 1.0)})
+    check_magnitudes(near)  # |A| 240, |sB| 240, gain 57600: an adapter the store accepts
+    cache = MixCache(max_lora_rank=8, prepare=lambda w: w, on_drop=lambda _: None, capacity=2, max_live=2)
+    loud = [(f"a{i}", near, 100.0 if i % 2 else -100.0) for i in range(8)]
+
+    async def run() -> None:
+        for i, components in enumerate((loud, [("a0", near, 1.0), ("a1", near, 1.0)])):
+            with pytest.raises(InvalidMix) as refused:
+                await cache.acquire(f"mix:refused{i}", components)
+            assert refused.value.http_status == 422 and "lower the weights" in str(refused.value)
+            assert f"{MAX_GAIN:g}" in str(refused.value)
+        for weight in (0.5, -0.25):  # the refusals took no live mix: both fit in max_live 2
+            await cache.acquire(f"mix:a0*{weight}", [("a0", near, weight)])
 
     asyncio.run(run())
