@@ -88,6 +88,14 @@ class InvalidUpload(AdapterError):
     code = "invalid_upload"
 
 
+class TooManyUploads(AdapterError):
+    """Every upload slot is taken: each upload holds its files on disk until it ends, so uploads are bounded."""
+
+    http_status = 429
+    code = "too_many_uploads"
+    headers = {"Retry-After": "2"}  # noqa: RUF012 - read-only class constant
+
+
 class AdapterStoreUnavailable(AdapterError):
     """The shared store (an S3 bucket) did not answer, or refused this server's credentials."""
 

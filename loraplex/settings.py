@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         "request: lower keeps running streams smoother while new prompts arrive, higher gives first tokens sooner.",
     )
     max_adapter_mb: int = Field(512, ge=1, description="Largest accepted adapter upload, in MiB.")
+    max_concurrent_uploads: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="Adapter uploads in progress at once, each keeping copies of up to --max-adapter-mb on disk "
+        "until it ends: one more gets 429.",
+    )
     max_request_mb: int = Field(
         4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."
     )

@@ -78,6 +78,7 @@ def create_app(
     app.state.startup_error = None
     app.state.exit_code = 0
     app.state.metrics = Metrics()
+    app.state.uploads = adapters_api.UploadSlots(settings.max_concurrent_uploads)
     install_error_handlers(app)
     probes_and_docs = {
         "/health",

@@ -1,12 +1,13 @@
 """Admin routes for adapters: upload, list, show, delete. Needs an admin key when keys are configured.
 
-Expects `app.state.registry` (an AdapterRegistry). Errors are typed (adapters.errors) and answered by the
-app's one LoraplexError handler from each class's `http_status` and `code`.
+Expects `app.state.registry` (an AdapterRegistry) and `app.state.uploads` (UploadSlots). Errors are typed
+(adapters.errors) and answered by the app's one LoraplexError handler from each class's `http_status` and `code`.
 """
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.archive import extract_archive
-from adapters.errors import AdapterTooLarge, InvalidUpload, UnsafeAdapterFormat
+from adapters.errors import AdapterTooLarge, InvalidUpload, TooManyUploads, UnsafeAdapterFormat
 from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin
@@ -37,6 +38,30 @@ def _registry(request: Request) -> AdapterRegistry:
 
 
 Registry = Annotated[AdapterRegistry, Depends(_registry)]
+
+
+class UploadSlots:
+    """Uploads in progress, at most `limit` at once: each keeps copies of its files on disk until it ends (the
+    parsed form's, the staged directory, the store's checked copy), each up to --max-adapter-mb, so unbounded
+    concurrent uploads could fill the disk. Used on the event loop only: a plain counter."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """A slot for the block, freed however it ends; TooManyUploads at once when none is free."""
+        if self.taken >= self.limit:
+            raise TooManyUploads(
+                f"{self.taken} adapter uploads are in progress, the most this server takes at once "
+                "(--max-concurrent-uploads): retry when one has finished"
+            )
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
 
 
 async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
@@ -101,16 +126,18 @@ def _manifest_json(manifest: Manifest) -> dict[str, Any]:
 async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
     """201 with the new version's manifest; 200 with the existing one when the content is identical."""
     max_bytes = registry.store.limits.max_bytes
-    form = await _read_form(request, max_bytes)
-    try:
-        name = form.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidUpload("missing text field 'name': the adapter's name, e.g. support-bot")
-        with registry.store.scratch() as scratch:
-            src = await asyncio.to_thread(_stage, form, scratch, max_bytes)
-            manifest, created = await registry.put(name, src)
-    finally:
-        await form.close()
+    uploads: UploadSlots = request.app.state.uploads
+    with uploads.hold():  # before the body is read: parsing it writes the files to disk
+        form = await _read_form(request, max_bytes)
+        try:
+            name = form.get("name")
+            if not isinstance(name, str) or not name:
+                raise InvalidUpload("missing text field 'name': the adapter's name, e.g. support-bot")
+            with registry.store.scratch() as scratch:
+                src = await asyncio.to_thread(_stage, form, scratch, max_bytes)
+                manifest, created = await registry.put(name, src)
+        finally:
+            await form.close()
     return JSONResponse(_manifest_json(manifest), status_code=201 if created else 200)
 
 

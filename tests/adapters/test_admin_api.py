@@ -8,9 +8,12 @@ import json
 import socket
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -22,7 +25,7 @@ from adapters import cli
 from adapters.client import AdminClient, AdminClientError
 from adapters.validate import AdapterLimits
 from loraplex.settings import Settings
-from server.api.adapters import router
+from server.api.adapters import UploadSlots, router
 from server.api.errors import install_error_handlers
 from server.registry import AdapterRegistry
 
@@ -33,6 +36,7 @@ def make_app(root: Path, limits: AdapterLimits = LIMITS, **settings: object) -> 
     app.include_router(router)
     app.state.settings = Settings(adapter_dir=root, **settings)
     app.state.registry = AdapterRegistry(new_store(root, limits), max_cpu_adapters=4)
+    app.state.uploads = UploadSlots(app.state.settings.max_concurrent_uploads)
     return app
 
 
@@ -174,12 +178,13 @@ def test_admin_key_is_required_when_keys_are_set(tmp_path: Path, peft_dir: Path)
 # -- client and CLI against a served app ------------------------------------------------------------
 
 
-@pytest.fixture
-def server_url(tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """`app` served by uvicorn on a free local port: real connections, which a client can drop."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(tmp_path / "store"), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -187,6 +192,12 @@ def server_url(tmp_path: Path) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join()
+
+
+@pytest.fixture
+def server_url(tmp_path: Path) -> Iterator[str]:
+    with serve(make_app(tmp_path / "store")) as url:
+        yield url
 
 
 def run_cli(*argv: str) -> int:
@@ -231,3 +242,64 @@ def test_cli(server_url: str, peft_dir: Path, capsys: pytest.CaptureFixture[str]
     assert run_cli("adapters", "rm", "bot", "--server", server_url) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: no adapter 'bot' to delete"]
+
+
+def test_uploads_in_progress_are_bounded_and_every_ending_frees_its_slot(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each upload keeps copies of its files on disk until it ends, so past --max-concurrent-uploads one more is
+    a 429 before its body is read; the slot comes back when an upload is stored, refused, or its client drops
+    the connection mid-body, and what was stored is untouched."""
+    app = make_app(tmp_path / "store", max_concurrent_uploads=1)
+    store = app.state.registry.store
+    stored, go = threading.Event(), threading.Event()
+
+    def held_put(name: str, src: Path):  # type: ignore[no-untyped-def]
+        if name == "held":  # blocks in its worker thread, inside the upload, until the test lets it go
+            stored.set()
+            assert go.wait(30)
+        return put(name, src)
+
+    put = store.put
+    monkeypatch.setattr(store, "put", held_put)
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+
+        def upload(name: str, files: dict | None = None) -> httpx.Response:
+            return http.post("/v1/adapters", data={"name": name}, files=files or files_of(peft_dir))
+
+        held: list[httpx.Response] = []
+        first = threading.Thread(target=lambda: held.append(upload("held")))
+        first.start()
+        assert stored.wait(30)
+        refused = upload("next")
+        assert_error(refused, 429, "too_many_uploads", "--max-concurrent-uploads")
+        assert refused.headers["retry-after"] == "2"
+        go.set()
+        first.join(30)
+        assert held[0].status_code == 201, held[0].text
+
+        dora = make_peft_dir(tmp_path / "dora", use_dora=True)
+        assert_error(upload("dora", files_of(dora)), 422, "unsupported_adapter", "DoRA")  # refused: slot freed
+        assert upload("next").status_code == 201
+
+        # a client that sends part of its body and drops the connection: its slot is freed once the server sees it
+        with socket.create_connection((http.base_url.host, http.base_url.port or 80)) as dropped:
+            dropped.sendall(
+                b"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+                b'Content-Disposition: form-data; name="weights"; filename="w"\r\n\r\n' + b"\0" * 4096
+            )
+            deadline = time.monotonic() + 30
+            while not app.state.uploads.taken:  # not probed by uploads: a probe would race it for the slot
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert_error(upload("next"), 429, "too_many_uploads", "retry")
+        deadline = time.monotonic() + 30
+        while (after := upload("after")).status_code == 429:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert after.status_code == 201, after.text
+
+        listed = {m["name"]: m for m in http.get("/v1/adapters").json()["data"]}
+        assert sorted(listed) == ["after", "held", "next"]
+        assert listed["held"] == {**held[0].json(), "state": "stored"}
