@@ -12,11 +12,24 @@ matcher. Even at its mean, 16 constrained rows cost ~3.4 ms of CPU per step, und
 
 Compilation runs in a small pool of its own threads (never on the event loop or the engine thread), bounded
 in input size, schema depth, llguidance's fuel and time; compiled matchers are kept in an LRU keyed by
-(kind, canonical text) and each request takes a copy. llguidance is imported on the first grammar request."""
+(kind, canonical text) and each request takes a copy. llguidance is imported on the first grammar request.
+
+llguidance's limits (LLParserLimits) bound the lexer and parser: a regex's first masks stop at their fuel within
+about a second, whatever it nests or repeats. They do not bound the translation of a JSON schema into its
+grammar, which they only reach afterwards: patternProperties are checked pairwise for overlaps, per object and
+again at each allOf or $ref that merges objects, each pair with its own fuel and no total (300 patterns: 5 s, 400:
+20 s; 64 patterns merged by 300 allOf: 3 s; a 32 KB schema: hours). Since a thread running llguidance cannot be
+stopped, each grammar is first checked in a worker process (server/grammar_check.py) that is killed at its
+deadline, and compiled here only once it has passed, so no grammar holds a compile thread for long."""
 
 import asyncio
 import copy
 import json
+import logging
+import queue
+import select
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,6 +42,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loraplex.errors import LoraplexError
 from server.engine.constraints import mask_words
+from server.engine.errors import GrammarDeadEnd
 
 if TYPE_CHECKING:
     import llguidance
@@ -38,7 +52,9 @@ MAX_GRAMMAR_CHARS = 32 * 1024  # a schema (as compact JSON) or a pattern; real s
 MAX_SCHEMA_DEPTH = 32
 COMPILE_TIMEOUT_S = 10.0
 CACHED_GRAMMARS = 64
-COMPILE_THREADS = 2  # a compile that overruns its time keeps its thread until it ends: at most this many
+COMPILE_THREADS = 2  # each with its own worker process for the checks
+
+log = logging.getLogger(__name__)
 
 GrammarKind = Literal["json_object", "json_schema", "regex"]
 _WHAT = {"json_object": "JSON object grammar", "json_schema": "JSON schema", "regex": "regex"}
@@ -118,14 +134,28 @@ class GrammarMatcher:
         # row: int32 [W], contiguous, CPU: llguidance writes every word of it
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         if self._matcher.is_error():  # llguidance reports grammar and fuel errors as a state, not by raising
-            raise ValueError(self._matcher.get_error())
+            raise _failure(self._matcher.get_error())
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise ValueError(self._matcher.get_error())
+            raise _failure(self._matcher.get_error())
 
     def is_finished(self) -> bool:
         return self._matcher.is_stopped()  # complete, and nothing but the end of the sequence may follow
+
+
+def _failure(error: str) -> Exception:
+    """llguidance's error as the engine takes it. A dead end is the grammar's: llguidance allows a token when its
+    bytes can go on in the grammar, not when some token can spell what must follow, so a grammar needing bytes
+    that no token has stops there (it then offers only the end of the sequence, and names the stop
+    NoExtensionBias); so is a limit its lexer or parser hit. Anything else (a token refused that the mask allowed,
+    a panic) is a mismatch: ValueError. llguidance names these only in its message."""
+    reason = error.split("\n", 1)[0]
+    if reason == "NoExtensionBias":
+        return GrammarDeadEnd("no token of this model can continue the grammar here: its output stopped unfinished")
+    if reason.startswith(("lexer error:", "parser error:")):
+        return GrammarDeadEnd(f"the grammar needs more work here than its limits allow ({reason}): simplify it")
+    return ValueError(error)
 
 
 class CompiledGrammar:
@@ -154,11 +184,18 @@ class Grammars:
         self._stop_ids = sorted(stop_ids)
         self._capacity = capacity
         self._timeout_s = timeout_s
+        # A grammar's translation runs twice, checked then compiled here, so one that passes its check holds a
+        # thread for about half the budget at most: a request queued behind such grammars has the other half.
+        self._check_s = timeout_s / 4
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
+        self._checkers: queue.SimpleQueue[_Checker] = queue.SimpleQueue()  # one for each thread
+        self._all_checkers = [_Checker() for _ in range(COMPILE_THREADS)]
+        for checker in self._all_checkers:
+            self._checkers.put(checker)
 
     async def get(self, spec: GrammarSpec) -> CompiledGrammar:
         with self._lock:
@@ -181,11 +218,14 @@ class Grammars:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for checker in self._all_checkers:
+            checker.close()
 
     def _compile(self, spec: GrammarSpec) -> CompiledGrammar:
         import llguidance
 
-        tokenizer = self._get_tokenizer()
+        from server.grammar_check import limits
+
         # compact JSON: a model cannot spend its tokens on whitespace
         options: llguidance.JsonCompileOptions = {"whitespace_flexible": False}
         try:
@@ -196,7 +236,16 @@ class Grammars:
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except (ValueError, RuntimeError) as exc:  # a schema it cannot read
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
+        checker = self._checkers.get()
+        try:
+            error = checker.check(grammar, self._check_s)
+        finally:
+            self._checkers.put(checker)
+        if error is None:
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} did not compile within {self._check_s:g} s: simplify it")
+        if error:
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {error}")
+        matcher = llguidance.LLMatcher(self._get_tokenizer(), grammar, log_level=0, limits=limits())
         if matcher.is_error():
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {matcher.get_error()}")
         # llguidance builds the lexer at the first mask, into state every copy shares (a short pattern can take
@@ -206,7 +255,7 @@ class Grammars:
         try:
             for _ in range(2):
                 GrammarMatcher(matcher.deep_copy()).fill_mask(row)
-        except ValueError as exc:
+        except (ValueError, GrammarDeadEnd) as exc:
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
         return CompiledGrammar(matcher)
 
@@ -248,9 +297,47 @@ class _PlainTextTokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
 
-def _limits() -> "llguidance.LLParserLimits":
-    import llguidance
+class _Checker:
+    """A worker process of server/grammar_check.py, started at its first check and afresh after one it killed."""
 
-    # llguidance's defaults bound the work per grammar and per token; errors name the problem, not the parser
-    # state (which would echo the grammar back)
-    return llguidance.LLParserLimits(verbose_errors=False)
+    def __init__(self) -> None:
+        self._worker: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()  # close() may come from another thread
+
+    def check(self, grammar: str, timeout_s: float) -> str | None:
+        """llguidance's error for the grammar ("" when it is valid), or None when the check overran its time."""
+        with self._lock:
+            if self._worker is None:
+                self._worker = _start_worker()
+            worker = self._worker
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(json.dumps(grammar) + "\n")
+        worker.stdin.flush()
+        if not select.select([worker.stdout], [], [], timeout_s)[0]:
+            self.close()
+            return None
+        line = worker.stdout.readline()
+        if not line:  # it died on this grammar (a crash, or killed for memory), as the server would have
+            self.close()
+            log.warning("the grammar check process ended (status %s) on a grammar: refused", worker.poll())
+            return "the grammar compiler stopped on it"
+        answer: str = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()
+            worker.wait()
+
+
+def _start_worker() -> "subprocess.Popen[str]":
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "server.grammar_check"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert worker.stdout is not None
+    if worker.stdout.readline() != '"ready"\n':  # its start is not counted in a grammar's time
+        worker.kill()
+        raise RuntimeError(f"the grammar check process did not start (status {worker.wait()})")
+    return worker

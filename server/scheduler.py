@@ -62,7 +62,8 @@ class TokenStream:
     """Async iterator of one request's TokenEvents; the last has finish_reason set.
 
     Leaving it early (`aclose()`, or the consuming task being cancelled) cancels the request in the engine.
-    An engine-side error is raised as GenerationFailed from the iterator.
+    An engine-side error is raised as GenerationFailed from the iterator; one that is the request's own fault
+    (a 4xx EngineError) is raised as itself.
     """
 
     def __init__(self, engine: Engine, request: GenerationRequest, hooks: LatencyHooks, mailbox: Mailbox) -> None:
@@ -90,6 +91,8 @@ class TokenStream:
         if event.finish_reason is not None:
             self._done = True
         if event.error is not None:
+            if isinstance(event.error, EngineError) and event.error.http_status < 500:  # the request's own fault:
+                raise event.error  # the client hears it as such (a grammar that dead-ends), not as a server error
             raise GenerationFailed(f"generation failed: {event.error}") from event.error
         return event
 

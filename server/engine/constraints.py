@@ -12,12 +12,13 @@ from typing import Protocol
 
 import torch
 
-from server.engine.errors import GrammarFailed
+from server.engine.errors import GrammarDeadEnd, GrammarFailed
 
 
 class TokenConstraint(Protocol):
     def fill_mask(self, row: torch.Tensor) -> None:
-        """Write the tokens allowed next into `row` (int32 [ceil(V / 32)], CPU), every word of it."""
+        """Write the tokens allowed next into `row` (int32 [ceil(V / 32)], CPU), every word of it; raise
+        GrammarDeadEnd if the grammar cannot go on (any other error is the matcher's own failure)."""
 
     def advance(self, token: int) -> None:
         """Take the emitted token; raise if the grammar refuses it."""
@@ -48,7 +49,8 @@ class StepMasks:
 
 def fill_masks(constraints: Sequence[TokenConstraint | None], vocab: int) -> StepMasks | None:
     """The masks of the rows that have a constraint; None (no work at all) when no row has one. A row whose
-    matcher raises, or allows no token, is recorded in `failed` and left unmasked (its token is thrown away)."""
+    matcher raises, or allows no token, is recorded in `failed` and left unmasked (its token is thrown away): as
+    GrammarDeadEnd when the grammar cannot go on (a mask with no token says so too), else as GrammarFailed."""
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return None
@@ -59,8 +61,8 @@ def fill_masks(constraints: Sequence[TokenConstraint | None], vocab: int) -> Ste
         try:
             constraint.fill_mask(masks.bits[j])
             if not masks.bits[j].any():
-                raise GrammarFailed("the grammar allows no token at this point")
+                raise GrammarDeadEnd("the grammar allows no token at this point")
         except Exception as exc:
-            masks.failed[i] = exc if isinstance(exc, GrammarFailed) else GrammarFailed(f"the grammar failed: {exc}")
+            masks.failed[i] = exc if isinstance(exc, GrammarDeadEnd) else GrammarFailed(f"the grammar failed: {exc}")
             masks.bits[j] = -1  # all bits set: the row stays finite, and its draw is discarded
     return masks

@@ -28,7 +28,14 @@ from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_hea
 from server.engine.batching import plan_step
 from server.engine.config import EngineConfig
 from server.engine.constraints import StepMasks, fill_masks
-from server.engine.errors import AdapterTooLarge, EngineStopped, GrammarFailed, InvalidSampling, PromptTooLong
+from server.engine.errors import (
+    AdapterTooLarge,
+    EngineStopped,
+    GrammarDeadEnd,
+    GrammarFailed,
+    InvalidSampling,
+    PromptTooLong,
+)
 from server.engine.fusions import wrap_fusions
 from server.engine.graphs import StepGraphs
 from server.engine.multilora import (
@@ -493,7 +500,7 @@ class Engine:
             if row.ended:  # by its last token's delivery, after this step was launched (a stop sequence, a
                 continue  # consumer gone, a text fault): this token was computed in vain and never existed
             if i in failed:
-                self._finish(row, "error", error=failed[i])
+                self._grammar_failed(row, failed[i])
             else:
                 self._take_token(row, int(host[i]), host[b + i], tops.get(i, ()))
 
@@ -507,8 +514,11 @@ class Engine:
         if grammar is not None:
             try:
                 grammar.advance(token)
+            except GrammarDeadEnd as exc:
+                self._grammar_failed(row, exc)
+                return
             except Exception as exc:  # this request's matcher alone
-                self._finish(row, "error", error=GrammarFailed(f"the grammar refused token {token}: {exc}"))
+                self._grammar_failed(row, GrammarFailed(f"the grammar refused token {token}: {exc}"))
                 return
         eos = token in self.eos_ids and not params.ignore_eos
         finish: FinishReason | None = None
@@ -563,6 +573,15 @@ class Engine:
             log.warning("request %s: its event could not be delivered", request.request_id)
             if finish is None:
                 self._finish(row, "cancelled")
+
+    def _grammar_failed(self, row: _Row, error: BaseException) -> None:
+        """End a request whose grammar stopped it. A dead end is the grammar's own (no token continues it, or it
+        outgrew its limits): the client hears why, as a 4xx like a grammar that fails to compile, and the output
+        so far is not passed off as a complete answer (a finish_reason would pass off text that does not match
+        the grammar). Anything else is a mismatch between the mask and the matcher: the server's fault, logged."""
+        if not isinstance(error, GrammarDeadEnd):
+            log.error("request %s: %s", row.request.request_id, error)
+        self._finish(row, "error", error=error)
 
     def _finish(self, row: _Row, reason: FinishReason, error: BaseException | None = None) -> None:
         self._send(row, max(row.generated - 1, 0), None, "", None, reason, error)

@@ -70,6 +70,16 @@ class KVCacheTooLarge(EngineError):
 
 
 class GrammarFailed(EngineError):
-    """A request's grammar matcher failed mid-generation (it refused a token, or allows none): that request ends."""
+    """A request's grammar matcher failed mid-generation for a reason of the server's: it refused a token its own
+    mask allowed (or one drawn outside the mask), or it broke. That request ends; the others go on."""
 
     code = "grammar_failed"
+
+
+class GrammarDeadEnd(EngineError):
+    """A request's grammar cannot go on mid-generation, by its own nature: no token of the model's vocabulary
+    continues the output (a grammar can need bytes that no token spells), or its next token needs more work than
+    the grammar limits allow. The request's fault, as a grammar that fails to compile is: a client error."""
+
+    http_status = 422
+    code = "grammar_dead_end"

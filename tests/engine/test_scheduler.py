@@ -4,10 +4,12 @@ import asyncio
 import threading
 
 import pytest
+import torch
 from enginekit import greedy, make_engine, reference_generate, request
 
 from server.engine import QueueFull, TokenEvent
-from server.scheduler import LatencyHooks, Mailbox, Scheduler
+from server.engine.errors import GrammarDeadEnd
+from server.scheduler import GenerationFailed, LatencyHooks, Mailbox, Scheduler
 
 
 @pytest.fixture
@@ -33,6 +35,41 @@ def test_stream_yields_tokens_and_reports_latencies(engine, family_setup) -> Non
 
     assert asyncio.run(main()) == reference_generate(base, adapters[2], [5, 6, 7], 6)[0]
     assert len(ttft) == 1 and len(itl) == 5 and len(finished) == 1
+
+
+class Stuck:
+    """A grammar matcher whose second mask allows no token (a dead end), or raises (a broken matcher)."""
+
+    def __init__(self, broken: bool) -> None:
+        self.broken, self.masks = broken, 0
+
+    def fill_mask(self, row: torch.Tensor) -> None:
+        self.masks += 1
+        if self.masks == 2 and self.broken:
+            raise RuntimeError("matcher broke")
+        row.fill_(0 if self.masks == 2 else -1)
+
+    def advance(self, token: int) -> None:
+        pass
+
+    def is_finished(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("broken", "error"), [(False, GrammarDeadEnd), (True, GenerationFailed)])
+def test_a_grammar_dead_end_reaches_the_client_as_its_own_error(engine, broken, error) -> None:
+    """A grammar that cannot go on is the request's fault: raised as itself (422 grammar_dead_end), not as a server
+    error; a broken matcher stays one."""
+    scheduler = Scheduler(engine, max_queue=4)
+    req = request([5, 6], greedy(8))
+    req.grammar = Stuck(broken)
+
+    async def main() -> list[int | None]:
+        return [e.token_id async for e in scheduler.generate(req)]
+
+    with pytest.raises(error) as raised:
+        asyncio.run(main())
+    assert raised.value.http_status == (422 if error is GrammarDeadEnd else 500)
 
 
 def test_leaving_early_cancels_and_full_queue_refuses(engine) -> None:

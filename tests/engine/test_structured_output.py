@@ -14,9 +14,19 @@ from enginekit import Collector, greedy, make_engine, reference_generate, reques
 from loraplex.synthetic import BYTE_VOCAB
 from server.engine import SamplingParams
 from server.engine.constraints import fill_masks
-from server.engine.errors import GrammarFailed
+from server.engine.errors import GrammarDeadEnd, GrammarFailed
 from server.engine.sampling import final_logprobs
-from server.grammar import JSON_OBJECT, MAX_GRAMMAR_CHARS, MAX_SCHEMA_DEPTH, Grammars, GrammarSpec, InvalidGrammar
+from server.grammar import (
+    COMPILE_THREADS,
+    JSON_OBJECT,
+    MAX_GRAMMAR_CHARS,
+    MAX_SCHEMA_DEPTH,
+    CompiledGrammar,
+    GrammarMatcher,
+    Grammars,
+    GrammarSpec,
+    InvalidGrammar,
+)
 
 NEW_TOKENS = 8
 SCHEMA = {
@@ -133,11 +143,17 @@ class Failing:
 
 
 @pytest.mark.parametrize(
-    "failing",
-    [Failing(3), Failing(2, allow_none=True), Failing(1, refuse=True)],
+    ("failing", "error"),
+    [
+        (Failing(3), GrammarFailed),
+        (Failing(2, allow_none=True), GrammarDeadEnd),
+        (Failing(1, refuse=True), GrammarFailed),
+    ],
     ids=["raises", "allows-none", "refuses"],
 )
-def test_a_failing_matcher_ends_its_request_alone(family_setup, tokenizer, failing) -> None:
+def test_a_failing_matcher_ends_its_request_alone(family_setup, tokenizer, failing, error) -> None:
+    """A matcher that breaks or refuses the token its mask allowed is the server's fault (GrammarFailed, 5xx); one
+    that allows no token is a grammar that cannot go on (GrammarDeadEnd, 4xx). Either ends its request alone."""
     base, adapters = family_setup("llama")
     engine = make_engine(base, tokenizer)
     sink = Collector()
@@ -149,11 +165,47 @@ def test_a_failing_matcher_ends_its_request_alone(family_setup, tokenizer, faili
         engine.submit(request(prompt, greedy(NEW_TOKENS), adapter, f"r{i}"), sink)
     run_to_end(engine)
     assert sink.finish("broken") == "error"
-    assert isinstance(sink.events["broken"][-1].error, GrammarFailed)
+    assert type(sink.events["broken"][-1].error) is error
     assert len(sink.tokens("broken")) == (0 if failing.refuse else failing.at - 1)
     for i, adapter in enumerate([None, adapters[0]]):
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
     assert engine.num_running == 0
+
+
+class FewBytes:
+    """A tokenizer as llguidance reads it (TokenizerWrapper) whose tokens spell ASCII letters only, as a vocabulary
+    without byte tokens may: a grammar can ask for a character that no token spells."""
+
+    eos_token_id, bos_token_id, special_token_ids = 0, None, [0]
+    tokens = [b"<eos>"] + [bytes([c]) for c in range(97, 123)]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        return [self.tokens.index(bytes([b])) for b in data if bytes([b]) in self.tokens]
+
+
+def test_a_grammar_no_token_can_continue_is_a_dead_end_and_a_refused_token_a_mismatch() -> None:
+    """llguidance allows "b" after "a" for (ab€|abé), then no token spells what must follow: that is the grammar's
+    dead end (GrammarDeadEnd, a client error). A token refused although allowed would be a mismatch (ValueError)."""
+    import llguidance
+
+    few = FewBytes()
+    vocab = len(few.tokens)
+    ll_tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(few), n_vocab=vocab, eos_token=[0])
+    grammar = llguidance.LLMatcher.grammar_from_regex("(ab€|abé)")
+
+    def matcher() -> GrammarMatcher:
+        return GrammarMatcher(llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0))
+
+    row = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+    dead = matcher()
+    for letter in "ab":
+        dead.fill_mask(row)
+        dead.advance(few.tokens.index(letter.encode()))
+    with pytest.raises(GrammarDeadEnd, match="no token of this model can continue"):
+        dead.fill_mask(row)
+    with pytest.raises(ValueError, match="doesn't satisfy the grammar"):
+        matcher().advance(few.tokens.index(b"z"))
 
 
 def test_masks_touch_constrained_rows_only() -> None:
@@ -208,3 +260,30 @@ def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer) ->
         compiled(slow, GrammarSpec.regex("c+"))
     grammars.close()
     slow.close()
+
+
+def test_slow_grammars_cannot_starve_an_honest_one(tokenizer) -> None:
+    """Schemas whose translation no llguidance limit bounds (patternProperties, checked pairwise for overlaps: a
+    minute for 500) hold every compile thread; they are stopped at their deadline, and an honest grammar sent while
+    they run compiles within its time and constrains correctly."""
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=4.0)
+    slow = [
+        GrammarSpec.json_schema({"type": "object", "patternProperties": {f"^p{i}_{k}[a-z]*$": {} for i in range(500)}})
+        for k in range(COMPILE_THREADS)
+    ]
+
+    async def send() -> tuple[list[BaseException | CompiledGrammar], CompiledGrammar]:
+        hostile = [asyncio.create_task(grammars.get(spec)) for spec in slow]
+        await asyncio.sleep(0.5)  # they run
+        honest = await grammars.get(GrammarSpec.regex(PATTERN))
+        return await asyncio.gather(*hostile, return_exceptions=True), honest
+
+    refused, honest = asyncio.run(send())
+    assert all(isinstance(r, InvalidGrammar) and "did not compile within" in str(r) for r in refused), refused
+    matcher = honest.matcher()
+    for token in tokenizer("no, 42 ab cd.")["input_ids"]:
+        matcher.advance(token)
+    assert matcher.is_finished()
+    with pytest.raises(ValueError):
+        honest.matcher().advance(tokenizer("maybe")["input_ids"][0])
+    grammars.close()
