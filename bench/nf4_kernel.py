@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from bitsandbytes.nn import Linear4bit
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
@@ -113,14 +114,18 @@ def main() -> None:
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             bnb_us = graph_us(lambda: [layer(x) for layer in layers], copies)  # noqa: B023
             fused_us = graph_us(lambda: [kernel(x, layer, None) for layer in layers], copies)  # noqa: B023
-            mma_us = graph_us(lambda: [mma(x, layer) for layer in layers], copies)  # noqa: B023
-            best = pick_config(n, k) if rows == 1 else pick_matmul_config(n, k, on_cuda=True)
+            # nf4_mma runs up to 64 rows
+            mma_us = graph_us(lambda: [mma(x, layer) for layer in layers], copies) if rows <= 64 else math.nan  # noqa: B023
+            best = pick_config(n, k) if rows == 1 else pick_matmul_config(n, k, rows, on_cuda=True)
             best_us = fused_us
             deadline = time.monotonic() + args.sweep
             for config in candidates(n, k, rows):
                 if time.monotonic() > deadline:
                     break
-                us = graph_us(lambda: [kernel(x, layer, config) for layer in layers], copies, 3)  # noqa: B023
+                try:
+                    us = graph_us(lambda: [kernel(x, layer, config) for layer in layers], copies, 3)  # noqa: B023
+                except OutOfResources:  # more shared memory or registers than an SM has (large tiles of many rows)
+                    continue
                 if us < best_us:
                     best, best_us = config, us
             gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9

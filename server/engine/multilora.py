@@ -18,8 +18,9 @@ from adapters.lora import LoraModule, LoraWeights
 from server.engine.errors import AdapterNotFinite
 from server.engine.step import Segment
 
-# The fused kernels read each token's own slot: past this many tokens, matmuls over runs of tokens are faster.
-KERNEL_TOKENS = 64
+# The fused kernels read each token's own slot, up to the NF4 kernels' MAX_ROWS tokens; past it (prompt chunks) the
+# base layers dequantize and multiply densely, and the LoRA deltas are matmuls over runs of tokens sharing a slot.
+KERNEL_TOKENS = 256
 
 # Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

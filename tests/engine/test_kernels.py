@@ -24,7 +24,14 @@ from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
 from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import finish_projection, lora_shrink
-from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_gemv, nf4_matmul
+from server.engine.kernels.nf4 import (
+    FusedNf4Linear,
+    LoraEpilogue,
+    fuse_nf4_linears,
+    nf4_gemv,
+    nf4_matmul,
+    nf4_matmul_sums,
+)
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
 from server.engine.multilora import KERNEL_TOKENS, LoraContext, MultiLoraLinear, ShrinkGroup
@@ -119,7 +126,8 @@ def test_nf4_gemv_matches_the_dequantized_weight(nested, bias, lora) -> None:
 
 @pytest.mark.parametrize(
     ("rows", "nested", "bias", "config"),
-    [(5, True, False, None), (64, False, True, None), (17, True, True, (32, 64, 3, 1, 1))],  # 3 programs per tile
+    # 200 rows: a step of decode tokens and prompt chunks up to MAX_ROWS; (32, 64, 3, ...): 3 programs per tile
+    [(5, True, False, None), (64, False, True, None), (200, True, False, None), (17, True, True, (32, 64, 3, 1, 1))],
 )
 def test_nf4_matmul_matches_the_dequantized_weight(rows, nested, bias, config) -> None:
     torch.manual_seed(0)
@@ -131,6 +139,49 @@ def test_nf4_matmul_matches_the_dequantized_weight(rows, nested, bias, config) -
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     if config is None:  # the layer takes this kernel for any [..., k] input of up to MAX_ROWS rows
         assert torch.allclose(FusedNf4Linear(layer)(x.view(rows, 1, k)), expected[:, None], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
+@pytest.mark.parametrize("config", [(16, 64, 1, 1, 1), (32, 64, 3, 1, 1)])  # split K: 3 programs per tile
+def test_nf4_matmul_segments_match_each_weight_alone(nested, bias, config) -> None:
+    """Three weights sharing x in one launch (as q/k/v do): each weight's columns of the output are what the
+    kernel gives for that weight alone, bit for bit, biases included."""
+    torch.manual_seed(0)
+    sizes, k, rows = (40, 24, 72), 64 * 9, 5  # not multiples of the tiles: every segment ends in a partial one
+    layers = [nf4_layer(n, k, nested, bias, DEVICE)[0] for n in sizes]
+    parts = [(layer.weight, layer.weight.quant_state, layer.bias) for layer in layers]
+    x = torch.randn(rows, k, device=DEVICE)
+    got = nf4_matmul_sums(x, parts, config)
+    assert got.shape == (rows, sum(sizes))
+    column = 0
+    for i, (part, n) in enumerate(zip(parts, sizes, strict=True)):
+        assert torch.equal(got[:, column : column + n], nf4_matmul_sums(x, [part], config)), f"weight {i}"
+        column += n
+
+
+def test_a_shrink_group_of_up_to_64_rows_projects_its_layers_in_two_launches() -> None:
+    """q/k/v-like NF4 layers in a decode step of more rows than nf4_mma takes (here: any, on the CPU): the group's
+    matmul and one launch finishing it (each layer's LoRA delta from its own partial sums and B columns) give each
+    member what that member's own kernels give."""
+    torch.manual_seed(0)
+    sizes, k, slots, rank, rows = (40, 24, 16), 64 * 3, 3, 5, 6  # layer 1 starts inside a 1024-column block
+    layers = [FusedNf4Linear(nf4_layer(n, k, True, False, DEVICE)[0]) for n in sizes]
+    store_a = torch.randn(slots + 1, rank, len(sizes) * k, device=DEVICE) / 8
+    store_b = torch.randn(slots + 1, rank, sum(sizes), device=DEVICE) / 8
+    store_a[slots], store_b[slots] = 0, 0
+    slot = torch.arange(rows, device=DEVICE) % (slots + 1)
+    ranks = torch.tensor([rank, 3, rank, 0], dtype=torch.int32, device=DEVICE)[slot]
+    x = torch.randn(rows, 1, k, device=DEVICE)
+    partial, chunks = lora_shrink(x[:, 0], store_a, slot, ranks, len(sizes))
+    kernels = FusedDecode()
+    assert kernels.linears(layers, x[:, 0], partial, chunks, store_b, slot, ranks) is not None  # the group's path
+    group, column = ShrinkGroup(store_a, store_b, layers), 0
+    for member, (layer, n) in enumerate(zip(layers, sizes, strict=True)):
+        b = store_b[:, :, column : column + n]
+        alone = FusedDecode.linear(layer, x[:, 0], partial[member], chunks, b, slot, ranks)
+        got = group.project(member, x, slot, ranks, kernels, b)
+        assert torch.allclose(got, alone, atol=1e-5, rtol=1e-5), f"member {member}"
+        column += n
 
 
 @pytest.mark.parametrize("norm_class", sorted(NORMS, key=lambda c: c.__name__), ids=lambda c: c.__name__)

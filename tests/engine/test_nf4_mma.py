@@ -113,10 +113,11 @@ def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) ->
         column += n
 
 
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, MMA_ROWS + 8, 200])
 def test_a_shrink_group_projects_all_its_layers_in_one_launch(rows) -> None:
-    """q/k/v-like bf16 NF4 layers in a decode step: the group's one launch gives each member exactly the output
-    that member's own kernel gives (LoRA delta included)."""
+    """q/k/v-like bf16 NF4 layers in a step of up to MAX_ROWS tokens: the group's one launch (nf4_mma's; past
+    MMA_ROWS the Triton matmul's, then one launch finishing it) gives each member exactly the output that member's
+    own kernels give (LoRA delta included; at 40 rows K is split in 2, whose sums add in either order alike)."""
     torch.manual_seed(0)
     sizes, slots, rank = (64, 32, 32), 3, 4
     layers = []
@@ -136,7 +137,11 @@ def test_a_shrink_group_projects_all_its_layers_in_one_launch(rows) -> None:
     for member, (layer, n) in enumerate(zip(layers, sizes, strict=True)):
         b = store_b[:, :, column : column + n]
         alone = FusedDecode.linear(layer, x[:, 0], partial[member], chunks, b, slot, ranks)
-        assert torch.equal(group.project(member, x, slot, ranks, kernels, b), alone), f"member {member}"
+        got = group.project(member, x, slot, ranks, kernels, b)
+        if rows <= 64:
+            assert torch.equal(got, alone), f"member {member}"
+        else:  # 4 programs of split K add into each sum in any order: a last bit may differ from call to call
+            assert close(got, alone.float()), f"member {member}"
         column += n
     assert kernels.linears(layers, x[:, 0], partial, chunks, store_b, slot, ranks) is not None  # one launch
 

@@ -11,7 +11,14 @@ from torch import nn
 
 from server.engine.kernels.activation import SILU, silu_mul_shrink
 from server.engine.kernels.lora import finish_projection, lora_shrink
-from server.engine.kernels.nf4 import FusedNf4Linear, LoraEpilogue, fuse_nf4_linears, nf4_segments
+from server.engine.kernels.nf4 import (
+    MAX_ROWS,
+    FusedNf4Linear,
+    LoraEpilogue,
+    fuse_nf4_linears,
+    nf4_matmul_sums,
+    nf4_segments,
+)
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma_segments
 from server.engine.kernels.nf4_mma import available as mma_available
 from server.engine.kernels.rmsnorm import FusedRMSNorm, fuse_rms_norms
@@ -90,14 +97,22 @@ class FusedDecode:
         slots: torch.Tensor,
         ranks: torch.Tensor,
     ) -> list[torch.Tensor] | None:
-        """NF4 layers sharing x (q/k/v, gate/up) in one nf4_mma launch, each row's LoRA delta in its epilogue:
+        """NF4 layers sharing x (q/k/v, gate/up) in one launch: nf4_mma with each row's LoRA delta in its epilogue,
+        or for more rows the Triton matmul, then one launch for the cast, the deltas of all the layers:
         x [B, in], partial [G, B, CHUNKS_PAD, R_PAD], b [S+1, R, sum of outs] -> G outputs [B, out_g] (column
-        views of one tensor); None where that launch does not run (the layers then run one by one)."""
+        views of one tensor); None where those launches do not run (the layers then run one by one)."""
         key = tuple(map(id, bases))
         if key not in self._segments:
             self._segments[key] = nf4_segments(bases)
         segments = self._segments[key]
-        lora = LoraEpilogue(partial, chunks, b, slots, ranks)
-        if segments is None or x.shape[0] > MMA_ROWS or not mma_available(x, lora) or x.stride(1) != 1:
+        rows = x.shape[0]
+        if segments is None or x.dtype != segments.dtype or x.stride(1) != 1 or rows > MAX_ROWS:
             return None
-        return list(nf4_mma_segments(x, segments, lora).split(segments.n, dim=1))
+        lora = LoraEpilogue(partial, chunks, b, slots, ranks)
+        if rows <= MMA_ROWS and mma_available(x, lora):
+            return list(nf4_mma_segments(x, segments, lora).split(segments.n, dim=1))
+        if rows == 1:  # the GEMV, each layer's delta in its epilogue
+            return None
+        y = torch.empty(rows, sum(segments.n), dtype=x.dtype, device=x.device)
+        finish_projection(y, nf4_matmul_sums(x, segments.parts), lora, widths=segments.n)
+        return list(y.split(segments.n, dim=1))

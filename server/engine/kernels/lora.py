@@ -11,6 +11,8 @@ keeps every slot's, the step gathers them per row): with max_lora_rank 64 and ra
 quarter of the bytes, and a row without adapter (rank 0) reads none.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,7 +81,7 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    partial_ptr,  # [B, CHUNKS_PAD, R_PAD] fp32, chunks past `chunks` unwritten (HAS_LORA only)
+    partial_ptr,  # [G, B, CHUNKS_PAD, R_PAD] fp32 at stride_pg, chunks past `chunks` unwritten (HAS_LORA only)
     b_ptr,  # [S+1, R, N] view of the B store (scaling folded in): strides (stride_bs, stride_br, 1) (HAS_LORA)
     slot_ptr,  # [B] long (HAS_LORA only)
     rank_ptr,  # [B] int32: each row's adapter rank (B rows past it are not read) (HAS_LORA only)
@@ -87,7 +89,10 @@ def _expand_kernel(
     res_ptr,  # [B, N], row stride stride_res: the residual (HAS_RESIDUAL only)
     y_ptr,  # [B, N], row stride stride_y
     N,
+    end0,  # the first columns of layers 1 and 2 of the G side by side (N where there are fewer)
+    end1,
     chunks,
+    stride_pg,
     stride_src,
     stride_res,
     stride_y,
@@ -108,9 +113,11 @@ def _expand_kernel(
     if HAS_LORA:
         slot = tl.load(slot_ptr + row)
         rank = tl.load(rank_ptr + row)
+        first = tl.program_id(1) * BLOCK_N  # the block's columns are one layer's: the layers' widths are multiples
+        group = (first >= end0).to(tl.int32) + (first >= end1).to(tl.int32)
         offs_r = tl.arange(0, R_PAD)
         offs_c = tl.arange(0, CHUNKS_PAD)
-        partials = partial_ptr + (row * CHUNKS_PAD + offs_c[:, None]) * R_PAD + offs_r[None, :]
+        partials = partial_ptr + group * stride_pg + (row * CHUNKS_PAD + offs_c[:, None]) * R_PAD + offs_r[None, :]
         partial = tl.load(partials, mask=offs_c[:, None] < chunks, other=0.0)  # [CHUNKS_PAD, R_PAD]
         # The shrunk activations are rounded to the compute dtype, as the unfused x @ A.T would leave them.
         shrunk = tl.sum(partial, axis=0).to(dtype).to(tl.float32)  # [R_PAD]
@@ -146,24 +153,35 @@ def lora_shrink(
 
 
 def finish_projection(
-    y: torch.Tensor, src: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None
+    y: torch.Tensor,
+    src: torch.Tensor,
+    lora: LoraEpilogue | None = None,
+    residual: torch.Tensor | None = None,
+    widths: list[int] | None = None,
 ) -> None:
     """y [B, N] = src [B, N] in y's dtype, + each row's LoRA delta (`lora`), + `residual` [B, N], in one launch,
     each stage rounded to y's dtype as a cast, the expand in place and `y += residual` in turn would leave it.
-    src is y itself (in place) or a matmul's fp32 split-K sums (the cast fused); y and src: unit column stride."""
+    src is y itself (in place) or a matmul's fp32 split-K sums (the cast fused); y and src: unit column stride.
+    widths: the N of up to three layers side by side in y (q/k/v), for which lora.partial is the shrink's
+    [G, B, CHUNKS_PAD, R_PAD] and lora.b their B columns side by side, [S+1, R, N]; one layer by default."""
     rows, n = y.shape
+    starts = list(itertools.accumulate(widths[:-1])) if widths else []  # the first columns of layers 1 and 2
+    block_n = EXPAND_BLOCK_N
+    while any(start % block_n for start in starts):  # a program's columns must be one layer's
+        block_n //= 2
+    end0, end1 = (*starts, n, n)[:2]
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     if lora is None:  # HAS_LORA off: its pointers are never read
         partial = b = slots = ranks = src
-        chunks, chunks_pad, r_pad, stride_bs, stride_br = 0, 1, 1, 0, 0
+        chunks, chunks_pad, r_pad, stride_pg, stride_bs, stride_br = 0, 1, 1, 0, 0, 0
     else:
         partial, chunks, b, slots, ranks = lora.partial, lora.chunks, lora.b, lora.slots, lora.ranks
-        chunks_pad, r_pad = partial.shape[1:]
-        stride_bs, stride_br = b.stride(0), b.stride(1)
+        chunks_pad, r_pad = partial.shape[-2:]
+        stride_pg, stride_bs, stride_br = partial.stride(0) if widths else 0, b.stride(0), b.stride(1)
     res = src if residual is None else residual
-    _expand_kernel[(rows, triton.cdiv(n, EXPAND_BLOCK_N))](
-        partial, b, slots, ranks, src, res, y, n, chunks, src.stride(0), res.stride(0), y.stride(0), stride_bs,
-        stride_br, HAS_LORA=lora is not None, HAS_RESIDUAL=residual is not None, CHUNKS_PAD=chunks_pad,
-        R_PAD=r_pad, BLOCK_N=EXPAND_BLOCK_N,
+    _expand_kernel[(rows, triton.cdiv(n, block_n))](
+        partial, b, slots, ranks, src, res, y, n, end0, end1, chunks, stride_pg, src.stride(0), res.stride(0),
+        y.stride(0), stride_bs, stride_br, HAS_LORA=lora is not None, HAS_RESIDUAL=residual is not None,
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=block_n,
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """NF4 matrix products for decode steps in Triton, W never materialized: a GEMV for one row, a tensor-core kernel
-for 2-64 rows (y = x @ dequant(W).T); FusedNf4Linear takes nf4_mma (CUDA) before them where it runs.
+for 2-256 rows (y = x @ dequant(W).T); FusedNf4Linear takes nf4_mma (CUDA) before them where it runs.
 
 bitsandbytes' own 4-bit GEMV reads the weights at about a quarter of the H100's bandwidth, and for more rows it
 dequantizes the whole weight to bf16 and multiplies densely: 4.5 bytes of traffic per weight instead of the
@@ -12,10 +12,12 @@ a table in memory).
   (the expand half of the LoRA kernels), so a projection with a LoRA is two launches.
 - The matmul: each program decodes a [BLOCK_N, BLOCK_K] weight tile once, scaled, into registers and feeds it
   to one tensor-core dot with all the rows' x; K is split over several programs that add into one fp32 output,
-  so even a 1,024-row weight keeps every SM streaming.
+  so even a 1,024-row weight keeps every SM streaming. Weights sharing x (q/k/v, gate/up) can be one launch,
+  each weight's programs after the previous weight's.
 """
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -26,12 +28,12 @@ from torch import nn
 
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import finish_projection
-from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_bf16_bits, nf4_mma
+from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
 from server.engine.kernels.nf4_mma import available as mma_available
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
-MAX_ROWS = 64  # above this many rows (prefill), bitsandbytes' dequantize + a dense matmul
+MAX_ROWS = 256  # above this many rows (prefill), bitsandbytes' dequantize + a dense matmul
 
 
 def _decode_asm() -> str:
@@ -189,7 +191,7 @@ def _nf4_gemv_kernel(
 
 
 @triton.jit
-def _nf4_matmul_kernel(
+def _nf4_matmul_tile(
     x_ptr,  # [M, K] compute dtype, row stride stride_xm
     w_ptr,  # [N * K / 8] int32: bitsandbytes' packed bytes, 8 codes per word
     absmax_ptr,  # as _nf4_gemv_kernel's
@@ -198,10 +200,12 @@ def _nf4_matmul_kernel(
     offset_ptr,
     nf4_ptr,
     bias_ptr,  # [N] (HAS_BIAS only)
-    out_ptr,  # [M, N]: compute dtype when SPLIT_K is 1, else fp32 zeros the programs add into
+    out_ptr,  # [M, N] at row stride stride_out: compute dtype when SPLIT_K is 1, else fp32 zeros to add into
+    n_tile,  # which BLOCK_N rows of the weight
     M,
     N,
     stride_xm,
+    stride_out,
     BLOCKS_PER_ROW: tl.constexpr,  # K / 64
     NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -211,11 +215,12 @@ def _nf4_matmul_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of 64
     SPLIT_K: tl.constexpr,  # programs sharing one output tile, each over K / SPLIT_K columns
 ):
+    """One program's part of x @ dequant(W).T: output columns [n_tile * BLOCK_N, +BLOCK_N), K split program_id(1)."""
     dtype = x_ptr.dtype.element_ty
     WORDS: tl.constexpr = BLOCK_K // 8
     BLOCKS: tl.constexpr = BLOCK_K // 64
     STEPS: tl.constexpr = BLOCKS_PER_ROW * 64 // (BLOCK_K * SPLIT_K)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    rows = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     row_mask = rows[:, None] < N  # [BN, 1]
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m[:, None] < M
@@ -241,12 +246,76 @@ def _nf4_matmul_kernel(
     if HAS_BIAS:  # added by one of the programs sharing the tile
         bias = tl.load(bias_ptr + rows, mask=rows < N, other=0).to(tl.float32)  # [BN]
         acc += tl.where(tl.program_id(1) == 0, bias, 0.0)[None, :]
-    out = out_ptr + offs_m[:, None] * N + rows[None, :]
+    out = out_ptr + offs_m[:, None] * stride_out + rows[None, :]
     mask = m_mask & (rows[None, :] < N)
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    x_ptr,  # [M, K] compute dtype, row stride stride_xm
+    nf4_ptr,  # as _nf4_gemv_kernel's
+    out_ptr,  # [M, sum of the segments' N]: the segments' outputs side by side (as _nf4_matmul_tile's out_ptr)
+    M,
+    stride_xm,
+    stride_out,
+    # Each segment's weight (its words, absmax, second level, bias: as _nf4_matmul_tile's), its N, and the
+    # program_id(0) where the next segment's tiles start; segments past SEGMENTS are never read. Segment 0:
+    s0_w,
+    s0_absmax,
+    s0_absmax2,
+    s0_code2,
+    s0_offset,
+    s0_bias,
+    n0,
+    end0,
+    # segment 1
+    s1_w,
+    s1_absmax,
+    s1_absmax2,
+    s1_code2,
+    s1_offset,
+    s1_bias,
+    n1,
+    end1,
+    # segment 2
+    s2_w,
+    s2_absmax,
+    s2_absmax2,
+    s2_code2,
+    s2_offset,
+    s2_bias,
+    n2,
+    BLOCKS_PER_ROW: tl.constexpr,
+    NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DECODE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # weights sharing x (q/k/v: 3), each a run of programs
+):
+    # Each segment's tile is its own inlined copy with its own pointer arguments (not pointers picked at run time):
+    # Triton then knows each weight's alignment and keeps its vectorized, pipelined loads.
+    tile = tl.program_id(0)
+    if tile < end0:
+        _nf4_matmul_tile(x_ptr, s0_w, s0_absmax, s0_absmax2, s0_code2, s0_offset, nf4_ptr, s0_bias,
+                         out_ptr, tile, M, n0, stride_xm, stride_out, BLOCKS_PER_ROW, NESTED, HAS_BIAS, DECODE_ASM,
+                         BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)  # fmt: skip
+    elif SEGMENTS > 1:
+        if tile < end1:
+            _nf4_matmul_tile(x_ptr, s1_w, s1_absmax, s1_absmax2, s1_code2, s1_offset, nf4_ptr,
+                             s1_bias, out_ptr + n0, tile - end0, M, n1, stride_xm, stride_out, BLOCKS_PER_ROW,
+                             NESTED, HAS_BIAS, DECODE_ASM, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)  # fmt: skip
+        elif SEGMENTS > 2:
+            _nf4_matmul_tile(x_ptr, s2_w, s2_absmax, s2_absmax2, s2_code2, s2_offset, nf4_ptr,
+                             s2_bias, out_ptr + n0 + n1, tile - end1, M, n2, stride_xm, stride_out,
+                             BLOCKS_PER_ROW, NESTED, HAS_BIAS, DECODE_ASM, BLOCK_M, BLOCK_N, BLOCK_K,
+                             SPLIT_K)  # fmt: skip
 
 
 @functools.cache
@@ -284,9 +353,8 @@ def nf4_gemv(
     on_cuda = x.device.type == "cuda"
     # Triton's CPU interpreter runs programs one by one: there, few large ones
     block_n, blocks, warps = config or (pick_config(n, k) if on_cuda else (min(128, triton.next_power_of_2(n)), 1, 1))
-    nested = bool(state.nested)
     # state.offset stays a tensor: reading it on the host would synchronize, which CUDA graph capture forbids
-    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
+    absmax2, code2, offset = second_level(state)
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     if lora is None:
         partial, b, slots, ranks, chunks, chunks_pad, r_pad = out, out, out, out, 0, 1, 1
@@ -298,20 +366,23 @@ def nf4_gemv(
     _nf4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset,
         out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, partial, b, slots, ranks,
-        out, n, chunks, stride_bs, stride_br, k // QBLOCK,
-        NESTED=nested, HAS_BIAS=bias is not None, HAS_LORA=lora is not None, CHUNKS_PAD=chunks_pad, R_PAD=r_pad,
-        DECODE_ASM=on_cuda, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps,
+        out, n, chunks, stride_bs, stride_br, k // QBLOCK, NESTED=bool(state.nested), HAS_BIAS=bias is not None,
+        HAS_LORA=lora is not None, CHUNKS_PAD=chunks_pad, R_PAD=r_pad, DECODE_ASM=on_cuda, BLOCK_N=block_n,
+        BLOCKS=blocks, num_warps=warps,
     )  # fmt: skip
     return out
 
 
-def pick_matmul_config(n: int, k: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [n, k] weight: on CUDA the best found per
-    Llama-3-8B projection shape for 64 rows on the H200 (`bench/nf4_kernel.py --rows 64 --sweep 80`; nf4_mma
-    serves bf16 steps of up to 32 rows, so this kernel's steps are 33-64 rows, one 64-row tile), by the nearest
-    shape; under Triton's CPU interpreter few large programs. BLOCK_K and SPLIT_K shrink until they divide K."""
+def pick_matmul_config(n: int, k: int, rows: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for `rows` rows of x and an [n, k] weight: on CUDA the
+    best found per Llama-3-8B projection shape on the H200 (`bench/nf4_kernel.py --rows 64 --sweep 80`: nf4_mma
+    serves bf16 steps of up to 32 rows, so this kernel's steps are 33-64 rows, one 64-row tile; past 64 rows one
+    tile of up to MAX_ROWS), by the nearest shape; under Triton's CPU interpreter few large programs. BLOCK_K and
+    SPLIT_K shrink until they divide K."""
     if not on_cuda:
         block_n, block_k, split_k, warps, stages = min(128, max(16, triton.next_power_of_2(n))), 512, 1, 1, 1
+    elif rows > 64:  # a tile of 128-256 rows: narrower weight tiles and more warps, so its sums fit in registers
+        block_n, block_k, split_k, warps, stages = 64, 64, 8 if n <= 2048 else 4, 8, 3
     elif n <= 2048:
         block_n, block_k, split_k, warps, stages = 64, 128, 16, 8, 1
     elif k > 8192:
@@ -338,33 +409,36 @@ def nf4_matmul(
     """x [M, K] (M <= MAX_ROWS, unit column stride) @ dequant(weight).T (+ bias) -> [M, N] in x's dtype, on the
     tensor cores; `state` as for nf4_gemv. With SPLIT_K > 1 the programs add into fp32 atomically, so the
     order of those additions (and a result's last bits) can change from call to call."""
-    return nf4_matmul_sums(x, weight, state, bias, config).to(x.dtype)
+    return nf4_matmul_sums(x, [(weight, state, bias)], config).to(x.dtype)
 
 
 def nf4_matmul_sums(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    state: QuantState,
-    bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    x: torch.Tensor, parts: list[Part], config: tuple[int, int, int, int, int] | None = None
 ) -> torch.Tensor:
-    """nf4_matmul before its cast: [M, N] in x's dtype where K is not split, else the programs' fp32 sums."""
+    """nf4_matmul before its cast, for one to three weights sharing x (q/k/v, gate/up: Nf4Segments' parts, of one
+    K, kind and bias presence) in one launch: [M, sum of N], the weights' outputs side by side, in x's dtype
+    where K is not split, else the programs' fp32 sums. config: pick_matmul_config's for the weights together."""
     m, k = x.shape
-    n = state.shape[0]
+    ns = [state.shape[0] for _, state, _ in parts]
     on_cuda = x.device.type == "cuda"
-    block_n, block_k, split_k, warps, stages = config or pick_matmul_config(n, k, on_cuda)
-    nested = bool(state.nested)
-    absmax2, code2, offset = (state.state2.absmax, state.state2.code, state.offset) if nested else (state.absmax,) * 3
+    block_n, block_k, split_k, warps, stages = config or pick_matmul_config(sum(ns), k, m, on_cuda)
     if split_k == 1:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, sum(ns), dtype=x.dtype, device=x.device)
     else:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    _nf4_matmul_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset,
-        out if on_cuda else _bf16_code_book(x.device), out if bias is None else bias, out, m, n, x.stride(0),
-        k // QBLOCK, NESTED=nested, HAS_BIAS=bias is not None, DECODE_ASM=on_cuda,
+        out = torch.zeros(m, sum(ns), dtype=torch.float32, device=x.device)
+    ends = list(itertools.accumulate(triton.cdiv(n, block_n) for n in ns))
+    segments = []  # three segments' arguments; segment 0's again where there are fewer (never read)
+    for i in range(3):
+        weight, state, bias = parts[min(i, len(parts) - 1)]
+        absmax2, code2, offset = second_level(state)
+        segments += [weight.view(-1).view(torch.int32), state.absmax, absmax2, code2, offset]
+        segments += [out if bias is None else bias, ns[i] if i < len(parts) else 0]
+        segments += [ends[min(i, len(ends) - 1)]] if i < 2 else []
+    _nf4_matmul_kernel[(ends[-1], split_k)](
+        x, out if on_cuda else _bf16_code_book(x.device), out, m, x.stride(0), out.stride(0), *segments,
+        k // QBLOCK, NESTED=bool(parts[0][1].nested), HAS_BIAS=parts[0][2] is not None, DECODE_ASM=on_cuda,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        num_warps=warps, num_stages=stages,
+        SEGMENTS=len(parts), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -420,7 +494,7 @@ class FusedNf4Linear(nn.Module):
                 y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None
             else:  # the split-K sums' cast, the delta and the residual in one launch
                 y = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
-                finish_projection(y, nf4_matmul_sums(flat, weight, state, bias), lora, residual)
+                finish_projection(y, nf4_matmul_sums(flat, [(weight, state, bias)]), lora, residual)
                 return y
         if expand is not None or residual is not None:
             finish_projection(y, y, expand, residual)
@@ -431,12 +505,16 @@ class FusedNf4Linear(nn.Module):
 
 
 def nf4_segments(layers: list[nn.Module]) -> Nf4Segments | None:
-    """The NF4 layers sharing an input as one nf4_mma launch's segments, or None where one launch cannot serve
-    them: a layer not a FusedNf4Linear computing in bf16, or weights of different K, kind or bias."""
-    if not all(isinstance(layer, FusedNf4Linear) and layer.base.compute_dtype == torch.bfloat16 for layer in layers):
+    """The NF4 layers sharing an input as one launch's segments (nf4_mma's, or the Triton matmul's), or None where
+    one launch cannot serve them: a layer not a FusedNf4Linear, or layers of different compute dtype, K, kind or
+    bias presence."""
+    if not all(isinstance(layer, FusedNf4Linear) and layer.base.compute_dtype is not None for layer in layers):
         return None
-    parts = [(layer.base.weight, layer.base.weight.quant_state, layer.base.bias) for layer in layers]
-    segments = Nf4Segments(parts)  # type: ignore[arg-type]
+    dtypes = {layer.base.compute_dtype for layer in layers}
+    if len(dtypes) > 1:
+        return None
+    parts = [(layer.base.weight, layer.base.weight.quant_state, layer._bias(*dtypes)) for layer in layers]
+    segments = Nf4Segments(parts, *dtypes)  # type: ignore[arg-type]
     return segments if segments.supported() else None
 
 

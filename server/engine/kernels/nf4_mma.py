@@ -151,28 +151,29 @@ Part = tuple[torch.Tensor, QuantState, torch.Tensor | None]  # an NF4 weight, it
 
 
 class Nf4Segments:
-    """NF4 weights that share their input (q/k/v, gate/up; up to three), projected by one nf4_mma launch into one
-    output [M, sum of N]: each weight's CTAs follow the previous weight's; a CTA picks its weight's pointers
-    among the kernel's parameters."""
+    """NF4 weights that share their input (q/k/v, gate/up; up to three), projected by one launch into one output
+    [M, sum of N]: each weight's CTAs follow the previous weight's; a CTA picks its weight's pointers among the
+    kernel's parameters (nf4_mma's; the Triton matmul's, nf4.nf4_matmul_sums, likewise)."""
 
-    def __init__(self, parts: list[Part]) -> None:
+    def __init__(self, parts: list[Part], dtype: torch.dtype = torch.bfloat16) -> None:
         self.parts = parts
+        self.dtype = dtype  # the layers' compute dtype: the biases' and the inputs'
         self.n = [state.shape[0] for _, state, _ in parts]
 
     def supported(self) -> bool:
         """Whether one launch can serve the weights: two or three of one K, one quantization kind, a bias on all
-        or none (bf16, read as it is)."""
+        or none (in the compute dtype, read as it is)."""
         states = [state for _, state, _ in self.parts]
         biases = [bias for _, _, bias in self.parts]
         return (
             2 <= len(self.parts) <= 3
             and len({state.shape[1] for state in states}) == 1
             and len({bool(state.nested) for state in states}) == 1
-            and (all(b is None for b in biases) or all(b is not None and b.dtype == torch.bfloat16 for b in biases))
+            and (all(b is None for b in biases) or all(b is not None and b.dtype == self.dtype for b in biases))
         )
 
 
-def _second_level(state: QuantState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def second_level(state: QuantState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(absmax2, code2, offset) of a double-quantized state; placeholders the kernel does not read otherwise."""
     return (state.state2.absmax, state.state2.code, state.offset) if state.nested else (state.absmax,) * 3
 
@@ -218,7 +219,7 @@ def _launch(
     row_tiles, warps, group, min_blocks = config or pick_config(total, k, m)
     warps, group, x_tiles = pick_launch(k, m, row_tiles, warps, group)
     weight, state, bias = parts[0]
-    absmax2, code2, offset = _second_level(state)
+    absmax2, code2, offset = second_level(state)
     out = torch.empty(m, total, dtype=torch.bfloat16, device=x.device)
     btile = 0  # bytes of the epilogue's B rows in shared memory
     if lora is None:
@@ -236,7 +237,7 @@ def _launch(
     more = []  # segments 1 and 2's parameters (segment 0's where there are fewer: never read)
     for i in (min(1, len(parts) - 1), min(2, len(parts) - 1)):
         w_i, state_i, bias_i = parts[i]
-        more += [w_i, state_i.absmax, *_second_level(state_i), out if bias_i is None else bias_i, ns[i]]
+        more += [w_i, state_i.absmax, *second_level(state_i), out if bias_i is None else bias_i, ns[i]]
     kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, bool(state.nested), bias is not None, r_pad,
                      btile > 0, len(parts), residual is not None, x.device.index or 0)  # fmt: skip
     kernel(
