@@ -142,12 +142,13 @@ def test_nf4_matmul_matches_the_dequantized_weight(rows, nested, bias, config) -
 
 
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
-@pytest.mark.parametrize("config", [(16, 64, 1, 1, 1), (32, 64, 3, 1, 1)])  # split K: 3 programs per tile
+# split K in 2: two programs add into each zeroed sum, in either order alike (on CUDA too)
+@pytest.mark.parametrize("config", [(16, 64, 1, 1, 1), (32, 64, 2, 1, 1)])
 def test_nf4_matmul_segments_match_each_weight_alone(nested, bias, config) -> None:
     """Three weights sharing x in one launch (as q/k/v do): each weight's columns of the output are what the
     kernel gives for that weight alone, bit for bit, biases included."""
     torch.manual_seed(0)
-    sizes, k, rows = (40, 24, 72), 64 * 9, 5  # not multiples of the tiles: every segment ends in a partial one
+    sizes, k, rows = (40, 24, 72), 64 * 10, 5  # not multiples of the tiles: every segment ends in a partial one
     layers = [nf4_layer(n, k, nested, bias, DEVICE)[0] for n in sizes]
     parts = [(layer.weight, layer.weight.quant_state, layer.bias) for layer in layers]
     x = torch.randn(rows, k, device=DEVICE)
