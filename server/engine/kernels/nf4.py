@@ -375,20 +375,31 @@ def nf4_gemv(
 
 def pick_matmul_config(n: int, k: int, rows: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for `rows` rows of x and an [n, k] weight: on CUDA the
-    best found per Llama-3-8B projection shape on the H200 (`bench/nf4_kernel.py --rows 64 --sweep 80`: nf4_mma
-    serves bf16 steps of up to 32 rows, so this kernel's steps are 33-64 rows, one 64-row tile; past 64 rows one
-    tile of up to MAX_ROWS), by the nearest shape; under Triton's CPU interpreter few large programs. BLOCK_K and
-    SPLIT_K shrink until they divide K."""
+    best found on the H200 per Llama-3-8B projection shape, by the nearest shape, for one tile of 64 rows (nf4_mma
+    serves bf16 steps of up to 32 rows, so 33-64 rows), of 128 (65-128) or of 256 (129-256); q/k/v (n 6144) and
+    gate/up (n 28672) are one launch each (`bench/nf4_kernel.py --rows 64,128,256 --shapes ... --sweep`). Under
+    Triton's CPU interpreter few large programs. BLOCK_K and SPLIT_K shrink until they divide K."""
     if not on_cuda:
         block_n, block_k, split_k, warps, stages = min(128, max(16, triton.next_power_of_2(n))), 512, 1, 1, 1
-    elif rows > 64:  # a tile of 128-256 rows: narrower weight tiles and more warps, so its sums fit in registers
-        block_n, block_k, split_k, warps, stages = 64, 64, 8 if n <= 2048 else 4, 8, 3
+    elif rows > 128:
+        block_n, block_k, split_k, warps, stages = 64, 64, 4, 8 if n > 4096 else 4, 3 if n > 4096 else 2
+    elif rows > 64:
+        if k > 8192:
+            block_n, block_k, split_k, warps, stages = 128, 64, 16, 4, 3
+        elif n > 8192:
+            block_n, block_k, split_k, warps, stages = 128, 64, 1, 4, 3
+        elif n > 4096 or n <= 2048:
+            block_n, block_k, split_k, warps, stages = 64, 64, 4, 4, 2
+        else:
+            block_n, block_k, split_k, warps, stages = 128, 128, 8, 4, 2
     elif n <= 2048:
         block_n, block_k, split_k, warps, stages = 64, 128, 16, 8, 1
     elif k > 8192:
         block_n, block_k, split_k, warps, stages = 128, 128, 8, 4, 3
     elif n > 8192:
         block_n, block_k, split_k, warps, stages = 128, 64, 8, 4, 3
+    elif n > 4096:
+        block_n, block_k, split_k, warps, stages = 128, 64, 8, 4, 1
     else:
         block_n, block_k, split_k, warps, stages = 128, 64, 16, 4, 3
     while k % (block_k * split_k):
