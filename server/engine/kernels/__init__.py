@@ -1,5 +1,5 @@
 """Kernels of the decode step on CUDA: the NF4 projections (nf4_mma in CUDA for up to 32 bf16 rows; in Triton a
-GEMV for one row and a tensor-core matmul for up to 64), the per-row LoRA delta, RMSNorm, the gated MLP's
+GEMV for one row and a tensor-core matmul for up to 256), the per-row LoRA delta, RMSNorm, the gated MLP's
 activation (the last two with the LoRA shrink of the layers reading their output), rotary embeddings and the KV
 cache write.
 
