@@ -20,7 +20,9 @@ grammar, which they only reach afterwards: patternProperties are checked pairwis
 again at each allOf or $ref that merges objects, each pair with its own fuel and no total (300 patterns: 5 s, 400:
 20 s; 64 patterns merged by 300 allOf: 3 s; a 32 KB schema: hours). Since a thread running llguidance cannot be
 stopped, each grammar is first checked in a worker process (server/grammar_check.py) that is killed at its
-deadline, and compiled here only once it has passed, so no grammar holds a compile thread for long."""
+deadline, and compiled here only once it has passed, so no grammar holds a compile thread for long. The worker's
+address space is limited too, so a grammar whose translation would take more memory ends the worker, not the
+server, and is refused."""
 
 import asyncio
 import copy
@@ -53,6 +55,12 @@ MAX_SCHEMA_DEPTH = 32
 COMPILE_TIMEOUT_S = 10.0
 CACHED_GRAMMARS = 64
 COMPILE_THREADS = 2  # each with its own worker process for the checks
+# A check worker's address space. Honest grammars need little: the worker maps 28 MB before its first grammar
+# (Python and llguidance), and checking a 47 KB schema of 600 properties peaks at 30 MB. Memory grows with what
+# a schema multiplies out (allOf over anyOf): the costliest schema found within the bounds above and llguidance's
+# own limits (2 allOf x 10 anyOf branches, each merging a 300-property object) peaks at 160 MB, and its compile here
+# takes as much again. 256 MiB leaves honest grammars many times their need and no grammar gigabytes.
+CHECK_MEMORY_BYTES = 256 << 20
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +186,7 @@ class Grammars:
         stop_ids: Iterable[int],
         capacity: int = CACHED_GRAMMARS,
         timeout_s: float = COMPILE_TIMEOUT_S,
+        check_memory_bytes: int = CHECK_MEMORY_BYTES,
     ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size  # the model's logits width, which may exceed the tokenizer's
@@ -193,7 +202,7 @@ class Grammars:
         self._tokenizer_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
         self._checkers: queue.SimpleQueue[_Checker] = queue.SimpleQueue()  # one for each thread
-        self._all_checkers = [_Checker() for _ in range(COMPILE_THREADS)]
+        self._all_checkers = [_Checker(check_memory_bytes) for _ in range(COMPILE_THREADS)]
         for checker in self._all_checkers:
             self._checkers.put(checker)
 
@@ -300,7 +309,8 @@ class _PlainTextTokenizer:
 class _Checker:
     """A worker process of server/grammar_check.py, started at its first check and afresh after one it killed."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_bytes: int) -> None:
+        self._memory_bytes = memory_bytes
         self._worker: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()  # close() may come from another thread
 
@@ -308,7 +318,7 @@ class _Checker:
         """llguidance's error for the grammar ("" when it is valid), or None when the check overran its time."""
         with self._lock:
             if self._worker is None:
-                self._worker = _start_worker()
+                self._worker = _start_worker(self._memory_bytes)
             worker = self._worker
         assert worker.stdin is not None and worker.stdout is not None
         worker.stdin.write(json.dumps(grammar) + "\n")
@@ -332,9 +342,12 @@ class _Checker:
             worker.wait()
 
 
-def _start_worker() -> "subprocess.Popen[str]":
+def _start_worker(memory_bytes: int) -> "subprocess.Popen[str]":
     worker = subprocess.Popen(
-        [sys.executable, "-m", "server.grammar_check"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "server.grammar_check", str(memory_bytes)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert worker.stdout is not None
     if worker.stdout.readline() != '"ready"\n':  # its start is not counted in a grammar's time

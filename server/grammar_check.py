@@ -1,11 +1,13 @@
 """The worker process in which server/grammar.py checks a grammar before it compiles it: the part of a compile that
 no llguidance limit bounds runs here first, where it can be killed when it overruns.
 
-It imports llguidance alone (no torch, no tokenizer), so it starts in a fraction of a second. Protocol, one JSON
-string per line: it writes "ready" once started; then for each grammar read from stdin (as
-llguidance.LLMatcher.grammar_from_* wrote it) it writes "" when the grammar is valid, else llguidance's error."""
+It imports llguidance alone (no torch, no tokenizer), so it starts in a fraction of a second. Its one argument is
+the bytes of address space it may use. Protocol, one JSON string per line: it writes "ready" once started; then
+for each grammar read from stdin (as llguidance.LLMatcher.grammar_from_* wrote it) it writes "" when the grammar
+is valid, else llguidance's error."""
 
 import json
+import resource
 import sys
 
 import llguidance
@@ -18,6 +20,10 @@ def limits() -> llguidance.LLParserLimits:
 
 
 def main() -> None:
+    # Past its limit an allocation fails and llguidance aborts the process: the grammar that needed so much ends
+    # this worker alone, and server/grammar.py refuses it
+    memory = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     checking = limits()
     print(json.dumps("ready"), flush=True)
     for line in sys.stdin:

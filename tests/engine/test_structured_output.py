@@ -4,7 +4,10 @@ a failing matcher ends its request alone; grammars are bounded, cached and refus
 
 import asyncio
 import json
+import os
 import re
+import resource
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -17,6 +20,7 @@ from server.engine.constraints import fill_masks
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
 from server.engine.sampling import final_logprobs
 from server.grammar import (
+    CHECK_MEMORY_BYTES,
     COMPILE_THREADS,
     JSON_OBJECT,
     MAX_GRAMMAR_CHARS,
@@ -287,3 +291,41 @@ def test_slow_grammars_cannot_starve_an_honest_one(tokenizer) -> None:
     with pytest.raises(ValueError):
         honest.matcher().advance(tokenizer("maybe")["input_ids"][0])
     grammars.close()
+
+
+def test_a_grammar_outgrowing_the_check_memory_is_refused_and_the_next_compiles(tokenizer) -> None:
+    """The check worker runs under an address-space limit: a schema whose translation outgrows it (2 allOf x 10
+    anyOf branches each merging a 300-property object: 160 MB) ends the worker alone and is refused, and the next
+    grammar compiles in a fresh one. The server's workers run under CHECK_MEMORY_BYTES."""
+    string = [{"type": "string", "pattern": f"^[a-z]{{{i % 9 + 1}}}x$"} for i in range(300)]
+    merged = {"type": "object", "properties": {f"p{i}": schema for i, schema in enumerate(string)}}
+    branches = [
+        [
+            {"allOf": [{"$ref": "#/$defs/merged"}, {"properties": {k: {"type": "integer"}}, "required": [k]}]}
+            for k in (f"k{i}_{j}" for j in range(10))
+        ]
+        for i in range(2)
+    ]
+    hog = GrammarSpec.json_schema({"$defs": {"merged": merged}, "allOf": [{"anyOf": anyof} for anyof in branches]})
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], check_memory_bytes=96 << 20)
+    with pytest.raises(InvalidGrammar, match="stopped on it"):
+        compiled(grammars, hog)
+    matcher = compiled(grammars, GrammarSpec.regex(PATTERN)).matcher()
+    for token in tokenizer("no, 42 ab cd.")["input_ids"]:
+        matcher.advance(token)
+    assert matcher.is_finished()
+    grammars.close()
+
+    served = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id])
+    compiled(served, GrammarSpec.regex("a+"))  # starts a worker
+    children = Path(f"/proc/{os.getpid()}/task").glob("*/children")
+    workers = [
+        int(pid)
+        for path in children
+        for pid in path.read_text().split()
+        if b"server.grammar_check" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert workers and all(
+        resource.prlimit(pid, resource.RLIMIT_AS) == (CHECK_MEMORY_BYTES, CHECK_MEMORY_BYTES) for pid in workers
+    )
+    served.close()
