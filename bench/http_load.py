@@ -29,6 +29,8 @@ are Poisson at --rate requests/s with at most --concurrency in flight, and TTFT 
 request. With --rate, those rates are run; without, a search from --rate-start doubles the rate until a point
 misses the SLO, then bisects --bisect times between the best passing and the lowest failing rate. Open loop
 means arrivals do not wait for answers, so in-flight requests are not capped (unless --concurrency is given).
+Each point also records the CPU cores that the load generator and (with --serve, from /proc) the server kept
+busy: a load generator near one core measures its own delays too, a server near one core is bound by Python.
 Markdown summary on stdout; --out writes everything as JSON (bench/plot.py draws it).
 """
 
@@ -53,6 +55,7 @@ from typing import Any, Protocol
 import httpx
 
 PERCENTILES = (50, 90, 99)
+LOADGEN_BUSY = 0.8  # cores of this process past which a point's latencies are partly the load generator's
 METRIC_PREFIX = "loraplex_adapter_"
 READY_TIMEOUT_S = 600.0  # an 8B base model loads in a few minutes at worst
 # a goodput sweep is open loop: this only guards the client's sockets, far above any server's batch
@@ -365,6 +368,25 @@ def summarize(results: list[Result], wall: float) -> dict:
     }
 
 
+def process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds process `pid` has used, all its threads (Linux's /proc); None without a pid or /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() if pid else []
+    except OSError:
+        return None
+    # utime and stime, fields 14 and 15 of stat(5), the 12th and 13th after the command's closing parenthesis
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
+
+
+def cpu_per_s(before: tuple[float, float | None], after: tuple[float, float | None], wall: float) -> dict:
+    """CPU cores the load generator (this process) and the server kept busy over a point. A load generator
+    near one core (asyncio runs on one) measures its own delays as much as the server's; a server near one
+    core is bound by Python (the engine thread and the event loop share one interpreter lock)."""
+    client = (after[0] - before[0]) / wall if wall else 0.0
+    server = None if after[1] is None or before[1] is None or not wall else (after[1] - before[1]) / wall
+    return {"client_cpu_per_s": client, "server_cpu_per_s": server}
+
+
 # ---- goodput ----------------------------------------------------------------------------------------------
 
 
@@ -465,8 +487,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(serve_args: str) -> tuple[subprocess.Popen, str]:
-    """`python -m loraplex serve ARGS --port <free>`; returns the process and its URL once /ready is 200."""
+def start_server(serve_args: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m loraplex serve ARGS --port <free>`, its output into `log` when given; returns the process and
+    its URL once /ready is 200."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -479,7 +502,10 @@ def start_server(serve_args: str) -> tuple[subprocess.Popen, str]:
         "--port",
         str(port),
     ]
-    process = subprocess.Popen(cmd)
+    out = None if log is None else log.open("w")
+    process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+    if out is not None:
+        out.close()  # the child holds its own copy
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -520,9 +546,14 @@ def sweep_rates(
 
 
 async def bench(
-    args: argparse.Namespace, url: str, prompts: Prompts, transport: httpx.AsyncBaseTransport | None = None
+    args: argparse.Namespace,
+    url: str,
+    prompts: Prompts,
+    transport: httpx.AsyncBaseTransport | None = None,
+    server_pid: int | None = None,
 ) -> dict:
-    """Every point of the run; `transport`: an in-process app instead of the network (the tests' fakes)."""
+    """Every point of the run; `transport`: an in-process app instead of the network (the tests' fakes);
+    `server_pid`: the server process started with --serve, whose CPU time each point records."""
     shapes = {
         name: resolve_shape(name, args.prompt_len, args.output_len, args.concurrency, args.goodput)
         for name in args.workload or [None]
@@ -551,7 +582,9 @@ async def bench(
                 verdicts: list[tuple[float, bool]] = []
                 for rate in sweep_rates(args.rate, verdicts, args.rate_start, args.bisect, args.rate_max):
                     before = await read_metrics(client)
+                    cpu = (time.process_time(), process_cpu_s(server_pid))
                     results, wall = await run_point(client, workload, shape.concurrency, rate, args.duration)
+                    cpu_used = cpu_per_s(cpu, (time.process_time(), process_cpu_s(server_pid)), wall)
                     counters = counter_deltas(before, await read_metrics(client))
                     point = {
                         "workload": name,
@@ -559,6 +592,7 @@ async def bench(
                         "rate": rate,
                         "concurrency": shape.concurrency,
                         **summarize(results, wall),
+                        **cpu_used,
                         "adapter_counters": counters,
                     }
                     if args.goodput:
@@ -589,6 +623,12 @@ def _progress(point: dict) -> None:
         f"{point['output_tokens_per_s']:.1f} tok/s{verdict}",
         file=sys.stderr,
     )
+    if point["client_cpu_per_s"] > LOADGEN_BUSY:
+        print(
+            f"WARNING: the load generator kept {point['client_cpu_per_s']:.0%} of a core busy: its own delays are "
+            "in these latencies; run fewer clients per process",
+            file=sys.stderr,
+        )
     if point["prompt_length_mismatches"]:
         print(
             f"WARNING: the server counted another prompt length than planned in "
@@ -612,8 +652,8 @@ def _ms(value: float | None) -> str:
 def markdown(report: dict) -> str:
     lines = [
         "| workload | adapters | offered req/s | ok/sent | req/s | out tok/s | prompt tok/s | TTFT p50/p90/p99 ms "
-        "| ITL p50/p90/p99 ms | SLO | errors | adapter counters |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|",
+        "| ITL p50/p90/p99 ms | SLO | errors | adapter counters | CPU client/server |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|",
     ]
     for p in report["points"]:
         ttft, itl = ("/".join(_ms(p[kind][f"p{q}"]) for q in PERCENTILES) for kind in ("ttft_s", "itl_s"))
@@ -627,7 +667,7 @@ def markdown(report: dict) -> str:
             f"| {p.get('workload') or '-'} | {p['adapters_in_use']} | {_rate(p['rate'])} "
             f"| {p['ok']}/{p['requests']} | {p['requests_per_s']:.2f} | {p['output_tokens_per_s']:.1f} "
             f"| {p.get('prompt_tokens_per_s', 0.0):.0f} | {ttft} | {itl} | {slo} | {p['errors'] or '-'} "
-            f"| {counters or '-'} |"
+            f"| {counters or '-'} | {_cores(p.get('client_cpu_per_s'))}/{_cores(p.get('server_cpu_per_s'))} |"
         )
     if report.get("slo"):
         slo = report["slo"]
@@ -639,6 +679,10 @@ def markdown(report: dict) -> str:
                 f"(p90 TTFT <= {slo['ttft']:g} s, p90 ITL <= {slo['itl'] * 1000:g} ms, no errors)"
             )
     return "\n".join(lines)
+
+
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def failures(report: dict) -> list[str]:
@@ -673,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--serve", metavar="ARGS", help="start `loraplex serve ARGS` on a free port, stop it after")
+    parser.add_argument("--server-log", type=Path, help="with --serve: the server's output goes to this file")
     parser.add_argument("--key", help="Bearer key (an admin key when uploading)")
     parser.add_argument("--adapters-dir", type=Path, help="PEFT directories (bench/random_adapters.py writes them)")
     parser.add_argument("--upload", action="store_true", help="upload --adapters-dir first, named after the dirs")
@@ -728,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.upload and args.adapters_dir is None:
         parser.error("--upload needs --adapters-dir")
+    if args.server_log and not args.serve:
+        parser.error("--server-log needs --serve")
     if args.rate_start <= 0:
         parser.error("--rate-start must be above 0")
     if args.rate is None and not args.goodput:
@@ -740,9 +787,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.tokenizer)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so that the server we started is stopped too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    process, url = start_server(args.serve) if args.serve else (None, args.url)
+    process, url = start_server(args.serve, args.server_log) if args.serve else (None, args.url)
     try:
-        report = asyncio.run(bench(args, url, prompts))
+        report = asyncio.run(bench(args, url, prompts, server_pid=process.pid if process else None))
     finally:
         if process is not None:
             stop_server(process)

@@ -4,7 +4,9 @@ metrics parsing, SSE handling; and one goodput sweep end to end against an in-pr
 import asyncio
 import itertools
 import json
+import os
 import random
+import time
 
 import http_load
 import httpx
@@ -25,6 +27,7 @@ from http_load import (
     bench,
     build_parser,
     counter_deltas,
+    cpu_per_s,
     failures,
     goodput,
     markdown,
@@ -33,6 +36,7 @@ from http_load import (
     parse_metrics,
     parse_range,
     percentile,
+    process_cpu_s,
     resolve_shape,
     run_point,
     send,
@@ -359,3 +363,16 @@ def test_a_goodput_sweep_searches_and_reports(monkeypatch: pytest.MonkeyPatch) -
     assert report["workloads"]["mixed"]["prompt_len"] == (128, 512)
     text = markdown(report)
     assert "goodput, workload mixed, 0 adapters: 5 req/s" in text and "| mixed | 0 | 8 |" in text
+
+
+def test_a_process_cpu_time_is_read_from_proc() -> None:
+    """The server's CPU a point records: this process's own, read as the server's is, grows with work done."""
+    before = process_cpu_s(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    after = process_cpu_s(os.getpid())
+    assert before is not None and after is not None and after - before >= 0.15
+    assert process_cpu_s(None) is None
+    assert cpu_per_s((1.0, 10.0), (1.5, 12.0), 2.0) == {"client_cpu_per_s": 0.25, "server_cpu_per_s": 1.0}
+    assert cpu_per_s((1.0, None), (1.5, None), 2.0)["server_cpu_per_s"] is None

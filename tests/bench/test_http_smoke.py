@@ -40,6 +40,8 @@ def test_smoke_run_against_a_served_tiny_model(tmp_path: Path) -> None:
             "0,2",
             "--out",
             str(tmp_path / "report.json"),
+            "--server-log",
+            str(tmp_path / "server.log"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -58,3 +60,6 @@ def test_smoke_run_against_a_served_tiny_model(tmp_path: Path) -> None:
     assert [p["adapters_in_use"] for p in report["points"]] == [0, 2]
     assert all(p["ok"] == p["requests"] > 0 and p["output_tokens"] > 0 for p in report["points"])
     assert "| adapters |" in stdout
+    assert "loraplex: listening on" in (tmp_path / "server.log").read_text()  # the server's output, kept
+    # each point's CPU: the load generator's and the server's (read from /proc), both busy while it ran
+    assert all(p["client_cpu_per_s"] > 0 and p["server_cpu_per_s"] > 0 for p in report["points"])
