@@ -23,7 +23,7 @@ from server.api.schemas import (
     TgiStreamEvent,
     TgiToken,
 )
-from server.api.sse import sse_response
+from server.api.sse import TGI, sse_response
 from server.engine import SamplingParams, TokenEvent
 from server.inference import Adapter, Generation, Inference, choice_samplings
 
@@ -168,7 +168,7 @@ async def generate(body: TgiRequest, request: Request, inference: InferenceDep) 
     responses={200: {"content": {"text/event-stream": {}}, "description": "TgiStreamEvent per token"}},
 )
 async def generate_stream(body: TgiRequest, inference: InferenceDep) -> StreamingResponse:
-    return sse_response(await _events(body, inference))
+    return sse_response(await _events(body, inference), TGI)
 
 
 @router.post(
@@ -178,5 +178,5 @@ async def generate_stream(body: TgiRequest, inference: InferenceDep) -> Streamin
 )
 async def compat(body: TgiRequest, request: Request, inference: InferenceDep) -> list[TgiResponse] | StreamingResponse:
     if body.stream:
-        return sse_response(await _events(body, inference))
+        return sse_response(await _events(body, inference), TGI)
     return [await _generate(body, request, inference)]

@@ -36,7 +36,7 @@ from server.api.schemas import (
     TopLogprob,
     Usage,
 )
-from server.api.sse import sse_response
+from server.api.sse import OPENAI, sse_response
 from server.engine import SamplingParams, TokenEvent
 from server.inference import Adapter, Generation, Inference, choice_samplings
 from server.runtime import Runtime
@@ -201,7 +201,7 @@ async def completions(
                         ],
                     )
 
-        return sse_response(chunks(), done_marker=True, exclude_none=False)
+        return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     if len(results) > body.n:  # best_of: the n of highest total logprob, best first (as vLLM)
         results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
@@ -264,7 +264,7 @@ async def chat_completions(
                         ],
                     )
 
-        return sse_response(chunks(), done_marker=True, exclude_none=False)
+        return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     return ChatCompletionResponse(
         id=rid,

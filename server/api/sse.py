@@ -1,23 +1,65 @@
-"""Server-sent events from an async iterator of Pydantic models; OpenAI-style streams end with [DONE]."""
+"""Server-sent events from an async iterator of Pydantic models, in the TGI or the OpenAI protocol.
 
-from collections.abc import AsyncGenerator
+The 200 goes out before the first event, so an error after it cannot change the status: the stream ends with
+one last event that says what went wrong, in the protocol's shape, which its clients raise on (TGI's and
+LoRAX's `{"error", "error_type"}`; OpenAI's `{"error": {"message", "type", "code"}}` then `[DONE]`, as vLLM)."""
+
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
+from http import HTTPStatus
 
 import anyio
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from loraplex.errors import LoraplexError
+from server.api.errors import error_body
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger("loraplex")
 
 
-async def _encode(events: AsyncGenerator[BaseModel], done_marker: bool, exclude_none: bool) -> AsyncGenerator[bytes]:
+@dataclass(frozen=True)
+class SseProtocol:
+    done_marker: bool  # a last `data: [DONE]`, after an error event too
+    exclude_none: bool  # unset fields left out, or sent as explicit nulls
+    error_event: Callable[[LoraplexError], dict]  # the last event of a failed stream
+
+
+# the message and code a non-streaming answer would carry, in each protocol's shape
+TGI = SseProtocol(False, True, lambda error: {"error": str(error), "error_type": error.code})
+OPENAI = SseProtocol(True, False, lambda error: error_body(str(error), error.error_type, error.code))
+
+
+def _event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def _stream_error(exc: Exception) -> LoraplexError:
+    """What the client hears of an error raised mid-stream: its own message and code, or for an error not raised
+    on purpose, what an unhandled error answers (no internals). No exception handler sees it, so a server fault is
+    logged here; a 4xx is the request's own, not logged (as in a non-streaming answer)."""
+    error = exc if isinstance(exc, LoraplexError) else LoraplexError(HTTPStatus.INTERNAL_SERVER_ERROR.phrase)
+    if error.http_status >= 500:
+        log.error("a stream ended with an error: %s", exc, exc_info=exc)
+    return error
+
+
+async def _encode(events: AsyncGenerator[BaseModel], protocol: SseProtocol) -> AsyncGenerator[bytes]:
     # When the client disconnects, this generator is cancelled; closing `events` cancels the request.
+    # Cancellation is no Exception: it goes through, and no error event is written to a client that left.
     async with aclosing(events):
-        async for event in events:
-            yield b"data: " + event.model_dump_json(exclude_none=exclude_none).encode() + b"\n\n"
-        if done_marker:
-            yield b"data: [DONE]\n\n"
+        try:
+            async for event in events:
+                yield _event(event.model_dump_json(exclude_none=protocol.exclude_none).encode())
+        except Exception as exc:  # raised on, it would drop the connection mid-body: a broken stream, no reason
+            yield _event(json.dumps(protocol.error_event(_stream_error(exc))).encode())
+    if protocol.done_marker:
+        yield b"data: [DONE]\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
@@ -39,9 +81,5 @@ class EventStreamResponse(StreamingResponse):
             group.cancel_scope.cancel()  # cancels the body iterator, whose `finally` cancels the request
 
 
-def sse_response(
-    events: AsyncGenerator[BaseModel], *, done_marker: bool = False, exclude_none: bool = True
-) -> StreamingResponse:
-    """TGI streams: no marker, unset fields left out; OpenAI streams: `[DONE]` and explicit nulls."""
-    body = _encode(events, done_marker, exclude_none)
-    return EventStreamResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+def sse_response(events: AsyncGenerator[BaseModel], protocol: SseProtocol) -> StreamingResponse:
+    return EventStreamResponse(_encode(events, protocol), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -10,13 +10,12 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
+from e2e.server import serve_app
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from peft_dirs import LIMITS, make_peft_dir, new_store
@@ -178,25 +177,9 @@ def test_admin_key_is_required_when_keys_are_set(tmp_path: Path, peft_dir: Path)
 # -- client and CLI against a served app ------------------------------------------------------------
 
 
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """`app` served by uvicorn on a free local port: real connections, which a client can drop."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join()
-
-
 @pytest.fixture
 def server_url(tmp_path: Path) -> Iterator[str]:
-    with serve(make_app(tmp_path / "store")) as url:
+    with serve_app(make_app(tmp_path / "store")) as url:
         yield url
 
 
@@ -262,7 +245,7 @@ def test_uploads_in_progress_are_bounded_and_every_ending_frees_its_slot(
 
     put = store.put
     monkeypatch.setattr(store, "put", held_put)
-    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=30) as http:
 
         def upload(name: str, files: dict | None = None) -> httpx.Response:
             return http.post("/v1/adapters", data={"name": name}, files=files or files_of(peft_dir))

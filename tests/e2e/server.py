@@ -1,4 +1,5 @@
-"""A real `loraplex serve` process on a free loopback port, and the published clients, for end-to-end tests."""
+"""A real `loraplex serve` process on a free loopback port, an app served by uvicorn in this process, and the
+published clients, for end-to-end tests."""
 
 import contextlib
 import json
@@ -6,12 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
 REPO = Path(__file__).resolve().parents[2]
 INFERENCE_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # the keyed server's (conftest.py)
@@ -54,6 +58,20 @@ def running_server(log: Path, *args: str, startup_timeout: float = 300) -> Itera
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """`app` served by uvicorn in this process on a free local port: real connections, which a client can drop.
+    Its log records reach the root logger (pytest's caplog), uvicorn's own included."""
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.01)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join()
 
 
 def embedded_server(tmp: Path, cache_dir: Path, *flags: str) -> contextlib.AbstractContextManager[str]:
