@@ -48,6 +48,8 @@ def pair(
         "256",
         "--store-refresh-s",
         str(REFRESH_S),
+        "--max-concurrent-uploads",  # the race sends five uploads through one server at once
+        "8",
     ]
     with contextlib.ExitStack() as stack:
         if request.param == "s3":
