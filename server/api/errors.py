@@ -1,5 +1,6 @@
 """One place that turns errors into HTTP answers, in OpenAI's shape: {"error": {"message", "type", "code"}}."""
 
+import sys
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -23,8 +24,42 @@ def _describe(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p != "body")
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+        if err["type"] == "json_invalid":  # the framework says only "JSON decode error", and the offset as a field
+            return f"the body is not valid JSON: {err['ctx']['error']} at character {err['loc'][-1]}"
+        if not loc and err["type"] in ("missing", "model_attributes_type"):
+            return _whole_body(err)
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])  # no place: a check of the whole request
     return "invalid request: " + "; ".join(parts)
+
+
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def _whole_body(err: dict) -> str:
+    """No body, or one that is not an object: pydantic words these as about a field."""
+    if err["type"] == "missing":
+        return "the request has no body: send a JSON object"
+    if isinstance(err.get("input"), bytes):  # the framework parses JSON only when the content-type says it is JSON
+        return "the body was not read as JSON: send it with the header content-type: application/json"
+    return f"the body is {_JSON_KINDS.get(type(err.get('input')), 'not an object')}: send a JSON object"
+
+
+def _unreadable(cause: BaseException | None) -> str | None:
+    """Why the framework could not parse a body (it says only "There was an error parsing the body")."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"byte {cause.start} is not UTF-8: send the JSON as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "it nests arrays or objects too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -40,5 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         # the framework's own refusals (unknown route, wrong method, an unparsable body): its status as the code
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = error_body(str(exc.detail), error_type, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
+        reason = _unreadable(exc.__cause__) if exc.status_code == 400 else None
+        message = f"the body is not JSON this server can read: {reason}" if reason else str(exc.detail)
+        body = error_body(message, error_type, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -46,6 +46,9 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
         "invalid_request",
     ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, AUTH, 422, "max_tokens_too_large"),
+    # each bad element of a long list was an error of its own: seconds of the event loop, megabytes of answer
+    ("/v1/completions", {"model": MODEL, "prompt": [1] * 250_000}, AUTH, 422, "invalid_request"),
+    ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, AUTH, 400, "bad_request"),
     ("/generate", {"inputs": "x" * 500_000}, AUTH, 422, "prompt_too_long"),
     *[
         ("/generate", {"inputs": "hi", "parameters": {"adapter_id": f"ghost-{i}"}}, AUTH, 404, "adapter_not_found")
