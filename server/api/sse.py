@@ -20,6 +20,7 @@ from loraplex.errors import LoraplexError
 from server.api.errors import error_body
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
 log = logging.getLogger("loraplex")
 
 
@@ -57,9 +58,15 @@ async def _encode(events: AsyncGenerator[BaseModel], protocol: SseProtocol) -> A
             async for event in events:
                 yield _event(event.model_dump_json(exclude_none=protocol.exclude_none).encode())
         except Exception as exc:  # raised on, it would drop the connection mid-body: a broken stream, no reason
-            yield _event(json.dumps(protocol.error_event(_stream_error(exc))).encode())
+            yield failed_stream_end(protocol, _stream_error(exc))
+            return
     if protocol.done_marker:
-        yield b"data: [DONE]\n\n"
+        yield DONE
+
+
+def failed_stream_end(protocol: SseProtocol, error: LoraplexError) -> bytes:
+    """The last bytes of a stream that failed after its 200: the protocol's error event, then its done marker."""
+    return _event(json.dumps(protocol.error_event(error)).encode()) + (DONE if protocol.done_marker else b"")
 
 
 class EventStreamResponse(StreamingResponse):

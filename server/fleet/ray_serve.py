@@ -13,7 +13,6 @@ Started by `loraplex serve --ray --replicas N`, or by `serve run deploy/ray/serv
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -31,7 +30,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from adapters.errors import TooManyPinned
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.api.errors import error_body
+from server.api.errors import error_body, error_response
+from server.api.sse import OPENAI, TGI, failed_stream_end
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
 from server.fleet.routing import adapter_of
 
@@ -51,6 +51,14 @@ _FLEET_ARGS = ("replicas", "max_replicas", "max_ongoing_requests")
 
 class ReplicaStartFailed(LoraplexError):
     code = "replica_start_failed"
+
+
+class ReplicaFailed(LoraplexError):
+    """The replica serving a request died (it is being replaced): the request may be sent again."""
+
+    http_status = 503
+    code = "replica_failed"
+    headers = {"Retry-After": "2"}  # noqa: RUF012 - read-only class constant
 
 
 class _Resident:
@@ -130,11 +138,6 @@ class Replica:
         await self._lifespan.aclose()
 
 
-def _replica_failed() -> JSONResponse:
-    message = "the replica serving this request failed and is being replaced: retry the request"
-    return JSONResponse(error_body(message, "server_error", "replica_failed"), 503, {"Retry-After": "2"})
-
-
 @serve.deployment(name=INGRESS, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
 class Ingress:
     """The HTTP entry: reads the body (bounded), picks the routing key, forwards, streams the answer back."""
@@ -165,9 +168,10 @@ class Ingress:
             answer: DeploymentResponseGenerator = handle.forward.remote(forwarded)
             start = await answer.__anext__()
         except RayActorError:
-            return _replica_failed()
+            failed = "the replica serving this request failed and is being replaced: retry the request"
+            return error_response(ReplicaFailed(failed))
         assert isinstance(start, ResponseStart)
-        response = StreamingResponse(self._body(answer, start))
+        response = StreamingResponse(self._body(answer, start, forwarded.path))
         response.status_code = start.status
         response.raw_headers = list(start.headers)  # as the replica sent them (content-length, its name)
         return response
@@ -181,16 +185,17 @@ class Ingress:
             self._base_name = await self._replicas.served_name.remote()
         return None if adapter == self._base_name else adapter
 
-    async def _body(self, answer: DeploymentResponseGenerator, start: ResponseStart) -> AsyncIterator[bytes]:
+    async def _body(self, answer: DeploymentResponseGenerator, start: ResponseStart, path: str) -> AsyncIterator[bytes]:
         try:
             async for chunk in answer:
                 yield chunk
         except RayActorError:
-            # the status is sent: an event stream ends with an error event the clients read; other bodies
-            # end short, which clients see as a broken response
+            # the status is sent: an event stream ends as a replica's own failed stream ends, in its route's
+            # protocol, which the clients read; other bodies end short, which clients see as a broken response
             if (b"content-type", b"text/event-stream") in {(k.lower(), v.split(b";")[0]) for k, v in start.headers}:
-                message = "the replica serving this stream failed and is being replaced: retry the request"
-                yield f"data: {json.dumps(error_body(message, 'server_error', 'replica_failed'))}\n\n".encode()
+                protocol = OPENAI if path.startswith("/v1/") else TGI
+                error = ReplicaFailed("the replica serving this stream failed and is being replaced: retry the request")
+                yield failed_stream_end(protocol, error)
         finally:
             answer.cancel()  # the client left early: the replica cancels the request (a no-op once complete)
 
