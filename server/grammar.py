@@ -53,6 +53,8 @@ MAX_GRAMMAR_CHARS = 32 * 1024  # a schema (as compact JSON) or a pattern; real s
 # nesting of the schema's JSON (objects and arrays): compile time grows fast with it (200 levels: seconds)
 MAX_SCHEMA_DEPTH = 32
 COMPILE_TIMEOUT_S = 10.0
+MAX_ERROR_CHARS = 2000  # of llguidance's error in a client's answer (a regex error quotes the pattern)
+BACKTRACE_MARKS = ("stack backtrace:", "<backtrace>")  # Rust's and anyhow's, lower-cased
 CACHED_GRAMMARS = 64
 COMPILE_THREADS = 2  # each with its own worker process for the checks
 # A check worker's address space. Honest grammars need little: the worker maps 28 MB before its first grammar
@@ -163,7 +165,17 @@ def _failure(error: str) -> Exception:
         return GrammarDeadEnd("no token of this model can continue the grammar here: its output stopped unfinished")
     if reason.startswith(("lexer error:", "parser error:")):
         return GrammarDeadEnd(f"the grammar needs more work here than its limits allow ({reason}): simplify it")
-    return ValueError(error)
+    log.warning("grammar matcher error: %s", error)  # in full for the operator
+    return ValueError(_without_backtrace(error))
+
+
+def _without_backtrace(error: object) -> str:
+    """What a client hears of an llguidance error: the message without the backtrace that a panic's or an anyhow
+    error's text can go on with (it names the library's build paths, nothing the client can act on), at most
+    MAX_ERROR_CHARS."""
+    text = str(error)
+    starts = [i for i in (text.lower().find(mark) for mark in BACKTRACE_MARKS) if i >= 0]
+    return text[: min(starts, default=len(text))].rstrip()[:MAX_ERROR_CHARS]
 
 
 class CompiledGrammar:
@@ -244,7 +256,7 @@ class Grammars:
                 schema = spec.text if spec.kind == "json_schema" else '{"type": "object"}'
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except (ValueError, RuntimeError) as exc:  # a schema it cannot read
-            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {_without_backtrace(exc)}") from exc
         checker = self._checkers.get()
         try:
             error = checker.check(grammar, self._check_s)
@@ -253,10 +265,11 @@ class Grammars:
         if error is None:
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} did not compile within {self._check_s:g} s: simplify it")
         if error:
-            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {error}")
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {_without_backtrace(error)}")
         matcher = llguidance.LLMatcher(self._get_tokenizer(), grammar, log_level=0, limits=limits())
         if matcher.is_error():
-            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {matcher.get_error()}")
+            error = _without_backtrace(matcher.get_error())
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {error}")
         # llguidance builds the lexer at the first mask, into state every copy shares (a short pattern can take
         # seconds there): build it now, under the compile timeout, not on the engine thread at a request's first
         # token. A build that hit a limit leaves the next copy in error, so a second mask tells the client here.

@@ -30,6 +30,7 @@ from server.grammar import (
     Grammars,
     GrammarSpec,
     InvalidGrammar,
+    _failure,
 )
 
 NEW_TOKENS = 8
@@ -210,6 +211,15 @@ def test_a_grammar_no_token_can_continue_is_a_dead_end_and_a_refused_token_a_mis
         dead.fill_mask(row)
     with pytest.raises(ValueError, match="doesn't satisfy the grammar"):
         matcher().advance(few.tokens.index(b"z"))
+
+
+def test_a_matcher_panic_reaches_the_client_without_its_backtrace() -> None:
+    """llguidance's panics go on with a backtrace naming its build paths: the request's error stops before it (the
+    operator's log has it all); a dead end is still told apart by its first line."""
+    for backtrace in ("\nstack backtrace:\n   0: /build/llg/src/x.rs", "\n\nStack backtrace:\n   0: /build/x.rs"):
+        error = _failure(f"panic: index out of bounds\nat the 3rd token{backtrace}")
+        assert isinstance(error, ValueError) and str(error) == "panic: index out of bounds\nat the 3rd token"
+        assert isinstance(_failure(f"NoExtensionBias{backtrace}"), GrammarDeadEnd)
 
 
 def test_masks_touch_constrained_rows_only() -> None:
