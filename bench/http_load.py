@@ -30,14 +30,17 @@ request. With --rate, those rates are run; without, a search from --rate-start d
 misses the SLO, then bisects --bisect times between the best passing and the lowest failing rate. Open loop
 means arrivals do not wait for answers, so in-flight requests are not capped (unless --concurrency is given).
 Each point also records the CPU cores that the load generator and (with --serve, from /proc) the server kept
-busy: a load generator near one core measures its own delays too, a server near one core is bound by Python.
+busy: a load generator near one core measures its own delays too (one process streams ~5,000 tokens/s at most),
+so --processes N splits a point's clients over N processes; a server near one core is bound by Python.
 Markdown summary on stdout; --out writes everything as JSON (bench/plot.py draws it).
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import shlex
@@ -48,7 +51,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -313,6 +317,53 @@ async def run_point(
     return results, time.perf_counter() - start
 
 
+def share(total: int, parts: int, i: int) -> int:
+    """Part `i` of `total` split into `parts` as evenly as possible."""
+    return total // parts + (i < total % parts)
+
+
+@dataclass(frozen=True)
+class PointJob:
+    """One load-generating process's part of a point: its clients, its share of the arrival rate."""
+
+    url: str
+    headers: dict[str, str]
+    timeout: float
+    workload: Workload
+    concurrency: int
+    rate: float
+    duration: float
+
+
+def run_job(job: PointJob) -> tuple[list[Result], float, float]:
+    """A PointJob in this process, with a client of its own: (results, wall seconds, CPU seconds)."""
+
+    async def run() -> tuple[list[Result], float]:
+        limits = httpx.Limits(max_connections=job.concurrency + 4, max_keepalive_connections=job.concurrency + 4)
+        async with httpx.AsyncClient(
+            base_url=job.url, headers=job.headers, timeout=job.timeout, limits=limits
+        ) as client:
+            return await run_point(client, job.workload, job.concurrency, job.rate, job.duration)
+
+    cpu = time.process_time()
+    results, wall = asyncio.run(run())
+    return results, wall, time.process_time() - cpu
+
+
+async def run_point_in(pool: ProcessPoolExecutor, processes: int, job: PointJob) -> tuple[list[Result], float, float]:
+    """`job` split over `processes` load-generating processes (each its own event loop and client, so that many
+    streams are not measured through one process's delays): their results, the longest wall, their CPU seconds.
+    A Poisson process split so is still one at the whole rate; each part draws from its own seed."""
+    loop = asyncio.get_running_loop()
+    parts = [
+        replace(job, workload=replace(job.workload, rng=random.Random(job.workload.rng.random())),
+                concurrency=share(job.concurrency, processes, i), rate=job.rate / processes)
+        for i in range(processes)
+    ]  # fmt: skip
+    done = await asyncio.gather(*(loop.run_in_executor(pool, run_job, part) for part in parts if part.concurrency))
+    return [r for results, _, _ in done for r in results], max(d[1] for d in done), sum(d[2] for d in done)
+
+
 async def warm_up(client: httpx.AsyncClient, workload: Workload, count: int, concurrency: int) -> None:
     """`count` unrecorded requests of the workload: first-time costs (kernel compilation for new shapes,
     adapter loads) stay out of the first point."""
@@ -562,9 +613,13 @@ async def bench(
     slo = Slo(args.slo_ttft, args.slo_itl)
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
-    async with httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=args.timeout, limits=limits, transport=transport
-    ) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        # spawned, not forked: this process runs an event loop and the client's threads
+        spawn = multiprocessing.get_context("spawn")
+        pool = stack.enter_context(ProcessPoolExecutor(args.processes, spawn)) if args.processes > 1 else None
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits, transport=transport)
+        )
         await check_ready(client)
         names = await upload_adapters(client, args.adapters_dir) if args.upload else []
         if args.adapters_dir and not names:
@@ -583,8 +638,14 @@ async def bench(
                 for rate in sweep_rates(args.rate, verdicts, args.rate_start, args.bisect, args.rate_max):
                     before = await read_metrics(client)
                     cpu = (time.process_time(), process_cpu_s(server_pid))
-                    results, wall = await run_point(client, workload, shape.concurrency, rate, args.duration)
-                    cpu_used = cpu_per_s(cpu, (time.process_time(), process_cpu_s(server_pid)), wall)
+                    if pool is None:
+                        results, wall = await run_point(client, workload, shape.concurrency, rate, args.duration)
+                        workers_cpu = 0.0
+                    else:
+                        job = PointJob(url, headers, args.timeout, workload, shape.concurrency, rate, args.duration)
+                        results, wall, workers_cpu = await run_point_in(pool, args.processes, job)
+                    after = (time.process_time() + workers_cpu, process_cpu_s(server_pid))
+                    cpu_used = cpu_per_s(cpu, after, wall)
                     counters = counter_deltas(before, await read_metrics(client))
                     point = {
                         "workload": name,
@@ -626,7 +687,7 @@ def _progress(point: dict) -> None:
     if point["client_cpu_per_s"] > LOADGEN_BUSY:
         print(
             f"WARNING: the load generator kept {point['client_cpu_per_s']:.0%} of a core busy: its own delays are "
-            "in these latencies; run fewer clients per process",
+            "in these latencies: split the clients over more --processes",
             file=sys.stderr,
         )
     if point["prompt_length_mismatches"]:
@@ -759,6 +820,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-start", type=float, default=1.0, help="first rate of the goodput search, req/s")
     parser.add_argument("--rate-max", type=float, default=256.0, help="the goodput search doubles no further")
     parser.add_argument("--bisect", type=int, default=3, help="bisection steps of the goodput search")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="load-generating processes a point's clients are split over (one Python process streams a few "
+        "thousand tokens/s at most: a point whose client CPU nears one core wants more)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the full report as JSON")
@@ -775,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--upload needs --adapters-dir")
     if args.server_log and not args.serve:
         parser.error("--server-log needs --serve")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     if args.rate_start <= 0:
         parser.error("--rate-start must be above 0")
     if args.rate is None and not args.goodput:

@@ -4,13 +4,17 @@ metrics parsing, SSE handling; and one goodput sweep end to end against an in-pr
 import asyncio
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import http_load
 import httpx
 import pytest
+from e2e.server import serve_app
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from http_load import (
@@ -19,6 +23,7 @@ from http_load import (
     WORKLOADS,
     BytePrompts,
     Planned,
+    PointJob,
     Result,
     Shape,
     Slo,
@@ -39,8 +44,10 @@ from http_load import (
     process_cpu_s,
     resolve_shape,
     run_point,
+    run_point_in,
     send,
     serve_base_model,
+    share,
     summarize,
     tokenizer_source,
 )
@@ -376,3 +383,14 @@ def test_a_process_cpu_time_is_read_from_proc() -> None:
     assert process_cpu_s(None) is None
     assert cpu_per_s((1.0, 10.0), (1.5, 12.0), 2.0) == {"client_cpu_per_s": 0.25, "server_cpu_per_s": 1.0}
     assert cpu_per_s((1.0, None), (1.5, None), 2.0)["server_cpu_per_s"] is None
+
+
+def test_a_point_split_over_processes_gathers_every_processs_requests() -> None:
+    """Three closed-loop clients over two load-generating processes (two and one), against a real local server:
+    every request each process sent comes back in one list, and the CPU reported is the processes' own."""
+    job = PointJob("", {}, 30.0, Workload(random.Random(0), ["a"], 0.0, (4, 4), (3, 3)), 3, 0.0, 0.5)
+    with serve_app(_fake_server()) as url, ProcessPoolExecutor(2, multiprocessing.get_context("spawn")) as pool:
+        results, wall, cpu = asyncio.run(run_point_in(pool, 2, replace(job, url=url)))
+    assert len(results) >= 3 and all(r.status == 200 and r.tokens == 3 for r in results)  # each client sent one
+    assert wall >= 0.5 and cpu > 0
+    assert [share(3, 2, i) for i in range(2)] == [2, 1] and [share(4, 3, i) for i in range(3)] == [2, 1, 1]

@@ -42,6 +42,8 @@ def test_smoke_run_against_a_served_tiny_model(tmp_path: Path) -> None:
             str(tmp_path / "report.json"),
             "--server-log",
             str(tmp_path / "server.log"),
+            "--processes",  # the smoke run's two clients, one in each of two load-generating processes
+            "2",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
