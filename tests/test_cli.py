@@ -66,6 +66,14 @@ def test_serve_help_shows_every_flag_with_its_description_and_default(capsys):
     assert "(default: 8000)" in text and "(default: auto)" in text and "(default: on)" in text
 
 
+def test_the_readme_flags_table_lists_every_serve_flag():
+    """The README's table of `loraplex serve` flags, which a newcomer reads before --help, misses none."""
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `--")]
+    for name in Settings.model_fields:
+        flag = f"`--{name.replace('_', '-')}"
+        assert any(row.startswith(f"| {flag}") or f", {flag}" in row.split("|")[1] for row in rows), flag
+
+
 def test_train_help_shows_every_option_in_user_words(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
