@@ -382,7 +382,7 @@ def pick_matmul_config(n: int, k: int, rows: int, on_cuda: bool) -> tuple[int, i
     if not on_cuda:
         block_n, block_k, split_k, warps, stages = min(128, max(16, triton.next_power_of_2(n))), 512, 1, 1, 1
     elif rows > 128:
-        block_n, block_k, split_k, warps, stages = 64, 64, 4, 8 if n > 4096 else 4, 3 if n > 4096 else 2
+        block_n, block_k, split_k, warps, stages = 64, 64, 4, 8 if 4096 < n <= 8192 else 4, 3 if n > 4096 else 2
     elif rows > 64:
         if k > 8192:
             block_n, block_k, split_k, warps, stages = 128, 64, 16, 4, 3
