@@ -330,10 +330,12 @@ class Engine:
         return True
 
     def _guarded(self, rows: list[_Row], work: Callable[[], None]) -> None:
-        # A failing forward (e.g. out of memory) ends the requests in it, not the engine.
+        # A failing forward (e.g. out of memory) ends the requests in it, not the engine. The operator hears why
+        # here: a client of a non-streaming route only gets a 500.
         try:
             work()
         except Exception as exc:
+            log.exception("an engine step failed; its %d requests end with an error", len(rows))
             self._deliver()  # the previous step's events first: each request's stay in order
             for row in rows:
                 if not row.ended:

@@ -77,9 +77,10 @@ def test_a_cancelled_row_ends_after_its_last_token_event(family_setup, tokenizer
     assert events[-1].index == 3
 
 
-def test_a_failed_forward_delivers_the_events_of_the_step_before(family_setup, tokenizer) -> None:
+def test_a_failed_forward_delivers_the_events_of_the_step_before(family_setup, tokenizer, caplog) -> None:
     """The row that ended by length in the last step gets its final event; the one still running gets its last
-    token's event, then the error; the engine serves the next request."""
+    token's event, then the error, which the log tells the operator with its traceback; the engine serves the next
+    request."""
     base, _ = family_setup("llama")
     engine = make_engine(base, tokenizer)
     forward, calls = engine._forward, []
@@ -100,6 +101,8 @@ def test_a_failed_forward_delivers_the_events_of_the_step_before(family_setup, t
         assert sink.tokens(rid) == reference_generate(base, None, prompt, 2)[0]
     assert sink.finish("short") == "length"
     assert sink.finish("long") == "error" and isinstance(sink.events["long"][-1].error, RuntimeError)
+    (record,) = [r for r in caplog.records if "engine step failed" in r.getMessage()]
+    assert record.exc_info is not None and "out of memory" in str(record.exc_info[1])
     engine.submit(request([1, 2], greedy(2), None, "later"), sink)
     run_to_end(engine)
     assert sink.finish("later") == "length" and len(sink.tokens("later")) == 2
