@@ -59,6 +59,7 @@ from typing import Any, Protocol
 import httpx
 
 PERCENTILES = (50, 90, 99)
+SHARD_STREAMS = 8  # requests in flight per client of the load generator (open_clients)
 LOADGEN_BUSY = 0.8  # cores of this process past which a point's latencies are partly the load generator's
 METRIC_PREFIX = "loraplex_adapter_"
 READY_TIMEOUT_S = 600.0  # an 8B base model loads in a few minutes at worst
@@ -288,31 +289,52 @@ async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None =
     return result
 
 
+async def open_clients(
+    stack: contextlib.AsyncExitStack,
+    url: str,
+    headers: dict[str, str],
+    timeout: float,
+    in_flight: int,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> list[httpx.AsyncClient]:
+    """Clients for `in_flight` requests at once, one per SHARD_STREAMS of them. One client's connection pool scans
+    all its connections at every request and release: with 128 streams in one pool that scan was three quarters of
+    the load generator's CPU (~185 us a streamed token), and the load generator measured its own delays."""
+    limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
+    return [
+        await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits, transport=transport)
+        )
+        for _ in range(max(1, math.ceil(in_flight / SHARD_STREAMS)))
+    ]
+
+
 async def run_point(
-    client: httpx.AsyncClient, workload: Workload, concurrency: int, rate: float, duration: float
+    clients: list[httpx.AsyncClient], workload: Workload, concurrency: int, rate: float, duration: float
 ) -> tuple[list[Result], float]:
-    """Run one sweep point; (results, wall seconds from the first send to the last answer)."""
+    """Run one sweep point, its requests spread over `clients` in turn (open_clients); (results, wall seconds from
+    the first send to the last answer)."""
     slots = asyncio.Semaphore(concurrency)
     # Poisson arrivals (prompts included) are drawn before the clock starts: tokenizing is not load
     arrivals = workload.poisson(rate, duration) if rate > 0 else []
     start = time.perf_counter()
 
-    async def poisson(item: Planned) -> Result:
+    async def poisson(i: int, item: Planned) -> Result:
         arrived = start + item.at
         await asyncio.sleep(max(0.0, arrived - time.perf_counter()))
         async with slots:
-            return await send(client, item, arrived)
+            return await send(clients[i % len(clients)], item, arrived)
 
-    async def closed_loop() -> list[Result]:
+    async def closed_loop(client: httpx.AsyncClient) -> list[Result]:
         done = [await send(client, workload.next())]  # at least one request per client, however short the point
         while time.perf_counter() - start < duration:
             done.append(await send(client, workload.next()))
         return done
 
     if rate > 0:
-        results = list(await asyncio.gather(*map(poisson, arrivals)))
+        results = list(await asyncio.gather(*(poisson(i, item) for i, item in enumerate(arrivals))))
     else:
-        per_client = await asyncio.gather(*(closed_loop() for _ in range(concurrency)))
+        per_client = await asyncio.gather(*(closed_loop(clients[i % len(clients)]) for i in range(concurrency)))
         results = [r for done in per_client for r in done]
     return results, time.perf_counter() - start
 
@@ -339,11 +361,9 @@ def run_job(job: PointJob) -> tuple[list[Result], float, float]:
     """A PointJob in this process, with a client of its own: (results, wall seconds, CPU seconds)."""
 
     async def run() -> tuple[list[Result], float]:
-        limits = httpx.Limits(max_connections=job.concurrency + 4, max_keepalive_connections=job.concurrency + 4)
-        async with httpx.AsyncClient(
-            base_url=job.url, headers=job.headers, timeout=job.timeout, limits=limits
-        ) as client:
-            return await run_point(client, job.workload, job.concurrency, job.rate, job.duration)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await open_clients(stack, job.url, job.headers, job.timeout, job.concurrency)
+            return await run_point(clients, job.workload, job.concurrency, job.rate, job.duration)
 
     cpu = time.process_time()
     results, wall = asyncio.run(run())
@@ -612,14 +632,12 @@ async def bench(
     in_flight = max(shape.concurrency for shape in shapes.values())
     slo = Slo(args.slo_ttft, args.slo_itl)
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    limits = httpx.Limits(max_connections=in_flight + 4, max_keepalive_connections=in_flight + 4)
     async with contextlib.AsyncExitStack() as stack:
         # spawned, not forked: this process runs an event loop and the client's threads
         spawn = multiprocessing.get_context("spawn")
         pool = stack.enter_context(ProcessPoolExecutor(args.processes, spawn)) if args.processes > 1 else None
-        client = await stack.enter_async_context(
-            httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits, transport=transport)
-        )
+        clients = await open_clients(stack, url, headers, args.timeout, in_flight, transport)
+        client = clients[0]  # for the server's state (ready, uploads, metrics) and the warm-up
         await check_ready(client)
         names = await upload_adapters(client, args.adapters_dir) if args.upload else []
         if args.adapters_dir and not names:
@@ -639,7 +657,7 @@ async def bench(
                     before = await read_metrics(client)
                     cpu = (time.process_time(), process_cpu_s(server_pid))
                     if pool is None:
-                        results, wall = await run_point(client, workload, shape.concurrency, rate, args.duration)
+                        results, wall = await run_point(clients, workload, shape.concurrency, rate, args.duration)
                         workers_cpu = 0.0
                     else:
                         job = PointJob(url, headers, args.timeout, workload, shape.concurrency, rate, args.duration)

@@ -2,6 +2,7 @@
 metrics parsing, SSE handling; and one goodput sweep end to end against an in-process fake server."""
 
 import asyncio
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from http_load import (
     GOODPUT_IN_FLIGHT,
+    SHARD_STREAMS,
     UNNAMED,
     WORKLOADS,
     BytePrompts,
@@ -38,6 +40,7 @@ from http_load import (
     markdown,
     meets_slo,
     next_rate,
+    open_clients,
     parse_metrics,
     parse_range,
     percentile,
@@ -325,7 +328,7 @@ def test_a_point_without_tokens_fails_the_smoke_run() -> None:
 async def _open_loop() -> list[Result]:
     workload = Workload(random.Random(4), [None], 0.0, (8, 16), (3, 3))
     async with _client() as client:
-        results, wall = await run_point(client, workload, concurrency=4, rate=100.0, duration=0.2)
+        results, wall = await run_point([client], workload, concurrency=4, rate=100.0, duration=0.2)
     assert wall >= 0.0
     return results
 
@@ -394,3 +397,27 @@ def test_a_point_split_over_processes_gathers_every_processs_requests() -> None:
     assert len(results) >= 3 and all(r.status == 200 and r.tokens == 3 for r in results)  # each client sent one
     assert wall >= 0.5 and cpu > 0
     assert [share(3, 2, i) for i in range(2)] == [2, 1] and [share(4, 3, i) for i in range(3)] == [2, 1, 1]
+
+
+def test_the_load_generator_spreads_its_streams_over_clients_of_a_few_each() -> None:
+    """One connection pool scans all its connections at every request: a client per SHARD_STREAMS streams in flight,
+    and a closed loop's clients take them in turn."""
+
+    async def run() -> list[int]:
+        async with contextlib.AsyncExitStack() as stack:
+            transport = httpx.ASGITransport(app=_fake_server())
+            clients = await open_clients(stack, "http://test", {}, 5.0, 2 * SHARD_STREAMS + 1, transport)
+            sent = [0] * len(clients)
+            for i, client in enumerate(clients):
+
+                async def count(request: httpx.Request, i: int = i) -> None:
+                    sent[i] += 1
+
+                client.event_hooks["request"].append(count)
+            workload = Workload(random.Random(0), [None], 0.0, (4, 4), (2, 2))
+            results, _ = await run_point(clients, workload, concurrency=6, rate=0.0, duration=0.1)
+            assert all(r.status == 200 for r in results)
+            return sent
+
+    sent = asyncio.run(run())
+    assert len(sent) == 3 and all(n > 0 for n in sent)
