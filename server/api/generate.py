@@ -56,6 +56,7 @@ def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -
         top_k=inference.top_k(p.top_k),
         top_p=p.top_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
         stop=tuple(p.stop),
         seed=p.seed,
         top_logprobs=p.top_n_tokens or 0,

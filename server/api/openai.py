@@ -65,6 +65,8 @@ def _sampling(
         max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
         stop=tuple(body.stop_list),
         seed=body.seed,
         top_logprobs=body.top_logprobs_asked,

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.engine.sampling import MAX_OPENAI_PENALTY
 from server.grammar import JSON_OBJECT, GrammarSpec, InvalidGrammar
 from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
 
@@ -40,6 +41,9 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (and vLLM's default); TG
 LOGPROB_FLOOR = -9999.0
 
 TopN = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+# OpenAI's frequency and presence penalties, over the generated tokens only (as vLLM)
+OutputPenalty = Annotated[float, Field(ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)]
+FREQUENCY_PENALTY = "A logit less this times its token's count in the output so far."
 # choices of one request (n, best_of): each is a request of its own in the batch, so n x max_tokens is bounded
 # by MAX_CHOICES x max_seq_len, and each takes a place in the queue
 MAX_CHOICES = 8
@@ -173,6 +177,7 @@ class TgiParameters(BaseModel):
     top_k: int | None = Field(None, ge=0, description="Values at or over the vocabulary size mean no top-k.")
     top_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    frequency_penalty: OutputPenalty | None = Field(None, description=FREQUENCY_PENALTY)
     seed: Seed | None = None
     stop: StopList = Field(default_factory=list)
     return_full_text: bool = False
@@ -313,6 +318,8 @@ class OpenAISampling(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    frequency_penalty: OutputPenalty = Field(0.0, description=FREQUENCY_PENALTY)
+    presence_penalty: OutputPenalty = Field(0.0, description="A logit less this once its token is in the output.")
     seed: Seed | None = None
     stop: StopSequence | StopList | None = None
     n: Choices = Field(

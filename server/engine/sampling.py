@@ -7,6 +7,7 @@ import torch
 
 # OpenAI's bound on top_logprobs; every asked-for column costs a host copy per token
 MAX_TOP_LOGPROBS = 20
+MAX_OPENAI_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,10 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off; HF's rule over prompt + generated ids
+    # OpenAI's (and vLLM's) over the generated ids only: each token's logit less frequency x its count so far and
+    # presence once it has appeared; 0.0: off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop sequences, matched on decoded text
     seed: int | None = None  # per-request generator: same output whatever else is in the batch
     ignore_eos: bool = False
@@ -26,11 +31,18 @@ class SamplingParams:
             raise ValueError("max_new_tokens must be >= 1")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
-        floats = (self.temperature, self.top_p, self.repetition_penalty)
+        floats = (self.temperature, self.top_p, self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
         if not all(math.isfinite(x) for x in floats):  # NaN passes every comparison below
-            raise ValueError("temperature, top_p and repetition_penalty must be finite")
+            raise ValueError("temperature, top_p and the penalties must be finite")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError("temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if max(abs(self.frequency_penalty), abs(self.presence_penalty)) > MAX_OPENAI_PENALTY:
+            raise ValueError(f"frequency_penalty and presence_penalty must lie in +-{MAX_OPENAI_PENALTY:g}")
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether drawing the next token reads how often each token was generated so far."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +56,13 @@ def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float)
     picked = logits[seen]
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits.scatter(0, seen, picked)
+
+
+def output_penalty(logits: torch.Tensor, output: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties: logits less frequency x each token's count in `output` and less
+    presence for each token in it. logits: [V]; output: [N] the ids generated so far."""
+    counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)  # [V]
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def top_k_filter(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -68,24 +87,35 @@ def final_logprobs(
     params: list[SamplingParams],
     seen: list[torch.Tensor | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    prompt_lens: list[int] | None = None,
 ) -> torch.Tensor:
-    """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalty,
+    """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalties,
     then (sampled rows) temperature, top-k, top-p."""
-    # logits: [B, V]; seen[i]: token ids already in row i (only read where its penalty is on);
-    # allowed: (rows [m], mask [m, V] bool) of the constrained rows
+    # logits: [B, V]; seen[i]: token ids already in row i, prompt then output (read where a penalty is on);
+    # prompt_lens[i]: how many of them are the prompt's (None: 0); allowed: (rows [m], mask [m, V] bool) of the
+    # constrained rows
     logits = logits.float()
     if allowed is not None:
         logits = mask_logits(logits, *allowed)
-    penalized = [(i, ids) for i, (p, ids) in enumerate(zip(params, seen, strict=True)) if p.repetition_penalty != 1.0
-                 and ids is not None]  # fmt: skip
+    penalized = [(i, ids) for i, (p, ids) in enumerate(zip(params, seen, strict=True))
+                 if ids is not None and (p.repetition_penalty != 1.0 or p.counts_output)]  # fmt: skip
     if penalized:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
         rows = torch.tensor([i for i, _ in penalized], device=logits.device)
-        penalties = [repetition_penalty(logits[i], ids, params[i].repetition_penalty) for i, ids in penalized]
-        logits = logits.index_copy(0, rows, torch.stack(penalties))
+        lens = prompt_lens or [0] * len(params)
+        rows_logits = [_penalized(logits[i], params[i], ids, lens[i]) for i, ids in penalized]
+        logits = logits.index_copy(0, rows, torch.stack(rows_logits))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         logits = _filtered(logits, params, sampled)
     return logits.log_softmax(-1)
+
+
+def _penalized(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    # logits: [V]; seen: [N] the prompt's ids, then the output's
+    logits = repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.counts_output:
+        logits = output_penalty(logits, seen[prompt_len:], params.frequency_penalty, params.presence_penalty)
+    return logits
 
 
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

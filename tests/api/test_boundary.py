@@ -104,7 +104,8 @@ def test_seed_is_bounded_to_what_torch_accepts(client: TestClient, path: str) ->
 @pytest.mark.parametrize("path", ROUTES)
 @pytest.mark.parametrize("value", ['"NaN"', '"Infinity"', "NaN", "-Infinity", "1e999"])
 def test_non_finite_floats_are_422(client: TestClient, path: str, value: str) -> None:
-    fields = ["temperature", "top_p", "repetition_penalty"] if path in TGI_ROUTES else ["temperature", "top_p"]
+    fields = ["temperature", "top_p", "frequency_penalty"]
+    fields += ["repetition_penalty"] if path in TGI_ROUTES else ["presence_penalty"]
     for field in fields:
         payload = body(path, **{field: 123456.0})
         raw = json.dumps(payload).replace("123456.0", value)
@@ -115,6 +116,10 @@ def test_sane_ranges(client: TestClient) -> None:
     assert_422(client, "/generate", body("/generate", temperature=1000), "temperature")
     assert_422(client, "/generate", body("/generate", repetition_penalty=1e-30), "repetition_penalty")
     assert_422(client, "/generate", body("/generate", repetition_penalty=1000), "repetition_penalty")
+    assert_422(client, "/generate", body("/generate", frequency_penalty=2.5), "frequency_penalty")
+    assert_422(client, "/v1/completions", body("/v1/completions", presence_penalty=-3), "presence_penalty")
+    chat = body("/v1/chat/completions", frequency_penalty=-2.1)
+    assert_422(client, "/v1/chat/completions", chat, "frequency_penalty")
     assert_422(client, "/generate", body("/generate", truncate=0), "truncate")
     assert_422(client, "/generate", body("/generate", adapter_id="a" * 300), "adapter_id")
     assert_422(client, "/v1/completions", {**body("/v1/completions"), "model": "m" * 300}, "model")

@@ -183,6 +183,24 @@ def sse(client: TestClient, path: str, payload: dict) -> list[dict]:
         return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
 
 
+def test_frequency_and_presence_penalties_reach_the_sampler_on_both_protocols(client: TestClient) -> None:
+    """The penalties change a greedy answer (their arithmetic is checked against a reference in the engine's
+    tests), the same way through TGI's frequency_penalty and OpenAI's."""
+
+    def tgi(**params: float) -> str:
+        body = {"inputs": "ab", "parameters": {"max_new_tokens": 24, "decoder_input_details": False, **params}}
+        return client.post("/generate", json=body).json()["generated_text"]
+
+    def openai(**params: float) -> str:
+        body = {"model": "llama", "prompt": "ab", "max_tokens": 24, "temperature": 0, **params}
+        return client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    plain = tgi()
+    assert openai() == plain
+    assert tgi(frequency_penalty=2.0) == openai(frequency_penalty=2.0) != plain
+    assert openai(presence_penalty=2.0) not in (plain, openai(presence_penalty=-2.0))
+
+
 def test_n_choices_with_a_seed_equal_the_requests_sent_one_by_one(client: TestClient) -> None:
     payload = chat(n=3, seed=5, temperature=1.0, max_tokens=6)
     answer = client.post("/v1/chat/completions", json=payload).json()

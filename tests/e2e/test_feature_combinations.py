@@ -133,6 +133,8 @@ def tgi_combination(rng: random.Random, limits: Limits) -> tuple[str, dict]:
         )
     if rng.random() < 0.4:
         p["repetition_penalty"] = pick(rng, 0.01, 0.5, 1.0, 1.3, 100.0)
+    if rng.random() < 0.3:
+        p["frequency_penalty"] = pick(rng, -2.0, -0.5, 0.0, 1.0, 2.0)
     p.update(
         stop=stops(rng),
         details=pick(rng, True, False),
@@ -177,6 +179,9 @@ def openai_combination(rng: random.Random, limits: Limits) -> tuple[str, dict]:
     if body["temperature"] and body["seed"] is None:
         body["seed"] = 5  # every sampled combination is seeded: the same answer each run
     body["top_p"] = pick(rng, None, 1e-9, 0.5, 1.0)
+    if rng.random() < 0.3:
+        body["frequency_penalty"] = pick(rng, -2.0, 0.0, 1.0, 2.0)
+        body["presence_penalty"] = pick(rng, -2.0, 0.0, 0.5, 2.0)
     body["stop"] = pick(rng, None, rng.choice(STOPS), stops(rng))
     body["n"] = pick(rng, 1, 1, 1, 2, 3)
     body["stream"] = rng.random() < 0.4

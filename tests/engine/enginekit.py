@@ -10,6 +10,7 @@ from bitsandbytes.functional import dequantize_blockwise, get_4bit_type
 from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from adapters.lora import LoraWeights, lora_weights_from_state
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, TokenEvent
@@ -53,11 +54,32 @@ def save_adapter(base: torch.nn.Module, config: LoraConfig, path: Path, seed: in
     return SavedAdapter(f"{path.name}@1", path, lora_weights_from_state(state, adapter_config))
 
 
+class OutputPenalty(LogitsProcessor):
+    """OpenAI's frequency and presence penalties as a transformers logits processor, written from OpenAI's
+    definition: each token's logit less frequency x its count among the generated tokens, less presence once it is
+    among them."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float) -> None:
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        for token in set(input_ids[0, self.prompt_len :].tolist()):
+            count = int((input_ids[0, self.prompt_len :] == token).sum())
+            scores[0, token] -= self.frequency * count + self.presence
+        return scores
+
+
 def greedy_log_softmax(
-    model: torch.nn.Module, prompt: list[int], max_new_tokens: int, repetition_penalty: float = 1.0
+    model: torch.nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
+    output_penalty: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens and the log-softmax [T, V] of every step (after the penalty), from `model.generate`
-    (transformers/PEFT alone)."""
+    """Greedy tokens and the log-softmax [T, V] of every step (after the penalties; output_penalty: OpenAI's
+    (frequency, presence)), from `model.generate` (transformers/PEFT alone)."""
+    processors = LogitsProcessorList([OutputPenalty(len(prompt), *output_penalty)] if any(output_penalty) else [])
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt]),
@@ -65,6 +87,7 @@ def greedy_log_softmax(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             repetition_penalty=repetition_penalty,
+            logits_processor=processors,
             eos_token_id=None,
             pad_token_id=0,
             output_scores=True,
@@ -83,12 +106,13 @@ def reference_generate(
     prompt: list[int],
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
+    output_penalty: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
     model = copy.deepcopy(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter.path)
-    tokens, log_softmax = greedy_log_softmax(model, prompt, max_new_tokens, repetition_penalty)
+    tokens, log_softmax = greedy_log_softmax(model, prompt, max_new_tokens, repetition_penalty, output_penalty)
     return tokens, token_logprobs(tokens, log_softmax)
 
 

@@ -120,3 +120,24 @@ def test_repetition_penalties_match_hf_beside_rows_without_one(family_setup, tok
         tokens, logprobs = reference_generate(base, adapter, prompt, NEW_TOKENS, penalty)
         assert sink.tokens(f"r{i}") == tokens, f"row {i} (penalty {penalty})"
         assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_frequency_and_presence_penalties_match_their_definition_beside_rows_without_them(
+    family_setup, tokenizer
+) -> None:
+    """OpenAI's penalties (positive and negative, with and without an adapter) beside a row without them: each
+    row gives what transformers' generate gives with a logits processor written from OpenAI's definition."""
+    base, adapters = family_setup("llama")
+    rows = [(adapters[0], (1.0, 0.5)), (None, (0.0, 0.0)), (None, (-0.5, 0.0)), (adapters[1], (0.0, 1.5))]
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    for i, ((adapter, (frequency, presence)), prompt) in enumerate(
+        zip(rows, prompts(tokenizer, len(rows)), strict=True)
+    ):
+        params = greedy(NEW_TOKENS, frequency_penalty=frequency, presence_penalty=presence)
+        engine.submit(request(prompt, params, adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    for i, ((adapter, penalty), prompt) in enumerate(zip(rows, prompts(tokenizer, len(rows)), strict=True)):
+        tokens, logprobs = reference_generate(base, adapter, prompt, NEW_TOKENS, output_penalty=penalty)
+        assert sink.tokens(f"r{i}") == tokens, f"row {i} (penalties {penalty})"
+        assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
