@@ -205,6 +205,15 @@ class Inference:
         """0 (off) for None and for every k that keeps the whole vocabulary, as HF and vLLM read it."""
         return 0 if top_k is None or top_k >= self.vocab_size else top_k
 
+    def logit_bias(self, biases: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's logit_bias (token id strings, checked as digits) as the sampler takes it; ids past the
+        model's logits are refused."""
+        pairs = {int(token): bias for token, bias in (biases or {}).items()}
+        bad = next((token for token in pairs if token >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidTokens(f"logit_bias: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
+        return tuple(sorted(pairs.items()))
+
     @staticmethod
     def temperature(temperature: float) -> float:
         return temperature if temperature == 0 else max(temperature, MIN_TEMPERATURE)

@@ -67,6 +67,7 @@ def _sampling(
         top_p=body.top_p or 1.0,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
+        logit_bias=inference.logit_bias(body.logit_bias),
         stop=tuple(body.stop_list),
         seed=body.seed,
         top_logprobs=body.top_logprobs_asked,

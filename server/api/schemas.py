@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.engine.sampling import MAX_OPENAI_PENALTY
+from server.engine.sampling import MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY
 from server.grammar import JSON_OBJECT, GrammarSpec, InvalidGrammar
 from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
 
@@ -44,6 +44,8 @@ TopN = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 # OpenAI's frequency and presence penalties, over the generated tokens only (as vLLM)
 OutputPenalty = Annotated[float, Field(ge=-MAX_OPENAI_PENALTY, le=MAX_OPENAI_PENALTY)]
 FREQUENCY_PENALTY = "A logit less this times its token's count in the output so far."
+MAX_LOGIT_BIAS_ENTRIES = 1024  # each is a scatter in the sampler on every token of the request
+LogitBias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
 # choices of one request (n, best_of): each is a request of its own in the batch, so n x max_tokens is bounded
 # by MAX_CHOICES x max_seq_len, and each takes a place in the queue
 MAX_CHOICES = 8
@@ -320,6 +322,9 @@ class OpenAISampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     frequency_penalty: OutputPenalty = Field(0.0, description=FREQUENCY_PENALTY)
     presence_penalty: OutputPenalty = Field(0.0, description="A logit less this once its token is in the output.")
+    logit_bias: dict[str, LogitBias] | None = Field(
+        None, description=f"Token id (a string) -> a bias added to its logit, at most {MAX_LOGIT_BIAS_ENTRIES} of them."
+    )
     seed: Seed | None = None
     stop: StopSequence | StopList | None = None
     n: Choices = Field(
@@ -334,6 +339,18 @@ class OpenAISampling(BaseModel):
 
     def grammar_spec(self) -> GrammarSpec | None:
         return self.response_format.spec() if self.response_format is not None else None
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_entries(cls, value: object) -> object:
+        # before the values are checked one by one: a long map of bad values would be one error each
+        if isinstance(value, dict):
+            if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+                raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries: {len(value)} sent")
+            bad = next((key for key in value if not (isinstance(key, str) and key.isdigit() and len(key) <= 12)), None)
+            if bad is not None:
+                raise ValueError(f'keys are token ids written as strings, e.g. "50256"; got {bad[:24]!r}')
+        return value
 
     @property
     def include_usage(self) -> bool:

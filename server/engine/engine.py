@@ -473,8 +473,7 @@ class Engine:
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
         seen = [
-            torch.tensor(r.ids, device=self.device) if p.repetition_penalty != 1.0 or p.counts_output else None
-            for r, p in zip(rows, params, strict=True)
+            torch.tensor(r.ids, device=self.device) if p.penalized else None for r, p in zip(rows, params, strict=True)
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
         prompt_lens = [len(r.request.prompt_ids) for r in rows]

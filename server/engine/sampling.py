@@ -8,6 +8,7 @@ import torch
 # OpenAI's bound on top_logprobs; every asked-for column costs a host copy per token
 MAX_TOP_LOGPROBS = 20
 MAX_OPENAI_PENALTY = 2.0  # OpenAI's range for frequency_penalty and presence_penalty
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class SamplingParams:
     # presence once it has appeared; 0.0: off
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop sequences, matched on decoded text
     seed: int | None = None  # per-request generator: same output whatever else is in the batch
     ignore_eos: bool = False
@@ -38,6 +40,13 @@ class SamplingParams:
             raise ValueError("temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
         if max(abs(self.frequency_penalty), abs(self.presence_penalty)) > MAX_OPENAI_PENALTY:
             raise ValueError(f"frequency_penalty and presence_penalty must lie in +-{MAX_OPENAI_PENALTY:g}")
+        if not all(math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS for _, bias in self.logit_bias):
+            raise ValueError(f"logit_bias values must lie in +-{MAX_LOGIT_BIAS:g}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether drawing the next token reads the tokens seen so far (a repetition or an output penalty)."""
+        return self.repetition_penalty != 1.0 or self.counts_output
 
     @property
     def counts_output(self) -> bool:
@@ -97,12 +106,11 @@ def final_logprobs(
     logits = logits.float()
     if allowed is not None:
         logits = mask_logits(logits, *allowed)
-    penalized = [(i, ids) for i, (p, ids) in enumerate(zip(params, seen, strict=True))
-                 if ids is not None and (p.repetition_penalty != 1.0 or p.counts_output)]  # fmt: skip
-    if penalized:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
-        rows = torch.tensor([i for i, _ in penalized], device=logits.device)
+    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
+    if adjusted:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
+        rows = torch.tensor(adjusted, device=logits.device)
         lens = prompt_lens or [0] * len(params)
-        rows_logits = [_penalized(logits[i], params[i], ids, lens[i]) for i, ids in penalized]
+        rows_logits = [_adjusted(logits[i], params[i], seen[i], lens[i]) for i in adjusted]
         logits = logits.index_copy(0, rows, torch.stack(rows_logits))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -110,11 +118,17 @@ def final_logprobs(
     return logits.log_softmax(-1)
 
 
-def _penalized(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    # logits: [V]; seen: [N] the prompt's ids, then the output's
-    logits = repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.counts_output:
-        logits = output_penalty(logits, seen[prompt_len:], params.frequency_penalty, params.presence_penalty)
+def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, prompt_len: int) -> torch.Tensor:
+    """One row's logits [V] after its penalties (seen: [N] the prompt's ids, then the output's) and its logit_bias,
+    which OpenAI adds to the logits the model made: after the penalties, before temperature and the filters."""
+    if seen is not None:
+        logits = repetition_penalty(logits, seen, params.repetition_penalty)
+        if params.counts_output:
+            logits = output_penalty(logits, seen[prompt_len:], params.frequency_penalty, params.presence_penalty)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        index = torch.tensor(ids, device=logits.device)
+        logits = logits.index_add(0, index, torch.tensor(biases, device=logits.device, dtype=logits.dtype))
     return logits
 
 

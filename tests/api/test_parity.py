@@ -201,6 +201,28 @@ def test_frequency_and_presence_penalties_reach_the_sampler_on_both_protocols(cl
     assert openai(presence_penalty=2.0) not in (plain, openai(presence_penalty=-2.0))
 
 
+def test_logit_bias_reaches_the_sampler_and_is_bounded(client: TestClient) -> None:
+    """+100 on one token makes a greedy answer that token throughout (its arithmetic is checked against
+    transformers in the engine's tests); keys that are not token ids of the model, values past +-100 and too many
+    entries are 422s naming logit_bias."""
+    z = client.post("/tokenize", json={"prompt": "z", "add_special_tokens": False}).json()["tokens"][0]
+    body = {"model": "llama", "prompt": "ab", "max_tokens": 6, "temperature": 0}
+    answer = client.post("/v1/completions", json={**body, "logit_bias": {str(z): 100}}).json()
+    assert answer["choices"][0]["text"] == "z" * 6
+    chat = {"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    answer = client.post("/v1/chat/completions", json={**chat, "logit_bias": {str(z): 100}}).json()
+    assert answer["choices"][0]["message"]["content"] == "z" * 4
+    for bias, says in (
+        ({"x": 1}, "token ids written as strings"),
+        ({"9" * 5000: 1}, "token ids written as strings"),
+        ({"1": 101}, "logit_bias"),
+        ({str(i): 1 for i in range(2000)}, "at most 1024 entries"),
+        ({"999999": 1}, "not in the vocabulary"),
+    ):
+        error = error_of(client.post("/v1/completions", json={**body, "logit_bias": bias}))
+        assert says in error["message"] and "logit_bias" in error["message"], error
+
+
 def test_n_choices_with_a_seed_equal_the_requests_sent_one_by_one(client: TestClient) -> None:
     payload = chat(n=3, seed=5, temperature=1.0, max_tokens=6)
     answer = client.post("/v1/chat/completions", json=payload).json()

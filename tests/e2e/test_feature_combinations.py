@@ -182,6 +182,8 @@ def openai_combination(rng: random.Random, limits: Limits) -> tuple[str, dict]:
     if rng.random() < 0.3:
         body["frequency_penalty"] = pick(rng, -2.0, 0.0, 1.0, 2.0)
         body["presence_penalty"] = pick(rng, -2.0, 0.0, 0.5, 2.0)
+    if rng.random() < 0.2:
+        body["logit_bias"] = {str(rng.randrange(limits.vocab)): pick(rng, -100, -1.5, 2, 100) for _ in range(3)}
     body["stop"] = pick(rng, None, rng.choice(STOPS), stops(rng))
     body["n"] = pick(rng, 1, 1, 1, 2, 3)
     body["stream"] = rng.random() < 0.4

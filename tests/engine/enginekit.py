@@ -76,9 +76,11 @@ def greedy_log_softmax(
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
     output_penalty: tuple[float, float] = (0.0, 0.0),
+    logit_bias: dict[int, float] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy tokens and the log-softmax [T, V] of every step (after the penalties; output_penalty: OpenAI's
-    (frequency, presence)), from `model.generate` (transformers/PEFT alone)."""
+    (frequency, presence); logit_bias: transformers' sequence_bias of one-token sequences), from `model.generate`
+    (transformers/PEFT alone)."""
     processors = LogitsProcessorList([OutputPenalty(len(prompt), *output_penalty)] if any(output_penalty) else [])
     with torch.no_grad():
         out = model.generate(
@@ -88,6 +90,7 @@ def greedy_log_softmax(
             do_sample=False,
             repetition_penalty=repetition_penalty,
             logits_processor=processors,
+            sequence_bias={(token,): bias for token, bias in logit_bias.items()} if logit_bias else None,
             eos_token_id=None,
             pad_token_id=0,
             output_scores=True,
@@ -107,12 +110,15 @@ def reference_generate(
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
     output_penalty: tuple[float, float] = (0.0, 0.0),
+    logit_bias: dict[int, float] | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
     model = copy.deepcopy(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter.path)
-    tokens, log_softmax = greedy_log_softmax(model, prompt, max_new_tokens, repetition_penalty, output_penalty)
+    tokens, log_softmax = greedy_log_softmax(
+        model, prompt, max_new_tokens, repetition_penalty, output_penalty, logit_bias
+    )
     return tokens, token_logprobs(tokens, log_softmax)
 
 

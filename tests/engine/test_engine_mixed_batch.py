@@ -141,3 +141,29 @@ def test_frequency_and_presence_penalties_match_their_definition_beside_rows_wit
         tokens, logprobs = reference_generate(base, adapter, prompt, NEW_TOKENS, output_penalty=penalty)
         assert sink.tokens(f"r{i}") == tokens, f"row {i} (penalties {penalty})"
         assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_logit_bias_matches_transformers_sequence_bias_beside_rows_without_one(family_setup, tokenizer) -> None:
+    """OpenAI's logit_bias (large and small, positive and negative, with an adapter and with a frequency penalty)
+    beside a row without one: each row gives what transformers' generate gives with that bias (its sequence_bias of
+    one-token sequences) and that penalty."""
+    base, adapters = family_setup("llama")
+    rows = [
+        (adapters[0], {7: 3.0, 11: -2.0}, 0.0),
+        (None, {}, 0.0),
+        (None, {5: 100.0}, 0.0),  # every token it draws
+        (adapters[1], {3: 1.5, 9: 0.5}, 1.0),
+    ]
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    for i, ((adapter, bias, frequency), prompt) in enumerate(zip(rows, prompts(tokenizer, len(rows)), strict=True)):
+        params = greedy(NEW_TOKENS, logit_bias=tuple(sorted(bias.items())), frequency_penalty=frequency)
+        engine.submit(request(prompt, params, adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    assert set(sink.tokens("r2")) == {5}
+    for i, ((adapter, bias, frequency), prompt) in enumerate(zip(rows, prompts(tokenizer, len(rows)), strict=True)):
+        tokens, logprobs = reference_generate(
+            base, adapter, prompt, NEW_TOKENS, output_penalty=(frequency, 0.0), logit_bias=bias
+        )
+        assert sink.tokens(f"r{i}") == tokens, f"row {i} (bias {bias})"
+        assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
