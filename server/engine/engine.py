@@ -473,11 +473,11 @@ class Engine:
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
         seen = [
-            torch.tensor(r.ids, device=self.device) if p.penalized else None for r, p in zip(rows, params, strict=True)
+            (torch.tensor(r.ids, device=self.device), len(r.request.prompt_ids)) if p.penalized else None
+            for r, p in zip(rows, params, strict=True)
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
-        prompt_lens = [len(r.request.prompt_ids) for r in rows]
-        logprobs = final_logprobs(logits, params, seen, allowed, prompt_lens)  # [B, V]
+        logprobs = final_logprobs(logits, params, seen, allowed)  # [B, V]
         tokens = draw(logprobs, params, [r.generator for r in rows])  # [B]
         picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
         asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each

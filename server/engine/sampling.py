@@ -1,5 +1,6 @@
 """Sampling as pure functions on float logits [B, V], batched over rows with per-row parameters."""
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -91,45 +92,52 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+# A row's tokens so far, for its penalties: ([N] ids, the prompt's then the output's; how many are the prompt's)
+Seen = tuple[torch.Tensor, int]
+
+
 def final_logprobs(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    seen: list[torch.Tensor | None],
+    seen: list[Seen | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    prompt_lens: list[int] | None = None,
 ) -> torch.Tensor:
-    """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalties,
-    then (sampled rows) temperature, top-k, top-p."""
-    # logits: [B, V]; seen[i]: token ids already in row i, prompt then output (read where a penalty is on);
-    # prompt_lens[i]: how many of them are the prompt's (None: 0); allowed: (rows [m], mask [m, V] bool) of the
-    # constrained rows
+    """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalties
+    and the logit bias, then (sampled rows) temperature, top-k, top-p."""
+    # logits: [B, V]; seen[i]: row i's tokens so far (read where a penalty is on); allowed: (rows [m], mask [m, V]
+    # bool) of the constrained rows
     logits = logits.float()
     if allowed is not None:
         logits = mask_logits(logits, *allowed)
     adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
     if adjusted:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
         rows = torch.tensor(adjusted, device=logits.device)
-        lens = prompt_lens or [0] * len(params)
-        rows_logits = [_adjusted(logits[i], params[i], seen[i], lens[i]) for i in adjusted]
-        logits = logits.index_copy(0, rows, torch.stack(rows_logits))
+        logits = logits.index_copy(0, rows, torch.stack([_adjusted(logits[i], params[i], seen[i]) for i in adjusted]))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         logits = _filtered(logits, params, sampled)
     return logits.log_softmax(-1)
 
 
-def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, prompt_len: int) -> torch.Tensor:
-    """One row's logits [V] after its penalties (seen: [N] the prompt's ids, then the output's) and its logit_bias,
-    which OpenAI adds to the logits the model made: after the penalties, before temperature and the filters."""
+def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None) -> torch.Tensor:
+    """One row's logits [V] after its penalties and its logit_bias, which OpenAI adds to the logits the model made:
+    after the penalties, before temperature and the filters."""
     if seen is not None:
-        logits = repetition_penalty(logits, seen, params.repetition_penalty)
+        ids, prompt_len = seen
+        logits = repetition_penalty(logits, ids, params.repetition_penalty)
         if params.counts_output:
-            logits = output_penalty(logits, seen[prompt_len:], params.frequency_penalty, params.presence_penalty)
+            logits = output_penalty(logits, ids[prompt_len:], params.frequency_penalty, params.presence_penalty)
     if params.logit_bias:
-        ids, biases = zip(*params.logit_bias, strict=True)
-        index = torch.tensor(ids, device=logits.device)
-        logits = logits.index_add(0, index, torch.tensor(biases, device=logits.device, dtype=logits.dtype))
+        logits = logits.index_add(0, *_bias_tensors(params.logit_bias, logits.device))
     return logits
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_tensors(bias: tuple[tuple[int, float], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A logit_bias's ids [n] and values [n] fp32 on `device`, copied there once per distinct bias, not once per
+    token: a copy from the host waits for the step's forward, which the host otherwise overlaps."""
+    ids, values = zip(*bias, strict=True)
+    return torch.tensor(ids, device=device), torch.tensor(values, device=device, dtype=torch.float32)
 
 
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from adapters.lora import LoraWeights, lora_weights_from_state
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, TokenEvent
-from server.engine.sampling import draw, final_logprobs
+from server.engine.sampling import Seen, draw, final_logprobs
 
 # Four adapters with different ranks, target sets and scaling rules (rsLoRA, rank/alpha patterns).
 ADAPTER_CONFIGS = {
@@ -125,7 +125,7 @@ def reference_generate(
 def sample_batch(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    seen: list[torch.Tensor | None],
+    seen: list[Seen | None],
     generators: list[torch.Generator | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [B] and their logprobs [B] as the engine's sampler picks them from logits [B, V]."""
