@@ -57,6 +57,17 @@ def compiled(grammars: Grammars, spec: GrammarSpec):
     return asyncio.run(grammars.get(spec))
 
 
+def assert_takes(grammar: CompiledGrammar, tokenizer, text: str, refused: str | None = None) -> None:
+    """A fresh matcher of `grammar` takes `text`'s tokens to a finished state, and refuses `refused`'s first token."""
+    matcher = grammar.matcher()
+    for token in tokenizer(text)["input_ids"]:
+        matcher.advance(token)
+    assert matcher.is_finished()
+    if refused is not None:
+        with pytest.raises(ValueError):
+            grammar.matcher().advance(tokenizer(refused)["input_ids"][0])
+
+
 def text_of(sink: Collector, tokenizer, request_id: str) -> str:
     return tokenizer.decode(sink.tokens(request_id), skip_special_tokens=True)
 
@@ -97,13 +108,7 @@ def test_constrained_rows_validate_beside_unconstrained_rows_equal_to_peft(famil
 
 
 def test_json_object_takes_any_object_and_nothing_else(tokenizer, grammars) -> None:
-    any_object = compiled(grammars, JSON_OBJECT)
-    matcher = any_object.matcher()
-    for token in tokenizer('{"a":[1,{"b":null}],"c":"x"}')["input_ids"]:
-        matcher.advance(token)
-    assert matcher.is_finished()
-    with pytest.raises(ValueError):
-        any_object.matcher().advance(tokenizer("[")["input_ids"][0])
+    assert_takes(compiled(grammars, JSON_OBJECT), tokenizer, '{"a":[1,{"b":null}],"c":"x"}', refused="[")
 
 
 @pytest.mark.parametrize("pattern", [r"<\|eos\|>", r"a<\|bos\|>b", r"<\|pad\|><\|eos\|>"])
@@ -294,12 +299,7 @@ def test_slow_grammars_cannot_starve_an_honest_one(tokenizer) -> None:
 
     refused, honest = asyncio.run(send())
     assert all(isinstance(r, InvalidGrammar) and "did not compile within" in str(r) for r in refused), refused
-    matcher = honest.matcher()
-    for token in tokenizer("no, 42 ab cd.")["input_ids"]:
-        matcher.advance(token)
-    assert matcher.is_finished()
-    with pytest.raises(ValueError):
-        honest.matcher().advance(tokenizer("maybe")["input_ids"][0])
+    assert_takes(honest, tokenizer, "no, 42 ab cd.", refused="maybe")
     grammars.close()
 
 
@@ -320,10 +320,7 @@ def test_a_grammar_outgrowing_the_check_memory_is_refused_and_the_next_compiles(
     grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], check_memory_bytes=96 << 20)
     with pytest.raises(InvalidGrammar, match="stopped on it"):
         compiled(grammars, hog)
-    matcher = compiled(grammars, GrammarSpec.regex(PATTERN)).matcher()
-    for token in tokenizer("no, 42 ab cd.")["input_ids"]:
-        matcher.advance(token)
-    assert matcher.is_finished()
+    assert_takes(compiled(grammars, GrammarSpec.regex(PATTERN)), tokenizer, "no, 42 ab cd.")
     grammars.close()
 
     served = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id])
