@@ -670,6 +670,7 @@ async def bench(
                         "adapters_in_use": in_use,
                         "rate": rate,
                         "concurrency": shape.concurrency,
+                        "processes": args.processes,
                         **summarize(results, wall),
                         **cpu_used,
                         "adapter_counters": counters,
@@ -702,10 +703,11 @@ def _progress(point: dict) -> None:
         f"{point['output_tokens_per_s']:.1f} tok/s{verdict}",
         file=sys.stderr,
     )
-    if point["client_cpu_per_s"] > LOADGEN_BUSY:
+    busiest = point["client_cpu_per_s"] / point["processes"]  # its clients are split evenly over them
+    if busiest > LOADGEN_BUSY:
         print(
-            f"WARNING: the load generator kept {point['client_cpu_per_s']:.0%} of a core busy: its own delays are "
-            "in these latencies: split the clients over more --processes",
+            f"WARNING: each load-generating process kept {busiest:.0%} of a core busy: its own delays are in these "
+            "latencies: split the clients over more --processes",
             file=sys.stderr,
         )
     if point["prompt_length_mismatches"]:

@@ -388,6 +388,16 @@ def test_a_process_cpu_time_is_read_from_proc() -> None:
     assert cpu_per_s((1.0, None), (1.5, None), 2.0)["server_cpu_per_s"] is None
 
 
+def test_the_busy_load_generator_warning_is_per_process(capsys: pytest.CaptureFixture[str]) -> None:
+    """1.2 cores over 2 processes is 0.6 each: no warning; over 1 it is past a core's worth of delays."""
+    point = {"workload": "decode", "adapters_in_use": 8, "rate": 0.0, "ok": 1, "requests": 1,
+             "output_tokens_per_s": 1.0, "client_cpu_per_s": 1.2, "prompt_length_mismatches": 0}  # fmt: skip
+    http_load._progress({**point, "processes": 2})
+    assert "WARNING" not in capsys.readouterr().err
+    http_load._progress({**point, "processes": 1})
+    assert "each load-generating process kept 120% of a core busy" in capsys.readouterr().err
+
+
 def test_a_point_split_over_processes_gathers_every_processs_requests() -> None:
     """Three closed-loop clients over two load-generating processes (two and one), against a real local server:
     every request each process sent comes back in one list, and the CPU reported is the processes' own."""
