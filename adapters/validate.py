@@ -25,7 +25,7 @@ from adapters.errors import (
     UnsupportedAdapter,
 )
 from adapters.fingerprint import BaseFingerprint
-from adapters.lora import lora_weights_from_state, split_peft_key
+from adapters.lora import lora_weights_from_state, pattern_value, split_peft_key
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -44,6 +44,22 @@ MAX_JSON_DEPTH = 32  # PEFT's config is 2 levels deep; training metadata a few m
 # metadata tens of KB (it lists the base model's modules)
 MAX_JSON_BYTES = 4 << 20
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")  # ours, linear: never a client's pattern
+# PEFT features that make a layer compute something other than  x + s B A x  on the base model's own layers: an
+# adapter using one, served as a plain LoRA, would answer otherwise than PEFT does with it (its weights can still
+# be ordinary lora_A / lora_B pairs of the right shapes, so the weights' checks do not catch it).
+_UNSERVED_FEATURES = {
+    "use_dora": "DoRA adapters are not supported; train a plain LoRA adapter",
+    "modules_to_save": "it would replace whole base modules per adapter; train without modules_to_save so that "
+    "only LoRA weights change",
+    "trainable_token_indices": "it changes the vocabulary embeddings; adapters must leave them as they are",
+    "lora_bias": "LoRA biases are not supported; train with lora_bias=False",
+    "layer_replication": "PEFT serves this adapter on a model with base layers copied and reordered, not on the "
+    "served base model's layers; train without layer_replication",
+    "alora_invocation_tokens": "activated LoRA applies the adapter only after its invocation tokens appear, and "
+    "the server applies an adapter to every token; train a plain LoRA adapter",
+    "arrow_config": "Arrow routes each token among several adapters, and the server serves one adapter a request; "
+    "upload the task adapters themselves",
+}
 
 
 @dataclass(frozen=True)
@@ -171,19 +187,9 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
     for flag in ("use_rslora", "use_dora", "lora_bias"):  # "false" is a truthy string: no coercion
         if not isinstance(config.get(flag, False), bool):
             raise InvalidAdapterConfig(f"{flag} must be true or false, not {config[flag]!r}")
-    if config.get("use_dora"):
-        raise UnsupportedAdapter("DoRA adapters (use_dora: true) are not supported; train a plain LoRA adapter")
-    if config.get("modules_to_save"):
-        raise UnsupportedAdapter(
-            f"modules_to_save {config['modules_to_save']} would replace whole base modules per adapter; "
-            "train without modules_to_save so that only LoRA weights change"
-        )
-    if config.get("trainable_token_indices"):
-        raise UnsupportedAdapter(
-            "trainable_token_indices changes the vocabulary embeddings; adapters must leave them as they are"
-        )
-    if config.get("lora_bias"):
-        raise UnsupportedAdapter("lora_bias: true is not supported; train with lora_bias=False")
+    for feature, why in _UNSERVED_FEATURES.items():
+        if config.get(feature):
+            raise UnsupportedAdapter(f"{feature} is set: {why}")
     _check_rank("r", config.get("r"))
     _check_alpha("lora_alpha", config.get("lora_alpha", 8))
     for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
@@ -301,6 +307,13 @@ def check_weights(
                 f"module {module!r}: lora_A {tuple(lora.a.shape)} / lora_B {tuple(lora.b.shape)} do not fit "
                 f"its ({in_features} -> {out_features}) shape in the served base model; "
                 "was the adapter trained on another model?"
+            )
+        declared = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        if r != declared:  # PEFT refuses to load it: its layer is built at the declared rank, the scaling from it
+            raise InvalidAdapterWeights(
+                f"module {module!r}: lora_A {tuple(lora.a.shape)} / lora_B {tuple(lora.b.shape)} have rank {r}, "
+                f"and the config declares {declared} for it (r, or its rank_pattern entry), from which PEFT "
+                "builds the layer and its scaling; save the adapter with PEFT's save_pretrained()"
             )
     check_magnitudes(weights)
     if weights.rank > limits.max_rank:

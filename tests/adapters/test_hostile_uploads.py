@@ -120,6 +120,57 @@ def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
     assert weights.modules["model.layers.1.self_attn.q_proj"].scaling == 3 / 2
 
 
+# -- PEFT is the reference: an adapter PEFT would run otherwise than as x + s B A x is refused ----------------
+
+
+def peft_logits(peft_dir: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return PeftModel.from_pretrained(tiny_model(), peft_dir)(torch.tensor([[5, 9, 13, 7, 6, 20]])).logits
+
+
+@pytest.mark.parametrize(
+    "feature",
+    [
+        {"layer_replication": [[0, 1], [0, 1]]},  # PEFT runs layer 0 twice, never the base model's layer 1
+        {"alora_invocation_tokens": [250, 251]},  # PEFT applies it only after these tokens
+    ],
+)
+def test_peft_features_a_plain_lora_does_not_compute_are_refused(
+    client: TestClient, tmp_path: Path, feature: dict
+) -> None:
+    """Real PEFT adapters whose tensors are ordinary lora_A / lora_B pairs of the base model's shapes: served as
+    plain LoRA they answered otherwise than PEFT, which is checked here first."""
+    (name,) = feature
+    bad = make_peft_dir(tmp_path / "bad", **feature)
+    plain = edit_config(copy(bad, tmp_path / "plain"), **{name: None})
+    assert not torch.allclose(peft_logits(bad), peft_logits(plain), atol=1e-3)
+    assert_error(upload(client, bad), 422, "unsupported_adapter", name)
+    assert upload(client, plain, "plain").status_code == 201
+
+
+def test_arrow_routing_is_refused(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), arrow_config={"top_k": 2, "router_temperature": 1.0})
+    assert_error(upload(client, bad), 422, "unsupported_adapter", "arrow_config")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"r": 16}, {"r": 2}, {"rank_pattern": {"v_proj": 8}}, {"rank_pattern": {"model.layers.1.self_attn.q_proj": 2}}],
+)
+def test_tensors_of_another_rank_than_the_config_declares_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict
+) -> None:
+    """PEFT builds each layer at the declared rank (r, or its rank_pattern entry) and refuses these tensors; the
+    server took the tensors' rank and served them with a scaling lora_alpha / r the config never gave (4x with
+    r = 16 declared for rank-4 tensors)."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **config)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(tiny_model(), bad)
+    assert_error(upload(client, bad), 422, "invalid_adapter_weights", "declares")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
 # -- item 11 and 12: every malformed upload is a 4xx ------------------------------------------------------
 
 
