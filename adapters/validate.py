@@ -43,6 +43,12 @@ MAX_JSON_DEPTH = 32  # PEFT's config is 2 levels deep; training metadata a few m
 # json.loads takes ~10x a document's size in memory, holding the GIL: the config is ~1 KB, the training
 # metadata tens of KB (it lists the base model's modules)
 MAX_JSON_BYTES = 4 << 20
+# The training metadata is kept in its version's manifest, in the memory of every server sharing the store, for as
+# long as the version exists, so it is bounded far tighter. `loraplex train` writes ~70 KB (~3,000 values) for a
+# 126-layer model with every projection adapted, ~220 KB once parsed; "{}," repeated takes ~25x its bytes parsed
+# (4 MiB of it held 100 MB per version).
+MAX_TRAINING_BYTES = 256 << 10
+MAX_TRAINING_VALUES = 16_384
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")  # ours, linear: never a client's pattern
 # PEFT features that make a layer compute something other than  x + s B A x  on the base model's own layers: an
 # adapter using one, served as a plain LoRA, would answer otherwise than PEFT does with it (its weights can still
@@ -129,11 +135,12 @@ def _pickle_message(filename: str) -> str:
     )
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> tuple[Any, int]:
+    """The parsed document and how many values it holds (objects, arrays and scalars)."""
     size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
+    if size > max_bytes:
         raise InvalidAdapterConfig(
-            f"{what} takes {size} bytes, over the server's bound of {MAX_JSON_BYTES}; upload the file as written"
+            f"{what} takes {size} bytes, over the server's bound of {max_bytes}; upload the file as written"
         )
     try:
         value = json.loads(path.read_bytes())
@@ -141,37 +148,43 @@ def _read_json(path: Path, what: str) -> Any:
         raise InvalidAdapterConfig(f"{what} is not valid JSON ({exc}); upload the file as written") from exc
     except RecursionError as exc:  # the parser recurses per level: thousands of '[' exhaust the stack
         raise InvalidAdapterConfig(_too_deep(what)) from exc
-    if _depth(value) > MAX_JSON_DEPTH:  # kept in the manifest, whose serializer has its own depth limit
+    depth, values = _shape(value)
+    if depth > MAX_JSON_DEPTH:  # kept in the manifest, whose serializer has its own depth limit
         raise InvalidAdapterConfig(_too_deep(what))
-    return value
+    return value, values
 
 
 def _too_deep(what: str) -> str:
     return f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; PEFT writes flat objects"
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, level = 0, [(value, 1)]
+def _shape(value: Any) -> tuple[int, int]:
+    """Nesting depth and number of values of parsed JSON, without recursion."""
+    deepest, values, level = 0, 0, [(value, 1)]
     while level:
         item, depth = level.pop()
-        deepest = max(deepest, depth)
+        deepest, values = max(deepest, depth), values + 1
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         level.extend((child, depth + 1) for child in children)
-    return deepest
+    return deepest, values
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    config = _read_json(path, CONFIG_FILE)
+    config, _ = _read_json(path, CONFIG_FILE)
     if not isinstance(config, dict):
         raise InvalidAdapterConfig(f"{CONFIG_FILE} must be a JSON object, as PEFT writes it")
     return config
 
 
 def read_training(path: Path) -> dict[str, Any]:
-    training = _read_json(path, "the training metadata")
+    training, values = _read_json(path, "the training metadata", MAX_TRAINING_BYTES)
     if not isinstance(training, dict):
         raise InvalidAdapterConfig("the training metadata must be a JSON object")
+    if values > MAX_TRAINING_VALUES:
+        raise InvalidAdapterConfig(
+            f"the training metadata holds {values} JSON values, over the server's bound of {MAX_TRAINING_VALUES} "
+            "(it is kept in memory with its version); upload the training.json that training wrote"
+        )
     return training
 
 

@@ -147,11 +147,14 @@ async def list_adapters(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
 ) -> dict[str, Any]:
-    """The newest version of each adapter, in name order, with its state. The first page also lists, under
-    `broken`, every stored version that cannot be read: never served, deletable with DELETE."""
+    """The newest version of each adapter, in name order, with its state; its training metadata is shown by
+    GET /v1/adapters/{name} (up to 256 KiB each, a page of them would be built on the event loop). The first page
+    also lists, under `broken`, every stored version that cannot be read: never served, deletable with DELETE."""
     manifests, cursor = registry.store.page(limit, after)
     listing: dict[str, Any] = {
-        "data": [{**_manifest_json(m), "state": registry.state(m.key)} for m in manifests],
+        "data": [
+            {**m.model_dump(mode="json", exclude={"training"}), "state": registry.state(m.key)} for m in manifests
+        ],
         "next": cursor,
     }
     if after is None:

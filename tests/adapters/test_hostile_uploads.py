@@ -171,6 +171,39 @@ def test_tensors_of_another_rank_than_the_config_declares_are_refused(
     assert_nothing_stored(client, tmp_path / "store")
 
 
+# -- training metadata: kept in memory with its version, on every server -----------------------------------
+
+
+def test_training_metadata_is_bounded_by_what_it_costs_in_memory(client: TestClient, peft_dir: Path) -> None:
+    """A version's manifest, training metadata included, lives in the index of every server sharing the store.
+    4 MiB of "{}," (within the bound every JSON file had) held 100 MB per version: 20 uploads took a server's
+    memory up by 2 GB. A training.json as `loraplex train` writes it for a 126-layer model still fits."""
+    modules = {f"model.layers.{i}.mlp.{m}": [16384, 53248] for i in range(126) for m in ("up_proj", "gate_proj")}
+    honest = {"base_model": {"architecture": "LlamaForCausalLM", "modules": modules}, "results": {"steps": 10}}
+    response = client.post("/v1/adapters", data={"name": "trained"}, files=files_of(peft_dir, training=honest))
+    assert response.status_code == 201 and response.json()["training"] == honest
+    for training, match in ({"x": [{}] * 20_000}, "JSON values"), ({"x": "a" * (300 << 10)}, "bytes"):
+        response = client.post("/v1/adapters", data={"name": "bloated"}, files=files_of(peft_dir, training=training))
+        assert_error(response, 422, "invalid_adapter_config", match)
+    assert [m["name"] for m in client.get("/v1/adapters").json()["data"]] == ["trained"]
+
+
+def test_a_listing_page_does_not_carry_training_metadata(client: TestClient, tmp_path: Path) -> None:
+    """A page of up to 1000 adapters is built on the event loop: with their training metadata, 20 of 4 MiB made
+    an 80 MiB answer that stalled every stream 9 s. The listing gives each adapter's origin; the metadata is
+    shown by GET /v1/adapters/{name}."""
+    training = {"notes": "n" * (200 << 10)}
+    for i in range(3):
+        peft = make_peft_dir(tmp_path / f"p{i}", seed=i)
+        assert client.post("/v1/adapters", data={"name": f"t{i}"}, files=files_of(peft, training=training)).is_success
+    listing = client.get("/v1/adapters")
+    assert len(listing.content) < 20_000
+    assert [(m["name"], m["origin"], "training" in m) for m in listing.json()["data"]] == [
+        (f"t{i}", "trained", False) for i in range(3)
+    ]
+    assert client.get("/v1/adapters/t1").json()["training"] == training
+
+
 # -- item 11 and 12: every malformed upload is a 4xx ------------------------------------------------------
 
 

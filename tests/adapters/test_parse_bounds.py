@@ -9,7 +9,7 @@ import pytest
 from peft_dirs import new_store
 
 from adapters import errors, validate
-from adapters.validate import MAX_JSON_BYTES, MAX_TENSORS, AdapterLimits, read_safetensors
+from adapters.validate import MAX_JSON_BYTES, MAX_TENSORS, MAX_TRAINING_BYTES, AdapterLimits, read_safetensors
 
 
 def weights_file(path: Path, header: bytes, data: bytes = b"") -> Path:
@@ -67,18 +67,20 @@ def test_an_upload_with_too_many_tensors_leaves_the_store_as_it_was(tmp_path: Pa
     assert [m.version for m in store.versions("good")] == [1]
 
 
-@pytest.mark.parametrize("name", ["adapter_config.json", "training.json"])
-def test_json_files_over_the_bound_are_refused_unparsed(tmp_path: Path, peft_dir: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "bound"), [("adapter_config.json", MAX_JSON_BYTES), ("training.json", MAX_TRAINING_BYTES)]
+)
+def test_json_files_over_the_bound_are_refused_unparsed(tmp_path: Path, peft_dir: Path, name: str, bound: int) -> None:
     store = new_store(tmp_path / "store", AdapterLimits(max_rank=16, max_bytes=16 << 20))
     bad = Path(shutil.copytree(peft_dir, tmp_path / "bad"))
-    (bad / name).write_bytes(b"[" + b"0," * (MAX_JSON_BYTES // 2) + b"0]")  # valid JSON, 4 MiB of it
+    (bad / name).write_bytes(b"[" + b"0," * (bound // 2) + b"0]")  # valid JSON, just over the bound
     parse = json.loads
 
     def small_only(document: bytes | str) -> object:
-        assert len(document) <= MAX_JSON_BYTES, "a JSON file over the bound was parsed"
+        assert len(document) <= bound, "a JSON file over the bound was parsed"
         return parse(document)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(json, "loads", small_only)
-        with pytest.raises(errors.InvalidAdapterConfig, match=f"over the server's bound of {MAX_JSON_BYTES}"):
+        with pytest.raises(errors.InvalidAdapterConfig, match=f"over the server's bound of {bound}"):
             store.put("bad", bad)
