@@ -25,7 +25,7 @@ from server.api.schemas import (
 )
 from server.api.sse import TGI, sse_response
 from server.engine import SamplingParams, TokenEvent
-from server.inference import Adapter, Generation, Inference, choice_samplings
+from server.inference import Adapter, Generation, Inference, choice_samplings, until_disconnected
 
 DEFAULT_MAX_NEW_TOKENS = 100
 
@@ -158,6 +158,12 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
     return rest()
 
 
+async def _stream(body: TgiRequest, request: Request, inference: Inference) -> StreamingResponse:
+    # Until its first event the stream has no response that could hear the client leave: a client gone while
+    # its request waits in the queue must cancel it, not leave it to run to max_new_tokens for nobody.
+    return sse_response(await until_disconnected(request, lambda: _events(body, inference)), TGI)
+
+
 @router.post("/generate", response_model=TgiResponse)
 async def generate(body: TgiRequest, request: Request, inference: InferenceDep) -> TgiResponse:
     return await _generate(body, request, inference)
@@ -168,8 +174,8 @@ async def generate(body: TgiRequest, request: Request, inference: InferenceDep) 
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "TgiStreamEvent per token"}},
 )
-async def generate_stream(body: TgiRequest, inference: InferenceDep) -> StreamingResponse:
-    return sse_response(await _events(body, inference), TGI)
+async def generate_stream(body: TgiRequest, request: Request, inference: InferenceDep) -> StreamingResponse:
+    return await _stream(body, request, inference)
 
 
 @router.post(
@@ -179,5 +185,5 @@ async def generate_stream(body: TgiRequest, inference: InferenceDep) -> Streamin
 )
 async def compat(body: TgiRequest, request: Request, inference: InferenceDep) -> list[TgiResponse] | StreamingResponse:
     if body.stream:
-        return sse_response(await _events(body, inference), TGI)
+        return await _stream(body, request, inference)
     return [await _generate(body, request, inference)]

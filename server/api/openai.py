@@ -38,7 +38,8 @@ from server.api.schemas import (
 )
 from server.api.sse import OPENAI, sse_response
 from server.engine import SamplingParams, TokenEvent
-from server.inference import Adapter, Generation, Inference, choice_samplings
+from server.grammar import CompiledGrammar
+from server.inference import Adapter, Generation, Inference, choice_samplings, until_disconnected
 from server.runtime import Runtime
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -155,6 +156,20 @@ def _cumulative_logprob(result: Generation) -> float:
     return sum(e.logprob for e in result.tokens if e.logprob is not None)
 
 
+async def _open_streams(
+    request: Request,
+    prompt_ids: list[int],
+    samplings: list[SamplingParams],
+    adapter: Adapter,
+    grammar: CompiledGrammar | None,
+    inference: Inference,
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The choices' streams, opened while listening for the client: choices open one after another, each once
+    the one before has its first token, so with the batch full they wait for rows; until the response starts,
+    nothing else would hear a client that left, and its choices would run to max_tokens for nobody."""
+    return await until_disconnected(request, lambda: inference.open_streams(prompt_ids, samplings, adapter, grammar))
+
+
 async def _choice_chunks(
     events: AsyncIterator[tuple[int, TokenEvent]], count: int, prompt_tokens: int, include_usage: bool
 ) -> AsyncIterator[tuple[int, TokenEvent, OpenAIFinishReason | None, Usage | None]]:
@@ -184,7 +199,7 @@ async def completions(
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await inference.open_streams(prompt_ids, samplings, adapter, grammar)
+        events = await _open_streams(request, prompt_ids, samplings, adapter, grammar, inference)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
             offsets = [0] * body.n
@@ -239,7 +254,7 @@ async def chat_completions(
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await inference.open_streams(prompt_ids, samplings, adapter, grammar)
+        events = await _open_streams(request, prompt_ids, samplings, adapter, grammar, inference)
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
             async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:

@@ -4,6 +4,7 @@ with bounded metrics and a quiet log."""
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -141,3 +142,54 @@ def test_hostile_requests_harm_only_their_senders(keyed_server: tuple[str, Path]
     assert "ghost-" not in metrics and 'adapter="<unknown>",status="404"' in metrics
     text = log.read_text()
     assert "Traceback" not in text and "client disconnected" in text, text[-3000:]
+
+
+def gauges(url: str) -> dict[str, float]:
+    lines = httpx.get(f"{url}/metrics", headers=AUTH).text.splitlines()
+    wanted = ("loraplex_queue_depth ", "loraplex_running_batch_size ")
+    return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(wanted)}
+
+
+async def open_stream_and_wait(url: str, path: str, body: dict) -> asyncio.StreamWriter:
+    """A streaming request sent on a connection of its own, whose answer is never read; closing the writer leaves."""
+    address = urlsplit(url)
+    _, writer = await asyncio.open_connection(address.hostname, address.port)
+    payload = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+    writer.write(f"{head}Authorization: Bearer {KEY}\r\n\r\n".encode() + payload)
+    await writer.drain()
+    return writer
+
+
+def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tuple[str, Path]) -> None:
+    """Clients that leave while their streams wait for rows (n choices open one after another; a full batch
+    queues them): their requests are cancelled, not run to max_tokens for nobody ahead of honest ones."""
+    url, _ = keyed_server
+    many = {"max_tokens": 400, "n": 8, "stream": True, "temperature": 1.0}
+    leaving = [
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **many, "seed": 1}),
+        ("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", **many, "seed": 2}),
+        ("/generate_stream", {"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 400}}),
+    ]
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
+            honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
+            writers = []
+            for queued, (path, body) in enumerate(leaving, 1):  # each waits for a row: a choice, or the stream
+                writers.append(await open_stream_and_wait(url, path, body))
+                while gauges(url)["loraplex_queue_depth"] < queued:
+                    await asyncio.sleep(0.1)
+            for writer in writers:
+                writer.close()
+            together = [answer_of(r) for r in await asyncio.gather(*honest)]
+            return alone, together
+
+    alone, together = asyncio.run(run())
+    assert together == alone
+    # left alone, the choices would hold all 8 rows for minutes (24 x 400 tokens on two cores)
+    deadline = time.monotonic() + 10
+    while (now := gauges(url)) != {"loraplex_queue_depth": 0.0, "loraplex_running_batch_size": 0.0}:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)
