@@ -96,6 +96,7 @@ class AdapterRegistry:
         pin_memory: bool | None = None,
         prepare: Callable[[LoraWeights], LoraWeights] | None = None,
         load_workers: int = 2,
+        lookup_workers: int = 4,
     ) -> None:
         """`on_unload(key)` is called (outside any lock) whenever an adapter leaves the CPU tier, so the
         engine can free its device slot; `pin_memory` defaults to whether CUDA is available; `prepare(weights)`
@@ -111,6 +112,10 @@ class AdapterRegistry:
         self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
         self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        # Lookups of names the index lacks go to the store, a remote one for S3, and any client may name adapters
+        # that exist nowhere: they get threads of their own, so that a flood of them on a slow store waits on
+        # itself, not in the event loop's default pool where every prompt is tokenized.
+        self._lookups = ThreadPoolExecutor(lookup_workers, thread_name_prefix="adapter-lookup")
         # deletes through this server and those found in the shared store take one path: _forget
         store.on_removed(self._forget)
 
@@ -143,7 +148,7 @@ class AdapterRegistry:
         try:
             return self.store.resolve(ref, recheck=False)
         except AdapterNotFound:
-            return await asyncio.to_thread(self.store.resolve, ref)
+            return await asyncio.get_running_loop().run_in_executor(self._lookups, self.store.resolve, ref)
 
     def _entry_locked(self, manifest: Manifest) -> _Entry:
         entry = self._entries.get(manifest.key)
@@ -334,6 +339,7 @@ class AdapterRegistry:
     def close(self) -> None:
         """Stop the load workers, drop the CPU tier and close the store (server shutdown)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._lookups.shutdown(wait=True, cancel_futures=True)
         self.store.close()
         with self._lock:
             unloaded = list(self._cpu)

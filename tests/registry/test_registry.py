@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from peft_dirs import fingerprint, make_peft_dir, new_store
+from peft_dirs import LIMITS, fingerprint, make_peft_dir, new_store
+from s3_server import s3_server
 
 from adapters.errors import AdapterLoadFailed, AdapterNotFound, IncompatibleAdapter, TooManyPinned
 from adapters.fingerprint import BaseFingerprint
@@ -304,3 +305,38 @@ def test_the_refresh_thread_follows_the_store(tmp_path: Path, peft_dir: Path) ->
         time.sleep(0.02)
     assert unloaded == ["a@1"]
     registry.close()
+
+
+def test_lookups_of_names_stored_nowhere_hold_up_no_other_work(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request naming an adapter the index lacks looks it up in the store, a remote one for an S3 store, and
+    any inference client can send names that exist nowhere. On a store slow to list (0.2 s here), 40 such
+    lookups took every thread of the event loop's default pool, where each prompt is tokenized: honest requests
+    waited behind all of them (1.4 s on two cores)."""
+    from adapters.s3store import S3Backend
+
+    with s3_server("lookups") as env:
+        for key, value in env.items():  # read by boto3 itself, as in production
+            monkeypatch.setenv(key, value)
+        store = AdapterStore(S3Backend("s3://lookups/p", tmp_path / "cache", 1 << 30), fingerprint(), LIMITS)
+        store.put("real", peft_dir)
+        store.backend._s3.meta.events.register("before-send.s3.ListObjectsV2", lambda **_: time.sleep(0.2))
+        registry = AdapterRegistry(store, max_cpu_adapters=2)
+
+        async def main() -> float:
+            lookups = [asyncio.create_task(registry.resolve(f"nowhere-{i}")) for i in range(40)]
+            await asyncio.sleep(0.05)  # every lookup has started or is queued
+            started = time.perf_counter()
+            await asyncio.to_thread(int)  # what a prompt's tokenization waits for
+            waited = time.perf_counter() - started
+            assert (await registry.resolve("real")).key == "real@1"  # in the index: no lookup
+            for lookup in lookups:
+                with pytest.raises(AdapterNotFound):
+                    await lookup
+            return waited
+
+        try:
+            assert asyncio.run(main()) < 0.1
+        finally:
+            registry.close()
