@@ -21,11 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from adapters.bounds import check_magnitudes, check_tensors
-from adapters.errors import AdapterLoadFailed, AdapterNotFound
+from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
 from adapters.manifest import Manifest, adapter_key, check_name, parse_ref
@@ -38,6 +35,7 @@ from adapters.validate import (
     adapter_files,
     content_sha256,
     read_config,
+    read_safetensors,
     validate_adapter_dir,
 )
 
@@ -199,10 +197,15 @@ class AdapterStore:
 
     def _read(self, manifest: Manifest, path: Path) -> LoraWeights:
         try:
-            state = load_file(path / WEIGHTS_FILE)
+            # what is stored may have been replaced since (another writer, a hostile store): it is bounded before it
+            # is parsed, as an upload is, and by the size the manifest gives (the bytes that were validated)
+            size = sum((path / file).stat().st_size for file in (CONFIG_FILE, WEIGHTS_FILE))
+            if size > manifest.size_bytes:
+                raise AdapterLoadFailed(f"its files take {size} bytes, over the size its manifest gives")
+            state = read_safetensors(path / WEIGHTS_FILE)
             config = read_config(path / CONFIG_FILE)
             weights = lora_weights_from_state(state, config)
-        except (OSError, SafetensorError, ValueError) as exc:
+        except (OSError, ValueError, AdapterError) as exc:
             raise AdapterLoadFailed(
                 f"adapter {manifest.key} could not be read from {path} ({exc}); delete and upload it again"
             ) from exc

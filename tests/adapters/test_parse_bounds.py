@@ -12,9 +12,13 @@ from adapters import errors, validate
 from adapters.validate import MAX_JSON_BYTES, MAX_TENSORS, MAX_TRAINING_BYTES, AdapterLimits, read_safetensors
 
 
-def weights_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+def weights_bytes(header: bytes, data: bytes = b"") -> bytes:
     header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def weights_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(weights_bytes(header, data))
     return path
 
 

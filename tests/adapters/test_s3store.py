@@ -2,13 +2,16 @@
 deletes and tombstones, the local cache checked against the manifest, and two stores as two servers."""
 
 import itertools
+import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from peft_dirs import LIMITS, fingerprint, make_peft_dir
 from s3_server import s3_server
+from test_parse_bounds import empty_tensors, weights_bytes
 
 from adapters.errors import AdapterLoadFailed, AdapterNotFound
 from adapters.store import AdapterStore
@@ -144,3 +147,27 @@ def test_the_cache_is_bounded_and_checked(url: str, tmp_path: Path, peft_dir: Pa
     )
     with pytest.raises(AdapterLoadFailed, match="sha256"):
         store.read_weights(store.resolve("a0"))
+
+
+@pytest.mark.parametrize(("swap", "match"), [("header", "header takes"), ("size", "the size its manifest gives")])
+def test_what_a_hostile_store_serves_costs_no_more_to_refuse_than_an_upload(
+    url: str, tmp_path: Path, peft_dir: Path, swap: str, match: str
+) -> None:
+    """A version's files are checked against its sha256 once read; what the store served in their place was
+    parsed whole first: 150,000 empty tensors in a header (16 MB) took 4 s of safetensors' work holding the GIL,
+    which every stream waits on, and a file of any size was read into memory. They are bounded as an upload's
+    are, and by the size the manifest gives, before they are parsed."""
+    s3_store(url, tmp_path / "uploader").put("bot", peft_dir)
+    prefix = url.split("/", 3)[3]
+    real = (peft_dir / "adapter_model.safetensors").read_bytes()
+    body = {"header": weights_bytes(empty_tensors(150_000)), "size": real + b"\0" * 64}[swap]
+    client().put_object(Bucket=BUCKET, Key=f"{prefix}/data/bot/1/adapter_model.safetensors", Body=body)
+    if swap == "header":  # and a manifest that gives room for it
+        key = f"{prefix}/manifests/bot/1.json"
+        manifest = json.loads(client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        client().put_object(Bucket=BUCKET, Key=key, Body=json.dumps({**manifest, "size_bytes": 1 << 30}).encode())
+    store = s3_store(url, tmp_path / "cache")  # another server: no copy of its own
+    started = time.perf_counter()
+    with pytest.raises(AdapterLoadFailed, match=match):
+        store.read_weights(store.resolve("bot"))
+    assert time.perf_counter() - started < 1
