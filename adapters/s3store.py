@@ -48,7 +48,6 @@ except ImportError as exc:  # the s3 extra is not installed
 log = logging.getLogger(__name__)
 
 _FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_LOCK_STRIPES = 64
 # 409 ConditionalRequestConflict: another conditional write of the key was in flight; its outcome decides
 _CONFLICT_RETRIES = 20
 
@@ -84,9 +83,11 @@ class S3Backend:
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._cache = _DiskCache(cache_dir / "s3-cache", cache_bytes)
         self._scratch = ScratchSpace(cache_dir)
-        # in this process, index updates of a name take turns (other processes are excluded by the
-        # conditional writes); striped, so the locks stay bounded however many names there are
-        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        # in this process, index updates of a name take turns (other processes are excluded by the conditional
+        # writes). A lock per name, kept while in use (bounded by the names in use, however many are stored): a
+        # publish holds it while the files go to the store, which may be slow, and no other name may wait on that.
+        self._locks_mu = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # name -> (its lock, holders and waiters)
 
     # -- keys ---------------------------------------------------------------------------------------
 
@@ -166,8 +167,19 @@ class S3Backend:
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        with self._locks[hash(name) % _LOCK_STRIPES]:
-            yield
+        with self._locks_mu:
+            lock, users = self._locks.get(name, (threading.Lock(), 0))
+            self._locks[name] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._locks_mu:
+                users = self._locks[name][1] - 1
+                if users:
+                    self._locks[name] = (lock, users)
+                else:
+                    del self._locks[name]
 
     def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
         number = max([0, *self._numbered(f"{self.prefix}claims/{name}/"), *taken]) + 1

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peft_dirs import LIMITS, fingerprint, make_peft_dir
@@ -171,3 +172,29 @@ def test_what_a_hostile_store_serves_costs_no_more_to_refuse_than_an_upload(
     with pytest.raises(AdapterLoadFailed, match=match):
         store.read_weights(store.resolve("bot"))
     assert time.perf_counter() - started < 1
+
+
+def test_a_slow_upload_holds_up_no_other_name(url: str, tmp_path: Path, peft_dir: Path) -> None:
+    """A server's index updates of a name take turns under a lock; the S3 store striped them over 64 locks by
+    hash(name), and a publish holds its lock while the files go to the store, so an upload to a slow store held
+    up every name of its stripe: lookups of them (requests for adapters another server stored) waited for it."""
+    other = next(f"other-{i}" for i in itertools.count() if hash(f"other-{i}") % 64 == hash("slow") % 64)
+    store = s3_store(url, tmp_path / "cache")
+    s3_store(url, tmp_path / "elsewhere").put(other, peft_dir)  # another server's: not in this one's index yet
+    sending = threading.Event()
+
+    def slow_data(request: Any, **_: Any) -> None:
+        if "/data/slow/" in request.url:
+            sending.set()
+            time.sleep(1.0)
+
+    store.backend._s3.meta.events.register("before-send.s3.PutObject", slow_data)
+    upload = threading.Thread(target=store.put, args=("slow", peft_dir))
+    upload.start()
+    assert sending.wait(10)
+    started = time.perf_counter()
+    assert store.resolve(other).key == f"{other}@1"  # looked up in the store
+    waited = time.perf_counter() - started
+    upload.join()
+    assert waited < 0.5 and store.resolve("slow").key == "slow@1"
+    assert store.backend._locks == {}  # a lock lives while its name is in use
