@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
+from server.engine.sampling import device_tensor
 
 
 class TokenConstraint(Protocol):
@@ -41,10 +42,11 @@ class StepMasks:
 
     def allowed(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [m], allowed [m, V] bool) on `device`: the words unpacked bit by bit on the device."""
-        bits = self.bits.to(device)  # [m, W]
+        # from pinned memory, so the host does not wait for the step's forward to end (sampling.device_tensor)
+        bits = (self.bits.pin_memory() if device.type == "cuda" else self.bits).to(device, non_blocking=True)  # [m, W]
         shifts = torch.arange(32, dtype=torch.int32, device=device)
         allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]  # [m, W * 32] -> [m, V]
-        return torch.tensor(self.rows, device=device), allowed
+        return device_tensor(self.rows, device), allowed
 
 
 def fill_masks(constraints: Sequence[TokenConstraint | None], vocab: int) -> StepMasks | None:

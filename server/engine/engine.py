@@ -3,12 +3,15 @@
 Each iteration admits waiting requests into free KV rows (activating their adapter into a slot if needed),
 then runs ONE forward over a flat batch of tokens: the next token of every decoding request and chunks of the
 prompts still prefilling, up to the step's prompt-token budget (batching.py decides, step.py lays it out).
-The forward's tokens are sampled on the device and come back in one copy. What the next step needs of them
-(ids, grammar state, ends by EOS or length) is taken at once; their text (detokenization, stop sequences) and
-events wait until the next step has been launched, so on CUDA that host work overlaps the device's. Requests
-leave the moment they finish or are cancelled, freeing their row; one whose text reaches a stop sequence has
-its token of the step in flight discarded. A request that fails (at admission or in a forward) ends alone;
-the loop goes on.
+The forward's tokens are sampled on the device and come back in one copy. The next step does not wait for that
+copy: its decode tokens are fed from the device (step.py), so it is launched first, and the host takes the last
+step's tokens (ids, grammar state, ends by EOS or length), detokenizes them and sends their events while the
+device runs it. On CUDA the device then never waits for the host between steps. A request whose next draw reads
+what the host has not taken yet (a grammar's mask, a penalty over the tokens so far) makes the engine take the
+last step's tokens before it plans the next one. Requests leave the moment the host sees them finish or they are
+cancelled, freeing their row; a token drawn for a request after its end (its EOS or a stop sequence was still
+on the way) is discarded. Length ends are known ahead and cost nothing. A request that fails (at admission or
+in a forward) ends alone; the loop goes on.
 """
 
 import heapq
@@ -48,7 +51,7 @@ from server.engine.multilora import (
     shrink_groups,
 )
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
-from server.engine.sampling import draw, final_logprobs, top_logprobs
+from server.engine.sampling import device_tensor, draw, final_logprobs, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
@@ -90,9 +93,11 @@ class _Output(NamedTuple):
 
 class _Drawn(NamedTuple):
     """A step's sampling, launched on the device: every row's token and logprob, then the asking rows' top ids
-    and logprobs, flat in one float64 tensor."""
+    and logprobs, flat in one float64 host tensor, on its way from the device until `ready`."""
 
+    rows: list["_Row"]  # the sampled rows, in the order of their draws
     flat: torch.Tensor
+    ready: torch.cuda.Event | None  # None: on the host already
     masks: StepMasks | None
     asking: list[int]  # rows (by position) that asked for top logprobs
     top_n: int  # columns of top logprobs per asking row
@@ -143,6 +148,9 @@ class Engine:
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
         self._pending: list[_Output] = []  # the last step's tokens, delivered once the next step is launched
+        self._in_flight: _Drawn | None = None  # the last step's draws, not taken by the host yet
+        # the last step's drawn tokens on the device, in its sampled rows' order: what the next step feeds
+        self._fed = torch.zeros(config.max_batch_size, dtype=torch.long, device=self.device)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -293,7 +301,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopped or self._waiting or self._rows or self._cancels or self._deactivations):
+                while not (self._stopped or self._waiting or self._rows or self._cancels or self._deactivations
+                           or self._in_flight):  # fmt: skip
                     self._cv.wait()
                 if self._stopped:
                     return
@@ -301,6 +310,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # a fault outside one request's guard: end the running ones, go on
                 log.exception("an engine step failed; its running requests end with an error")
+                self._salvage()
                 self._deliver()
                 for row in list(self._rows.values()):
                     self._finish(row, "error", error=exc)
@@ -311,33 +321,68 @@ class Engine:
                 raise
 
     def step(self) -> bool:
-        """One iteration; True if a forward ran. Tests call it directly, without the thread."""
+        """One iteration; True if it ran a forward or took a step's tokens. Tests call it directly, without the
+        thread."""
         self._apply_commands()
         self._admit()
+        took = False
+        if self._in_flight is not None and not self._can_feed(self._in_flight):
+            self._take_in_flight()
+            took = True
+        drawn = self._in_flight
+        in_flight = {id(r) for r in drawn.rows} if drawn is not None else set()
         decoding: list[_Row] = []
         prefilling: list[tuple[_Row, int]] = []  # (row, prompt tokens not yet in the cache)
         for r in self._rows.values():
             left = len(r.request.prompt_ids) - r.prefilled
+            drawing = id(r) in in_flight
             if left:
                 prefilling.append((r, left))
-            elif r.generated:
-                decoding.append(r)
+            elif (r.generated or drawing) and r.generated + drawing < r.request.sampling.max_new_tokens:
+                decoding.append(r)  # (a token on its way that is the request's last ends it: no step for it)
         budget = self.config.max_prefill_tokens if decoding else self.config.idle_prefill_tokens
         plan = plan_step(decoding, prefilling, budget)
-        if not plan:
-            return False
-        self._guarded([row for row, _ in plan], lambda: self._run(plan))
-        return True
+        if plan:
+            self._guarded([row for row, _ in plan], lambda: self._run(plan))
+            return True
+        if self._in_flight is not None:
+            self._take_in_flight()
+            took = True
+        self._deliver()
+        return took
+
+    def _take_in_flight(self) -> None:
+        drawn, self._in_flight = self._in_flight, None
+        if drawn is not None:
+            self._take(drawn)
+
+    def _salvage(self) -> list[_Row]:
+        """After a failure: take the draws launched before it (they are their requests' tokens) if they can be
+        read. Returns the rows that waited for them, which the caller ends."""
+        waiting = self._in_flight.rows if self._in_flight is not None else []
+        try:
+            self._take_in_flight()
+        except Exception:  # the device itself failed: those rows end with the step's error
+            log.exception("a step's drawn tokens could not be read")
+        return waiting
+
+    def _can_feed(self, drawn: _Drawn) -> bool:
+        """Whether the next step may run before the host has taken `drawn`: no row of it that goes on reads its
+        tokens so far on the host to draw the next one (a grammar's mask, a penalty)."""
+        return not any(r.request.grammar is not None or r.request.sampling.penalized for r in drawn.rows if not r.ended)
 
     def _guarded(self, rows: list[_Row], work: Callable[[], None]) -> None:
         # A failing forward (e.g. out of memory) ends the requests in it, not the engine. The operator hears why
-        # here: a client of a non-streaming route only gets a 500.
+        # here: a client of a non-streaming route only gets a 500. The rows waiting for the last step's draws end
+        # too (a length end needs no step of its own), after those draws if they can be read.
+        before = self._in_flight.rows if self._in_flight is not None else []
         try:
             work()
         except Exception as exc:
             log.exception("an engine step failed; its %d requests end with an error", len(rows))
-            self._deliver()  # the previous step's events first: each request's stay in order
-            for row in rows:
+            waiting = self._salvage()
+            self._deliver()  # the earlier steps' events first: each request's stay in order
+            for row in [*rows, *before, *waiting]:
                 if not row.ended:
                     self._finish(row, "error", error=exc)
 
@@ -354,6 +399,7 @@ class Engine:
                         kept.append((request, sink))
                 self._waiting = kept
         if cancels:
+            self._take_in_flight()  # the tokens already drawn are the cancelled rows' too
             self._deliver()  # a cancelled row's last token event comes before its end
         for request_id in cancels:
             row = self._rows.get(request_id)
@@ -419,15 +465,21 @@ class Engine:
     # ---- forwards -----------------------------------------------------------------------------------
     def _run(self, plan: list[tuple[_Row, int]]) -> None:
         """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token; the
-        previous step's events go out between the launch and the wait for this step's tokens."""
+        last step's tokens are taken and their events go out between this launch and the next."""
         plan = sorted(plan, key=lambda item: item[0].slot)  # stable: each adapter's tokens one run (step.py)
+        previous = self._in_flight
+        feed = {id(r): i for i, r in enumerate(previous.rows)} if previous is not None else {}
         seqs: list[Sequence] = []
         sampled: list[_Row] = []  # the rows whose sequence ends on a new token, in the order of their logits
         chunks: list[tuple[_Row, int]] = []  # prefilling rows and their prompt tokens after this step
         for row, n in plan:
             prompt = row.request.prompt_ids
-            if row.prefilled == len(prompt):  # decoding: its last token
-                seqs.append(Sequence(row.row, row.slot, [row.ids[-1]], len(row.ids) - 1, True))
+            if row.prefilled == len(prompt):  # decoding: its last token, on the host or still on the device
+                fed = feed.get(id(row))
+                if fed is None:
+                    seqs.append(Sequence(row.row, row.slot, [row.ids[-1]], len(row.ids) - 1, True))
+                else:
+                    seqs.append(Sequence(row.row, row.slot, [0], len(row.ids), True, fed))
                 sampled.append(row)
             else:
                 end = row.prefilled + n
@@ -447,19 +499,20 @@ class Engine:
             logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments)
         for row, end in chunks:
             row.prefilled = end
-        drawn = self._launch_sampling(sampled, logits[: len(sampled)]) if sampled else None
-        # On CUDA the step so far was only launched: the previous step's text and events overlap the device.
+        self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)]) if sampled else None
+        # On CUDA the step so far was only launched: taking the last step's tokens, their text and events overlap
+        # the device's work.
+        if previous is not None:
+            self._take(previous)
         self._deliver()
-        if drawn is not None:
-            self._take(sampled, drawn)
-        if not self._rows:  # no next step to overlap this one's with
-            self._deliver()
 
     @torch.inference_mode()
     def _forward(self, tensors: StepTensors, segments: list[Segment] | None) -> torch.Tensor:
         # the step's flat tokens [1, N] -> logits of its sampled tokens [len(sample_index), V]
         self._lora_context.set(tensors.slots, segments)
-        out = self.model(input_ids=tensors.ids, position_ids=tensors.positions, use_cache=False,
+        fed = self._fed[tensors.feed.clamp(min=0)]  # [N]
+        ids = torch.where(tensors.feed >= 0, fed, tensors.ids[0])[None]  # [1, N]
+        out = self.model(input_ids=ids, position_ids=tensors.positions, use_cache=False,
                          logits_to_keep=tensors.sample_index, engine_step=StepContext(self.cache, tensors))  # fmt: skip
         return out.logits[0]
 
@@ -468,28 +521,37 @@ class Engine:
 
     # ---- sampling and finishing ---------------------------------------------------------------------
     def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor) -> _Drawn:
-        # logits: [len(rows), V]; one device -> host copy will bring every row's token, logprob and top logprobs
+        # logits: [len(rows), V]; one device -> host copy brings every row's token, logprob and top logprobs
         # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
         seen = [
-            (torch.tensor(r.ids, device=self.device), len(r.request.prompt_ids)) if p.penalized else None
+            (device_tensor(r.ids, self.device), len(r.request.prompt_ids)) if p.penalized else None
             for r, p in zip(rows, params, strict=True)
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
         logprobs = final_logprobs(logits, params, seen, allowed)  # [B, V]
         tokens = draw(logprobs, params, [r.generator for r in rows])  # [B]
+        self._fed[: len(rows)].copy_(tokens)  # what the next step's decode tokens are, before the host knows
         picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
         asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
         # float64 holds token ids exactly: one flat tensor, one copy
         parts = [tokens.double(), picked.double()]
         if asking:
             parts += [top_ids.double().flatten(), top_values.double().flatten()]
-        return _Drawn(torch.cat(parts), masks, asking, top_ids.shape[-1] if asking else 0)
+        flat = torch.cat(parts).to("cpu", non_blocking=True)  # pinned on CUDA: the copy does not block
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Drawn(rows, flat, ready, masks, asking, top_ids.shape[-1] if asking else 0)
 
-    def _take(self, rows: list[_Row], drawn: _Drawn) -> None:
-        """Wait for the step's tokens and take each one (_take_token)."""
+    def _take(self, drawn: _Drawn) -> None:
+        """Wait for a step's tokens and take each one (_take_token)."""
+        if drawn.ready is not None:
+            drawn.ready.synchronize()
         host = drawn.flat.tolist()
+        rows = drawn.rows
         b, m, n = len(rows), len(drawn.asking), drawn.top_n
         tops: dict[int, Top] = {}
         for j, i in enumerate(drawn.asking):
@@ -499,8 +561,8 @@ class Engine:
             tops[i] = tuple((int(t), v) for t, v in zip(ids[:keep], values[:keep], strict=True))
         failed = drawn.masks.failed if drawn.masks is not None else {}
         for i, row in enumerate(rows):
-            if row.ended:  # by its last token's delivery, after this step was launched (a stop sequence, a
-                continue  # consumer gone, a text fault): this token was computed in vain and never existed
+            if row.ended:  # after this step was launched (EOS or a stop sequence on the way, a consumer gone, a
+                continue  # text fault): this token was computed in vain and never existed
             if i in failed:
                 self._grammar_failed(row, failed[i])
             else:
@@ -608,6 +670,7 @@ class Engine:
             log.warning("request %s: its event could not be delivered", request.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
+        self._salvage()
         self._deliver()
         for row in list(self._rows.values()):
             self._finish(row, "error", error)

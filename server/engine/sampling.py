@@ -92,6 +92,13 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`values` as a tensor on `device`, without waiting for it: a copy from pageable host memory waits until the
+    device's queue (the step's forward) has drained, one from pinned memory does not, so the host goes on."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 # A row's tokens so far, for its penalties: ([N] ids, the prompt's then the output's; how many are the prompt's)
 Seen = tuple[torch.Tensor, int]
 
@@ -111,7 +118,7 @@ def final_logprobs(
         logits = mask_logits(logits, *allowed)
     adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
     if adjusted:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
-        rows = torch.tensor(adjusted, device=logits.device)
+        rows = device_tensor(adjusted, logits.device)
         logits = logits.index_copy(0, rows, torch.stack([_adjusted(logits[i], params[i], seen[i]) for i in adjusted]))
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -137,7 +144,7 @@ def _bias_tensors(bias: tuple[tuple[int, float], ...], device: torch.device) -> 
     """A logit_bias's ids [n] and values [n] fp32 on `device`, copied there once per distinct bias, not once per
     token: a copy from the host waits for the step's forward, which the host otherwise overlaps."""
     ids, values = zip(*bias, strict=True)
-    return torch.tensor(ids, device=device), torch.tensor(values, device=device, dtype=torch.float32)
+    return device_tensor(list(ids), device), device_tensor(list(values), device, torch.float32)
 
 
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -160,11 +167,12 @@ def draw(
     noise = torch.empty(len(sampled), logprobs.shape[-1], device=logprobs.device)  # [n, V]
     unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
     if unseeded:
-        noise[unseeded] = torch.rand(len(unseeded), logprobs.shape[-1], device=logprobs.device)
+        fresh = torch.rand(len(unseeded), logprobs.shape[-1], device=logprobs.device)  # [u, V]
+        noise.index_copy_(0, device_tensor(unseeded, logprobs.device), fresh)
     for j, i in enumerate(sampled):
         if generators[i] is not None:
             noise[j].uniform_(generator=generators[i])
-    index = torch.tensor(sampled, device=logprobs.device)
+    index = device_tensor(sampled, logprobs.device)
     race = logprobs[index] - (-noise.clamp_min(1e-30).log()).log()  # log p - log E
     return tokens.index_copy(0, index, race.argmax(-1))
 
@@ -178,21 +186,21 @@ def top_logprobs(logprobs: torch.Tensor, params: list[SamplingParams]) -> tuple[
         empty = logprobs.new_empty(0, 0)
         return rows, empty.long(), empty
     n = min(max(params[i].top_logprobs for i in rows), logprobs.shape[-1])
-    values, ids = logprobs[torch.tensor(rows, device=logprobs.device)].topk(n, dim=-1)  # [m, N] each
+    values, ids = logprobs[device_tensor(rows, logprobs.device)].topk(n, dim=-1)  # [m, N] each
     return rows, ids, values
 
 
 def _filtered(logits: torch.Tensor, params: list[SamplingParams], sampled: list[int]) -> torch.Tensor:
     """Temperature, top-k and top-p on the sampled rows (greedy rows pass through unchanged)."""
     # logits: [B, V]
-    index = torch.tensor(sampled, device=logits.device)
+    index = device_tensor(sampled, logits.device)
     rows = logits[index]  # [n, V]
-    temperature = torch.tensor([params[i].temperature for i in sampled], device=logits.device)
+    temperature = device_tensor([params[i].temperature for i in sampled], logits.device)
     rows = rows / temperature[:, None]
     if any(params[i].top_k for i in sampled):
         vocab = logits.shape[-1]
         k = [min(params[i].top_k, vocab) or vocab for i in sampled]  # a k beyond the vocabulary keeps all of it
-        rows = top_k_filter(rows, torch.tensor(k, device=logits.device))
+        rows = top_k_filter(rows, device_tensor(k, logits.device))
     if any(params[i].top_p < 1.0 for i in sampled):
-        rows = top_p_filter(rows, torch.tensor([params[i].top_p for i in sampled], device=logits.device))
+        rows = top_p_filter(rows, device_tensor([params[i].top_p for i in sampled], logits.device))
     return logits.index_copy(0, index, rows)

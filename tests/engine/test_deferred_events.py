@@ -1,11 +1,15 @@
-"""A step's text and events go out after the next step's forward is launched: what that must not change."""
+"""A step is launched before the host takes the last step's tokens, and a step's text and events go out after the
+next step's forward is launched: what that must not change."""
 
+import asyncio
 import threading
 
 import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
-from server.engine import EngineStopped, TokenEvent
+from loraplex.synthetic import BYTE_VOCAB
+from server.engine import EngineStopped, SamplingParams, TokenEvent
+from server.grammar import Grammars, GrammarSpec
 
 
 def assert_well_formed(events: list[TokenEvent]) -> None:
@@ -31,6 +35,85 @@ def test_events_go_out_after_the_next_forward_is_launched(family_setup, tokenize
     run_to_end(engine)
     # the last step has no next one to wait for: its event goes out at once
     assert log == ["forward", "forward", "event 0", "forward", "event 1", "event 2"]
+
+
+def logged_steps(engine, log: list[str]) -> None:
+    """Log each forward and each take of a step's tokens by the host, in order."""
+    forward, take = engine._forward, engine._take
+
+    def logged_forward(*args, **kwargs):
+        log.append("forward")
+        return forward(*args, **kwargs)
+
+    def logged_take(drawn):
+        log.append("take")
+        return take(drawn)
+
+    engine._forward, engine._take = logged_forward, logged_take
+
+
+def test_the_next_step_runs_before_the_last_ones_tokens_are_taken(family_setup, tokenizer) -> None:
+    """Decode tokens are fed from the device, so each step is launched before the host waits for the last one's
+    tokens; the last token, known ahead to be the request's last by its length, gets no step of its own."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    log: list[str] = []
+    logged_steps(engine, log)
+    sink = Collector()
+    engine.submit(request([5, 6, 7], greedy(4), adapters[0], "a"), sink)
+    run_to_end(engine)
+    assert log == ["forward", "forward", "take", "forward", "take", "forward", "take", "take"]
+    assert sink.tokens("a") == reference_generate(base, adapters[0], [5, 6, 7], 4)[0]
+    assert sink.finish("a") == "length"
+
+
+@pytest.mark.parametrize("reads_its_tokens", ["penalty", "grammar"])
+def test_a_request_whose_draw_reads_its_tokens_is_taken_before_the_next_step(
+    family_setup, tokenizer, reads_its_tokens
+) -> None:
+    """A penalty counts the tokens so far on the host, a grammar's mask follows them: the host takes each step's
+    tokens before it plans the next, for the row beside it too, which keeps its answer."""
+    base, _ = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    log: list[str] = []
+    logged_steps(engine, log)
+    sink = Collector()
+    reads = request([5, 6, 7], greedy(4, repetition_penalty=1.3), None, "r")
+    if reads_its_tokens == "grammar":
+        grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id])
+        grammar = asyncio.run(grammars.get(GrammarSpec.regex("[a-z]+")))
+        reads = request([5, 6, 7], greedy(4), None, "r")
+        reads.grammar = grammar.matcher()
+    engine.submit(reads, sink)
+    engine.submit(request([5, 6, 8], greedy(4), None, "plain"), sink)
+    run_to_end(engine)
+    assert log[:2] == ["forward", "take"] and ["forward", "forward"] not in [log[i : i + 2] for i in range(len(log))]
+    assert len(sink.tokens("r")) == 4 and sink.finish("plain") == "length"
+    assert sink.tokens("plain") == reference_generate(base, None, [5, 6, 8], 4)[0]
+
+
+def test_a_token_drawn_after_eos_is_discarded_and_its_row_serves_the_next_request(family_setup, tokenizer) -> None:
+    """The step after a request's EOS was launched before the host saw it: that step's token for the request is
+    computed in vain (its K/V written into the row), never shown, and the next request in that row answers as if
+    alone."""
+    base, adapters = family_setup("llama")
+    # a prompt whose third greedy token is new: as EOS it ends the request there
+    prompt, tokens = next(
+        (p, t) for p in ([5, 6, 7], [9, 8], [3, 1, 4, 1], [2, 7, 1, 8], [11, 12])
+        if (t := reference_generate(base, None, p, 3)[0])[2] not in t[:2]
+    )  # fmt: skip
+    engine = make_engine(base, tokenizer, max_batch_size=1)
+    engine.eos_ids = frozenset({tokens[2]})
+    forwards: list[str] = []
+    logged_steps(engine, forwards)
+    sink = Collector()
+    engine.submit(request(prompt, SamplingParams(max_new_tokens=8), None, "eos"), sink)
+    engine.submit(request([9, 3, 4, 2], greedy(5), adapters[1], "next"), sink)
+    run_to_end(engine)
+    assert sink.finish("eos") == "stop" and sink.tokens("eos") == tokens
+    assert sink.tokens("next") == reference_generate(base, adapters[1], [9, 3, 4, 2], 5)[0]
+    # prefill + two decodes, the step in vain, then the next request's prefill and four decodes
+    assert forwards.count("forward") == 4 + 5
 
 
 def test_a_stop_sequence_found_late_discards_the_token_in_flight(family_setup, tokenizer) -> None:

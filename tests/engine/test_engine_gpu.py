@@ -11,6 +11,7 @@ from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
 from loraplex.basemodel import nf4_config
+from server.engine import SamplingParams
 from server.engine.kernels import FusedDecode
 from server.engine.kernels.nf4 import FusedNf4Linear
 
@@ -35,6 +36,30 @@ def test_cuda_graph_decode_matches_peft(family_setup, tokenizer) -> None:
     rows, sink = run_mixed(engine, adapters, prompt, 8)
     for i, adapter in enumerate(rows):
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, [*prompt, 3 + i], 8)[0], f"row {i}"
+
+
+def test_graph_steps_fed_on_the_device_end_and_reuse_rows_as_peft(family_setup, tokenizer) -> None:
+    """Each step is launched before the host reads the last one's tokens: requests of many lengths ending by
+    length or by EOS (a step in vain after it) in a few rows, later ones taking the rows freed, give PEFT's tokens."""
+    cpu_base, adapters = family_setup("llama")
+    base = copy.deepcopy(cpu_base).cuda()
+    engine = make_engine(base, tokenizer, max_batch_size=4, cuda_graphs=True)
+    prompts = [[4 + i, 9, 2 + i % 3] for i in range(10)]
+    runs = [(prompt, adapters[i % len(adapters)] if i % 3 else None, 2 + i % 8) for i, prompt in enumerate(prompts)]
+    references = [reference_generate(base, adapter, prompt, n)[0] for prompt, adapter, n in runs]
+    eos = max(references, key=len)[2]  # the longest request ends by EOS at its third token
+    engine.eos_ids = frozenset({eos})
+    sink = Collector()
+    for i, (prompt, adapter, n) in enumerate(runs):
+        engine.submit(request(prompt, SamplingParams(max_new_tokens=n), adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    ended_by_eos = 0
+    for i, tokens in enumerate(references):
+        expected = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+        ended_by_eos += eos in tokens and len(expected) < len(tokens)
+        assert sink.tokens(f"r{i}") == expected, f"request {i}"
+        assert sink.finish(f"r{i}") == ("stop" if eos in tokens else "length")
+    assert ended_by_eos, "no request ended by EOS before its length"
 
 
 def nf4_tiny_llama(tmp_path, dtype: torch.dtype) -> torch.nn.Module:

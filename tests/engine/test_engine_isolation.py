@@ -106,8 +106,14 @@ def test_step_layout_groups_tokens_by_slot_and_pads_to_the_dummy_row() -> None:
     assert t.query_start.tolist() == [0, 1, 4, 5]
     assert t.seq_rows.tolist() == [0, 2, 1] and t.seq_lens.tolist() == [4, 3, 6]
     assert t.sample_index.tolist() == [0, 4]
+    assert t.feed.tolist() == [-1] * 6  # every id on the host
     copy.deepcopy(t)  # views of one buffer: plain tensors
-    # a narrower step sees as many sequences as it has tokens at most: the attention is sized by them
-    buffer.fill([Sequence(2, 1, [5], 4, True)], width=2)
+    first, contents = buffer.host, buffer.host.clone()
+    # a narrower step sees as many sequences as it has tokens at most: the attention is sized by them; its decode
+    # token is the previous step's second draw, fed on the device
+    buffer.fill([Sequence(2, 1, [0], 4, True, feed=1)], width=2)
     t = buffer.views(buffer.host, 2)
     assert t.query_start.tolist() == [0, 1, 1] and t.seq_rows.tolist() == [2, 9] and t.seq_lens.tolist() == [5, 0]
+    assert t.feed.tolist() == [1, -1]
+    # written in the other host buffer: the first step's may still be on its way to the device
+    assert buffer.host is not first and torch.equal(first, contents)
