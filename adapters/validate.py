@@ -233,6 +233,66 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
                 f"target_modules {unknown} do not exist in the served base model ({base.architecture}); "
                 f"its Linear modules are {known}"
             )
+    excluded = config.get("exclude_modules")
+    if not (excluded is None or isinstance(excluded, str) or _strings(excluded)):
+        raise InvalidAdapterConfig("exclude_modules must be a list of module names or a regex")
+    layers = config.get("layers_to_transform")
+    if not (layers is None or _integer(layers) or (isinstance(layers, list) and all(map(_integer, layers)))):
+        raise InvalidAdapterConfig("layers_to_transform must be a layer index or a list of them")
+    pattern = config.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not (pattern is None or (_strings(patterns) and all(p == "" or _MODULE_PATH.fullmatch(p) for p in patterns))):
+        raise InvalidAdapterConfig(
+            "layers_pattern must be the name (or a list of names) of the module list holding the layers, e.g. "
+            "'layers' (names are not read as regular expressions)"
+        )
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _left_out_by_peft(config: dict[str, Any], module: str) -> str | None:
+    """Why PEFT puts no LoRA layer on `module` under this config (and drops the module's tensors as unexpected
+    keys), or None. PEFT's rule (check_target_module_exists), where it runs no regular expression of the client's:
+    a regex target_modules or exclude_modules is not judged."""
+
+    def named(names: list[str]) -> bool:
+        return any(module == name or module.endswith("." + name) for name in names)
+
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, list) and named(excluded):
+        return "exclude_modules names it"
+    targets = config["target_modules"]
+    if isinstance(targets, str) or module in targets:  # a module named in full takes no layer filter
+        return None
+    if not named(targets):
+        return "target_modules does not name it"
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return None
+    index = _layer_index(module, config.get("layers_pattern"))
+    if index is None or index not in (layers if isinstance(layers, list) else [layers]):
+        return f"layers_to_transform leaves out its layer ({index})"
+    return None
+
+
+def _layer_index(module: str, pattern: str | list[str] | None) -> int | None:
+    """The layer index PEFT reads from a module's name: the first numeric part after one of `pattern`'s names, or
+    after the second part at least with no pattern; it must be followed by another part."""
+    parts = module.split(".")
+    numbered = [i for i in range(1, len(parts) - 1) if parts[i].isascii() and parts[i].isdigit()]
+    if not pattern:
+        return next((int(parts[i]) for i in numbered if i >= 2), None)
+    for name in [pattern] if isinstance(pattern, str) else pattern:
+        found = next((int(parts[i]) for i in numbered if parts[i - 1] == name), None)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_rank(what: str, rank: Any) -> None:
@@ -320,6 +380,13 @@ def check_weights(
                 f"module {module!r}: lora_A {tuple(lora.a.shape)} / lora_B {tuple(lora.b.shape)} do not fit "
                 f"its ({in_features} -> {out_features}) shape in the served base model; "
                 "was the adapter trained on another model?"
+            )
+        left_out = _left_out_by_peft(config, module)
+        if left_out is not None:
+            raise InvalidAdapterWeights(
+                f"module {module!r} has lora_A / lora_B tensors, but {left_out}: PEFT puts no LoRA layer there and "
+                "ignores them, so served they would change the answers; fix the config, or save the adapter with "
+                "PEFT's save_pretrained()"
             )
         declared = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
         if r != declared:  # PEFT refuses to load it: its layer is built at the declared rank, the scaling from it

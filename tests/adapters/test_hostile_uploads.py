@@ -148,6 +148,34 @@ def test_peft_features_a_plain_lora_does_not_compute_are_refused(
     assert upload(client, plain, "plain").status_code == 201
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["q_proj"]},
+        {"exclude_modules": ["v_proj"]},
+        {"layers_to_transform": [1]},
+        {"layers_to_transform": 0, "layers_pattern": "layers"},
+    ],
+)
+def test_tensors_of_modules_the_config_leaves_out_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict
+) -> None:
+    """PEFT puts LoRA layers only where the config says (target_modules, exclude_modules, layers_to_transform) and
+    drops the other tensors as unexpected keys; the server served every pair in the file, answering otherwise."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **config)
+    assert not torch.allclose(peft_logits(bad), peft_logits(peft_dir), atol=1e-3)
+    assert_error(upload(client, bad), 422, "invalid_adapter_weights", "PEFT puts no LoRA layer there")
+    assert_nothing_stored(client, tmp_path / "store")
+    # the same settings given to PEFT itself save only what it adapts: stored, and served as PEFT runs it
+    made = make_peft_dir(tmp_path / "made", **{"target_modules": ["q_proj", "v_proj"], **config})
+    assert upload(client, made, "made").status_code == 201
+
+
+def test_a_layers_pattern_is_a_name_not_a_regex(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), layers_to_transform=[0], layers_pattern="lay(e)+rs")
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", "not read as regular expressions")
+
+
 def test_arrow_routing_is_refused(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
     bad = edit_config(copy(peft_dir, tmp_path / "bad"), arrow_config={"top_k": 2, "router_temperature": 1.0})
     assert_error(upload(client, bad), 422, "unsupported_adapter", "arrow_config")
