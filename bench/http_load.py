@@ -385,15 +385,18 @@ async def run_point_in(pool: ProcessPoolExecutor, processes: int, job: PointJob)
 
 
 async def warm_up(client: httpx.AsyncClient, workload: Workload, count: int, concurrency: int) -> None:
-    """`count` unrecorded requests of the workload: first-time costs (kernel compilation for new shapes,
-    adapter loads) stay out of the first point."""
+    """Unrecorded requests, one for each adapter in use and `count` of the workload: first-time costs (kernel
+    compilation for new shapes, each adapter's load from the store) stay out of the first point. A count below the
+    adapters in use had left loads from disk in it: at 32 adapters and 16 warm-up requests, 20 loads at 3 server
+    cores in a goodput search's first point, whose miss then ended the search below the rate the server held."""
     slots = asyncio.Semaphore(concurrency)
 
-    async def one() -> Result:
+    async def one(item: Planned) -> Result:
         async with slots:
-            return await send(client, workload.next())
+            return await send(client, item)
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    items = [replace(workload.next(), adapter=adapter) for adapter in workload.adapters]
+    await asyncio.gather(*(one(item) for item in [*items, *(workload.next() for _ in range(count))]))
 
 
 # ---- statistics -------------------------------------------------------------------------------------------

@@ -388,6 +388,21 @@ def test_a_process_cpu_time_is_read_from_proc() -> None:
     assert cpu_per_s((1.0, None), (1.5, None), 2.0)["server_cpu_per_s"] is None
 
 
+def test_the_warm_up_sends_to_every_adapter_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each adapter's first load stays out of the points, however few warm-up requests are asked for."""
+    sent: list[str | None] = []
+
+    async def record(client: httpx.AsyncClient, item: Planned) -> Result:
+        sent.append(item.adapter)
+        return Result(200, 0.0)
+
+    monkeypatch.setattr(http_load, "send", record)
+    adapters: list[str | None] = [f"a{i}" for i in range(32)]
+    workload = Workload(random.Random(0), adapters, 1.2, (4, 8), (2, 2))  # Zipf: 2 draws rarely reach a31
+    asyncio.run(http_load.warm_up(_client(), workload, 2, 8))
+    assert len(sent) == 34 and set(sent) == set(adapters)
+
+
 def test_the_busy_load_generator_warning_is_per_process(capsys: pytest.CaptureFixture[str]) -> None:
     """1.2 cores over 2 processes is 0.6 each: no warning; over 1 it is past a core's worth of delays."""
     point = {"workload": "decode", "adapters_in_use": 8, "rate": 0.0, "ok": 1, "requests": 1,
