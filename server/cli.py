@@ -143,13 +143,14 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from server.api.connections import DeadlineH11Protocol
     from server.app import create_app
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT))
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level, http=DeadlineH11Protocol))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
     return app.state.exit_code

@@ -1,0 +1,61 @@
+"""Deadlines on connections that uvicorn does not keep: every request is served on h11 through this protocol.
+
+uvicorn closes a connection idle between requests after its keep-alive timeout, but keeps forever one whose
+client sent part of a request head and then nothing more (slowloris), and one whose client stopped reading
+its response (a stream nobody reads holds its whole answer in memory, and its connection, after the request
+has ended). Each held connection is a file descriptor: hundreds of them and the process cannot accept an
+honest client, nor open a file. Here a head must arrive whole within HEAD_TIMEOUT_S (hyper's default, as TGI
+serves), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's send_timeout) is dropped:
+the route hears the client leave, which cancels its request."""
+
+import asyncio
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+HEAD_TIMEOUT_S = 30.0
+STALL_TIMEOUT_S = 60.0
+
+
+class DeadlineH11Protocol(H11Protocol):
+    head_timeout_s = HEAD_TIMEOUT_S
+    stall_timeout_s = STALL_TIMEOUT_S
+    _head_timer: asyncio.TimerHandle | None = None
+    _stall_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():  # kept alive: the next head has its own deadline
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._head_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            # abort, not close: close waits to flush a buffer that this client will never read
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _await_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        # IDLE: no whole head since the deadline was set (a request under way has moved h11 past IDLE)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()

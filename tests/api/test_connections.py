@@ -1,0 +1,128 @@
+"""Connection deadlines on a real uvicorn server over real sockets (a tiny model, deadlines of a second): a
+client that never finishes its request head, or stops reading its stream, loses its connection, while honest
+streams on the same server run longer than either deadline and keep their answers."""
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
+from server.api.connections import DeadlineH11Protocol
+from server.app import create_app
+
+DEADLINE_S = 1.0
+
+
+class ShortDeadlines(DeadlineH11Protocol):
+    head_timeout_s = DEADLINE_S
+    stall_timeout_s = DEADLINE_S
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("connections")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=512, max_batch_size=4)
+    listening = socket.socket()
+    # a send buffer of a few KiB (as a slow network has): a client that stops reading stalls the server's writes
+    # within kilobytes, not the megabytes loopback would buffer
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listening.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(create_app(settings, base=base), log_config=None, http=ShortDeadlines)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    deadline = time.monotonic() + 60
+    while not server.started or httpx.get(f"{url}/ready").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield url
+    server.should_exit = True
+    thread.join()
+
+
+def connect(url: str, first_bytes: bytes, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if receive_buffer is not None:  # before connecting: the window the server may fill
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(first_bytes)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before it ended the connection, or None if it has not ended it within `seconds`."""
+    sock.settimeout(0.2)
+    received = bytearray()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if not (chunk := sock.recv(1 << 16)):
+                return bytes(received)
+            received += chunk
+        except ConnectionResetError:
+            return bytes(received)
+        except TimeoutError:
+            pass
+    return None
+
+
+HONEST = {"inputs": "hello", "parameters": {"max_new_tokens": 200, "top_n_tokens": 5}}
+
+
+async def honest_stream(url: str) -> tuple[list[str], float]:
+    """A stream read slowly but steadily, for longer than the deadlines: its events, and how long it took."""
+    start = time.monotonic()
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", f"{url}/generate_stream", json=HONEST) as r,
+    ):
+        assert r.status_code == 200
+        lines = []
+        async for line in r.aiter_lines():
+            if line.startswith("data:"):
+                lines.append(json.loads(line.removeprefix("data:"))["token"]["id"])
+                await asyncio.sleep(0.01)
+    return lines, time.monotonic() - start
+
+
+def test_a_request_head_that_never_ends_loses_its_connection(url: str) -> None:
+    alone, _ = asyncio.run(honest_stream(url))
+    partial = [connect(url, b"POST /generate HTTP/1.1\r\nHost: x\r\n") for _ in range(20)]
+    # a kept-alive connection whose second head stops halfway
+    kept = connect(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\n")
+    together, took = asyncio.run(honest_stream(url))
+    assert together == alone and took > DEADLINE_S
+    for sock in [*partial, kept]:
+        with contextlib.closing(sock):
+            assert read_until_closed(sock, 5 * DEADLINE_S) is not None
+
+
+def test_a_stream_nobody_reads_loses_its_connection(url: str) -> None:
+    alone, _ = asyncio.run(honest_stream(url))
+    # no EOS (id 2, tests/tiny.py): 500 tokens, each with 20 alternatives
+    never_ends = {"model": "", "prompt": "hello", "max_tokens": 500, "logprobs": 20, "logit_bias": {"2": -100}}
+    body = json.dumps({**never_ends, "stream": True}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    unread = [connect(url, f"{head}\r\n\r\n".encode() + body, receive_buffer=4096) for _ in range(4)]
+    together, took = asyncio.run(honest_stream(url))
+    assert together == alone and took > DEADLINE_S
+    time.sleep(2 * DEADLINE_S)  # unread for longer than the deadline: the server has dropped it, unfinished
+    for sock in unread:
+        with contextlib.closing(sock):
+            received = read_until_closed(sock, 5 * DEADLINE_S)
+            assert received is not None and received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in received
