@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from adapters.bounds import all_finite
 from adapters.lora import LoraModule, LoraWeights
 from server.engine.errors import AdapterNotFinite
 from server.engine.step import Segment
@@ -174,7 +175,7 @@ def pack_lora(lora: LoraWeights, layout: LoraLayout, dtype: torch.dtype, pin: bo
         b[: module.rank, b0 : b0 + module.b.shape[0]] = module.b.T * module.scaling
     # Checked where it matters, after scaling and the cast to the serving dtype (3e38 is finite in fp32, not
     # in bf16): the store validates uploads too, but a slot must never hold what could poison a forward.
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    if not (all_finite(a) and all_finite(b)):
         raise AdapterNotFinite(f"the adapter's weights are not finite once scaled and cast to {dtype}")
     return PackedLora(a, b)
 
