@@ -75,6 +75,7 @@ class Planned:
     prompt: str
     max_new_tokens: int
     prompt_tokens: int  # the length the prompt was built to, in the served model's tokens
+    temperature: float = 0.0  # 0: greedy
 
 
 @dataclass
@@ -220,12 +221,14 @@ class Workload:
     prompt_len: tuple[int, int]
     output_len: tuple[int, int]
     prompts: Prompts = field(default_factory=BytePrompts)
+    temperature: float = 0.0  # of every request; 0: greedy
 
     def next(self, at: float = 0.0) -> Planned:
         weights = adapter_weights(len(self.adapters), self.zipf)
         length = self.rng.randint(*self.prompt_len)
         adapter = self.rng.choices(self.adapters, weights)[0]
-        return Planned(at, adapter, self.prompts.make(self.rng, length), self.rng.randint(*self.output_len), length)
+        prompt, new_tokens = self.prompts.make(self.rng, length), self.rng.randint(*self.output_len)
+        return Planned(at, adapter, prompt, new_tokens, length, self.temperature)
 
     def poisson(self, rate: float, duration: float) -> list[Planned]:
         """Arrivals at `rate` requests/s over `duration` seconds."""
@@ -241,10 +244,10 @@ class Workload:
 async def send(client: httpx.AsyncClient, item: Planned, arrived: float | None = None) -> Result:
     """POST /generate_stream and time every SSE token event. `arrived`: when an open-loop request was due;
     TTFT and latency count from then, so time spent waiting for a free client is not hidden."""
-    body = {
-        "inputs": item.prompt,
-        "parameters": {"adapter_id": item.adapter, "max_new_tokens": item.max_new_tokens, "details": True},
-    }
+    parameters = {"adapter_id": item.adapter, "max_new_tokens": item.max_new_tokens, "details": True}
+    if item.temperature:
+        parameters |= {"do_sample": True, "temperature": item.temperature}
+    body = {"inputs": item.prompt, "parameters": parameters}
     result = Result(
         status=0,
         started=time.perf_counter() if arrived is None else arrived,
@@ -652,7 +655,9 @@ async def bench(
                 if in_use > len(names):
                     raise SystemExit(f"--adapters-in-use {in_use} but only {len(names)} adapters are available")
                 adapters: list[str | None] = list(names[:in_use]) if in_use else [None]
-                workload = Workload(rng, adapters, args.zipf, shape.prompt_len, shape.output_len, prompts)
+                workload = Workload(
+                    rng, adapters, args.zipf, shape.prompt_len, shape.output_len, prompts, args.temperature
+                )
                 if args.warmup:
                     await warm_up(client, workload, args.warmup, shape.concurrency)
                 verdicts: list[tuple[float, bool]] = []
@@ -830,6 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per point")
     parser.add_argument("--warmup", type=int, default=0, help="unrecorded requests before each workload's points")
     parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity exponent; 0: uniform")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="every request samples at this temperature (as most traffic does); 0: greedy",
+    )
     parser.add_argument("--prompt-len", type=parse_range, help="tokens, N or MIN:MAX (default: the workload's)")
     parser.add_argument("--output-len", type=parse_range, help="max_new_tokens, N or MIN:MAX (default: the workload's)")
     parser.add_argument(

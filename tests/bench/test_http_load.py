@@ -403,6 +403,27 @@ def test_the_warm_up_sends_to_every_adapter_in_use(monkeypatch: pytest.MonkeyPat
     assert len(sent) == 34 and set(sent) == set(adapters)
 
 
+def test_a_sampled_workload_asks_the_server_to_sample() -> None:
+    """--temperature reaches each request as TGI's do_sample and temperature; a greedy workload sends neither."""
+    bodies: list[dict] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        details = {"finish_reason": "length", "prompt_tokens": 2, "generated_tokens": 1, "seed": None}
+        event = {"token": {"id": 1, "text": "x"}, "generated_text": "x", "details": details}
+        return httpx.Response(200, content=f"data: {json.dumps(event)}\n\n".encode())
+
+    async def one(temperature: float) -> Result:
+        workload = Workload(random.Random(0), ["a"], 0.0, (2, 2), (1, 1), temperature=temperature)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://test") as client:
+            return await send(client, workload.next())
+
+    assert asyncio.run(one(0.7)).tokens == 1 and asyncio.run(one(0.0)).tokens == 1
+    sampled, greedy = (body["parameters"] for body in bodies)
+    assert sampled["do_sample"] is True and sampled["temperature"] == 0.7
+    assert "do_sample" not in greedy and "temperature" not in greedy
+
+
 def test_the_busy_load_generator_warning_is_per_process(capsys: pytest.CaptureFixture[str]) -> None:
     """1.2 cores over 2 processes is 0.6 each: no warning; over 1 it is past a core's worth of delays."""
     point = {"workload": "decode", "adapters_in_use": 8, "rate": 0.0, "ok": 1, "requests": 1,
