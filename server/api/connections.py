@@ -10,7 +10,6 @@ the route hears the client leave, which cancels its request."""
 
 import asyncio
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEAD_TIMEOUT_S = 30.0
@@ -56,6 +55,7 @@ class DeadlineH11Protocol(H11Protocol):
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
 
     def _head_overdue(self) -> None:
-        # IDLE: no whole head since the deadline was set (a request under way has moved h11 past IDLE)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        # No request under way: no whole head since the deadline was set (a head starts a cycle, complete only once
+        # its answer went out, which sets a new deadline), or the rest of a body whose answer went out (a 413).
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()

@@ -3,6 +3,7 @@ any dependency runs, so the key check and the body limit cannot be dependencies:
 valid key gets its 401 before one byte of its body is read, and a body over the limit gets its 413 as soon
 as it passes the limit, never buffered whole."""
 
+import asyncio
 from collections.abc import Collection
 
 from starlette.datastructures import Headers
@@ -17,6 +18,18 @@ from server.api.errors import error_response
 class RequestTooLarge(LoraplexError):
     http_status = 413
     code = "request_too_large"
+
+
+class RequestTimeout(LoraplexError):
+    http_status = 408
+    code = "request_timeout"
+    # the rest of a body that stalled is never read: the connection ends
+    headers = {"Connection": "close"}  # noqa: RUF012 - read-only class constant
+
+
+# A JSON body (at most --max-request-mb) arrives whole within this: one sent a byte at a time, or shorter than its
+# Content-Length, would hold its connection for as long as its client likes
+BODY_TIMEOUT_S = 60.0
 
 
 class RequestGuard:
@@ -55,17 +68,24 @@ class RequestGuard:
             raise self._too_large()
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # the app sees it, and ends
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                raise self._too_large()
-            if not message.get("more_body", False):
-                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                break
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":  # the app sees it, and ends
+                        break
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_bytes:
+                        raise self._too_large()
+                    if not message.get("more_body", False):
+                        message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                        break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({size} bytes came): send it whole, "
+                "with a Content-Length that matches it"
+            ) from None
         pending: list[Message] = [message]
 
         async def replayed() -> Message:

@@ -18,6 +18,7 @@ import uvicorn
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
+from server.api import guard
 from server.api.connections import DeadlineH11Protocol
 from server.app import create_app
 
@@ -126,3 +127,39 @@ def test_a_stream_nobody_reads_loses_its_connection(url: str) -> None:
         with contextlib.closing(sock):
             received = read_until_closed(sock, 5 * DEADLINE_S)
             assert received is not None and received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in received
+
+
+def trickle(socks: list[socket.socket], stop: threading.Event) -> None:
+    """One byte of body at a time on each, each well within any wait between reads, until the server ends it."""
+    while not stop.wait(DEADLINE_S / 4):
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.sendall(b" ")
+
+
+def test_a_body_that_never_ends_loses_its_connection(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard, "BODY_TIMEOUT_S", DEADLINE_S)
+    alone, _ = asyncio.run(honest_stream(url))
+    head = "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    stalled = [
+        connect(url, f"{head}Content-Length: 1000\r\n\r\n".encode() + b'{"inputs": "hi"}'),  # shorter than said
+        connect(url, f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b'10\r\n{"inputs": "hi"}\r\n'),  # no end
+        connect(url, f"{head}Content-Length: 100000\r\n\r\n".encode() + b'{"inputs": "'),  # trickled
+    ]
+    # refused at once (413), then trickled: the rest of its body is never read
+    refused = connect(url, f"{head}Content-Length: {100 << 20}\r\n\r\n".encode())
+    stop = threading.Event()
+    trickler = threading.Thread(target=trickle, args=([stalled[-1], refused], stop))
+    trickler.start()
+    together, took = asyncio.run(honest_stream(url))
+    assert together == alone and took > DEADLINE_S
+    answers = []
+    for sock in [*stalled, refused]:
+        with contextlib.closing(sock):
+            received = read_until_closed(sock, 5 * DEADLINE_S)
+            assert received is not None
+            head_bytes, _, body = received.partition(b"\r\n\r\n")
+            answers.append((head_bytes.split()[1], json.loads(body)["error"]["code"]))
+    stop.set()
+    trickler.join()
+    assert answers == [(b"408", "request_timeout")] * len(stalled) + [(b"413", "request_too_large")]
