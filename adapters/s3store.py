@@ -34,7 +34,7 @@ from typing import Any
 from adapters.errors import AdapterLoadFailed, AdapterNotFound, AdapterStoreUnavailable
 from adapters.localstore import ScratchSpace
 from adapters.manifest import Manifest
-from adapters.store import Broken, BrokenVersion, Versions
+from adapters.store import MAX_MANIFEST_BYTES, Broken, BrokenVersion, Versions
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 
 try:
@@ -151,7 +151,10 @@ class S3Backend:
             try:
                 with _answers(f"read the manifest of {name}@{number}"):
                     body = self._s3.get_object(Bucket=self.bucket, Key=self._manifest_key(name, number))["Body"]
-                manifest = Manifest.model_validate_json(body.read())
+                    text = body.read(MAX_MANIFEST_BYTES + 1)  # what the store sends is read only so far
+                if len(text) > MAX_MANIFEST_BYTES:
+                    raise ValueError(f"it takes over {MAX_MANIFEST_BYTES} bytes, more than a manifest can")
+                manifest = Manifest.model_validate_json(text)
                 if (manifest.name, manifest.version) != (name, number):
                     raise ValueError(f"the manifest says {manifest.key}")
             except ClientError as exc:  # deleted since the listing
@@ -224,8 +227,16 @@ class S3Backend:
         try:
             with _answers(f"read {manifest.key}"):
                 self._s3.head_object(Bucket=self.bucket, Key=self._manifest_key(manifest.name, manifest.version))
-                for file in _FILES:
-                    key = self._data_key(manifest.name, manifest.version, file)
+                keys = [self._data_key(manifest.name, manifest.version, file) for file in _FILES]
+                # the files are those that were validated, whose size the manifest gives: larger ones are not
+                # fetched (onto this server's disk) to be refused once there
+                size = sum(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"] for key in keys)
+                if size > manifest.size_bytes:
+                    raise AdapterLoadFailed(
+                        f"adapter {manifest.key}'s files in the store take {size} bytes, over the size its manifest "
+                        "gives: they were changed after it was stored; delete it and upload it again"
+                    )
+                for file, key in zip(_FILES, keys, strict=True):
                     self._s3.download_file(self.bucket, key, str(dest / file))
         except ClientError as exc:
             if _status(exc) != 404:

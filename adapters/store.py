@@ -42,6 +42,9 @@ from adapters.validate import (
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+# A manifest is its fingerprint (~100 bytes a targeted module) and training metadata (validate.MAX_TRAINING_BYTES):
+# well under 4 MiB. A store read from afar (S3) is read no further than this.
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,30 @@ def test_a_slow_upload_holds_up_no_other_name(url: str, tmp_path: Path, peft_dir
     upload.join()
     assert waited < 0.5 and store.resolve("slow").key == "slow@1"
     assert store.backend._locks == {}  # a lock lives while its name is in use
+
+
+def test_a_hostile_store_is_read_no_further_than_a_version_can_take(url: str, tmp_path: Path, peft_dir: Path) -> None:
+    """What the store sends was read whole: a manifest of any size into memory (a valid one of 20 MiB was even
+    served), and files of any size onto this server's disk, to be refused once there. Now a manifest is read up to
+    its bound and the files are not fetched when the store lists them larger than the manifest gives."""
+    uploader = s3_store(url, tmp_path / "uploader")
+    uploader.put("bot", peft_dir)
+    uploader.put("big", make_peft_dir(tmp_path / "big", seed=1))
+    prefix = url.split("/", 3)[3]
+    key = f"{prefix}/manifests/big/1.json"
+    manifest = json.loads(client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    bloated = {**manifest, "training": {"notes": "n" * (20 << 20)}}
+    client().put_object(Bucket=BUCKET, Key=key, Body=json.dumps(bloated).encode())
+    real = (peft_dir / "adapter_model.safetensors").read_bytes()
+    client().put_object(
+        Bucket=BUCKET, Key=f"{prefix}/data/bot/1/adapter_model.safetensors", Body=real + b"\0" * (8 << 20)
+    )
+
+    store = s3_store(url, tmp_path / "cache")  # another server: no copy of its own
+    (broken,) = store.broken()
+    assert broken.key == "big@1" and "more than a manifest can" in broken.error
+    fetched: list[str] = []
+    store.backend._s3.meta.events.register("before-send.s3.GetObject", lambda request, **_: fetched.append(request.url))
+    with pytest.raises(AdapterLoadFailed, match="over the size its manifest gives"):
+        store.read_weights(store.resolve("bot"))
+    assert not [u for u in fetched if "/data/bot/" in u]
