@@ -7,6 +7,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 Decode = Callable[[list[int]], str]
 
+# Tokens past the read offset that may wait for their text: a UTF-8 character spans at most 4 bytes, so more make a
+# run of undecodable bytes or of special tokens, which settles (_settle) so that the window stays short
+MAX_PENDING = 8
+
 
 def window_decoder(tokenizer: PreTrainedTokenizerBase) -> Decode:
     """`tokenizer.decode(ids, skip_special_tokens=True)` as one function: the Rust tokenizer's own decode when that
@@ -43,10 +47,27 @@ class TextStream:
     def _decode_new(self) -> str:
         prefix = self._decode(self._ids[self._prefix : self._read])
         full = self._decode(self._ids[self._prefix :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return full[len(prefix) :]
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return full[len(prefix) :]
+        if len(self._ids) - self._read > MAX_PENDING:
+            return self._settle(prefix, full)
+        return ""
+
+    def _settle(self, prefix: str, full: str) -> str:
+        """The text of the tokens waiting past the read offset up to the last cut whose text is final. Without this,
+        a run of tokens that add no text (undecodable bytes, special tokens; a client may force them by logit_bias)
+        would have every token decode the whole run, twice: quadratic work on the engine thread. Only the last
+        character of `full` may still change (an incomplete one is a single U+FFFD at its end); every byte before it
+        shows as the decode of the whole output shows it. A cut within a character spread over tokens without text
+        has no final text: the first waiting token goes alone then, which still keeps the window short."""
+        final = full[:-1] if full.endswith("\ufffd") else full
+        for cut in range(len(self._ids) - 1, self._read, -1):
+            text = self._decode(self._ids[self._prefix : cut])
+            if final.startswith(text):
+                break
+        self._prefix, self._read = self._read, cut
+        return text[len(prefix) :]
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """(text delta, whether a stop sequence was hit). After a hit the delta ends before the stop text."""

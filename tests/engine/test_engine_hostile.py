@@ -1,0 +1,51 @@
+"""Hostile requests beside honest ones: what a client may send within the API's bounds costs the engine no more per
+token than an honest request does, and changes no honest answer."""
+
+from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+
+from server.engine.text import TextStream
+
+
+def decoded_ids(stream: TextStream) -> list[int]:
+    """Count the token ids `stream` decodes, in a one-element list."""
+    count, decode = [0], stream._decode
+
+    def counting(ids: list[int]) -> str:
+        count[0] += len(ids)
+        return decode(ids)
+
+    stream._decode = counting
+    return count
+
+
+def test_tokens_without_text_cost_each_token_the_same(tokenizer) -> None:
+    """A run of undecodable bytes or of special tokens adds no text: each token used to decode the whole run, twice
+    (2,000 forced 0xF0 bytes: 108 us a token on average, 210 us at 4,000, on the engine thread), and the run's text
+    never came out. Now the run settles every few tokens, and its text is the whole output's decode."""
+    f0, bos = tokenizer.convert_tokens_to_ids("ð"), tokenizer.bos_token_id  # 0xF0 starts a 4-byte character
+    emoji, tail = tokenizer("😀")["input_ids"], tokenizer("ok")["input_ids"]
+    for run in ([f0] * 3000, [bos] * 3000, [f0, bos] * 1500):
+        for stop in ((), ("never",)):
+            ids = [*run, *emoji, *run[:20], *emoji, *tail]
+            stream = TextStream(tokenizer, stop)
+            count = decoded_ids(stream)
+            text = "".join(stream.push(token)[0] for token in ids) + stream.flush()
+            assert text == tokenizer.decode(ids, skip_special_tokens=True)
+            assert count[0] < 64 * len(ids)  # a bounded window, not one growing with the run
+
+
+def test_a_request_forced_onto_undecodable_bytes_changes_no_honest_answer(family_setup, tokenizer) -> None:
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_seq_len=256)
+    f0 = tokenizer.convert_tokens_to_ids("ð")
+    sink = Collector()
+    honest = [(adapters[0], [5, 6, 7, 8]), (None, [9, 10, 11])]
+    engine.submit(request([12, 13], greedy(200, logit_bias=((f0, 100.0),)), adapters[1], "hostile"), sink)
+    for i, (adapter, prompt) in enumerate(honest):
+        engine.submit(request(prompt, greedy(12), adapter, f"honest{i}"), sink)
+    run_to_end(engine)
+    for i, (adapter, prompt) in enumerate(honest):
+        assert sink.tokens(f"honest{i}") == reference_generate(base, adapter, prompt, 12)[0]
+    assert sink.tokens("hostile") == [f0] * 200
+    text = "".join(e.text for e in sink.events["hostile"])
+    assert text.startswith("\ufffd" * 190) and set(text) == {"\ufffd"}  # what came out is what decoding shows
