@@ -82,6 +82,16 @@ HOSTILE = {
     "longname-tar": lambda: huge_header_tar(b"L", 300 << 20),
     "pax-digits-tar": lambda: huge_header_tar(b"x", b"9" * 50_000),
     "empty-tar": lambda: {"archive": ("a.tar.gz", gzip.compress(bytes(10240)))},
+    # valid files PEFT would run otherwise than as a plain LoRA of these tensors
+    "rank-not-declared": lambda: lora_files({"r": 16}),
+    "untargeted-tensors": lambda: lora_files({"target_modules": ["q_proj"]}),
+    "other-layers": lambda: lora_files({"layers_to_transform": [1]}),
+    "layer-replication": lambda: lora_files({"layer_replication": [[0, 30]]}),
+    "activated-lora": lambda: lora_files({"alora_invocation_tokens": [1, 2]}),
+    "bloated-training": lambda: {
+        **lora_files(),
+        "training": ("training.json", json.dumps({"x": [{}] * 20_000}).encode()),
+    },
 }
 
 
