@@ -412,6 +412,7 @@ class Engine:
     def _admit(self) -> None:
         with self._cv:
             candidates = list(self._waiting)
+        self.slots.begin_pass()
         admitted: set[str] = set()
         for request, sink in candidates:
             if not self._free_rows:

@@ -49,3 +49,35 @@ def test_a_request_forced_onto_undecodable_bytes_changes_no_honest_answer(family
     assert sink.tokens("hostile") == [f0] * 200
     text = "".join(e.text for e in sink.events["hostile"])
     assert text.startswith("\ufffd" * 190) and set(text) == {"\ufffd"}  # what came out is what decoding shows
+
+
+def test_a_flood_over_every_slot_cannot_starve_another_adapter(family_setup, tokenizer) -> None:
+    """One client keeps requests for as many adapters as there are slots always queued: requests behind one that
+    waits for a slot used to join the slots in use, so no slot ever drained and the other adapter's request waited
+    as long as the flood lasted (2,000 steps, 1,451 flood requests served, none of its tokens). A slot now closes to
+    new rows while a request waits for one, and the request runs once that slot has drained."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_active_adapters=2)
+    sink = Collector()
+    flood = 0
+
+    def more(count: int) -> None:
+        nonlocal flood
+        for _ in range(count):  # staggered lengths: the rows of a slot never all end at once
+            params = greedy(4 + flood * 7 % 13)
+            engine.submit(request([5, 6, 7], params, adapters[flood % 2], f"flood{flood}"), sink)
+            flood += 1
+
+    more(6)
+    engine.submit(request([9, 10, 11], greedy(6), adapters[2], "honest"), sink)
+    for _ in range(200):
+        if engine.num_waiting < 32:
+            more(2)
+        engine.step()
+        if "honest" in sink.events and sink.finish("honest"):
+            break
+    assert "honest" in sink.events, "the flood starved the request for another adapter"
+    assert sink.finish("honest") == "length"
+    assert sink.tokens("honest") == reference_generate(base, adapters[2], [9, 10, 11], 6)[0]
+    for i in range(2):  # the flood's first requests, in both slots, ran beside it
+        assert sink.tokens(f"flood{i}") == reference_generate(base, adapters[i], [5, 6, 7], 4 + i * 7 % 13)[0]
