@@ -1,5 +1,6 @@
 """Request and response bodies of the generation APIs: TGI/LoRAX and OpenAI. Fields clients send that we
-do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working.
+do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working; those whose value would
+make the answer other than what was asked for (OpenAI's tools, suffix, echo) are refused, saying what to send.
 
 Every field a client sends is bounded here to what the engine can execute: floats are finite (pydantic
 would otherwise take "NaN" and "Infinity"), seeds fit torch.Generator.manual_seed, lists and strings have a
@@ -9,6 +10,7 @@ Lists that a body may make long are validated fail_fast: pydantic otherwise repo
 and a 4 MiB body of 2 million bad elements held the event loop (every client's requests) for 18 s while it built
 an error of 180 MB."""
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -368,12 +370,31 @@ class OpenAISampling(BaseModel):
         return self.max_tokens, "max_tokens"
 
 
+def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object], bool], str]]) -> object:
+    """Fields of OpenAI's that this server does not implement, refused where a client sends them in a form that
+    changes the answer: ignored (extra="ignore"), the answer would silently not be what was asked for.
+    `refused`: field -> (whether a sent value asks for it, why and what to send instead)."""
+    if isinstance(value, dict):
+        for name, (asks, why) in refused.items():
+            if name in value and asks(value[name]):
+                raise ValueError(f"{name} is not supported: {why}")
+    return value
+
+
 class CompletionRequest(OpenAISampling):
     prompt: Text | list[Text] = Field(description="A string (a list must hold exactly one).")
     logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, value: object) -> object:
+        return refuse_unsupported(value, {
+            "suffix": (bool, "this server completes after the prompt, it does not insert; leave suffix out"),
+            "echo": (bool, "answers hold the completion alone; prepend the prompt yourself, or send echo false"),
+        })  # fmt: skip
 
     @model_validator(mode="after")
     def _best_of_covers_n(self) -> "CompletionRequest":
@@ -436,10 +457,26 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+def _lets_tools_run(choice: object) -> bool:
+    return choice != "none"  # "auto", "required" or a named function: the model may or must call one
+
+
 class ChatCompletionRequest(OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)
     logprobs: bool | None = None
     top_logprobs: TopN | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, value: object) -> object:
+        # tools with tool_choice "none" are what a client sends to forbid calls: answered as plain text
+        no_calls = isinstance(value, dict) and value.get("tool_choice") == "none"
+        tools = "this server does not call tools (no tool_calls come back); leave tools out, or send tool_choice"
+        return refuse_unsupported(value, {
+            "tools": (lambda v: bool(v) and not no_calls, f'{tools} "none" to have them ignored'),
+            "tool_choice": (_lets_tools_run, 'without tools only "none" means anything; leave it out'),
+            "functions": (bool, "this server does not call functions; leave functions out"),
+        })  # fmt: skip
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":

@@ -113,6 +113,26 @@ def test_openai_logprobs_and_seeded_n(client: openai.OpenAI) -> None:
     assert [c.message.content for c in both.choices] == alone
 
 
+def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai.OpenAI) -> None:
+    """Tools, suffix and echo would change what the answer is: each is a 422 that says what to send instead, and
+    tools the client forbids (tool_choice "none") are answered as plain text."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    model = "SmolLM2-135M-Instruct"
+    with pytest.raises(openai.UnprocessableEntityError, match=r'tools is not supported.*tool_choice "none"'):
+        client.chat.completions.create(model=model, messages=messages, tools=[tool], max_tokens=4)
+    with pytest.raises(openai.UnprocessableEntityError, match="tool_choice is not supported"):
+        client.chat.completions.create(model=model, messages=messages, tool_choice="required", max_tokens=4)
+    for extra in ({"suffix": " and that is all."}, {"echo": True}):
+        with pytest.raises(openai.UnprocessableEntityError, match=f"{next(iter(extra))} is not supported"):
+            client.completions.create(model=model, prompt="The sky is", max_tokens=4, **extra)
+    plain = client.chat.completions.create(model=model, messages=messages, tools=[tool], tool_choice="none",
+                                           max_tokens=4, temperature=0)  # fmt: skip
+    alone = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].message.content == alone.choices[0].message.content
+    assert not plain.choices[0].message.tool_calls
+
+
 def test_tgi_and_lorax_clients(served: str) -> None:
     if not CLIENTS_PYTHON.exists():
         pytest.skip("the client venv is made by `make test`")
