@@ -33,9 +33,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def create_app(
-    settings: Settings, base: LoadedBase | None = None, on_fatal: Callable[[], None] | None = None
+    settings: Settings,
+    base: LoadedBase | None = None,
+    on_fatal: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """`base`: an already loaded model (tests); `on_fatal`: called when start-up fails (the CLI exits)."""
+    """`base`: an already loaded model (tests); `on_fatal`: called when start-up fails (the CLI exits);
+    `on_ready`: called once the model is loaded and warmed, before /ready says so."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,8 +58,10 @@ def create_app(
 
     async def _start(app: FastAPI) -> None:
         try:
-            app.state.runtime = await Runtime.start(settings, app.state.metrics, base)
-            app.state.registry = app.state.runtime.registry
+            runtime = await Runtime.start(settings, app.state.metrics, base)
+            if on_ready is not None:
+                on_ready()
+            app.state.runtime, app.state.registry = runtime, runtime.registry
         except Exception as exc:
             if isinstance(exc, LoraplexError):  # a cause we can name: one line, no traceback
                 log.error("start-up failed: %s", exc)

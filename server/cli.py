@@ -7,6 +7,7 @@ port is bound, so `--help` is instant and a port in use fails before any weight 
 import argparse
 import contextlib
 import errno
+import gc
 import importlib.util
 import logging
 import socket
@@ -145,14 +146,16 @@ def run(args: argparse.Namespace) -> int:
 
     from server.api.connections import DeadlineH11Protocol
     from server.app import create_app
+    from server.runtime import freeze_heap
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
-    app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT))
+    app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT), on_ready=freeze_heap)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level, http=DeadlineH11Protocol))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
+    gc.unfreeze()  # what freeze_heap kept from the collector is collected at exit, as extension modules expect
     return app.state.exit_code
 
 

@@ -1,6 +1,7 @@
 """Everything the server holds once the model is up: base model, adapter registry, engine, scheduler."""
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -114,3 +115,12 @@ class Runtime:
         self.engine.stop()
         self.inference.grammars.close()
         self.registry.close()
+
+
+def freeze_heap() -> None:
+    """What start-up made lives as long as the server: moved out of the cyclic collector's sight (as vLLM does
+    once started), so that a full collection walks only what requests made. Collections run on whichever thread
+    allocates, the event loop's included: beside an answer of 75,000 logprob objects one held the loop 0.47 s
+    over start-up's objects, 0.01 s once they were frozen."""
+    gc.collect()
+    gc.freeze()

@@ -1,16 +1,17 @@
 """TGI / LoRAX generate protocol: POST /generate, POST /generate_stream (SSE), and POST / which dispatches
 on `stream` and, when not streaming, answers a JSON array of one response (what their clients expect)."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference
+from server.api.render import json_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
     TgiBestOfSequence,
@@ -109,22 +110,27 @@ def _total_logprob(result: Generation) -> float:
     return sum(e.logprob for e in result.tokens if e.logprob is not None)
 
 
-async def _generate(body: TgiRequest, request: Request, inference: Inference) -> TgiResponse:
+async def _generate(body: TgiRequest, request: Request, inference: Inference) -> Callable[[], TgiResponse]:
+    """The request run to its end; what it returns builds the answer (off the event loop: see render.py)."""
     grammar = await inference.grammar(body.parameters.grammar_spec())
     prompt_ids = await prompt_of(body, inference)
     samplings = choice_samplings(sampling_of(body, prompt_ids, inference), body.parameters.best_of or 1)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter_of(body, inference), grammar)
-    # best_of: the sequence of highest total logprob answers; the others go to details.best_of_sequences
-    ranked = sorted(zip(results, samplings, strict=True), key=lambda pair: _total_logprob(pair[0]), reverse=True)
-    best, *others = [_sequence(r, s, prompt_ids, body, inference) for r, s in ranked]
-    details = None
-    if body.parameters.details:
-        details = TgiDetails(
-            **best.model_dump(exclude={"generated_text"}),
-            prompt_tokens=len(prompt_ids),
-            best_of_sequences=others or None,
-        )
-    return TgiResponse(generated_text=best.generated_text, details=details)
+
+    def answer() -> TgiResponse:
+        # best_of: the sequence of highest total logprob answers; the others go to details.best_of_sequences
+        ranked = sorted(zip(results, samplings, strict=True), key=lambda pair: _total_logprob(pair[0]), reverse=True)
+        best, *others = [_sequence(r, s, prompt_ids, body, inference) for r, s in ranked]
+        details = None
+        if body.parameters.details:
+            details = TgiDetails(
+                **best.model_dump(exclude={"generated_text"}),
+                prompt_tokens=len(prompt_ids),
+                best_of_sequences=others or None,
+            )
+        return TgiResponse(generated_text=best.generated_text, details=details)
+
+    return answer
 
 
 async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
@@ -165,8 +171,8 @@ async def _stream(body: TgiRequest, request: Request, inference: Inference) -> S
 
 
 @router.post("/generate", response_model=TgiResponse)
-async def generate(body: TgiRequest, request: Request, inference: InferenceDep) -> TgiResponse:
-    return await _generate(body, request, inference)
+async def generate(body: TgiRequest, request: Request, inference: InferenceDep) -> Response:
+    return await json_off_loop(await _generate(body, request, inference))
 
 
 @router.post(
@@ -183,7 +189,8 @@ async def generate_stream(body: TgiRequest, request: Request, inference: Inferen
     response_model=list[TgiResponse],
     responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
 )
-async def compat(body: TgiRequest, request: Request, inference: InferenceDep) -> list[TgiResponse] | StreamingResponse:
+async def compat(body: TgiRequest, request: Request, inference: InferenceDep) -> Response:
     if body.stream:
         return await _stream(body, request, inference)
-    return [await _generate(body, request, inference)]
+    answer = await _generate(body, request, inference)
+    return await json_off_loop(lambda: [answer()])

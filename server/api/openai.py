@@ -8,12 +8,13 @@ from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
 
 from adapters.errors import AdapterError, AdapterNotFound
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
+from server.api.render import json_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
     AssistantMessage,
@@ -190,9 +191,7 @@ async def _choice_chunks(
     response_model=CompletionResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
 )
-async def completions(
-    body: CompletionRequest, request: Request, inference: InferenceDep
-) -> CompletionResponse | StreamingResponse:
+async def completions(body: CompletionRequest, request: Request, inference: InferenceDep) -> Response:
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_prompt(body.text)
@@ -223,20 +222,22 @@ async def completions(
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
     if len(results) > body.n:  # best_of: the n of highest total logprob, best first (as vLLM)
         results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
-    return CompletionResponse(
-        id=rid,
-        created=created,
-        model=body.model,
-        usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
-        choices=[
-            CompletionChoice(
-                index=i,
-                text=r.text,
-                finish_reason=_finish(r.events[-1]),
-                logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference),
-            )
-            for i, r in enumerate(results)
-        ],
+    return await json_off_loop(
+        lambda: CompletionResponse(
+            id=rid,
+            created=created,
+            model=body.model,
+            usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=r.text,
+                    finish_reason=_finish(r.events[-1]),
+                    logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference),
+                )
+                for i, r in enumerate(results)
+            ],
+        )
     )
 
 
@@ -245,9 +246,7 @@ async def completions(
     response_model=ChatCompletionResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
 )
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, inference: InferenceDep
-) -> ChatCompletionResponse | StreamingResponse:
+async def chat_completions(body: ChatCompletionRequest, request: Request, inference: InferenceDep) -> Response:
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
@@ -284,18 +283,20 @@ async def chat_completions(
 
         return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
-    return ChatCompletionResponse(
-        id=rid,
-        created=created,
-        model=body.model,
-        usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
-        choices=[
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=r.text),
-                finish_reason=_finish(r.events[-1]),
-                logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
-            )
-            for i, r in enumerate(results)
-        ],
+    return await json_off_loop(
+        lambda: ChatCompletionResponse(
+            id=rid,
+            created=created,
+            model=body.model,
+            usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=r.text),
+                    finish_reason=_finish(r.events[-1]),
+                    logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
+                )
+                for i, r in enumerate(results)
+            ],
+        )
     )

@@ -1,0 +1,71 @@
+"""One client's answer of many logprobs, built while other clients are served: the event loop answers them
+within milliseconds throughout (a real uvicorn server over real sockets, a tiny model, start-up's objects
+frozen as `loraplex serve` freezes them)."""
+
+import asyncio
+import gc
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from e2e.server import serve_app
+
+from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
+from server.app import create_app
+from server.runtime import freeze_heap
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("event-loop")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=512, max_batch_size=8)
+    with serve_app(create_app(settings, base=base, on_ready=freeze_heap)) as url:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield url
+    gc.unfreeze()
+
+
+async def slowest_health_check(url: str, while_running: asyncio.Task) -> float:
+    """The longest /health answer, asked for again and again while `while_running` runs: how long the event loop
+    is held."""
+    slowest = 0.0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        while not while_running.done():
+            start = time.monotonic()
+            assert (await client.get("/health")).status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+            await asyncio.sleep(0.01)
+    return slowest
+
+
+def test_an_answer_of_many_logprobs_does_not_hold_the_event_loop(url: str) -> None:
+    """8 choices x 480 tokens x 20 top logprobs (77,000 alternatives, megabytes of JSON) on each route."""
+    top = {"max_tokens": 480, "n": 8, "logit_bias": {"2": -100}, "temperature": 1.0}
+    chat = {"model": "", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 20}
+    tgi = {"max_new_tokens": 480, "best_of": 8, "top_n_tokens": 20, "details": True, "do_sample": True}
+    big = [
+        ("/v1/chat/completions", {**chat, **top}),
+        ("/v1/completions", {"model": "", "prompt": "hi", "logprobs": 20, **top}),
+        ("/generate", {"inputs": "hi", "parameters": tgi}),
+    ]
+
+    async def run(path: str, body: dict) -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            answer = asyncio.create_task(client.post(path, json=body))
+            slowest = await slowest_health_check(url, answer)
+            assert (await answer).status_code == 200, (await answer).text
+            return slowest
+
+    for path, body in big:
+        slowest = asyncio.run(run(path, body))
+        assert slowest < 0.25, (path, slowest)
