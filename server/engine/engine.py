@@ -16,6 +16,7 @@ in a forward) ends alone; the loop goes on.
 
 import heapq
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from server.engine.errors import (
     GrammarDeadEnd,
     GrammarFailed,
     InvalidSampling,
+    NonFiniteOutput,
     PromptTooLong,
 )
 from server.engine.fusions import wrap_fusions
@@ -566,6 +568,8 @@ class Engine:
                 continue  # text fault): this token was computed in vain and never existed
             if i in failed:
                 self._grammar_failed(row, failed[i])
+            elif math.isnan(host[b + i]):  # its logits held NaN or inf: what it drew means nothing
+                self._not_finite(row)
             else:
                 self._take_token(row, int(host[i]), host[b + i], tops.get(i, ()))
 
@@ -646,6 +650,17 @@ class Engine:
         the grammar). Anything else is a mismatch between the mask and the matcher: the server's fault, logged."""
         if not isinstance(error, GrammarDeadEnd):
             log.error("request %s: %s", row.request.request_id, error)
+        self._finish(row, "error", error=error)
+
+    def _not_finite(self, row: _Row) -> None:
+        """End a request whose logits are not finite: its token (argmax of NaN) and logprob (NaN) would pass off
+        garbage as an answer, and the client hears why instead. The operator hears which adapter it ran."""
+        key = row.request.adapter_key
+        cause = f"under adapter {key}, whose weights are too large to serve" if key else "on the base model"
+        error = NonFiniteOutput(
+            f"the logits for this request are not finite: activations overflowed {self.dtype} {cause}"
+        )
+        log.error("request %s: %s", row.request.request_id, error)
         self._finish(row, "error", error=error)
 
     def _finish(self, row: _Row, reason: FinishReason, error: BaseException | None = None) -> None:

@@ -69,6 +69,13 @@ class KVCacheTooLarge(EngineError):
     code = "kv_cache_too_large"
 
 
+class NonFiniteOutput(EngineError):
+    """A forward gave a request logits that are not finite: its activations overflowed the serving dtype (an
+    adapter's weights can do that within the bounds uploads are held to). That request ends; the others go on."""
+
+    code = "non_finite_output"
+
+
 class GrammarFailed(EngineError):
     """A request's grammar matcher failed mid-generation for a reason of the server's: it refused a token its own
     mask allowed (or one drawn outside the mask), or it broke. That request ends; the others go on."""

@@ -3,6 +3,9 @@ token than an honest request does, and changes no honest answer."""
 
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
+from adapters.lora import LoraModule, LoraWeights
+from server.engine import GenerationRequest, SamplingParams
+from server.engine.errors import NonFiniteOutput
 from server.engine.text import TextStream
 
 
@@ -81,3 +84,23 @@ def test_a_flood_over_every_slot_cannot_starve_another_adapter(family_setup, tok
     assert sink.tokens("honest") == reference_generate(base, adapters[2], [9, 10, 11], 6)[0]
     for i in range(2):  # the flood's first requests, in both slots, ran beside it
         assert sink.tokens(f"flood{i}") == reference_generate(base, adapters[i], [5, 6, 7], 4 + i * 7 % 13)[0]
+
+
+def test_an_adapter_whose_activations_overflow_ends_its_request_alone_with_an_error(family_setup, tokenizer) -> None:
+    """Weights finite once scaled and cast, whose activations are not: the request drew token 0 (the argmax of
+    NaN) with logprob NaN at every step and finished by its length, garbage passed off as an answer (and NaN is
+    no JSON). Now it ends at its first such step with a typed error; the request beside it keeps its answer."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    modules = adapters[1].weights.modules.items()
+    huge = LoraWeights({name: LoraModule(m.a, m.b * 1e30, m.scaling) for name, m in modules})
+    sink = Collector()
+    for i, params in enumerate([greedy(5, top_logprobs=2), SamplingParams(max_new_tokens=5, temperature=1.0, seed=1)]):
+        engine.submit(GenerationRequest([5, 6, 7], params, "huge@1", huge, request_id=f"huge{i}"), sink)
+    engine.submit(request([5, 6, 7], greedy(5), adapters[0], "honest"), sink)
+    run_to_end(engine)
+    for request_id in ("huge0", "huge1"):
+        (event,) = sink.events[request_id]
+        assert event.token_id is None and event.finish_reason == "error"
+        assert isinstance(event.error, NonFiniteOutput) and "huge@1" in str(event.error)
+    assert sink.tokens("honest") == reference_generate(base, adapters[0], [5, 6, 7], 5)[0]
