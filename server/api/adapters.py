@@ -17,7 +17,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.archive import extract_archive
-from adapters.errors import AdapterTooLarge, InvalidUpload, TooManyUploads, UnsafeAdapterFormat
+from adapters.errors import AdapterTooLarge, InvalidAdapterName, InvalidUpload, TooManyUploads, UnsafeAdapterFormat
 from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin
@@ -133,6 +133,12 @@ async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
             name = form.get("name")
             if not isinstance(name, str) or not name:
                 raise InvalidUpload("missing text field 'name': the adapter's name, e.g. support-bot")
+            runtime = getattr(request.app.state, "runtime", None)  # set with the registry, once the base is loaded
+            if runtime is not None and name == runtime.base.served_name:
+                raise InvalidAdapterName(
+                    f"{name!r} is the served base model's name: an OpenAI request naming it runs the base model, "
+                    "never this adapter; choose another name"
+                )
             with registry.store.scratch() as scratch:
                 src = await asyncio.to_thread(_stage, form, scratch, max_bytes)
                 manifest, created = await registry.put(name, src)

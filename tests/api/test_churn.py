@@ -15,6 +15,7 @@ from peft_dirs import make_peft_dir
 from transformers import AutoModelForCausalLM
 
 from adapters.lora import LoraWeights
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.app import create_app
@@ -26,6 +27,10 @@ PROMPT = "hello"
 
 def make_adapter(path: Path, seed: int) -> Path:
     return make_peft_dir(path, seed=seed, r=2 + seed % 3, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def upload_files(peft_dir: Path) -> dict[str, bytes]:
+    return {name: (peft_dir / file).read_bytes() for name, file in (("config", CONFIG_FILE), ("weights", WEIGHTS_FILE))}
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,7 @@ def stack(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
             time.sleep(0.05)
         dirs = [make_adapter(tmp / f"a{i}", seed=i) for i in range(ADAPTERS)]
         for i, d in enumerate(dirs):
-            files = {
-                "config": (d / "adapter_config.json").read_bytes(),
-                "weights": (d / "adapter_model.safetensors").read_bytes(),
-            }
-            assert client.post("/v1/adapters", data={"name": f"a{i}"}, files=files).status_code == 201
+            assert client.post("/v1/adapters", data={"name": f"a{i}"}, files=upload_files(d)).status_code == 201
         yield {"client": client, "dirs": dirs, "app": app, "model_dir": tiny_model_dirs["llama"]}
 
 
@@ -70,6 +71,17 @@ def generate(client: TestClient, adapter: str) -> list[int]:
 def live(kind: type) -> int:
     gc.collect()
     return sum(isinstance(o, kind) for o in gc.get_objects())
+
+
+def test_an_adapter_cannot_take_the_served_base_models_name(stack: dict) -> None:
+    """OpenAI's `model` names the base model by its served name: an adapter of that name could never be reached."""
+    client = stack["client"]
+    served = client.get("/v1/models").json()["data"][0]["id"]
+    answer = client.post("/v1/adapters", data={"name": served}, files=upload_files(stack["dirs"][0]))
+    assert answer.status_code == 400, answer.text  # as every invalid name
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_adapter_name" and "base model" in error["message"]
+    assert served not in [entry["name"] for entry in client.get("/v1/adapters").json()["data"]]
 
 
 def test_a_refused_request_loads_no_adapter(stack: dict) -> None:
