@@ -29,7 +29,7 @@ import copy
 import json
 import logging
 import queue
-import select
+import selectors
 import subprocess
 import sys
 import threading
@@ -334,12 +334,21 @@ class _Checker:
                 self._worker = _start_worker(self._memory_bytes)
             worker = self._worker
         assert worker.stdin is not None and worker.stdout is not None
-        worker.stdin.write(json.dumps(grammar) + "\n")
-        worker.stdin.flush()
-        if not select.select([worker.stdout], [], [], timeout_s)[0]:
+        try:
+            worker.stdin.write(json.dumps(grammar) + "\n")
+            worker.stdin.flush()
+            # epoll, not select(): a server holding a thousand connections numbers the worker's pipes past
+            # select()'s 1024, where it fails (and that worker had been kept: every grammar after it failed)
+            with selectors.DefaultSelector() as selector:
+                selector.register(worker.stdout, selectors.EVENT_READ)
+                answered = bool(selector.select(timeout_s))
+            if not answered:
+                self.close()
+                return None
+            line = worker.stdout.readline()
+        except BaseException:  # a worker in an unknown state is not asked again: the next check starts afresh
             self.close()
-            return None
-        line = worker.stdout.readline()
+            raise
         if not line:  # it died on this grammar (a crash, or killed for memory), as the server would have
             self.close()
             log.warning("the grammar check process ended (status %s) on a grammar: refused", worker.poll())
