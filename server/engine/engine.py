@@ -53,7 +53,7 @@ from server.engine.multilora import (
     shrink_groups,
 )
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
-from server.engine.sampling import device_tensor, draw, final_logprobs, top_logprobs
+from server.engine.sampling import draw, final_logprobs, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
@@ -77,6 +77,9 @@ class _Row:
     prefilled: int  # prompt tokens already written into the cache
     text: TextStream
     generator: torch.Generator | None
+    # ids as a host tensor, for rows whose draw reads them (a penalty): each step sends its filled prefix to the
+    # device in one copy, where converting the list took ~150 ns an id (2,000 ids: 0.3 ms a row every step)
+    seen: torch.Tensor | None
     generated: int = 0
     ended: bool = False  # released: its KV row and slot are another request's now
 
@@ -449,9 +452,16 @@ class Engine:
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
+        seen = None
+        if request.sampling.penalized:  # room for every id the request can have; pinned, so copies do not block
+            seen = torch.empty(len(request.prompt_ids) + request.sampling.max_new_tokens, dtype=torch.long,
+                               pin_memory=self.device.type == "cuda")  # fmt: skip
+            seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
         row = heapq.heappop(self._free_rows)
         text = TextStream(self.tokenizer, request.sampling.stop)
-        self._rows[request.request_id] = _Row(request, sink, row, slot, list(request.prompt_ids), 0, text, generator)
+        self._rows[request.request_id] = _Row(
+            request, sink, row, slot, list(request.prompt_ids), 0, text, generator, seen
+        )
         return True
 
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
@@ -528,9 +538,12 @@ class Engine:
         # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
+        # the copy reads ids already taken; _take_token writes the next one past them
         seen = [
-            (device_tensor(r.ids, self.device), len(r.request.prompt_ids)) if p.penalized else None
-            for r, p in zip(rows, params, strict=True)
+            (r.seen[: len(r.ids)].to(self.device, non_blocking=True), len(r.request.prompt_ids))
+            if r.seen is not None
+            else None
+            for r in rows
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
         logprobs = final_logprobs(logits, params, seen, allowed)  # [B, V]
@@ -578,6 +591,8 @@ class Engine:
         decides alone (EOS, a complete grammar, max tokens), which free the row before the next step is planned.
         Its text (a stop sequence may end the row there) and its event wait in _pending for _deliver."""
         row.ids.append(token)
+        if row.seen is not None:
+            row.seen[len(row.ids) - 1] = token
         row.generated += 1
         params, grammar = row.request.sampling, row.request.grammar
         if grammar is not None:
