@@ -403,8 +403,11 @@ class Engine:
                     else:
                         kept.append((request, sink))
                 self._waiting = kept
-        if cancels:
-            self._take_in_flight()  # the tokens already drawn are the cancelled rows' too
+        drawn = self._in_flight
+        if cancels and drawn is not None and any(r.request.request_id in cancels for r in drawn.rows):
+            # the tokens already drawn are the cancelled rows' too; other cancels (queued requests, rows with no
+            # token on the way) leave the next step to launch before the host reads them
+            self._take_in_flight()
             self._deliver()  # a cancelled row's last token event comes before its end
         for request_id in cancels:
             row = self._rows.get(request_id)

@@ -4,6 +4,7 @@ token than an honest request does, and changes no honest answer."""
 import time
 
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+from test_deferred_events import logged_steps
 
 from adapters.lora import LoraModule, LoraWeights
 from server.engine import GenerationRequest, SamplingParams
@@ -136,3 +137,25 @@ def test_a_penalized_request_costs_each_step_the_same_however_long_it_is(family_
     engine = make_engine(base, tokenizer, max_seq_len=3100, max_prefill_tokens=3100)
     short, long = sampling_seconds(engine, 8, 4), sampling_seconds(engine, 3000, 4)
     assert long < 3 * short + 2e-3, (short, long)
+
+
+def test_cancelling_queued_requests_leaves_the_next_step_launched_first(family_setup, tokenizer) -> None:
+    """Any cancel made the host read the step on its way before launching the next, the cancel of a request still
+    queued too: clients that queue requests and drop them, over and over, took every running stream's overlap of
+    host and device away. Only a cancelled row with a token on the way needs that read now."""
+    base, _ = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_batch_size=1)
+    log: list[str] = []
+    logged_steps(engine, log)
+    sink = Collector()
+    engine.submit(request([5, 6, 7], greedy(8), None, "running"), sink)
+    engine.step()
+    for i in range(3):
+        engine.submit(request([9, 10], greedy(4), None, f"queued{i}"), sink)
+        engine.cancel(f"queued{i}")
+        log.clear()
+        engine.step()
+        assert log == ["forward", "take"]
+        assert sink.finish(f"queued{i}") == "cancelled"
+    run_to_end(engine)
+    assert sink.tokens("running") == reference_generate(base, None, [5, 6, 7], 8)[0]
