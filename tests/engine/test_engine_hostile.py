@@ -1,5 +1,5 @@
-"""Hostile requests beside honest ones: what a client may send within the API's bounds costs the engine no more per
-token than an honest request does, and changes no honest answer."""
+"""Hostile requests beside honest ones: what a client may send within the API's bounds (or run on an adapter whose
+weights pass them) neither stalls the engine, nor starves another client, nor changes an honest answer."""
 
 import time
 
