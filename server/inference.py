@@ -21,6 +21,7 @@ from server.metrics import Metrics
 from server.mixing import AdapterMix, MixCache, mix_key
 from server.registry import AdapterRegistry, Lease
 from server.scheduler import Scheduler
+from server.tokenizer_pool import TokenizerPool
 
 T = TypeVar("T")
 Adapter = str | AdapterMix | None  # what a request runs on: an adapter ref, a mix, or the base model
@@ -110,8 +111,9 @@ class Inference:
         self.grammars = Grammars(base.tokenizer, self.vocab_size, self.eos_ids)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
+        self.tokenizing = TokenizerPool(self.max_prompt_chars)
 
-    # ---- prompts: tokenizing and templating run in a worker thread, so the event loop keeps serving -------
+    # ---- prompts: tokenizing and templating run on the tokenizer's threads, so the event loop keeps serving ----
     def encode(self, text: str) -> list[int]:
         ids = self.base.tokenizer(text)["input_ids"]
         if not ids:
@@ -120,11 +122,12 @@ class Inference:
 
     async def encode_prompt(self, text: str) -> list[int]:
         self._check_chars(len(text), "the prompt")
-        return await asyncio.to_thread(self.encode, text)
+        return await self.tokenizing.run(len(text), self.encode, text)
 
     async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
-        return await asyncio.to_thread(self._apply_template, messages, add_generation_prompt)
+        chars = sum(len(m["content"]) for m in messages)
+        self._check_chars(chars, "the messages' content")
+        return await self.tokenizing.run(chars, self._apply_template, messages, add_generation_prompt)
 
     def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:
@@ -135,7 +138,7 @@ class Inference:
             raise InvalidChat(f"the base model's chat template refused these messages: {exc}") from exc
         return list(ids)
 
-    # ---- the tokenizer endpoints: the same bounds, and the same worker thread --------------------------------
+    # ---- the tokenizer endpoints: the same bounds, and the same threads -------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """(token id, start, stop) per token of `text`: offsets into `text`, for TGI's /tokenize."""
         self._check_chars(len(text), "the text")
@@ -147,15 +150,15 @@ class Inference:
                 for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
             ]
 
-        return await asyncio.to_thread(run)
+        return await self.tokenizing.run(len(text), run)
 
     async def token_strings(self, ids: list[int]) -> list[str]:
         self.check_token_ids(ids)
-        return await asyncio.to_thread(self.base.tokenizer.convert_ids_to_tokens, ids)
+        return await self.tokenizing.run(len(ids), self.base.tokenizer.convert_ids_to_tokens, ids)
 
     async def detokenize(self, ids: list[int]) -> str:
         self.check_token_ids(ids)
-        return await asyncio.to_thread(self.base.tokenizer.decode, ids)
+        return await self.tokenizing.run(len(ids), self.base.tokenizer.decode, ids)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as logprobs report it (cached: a top-20 answer names thousands of tokens)."""

@@ -114,6 +114,7 @@ class Runtime:
     def stop(self) -> None:
         self.engine.stop()
         self.inference.grammars.close()
+        self.inference.tokenizing.close()
         self.registry.close()
 
 

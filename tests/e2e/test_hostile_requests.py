@@ -193,3 +193,26 @@ def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tup
     while (now := gauges(url)) != {"loraplex_queue_depth": 0.0, "loraplex_running_batch_size": 0.0}:
         assert time.monotonic() < deadline, now
         time.sleep(0.1)
+
+
+def test_a_tokenizing_flood_is_bounded_beside_honest_requests(keyed_server: tuple[str, Path]) -> None:
+    """Hundreds of /tokenize requests of the longest text a prompt may be, beside honest requests: each is
+    answered or refused at once with 429 tokenizer_busy (past the tokenizer's backlog, tests/api/
+    test_tokenizer_pool.py), and the honest requests answer as alone."""
+    url, _ = keyed_server
+    text = "lorem ipsum " * (32 * 512 // 12)  # 32 characters a token of max_seq_len 512: the bound on a text
+
+    async def run() -> tuple[list[str], list[str], list[httpx.Response]]:
+        limits = httpx.Limits(max_connections=400)
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
+            honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
+            flood = await asyncio.gather(*(post(client, "/tokenize", {"prompt": text}, AUTH) for _ in range(300)))
+            together = [answer_of(r) for r in await asyncio.gather(*honest)]
+            return alone, together, flood
+
+    alone, together, flood = asyncio.run(run())
+    assert together == alone
+    assert {r.status_code for r in flood} <= {200, 429} and any(r.status_code == 200 for r in flood)
+    for busy in (r for r in flood if r.status_code == 429):
+        assert busy.json()["error"]["code"] == "tokenizer_busy" and int(busy.headers["retry-after"]) >= 1
