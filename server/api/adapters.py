@@ -22,12 +22,20 @@ from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from server.api.auth import require_admin
 from server.api.deps import NotReady
+from server.api.guard import RequestTimeout
 from server.registry import AdapterRegistry
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(require_admin)])
 
 _FILE_FIELDS = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
 _FORM_OVERHEAD = 64 << 10  # multipart boundaries and headers around the files
+
+# An upload body has no whole-body deadline (512 MiB over a slow honest link takes minutes), but each
+# UPLOAD_WINDOW_BYTES of it must arrive within UPLOAD_WINDOW_S of the previous ones (nginx's client_body_timeout
+# is the wait between two reads, which a byte a time never trips): 17 KiB/s at the least, or the upload ends with
+# 408 and frees its slot. Without it, --max-concurrent-uploads trickled uploads held every slot forever.
+UPLOAD_WINDOW_S = 60.0
+UPLOAD_WINDOW_BYTES = 1 << 20
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -65,14 +73,37 @@ class UploadSlots:
 
 
 async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
-    """The request body, cut off as soon as it passes the limit (Content-Length is not trusted)."""
+    """The request body, cut off as soon as it passes the limit (Content-Length is not trusted), or as soon as it
+    falls behind the least rate (UPLOAD_WINDOW_BYTES per UPLOAD_WINDOW_S). Either way the parser closes the files
+    it spooled so far, which removes them: nothing of the upload is left."""
+    loop = asyncio.get_running_loop()
+    chunks = aiter(stream)
     seen = 0
-    async for chunk in stream:
+    window_seen = 0
+    window_end = loop.time() + UPLOAD_WINDOW_S
+    while True:
+        try:
+            # only the wait for the client is timed: a cancellation while the parser writes a chunk to disk, between
+            # two yields, would not be turned into this timeout's TimeoutError
+            async with asyncio.timeout_at(window_end):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the upload sent less than {UPLOAD_WINDOW_BYTES >> 10} KiB in {UPLOAD_WINDOW_S:g} s "
+                f"({seen} bytes came in all): send it at {UPLOAD_WINDOW_BYTES / UPLOAD_WINDOW_S / 1024:.0f} KiB/s "
+                "at the least"
+            ) from None
         seen += len(chunk)
         if seen > max_bytes:
             raise AdapterTooLarge(
                 f"the upload is over the server's limit of {max_bytes / 2**20:.1f} MiB (--max-adapter-mb)"
             )
+        window_seen += len(chunk)
+        if window_seen >= UPLOAD_WINDOW_BYTES:
+            window_seen = 0
+            window_end = loop.time() + UPLOAD_WINDOW_S
         yield chunk
 
 
