@@ -96,6 +96,15 @@ class TooManyUploads(AdapterError):
     headers = {"Retry-After": "2"}  # noqa: RUF012 - read-only class constant
 
 
+class TooManyAdaptersLoaded(AdapterError):
+    """Every place in the CPU tier is held by an adapter that requests are using (or loading): loading one more
+    would grow CPU memory past --max-cpu-adapters, and queued requests would otherwise hold any number."""
+
+    http_status = 429
+    code = "too_many_adapters_loaded"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
+
+
 class AdapterStoreUnavailable(AdapterError):
     """The shared store (an S3 bucket) did not answer, or refused this server's credentials."""
 

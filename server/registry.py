@@ -2,10 +2,12 @@
 
 Tiers: disk (the store) -> CPU (an LRU of `LoraWeights`, bounded by max_cpu_adapters) -> device slots (the
 engine's; it copies a lease's weights into a slot, and `on_unload(key)` tells it to drop one). Requests
-hold a `Lease` while they run: a leased adapter is never evicted, and a deleted one is freed when its
-last lease is released. Loads run in worker threads, never on the event loop, and concurrent acquires of
-one adapter share one load. The state lives behind one threading lock because leases are released from
-the engine thread as well as from the event loop.
+hold a `Lease` while they run (queued ones too): a leased adapter is never evicted, and a deleted one is
+freed when its last lease is released. Leases never grow the CPU tier past its bound: when every place in
+it is leased, loading or pinned, a load for one more adapter is refused (429) rather than queued requests
+holding any number of adapters in memory. Loads run in worker threads, never on the event loop, and
+concurrent acquires of one adapter share one load. The state lives behind one threading lock because leases
+are released from the engine thread as well as from the event loop.
 """
 
 import asyncio
@@ -22,7 +24,14 @@ from typing import Protocol
 
 import torch
 
-from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, IncompatibleAdapter, TooManyPinned
+from adapters.errors import (
+    AdapterError,
+    AdapterLoadFailed,
+    AdapterNotFound,
+    IncompatibleAdapter,
+    TooManyAdaptersLoaded,
+    TooManyPinned,
+)
 from adapters.lora import LoraModule, LoraWeights
 from adapters.manifest import Manifest
 from adapters.store import AdapterStore
@@ -126,6 +135,8 @@ class AdapterRegistry:
         manifest = await self.resolve(ref)
         with self._lock:
             entry = self._entry_locked(manifest)
+            if entry.weights is None and entry.loading is None:
+                self._admit_load_locked(entry)  # before the reservation: a refused acquire reserves nothing
             entry.refs += 1  # reserved from here on: never evicted while loading
             if entry.weights is not None:
                 self._cpu.move_to_end(manifest.key)
@@ -162,6 +173,22 @@ class AdapterRegistry:
             raise IncompatibleAdapter(f"adapter {manifest.key} does not fit the served base model: {mismatch}")
         entry = self._entries[manifest.key] = _Entry(manifest)
         return entry
+
+    def _admit_load_locked(self, entry: _Entry) -> None:
+        """Refuse a new load when the CPU tier has no place left that eviction could free: each place is
+        held by a leased adapter (loaded or loading) or reserved by a pin. Refused at once, not waited for, so
+        a client queueing requests for many adapters holds at most --max-cpu-adapters of them."""
+        if entry.pinned:
+            return  # pin() keeps pins under the bound, so a pinned adapter always has its place
+        held = sum(e.pinned or bool(e.refs and (e.weights is not None or e.loading)) for e in self._entries.values())
+        if held < self.max_cpu_adapters:
+            return
+        self._forget_if_idle_locked(entry)
+        raise TooManyAdaptersLoaded(
+            f"cannot load adapter {entry.manifest.key}: all {self.max_cpu_adapters} places in the CPU tier "
+            "(--max-cpu-adapters) hold adapters that requests are using; retry when some finish, or raise "
+            "--max-cpu-adapters"
+        )
 
     def _lease_locked(self, entry: _Entry, weights: LoraWeights) -> Lease:
         lease = Lease(self, entry, weights)
@@ -222,7 +249,8 @@ class AdapterRegistry:
 
     def _evict_locked(self) -> list[str]:
         """Drop least recently used, unleased, unpinned adapters until the CPU tier fits. Leased ones stay
-        even over the bound: they are in use and come back under it when released."""
+        even over the bound (only pins made while it is full of leases take it there: loads for leases are
+        admitted only under it) and come back under it when released."""
         unloaded = []
         for key, entry in list(self._cpu.items()):
             if len(self._cpu) <= self.max_cpu_adapters:
