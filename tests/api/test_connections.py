@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
+from e2e.server import serve_app, wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -42,18 +42,9 @@ def url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     # within kilobytes, not the megabytes loopback would buffer
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     listening.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(settings, base=base), log_config=None, http=ShortDeadlines)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
-    deadline = time.monotonic() + 60
-    while not server.started or httpx.get(f"{url}/ready").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join()
+    with serve_app(create_app(settings, base=base), http=ShortDeadlines, sock=listening) as url:
+        wait_ready(url)
+        yield url
 
 
 def connect(url: str, first_bytes: bytes, receive_buffer: int | None = None) -> socket.socket:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from e2e.server import serve_app
+from e2e.server import serve_app, wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -27,10 +27,7 @@ def url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     )
     settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=512, max_batch_size=8)
     with serve_app(create_app(settings, base=base, on_ready=freeze_heap)) as url:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_ready(url)
         yield url
     gc.unfreeze()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
+from e2e.server import serve_app, wait_ready
 from fastapi import FastAPI
 from peft_dirs import make_peft_dir
 
@@ -43,19 +43,9 @@ def served(
         adapter_dir=tmp_path / "store", cache_dir=tmp_path, device="cpu", max_seq_len=512, max_concurrent_uploads=SLOTS
     )
     app = create_app(settings, base=base)
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, http=DeadlineH11Protocol))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
-    deadline = time.monotonic() + 60
-    while not server.started or httpx.get(f"{url}/ready").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield url, app, tmp_path / "store"
-    server.should_exit = True
-    thread.join()
+    with serve_app(app, http=DeadlineH11Protocol) as url:
+        wait_ready(url)
+        yield url, app, tmp_path / "store"
 
 
 def slow_upload(url: str, name: str) -> socket.socket:

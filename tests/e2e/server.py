@@ -1,6 +1,7 @@
 """A real `loraplex serve` process on a free loopback port, an app served by uvicorn in this process, and the
 published clients, for end-to-end tests."""
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -61,17 +62,31 @@ def running_server(log: Path, *args: str, startup_timeout: float = 300) -> Itera
 
 
 @contextlib.contextmanager
-def serve_app(app: FastAPI) -> Iterator[str]:
+def serve_app(
+    app: FastAPI, http: type[asyncio.Protocol] | str = "auto", sock: socket.socket | None = None
+) -> Iterator[str]:
     """`app` served by uvicorn in this process on a free local port: real connections, which a client can drop.
-    Its log records reach the root logger (pytest's caplog), uvicorn's own included."""
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning", log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
+    Its log records reach the root logger (pytest's caplog), uvicorn's own included. `http`: uvicorn's protocol
+    (the server's own, with its deadlines); `sock`: a bound socket to listen on (one with small buffers, say)."""
+    if sock is None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None, http=http))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         thread.join(0.01)
-    yield f"http://127.0.0.1:{server.config.port}"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     server.should_exit = True
     thread.join()
+
+
+def wait_ready(url: str, seconds: float = 60) -> None:
+    """Until the server's /ready says 200 (its model loaded and warmed up)."""
+    deadline = time.monotonic() + seconds
+    while httpx.get(f"{url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, f"{url} was not ready within {seconds:g} s"
+        time.sleep(0.05)
 
 
 def embedded_server(tmp: Path, cache_dir: Path, *flags: str) -> contextlib.AbstractContextManager[str]:
