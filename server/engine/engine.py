@@ -361,15 +361,13 @@ class Engine:
         if drawn is not None:
             self._take(drawn)
 
-    def _salvage(self) -> list[_Row]:
+    def _salvage(self) -> None:
         """After a failure: take the draws launched before it (they are their requests' tokens) if they can be
-        read. Returns the rows that waited for them, which the caller ends."""
-        waiting = self._in_flight.rows if self._in_flight is not None else []
+        read; the caller ends the rows that still wait."""
         try:
             self._take_in_flight()
         except Exception:  # the device itself failed: those rows end with the step's error
             log.exception("a step's drawn tokens could not be read")
-        return waiting
 
     def _can_feed(self, drawn: _Drawn) -> bool:
         """Whether the next step may run before the host has taken `drawn`: no row of it that goes on reads its
@@ -379,15 +377,16 @@ class Engine:
     def _guarded(self, rows: list[_Row], work: Callable[[], None]) -> None:
         # A failing forward (e.g. out of memory) ends the requests in it, not the engine. The operator hears why
         # here: a client of a non-streaming route only gets a 500. The rows waiting for the last step's draws end
-        # too (a length end needs no step of its own), after those draws if they can be read.
+        # too (a length end needs no step of its own), after those draws if they can be read. Draws launched by
+        # `work` itself are of `rows`.
         before = self._in_flight.rows if self._in_flight is not None else []
         try:
             work()
         except Exception as exc:
             log.exception("an engine step failed; its %d requests end with an error", len(rows))
-            waiting = self._salvage()
+            self._salvage()
             self._deliver()  # the earlier steps' events first: each request's stay in order
-            for row in [*rows, *before, *waiting]:
+            for row in [*rows, *before]:
                 if not row.ended:
                     self._finish(row, "error", error=exc)
 
