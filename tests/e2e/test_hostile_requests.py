@@ -16,6 +16,7 @@ from e2e.server import INFERENCE_KEY as KEY
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "SmolLM2-135M-Instruct"
+KEYED_BATCH = 8  # the keyed server's --max-batch-size (conftest.py)
 HONEST = [
     ("/generate", {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 16}}),
     ("/generate", {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 16, "do_sample": True, "seed": 42}}),
@@ -161,6 +162,16 @@ async def open_stream_and_wait(url: str, path: str, body: dict) -> asyncio.Strea
     return writer
 
 
+async def until_rows_are_full(url: str, seconds: float = 120) -> None:
+    """Until every row of the keyed server's batch runs a request and one more waits. Waiting for one more queued
+    request per stream opened raced the honest requests ending (their rows go to the choices, which open one
+    after another), and that wait had no end: once it hung a test run for its whole timeout."""
+    deadline = time.monotonic() + seconds
+    while (now := gauges(url))["loraplex_queue_depth"] < 1 or now["loraplex_running_batch_size"] < KEYED_BATCH:
+        assert time.monotonic() < deadline, now
+        await asyncio.sleep(0.1)
+
+
 def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tuple[str, Path]) -> None:
     """Clients that leave while their streams wait for rows (n choices open one after another; a full batch
     queues them): their requests are cancelled, not run to max_tokens for nobody ahead of honest ones."""
@@ -176,11 +187,8 @@ def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tup
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
             alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
             honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
-            writers = []
-            for queued, (path, body) in enumerate(leaving, 1):  # each waits for a row: a choice, or the stream
-                writers.append(await open_stream_and_wait(url, path, body))
-                while gauges(url)["loraplex_queue_depth"] < queued:
-                    await asyncio.sleep(0.1)
+            writers = [await open_stream_and_wait(url, path, body) for path, body in leaving]
+            await until_rows_are_full(url)  # the leaving requests hold rows, and wait for them
             for writer in writers:
                 writer.close()
             together = [answer_of(r) for r in await asyncio.gather(*honest)]
