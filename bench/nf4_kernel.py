@@ -1,5 +1,6 @@
 """The NF4 kernels against bitsandbytes on Llama-3-8B projection shapes (CUDA): the Triton GEMV for one row, the
-Triton tensor-core matmul for more ("fused", its configuration searched with --sweep), and nf4_mma ("mma").
+Triton tensor-core matmul for more ("fused", its configuration searched with --sweep), nf4_mma ("mma") and, up to
+64 rows, nf4_wide ("wide", its configuration searched with --sweep too).
 
 python bench/nf4_kernel.py --out nf4.json                       # 1 and 32 rows, the launchers' configurations
 python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also search configurations, 60 s each
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from server.engine.kernels.nf4 import nf4_gemv, nf4_matmul, pick_config, pick_matmul_config
 from server.engine.kernels.nf4_mma import nf4_mma
+from server.engine.kernels.nf4_wide import WIDE_ROWS, nf4_wide_sums
 
 # (out, in) of each projection of a Llama-3-8B layer, and how many of that shape one layer has
 SHAPES = {"q_proj/o_proj": ((4096, 4096), 2), "k_proj/v_proj": ((1024, 4096), 2),
@@ -80,11 +82,26 @@ def candidates(n: int, k: int, rows: int) -> list[tuple]:
     return found
 
 
+def wide_candidates() -> list[tuple]:
+    """nf4_wide's (warps, row tiles a warp, blocks a step, steps in flight, CTAs an SM) and parts of K to search."""
+    found = list(itertools.product((4, 8), (1, 2), (1, 2, 4), (2, 3, 4, 6), (1,), (None, 1, 2, 4, 8, 16)))
+    random.Random(0).shuffle(found)
+    return found
+
+
 def kernel(x: torch.Tensor, layer: Linear4bit, config: tuple | None) -> torch.Tensor:
+    """The Triton kernels (the launchers' configuration where `config` is None)."""
     state = layer.weight.quant_state
     if x.shape[0] == 1:
         return nf4_gemv(x[0], layer.weight, state, None, None, config)[None]
-    return nf4_matmul(x, layer.weight, state, None, config)
+    n, k = state.shape
+    return nf4_matmul(x, layer.weight, state, None, config or pick_matmul_config(n, k, x.shape[0], on_cuda=True))
+
+
+def wide(x: torch.Tensor, layer: Linear4bit, config: tuple | None = None) -> torch.Tensor:
+    """nf4_wide's sums: config (the kernel's, then the parts of K) or the launcher's where None."""
+    kernel_config, split = (config[:5], config[5]) if config else (None, None)
+    return nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, None)], kernel_config, split)
 
 
 def mma(x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
@@ -120,6 +137,22 @@ def main() -> None:
             fused_us = graph_us(lambda: [kernel(x, layer, None) for layer in layers], copies)  # noqa: B023
             # nf4_mma runs up to 64 rows
             mma_us = graph_us(lambda: [mma(x, layer) for layer in layers], copies) if rows <= 64 else math.nan  # noqa: B023
+            wide_us, wide_best = math.nan, None
+            if 1 < rows <= WIDE_ROWS:
+                wide_error = ((wide(x, layers[0]) - expected).abs().max() / expected.abs().max()).item()
+                wide_us = wide_best_us = graph_us(lambda: [wide(x, layer) for layer in layers], copies)  # noqa: B023
+                deadline = time.monotonic() + args.sweep
+                for config in wide_candidates():
+                    if time.monotonic() > deadline:
+                        break
+                    try:
+                        us = graph_us(lambda: [wide(x, layer, config) for layer in layers], copies, 3)  # noqa: B023
+                    except (RuntimeError, ValueError):  # more shared memory than a CTA may have; K not divisible
+                        continue
+                    if us < wide_best_us:
+                        wide_best, wide_best_us = config, us
+                print(f"{rows:3d} rows {name:18s} wide {wide_us:7.1f} us, best {wide_best_us:7.1f} us {wide_best} "
+                      f"err {wide_error:.1e}", flush=True)  # fmt: skip
             best = pick_config(n, k) if rows == 1 else pick_matmul_config(n, k, rows, on_cuda=True)
             best_us = fused_us
             deadline = time.monotonic() + args.sweep
@@ -133,8 +166,10 @@ def main() -> None:
                 if us < best_us:
                     best, best_us = config, us
             gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
-            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "mma_us": mma_us, "best_us": best_us,
+            shape = {"bnb_us": bnb_us, "fused_us": fused_us, "mma_us": mma_us, "wide_us": wide_us, "best_us": best_us,
                      "best_config": best, "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
+            if wide_best is not None:
+                shape |= {"wide_best_us": wide_best_us, "wide_best_config": wide_best}
             results["rows"].setdefault(str(rows), {})[name] = shape
             print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  mma {mma_us:7.1f} us  "
                   f"best {best_us:7.1f} us "
@@ -143,10 +178,11 @@ def main() -> None:
         if not set(SHAPES) <= set(measured):  # a step's time only from all its shapes
             continue
         step = {key: LAYERS * sum(measured[name][f"{key}_us"] * SHAPES[name][1] for name in SHAPES) / 1000
-                for key in ("bnb", "fused", "mma", "best")}  # fmt: skip
+                for key in ("bnb", "fused", "mma", "wide", "best")}  # fmt: skip
         results[f"step_ms_{rows}_rows"] = step
         print(f"{rows} rows, linear layers per decode step: bnb {step['bnb']:.2f} ms, fused {step['fused']:.2f} ms, "
-              f"mma {step['mma']:.2f} ms, best found {step['best']:.2f} ms", flush=True)  # fmt: skip
+              f"mma {step['mma']:.2f} ms, wide {step['wide']:.2f} ms, best found {step['best']:.2f} ms",
+              flush=True)  # fmt: skip
     args.out.write_text(json.dumps(results, indent=1))
 
 

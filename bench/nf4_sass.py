@@ -2,11 +2,13 @@
 instructions per weight, the figure that bounds the kernel once memory is not the limit (H200: ~3.5
 instructions per weight at full bandwidth, see BENCHMARKS.md). With --mma, nf4_mma's (CUDA, compiled with
 NVRTC: `pip install nvidia-cuda-nvrtc-cu12`), built as a decode step's projection uses it: double quantization,
-a rank-16 LoRA epilogue with its B rows in shared memory.
+a rank-16 LoRA epilogue with its B rows in shared memory. With --wide, nf4_wide's (NVRTC too, double
+quantization), in the launcher's configuration for the weight and rows.
 
 python bench/nf4_sass.py                          # the launcher's configuration for a 4096 x 4096 weight
 python bench/nf4_sass.py --config 16,8,8 --k 4096 --sass gemv.sass
 python bench/nf4_sass.py --mma --rows 1 --n 14336 # nf4_mma's configuration for 1 row of gate_proj's shape
+python bench/nf4_sass.py --wide --rows 64 --n 14336 --k 4096
 """
 
 import argparse
@@ -25,7 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from server.engine.kernels import nf4, nf4_mma
+from server.engine.kernels import nf4, nf4_mma, nf4_wide
 
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
             "offset_ptr": "*fp32", "nf4_ptr": "*fp32", "bias_ptr": "*bf16", "partial_ptr": "*fp32",
@@ -60,12 +62,25 @@ def mma_sass(n: int, k: int, rows: int) -> tuple[str, int]:
     row_tiles, warps, group, min_blocks = nf4_mma.pick_config(n, k, rows)
     warps, group, x_tiles = nf4_mma.pick_launch(k, rows, row_tiles, warps, group)
     source = nf4_mma.kernel_source(warps, group, row_tiles, x_tiles, min_blocks, True, False, 16, True, 1, False)
+    return cubin_sass(nvrtc_cubin(source, "nf4_mma.cu")), group * row_tiles * 16 * 64
+
+
+def wide_sass(n: int, k: int, rows: int) -> tuple[str, int]:
+    """SASS of nf4_wide for sm_90 in the launcher's configuration, and the weights one step of its main loop takes
+    a warp."""
+    warps, row_tiles, group, stages, min_blocks = nf4_wide.pick_config(n, k, rows)
+    source = nf4_wide.kernel_source(warps, row_tiles, group, stages, min_blocks, -(-rows // 8), True, False, 1)
+    return cubin_sass(nvrtc_cubin(source, "nf4_wide.cu")), group * row_tiles * 16 * 64
+
+
+def nvrtc_cubin(source: str, name: str) -> bytes:
+    """`source` compiled for sm_90 by NVRTC (the pip package's library: no GPU or CUDA toolkit needed)."""
     spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--mma needs NVRTC: pip install nvidia-cuda-nvrtc-cu12")
+        raise SystemExit("--mma and --wide need NVRTC: pip install nvidia-cuda-nvrtc-cu12")
     nvrtc = ctypes.CDLL(str(next(Path(spec.submodule_search_locations[0], "lib").glob("libnvrtc.so*"))))
     program = ctypes.c_void_p()
-    nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"nf4_mma.cu", 0, None, None)
+    nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None)
     options = [b"--gpu-architecture=sm_90", b"-std=c++17"]
     failed = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
@@ -77,7 +92,7 @@ def mma_sass(n: int, k: int, rows: int) -> tuple[str, int]:
     nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
     cubin = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetCUBIN(program, cubin)
-    return cubin_sass(cubin.raw), group * row_tiles * 16 * 64
+    return cubin.raw
 
 
 def loop_mix(code: str) -> collections.Counter[str]:
@@ -101,11 +116,15 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096, help="input columns of the weight")
     parser.add_argument("--sass", type=Path, help="also write the whole SASS here")
     parser.add_argument("--mma", action="store_true", help="nf4_mma instead of the GEMV (needs NVRTC)")
-    parser.add_argument("--rows", type=int, default=1, help="with --mma: rows of x (picks its configuration)")
+    parser.add_argument("--wide", action="store_true", help="nf4_wide instead of the GEMV (needs NVRTC)")
+    parser.add_argument("--rows", type=int, default=1, help="with --mma, --wide: rows of x (picks the configuration)")
     args = parser.parse_args()
     if args.mma:
         code, warp_weights = mma_sass(args.n, args.k, args.rows)
         weights, label = warp_weights / 32, f"nf4_mma {nf4_mma.pick_config(args.n, args.k, args.rows)}"
+    elif args.wide:
+        code, warp_weights = wide_sass(args.n, args.k, args.rows)
+        weights, label = warp_weights / 32, f"nf4_wide {nf4_wide.pick_config(args.n, args.k, args.rows)}"
     else:
         block_n, blocks, warps = map(int, args.config.split(",")) if args.config else nf4.pick_config(args.n, args.k)
         code = sass(block_n, blocks, warps, args.k)

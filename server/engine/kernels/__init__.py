@@ -98,7 +98,7 @@ class FusedDecode:
         ranks: torch.Tensor,
     ) -> list[torch.Tensor] | None:
         """NF4 layers sharing x (q/k/v, gate/up) in one launch: nf4_mma with each row's LoRA delta in its epilogue,
-        or for more rows the Triton matmul, then one launch for the cast, the deltas of all the layers:
+        or for more rows nf4_wide or the Triton matmul, then one launch for the cast, the deltas of all the layers:
         x [B, in], partial [G, B, CHUNKS_PAD, R_PAD], b [S+1, R, sum of outs] -> G outputs [B, out_g] (column
         views of one tensor); None where those launches do not run (the layers then run one by one)."""
         key = tuple(map(id, bases))

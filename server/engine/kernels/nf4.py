@@ -13,7 +13,7 @@ a table in memory).
 - The matmul: each program decodes a [BLOCK_N, BLOCK_K] weight tile once, scaled, into registers and feeds it
   to one tensor-core dot with all the rows' x; K is split over several programs that add into one fp32 output,
   so even a 1,024-row weight keeps every SM streaming. Weights sharing x (q/k/v, gate/up) can be one launch,
-  each weight's programs after the previous weight's.
+  each weight's programs after the previous weight's. On CUDA nf4_wide (CUDA) takes its steps of up to 64 rows.
 """
 
 import functools
@@ -30,6 +30,8 @@ from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import finish_projection
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
 from server.engine.kernels.nf4_mma import available as mma_available
+from server.engine.kernels.nf4_wide import available as wide_available
+from server.engine.kernels.nf4_wide import nf4_wide_sums
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
@@ -375,8 +377,8 @@ def nf4_gemv(
 
 def pick_matmul_config(n: int, k: int, rows: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for `rows` rows of x and an [n, k] weight: on CUDA the
-    best found on the H200 per Llama-3-8B projection shape, by the nearest shape, for one tile of 64 rows (nf4_mma
-    serves bf16 steps of up to 32 rows, so 33-64 rows), of 128 (65-128) or of 256 (129-256); q/k/v (n 6144) and
+    best found on the H200 per Llama-3-8B projection shape, by the nearest shape, for one tile of 64 rows (33-64
+    rows of the steps nf4_mma and nf4_wide do not serve), of 128 (65-128) or of 256 (129-256); q/k/v (n 6144) and
     gate/up (n 28672) are one launch each (`bench/nf4_kernel.py --rows 64,128,256 --shapes ... --sweep`). Under
     Triton's CPU interpreter few large programs. BLOCK_K and SPLIT_K shrink until they divide K."""
     if not on_cuda:
@@ -428,7 +430,10 @@ def nf4_matmul_sums(
 ) -> torch.Tensor:
     """nf4_matmul before its cast, for one to three weights sharing x (q/k/v, gate/up: Nf4Segments' parts, of one
     K, kind and bias presence) in one launch: [M, sum of N], the weights' outputs side by side, in x's dtype
-    where K is not split, else the programs' fp32 sums. config: pick_matmul_config's for the weights together."""
+    where K is not split, else the programs' fp32 sums. config: pick_matmul_config's for the weights together;
+    without one, nf4_wide's fp32 sums where it runs (bf16 CUDA steps of up to WIDE_ROWS rows)."""
+    if config is None and wide_available(x, parts):
+        return nf4_wide_sums(x, parts)
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
     on_cuda = x.device.type == "cuda"
@@ -469,8 +474,8 @@ def supported(module: nn.Module) -> bool:
 
 class FusedNf4Linear(nn.Module):
     """An NF4 Linear4bit whose forwards of up to MMA_ROWS rows run nf4_mma (bf16 on CUDA), of one row otherwise
-    the GEMV above, of up to MAX_ROWS rows the Triton tensor-core kernel, of more (prefill) bitsandbytes'
-    dequantize + dense matmul."""
+    the GEMV above, of up to MAX_ROWS rows nf4_matmul_sums (nf4_wide for bf16 on CUDA up to WIDE_ROWS, else the
+    Triton tensor-core kernel), of more (prefill) bitsandbytes' dequantize + dense matmul."""
 
     def __init__(self, base: Linear4bit) -> None:
         super().__init__()
@@ -516,9 +521,9 @@ class FusedNf4Linear(nn.Module):
 
 
 def nf4_segments(layers: list[nn.Module]) -> Nf4Segments | None:
-    """The NF4 layers sharing an input as one launch's segments (nf4_mma's, or the Triton matmul's), or None where
-    one launch cannot serve them: a layer not a FusedNf4Linear, or layers of different compute dtype, K, kind or
-    bias presence."""
+    """The NF4 layers sharing an input as one launch's segments (nf4_mma's, nf4_wide's or the Triton matmul's), or
+    None where one launch cannot serve them: a layer not a FusedNf4Linear, or layers of different compute dtype, K,
+    kind or bias presence."""
     if not all(isinstance(layer, FusedNf4Linear) and layer.base.compute_dtype is not None for layer in layers):
         return None
     dtypes = {layer.base.compute_dtype for layer in layers}

@@ -22,79 +22,9 @@
 // to the rounded output, as a decoder layer's residual add does), and NF4_CODES (bitsandbytes' code book as bf16
 // bits).
 
-__constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
-
-#define LUT_WORDS (256 * 32)
 #define ROWS (16 * NT)
 #define RED_WORDS (WARPS * MT * 8 * ROWS)
 #define SMEM_WORDS (LUT_WORDS > RED_WORDS ? LUT_WORDS : RED_WORDS)
-
-__device__ __forceinline__ uint2 load_stream(const unsigned char* p) {
-    // weights are read once a step: do not let them evict x and the scales from L1. A warp's load takes 32 bytes
-    // (a block) of each of 8 rows; the row's next three blocks share its 128-byte line: fetch the line from DRAM
-    // at once (-1 to -5% at 1-32 rows on the H200)
-    uint2 v;
-    asm("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
-}
-
-// A row's absmax for the GROUP blocks a warp takes at once, loaded a group ahead and turned into floats only
-// when used: under double quantization an absmax is an index into code2, and looking it up where it is loaded
-// would stall the warp for a memory round trip before it could issue the next group's weight loads.
-struct Scales {
-#if NESTED
-    unsigned codes;  // GROUP bytes, indices into code2 (a group never crosses a 256-block boundary: see the host)
-    float absmax2;   // the second-level scale of the group's 256 blocks
-#else
-    float absmax[GROUP];
-#endif
-};
-
-__device__ __forceinline__ Scales load_scales(const void* absmax, const float* absmax2, unsigned block) {
-    Scales s;
-#if NESTED
-    const unsigned char* p = static_cast<const unsigned char*>(absmax) + block;  // block: a multiple of GROUP
-#if GROUP == 4
-    s.codes = __ldg(reinterpret_cast<const unsigned*>(p));
-#elif GROUP == 2
-    s.codes = __ldg(reinterpret_cast<const unsigned short*>(p));
-#else
-    s.codes = __ldg(p);
-#endif
-    s.absmax2 = __ldg(absmax2 + (block >> 8));
-#else
-#pragma unroll
-    for (int i = 0; i < GROUP; ++i) s.absmax[i] = __ldg(static_cast<const float*>(absmax) + block + i);
-#endif
-    return s;
-}
-
-__device__ __forceinline__ float scale_of(const Scales& s, int i, const float* code2, float offset) {
-#if NESTED
-    return code2[(s.codes >> (8 * i)) & 0xFFu] * s.absmax2 + offset;
-#else
-    return s.absmax[i];
-#endif
-}
-
-__device__ __forceinline__ unsigned pair_of(const unsigned* lut, unsigned lane4, unsigned word, int byte) {
-    // the bf16 pair of byte `byte` of `word`: byte offset 128 e + 4 lane of the table (one OR: disjoint bits)
-    const unsigned offset = lane4 | ((byte == 0 ? word << 7 : word >> (8 * byte - 7)) & 0x7F80u);
-    return *reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(lut) + offset);
-}
-
-__device__ __forceinline__ float bf16_round(float v) {  // to bf16 and back: the rounding an unfused layer does
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    return __uint_as_float(unsigned(h) << 16);
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     const unsigned short* __restrict__ x,    // [m, ldx] bf16
@@ -189,12 +119,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     for (int i = tid; i < 256; i += WARPS * 32) code2_s[i] = code2[i];
 #endif
 
-    // the decode table: 16-byte stores, a warp writing four whole entries (512 contiguous bytes, no bank conflicts)
-    for (int q = tid; q < LUT_WORDS / 4; q += WARPS * 32) {
-        const int e = q >> 3;
-        const unsigned pair = NF4_BF16[e >> 4] | (unsigned(NF4_BF16[e & 15]) << 16);
-        reinterpret_cast<uint4*>(smem)[q] = make_uint4(pair, pair, pair, pair);
-    }
+    write_lut(smem, tid, WARPS * 32);
 #if HAS_LORA
     if (tid < m) slot_s[tid] = my_slot, rank_s[tid] = my_rank;
     for (int token = tid + WARPS * 32; token < m; token += WARPS * 32) slot_s[token] = slots[token], rank_s[token] = ranks[token];

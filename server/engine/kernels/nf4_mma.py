@@ -18,7 +18,7 @@ from bitsandbytes.functional import QuantState, get_4bit_type
 from server.engine.kernels.epilogue import LoraEpilogue
 
 log = logging.getLogger("loraplex.engine")
-MMA_ROWS = 32  # up to this many rows it beats the Triton kernels on the H200 (BENCHMARKS.md); it runs up to 64
+MMA_ROWS = 32  # up to this many rows it beats nf4_wide and the Triton kernels on the H200 (BENCHMARKS.md)
 _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
 _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
 # The epilogue's B rows copied into shared memory at the start, at most (beside ~41 KB of static memory: two CTAs
@@ -32,11 +32,17 @@ def nf4_bf16_bits() -> list[int]:
     return [b & 0xFFFF for b in get_4bit_type("nf4", device="cpu").to(torch.bfloat16).view(torch.int16).tolist()]
 
 
+def cuda_source(name: str) -> str:
+    """The CUDA source of kernel file `name` after the code book and the parts the NF4 kernels share."""
+    codes = ", ".join(map(hex, nf4_bf16_bits()))
+    here = Path(__file__).parent
+    return f"#define NF4_CODES {codes}\n" + (here / "nf4_common.cuh").read_text() + (here / name).read_text()
+
+
 @functools.cache
 def _source() -> str:
-    """The kernel's source after its code book."""
-    codes = ", ".join(map(hex, nf4_bf16_bits()))
-    return f"#define NF4_CODES {codes}\n" + Path(__file__).with_name("nf4_mma.cu").read_text()
+    """nf4_mma's source after its code book."""
+    return cuda_source("nf4_mma.cu")
 
 
 def available(x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None) -> bool:
@@ -153,7 +159,7 @@ Part = tuple[torch.Tensor, QuantState, torch.Tensor | None]  # an NF4 weight, it
 class Nf4Segments:
     """NF4 weights that share their input (q/k/v, gate/up; up to three), projected by one launch into one output
     [M, sum of N]: each weight's CTAs follow the previous weight's; a CTA picks its weight's pointers among the
-    kernel's parameters (nf4_mma's; the Triton matmul's, nf4.nf4_matmul_sums, likewise)."""
+    kernel's parameters (nf4_mma's; nf4_wide's and the Triton matmul's, nf4.nf4_matmul_sums, likewise)."""
 
     def __init__(self, parts: list[Part], dtype: torch.dtype = torch.bfloat16) -> None:
         self.parts = parts

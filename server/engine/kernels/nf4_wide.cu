@@ -1,0 +1,271 @@
+// sums [m, n] += x [m, k] @ dequant(W [n, k]).T (+ bias) for up to 64 rows of x on the tensor cores (sm_80+),
+// W in bitsandbytes' NF4 layout as stored (as nf4_mma.cu reads it), the sums fp32, added atomically.
+//
+// Why another kernel than nf4_mma: there a CTA's warps split K, so each warp reads its own part of x, and a CTA
+// reads all of x [m, k] for 16-32 output rows. At 64 rows that is 8 KB of x for each 1 KB of weights, from L2
+// (x's K columns do not fit in L1): the x loads, not the weights, set its time. Here a CTA's warps split the
+// output rows instead (NT 16-row tiles each, 16 NT WARPS rows a CTA) and walk K together, GROUP blocks of 64
+// columns a step. Each step's x columns and the CTA's weight bytes for them are copied into shared memory
+// (cp.async, STAGES steps in flight: the weights stream without holding registers), and every warp reads x there.
+// K is split over gridDim.y CTAs, whose fp32 sums add in global memory, so that a weight of few output rows still
+// keeps every SM streaming. Each lane decodes and multiplies as in nf4_mma: its A operands the weights' bf16
+// pairs from the decode table, its B operands 32 contiguous bytes of x.
+//
+// Defined by the host: WARPS, NT, MT (n8 tiles of x rows: ceil(m / 8)), GROUP, STAGES, MIN_BLOCKS, NESTED,
+// HAS_BIAS, SEGMENTS (weights of one launch, up to 3; every n a multiple of 4).
+
+#define CTA_ROWS (16 * NT * WARPS)
+// bf16 a row of a staged x step: 16 bytes of padding, so that the 16-byte reads of the 8 lanes of a phase (two x
+// rows, four 32-byte column groups) fall in distinct banks
+#define XSTRIDE (64 * GROUP + 8)
+#define X_BYTES (8 * MT * XSTRIDE * 2)
+// a stage's weights: [GROUP][CTA_ROWS][32 bytes], so the 8-byte reads of a half warp (four consecutive rows) take
+// 128 contiguous bytes
+#define W_BYTES (GROUP * CTA_ROWS * 32)
+#define STAGE_BYTES (X_BYTES + W_BYTES)
+#define OSTRIDE (CTA_ROWS + 4)  // fp32 a row of the CTA's sums in the epilogue: the lanes' writes in distinct banks
+
+__device__ __forceinline__ void copy16(unsigned dst, const void* src, int bytes) {  // dst: a shared address
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ unsigned scale_pair(float s) {  // a scale as two bf16
+    unsigned pair;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %1;" : "=r"(pair) : "f"(s));
+    return pair;
+}
+
+__device__ __forceinline__ unsigned scaled(unsigned pair, unsigned scale) {  // two bf16 weights times their scale
+    unsigned out;  // + -0: the product's sign kept where it is zero (fma: sm_80 has no bf16x2 mul)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(pair), "r"(scale), "r"(0x80008000u));
+    return out;
+}
+
+// A thread's part of each step's copies into a stage, its addresses made once: x rows 0..8 MT - 1 at the step's
+// 64 GROUP columns (rows past m: zeros), then the step's GROUP blocks of the CTA's weight rows (rows past n: the
+// last row again). One commit a step.
+struct Copies {
+    static constexpr int X_PIECES = 8 * MT * 8 * GROUP, W_PIECES = CTA_ROWS * 2 * GROUP;  // 16 bytes each
+    static constexpr int X_EACH = (X_PIECES + WARPS * 32 - 1) / (WARPS * 32);
+    static constexpr int W_EACH = (W_PIECES + WARPS * 32 - 1) / (WARPS * 32);
+    const unsigned short* x_src[X_EACH];
+    unsigned x_dst[X_EACH];  // shared-memory offsets in the stage
+    int x_bytes[X_EACH];     // 16, 0 for a row past m (zeros), -1 for no piece
+    const unsigned char* w_src[W_EACH];
+    unsigned w_dst[W_EACH];
+
+    __device__ __forceinline__ Copies(const unsigned short* x, int ldx, int m, const unsigned char* w, int n,
+                                      int blocks_k, int first_row, int kb0, int tid) {
+#pragma unroll
+        for (int e = 0; e < X_EACH; ++e) {
+            const int c = tid + e * WARPS * 32, r = c / (8 * GROUP), q = c % (8 * GROUP);
+            x_src[e] = x + size_t(r < m ? r : 0) * ldx + 64 * kb0 + 8 * q;
+            x_dst[e] = (r * XSTRIDE + 8 * q) * 2;
+            x_bytes[e] = c >= X_PIECES ? -1 : r < m ? 16 : 0;
+        }
+#pragma unroll
+        for (int e = 0; e < W_EACH; ++e) {
+            const int c = min(tid + e * WARPS * 32, W_PIECES - 1), r = c / (2 * GROUP), q = c % (2 * GROUP);
+            w_src[e] = w + (size_t(min(first_row + r, n - 1)) * blocks_k + kb0) * 32 + 16 * q;
+            w_dst[e] = X_BYTES + ((q >> 1) * CTA_ROWS + r) * 32 + 16 * (q & 1);
+        }
+    }
+
+    __device__ __forceinline__ void issue(unsigned stage, int step) const {  // stage: its shared-memory address
+#pragma unroll
+        for (int e = 0; e < X_EACH; ++e)
+            if (X_PIECES % (WARPS * 32) == 0 || x_bytes[e] >= 0)
+                copy16(stage + x_dst[e], x_src[e] + 64 * GROUP * step, x_bytes[e]);
+#pragma unroll
+        for (int e = 0; e < W_EACH; ++e)  // a thread past the pieces copies the last one again: harmless
+            copy16(stage + w_dst[e], w_src[e] + 32 * GROUP * step, 16);
+        asm volatile("cp.async.commit_group;");
+    }
+};
+
+__device__ __forceinline__ void add_sums(float* p, float4 v) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z),
+                 "f"(v.w)
+                 : "memory");
+#else
+    atomicAdd(p, v.x), atomicAdd(p + 1, v.y), atomicAdd(p + 2, v.z), atomicAdd(p + 3, v.w);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
+    const unsigned short* __restrict__ x,    // [m, ldx] bf16, rows 16-byte aligned
+    int ldx, int m,
+    float* __restrict__ out,                 // [m, ldo] fp32: zeros before the launch where K is split
+    int ldo, int k,
+    int blocks_split,                        // K / 64 / gridDim.y: the blocks of K a CTA takes
+    const unsigned char* __restrict__ w,     // [n, k / 2] NF4 codes
+    const void* __restrict__ absmax,         // [n * k / 64] fp32, or uint8 codes of code2 when NESTED
+    const float* __restrict__ absmax2,       // [n * k / 64 / 256] (NESTED)
+    const float* __restrict__ code2,         // [256] (NESTED)
+    const float* __restrict__ offset_ptr,    // [] added to every absmax (NESTED)
+    const unsigned short* __restrict__ bias, // [n] bf16 (HAS_BIAS)
+    int n,
+    // segments 1 and 2 (SEGMENTS > 1, 3): as segment 0's above, then the CTAs before segment 1's and segment 2's
+    const unsigned char* __restrict__ w_1, const void* __restrict__ absmax_1, const float* __restrict__ absmax2_1,
+    const float* __restrict__ code2_1, const float* __restrict__ offset_1, const unsigned short* __restrict__ bias_1,
+    int n_1,
+    const unsigned char* __restrict__ w_2, const void* __restrict__ absmax_2, const float* __restrict__ absmax2_2,
+    const float* __restrict__ code2_2, const float* __restrict__ offset_2, const unsigned short* __restrict__ bias_2,
+    int n_2, int end_0, int end_1) {
+    // the decode table, code2, then the stages; after the main loop the CTA's sums [8 MT][OSTRIDE] (host-sized)
+    extern __shared__ __align__(16) unsigned smem[];
+    float* code2_s = reinterpret_cast<float*>(smem + LUT_WORDS);
+    unsigned char* stages = reinterpret_cast<unsigned char*>(smem + LUT_WORDS + 256);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    int cta = blockIdx.x, col0 = 0;  // this CTA's tile in its weight, and that weight's first column of out
+#if SEGMENTS > 1
+    if (cta >= end_0) {  // as in nf4_mma: the weight's pointers chosen among the kernel's parameters
+        const bool second = SEGMENTS == 2 || cta < end_1;
+        col0 = second ? n : n + n_1;
+        cta -= second ? end_0 : end_1;
+        w = second ? w_1 : w_2;
+        absmax = second ? absmax_1 : absmax_2;
+        absmax2 = second ? absmax2_1 : absmax2_2;
+        code2 = second ? code2_1 : code2_2;
+        offset_ptr = second ? offset_1 : offset_2;
+        bias = second ? bias_1 : bias_2;
+        n = second ? n_1 : n_2;
+    }
+#endif
+    const int blocks_k = k >> 6, kb0 = blockIdx.y * blocks_split, steps = blocks_split / GROUP;
+    const int first_row = cta * CTA_ROWS;
+    // the first steps' copies in flight first (one commit a stage, a step past the last copying nothing)
+    const Copies copies(x, ldx, m, w, n, blocks_k, first_row, kb0, tid);
+    const unsigned stages_at = unsigned(__cvta_generic_to_shared(stages));
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) copies.issue(stages_at + s * STAGE_BYTES, s);
+        else asm volatile("cp.async.commit_group;");
+    }
+    unsigned block[NT][2];  // the CTA's first block of each of the lane's rows
+    int wrow[NT][2];        // those rows in the CTA's
+#pragma unroll
+    for (int tile = 0; tile < NT; ++tile) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            wrow[tile][h] = (warp * NT + tile) * 16 + 8 * h + g;
+            block[tile][h] = unsigned(min(first_row + wrow[tile][h], n - 1)) * blocks_k + kb0;
+        }
+    }
+#if NESTED
+    const float offset = *offset_ptr;
+#else
+    const float offset = 0.0f;
+#endif
+    Scales scales[NT][2];
+#pragma unroll
+    for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) scales[tile][h] = load_scales(absmax, absmax2, block[tile][h]);
+#if NESTED
+    for (int i = tid; i < 256; i += WARPS * 32) code2_s[i] = code2[i];
+#endif
+    write_lut(smem, tid, WARPS * 32);
+    const unsigned lane4 = 4 * lane;
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile) acc[j][tile][0] = acc[j][tile][1] = acc[j][tile][2] = acc[j][tile][3] = 0.0f;
+
+    for (int step = 0; step < steps; ++step) {
+        // this step's copies landed (the STAGES - 2 later ones may still be in flight) and, after the barrier,
+        // every warp is done with the stage the next copy overwrites (the last step's)
+        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+        __syncthreads();
+        const int ahead = step + STAGES - 1;
+        if (ahead < steps) copies.issue(stages_at + (ahead % STAGES) * STAGE_BYTES, ahead);
+        else asm volatile("cp.async.commit_group;");
+        // the next step's scales, loaded before this step's math (the last step loads its own again: no
+        // predicated loads in the loop)
+        const int next_step = step + 1 < steps ? step + 1 : step;
+        Scales next_scales[NT][2];
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                next_scales[tile][h] = load_scales(absmax, absmax2, block[tile][h] + next_step * GROUP);
+        const unsigned char* here = stages + (step % STAGES) * STAGE_BYTES;
+        const unsigned short* xs = reinterpret_cast<const unsigned short*>(here);
+        const unsigned char* ws = here + X_BYTES;
+#pragma unroll
+        for (int i = 0; i < GROUP; ++i) {
+            // [tile][mma step][A register], as in nf4_mma, each weight times its block's scale (rounded to bf16,
+            // as bitsandbytes' dequantized weight is): one bf16 pair product a register, where scaling the
+            // products after each block's mmas took four FFMA a tile and x row tile
+            unsigned a[NT][4][4];
+#pragma unroll
+            for (int tile = 0; tile < NT; ++tile) {
+                // bytes 8 t..8 t + 7 of block i of the lane's two rows
+                const uint2 code0 = *reinterpret_cast<const uint2*>(ws + (i * CTA_ROWS + wrow[tile][0]) * 32 + 8 * t);
+                const uint2 code1 = *reinterpret_cast<const uint2*>(ws + (i * CTA_ROWS + wrow[tile][1]) * 32 + 8 * t);
+                const unsigned s0 = scale_pair(scale_of(scales[tile][0], i, code2_s, offset));
+                const unsigned s1 = scale_pair(scale_of(scales[tile][1], i, code2_s, offset));
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const unsigned word0 = s < 2 ? code0.x : code0.y;
+                    const unsigned word1 = s < 2 ? code1.x : code1.y;
+                    a[tile][s][0] = scaled(pair_of(smem, lane4, word0, 2 * (s & 1)), s0);
+                    a[tile][s][1] = scaled(pair_of(smem, lane4, word1, 2 * (s & 1)), s1);
+                    a[tile][s][2] = scaled(pair_of(smem, lane4, word0, 2 * (s & 1) + 1), s0);
+                    a[tile][s][3] = scaled(pair_of(smem, lane4, word1, 2 * (s & 1) + 1), s1);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MT; ++j) {
+                // x row 8 j + g, columns 16 t..16 t + 15 of block i of the step
+                const uint4* p = reinterpret_cast<const uint4*>(xs + (8 * j + g) * XSTRIDE + 64 * i + 16 * t);
+                const uint4 lo = p[0], hi = p[1];
+#pragma unroll
+                for (int tile = 0; tile < NT; ++tile) {
+                    mma(acc[j][tile], a[tile][0], lo.x, lo.y);
+                    mma(acc[j][tile], a[tile][1], lo.z, lo.w);
+                    mma(acc[j][tile], a[tile][2], hi.x, hi.y);
+                    mma(acc[j][tile], a[tile][3], hi.z, hi.w);
+                }
+            }
+        }
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) scales[tile][h] = next_scales[tile][h];
+    }
+
+    // The CTA's sums through shared memory, so that each thread adds four consecutive outputs with one reduction
+    // (C fragment: weight rows g, g + 8 x x rows 8 j + 2 t, 8 j + 2 t + 1)
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int tile = 0; tile < NT; ++tile) {
+            float* base = red + (8 * j + 2 * t) * OSTRIDE + (warp * NT + tile) * 16 + g;
+            base[0] = acc[j][tile][0];
+            base[OSTRIDE] = acc[j][tile][1];
+            base[8] = acc[j][tile][2];
+            base[OSTRIDE + 8] = acc[j][tile][3];
+        }
+    __syncthreads();
+    for (int i = tid; i < m * (CTA_ROWS / 4); i += WARPS * 32) {
+        const int token = i / (CTA_ROWS / 4), c = 4 * (i % (CTA_ROWS / 4)), row = cta * CTA_ROWS + c;
+        if (row >= n) continue;  // n is a multiple of 4: rows row..row + 3 are all outputs or none
+        float4 v = *reinterpret_cast<const float4*>(red + token * OSTRIDE + c);
+#if HAS_BIAS
+        if (blockIdx.y == 0) {  // added once, by the CTAs of the first part of K
+            v.x += __uint_as_float(unsigned(bias[row]) << 16), v.y += __uint_as_float(unsigned(bias[row + 1]) << 16);
+            v.z += __uint_as_float(unsigned(bias[row + 2]) << 16), v.w += __uint_as_float(unsigned(bias[row + 3]) << 16);
+        }
+#endif
+        float* sums = out + size_t(token) * ldo + col0 + row;
+        if (gridDim.y == 1) *reinterpret_cast<float4*>(sums) = v;  // K in one part: nothing to add to
+        else add_sums(sums, v);
+    }
+}

@@ -1,0 +1,142 @@
+"""The NF4 tensor-core kernel for the steps of 33-64 rows (nf4_wide.cu), compiled with NVRTC through torch at first
+use, one build per launch shape: fp32 sums of x @ dequant(W).T for one to three weights sharing x (q/k/v,
+gate/up), which finish_projection then rounds and adds each row's LoRA delta and the residual to, as it does for
+the Triton matmul that serves these steps where this kernel does not run.
+
+Where nf4_mma's warps each read their own part of x, here the warps of a CTA share x's columns through shared
+memory and split the output rows (the .cu file says why that matters at 64 rows); K is split over CTAs.
+"""
+
+import functools
+import itertools
+import logging
+from collections.abc import Callable
+
+import torch
+
+from server.engine.kernels.nf4_mma import Part, cuda_source, second_level
+
+log = logging.getLogger("loraplex.engine")
+WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
+_LUT_BYTES = 256 * 32 * 4 + 256 * 4  # the decode table and code2, before the x stages
+
+# (warps, 16-row weight tiles a warp, blocks of 64 columns a step, steps in flight, CTAs an SM must fit)
+Config = tuple[int, int, int, int, int]
+
+
+def smem_bytes(warps: int, row_tiles: int, group: int, stages: int, x_tiles: int) -> int:
+    """Dynamic shared memory of one build: the table, code2 and the stages (x's columns and the weights' bytes of
+    a step), or the CTA's sums after them."""
+    cta_rows = 16 * row_tiles * warps
+    stage = 8 * x_tiles * (64 * group + 8) * 2 + group * cta_rows * 32
+    return max(_LUT_BYTES + stages * stage, 8 * x_tiles * (cta_rows + 4) * 4)
+
+
+def available(x: torch.Tensor, parts: list[Part]) -> bool:
+    """Whether nf4_wide runs for x [M, K] and `parts`: bf16 rows 16-byte aligned, M <= WIDE_ROWS, on a CUDA device
+    with bf16 tensor cores where torch's NVRTC compiles the kernel, every weight's N a multiple of 4 (each thread
+    adds four consecutive sums) and its bias bf16."""
+    return (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and x.shape[0] <= WIDE_ROWS
+        and x.data_ptr() % 16 == 0
+        and x.stride(0) % 8 == 0
+        and x.stride(1) == 1
+        and all(state.shape[0] % 4 == 0 and (bias is None or bias.dtype == torch.bfloat16) for _, state, bias in parts)
+        and _compiles(x.device.index or 0)
+    )
+
+
+@functools.cache
+def _compiles(device: int) -> bool:
+    """One build on `device`, once: torch without NVRTC (or its library missing) leaves the Triton matmul."""
+    if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    try:
+        _kernel(8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, device=device)
+    except (OSError, RuntimeError) as error:
+        log.warning("nf4_wide does not compile here (%s): the Triton NF4 matmul serves its steps", error)
+        return False
+    return True
+
+
+def kernel_source(
+    warps: int, row_tiles: int, group: int, stages: int, min_blocks: int, x_tiles: int, nested: bool, bias: bool,
+    segments: int,
+) -> str:  # fmt: skip
+    """The CUDA source of one build: its defines (the .cu file's header lists them), then the shared parts and it."""
+    defines = {"WARPS": warps, "NT": row_tiles, "MT": x_tiles, "GROUP": group, "STAGES": stages,
+               "MIN_BLOCKS": min_blocks, "NESTED": int(nested), "HAS_BIAS": int(bias),
+               "SEGMENTS": segments}  # fmt: skip
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + cuda_source("nf4_wide.cu")
+
+
+@functools.cache
+def _kernel(
+    warps: int,
+    row_tiles: int,
+    group: int,
+    stages: int,
+    min_blocks: int,
+    x_tiles: int,
+    nested: bool,
+    bias: bool,
+    segments: int,
+    device: int,
+) -> Callable[..., None]:
+    source = kernel_source(warps, row_tiles, group, stages, min_blocks, x_tiles, nested, bias, segments)
+    with torch.cuda.device(device):
+        kernel = torch.cuda._compile_kernel(source, "nf4_wide")
+        kernel.set_shared_memory_config(smem_bytes(warps, row_tiles, group, stages, x_tiles))
+        return kernel
+
+
+def pick_config(n: int, k: int, rows: int) -> Config:
+    """The launch configuration for `rows` rows of x and weights of `n` outputs together: the best of a sweep on
+    the H200 at 64 rows per Llama-3-8B shape (`bench/nf4_kernel.py --rows 64 --sweep`), by the nearest shape."""
+    return (8, 1, 2, 4, 1) if n <= 2048 else (8, 2, 2, 3, 1)
+
+
+def pick_split(tiles: int, k: int, group: int, sms: int) -> int:
+    """Parts of K, each a CTA's for each tile: the fewest that give two SMs in three a CTA (more parts add more
+    sums to global memory and more CTAs setting up, for little more streaming), where they divide K's blocks."""
+    blocks = k // 64
+    splits = [s for s in (1, 2, 4, 8, 16, 32) if blocks % (s * group) == 0]
+    return next((s for s in splits if 3 * tiles * s >= 2 * sms), splits[-1])
+
+
+def nf4_wide_sums(
+    x: torch.Tensor, parts: list[Part], config: Config | None = None, split: int | None = None
+) -> torch.Tensor:
+    """x [M, K] bf16 (available()) @ dequant(W).T (+ bias) for each weight W of `parts` (one to three of one K,
+    kind and bias presence) in one launch -> [M, sum of N] fp32, the weights' sums side by side. The parts of K add
+    atomically, so a sum's last bits can change from call to call."""
+    m, k = x.shape
+    ns = [state.shape[0] for _, state, _ in parts]
+    warps, row_tiles, group, stages, min_blocks = config or pick_config(sum(ns), k, m)
+    while (k // 64) % group:
+        group //= 2
+    cta_rows = 16 * row_tiles * warps
+    ends = list(itertools.accumulate(-(-n // cta_rows) for n in ns))
+    device = x.device.index or 0
+    split = split or pick_split(ends[-1], k, group, torch.cuda.get_device_properties(device).multi_processor_count)
+    if (k // 64) % (split * group):
+        raise ValueError(f"K's {k // 64} blocks do not split into {split} parts of {group}-block steps")
+    x_tiles = -(-m // 8)
+    out = (torch.zeros if split > 1 else torch.empty)(m, sum(ns), dtype=torch.float32, device=x.device)
+    segments = []  # each segment's weight, scales, bias and N (segment 0's again where there are fewer: never read)
+    for i in range(3):
+        weight, state, bias = parts[min(i, len(parts) - 1)]
+        segments += [weight, state.absmax, *second_level(state), out if bias is None else bias, ns[min(i, len(ns) - 1)]]
+    state, bias = parts[0][1], parts[0][2]
+    kernel = _kernel(warps, row_tiles, group, stages, min_blocks, x_tiles, bool(state.nested), bias is not None,
+                     len(parts), device)  # fmt: skip
+    kernel(
+        grid=(ends[-1], split, 1),
+        block=(32 * warps, 1, 1),
+        args=[x, x.stride(0), m, out, out.stride(0), k, k // 64 // split, *segments, ends[0],
+              ends[min(1, len(ends) - 1)]],
+        shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,77 @@
+"""CUDA only: nf4_wide, the NF4 tensor-core kernel for steps of up to 64 rows, against the dequantized weight (with
+a bias, K split over CTAs, weights sharing x in one launch), and the NF4 matmul taking it for bf16 rows."""
+
+import pytest
+import torch
+from enginekit import nf4_layer
+
+from server.engine.kernels.nf4 import nf4_matmul, nf4_matmul_sums
+from server.engine.kernels.nf4_wide import WIDE_ROWS, available, nf4_wide_sums
+
+pytestmark = pytest.mark.gpu
+N, K = 72, 64 * 24  # N not a multiple of a CTA's rows; K's 24 blocks split in 1-4 parts of steps of 1-4 blocks
+K_TWO_PARTS = 64 * 12  # split in two parts by the launcher: the sums add in either order alike
+
+
+def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Within the rounding of the scaled weights (nf4_wide's, the Triton matmul's) or of the output to bf16."""
+    return torch.allclose(got.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33, WIDE_ROWS])
+@pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
+# (warps, 16-row weight tiles a warp, blocks a step, steps in flight, CTAs an SM), parts of K
+@pytest.mark.parametrize(("config", "split"), [((8, 2, 2, 4, 1), 1), ((4, 1, 1, 3, 1), 4), ((8, 1, 4, 2, 1), 2)])
+def test_nf4_wide_matches_the_dequantized_weight(rows, nested, bias, config, split) -> None:
+    torch.manual_seed(0)
+    layer, dense = nf4_layer(N, K, nested, bias, "cuda")
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    b = layer.bias.bfloat16() if bias else None
+    expected = x.float() @ dense.T + (b.float() if bias else 0)
+    got = nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, b)], config, split)
+    assert got.dtype == torch.float32 and close(got, expected)
+
+
+@pytest.mark.parametrize("rows", [5, WIDE_ROWS])
+@pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
+def test_nf4_wide_segments_match_each_weight_alone(rows, nested, bias) -> None:
+    """Three weights sharing x in one launch (as q/k/v do), K in two parts (their sums add in either order
+    alike): each weight's columns are what nf4_wide gives for that weight alone, bit for bit."""
+    torch.manual_seed(0)
+    sizes = (72, 40, 24)  # not multiples of a CTA's rows: every segment ends in a partial tile
+    layers = [nf4_layer(n, K, nested, bias, "cuda")[0] for n in sizes]
+    parts = [(layer.weight, layer.weight.quant_state, layer.bias.bfloat16() if bias else None) for layer in layers]
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    config = (4, 1, 2, 3, 1)
+    got = nf4_wide_sums(x, parts, config, split=2)
+    assert got.shape == (rows, sum(sizes))
+    column = 0
+    for i, (part, n) in enumerate(zip(parts, sizes, strict=True)):
+        assert torch.equal(got[:, column : column + n], nf4_wide_sums(x, [part], config, split=2)), f"weight {i}"
+        column += n
+
+
+def test_x_rows_need_not_be_contiguous_and_rows_past_m_add_nothing() -> None:
+    """x as a view of wider rows (the engine's normed activations can be); the sums tensor's rows are exactly m."""
+    torch.manual_seed(0)
+    layer, dense = nf4_layer(N, K, True, False, "cuda")
+    wide = torch.randn(40, K + 64, device="cuda").bfloat16()
+    x = wide[:, 64:]  # rows 16-byte aligned, stride K + 64
+    assert available(x, [(layer.weight, layer.weight.quant_state, None)])
+    got = nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, None)])
+    assert got.shape == (40, N) and close(got, x.float() @ dense.T)
+
+
+def test_the_matmul_takes_nf4_wide_where_it_runs_and_the_triton_kernel_elsewhere() -> None:
+    torch.manual_seed(0)
+    layer, dense = nf4_layer(N, K_TWO_PARTS, True, False, "cuda")
+    odd, odd_dense = nf4_layer(N - 2, K_TWO_PARTS, True, False, "cuda")  # N not a multiple of 4: nf4_wide does not run
+    for rows in (33, WIDE_ROWS, WIDE_ROWS + 1):
+        x = torch.randn(rows, K_TWO_PARTS, device="cuda").bfloat16()
+        part = (layer.weight, layer.weight.quant_state, None)
+        assert available(x, [part]) == (rows <= WIDE_ROWS)
+        if rows <= WIDE_ROWS:
+            assert torch.equal(nf4_matmul_sums(x, [part]), nf4_wide_sums(x, [part]))
+        assert close(nf4_matmul(x, layer.weight, layer.weight.quant_state), x.float() @ dense.T)
+        assert not available(x, [(odd.weight, odd.weight.quant_state, None)])
+        assert close(nf4_matmul(x, odd.weight, odd.weight.quant_state), x.float() @ odd_dense.T)
