@@ -61,6 +61,13 @@ class Settings(BaseSettings):
         "memory free after the model holds, at most 256 (32 on a CPU).",
     )
     max_queue: int = Field(256, ge=0, description="Waiting requests before new ones get 429.")
+    max_queue_per_adapter: int | None = Field(
+        None,
+        ge=1,
+        description="Waiting requests for one adapter (the base model counts as one) before its new ones get 429 "
+        "while other adapters' are still queued, so that one client's flood cannot fill the queue; default: half "
+        "of --max-queue (at least 1), at most --max-queue.",
+    )
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")
@@ -111,6 +118,19 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _adapter_share_of_the_queue(self) -> "Settings":
+        if self.max_queue_per_adapter is None:
+            # half: one adapter's flood leaves the other half to everyone else, and a lone adapter still queues
+            # as deep as its rows need when max_queue is sized for the whole server
+            self.max_queue_per_adapter = max(1, self.max_queue // 2)
+        elif self.max_queue_per_adapter > self.max_queue:
+            raise ValueError(
+                f"max_queue_per_adapter ({self.max_queue_per_adapter}) must be <= max_queue ({self.max_queue}): "
+                "one adapter's share of the waiting queue cannot exceed the queue"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cpu_tier_holds_active(self) -> "Settings":

@@ -70,6 +70,7 @@ class Runtime:
             engine,
             settings.max_queue,
             LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe),
+            max_queue_per_adapter=settings.max_queue_per_adapter,
         )
         metrics.bind_live(
             queue_depth=lambda: scheduler.queue_depth,

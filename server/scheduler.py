@@ -1,4 +1,5 @@
-"""The asyncio facade over the engine thread: bounded queue, token streams, cancellation, latency hooks.
+"""The asyncio facade over the engine thread: bounded queue (and each adapter's share of it), token streams,
+cancellation, latency hooks.
 
 Nothing here touches torch or waits on the device: the engine thread hands events over through a mailbox that
 wakes the event loop once per burst (a step's events), and leaving a stream early cancels its request in the
@@ -12,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from server.engine import Engine, GenerationRequest, QueueFull, TokenEvent
+from server.engine import AdapterQueueFull, Engine, GenerationRequest, QueueFull, TokenEvent
 from server.engine.errors import EngineError
 
 LatencyHook = Callable[[float], None]  # seconds
@@ -112,11 +113,22 @@ class TokenStream:
 
 
 class Scheduler:
-    """What the HTTP layer holds: `submit` (raises at once) or `generate` (an async generator)."""
+    """What the HTTP layer holds: `submit` (raises at once) or `generate` (an async generator).
 
-    def __init__(self, engine: Engine, max_queue: int, hooks: LatencyHooks | None = None) -> None:
+    At most `max_queue` requests wait, and at most `max_queue_per_adapter` of them for one adapter (the base model
+    counts as one): past that share an adapter's requests get 429 while other adapters' are still queued.
+    None: no share below max_queue."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int,
+        hooks: LatencyHooks | None = None,
+        max_queue_per_adapter: int | None = None,
+    ) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        self.max_queue_per_adapter = max_queue_per_adapter
         self.hooks = hooks or LatencyHooks()
         self._mailbox: Mailbox | None = None
 
@@ -132,15 +144,24 @@ class Scheduler:
         if self.engine.num_waiting >= self.max_queue:
             raise QueueFull(self.max_queue)
 
+    def _ensure_share(self, adapter_key: str | None) -> None:
+        share = self.max_queue_per_adapter
+        if share is not None and self.engine.waiting_for(adapter_key) >= share:
+            raise AdapterQueueFull(adapter_key, share, self.max_queue)
+
     def check(self, request: GenerationRequest) -> None:
-        """Raise QueueFull or PromptTooLong now: callers check before they load the request's adapter."""
+        """Raise QueueFull or PromptTooLong now: callers check before they load the request's adapter. The
+        adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to its key;
+        refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
         self._ensure_room()
         self.engine.validate(request)
 
     def submit(self, request: GenerationRequest) -> TokenStream:
-        """Start a request. Raises QueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or ValueError
-        before anything runs (then `request.on_finish` is not called: the caller still owns its hold)."""
+        """Start a request. Raises QueueFull, AdapterQueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or
+        ValueError before anything runs (then `request.on_finish` is not called: the caller still owns its
+        hold)."""
         self._ensure_room()
+        self._ensure_share(request.adapter_key)
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)

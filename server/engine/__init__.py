@@ -3,6 +3,7 @@
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import (
+    AdapterQueueFull,
     AdapterTooLarge,
     EngineError,
     EngineStopped,
@@ -14,6 +15,7 @@ from server.engine.requests import FinishReason, GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 
 __all__ = [
+    "AdapterQueueFull",
     "AdapterTooLarge",
     "Engine",
     "EngineConfig",

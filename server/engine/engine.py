@@ -12,6 +12,10 @@ last step's tokens before it plans the next one. Requests leave the moment the h
 cancelled, freeing their row; a token drawn for a request after its end (its EOS or a stop sequence was still
 on the way) is discarded. Length ends are known ahead and cost nothing. A request that fails (at admission or
 in a forward) ends alone; the loop goes on.
+
+Admission is fair between adapters: each pass takes the waiting requests round-robin over their adapters (the base
+model is one more group), the adapter admitted least recently first, so a flood of requests for one adapter delays
+another adapter's request by one row at most instead of by the whole flood.
 """
 
 import heapq
@@ -20,7 +24,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,6 +67,12 @@ log = logging.getLogger("loraplex.engine")
 EventSink = Callable[[TokenEvent], None]
 # on_activation(adapter key, slot, seconds from CPU weights to usable slot)
 ActivationHook = Callable[[str, int, float], None]
+Waiting = tuple[GenerationRequest, EventSink]
+
+# Admission turns remembered (adapter -> its last admission): an adapter forgotten counts as never admitted, so it
+# goes first in its next pass, as it would after that many other adapters were admitted since. Bounds the memory
+# that a client cycling through adapter names could otherwise grow.
+_TURNS_KEPT = 4096
 
 
 @dataclass
@@ -149,7 +159,13 @@ class Engine:
         self.slots = SlotTable(config.max_active_adapters)
         self._free_rows = list(range(config.max_batch_size))  # a heap: lowest rows first keeps batches short
         self._rows: dict[str, _Row] = {}
-        self._waiting: deque[tuple[GenerationRequest, EventSink]] = deque()
+        self._waiting: deque[Waiting] = deque()
+        # waiting requests per adapter key (None: the base model), kept with _waiting under _cv: the scheduler
+        # reads it on the event loop for every request, where counting _waiting would cost O(waiting)
+        self._waiting_per_adapter: dict[str | None, int] = {}
+        # adapter key -> the admission turn it was last admitted at, oldest first (engine thread only)
+        self._turns: dict[str | None, int] = {}
+        self._turn = 0
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
         self._pending: list[_Output] = []  # the last step's tokens, delivered once the next step is launched
@@ -227,6 +243,8 @@ class Engine:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
             self._waiting.append((request, sink))
+            key = request.adapter_key
+            self._waiting_per_adapter[key] = self._waiting_per_adapter.get(key, 0) + 1
             self._cv.notify()
 
     def validate(self, request: GenerationRequest) -> None:
@@ -293,6 +311,17 @@ class Engine:
         with self._cv:
             keys = [request.adapter_key for request, _ in self._waiting if request.adapter_key is not None]
         return list(dict.fromkeys(keys))
+
+    def waiting_for(self, adapter_key: str | None) -> int:
+        """Queued requests for `adapter_key` (None: the base model). O(1) and safe from any thread: one dict
+        lookup, which the engine thread's updates under its lock never leave half done."""
+        return self._waiting_per_adapter.get(adapter_key, 0)
+
+    def waiting_counts(self) -> dict[str | None, int]:
+        """Adapter key (None: the base model) -> its queued requests, for every key with any (safe from any
+        thread)."""
+        with self._cv:
+            return dict(self._waiting_per_adapter)
 
     @property
     def num_waiting(self) -> int:
@@ -395,13 +424,8 @@ class Engine:
             cancels, self._cancels = self._cancels, set()
             deactivations, self._deactivations = self._deactivations, []
             if cancels:
-                kept = deque()
-                for request, sink in self._waiting:
-                    if request.request_id in cancels:
-                        self._end_unadmitted(request, sink, "cancelled")
-                    else:
-                        kept.append((request, sink))
-                self._waiting = kept
+                for request, sink in self._remove_waiting(cancels):
+                    self._end_unadmitted(request, sink, "cancelled")
         drawn = self._in_flight
         if cancels and drawn is not None and any(r.request.request_id in cancels for r in drawn.rows):
             # the tokens already drawn are the cancelled rows' too; other cancels (queued requests, rows with no
@@ -416,24 +440,58 @@ class Engine:
             self.slots.deactivate(key)
         self._active_snapshot = self.slots.active()
 
+    def _remove_waiting(self, request_ids: set[str]) -> list[Waiting]:
+        """Take the waiting requests of `request_ids` out of the queue and its counts (the caller holds _cv)."""
+        kept: deque[Waiting] = deque()
+        removed: list[Waiting] = []
+        for waiting in self._waiting:
+            if waiting[0].request_id in request_ids:
+                removed.append(waiting)
+                key = waiting[0].adapter_key
+                left = self._waiting_per_adapter[key] - 1
+                if left:
+                    self._waiting_per_adapter[key] = left
+                else:
+                    del self._waiting_per_adapter[key]
+            else:
+                kept.append(waiting)
+        self._waiting = kept
+        return removed
+
     def _admit(self) -> None:
-        with self._cv:
-            candidates = list(self._waiting)
         self.slots.begin_pass()
+        if not self._free_rows:  # nothing to admit into: no O(waiting) pass while every row runs
+            return
+        with self._cv:
+            groups: dict[str | None, list[Waiting]] = {}  # in the order of each group's oldest waiting request
+            for waiting in self._waiting:
+                groups.setdefault(waiting[0].adapter_key, []).append(waiting)
+        # the adapter admitted least recently first (one never admitted, or forgotten, before any); sorted is stable,
+        # so ties keep the order of their oldest request
+        order = sorted(groups.items(), key=lambda group: self._turns.get(group[0], -1))
         admitted: set[str] = set()
-        for request, sink in candidates:
+        served: list[str | None] = []  # adapter keys in the order their requests left the queue in this pass
+        for request, sink in _round_robin([members for _, members in order]):
             if not self._free_rows:
                 break
             try:
                 if self._admit_one(request, sink):
                     admitted.add(request.request_id)
+                    served.append(request.adapter_key)
             except Exception as exc:  # this request cannot run (e.g. its adapter cannot be activated): it alone ends
                 log.warning("request %s failed at admission: %s", request.request_id, exc)
                 admitted.add(request.request_id)
+                served.append(request.adapter_key)
                 self._end_unadmitted(request, sink, "error", exc)
         if admitted:
             with self._cv:
-                self._waiting = deque(w for w in self._waiting if w[0].request_id not in admitted)
+                self._remove_waiting(admitted)
+            for key in served:  # re-inserted: the dict stays in turn order, its oldest turns first to forget
+                self._turns.pop(key, None)
+                self._turns[key] = self._turn
+                self._turn += 1
+            while len(self._turns) > _TURNS_KEPT:
+                del self._turns[next(iter(self._turns))]
             self._active_snapshot = self.slots.active()
 
     def _admit_one(self, request: GenerationRequest, sink: EventSink) -> bool:
@@ -709,5 +767,17 @@ class Engine:
             self._finish(row, "error", error)
         with self._cv:
             waiting, self._waiting = self._waiting, deque()
+            self._waiting_per_adapter.clear()
         for request, sink in waiting:
             self._end_unadmitted(request, sink, "error", error)
+
+
+def _round_robin(groups: list[list[Waiting]]) -> Iterator[Waiting]:
+    """The first request of each group in turn, then the second of each, and so on: O(requests) in all, as each
+    round visits only the groups that still have a request left."""
+    depth = 0
+    while groups:
+        for members in groups:
+            yield members[depth]
+        depth += 1
+        groups = [members for members in groups if len(members) > depth]

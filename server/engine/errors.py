@@ -35,6 +35,26 @@ class QueueFull(EngineError):
         self.max_queue = max_queue
 
 
+class AdapterQueueFull(EngineError):
+    """The waiting queue holds max_queue_per_adapter requests for this request's adapter (or for the base model)
+    already: one adapter's flood must not fill the queue that every adapter's clients share."""
+
+    http_status = 429
+    code = "adapter_queue_full"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
+
+    def __init__(self, adapter_key: str | None, max_queue_per_adapter: int, max_queue: int) -> None:
+        whose = f"adapter {adapter_key}" if adapter_key is not None else "the base model (no adapter)"
+        super().__init__(
+            f"the waiting queue holds {max_queue_per_adapter} requests for {whose}, the most one adapter may have "
+            f"waiting (--max-queue-per-adapter; the queue holds {max_queue} for all adapters): retry later, or "
+            "send fewer requests for it at once"
+        )
+        self.adapter_key = adapter_key
+        self.max_queue_per_adapter = max_queue_per_adapter
+        self.max_queue = max_queue
+
+
 class AdapterTooLarge(EngineError):
     """An adapter's rank exceeds max_lora_rank, or it targets a module the engine does not serve."""
 

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 import torch
-from enginekit import greedy, make_engine, reference_generate, request
+from enginekit import greedy, make_engine, reference_generate, request, run_to_end
 
-from server.engine import QueueFull, TokenEvent
+from server.engine import AdapterQueueFull, QueueFull, TokenEvent
 from server.engine.errors import GrammarDeadEnd
 from server.scheduler import GenerationFailed, LatencyHooks, Mailbox, Scheduler
 
@@ -118,3 +118,39 @@ def test_mailbox_wakes_the_loop_once_a_burst_and_keeps_each_streams_order(monkey
             assert all(queue.empty() for queue in queues)
 
     asyncio.run(main())
+
+
+def test_an_adapter_past_its_share_of_the_queue_is_refused_while_others_are_queued(family_setup, tokenizer) -> None:
+    """One adapter (the base model counts as one) may hold max_queue_per_adapter waiting requests: its next gets
+    AdapterQueueFull while other adapters' requests still queue, up to max_queue in all. `check` (before the
+    adapter's name resolves to a key) bounds the whole queue only; `submit` bounds the share."""
+    base, adapters = family_setup("llama")
+    a, b = adapters[0], adapters[1]
+    engine = make_engine(base, tokenizer, max_batch_size=2)  # not started: whatever is submitted waits
+    scheduler = Scheduler(engine, max_queue=5, max_queue_per_adapter=2)
+
+    async def main() -> None:
+        for i in range(2):
+            scheduler.submit(request([5, 6], greedy(2), a, f"a{i}"))
+        scheduler.check(request([5, 6], greedy(2)))  # the key is not known yet: only the whole queue counts
+        with pytest.raises(AdapterQueueFull) as refused:
+            scheduler.submit(request([5, 6], greedy(2), a, "a2"))
+        assert refused.value.http_status == 429 and refused.value.headers == {"Retry-After": "1"}
+        assert a.key in str(refused.value) and "--max-queue-per-adapter" in str(refused.value)
+        scheduler.submit(request([5, 6], greedy(2), b, "b0"))
+        for i in range(2):
+            scheduler.submit(request([5, 6], greedy(2), None, f"base{i}"))
+        with pytest.raises(QueueFull):  # five waiting: the whole queue's bound comes first
+            scheduler.submit(request([5, 6], greedy(2), b, "b1"))
+        assert engine.waiting_counts() == {a.key: 2, b.key: 1, None: 2}
+        engine.cancel("base0")
+        engine.step()  # applies the cancel; a0 and b0 take the two rows
+        assert engine.waiting_counts() == {a.key: 1, None: 1}
+        scheduler.submit(request([5, 6], greedy(2), None, "base2"))
+        with pytest.raises(AdapterQueueFull, match="the base model"):
+            scheduler.submit(request([5, 6], greedy(2), None, "base3"))
+        scheduler.submit(request([5, 6], greedy(2), a, "a3"))
+
+    asyncio.run(main())
+    run_to_end(engine)
+    assert engine.waiting_counts() == {} and engine.num_waiting == 0
