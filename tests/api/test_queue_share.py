@@ -1,0 +1,98 @@
+"""One adapter's share of the waiting queue through a real server (uvicorn in process, a tiny model): past
+--max-queue-per-adapter that adapter's request gets 429 adapter_queue_full, in the server's error shape with
+Retry-After, while a request for another adapter is still queued and answered."""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from e2e.server import serve_app, wait_ready
+from peft_dirs import make_peft_dir
+
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
+from server.app import create_app
+from server.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Engine]]:
+    tmp = tmp_path_factory.mktemp("queue-share")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(
+        adapter_dir=tmp / "store",
+        cache_dir=tmp,
+        device="cpu",
+        max_seq_len=64,
+        max_batch_size=1,
+        max_queue=4,
+        max_queue_per_adapter=2,
+    )
+    app = create_app(settings, base=base)
+    with serve_app(app) as url:
+        wait_ready(url)
+        for seed, name in enumerate(("flood", "other")):
+            peft = make_peft_dir(tmp / name, seed=seed)
+            files = {"config": (peft / CONFIG_FILE).read_bytes(), "weights": (peft / WEIGHTS_FILE).read_bytes()}
+            assert httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files).status_code == 201
+        yield url, app.state.runtime.engine
+
+
+def paused(engine: Engine) -> tuple[threading.Event, Callable[[], None]]:
+    """Hold the engine thread before its next step (so submitted requests stay queued) until the event is set;
+    the callable puts the engine's own step back."""
+    go = threading.Event()
+    step = engine.step
+
+    def held() -> bool:
+        go.wait()
+        return step()
+
+    engine.step = held  # type: ignore[method-assign]
+    return go, lambda: delattr(engine, "step")
+
+
+def generate(url: str, adapter: str | None) -> httpx.Response:
+    parameters = {"max_new_tokens": 2, **({"adapter_id": adapter} if adapter else {})}
+    return httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": parameters}, timeout=60)
+
+
+def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the requests never queued"
+        time.sleep(0.01)
+
+
+def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(server: tuple[str, Engine]) -> None:
+    url, engine = server
+    go, restore = paused(engine)
+    queued: list[Future[httpx.Response]] = []
+    try:
+        with ThreadPoolExecutor(4) as pool:  # the refused request is sent on one too: queued, it would wait
+            queued += [pool.submit(generate, url, "flood") for _ in range(2)]
+            until(lambda: engine.num_waiting == 2)
+            refused = pool.submit(generate, url, "flood").result(timeout=10)
+            queued.append(pool.submit(generate, url, "other"))
+            until(lambda: engine.num_waiting == 3)
+            go.set()
+            answers = [future.result() for future in queued]
+    finally:
+        go.set()
+        restore()
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "adapter_queue_full" and error["type"] == "invalid_request_error", error
+    assert "adapter flood@" in error["message"] and "--max-queue-per-adapter" in error["message"], error
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert engine.waiting_counts() == {}
+    assert generate(url, "flood").status_code == 200  # its share is free again
