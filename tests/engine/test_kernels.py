@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from bitsandbytes.nn import Linear4bit
 from enginekit import Collector, greedy, make_engine, nf4_layer, reference_generate, request, run_to_end
 from tiny import FAMILIES, save_tiny
@@ -25,9 +26,11 @@ from server.engine.kernels import FusedDecode
 from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import finish_projection, lora_shrink
 from server.engine.kernels.nf4 import (
+    MAX_ROWS,
     FusedNf4Linear,
     LoraEpilogue,
     fuse_nf4_linears,
+    nf4_dequantize,
     nf4_gemv,
     nf4_matmul,
     nf4_matmul_sums,
@@ -139,6 +142,28 @@ def test_nf4_matmul_matches_the_dequantized_weight(rows, nested, bias, config) -
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     if config is None:  # the layer takes this kernel for any [..., k] input of up to MAX_ROWS rows
         assert torch.allclose(FusedNf4Linear(layer)(x.view(rows, 1, k)), expected[:, None], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantize_gives_bitsandbytes_weight_bit_for_bit(nested, dtype) -> None:
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's CPU interpreter does not round fp32 to bf16 to nearest, as CUDA does")
+    torch.manual_seed(0)
+    weight = torch.randn(72, 64 * 5, dtype=dtype, device=DEVICE)  # 11,520 bytes: a program's 1,024 do not divide it
+    packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    assert torch.equal(nf4_dequantize(packed, state, dtype), dequantize_4bit(packed, state))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_prefill_step_projects_as_bitsandbytes_does(bias) -> None:
+    """Past MAX_ROWS rows the layer dequantizes in one launch, then multiplies densely: bitsandbytes' own output."""
+    torch.manual_seed(0)
+    layer, _ = nf4_layer(40, 64 * 9, True, bias, "cuda")
+    layer.compute_dtype = torch.bfloat16
+    x = torch.randn(MAX_ROWS + 1, 64 * 9, device="cuda").bfloat16()
+    assert torch.equal(FusedNf4Linear(layer)(x), layer(x))
 
 
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])

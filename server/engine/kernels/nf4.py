@@ -35,7 +35,7 @@ from server.engine.kernels.nf4_wide import nf4_wide_sums
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
-MAX_ROWS = 256  # above this many rows (prefill), bitsandbytes' dequantize + a dense matmul
+MAX_ROWS = 256  # above this many rows (prefill), the weight dequantized + a dense matmul
 
 
 def _decode_asm() -> str:
@@ -320,6 +320,52 @@ def _nf4_matmul_kernel(
                              SPLIT_K)  # fmt: skip
 
 
+@triton.jit
+def _nf4_dequantize_kernel(
+    w_ptr,  # [N * K / 2] uint8: bitsandbytes' packed codes, the even column in the high nibble
+    absmax_ptr,  # as _nf4_gemv_kernel's
+    absmax2_ptr,
+    code2_ptr,
+    offset_ptr,
+    nf4_ptr,  # [16] fp32: bitsandbytes' NF4 code book
+    out_ptr,  # [N * K] out dtype
+    total,  # bytes of w
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,  # bytes a program, a multiple of 32 (a quantization block)
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] byte indices
+    mask = offs < total
+    codes = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int32)
+    scale = _scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs // 32, mask, NESTED)  # [BLOCK]
+    even = tl.load(nf4_ptr + (codes >> 4)) * scale  # code * absmax in fp32, then rounded once: bitsandbytes' ops
+    odd = tl.load(nf4_ptr + (codes & 15)) * scale
+    values = tl.join(even, odd).to(out_ptr.dtype.element_ty)  # [BLOCK, 2]: columns 2i, 2i + 1
+    pairs = 2 * offs[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(out_ptr + pairs, values, mask=mask[:, None])
+
+
+@functools.cache
+def _code_book(device: torch.device) -> torch.Tensor:
+    return get_4bit_type("nf4", device=device)  # [16] fp32
+
+
+def nf4_dequantize(weight: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in `dtype`, as bitsandbytes' dequantize_4bit computes it (each code's fp32 value times its
+    block's absmax, rounded once), in one launch where bitsandbytes takes three under double quantization (the
+    absmax, its offset, the weight): the prefill's path (steps of more than MAX_ROWS rows)."""
+    n, k = state.shape
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    absmax2, code2, offset = second_level(state)
+    total = n * k // 2
+    block = 1024 if weight.device.type == "cuda" else 1 << 16  # the CPU interpreter: few large programs
+    # no fused multiply-adds: bitsandbytes rounds the absmax's product and its offset's sum apart
+    _nf4_dequantize_kernel[(triton.cdiv(total, block),)](
+        weight.view(-1), state.absmax, absmax2, code2, offset, _code_book(weight.device), out, total,
+        NESTED=bool(state.nested), BLOCK=block, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
 @functools.cache
 def _bf16_code_book(device: torch.device) -> torch.Tensor:
     return get_4bit_type("nf4", device=device).to(torch.bfloat16).float()  # [16]
@@ -475,7 +521,8 @@ def supported(module: nn.Module) -> bool:
 class FusedNf4Linear(nn.Module):
     """An NF4 Linear4bit whose forwards of up to MMA_ROWS rows run nf4_mma (bf16 on CUDA), of one row otherwise
     the GEMV above, of up to MAX_ROWS rows nf4_matmul_sums (nf4_wide for bf16 on CUDA up to WIDE_ROWS, else the
-    Triton tensor-core kernel), of more (prefill) bitsandbytes' dequantize + dense matmul."""
+    Triton tensor-core kernel), of more (prefill) nf4_dequantize (on CUDA; bitsandbytes' elsewhere) + a dense
+    matmul."""
 
     def __init__(self, base: Linear4bit) -> None:
         super().__init__()
@@ -498,7 +545,11 @@ class FusedNf4Linear(nn.Module):
         has one (nf4_mma; the GEMV adds the delta), else in one launch after it (finish_projection)."""
         rows = x.shape[0]
         expand = lora  # the delta still to add
-        if rows > MAX_ROWS:  # prefill: bitsandbytes' dequantize + a dense matmul, then the expand
+        if rows > MAX_ROWS and x.device.type == "cuda":  # prefill: the weight dequantized, a dense matmul, the expand
+            compute = self.base.compute_dtype or x.dtype
+            weight = nf4_dequantize(self.base.weight, self.base.weight.quant_state, compute)  # [out, in]
+            y = torch.nn.functional.linear(x.to(compute), weight, self._bias(compute)).to(x.dtype)
+        elif rows > MAX_ROWS:  # bitsandbytes' own dequantize + matmul (the interpreter's bf16 rounding is not CUDA's)
             y = self.base(x)  # [rows, out]
         else:
             compute = self.base.compute_dtype or x.dtype
