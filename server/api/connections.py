@@ -6,11 +6,18 @@ its response (a stream nobody reads holds its whole answer in memory, and its co
 has ended). Each held connection is a file descriptor: hundreds of them and the process cannot accept an
 honest client, nor open a file. Here a head must arrive whole within HEAD_TIMEOUT_S (hyper's default, as TGI
 serves), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's send_timeout) is dropped:
-the route hears the client leave, which cancels its request."""
+the route hears the client leave, which cancels its request.
+
+A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
+and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
 
 import asyncio
+import json
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.api.errors import error_body
 
 HEAD_TIMEOUT_S = 30.0
 STALL_TIMEOUT_S = 60.0
@@ -48,6 +55,21 @@ class DeadlineH11Protocol(H11Protocol):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        body = error_body(
+            "malformed HTTP request: the request line, a header or the body's framing is not valid HTTP/1.1 "
+            "(check the client's Content-Length or chunked encoding and the header names)",
+            "invalid_request_error",
+            "malformed_http",
+        )
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=data),
+                      h11.EndOfMessage()):  # fmt: skip
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def _await_head(self) -> None:
         if self._head_timer is not None:

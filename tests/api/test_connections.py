@@ -154,3 +154,20 @@ def test_a_body_that_never_ends_loses_its_connection(url: str, monkeypatch: pyte
     stop.set()
     trickler.join()
     assert answers == [(b"408", "request_timeout")] * len(stalled) + [(b"413", "request_too_large")]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET / HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n", b"POST /generate HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: 5\r\nContent-Length: 7\r\n\r\n", b"NOT HTTP AT ALL\r\n\r\n"],
+)  # fmt: skip
+def test_a_request_that_is_not_http_gets_a_json_error(url: str, request_bytes: bytes) -> None:
+    """h11 refuses these before the app sees them; the answer is still the app's JSON error body, and the server
+    keeps serving."""
+    with contextlib.closing(connect(url, request_bytes)) as sock:
+        answer = read_until_closed(sock, 10)
+    assert answer is not None, "the connection was not closed"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "malformed_http"
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
