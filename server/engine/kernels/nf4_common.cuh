@@ -1,6 +1,6 @@
-// The parts both NF4 tensor-core kernels (nf4_mma.cu, nf4_wide.cu) share: the weights' streaming loads, their
-// scales, the decode table in shared memory and the m16n8k16 product. The includer defines NESTED, GROUP and
-// NF4_CODES (bitsandbytes' code book as bf16 bits).
+// The parts both NF4 tensor-core kernels (nf4_mma.cu, nf4_wide.cu) share: the weight a CTA reads among a launch's
+// segments, the weights' streaming loads, their scales, the decode table in shared memory and the m16n8k16
+// product. The includer defines NESTED, GROUP, SEGMENTS and NF4_CODES (bitsandbytes' code book as bf16 bits).
 //
 // The decode table: 256 entries, one a code byte, each the bf16 pair of its two codes, stored once per lane (entry
 // e of lane l at word 32 e + l: every lane reads its own bank, no conflicts).
@@ -8,6 +8,32 @@
 __constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
 
 #define LUT_WORDS (256 * 32)
+
+// One NF4 weight of a launch: its codes, scales (absmax, and under double quantization its second level, code2 and
+// offset), bias and output rows.
+struct Segment {
+    const unsigned char* w;
+    const void* absmax;
+    const float* absmax2;
+    const float* code2;
+    const float* offset;
+    const unsigned short* bias;
+    int n;
+};
+
+// Weights that share x (q/k/v, gate/up) in one launch: each is a segment of the output columns, its CTAs after the
+// previous segments'. The CTA's weight is chosen among kernel parameters: no memory read before the weights'. Turns
+// `cta` into the CTA's tile in its segment, `col0` into the segment's first output column and `s` (segment 0's on
+// entry) into the segment's weight; returns the segment's index.
+__device__ __forceinline__ int select_segment(int& cta, int& col0, Segment& s, const Segment& s1, const Segment& s2,
+                                              int end_0, int end_1) {
+    if (SEGMENTS == 1 || cta < end_0) return 0;
+    const bool second = SEGMENTS == 2 || cta < end_1;
+    col0 = second ? s.n : s.n + s1.n;
+    cta -= second ? end_0 : end_1;
+    s = second ? s1 : s2;
+    return second ? 1 : 2;
+}
 
 __device__ __forceinline__ void write_lut(unsigned* lut, int tid, int threads) {
     // 16-byte stores, a warp writing four whole entries (512 contiguous bytes, no bank conflicts)

@@ -62,23 +62,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     int cta = blockIdx.x, col0 = 0;  // this CTA's tile in its weight, and that weight's first column of out
-#if SEGMENTS > 1
-    // Weights that share x (q/k/v, gate/up) in one launch: each is a segment of the output columns, its CTAs
-    // after the previous segments'. Chosen among kernel parameters: no memory read before the weights'.
-    if (cta >= end_0) {
-        const bool second = SEGMENTS == 2 || cta < end_1;
-        col0 = second ? n : n + n_1;
-        cta -= second ? end_0 : end_1;
-        w = second ? w_1 : w_2;
-        absmax = second ? absmax_1 : absmax_2;
-        absmax2 = second ? absmax2_1 : absmax2_2;
-        code2 = second ? code2_1 : code2_2;
-        offset_ptr = second ? offset_1 : offset_2;
-        bias = second ? bias_1 : bias_2;
-        n = second ? n_1 : n_2;
-        partial += (second ? 1 : 2) * partial_stride;
-    }
-#endif
+    Segment segment{w, absmax, absmax2, code2, offset_ptr, bias, n};
+    const int index = select_segment(cta, col0, segment, {w_1, absmax_1, absmax2_1, code2_1, offset_1, bias_1, n_1},
+                                     {w_2, absmax_2, absmax2_2, code2_2, offset_2, bias_2, n_2}, end_0, end_1);
+    w = segment.w, absmax = segment.absmax, absmax2 = segment.absmax2, code2 = segment.code2;
+    offset_ptr = segment.offset, bias = segment.bias, n = segment.n;
+    partial += index * partial_stride;
 #if HAS_LORA
     __shared__ long long slot_s[MT * 8];
     __shared__ int rank_s[MT * 8];

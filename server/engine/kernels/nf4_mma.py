@@ -60,30 +60,25 @@ def available(x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch
     )
 
 
-@functools.cache
-def _compiles(device: int) -> bool:
-    """One build on `device`, once: torch without NVRTC (or its library missing) leaves the Triton kernels."""
+def compiles(device: int, name: str, build: Callable[[], object], instead: str) -> bool:
+    """Whether kernel `name` runs on `device`: compute capability 8.0+ (bf16 tensor cores) and `build` (one NVRTC
+    build) succeeding; torch without NVRTC, or its library missing, leaves `instead` to serve its steps."""
     if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
         return False
     try:
-        _kernel(
-            warps=8,
-            group=4,
-            row_tiles=1,
-            x_tiles=1,
-            min_blocks=2,
-            nested=False,
-            bias=False,
-            r_pad=0,
-            btile=False,
-            segments=1,
-            residual=False,
-            device=device,
-        )
+        build()
     except (OSError, RuntimeError) as error:
-        log.warning("nf4_mma does not compile here (%s): the Triton NF4 kernels serve every step", error)
+        log.warning("%s does not compile here (%s): %s serve its steps", name, error, instead)
         return False
     return True
+
+
+@functools.cache
+def _compiles(device: int) -> bool:
+    """One build on `device`, once."""
+    build = functools.partial(_kernel, warps=8, group=4, row_tiles=1, x_tiles=1, min_blocks=2, nested=False,
+                              bias=False, r_pad=0, btile=False, segments=1, residual=False, device=device)  # fmt: skip
+    return compiles(device, "nf4_mma", build, "the Triton NF4 kernels")
 
 
 def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tuple[int, int, int]:

@@ -119,20 +119,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     unsigned char* stages = reinterpret_cast<unsigned char*>(smem + LUT_WORDS + 256);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     int cta = blockIdx.x, col0 = 0;  // this CTA's tile in its weight, and that weight's first column of out
-#if SEGMENTS > 1
-    if (cta >= end_0) {  // as in nf4_mma: the weight's pointers chosen among the kernel's parameters
-        const bool second = SEGMENTS == 2 || cta < end_1;
-        col0 = second ? n : n + n_1;
-        cta -= second ? end_0 : end_1;
-        w = second ? w_1 : w_2;
-        absmax = second ? absmax_1 : absmax_2;
-        absmax2 = second ? absmax2_1 : absmax2_2;
-        code2 = second ? code2_1 : code2_2;
-        offset_ptr = second ? offset_1 : offset_2;
-        bias = second ? bias_1 : bias_2;
-        n = second ? n_1 : n_2;
-    }
-#endif
+    Segment segment{w, absmax, absmax2, code2, offset_ptr, bias, n};
+    select_segment(cta, col0, segment, {w_1, absmax_1, absmax2_1, code2_1, offset_1, bias_1, n_1},
+                   {w_2, absmax_2, absmax2_2, code2_2, offset_2, bias_2, n_2}, end_0, end_1);
+    w = segment.w, absmax = segment.absmax, absmax2 = segment.absmax2, code2 = segment.code2;
+    offset_ptr = segment.offset, bias = segment.bias, n = segment.n;
     const int blocks_k = k >> 6, kb0 = blockIdx.y * blocks_split, steps = blocks_split / GROUP;
     const int first_row = cta * CTA_ROWS;
     // the first steps' copies in flight first (one commit a stage, a step past the last copying nothing)

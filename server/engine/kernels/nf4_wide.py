@@ -9,16 +9,14 @@ memory and split the output rows (the .cu file says why that matters at 64 rows)
 
 import functools
 import itertools
-import logging
 from collections.abc import Callable
 
 import torch
 
-from server.engine.kernels.nf4_mma import Part, cuda_source, second_level
+from server.engine.kernels.nf4_mma import Part, compiles, cuda_source, second_level
 
-log = logging.getLogger("loraplex.engine")
 WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
-_LUT_BYTES = 256 * 32 * 4 + 256 * 4  # the decode table and code2, before the x stages
+_LUT_BYTES = 256 * 32 * 4 + 256 * 4  # the decode table and code2, before the stages
 
 # (warps, 16-row weight tiles a warp, blocks of 64 columns a step, steps in flight, CTAs an SM must fit)
 Config = tuple[int, int, int, int, int]
@@ -50,15 +48,9 @@ def available(x: torch.Tensor, parts: list[Part]) -> bool:
 
 @functools.cache
 def _compiles(device: int) -> bool:
-    """One build on `device`, once: torch without NVRTC (or its library missing) leaves the Triton matmul."""
-    if torch.cuda.get_device_capability(device) < (8, 0) or not hasattr(torch.cuda, "_compile_kernel"):
-        return False
-    try:
-        _kernel(8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, device=device)
-    except (OSError, RuntimeError) as error:
-        log.warning("nf4_wide does not compile here (%s): the Triton NF4 matmul serves its steps", error)
-        return False
-    return True
+    """One build on `device`, once."""
+    build = functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, device=device)
+    return compiles(device, "nf4_wide", build, "the Triton NF4 matmul")
 
 
 def kernel_source(
