@@ -307,10 +307,10 @@ class Engine:
         return dict(self._active_snapshot)
 
     def waiting_adapters(self) -> list[str]:
-        """Adapter keys of the queued requests, each once, in queue order (safe from any thread)."""
+        """Adapter keys of the queued requests, each once (safe from any thread): from the per-adapter counts, so a
+        metrics scrape costs O(adapters), not O(waiting requests)."""
         with self._cv:
-            keys = [request.adapter_key for request, _ in self._waiting if request.adapter_key is not None]
-        return list(dict.fromkeys(keys))
+            return [key for key in self._waiting_per_adapter if key is not None]
 
     def waiting_for(self, adapter_key: str | None) -> int:
         """Queued requests for `adapter_key` (None: the base model). O(1) and safe from any thread: one dict
