@@ -65,8 +65,9 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Waiting requests for one adapter (the base model counts as one) before its new ones get 429 "
-        "while other adapters' are still queued, so that one client's flood cannot fill the queue; default: half "
-        "of --max-queue (at least 1), at most --max-queue.",
+        "while other adapters' are still queued, so that one tenant's flood cannot fill the queue: half of the "
+        "queue keeps the other half for the other tenants. At most --max-queue; default: no share, so that a "
+        "server of one adapter keeps its whole queue.",
     )
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
@@ -121,11 +122,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _adapter_share_of_the_queue(self) -> "Settings":
-        if self.max_queue_per_adapter is None:
-            # half: one adapter's flood leaves the other half to everyone else, and a lone adapter still queues
-            # as deep as its rows need when max_queue is sized for the whole server
-            self.max_queue_per_adapter = max(1, self.max_queue // 2)
-        elif self.max_queue_per_adapter > self.max_queue:
+        # No share by default: a share refuses a lone adapter's (or the base model's) traffic at it too, which would
+        # cut the queue of every server of one adapter; admission is round-robin over adapters either way
+        if self.max_queue_per_adapter is not None and self.max_queue_per_adapter > self.max_queue:
             raise ValueError(
                 f"max_queue_per_adapter ({self.max_queue_per_adapter}) must be <= max_queue ({self.max_queue}): "
                 "one adapter's share of the waiting queue cannot exceed the queue"
