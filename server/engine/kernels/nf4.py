@@ -13,7 +13,8 @@ a table in memory).
 - The matmul: each program decodes a [BLOCK_N, BLOCK_K] weight tile once, scaled, into registers and feeds it
   to one tensor-core dot with all the rows' x; K is split over several programs that add into one fp32 output,
   so even a 1,024-row weight keeps every SM streaming. Weights sharing x (q/k/v, gate/up) can be one launch,
-  each weight's programs after the previous weight's. On CUDA nf4_wide (CUDA) takes its steps of up to 64 rows.
+  each weight's programs after the previous weight's. On CUDA, nf4_wide (nf4_wide.cu) takes the bf16 steps of up
+  to 64 rows.
 """
 
 import functools
