@@ -59,10 +59,12 @@ def _open_plain(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
-def _safe_path(dest: Path, name: str) -> Path:
+def _safe_path(dest: Path, name: str, directory: bool = False) -> Path:
     if "\0" in name:  # a pax path may hold one; no file name can
         raise UnsafeArchive(f"archive member {name!r} has a NUL byte in its name; pack plain file names only")
     path = PurePosixPath(name.replace("\\", "/"))
+    if directory and not path.parts:  # `./`, the archive's root, as `tar -C adapter-dir .` writes it
+        return dest
     if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
         raise UnsafeArchive(f"archive member {name!r} points outside the archive; pack relative paths only")
     return dest.joinpath(*path.parts)
@@ -98,7 +100,7 @@ def _extract_tar(archive: Path, opener: Callable[[Path], IO[bytes]], dest: Path,
         with opener(archive) as stream:
             for member in members(stream):  # streaming: read one by one, never all listed up front
                 budget.member()
-                target = _safe_path(dest, member.name)
+                target = _safe_path(dest, member.name, directory=member.kind == "directory")
                 if member.kind == "directory":
                     target.mkdir(parents=True, exist_ok=True)
                 elif member.kind == "file":
@@ -137,7 +139,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 budget.member()
-                target = _safe_path(dest, info.filename)
+                target = _safe_path(dest, info.filename, directory=info.is_dir())
                 # Unix file type bits, when the packer wrote them (zip tools on Windows leave them 0)
                 file_type = stat.S_IFMT(info.external_attr >> 16)
                 if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):

@@ -397,6 +397,26 @@ def test_long_names_and_pax_paths_still_work(tmp_path: Path, peft_dir: Path) -> 
         assert found.name in (long, "u" * 120) and (found / "adapter_config.json").is_file()
 
 
+def test_an_archive_of_a_directorys_contents_with_its_root_entry_works(tmp_path: Path, peft_dir: Path) -> None:
+    """`tar -czf a.tar.gz -C adapter-dir .` writes the root as `./` and the files as `./name`."""
+    for i, root in enumerate((".", "./")):
+        archive = tmp_path / f"{i}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            info = tarfile.TarInfo(root)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+            for file in sorted(peft_dir.iterdir()):
+                tar.add(file, arcname=f"./{file.name}")
+        found = extract_archive(archive, tmp_path / f"out{i}", 1 << 20)
+        assert found == tmp_path / f"out{i}" and (found / "adapter_config.json").is_file()
+    dot_file = io.BytesIO()
+    with tarfile.open(fileobj=dot_file, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("./"), io.BytesIO())  # a regular file named `./` is still refused
+    (tmp_path / "f.tar").write_bytes(dot_file.getvalue())
+    with pytest.raises(errors.UnsafeArchive, match="outside"):
+        extract_archive(tmp_path / "f.tar", tmp_path / "outf", 1 << 20)
+
+
 def test_empty_archives_are_a_4xx(client: TestClient, tmp_path: Path) -> None:
     empty_tar = io.BytesIO()
     tarfile.open(fileobj=empty_tar, mode="w").close()
