@@ -40,12 +40,10 @@ def tour_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFacto
         embedded_cache_dir,
         "--max-batch-size",
         "2",
-        # The tour's first chat samples the base model with no max_tokens: it may ramble to the row's end
-        # (~0.3 s a token on two cores; unseeded, it stopped after 17 to 474 tokens in four tries at 512).
-        # A short row bounds it: 64 leaves 26 tokens after its 38-token prompt, and the longest tour answer
-        # (the adapter's chat reply, 11 tokens with its end mark) fits.
+        # The tour's chats ask for at most 32 tokens (the base model rambles, ~0.2 s a token on two cores,
+        # to 512 tokens without it) after a 38-token prompt: a row of 80 holds them.
         "--max-seq-len",
-        "64",
+        "80",
     ) as url:
         yield url
 
