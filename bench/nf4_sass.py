@@ -8,7 +8,7 @@ quantization), in the launcher's configuration for the weight and rows.
 python bench/nf4_sass.py                          # the launcher's configuration for a 4096 x 4096 weight
 python bench/nf4_sass.py --config 16,8,8 --k 4096 --sass gemv.sass
 python bench/nf4_sass.py --mma --rows 1 --n 14336 # nf4_mma's configuration for 1 row of gate_proj's shape
-python bench/nf4_sass.py --wide --rows 64 --n 14336 --k 4096
+python bench/nf4_sass.py --wide --rows 64 --n 14336 --k 4096  # its wgmma build (sm_90a); --mma-sync: the other
 """
 
 import argparse
@@ -65,30 +65,33 @@ def mma_sass(n: int, k: int, rows: int) -> tuple[str, int]:
     return cubin_sass(nvrtc_cubin(source, "nf4_mma.cu")), group * row_tiles * 16 * 64
 
 
-def wide_sass(n: int, k: int, rows: int) -> tuple[str, int]:
-    """SASS of nf4_wide for sm_90 in the launcher's configuration, and the weights one step of its main loop takes
-    a warp."""
+def wide_sass(n: int, k: int, rows: int, wgmma: bool) -> tuple[str, int]:
+    """SASS of nf4_wide for sm_90 (sm_90a with wgmma) in the launcher's configuration, and the weights one step of
+    its main loop takes a warp."""
     warps, row_tiles, group, stages, min_blocks = nf4_wide.pick_config(n, k, rows)
-    source = nf4_wide.kernel_source(warps, row_tiles, group, stages, min_blocks, -(-rows // 8), True, False, 1)
-    return cubin_sass(nvrtc_cubin(source, "nf4_wide.cu")), group * row_tiles * 16 * 64
+    source = nf4_wide.kernel_source(warps, row_tiles, group, stages, min_blocks, -(-rows // 8), True, False, 1, wgmma)
+    return cubin_sass(nvrtc_cubin(source, "nf4_wide.cu", "sm_90a" if wgmma else "sm_90")), group * row_tiles * 16 * 64
 
 
-def nvrtc_cubin(source: str, name: str) -> bytes:
-    """`source` compiled for sm_90 by NVRTC (the pip package's library: no GPU or CUDA toolkit needed)."""
+def nvrtc_cubin(source: str, name: str, arch: str = "sm_90") -> bytes:
+    """`source` compiled for `arch` by NVRTC (the pip package's library: no GPU or CUDA toolkit needed); its
+    messages (ptxas' advice among them) printed."""
     spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("--mma and --wide need NVRTC: pip install nvidia-cuda-nvrtc-cu12")
     nvrtc = ctypes.CDLL(str(next(Path(spec.submodule_search_locations[0], "lib").glob("libnvrtc.so*"))))
     program = ctypes.c_void_p()
     nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None)
-    options = [b"--gpu-architecture=sm_90", b"-std=c++17"]
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
     failed = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
     if failed:
-        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        nvrtc.nvrtcGetProgramLog(program, log)
         raise SystemExit(log.value.decode())
+    if log.value.strip():
+        print(log.value.decode().strip())
     nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
     cubin = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetCUBIN(program, cubin)
@@ -106,7 +109,7 @@ def loop_mix(code: str) -> collections.Counter[str]:
         collections.Counter(text.split()[0].split(".")[0] for address, text in lines if start <= address <= end)
         for start, end in loops
     ]
-    return max(mixes, key=lambda mix: mix["HMMA"])
+    return max(mixes, key=lambda mix: mix["HMMA"] + mix["HGMMA"])
 
 
 def main() -> None:
@@ -117,13 +120,14 @@ def main() -> None:
     parser.add_argument("--sass", type=Path, help="also write the whole SASS here")
     parser.add_argument("--mma", action="store_true", help="nf4_mma instead of the GEMV (needs NVRTC)")
     parser.add_argument("--wide", action="store_true", help="nf4_wide instead of the GEMV (needs NVRTC)")
+    parser.add_argument("--mma-sync", action="store_true", help="with --wide: its mma.sync build, not wgmma")
     parser.add_argument("--rows", type=int, default=1, help="with --mma, --wide: rows of x (picks the configuration)")
     args = parser.parse_args()
     if args.mma:
         code, warp_weights = mma_sass(args.n, args.k, args.rows)
         weights, label = warp_weights / 32, f"nf4_mma {nf4_mma.pick_config(args.n, args.k, args.rows)}"
     elif args.wide:
-        code, warp_weights = wide_sass(args.n, args.k, args.rows)
+        code, warp_weights = wide_sass(args.n, args.k, args.rows, not args.mma_sync)
         weights, label = warp_weights / 32, f"nf4_wide {nf4_wide.pick_config(args.n, args.k, args.rows)}"
     else:
         block_n, blocks, warps = map(int, args.config.split(",")) if args.config else nf4.pick_config(args.n, args.k)

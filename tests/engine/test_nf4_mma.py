@@ -1,5 +1,5 @@
 """CUDA only: nf4_mma, the NF4 tensor-core kernel in CUDA, against the dequantized weight (with a bias and each
-row's LoRA delta), and the NF4 layer taking it for up to MMA_ROWS bf16 rows."""
+row's LoRA delta), and the NF4 layer taking it for up to mma_rows bf16 rows."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import lora_shrink
 from server.engine.kernels.nf4 import FusedNf4Linear, nf4_matmul
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma, nf4_mma_segments
+from server.engine.kernels.nf4_wide import mma_rows, wgmma_runs
 from server.engine.multilora import ShrinkGroup
 
 pytestmark = pytest.mark.gpu
@@ -116,8 +117,9 @@ def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) ->
 @pytest.mark.parametrize("rows", [1, 16, MMA_ROWS + 8, 200])
 def test_a_shrink_group_projects_all_its_layers_in_one_launch(rows) -> None:
     """q/k/v-like bf16 NF4 layers in a step of up to MAX_ROWS tokens: the group's one launch (nf4_mma's; past
-    MMA_ROWS the Triton matmul's, then one launch finishing it) gives each member exactly the output that member's
-    own kernels give (LoRA delta included; at 40 rows K is split in 2, whose sums add in either order alike)."""
+    mma_rows nf4_wide's or the Triton matmul's, then one launch finishing it) gives each member exactly the output
+    that member's own kernels give (LoRA delta included; at 40 rows K is split in 2, whose sums add in either order
+    alike)."""
     torch.manual_seed(0)
     sizes, slots, rank = (64, 32, 32), 3, 4
     layers = []
@@ -147,14 +149,17 @@ def test_a_shrink_group_projects_all_its_layers_in_one_launch(rows) -> None:
 
 
 def test_the_layer_takes_nf4_mma_for_few_bf16_rows() -> None:
+    """Up to mma_rows rows (16 where nf4_wide has wgmma, MMA_ROWS elsewhere), then nf4_wide's sums."""
     torch.manual_seed(0)
     layer, _ = nf4_layer(N, K, True, False, "cuda")
     layer.compute_dtype = torch.bfloat16  # the engine's: the kernel computes in bf16 only
     fused = FusedNf4Linear(layer)
     state = layer.weight.quant_state
-    for rows in (1, MMA_ROWS, MMA_ROWS + 1):
+    most = mma_rows(torch.cuda.current_device())
+    assert most == (16 if wgmma_runs(torch.cuda.current_device()) else MMA_ROWS)
+    for rows in (1, most, most + 1, MMA_ROWS + 1):
         x = torch.randn(rows, K, device="cuda").bfloat16()
-        kernel = nf4_mma if rows <= MMA_ROWS else nf4_matmul
+        kernel = nf4_mma if rows <= most else nf4_matmul
         assert torch.equal(fused(x), kernel(x, layer.weight, state))
 
 

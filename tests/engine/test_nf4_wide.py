@@ -1,16 +1,25 @@
 """CUDA only: nf4_wide, the NF4 tensor-core kernel for steps of up to 64 rows, against the dequantized weight (with
-a bias, K split over CTAs, weights sharing x in one launch), and the NF4 matmul taking it for bf16 rows."""
+a bias, K split over CTAs, weights sharing x in one launch), with mma.sync and (compute capability 9.0) wgmma, and
+the NF4 matmul taking it for bf16 rows."""
 
 import pytest
 import torch
 from enginekit import nf4_layer
 
 from server.engine.kernels.nf4 import nf4_matmul, nf4_matmul_sums
-from server.engine.kernels.nf4_wide import WIDE_ROWS, available, nf4_wide_sums
+from server.engine.kernels.nf4_wide import WIDE_ROWS, available, nf4_wide_sums, wgmma_runs
 
 pytestmark = pytest.mark.gpu
 N, K = 72, 64 * 24  # N not a multiple of a CTA's rows; K's 24 blocks split in 1-4 parts of steps of 1-4 blocks
 K_TWO_PARTS = 64 * 12  # split in two parts by the launcher: the sums add in either order alike
+
+
+@pytest.fixture(params=[False, True], ids=["mma_sync", "wgmma"])
+def wgmma(request) -> bool:
+    """The products' instruction: mma.sync everywhere, wgmma where the device has it."""
+    if request.param and not wgmma_runs(torch.cuda.current_device()):
+        pytest.skip("wgmma needs compute capability 9.0")
+    return request.param
 
 
 def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -21,20 +30,40 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 @pytest.mark.parametrize("rows", [1, 7, 33, WIDE_ROWS])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
 # (warps, 16-row weight tiles a warp, blocks a step, steps in flight, CTAs an SM), parts of K
-@pytest.mark.parametrize(("config", "split"), [((8, 2, 2, 4, 1), 1), ((4, 1, 1, 3, 1), 4), ((8, 1, 4, 2, 1), 2)])
-def test_nf4_wide_matches_the_dequantized_weight(rows, nested, bias, config, split) -> None:
+@pytest.mark.parametrize(("config", "split"), [((8, 2, 2, 4, 1), 1), ((4, 1, 1, 3, 1), 4), ((8, 1, 4, 3, 1), 2)])
+def test_nf4_wide_matches_the_dequantized_weight(rows, nested, bias, config, split, wgmma) -> None:
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, nested, bias, "cuda")
     x = torch.randn(rows, K, device="cuda").bfloat16()
     b = layer.bias.bfloat16() if bias else None
     expected = x.float() @ dense.T + (b.float() if bias else 0)
-    got = nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, b)], config, split)
+    got = nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, b)], config, split, wgmma)
     assert got.dtype == torch.float32 and close(got, expected)
+
+
+def test_wgmma_and_mma_sync_give_the_same_sums() -> None:
+    """The two builds multiply the same bf16 weights (scaled alike) and x; only the order of their fp32 adds
+    differs."""
+    if not wgmma_runs(torch.cuda.current_device()):
+        pytest.skip("wgmma needs compute capability 9.0")
+    torch.manual_seed(0)
+    layer, _ = nf4_layer(N, K, True, False, "cuda")
+    x = torch.randn(WIDE_ROWS, K, device="cuda").bfloat16()
+    part = [(layer.weight, layer.weight.quant_state, None)]
+    sync, async_ = (nf4_wide_sums(x, part, (8, 2, 2, 3, 1), 1, wgmma) for wgmma in (False, True))
+    assert torch.allclose(sync, async_, rtol=1e-4, atol=1e-4 * sync.abs().max().item())
+
+
+def test_wgmma_takes_only_configurations_that_fit_it() -> None:
+    layer, _ = nf4_layer(N, K, True, False, "cuda")
+    x = torch.randn(8, K, device="cuda").bfloat16()
+    with pytest.raises(ValueError, match="wgmma takes whole warpgroups"):
+        nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, None)], (8, 1, 4, 2, 1), 2, wgmma=True)
 
 
 @pytest.mark.parametrize("rows", [5, WIDE_ROWS])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
-def test_nf4_wide_segments_match_each_weight_alone(rows, nested, bias) -> None:
+def test_nf4_wide_segments_match_each_weight_alone(rows, nested, bias, wgmma) -> None:
     """Three weights sharing x in one launch (as q/k/v do), K in two parts (their sums add in either order
     alike): each weight's columns are what nf4_wide gives for that weight alone, bit for bit."""
     torch.manual_seed(0)
@@ -43,11 +72,11 @@ def test_nf4_wide_segments_match_each_weight_alone(rows, nested, bias) -> None:
     parts = [(layer.weight, layer.weight.quant_state, layer.bias.bfloat16() if bias else None) for layer in layers]
     x = torch.randn(rows, K, device="cuda").bfloat16()
     config = (4, 1, 2, 3, 1)
-    got = nf4_wide_sums(x, parts, config, split=2)
+    got = nf4_wide_sums(x, parts, config, 2, wgmma)
     assert got.shape == (rows, sum(sizes))
     column = 0
     for i, (part, n) in enumerate(zip(parts, sizes, strict=True)):
-        assert torch.equal(got[:, column : column + n], nf4_wide_sums(x, [part], config, split=2)), f"weight {i}"
+        assert torch.equal(got[:, column : column + n], nf4_wide_sums(x, [part], config, 2, wgmma)), f"weight {i}"
         column += n
 
 

@@ -32,7 +32,7 @@ from server.engine.kernels.lora import finish_projection
 from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
 from server.engine.kernels.nf4_mma import available as mma_available
 from server.engine.kernels.nf4_wide import available as wide_available
-from server.engine.kernels.nf4_wide import nf4_wide_sums
+from server.engine.kernels.nf4_wide import mma_rows, nf4_wide_sums
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
@@ -424,7 +424,7 @@ def nf4_gemv(
 
 def pick_matmul_config(n: int, k: int, rows: int, on_cuda: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for `rows` rows of x and an [n, k] weight: on CUDA the
-    best found on the H200 per Llama-3-8B projection shape, by the nearest shape, for one tile of 64 rows (33-64
+    best found on the H200 per Llama-3-8B projection shape, by the nearest shape, for one tile of 64 rows (up to 64
     rows of the steps nf4_mma and nf4_wide do not serve), of 128 (65-128) or of 256 (129-256); q/k/v (n 6144) and
     gate/up (n 28672) are one launch each (`bench/nf4_kernel.py --rows 64,128,256 --shapes ... --sweep`). Under
     Triton's CPU interpreter few large programs. BLOCK_K and SPLIT_K shrink until they divide K."""
@@ -520,7 +520,7 @@ def supported(module: nn.Module) -> bool:
 
 
 class FusedNf4Linear(nn.Module):
-    """An NF4 Linear4bit whose forwards of up to MMA_ROWS rows run nf4_mma (bf16 on CUDA), of one row otherwise
+    """An NF4 Linear4bit whose forwards of up to mma_rows rows run nf4_mma (bf16 on CUDA), of one row otherwise
     the GEMV above, of up to MAX_ROWS rows nf4_matmul_sums (nf4_wide for bf16 on CUDA up to WIDE_ROWS, else the
     Triton tensor-core kernel), of more (prefill) nf4_dequantize (on CUDA; bitsandbytes' elsewhere) + a dense
     matmul."""
@@ -556,7 +556,7 @@ class FusedNf4Linear(nn.Module):
             compute = self.base.compute_dtype or x.dtype
             weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
             flat = x.to(compute).contiguous()
-            if rows <= MMA_ROWS and mma_available(flat, lora, residual):
+            if rows <= MMA_ROWS and mma_available(flat, lora, residual) and rows <= mma_rows(flat.device.index or 0):
                 return nf4_mma(flat, weight, state, bias, lora, residual=residual).to(x.dtype)
             if rows == 1:
                 y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None

@@ -18,7 +18,9 @@ from bitsandbytes.functional import QuantState, get_4bit_type
 from server.engine.kernels.epilogue import LoraEpilogue
 
 log = logging.getLogger("loraplex.engine")
-MMA_ROWS = 32  # up to this many rows it beats nf4_wide and the Triton kernels on the H200 (BENCHMARKS.md)
+# The most rows nf4_mma takes: up to here it beats nf4_wide on mma.sync and the Triton kernels on the H200; where
+# nf4_wide has wgmma, nf4_mma takes fewer (nf4_wide.mma_rows; BENCHMARKS.md)
+MMA_ROWS = 32
 _LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
 _SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
 # The epilogue's B rows copied into shared memory at the start, at most (beside ~41 KB of static memory: two CTAs

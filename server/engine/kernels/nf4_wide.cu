@@ -11,14 +11,34 @@
 // keeps every SM streaming. Each lane decodes and multiplies as in nf4_mma: its A operands the weights' bf16
 // pairs from the decode table, its B operands 32 contiguous bytes of x.
 //
+// On sm_90a (WGMMA) the products are wgmma.mma_async, m64 n(8 MT) k16: a warpgroup's four warps hold the 16-row
+// A tiles of one 64-row weight tile as their registers (decoded as for mma.sync: the same fragment layout), and x
+// is the B operand in shared memory, read by the tensor cores themselves. One instruction multiplies a lane's
+// decoded weights with all of x's rows, where mma.sync took one an n8 tile and x's loads into registers; the
+// tensor cores run while the warp decodes the next block. The x columns are stored permuted so that the k order of
+// a wgmma matches the bytes each lane decodes (see XQ below).
+//
 // Defined by the host: WARPS, NT, MT (n8 tiles of x rows: ceil(m / 8)), GROUP, STAGES, MIN_BLOCKS, NESTED,
-// HAS_BIAS, SEGMENTS (weights of one launch, up to 3; every n a multiple of 4).
+// HAS_BIAS, SEGMENTS (weights of one launch, up to 3; every n a multiple of 4), WGMMA (with WARPS a multiple of 4).
 
 #define CTA_ROWS (16 * NT * WARPS)
+#if WGMMA
+// A staged x step as wgmma's K-major B operand without swizzle: 8 x 8 core matrices (8 x rows of 16 bytes, 128
+// contiguous bytes). Column q = 2 (4 i + s) + h of core matrices holds, for block i of the step and wgmma s of it,
+// the k half h: x columns 64 i + 16 t + 4 s + 2 h + {0, 1} at its bytes 4 t, 4 t + 2 (t = 0..3). That is the
+// order in which lane t's A registers hold the codes of its 8 bytes 8 t..8 t + 7 of a block (byte 2 s + h: columns
+// 16 t + 4 s + 2 h + {0, 1}). A column of core matrices is XQ bytes (x rows at 16 bytes, then 16 bytes of padding,
+// so that the 4-byte copies of a warp, one x row's 128 bytes, fall in distinct banks).
+#define XQ (8 * MT * 16 + 16)
+#define X_BYTES (8 * GROUP * XQ)
+#else
 // bf16 a row of a staged x step: 16 bytes of padding, so that the 16-byte reads of the 8 lanes of a phase (two x
 // rows, four 32-byte column groups) fall in distinct banks
 #define XSTRIDE (64 * GROUP + 8)
 #define X_BYTES (8 * MT * XSTRIDE * 2)
+#endif
+// steps copied ahead of the one computed: under WGMMA the last step's products may still read its stage
+#define AHEAD (WGMMA ? STAGES - 2 : STAGES - 1)
 // a stage's weights: [GROUP][CTA_ROWS][32 bytes], so the 8-byte reads of a half warp (four consecutive rows) take
 // 128 contiguous bytes
 #define W_BYTES (GROUP * CTA_ROWS * 32)
@@ -27,6 +47,10 @@
 
 __device__ __forceinline__ void copy16(unsigned dst, const void* src, int bytes) {  // dst: a shared address
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void copy4(unsigned dst, const void* src) {  // dst: a shared address
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
 }
 
 __device__ __forceinline__ unsigned scale_pair(float s) {  // a scale as two bf16
@@ -45,17 +69,37 @@ __device__ __forceinline__ unsigned scaled(unsigned pair, unsigned scale) {  // 
 // 64 GROUP columns (rows past m: zeros), then the step's GROUP blocks of the CTA's weight rows (rows past n: the
 // last row again). One commit a step.
 struct Copies {
-    static constexpr int X_PIECES = 8 * MT * 8 * GROUP, W_PIECES = CTA_ROWS * 2 * GROUP;  // 16 bytes each
-    static constexpr int X_EACH = (X_PIECES + WARPS * 32 - 1) / (WARPS * 32);
+    static constexpr int W_PIECES = CTA_ROWS * 2 * GROUP;  // 16 bytes each
     static constexpr int W_EACH = (W_PIECES + WARPS * 32 - 1) / (WARPS * 32);
+#if WGMMA
+    // 4-byte pieces (two x columns), a pass of the threads over WARPS / GROUP whole x rows; rows past m are not
+    // copied: they make output columns that are never stored
+    static constexpr int X_PASS_ROWS = WARPS / GROUP, X_EACH = 8 * MT / X_PASS_ROWS;
+    static_assert(WARPS % GROUP == 0 && (8 * MT) % X_PASS_ROWS == 0, "x's pieces a thread");
+    const unsigned short* x_src;  // the thread's first piece
+    size_t x_pass;                // bf16 from a pass's piece to the next's
+    unsigned x_dst;
+    int x_count;  // the thread's passes within m
+#else
+    static constexpr int X_PIECES = 8 * MT * 8 * GROUP;  // 16 bytes each
+    static constexpr int X_EACH = (X_PIECES + WARPS * 32 - 1) / (WARPS * 32);
     const unsigned short* x_src[X_EACH];
     unsigned x_dst[X_EACH];  // shared-memory offsets in the stage
     int x_bytes[X_EACH];     // 16, 0 for a row past m (zeros), -1 for no piece
+#endif
     const unsigned char* w_src[W_EACH];
     unsigned w_dst[W_EACH];
 
     __device__ __forceinline__ Copies(const unsigned short* x, int ldx, int m, const unsigned char* w, int n,
                                       int blocks_k, int first_row, int kb0, int tid) {
+#if WGMMA
+        const int pair = tid % (32 * GROUP), p = pair & 31;  // x columns 2 pair, 2 pair + 1 of the step
+        const int row = tid / (32 * GROUP);
+        x_src = x + size_t(row) * ldx + 64 * kb0 + 2 * pair;
+        x_pass = size_t(X_PASS_ROWS) * ldx;
+        x_dst = (2 * (4 * (pair >> 5) + ((p >> 1) & 3)) + (p & 1)) * XQ + 16 * row + 4 * (p >> 3);
+        x_count = (m - row + X_PASS_ROWS - 1) / X_PASS_ROWS;
+#else
 #pragma unroll
         for (int e = 0; e < X_EACH; ++e) {
             const int c = tid + e * WARPS * 32, r = c / (8 * GROUP), q = c % (8 * GROUP);
@@ -63,6 +107,7 @@ struct Copies {
             x_dst[e] = (r * XSTRIDE + 8 * q) * 2;
             x_bytes[e] = c >= X_PIECES ? -1 : r < m ? 16 : 0;
         }
+#endif
 #pragma unroll
         for (int e = 0; e < W_EACH; ++e) {
             const int c = min(tid + e * WARPS * 32, W_PIECES - 1), r = c / (2 * GROUP), q = c % (2 * GROUP);
@@ -72,10 +117,17 @@ struct Copies {
     }
 
     __device__ __forceinline__ void issue(unsigned stage, int step) const {  // stage: its shared-memory address
+#if WGMMA
+        const unsigned short* src = x_src + 64 * GROUP * step;
+#pragma unroll
+        for (int e = 0; e < X_EACH; ++e, src += x_pass)
+            if (e < x_count) copy4(stage + x_dst + 16 * X_PASS_ROWS * e, src);
+#else
 #pragma unroll
         for (int e = 0; e < X_EACH; ++e)
             if (X_PIECES % (WARPS * 32) == 0 || x_bytes[e] >= 0)
                 copy16(stage + x_dst[e], x_src[e] + 64 * GROUP * step, x_bytes[e]);
+#endif
 #pragma unroll
         for (int e = 0; e < W_EACH; ++e)  // a thread past the pieces copies the last one again: harmless
             copy16(stage + w_dst[e], w_src[e] + 32 * GROUP * step, 16);
@@ -92,6 +144,30 @@ __device__ __forceinline__ void add_sums(float* p, float4 v) {
     atomicAdd(p, v.x), atomicAdd(p + 1, v.y), atomicAdd(p + 2, v.z), atomicAdd(p + 3, v.w);
 #endif
 }
+
+// The first of a warp's 16 rows of its weight tile `tile` among the CTA's rows: under WGMMA a warpgroup's four
+// warps hold one 64-row tile's four 16-row slices (wgmma's A operand), otherwise a warp its NT tiles in a row.
+__device__ __forceinline__ int tile_row(int warp, int tile) {
+    return WGMMA ? (((warp >> 2) * NT + tile) * 4 + (warp & 3)) * 16 : (warp * NT + tile) * 16;
+}
+
+#if WGMMA
+// The descriptor of a k16 slice of the staged x (see XQ): `at` the shared address of its first core matrix, the
+// slice's second k half XQ bytes on, the next 8 x rows 128 bytes on; no swizzle
+__device__ __forceinline__ unsigned long long x_descriptor(unsigned at) {
+    return ((at & 0x3FFFFu) >> 4) | (unsigned long long)(XQ >> 4) << 16 | (unsigned long long)(128 >> 4) << 32;
+}
+
+// keeps the compiler from moving reads of the accumulators before the wgmma that writes them has been waited for
+__device__ __forceinline__ void fence_sums(float (&acc)[NT][MT][4]) {
+#pragma unroll
+    for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(acc[tile][j][r])::"memory");
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     const unsigned short* __restrict__ x,    // [m, ldx] bf16, rows 16-byte aligned
@@ -130,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     const Copies copies(x, ldx, m, w, n, blocks_k, first_row, kb0, tid);
     const unsigned stages_at = unsigned(__cvta_generic_to_shared(stages));
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
+    for (int s = 0; s < AHEAD; ++s) {
         if (s < steps) copies.issue(stages_at + s * STAGE_BYTES, s);
         else asm volatile("cp.async.commit_group;");
     }
@@ -140,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     for (int tile = 0; tile < NT; ++tile) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            wrow[tile][h] = (warp * NT + tile) * 16 + 8 * h + g;
+            wrow[tile][h] = tile_row(warp, tile) + 8 * h + g;
             block[tile][h] = unsigned(min(first_row + wrow[tile][h], n - 1)) * blocks_k + kb0;
         }
     }
@@ -160,18 +236,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     write_lut(smem, tid, WARPS * 32);
     const unsigned lane4 = 4 * lane;
 
-    float acc[MT][NT][4];
+    float acc[NT][MT][4];
 #pragma unroll
-    for (int j = 0; j < MT; ++j)
+    for (int tile = 0; tile < NT; ++tile)
 #pragma unroll
-        for (int tile = 0; tile < NT; ++tile) acc[j][tile][0] = acc[j][tile][1] = acc[j][tile][2] = acc[j][tile][3] = 0.0f;
+        for (int j = 0; j < MT; ++j) acc[tile][j][0] = acc[tile][j][1] = acc[tile][j][2] = acc[tile][j][3] = 0.0f;
 
     for (int step = 0; step < steps; ++step) {
-        // this step's copies landed (the STAGES - 2 later ones may still be in flight) and, after the barrier,
-        // every warp is done with the stage the next copy overwrites (the last step's)
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2));
+        // this step's copies landed (the later ones may still be in flight) and, after the barrier, every warp is
+        // done with the stage the next copy overwrites (under WGMMA the one of two steps back: the last step's
+        // last products may still read theirs)
+        asm volatile("cp.async.wait_group %0;" ::"n"(AHEAD - 1));
+#if WGMMA
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies seen by the tensor cores' reads
+#endif
         __syncthreads();
-        const int ahead = step + STAGES - 1;
+        const int ahead = step + AHEAD;
         if (ahead < steps) copies.issue(stages_at + (ahead % STAGES) * STAGE_BYTES, ahead);
         else asm volatile("cp.async.commit_group;");
         // the next step's scales, loaded before this step's math (the last step loads its own again: no
@@ -184,7 +264,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
             for (int h = 0; h < 2; ++h)
                 next_scales[tile][h] = load_scales(absmax, absmax2, block[tile][h] + next_step * GROUP);
         const unsigned char* here = stages + (step % STAGES) * STAGE_BYTES;
-        const unsigned short* xs = reinterpret_cast<const unsigned short*>(here);
         const unsigned char* ws = here + X_BYTES;
 #pragma unroll
         for (int i = 0; i < GROUP; ++i) {
@@ -209,6 +288,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
                     a[tile][s][3] = scaled(pair_of(smem, lane4, word1, 2 * (s & 1) + 1), s1);
                 }
             }
+#if WGMMA
+            // the block's products on the tensor cores, then the previous block's waited for: its registers free
+            const unsigned xs = stages_at + (step % STAGES) * STAGE_BYTES + 8 * i * XQ;
+            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+            for (int tile = 0; tile < NT; ++tile)
+#pragma unroll
+                for (int s = 0; s < 4; ++s) wgmma(acc[tile], a[tile][s], x_descriptor(xs + 2 * s * XQ));
+            asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+#else
+            const unsigned short* xs = reinterpret_cast<const unsigned short*>(here);
 #pragma unroll
             for (int j = 0; j < MT; ++j) {
                 // x row 8 j + g, columns 16 t..16 t + 15 of block i of the step
@@ -216,18 +307,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
                 const uint4 lo = p[0], hi = p[1];
 #pragma unroll
                 for (int tile = 0; tile < NT; ++tile) {
-                    mma(acc[j][tile], a[tile][0], lo.x, lo.y);
-                    mma(acc[j][tile], a[tile][1], lo.z, lo.w);
-                    mma(acc[j][tile], a[tile][2], hi.x, hi.y);
-                    mma(acc[j][tile], a[tile][3], hi.z, hi.w);
+                    mma(acc[tile][j], a[tile][0], lo.x, lo.y);
+                    mma(acc[tile][j], a[tile][1], lo.z, lo.w);
+                    mma(acc[tile][j], a[tile][2], hi.x, hi.y);
+                    mma(acc[tile][j], a[tile][3], hi.z, hi.w);
                 }
             }
+#endif
         }
 #pragma unroll
         for (int tile = 0; tile < NT; ++tile)
 #pragma unroll
             for (int h = 0; h < 2; ++h) scales[tile][h] = next_scales[tile][h];
     }
+#if WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    fence_sums(acc);
+#endif
 
     // The CTA's sums through shared memory, so that each thread adds four consecutive outputs with one reduction
     // (C fragment: weight rows g, g + 8 x x rows 8 j + 2 t, 8 j + 2 t + 1)
@@ -238,11 +334,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     for (int j = 0; j < MT; ++j)
 #pragma unroll
         for (int tile = 0; tile < NT; ++tile) {
-            float* base = red + (8 * j + 2 * t) * OSTRIDE + (warp * NT + tile) * 16 + g;
-            base[0] = acc[j][tile][0];
-            base[OSTRIDE] = acc[j][tile][1];
-            base[8] = acc[j][tile][2];
-            base[OSTRIDE + 8] = acc[j][tile][3];
+            float* base = red + (8 * j + 2 * t) * OSTRIDE + tile_row(warp, tile) + g;
+            base[0] = acc[tile][j][0];
+            base[OSTRIDE] = acc[tile][j][1];
+            base[8] = acc[tile][j][2];
+            base[OSTRIDE + 8] = acc[tile][j][3];
         }
     __syncthreads();
     for (int i = tid; i < m * (CTA_ROWS / 4); i += WARPS * 32) {

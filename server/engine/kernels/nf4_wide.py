@@ -1,10 +1,12 @@
-"""The NF4 tensor-core kernel for the steps of 33-64 rows (nf4_wide.cu), compiled with NVRTC through torch at first
-use, one build per launch shape: fp32 sums of x @ dequant(W).T for one to three weights sharing x (q/k/v,
-gate/up), which finish_projection then rounds and adds each row's LoRA delta and the residual to, as it does for
-the Triton matmul that serves these steps where this kernel does not run.
+"""The NF4 tensor-core kernel for the steps of 17-64 rows (33-64 without wgmma), nf4_wide.cu, compiled with NVRTC
+through torch at first use, one build per launch shape: fp32 sums of x @ dequant(W).T for one to three weights
+sharing x (q/k/v, gate/up), which finish_projection then rounds and adds each row's LoRA delta and the residual to,
+as it does for the Triton matmul that serves these steps where this kernel does not run.
 
 Where nf4_mma's warps each read their own part of x, here the warps of a CTA share x's columns through shared
-memory and split the output rows (the .cu file says why that matters at 64 rows); K is split over CTAs.
+memory and split the output rows (the .cu file says why that matters at 64 rows); K is split over CTAs. On
+compute capability 9.0 the products are Hopper's wgmma (built for sm_90a), x read by the tensor cores from shared
+memory; elsewhere mma.sync.
 """
 
 import functools
@@ -13,21 +15,45 @@ from collections.abc import Callable
 
 import torch
 
-from server.engine.kernels.nf4_mma import Part, compiles, cuda_source, second_level
+from server.engine.kernels.nf4_mma import MMA_ROWS, Part, compiles, cuda_source, second_level
 
 WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
+MMA_ROWS_BESIDE_WGMMA = 16  # past this many rows nf4_wide on wgmma beats nf4_mma (H200, BENCHMARKS.md)
 _LUT_BYTES = 256 * 32 * 4 + 256 * 4  # the decode table and code2, before the stages
 
 # (warps, 16-row weight tiles a warp, blocks of 64 columns a step, steps in flight, CTAs an SM must fit)
 Config = tuple[int, int, int, int, int]
 
 
-def smem_bytes(warps: int, row_tiles: int, group: int, stages: int, x_tiles: int) -> int:
+def smem_bytes(warps: int, row_tiles: int, group: int, stages: int, x_tiles: int, wgmma: bool) -> int:
     """Dynamic shared memory of one build: the table, code2 and the stages (x's columns and the weights' bytes of
     a step), or the CTA's sums after them."""
     cta_rows = 16 * row_tiles * warps
-    stage = 8 * x_tiles * (64 * group + 8) * 2 + group * cta_rows * 32
+    x_bytes = 8 * group * (128 * x_tiles + 16) if wgmma else 8 * x_tiles * (64 * group + 8) * 2
+    stage = x_bytes + group * cta_rows * 32
     return max(_LUT_BYTES + stages * stage, 8 * x_tiles * (cta_rows + 4) * 4)
+
+
+def wgmma_fits(warps: int, stages: int) -> bool:
+    """Whether a configuration can take wgmma: whole warpgroups, and a stage between the one copied and the one
+    read (the last step's products may still read theirs)."""
+    return warps % 4 == 0 and stages >= 3
+
+
+def wgmma_source(x_tiles: int) -> str:
+    """The build's wgmma, m64 n(8 x_tiles) k16: sums d [x_tiles][4] (each n8 tile's as mma.sync's C fragment) +=
+    the A registers (as mma.sync's A fragment) @ the staged x its descriptor `b` names."""
+    count = 4 * x_tiles
+    sums = ", ".join(f"%{i}" for i in range(count))
+    operands = ", ".join(f'"+f"(d[{j}][{r}])' for j in range(x_tiles) for r in range(4))
+    return (
+        "__device__ __forceinline__ void wgmma(float (&d)[MT][4], const unsigned (&a)[4], unsigned long long b) {\n"
+        f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{count + 5}, 0;\\n"\n'
+        f'                 "wgmma.mma_async.sync.aligned.m64n{8 * x_tiles}k16.f32.bf16.bf16 {{{sums}}}, "\n'
+        f'                 "{{%{count}, %{count + 1}, %{count + 2}, %{count + 3}}}, %{count + 4}, p, 1, 1, 0;\\n}}"\n'
+        f"                 : {operands}\n"
+        '                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1) : "memory");\n}\n'
+    )
 
 
 def available(x: torch.Tensor, parts: list[Part]) -> bool:
@@ -49,19 +75,38 @@ def available(x: torch.Tensor, parts: list[Part]) -> bool:
 @functools.cache
 def _compiles(device: int) -> bool:
     """One build on `device`, once."""
-    build = functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, device=device)
+    build = functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, wgmma=False,
+                              device=device)  # fmt: skip
     return compiles(device, "nf4_wide", build, "the Triton NF4 matmul")
+
+
+@functools.cache
+def wgmma_runs(device: int) -> bool:
+    """Whether nf4_wide takes wgmma on `device`: compute capability 9.0 (sm_90a: Hopper's wgmma is not in later
+    architectures' PTX) and one such build compiling, once."""
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    build = functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, wgmma=True,
+                              device=device)  # fmt: skip
+    return compiles(device, "nf4_wide (wgmma)", build, "nf4_wide with mma.sync")
+
+
+def mma_rows(device: int) -> int:
+    """The most rows of a bf16 step that nf4_mma serves on CUDA device `device` (nf4_wide the steps above it)."""
+    return MMA_ROWS_BESIDE_WGMMA if wgmma_runs(device) else MMA_ROWS
 
 
 def kernel_source(
     warps: int, row_tiles: int, group: int, stages: int, min_blocks: int, x_tiles: int, nested: bool, bias: bool,
-    segments: int,
+    segments: int, wgmma: bool,
 ) -> str:  # fmt: skip
-    """The CUDA source of one build: its defines (the .cu file's header lists them), then the shared parts and it."""
+    """The CUDA source of one build: its defines (the .cu file's header lists them), its wgmma where it takes it,
+    then the shared parts and the kernel."""
     defines = {"WARPS": warps, "NT": row_tiles, "MT": x_tiles, "GROUP": group, "STAGES": stages,
                "MIN_BLOCKS": min_blocks, "NESTED": int(nested), "HAS_BIAS": int(bias),
-               "SEGMENTS": segments}  # fmt: skip
-    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + cuda_source("nf4_wide.cu")
+               "SEGMENTS": segments, "WGMMA": int(wgmma)}  # fmt: skip
+    head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
+    return head + (wgmma_source(x_tiles) if wgmma else "") + cuda_source("nf4_wide.cu")
 
 
 @functools.cache
@@ -75,12 +120,13 @@ def _kernel(
     nested: bool,
     bias: bool,
     segments: int,
+    wgmma: bool,
     device: int,
 ) -> Callable[..., None]:
-    source = kernel_source(warps, row_tiles, group, stages, min_blocks, x_tiles, nested, bias, segments)
+    source = kernel_source(warps, row_tiles, group, stages, min_blocks, x_tiles, nested, bias, segments, wgmma)
     with torch.cuda.device(device):
-        kernel = torch.cuda._compile_kernel(source, "nf4_wide")
-        kernel.set_shared_memory_config(smem_bytes(warps, row_tiles, group, stages, x_tiles))
+        kernel = torch.cuda._compile_kernel(source, "nf4_wide", compute_capability="90a" if wgmma else None)
+        kernel.set_shared_memory_config(smem_bytes(warps, row_tiles, group, stages, x_tiles, wgmma))
         return kernel
 
 
@@ -99,19 +145,28 @@ def pick_split(tiles: int, k: int, group: int, sms: int) -> int:
 
 
 def nf4_wide_sums(
-    x: torch.Tensor, parts: list[Part], config: Config | None = None, split: int | None = None
+    x: torch.Tensor,
+    parts: list[Part],
+    config: Config | None = None,
+    split: int | None = None,
+    wgmma: bool | None = None,
 ) -> torch.Tensor:
     """x [M, K] bf16 (available()) @ dequant(W).T (+ bias) for each weight W of `parts` (one to three of one K,
     kind and bias presence) in one launch -> [M, sum of N] fp32, the weights' sums side by side. The parts of K add
-    atomically, so a sum's last bits can change from call to call."""
+    atomically, so a sum's last bits can change from call to call. `wgmma`: the products' instruction (None: wgmma
+    where it runs and the configuration fits it)."""
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
+    device = x.device.index or 0
     warps, row_tiles, group, stages, min_blocks = config or pick_config(sum(ns), k, m)
+    if wgmma is None:
+        wgmma = wgmma_fits(warps, stages) and wgmma_runs(device)
+    elif wgmma and not wgmma_fits(warps, stages):
+        raise ValueError(f"wgmma takes whole warpgroups and 3+ stages, not {warps} warps and {stages} stages")
     while (k // 64) % group:
         group //= 2
     cta_rows = 16 * row_tiles * warps
     ends = list(itertools.accumulate(-(-n // cta_rows) for n in ns))
-    device = x.device.index or 0
     split = split or pick_split(ends[-1], k, group, torch.cuda.get_device_properties(device).multi_processor_count)
     if (k // 64) % (split * group):
         raise ValueError(f"K's {k // 64} blocks do not split into {split} parts of {group}-block steps")
@@ -123,12 +178,12 @@ def nf4_wide_sums(
         segments += [weight, state.absmax, *second_level(state), out if bias is None else bias, ns[min(i, len(ns) - 1)]]
     state, bias = parts[0][1], parts[0][2]
     kernel = _kernel(warps, row_tiles, group, stages, min_blocks, x_tiles, bool(state.nested), bias is not None,
-                     len(parts), device)  # fmt: skip
+                     len(parts), wgmma, device)  # fmt: skip
     kernel(
         grid=(ends[-1], split, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, out, out.stride(0), k, k // 64 // split, *segments, ends[0],
               ends[min(1, len(ends) - 1)]],
-        shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles),
+        shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles, wgmma),
     )  # fmt: skip
     return out
