@@ -66,8 +66,8 @@ __device__ __forceinline__ unsigned scaled(unsigned pair, unsigned scale) {  // 
 }
 
 // A thread's part of each step's copies into a stage, its addresses made once: x rows 0..8 MT - 1 at the step's
-// 64 GROUP columns (rows past m: zeros), then the step's GROUP blocks of the CTA's weight rows (rows past n: the
-// last row again). One commit a step.
+// 64 GROUP columns (rows past m: zeros; not copied under WGMMA), then the step's GROUP blocks of the CTA's weight
+// rows (rows past n: the last row again). One commit a step.
 struct Copies {
     static constexpr int W_PIECES = CTA_ROWS * 2 * GROUP;  // 16 bytes each
     static constexpr int W_EACH = (W_PIECES + WARPS * 32 - 1) / (WARPS * 32);
