@@ -1,7 +1,7 @@
-"""Kernels of the decode step on CUDA: the NF4 projections (nf4_mma in CUDA for up to 32 bf16 rows; in Triton a
-GEMV for one row and a tensor-core matmul for up to 256), the per-row LoRA delta, RMSNorm, the gated MLP's
-activation (the last two with the LoRA shrink of the layers reading their output), rotary embeddings and the KV
-cache write.
+"""Kernels of the decode step on CUDA: the NF4 projections (in CUDA nf4_mma for up to 16 bf16 rows, 32 without
+wgmma, and nf4_wide for up to 64; in Triton a GEMV for one row and a tensor-core matmul for up to 256), the per-row
+LoRA delta, RMSNorm, the gated MLP's activation (the last two with the LoRA shrink of the layers reading their
+output), rotary embeddings and the KV cache write.
 
 The engine installs them on CUDA only; the tests run the Triton ones on the CPU under Triton's interpreter.
 """
