@@ -72,16 +72,12 @@ def available(x: torch.Tensor, parts: list[Part]) -> bool:
     )
 
 
-def _first_build(device: int, wgmma: bool) -> Callable[[], object]:
-    """One build of the launcher's 64-row configuration, the one compiled to learn whether any does."""
-    return functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, wgmma=wgmma,
-                             device=device)  # fmt: skip
-
-
 @functools.cache
 def _compiles(device: int) -> bool:
     """One build on `device`, once."""
-    return compiles(device, "nf4_wide", _first_build(device, False), "the Triton NF4 matmul")
+    build = functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, wgmma=False,
+                              device=device)  # fmt: skip
+    return compiles(device, "nf4_wide", build, "the Triton NF4 matmul")
 
 
 @functools.cache
@@ -90,7 +86,9 @@ def wgmma_runs(device: int) -> bool:
     architectures' PTX) and one such build compiling, once."""
     if torch.cuda.get_device_capability(device) != (9, 0):
         return False
-    return compiles(device, "nf4_wide (wgmma)", _first_build(device, True), "nf4_wide with mma.sync")
+    build = functools.partial(_kernel, 8, 2, 2, 3, 1, x_tiles=8, nested=False, bias=False, segments=1, wgmma=True,
+                              device=device)  # fmt: skip
+    return compiles(device, "nf4_wide (wgmma)", build, "nf4_wide with mma.sync")
 
 
 def mma_rows(device: int) -> int:
