@@ -5,7 +5,7 @@ client sent part of a request head and then nothing more (slowloris), and one wh
 its response (a stream nobody reads holds its whole answer in memory, and its connection, after the request
 has ended). Each held connection is a file descriptor: hundreds of them and the process cannot accept an
 honest client, nor open a file. Here a head must arrive whole within HEAD_TIMEOUT_S (hyper's default, as TGI
-serves), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's send_timeout) is dropped:
+serves), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's send_timeout) is reset:
 the route hears the client leave, which cancels its request.
 
 A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
@@ -13,6 +13,8 @@ and uvicorn would answer in plain text. It gets the app's JSON error body instea
 
 import asyncio
 import json
+import socket
+import struct
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -47,14 +49,22 @@ class DeadlineH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:
-            # abort, not close: close waits to flush a buffer that this client will never read
-            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self.transport.abort)
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._reset)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+
+    def _reset(self) -> None:
+        # A reset, not a close (nginx's reset_timedout_connection): a closed socket outlives its descriptor in the
+        # kernel, holding its unsent bytes and retrying a client that accepts none for minutes; a linger of 0 makes
+        # the close discard them and send RST.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         body = error_body(
