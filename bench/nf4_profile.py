@@ -1,5 +1,6 @@
-"""nf4_mma on each Llama-3-8B projection shape, two calls each and nothing else on the GPU: a target for a kernel
-profiler. Nsight Compute, its stall reasons among the sections (BENCHMARKS.md records what it found):
+"""nf4_mma (nf4_wide with --wide) on each Llama-3-8B projection shape, two calls each and nothing else on the GPU: a
+target for a kernel profiler. Nsight Compute, its stall reasons among the sections (BENCHMARKS.md records what it
+found; regex:nf4_wide with --wide):
 
 ncu -k regex:nf4_mma --launch-skip 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
     --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section InstructionStats \
@@ -22,21 +23,27 @@ from bitsandbytes.nn import Linear4bit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from bench.nf4_kernel import SHAPES
+from bench.nf4_kernel import SHAPES, wide
+from server.engine.kernels import nf4_wide
 from server.engine.kernels.nf4_mma import nf4_mma, pick_config
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1, help="rows of x (tokens of a decode step)")
+    parser.add_argument("--wide", action="store_true", help="nf4_wide's sums, not nf4_mma")
     args = parser.parse_args()
     torch.manual_seed(0)
     for name, ((n, k), _) in SHAPES.items():
         layer = Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").to(torch.bfloat16).cuda()
         x = torch.randn(args.rows, k, dtype=torch.bfloat16, device="cuda")
-        print(f"{name} [{n}, {k}] x {args.rows} rows: config {pick_config(n, k, args.rows)}", flush=True)
+        config = (nf4_wide.pick_config if args.wide else pick_config)(n, k, args.rows)
+        print(f"{name} [{n}, {k}] x {args.rows} rows: config {config}", flush=True)
         for _ in range(2):
-            nf4_mma(x, layer.weight, layer.weight.quant_state)
+            if args.wide:
+                wide(x, layer)
+            else:
+                nf4_mma(x, layer.weight, layer.weight.quant_state)
         torch.cuda.synchronize()
 
 
