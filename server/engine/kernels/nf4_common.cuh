@@ -3,11 +3,16 @@
 // product. The includer defines NESTED, GROUP, SEGMENTS and NF4_CODES (bitsandbytes' code book as bf16 bits).
 //
 // The decode table: 256 entries, one a code byte, each the bf16 pair of its two codes, stored once per lane (entry
-// e of lane l at word 32 e + l: every lane reads its own bank, no conflicts).
+// e of lane l at byte LUT_ENTRY e + 4 l: every lane reads its own bank, no conflicts).
 
 __constant__ unsigned short NF4_BF16[16] = {NF4_CODES};
 
-#define LUT_WORDS (256 * 32)
+// Bytes from one entry of the table to the next: 128 (the lanes' words back to back), or 256 where the includer
+// defines it so (64 KB of table, half of it unused), so that one byte permute makes a lookup's address
+#ifndef LUT_ENTRY
+#define LUT_ENTRY 128
+#endif
+#define LUT_WORDS (256 * LUT_ENTRY / 4)
 
 // One NF4 weight of a launch: its codes, scales (absmax, and under double quantization its second level, code2 and
 // offset), bias and output rows.
@@ -37,10 +42,10 @@ __device__ __forceinline__ int select_segment(int& cta, int& col0, Segment& s, c
 
 __device__ __forceinline__ void write_lut(unsigned* lut, int tid, int threads) {
     // 16-byte stores, a warp writing four whole entries (512 contiguous bytes, no bank conflicts)
-    for (int q = tid; q < LUT_WORDS / 4; q += threads) {
+    for (int q = tid; q < 256 * 8; q += threads) {
         const int e = q >> 3;
         const unsigned pair = NF4_BF16[e >> 4] | (unsigned(NF4_BF16[e & 15]) << 16);
-        reinterpret_cast<uint4*>(lut)[q] = make_uint4(pair, pair, pair, pair);
+        reinterpret_cast<uint4*>(lut)[e * (LUT_ENTRY / 16) + (q & 7)] = make_uint4(pair, pair, pair, pair);
     }
 }
 
@@ -93,8 +98,14 @@ __device__ __forceinline__ float scale_of(const Scales& s, int i, const float* c
 }
 
 __device__ __forceinline__ unsigned pair_of(const unsigned* lut, unsigned lane4, unsigned word, int byte) {
+#if LUT_ENTRY == 256
+    // the bf16 pair of byte `byte` of `word`: byte offset 256 e + 4 lane of the table, e placed above lane4's byte
+    // by one permute (lane4's bytes 1..3 are zero)
+    const unsigned offset = __byte_perm(word, lane4, 0x5504 | (byte << 4));
+#else
     // the bf16 pair of byte `byte` of `word`: byte offset 128 e + 4 lane of the table (one OR: disjoint bits)
     const unsigned offset = lane4 | ((byte == 0 ? word << 7 : word >> (8 * byte - 7)) & 0x7F80u);
+#endif
     return *reinterpret_cast<const unsigned*>(reinterpret_cast<const char*>(lut) + offset);
 }
 

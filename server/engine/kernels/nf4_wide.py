@@ -19,7 +19,7 @@ from server.engine.kernels.nf4_mma import MMA_ROWS, Part, compiles, cuda_source,
 
 WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
 MMA_ROWS_BESIDE_WGMMA = 16  # past this many rows nf4_wide on wgmma beats nf4_mma (H200, BENCHMARKS.md)
-_LUT_BYTES = 256 * 32 * 4 + 256 * 4  # the decode table and code2, before the stages
+_LUT_BYTES = 256 * 256 + 256 * 4  # the decode table (an entry each 256 bytes) and code2, before the stages
 
 # (warps, 16-row weight tiles a warp, blocks of 64 columns a step, steps in flight, CTAs an SM must fit)
 Config = tuple[int, int, int, int, int]
@@ -104,7 +104,7 @@ def kernel_source(
     then the shared parts and the kernel."""
     defines = {"WARPS": warps, "NT": row_tiles, "MT": x_tiles, "GROUP": group, "STAGES": stages,
                "MIN_BLOCKS": min_blocks, "NESTED": int(nested), "HAS_BIAS": int(bias),
-               "SEGMENTS": segments, "WGMMA": int(wgmma)}  # fmt: skip
+               "SEGMENTS": segments, "WGMMA": int(wgmma), "LUT_ENTRY": 256}  # fmt: skip
     head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
     return head + (wgmma_source(x_tiles) if wgmma else "") + cuda_source("nf4_wide.cu")
 
