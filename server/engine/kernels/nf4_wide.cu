@@ -152,10 +152,14 @@ __device__ __forceinline__ int tile_row(int warp, int tile) {
 }
 
 #if WGMMA
-// The descriptor of a k16 slice of the staged x (see XQ): `at` the shared address of its first core matrix, the
-// slice's second k half XQ bytes on, the next 8 x rows 128 bytes on; no swizzle
-__device__ __forceinline__ unsigned long long x_descriptor(unsigned at) {
-    return ((at & 0x3FFFFu) >> 4) | (unsigned long long)(XQ >> 4) << 16 | (unsigned long long)(128 >> 4) << 32;
+// The low word of the descriptor of a staged x (see XQ) from its first core matrix, at shared address `at`: the
+// start address, then the k16 slice's second k half XQ bytes on. A slice `bytes` further on adds bytes / 16 (the
+// start field never overflows: shared memory is under 256 KB).
+__device__ __forceinline__ unsigned x_descriptor_low(unsigned at) { return ((at & 0x3FFFFu) >> 4) | (XQ >> 4) << 16; }
+
+// The whole descriptor: the next 8 x rows 128 bytes on; no swizzle
+__device__ __forceinline__ unsigned long long x_descriptor(unsigned low) {
+    return low | (unsigned long long)(128 >> 4) << 32;
 }
 
 // keeps the compiler from moving reads of the accumulators before the wgmma that writes them has been waited for
@@ -265,6 +269,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
                 next_scales[tile][h] = load_scales(absmax, absmax2, block[tile][h] + next_step * GROUP);
         const unsigned char* here = stages + (step % STAGES) * STAGE_BYTES;
         const unsigned char* ws = here + X_BYTES;
+#if WGMMA
+        const unsigned x_low = x_descriptor_low(stages_at + (step % STAGES) * STAGE_BYTES);
+#endif
 #pragma unroll
         for (int i = 0; i < GROUP; ++i) {
             // [tile][mma step][A register], as in nf4_mma, each weight times its block's scale (rounded to bf16,
@@ -290,12 +297,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
             }
 #if WGMMA
             // the block's products on the tensor cores, then the previous block's waited for: its registers free
-            const unsigned xs = stages_at + (step % STAGES) * STAGE_BYTES + 8 * i * XQ;
             asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
             for (int tile = 0; tile < NT; ++tile)
 #pragma unroll
-                for (int s = 0; s < 4; ++s) wgmma(acc[tile], a[tile][s], x_descriptor(xs + 2 * s * XQ));
+                for (int s = 0; s < 4; ++s)
+                    wgmma(acc[tile], a[tile][s], x_descriptor(x_low + (8 * i + 2 * s) * XQ / 16));
             asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
             asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
 #else
