@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape
+from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape, shrink_warps
 
 # The act_fn modules of SiLU-gated MLPs (Llama, Mistral, Qwen): transformers 5 has its own SiLU module
 SILU = tuple(c for c in (nn.SiLU, getattr(transformers.activations, "SiLUActivation", None)) if c is not None)
@@ -65,6 +65,6 @@ def silu_mul_shrink(
     partial = torch.empty(1, rows, chunks_pad, r_pad, dtype=torch.float32, device=gate.device)
     _silu_mul_shrink_kernel[(rows, chunks)](
         g, u, out, a, slots, ranks, partial, n, g.stride(0), u.stride(0), a.stride(0), a.stride(1),
-        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K,
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K, num_warps=shrink_warps(rows),
     )  # fmt: skip
     return out.view(gate.shape), (partial, chunks)

@@ -15,7 +15,7 @@ from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape
+from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape, shrink_warps
 
 # The norm classes of the supported families -> (eps attribute, Gemma-style (1 + weight) scaling)
 NORMS: dict[type[nn.Module], tuple[str, bool]] = {
@@ -127,7 +127,7 @@ class FusedRMSNorm(nn.Module):
         _rmsnorm_shrink_kernel[(rows, chunks, groups)](
             flat, self.weight, out, a, slots, ranks, partial, rows, d, self.eps, flat.stride(0), a.stride(0),
             a.stride(1), ONE_PLUS=self.one_plus, BLOCK_D=triton.next_power_of_2(d), CHUNKS_PAD=chunks_pad, R_PAD=r_pad,
-            BLOCK_K=SHRINK_BLOCK_K,
+            BLOCK_K=SHRINK_BLOCK_K, num_warps=shrink_warps(rows),
         )  # fmt: skip
         return out.view(*x.shape[:-1], d), (partial, chunks)
 
