@@ -1,4 +1,4 @@
-"""bench/engine.py --tiny runs end to end on CPU, so the benchmark cannot rot."""
+"""The benchmarks run on CPU (tiny shapes), so they cannot rot."""
 
 import json
 import os
@@ -31,3 +31,12 @@ def test_event_delivery_bench_runs() -> None:
     done = subprocess.run([sys.executable, str(script), "--streams", "4", "--steps", "20"], check=True,
                           capture_output=True, text=True)  # fmt: skip
     assert [line.split(":")[0].strip() for line in done.stdout.splitlines()] == ["per event", "mailbox"] * 2
+
+
+def test_lora_kernels_bench_tiny_runs(tmp_path) -> None:
+    """bench/lora_kernels.py --tiny launches every kind of LoRA kernel the step has, on CPU under the interpreter."""
+    out = tmp_path / "lora.json"
+    done = subprocess.run([sys.executable, str(BENCH.parent / "lora_kernels.py"), "--tiny", "--rows", "1,3", "--out",
+                           str(out)], check=True, capture_output=True, text=True)  # fmt: skip
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["1 rows", "3 rows"]
+    assert set(json.loads(out.read_text())["3"]) >= {"norm_shrink_ms", "o_shrink_ms", "act_shrink_ms", "expand_ms"}
