@@ -316,7 +316,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     with path.open("rb") as f:
         head = f.read(9)
     size = path.stat().st_size
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":  # pickle protocol 2+, or torch.save's zip
+    # pickle protocol 2+, or torch.save's zip; a safetensors header's length can start with 0x80 too (its low byte,
+    # for one length in 32), but then its JSON starts at byte 8
+    if head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         raise UnsafeAdapterFormat(_pickle_message(path.name))
     (header_len,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (0,)
     if len(head) < 9 or head[8:9] != b"{" or header_len > size - 8:

@@ -349,7 +349,7 @@ class OpenAISampling(BaseModel):
         if isinstance(value, dict):
             if len(value) > MAX_LOGIT_BIAS_ENTRIES:
                 raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries: {len(value)} sent")
-            bad = next((key for key in value if not (isinstance(key, str) and key.isdigit() and len(key) <= 12)), None)
+            bad = next((key for key in value if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12)), None)
             if bad is not None:
                 raise ValueError(f'keys are token ids written as strings, e.g. "50256"; got {bad[:24]!r}')
         return value

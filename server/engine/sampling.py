@@ -88,6 +88,8 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # mass ahead of each token
     drop_sorted = (before >= p[:, None]) & (p[:, None] < 1.0)
+    # the top token's mass ahead is 0, which a p that rounded to 0 as float32 (a client's 1e-46) would reach
+    drop_sorted[:, 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

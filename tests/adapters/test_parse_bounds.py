@@ -88,3 +88,13 @@ def test_json_files_over_the_bound_are_refused_unparsed(tmp_path: Path, peft_dir
         patch.setattr(json, "loads", small_only)
         with pytest.raises(errors.InvalidAdapterConfig, match=f"over the server's bound of {bound}"):
             store.put("bad", bad)
+
+
+def test_a_header_whose_length_starts_like_a_pickle_is_read(tmp_path: Path) -> None:
+    """A header of 0x...80 bytes starts the file with 0x80, as a pickle does: one honest adapter in 32."""
+    tensor = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    header = json.dumps({"__metadata__": {"pad": ""}, "base_model.model.q_proj.lora_A.weight": tensor}).encode()
+    header = header.replace(b'"pad": ""', b'"pad": "' + b"x" * (-(len(header) - 128) % 256) + b'"')
+    path = weights_file(tmp_path / "adapter_model.safetensors", header, struct.pack("<f", 1.5))
+    assert path.read_bytes()[:1] == b"\x80"
+    assert read_safetensors(path)["base_model.model.q_proj.lora_A.weight"].tolist() == [1.5]

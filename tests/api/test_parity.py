@@ -215,6 +215,8 @@ def test_logit_bias_reaches_the_sampler_and_is_bounded(client: TestClient) -> No
     for bias, says in (
         ({"x": 1}, "token ids written as strings"),
         ({"9" * 5000: 1}, "token ids written as strings"),
+        ({"\u00b2": 1}, "token ids written as strings"),  # a digit to str.isdigit, not to int()
+        ({"\u2460": 1}, "token ids written as strings"),
         ({"1": 101}, "logit_bias"),
         ({str(i): 1 for i in range(2000)}, "at most 1024 entries"),
         ({"999999": 1}, "not in the vocabulary"),

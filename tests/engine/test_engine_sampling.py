@@ -17,6 +17,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(3, 4)
     kept = torch.isfinite(top_p_filter(logits, torch.tensor([0.7, 0.1, 1.0]))).tolist()
     assert kept == [[True, True, False, False], [True, False, False, False], [True] * 4]
+    # a p that rounds to 0 (a client's 1e-46 as float32) keeps the top token, not none
+    assert torch.isfinite(top_p_filter(logits[:1], torch.tensor([1e-46]))).tolist() == [[True, False, False, False]]
 
 
 def test_repetition_penalty_follows_hf() -> None:
