@@ -312,6 +312,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _is_token_id(key: object) -> bool:
+    """A logit_bias key: a token id written in ASCII digits (str.isdigit takes "²" too, which int() refuses)."""
+    return isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12
+
+
 class OpenAISampling(BaseModel):
     model_config = REQUEST
 
@@ -349,7 +354,7 @@ class OpenAISampling(BaseModel):
         if isinstance(value, dict):
             if len(value) > MAX_LOGIT_BIAS_ENTRIES:
                 raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries: {len(value)} sent")
-            bad = next((key for key in value if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12)), None)
+            bad = next((key for key in value if not _is_token_id(key)), None)
             if bad is not None:
                 raise ValueError(f'keys are token ids written as strings, e.g. "50256"; got {bad[:24]!r}')
         return value
