@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO, Protocol
 
-from adapters.errors import AdapterTooLarge, UnsafeArchive
+from adapters.errors import AdapterTooLarge, UnsafeArchive, disk_full
 from adapters.tarstream import damaged, members, not_an_archive
 from adapters.validate import CONFIG_FILE
 
@@ -110,6 +110,8 @@ def _extract_tar(archive: Path, opener: Callable[[Path], IO[bytes]], dest: Path,
                         f"archive member {member.name!r} is a link or special file; pack regular files only"
                     )
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # what the decompressors raise on bad data
+        if disk_full(exc):
+            raise
         raise damaged(str(exc)) from exc
 
 
@@ -134,8 +136,8 @@ def _check_zip_directory(archive: Path) -> None:
 
 def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
     budget = _Budget(max_bytes)
-    _check_zip_directory(archive)
     try:
+        _check_zip_directory(archive)
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 budget.member()
@@ -158,7 +160,12 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                     )
                 with zf.open(info) as src:
                     budget.copy(src, target)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+    # what zipfile raises on bad data: a damaged directory or stream, a name that is not the UTF-8 its flag
+    # says, a feature it does not read (patched data, strong encryption)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error, UnicodeDecodeError,
+            NotImplementedError) as exc:  # fmt: skip
+        if disk_full(exc):
+            raise
         raise UnsafeArchive(f"the archive is damaged ({exc}); pack it again") from exc
 
 

@@ -1,6 +1,8 @@
 """Typed adapter errors. Each class carries its HTTP status and code, so the status table lives here, in
 one place, and the server's single LoraplexError handler answers with them."""
 
+import errno
+
 from loraplex.errors import LoraplexError
 
 
@@ -110,3 +112,9 @@ class AdapterStoreUnavailable(AdapterError):
 
     http_status = 503
     code = "adapter_store_unavailable"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error is the disk (or the user's quota) having no room left: the server's state, not the
+    upload's, whatever file was being written."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

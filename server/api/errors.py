@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from adapters.errors import disk_full
 from loraplex.errors import LoraplexError
 
 
@@ -79,3 +80,13 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"the body is not JSON this server can read: {reason}" if reason else str(exc.detail)
         body = error_body(message, error_type, HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Anything else is the server's fault, not the request's, and still a JSON body (the framework's answer is
+        # plain text); the framework logs the traceback after this answer
+        if disk_full(exc):
+            message = "the server's disk is full: nothing was stored; an operator must free space, then retry"
+            return JSONResponse(error_body(message, "server_error", "insufficient_storage"), status_code=507)
+        message = "the server failed on this request (its log says why); the request may be retried"
+        return JSONResponse(error_body(message, "server_error", "internal_error"), status_code=500)

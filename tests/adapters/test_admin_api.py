@@ -3,6 +3,7 @@ client and the CLI against the same app served by uvicorn."""
 
 import argparse
 import asyncio
+import errno
 import io
 import json
 import socket
@@ -287,3 +288,30 @@ def test_uploads_in_progress_are_bounded_and_every_ending_frees_its_slot(
         assert sorted(listed) == ["after", "held", "next"]
         manifest = {k: v for k, v in held[0].json().items() if k != "training"}  # shown by GET /v1/adapters/held
         assert listed["held"] == {**manifest, "state": "stored"}
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(OSError(errno.ENOSPC, "No space left on device"), 507, "insufficient_storage"),
+     (RuntimeError("a bug"), 500, "internal_error")],
+    ids=["disk-full", "unexpected"],
+)  # fmt: skip
+def test_a_server_failure_mid_upload_is_a_json_error_and_stores_nothing(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception, status: int, code: str
+) -> None:
+    """The disk filling up while an upload is staged (or any error that is the server's) answers JSON, not the
+    framework's plain text; the adapter stored before is intact and the next upload works."""
+    with TestClient(make_app(tmp_path / "store"), raise_server_exceptions=False) as client:
+        assert client.post("/v1/adapters", data={"name": "kept"}, files=files_of(peft_dir)).status_code == 201
+        with monkeypatch.context() as patch:
+
+            def fail(*args: object) -> None:
+                raise failure
+
+            patch.setattr("server.api.adapters.shutil.copyfileobj", fail)
+            response = client.post("/v1/adapters", data={"name": "new"}, files=files_of(peft_dir))
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["code"] == code and error["type"] == "server_error"
+        assert [a["name"] for a in client.get("/v1/adapters").json()["data"]] == ["kept"]
+        assert client.post("/v1/adapters", data={"name": "new"}, files=files_of(peft_dir)).status_code == 201

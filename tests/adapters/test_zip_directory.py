@@ -2,6 +2,7 @@
 
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,3 +70,39 @@ def test_long_names_within_the_bound_still_extract(tmp_path: Path) -> None:
         zf.writestr(f"{folder}/adapter_config.json", b"{}")
         zf.writestr(f"{folder}/adapter_model.safetensors", b"")
     assert extract_archive(tmp_path / "long.zip", tmp_path / "out", 1 << 20).name == folder
+
+
+def one_member_zip(name: bytes, data: bytes, flags: int = 0, deflated: bytes | None = None) -> bytes:
+    """A one-member zip written by hand, with the flags given and, where `deflated` is given, those bytes as the
+    member's deflate stream (zipfile would write only valid archives)."""
+    method, raw = (0, data) if deflated is None else (8, deflated)
+    crc = zlib.crc32(data)
+    sizes = (crc, len(raw), len(data), len(name))
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, flags, method, 0, 0, *sizes, 0) + name + raw
+    central = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, flags, method, 0, 0, *sizes, 0, 0, 0, 0, 0, 0)
+    end = struct.pack("<4s4H2LH", END_RECORD, 0, 0, 1, 1, len(central) + len(name), len(local), 0)
+    return local + central + name + end
+
+
+def zip64_of_two_disks() -> bytes:
+    """A zip64 end locator that says the archive spans two disks: zipfile refuses it while reading its end."""
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)
+    return b"PK\x03\x04" + bytes(26) + locator + struct.pack("<4s4H2LH", END_RECORD, 0, 0, 0, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        one_member_zip(b"adapter_config\xff.json", b"{}", flags=0x800),  # says UTF-8, is not
+        one_member_zip(b"adapter_config.json", b"{}", flags=0x20),  # patched data: zipfile does not read it
+        one_member_zip(b"adapter_config.json", b"{}", flags=0x40),  # strong encryption: likewise
+        one_member_zip(b"adapter_config.json", b"{}" * 100, deflated=b"\xff" * 50),  # not a deflate stream
+        zip64_of_two_disks(),
+    ],
+    ids=["utf8-name", "patched", "strong-encryption", "bad-deflate", "two-disks"],
+)
+def test_a_zip_zipfile_cannot_read_is_damaged(tmp_path: Path, data: bytes) -> None:
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(data)
+    with pytest.raises(errors.UnsafeArchive, match="damaged"):
+        extract_archive(archive, tmp_path / "out", 1 << 20)
