@@ -69,7 +69,11 @@ def lora_weights_from_state(state: Mapping[str, torch.Tensor], config: Mapping) 
         if parsed is None:
             raise ValueError(f"unexpected tensor {key!r}: only lora_A / lora_B weights are supported")
         module, which = parsed
-        pairs.setdefault(module, {})[which] = tensor
+        # two keys naming one weight (with and without PEFT's prefix, or a ".default" adapter name) would leave it to
+        # the file's order which is served, where PEFT loads one of them by its own rules
+        if which in (pair := pairs.setdefault(module, {})):
+            raise ValueError(f"tensor {key!r} is lora_{which} of module {module!r} again: keep one key for it")
+        pair[which] = tensor
     modules = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:

@@ -136,6 +136,23 @@ def test_unpaired_or_foreign_tensors(tmp_path: Path, peft_dir: Path) -> None:
         new_store(tmp_path / "store").put("x", edit_weights(copy(peft_dir, tmp_path / "b"), add_bias))
 
 
+@pytest.mark.parametrize("alias", ["no-prefix", "default"])
+def test_a_weight_named_twice_is_refused(tmp_path: Path, peft_dir: Path, alias: str) -> None:
+    """One lora_A under two keys (PEFT's prefix dropped, or the ".default" adapter name): which one the server
+    served was left to the file's key order, where PEFT picks by its own rules."""
+
+    def name_twice(state: dict) -> None:
+        key = next(k for k in state if "lora_A" in k)
+        aliases = {
+            "no-prefix": key.removeprefix("base_model.model."),
+            "default": key.replace(".weight", ".default.weight"),
+        }
+        state[aliases[alias]] = torch.full_like(state[key], 0.5)
+
+    with pytest.raises(errors.InvalidAdapterWeights, match="again"):
+        new_store(tmp_path / "store").put("x", edit_weights(copy(peft_dir, tmp_path / "c"), name_twice))
+
+
 def test_wrong_shapes_from_another_base_model(tmp_path: Path) -> None:
     # a LoRA trained on a model with another hidden size: same module names, other shapes
     model = get_peft_model(tiny_model(hidden_size=32, head_dim=8), LoraConfig(r=4, target_modules=["q_proj"]))
