@@ -13,6 +13,10 @@ matcher. Even at its mean, 16 constrained rows cost ~3.4 ms of CPU per step, und
 Compilation runs in a small pool of its own threads (never on the event loop or the engine thread), bounded
 in input size, schema depth, llguidance's fuel and time; compiled matchers are kept in an LRU keyed by
 (kind, canonical text) and each request takes a copy. llguidance is imported on the first grammar request.
+The threads are shared by every client, so one client's grammars must not take them from the others: requests
+for a grammar already compiling wait for that compile (a flood of one slow schema costs one check), a refused
+grammar is remembered for a while (sent again, it is refused at once), and a request whose grammar waited for a
+thread past its deadline, never started, hears that the compiler is busy (429), not that its grammar is too slow.
 
 llguidance's limits (LLParserLimits) bound the lexer and parser: a regex's first masks stop at their fuel within
 about a second, whatever it nests or repeats. They do not bound the translation of a JSON schema into its
@@ -33,9 +37,10 @@ import selectors
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,6 +61,9 @@ COMPILE_TIMEOUT_S = 10.0
 MAX_ERROR_CHARS = 2000  # of llguidance's error in a client's answer (a regex error quotes the pattern)
 BACKTRACE_MARKS = ("stack backtrace:", "<backtrace>")  # Rust's and anyhow's, lower-cased
 CACHED_GRAMMARS = 64
+# Refused grammars remembered, and for how long: a refusal for time can be the machine's load, not the grammar's
+REFUSED_GRAMMARS = 256
+REFUSED_FOR_S = 60.0
 COMPILE_THREADS = 2  # each with its own worker process for the checks
 # A check worker's address space. Honest grammars need little: the worker maps 28 MB before its first grammar
 # (Python and llguidance), and checking a 47 KB schema of 600 properties peaks at 30 MB. Memory grows with what
@@ -75,6 +83,14 @@ class InvalidGrammar(LoraplexError):
 
     http_status = 422
     code = "invalid_grammar"
+
+
+class GrammarBusy(LoraplexError):
+    """Every compile thread stayed busy with other grammars until this request's deadline."""
+
+    http_status = 429
+    code = "grammar_busy"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,15 @@ class CompiledGrammar:
         return GrammarMatcher(self._pristine.deep_copy())
 
 
+class _Compile:
+    """One grammar's compile, shared by the requests that ask for it while it is queued or running."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.waiters = 0
+        self.future: Future[CompiledGrammar] | None = None
+
+
 class Grammars:
     """Compiles grammar specs for one tokenizer, off the event loop, bounded, with an LRU of the results."""
 
@@ -209,6 +234,8 @@ class Grammars:
         # thread for about half the budget at most: a request queued behind such grammars has the other half.
         self._check_s = timeout_s / 4
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
+        self._refused: OrderedDict[GrammarSpec, tuple[str, float]] = OrderedDict()  # message, monotonic expiry
+        self._compiling: dict[GrammarSpec, _Compile] = {}
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_lock = threading.Lock()
@@ -223,16 +250,53 @@ class Grammars:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._compile, spec)
+            message, until = self._refused.get(spec, ("", 0.0))
+            if time.monotonic() < until:
+                raise InvalidGrammar(message)
+            job = self._compiling.get(spec)
+            if job is None:
+                job = self._compiling[spec] = _Compile()
+                job.future = self._pool.submit(self._run, spec, job)
+            job.waiters += 1
+        assert job.future is not None
         try:
-            compiled = await asyncio.wait_for(future, self._timeout_s)
+            # shielded: this request's deadline or departure must not cancel a compile others wait for
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self._timeout_s)
         except TimeoutError:
+            if not job.started.is_set():
+                raise GrammarBusy(
+                    f"the grammar compiler was busy with other requests' grammars for {self._timeout_s:g} s; "
+                    "retry shortly"
+                ) from None
             raise InvalidGrammar(
                 f"the {_WHAT[spec.kind]} did not compile within {self._timeout_s:g} s: simplify it"
             ) from None
+        finally:
+            with self._lock:
+                job.waiters -= 1
+                if not job.waiters and job.future.cancel():  # queued, and nobody waits for it any more
+                    del self._compiling[spec]
+
+    def _run(self, spec: GrammarSpec, job: _Compile) -> CompiledGrammar:
+        """Compile thread: the compile, its result cached or its refusal remembered, then the job forgotten."""
+        job.started.set()
+        try:
+            compiled = self._compile(spec)
+        except InvalidGrammar as exc:
+            with self._lock:
+                del self._compiling[spec]
+                self._refused[spec] = (str(exc), time.monotonic() + REFUSED_FOR_S)
+                self._refused.move_to_end(spec)
+                while len(self._refused) > REFUSED_GRAMMARS:
+                    self._refused.popitem(last=False)
+            raise
+        except BaseException:
+            with self._lock:
+                del self._compiling[spec]
+            raise
         with self._lock:
-            compiled = self._cache.setdefault(spec, compiled)
-            self._cache.move_to_end(spec)
+            del self._compiling[spec]
+            self._cache[spec] = compiled
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
         return compiled

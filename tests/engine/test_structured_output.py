@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -26,6 +27,7 @@ from server.grammar import (
     MAX_GRAMMAR_CHARS,
     MAX_SCHEMA_DEPTH,
     CompiledGrammar,
+    GrammarBusy,
     GrammarMatcher,
     Grammars,
     GrammarSpec,
@@ -259,6 +261,14 @@ def test_bad_grammars_are_refused_with_the_reason(grammars) -> None:
         GrammarSpec.json_schema(deep)
 
 
+def pattern_properties(count: int, tag: str = "") -> GrammarSpec:
+    """A schema whose translation no llguidance limit bounds: `count` patternProperties, checked pairwise for
+    overlaps (a minute for 500)."""
+    return GrammarSpec.json_schema(
+        {"type": "object", "patternProperties": {f"^p{i}_{tag}[a-z]*$": {} for i in range(count)}}
+    )
+
+
 def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer) -> None:
     grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], capacity=2)
     first = compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
@@ -274,9 +284,9 @@ def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer) ->
     matcher = compiled(grammars, GrammarSpec.regex(r"(a+)+$")).matcher()
     for token in tokenizer("a" * 40)["input_ids"]:
         matcher.advance(token)
-    slow = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=0.0)
+    slow = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=0.4)
     with pytest.raises(InvalidGrammar, match="did not compile within"):
-        compiled(slow, GrammarSpec.regex("c+"))
+        compiled(slow, pattern_properties(500))
     grammars.close()
     slow.close()
 
@@ -286,10 +296,7 @@ def test_slow_grammars_cannot_starve_an_honest_one(tokenizer) -> None:
     minute for 500) hold every compile thread; they are stopped at their deadline, and an honest grammar sent while
     they run compiles within its time and constrains correctly."""
     grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=4.0)
-    slow = [
-        GrammarSpec.json_schema({"type": "object", "patternProperties": {f"^p{i}_{k}[a-z]*$": {} for i in range(500)}})
-        for k in range(COMPILE_THREADS)
-    ]
+    slow = [pattern_properties(500, tag=str(k)) for k in range(COMPILE_THREADS)]
 
     async def send() -> tuple[list[BaseException | CompiledGrammar], CompiledGrammar]:
         hostile = [asyncio.create_task(grammars.get(spec)) for spec in slow]
@@ -300,6 +307,59 @@ def test_slow_grammars_cannot_starve_an_honest_one(tokenizer) -> None:
     refused, honest = asyncio.run(send())
     assert all(isinstance(r, InvalidGrammar) and "did not compile within" in str(r) for r in refused), refused
     assert_takes(honest, tokenizer, "no, 42 ab cd.", refused="maybe")
+    grammars.close()
+
+
+def test_a_flood_of_one_slow_grammar_costs_one_check(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests for a grammar already compiling wait for that compile, and a refused grammar sent again is refused
+    at once: a client sending one slow schema many times holds one compile thread once, and an honest grammar sent
+    meanwhile compiles (before, each copy held a thread for its check, and the honest one timed out in the queue)."""
+    compiles = []
+    compile_once = Grammars._compile
+    monkeypatch.setattr(Grammars, "_compile", lambda self, spec: compiles.append(spec) or compile_once(self, spec))
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=2.0)
+    slow = pattern_properties(500)
+
+    async def flood() -> tuple[list[BaseException | CompiledGrammar], CompiledGrammar]:
+        hostile = [asyncio.create_task(grammars.get(slow)) for _ in range(4 * COMPILE_THREADS)]
+        await asyncio.sleep(0.1)
+        honest = await grammars.get(GrammarSpec.regex(PATTERN))
+        return await asyncio.gather(*hostile, return_exceptions=True), honest
+
+    refused, honest = asyncio.run(flood())
+    assert all(isinstance(r, InvalidGrammar) and "did not compile within" in str(r) for r in refused), refused
+    assert_takes(honest, tokenizer, "no, 42 ab cd.", refused="maybe")
+    with pytest.raises(InvalidGrammar, match="did not compile within"):
+        compiled(grammars, slow)  # sent again: the remembered refusal
+    assert compiles == [slow, GrammarSpec.regex(PATTERN)]
+    grammars.close()
+
+
+def test_a_grammar_that_never_got_a_thread_is_busy_not_slow(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grammar whose deadline passes while every compile thread works on others' grammars hears 429 (retry), not
+    that it is too slow; once the threads are free it compiles."""
+    release = threading.Event()
+    compile_now = Grammars._compile
+
+    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
+        if spec.kind == "regex" and spec.text.startswith("held"):
+            release.wait(10)
+        return compile_now(self, spec)
+
+    monkeypatch.setattr(Grammars, "_compile", held)
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=1.0)
+
+    async def crowd() -> None:
+        holding = [asyncio.create_task(grammars.get(GrammarSpec.regex(f"held{k}"))) for k in range(COMPILE_THREADS)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(GrammarBusy, match="busy") as busy:
+            await grammars.get(GrammarSpec.regex(PATTERN))
+        assert busy.value.http_status == 429
+        release.set()
+        await asyncio.gather(*holding, return_exceptions=True)  # held past their own deadline: refused for time
+
+    asyncio.run(crowd())
+    assert_takes(compiled(grammars, GrammarSpec.regex(PATTERN)), tokenizer, "no, 42 ab cd.")
     grammars.close()
 
 
