@@ -190,7 +190,8 @@ def test_training_metadata_must_be_an_object(tmp_path: Path, peft_dir: Path) -> 
         new_store(tmp_path / "store").put("bad", bad)
     (bad / "training.json").write_text(json.dumps({"dataset_sha256": "ab" * 32, "losses": [2.0, 1.5]}))
     manifest, _ = new_store(tmp_path / "store").put("bad", bad)
-    assert manifest.origin == "trained" and manifest.training == {"dataset_sha256": "ab" * 32, "losses": [2.0, 1.5]}
+    training = {"dataset_sha256": "ab" * 32, "losses": [2.0, 1.5]}
+    assert manifest.origin == "trained" and manifest.model_dump()["training"] == training
 
 
 @pytest.mark.parametrize("name", ["", "Bot", "-bot", "bot@1", "a" * 65, "../etc", "bot/x"])
