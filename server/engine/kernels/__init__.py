@@ -19,9 +19,8 @@ from server.engine.kernels.nf4 import (
     nf4_matmul_sums,
     nf4_segments,
 )
-from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, nf4_mma_segments
-from server.engine.kernels.nf4_mma import available as mma_available
-from server.engine.kernels.nf4_wide import mma_rows
+from server.engine.kernels.nf4_mma import Nf4Segments, nf4_mma_segments
+from server.engine.kernels.nf4_wide import mma_serves
 from server.engine.kernels.rmsnorm import FusedRMSNorm, fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
 
@@ -110,7 +109,7 @@ class FusedDecode:
         if segments is None or x.dtype != segments.dtype or x.stride(1) != 1 or rows > MAX_ROWS:
             return None
         lora = LoraEpilogue(partial, chunks, b, slots, ranks)
-        if rows <= MMA_ROWS and mma_available(x, lora) and rows <= mma_rows(x.device.index or 0):
+        if mma_serves(x, lora):
             return list(nf4_mma_segments(x, segments, lora).split(segments.n, dim=1))
         if rows == 1:  # the GEMV, each layer's delta in its epilogue
             return None

@@ -29,10 +29,9 @@ from torch import nn
 
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import finish_projection
-from server.engine.kernels.nf4_mma import MMA_ROWS, Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
-from server.engine.kernels.nf4_mma import available as mma_available
+from server.engine.kernels.nf4_mma import Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
 from server.engine.kernels.nf4_wide import available as wide_available
-from server.engine.kernels.nf4_wide import mma_rows, nf4_wide_sums
+from server.engine.kernels.nf4_wide import mma_serves, nf4_wide_sums
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
@@ -556,7 +555,7 @@ class FusedNf4Linear(nn.Module):
             compute = self.base.compute_dtype or x.dtype
             weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
             flat = x.to(compute).contiguous()
-            if rows <= MMA_ROWS and mma_available(flat, lora, residual) and rows <= mma_rows(flat.device.index or 0):
+            if mma_serves(flat, lora, residual):
                 return nf4_mma(flat, weight, state, bias, lora, residual=residual).to(x.dtype)
             if rows == 1:
                 y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None

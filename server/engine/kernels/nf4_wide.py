@@ -15,7 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.nf4_mma import MMA_ROWS, Part, compiles, cuda_source, second_level
+from server.engine.kernels.nf4_mma import available as mma_available
 
 WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
 MMA_ROWS_BESIDE_WGMMA = 16  # past this many rows nf4_wide on wgmma beats nf4_mma (H200, BENCHMARKS.md)
@@ -94,6 +96,13 @@ def wgmma_runs(device: int) -> bool:
 def mma_rows(device: int) -> int:
     """The most rows of a bf16 step that nf4_mma serves on CUDA device `device` (nf4_wide the steps above it)."""
     return MMA_ROWS_BESIDE_WGMMA if wgmma_runs(device) else MMA_ROWS
+
+
+def mma_serves(x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torch.Tensor | None = None) -> bool:
+    """Whether nf4_mma serves the step x [M, K]: it runs for x (nf4_mma.available; checked first, it keeps the
+    device query off other devices) and M is within mma_rows."""
+    rows = x.shape[0]
+    return rows <= MMA_ROWS and mma_available(x, lora, residual) and rows <= mma_rows(x.device.index or 0)
 
 
 def kernel_source(
