@@ -13,7 +13,6 @@ o_proj's and down_proj's residual). --tiny runs tiny shapes on the CPU (Triton's
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
+from bench.nf4_kernel import graph_us
 from server.engine.kernels.activation import silu_mul_shrink
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import finish_projection, lora_shrink
@@ -29,29 +29,6 @@ from server.engine.kernels.rmsnorm import FusedRMSNorm
 RANK = 16
 SHAPE_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "kv": 1024}
 SHAPE_TINY = {"layers": 2, "hidden": 64, "intermediate": 128, "kv": 16}
-
-
-def graph_ms(fn: Callable[[], None], device: torch.device) -> float:
-    """fn's time on the device, replayed from a CUDA graph (the best of 5 rounds of 4 replays); on the CPU one call,
-    untimed (0)."""
-    if device.type != "cuda":
-        fn()
-        return 0.0
-    fn()  # compiles
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(4):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 4)
-    return best
 
 
 class Layer:
@@ -113,7 +90,11 @@ def measure(layers: list[Layer], shape: dict[str, int], rows: int, device: torch
         ("act_shrink", act_shrinks, adapter_bytes(["d"], "a")),
         ("expand", expands, adapter_bytes(list(widths), "b")),
     ]:
-        ms = graph_ms(fn, device)
+        if device.type == "cuda":
+            ms = graph_us(fn, calls=1) / 1000
+        else:  # the interpreter: once, untimed
+            fn()
+            ms = 0.0
         results[f"{kind}_ms"] = ms
         results[f"{kind}_adapter_gb_s"] = read / ms / 1e6 if ms else 0.0
     return results
