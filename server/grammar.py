@@ -170,6 +170,10 @@ class GrammarMatcher:
         return self._matcher.is_stopped()  # complete, and nothing but the end of the sequence may follow
 
 
+# What llguidance's "Parser Error:" (its spelling for a refused token as well) says of a limit the parser hit
+_PARSER_LIMITS = ("Current row has", "Too many items", "fuel exhausted", "too many states")
+
+
 def _failure(error: str) -> Exception:
     """llguidance's error as the engine takes it. A dead end is the grammar's: llguidance allows a token when its
     bytes can go on in the grammar, not when some token can spell what must follow, so a grammar needing bytes
@@ -179,10 +183,21 @@ def _failure(error: str) -> Exception:
     reason = error.split("\n", 1)[0]
     if reason == "NoExtensionBias":
         return GrammarDeadEnd("no token of this model can continue the grammar here: its output stopped unfinished")
-    if reason.startswith(("lexer error:", "parser error:")):
+    if reason.startswith(("lexer error:", "parser error:")) or (
+        reason.startswith("Parser Error:") and any(limit in reason for limit in _PARSER_LIMITS)
+    ):
         return GrammarDeadEnd(f"the grammar needs more work here than its limits allow ({reason}): simplify it")
     log.warning("grammar matcher error: %s", error)  # in full for the operator
     return ValueError(_without_backtrace(error))
+
+
+def _first_allowed(row: torch.Tensor) -> int | None:
+    """The lowest token id a mask row [W] int32 (bit t % 32 of word t // 32) allows, None for none."""
+    words = torch.nonzero(row)
+    if words.numel() == 0:
+        return None
+    word = int(row[int(words[0, 0])])
+    return 32 * int(words[0, 0]) + (word & -word).bit_length() - 1
 
 
 def _without_backtrace(error: object) -> str:
@@ -337,10 +352,17 @@ class Grammars:
         # llguidance builds the lexer at the first mask, into state every copy shares (a short pattern can take
         # seconds there): build it now, under the compile timeout, not on the engine thread at a request's first
         # token. A build that hit a limit leaves the next copy in error, so a second mask tells the client here.
+        # Then one allowed token taken and the next mask: a parser limit hit by the first token (a schema of many
+        # properties) is told here too, not after the answer has begun.
         row = torch.zeros(mask_words(self._vocab_size), dtype=torch.int32)
         try:
             for _ in range(2):
                 GrammarMatcher(matcher.deep_copy()).fill_mask(row)
+            probe = GrammarMatcher(matcher.deep_copy())
+            probe.fill_mask(row)
+            if (token := _first_allowed(row)) is not None:
+                probe.advance(token)
+                probe.fill_mask(row)
         except (ValueError, GrammarDeadEnd) as exc:
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
         return CompiledGrammar(matcher)

@@ -220,6 +220,19 @@ def test_a_grammar_no_token_can_continue_is_a_dead_end_and_a_refused_token_a_mis
         matcher().advance(few.tokens.index(b"z"))
 
 
+def test_a_parser_limit_is_the_grammars_fault_at_compile_and_at_any_token(grammars) -> None:
+    """600 optional properties (a 17 KB schema, within the caps): taking "{" makes a parser row past llguidance's
+    limit. The compile takes a first token, so the client hears it before generation (InvalidGrammar); a limit hit
+    later is a dead end (a client error) in llguidance's capitalised spelling too, not a server fault."""
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(600)},
+              "additionalProperties": False}  # fmt: skip
+    with pytest.raises(InvalidGrammar, match="needs more work here than its limits allow"):
+        compiled(grammars, GrammarSpec.json_schema(schema))
+    for spelling in ("Parser Error: Current row has 2399 items; max is 2000", "lexer error: too many states"):
+        assert isinstance(_failure(spelling), GrammarDeadEnd)
+    assert type(_failure("Parser Error: token \"z\" doesn't satisfy the grammar")) is ValueError  # a mismatch
+
+
 def test_a_matcher_panic_reaches_the_client_without_its_backtrace() -> None:
     """llguidance's panics go on with a backtrace naming its build paths: the request's error stops before it (the
     operator's log has it all); a dead end is still told apart by its first line."""
