@@ -151,6 +151,13 @@ def _read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> tuple[
     depth, values = _shape(value)
     if depth > MAX_JSON_DEPTH:  # kept in the manifest, whose serializer has its own depth limit
         raise InvalidAdapterConfig(_too_deep(what))
+    try:  # an escape of half a UTF-16 pair (\ud800) parses to a string that no UTF-8 can store or answer
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidAdapterConfig(
+            f"{what} holds a \\u escape of a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}), which is "
+            "not a character; escape characters outside the BMP as their surrogate pair, or write them as UTF-8"
+        ) from exc
     return value, values
 
 

@@ -288,6 +288,25 @@ def test_deeply_nested_json(client: TestClient, tmp_path: Path, peft_dir: Path, 
     assert_nothing_stored(client, tmp_path / "store")
 
 
+@pytest.mark.parametrize("file", ["adapter_config.json", "training.json"])
+@pytest.mark.parametrize("text", ['{"a": "\\ud800"}', '{"\\udc00": 1}'], ids=["value", "key"])
+def test_a_lone_surrogate_escape_is_refused(client: TestClient, tmp_path: Path, peft_dir: Path, file: str, text: str):
+    """A \\u escape of half a UTF-16 pair parses to a string no UTF-8 can hold: as a value the manifest could not be
+    written (a 500 that burned a version number), as a key it was stored as U+FFFD, not as uploaded."""
+    bad = copy(peft_dir, tmp_path / "bad")
+    if file == "adapter_config.json":
+        config = (bad / file).read_text()
+        (bad / file).write_text(config.replace("{", text[:-1] + ", ", 1))
+        files = files_of(bad)
+    else:
+        files = files_of(bad) | {"training": ("training.json", text.encode())}
+    response = client.post("/v1/adapters", data={"name": "surrogate"}, files=files)
+    assert_error(response, 422, "invalid_adapter_config", "lone UTF-16 surrogate")
+    assert_nothing_stored(client, tmp_path / "store")
+    response = client.post("/v1/adapters", data={"name": "surrogate"}, files=files_of(peft_dir))
+    assert response.status_code == 201 and response.json()["version"] == 1  # no version number used up
+
+
 def test_malformed_multipart(client: TestClient, peft_dir: Path, tmp_path: Path) -> None:
     files = [("config", ("c", b"{}"))] * 5
     response = client.post("/v1/adapters", data={"name": "x"}, files=files)
