@@ -153,7 +153,8 @@ class Inference:
         return await self.tokenizing.run(len(text), run)
 
     async def token_strings(self, ids: list[int]) -> list[str]:
-        self.check_token_ids(ids)
+        """The tokens' strings of ids this tokenizer made of a text within the character bound (as many as it
+        made: not bounded by max_seq_len, which bounds ids a client sends)."""
         return await self.tokenizing.run(len(ids), self.base.tokenizer.convert_ids_to_tokens, ids)
 
     async def detokenize(self, ids: list[int]) -> str:

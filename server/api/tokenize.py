@@ -4,10 +4,11 @@ thread, after the same character bound as the generation routes."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Response
 
 from server.api.auth import require_inference
 from server.api.deps import get_inference
+from server.api.render import json_off_loop
 from server.api.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -24,12 +25,14 @@ InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
 @router.post("/tokenize", response_model=VllmTokenizeResponse | list[TgiSimpleToken])
-async def tokenize(
-    body: Annotated[TokenizeRequest, Body()], inference: InferenceDep
-) -> VllmTokenizeResponse | list[TgiSimpleToken]:
+async def tokenize(body: Annotated[TokenizeRequest, Body()], inference: InferenceDep) -> Response:
+    # A text within the character bound can be ~100,000 tokens (an object each in TGI's shape, megabytes of JSON):
+    # the answer is built off the event loop, which every other client's stream shares
     if isinstance(body, TgiTokenize):
-        spans = await inference.tokenize(body.inputs)
-        return [TgiSimpleToken(id=i, text=body.inputs[start:stop], start=start, stop=stop) for i, start, stop in spans]
+        text, spans = body.inputs, await inference.tokenize(body.inputs)
+        return await json_off_loop(
+            lambda: [TgiSimpleToken(id=i, text=text[start:stop], start=start, stop=stop) for i, start, stop in spans]
+        )
     if isinstance(body, VllmTokenizeChat):
         ids = await inference.encode_chat(
             [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
@@ -37,7 +40,10 @@ async def tokenize(
     else:
         ids = [i for i, _, _ in await inference.tokenize(body.prompt, body.add_special_tokens)]
     strings = await inference.token_strings(ids) if body.return_token_strs else None
-    return VllmTokenizeResponse(count=len(ids), max_model_len=inference.max_seq_len, tokens=ids, token_strs=strings)
+    limit = inference.max_seq_len
+    return await json_off_loop(
+        lambda: VllmTokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strings)
+    )
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)

@@ -66,3 +66,25 @@ def test_an_answer_of_many_logprobs_does_not_hold_the_event_loop(url: str) -> No
     for path, body in big:
         slowest = asyncio.run(run(path, body))
         assert slowest < 0.25, (path, slowest)
+
+
+def test_a_tokenize_answer_of_every_token_does_not_hold_the_event_loop(url: str) -> None:
+    """/tokenize of a text at the character bound (32 a token of max_seq_len) of astral characters, several tokens
+    each: TGI's shape answers an object a token (tens of thousands), vLLM's every token's string too, past
+    max_seq_len tokens (the ids are the tokenizer's own, not a client's)."""
+    text = "".join(chr(0x1F300 + i % 2000) for i in range(32 * 512))
+    bodies = [{"inputs": text}, {"prompt": text, "return_token_strs": True}]
+
+    async def run(body: dict) -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            answer = asyncio.create_task(client.post("/tokenize", json=body))
+            slowest = await slowest_health_check(url, answer)
+            response = await answer
+            assert response.status_code == 200, response.text
+            tokens = response.json() if "inputs" in body else response.json()["token_strs"]
+            assert len(tokens) > 2 * 512
+            return slowest
+
+    for body in bodies:
+        slowest = asyncio.run(run(body))
+        assert slowest < 0.25, (list(body), slowest)
