@@ -20,6 +20,8 @@ from server.engine.ragged_attention import ragged_attention
 from server.engine.step import StepTensors
 
 ATTENTION_NAME = "loraplex_static"
+# The attribute of an attention module where fusions.AttentionShrink asks for o_proj's shrink from the attention
+OUTPUT_SHRINK = "loraplex_output_shrink"
 
 # (q [N, Hq, D], k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window) -> [N, Hq, D]
 RaggedAttention = Callable[..., torch.Tensor]
@@ -121,16 +123,22 @@ def static_cache_attention(
         k_cache[t.write_rows, :, positions] = key.to(k_cache.dtype)
         v_cache[t.write_rows, :, positions] = value.to(v_cache.dtype)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = _attend_fn(query.device)(
-        query[0].transpose(0, 1).contiguous(),
-        k_cache,
-        v_cache,
-        t.query_start,
-        t.seq_rows,
-        t.seq_lens,
-        scale,
-        sliding_window,
-    )  # [N, Hq, D]
+    args = (query[0].transpose(0, 1).contiguous(), k_cache, v_cache, t.query_start, t.seq_rows, t.seq_lens, scale,
+            sliding_window)  # fmt: skip
+    source = getattr(module, OUTPUT_SHRINK, None)  # fusions.AttentionShrink: o_proj's shrink can be made here
+    inputs = source.inputs() if source is not None else None
+    if inputs is not None:  # the fused kernels run: CUDA (the tests run them under Triton's interpreter too)
+        from server.engine.kernels.attention import OutputShrink, attention_and_shrink, merges
+
+        q = args[0]  # [N, Hq, D]
+        if merges(q, k_cache, t.seq_rows):  # the merge kernel runs: it makes the shrink as it writes the output
+            shrink = OutputShrink.of(*inputs, q.shape[1])
+            out = attention_and_shrink(*args, shrink)
+            source.prime(out.view(out.shape[0], -1), (shrink.partial, q.shape[1]))
+            return out[None], None
+    out = _attend_fn(query.device)(*args)  # [N, Hq, D]
+    if source is not None:  # o_proj makes its own shrink (and takes none primed before)
+        source.prime(out, None)
     return out[None], None
 
 

@@ -14,6 +14,7 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, Mi
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2MLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3MLP
 
+from server.engine.attention import OUTPUT_SHRINK
 from server.engine.multilora import SHARED_INPUTS, LoraContext, MultiLoraLinear, ShrinkGroup
 
 # The norm of a decoder layer whose output those layers take: (its name, the module holding them, the group)
@@ -68,6 +69,26 @@ class GatedMlpShrink(nn.Module):
         return mlp.down_proj(fused[0])
 
 
+class AttentionShrink:
+    """o_proj's shrink (a wrapped layer alone in its group), made by the attention's merge kernel from the output it
+    writes in decode steps with the fused kernels whose KV ranges the attention splits: one launch fewer a layer.
+    wrap_fusions sets it on the attention module (attention.OUTPUT_SHRINK), where static_cache_attention finds it."""
+
+    def __init__(self, group: ShrinkGroup, context: LoraContext) -> None:
+        self.group, self.context = group, context
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The shrink's A view [S+1, r, in], slots [N] and ranks [N], in a step with the fused kernels; else None."""
+        context = self.context
+        if not (context.use_kernels and context.decode_kernels is not None):
+            return None
+        return self.group.a, context.slot_ids, context.ranks
+
+    def prime(self, x: torch.Tensor, shrunk: tuple[torch.Tensor, int] | None) -> None:
+        """The attention's output x [N, in] and its shrink, or None where the attention made none."""
+        self.group.prime(x, shrunk)
+
+
 class ResidualEpilogues(nn.Module):
     """A decoder layer (RESIDUAL_LAYERS) whose o_proj and down_proj are wrapped layers alone in their shrink groups:
     in a decode step with the fused kernels, each residual add is made by the projection it follows (nf4_mma
@@ -98,8 +119,9 @@ def wrap_fusions(model: nn.Module, context: LoraContext) -> None:
     """Wrap the modules of `model`'s decoder layers for the decode-step fusions: every norm whose output wrapped
     layers take (NORM_INPUTS) in a NormShrink for their group (the group of the first of those layers: q/k/v and
     gate/up are one group each where their A columns are adjacent), every gated MLP whose down projection is
-    wrapped in a GatedMlpShrink, and every decoder layer whose o_proj and down_proj are wrapped, each alone in
-    its group, in a ResidualEpilogues."""
+    wrapped in a GatedMlpShrink, and in every decoder layer (RESIDUAL_LAYERS: their attention's output is o_proj's
+    input, unchanged) the attention module given an AttentionShrink where o_proj is wrapped alone in its group, and
+    the layer wrapped in a ResidualEpilogues where o_proj and down_proj are, each alone in its group."""
     for module in list(model.modules()):
         for norm_name, holder_name, members in NORM_INPUTS:
             norm, holder = getattr(module, norm_name, None), getattr(module, holder_name, None)
@@ -116,5 +138,7 @@ def wrap_fusions(model: nn.Module, context: LoraContext) -> None:
                 continue
             mlp = layer.mlp.mlp if isinstance(layer.mlp, GatedMlpShrink) else layer.mlp
             o_proj, down_proj = getattr(layer.self_attn, "o_proj", None), getattr(mlp, "down_proj", None)
+            if isinstance(o_proj, MultiLoraLinear) and o_proj.group.size == 1:  # its input: the attention's output
+                setattr(layer.self_attn, OUTPUT_SHRINK, AttentionShrink(o_proj.group, context))
             if all(isinstance(p, MultiLoraLinear) and p.group.size == 1 for p in (o_proj, down_proj)):
                 setattr(parent, name, ResidualEpilogues(layer, o_proj, down_proj, context))

@@ -225,6 +225,17 @@ class PackCache:
             self._packs.pop(key, None)
 
 
+def _whole_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b is a's values over all of a's memory in a's order (a itself, or a reshape of it)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.dtype == b.dtype
+        and a.numel() == b.numel()
+        and a.is_contiguous()
+        and b.is_contiguous()
+    )
+
+
 class ShrinkGroup:
     """Wrapped layers called on the same input whose A and B columns are adjacent in the stores (q/k/v, gate/up,
     or one layer alone): in a decode step the first member's call shrinks x for all of them in one kernel, and
@@ -240,10 +251,11 @@ class ShrinkGroup:
         self._outputs: list[torch.Tensor] | None = None  # every member's output, when one launch made them
         self._primed: tuple[torch.Tensor, tuple[torch.Tensor, int]] | None = None  # (input, its shrink), made early
 
-    def prime(self, x: torch.Tensor, shrunk: tuple[torch.Tensor, int]) -> None:
-        """x's shrink, made by the kernel that made x (NormShrink, GatedMlpShrink): the members' first call on x
-        takes it."""
-        self._primed = (x, shrunk)
+    def prime(self, x: torch.Tensor, shrunk: tuple[torch.Tensor, int] | None) -> None:
+        """x's shrink, made by the kernel that made x (NormShrink, GatedMlpShrink, the attention's merge): the
+        members' first call on x, or on a view of all of x's memory (HF reshapes the attention's output), takes it.
+        None: x has none (one primed before and never taken is dropped)."""
+        self._primed = None if shrunk is None else (x, shrunk)
 
     def project(
         self,
@@ -260,7 +272,7 @@ class ShrinkGroup:
         flat = x.reshape(-1, x.shape[-1])
         if self._x is not x:
             primed, self._primed = self._primed, None
-            if primed is not None and primed[0] is x:
+            if primed is not None and _whole_view(primed[0], x):
                 self._shrunk = primed[1]
             else:
                 self._shrunk = kernels.shrink(flat, self.a, slots, ranks, self.size)

@@ -403,6 +403,14 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
         return linear(*args, **kwargs)
 
     monkeypatch.setattr(FusedDecode, "linear", staticmethod(recording))
+    shrunk = []  # the A stores of the shrinks no other kernel made
+    shrink = FusedDecode.shrink
+
+    def recording_shrink(x, a, *args):  # type: ignore[no-untyped-def]
+        shrunk.append(a.data_ptr())
+        return shrink(x, a, *args)
+
+    monkeypatch.setattr(FusedDecode, "shrink", staticmethod(recording_shrink))
     cpu_base, adapters = family_setup(family)
     base = copy.deepcopy(cpu_base).to(DEVICE)
     if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit
@@ -426,6 +434,8 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
             run_to_end(engine)
     run_to_end(engine)
     assert any(handed)  # o_proj and down_proj take one
+    o_projs = [m for name, m in engine.model.named_modules() if name.endswith("o_proj") and hasattr(m, "group")]
+    assert o_projs and not {m.group.a.data_ptr() for m in o_projs} & set(shrunk)  # the attention's merge made them
     for i, adapter in enumerate(rows):
         tokens, logprobs = reference_generate(base, adapter, [*prompt, 3 + i], 6)
         assert sink.tokens(f"r{i}") == tokens, f"row {i}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from server.engine.kernels.attention import AttentionConfig, choose_config, launch
+from server.engine.kernels.attention import AttentionConfig, OutputShrink, choose_config, launch
 from server.engine.kernels.attention import ragged_attention as triton_attention
 from server.engine.ragged_attention import ragged_attention as torch_attention
 
@@ -167,6 +167,35 @@ def test_given_output_is_written_in_place() -> None:
         assert attention(*step.args(), None, out) is out
         assert torch.allclose(out[:5].double(), expected, atol=2e-5, rtol=2e-5)
         assert torch.all(out[5:] == 7)  # padding tokens untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_makes_the_outputs_lora_shrink(dtype) -> None:
+    """The merge kernel's shrink of the output it writes (o_proj's, OutputShrink): summed over its chunks (one a
+    head), each token's output as written @ its slot's A rows up to its rank; rows of rank 0 and padding tokens
+    zero; the output itself unchanged."""
+    step = make_step(MIXED, q_heads=4, kv_heads=2, head_d=32, dtype=dtype)
+    tokens, n = int(step.query_start[-1]), step.q.shape[0]
+    torch.manual_seed(1)
+    a = torch.randn(5, 8, 4 * 32).to(DEVICE, dtype)  # [S+1, R, Hq * D]: four slots and the empty one
+    slots = torch.randint(0, 5, (n,), device=DEVICE)
+    ranks = torch.tensor([8, 3, 0, 8, 1, 5, 8, 2, 8, 8, 4, 8, 6, 8, 7, 8], dtype=torch.int32)[slots.cpu()].to(DEVICE)
+    shrink = OutputShrink.of(a, slots, ranks, q_heads=4)
+    assert shrink.partial.shape == (1, n, 4, 16)
+    shrink.partial.fill_(float("nan"))  # every chunk of every row written, none past the heads read
+    plain = launch(*step.args(), None, None, SPLIT)
+    got = launch(*step.args(), None, None, SPLIT, shrink)
+    assert torch.equal(got, plain)
+    shrunk = shrink.partial[0, :, :4].sum(1)  # [N, R_PAD]
+    flat = got.reshape(n, -1).float()
+    for row in range(n):
+        rank = int(ranks[row])
+        expected = torch.zeros(16)
+        if row < tokens:
+            expected[:rank] = (a[slots[row], :rank].float() @ flat[row]).cpu()
+        assert torch.allclose(shrunk[row].cpu(), expected, atol=1e-4, rtol=1e-4), row
+    with pytest.raises(ValueError, match="merge kernel"):
+        launch(*step.args(), None, None, SMALL, shrink)
 
 
 def test_config_depends_on_static_shapes_only() -> None:

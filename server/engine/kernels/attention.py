@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server.engine.kernels.lora import shrink_chunk, shrink_shape
+
 LOG2E = math.log2(math.e)  # scores are kept in base 2: exp2 is one instruction, exp is not
 
 
@@ -165,19 +167,32 @@ def _merge_kernel(
     part_ml_ptr,  # [N, Hq, SPLITS, 2] fp32
     out_ptr,  # [N, Hq, D]: strides (stride_on, stride_oh, 1)
     query_start_ptr,  # [num_seqs + 1] int32
+    a_ptr,  # [S+1, R, Hq * D] view of o_proj's A store: strides (stride_as, stride_ar, 1) (SHRINK only)
+    slot_ptr,  # [N] long (SHRINK only)
+    rank_ptr,  # [N] int32 (SHRINK only)
+    partial_ptr,  # [1, N, CHUNKS_PAD, R_PAD] fp32: chunk h the shrink of head h's D columns (SHRINK only)
     num_seqs,
     stride_on,
     stride_oh,
+    stride_as,
+    stride_ar,
     HEAD_D: tl.constexpr,
     HEAD_DP: tl.constexpr,
     SPLITS: tl.constexpr,
+    SHRINK: tl.constexpr,
+    CHUNKS_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_DP)
+    d_mask = offs_d < HEAD_D
     if token >= tl.load(query_start_ptr + num_seqs):  # padding past the last sequence: nothing was written
+        if SHRINK:  # its output stays zero: so is its shrink
+            zeros = tl.zeros([R_PAD], dtype=tl.float32)
+            tl.store(partial_ptr + (token * CHUNKS_PAD + head) * R_PAD + tl.arange(0, R_PAD), zeros)
         return
     offs_s = tl.arange(0, SPLITS)
-    offs_d = tl.arange(0, HEAD_DP)
     part = (token.to(tl.int64) * tl.num_programs(1) + head) * SPLITS + offs_s  # [SPLITS]
     m = tl.load(part_ml_ptr + part * 2)
     l = tl.load(part_ml_ptr + part * 2 + 1)  # noqa: E741
@@ -186,7 +201,12 @@ def _merge_kernel(
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DP + offs_d[None, :])  # [SPLITS, DP]
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     out_row = out_ptr + token.to(tl.int64) * stride_on + head * stride_oh + offs_d
-    tl.store(out_row, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_D)
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_row, out, mask=d_mask)
+    if SHRINK:  # o_proj's shrink of the head's columns of the output as stored: one chunk of its K
+        x = tl.where(d_mask, out.to(tl.float32), 0.0)
+        shrink_chunk(x, head * HEAD_D + offs_d, d_mask, a_ptr, slot_ptr, rank_ptr, partial_ptr, token, head, 0,
+                     tl.num_programs(0), 0, stride_as, stride_ar, CHUNKS_PAD, R_PAD)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -196,6 +216,25 @@ class AttentionConfig:
     splits: int  # programs sharing one block's KV range (a power of two; 1: no merge kernel)
     num_warps: int = 4
     num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class OutputShrink:
+    """The LoRA shrink of a layer taking the attention's output [N, Hq * D] as its input (o_proj, alone in its shrink
+    group), made by the merge kernel as it writes each head's output: one launch fewer a layer. The same partial
+    sums as lora_shrink's, chunked by head (chunk h: head h's D columns)."""
+
+    a: torch.Tensor  # [S+1, R, Hq * D] view of the A store, unit column stride
+    slots: torch.Tensor  # [N] long
+    ranks: torch.Tensor  # [N] int32: each row's adapter rank
+    partial: torch.Tensor  # [1, N, CHUNKS_PAD, R_PAD] fp32: written by the merge
+
+    @staticmethod
+    def of(a: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor, q_heads: int) -> "OutputShrink":
+        r_pad = shrink_shape(a.shape[2], a.shape[1])[2]
+        partial = torch.empty(1, slots.shape[0], triton.next_power_of_2(q_heads), r_pad, dtype=torch.float32,
+                              device=a.device)  # fmt: skip
+        return OutputShrink(a, slots, ranks, partial)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -248,6 +287,28 @@ def ragged_attention(
     return launch(q, k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window, out, config)
 
 
+def merges(q: torch.Tensor, k_cache: torch.Tensor, seq_rows: torch.Tensor) -> bool:
+    """Whether ragged_attention of these shapes splits the KV ranges, so that its merge kernel runs (and can make
+    an OutputShrink)."""
+    return choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device).splits > 1
+
+
+def attention_and_shrink(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start: torch.Tensor,
+    seq_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    shrink: OutputShrink,
+) -> torch.Tensor:
+    """ragged_attention, with `shrink` of its output made by the merge kernel (merges() must hold)."""
+    config = choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device)
+    return launch(q, k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window, None, config, shrink)
+
+
 def launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -259,8 +320,10 @@ def launch(
     sliding_window: int | None,
     out: torch.Tensor | None,
     config: AttentionConfig,
+    shrink: OutputShrink | None = None,
 ) -> torch.Tensor:
-    """`ragged_attention` with an explicit configuration (tests and benchmarks pick their own)."""
+    """`ragged_attention` with an explicit configuration (tests and benchmarks pick their own), and `shrink` of its
+    output made by the merge kernel (a configuration of more than one split)."""
     tokens, q_heads, head_d = q.shape
     kv_heads = k_cache.shape[1]
     num_seqs = seq_rows.shape[0]
@@ -280,6 +343,11 @@ def launch(
     if blocks == 0 or tokens == 0:
         return out
     splits = config.splits
+    if shrink is not None and splits == 1:
+        raise ValueError("the output's shrink is made by the merge kernel, which runs only with more than one split")
+    if shrink is not None and (shrink.slots.shape[0] != tokens or shrink.a.shape[2] != q_heads * head_d):
+        raise ValueError(f"a shrink of {shrink.slots.shape[0]} rows of {shrink.a.shape[2]} columns does not take "
+                         f"the output of {tokens} tokens of {q_heads} heads of {head_d}")  # fmt: skip
     if splits > 1:
         part_acc = torch.empty(tokens, q_heads, splits, head_dp, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(tokens, q_heads, splits, 2, dtype=torch.float32, device=q.device)
@@ -296,8 +364,10 @@ def launch(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
+        a, slots, ranks, partial = (shrink.a, shrink.slots, shrink.ranks, shrink.partial) if shrink else (out,) * 4
         _merge_kernel[(tokens, q_heads)](
-            part_acc, part_ml, out, query_start, num_seqs, out.stride(0), out.stride(1),
-            HEAD_D=head_d, HEAD_DP=head_dp, SPLITS=splits,
+            part_acc, part_ml, out, query_start, a, slots, ranks, partial, num_seqs, out.stride(0), out.stride(1),
+            a.stride(0), a.stride(1), HEAD_D=head_d, HEAD_DP=head_dp, SPLITS=splits, SHRINK=shrink is not None,
+            CHUNKS_PAD=partial.shape[2] if shrink else 1, R_PAD=partial.shape[3] if shrink else 1,
         )  # fmt: skip
     return out
