@@ -84,7 +84,7 @@ def candidates(n: int, k: int, rows: int) -> list[tuple]:
 
 def wide_candidates() -> list[tuple]:
     """nf4_wide's (warps, row tiles a warp, blocks a step, steps in flight, CTAs an SM) and parts of K to search."""
-    found = list(itertools.product((4, 8), (1, 2), (1, 2, 4), (2, 3, 4, 6), (1, 2), (None, 1, 2, 4, 8, 16)))
+    found = list(itertools.product((4, 8, 16), (1, 2), (1, 2, 4), (2, 3, 4, 6), (1, 2), (None, 1, 2, 4, 8, 16)))
     random.Random(0).shuffle(found)
     return found
 

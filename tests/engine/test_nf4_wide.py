@@ -30,7 +30,9 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 @pytest.mark.parametrize("rows", [1, 7, 33, WIDE_ROWS])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
 # (warps, 16-row weight tiles a warp, blocks a step, steps in flight, CTAs an SM), parts of K
-@pytest.mark.parametrize(("config", "split"), [((8, 2, 2, 4, 1), 1), ((4, 1, 1, 3, 1), 4), ((8, 1, 4, 3, 1), 2)])
+@pytest.mark.parametrize(
+    ("config", "split"), [((8, 2, 2, 4, 1), 1), ((4, 1, 1, 3, 1), 4), ((8, 1, 4, 3, 1), 2), ((16, 1, 2, 3, 1), 2)]
+)
 def test_nf4_wide_matches_the_dequantized_weight(rows, nested, bias, config, split, wgmma) -> None:
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, nested, bias, "cuda")

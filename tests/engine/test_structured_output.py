@@ -230,7 +230,7 @@ def test_a_parser_limit_is_the_grammars_fault_at_compile_and_at_any_token(gramma
         compiled(grammars, GrammarSpec.json_schema(schema))
     for spelling in ("Parser Error: Current row has 2399 items; max is 2000", "lexer error: too many states"):
         assert isinstance(_failure(spelling), GrammarDeadEnd)
-    assert type(_failure("Parser Error: token \"z\" doesn't satisfy the grammar")) is ValueError  # a mismatch
+    assert type(_failure('Parser Error: token "z" doesn\'t satisfy the grammar')) is ValueError  # a mismatch
 
 
 def test_a_matcher_panic_reaches_the_client_without_its_backtrace() -> None:
