@@ -69,6 +69,14 @@ class Settings(BaseSettings):
         "queue keeps the other half for the other tenants. At most --max-queue; default: no share, so that a "
         "server of one adapter keeps its whole queue.",
     )
+    max_requests_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one client may have waiting or running at once before its new ones get 429 while "
+        "other clients' are admitted, so that one client's flood cannot take the queue whatever adapters it names. "
+        "A client is an API key (--api-key), or on a server without keys a peer address (behind a proxy, one "
+        "client); default: no share.",
+    )
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")

@@ -71,6 +71,7 @@ class Runtime:
             settings.max_queue,
             LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe),
             max_queue_per_adapter=settings.max_queue_per_adapter,
+            max_requests_per_client=settings.max_requests_per_client,
         )
         metrics.bind_live(
             queue_depth=lambda: scheduler.queue_depth,

@@ -11,12 +11,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from server.engine import AdapterQueueFull, Engine, GenerationRequest, QueueFull, TokenEvent
-from server.engine.errors import EngineError
+from server.engine.errors import ClientShareFull, EngineError
 
 LatencyHook = Callable[[float], None]  # seconds
+# The client a request is submitted for (an API key's digest, or a peer address on a server without keys): the API
+# layer sets it for each HTTP request (auth.require_inference), Scheduler.submit counts the request against its share
+current_client: ContextVar[str | None] = ContextVar("current_client", default=None)
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,9 @@ class Scheduler:
     """What the HTTP layer holds: `submit` (raises at once) or `generate` (an async generator).
 
     At most `max_queue` requests wait, and at most `max_queue_per_adapter` of them for one adapter (the base model
-    counts as one): past that share an adapter's requests get 429 while other adapters' are still queued.
-    None: no share below max_queue."""
+    counts as one): past that share an adapter's requests get 429 while other adapters' are still queued. At most
+    `max_requests_per_client` wait or run for one client (current_client), whatever adapters they name. None: no
+    share."""
 
     def __init__(
         self,
@@ -125,12 +130,16 @@ class Scheduler:
         max_queue: int,
         hooks: LatencyHooks | None = None,
         max_queue_per_adapter: int | None = None,
+        max_requests_per_client: int | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.max_queue_per_adapter = max_queue_per_adapter
+        self.max_requests_per_client = max_requests_per_client
         self.hooks = hooks or LatencyHooks()
         self._mailbox: Mailbox | None = None
+        self._per_client: dict[str, int] = {}  # client -> its requests waiting or running
+        self._clients_lock = threading.Lock()  # the engine thread releases a share as a request leaves it
 
     @property
     def queue_depth(self) -> int:
@@ -149,11 +158,49 @@ class Scheduler:
         if share is not None and self.engine.waiting_for(adapter_key) >= share:
             raise AdapterQueueFull(adapter_key, share, self.max_queue)
 
+    def _hold_client_share(self, request: GenerationRequest) -> Callable[[], None]:
+        """Count `request` against its client's share (ClientShareFull past it) until it leaves the engine (its
+        on_finish, wrapped); returns the release for a request the engine never took."""
+        share, client = self.max_requests_per_client, current_client.get()
+        if share is None or client is None:
+            return lambda: None
+        with self._clients_lock:
+            held = self._per_client.get(client, 0)
+            if held >= share:
+                raise ClientShareFull(share)
+            self._per_client[client] = held + 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._clients_lock:
+                if released.is_set():
+                    return
+                released.set()
+                left = self._per_client[client] - 1
+                if left:
+                    self._per_client[client] = left
+                else:
+                    del self._per_client[client]
+
+        finish = request.on_finish
+
+        def on_finish() -> None:
+            release()
+            if finish is not None:
+                finish()
+
+        request.on_finish = on_finish
+        return release
+
     def check(self, request: GenerationRequest) -> None:
-        """Raise QueueFull or PromptTooLong now: callers check before they load the request's adapter. The
+        """Raise QueueFull, ClientShareFull or PromptTooLong now: callers check before they load the request's
+        adapter. The
         adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to its key;
         refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
         self._ensure_room()
+        share, client = self.max_requests_per_client, current_client.get()
+        if share is not None and client is not None and self._per_client.get(client, 0) >= share:
+            raise ClientShareFull(share)
         self.engine.validate(request)
 
     def submit(self, request: GenerationRequest) -> TokenStream:
@@ -162,10 +209,15 @@ class Scheduler:
         hold)."""
         self._ensure_room()
         self._ensure_share(request.adapter_key)
+        release = self._hold_client_share(request)
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
-        return TokenStream(self.engine, request, self.hooks, self._mailbox)
+        try:
+            return TokenStream(self.engine, request, self.hooks, self._mailbox)
+        except BaseException:
+            release()  # the engine never took it: its on_finish will not run
+            raise
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         stream = self.submit(request)

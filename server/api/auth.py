@@ -1,6 +1,7 @@
 """Scoped keys: inference keys may generate and read /metrics; admin keys may also manage adapters. No keys:
 an open server. The request guard authenticates before a body is read; these dependencies check the scope."""
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -8,6 +9,7 @@ from starlette.datastructures import Headers
 
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
+from server.scheduler import current_client
 
 
 class Unauthorized(LoraplexError):
@@ -50,7 +52,17 @@ def authenticate(settings: Settings, headers: Headers) -> bool:
 
 
 async def require_inference(request: Request) -> None:
-    authenticate(request.app.state.settings, request.headers)
+    settings = request.app.state.settings
+    authenticate(settings, request.headers)
+    current_client.set(_client(settings, request))
+
+
+def _client(settings: Settings, request: Request) -> str | None:
+    """Whom a request's share counts against (--max-requests-per-client): its key (a digest of it) on a server
+    with keys, else its peer address."""
+    if settings.api_key or settings.admin_key:
+        return "key:" + hashlib.sha256((_bearer(request.headers) or "").encode()).hexdigest()[:32]
+    return f"address:{request.client.host}" if request.client is not None else None
 
 
 async def require_admin(request: Request) -> None:

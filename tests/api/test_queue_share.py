@@ -96,3 +96,49 @@ def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(serv
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
     assert engine.waiting_counts() == {}
     assert generate(url, "flood").status_code == 200  # its share is free again
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Engine]]:
+    tmp = tmp_path_factory.mktemp("client-share")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=64, max_batch_size=1,
+                        max_queue=8, max_requests_per_client=2, api_key=["flood-key", "other-key"])  # fmt: skip
+    app = create_app(settings, base=base)
+    with serve_app(app) as url:
+        wait_ready(url)
+        yield url, app.state.runtime.engine
+
+
+def generate_as(url: str, key: str, stream: bool = False) -> httpx.Response:
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+    return httpx.post(f"{url}/generate_stream" if stream else f"{url}/generate", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+
+
+def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: tuple[str, Engine]) -> None:
+    """--max-requests-per-client 2: a key with two requests queued (both on the base model, a stream among them)
+    gets 429 client_share_full for a third, while another key's request is queued and answered; the share frees as
+    the requests end. The per-adapter share cannot tell these clients apart: they name the same model."""
+    url, engine = keyed
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            queued = [pool.submit(generate_as, url, "flood-key"), pool.submit(generate_as, url, "flood-key", True)]
+            until(lambda: engine.num_waiting == 2)
+            refused = pool.submit(generate_as, url, "flood-key").result(timeout=10)
+            queued.append(pool.submit(generate_as, url, "other-key"))
+            until(lambda: engine.num_waiting == 3)
+            go.set()
+            answers = [future.result() for future in queued]
+    finally:
+        go.set()
+        restore()
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "client_share_full" and "--max-requests-per-client" in error["message"], error
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert all(generate_as(url, "flood-key").status_code == 200 for _ in range(3))  # its share is free again
