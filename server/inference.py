@@ -107,7 +107,8 @@ class Inference:
         self.eos_ids = scheduler.engine.eos_ids
         self.special_ids = frozenset(base.tokenizer.all_special_ids)
         engine = scheduler.engine
-        self.mixes = MixCache(engine.config.max_lora_rank, engine.prepare_adapter, engine.deactivate)
+        self.mixes = MixCache(engine.config.max_lora_rank, engine.prepare_adapter, engine.deactivate,
+                              max_in_use=max(1, engine.config.max_active_adapters // 2))  # fmt: skip
         self.grammars = Grammars(base.tokenizer, self.vocab_size, self.eos_ids)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id

@@ -79,12 +79,17 @@ class MixCache:
         on_drop: Callable[[str], None],
         capacity: int = MAX_CACHED_MIXES,
         max_live: int = MAX_LIVE_MIXES,
+        max_in_use: int = MAX_LIVE_MIXES,
     ) -> None:
         self.max_lora_rank = max_lora_rank
         self._prepare = prepare
         self._on_drop = on_drop
         self._capacity = capacity
         self._max_live = max_live
+        # distinct mixes requests hold (or are building) at once: each running one takes a device slot, so the
+        # server keeps this under its slots, or mixes alone (any inference key can make new ones) could hold
+        # every slot and keep each stored adapter waiting for a whole request
+        self._max_in_use = max_in_use
         self._mixes: OrderedDict[str, LoraWeights] = OrderedDict()
         self._held: Counter[str] = Counter()  # requests holding each mix, cached or not
         self._building = 0  # mixes being built: alive, not yet in either
@@ -97,6 +102,13 @@ class MixCache:
         call that releases the caller's hold on it (once)."""
         with self._lock:
             mixed = self._mixes.get(key)
+            in_use = len(self._held) + self._building
+            if key not in self._held and in_use >= self._max_in_use:
+                raise TooManyMixes(
+                    f"{in_use} adapter mixes are held by requests, the most this server runs at once (half its "
+                    "adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
+                    "requests finish, or reuse the weights of a mix in use"
+                )
             if mixed is None:
                 live = len(self._mixes.keys() | self._held.keys()) + self._building
                 if live >= self._max_live:

@@ -115,3 +115,26 @@ def test_a_mix_is_held_to_the_bound_every_uploaded_adapter_obeys() -> None:
             await cache.acquire(f"mix:a0*{weight}", [("a0", near, weight)])
 
     asyncio.run(run())
+
+
+def test_mixes_held_at_once_are_bounded_below_the_device_slots() -> None:
+    """Each mix a request holds takes a device slot while it runs: with max_in_use 2 (half of 4 slots) a third
+    distinct mix is a 429 while two are held, whatever the cache could keep; another request on a held mix is not
+    refused, and a release frees a place."""
+    lora = LoraWeights({"m": LoraModule(torch.ones(1, 4), torch.ones(4, 1), 1.0)})
+    cache = MixCache(max_lora_rank=8, prepare=lambda w: w, on_drop=lambda _: None, capacity=8, max_in_use=2)
+
+    async def run() -> None:
+        _, first = await cache.acquire("mix:a*1", [("a", lora, 1.0)])
+        await cache.acquire("mix:a*2", [("a", lora, 2.0)])
+        with pytest.raises(TooManyMixes, match="held by requests") as refused:
+            await cache.acquire("mix:a*3", [("a", lora, 3.0)])
+        assert refused.value.http_status == 429
+        _, again = await cache.acquire("mix:a*1", [("a", lora, 1.0)])  # a mix already held: no new slot
+        first()
+        with pytest.raises(TooManyMixes):  # mix:a*1 is still held by the second request
+            await cache.acquire("mix:a*3", [("a", lora, 3.0)])
+        again()
+        await cache.acquire("mix:a*3", [("a", lora, 3.0)])
+
+    asyncio.run(run())
