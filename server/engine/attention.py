@@ -128,12 +128,13 @@ def static_cache_attention(
     source = getattr(module, OUTPUT_SHRINK, None)  # fusions.AttentionShrink: o_proj's shrink can be made here
     inputs = source.inputs() if source is not None else None
     if inputs is not None:  # the fused kernels run: CUDA (the tests run them under Triton's interpreter too)
-        from server.engine.kernels.attention import OutputShrink, attention_and_shrink, merges
+        from server.engine.kernels.attention import OutputShrink, merges
+        from server.engine.kernels.attention import ragged_attention as triton_attention
 
         q = args[0]  # [N, Hq, D]
         if merges(q, k_cache, t.seq_rows):  # the merge kernel runs: it makes the shrink as it writes the output
             shrink = OutputShrink.of(*inputs, q.shape[1])
-            out = attention_and_shrink(*args, shrink)
+            out = triton_attention(*args, None, shrink)
             source.prime(out.view(out.shape[0], -1), (shrink.partial, q.shape[1]))
             return out[None], None
     out = _attend_fn(query.device)(*args)  # [N, Hq, D]

@@ -2,6 +2,7 @@
 --max-queue-per-adapter that adapter's request gets 429 adapter_queue_full, in the server's error shape with
 Retry-After, while a request for another adapter is still queued and answered."""
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,22 +73,32 @@ def until(condition: Callable[[], bool], seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
-def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(server: tuple[str, Engine]) -> None:
-    url, engine = server
+Send = Callable[[], httpx.Response]
+
+
+def flood_then_other(engine: Engine, flood: list[Send], refused: Send, other: Send) -> tuple[httpx.Response, list]:
+    """With the engine held: the flood's requests queued, then `refused` sent (answered at once: refused), then
+    `other` queued; the engine let go: (refused's answer, the queued requests' answers)."""
     go, restore = paused(engine)
     queued: list[Future[httpx.Response]] = []
     try:
         with ThreadPoolExecutor(4) as pool:  # the refused request is sent on one too: queued, it would wait
-            queued += [pool.submit(generate, url, "flood") for _ in range(2)]
-            until(lambda: engine.num_waiting == 2)
-            refused = pool.submit(generate, url, "flood").result(timeout=10)
-            queued.append(pool.submit(generate, url, "other"))
-            until(lambda: engine.num_waiting == 3)
+            queued += [pool.submit(send) for send in flood]
+            until(lambda: engine.num_waiting == len(flood))
+            answer = pool.submit(refused).result(timeout=10)
+            queued.append(pool.submit(other))
+            until(lambda: engine.num_waiting == len(flood) + 1)
             go.set()
-            answers = [future.result() for future in queued]
+            return answer, [future.result() for future in queued]
     finally:
         go.set()
         restore()
+
+
+def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(server: tuple[str, Engine]) -> None:
+    url, engine = server
+    flood = functools.partial(generate, url, "flood")
+    refused, answers = flood_then_other(engine, [flood, flood], flood, functools.partial(generate, url, "other"))
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"] == "1"
     error = refused.json()["error"]
@@ -123,19 +134,11 @@ def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: 
     gets 429 client_share_full for a third, while another key's request is queued and answered; the share frees as
     the requests end. The per-adapter share cannot tell these clients apart: they name the same model."""
     url, engine = keyed
-    go, restore = paused(engine)
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            queued = [pool.submit(generate_as, url, "flood-key"), pool.submit(generate_as, url, "flood-key", True)]
-            until(lambda: engine.num_waiting == 2)
-            refused = pool.submit(generate_as, url, "flood-key").result(timeout=10)
-            queued.append(pool.submit(generate_as, url, "other-key"))
-            until(lambda: engine.num_waiting == 3)
-            go.set()
-            answers = [future.result() for future in queued]
-    finally:
-        go.set()
-        restore()
+    flood = functools.partial(generate_as, url, "flood-key")
+    refused, answers = flood_then_other(
+        engine, [flood, functools.partial(generate_as, url, "flood-key", True)], flood,
+        functools.partial(generate_as, url, "other-key"),
+    )  # fmt: skip
     assert refused.status_code == 429, refused.text
     assert refused.headers["retry-after"] == "1"
     error = refused.json()["error"]

@@ -275,8 +275,10 @@ def ragged_attention(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    shrink: OutputShrink | None = None,
 ) -> torch.Tensor:
-    """Causal attention of a ragged batch over the per-request KV cache rows; no host syncs.
+    """Causal attention of a ragged batch over the per-request KV cache rows; no host syncs; with `shrink`, the
+    merge kernel also makes that LoRA shrink of the output (merges() must hold).
 
     q: [N, Hq, D], each sequence's tokens contiguous in position order; k_cache, v_cache: [R, Hkv, S, D];
     query_start: [num_seqs + 1] int32 (sequence s owns tokens query_start[s]:query_start[s + 1], possibly
@@ -284,29 +286,13 @@ def ragged_attention(
     the last ones). Returns out [N, Hq, D] in q's dtype; tokens past query_start[-1] are left as they were
     (zero in a new output)."""
     config = choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device)
-    return launch(q, k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window, out, config)
+    return launch(q, k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window, out, config, shrink)
 
 
 def merges(q: torch.Tensor, k_cache: torch.Tensor, seq_rows: torch.Tensor) -> bool:
     """Whether ragged_attention of these shapes splits the KV ranges, so that its merge kernel runs (and can make
     an OutputShrink)."""
     return choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device).splits > 1
-
-
-def attention_and_shrink(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    query_start: torch.Tensor,
-    seq_rows: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
-    shrink: OutputShrink,
-) -> torch.Tensor:
-    """ragged_attention, with `shrink` of its output made by the merge kernel (merges() must hold)."""
-    config = choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device)
-    return launch(q, k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window, None, config, shrink)
 
 
 def launch(
