@@ -155,7 +155,7 @@ def _read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> tuple[
         json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError as exc:
         raise InvalidAdapterConfig(
-            f"{what} holds a \\u escape of a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}), which is "
+            f"{what} holds a \\u escape of a lone UTF-16 surrogate ({exc.object[exc.start : exc.end]!a}), which is "
             "not a character; escape characters outside the BMP as their surrogate pair, or write them as UTF-8"
         ) from exc
     return value, values
