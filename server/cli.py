@@ -144,9 +144,11 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from server.api.connections import DeadlineH11Protocol
+    from server.api.connections import DeadlineH11Protocol, raise_open_files_limit
     from server.app import create_app
     from server.runtime import freeze_heap
+
+    raise_open_files_limit()
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT), on_ready=freeze_heap)

@@ -13,6 +13,7 @@ and uvicorn would answer in plain text. It gets the app's JSON error body instea
 
 import asyncio
 import json
+import resource
 import socket
 import struct
 
@@ -23,6 +24,23 @@ from server.api.errors import error_body
 
 HEAD_TIMEOUT_S = 30.0
 STALL_TIMEOUT_S = 60.0
+NR_OPEN = 1 << 20  # Linux's default ceiling on a process's descriptors, where the hard limit is unlimited
+
+
+def raise_open_files_limit() -> int:
+    """The process's soft limit on open descriptors raised to its hard limit (as nginx's worker_rlimit_nofile and
+    systemd's services do), returning it. At the common soft limit of 1,024, clients re-opening connections as the
+    head deadline closes them (a thousand every 30 s) held every descriptor: honest clients then timed out, and
+    every accept failed. The deadlines bound each connection's time; this, how many the process can hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NR_OPEN if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a ceiling below the hard limit (a container's): keep what there is
+            return soft
+        return target
+    return soft
 
 
 class DeadlineH11Protocol(H11Protocol):

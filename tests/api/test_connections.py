@@ -5,6 +5,7 @@ streams on the same server run longer than either deadline and keep their answer
 import asyncio
 import contextlib
 import json
+import resource
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from e2e.server import serve_app, wait_ready
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.api import guard
-from server.api.connections import DeadlineH11Protocol
+from server.api.connections import NR_OPEN, DeadlineH11Protocol, raise_open_files_limit
 from server.app import create_app
 
 DEADLINE_S = 1.0
@@ -175,3 +176,16 @@ def test_a_request_that_is_not_http_gets_a_json_error(url: str, request_bytes: b
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
     assert json.loads(body)["error"]["code"] == "malformed_http"
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """`loraplex serve` raises its soft limit on descriptors: each held connection is one, and at a soft limit of
+    1,024 re-opened connections held them all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        raised = raise_open_files_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
+        assert raised == (hard if hard != resource.RLIM_INFINITY else NR_OPEN)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
