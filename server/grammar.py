@@ -352,14 +352,13 @@ class Grammars:
         # llguidance builds the lexer at the first mask, into state every copy shares (a short pattern can take
         # seconds there): build it now, under the compile timeout, not on the engine thread at a request's first
         # token. A build that hit a limit leaves the next copy in error, so a second mask tells the client here.
-        # Then one allowed token taken and the next mask: a parser limit hit by the first token (a schema of many
-        # properties) is told here too, not after the answer has begun.
+        # Then the second copy takes one allowed token and masks again: a parser limit hit by the first token (a
+        # schema of many properties) is told here too, not after the answer has begun.
         row = torch.zeros(mask_words(self._vocab_size), dtype=torch.int32)
         try:
             for _ in range(2):
-                GrammarMatcher(matcher.deep_copy()).fill_mask(row)
-            probe = GrammarMatcher(matcher.deep_copy())
-            probe.fill_mask(row)
+                probe = GrammarMatcher(matcher.deep_copy())
+                probe.fill_mask(row)
             if (token := _first_allowed(row)) is not None:
                 probe.advance(token)
                 probe.fill_mask(row)

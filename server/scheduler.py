@@ -158,24 +158,36 @@ class Scheduler:
         if share is not None and self.engine.waiting_for(adapter_key) >= share:
             raise AdapterQueueFull(adapter_key, share, self.max_queue)
 
+    def _client_at_share(self) -> tuple[int, str] | None:
+        """(the share, the client) of a request whose client has a share; raises ClientShareFull where it is used up
+        (read without the lock: submit counts under it)."""
+        share, client = self.max_requests_per_client, current_client.get()
+        if share is None or client is None:
+            return None
+        if self._per_client.get(client, 0) >= share:
+            raise ClientShareFull(share)
+        return share, client
+
     def _hold_client_share(self, request: GenerationRequest) -> Callable[[], None]:
         """Count `request` against its client's share (ClientShareFull past it) until it leaves the engine (its
         on_finish, wrapped); returns the release for a request the engine never took."""
-        share, client = self.max_requests_per_client, current_client.get()
-        if share is None or client is None:
+        held_by = self._client_at_share()
+        if held_by is None:
             return lambda: None
+        share, client = held_by
         with self._clients_lock:
             held = self._per_client.get(client, 0)
             if held >= share:
                 raise ClientShareFull(share)
             self._per_client[client] = held + 1
-        released = threading.Event()
+        released = False
 
         def release() -> None:
+            nonlocal released
             with self._clients_lock:
-                if released.is_set():
+                if released:
                     return
-                released.set()
+                released = True
                 left = self._per_client[client] - 1
                 if left:
                     self._per_client[client] = left
@@ -194,13 +206,10 @@ class Scheduler:
 
     def check(self, request: GenerationRequest) -> None:
         """Raise QueueFull, ClientShareFull or PromptTooLong now: callers check before they load the request's
-        adapter. The
-        adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to its key;
-        refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
+        adapter. The adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to
+        its key; refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
         self._ensure_room()
-        share, client = self.max_requests_per_client, current_client.get()
-        if share is not None and client is not None and self._per_client.get(client, 0) >= share:
-            raise ClientShareFull(share)
+        self._client_at_share()
         self.engine.validate(request)
 
     def submit(self, request: GenerationRequest) -> TokenStream:
