@@ -1,12 +1,12 @@
 """Deadlines on connections that uvicorn does not keep: every request is served on h11 through this protocol.
 
-uvicorn closes a connection idle between requests after its keep-alive timeout, but keeps forever one whose
-client sent part of a request head and then nothing more (slowloris), and one whose client stopped reading
-its response (a stream nobody reads holds its whole answer in memory, and its connection, after the request
-has ended). Each held connection is a file descriptor: hundreds of them and the process cannot accept an
-honest client, nor open a file. Here a head must arrive whole within HEAD_TIMEOUT_S (hyper's default, as TGI
-serves), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's send_timeout) is reset:
-the route hears the client leave, which cancels its request.
+uvicorn keeps forever a connection whose client sent part of a request head and then nothing more (slowloris),
+and one whose client stopped reading its response (a stream nobody reads holds its whole answer in memory, and
+its connection, after the request has ended). Each held connection is a file descriptor: hundreds of them and
+the process cannot accept an honest client, nor open a file. Here a head must arrive whole within
+HEAD_TIMEOUT_S (hyper's default, as TGI serves), on a new connection as on one kept alive (which replaces
+uvicorn's keep-alive timeout), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's
+send_timeout) is reset: the route hears the client leave, which cancels its request.
 
 A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
 and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
@@ -56,6 +56,9 @@ class DeadlineH11Protocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():  # kept alive: the next head has its own deadline
+            # in place of uvicorn's keep-alive timeout (5 s): clients keep an idle connection about as long (httpx
+            # 5 s, undici 4 s), so one that closed at 5 s crossed requests sent on it, each failed with a reset
+            self._unset_keepalive_if_required()
             self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:

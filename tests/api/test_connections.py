@@ -4,6 +4,7 @@ streams on the same server run longer than either deadline and keep their answer
 
 import asyncio
 import contextlib
+import http.client
 import json
 import resource
 import socket
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import torch
 from e2e.server import serve_app, wait_ready
+from fastapi import FastAPI
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -159,6 +161,32 @@ def test_a_body_that_never_ends_loses_its_connection(url: str, monkeypatch: pyte
     stop.set()
     trickler.join()
     assert answers == [(b"408", "request_timeout")] * len(stalled) + [(b"413", "request_too_large")]
+
+
+class KeepAliveShorterThanHead(DeadlineH11Protocol):
+    """uvicorn's keep-alive timeout shorter than the head deadline, as its 5 s is than HEAD_TIMEOUT_S."""
+
+    head_timeout_s = 2 * DEADLINE_S
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.timeout_keep_alive = DEADLINE_S / 4
+
+
+def test_an_idle_kept_alive_connection_waits_for_its_next_head_as_long_as_a_new_one() -> None:
+    """uvicorn closed a connection idle for 5 s, as long as clients keep one (httpx's expiry): a request a client
+    sent on it as it closed failed with a reset. An idle connection now waits the head deadline for its next request,
+    and is closed past it."""
+    app = FastAPI()
+    app.get("/ping")(lambda: {"pong": True})
+    with serve_app(app, http=KeepAliveShorterThanHead) as url:
+        client = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=10)
+        for _ in range(2):  # the second on the same connection, idle for four times uvicorn's keep-alive
+            client.request("GET", "/ping")
+            assert json.loads(client.getresponse().read()) == {"pong": True}
+            time.sleep(DEADLINE_S)
+        with contextlib.closing(client.sock):
+            assert read_until_closed(client.sock, 2 * KeepAliveShorterThanHead.head_timeout_s) == (b"", False)
 
 
 @pytest.mark.parametrize(
