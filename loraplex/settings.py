@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         "A client is an API key (--api-key), or on a server without keys a peer address (behind a proxy, one "
         "client); default: no share.",
     )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description="Client connections open at once. Past it a new connection closes the one that has waited "
+        "longest for a request (idle, or sending its request head slowly), or is closed itself when every "
+        "connection has a request under way. At most the open-files limit less 256 kept for files.",
+    )
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")

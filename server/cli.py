@@ -144,17 +144,23 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from server.api.connections import DeadlineH11Protocol, raise_open_files_limit
+    from server.api.connections import connections_allowed, raise_open_files_limit, server_protocol
     from server.app import create_app
     from server.runtime import freeze_heap
 
-    raise_open_files_limit()
+    max_connections = connections_allowed(settings.max_connections, raise_open_files_limit())
+    if max_connections < settings.max_connections:
+        log.warning(
+            "at most %d connections, not --max-connections %d: the limit on open files (ulimit -Hn) is lower",
+            max_connections,
+            settings.max_connections,
+        )
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT), on_ready=freeze_heap)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level, http=DeadlineH11Protocol))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level, http=server_protocol(max_connections)))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
     gc.unfreeze()  # what freeze_heap kept from the collector is collected at exit, as extension modules expect

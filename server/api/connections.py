@@ -8,14 +8,23 @@ HEAD_TIMEOUT_S (hyper's default, as TGI serves), on a new connection as on one k
 uvicorn's keep-alive timeout), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's
 send_timeout) is reset: the route hears the client leave, which cancels its request.
 
+Deadlines bound how long each connection is held, not how many are: clients that open connections faster than
+the deadline closes them held every descriptor the process had. ConnectionCap bounds their number (nginx's
+worker_connections): past it, a new connection closes the one that has waited longest for a request head (idle
+between requests, or sending its head slowly), as nginx reuses its idle keep-alive connections when it runs out,
+so that a flood of silent connections cannot lock out a client with a request; when every connection has a
+request under way, the new one is closed.
+
 A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
 and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
 
 import asyncio
 import json
+import logging
 import resource
 import socket
 import struct
+import time
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -25,6 +34,10 @@ from server.api.errors import error_body
 HEAD_TIMEOUT_S = 30.0
 STALL_TIMEOUT_S = 60.0
 NR_OPEN = 1 << 20  # Linux's default ceiling on a process's descriptors, where the hard limit is unlimited
+FILES_RESERVE = 256  # descriptors kept from connections for the process's own files (adapters, logs, the store)
+CAP_LOG_EVERY_S = 10.0
+
+log = logging.getLogger("loraplex")
 
 
 def raise_open_files_limit() -> int:
@@ -43,15 +56,62 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def connections_allowed(max_connections: int, open_files_limit: int) -> int:
+    """--max-connections, within the descriptors the process may open less those kept for its files."""
+    if open_files_limit == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, open_files_limit - FILES_RESERVE))
+
+
+class ConnectionCap:
+    """One server's open connections: how many there may be, and those waiting for a request head, the longest
+    waiting first (a dict keeps the order its keys were set in)."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.waiting: dict[DeadlineH11Protocol, None] = {}
+        self._closed = 0
+        self._logged_at = -CAP_LOG_EVERY_S
+
+    def admit(self, new: "DeadlineH11Protocol", open_connections: int) -> None:
+        """Called as `new` opens, waiting for its head: past the cap, close the connection waiting longest, which
+        is `new` itself when every other one has a request under way."""
+        if open_connections <= self.max_connections:
+            return
+        while True:  # `new` waits, so one that is not closing yet is found
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            if not oldest.transport.is_closing():
+                break
+        oldest.transport.close()
+        self._closed += 1
+        if (now := time.monotonic()) - self._logged_at >= CAP_LOG_EVERY_S:  # a flood is one line every 10 s
+            log.warning(
+                "%d connections open, the most --max-connections allows: closed %d waiting for a request head "
+                "(the longest waiting) or opened while every other had a request under way",
+                self.max_connections,
+                self._closed,
+            )
+            self._logged_at, self._closed = now, 0
+
+
 class DeadlineH11Protocol(H11Protocol):
     head_timeout_s = HEAD_TIMEOUT_S
     stall_timeout_s = STALL_TIMEOUT_S
+    cap: ConnectionCap | None = None  # one server's: set on the class that server_protocol makes
     _head_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._await_head()
+        if self.cap is not None:
+            self.cap.admit(self, len(self.connections))
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cap is not None and self.cycle is not None and not self.cycle.response_complete:
+            self.cap.waiting.pop(self, None)  # a whole head: a request under way
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -62,6 +122,8 @@ class DeadlineH11Protocol(H11Protocol):
             self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.cap is not None:
+            self.cap.waiting.pop(self, None)
         for timer in (self._head_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
@@ -106,9 +168,17 @@ class DeadlineH11Protocol(H11Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+        if self.cap is not None and (self.cycle is None or self.cycle.response_complete):  # not a pipelined request
+            self.cap.waiting.pop(self, None)
+            self.cap.waiting[self] = None  # the newest wait
 
     def _head_overdue(self) -> None:
         # No request under way: no whole head since the deadline was set (a head starts a cycle, complete only once
         # its answer went out, which sets a new deadline), or the rest of a body whose answer went out (a 413).
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
+
+
+def server_protocol(max_connections: int) -> type[DeadlineH11Protocol]:
+    """The protocol of one server, its connections capped at `max_connections`."""
+    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"cap": ConnectionCap(max_connections)})

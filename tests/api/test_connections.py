@@ -17,12 +17,19 @@ import httpx
 import pytest
 import torch
 from e2e.server import serve_app, wait_ready
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.api import guard
-from server.api.connections import NR_OPEN, DeadlineH11Protocol, raise_open_files_limit
+from server.api.connections import (
+    NR_OPEN,
+    DeadlineH11Protocol,
+    connections_allowed,
+    raise_open_files_limit,
+    server_protocol,
+)
 from server.app import create_app
 
 DEADLINE_S = 1.0
@@ -217,3 +224,67 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
         assert raised == (hard if hard != resource.RLIM_INFINITY else NR_OPEN)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def small_app() -> FastAPI:
+    app = FastAPI()
+    app.get("/ping")(lambda: {"pong": True})
+
+    @app.get("/count")
+    async def count() -> StreamingResponse:
+        async def numbers():
+            for i in range(20):
+                await asyncio.sleep(0.05)
+                yield f"{i}\n"
+
+        return StreamingResponse(numbers())
+
+    @app.post("/length")
+    async def length(request: Request) -> dict[str, int]:
+        return {"length": len(await request.body())}
+
+    return app
+
+
+def test_past_the_cap_a_silent_connection_makes_room(caplog: pytest.LogCaptureFixture) -> None:
+    """Connections that never send a request, far past --max-connections, beside a stream in flight: each new one
+    closes the one silent longest, so a client with a request still gets in, the stream ends whole, and the log
+    says so once, not once a connection."""
+    with serve_app(small_app(), http=server_protocol(8)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with httpx.Client(base_url=url, timeout=10) as client, client.stream("GET", "/count") as stream:
+            silent = [connect(url, b"") for _ in range(40)]
+            time.sleep(0.2)
+            answers = [httpx.get(f"{url}/ping", timeout=10).json() for _ in range(3)]
+            lines = list(stream.iter_lines())
+        assert answers == [{"pong": True}] * 3 and lines == [str(i) for i in range(20)]
+        assert read_until_closed(silent[0], 5) == (b"", False)  # the longest silent
+        assert read_until_closed(silent[-1], 0.5) is None  # the newest: still open
+        assert http.client.HTTPConnection("127.0.0.1", port, timeout=10).request("GET", "/ping") is None
+        for sock in silent:
+            sock.close()
+    capped = [r for r in caplog.records if "--max-connections" in r.getMessage()]
+    assert len(capped) == 1 and capped[0].levelname == "WARNING"
+
+
+def test_past_the_cap_with_every_connection_busy_the_new_one_is_closed() -> None:
+    """Four connections of a cap of four each in the middle of a request (its body half sent): a fifth is closed
+    unanswered, and the four requests, finished, get their answers."""
+    with serve_app(small_app(), http=server_protocol(4)) as url:
+        head = b"POST /length HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\n"
+        busy = [connect(url, head + b"12345") for _ in range(4)]
+        time.sleep(0.2)
+        with contextlib.closing(connect(url, b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")) as late:
+            assert read_until_closed(late, 5) in {(b"", False), (b"", True)}
+        for sock in busy:
+            with contextlib.closing(sock):
+                sock.sendall(b"67890")
+                answer = read_until_closed(sock, 5)
+                assert answer is not None and answer[0].startswith(b"HTTP/1.1 200")
+                assert answer[0].endswith(b'{"length":10}')
+
+
+def test_the_cap_leaves_descriptors_for_files() -> None:
+    assert connections_allowed(4096, 1024) == 1024 - 256
+    assert connections_allowed(100, 1024) == 100
+    assert connections_allowed(4096, resource.RLIM_INFINITY) == 4096

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.server import ADMIN_KEY, INFERENCE_KEY, embedded_server
+from e2e.server import ADMIN_KEY, INFERENCE_KEY, KEYED_CONNECTIONS, embedded_server
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +43,8 @@ def keyed_server(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFact
         "512",
         "--max-request-mb",
         "1",
+        "--max-connections",
+        str(KEYED_CONNECTIONS),
         "--api-key",
         INFERENCE_KEY,
         "--admin-key",

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 REPO = Path(__file__).resolve().parents[2]
 INFERENCE_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # the keyed server's (conftest.py)
+KEYED_CONNECTIONS = 384  # the keyed server's --max-connections: above its tokenizing flood's 300 requests
 CLIENTS_PYTHON = REPO / ".venv-clients" / "bin" / "python"  # made by `make test`
 
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from e2e.server import INFERENCE_KEY as KEY
+from e2e.server import KEYED_CONNECTIONS
 
 pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -201,6 +202,34 @@ def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tup
     while (now := gauges(url)) != {"loraplex_queue_depth": 0.0, "loraplex_running_batch_size": 0.0}:
         assert time.monotonic() < deadline, now
         time.sleep(0.1)
+
+
+def test_silent_connections_past_the_cap_harm_no_honest_request(keyed_server: tuple[str, Path]) -> None:
+    """More connections that never send a request than --max-connections, opened while honest requests are in
+    flight: each closes the one silent longest, the honest answers are as alone, requests sent after them get
+    in, and the log says so once."""
+    url, log = keyed_server
+    address = urlsplit(url)
+
+    async def run() -> tuple[list[str], list[str], list[str], bytes]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
+            honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
+            await asyncio.sleep(0.5)  # the honest requests under way
+            silent = [
+                await asyncio.open_connection(address.hostname, address.port) for _ in range(KEYED_CONNECTIONS + 64)
+            ]
+            later = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
+            together = [answer_of(r) for r in await asyncio.gather(*honest)]
+            first = await asyncio.wait_for(silent[0][0].read(), 10)  # closed: b""
+            for _, writer in silent:
+                writer.close()
+            return alone, together, later, first
+
+    alone, together, later, first = asyncio.run(run())
+    assert together == alone and later == alone and first == b""
+    logged = sum("--max-connections allows" in line for line in log.read_text().splitlines())
+    assert 0 < logged <= 3  # a line every 10 s at most, not one a connection closed
 
 
 def test_a_tokenizing_flood_is_bounded_beside_honest_requests(keyed_server: tuple[str, Path]) -> None:
