@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     import llguidance
 
 MAX_GRAMMAR_CHARS = 32 * 1024  # a schema (as compact JSON) or a pattern; real schemas are a few KB
+INTEGER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # nesting of the schema's JSON (objects and arrays): compile time grows fast with it (200 levels: seconds)
 MAX_SCHEMA_DEPTH = 32
 COMPILE_TIMEOUT_S = 10.0
@@ -115,6 +117,7 @@ class GrammarSpec:
             raise InvalidGrammar(
                 f"the JSON schema nests {depth} levels of objects and arrays; at most {MAX_SCHEMA_DEPTH} are accepted"
             )
+        _check_integer_bounds(schema)
         text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         _check_size(len(text), "JSON schema")
         return cls("json_schema", text)
@@ -133,6 +136,31 @@ JSON_OBJECT = GrammarSpec("json_object")
 def _check_size(chars: int, what: str) -> None:
     if chars > MAX_GRAMMAR_CHARS:
         raise InvalidGrammar(f"the {what} has {chars} characters; at most {MAX_GRAMMAR_CHARS} are accepted")
+
+
+def _check_integer_bounds(schema: dict) -> None:
+    """llguidance holds an integer's bounds in 64 bits and clamps one past them: minimum 2**64 and maximum 2**64 + 5
+    compiled to the one integer 2**63 - 1, an answer outside the schema. Such a bound is refused instead (the
+    schema's depth is checked first, so this walk is bounded)."""
+    stack: list[Any] = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        stack.extend(item.values())
+        kind = item.get("type")
+        if kind != "integer" and not (isinstance(kind, list) and "integer" in kind):
+            continue
+        for key in INTEGER_BOUNDS:
+            bound = item.get(key)
+            if isinstance(bound, int | float) and not isinstance(bound, bool) and not INT64_MIN <= bound <= INT64_MAX:
+                raise InvalidGrammar(
+                    f"the JSON schema's integer {key} {bound} is outside 64-bit integers "
+                    f"({INT64_MIN} to {INT64_MAX}), the range integers are generated in"
+                )
 
 
 def _depth(value: Any) -> int:

@@ -272,6 +272,11 @@ def test_bad_grammars_are_refused_with_the_reason(grammars) -> None:
         deep = {"type": "object", "properties": {"a": deep}}
     with pytest.raises(InvalidGrammar, match="nests"):
         GrammarSpec.json_schema(deep)
+    # llguidance clamped these to the one integer 2**63 - 1, an answer outside the schema
+    huge = {"type": ["integer", "null"], "minimum": 2**64, "maximum": 2**64 + 5}
+    with pytest.raises(InvalidGrammar, match="integer minimum 18446744073709551616 is outside 64-bit integers"):
+        GrammarSpec.json_schema({"type": "object", "properties": {"n": huge}})
+    compiled(grammars, GrammarSpec.json_schema({"type": "integer", "minimum": -(2**62), "maximum": 2**62}))
 
 
 def pattern_properties(count: int, tag: str = "") -> GrammarSpec:
