@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         "longest for a request (idle, or sending its request head slowly), or is closed itself when every "
         "connection has a request under way. At most the open-files limit less 256 kept for files.",
     )
+    max_connections_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="Connections one peer address may hold open; past it its new ones are closed, so that one "
+        "client cannot hold every connection (behind a proxy, one address is everyone); default: no share.",
+    )
     max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")

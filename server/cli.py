@@ -160,7 +160,13 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT), on_ready=freeze_heap)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level, http=server_protocol(max_connections)))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=settings.log_level,
+            http=server_protocol(max_connections, settings.max_connections_per_client),
+        )
+    )
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
     gc.unfreeze()  # what freeze_heap kept from the collector is collected at exit, as extension modules expect

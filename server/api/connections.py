@@ -13,7 +13,8 @@ the deadline closes them held every descriptor the process had. ConnectionCap bo
 worker_connections): past it, a new connection closes the one that has waited longest for a request head (idle
 between requests, or sending its head slowly), as nginx reuses its idle keep-alive connections when it runs out,
 so that a flood of silent connections cannot lock out a client with a request; when every connection has a
-request under way, the new one is closed.
+request under way, the new one is closed. A share for each peer address (nginx's limit_conn) keeps one client
+from holding every connection with requests it sends slowly.
 
 A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
 and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
@@ -25,6 +26,7 @@ import resource
 import socket
 import struct
 import time
+from collections import Counter
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -64,33 +66,49 @@ def connections_allowed(max_connections: int, open_files_limit: int) -> int:
 
 
 class ConnectionCap:
-    """One server's open connections: how many there may be, and those waiting for a request head, the longest
-    waiting first (a dict keeps the order its keys were set in)."""
+    """One server's open connections: how many there may be, in all and from one peer address, and those waiting
+    for a request head, the longest waiting first (a dict keeps the order its keys were set in)."""
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, max_per_client: int | None = None) -> None:
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self.waiting: dict[DeadlineH11Protocol, None] = {}
+        self.per_client: Counter[str] = Counter()
         self._closed = 0
         self._logged_at = -CAP_LOG_EVERY_S
 
     def admit(self, new: "DeadlineH11Protocol", open_connections: int) -> None:
-        """Called as `new` opens, waiting for its head: past the cap, close the connection waiting longest, which
-        is `new` itself when every other one has a request under way."""
-        if open_connections <= self.max_connections:
-            return
-        while True:  # `new` waits, so one that is not closing yet is found
-            oldest = next(iter(self.waiting))
-            del self.waiting[oldest]
-            if not oldest.transport.is_closing():
-                break
-        oldest.transport.close()
+        """Called as `new` opens, waiting for its head: past its peer's share, close `new`; past the cap, close the
+        connection waiting longest, which is `new` itself when every other one has a request under way."""
+        self.per_client[new.peer] += 1
+        if self.max_per_client is not None and self.per_client[new.peer] > self.max_per_client:
+            self._close(new)
+        elif open_connections > self.max_connections:
+            while True:  # `new` waits, so one that is not closing yet is found
+                oldest = next(iter(self.waiting))
+                if not oldest.transport.is_closing():
+                    break
+                del self.waiting[oldest]
+            self._close(oldest)
+
+    def release(self, protocol: "DeadlineH11Protocol") -> None:
+        self.waiting.pop(protocol, None)
+        self.per_client[protocol.peer] -= 1
+        if not self.per_client[protocol.peer]:
+            del self.per_client[protocol.peer]
+
+    def _close(self, protocol: "DeadlineH11Protocol") -> None:
+        self.waiting.pop(protocol, None)
+        protocol.transport.close()
         self._closed += 1
         if (now := time.monotonic()) - self._logged_at >= CAP_LOG_EVERY_S:  # a flood is one line every 10 s
             log.warning(
-                "%d connections open, the most --max-connections allows: closed %d waiting for a request head "
-                "(the longest waiting) or opened while every other had a request under way",
-                self.max_connections,
+                "closed %d connections: past --max-connections (%d) the one waiting longest for a request head, or "
+                "a new one while every other had a request under way; past --max-connections-per-client (%s) a "
+                "new one",
                 self._closed,
+                self.max_connections,
+                self.max_per_client,
             )
             self._logged_at, self._closed = now, 0
 
@@ -99,11 +117,14 @@ class DeadlineH11Protocol(H11Protocol):
     head_timeout_s = HEAD_TIMEOUT_S
     stall_timeout_s = STALL_TIMEOUT_S
     cap: ConnectionCap | None = None  # one server's: set on the class that server_protocol makes
+    peer = ""  # the peer address; a Unix socket's has none
     _head_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.client:
+            self.peer = self.client[0]
         self._await_head()
         if self.cap is not None:
             self.cap.admit(self, len(self.connections))
@@ -123,7 +144,7 @@ class DeadlineH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.cap is not None:
-            self.cap.waiting.pop(self, None)
+            self.cap.release(self)
         for timer in (self._head_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
@@ -179,6 +200,8 @@ class DeadlineH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def server_protocol(max_connections: int) -> type[DeadlineH11Protocol]:
-    """The protocol of one server, its connections capped at `max_connections`."""
-    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"cap": ConnectionCap(max_connections)})
+def server_protocol(max_connections: int, max_per_client: int | None = None) -> type[DeadlineH11Protocol]:
+    """The protocol of one server, its connections capped at `max_connections`, `max_per_client` from one peer
+    address."""
+    cap = ConnectionCap(max_connections, max_per_client)
+    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"cap": cap})

@@ -284,6 +284,32 @@ def test_past_the_cap_with_every_connection_busy_the_new_one_is_closed() -> None
                 assert answer[0].endswith(b'{"length":10}')
 
 
+def test_past_its_share_a_peers_new_connection_is_closed_and_others_get_in() -> None:
+    """One peer address holding its share of connections, each in the middle of a request: its next connection is
+    closed unanswered, another address's is answered, and the first peer's requests, finished, get theirs."""
+    with serve_app(small_app(), http=server_protocol(64, max_per_client=4)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        head = b"POST /length HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\n"
+        busy = [connect(url, head + b"12345") for _ in range(4)]
+        time.sleep(0.2)
+        ping = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        with contextlib.closing(connect(url, ping)) as late:
+            assert read_until_closed(late, 5) in {(b"", False), (b"", True)}
+        other = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        with contextlib.closing(other):
+            other.sendall(ping)
+            answer = read_until_closed(other, 5)
+            assert answer is not None and answer[0].endswith(b'{"pong":true}')
+        for sock in busy:
+            with contextlib.closing(sock):
+                sock.sendall(b"67890")
+                answer = read_until_closed(sock, 5)
+                assert answer is not None and answer[0].endswith(b'{"length":10}')
+        with contextlib.closing(connect(url, ping)) as again:  # its connections closed: its share is free
+            answer = read_until_closed(again, 5)
+            assert answer is not None and answer[0].endswith(b'{"pong":true}')
+
+
 def test_the_cap_leaves_descriptors_for_files() -> None:
     assert connections_allowed(4096, 1024) == 1024 - 256
     assert connections_allowed(100, 1024) == 100
