@@ -20,11 +20,13 @@ A request that is not HTTP (a bad request line, header or framing) never reaches
 and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
 
 import asyncio
+import fcntl
 import json
 import logging
 import resource
 import socket
 import struct
+import termios
 import time
 from collections import Counter
 
@@ -89,7 +91,10 @@ class ConnectionCap:
                 if not oldest.transport.is_closing():
                     break
                 del self.waiting[oldest]
-            self._close(oldest)
+            # every other connection has a request under way: one the server is already ending (still sending to a
+            # client that reads slowly, or not at all) makes room before the new one is refused
+            ending = next((c for c in new.connections if c is not new and c.transport.is_closing()), None)
+            self._close(ending if oldest is new and ending is not None else oldest)
 
     def release(self, protocol: "DeadlineH11Protocol") -> None:
         self.waiting.pop(protocol, None)
@@ -99,7 +104,7 @@ class ConnectionCap:
 
     def _close(self, protocol: "DeadlineH11Protocol") -> None:
         self.waiting.pop(protocol, None)
-        protocol.transport.close()
+        protocol.end()
         self._closed += 1
         if (now := time.monotonic()) - self._logged_at >= CAP_LOG_EVERY_S:  # a flood is one line every 10 s
             log.warning(
@@ -121,8 +126,19 @@ class DeadlineH11Protocol(H11Protocol):
     _head_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # The app serves no websocket: an upgrade request is served as plain HTTP. uvicorn's websocket handover (with
+        # a websocket library installed) took the connection out of its set without connection_lost, so the cap
+        # kept counting it: 16 upgrades shut their address out.
+        self.ws_protocol_class = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Every byte the kernel does not take waits under the stall deadline. At asyncio's 64 KiB a client that
+        # stopped reading with less than that unsent was never timed; a close then waits for those bytes forever
+        # and the connection, never lost, held its place under the cap.
+        transport.set_write_buffer_limits(high=0)
         if self.client:
             self.peer = self.client[0]
         self._await_head()
@@ -153,13 +169,42 @@ class DeadlineH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._reset)
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._stalled, self._unsent())
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+
+    def _unsent(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def _stalled(self, unsent_before: int) -> None:
+        # reset when the client accepted no byte since the deadline was set; a slow reader's deadline starts again
+        if (unsent := self._unsent()) < unsent_before:
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._stalled, unsent)
+        else:
+            self._reset()
+
+    def end(self) -> None:
+        """Close the connection; reset it when bytes for the client are still unsent (here or in the kernel), which
+        a close would keep trying to deliver to a client that reads none: for minutes in the kernel, and here
+        until the stall deadline."""
+        sock = self.transport.get_extra_info("socket")
+        in_kernel = 0
+        if sock is not None:
+            try:
+                in_kernel = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except OSError:  # not a TCP socket on Linux: only asyncio's own buffer is known
+                in_kernel = 0
+        if self._unsent() or in_kernel:
+            self._reset()
+        else:
+            self.transport.close()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # uvicorn logged two warnings for every request with an Upgrade header: a log any client could flood
 
     def _reset(self) -> None:
         # A reset, not a close (nginx's reset_timedout_connection): a closed socket outlives its descriptor in the
@@ -197,7 +242,7 @@ class DeadlineH11Protocol(H11Protocol):
         # No request under way: no whole head since the deadline was set (a head starts a cycle, complete only once
         # its answer went out, which sets a new deadline), or the rest of a body whose answer went out (a 413).
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-            self.transport.close()
+            self.end()
 
 
 def server_protocol(max_connections: int, max_per_client: int | None = None) -> type[DeadlineH11Protocol]:

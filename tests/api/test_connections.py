@@ -243,6 +243,7 @@ def small_app() -> FastAPI:
     async def length(request: Request) -> dict[str, int]:
         return {"length": len(await request.body())}
 
+    app.get("/big")(lambda: {"text": "x" * 40_000})  # under asyncio's 64 KiB write buffer limit
     return app
 
 
@@ -308,6 +309,67 @@ def test_past_its_share_a_peers_new_connection_is_closed_and_others_get_in() -> 
         with contextlib.closing(connect(url, ping)) as again:  # its connections closed: its share is free
             answer = read_until_closed(again, 5)
             assert answer is not None and answer[0].endswith(b'{"pong":true}')
+
+
+def test_a_client_that_stops_reading_loses_its_connection_and_its_place() -> None:
+    """Clients that stop reading with less than 64 KiB of their answer unsent: asyncio's own write buffer never
+    paused, so no stall deadline ran, and the close that followed (the head deadline's, or uvicorn's after
+    `Connection: close`) waited for those bytes forever: the connections were never lost and held the cap, so every
+    new client was refused. They are reset, and a client with a request gets in."""
+
+    class Short(server_protocol(3)):  # type: ignore[misc, valid-type]
+        head_timeout_s = DEADLINE_S
+        stall_timeout_s = DEADLINE_S
+
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little of the answer
+    listening.bind(("127.0.0.1", 0))
+    with serve_app(small_app(), http=Short, sock=listening) as url:
+        big = b"GET /big HTTP/1.1\r\nHost: x\r\n"
+        unread = [
+            connect(url, big + b"\r\n", receive_buffer=4096),
+            connect(url, big + b"Connection: close\r\n\r\n", receive_buffer=4096),
+            connect(url, (big + b"\r\n") * 2, receive_buffer=4096),  # pipelined
+        ]
+        time.sleep(4 * DEADLINE_S)
+        assert httpx.get(f"{url}/ping", timeout=10).json() == {"pong": True}
+        for sock in unread:
+            with contextlib.closing(sock):
+                ended = read_until_closed(sock, 5 * DEADLINE_S)
+                assert ended is not None and ended[1], "not reset"
+
+
+def test_a_client_reading_slowly_but_steadily_gets_its_whole_answer() -> None:
+    """The stall deadline resets a client that accepted no byte since it was set, not one whose answer takes longer
+    than it to drain: 40 KB read 4 KiB at a time, over twice the deadline."""
+
+    class Short(server_protocol(3)):  # type: ignore[misc, valid-type]
+        stall_timeout_s = DEADLINE_S
+
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listening.bind(("127.0.0.1", 0))
+    with serve_app(small_app(), http=Short, sock=listening) as url:
+        sock = connect(url, b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", receive_buffer=4096)
+        with contextlib.closing(sock):
+            received, start = bytearray(), time.monotonic()
+            while chunk := sock.recv(4096):
+                received += chunk
+                time.sleep(DEADLINE_S / 4)
+        assert time.monotonic() - start > 2 * DEADLINE_S and received.endswith(b'"}')
+        assert json.loads(received.partition(b"\r\n\r\n")[2]) == {"text": "x" * 40_000}
+
+
+def test_an_upgrade_request_is_served_as_plain_http_and_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn logged two warnings for every request naming an upgrade (a log anyone could flood) and, with a
+    websocket library installed, handed the connection over without releasing its place under the cap."""
+    with serve_app(small_app(), http=server_protocol(8, max_per_client=1)) as url:
+        upgrade = b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n"
+        for _ in range(3):  # one connection at a time from this address, its share
+            with contextlib.closing(connect(url, upgrade)) as sock:
+                answer = read_until_closed(sock, 5)
+                assert answer is not None and answer[0].endswith(b'{"pong":true}')
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_the_cap_leaves_descriptors_for_files() -> None:
