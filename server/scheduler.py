@@ -160,7 +160,7 @@ class Scheduler:
 
     def _client_at_share(self) -> tuple[int, str] | None:
         """(the share, the client) of a request whose client has a share; raises ClientShareFull where it is used up
-        (read without the lock: submit counts under it)."""
+        (check reads it without the lock; submit counts under it)."""
         share, client = self.max_requests_per_client, current_client.get()
         if share is None or client is None:
             return None
@@ -171,15 +171,12 @@ class Scheduler:
     def _hold_client_share(self, request: GenerationRequest) -> Callable[[], None]:
         """Count `request` against its client's share (ClientShareFull past it) until it leaves the engine (its
         on_finish, wrapped); returns the release for a request the engine never took."""
-        held_by = self._client_at_share()
-        if held_by is None:
-            return lambda: None
-        share, client = held_by
         with self._clients_lock:
-            held = self._per_client.get(client, 0)
-            if held >= share:
-                raise ClientShareFull(share)
-            self._per_client[client] = held + 1
+            held_by = self._client_at_share()
+            if held_by is None:
+                return lambda: None
+            client = held_by[1]
+            self._per_client[client] = self._per_client.get(client, 0) + 1
         released = False
 
         def release() -> None:

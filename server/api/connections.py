@@ -91,10 +91,10 @@ class ConnectionCap:
                 if not oldest.transport.is_closing():
                     break
                 del self.waiting[oldest]
-            # every other connection has a request under way: one the server is already ending (still sending to a
-            # client that reads slowly, or not at all) makes room before the new one is refused
-            ending = next((c for c in new.connections if c is not new and c.transport.is_closing()), None)
-            self._close(ending if oldest is new and ending is not None else oldest)
+            if oldest is new:  # every other connection has a request under way: one the server is already ending
+                # (still sending to a client that reads slowly, or not at all) makes room before `new` is refused
+                oldest = next((c for c in new.connections if c is not new and c.transport.is_closing()), new)
+            self._close(oldest)
 
     def release(self, protocol: "DeadlineH11Protocol") -> None:
         self.waiting.pop(protocol, None)
@@ -192,12 +192,10 @@ class DeadlineH11Protocol(H11Protocol):
         a close would keep trying to deliver to a client that reads none: for minutes in the kernel, and here
         until the stall deadline."""
         sock = self.transport.get_extra_info("socket")
-        in_kernel = 0
-        if sock is not None:
-            try:
-                in_kernel = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-            except OSError:  # not a TCP socket on Linux: only asyncio's own buffer is known
-                in_kernel = 0
+        try:
+            in_kernel = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] if sock else 0
+        except OSError:  # not a TCP socket on Linux: only asyncio's own buffer is known
+            in_kernel = 0
         if self._unsent() or in_kernel:
             self._reset()
         else:

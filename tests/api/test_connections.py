@@ -184,9 +184,7 @@ def test_an_idle_kept_alive_connection_waits_for_its_next_head_as_long_as_a_new_
     """uvicorn closed a connection idle for 5 s, as long as clients keep one (httpx's expiry): a request a client
     sent on it as it closed failed with a reset. An idle connection now waits the head deadline for its next request,
     and is closed past it."""
-    app = FastAPI()
-    app.get("/ping")(lambda: {"pong": True})
-    with serve_app(app, http=KeepAliveShorterThanHead) as url:
+    with serve_app(small_app(), http=KeepAliveShorterThanHead) as url:
         client = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=10)
         for _ in range(2):  # the second on the same connection, idle for four times uvicorn's keep-alive
             client.request("GET", "/ping")
