@@ -57,7 +57,7 @@ from server.engine.multilora import (
     shrink_groups,
 )
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
-from server.engine.sampling import draw, final_logprobs, top_logprobs
+from server.engine.sampling import draw, final_logits, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
@@ -136,15 +136,18 @@ class Engine:
         text_config = model.config.get_text_config()
         model.set_attn_implementation(ATTENTION_NAME)
         self._lora_context = LoraContext(config.max_active_adapters, config.max_lora_rank)
+        greedy_pick = None  # a greedy step's tokens and logprobs in one kernel pass, where the kernels run
         if config.fused_kernels or (config.fused_kernels is None and self.device.type == "cuda"):
             from server.engine import kernels  # Triton: in CUDA builds of torch, not a CPU install's requirement
 
             kernels.install(model)
             self._lora_context.decode_kernels = kernels.FusedDecode()
+            greedy_pick = kernels.greedy_pick
         self.lora_store, self.lora_layers = self._wrap_targets()
         if self._lora_context.decode_kernels is not None:
             wrap_fusions(self.model, self._lora_context)
         self._lora_context.slot_ranks = self.lora_store.ranks
+        self._greedy_pick: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = greedy_pick
         self._packs = PackCache(self.lora_store.layout, self.dtype, pin=self.device.type == "cuda")
         self.cache = KVCache(
             text_config.num_hidden_layers,
@@ -606,11 +609,16 @@ class Engine:
             for r in rows
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
-        logprobs = final_logprobs(logits, params, seen, allowed)  # [B, V]
-        tokens = draw(logprobs, params, [r.generator for r in rows])  # [B]
+        final = final_logits(logits, params, seen, allowed)  # [B, V]
+        if self._greedy_pick is not None and all(p.greedy and not p.top_logprobs for p in params):
+            tokens, picked = self._greedy_pick(final)  # [B] each: no row needs the whole distribution
+            asking, top_ids, top_values = top_logprobs(final, params)  # none asks
+        else:
+            logprobs = final.float().log_softmax(-1)  # [B, V]
+            tokens = draw(logprobs, params, [r.generator for r in rows])  # [B]
+            picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
+            asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
         self._fed[: len(rows)].copy_(tokens)  # what the next step's decode tokens are, before the host knows
-        picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
-        asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
         # float64 holds token ids exactly: one flat tensor, one copy
         parts = [tokens.double(), picked.double()]
         if asking:

@@ -111,21 +111,34 @@ def final_logprobs(
     seen: list[Seen | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Each row's log-distribution to draw from [B, V]: the grammar mask (constrained rows only), the penalties
-    and the logit bias, then (sampled rows) temperature, top-k, top-p."""
+    """Each row's log-distribution to draw from [B, V] fp32: log_softmax of final_logits."""
+    return final_logits(logits, params, seen, allowed).float().log_softmax(-1)
+
+
+def final_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: list[Seen | None],
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each row's logits to draw from [B, V]: the grammar mask (constrained rows only), the penalties and the logit
+    bias, then (sampled rows) temperature, top-k, top-p; in fp32 where any of them applies, else `logits` as
+    they are (their dtype's values are exact in fp32: nothing to round)."""
     # logits: [B, V]; seen[i]: row i's tokens so far (read where a penalty is on); allowed: (rows [m], mask [m, V]
     # bool) of the constrained rows
+    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if allowed is None and not adjusted and not sampled:
+        return logits
     logits = logits.float()
     if allowed is not None:
         logits = mask_logits(logits, *allowed)
-    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
     if adjusted:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
         rows = device_tensor(adjusted, logits.device)
         logits = logits.index_copy(0, rows, torch.stack([_adjusted(logits[i], params[i], seen[i]) for i in adjusted]))
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         logits = _filtered(logits, params, sampled)
-    return logits.log_softmax(-1)
+    return logits
 
 
 def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import (
 from loraplex.basemodel import nf4_config
 from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
+from server.engine.kernels.greedy import BLOCK_V, greedy_pick
 from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import finish_projection, lora_shrink
 from server.engine.kernels.nf4 import (
@@ -386,6 +387,30 @@ def test_kv_write_matches_index_assignment(dtype) -> None:
     outside = torch.tensor([rows, 0, 3, -1, 0], device=DEVICE), torch.tensor([0, seq, -1, 0, 2**40], device=DEVICE)
     write_kv(k_cache, v_cache, key + 1, value + 1, *outside)  # rows / positions past either end: nothing written
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick_gives_log_softmaxs_argmax_and_logprob(dtype) -> None:
+    """Each row's first largest logit and its log_softmax value, over a vocabulary of several chunks and a partial
+    last one: ties across and within chunks, a chunk masked to -inf, and rows that log_softmax makes NaN."""
+    torch.manual_seed(0)
+    vocab = 2 * BLOCK_V + 77
+    logits = (4 * torch.randn(7, vocab + 5, device=DEVICE)).to(dtype)[:, 3 : 3 + vocab]  # rows of a wider tensor
+    logits[1, [BLOCK_V + 9, 40, 2 * BLOCK_V + 1]] = 50.0  # a tie across chunks: the first index wins
+    logits[2, [9, 11]] = 50.0  # within one
+    logits[3, :BLOCK_V] = float("-inf")  # a grammar's mask over a whole chunk
+    logits[3, -1] = 60.0  # the largest in the partial chunk
+    logits[4, 5] = float("nan")
+    logits[5, 3000] = float("inf")
+    logits[6] = float("-inf")  # nothing allowed
+    tokens, logprobs = greedy_pick(logits)
+    expected = logits.float().log_softmax(-1)
+    finite = [0, 1, 2, 3]
+    assert tokens.dtype == torch.long and tokens[finite].tolist() == expected[finite].argmax(-1).tolist()
+    assert tokens[finite].tolist()[1:] == [40, 9, vocab - 1]
+    assert logprobs[finite].tolist() == pytest.approx(expected[finite, tokens[finite]].tolist(), abs=1e-5)
+    assert expected[4:].isnan().any(-1).all() and logprobs[4:].isnan().all()
+    assert ((tokens >= 0) & (tokens < vocab)).all()  # fed to the next step whatever the logits were
 
 
 @pytest.mark.parametrize(

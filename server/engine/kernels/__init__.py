@@ -1,7 +1,7 @@
 """Kernels of the decode step on CUDA: the NF4 projections (in CUDA nf4_mma for up to 16 bf16 rows, 32 without
 wgmma, and nf4_wide for up to 64; in Triton a GEMV for one row and a tensor-core matmul for up to 256), the per-row
 LoRA delta, RMSNorm, the gated MLP's activation (the last two with the LoRA shrink of the layers reading their
-output), rotary embeddings and the KV cache write.
+output), rotary embeddings, the KV cache write, and a greedy step's tokens and logprobs.
 
 The engine installs them on CUDA only; the tests run the Triton ones on the CPU under Triton's interpreter.
 """
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from server.engine.kernels.activation import SILU, silu_mul_shrink
+from server.engine.kernels.greedy import greedy_pick
 from server.engine.kernels.lora import finish_projection, lora_shrink
 from server.engine.kernels.nf4 import (
     MAX_ROWS,
@@ -24,7 +25,7 @@ from server.engine.kernels.nf4_wide import mma_serves
 from server.engine.kernels.rmsnorm import FusedRMSNorm, fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
 
-__all__ = ["FusedDecode", "install"]
+__all__ = ["FusedDecode", "greedy_pick", "install"]
 
 
 def install(model: nn.Module) -> None:
