@@ -6,8 +6,10 @@ import pytest
 import torch
 from enginekit import nf4_layer
 
+from server.engine.kernels.epilogue import LoraEpilogue
+from server.engine.kernels.lora import finish_projection
 from server.engine.kernels.nf4 import nf4_matmul, nf4_matmul_sums
-from server.engine.kernels.nf4_wide import WIDE_ROWS, available, nf4_wide_sums, wgmma_runs
+from server.engine.kernels.nf4_wide import WIDE_ROWS, available, nf4_wide_finished, nf4_wide_sums, wgmma_runs
 
 pytestmark = pytest.mark.gpu
 N, K = 72, 64 * 24  # N not a multiple of a CTA's rows; K's 24 blocks split in 1-4 parts of steps of 1-4 blocks
@@ -80,6 +82,38 @@ def test_nf4_wide_segments_match_each_weight_alone(rows, nested, bias, wgmma) ->
     for i, (part, n) in enumerate(zip(parts, sizes, strict=True)):
         assert torch.equal(got[:, column : column + n], nf4_wide_sums(x, [part], config, 2, wgmma)), f"weight {i}"
         column += n
+
+
+@pytest.mark.parametrize(
+    ("rows", "sizes", "k"), [(17, (72, 40), K), (WIDE_ROWS, (72, 40), K), (32, (14336, 14336), 4096)]
+)
+@pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
+def test_nf4_wide_finishes_a_projection_as_finish_projection_does(rows, sizes, k, nested, bias, wgmma) -> None:
+    """Two weights sharing x (as gate/up do), K in one part, each row's LoRA delta added in the epilogue: the bf16
+    outputs finish_projection makes of nf4_wide's sums, within a rounding (the delta's products add in another
+    order). Rows of ranks 0 to R; no B row past a slot's rank (NaN there) and no chunk past the shrink's (NaN) is
+    read. The last case is gate/up of Llama-3-8B at 32 rows, where the launcher itself takes K in one part."""
+    torch.manual_seed(0)
+    layers = [nf4_layer(n, k, nested, bias, "cuda")[0] for n in sizes]
+    parts = [(layer.weight, layer.weight.quant_state, layer.bias.bfloat16() if bias else None) for layer in layers]
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    rank, chunks = 16, 3
+    slot_ranks = torch.tensor([16, 5, 9, 0], dtype=torch.int32, device="cuda")  # the last: no adapter
+    slots = torch.randint(0, 4, (rows,), device="cuda")
+    ranks = slot_ranks[slots]
+    b = 0.05 * torch.randn(4, rank, sum(sizes) + 8, device="cuda").bfloat16()[:, :, 4 : 4 + sum(sizes)]  # a view
+    b[torch.arange(rank, device="cuda")[None, :] >= slot_ranks[:, None]] = float("nan")
+    partial = torch.randn(2, rows, 4, rank, device="cuda")
+    partial.masked_fill_(torch.arange(rank, device="cuda") >= ranks[None, :, None, None], 0.0)  # as the shrink does
+    partial[:, :, chunks:] = float("nan")
+    lora = LoraEpilogue(partial, chunks, b, slots, ranks)
+    got = nf4_wide_finished(x, parts, lora, split=None if k == 4096 else 1, wgmma=wgmma)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, sum(sizes))
+    expected = torch.empty_like(got)
+    finish_projection(expected, nf4_wide_sums(x, parts, split=1, wgmma=wgmma), lora, widths=list(sizes))
+    assert not got.isnan().any()
+    assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
+    assert nf4_wide_finished(x, parts, lora, split=2, wgmma=wgmma) is None  # K in parts: the sums' own launch
 
 
 def test_x_rows_need_not_be_contiguous_and_rows_past_m_add_nothing() -> None:

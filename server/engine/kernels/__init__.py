@@ -21,7 +21,8 @@ from server.engine.kernels.nf4 import (
     nf4_segments,
 )
 from server.engine.kernels.nf4_mma import Nf4Segments, nf4_mma_segments
-from server.engine.kernels.nf4_wide import mma_serves
+from server.engine.kernels.nf4_wide import available as wide_available
+from server.engine.kernels.nf4_wide import mma_serves, nf4_wide_finished
 from server.engine.kernels.rmsnorm import FusedRMSNorm, fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
 
@@ -99,7 +100,8 @@ class FusedDecode:
         ranks: torch.Tensor,
     ) -> list[torch.Tensor] | None:
         """NF4 layers sharing x (q/k/v, gate/up) in one launch: nf4_mma with each row's LoRA delta in its epilogue,
-        or for more rows nf4_wide or the Triton matmul, then one launch for the cast, the deltas of all the layers:
+        or for more rows nf4_wide (which adds them in its epilogue where it takes K in one part) or the Triton
+        matmul, then one launch for the cast, the deltas of all the layers:
         x [B, in], partial [G, B, CHUNKS_PAD, R_PAD], b [S+1, R, sum of outs] -> G outputs [B, out_g] (column
         views of one tensor); None where those launches do not run (the layers then run one by one)."""
         key = tuple(map(id, bases))
@@ -114,6 +116,8 @@ class FusedDecode:
             return list(nf4_mma_segments(x, segments, lora).split(segments.n, dim=1))
         if rows == 1:  # the GEMV, each layer's delta in its epilogue
             return None
-        y = torch.empty(rows, sum(segments.n), dtype=x.dtype, device=x.device)
-        finish_projection(y, nf4_matmul_sums(x, segments.parts), lora, widths=segments.n)
+        y = nf4_wide_finished(x, segments.parts, lora) if wide_available(x, segments.parts) else None
+        if y is None:  # the sums, then the cast and the deltas in a launch of their own
+            y = torch.empty(rows, sum(segments.n), dtype=x.dtype, device=x.device)
+            finish_projection(y, nf4_matmul_sums(x, segments.parts), lora, widths=segments.n)
         return list(y.split(segments.n, dim=1))

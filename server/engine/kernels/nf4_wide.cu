@@ -18,8 +18,14 @@
 // tensor cores run while the warp decodes the next block. The x columns are stored permuted so that the k order of
 // a wgmma matches the bytes each lane decodes (see XQ below).
 //
+// FINISH (K in one part, gridDim.y 1): the epilogue finishes the projection as finish_projection (lora.py) does
+// after the sums, in the same roundings: the sums rounded to bf16, each row's LoRA delta added (the shrink's
+// partial sums of its slot @ B, read from global memory, a warp's reads 256 contiguous bytes a rank) and rounded,
+// and bf16 written where the sums were: one launch a projection fewer.
+//
 // Defined by the host: WARPS, NT, MT (n8 tiles of x rows: ceil(m / 8)), GROUP, STAGES, MIN_BLOCKS, NESTED,
-// HAS_BIAS, SEGMENTS (weights of one launch, up to 3; every n a multiple of 4), WGMMA (with WARPS a multiple of 4).
+// HAS_BIAS, SEGMENTS (weights of one launch, up to 3; every n a multiple of 4), WGMMA (with WARPS a multiple of 4),
+// FINISH, HAS_LORA and R_PAD (the shrink's padded rank; FINISH only).
 
 #define CTA_ROWS (16 * NT * WARPS)
 #if WGMMA
@@ -176,7 +182,7 @@ __device__ __forceinline__ void fence_sums(float (&acc)[NT][MT][4]) {
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     const unsigned short* __restrict__ x,    // [m, ldx] bf16, rows 16-byte aligned
     int ldx, int m,
-    float* __restrict__ out,                 // [m, ldo] fp32: zeros before the launch where K is split
+    float* __restrict__ out,                 // [m, ldo] fp32: zeros before the launch where K is split; FINISH: bf16
     int ldo, int k,
     int blocks_split,                        // K / 64 / gridDim.y: the blocks of K a CTA takes
     const unsigned char* __restrict__ w,     // [n, k / 2] NF4 codes
@@ -192,7 +198,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     int n_1,
     const unsigned char* __restrict__ w_2, const void* __restrict__ absmax_2, const float* __restrict__ absmax2_2,
     const float* __restrict__ code2_2, const float* __restrict__ offset_2, const unsigned short* __restrict__ bias_2,
-    int n_2, int end_0, int end_1) {
+    int n_2, int end_0, int end_1,
+    // HAS_LORA: each row's delta from the shrink's partial sums [G, m, chunks_pad, R_PAD] fp32 (the G weights'
+    // partial_stride apart) and B [S+1, rank, ldo] bf16 (strides stride_bs, stride_br, 1; the weights' columns side
+    // by side), at the row's slot, up to its rank
+    const float* __restrict__ partial, int chunks, int chunks_pad, int partial_stride,
+    const unsigned short* __restrict__ lora_b, int stride_bs, int stride_br,
+    const long long* __restrict__ slots, const int* __restrict__ ranks) {
     // the decode table, code2, then the stages; after the main loop the CTA's sums [8 MT][OSTRIDE] (host-sized)
     extern __shared__ __align__(16) unsigned smem[];
     float* code2_s = reinterpret_cast<float*>(smem + LUT_WORDS);
@@ -200,10 +212,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     int cta = blockIdx.x, col0 = 0;  // this CTA's tile in its weight, and that weight's first column of out
     Segment segment{w, absmax, absmax2, code2, offset_ptr, bias, n};
-    select_segment(cta, col0, segment, {w_1, absmax_1, absmax2_1, code2_1, offset_1, bias_1, n_1},
-                   {w_2, absmax_2, absmax2_2, code2_2, offset_2, bias_2, n_2}, end_0, end_1);
+    const int index = select_segment(cta, col0, segment, {w_1, absmax_1, absmax2_1, code2_1, offset_1, bias_1, n_1},
+                                     {w_2, absmax_2, absmax2_2, code2_2, offset_2, bias_2, n_2}, end_0, end_1);
     w = segment.w, absmax = segment.absmax, absmax2 = segment.absmax2, code2 = segment.code2;
     offset_ptr = segment.offset, bias = segment.bias, n = segment.n;
+#if HAS_LORA
+    partial += index * partial_stride;
+    // each x row's slot and rank, loaded now and stored once the main loop is done: their latency hides there
+    const long long my_slot = tid < m ? slots[tid] : 0;
+    const int my_rank = tid < m ? ranks[tid] : 0;
+#else
+    (void)index;
+#endif
     const int blocks_k = k >> 6, kb0 = blockIdx.y * blocks_split, steps = blocks_split / GROUP;
     const int first_row = cta * CTA_ROWS;
     // the first steps' copies in flight first (one commit a stage, a step past the last copying nothing)
@@ -347,6 +367,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
             base[8] = acc[tile][j][2];
             base[OSTRIDE + 8] = acc[tile][j][3];
         }
+#if HAS_LORA
+    // each x row's slot, rank and shrunk activations (rounded to bf16 as the unfused x @ A.T leaves them)
+    __shared__ float shrunk[8 * MT][R_PAD];
+    __shared__ long long slot_s[8 * MT];
+    __shared__ int rank_s[8 * MT];
+    if (tid < m) slot_s[tid] = my_slot, rank_s[tid] = my_rank;
+    __syncthreads();
+    for (int i = tid; i < m * R_PAD; i += WARPS * 32) {
+        const int token = i / R_PAD, r = i % R_PAD;
+        if (r >= rank_s[token]) continue;  // past the row's rank: not read below
+        const float* p = partial + size_t(token) * chunks_pad * R_PAD + r;
+        float sum = 0.0f;
+        for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];
+        shrunk[token][r] = bf16_round(sum);
+    }
+#endif
     __syncthreads();
     for (int i = tid; i < m * (CTA_ROWS / 4); i += WARPS * 32) {
         const int token = i / (CTA_ROWS / 4), c = 4 * (i % (CTA_ROWS / 4)), row = cta * CTA_ROWS + c;
@@ -358,8 +394,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
             v.z += __uint_as_float(unsigned(bias[row + 2]) << 16), v.w += __uint_as_float(unsigned(bias[row + 3]) << 16);
         }
 #endif
+#if FINISH
+        float y[4] = {bf16_round(v.x), bf16_round(v.y), bf16_round(v.z), bf16_round(v.w)};
+#if HAS_LORA  // outputs row..row + 3 of each rank of the row's slot: 8 bytes a lane, a warp's 256 contiguous bytes
+        const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + col0 + row;
+        float delta[4] = {};
+#pragma unroll 8
+        for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r) {
+            const uint2 pair = __ldg(reinterpret_cast<const uint2*>(b + size_t(r) * stride_br));
+            const float s = shrunk[token][r];
+            delta[0] += __uint_as_float(pair.x << 16) * s, delta[1] += __uint_as_float(pair.x & 0xFFFF0000u) * s;
+            delta[2] += __uint_as_float(pair.y << 16) * s, delta[3] += __uint_as_float(pair.y & 0xFFFF0000u) * s;
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) y[e] += delta[e];  // the base output, then the sum with the delta: rounded below
+#endif
+        unsigned short h[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h[e]) : "f"(y[e]));
+        *reinterpret_cast<uint2*>(reinterpret_cast<unsigned short*>(out) + size_t(token) * ldo + col0 + row) =
+            make_uint2(h[0] | unsigned(h[1]) << 16, h[2] | unsigned(h[3]) << 16);
+#else
         float* sums = out + size_t(token) * ldo + col0 + row;
         if (gridDim.y == 1) *reinterpret_cast<float4*>(sums) = v;  // K in one part: nothing to add to
         else add_sums(sums, v);
+#endif
     }
 }

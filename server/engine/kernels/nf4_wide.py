@@ -12,6 +12,7 @@ memory; elsewhere mma.sync.
 import functools
 import itertools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,8 @@ from server.engine.kernels.nf4_mma import MMA_ROWS, Part, compiles, cuda_source,
 from server.engine.kernels.nf4_mma import available as mma_available
 
 WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
+# The finishing epilogue's shrunk activations (static shared memory beside the stages): rank 64 at 64 rows
+FINISHED_SHRUNK_BYTES = 16384
 MMA_ROWS_BESIDE_WGMMA = 16  # past this many rows nf4_wide on wgmma beats nf4_mma (H200, BENCHMARKS.md)
 _LUT_BYTES = 256 * 256 + 256 * 4  # the decode table (an entry each 256 bytes) and code2, before the stages
 
@@ -107,13 +110,15 @@ def mma_serves(x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torc
 
 def kernel_source(
     warps: int, row_tiles: int, group: int, stages: int, min_blocks: int, x_tiles: int, nested: bool, bias: bool,
-    segments: int, wgmma: bool,
+    segments: int, wgmma: bool, finish: bool = False, r_pad: int = 0,
 ) -> str:  # fmt: skip
     """The CUDA source of one build: its defines (the .cu file's header lists them), its wgmma where it takes it,
-    then the shared parts and the kernel."""
+    then the shared parts and the kernel. finish: the epilogue writes the finished bf16 projection, with each
+    row's LoRA delta where r_pad (the shrink's padded rank) is not 0."""
     defines = {"WARPS": warps, "NT": row_tiles, "MT": x_tiles, "GROUP": group, "STAGES": stages,
                "MIN_BLOCKS": min_blocks, "NESTED": int(nested), "HAS_BIAS": int(bias),
-               "SEGMENTS": segments, "WGMMA": int(wgmma), "LUT_ENTRY": 256}  # fmt: skip
+               "SEGMENTS": segments, "WGMMA": int(wgmma), "LUT_ENTRY": 256, "FINISH": int(finish),
+               "HAS_LORA": int(r_pad > 0), "R_PAD": max(r_pad, 1)}  # fmt: skip
     head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
     return head + (wgmma_source(x_tiles) if wgmma else "") + cuda_source("nf4_wide.cu")
 
@@ -131,8 +136,11 @@ def _kernel(
     segments: int,
     wgmma: bool,
     device: int,
+    finish: bool = False,
+    r_pad: int = 0,
 ) -> Callable[..., None]:
-    source = kernel_source(warps, row_tiles, group, stages, min_blocks, x_tiles, nested, bias, segments, wgmma)
+    source = kernel_source(warps, row_tiles, group, stages, min_blocks, x_tiles, nested, bias, segments, wgmma, finish,
+                           r_pad)  # fmt: skip
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_wide", compute_capability="90a" if wgmma else None)
         kernel.set_shared_memory_config(smem_bytes(warps, row_tiles, group, stages, x_tiles, wgmma))
@@ -157,19 +165,18 @@ def pick_split(tiles: int, k: int, group: int, sms: int) -> int:
     return next((s for s in splits if 3 * tiles * s >= 2 * sms), splits[-1])
 
 
-def nf4_wide_sums(
-    x: torch.Tensor,
-    parts: list[Part],
-    config: Config | None = None,
-    split: int | None = None,
-    wgmma: bool | None = None,
-) -> torch.Tensor:
-    """x [M, K] bf16 (available()) @ dequant(W).T (+ bias) for each weight W of `parts` (one to three of one K,
-    kind and bias presence) in one launch -> [M, sum of N] fp32, the weights' sums side by side. The parts of K add
-    atomically, so a sum's last bits can change from call to call. `wgmma`: the products' instruction (None: wgmma
-    where it runs and the configuration fits it)."""
+class _Launch(NamedTuple):
+    """One launch's shape: the kernel's configuration (its group made to divide K's blocks), wgmma or not, the CTAs
+    of each weight so far, the parts of K."""
+
+    config: Config
+    wgmma: bool
+    ends: list[int]
+    split: int
+
+
+def _plan(x: torch.Tensor, ns: list[int], config: Config | None, split: int | None, wgmma: bool | None) -> _Launch:
     m, k = x.shape
-    ns = [state.shape[0] for _, state, _ in parts]
     device = x.device.index or 0
     warps, row_tiles, group, stages, min_blocks = config or pick_config(sum(ns), k, m)
     if wgmma is None:
@@ -183,20 +190,83 @@ def nf4_wide_sums(
     split = split or pick_split(ends[-1], k, group, torch.cuda.get_device_properties(device).multi_processor_count)
     if (k // 64) % (split * group):
         raise ValueError(f"K's {k // 64} blocks do not split into {split} parts of {group}-block steps")
+    return _Launch((warps, row_tiles, group, stages, min_blocks), wgmma, ends, split)
+
+
+def nf4_wide_sums(
+    x: torch.Tensor,
+    parts: list[Part],
+    config: Config | None = None,
+    split: int | None = None,
+    wgmma: bool | None = None,
+) -> torch.Tensor:
+    """x [M, K] bf16 (available()) @ dequant(W).T (+ bias) for each weight W of `parts` (one to three of one K,
+    kind and bias presence) in one launch -> [M, sum of N] fp32, the weights' sums side by side. The parts of K add
+    atomically, so a sum's last bits can change from call to call. `wgmma`: the products' instruction (None: wgmma
+    where it runs and the configuration fits it)."""
+    ns = [state.shape[0] for _, state, _ in parts]
+    launch = _plan(x, ns, config, split, wgmma)
+    out = (torch.zeros if launch.split > 1 else torch.empty)(x.shape[0], sum(ns), dtype=torch.float32, device=x.device)
+    _launch(x, parts, launch, out, None)
+    return out
+
+
+def nf4_wide_finished(
+    x: torch.Tensor,
+    parts: list[Part],
+    lora: LoraEpilogue | None,
+    config: Config | None = None,
+    split: int | None = None,
+    wgmma: bool | None = None,
+) -> torch.Tensor | None:
+    """finish_projection(y, nf4_wide_sums(x, parts), lora, widths) in one launch -> y [M, sum of N] bf16, where
+    the launch takes K in one part (the CTAs then fill the GPU: the wide weights, gate/up) and the LoRA fits its
+    epilogue (the rows' shrunk activations in FINISHED_SHRUNK_BYTES, B's rows 8-byte aligned); else None. lora:
+    as finish_projection's for `parts`' widths (partial [G, M, CHUNKS_PAD, R_PAD], b [S+1, R, sum of N]);
+    config, split, wgmma: as nf4_wide_sums'."""
+    ns = [state.shape[0] for _, state, _ in parts]
+    launch = _plan(x, ns, config, split, wgmma)
+    if launch.split > 1:
+        return None
+    if lora is not None:
+        starts = itertools.accumulate(ns[:-1])  # the weights' first columns of B past the first
+        aligned = lora.b.data_ptr() % 8 == 0 and all(v % 4 == 0 for v in (lora.b.stride(0), lora.b.stride(1), *starts))
+        if not aligned or -(-x.shape[0] // 8) * 8 * lora.partial.shape[-1] * 4 > FINISHED_SHRUNK_BYTES:
+            return None
+    out = torch.empty(x.shape[0], sum(ns), dtype=torch.bfloat16, device=x.device)
+    _launch(x, parts, launch, out, lora, finish=True)
+    return out
+
+
+def _launch(
+    x: torch.Tensor, parts: list[Part], launch: _Launch, out: torch.Tensor, lora: LoraEpilogue | None,
+    finish: bool = False,
+) -> None:  # fmt: skip
+    m, k = x.shape
+    ns = [state.shape[0] for _, state, _ in parts]
+    warps, row_tiles, group, stages, min_blocks = launch.config
+    ends, split = launch.ends, launch.split
     x_tiles = -(-m // 8)
-    out = (torch.zeros if split > 1 else torch.empty)(m, sum(ns), dtype=torch.float32, device=x.device)
     segments = []  # each segment's weight, scales, bias and N (segment 0's again where there are fewer: never read)
     for i in range(3):
         weight, state, bias = parts[min(i, len(parts) - 1)]
         segments += [weight, state.absmax, *second_level(state), out if bias is None else bias, ns[min(i, len(ns) - 1)]]
+    if lora is None:  # HAS_LORA off: its pointers are never read
+        epilogue = [out, 0, 0, 0, out, 0, 0, out, out]
+        r_pad = 0
+    else:
+        chunks_pad, r_pad = lora.partial.shape[-2:]
+        partial_stride = lora.partial.stride(0) if lora.partial.dim() == 4 else 0
+        epilogue = [lora.partial, lora.chunks, chunks_pad, partial_stride, lora.b, lora.b.stride(0), lora.b.stride(1),
+                    lora.slots, lora.ranks]  # fmt: skip
     state, bias = parts[0][1], parts[0][2]
+    device = x.device.index or 0
     kernel = _kernel(warps, row_tiles, group, stages, min_blocks, x_tiles, bool(state.nested), bias is not None,
-                     len(parts), wgmma, device)  # fmt: skip
+                     len(parts), launch.wgmma, device, finish, r_pad)  # fmt: skip
     kernel(
         grid=(ends[-1], split, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, out, out.stride(0), k, k // 64 // split, *segments, ends[0],
-              ends[min(1, len(ends) - 1)]],
-        shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles, wgmma),
+              ends[min(1, len(ends) - 1)], *epilogue],
+        shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles, launch.wgmma),
     )  # fmt: skip
-    return out
