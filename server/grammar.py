@@ -140,9 +140,13 @@ def _check_size(chars: int, what: str) -> None:
 
 def _check_integer_bounds(schema: dict) -> None:
     """llguidance holds an integer's bounds in 64 bits and clamps one past them: minimum 2**64 and maximum 2**64 + 5
-    compiled to the one integer 2**63 - 1, an answer outside the schema. Such a bound is refused instead (the
-    schema's depth is checked first, so this walk is bounded)."""
+    compiled to the one integer 2**63 - 1, an answer outside the schema. Such a bound is refused instead. Bounds
+    reach an integer from other subschemas too (allOf, $ref, a sibling of its type), so in a schema with an
+    integer type anywhere every bound is held to 64 bits (the schema's depth is checked first, so this walk is
+    bounded)."""
     stack: list[Any] = [schema]
+    integers = False
+    outside: list[tuple[str, int | float]] = []
     while stack:
         item = stack.pop()
         if isinstance(item, list):
@@ -152,15 +156,18 @@ def _check_integer_bounds(schema: dict) -> None:
             continue
         stack.extend(item.values())
         kind = item.get("type")
-        if kind != "integer" and not (isinstance(kind, list) and "integer" in kind):
-            continue
+        integers = integers or kind == "integer" or (isinstance(kind, list) and "integer" in kind)
         for key in INTEGER_BOUNDS:
             bound = item.get(key)
             if isinstance(bound, int | float) and not isinstance(bound, bool) and not INT64_MIN <= bound <= INT64_MAX:
-                raise InvalidGrammar(
-                    f"the JSON schema's integer {key} {bound} is outside 64-bit integers "
-                    f"({INT64_MIN} to {INT64_MAX}), the range integers are generated in"
-                )
+                outside.append((key, bound))
+    if integers and outside:
+        key, bound = outside[0]
+        raise InvalidGrammar(
+            f"the JSON schema has integers and a {key} of {bound}, outside 64-bit integers ({INT64_MIN} to "
+            f"{INT64_MAX}), the range integers are generated in: a bound can reach an integer through allOf, $ref "
+            "or a sibling keyword, so a schema with integers takes every bound within that range"
+        )
 
 
 def _depth(value: Any) -> int:

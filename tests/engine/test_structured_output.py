@@ -272,10 +272,18 @@ def test_bad_grammars_are_refused_with_the_reason(grammars) -> None:
         deep = {"type": "object", "properties": {"a": deep}}
     with pytest.raises(InvalidGrammar, match="nests"):
         GrammarSpec.json_schema(deep)
-    # llguidance clamped these to the one integer 2**63 - 1, an answer outside the schema
-    huge = {"type": ["integer", "null"], "minimum": 2**64, "maximum": 2**64 + 5}
-    with pytest.raises(InvalidGrammar, match="integer minimum 18446744073709551616 is outside 64-bit integers"):
-        GrammarSpec.json_schema({"type": "object", "properties": {"n": huge}})
+    # llguidance clamped these to the one integer 2**63 - 1, an answer outside the schema, whether the bounds sit
+    # beside the integer type or reach it through allOf or $ref (the negative ones crashed its compiler)
+    huge = {"minimum": 2**64, "maximum": 2**64 + 5}
+    for integer in (
+        {"type": ["integer", "null"], **huge},
+        {"allOf": [{"type": "integer"}, huge]},
+        {"type": "integer", "allOf": [huge]},
+        {"$defs": {"i": {"type": "integer"}}, "allOf": [{"$ref": "#/$defs/i"}, huge]},
+        {"allOf": [{"type": "integer"}, {"minimum": -(2**64) - 5, "maximum": -(2**64)}]},
+    ):
+        with pytest.raises(InvalidGrammar, match="outside 64-bit integers"):
+            GrammarSpec.json_schema({"type": "object", "properties": {"n": integer}})
     compiled(grammars, GrammarSpec.json_schema({"type": "integer", "minimum": -(2**62), "maximum": 2**62}))
 
 
