@@ -14,6 +14,7 @@ import asyncio
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -91,50 +92,69 @@ class MixCache:
         # every slot and keep each stored adapter waiting for a whole request
         self._max_in_use = max_in_use
         self._mixes: OrderedDict[str, LoraWeights] = OrderedDict()
-        self._held: Counter[str] = Counter()  # requests holding each mix, cached or not
-        self._building = 0  # mixes being built: alive, not yet in either
+        self._held: Counter[str] = Counter()  # requests holding each mix, cached, being built, or neither
+        # mixes being built, each once, however many requests wait for it (the choices of one request with n > 1
+        # among them): a build runs to its end in a worker thread, its result cached, whoever stopped waiting
+        self._builds: dict[str, Future[LoraWeights]] = {}
         self._lock = threading.Lock()
 
     async def acquire(
         self, key: str, components: list[tuple[str, LoraWeights, float]]
     ) -> tuple[LoraWeights, Callable[[], None]]:
-        """The mix of (resolved key, weights, mix weight) components, built in a worker thread on a miss, and the
-        call that releases the caller's hold on it (once)."""
+        """The mix of (resolved key, weights, mix weight) components, built in a worker thread on a miss (one build
+        a key, shared by the requests asking for it meanwhile), and the call that releases the caller's hold on it
+        (once)."""
         with self._lock:
             mixed = self._mixes.get(key)
-            in_use = len(self._held) + self._building
-            if key not in self._held and in_use >= self._max_in_use:
-                raise TooManyMixes(
-                    f"{in_use} adapter mixes are held by requests, the most this server runs at once (half its "
-                    "adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
-                    "requests finish, or reuse the weights of a mix in use"
-                )
-            if mixed is None:
-                live = len(self._mixes.keys() | self._held.keys()) + self._building
-                if live >= self._max_live:
+            if key not in self._held and key not in self._builds:  # a mix no request holds or waits for
+                in_use = len(self._held.keys() | self._builds.keys())
+                if in_use >= self._max_in_use:
+                    raise TooManyMixes(
+                        f"{in_use} adapter mixes are held by requests, the most this server runs at once (half its "
+                        "adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
+                        "requests finish, or reuse the weights of a mix in use"
+                    )
+                live = len(self._mixes.keys() | self._held.keys() | self._builds.keys())
+                if mixed is None and live >= self._max_live:
                     raise TooManyMixes(
                         f"{live} adapter mixes are in use, the most this server keeps at once: retry when requests "
                         "finish, or reuse the weights of a mix in use"
                     )
-                self._building += 1
+            build = None
+            if mixed is not None:
+                self._mixes.move_to_end(key)
+            elif key in self._builds:
+                build = self._builds[key]
             else:
-                self._mixes.move_to_end(key)
-                self._held[key] += 1
-        if mixed is None:
-            try:
-                self._check_rank(components)
-                built = await asyncio.to_thread(self._build, components)
-            finally:
-                with self._lock:
-                    self._building -= 1
+                build = self._builds[key] = Future()
+                asyncio.get_running_loop().run_in_executor(None, self._build_into, key, components, build)
+            self._held[key] += 1
+        release = self._release_of(key)
+        if build is not None:
+            try:  # shielded: one waiter's cancellation is not the build's, which others may wait for
+                mixed = await asyncio.shield(asyncio.wrap_future(build))
+            except BaseException:
+                release()
+                raise
+        return mixed, release
+
+    def _build_into(self, key: str, components: list[tuple[str, LoraWeights, float]], build: Future) -> None:
+        """Build the mix of `key` (in a worker thread), cache it and hand it (or why it cannot be built) to `build`."""
+        try:
+            self._check_rank(components)
+            built = self._build(components)
+        except BaseException as exc:
             with self._lock:
-                mixed = self._mixes.setdefault(key, built)  # a concurrent build of the same key: keep the first
-                self._mixes.move_to_end(key)
-                self._held[key] += 1
-                dropped = [self._mixes.popitem(last=False)[0] for _ in range(len(self._mixes) - self._capacity)]
-            for old in dropped:
-                self._on_drop(old)
-        return mixed, self._release_of(key)
+                del self._builds[key]
+            build.set_exception(exc)
+            return
+        with self._lock:
+            del self._builds[key]
+            self._mixes[key] = built
+            dropped = [self._mixes.popitem(last=False)[0] for _ in range(len(self._mixes) - self._capacity)]
+        build.set_result(built)
+        for old in dropped:
+            self._on_drop(old)
 
     def _release_of(self, key: str) -> Callable[[], None]:
         released = False

@@ -320,6 +320,17 @@ def test_a_mix_at_weight_zero_is_the_base_model_and_openai_takes_the_extra_field
     assert 'adapter="<mix>"' in client.get("/metrics").text
 
 
+def test_the_choices_of_one_request_share_a_new_mix(client: TestClient) -> None:
+    """n choices past the mixes a server holds at once (half its 8 slots): each choice had counted as a mix of its
+    own, a 429 on an idle server for any n > 4 with a mix not cached yet."""
+    mix = {"ids": ["m1", "m2"], "weights": [0.3, 0.7]}
+    body = {"model": "llama", "prompt": "share", "max_tokens": 3, "temperature": 0, "n": 6, "merged_adapters": mix}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    texts = {choice["text"] for choice in response.json()["choices"]}
+    assert len(response.json()["choices"]) == 6 and len(texts) == 1  # greedy: one answer six times
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "status", "code", "says"),
     [

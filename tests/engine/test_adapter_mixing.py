@@ -3,6 +3,7 @@ weighted sum of the deltas), in a batch beside its components and the base model
 
 import asyncio
 import copy
+import threading
 
 import pytest
 import torch
@@ -92,6 +93,45 @@ def test_the_mixes_alive_at_once_are_bounded_until_requests_release_them() -> No
         held[1][1]()
         await mix(5.0)
         release_shared()
+
+    asyncio.run(run())
+
+
+def test_requests_asking_for_a_mix_being_built_share_its_one_build() -> None:
+    """The n choices of one request ask for the same new mix at once: one build, one place among the mixes in use
+    (max_in_use 1 here: each waiter counted as a mix of its own was a 429 for every n > 1), the same weights for
+    all. A waiter that goes away (its choices cancelled) stops neither the build nor the others' wait, and the mix
+    is cached for the next request; a build that fails fails each waiter and holds nothing."""
+    lora = LoraWeights({"m": LoraModule(torch.ones(1, 4), torch.ones(4, 1), 1.0)})
+    builds = []
+    gate = threading.Event()
+
+    def prepare(mixed: LoraWeights) -> LoraWeights:
+        builds.append(mixed)
+        gate.wait(10)
+        return mixed
+
+    cache = MixCache(max_lora_rank=1, prepare=prepare, on_drop=lambda _: None, capacity=4, max_in_use=1)
+
+    async def run() -> None:
+        components = [("a", lora, 0.5)]
+        waiters = [asyncio.ensure_future(cache.acquire("mix:a*0.5", components)) for _ in range(8)]
+        await asyncio.sleep(0.1)
+        waiters[0].cancel()  # one choice goes away mid-build
+        gate.set()
+        done = await asyncio.gather(*waiters[1:])
+        assert len(builds) == 1 and all(mixed is builds[0] for mixed, _ in done)
+        with pytest.raises(TooManyMixes):  # one mix in use: another is refused until it is released
+            await cache.acquire("mix:a*2", [("a", lora, 2.0)])
+        for _, release in done:
+            release()
+        mixed, release = await cache.acquire("mix:a*0.5", components)  # cached: no second build
+        assert mixed is builds[0] and len(builds) == 1
+        release()
+        too_large = [("a", lora, 1.0), ("b", lora, 1.0)]  # rank 2 over 1
+        refused = await asyncio.gather(*(cache.acquire("mix:ab", too_large) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(error, InvalidMix) for error in refused)
+        await cache.acquire("mix:a*2", [("a", lora, 2.0)])  # the failed build holds no place
 
     asyncio.run(run())
 
