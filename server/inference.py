@@ -16,6 +16,7 @@ from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
+from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
 from server.metrics import Metrics
 from server.mixing import AdapterMix, MixCache, mix_key
@@ -168,6 +169,12 @@ class Inference:
         if text is None:
             text = self._token_texts[token_id] = self.base.tokenizer.decode([token_id])
         return text
+
+    def stream_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text as a stream decodes it (TGI's per-token text), nothing held back for stop
+        sequences: "" while a character spread over tokens is incomplete, then the whole character."""
+        stream = TextStream(self.base.tokenizer, ())
+        return [stream.push(token_id)[0] for token_id in ids]
 
     def check_token_ids(self, ids: list[int]) -> None:
         """What the tokenizer can decode: ids of the vocabulary, at most max_seq_len of them (one KV row)."""

@@ -75,10 +75,14 @@ def finish_reason_of(event: TokenEvent, inference: Inference) -> TgiFinishReason
     return "eos_token" if event.token_id in inference.eos_ids else "stop_sequence"
 
 
-def token_of(event: TokenEvent, inference: Inference) -> TgiToken:
+def token_of(event: TokenEvent, inference: Inference, text: str | None = None) -> TgiToken:
+    """The event's token with `text`, by default the text the event adds."""
     assert event.token_id is not None
     return TgiToken(
-        id=event.token_id, text=event.text, logprob=event.logprob, special=event.token_id in inference.special_ids
+        id=event.token_id,
+        text=event.text if text is None else text,
+        logprob=event.logprob,
+        special=event.token_id in inference.special_ids,
     )
 
 
@@ -95,13 +99,18 @@ def _sequence(
     prefill = []
     if body.parameters.decoder_input_details:
         prefill = [TgiInputToken(id=i, text=inference.token_text(i)) for i in prompt_ids]
+    # each token's own text: an event's text is what the answer adds, which holds back text that may begin a stop
+    # sequence (then "" for a token, its text with a later one)
+    texts: list[str | None] = [None] * len(result.tokens)
+    if sampling.stop:
+        texts = list(inference.stream_texts([e.token_id for e in result.tokens if e.token_id is not None]))
     return TgiBestOfSequence(
         generated_text=(body.inputs + result.text) if body.parameters.return_full_text else result.text,
         finish_reason=finish_reason_of(result.events[-1], inference),
         generated_tokens=len(result.tokens),
         seed=sampling.seed if not sampling.greedy else None,
         prefill=prefill,
-        tokens=[token_of(e, inference) for e in result.tokens],
+        tokens=[token_of(e, inference, text) for e, text in zip(result.tokens, texts, strict=True)],
         top_tokens=[top_tokens_of(e, inference) for e in result.tokens] if sampling.top_logprobs else [],
     )
 

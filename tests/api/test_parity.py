@@ -295,6 +295,21 @@ def tgi(client: TestClient, **params: object) -> dict:
     return response.json()
 
 
+def test_tgi_details_give_each_tokens_own_text_whatever_the_stop_sequences(client: TestClient) -> None:
+    """A stop sequence holds back the answer's text that may begin one, so an event's text came late (''), and
+    details.tokens showed that instead of each token's text."""
+    plain = tgi(client)
+    texts = [t["text"] for t in plain["details"]["tokens"]]
+    assert "".join(texts) == plain["generated_text"] and len(texts) > 1
+    never = tgi(client, stop=["zzzzzzzzzzzz"])  # never matched: the same answer, and the same texts
+    assert [t["text"] for t in never["details"]["tokens"]] == texts
+    stop = texts[-1]  # the last token's text: the answer ends where it first appears
+    ended = tgi(client, stop=[stop])
+    tokens = ended["details"]["tokens"]
+    assert [t["text"] for t in tokens] == texts[: len(tokens)]
+    assert ended["generated_text"] == "".join(texts[: len(tokens)])[: -len(stop)]  # the stop sequence cut off
+
+
 def test_a_mix_of_one_adapter_at_weight_one_is_that_adapter(client: TestClient) -> None:
     alone = tgi(client, adapter_id="m2")
     mixed = tgi(client, merged_adapters={"ids": ["m2"], "weights": [1.0], "merge_strategy": "linear"})
