@@ -1,6 +1,7 @@
 """CUDA only: the decode step captured in CUDA graphs gives PEFT's tokens, including adapters activated after
 capture (slot copies into static buffers, no recapture), in fp32 and with an NF4 base; in bf16 (nf4_mma), the
-grouped q/k/v and gate/up launches give what one launch a layer gives."""
+grouped q/k/v and gate/up launches give what one launch a layer gives, and past 16 rows (nf4_wide) the projections
+finished in its epilogue what their own launch after it gives."""
 
 import copy
 
@@ -11,8 +12,8 @@ from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
 from loraplex.basemodel import nf4_config
-from server.engine import SamplingParams
-from server.engine.kernels import FusedDecode
+from server.engine import SamplingParams, kernels
+from server.engine.kernels import FusedDecode, nf4
 from server.engine.kernels.nf4 import FusedNf4Linear
 
 pytestmark = pytest.mark.gpu
@@ -100,3 +101,27 @@ def test_bf16_grouped_launches_match_one_launch_a_layer(tmp_path, family_setup, 
             assert any(s is not None for s in segments) == grouped
         outputs.append([(sink.tokens(f"r{i}"), sink.logprobs(f"r{i}")) for i in range(len(rows))])
     assert outputs[0] == outputs[1]
+
+
+def test_bf16_steps_past_nf4_mma_finish_in_nf4_wide_as_after_it(tmp_path, family_setup, tokenizer, monkeypatch) -> None:
+    """24 rows a decode step (past nf4_mma's 16: nf4_wide), the projections finished in nf4_wide's epilogue (the
+    rows' deltas and the residual; K is in one part for every weight of the tiny model) and by their own launch
+    after nf4_wide's sums: the same tokens, logprobs within bf16 roundings."""
+    _, adapters = family_setup("llama")
+    base = nf4_tiny_llama(tmp_path, torch.bfloat16)
+    prompt = tokenizer("wide steps")["input_ids"]
+    outputs = []
+    for finished in (True, False):
+        with monkeypatch.context() as patch:
+            if not finished:
+                for module in (kernels, nf4):
+                    patch.setattr(module, "nf4_wide_finished", lambda *args, **kwargs: None)
+            engine = make_engine(base, tokenizer, max_batch_size=32, cuda_graphs=True)
+            sink = Collector()
+            for i in range(24):
+                engine.submit(request([*prompt, 3 + i], greedy(6), adapters[i % len(adapters)], f"r{i}"), sink)
+            run_to_end(engine)
+        outputs.append([(sink.tokens(f"r{i}"), sink.logprobs(f"r{i}")) for i in range(24)])
+    for i, ((tokens, logprobs), (expected, expected_logprobs)) in enumerate(zip(*outputs, strict=True)):
+        assert tokens == expected, f"row {i}"
+        assert logprobs == pytest.approx(expected_logprobs, abs=3e-2), f"row {i}"

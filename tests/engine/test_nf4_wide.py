@@ -85,35 +85,43 @@ def test_nf4_wide_segments_match_each_weight_alone(rows, nested, bias, wgmma) ->
 
 
 @pytest.mark.parametrize(
-    ("rows", "sizes", "k"), [(17, (72, 40), K), (WIDE_ROWS, (72, 40), K), (32, (14336, 14336), 4096)]
+    ("rows", "sizes", "k", "split"),
+    [
+        (17, (72, 40), K, 1),  # gate/up: two weights
+        (WIDE_ROWS, (72, 40, 24), K, 1),  # q/k/v: three
+        (33, (72,), K, 1),  # o/down: one, with the residual
+        (32, (14336, 14336), 4096, None),  # gate/up of Llama-3-8B: the launcher takes K in one part
+    ],
 )
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
-def test_nf4_wide_finishes_a_projection_as_finish_projection_does(rows, sizes, k, nested, bias, wgmma) -> None:
-    """Two weights sharing x (as gate/up do), K in one part, each row's LoRA delta added in the epilogue: the bf16
+def test_nf4_wide_finishes_a_projection_as_finish_projection_does(rows, sizes, k, split, nested, bias, wgmma) -> None:
+    """Weights sharing x, each row's LoRA delta (and, for one weight, the residual) added in the epilogue: the bf16
     outputs finish_projection makes of nf4_wide's sums, within a rounding (the delta's products add in another
     order). Rows of ranks 0 to R; no B row past a slot's rank (NaN there) and no chunk past the shrink's (NaN) is
-    read. The last case is gate/up of Llama-3-8B at 32 rows, where the launcher itself takes K in one part."""
+    read. With K in parts there is nothing to finish from (the sums' own launch and finish_projection run)."""
     torch.manual_seed(0)
     layers = [nf4_layer(n, k, nested, bias, "cuda")[0] for n in sizes]
     parts = [(layer.weight, layer.weight.quant_state, layer.bias.bfloat16() if bias else None) for layer in layers]
-    x = torch.randn(rows, k, device="cuda").bfloat16()
     rank, chunks = 16, 3
     slot_ranks = torch.tensor([16, 5, 9, 0], dtype=torch.int32, device="cuda")  # the last: no adapter
     slots = torch.randint(0, 4, (rows,), device="cuda")
     ranks = slot_ranks[slots]
     b = 0.05 * torch.randn(4, rank, sum(sizes) + 8, device="cuda").bfloat16()[:, :, 4 : 4 + sum(sizes)]  # a view
     b[torch.arange(rank, device="cuda")[None, :] >= slot_ranks[:, None]] = float("nan")
-    partial = torch.randn(2, rows, 4, rank, device="cuda")
+    partial = torch.randn(len(sizes), rows, 4, rank, device="cuda")
     partial.masked_fill_(torch.arange(rank, device="cuda") >= ranks[None, :, None, None], 0.0)  # as the shrink does
     partial[:, :, chunks:] = float("nan")
-    lora = LoraEpilogue(partial, chunks, b, slots, ranks)
-    got = nf4_wide_finished(x, parts, lora, split=None if k == 4096 else 1, wgmma=wgmma)
+    lora = LoraEpilogue(partial if len(sizes) > 1 else partial[0], chunks, b, slots, ranks)
+    residual = torch.randn(rows, sizes[0], device="cuda").bfloat16() if len(sizes) == 1 else None
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    got = nf4_wide_finished(x, parts, lora, residual, split=split, wgmma=wgmma)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, sum(sizes))
     expected = torch.empty_like(got)
-    finish_projection(expected, nf4_wide_sums(x, parts, split=1, wgmma=wgmma), lora, widths=list(sizes))
+    finish_projection(expected, nf4_wide_sums(x, parts, split=1, wgmma=wgmma), lora, residual, list(sizes))
     assert not got.isnan().any()
-    assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=1e-6)
-    assert nf4_wide_finished(x, parts, lora, split=2, wgmma=wgmma) is None  # K in parts: the sums' own launch
+    scale = expected.float().abs().max().item()
+    assert torch.allclose(got.float(), expected.float(), rtol=2**-7, atol=2**-8 * scale)
+    assert nf4_wide_finished(x, parts, lora, residual, split=2, wgmma=wgmma) is None
 
 
 def test_x_rows_need_not_be_contiguous_and_rows_past_m_add_nothing() -> None:

@@ -31,7 +31,7 @@ from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.lora import finish_projection
 from server.engine.kernels.nf4_mma import Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
 from server.engine.kernels.nf4_wide import available as wide_available
-from server.engine.kernels.nf4_wide import mma_serves, nf4_wide_sums
+from server.engine.kernels.nf4_wide import mma_serves, nf4_wide_finished, nf4_wide_sums
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
@@ -559,9 +559,15 @@ class FusedNf4Linear(nn.Module):
                 return nf4_mma(flat, weight, state, bias, lora, residual=residual).to(x.dtype)
             if rows == 1:
                 y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None
-            else:  # the split-K sums' cast, the delta and the residual in one launch
+            else:
+                part = [(weight, state, bias)]
+                if wide_available(flat, part) and (residual is None or residual.dtype == torch.bfloat16):
+                    finished = nf4_wide_finished(flat, part, lora, residual)  # the delta and the residual in it
+                    if finished is not None:
+                        return finished.to(x.dtype)
+                # the split-K sums' cast, the delta and the residual in one launch after them
                 y = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
-                finish_projection(y, nf4_matmul_sums(flat, [(weight, state, bias)]), lora, residual)
+                finish_projection(y, nf4_matmul_sums(flat, part), lora, residual)
                 return y
         if expand is not None or residual is not None:
             finish_projection(y, y, expand, residual)

@@ -19,13 +19,13 @@
 // a wgmma matches the bytes each lane decodes (see XQ below).
 //
 // FINISH (K in one part, gridDim.y 1): the epilogue finishes the projection as finish_projection (lora.py) does
-// after the sums, in the same roundings: the sums rounded to bf16, each row's LoRA delta added (the shrink's
-// partial sums of its slot @ B, read from global memory, a warp's reads 256 contiguous bytes a rank) and rounded,
-// and bf16 written where the sums were: one launch a projection fewer.
+// after the sums, in the same roundings: the sums rounded to bf16, each row's LoRA delta added (the shrink's partial
+// sums of its slot @ B, read from global memory, a warp's reads 256 contiguous bytes a rank) and rounded, the
+// residual added, bf16 stored: one launch a projection fewer.
 //
 // Defined by the host: WARPS, NT, MT (n8 tiles of x rows: ceil(m / 8)), GROUP, STAGES, MIN_BLOCKS, NESTED,
 // HAS_BIAS, SEGMENTS (weights of one launch, up to 3; every n a multiple of 4), WGMMA (with WARPS a multiple of 4),
-// FINISH, HAS_LORA and R_PAD (the shrink's padded rank; FINISH only).
+// FINISH, HAS_LORA and R_PAD (the shrink's padded rank), HAS_RESIDUAL (the last two FINISH only).
 
 #define CTA_ROWS (16 * NT * WARPS)
 #if WGMMA
@@ -182,7 +182,7 @@ __device__ __forceinline__ void fence_sums(float (&acc)[NT][MT][4]) {
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     const unsigned short* __restrict__ x,    // [m, ldx] bf16, rows 16-byte aligned
     int ldx, int m,
-    float* __restrict__ out,                 // [m, ldo] fp32: zeros before the launch where K is split; FINISH: bf16
+    float* __restrict__ out,                 // [m, ldo] fp32: zeros before the launch where K is split
     int ldo, int k,
     int blocks_split,                        // K / 64 / gridDim.y: the blocks of K a CTA takes
     const unsigned char* __restrict__ w,     // [n, k / 2] NF4 codes
@@ -199,12 +199,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     const unsigned char* __restrict__ w_2, const void* __restrict__ absmax_2, const float* __restrict__ absmax2_2,
     const float* __restrict__ code2_2, const float* __restrict__ offset_2, const unsigned short* __restrict__ bias_2,
     int n_2, int end_0, int end_1,
+    unsigned short* __restrict__ finished, int ldf,  // FINISH: the finished projection [m, ldf] bf16
     // HAS_LORA: each row's delta from the shrink's partial sums [G, m, chunks_pad, R_PAD] fp32 (the G weights'
     // partial_stride apart) and B [S+1, rank, ldo] bf16 (strides stride_bs, stride_br, 1; the weights' columns side
     // by side), at the row's slot, up to its rank
     const float* __restrict__ partial, int chunks, int chunks_pad, int partial_stride,
     const unsigned short* __restrict__ lora_b, int stride_bs, int stride_br,
-    const long long* __restrict__ slots, const int* __restrict__ ranks) {
+    const long long* __restrict__ slots, const int* __restrict__ ranks,
+    const unsigned short* __restrict__ residual, int ldr) {  // HAS_RESIDUAL: [m, ldr] bf16, added last
     // the decode table, code2, then the stages; after the main loop the CTA's sums [8 MT][OSTRIDE] (host-sized)
     extern __shared__ __align__(16) unsigned smem[];
     float* code2_s = reinterpret_cast<float*>(smem + LUT_WORDS);
@@ -379,7 +381,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
         if (r >= rank_s[token]) continue;  // past the row's rank: not read below
         const float* p = partial + size_t(token) * chunks_pad * R_PAD + r;
         float sum = 0.0f;
-        for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];
+#pragma unroll 16
+        for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];  // 16 loads in flight: down's K has 56 chunks
         shrunk[token][r] = bf16_round(sum);
     }
 #endif
@@ -395,24 +398,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
         }
 #endif
 #if FINISH
-        float y[4] = {bf16_round(v.x), bf16_round(v.y), bf16_round(v.z), bf16_round(v.w)};
+        // rounded as finish_projection rounds: the sums to bf16, then their sum with the row's delta, then with the
+        // residual
+        float d[4] = {};
 #if HAS_LORA  // outputs row..row + 3 of each rank of the row's slot: 8 bytes a lane, a warp's 256 contiguous bytes
         const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + col0 + row;
-        float delta[4] = {};
 #pragma unroll 8
         for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r) {
             const uint2 pair = __ldg(reinterpret_cast<const uint2*>(b + size_t(r) * stride_br));
             const float s = shrunk[token][r];
-            delta[0] += __uint_as_float(pair.x << 16) * s, delta[1] += __uint_as_float(pair.x & 0xFFFF0000u) * s;
-            delta[2] += __uint_as_float(pair.y << 16) * s, delta[3] += __uint_as_float(pair.y & 0xFFFF0000u) * s;
+            d[0] += __uint_as_float(pair.x << 16) * s, d[1] += __uint_as_float(pair.x & 0xFFFF0000u) * s;
+            d[2] += __uint_as_float(pair.y << 16) * s, d[3] += __uint_as_float(pair.y & 0xFFFF0000u) * s;
         }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) y[e] += delta[e];  // the base output, then the sum with the delta: rounded below
 #endif
+        const float sums[4] = {v.x, v.y, v.z, v.w};
         unsigned short h[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h[e]) : "f"(y[e]));
-        *reinterpret_cast<uint2*>(reinterpret_cast<unsigned short*>(out) + size_t(token) * ldo + col0 + row) =
+        for (int e = 0; e < 4; ++e) {
+            float y = bf16_round(bf16_round(sums[e]) + d[e]);
+#if HAS_RESIDUAL
+            y += __uint_as_float(unsigned(residual[size_t(token) * ldr + row + e]) << 16);
+#endif
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h[e]) : "f"(y));
+        }
+        *reinterpret_cast<uint2*>(finished + size_t(token) * ldf + col0 + row) =
             make_uint2(h[0] | unsigned(h[1]) << 16, h[2] | unsigned(h[3]) << 16);
 #else
         float* sums = out + size_t(token) * ldo + col0 + row;

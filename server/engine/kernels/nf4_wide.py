@@ -110,15 +110,15 @@ def mma_serves(x: torch.Tensor, lora: LoraEpilogue | None = None, residual: torc
 
 def kernel_source(
     warps: int, row_tiles: int, group: int, stages: int, min_blocks: int, x_tiles: int, nested: bool, bias: bool,
-    segments: int, wgmma: bool, finish: bool = False, r_pad: int = 0,
+    segments: int, wgmma: bool, finish: bool = False, r_pad: int = 0, residual: bool = False,
 ) -> str:  # fmt: skip
     """The CUDA source of one build: its defines (the .cu file's header lists them), its wgmma where it takes it,
     then the shared parts and the kernel. finish: the epilogue writes the finished bf16 projection, with each
-    row's LoRA delta where r_pad (the shrink's padded rank) is not 0."""
+    row's LoRA delta where r_pad (the shrink's padded rank) is not 0, and a residual where `residual`."""
     defines = {"WARPS": warps, "NT": row_tiles, "MT": x_tiles, "GROUP": group, "STAGES": stages,
                "MIN_BLOCKS": min_blocks, "NESTED": int(nested), "HAS_BIAS": int(bias),
                "SEGMENTS": segments, "WGMMA": int(wgmma), "LUT_ENTRY": 256, "FINISH": int(finish),
-               "HAS_LORA": int(r_pad > 0), "R_PAD": max(r_pad, 1)}  # fmt: skip
+               "HAS_LORA": int(r_pad > 0), "R_PAD": max(r_pad, 1), "HAS_RESIDUAL": int(residual)}  # fmt: skip
     head = "".join(f"#define {name} {value}\n" for name, value in defines.items())
     return head + (wgmma_source(x_tiles) if wgmma else "") + cuda_source("nf4_wide.cu")
 
@@ -138,9 +138,10 @@ def _kernel(
     device: int,
     finish: bool = False,
     r_pad: int = 0,
+    residual: bool = False,
 ) -> Callable[..., None]:
     source = kernel_source(warps, row_tiles, group, stages, min_blocks, x_tiles, nested, bias, segments, wgmma, finish,
-                           r_pad)  # fmt: skip
+                           r_pad, residual)  # fmt: skip
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_wide", compute_capability="90a" if wgmma else None)
         kernel.set_shared_memory_config(smem_bytes(warps, row_tiles, group, stages, x_tiles, wgmma))
@@ -215,15 +216,17 @@ def nf4_wide_finished(
     x: torch.Tensor,
     parts: list[Part],
     lora: LoraEpilogue | None,
+    residual: torch.Tensor | None = None,
     config: Config | None = None,
     split: int | None = None,
     wgmma: bool | None = None,
 ) -> torch.Tensor | None:
-    """finish_projection(y, nf4_wide_sums(x, parts), lora, widths) in one launch -> y [M, sum of N] bf16, where
-    the launch takes K in one part (the CTAs then fill the GPU: the wide weights, gate/up) and the LoRA fits its
-    epilogue (the rows' shrunk activations in FINISHED_SHRUNK_BYTES, B's rows 8-byte aligned); else None. lora:
-    as finish_projection's for `parts`' widths (partial [G, M, CHUNKS_PAD, R_PAD], b [S+1, R, sum of N]);
-    config, split, wgmma: as nf4_wide_sums'."""
+    """finish_projection(y, nf4_wide_sums(x, parts), lora, residual, widths) in one launch -> y [M, sum of N] bf16,
+    where the launch takes K in one part (the CTAs then fill the GPU: the wide weights, gate/up) and the LoRA fits
+    its epilogue (the rows' shrunk activations in FINISHED_SHRUNK_BYTES, B's rows 8-byte aligned); else None.
+    lora: as finish_projection's for `parts`' widths (partial [G, M, CHUNKS_PAD, R_PAD], b [S+1, R, sum of N]);
+    residual: [M, N] of one weight; config, split, wgmma: as nf4_wide_sums'."""
+    m = x.shape[0]
     ns = [state.shape[0] for _, state, _ in parts]
     launch = _plan(x, ns, config, split, wgmma)
     if launch.split > 1:
@@ -231,16 +234,25 @@ def nf4_wide_finished(
     if lora is not None:
         starts = itertools.accumulate(ns[:-1])  # the weights' first columns of B past the first
         aligned = lora.b.data_ptr() % 8 == 0 and all(v % 4 == 0 for v in (lora.b.stride(0), lora.b.stride(1), *starts))
-        if not aligned or -(-x.shape[0] // 8) * 8 * lora.partial.shape[-1] * 4 > FINISHED_SHRUNK_BYTES:
+        if not aligned or -(-m // 8) * 8 * lora.partial.shape[-1] * 4 > FINISHED_SHRUNK_BYTES:
             return None
-    out = torch.empty(x.shape[0], sum(ns), dtype=torch.bfloat16, device=x.device)
-    _launch(x, parts, launch, out, lora, finish=True)
-    return out
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    y = torch.empty(m, sum(ns), dtype=torch.bfloat16, device=x.device)
+    _launch(x, parts, launch, y, lora, Finish(y, residual))
+    return y
+
+
+class Finish(NamedTuple):
+    """A finishing launch's tensors (nf4_wide.cu's FINISH): the bf16 output, and the residual added last."""
+
+    y: torch.Tensor
+    residual: torch.Tensor | None
 
 
 def _launch(
     x: torch.Tensor, parts: list[Part], launch: _Launch, out: torch.Tensor, lora: LoraEpilogue | None,
-    finish: bool = False,
+    finish: Finish | None = None,
 ) -> None:  # fmt: skip
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
@@ -251,7 +263,9 @@ def _launch(
     for i in range(3):
         weight, state, bias = parts[min(i, len(parts) - 1)]
         segments += [weight, state.absmax, *second_level(state), out if bias is None else bias, ns[min(i, len(ns) - 1)]]
-    if lora is None:  # HAS_LORA off: its pointers are never read
+    # pointers a build does not read: `out` (FINISH off, HAS_LORA off, HAS_RESIDUAL off)
+    finished = [out, 0] if finish is None else [finish.y, finish.y.stride(0)]
+    if lora is None:
         epilogue = [out, 0, 0, 0, out, 0, 0, out, out]
         r_pad = 0
     else:
@@ -259,14 +273,16 @@ def _launch(
         partial_stride = lora.partial.stride(0) if lora.partial.dim() == 4 else 0
         epilogue = [lora.partial, lora.chunks, chunks_pad, partial_stride, lora.b, lora.b.stride(0), lora.b.stride(1),
                     lora.slots, lora.ranks]  # fmt: skip
+    residual = None if finish is None else finish.residual
     state, bias = parts[0][1], parts[0][2]
     device = x.device.index or 0
     kernel = _kernel(warps, row_tiles, group, stages, min_blocks, x_tiles, bool(state.nested), bias is not None,
-                     len(parts), launch.wgmma, device, finish, r_pad)  # fmt: skip
+                     len(parts), launch.wgmma, device, finish is not None, r_pad, residual is not None)  # fmt: skip
     kernel(
         grid=(ends[-1], split, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, out, out.stride(0), k, k // 64 // split, *segments, ends[0],
-              ends[min(1, len(ends) - 1)], *epilogue],
+              ends[min(1, len(ends) - 1)], *finished, *epilogue, out if residual is None else residual,
+              0 if residual is None else residual.stride(0)],
         shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles, launch.wgmma),
     )  # fmt: skip
