@@ -542,7 +542,8 @@ class FusedNf4Linear(nn.Module):
     ) -> torch.Tensor:
         """x [rows, in] -> [rows, out] in x's dtype, computed in the layer's compute dtype, + each row's LoRA
         delta when `lora` is given, then + `residual` [rows, out] when given: both in the kernel's epilogue where it
-        has one (nf4_mma; the GEMV adds the delta), else in one launch after it (finish_projection)."""
+        has one (nf4_mma; nf4_wide where K is one part; the GEMV adds the delta), else in one launch after it
+        (finish_projection)."""
         rows = x.shape[0]
         expand = lora  # the delta still to add
         if rows > MAX_ROWS and x.device.type == "cuda":  # prefill: the weight dequantized, a dense matmul, the expand

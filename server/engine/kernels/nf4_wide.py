@@ -1,7 +1,8 @@
 """The NF4 tensor-core kernel for the steps of 17-64 rows (33-64 without wgmma), nf4_wide.cu, compiled with NVRTC
 through torch at first use, one build per launch shape: fp32 sums of x @ dequant(W).T for one to three weights
 sharing x (q/k/v, gate/up), which finish_projection then rounds and adds each row's LoRA delta and the residual to,
-as it does for the Triton matmul that serves these steps where this kernel does not run.
+as it does for the Triton matmul that serves these steps where this kernel does not run; or, where K is not split,
+the finished bf16 projection, its epilogue doing what finish_projection does (nf4_wide_finished).
 
 Where nf4_mma's warps each read their own part of x, here the warps of a CTA share x's columns through shared
 memory and split the output rows (the .cu file says why that matters at 64 rows); K is split over CTAs. On
