@@ -240,21 +240,16 @@ def nf4_wide_finished(
     if residual is not None and residual.stride(1) != 1:
         residual = residual.contiguous()
     y = torch.empty(m, sum(ns), dtype=torch.bfloat16, device=x.device)
-    _launch(x, parts, launch, y, lora, Finish(y, residual))
+    _launch(x, parts, launch, y, lora, finish=True, residual=residual)
     return y
-
-
-class Finish(NamedTuple):
-    """A finishing launch's tensors (nf4_wide.cu's FINISH): the bf16 output, and the residual added last."""
-
-    y: torch.Tensor
-    residual: torch.Tensor | None
 
 
 def _launch(
     x: torch.Tensor, parts: list[Part], launch: _Launch, out: torch.Tensor, lora: LoraEpilogue | None,
-    finish: Finish | None = None,
+    finish: bool = False, residual: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
+    """One launch into `out`: the fp32 sums, or with `finish` the finished bf16 projection (+ `lora`'s deltas,
+    + `residual`), which the kernel takes as its `finished` too."""
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
     warps, row_tiles, group, stages, min_blocks = launch.config
@@ -264,9 +259,7 @@ def _launch(
     for i in range(3):
         weight, state, bias = parts[min(i, len(parts) - 1)]
         segments += [weight, state.absmax, *second_level(state), out if bias is None else bias, ns[min(i, len(ns) - 1)]]
-    # pointers a build does not read: `out` (FINISH off, HAS_LORA off, HAS_RESIDUAL off)
-    finished = [out, 0] if finish is None else [finish.y, finish.y.stride(0)]
-    if lora is None:
+    if lora is None:  # HAS_LORA off: its pointers are never read
         epilogue = [out, 0, 0, 0, out, 0, 0, out, out]
         r_pad = 0
     else:
@@ -274,16 +267,15 @@ def _launch(
         partial_stride = lora.partial.stride(0) if lora.partial.dim() == 4 else 0
         epilogue = [lora.partial, lora.chunks, chunks_pad, partial_stride, lora.b, lora.b.stride(0), lora.b.stride(1),
                     lora.slots, lora.ranks]  # fmt: skip
-    residual = None if finish is None else finish.residual
     state, bias = parts[0][1], parts[0][2]
     device = x.device.index or 0
     kernel = _kernel(warps, row_tiles, group, stages, min_blocks, x_tiles, bool(state.nested), bias is not None,
-                     len(parts), launch.wgmma, device, finish is not None, r_pad, residual is not None)  # fmt: skip
+                     len(parts), launch.wgmma, device, finish, r_pad, residual is not None)  # fmt: skip
     kernel(
         grid=(ends[-1], split, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, out, out.stride(0), k, k // 64 // split, *segments, ends[0],
-              ends[min(1, len(ends) - 1)], *finished, *epilogue, out if residual is None else residual,
+              ends[min(1, len(ends) - 1)], out, out.stride(0), *epilogue, out if residual is None else residual,
               0 if residual is None else residual.stride(0)],
         shared_mem=smem_bytes(warps, row_tiles, group, stages, x_tiles, launch.wgmma),
     )  # fmt: skip
