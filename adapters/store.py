@@ -322,8 +322,9 @@ class AdapterStore:
     def delete(self, ref: str) -> list[str]:
         """Remove `name` (every version, readable or not) or `name@N`; return the removed keys."""
         name, version = parse_ref(ref)
-        if self.backend.scan(name, self._known(name)) == ({}, {}):  # no lock taken for names never stored
-            self._notify(self._set_versions(name, {}, {}))
+        # no lock taken for names never stored; the index is left alone here (it is changed under the lock only:
+        # an upload of the name that this scan missed may be landing in it now)
+        if not self._known(name) and self.backend.scan(name, {}) == ({}, {}):
             raise AdapterNotFound(f"no adapter {ref!r} to delete")
         with self.backend.lock(name):
             versions, broken = self.backend.scan(name, self._known(name))

@@ -206,10 +206,13 @@ class AdapterRegistry:
             if self._prepare is not None:
                 weights = self._prepare(weights)
         except Exception as exc:
+            # the files went away under the load: a delete takes the version out of the store's index before it
+            # removes them, and tells this registry (`deleting`) only after
+            deleted = not self.store.contains(entry.manifest.name, entry.manifest.version)
             with self._lock:
                 entry.loading = None
                 entry.error = str(exc)
-                if entry.deleting:  # the files went away under the load
+                if entry.deleting or deleted:
                     raise AdapterNotFound(f"adapter {entry.manifest.key} was deleted") from exc
             if isinstance(exc, AdapterError):
                 raise

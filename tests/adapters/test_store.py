@@ -235,6 +235,32 @@ def test_deleting_unknown_names_leaves_no_files(tmp_path: Path) -> None:
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
+def test_a_delete_that_finds_nothing_spares_an_upload_landing_meanwhile(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete of a name with nothing stored scans without the lock; an upload of that name landing right after
+    the scan stays stored, listed and servable (the delete had set the name's index to empty and told the
+    listeners its version was removed)."""
+    store = new_store(tmp_path / "store")
+    removed: list[list[str]] = []
+    store.on_removed(removed.append)
+    scan = store.backend.scan
+    uploads = []
+
+    def scan_then_upload(name, known):  # type: ignore[no-untyped-def]
+        found = scan(name, known)
+        if not uploads:  # the delete's scan (not the upload's own): an upload lands just after it
+            uploads.append("x")
+            store.put("x", peft_dir)
+        return found
+
+    monkeypatch.setattr(store.backend, "scan", scan_then_upload)
+    with pytest.raises(AdapterNotFound):
+        store.delete("x")
+    assert store.resolve("x", recheck=False).key == "x@1" and [m.key for m in store.versions("x")] == ["x@1"]
+    assert removed == []
+
+
 # -- issue 17: several processes on one directory ---------------------------------------------------------
 
 

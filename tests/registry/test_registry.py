@@ -155,6 +155,30 @@ def test_failed_load_is_reported_and_retried(tmp_path: Path, peft_dir: Path) -> 
     registry.close()
 
 
+def test_a_load_whose_version_is_deleted_under_it_is_a_404(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete takes the version out of the store's index, removes its files, and only then tells the registry: a
+    load failing in between (its files gone) was a 500 that said to upload the adapter again."""
+    registry, _, _ = registry_with(tmp_path, peft_dir, ["a"])
+    store = registry.store
+    read = store._read
+
+    def read_during_delete(manifest, path):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(store, "_notify", lambda removed: None)  # the registry hears of it later
+        store.delete("a")  # the files go once the version's directory was opened
+        return read(manifest, path)
+
+    monkeypatch.setattr(store, "_read", read_during_delete)
+
+    async def main() -> None:
+        with pytest.raises(AdapterNotFound, match="was deleted"):
+            await registry.acquire("a")
+
+    asyncio.run(main())
+    registry.close()
+
+
 def test_cancelled_acquire_does_not_break_the_shared_load(tmp_path: Path, peft_dir: Path) -> None:
     registry, _, _ = registry_with(tmp_path, peft_dir, ["a"])
 
