@@ -304,6 +304,20 @@ class Inference:
             release()
             raise
 
+    async def _pinned(self, adapter: Adapter, choices: int) -> Adapter:
+        """`adapter` with each name resolved to the version it means now (`name@N`), where a request runs several
+        choices: they start one after another, and a version uploaded meanwhile must not serve some of them. A ref
+        that does not resolve is left as it is: each choice's stream refuses it, as for one choice."""
+        if adapter is None or choices == 1:
+            return adapter
+        try:
+            if isinstance(adapter, str):
+                return (await self.registry.resolve(adapter)).key
+            keys = [(await self.registry.resolve(ref)).key for ref in adapter.refs]
+            return AdapterMix(tuple(keys), adapter.weights)
+        except AdapterError:
+            return adapter
+
     def _label(self, adapter: str | AdapterMix | None) -> str:
         if adapter is None:
             return BASE_LABEL
@@ -359,6 +373,8 @@ class Inference:
                 result.events.append(event)
             return result
 
+        adapter = await self._pinned(adapter, len(samplings))
+
         async def collect_all() -> list[Generation]:
             try:
                 async with asyncio.TaskGroup() as group:
@@ -378,6 +394,7 @@ class Inference:
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice index, event) of several requests, as they come; errors before the first events raise here.
         Closing the stream cancels every request still running."""
+        adapter = await self._pinned(adapter, len(samplings))
         streams: list[AsyncIterator[TokenEvent]] = []
         try:
             for sampling in samplings:

@@ -346,6 +346,46 @@ def test_the_choices_of_one_request_share_a_new_mix(client: TestClient) -> None:
     assert len(response.json()["choices"]) == 6 and len(texts) == 1  # greedy: one answer six times
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_choices_of_one_request_run_on_one_version(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """A request with n choices on `name` starts them one after another; a version uploaded meanwhile served the
+    later ones (a streamed request waits for each choice's first token before it starts the next)."""
+    name = f"versioned{int(stream)}"
+    registry = client.app.state.runtime.registry
+    store = registry.store
+    store.put(name, make_peft_dir(tmp_path / "v1", seed=11, target_modules=["q_proj", "v_proj", "o_proj"]))
+    newer = make_peft_dir(tmp_path / "v2", seed=12, target_modules=["q_proj", "v_proj", "o_proj"])
+    body = {"model": name, "prompt": "versions", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    alone = client.post("/v1/completions", json={**body, "model": f"{name}@1"}).json()["choices"][0]
+    acquire, calls = registry.acquire, []
+
+    async def upload_after_the_first(ref: str):  # type: ignore[no-untyped-def]
+        calls.append(ref)
+        if len(calls) == 2:  # between the first choice's start and the second's
+            store.put(name, newer)
+        return await acquire(ref)
+
+    monkeypatch.setattr(registry, "acquire", upload_after_the_first)
+    response = client.post("/v1/completions", json={**body, "n": 3, "stream": stream})
+    assert response.status_code == 200, response.text
+    texts, logprobs = ["", "", ""], [[], [], []]
+    if stream:
+        for line in response.text.splitlines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                texts[choice["index"]] += choice["text"]
+                logprobs[choice["index"]] += (choice["logprobs"] or {}).get("token_logprobs") or []
+    else:
+        for choice in response.json()["choices"]:
+            texts[choice["index"]], logprobs[choice["index"]] = choice["text"], choice["logprobs"]["token_logprobs"]
+    assert len(calls) == 3 and store.resolve(name).key == f"{name}@2"  # the upload landed mid-request
+    assert texts == [alone["text"]] * 3
+    for got in logprobs:
+        assert got == pytest.approx(alone["logprobs"]["token_logprobs"], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "status", "code", "says"),
     [
