@@ -114,6 +114,7 @@ class Inference:
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
         self.tokenizing = TokenizerPool(self.max_prompt_chars)
+        registry.store.on_removed(self._forget_labels)
 
     # ---- prompts: tokenizing and templating run on the tokenizer's threads, so the event loop keeps serving ----
     def encode(self, text: str) -> list[int]:
@@ -317,6 +318,16 @@ class Inference:
             return AdapterMix(tuple(keys), adapter.weights)
         except AdapterError:
             return adapter
+
+    def _forget_labels(self, removed: list[str]) -> None:
+        """The metrics' series of deleted versions (`name@N`), and of their names where no version is left."""
+        names = []
+        for name in {key.partition("@")[0] for key in removed}:
+            try:
+                self.registry.store.versions(name)
+            except AdapterError:
+                names.append(name)
+        self.metrics.forget_adapters([*removed, *names])
 
     def _label(self, adapter: str | AdapterMix | None) -> str:
         if adapter is None:

@@ -126,6 +126,21 @@ class Metrics:
         self.device_memory = Gauge("loraplex_device_memory_bytes", "Device memory allocated by torch", registry=r)
 
     # ---- the registry's metrics sink (disk -> CPU) -----------------------------------------------------
+    def forget_adapters(self, labels: Iterable[str]) -> None:
+        """Drop the per-adapter series of `labels` (adapters gone from the store): each deleted version kept its
+        own for good, so a name retrained daily grew the scrape without bound."""
+        gone = set(labels)
+        for metric, names in ((self.requests, ("adapter", "status")), (self.prompt_tokens, ("adapter",)),
+                              (self.generated_tokens, ("adapter",))):  # fmt: skip
+            series = {
+                tuple(sample.labels[name] for name in names)
+                for family in metric.collect()
+                for sample in family.samples
+                if sample.labels.get("adapter") in gone
+            }
+            for values in series:
+                metric.remove(*values)
+
     def observe_load(self, seconds: float) -> None:
         self.adapter_loads.labels("disk_to_cpu").inc()
         self.adapter_load_seconds.labels("disk_to_cpu").observe(seconds)

@@ -346,6 +346,26 @@ def test_the_choices_of_one_request_share_a_new_mix(client: TestClient) -> None:
     assert len(response.json()["choices"]) == 6 and len(texts) == 1  # greedy: one answer six times
 
 
+def test_the_metrics_series_of_deleted_adapters_go_with_them(client: TestClient, tmp_path: Path) -> None:
+    """Requests are counted by adapter (its name, or name@N as asked): each deleted version had kept its series
+    for good, so a name retrained and replaced daily grew every scrape without bound."""
+    store = client.app.state.runtime.registry.store
+    for seed in (21, 22):
+        store.put("ephemeral", make_peft_dir(tmp_path / str(seed), seed=seed))
+    body = {"prompt": "count me", "max_tokens": 2}
+    for model in ("ephemeral", "ephemeral@1", "ephemeral@2"):
+        assert client.post("/v1/completions", json={**body, "model": model}).status_code == 200
+
+    def series() -> set[str]:
+        return set(re.findall(r'adapter="(ephemeral[^"]*)"', client.get("/metrics").text))
+
+    assert series() == {"ephemeral", "ephemeral@1", "ephemeral@2"}
+    assert client.delete("/v1/adapters/ephemeral@1").status_code == 200
+    assert series() == {"ephemeral", "ephemeral@2"}
+    assert client.delete("/v1/adapters/ephemeral").status_code == 200
+    assert series() == set()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_choices_of_one_request_run_on_one_version(
     client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
