@@ -9,6 +9,7 @@ requests (`loraplex_running_batch_size`), KV-cache use (`loraplex_kv_cache_usage
 gauge (`loraplex_lora_requests_info`, vLLM's labels). docs/kubernetes.md maps them onto its configuration.
 """
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -125,7 +126,6 @@ class Metrics:
         r.register(self.lora_info)
         self.device_memory = Gauge("loraplex_device_memory_bytes", "Device memory allocated by torch", registry=r)
 
-    # ---- the registry's metrics sink (disk -> CPU) -----------------------------------------------------
     def forget_adapters(self, labels: Iterable[str]) -> None:
         """Drop the per-adapter series of `labels` (adapters gone from the store): each deleted version kept its
         own for good, so a name retrained daily grew the scrape without bound."""
@@ -139,8 +139,10 @@ class Metrics:
                 if sample.labels.get("adapter") in gone
             }
             for values in series:
-                metric.remove(*values)
+                with contextlib.suppress(KeyError):  # removed meanwhile by another delete's listener
+                    metric.remove(*values)
 
+    # ---- the registry's metrics sink (disk -> CPU) -----------------------------------------------------
     def observe_load(self, seconds: float) -> None:
         self.adapter_loads.labels("disk_to_cpu").inc()
         self.adapter_load_seconds.labels("disk_to_cpu").observe(seconds)
