@@ -103,7 +103,7 @@ def _sequence(
     # each token's own text: an event's text is what the answer adds, which holds back text that may begin a stop
     # sequence (then "" for a token, its text with a later one)
     texts: list[str | None] = [None] * len(result.tokens)
-    if sampling.stop:
+    if sampling.stop and body.parameters.details:  # only details show the tokens
         texts = list(inference.stream_texts([e.token_id for e in result.tokens if e.token_id is not None]))
     return TgiBestOfSequence(
         generated_text=(body.inputs + result.text) if body.parameters.return_full_text else result.text,
