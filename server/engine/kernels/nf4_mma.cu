@@ -130,6 +130,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     }
     asm volatile("cp.async.commit_group;");
 #endif
+#if HAS_LORA
+    // Each x row's shrunk activations, rounded to bf16 as the unfused x @ A.T leaves them, summed before the main
+    // loop: their loads (L2 round trips) wait beside the weights' first group, not after the last one, where every
+    // CTA's epilogue waited for them. Read after the barrier that ends the loop.
+    __shared__ float shrunk[MT * 8][R_PAD];
+    for (int i = tid; i < m * R_PAD; i += WARPS * 32) {
+        if (i % R_PAD >= rank_s[i / R_PAD]) continue;  // past the row's rank: not read below
+        const float* p = partial + size_t(i / R_PAD) * chunks_pad * R_PAD + i % R_PAD;
+        float sum = 0.0f;
+#pragma unroll 16
+        for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];  // 16 loads in flight: down's K has 56 chunks
+        shrunk[i / R_PAD][i % R_PAD] = bf16_round(sum);
+    }
+#endif
     const unsigned lane4 = 4 * lane;
 
     // x rows of this lane's B operands: row 8 j + g of x, columns from the warp's first block + 16 t. A lane past
@@ -221,17 +235,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             base[8] = acc[j][tile][2];
             base[ROWS + 8] = acc[j][tile][3];
         }
-#if HAS_LORA
-    // each x row's shrunk activations, rounded to bf16 as the unfused x @ A.T leaves them
-    __shared__ float shrunk[MT * 8][R_PAD];
-    for (int i = tid; i < m * R_PAD; i += WARPS * 32) {
-        if (i % R_PAD >= rank_s[i / R_PAD]) continue;  // past the row's rank: not read below
-        const float* p = partial + size_t(i / R_PAD) * chunks_pad * R_PAD + i % R_PAD;
-        float sum = 0.0f;
-        for (int c = 0; c < chunks; ++c) sum += p[c * R_PAD];
-        shrunk[i / R_PAD][i % R_PAD] = bf16_round(sum);
-    }
-#endif
 #if BTILE
     asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
