@@ -182,13 +182,17 @@ def _merge_kernel(
     SHRINK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
+    ZERO_PAD: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_DP)
     d_mask = offs_d < HEAD_D
     if token >= tl.load(query_start_ptr + num_seqs):  # padding past the last sequence: nothing was written
-        if SHRINK:  # its output stays zero: so is its shrink
+        if ZERO_PAD:  # a new output: its padding zero, here rather than by a fill of the whole output first
+            zero = tl.zeros([HEAD_DP], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + token.to(tl.int64) * stride_on + head * stride_oh + offs_d, zero, mask=d_mask)
+        if SHRINK:  # its output is zero: so is its shrink
             zeros = tl.zeros([R_PAD], dtype=tl.float32)
             tl.store(partial_ptr + (token * CHUNKS_PAD + head) * R_PAD + tl.arange(0, R_PAD), zeros)
         return
@@ -319,16 +323,17 @@ def launch(
         raise ValueError("q and the caches need a unit stride along the head dimension")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
-    if out is None:
-        out = torch.zeros_like(q)  # tokens past the last sequence are never written: zero, not garbage
     group = q_heads // kv_heads
     block_m = max(config.block_m, 16, triton.next_power_of_2(group))
     block_q = block_m // group
     head_dp = max(16, triton.next_power_of_2(head_d))
     blocks = tokens // block_q + num_seqs  # >= the sum over sequences of cdiv(q_len, BLOCK_Q)
+    splits = config.splits
+    zero_pad = out is None and splits > 1 and blocks > 0  # the merge kernel zeroes a new output's padding
+    if out is None:  # tokens past the last sequence are not attended: zero, not garbage
+        out = torch.empty_like(q) if zero_pad else torch.zeros_like(q)
     if blocks == 0 or tokens == 0:
         return out
-    splits = config.splits
     if shrink is not None and splits == 1:
         raise ValueError("the output's shrink is made by the merge kernel, which runs only with more than one split")
     if shrink is not None and (shrink.slots.shape[0] != tokens or shrink.a.shape[2] != q_heads * head_d):
@@ -354,6 +359,6 @@ def launch(
         _merge_kernel[(tokens, q_heads)](
             part_acc, part_ml, out, query_start, a, slots, ranks, partial, num_seqs, out.stride(0), out.stride(1),
             a.stride(0), a.stride(1), HEAD_D=head_d, HEAD_DP=head_dp, SPLITS=splits, SHRINK=shrink is not None,
-            CHUNKS_PAD=partial.shape[2] if shrink else 1, R_PAD=partial.shape[3] if shrink else 1,
+            CHUNKS_PAD=partial.shape[2] if shrink else 1, R_PAD=partial.shape[3] if shrink else 1, ZERO_PAD=zero_pad,
         )  # fmt: skip
     return out
