@@ -38,6 +38,7 @@ from server.engine.kernels.nf4 import (
 )
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
+from server.engine.kernels.zeroed import ZeroedSums
 from server.engine.multilora import KERNEL_TOKENS, LoraContext, MultiLoraLinear, ShrinkGroup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,6 +185,32 @@ def test_nf4_matmul_segments_match_each_weight_alone(nested, bias, config) -> No
     for i, (part, n) in enumerate(zip(parts, sizes, strict=True)):
         assert torch.equal(got[:, column : column + n], nf4_matmul_sums(x, [part], config)), f"weight {i}"
         column += n
+
+
+def test_split_k_sums_take_zeros_that_their_reader_gives_back() -> None:
+    """A split-K matmul adds into the model's zeroed buffer instead of a new zero fill; finish_projection with
+    `clean` reads the sums and stores the zeros back, so the next matmul finds zeros. A view taken and never given
+    back (an error between the two launches) leaves the buffer dirty: the next take fills it again."""
+    torch.manual_seed(0)
+    half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    sizes, k, rows, config = (40, 24), 64 * 10, 5, (32, 64, 2, 1, 1)  # K in two parts
+    layers = [nf4_layer(n, k, True, False, DEVICE)[0] for n in sizes]
+    parts = [(layer.weight, layer.weight.quant_state, layer.bias) for layer in layers]
+    x = torch.randn(rows, k, device=DEVICE)
+    expected = nf4_matmul_sums(x, parts, config)  # into a new zeroed tensor
+    zeroed = ZeroedSums()
+    for _ in range(2):  # the second matmul adds into the zeros the first reader left
+        sums = nf4_matmul_sums(x, parts, config, zeroed)
+        assert zeroed.holds(sums) and torch.equal(sums, expected)
+        y = torch.empty(rows, sum(sizes), device=DEVICE, dtype=half)
+        finish_projection(y, sums, clean=True)
+        assert torch.equal(y, expected.to(half))
+        assert not sums.any()
+        zeroed.give_back(sums)
+    zeroed.take(rows, sum(sizes), x.device).fill_(float("nan"))  # taken, dirtied, never given back
+    assert torch.equal(nf4_matmul_sums(x, parts, config, zeroed), expected)
+    with pytest.raises(ValueError, match="src cannot be y"):
+        finish_projection(y, y, clean=True)
 
 
 def test_a_shrink_group_of_up_to_64_rows_projects_its_layers_in_two_launches() -> None:

@@ -17,8 +17,8 @@ from server.engine.kernels.nf4 import (
     FusedNf4Linear,
     LoraEpilogue,
     fuse_nf4_linears,
-    nf4_matmul_sums,
     nf4_segments,
+    project_sums,
 )
 from server.engine.kernels.nf4_mma import Nf4Segments, nf4_mma_segments
 from server.engine.kernels.nf4_wide import available as wide_available
@@ -119,5 +119,5 @@ class FusedDecode:
         y = nf4_wide_finished(x, segments.parts, lora) if wide_available(x, segments.parts) else None
         if y is None:  # the sums, then the cast and the deltas in a launch of their own
             y = torch.empty(rows, sum(segments.n), dtype=x.dtype, device=x.device)
-            finish_projection(y, nf4_matmul_sums(x, segments.parts), lora, widths=segments.n)
+            project_sums(y, x, segments.parts, lora, bases[0].zeroed, widths=segments.n)
         return list(y.split(segments.n, dim=1))

@@ -100,6 +100,7 @@ def _expand_kernel(
     stride_br,
     HAS_LORA: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    CLEAN: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -110,6 +111,8 @@ def _expand_kernel(
     n_mask = offs_n < N
     # Each stage rounded to y's dtype as the separate cast, expand and add would leave it: the same bits.
     y = tl.load(src_ptr + row * stride_src + offs_n, mask=n_mask, other=0.0).to(dtype).to(tl.float32)  # [BN]
+    if CLEAN:  # the sums' zeros given back for the next split-K matmul (zeroed.py)
+        tl.store(src_ptr + row * stride_src + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
     if HAS_LORA:
         slot = tl.load(slot_ptr + row)
         rank = tl.load(rank_ptr + row)
@@ -165,13 +168,17 @@ def finish_projection(
     lora: LoraEpilogue | None = None,
     residual: torch.Tensor | None = None,
     widths: list[int] | None = None,
+    clean: bool = False,
 ) -> None:
     """y [B, N] = src [B, N] in y's dtype, + each row's LoRA delta (`lora`), + `residual` [B, N], in one launch,
     each stage rounded to y's dtype as a cast, the expand in place and `y += residual` in turn would leave it.
-    src is y itself (in place) or a matmul's fp32 split-K sums (the cast fused); y and src: unit column stride.
+    src is y itself (in place) or a matmul's fp32 split-K sums (the cast fused), which `clean` leaves zero (not
+    with src y); y and src: unit column stride.
     widths: the N of up to three layers side by side in y (q/k/v), for which lora.partial is the shrink's
     [G, B, CHUNKS_PAD, R_PAD] and lora.b their B columns side by side, [S+1, R, N]; one layer by default."""
     rows, n = y.shape
+    if clean and src.data_ptr() == y.data_ptr():
+        raise ValueError("clean zeroes the sums once read: src cannot be y itself")
     starts = list(itertools.accumulate(widths[:-1])) if widths else []  # the first columns of layers 1 and 2
     block_n = EXPAND_BLOCK_N
     while any(start % block_n for start in starts):  # a program's columns must be one layer's
@@ -189,6 +196,6 @@ def finish_projection(
     res = src if residual is None else residual
     _expand_kernel[(rows, triton.cdiv(n, block_n))](
         partial, b, slots, ranks, src, res, y, n, end0, end1, chunks, stride_pg, src.stride(0), res.stride(0),
-        y.stride(0), stride_bs, stride_br, HAS_LORA=lora is not None, HAS_RESIDUAL=residual is not None,
+        y.stride(0), stride_bs, stride_br, HAS_LORA=lora is not None, HAS_RESIDUAL=residual is not None, CLEAN=clean,
         CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=block_n,
     )  # fmt: skip

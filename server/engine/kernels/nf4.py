@@ -32,6 +32,7 @@ from server.engine.kernels.lora import finish_projection
 from server.engine.kernels.nf4_mma import Nf4Segments, Part, nf4_bf16_bits, nf4_mma, second_level
 from server.engine.kernels.nf4_wide import available as wide_available
 from server.engine.kernels.nf4_wide import mma_serves, nf4_wide_finished, nf4_wide_sums
+from server.engine.kernels.zeroed import ZeroedSums
 
 QBLOCK = 64  # weights per absmax: bitsandbytes' 4-bit default, the only block size these kernels read
 QBLOCK2 = 256  # absmax values per second-level scale under double quantization
@@ -472,20 +473,26 @@ def nf4_matmul(
 
 
 def nf4_matmul_sums(
-    x: torch.Tensor, parts: list[Part], config: tuple[int, int, int, int, int] | None = None
+    x: torch.Tensor,
+    parts: list[Part],
+    config: tuple[int, int, int, int, int] | None = None,
+    zeroed: ZeroedSums | None = None,
 ) -> torch.Tensor:
     """nf4_matmul before its cast, for one to three weights sharing x (q/k/v, gate/up: Nf4Segments' parts, of one
     K, kind and bias presence) in one launch: [M, sum of N], the weights' outputs side by side, in x's dtype
     where K is not split, else the programs' fp32 sums. config: pick_matmul_config's for the weights together;
-    without one, nf4_wide's fp32 sums where it runs (bf16 CUDA steps of up to WIDE_ROWS rows)."""
+    without one, nf4_wide's fp32 sums where it runs (bf16 CUDA steps of up to WIDE_ROWS rows). zeroed: where
+    split-K sums take their zeros from (a new tensor by default)."""
     if config is None and wide_available(x, parts):
-        return nf4_wide_sums(x, parts)
+        return nf4_wide_sums(x, parts, zeroed=zeroed)
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
     on_cuda = x.device.type == "cuda"
     block_n, block_k, split_k, warps, stages = config or pick_matmul_config(sum(ns), k, m, on_cuda)
     if split_k == 1:
         out = torch.empty(m, sum(ns), dtype=x.dtype, device=x.device)
+    elif zeroed is not None:
+        out = zeroed.take(m, sum(ns), x.device)
     else:
         out = torch.zeros(m, sum(ns), dtype=torch.float32, device=x.device)
     ends = list(itertools.accumulate(triton.cdiv(n, block_n) for n in ns))
@@ -503,6 +510,22 @@ def nf4_matmul_sums(
         SEGMENTS=len(parts), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
+
+
+def project_sums(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    parts: list[Part],
+    lora: LoraEpilogue | None,
+    zeroed: ZeroedSums,
+    residual: torch.Tensor | None = None,
+    widths: list[int] | None = None,
+) -> None:
+    """y [M, sum of N] = the projection of x by `parts` (+ each row's LoRA delta, + residual): nf4_matmul_sums
+    (split-K sums added into `zeroed`'s zeros), then finish_projection, which stores the zeros back as it reads."""
+    sums = nf4_matmul_sums(x, parts, zeroed=zeroed)
+    finish_projection(y, sums, lora, residual, widths, clean=zeroed.holds(sums))
+    zeroed.give_back(sums)
 
 
 def supported(module: nn.Module) -> bool:
@@ -524,13 +547,14 @@ class FusedNf4Linear(nn.Module):
     Triton tensor-core kernel), of more (prefill) nf4_dequantize (on CUDA; bitsandbytes' elsewhere) + a dense
     matmul."""
 
-    def __init__(self, base: Linear4bit) -> None:
+    def __init__(self, base: Linear4bit, zeroed: ZeroedSums | None = None) -> None:
         super().__init__()
         # bitsandbytes would repack the weight on a CPU with AVX512-BF16 the first time it runs there (prefill
         # under Triton's CPU interpreter): the kernels read bitsandbytes' standard layout only.
         base.support_avx512bf16_for_cpu = False
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.zeroed = zeroed or ZeroedSums()  # split-K sums' zeros: the model's layers share one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]
@@ -568,7 +592,7 @@ class FusedNf4Linear(nn.Module):
                         return finished.to(x.dtype)
                 # the split-K sums' cast, the delta and the residual in one launch after them
                 y = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
-                finish_projection(y, nf4_matmul_sums(flat, part), lora, residual)
+                project_sums(y, flat, part, lora, self.zeroed, residual)
                 return y
         if expand is not None or residual is not None:
             finish_projection(y, y, expand, residual)
@@ -593,8 +617,9 @@ def nf4_segments(layers: list[nn.Module]) -> Nf4Segments | None:
 
 
 def fuse_nf4_linears(model: nn.Module) -> None:
-    """Swap every NF4 linear layer of `model` the kernels read for a FusedNf4Linear."""
+    """Swap every NF4 linear layer of `model` the kernels read for a FusedNf4Linear (sharing one ZeroedSums)."""
+    zeroed = ZeroedSums()
     for name, module in list(model.named_modules()):
         if supported(module):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FusedNf4Linear(module))
+            setattr(model.get_submodule(parent), child, FusedNf4Linear(module, zeroed))

@@ -20,6 +20,7 @@ import torch
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.nf4_mma import MMA_ROWS, Part, compiles, cuda_source, second_level
 from server.engine.kernels.nf4_mma import available as mma_available
+from server.engine.kernels.zeroed import ZeroedSums
 
 WIDE_ROWS = 64  # the most rows of x: 8 n8 tiles of accumulators a lane
 # The finishing epilogue's shrunk activations (static shared memory beside the stages): rank 64 at 64 rows
@@ -201,14 +202,20 @@ def nf4_wide_sums(
     config: Config | None = None,
     split: int | None = None,
     wgmma: bool | None = None,
+    zeroed: ZeroedSums | None = None,
 ) -> torch.Tensor:
     """x [M, K] bf16 (available()) @ dequant(W).T (+ bias) for each weight W of `parts` (one to three of one K,
     kind and bias presence) in one launch -> [M, sum of N] fp32, the weights' sums side by side. The parts of K add
     atomically, so a sum's last bits can change from call to call. `wgmma`: the products' instruction (None: wgmma
-    where it runs and the configuration fits it)."""
+    where it runs and the configuration fits it); `zeroed`: where the parts of K take their zeros from (a new
+    tensor by default)."""
     ns = [state.shape[0] for _, state, _ in parts]
     launch = _plan(x, ns, config, split, wgmma)
-    out = (torch.zeros if launch.split > 1 else torch.empty)(x.shape[0], sum(ns), dtype=torch.float32, device=x.device)
+    m, n = x.shape[0], sum(ns)
+    if launch.split == 1:
+        out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = zeroed.take(m, n, x.device) if zeroed else torch.zeros(m, n, dtype=torch.float32, device=x.device)
     _launch(x, parts, launch, out, None)
     return out
 
