@@ -111,8 +111,6 @@ def _expand_kernel(
     n_mask = offs_n < N
     # Each stage rounded to y's dtype as the separate cast, expand and add would leave it: the same bits.
     y = tl.load(src_ptr + row * stride_src + offs_n, mask=n_mask, other=0.0).to(dtype).to(tl.float32)  # [BN]
-    if CLEAN:  # the sums' zeros given back for the next split-K matmul (zeroed.py)
-        tl.store(src_ptr + row * stride_src + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
     if HAS_LORA:
         slot = tl.load(slot_ptr + row)
         rank = tl.load(rank_ptr + row)
@@ -130,6 +128,11 @@ def _expand_kernel(
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + row * stride_res + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs_n, y.to(dtype), mask=n_mask)
+    if CLEAN:  # the sums' zeros given back for the next split-K matmul (zeroed.py)
+        # once every thread has read its sums: a narrow block holds each column in several warps, and one storing
+        # its zero before another had loaded the sum gave that one a zero
+        tl.debug_barrier()
+        tl.store(src_ptr + row * stride_src + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_mask)
 
 
 def shrink_warps(rows: int) -> int:
