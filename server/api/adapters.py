@@ -114,12 +114,18 @@ async def _read_form(request: Request, max_bytes: int) -> FormData:
         request.headers, _limited(request.stream(), max_bytes + _FORM_OVERHEAD), max_files=4, max_fields=4
     )
     try:
-        return await parser.parse()
+        form = await parser.parse()
     except MultiPartException as exc:  # no boundary, too many parts, a part over its limit, bad framing
         raise InvalidUpload(
             f"the multipart body is malformed ({exc.message}); send the fields name, config and weights "
             "(or archive), one each"
         ) from exc
+    keys = [key for key, _ in form.multi_items()]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:  # the form's mapping keeps the last of each: a repeated field would silently win over the first
+        await form.close()
+        raise InvalidUpload(f"the field(s) {repeated} are sent more than once: send each field once")
+    return form
 
 
 def _stage(form: FormData, dest: Path, max_bytes: int) -> Path:

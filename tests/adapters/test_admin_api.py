@@ -128,6 +128,12 @@ def test_malformed_requests(client: TestClient, peft_dir: Path) -> None:
     response = client.post("/v1/adapters", data={"name": "Bad Name"}, files=files)
     assert_error(response, 400, "invalid_adapter_name", "a-z")
     assert_error(client.post("/v1/adapters", json={"name": "x"}), 400, "invalid_upload", "multipart")
+    # a repeated field is refused, not read as its last copy (which named the adapter, or chose its config)
+    response = client.post("/v1/adapters", data={"name": ["x", "y"]}, files=files)
+    assert_error(response, 400, "invalid_upload", "['name'] are sent more than once")
+    response = client.post("/v1/adapters", data={"name": "x"}, files=[*files.items(), ("config", files["config"])])
+    assert_error(response, 400, "invalid_upload", "['config'] are sent more than once")
+    assert client.get("/v1/adapters").json()["data"] == []
 
 
 def test_upload_over_the_limit_is_cut_off(tmp_path: Path, peft_dir: Path) -> None:
