@@ -25,7 +25,8 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
 # (16-row weight tiles a CTA, most warps, most blocks loaded ahead, CTAs an SM must fit by registers)
-@pytest.mark.parametrize("config", [(1, 8, 4, 3), (2, 8, 2, 1), (1, 2, 1, 2)])
+# with pick_config's of q/k/v and gate/up (three CTAs an SM)
+@pytest.mark.parametrize("config", [(1, 4, 4, 3), (2, 8, 2, 3), (2, 4, 2, 3), (2, 8, 2, 1), (1, 2, 1, 2)])
 def test_nf4_mma_matches_the_dequantized_weight(rows, nested, bias, config) -> None:
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, nested, bias, "cuda")
@@ -87,7 +88,7 @@ def test_nf4_mma_epilogues_agree_bit_for_bit(rows, config) -> None:
 
 @pytest.mark.parametrize("rows", [1, 5, 32])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
-@pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 8, 2, 1)])
+@pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 8, 2, 1), (1, 4, 4, 3), (2, 8, 2, 3), (2, 4, 2, 3)])
 def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) -> None:
     """Three weights sharing x in one launch (as q/k/v do), each row's LoRA delta from its own A and B: each
     weight's columns of the output are what nf4_mma gives for that weight alone, bit for bit."""

@@ -97,9 +97,18 @@ def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tu
 
 def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int]:
     """(16-row weight tiles a CTA, most warps, most blocks loaded ahead, CTAs an SM must fit by registers) for an
-    [n, k] weight and `rows` rows of x: the best of a sweep on the H200 for the nearest Llama-3-8B shape."""
+    [n, k] weight and `rows` rows of x: the best of a sweep on the H200 for the nearest Llama-3-8B shape, with a
+    rank-16 LoRA epilogue, at 1 row for up to 8 (one n8 tile of x: the same build) and at 16 for 9-16. The launches of
+    q/k/v and gate/up together take fewer waves of CTAs with three an SM: at 1 row q/k/v 13.5 -> 10.5 us and
+    gate/up 42.0 -> 33.8 us (o and down were best as they were), at 16 rows 21.6 -> 15.4 and 70.5 -> 49.2 us."""
     if rows <= 16:
-        return (2, 8, 4, 1) if rows > 8 and k > 8192 else (1, 8, 4, 2)
+        if k > 8192:  # down
+            return (1, 8, 4, 2) if rows <= 8 else (2, 8, 2, 1)
+        if n > 8192:  # gate/up
+            return (2, 8, 2, 3) if rows <= 8 else (2, 4, 2, 3)
+        if n > 4096:  # q/k/v
+            return (1, 4, 4, 3)
+        return (1, 8, 4, 2) if rows <= 8 else (2, 8, 2, 1)
     if n <= 2048:
         return 1, 8, 2, 2
     return (2, 4, 2, 1) if n > 8192 else (2, 8, 2, 1)
