@@ -21,6 +21,10 @@ from adapters.tarstream import damaged, members, not_an_archive
 from adapters.validate import CONFIG_FILE
 
 MAX_MEMBERS = 64  # a PEFT directory holds a handful of files
+# a member's path: a PEFT directory's files are one or two levels down. Each level is a directory made and removed
+# by code that recurses a frame per level: 1,900 levels raised RecursionError (a 500 and a tree left behind)
+MAX_DEPTH = 8
+MAX_PATH_CHARS = 1024
 # A zip's central directory: a 46-byte header per entry plus its name, extra field and comment. 4 KiB an entry
 # leaves room for long names and every common extra field; zipfile reads and parses all of it up front.
 MAX_CENTRAL_DIRECTORY = MAX_MEMBERS * 4096
@@ -62,7 +66,13 @@ def _open_plain(path: Path) -> IO[bytes]:
 def _safe_path(dest: Path, name: str, directory: bool = False) -> Path:
     if "\0" in name:  # a pax path may hold one; no file name can
         raise UnsafeArchive(f"archive member {name!r} has a NUL byte in its name; pack plain file names only")
+    if len(name) > MAX_PATH_CHARS:
+        raise UnsafeArchive(f"an archive member's path has {len(name)} characters, over {MAX_PATH_CHARS}: pack the "
+                            "PEFT directory's files at most a few levels down")  # fmt: skip
     path = PurePosixPath(name.replace("\\", "/"))
+    if len(path.parts) > MAX_DEPTH:
+        raise UnsafeArchive(f"archive member {name[:80]!r}... is {len(path.parts)} levels deep, over {MAX_DEPTH}: "
+                            "pack the PEFT directory's files at most a few levels down")  # fmt: skip
     if directory and not path.parts:  # `./`, the archive's root, as `tar -C adapter-dir .` writes it
         return dest
     if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:

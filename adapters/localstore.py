@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -56,6 +55,52 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def remove_tree(path: Path) -> None:
+    """Remove the directory tree at `path` as far as it can, holding one directory open at a time: down into a
+    subdirectory while there is one, then back up through `..`, removing what it emptied. shutil.rmtree recurses a
+    frame a level (Python 3.11), so a tree deeper than the recursion limit (a hostile archive's, left by a crash)
+    raised RecursionError through `ignore_errors` and kept the server from starting; paths that deep also pass
+    PATH_MAX, hence names relative to an open directory."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    names: list[str] = []  # the directories entered below `path`
+    while True:
+        child = None
+        with contextlib.suppress(OSError), os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    child = child or entry.name
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.name, dir_fd=fd)
+        if child is not None:
+            try:
+                below = os.open(child, flags, dir_fd=fd)
+            except OSError:  # not ours to enter: leave it
+                child = None
+            else:
+                os.close(fd)
+                fd = below
+                names.append(child)
+                continue
+        if not names:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+            return
+        parent = os.open("..", flags, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        try:
+            os.rmdir(names.pop(), dir_fd=fd)
+        except OSError:  # something in it stays: stop rather than walk into it again
+            os.close(fd)
+            return
+
+
 class ScratchSpace:
     """Private temporary directories under `root`: one `.tmp-*` directory per process, created at first use
     and locked (flock on its owner file) until the process ends; whatever a dead process left is removed."""
@@ -73,12 +118,12 @@ class ScratchSpace:
         try:
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
 
     def close(self) -> None:
         with self._mu:
             if self._dir is not None and self._owner is not None:
-                shutil.rmtree(self._dir, ignore_errors=True)
+                remove_tree(self._dir)
                 self._owner.close()  # the lock goes with the descriptor
             self._dir = self._owner = None
 
@@ -98,7 +143,7 @@ class ScratchSpace:
             except FileNotFoundError:
                 with contextlib.suppress(OSError):
                     if time.time() - leftover.stat().st_mtime > _ORPHAN_S:
-                        shutil.rmtree(leftover, ignore_errors=True)
+                        remove_tree(leftover)
                 continue
             except OSError:  # not a directory, or not ours to read: leave it
                 continue
@@ -107,7 +152,7 @@ class ScratchSpace:
             except BlockingIOError:
                 continue  # its process is alive
             else:
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(leftover)
             finally:
                 os.close(owner)
 

@@ -512,6 +512,28 @@ def test_encrypted_and_unknown_zip_members_are_a_4xx(client: TestClient, tmp_pat
     assert_nothing_stored(client, tmp_path / "store")
 
 
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_a_deeply_nested_archive_is_a_4xx_and_leaves_nothing(client: TestClient, tmp_path: Path, kind: str) -> None:
+    # directories only, 100 to 1,900 levels deep: making (and removing) them recursed a frame a level, so the
+    # upload was a 500 that left the tree in the store's scratch space
+    names = ["a/" * depth for depth in range(100, 2000, 100)]
+    data = io.BytesIO()
+    if kind == "tar":
+        with tarfile.open(fileobj=data, mode="w") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+    else:
+        with zipfile.ZipFile(data, "w") as zf:
+            for name in names:
+                zf.writestr(name, b"")
+    response = client.post("/v1/adapters", data={"name": "deep"}, files={"archive": (f"a.{kind}", data.getvalue())})
+    assert_error(response, 400, "unsafe_archive", "levels deep")
+    assert_nothing_stored(client, tmp_path / "store")
+    assert not list((tmp_path / "store").glob(".tmp-*/*/*"))  # no scratch directory left inside the process's
+
+
 def test_a_tar_member_name_with_a_nul_byte_is_a_4xx(tmp_path: Path) -> None:
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w", format=tarfile.PAX_FORMAT) as tar:

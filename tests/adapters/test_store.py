@@ -1,9 +1,11 @@
 """The on-disk store: versions, idempotent uploads, restart, concurrent writers, crashes mid-write."""
 
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,26 @@ class Crashing(LocalBackend):
 
 AdapterStore(Crashing(Path(sys.argv[4])), fingerprint(), LIMITS).put("bot", Path(sys.argv[5]))
 """
+
+
+def test_a_leftover_deeper_than_the_recursion_limit_is_removed_at_start(tmp_path: Path) -> None:
+    # a dead process's scratch tree 2,000 levels deep (paths of 4,000 characters): removing it recursively raised
+    # RecursionError through ignore_errors, and every start of a server on the store failed
+    root = tmp_path / "store"
+    new_store(root)
+    leftover = root / ".tmp-dead"
+    leftover.mkdir()
+    fd = os.open(leftover, os.O_RDONLY)
+    for _ in range(2000):  # names relative to the last level: no path passes PATH_MAX while it is made
+        os.mkdir("a", dir_fd=fd)
+        below = os.open("a", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(fd)
+    old = time.time() - 10 * 24 * 3600
+    os.utime(leftover, (old, old))  # no owner file: an orphan once old enough
+    new_store(root)
+    assert not leftover.exists()
 
 
 def test_kill_during_upload_leaves_nothing_visible(tmp_path: Path, peft_dir: Path) -> None:
