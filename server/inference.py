@@ -188,6 +188,15 @@ class Inference:
         if bad is not None:
             raise InvalidTokens(f"token id {bad} is not in the vocabulary (0..{self.tokenizer_size - 1})")
 
+    def check_tokenized(self, tokens: int) -> None:
+        """A /tokenize answer's tokens: at most max_seq_len. A text within the character bound can be ~250,000
+        tokens of rare characters, megabytes of JSON rendered by the threads every other answer is rendered by."""
+        if tokens > self.max_seq_len:
+            raise PromptTooLong(
+                f"the text is {tokens} tokens; this server tokenizes at most max_seq_len {self.max_seq_len} at "
+                "once, what a prompt can hold: send it in parts"
+            )
+
     def _check_chars(self, chars: int, what: str) -> None:
         if chars > self.max_prompt_chars:
             raise PromptTooLong(

@@ -26,10 +26,12 @@ InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 @router.post("/tokenize", response_model=VllmTokenizeResponse | list[TgiSimpleToken])
 async def tokenize(body: Annotated[TokenizeRequest, Body()], inference: InferenceDep) -> Response:
-    # A text within the character bound can be ~100,000 tokens (an object each in TGI's shape, megabytes of JSON):
-    # the answer is built off the event loop, which every other client's stream shares
+    # A text within the character bound can be ~250,000 tokens (an object each in TGI's shape, megabytes of JSON):
+    # answers are bounded at max_seq_len tokens, and built off the event loop, which every other client's stream
+    # shares
     if isinstance(body, TgiTokenize):
         text, spans = body.inputs, await inference.tokenize(body.inputs)
+        inference.check_tokenized(len(spans))
         return await json_off_loop(
             lambda: [TgiSimpleToken(id=i, text=text[start:stop], start=start, stop=stop) for i, start, stop in spans]
         )
@@ -39,6 +41,7 @@ async def tokenize(body: Annotated[TokenizeRequest, Body()], inference: Inferenc
         )
     else:
         ids = [i for i, _, _ in await inference.tokenize(body.prompt, body.add_special_tokens)]
+    inference.check_tokenized(len(ids))
     strings = await inference.token_strings(ids) if body.return_token_strs else None
     limit = inference.max_seq_len
     return await json_off_loop(
