@@ -204,6 +204,17 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         raise InvalidAdapterConfig(
             f"peft_type is {config.get('peft_type')!r}: only LoRA adapters (peft_type 'LORA') can be served"
         )
+    # Every module of the base is matched against these entries, at upload and at each load from disk: 180,000
+    # pattern keys in a 4 MB config took ~9 s of the interpreter, stalling every stream. A config names each module
+    # at most once (or by a shorter name shared by many).
+    most = max(64, 2 * len(base.modules))
+    for key in ("rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "layers_to_transform"):
+        entries = config.get(key)
+        if isinstance(entries, list | dict) and len(entries) > most:
+            raise InvalidAdapterConfig(
+                f"{key} has {len(entries)} entries; at most {most} (twice the served base model's {len(base.modules)} "
+                "Linear modules): name each module once, or by the name its layers share (e.g. 'q_proj')"
+            )
     for flag in ("use_rslora", "use_dora", "lora_bias"):  # "false" is a truthy string: no coercion
         if not isinstance(config.get(flag, False), bool):
             raise InvalidAdapterConfig(f"{flag} must be true or false, not {config[flag]!r}")

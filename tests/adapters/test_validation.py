@@ -87,6 +87,9 @@ def test_garbage_weights_are_not_safetensors(tmp_path: Path, peft_dir: Path) -> 
         ({"lora_alpha": "16"}, errors.InvalidAdapterConfig, "lora_alpha"),
         ({"alpha_pattern": {"q_proj": None}}, errors.InvalidAdapterConfig, "alpha_pattern"),
         ({"target_modules": [1, 2]}, errors.InvalidAdapterConfig, "target_modules"),
+        # each entry is matched against every module at upload and at every load: bounded by the base's modules
+        ({"rank_pattern": {f"m{i}": 4 for i in range(5000)}}, errors.InvalidAdapterConfig, "5000 entries"),
+        ({"target_modules": ["q_proj"] * 5000}, errors.InvalidAdapterConfig, "5000 entries"),
     ],
 )
 def test_bad_config(tmp_path: Path, peft_dir: Path, changes: dict, error: type, match: str) -> None:
