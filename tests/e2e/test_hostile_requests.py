@@ -237,7 +237,7 @@ def test_a_tokenizing_flood_is_bounded_beside_honest_requests(keyed_server: tupl
     answered or refused at once with 429 tokenizer_busy (past the tokenizer's backlog, tests/api/
     test_tokenizer_pool.py), and the honest requests answer as alone."""
     url, _ = keyed_server
-    text = "lorem ipsum " * (32 * 512 // 12)  # 32 characters a token of max_seq_len 512: the bound on a text
+    text = "lorem ipsum " * 100  # within max_seq_len 512 tokens: a text past it is refused before its answer
 
     async def run() -> tuple[list[str], list[str], list[httpx.Response]]:
         limits = httpx.Limits(max_connections=400)
