@@ -91,7 +91,11 @@ def remove_tree(path: Path) -> None:
             with contextlib.suppress(OSError):
                 os.rmdir(path)
             return
-        parent = os.open("..", flags, dir_fd=fd)
+        try:
+            parent = os.open("..", flags, dir_fd=fd)
+        except OSError:  # the way back up is gone (moved away meanwhile): leave the rest
+            os.close(fd)
+            return
         os.close(fd)
         fd = parent
         try:

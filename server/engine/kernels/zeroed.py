@@ -1,7 +1,7 @@
 """Zeros for split-K sums without a fill launch before every matmul.
 
 A matmul that splits K over programs adds their sums atomically into fp32 zeros, and a launch after it
-(finish_projection) reads the sums. A fill before every such matmul is 96 launches a decode step of 33-64 rows on
+(finish_projection) reads the sums. A fill before every such matmul is 96 launches a decode step of 17-64 rows on
 Llama-3-8B shapes (q/k/v, o and down in each layer). Instead, each model keeps one buffer per device that holds
 zeros between projections: a matmul adds into a view of it, and the launch reading the sums stores zeros back
 where it read them.
