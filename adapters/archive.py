@@ -1,22 +1,25 @@
 """Safe extraction of an uploaded .tar(.gz, .bz2, .xz) / .zip holding a PEFT directory.
 
 Headers are not trusted: sizes are counted while the bytes are written, members are limited in number,
-tar headers are read in bounded pieces (adapters.tarstream), a zip's central directory is bounded before it
-is read, decompression stops where the archive ends or the budget does, and only regular files and
-directories with plain relative paths are accepted.
+tar headers are read in bounded pieces (adapters.tarstream), and gzip headers too (adapters.gzipstream), a zip's
+central directory is bounded before it is read, decompression stops where the archive ends or the budget does,
+and only regular files and directories with plain relative paths are accepted. Errors name members by their
+paths in the archive, never by where the server extracts them.
 """
 
 import bz2
-import gzip
+import errno
 import lzma
 import stat
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Protocol
 
 from adapters.errors import AdapterTooLarge, UnsafeArchive, disk_full
+from adapters.gzipstream import open_gzip
 from adapters.tarstream import damaged, members, not_an_archive
 from adapters.validate import CONFIG_FILE
 
@@ -34,7 +37,7 @@ _CHUNK = 1 << 20
 _ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 # magic bytes -> how to open the tar inside; anything else is read as a plain tar
 _COMPRESSED: dict[bytes, Callable[[Path], IO[bytes]]] = {
-    b"\x1f\x8b": gzip.open,
+    b"\x1f\x8b": open_gzip,
     b"BZh": bz2.open,
     b"\xfd7zXZ\x00": lzma.open,
 }
@@ -80,6 +83,30 @@ def _safe_path(dest: Path, name: str, directory: bool = False) -> Path:
     return dest.joinpath(*path.parts)
 
 
+# a member whose path another member took already, as a file or as a directory, or that goes through a file
+_CLASHES = frozenset({errno.EEXIST, errno.EISDIR, errno.ENOTDIR})
+
+
+@contextmanager
+def _writing(name: str) -> Iterator[None]:
+    """Extracting the member `name`: the OS's errors name the path written, in the server's scratch space (not
+    the client's to know, and no help to it), so they are told by the member's path in the archive instead."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or disk_full(exc):  # the archive's data (not a path), or the server's disk
+            raise
+        if exc.errno in _CLASHES:
+            raise UnsafeArchive(
+                f"archive member {name!r} clashes with another member: the archive holds that path twice, or "
+                "as a file and as a directory; pack each file of the PEFT directory once"
+            ) from exc
+        raise UnsafeArchive(
+            f"archive member {name!r} cannot be extracted ({exc.strerror}); pack the PEFT directory's files "
+            "with their plain, short names"
+        ) from exc
+
+
 class _Budget:
     def __init__(self, max_bytes: int) -> None:
         self.left = max_bytes
@@ -111,14 +138,15 @@ def _extract_tar(archive: Path, opener: Callable[[Path], IO[bytes]], dest: Path,
             for member in members(stream):  # streaming: read one by one, never all listed up front
                 budget.member()
                 target = _safe_path(dest, member.name, directory=member.kind == "directory")
-                if member.kind == "directory":
-                    target.mkdir(parents=True, exist_ok=True)
-                elif member.kind == "file":
-                    budget.copy(member.data, target)
-                else:
+                if member.kind == "other":
                     raise UnsafeArchive(
                         f"archive member {member.name!r} is a link or special file; pack regular files only"
                     )
+                with _writing(member.name):
+                    if member.kind == "directory":
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        budget.copy(member.data, target)
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # what the decompressors raise on bad data
         if disk_full(exc):
             raise
@@ -159,7 +187,8 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                         f"archive member {info.filename!r} is a link or special file; pack regular files only"
                     )
                 if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
+                    with _writing(info.filename):
+                        target.mkdir(parents=True, exist_ok=True)
                     continue
                 if info.flag_bits & 0x1:
                     raise UnsafeArchive(f"archive member {info.filename!r} is encrypted; pack it without a password")
@@ -168,7 +197,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                         f"archive member {info.filename!r} uses zip compression method {info.compress_type}; "
                         "pack with deflate (zip's default) or no compression"
                     )
-                with zf.open(info) as src:
+                with zf.open(info) as src, _writing(info.filename):
                     budget.copy(src, target)
     # what zipfile raises on bad data: a damaged directory or stream, a name that is not the UTF-8 its flag
     # says, a feature it does not read (patched data, strong encryption)

@@ -6,14 +6,19 @@ import gzip
 import io
 import json
 import math
+import struct
 import tarfile
 import time
 import tracemalloc
 import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from e2e.server import serve_app
 from fastapi.testclient import TestClient
 from peft import PeftModel
 from peft_dirs import make_peft_dir, new_store
@@ -24,7 +29,9 @@ from tiny import tiny_model
 from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
+from adapters.gzipstream import MAX_HEADER
 from adapters.manifest import Manifest
+from adapters.validate import AdapterLimits
 
 
 @pytest.fixture
@@ -543,6 +550,117 @@ def test_a_tar_member_name_with_a_nul_byte_is_a_4xx(tmp_path: Path) -> None:
     (tmp_path / "a.tar").write_bytes(archive.getvalue())
     with pytest.raises(errors.UnsafeArchive, match="NUL"):
         extract_archive(tmp_path / "a.tar", tmp_path / "out", 1 << 20)
+
+
+# -- gzip headers and members, and errors that would name the server's paths -------------------------------
+
+
+def plain_tar(*members: tuple[str, bytes | None]) -> bytes:
+    """An uncompressed tar of these (name, data) members (data None: a directory), in order, repeats kept."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+            info.size = len(data or b"")
+            tar.addfile(info, io.BytesIO(data or b""))
+    return buffer.getvalue()
+
+
+def peft_tar(peft_dir: Path) -> bytes:
+    return plain_tar(*((path.name, path.read_bytes()) for path in sorted(peft_dir.iterdir())))
+
+
+def gzip_member(
+    data: bytes,
+    extra: bytes | None = None,
+    name: bytes | None = None,
+    comment: bytes | None = None,
+    crc16: bool = False,
+) -> bytes:
+    """One gzip member of `data` (RFC 1952) with the optional header fields given, which gzip.compress never writes."""
+    flags = (extra is not None) << 2 | (name is not None) << 3 | (comment is not None) << 4 | crc16 << 1
+    header = b"\x1f\x8b\x08" + bytes([flags]) + bytes(6)
+    if extra is not None:
+        header += len(extra).to_bytes(2, "little") + extra
+    header += b"".join(field + b"\0" for field in (name, comment) if field is not None)
+    if crc16:
+        header += (zlib.crc32(header) & 0xFFFF).to_bytes(2, "little")
+    deflate = zlib.compressobj(wbits=-15)
+    return header + deflate.compress(data) + deflate.flush() + struct.pack("<II", zlib.crc32(data), len(data))
+
+
+def test_gzip_files_as_packers_write_them_are_read(tmp_path: Path, peft_dir: Path) -> None:
+    """The bounded reader reads what gzip, bgzip (an extra field, a member per block) and concatenated or
+    zero-padded gzip files hold, and refuses one cut off."""
+    tar = peft_tar(peft_dir)
+    thirds = [tar[i : i + len(tar) // 3 + 1] for i in range(0, len(tar), len(tar) // 3 + 1)]
+    honest = {
+        "gzip": gzip.compress(tar),
+        "named": gzip_member(tar, name=b"adapter.tar", comment=b"packed by hand", crc16=True),
+        "bgzip": b"".join(gzip_member(part, extra=b"BC\x02\x00\x00\x00") for part in [*thirds, b""]),
+        "padded": gzip.compress(thirds[0]) + bytes(1000) + b"".join(map(gzip.compress, thirds[1:])),
+    }
+    for kind, data in honest.items():
+        (tmp_path / f"{kind}.tar.gz").write_bytes(data)
+        found = extract_archive(tmp_path / f"{kind}.tar.gz", tmp_path / kind, 1 << 20)
+        assert {p.name: p.read_bytes() for p in found.iterdir()} == {p.name: p.read_bytes() for p in peft_dir.iterdir()}
+    (tmp_path / "cut.tar.gz").write_bytes(honest["gzip"][: len(honest["gzip"]) // 2])
+    with pytest.raises(errors.UnsafeArchive, match="ends inside a gzip member"):
+        extract_archive(tmp_path / "cut.tar.gz", tmp_path / "cut", 1 << 20)
+
+
+def test_gzip_headers_are_bounded_before_they_are_read(tmp_path: Path, peft_dir: Path) -> None:
+    """gzip.open read a header's file name and comment a byte at a time, however long: a 64 MiB name took 8 s of
+    the interpreter, and the archive was then extracted. A name of the bound's length is still read."""
+    tar = peft_tar(peft_dir)
+    fits = gzip_member(tar, name=b"n" * (MAX_HEADER - 11))  # the name, its NUL and 10 fixed bytes
+    (tmp_path / "fits.tar.gz").write_bytes(fits)
+    assert (extract_archive(tmp_path / "fits.tar.gz", tmp_path / "fits", 1 << 20) / "adapter_config.json").is_file()
+    for field in ("name", "comment"):
+        (tmp_path / "a.tar.gz").write_bytes(gzip_member(tar, **{field: b"n" * (MAX_HEADER - 10)}))
+        with pytest.raises(errors.UnsafeArchive, match=f"over {MAX_HEADER} bytes"):
+            extract_archive(tmp_path / "a.tar.gz", tmp_path / field, 1 << 20)
+
+
+# each: the archive (made once the test runs), what its refusal says
+HOSTILE_ARCHIVES = {
+    "gzip-name": (lambda tar: gzip_member(tar, name=b"n" * (64 << 20)), "gzip header"),
+    "gzip-comment": (lambda tar: gzip_member(tar, comment=b"c" * (64 << 20)), "gzip header"),
+    # 20 bytes each, every one a round of the interpreter's: 100 MiB of them took 35 s
+    "gzip-empty-members": (lambda tar: gzip.compress(b"", mtime=0) * 100_000 + gzip.compress(tar), "gzip members"),
+    "twice": (lambda _: gzip.compress(plain_tar(("a", b"1"), ("a", b"2"))), "'a' clashes with another member"),
+    "file-and-directory": (lambda _: gzip.compress(plain_tar(("x", b"1"), ("x/", None))), "'x/' clashes"),
+    "through-a-file": (lambda _: gzip.compress(plain_tar(("x", b"1"), ("x/y", b"2"))), "'x/y' clashes"),
+    "long-name": (lambda _: gzip.compress(plain_tar(("n" * 300, b"1"))), "File name too long"),
+}
+
+
+def test_hostile_archives_harm_no_honest_upload(tmp_path: Path, peft_dir: Path) -> None:
+    """Hostile archives sent through a real server while honest uploads are in flight: each is a 400 within seconds
+    that names the member by its path in the archive (never the store's scratch path) and stores nothing; each
+    honest upload is stored as sent and the adapter stored before is untouched."""
+    root = tmp_path / "store"
+    app = make_app(root, AdapterLimits(max_rank=16, max_bytes=128 << 20))
+    tar = peft_tar(peft_dir)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+        kept = http.post("/v1/adapters", data={"name": "kept"}, files=files_of(peft_dir)).json()
+        for kind, (make, says) in HOSTILE_ARCHIVES.items():
+            archive = {"archive": ("adapter.tar.gz", make(tar))}
+            honest = pool.submit(http.post, "/v1/adapters", data={"name": f"honest-{kind}"}, files=files_of(peft_dir))
+            started = time.perf_counter()
+            response = http.post("/v1/adapters", data={"name": kind}, files=archive)
+            assert time.perf_counter() - started < 5, kind
+            assert_error(response, 400, "unsafe_archive", says)
+            assert str(root) not in response.text and ".tmp-" not in response.text, response.text
+            answer = honest.result()
+            assert answer.status_code == 201, answer.text
+            assert answer.json()["sha256"] == kept["sha256"] and answer.json()["name"] == f"honest-{kind}"
+        listed = {m["name"]: m for m in http.get("/v1/adapters", params={"limit": 1000}).json()["data"]}
+    assert sorted(listed) == sorted(["kept", *(f"honest-{kind}" for kind in HOSTILE_ARCHIVES)])
+    assert listed["kept"] == {**{k: v for k, v in kept.items() if k != "training"}, "state": "stored"}
+    assert not list(root.glob(".tmp-*/*/*"))  # no scratch directory left inside the process's
 
 
 # -- item 4 and 11: what cannot be read or loaded is visible and removable through the API ----------------

@@ -53,6 +53,17 @@ def huge_header_tar(type_: bytes, payload: bytes | int) -> dict:
     return {"archive": ("adapter.tar.gz", raw.getvalue())}
 
 
+def tar_gz(files: dict, gzip_name: str = "") -> dict:
+    """`files` (as lora_files gives them) as a .tar.gz whose gzip header stores `gzip_name` as its file's name."""
+    raw = io.BytesIO()
+    with gzip.GzipFile(gzip_name, "wb", fileobj=raw) as out, tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.values():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return {"archive": ("adapter.tar.gz", raw.getvalue())}
+
+
 def set_first_a(value: float) -> Callable[[dict], None]:
     def change(state: dict) -> None:
         state[next(k for k in state if "lora_A" in k)][0, 0] = value
@@ -82,6 +93,10 @@ HOSTILE = {
     "longname-tar": lambda: huge_header_tar(b"L", 300 << 20),
     "pax-digits-tar": lambda: huge_header_tar(b"x", b"9" * 50_000),
     "empty-tar": lambda: {"archive": ("a.tar.gz", gzip.compress(bytes(10240)))},
+    # an honest adapter behind a 100 MiB gzip file name: 12 s of the interpreter, then it was stored
+    "gzip-name-tar": lambda: tar_gz(lora_files(), gzip_name="n" * (100 << 20)),
+    # one file twice: the error named the server's scratch directory
+    "twice-tar": lambda: tar_gz({"a": ("adapter_config.json", b"{}"), "b": ("adapter_config.json", b"{}")}),
     # valid files PEFT would run otherwise than as a plain LoRA of these tensors
     "rank-not-declared": lambda: lora_files({"r": 16}),
     "untargeted-tensors": lambda: lora_files({"target_modules": ["q_proj"]}),
@@ -124,6 +139,7 @@ def test_hostile_uploads_harm_no_honest_request(server: str) -> None:
             response = httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files(), timeout=60)
             assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
             assert response.json()["error"]["code"], name
+            assert ".tmp-" not in response.text, response.text  # the store's scratch space is not the client's
             assert time.perf_counter() - started < 10, name
             assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert [a.result() for a in answers] == expected
