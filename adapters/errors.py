@@ -98,6 +98,13 @@ class TooManyUploads(AdapterError):
     headers = {"Retry-After": "2"}  # noqa: RUF012 - read-only class constant
 
 
+class ClientUploadShareFull(TooManyUploads):
+    """The client (its key, or its peer address on a server without keys) has max_uploads_per_client uploads in
+    progress: one client must not hold every upload slot while others wait."""
+
+    code = "client_upload_share_full"
+
+
 class TooManyAdaptersLoaded(AdapterError):
     """Every place in the CPU tier is held by an adapter that requests are using (or loading): loading one more
     would grow CPU memory past --max-cpu-adapters, and queued requests would otherwise hold any number."""

@@ -108,6 +108,14 @@ class Settings(BaseSettings):
         description="Adapter uploads in progress at once, each keeping copies of up to --max-adapter-mb on disk "
         "until it ends: one more gets 429.",
     )
+    max_uploads_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="Adapter uploads one client may have in progress at once before its next gets 429 while other "
+        "clients' are taken, so that one client cannot hold every upload slot. A client is the key it sends "
+        "(--admin-key), or on a server without keys a peer address (behind a proxy, one client); at most "
+        "--max-concurrent-uploads; default: no share.",
+    )
     max_request_mb: int = Field(
         4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."
     )
@@ -149,6 +157,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_per_adapter ({self.max_queue_per_adapter}) must be <= max_queue ({self.max_queue}): "
                 "one adapter's share of the waiting queue cannot exceed the queue"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _client_share_of_the_uploads(self) -> "Settings":
+        if self.max_uploads_per_client is not None and self.max_uploads_per_client > self.max_concurrent_uploads:
+            raise ValueError(
+                f"max_uploads_per_client ({self.max_uploads_per_client}) must be <= max_concurrent_uploads "
+                f"({self.max_concurrent_uploads}): one client's share of the upload slots cannot exceed them"
             )
         return self
 

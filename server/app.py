@@ -84,7 +84,7 @@ def create_app(
     app.state.startup_error = None
     app.state.exit_code = 0
     app.state.metrics = Metrics()
-    app.state.uploads = adapters_api.UploadSlots(settings.max_concurrent_uploads)
+    app.state.uploads = adapters_api.UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
     install_error_handlers(app)
     probes_and_docs = {
         "/health",

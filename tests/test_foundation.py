@@ -69,6 +69,7 @@ def test_flags_override_env_and_lists_split(monkeypatch: pytest.MonkeyPatch) -> 
         (["--port", "http"], "--port (LORAPLEX_PORT): Input should be a valid integer"),
         (["--device", "tpu"], "--device (LORAPLEX_DEVICE): Input should be 'auto', 'cuda' or 'cpu'"),
         (["--max-active-adapters", "16", "--max-cpu-adapters", "4"], "max_cpu_adapters (4) must be >="),
+        (["--max-concurrent-uploads", "2", "--max-uploads-per-client", "3"], "max_uploads_per_client (3) must be <="),
         (["--base-model", "/definitely/not/here"], "base model directory '/definitely/not/here' does not exist"),
     ],
 )

@@ -6,6 +6,7 @@ Expects `app.state.registry` (an AdapterRegistry) and `app.state.uploads` (Uploa
 
 import asyncio
 import shutil
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +18,17 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.archive import extract_archive
-from adapters.errors import AdapterTooLarge, InvalidAdapterName, InvalidUpload, TooManyUploads, UnsafeAdapterFormat
+from adapters.errors import (
+    AdapterTooLarge,
+    ClientUploadShareFull,
+    InvalidAdapterName,
+    InvalidUpload,
+    TooManyUploads,
+    UnsafeAdapterFormat,
+)
 from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
-from server.api.auth import require_admin
+from server.api.auth import client_of, require_admin
 from server.api.deps import NotReady
 from server.api.guard import RequestTimeout
 from server.registry import AdapterRegistry
@@ -51,25 +59,41 @@ Registry = Annotated[AdapterRegistry, Depends(_registry)]
 class UploadSlots:
     """Uploads in progress, at most `limit` at once: each keeps copies of its files on disk until it ends (the
     parsed form's, the staged directory, the store's checked copy), each up to --max-adapter-mb, so unbounded
-    concurrent uploads could fill the disk. Used on the event loop only: a plain counter."""
+    concurrent uploads could fill the disk. At most `per_client` of them one client's (None: no share), so that one
+    client cannot hold every slot while others wait. Used on the event loop only: plain counters."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int | None) -> None:
         self.limit = limit
+        self.per_client = per_client
         self.taken = 0
+        self.by_client: Counter[str] = Counter()  # each client's uploads in progress: `limit` entries at most
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        """A slot for the block, freed however it ends; TooManyUploads at once when none is free."""
+    def hold(self, client: str | None) -> Iterator[None]:
+        """A slot for the block, held by `client` (None: unknown, counted against no share), freed however it ends;
+        ClientUploadShareFull or TooManyUploads at once when none is free to it."""
+        if client is not None and self.per_client is not None and self.by_client[client] >= self.per_client:
+            raise ClientUploadShareFull(
+                f"this client (its key, or its address on a server without keys) has {self.per_client} adapter "
+                "uploads in progress, the most one client may have at once (--max-uploads-per-client): retry when "
+                "one of them has finished"
+            )
         if self.taken >= self.limit:
             raise TooManyUploads(
                 f"{self.taken} adapter uploads are in progress, the most this server takes at once "
                 "(--max-concurrent-uploads): retry when one has finished"
             )
         self.taken += 1
+        if client is not None:
+            self.by_client[client] += 1
         try:
             yield
         finally:
             self.taken -= 1
+            if client is not None:
+                self.by_client[client] -= 1
+                if not self.by_client[client]:
+                    del self.by_client[client]
 
 
 async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
@@ -164,7 +188,8 @@ async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
     """201 with the new version's manifest; 200 with the existing one when the content is identical."""
     max_bytes = registry.store.limits.max_bytes
     uploads: UploadSlots = request.app.state.uploads
-    with uploads.hold():  # before the body is read: parsing it writes the files to disk
+    # before the body is read: parsing it writes the files to disk
+    with uploads.hold(client_of(request.app.state.settings, request)):
         form = await _read_form(request, max_bytes)
         try:
             name = form.get("name")

@@ -54,12 +54,12 @@ def authenticate(settings: Settings, headers: Headers) -> bool:
 async def require_inference(request: Request) -> None:
     settings = request.app.state.settings
     authenticate(settings, request.headers)
-    current_client.set(_client(settings, request))
+    current_client.set(client_of(settings, request))
 
 
-def _client(settings: Settings, request: Request) -> str | None:
-    """Whom a request's share counts against (--max-requests-per-client): its key (a digest of it) on a server
-    with keys, else its peer address."""
+def client_of(settings: Settings, request: Request) -> str | None:
+    """Whom a request's share counts against (--max-requests-per-client, --max-uploads-per-client): its key (a
+    digest of it) on a server with keys, else its peer address."""
     if settings.api_key or settings.admin_key:
         return "key:" + hashlib.sha256((_bearer(request.headers) or "").encode()).hexdigest()[:32]
     return f"address:{request.client.host}" if request.client is not None else None

@@ -11,6 +11,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -34,9 +35,9 @@ def make_app(root: Path, limits: AdapterLimits = LIMITS, **settings: object) -> 
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.settings = Settings(adapter_dir=root, **settings)
+    app.state.settings = config = Settings(adapter_dir=root, **settings)
     app.state.registry = AdapterRegistry(new_store(root, limits), max_cpu_adapters=4)
-    app.state.uploads = UploadSlots(app.state.settings.max_concurrent_uploads)
+    app.state.uploads = UploadSlots(config.max_concurrent_uploads, config.max_uploads_per_client)
     return app
 
 
@@ -294,6 +295,70 @@ def test_uploads_in_progress_are_bounded_and_every_ending_frees_its_slot(
         assert sorted(listed) == ["after", "held", "next"]
         manifest = {k: v for k, v in held[0].json().items() if k != "training"}  # shown by GET /v1/adapters/held
         assert listed["held"] == {**manifest, "state": "stored"}
+
+
+def held_upload(url: str, source: str, headers: str = "") -> socket.socket:
+    """An upload from the address `source` whose head and first part arrive, and then nothing: it holds its slot
+    until the connection is dropped."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), source_address=(source, 0))
+    sock.sendall(
+        f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n{headers}"
+        "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        'Content-Disposition: form-data; name="weights"; filename="w"\r\n\r\n'.encode()
+        + b"\0" * 4096
+    )
+    return sock
+
+
+@pytest.mark.parametrize("identity", ["key", "address"])
+def test_one_client_cannot_hold_every_upload_slot(tmp_path: Path, peft_dir: Path, identity: str) -> None:
+    """--max-uploads-per-client 2 of 3 slots: a client (its key; on a server without keys, its address, as
+    --max-requests-per-client counts them) holding two uploads gets 429 for a third while another client's uploads
+    are stored; once its uploads end, it uploads again. Without the share it took the last slot, and every other
+    client got 429 too_many_uploads until one of its uploads ended."""
+    keys = {"admin_key": ["greedy-key", "honest-key"]} if identity == "key" else {}
+    app = make_app(tmp_path / "store", max_concurrent_uploads=3, max_uploads_per_client=2, **keys)
+    greedy_address = "127.0.0.1" if identity == "key" else "127.0.0.2"  # loopback: 127.0.0.0/8
+    greedy_auth = {"Authorization": "Bearer greedy-key"} if identity == "key" else {}
+    honest_auth = {"Authorization": "Bearer honest-key"} if identity == "key" else {}
+    greedy_transport = httpx.HTTPTransport(local_address=greedy_address)
+    with (
+        serve_app(app) as url,
+        httpx.Client(base_url=url, timeout=30, headers=honest_auth) as honest,
+        httpx.Client(base_url=url, timeout=30, headers=greedy_auth, transport=greedy_transport) as greedy,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        kept = honest.post("/v1/adapters", data={"name": "kept"}, files=files_of(peft_dir)).json()
+        header = "".join(f"{k}: {v}\r\n" for k, v in greedy_auth.items())
+        held = [held_upload(url, greedy_address, header) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while app.state.uploads.taken < 2:  # not probed by uploads: a probe would race them for the slots
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # honest uploads in flight, one after another, while the greedy client asks for more
+        stored = pool.map(
+            lambda i: honest.post("/v1/adapters", data={"name": f"honest{i}"}, files=files_of(peft_dir)), range(3)
+        )
+        for _ in range(3):
+            refused = greedy.post("/v1/adapters", data={"name": "greedy"}, files=files_of(peft_dir))
+            assert_error(refused, 429, "client_upload_share_full", "--max-uploads-per-client")
+            assert refused.headers["retry-after"] == "2"
+        for i, answer in enumerate(stored):
+            assert answer.status_code == 201 and answer.json()["name"] == f"honest{i}", answer.text
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while (
+            after := greedy.post("/v1/adapters", data={"name": "greedy"}, files=files_of(peft_dir))
+        ).status_code == 429:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert after.status_code == 201, after.text
+        listed = {m["name"]: m for m in honest.get("/v1/adapters").json()["data"]}
+    assert sorted(listed) == ["greedy", "honest0", "honest1", "honest2", "kept"]
+    assert listed["kept"] == {**{k: v for k, v in kept.items() if k != "training"}, "state": "stored"}
+    assert app.state.uploads.taken == 0 and not app.state.uploads.by_client
 
 
 @pytest.mark.parametrize(
