@@ -113,7 +113,7 @@ class Inference:
         self.grammars = Grammars(base.tokenizer, self.vocab_size, self.eos_ids)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
-        self.tokenizing = TokenizerPool(self.max_prompt_chars)
+        self.tokenizing = TokenizerPool(self.max_prompt_chars, scheduler.client_shares)
         registry.store.on_removed(self._forget_labels)
 
     # ---- prompts: tokenizing and templating run on the tokenizer's threads, so the event loop keeps serving ----

@@ -5,7 +5,9 @@ and /tokenize is nothing but tokenizing, so any client can make this work withou
 pool it had no bound, and shared its threads with everything else sent there (uploads being staged, answers
 being rendered): 1,000 concurrent /tokenize requests of 16,000 characters held an honest 4-token request for
 3.6-19 s. Here the work waiting or running is bounded, so that an honest prompt waits a fraction of a second at
-most: past the budget, a job is a 429 with Retry-After, as a request past the queue's bound is.
+most: past the budget, a job is a 429 with Retry-After, as a request past the queue's bound is. Each job also
+holds one of its client's share of requests under way (--max-requests-per-client) from before it is accepted
+until it ends, so that one client cannot fill the backlog and every thread with its jobs alone.
 
 Work is counted in bytes of UTF-8 text, what a fast tokenizer's time follows whatever the characters (SmolLM2's
 BPE: 0.35-0.75 us a byte for English, random words, CJK and astral text alike), plus what no byte of it shows: each
@@ -22,6 +24,7 @@ from functools import partial
 from typing import TypeVar
 
 from loraplex.errors import LoraplexError
+from server.client_share import ClientShares
 
 T = TypeVar("T")
 THREADS = 2  # fast tokenizers encode in Rust; more threads would take turns of the interpreter lock from the engine
@@ -58,32 +61,35 @@ class TokenizerBusy(LoraplexError):
 
 
 class TokenizerPool:
-    def __init__(self, max_text_chars: int, threads: int = THREADS) -> None:
+    def __init__(self, max_text_chars: int, shares: ClientShares, threads: int = THREADS) -> None:
         """`max_text_chars`: the longest text a request may send (in a chat: all its messages' content); as many of
-        the costliest jobs as threads always fit."""
+        the costliest jobs as threads always fit. `shares`: each client's share, held by every job."""
         costliest = chat_work(MAX_MESSAGES, MAX_CHAR_BYTES * max_text_chars)
         self.budget_bytes = max(BACKLOG_BYTES, threads * costliest)
+        self._shares = shares
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
         self._lock = threading.Lock()
         self._bytes = 0  # of the jobs submitted and not yet done (or cancelled before they ran)
 
     async def run(self, work: int, fn: Callable[..., T], *args: object) -> T:
         """fn(*args), a job of `work` bytes (text_work, chat_work, ids_work), on a tokenizer thread; TokenizerBusy
-        when it would take the backlog past its budget."""
+        when it would take the backlog past its budget, ClientShareFull when its client's share is used up."""
         with self._lock:
             if self._bytes + work > self.budget_bytes:
                 raise TokenizerBusy(
                     f"{self._bytes} bytes of work are waiting for the tokenizer, up to {self.budget_bytes}; "
                     "retry shortly"
                 )
+            release = self._shares.hold()
             self._bytes += work
         job = self._executor.submit(fn, *args)
         # counted until it ends, whether or not its request still waits for it: a client that leaves cancels
         # the job if it has not started, and a started one still holds its thread
-        job.add_done_callback(partial(self._done, work))
+        job.add_done_callback(partial(self._done, work, release))
         return await asyncio.wrap_future(job)
 
-    def _done(self, work: int, _: Future) -> None:
+    def _done(self, work: int, release: Callable[[], None], _: Future) -> None:
+        release()
         with self._lock:
             self._bytes -= work
 

@@ -1,8 +1,8 @@
 """What every client shares, through a real server (uvicorn in process, a tiny model): past
 --max-queue-per-adapter an adapter's request gets 429 adapter_queue_full, in the server's error shape with
 Retry-After, while a request for another adapter is still queued and answered; past --max-requests-per-client a
-client's request gets 429 client_share_full while another client's is served; past the tokenizer's backlog a job
-gets 429 tokenizer_busy, charged what it costs the tokenizer."""
+client's request, or tokenizer job, gets 429 client_share_full while another client's is served; past the tokenizer's
+backlog a job gets 429 tokenizer_busy, charged what it costs the tokenizer."""
 
 import asyncio
 import functools
@@ -194,3 +194,74 @@ def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: 
     assert error["code"] == "client_share_full" and "--max-requests-per-client" in error["message"], error
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
     assert all(generate_as(url, "flood-key").status_code == 200 for _ in range(3))  # its share is free again
+
+
+def post_as(url: str, key: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+
+TOKENIZER_REQUESTS = [
+    ("/tokenize", {"prompt": "hi"}),
+    ("/tokenize", {"inputs": "hi"}),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "return_token_strs": True}),
+    ("/detokenize", {"tokens": [72, 73]}),
+]
+
+
+def test_a_client_at_its_share_is_refused_before_its_text_is_tokenized(keyed: tuple[str, Engine]) -> None:
+    """--max-requests-per-client 2: a key with two requests queued is refused its /tokenize and /detokenize requests
+    too (they take the tokenizer's threads every client shares), and its prompts before they are tokenized: a prompt
+    too long for max_seq_len 64 hears client_share_full, not the prompt_too_long its tokens would have told. Another
+    key's tokenizer requests are answered meanwhile, and the key's own once its requests end."""
+    url, engine = keyed
+    too_long = [
+        ("/generate", {"inputs": "x" * 100}),
+        ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "x" * 100}]}),
+    ]
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            queued = [pool.submit(generate_as, url, "flood-key") for _ in range(2)]
+            until(lambda: engine.num_waiting == 2)
+            refused = [post_as(url, "flood-key", path, body) for path, body in TOKENIZER_REQUESTS + too_long]
+            others = [post_as(url, "other-key", path, body) for path, body in TOKENIZER_REQUESTS]
+            go.set()
+            assert [f.result().status_code for f in queued] == [200, 200]
+    finally:
+        go.set()
+        restore()
+    for response in refused:
+        assert response.status_code == 429 and response.headers["retry-after"] == "1", response.text
+        assert response.json()["error"]["code"] == "client_share_full", response.text
+    assert [r.status_code for r in others] == [200] * len(TOKENIZER_REQUESTS), [r.text for r in others]
+    again = [post_as(url, "flood-key", path, body) for path, body in TOKENIZER_REQUESTS]
+    assert [r.json() for r in again] == [r.json() for r in others]
+    assert post_as(url, "flood-key", *too_long[0]).json()["error"]["code"] == "prompt_too_long"
+
+
+def test_one_clients_tokenizing_flood_leaves_the_tokenizer_to_the_others(keyed: tuple[str, Engine]) -> None:
+    """--max-requests-per-client 2: one key's flood of costly templating (chats of 1,024 messages, 20 ms of work
+    each), sent while another key's requests are in flight, holds at most two jobs of the tokenizer's: the rest are
+    refused at once with client_share_full, none fills the tokenizer's backlog (tokenizer_busy, which would refuse
+    the other key too), and the other key's answers are as alone."""
+    url, _ = keyed
+    chat = [{"role": "user", "content": "x"}] * 1024  # more tokens than max_seq_len: refused once templated
+    flood = [("/tokenize", {"messages": chat}), ("/v1/chat/completions", {"model": "llama", "messages": chat})]
+    honest = [
+        ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4}}),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/detokenize", {"tokens": [72, 73]}),
+    ]
+
+    def one_by_one() -> list[dict]:  # within the other key's own share
+        return [post_as(url, "other-key", path, body).json() for path, body in honest]
+
+    alone = one_by_one()
+    with ThreadPoolExecutor(33) as pool:
+        flooding = [pool.submit(post_as, url, "flood-key", *flood[i % 2]) for i in range(32)]
+        together = pool.submit(lambda: [answer for _ in range(3) for answer in one_by_one()])
+        assert together.result() == alone * 3
+        refused = [f.result() for f in flooding]
+    codes = [(r.status_code, r.json()["error"]["code"]) for r in refused]
+    assert set(codes) <= {(422, "prompt_too_long"), (429, "client_share_full")}, codes
+    assert (429, "client_share_full") in codes and (422, "prompt_too_long") in codes, codes

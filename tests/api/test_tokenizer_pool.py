@@ -1,5 +1,6 @@
 """The tokenizer's backlog: a flood of tokenizing is refused past its budget, short prompts pass, and every job, run
-or cancelled, gives its work back; work is charged as the real tokenizer spends it."""
+or cancelled, gives its work back; work is charged as the real tokenizer spends it, and each job holds its client's
+share from before it runs."""
 
 import asyncio
 import random
@@ -7,13 +8,14 @@ import statistics
 import string
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from loraplex.embedded import embedded_checkpoint
+from server.client_share import ClientShareFull, ClientShares, current_client
 from server.tokenizer_pool import (
     BACKLOG_BYTES,
     MAX_CHAR_BYTES,
@@ -28,7 +30,7 @@ from server.tokenizer_pool import (
 
 def test_work_past_the_budget_is_refused_and_comes_back_when_done() -> None:
     async def flood() -> None:
-        pool = TokenizerPool(max_text_chars=1000, threads=1)
+        pool = TokenizerPool(max_text_chars=1000, shares=ClientShares(None), threads=1)
         gate = threading.Event()
         try:
             held = [asyncio.ensure_future(pool.run(BACKLOG_BYTES // 4, gate.wait)) for _ in range(4)]  # 1 runs
@@ -53,11 +55,61 @@ def test_work_past_the_budget_is_refused_and_comes_back_when_done() -> None:
 
 
 def test_as_many_of_the_costliest_jobs_as_threads_always_fit() -> None:
-    pool = TokenizerPool(max_text_chars=BACKLOG_BYTES, threads=2)
+    pool = TokenizerPool(max_text_chars=BACKLOG_BYTES, shares=ClientShares(None), threads=2)
     try:  # a chat of the most messages, its content the longest text of the longest characters
         assert pool.budget_bytes == 2 * chat_work(MAX_MESSAGES, MAX_CHAR_BYTES * BACKLOG_BYTES)
     finally:
         pool.close()
+
+
+def as_client(client: str, job: Coroutine[None, None, bool]) -> asyncio.Future[bool]:
+    """`job` run for `client` (what auth.require_inference sets for an HTTP request)."""
+    token = current_client.set(client)
+    try:
+        return asyncio.ensure_future(job)
+    finally:
+        current_client.reset(token)
+
+
+def test_a_clients_jobs_hold_its_share_from_before_they_run() -> None:
+    """--max-requests-per-client 2, shared with the engine's requests: a client with a request in the engine and a
+    job on the only thread is refused a job more at once, well within the budget, while another client's job is
+    taken; its share comes back as its requests and jobs end, run or dropped before they ran."""
+
+    async def flood() -> None:
+        shares = ClientShares(2)
+        pool = TokenizerPool(max_text_chars=1000, shares=shares, threads=1)
+        gate = threading.Event()
+        token = current_client.set("flood")
+        try:
+            in_engine = shares.hold()  # what Scheduler.submit holds for a request it queues
+            jobs = [as_client("flood", pool.run(1, gate.wait)), as_client("other", pool.run(1, gate.wait))]
+            await asyncio.sleep(0.05)
+            with pytest.raises(ClientShareFull, match="--max-requests-per-client"):
+                await pool.run(1, gate.wait)
+            assert pool.backlog_bytes == 2  # refused before it was counted, or queued
+            in_engine()  # the request left the engine
+            dropped = as_client("flood", pool.run(1, gate.wait))
+            await asyncio.sleep(0.05)
+            dropped.cancel()  # its client left before the job started: the job is dropped, its share given back
+            await asyncio.sleep(0.05)
+            jobs.append(as_client("flood", pool.run(1, gate.wait)))
+            await asyncio.sleep(0.05)
+            assert pool.backlog_bytes == 3
+            gate.set()
+            assert await asyncio.gather(*jobs) == [True, True, True]
+            assert pool.backlog_bytes == 0
+            gate.clear()  # every unit of the client's share came back: it may hold two jobs at once again
+            again = [as_client("flood", pool.run(1, gate.wait)) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            gate.set()
+            assert await asyncio.gather(*again) == [True, True]
+        finally:
+            current_client.reset(token)
+            gate.set()
+            pool.close()
+
+    asyncio.run(flood())
 
 
 @pytest.fixture(scope="module")
