@@ -22,7 +22,7 @@ from server.metrics import Metrics
 from server.mixing import AdapterMix, MixCache, mix_key
 from server.registry import AdapterRegistry, Lease
 from server.scheduler import Scheduler
-from server.tokenizer_pool import TokenizerPool
+from server.tokenizer_pool import TokenizerPool, chat_work, ids_work, text_work
 
 T = TypeVar("T")
 Adapter = str | AdapterMix | None  # what a request runs on: an adapter ref, a mix, or the base model
@@ -113,7 +113,7 @@ class Inference:
         self.grammars = Grammars(base.tokenizer, self.vocab_size, self.eos_ids)
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
-        self.tokenizing = TokenizerPool(self.max_prompt_chars)
+        self.tokenizing = TokenizerPool(self.max_prompt_chars, scheduler.client_shares)
         registry.store.on_removed(self._forget_labels)
 
     # ---- prompts: tokenizing and templating run on the tokenizer's threads, so the event loop keeps serving ----
@@ -125,12 +125,12 @@ class Inference:
 
     async def encode_prompt(self, text: str) -> list[int]:
         self._check_chars(len(text), "the prompt")
-        return await self.tokenizing.run(len(text), self.encode, text)
+        return await self.tokenizing.run(text_work(len(text.encode())), self.encode, text)
 
     async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        chars = sum(len(m["content"]) for m in messages)
-        self._check_chars(chars, "the messages' content")
-        return await self.tokenizing.run(chars, self._apply_template, messages, add_generation_prompt)
+        self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
+        work = chat_work(len(messages), sum(len(m["content"].encode()) for m in messages))
+        return await self.tokenizing.run(work, self._apply_template, messages, add_generation_prompt)
 
     def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         try:
@@ -153,16 +153,16 @@ class Inference:
                 for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
             ]
 
-        return await self.tokenizing.run(len(text), run)
+        return await self.tokenizing.run(text_work(len(text.encode())), run)
 
     async def token_strings(self, ids: list[int]) -> list[str]:
         """The tokens' strings of ids this tokenizer made of a text within the character bound (as many as it
         made: not bounded by max_seq_len, which bounds ids a client sends)."""
-        return await self.tokenizing.run(len(ids), self.base.tokenizer.convert_ids_to_tokens, ids)
+        return await self.tokenizing.run(ids_work(len(ids)), self.base.tokenizer.convert_ids_to_tokens, ids)
 
     async def detokenize(self, ids: list[int]) -> str:
         self.check_token_ids(ids)
-        return await self.tokenizing.run(len(ids), self.base.tokenizer.decode, ids)
+        return await self.tokenizing.run(ids_work(len(ids)), self.base.tokenizer.decode, ids)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as logprobs report it (cached: a top-20 answer names thousands of tokens)."""

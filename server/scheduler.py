@@ -11,16 +11,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 
+from server.client_share import ClientShares
 from server.engine import AdapterQueueFull, Engine, GenerationRequest, QueueFull, TokenEvent
-from server.engine.errors import ClientShareFull, EngineError
+from server.engine.errors import EngineError
 
 LatencyHook = Callable[[float], None]  # seconds
-# The client a request is submitted for (an API key's digest, or a peer address on a server without keys): the API
-# layer sets it for each HTTP request (auth.require_inference), Scheduler.submit counts the request against its share
-current_client: ContextVar[str | None] = ContextVar("current_client", default=None)
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,8 @@ class Scheduler:
 
     At most `max_queue` requests wait, and at most `max_queue_per_adapter` of them for one adapter (the base model
     counts as one): past that share an adapter's requests get 429 while other adapters' are still queued. At most
-    `max_requests_per_client` wait or run for one client (current_client), whatever adapters they name. None: no
+    `max_requests_per_client` wait or run for one client (client_share.current_client), whatever adapters they name,
+    counted with its jobs on the tokenizer's threads (`client_shares`, which the tokenizer holds too). None: no
     share."""
 
     def __init__(
@@ -135,11 +133,9 @@ class Scheduler:
         self.engine = engine
         self.max_queue = max_queue
         self.max_queue_per_adapter = max_queue_per_adapter
-        self.max_requests_per_client = max_requests_per_client
+        self.client_shares = ClientShares(max_requests_per_client)
         self.hooks = hooks or LatencyHooks()
         self._mailbox: Mailbox | None = None
-        self._per_client: dict[str, int] = {}  # client -> its requests waiting or running
-        self._clients_lock = threading.Lock()  # the engine thread releases a share as a request leaves it
 
     @property
     def queue_depth(self) -> int:
@@ -158,39 +154,10 @@ class Scheduler:
         if share is not None and self.engine.waiting_for(adapter_key) >= share:
             raise AdapterQueueFull(adapter_key, share, self.max_queue)
 
-    def _client_at_share(self) -> tuple[int, str] | None:
-        """(the share, the client) of a request whose client has a share; raises ClientShareFull where it is used up
-        (check reads it without the lock; submit counts under it)."""
-        share, client = self.max_requests_per_client, current_client.get()
-        if share is None or client is None:
-            return None
-        if self._per_client.get(client, 0) >= share:
-            raise ClientShareFull(share)
-        return share, client
-
     def _hold_client_share(self, request: GenerationRequest) -> Callable[[], None]:
         """Count `request` against its client's share (ClientShareFull past it) until it leaves the engine (its
         on_finish, wrapped); returns the release for a request the engine never took."""
-        with self._clients_lock:
-            held_by = self._client_at_share()
-            if held_by is None:
-                return lambda: None
-            client = held_by[1]
-            self._per_client[client] = self._per_client.get(client, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            with self._clients_lock:
-                if released:
-                    return
-                released = True
-                left = self._per_client[client] - 1
-                if left:
-                    self._per_client[client] = left
-                else:
-                    del self._per_client[client]
-
+        release = self.client_shares.hold()  # the engine thread releases it as the request leaves
         finish = request.on_finish
 
         def on_finish() -> None:
@@ -206,7 +173,7 @@ class Scheduler:
         adapter. The adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to
         its key; refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
         self._ensure_room()
-        self._client_at_share()
+        self.client_shares.check()
         self.engine.validate(request)
 
     def submit(self, request: GenerationRequest) -> TokenStream:

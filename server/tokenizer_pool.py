@@ -4,9 +4,16 @@ Prompts are tokenized before the waiting queue's bound is checked (a prompt's le
 and /tokenize is nothing but tokenizing, so any client can make this work without limit. In asyncio's default
 pool it had no bound, and shared its threads with everything else sent there (uploads being staged, answers
 being rendered): 1,000 concurrent /tokenize requests of 16,000 characters held an honest 4-token request for
-3.6-19 s. Here the work waiting or running is bounded in characters (a text's tokenizing time grows with its
-length; a burst of short prompts costs next to nothing), so that an honest prompt waits a fraction of a second
-at most: past the budget, a job is a 429 with Retry-After, as a request past the queue's bound is.
+3.6-19 s. Here the work waiting or running is bounded, so that an honest prompt waits a fraction of a second at
+most: past the budget, a job is a 429 with Retry-After, as a request past the queue's bound is. Each job also
+holds one of its client's share of requests under way (--max-requests-per-client) from before it is accepted
+until it ends, so that one client cannot fill the backlog and every thread with its jobs alone.
+
+Work is counted in bytes of UTF-8 text, what a fast tokenizer's time follows whatever the characters (SmolLM2's
+BPE: 0.35-0.75 us a byte for English, random words, CJK and astral text alike), plus what no byte of it shows: each
+job's own cost, and each message a chat template renders. Counted in characters, an astral character (4 bytes,
+1.5-2.2 us) was charged as an ASCII one (0.4-0.5 us), and a chat of 1,024 empty messages (27 ms of templating)
+nothing at all.
 """
 
 import asyncio
@@ -17,11 +24,34 @@ from functools import partial
 from typing import TypeVar
 
 from loraplex.errors import LoraplexError
+from server.client_share import ClientShares
 
 T = TypeVar("T")
 THREADS = 2  # fast tokenizers encode in Rust; more threads would take turns of the interpreter lock from the engine
-# ~0.3 s of work on THREADS threads at ~3.5 M characters a second each (SmolLM2's BPE, 16,000-character texts)
-BACKLOG_CHARS = 2_000_000
+# ~0.5 s of work on THREADS threads at ~2 M bytes a second each (SmolLM2's BPE, 16,000-byte texts)
+BACKLOG_BYTES = 2_000_000
+# What a job costs besides its text, in bytes of text that take as long to tokenize (~0.4 us each):
+CALL_BYTES = 128  # any job: tokenizing "hi" takes ~35 us
+TEMPLATE_BYTES = 384  # rendering a chat template: a chat of one short message takes ~160 us
+MESSAGE_BYTES = 64  # each message the template renders, empty or not: ~26 us
+MAX_MESSAGES = 1024  # messages a chat may send (the request schema's bound): each is MESSAGE_BYTES of work
+MAX_CHAR_BYTES = 4  # UTF-8's longest character
+
+
+def text_work(text_bytes: int) -> int:
+    """Tokenizing a text of `text_bytes` bytes of UTF-8, in bytes."""
+    return CALL_BYTES + text_bytes
+
+
+def chat_work(messages: int, text_bytes: int) -> int:
+    """Rendering a chat template of `messages` messages, their content `text_bytes` bytes in all, and tokenizing
+    it, in bytes."""
+    return CALL_BYTES + TEMPLATE_BYTES + messages * MESSAGE_BYTES + text_bytes
+
+
+def ids_work(ids: int) -> int:
+    """Decoding `ids` token ids (or naming their tokens), in bytes: an id takes ~0.25 us, less than a byte of text."""
+    return CALL_BYTES + ids
 
 
 class TokenizerBusy(LoraplexError):
@@ -31,35 +61,41 @@ class TokenizerBusy(LoraplexError):
 
 
 class TokenizerPool:
-    def __init__(self, max_text_chars: int, threads: int = THREADS) -> None:
-        """`max_text_chars`: the longest text a request may send; as many of them as threads always fit."""
-        self.budget_chars = max(BACKLOG_CHARS, threads * max_text_chars)
+    def __init__(self, max_text_chars: int, shares: ClientShares, threads: int = THREADS) -> None:
+        """`max_text_chars`: the longest text a request may send (in a chat: all its messages' content); as many of
+        the costliest jobs as threads always fit. `shares`: each client's share, held by every job."""
+        costliest = chat_work(MAX_MESSAGES, MAX_CHAR_BYTES * max_text_chars)
+        self.budget_bytes = max(BACKLOG_BYTES, threads * costliest)
+        self._shares = shares
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
         self._lock = threading.Lock()
-        self._chars = 0  # of the jobs submitted and not yet done (or cancelled before they ran)
+        self._bytes = 0  # of the jobs submitted and not yet done (or cancelled before they ran)
 
-    async def run(self, chars: int, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args), a job of `chars` characters, on a tokenizer thread; TokenizerBusy when it would take the
-        backlog past its budget."""
+    async def run(self, work: int, fn: Callable[..., T], *args: object) -> T:
+        """fn(*args), a job of `work` bytes (text_work, chat_work, ids_work), on a tokenizer thread; TokenizerBusy
+        when it would take the backlog past its budget, ClientShareFull when its client's share is used up."""
         with self._lock:
-            if self._chars + chars > self.budget_chars:
+            if self._bytes + work > self.budget_bytes:
                 raise TokenizerBusy(
-                    f"{self._chars} characters are waiting for the tokenizer, up to {self.budget_chars}; retry shortly"
+                    f"{self._bytes} bytes of work are waiting for the tokenizer, up to {self.budget_bytes}; "
+                    "retry shortly"
                 )
-            self._chars += chars
+            release = self._shares.hold()
+            self._bytes += work
         job = self._executor.submit(fn, *args)
         # counted until it ends, whether or not its request still waits for it: a client that leaves cancels
         # the job if it has not started, and a started one still holds its thread
-        job.add_done_callback(partial(self._done, chars))
+        job.add_done_callback(partial(self._done, work, release))
         return await asyncio.wrap_future(job)
 
-    def _done(self, chars: int, _: Future) -> None:
+    def _done(self, work: int, release: Callable[[], None], _: Future) -> None:
+        release()
         with self._lock:
-            self._chars -= chars
+            self._bytes -= work
 
     @property
-    def backlog_chars(self) -> int:
-        return self._chars
+    def backlog_bytes(self) -> int:
+        return self._bytes
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

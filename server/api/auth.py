@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.scheduler import current_client
+from server.client_share import current_client
 
 
 class Unauthorized(LoraplexError):

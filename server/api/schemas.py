@@ -29,13 +29,13 @@ from pydantic import (
 from server.engine.sampling import MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY
 from server.grammar import JSON_OBJECT, GrammarSpec, InvalidGrammar
 from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
+from server.tokenizer_pool import MAX_MESSAGES
 
 # torch.Generator.manual_seed takes [-2**63, 2**64); negative seeds alias positive ones, so only these
 MAX_SEED = 2**64 - 1
 # OpenAI allows 4 stop sequences, TGI 4 by default: 16 is generous, and every one is matched per token
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
-MAX_MESSAGES = 1024
 # in all of a request's messages: clients send one text part a message, or a few. Each part is a model validated
 # on the event loop (~7 us): a 4 MiB body holds ~160,000 empty parts, most of a second for every other client
 MAX_CONTENT_PARTS = 1024

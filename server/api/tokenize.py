@@ -1,6 +1,7 @@
 """Tokenizer endpoints: POST /tokenize and /detokenize in vLLM's shapes; /tokenize answers TGI's shape (a list
 of tokens with their character offsets) when the body is TGI's (`inputs`). Tokenizing runs in a worker
-thread, after the same character bound as the generation routes."""
+thread, after the same character bound as the generation routes, and counts against the client's share of
+requests (--max-requests-per-client) as theirs does."""
 
 from typing import Annotated
 

@@ -55,22 +55,6 @@ class AdapterQueueFull(EngineError):
         self.max_queue = max_queue
 
 
-class ClientShareFull(EngineError):
-    """The client (an API key, or a peer address on a server without keys) has max_requests_per_client requests
-    waiting or running already: one client's flood must not take the queue every client shares."""
-
-    http_status = 429
-    code = "client_share_full"
-    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
-
-    def __init__(self, max_requests_per_client: int) -> None:
-        super().__init__(
-            f"this client (its API key, or its address on a server without keys) has {max_requests_per_client} "
-            "requests waiting or running, the most one client may have at once (--max-requests-per-client): retry "
-            "when one finishes, or send fewer at once"
-        )
-
-
 class AdapterTooLarge(EngineError):
     """An adapter's rank exceeds max_lora_rank, or it targets a module the engine does not serve."""
 

@@ -1,7 +1,10 @@
-"""One adapter's share of the waiting queue through a real server (uvicorn in process, a tiny model): past
---max-queue-per-adapter that adapter's request gets 429 adapter_queue_full, in the server's error shape with
-Retry-After, while a request for another adapter is still queued and answered."""
+"""What every client shares, through a real server (uvicorn in process, a tiny model): past
+--max-queue-per-adapter an adapter's request gets 429 adapter_queue_full, in the server's error shape with
+Retry-After, while a request for another adapter is still queued and answered; past --max-requests-per-client a
+client's request, or tokenizer job, gets 429 client_share_full while another client's is served; past the tokenizer's
+backlog a job gets 429 tokenizer_busy, charged what it costs the tokenizer."""
 
+import asyncio
 import functools
 import threading
 import time
@@ -20,10 +23,12 @@ from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.app import create_app
 from server.engine import Engine
+from server.runtime import Runtime
+from server.tokenizer_pool import THREADS, TokenizerPool, chat_work, text_work
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Engine]]:
+def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Runtime]]:
     tmp = tmp_path_factory.mktemp("queue-share")
     base = load_base_model(
         str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
@@ -44,7 +49,7 @@ def server(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
             peft = make_peft_dir(tmp / name, seed=seed)
             files = {"config": (peft / CONFIG_FILE).read_bytes(), "weights": (peft / WEIGHTS_FILE).read_bytes()}
             assert httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files).status_code == 201
-        yield url, app.state.runtime.engine
+        yield url, app.state.runtime
 
 
 def paused(engine: Engine) -> tuple[threading.Event, Callable[[], None]]:
@@ -66,10 +71,10 @@ def generate(url: str, adapter: str | None) -> httpx.Response:
     return httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": parameters}, timeout=60)
 
 
-def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+def until(condition: Callable[[], bool], seconds: float = 30, never: str = "the requests never queued") -> None:
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "the requests never queued"
+        assert time.monotonic() < deadline, never
         time.sleep(0.01)
 
 
@@ -95,8 +100,8 @@ def flood_then_other(engine: Engine, flood: list[Send], refused: Send, other: Se
         restore()
 
 
-def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(server: tuple[str, Engine]) -> None:
-    url, engine = server
+def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(server: tuple[str, Runtime]) -> None:
+    url, engine = server[0], server[1].engine
     flood = functools.partial(generate, url, "flood")
     refused, answers = flood_then_other(engine, [flood, flood], flood, functools.partial(generate, url, "other"))
     assert refused.status_code == 429, refused.text
@@ -107,6 +112,50 @@ def test_an_adapter_past_its_share_gets_429_while_another_adapter_is_served(serv
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
     assert engine.waiting_counts() == {}
     assert generate(url, "flood").status_code == 200  # its share is free again
+
+
+def held_threads(pool: TokenizerPool) -> threading.Event:
+    """Every thread of the tokenizer's held by a job of one byte until the event is set, so that the jobs sent
+    meanwhile wait (as `paused` holds the engine)."""
+    go = threading.Event()
+
+    async def hold() -> None:
+        await asyncio.gather(*(pool.run(1, go.wait) for _ in range(THREADS)))
+
+    threading.Thread(target=asyncio.run, args=(hold(),), daemon=True).start()
+    until(lambda: pool.backlog_bytes == THREADS, never="the tokenizer's threads were never held")
+    return go
+
+
+def test_chats_are_charged_the_messages_they_render(server: tuple[str, Runtime]) -> None:
+    """Chats of 1,024 empty messages (27 ms of templating each on the embedded model, and no text at all) sent while
+    the tokenizer's threads are busy: each is charged its messages, so the backlog takes as many as its budget holds
+    and refuses the rest at once with 429 tokenizer_busy, while an honest prompt sent beside them still fits and is
+    answered as alone once the threads go on. Charged by their text, they cost nothing: none was ever refused."""
+    url, runtime = server
+    pool = runtime.inference.tokenizing
+    chat = {"messages": [{"role": "user", "content": ""}] * 1024}
+    fits = (pool.budget_bytes - THREADS) // chat_work(1024, 0)
+    alone = httpx.post(f"{url}/tokenize", json={"prompt": "hi"}, timeout=60).json()
+    go = held_threads(pool)
+    try:
+        with ThreadPoolExecutor(fits + 6) as senders:
+            chats = [senders.submit(httpx.post, f"{url}/tokenize", json=chat, timeout=60) for _ in range(fits + 5)]
+            until(lambda: sum(f.done() for f in chats) == 5, never="no chat past the budget was refused")
+            honest = senders.submit(httpx.post, f"{url}/tokenize", json={"prompt": "hi"}, timeout=60)
+            waiting = THREADS + fits * chat_work(1024, 0) + text_work(2)
+            until(lambda: pool.backlog_bytes == waiting, never="the honest prompt never reached the tokenizer")
+            refused = [f for f in chats if f.done()]
+            go.set()
+            answered = [f.result() for f in chats if f not in refused]
+    finally:
+        go.set()
+    for response in (f.result() for f in refused):
+        assert response.status_code == 429 and response.headers["retry-after"] == "1", response.text
+        assert response.json()["error"]["code"] == "tokenizer_busy", response.text
+    # templated, 1,024 messages are more tokens than max_seq_len 64: refused once the work was done
+    assert {(r.status_code, r.json()["error"]["code"]) for r in answered} == {(422, "prompt_too_long")}
+    assert honest.result().json() == alone
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +194,74 @@ def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: 
     assert error["code"] == "client_share_full" and "--max-requests-per-client" in error["message"], error
     assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
     assert all(generate_as(url, "flood-key").status_code == 200 for _ in range(3))  # its share is free again
+
+
+def post_as(url: str, key: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
+
+
+TOKENIZER_REQUESTS = [
+    ("/tokenize", {"prompt": "hi"}),
+    ("/tokenize", {"inputs": "hi"}),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "return_token_strs": True}),
+    ("/detokenize", {"tokens": [72, 73]}),
+]
+
+
+def test_a_client_at_its_share_is_refused_before_its_text_is_tokenized(keyed: tuple[str, Engine]) -> None:
+    """--max-requests-per-client 2: a key with two requests queued is refused its /tokenize and /detokenize requests
+    too (they take the tokenizer's threads every client shares), and its prompts before they are tokenized: a prompt
+    too long for max_seq_len 64 hears client_share_full, not the prompt_too_long its tokens would have told. Another
+    key's tokenizer requests are answered meanwhile, and the key's own once its requests end."""
+    url, engine = keyed
+    too_long = [
+        ("/generate", {"inputs": "x" * 100}),
+        ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "x" * 100}]}),
+    ]
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            queued = [pool.submit(generate_as, url, "flood-key") for _ in range(2)]
+            until(lambda: engine.num_waiting == 2)
+            refused = [post_as(url, "flood-key", path, body) for path, body in TOKENIZER_REQUESTS + too_long]
+            others = [post_as(url, "other-key", path, body) for path, body in TOKENIZER_REQUESTS]
+            go.set()
+            assert [f.result().status_code for f in queued] == [200, 200]
+    finally:
+        go.set()
+        restore()
+    for response in refused:
+        assert response.status_code == 429 and response.headers["retry-after"] == "1", response.text
+        assert response.json()["error"]["code"] == "client_share_full", response.text
+    assert [r.status_code for r in others] == [200] * len(TOKENIZER_REQUESTS), [r.text for r in others]
+    again = [post_as(url, "flood-key", path, body) for path, body in TOKENIZER_REQUESTS]
+    assert [r.json() for r in again] == [r.json() for r in others]
+    assert post_as(url, "flood-key", *too_long[0]).json()["error"]["code"] == "prompt_too_long"
+
+
+def test_one_clients_tokenizing_flood_leaves_the_tokenizer_to_the_others(keyed: tuple[str, Engine]) -> None:
+    """--max-requests-per-client 2: one key's flood of costly templating (chats of 1,024 messages, 20 ms of work
+    each), sent while another key's requests are in flight, holds at most two jobs of the tokenizer's: the rest are
+    refused at once with client_share_full, none fills the tokenizer's backlog (tokenizer_busy, which would refuse
+    the other key too), and the other key's answers are as alone."""
+    url, _ = keyed
+    chat = [{"role": "user", "content": "x"}] * 1024  # more tokens than max_seq_len: refused once templated
+    flood = [("/tokenize", {"messages": chat}), ("/v1/chat/completions", {"model": "llama", "messages": chat})]
+    honest = [
+        ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4}}),
+        ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/detokenize", {"tokens": [72, 73]}),
+    ]
+
+    def one_by_one() -> list[dict]:  # within the other key's own share
+        return [post_as(url, "other-key", path, body).json() for path, body in honest]
+
+    alone = one_by_one()
+    with ThreadPoolExecutor(33) as pool:
+        flooding = [pool.submit(post_as, url, "flood-key", *flood[i % 2]) for i in range(32)]
+        together = pool.submit(lambda: [answer for _ in range(3) for answer in one_by_one()])
+        assert together.result() == alone * 3
+        refused = [f.result() for f in flooding]
+    codes = [(r.status_code, r.json()["error"]["code"]) for r in refused]
+    assert set(codes) <= {(422, "prompt_too_long"), (429, "client_share_full")}, codes
+    assert (429, "client_share_full") in codes and (422, "prompt_too_long") in codes, codes

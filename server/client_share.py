@@ -1,0 +1,71 @@
+"""Each client's share of the server (--max-requests-per-client): its requests under way, counted from before
+their prompts are tokenized until they leave the engine, and its /tokenize and /detokenize jobs, so that one
+client's flood can take neither the queue nor the tokenizer's threads that every client shares."""
+
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+
+from loraplex.errors import LoraplexError
+
+# The client a request is made for (an API key's digest, or a peer address on a server without keys): the API layer
+# sets it for each HTTP request (auth.require_inference); the tokenizer and the scheduler count its work against it
+current_client: ContextVar[str | None] = ContextVar("current_client", default=None)
+
+
+class ClientShareFull(LoraplexError):
+    """The client (an API key, or a peer address on a server without keys) has max_requests_per_client requests
+    under way already: one client's flood must not take what every client shares."""
+
+    http_status = 429
+    code = "client_share_full"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
+
+    def __init__(self, max_requests_per_client: int) -> None:
+        super().__init__(
+            f"this client (its API key, or its address on a server without keys) has {max_requests_per_client} "
+            "requests being tokenized, waiting or running, the most one client may have at once "
+            "(--max-requests-per-client): retry when one finishes, or send fewer at once"
+        )
+
+
+class ClientShares:
+    """At most `share` units of work under way for each client (current_client); None: no share. Held from any
+    thread, released from any other (the engine's, the tokenizer's)."""
+
+    def __init__(self, share: int | None) -> None:
+        self.share = share
+        self._held: dict[str, int] = {}  # client -> its units under way; a client with none has no entry
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """ClientShareFull where the current client's share is used up (read without the lock: `hold` counts
+        under it)."""
+        client = current_client.get()
+        if self.share is not None and client is not None and self._held.get(client, 0) >= self.share:
+            raise ClientShareFull(self.share)
+
+    def hold(self) -> Callable[[], None]:
+        """Count one unit against the current client (ClientShareFull past its share); returns its release, which
+        may be called more than once."""
+        client = current_client.get()
+        with self._lock:
+            self.check()
+            if self.share is None or client is None:
+                return lambda: None
+            self._held[client] = self._held.get(client, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                left = self._held[client] - 1
+                if left:
+                    self._held[client] = left
+                else:
+                    del self._held[client]
+
+        return release
