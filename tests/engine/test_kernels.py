@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import (
 from loraplex.basemodel import nf4_config
 from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
+from server.engine.kernels.attention import MIN_SPLIT_POSITIONS
 from server.engine.kernels.greedy import BLOCK_V, greedy_pick
 from server.engine.kernels.kv_cache import write_kv
 from server.engine.kernels.lora import finish_projection, lora_shrink
@@ -468,7 +469,8 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
     if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit
         load = dict(quantization_config=nf4_config(torch.float32), dtype=torch.float32, device_map={"": DEVICE})
         base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / family, family), **load).eval()
-    engine = make_engine(base, tokenizer, fused_kernels=True)
+    # a cache long enough that decode steps split their KV ranges (choose_config): the merge makes o_proj's shrink
+    engine = make_engine(base, tokenizer, fused_kernels=True, max_seq_len=4 * MIN_SPLIT_POSITIONS)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
     assert any(isinstance(m, NormShrink) for m in engine.model.modules())
     assert any(isinstance(m, GatedMlpShrink) for m in engine.model.modules())

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from server.engine.kernels.attention import AttentionConfig, OutputShrink, choose_config, launch
+from server.engine.kernels.attention import (
+    MIN_SPLIT_POSITIONS,
+    SEARCH,
+    AttentionConfig,
+    OutputShrink,
+    choose_config,
+    launch,
+)
 from server.engine.kernels.attention import ragged_attention as triton_attention
 from server.engine.ragged_attention import ragged_attention as torch_attention
 
@@ -138,6 +145,14 @@ def test_multi_head_attention() -> None:
     check(step, None, [SMALL, SPLIT])
 
 
+def test_more_sequences_than_one_search_load() -> None:
+    """Past SEARCH sequences each program counts the sequence starts in several loads: the owners of blocks in
+    the first, a later and the last load's sequences (zero-token ones among them) all found."""
+    seqs = [(0, 0) if s % 37 == 36 else (1 + (s % 3 == 0) * 2, 5 + s % 11) for s in range(SEARCH.value + 20)]
+    step = make_step(seqs, q_heads=2, kv_heads=1, head_d=16, max_len=16)
+    check(step, None, [SMALL])
+
+
 def test_sliding_window() -> None:
     """A window of 8: decodes and chunks past it (their first tiles partly or wholly outside), one within."""
     step = make_step([(1, 30), (12, 12), (6, 26), (1, 5)], q_heads=4, kv_heads=2, head_d=16)
@@ -199,12 +214,17 @@ def test_merge_makes_the_outputs_lora_shrink(dtype) -> None:
 
 
 def test_config_depends_on_static_shapes_only() -> None:
-    """Decode buckets split long KV ranges when they have few programs, prefill buckets take wide blocks."""
+    """Decode buckets split long KV ranges when they have few sequences, as far as the span lets each split have
+    MIN_SPLIT_POSITIONS; prefill buckets take wide blocks."""
     cpu = torch.device("cpu")
-    assert choose_config(4, 4, 32, 8, cpu).splits > 1  # 4 decodes x 8 KV heads: far from filling the GPU
-    assert choose_config(512, 512, 32, 8, cpu) == AttentionConfig(block_m=16, block_n=64, splits=1)
-    assert choose_config(1024, 2, 32, 8, cpu).block_m == 64
-    assert choose_config(768, 257, 32, 8, cpu).block_m == 64  # 256 decodes and a 512-token chunk
+    assert choose_config(1, 1, 32, 8, cpu, 4096).splits == 16  # 8 programs: far from filling the GPU
+    assert choose_config(1, 1, 32, 8, cpu, 4 * MIN_SPLIT_POSITIONS).splits == 4  # but no split of fewer positions
+    assert choose_config(1, 1, 32, 8, cpu, MIN_SPLIT_POSITIONS - 1).splits == 1
+    assert choose_config(8, 8, 32, 8, cpu, 4096).splits == 4  # 64 programs: two an SM after 4 splits
+    assert choose_config(32, 32, 32, 8, cpu, 4096).splits == 1
+    assert choose_config(512, 512, 32, 8, cpu, 4096) == AttentionConfig(block_m=16, block_n=64, splits=1)
+    assert choose_config(1024, 2, 32, 8, cpu, 4096).block_m == 64
+    assert choose_config(768, 257, 32, 8, cpu, 4096).block_m == 64  # 256 decodes and a 512-token chunk
 
 
 @pytest.mark.gpu

@@ -19,22 +19,22 @@ import triton.language as tl
 from server.engine.kernels.lora import shrink_chunk, shrink_shape
 
 LOG2E = math.log2(math.e)  # scores are kept in base 2: exp2 is one instruction, exp is not
+MIN_SPLIT_POSITIONS = 64  # the fewest KV positions worth a split of their own (choose_config)
+SEARCH = tl.constexpr(128)  # sequence starts _find_sequence loads at once
 
 
 @triton.jit
 def _find_sequence(query_start_ptr, block, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence owning query block `block`: each sequence's blocks start at query_start[s] // BLOCK_Q + s,
-    strictly increasing in s (zero-token sequences own one empty block), so a binary search finds the last
-    start <= block."""
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(query_start_ptr + mid) // BLOCK_Q + mid <= block:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+    strictly increasing in s (zero-token sequences own one empty block), so the owner is the count of starts
+    <= block, less one. The starts are loaded SEARCH at a time: one memory round trip up to SEARCH sequences,
+    where a binary search waits for one a halving."""
+    count = 0
+    for first in range(0, num_seqs, SEARCH):
+        s = first + tl.arange(0, SEARCH)
+        starts = tl.load(query_start_ptr + s, mask=s < num_seqs, other=0)
+        count += tl.sum(((starts // BLOCK_Q + s <= block) & (s < num_seqs)).to(tl.int32), 0)
+    return count - 1
 
 
 # num_seqs is not specialized: Triton would turn a count of 1 into a constant and the search's bounds would
@@ -51,6 +51,7 @@ def _attention_kernel(
     seq_rows_ptr,  # [num_seqs] int32
     seq_lens_ptr,  # [num_seqs] int32
     num_seqs,
+    num_tokens,  # N
     qk_scale,  # softmax scale * log2(e)
     stride_qn,
     stride_qh,
@@ -72,10 +73,24 @@ def _attention_kernel(
     WINDOW: tl.constexpr,  # sliding window (a query at p sees keys k with p - k < WINDOW); 0: none
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # products on fp32 operands: Triton's CPU interpreter miscomputes bf16 ones
+    ZERO_PAD: tl.constexpr,  # zeros to the padding tokens' output (SPLITS == 1: the merge writes them otherwise)
 ):
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DP)
+    d_valid = offs_d < HEAD_D
+    if ZERO_PAD:
+        # The padding tokens past the last sequence are no sequence's: program (b, h) zeroes tokens b * BLOCK_Q
+        # onwards, as many as a block holds, at the heads of KV head h (the grid's blocks cover every token), where
+        # a fill of the whole output would cost a launch.
+        pad_tok = block * BLOCK_Q + offs_m // GROUP  # [BM]
+        pad_head = kv_head * GROUP + offs_m % GROUP
+        pad = (offs_m < BLOCK_Q * GROUP) & (pad_tok >= tl.load(query_start_ptr + num_seqs)) & (pad_tok < num_tokens)
+        pad_tile = out_ptr + pad_tok.to(tl.int64)[:, None] * stride_on + pad_head[:, None] * stride_oh + offs_d[None, :]
+        zero = tl.zeros([BLOCK_M, HEAD_DP], dtype=out_ptr.dtype.element_ty)
+        tl.store(pad_tile, zero, mask=pad[:, None] & d_valid[None, :])
     seq = _find_sequence(query_start_ptr, block, num_seqs, BLOCK_Q)
     q_begin = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_begin
@@ -87,13 +102,10 @@ def _attention_kernel(
     row = tl.load(seq_rows_ptr + seq).to(tl.int64)  # int64: R * Hkv * S * D may pass 2**31
     context = tl.load(seq_lens_ptr + seq) - q_len  # positions cached before this step's tokens
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DP)
     offs_n = tl.arange(0, BLOCK_N)
     tok = local * BLOCK_Q + offs_m // GROUP  # [BM] each row's token, counted within its sequence
     head = kv_head * GROUP + offs_m % GROUP  # [BM] each row's query head
     row_valid = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)  # [BM]: pad rows, tokens of the next sequence
-    d_valid = offs_d < HEAD_D
     pos = context + tok  # [BM] each row's position in the cache row
     q_rows = (q_begin + tok).to(tl.int64)
     q_tile = q_ptr + q_rows[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :]
@@ -241,13 +253,20 @@ class OutputShrink:
         return OutputShrink(a, slots, ranks, partial)
 
 
+def _floor_power_of_2(n: int) -> int:
+    """The largest power of two <= n; 1 below 1."""
+    return 1 << max(n.bit_length() - 1, 0)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # the H100/H200's, so that CPU runs pick what those GPUs would
 
 
-def choose_config(tokens: int, num_seqs: int, q_heads: int, kv_heads: int, device: torch.device) -> AttentionConfig:
+def choose_config(
+    tokens: int, num_seqs: int, q_heads: int, kv_heads: int, device: torch.device, span: int
+) -> AttentionConfig:
     """The launch configuration for a batch shape; a function of the static shapes only, so that one CUDA graph
     per bucket replays it. Measured on an H200 (bf16, 32 query heads, 8 KV heads, D 128): decode-only batches
     (a token a sequence, whose programs hold one token's GROUP heads) are fastest with 16 rows a program, the
@@ -258,12 +277,19 @@ def choose_config(tokens: int, num_seqs: int, q_heads: int, kv_heads: int, devic
     prefill = tokens >= 2 * max(num_seqs, 1)
     block_m = max(64 if prefill else 16, triton.next_power_of_2(group))
     block_q = block_m // group
-    programs = (tokens // block_q + num_seqs) * kv_heads
-    # Fewer programs than two waves (eight for decode-only steps: a decode program streams its sequence's whole
-    # context, however long, while the graph's split count is fixed at capture): split each one's KV range so the
-    # GPU fills (flash-decoding). The merge costs a round trip of fp32 partials, so splits stop at 16.
-    target = (2 if prefill else 8) * _sm_count(device)
-    splits = 1 if programs >= target else min(16, triton.next_power_of_2(triton.cdiv(target, max(programs, 1))))
+    target = 2 * _sm_count(device)  # two programs an SM
+    if prefill:  # fewer programs than two waves: split each one's KV range so the GPU fills (flash-decoding)
+        programs = (tokens // block_q + num_seqs) * kv_heads
+        splits = triton.next_power_of_2(triton.cdiv(target, max(programs, 1))) if programs < target else 1
+    else:
+        # A decode step has a block a sequence (its other blocks are empty), and its split count is fixed at
+        # capture while its context is not. Splitting up to two programs an SM paid at 1 and 8 sequences of 8 KV
+        # heads at 256-4,096 positions; at 32 and 64 sequences one program a sequence and KV head was the fastest
+        # at all of them (bench/attention.py on an H200): the merge costs a launch and a round trip of partials.
+        splits = _floor_power_of_2(target // max(num_seqs * kv_heads, 1))
+    # Past 16 splits, or below MIN_SPLIT_POSITIONS positions a split of the longest KV range (`span`, a bound on
+    # every sequence's), the merge costs more than streaming in more programs saves.
+    splits = min(splits, 16, _floor_power_of_2(span // MIN_SPLIT_POSITIONS))
     # 3 stages of K/V loads in flight: prefill and mixed batches 8-20% faster than 2 on the H200, decode-only
     # ones up to 12% slower.
     return AttentionConfig(block_m=block_m, block_n=64, splits=splits, num_stages=3 if prefill else 2)
@@ -289,14 +315,19 @@ def ragged_attention(
     none); seq_rows, seq_lens: [num_seqs] int32 (cache row; KV length after this step, its new tokens being
     the last ones). Returns out [N, Hq, D] in q's dtype; tokens past query_start[-1] are left as they were
     (zero in a new output)."""
-    config = choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device)
+    config = _config(q, k_cache, seq_rows)
     return launch(q, k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window, out, config, shrink)
 
 
 def merges(q: torch.Tensor, k_cache: torch.Tensor, seq_rows: torch.Tensor) -> bool:
     """Whether ragged_attention of these shapes splits the KV ranges, so that its merge kernel runs (and can make
     an OutputShrink)."""
-    return choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device).splits > 1
+    return _config(q, k_cache, seq_rows).splits > 1
+
+
+def _config(q: torch.Tensor, k_cache: torch.Tensor, seq_rows: torch.Tensor) -> AttentionConfig:
+    """choose_config for these operands: no sequence's KV range is longer than a cache row."""
+    return choose_config(q.shape[0], seq_rows.shape[0], q.shape[1], k_cache.shape[1], q.device, k_cache.shape[2])
 
 
 def launch(
@@ -327,12 +358,13 @@ def launch(
     block_m = max(config.block_m, 16, triton.next_power_of_2(group))
     block_q = block_m // group
     head_dp = max(16, triton.next_power_of_2(head_d))
-    blocks = tokens // block_q + num_seqs  # >= the sum over sequences of cdiv(q_len, BLOCK_Q)
+    # >= the sum over sequences of cdiv(q_len, BLOCK_Q), and with a sequence past every token's block // BLOCK_Q
+    blocks = tokens // block_q + num_seqs
     splits = config.splits
-    zero_pad = out is None and splits > 1 and blocks > 0  # the merge kernel zeroes a new output's padding
+    zero_pad = out is None and num_seqs > 0 and tokens > 0  # the launch zeroes a new output's padding tokens
     if out is None:  # tokens past the last sequence are not attended: zero, not garbage
         out = torch.empty_like(q) if zero_pad else torch.zeros_like(q)
-    if blocks == 0 or tokens == 0:
+    if num_seqs == 0 or tokens == 0:
         return out
     if shrink is not None and splits == 1:
         raise ValueError("the output's shrink is made by the merge kernel, which runs only with more than one split")
@@ -345,13 +377,13 @@ def launch(
     else:
         part_acc = part_ml = out  # unused
     _attention_kernel[(blocks, kv_heads, splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml, query_start, seq_rows, seq_lens, num_seqs, scale * LOG2E,
+        q, k_cache, v_cache, out, part_acc, part_ml, query_start, seq_rows, seq_lens, num_seqs, tokens, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         GROUP=group, HEAD_D=head_d, HEAD_DP=head_dp, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         SPLITS=splits, WINDOW=sliding_window or 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no silent TF32 rounding
-        DOT_FP32=q.device.type == "cpu",
+        DOT_FP32=q.device.type == "cpu", ZERO_PAD=zero_pad and splits == 1,  # the merge writes them after splits
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
