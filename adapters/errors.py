@@ -125,3 +125,11 @@ def disk_full(exc: BaseException) -> bool:
     """Whether an error is the disk (or the user's quota) having no room left: the server's state, not the
     upload's, whatever file was being written."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def reason(exc: BaseException) -> str:
+    """What a client is told of an unexpected error: its type and message, but only an OS error's reason, since an
+    OSError's message names the file (a server path; the server log has it)."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'no reason given'}"
+    return f"{type(exc).__name__}: {exc}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from adapters.bounds import check_magnitudes, check_tensors
-from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound
+from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, reason
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
 from adapters.manifest import Manifest, adapter_key, check_name, parse_ref
@@ -209,13 +209,15 @@ class AdapterStore:
             config = read_config(path / CONFIG_FILE)
             weights = lora_weights_from_state(state, config)
         except (OSError, ValueError, AdapterError) as exc:
+            log.warning("adapter %s could not be read from %s: %s", manifest.key, path, exc)
             raise AdapterLoadFailed(
-                f"adapter {manifest.key} could not be read from {path} ({exc}); delete and upload it again"
+                f"adapter {manifest.key} could not be read from storage ({reason(exc)}); delete and upload it again"
             ) from exc
         if content_sha256(config, state) != manifest.sha256:
+            log.warning("adapter %s in %s does not match its manifest's sha256", manifest.key, path)
             raise AdapterLoadFailed(
-                f"adapter {manifest.key} in {path} does not match its manifest's sha256: it was changed after "
-                "it was stored; delete it and upload it again"
+                f"adapter {manifest.key} does not match its manifest's sha256: it was changed after it was stored; "
+                "delete it and upload it again"
             )
         check_tensors(state)
         check_magnitudes(weights)

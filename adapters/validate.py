@@ -23,6 +23,7 @@ from adapters.errors import (
     InvalidAdapterWeights,
     UnsafeAdapterFormat,
     UnsupportedAdapter,
+    reason,
 )
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import lora_weights_from_state, pattern_value, split_peft_key
@@ -364,7 +365,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, ValueError, OSError) as exc:
-        raise UnsafeAdapterFormat(f"{path.name} is a damaged safetensors file ({exc}); upload it again") from exc
+        damaged = f"{path.name} is a damaged safetensors file ({reason(exc)}); upload it again"
+        raise UnsafeAdapterFormat(damaged) from exc
 
 
 def _module_of(key: str) -> str:

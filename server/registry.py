@@ -31,6 +31,7 @@ from adapters.errors import (
     IncompatibleAdapter,
     TooManyAdaptersLoaded,
     TooManyPinned,
+    reason,
 )
 from adapters.lora import LoraModule, LoraWeights
 from adapters.manifest import Manifest
@@ -217,8 +218,7 @@ class AdapterRegistry:
             if isinstance(exc, AdapterError):
                 raise
             raise AdapterLoadFailed(
-                f"adapter {entry.manifest.key} could not be loaded ({type(exc).__name__}: {exc}); "
-                "delete it and upload it again"
+                f"adapter {entry.manifest.key} could not be loaded ({reason(exc)}); delete it and upload it again"
             ) from exc
         if self._metrics is not None:
             self._metrics.observe_load(time.perf_counter() - start)

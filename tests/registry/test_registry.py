@@ -144,9 +144,14 @@ def test_failed_load_is_reported_and_retried(tmp_path: Path, peft_dir: Path) -> 
     weights.write_bytes(good[:100])  # damaged behind the server's back
 
     async def main() -> None:
-        with pytest.raises(AdapterLoadFailed, match="delete and upload it again"):
+        with pytest.raises(AdapterLoadFailed, match="delete and upload it again") as failed:
             await registry.acquire("a")
+        assert str(tmp_path) not in str(failed.value)  # what a client reads names no server path
         assert registry.state("a@1") == AdapterState.FAILED
+        weights.unlink()  # an OSError, whose message names the file
+        with pytest.raises(AdapterLoadFailed, match="No such file or directory") as failed:
+            await registry.acquire("a")
+        assert str(tmp_path) not in str(failed.value)
         weights.write_bytes(good)
         (await registry.acquire("a")).release()
         assert registry.state("a@1") == AdapterState.ON_CPU
