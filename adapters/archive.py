@@ -1,13 +1,13 @@
 """Safe extraction of an uploaded .tar(.gz, .bz2, .xz) / .zip holding a PEFT directory.
 
 Headers are not trusted: sizes are counted while the bytes are written, members are limited in number,
-tar headers are read in bounded pieces (adapters.tarstream), and gzip headers too (adapters.gzipstream), a zip's
-central directory is bounded before it is read, decompression stops where the archive ends or the budget does,
-and only regular files and directories with plain relative paths are accepted. Errors name members by their
-paths in the archive, never by where the server extracts them.
+tar headers are read in bounded pieces (adapters.tarstream), and gzip headers too (adapters.gzipstream), gzip
+members and bzip2 and xz streams are counted (adapters.gzipstream, adapters.multistream), a zip's central
+directory is bounded before it is read, decompression stops where the archive ends or the budget does, and only
+regular files and directories with plain relative paths are accepted. Errors name members by their paths in the
+archive, never by where the server extracts them.
 """
 
-import bz2
 import errno
 import lzma
 import stat
@@ -20,6 +20,7 @@ from typing import IO, Protocol
 
 from adapters.errors import AdapterTooLarge, UnsafeArchive, disk_full
 from adapters.gzipstream import open_gzip
+from adapters.multistream import open_bzip2, open_xz
 from adapters.tarstream import damaged, members, not_an_archive
 from adapters.validate import CONFIG_FILE
 
@@ -38,8 +39,8 @@ _ZIP_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 # magic bytes -> how to open the tar inside; anything else is read as a plain tar
 _COMPRESSED: dict[bytes, Callable[[Path], IO[bytes]]] = {
     b"\x1f\x8b": open_gzip,
-    b"BZh": bz2.open,
-    b"\xfd7zXZ\x00": lzma.open,
+    b"BZh": open_bzip2,
+    b"\xfd7zXZ\x00": open_xz,
 }
 
 

@@ -2,9 +2,11 @@
 it was. Each test reproduces one way an upload used to harm the server or other clients."""
 
 import asyncio
+import bz2
 import gzip
 import io
 import json
+import lzma
 import math
 import struct
 import tarfile
@@ -29,7 +31,7 @@ from tiny import tiny_model
 from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
-from adapters.gzipstream import MAX_HEADER
+from adapters.gzipstream import MAX_HEADER, MAX_MEMBERS
 from adapters.manifest import Manifest
 from adapters.validate import AdapterLimits
 
@@ -624,12 +626,41 @@ def test_gzip_headers_are_bounded_before_they_are_read(tmp_path: Path, peft_dir:
             extract_archive(tmp_path / "a.tar.gz", tmp_path / field, 1 << 20)
 
 
+@pytest.mark.parametrize(("kind", "compress"), [("bzip2", bz2.compress), ("xz", lzma.compress)])
+def test_bzip2_and_xz_files_of_several_streams_are_read(tmp_path: Path, peft_dir: Path, kind, compress) -> None:
+    """The counting reader reads a tar compressed as one stream, as a stream a part with xz's zero padding between
+    them (pbzip2 writes a stream a block), and after empty streams up to MAX_MEMBERS in all; it refuses one more
+    stream, and a file cut off inside a stream."""
+    tar = peft_tar(peft_dir)
+    third = len(tar) // 3 + 1
+    empty = [compress(b"")] * (MAX_MEMBERS - 1)
+    honest = {
+        "one": compress(tar),
+        "parts": b"".join(compress(tar[i : i + third]) + bytes(4) for i in range(0, len(tar), third)),
+        "most": b"".join(empty) + compress(tar),
+    }
+    for name, data in honest.items():
+        (tmp_path / name).write_bytes(data)
+        found = extract_archive(tmp_path / name, tmp_path / f"{name}-out", 1 << 20)
+        assert {p.name: p.read_bytes() for p in found.iterdir()} == {p.name: p.read_bytes() for p in peft_dir.iterdir()}
+    (tmp_path / "more").write_bytes(compress(b"") + honest["most"])
+    with pytest.raises(errors.UnsafeArchive, match=f"over {MAX_MEMBERS} {kind} streams"):
+        extract_archive(tmp_path / "more", tmp_path / "more-out", 1 << 20)
+    (tmp_path / "cut").write_bytes(honest["one"][: len(honest["one"]) // 2])
+    with pytest.raises(errors.UnsafeArchive, match=f"ends inside a {kind} stream"):
+        extract_archive(tmp_path / "cut", tmp_path / "cut-out", 1 << 20)
+
+
 # each: the archive (made once the test runs), what its refusal says
 HOSTILE_ARCHIVES = {
     "gzip-name": (lambda tar: gzip_member(tar, name=b"n" * (64 << 20)), "gzip header"),
     "gzip-comment": (lambda tar: gzip_member(tar, comment=b"c" * (64 << 20)), "gzip header"),
     # 20 bytes each, every one a round of the interpreter's: 100 MiB of them took 35 s
     "gzip-empty-members": (lambda tar: gzip.compress(b"", mtime=0) * 100_000 + gzip.compress(tar), "gzip members"),
+    # 14 and 32 bytes each, a decompressor set up by the interpreter for each: 8 MiB of them took bz2.open and
+    # lzma.open 1 s, and the archive after them was stored
+    "bzip2-empty-streams": (lambda tar: bz2.compress(b"") * 100_000 + bz2.compress(tar), "bzip2 streams"),
+    "xz-empty-streams": (lambda tar: lzma.compress(b"") * 100_000 + lzma.compress(tar), "xz streams"),
     "twice": (lambda _: gzip.compress(plain_tar(("a", b"1"), ("a", b"2"))), "'a' clashes with another member"),
     "file-and-directory": (lambda _: gzip.compress(plain_tar(("x", b"1"), ("x/", None))), "'x/' clashes"),
     "through-a-file": (lambda _: gzip.compress(plain_tar(("x", b"1"), ("x/y", b"2"))), "'x/y' clashes"),
