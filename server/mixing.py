@@ -152,9 +152,11 @@ class MixCache:
             del self._builds[key]
             self._mixes[key] = built
             dropped = [self._mixes.popitem(last=False)[0] for _ in range(len(self._mixes) - self._capacity)]
-        build.set_result(built)
-        for old in dropped:
-            self._on_drop(old)
+        try:  # the mixes it displaced are dropped before anyone is handed it: the cache's bound holds when they are
+            for old in dropped:
+                self._on_drop(old)
+        finally:
+            build.set_result(built)
 
     def _release_of(self, key: str) -> Callable[[], None]:
         released = False
