@@ -245,8 +245,15 @@ class Inference:
         return None if model_or_adapter in (None, "", self.base.served_name) else model_or_adapter
 
     async def grammar(self, spec: GrammarSpec | None) -> CompiledGrammar | None:
-        """The compiled grammar of a request that asks for one (compiled off the loop, cached); a 422 if it cannot."""
-        return await self.grammars.get(spec) if spec is not None else None
+        """The compiled grammar of a request that asks for one (compiled off the loop, cached); a 422 if it cannot.
+        The compile counts against the client's share: the compiler's threads are every client's."""
+        if spec is None:
+            return None
+        release = self.scheduler.client_shares.hold()
+        try:
+            return await self.grammars.get(spec)
+        finally:
+            release()
 
     # ---- running -------------------------------------------------------------------------------------------
     async def stream(
@@ -259,7 +266,13 @@ class Inference:
         try:
             request = GenerationRequest(prompt_ids, sampling, grammar=grammar.matcher() if grammar else None)
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
-            held = await self._hold(adapter) if adapter is not None else None
+            held = None
+            if adapter is not None:  # loading it counts against the client's share, as the queue does after
+                release = self.scheduler.client_shares.hold()
+                try:
+                    held = await self._hold(adapter)
+                finally:
+                    release()
             if held is not None:
                 label = self._label(adapter)  # indexed now, if another server stored it
                 request.adapter_key, request.lora, request.on_finish = held

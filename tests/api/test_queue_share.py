@@ -265,3 +265,32 @@ def test_one_clients_tokenizing_flood_leaves_the_tokenizer_to_the_others(keyed: 
     codes = [(r.status_code, r.json()["error"]["code"]) for r in refused]
     assert set(codes) <= {(422, "prompt_too_long"), (429, "client_share_full")}, codes
     assert (429, "client_share_full") in codes and (422, "prompt_too_long") in codes, codes
+
+
+def slow_schema(tag: str) -> dict:
+    """A JSON schema whose translation takes the grammar compiler to its deadline: 500 patternProperties, checked
+    pairwise for overlaps (a minute)."""
+    return {"type": "object", "patternProperties": {f"^p{i}_{tag}[a-z]*$": {} for i in range(500)}}
+
+
+def test_a_clients_grammars_count_against_its_share_while_they_compile(keyed: tuple[str, Engine]) -> None:
+    """--max-requests-per-client 2: a key whose two requests' grammars are compiling (schemas that hold the compiler
+    to its deadline) is refused a third request with client_share_full, while another key's request is answered;
+    the slow grammars end as 422s and the key's share is free again."""
+    url, _ = keyed
+    with ThreadPoolExecutor(2) as pool:
+        slow = [
+            pool.submit(post_as, url, "flood-key", "/generate", {"inputs": "hi", "parameters": {
+                "max_new_tokens": 2, "grammar": {"type": "json", "value": slow_schema(str(k))}}})
+            for k in range(2)
+        ]  # fmt: skip
+        # A probe holds a unit of the share while it runs: sent as the grammars start, it could take one's place.
+        # They start within milliseconds and compile for 2.5 s (the compiler's check deadline).
+        time.sleep(1)
+        refused = generate_as(url, "flood-key")
+        other = generate_as(url, "other-key")
+        answers = [f.result() for f in slow]
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "client_share_full", refused.text
+    assert other.status_code == 200, other.text
+    assert [r.status_code for r in answers] == [422, 422], [r.text for r in answers]
+    assert generate_as(url, "flood-key").status_code == 200
