@@ -159,17 +159,23 @@ def test_chats_are_charged_the_messages_they_render(server: tuple[str, Runtime])
 
 
 @pytest.fixture(scope="module")
-def keyed(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Engine]]:
+def keyed(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Runtime]]:
     tmp = tmp_path_factory.mktemp("client-share")
     base = load_base_model(
         str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
     )
     settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=64, max_batch_size=1,
-                        max_queue=8, max_requests_per_client=2, api_key=["flood-key", "other-key"])  # fmt: skip
+                        max_queue=8, max_requests_per_client=2, api_key=["flood-key", "other-key"],
+                        admin_key=["admin-key"])  # fmt: skip
     app = create_app(settings, base=base)
     with serve_app(app) as url:
         wait_ready(url)
-        yield url, app.state.runtime.engine
+        peft = make_peft_dir(tmp / "adapter")
+        files = {"config": (peft / CONFIG_FILE).read_bytes(), "weights": (peft / WEIGHTS_FILE).read_bytes()}
+        uploaded = httpx.post(f"{url}/v1/adapters", data={"name": "adapter"}, files=files,
+                              headers={"Authorization": "Bearer admin-key"})  # fmt: skip
+        assert uploaded.status_code == 201, uploaded.text
+        yield url, app.state.runtime
 
 
 def generate_as(url: str, key: str, stream: bool = False) -> httpx.Response:
@@ -178,11 +184,12 @@ def generate_as(url: str, key: str, stream: bool = False) -> httpx.Response:
                       headers={"Authorization": f"Bearer {key}"})  # fmt: skip
 
 
-def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: tuple[str, Engine]) -> None:
+def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: tuple[str, Runtime]) -> None:
     """--max-requests-per-client 2: a key with two requests queued (both on the base model, a stream among them)
     gets 429 client_share_full for a third, while another key's request is queued and answered; the share frees as
     the requests end. The per-adapter share cannot tell these clients apart: they name the same model."""
-    url, engine = keyed
+    url, runtime = keyed
+    engine = runtime.engine
     flood = functools.partial(generate_as, url, "flood-key")
     refused, answers = flood_then_other(
         engine, [flood, functools.partial(generate_as, url, "flood-key", True)], flood,
@@ -208,12 +215,13 @@ TOKENIZER_REQUESTS = [
 ]
 
 
-def test_a_client_at_its_share_is_refused_before_its_text_is_tokenized(keyed: tuple[str, Engine]) -> None:
+def test_a_client_at_its_share_is_refused_before_its_text_is_tokenized(keyed: tuple[str, Runtime]) -> None:
     """--max-requests-per-client 2: a key with two requests queued is refused its /tokenize and /detokenize requests
     too (they take the tokenizer's threads every client shares), and its prompts before they are tokenized: a prompt
     too long for max_seq_len 64 hears client_share_full, not the prompt_too_long its tokens would have told. Another
     key's tokenizer requests are answered meanwhile, and the key's own once its requests end."""
-    url, engine = keyed
+    url, runtime = keyed
+    engine = runtime.engine
     too_long = [
         ("/generate", {"inputs": "x" * 100}),
         ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "x" * 100}]}),
@@ -239,7 +247,7 @@ def test_a_client_at_its_share_is_refused_before_its_text_is_tokenized(keyed: tu
     assert post_as(url, "flood-key", *too_long[0]).json()["error"]["code"] == "prompt_too_long"
 
 
-def test_one_clients_tokenizing_flood_leaves_the_tokenizer_to_the_others(keyed: tuple[str, Engine]) -> None:
+def test_one_clients_tokenizing_flood_leaves_the_tokenizer_to_the_others(keyed: tuple[str, Runtime]) -> None:
     """--max-requests-per-client 2: one key's flood of costly templating (chats of 1,024 messages, 20 ms of work
     each), sent while another key's requests are in flight, holds at most two jobs of the tokenizer's: the rest are
     refused at once with client_share_full, none fills the tokenizer's backlog (tokenizer_busy, which would refuse
@@ -273,7 +281,7 @@ def slow_schema(tag: str) -> dict:
     return {"type": "object", "patternProperties": {f"^p{i}_{tag}[a-z]*$": {} for i in range(500)}}
 
 
-def test_a_clients_grammars_count_against_its_share_while_they_compile(keyed: tuple[str, Engine]) -> None:
+def test_a_clients_grammars_count_against_its_share_while_they_compile(keyed: tuple[str, Runtime]) -> None:
     """--max-requests-per-client 2: a key whose two requests' grammars are compiling (schemas that hold the compiler
     to its deadline) is refused a third request with client_share_full, while another key's request is answered;
     the slow grammars end as 422s and the key's share is free again."""
@@ -294,3 +302,30 @@ def test_a_clients_grammars_count_against_its_share_while_they_compile(keyed: tu
     assert other.status_code == 200, other.text
     assert [r.status_code for r in answers] == [422, 422], [r.text for r in answers]
     assert generate_as(url, "flood-key").status_code == 200
+
+
+def test_a_clients_requests_count_against_its_share_while_their_adapter_loads(
+    keyed: tuple[str, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-requests-per-client 2: a key whose two requests wait for their adapter to load from the store (a slow
+    disk: each read takes 2 s) is refused a third request with client_share_full, while another key's request is
+    answered; both requests are answered once the adapter is loaded."""
+    url, runtime = keyed
+    store = runtime.registry.store
+    read_weights = store.read_weights
+
+    def slow_read(manifest):  # type: ignore[no-untyped-def]
+        time.sleep(2)
+        return read_weights(manifest)
+
+    monkeypatch.setattr(store, "read_weights", slow_read)  # no request named the adapter before: it is read now
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "adapter_id": "adapter"}}
+    with ThreadPoolExecutor(2) as pool:
+        loading = [pool.submit(post_as, url, "flood-key", "/generate", body) for _ in range(2)]
+        time.sleep(1)  # they reach the load within milliseconds; a probe sent before could take one's place
+        refused = generate_as(url, "flood-key")
+        other = generate_as(url, "other-key")
+        answers = [f.result() for f in loading]
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "client_share_full", refused.text
+    assert other.status_code == 200, other.text
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
