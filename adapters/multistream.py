@@ -1,9 +1,12 @@
-"""bzip2 and xz readers that count a file's streams, for uploads.
+"""Readers of compressed files made of several streams (gzip's members, bzip2's and xz's streams) that count them,
+for uploads.
 
-bz2.open and lzma.open read a file's streams one after another, the interpreter setting up a decompressor for each:
-a file of empty streams (14 bytes each in bzip2, 32 in xz) costs them about 1 s each 8 MiB, 10-40 times what
-real data costs a byte, so a 512 MiB upload of them a minute of a core. As gzip members are (gzipstream), streams
-are counted here, and the decompressors do the rest in C, in pieces no larger than the reader asks for.
+gzip.open, bz2.open and lzma.open read a file's streams one after another, the interpreter setting up each: a file
+of empty ones (20 bytes each in gzip, 14 in bzip2, 32 in xz) costs them 3-8 MiB a second, 10-40 times what real
+data costs a byte (100 MiB of empty gzip members took 35 s, 64 MiB of empty bzip2 or xz streams 13-16 s). Here a
+file may hold at most MAX_MEMBERS streams, and the decompressors do the rest in C, in pieces no larger than the
+reader asks for, each checking its stream's checksum as it reads it to its end. gzip's headers are bounded too
+(gzipstream).
 """
 
 import bz2
@@ -14,40 +17,40 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from adapters.errors import UnsafeArchive
-from adapters.gzipstream import MAX_MEMBERS
 from adapters.tarstream import damaged
 
-_READ = 1 << 16  # compressed bytes read at a time
+# gzip, pigz, tar and Python write one stream; bgzip writes a gzip member per 64 KiB (256 MiB of tar in 4096),
+# pbzip2 a bzip2 stream per 900 kB block. Each costs a few microseconds of the interpreter however little it holds:
+# a 512 MiB upload is 27 million empty gzip members.
+MAX_MEMBERS = 4096
+READ = 1 << 16  # compressed bytes read at a time
 
 
 class Decompressor(Protocol):
-    """bz2.BZ2Decompressor's and lzma.LZMADecompressor's common interface."""
+    """What zlib's, bz2's and lzma's decompressor objects have in common."""
 
     eof: bool
-    needs_input: bool
     unused_data: bytes
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
-
-
-def open_bzip2(path: Path) -> IO[bytes]:
-    return io.BufferedReader(StreamsReader(path.open("rb"), bz2.BZ2Decompressor, "bzip2"))
-
-
-def open_xz(path: Path) -> IO[bytes]:
-    return io.BufferedReader(StreamsReader(path.open("rb"), lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), "xz"))
+    def decompress(self, data: bytes, max_length: int = ..., /) -> bytes: ...
 
 
 class StreamsReader(io.RawIOBase):
-    """The decompressed bytes of a file's streams, one after another, zero bytes between them skipped (xz's stream
-    padding). Raises UnsafeArchive for too many streams or a file that ends inside one; the decompressor's error
-    (OSError, lzma.LZMAError) for damaged data."""
+    """The decompressed bytes of a file's streams one after another, zero bytes between them skipped (gzip and xz
+    read them as padding). Raises UnsafeArchive for too many streams or a file that ends inside one, as `_begin`
+    does for a stream's header; the decompressor's error for damaged data. A format says what its stream is called
+    (`stream`, in plural `streams`), what writes one stream (`packer`), how a stream begins (`_begin`) and what a
+    decompressor holds back of its input (`_held_back`)."""
 
-    def __init__(self, raw: IO[bytes], new: Callable[[], Decompressor], kind: str) -> None:
-        self._raw, self._new, self._kind = raw, new, kind
-        self._stream: Decompressor | None = None  # the stream being decompressed
+    stream: str
+    streams: str
+    packer: str
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._current: Decompressor | None = None  # the stream being decompressed
         self._input = b""  # read from the file, not yet given to a decompressor
-        self._streams = 0
+        self._count = 0
 
     def readable(self) -> bool:
         return True
@@ -56,17 +59,17 @@ class StreamsReader(io.RawIOBase):
         with memoryview(buffer) as view, view.cast("B") as out:
             if not out:  # a max_length of 0 is read as no bound at all
                 return 0
-            while self._stream is not None or self._start_stream():
-                stream = self._stream
-                if stream.eof:
-                    self._input, self._stream = stream.unused_data, None
+            while self._current is not None or self._start():
+                current = self._current
+                if current.eof:
+                    self._input, self._current = current.unused_data, None
                     continue
-                data = b""  # output still held back from the last call needs no more input
-                if stream.needs_input:
-                    data, self._input = self._input or self._raw.read(_READ), b""
+                data = self._held_back(current)
+                if data is None:
+                    data, self._input = self._input or self._raw.read(READ), b""
                     if not data:
-                        raise damaged(f"it ends inside a {self._kind} stream")
-                chunk = stream.decompress(data, len(out))
+                        raise damaged(f"it ends inside a {self.stream}")
+                chunk = current.decompress(data, len(out))
                 if chunk:
                     out[: len(chunk)] = chunk
                     return len(chunk)
@@ -78,18 +81,59 @@ class StreamsReader(io.RawIOBase):
         finally:
             super().close()
 
-    def _start_stream(self) -> bool:
+    def _start(self) -> bool:
         """Begin the next stream, counted against the bound; False at the end of the file."""
         data = self._input.lstrip(b"\0")
         while not data:
-            data = self._raw.read(_READ)
+            data = self._raw.read(READ)
             if not data:
                 return False
             data = data.lstrip(b"\0")
-        self._streams += 1
-        if self._streams > MAX_MEMBERS:
+        self._count += 1
+        if self._count > MAX_MEMBERS:
             raise UnsafeArchive(
-                f"the archive is over {MAX_MEMBERS} {self._kind} streams; compress the tar as one stream ({self._kind})"
+                f"the archive is over {MAX_MEMBERS} {self.streams}; compress the tar as one stream ({self.packer})"
             )
-        self._input, self._stream = data, self._new()
+        self._input, self._current = self._begin(data)
         return True
+
+    def _begin(self, data: bytes) -> tuple[bytes, Decompressor]:
+        """(the input to decompress, a decompressor) for a stream whose first bytes are `data`."""
+        raise NotImplementedError
+
+    def _held_back(self, current: Decompressor) -> bytes | None:
+        """The input to pass `current` next, or None where it needs more from the file."""
+        raise NotImplementedError
+
+
+class _BufferedStreamsReader(StreamsReader):
+    """bzip2's and xz's: their decompressors keep the input they have not used yet."""
+
+    new: Callable[[], bz2.BZ2Decompressor | lzma.LZMADecompressor]
+
+    def _begin(self, data: bytes) -> tuple[bytes, Decompressor]:
+        return data, self.new()
+
+    def _held_back(self, current: Decompressor) -> bytes | None:
+        return None if current.needs_input else b""  # type: ignore[attr-defined]  # bz2's and lzma's have it
+
+
+class Bzip2Reader(_BufferedStreamsReader):
+    stream, streams, packer = "bzip2 stream", "bzip2 streams", "bzip2"
+    new = bz2.BZ2Decompressor
+
+
+class XzReader(_BufferedStreamsReader):
+    stream, streams, packer = "xz stream", "xz streams", "xz"
+
+    @staticmethod
+    def new() -> lzma.LZMADecompressor:
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ)
+
+
+def open_bzip2(path: Path) -> IO[bytes]:
+    return io.BufferedReader(Bzip2Reader(path.open("rb")))
+
+
+def open_xz(path: Path) -> IO[bytes]:
+    return io.BufferedReader(XzReader(path.open("rb")))

@@ -31,8 +31,9 @@ from tiny import tiny_model
 from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
-from adapters.gzipstream import MAX_HEADER, MAX_MEMBERS
+from adapters.gzipstream import MAX_HEADER
 from adapters.manifest import Manifest
+from adapters.multistream import MAX_MEMBERS
 from adapters.validate import AdapterLimits
 
 

@@ -281,25 +281,29 @@ def slow_schema(tag: str) -> dict:
     return {"type": "object", "patternProperties": {f"^p{i}_{tag}[a-z]*$": {} for i in range(500)}}
 
 
-def test_a_clients_grammars_count_against_its_share_while_they_compile(keyed: tuple[str, Runtime]) -> None:
-    """--max-requests-per-client 2: a key whose two requests' grammars are compiling (schemas that hold the compiler
-    to its deadline) is refused a third request with client_share_full, while another key's request is answered;
-    the slow grammars end as 422s and the key's share is free again."""
-    url, _ = keyed
+def past_two_waiting(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    """The flood key's two /generate requests of `bodies` sent, each to wait seconds before the queue (for a compile,
+    a load); while they wait, the key's third request is 429 client_share_full and another key's is answered.
+    Returns the two's answers."""
     with ThreadPoolExecutor(2) as pool:
-        slow = [
-            pool.submit(post_as, url, "flood-key", "/generate", {"inputs": "hi", "parameters": {
-                "max_new_tokens": 2, "grammar": {"type": "json", "value": slow_schema(str(k))}}})
-            for k in range(2)
-        ]  # fmt: skip
-        # A probe holds a unit of the share while it runs: sent as the grammars start, it could take one's place.
-        # They start within milliseconds and compile for 2.5 s (the compiler's check deadline).
-        time.sleep(1)
+        waiting = [pool.submit(post_as, url, "flood-key", "/generate", body) for body in bodies]
+        time.sleep(1)  # they start waiting within milliseconds; a probe sent before could take one's place
         refused = generate_as(url, "flood-key")
         other = generate_as(url, "other-key")
-        answers = [f.result() for f in slow]
+        answers = [f.result() for f in waiting]
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "client_share_full", refused.text
     assert other.status_code == 200, other.text
+    return answers
+
+
+def test_a_clients_grammars_count_against_its_share_while_they_compile(keyed: tuple[str, Runtime]) -> None:
+    """--max-requests-per-client 2: a key whose two requests' grammars are compiling (schemas that hold the compiler
+    to its check's deadline, 2.5 s) is refused a third request, while another key's request is answered; the slow
+    grammars end as 422s and the key's share is free again."""
+    url, _ = keyed
+    grammars = [{"type": "json", "value": slow_schema(str(k))} for k in range(2)]
+    bodies = [{"inputs": "hi", "parameters": {"max_new_tokens": 2, "grammar": grammar}} for grammar in grammars]
+    answers = past_two_waiting(url, bodies)
     assert [r.status_code for r in answers] == [422, 422], [r.text for r in answers]
     assert generate_as(url, "flood-key").status_code == 200
 
@@ -308,8 +312,8 @@ def test_a_clients_requests_count_against_its_share_while_their_adapter_loads(
     keyed: tuple[str, Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--max-requests-per-client 2: a key whose two requests wait for their adapter to load from the store (a slow
-    disk: each read takes 2 s) is refused a third request with client_share_full, while another key's request is
-    answered; both requests are answered once the adapter is loaded."""
+    disk: each read takes 2 s) is refused a third request, while another key's request is answered; both requests
+    are answered once the adapter is loaded."""
     url, runtime = keyed
     store = runtime.registry.store
     read_weights = store.read_weights
@@ -320,12 +324,5 @@ def test_a_clients_requests_count_against_its_share_while_their_adapter_loads(
 
     monkeypatch.setattr(store, "read_weights", slow_read)  # no request named the adapter before: it is read now
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "adapter_id": "adapter"}}
-    with ThreadPoolExecutor(2) as pool:
-        loading = [pool.submit(post_as, url, "flood-key", "/generate", body) for _ in range(2)]
-        time.sleep(1)  # they reach the load within milliseconds; a probe sent before could take one's place
-        refused = generate_as(url, "flood-key")
-        other = generate_as(url, "other-key")
-        answers = [f.result() for f in loading]
-    assert refused.status_code == 429 and refused.json()["error"]["code"] == "client_share_full", refused.text
-    assert other.status_code == 200, other.text
+    answers = past_two_waiting(url, [body, body])
     assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
