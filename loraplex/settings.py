@@ -72,9 +72,10 @@ class Settings(BaseSettings):
     max_requests_per_client: int | None = Field(
         None,
         ge=1,
-        description="Requests one client may have being tokenized, waiting or running at once (its /tokenize and "
-        "/detokenize requests included) before its new ones get 429 while other clients' are admitted, so that one "
-        "client's flood can take neither the queue, whatever adapters it names, nor the tokenizer's threads. "
+        description="Requests one client may have being tokenized, compiling a grammar, loading an adapter, waiting "
+        "or running at once (its /tokenize and /detokenize requests included) before its new ones get 429 while other "
+        "clients' are admitted, so that one client's flood can take neither the queue, whatever adapters it names, "
+        "nor the tokenizer's or the grammar compiler's threads. "
         "A client is an API key (--api-key), or on a server without keys a peer address (behind a proxy, one "
         "client); default: no share.",
     )

@@ -1,6 +1,7 @@
 """Each client's share of the server (--max-requests-per-client): its requests under way, counted from before
-their prompts are tokenized until they leave the engine, and its /tokenize and /detokenize jobs, so that one
-client's flood can take neither the queue nor the tokenizer's threads that every client shares."""
+their prompts are tokenized until they leave the engine (their grammars compiling and adapters loading included),
+and its /tokenize and /detokenize jobs, so that one client's flood can take neither the queue nor the tokenizer's
+or the grammar compiler's threads that every client shares."""
 
 import threading
 from collections.abc import Callable
@@ -24,8 +25,8 @@ class ClientShareFull(LoraplexError):
     def __init__(self, max_requests_per_client: int) -> None:
         super().__init__(
             f"this client (its API key, or its address on a server without keys) has {max_requests_per_client} "
-            "requests being tokenized, waiting or running, the most one client may have at once "
-            "(--max-requests-per-client): retry when one finishes, or send fewer at once"
+            "requests being tokenized, compiling a grammar, loading an adapter, waiting or running, the most one "
+            "client may have at once (--max-requests-per-client): retry when one finishes, or send fewer at once"
         )
 
 
