@@ -104,6 +104,13 @@ class ClientUploadShareFull(TooManyUploads):
 
     code = "client_upload_share_full"
 
+    def __init__(self, max_uploads_per_client: int) -> None:
+        super().__init__(
+            f"this client (its key, or its address on a server without keys) has {max_uploads_per_client} adapter "
+            "uploads in progress, the most one client may have at once (--max-uploads-per-client): retry when one "
+            "of them has finished"
+        )
+
 
 class TooManyAdaptersLoaded(AdapterError):
     """Every place in the CPU tier is held by an adapter that requests are using (or loading): loading one more

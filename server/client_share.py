@@ -4,13 +4,15 @@ and its /tokenize and /detokenize jobs, so that one client's flood can take neit
 or the grammar compiler's threads that every client shares."""
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from loraplex.errors import LoraplexError
 
 # The client a request is made for (an API key's digest, or a peer address on a server without keys): the API layer
-# sets it for each HTTP request (auth.require_inference); the tokenizer and the scheduler count its work against it
+# sets it for each HTTP request (auth.require_inference, auth.require_admin); the tokenizer, the scheduler and the
+# upload slots count its work against it
 current_client: ContextVar[str | None] = ContextVar("current_client", default=None)
 
 
@@ -31,24 +33,25 @@ class ClientShareFull(LoraplexError):
 
 
 class ClientShares:
-    """At most `share` units of work under way for each client (current_client); None: no share. Held from any
-    thread, released from any other (the engine's, the tokenizer's)."""
+    """At most `share` units of work under way for each client (current_client); None: no share. Past it,
+    `refusal(share)` is raised. Held from any thread, released from any other (the engine's, the tokenizer's)."""
 
-    def __init__(self, share: int | None) -> None:
+    def __init__(self, share: int | None, refusal: Callable[[int], LoraplexError] = ClientShareFull) -> None:
         self.share = share
+        self._refusal = refusal
         self._held: dict[str, int] = {}  # client -> its units under way; a client with none has no entry
         self._lock = threading.Lock()
 
     def check(self) -> None:
-        """ClientShareFull where the current client's share is used up (read without the lock: `hold` counts
-        under it)."""
+        """The refusal where the current client's share is used up (read without the lock: `hold` counts under
+        it)."""
         client = current_client.get()
         if self.share is not None and client is not None and self._held.get(client, 0) >= self.share:
-            raise ClientShareFull(self.share)
+            raise self._refusal(self.share)
 
     def hold(self) -> Callable[[], None]:
-        """Count one unit against the current client (ClientShareFull past its share); returns its release, which
-        may be called more than once."""
+        """Count one unit against the current client (the refusal past its share); returns its release, which may
+        be called more than once."""
         client = current_client.get()
         with self._lock:
             self.check()
@@ -70,3 +73,17 @@ class ClientShares:
                     del self._held[client]
 
         return release
+
+    @property
+    def holders(self) -> int:
+        """How many clients hold units now."""
+        return len(self._held)
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """One unit held for the block (`hold`), released however it ends."""
+        release = self.hold()
+        try:
+            yield
+        finally:
+            release()

@@ -249,11 +249,8 @@ class Inference:
         The compile counts against the client's share: the compiler's threads are every client's."""
         if spec is None:
             return None
-        release = self.scheduler.client_shares.hold()
-        try:
+        with self.scheduler.client_shares.holding():
             return await self.grammars.get(spec)
-        finally:
-            release()
 
     # ---- running -------------------------------------------------------------------------------------------
     async def stream(
@@ -268,11 +265,8 @@ class Inference:
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
             held = None
             if adapter is not None:  # loading it counts against the client's share, as the queue does after
-                release = self.scheduler.client_shares.hold()
-                try:
+                with self.scheduler.client_shares.holding():
                     held = await self._hold(adapter)
-                finally:
-                    release()
             if held is not None:
                 label = self._label(adapter)  # indexed now, if another server stored it
                 request.adapter_key, request.lora, request.on_finish = held

@@ -6,7 +6,6 @@ Expects `app.state.registry` (an AdapterRegistry) and `app.state.uploads` (Uploa
 
 import asyncio
 import shutil
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +27,10 @@ from adapters.errors import (
 )
 from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
-from server.api.auth import client_of, require_admin
+from server.api.auth import require_admin
 from server.api.deps import NotReady
 from server.api.guard import RequestTimeout
+from server.client_share import ClientShares
 from server.registry import AdapterRegistry
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(require_admin)])
@@ -59,41 +59,30 @@ Registry = Annotated[AdapterRegistry, Depends(_registry)]
 class UploadSlots:
     """Uploads in progress, at most `limit` at once: each keeps copies of its files on disk until it ends (the
     parsed form's, the staged directory, the store's checked copy), each up to --max-adapter-mb, so unbounded
-    concurrent uploads could fill the disk. At most `per_client` of them one client's (None: no share), so that one
-    client cannot hold every slot while others wait. Used on the event loop only: plain counters."""
+    concurrent uploads could fill the disk. At most `per_client` of them one client's (current_client; None: no
+    share), so that one client cannot hold every slot while others wait. The slots are taken on the event loop only:
+    a plain counter."""
 
     def __init__(self, limit: int, per_client: int | None) -> None:
         self.limit = limit
-        self.per_client = per_client
         self.taken = 0
-        self.by_client: Counter[str] = Counter()  # each client's uploads in progress: `limit` entries at most
+        self.shares = ClientShares(per_client, ClientUploadShareFull)
 
     @contextmanager
-    def hold(self, client: str | None) -> Iterator[None]:
-        """A slot for the block, held by `client` (None: unknown, counted against no share), freed however it ends;
-        ClientUploadShareFull or TooManyUploads at once when none is free to it."""
-        if client is not None and self.per_client is not None and self.by_client[client] >= self.per_client:
-            raise ClientUploadShareFull(
-                f"this client (its key, or its address on a server without keys) has {self.per_client} adapter "
-                "uploads in progress, the most one client may have at once (--max-uploads-per-client): retry when "
-                "one of them has finished"
-            )
-        if self.taken >= self.limit:
-            raise TooManyUploads(
-                f"{self.taken} adapter uploads are in progress, the most this server takes at once "
-                "(--max-concurrent-uploads): retry when one has finished"
-            )
-        self.taken += 1
-        if client is not None:
-            self.by_client[client] += 1
-        try:
-            yield
-        finally:
-            self.taken -= 1
-            if client is not None:
-                self.by_client[client] -= 1
-                if not self.by_client[client]:
-                    del self.by_client[client]
+    def hold(self) -> Iterator[None]:
+        """A slot for the block, held by the current client, freed however it ends; ClientUploadShareFull or
+        TooManyUploads at once when none is free to it."""
+        with self.shares.holding():
+            if self.taken >= self.limit:
+                raise TooManyUploads(
+                    f"{self.taken} adapter uploads are in progress, the most this server takes at once "
+                    "(--max-concurrent-uploads): retry when one has finished"
+                )
+            self.taken += 1
+            try:
+                yield
+            finally:
+                self.taken -= 1
 
 
 async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
@@ -188,8 +177,7 @@ async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
     """201 with the new version's manifest; 200 with the existing one when the content is identical."""
     max_bytes = registry.store.limits.max_bytes
     uploads: UploadSlots = request.app.state.uploads
-    # before the body is read: parsing it writes the files to disk
-    with uploads.hold(client_of(request.app.state.settings, request)):
+    with uploads.hold():  # before the body is read: parsing it writes the files to disk
         form = await _read_form(request, max_bytes)
         try:
             name = form.get("name")

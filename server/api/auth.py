@@ -66,5 +66,7 @@ def client_of(settings: Settings, request: Request) -> str | None:
 
 
 async def require_admin(request: Request) -> None:
-    if not authenticate(request.app.state.settings, request.headers):
+    settings = request.app.state.settings
+    if not authenticate(settings, request.headers):
         raise Forbidden("this key may only run inference; managing adapters needs an admin key")
+    current_client.set(client_of(settings, request))

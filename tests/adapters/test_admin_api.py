@@ -358,7 +358,7 @@ def test_one_client_cannot_hold_every_upload_slot(tmp_path: Path, peft_dir: Path
         listed = {m["name"]: m for m in honest.get("/v1/adapters").json()["data"]}
     assert sorted(listed) == ["greedy", "honest0", "honest1", "honest2", "kept"]
     assert listed["kept"] == {**{k: v for k, v in kept.items() if k != "training"}, "state": "stored"}
-    assert app.state.uploads.taken == 0 and not app.state.uploads.by_client
+    assert app.state.uploads.taken == 0 and app.state.uploads.shares.holders == 0
 
 
 @pytest.mark.parametrize(
