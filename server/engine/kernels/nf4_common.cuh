@@ -121,3 +121,13 @@ __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsig
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Launched as a programmatic dependent (pdl.py), the kernel may start while the kernel before it runs: it reads
+// what a step writes (x, the shrink's sums, slots and ranks, B, the residual) and writes anything only after this
+// wait, which returns once that kernel has ended and its writes are visible (at once for a plain launch). Every
+// thread passes it before exiting, so a kernel after this one ends after the one before it.
+__device__ __forceinline__ void wait_for_inputs() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

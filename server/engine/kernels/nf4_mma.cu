@@ -71,9 +71,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #if HAS_LORA
     __shared__ long long slot_s[MT * 8];
     __shared__ int rank_s[MT * 8];
-    // used once the table is written: their latency hides there
-    const long long my_slot = tid < m ? slots[tid] : 0;
-    const int my_rank = tid < m ? ranks[tid] : 0;
 #endif
     const int blocks_k = k >> 6, per_warp = blocks_k / WARPS;
     const unsigned char* wp[NT][2];
@@ -109,9 +106,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #endif
 
     write_lut(smem, tid, WARPS * 32);
+    wait_for_inputs();  // the weights' first group is in flight, the table written: now the step's own inputs
 #if HAS_LORA
-    if (tid < m) slot_s[tid] = my_slot, rank_s[tid] = my_rank;
-    for (int token = tid + WARPS * 32; token < m; token += WARPS * 32) slot_s[token] = slots[token], rank_s[token] = ranks[token];
+    for (int token = tid; token < m; token += WARPS * 32) slot_s[token] = slots[token], rank_s[token] = ranks[token];
 #endif
     __syncthreads();
 #if BTILE

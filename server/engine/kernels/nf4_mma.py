@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from bitsandbytes.functional import QuantState, get_4bit_type
 
+from server.engine.kernels import pdl
 from server.engine.kernels.epilogue import LoraEpilogue
 
 log = logging.getLogger("loraplex.engine")
@@ -252,7 +253,8 @@ def _launch(
         more += [w_i, state_i.absmax, *second_level(state_i), out if bias_i is None else bias_i, ns[i]]
     kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, bool(state.nested), bias is not None, r_pad,
                      btile > 0, len(parts), residual is not None, x.device.index or 0)  # fmt: skip
-    kernel(
+    pdl.launch(
+        kernel,
         grid=(ends[-1], 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,

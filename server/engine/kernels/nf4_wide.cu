@@ -123,6 +123,12 @@ struct Copies {
     }
 
     __device__ __forceinline__ void issue(unsigned stage, int step) const {  // stage: its shared-memory address
+        issue_x(stage, step);
+        issue_weights(stage, step);
+        asm volatile("cp.async.commit_group;");
+    }
+
+    __device__ __forceinline__ void issue_x(unsigned stage, int step) const {
 #if WGMMA
         const unsigned short* src = x_src + 64 * GROUP * step;
 #pragma unroll
@@ -134,10 +140,12 @@ struct Copies {
             if (X_PIECES % (WARPS * 32) == 0 || x_bytes[e] >= 0)
                 copy16(stage + x_dst[e], x_src[e] + 64 * GROUP * step, x_bytes[e]);
 #endif
+    }
+
+    __device__ __forceinline__ void issue_weights(unsigned stage, int step) const {
 #pragma unroll
         for (int e = 0; e < W_EACH; ++e)  // a thread past the pieces copies the last one again: harmless
             copy16(stage + w_dst[e], w_src[e] + 32 * GROUP * step, 16);
-        asm volatile("cp.async.commit_group;");
     }
 };
 
@@ -220,22 +228,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     offset_ptr = segment.offset, bias = segment.bias, n = segment.n;
 #if HAS_LORA
     partial += index * partial_stride;
-    // each x row's slot and rank, loaded now and stored once the main loop is done: their latency hides there
-    const long long my_slot = tid < m ? slots[tid] : 0;
-    const int my_rank = tid < m ? ranks[tid] : 0;
 #else
     (void)index;
 #endif
     const int blocks_k = k >> 6, kb0 = blockIdx.y * blocks_split, steps = blocks_split / GROUP;
     const int first_row = cta * CTA_ROWS;
-    // the first steps' copies in flight first (one commit a stage, a step past the last copying nothing)
+    // the first steps' weight copies in flight first, x's after wait_for_inputs below (one commit a stage, a step
+    // past the last copying nothing; the first commit takes every stage's weights, the rest x's alone)
     const Copies copies(x, ldx, m, w, n, blocks_k, first_row, kb0, tid);
     const unsigned stages_at = unsigned(__cvta_generic_to_shared(stages));
 #pragma unroll
-    for (int s = 0; s < AHEAD; ++s) {
-        if (s < steps) copies.issue(stages_at + s * STAGE_BYTES, s);
-        else asm volatile("cp.async.commit_group;");
-    }
+    for (int s = 0; s < AHEAD; ++s)
+        if (s < steps) copies.issue_weights(stages_at + s * STAGE_BYTES, s);
     unsigned block[NT][2];  // the CTA's first block of each of the lane's rows
     int wrow[NT][2];        // those rows in the CTA's
 #pragma unroll
@@ -260,6 +264,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_wide(
     for (int i = tid; i < 256; i += WARPS * 32) code2_s[i] = code2[i];
 #endif
     write_lut(smem, tid, WARPS * 32);
+    wait_for_inputs();
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < steps) copies.issue_x(stages_at + s * STAGE_BYTES, s);
+        asm volatile("cp.async.commit_group;");
+    }
+#if HAS_LORA
+    // each x row's slot and rank, loaded now and stored once the main loop is done: their latency hides there
+    const long long my_slot = tid < m ? slots[tid] : 0;
+    const int my_rank = tid < m ? ranks[tid] : 0;
+#endif
     const unsigned lane4 = 4 * lane;
 
     float acc[NT][MT][4];

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from server.engine.kernels import pdl
 from server.engine.kernels.epilogue import LoraEpilogue
 from server.engine.kernels.nf4_mma import MMA_ROWS, Part, compiles, cuda_source, second_level
 from server.engine.kernels.nf4_mma import available as mma_available
@@ -154,10 +155,12 @@ def pick_config(n: int, k: int, rows: int) -> Config:
     """The launch configuration for `rows` rows of x and weights of `n` outputs together: the best of a sweep on
     the H200 at 64 rows per Llama-3-8B shape (`bench/nf4_kernel.py --rows 64 --sweep`), by the nearest shape; for
     the step's larger launches 16 warps of one 16-row tile each, not 8 of two (the same 256 rows a CTA, twice the
-    warps in flight: 2-6% faster a shape at 32 and 64 rows), four stages up to 32 rows, three above."""
+    warps in flight: 2-6% faster a shape at 32 and 64 rows). Up to 32 rows, three stages of four blocks each, not
+    four of two: a sweep of the engine's launches at 32 rows found it the fastest on every one (gate/up 45.7 us
+    against 48.5; BENCHMARKS.md)."""
     if n <= 2048:
         return (8, 1, 2, 4, 1)
-    return (16, 1, 2, 4, 1) if rows <= 32 else (16, 1, 2, 3, 1)
+    return (16, 1, 4, 3, 1) if rows <= 32 else (16, 1, 2, 3, 1)
 
 
 def pick_split(tiles: int, k: int, group: int, sms: int) -> int:
@@ -278,7 +281,8 @@ def _launch(
     device = x.device.index or 0
     kernel = _kernel(warps, row_tiles, group, stages, min_blocks, x_tiles, bool(state.nested), bias is not None,
                      len(parts), launch.wgmma, device, finish, r_pad, residual is not None)  # fmt: skip
-    kernel(
+    pdl.launch(
+        kernel,
         grid=(ends[-1], split, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, out, out.stride(0), k, k // 64 // split, *segments, ends[0],
