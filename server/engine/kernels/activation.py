@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import nn
 
 from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape, shrink_warps
-from server.engine.kernels.pdl import start_dependents, triggers
+from server.engine.kernels.pdl import depend, options
 
 # The act_fn modules of SiLU-gated MLPs (Llama, Mistral, Qwen): transformers 5 has its own SiLU module
 SILU = tuple(c for c in (nn.SiLU, getattr(transformers.activations, "SiLUActivation", None)) if c is not None)
@@ -35,9 +35,9 @@ def _silu_mul_shrink_kernel(
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,  # signal a programmatic dependent first (pdl.start_dependents)
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):
-    start_dependents(PDL)
+    depend(PDL)
     # A program per (row, chunk of BLOCK_K columns), as _shrink_kernel's grid: the chunk's activation, stored,
     # then its part of the shrink. Elementwise, so nothing is read twice.
     row = tl.program_id(0)
@@ -68,7 +68,7 @@ def silu_mul_shrink(
     partial = torch.empty(1, rows, chunks_pad, r_pad, dtype=torch.float32, device=gate.device)
     _silu_mul_shrink_kernel[(rows, chunks)](
         g, u, out, a, slots, ranks, partial, n, g.stride(0), u.stride(0), a.stride(0), a.stride(1),
-        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K, PDL=triggers(gate.device),
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K, **options(gate.device),
         num_warps=shrink_warps(rows),
     )  # fmt: skip
     return out.view(gate.shape), (partial, chunks)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from server.engine.kernels.lora import shrink_chunk, shrink_shape
-from server.engine.kernels.pdl import start_dependents, triggers
+from server.engine.kernels.pdl import depend, options
 
 LOG2E = math.log2(math.e)  # scores are kept in base 2: exp2 is one instruction, exp is not
 MIN_SPLIT_POSITIONS = 64  # the fewest KV positions worth a split of their own (choose_config)
@@ -75,9 +75,9 @@ def _attention_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,  # products on fp32 operands: Triton's CPU interpreter miscomputes bf16 ones
     ZERO_PAD: tl.constexpr,  # zeros to the padding tokens' output (SPLITS == 1: the merge writes them otherwise)
-    PDL: tl.constexpr,  # signal a programmatic dependent first (pdl.start_dependents)
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):
-    start_dependents(PDL)
+    depend(PDL)
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -198,9 +198,9 @@ def _merge_kernel(
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     ZERO_PAD: tl.constexpr,
-    PDL: tl.constexpr,  # signal a programmatic dependent first (pdl.start_dependents)
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):
-    start_dependents(PDL)
+    depend(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_DP)
@@ -389,7 +389,7 @@ def launch(
         SPLITS=splits, WINDOW=sliding_window or 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 caches: no silent TF32 rounding
         DOT_FP32=q.device.type == "cpu", ZERO_PAD=zero_pad and splits == 1,  # the merge writes them after splits
-        PDL=triggers(q.device), num_warps=config.num_warps, num_stages=config.num_stages,
+        **options(q.device), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if splits > 1:
         a, slots, ranks, partial = (shrink.a, shrink.slots, shrink.ranks, shrink.partial) if shrink else (out,) * 4
@@ -397,6 +397,6 @@ def launch(
             part_acc, part_ml, out, query_start, a, slots, ranks, partial, num_seqs, out.stride(0), out.stride(1),
             a.stride(0), a.stride(1), HEAD_D=head_d, HEAD_DP=head_dp, SPLITS=splits, SHRINK=shrink is not None,
             CHUNKS_PAD=partial.shape[2] if shrink else 1, R_PAD=partial.shape[3] if shrink else 1, ZERO_PAD=zero_pad,
-            PDL=triggers(q.device),
+            **options(q.device),
         )  # fmt: skip
     return out

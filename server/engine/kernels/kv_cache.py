@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server.engine.kernels.pdl import depend, options
+
 
 @triton.jit
 def _write_kernel(
@@ -18,7 +20,9 @@ def _write_kernel(
     R, S,  # the caches' rows and positions
     D: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):  # fmt: skip
+    depend(PDL)
     token, head = tl.program_id(0), tl.program_id(1)
     # int64 offsets: a cache can hold more than 2^31 values
     row, position = tl.load(rows_ptr + token), tl.load(positions_ptr + token)
@@ -50,5 +54,5 @@ def write_kv(
     _write_kernel[(n, heads)](
         key, value, k_cache, v_cache, rows, positions, key.stride(0), key.stride(1), value.stride(0),
         value.stride(1), *k_cache.stride()[:3], k_cache.shape[0], k_cache.shape[2], D=d,
-        BLOCK=triton.next_power_of_2(d),
+        BLOCK=triton.next_power_of_2(d), **options(key.device),
     )  # fmt: skip

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from server.engine.kernels.epilogue import LoraEpilogue
-from server.engine.kernels.pdl import start_dependents, triggers
+from server.engine.kernels.pdl import depend, options
 
 SHRINK_BLOCK_K = 256
 EXPAND_BLOCK_N = 1024  # output columns per program: at batch 32 on the H100, 0.66 ms a step vs 2.17 at 256
@@ -69,9 +69,9 @@ def _shrink_kernel(
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,  # signal a programmatic dependent first (pdl.start_dependents)
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):
-    start_dependents(PDL)
+    depend(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     group = tl.program_id(2)
@@ -107,7 +107,9 @@ def _expand_kernel(
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):
+    depend(PDL)
     dtype = y_ptr.dtype.element_ty
     row = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,7 +165,7 @@ def lora_shrink(
     partial = torch.empty(groups, rows, chunks_pad, r_pad, dtype=torch.float32, device=x.device)
     _shrink_kernel[(rows, chunks, groups)](
         x, a, slots, ranks, partial, rows, k, x.stride(0), a.stride(0), a.stride(1),
-        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K, PDL=triggers(x.device),
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_K=SHRINK_BLOCK_K, **options(x.device),
         num_warps=shrink_warps(rows),
     )  # fmt: skip
     return partial, chunks
@@ -204,5 +206,5 @@ def finish_projection(
     _expand_kernel[(rows, triton.cdiv(n, block_n))](
         partial, b, slots, ranks, src, res, y, n, end0, end1, chunks, stride_pg, src.stride(0), res.stride(0),
         y.stride(0), stride_bs, stride_br, HAS_LORA=lora is not None, HAS_RESIDUAL=residual is not None, CLEAN=clean,
-        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=block_n,
+        CHUNKS_PAD=chunks_pad, R_PAD=r_pad, BLOCK_N=block_n, **options(y.device),
     )  # fmt: skip

@@ -1,11 +1,13 @@
-"""Programmatic dependent launch (PDL) of the NVRTC kernels (nf4_mma, nf4_wide) on sm_90+.
+"""Programmatic dependent launch (PDL) of a decoder layer's kernels on sm_90+.
 
 A kernel launched this way may start while the kernel before it in the stream is still running, once that one's
-CTAs have all signalled `griddepcontrol.launch_dependents` (the Triton kernels of a decoder layer do at their
-start) or exited. Before its `griddepcontrol.wait` it touches only what no kernel of the step writes (its NF4
-weights and scales, its decode table): the weights stream while the small kernel before it (a norm with its
-shrink, the attention, the activation) runs, where a plain launch began them only after that kernel's last CTA had
-ended. In a CUDA graph the launch becomes a programmatic edge.
+CTAs have all signalled `griddepcontrol.launch_dependents` or exited; each of these kernels signals right after
+its own `griddepcontrol.wait`, which returns once the kernel before it has ended with its writes visible. Before
+the wait a kernel touches only what no kernel of a step writes: the NF4 kernels (nf4_mma, nf4_wide) stream their
+weights and write their decode table while the small kernel before them (a norm with its shrink, the attention,
+the activation) runs; the Triton kernels only wait, having been launched already. Every thread of every such
+kernel passes the wait before it exits, so each ends after the one before it, and so after all earlier work.
+In a CUDA graph the launches become programmatic edges.
 
 torch's kernel wrapper launches with cuLaunchKernel, which takes no launch attributes: this calls cuLaunchKernelEx.
 """
@@ -16,7 +18,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # cuda.h: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6
@@ -49,16 +51,20 @@ def supported(device: int) -> bool:
     return hasattr(torch.cuda._utils._get_gpu_runtime_library(), "cuLaunchKernelEx")
 
 
-def triggers(device: torch.device) -> bool:
-    """Whether Triton kernels on `device` signal their dependents (`start_dependents`): where PDL runs."""
-    return device.type == "cuda" and supported(device.index or 0)
+def options(device: torch.device) -> dict[str, bool]:
+    """A Triton kernel's launch options that take `depend` and the launch with it as a programmatic dependent
+    where PDL runs (CUDA devices of compute capability 9.0+), and neither elsewhere."""
+    enabled = device.type == "cuda" and supported(device.index or 0)
+    return {"PDL": enabled, "launch_pdl": enabled}
 
 
 @triton.jit
-def start_dependents(ENABLED: tl.constexpr):
-    """Lets a programmatic dependent of this kernel (an NF4 kernel after it) start once every program has come here:
-    called first thing, so that its weights stream beside this kernel. It waits for this kernel's writes itself."""
-    if ENABLED:
+def depend(PDL: tl.constexpr):
+    """First thing in a Triton kernel launched with `options`: it may have started while the kernel before it ran,
+    so it waits for that one's writes, then lets the kernel after it start (an NF4 kernel streams its weights
+    beside this one; a Triton kernel waits here in turn)."""
+    if PDL:
+        gdc_wait()
         gdc_launch_dependents()
 
 

@@ -16,7 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from server.engine.kernels.lora import SHRINK_BLOCK_K, shrink_chunk, shrink_shape, shrink_warps
-from server.engine.kernels.pdl import start_dependents, triggers
+from server.engine.kernels.pdl import depend, options
 
 # The norm classes of the supported families -> (eps attribute, Gemma-style (1 + weight) scaling)
 NORMS: dict[type[nn.Module], tuple[str, bool]] = {
@@ -72,9 +72,9 @@ def _rmsnorm_shrink_kernel(
     CHUNKS_PAD: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,  # signal a programmatic dependent first (pdl.start_dependents)
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):
-    start_dependents(PDL)
+    depend(PDL)
     # A program per (row, chunk of BLOCK_K columns, layer reading the output), as _shrink_kernel's grid (one
     # program for all G layers had a third of the programs at batch 1, and was slower there than the two
     # kernels): the row's statistics over the whole row (8 KB at D 4096, read by each of its programs), then its
@@ -130,7 +130,7 @@ class FusedRMSNorm(nn.Module):
         _rmsnorm_shrink_kernel[(rows, chunks, groups)](
             flat, self.weight, out, a, slots, ranks, partial, rows, d, self.eps, flat.stride(0), a.stride(0),
             a.stride(1), ONE_PLUS=self.one_plus, BLOCK_D=triton.next_power_of_2(d), CHUNKS_PAD=chunks_pad, R_PAD=r_pad,
-            BLOCK_K=SHRINK_BLOCK_K, PDL=triggers(x.device), num_warps=shrink_warps(rows),
+            BLOCK_K=SHRINK_BLOCK_K, **options(x.device), num_warps=shrink_warps(rows),
         )  # fmt: skip
         return out.view(*x.shape[:-1], d), (partial, chunks)
 

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from server.engine.kernels.pdl import depend, options
+
 # Modeling modules whose apply_rotary_pos_emb is the standard rotate-half formula.
 MODULES = tuple(
     f"transformers.models.{family}.modeling_{family}" for family in ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -64,7 +66,9 @@ def _rope_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_cb, stride_ct,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (pdl.depend)
 ):  # fmt: skip
+    depend(PDL)
     pid = tl.program_id(0)  # one (b, h, t) of q (the first B * HQ * T programs), then of k, per program
     if pid < Q_PROGRAMS:
         _rotate_head(q_ptr, cos_ptr, sin_ptr, q_out_ptr, pid, HQ, T, stride_qb, stride_qh, stride_qt, stride_cb,
@@ -85,7 +89,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     k_out = torch.empty(b, t, hkv, d, dtype=dtype, device=q.device)
     _rope_kernel[(b * (hq + hkv) * t,)](
         q, k, cos, sin, q_out, k_out, hq, hkv, t, b * hq * t, *q.stride()[:3], *k.stride()[:3], *cos.stride()[:2],
-        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+        HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2), **options(q.device),
     )  # fmt: skip
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
