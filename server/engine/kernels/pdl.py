@@ -52,8 +52,8 @@ def supported(device: int) -> bool:
 
 
 def options(device: torch.device) -> dict[str, bool]:
-    """A Triton kernel's launch options that take `depend` and the launch with it as a programmatic dependent
-    where PDL runs (CUDA devices of compute capability 9.0+), and neither elsewhere."""
+    """The launch options of a Triton kernel that calls `depend`: its PDL flag and Triton's launch as a
+    programmatic dependent, both on where PDL runs (CUDA devices of compute capability 9.0+)."""
     enabled = device.type == "cuda" and supported(device.index or 0)
     return {"PDL": enabled, "launch_pdl": enabled}
 
