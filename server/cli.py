@@ -158,15 +158,11 @@ def run(args: argparse.Namespace) -> int:
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT), on_ready=freeze_heap)
+    protocol = server_protocol(max_connections, settings.max_connections_per_client)
+    app.state.metrics.watch_connections(protocol.cap)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level=settings.log_level,
-            http=server_protocol(max_connections, settings.max_connections_per_client),
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level, http=protocol))
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the signal it stopped on; uvicorn.run too
         server.run(sockets=[sock])
     gc.unfreeze()  # what freeze_heap kept from the collector is collected at exit, as extension modules expect

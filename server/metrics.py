@@ -12,6 +12,7 @@ gauge (`loraplex_lora_requests_info`, vLLM's labels). docs/kubernetes.md maps th
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +22,9 @@ from prometheus_client.registry import Collector
 from adapters.errors import AdapterNotFound
 from adapters.manifest import parse_ref
 from server.mixing import MIX_PREFIX
+
+if TYPE_CHECKING:
+    from server.api.connections import ConnectionCap
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
@@ -125,6 +129,12 @@ class Metrics:
         self.lora_info = LoraInfo()
         r.register(self.lora_info)
         self.device_memory = Gauge("loraplex_device_memory_bytes", "Device memory allocated by torch", registry=r)
+        self.open_connections = Gauge("loraplex_open_connections", "Open client connections", registry=r)
+        self.connections_closed = Counter(
+            "loraplex_connections_closed_by_cap",
+            "Connections closed past --max-connections or --max-connections-per-client",
+            registry=r,
+        )
 
     def forget_adapters(self, labels: Iterable[str]) -> None:
         """Drop the per-adapter series of `labels` (adapters gone from the store): each deleted version kept its
@@ -186,6 +196,12 @@ class Metrics:
         self.lora_info.bind(lora_info)
         if device.type == "cuda":
             self.device_memory.set_function(lambda: torch.cuda.memory_allocated(device))
+
+    def watch_connections(self, cap: "ConnectionCap | None") -> None:
+        """The server's connections, as its protocol's cap counts them (None: a protocol without one, no gauge)."""
+        if cap is not None:
+            self.open_connections.set_function(lambda: cap.open)
+            cap.on_close = self.connections_closed.inc
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,6 +29,7 @@ import struct
 import termios
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -76,12 +77,15 @@ class ConnectionCap:
         self.max_per_client = max_per_client
         self.waiting: dict[DeadlineH11Protocol, None] = {}
         self.per_client: Counter[str] = Counter()
+        self.open = 0  # connections made and not yet lost, those closing included
+        self.on_close: Callable[[], None] | None = None  # called for each connection the cap closes (a metric)
         self._closed = 0
         self._logged_at = -CAP_LOG_EVERY_S
 
     def admit(self, new: "DeadlineH11Protocol", open_connections: int) -> None:
         """Called as `new` opens, waiting for its head: past its peer's share, close `new`; past the cap, close the
         connection waiting longest, which is `new` itself when every other one has a request under way."""
+        self.open += 1
         self.per_client[new.peer] += 1
         if self.max_per_client is not None and self.per_client[new.peer] > self.max_per_client:
             self._close(new)
@@ -97,6 +101,7 @@ class ConnectionCap:
             self._close(oldest)
 
     def release(self, protocol: "DeadlineH11Protocol") -> None:
+        self.open -= 1
         self.waiting.pop(protocol, None)
         self.per_client[protocol.peer] -= 1
         if not self.per_client[protocol.peer]:
@@ -105,6 +110,8 @@ class ConnectionCap:
     def _close(self, protocol: "DeadlineH11Protocol") -> None:
         self.waiting.pop(protocol, None)
         protocol.end()
+        if self.on_close is not None:
+            self.on_close()
         self._closed += 1
         if (now := time.monotonic()) - self._logged_at >= CAP_LOG_EVERY_S:  # a flood is one line every 10 s
             log.warning(

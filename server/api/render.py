@@ -2,14 +2,26 @@
 per alternative of every token of every choice (8 choices x 470 tokens x 20: 75,000 objects, 5.8 MB of JSON);
 built on the event loop it held every other stream for over a second. A thread alone is not enough: pydantic
 serializes a whole model in one call that keeps the interpreter lock (0.6 s for that answer), while between
-calls the interpreter hands the loop its turn every few milliseconds."""
+calls the interpreter hands the loop its turn every few milliseconds.
+
+The threads are the answers' own. asyncio's default pool also stages uploads, looks adapters up in the store for
+GET /v1/adapters/{ref} (network round trips on a shared store) and builds adapter mixes, each of which clients can
+queue by the dozen; an answer queued behind them waited as long, its tokens long made."""
 
 import asyncio
+import contextvars
+import functools
 import json
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.responses import Response
 from pydantic import BaseModel
+
+# A render keeps the interpreter lock most of its time, so more threads add no throughput; four keep a small answer
+# from waiting for one large one (the lock changes hands every few milliseconds).
+RENDER_THREADS = 4
+_threads = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
 
 
 async def json_off_loop(build: Callable[[], BaseModel | Sequence[BaseModel]]) -> Response:
@@ -20,7 +32,8 @@ async def json_off_loop(build: Callable[[], BaseModel | Sequence[BaseModel]]) ->
         built = build()
         return _json(built) if isinstance(built, BaseModel) else _array(built)
 
-    return Response(await asyncio.to_thread(render), media_type="application/json")
+    run = functools.partial(contextvars.copy_context().run, render)  # as asyncio.to_thread would run it
+    return Response(await asyncio.get_running_loop().run_in_executor(_threads, run), media_type="application/json")
 
 
 def _holds_models(value: object) -> bool:

@@ -19,6 +19,7 @@ import torch
 from e2e.server import serve_app, wait_ready
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -31,6 +32,7 @@ from server.api.connections import (
     server_protocol,
 )
 from server.app import create_app
+from server.metrics import Metrics
 
 DEADLINE_S = 1.0
 
@@ -264,6 +266,33 @@ def test_past_the_cap_a_silent_connection_makes_room(caplog: pytest.LogCaptureFi
             sock.close()
     capped = [r for r in caplog.records if "--max-connections" in r.getMessage()]
     assert len(capped) == 1 and capped[0].levelname == "WARNING"
+
+
+def scraped(metrics: Metrics, name: str) -> float | None:
+    """The value of sample `name` in the metrics as /metrics renders them."""
+    families = text_string_to_metric_families(metrics.render().decode())
+    samples = (sample for family in families for sample in family.samples)
+    return next((sample.value for sample in samples if sample.name == name), None)
+
+
+def test_the_metrics_count_open_connections_and_those_the_cap_closed() -> None:
+    """Twenty silent connections against a cap of eight: eight stay open and twelve were closed by the cap, as the
+    scrape says; once the clients close theirs, none is open."""
+    metrics = Metrics()
+    protocol = server_protocol(8)
+    metrics.watch_connections(protocol.cap)
+    with serve_app(small_app(), http=protocol) as url:
+        silent = [connect(url, b"") for _ in range(20)]
+        deadline = time.monotonic() + 10
+        counts = ("loraplex_open_connections", "loraplex_connections_closed_by_cap_total")
+        while [scraped(metrics, name) for name in counts] != [8, 12]:
+            assert time.monotonic() < deadline, [scraped(metrics, name) for name in counts]
+            time.sleep(0.05)
+        for sock in silent:
+            sock.close()
+        while scraped(metrics, "loraplex_open_connections") != 0:
+            assert time.monotonic() < deadline, scraped(metrics, "loraplex_open_connections")
+            time.sleep(0.05)
 
 
 def test_past_the_cap_with_every_connection_busy_the_new_one_is_closed() -> None:

@@ -24,16 +24,30 @@ from server.runtime import freeze_heap
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+    """The server's URL and its event loop."""
     tmp = tmp_path_factory.mktemp("event-loop")
     base = load_base_model(
         str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
     )
     settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=512, max_batch_size=8)
-    with serve_app(create_app(settings, base=base, on_ready=freeze_heap)) as url:
+    loops = []
+
+    def ready() -> None:  # called on the server's loop
+        loops.append(asyncio.get_running_loop())
+        freeze_heap()
+
+    with serve_app(create_app(settings, base=base, on_ready=ready)) as url:
         wait_ready(url)
-        yield url
+        yield url, loops[0]
     gc.unfreeze()
+
+
+@pytest.fixture(scope="module")
+def url(served: tuple[str, asyncio.AbstractEventLoop]) -> str:
+    return served[0]
 
 
 async def slowest_health_check(url: str, while_running: asyncio.Task) -> float:
@@ -96,3 +110,28 @@ def test_a_tokenize_answer_past_max_seq_len_tokens_is_refused_without_holding_th
         assert response.status_code == 422, response.text
         assert response.json()["error"]["code"] == "prompt_too_long" and "tokens" in response.text
         assert spent < 0.1, (list(body), spent)
+
+
+def test_answers_do_not_wait_for_asyncios_default_threads(served: tuple[str, asyncio.AbstractEventLoop]) -> None:
+    """Every thread of the server loop's default pool busy, and more work queued for it, as a flood of adapter
+    lookups on a slow shared store, of mix builds or of uploads keeps it: an answer on each route still comes."""
+    url, loop = served
+    release = threading.Event()
+
+    def fill() -> None:  # more jobs than the pool's threads (at most 32)
+        for _ in range(64):
+            loop.run_in_executor(None, release.wait)
+
+    loop.call_soon_threadsafe(fill)
+    routes = [
+        ("/v1/completions", {"model": "", "prompt": "hi", "max_tokens": 4}),
+        ("/v1/chat/completions", {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+        ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4}}),
+        ("/tokenize", {"inputs": "hi"}),
+    ]
+    try:
+        for path, body in routes:
+            response = httpx.post(f"{url}{path}", json=body, timeout=20)
+            assert response.status_code == 200, (path, response.text)
+    finally:
+        release.set()

@@ -125,8 +125,8 @@ __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsig
 // Launched as a programmatic dependent (pdl.py), the kernel may start while the kernel before it runs: it reads
 // what a step writes (x, the shrink's sums, slots and ranks, B, the residual) and writes anything only after this
 // wait, which returns once that kernel has ended and its writes are visible (at once for a plain launch). Every
-// thread passes it before exiting, so a kernel after this one ends after the one before it. Then the kernel after
-// this one may start.
+// thread passes it before exiting, so this kernel ends only after the one before it. Past it, the kernel after this
+// one may start.
 __device__ __forceinline__ void wait_for_inputs() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

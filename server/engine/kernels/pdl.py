@@ -14,6 +14,7 @@ torch's kernel wrapper launches with cuLaunchKernel, which takes no launch attri
 
 import ctypes
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -69,7 +70,7 @@ def depend(PDL: tl.constexpr):
 
 
 def launch(
-    kernel: object, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared_mem: int = 0
+    kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, shared_mem: int = 0
 ) -> None:
     """`kernel` (from torch.cuda._compile_kernel) on the current stream as its own call would launch it (tensors as
     their data pointers, ints as C ints), with programmatic stream serialization where `supported`."""
@@ -91,6 +92,6 @@ def launch(
         num_attrs=1,
     )
     libcuda = torch.cuda._utils._get_gpu_runtime_library()
-    result = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)  # type: ignore[attr-defined]
+    result = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
     if result != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {result}")
