@@ -11,6 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference
+from server.api.jsonbody import OffLoopJsonRoute
 from server.api.render import json_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
@@ -36,7 +37,9 @@ class StreamedBestOf(LoraplexError):
     code = "invalid_request"
 
 
-router = APIRouter(tags=["generate (TGI / LoRAX)"], dependencies=[Depends(require_inference)])
+router = APIRouter(
+    route_class=OffLoopJsonRoute, tags=["generate (TGI / LoRAX)"], dependencies=[Depends(require_inference)]
+)
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 

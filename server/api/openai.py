@@ -14,6 +14,7 @@ from adapters.errors import AdapterError, AdapterNotFound
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
+from server.api.jsonbody import OffLoopJsonRoute
 from server.api.render import json_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
@@ -46,7 +47,9 @@ from server.runtime import Runtime
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 512
 
-router = APIRouter(prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_inference)])
+router = APIRouter(
+    route_class=OffLoopJsonRoute, prefix="/v1", tags=["OpenAI"], dependencies=[Depends(require_inference)]
+)
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Depends, Response
 
 from server.api.auth import require_inference
 from server.api.deps import get_inference
+from server.api.jsonbody import OffLoopJsonRoute
 from server.api.render import json_off_loop
 from server.api.schemas import (
     DetokenizeRequest,
@@ -21,7 +22,7 @@ from server.api.schemas import (
 )
 from server.inference import Inference
 
-router = APIRouter(tags=["tokenizer"], dependencies=[Depends(require_inference)])
+router = APIRouter(route_class=OffLoopJsonRoute, tags=["tokenizer"], dependencies=[Depends(require_inference)])
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 
 
