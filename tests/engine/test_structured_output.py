@@ -5,6 +5,7 @@ a failing matcher ends its request alone; grammars are bounded, cached and refus
 import asyncio
 import json
 import os
+import random
 import re
 import resource
 import threading
@@ -32,6 +33,7 @@ from server.grammar import (
     Grammars,
     GrammarSpec,
     InvalidGrammar,
+    _chars_past,
     _failure,
 )
 
@@ -267,6 +269,9 @@ def test_bad_grammars_are_refused_with_the_reason(grammars) -> None:
         GrammarSpec.regex("a" * (MAX_GRAMMAR_CHARS + 1))
     with pytest.raises(InvalidGrammar, match=f"at most {MAX_GRAMMAR_CHARS}"):
         GrammarSpec.json_schema({"enum": ["x" * MAX_GRAMMAR_CHARS]})
+    # refused by a count that stops past the limit, before any walk of the whole schema
+    with pytest.raises(InvalidGrammar, match=f"over {MAX_GRAMMAR_CHARS}"):
+        GrammarSpec.json_schema({"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(10**5)}})
     deep: dict = {"type": "object"}
     for _ in range(MAX_SCHEMA_DEPTH):
         deep = {"type": "object", "properties": {"a": deep}}
@@ -422,3 +427,22 @@ def test_a_grammar_outgrowing_the_check_memory_is_refused_and_the_next_compiles(
         resource.prlimit(pid, resource.RLIMIT_AS) == (CHECK_MEMORY_BYTES, CHECK_MEMORY_BYTES) for pid in workers
     )
     served.close()
+
+
+def test_the_early_size_count_never_passes_a_schemas_compact_json() -> None:
+    """_chars_past counts a lower bound of a value's compact JSON: a schema within the limit is never refused by it,
+    whatever its keys, strings, numbers and nesting; one character under its length it may be."""
+    rng = random.Random(0)
+
+    def value(depth: int) -> object:
+        kind = rng.random()
+        if depth < 4 and kind < 0.3:
+            keys = ("k" * rng.randint(0, 3) + str(rng.randint(0, 99)) for _ in range(rng.randint(0, 5)))
+            return {key: value(depth + 1) for key in keys}
+        if depth < 4 and kind < 0.5:
+            return [value(depth + 1) for _ in range(rng.randint(0, 5))]
+        return rng.choice([0, 12345, -1.5, True, False, None, "", "abc", 'é\n"q'])
+
+    for _ in range(5000):
+        item = value(0)
+        assert not _chars_past(item, len(json.dumps(item, separators=(",", ":"), ensure_ascii=False))), item
