@@ -5,6 +5,7 @@ Triton tensor-core matmul for more ("fused", its configuration searched with --s
 python bench/nf4_kernel.py --out nf4.json                       # 1 and 32 rows, the launchers' configurations
 python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also search configurations, 60 s each
 python bench/nf4_kernel.py --rows 64 --shapes down_proj --sweep 120 --out nf4.json  # one shape (no step total)
+python bench/nf4_kernel.py --rows 1,16,32,64 --shapes all --out nf4.json  # the engine's launches: bandwidth share
 
 Each time is one call inside a CUDA graph (as in the engine's decode step), averaged over replays of a graph
 that runs the projection over enough copies of the weight (200 MB at least) that they come from memory, not
@@ -29,16 +30,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from server.engine.kernels.nf4 import nf4_gemv, nf4_matmul, pick_config, pick_matmul_config
 from server.engine.kernels.nf4_mma import nf4_mma
-from server.engine.kernels.nf4_wide import WIDE_ROWS, nf4_wide_sums
+from server.engine.kernels.nf4_wide import WIDE_ROWS, mma_rows, nf4_wide_sums
 
 # (out, in) of each projection of a Llama-3-8B layer, and how many of that shape one layer has
 SHAPES = {"q_proj/o_proj": ((4096, 4096), 2), "k_proj/v_proj": ((1024, 4096), 2),
           "gate_proj/up_proj": ((14336, 4096), 2), "down_proj": ((4096, 14336), 1)}  # fmt: skip
-# The weights one launch projects together in a step of more rows than nf4_mma takes (q/k/v, gate/up): not a step's
-# part in the totals (their single shapes are)
+# The weights one launch projects together in the engine (q/k/v, gate/up): not part of the single shapes' totals
 GROUPS = {"qkv_proj": ((6144, 4096), 1), "gate_up_proj": ((28672, 4096), 1)}
+# The engine's four launches a layer: (shape, launches of it)
+ENGINE = {"qkv_proj": 1, "q_proj/o_proj": 1, "gate_up_proj": 1, "down_proj": 1}
 LAYERS = 32
 STREAMED_BYTES = 200e6
+
+
+def nf4_bytes(n: int, k: int) -> float:
+    """What an NF4 weight [n, k] streams: its 4-bit codes and a uint8 absmax a block of 64."""
+    return n * k / 2 + n * k / 64
+
+
+def read_gb_s() -> float:
+    """The device's measured read bandwidth (GB a second: torch's sum over 2 GiB): the reference for a share, as the
+    NF4 kernels read far more than they write."""
+    source = torch.ones(1 << 29, dtype=torch.float32, device="cuda")
+    return 4 * source.numel() / (graph_us(lambda: source.sum(), 1) * 1e-6) / 1e9
 
 
 def graph_us(fn: Callable[[], None], calls: int, replays: int = 10) -> float:
@@ -108,19 +122,32 @@ def mma(x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
     return nf4_mma(x, layer.weight, layer.weight.quant_state)
 
 
+def engine_step(rows: int, measured: dict, read: float) -> dict:
+    """The engine's NF4 launches of a step (32 layers of ENGINE) with the kernel it picks at `rows` (nf4_mma up to
+    mma_rows, nf4_wide above): its time, and its bytes a second as a share of the read bandwidth."""
+    kernel = "mma" if rows <= mma_rows(0) else "wide"
+    ms = LAYERS * sum(measured[name][f"{kernel}_us"] * launches for name, launches in ENGINE.items()) / 1000
+    streamed = LAYERS * sum(nf4_bytes(*(SHAPES | GROUPS)[name][0]) * launches for name, launches in ENGINE.items())
+    gbs = streamed / (ms * 1e-3) / 1e9
+    print(f"{rows} rows, the engine's NF4 launches a step ({kernel}): {ms:.3f} ms, {streamed / 1e9:.2f} GB, "
+          f"{gbs:.0f} GB/s, {gbs / read:.0%} of the read bandwidth", flush=True)  # fmt: skip
+    return {"kernel": kernel, "ms": ms, "gb": streamed / 1e9, "gb_s": gbs, "share_of_read": gbs / read}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="1,32", help="comma-separated row counts (1: the GEMV)")
     parser.add_argument("--sweep", type=float, default=0.0, help="seconds to search configurations, per shape")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes to measure (all: a step), "
-                        f"of {', '.join(SHAPES | GROUPS)}")  # fmt: skip
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes to measure (default: a "
+                        f"step of single shapes; all: also the engine's), of {', '.join(SHAPES | GROUPS)}")  # fmt: skip
     args = parser.parse_args()
-    shapes = args.shapes.split(",")
+    shapes = list(SHAPES | GROUPS) if args.shapes == "all" else args.shapes.split(",")
     if unknown := set(shapes) - set(SHAPES | GROUPS):
         parser.error(f"unknown shapes {sorted(unknown)}; known: {', '.join(SHAPES | GROUPS)}")
     torch.manual_seed(0)
-    results = {"device": torch.cuda.get_device_name(0), "rows": {}}
+    results = {"device": torch.cuda.get_device_name(0), "read_gb_s": read_gb_s(), "rows": {}}
+    print(f"device read bandwidth {results['read_gb_s']:.0f} GB/s", flush=True)
     for name in shapes:
         (n, k), count = (SHAPES | GROUPS)[name]
         copies = math.ceil(STREAMED_BYTES / (n * k / 2))
@@ -165,7 +192,7 @@ def main() -> None:
                     continue
                 if us < best_us:
                     best, best_us = config, us
-            gbs = (n * k / 2 + n * k / 64) / (best_us * 1e-6) / 1e9
+            gbs = nf4_bytes(n, k) / (best_us * 1e-6) / 1e9
             shape = {"bnb_us": bnb_us, "fused_us": fused_us, "mma_us": mma_us, "wide_us": wide_us, "best_us": best_us,
                      "best_config": best, "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
             if wide_best is not None:
@@ -175,6 +202,8 @@ def main() -> None:
                   f"best {best_us:7.1f} us "
                   f"{best} {gbs:6.0f} GB/s  err {error:.1e}", flush=True)  # fmt: skip
     for rows, measured in results["rows"].items():
+        if set(ENGINE) <= set(measured):
+            results[f"engine_step_{rows}_rows"] = engine_step(int(rows), measured, results["read_gb_s"])
         if not set(SHAPES) <= set(measured):  # a step's time only from all its shapes
             continue
         step = {key: LAYERS * sum(measured[name][f"{key}_us"] * SHAPES[name][1] for name in SHAPES) / 1000
