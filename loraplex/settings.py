@@ -92,7 +92,14 @@ class Settings(BaseSettings):
         description="Connections one peer address may hold open; past it its new ones are closed, so that one "
         "client cannot hold every connection (behind a proxy, one address is everyone); default: no share.",
     )
-    max_active_adapters: int = Field(8, ge=1, le=1024, description="Adapter slots on the device.")
+    max_active_adapters: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Adapter slots on the device: the adapters that run at once (a request whose adapter has no "
+        "slot waits for one to drain); default: as many of max-lora-rank as a quarter of the GPU's free memory "
+        "holds, up to max-cpu-adapters; 8 on a CPU.",
+    )
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")
     max_seq_len: int = Field(2048, ge=16, description="Longest prompt + completion per request (KV rows).")
@@ -173,7 +180,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cpu_tier_holds_active(self) -> "Settings":
-        if self.max_cpu_adapters < self.max_active_adapters:
+        if self.max_active_adapters is not None and self.max_cpu_adapters < self.max_active_adapters:
             raise ValueError(
                 f"max_cpu_adapters ({self.max_cpu_adapters}) must be >= max_active_adapters "
                 f"({self.max_active_adapters}): every active adapter also keeps its CPU copy"

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from server.engine.attention import available_memory, kv_row_bytes
 from server.engine.graphs import buckets_up_to
+from server.engine.multilora import LoraLayout, lora_targets
 
 if TYPE_CHECKING:  # Settings pulls in pydantic, which the engine itself does not need
     from loraplex.settings import Settings
@@ -17,6 +18,11 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 CPU_BATCH_SIZE = 32  # a CPU computes rather than streams: more rows only queue work behind each other
 AUTO_BATCH_CAP = 256  # past this many rows a step is compute-bound: latency grows, throughput barely
 KV_MEMORY_SHARE = 0.5  # of the device memory free after the model; the rest: adapter slots, activations, graphs
+# Of the same free memory, what adapter slots may take where their number is not set: the slots bound how many
+# adapters run at once, and a request whose adapter has none waits until a slot drains (on the H200, mixed traffic
+# over 32 adapters within the latency target: 16 req/s on 8 slots, 24 on 16, 40 on 64; BENCHMARKS.md)
+SLOT_MEMORY_SHARE = 0.25
+CPU_ADAPTER_SLOTS = 8  # a CPU's slots: what it computes is the bound there, not how many adapters run at once
 IDLE_PREFILL_FACTOR = 4  # prompt budget of steps with no decoding request, in multiples of max_prefill_tokens
 
 
@@ -31,6 +37,17 @@ def fit_batch_size(model: PreTrainedModel, max_seq_len: int) -> int:
         return CPU_BATCH_SIZE
     row = kv_row_bytes(model.config.get_text_config(), max_seq_len, weight.dtype)
     return max(1, min(AUTO_BATCH_CAP, int(KV_MEMORY_SHARE * available_memory(weight.device) / row)))
+
+
+def fit_adapter_slots(model: PreTrainedModel, targets: tuple[str, ...], max_rank: int, most: int) -> int:
+    """Adapter slots of max_rank that SLOT_MEMORY_SHARE of the free GPU memory holds, up to `most` (the CPU tier's
+    places: every active adapter keeps its CPU copy) and at least 1; CPU_ADAPTER_SLOTS (up to `most`) on a CPU."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "cuda":
+        return min(most, CPU_ADAPTER_SLOTS)
+    # +1: the store's all-zero slot of the rows without an adapter
+    slot = LoraLayout.of(lora_targets(model, targets)).slot_bytes(max_rank, weight.dtype)
+    return max(1, min(most, int(SLOT_MEMORY_SHARE * available_memory(weight.device) / slot) - 1))
 
 
 @dataclass(frozen=True)
@@ -49,8 +66,9 @@ class EngineConfig:
 
     @classmethod
     def for_model(cls, settings: "Settings", model: PreTrainedModel) -> "EngineConfig":
-        """The settings, completed for `model`: max_seq_len at most its context length, and max_batch_size, when
-        not set, the KV rows that fit the device (fit_batch_size)."""
+        """The settings, completed for `model`: max_seq_len at most its context length, max_batch_size, when not
+        set, the KV rows that fit the device (fit_batch_size), and max_active_adapters, when not set, the adapter
+        slots that fit it (fit_adapter_slots)."""
         text = model.config.get_text_config()
         max_seq_len = min(settings.max_seq_len, text.max_position_embeddings)
         if max_seq_len < settings.max_seq_len:
@@ -59,9 +77,13 @@ class EngineConfig:
         if max_batch_size is None:
             max_batch_size = fit_batch_size(model, max_seq_len)
             log.info("max_batch_size %d: the KV rows of %d tokens that fit", max_batch_size, max_seq_len)
+        slots = settings.max_active_adapters
+        if slots is None:
+            slots = fit_adapter_slots(model, DEFAULT_TARGETS, settings.max_lora_rank, settings.max_cpu_adapters)
+            log.info("max_active_adapters %d: the adapter slots of rank %d that fit", slots, settings.max_lora_rank)
         return cls(
             max_batch_size=max_batch_size,
-            max_active_adapters=settings.max_active_adapters,
+            max_active_adapters=slots,
             max_lora_rank=settings.max_lora_rank,
             max_seq_len=max_seq_len,
             max_prefill_tokens=settings.max_prefill_tokens,

@@ -54,6 +54,7 @@ from server.engine.multilora import (
     MultiLoraLinear,
     PackCache,
     ShrinkGroup,
+    lora_targets,
     shrink_groups,
 )
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
@@ -189,17 +190,9 @@ class Engine:
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _wrap_targets(self) -> tuple[LoraStore, dict[str, MultiLoraLinear]]:
-        targets = [
-            (name, module)
-            for name, module in self.model.named_modules()
-            if name.rsplit(".", 1)[-1] in self.config.target_modules and hasattr(module, "in_features")
-        ]
-        a_offsets, b_offsets, a_width, b_width = {}, {}, 0, 0
-        for name, module in targets:
-            a_offsets[name], b_offsets[name] = a_width, b_width
-            a_width += module.in_features
-            b_width += module.out_features
-        layout = LoraLayout(a_offsets, b_offsets, a_width, b_width)
+        targets = lora_targets(self.model, self.config.target_modules)
+        layout = LoraLayout.of(targets)
+        a_offsets, b_offsets = layout.a_offsets, layout.b_offsets
         store = LoraStore(layout, self.config.max_active_adapters, self.config.max_lora_rank, self.dtype, self.device)
         layers: dict[str, MultiLoraLinear] = {}
         for members in shrink_groups(targets, a_offsets):

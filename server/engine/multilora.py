@@ -131,6 +131,29 @@ class LoraLayout:
     a_width: int  # sum of in_features
     b_width: int  # sum of out_features
 
+    @classmethod
+    def of(cls, targets: list[tuple[str, nn.Module]]) -> "LoraLayout":
+        """The layout of `targets` (lora_targets), side by side in their order."""
+        a_offsets, b_offsets, a_width, b_width = {}, {}, 0, 0
+        for name, module in targets:
+            a_offsets[name], b_offsets[name] = a_width, b_width
+            a_width += module.in_features
+            b_width += module.out_features
+        return cls(a_offsets, b_offsets, a_width, b_width)
+
+    def slot_bytes(self, max_rank: int, dtype: torch.dtype) -> int:
+        """What one slot of the store takes on the device: its A and B, padded to max_rank."""
+        return max_rank * (self.a_width + self.b_width) * dtype.itemsize
+
+
+def lora_targets(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """The linear layers of `model` that take LoRA: those whose own name (its last part) is one of `names`."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in names and hasattr(module, "in_features")
+    ]
+
 
 class LoraStore:
     """The device slots: A [S+1, r_max, a_width] and B [S+1, r_max, b_width]; scaling is folded into B."""

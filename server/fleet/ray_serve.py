@@ -83,7 +83,7 @@ class _Resident:
 class Replica:
     """One loraplex server (model, registry, engine) in a Ray actor, answering ForwardedRequests."""
 
-    async def __init__(self, settings: Settings, max_adapters: int) -> None:
+    async def __init__(self, settings: Settings) -> None:
         from server.app import create_app
 
         self.app = create_app(settings)
@@ -103,7 +103,9 @@ class Replica:
         async def resident(adapter: str) -> _Resident:  # Serve keeps its LRU on the function: not a bound method
             return await self._make_resident(adapter)
 
-        self._resident: Callable[[str], Any] = serve.multiplexed(max_num_models_per_replica=max_adapters)(resident)
+        # as many adapters as the replica's device slots (max_active_adapters, fitted to its GPU where not set)
+        slots = state.runtime.engine.config.max_active_adapters
+        self._resident: Callable[[str], Any] = serve.multiplexed(max_num_models_per_replica=slots)(resident)
 
     async def _make_resident(self, adapter: str) -> _Resident:
         registry: AdapterRegistry = self.app.state.registry
@@ -228,7 +230,7 @@ def application(
     (Serve's multiplexed models) as many adapters as it has device slots."""
     replica = Replica.options(**deployment_options(settings, replicas, max_replicas, max_ongoing_requests))
     max_body = max(settings.max_request_mb, settings.max_adapter_mb) << 20
-    return Ingress.bind(replica.bind(settings, settings.max_active_adapters), max_body)
+    return Ingress.bind(replica.bind(settings), max_body)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -1,11 +1,14 @@
-"""The engine's limits completed for a model: context length, and a batch size sized to the device."""
+"""The engine's limits completed for a model: context length, and a batch size and adapter slots sized to the
+device."""
 
+import pytest
 import torch
 from tiny import tiny_model
 
 from loraplex.settings import Settings
-from server.engine.attention import kv_row_bytes
-from server.engine.config import CPU_BATCH_SIZE, EngineConfig
+from server.engine.attention import available_memory, kv_row_bytes
+from server.engine.config import CPU_ADAPTER_SLOTS, CPU_BATCH_SIZE, DEFAULT_TARGETS, SLOT_MEMORY_SHARE, EngineConfig
+from server.engine.multilora import LoraLayout, LoraStore, lora_targets
 
 
 def test_settings_are_completed_for_the_model() -> None:
@@ -22,3 +25,34 @@ def test_a_kv_row_counts_every_layer_k_and_v() -> None:
     head_dim = text.hidden_size // text.num_attention_heads
     expected = 2 * text.num_hidden_layers * text.num_key_value_heads * 100 * head_dim * 2
     assert kv_row_bytes(text, 100, torch.bfloat16) == expected
+
+
+def test_adapter_slots_not_set_are_fitted_and_held_by_the_cpu_tier() -> None:
+    model = tiny_model("llama")
+    assert EngineConfig.for_model(Settings(), model).max_active_adapters == CPU_ADAPTER_SLOTS  # a CPU: fixed
+    assert EngineConfig.for_model(Settings(max_cpu_adapters=3), model).max_active_adapters == 3  # each keeps a copy
+    assert EngineConfig.for_model(Settings(max_active_adapters=20), model).max_active_adapters == 20
+
+
+def test_a_slot_counts_every_targets_a_and_b_at_the_largest_rank() -> None:
+    model = tiny_model("llama", num_key_value_heads=2)
+    text = model.config
+    h, inter = text.hidden_size, text.intermediate_size
+    kv = 2 * h // text.num_attention_heads  # k's and v's outputs: two heads
+    a_width = 6 * h + inter  # q, k, v, o, gate, up read the hidden state; down the intermediate one
+    b_width = 3 * h + 2 * kv + 2 * inter  # q, o and down write the hidden size; k and v kv's; gate and up inter
+    layout = LoraLayout.of(lora_targets(model, DEFAULT_TARGETS))
+    expected = 16 * text.num_hidden_layers * (a_width + b_width) * 2
+    assert layout.slot_bytes(16, torch.bfloat16) == expected
+    store = LoraStore(layout, 3, 16, torch.bfloat16, torch.device("cpu"))
+    assert store.a.nbytes + store.b.nbytes == 4 * expected  # three slots and the all-zero one
+
+
+@pytest.mark.gpu
+def test_adapter_slots_fitted_to_the_gpu_take_their_share_of_its_free_memory() -> None:
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    slot = LoraLayout.of(lora_targets(model, DEFAULT_TARGETS)).slot_bytes(1024, torch.bfloat16)
+    free = available_memory(torch.device("cuda"))
+    slots = EngineConfig.for_model(Settings(max_lora_rank=1024, max_cpu_adapters=100_000), model).max_active_adapters
+    assert (slots + 1) * slot <= SLOT_MEMORY_SHARE * free < (slots + 2) * slot
+    assert EngineConfig.for_model(Settings(), model).max_active_adapters == 64  # the CPU tier's places bound it
