@@ -45,8 +45,8 @@ def fit_adapter_slots(model: PreTrainedModel, targets: tuple[str, ...], max_rank
     weight = model.get_input_embeddings().weight
     if weight.device.type != "cuda":
         return min(most, CPU_ADAPTER_SLOTS)
-    # +1: the store's all-zero slot of the rows without an adapter
     slot = LoraLayout.of(lora_targets(model, targets)).slot_bytes(max_rank, weight.dtype)
+    # - 1: the store's all-zero slot, of the rows without an adapter
     return max(1, min(most, int(SLOT_MEMORY_SHARE * available_memory(weight.device) / slot) - 1))
 
 
