@@ -80,7 +80,8 @@ class EngineConfig:
         slots = settings.max_active_adapters
         if slots is None:
             slots = fit_adapter_slots(model, DEFAULT_TARGETS, settings.max_lora_rank, settings.max_cpu_adapters)
-            log.info("max_active_adapters %d: the adapter slots of rank %d that fit", slots, settings.max_lora_rank)
+            log.info("max_active_adapters %d: adapter slots of rank %d fitted to the %s", slots, settings.max_lora_rank,
+                     model.get_input_embeddings().weight.device.type)  # fmt: skip
         return cls(
             max_batch_size=max_batch_size,
             max_active_adapters=slots,
