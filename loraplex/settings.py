@@ -98,7 +98,8 @@ class Settings(BaseSettings):
         le=1024,
         description="Adapter slots on the device: the adapters that run at once (a request whose adapter has no "
         "slot waits for one to drain); default: as many slots of the largest rank accepted as a quarter of the "
-        "GPU's free memory holds, up to the adapters kept in CPU memory; 8 on a CPU.",
+        "GPU's free memory holds, at most 1024 / that rank (steps of prompt chunks multiply every token with every "
+        "slot) and at most the adapters kept in CPU memory; 8 on a CPU.",
     )
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")

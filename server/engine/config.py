@@ -22,6 +22,10 @@ KV_MEMORY_SHARE = 0.5  # of the device memory free after the model; the rest: ad
 # adapters run at once, and a request whose adapter has none waits until a slot drains (on the H200, mixed traffic
 # over 32 adapters within the latency target: 16 req/s on 8 slots, 24 on 16, 40 on 64; BENCHMARKS.md)
 SLOT_MEMORY_SHARE = 0.25
+# Slots x max_rank where their number is not set: a captured step of more than KERNEL_TOKENS tokens (prompt chunks)
+# multiplies every token with every slot's A and B (LoraContext's dense path), so its LoRA cost grows with this.
+# 1,024: rank-16 slots over 64 (the figures above: still within the target at 40 req/s), rank-64 over 16.
+SLOT_COLUMNS = 1024
 CPU_ADAPTER_SLOTS = 8  # a CPU's slots: what it computes is the bound there, not how many adapters run at once
 IDLE_PREFILL_FACTOR = 4  # prompt budget of steps with no decoding request, in multiples of max_prefill_tokens
 
@@ -39,15 +43,21 @@ def fit_batch_size(model: PreTrainedModel, max_seq_len: int) -> int:
     return max(1, min(AUTO_BATCH_CAP, int(KV_MEMORY_SHARE * available_memory(weight.device) / row)))
 
 
+def slots_that_fit(free_bytes: int, slot_bytes: int, max_rank: int, most: int) -> int:
+    """Adapter slots of `slot_bytes` (at max_rank) that SLOT_MEMORY_SHARE of `free_bytes` holds beside the store's
+    all-zero slot, within SLOT_COLUMNS and up to `most`; at least 1."""
+    in_memory = int(SLOT_MEMORY_SHARE * free_bytes / slot_bytes) - 1
+    return max(1, min(most, in_memory, SLOT_COLUMNS // max_rank))
+
+
 def fit_adapter_slots(model: PreTrainedModel, targets: tuple[str, ...], max_rank: int, most: int) -> int:
-    """Adapter slots of max_rank that SLOT_MEMORY_SHARE of the free GPU memory holds, up to `most` (the CPU tier's
-    places: every active adapter keeps its CPU copy) and at least 1; CPU_ADAPTER_SLOTS (up to `most`) on a CPU."""
+    """The adapter slots of max_rank that fit the GPU (slots_that_fit), up to `most` (the CPU tier's places: every
+    active adapter keeps its CPU copy); CPU_ADAPTER_SLOTS (up to `most`) on a CPU."""
     weight = model.get_input_embeddings().weight
     if weight.device.type != "cuda":
         return min(most, CPU_ADAPTER_SLOTS)
     slot = LoraLayout.of(lora_targets(model, targets)).slot_bytes(max_rank, weight.dtype)
-    # - 1: the store's all-zero slot, of the rows without an adapter
-    return max(1, min(most, int(SLOT_MEMORY_SHARE * available_memory(weight.device) / slot) - 1))
+    return slots_that_fit(available_memory(weight.device), slot, max_rank, most)
 
 
 @dataclass(frozen=True)

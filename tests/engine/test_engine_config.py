@@ -6,8 +6,16 @@ import torch
 from tiny import tiny_model
 
 from loraplex.settings import Settings
-from server.engine.attention import available_memory, kv_row_bytes
-from server.engine.config import CPU_ADAPTER_SLOTS, CPU_BATCH_SIZE, DEFAULT_TARGETS, SLOT_MEMORY_SHARE, EngineConfig
+from server.engine.attention import kv_row_bytes
+from server.engine.config import (
+    CPU_ADAPTER_SLOTS,
+    CPU_BATCH_SIZE,
+    DEFAULT_TARGETS,
+    SLOT_COLUMNS,
+    SLOT_MEMORY_SHARE,
+    EngineConfig,
+    slots_that_fit,
+)
 from server.engine.multilora import LoraLayout, LoraStore, lora_targets
 
 
@@ -48,11 +56,19 @@ def test_a_slot_counts_every_targets_a_and_b_at_the_largest_rank() -> None:
     assert store.a.nbytes + store.b.nbytes == 4 * expected  # three slots and the all-zero one
 
 
+def test_fitted_slots_take_a_quarter_of_the_free_memory_and_bound_slots_times_rank() -> None:
+    mb = 1 << 20
+    assert slots_that_fit(1000 * mb, 84 * mb, 16, 64) == 1  # 250 MB: two slots of 84, one of them the zero slot
+    assert slots_that_fit(10_000 * mb, 84 * mb, 16, 64) == int(SLOT_MEMORY_SHARE * 10_000 / 84) - 1
+    assert slots_that_fit(134_000 * mb, 84 * mb, 16, 64) == 64  # the CPU tier's places
+    assert slots_that_fit(134_000 * mb, 84 * mb, 16, 1000) == SLOT_COLUMNS // 16  # every step's dense LoRA
+    assert slots_that_fit(134_000 * mb, 336 * mb, 64, 64) == SLOT_COLUMNS // 64
+    assert slots_that_fit(10 * mb, 84 * mb, 16, 64) == 1  # never none
+    assert slots_that_fit(134_000 * mb, 84 * mb, 4096, 64) == 1
+
+
 @pytest.mark.gpu
-def test_adapter_slots_fitted_to_the_gpu_take_their_share_of_its_free_memory() -> None:
-    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
-    slot = LoraLayout.of(lora_targets(model, DEFAULT_TARGETS)).slot_bytes(1024, torch.bfloat16)
-    free = available_memory(torch.device("cuda"))
-    slots = EngineConfig.for_model(Settings(max_lora_rank=1024, max_cpu_adapters=100_000), model).max_active_adapters
-    assert (slots + 1) * slot <= SLOT_MEMORY_SHARE * free < (slots + 2) * slot
-    assert EngineConfig.for_model(Settings(), model).max_active_adapters == 64  # the CPU tier's places bound it
+def test_adapter_slots_are_fitted_to_the_gpu_where_not_set() -> None:
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()  # a tiny model: the columns bind, not the memory
+    assert EngineConfig.for_model(Settings(), model).max_active_adapters == SLOT_COLUMNS // 64
+    assert EngineConfig.for_model(Settings(max_lora_rank=16), model).max_active_adapters == 64
