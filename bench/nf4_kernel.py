@@ -6,6 +6,7 @@ python bench/nf4_kernel.py --out nf4.json                       # 1 and 32 rows,
 python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also search configurations, 60 s each
 python bench/nf4_kernel.py --rows 64 --shapes down_proj --sweep 120 --out nf4.json  # one shape (no step total)
 python bench/nf4_kernel.py --rows 1,16,32,64 --shapes all --out nf4.json  # the engine's launches: bandwidth share
+python bench/nf4_kernel.py --rows 1,16 --shapes all --mma-sweep 30 --out nf4.json  # also search nf4_mma's configs
 
 Each time is one call inside a CUDA graph (as in the engine's decode step), averaged over replays of a graph
 that runs the projection over enough copies of the weight (200 MB at least) that they come from memory, not
@@ -96,6 +97,13 @@ def candidates(n: int, k: int, rows: int) -> list[tuple]:
     return found
 
 
+def mma_candidates() -> list[tuple]:
+    """nf4_mma's (row tiles a CTA, warps, blocks a group, groups staged, CTAs an SM, table entry bytes) to search."""
+    found = list(itertools.product((1, 2), (4, 8), (4,), (2, 3), (1, 2), (128, 256)))
+    random.Random(0).shuffle(found)
+    return found
+
+
 def wide_candidates() -> list[tuple]:
     """nf4_wide's (warps, row tiles a warp, blocks a step, steps in flight, CTAs an SM) and parts of K to search."""
     found = list(itertools.product((4, 8, 16), (1, 2), (1, 2, 4), (2, 3, 4, 6), (1, 2), (None, 1, 2, 4, 8, 16)))
@@ -118,8 +126,8 @@ def wide(x: torch.Tensor, layer: Linear4bit, config: tuple | None = None) -> tor
     return nf4_wide_sums(x, [(layer.weight, layer.weight.quant_state, None)], kernel_config, split)
 
 
-def mma(x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
-    return nf4_mma(x, layer.weight, layer.weight.quant_state)
+def mma(x: torch.Tensor, layer: Linear4bit, config: tuple | None = None) -> torch.Tensor:
+    return nf4_mma(x, layer.weight, layer.weight.quant_state, config=config)
 
 
 def engine_step(rows: int, measured: dict, read: float) -> dict:
@@ -139,6 +147,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="1,32", help="comma-separated row counts (1: the GEMV)")
     parser.add_argument("--sweep", type=float, default=0.0, help="seconds to search configurations, per shape")
+    parser.add_argument("--mma-sweep", type=float, default=0.0, help="seconds to search nf4_mma's, per shape")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes to measure (default: a "
                         f"step of single shapes; all: also the engine's), of {', '.join(SHAPES | GROUPS)}")  # fmt: skip
     args = parser.parse_args()
@@ -164,6 +173,20 @@ def main() -> None:
             fused_us = graph_us(lambda: [kernel(x, layer, None) for layer in layers], copies)  # noqa: B023
             # nf4_mma runs up to 64 rows
             mma_us = graph_us(lambda: [mma(x, layer) for layer in layers], copies) if rows <= 64 else math.nan  # noqa: B023
+            mma_best, mma_best_us = None, mma_us
+            deadline = time.monotonic() + (args.mma_sweep if rows <= 64 else 0)
+            for config in mma_candidates():
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    us = graph_us(lambda: [mma(x, layer, config) for layer in layers], copies, 3)  # noqa: B023
+                except (RuntimeError, ValueError):  # more shared memory than a CTA may have
+                    continue
+                if us < mma_best_us:
+                    mma_best, mma_best_us = config, us
+            if mma_best is not None:
+                print(f"{rows:3d} rows {name:18s} mma {mma_us:7.1f} us, best {mma_best_us:7.1f} us {mma_best}",
+                      flush=True)  # fmt: skip
             wide_us, wide_best = math.nan, None
             if 1 < rows <= WIDE_ROWS:
                 wide_error = ((wide(x, layers[0]) - expected).abs().max() / expected.abs().max()).item()
@@ -197,6 +220,8 @@ def main() -> None:
                      "best_config": best, "best_gb_s": gbs, "rel_error": error, "per_layer": count}  # fmt: skip
             if wide_best is not None:
                 shape |= {"wide_best_us": wide_best_us, "wide_best_config": wide_best}
+            if mma_best is not None:
+                shape |= {"mma_best_us": mma_best_us, "mma_best_config": mma_best}
             results["rows"].setdefault(str(rows), {})[name] = shape
             print(f"{rows:3d} rows {name:18s} bnb {bnb_us:7.1f} us  fused {fused_us:7.1f} us  mma {mma_us:7.1f} us  "
                   f"best {best_us:7.1f} us "

@@ -59,9 +59,10 @@ def cubin_sass(cubin: bytes) -> str:
 def mma_sass(n: int, k: int, rows: int) -> tuple[str, int]:
     """SASS of nf4_mma for sm_90 in the launcher's configuration for an [n, k] weight and `rows` rows, and the
     weights one iteration of its main loop takes a warp."""
-    row_tiles, warps, group, min_blocks = nf4_mma.pick_config(n, k, rows)
+    row_tiles, warps, group, stages, min_blocks, lut_entry = nf4_mma.pick_config(n, k, rows)
     warps, group, x_tiles = nf4_mma.pick_launch(k, rows, row_tiles, warps, group)
-    source = nf4_mma.kernel_source(warps, group, row_tiles, x_tiles, min_blocks, True, False, 16, True, 1, False)
+    source = nf4_mma.kernel_source(warps, group, row_tiles, x_tiles, stages, min_blocks, lut_entry, True, False, 16,
+                                   True, 1, False)  # fmt: skip
     return cubin_sass(nvrtc_cubin(source, "nf4_mma.cu")), group * row_tiles * 16 * 64
 
 

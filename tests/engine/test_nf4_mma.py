@@ -15,6 +15,9 @@ from server.engine.multilora import ShrinkGroup
 
 pytestmark = pytest.mark.gpu
 N, K = 72, 64 * 12  # N not a multiple of the 16-row tiles; K / 64 splits over 4 warps of 3 blocks (no group of 4)
+# (16-row weight tiles a CTA, most warps, most blocks a group, groups staged, CTAs an SM must fit by registers): the
+# launcher's for 1 and 16 rows, two tiles a CTA, groups split unevenly over the warps (12 over 8; 3 of 4 blocks over 2)
+CONFIGS = [(1, 8, 4, 2, 2, 256), (2, 4, 4, 2, 2, 128), (2, 8, 2, 3, 1, 256), (1, 8, 1, 2, 2, 128), (1, 4, 4, 5, 1, 256)]
 
 
 def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -24,22 +27,26 @@ def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
-# (16-row weight tiles a CTA, most warps, most blocks loaded ahead, CTAs an SM must fit by registers)
-# with pick_config's of q/k/v and gate/up (three CTAs an SM)
-@pytest.mark.parametrize("config", [(1, 4, 4, 3), (2, 8, 2, 3), (2, 4, 2, 3), (2, 8, 2, 1), (1, 2, 1, 2)])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_nf4_mma_matches_the_dequantized_weight(rows, nested, bias, config) -> None:
+    """Also with one CTA taking every tile in turn: the same bits as a CTA a tile (each output's sums are made in
+    the same order whichever CTA makes them)."""
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, nested, bias, "cuda")
     x = torch.randn(rows, K, device="cuda").bfloat16()
     expected = x.float() @ dense.T + (layer.bias if bias else 0)
     b = layer.bias.bfloat16() if bias else None
-    assert close(nf4_mma(x, layer.weight, layer.weight.quant_state, b, None, config), expected)
+    got = nf4_mma(x, layer.weight, layer.weight.quant_state, b, None, config)
+    assert close(got, expected)
+    assert torch.equal(got, nf4_mma(x, layer.weight, layer.weight.quant_state, b, None, config, ctas=1))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 32])
-# column 0: B rows 16-byte aligned, copied into shared memory at the start; column 1: read in the epilogue
+# column 0: B rows 16-byte aligned, copied into shared memory a tile ahead; column 1: read in the epilogue
 @pytest.mark.parametrize("column", [0, 1])
-def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
+# a CTA a tile; two CTAs taking three tiles each in turn (B rows in both buffers)
+@pytest.mark.parametrize("ctas", [None, 2])
+def test_nf4_mma_adds_each_rows_lora_delta(rows, column, ctas) -> None:
     torch.manual_seed(0)
     layer, dense = nf4_layer(N, K, True, False, "cuda")
     slots, rank = 3, 5  # rank not a power of 2; the last slot is the no-adapter one
@@ -53,7 +60,7 @@ def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
     x = torch.randn(rows, K, device="cuda").bfloat16()
     partial, chunks = lora_shrink(x, store_a, slot, ranks[slot])
     epilogue = LoraEpilogue(partial[0], chunks, store_b, slot, ranks[slot])
-    got = nf4_mma(x, layer.weight, layer.weight.quant_state, None, epilogue)
+    got = nf4_mma(x, layer.weight, layer.weight.quant_state, None, epilogue, ctas=ctas)
     store_a[1, 3:], store_b[1, 3:] = 0, 0  # what slot 1 holds
     shrunk = torch.einsum("bk,brk->br", x.float(), store_a[slot].float())
     expected = x.float() @ dense.T + torch.einsum("br,brn->bn", shrunk, store_b[slot].float())
@@ -63,7 +70,7 @@ def test_nf4_mma_adds_each_rows_lora_delta(rows, column) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32])
-@pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 4, 2, 1)])
+@pytest.mark.parametrize("config", CONFIGS[:3])
 def test_nf4_mma_epilogues_agree_bit_for_bit(rows, config) -> None:
     """The same B values as a 16-byte aligned view (copied into shared memory, eight outputs a thread) and as an
     unaligned one (read from global memory, an output a thread), with a bias: the same bits."""
@@ -84,14 +91,16 @@ def test_nf4_mma_epilogues_agree_bit_for_bit(rows, config) -> None:
     )
     got = nf4_mma(x, layer.weight, layer.weight.quant_state, bias, aligned, config)
     assert torch.equal(got, nf4_mma(x, layer.weight, layer.weight.quant_state, bias, unaligned, config))
+    assert torch.equal(got, nf4_mma(x, layer.weight, layer.weight.quant_state, bias, aligned, config, ctas=2))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32])
 @pytest.mark.parametrize(("nested", "bias"), [(True, False), (False, True)])
-@pytest.mark.parametrize("config", [(1, 8, 4, 2), (2, 8, 2, 1), (1, 4, 4, 3), (2, 8, 2, 3), (2, 4, 2, 3)])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) -> None:
     """Three weights sharing x in one launch (as q/k/v do), each row's LoRA delta from its own A and B: each
-    weight's columns of the output are what nf4_mma gives for that weight alone, bit for bit."""
+    weight's columns of the output are what nf4_mma gives for that weight alone, bit for bit; also where one CTA
+    takes every tile of all three in turn."""
     torch.manual_seed(0)
     sizes = (72, 40, 24)  # not multiples of a CTA's rows: every segment ends in a partial tile
     layers = [nf4_layer(n, K, nested, bias, "cuda")[0] for n in sizes]
@@ -106,8 +115,10 @@ def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) ->
     ranks = torch.tensor([5, 3, 5, 0], dtype=torch.int32, device="cuda")[slot]
     x = torch.randn(rows, K, device="cuda").bfloat16()
     partial, chunks = lora_shrink(x, store_a, slot, ranks, len(sizes))
-    got = nf4_mma_segments(x, segments, LoraEpilogue(partial, chunks, store_b, slot, ranks), config)
+    epilogue = LoraEpilogue(partial, chunks, store_b, slot, ranks)
+    got = nf4_mma_segments(x, segments, epilogue, config)
     assert got.shape == (rows, width)
+    assert torch.equal(got, nf4_mma_segments(x, segments, epilogue, config, ctas=1))
     column = 0
     for i, ((weight, state, b), n) in enumerate(zip(parts, sizes, strict=True)):
         lora = LoraEpilogue(partial[i], chunks, store_b[:, :, column : column + n], slot, ranks)

@@ -6,6 +6,7 @@ instead of register permutes, which Triton cannot express (the .cu file says why
 devices of compute capability 8.0+ for bf16 compute; the Triton kernels serve everything else.
 """
 
+import ctypes
 import functools
 import itertools
 import logging
@@ -22,12 +23,13 @@ log = logging.getLogger("loraplex.engine")
 # The most rows nf4_mma takes: up to here it beats nf4_wide on mma.sync and the Triton kernels on the H200; where
 # nf4_wide has wgmma, nf4_mma takes fewer (nf4_wide.mma_rows; BENCHMARKS.md)
 MMA_ROWS = 32
-_LUT_WORDS = 256 * 32  # the decode table's shared memory, reused for the warps' partial sums
-_SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations, beside the table's 32 KB (48 KB of static memory)
-# The epilogue's B rows copied into shared memory at the start, at most (beside ~41 KB of static memory: two CTAs
-# still fit an SM); past it (many rows of a high-rank store), or for B rows not 16-byte aligned, the epilogue reads
-# them from global memory
+_SHRUNK_BYTES = 8192  # the LoRA epilogue's shrunk activations at most, in static shared memory
+_STATIC_BYTES = 12 * 1024  # the kernel's static shared memory at most: those, three second-level tables, slots
+# The epilogue's B rows for two tiles in shared memory, at most; past it (many rows of a high-rank store), or for B
+# rows not 16-byte aligned, the epilogue reads them from global memory
 _BTILE_BYTES = 64 * 1024
+_SUMS_BYTES = 32 * 1024  # the warps' partial sums at most: fewer warps split K past it (64 rows)
+_CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1  # cuda.h: a kernel's static shared memory
 
 
 def nf4_bf16_bits() -> list[int]:
@@ -79,40 +81,61 @@ def compiles(device: int, name: str, build: Callable[[], object], instead: str) 
 @functools.cache
 def _compiles(device: int) -> bool:
     """One build on `device`, once."""
-    build = functools.partial(_kernel, warps=8, group=4, row_tiles=1, x_tiles=1, min_blocks=2, nested=False,
-                              bias=False, r_pad=0, btile=False, segments=1, residual=False, device=device)  # fmt: skip
+    build = functools.partial(_kernel, warps=8, group=4, row_tiles=1, x_tiles=1, stages=3, min_blocks=2,
+                              lut_entry=128, nested=False, bias=False, r_pad=0, btile=False, segments=1,
+                              residual=False, device=device)  # fmt: skip
     return compiles(device, "nf4_mma", build, "the Triton NF4 kernels")
+
+
+def staged_bytes(warps: int, group: int, row_tiles: int, x_tiles: int, stages: int, lut_entry: int) -> int:
+    """The dynamic shared memory of a launch without B rows: the decode table, the warps' staged weights, then
+    their partial sums (the .cu file's layout)."""
+    row = 32 if group == 1 else 32 * group + 32  # WROW
+    return 256 * lut_entry + warps * stages * 16 * row_tiles * row + warps * x_tiles * 8 * 16 * row_tiles * 4
+
+
+def fit_shared(
+    warps: int, group: int, row_tiles: int, x_tiles: int, stages: int, lut_entry: int, btile: int, optin: int
+) -> tuple[int, int, int, int]:
+    """(warps, stages, table entry bytes, B rows' bytes) of a launch whose dynamic shared memory fits beside the
+    static in `optin` bytes (the most a CTA may have): as asked where it does (on the H100/H200 it does but for a
+    high rank at 9-16 rows), else without the B rows in shared memory, then with the smaller table and two stages,
+    then fewer warps."""
+    limit = optin - _STATIC_BYTES
+    options = [(warps, stages, lut_entry, btile), (warps, stages, lut_entry, 0)]
+    options += [(max(1, warps >> shift), 2, 128, 0) for shift in range(4)]
+    for w, st, lut, bt in options:
+        if staged_bytes(w, group, row_tiles, x_tiles, st, lut) + bt <= limit:
+            return w, st, lut, bt
+    raise ValueError(f"nf4_mma does not fit in {optin} bytes of shared memory")
 
 
 def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tuple[int, int, int]:
     """(warps, group, n8 tiles of x rows) for x [rows, k] and a CTA of `row_tiles` 16-row weight tiles: up to `warps`
-    warps splitting K where they divide its blocks (their partial sums must fit in the table's memory), each
-    loading up to `group` blocks ahead."""
+    warps splitting K's groups (at least one each) of up to `group` blocks, the group dividing K's blocks, the
+    warps' partial sums within _SUMS_BYTES."""
     x_tiles = -(-rows // 8)
     blocks = k // 64
-    sums = x_tiles * 8 * 16 * row_tiles  # a warp's partial sums
-    warps = next(w for w in (8, 4, 2, 1) if w <= warps and blocks % w == 0 and w * sums <= _LUT_WORDS)
-    group = next(g for g in (4, 2, 1) if g <= group and (blocks // warps) % g == 0)
-    return warps, group, x_tiles
+    for w in (16, 8, 4, 2, 1):
+        for g in (4, 2, 1):
+            fits = w * x_tiles * 8 * 16 * row_tiles * 4 <= _SUMS_BYTES
+            if w <= warps and g <= group and blocks % g == 0 and blocks // g >= w and fits:
+                return w, g, x_tiles
+    raise ValueError(f"K {k} has no 64-column block")
 
 
-def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int]:
-    """(16-row weight tiles a CTA, most warps, most blocks loaded ahead, CTAs an SM must fit by registers) for an
-    [n, k] weight and `rows` rows of x: the best of a sweep on the H200 for the nearest Llama-3-8B shape, with a
-    rank-16 LoRA epilogue, at 1 row for up to 8 (one n8 tile of x: the same build) and at 16 for 9-16. The launches of
-    q/k/v and gate/up together take fewer waves of CTAs with three an SM: at 1 row q/k/v 13.5 -> 10.5 us and
-    gate/up 42.0 -> 33.8 us (o and down were best as they were), at 16 rows 21.6 -> 15.4 and 70.5 -> 49.2 us."""
+def pick_config(n: int, k: int, rows: int) -> tuple[int, int, int, int, int, int]:
+    """(16-row weight tiles a CTA, most warps, most blocks a group, groups staged, CTAs an SM must fit by registers,
+    bytes from one decode table entry to the next) for an [n, k] weight and `rows` rows of x: the best of a sweep
+    on the H200 (`bench/nf4_kernel.py --mma-sweep`, BENCHMARKS.md) for the Llama-3-8B shapes at 1-2, 8 and 16
+    rows (q/k/v the 128-byte table at every row count there)."""
+    if rows <= 8:
+        if 4096 < n <= 8192:  # q/k/v
+            return 1, 4, 4, 2, 2, 128
+        return (1, 8, 4, 2, 2, 256) if rows <= 4 else (2, 8, 4, 2, 1, 256)
     if rows <= 16:
-        if k > 8192:  # down
-            return (1, 8, 4, 2) if rows <= 8 else (2, 8, 2, 1)
-        if n > 8192:  # gate/up
-            return (2, 8, 2, 3) if rows <= 8 else (2, 4, 2, 3)
-        if n > 4096:  # q/k/v
-            return (1, 4, 4, 3)
-        return (1, 8, 4, 2) if rows <= 8 else (2, 8, 2, 1)
-    if n <= 2048:
-        return 1, 8, 2, 2
-    return (2, 4, 2, 1) if n > 8192 else (2, 8, 2, 1)
+        return (2, 8, 4, 2, 1, 256) if k > 8192 else (2, 4, 4, 2, 2, 128)
+    return 2, 8, 2, 3, 1, 128
 
 
 def kernel_source(
@@ -120,7 +143,9 @@ def kernel_source(
     group: int,
     row_tiles: int,
     x_tiles: int,
+    stages: int,
     min_blocks: int,
+    lut_entry: int,
     nested: bool,
     bias: bool,
     r_pad: int,
@@ -129,7 +154,8 @@ def kernel_source(
     residual: bool,
 ) -> str:
     """The CUDA source of one build of the kernel: its defines (the .cu file's header lists them), then _source()."""
-    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "MIN_BLOCKS": min_blocks,
+    defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "STAGES": stages,
+               "MIN_BLOCKS": min_blocks, "LUT_ENTRY": lut_entry,
                "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
                "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments,
                "HAS_RESIDUAL": int(residual)}  # fmt: skip
@@ -142,7 +168,9 @@ def _kernel(
     group: int,
     row_tiles: int,
     x_tiles: int,
+    stages: int,
     min_blocks: int,
+    lut_entry: int,
     nested: bool,
     bias: bool,
     r_pad: int,
@@ -151,13 +179,28 @@ def _kernel(
     residual: bool,
     device: int,
 ) -> Callable[..., None]:
-    source = kernel_source(warps, group, row_tiles, x_tiles, min_blocks, nested, bias, r_pad, btile, segments,
-                           residual)  # fmt: skip
+    source = kernel_source(warps, group, row_tiles, x_tiles, stages, min_blocks, lut_entry, nested, bias, r_pad, btile,
+                           segments, residual)  # fmt: skip
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_mma")
-        if btile:  # static and dynamic shared memory together pass 48 KB: a launch must be allowed to
-            kernel.set_shared_memory_config(_BTILE_BYTES)
+        # static and dynamic shared memory together pass 48 KB: a launch must be allowed all the device allows
+        static = ctypes.c_int()
+        libcuda = torch.cuda._utils._get_gpu_runtime_library()
+        libcuda.cuFuncGetAttribute(ctypes.byref(static), _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, kernel.func)
+        kernel.set_shared_memory_config(torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+                                        - static.value)  # fmt: skip
         return kernel
+
+
+@functools.cache
+def resident(kernel: Callable[..., None], threads: int, shared_mem: int) -> int:
+    """CTAs of `kernel` an SM holds at once with `threads` threads and `shared_mem` bytes of dynamic shared memory
+    each (the driver's occupancy calculation; at least one)."""
+    count = ctypes.c_int()
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(count), kernel.func, threads,
+                                                       ctypes.c_size_t(shared_mem))  # fmt: skip
+    return max(1, count.value)
 
 
 Part = tuple[torch.Tensor, QuantState, torch.Tensor | None]  # an NF4 weight, its QuantState, its bias (bf16)
@@ -197,39 +240,43 @@ def nf4_mma(
     state: QuantState,
     bias: torch.Tensor | None = None,
     lora: LoraEpilogue | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int, int] | None = None,
     residual: torch.Tensor | None = None,
+    ctas: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
     + each row's LoRA delta, then + residual [M, N] bf16 with unit column stride, added to the rounded output as
     `residual + layer(x)` adds it) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block
-    size 64); config: pick_config's by default."""
-    return _launch(x, [(weight, state, bias)], lora, config, residual)
+    size 64); config: pick_config's by default; ctas: at most this many CTAs (default: as many as the SMs hold at
+    once; each takes tiles in turn)."""
+    return _launch(x, [(weight, state, bias)], lora, config, residual, ctas)
 
 
 def nf4_mma_segments(
     x: torch.Tensor,
     segments: Nf4Segments,
     lora: LoraEpilogue | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int, int] | None = None,
+    ctas: int | None = None,
 ) -> torch.Tensor:
     """nf4_mma for each weight of `segments` (supported()) in one launch -> [M, sum of N], the weights' outputs
     side by side; lora.partial is the shrink's [G, M, CHUNKS_PAD, R_PAD] for the G weights, lora.b their B
     columns side by side, [S+1, R, sum of N]."""
-    return _launch(x, segments.parts, lora, config, None)
+    return _launch(x, segments.parts, lora, config, None, ctas)
 
 
 def _launch(
     x: torch.Tensor,
     parts: list[Part],
     lora: LoraEpilogue | None,
-    config: tuple[int, int, int, int] | None,
+    config: tuple[int, int, int, int, int, int] | None,
     residual: torch.Tensor | None,
+    ctas: int | None,
 ) -> torch.Tensor:
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
     total = sum(ns)
-    row_tiles, warps, group, min_blocks = config or pick_config(total, k, m)
+    row_tiles, warps, group, stages, min_blocks, lut_entry = config or pick_config(total, k, m)
     warps, group, x_tiles = pick_launch(k, m, row_tiles, warps, group)
     weight, state, bias = parts[0]
     absmax2, code2, offset = second_level(state)
@@ -242,25 +289,32 @@ def _launch(
         chunks_pad, r_pad = partial.shape[-2:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
         starts = itertools.accumulate(ns[:-1])  # the segments' first columns of B past the first
-        tile = m * rank * 16 * row_tiles * 2  # [m, rank, the CTA's outputs] bf16
+        tiles = 2 * m * rank * 16 * row_tiles * 2  # two tiles' [m, rank, the CTA's outputs] bf16
         if b.data_ptr() % 16 == 0 and all(v % 8 == 0 for v in (stride_bs, stride_br, *starts)):  # 16-byte copies
-            btile = tile if tile <= _BTILE_BYTES else 0
+            btile = tiles if tiles <= _BTILE_BYTES else 0
+    device = x.device.index or 0
+    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    warps, stages, lut_entry, btile = fit_shared(warps, group, row_tiles, x_tiles, stages, lut_entry, btile, optin)
     partial_stride = partial.stride(0) if len(parts) > 1 and lora is not None else 0  # partial: [G, M, ...]
     ends = list(itertools.accumulate(-(-n // (16 * row_tiles)) for n in ns))
     more = []  # segments 1 and 2's parameters (segment 0's where there are fewer: never read)
     for i in (min(1, len(parts) - 1), min(2, len(parts) - 1)):
         w_i, state_i, bias_i = parts[i]
         more += [w_i, state_i.absmax, *second_level(state_i), out if bias_i is None else bias_i, ns[i]]
-    kernel = _kernel(warps, group, row_tiles, x_tiles, min_blocks, bool(state.nested), bias is not None, r_pad,
-                     btile > 0, len(parts), residual is not None, x.device.index or 0)  # fmt: skip
+    kernel = _kernel(warps, group, row_tiles, x_tiles, stages, min_blocks, lut_entry, bool(state.nested),
+                     bias is not None, r_pad, btile > 0, len(parts), residual is not None, device)  # fmt: skip
+    shared_mem = staged_bytes(warps, group, row_tiles, x_tiles, stages, lut_entry) + btile
+    if ctas is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        ctas = resident(kernel, 32 * warps, shared_mem) * sms
     pdl.launch(
         kernel,
-        grid=(ends[-1], 1, 1),
+        grid=(min(ends[-1], ctas), 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
               partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, total, ns[0], k,
               partial_stride, *more, ends[0], ends[min(1, len(ends) - 1)],
-              out if residual is None else residual, 0 if residual is None else residual.stride(0)],
-        shared_mem=btile,
+              out if residual is None else residual, 0 if residual is None else residual.stride(0), ends[-1]],
+        shared_mem=shared_mem,
     )  # fmt: skip
     return out
