@@ -1,6 +1,6 @@
 // The parts both NF4 tensor-core kernels (nf4_mma.cu, nf4_wide.cu) share: the weight a CTA reads among a launch's
-// segments, the weights' streaming loads, their scales, the decode table in shared memory and the m16n8k16
-// product. The includer defines NESTED, GROUP, SEGMENTS and NF4_CODES (bitsandbytes' code book as bf16 bits).
+// segments, the weights' copies into shared memory, their scales, the decode table in shared memory and the
+// m16n8k16 product. The includer defines NESTED, GROUP, SEGMENTS and NF4_CODES (bitsandbytes' code book as bf16 bits).
 //
 // The decode table: 256 entries, one a code byte, each the bf16 pair of its two codes, stored once per lane (entry
 // e of lane l at byte LUT_ENTRY e + 4 l: every lane reads its own bank, no conflicts).
@@ -49,13 +49,15 @@ __device__ __forceinline__ void write_lut(unsigned* lut, int tid, int threads) {
     }
 }
 
-__device__ __forceinline__ uint2 load_stream(const unsigned char* p) {
-    // weights are read once a step: do not let them evict x and the scales from L1. A warp's load takes 32 bytes
-    // (a block) of each of 8 rows; the row's next three blocks share its 128-byte line: fetch the line from DRAM
-    // at once (-1 to -5% at 1-32 rows on the H200)
-    uint2 v;
-    asm("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
+// A 16-byte copy into shared memory (dst: a shared address) of which `bytes` are read, the rest zero-filled,
+// bypassing L1 (weights are read once a step: they must not evict x and the scales); L2 fetches the PREFETCH
+// bytes (128 or 256) around it from DRAM at once, as the next copies of a row or step will want them.
+template <int PREFETCH>
+__device__ __forceinline__ void copy16(unsigned dst, const void* src, int bytes) {
+    if constexpr (PREFETCH == 256)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+    else
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
 }
 
 // A row's absmax for the GROUP blocks a warp takes at once, loaded a group ahead and turned into floats only

@@ -44,10 +44,6 @@
 #define RING_BYTES (WARPS * STAGES * STAGE_BYTES)
 #define RED_BYTES (WARPS * MT * 8 * ROWS * 4)
 
-__device__ __forceinline__ void copy16(unsigned dst, const void* src, int bytes) {  // dst: a shared address
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
-}
-
 // Wait until at most `newer` of this thread's most recent cp.async groups are pending (all older ones complete).
 __device__ __forceinline__ void wait_copies(int newer) {
     switch (newer) {
@@ -156,8 +152,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #pragma unroll
             for (int u = 0; u < COPIES; ++u) {
                 const bool valid = issue_valid >> u & 1;
-                copy16(stage + u * 16 / GROUP * WROW, valid ? issue_src + u * 16 / GROUP * row_bytes : issue_null,
-                       valid ? 16 : 0);
+                const unsigned char* src = valid ? issue_src + u * 16 / GROUP * row_bytes : issue_null;
+                copy16<128>(stage + u * 16 / GROUP * WROW, src, valid ? 16 : 0);
             }
             if (lane < ROWS) asm volatile("prefetch.global.L2 [%0];" ::"l"(issue_scales));
             issue_src += GROUP * 32, issue_scales += GROUP * (NESTED ? 1 : 4);
@@ -249,7 +245,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             const int bytes = max(0, min(16, 2 * (s.n - col)));
             const unsigned short* src =  // a copy of nothing still names an address inside the row: the tile's first
                 lora_b + size_t(slot_s[token]) * stride_bs + size_t(r) * stride_br + col0 + (bytes ? col : cta * ROWS);
-            copy16(unsigned(__cvta_generic_to_shared(btile + 8 * c)), src, bytes);
+            copy16<128>(unsigned(__cvta_generic_to_shared(btile + 8 * c)), src, bytes);
         }
 #endif
 #if NESTED

@@ -51,10 +51,6 @@
 #define STAGE_BYTES (X_BYTES + W_BYTES)
 #define OSTRIDE (CTA_ROWS + 4)  // fp32 a row of the CTA's sums in the epilogue: the lanes' writes in distinct banks
 
-__device__ __forceinline__ void copy16(unsigned dst, const void* src, int bytes) {  // dst: a shared address
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
-}
-
 __device__ __forceinline__ void copy4(unsigned dst, const void* src) {  // dst: a shared address
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
 }
@@ -138,14 +134,14 @@ struct Copies {
 #pragma unroll
         for (int e = 0; e < X_EACH; ++e)
             if (X_PIECES % (WARPS * 32) == 0 || x_bytes[e] >= 0)
-                copy16(stage + x_dst[e], x_src[e] + 64 * GROUP * step, x_bytes[e]);
+                copy16<256>(stage + x_dst[e], x_src[e] + 64 * GROUP * step, x_bytes[e]);
 #endif
     }
 
     __device__ __forceinline__ void issue_weights(unsigned stage, int step) const {
 #pragma unroll
         for (int e = 0; e < W_EACH; ++e)  // a thread past the pieces copies the last one again: harmless
-            copy16(stage + w_dst[e], w_src[e] + 32 * GROUP * step, 16);
+            copy16<256>(stage + w_dst[e], w_src[e] + 32 * GROUP * step, 16);
     }
 };
 
