@@ -15,8 +15,9 @@ from server.engine.multilora import ShrinkGroup
 
 pytestmark = pytest.mark.gpu
 N, K = 72, 64 * 12  # N not a multiple of the 16-row tiles; K / 64 splits over 4 warps of 3 blocks (no group of 4)
-# (16-row weight tiles a CTA, most warps, most blocks a group, groups staged, CTAs an SM must fit by registers): the
-# launcher's for 1 and 16 rows, two tiles a CTA, groups split unevenly over the warps (12 over 8; 3 of 4 blocks over 2)
+# (16-row weight tiles a CTA, most warps, most blocks a group, groups staged, CTAs an SM must fit by registers, table
+# entry bytes): the launcher's for 1 and 16 rows, then K's groups split unevenly over the warps (6 of 2 blocks over 4,
+# 12 of 1 over 8, 3 of 4 over 2), five stages
 CONFIGS = [(1, 8, 4, 2, 2, 256), (2, 4, 4, 2, 2, 128), (2, 8, 2, 3, 1, 256), (1, 8, 1, 2, 2, 128), (1, 4, 4, 5, 1, 256)]
 
 
