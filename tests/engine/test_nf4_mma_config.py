@@ -3,18 +3,13 @@ have on the GPUs it runs on, and the fallbacks where it does not fit."""
 
 import pytest
 
-from server.engine.kernels.nf4_mma import _STATIC_BYTES, fit_shared, pick_config, pick_launch, staged_bytes
+from server.engine.kernels.nf4_mma import _STATIC_BYTES, btile_bytes, fit_shared, pick_config, pick_launch, staged_bytes
 
 H200 = 232448  # shared memory a CTA may have (bytes): H100/H200
 A100 = 166912
 RTX = 101376  # sm_86 / sm_89
 # Llama-3-8B's four launches a layer: (n, k)
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-
-
-def btile_bytes(rows: int, rank: int, row_tiles: int) -> int:
-    """The launcher's B rows of two tiles, bf16."""
-    return 2 * rows * rank * 16 * row_tiles * 2
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 32])

@@ -94,6 +94,11 @@ def staged_bytes(warps: int, group: int, row_tiles: int, x_tiles: int, stages: i
     return 256 * lut_entry + warps * stages * 16 * row_tiles * row + warps * x_tiles * 8 * 16 * row_tiles * 4
 
 
+def btile_bytes(rows: int, rank: int, row_tiles: int) -> int:
+    """The epilogue's B rows in shared memory: two tiles' [rows, rank, the CTA's outputs] bf16."""
+    return 2 * rows * rank * 16 * row_tiles * 2
+
+
 def fit_shared(
     warps: int, group: int, row_tiles: int, x_tiles: int, stages: int, lut_entry: int, btile: int, optin: int
 ) -> tuple[int, int, int, int]:
@@ -116,10 +121,9 @@ def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tu
     warps' partial sums within _SUMS_BYTES."""
     x_tiles = -(-rows // 8)
     blocks = k // 64
-    for w in (16, 8, 4, 2, 1):
+    for w in (w for w in (16, 8, 4, 2, 1) if w <= warps and w * x_tiles * 8 * 16 * row_tiles * 4 <= _SUMS_BYTES):
         for g in (4, 2, 1):
-            fits = w * x_tiles * 8 * 16 * row_tiles * 4 <= _SUMS_BYTES
-            if w <= warps and g <= group and blocks % g == 0 and blocks // g >= w and fits:
+            if g <= group and blocks % g == 0 and blocks // g >= w:
                 return w, g, x_tiles
     raise ValueError(f"K {k} has no 64-column block")
 
@@ -289,11 +293,12 @@ def _launch(
         chunks_pad, r_pad = partial.shape[-2:]
         rank, stride_bs, stride_br = b.shape[1], b.stride(0), b.stride(1)
         starts = itertools.accumulate(ns[:-1])  # the segments' first columns of B past the first
-        tiles = 2 * m * rank * 16 * row_tiles * 2  # two tiles' [m, rank, the CTA's outputs] bf16
+        tiles = btile_bytes(m, rank, row_tiles)
         if b.data_ptr() % 16 == 0 and all(v % 8 == 0 for v in (stride_bs, stride_br, *starts)):  # 16-byte copies
             btile = tiles if tiles <= _BTILE_BYTES else 0
     device = x.device.index or 0
-    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(device)
+    optin = props.shared_memory_per_block_optin
     warps, stages, lut_entry, btile = fit_shared(warps, group, row_tiles, x_tiles, stages, lut_entry, btile, optin)
     partial_stride = partial.stride(0) if len(parts) > 1 and lora is not None else 0  # partial: [G, M, ...]
     ends = list(itertools.accumulate(-(-n // (16 * row_tiles)) for n in ns))
@@ -305,8 +310,7 @@ def _launch(
                      bias is not None, r_pad, btile > 0, len(parts), residual is not None, device)  # fmt: skip
     shared_mem = staged_bytes(warps, group, row_tiles, x_tiles, stages, lut_entry) + btile
     if ctas is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        ctas = resident(kernel, 32 * warps, shared_mem) * sms
+        ctas = resident(kernel, 32 * warps, shared_mem) * props.multi_processor_count
     pdl.launch(
         kernel,
         grid=(min(ends[-1], ctas), 1, 1),
