@@ -47,7 +47,7 @@ def test_a_launch_that_cannot_fit_says_so() -> None:
 
 def test_the_warps_split_k_in_groups_that_divide_it() -> None:
     """K = 576 (9 blocks: the embedded model's hidden size) takes single blocks over 8 warps, unevenly; 64 rows keep
-    the warps' partial sums within 32 KB."""
+    the warps' partial sums within 40 KB."""
     assert pick_launch(576, 1, 1, 8, 4) == (8, 1, 1)
     assert pick_launch(4096, 1, 1, 8, 4) == (8, 4, 1)
     assert pick_launch(4096, 64, 2, 8, 2) == (4, 2, 8)

@@ -36,13 +36,20 @@
 // (bitsandbytes' code book as bf16 bits).
 
 #define ROWS (16 * NT)
-// A staged row of a group: its GROUP 32-byte blocks, then 32 bytes of padding (rows 32 bytes apart modulo 128):
-// the 8-byte reads of a half warp (four rows, 32 contiguous bytes each) fall in distinct banks
-#define WROW (GROUP == 1 ? 32 : 32 * GROUP + 32)
+// A staged row of a group: its GROUP 32-byte blocks. The 8-byte reads of a half warp (four consecutive rows, 32
+// contiguous bytes of each) must fall in distinct banks. Groups of 4 blocks (128-byte rows) swizzle: block i of row
+// r is stored at 32 (i ^ r % 4) of the row, so that a quarter warp's 16-byte copies still write one whole row, one
+// wavefront (rows padded to 160 bytes took seven a copy instead of four: 17% of the L1 data pipe's wavefronts at one
+// row of x). Groups of 2 blocks pad each row with 32 bytes instead (rows 32 bytes apart modulo 128).
+#define WROW (GROUP == 1 ? 32 : GROUP == 4 ? 128 : 32 * GROUP + 32)
+#define SWIZZLE(row) (GROUP == 4 ? (row) & 3 : 0)
 #define STAGE_BYTES (ROWS * WROW)
 #define LUT_BYTES (LUT_WORDS * 4)
 #define RING_BYTES (WARPS * STAGES * STAGE_BYTES)
-#define RED_BYTES (WARPS * MT * 8 * ROWS * 4)
+// The warps' partial sums, an x row's ROWS outputs 4 floats apart from the next row's: a warp's C fragments (rows
+// g, g + 8 x x rows 2t, 2t + 1) then store to 32 distinct banks (4-way conflicts where rows were back to back)
+#define RED_ROW (ROWS + 4)
+#define RED_BYTES (WARPS * MT * 8 * RED_ROW * 4)
 
 // Wait until at most `newer` of this thread's most recent cp.async groups are pending (all older ones complete).
 __device__ __forceinline__ void wait_copies(int newer) {
@@ -88,7 +95,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     int tiles) {                             // the launch's tiles of ROWS output rows, all segments
     __shared__ float code2_s[NESTED ? SEGMENTS * 256 : 1];  // each segment's
     // the decode table, the warps' staged weights [WARPS][STAGES][ROWS][WROW], their partial sums [WARPS][x row]
-    // [output row of the tile] fp32, then (BTILE) two tiles' B rows [2][m][rank][ROWS] bf16 (the host sizes it)
+    // [RED_ROW: output row of the tile] fp32, then (BTILE) two tiles' B rows [2][m][rank][ROWS] bf16 (the host
+    // sizes it)
     extern __shared__ __align__(16) unsigned char dynamic[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     unsigned* lut = reinterpret_cast<unsigned*>(dynamic);
@@ -147,8 +155,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     };
     auto issue = [&]() {
         if (issue_tile < tiles) {
-            const unsigned stage =
-                ring_s + issue_stage * STAGE_BYTES + lane / (2 * GROUP) * WROW + lane % (2 * GROUP) * 16;
+            const unsigned part = lane % (2 * GROUP), row = lane / (2 * GROUP);  // copy 0's (rows + 16 u / GROUP)
+            const unsigned stage = ring_s + issue_stage * STAGE_BYTES + row * WROW +
+                                   ((part >> 1 ^ SWIZZLE(row)) << 5 | (part & 1) << 4);
 #pragma unroll
             for (int u = 0; u < COPIES; ++u) {
                 const bool valid = issue_valid >> u & 1;
@@ -281,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
                 unsigned a[NT][4][4];  // [tile][step][A register]: rows g, g+8 x columns 16t+4s+{0,1}, then +{2,3}
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    const unsigned char* rows = stage + (16 * nt + g) * WROW + 32 * i + 8 * t;  // rows g, g + 8
+                    const unsigned char* rows = stage + (16 * nt + g) * WROW + 32 * (i ^ SWIZZLE(g)) + 8 * t;  // g, g+8
                     const uint2 word0 = *reinterpret_cast<const uint2*>(rows);
                     const uint2 word1 = *reinterpret_cast<const uint2*>(rows + 8 * WROW);
 #pragma unroll
@@ -325,11 +334,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
         for (int j = 0; j < MT; ++j)
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {  // C fragment: rows g, g+8 x x rows 8 j + 2t, 8 j + 2t + 1
-                float* base = red + (warp * MT * 8 + 8 * j + 2 * t) * ROWS + 16 * nt + g;
+                float* base = red + (warp * MT * 8 + 8 * j + 2 * t) * RED_ROW + 16 * nt + g;
                 base[0] = acc[j][nt][0];
-                base[ROWS] = acc[j][nt][1];
+                base[RED_ROW] = acc[j][nt][1];
                 base[8] = acc[j][nt][2];
-                base[ROWS + 8] = acc[j][nt][3];
+                base[RED_ROW + 8] = acc[j][nt][3];
             }
 #if BTILE
         // this tile's B rows were copied with the first group issued in its loop: of the groups issued since, at
@@ -357,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             float sum[8] = {};
 #pragma unroll
             for (int v = 0; v < WARPS; ++v) {
-                const float4* p = reinterpret_cast<const float4*>(red + (v * MT * 8 + token) * ROWS + c);
+                const float4* p = reinterpret_cast<const float4*>(red + (v * MT * 8 + token) * RED_ROW + c);
                 const float4 lo = p[0], hi = p[1];
                 sum[0] += lo.x, sum[1] += lo.y, sum[2] += lo.z, sum[3] += lo.w;
                 sum[4] += hi.x, sum[5] += hi.y, sum[6] += hi.z, sum[7] += hi.w;
@@ -397,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
             const int token = i / ROWS, row = cta * ROWS + i % ROWS;
             float sum = 0.0f;
 #pragma unroll
-            for (int v = 0; v < WARPS; ++v) sum += red[v * MT * 8 * ROWS + i];
+            for (int v = 0; v < WARPS; ++v) sum += red[(v * MT * 8 + token) * RED_ROW + i % ROWS];
             if (row < n) {
 #if HAS_BIAS
                 sum += __uint_as_float(unsigned(bias[row]) << 16);

@@ -28,7 +28,7 @@ _STATIC_BYTES = 12 * 1024  # the kernel's static shared memory at most: those, t
 # The epilogue's B rows for two tiles in shared memory, at most; past it (many rows of a high-rank store), or for B
 # rows not 16-byte aligned, the epilogue reads them from global memory
 _BTILE_BYTES = 64 * 1024
-_SUMS_BYTES = 32 * 1024  # the warps' partial sums at most: fewer warps split K past it (64 rows)
+_SUMS_BYTES = 40 * 1024  # the warps' partial sums at most (padded rows): fewer warps split K past it (64 rows)
 _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1  # cuda.h: a kernel's static shared memory
 
 
@@ -87,11 +87,16 @@ def _compiles(device: int) -> bool:
     return compiles(device, "nf4_mma", build, "the Triton NF4 kernels")
 
 
+def sums_bytes(warps: int, row_tiles: int, x_tiles: int) -> int:
+    """The warps' partial sums of a tile: an x row's outputs padded by 4 floats (RED_ROW)."""
+    return warps * x_tiles * 8 * (16 * row_tiles + 4) * 4
+
+
 def staged_bytes(warps: int, group: int, row_tiles: int, x_tiles: int, stages: int, lut_entry: int) -> int:
     """The dynamic shared memory of a launch without B rows: the decode table, the warps' staged weights, then
     their partial sums (the .cu file's layout)."""
-    row = 32 if group == 1 else 32 * group + 32  # WROW
-    return 256 * lut_entry + warps * stages * 16 * row_tiles * row + warps * x_tiles * 8 * 16 * row_tiles * 4
+    row = 32 if group == 1 else 128 if group == 4 else 32 * group + 32  # WROW
+    return 256 * lut_entry + warps * stages * 16 * row_tiles * row + sums_bytes(warps, row_tiles, x_tiles)
 
 
 def btile_bytes(rows: int, rank: int, row_tiles: int) -> int:
@@ -121,7 +126,7 @@ def pick_launch(k: int, rows: int, row_tiles: int, warps: int, group: int) -> tu
     warps' partial sums within _SUMS_BYTES."""
     x_tiles = -(-rows // 8)
     blocks = k // 64
-    for w in (w for w in (16, 8, 4, 2, 1) if w <= warps and w * x_tiles * 8 * 16 * row_tiles * 4 <= _SUMS_BYTES):
+    for w in (w for w in (16, 8, 4, 2, 1) if w <= warps and sums_bytes(w, row_tiles, x_tiles) <= _SUMS_BYTES):
         for g in (4, 2, 1):
             if g <= group and blocks % g == 0 and blocks // g >= w:
                 return w, g, x_tiles
