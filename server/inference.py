@@ -15,6 +15,7 @@ from adapters.errors import AdapterError
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
+from server.chat_templates import TemplateWorkers
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
@@ -22,6 +23,7 @@ from server.metrics import Metrics
 from server.mixing import AdapterMix, MixCache, mix_key
 from server.registry import AdapterRegistry, Lease
 from server.scheduler import Scheduler
+from server.tokenizer_pool import THREADS as TOKENIZER_THREADS
 from server.tokenizer_pool import TokenizerPool, chat_work, ids_work, text_work
 
 T = TypeVar("T")
@@ -43,11 +45,6 @@ MIN_TEMPERATURE = 0.01
 class EmptyPrompt(LoraplexError):
     http_status = 422
     code = "empty_prompt"
-
-
-class InvalidChat(LoraplexError):
-    http_status = 422
-    code = "invalid_messages"
 
 
 class PromptTooLong(LoraplexError):
@@ -114,9 +111,10 @@ class Inference:
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
         self.tokenizing = TokenizerPool(self.max_prompt_chars, scheduler.client_shares)
+        self.templates = TemplateWorkers(base.tokenizer, processes=TOKENIZER_THREADS)  # one for each thread
         registry.store.on_removed(self._forget_labels)
 
-    # ---- prompts: tokenizing and templating run on the tokenizer's threads, so the event loop keeps serving ----
+    # ---- prompts: tokenizing runs on the tokenizer's threads (templating in processes they wait on) --------------
     def encode(self, text: str) -> list[int]:
         ids = self.base.tokenizer(text)["input_ids"]
         if not ids:
@@ -130,16 +128,7 @@ class Inference:
     async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
         work = chat_work(len(messages), sum(len(m["content"].encode()) for m in messages))
-        return await self.tokenizing.run(work, self._apply_template, messages, add_generation_prompt)
-
-    def _apply_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        try:
-            ids = self.base.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-            )
-        except Exception as exc:  # templates raise what they like (jinja errors, ValueError) on messages they refuse
-            raise InvalidChat(f"the base model's chat template refused these messages: {exc}") from exc
-        return list(ids)
+        return await self.tokenizing.run(work, self.templates.ids, messages, add_generation_prompt)
 
     # ---- the tokenizer endpoints: the same bounds, and the same threads -------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:

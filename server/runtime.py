@@ -117,6 +117,7 @@ class Runtime:
         self.engine.stop()
         self.inference.grammars.close()
         self.inference.tokenizing.close()
+        self.inference.templates.close()
         self.registry.close()
 
 

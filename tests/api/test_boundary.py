@@ -268,9 +268,13 @@ def test_prompt_characters_are_bounded_before_tokenizing(client: TestClient, pat
     assert_422(client, path, body(path, "x" * 100_000), "characters", code="prompt_too_long")
 
 
-def test_tokenizing_and_templating_run_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokenizing_runs_off_the_event_loop_and_templating_in_other_processes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chat templates are Jinja, which holds the interpreter lock the engine thread needs: no chat is templated in
+    the server's process (tokenizing a prompt is, on the tokenizer's threads)."""
     tokenizer_type = type(client.app.state.runtime.base.tokenizer)  # type: ignore[attr-defined]
-    on_loop: list[bool] = []
+    on_loop: dict[str, list[bool]] = {"__call__": [], "apply_chat_template": []}
 
     def spy(name: str) -> Callable[..., object]:
         original = getattr(tokenizer_type, name)
@@ -278,18 +282,19 @@ def test_tokenizing_and_templating_run_off_the_event_loop(client: TestClient, mo
         def wrapper(*args: object, **kwargs: object) -> object:
             try:
                 asyncio.get_running_loop()
-                on_loop.append(True)
+                on_loop[name].append(True)
             except RuntimeError:
-                on_loop.append(False)
+                on_loop[name].append(False)
             return original(*args, **kwargs)
 
         return wrapper
 
-    monkeypatch.setattr(tokenizer_type, "__call__", spy("__call__"))
-    monkeypatch.setattr(tokenizer_type, "apply_chat_template", spy("apply_chat_template"))
+    for name in on_loop:
+        monkeypatch.setattr(tokenizer_type, name, spy(name))
     for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
         assert post(client, path, body(path, max_new_tokens=1, max_tokens=1))[0] == 200
-    assert on_loop and not any(on_loop), on_loop
+    assert on_loop["__call__"] and not any(on_loop["__call__"]), on_loop
+    assert on_loop["apply_chat_template"] == []
 
 
 def test_unknown_adapters_share_one_metrics_label(client: TestClient) -> None:

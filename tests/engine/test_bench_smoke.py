@@ -40,3 +40,13 @@ def test_lora_kernels_bench_tiny_runs(tmp_path) -> None:
                            str(out)], check=True, capture_output=True, text=True)  # fmt: skip
     assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["1 rows", "3 rows"]
     assert set(json.loads(out.read_text())["3"]) >= {"norm_shrink_ms", "o_shrink_ms", "act_shrink_ms", "expand_ms"}
+
+
+def test_template_flood_bench_runs(tmp_path, embedded_cache_dir) -> None:
+    """bench/template_flood.py, shortened: the engine's steps alone and beside each kind of templating."""
+    out = tmp_path / "flood.json"
+    flags = ["--rows", "1", "--tokens", "3", "--messages", "2", "--cache-dir", str(embedded_cache_dir)]
+    command = [sys.executable, str(BENCH.parent / "template_flood.py"), *flags, "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    results = json.loads(out.read_text())
+    assert all(results[f"{name}_ms"] > 0 for name in ("alone", "templates_on_threads", "templates_in_processes"))

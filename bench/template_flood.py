@@ -1,0 +1,99 @@
+"""How long the engine's decode steps take while chats are templated beside it, on the server's threads (as before)
+and in the template workers' processes (server/chat_templates.py): the embedded model on the CPU, --rows requests
+decoding, and two threads (the tokenizer's) templating chats of --messages empty messages without pause, as one
+client flooding the server with such chats keeps them busy.
+
+    python3 bench/template_flood.py --out template_flood.json
+
+CPU figures are relative: on a machine of two cores the flood's processes still take CPU from the engine.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
+
+from loraplex.basemodel import load_base_model
+from server.chat_templates import TemplateWorkers
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.tokenizer_pool import THREADS
+
+
+def step_ms(engine: Engine, rows: int, tokens: int) -> float:
+    """Mean ms of the decode steps of `rows` requests generating `tokens` tokens each."""
+    for i in range(rows):
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+        engine.submit(GenerationRequest([5, 6, 7, 8 + i], params), lambda event: None)
+    engine.step()  # the prefill
+    start, steps = time.perf_counter(), 0
+    while engine.step():
+        steps += 1
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def while_flooded(template: Callable[[], object], measure: Callable[[], float]) -> float:
+    """measure() while THREADS threads call template() without pause."""
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            template()
+
+    threads = [threading.Thread(target=flood) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        return measure()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4, help="requests decoding")
+    parser.add_argument("--tokens", type=int, default=48, help="tokens each generates")
+    parser.add_argument("--messages", type=int, default=1024, help="empty messages in each chat of the flood")
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-bench")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the engine thread's own: the flood's threads have the other cores
+    base = load_base_model(None, cache_dir=args.cache_dir, device="cpu")
+    config = EngineConfig(max_batch_size=args.rows, max_active_adapters=1, max_lora_rank=8, max_seq_len=256,
+                          max_prefill_tokens=64)  # fmt: skip
+    engine = Engine(base.model, base.tokenizer, config)
+    workers = TemplateWorkers(base.tokenizer, processes=THREADS)
+    chat = [{"role": "user", "content": ""}] * args.messages
+
+    def measure() -> float:
+        return step_ms(engine, args.rows, args.tokens)
+
+    def on_threads() -> object:
+        return base.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    try:
+        step_ms(engine, args.rows, 4)  # warm-up
+        results = {
+            "alone_ms": measure(),
+            "templates_on_threads_ms": while_flooded(on_threads, measure),
+            "templates_in_processes_ms": while_flooded(lambda: workers.ids(chat), measure),
+        }
+    finally:
+        workers.close()
+    for name, ms in results.items():
+        print(f"{name}: {ms:.1f} ms a decode step of {args.rows} rows")
+    args.out.write_text(json.dumps({"device": "cpu", "rows": args.rows, "messages": args.messages, **results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Chat templates rendered in worker processes: the same ids as the tokenizer gives in this process, the template's
+refusals as 422s, and a worker that dies failing only its own chat."""
+
+import copy
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_tokenizer_pool import smollm2  # noqa: F401 - a fixture
+from transformers import PreTrainedTokenizerBase
+
+from server.chat_templates import SERVER_POLL_S, InvalidChat, TemplateWorkerLost, TemplateWorkers
+
+REPO = Path(__file__).resolve().parents[2]
+
+CHATS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "中文 and 😀, \\n and {{ braces }}"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TemplateWorkers]:  # noqa: F811 - the fixture
+    pool = TemplateWorkers(smollm2, processes=2)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("chat", CHATS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_a_chat_gets_the_ids_the_tokenizer_gives_here(
+    workers: TemplateWorkers,
+    smollm2: PreTrainedTokenizerBase,  # noqa: F811 - the fixture
+    chat: list[dict[str, str]],
+    add_generation_prompt: bool,
+) -> None:
+    expected = smollm2.apply_chat_template(
+        chat, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
+    assert workers.ids(chat, add_generation_prompt) == list(expected)
+
+
+def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
+    """The worker holds the tokenizer as it was when the workers started: its template, which raises here."""
+    refusing = copy.deepcopy(smollm2)
+    refusing.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    pool = TemplateWorkers(refusing, processes=1)
+    try:
+        with pytest.raises(InvalidChat, match="no system turns"):
+            pool.ids(CHATS[1])
+        assert pool.ids(CHATS[0]) == refusing.apply_chat_template(
+            CHATS[0], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    finally:
+        pool.close()
+
+
+def test_a_worker_killed_fails_its_chat_alone_and_the_workers_start_anew(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
+    pool = TemplateWorkers(smollm2, processes=2)
+    try:
+        expected = pool.ids(CHATS[0])
+        for pid in list(pool._pool._processes):  # the processes of this pool alone (killed for memory, say)
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(TemplateWorkerLost, match="retry"):  # no worker is left to run it
+            pool.ids(CHATS[0])
+        assert pool.ids(CHATS[0]) == expected  # the next chat, on workers started anew
+    finally:
+        pool.close()
+
+
+WORKERS_OF_A_KILLED_SERVER = """
+import pickle, sys
+from server.chat_templates import TemplateWorkers
+pool = TemplateWorkers(pickle.load(sys.stdin.buffer), processes=2)
+pool.ids([{"role": "user", "content": "hi"}])
+print(*pool._pool._processes, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_the_workers_of_a_server_killed_end_with_it(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
+    """A server killed (for memory, say) never shuts its pool down: its workers notice it is gone and end."""
+    server = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_KILLED_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=REPO)  # fmt: skip
+    assert server.stdin is not None and server.stdout is not None
+    server.stdin.write(pickle.dumps(smollm2))
+    server.stdin.flush()
+    workers = [int(pid) for pid in server.stdout.readline().split()]
+    assert len(workers) == 2
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + 10 * SERVER_POLL_S
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.1)
