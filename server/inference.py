@@ -15,7 +15,6 @@ from adapters.errors import AdapterError
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
-from server.chat_templates import TemplateWorkers
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
@@ -25,6 +24,7 @@ from server.registry import AdapterRegistry, Lease
 from server.scheduler import Scheduler
 from server.tokenizer_pool import THREADS as TOKENIZER_THREADS
 from server.tokenizer_pool import TokenizerPool, chat_work, ids_work, text_work
+from server.tokenizer_workers import TokenizerWorkers
 
 T = TypeVar("T")
 Adapter = str | AdapterMix | None  # what a request runs on: an adapter ref, a mix, or the base model
@@ -111,12 +111,12 @@ class Inference:
         self.tokenizer_size = len(base.tokenizer)  # the vocabulary with added tokens: what decode takes
         self._token_texts: dict[int, str] = {}  # at most one entry per vocabulary id
         self.tokenizing = TokenizerPool(self.max_prompt_chars, scheduler.client_shares)
-        self.templates = TemplateWorkers(base.tokenizer, processes=TOKENIZER_THREADS)  # one for each thread
+        self.tokenizer_workers = TokenizerWorkers(base.tokenizer, processes=TOKENIZER_THREADS)  # one for each thread
         registry.store.on_removed(self._forget_labels)
 
-    # ---- prompts: tokenizing runs on the tokenizer's threads (templating in processes they wait on) --------------
+    # ---- prompts: tokenizing and templating run in the tokenizer's processes, which its threads wait on ---------
     def encode(self, text: str) -> list[int]:
-        ids = self.base.tokenizer(text)["input_ids"]
+        ids = self.tokenizer_workers.encode(text)
         if not ids:
             raise EmptyPrompt("the prompt encodes to no tokens; send some text")
         return ids
@@ -128,30 +128,23 @@ class Inference:
     async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
         work = chat_work(len(messages), sum(len(m["content"].encode()) for m in messages))
-        return await self.tokenizing.run(work, self.templates.ids, messages, add_generation_prompt)
+        return await self.tokenizing.run(work, self.tokenizer_workers.chat, messages, add_generation_prompt)
 
-    # ---- the tokenizer endpoints: the same bounds, and the same threads -------------------------------------
+    # ---- the tokenizer endpoints: the same bounds, threads and processes ------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
         """(token id, start, stop) per token of `text`: offsets into `text`, for TGI's /tokenize."""
         self._check_chars(len(text), "the text")
-
-        def run() -> list[tuple[int, int, int]]:
-            encoded = self.base.tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-            return [
-                (i, start, stop)
-                for i, (start, stop) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-            ]
-
-        return await self.tokenizing.run(text_work(len(text.encode())), run)
+        offsets = self.tokenizer_workers.offsets
+        return await self.tokenizing.run(text_work(len(text.encode())), offsets, text, add_special_tokens)
 
     async def token_strings(self, ids: list[int]) -> list[str]:
         """The tokens' strings of ids this tokenizer made of a text within the character bound (as many as it
         made: not bounded by max_seq_len, which bounds ids a client sends)."""
-        return await self.tokenizing.run(ids_work(len(ids)), self.base.tokenizer.convert_ids_to_tokens, ids)
+        return await self.tokenizing.run(ids_work(len(ids)), self.tokenizer_workers.token_strings, ids)
 
     async def detokenize(self, ids: list[int]) -> str:
         self.check_token_ids(ids)
-        return await self.tokenizing.run(ids_work(len(ids)), self.base.tokenizer.decode, ids)
+        return await self.tokenizing.run(ids_work(len(ids)), self.tokenizer_workers.decode, ids)
 
     def token_text(self, token_id: int) -> str:
         """One token's text, as logprobs report it (cached: a top-20 answer names thousands of tokens)."""

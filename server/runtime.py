@@ -117,7 +117,7 @@ class Runtime:
         self.engine.stop()
         self.inference.grammars.close()
         self.inference.tokenizing.close()
-        self.inference.templates.close()
+        self.inference.tokenizer_workers.close()
         self.registry.close()
 
 

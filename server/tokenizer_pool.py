@@ -1,4 +1,5 @@
-"""Tokenizing and chat templating off the event loop, on threads of their own, with a bounded backlog.
+"""Tokenizing and chat templating off the event loop, on threads of their own (which wait on the tokenizer's worker
+processes: tokenizer_workers.py), with a bounded backlog.
 
 Prompts are tokenized before the waiting queue's bound is checked (a prompt's length decides whether it fits),
 and /tokenize is nothing but tokenizing, so any client can make this work without limit. In asyncio's default
@@ -27,7 +28,7 @@ from loraplex.errors import LoraplexError
 from server.client_share import ClientShares
 
 T = TypeVar("T")
-THREADS = 2  # fast tokenizers encode in Rust; more threads would take turns of the interpreter lock from the engine
+THREADS = 2  # each waits on a worker process of its own (tokenizer_workers.py): more would take more of the CPU
 # ~0.5 s of work on THREADS threads at ~2 M bytes a second each (SmolLM2's BPE, 16,000-byte texts)
 BACKLOG_BYTES = 2_000_000
 # What a job costs besides its text, in bytes of text that take as long to tokenize (~0.4 us each):

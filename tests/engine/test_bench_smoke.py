@@ -42,11 +42,13 @@ def test_lora_kernels_bench_tiny_runs(tmp_path) -> None:
     assert set(json.loads(out.read_text())["3"]) >= {"norm_shrink_ms", "o_shrink_ms", "act_shrink_ms", "expand_ms"}
 
 
-def test_template_flood_bench_runs(tmp_path, embedded_cache_dir) -> None:
-    """bench/template_flood.py, shortened: the engine's steps alone and beside each kind of templating."""
+def test_tokenizer_flood_bench_runs(tmp_path, embedded_cache_dir) -> None:
+    """bench/tokenizer_flood.py, shortened: the engine's steps alone and beside each kind of tokenizer job."""
     out = tmp_path / "flood.json"
     flags = ["--rows", "1", "--tokens", "3", "--messages", "2", "--cache-dir", str(embedded_cache_dir)]
-    command = [sys.executable, str(BENCH.parent / "template_flood.py"), *flags, "--out", str(out)]
+    command = [sys.executable, str(BENCH.parent / "tokenizer_flood.py"), *flags, "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True)
     results = json.loads(out.read_text())
-    assert all(results[f"{name}_ms"] > 0 for name in ("alone", "templates_on_threads", "templates_in_processes"))
+    jobs = ("chat_of_2", "chat_of_8", "encode_hi", "decode_1000")
+    assert results["alone_ms"] > 0
+    assert all(results[f"{job}_{where}_ms"] > 0 for job in jobs for where in ("on_threads", "in_processes"))

@@ -1,9 +1,10 @@
-"""How long the engine's decode steps take while chats are templated beside it, on the server's threads (as before)
-and in the template workers' processes (server/chat_templates.py): the embedded model on the CPU, --rows requests
-decoding, and two threads (the tokenizer's) templating chats of --messages empty messages without pause, as one
-client flooding the server with such chats keeps them busy.
+"""How long the engine's decode steps take while the tokenizer works beside it, on the server's threads (as
+before) and in the tokenizer's worker processes (server/tokenizer_workers.py): the embedded model on the CPU,
+--rows requests decoding, and two threads (the tokenizer pool's) doing one kind of job without pause, as one
+client flooding the server with such requests keeps them busy. Jobs: chats of --messages empty messages, chats of
+8, the prompt "hi" (what /tokenize of "hi" costs), and decoding 1,000 ids (/detokenize).
 
-    python3 bench/template_flood.py --out template_flood.json
+    python3 bench/tokenizer_flood.py --out tokenizer_flood.json
 
 CPU figures are relative: on a machine of two cores the flood's processes still take CPU from the engine.
 """
@@ -22,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from loraplex.basemodel import load_base_model
-from server.chat_templates import TemplateWorkers
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.tokenizer_pool import THREADS
+from server.tokenizer_workers import TokenizerWorkers
 
 
 def step_ms(engine: Engine, rows: int, tokens: int) -> float:
@@ -62,36 +63,50 @@ def while_flooded(template: Callable[[], object], measure: Callable[[], float]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4, help="requests decoding")
-    parser.add_argument("--tokens", type=int, default=48, help="tokens each generates")
-    parser.add_argument("--messages", type=int, default=1024, help="empty messages in each chat of the flood")
+    parser.add_argument("--tokens", type=int, default=24, help="tokens each generates")
+    parser.add_argument("--messages", type=int, default=1024, help="empty messages in each long chat of the flood")
+    parser.add_argument("--jobs", help="the kinds of job to flood with, comma-separated (default: all)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-bench")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the engine thread's own: the flood's threads have the other cores
     base = load_base_model(None, cache_dir=args.cache_dir, device="cpu")
+    tokenizer = base.tokenizer
     config = EngineConfig(max_batch_size=args.rows, max_active_adapters=1, max_lora_rank=8, max_seq_len=256,
                           max_prefill_tokens=64)  # fmt: skip
-    engine = Engine(base.model, base.tokenizer, config)
-    workers = TemplateWorkers(base.tokenizer, processes=THREADS)
-    chat = [{"role": "user", "content": ""}] * args.messages
+    engine = Engine(base.model, tokenizer, config)
+    workers = TokenizerWorkers(tokenizer, processes=THREADS)
+    long_chat, short_chat = ([{"role": "user", "content": ""}] * n for n in (args.messages, 8))
+    ids = [i % 30_000 + 100 for i in range(1000)]
+
+    def chat(messages: list[dict[str, str]]) -> object:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    jobs: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {  # (on the threads, in the workers)
+        f"chat_of_{args.messages}": (lambda: chat(long_chat), lambda: workers.chat(long_chat)),
+        "chat_of_8": (lambda: chat(short_chat), lambda: workers.chat(short_chat)),
+        "encode_hi": (lambda: tokenizer("hi")["input_ids"], lambda: workers.encode("hi")),
+        "decode_1000": (lambda: tokenizer.decode(ids), lambda: workers.decode(ids)),
+    }
 
     def measure() -> float:
         return step_ms(engine, args.rows, args.tokens)
 
-    def on_threads() -> object:
-        return base.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    results: dict[str, float] = {}
+
+    def record(name: str, ms: float) -> None:
+        results[name] = ms
+        print(f"{name}: {ms:.1f} ms a decode step of {args.rows} rows", flush=True)
 
     try:
         step_ms(engine, args.rows, 4)  # warm-up
-        results = {
-            "alone_ms": measure(),
-            "templates_on_threads_ms": while_flooded(on_threads, measure),
-            "templates_in_processes_ms": while_flooded(lambda: workers.ids(chat), measure),
-        }
+        record("alone_ms", measure())
+        for name in args.jobs.split(",") if args.jobs else jobs:
+            on_threads, in_workers = jobs[name]
+            record(f"{name}_on_threads_ms", while_flooded(on_threads, measure))
+            record(f"{name}_in_processes_ms", while_flooded(in_workers, measure))
     finally:
         workers.close()
-    for name, ms in results.items():
-        print(f"{name}: {ms:.1f} ms a decode step of {args.rows} rows")
     args.out.write_text(json.dumps({"device": "cpu", "rows": args.rows, "messages": args.messages, **results}))
 
 

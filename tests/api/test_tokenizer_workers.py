@@ -1,5 +1,5 @@
-"""Chat templates rendered in worker processes: the same ids as the tokenizer gives in this process, the template's
-refusals as 422s, and a worker that dies failing only its own chat."""
+"""The tokenizer's work in worker processes: the same answers as the tokenizer gives in this process, a chat
+template's refusals as 422s, and a worker that dies failing only its own job."""
 
 import copy
 import os
@@ -15,7 +15,7 @@ import pytest
 from test_tokenizer_pool import smollm2  # noqa: F401 - a fixture
 from transformers import PreTrainedTokenizerBase
 
-from server.chat_templates import SERVER_POLL_S, InvalidChat, TemplateWorkerLost, TemplateWorkers
+from server.tokenizer_workers import SERVER_POLL_S, InvalidChat, TokenizerWorkerLost, TokenizerWorkers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,8 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TemplateWorkers]:  # noqa: F811 - the fixture
-    pool = TemplateWorkers(smollm2, processes=2)
+def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TokenizerWorkers]:  # noqa: F811 - the fixture
+    pool = TokenizerWorkers(smollm2, processes=2)
     yield pool
     pool.close()
 
@@ -40,7 +40,7 @@ def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TemplateWorkers]:  # n
 @pytest.mark.parametrize("chat", CHATS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_a_chat_gets_the_ids_the_tokenizer_gives_here(
-    workers: TemplateWorkers,
+    workers: TokenizerWorkers,
     smollm2: PreTrainedTokenizerBase,  # noqa: F811 - the fixture
     chat: list[dict[str, str]],
     add_generation_prompt: bool,
@@ -48,7 +48,27 @@ def test_a_chat_gets_the_ids_the_tokenizer_gives_here(
     expected = smollm2.apply_chat_template(
         chat, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
-    assert workers.ids(chat, add_generation_prompt) == list(expected)
+    assert workers.chat(chat, add_generation_prompt) == list(expected)
+
+
+TEXTS = ["hi", "中文 and 😀 and \x00", "  spaces   and\ttabs\n", "x" * 5000]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_text_gets_the_ids_offsets_and_strings_the_tokenizer_gives_here(
+    workers: TokenizerWorkers,
+    smollm2: PreTrainedTokenizerBase,  # noqa: F811 - the fixture
+    text: str,
+) -> None:
+    ids = smollm2(text)["input_ids"]
+    assert workers.encode(text) == ids
+    for special in (True, False):
+        here = smollm2(text, add_special_tokens=special, return_offsets_mapping=True)
+        assert workers.offsets(text, special) == [
+            (i, a, b) for i, (a, b) in zip(here["input_ids"], here["offset_mapping"], strict=True)
+        ]
+    assert workers.token_strings(ids) == smollm2.convert_ids_to_tokens(ids)
+    assert workers.decode(ids) == smollm2.decode(ids)
 
 
 def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
@@ -58,11 +78,11 @@ def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokeniz
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
-    pool = TemplateWorkers(refusing, processes=1)
+    pool = TokenizerWorkers(refusing, processes=1)
     try:
         with pytest.raises(InvalidChat, match="no system turns"):
-            pool.ids(CHATS[1])
-        assert pool.ids(CHATS[0]) == refusing.apply_chat_template(
+            pool.chat(CHATS[1])
+        assert pool.chat(CHATS[0]) == refusing.apply_chat_template(
             CHATS[0], add_generation_prompt=True, tokenize=True, return_dict=False
         )
     finally:
@@ -70,23 +90,23 @@ def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokeniz
 
 
 def test_a_worker_killed_fails_its_chat_alone_and_the_workers_start_anew(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
-    pool = TemplateWorkers(smollm2, processes=2)
+    pool = TokenizerWorkers(smollm2, processes=2)
     try:
-        expected = pool.ids(CHATS[0])
+        expected = pool.chat(CHATS[0])
         for pid in list(pool._pool._processes):  # the processes of this pool alone (killed for memory, say)
             os.kill(pid, signal.SIGKILL)
-        with pytest.raises(TemplateWorkerLost, match="retry"):  # no worker is left to run it
-            pool.ids(CHATS[0])
-        assert pool.ids(CHATS[0]) == expected  # the next chat, on workers started anew
+        with pytest.raises(TokenizerWorkerLost, match="retry"):  # no worker is left to run it
+            pool.chat(CHATS[0])
+        assert pool.chat(CHATS[0]) == expected  # the next chat, on workers started anew
     finally:
         pool.close()
 
 
 WORKERS_OF_A_KILLED_SERVER = """
 import pickle, sys
-from server.chat_templates import TemplateWorkers
-pool = TemplateWorkers(pickle.load(sys.stdin.buffer), processes=2)
-pool.ids([{"role": "user", "content": "hi"}])
+from server.tokenizer_workers import TokenizerWorkers
+pool = TokenizerWorkers(pickle.load(sys.stdin.buffer), processes=2)
+pool.chat([{"role": "user", "content": "hi"}])
 print(*pool._pool._processes, flush=True)
 sys.stdin.read()  # until killed
 """
