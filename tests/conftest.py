@@ -13,6 +13,9 @@ if not torch.cuda.is_available():  # before Triton is imported: its kernels then
 
 from peft_dirs import make_peft_dir
 from tiny import FAMILIES, save_tiny
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from loraplex.embedded import embedded_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,6 +35,12 @@ def embedded_cache_dir() -> Path:
     path = REPO / ".cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(embedded_cache_dir: Path) -> PreTrainedTokenizerBase:
+    """The embedded model's tokenizer: what a server without --base-model tokenizes with."""
+    return AutoTokenizer.from_pretrained(embedded_checkpoint(embedded_cache_dir))
 
 
 @pytest.fixture(scope="session")

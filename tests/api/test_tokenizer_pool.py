@@ -9,12 +9,10 @@ import string
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from loraplex.embedded import embedded_checkpoint
 from server.client_share import ClientShareFull, ClientShares, current_client
 from server.tokenizer_pool import (
     BACKLOG_BYTES,
@@ -110,12 +108,6 @@ def test_a_clients_jobs_hold_its_share_from_before_they_run() -> None:
             pool.close()
 
     asyncio.run(flood())
-
-
-@pytest.fixture(scope="module")
-def smollm2(embedded_cache_dir: Path) -> PreTrainedTokenizerBase:
-    """The embedded model's tokenizer: what a server without --base-model tokenizes with."""
-    return AutoTokenizer.from_pretrained(embedded_checkpoint(embedded_cache_dir))
 
 
 def test_work_is_charged_as_the_tokenizer_spends_it(smollm2: PreTrainedTokenizerBase) -> None:

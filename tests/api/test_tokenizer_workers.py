@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_tokenizer_pool import smollm2  # noqa: F401 - a fixture
 from transformers import PreTrainedTokenizerBase
 
 from server.tokenizer_workers import SERVER_POLL_S, InvalidChat, TokenizerWorkerLost, TokenizerWorkers
@@ -31,7 +30,7 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TokenizerWorkers]:  # noqa: F811 - the fixture
+def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TokenizerWorkers]:
     pool = TokenizerWorkers(smollm2, processes=2)
     yield pool
     pool.close()
@@ -41,7 +40,7 @@ def workers(smollm2: PreTrainedTokenizerBase) -> Iterator[TokenizerWorkers]:  # 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_a_chat_gets_the_ids_the_tokenizer_gives_here(
     workers: TokenizerWorkers,
-    smollm2: PreTrainedTokenizerBase,  # noqa: F811 - the fixture
+    smollm2: PreTrainedTokenizerBase,
     chat: list[dict[str, str]],
     add_generation_prompt: bool,
 ) -> None:
@@ -57,7 +56,7 @@ TEXTS = ["hi", "中文 and 😀 and \x00", "  spaces   and\ttabs\n", "x" * 5000]
 @pytest.mark.parametrize("text", TEXTS)
 def test_a_text_gets_the_ids_offsets_and_strings_the_tokenizer_gives_here(
     workers: TokenizerWorkers,
-    smollm2: PreTrainedTokenizerBase,  # noqa: F811 - the fixture
+    smollm2: PreTrainedTokenizerBase,
     text: str,
 ) -> None:
     ids = smollm2(text)["input_ids"]
@@ -71,7 +70,7 @@ def test_a_text_gets_the_ids_offsets_and_strings_the_tokenizer_gives_here(
     assert workers.decode(ids) == smollm2.decode(ids)
 
 
-def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
+def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokenizerBase) -> None:
     """The worker holds the tokenizer as it was when the workers started: its template, which raises here."""
     refusing = copy.deepcopy(smollm2)
     refusing.chat_template = (
@@ -89,7 +88,7 @@ def test_a_refusal_of_the_template_is_an_invalid_chat(smollm2: PreTrainedTokeniz
         pool.close()
 
 
-def test_a_worker_killed_fails_its_chat_alone_and_the_workers_start_anew(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
+def test_a_worker_killed_fails_its_chat_alone_and_the_workers_start_anew(smollm2: PreTrainedTokenizerBase) -> None:
     pool = TokenizerWorkers(smollm2, processes=2)
     try:
         expected = pool.chat(CHATS[0])
@@ -112,7 +111,7 @@ sys.stdin.read()  # until killed
 """
 
 
-def test_the_workers_of_a_server_killed_end_with_it(smollm2: PreTrainedTokenizerBase) -> None:  # noqa: F811
+def test_the_workers_of_a_server_killed_end_with_it(smollm2: PreTrainedTokenizerBase) -> None:
     """A server killed (for memory, say) never shuts its pool down: its workers notice it is gone and end."""
     server = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_KILLED_SERVER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, cwd=REPO)  # fmt: skip
