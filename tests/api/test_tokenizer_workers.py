@@ -12,8 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from fastapi.testclient import TestClient
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
+from server.app import create_app
 from server.tokenizer_workers import SERVER_POLL_S, InvalidChat, TokenizerWorkerLost, TokenizerWorkers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,3 +131,32 @@ def test_the_workers_of_a_server_killed_end_with_it(smollm2: PreTrainedTokenizer
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
         assert time.monotonic() < deadline, workers
         time.sleep(0.1)
+
+
+def test_a_server_whose_tokenizer_workers_are_killed_answers_one_503_then_as_before(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Through the routes: the request whose job was lost gets a JSON 503 that says to retry; the engine and every
+    later request go on as before, on workers started anew (the same greedy answer)."""
+    base = load_base_model(
+        str(tiny_model_dirs["qwen3"]), cache_dir=tmp_path, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(adapter_dir=tmp_path / "store", cache_dir=tmp_path, device="cpu", max_seq_len=64)
+    chat = {"model": "qwen3", "max_tokens": 4, "temperature": 0, "messages": CHATS[0]}
+    with TestClient(create_app(settings, base=base)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        before = client.post("/v1/chat/completions", json=chat)
+        assert before.status_code == 200
+        workers = client.app.state.runtime.inference.tokenizer_workers  # type: ignore[attr-defined]
+        for pid in list(workers._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        lost = client.post("/v1/chat/completions", json=chat)
+        assert lost.status_code == 503 and lost.headers["retry-after"] == "1"
+        assert lost.json()["error"]["code"] == "tokenizer_worker_lost" and "retry" in lost.json()["error"]["message"]
+        after = client.post("/v1/chat/completions", json=chat)
+        assert after.status_code == 200
+        assert after.json()["choices"][0]["message"] == before.json()["choices"][0]["message"]
+        assert client.get("/health").status_code == 200
