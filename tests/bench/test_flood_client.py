@@ -2,15 +2,13 @@
 it is built to cause, so the benchmark cannot rot."""
 
 import ast
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from e2e.server import running_server
 from transformers import AutoModelForCausalLM
 
 from loraplex.synthetic import byte_tokenizer, synthetic_config
@@ -23,27 +21,10 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("flood")
     AutoModelForCausalLM.from_config(synthetic_config("random:tiny")).save_pretrained(tmp / "tiny")
     byte_tokenizer().save_pretrained(tmp / "tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    flags = ["--base-model", str(tmp / "tiny"), "--device", "cpu", "--port", str(port), "--max-seq-len", "256",
-             "--adapter-dir", str(tmp / "store"), "--cache-dir", str(tmp / "cache")]  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "loraplex", "serve", *flags], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and server.poll() is None
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    flags = ["--base-model", str(tmp / "tiny"), "--device", "cpu", "--max-seq-len", "256", "--adapter-dir",
+             str(tmp / "store"), "--cache-dir", str(tmp / "cache")]  # fmt: skip
+    with running_server(tmp / "server.log", *flags, startup_timeout=60) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.e2e
