@@ -17,11 +17,12 @@
 // sum into a fresh accumulator, scaled by the two rows' absmax into the running one.
 //
 // A CTA owns a tile of NT 16-row tiles of output rows at a time: its WARPS warps split K (each an equal share of
-// its GROUP-block groups, give or take one) and add their partial sums in shared memory at the tile's end, where
-// the bias and each row's LoRA delta (the expand half of the LoRA kernels: the shrink's partial sums @ B of the
-// row's slot) are added. CTAs are persistent: as many as fit the SMs at once, each taking tiles blockIdx.x,
-// blockIdx.x + gridDim.x, ... (one CTA a tile where there are fewer tiles), so that the decode table is written
-// once a CTA and no wave of CTAs waits for the last one's tail.
+// its GROUP-block groups, give or take one) and store their partial sums in shared memory at the tile's end, where
+// the CTA's threads (PHASED: one warp in turn, while the others go on to the next tile) add them, the bias and each
+// row's LoRA delta (the expand half of the LoRA kernels: the shrink's partial sums @ B of the row's slot). CTAs are
+// persistent: as many as fit the SMs at once, each taking tiles blockIdx.x, blockIdx.x + gridDim.x, ... (one CTA a
+// tile where there are fewer tiles), so that the decode table is written once a CTA and no wave of CTAs waits for
+// the last one's tail.
 //
 // Why the weights go through shared memory: a warp copies its groups there with cp.async, STAGES - 1 groups ahead
 // of the one it multiplies, across its tiles' boundaries (the next tile's first groups stream while this one's
@@ -32,8 +33,8 @@
 //
 // Defined by the host: WARPS, GROUP, NT, MT (n8 tiles of x rows: ceil(m / 8)), STAGES, MIN_BLOCKS (CTAs an SM
 // must fit by registers), LUT_ENTRY, NESTED, HAS_BIAS, HAS_LORA, R_PAD, BTILE, SEGMENTS (weights of one launch, up
-// to 3), HAS_RESIDUAL (a tensor added to the rounded output, as a decoder layer's residual add does), and NF4_CODES
-// (bitsandbytes' code book as bf16 bits).
+// to 3), HAS_RESIDUAL (a tensor added to the rounded output, as a decoder layer's residual add does), PHASED (tile
+// ends without a barrier) and NF4_CODES (bitsandbytes' code book as bf16 bits).
 
 #define ROWS (16 * NT)
 // A staged row of a group: its GROUP 32-byte blocks. The 8-byte reads of a half warp (four consecutive rows, 32
@@ -62,6 +63,29 @@ __device__ __forceinline__ void wait_copies(int newer) {
         case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
         default: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
     }
+}
+
+// A barrier object in shared memory (sm_80+): a phase completes once `count` threads have arrived; a thread waits
+// for the phase of a parity without arriving, so that warps wait only for what they read.
+__device__ __forceinline__ void phase_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(unsigned(__cvta_generic_to_shared(bar))), "r"(count));
+}
+__device__ __forceinline__ void phase_arrive(unsigned long long* bar) {  // with release: this thread's writes
+    asm volatile("{ .reg .b64 state; mbarrier.arrive.shared.b64 state, [%0]; }"
+                 ::"r"(unsigned(__cvta_generic_to_shared(bar))) : "memory");
+}
+// sm_90's try_wait suspends the warp a while where the phase is not complete; sm_80's test_wait only tests
+#if __CUDA_ARCH__ >= 900
+#define PHASE_TEST "mbarrier.try_wait.parity.shared.b64"
+#else
+#define PHASE_TEST "mbarrier.test_wait.parity.shared.b64"
+#endif
+__device__ __forceinline__ void phase_wait(unsigned long long* bar, unsigned parity) {  // with acquire
+    unsigned done;
+    do {
+        asm volatile("{ .reg .pred p; " PHASE_TEST " p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(unsigned(__cvta_generic_to_shared(bar))), "r"(parity) : "memory");
+    } while (!done);
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
@@ -94,6 +118,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     int ldr,
     int tiles) {                             // the launch's tiles of ROWS output rows, all segments
     __shared__ float code2_s[NESTED ? SEGMENTS * 256 : 1];  // each segment's
+#if PHASED
+    // The tile's end without a barrier (where a CTA has several tiles): each warp stores its partial sums and arrives
+    // at `summed`; one warp (tile q of the CTA: warp q % WARPS) waits there, runs the tile's epilogue and arrives at
+    // `read[q % 2]`. A warp waits for the epilogue of tile q - 1 before it stores tile q's sums, and (BTILE) for tile
+    // q - 2's before it copies tile q's B rows into their buffer. The other warps go on with the next tile's
+    // weights. Where a CTA has one or two tiles, the barrier is faster: the last epilogue's warp would wait on a
+    // phase for the others (BENCHMARKS.md).
+    __shared__ unsigned long long summed, read[2];
+#define EPILOGUE_THREAD lane
+#define EPILOGUE_THREADS 32
+#else
+#define EPILOGUE_THREAD tid
+#define EPILOGUE_THREADS (WARPS * 32)
+#endif
     // the decode table, the warps' staged weights [WARPS][STAGES][ROWS][WROW], their partial sums [WARPS][x row]
     // [RED_ROW: output row of the tile] fp32, then (BTILE) two tiles' B rows [2][m][rank][ROWS] bf16 (the host
     // sizes it)
@@ -209,11 +247,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #if HAS_LORA
     for (int token = tid; token < m; token += WARPS * 32) slot_s[token] = slots[token], rank_s[token] = ranks[token];
 #endif
+#if PHASED
+    if (tid == 0) phase_init(&summed, WARPS * 32), phase_init(&read[0], 32), phase_init(&read[1], 32);
+#endif
     __syncthreads();
 #if HAS_LORA
     // Each x row's shrunk activations for the segment of the tile in hand, rounded to bf16 as the unfused x @ A.T
     // leaves them: summed once a segment (the first before the main loop, their loads beside the weights' first
-    // groups), read after the barrier that ends each tile's loop.
+    // groups, the next at the first tile of the next segment, once the epilogues before it are done).
     int shrunk_segment;
     auto sum_shrunk = [&](int segment) {
         const float* p0 = partial + segment * partial_stride;
@@ -238,8 +279,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #pragma unroll
     for (int j = 0; j < MT; ++j) xs[j] = x + size_t(8 * j + g < m ? 8 * j + g : 0) * ldx + first * GROUP * 64 + 16 * t;
 
-    int stage_in_use = 0, parity = 0;  // the stage of the group in hand; the tile's B rows' buffer
-    for (int tile = unit; tile < tiles; tile += units, parity ^= 1) {
+    int stage_in_use = 0;  // the stage of the group in hand
+    for (int tile = unit, q = 0; tile < tiles; tile += units, ++q) {  // the CTA's tile q
+#if BTILE || PHASED
+        const int parity = q & 1;  // the tile's buffer of B rows and the barrier its epilogue arrives at
+#endif
+#if HAS_LORA
+        if (index != shrunk_segment) {  // the same for the whole CTA; each epilogue before here is done with them
+            __syncthreads();
+            sum_shrunk(index);
+            __syncthreads();
+        }
+#endif
+#if BTILE && PHASED
+        if (q >= 2) phase_wait(&read[parity], (q - 2) >> 1 & 1);  // tile q - 2's epilogue is done with the buffer
+#endif
 #if BTILE
         // The epilogue's B rows for this tile, copied into shared memory (the buffer of the tile's parity: the last
         // tile's epilogue may still read the other) with the group of weights issued next: read from global memory
@@ -329,7 +383,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
         }
 
         // The tile's end: the warps' partial sums added, then the epilogue
+#if PHASED
+        if (q >= 1) phase_wait(&read[parity ^ 1], (q - 1) >> 1 & 1);  // tile q - 1's epilogue is done with the sums
+#else
         __syncthreads();  // the last tile's epilogue is done with the sums
+#endif
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
@@ -345,86 +403,91 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
         // most per_tile - 1 may still be in flight once theirs is done
         if (per_tile < STAGES) wait_copies(per_tile - 1);
 #endif
+#if PHASED
+        phase_arrive(&summed);
+        if (warp == q % WARPS) {  // the tile's epilogue
+            phase_wait(&summed, q & 1);
+#else
         __syncthreads();
-#if HAS_LORA
-        if (index != shrunk_segment) {  // the same for the whole CTA
-            sum_shrunk(index);
-            __syncthreads();
-        }
+        {  // the tile's epilogue
 #endif
-        const int n = s.n;
+            const int n = s.n;
 #if HAS_BIAS
-        const unsigned short* bias = s.bias;
+            const unsigned short* bias = s.bias;
 #endif
 #if BTILE || !HAS_LORA
-        // Eight consecutive outputs of one x row a thread: the warps' partial sums and the B tile read 16 bytes at a
-        // time, each shrunk activation once for the eight (one output a thread read them 4 bytes and 2 bytes at a
-        // time, and the loop over the rank was most of the epilogue's instructions at 32 rows). Each output's sums
-        // are made in the same order as before: the same bits.
-        for (int i = tid; i < m * (ROWS / 8); i += WARPS * 32) {
-            const int token = i / (ROWS / 8), c = 8 * (i % (ROWS / 8)), row = cta * ROWS + c;
-            float sum[8] = {};
+            // Eight consecutive outputs of one x row a thread: the warps' partial sums and the B tile read 16 bytes at
+            // a time, each shrunk activation once for the eight (one output a thread read them 4 bytes and 2 bytes at
+            // a time, and the loop over the rank was most of the epilogue's instructions at 32 rows). Each output's
+            // sums are made in the same order as before: the same bits.
+            for (int i = EPILOGUE_THREAD; i < m * (ROWS / 8); i += EPILOGUE_THREADS) {
+                const int token = i / (ROWS / 8), c = 8 * (i % (ROWS / 8)), row = cta * ROWS + c;
+                float sum[8] = {};
 #pragma unroll
-            for (int v = 0; v < WARPS; ++v) {
-                const float4* p = reinterpret_cast<const float4*>(red + (v * MT * 8 + token) * RED_ROW + c);
-                const float4 lo = p[0], hi = p[1];
-                sum[0] += lo.x, sum[1] += lo.y, sum[2] += lo.z, sum[3] += lo.w;
-                sum[4] += hi.x, sum[5] += hi.y, sum[6] += hi.z, sum[7] += hi.w;
-            }
+                for (int v = 0; v < WARPS; ++v) {
+                    const float4* p = reinterpret_cast<const float4*>(red + (v * MT * 8 + token) * RED_ROW + c);
+                    const float4 lo = p[0], hi = p[1];
+                    sum[0] += lo.x, sum[1] += lo.y, sum[2] += lo.z, sum[3] += lo.w;
+                    sum[4] += hi.x, sum[5] += hi.y, sum[6] += hi.z, sum[7] += hi.w;
+                }
 #if HAS_BIAS
 #pragma unroll
-            for (int e = 0; e < 8; ++e)
-                if (row + e < n) sum[e] += __uint_as_float(unsigned(bias[row + e]) << 16);
+                for (int e = 0; e < 8; ++e)
+                    if (row + e < n) sum[e] += __uint_as_float(unsigned(bias[row + e]) << 16);
 #endif
 #if HAS_LORA  // rounded as the unfused layers round: the base output, then the sum with the delta
 #pragma unroll
-            for (int e = 0; e < 8; ++e) sum[e] = bf16_round(sum[e]);
-            const uint4* b = reinterpret_cast<const uint4*>(btile + size_t(token) * rank * ROWS + c);
-            for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r) {
-                const uint4 w = b[r * (ROWS / 8)];  // outputs c..c+7 of rank r: bf16 pairs, the lower one first
-                const float s = shrunk[token * R_PAD + r];
-                sum[0] += __uint_as_float(w.x << 16) * s, sum[1] += __uint_as_float(w.x & 0xFFFF0000u) * s;
-                sum[2] += __uint_as_float(w.y << 16) * s, sum[3] += __uint_as_float(w.y & 0xFFFF0000u) * s;
-                sum[4] += __uint_as_float(w.z << 16) * s, sum[5] += __uint_as_float(w.z & 0xFFFF0000u) * s;
-                sum[6] += __uint_as_float(w.w << 16) * s, sum[7] += __uint_as_float(w.w & 0xFFFF0000u) * s;
-            }
+                for (int e = 0; e < 8; ++e) sum[e] = bf16_round(sum[e]);
+                const uint4* b = reinterpret_cast<const uint4*>(btile + size_t(token) * rank * ROWS + c);
+                for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r) {
+                    const uint4 w = b[r * (ROWS / 8)];  // outputs c..c+7 of rank r: bf16 pairs, the lower one first
+                    const float s = shrunk[token * R_PAD + r];
+                    sum[0] += __uint_as_float(w.x << 16) * s, sum[1] += __uint_as_float(w.x & 0xFFFF0000u) * s;
+                    sum[2] += __uint_as_float(w.y << 16) * s, sum[3] += __uint_as_float(w.y & 0xFFFF0000u) * s;
+                    sum[4] += __uint_as_float(w.z << 16) * s, sum[5] += __uint_as_float(w.z & 0xFFFF0000u) * s;
+                    sum[6] += __uint_as_float(w.w << 16) * s, sum[7] += __uint_as_float(w.w & 0xFFFF0000u) * s;
+                }
 #endif
 #pragma unroll
-            for (int e = 0; e < 8; ++e)
-                if (row + e < n) {
+                for (int e = 0; e < 8; ++e)
+                    if (row + e < n) {
 #if HAS_RESIDUAL  // the residual add after the layer, on its rounded output
-                    sum[e] = bf16_round(sum[e]) +
-                             __uint_as_float(unsigned(residual[size_t(token) * ldr + row + e]) << 16);
+                        sum[e] = bf16_round(sum[e]) +
+                                 __uint_as_float(unsigned(residual[size_t(token) * ldr + row + e]) << 16);
+#endif
+                        unsigned short y;
+                        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum[e]));
+                        out[size_t(token) * ldo + col0 + row + e] = y;
+                    }
+            }
+#else  // B rows not 16-byte aligned (or too many for shared memory): read from global memory, an output a thread
+            for (int i = EPILOGUE_THREAD; i < m * ROWS; i += EPILOGUE_THREADS) {
+                const int token = i / ROWS, row = cta * ROWS + i % ROWS;
+                float sum = 0.0f;
+#pragma unroll
+                for (int v = 0; v < WARPS; ++v) sum += red[(v * MT * 8 + token) * RED_ROW + i % ROWS];
+                if (row < n) {
+#if HAS_BIAS
+                    sum += __uint_as_float(unsigned(bias[row]) << 16);
+#endif
+                    // rounded as the unfused layers round: the base output, then the sum with the delta
+                    sum = bf16_round(sum);
+                    const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + col0 + row;
+                    for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r)
+                        sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token * R_PAD + r];
+#if HAS_RESIDUAL  // the residual add after the layer, on its rounded output
+                    sum = bf16_round(sum) + __uint_as_float(unsigned(residual[size_t(token) * ldr + row]) << 16);
 #endif
                     unsigned short y;
-                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum[e]));
-                    out[size_t(token) * ldo + col0 + row + e] = y;
+                    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum));
+                    out[size_t(token) * ldo + col0 + row] = y;
                 }
-        }
-#else  // B rows not 16-byte aligned (or too many for shared memory): read from global memory, an output a thread
-        for (int i = tid; i < m * ROWS; i += WARPS * 32) {
-            const int token = i / ROWS, row = cta * ROWS + i % ROWS;
-            float sum = 0.0f;
-#pragma unroll
-            for (int v = 0; v < WARPS; ++v) sum += red[(v * MT * 8 + token) * RED_ROW + i % ROWS];
-            if (row < n) {
-#if HAS_BIAS
-                sum += __uint_as_float(unsigned(bias[row]) << 16);
-#endif
-                // rounded as the unfused layers round: the base output, then the sum with the delta
-                sum = bf16_round(sum);
-                const unsigned short* b = lora_b + size_t(slot_s[token]) * stride_bs + col0 + row;
-                for (int r = 0, rank_t = rank_s[token]; r < rank_t; ++r)
-                    sum += __uint_as_float(unsigned(b[size_t(r) * stride_br]) << 16) * shrunk[token * R_PAD + r];
-#if HAS_RESIDUAL  // the residual add after the layer, on its rounded output
-                sum = bf16_round(sum) + __uint_as_float(unsigned(residual[size_t(token) * ldr + row]) << 16);
-#endif
-                unsigned short y;
-                asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(y) : "f"(sum));
-                out[size_t(token) * ldo + col0 + row] = y;
             }
-        }
 #endif
+#if PHASED
+            phase_arrive(&read[parity]);
+#endif
+        }
         cta = next_cta, col0 = next_col0, index = next_index, s = next_s;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) blocks[nt][0] = next_blocks[nt][0], blocks[nt][1] = next_blocks[nt][1];

@@ -28,6 +28,9 @@ _STATIC_BYTES = 12 * 1024  # the kernel's static shared memory at most: those, t
 # The epilogue's B rows for two tiles in shared memory, at most; past it (many rows of a high-rank store), or for B
 # rows not 16-byte aligned, the epilogue reads them from global memory
 _BTILE_BYTES = 64 * 1024
+# Tiles a CTA from which its tile ends go without a barrier (PHASED): faster at 7 a CTA (gate/up at 8 rows on the
+# H200), slower at 1-2, where the last epilogue's warp waits on a phase for the others (BENCHMARKS.md)
+_PHASED_TILES = 4
 _SUMS_BYTES = 40 * 1024  # the warps' partial sums at most (padded rows): fewer warps split K past it (64 rows)
 _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1  # cuda.h: a kernel's static shared memory
 
@@ -83,7 +86,7 @@ def _compiles(device: int) -> bool:
     """One build on `device`, once."""
     build = functools.partial(_kernel, warps=8, group=4, row_tiles=1, x_tiles=1, stages=3, min_blocks=2,
                               lut_entry=128, nested=False, bias=False, r_pad=0, btile=False, segments=1,
-                              residual=False, device=device)  # fmt: skip
+                              residual=False, phased=False, device=device)  # fmt: skip
     return compiles(device, "nf4_mma", build, "the Triton NF4 kernels")
 
 
@@ -161,13 +164,14 @@ def kernel_source(
     btile: bool,
     segments: int,
     residual: bool,
+    phased: bool = False,
 ) -> str:
     """The CUDA source of one build of the kernel: its defines (the .cu file's header lists them), then _source()."""
     defines = {"WARPS": warps, "GROUP": group, "NT": row_tiles, "MT": x_tiles, "STAGES": stages,
                "MIN_BLOCKS": min_blocks, "LUT_ENTRY": lut_entry,
                "NESTED": int(nested), "HAS_BIAS": int(bias), "HAS_LORA": int(r_pad > 0),
                "R_PAD": max(r_pad, 1), "BTILE": int(btile), "SEGMENTS": segments,
-               "HAS_RESIDUAL": int(residual)}  # fmt: skip
+               "HAS_RESIDUAL": int(residual), "PHASED": int(phased)}  # fmt: skip
     return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + _source()
 
 
@@ -186,10 +190,11 @@ def _kernel(
     btile: bool,
     segments: int,
     residual: bool,
+    phased: bool,
     device: int,
 ) -> Callable[..., None]:
     source = kernel_source(warps, group, row_tiles, x_tiles, stages, min_blocks, lut_entry, nested, bias, r_pad, btile,
-                           segments, residual)  # fmt: skip
+                           segments, residual, phased)  # fmt: skip
     with torch.cuda.device(device):
         kernel = torch.cuda._compile_kernel(source, "nf4_mma")
         # static and dynamic shared memory together pass 48 KB: a launch must be allowed all the device allows
@@ -311,14 +316,32 @@ def _launch(
     for i in (min(1, len(parts) - 1), min(2, len(parts) - 1)):
         w_i, state_i, bias_i = parts[i]
         more += [w_i, state_i.absmax, *second_level(state_i), out if bias_i is None else bias_i, ns[i]]
-    kernel = _kernel(warps, group, row_tiles, x_tiles, stages, min_blocks, lut_entry, bool(state.nested),
-                     bias is not None, r_pad, btile > 0, len(parts), residual is not None, device)  # fmt: skip
+    build = functools.partial(
+        _kernel,
+        warps,
+        group,
+        row_tiles,
+        x_tiles,
+        stages,
+        min_blocks,
+        lut_entry,
+        bool(state.nested),
+        bias is not None,
+        r_pad,
+        btile > 0,
+        len(parts),
+        residual is not None,
+    )
+    kernel = build(False, device)
     shared_mem = staged_bytes(warps, group, row_tiles, x_tiles, stages, lut_entry) + btile
     if ctas is None:
         ctas = resident(kernel, 32 * warps, shared_mem) * props.multi_processor_count
+    grid = min(ends[-1], ctas)
+    if ends[-1] >= _PHASED_TILES * grid:
+        kernel = build(True, device)
     pdl.launch(
         kernel,
-        grid=(min(ends[-1], ctas), 1, 1),
+        grid=(grid, 1, 1),
         block=(32 * warps, 1, 1),
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
               partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, total, ns[0], k,
