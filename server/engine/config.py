@@ -20,12 +20,9 @@ AUTO_BATCH_CAP = 256  # past this many rows a step is compute-bound: latency gro
 KV_MEMORY_SHARE = 0.5  # of the device memory free after the model; the rest: adapter slots, activations, graphs
 # Of the same free memory, what adapter slots may take where their number is not set: the slots bound how many
 # adapters run at once, and a request whose adapter has none waits until a slot drains (on the H200, mixed traffic
-# over 32 adapters within the latency target: 16 req/s on 8 slots, 24 on 16, 40 on 64; BENCHMARKS.md)
+# over 32 adapters within the latency target: 16 req/s on 16 slots of rank 64, >= 40 on the 64 fitted; BENCHMARKS.md).
+# Beyond memory a slot costs nothing a step: every LoRA kernel reads only the slots of the step's tokens.
 SLOT_MEMORY_SHARE = 0.25
-# Slots x max_rank where their number is not set: a captured step of more than KERNEL_TOKENS tokens (prompt chunks)
-# multiplies every token with every slot's A and B (LoraContext's dense path), so its LoRA cost grows with this.
-# 1,024: rank-16 slots over 64 (the figures above: still within the target at 40 req/s), rank-64 over 16.
-SLOT_COLUMNS = 1024
 CPU_ADAPTER_SLOTS = 8  # a CPU's slots: what it computes is the bound there, not how many adapters run at once
 IDLE_PREFILL_FACTOR = 4  # prompt budget of steps with no decoding request, in multiples of max_prefill_tokens
 
@@ -43,11 +40,11 @@ def fit_batch_size(model: PreTrainedModel, max_seq_len: int) -> int:
     return max(1, min(AUTO_BATCH_CAP, int(KV_MEMORY_SHARE * available_memory(weight.device) / row)))
 
 
-def slots_that_fit(free_bytes: int, slot_bytes: int, max_rank: int, most: int) -> int:
-    """Adapter slots of `slot_bytes` (at max_rank) that SLOT_MEMORY_SHARE of `free_bytes` holds beside the store's
-    all-zero slot, within SLOT_COLUMNS and up to `most`; at least 1."""
+def slots_that_fit(free_bytes: int, slot_bytes: int, most: int) -> int:
+    """Adapter slots of `slot_bytes` that SLOT_MEMORY_SHARE of `free_bytes` holds beside the store's all-zero slot,
+    up to `most`; at least 1."""
     in_memory = int(SLOT_MEMORY_SHARE * free_bytes / slot_bytes) - 1
-    return max(1, min(most, in_memory, SLOT_COLUMNS // max_rank))
+    return max(1, min(most, in_memory))
 
 
 def fit_adapter_slots(model: PreTrainedModel, targets: tuple[str, ...], max_rank: int, most: int) -> int:
@@ -57,7 +54,7 @@ def fit_adapter_slots(model: PreTrainedModel, targets: tuple[str, ...], max_rank
     if weight.device.type != "cuda":
         return min(most, CPU_ADAPTER_SLOTS)
     slot = LoraLayout.of(lora_targets(model, targets)).slot_bytes(max_rank, weight.dtype)
-    return slots_that_fit(available_memory(weight.device), slot, max_rank, most)
+    return slots_that_fit(available_memory(weight.device), slot, most)
 
 
 @dataclass(frozen=True)

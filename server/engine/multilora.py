@@ -20,7 +20,7 @@ from server.engine.errors import AdapterNotFinite
 from server.engine.step import Segment
 
 # The fused kernels read each token's own slot, up to the NF4 kernels' MAX_ROWS tokens; past it (prompt chunks) the
-# base layers dequantize and multiply densely, and the LoRA deltas are matmuls over runs of tokens sharing a slot.
+# base layers dequantize and multiply densely, and the LoRA deltas are products over runs of tokens sharing a slot.
 KERNEL_TOKENS = 256
 
 # Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
@@ -72,6 +72,25 @@ class DecodeKernels(Protocol):
         kernels have none for that activation: gate, up [..., N] of B rows, a [S+1, r, N], slots and ranks [B]."""
         ...
 
+    def segment_tiles(self, slots: torch.Tensor, runs: int) -> torch.Tensor:
+        """The tiles of tokens sharing a slot that `segmented` reads, found on the device: slots [T], in at most
+        `runs` runs of one slot."""
+        ...
+
+    def segmented(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        tiles: torch.Tensor,
+        slot_ranks: torch.Tensor,
+    ) -> None:
+        """y [T, out] += each token's LoRA delta in place, a tile of tokens sharing a slot at a time (steps of
+        more than KERNEL_TOKENS tokens): x [T, in], a [S+1, r, in], b [S+1, r, out], tiles (segment_tiles),
+        slot_ranks [S+1]."""
+        ...
+
     def linears(
         self,
         bases: list[nn.Module],
@@ -91,9 +110,11 @@ class LoraContext:
     """Per-forward adapter slot of every token, shared by all wrapped layers; the engine sets it before each
     forward, and with it how the LoRA deltas run:
     - fused kernels (where installed) for steps of up to KERNEL_TOKENS tokens: each token reads its own slot;
-    - segments: the step's tokens are runs sharing a slot (step.py orders them so), one pair of matmuls per
-      run; needs the runs on the host, so it serves eager forwards;
-    - dense (captured steps too large for the kernels): every token times every slot, then only its own slot's
+      past it, the segmented kernels: each tile of tokens sharing a slot times that slot's A and B, the tiles
+      found on the device once a step (captured steps too);
+    - segments (no kernels): the step's tokens are runs sharing a slot (step.py orders them so), one pair of
+      matmuls per run; needs the runs on the host, so it serves eager forwards;
+    - dense (captured steps without the kernels): every token times every slot, then only its own slot's
       columns kept, by selection, not by multiplying with a mask (0 x NaN is NaN: a faulty slot stays its own);
       the expand then meets other slots' B with zeros, which stays zero because packs are checked finite.
     """
@@ -107,6 +128,7 @@ class LoraContext:
         self.decode_kernels: DecodeKernels | None = None  # fused kernels, where installed
         self.slot_ranks = torch.zeros(num_slots + 1, dtype=torch.int32)  # [S+1] the store's, set by the engine
         self.ranks = torch.empty(0, dtype=torch.int32)  # [N] each token's adapter rank, for the fused kernels
+        self.tiles = torch.empty(0, dtype=torch.int32)  # the segmented kernels' tiles of tokens sharing a slot
 
     def set(self, slot_ids: torch.Tensor, segments: list[Segment] | None) -> None:
         """slot_ids: [N]; segments: the runs of tokens sharing an adapter (base-model runs left out), or None
@@ -115,9 +137,11 @@ class LoraContext:
         self.use_kernels = self.decode_kernels is not None and slot_ids.shape[0] <= KERNEL_TOKENS
         if self.use_kernels:  # one gather a step, on the device (a captured step replays it)
             self.ranks = self.slot_ranks[slot_ids]
-        self.segments = None if self.use_kernels else segments
+        elif self.decode_kernels is not None:  # in slot order (step.py): a run per slot at most
+            self.tiles = self.decode_kernels.segment_tiles(slot_ids, self.num_slots + 1)
+        self.segments = None if self.decode_kernels is not None else segments
         self.own = None
-        if not self.use_kernels and segments is None:
+        if self.decode_kernels is None and segments is None:
             columns = torch.arange((self.num_slots + 1) * self.max_rank, device=slot_ids.device)
             self.own = columns // self.max_rank == slot_ids[:, None]
 
@@ -372,7 +396,9 @@ class MultiLoraLinear(nn.Module):
         y = self.base(x)
         xa = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [N, in]
         flat = y.view(-1, self.out_features)  # [N, out]
-        if context.segments is not None:
+        if kernels is not None:
+            kernels.segmented(flat, xa, self.lora_a, self.lora_b, context.tiles, context.slot_ranks)
+        elif context.segments is not None:
             for slot, start, end in context.segments:
                 shrunk = xa[start:end] @ self.lora_a[slot].T  # [n, r_max]
                 flat[start:end] += (shrunk @ self.lora_b[slot]).to(y.dtype)

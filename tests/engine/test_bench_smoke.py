@@ -52,3 +52,12 @@ def test_tokenizer_flood_bench_runs(tmp_path, embedded_cache_dir) -> None:
     jobs = ("chat_of_2", "chat_of_8", "encode_hi", "decode_1000")
     assert results["alone_ms"] > 0
     assert all(results[f"{job}_{where}_ms"] > 0 for job in jobs for where in ("on_threads", "in_processes"))
+
+
+def test_segmented_lora_bench_tiny_runs(tmp_path) -> None:
+    """bench/segmented_lora.py --tiny runs a wide step's LoRA deltas in both forms, on CPU under the interpreter."""
+    out = tmp_path / "segmented.json"
+    flags = ["--tiny", "--tokens", "40", "--decode", "8", "--slots", "4", "--run", "16", "--out", str(out)]
+    subprocess.run([sys.executable, str(BENCH.parent / "segmented_lora.py"), *flags], check=True, capture_output=True)
+    (result,) = json.loads(out.read_text())["results"]
+    assert {"dense_ms", "segmented_ms"} <= set(result) and result["tokens"] == 40

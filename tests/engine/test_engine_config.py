@@ -11,7 +11,6 @@ from server.engine.config import (
     CPU_ADAPTER_SLOTS,
     CPU_BATCH_SIZE,
     DEFAULT_TARGETS,
-    SLOT_COLUMNS,
     SLOT_MEMORY_SHARE,
     EngineConfig,
     slots_that_fit,
@@ -56,19 +55,18 @@ def test_a_slot_counts_every_targets_a_and_b_at_the_largest_rank() -> None:
     assert store.a.nbytes + store.b.nbytes == 4 * expected  # three slots and the all-zero one
 
 
-def test_fitted_slots_take_a_quarter_of_the_free_memory_and_bound_slots_times_rank() -> None:
+def test_fitted_slots_take_a_quarter_of_the_free_memory() -> None:
     mb = 1 << 20
-    assert slots_that_fit(1000 * mb, 84 * mb, 16, 64) == 1  # 250 MB: two slots of 84, one of them the zero slot
-    assert slots_that_fit(10_000 * mb, 84 * mb, 16, 64) == int(SLOT_MEMORY_SHARE * 10_000 / 84) - 1
-    assert slots_that_fit(134_000 * mb, 84 * mb, 16, 64) == 64  # the CPU tier's places
-    assert slots_that_fit(134_000 * mb, 84 * mb, 16, 1000) == SLOT_COLUMNS // 16  # every step's dense LoRA
-    assert slots_that_fit(134_000 * mb, 336 * mb, 64, 64) == SLOT_COLUMNS // 64
-    assert slots_that_fit(10 * mb, 84 * mb, 16, 64) == 1  # never none
-    assert slots_that_fit(134_000 * mb, 84 * mb, 4096, 64) == 1
+    assert slots_that_fit(1000 * mb, 84 * mb, 64) == 1  # 250 MB: two slots of 84, one of them the zero slot
+    assert slots_that_fit(10_000 * mb, 84 * mb, 64) == int(SLOT_MEMORY_SHARE * 10_000 / 84) - 1
+    assert slots_that_fit(134_000 * mb, 84 * mb, 64) == 64  # the CPU tier's places
+    assert slots_that_fit(134_000 * mb, 336 * mb, 1000) == int(SLOT_MEMORY_SHARE * 134_000 / 336) - 1
+    assert slots_that_fit(10 * mb, 84 * mb, 64) == 1  # never none
 
 
 @pytest.mark.gpu
 def test_adapter_slots_are_fitted_to_the_gpu_where_not_set() -> None:
-    model = tiny_model("llama", dtype=torch.bfloat16).cuda()  # a tiny model: the columns bind, not the memory
-    assert EngineConfig.for_model(Settings(), model).max_active_adapters == SLOT_COLUMNS // 64
-    assert EngineConfig.for_model(Settings(max_lora_rank=16), model).max_active_adapters == 64
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()  # a tiny model: the CPU tier's places bind
+    most = Settings().max_cpu_adapters
+    assert EngineConfig.for_model(Settings(), model).max_active_adapters == most
+    assert EngineConfig.for_model(Settings(max_cpu_adapters=16), model).max_active_adapters == 16

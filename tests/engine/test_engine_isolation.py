@@ -8,7 +8,7 @@ import torch
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end, sample_batch
 
 from adapters.lora import LoraModule, LoraWeights
-from server.engine import GenerationRequest, SamplingParams
+from server.engine import GenerationRequest, SamplingParams, multilora
 from server.engine.errors import AdapterNotFinite, InvalidSampling
 from server.engine.multilora import LoraContext, MultiLoraLinear, ShrinkGroup
 from server.engine.step import StepBuffer
@@ -29,19 +29,29 @@ def test_nan_everywhere_in_the_kv_cache_outside_the_prefixes_changes_nothing(fam
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, 6)[0], f"row {i}"
 
 
-@pytest.mark.parametrize("segments", [True, False], ids=["segments", "dense"])
-def test_a_slot_holding_nan_reaches_no_other_token(segments) -> None:
-    """Both LoRA paths: runs of tokens per slot (eager) and every slot at once (captured steps)."""
+@pytest.mark.parametrize("path", ["segments", "dense", "kernels"])
+def test_a_slot_holding_nan_reaches_no_other_token(path, monkeypatch) -> None:
+    """Every LoRA path of a step past the per-row kernels: runs of tokens per slot (eager), every slot at once
+    (captured steps) and, where the kernels are installed, the segmented kernels (each tile of tokens times each
+    slot among them)."""
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: Triton's CPU interpreter without CUDA
     slots, rank, d_in, d_out = 3, 4, 8, 6
-    a = torch.randn(slots + 1, rank, d_in)
-    b = torch.randn(slots + 1, rank, d_out)
+    a = torch.randn(slots + 1, rank, d_in, device=device)
+    b = torch.randn(slots + 1, rank, d_out, device=device)
     a[slots], b[slots] = 0, 0  # the no-adapter slot
     context = LoraContext(slots, rank)
-    base = torch.nn.Linear(d_in, d_out)
+    segments = path == "segments"
+    if path == "kernels":
+        from server.engine.kernels import FusedDecode
+
+        monkeypatch.setattr(multilora, "KERNEL_TOKENS", 0)  # every step past the per-row kernels
+        context.decode_kernels = FusedDecode()
+        context.slot_ranks = torch.tensor([rank] * slots + [0], dtype=torch.int32, device=device)
+    base = torch.nn.Linear(d_in, d_out, device=device)
     layer = MultiLoraLinear(base, d_in, d_out, a, b, context, ShrinkGroup(a, b, [base]), 0)
-    token_slots = torch.tensor([0, 0, 1, 2, 3, 3])  # a run per slot; slot 3 is the base model
-    x = torch.randn(1, len(token_slots), d_in)
+    token_slots = torch.tensor([0, 0, 1, 2, 3, 3], device=device)  # a run per slot; slot 3 is the base model
+    x = torch.randn(1, len(token_slots), d_in, device=device)
     runs = [(0, 0, 2), (1, 2, 3), (2, 3, 4)]
     context.set(token_slots, runs if segments else None)
     clean = layer(x)

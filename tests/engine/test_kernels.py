@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from loraplex.basemodel import nf4_config
+from server.engine import multilora
 from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
 from server.engine.kernels.attention import MIN_SPLIT_POSITIONS
@@ -39,6 +40,7 @@ from server.engine.kernels.nf4 import (
 )
 from server.engine.kernels.rmsnorm import NORMS, FusedRMSNorm
 from server.engine.kernels.rope import rotary
+from server.engine.kernels.segmented_lora import BLOCK_M, CHUNK_K, segment_tiles, segmented_lora
 from server.engine.kernels.zeroed import ZeroedSums
 from server.engine.multilora import KERNEL_TOKENS, LoraContext, MultiLoraLinear, ShrinkGroup
 
@@ -73,6 +75,73 @@ def test_lora_delta_matches_per_row_gather(rows, groups) -> None:
         finish_projection(y, y, LoraEpilogue(partial[g], chunks, store_b, rows, ranks[rows]))  # in place
         assert torch.allclose(y, expected, atol=1e-4, rtol=1e-4), f"layer {g}"
         assert torch.equal(y[rows == slots], base_rows)  # the no-adapter slot adds exactly nothing
+
+
+@pytest.mark.parametrize(
+    ("order", "runs"),
+    [
+        ([0] * (BLOCK_M + 8) + [1] * 3 + [3] * 5 + [2] * 20, 4),  # runs in slot order, as steps lay them out
+        ([2, 0, 3, 1, 0, 2, 3] * 11, 77),  # a run a token, in no order
+        ([3] * 5, 1),  # no adapter anywhere
+    ],
+    ids=["runs", "interleaved", "base"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32])
+def test_segmented_lora_matches_per_token_gather(order, runs, dtype) -> None:
+    """The LoRA delta of a step past the per-row kernels, a tile of tokens sharing a slot at a time, against the
+    gathered bmm; each slot's rows past its own rank are never read (1e3 in A, NaN in B there would show), and
+    tokens without an adapter keep the base output's bits."""
+    torch.manual_seed(0)
+    slots, rank, k, n = 3, 6, CHUNK_K + 70, 300  # K over two chunks, N not a multiple of the blocks
+    slot_ranks = torch.tensor([6, 2, 5, 0], dtype=torch.int32, device=DEVICE)
+    store_a = torch.randn(slots + 1, rank, k + 40, device=DEVICE)[:, :, 20 : 20 + k].to(dtype)  # views of wider
+    store_b = torch.randn(slots + 1, rank, n + 8, device=DEVICE)[:, :, :n].to(dtype)  # stores
+    used = torch.arange(rank, device=DEVICE)[None, :] < slot_ranks[:, None]  # [S+1, R]
+    a_used, b_used = store_a.float() * used[:, :, None], store_b.float() * used[:, :, None]
+    store_a.masked_fill_(~used[:, :, None], 1e3)
+    store_b.masked_fill_(~used[:, :, None], float("nan"))
+    token_slots = torch.tensor(order, device=DEVICE)
+    x = torch.randn(len(order), k, device=DEVICE).to(dtype)
+    y = torch.randn(len(order), n, device=DEVICE).to(dtype)
+    shrunk = torch.bmm(x.float()[:, None], a_used[token_slots].transpose(1, 2))  # [T, 1, R]
+    delta = torch.bmm(shrunk.to(dtype).float(), b_used[token_slots])[:, 0]  # [T, N]
+    expected = (y.float() + delta.to(dtype).float()).to(dtype)
+    base_rows = y[token_slots == slots].clone()
+    segmented_lora(y, x, store_a, store_b, segment_tiles(token_slots, runs), slot_ranks)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(y.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert torch.equal(y[token_slots == slots], base_rows)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a store of 2**31 elements")
+def test_segmented_lora_reads_a_slot_past_2_31_elements_of_its_store() -> None:
+    """64 slots of rank 64 over Llama-3-8B's seven projections hold 5e9 elements of A: a slot's offset must not
+    wrap in 32 bits (it did: an illegal memory access that ended the server)."""
+    k, n, slots = 2**30 + 64, 16, 3  # slot 2 starts past 2**31 elements of A (slot 3: no adapter)
+    a = torch.zeros(slots + 1, 1, k, dtype=torch.bfloat16, device=DEVICE)
+    b = torch.ones(slots + 1, 1, n, dtype=torch.bfloat16, device=DEVICE)
+    a[2, 0, :CHUNK_K] = 1.0
+    x = torch.ones(2, CHUNK_K, dtype=torch.bfloat16, device=DEVICE)
+    y = torch.zeros(2, n, dtype=torch.bfloat16, device=DEVICE)
+    token_slots = torch.tensor([2, 2], device=DEVICE)
+    a_view = a[:, :, :CHUNK_K]  # the layer's columns of the store: its slot stride is the whole store's
+    segmented_lora(
+        y, x, a_view, b, segment_tiles(token_slots, 1), torch.tensor([1] * 4, dtype=torch.int32, device=DEVICE)
+    )
+    assert torch.equal(y, torch.full_like(y, CHUNK_K))
+
+
+@pytest.mark.parametrize("order", [[5] * 70 + [1] * 33 + [2] + [3] + [4] * 32, [0, 1] * 20, [2]])
+def test_segment_tiles_cover_each_token_once_in_runs_of_one_slot(order) -> None:
+    """Each token in exactly one tile, of at most BLOCK_M consecutive tokens of one slot; tiles past the step's
+    are empty (first == end == T), so their programs do nothing."""
+    slots = torch.tensor(order)
+    runs = sum(1 for i in range(len(order)) if i == 0 or order[i] != order[i - 1])
+    first, end, slot = segment_tiles(slots, runs).tolist()
+    tiles = [(f, e, s) for f, e, s in zip(first, end, slot, strict=True) if f < e]
+    assert [t for f, e, _ in tiles for t in range(f, e)] == list(range(len(order)))
+    assert all(e - f <= BLOCK_M and set(order[f:e]) == {s} for f, e, s in tiles)
+    assert all(f == e == len(order) for f, e, _ in zip(first, end, slot, strict=True) if f >= e)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -441,6 +510,12 @@ def test_greedy_pick_gives_log_softmaxs_argmax_and_logprob(dtype) -> None:
     assert ((tokens >= 0) & (tokens < vocab)).all()  # fed to the next step whatever the logits were
 
 
+def nf4_llama(tmp_path) -> torch.nn.Module:
+    """The same seed-0 tiny llama as save_tiny (so the family's adapters fit), loaded in NF4."""
+    load = dict(quantization_config=nf4_config(torch.float32), dtype=torch.float32, device_map={"": DEVICE})
+    return AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / "llama", "llama"), **load).eval()
+
+
 @pytest.mark.parametrize(
     ("family", "nf4", "alone"),
     [*((f, False, False) for f in ENGINE_FAMILIES), ("llama", True, False), ("llama", True, True)],
@@ -465,10 +540,7 @@ def test_engine_with_kernels_matches_peft(family, nf4, alone, tmp_path, family_s
 
     monkeypatch.setattr(FusedDecode, "shrink", staticmethod(recording_shrink))
     cpu_base, adapters = family_setup(family)
-    base = copy.deepcopy(cpu_base).to(DEVICE)
-    if nf4:  # the same seed-0 tiny llama as save_tiny, so the adapters fit
-        load = dict(quantization_config=nf4_config(torch.float32), dtype=torch.float32, device_map={"": DEVICE})
-        base = AutoModelForCausalLM.from_pretrained(save_tiny(tmp_path / family, family), **load).eval()
+    base = nf4_llama(tmp_path) if nf4 else copy.deepcopy(cpu_base).to(DEVICE)
     # a cache long enough that decode steps split their KV ranges (choose_config): the merge makes o_proj's shrink
     engine = make_engine(base, tokenizer, fused_kernels=True, max_seq_len=4 * MIN_SPLIT_POSITIONS)
     assert any(isinstance(m, FusedRMSNorm) for m in engine.model.modules())
@@ -508,3 +580,30 @@ def test_only_nf4_layers_the_gemv_reads_are_swapped() -> None:
         layer(torch.zeros(1, k, device=DEVICE))  # on the CPU the first forward quantizes
     fuse_nf4_linears(model)
     assert [type(layer).__name__ for layer in model] == ["FusedNf4Linear", "Linear4bit", "Linear4bit", "Linear"]
+
+
+def test_engine_steps_past_the_per_row_kernels_match_peft(tmp_path, family_setup, tokenizer, monkeypatch) -> None:
+    """A step wider than the per-row kernels (KERNEL_TOKENS lowered, so that the batch's prefill is one) takes the
+    segmented kernels: runs of three adapters and base tokens in one tile of tokens give PEFT's answers."""
+    monkeypatch.setattr(multilora, "KERNEL_TOKENS", 8)
+    widths = []
+    segmented = FusedDecode.segmented
+
+    def recording(y, *args):  # type: ignore[no-untyped-def]
+        widths.append(y.shape[0])
+        return segmented(y, *args)
+
+    monkeypatch.setattr(FusedDecode, "segmented", staticmethod(recording))
+    _, adapters = family_setup("llama")
+    base = nf4_llama(tmp_path)
+    engine = make_engine(base, tokenizer, fused_kernels=True, max_prefill_tokens=32)
+    rows = [*adapters, None]
+    sink = Collector()
+    for i, adapter in enumerate(rows):
+        engine.submit(request([5, 6, 3 + i], greedy(4), adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    assert widths and max(widths) >= 3 * len(rows)  # the prefill of every row in one step (padded where captured)
+    for i, adapter in enumerate(rows):
+        tokens, logprobs = reference_generate(base, adapter, [5, 6, 3 + i], 4)
+        assert sink.tokens(f"r{i}") == tokens, f"row {i}"
+        assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-2)

@@ -1,7 +1,8 @@
 """Kernels of the decode step on CUDA: the NF4 projections (in CUDA nf4_mma for up to 16 bf16 rows, 32 without
 wgmma, and nf4_wide for up to 64; in Triton a GEMV for one row and a tensor-core matmul for up to 256), the per-row
-LoRA delta, RMSNorm, the gated MLP's activation (the last two with the LoRA shrink of the layers reading their
-output), rotary embeddings, the KV cache write, and a greedy step's tokens and logprobs.
+LoRA delta (past 256 tokens, a tile of tokens sharing a slot at a time), RMSNorm, the gated MLP's activation (the last
+two with the LoRA shrink of the layers reading their output), rotary embeddings, the KV cache write, and a greedy
+step's tokens and logprobs.
 
 The engine installs them on CUDA only; the tests run the Triton ones on the CPU under Triton's interpreter.
 """
@@ -25,6 +26,7 @@ from server.engine.kernels.nf4_wide import available as wide_available
 from server.engine.kernels.nf4_wide import mma_serves, nf4_wide_finished
 from server.engine.kernels.rmsnorm import FusedRMSNorm, fuse_rms_norms
 from server.engine.kernels.rope import fuse_rotary
+from server.engine.kernels.segmented_lora import segment_tiles, segmented_lora
 
 __all__ = ["FusedDecode", "greedy_pick", "install"]
 
@@ -41,6 +43,8 @@ class FusedDecode:
     """The decode step's multi-LoRA kernels, as the multi-LoRA layers call them (multilora.DecodeKernels)."""
 
     shrink = staticmethod(lora_shrink)
+    segment_tiles = staticmethod(segment_tiles)
+    segmented = staticmethod(segmented_lora)
 
     def __init__(self) -> None:
         self._segments: dict[tuple[int, ...], Nf4Segments | None] = {}  # by the layers' ids: None, not fusable
