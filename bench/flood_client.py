@@ -5,38 +5,49 @@ honest client sees.
     python3 bench/flood_client.py --url http://127.0.0.1:8000 --kind chat &
     python3 bench/http_load.py --url http://127.0.0.1:8000 --rate 0 --concurrency 1 --duration 20 ...
 
-Kinds: chat (chats of 1,024 empty messages, refused as too long once templated: tokenizer work only) and
-detokenize (/detokenize of --ids ids, 1,000 by default). Prints the answers' status codes as they come, and at the end.
+Kinds: chat (chats of 1,024 empty messages, refused as too long once templated: tokenizer work only), detokenize
+(/detokenize of --ids ids, 1,000 by default) and token_batches (/v1/completions whose prompt is OpenAI's batch of
+token-id prompts, a million one-id prompts in a body just under --mb MiB: cheap to send, the costliest JSON to
+parse per byte, and refused once parsed, as this server takes one text prompt). Prints the answers' status codes
+as they come, and at the end.
 """
 
 import argparse
 import asyncio
+import json
 from collections import Counter
 
 import httpx
 
 IDS = 1000  # /detokenize's ids a request, by default
+MB = 4  # the server's --max-request-mb by default
+BATCH_ITEM = "[3],"  # one prompt of one id in a batch, as it is written in the body
 
 
-def body(kind: str, ids: int) -> tuple[str, dict]:
-    """The route and body of one request of `kind`."""
+def body(kind: str, ids: int, mb: int) -> tuple[str, bytes]:
+    """The route and JSON body of one request of `kind`."""
     if kind == "chat":
-        return "/v1/chat/completions", {
+        return "/v1/chat/completions", json.dumps({
             "model": "",
             "messages": [{"role": "user", "content": ""}] * 1024,
             "max_tokens": 1,
-        }
-    return "/detokenize", {"tokens": list(range(3, 3 + ids))}  # past the special ids of most vocabularies
+        }).encode()  # fmt: skip
+    if kind == "token_batches":
+        head = b'{"model": "", "max_tokens": 1, "prompt": ['
+        prompts = ((mb << 20) - len(head) - 2) // len(BATCH_ITEM)
+        return "/v1/completions", head + (BATCH_ITEM * prompts)[:-1].encode() + b"]}"
+    return "/detokenize", json.dumps({"tokens": list(range(3, 3 + ids))}).encode()  # past most special ids
 
 
-async def flood(url: str, kind: str, connections: int, requests: int | None, ids: int) -> None:
-    path, json = body(kind, ids)
+async def flood(url: str, kind: str, connections: int, requests: int | None, ids: int, mb: int) -> None:
+    path, content = body(kind, ids, mb)  # encoded once: the client's own CPU goes to sending
+    headers = {"Content-Type": "application/json"}
     codes: Counter[int] = Counter()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
 
         async def one_connection() -> None:
             while requests is None or codes.total() < requests:
-                codes[(await client.post(path, json=json)).status_code] += 1
+                codes[(await client.post(path, content=content, headers=headers)).status_code] += 1
                 if codes.total() % 500 == 0:
                     print(dict(codes), flush=True)
 
@@ -47,12 +58,13 @@ async def flood(url: str, kind: str, connections: int, requests: int | None, ids
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["chat", "detokenize"], default="chat")
+    parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches"], default="chat")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--requests", type=int, help="stop after about this many answers (default: never)")
     parser.add_argument("--ids", type=int, default=IDS, help="ids a /detokenize request (within the vocabulary)")
+    parser.add_argument("--mb", type=int, default=MB, help="token_batches: bodies just under this many MiB")
     args = parser.parse_args()
-    asyncio.run(flood(args.url, args.kind, args.connections, args.requests, args.ids))
+    asyncio.run(flood(args.url, args.kind, args.connections, args.requests, args.ids, args.mb))
 
 
 if __name__ == "__main__":
