@@ -1,10 +1,16 @@
-"""JSON request bodies of the inference routes parsed off the event loop.
+"""JSON request bodies of the inference routes: their items bounded before they are parsed, and large ones parsed
+off the event loop.
 
-FastAPI parses a body with json.loads on the event loop before any route code runs. A body within --max-request-mb
-can hold a million tiny items (token ids, empty messages): 0.1 s of parsing, during which no other client's stream
-moved, however early validation then refuses the request. Bodies past PARSE_ON_LOOP_BYTES are parsed on threads of
-their own instead; the interpreter lock still changes hands every few milliseconds, so the loop keeps its turns.
-Smaller bodies, nearly every honest request, are parsed where they are, without a thread's round trip.
+json.loads is C code that keeps the interpreter lock until it returns, and pydantic-core's validation of what it
+returns is Rust code that keeps it too: neither hands the lock to another thread while it works, on the event loop
+or off it. A body within --max-request-mb can hold a million tiny items (0.3 s of parsing, every client's stream
+held that long, however early validation then refuses it), so its items are counted first, at the speed of a byte
+search, and a body past what an honest request holds is refused unparsed (jsonitems.py); parsing and validation
+then cost at most a few milliseconds.
+
+Bodies past PARSE_ON_LOOP_BYTES are counted and parsed on threads of their own, two at a time, so that the event
+loop takes its turns between such calls; smaller bodies, nearly every honest request, are counted (when they could
+hold too many items at all) and parsed where they are, without a thread's round trip.
 """
 
 import asyncio
@@ -15,6 +21,8 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+
+from server.api.jsonitems import check_items
 
 PARSE_ON_LOOP_BYTES = 64 << 10  # ~0.3 ms of parsing at worst
 PARSE_THREADS = 2  # parsing holds the interpreter lock: more threads would not parse faster
@@ -33,12 +41,20 @@ class _OffLoopRequest(Request):
 
 
 class OffLoopJsonRoute(APIRoute):
-    """A route whose JSON body, when large, is parsed off the event loop."""
+    """A route whose JSON body is refused past max_json_items items, and, when large, is parsed off the event
+    loop."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            return await handler(_OffLoopRequest(request.scope, request.receive))
+            request = _OffLoopRequest(request.scope, request.receive)
+            body = await request.body()
+            max_seq_len: int = request.app.state.settings.max_seq_len
+            if len(body) <= PARSE_ON_LOOP_BYTES:
+                check_items(body, max_seq_len)
+            else:  # TooManyJsonItems propagates to the error handlers: the body is never parsed
+                await asyncio.get_running_loop().run_in_executor(_threads, check_items, body, max_seq_len)
+            return await handler(request)
 
         return route

@@ -202,7 +202,7 @@ def test_a_long_list_of_bad_elements_is_one_short_error(
     [
         (b"{not json", "application/json", 422, "not valid JSON: Expecting property name enclosed in double quotes"),
         (b'{"model": "llama", "prompt": "\xff"}', "application/json", 400, "byte 30 is not UTF-8"),
-        (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "nests arrays or objects too deeply"),
+        (b"[" * 10_000 + b"]" * 10_000, "application/json", 400, "nests arrays or objects too deeply"),
         (b'{"model": "llama", "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "application/json", 400, "digits"),
         (b'{"model": "llama", "prompt": "hi"}', "text/plain", 422, "content-type: application/json"),
         (b"", "application/json", 422, "no body"),

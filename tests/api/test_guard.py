@@ -122,7 +122,7 @@ def test_open_metrics_opens_metrics_alone() -> None:
 
 
 def test_a_body_too_deep_to_parse_is_a_json_400() -> None:
-    response = send("/generate", key=USER, body=b"[" * 1_000_000)
+    response = send("/generate", key=USER, body=b"[" * 10_000)  # within the items a body may hold
     assert response.status_code == 400 and error_of(response)["code"] == "bad_request"
 
 
