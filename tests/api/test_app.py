@@ -1,12 +1,12 @@
 """The app factory's start-up behaviour: readiness, and the warning an open server gives off loopback."""
 
 import logging
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from ready import wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -37,9 +37,6 @@ def test_open_server_warns_off_loopback(
         max_batch_size=2,
     )
     with caplog.at_level(logging.WARNING, logger="loraplex"), TestClient(create_app(settings, base=base)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(client)
         assert client.get("/ready").json()["model"] == "llama"
     assert any("no API keys configured" in r.message for r in caplog.records) == warns

@@ -4,7 +4,6 @@ is no top-k at all), and the engine never sees it."""
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from ready import wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -30,14 +30,6 @@ def body(path: str, prompt: str = "hi", **params: object) -> dict:
     if path == "/v1/completions":
         return {"model": "llama", "prompt": prompt, **params}
     return {"model": "llama", "messages": [{"role": "user", "content": prompt}], **params}
-
-
-def ready(client: TestClient) -> TestClient:
-    deadline = time.monotonic() + 30
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return client
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def start(app_settings: tuple) -> TestClient:
 @pytest.fixture(scope="module")
 def client(app_settings: tuple) -> Iterator[TestClient]:
     with start(app_settings) as c:
-        yield ready(c)
+        yield wait_ready(c)
 
 
 def post(client: TestClient, path: str, payload: dict | str) -> tuple[int, dict]:
@@ -318,7 +310,7 @@ def test_a_client_that_leaves_is_one_typed_error_not_a_cancellation() -> None:
 
 def test_health_fails_once_the_engine_stopped(app_settings: tuple) -> None:
     with start(app_settings) as c:
-        ready(c)
+        wait_ready(c)
         assert c.get("/health").json() == {"status": "ok"}
         c.app.state.runtime.engine.stop()  # type: ignore[attr-defined]
         response = c.get("/health")

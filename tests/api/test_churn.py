@@ -3,7 +3,6 @@ adapters than CPU and device slots, served round-robin, each still answering exa
 nothing left behind once adapters leave the tiers."""
 
 import gc
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from peft import PeftModel
 from peft_dirs import make_peft_dir
+from ready import wait_ready
 from transformers import AutoModelForCausalLM
 
 from adapters.lora import LoraWeights
@@ -51,10 +51,7 @@ def stack(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     )
     app = create_app(settings, base=base)
     with TestClient(app) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_ready(client)
         dirs = [make_adapter(tmp / f"a{i}", seed=i) for i in range(ADAPTERS)]
         for i, d in enumerate(dirs):
             assert client.post("/v1/adapters", data={"name": f"a{i}"}, files=upload_files(d)).status_code == 201

@@ -1,13 +1,13 @@
 """Client mistakes through the real routes (in process, tiny model): each a 4xx in OpenAI's error shape that
 says what is wrong, never a 5xx."""
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from ready import wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -26,10 +26,7 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     )
     settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=64, max_batch_size=2)
     with TestClient(create_app(settings, base=base)) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(c)
         yield c
 
 

@@ -83,8 +83,12 @@ def test_an_answer_of_many_logprobs_does_not_hold_the_event_loop(url: str) -> No
             return slowest
 
     for path, body in big:
-        slowest = asyncio.run(run(path, body))
-        assert slowest < 0.25, (path, slowest)
+        # A render that kept the interpreter lock for the whole answer stalls the loop every time (~0.6 s); a busy
+        # machine may stall it once by itself: the best of three tries is what is bounded
+        stalls = []
+        while len(stalls) < 3 and min(stalls, default=1.0) >= 0.25:
+            stalls.append(asyncio.run(run(path, body)))
+        assert min(stalls) < 0.25, (path, stalls)
 
 
 def loop_cpu_seconds() -> float:

@@ -3,13 +3,13 @@ the speed of a byte search, a body past the items of the largest honest request 
 bound is served (in process, tiny model, max_seq_len 64)."""
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from ready import wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -63,10 +63,7 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
     )
     with TestClient(create_app(settings, base=base)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(client)
         yield client
 
 

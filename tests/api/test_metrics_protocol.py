@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from peft_dirs import make_peft_dir
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from ready import wait_ready
 
 from adapters.errors import AdapterNotFound
 from loraplex.basemodel import load_base_model
@@ -66,10 +67,7 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         max_lora_rank=8,
     )
     with TestClient(create_app(settings, base=base)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(client)
         upload(client, "tiny", make_peft_dir(tmp / "tiny", seed=0))
         upload(client, "other", make_peft_dir(tmp / "other", seed=2))
         yield client

@@ -3,7 +3,6 @@ tokenizer endpoints, log probabilities, several choices, adapter mixing and stru
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft_dirs import make_peft_dir
+from ready import wait_ready
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
@@ -34,10 +34,7 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
     )
     with TestClient(create_app(settings, base=base)) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(c)
         # "loud": rank 1, scaling 1000, its gain ~1500 of the bound's 60000: at weight 100 a mix passes the bound
         for name, seed, rank, alpha in (("m1", 1, 4, 8), ("m2", 2, 8, 8), ("loud", 3, 1, 1000)):
             peft = make_peft_dir(

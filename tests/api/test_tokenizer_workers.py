@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from ready import wait_ready
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.basemodel import load_base_model
@@ -144,10 +145,7 @@ def test_a_server_whose_tokenizer_workers_are_killed_answers_one_503_then_as_bef
     settings = Settings(adapter_dir=tmp_path / "store", cache_dir=tmp_path, device="cpu", max_seq_len=64)
     chat = {"model": "qwen3", "max_tokens": 4, "temperature": 0, "messages": CHATS[0]}
     with TestClient(create_app(settings, base=base)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_ready(client)
         before = client.post("/v1/chat/completions", json=chat)
         assert before.status_code == 200
         workers = client.app.state.runtime.inference.tokenizer_workers  # type: ignore[attr-defined]

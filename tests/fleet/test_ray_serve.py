@@ -17,6 +17,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from peft_dirs import make_peft_dir
+from ready import wait_ready
 
 from loraplex.settings import Settings
 from server.app import create_app
@@ -48,13 +49,6 @@ def upload(client: httpx.Client | TestClient, name: str, path: Path) -> httpx.Re
     return client.post("/v1/adapters", data={"name": name}, files=files)
 
 
-def wait_ready(client: TestClient) -> None:
-    deadline = time.monotonic() + 120
-    while client.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, "the plain server never became ready"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fleet-adapters")
@@ -72,7 +66,7 @@ def plain(
     tmp = tmp_path_factory.mktemp("plain")
     settings = Settings(base_model=str(tiny_model_dirs["llama"]), adapter_dir=tmp / "store", cache_dir=tmp, **SERVING)
     with TestClient(create_app(settings)) as client:
-        wait_ready(client)
+        wait_ready(client, timeout=120)
         for name, path in adapter_dirs.items():
             assert upload(client, name, path).status_code == 201
         yield client
