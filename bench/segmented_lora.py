@@ -24,13 +24,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
+from bench.lora_kernels import SHAPE_8B, SHAPE_TINY
 from bench.nf4_kernel import graph_us
 from server.engine import multilora
 from server.engine.kernels import FusedDecode
 from server.engine.multilora import LoraContext, LoraLayout, LoraStore, MultiLoraLinear, ShrinkGroup
-
-SHAPE_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "kv": 1024}
-SHAPE_TINY = {"layers": 2, "hidden": 64, "intermediate": 128, "kv": 16}
 
 
 class Preset(nn.Module):
