@@ -8,6 +8,7 @@ from server.engine.errors import (
     EngineError,
     EngineStopped,
     KVCacheTooLarge,
+    LoraRankTooLarge,
     PromptTooLong,
     QueueFull,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "KVCacheTooLarge",
+    "LoraRankTooLarge",
     "PromptTooLong",
     "QueueFull",
     "SamplingParams",

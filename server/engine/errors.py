@@ -89,6 +89,13 @@ class KVCacheTooLarge(EngineError):
     code = "kv_cache_too_large"
 
 
+class LoraRankTooLarge(EngineError):
+    """max_lora_rank x the model's LoRA columns passes what the kernels address with 32-bit offsets (raised at
+    start-up)."""
+
+    code = "lora_rank_too_large"
+
+
 class NonFiniteOutput(EngineError):
     """A forward gave a request logits that are not finite: its activations overflowed the serving dtype (an
     adapter's weights can do that within the bounds uploads are held to). That request ends; the others go on."""

@@ -16,12 +16,16 @@ from torch import nn
 
 from adapters.bounds import all_finite
 from adapters.lora import LoraModule, LoraWeights
-from server.engine.errors import AdapterNotFinite
+from server.engine.errors import AdapterNotFinite, LoraRankTooLarge
 from server.engine.step import Segment
 
 # The fused kernels read each token's own slot, up to the NF4 kernels' MAX_ROWS tokens; past it (prompt chunks) the
 # base layers dequantize and multiply densely, and the LoRA deltas are products over runs of tokens sharing a slot.
 KERNEL_TOKENS = 256
+
+# Elements of one slot's A or B (max_rank rows of the model's LoRA columns) that the kernels address: a row's offset
+# and the CUDA kernels' slot stride are 32-bit
+MAX_SLOT_ELEMENTS = 2**31 - 1
 
 # Layers that HF modules call on the same input tensor: in decode, one shrink kernel serves each such group
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -165,6 +169,10 @@ class LoraLayout:
             b_width += module.out_features
         return cls(a_offsets, b_offsets, a_width, b_width)
 
+    def max_rank(self) -> int:
+        """The largest rank of a slot whose A and B the kernels can address (MAX_SLOT_ELEMENTS)."""
+        return MAX_SLOT_ELEMENTS // max(self.a_width, self.b_width, 1)
+
     def slot_bytes(self, max_rank: int, dtype: torch.dtype) -> int:
         """What one slot of the store takes on the device: its A and B, padded to max_rank."""
         return max_rank * (self.a_width + self.b_width) * dtype.itemsize
@@ -185,6 +193,12 @@ class LoraStore:
     def __init__(
         self, layout: LoraLayout, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
     ) -> None:
+        if max_rank > layout.max_rank():  # before anything is allocated
+            raise LoraRankTooLarge(
+                f"max_lora_rank {max_rank} is too large for this model: a slot's LoRA rows would span "
+                f"{max_rank * max(layout.a_width, layout.b_width):,} elements, past the 2**31 its kernels address; "
+                f"set --max-lora-rank to at most {layout.max_rank()}"
+            )
         self.layout = layout
         self.a = torch.zeros(num_slots + 1, max_rank, layout.a_width, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots + 1, max_rank, layout.b_width, dtype=dtype, device=device)

@@ -15,6 +15,7 @@ from server.engine.config import (
     EngineConfig,
     slots_that_fit,
 )
+from server.engine.errors import LoraRankTooLarge
 from server.engine.multilora import LoraLayout, LoraStore, lora_targets
 
 
@@ -70,3 +71,15 @@ def test_adapter_slots_are_fitted_to_the_gpu_where_not_set() -> None:
     most = Settings().max_cpu_adapters
     assert EngineConfig.for_model(Settings(), model).max_active_adapters == most
     assert EngineConfig.for_model(Settings(max_cpu_adapters=16), model).max_active_adapters == 16
+
+
+def test_a_rank_whose_slot_rows_pass_32_bit_offsets_is_refused_before_anything_is_allocated() -> None:
+    """Llama-3-70B's seven projections over 80 layers: 6.7M B columns, so a slot of rank 320 would span 2**31
+    elements, which the kernels' 32-bit row offsets and slot strides cannot address (an illegal memory access)."""
+    layers, hidden, kv, intermediate = 80, 8192, 1024, 28672
+    layout = LoraLayout({}, {}, layers * (6 * hidden + intermediate), layers * (3 * hidden + 2 * kv + 2 * intermediate))
+    assert layout.max_rank() == 319
+    meta = torch.device("meta")  # nothing allocated, whatever the size
+    assert LoraStore(layout, 4, 319, torch.bfloat16, meta).a.shape == (5, 319, layout.a_width)
+    with pytest.raises(LoraRankTooLarge, match="set --max-lora-rank to at most 319"):
+        LoraStore(layout, 4, 320, torch.bfloat16, meta)
