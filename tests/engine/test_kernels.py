@@ -584,20 +584,24 @@ def test_only_nf4_layers_the_gemv_reads_are_swapped() -> None:
 
 def test_engine_steps_past_the_per_row_kernels_match_peft(tmp_path, family_setup, tokenizer, monkeypatch) -> None:
     """A step wider than the per-row kernels (KERNEL_TOKENS lowered, so that the batch's prefill is one) takes the
-    segmented kernels: runs of three adapters and base tokens in one tile of tokens give PEFT's answers."""
+    segmented kernels: runs of three adapters and base tokens in one tile of tokens give PEFT's answers. Submitted
+    out of slot order, the step still lays each slot's tokens out as one run, which the tiles' bound assumes: every
+    token is in a tile."""
     monkeypatch.setattr(multilora, "KERNEL_TOKENS", 8)
     widths = []
     segmented = FusedDecode.segmented
 
-    def recording(y, *args):  # type: ignore[no-untyped-def]
+    def recording(y, x, a, b, tiles, slot_ranks):  # type: ignore[no-untyped-def]
         widths.append(y.shape[0])
-        return segmented(y, *args)
+        first, end = tiles[0], tiles[1]
+        assert int((end - first).sum()) == y.shape[0], "a token in no tile"
+        return segmented(y, x, a, b, tiles, slot_ranks)
 
     monkeypatch.setattr(FusedDecode, "segmented", staticmethod(recording))
     _, adapters = family_setup("llama")
     base = nf4_llama(tmp_path)
     engine = make_engine(base, tokenizer, fused_kernels=True, max_prefill_tokens=32)
-    rows = [*adapters, None]
+    rows = [None, *reversed(adapters)]
     sink = Collector()
     for i, adapter in enumerate(rows):
         engine.submit(request([5, 6, 3 + i], greedy(4), adapter, f"r{i}"), sink)
