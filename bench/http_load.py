@@ -12,6 +12,9 @@ length and the clients; explicit --prompt-len / --output-len / --concurrency ove
   decode   prompt 128, 128 new tokens, 32 clients
   prefill  prompt 512, 1 new token, 32 clients (prompt tokens/s is the figure)
   single   prompt 128, 128 new tokens, 1 client (idle-server latency)
+--shared-prefix N begins every prompt for an adapter with the same N tokens (a task's instructions), the rest of
+each prompt its own; the server's count of prompt tokens it found in its KV cache is reported beside the adapter
+counters.
 
 Lengths are in tokens of the served model. Prompts come from --tokenizer: `bytes` (the default, and what
 `random:` base models use: one token per byte, no special tokens) or a transformers tokenizer (a local
@@ -61,7 +64,8 @@ import httpx
 PERCENTILES = (50, 90, 99)
 SHARD_STREAMS = 8  # requests in flight per client of the load generator (open_clients)
 LOADGEN_BUSY = 0.8  # cores of this process past which a point's latencies are partly the load generator's
-METRIC_PREFIX = "loraplex_adapter_"
+# the server counters a point reports: adapter loads and evictions, prompt tokens found in the KV cache
+METRIC_PREFIXES = ("loraplex_adapter_", "loraplex_prompt_tokens_cached")
 READY_TIMEOUT_S = 600.0  # an 8B base model loads in a few minutes at worst
 # a goodput sweep is open loop: this only guards the client's sockets, far above any server's batch
 GOODPUT_IN_FLIGHT = 1024
@@ -136,14 +140,20 @@ def resolve_shape(
 
 
 class Prompts(Protocol):
-    def make(self, rng: random.Random, tokens: int) -> str: ...
+    added: int  # tokens the server adds around a prompt's own (BOS, ...)
+
+    def make(self, rng: random.Random, tokens: int, prefix: str = "") -> str:
+        """`prefix` and random text after it: a prompt of `tokens` tokens as the server counts them."""
+        ...
 
 
 class BytePrompts:
     """`random:` base models: one token per byte and no special tokens, so N ASCII characters are N tokens."""
 
-    def make(self, rng: random.Random, tokens: int) -> str:
-        return "".join(rng.choices(PROMPT_ALPHABET, k=tokens))
+    added = 0
+
+    def make(self, rng: random.Random, tokens: int, prefix: str = "") -> str:
+        return prefix + "".join(rng.choices(PROMPT_ALPHABET, k=tokens - len(prefix)))
 
 
 class TokenizerPrompts:
@@ -160,18 +170,19 @@ class TokenizerPrompts:
     def count(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    def make(self, rng: random.Random, tokens: int) -> str:
+    def make(self, rng: random.Random, tokens: int, prefix: str = "") -> str:
         # at most one token per character, and real tokenizers merge random letters ~2-3 to a token:
         # 4 characters per token leaves room to extend the cut
         ids = self.tokenizer("".join(rng.choices(PROMPT_ALPHABET, k=4 * tokens + 16)), add_special_tokens=False)[
             "input_ids"
         ]
-        keep = tokens - self.added
-        # decoding a cut token list and encoding it again can merge across the cut: correct by the difference
+        keep = tokens - (self.count(prefix) if prefix else self.added)
+        # decoding a cut token list and encoding it again can merge across the cut (and the prefix's seam): correct
+        # by the difference
         for _ in range(self.ATTEMPTS):
             if not 0 < keep <= len(ids):
                 break
-            text = self.tokenizer.decode(ids[:keep], clean_up_tokenization_spaces=False)
+            text = prefix + self.tokenizer.decode(ids[:keep], clean_up_tokenization_spaces=False)
             got = self.count(text)
             if got == tokens:
                 return text
@@ -222,12 +233,24 @@ class Workload:
     output_len: tuple[int, int]
     prompts: Prompts = field(default_factory=BytePrompts)
     temperature: float = 0.0  # of every request; 0: greedy
+    # the first tokens of every prompt for an adapter, the same each time: its task's instructions (--shared-prefix)
+    shared_prefix: int = 0
+    _prefixes: dict[str | None, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.shared_prefix and self.prompt_len[0] <= self.shared_prefix + self.prompts.added:
+            raise ValueError(f"--shared-prefix {self.shared_prefix} leaves no tokens of their own to prompts of "
+                             f"{self.prompt_len[0]}: lower it, or raise --prompt-len")  # fmt: skip
 
     def next(self, at: float = 0.0) -> Planned:
         weights = adapter_weights(len(self.adapters), self.zipf)
         length = self.rng.randint(*self.prompt_len)
         adapter = self.rng.choices(self.adapters, weights)[0]
-        prompt, new_tokens = self.prompts.make(self.rng, length), self.rng.randint(*self.output_len)
+        prefix = self._prefixes.get(adapter, "")
+        if self.shared_prefix and not prefix:  # seeded by the adapter alone: the same in every process of a point
+            prefix = self.prompts.make(random.Random(f"prefix-{adapter}"), self.shared_prefix + self.prompts.added)
+            self._prefixes[adapter] = prefix
+        prompt, new_tokens = self.prompts.make(self.rng, length, prefix), self.rng.randint(*self.output_len)
         return Planned(at, adapter, prompt, new_tokens, length, self.temperature)
 
     def poisson(self, rate: float, duration: float) -> list[Planned]:
@@ -511,11 +534,11 @@ def next_rate(verdicts: list[tuple[float, bool]], start: float, bisect: int, rat
 # ---- server side: metrics, adapters, a server of our own --------------------------------------------------
 
 
-def parse_metrics(text: str, prefix: str = METRIC_PREFIX) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} for samples whose name starts with `prefix`."""
+def parse_metrics(text: str, prefixes: tuple[str, ...] = METRIC_PREFIXES) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} for samples whose name starts with one of `prefixes`."""
     samples = {}
     for line in text.splitlines():
-        if line.startswith(prefix):
+        if line.startswith(prefixes):
             key, _, value = line.rpartition(" ")
             samples[key] = float(value)
     return samples
@@ -656,7 +679,14 @@ async def bench(
                     raise SystemExit(f"--adapters-in-use {in_use} but only {len(names)} adapters are available")
                 adapters: list[str | None] = list(names[:in_use]) if in_use else [None]
                 workload = Workload(
-                    rng, adapters, args.zipf, shape.prompt_len, shape.output_len, prompts, args.temperature
+                    rng,
+                    adapters,
+                    args.zipf,
+                    shape.prompt_len,
+                    shape.output_len,
+                    prompts,
+                    args.temperature,
+                    args.shared_prefix,
                 )
                 if args.warmup:
                     await warm_up(client, workload, args.warmup, shape.concurrency)
@@ -747,7 +777,7 @@ def markdown(report: dict) -> str:
     for p in report["points"]:
         ttft, itl = ("/".join(_ms(p[kind][f"p{q}"]) for q in PERCENTILES) for kind in ("ttft_s", "itl_s"))
         counters = ", ".join(  # counts only; load seconds stay in the JSON
-            f"{k.removeprefix(METRIC_PREFIX)} +{v:g}"
+            f"{k.removeprefix('loraplex_')} +{v:g}"
             for k, v in p["adapter_counters"].items()
             if v and k.split("{")[0].endswith("_total")
         )
@@ -835,6 +865,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per point")
     parser.add_argument("--warmup", type=int, default=0, help="unrecorded requests before each workload's points")
     parser.add_argument("--zipf", type=float, default=0.0, help="adapter popularity exponent; 0: uniform")
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        help="tokens that begin every prompt for an adapter, the same each time (a task's instructions); the rest "
+        "of each prompt is random",
+    )
     parser.add_argument(
         "--temperature",
         type=float,

@@ -98,8 +98,7 @@ class Settings(BaseSettings):
         le=1024,
         description="Adapter slots on the device: the adapters that run at once (a request whose adapter has no "
         "slot waits for one to drain); default: as many slots of the largest rank accepted as a quarter of the "
-        "GPU's free memory holds, at most 1024 / that rank (steps of prompt chunks multiply every token with every "
-        "slot) and at most the adapters kept in CPU memory; 8 on a CPU.",
+        "GPU's free memory holds, at most the adapters kept in CPU memory; 8 on a CPU.",
     )
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")
@@ -138,6 +137,12 @@ class Settings(BaseSettings):
         "none (the inference gateway's endpoint picker); then limit who reaches the port (it lists adapter names).",
     )
     cuda_graphs: bool = Field(True, description="Capture every engine step in CUDA graphs (CUDA only).")
+    prefix_cache: bool = Field(
+        True,
+        description="Start a prompt's prefill past the tokens it shares with a prompt the KV cache holds (a running "
+        "or recent request's, same adapter): shared system prompts and chat turns are computed once. Prefixes are "
+        "shared within one API key only (between everyone on a server without keys) and within one cache_salt.",
+    )
     fused_kernels: bool = Field(
         True,
         description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and NF4 projections (up to 64 "

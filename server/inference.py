@@ -15,6 +15,7 @@ from adapters.errors import AdapterError
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
+from server.client_share import prefix_salt
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
@@ -243,7 +244,9 @@ class Inference:
         cancels the request in the engine."""
         label = self._label(adapter)
         try:
-            request = GenerationRequest(prompt_ids, sampling, grammar=grammar.matcher() if grammar else None)
+            request = GenerationRequest(
+                prompt_ids, sampling, grammar=grammar.matcher() if grammar else None, cache_salt=prefix_salt.get()
+            )
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
             held = None
             if adapter is not None:  # loading it counts against the client's share, as the queue does after
@@ -264,8 +267,12 @@ class Inference:
         self.metrics.prompt_tokens.labels(label).inc(len(prompt_ids))
         status = CLIENT_CLOSED
         generated = self.metrics.generated_tokens.labels(label)
+        first = True
         try:
             async for event in token_stream:
+                if first:  # every event of a request carries its count
+                    self.metrics.prompt_tokens_cached.inc(event.cached_tokens)
+                    first = False
                 if event.token_id is not None:
                     generated.inc()
                 yield event

@@ -90,6 +90,9 @@ class Metrics:
         )
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.prompt_tokens_cached = Counter(
+            "loraplex_prompt_tokens_cached", "Prompt tokens found in the KV cache, not computed again", registry=r
+        )
         self.ttft = Histogram(
             "loraplex_time_to_first_token_seconds",
             "From submission to the first token",

@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.client_share import current_client
+from server.client_share import current_client, prefix_salt
 
 
 class Unauthorized(LoraplexError):
@@ -36,10 +36,14 @@ def _matches(token: str, keys: list[str]) -> bool:
     return found
 
 
+def _keyed(settings: Settings) -> bool:
+    return bool(settings.api_key or settings.admin_key)
+
+
 def authenticate(settings: Settings, headers: Headers) -> bool:
     """Whether the request may manage adapters; raises Unauthorized without a configured key. No keys
     configured: an open server, where everyone may do everything."""
-    if not settings.api_key and not settings.admin_key:
+    if not _keyed(settings):
         return True
     token = _bearer(headers)
     if token is None:
@@ -54,13 +58,15 @@ def authenticate(settings: Settings, headers: Headers) -> bool:
 async def require_inference(request: Request) -> None:
     settings = request.app.state.settings
     authenticate(settings, request.headers)
-    current_client.set(client_of(settings, request))
+    client = client_of(settings, request)
+    current_client.set(client)
+    prefix_salt.set(client if _keyed(settings) else None)  # on a server without keys, every client is alike
 
 
 def client_of(settings: Settings, request: Request) -> str | None:
     """Whom a request's share counts against (--max-requests-per-client, --max-uploads-per-client): its key (a
     digest of it) on a server with keys, else its peer address."""
-    if settings.api_key or settings.admin_key:
+    if _keyed(settings):
         return "key:" + hashlib.sha256((_bearer(request.headers) or "").encode()).hexdigest()[:32]
     return f"address:{request.client.host}" if request.client is not None else None
 

@@ -34,11 +34,13 @@ from server.api.schemas import (
     ModelList,
     OpenAIFinishReason,
     OpenAISampling,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
 from server.api.sse import OPENAI, sse_response
+from server.client_share import prefix_salt
 from server.engine import SamplingParams, TokenEvent
 from server.grammar import CompiledGrammar
 from server.inference import Adapter, Generation, Inference, choice_samplings, until_disconnected
@@ -138,10 +140,26 @@ def _completion_logprobs(events: list[TokenEvent], inference: Inference, offset:
     return out
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    """Usage as OpenAI's; `cached_tokens`: of the choices' prompts (one prompt, counted once), the fewest tokens one
+    found in the KV cache (the first choice's prompt warms it for the others')."""
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
+
+
+def _results_usage(prompt_tokens: int, results: list[Generation]) -> Usage:
+    cached = min(r.events[-1].cached_tokens for r in results)
+    return _usage(prompt_tokens, sum(len(r.tokens) for r in results), cached)
+
+
+def _salted(body: OpenAISampling) -> None:
+    """The request shares cached prompt prefixes only with requests of its cache_salt (and of its API key)."""
+    if body.cache_salt is not None:
+        prefix_salt.set(f"{prefix_salt.get()}/{body.cache_salt}")
 
 
 @router.get("/models", response_model=ModelList)
@@ -180,12 +198,13 @@ async def _choice_chunks(
     """Per event of `count` choices: its choice index, the event, its finish reason and, on the event that ends
     the last choice, the usage if asked for. Closing this cancels every choice still running."""
     async with aclosing(events):  # type: ignore[type-var]
-        generated, running = 0, count
+        generated, running, cached = 0, count, prompt_tokens
         async for index, event in events:
             generated += event.token_id is not None
             finish = _finish(event) if event.finish_reason else None
             running -= finish is not None
-            usage = _usage(prompt_tokens, generated) if include_usage and not running else None
+            cached = min(cached, event.cached_tokens)
+            usage = _usage(prompt_tokens, generated, cached) if include_usage and not running else None
             yield index, event, finish, usage
 
 
@@ -195,6 +214,7 @@ async def _choice_chunks(
     responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
 )
 async def completions(body: CompletionRequest, request: Request, inference: InferenceDep) -> Response:
+    _salted(body)
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_prompt(body.text)
@@ -230,7 +250,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
             id=rid,
             created=created,
             model=body.model,
-            usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
+            usage=_results_usage(len(prompt_ids), results),
             choices=[
                 CompletionChoice(
                     index=i,
@@ -250,6 +270,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, inference: InferenceDep) -> Response:
+    _salted(body)
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
@@ -291,7 +312,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
             id=rid,
             created=created,
             model=body.model,
-            usage=_usage(len(prompt_ids), sum(len(r.tokens) for r in results)),
+            usage=_results_usage(len(prompt_ids), results),
             choices=[
                 ChatChoice(
                     index=i,

@@ -349,6 +349,13 @@ class OpenAISampling(BaseModel):
         None, description="Run on a weighted mix of adapters; `model` then names the base model."
     )
     response_format: ResponseFormat | None = None
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME_CHARS,
+        description="Share cached prompt prefixes only with requests that send the same salt (as vLLM's): a "
+        "cached prefix answers sooner, which would tell one user what another asked.",
+    )
 
     def grammar_spec(self) -> GrammarSpec | None:
         return self.response_format.spec() if self.response_format is not None else None
@@ -532,10 +539,15 @@ class ChatCompletionRequest(OpenAISampling):
         return (self.top_logprobs or 0) if self.logprobs else 0
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens found in the KV cache, not computed again
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):

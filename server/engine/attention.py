@@ -79,6 +79,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v)
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Row `target`'s first `length` positions from row `source`'s, in every layer (a prompt prefix that a
+        running request holds, for a new request that starts with it)."""
+        for cache in (*self.k, *self.v):
+            cache[target, :, :length].copy_(cache[source, :, :length])
+
 
 @dataclass(frozen=True)
 class StepContext:

@@ -67,6 +67,7 @@ class EngineConfig:
     # running streams see while new prompts arrive (Sarathi-Serve's token budget)
     max_prefill_tokens: int = 512
     cuda_graphs: bool = True  # capture the step per token bucket (CUDA only)
+    prefix_cache: bool = True  # reuse prompt prefixes that KV rows hold (prefix_cache.py)
     # Triton kernels for decode steps: None = on CUDA; True = anywhere (on CPU: Triton's interpreter, for tests)
     fused_kernels: bool | None = None
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -96,6 +97,7 @@ class EngineConfig:
             max_seq_len=max_seq_len,
             max_prefill_tokens=settings.max_prefill_tokens,
             cuda_graphs=settings.cuda_graphs,
+            prefix_cache=settings.prefix_cache,
             fused_kernels=None if settings.fused_kernels else False,
         )
 

@@ -18,7 +18,6 @@ model is one more group), the adapter admitted least recently first, so a flood 
 another adapter's request by one row at most instead of by the whole flood.
 """
 
-import heapq
 import logging
 import math
 import threading
@@ -57,6 +56,7 @@ from server.engine.multilora import (
     lora_targets,
     shrink_groups,
 )
+from server.engine.prefix_cache import KVRows
 from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
 from server.engine.sampling import draw, final_logits, top_logprobs
 from server.engine.slots import SlotTable
@@ -86,6 +86,7 @@ class _Row:
     slot: int
     ids: list[int]  # prompt + generated so far
     prefilled: int  # prompt tokens already written into the cache
+    cached: int  # prompt tokens found in the KV cache (prefix_cache.py), not computed for it
     text: TextStream
     generator: torch.Generator | None
     # ids as a host tensor, for rows whose draw reads them (a penalty): each step sends its filled prefix to the
@@ -161,7 +162,7 @@ class Engine:
         )
         self.eos_ids = self._eos_ids()
         self.slots = SlotTable(config.max_active_adapters)
-        self._free_rows = list(range(config.max_batch_size))  # a heap: lowest rows first keeps batches short
+        self._kv_rows = KVRows(config.max_batch_size, config.prefix_cache)
         self._rows: dict[str, _Row] = {}
         self._waiting: deque[Waiting] = deque()
         # waiting requests per adapter key (None: the base model), kept with _waiting under _cv: the scheduler
@@ -456,7 +457,7 @@ class Engine:
 
     def _admit(self) -> None:
         self.slots.begin_pass()
-        if not self._free_rows:  # nothing to admit into: no O(waiting) pass while every row runs
+        if not self._kv_rows.free:  # nothing to admit into: no O(waiting) pass while every row runs
             return
         with self._cv:
             groups: dict[str | None, list[Waiting]] = {}  # in the order of each group's oldest waiting request
@@ -468,7 +469,7 @@ class Engine:
         admitted: set[str] = set()
         served: list[str | None] = []  # adapter keys in the order their requests left the queue in this pass
         for request, sink in _round_robin([members for _, members in order]):
-            if not self._free_rows:
+            if not self._kv_rows.free:
                 break
             try:
                 if self._admit_one(request, sink):
@@ -513,10 +514,18 @@ class Engine:
             seen = torch.empty(len(request.prompt_ids) + request.sampling.max_new_tokens, dtype=torch.long,
                                pin_memory=self.device.type == "cuda")  # fmt: skip
             seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        row = heapq.heappop(self._free_rows)
+        place = self._kv_rows.take(request.cache_scope, request.prompt_ids)
+        ids = list(request.prompt_ids)
+        try:
+            if place.source is not None:
+                self.cache.copy_prefix(place.source, place.row, place.reused)
+        except BaseException:
+            self._kv_rows.give_back(place.row, keep=False)
+            raise
+        self._kv_rows.wrote(place.row, request.cache_scope, ids, place.reused)
         text = TextStream(self.tokenizer, request.sampling.stop)
         self._rows[request.request_id] = _Row(
-            request, sink, row, slot, list(request.prompt_ids), 0, text, generator, seen
+            request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen
         )
         return True
 
@@ -568,6 +577,7 @@ class Engine:
             logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments)
         for row, end in chunks:
             row.prefilled = end
+            self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, end)
         self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)]) if sampled else None
         # On CUDA the step so far was only launched: taking the last step's tokens, their text and events overlap
         # the device's work.
@@ -672,7 +682,7 @@ class Engine:
         elif row.generated >= params.max_new_tokens:
             finish = "length"
         if finish is not None:
-            self._release(row)
+            self._release(row, keep=True)
         self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, eos))
 
     def _deliver(self) -> None:
@@ -709,9 +719,9 @@ class Engine:
     ) -> None:
         request = row.request
         event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error,
-                           top)  # fmt: skip
+                           top, row.cached)  # fmt: skip
         if finish is not None and not row.ended:  # a row ended by its token alone was released when taken
-            self._release(row)
+            self._release(row, keep=finish != "error")
         try:
             row.sink(event)
         except Exception:  # a consumer that went away (its event loop closed) must not stop the engine
@@ -742,10 +752,15 @@ class Engine:
     def _finish(self, row: _Row, reason: FinishReason, error: BaseException | None = None) -> None:
         self._send(row, max(row.generated - 1, 0), None, "", None, reason, error)
 
-    def _release(self, row: _Row) -> None:
+    def _release(self, row: _Row, keep: bool) -> None:
+        """Free the row's KV row and slot. `keep`: its KV may serve later prompts (not after an error: a failed step,
+        logits that were not finite)."""
         row.ended = True
         del self._rows[row.request.request_id]
-        heapq.heappush(self._free_rows, row.row)
+        if keep:  # every token but the last went through a step; the last one's KV was never written
+            written = row.prefilled + max(row.generated - 1, 0)
+            self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, written)
+        self._kv_rows.give_back(row.row, keep)
         if row.slot != self.no_adapter:
             self.slots.release(row.slot)
         if row.request.on_finish is not None:

@@ -25,6 +25,14 @@ class GenerationRequest:
     # structured output: the tokens this request may emit, one matcher per request (it holds the parse state)
     grammar: TokenConstraint | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Requests reuse the prompt prefixes in the KV cache (prefix_cache.py) only under one salt: the API layer sets it
+    # so that clients who must not learn each other's prompts (from how soon an answer starts) share nothing
+    cache_salt: str | None = None
+
+    @property
+    def cache_scope(self) -> tuple[str | None, str | None]:
+        """What a prompt's keys and values depend on besides its tokens (the adapter), and the salt."""
+        return self.adapter_key, self.cache_salt
 
 
 @dataclass(frozen=True)
@@ -39,3 +47,4 @@ class TokenEvent:
     error: BaseException | None = None  # with finish_reason "error"
     # the request's top_logprobs most likely tokens at this position, under the same distribution as logprob
     top_logprobs: Top = ()
+    cached_tokens: int = 0  # prompt tokens found in the KV cache, not computed again

@@ -238,7 +238,9 @@ def test_n_choices_with_a_seed_equal_the_requests_sent_one_by_one(client: TestCl
     for chunk in streamed:
         for choice in chunk["choices"]:
             by_index[choice["index"]] += choice["delta"].get("content") or ""
-    assert by_index == texts and streamed[-1]["usage"] == answer["usage"]
+    assert by_index == texts
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # the stream found the prompt in the KV cache
+    assert [streamed[-1]["usage"][k] for k in counts] == [answer["usage"][k] for k in counts]
     assert sum(c["finish_reason"] is not None for chunk in streamed for c in chunk["choices"]) == 3
 
 
@@ -570,3 +572,31 @@ def test_a_grammar_whose_first_mask_fails_is_a_422_before_it_runs(client: TestCl
         error = error_of(client.post("/generate", json=body))
         assert error["code"] == "invalid_grammar" and "cannot be compiled" in error["message"], error
     assert re.fullmatch("x+", client.post("/generate", json=honest).json()["generated_text"])
+
+
+def test_a_shared_prompt_prefix_is_computed_once_per_salt(client: TestClient) -> None:
+    """A system prompt sent again is found in the KV cache: usage says how many prompt tokens were (OpenAI's
+    prompt_tokens_details.cached_tokens) and the answer is the one it computes from scratch. A cache_salt shares
+    only with its own salt; an empty or overlong one is a 422 naming it."""
+    system = {"role": "system", "content": "Be brief."}
+
+    def ask(question: str, **params: object) -> dict:
+        messages = [system, {"role": "user", "content": question}]
+        answer = client.post("/v1/chat/completions", json=chat(messages=messages, max_tokens=6, **params))
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    first = ask("one?", cache_salt="first-test")
+    prompt = first["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = ask("two?", cache_salt="first-test")
+    assert 0 < again["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt  # the system prompt, not the question
+    other = ask("two?", cache_salt="another")
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert other["choices"][0]["message"]["content"] == again["choices"][0]["message"]["content"]
+    stream = {"stream": True, "stream_options": {"include_usage": True}, "cache_salt": "another"}
+    messages = [system, {"role": "user", "content": "two?"}]
+    streamed = sse(client, "/v1/chat/completions", {**chat(messages=messages, max_tokens=6), **stream})
+    assert streamed[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt - 1  # all but the last token
+    for salt in ("", "s" * 300):
+        assert "cache_salt" in error_of(client.post("/v1/completions", json={**chat(), "cache_salt": salt}))["message"]

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
@@ -166,6 +167,27 @@ def test_workload_draws_lengths_in_range_and_follows_zipf() -> None:
     assert counts[0] > counts[1] > counts[2]  # 1 : 0.35 : 0.19
 
 
+def test_a_shared_prefix_begins_every_prompt_of_an_adapter_at_the_planned_length() -> None:
+    tokenizer = _bpe_with_bos()
+    for prompts, ids_of in ((BytePrompts(), str.encode), (TokenizerPrompts(tokenizer), prompts_ids(tokenizer))):
+        workload = Workload(random.Random(0), ["a", "b"], 0.0, (40, 60), (1, 1), prompts, shared_prefix=24)
+        items = [workload.next() for _ in range(40)]
+        assert all(len(ids_of(i.prompt)) == i.prompt_tokens for i in items)
+        heads = []
+        for name in "ab":
+            mine = [i.prompt for i in items if i.adapter == name]
+            assert len(mine) > 5 and len(set(mine)) == len(mine)  # the rest of each prompt is its own
+            (head,) = {tuple(ids_of(prompt)[:24]) for prompt in mine}  # the first 24 tokens (BOS, 23 of its own)
+            heads.append(head)
+        assert heads[0] != heads[1]
+    with pytest.raises(ValueError, match="--shared-prefix 40"):
+        Workload(random.Random(0), [None], 0.0, (40, 60), (1, 1), shared_prefix=40)
+
+
+def prompts_ids(tokenizer) -> Callable[[str], list[int]]:
+    return lambda text: tokenizer(text)["input_ids"]
+
+
 def test_poisson_arrivals_match_the_rate() -> None:
     workload = Workload(random.Random(1), [None], 0.0, (1, 1), (1, 1))
     arrivals = workload.poisson(rate=50.0, duration=20.0)
@@ -223,8 +245,10 @@ def test_metrics_deltas_of_adapter_counters_only() -> None:
     after = parse_metrics(
         'loraplex_adapter_loads_total 7\nloraplex_adapter_active 5\nloraplex_adapter_evictions_total{tier="gpu"} 4\n'
         'loraplex_adapter_load_seconds_sum{tier="cpu_to_slot"} 0.5\nloraplex_adapter_loads_created 1.7e9\n'
+        "loraplex_prompt_tokens_cached_total 96\nloraplex_prompt_tokens_total 300\n"
     )
     assert counter_deltas(before, after) == {
+        "loraplex_prompt_tokens_cached_total": 96.0,
         "loraplex_adapter_loads_total": 5.0,
         'loraplex_adapter_evictions_total{tier="gpu"}': 4.0,
         'loraplex_adapter_load_seconds_sum{tier="cpu_to_slot"}': 0.5,

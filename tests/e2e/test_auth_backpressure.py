@@ -2,6 +2,7 @@
 gets 429s with Retry-After, never a 5xx, and the server serves normally afterwards."""
 
 import asyncio
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +43,23 @@ def test_keys_are_scoped(guarded: str) -> None:
     assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "insufficient_permissions"
     assert httpx.get(f"{guarded}/v1/adapters", headers=bearer(ADMIN)).status_code == 200
     assert httpx.delete(f"{guarded}/v1/adapters/anything", headers=bearer(USER)).status_code == 403
+
+
+def test_cached_prompt_prefixes_are_not_shared_between_keys(guarded: str) -> None:
+    """A prompt prefix cached for one key's request serves that key's next one, never another key's: a cached
+    prefix answers sooner, which would tell one key what another asked."""
+    system = f"You are the assistant of case {uuid.uuid4().hex}. Answer in one word."  # no earlier prompt has it
+    body = {"model": "SmolLM2-135M-Instruct", "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Where?"}]}  # fmt: skip
+
+    def cached_tokens(key: str) -> int:
+        answer = httpx.post(f"{guarded}/v1/chat/completions", json=body, headers=bearer(key), timeout=60)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached_tokens(USER) == 0
+    assert cached_tokens(ADMIN) == 0
+    assert cached_tokens(USER) > 0
 
 
 def test_flood_gets_429_then_normal_service(guarded: str) -> None:

@@ -1,0 +1,123 @@
+"""The KV cache's rows and the prompt prefixes they hold (automatic prefix caching).
+
+A row's keys and values stay valid after its request ends, until the row is written again. A new request whose
+prompt starts with tokens that a row holds, in the same scope, starts its prefill past them: in that row itself when
+it is free (nothing is copied), else in a free row that the running row's tokens are copied into. A scope is what
+else the keys and values depend on: the adapter (its LoRA changes every layer's hidden states) and a salt that keeps
+one client's prefixes from another's (a cached prefix answers sooner, which tells a client what others have asked).
+
+Prefixes are found in blocks of BLOCK tokens through a chain of hashes, one dict lookup a block, and a hit is then
+checked token by token: a client could choose tokens whose hashes collide. Free rows are written over blank ones first,
+then the least recently used.
+"""
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from heapq import heappop, heappush
+
+BLOCK = 16  # tokens of a hashed block: a prefix shorter than one block is not looked for
+
+Scope = Hashable
+
+
+@dataclass
+class _Held:
+    scope: Scope
+    tokens: list[int]  # the row's tokens: its KV holds tokens[:length]
+    length: int = 0
+    chain: list[int] = field(default_factory=list)  # hash of tokens[: BLOCK * (i + 1)], for the row's full blocks
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an admitted request runs: its row, and the prompt tokens it need not compute, already in the row
+    (source None) or to be copied there from the running row `source`."""
+
+    row: int
+    reused: int = 0
+    source: int | None = None
+
+
+class KVRows:
+    """The free rows and the prefixes held by every row (engine thread only). `enabled` False: no prefix is looked
+    for or kept, and a row goes out lowest first."""
+
+    def __init__(self, rows: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self._blank = list(range(rows))  # a heap of free rows that hold nothing
+        self._idle: OrderedDict[int, None] = OrderedDict()  # free rows that hold a prefix, least recently used first
+        self._held: dict[int, _Held] = {}  # rows (running or idle) that hold a prefix
+        self._index: dict[tuple[Scope, int], dict[int, None]] = {}  # (scope, chain hash) -> rows holding that prefix
+
+    @property
+    def free(self) -> int:
+        return len(self._blank) + len(self._idle)
+
+    def take(self, scope: Scope, prompt: list[int]) -> Placement:
+        """A free row for a request (the caller checks `free` first), with the longest prefix of `prompt` that a row
+        holds in `scope`, short of the prompt's last token (its logits are the request's first token)."""
+        row, reused = self._longest(scope, prompt, len(prompt) - 1) if self.enabled else (None, 0)
+        if row is not None and row in self._idle:
+            del self._idle[row]
+            self._drop(row)
+            return Placement(row, reused)
+        target = heappop(self._blank) if self._blank else self._idle.popitem(last=False)[0]
+        self._drop(target)
+        return Placement(target, reused, row)
+
+    def wrote(self, row: int, scope: Scope, tokens: list[int], length: int) -> None:
+        """`row`'s KV holds tokens[:length] now (`tokens` may grow past it: the row's own list)."""
+        if not self.enabled:
+            return
+        held = self._held.get(row)
+        if held is None:
+            held = self._held[row] = _Held(scope, tokens)
+        held.tokens, held.length = tokens, length
+        previous = held.chain[-1] if held.chain else 0
+        for start in range(BLOCK * len(held.chain), length - BLOCK + 1, BLOCK):
+            previous = hash((previous, *tokens[start : start + BLOCK]))
+            held.chain.append(previous)
+            self._index.setdefault((scope, previous), {})[row] = None
+
+    def give_back(self, row: int, keep: bool) -> None:
+        """The row's request has ended; `keep`: what it wrote (wrote()) is valid and may serve later requests."""
+        if keep and row in self._held:
+            self._idle[row] = None
+        else:
+            self._drop(row)
+            heappush(self._blank, row)
+
+    def _longest(self, scope: Scope, prompt: list[int], limit: int) -> tuple[int | None, int]:
+        """(a row holding the longest prefix of prompt[:limit] in `scope`, its length); of rows alike, a free one (it
+        needs no copy)."""
+        rows: dict[int, None] = {}
+        blocks, previous = 0, 0
+        for start in range(0, limit - BLOCK + 1, BLOCK):
+            previous = hash((previous, *prompt[start : start + BLOCK]))
+            found = self._index.get((scope, previous))
+            if found is None:
+                break
+            rows, blocks = found, blocks + 1
+        hashed = BLOCK * blocks
+        ranked = []
+        for row in rows:  # each row's match past the hashed blocks, up to a block's worth of tokens
+            held, matched = self._held[row], hashed
+            end = min(limit, held.length)
+            while matched < end and held.tokens[matched] == prompt[matched]:
+                matched += 1
+            ranked.append((-matched, row not in self._idle, row))
+        for negative, _, row in sorted(ranked):
+            if self._held[row].tokens[:hashed] == prompt[:hashed]:  # else a hash collision, not a prefix
+                return row, -negative
+        return None, 0
+
+    def _drop(self, row: int) -> None:
+        held = self._held.pop(row, None)
+        if held is None:
+            return
+        for value in held.chain:
+            rows = self._index[held.scope, value]
+            del rows[row]
+            if not rows:
+                del self._index[held.scope, value]

@@ -1,0 +1,184 @@
+"""Prompt prefixes found in the KV cache: a request that starts past them answers as PEFT does for its whole prompt,
+and a prefix is found only in its own scope (adapter, salt) and only where its keys and values can be trusted."""
+
+import pytest
+from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+
+from server.engine import GenerationRequest
+from server.engine.prefix_cache import BLOCK, KVRows
+
+NEW_TOKENS = 6
+SHARED = list(range(40, 40 + 2 * BLOCK + 5))  # a "system prompt" of two blocks and a bit
+
+
+# ---- the rows and their prefixes, alone ----------------------------------------------------------------------
+
+
+def test_the_longest_prefix_is_found_past_its_last_whole_block() -> None:
+    rows = KVRows(4, enabled=True)
+    first = rows.take("s", [*SHARED, 1])
+    assert first.reused == 0
+    rows.wrote(first.row, "s", [*SHARED, 1], len(SHARED) + 1)
+    rows.give_back(first.row, keep=True)
+    again = rows.take("s", [*SHARED, 2, 3])
+    assert again == type(again)(first.row, len(SHARED))  # in place: the free row that holds it, nothing to copy
+
+
+def test_a_prompt_keeps_its_last_token_to_compute() -> None:
+    rows = KVRows(2, enabled=True)
+    place = rows.take("s", SHARED)
+    rows.wrote(place.row, "s", SHARED, len(SHARED))
+    rows.give_back(place.row, keep=True)
+    assert rows.take("s", SHARED).reused == len(SHARED) - 1  # its logits are the first token
+
+
+def test_a_running_rows_prefix_is_copied_into_a_free_row() -> None:
+    rows = KVRows(3, enabled=True)
+    running = rows.take("s", [*SHARED, 9])
+    rows.wrote(running.row, "s", [*SHARED, 9], 2 * BLOCK)  # prefilled two blocks so far
+    place = rows.take("s", [*SHARED, 8])
+    assert place.source == running.row and place.row != running.row and place.reused == 2 * BLOCK
+
+
+def test_scopes_share_nothing() -> None:
+    rows = KVRows(3, enabled=True)
+    place = rows.take(("a@1", None), [*SHARED, 1])
+    rows.wrote(place.row, ("a@1", None), [*SHARED, 1], len(SHARED) + 1)
+    rows.give_back(place.row, keep=True)
+    for scope in (("b@1", None), ("a@1", "salt"), (None, None)):
+        assert rows.take(scope, [*SHARED, 2]).reused == 0
+
+
+def test_tokens_whose_hashes_collide_are_no_prefix() -> None:
+    """Python hashes an int modulo 2**61 - 1, so 0 and 2**61 - 1 make the same block hash: a client choosing tokens
+    to collide with another's prompt must find nothing."""
+    assert hash(2**61 - 1) == hash(0)
+    colliding = [2**61 - 1] * BLOCK + [7]
+    rows = KVRows(3, enabled=True)
+    place = rows.take("s", colliding)
+    rows.wrote(place.row, "s", colliding, len(colliding))
+    rows.give_back(place.row, keep=True)
+    assert rows.take("s", [0] * BLOCK + [7, 8]).reused == 0
+
+
+def test_a_row_given_back_untrusted_holds_nothing_and_blank_rows_go_first() -> None:
+    rows = KVRows(3, enabled=True)
+    kept, dropped = rows.take("s", [*SHARED, 1]), rows.take("s", [5] * 40)
+    rows.wrote(kept.row, "s", [*SHARED, 1], len(SHARED))
+    rows.wrote(dropped.row, "s", [5] * 40, 40)
+    rows.give_back(kept.row, keep=True)
+    rows.give_back(dropped.row, keep=False)
+    assert rows.take("s", [5] * 40).reused == 0
+    assert rows.take("s", [6] * 40).row != kept.row  # the last blank row, before the one holding a prefix
+    assert rows.take("s", [*SHARED, 2]).reused == len(SHARED)
+
+
+def test_disabled_keeps_nothing() -> None:
+    rows = KVRows(2, enabled=False)
+    place = rows.take("s", [*SHARED, 1])
+    rows.wrote(place.row, "s", [*SHARED, 1], len(SHARED))
+    rows.give_back(place.row, keep=True)
+    assert rows.take("s", [*SHARED, 1]) == type(place)(0)
+
+
+# ---- the engine, against PEFT --------------------------------------------------------------------------------
+
+
+def cached(sink: Collector, request_id: str) -> int:
+    return sink.events[request_id][-1].cached_tokens
+
+
+def test_a_later_request_starts_past_a_finished_ones_prompt_and_answer(family_setup, tokenizer) -> None:
+    """The second turn of a chat: the first prompt, its answer and a new question. Its prefill starts past the
+    first request's prompt and answer (all but the answer's last token, whose KV no step wrote), and it answers as
+    PEFT does for the whole prompt."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    engine.submit(request(SHARED, greedy(NEW_TOKENS), adapters[1], "turn1"), sink)
+    run_to_end(engine)
+    second = SHARED + sink.tokens("turn1") + [3, 4]
+    engine.submit(request(second, greedy(NEW_TOKENS), adapters[1], "turn2"), sink)
+    run_to_end(engine)
+    assert cached(sink, "turn1") == 0
+    assert cached(sink, "turn2") == len(SHARED) + NEW_TOKENS - 1
+    assert sink.tokens("turn2") == reference_generate(base, adapters[1], second, NEW_TOKENS)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_requests_sharing_a_running_ones_prefix_match_peft(family, family_setup, tokenizer) -> None:
+    """Requests arriving while another with their prefix decodes (or still prefills) copy its rows' keys and
+    values; each answer, theirs and the source's, is PEFT's for its whole prompt."""
+    base, adapters = family_setup(family)
+    engine = make_engine(base, tokenizer, max_prefill_tokens=16)
+    sink = Collector()
+    plan = [(f"r{i}", SHARED + [60 + i] * (i + 1)) for i in range(4)]
+    for request_id, prompt in plan:
+        engine.submit(request(prompt, greedy(NEW_TOKENS), adapters[0], request_id), sink)
+        for _ in range(2):
+            engine.step()
+    run_to_end(engine)
+    assert cached(sink, "r0") == 0 and all(cached(sink, rid) > BLOCK for rid, _ in plan[1:])
+    for request_id, prompt in plan:
+        assert sink.tokens(request_id) == reference_generate(base, adapters[0], prompt, NEW_TOKENS)[0], request_id
+
+
+def test_a_prefix_is_found_only_under_its_adapter_and_salt(family_setup, tokenizer) -> None:
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    engine.submit(request([*SHARED, 1], greedy(NEW_TOKENS), adapters[0], "first"), sink)
+    run_to_end(engine)
+    others = {
+        "other-adapter": request([*SHARED, 2], greedy(NEW_TOKENS), adapters[2], "other-adapter"),
+        "base": request([*SHARED, 2], greedy(NEW_TOKENS), None, "base"),
+        "salted": GenerationRequest(
+            [*SHARED, 2],
+            greedy(NEW_TOKENS),
+            adapters[0].key,
+            adapters[0].weights,
+            request_id="salted",
+            cache_salt="client-b",
+        ),
+    }
+    for r in others.values():
+        engine.submit(r, sink)
+    run_to_end(engine)
+    for request_id, r in others.items():
+        assert cached(sink, request_id) == 0, request_id
+        adapter = next((a for a in adapters if a.key == r.adapter_key), None)
+        assert sink.tokens(request_id) == reference_generate(base, adapter, r.prompt_ids, NEW_TOKENS)[0]
+
+
+def test_the_rows_of_a_failed_step_serve_no_later_prompt(family_setup, tokenizer) -> None:
+    """A step that fails may have written part of its rows' keys and values: those rows hold no prefix after it."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_prefill_tokens=BLOCK)
+    forward, calls = engine._forward, []
+
+    def third_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # a step after the one that wrote the prompt
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    engine._forward = third_fails
+    sink = Collector()
+    engine.submit(request(SHARED, greedy(NEW_TOKENS), adapters[0], "failed"), sink)
+    run_to_end(engine)
+    assert sink.finish("failed") == "error"
+    engine._forward = forward
+    engine.submit(request([*SHARED, 1], greedy(NEW_TOKENS), adapters[0], "after"), sink)
+    run_to_end(engine)
+    assert cached(sink, "after") == 0
+    assert sink.tokens("after") == reference_generate(base, adapters[0], [*SHARED, 1], NEW_TOKENS)[0]
+
+
+def test_without_the_cache_nothing_is_reused(family_setup, tokenizer) -> None:
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, prefix_cache=False)
+    sink = Collector()
+    for request_id in ("a", "b"):
+        engine.submit(request([*SHARED, 1], greedy(NEW_TOKENS), adapters[0], request_id), sink)
+        run_to_end(engine)
+    assert cached(sink, "b") == 0 and sink.tokens("a") == sink.tokens("b")
