@@ -11,8 +11,12 @@ clients needs. Its regexes are derivative-based automata: nothing a client sends
 matcher. Even at its mean, 16 constrained rows cost ~3.4 ms of CPU per step, under a GPU forward.
 
 Compilation runs in a small pool of its own threads (never on the event loop or the engine thread), bounded
-in input size, schema depth, llguidance's fuel and time; compiled matchers are kept in an LRU keyed by
-(kind, canonical text) and each request takes a copy. llguidance is imported on the first grammar request.
+in input size, schema depth, llguidance's fuel and time; grammars that passed are kept in an LRU keyed by
+(kind, canonical text), and each request gets a matcher built from its grammar on those threads, which its
+choices copy. Not one matcher a grammar that every request copies: llguidance's copies share their lexer, and a
+lexer that once ran past its limits stays in error, so one request that drove a popular grammar's lexer there
+(its own output, steered by logit_bias, say) failed every later request of every client on that grammar, and those
+running, at their next token. llguidance is imported on the first grammar request.
 The threads are shared by every client, so one client's grammars must not take them from the others: requests
 for a grammar already compiling wait for that compile (a flood of one slow schema costs one check), a refused
 grammar is remembered for a while (sent again, it is refused at once), and a request whose grammar waited for a
@@ -276,7 +280,7 @@ def _without_backtrace(error: object) -> str:
 
 
 class CompiledGrammar:
-    """A compiled grammar, shared by every request that asks for it; each request takes its own copy."""
+    """A compiled grammar of one request; each of its choices takes its own copy (the copies share one lexer)."""
 
     def __init__(self, matcher: "llguidance.LLMatcher") -> None:
         self._pristine = matcher  # never advanced: only copied
@@ -291,7 +295,7 @@ class _Compile:
     def __init__(self) -> None:
         self.started = threading.Event()
         self.waiters = 0
-        self.future: Future[CompiledGrammar] | None = None
+        self.future: Future[str] | None = None  # the grammar as llguidance compiles it, once checked
 
 
 class Grammars:
@@ -312,9 +316,10 @@ class Grammars:
         self._capacity = capacity
         self._timeout_s = timeout_s
         # A grammar's translation runs twice, checked then compiled here, so one that passes its check holds a
-        # thread for about half the budget at most: a request queued behind such grammars has the other half.
+        # thread for about half the budget at most: a request queued behind such grammars has the other half. Each
+        # request's own build translates it once more, within a quarter of the budget.
         self._check_s = timeout_s / 4
-        self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[GrammarSpec, str] = OrderedDict()  # checked grammars, as llguidance takes them
         self._refused: OrderedDict[GrammarSpec, tuple[str, float]] = OrderedDict()  # message, monotonic expiry
         self._compiling: dict[GrammarSpec, _Compile] = {}
         self._lock = threading.Lock()
@@ -327,6 +332,10 @@ class Grammars:
             self._checkers.put(checker)
 
     async def get(self, spec: GrammarSpec) -> CompiledGrammar:
+        """`spec` compiled for one request: its own matcher, built from the checked grammar (cached)."""
+        return await self._own(spec, await self._checked(spec))
+
+    async def _checked(self, spec: GrammarSpec) -> str:
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
@@ -345,10 +354,7 @@ class Grammars:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self._timeout_s)
         except TimeoutError:
             if not job.started.is_set():
-                raise GrammarBusy(
-                    f"the grammar compiler was busy with other requests' grammars for {self._timeout_s:g} s; "
-                    "retry shortly"
-                ) from None
+                raise self._busy() from None
             raise InvalidGrammar(
                 f"the {_WHAT[spec.kind]} did not compile within {self._timeout_s:g} s: simplify it"
             ) from None
@@ -358,7 +364,25 @@ class Grammars:
                 if not job.waiters and job.future.cancel():  # queued, and nobody waits for it any more
                     del self._compiling[spec]
 
-    def _run(self, spec: GrammarSpec, job: _Compile) -> CompiledGrammar:
+    async def _own(self, spec: GrammarSpec, grammar: str) -> CompiledGrammar:
+        """A matcher of the checked `grammar` for one request, built on a compile thread. One that waited for a thread
+        past the deadline hears that the compiler is busy; one building is waited for (its grammar was checked)."""
+        future = self._pool.submit(lambda: CompiledGrammar(self._build(spec, grammar)))
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self._timeout_s)
+        except TimeoutError:
+            if future.cancel():  # never started
+                raise self._busy() from None
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # still queued for a request that left: built for nobody otherwise
+
+    def _busy(self) -> GrammarBusy:
+        return GrammarBusy(
+            f"the grammar compiler was busy with other requests' grammars for {self._timeout_s:g} s; retry shortly"
+        )
+
+    def _run(self, spec: GrammarSpec, job: _Compile) -> str:
         """Compile thread: the compile, its result cached or its refusal remembered, then the job forgotten."""
         job.started.set()
         try:
@@ -387,10 +411,9 @@ class Grammars:
         for checker in self._all_checkers:
             checker.close()
 
-    def _compile(self, spec: GrammarSpec) -> CompiledGrammar:
+    def _compile(self, spec: GrammarSpec) -> str:
+        """The grammar of `spec` as llguidance compiles it, once checked in a worker and probed here."""
         import llguidance
-
-        from server.grammar_check import limits
 
         # compact JSON: a model cannot spend its tokens on whitespace
         options: llguidance.JsonCompileOptions = {"whitespace_flexible": False}
@@ -411,26 +434,37 @@ class Grammars:
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} did not compile within {self._check_s:g} s: simplify it")
         if error:
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {_without_backtrace(error)}")
-        matcher = llguidance.LLMatcher(self._get_tokenizer(), grammar, log_level=0, limits=limits())
-        if matcher.is_error():
-            error = _without_backtrace(matcher.get_error())
-            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {error}")
-        # llguidance builds the lexer at the first mask, into state every copy shares (a short pattern can take
-        # seconds there): build it now, under the compile timeout, not on the engine thread at a request's first
-        # token. A build that hit a limit leaves the next copy in error, so a second mask tells the client here.
-        # Then the second copy takes one allowed token and masks again: a parser limit hit by the first token (a
-        # schema of many properties) is told here too, not after the answer has begun.
+        # A build that hit a limit leaves the next copy in error, so a second mask tells the client here. Then the
+        # second copy takes one allowed token and masks again: a parser limit hit by the first token (a schema of
+        # many properties) is told here too, not after the answer has begun.
+        matcher = self._build(spec, grammar)
         row = torch.zeros(mask_words(self._vocab_size), dtype=torch.int32)
         try:
-            for _ in range(2):
-                probe = GrammarMatcher(matcher.deep_copy())
-                probe.fill_mask(row)
+            probe = GrammarMatcher(matcher.deep_copy())
+            probe.fill_mask(row)
             if (token := _first_allowed(row)) is not None:
                 probe.advance(token)
                 probe.fill_mask(row)
         except (ValueError, GrammarDeadEnd) as exc:
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
-        return CompiledGrammar(matcher)
+        return grammar
+
+    def _build(self, spec: GrammarSpec, grammar: str) -> "llguidance.LLMatcher":
+        """A matcher of `grammar` with a lexer of its own, and its first mask made. llguidance builds the lexer at the
+        first mask (a short pattern can take seconds there): built now, on a compile thread, not on the engine
+        thread at a request's first token."""
+        import llguidance
+
+        from server.grammar_check import limits
+
+        matcher = llguidance.LLMatcher(self._get_tokenizer(), grammar, log_level=0, limits=limits())
+        try:
+            if matcher.is_error():
+                raise ValueError(_without_backtrace(matcher.get_error()))
+            GrammarMatcher(matcher.deep_copy()).fill_mask(torch.zeros(mask_words(self._vocab_size), dtype=torch.int32))
+        except (ValueError, GrammarDeadEnd) as exc:
+            raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {exc}") from exc
+        return matcher
 
     def _get_tokenizer(self) -> "llguidance.LLTokenizer":
         with self._tokenizer_lock:  # the vocabulary is read once (about a second for 49k tokens)

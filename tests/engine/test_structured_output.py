@@ -18,7 +18,7 @@ from enginekit import Collector, greedy, make_engine, reference_generate, reques
 
 from loraplex.synthetic import BYTE_VOCAB
 from server.engine import SamplingParams
-from server.engine.constraints import fill_masks
+from server.engine.constraints import fill_masks, mask_words
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
 from server.engine.sampling import final_logprobs
 from server.grammar import (
@@ -300,17 +300,53 @@ def pattern_properties(count: int, tag: str = "") -> GrammarSpec:
     )
 
 
-def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer) -> None:
+def allowed_tokens(row: torch.Tensor) -> list[int]:
+    """The token ids a mask row [W] int32 allows."""
+    return ((row[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten().nonzero().flatten().tolist()
+
+
+def test_a_request_that_exhausts_its_lexer_breaks_no_other_request_on_that_grammar(smollm2) -> None:
+    """On the embedded model's tokenizer, a request of a word-list regex steered onto tokens that run its lexer past
+    llguidance's limits ends alone (a dead end). Before, every request's matcher was a copy of one cached matcher, and
+    copies share their lexer, which stays in error: the honest request running beside it failed at its next token,
+    and every later request on that grammar, from any client, at its first."""
+    grammars = Grammars(smollm2, len(smollm2), [smollm2.eos_token_id])
+    spec = GrammarSpec.regex(r"(\w+\s?){1,1000}")
+    row = torch.zeros(mask_words(len(smollm2)), dtype=torch.int32)
+    honest_text = smollm2("hello world and more", add_special_tokens=False)["input_ids"]
+
+    def take(matcher: GrammarMatcher, tokens: list[int]) -> None:
+        for token in tokens:
+            matcher.fill_mask(row)
+            assert token in allowed_tokens(row)
+            matcher.advance(token)
+
+    running = compiled(grammars, spec).matcher()
+    take(running, honest_text[:2])
+    hostile, rng = compiled(grammars, spec).matcher(), random.Random(1)
+    with pytest.raises(GrammarDeadEnd, match="more work here than its limits allow"):
+        for _ in range(200):  # a client's logit_bias can steer its output onto any tokens the mask allows
+            hostile.fill_mask(row)
+            hostile.advance(rng.choice([t for t in allowed_tokens(row) if t != smollm2.eos_token_id]))
+    take(running, honest_text[2:])
+    take(compiled(grammars, spec).matcher(), honest_text)
+    grammars.close()
+
+
+def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiles = []
+    compile_once = Grammars._compile
+    monkeypatch.setattr(Grammars, "_compile", lambda self, spec: compiles.append(spec) or compile_once(self, spec))
     grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], capacity=2)
-    first = compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    schema = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
+    first = compiled(grammars, schema)
     same = compiled(grammars, GrammarSpec.json_schema('{"properties": {"a": {"type": "integer"}}, "type": "object"}'))
-    assert same is first  # key order and whitespace do not matter
+    assert compiles == [schema]  # key order and whitespace do not matter
+    assert same is not first  # each request has a matcher of its own, its lexer its own
     compiled(grammars, GrammarSpec.regex("a+"))
     compiled(grammars, GrammarSpec.regex("b+"))  # evicts the schema (least recently used)
-    assert (
-        compiled(grammars, GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}))
-        is not first
-    )
+    compiled(grammars, schema)
+    assert compiles.count(schema) == 2
     # a pattern that backtracking matchers take exponential time on: a grammar, no backtracking
     matcher = compiled(grammars, GrammarSpec.regex(r"(a+)+$")).matcher()
     for token in tokenizer("a" * 40)["input_ids"]:
