@@ -1,6 +1,8 @@
 """Prompt prefixes found in the KV cache: a request that starts past them answers as PEFT does for its whole prompt,
 and a prefix is found only in its own scope (adapter, salt) and only where its keys and values can be trusted."""
 
+import copy
+
 import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
@@ -105,11 +107,15 @@ def test_a_later_request_starts_past_a_finished_ones_prompt_and_answer(family_se
     assert sink.tokens("turn2") == reference_generate(base, adapters[1], second, NEW_TOKENS)[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_requests_sharing_a_running_ones_prefix_match_peft(family, family_setup, tokenizer) -> None:
+@pytest.mark.parametrize(
+    ("family", "device"), [("llama", "cpu"), ("qwen2", "cpu"), pytest.param("llama", "cuda", marks=pytest.mark.gpu)]
+)
+def test_requests_sharing_a_running_ones_prefix_match_peft(family, device, family_setup, tokenizer) -> None:
     """Requests arriving while another with their prefix decodes (or still prefills) copy its rows' keys and
-    values; each answer, theirs and the source's, is PEFT's for its whole prompt."""
+    values; each answer, theirs and the source's, is PEFT's for its whole prompt. On CUDA the copies are queued
+    behind steps in flight, and every step replays a graph."""
     base, adapters = family_setup(family)
+    base = copy.deepcopy(base).to(device)
     engine = make_engine(base, tokenizer, max_prefill_tokens=16)
     sink = Collector()
     plan = [(f"r{i}", SHARED + [60 + i] * (i + 1)) for i in range(4)]
