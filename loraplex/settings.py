@@ -98,8 +98,7 @@ class Settings(BaseSettings):
         le=1024,
         description="Adapter slots on the device: the adapters that run at once (a request whose adapter has no "
         "slot waits for one to drain); default: as many slots of the largest rank accepted as a quarter of the "
-        "GPU's free memory holds, at most 1024 / that rank (steps of prompt chunks multiply every token with every "
-        "slot) and at most the adapters kept in CPU memory; 8 on a CPU.",
+        "GPU's free memory holds, at most the adapters kept in CPU memory; 8 on a CPU.",
     )
     max_cpu_adapters: int = Field(64, ge=1, description="Adapters kept in CPU memory (>= max-active-adapters).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest adapter rank accepted (slots are padded to it).")
@@ -140,8 +139,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="Capture every engine step in CUDA graphs (CUDA only).")
     fused_kernels: bool = Field(
         True,
-        description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and NF4 projections (up to 64 "
-        "rows) as Triton kernels (CUDA)",
+        description="Run the LoRA deltas, RMSNorms, rotary embeddings and NF4 projections of steps of up to 256 "
+        "tokens as Triton and CUDA kernels (CUDA only).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
