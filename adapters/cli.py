@@ -13,7 +13,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     commands = parser.add_subparsers(dest="adapters_command", required=True, metavar="{push,list,rm}")
 
     push = commands.add_parser("push", help="upload a PEFT adapter directory (or a .tar.gz / .zip of one)")
-    push.add_argument("dir", help="PEFT directory: adapter_config.json + adapter_model.safetensors")
+    push.add_argument(
+        "dir", help="PEFT directory (adapter_config.json + adapter_model.safetensors), or a .tar.gz / .zip of one"
+    )
     push.add_argument("--name", required=True, help="adapter name; pushing new content adds a version")
     push.set_defaults(func=_runner(_push))
 

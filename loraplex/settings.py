@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     )
     fused_kernels: bool = Field(
         True,
-        description="Run the decode step's LoRA deltas, RMSNorms, rotary embeddings and NF4 projections (up to 64 "
-        "rows) as Triton kernels (CUDA)",
+        description="Run the LoRA deltas, RMSNorms, rotary embeddings and NF4 projections of steps of up to 256 "
+        "tokens as Triton and CUDA kernels (CUDA only).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 

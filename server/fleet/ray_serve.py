@@ -249,18 +249,19 @@ def run(settings: Settings, replicas: int, max_replicas: int | None) -> int:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # a stop by SIGTERM (a container's, a service manager's) takes the application and the local Ray down as
-    # Ctrl-C does, instead of leaving Ray's processes behind
-    signal.signal(signal.SIGTERM, stop)
     ray.init()
-    try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(application(settings, replicas, max_replicas), name=APP_NAME, route_prefix="/")
-        log.info("serving %d replica(s) on http://%s:%d (Ctrl-C to stop)", replicas, settings.host, settings.port)
-        with contextlib.suppress(KeyboardInterrupt):
+    # a stop by SIGTERM (a container's, a service manager's) takes the application and the local Ray down as
+    # Ctrl-C does, instead of leaving Ray's processes behind; set after ray.init(), which installs a SIGTERM handler
+    # of its own that kills the driver in the middle of that shutdown (Ray's dashboard agents were left running)
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(KeyboardInterrupt):  # a stop while the replicas start, too: no traceback
+        try:
+            serve.start(http_options={"host": settings.host, "port": settings.port})
+            serve.run(application(settings, replicas, max_replicas), name=APP_NAME, route_prefix="/")
+            log.info("serving %d replica(s) on http://%s:%d (Ctrl-C to stop)", replicas, settings.host, settings.port)
             while True:
                 time.sleep(3600)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     return 0
