@@ -72,6 +72,9 @@ def _sampling(
         max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
+        top_k=inference.top_k(None if body.top_k is None else max(body.top_k, 0)),  # vLLM's -1: off
+        repetition_penalty=body.repetition_penalty or 1.0,
+        ignore_eos=body.ignore_eos,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         logit_bias=inference.logit_bias(body.logit_bias),

@@ -349,6 +349,13 @@ class OpenAISampling(BaseModel):
         None, description="Run on a weighted mix of adapters; `model` then names the base model."
     )
     response_format: ResponseFormat | None = None
+    # vLLM's extensions of the OpenAI API, which its clients and benchmark tools send (ignore_eos: a fixed answer
+    # length, whatever the model would say)
+    top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens; 0 or -1: off.")
+    repetition_penalty: float | None = Field(
+        None, ge=0.01, le=100, description="vLLM's (transformers' rule over prompt and output); 1: off."
+    )
+    ignore_eos: bool = Field(False, description="vLLM's: generate past the end-of-sequence token, to max_tokens.")
     cache_salt: str | None = Field(
         None,
         min_length=1,

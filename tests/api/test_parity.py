@@ -600,3 +600,30 @@ def test_a_shared_prompt_prefix_is_computed_once_per_salt(client: TestClient) ->
     assert streamed[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt - 1  # all but the last token
     for salt in ("", "s" * 300):
         assert "cache_salt" in error_of(client.post("/v1/completions", json={**chat(), "cache_salt": salt}))["message"]
+
+
+def test_vllm_sampling_extensions_reach_the_sampler_and_are_bounded(client: TestClient) -> None:
+    """vLLM's ignore_eos, top_k and repetition_penalty on the OpenAI routes, as its clients and benchmark tools send
+    them: an end-of-sequence token forced by logit_bias ends the answer unless ignore_eos; top_k 1 samples the
+    greedy answer; repetition_penalty answers as the TGI route's does. Out of range: a 422 naming the field."""
+    eos = min(client.app.state.runtime.engine.eos_ids)
+    forced = {"model": "llama", "prompt": "ab", "max_tokens": 5, "temperature": 0, "logit_bias": {str(eos): 100}}
+    ended = client.post("/v1/completions", json=forced).json()
+    assert ended["usage"]["completion_tokens"] == 1 and ended["choices"][0]["finish_reason"] == "stop"
+    past = client.post("/v1/completions", json={**forced, "ignore_eos": True}).json()
+    assert past["usage"]["completion_tokens"] == 5 and past["choices"][0]["finish_reason"] == "length"
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 8}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    top1 = client.post("/v1/completions", json={**body, "temperature": 1.0, "seed": 3, "top_k": 1}).json()
+    assert top1["choices"][0]["text"] == greedy
+    for off in (0, -1):  # vLLM's two ways to say no top-k: a seeded sample as without it
+        sampled = {**body, "temperature": 1.0, "seed": 3}
+        plain = client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+        assert client.post("/v1/completions", json={**sampled, "top_k": off}).json()["choices"][0]["text"] == plain
+    penalized = client.post("/v1/completions", json={**body, "temperature": 0, "repetition_penalty": 5.0}).json()
+    tgi = client.post(
+        "/generate", json={"inputs": "abc", "parameters": {"max_new_tokens": 8, "repetition_penalty": 5.0}}
+    )
+    assert penalized["choices"][0]["text"] == tgi.json()["generated_text"] != greedy
+    for field, value in (("top_k", -2), ("repetition_penalty", 0), ("repetition_penalty", 101), ("ignore_eos", "x")):
+        assert field in error_of(client.post("/v1/completions", json={**body, field: value}))["message"]
