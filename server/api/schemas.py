@@ -138,6 +138,42 @@ class LoraxResponseFormat(BaseModel):
         return JSON_OBJECT if self.schema_ is None else GrammarSpec.json_schema(self.schema_)
 
 
+# the characters with a meaning in a regex (llguidance reads Rust's regex syntax); the others stand for themselves
+_REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$#&-~")
+MAX_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
+
+
+def choice_spec(choices: list[str]) -> GrammarSpec:
+    """vLLM's guided_choice: the answer is exactly one of `choices`, as a regex of their alternation."""
+    return GrammarSpec.regex("|".join("".join("\\" + c if c in _REGEX_SPECIAL else c for c in s) for s in choices))
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs (its guided_json, guided_regex and guided_choice since v0.10): one of them."""
+
+    model_config = ConfigDict(extra="forbid")  # vLLM's grammar, structural_tag, ...: not implemented, refused
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES
+    )
+
+    def spec(self) -> GrammarSpec | None:
+        return guided_spec(self.json_, self.regex, self.choice)
+
+
+def guided_spec(schema: dict | str | None, regex: str | None, choice: list[str] | None) -> GrammarSpec | None:
+    asked = [kind for kind, value in (("json", schema), ("regex", regex), ("choice", choice)) if value is not None]
+    if len(asked) > 1:
+        raise InvalidGrammar(f"{' and '.join(asked)} were both sent: send one constraint")
+    if schema is not None:
+        return GrammarSpec.json_schema(schema)
+    if regex is not None:
+        return GrammarSpec.regex(regex)
+    return choice_spec(choice) if choice is not None else None
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -356,6 +392,14 @@ class OpenAISampling(BaseModel):
         None, ge=0.01, le=100, description="vLLM's (transformers' rule over prompt and output); 1: off."
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate past the end-of-sequence token, to max_tokens.")
+    guided_json: dict | str | None = Field(None, description="vLLM's: the answer is JSON of this schema.")
+    guided_regex: str | None = Field(None, description="vLLM's: the answer matches this regex.")
+    guided_choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES, description="vLLM's: the answer is one of these strings."
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's (since v0.10): one of json, regex or choice, as the guided_ fields."
+    )
     cache_salt: str | None = Field(
         None,
         min_length=1,
@@ -365,7 +409,31 @@ class OpenAISampling(BaseModel):
     )
 
     def grammar_spec(self) -> GrammarSpec | None:
-        return self.response_format.spec() if self.response_format is not None else None
+        """The one constraint the body asks for: OpenAI's response_format or one of vLLM's fields."""
+        specs = {
+            "response_format": self.response_format.spec() if self.response_format is not None else None,
+            "guided_json/guided_regex/guided_choice": guided_spec(
+                self.guided_json, self.guided_regex, self.guided_choice
+            ),
+            "structured_outputs": self.structured_outputs.spec() if self.structured_outputs is not None else None,
+        }
+        asked = {name: spec for name, spec in specs.items() if spec is not None}
+        if len(asked) > 1:
+            raise InvalidGrammar(f"{' and '.join(asked)} each constrain the answer: send one")
+        return next(iter(asked.values()), None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_unsupported(cls, value: object) -> object:
+        return refuse_unsupported(value, {
+            "min_p": (bool, "min-p sampling is not implemented; use top_p or top_k"),
+            "min_tokens": (bool, "a minimum answer length is not implemented; leave min_tokens out or 0"),
+            "stop_token_ids": (bool, "stop on strings (stop) or on the end of sequence; leave stop_token_ids out"),
+            "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
+            "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
+            "prompt_logprobs": (bool, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
+            "include_stop_str_in_output": (bool, "answers end before their stop string; leave it out or false"),
+        })  # fmt: skip
 
     @field_validator("logit_bias", mode="before")
     @classmethod

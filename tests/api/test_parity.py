@@ -532,6 +532,48 @@ def test_openai_response_format_json_schema_and_json_object(client: TestClient) 
     assert text.startswith("{")  # any object: a random model may not close it within max_tokens
 
 
+CHOICES = ["a-b", "c&d (e)", "f~g#h", "x.y*z", "back\\slash"]  # each a character with a meaning in a regex
+
+
+def test_vllm_guided_fields_and_structured_outputs_constrain_the_answer(client: TestClient) -> None:
+    """vLLM's guided_json, guided_regex and guided_choice, and its structured_outputs of v0.10, on both OpenAI routes:
+    each answer holds to its constraint (a choice's regex characters stand for themselves); two constraints at once,
+    and vLLM's fields this server does not implement, are 422s naming them."""
+    completion = {"model": "llama", "prompt": "answer:", "max_tokens": 40, "temperature": 0}
+    answers = {}
+    for name, extra in (
+        ("guided_json", {"guided_json": SMALL_SCHEMA}),
+        ("structured json", {"structured_outputs": {"json": json.dumps(SMALL_SCHEMA)}}),
+        ("guided_regex", {"guided_regex": SMALL_PATTERN}),
+        ("structured regex", {"structured_outputs": {"regex": SMALL_PATTERN}}),
+        ("guided_choice", {"guided_choice": CHOICES}),
+        ("structured choice", {"structured_outputs": {"choice": CHOICES}}),
+    ):
+        out = client.post("/v1/completions", json={**completion, **extra})
+        assert out.status_code == 200, (name, out.text)
+        answers[name] = out.json()["choices"][0]["text"]
+    assert valid_small(answers["guided_json"]) and answers["structured json"] == answers["guided_json"]
+    assert (
+        re.fullmatch(SMALL_PATTERN, answers["guided_regex"]) and answers["structured regex"] == answers["guided_regex"]
+    )
+    assert answers["guided_choice"] in CHOICES and answers["structured choice"] == answers["guided_choice"]
+    chat_out = client.post("/v1/chat/completions", json=chat(max_tokens=20, guided_choice=["yes", "no"])).json()
+    assert chat_out["choices"][0]["message"]["content"] in ("yes", "no")
+    for extra, says in (
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "regex and choice"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format and guided_json"),
+        ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_grammar": "root ::= x"}, "guided_grammar is not supported"),
+        ({"min_tokens": 4}, "min_tokens is not supported"),
+        ({"min_p": 0.1}, "min_p is not supported"),
+        ({"stop_token_ids": [1]}, "stop_token_ids is not supported"),
+    ):
+        assert says in error_of(client.post("/v1/completions", json={**completion, **extra}))["message"], extra
+    for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"stop_token_ids": []}, {"use_beam_search": False}):
+        assert client.post("/v1/completions", json={**completion, "max_tokens": 2, **harmless}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("grammar", "message"),
     [
