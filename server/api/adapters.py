@@ -120,10 +120,22 @@ async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
         yield chunk
 
 
+class _WholeFormParser(MultiPartParser):
+    """Starlette's parser, noting whether the body reached its closing boundary: python-multipart stops wherever the
+    body stops, and starlette keeps the parts completed before it, so a body cut inside its last part (a training.json
+    cut off) was stored as a whole upload without that part, and one cut inside its weights was told they were not
+    sent."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
 async def _read_form(request: Request, max_bytes: int) -> FormData:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidUpload("send the adapter as multipart/form-data (fields: name, config, weights | archive)")
-    parser = MultiPartParser(
+    parser = _WholeFormParser(
         request.headers, _limited(request.stream(), max_bytes + _FORM_OVERHEAD), max_files=4, max_fields=4
     )
     try:
@@ -133,6 +145,12 @@ async def _read_form(request: Request, max_bytes: int) -> FormData:
             f"the multipart body is malformed ({exc.message}); send the fields name, config and weights "
             "(or archive), one each"
         ) from exc
+    if not parser.ended:
+        await form.close()
+        raise InvalidUpload(
+            "the multipart body ends before its closing boundary (--BOUNDARY--): it was cut off inside a part; "
+            "send the whole body"
+        )
     keys = [key for key, _ in form.multi_items()]
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:  # the form's mapping keeps the last of each: a repeated field would silently win over the first

@@ -329,6 +329,24 @@ def test_malformed_multipart(client: TestClient, peft_dir: Path, tmp_path: Path)
     assert_nothing_stored(client, tmp_path / "store")
 
 
+def test_a_body_cut_inside_a_part_is_refused_and_stores_nothing(client: TestClient, peft_dir: Path) -> None:
+    """A multipart body that stops inside a part, its closing boundary never sent. Cut inside the training metadata it
+    was stored, 201, as an uploaded adapter without it; cut inside the weights it was told they were missing."""
+    assert upload(client, peft_dir, "honest").status_code == 201
+    listing = client.get("/v1/adapters").json()
+    files = files_of(peft_dir, training={"steps": 10})
+    disposition = b'--B\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n\r\n%s\r\n'
+    parts = b"".join(disposition % (f.encode(), name.encode(), data) for f, (name, data) in files.items())
+    whole = b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\ncut\r\n' + parts + b"--B--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=B"}
+    for cut in (whole.index(b"steps"), whole.index(b"safetensors") + 200):
+        response = client.post("/v1/adapters", content=whole[:cut], headers=headers)
+        assert_error(response, 400, "invalid_upload", "cut off")
+    assert client.get("/v1/adapters").json() == listing
+    stored = client.post("/v1/adapters", content=whole, headers=headers)
+    assert stored.status_code == 201 and stored.json()["origin"] == "trained", stored.text
+
+
 def zero_rank(state: dict) -> None:
     for key, tensor in state.items():
         state[key] = tensor[:0] if "lora_A" in key else tensor[:, :0]
