@@ -492,20 +492,33 @@ class Engine:
             self._active_snapshot = self.slots.active()
 
     def _admit_one(self, request: GenerationRequest, sink: EventSink) -> bool:
-        """Give `request` a row (and its adapter a slot); False if every slot is held by running rows."""
-        slot = self.no_adapter
+        """Give `request` a row (and its adapter a slot); False if every slot is held by running rows, or if a prompt
+        being prefilled will hold more of its prompt than any row does now (prefix_cache.py)."""
+        if self._kv_rows.worth_waiting(request.cache_scope, request.prompt_ids):
+            return False
+        slot, activated = self.no_adapter, True
         if request.adapter_key is not None:
             acquired = self.slots.acquire(request.adapter_key)
             if acquired is None:
                 return False  # wait; later requests may still fit
             slot, needs_copy = acquired
-            try:
-                if needs_copy:
-                    self._activate(request.adapter_key, request.lora, slot)
-            except BaseException:
+            activated = not needs_copy
+        try:
+            if not activated:
+                self._activate(request.adapter_key, request.lora, slot)
+                activated = True
+            self._rows[request.request_id] = self._new_row(request, sink, slot)
+        except BaseException:  # the request ends unadmitted: its hold on the slot ends with it, or none could reuse it
+            if slot != self.no_adapter:
                 self.slots.release(slot)
-                self.slots.deactivate(request.adapter_key)  # its slot may hold half a copy
-                raise
+                if not activated:
+                    self.slots.deactivate(request.adapter_key)  # its slot may hold half a copy
+            raise
+        return True
+
+    def _new_row(self, request: GenerationRequest, sink: EventSink, slot: int) -> _Row:
+        """The running state of an admitted request: its KV row (with the prompt prefix found cached in it), its
+        generator and what its draws read."""
         generator = None
         if request.sampling.seed is not None:
             generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
@@ -514,7 +527,8 @@ class Engine:
             seen = torch.empty(len(request.prompt_ids) + request.sampling.max_new_tokens, dtype=torch.long,
                                pin_memory=self.device.type == "cuda")  # fmt: skip
             seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        place = self._kv_rows.take(request.cache_scope, request.prompt_ids)
+        text = TextStream(self.tokenizer, request.sampling.stop)
+        place = self._kv_rows.take(request.cache_scope, request.prompt_ids)  # last: only the copy may fail past it
         ids = list(request.prompt_ids)
         try:
             if place.source is not None:
@@ -523,11 +537,7 @@ class Engine:
             self._kv_rows.give_back(place.row, keep=False)
             raise
         self._kv_rows.wrote(place.row, request.cache_scope, ids, place.reused)
-        text = TextStream(self.tokenizer, request.sampling.stop)
-        self._rows[request.request_id] = _Row(
-            request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen
-        )
-        return True
+        return _Row(request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen)
 
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
         assert lora is not None  # validate() pairs adapter_key with lora

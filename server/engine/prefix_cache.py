@@ -9,6 +9,10 @@ one client's prefixes from another's (a cached prefix answers sooner, which tell
 Prefixes are found in blocks of BLOCK tokens through a chain of hashes, one dict lookup a block, and a hit is then
 checked token by token: a client could choose tokens whose hashes collide. Free rows are written over blank ones first,
 then the least recently used.
+
+A request whose prompt shares at least a block more with a prompt being prefilled than any row holds yet waits for
+that prefill (worth_waiting) instead of computing the same tokens beside it: a burst of requests with one long
+instruction prompt computes it once, where each would have taken its share of every step's prompt budget.
 """
 
 from collections import OrderedDict
@@ -49,6 +53,7 @@ class KVRows:
         self._idle: OrderedDict[int, None] = OrderedDict()  # free rows that hold a prefix, least recently used first
         self._held: dict[int, _Held] = {}  # rows (running or idle) that hold a prefix
         self._index: dict[tuple[Scope, int], dict[int, None]] = {}  # (scope, chain hash) -> rows holding that prefix
+        self._filling: dict[int, tuple[Scope, list[int]]] = {}  # rows still prefilling: their scope and prompt
 
     @property
     def free(self) -> int:
@@ -61,10 +66,27 @@ class KVRows:
         if row is not None and row in self._idle:
             del self._idle[row]
             self._drop(row)
-            return Placement(row, reused)
-        target = heappop(self._blank) if self._blank else self._idle.popitem(last=False)[0]
-        self._drop(target)
-        return Placement(target, reused, row)
+            place = Placement(row, reused)
+        else:
+            target = heappop(self._blank) if self._blank else self._idle.popitem(last=False)[0]
+            self._drop(target)
+            place = Placement(target, reused, row)
+        if self.enabled:
+            self._filling[place.row] = (scope, prompt)
+        return place
+
+    def worth_waiting(self, scope: Scope, prompt: list[int]) -> bool:
+        """Whether a prompt being prefilled will hold at least a block more of `prompt` than any row holds now."""
+        if not self.enabled:
+            return False
+        limit, coming = len(prompt) - 1, 0
+        for row, (other_scope, other) in self._filling.items():
+            if other_scope == scope:
+                shared = _shared(other, prompt, limit)
+                held = self._held.get(row)
+                if shared - (held.length if held is not None else 0) >= BLOCK:
+                    coming = max(coming, shared)
+        return coming > 0 and self._longest(scope, prompt, limit)[1] + BLOCK <= coming
 
     def wrote(self, row: int, scope: Scope, tokens: list[int], length: int) -> None:
         """`row`'s KV holds tokens[:length] now (`tokens` may grow past it: the row's own list)."""
@@ -74,6 +96,9 @@ class KVRows:
         if held is None:
             held = self._held[row] = _Held(scope, tokens)
         held.tokens, held.length = tokens, length
+        filling = self._filling.get(row)
+        if filling is not None and length >= len(filling[1]):
+            del self._filling[row]
         previous = held.chain[-1] if held.chain else 0
         for start in range(BLOCK * len(held.chain), length - BLOCK + 1, BLOCK):
             previous = hash((previous, *tokens[start : start + BLOCK]))
@@ -82,7 +107,9 @@ class KVRows:
 
     def give_back(self, row: int, keep: bool) -> None:
         """The row's request has ended; `keep`: what it wrote (wrote()) is valid and may serve later requests."""
-        if keep and row in self._held:
+        self._filling.pop(row, None)
+        held = self._held.get(row)
+        if keep and held is not None and held.chain:  # one whole block at least: a row of less serves no prompt
             self._idle[row] = None
         else:
             self._drop(row)
@@ -121,3 +148,14 @@ class KVRows:
             del rows[row]
             if not rows:
                 del self._index[held.scope, value]
+
+
+def _shared(a: list[int], b: list[int], limit: int) -> int:
+    """The length of a's and b's common prefix, at most `limit`: compared a block at a time (slices compare in C)."""
+    end = min(len(a), len(b), limit)
+    at = 0
+    while at + BLOCK <= end and a[at : at + BLOCK] == b[at : at + BLOCK]:
+        at += BLOCK
+    while at < end and a[at] == b[at]:
+        at += 1
+    return at

@@ -75,6 +75,21 @@ def test_a_row_given_back_untrusted_holds_nothing_and_blank_rows_go_first() -> N
     assert rows.take("s", [*SHARED, 2]).reused == len(SHARED)
 
 
+def test_a_prompt_waits_for_a_prefill_that_will_hold_more_of_it() -> None:
+    rows = KVRows(3, enabled=True)
+    first = rows.take("s", [*SHARED, 1])
+    assert rows.worth_waiting("s", [*SHARED, 2])  # nothing written yet: two blocks and more are coming
+    assert not rows.worth_waiting("other", [*SHARED, 2]) and not rows.worth_waiting("s", [7, *SHARED])
+    rows.wrote(first.row, "s", [*SHARED, 1], BLOCK + 3)
+    assert rows.worth_waiting("s", [*SHARED, 2])  # a block written, a block and more to come
+    rows.wrote(first.row, "s", [*SHARED, 1], 2 * BLOCK + 1)
+    assert not rows.worth_waiting("s", [*SHARED, 2])  # less than a block to come: taken now, the rest computed
+    assert rows.take("s", [*SHARED, 2]).reused == 2 * BLOCK + 1
+    cancelled = rows.take("t", [*SHARED, 3])
+    rows.give_back(cancelled.row, keep=False)
+    assert not rows.worth_waiting("t", [*SHARED, 4])
+
+
 def test_disabled_keeps_nothing() -> None:
     rows = KVRows(2, enabled=False)
     place = rows.take("s", [*SHARED, 1])
@@ -127,6 +142,70 @@ def test_requests_sharing_a_running_ones_prefix_match_peft(family, device, famil
     assert cached(sink, "r0") == 0 and all(cached(sink, rid) > BLOCK for rid, _ in plan[1:])
     for request_id, prompt in plan:
         assert sink.tokens(request_id) == reference_generate(base, adapters[0], prompt, NEW_TOKENS)[0], request_id
+
+
+def test_a_burst_sharing_a_prompt_computes_it_once(family_setup, tokenizer) -> None:
+    """Requests sent at once with one long prompt prefix: the first computes it, the others wait for its prefill and
+    copy it (each would otherwise compute it beside the first, taking a share of every step's prompt budget)."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    plan = [(f"b{i}", [*SHARED, 60 + i, 61]) for i in range(4)]
+    for request_id, prompt in plan:
+        engine.submit(request(prompt, greedy(NEW_TOKENS), adapters[1], request_id), sink)
+    run_to_end(engine)
+    counts = sorted(cached(sink, rid) for rid, _ in plan)
+    assert counts[0] == 0 and all(c >= 2 * BLOCK for c in counts[1:]), counts  # the whole blocks of SHARED
+    for request_id, prompt in plan:
+        assert sink.tokens(request_id) == reference_generate(base, adapters[1], prompt, NEW_TOKENS)[0], request_id
+
+
+def test_a_request_waiting_for_a_prefill_that_is_cancelled_computes_its_prompt(family_setup, tokenizer) -> None:
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_prefill_tokens=4)
+    sink = Collector()
+    engine.submit(request([*SHARED, 1], greedy(NEW_TOKENS), adapters[1], "source"), sink)
+    engine.submit(request([*SHARED, 2], greedy(NEW_TOKENS), adapters[1], "waiting"), sink)
+    engine.step()  # the source writes its first 16 tokens; the other waits
+    assert engine.num_waiting == 1
+    engine.cancel("source")
+    run_to_end(engine)
+    assert sink.finish("source") == "cancelled" and cached(sink, "waiting") == BLOCK
+    assert sink.tokens("waiting") == reference_generate(base, adapters[1], [*SHARED, 2], NEW_TOKENS)[0]
+
+
+def test_a_request_failing_at_admission_leaves_its_adapter_slot_to_others(family_setup, tokenizer) -> None:
+    """A fault after the request's slot was taken (here: copying the prefix it found) ends that request alone, and
+    its hold on the slot with it: with one slot, another adapter's request then runs (it waited forever before)."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_active_adapters=1)
+    sink = Collector()
+    engine.submit(request([*SHARED, 1], greedy(12), adapters[0], "source"), sink)
+    engine.step()  # the source's prompt is written; it decodes
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("copy failed")
+
+    engine.cache.copy_prefix = broken
+    engine.submit(request([*SHARED, 2], greedy(NEW_TOKENS), adapters[0], "copies"), sink)
+    engine.step()
+    engine.step()
+    assert sink.finish("copies") == "error" and "copy failed" in str(sink.events["copies"][-1].error)
+    engine.submit(request([5, 6, 7], greedy(NEW_TOKENS), adapters[2], "other-adapter"), sink)
+    run_to_end(engine)
+    assert sink.tokens("source") == reference_generate(base, adapters[0], [*SHARED, 1], 12)[0]
+    assert sink.tokens("other-adapter") == reference_generate(base, adapters[2], [5, 6, 7], NEW_TOKENS)[0]
+
+
+def test_a_row_holding_less_than_a_block_is_written_over_first() -> None:
+    rows = KVRows(2, enabled=True)
+    kept, short = rows.take("s", [*SHARED, 1]), rows.take("s", [4, 5, 6])
+    rows.wrote(kept.row, "s", [*SHARED, 1], len(SHARED))
+    rows.wrote(short.row, "s", [4, 5, 6], 2)
+    rows.give_back(kept.row, keep=True)
+    rows.give_back(short.row, keep=True)  # it holds no whole block: blank again, not before `kept` in the LRU
+    assert rows.take("s", [9] * 20).row == short.row
+    assert rows.take("s", [*SHARED, 2]).reused == len(SHARED)
 
 
 def test_a_prefix_is_found_only_under_its_adapter_and_salt(family_setup, tokenizer) -> None:
