@@ -123,15 +123,23 @@ def test_a_later_request_starts_past_a_finished_ones_prompt_and_answer(family_se
 
 
 @pytest.mark.parametrize(
-    ("family", "device"), [("llama", "cpu"), ("qwen2", "cpu"), pytest.param("llama", "cuda", marks=pytest.mark.gpu)]
+    ("family", "device", "kernels"),
+    [
+        ("llama", "cpu", False),
+        ("qwen2", "cpu", False),
+        ("llama", "cpu", True),
+        pytest.param("llama", "cuda", None, marks=pytest.mark.gpu),
+    ],
+    ids=["llama", "qwen2", "kernels", "cuda"],
 )
-def test_requests_sharing_a_running_ones_prefix_match_peft(family, device, family_setup, tokenizer) -> None:
+def test_requests_sharing_a_running_ones_prefix_match_peft(family, device, kernels, family_setup, tokenizer) -> None:
     """Requests arriving while another with their prefix decodes (or still prefills) copy its rows' keys and
-    values; each answer, theirs and the source's, is PEFT's for its whole prompt. On CUDA the copies are queued
-    behind steps in flight, and every step replays a graph."""
+    values; each answer, theirs and the source's, is PEFT's for its whole prompt. With the decode kernels (Triton's
+    interpreter on the CPU) a prompt's first computed token sits past its copied prefix in their steps; on CUDA the
+    copies are queued behind steps in flight, and every step replays a graph."""
     base, adapters = family_setup(family)
     base = copy.deepcopy(base).to(device)
-    engine = make_engine(base, tokenizer, max_prefill_tokens=16)
+    engine = make_engine(base, tokenizer, max_prefill_tokens=16, fused_kernels=kernels)
     sink = Collector()
     plan = [(f"r{i}", SHARED + [60 + i] * (i + 1)) for i in range(4)]
     for request_id, prompt in plan:
