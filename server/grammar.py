@@ -17,10 +17,11 @@ choices copy. Not one matcher a grammar that every request copies: llguidance's 
 lexer that once ran past its limits stays in error, so one request that drove a popular grammar's lexer there
 (its own output, steered by logit_bias, say) failed every later request of every client on that grammar, and those
 running, at their next token. llguidance is imported on the first grammar request.
-The threads are shared by every client, so one client's grammars must not take them from the others: requests
-for a grammar already compiling wait for that compile (a flood of one slow schema costs one check), a refused
-grammar is remembered for a while (sent again, it is refused at once), and a request whose grammar waited for a
-thread past its deadline, never started, hears that the compiler is busy (429), not that its grammar is too slow.
+The threads are shared by every client, so one client's grammars must not take them from the others: they serve
+the clients in turn (server/fair_pool.py), requests for a grammar already compiling wait for that compile (a flood
+of one slow schema costs one check), a refused grammar is remembered for a while (sent again, it is refused at
+once), and a request whose grammar waited for a thread past its deadline, never started, hears that the compiler is
+busy (429), not that its grammar is too slow.
 
 llguidance's limits (LLParserLimits) bound the lexer and parser: a regex's first masks stop at their fuel within
 about a second, whatever it nests or repeats. They do not bound the translation of a JSON schema into its
@@ -44,16 +45,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.errors import LoraplexError
+from server.client_share import current_client
 from server.engine.constraints import mask_words
 from server.engine.errors import GrammarDeadEnd
+from server.fair_pool import FairPool
 
 if TYPE_CHECKING:
     import llguidance
@@ -325,7 +329,9 @@ class Grammars:
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="loraplex-grammar")
+        # the clients in turn: one client's flood of grammars delays another's by a job of each client waiting, where
+        # in one queue it held them until their deadline (429 grammar_busy for everyone but the flood)
+        self._pool = FairPool(COMPILE_THREADS, "loraplex-grammar")
         self._checkers: queue.SimpleQueue[_Checker] = queue.SimpleQueue()  # one for each thread
         self._all_checkers = [_Checker(check_memory_bytes) for _ in range(COMPILE_THREADS)]
         for checker in self._all_checkers:
@@ -346,7 +352,7 @@ class Grammars:
             job = self._compiling.get(spec)
             if job is None:
                 job = self._compiling[spec] = _Compile()
-                job.future = self._pool.submit(self._run, spec, job)
+                job.future = self._pool.submit(current_client.get(), partial(self._run, spec, job))
             job.waiters += 1
         assert job.future is not None
         try:
@@ -367,7 +373,7 @@ class Grammars:
     async def _own(self, spec: GrammarSpec, grammar: str) -> CompiledGrammar:
         """A matcher of the checked `grammar` for one request, built on a compile thread. One that waited for a thread
         past the deadline hears that the compiler is busy; one building is waited for (its grammar was checked)."""
-        future = self._pool.submit(lambda: CompiledGrammar(self._build(spec, grammar)))
+        future = self._pool.submit(current_client.get(), lambda: CompiledGrammar(self._build(spec, grammar)))
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self._timeout_s)
         except TimeoutError:
@@ -407,7 +413,7 @@ class Grammars:
         return compiled
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         for checker in self._all_checkers:
             checker.close()
 

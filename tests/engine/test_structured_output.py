@@ -17,6 +17,7 @@ import torch
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
 from loraplex.synthetic import BYTE_VOCAB
+from server.client_share import current_client
 from server.engine import SamplingParams
 from server.engine.constraints import fill_masks, mask_words
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
@@ -427,6 +428,43 @@ def test_a_grammar_that_never_got_a_thread_is_busy_not_slow(tokenizer, monkeypat
 
     asyncio.run(crowd())
     assert_takes(compiled(grammars, GrammarSpec.regex(PATTERN)), tokenizer, "no, 42 ab cd.")
+    grammars.close()
+
+
+def test_one_clients_flood_of_grammars_holds_anothers_for_a_job_of_its_own_at_most(
+    tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compile threads serve the clients in turn: a grammar sent while another client has eight queued and two
+    running is compiled next but one, not after the eight (in one queue it waited past its deadline: 429)."""
+    release, order = threading.Event(), []
+    compile_now = Grammars._compile
+
+    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
+        order.append(spec.text)
+        if spec.text.startswith("held"):
+            release.wait(10)
+        return compile_now(self, spec)
+
+    monkeypatch.setattr(Grammars, "_compile", held)
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=5.0)
+
+    async def as_client(client: str, spec: GrammarSpec) -> CompiledGrammar:
+        current_client.set(client)  # in its own task, so in a context of its own
+        return await grammars.get(spec)
+
+    async def crowd() -> CompiledGrammar:
+        flood = [asyncio.create_task(as_client("flood", GrammarSpec.regex(f"held{k}"))) for k in range(10)]
+        await asyncio.sleep(0.1)  # two run, eight wait
+        honest = asyncio.create_task(as_client("honest", GrammarSpec.regex(PATTERN)))
+        await asyncio.sleep(0.1)
+        release.set()
+        answer = await honest
+        await asyncio.gather(*flood)
+        return answer
+
+    honest = asyncio.run(crowd())
+    assert order.index(PATTERN) <= COMPILE_THREADS + 1, order
+    assert_takes(honest, tokenizer, "no, 42 ab cd.", refused="maybe")
     grammars.close()
 
 
