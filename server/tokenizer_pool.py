@@ -8,7 +8,8 @@ being rendered): 1,000 concurrent /tokenize requests of 16,000 characters held a
 3.6-19 s. Here the work waiting or running is bounded, so that an honest prompt waits a fraction of a second at
 most: past the budget, a job is a 429 with Retry-After, as a request past the queue's bound is. Each job also
 holds one of its client's share of requests under way (--max-requests-per-client) from before it is accepted
-until it ends, so that one client cannot fill the backlog and every thread with its jobs alone.
+until it ends, so that one client cannot fill the backlog and every thread with its jobs alone, and the threads take
+the clients' jobs in turn, so that a job taken in waits for one job of each other client, not for a flood's backlog.
 
 Work is counted in bytes of UTF-8 text, what a fast tokenizer's time follows whatever the characters (SmolLM2's
 BPE: 0.35-0.75 us a byte for English, random words, CJK and astral text alike), plus what no byte of it shows: each
@@ -20,12 +21,13 @@ nothing at all.
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 from typing import TypeVar
 
 from loraplex.errors import LoraplexError
-from server.client_share import ClientShares
+from server.client_share import ClientShares, current_client
+from server.fair_pool import FairPool
 
 T = TypeVar("T")
 THREADS = 2  # each waits on a worker process of its own (tokenizer_workers.py): more would take more of the CPU
@@ -68,7 +70,9 @@ class TokenizerPool:
         costliest = chat_work(MAX_MESSAGES, MAX_CHAR_BYTES * max_text_chars)
         self.budget_bytes = max(BACKLOG_BYTES, threads * costliest)
         self._shares = shares
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
+        # the clients in turn (fair_pool.py): a job taken into a backlog one client's flood fills runs after a job of
+        # each client waiting, not after the whole flood (~0.5 s)
+        self._executor = FairPool(threads, "tokenize")
         self._lock = threading.Lock()
         self._bytes = 0  # of the jobs submitted and not yet done (or cancelled before they ran)
 
@@ -83,7 +87,7 @@ class TokenizerPool:
                 )
             release = self._shares.hold()
             self._bytes += work
-        job = self._executor.submit(fn, *args)
+        job = self._executor.submit(current_client.get(), partial(fn, *args))
         # counted until it ends, whether or not its request still waits for it: a client that leaves cancels
         # the job if it has not started, and a started one still holds its thread
         job.add_done_callback(partial(self._done, work, release))
@@ -99,4 +103,4 @@ class TokenizerPool:
         return self._bytes
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()

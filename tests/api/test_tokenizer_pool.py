@@ -110,6 +110,34 @@ def test_a_clients_jobs_hold_its_share_from_before_they_run() -> None:
     asyncio.run(flood())
 
 
+def test_a_job_runs_after_one_of_a_flooding_clients_not_after_its_backlog() -> None:
+    """The threads serve the clients in turn: an honest job taken in beside a flood of queued jobs runs next but
+    one, where in one queue it waited for the whole backlog (up to ~0.5 s of work)."""
+
+    async def flood() -> list[str]:
+        pool = TokenizerPool(max_text_chars=1000, shares=ClientShares(None), threads=1)
+        gate, order = threading.Event(), []
+
+        def job(name: str) -> bool:
+            order.append(name)
+            return gate.wait()
+
+        try:
+            queued = [as_client("flood", pool.run(100, job, f"flood{i}")) for i in range(8)]
+            await asyncio.sleep(0.05)  # one runs, seven wait
+            honest = as_client("honest", pool.run(100, job, "honest"))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.gather(honest, *queued)
+            return order
+        finally:
+            gate.set()
+            pool.close()
+
+    order = asyncio.run(flood())
+    assert order.index("honest") <= 2, order
+
+
 def test_work_is_charged_as_the_tokenizer_spends_it(smollm2: PreTrainedTokenizerBase) -> None:
     """Every kind of job the routes send, timed on the embedded model's tokenizer (the best of 9 runs, called as
     server/inference.py calls it), takes about the same time per byte it is charged: within 2x of the median. In
