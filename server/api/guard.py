@@ -27,6 +27,16 @@ class RequestTimeout(LoraplexError):
     headers = {"Connection": "close"}  # noqa: RUF012 - read-only class constant
 
 
+class AmbiguousLength(LoraplexError):
+    """Both Content-Length and Transfer-Encoding: a proxy in front that reads the length one way and this server the
+    other would split the connection's bytes into different requests (request smuggling). RFC 9112 6.3: refuse it,
+    or take Transfer-Encoding alone, and close the connection after the answer either way."""
+
+    http_status = 400
+    code = "malformed_http"
+    headers = {"Connection": "close"}  # noqa: RUF012 - read-only class constant
+
+
 # A JSON body (at most --max-request-mb) arrives whole within this: one sent a byte at a time, or shorter than its
 # Content-Length, would hold its connection for as long as its client likes
 BODY_TIMEOUT_S = 60.0
@@ -50,9 +60,15 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        headers = Headers(scope=scope)
         try:
+            if "transfer-encoding" in headers and "content-length" in headers:
+                raise AmbiguousLength(
+                    "the request has both Content-Length and Transfer-Encoding: send one of them (the connection is "
+                    "closed after this answer)"
+                )
             if path not in self.open_paths:
-                authenticate(self.settings, Headers(scope=scope))
+                authenticate(self.settings, headers)
             if not path.startswith(self.own_limit):
                 receive = await self._read_body(scope, receive)
         except LoraplexError as exc:
