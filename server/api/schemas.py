@@ -164,6 +164,7 @@ class StructuredOutputs(BaseModel):
 
 
 def guided_spec(schema: dict | str | None, regex: str | None, choice: list[str] | None) -> GrammarSpec | None:
+    """The grammar of vLLM's json, regex or choice constraint (None: none sent); two at once are a 422."""
     asked = [kind for kind, value in (("json", schema), ("regex", regex), ("choice", choice)) if value is not None]
     if len(asked) > 1:
         raise InvalidGrammar(f"{' and '.join(asked)} were both sent: send one constraint")
