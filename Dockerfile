@@ -60,7 +60,7 @@ ENV LORAPLEX_HOST=0.0.0.0 \
 # The embedded model is converted from GGUF at build time, straight into the cache volume's path, before
 # VOLUME is declared: a new named volume is initialised from this content (and its owner), so the image
 # serves at once with no configuration. A bind mount hides it instead; then the first start converts it
-# once (about a minute on a CPU) into the mounted directory, where it stays. Hub models land in the same
+# once (about half a minute on a CPU) into the mounted directory, where it stays. Hub models land in the same
 # volume (HF_HOME), so a container upgrade re-downloads nothing.
 RUN mkdir -p /data/adapters /data/cache \
     && python -c "from pathlib import Path; from loraplex.embedded import embedded_checkpoint; embedded_checkpoint(Path('/data/cache'))" \
