@@ -219,6 +219,13 @@ class Inference:
             raise InvalidTokens(f"logit_bias: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
         return tuple(sorted(pairs.items()))
 
+    def stop_token_ids(self, ids: list[int] | None) -> frozenset[int]:
+        """vLLM's stop_token_ids as the engine takes them; ids past the model's logits are refused."""
+        bad = next((token for token in ids or () if token >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidTokens(f"stop_token_ids: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
+        return frozenset(ids or ())
+
     @staticmethod
     def temperature(temperature: float) -> float:
         return temperature if temperature == 0 else max(temperature, MIN_TEMPERATURE)

@@ -75,6 +75,7 @@ def _sampling(
         top_k=inference.top_k(None if body.top_k is None else max(body.top_k, 0)),  # vLLM's -1: off
         repetition_penalty=body.repetition_penalty or 1.0,
         ignore_eos=body.ignore_eos,
+        stop_token_ids=inference.stop_token_ids(body.stop_token_ids),
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         logit_bias=inference.logit_bias(body.logit_bias),

@@ -140,6 +140,7 @@ class LoraxResponseFormat(BaseModel):
 
 # the characters with a meaning in a regex (llguidance reads Rust's regex syntax); the others stand for themselves
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$#&-~")
+MAX_STOP_TOKEN_IDS = 1024  # vLLM's stop_token_ids: a set the engine checks each token against
 MAX_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
 
 
@@ -393,6 +394,12 @@ class OpenAISampling(BaseModel):
         None, ge=0.01, le=100, description="vLLM's (transformers' rule over prompt and output); 1: off."
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate past the end-of-sequence token, to max_tokens.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description=f"vLLM's: tokens that end the answer as the end-of-sequence token does (at most "
+        f"{MAX_STOP_TOKEN_IDS}).",
+    )
     guided_json: dict | str | None = Field(None, description="vLLM's: the answer is JSON of this schema.")
     guided_regex: str | None = Field(None, description="vLLM's: the answer matches this regex.")
     guided_choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
@@ -429,7 +436,6 @@ class OpenAISampling(BaseModel):
         return refuse_unsupported(value, {
             "min_p": (bool, "min-p sampling is not implemented; use top_p or top_k"),
             "min_tokens": (bool, "a minimum answer length is not implemented; leave min_tokens out or 0"),
-            "stop_token_ids": (bool, "stop on strings (stop) or on the end of sequence; leave stop_token_ids out"),
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
             "prompt_logprobs": (bool, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),

@@ -685,7 +685,7 @@ class Engine:
             except Exception as exc:  # this request's matcher alone
                 self._grammar_failed(row, GrammarFailed(f"the grammar refused token {token}: {exc}"))
                 return
-        eos = token in self.eos_ids and not params.ignore_eos
+        eos = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
         finish: FinishReason | None = None
         if eos or (grammar is not None and grammar.is_finished()):  # complete: only EOS could follow, so skip its step
             finish = "stop"

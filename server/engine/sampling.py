@@ -27,6 +27,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop sequences, matched on decoded text
     seed: int | None = None  # per-request generator: same output whatever else is in the batch
     ignore_eos: bool = False
+    # tokens that end the answer as the end-of-sequence token does (their text left out), ignore_eos or not: vLLM's
+    stop_token_ids: frozenset[int] = frozenset()
     top_logprobs: int = 0  # the N most likely tokens (and their logprobs) reported with each token; 0: off
 
     def __post_init__(self) -> None:

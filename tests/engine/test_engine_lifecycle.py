@@ -107,6 +107,24 @@ def test_eos_ends_the_request(family_setup, tokenizer) -> None:
     assert sink.finish("e") == "stop" and sink.tokens("e") == [first]
 
 
+def test_a_stop_token_ends_the_request_at_its_first_draw_without_its_text(family_setup, tokenizer) -> None:
+    """vLLM's stop_token_ids: the answer ends at the first of them drawn, as at the end of sequence (its text left
+    out), whatever ignore_eos says; a seeded sample draws the same tokens up to there."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    sampled = {"max_new_tokens": 12, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    engine.submit(request([5, 6, 7], SamplingParams(**sampled), adapters[1], "free"), sink)
+    run_to_end(engine)
+    tokens = sink.tokens("free")
+    cut = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # a token drawn first past the first
+    params = SamplingParams(**sampled, stop_token_ids=frozenset({tokens[cut], 0}) - set(tokens[:cut]))
+    engine.submit(request([5, 6, 7], params, adapters[1], "stopped"), sink)
+    run_to_end(engine)
+    assert sink.tokens("stopped") == tokens[: cut + 1] and sink.finish("stopped") == "stop"
+    assert "".join(e.text for e in sink.events["stopped"]) == tokenizer.decode(tokens[:cut])
+
+
 def test_deactivate_frees_the_slot(family_setup, tokenizer) -> None:
     base, adapters = family_setup("llama")
     engine = make_engine(base, tokenizer, max_active_adapters=1)
