@@ -31,6 +31,13 @@ SHAPE_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "kv": 1024}
 SHAPE_TINY = {"layers": 2, "hidden": 64, "intermediate": 128, "kv": 16}
 
 
+def setting(tiny: bool) -> tuple[torch.device, torch.dtype, dict]:
+    """(device, dtype, shapes) of a run: tiny shapes in fp32 on the CPU (a smoke test), or 8B's in bf16 on CUDA."""
+    if tiny:
+        return torch.device("cpu"), torch.float32, SHAPE_TINY
+    return torch.device("cuda"), torch.bfloat16, SHAPE_8B
+
+
 class Layer:
     """One decoder layer's LoRA slot stores ([slots, rank, columns], as the engine's: A columns of the layers
     sharing an input side by side, B columns likewise) and its norm."""
@@ -106,9 +113,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    shape = SHAPE_TINY if args.tiny else SHAPE_8B
+    device, dtype, shape = setting(args.tiny)
     rows_list = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
     layers = [Layer(shape, max(rows_list) + 1, device, dtype) for _ in range(shape["layers"])]

@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from bench.lora_kernels import SHAPE_8B, SHAPE_TINY
+from bench.lora_kernels import setting
 from bench.nf4_kernel import graph_us
 from server.engine import multilora
 from server.engine.kernels import FusedDecode
@@ -107,9 +107,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    shape = SHAPE_TINY if args.tiny else SHAPE_8B
+    device, dtype, shape = setting(args.tiny)
     multilora.KERNEL_TOKENS = 0  # every step here is past the per-row kernels, whatever its width
     torch.manual_seed(0)
     results = []

@@ -104,9 +104,9 @@ class KVRows:
         return True
 
     def _length(self, row: int) -> int:
-        """What a row still prefilling holds; past its prefill, as good as all of it (nothing more is coming)."""
+        """What a row prefilling holds (its prompts waiting are forgotten once its prefill ends: _filled)."""
         held = self._held.get(row)
-        return (held.length if held is not None else 0) if row in self._filling else 1 << 62
+        return held.length if held is not None else 0
 
     def wrote(self, row: int, scope: Scope, tokens: list[int], length: int) -> None:
         """`row`'s KV holds tokens[:length] now (`tokens` may grow past it: the row's own list)."""
