@@ -31,6 +31,18 @@ class FairPool:
             self._cv.notify()
         return future
 
+    def withdraw(self, client: Hashable) -> Future | None:
+        """Take `client`'s newest waiting job out of the pool; its future is the caller's to settle. None: it has none
+        waiting."""
+        with self._cv:
+            jobs = self._queues.get(client)
+            if not jobs:
+                return None
+            future, _ = jobs.pop()
+            if not jobs:
+                del self._queues[client]
+            return future
+
     def shutdown(self) -> None:
         """Cancel what waits; the jobs running end on their own."""
         with self._cv:

@@ -15,7 +15,7 @@ from adapters.errors import AdapterError
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
-from server.client_share import prefix_salt
+from server.client_share import current_client, prefix_salt
 from server.engine import GenerationRequest, SamplingParams, TokenEvent
 from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
@@ -252,7 +252,11 @@ class Inference:
         label = self._label(adapter)
         try:
             request = GenerationRequest(
-                prompt_ids, sampling, grammar=grammar.matcher() if grammar else None, cache_salt=prefix_salt.get()
+                prompt_ids,
+                sampling,
+                grammar=grammar.matcher() if grammar else None,
+                cache_salt=prefix_salt.get(),
+                client=current_client.get(),
             )
             self.scheduler.check(request)  # a request refused anyway must not load an adapter or evict one
             held = None

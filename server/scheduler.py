@@ -116,11 +116,11 @@ class TokenStream:
 class Scheduler:
     """What the HTTP layer holds: `submit` (raises at once) or `generate` (an async generator).
 
-    At most `max_queue` requests wait, and at most `max_queue_per_adapter` of them for one adapter (the base model
-    counts as one): past that share an adapter's requests get 429 while other adapters' are still queued. At most
-    `max_requests_per_client` wait or run for one client (client_share.current_client), whatever adapters they name,
-    counted with its jobs on the tokenizer's threads (`client_shares`, which the tokenizer holds too). None: no
-    share."""
+    At most `max_queue` requests wait, shared between clients (engine/waiting.py), and at most
+    `max_queue_per_adapter` of them for one adapter (the base model counts as one): past that share an adapter's
+    requests get 429 while other adapters' are still queued. At most `max_requests_per_client` wait or run for one
+    client (client_share.current_client), whatever adapters they name, counted with its jobs on the tokenizer's
+    threads (`client_shares`, which the tokenizer holds too). None: no share."""
 
     def __init__(
         self,
@@ -145,8 +145,10 @@ class Scheduler:
     def running(self) -> int:
         return self.engine.num_running
 
-    def _ensure_room(self) -> None:
-        if self.engine.num_waiting >= self.max_queue:
+    def _ensure_room(self, request: GenerationRequest, *, take: bool) -> None:
+        """QueueFull unless `request` has room in the queue: free, or the place of the newest request of a client
+        that holds more of it (taken with `take`; engine/waiting.py)."""
+        if not self.engine.has_room(request.client, self.max_queue, take=take):
             raise QueueFull(self.max_queue)
 
     def _ensure_share(self, adapter_key: str | None) -> None:
@@ -172,7 +174,7 @@ class Scheduler:
         """Raise QueueFull, ClientShareFull or PromptTooLong now: callers check before they load the request's
         adapter. The adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to
         its key; refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
-        self._ensure_room()
+        self._ensure_room(request, take=False)
         self.client_shares.check()
         self.engine.validate(request)
 
@@ -180,13 +182,14 @@ class Scheduler:
         """Start a request. Raises QueueFull, AdapterQueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or
         ValueError before anything runs (then `request.on_finish` is not called: the caller still owns its
         hold)."""
-        self._ensure_room()
         self._ensure_share(request.adapter_key)
         release = self._hold_client_share(request)
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         try:
+            # last, as it may take another request's place: only a request that will wait may take one
+            self._ensure_room(request, take=True)
             return TokenStream(self.engine, request, self.hooks, self._mailbox)
         except BaseException:
             release()  # the engine never took it: its on_finish will not run

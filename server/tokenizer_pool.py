@@ -10,6 +10,10 @@ most: past the budget, a job is a 429 with Retry-After, as a request past the qu
 holds one of its client's share of requests under way (--max-requests-per-client) from before it is accepted
 until it ends, so that one client cannot fill the backlog and every thread with its jobs alone, and the threads take
 the clients' jobs in turn, so that a job taken in waits for one job of each other client, not for a flood's backlog.
+The backlog is shared as the engine's queue is (engine/waiting.py): a job that does not fit takes the place of the
+newest waiting jobs of the client that has the most work in it, while that client would still have more than the
+job's own client, so that one client's flood cannot keep another client's jobs out (behind one proxy address,
+everyone is one client and the whole backlog is theirs).
 
 Work is counted in bytes of UTF-8 text, what a fast tokenizer's time follows whatever the characters (SmolLM2's
 BPE: 0.35-0.75 us a byte for English, random words, CJK and astral text alike), plus what no byte of it shows: each
@@ -19,9 +23,10 @@ nothing at all.
 """
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from functools import partial
 from typing import TypeVar
 
@@ -63,6 +68,13 @@ class TokenizerBusy(LoraplexError):
     headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
 
 
+PLACE_GIVEN = (
+    "the tokenizer's backlog was full and this client (its API key, or its address on a server without keys) had more "
+    "work waiting in it than any other: this job, its newest, gave its place to another client's. Retry when fewer of "
+    "this client's requests wait, or send fewer at once"
+)
+
+
 class TokenizerPool:
     def __init__(self, max_text_chars: int, shares: ClientShares, threads: int = THREADS) -> None:
         """`max_text_chars`: the longest text a request may send (in a chat: all its messages' content); as many of
@@ -73,30 +85,52 @@ class TokenizerPool:
         # the clients in turn (fair_pool.py): a job taken into a backlog one client's flood fills runs after a job of
         # each client waiting, not after the whole flood (~0.5 s)
         self._executor = FairPool(threads, "tokenize")
-        self._lock = threading.Lock()
+        # reentrant: a job that gives its place is settled under it, and its done callback takes it again
+        self._lock = threading.RLock()
         self._bytes = 0  # of the jobs submitted and not yet done (or cancelled before they ran)
+        self._per_client: dict[str | None, int] = {}  # the same, per client; a client with none has no entry
 
     async def run(self, work: int, fn: Callable[..., T], *args: object) -> T:
         """fn(*args), a job of `work` bytes (text_work, chat_work, ids_work), on a tokenizer thread; TokenizerBusy
         when it would take the backlog past its budget, ClientShareFull when its client's share is used up."""
+        client = current_client.get()
         with self._lock:
-            if self._bytes + work > self.budget_bytes:
+            self._make_room(client, work)
+            release = self._shares.hold()
+            self._bytes += work
+            self._per_client[client] = self._per_client.get(client, 0) + work
+            job = self._executor.submit(client, partial(fn, *args))
+        # counted until it ends, whether or not its request still waits for it: a client that leaves cancels
+        # the job if it has not started, and a started one still holds its thread
+        job.add_done_callback(partial(self._done, client, work, release))
+        return await asyncio.wrap_future(job)
+
+    def _make_room(self, client: str | None, work: int) -> None:
+        """Room for `client`'s job of `work` bytes: free, or made of the newest waiting jobs of the client with the
+        most work in the backlog while it would still have more than `client` (they end with TokenizerBusy);
+        TokenizerBusy if neither. The caller holds the lock."""
+        while self._bytes + work > self.budget_bytes:
+            heaviest, held = max(self._per_client.items(), key=lambda item: item[1], default=(None, 0))
+            withdrawn = None
+            if held > self._per_client.get(client, 0) + work:
+                withdrawn = self._executor.withdraw(heaviest)
+            if withdrawn is None:  # no client to take a place from, or its jobs all run
                 raise TokenizerBusy(
                     f"{self._bytes} bytes of work are waiting for the tokenizer, up to {self.budget_bytes}; "
                     "retry shortly"
                 )
-            release = self._shares.hold()
-            self._bytes += work
-        job = self._executor.submit(current_client.get(), partial(fn, *args))
-        # counted until it ends, whether or not its request still waits for it: a client that leaves cancels
-        # the job if it has not started, and a started one still holds its thread
-        job.add_done_callback(partial(self._done, work, release))
-        return await asyncio.wrap_future(job)
+            with contextlib.suppress(InvalidStateError):  # cancelled (its client left): uncounted already
+                withdrawn.set_exception(TokenizerBusy(PLACE_GIVEN))  # its done callback uncounts it
 
-    def _done(self, work: int, release: Callable[[], None], _: Future) -> None:
+    def _done(self, client: str | None, work: int, release: Callable[[], None], _: Future) -> None:
         release()
         with self._lock:
             self._bytes -= work
+            left = self._per_client[client] - work
+            if left:
+                self._per_client[client] = left
+            else:
+                del self._per_client[client]
 
     @property
     def backlog_bytes(self) -> int:

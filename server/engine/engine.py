@@ -13,9 +13,9 @@ cancelled, freeing their row; a token drawn for a request after its end (its EOS
 on the way) is discarded. Length ends are known ahead and cost nothing. A request that fails (at admission or
 in a forward) ends alone; the loop goes on.
 
-Admission is fair between adapters: each pass takes the waiting requests round-robin over their adapters (the base
-model is one more group), the adapter admitted least recently first, so a flood of requests for one adapter delays
-another adapter's request by one row at most instead of by the whole flood.
+Admission is fair between clients and, in each client's turns, between adapters, and a full queue is shared
+between clients (waiting.py): one client's flood delays another client's request by one row at most, and cannot
+keep it out of the queue.
 """
 
 import logging
@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,6 +43,7 @@ from server.engine.errors import (
     InvalidSampling,
     NonFiniteOutput,
     PromptTooLong,
+    QueuePlaceGiven,
 )
 from server.engine.fusions import wrap_fusions
 from server.engine.graphs import StepGraphs
@@ -62,18 +63,12 @@ from server.engine.sampling import draw, final_logits, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
+from server.engine.waiting import EventSink, WaitingQueue
 
 log = logging.getLogger("loraplex.engine")
 
-EventSink = Callable[[TokenEvent], None]
 # on_activation(adapter key, slot, seconds from CPU weights to usable slot)
 ActivationHook = Callable[[str, int, float], None]
-Waiting = tuple[GenerationRequest, EventSink]
-
-# Admission turns remembered (adapter -> its last admission): an adapter forgotten counts as never admitted, so it
-# goes first in its next pass, as it would after that many other adapters were admitted since. Bounds the memory
-# that a client cycling through adapter names could otherwise grow.
-_TURNS_KEPT = 4096
 
 
 @dataclass
@@ -164,13 +159,7 @@ class Engine:
         self.slots = SlotTable(config.max_active_adapters)
         self._kv_rows = KVRows(config.max_batch_size, config.prefix_cache)
         self._rows: dict[str, _Row] = {}
-        self._waiting: deque[Waiting] = deque()
-        # waiting requests per adapter key (None: the base model), kept with _waiting under _cv: the scheduler
-        # reads it on the event loop for every request, where counting _waiting would cost O(waiting)
-        self._waiting_per_adapter: dict[str | None, int] = {}
-        # adapter key -> the admission turn it was last admitted at, oldest first (engine thread only)
-        self._turns: dict[str | None, int] = {}
-        self._turn = 0
+        self._waiting = WaitingQueue()  # under _cv; its turns on the engine thread only
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
         self._pending: list[_Output] = []  # the last step's tokens, delivered once the next step is launched
@@ -239,10 +228,18 @@ class Engine:
         with self._cv:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
-            self._waiting.append((request, sink))
-            key = request.adapter_key
-            self._waiting_per_adapter[key] = self._waiting_per_adapter.get(key, 0) + 1
+            self._waiting.add((request, sink))
             self._cv.notify()
+
+    def has_room(self, client: str | None, max_queue: int, *, take: bool = False) -> bool:
+        """Whether a request of `client` may join a queue of at most `max_queue` (waiting.py): with `take`, the
+        newest request of the client that holds the most gives its place if the queue is full (it ends with
+        QueueFull at the next step)."""
+        with self._cv:
+            room = self._waiting.has_room(client, max_queue, take=take)
+            if take:
+                self._cv.notify()
+            return room
 
     def validate(self, request: GenerationRequest) -> None:
         n, limit = len(request.prompt_ids), self.config.max_seq_len
@@ -307,18 +304,18 @@ class Engine:
         """Adapter keys of the queued requests, each once (safe from any thread): from the per-adapter counts, so a
         metrics scrape costs O(adapters), not O(waiting requests)."""
         with self._cv:
-            return [key for key in self._waiting_per_adapter if key is not None]
+            return [key for key in self._waiting.per_adapter if key is not None]
 
     def waiting_for(self, adapter_key: str | None) -> int:
         """Queued requests for `adapter_key` (None: the base model). O(1) and safe from any thread: one dict
         lookup, which the engine thread's updates under its lock never leave half done."""
-        return self._waiting_per_adapter.get(adapter_key, 0)
+        return self._waiting.per_adapter.get(adapter_key, 0)
 
     def waiting_counts(self) -> dict[str | None, int]:
         """Adapter key (None: the base model) -> its queued requests, for every key with any (safe from any
         thread)."""
         with self._cv:
-            return dict(self._waiting_per_adapter)
+            return dict(self._waiting.per_adapter)
 
     @property
     def num_waiting(self) -> int:
@@ -332,8 +329,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopped or self._waiting or self._rows or self._cancels or self._deactivations
-                           or self._in_flight):  # fmt: skip
+                while not (self._stopped or self._waiting.has_items or self._rows or self._cancels
+                           or self._deactivations or self._in_flight):  # fmt: skip
                     self._cv.wait()
                 if self._stopped:
                     return
@@ -421,8 +418,10 @@ class Engine:
             cancels, self._cancels = self._cancels, set()
             deactivations, self._deactivations = self._deactivations, []
             if cancels:
-                for request, sink in self._remove_waiting(cancels):
+                for request, sink in self._waiting.remove(cancels):
                     self._end_unadmitted(request, sink, "cancelled")
+            for request, sink in self._waiting.take_leaving():
+                self._end_unadmitted(request, sink, "error", QueuePlaceGiven())
         drawn = self._in_flight
         if cancels and drawn is not None and any(r.request.request_id in cancels for r in drawn.rows):
             # the tokens already drawn are the cancelled rows' too; other cancels (queued requests, rows with no
@@ -437,58 +436,31 @@ class Engine:
             self.slots.deactivate(key)
         self._active_snapshot = self.slots.active()
 
-    def _remove_waiting(self, request_ids: set[str]) -> list[Waiting]:
-        """Take the waiting requests of `request_ids` out of the queue and its counts (the caller holds _cv)."""
-        kept: deque[Waiting] = deque()
-        removed: list[Waiting] = []
-        for waiting in self._waiting:
-            if waiting[0].request_id in request_ids:
-                removed.append(waiting)
-                key = waiting[0].adapter_key
-                left = self._waiting_per_adapter[key] - 1
-                if left:
-                    self._waiting_per_adapter[key] = left
-                else:
-                    del self._waiting_per_adapter[key]
-            else:
-                kept.append(waiting)
-        self._waiting = kept
-        return removed
-
     def _admit(self) -> None:
         self.slots.begin_pass()
         if not self._kv_rows.free:  # nothing to admit into: no O(waiting) pass while every row runs
             return
         with self._cv:
-            groups: dict[str | None, list[Waiting]] = {}  # in the order of each group's oldest waiting request
-            for waiting in self._waiting:
-                groups.setdefault(waiting[0].adapter_key, []).append(waiting)
-        # the adapter admitted least recently first (one never admitted, or forgotten, before any); sorted is stable,
-        # so ties keep the order of their oldest request
-        order = sorted(groups.items(), key=lambda group: self._turns.get(group[0], -1))
+            in_turn = self._waiting.in_turn()
         admitted: set[str] = set()
-        served: list[str | None] = []  # adapter keys in the order their requests left the queue in this pass
-        for request, sink in _round_robin([members for _, members in order]):
+        served: list[GenerationRequest] = []  # in the order they left the queue in this pass
+        for request, sink in in_turn:
             if not self._kv_rows.free:
                 break
             try:
                 if self._admit_one(request, sink):
                     admitted.add(request.request_id)
-                    served.append(request.adapter_key)
+                    served.append(request)
             except Exception as exc:  # this request cannot run (e.g. its adapter cannot be activated): it alone ends
                 log.warning("request %s failed at admission: %s", request.request_id, exc)
                 admitted.add(request.request_id)
-                served.append(request.adapter_key)
+                served.append(request)
                 self._end_unadmitted(request, sink, "error", exc)
         if admitted:
             with self._cv:
-                self._remove_waiting(admitted)
-            for key in served:  # re-inserted: the dict stays in turn order, its oldest turns first to forget
-                self._turns.pop(key, None)
-                self._turns[key] = self._turn
-                self._turn += 1
-            while len(self._turns) > _TURNS_KEPT:
-                del self._turns[next(iter(self._turns))]
+                self._waiting.remove(admitted)
+            self._waiting.clients.served(request.client for request in served)
+            self._waiting.adapters.served(request.adapter_key for request in served)
             self._active_snapshot = self.slots.active()
 
     def _admit_one(self, request: GenerationRequest, sink: EventSink) -> bool:
@@ -792,18 +764,6 @@ class Engine:
         for row in list(self._rows.values()):
             self._finish(row, "error", error)
         with self._cv:
-            waiting, self._waiting = self._waiting, deque()
-            self._waiting_per_adapter.clear()
+            waiting = self._waiting.clear()
         for request, sink in waiting:
             self._end_unadmitted(request, sink, "error", error)
-
-
-def _round_robin(groups: list[list[Waiting]]) -> Iterator[Waiting]:
-    """The first request of each group in turn, then the second of each, and so on: O(requests) in all, as each
-    round visits only the groups that still have a request left."""
-    depth = 0
-    while groups:
-        for members in groups:
-            yield members[depth]
-        depth += 1
-        groups = [members for members in groups if len(members) > depth]

@@ -35,6 +35,22 @@ class QueueFull(EngineError):
         self.max_queue = max_queue
 
 
+class QueuePlaceGiven(EngineError):
+    """The queue was full and another client held fewer of its places: this request, the newest of the client that
+    held the most, gave its place to that client's (waiting.py)."""
+
+    http_status = 429
+    code = "queue_full"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the waiting queue was full and this client (its API key, or its address on a server without keys) had "
+            "more requests waiting than any other: this one, its newest, gave its place to another client's request. "
+            "Retry when fewer of this client's requests wait, or send fewer at once"
+        )
+
+
 class AdapterQueueFull(EngineError):
     """The waiting queue holds max_queue_per_adapter requests for this request's adapter (or for the base model)
     already: one adapter's flood must not fill the queue that every adapter's clients share."""

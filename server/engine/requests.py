@@ -28,6 +28,9 @@ class GenerationRequest:
     # Requests reuse the prompt prefixes in the KV cache (prefix_cache.py) only under one salt: the API layer sets it
     # so that clients who must not learn each other's prompts (from how soon an answer starts) share nothing
     cache_salt: str | None = None
+    # whose request it is (an API key's digest, or a peer address on a server without keys): the waiting queue is
+    # shared fairly between clients (waiting.py); None is one client of its own
+    client: str | None = None
 
     @property
     def cache_scope(self) -> tuple[str | None, str | None]:

@@ -203,6 +203,97 @@ def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: 
     assert all(generate_as(url, "flood-key").status_code == 200 for _ in range(3))  # its share is free again
 
 
+@pytest.fixture(scope="module")
+def shared_queue(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Runtime]]:
+    """Keys tell the clients apart; no per-client share: only the queue's own sharing stands between them."""
+    tmp = tmp_path_factory.mktemp("shared-queue")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=64, max_batch_size=1,
+                        max_queue=3, api_key=["flood-key", "other-key"], admin_key=["admin-key"])  # fmt: skip
+    app = create_app(settings, base=base)
+    with serve_app(app) as url:
+        wait_ready(url)
+        peft = make_peft_dir(tmp / "adapter")
+        files = {"config": (peft / CONFIG_FILE).read_bytes(), "weights": (peft / WEIGHTS_FILE).read_bytes()}
+        uploaded = httpx.post(f"{url}/v1/adapters", data={"name": "adapter"}, files=files,
+                              headers={"Authorization": "Bearer admin-key"})  # fmt: skip
+        assert uploaded.status_code == 201, uploaded.text
+        yield url, app.state.runtime
+
+
+def test_a_full_queue_gives_another_client_a_place_and_the_floods_newest_hears_429(
+    shared_queue: tuple[str, Runtime],
+) -> None:
+    """--max-queue 3, filled by one key (its newest a stream): another key's request still gets in, as the flood's
+    newest gives its place and hears 429 queue_full (a status, not a stream that fails: it never started), saying
+    why. The other key's answer is as alone; its second request, which would leave the two at 2 and 2, is a plain
+    429 queue_full. Before, any request past a full queue was refused, whoever filled it."""
+    url, runtime = shared_queue
+    engine = runtime.engine
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 4, "adapter_id": "adapter"}}
+    alone = post_as(url, "other-key", "/generate", body)
+    assert alone.status_code == 200, alone.text
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            flood: list[Future[httpx.Response]] = []
+            for stream in (False, False, True):  # one at a time: the stream is the newest
+                flood.append(pool.submit(generate_as, url, "flood-key", stream))
+                until(lambda: engine.num_waiting == len(flood))
+            other = pool.submit(post_as, url, "other-key", "/generate", body)
+            until(lambda: engine.waiting_counts() == {None: 2, "adapter@1": 1})  # the newest gave its place
+            refused = generate_as(url, "other-key")
+            go.set()
+            answers = [future.result() for future in flood]
+    finally:
+        go.set()
+        restore()
+    assert [r.status_code for r in answers] == [200, 200, 429], [r.text for r in answers]
+    gave = answers[2].json()["error"]
+    assert gave["code"] == "queue_full" and "gave its place to another client" in gave["message"], gave
+    assert answers[2].headers["retry-after"] == "1"
+    assert other.result().json() == alone.json()
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full", refused.text
+    assert "gave its place" not in refused.json()["error"]["message"]
+
+
+def test_a_full_tokenizer_backlog_gives_another_client_a_place(shared_queue: tuple[str, Runtime]) -> None:
+    """No per-client share: one key's costly chats fill the tokenizer's backlog while its threads are held (the
+    rest refused at once: no client holds more than it). Another key's /tokenize still gets in, as the flood's
+    newest chat gives its place and hears 429 tokenizer_busy, saying why; the other key's answer is as alone.
+    Before, it was refused with tokenizer_busy until the flood drained."""
+    url, runtime = shared_queue
+    pool = runtime.inference.tokenizing
+    fits = (pool.budget_bytes - THREADS) // chat_work(1024, 0)
+    # each chat a little costlier, so that what `fits` of them leave (< fits bytes) holds no other job
+    text = (pool.budget_bytes - THREADS) // fits - chat_work(1024, 0)
+    chat = {"messages": [{"role": "user", "content": "x" * text}] + [{"role": "user", "content": ""}] * 1023}
+    alone = post_as(url, "other-key", "/tokenize", {"prompt": "hi"})
+    go = held_threads(pool)
+    try:
+        with ThreadPoolExecutor(fits + 2) as senders:
+            flood = [senders.submit(post_as, url, "flood-key", "/tokenize", chat) for _ in range(fits + 1)]
+            until(lambda: sum(f.done() for f in flood) == 1, never="no chat past the budget was refused")
+            refused = [f.result() for f in flood if f.done()]
+            other = senders.submit(post_as, url, "other-key", "/tokenize", {"prompt": "hi"})
+            until(lambda: sum(f.done() for f in flood) == 2, never="no chat gave its place")
+            gave = [f.result() for f in flood if f.done() and f.result() not in refused]
+            go.set()
+            answered = [f.result() for f in flood]
+    finally:
+        go.set()
+    assert other.result().json() == alone.json()
+    assert [r.json()["error"]["code"] for r in refused + gave] == ["tokenizer_busy"] * 2
+    assert "gave its place" not in refused[0].json()["error"]["message"]
+    assert "gave its place to another client's" in gave[0].json()["error"]["message"], gave[0].text
+    assert sum(r.status_code == 429 for r in answered) == 2  # the rest were tokenized (and refused as too long)
+    assert pool.backlog_bytes == 0
+
+
 def post_as(url: str, key: str, path: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=60, headers={"Authorization": f"Bearer {key}"})
 

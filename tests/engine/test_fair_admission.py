@@ -1,13 +1,22 @@
-"""Admission is fair between adapters: requests queued for one adapter do not hold back a later request for
-another (each pass takes the waiting requests round-robin over their adapters, the adapter admitted least
-recently first), answers stay exactly what each request gives alone, and the per-adapter waiting counts the
-scheduler bounds the queue by follow every way a request leaves the queue."""
+"""Admission is fair between clients and adapters: requests queued for one client or adapter do not hold back a
+later request of another (each pass takes the waiting requests round-robin over their clients, and in a client's
+turns over its adapters, the one admitted least recently first), a full queue gives a place to a client that holds
+fewer of it, answers stay exactly what each request gives alone, and the per-adapter waiting counts the scheduler
+bounds the queue by follow every way a request leaves the queue."""
 
 import copy
+import dataclasses
 
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, GenerationRequest
+from server.engine.errors import QueuePlaceGiven
+from server.engine.waiting import WaitingQueue
+
+
+def of(client: str, waiting: GenerationRequest) -> GenerationRequest:
+    return dataclasses.replace(waiting, client=client)
+
 
 PROMPT_A, PROMPT_B = [5, 6, 7], [9, 10]
 
@@ -128,3 +137,68 @@ def test_waiting_counts_return_to_zero_after_cancels_failures_ends_and_stop(fami
     assert engine.waiting_counts() == {a.key: 1, None: 1}
     engine.stop()
     assert engine.waiting_counts() == {} and sink.finish("late-a") == sink.finish("late-base") == "error"
+
+
+def test_one_row_goes_round_robin_over_clients_before_their_adapters(family_setup, tokenizer) -> None:
+    """One row; a flooding client's three requests for adapter A wait before another client's one for the same
+    adapter: the other client's is admitted second, not after the flood (adapter turns alone cannot tell them
+    apart), and within the flood its requests keep their order. Answers are each request's alone."""
+    base, adapters = family_setup("llama")
+    a = adapters[0]
+    engine = make_engine(base, tokenizer, max_batch_size=1)
+    sink = Collector()
+    for i in range(3):
+        engine.submit(of("flood", request(PROMPT_A, greedy(2), a, f"f{i}")), sink)
+    engine.submit(of("other", request(PROMPT_B, greedy(2), a, "o0")), sink)
+    run_to_end(engine)
+    assert first_events(sink) == ["f0", "o0", "f1", "f2"]
+    assert sink.tokens("o0") == reference_generate(base, a, PROMPT_B, 2)[0]
+    assert sink.tokens("f2") == reference_generate(base, a, PROMPT_A, 2)[0]
+
+
+def test_a_full_queue_gives_the_heaviest_clients_newest_place_to_a_lighter_client(family_setup, tokenizer) -> None:
+    """max_queue 3, filled by one client: another client's request has room, as the flood's newest gives its place
+    (it ends with 429 queue_full at the next step, its client share and adapter released by its on_finish); once
+    the two hold 2 and 1, neither has room. The counts follow, and the requests that stayed answer as alone."""
+    base, adapters = family_setup("llama")
+    a = adapters[0]
+    engine = make_engine(base, tokenizer, max_batch_size=1)
+    sink = Collector()
+    engine.submit(request(PROMPT_A, greedy(3), None, "running"), sink)
+    engine.step()
+    finished: list[str] = []
+    for i in range(3):
+        flood = of("flood", request(PROMPT_A, greedy(2), a, f"f{i}"))
+        flood.on_finish = lambda i=i: finished.append(f"f{i}")
+        engine.submit(flood, sink)
+    assert not engine.has_room("flood", 3, take=True)  # its own flood: no one to take a place from
+    assert engine.has_room("other", 3)  # asked only: nothing given yet
+    assert engine.num_waiting == 3
+    assert engine.has_room("other", 3, take=True)
+    assert engine.num_waiting == 2 and engine.waiting_counts() == {a.key: 2}
+    engine.submit(of("other", request(PROMPT_B, greedy(2), None, "o0")), sink)
+    assert not engine.has_room("other", 3, take=True) and not engine.has_room("flood", 3, take=True)
+    assert engine.has_room("third", 3)  # the flood's 2 against its 1: room, by a place the flood would give
+    engine.step()
+    assert sink.finish("f2") == "error" and isinstance(sink.events["f2"][-1].error, QueuePlaceGiven)
+    assert sink.events["f2"][-1].error.http_status == 429 and finished == ["f2"]
+    run_to_end(engine)
+    assert [sink.finish(r) for r in ("running", "f0", "f1", "o0")] == ["length"] * 4
+    assert sink.tokens("o0") == reference_generate(base, None, PROMPT_B, 2)[0]
+    assert sink.tokens("f1") == reference_generate(base, a, PROMPT_A, 2)[0]
+    assert engine.waiting_counts() == {} and engine.num_waiting == 0
+
+
+def test_a_request_admitted_after_it_was_asked_to_give_its_place_leaves_the_counts_right() -> None:
+    """The engine thread may admit a request between its snapshot of the queue and the mark that asks it to give
+    its place: it runs, is not ended again, and every count stays true."""
+    queue = WaitingQueue()
+    for i in range(3):
+        queue.add((GenerationRequest([1], client="flood", request_id=f"f{i}"), lambda event: None))
+    assert queue.has_room("other", 3, take=True) and len(queue) == 2
+    assert queue.remove({"f2"})  # admitted meanwhile
+    assert queue.take_leaving() == [] and len(queue) == 2 and queue.per_adapter == {None: 2}
+    assert [waiting[0].request_id for waiting in queue.in_turn()] == ["f0", "f1"]
+    assert queue.has_room("other", 2, take=False) and len(queue) == 2  # room by taking a place; none taken
+    assert queue.has_room("other", 2, take=True) and [w[0].request_id for w in queue.take_leaving()] == ["f1"]
+    assert len(queue) == 1 and queue.per_adapter == {None: 1} and queue.has_items

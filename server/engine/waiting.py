@@ -1,0 +1,156 @@
+"""The engine's waiting queue, shared fairly between clients and, within a client's share, between adapters.
+
+Admission order: round-robin over the clients with requests waiting (client: an API key's digest, or a peer
+address on a server without keys), the one admitted least recently first, and in each client's turns
+round-robin over its adapters (the base model is one more), likewise. So one client's flood delays another
+client's request by a row at most, not by the flood, and one adapter's flood delays the same client's request
+for another adapter by a row at most. Behind one proxy address every request is one client's: the adapters'
+turns alone, as before clients were told apart.
+
+A full queue is shared too: a request of a client that would hold fewer waiting requests than the client that
+holds the most takes the place of that client's newest, which ends with 429 queue_full. A flood then holds the
+whole queue only while no other client asks for any of it, and can push no other client below an equal share.
+Without it, one client sending max_queue requests got every other client's refused until its flood drained.
+
+Not thread-safe: the engine calls it under its lock (the scheduler reads `per_adapter` without one: a dict
+lookup).
+"""
+
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import TypeVar
+
+from server.engine.requests import GenerationRequest, TokenEvent
+
+T = TypeVar("T")
+EventSink = Callable[[TokenEvent], None]
+Waiting = tuple[GenerationRequest, EventSink]
+
+# Admission turns remembered (client or adapter -> its last admission): one forgotten counts as never admitted,
+# so it goes first in its next pass, as it would after that many others were admitted since. Bounds the memory
+# that a client cycling through adapter names (or a crowd of addresses) could otherwise grow.
+TURNS_KEPT = 4096
+
+
+class Turns:
+    """When each key (a client, an adapter) was last admitted; engine thread only."""
+
+    def __init__(self) -> None:
+        self._turns: dict[Hashable, int] = {}  # oldest turn first, so the first to forget comes first
+        self._next = 0
+
+    def order(self, groups: dict[Hashable, T]) -> list[T]:
+        """`groups`' values, the key admitted least recently first (sorted is stable: ties keep `groups`' order)."""
+        return [group for _, group in sorted(groups.items(), key=lambda item: self._turns.get(item[0], -1))]
+
+    def served(self, keys: Iterable[Hashable]) -> None:
+        """`keys` were admitted, in this order."""
+        for key in keys:
+            self._turns.pop(key, None)  # re-inserted: the dict stays in turn order
+            self._turns[key] = self._next
+            self._next += 1
+        while len(self._turns) > TURNS_KEPT:
+            del self._turns[next(iter(self._turns))]
+
+
+class WaitingQueue:
+    def __init__(self) -> None:
+        self._items: deque[Waiting] = deque()
+        # waiting requests per adapter key (None: the base model), and per client: the scheduler reads the first
+        # for every request, where counting the queue would cost O(waiting)
+        self.per_adapter: dict[str | None, int] = {}
+        self._per_client: dict[str | None, int] = {}
+        self._leaving: set[str] = set()  # ids of requests that gave their place (make_room), still in _items
+        self.clients = Turns()
+        self.adapters = Turns()
+
+    @property
+    def has_items(self) -> bool:
+        """Anything for the engine thread to admit or end (requests that gave their place included)."""
+        return bool(self._items)
+
+    def __len__(self) -> int:
+        """Requests waiting, those that gave their place not counted."""
+        return len(self._items) - len(self._leaving)
+
+    def add(self, waiting: Waiting) -> None:
+        self._items.append(waiting)
+        self._count(waiting[0], 1)
+
+    def remove(self, request_ids: set[str]) -> list[Waiting]:
+        """Take the requests of `request_ids` out of the queue; returns those it held."""
+        kept: deque[Waiting] = deque()
+        removed: list[Waiting] = []
+        for waiting in self._items:
+            request_id = waiting[0].request_id
+            if request_id not in request_ids:
+                kept.append(waiting)
+                continue
+            removed.append(waiting)
+            if request_id in self._leaving:  # uncounted when it gave its place
+                self._leaving.discard(request_id)
+            else:
+                self._count(waiting[0], -1)
+        self._items = kept
+        return removed
+
+    def take_leaving(self) -> list[Waiting]:
+        """Take out the requests that gave their place, to end them with QueueFull."""
+        return self.remove(set(self._leaving)) if self._leaving else []
+
+    def clear(self) -> list[Waiting]:
+        items, self._items = self._items, deque()
+        self.per_adapter.clear()
+        self._per_client.clear()
+        self._leaving.clear()
+        return list(items)
+
+    def has_room(self, client: str | None, bound: int, *, take: bool) -> bool:
+        """Whether a request of `client` may wait in a queue of at most `bound`: there is room, or another client
+        holds more waiting requests than `client` would with it. With `take`, that client's newest request is marked
+        to give its place (`take_leaving`). O(clients + waiting) when full, O(1) otherwise."""
+        if len(self) < bound:
+            return True
+        if not self._per_client:
+            return False
+        heaviest, held = max(self._per_client.items(), key=lambda item: item[1])
+        if held <= self._per_client.get(client, 0) + 1:  # it would hold as many as the heaviest, or more
+            return False
+        if take:
+            for request, _ in reversed(self._items):
+                if request.client == heaviest and request.request_id not in self._leaving:
+                    self._leaving.add(request.request_id)
+                    self._count(request, -1)
+                    break
+        return True
+
+    def in_turn(self) -> Iterator[Waiting]:
+        """The requests waiting, in admission order (the module's docstring). Snapshot taken at the call; the
+        iterator may be read without the lock."""
+        clients: dict[str | None, dict[str | None, list[Waiting]]] = {}  # each in the order of its oldest request
+        for waiting in self._items:
+            request = waiting[0]
+            if request.request_id not in self._leaving:
+                clients.setdefault(request.client, {}).setdefault(request.adapter_key, []).append(waiting)
+        turns = [round_robin(self.adapters.order(adapters)) for adapters in self.clients.order(clients)]
+        return round_robin(turns)
+
+    def _count(self, request: GenerationRequest, delta: int) -> None:
+        for counts, key in ((self.per_adapter, request.adapter_key), (self._per_client, request.client)):
+            left = counts.get(key, 0) + delta
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+
+
+def round_robin(groups: Iterable[Iterable[T]]) -> Iterator[T]:
+    """The first item of each group in turn, then the second of each, and so on: O(items) in all, as each round
+    visits only the groups that still have an item left. Groups are read lazily, one item at a time."""
+    rounds = deque(iter(group) for group in groups)
+    while rounds:
+        items = rounds.popleft()
+        for item in items:  # its next item, if any; the group goes to the back for the one after
+            yield item
+            rounds.append(items)
+            break
