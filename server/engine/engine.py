@@ -742,7 +742,7 @@ class Engine:
         if keep:  # every token but the last went through a step; the last one's KV was never written
             written = row.prefilled + max(row.generated - 1, 0)
             self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, written)
-        self._kv_rows.give_back(row.row, keep)
+        self._kv_rows.give_back(row.row, keep, row.request.client)
         if row.slot != self.no_adapter:
             self.slots.release(row.slot)
         if row.request.on_finish is not None:

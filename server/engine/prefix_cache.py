@@ -8,7 +8,9 @@ one client's prefixes from another's (a cached prefix answers sooner, which tell
 
 Prefixes are found in blocks of BLOCK tokens through a chain of hashes, one dict lookup a block, and a hit is then
 checked token by token: a client could choose tokens whose hashes collide. Free rows are written over blank ones first,
-then the least recently used.
+then the least recently used of the client that holds the most free rows (client: an API key's digest, or a peer
+address): so a client sending one prompt after another recycles its own rows while it holds more of them than
+anyone, where plain LRU let it evict every other client's prefixes with one request per row.
 
 A request whose prompt shares at least a block more with a prompt being prefilled than any row holds yet waits for
 that prefill (worth_waiting) instead of computing the same tokens beside it: a burst of requests with one long
@@ -50,7 +52,10 @@ class KVRows:
     def __init__(self, rows: int, enabled: bool) -> None:
         self.enabled = enabled
         self._blank = list(range(rows))  # a heap of free rows that hold nothing
-        self._idle: OrderedDict[int, None] = OrderedDict()  # free rows that hold a prefix, least recently used first
+        # free rows that hold a prefix, least recently used first, and the client whose request left each; the
+        # count of each client's
+        self._idle: OrderedDict[int, Hashable] = OrderedDict()
+        self._idle_per_client: dict[Hashable, int] = {}
         self._held: dict[int, _Held] = {}  # rows (running or idle) that hold a prefix
         self._index: dict[tuple[Scope, int], dict[int, None]] = {}  # (scope, chain hash) -> rows holding that prefix
         self._filling: dict[int, tuple[Scope, list[int]]] = {}  # rows still prefilling: their scope and prompt
@@ -68,11 +73,11 @@ class KVRows:
         holds in `scope`, short of the prompt's last token (its logits are the request's first token)."""
         row, reused = self._longest(scope, prompt, len(prompt) - 1) if self.enabled else (None, 0)
         if row is not None and row in self._idle:
-            del self._idle[row]
+            self._unidle(row)
             self._drop(row)
             place = Placement(row, reused)
         else:
-            target = heappop(self._blank) if self._blank else self._idle.popitem(last=False)[0]
+            target = heappop(self._blank) if self._blank else self._unidle(self._to_evict())
             self._drop(target)
             place = Placement(target, reused, row)
         if self.enabled:
@@ -125,12 +130,14 @@ class KVRows:
             held.chain.append(previous)
             self._index.setdefault((scope, previous), {})[row] = None
 
-    def give_back(self, row: int, keep: bool) -> None:
-        """The row's request has ended; `keep`: what it wrote (wrote()) is valid and may serve later requests."""
+    def give_back(self, row: int, keep: bool, client: Hashable = None) -> None:
+        """The row's request, `client`'s, has ended; `keep`: what it wrote (wrote()) is valid and may serve later
+        requests."""
         self._filled(row)
         held = self._held.get(row)
         if keep and held is not None and held.chain:  # one whole block at least: a row of less serves no prompt
-            self._idle[row] = None
+            self._idle[row] = client
+            self._idle_per_client[client] = self._idle_per_client.get(client, 0) + 1
         else:
             self._drop(row)
             heappush(self._blank, row)
@@ -158,6 +165,21 @@ class KVRows:
             if self._held[row].tokens[:hashed] == prompt[:hashed]:  # else a hash collision, not a prefix
                 return row, -negative
         return None, 0
+
+    def _to_evict(self) -> int:
+        """The free row to write over: the least recently used of the client that holds the most (the least recently
+        used of all among clients alike). O(rows), when no blank row is left."""
+        most = max(self._idle_per_client.values())
+        return next(row for row, client in self._idle.items() if self._idle_per_client[client] == most)
+
+    def _unidle(self, row: int) -> int:
+        client = self._idle.pop(row)
+        left = self._idle_per_client[client] - 1
+        if left:
+            self._idle_per_client[client] = left
+        else:
+            del self._idle_per_client[client]
+        return row
 
     def _filled(self, row: int) -> None:
         """The row prefills no more: the prompts waiting for it are asked afresh."""

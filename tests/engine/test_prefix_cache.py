@@ -90,6 +90,26 @@ def test_a_prompt_waits_for_a_prefill_that_will_hold_more_of_it() -> None:
     assert not rows.worth_waiting("t", [*SHARED, 4])
 
 
+def test_a_client_sending_prompt_after_prompt_writes_over_its_own_rows_first() -> None:
+    """Three rows: one holds another client's prefix; a client sending one new prompt after another recycles the
+    rows it left while it holds more free rows than that client, so the prefix survives. Plain LRU wrote over it
+    at the flood's third prompt."""
+    rows = KVRows(3, enabled=True)
+    mine = rows.take("s", [*SHARED, 1])
+    rows.wrote(mine.row, "s", [*SHARED, 1], len(SHARED))
+    rows.give_back(mine.row, keep=True, client="honest")
+    for i in range(10):
+        prompt = [100 + i] * 40
+        place = rows.take("s", prompt)
+        assert place.reused == 0 and place.row != mine.row, i
+        rows.wrote(place.row, "s", prompt, 40)
+        rows.give_back(place.row, keep=True, client="flood")
+    assert rows.take("s", [*SHARED, 2]) == type(mine)(mine.row, len(SHARED))
+    rows.wrote(mine.row, "s", [*SHARED, 2], len(SHARED) + 1)
+    rows.give_back(mine.row, keep=True, client="honest")  # the flood holds 2 free rows, the honest client 1
+    assert rows.take("t", [7] * 40).row != mine.row
+
+
 def test_disabled_keeps_nothing() -> None:
     rows = KVRows(2, enabled=False)
     place = rows.take("s", [*SHARED, 1])
@@ -150,6 +170,26 @@ def test_requests_sharing_a_running_ones_prefix_match_peft(family, device, kerne
     assert cached(sink, "r0") == 0 and all(cached(sink, rid) > BLOCK for rid, _ in plan[1:])
     for request_id, prompt in plan:
         assert sink.tokens(request_id) == reference_generate(base, adapters[0], prompt, NEW_TOKENS)[0], request_id
+
+
+def test_one_clients_stream_of_new_prompts_leaves_anothers_prefix_cached(family_setup, tokenizer) -> None:
+    """Three rows; a client's prefix stays cached while another client sends six new prompts one after another
+    (each request's client reaches the rows as they are given back), and its next request starts past it and
+    answers as PEFT does."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_batch_size=3)
+    sink = Collector()
+    for request_id, prompt, client in [
+        ("h0", [*SHARED, 1], "honest"),
+        *((f"f{i}", [70 + i] * 40, "flood") for i in range(6)),
+        ("h1", [*SHARED, 2], "honest"),
+    ]:
+        mine = request(prompt, greedy(NEW_TOKENS), adapters[0], request_id)
+        mine.client = client
+        engine.submit(mine, sink)
+        run_to_end(engine)
+    assert cached(sink, "h1") == len(SHARED)
+    assert sink.tokens("h1") == reference_generate(base, adapters[0], [*SHARED, 2], NEW_TOKENS)[0]
 
 
 def test_a_burst_sharing_a_prompt_computes_it_once(family_setup, tokenizer) -> None:
