@@ -6,10 +6,12 @@ honest client sees.
     python3 bench/http_load.py --url http://127.0.0.1:8000 --rate 0 --concurrency 1 --duration 20 ...
 
 Kinds: chat (chats of 1,024 empty messages, refused as too long once templated: tokenizer work only), detokenize
-(/detokenize of --ids ids, 1,000 by default) and token_batches (/v1/completions whose prompt is OpenAI's batch of
+(/detokenize of --ids ids, 1,000 by default), token_batches (/v1/completions whose prompt is OpenAI's batch of
 token-id prompts, a million one-id prompts in a body just under --mb MiB: cheap to send, the costliest JSON to
-parse per byte, and refused once parsed, as this server takes one text prompt). Prints the answers' status codes
-as they come, and at the end.
+parse per byte, and refused once parsed, as this server takes one text prompt) and generate (/v1/completions of
+--max-tokens tokens on the base model, ignoring end of sequence: with more --connections than the server's
+--max-queue, the queue stays full). --key sends a Bearer key, so that a server with keys tells this client from
+the others. Prints the answers' status codes as they come, and at the end.
 """
 
 import argparse
@@ -24,8 +26,12 @@ MB = 4  # the server's --max-request-mb by default
 BATCH_ITEM = "[3],"  # one prompt of one id in a batch, as it is written in the body
 
 
-def body(kind: str, ids: int, mb: int) -> tuple[str, bytes]:
+def body(kind: str, ids: int, mb: int, max_tokens: int) -> tuple[str, bytes]:
     """The route and JSON body of one request of `kind`."""
+    if kind == "generate":
+        return "/v1/completions", json.dumps({
+            "model": "", "prompt": "a flood of answers", "max_tokens": max_tokens, "ignore_eos": True
+        }).encode()  # fmt: skip
     if kind == "chat":
         return "/v1/chat/completions", json.dumps({
             "model": "",
@@ -39,9 +45,11 @@ def body(kind: str, ids: int, mb: int) -> tuple[str, bytes]:
     return "/detokenize", json.dumps({"tokens": list(range(3, 3 + ids))}).encode()  # past most special ids
 
 
-async def flood(url: str, kind: str, connections: int, requests: int | None, ids: int, mb: int) -> None:
-    path, content = body(kind, ids, mb)  # encoded once: the client's own CPU goes to sending
-    headers = {"Content-Type": "application/json"}
+async def flood(
+    url: str, kind: str, connections: int, requests: int | None, ids: int, mb: int, max_tokens: int, key: str | None
+) -> None:
+    path, content = body(kind, ids, mb, max_tokens)  # encoded once: the client's own CPU goes to sending
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     codes: Counter[int] = Counter()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
 
@@ -58,13 +66,17 @@ async def flood(url: str, kind: str, connections: int, requests: int | None, ids
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches"], default="chat")
+    parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches", "generate"], default="chat")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--requests", type=int, help="stop after about this many answers (default: never)")
     parser.add_argument("--ids", type=int, default=IDS, help="ids a /detokenize request (within the vocabulary)")
     parser.add_argument("--mb", type=int, default=MB, help="token_batches: bodies just under this many MiB")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generate: tokens an answer")
+    parser.add_argument("--key", help="Bearer key")
     args = parser.parse_args()
-    asyncio.run(flood(args.url, args.kind, args.connections, args.requests, args.ids, args.mb))
+    asyncio.run(
+        flood(args.url, args.kind, args.connections, args.requests, args.ids, args.mb, args.max_tokens, args.key)
+    )
 
 
 if __name__ == "__main__":
