@@ -73,6 +73,7 @@ def _sampling(
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
         top_k=inference.top_k(None if body.top_k is None else max(body.top_k, 0)),  # vLLM's -1: off
+        min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         ignore_eos=body.ignore_eos,
         stop_token_ids=inference.stop_token_ids(body.stop_token_ids),

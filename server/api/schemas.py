@@ -390,6 +390,13 @@ class OpenAISampling(BaseModel):
     # vLLM's extensions of the OpenAI API, which its clients and benchmark tools send (ignore_eos: a fixed answer
     # length, whatever the model would say)
     top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens; 0 or -1: off.")
+    min_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="vLLM's: sample among the tokens of at least min_p x the top token's "
+        "probability (after temperature); 0: off.",
+    )
     repetition_penalty: float | None = Field(
         None, ge=0.01, le=100, description="vLLM's (transformers' rule over prompt and output); 1: off."
     )
@@ -434,7 +441,6 @@ class OpenAISampling(BaseModel):
     @classmethod
     def _vllm_unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
-            "min_p": (bool, "min-p sampling is not implemented; use top_p or top_k"),
             "min_tokens": (bool, "a minimum answer length is not implemented; leave min_tokens out or 0"),
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),

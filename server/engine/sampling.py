@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # vLLM's: keep the tokens of at least min_p x the top token's probability; 0.0: off
     repetition_penalty: float = 1.0  # 1.0: off; HF's rule over prompt + generated ids
     # OpenAI's (and vLLM's) over the generated ids only: each token's logit less frequency x its count so far and
     # presence once it has appeared; 0.0: off
@@ -36,11 +37,14 @@ class SamplingParams:
             raise ValueError("max_new_tokens must be >= 1")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
-        floats = (self.temperature, self.top_p, self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
+        floats = (self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.frequency_penalty,
+                  self.presence_penalty)  # fmt: skip
         if not all(math.isfinite(x) for x in floats):  # NaN passes every comparison below
-            raise ValueError("temperature, top_p and the penalties must be finite")
+            raise ValueError("temperature, top_p, min_p and the penalties must be finite")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError("temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must lie in 0..1")
         if max(abs(self.frequency_penalty), abs(self.presence_penalty)) > MAX_OPENAI_PENALTY:
             raise ValueError(f"frequency_penalty and presence_penalty must lie in +-{MAX_OPENAI_PENALTY:g}")
         if not all(math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS for _, bias in self.logit_bias):
@@ -96,6 +100,14 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's tokens whose probability is at least p times its top token's (the top token always stays);
+    p 0: off. Compared as logits, log p_i - log p_max = l_i - l_max: no softmax over the vocabulary needed."""
+    # logits: [B, V]; p: [B]
+    floor = logits.amax(-1, keepdim=True) + p[:, None].log()  # log 0 = -inf: every token stays
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
 def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`values` as a tensor on `device`, without waiting for it: a copy from pageable host memory waits until the
     device's queue (the step's forward) has drained, one from pinned memory does not, so the host goes on."""
@@ -124,7 +136,7 @@ def final_logits(
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each row's logits to draw from [B, V]: the grammar mask (constrained rows only), the penalties and the logit
-    bias, then (sampled rows) temperature, top-k, top-p; in fp32 where any of them applies, else `logits` as
+    bias, then (sampled rows) temperature, min-p, top-k, top-p; in fp32 where any of them applies, else `logits` as
     they are (their dtype's values are exact in fp32: nothing to round)."""
     # logits: [B, V]; seen[i]: row i's tokens so far (read where a penalty is on); allowed: (rows [m], mask [m, V]
     # bool) of the constrained rows
@@ -208,12 +220,15 @@ def top_logprobs(logprobs: torch.Tensor, params: list[SamplingParams]) -> tuple[
 
 
 def _filtered(logits: torch.Tensor, params: list[SamplingParams], sampled: list[int]) -> torch.Tensor:
-    """Temperature, top-k and top-p on the sampled rows (greedy rows pass through unchanged)."""
+    """Temperature, then min-p, top-k and top-p on the sampled rows (greedy rows pass through unchanged): min-p
+    before top-k and top-p as vLLM's sampler runs it (top-p then sums the mass min-p left)."""
     # logits: [B, V]
     index = device_tensor(sampled, logits.device)
     rows = logits[index]  # [n, V]
     temperature = device_tensor([params[i].temperature for i in sampled], logits.device)
     rows = rows / temperature[:, None]
+    if any(params[i].min_p for i in sampled):
+        rows = min_p_filter(rows, device_tensor([params[i].min_p for i in sampled], logits.device))
     if any(params[i].top_k for i in sampled):
         vocab = logits.shape[-1]
         k = [min(params[i].top_k, vocab) or vocab for i in sampled]  # a k beyond the vocabulary keeps all of it

@@ -566,7 +566,6 @@ def test_vllm_guided_fields_and_structured_outputs_constrain_the_answer(client: 
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_grammar": "root ::= x"}, "guided_grammar is not supported"),
         ({"min_tokens": 4}, "min_tokens is not supported"),
-        ({"min_p": 0.1}, "min_p is not supported"),
     ):
         assert says in error_of(client.post("/v1/completions", json={**completion, **extra}))["message"], extra
     for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}):
@@ -675,3 +674,24 @@ def test_vllm_sampling_extensions_reach_the_sampler_and_are_bounded(client: Test
            ("stop_token_ids", [-1]), ("stop_token_ids", [10**9]), ("stop_token_ids", [1] * 1025)]  # fmt: skip
     for field, value in bad:
         assert field in error_of(client.post("/v1/completions", json={**body, field: value}))["message"]
+
+
+def test_vllm_min_p_reaches_the_sampler_and_is_bounded(client: TestClient) -> None:
+    """vLLM's min_p on the OpenAI routes: 1 keeps the top token alone, so a seeded sample is the greedy answer and
+    every token's logprob is 0 (the others report the floor); 0 is off. Outside 0..1: a 422 naming the field
+    (tests/engine: the tokens kept against the definition, beside rows without min_p)."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 8}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    sampled = {**body, "temperature": 1.0, "seed": 3}
+    top = client.post("/v1/completions", json={**sampled, "min_p": 1.0, "logprobs": 2}).json()["choices"][0]
+    assert top["text"] == greedy
+    assert set(top["logprobs"]["token_logprobs"]) == {0.0}
+    assert all(sorted(t.values()) == [-9999.0, 0.0] for t in top["logprobs"]["top_logprobs"])
+    chat_top = client.post("/v1/chat/completions", json=chat(max_tokens=8, temperature=1.0, seed=3, min_p=1.0))
+    chat_greedy = client.post("/v1/chat/completions", json=chat(max_tokens=8, temperature=0))
+    assert chat_top.json()["choices"][0]["message"] == chat_greedy.json()["choices"][0]["message"]
+    plain = client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+    assert plain != greedy
+    assert client.post("/v1/completions", json={**sampled, "min_p": 0}).json()["choices"][0]["text"] == plain
+    for value in (-0.1, 1.5, "x"):
+        assert "min_p" in error_of(client.post("/v1/completions", json={**body, "min_p": value}))["message"]

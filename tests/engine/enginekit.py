@@ -113,13 +113,24 @@ def reference_generate(
     logit_bias: dict[int, float] | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
-    model = copy.deepcopy(base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter.path)
     tokens, log_softmax = greedy_log_softmax(
-        model, prompt, max_new_tokens, repetition_penalty, output_penalty, logit_bias
+        reference_model(base, adapter), prompt, max_new_tokens, repetition_penalty, output_penalty, logit_bias
     )
     return tokens, token_logprobs(tokens, log_softmax)
+
+
+def reference_model(base: torch.nn.Module, adapter: SavedAdapter | None) -> torch.nn.Module:
+    """A copy of `base`, with `adapter` loaded by PEFT where given."""
+    model = copy.deepcopy(base)
+    return PeftModel.from_pretrained(model, adapter.path) if adapter is not None else model
+
+
+def answer_logits(base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], answer: list[int]):
+    """The model's logits [len(answer), V] fp32 (PEFT for an adapter) that each token of `answer` was drawn from,
+    after `prompt` and the answer's tokens before it: one forward over both."""
+    with torch.no_grad():
+        logits = reference_model(base, adapter)(torch.tensor([prompt + answer])).logits[0].float()
+    return logits[len(prompt) - 1 : -1]
 
 
 def sample_batch(

@@ -4,7 +4,7 @@ import torch
 from enginekit import sample_batch
 
 from loraplex.synthetic import byte_tokenizer
-from server.engine.sampling import SamplingParams, repetition_penalty, top_k_filter, top_p_filter
+from server.engine.sampling import SamplingParams, final_logprobs, repetition_penalty, top_k_filter, top_p_filter
 from server.engine.text import TextStream, window_decoder
 
 
@@ -55,6 +55,36 @@ def test_exponential_race_draws_by_probability() -> None:
     frequency = torch.bincount(tokens, minlength=4) / 4000
     assert torch.allclose(frequency, probs, atol=0.03)
     assert torch.allclose(logprobs, probs.log()[tokens])
+
+
+def test_min_p_keeps_the_tokens_of_at_least_min_p_times_the_top_probability() -> None:
+    """vLLM's min_p, after temperature: each row's distribution is its softmax over the tokens of probability at
+    least min_p x the top one's, renormalized, as computed here from the definition; rows without min_p (sampled
+    or greedy) keep their whole distribution."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    rows = [(0.7, 0.1), (1.0, 0.0), (1.3, 0.05), (1.0, 1.0), (0.0, 0.0)]  # (temperature, min_p)
+    params = [SamplingParams(temperature=t, min_p=p) for t, p in rows]
+    out = final_logprobs(logits, params, [None] * len(rows))
+    for i, (temperature, min_p) in enumerate(rows):
+        probs = (logits[i] / (temperature or 1.0)).softmax(-1)
+        kept = probs >= min_p * probs.max()
+        assert (out[i].isfinite() == kept).all(), f"row {i}"
+        assert torch.allclose(out[i].exp(), probs * kept / (probs * kept).sum(), atol=1e-6), f"row {i}"
+    assert out[3].isfinite().sum() == 1 and 1 < out[0].isfinite().sum() < 300  # min_p 1: the top token alone
+
+
+def test_min_p_draws_by_the_renormalized_probabilities() -> None:
+    """Seeded draws under min_p 0.25 from p = (0.5, 0.3, 0.15, 0.05): never the token below 0.25 x 0.5, the
+    others at p / 0.95, beside greedy rows that still take the argmax."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    generator = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=1.0, min_p=0.25), SamplingParams()] * 2000
+    tokens, logprobs = sample_batch(probs.log().expand(4000, 4), params, [None] * 4000, [generator, None] * 2000)
+    assert (tokens[1::2] == 0).all()
+    frequency = torch.bincount(tokens[::2], minlength=4) / 2000
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
+    assert frequency[3] == 0 and torch.allclose(frequency, expected, atol=0.03)
+    assert torch.allclose(logprobs[::2], expected.log()[tokens[::2]])
 
 
 def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
