@@ -68,8 +68,10 @@ def _sampling(
     body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], inference: Inference, default: int
 ) -> SamplingParams:
     limit, field = body.max_tokens_field
+    max_new_tokens = inference.max_new_tokens(len(prompt_ids), limit, field, default)
     return SamplingParams(
-        max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
+        max_new_tokens=max_new_tokens,
+        min_tokens=inference.min_tokens(body.min_tokens, max_new_tokens, field, limit is not None),
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
         top_k=inference.top_k(None if body.top_k is None else max(body.top_k, 0)),  # vLLM's -1: off

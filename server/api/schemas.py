@@ -401,6 +401,12 @@ class OpenAISampling(BaseModel):
         None, ge=0.01, le=100, description="vLLM's (transformers' rule over prompt and output); 1: off."
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate past the end-of-sequence token, to max_tokens.")
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="vLLM's: no end of sequence, stop_token_ids token or stop string ends the answer before this "
+        "many tokens (at most max_tokens).",
+    )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         max_length=MAX_STOP_TOKEN_IDS,
@@ -441,7 +447,6 @@ class OpenAISampling(BaseModel):
     @classmethod
     def _vllm_unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
-            "min_tokens": (bool, "a minimum answer length is not implemented; leave min_tokens out or 0"),
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
             "prompt_logprobs": (bool, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),

@@ -92,6 +92,7 @@ class _Row:
     # ids as a host tensor, for rows whose draw reads them (a penalty): each step sends its filled prefix to the
     # device in one copy, where converting the list took ~150 ns an id (2,000 ids: 0.3 ms a row every step)
     seen: torch.Tensor | None
+    stops: frozenset[int]  # the tokens that end it: EOS (unless ignore_eos) and its stop_token_ids
     generated: int = 0
     ended: bool = False  # released: its KV row and slot are another request's now
 
@@ -527,7 +528,7 @@ class Engine:
             seen = torch.empty(len(request.prompt_ids) + request.sampling.max_new_tokens, dtype=torch.long,
                                pin_memory=self.device.type == "cuda")  # fmt: skip
             seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        text = TextStream(self.tokenizer, request.sampling.stop)
+        text = TextStream(self.tokenizer, request.sampling.stop, request.sampling.min_tokens)
         place = self._kv_rows.take(request.cache_scope, request.prompt_ids)  # last: only the copy may fail past it
         ids = list(request.prompt_ids)
         try:
@@ -537,7 +538,9 @@ class Engine:
             self._kv_rows.give_back(place.row, keep=False)
             raise
         self._kv_rows.wrote(place.row, request.cache_scope, ids, place.reused)
-        return _Row(request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen)
+        # ignore_eos: vLLM's stop_token_ids still end the answer
+        stops = request.sampling.stop_token_ids | (frozenset() if request.sampling.ignore_eos else self.eos_ids)
+        return _Row(request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen, stops)
 
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
         assert lora is not None  # validate() pairs adapter_key with lora
@@ -588,7 +591,11 @@ class Engine:
         for row, end in chunks:
             row.prefilled = end
             self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, end)
-        self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)]) if sampled else None
+        if sampled:  # a row's token of the last step counts among those drawn before, taken by the host or not
+            drawn = [r.generated + (id(r) in feed) for r in sampled]
+            self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)], drawn)
+        else:
+            self._in_flight = None
         # On CUDA the step so far was only launched: taking the last step's tokens, their text and events overlap
         # the device's work.
         if previous is not None:
@@ -609,8 +616,9 @@ class Engine:
         return self._forward(self._step.views(buffer, width), None)
 
     # ---- sampling and finishing ---------------------------------------------------------------------
-    def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor) -> _Drawn:
-        # logits: [len(rows), V]; one device -> host copy brings every row's token, logprob and top logprobs
+    def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor, drawn: list[int]) -> _Drawn:
+        # logits: [len(rows), V]; drawn[i]: the tokens rows[i] drew before this draw. One device -> host copy
+        # brings every row's token, logprob and top logprobs
         # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
@@ -622,7 +630,9 @@ class Engine:
             for r in rows
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
-        final = final_logits(logits, params, seen, allowed)  # [B, V]
+        # vLLM's min_tokens: a row short of them draws no token that would end it
+        banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
+        final = final_logits(logits, params, seen, allowed, banned)  # [B, V]
         if self._greedy_pick is not None and all(p.greedy and not p.top_logprobs for p in params):
             tokens, picked = self._greedy_pick(final)  # [B] each: no row needs the whole distribution
             asking, top_ids, top_values = top_logprobs(final, params)  # none asks
@@ -685,7 +695,7 @@ class Engine:
             except Exception as exc:  # this request's matcher alone
                 self._grammar_failed(row, GrammarFailed(f"the grammar refused token {token}: {exc}"))
                 return
-        eos = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        eos = token in row.stops
         finish: FinishReason | None = None
         if eos or (grammar is not None and grammar.is_finished()):  # complete: only EOS could follow, so skip its step
             finish = "stop"

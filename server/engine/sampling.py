@@ -30,11 +30,16 @@ class SamplingParams:
     ignore_eos: bool = False
     # tokens that end the answer as the end-of-sequence token does (their text left out), ignore_eos or not: vLLM's
     stop_token_ids: frozenset[int] = frozenset()
+    # vLLM's: no stop token (EOS, stop_token_ids) may be drawn, and no stop sequence ends the text, before this many
+    # tokens are generated
+    min_tokens: int = 0
     top_logprobs: int = 0  # the N most likely tokens (and their logprobs) reported with each token; 0: off
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError("min_tokens must lie in 0..max_new_tokens")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
         floats = (self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.frequency_penalty,
@@ -124,9 +129,10 @@ def final_logprobs(
     params: list[SamplingParams],
     seen: list[Seen | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: list[frozenset[int]] | None = None,
 ) -> torch.Tensor:
     """Each row's log-distribution to draw from [B, V] fp32: log_softmax of final_logits."""
-    return final_logits(logits, params, seen, allowed).float().log_softmax(-1)
+    return final_logits(logits, params, seen, allowed, banned).float().log_softmax(-1)
 
 
 def final_logits(
@@ -134,13 +140,15 @@ def final_logits(
     params: list[SamplingParams],
     seen: list[Seen | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: list[frozenset[int]] | None = None,
 ) -> torch.Tensor:
-    """Each row's logits to draw from [B, V]: the grammar mask (constrained rows only), the penalties and the logit
-    bias, then (sampled rows) temperature, min-p, top-k, top-p; in fp32 where any of them applies, else `logits` as
-    they are (their dtype's values are exact in fp32: nothing to round)."""
+    """Each row's logits to draw from [B, V]: the grammar mask (constrained rows only), the penalties, the logit
+    bias and the banned tokens, then (sampled rows) temperature, min-p, top-k, top-p; in fp32 where any of them
+    applies, else `logits` as they are (their dtype's values are exact in fp32: nothing to round)."""
     # logits: [B, V]; seen[i]: row i's tokens so far (read where a penalty is on); allowed: (rows [m], mask [m, V]
-    # bool) of the constrained rows
-    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
+    # bool) of the constrained rows; banned[i]: tokens row i may not draw now (its stop tokens, short of min_tokens)
+    banned = banned or [frozenset()] * len(params)
+    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized) or banned[i]]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if allowed is None and not adjusted and not sampled:
         return logits
@@ -149,15 +157,17 @@ def final_logits(
         logits = mask_logits(logits, *allowed)
     if adjusted:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
         rows = device_tensor(adjusted, logits.device)
-        logits = logits.index_copy(0, rows, torch.stack([_adjusted(logits[i], params[i], seen[i]) for i in adjusted]))
+        stacked = torch.stack([_adjusted(logits[i], params[i], seen[i], banned[i]) for i in adjusted])
+        logits = logits.index_copy(0, rows, stacked)
     if sampled:
         logits = _filtered(logits, params, sampled)
     return logits
 
 
-def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None) -> torch.Tensor:
+def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None, banned: frozenset[int]) -> torch.Tensor:
     """One row's logits [V] after its penalties and its logit_bias, which OpenAI adds to the logits the model made:
-    after the penalties, before temperature and the filters."""
+    after the penalties, before temperature and the filters; then its banned tokens at -inf, which no bias or
+    penalty brings back."""
     if seen is not None:
         ids, prompt_len = seen
         logits = repetition_penalty(logits, ids, params.repetition_penalty)
@@ -165,6 +175,8 @@ def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None) -
             logits = output_penalty(logits, ids[prompt_len:], params.frequency_penalty, params.presence_penalty)
     if params.logit_bias:
         logits = logits.index_add(0, *_bias_tensors(params.logit_bias, logits.device))
+    if banned:
+        logits = logits.index_fill(0, _id_tensor(banned, logits.device), float("-inf"))
     return logits
 
 
@@ -174,6 +186,13 @@ def _bias_tensors(bias: tuple[tuple[int, float], ...], device: torch.device) -> 
     token: a copy from the host waits for the step's forward, which the host otherwise overlaps."""
     ids, values = zip(*bias, strict=True)
     return device_tensor(list(ids), device), device_tensor(list(values), device, torch.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _id_tensor(ids: frozenset[int], device: torch.device) -> torch.Tensor:
+    """A set of token ids [n] on `device`, copied there once per distinct set (a request bans the same set at each
+    of its first min_tokens draws), as _bias_tensors."""
+    return device_tensor(sorted(ids), device)
 
 
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

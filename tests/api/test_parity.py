@@ -565,7 +565,6 @@ def test_vllm_guided_fields_and_structured_outputs_constrain_the_answer(client: 
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_grammar": "root ::= x"}, "guided_grammar is not supported"),
-        ({"min_tokens": 4}, "min_tokens is not supported"),
     ):
         assert says in error_of(client.post("/v1/completions", json={**completion, **extra}))["message"], extra
     for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}):
@@ -695,3 +694,44 @@ def test_vllm_min_p_reaches_the_sampler_and_is_bounded(client: TestClient) -> No
     assert client.post("/v1/completions", json={**sampled, "min_p": 0}).json()["choices"][0]["text"] == plain
     for value in (-0.1, 1.5, "x"):
         assert "min_p" in error_of(client.post("/v1/completions", json={**body, "min_p": value}))["message"]
+
+
+def test_vllm_min_tokens_holds_back_every_end_and_is_bounded(client: TestClient) -> None:
+    """vLLM's min_tokens on the OpenAI routes: an end of sequence forced by logit_bias, a stop token and a stop string
+    end the answer only past the first min_tokens tokens (a stop string where it ends in their text does not count),
+    streamed as not. Negative, or past max_tokens (sent, or its default): a 422 naming min_tokens (tests/engine: the
+    masking against transformers' min_new_tokens, beside rows without it)."""
+    eos = min(client.app.state.runtime.engine.eos_ids)
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+    greedy = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    forced = {**body, "logit_bias": {str(eos): 100}, "min_tokens": 3}
+    for route, payload in (("/v1/completions", forced), ("/v1/chat/completions", chat(**forced))):
+        out = client.post(route, json=payload).json()
+        assert out["usage"]["completion_tokens"] == 4 and out["choices"][0]["finish_reason"] == "stop", route
+    assert client.post("/v1/completions", json=forced).json()["choices"][0]["text"] == greedy[:3]
+    first = client.post("/tokenize", json={"prompt": greedy[0], "add_special_tokens": False}).json()["tokens"][0]
+    stopping = {**body, "stop_token_ids": [first], "logit_bias": {str(first): 100}, "min_tokens": 2}
+    stopped = client.post("/v1/completions", json=stopping).json()
+    assert stopped["usage"]["completion_tokens"] == 3 and stopped["choices"][0]["finish_reason"] == "stop"
+    assert len(stopped["choices"][0]["text"]) == 2 and greedy[0] not in stopped["choices"][0]["text"]
+    stop = greedy[1]  # a stop string the second token ends: only where it occurs again does it stop the answer
+    again = greedy.find(stop, 2)
+    assert again > 0, "the greedy answer repeats its second character"
+    for extra in ({}, {"stream": True}):
+        payload = {**body, "stop": [stop], "min_tokens": 2, **extra}
+        if extra:
+            text = "".join(c["choices"][0]["text"] for c in sse(client, "/v1/completions", payload))
+        else:
+            text = client.post("/v1/completions", json=payload).json()["choices"][0]["text"]
+        assert text == greedy[:again], extra
+    plain = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]["text"]
+    assert plain == greedy[: greedy.index(stop)] != greedy[:again]
+    for payload, says in (
+        ({**body, "min_tokens": -1}, "min_tokens"),
+        ({**body, "min_tokens": "x"}, "min_tokens"),
+        ({**body, "min_tokens": 21}, "min_tokens 21 exceeds max_tokens 20"),
+        ({"model": "llama", "prompt": "abc", "min_tokens": 17}, "min_tokens 17 exceeds max_tokens (not sent: 16"),
+        (chat(max_completion_tokens=5, min_tokens=6), "exceeds max_completion_tokens 5"),
+    ):
+        assert says in error_of(client.post("/v1/completions" if "prompt" in payload else "/v1/chat/completions",
+                                            json=payload))["message"], payload  # fmt: skip

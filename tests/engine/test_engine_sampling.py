@@ -1,5 +1,6 @@
 """Sampling functions and incremental text with stop sequences."""
 
+import pytest
 import torch
 from enginekit import sample_batch
 
@@ -95,6 +96,35 @@ def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
     assert stopped and delta == ""
     plain = TextStream(tokenizer, ())
     assert "".join(plain.push(t)[0] for t in tokenizer("héllo")["input_ids"]) == "héllo"  # multi-byte waits
+
+
+def stream_until_stop(tokenizer, text: str, stop: tuple[str, ...], min_tokens: int) -> tuple[str, bool]:
+    """The text a TextStream lets out of `text`'s tokens fed one by one, and whether a stop sequence ended it."""
+    stream, out = TextStream(tokenizer, stop, min_tokens), ""
+    for token in tokenizer(text)["input_ids"]:
+        delta, stopped = stream.push(token)
+        out += delta
+        if stopped:
+            return out, True
+    return out + stream.flush(), False
+
+
+@pytest.mark.parametrize(
+    ("stop", "min_tokens", "expected"),
+    [
+        ("b", 0, ("a", True)),
+        ("b", 2, ("abca", True)),  # the first "b" ends within the first two tokens' text: the next one stops it
+        ("bc", 3, ("abca", True)),  # ends with the third token: the second "bc" stops it
+        ("ca", 3, ("ab", True)),  # begins in the first three tokens' text, ends past it: it counts, as in vLLM
+        ("ca", 4, ("abcabc", False)),  # ends with the fourth token, and never again
+        ("abcabc", 5, ("", True)),
+        ("abcabc", 6, ("abcabc", False)),
+    ],
+)
+def test_a_stop_sequence_counts_only_where_it_ends_past_the_min_tokens(tokenizer, stop, min_tokens, expected) -> None:
+    """vLLM's min_tokens: a stop sequence ends the answer only where it ends in text that the tokens after the first
+    min_tokens added (a byte tokenizer: a character a token)."""
+    assert stream_until_stop(tokenizer, "abcabc", (stop,), min_tokens) == expected
 
 
 class _OwnDecode(type(byte_tokenizer())):  # a tokenizer class with its own decoding rule
