@@ -133,6 +133,32 @@ def answer_logits(base: torch.nn.Module, adapter: SavedAdapter | None, prompt: l
     return logits[len(prompt) - 1 : -1]
 
 
+def min_new_tokens_reference(
+    base: torch.nn.Module,
+    adapter: SavedAdapter | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    stop: int,
+    min_tokens: int,
+    **generate,
+) -> list[int]:
+    """Greedy tokens from transformers' generate ending at `stop` (biased +100 there), which its min_new_tokens
+    masks for the first min_tokens tokens: the reference of vLLM's min_tokens (PEFT for an adapter)."""
+    with torch.no_grad():
+        out = reference_model(base, adapter).generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            min_new_tokens=min_tokens,
+            eos_token_id=stop,
+            sequence_bias={(stop,): 100.0},
+            pad_token_id=0,
+            **generate,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
 def sample_batch(
     logits: torch.Tensor,
     params: list[SamplingParams],

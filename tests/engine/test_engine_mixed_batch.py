@@ -1,14 +1,13 @@
 """The oracle: rows of one batch mixing adapters give, row by row, what PEFT gives for that adapter alone."""
 
 import pytest
-import torch
 from enginekit import (
     Collector,
     answer_logits,
     greedy,
     make_engine,
+    min_new_tokens_reference,
     reference_generate,
-    reference_model,
     request,
     run_to_end,
 )
@@ -213,24 +212,6 @@ def test_min_p_draws_among_the_models_kept_tokens_beside_rows_without_it(family_
     assert run([0], SamplingParams(**sampled, seed=5)).tokens("r0") != tokens
 
 
-def min_new_tokens_reference(adapter, base, prompt: list[int], stop: int, min_tokens: int, **generate) -> list[int]:
-    """Greedy tokens from transformers' generate ending at `stop` (biased +100 there), which its min_new_tokens
-    masks for the first min_tokens tokens: the reference of vLLM's min_tokens (PEFT for an adapter)."""
-    with torch.no_grad():
-        out = reference_model(base, adapter).generate(
-            input_ids=torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            min_new_tokens=min_tokens,
-            eos_token_id=stop,
-            sequence_bias={(stop,): 100.0},
-            pad_token_id=0,
-            **generate,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_min_tokens_holds_back_the_stop_tokens_beside_rows_without_it(family_setup, tokenizer) -> None:
     """A stop token biased to be drawn at once (EOS, or a stop_token_ids one) ends the answer only after min_tokens
     tokens, greedy (as transformers' min_new_tokens: also with a repetition penalty, whose row the host reads before
@@ -262,11 +243,11 @@ def test_min_tokens_holds_back_the_stop_tokens_beside_rows_without_it(family_set
     for i, (adapter, params) in enumerate(rows):
         engine.submit(request(texts[i], params, adapter, f"r{i}"), sink)
     run_to_end(engine)
-    assert sink.tokens("r0") == min_new_tokens_reference(adapters[0], base, texts[0], eos, 4)
+    assert sink.tokens("r0") == min_new_tokens_reference(base, adapters[0], texts[0], NEW_TOKENS, eos, 4)
     assert len(sink.tokens("r0")) == 5 and sink.finish("r0") == "stop"
     assert sink.tokens("r1") == [eos] and sink.finish("r1") == "stop"
     assert sink.tokens("r2") == reference_generate(base, adapters[1], texts[2], NEW_TOKENS)[0]
-    expected = min_new_tokens_reference(None, base, texts[3], stop, 2, repetition_penalty=1.3)
+    expected = min_new_tokens_reference(base, None, texts[3], NEW_TOKENS, stop, 2, repetition_penalty=1.3)
     assert sink.tokens("r3") == expected and len(expected) == 3 and sink.finish("r3") == "stop"
     sampled = sink.tokens("r4")
     assert eos not in sampled[:3] and sampled[3:] == [eos] and sink.finish("r4") == "stop"
