@@ -83,6 +83,7 @@ def _sampling(
         presence_penalty=body.presence_penalty,
         logit_bias=inference.logit_bias(body.logit_bias),
         stop=tuple(body.stop_list),
+        include_stop_str_in_output=body.include_stop_str_in_output,
         seed=body.seed,
         top_logprobs=body.top_logprobs_asked,
     )

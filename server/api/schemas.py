@@ -407,6 +407,9 @@ class OpenAISampling(BaseModel):
         description="vLLM's: no end of sequence, stop_token_ids token or stop string ends the answer before this "
         "many tokens (at most max_tokens).",
     )
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM's: the stop string (or stop_token_ids token's text) that ends the answer stays in it."
+    )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         max_length=MAX_STOP_TOKEN_IDS,
@@ -450,7 +453,6 @@ class OpenAISampling(BaseModel):
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
             "prompt_logprobs": (bool, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
-            "include_stop_str_in_output": (bool, "answers end before their stop string; leave it out or false"),
         })  # fmt: skip
 
     @field_validator("logit_bias", mode="before")

@@ -106,7 +106,7 @@ class _Output(NamedTuple):
     logprob: float
     top: Top
     finish: FinishReason | None  # decided by the token alone (EOS, a complete grammar, max tokens)
-    eos: bool  # the token ends the sequence: it adds no text
+    textless: bool  # a stop token, whose text is left out (vLLM's include_stop_str_in_output keeps it)
 
 
 class _Drawn(NamedTuple):
@@ -520,15 +520,16 @@ class Engine:
     def _new_row(self, request: GenerationRequest, sink: EventSink, slot: int) -> _Row:
         """The running state of an admitted request: its KV row (with the prompt prefix found cached in it), its
         generator and what its draws read."""
+        params = request.sampling
         generator = None
-        if request.sampling.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
         seen = None
-        if request.sampling.penalized:  # room for every id the request can have; pinned, so copies do not block
-            seen = torch.empty(len(request.prompt_ids) + request.sampling.max_new_tokens, dtype=torch.long,
+        if params.penalized:  # room for every id the request can have; pinned, so copies do not block
+            seen = torch.empty(len(request.prompt_ids) + params.max_new_tokens, dtype=torch.long,
                                pin_memory=self.device.type == "cuda")  # fmt: skip
             seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        text = TextStream(self.tokenizer, request.sampling.stop, request.sampling.min_tokens)
+        text = TextStream(self.tokenizer, params.stop, params.min_tokens, params.include_stop_str_in_output)
         place = self._kv_rows.take(request.cache_scope, request.prompt_ids)  # last: only the copy may fail past it
         ids = list(request.prompt_ids)
         try:
@@ -539,7 +540,7 @@ class Engine:
             raise
         self._kv_rows.wrote(place.row, request.cache_scope, ids, place.reused)
         # ignore_eos: vLLM's stop_token_ids still end the answer
-        stops = request.sampling.stop_token_ids | (frozenset() if request.sampling.ignore_eos else self.eos_ids)
+        stops = params.stop_token_ids | (frozenset() if params.ignore_eos else self.eos_ids)
         return _Row(request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen, stops)
 
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
@@ -703,7 +704,8 @@ class Engine:
             finish = "length"
         if finish is not None:
             self._release(row, keep=True)
-        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, eos))
+        textless = eos and not params.include_stop_str_in_output
+        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, textless))
 
     def _deliver(self) -> None:
         """The text and events of the tokens taken last step, in order. A row whose text reaches a stop sequence
@@ -713,7 +715,7 @@ class Engine:
             row = out.row
             finish = out.finish
             try:
-                if out.eos:  # the end of the sequence has no text of its own
+                if out.textless:  # the end of the sequence has no text of its own
                     text = row.text.flush()
                 else:
                     text, stopped = row.text.push(out.token)

@@ -33,6 +33,8 @@ class SamplingParams:
     # vLLM's: no stop token (EOS, stop_token_ids) may be drawn, and no stop sequence ends the text, before this many
     # tokens are generated
     min_tokens: int = 0
+    # vLLM's: the stop string (or a stop token's text) that ends the answer stays at its end
+    include_stop_str_in_output: bool = False
     top_logprobs: int = 0  # the N most likely tokens (and their logprobs) reported with each token; 0: off
 
     def __post_init__(self) -> None:

@@ -735,3 +735,27 @@ def test_vllm_min_tokens_holds_back_every_end_and_is_bounded(client: TestClient)
     ):
         assert says in error_of(client.post("/v1/completions" if "prompt" in payload else "/v1/chat/completions",
                                             json=payload))["message"], payload  # fmt: skip
+
+
+def test_vllm_include_stop_str_in_output_keeps_what_ended_the_answer(client: TestClient) -> None:
+    """vLLM's include_stop_str_in_output: the stop string that ended the answer stays at its end (the first of two
+    found), streamed as not, on both OpenAI routes; a stop_token_ids token keeps its text. Not a boolean: a 422."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+    greedy = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = greedy[9:11]  # two characters of the answer: it ends where they first end in it, past its start
+    end = greedy.index(stop) + len(stop)
+    assert 2 < end < len(greedy)
+    kept = {**body, "stop": [stop, "never"], "include_stop_str_in_output": True}
+    out = client.post("/v1/completions", json=kept).json()["choices"][0]
+    assert out["text"] == greedy[:end] and out["finish_reason"] == "stop"
+    streamed = sse(client, "/v1/completions", {**kept, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in streamed) == greedy[:end]
+    chat_text = client.post("/v1/chat/completions", json=chat(max_tokens=20)).json()["choices"][0]["message"]["content"]
+    chat_kept = chat(max_tokens=20, stop=[chat_text[1:3]], include_stop_str_in_output=True)
+    answer = client.post("/v1/chat/completions", json=chat_kept).json()["choices"][0]["message"]["content"]
+    assert answer == chat_text[: chat_text.index(chat_text[1:3]) + 2]
+    first = client.post("/tokenize", json={"prompt": greedy[0], "add_special_tokens": False}).json()["tokens"][0]
+    by_token = {**body, "stop_token_ids": [first], "include_stop_str_in_output": True}
+    assert client.post("/v1/completions", json=by_token).json()["choices"][0]["text"] == greedy[0]
+    says = error_of(client.post("/v1/completions", json={**body, "include_stop_str_in_output": "x"}))["message"]
+    assert "include_stop_str_in_output" in says

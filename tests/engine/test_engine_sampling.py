@@ -98,15 +98,18 @@ def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
     assert "".join(plain.push(t)[0] for t in tokenizer("héllo")["input_ids"]) == "héllo"  # multi-byte waits
 
 
-def stream_until_stop(tokenizer, text: str, stop: tuple[str, ...], min_tokens: int) -> tuple[str, bool]:
-    """The text a TextStream lets out of `text`'s tokens fed one by one, and whether a stop sequence ended it."""
-    stream, out = TextStream(tokenizer, stop, min_tokens), ""
+def stream_until_stop(
+    tokenizer, text: str, stop: tuple[str, ...], min_tokens: int = 0, include_stop: bool = False
+) -> tuple[list[str], bool]:
+    """The deltas a TextStream lets out of `text`'s tokens fed one by one (the flushed tail last, where no stop
+    sequence ended it), and whether one did."""
+    stream, deltas = TextStream(tokenizer, stop, min_tokens, include_stop), []
     for token in tokenizer(text)["input_ids"]:
         delta, stopped = stream.push(token)
-        out += delta
+        deltas.append(delta)
         if stopped:
-            return out, True
-    return out + stream.flush(), False
+            return deltas, True
+    return [*deltas, stream.flush()], False
 
 
 @pytest.mark.parametrize(
@@ -124,7 +127,19 @@ def stream_until_stop(tokenizer, text: str, stop: tuple[str, ...], min_tokens: i
 def test_a_stop_sequence_counts_only_where_it_ends_past_the_min_tokens(tokenizer, stop, min_tokens, expected) -> None:
     """vLLM's min_tokens: a stop sequence ends the answer only where it ends in text that the tokens after the first
     min_tokens added (a byte tokenizer: a character a token)."""
-    assert stream_until_stop(tokenizer, "abcabc", (stop,), min_tokens) == expected
+    deltas, stopped = stream_until_stop(tokenizer, "abcabc", (stop,), min_tokens)
+    assert ("".join(deltas), stopped) == expected
+
+
+def test_include_stop_keeps_the_stop_sequence_and_holds_no_text_back(tokenizer) -> None:
+    """vLLM's include_stop_str_in_output: the text ends with the stop sequence that ended it, and every character
+    goes out with its token (none can be taken back), also where the stop straddles tokens or min_tokens passes
+    over an earlier one."""
+    assert stream_until_stop(tokenizer, "abcENDxy", ("END", "x")) == (["", "", "a", "b", "c", ""], True)  # held back
+    assert stream_until_stop(tokenizer, "abcENDxy", ("END", "x"), include_stop=True) == (list("abcEND"), True)
+    assert stream_until_stop(tokenizer, "abcENDxy", ("cE",), include_stop=True) == (list("abcE"), True)
+    assert stream_until_stop(tokenizer, "abcabc", ("b",), 2, include_stop=True) == (list("abcab"), True)
+    assert stream_until_stop(tokenizer, "abc", ("x",), include_stop=True) == ([*"abc", ""], False)
 
 
 class _OwnDecode(type(byte_tokenizer())):  # a tokenizer class with its own decoding rule
