@@ -228,13 +228,16 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     prompt_ids = await inference.encode_prompt(body.text)
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echo = body.text if body.echo else ""  # each choice's text begins with the prompt's
     if body.stream:
         events = await _open_streams(request, prompt_ids, samplings, adapter, grammar, inference)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
             offsets = [0] * body.n
+            echoes = [echo] * body.n  # the prompt goes out with each choice's first chunk, as vLLM streams it
             async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
                 async for index, event, finish, usage in choices:
+                    text, echoes[index] = echoes[index] + event.text, ""
                     logprobs = None
                     if body.logprobs is not None:
                         logprobs = _completion_logprobs([event], inference, offsets[index])
@@ -244,9 +247,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
                         created=created,
                         model=body.model,
                         usage=usage,
-                        choices=[
-                            CompletionChoice(index=index, text=event.text, finish_reason=finish, logprobs=logprobs)
-                        ],
+                        choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],
                     )
 
         return sse_response(chunks(), OPENAI)
@@ -262,7 +263,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
             choices=[
                 CompletionChoice(
                     index=i,
-                    text=r.text,
+                    text=echo + r.text,
                     finish_reason=_finish(r.events[-1]),
                     logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference),
                 )

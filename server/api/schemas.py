@@ -1,6 +1,6 @@
 """Request and response bodies of the generation APIs: TGI/LoRAX and OpenAI. Fields clients send that we
 do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working; those whose value would
-make the answer other than what was asked for (OpenAI's tools, suffix, echo) are refused, saying what to send.
+make the answer other than what was asked for (OpenAI's tools, suffix) are refused, saying what to send.
 
 Every field a client sends is bounded here to what the engine can execute: floats are finite (pydantic
 would otherwise take "NaN" and "Infinity"), seeds fit torch.Generator.manual_seed, lists and strings have a
@@ -500,14 +500,24 @@ class CompletionRequest(OpenAISampling):
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
     )
+    echo: bool = Field(False, description="Each choice's text begins with the prompt's (not with logprobs).")
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
             "suffix": (bool, "this server completes after the prompt, it does not insert; leave suffix out"),
-            "echo": (bool, "answers hold the completion alone; prepend the prompt yourself, or send echo false"),
         })  # fmt: skip
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> "CompletionRequest":
+        # OpenAI's and vLLM's answer would hold the prompt tokens' logprobs too, which this server does not compute
+        if self.echo and self.logprobs is not None:
+            raise ValueError(
+                "echo with logprobs is not supported (the prompt's tokens have no logprobs here): send echo without "
+                "logprobs, or logprobs without echo"
+            )
+        return self
 
     @model_validator(mode="after")
     def _best_of_covers_n(self) -> "CompletionRequest":

@@ -759,3 +759,22 @@ def test_vllm_include_stop_str_in_output_keeps_what_ended_the_answer(client: Tes
     assert client.post("/v1/completions", json=by_token).json()["choices"][0]["text"] == greedy[0]
     says = error_of(client.post("/v1/completions", json={**body, "include_stop_str_in_output": "x"}))["message"]
     assert "include_stop_str_in_output" in says
+
+
+def test_completions_echo_begins_each_choice_with_the_prompt(client: TestClient) -> None:
+    """OpenAI's echo on /v1/completions: each choice's text is the prompt's then its own, streamed with its first
+    chunk (as vLLM streams it). With logprobs, a 422 (the prompt's tokens would need theirs)."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}
+    plain = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()
+    assert [c["text"] for c in echoed["choices"]] == ["abc" + text for text in plain]
+    assert echoed["usage"]["completion_tokens"] == 12
+    chunks = sse(client, "/v1/completions", {**body, "echo": True, "stream": True})
+    for index, text in enumerate(plain):
+        mine = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0].startswith("abc") and "".join(mine) == "abc" + text
+    assert client.post("/v1/completions", json={**body, "echo": False}).json()["choices"][0]["text"] == plain[0]
+    for logprobs in (0, 2):
+        says = error_of(client.post("/v1/completions", json={**body, "echo": True, "logprobs": logprobs}))["message"]
+        assert "echo with logprobs is not supported" in says
+    assert "echo" in error_of(client.post("/v1/completions", json={**body, "echo": "x"}))["message"]
