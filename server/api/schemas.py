@@ -452,7 +452,8 @@ class OpenAISampling(BaseModel):
         return refuse_unsupported(value, {
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
-            "prompt_logprobs": (bool, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
+            # 0 asks too: vLLM then reports each prompt token's own logprob
+            "prompt_logprobs": (_sent, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
         })  # fmt: skip
 
     @field_validator("logit_bias", mode="before")
@@ -481,6 +482,10 @@ class OpenAISampling(BaseModel):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
+
+
+def _sent(value: object) -> bool:
+    return value is not None
 
 
 def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object], bool], str]]) -> object:

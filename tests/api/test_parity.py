@@ -565,9 +565,11 @@ def test_vllm_guided_fields_and_structured_outputs_constrain_the_answer(client: 
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_grammar": "root ::= x"}, "guided_grammar is not supported"),
+        ({"prompt_logprobs": 0}, "prompt_logprobs is not supported"),
+        ({"prompt_logprobs": 5}, "prompt_logprobs is not supported"),
     ):
         assert says in error_of(client.post("/v1/completions", json={**completion, **extra}))["message"], extra
-    for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}):
+    for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}, {"prompt_logprobs": None}):
         assert client.post("/v1/completions", json={**completion, "max_tokens": 2, **harmless}).status_code == 200
 
 
