@@ -28,7 +28,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop sequences, matched on decoded text
     seed: int | None = None  # per-request generator: same output whatever else is in the batch
     ignore_eos: bool = False
-    # tokens that end the answer as the end-of-sequence token does (their text left out), ignore_eos or not: vLLM's
+    # tokens that end the answer as the end-of-sequence token does (their text left out unless
+    # include_stop_str_in_output), ignore_eos or not: vLLM's
     stop_token_ids: frozenset[int] = frozenset()
     # vLLM's: no stop token (EOS, stop_token_ids) may be drawn, and no stop sequence ends the text, before this many
     # tokens are generated
