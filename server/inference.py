@@ -69,6 +69,13 @@ class MaxTokensTooLarge(LoraplexError):
     code = "max_tokens_too_large"
 
 
+class MinTokensTooLarge(LoraplexError):
+    """vLLM's min_tokens past the request's completion limit."""
+
+    http_status = 422
+    code = "min_tokens_too_large"
+
+
 class ClientDisconnected(LoraplexError):
     """The client left before its answer: nobody reads this, and it is no server failure."""
 
@@ -205,6 +212,16 @@ class Inference:
                 f"send {field} <= {room}, or a shorter prompt"
             )
         return requested
+
+    @staticmethod
+    def min_tokens(min_tokens: int | None, max_new_tokens: int, field: str, sent: bool) -> int:
+        """vLLM's min_tokens (None: 0), at most the completion limit: `field`'s value, `sent` by the client or not."""
+        if min_tokens is not None and min_tokens > max_new_tokens:
+            limit = f"{field} {max_new_tokens}" if sent else f"{field} (not sent: {max_new_tokens} here)"
+            raise MinTokensTooLarge(
+                f"min_tokens {min_tokens} exceeds {limit}: send min_tokens <= {max_new_tokens}, or a larger {field}"
+            )
+        return min_tokens or 0
 
     def top_k(self, top_k: int | None) -> int:
         """0 (off) for None and for every k that keeps the whole vocabulary, as HF and vLLM read it."""

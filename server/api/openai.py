@@ -68,11 +68,14 @@ def _sampling(
     body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], inference: Inference, default: int
 ) -> SamplingParams:
     limit, field = body.max_tokens_field
+    max_new_tokens = inference.max_new_tokens(len(prompt_ids), limit, field, default)
     return SamplingParams(
-        max_new_tokens=inference.max_new_tokens(len(prompt_ids), limit, field, default),
+        max_new_tokens=max_new_tokens,
+        min_tokens=inference.min_tokens(body.min_tokens, max_new_tokens, field, limit is not None),
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
         top_k=inference.top_k(None if body.top_k is None else max(body.top_k, 0)),  # vLLM's -1: off
+        min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         ignore_eos=body.ignore_eos,
         stop_token_ids=inference.stop_token_ids(body.stop_token_ids),
@@ -80,6 +83,7 @@ def _sampling(
         presence_penalty=body.presence_penalty,
         logit_bias=inference.logit_bias(body.logit_bias),
         stop=tuple(body.stop_list),
+        include_stop_str_in_output=body.include_stop_str_in_output,
         seed=body.seed,
         top_logprobs=body.top_logprobs_asked,
     )
@@ -224,13 +228,16 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     prompt_ids = await inference.encode_prompt(body.text)
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    echo = body.text if body.echo else ""  # each choice's text begins with the prompt's
     if body.stream:
         events = await _open_streams(request, prompt_ids, samplings, adapter, grammar, inference)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
             offsets = [0] * body.n
+            echoes = [echo] * body.n  # the prompt goes out with each choice's first chunk, as vLLM streams it
             async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
                 async for index, event, finish, usage in choices:
+                    text, echoes[index] = echoes[index] + event.text, ""
                     logprobs = None
                     if body.logprobs is not None:
                         logprobs = _completion_logprobs([event], inference, offsets[index])
@@ -240,9 +247,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
                         created=created,
                         model=body.model,
                         usage=usage,
-                        choices=[
-                            CompletionChoice(index=index, text=event.text, finish_reason=finish, logprobs=logprobs)
-                        ],
+                        choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],
                     )
 
         return sse_response(chunks(), OPENAI)
@@ -258,7 +263,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
             choices=[
                 CompletionChoice(
                     index=i,
-                    text=r.text,
+                    text=echo + r.text,
                     finish_reason=_finish(r.events[-1]),
                     logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference),
                 )

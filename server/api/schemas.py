@@ -1,6 +1,6 @@
 """Request and response bodies of the generation APIs: TGI/LoRAX and OpenAI. Fields clients send that we
 do not use are accepted and ignored (extra="ignore"), so unchanged clients keep working; those whose value would
-make the answer other than what was asked for (OpenAI's tools, suffix, echo) are refused, saying what to send.
+make the answer other than what was asked for (OpenAI's tools, suffix) are refused, saying what to send.
 
 Every field a client sends is bounded here to what the engine can execute: floats are finite (pydantic
 would otherwise take "NaN" and "Infinity"), seeds fit torch.Generator.manual_seed, lists and strings have a
@@ -390,10 +390,26 @@ class OpenAISampling(BaseModel):
     # vLLM's extensions of the OpenAI API, which its clients and benchmark tools send (ignore_eos: a fixed answer
     # length, whatever the model would say)
     top_k: int | None = Field(None, ge=-1, description="vLLM's: sample among the k most likely tokens; 0 or -1: off.")
+    min_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="vLLM's: sample among the tokens of at least min_p x the top token's "
+        "probability (after temperature); 0: off.",
+    )
     repetition_penalty: float | None = Field(
         None, ge=0.01, le=100, description="vLLM's (transformers' rule over prompt and output); 1: off."
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate past the end-of-sequence token, to max_tokens.")
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="vLLM's: no end of sequence, stop_token_ids token or stop string ends the answer before this "
+        "many tokens (at most max_tokens).",
+    )
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM's: the stop string (or stop_token_ids token's text) that ends the answer stays in it."
+    )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
         max_length=MAX_STOP_TOKEN_IDS,
@@ -434,12 +450,10 @@ class OpenAISampling(BaseModel):
     @classmethod
     def _vllm_unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
-            "min_p": (bool, "min-p sampling is not implemented; use top_p or top_k"),
-            "min_tokens": (bool, "a minimum answer length is not implemented; leave min_tokens out or 0"),
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
-            "prompt_logprobs": (bool, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
-            "include_stop_str_in_output": (bool, "answers end before their stop string; leave it out or false"),
+            # 0 asks too: vLLM then reports each prompt token's own logprob
+            "prompt_logprobs": (_sent, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
         })  # fmt: skip
 
     @field_validator("logit_bias", mode="before")
@@ -470,6 +484,10 @@ class OpenAISampling(BaseModel):
         return self.max_tokens, "max_tokens"
 
 
+def _sent(value: object) -> bool:
+    return value is not None
+
+
 def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object], bool], str]]) -> object:
     """Fields of OpenAI's that this server does not implement, refused where a client sends them in a form that
     changes the answer: ignored (extra="ignore"), the answer would silently not be what was asked for.
@@ -487,14 +505,24 @@ class CompletionRequest(OpenAISampling):
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
     )
+    echo: bool = Field(False, description="Each choice's text begins with the prompt's (not with logprobs).")
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
             "suffix": (bool, "this server completes after the prompt, it does not insert; leave suffix out"),
-            "echo": (bool, "answers hold the completion alone; prepend the prompt yourself, or send echo false"),
         })  # fmt: skip
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> "CompletionRequest":
+        # OpenAI's and vLLM's answer would hold the prompt tokens' logprobs too, which this server does not compute
+        if self.echo and self.logprobs is not None:
+            raise ValueError(
+                "echo with logprobs is not supported (the prompt's tokens have no logprobs here): send echo without "
+                "logprobs, or logprobs without echo"
+            )
+        return self
 
     @model_validator(mode="after")
     def _best_of_covers_n(self) -> "CompletionRequest":

@@ -87,6 +87,7 @@ class _Row:
     # ids as a host tensor, for rows whose draw reads them (a penalty): each step sends its filled prefix to the
     # device in one copy, where converting the list took ~150 ns an id (2,000 ids: 0.3 ms a row every step)
     seen: torch.Tensor | None
+    stops: frozenset[int]  # the tokens that end it: EOS (unless ignore_eos) and its stop_token_ids
     generated: int = 0
     ended: bool = False  # released: its KV row and slot are another request's now
 
@@ -100,7 +101,7 @@ class _Output(NamedTuple):
     logprob: float
     top: Top
     finish: FinishReason | None  # decided by the token alone (EOS, a complete grammar, max tokens)
-    eos: bool  # the token ends the sequence: it adds no text
+    textless: bool  # a stop token, whose text is left out (vLLM's include_stop_str_in_output keeps it)
 
 
 class _Drawn(NamedTuple):
@@ -491,15 +492,16 @@ class Engine:
     def _new_row(self, request: GenerationRequest, sink: EventSink, slot: int) -> _Row:
         """The running state of an admitted request: its KV row (with the prompt prefix found cached in it), its
         generator and what its draws read."""
+        params = request.sampling
         generator = None
-        if request.sampling.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(request.sampling.seed)
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
         seen = None
-        if request.sampling.penalized:  # room for every id the request can have; pinned, so copies do not block
-            seen = torch.empty(len(request.prompt_ids) + request.sampling.max_new_tokens, dtype=torch.long,
+        if params.penalized:  # room for every id the request can have; pinned, so copies do not block
+            seen = torch.empty(len(request.prompt_ids) + params.max_new_tokens, dtype=torch.long,
                                pin_memory=self.device.type == "cuda")  # fmt: skip
             seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
-        text = TextStream(self.tokenizer, request.sampling.stop)
+        text = TextStream(self.tokenizer, params.stop, params.min_tokens, params.include_stop_str_in_output)
         place = self._kv_rows.take(request.cache_scope, request.prompt_ids)  # last: only the copy may fail past it
         ids = list(request.prompt_ids)
         try:
@@ -509,7 +511,9 @@ class Engine:
             self._kv_rows.give_back(place.row, keep=False)
             raise
         self._kv_rows.wrote(place.row, request.cache_scope, ids, place.reused)
-        return _Row(request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen)
+        # ignore_eos: vLLM's stop_token_ids still end the answer
+        stops = params.stop_token_ids | (frozenset() if params.ignore_eos else self.eos_ids)
+        return _Row(request, sink, place.row, slot, ids, place.reused, place.reused, text, generator, seen, stops)
 
     def _activate(self, key: str, lora: LoraWeights | None, slot: int) -> None:
         assert lora is not None  # validate() pairs adapter_key with lora
@@ -560,7 +564,11 @@ class Engine:
         for row, end in chunks:
             row.prefilled = end
             self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, end)
-        self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)]) if sampled else None
+        if sampled:  # a row's token of the last step counts among those drawn before, taken by the host or not
+            drawn = [r.generated + (id(r) in feed) for r in sampled]
+            self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)], drawn)
+        else:
+            self._in_flight = None
         # On CUDA the step so far was only launched: taking the last step's tokens, their text and events overlap
         # the device's work.
         if previous is not None:
@@ -581,8 +589,9 @@ class Engine:
         return self._forward(self._step.views(buffer, width), None)
 
     # ---- sampling and finishing ---------------------------------------------------------------------
-    def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor) -> _Drawn:
-        # logits: [len(rows), V]; one device -> host copy brings every row's token, logprob and top logprobs
+    def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor, drawn: list[int]) -> _Drawn:
+        # logits: [len(rows), V]; drawn[i]: the tokens rows[i] drew before this draw. One device -> host copy
+        # brings every row's token, logprob and top logprobs
         # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
         masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
@@ -594,7 +603,9 @@ class Engine:
             for r in rows
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
-        final = final_logits(logits, params, seen, allowed)  # [B, V]
+        # vLLM's min_tokens: a row short of them draws no token that would end it
+        banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
+        final = final_logits(logits, params, seen, allowed, banned)  # [B, V]
         if self._greedy_pick is not None and all(p.greedy and not p.top_logprobs for p in params):
             tokens, picked = self._greedy_pick(final)  # [B] each: no row needs the whole distribution
             asking, top_ids, top_values = top_logprobs(final, params)  # none asks
@@ -657,7 +668,7 @@ class Engine:
             except Exception as exc:  # this request's matcher alone
                 self._grammar_failed(row, GrammarFailed(f"the grammar refused token {token}: {exc}"))
                 return
-        eos = (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids
+        eos = token in row.stops
         finish: FinishReason | None = None
         if eos or (grammar is not None and grammar.is_finished()):  # complete: only EOS could follow, so skip its step
             finish = "stop"
@@ -665,7 +676,8 @@ class Engine:
             finish = "length"
         if finish is not None:
             self._release(row, keep=True)
-        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, eos))
+        textless = eos and not params.include_stop_str_in_output
+        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, textless))
 
     def _deliver(self) -> None:
         """The text and events of the tokens taken last step, in order. A row whose text reaches a stop sequence
@@ -675,7 +687,7 @@ class Engine:
             row = out.row
             finish = out.finish
             try:
-                if out.eos:  # the end of the sequence has no text of its own
+                if out.textless:  # the end of the sequence has no text of its own
                     text = row.text.flush()
                 else:
                     text, stopped = row.text.push(out.token)

@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # vLLM's: keep the tokens of at least min_p x the top token's probability; 0.0: off
     repetition_penalty: float = 1.0  # 1.0: off; HF's rule over prompt + generated ids
     # OpenAI's (and vLLM's) over the generated ids only: each token's logit less frequency x its count so far and
     # presence once it has appeared; 0.0: off
@@ -27,20 +28,31 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop sequences, matched on decoded text
     seed: int | None = None  # per-request generator: same output whatever else is in the batch
     ignore_eos: bool = False
-    # tokens that end the answer as the end-of-sequence token does (their text left out), ignore_eos or not: vLLM's
+    # tokens that end the answer as the end-of-sequence token does (their text left out unless
+    # include_stop_str_in_output), ignore_eos or not: vLLM's
     stop_token_ids: frozenset[int] = frozenset()
+    # vLLM's: no stop token (EOS, stop_token_ids) may be drawn, and no stop sequence ends the text, before this many
+    # tokens are generated
+    min_tokens: int = 0
+    # vLLM's: the stop string (or a stop token's text) that ends the answer stays at its end
+    include_stop_str_in_output: bool = False
     top_logprobs: int = 0  # the N most likely tokens (and their logprobs) reported with each token; 0: off
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError("min_tokens must lie in 0..max_new_tokens")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
-        floats = (self.temperature, self.top_p, self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
+        floats = (self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.frequency_penalty,
+                  self.presence_penalty)  # fmt: skip
         if not all(math.isfinite(x) for x in floats):  # NaN passes every comparison below
-            raise ValueError("temperature, top_p and the penalties must be finite")
+            raise ValueError("temperature, top_p, min_p and the penalties must be finite")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError("temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must lie in 0..1")
         if max(abs(self.frequency_penalty), abs(self.presence_penalty)) > MAX_OPENAI_PENALTY:
             raise ValueError(f"frequency_penalty and presence_penalty must lie in +-{MAX_OPENAI_PENALTY:g}")
         if not all(math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS for _, bias in self.logit_bias):
@@ -96,6 +108,14 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's tokens whose probability is at least p times its top token's (the top token always stays);
+    p 0: off. Compared as logits, log p_i - log p_max = l_i - l_max: no softmax over the vocabulary needed."""
+    # logits: [B, V]; p: [B]
+    floor = logits.amax(-1, keepdim=True) + p[:, None].log()  # log 0 = -inf: every token stays
+    return logits.masked_fill(logits < floor, float("-inf"))
+
+
 def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`values` as a tensor on `device`, without waiting for it: a copy from pageable host memory waits until the
     device's queue (the step's forward) has drained, one from pinned memory does not, so the host goes on."""
@@ -112,9 +132,10 @@ def final_logprobs(
     params: list[SamplingParams],
     seen: list[Seen | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: list[frozenset[int]] | None = None,
 ) -> torch.Tensor:
     """Each row's log-distribution to draw from [B, V] fp32: log_softmax of final_logits."""
-    return final_logits(logits, params, seen, allowed).float().log_softmax(-1)
+    return final_logits(logits, params, seen, allowed, banned).float().log_softmax(-1)
 
 
 def final_logits(
@@ -122,13 +143,15 @@ def final_logits(
     params: list[SamplingParams],
     seen: list[Seen | None],
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    banned: list[frozenset[int]] | None = None,
 ) -> torch.Tensor:
-    """Each row's logits to draw from [B, V]: the grammar mask (constrained rows only), the penalties and the logit
-    bias, then (sampled rows) temperature, top-k, top-p; in fp32 where any of them applies, else `logits` as
-    they are (their dtype's values are exact in fp32: nothing to round)."""
+    """Each row's logits to draw from [B, V]: the grammar mask (constrained rows only), the penalties, the logit
+    bias and the banned tokens, then (sampled rows) temperature, min-p, top-k, top-p; in fp32 where any of them
+    applies, else `logits` as they are (their dtype's values are exact in fp32: nothing to round)."""
     # logits: [B, V]; seen[i]: row i's tokens so far (read where a penalty is on); allowed: (rows [m], mask [m, V]
-    # bool) of the constrained rows
-    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized)]
+    # bool) of the constrained rows; banned[i]: tokens row i may not draw now (its stop tokens, short of min_tokens)
+    banned = banned or [frozenset()] * len(params)
+    adjusted = [i for i, p in enumerate(params) if p.logit_bias or (seen[i] is not None and p.penalized) or banned[i]]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if allowed is None and not adjusted and not sampled:
         return logits
@@ -137,15 +160,17 @@ def final_logits(
         logits = mask_logits(logits, *allowed)
     if adjusted:  # out of place: fp32 logits are the forward's own tensor (an inference tensor, a graph's output)
         rows = device_tensor(adjusted, logits.device)
-        logits = logits.index_copy(0, rows, torch.stack([_adjusted(logits[i], params[i], seen[i]) for i in adjusted]))
+        stacked = torch.stack([_adjusted(logits[i], params[i], seen[i], banned[i]) for i in adjusted])
+        logits = logits.index_copy(0, rows, stacked)
     if sampled:
         logits = _filtered(logits, params, sampled)
     return logits
 
 
-def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None) -> torch.Tensor:
+def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None, banned: frozenset[int]) -> torch.Tensor:
     """One row's logits [V] after its penalties and its logit_bias, which OpenAI adds to the logits the model made:
-    after the penalties, before temperature and the filters."""
+    after the penalties, before temperature and the filters; then its banned tokens at -inf, which no bias or
+    penalty brings back."""
     if seen is not None:
         ids, prompt_len = seen
         logits = repetition_penalty(logits, ids, params.repetition_penalty)
@@ -153,6 +178,8 @@ def _adjusted(logits: torch.Tensor, params: SamplingParams, seen: Seen | None) -
             logits = output_penalty(logits, ids[prompt_len:], params.frequency_penalty, params.presence_penalty)
     if params.logit_bias:
         logits = logits.index_add(0, *_bias_tensors(params.logit_bias, logits.device))
+    if banned:
+        logits = logits.index_fill(0, _id_tensor(banned, logits.device), float("-inf"))
     return logits
 
 
@@ -162,6 +189,13 @@ def _bias_tensors(bias: tuple[tuple[int, float], ...], device: torch.device) -> 
     token: a copy from the host waits for the step's forward, which the host otherwise overlaps."""
     ids, values = zip(*bias, strict=True)
     return device_tensor(list(ids), device), device_tensor(list(values), device, torch.float32)
+
+
+@functools.lru_cache(maxsize=256)
+def _id_tensor(ids: frozenset[int], device: torch.device) -> torch.Tensor:
+    """A set of token ids [n] on `device`, copied there once per distinct set (a request bans the same set at each
+    of its first min_tokens draws), as _bias_tensors."""
+    return device_tensor(sorted(ids), device)
 
 
 def mask_logits(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -208,12 +242,15 @@ def top_logprobs(logprobs: torch.Tensor, params: list[SamplingParams]) -> tuple[
 
 
 def _filtered(logits: torch.Tensor, params: list[SamplingParams], sampled: list[int]) -> torch.Tensor:
-    """Temperature, top-k and top-p on the sampled rows (greedy rows pass through unchanged)."""
+    """Temperature, then min-p, top-k and top-p on the sampled rows (greedy rows pass through unchanged): min-p
+    before top-k and top-p as vLLM's sampler runs it (top-p then sums the mass min-p left)."""
     # logits: [B, V]
     index = device_tensor(sampled, logits.device)
     rows = logits[index]  # [n, V]
     temperature = device_tensor([params[i].temperature for i in sampled], logits.device)
     rows = rows / temperature[:, None]
+    if any(params[i].min_p for i in sampled):
+        rows = min_p_filter(rows, device_tensor([params[i].min_p for i in sampled], logits.device))
     if any(params[i].top_k for i in sampled):
         vocab = logits.shape[-1]
         k = [min(params[i].top_k, vocab) or vocab for i in sampled]  # a k beyond the vocabulary keeps all of it

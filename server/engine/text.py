@@ -31,18 +31,26 @@ class TextStream:
     """Feed token ids one by one; get the text they add, holding back what may start a stop sequence.
 
     Decodes a short window (TGI's prefix/read offsets) so each token costs O(1), and waits while the text
-    ends in an incomplete UTF-8 sequence (U+FFFD).
+    ends in an incomplete UTF-8 sequence (U+FFFD). A stop sequence counts only where it ends past the text of the
+    first `min_tokens` tokens (vLLM's min_tokens: the answer is at least that long); `include_stop` (vLLM's
+    include_stop_str_in_output) keeps the stop sequence that ends the text.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...], min_tokens: int = 0, include_stop: bool = False
+    ) -> None:
         self._decode = window_decoder(tokenizer)
         self._stop = tuple(s for s in stop if s)
-        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        self._include_stop = include_stop
+        # text that may begin a stop sequence waits, unless a stop stays in the text: then all text before it does
+        self._holdback = 0 if include_stop else max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
         self._text = ""  # all decoded text so far (with stop sequences only: without, nothing is held back)
         self._emitted = 0  # characters of _text already returned
+        self._min_tokens = min_tokens
+        self._armed = 0  # characters of _text that the first min_tokens tokens made: no stop sequence ends in them
 
     def _decode_new(self) -> str:
         prefix = self._decode(self._ids[self._prefix : self._read])
@@ -70,16 +78,22 @@ class TextStream:
         return text[len(prefix) :]
 
     def push(self, token_id: int) -> tuple[str, bool]:
-        """(text delta, whether a stop sequence was hit). After a hit the delta ends before the stop text."""
+        """(text delta, whether a stop sequence was hit). After a hit the delta ends before the stop text (with
+        include_stop: with it; the first one given where two begin at the same character)."""
         self._ids.append(token_id)
         if not self._stop:  # every character goes out at once: no text to keep
             return self._decode_new(), False
+        searched = len(self._text)  # a stop ending by here was looked for at an earlier token
         self._text += self._decode_new()
-        # A stop may straddle earlier text: search from where the longest stop could begin.
-        start = max(0, self._emitted - self._holdback)
-        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
+        if len(self._ids) <= self._min_tokens:
+            self._armed = len(self._text)
+        # A stop may straddle earlier text: each is looked for where it would end past both bounds.
+        after = max(searched, self._armed)
+        found = ((self._text.find(s, max(0, after - len(s) + 1)), s) for s in self._stop)
+        hits = [(start, stop) for start, stop in found if start >= 0]
         if hits:
-            end = min(hits)
+            start, stop = min(hits, key=lambda hit: hit[0])
+            end = start + len(stop) if self._include_stop else start
             delta = self._text[self._emitted : end]
             self._emitted = max(self._emitted, end)
             return delta, True

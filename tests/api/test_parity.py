@@ -565,11 +565,11 @@ def test_vllm_guided_fields_and_structured_outputs_constrain_the_answer(client: 
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_grammar": "root ::= x"}, "guided_grammar is not supported"),
-        ({"min_tokens": 4}, "min_tokens is not supported"),
-        ({"min_p": 0.1}, "min_p is not supported"),
+        ({"prompt_logprobs": 0}, "prompt_logprobs is not supported"),
+        ({"prompt_logprobs": 5}, "prompt_logprobs is not supported"),
     ):
         assert says in error_of(client.post("/v1/completions", json={**completion, **extra}))["message"], extra
-    for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}):
+    for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}, {"prompt_logprobs": None}):
         assert client.post("/v1/completions", json={**completion, "max_tokens": 2, **harmless}).status_code == 200
 
 
@@ -675,3 +675,108 @@ def test_vllm_sampling_extensions_reach_the_sampler_and_are_bounded(client: Test
            ("stop_token_ids", [-1]), ("stop_token_ids", [10**9]), ("stop_token_ids", [1] * 1025)]  # fmt: skip
     for field, value in bad:
         assert field in error_of(client.post("/v1/completions", json={**body, field: value}))["message"]
+
+
+def test_vllm_min_p_reaches_the_sampler_and_is_bounded(client: TestClient) -> None:
+    """vLLM's min_p on the OpenAI routes: 1 keeps the top token alone, so a seeded sample is the greedy answer and
+    every token's logprob is 0 (the others report the floor); 0 is off. Outside 0..1: a 422 naming the field
+    (tests/engine: the tokens kept against the definition, beside rows without min_p)."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 8}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    sampled = {**body, "temperature": 1.0, "seed": 3}
+    top = client.post("/v1/completions", json={**sampled, "min_p": 1.0, "logprobs": 2}).json()["choices"][0]
+    assert top["text"] == greedy
+    assert set(top["logprobs"]["token_logprobs"]) == {0.0}
+    assert all(sorted(t.values()) == [-9999.0, 0.0] for t in top["logprobs"]["top_logprobs"])
+    chat_top = client.post("/v1/chat/completions", json=chat(max_tokens=8, temperature=1.0, seed=3, min_p=1.0))
+    chat_greedy = client.post("/v1/chat/completions", json=chat(max_tokens=8, temperature=0))
+    assert chat_top.json()["choices"][0]["message"] == chat_greedy.json()["choices"][0]["message"]
+    plain = client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+    assert plain != greedy
+    assert client.post("/v1/completions", json={**sampled, "min_p": 0}).json()["choices"][0]["text"] == plain
+    for value in (-0.1, 1.5, "x"):
+        assert "min_p" in error_of(client.post("/v1/completions", json={**body, "min_p": value}))["message"]
+
+
+def test_vllm_min_tokens_holds_back_every_end_and_is_bounded(client: TestClient) -> None:
+    """vLLM's min_tokens on the OpenAI routes: an end of sequence forced by logit_bias, a stop token and a stop string
+    end the answer only past the first min_tokens tokens (a stop string where it ends in their text does not count),
+    streamed as not. Negative, or past max_tokens (sent, or its default): a 422 naming min_tokens (tests/engine: the
+    masking against transformers' min_new_tokens, beside rows without it)."""
+    eos = min(client.app.state.runtime.engine.eos_ids)
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+    greedy = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    forced = {**body, "logit_bias": {str(eos): 100}, "min_tokens": 3}
+    for route, payload in (("/v1/completions", forced), ("/v1/chat/completions", chat(**forced))):
+        out = client.post(route, json=payload).json()
+        assert out["usage"]["completion_tokens"] == 4 and out["choices"][0]["finish_reason"] == "stop", route
+    assert client.post("/v1/completions", json=forced).json()["choices"][0]["text"] == greedy[:3]
+    first = client.post("/tokenize", json={"prompt": greedy[0], "add_special_tokens": False}).json()["tokens"][0]
+    stopping = {**body, "stop_token_ids": [first], "logit_bias": {str(first): 100}, "min_tokens": 2}
+    stopped = client.post("/v1/completions", json=stopping).json()
+    assert stopped["usage"]["completion_tokens"] == 3 and stopped["choices"][0]["finish_reason"] == "stop"
+    assert len(stopped["choices"][0]["text"]) == 2 and greedy[0] not in stopped["choices"][0]["text"]
+    stop = greedy[1]  # a stop string the second token ends: only where it occurs again does it stop the answer
+    again = greedy.find(stop, 2)
+    assert again > 0, "the greedy answer repeats its second character"
+    for extra in ({}, {"stream": True}):
+        payload = {**body, "stop": [stop], "min_tokens": 2, **extra}
+        if extra:
+            text = "".join(c["choices"][0]["text"] for c in sse(client, "/v1/completions", payload))
+        else:
+            text = client.post("/v1/completions", json=payload).json()["choices"][0]["text"]
+        assert text == greedy[:again], extra
+    plain = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]["text"]
+    assert plain == greedy[: greedy.index(stop)] != greedy[:again]
+    for payload, says in (
+        ({**body, "min_tokens": -1}, "min_tokens"),
+        ({**body, "min_tokens": "x"}, "min_tokens"),
+        ({**body, "min_tokens": 21}, "min_tokens 21 exceeds max_tokens 20"),
+        ({"model": "llama", "prompt": "abc", "min_tokens": 17}, "min_tokens 17 exceeds max_tokens (not sent: 16"),
+        (chat(max_completion_tokens=5, min_tokens=6), "exceeds max_completion_tokens 5"),
+    ):
+        assert says in error_of(client.post("/v1/completions" if "prompt" in payload else "/v1/chat/completions",
+                                            json=payload))["message"], payload  # fmt: skip
+
+
+def test_vllm_include_stop_str_in_output_keeps_what_ended_the_answer(client: TestClient) -> None:
+    """vLLM's include_stop_str_in_output: the stop string that ended the answer stays at its end (the first of two
+    found), streamed as not, on both OpenAI routes; a stop_token_ids token keeps its text. Not a boolean: a 422."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+    greedy = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = greedy[9:11]  # two characters of the answer: it ends where they first end in it, past its start
+    end = greedy.index(stop) + len(stop)
+    assert 2 < end < len(greedy)
+    kept = {**body, "stop": [stop, "never"], "include_stop_str_in_output": True}
+    out = client.post("/v1/completions", json=kept).json()["choices"][0]
+    assert out["text"] == greedy[:end] and out["finish_reason"] == "stop"
+    streamed = sse(client, "/v1/completions", {**kept, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in streamed) == greedy[:end]
+    chat_text = client.post("/v1/chat/completions", json=chat(max_tokens=20)).json()["choices"][0]["message"]["content"]
+    chat_kept = chat(max_tokens=20, stop=[chat_text[1:3]], include_stop_str_in_output=True)
+    answer = client.post("/v1/chat/completions", json=chat_kept).json()["choices"][0]["message"]["content"]
+    assert answer == chat_text[: chat_text.index(chat_text[1:3]) + 2]
+    first = client.post("/tokenize", json={"prompt": greedy[0], "add_special_tokens": False}).json()["tokens"][0]
+    by_token = {**body, "stop_token_ids": [first], "include_stop_str_in_output": True}
+    assert client.post("/v1/completions", json=by_token).json()["choices"][0]["text"] == greedy[0]
+    says = error_of(client.post("/v1/completions", json={**body, "include_stop_str_in_output": "x"}))["message"]
+    assert "include_stop_str_in_output" in says
+
+
+def test_completions_echo_begins_each_choice_with_the_prompt(client: TestClient) -> None:
+    """OpenAI's echo on /v1/completions: each choice's text is the prompt's then its own, streamed with its first
+    chunk (as vLLM streams it). With logprobs, a 422 (the prompt's tokens would need theirs)."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}
+    plain = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
+    echoed = client.post("/v1/completions", json={**body, "echo": True}).json()
+    assert [c["text"] for c in echoed["choices"]] == ["abc" + text for text in plain]
+    assert echoed["usage"]["completion_tokens"] == 12
+    chunks = sse(client, "/v1/completions", {**body, "echo": True, "stream": True})
+    for index, text in enumerate(plain):
+        mine = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0].startswith("abc") and "".join(mine) == "abc" + text
+    assert client.post("/v1/completions", json={**body, "echo": False}).json()["choices"][0]["text"] == plain[0]
+    for logprobs in (0, 2):
+        says = error_of(client.post("/v1/completions", json={**body, "echo": True, "logprobs": logprobs}))["message"]
+        assert "echo with logprobs is not supported" in says
+    assert "echo" in error_of(client.post("/v1/completions", json={**body, "echo": "x"}))["message"]

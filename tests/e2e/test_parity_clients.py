@@ -114,8 +114,8 @@ def test_openai_logprobs_and_seeded_n(client: openai.OpenAI) -> None:
 
 
 def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai.OpenAI) -> None:
-    """Tools, suffix and echo would change what the answer is: each is a 422 that says what to send instead, and
-    tools the client forbids (tool_choice "none") are answered as plain text."""
+    """Tools, suffix and echo with logprobs would change what the answer is: each is a 422 that says what to send
+    instead, and tools the client forbids (tool_choice "none") are answered as plain text."""
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
     model = "SmolLM2-135M-Instruct"
@@ -123,8 +123,8 @@ def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai
         client.chat.completions.create(model=model, messages=messages, tools=[tool], max_tokens=4)
     with pytest.raises(openai.UnprocessableEntityError, match="tool_choice is not supported"):
         client.chat.completions.create(model=model, messages=messages, tool_choice="required", max_tokens=4)
-    for extra in ({"suffix": " and that is all."}, {"echo": True}):
-        with pytest.raises(openai.UnprocessableEntityError, match=f"{next(iter(extra))} is not supported"):
+    for extra in ({"suffix": " and that is all."}, {"echo": True, "logprobs": 1}):
+        with pytest.raises(openai.UnprocessableEntityError, match=f"{' with '.join(extra)} is not supported"):
             client.completions.create(model=model, prompt="The sky is", max_tokens=4, **extra)
     # each computes its prompt afresh (a salt of its own): from the other's cached prefix, bf16 arithmetic in other
     # shapes may tip a near tie

@@ -113,13 +113,50 @@ def reference_generate(
     logit_bias: dict[int, float] | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy tokens and their logprobs from transformers/PEFT alone (the oracle)."""
-    model = copy.deepcopy(base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter.path)
     tokens, log_softmax = greedy_log_softmax(
-        model, prompt, max_new_tokens, repetition_penalty, output_penalty, logit_bias
+        reference_model(base, adapter), prompt, max_new_tokens, repetition_penalty, output_penalty, logit_bias
     )
     return tokens, token_logprobs(tokens, log_softmax)
+
+
+def reference_model(base: torch.nn.Module, adapter: SavedAdapter | None) -> torch.nn.Module:
+    """A copy of `base`, with `adapter` loaded by PEFT where given."""
+    model = copy.deepcopy(base)
+    return PeftModel.from_pretrained(model, adapter.path) if adapter is not None else model
+
+
+def answer_logits(base: torch.nn.Module, adapter: SavedAdapter | None, prompt: list[int], answer: list[int]):
+    """The model's logits [len(answer), V] fp32 (PEFT for an adapter) that each token of `answer` was drawn from,
+    after `prompt` and the answer's tokens before it: one forward over both."""
+    with torch.no_grad():
+        logits = reference_model(base, adapter)(torch.tensor([prompt + answer])).logits[0].float()
+    return logits[len(prompt) - 1 : -1]
+
+
+def min_new_tokens_reference(
+    base: torch.nn.Module,
+    adapter: SavedAdapter | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    stop: int,
+    min_tokens: int,
+    **generate,
+) -> list[int]:
+    """Greedy tokens from transformers' generate ending at `stop` (biased +100 there), which its min_new_tokens
+    masks for the first min_tokens tokens: the reference of vLLM's min_tokens (PEFT for an adapter)."""
+    with torch.no_grad():
+        out = reference_model(base, adapter).generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            min_new_tokens=min_tokens,
+            eos_token_id=stop,
+            sequence_bias={(stop,): 100.0},
+            pad_token_id=0,
+            **generate,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def sample_batch(

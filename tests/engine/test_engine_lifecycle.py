@@ -2,6 +2,7 @@
 
 import copy
 import threading
+from dataclasses import replace
 
 import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
@@ -109,7 +110,8 @@ def test_eos_ends_the_request(family_setup, tokenizer) -> None:
 
 def test_a_stop_token_ends_the_request_at_its_first_draw_without_its_text(family_setup, tokenizer) -> None:
     """vLLM's stop_token_ids: the answer ends at the first of them drawn, as at the end of sequence (its text left
-    out), whatever ignore_eos says; a seeded sample draws the same tokens up to there."""
+    out, unless include_stop_str_in_output), whatever ignore_eos says; a seeded sample draws the same tokens up to
+    there."""
     base, adapters = family_setup("llama")
     engine = make_engine(base, tokenizer)
     sink = Collector()
@@ -117,12 +119,18 @@ def test_a_stop_token_ends_the_request_at_its_first_draw_without_its_text(family
     engine.submit(request([5, 6, 7], SamplingParams(**sampled), adapters[1], "free"), sink)
     run_to_end(engine)
     tokens = sink.tokens("free")
-    cut = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # a token drawn first past the first
+    # a token drawn first past the first, a whole character after whole characters (the stream holds back a part)
+    whole = [i for i in range(1, len(tokens)) if not tokenizer.decode(tokens[:i]).endswith("\ufffd")]
+    cut = next(i for i in whole if tokens[i] not in tokens[:i] and "\ufffd" not in tokenizer.decode(tokens[i : i + 1]))
     params = SamplingParams(**sampled, stop_token_ids=frozenset({tokens[cut], 0}) - set(tokens[:cut]))
     engine.submit(request([5, 6, 7], params, adapters[1], "stopped"), sink)
     run_to_end(engine)
-    assert sink.tokens("stopped") == tokens[: cut + 1] and sink.finish("stopped") == "stop"
+    engine.submit(request([5, 6, 7], replace(params, include_stop_str_in_output=True), adapters[1], "kept"), sink)
+    run_to_end(engine)
+    for name in ("stopped", "kept"):
+        assert sink.tokens(name) == tokens[: cut + 1] and sink.finish(name) == "stop"
     assert "".join(e.text for e in sink.events["stopped"]) == tokenizer.decode(tokens[:cut])
+    assert "".join(e.text for e in sink.events["kept"]) == tokenizer.decode(tokens[: cut + 1])
 
 
 def test_deactivate_frees_the_slot(family_setup, tokenizer) -> None:

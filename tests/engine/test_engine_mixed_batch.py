@@ -1,10 +1,19 @@
 """The oracle: rows of one batch mixing adapters give, row by row, what PEFT gives for that adapter alone."""
 
 import pytest
-from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+from enginekit import (
+    Collector,
+    answer_logits,
+    greedy,
+    make_engine,
+    min_new_tokens_reference,
+    reference_generate,
+    request,
+    run_to_end,
+)
 from tiny import FAMILIES
 
-from server.engine import GenerationRequest
+from server.engine import GenerationRequest, SamplingParams
 
 NEW_TOKENS = 8
 
@@ -167,3 +176,80 @@ def test_logit_bias_matches_transformers_sequence_bias_beside_rows_without_one(f
         )
         assert sink.tokens(f"r{i}") == tokens, f"row {i} (bias {bias})"
         assert sink.logprobs(f"r{i}") == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_min_p_draws_among_the_models_kept_tokens_beside_rows_without_it(family_setup, tokenizer) -> None:
+    """A seeded row with min_p 0.5 in a batch with a seeded row and a greedy row without min_p: each row draws what
+    it draws alone; every token of the min_p row has, under the model's own distribution there (PEFT) at its
+    temperature, at least 0.5 x the top token's probability, and its logprob is its probability among those tokens.
+    The same seed without min_p draws another answer (min_p decides draws here)."""
+    base, adapters = family_setup("llama")
+    sampled = {"max_new_tokens": NEW_TOKENS, "temperature": 0.5, "ignore_eos": True}
+    rows = [
+        (adapters[0], SamplingParams(**sampled, seed=5, min_p=0.5)),
+        (None, SamplingParams(**sampled, seed=6)),
+        (adapters[1], greedy(NEW_TOKENS)),
+    ]
+    texts = prompts(tokenizer, len(rows))
+
+    def run(indices: list[int], params: SamplingParams | None = None) -> Collector:
+        engine, sink = make_engine(base, tokenizer), Collector()
+        for i in indices:
+            adapter, own = rows[i]
+            engine.submit(request(texts[i], params or own, adapter, f"r{i}"), sink)
+        run_to_end(engine)
+        return sink
+
+    batch = run([0, 1, 2])
+    for i in range(len(rows)):
+        assert batch.tokens(f"r{i}") == run([i]).tokens(f"r{i}"), f"row {i}"
+    tokens = batch.tokens("r0")
+    probs = (answer_logits(base, adapters[0], texts[0], tokens) / 0.5).softmax(-1)  # [T, V]
+    kept = probs >= 0.5 * probs.max(-1, keepdim=True).values
+    assert kept[range(len(tokens)), tokens].all()
+    expected = (probs[range(len(tokens)), tokens] / (probs * kept).sum(-1)).log()
+    assert batch.logprobs("r0") == pytest.approx(expected.tolist(), abs=1e-4)
+    assert run([0], SamplingParams(**sampled, seed=5)).tokens("r0") != tokens
+
+
+def test_min_tokens_holds_back_the_stop_tokens_beside_rows_without_it(family_setup, tokenizer) -> None:
+    """A stop token biased to be drawn at once (EOS, or a stop_token_ids one) ends the answer only after min_tokens
+    tokens, greedy (as transformers' min_new_tokens: also with a repetition penalty, whose row the host reads before
+    each draw) or sampled; ignore_eos leaves EOS drawable (it ends nothing), as vLLM. Beside them, a row biased the
+    same way without min_tokens ends at once and a plain row answers as alone."""
+    base, adapters = family_setup("llama")
+    eos = 2
+    texts = prompts(tokenizer, 6)
+    stop = next(t for t in range(3, 259) if t not in texts[3])
+    forced = {"logit_bias": ((eos, 100.0),)}
+    stopped = SamplingParams(
+        max_new_tokens=NEW_TOKENS,
+        min_tokens=2,
+        stop_token_ids=frozenset({stop}),
+        logit_bias=((stop, 100.0),),
+        repetition_penalty=1.3,
+    )
+    rows = [
+        (adapters[0], SamplingParams(max_new_tokens=NEW_TOKENS, min_tokens=4, **forced)),
+        (None, SamplingParams(max_new_tokens=NEW_TOKENS, **forced)),
+        (adapters[1], SamplingParams(max_new_tokens=NEW_TOKENS)),
+        (None, stopped),
+        (adapters[2], SamplingParams(max_new_tokens=NEW_TOKENS, min_tokens=3, temperature=1.0, seed=4, **forced)),
+        (None, SamplingParams(max_new_tokens=NEW_TOKENS, min_tokens=3, ignore_eos=True, **forced)),
+    ]
+    engine = make_engine(base, tokenizer)
+    engine.eos_ids = frozenset({eos})
+    sink = Collector()
+    for i, (adapter, params) in enumerate(rows):
+        engine.submit(request(texts[i], params, adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    assert sink.tokens("r0") == min_new_tokens_reference(base, adapters[0], texts[0], NEW_TOKENS, eos, 4)
+    assert len(sink.tokens("r0")) == 5 and sink.finish("r0") == "stop"
+    assert sink.tokens("r1") == [eos] and sink.finish("r1") == "stop"
+    assert sink.tokens("r2") == reference_generate(base, adapters[1], texts[2], NEW_TOKENS)[0]
+    expected = min_new_tokens_reference(base, None, texts[3], NEW_TOKENS, stop, 2, repetition_penalty=1.3)
+    assert sink.tokens("r3") == expected and len(expected) == 3 and sink.finish("r3") == "stop"
+    sampled = sink.tokens("r4")
+    assert eos not in sampled[:3] and sampled[3:] == [eos] and sink.finish("r4") == "stop"
+    assert sink.tokens("r5") == [eos] * NEW_TOKENS and sink.finish("r5") == "length"
+    assert "".join(e.text for e in sink.events["r0"]) == tokenizer.decode(sink.tokens("r0")[:4])

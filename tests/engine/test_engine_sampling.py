@@ -1,10 +1,11 @@
 """Sampling functions and incremental text with stop sequences."""
 
+import pytest
 import torch
 from enginekit import sample_batch
 
 from loraplex.synthetic import byte_tokenizer
-from server.engine.sampling import SamplingParams, repetition_penalty, top_k_filter, top_p_filter
+from server.engine.sampling import SamplingParams, final_logprobs, repetition_penalty, top_k_filter, top_p_filter
 from server.engine.text import TextStream, window_decoder
 
 
@@ -57,6 +58,36 @@ def test_exponential_race_draws_by_probability() -> None:
     assert torch.allclose(logprobs, probs.log()[tokens])
 
 
+def test_min_p_keeps_the_tokens_of_at_least_min_p_times_the_top_probability() -> None:
+    """vLLM's min_p, after temperature: each row's distribution is its softmax over the tokens of probability at
+    least min_p x the top one's, renormalized, as computed here from the definition; rows without min_p (sampled
+    or greedy) keep their whole distribution."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    rows = [(0.7, 0.1), (1.0, 0.0), (1.3, 0.05), (1.0, 1.0), (0.0, 0.0)]  # (temperature, min_p)
+    params = [SamplingParams(temperature=t, min_p=p) for t, p in rows]
+    out = final_logprobs(logits, params, [None] * len(rows))
+    for i, (temperature, min_p) in enumerate(rows):
+        probs = (logits[i] / (temperature or 1.0)).softmax(-1)
+        kept = probs >= min_p * probs.max()
+        assert (out[i].isfinite() == kept).all(), f"row {i}"
+        assert torch.allclose(out[i].exp(), probs * kept / (probs * kept).sum(), atol=1e-6), f"row {i}"
+    assert out[3].isfinite().sum() == 1 and 1 < out[0].isfinite().sum() < 300  # min_p 1: the top token alone
+
+
+def test_min_p_draws_by_the_renormalized_probabilities() -> None:
+    """Seeded draws under min_p 0.25 from p = (0.5, 0.3, 0.15, 0.05): never the token below 0.25 x 0.5, the
+    others at p / 0.95, beside greedy rows that still take the argmax."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    generator = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=1.0, min_p=0.25), SamplingParams()] * 2000
+    tokens, logprobs = sample_batch(probs.log().expand(4000, 4), params, [None] * 4000, [generator, None] * 2000)
+    assert (tokens[1::2] == 0).all()
+    frequency = torch.bincount(tokens[::2], minlength=4) / 2000
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
+    assert frequency[3] == 0 and torch.allclose(frequency, expected, atol=0.03)
+    assert torch.allclose(logprobs[::2], expected.log()[tokens[::2]])
+
+
 def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
     stream = TextStream(tokenizer, ("END",))
     pieces = [stream.push(t) for t in tokenizer("abcEN")["input_ids"]]
@@ -65,6 +96,50 @@ def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
     assert stopped and delta == ""
     plain = TextStream(tokenizer, ())
     assert "".join(plain.push(t)[0] for t in tokenizer("héllo")["input_ids"]) == "héllo"  # multi-byte waits
+
+
+def stream_until_stop(
+    tokenizer, text: str, stop: tuple[str, ...], min_tokens: int = 0, include_stop: bool = False
+) -> tuple[list[str], bool]:
+    """The deltas a TextStream lets out of `text`'s tokens fed one by one (the flushed tail last, where no stop
+    sequence ended it), and whether one did."""
+    stream, deltas = TextStream(tokenizer, stop, min_tokens, include_stop), []
+    for token in tokenizer(text)["input_ids"]:
+        delta, stopped = stream.push(token)
+        deltas.append(delta)
+        if stopped:
+            return deltas, True
+    return [*deltas, stream.flush()], False
+
+
+@pytest.mark.parametrize(
+    ("stop", "min_tokens", "expected"),
+    [
+        ("b", 0, ("a", True)),
+        ("b", 2, ("abca", True)),  # the first "b" ends within the first two tokens' text: the next one stops it
+        ("bc", 3, ("abca", True)),  # ends with the third token: the second "bc" stops it
+        ("ca", 3, ("ab", True)),  # begins in the first three tokens' text, ends past it: it counts, as in vLLM
+        ("ca", 4, ("abcabc", False)),  # ends with the fourth token, and never again
+        ("abcabc", 5, ("", True)),
+        ("abcabc", 6, ("abcabc", False)),
+    ],
+)
+def test_a_stop_sequence_counts_only_where_it_ends_past_the_min_tokens(tokenizer, stop, min_tokens, expected) -> None:
+    """vLLM's min_tokens: a stop sequence ends the answer only where it ends in text that the tokens after the first
+    min_tokens added (a byte tokenizer: a character a token)."""
+    deltas, stopped = stream_until_stop(tokenizer, "abcabc", (stop,), min_tokens)
+    assert ("".join(deltas), stopped) == expected
+
+
+def test_include_stop_keeps_the_stop_sequence_and_holds_no_text_back(tokenizer) -> None:
+    """vLLM's include_stop_str_in_output: the text ends with the stop sequence that ended it, and every character
+    goes out with its token (none can be taken back), also where the stop straddles tokens or min_tokens passes
+    over an earlier one."""
+    assert stream_until_stop(tokenizer, "abcENDxy", ("END", "x")) == (["", "", "a", "b", "c", ""], True)  # held back
+    assert stream_until_stop(tokenizer, "abcENDxy", ("END", "x"), include_stop=True) == (list("abcEND"), True)
+    assert stream_until_stop(tokenizer, "abcENDxy", ("cE",), include_stop=True) == (list("abcE"), True)
+    assert stream_until_stop(tokenizer, "abcabc", ("b",), 2, include_stop=True) == (list("abcab"), True)
+    assert stream_until_stop(tokenizer, "abc", ("x",), include_stop=True) == ([*"abc", ""], False)
 
 
 class _OwnDecode(type(byte_tokenizer())):  # a tokenizer class with its own decoding rule

@@ -8,7 +8,16 @@ import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from bitsandbytes.nn import Linear4bit
-from enginekit import Collector, greedy, make_engine, nf4_layer, reference_generate, request, run_to_end
+from enginekit import (
+    Collector,
+    greedy,
+    make_engine,
+    min_new_tokens_reference,
+    nf4_layer,
+    reference_generate,
+    request,
+    run_to_end,
+)
 from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
@@ -21,7 +30,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from loraplex.basemodel import nf4_config
-from server.engine import multilora
+from server.engine import SamplingParams, multilora
 from server.engine.fusions import GatedMlpShrink, NormShrink, ResidualEpilogues
 from server.engine.kernels import FusedDecode
 from server.engine.kernels.attention import MIN_SPLIT_POSITIONS
@@ -508,6 +517,33 @@ def test_greedy_pick_gives_log_softmaxs_argmax_and_logprob(dtype) -> None:
     assert logprobs[finite].tolist() == pytest.approx(expected[finite, tokens[finite]].tolist(), abs=1e-5)
     assert expected[4:].isnan().any(-1).all() and logprobs[4:].isnan().all()
     assert ((tokens >= 0) & (tokens < vocab)).all()  # fed to the next step whatever the logits were
+
+
+def test_min_tokens_holds_back_eos_on_the_greedy_kernel(family_setup, tokenizer) -> None:
+    """An all-greedy batch takes its tokens from greedy_pick, over the logits with the rows' banned tokens: an EOS
+    biased to be drawn at once comes only after min_tokens (as transformers' min_new_tokens), and beside it a row
+    biased the same way without min_tokens ends at once."""
+    base, adapters = family_setup("qwen3")
+    engine = make_engine(base, tokenizer, fused_kernels=True)
+    picks = []
+    pick = engine._greedy_pick
+    assert pick is not None
+
+    def recording(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        picks.append(logits.shape[0])
+        return pick(logits)
+
+    engine._greedy_pick = recording
+    eos, prompt = 2, [5, 6, 7]
+    forced = {"max_new_tokens": 5, "logit_bias": ((eos, 100.0),)}
+    sink = Collector()
+    engine.submit(request(prompt, SamplingParams(**forced, min_tokens=3), adapters[1], "held"), sink)
+    engine.submit(request(prompt, SamplingParams(**forced), None, "free"), sink)
+    run_to_end(engine)
+    assert picks and max(picks) == 2  # both rows drew in one greedy_pick
+    assert sink.tokens("held") == min_new_tokens_reference(base, adapters[1], prompt, 5, eos, 3)
+    assert len(sink.tokens("held")) == 4 and sink.finish("held") == "stop"
+    assert sink.tokens("free") == [eos] and sink.finish("free") == "stop"
 
 
 def nf4_llama(tmp_path) -> torch.nn.Module:
