@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictInt,
     StringConstraints,
     Tag,
     field_validator,
@@ -141,6 +142,9 @@ class LoraxResponseFormat(BaseModel):
 # the characters with a meaning in a regex (llguidance reads Rust's regex syntax); the others stand for themselves
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$#&-~")
 MAX_STOP_TOKEN_IDS = 1024  # vLLM's stop_token_ids: a set the engine checks each token against
+# A token id as JSON writes it: an integer. Lax mode read true as id 1 and 1.0 as id 1, letting a body that is
+# wrong look right.
+TokenId = Annotated[StrictInt, Field(ge=0)]
 MAX_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
 
 
@@ -410,7 +414,7 @@ class OpenAISampling(BaseModel):
     include_stop_str_in_output: bool = Field(
         False, description="vLLM's: the stop string (or stop_token_ids token's text) that ends the answer stays in it."
     )
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    stop_token_ids: list[TokenId] | None = Field(
         None,
         max_length=MAX_STOP_TOKEN_IDS,
         description=f"vLLM's: tokens that end the answer as the end-of-sequence token does (at most "
@@ -815,7 +819,7 @@ class DetokenizeRequest(BaseModel):
     model_config = REQUEST
 
     model: str | None = Field(None, max_length=MAX_NAME_CHARS, description="Ignored: adapters share the tokenizer.")
-    tokens: Annotated[list[int], counted_first(MAX_TOKEN_IDS, "token ids")] = Field(
+    tokens: Annotated[list[StrictInt], counted_first(MAX_TOKEN_IDS, "token ids")] = Field(
         description=f"At most max_seq_len ids of the vocabulary (and at most {MAX_TOKEN_IDS:,}).", fail_fast=True
     )
 

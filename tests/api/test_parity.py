@@ -60,6 +60,8 @@ def test_vllm_tokenize_and_detokenize_round_trip(client: TestClient) -> None:
     out = client.post("/tokenize", json={"model": "llama", "prompt": "héllo", "return_token_strs": True}).json()
     assert out["count"] == len(out["tokens"]) == len(out["token_strs"]) and out["max_model_len"] == MAX_SEQ_LEN
     assert client.post("/detokenize", json={"model": "llama", "tokens": out["tokens"]}).json() == {"prompt": "héllo"}
+    for lax in ([True], [72.0], ["72"]):  # read as ids by a lax parser: a body that is wrong must not look right
+        assert client.post("/detokenize", json={"tokens": lax}).status_code == 422, lax
 
 
 def test_vllm_chat_tokenize_applies_the_template(client: TestClient) -> None:
@@ -672,7 +674,8 @@ def test_vllm_sampling_extensions_reach_the_sampler_and_are_bounded(client: Test
     assert stopped["usage"]["completion_tokens"] == 1 and stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["choices"][0]["text"] == ""
     bad = [("top_k", -2), ("repetition_penalty", 0), ("repetition_penalty", 101), ("ignore_eos", "x"),
-           ("stop_token_ids", [-1]), ("stop_token_ids", [10**9]), ("stop_token_ids", [1] * 1025)]  # fmt: skip
+           ("stop_token_ids", [-1]), ("stop_token_ids", [10**9]), ("stop_token_ids", [1] * 1025),
+           ("stop_token_ids", [True]), ("stop_token_ids", [1.0])]  # fmt: skip
     for field, value in bad:
         assert field in error_of(client.post("/v1/completions", json={**body, field: value}))["message"]
 
