@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -294,12 +294,15 @@ class CompiledGrammar:
 
 
 class _Compile:
-    """One grammar's compile, shared by the requests that ask for it while it is queued or running."""
+    """One grammar's compile, shared by the requests that ask for it while it is queued or running. It waits in the
+    turn of each of their clients (fair_pool.py) and runs in the first that comes: queued in the turn of the client
+    that asked first alone, it held another client's request for it behind that client's whole backlog."""
 
     def __init__(self) -> None:
-        self.started = threading.Event()
+        self.started = threading.Event()  # set under Grammars._lock: one turn runs it
         self.waiters = 0
-        self.future: Future[str] | None = None  # the grammar as llguidance compiles it, once checked
+        self.result: Future[str] = Future()  # the grammar as llguidance compiles it, once checked
+        self.turns: dict[Hashable, Future[None]] = {}  # each asking client's turn in the pool, until one runs it
 
 
 class Grammars:
@@ -352,12 +355,13 @@ class Grammars:
             job = self._compiling.get(spec)
             if job is None:
                 job = self._compiling[spec] = _Compile()
-                job.future = self._pool.submit(current_client.get(), partial(self._run, spec, job))
+            client = current_client.get()
+            if not job.started.is_set() and client not in job.turns:
+                job.turns[client] = self._pool.submit(client, partial(self._run, spec, job))
             job.waiters += 1
-        assert job.future is not None
         try:
             # shielded: this request's deadline or departure must not cancel a compile others wait for
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self._timeout_s)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.result)), self._timeout_s)
         except TimeoutError:
             if not job.started.is_set():
                 raise self._busy() from None
@@ -367,7 +371,9 @@ class Grammars:
         finally:
             with self._lock:
                 job.waiters -= 1
-                if not job.waiters and job.future.cancel():  # queued, and nobody waits for it any more
+                if not job.waiters and not job.started.is_set():  # queued, and nobody waits for it any more
+                    for turn in job.turns.values():
+                        turn.cancel()
                     del self._compiling[spec]
 
     async def _own(self, spec: GrammarSpec, grammar: str) -> CompiledGrammar:
@@ -388,9 +394,15 @@ class Grammars:
             f"the grammar compiler was busy with other requests' grammars for {self._timeout_s:g} s; retry shortly"
         )
 
-    def _run(self, spec: GrammarSpec, job: _Compile) -> str:
-        """Compile thread: the compile, its result cached or its refusal remembered, then the job forgotten."""
-        job.started.set()
+    def _run(self, spec: GrammarSpec, job: _Compile) -> None:
+        """Compile thread, in the turn of a client waiting for `job`: the compile (unless another client's turn ran it
+        first), its result cached or its refusal remembered, then the job forgotten."""
+        with self._lock:
+            if job.started.is_set() or self._compiling.get(spec) is not job:  # run already, or nobody waits any more
+                return
+            job.started.set()
+            for turn in job.turns.values():  # the other clients' turns are theirs again (this one runs: not cancelled)
+                turn.cancel()
         try:
             compiled = self._compile(spec)
         except InvalidGrammar as exc:
@@ -400,17 +412,19 @@ class Grammars:
                 self._refused.move_to_end(spec)
                 while len(self._refused) > REFUSED_GRAMMARS:
                     self._refused.popitem(last=False)
-            raise
-        except BaseException:
+            job.result.set_exception(exc)
+            return
+        except BaseException as exc:
             with self._lock:
                 del self._compiling[spec]
+            job.result.set_exception(exc)
             raise
         with self._lock:
             del self._compiling[spec]
             self._cache[spec] = compiled
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
-        return compiled
+        job.result.set_result(compiled)
 
     def close(self) -> None:
         self._pool.shutdown()

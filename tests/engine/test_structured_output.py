@@ -468,6 +468,46 @@ def test_one_clients_flood_of_grammars_holds_anothers_for_a_job_of_its_own_at_mo
     grammars.close()
 
 
+def test_a_grammar_queued_behind_one_clients_flood_compiles_in_the_turn_of_another_that_asks(
+    tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grammar's compile is shared by every request that asks for it while it waits, and it waits in the turn of
+    each of their clients: a client that queues a popular grammar behind eight of its own holds another client's
+    request for it behind one job of its own at most. Queued in the first client's turn alone, it waited behind the
+    whole flood (past the other's deadline: 429), so the fair turns did not hold for it."""
+    release, order = threading.Event(), []
+    compile_now = Grammars._compile
+
+    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
+        order.append(spec.text)
+        if spec.text.startswith("held"):
+            release.wait(10)
+        return compile_now(self, spec)
+
+    monkeypatch.setattr(Grammars, "_compile", held)
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=5.0)
+
+    async def as_client(client: str, spec: GrammarSpec) -> CompiledGrammar:
+        current_client.set(client)  # in its own task, so in a context of its own
+        return await grammars.get(spec)
+
+    async def crowd() -> CompiledGrammar:
+        flood = [asyncio.create_task(as_client("flood", GrammarSpec.regex(f"held{k}"))) for k in range(10)]
+        flood.append(asyncio.create_task(as_client("flood", GrammarSpec.regex(PATTERN))))  # behind its own ten
+        await asyncio.sleep(0.1)  # two run, nine wait
+        honest = asyncio.create_task(as_client("honest", GrammarSpec.regex(PATTERN)))
+        await asyncio.sleep(0.1)
+        release.set()
+        answer = await honest
+        await asyncio.gather(*flood)
+        return answer
+
+    honest = asyncio.run(crowd())
+    assert order.index(PATTERN) <= COMPILE_THREADS + 1 and order.count(PATTERN) == 1, order  # in its turn, once
+    assert_takes(honest, tokenizer, "no, 42 ab cd.", refused="maybe")
+    grammars.close()
+
+
 def test_a_grammar_outgrowing_the_check_memory_is_refused_and_the_next_compiles(tokenizer) -> None:
     """The check worker runs under an address-space limit: a schema whose translation outgrows it (2 allOf x 10
     anyOf branches each merging a 300-property object: 160 MB) ends the worker alone and is refused, and the next
