@@ -14,9 +14,10 @@ from loraplex.errors import LoraplexError
 # sets it for each HTTP request (auth.require_inference, auth.require_admin); the tokenizer, the scheduler and the
 # upload slots count its work against it
 current_client: ContextVar[str | None] = ContextVar("current_client", default=None)
-# Whose cached prompt prefixes a request may start from (the engine's prefix cache): those of requests with the same
-# salt. The API layer sets it to the API key's digest on a server with keys (a cached prefix answers sooner, which
-# would tell one key's users what another's asked) and adds the request's own cache_salt; None: shared by all
+# Whose cached prompt prefixes a request may start from (the engine's prefix cache), and whose compiled grammars it
+# may take (grammar.py): those of requests with the same salt. The API layer sets it to the API key's digest on a
+# server with keys (what is cached answers sooner, which would tell one key's users what another's asked) and adds
+# the request's own cache_salt; None: shared by all
 prefix_salt: ContextVar[str | None] = ContextVar("prefix_salt", default=None)
 
 

@@ -12,11 +12,12 @@ matcher. Even at its mean, 16 constrained rows cost ~3.4 ms of CPU per step, und
 
 Compilation runs in a small pool of its own threads (never on the event loop or the engine thread), bounded
 in input size, schema depth, llguidance's fuel and time; grammars that passed are kept in an LRU keyed by
-(kind, canonical text), and each request gets a matcher built from its grammar on those threads, which its
-choices copy. Not one matcher a grammar that every request copies: llguidance's copies share their lexer, and a
-lexer that once ran past its limits stays in error, so one request that drove a popular grammar's lexer there
-(its own output, steered by logit_bias, say) failed every later request of every client on that grammar, and those
-running, at their next token. llguidance is imported on the first grammar request.
+(kind, canonical text) within a client's scope (the prefix cache's salt: a kept compile answers sooner, which
+would tell one client what another sent), and each request gets a matcher built from its grammar on those
+threads, which its choices copy. Not one matcher a grammar that every request copies: llguidance's copies share
+their lexer, and a lexer that once ran past its limits stays in error, so one request that drove a popular grammar's
+lexer there (its own output, steered by logit_bias, say) failed every later request of every client on that
+grammar, and those running, at their next token. llguidance is imported on the first grammar request.
 The threads are shared by every client, so one client's grammars must not take them from the others: they serve
 the clients in turn (server/fair_pool.py), requests for a grammar already compiling wait for that compile (a flood
 of one slow schema costs one check), a refused grammar is remembered for a while (sent again, it is refused at
@@ -44,7 +45,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -54,7 +55,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.errors import LoraplexError
-from server.client_share import current_client
+from server.client_share import current_client, prefix_salt
 from server.engine.constraints import mask_words
 from server.engine.errors import GrammarDeadEnd
 from server.fair_pool import FairPool
@@ -293,13 +294,19 @@ class CompiledGrammar:
         return GrammarMatcher(self._pristine.deep_copy())
 
 
+_Key = tuple[str | None, GrammarSpec]  # (the request's prefix_salt, its spec)
+
+
 class _Compile:
-    """One grammar's compile, shared by the requests that ask for it while it is queued or running."""
+    """One grammar's compile, shared by the requests that ask for it while it is queued or running. It waits in the
+    turn of each of their clients (fair_pool.py) and runs in the first that comes: queued in the turn of the client
+    that asked first alone, it held another client's request for it behind that client's whole backlog."""
 
     def __init__(self) -> None:
-        self.started = threading.Event()
+        self.started = threading.Event()  # set under Grammars._lock: one turn runs it
         self.waiters = 0
-        self.future: Future[str] | None = None  # the grammar as llguidance compiles it, once checked
+        self.result: Future[str] = Future()  # the grammar as llguidance compiles it, once checked
+        self.turns: dict[Hashable, Future[None]] = {}  # each asking client's turn in the pool, until one runs it
 
 
 class Grammars:
@@ -323,9 +330,12 @@ class Grammars:
         # thread for about half the budget at most: a request queued behind such grammars has the other half. Each
         # request's own build translates it once more, within a quarter of the budget.
         self._check_s = timeout_s / 4
-        self._cache: OrderedDict[GrammarSpec, str] = OrderedDict()  # checked grammars, as llguidance takes them
-        self._refused: OrderedDict[GrammarSpec, tuple[str, float]] = OrderedDict()  # message, monotonic expiry
-        self._compiling: dict[GrammarSpec, _Compile] = {}
+        # Keyed by (salt, spec): a compile kept, being made or refused answers sooner, which would tell one client
+        # which schemas, patterns and choices another sent; so they are shared under one prefix_salt only, as prompts
+        # in the KV cache are (an API key's digest and a cache_salt; on a server without keys, every client is one).
+        self._cache: OrderedDict[_Key, str] = OrderedDict()  # checked grammars, as llguidance takes them
+        self._refused: OrderedDict[_Key, tuple[str, float]] = OrderedDict()  # message, monotonic expiry
+        self._compiling: dict[_Key, _Compile] = {}
         self._lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._tokenizer_lock = threading.Lock()
@@ -342,33 +352,37 @@ class Grammars:
         return await self._own(spec, await self._checked(spec))
 
     async def _checked(self, spec: GrammarSpec) -> str:
+        key = (prefix_salt.get(), spec)
         with self._lock:
-            if spec in self._cache:
-                self._cache.move_to_end(spec)
-                return self._cache[spec]
-            message, until = self._refused.get(spec, ("", 0.0))
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            message, until = self._refused.get(key, ("", 0.0))
             if time.monotonic() < until:
                 raise InvalidGrammar(message)
-            job = self._compiling.get(spec)
+            job = self._compiling.get(key)
             if job is None:
-                job = self._compiling[spec] = _Compile()
-                job.future = self._pool.submit(current_client.get(), partial(self._run, spec, job))
+                job = self._compiling[key] = _Compile()
+            client = current_client.get()
+            if not job.started.is_set() and client not in job.turns:
+                job.turns[client] = self._pool.submit(client, partial(self._run, key, job))
             job.waiters += 1
-        assert job.future is not None
         try:
             # shielded: this request's deadline or departure must not cancel a compile others wait for
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self._timeout_s)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.result)), self._timeout_s)
         except TimeoutError:
             if not job.started.is_set():
                 raise self._busy() from None
-            raise InvalidGrammar(
-                f"the {_WHAT[spec.kind]} did not compile within {self._timeout_s:g} s: simplify it"
-            ) from None
+            # It got a thread, maybe just now, behind other clients' grammars: its check stops it within its own time
+            # (_check_s), so its answer comes soon, and a slow grammar hears that it is one from the check.
+            return await asyncio.shield(asyncio.wrap_future(job.result))
         finally:
             with self._lock:
                 job.waiters -= 1
-                if not job.waiters and job.future.cancel():  # queued, and nobody waits for it any more
-                    del self._compiling[spec]
+                if not job.waiters and not job.started.is_set():  # queued, and nobody waits for it any more
+                    for turn in job.turns.values():
+                        turn.cancel()
+                    del self._compiling[key]
 
     async def _own(self, spec: GrammarSpec, grammar: str) -> CompiledGrammar:
         """A matcher of the checked `grammar` for one request, built on a compile thread. One that waited for a thread
@@ -388,29 +402,37 @@ class Grammars:
             f"the grammar compiler was busy with other requests' grammars for {self._timeout_s:g} s; retry shortly"
         )
 
-    def _run(self, spec: GrammarSpec, job: _Compile) -> str:
-        """Compile thread: the compile, its result cached or its refusal remembered, then the job forgotten."""
-        job.started.set()
+    def _run(self, key: _Key, job: _Compile) -> None:
+        """Compile thread, in the turn of a client waiting for `job`: the compile (unless another client's turn ran it
+        first), its result cached or its refusal remembered, then the job forgotten."""
+        with self._lock:
+            if job.started.is_set() or self._compiling.get(key) is not job:  # run already, or nobody waits any more
+                return
+            job.started.set()
+            for turn in job.turns.values():  # the other clients' turns are theirs again (this one runs: not cancelled)
+                turn.cancel()
         try:
-            compiled = self._compile(spec)
+            compiled = self._compile(key[1])
         except InvalidGrammar as exc:
             with self._lock:
-                del self._compiling[spec]
-                self._refused[spec] = (str(exc), time.monotonic() + REFUSED_FOR_S)
-                self._refused.move_to_end(spec)
+                del self._compiling[key]
+                self._refused[key] = (str(exc), time.monotonic() + REFUSED_FOR_S)
+                self._refused.move_to_end(key)
                 while len(self._refused) > REFUSED_GRAMMARS:
                     self._refused.popitem(last=False)
-            raise
-        except BaseException:
+            job.result.set_exception(exc)
+            return
+        except BaseException as exc:
             with self._lock:
-                del self._compiling[spec]
+                del self._compiling[key]
+            job.result.set_exception(exc)
             raise
         with self._lock:
-            del self._compiling[spec]
-            self._cache[spec] = compiled
+            del self._compiling[key]
+            self._cache[key] = compiled
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
-        return compiled
+        job.result.set_result(compiled)
 
     def close(self) -> None:
         self._pool.shutdown()
