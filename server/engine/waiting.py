@@ -60,7 +60,7 @@ class WaitingQueue:
         # for every request, where counting the queue would cost O(waiting)
         self.per_adapter: dict[str | None, int] = {}
         self._per_client: dict[str | None, int] = {}
-        self._leaving: set[str] = set()  # ids of requests that gave their place (make_room), still in _items
+        self._leaving: set[str] = set()  # ids of requests that gave their place (has_room), still in _items
         self.clients = Turns()
         self.adapters = Turns()
 
