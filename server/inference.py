@@ -16,7 +16,7 @@ from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from server.client_share import current_client, prefix_salt
-from server.engine import GenerationRequest, SamplingParams, TokenEvent
+from server.engine import GenerationRequest, PromptToken, SamplingParams, TokenEvent
 from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
 from server.metrics import Metrics
@@ -97,6 +97,11 @@ class Generation:
     @property
     def tokens(self) -> list[TokenEvent]:
         return [e for e in self.events if e.token_id is not None]
+
+    @property
+    def prompt_logprobs(self) -> tuple[PromptToken, ...] | None:
+        """The prompt's tokens scored (where asked for: on the first token's event)."""
+        return next((e.prompt_logprobs for e in self.events if e.prompt_logprobs is not None), None)
 
 
 class Inference:

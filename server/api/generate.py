@@ -49,7 +49,8 @@ async def prompt_of(body: TgiRequest, inference: Inference) -> list[int]:
     return ids[-truncate:] if truncate else ids  # TGI's `truncate`: the prompt's last tokens
 
 
-def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -> SamplingParams:
+def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference, prefill: bool = False) -> SamplingParams:
+    """`prefill`: the answer shows details.prefill, whose tokens' logprobs the engine then computes."""
     p = body.parameters
     temperature = (1.0 if p.temperature is None else p.temperature) if p.samples else 0.0
     return SamplingParams(
@@ -64,6 +65,7 @@ def sampling_of(body: TgiRequest, prompt_ids: list[int], inference: Inference) -
         stop=tuple(p.stop),
         seed=p.seed,
         top_logprobs=p.top_n_tokens or 0,
+        prompt_logprobs=0 if prefill else None,
     )
 
 
@@ -101,8 +103,10 @@ def _sequence(
     result: Generation, sampling: SamplingParams, prompt_ids: list[int], body: TgiRequest, inference: Inference
 ) -> TgiBestOfSequence:
     prefill = []
-    if body.parameters.decoder_input_details:
-        prefill = [TgiInputToken(id=i, text=inference.token_text(i)) for i in prompt_ids]
+    if result.prompt_logprobs is not None:  # the first token has none (null), as TGI's
+        prefill = [TgiInputToken(id=t.token_id, text=inference.token_text(t.token_id),
+                                 logprob=None if t.logprob is None else max(t.logprob, LOGPROB_FLOOR))
+                   for t in result.prompt_logprobs]  # fmt: skip
     # each token's own text: an event's text is what the answer adds, which holds back text that may begin a stop
     # sequence (then "" for a token, its text with a later one)
     texts: list[str | None] = [None] * len(result.tokens)
@@ -127,7 +131,8 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
     """The request run to its end; what it returns builds the answer (off the event loop: see render.py)."""
     grammar = await inference.grammar(body.parameters.grammar_spec())
     prompt_ids = await prompt_of(body, inference)
-    samplings = choice_samplings(sampling_of(body, prompt_ids, inference), body.parameters.best_of or 1)
+    prefill = body.parameters.details and body.parameters.decoder_input_details  # TGI streams no prefill
+    samplings = choice_samplings(sampling_of(body, prompt_ids, inference, prefill), body.parameters.best_of or 1)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter_of(body, inference), grammar)
 
     def answer() -> TgiResponse:

@@ -3,7 +3,7 @@
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from typing import Annotated
 
@@ -34,6 +34,8 @@ from server.api.schemas import (
     ModelList,
     OpenAIFinishReason,
     OpenAISampling,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
@@ -41,7 +43,8 @@ from server.api.schemas import (
 )
 from server.api.sse import OPENAI, sse_response
 from server.client_share import prefix_salt
-from server.engine import SamplingParams, TokenEvent
+from server.engine import PromptToken, SamplingParams, TokenEvent
+from server.engine.requests import Top
 from server.grammar import CompiledGrammar
 from server.inference import Adapter, Generation, Inference, choice_samplings, until_disconnected
 from server.runtime import Runtime
@@ -86,6 +89,7 @@ def _sampling(
         include_stop_str_in_output=body.include_stop_str_in_output,
         seed=body.seed,
         top_logprobs=body.top_logprobs_asked,
+        prompt_logprobs=body.prompt_logprobs_asked,
     )
 
 
@@ -131,21 +135,67 @@ def _chat_logprobs(events: list[TokenEvent], inference: Inference) -> ChatLogpro
 
 
 def _completion_logprobs(events: list[TokenEvent], inference: Inference, offset: int = 0) -> CompletionLogprobs:
-    """The legacy shape; each top_logprobs entry holds the N most likely tokens and the sampled one, as OpenAI's
-    (so up to N + 1). `offset`: characters of this choice's text before these events (streaming)."""
+    """The legacy shape of the events' tokens. `offset`: characters of this choice's text before these events
+    (streaming, echo)."""
+    tokens = [(e.token_id, e.logprob, e.top_logprobs) for e in events if e.token_id is not None]
+    return _legacy_logprobs([(t, lp, top) for t, lp, top in tokens if lp is not None], inference, offset)
+
+
+def _legacy_logprobs(
+    tokens: Iterable[tuple[int, float | None, Top]], inference: Inference, offset: int
+) -> CompletionLogprobs:
+    """The legacy shape of (token, logprob, top) tokens; each top_logprobs entry holds the N most likely tokens and
+    the token itself, as OpenAI's (so up to N + 1). A token with no logprob (an echoed prompt's first) has no top
+    logprobs either: null, as vLLM echoes it. `offset`: characters of the choice's text before the first."""
     out = CompletionLogprobs()
-    for e in events:
-        if e.token_id is None or e.logprob is None:
-            continue
-        text = inference.token_text(e.token_id)
+    for token_id, logprob, top_n in tokens:
+        text = inference.token_text(token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
-        top = {inference.token_text(t): max(v, LOGPROB_FLOOR) for t, v in e.top_logprobs}
-        top.setdefault(text, max(e.logprob, LOGPROB_FLOOR))
-        out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(text)
+        if logprob is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(max(logprob, LOGPROB_FLOOR))
+        top = {inference.token_text(t): max(v, LOGPROB_FLOOR) for t, v in top_n}
+        top.setdefault(text, max(logprob, LOGPROB_FLOOR))
+        out.top_logprobs.append(top)
     return out
+
+
+def _echoed_logprobs(
+    scored: tuple[PromptToken, ...], events: list[TokenEvent], inference: Inference
+) -> tuple[CompletionLogprobs, int]:
+    """echo with logprobs: the prompt's tokens, then the events', in one legacy shape, and the characters of the
+    prompt's tokens (where the answer's offsets go on)."""
+    out = _legacy_logprobs([(t.token_id, t.logprob, t.top) for t in scored], inference, 0)
+    offset = sum(len(text) for text in out.tokens)
+    answer = _completion_logprobs(events, inference, offset)
+    out.tokens += answer.tokens
+    out.token_logprobs += answer.token_logprobs
+    out.top_logprobs += answer.top_logprobs
+    out.text_offset += answer.text_offset
+    return out, offset + sum(len(text) for text in answer.tokens)
+
+
+def _prompt_logprobs(scored: tuple[PromptToken, ...] | None, inference: Inference) -> PromptLogprobs | None:
+    """vLLM's prompt_logprobs: null for the first token; for each other, its own entry (its rank among the
+    vocabulary) then the N most likely tokens' (ranks 1..N), keyed by token id."""
+    if scored is None:
+        return None
+    out: PromptLogprobs = [None]
+    for token in scored[1:]:
+        assert token.logprob is not None and token.rank is not None  # every token past the first is scored
+        entry = {str(token.token_id): _prompt_entry(token.token_id, token.logprob, token.rank, inference)}
+        for rank, (t, v) in enumerate(token.top, 1):
+            entry.setdefault(str(t), _prompt_entry(t, v, rank, inference))
+        out.append(entry)
+    return out
+
+
+def _prompt_entry(token_id: int, logprob: float, rank: int, inference: Inference) -> PromptLogprob:
+    return PromptLogprob(logprob=max(logprob, LOGPROB_FLOOR), rank=rank, decoded_token=inference.token_text(token_id))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -238,17 +288,16 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
             async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
                 async for index, event, finish, usage in choices:
                     text, echoes[index] = echoes[index] + event.text, ""
+                    scored = event.prompt_logprobs  # on the choice's first token: its first chunk's, as vLLM's
                     logprobs = None
-                    if body.logprobs is not None:
+                    if body.logprobs is not None and body.echo and scored is not None:
+                        logprobs, offsets[index] = _echoed_logprobs(scored, [event], inference)
+                    elif body.logprobs is not None:
                         logprobs = _completion_logprobs([event], inference, offsets[index])
                         offsets[index] += sum(len(t) for t in logprobs.tokens)
-                    yield CompletionResponse(
-                        id=rid,
-                        created=created,
-                        model=body.model,
-                        usage=usage,
-                        choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)],
-                    )
+                    choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs,
+                                              prompt_logprobs=_scored_field(body, scored, inference))  # fmt: skip
+                    yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=[choice])
 
         return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
@@ -265,12 +314,31 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
                     index=i,
                     text=echo + r.text,
                     finish_reason=_finish(r.events[-1]),
-                    logprobs=None if body.logprobs is None else _completion_logprobs(r.events, inference),
+                    logprobs=_choice_logprobs(body, r, inference),
+                    prompt_logprobs=_scored_field(body, r.prompt_logprobs, inference),
                 )
                 for i, r in enumerate(results)
             ],
         )
     )
+
+
+def _choice_logprobs(body: CompletionRequest, result: Generation, inference: Inference) -> CompletionLogprobs | None:
+    """A choice's legacy logprobs, where asked for: with echo, the prompt's tokens' first."""
+    if body.logprobs is None:
+        return None
+    scored = result.prompt_logprobs
+    if body.echo and scored is not None:
+        return _echoed_logprobs(scored, result.events, inference)[0]
+    return _completion_logprobs(result.events, inference)
+
+
+def _scored_field(
+    body: CompletionRequest, scored: tuple[PromptToken, ...] | None, inference: Inference
+) -> PromptLogprobs | None:
+    """vLLM's choice field prompt_logprobs: where prompt_logprobs was sent (echo with logprobs scores the prompt
+    for the legacy logprobs alone)."""
+    return _prompt_logprobs(scored, inference) if body.prompt_logprobs is not None else None
 
 
 @router.post(
@@ -297,13 +365,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                         model=body.model,
                         choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
                     )
+                scored_sent = False  # the choices share their prompt: its scores go out once, as a response's field
                 async for index, event, finish, usage in choices:
                     logprobs = _chat_logprobs([event], inference) if body.logprobs else None
+                    scored = None
+                    if event.prompt_logprobs is not None and not scored_sent:
+                        scored, scored_sent = _prompt_logprobs(event.prompt_logprobs, inference), True
                     yield ChatCompletionChunk(
                         id=rid,
                         created=created,
                         model=body.model,
                         usage=usage,
+                        prompt_logprobs=scored,
                         choices=[
                             ChatChunkChoice(
                                 index=index,
@@ -322,6 +395,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
             created=created,
             model=body.model,
             usage=_results_usage(len(prompt_ids), results),
+            prompt_logprobs=_prompt_logprobs(results[0].prompt_logprobs, inference),  # vLLM's: the response's
             choices=[
                 ChatChoice(
                     index=i,

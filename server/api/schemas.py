@@ -242,7 +242,9 @@ class TgiParameters(BaseModel):
     return_full_text: bool = False
     details: bool = False
     decoder_input_details: bool = Field(
-        False, description="The prompt's tokens in details.prefill (their logprobs are not computed: null)."
+        False,
+        description="The prompt's tokens in details.prefill, each with its logprob after the tokens before it (the "
+        "first has none: null); the prompt is then computed whole, none of it taken from the prefix cache.",
     )
     truncate: int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
     top_n_tokens: TopN | None = Field(None, description="The N most likely tokens at each position, in details.")
@@ -442,6 +444,12 @@ class OpenAISampling(BaseModel):
         description="Share cached prompt prefixes only with requests that send the same salt (as vLLM's): a "
         "cached prefix answers sooner, which would tell one user what another asked.",
     )
+    prompt_logprobs: TopN | None = Field(
+        None,
+        description=f"vLLM's: each prompt token's logprob after the tokens before it (the first has none: null), "
+        f"with its rank and the N (at most {MAX_TOP_LOGPROBS}) most likely tokens there; the prompt is then computed "
+        "whole, none of it taken from the prefix cache.",
+    )
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The one constraint the body asks for: OpenAI's response_format or one of vLLM's fields."""
@@ -463,8 +471,6 @@ class OpenAISampling(BaseModel):
         return refuse_unsupported(value, {
             "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
             "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
-            # 0 asks too: vLLM then reports each prompt token's own logprob
-            "prompt_logprobs": (_sent, "only the answer's tokens have logprobs here; leave prompt_logprobs out"),
         })  # fmt: skip
 
     @field_validator("logit_bias", mode="before")
@@ -495,10 +501,6 @@ class OpenAISampling(BaseModel):
         return self.max_tokens, "max_tokens"
 
 
-def _sent(value: object) -> bool:
-    return value is not None
-
-
 def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object], bool], str]]) -> object:
     """Fields of OpenAI's that this server does not implement, refused where a client sends them in a form that
     changes the answer: ignored (extra="ignore"), the answer would silently not be what was asked for.
@@ -516,7 +518,11 @@ class CompletionRequest(OpenAISampling):
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
     )
-    echo: bool = Field(False, description="Each choice's text begins with the prompt's (not with logprobs).")
+    echo: bool = Field(
+        False,
+        description="Each choice's text begins with the prompt's; with logprobs, so do its logprobs (the prompt's "
+        "first token has none: null).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -524,16 +530,6 @@ class CompletionRequest(OpenAISampling):
         return refuse_unsupported(value, {
             "suffix": (bool, "this server completes after the prompt, it does not insert; leave suffix out"),
         })  # fmt: skip
-
-    @model_validator(mode="after")
-    def _echo_without_logprobs(self) -> "CompletionRequest":
-        # OpenAI's and vLLM's answer would hold the prompt tokens' logprobs too, which this server does not compute
-        if self.echo and self.logprobs is not None:
-            raise ValueError(
-                "echo with logprobs is not supported (the prompt's tokens have no logprobs here): send echo without "
-                "logprobs, or logprobs without echo"
-            )
-        return self
 
     @model_validator(mode="after")
     def _best_of_covers_n(self) -> "CompletionRequest":
@@ -550,6 +546,13 @@ class CompletionRequest(OpenAISampling):
     @property
     def top_logprobs_asked(self) -> int:
         return self.logprobs or 0
+
+    @property
+    def prompt_logprobs_asked(self) -> int | None:
+        """vLLM's rule: echo with logprobs scores the prompt with as many top tokens, unless prompt_logprobs says."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -659,6 +662,10 @@ class ChatCompletionRequest(OpenAISampling):
     def top_logprobs_asked(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else 0
 
+    @property
+    def prompt_logprobs_asked(self) -> int | None:
+        return self.prompt_logprobs
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int  # prompt tokens found in the KV cache, not computed again
@@ -672,12 +679,26 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: parallel lists, one entry per token."""
+    """The legacy completions shape: parallel lists, one entry per token (echo: the prompt's first, whose first
+    token has no logprob and no top logprobs: null)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: a token's logprob at a prompt position, its rank there (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: one entry per prompt token, the first null (nothing before it scores it), each other the
+# token's own entry and the top N's, keyed by token id
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -685,6 +706,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: OpenAIFinishReason | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -729,6 +751,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's: of the one prompt the choices share
 
 
 class ChatDelta(BaseModel):
@@ -750,6 +773,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on the first chunk with a token, where asked for
 
 
 class ModelCard(BaseModel):

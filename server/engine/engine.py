@@ -16,6 +16,13 @@ in a forward) ends alone; the loop goes on.
 Admission is fair between clients and, in each client's turns, between adapters, and a full queue is shared
 between clients (waiting.py): one client's flood delays another client's request by one row at most, and cannot
 keep it out of the queue.
+
+A request asking for its prompt's logprobs (prompt_logprobs) has every prompt position scored: it takes no cached
+prefix, and a step holding a chunk of its prompt keeps those positions' logits beside the sampled ones, so it runs
+eagerly, not as a captured graph (which replays the sampled tokens' logits alone), at the graph's width. It reads
+the same step buffers and the same tokens fed on the device as a graph would, and its draws are launched and taken
+as a graph step's: steps of either kind follow each other in any order. The scores reach the host with the
+request's first token.
 """
 
 import logging
@@ -24,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -58,8 +65,8 @@ from server.engine.multilora import (
     shrink_groups,
 )
 from server.engine.prefix_cache import KVRows
-from server.engine.requests import FinishReason, GenerationRequest, TokenEvent, Top
-from server.engine.sampling import draw, final_logits, top_logprobs
+from server.engine.requests import FinishReason, GenerationRequest, PromptToken, TokenEvent, Top
+from server.engine.sampling import device_tensor, draw, final_logits, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
 from server.engine.text import TextStream
@@ -90,6 +97,9 @@ class _Row:
     stops: frozenset[int]  # the tokens that end it: EOS (unless ignore_eos) and its stop_token_ids
     generated: int = 0
     ended: bool = False  # released: its KV row and slot are another request's now
+    # its prompt's scored chunks (prompt_logprobs), until its first token's event carries them: (the step's scores,
+    # the chunk's first position among them, its positions)
+    scores: list[tuple["_Scores", int, int]] = field(default_factory=list)
 
 
 class _Output(NamedTuple):
@@ -114,6 +124,24 @@ class _Drawn(NamedTuple):
     masks: StepMasks | None
     asking: list[int]  # rows (by position) that asked for top logprobs
     top_n: int  # columns of top logprobs per asking row
+
+
+class _Scores:
+    """A step's scored prompt positions (prompt_logprobs), launched on the device: each position's logprob of the
+    prompt token after it and that token's rank, then every position's top ids and logprobs, flat in one float64
+    host tensor, on its way from the device until `ready`; read on the host once, by the first of its rows to
+    send its first token."""
+
+    def __init__(self, flat: torch.Tensor, ready: torch.cuda.Event | None, count: int, top_n: int) -> None:
+        self.flat, self.ready, self.count, self.top_n = flat, ready, count, top_n
+        self._host: list[float] | None = None
+
+    def host(self) -> list[float]:
+        if self._host is None:
+            if self.ready is not None:
+                self.ready.synchronize()
+            self._host = self.flat.tolist()
+        return self._host
 
 
 class Engine:
@@ -370,7 +398,7 @@ class Engine:
             elif (r.generated or drawing) and r.generated + drawing < r.request.sampling.max_new_tokens:
                 decoding.append(r)  # (a token on its way that is the request's last ends it: no step for it)
         budget = self.config.max_prefill_tokens if decoding else self.config.idle_prefill_tokens
-        plan = plan_step(decoding, prefilling, budget)
+        plan = plan_step(decoding, prefilling, budget, lambda r: r.request.sampling.prompt_logprobs is not None)
         if plan:
             self._guarded([row for row, _ in plan], lambda: self._run(plan))
             return True
@@ -466,8 +494,10 @@ class Engine:
 
     def _admit_one(self, request: GenerationRequest, sink: EventSink) -> bool:
         """Give `request` a row (and its adapter a slot); False if every slot is held by running rows, or if a prompt
-        being prefilled will hold more of its prompt than any row does now (prefix_cache.py)."""
-        if self._kv_rows.worth_waiting(request.cache_scope, request.prompt_ids):
+        being prefilled will hold more of its prompt than any row does now (prefix_cache.py). A request scoring its
+        prompt computes all of it anyway: it waits for no other's prefill."""
+        scoring = request.sampling.prompt_logprobs is not None
+        if not scoring and self._kv_rows.worth_waiting(request.cache_scope, request.prompt_ids):
             return False
         slot, activated = self.no_adapter, True
         if request.adapter_key is not None:
@@ -502,7 +532,9 @@ class Engine:
                                pin_memory=self.device.type == "cuda")  # fmt: skip
             seen[: len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
         text = TextStream(self.tokenizer, params.stop, params.min_tokens, params.include_stop_str_in_output)
-        place = self._kv_rows.take(request.cache_scope, request.prompt_ids)  # last: only the copy may fail past it
+        # last: only the copy may fail past it. A request scoring its prompt needs every position's logits: no
+        # cached prefix
+        place = self._kv_rows.take(request.cache_scope, request.prompt_ids, reuse=params.prompt_logprobs is None)
         ids = list(request.prompt_ids)
         try:
             if place.source is not None:
@@ -528,14 +560,19 @@ class Engine:
 
     # ---- forwards -----------------------------------------------------------------------------------
     def _run(self, plan: list[tuple[_Row, int]]) -> None:
-        """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token; the
-        last step's tokens are taken and their events go out between this launch and the next."""
+        """One forward over the plan's tokens, then sampling of the rows whose sequence ends on a new token and
+        scoring of the prompt positions asked for (prompt_logprobs); the last step's tokens are taken and their
+        events go out between this launch and the next."""
         plan = sorted(plan, key=lambda item: item[0].slot)  # stable: each adapter's tokens one run (step.py)
         previous = self._in_flight
         feed = {id(r): i for i, r in enumerate(previous.rows)} if previous is not None else {}
         seqs: list[Sequence] = []
         sampled: list[_Row] = []  # the rows whose sequence ends on a new token, in the order of their logits
         chunks: list[tuple[_Row, int]] = []  # prefilling rows and their prompt tokens after this step
+        scored: list[int] = []  # the step's token (flat index) at each scored prompt position
+        targets: list[int] = []  # the prompt token after each scored position: the one it scores
+        scoring: list[tuple[_Row, int, int]] = []  # (row, its chunk's first position in `scored`, its positions)
+        at = 0  # the flat index of the next sequence's first token: fill lays the sequences out in this order
         for row, n in plan:
             prompt = row.request.prompt_ids
             if row.prefilled == len(prompt):  # decoding: its last token, on the host or still on the device
@@ -552,15 +589,32 @@ class Engine:
                 chunks.append((row, end))
                 if last:
                     sampled.append(row)
-        tokens = sum(len(seq.tokens) for seq in seqs)
-        if self._graphs is not None:
+                # position p scores prompt[p + 1]; the last prompt position's logits are sampled instead
+                stop = min(end, len(prompt) - 1)
+                if row.request.sampling.prompt_logprobs is not None and stop > row.prefilled:
+                    scoring.append((row, len(scored), stop - row.prefilled))
+                    scored += range(at, at + stop - row.prefilled)
+                    targets += prompt[row.prefilled + 1 : stop + 1]
+            at += len(seqs[-1].tokens)
+        tokens = at
+        if self._graphs is not None and not scored:
             width = self._graphs.bucket(tokens)
             self._step.fill(seqs, width)
             logits = self._graphs.run(self._step.host, width)
         else:
-            segments = self._step.fill(seqs, tokens)
+            # A graph replays a fixed layout of logits (the sampled tokens'): a step scoring prompt positions runs
+            # eagerly. With graphs, at the width of the graph it would have replayed, so that its other tokens run
+            # the kernels that graph runs.
+            width = self._graphs.bucket(tokens) if self._graphs is not None else tokens
+            segments = self._step.fill(seqs, width)
             buffer = self._step.host.to(self.device, non_blocking=True)  # the host buffer itself on CPU
-            logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments)
+            keep = device_tensor(scored, self.device) if scored else None
+            logits = self._forward(self._step.views(buffer, width, len(sampled)), segments, keep)
+        if scored:
+            top_n = max(row.request.sampling.prompt_logprobs or 0 for row, _, _ in scoring)
+            scores = self._score(logits[len(sampled) :], targets, top_n)
+            for row, first, count in scoring:
+                row.scores.append((scores, first, count))
         for row, end in chunks:
             row.prefilled = end
             self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, end)
@@ -576,19 +630,57 @@ class Engine:
         self._deliver()
 
     @torch.inference_mode()
-    def _forward(self, tensors: StepTensors, segments: list[Segment] | None) -> torch.Tensor:
-        # the step's flat tokens [1, N] -> logits of its sampled tokens [len(sample_index), V]
+    def _forward(
+        self, tensors: StepTensors, segments: list[Segment] | None, scored: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # the step's flat tokens [1, N] -> logits [len(sample_index) + len(scored), V]: of its sampled tokens, then
+        # of its scored prompt positions (scored: [E] flat token indices; None: none, as in every captured step)
         self._lora_context.set(tensors.slots, segments)
         fed = self._fed[tensors.feed.clamp(min=0)]  # [N]
         ids = torch.where(tensors.feed >= 0, fed, tensors.ids[0])[None]  # [1, N]
+        keep = tensors.sample_index if scored is None else torch.cat([tensors.sample_index, scored])
         out = self.model(input_ids=ids, position_ids=tensors.positions, use_cache=False,
-                         logits_to_keep=tensors.sample_index, engine_step=StepContext(self.cache, tensors))  # fmt: skip
+                         logits_to_keep=keep, engine_step=StepContext(self.cache, tensors))  # fmt: skip
         return out.logits[0]
 
     def _graph_forward(self, buffer: torch.Tensor, width: int) -> torch.Tensor:
         return self._forward(self._step.views(buffer, width), None)
 
-    # ---- sampling and finishing ---------------------------------------------------------------------
+    # ---- scoring prompts, sampling and finishing ----------------------------------------------------
+    def _score(self, logits: torch.Tensor, targets: list[int], top_n: int) -> _Scores:
+        """Each scored position's logprob of the prompt token after it, that token's rank and the top_n most likely
+        tokens there, under the model's own distribution (vLLM's prompt_logprobs: no sampling parameter applies),
+        launched on the device with one copy to the host."""
+        # logits: [E, V] of the scored positions; targets[i]: the prompt token after position i
+        logprobs = logits.float().log_softmax(-1)  # [E, V]
+        picked = logprobs.gather(-1, device_tensor(targets, self.device)[:, None])  # [E, 1]
+        rank = (logprobs >= picked).sum(-1)  # [E]: as vLLM counts it, tokens as likely as the target are ahead
+        parts = [picked[:, 0].double(), rank.double()]
+        top_n = min(top_n, logprobs.shape[-1])
+        if top_n:
+            values, ids = logprobs.topk(top_n, dim=-1)  # [E, top_n] each
+            parts += [ids.double().flatten(), values.double().flatten()]
+        flat = torch.cat(parts).to("cpu", non_blocking=True)  # pinned on CUDA: the copy does not block
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Scores(flat, ready, len(targets), top_n)
+
+    def _prompt_tokens(self, row: _Row) -> tuple[PromptToken, ...]:
+        """The row's prompt, every token scored by the chunks its steps scored, in prompt order."""
+        prompt, keep = row.request.prompt_ids, row.request.sampling.prompt_logprobs or 0
+        tokens = [PromptToken(prompt[0], None, None, ())]  # nothing before the first token to score it
+        for scores, first, count in row.scores:
+            host, e, n = scores.host(), scores.count, scores.top_n
+            for j in range(first, first + count):
+                ids = host[2 * e + j * n : 2 * e + j * n + keep]
+                values = host[2 * e + e * n + j * n : 2 * e + e * n + j * n + keep]
+                top = tuple((int(t), v) for t, v in zip(ids, values, strict=True))
+                tokens.append(PromptToken(prompt[len(tokens)], host[j], int(host[e + j]), top))
+        row.scores = []  # read once: the host copies go with them
+        return tuple(tokens)
+
     def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor, drawn: list[int]) -> _Drawn:
         # logits: [len(rows), V]; drawn[i]: the tokens rows[i] drew before this draw. One device -> host copy
         # brings every row's token, logprob and top logprobs
@@ -712,8 +804,11 @@ class Engine:
         top: Top = (),
     ) -> None:
         request = row.request
+        scored = None  # the prompt's scores go out with the first token, where asked for
+        if token is not None and index == 0 and request.sampling.prompt_logprobs is not None:
+            scored = self._prompt_tokens(row)
         event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error,
-                           top, row.cached)  # fmt: skip
+                           top, row.cached, scored)  # fmt: skip
         if finish is not None and not row.ended:  # a row ended by its token alone was released when taken
             self._release(row, keep=finish != "error")
         try:

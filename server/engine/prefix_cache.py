@@ -68,10 +68,12 @@ class KVRows:
     def free(self) -> int:
         return len(self._blank) + len(self._idle)
 
-    def take(self, scope: Scope, prompt: list[int]) -> Placement:
+    def take(self, scope: Scope, prompt: list[int], reuse: bool = True) -> Placement:
         """A free row for a request (the caller checks `free` first), with the longest prefix of `prompt` that a row
-        holds in `scope`, short of the prompt's last token (its logits are the request's first token)."""
-        row, reused = self._longest(scope, prompt, len(prompt) - 1) if self.enabled else (None, 0)
+        holds in `scope`, short of the prompt's last token (its logits are the request's first token). `reuse`
+        False: no prefix is looked for (a request scoring its prompt computes every position's logits); what the
+        row writes may still serve later prompts."""
+        row, reused = self._longest(scope, prompt, len(prompt) - 1) if self.enabled and reuse else (None, 0)
         if row is not None and row in self._idle:
             self._unidle(row)
             self._drop(row)

@@ -3,7 +3,7 @@
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from adapters.lora import LoraWeights
 from server.engine.constraints import TokenConstraint
@@ -11,6 +11,16 @@ from server.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 Top = tuple[tuple[int, float], ...]  # (token id, logprob) of the most likely tokens, most likely first
+
+
+class PromptToken(NamedTuple):
+    """A prompt token scored after the tokens before it (SamplingParams.prompt_logprobs), under the model's own
+    distribution there (log_softmax of its logits): the first prompt token has nothing before it, so no logprob."""
+
+    token_id: int
+    logprob: float | None
+    rank: int | None  # 1 + how many tokens are more likely there (vLLM counts ties as ahead: tokens at least as likely)
+    top: Top  # the prompt_logprobs most likely tokens there
 
 
 @dataclass
@@ -51,3 +61,5 @@ class TokenEvent:
     # the request's top_logprobs most likely tokens at this position, under the same distribution as logprob
     top_logprobs: Top = ()
     cached_tokens: int = 0  # prompt tokens found in the KV cache, not computed again
+    # every prompt token, scored: on the request's first token event, where it asked for prompt_logprobs
+    prompt_logprobs: tuple[PromptToken, ...] | None = None

@@ -37,6 +37,10 @@ class SamplingParams:
     # vLLM's: the stop string (or a stop token's text) that ends the answer stays at its end
     include_stop_str_in_output: bool = False
     top_logprobs: int = 0  # the N most likely tokens (and their logprobs) reported with each token; 0: off
+    # vLLM's prompt_logprobs: each prompt token's logprob after the tokens before it (the first has none) and the N
+    # most likely tokens there, under the model's own distribution (log_softmax of its logits, before any sampling
+    # parameter); None: off
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,6 +49,8 @@ class SamplingParams:
             raise ValueError("min_tokens must lie in 0..max_new_tokens")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must lie in 0..{MAX_TOP_LOGPROBS}")
         floats = (self.temperature, self.top_p, self.min_p, self.repetition_penalty, self.frequency_penalty,
                   self.presence_penalty)  # fmt: skip
         if not all(math.isfinite(x) for x in floats):  # NaN passes every comparison below

@@ -567,8 +567,6 @@ def test_vllm_guided_fields_and_structured_outputs_constrain_the_answer(client: 
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_grammar": "root ::= x"}, "guided_grammar is not supported"),
-        ({"prompt_logprobs": 0}, "prompt_logprobs is not supported"),
-        ({"prompt_logprobs": 5}, "prompt_logprobs is not supported"),
     ):
         assert says in error_of(client.post("/v1/completions", json={**completion, **extra}))["message"], extra
     for harmless in ({"min_tokens": 0}, {"min_p": 0.0}, {"use_beam_search": False}, {"prompt_logprobs": None}):
@@ -768,7 +766,7 @@ def test_vllm_include_stop_str_in_output_keeps_what_ended_the_answer(client: Tes
 
 def test_completions_echo_begins_each_choice_with_the_prompt(client: TestClient) -> None:
     """OpenAI's echo on /v1/completions: each choice's text is the prompt's then its own, streamed with its first
-    chunk (as vLLM streams it). With logprobs, a 422 (the prompt's tokens would need theirs)."""
+    chunk (as vLLM streams it)."""
     body = {"model": "llama", "prompt": "abc", "max_tokens": 6, "temperature": 1.0, "seed": 5, "n": 2}
     plain = [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]]
     echoed = client.post("/v1/completions", json={**body, "echo": True}).json()
@@ -779,7 +777,133 @@ def test_completions_echo_begins_each_choice_with_the_prompt(client: TestClient)
         mine = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == index]
         assert mine[0].startswith("abc") and "".join(mine) == "abc" + text
     assert client.post("/v1/completions", json={**body, "echo": False}).json()["choices"][0]["text"] == plain[0]
-    for logprobs in (0, 2):
-        says = error_of(client.post("/v1/completions", json={**body, "echo": True, "logprobs": logprobs}))["message"]
-        assert "echo with logprobs is not supported" in says
     assert "echo" in error_of(client.post("/v1/completions", json={**body, "echo": "x"}))["message"]
+
+
+# ---- the prompt's logprobs -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """adapter name (None: the base model), prompt ids -> PEFT's log_softmax [T, V] fp32 over the prompt: row p
+    scores token p + 1. The adapters are the client fixture's (same seeds, same weights)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32).eval()
+    tmp = tmp_path_factory.mktemp("reference")
+    seeds = {"m1": (1, 4, 8), "m2": (2, 8, 8)}
+
+    def scores(adapter: str | None, ids: list[int]) -> torch.Tensor:
+        model = base
+        if adapter is not None:
+            seed, rank, alpha = seeds[adapter]
+            path = make_peft_dir(tmp / adapter, seed=seed, r=rank, lora_alpha=alpha,
+                                 target_modules=["q_proj", "v_proj", "o_proj"])  # fmt: skip
+            model = PeftModel.from_pretrained(base, path)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        if adapter is not None:
+            model.unload()  # the base model as it was, for the next reference
+        return logits.log_softmax(-1)
+
+    return scores
+
+
+def tokens_of(client: TestClient, body: dict) -> list[int]:
+    """The prompt ids the server computes for a completion (`prompt`) or chat (`messages`) body."""
+    keys = {"prompt", "messages"} & body.keys()
+    return client.post("/tokenize", json={key: body[key] for key in keys}).json()["tokens"]
+
+
+def assert_vllm_prompt_logprobs(scored: list, ids: list[int], reference: torch.Tensor, n: int) -> None:
+    """vLLM's shape: null first, then per token its own entry (its rank) and the n most likely (ranks 1..n)."""
+    assert len(scored) == len(ids) and scored[0] is None
+    for p, (entry, token) in enumerate(zip(scored[1:], ids[1:], strict=True)):
+        row = reference[p]
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(row[token].item(), abs=1e-4), p
+        assert own["rank"] == int((row > row[token]).sum()) + 1 and isinstance(own["decoded_token"], str), p
+        values, top = row.topk(n)
+        for rank, (t, v) in enumerate(zip(top.tolist(), values.tolist(), strict=True), 1):
+            assert entry[str(t)]["rank"] == rank and entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-4), p
+        assert set(entry) == {str(token), *map(str, top.tolist())}, p
+
+
+def test_vllm_prompt_logprobs_on_both_openai_routes_are_pefts(client: TestClient, reference) -> None:
+    """vLLM's prompt_logprobs: each prompt token's logprob after the tokens before it, as PEFT scores the prompt
+    (the adapter applied), with its rank and the N most likely tokens; the first token null. Completions carry it
+    per choice (every choice, n 2), chat once for the response, as vLLM; streamed, with the first token's chunk.
+    Out of its bounds, a 422."""
+    body = {"model": "m1", "prompt": "scored prompt", "max_tokens": 3, "temperature": 0, "prompt_logprobs": 2, "n": 2}
+    ids = tokens_of(client, body)
+    expected = reference("m1", ids)
+    answer = client.post("/v1/completions", json=body).json()
+    for choice in answer["choices"]:
+        assert_vllm_prompt_logprobs(choice["prompt_logprobs"], ids, expected, 2)
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # computed whole, the second time too
+    chunks = sse(client, "/v1/completions", {**body, "stream": True})
+    for index in range(2):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert_vllm_prompt_logprobs(mine[0]["prompt_logprobs"], ids, expected, 2)
+        assert all(c.get("prompt_logprobs") is None for c in mine[1:])
+    plain = client.post("/v1/completions", json={**body, "prompt_logprobs": None}).json()
+    assert all(c["prompt_logprobs"] is None for c in plain["choices"])
+    assert [c["text"] for c in plain["choices"]] == [c["text"] for c in answer["choices"]]
+
+    talk = chat(model="m2", messages=[{"role": "user", "content": "score me"}], prompt_logprobs=0)
+    ids = tokens_of(client, talk)
+    expected = reference("m2", ids)
+    answer = client.post("/v1/chat/completions", json=talk).json()
+    assert_vllm_prompt_logprobs(answer["prompt_logprobs"], ids, expected, 0)
+    streamed = sse(client, "/v1/chat/completions", {**talk, "stream": True})
+    carrying = [c for c in streamed if c.get("prompt_logprobs") is not None]
+    assert len(carrying) == 1 and streamed.index(carrying[0]) == 1  # the first token's, after the role's chunk
+    assert_vllm_prompt_logprobs(carrying[0]["prompt_logprobs"], ids, expected, 0)
+    assert client.post("/v1/chat/completions", json=chat()).json()["prompt_logprobs"] is None
+    for bad in (21, -1, "x"):
+        for path, payload in (("/v1/completions", body), ("/v1/chat/completions", talk)):
+            assert "prompt_logprobs" in error_of(client.post(path, json={**payload, "prompt_logprobs": bad}))["message"]
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(client: TestClient, reference) -> None:
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1): the legacy logprobs hold
+    the prompt's tokens then the answer's; the first prompt token's logprob and top logprobs are null, each other
+    is PEFT's log p(token | tokens before), its top logprobs the most likely token's and its own; offsets run on
+    through the answer. Streamed, the first chunk holds the prompt's."""
+    body = {"model": "llama", "prompt": "the cat sat", "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    ids = tokens_of(client, body)
+    expected = reference(None, ids)
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    picked = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert lp["token_logprobs"][1:-1] == pytest.approx(picked.tolist(), abs=1e-4)
+    for p, (token, top) in enumerate(zip(lp["tokens"][1:-1], lp["top_logprobs"][1:-1], strict=True)):
+        best = int(expected[p].argmax())
+        assert top[client.post("/detokenize", json={"tokens": [best]}).json()["prompt"]] == pytest.approx(
+            expected[p, best].item(), abs=1e-4
+        )
+        assert top[token] == pytest.approx(lp["token_logprobs"][p + 1]) and len(top) <= 2
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids) + 1)]
+    assert choice["text"].startswith("the cat sat") and choice["prompt_logprobs"] is None  # not sent: not shown
+    chunks = sse(client, "/v1/completions", {**body, "max_tokens": 3, "stream": True})
+    first = chunks[0]["choices"][0]["logprobs"]
+    assert first["tokens"][: len(ids)] == lp["tokens"][:-1] and first["token_logprobs"][0] is None
+    assert first["token_logprobs"][1 : len(ids)] == pytest.approx(lp["token_logprobs"][1:-1], abs=1e-5)
+    offsets = [o for c in chunks for o in (c["choices"][0]["logprobs"] or {"text_offset": []})["text_offset"]]
+    tokens = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {"tokens": []})["tokens"]]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))] and len(tokens) == len(ids) + 3
+
+
+def test_tgi_decoder_input_details_score_the_prefill(client: TestClient, reference) -> None:
+    """TGI's decoder_input_details with details: the prefill's tokens with their logprobs, the first null."""
+    params = {"max_new_tokens": 2, "details": True, "decoder_input_details": True, "adapter_id": "m1"}
+    details = client.post("/generate", json={"inputs": "prefill me", "parameters": params}).json()["details"]
+    ids = [t["id"] for t in details["prefill"]]
+    assert ids == tokens_of(client, {"prompt": "prefill me"})
+    expected = reference("m1", ids)
+    assert details["prefill"][0]["logprob"] is None
+    picked = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert [t["logprob"] for t in details["prefill"][1:]] == pytest.approx(picked.tolist(), abs=1e-4)

@@ -114,8 +114,9 @@ def test_openai_logprobs_and_seeded_n(client: openai.OpenAI) -> None:
 
 
 def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai.OpenAI) -> None:
-    """Tools, suffix and echo with logprobs would change what the answer is: each is a 422 that says what to send
-    instead, and tools the client forbids (tool_choice "none") are answered as plain text."""
+    """Tools and suffix would change what the answer is: each is a 422 that says what to send instead, and tools
+    the client forbids (tool_choice "none") are answered as plain text. Echo with logprobs (lm-evaluation-harness's
+    loglikelihood request) scores the prompt's tokens, the first with none."""
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
     model = "SmolLM2-135M-Instruct"
@@ -123,9 +124,13 @@ def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai
         client.chat.completions.create(model=model, messages=messages, tools=[tool], max_tokens=4)
     with pytest.raises(openai.UnprocessableEntityError, match="tool_choice is not supported"):
         client.chat.completions.create(model=model, messages=messages, tool_choice="required", max_tokens=4)
-    for extra in ({"suffix": " and that is all."}, {"echo": True, "logprobs": 1}):
-        with pytest.raises(openai.UnprocessableEntityError, match=f"{' with '.join(extra)} is not supported"):
-            client.completions.create(model=model, prompt="The sky is", max_tokens=4, **extra)
+    with pytest.raises(openai.UnprocessableEntityError, match="suffix is not supported"):
+        client.completions.create(model=model, prompt="The sky is", max_tokens=4, suffix=" and that is all.")
+    echoed = client.completions.create(model=model, prompt="The sky is", max_tokens=1, temperature=0, echo=True,
+                                       logprobs=1)  # fmt: skip
+    scored = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith("The sky is") and len(scored.tokens) == echoed.usage.prompt_tokens + 1
+    assert scored.token_logprobs[0] is None and all(lp <= 0 for lp in scored.token_logprobs[1:])
     # each computes its prompt afresh (a salt of its own): from the other's cached prefix, bf16 arithmetic in other
     # shapes may tip a near tie
     plain = client.chat.completions.create(model=model, messages=messages, tools=[tool], tool_choice="none",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.engine.batching import plan_step
+from server.engine.batching import SCORED_TOKENS, plan_step
 
 
 @pytest.mark.parametrize(
@@ -18,3 +18,17 @@ from server.engine.batching import plan_step
 )
 def test_plan_step(decoding, prefilling, budget, expected) -> None:
     assert plan_step(decoding, prefilling, budget) == expected
+
+
+@pytest.mark.parametrize(
+    ("prefilling", "budget", "expected"),
+    [
+        ([("s", 300)], 2048, [("s", SCORED_TOKENS)]),  # a scored prompt's chunk is capped, whatever the budget
+        ([("s", 200), ("t", 200), ("p", 100)], 2048, [("s", 200), ("t", SCORED_TOKENS - 200), ("p", 100)]),
+        # the scored prompts have their share: a later one waits, the next unscored one still fits
+        ([("s", 300), ("t", 5), ("p", 10)], 2048, [("s", SCORED_TOKENS), ("p", 10)]),
+        ([("s", 300)], 8, [("s", 8)]),  # within the budget as any prompt
+    ],
+)
+def test_scored_prompts_share_a_bounded_chunk(prefilling, budget, expected) -> None:
+    assert plan_step(["a"], prefilling, budget, lambda key: key in {"s", "t"}) == [("a", 1), *expected]
