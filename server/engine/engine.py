@@ -592,9 +592,11 @@ class Engine:
     def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor, drawn: list[int]) -> _Drawn:
         # logits: [len(rows), V]; drawn[i]: the tokens rows[i] drew before this draw. One device -> host copy
         # brings every row's token, logprob and top logprobs
-        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
-        masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
+        # vLLM's min_tokens: a row short of them draws no token that would end it
+        banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
+        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
+        masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1], banned)
         # the copy reads ids already taken; _take_token writes the next one past them
         seen = [
             (r.seen[: len(r.ids)].to(self.device, non_blocking=True), len(r.request.prompt_ids))
@@ -603,8 +605,6 @@ class Engine:
             for r in rows
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
-        # vLLM's min_tokens: a row short of them draws no token that would end it
-        banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
         final = final_logits(logits, params, seen, allowed, banned)  # [B, V]
         if self._greedy_pick is not None and all(p.greedy and not p.top_logprobs for p in params):
             tokens, picked = self._greedy_pick(final)  # [B] each: no row needs the whole distribution
