@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from server.client_share import ClientShares
-from server.engine import AdapterQueueFull, Engine, GenerationRequest, QueueFull, TokenEvent
+from server.engine import Engine, GenerationRequest, TokenEvent
 from server.engine.errors import EngineError
 
 LatencyHook = Callable[[float], None]  # seconds
@@ -116,9 +116,9 @@ class TokenStream:
 class Scheduler:
     """What the HTTP layer holds: `submit` (raises at once) or `generate` (an async generator).
 
-    At most `max_queue` requests wait, shared between clients (engine/waiting.py), and at most
-    `max_queue_per_adapter` of them for one adapter (the base model counts as one): past that share an adapter's
-    requests get 429 while other adapters' are still queued. At most `max_requests_per_client` wait or run for one
+    At most `max_queue` requests wait, and at most `max_queue_per_adapter` of them for one adapter (the base model
+    counts as one), each shared between clients (engine/waiting.py): past that share an adapter's requests get 429
+    while other adapters' are still queued. At most `max_requests_per_client` wait or run for one
     client (client_share.current_client), whatever adapters they name, counted with its jobs on the tokenizer's
     threads (`client_shares`, which the tokenizer holds too). None: no share."""
 
@@ -145,17 +145,6 @@ class Scheduler:
     def running(self) -> int:
         return self.engine.num_running
 
-    def _ensure_room(self, request: GenerationRequest, *, take: bool) -> None:
-        """QueueFull unless `request` has room in the queue: free, or the place of the newest request of a client
-        that holds more of it (taken with `take`; engine/waiting.py)."""
-        if not self.engine.has_room(request.client, self.max_queue, take=take):
-            raise QueueFull(self.max_queue)
-
-    def _ensure_share(self, adapter_key: str | None) -> None:
-        share = self.max_queue_per_adapter
-        if share is not None and self.engine.waiting_for(adapter_key) >= share:
-            raise AdapterQueueFull(adapter_key, share, self.max_queue)
-
     def _hold_client_share(self, request: GenerationRequest) -> Callable[[], None]:
         """Count `request` against its client's share (ClientShareFull past it) until it leaves the engine (its
         on_finish, wrapped); returns the release for a request the engine never took."""
@@ -174,7 +163,7 @@ class Scheduler:
         """Raise QueueFull, ClientShareFull or PromptTooLong now: callers check before they load the request's
         adapter. The adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to
         its key; refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
-        self._ensure_room(request, take=False)
+        self.engine.make_room(request.client, request.adapter_key, self.max_queue)
         self.client_shares.check()
         self.engine.validate(request)
 
@@ -182,14 +171,15 @@ class Scheduler:
         """Start a request. Raises QueueFull, AdapterQueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or
         ValueError before anything runs (then `request.on_finish` is not called: the caller still owns its
         hold)."""
-        self._ensure_share(request.adapter_key)
         release = self._hold_client_share(request)
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         try:
-            # last, as it may take another request's place: only a request that will wait may take one
-            self._ensure_room(request, take=True)
+            # last, as it may take another request's place (engine/waiting.py): only a request that will wait may
+            # take one
+            self.engine.make_room(request.client, request.adapter_key, self.max_queue, self.max_queue_per_adapter,
+                                  take=True)  # fmt: skip
             return TokenStream(self.engine, request, self.hooks, self._mailbox)
         except BaseException:
             release()  # the engine never took it: its on_finish will not run

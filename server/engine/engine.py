@@ -43,7 +43,6 @@ from server.engine.errors import (
     InvalidSampling,
     NonFiniteOutput,
     PromptTooLong,
-    QueuePlaceGiven,
 )
 from server.engine.fusions import wrap_fusions
 from server.engine.graphs import StepGraphs
@@ -232,15 +231,23 @@ class Engine:
             self._waiting.add((request, sink))
             self._cv.notify()
 
-    def has_room(self, client: str | None, max_queue: int, *, take: bool = False) -> bool:
-        """Whether a request of `client` may join a queue of at most `max_queue` (waiting.py): with `take`, the
-        newest request of the client that holds the most gives its place if the queue is full (it ends with
-        QueueFull at the next step)."""
+    def make_room(
+        self,
+        client: str | None,
+        adapter_key: str | None,
+        max_queue: int,
+        max_queue_per_adapter: int | None = None,
+        *,
+        take: bool = False,
+    ) -> None:
+        """Raise QueueFull or AdapterQueueFull unless a request of `client` for `adapter_key` may join a queue of at
+        most `max_queue`, and at most `max_queue_per_adapter` for one adapter (waiting.py): with `take`, the newest
+        request of the client that holds the most gives its place where one is full (it ends with a 429 at the next
+        step)."""
         with self._cv:
-            room = self._waiting.has_room(client, max_queue, take=take)
+            self._waiting.make_room(client, adapter_key, max_queue, max_queue_per_adapter, take=take)
             if take:
                 self._cv.notify()
-            return room
 
     def validate(self, request: GenerationRequest) -> None:
         n, limit = len(request.prompt_ids), self.config.max_seq_len
@@ -306,11 +313,6 @@ class Engine:
         metrics scrape costs O(adapters), not O(waiting requests)."""
         with self._cv:
             return [key for key in self._waiting.per_adapter if key is not None]
-
-    def waiting_for(self, adapter_key: str | None) -> int:
-        """Queued requests for `adapter_key` (None: the base model). O(1) and safe from any thread: one dict
-        lookup, which the engine thread's updates under its lock never leave half done."""
-        return self._waiting.per_adapter.get(adapter_key, 0)
 
     def waiting_counts(self) -> dict[str | None, int]:
         """Adapter key (None: the base model) -> its queued requests, for every key with any (safe from any
@@ -421,8 +423,8 @@ class Engine:
             if cancels:
                 for request, sink in self._waiting.remove(cancels):
                     self._end_unadmitted(request, sink, "cancelled")
-            for request, sink in self._waiting.take_leaving():
-                self._end_unadmitted(request, sink, "error", QueuePlaceGiven())
+            for request, sink, error in self._waiting.take_leaving():
+                self._end_unadmitted(request, sink, "error", error)
         drawn = self._in_flight
         if cancels and drawn is not None and any(r.request.request_id in cancels for r in drawn.rows):
             # the tokens already drawn are the cancelled rows' too; other cancels (queued requests, rows with no
