@@ -417,6 +417,35 @@ def test_compiles_and_refusals_are_shared_only_under_one_salt(tokenizer, monkeyp
     grammars.close()
 
 
+def test_one_clients_new_grammars_evict_its_own_compiles_not_anothers(
+    tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full cache forgets the least recently used grammar of the client whose turns made the most: one client
+    sending new grammars (here one pattern under a new cache_salt each time, as cheap to send) recycles its own
+    entries, and another client's kept compile still answers at once. With plain LRU, `capacity` new grammars of
+    one client evicted every other client's, each then paying its compile again (a slow schema: its check's seconds)."""
+    compiles = []
+    compile_once = Grammars._compile
+    monkeypatch.setattr(Grammars, "_compile", lambda self, spec: compiles.append(spec) or compile_once(self, spec))
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], capacity=3)
+    honest, flood = GrammarSpec.regex(PATTERN), GrammarSpec.regex("(a|b)+")
+
+    async def as_client(client: str, salt: str, spec: GrammarSpec) -> CompiledGrammar:
+        current_client.set(client)  # in its own task, so in a context of its own
+        prefix_salt.set(salt)
+        return await grammars.get(spec)
+
+    asyncio.run(as_client("honest", "key:honest", honest))
+    for k in range(8):
+        asyncio.run(as_client("flood", f"key:flood/{k}", flood))
+    assert_takes(asyncio.run(as_client("honest", "key:honest", honest)), tokenizer, "no, 42 ab cd.")
+    assert compiles == [honest] + [flood] * 8  # the honest grammar once: kept
+    for k in (6, 7):  # the flood's two most recent are kept too
+        asyncio.run(as_client("flood", f"key:flood/{k}", flood))
+    assert len(compiles) == 9
+    grammars.close()
+
+
 def test_slow_grammars_cannot_starve_an_honest_one(tokenizer) -> None:
     """Schemas whose translation no llguidance limit bounds (patternProperties, checked pairwise for overlaps: a
     minute for 500) hold every compile thread; they are stopped at their deadline, and an honest grammar sent while
