@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from server.client_share import ClientShares
 from server.engine import Engine, GenerationRequest, TokenEvent
@@ -69,6 +70,7 @@ class TokenStream:
     """
 
     def __init__(self, engine: Engine, request: GenerationRequest, hooks: LatencyHooks, mailbox: Mailbox) -> None:
+        """A stream for `request`, which the caller submits to `engine` with `sink` as its events' sink."""
         self.request_id = request.request_id
         self._engine = engine
         self._hooks = hooks
@@ -76,7 +78,7 @@ class TokenStream:
         self._done = False
         self._submitted = time.perf_counter()
         self._last: float | None = None
-        engine.submit(request, lambda event: mailbox.post(self._queue, event))
+        self.sink = partial(mailbox.post, self._queue)
 
     def __aiter__(self) -> "TokenStream":
         return self
@@ -163,7 +165,7 @@ class Scheduler:
         """Raise QueueFull, ClientShareFull or PromptTooLong now: callers check before they load the request's
         adapter. The adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to
         its key; refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
-        self.engine.make_room(request.client, request.adapter_key, self.max_queue)
+        self.engine.check_room(request.client, request.adapter_key, self.max_queue)
         self.client_shares.check()
         self.engine.validate(request)
 
@@ -176,11 +178,11 @@ class Scheduler:
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         try:
-            # last, as it may take another request's place (engine/waiting.py): only a request that will wait may
-            # take one
-            self.engine.make_room(request.client, request.adapter_key, self.max_queue, self.max_queue_per_adapter,
-                                  take=True)  # fmt: skip
-            return TokenStream(self.engine, request, self.hooks, self._mailbox)
+            stream = TokenStream(self.engine, request, self.hooks, self._mailbox)
+            # last, as it may take another request's place (engine/waiting.py): the engine takes one only with the
+            # request queued
+            self.engine.submit(request, stream.sink, self.max_queue, self.max_queue_per_adapter)
+            return stream
         except BaseException:
             release()  # the engine never took it: its on_finish will not run
             raise

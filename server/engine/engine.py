@@ -220,34 +220,38 @@ class Engine:
             self._thread.join()
         self._fail_all(EngineStopped("the engine was stopped"))
 
-    def submit(self, request: GenerationRequest, sink: EventSink) -> None:
-        """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued."""
+    def submit(
+        self,
+        request: GenerationRequest,
+        sink: EventSink,
+        max_queue: int | None = None,
+        max_queue_per_adapter: int | None = None,
+    ) -> None:
+        """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued. With
+        `max_queue` (and `max_queue_per_adapter`), QueueFull or AdapterQueueFull unless it has room (waiting.py): a
+        place another client's newest request gives is taken last, with the request queued in the same hold of the
+        lock, so that only a request that will wait takes one (taken before a check that refused this request, a
+        client's newest request ended with 429 for nothing)."""
         self.validate(request)
         if request.lora is not None:
             self._packs.get(request.lora)  # packed here, on the caller's thread: the engine thread only copies
         with self._cv:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
+            if max_queue is not None:
+                self._waiting.make_room(request.client, request.adapter_key, max_queue, max_queue_per_adapter,
+                                        take=True)  # fmt: skip
             self._waiting.add((request, sink))
             self._cv.notify()
 
-    def make_room(
-        self,
-        client: str | None,
-        adapter_key: str | None,
-        max_queue: int,
-        max_queue_per_adapter: int | None = None,
-        *,
-        take: bool = False,
+    def check_room(
+        self, client: str | None, adapter_key: str | None, max_queue: int, max_queue_per_adapter: int | None = None
     ) -> None:
         """Raise QueueFull or AdapterQueueFull unless a request of `client` for `adapter_key` may join a queue of at
-        most `max_queue`, and at most `max_queue_per_adapter` for one adapter (waiting.py): with `take`, the newest
-        request of the client that holds the most gives its place where one is full (it ends with a 429 at the next
-        step)."""
+        most `max_queue`, and at most `max_queue_per_adapter` for one adapter (waiting.py): free, or by a place
+        another client's newest request would give (`submit` takes it)."""
         with self._cv:
-            self._waiting.make_room(client, adapter_key, max_queue, max_queue_per_adapter, take=take)
-            if take:
-                self._cv.notify()
+            self._waiting.make_room(client, adapter_key, max_queue, max_queue_per_adapter, take=False)
 
     def validate(self, request: GenerationRequest) -> None:
         n, limit = len(request.prompt_ids), self.config.max_seq_len

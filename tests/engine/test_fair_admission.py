@@ -172,16 +172,15 @@ def test_a_full_queue_gives_the_heaviest_clients_newest_place_to_a_lighter_clien
         flood.on_finish = lambda i=i: finished.append(f"f{i}")
         engine.submit(flood, sink)
     with pytest.raises(QueueFull):  # its own flood: no one to take a place from
-        engine.make_room("flood", None, 3, take=True)
-    engine.make_room("other", None, 3)  # asked only: nothing given yet
+        engine.submit(of("flood", request(PROMPT_A, greedy(2), a, "f3")), sink, max_queue=3)
+    engine.check_room("other", None, 3)  # asked only: nothing given yet
     assert engine.num_waiting == 3
-    engine.make_room("other", None, 3, take=True)
-    assert engine.num_waiting == 2 and engine.waiting_counts() == {a.key: 2}
-    engine.submit(of("other", request(PROMPT_B, greedy(2), None, "o0")), sink)
+    engine.submit(of("other", request(PROMPT_B, greedy(2), None, "o0")), sink, max_queue=3)
+    assert engine.num_waiting == 3 and engine.waiting_counts() == {a.key: 2, None: 1}
     for client in ("other", "flood"):
         with pytest.raises(QueueFull):
-            engine.make_room(client, None, 3, take=True)
-    engine.make_room("third", None, 3)  # the flood's 2 against its 1: room, by a place the flood would give
+            engine.submit(of(client, request(PROMPT_B, greedy(2), None, f"{client}-late")), sink, max_queue=3)
+    engine.check_room("third", None, 3)  # the flood's 2 against its 1: room, by a place the flood would give
     engine.step()
     assert sink.finish("f2") == "error" and isinstance(sink.events["f2"][-1].error, QueuePlaceGiven)
     assert sink.events["f2"][-1].error.http_status == 429 and finished == ["f2"]
