@@ -31,17 +31,18 @@ class FairPool:
             self._cv.notify()
         return future
 
-    def withdraw(self, client: Hashable) -> Future | None:
-        """Take `client`'s newest waiting job out of the pool; its future is the caller's to settle. None: it has none
-        waiting."""
+    def withdraw(self, client: Hashable, count: Callable[[list[Future]], int]) -> list[Future]:
+        """Take `client`'s newest waiting jobs out of the pool, as many as `count` says of their futures (newest first,
+        none running), in one hold of the lock: none can start meanwhile. Their futures are the caller's to settle."""
         with self._cv:
             jobs = self._queues.get(client)
             if not jobs:
-                return None
-            future, _ = jobs.pop()
+                return []
+            taken = count([future for future, _ in reversed(jobs)])
+            withdrawn = [jobs.pop()[0] for _ in range(taken)]
             if not jobs:
                 del self._queues[client]
-            return future
+            return withdrawn
 
     def shutdown(self) -> None:
         """Cancel what waits; the jobs running end on their own."""

@@ -13,8 +13,9 @@ matcher. Even at its mean, 16 constrained rows cost ~3.4 ms of CPU per step, und
 Compilation runs in a small pool of its own threads (never on the event loop or the engine thread), bounded
 in input size, schema depth, llguidance's fuel and time; grammars that passed are kept in an LRU keyed by
 (kind, canonical text) within a client's scope (the prefix cache's salt: a kept compile answers sooner, which
-would tell one client what another sent), and each request gets a matcher built from its grammar on those
-threads, which its choices copy. Not one matcher a grammar that every request copies: llguidance's copies share
+would tell one client what another sent), a full one forgetting the grammars of the client that made the most
+first (as the prefix cache's rows), and each request gets a matcher built from its grammar on those threads, which
+its choices copy. Not one matcher a grammar that every request copies: llguidance's copies share
 their lexer, and a lexer that once ran past its limits stays in error, so one request that drove a popular grammar's
 lexer there (its own output, steered by logit_bias, say) failed every later request of every client on that
 grammar, and those running, at their next token. llguidance is imported on the first grammar request.
@@ -333,7 +334,12 @@ class Grammars:
         # Keyed by (salt, spec): a compile kept, being made or refused answers sooner, which would tell one client
         # which schemas, patterns and choices another sent; so they are shared under one prefix_salt only, as prompts
         # in the KV cache are (an API key's digest and a cache_salt; on a server without keys, every client is one).
-        self._cache: OrderedDict[_Key, str] = OrderedDict()  # checked grammars, as llguidance takes them
+        # checked grammars, as llguidance takes them, least recently used first, each with the client whose turn
+        # compiled it; and how many each client's turns made. A full cache forgets the least recently used grammar of
+        # the client that made the most: with plain LRU, one client sending `capacity` new grammars (or one grammar
+        # under as many cache_salts) evicted every other client's, each then paying its compile again
+        self._cache: OrderedDict[_Key, tuple[str, Hashable]] = OrderedDict()
+        self._cached_per_client: dict[Hashable, int] = {}
         self._refused: OrderedDict[_Key, tuple[str, float]] = OrderedDict()  # message, monotonic expiry
         self._compiling: dict[_Key, _Compile] = {}
         self._lock = threading.Lock()
@@ -356,7 +362,7 @@ class Grammars:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key]
+                return self._cache[key][0]
             message, until = self._refused.get(key, ("", 0.0))
             if time.monotonic() < until:
                 raise InvalidGrammar(message)
@@ -365,7 +371,7 @@ class Grammars:
                 job = self._compiling[key] = _Compile()
             client = current_client.get()
             if not job.started.is_set() and client not in job.turns:
-                job.turns[client] = self._pool.submit(client, partial(self._run, key, job))
+                job.turns[client] = self._pool.submit(client, partial(self._run, key, job, client))
             job.waiters += 1
         try:
             # shielded: this request's deadline or departure must not cancel a compile others wait for
@@ -402,9 +408,9 @@ class Grammars:
             f"the grammar compiler was busy with other requests' grammars for {self._timeout_s:g} s; retry shortly"
         )
 
-    def _run(self, key: _Key, job: _Compile) -> None:
-        """Compile thread, in the turn of a client waiting for `job`: the compile (unless another client's turn ran it
-        first), its result cached or its refusal remembered, then the job forgotten."""
+    def _run(self, key: _Key, job: _Compile, client: Hashable) -> None:
+        """Compile thread, in the turn of `client`, waiting for `job`: the compile (unless another client's turn ran
+        it first), its result cached or its refusal remembered, then the job forgotten."""
         with self._lock:
             if job.started.is_set() or self._compiling.get(key) is not job:  # run already, or nobody waits any more
                 return
@@ -429,10 +435,22 @@ class Grammars:
             raise
         with self._lock:
             del self._compiling[key]
-            self._cache[key] = compiled
+            self._cache[key] = (compiled, client)
+            self._cached_per_client[client] = self._cached_per_client.get(client, 0) + 1
             while len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+                self._forget_one()
         job.result.set_result(compiled)
+
+    def _forget_one(self) -> None:
+        """Drop the least recently used grammar of the client whose turns made the most (the caller holds the lock).
+        O(capacity)."""
+        most = max(self._cached_per_client.values())
+        key = next(key for key, (_, owner) in self._cache.items() if self._cached_per_client[owner] == most)
+        _, owner = self._cache.pop(key)
+        if most > 1:
+            self._cached_per_client[owner] = most - 1
+        else:
+            del self._cached_per_client[owner]
 
     def close(self) -> None:
         self._pool.shutdown()

@@ -12,9 +12,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from server.client_share import ClientShares
-from server.engine import AdapterQueueFull, Engine, GenerationRequest, QueueFull, TokenEvent
+from server.engine import Engine, GenerationRequest, TokenEvent
 from server.engine.errors import EngineError
 
 LatencyHook = Callable[[float], None]  # seconds
@@ -69,6 +70,7 @@ class TokenStream:
     """
 
     def __init__(self, engine: Engine, request: GenerationRequest, hooks: LatencyHooks, mailbox: Mailbox) -> None:
+        """A stream for `request`, which the caller submits to `engine` with `sink` as its events' sink."""
         self.request_id = request.request_id
         self._engine = engine
         self._hooks = hooks
@@ -76,7 +78,7 @@ class TokenStream:
         self._done = False
         self._submitted = time.perf_counter()
         self._last: float | None = None
-        engine.submit(request, lambda event: mailbox.post(self._queue, event))
+        self.sink = partial(mailbox.post, self._queue)
 
     def __aiter__(self) -> "TokenStream":
         return self
@@ -116,9 +118,9 @@ class TokenStream:
 class Scheduler:
     """What the HTTP layer holds: `submit` (raises at once) or `generate` (an async generator).
 
-    At most `max_queue` requests wait, shared between clients (engine/waiting.py), and at most
-    `max_queue_per_adapter` of them for one adapter (the base model counts as one): past that share an adapter's
-    requests get 429 while other adapters' are still queued. At most `max_requests_per_client` wait or run for one
+    At most `max_queue` requests wait, and at most `max_queue_per_adapter` of them for one adapter (the base model
+    counts as one), each shared between clients (engine/waiting.py): past that share an adapter's requests get 429
+    while other adapters' are still queued. At most `max_requests_per_client` wait or run for one
     client (client_share.current_client), whatever adapters they name, counted with its jobs on the tokenizer's
     threads (`client_shares`, which the tokenizer holds too). None: no share."""
 
@@ -145,17 +147,6 @@ class Scheduler:
     def running(self) -> int:
         return self.engine.num_running
 
-    def _ensure_room(self, request: GenerationRequest, *, take: bool) -> None:
-        """QueueFull unless `request` has room in the queue: free, or the place of the newest request of a client
-        that holds more of it (taken with `take`; engine/waiting.py)."""
-        if not self.engine.has_room(request.client, self.max_queue, take=take):
-            raise QueueFull(self.max_queue)
-
-    def _ensure_share(self, adapter_key: str | None) -> None:
-        share = self.max_queue_per_adapter
-        if share is not None and self.engine.waiting_for(adapter_key) >= share:
-            raise AdapterQueueFull(adapter_key, share, self.max_queue)
-
     def _hold_client_share(self, request: GenerationRequest) -> Callable[[], None]:
         """Count `request` against its client's share (ClientShareFull past it) until it leaves the engine (its
         on_finish, wrapped); returns the release for a request the engine never took."""
@@ -174,7 +165,7 @@ class Scheduler:
         """Raise QueueFull, ClientShareFull or PromptTooLong now: callers check before they load the request's
         adapter. The adapter's share of the queue is checked by `submit`, once the adapter's name has resolved to
         its key; refusing there loads nothing, as an adapter at its share is held by its waiting requests already."""
-        self._ensure_room(request, take=False)
+        self.engine.check_room(request.client, request.adapter_key, self.max_queue)
         self.client_shares.check()
         self.engine.validate(request)
 
@@ -182,15 +173,16 @@ class Scheduler:
         """Start a request. Raises QueueFull, AdapterQueueFull, PromptTooLong, AdapterTooLarge, EngineStopped or
         ValueError before anything runs (then `request.on_finish` is not called: the caller still owns its
         hold)."""
-        self._ensure_share(request.adapter_key)
         release = self._hold_client_share(request)
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         try:
-            # last, as it may take another request's place: only a request that will wait may take one
-            self._ensure_room(request, take=True)
-            return TokenStream(self.engine, request, self.hooks, self._mailbox)
+            stream = TokenStream(self.engine, request, self.hooks, self._mailbox)
+            # last, as it may take another request's place (engine/waiting.py): the engine takes one only with the
+            # request queued
+            self.engine.submit(request, stream.sink, self.max_queue, self.max_queue_per_adapter)
+            return stream
         except BaseException:
             release()  # the engine never took it: its on_finish will not run
             raise

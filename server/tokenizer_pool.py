@@ -11,9 +11,10 @@ holds one of its client's share of requests under way (--max-requests-per-client
 until it ends, so that one client cannot fill the backlog and every thread with its jobs alone, and the threads take
 the clients' jobs in turn, so that a job taken in waits for one job of each other client, not for a flood's backlog.
 The backlog is shared as the engine's queue is (engine/waiting.py): a job that does not fit takes the place of the
-newest waiting jobs of the client that has the most work in it, while that client would still have more than the
-job's own client, so that one client's flood cannot keep another client's jobs out (behind one proxy address,
-everyone is one client and the whole backlog is theirs).
+newest waiting jobs of the client that has the most work in it (the next, where its jobs all run), while that client
+would still have more than the job's own client, and only where they make room for it, so that one client's flood
+cannot keep another client's jobs out, nor have another client's jobs withdrawn for nothing (behind one proxy
+address, everyone is one client and the whole backlog is theirs).
 
 Work is counted in bytes of UTF-8 text, what a fast tokenizer's time follows whatever the characters (SmolLM2's
 BPE: 0.35-0.75 us a byte for English, random words, CJK and astral text alike), plus what no byte of it shows: each
@@ -89,6 +90,7 @@ class TokenizerPool:
         self._lock = threading.RLock()
         self._bytes = 0  # of the jobs submitted and not yet done (or cancelled before they ran)
         self._per_client: dict[str | None, int] = {}  # the same, per client; a client with none has no entry
+        self._works: dict[Future, int] = {}  # each job's work, until it is done
 
     async def run(self, work: int, fn: Callable[..., T], *args: object) -> T:
         """fn(*args), a job of `work` bytes (text_work, chat_work, ids_work), on a tokenizer thread; TokenizerBusy
@@ -100,31 +102,51 @@ class TokenizerPool:
             self._bytes += work
             self._per_client[client] = self._per_client.get(client, 0) + work
             job = self._executor.submit(client, partial(fn, *args))
+            self._works[job] = work
         # counted until it ends, whether or not its request still waits for it: a client that leaves cancels
         # the job if it has not started, and a started one still holds its thread
         job.add_done_callback(partial(self._done, client, work, release))
         return await asyncio.wrap_future(job)
 
     def _make_room(self, client: str | None, work: int) -> None:
-        """Room for `client`'s job of `work` bytes: free, or made of the newest waiting jobs of the client with the
-        most work in the backlog while it would still have more than `client` (they end with TokenizerBusy);
-        TokenizerBusy if neither. The caller holds the lock."""
-        while self._bytes + work > self.budget_bytes:
-            heaviest, held = max(self._per_client.items(), key=lambda item: item[1], default=(None, 0))
-            withdrawn = None
-            if held > self._per_client.get(client, 0) + work:
-                withdrawn = self._executor.withdraw(heaviest)
-            if withdrawn is None:  # no client to take a place from, or its jobs all run
-                raise TokenizerBusy(
-                    f"{self._bytes} bytes of work are waiting for the tokenizer, up to {self.budget_bytes}; "
-                    "retry shortly"
-                )
-            with contextlib.suppress(InvalidStateError):  # cancelled (its client left): uncounted already
-                withdrawn.set_exception(TokenizerBusy(PLACE_GIVEN))  # its done callback uncounts it
+        """Room for `client`'s job of `work` bytes: free, or made of the newest waiting jobs of one client with more
+        work in the backlog than `client` would have, the one with the most first, each taken while that client still
+        has more (they end with TokenizerBusy); TokenizerBusy if none can make it, and then no job gives its place (it
+        would for a job refused anyway). The caller holds the lock."""
+        needed = self._bytes + work - self.budget_bytes
+        if needed <= 0:
+            return
+        mine = self._per_client.get(client, 0) + work
+        # the client holding the most may have nothing waiting (its jobs run): the next may make room
+        for holder, held in sorted(self._per_client.items(), key=lambda item: item[1], reverse=True):
+            if held <= mine:
+                break
+            withdrawn = self._executor.withdraw(holder, partial(self._places, held, mine, needed))
+            for future in withdrawn:
+                with contextlib.suppress(InvalidStateError):  # cancelled (its client left): uncounted already
+                    future.set_exception(TokenizerBusy(PLACE_GIVEN))  # its done callback uncounts it
+            if withdrawn:
+                return
+        raise TokenizerBusy(
+            f"{self._bytes} bytes of work are waiting for the tokenizer, up to {self.budget_bytes}; retry shortly"
+        )
 
-    def _done(self, client: str | None, work: int, release: Callable[[], None], _: Future) -> None:
+    def _places(self, held: int, mine: int, needed: int, waiting: list[Future]) -> int:
+        """How many of a client's waiting jobs (newest first) give their places: the fewest that free `needed` bytes,
+        each while the client holds more than `mine`; 0 if they cannot. Its held bytes: `held`."""
+        freed = 0
+        for taken, future in enumerate(waiting):
+            if freed >= needed:
+                return taken
+            if held - freed <= mine:
+                return 0
+            freed += self._works.get(future, 0)  # 0: cancelled, uncounted already
+        return len(waiting) if freed >= needed else 0
+
+    def _done(self, client: str | None, work: int, release: Callable[[], None], job: Future) -> None:
         release()
         with self._lock:
+            del self._works[job]
             self._bytes -= work
             left = self._per_client[client] - work
             if left:

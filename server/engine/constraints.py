@@ -6,6 +6,7 @@ Masks are token bitmasks, as xgrammar and llguidance fill them: int32 words, bit
 32 w + b. The engine fills them on its thread after it has launched the forward and before it samples, so the
 CPU work overlaps the device's; rows without a constraint are not looked at."""
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,10 +50,13 @@ class StepMasks:
         return device_tensor(self.rows, device), allowed
 
 
-def fill_masks(constraints: Sequence[TokenConstraint | None], vocab: int) -> StepMasks | None:
+def fill_masks(
+    constraints: Sequence[TokenConstraint | None], vocab: int, banned: Sequence[frozenset[int]] | None = None
+) -> StepMasks | None:
     """The masks of the rows that have a constraint; None (no work at all) when no row has one. A row whose
     matcher raises, or allows no token, is recorded in `failed` and left unmasked (its token is thrown away): as
-    GrammarDeadEnd when the grammar cannot go on (a mask with no token says so too), else as GrammarFailed."""
+    GrammarDeadEnd when the grammar cannot go on (a mask with no token says so too), else as GrammarFailed.
+    `banned[i]`: tokens row i may not draw now (its stop tokens, short of min_tokens), left out of its mask."""
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return None
@@ -64,7 +68,33 @@ def fill_masks(constraints: Sequence[TokenConstraint | None], vocab: int) -> Ste
             constraint.fill_mask(masks.bits[j])
             if not masks.bits[j].any():
                 raise GrammarDeadEnd("the grammar allows no token at this point")
+            if banned is not None and banned[i]:
+                # The sampler sets banned tokens to -inf: a grammar allowing nothing else left the row no finite
+                # logit, and its NaN draw ended it as a server fault (activations overflowed, a 500)
+                masks.bits[j] &= _kept_words(banned[i], vocab)
+                if not masks.bits[j].any():
+                    raise GrammarDeadEnd(
+                        "the grammar allows only tokens that end the answer here (the end of sequence, "
+                        "stop_token_ids), which min_tokens holds back: send a smaller min_tokens, or a grammar "
+                        "whose answers are that long"
+                    )
         except Exception as exc:
             masks.failed[i] = exc if isinstance(exc, GrammarDeadEnd) else GrammarFailed(f"the grammar failed: {exc}")
             masks.bits[j] = -1  # all bits set: the row stays finite, and its draw is discarded
     return masks
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_words(banned: frozenset[int], vocab: int) -> torch.Tensor:
+    """A mask [ceil(V / 32)] int32 of every token but `banned`'s: built once per distinct set (a request bans the same
+    set at each of its first min_tokens draws), touching only the words that hold a banned token."""
+    cleared: dict[int, int] = {}  # word -> its banned bits
+    for token in banned:
+        if token < vocab:
+            cleared[token >> 5] = cleared.get(token >> 5, 0) | 1 << (token & 31)
+    words = torch.full((mask_words(vocab),), -1, dtype=torch.int32)
+    if cleared:
+        kept = [~bits & 0xFFFFFFFF for bits in cleared.values()]  # as unsigned 32-bit words; then as int32
+        signed = [word - (word >> 31 << 32) for word in kept]
+        words[torch.tensor(list(cleared))] = torch.tensor(signed, dtype=torch.int32)
+    return words

@@ -50,7 +50,6 @@ from server.engine.errors import (
     InvalidSampling,
     NonFiniteOutput,
     PromptTooLong,
-    QueuePlaceGiven,
 )
 from server.engine.fusions import wrap_fusions
 from server.engine.graphs import StepGraphs
@@ -249,26 +248,38 @@ class Engine:
             self._thread.join()
         self._fail_all(EngineStopped("the engine was stopped"))
 
-    def submit(self, request: GenerationRequest, sink: EventSink) -> None:
-        """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued."""
+    def submit(
+        self,
+        request: GenerationRequest,
+        sink: EventSink,
+        max_queue: int | None = None,
+        max_queue_per_adapter: int | None = None,
+    ) -> None:
+        """Queue a request; `sink` gets its events on the engine thread. Raises before anything is queued. With
+        `max_queue` (and `max_queue_per_adapter`), QueueFull or AdapterQueueFull unless it has room (waiting.py): a
+        place another client's newest request gives is taken last, with the request queued in the same hold of the
+        lock, so that only a request that will wait takes one (taken before a check that refused this request, a
+        client's newest request ended with 429 for nothing)."""
         self.validate(request)
         if request.lora is not None:
             self._packs.get(request.lora)  # packed here, on the caller's thread: the engine thread only copies
         with self._cv:
             if self._stopped:
                 raise EngineStopped("the engine is stopped")
+            if max_queue is not None:
+                self._waiting.make_room(request.client, request.adapter_key, max_queue, max_queue_per_adapter,
+                                        take=True)  # fmt: skip
             self._waiting.add((request, sink))
             self._cv.notify()
 
-    def has_room(self, client: str | None, max_queue: int, *, take: bool = False) -> bool:
-        """Whether a request of `client` may join a queue of at most `max_queue` (waiting.py): with `take`, the
-        newest request of the client that holds the most gives its place if the queue is full (it ends with
-        QueueFull at the next step)."""
+    def check_room(
+        self, client: str | None, adapter_key: str | None, max_queue: int, max_queue_per_adapter: int | None = None
+    ) -> None:
+        """Raise QueueFull or AdapterQueueFull unless a request of `client` for `adapter_key` may join a queue of at
+        most `max_queue`, and at most `max_queue_per_adapter` for one adapter (waiting.py): free, or by a place
+        another client's newest request would give (`submit` takes it)."""
         with self._cv:
-            room = self._waiting.has_room(client, max_queue, take=take)
-            if take:
-                self._cv.notify()
-            return room
+            self._waiting.make_room(client, adapter_key, max_queue, max_queue_per_adapter, take=False)
 
     def validate(self, request: GenerationRequest) -> None:
         n, limit = len(request.prompt_ids), self.config.max_seq_len
@@ -334,11 +345,6 @@ class Engine:
         metrics scrape costs O(adapters), not O(waiting requests)."""
         with self._cv:
             return [key for key in self._waiting.per_adapter if key is not None]
-
-    def waiting_for(self, adapter_key: str | None) -> int:
-        """Queued requests for `adapter_key` (None: the base model). O(1) and safe from any thread: one dict
-        lookup, which the engine thread's updates under its lock never leave half done."""
-        return self._waiting.per_adapter.get(adapter_key, 0)
 
     def waiting_counts(self) -> dict[str | None, int]:
         """Adapter key (None: the base model) -> its queued requests, for every key with any (safe from any
@@ -449,8 +455,8 @@ class Engine:
             if cancels:
                 for request, sink in self._waiting.remove(cancels):
                     self._end_unadmitted(request, sink, "cancelled")
-            for request, sink in self._waiting.take_leaving():
-                self._end_unadmitted(request, sink, "error", QueuePlaceGiven())
+            for request, sink, error in self._waiting.take_leaving():
+                self._end_unadmitted(request, sink, "error", error)
         drawn = self._in_flight
         if cancels and drawn is not None and any(r.request.request_id in cancels for r in drawn.rows):
             # the tokens already drawn are the cancelled rows' too; other cancels (queued requests, rows with no
@@ -684,9 +690,11 @@ class Engine:
     def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor, drawn: list[int]) -> _Drawn:
         # logits: [len(rows), V]; drawn[i]: the tokens rows[i] drew before this draw. One device -> host copy
         # brings every row's token, logprob and top logprobs
-        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
-        masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1])
         params = [r.request.sampling for r in rows]
+        # vLLM's min_tokens: a row short of them draws no token that would end it
+        banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
+        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
+        masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1], banned)
         # the copy reads ids already taken; _take_token writes the next one past them
         seen = [
             (r.seen[: len(r.ids)].to(self.device, non_blocking=True), len(r.request.prompt_ids))
@@ -695,8 +703,6 @@ class Engine:
             for r in rows
         ]
         allowed = masks.allowed(logits.shape[-1], self.device) if masks is not None else None
-        # vLLM's min_tokens: a row short of them draws no token that would end it
-        banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
         final = final_logits(logits, params, seen, allowed, banned)  # [B, V]
         if self._greedy_pick is not None and all(p.greedy and not p.top_logprobs for p in params):
             tokens, picked = self._greedy_pick(final)  # [B] each: no row needs the whole distribution

@@ -51,6 +51,25 @@ class QueuePlaceGiven(EngineError):
         )
 
 
+class AdapterPlaceGiven(EngineError):
+    """An adapter's share of the waiting queue was full and another client held fewer of its places: this request,
+    the newest for that adapter of the client that held the most of them, gave its place to that client's
+    (waiting.py)."""
+
+    http_status = 429
+    code = "adapter_queue_full"
+    headers = {"Retry-After": "1"}  # noqa: RUF012 - read-only class constant
+
+    def __init__(self, adapter_key: str | None, max_queue_per_adapter: int) -> None:
+        whose = f"adapter {adapter_key}" if adapter_key is not None else "the base model (no adapter)"
+        super().__init__(
+            f"the waiting queue held {max_queue_per_adapter} requests for {whose}, the most one adapter may have "
+            "waiting (--max-queue-per-adapter), and this client (its API key, or its address on a server without "
+            "keys) had more of them than any other: this one, its newest, gave its place to another client's request. "
+            "Retry when fewer of this client's requests wait, or send fewer at once"
+        )
+
+
 class AdapterQueueFull(EngineError):
     """The waiting queue holds max_queue_per_adapter requests for this request's adapter (or for the base model)
     already: one adapter's flood must not fill the queue that every adapter's clients share."""

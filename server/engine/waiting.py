@@ -10,16 +10,19 @@ turns alone, as before clients were told apart.
 A full queue is shared too: a request of a client that would hold fewer waiting requests than the client that
 holds the most takes the place of that client's newest, which ends with 429 queue_full. A flood then holds the
 whole queue only while no other client asks for any of it, and can push no other client below an equal share.
-Without it, one client sending max_queue requests got every other client's refused until its flood drained.
+Without it, one client sending max_queue requests got every other client's refused until its flood drained. An
+adapter's share of the queue (max_queue_per_adapter; the base model is one more) is shared between clients the same
+way, by their requests for that adapter: without it, one client's flood of the base model kept every other client's
+base-model request out (429 adapter_queue_full) however the queue itself was shared.
 
-Not thread-safe: the engine calls it under its lock (the scheduler reads `per_adapter` without one: a dict
-lookup).
+Not thread-safe: the engine calls it under its lock.
 """
 
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TypeVar
 
+from server.engine.errors import AdapterPlaceGiven, AdapterQueueFull, EngineError, QueueFull, QueuePlaceGiven
 from server.engine.requests import GenerationRequest, TokenEvent
 
 T = TypeVar("T")
@@ -56,11 +59,13 @@ class Turns:
 class WaitingQueue:
     def __init__(self) -> None:
         self._items: deque[Waiting] = deque()
-        # waiting requests per adapter key (None: the base model), and per client: the scheduler reads the first
+        # waiting requests per adapter key (None: the base model), per client, and per client of each adapter: read
         # for every request, where counting the queue would cost O(waiting)
         self.per_adapter: dict[str | None, int] = {}
         self._per_client: dict[str | None, int] = {}
-        self._leaving: set[str] = set()  # ids of requests that gave their place (has_room), still in _items
+        self._per_adapter_client: dict[str | None, dict[str | None, int]] = {}
+        # requests that gave their place (make_room), still in _items: id -> the error each ends with
+        self._leaving: dict[str, EngineError] = {}
         self.clients = Turns()
         self.adapters = Turns()
 
@@ -87,42 +92,59 @@ class WaitingQueue:
                 kept.append(waiting)
                 continue
             removed.append(waiting)
-            if request_id in self._leaving:  # uncounted when it gave its place
-                self._leaving.discard(request_id)
-            else:
+            if self._leaving.pop(request_id, None) is None:  # else uncounted when it gave its place
                 self._count(waiting[0], -1)
         self._items = kept
         return removed
 
-    def take_leaving(self) -> list[Waiting]:
-        """Take out the requests that gave their place, to end them with QueueFull."""
-        return self.remove(set(self._leaving)) if self._leaving else []
+    def take_leaving(self) -> list[tuple[GenerationRequest, EventSink, EngineError]]:
+        """Take out the requests that gave their place, each with the error to end it with."""
+        if not self._leaving:
+            return []
+        errors = dict(self._leaving)
+        return [(request, sink, errors[request.request_id]) for request, sink in self.remove(set(errors))]
 
     def clear(self) -> list[Waiting]:
         items, self._items = self._items, deque()
         self.per_adapter.clear()
         self._per_client.clear()
+        self._per_adapter_client.clear()
         self._leaving.clear()
         return list(items)
 
-    def has_room(self, client: str | None, bound: int, *, take: bool) -> bool:
-        """Whether a request of `client` may wait in a queue of at most `bound`: there is room, or another client
-        holds more waiting requests than `client` would with it. With `take`, that client's newest request is marked
-        to give its place (`take_leaving`). O(clients + waiting) when full, O(1) otherwise."""
-        if len(self) < bound:
-            return True
-        if not self._per_client:
-            return False
-        heaviest, held = max(self._per_client.items(), key=lambda item: item[1])
-        if held <= self._per_client.get(client, 0) + 1:  # it would hold as many as the heaviest, or more
-            return False
+    def make_room(
+        self, client: str | None, adapter_key: str | None, bound: int, share: int | None, *, take: bool
+    ) -> None:
+        """Room for a request of `client` for `adapter_key` in a queue of at most `bound`, and at most `share` for
+        one adapter (None: no share): free, or where another client holds more of it (the queue's, or the
+        adapter's requests) than `client` would with it. With `take`, that client's newest request (for the adapter,
+        where its share is full) is marked to give its place (`take_leaving`). Raises AdapterQueueFull or QueueFull
+        where neither. O(clients + waiting) when full, O(1) otherwise."""
+        # (the client giving a place, the adapter of the request it gives: _ANY for any, what that request hears)
+        given: list[tuple[str | None, object, EngineError]] = []
+        if share is not None and self.per_adapter.get(adapter_key, 0) >= share:
+            holder = _heavier(self._per_adapter_client.get(adapter_key, {}), client)
+            if not holder:
+                raise AdapterQueueFull(adapter_key, share, bound)
+            given.append((holder[0], adapter_key, AdapterPlaceGiven(adapter_key, share)))
+        if len(self) - len(given) >= bound:
+            holder = _heavier(self._per_client, client)
+            if not holder:
+                raise QueueFull(bound)
+            given.append((holder[0], _ANY, QueuePlaceGiven()))
         if take:
-            for request, _ in reversed(self._items):
-                if request.client == heaviest and request.request_id not in self._leaving:
-                    self._leaving.add(request.request_id)
-                    self._count(request, -1)
-                    break
-        return True
+            for holder_client, adapter, error in given:
+                self._give_place(holder_client, adapter, error)
+
+    def _give_place(self, client: str | None, adapter_key: object, error: EngineError) -> None:
+        """Mark `client`'s newest request (for `adapter_key`, unless _ANY) that has not given its place yet."""
+        for request, _ in reversed(self._items):
+            if request.client != client or request.request_id in self._leaving:
+                continue
+            if adapter_key is _ANY or request.adapter_key == adapter_key:
+                self._leaving[request.request_id] = error
+                self._count(request, -1)
+                return
 
     def in_turn(self) -> Iterator[Waiting]:
         """The requests waiting, in admission order (the module's docstring). Snapshot taken at the call; the
@@ -136,12 +158,31 @@ class WaitingQueue:
         return round_robin(turns)
 
     def _count(self, request: GenerationRequest, delta: int) -> None:
-        for counts, key in ((self.per_adapter, request.adapter_key), (self._per_client, request.client)):
+        clients = self._per_adapter_client.setdefault(request.adapter_key, {})
+        for counts, key in (
+            (self.per_adapter, request.adapter_key),
+            (self._per_client, request.client),
+            (clients, request.client),
+        ):
             left = counts.get(key, 0) + delta
             if left:
                 counts[key] = left
             else:
                 del counts[key]
+        if not clients:
+            del self._per_adapter_client[request.adapter_key]
+
+
+_ANY = object()  # _give_place: a request for any adapter
+
+
+def _heavier(held: dict[str | None, int], client: str | None) -> tuple[str | None, ...]:
+    """(the client holding the most of `held`,) where it holds more than `client` would with one more (it gives
+    that place), else (): None is a client (one of its own)."""
+    if not held:
+        return ()
+    heaviest, most = max(held.items(), key=lambda item: item[1])
+    return (heaviest,) if most > held.get(client, 0) + 1 else ()
 
 
 def round_robin(groups: Iterable[Iterable[T]]) -> Iterator[T]:

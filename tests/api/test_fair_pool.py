@@ -41,18 +41,20 @@ def test_a_jobs_error_reaches_its_future_and_shutdown_cancels_what_waits() -> No
     assert running.result(5) is True  # a job running ends on its own
 
 
-def test_withdraw_takes_a_clients_newest_waiting_job_and_nothing_running() -> None:
+def test_withdraw_takes_a_clients_newest_waiting_jobs_as_counted_and_nothing_running() -> None:
     pool = FairPool(1, "test-fair")
-    gate, started, order = threading.Event(), threading.Event(), []
+    gate, started, order, offered = threading.Event(), threading.Event(), [], []
     running = pool.submit("a", lambda: started.set() or gate.wait())
     assert started.wait(5)
-    assert pool.withdraw("a") is None  # its one job runs: nothing waits to withdraw
-    jobs = [pool.submit("a", lambda i=i: order.append(f"a{i}")) for i in range(3)]
+    assert pool.withdraw("a", lambda waiting: 1) == []  # its one job runs: nothing waits to withdraw
+    jobs = [pool.submit("a", lambda i=i: order.append(f"a{i}")) for i in range(4)]
     other = pool.submit("b", lambda: order.append("b0"))
-    assert pool.withdraw("a") is jobs[2] and pool.withdraw("c") is None
+    assert pool.withdraw("a", lambda waiting: offered.append(waiting) or 0) == []  # counted none: none taken
+    assert offered == [jobs[::-1]]  # newest first
+    assert pool.withdraw("a", lambda waiting: 2) == [jobs[3], jobs[2]] and pool.withdraw("c", lambda w: 1) == []
     gate.set()
     running.result(5)
     for job in (*jobs[:2], other):
         job.result(5)
-    assert order == ["a0", "b0", "a1"] and not jobs[2].done()  # withdrawn: the caller's to settle
+    assert order == ["a0", "b0", "a1"] and not jobs[2].done() and not jobs[3].done()  # the caller's to settle
     pool.shutdown()

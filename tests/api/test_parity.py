@@ -729,6 +729,12 @@ def test_vllm_min_tokens_holds_back_every_end_and_is_bounded(client: TestClient)
         assert text == greedy[:again], extra
     plain = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]["text"]
     assert plain == greedy[: greedy.index(stop)] != greedy[:again]
+    # a grammar that can only go on with a token min_tokens holds back: the grammar's dead end, not a 500
+    a = client.post("/tokenize", json={"prompt": "a", "add_special_tokens": False}).json()["tokens"]
+    for extra in ({}, {"stream": True}):
+        dead = {**body, "guided_regex": "ab", "stop_token_ids": a, "min_tokens": 1, **extra}
+        error = error_of(client.post("/v1/completions", json=dead))
+        assert error["code"] == "grammar_dead_end" and "min_tokens" in error["message"], extra
     for payload, says in (
         ({**body, "min_tokens": -1}, "min_tokens"),
         ({**body, "min_tokens": "x"}, "min_tokens"),

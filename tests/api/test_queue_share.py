@@ -261,6 +261,55 @@ def test_a_full_queue_gives_another_client_a_place_and_the_floods_newest_hears_4
     assert "gave its place" not in refused.json()["error"]["message"]
 
 
+def test_an_adapters_full_share_gives_another_client_a_place_for_it(
+    shared_queue: tuple[str, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-queue 3 and --max-queue-per-adapter 2: one key's two base-model requests (its newest a stream) hold the
+    base model's whole share. Another key's base-model request still gets in, as the flood's newest gives its place
+    and hears 429 adapter_queue_full (a status, not a broken stream), saying why; the other key's answer is as alone,
+    its second base-model request (1 and 1) a plain 429 adapter_queue_full, while the flood's request for another
+    adapter is queued and answered. Before, every other key's base-model request was refused until the flood
+    drained, however the queue itself was shared."""
+    url, runtime = shared_queue
+    engine = runtime.engine
+    alone = generate_as(url, "other-key")
+    assert alone.status_code == 200, alone.text
+    monkeypatch.setattr(runtime.scheduler, "max_queue_per_adapter", 2)
+    submit, queued = engine.submit, []  # the requests queued: no count tells the other key's apart
+
+    def counted(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        submit(*args, **kwargs)
+        queued.append(args[0].request_id)
+
+    monkeypatch.setattr(engine, "submit", counted)
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            flood: list[Future[httpx.Response]] = []
+            for stream in (False, True):  # one at a time: the stream is the newest
+                flood.append(pool.submit(generate_as, url, "flood-key", stream))
+                until(lambda: engine.num_waiting == len(flood))
+            other = pool.submit(generate_as, url, "other-key")
+            until(lambda: len(queued) == 3)  # the flood's newest gave its place
+            refused = generate_as(url, "other-key")
+            body = {"inputs": "hi", "parameters": {"max_new_tokens": 4, "adapter_id": "adapter"}}
+            flood.append(pool.submit(post_as, url, "flood-key", "/generate", body))
+            until(lambda: engine.waiting_counts() == {None: 2, "adapter@1": 1})
+            go.set()
+            answers = [future.result() for future in flood]
+    finally:
+        go.set()
+        restore()
+    assert [r.status_code for r in answers] == [200, 429, 200], [r.text for r in answers]
+    gave = answers[1].json()["error"]
+    assert gave["code"] == "adapter_queue_full" and "gave its place to another client" in gave["message"], gave
+    assert "the base model" in gave["message"] and answers[1].headers["retry-after"] == "1"
+    assert other.result().json() == alone.json()
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "adapter_queue_full", refused.text
+    assert "gave its place" not in refused.json()["error"]["message"]
+    assert engine.waiting_counts() == {}
+
+
 def test_a_full_tokenizer_backlog_gives_another_client_a_place(shared_queue: tuple[str, Runtime]) -> None:
     """No per-client share: one key's costly chats fill the tokenizer's backlog while its threads are held (the
     rest refused at once: no client holds more than it). Another key's /tokenize still gets in, as the flood's

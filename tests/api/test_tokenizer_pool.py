@@ -138,6 +138,41 @@ def test_a_job_runs_after_one_of_a_flooding_clients_not_after_its_backlog() -> N
     assert order.index("honest") <= 2, order
 
 
+def test_jobs_give_their_places_only_where_that_makes_room() -> None:
+    """The budget's 2,000,000 bytes, and both threads held by one client's two large jobs. Where that client's waiting
+    jobs cannot make room for another client's job, none gives its place: the job is refused alone (before, each of
+    them was withdrawn with tokenizer_busy, for a job refused anyway). Where the client holding the most has nothing
+    waiting, the next one that holds more than the job's client gives a place: the job is taken in (before, a
+    third client's flood of waiting jobs kept it out while the heaviest client's jobs ran)."""
+
+    async def scenario(waiting: list[tuple[str, int]], work: int) -> tuple[list[object], object]:
+        pool = TokenizerPool(max_text_chars=1000, shares=ClientShares(None), threads=2)
+        gate = threading.Event()
+        try:
+            big = (BACKLOG_BYTES - sum(w for _, w in waiting)) // 2
+            running = [as_client("heavy", pool.run(big, gate.wait)) for _ in range(2)]
+            await asyncio.sleep(0.05)  # both threads taken
+            queued = [as_client(client, pool.run(w, gate.wait)) for client, w in waiting]
+            await asyncio.sleep(0.05)
+            assert pool.backlog_bytes == BACKLOG_BYTES
+            job = as_client("other", pool.run(work, gate.wait))
+            await asyncio.sleep(0.05)
+            gate.set()
+            results = await asyncio.gather(*running, *queued, job, return_exceptions=True)
+            assert pool.backlog_bytes == 0
+            return list(results[2:-1]), results[-1]
+        finally:
+            gate.set()
+            pool.close()
+
+    kept, refused = asyncio.run(scenario([("heavy", 5_000)] * 2, 50_000))
+    assert kept == [True, True]
+    assert isinstance(refused, TokenizerBusy) and "gave its place" not in str(refused), refused
+    flood, taken = asyncio.run(scenario([("flood", 19_000)] * 10, 20_000))
+    assert taken is True
+    assert flood[:-2] == [True] * 8 and all("gave its place" in str(error) for error in flood[-2:]), flood
+
+
 def test_work_is_charged_as_the_tokenizer_spends_it(smollm2: PreTrainedTokenizerBase) -> None:
     """Every kind of job the routes send, timed on the embedded model's tokenizer (the best of 9 runs, called as
     server/inference.py calls it), takes about the same time per byte it is charged: within 2x of the median. In

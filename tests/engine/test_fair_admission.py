@@ -7,10 +7,11 @@ bounds the queue by follow every way a request leaves the queue."""
 import copy
 import dataclasses
 
+import pytest
 from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
 
 from server.engine import Engine, EngineConfig, GenerationRequest
-from server.engine.errors import QueuePlaceGiven
+from server.engine.errors import AdapterPlaceGiven, AdapterQueueFull, QueueFull, QueuePlaceGiven
 from server.engine.waiting import WaitingQueue
 
 
@@ -57,7 +58,7 @@ def test_a_request_for_another_adapter_takes_the_next_free_row_before_a_flood(fa
     short = reference_generate(base, a, PROMPT_A, 4)[0]
     for i in (0, *range(2, 8)):
         assert sink.tokens(f"a{i}") == short and sink.finish(f"a{i}") == "length"
-    assert engine.waiting_counts() == {} and engine.waiting_for(a.key) == 0
+    assert engine.waiting_counts() == {}
 
 
 def test_one_row_goes_round_robin_over_adapters_across_passes(family_setup, tokenizer) -> None:
@@ -122,7 +123,6 @@ def test_waiting_counts_return_to_zero_after_cancels_failures_ends_and_stop(fami
     engine.submit(request(PROMPT_B, greedy(2), None, "base0"), sink)
     engine.submit(request(PROMPT_B, greedy(2), broken, "broken"), sink)
     assert engine.waiting_counts() == {a.key: 3, b.key: 1, None: 1, broken.key: 1}
-    assert engine.waiting_for(a.key) == 3 and engine.waiting_for(None) == 1 and engine.waiting_for("other@1") == 0
     engine.cancel("a1")
     engine.cancel("b0")
     engine.step()
@@ -171,14 +171,16 @@ def test_a_full_queue_gives_the_heaviest_clients_newest_place_to_a_lighter_clien
         flood = of("flood", request(PROMPT_A, greedy(2), a, f"f{i}"))
         flood.on_finish = lambda i=i: finished.append(f"f{i}")
         engine.submit(flood, sink)
-    assert not engine.has_room("flood", 3, take=True)  # its own flood: no one to take a place from
-    assert engine.has_room("other", 3)  # asked only: nothing given yet
+    with pytest.raises(QueueFull):  # its own flood: no one to take a place from
+        engine.submit(of("flood", request(PROMPT_A, greedy(2), a, "f3")), sink, max_queue=3)
+    engine.check_room("other", None, 3)  # asked only: nothing given yet
     assert engine.num_waiting == 3
-    assert engine.has_room("other", 3, take=True)
-    assert engine.num_waiting == 2 and engine.waiting_counts() == {a.key: 2}
-    engine.submit(of("other", request(PROMPT_B, greedy(2), None, "o0")), sink)
-    assert not engine.has_room("other", 3, take=True) and not engine.has_room("flood", 3, take=True)
-    assert engine.has_room("third", 3)  # the flood's 2 against its 1: room, by a place the flood would give
+    engine.submit(of("other", request(PROMPT_B, greedy(2), None, "o0")), sink, max_queue=3)
+    assert engine.num_waiting == 3 and engine.waiting_counts() == {a.key: 2, None: 1}
+    for client in ("other", "flood"):
+        with pytest.raises(QueueFull):
+            engine.submit(of(client, request(PROMPT_B, greedy(2), None, f"{client}-late")), sink, max_queue=3)
+    engine.check_room("third", None, 3)  # the flood's 2 against its 1: room, by a place the flood would give
     engine.step()
     assert sink.finish("f2") == "error" and isinstance(sink.events["f2"][-1].error, QueuePlaceGiven)
     assert sink.events["f2"][-1].error.http_status == 429 and finished == ["f2"]
@@ -195,10 +197,44 @@ def test_a_request_admitted_after_it_was_asked_to_give_its_place_leaves_the_coun
     queue = WaitingQueue()
     for i in range(3):
         queue.add((GenerationRequest([1], client="flood", request_id=f"f{i}"), lambda event: None))
-    assert queue.has_room("other", 3, take=True) and len(queue) == 2
+    queue.make_room("other", None, 3, None, take=True)
+    assert len(queue) == 2
     assert queue.remove({"f2"})  # admitted meanwhile
     assert queue.take_leaving() == [] and len(queue) == 2 and queue.per_adapter == {None: 2}
     assert [waiting[0].request_id for waiting in queue.in_turn()] == ["f0", "f1"]
-    assert queue.has_room("other", 2, take=False) and len(queue) == 2  # room by taking a place; none taken
-    assert queue.has_room("other", 2, take=True) and [w[0].request_id for w in queue.take_leaving()] == ["f1"]
+    queue.make_room("other", None, 2, None, take=False)  # room by taking a place; none taken
+    assert len(queue) == 2
+    queue.make_room("other", None, 2, None, take=True)
+    assert [w[0].request_id for w in queue.take_leaving()] == ["f1"]
     assert len(queue) == 1 and queue.per_adapter == {None: 1} and queue.has_items
+
+
+def test_an_adapters_full_share_gives_the_place_of_the_heaviest_clients_newest_request_for_it() -> None:
+    """max_queue 3, max_queue_per_adapter 2, adapter A's two places held by one client (whose newest request is for
+    B): another client's request for A takes the place of that client's newest request for A, which ends with 429
+    adapter_queue_full saying why; one place is given for both bounds, and the counts follow. With the two holding
+    one each, neither has room for A; a request of the flood for B then finds the queue full. Behind one client
+    (the flood alone), the share refuses as it did before clients were told apart."""
+    queue = WaitingQueue()
+
+    def add(client: str, adapter: str, request_id: str) -> None:
+        waiting = GenerationRequest([1], adapter_key=adapter, client=client, request_id=request_id)
+        queue.add((waiting, lambda event: None))
+
+    for request_id, adapter in (("f0", "a@1"), ("f1", "a@1"), ("f2", "b@1")):
+        add("flood", adapter, request_id)
+    with pytest.raises(AdapterQueueFull):
+        queue.make_room("flood", "a@1", 3, 2, take=True)
+    queue.make_room("other", "a@1", 3, 2, take=True)
+    assert len(queue) == 2 and queue.per_adapter == {"a@1": 1, "b@1": 1}
+    add("other", "a@1", "o0")
+    for client in ("other", "flood"):
+        with pytest.raises(AdapterQueueFull):
+            queue.make_room(client, "a@1", 3, 2, take=True)
+    with pytest.raises(QueueFull):
+        queue.make_room("flood", "b@1", 3, 2, take=True)
+    ((gave, _, error),) = queue.take_leaving()
+    assert gave.request_id == "f1" and isinstance(error, AdapterPlaceGiven) and error.http_status == 429
+    assert error.code == "adapter_queue_full" and "gave its place" in str(error)
+    assert [waiting[0].request_id for waiting in queue.in_turn()] == ["f0", "o0", "f2"]
+    assert queue.per_adapter == {"a@1": 2, "b@1": 1} and len(queue) == 3

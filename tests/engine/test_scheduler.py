@@ -7,7 +7,7 @@ import pytest
 import torch
 from enginekit import greedy, make_engine, reference_generate, request, run_to_end
 
-from server.engine import AdapterQueueFull, QueueFull, TokenEvent
+from server.engine import AdapterQueueFull, AdapterTooLarge, GenerationRequest, QueueFull, TokenEvent
 from server.engine.errors import GrammarDeadEnd
 from server.scheduler import GenerationFailed, LatencyHooks, Mailbox, Scheduler
 
@@ -153,4 +153,29 @@ def test_an_adapter_past_its_share_of_the_queue_is_refused_while_others_are_queu
 
     asyncio.run(main())
     run_to_end(engine)
+    assert engine.waiting_counts() == {} and engine.num_waiting == 0
+
+
+def test_a_request_the_engine_refuses_takes_no_other_clients_place(family_setup, tokenizer) -> None:
+    """A full queue of one client's requests, and another client's request that the engine refuses as it is submitted
+    (its adapter's rank is past max_lora_rank: checked once the adapter is known): the refused request takes no place,
+    every queued request stays and runs. Before, the place was taken first: the flood's newest ended with 429
+    queue_full for a request that never waited."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_batch_size=1, max_lora_rank=8)  # not started: the flood waits
+    scheduler = Scheduler(engine, max_queue=3)
+
+    def of(client: str, waiting: GenerationRequest) -> GenerationRequest:
+        waiting.client = client
+        return waiting
+
+    async def main() -> list[str | None]:
+        flood = [scheduler.submit(of("flood", request([5, 6], greedy(2), None, f"f{i}"))) for i in range(3)]
+        with pytest.raises(AdapterTooLarge):
+            scheduler.submit(of("other", request([5, 6], greedy(2), adapters[3], "too-large")))  # rank 16
+        assert engine.num_waiting == 3
+        run_to_end(engine)
+        return [[event async for event in stream][-1].finish_reason for stream in flood]
+
+    assert asyncio.run(main()) == ["length"] * 3
     assert engine.waiting_counts() == {} and engine.num_waiting == 0

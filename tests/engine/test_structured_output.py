@@ -188,6 +188,38 @@ def test_a_failing_matcher_ends_its_request_alone(family_setup, tokenizer, faili
     assert engine.num_running == 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_a_grammar_that_allows_only_tokens_min_tokens_holds_back_is_a_dead_end(
+    family_setup, tokenizer, grammars, temperature
+) -> None:
+    """A grammar whose next token can only be one of the request's stop tokens (here "a" of the regex "ab", sent as a
+    stop_token_ids token) while min_tokens holds them back: the request ends alone as the grammar's dead end (a client
+    error, saying min_tokens), not as logits that are not finite (a server fault: every token at -inf drew NaN). The
+    same grammar with the stop token past min_tokens answers "a" and stops there; the rows beside answer as alone."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    prompt = tokenizer("hello world")["input_ids"]
+    grammar = compiled(grammars, GrammarSpec.regex("ab"))
+    (a,) = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for rid, min_tokens in (("held", 1), ("free", 0)):
+        sampling = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=temperature, seed=1, min_tokens=min_tokens,
+                                  stop_token_ids=frozenset({a}))  # fmt: skip
+        constrained = request(prompt, sampling, None, rid)
+        constrained.grammar = grammar.matcher()
+        engine.submit(constrained, sink)
+    for i, adapter in enumerate([None, adapters[0]]):
+        engine.submit(request(prompt, greedy(NEW_TOKENS), adapter, f"r{i}"), sink)
+    run_to_end(engine)
+    error = sink.events["held"][-1].error
+    assert sink.finish("held") == "error" and type(error) is GrammarDeadEnd, error
+    assert "min_tokens" in str(error) and sink.tokens("held") == []
+    assert sink.tokens("free") == [a] and sink.finish("free") == "stop"
+    for i, adapter in enumerate([None, adapters[0]]):
+        assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
+    assert engine.num_running == 0
+
+
 class FewBytes:
     """A tokenizer as llguidance reads it (TokenizerWrapper) whose tokens spell ASCII letters only, as a vocabulary
     without byte tokens may: a grammar can ask for a character that no token spells."""
@@ -382,6 +414,35 @@ def test_compiles_and_refusals_are_shared_only_under_one_salt(tokenizer, monkeyp
         for spec in (schema, bad):
             asyncio.run(salted(salt, spec))
     assert compiles == [schema, bad] * 4  # once under each salt; the last, key:a again, from what it kept
+    grammars.close()
+
+
+def test_one_clients_new_grammars_evict_its_own_compiles_not_anothers(
+    tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full cache forgets the least recently used grammar of the client whose turns made the most: one client
+    sending new grammars (here one pattern under a new cache_salt each time, as cheap to send) recycles its own
+    entries, and another client's kept compile still answers at once. With plain LRU, `capacity` new grammars of
+    one client evicted every other client's, each then paying its compile again (a slow schema: its check's seconds)."""
+    compiles = []
+    compile_once = Grammars._compile
+    monkeypatch.setattr(Grammars, "_compile", lambda self, spec: compiles.append(spec) or compile_once(self, spec))
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], capacity=3)
+    honest, flood = GrammarSpec.regex(PATTERN), GrammarSpec.regex("(a|b)+")
+
+    async def as_client(client: str, salt: str, spec: GrammarSpec) -> CompiledGrammar:
+        current_client.set(client)  # in its own task, so in a context of its own
+        prefix_salt.set(salt)
+        return await grammars.get(spec)
+
+    asyncio.run(as_client("honest", "key:honest", honest))
+    for k in range(8):
+        asyncio.run(as_client("flood", f"key:flood/{k}", flood))
+    assert_takes(asyncio.run(as_client("honest", "key:honest", honest)), tokenizer, "no, 42 ab cd.")
+    assert compiles == [honest] + [flood] * 8  # the honest grammar once: kept
+    for k in (6, 7):  # the flood's two most recent are kept too
+        asyncio.run(as_client("flood", f"key:flood/{k}", flood))
+    assert len(compiles) == 9
     grammars.close()
 
 
