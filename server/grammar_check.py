@@ -8,6 +8,7 @@ is valid, else llguidance's error."""
 
 import json
 import resource
+import signal
 import sys
 
 import llguidance
@@ -20,6 +21,9 @@ def limits() -> llguidance.LLParserLimits:
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the server's whole group: the server ends this worker itself (a kill, or the end
+    # of its stdin), so here it only printed a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Past its limit an allocation fails and llguidance aborts the process: the grammar that needed so much ends
     # this worker alone, and server/grammar.py refuses it
     memory = int(sys.argv[1])

@@ -15,6 +15,7 @@ fails only the jobs it had; the next job starts the workers anew.
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,9 @@ _tokenizer: PreTrainedTokenizerBase | None = None  # a worker's copy
 
 def _load(tokenizer: bytes, server: int) -> None:
     global _tokenizer
+    # Ctrl-C in a terminal reaches every process of the server's group: the server ends its workers itself (close(),
+    # or _exit_with below), so here it only printed a KeyboardInterrupt traceback per worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _tokenizer = pickle.loads(tokenizer)
     threading.Thread(target=_exit_with, args=(server,), daemon=True).start()
 

@@ -107,6 +107,20 @@ def test_a_worker_killed_fails_its_chat_alone_and_the_workers_start_anew(smollm2
         pool.close()
 
 
+def test_a_ctrl_c_leaves_the_workers_to_the_server(smollm2: PreTrainedTokenizerBase) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the server's whole process group: the workers ignore it (the server ends
+    them), instead of each dying with a KeyboardInterrupt traceback."""
+    pool = TokenizerWorkers(smollm2, processes=2)
+    try:
+        expected = pool.chat(CHATS[0])
+        for pid in list(pool._pool._processes):
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert pool.chat(CHATS[0]) == expected  # the same workers: none was lost
+    finally:
+        pool.close()
+
+
 WORKERS_OF_A_KILLED_SERVER = """
 import pickle, sys
 from server.tokenizer_workers import TokenizerWorkers

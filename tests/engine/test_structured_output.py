@@ -8,6 +8,7 @@ import os
 import random
 import re
 import resource
+import signal
 import threading
 import time
 from pathlib import Path
@@ -665,6 +666,21 @@ def test_a_grammar_outgrowing_the_check_memory_is_refused_and_the_next_compiles(
         resource.prlimit(pid, resource.RLIMIT_AS) == (CHECK_MEMORY_BYTES, CHECK_MEMORY_BYTES) for pid in workers
     )
     served.close()
+
+
+def test_a_ctrl_c_leaves_the_check_worker_to_the_server(tokenizer) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the server's whole process group: the check worker ignores it (the server
+    ends it), instead of dying with a KeyboardInterrupt traceback and failing the next grammar's check."""
+    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id])
+    compiled(grammars, GrammarSpec.regex("a+"))  # starts a worker
+    workers = [checker._worker for checker in grammars._all_checkers if checker._worker is not None]
+    assert workers
+    for worker in workers:
+        worker.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert [worker.poll() for worker in workers] == [None] * len(workers)  # alive: no KeyboardInterrupt ended them
+    assert_takes(compiled(grammars, GrammarSpec.regex(PATTERN)), tokenizer, "no, 42 ab cd.")
+    grammars.close()
 
 
 def test_the_early_size_count_never_passes_a_schemas_compact_json() -> None:
