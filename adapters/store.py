@@ -25,7 +25,7 @@ from adapters.bounds import check_magnitudes, check_tensors
 from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, reason
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
-from adapters.manifest import Manifest, adapter_key, check_name, parse_ref
+from adapters.manifest import Manifest, adapter_key, check_name, is_name, parse_ref
 from adapters.validate import (
     CONFIG_FILE,
     TRAINING_FILE,
@@ -232,7 +232,9 @@ class AdapterStore:
 
     def refresh(self) -> None:
         """Bring the whole index in step with the backend: names whose token changed are scanned again."""
-        tokens = self.backend.names()
+        # What the backend holds under a name no adapter can have is not the store's: no upload made it and no request
+        # can name it. A volume's lost+found (readable by root only) failed every scan, and so the server's start.
+        tokens = {name: token for name, token in self.backend.names().items() if is_name(name)}
         with self._mu:
             held = self._tokens.keys() | self._index.keys() | self._broken.keys()
         removed: list[str] = []

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peft_dirs import make_peft_dir, new_store
@@ -192,6 +193,30 @@ def test_unreadable_versions_are_listed_and_deletable(tmp_path: Path, peft_dir: 
     assert [m.key for m in new_store(root).versions("bot")] == ["bot@1"]
     # a broken version's number is never given again either
     assert new_store(root).put("bot", make_peft_dir(tmp_path / "v3", seed=2))[0].version == 3
+
+
+def test_a_directory_beside_the_adapters_that_no_adapter_can_be_named_is_left_alone(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter directory on a volume of its own has the filesystem's lost+found, readable by root only: every
+    refresh scanned it as an adapter name, and its PermissionError failed the server's start (the image runs as uid
+    10001). Nothing under a name no adapter can have is the store's."""
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    lost = root / "lost+found"
+    (lost / "1").mkdir(parents=True)  # what fsck put back
+    lost.chmod(0)
+    scandir = os.scandir
+
+    def as_a_user(path: Any) -> Any:  # root reads it anyway
+        if isinstance(path, str | os.PathLike) and Path(path) == lost:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", as_a_user)
+    store = new_store(root)
+    assert [m.key for m in store.versions("bot")] == ["bot@1"]
+    assert store.broken() == []
 
 
 _KILLED_AFTER_RENAME = """
