@@ -192,7 +192,12 @@ class AdapterStore:
             except AdapterNotFound:
                 self.recheck(manifest.name)  # deleted by another server: gone from the index too
                 raise
-            except AdapterLoadFailed:
+            except AdapterLoadFailed as exc:
+                # deleted by another server while it was read, its files taken from under the read: a 404, not a
+                # failure that tells the client to delete it
+                self.recheck(manifest.name)
+                if not self.contains(manifest.name, manifest.version):
+                    raise AdapterNotFound(f"adapter {manifest.key} was deleted") from exc
                 if fresh or not self.backend.copies:
                     raise
                 log.warning("the local copy of %s failed its check; fetching it again", manifest.key)

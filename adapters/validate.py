@@ -367,6 +367,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, ValueError, OSError) as exc:
         damaged = f"{path.name} is a damaged safetensors file ({reason(exc)}); upload it again"
         raise UnsafeAdapterFormat(damaged) from exc
+    except RuntimeError as exc:  # torch maps the file for safetensors, and its error names the file (a server path)
+        raise UnsafeAdapterFormat(f"{path.name} could not be mapped into memory; upload it again") from exc
 
 
 def _module_of(key: str) -> str:

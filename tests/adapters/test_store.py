@@ -334,6 +334,43 @@ def test_another_store_on_the_directory_is_followed(tmp_path: Path, peft_dir: Pa
     assert removed == [["bot@1"], ["bot@2"]] and len(here) == 0
 
 
+def _torch_mapping(path: Path) -> Any:
+    # safetensors' own open succeeded; torch, mapping the file it opens again, found it gone
+    raise RuntimeError(f"unable to open file <{path}> in read-only mode: No such file or directory (2)")
+
+
+@pytest.mark.parametrize("when", ["before its files are opened", "as safetensors opens them", "as torch maps them"])
+def test_a_version_deleted_elsewhere_while_it_is_read_is_not_found(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Another server deleting the version while this one read it took its files from under the read: the load
+    failed with 500 adapter_load_failed telling the client to delete it and upload it again, or with torch's error
+    naming the server's path, where the version was just gone (a few in a hundred reads of a name that another
+    process uploads and deletes in a loop)."""
+    import adapters.store
+    import adapters.validate
+
+    root = tmp_path / "store"
+    here, there = new_store(root), new_store(root)
+    there.put("bot", peft_dir)
+    manifest = here.resolve("bot")
+    module, function, read = {
+        "before its files are opened": (adapters.store, "read_safetensors", adapters.validate.read_safetensors),
+        "as safetensors opens them": (adapters.validate, "load_file", adapters.validate.load_file),
+        "as torch maps them": (adapters.validate, "load_file", _torch_mapping),
+    }[when]
+
+    def deleted_first(path: Path) -> Any:
+        there.delete("bot")
+        return read(path)
+
+    monkeypatch.setattr(module, function, deleted_first)
+    with pytest.raises(AdapterNotFound, match="was deleted") as raised:
+        here.read_weights(manifest)
+    assert str(tmp_path) not in str(raised.value)
+    assert len(here) == 0
+
+
 def test_numbers_are_never_reissued_across_stores(tmp_path: Path, peft_dir: Path) -> None:
     root = tmp_path / "store"
     here, there = new_store(root), new_store(root)
