@@ -289,6 +289,9 @@ class S3Backend:
             raise
         return True
 
+    def local(self, manifest: Manifest) -> bool:
+        return self._cache.holds((manifest.name, manifest.version))
+
     def scratch(self) -> contextlib.AbstractContextManager[Path]:
         return self._scratch.scratch()
 
@@ -355,6 +358,10 @@ class _DiskCache:
             if dropped:
                 self._remove(path)
             self._evict()
+
+    def holds(self, key: tuple[str, int]) -> bool:
+        with self._mu:
+            return key in self._sizes
 
     def adopt(self, manifest: Manifest, staged: Path) -> None:
         """Keep a copy of a version this server just stored (the upload's own files)."""

@@ -97,6 +97,10 @@ class StoreBackend(Protocol):
         before). Raises AdapterNotFound when the version is gone."""
         ...
 
+    def local(self, manifest: Manifest) -> bool:
+        """Whether `open` would find the version's files on this server (no call to a remote store)."""
+        ...
+
     def scratch(self) -> AbstractContextManager[Path]:
         """A private temporary directory (on the store's filesystem, for a directory store), removed on exit."""
         ...
@@ -202,6 +206,10 @@ class AdapterStore:
                     raise
                 log.warning("the local copy of %s failed its check; fetching it again", manifest.key)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def local(self, manifest: Manifest) -> bool:
+        """Whether the version can be read without a call to a remote store."""
+        return self.backend.local(manifest)
 
     def _read(self, manifest: Manifest, path: Path) -> LoraWeights:
         try:

@@ -122,6 +122,10 @@ class AdapterRegistry:
         self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
         self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        # Loads that fetch from a remote store (S3) have workers of their own: a store that stops answering holds
+        # each such load for minutes (botocore's timeouts and retries), and two of them held every load of versions
+        # this server keeps on its own disk behind them.
+        self._fetches = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-fetch")
         # Lookups of names the index lacks go to the store, a remote one for S3, and any client may name adapters
         # that exist nowhere: they get threads of their own, so that a flood of them on a slow store waits on
         # itself, not in the event loop's default pool where every prompt is tokenized.
@@ -143,7 +147,8 @@ class AdapterRegistry:
                 self._cpu.move_to_end(manifest.key)
                 return self._lease_locked(entry, entry.weights)
             if entry.loading is None:
-                entry.loading = self._executor.submit(self._load, entry)
+                workers = self._executor if self.store.local(manifest) else self._fetches
+                entry.loading = workers.submit(self._load, entry)
             loading = entry.loading
         try:
             # shielded: one waiter's cancellation must not cancel the load the others share
@@ -370,6 +375,7 @@ class AdapterRegistry:
     def close(self) -> None:
         """Stop the load workers, drop the CPU tier and close the store (server shutdown)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._fetches.shutdown(wait=True, cancel_futures=True)
         self._lookups.shutdown(wait=True, cancel_futures=True)
         self.store.close()
         with self._lock:

@@ -4,8 +4,10 @@ import asyncio
 import gc
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peft_dirs import LIMITS, fingerprint, make_peft_dir, new_store
@@ -368,4 +370,44 @@ def test_lookups_of_names_stored_nowhere_hold_up_no_other_work(
         try:
             assert asyncio.run(main()) < 0.1
         finally:
+            registry.close()
+
+
+def test_a_store_that_stops_answering_holds_up_no_load_of_a_version_kept_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 store that stops answering holds each load fetching from it for minutes (botocore's 60 s timeouts,
+    retried, for each of its calls). Loads shared two workers, so two such loads held every other load behind them,
+    those of versions this server keeps on its own disk, which need no call to the store, included."""
+    from adapters.s3store import S3Backend
+
+    with s3_server("fetches") as env:
+        for key, value in env.items():  # read by boto3 itself, as in production
+            monkeypatch.setenv(key, value)
+        uploader = AdapterStore(S3Backend("s3://fetches/p", tmp_path / "up", 1 << 30), fingerprint(), LIMITS)
+        for i in range(3):
+            uploader.put(f"a{i}", make_peft_dir(tmp_path / f"p{i}", seed=i))
+        store = AdapterStore(S3Backend("s3://fetches/p", tmp_path / "cache", 1 << 30), fingerprint(), LIMITS)
+        store.read_weights(store.resolve("a0"))  # a copy on this server's disk
+        answering = threading.Event()
+
+        def hang(request: Any, **_: Any) -> None:
+            if "/a1/" in request.url or "/a2/" in request.url:
+                answering.wait(30)
+
+        store.backend._s3.meta.events.register("before-send.s3", hang)
+        registry = AdapterRegistry(store, max_cpu_adapters=8, pin_memory=False)
+
+        async def main() -> None:
+            hung = [asyncio.create_task(registry.acquire(f"a{i}")) for i in (1, 2)]
+            await asyncio.sleep(0.2)  # both fetches are waiting on the store
+            (await asyncio.wait_for(registry.acquire("a0"), 5)).release()
+            answering.set()
+            for lease in await asyncio.gather(*hung):
+                lease.release()
+
+        try:
+            asyncio.run(main())
+        finally:
+            answering.set()
             registry.close()
