@@ -34,7 +34,7 @@ from adapters.errors import (
     reason,
 )
 from adapters.lora import LoraModule, LoraWeights
-from adapters.manifest import Manifest
+from adapters.manifest import Manifest, parse_ref
 from adapters.store import AdapterStore
 
 
@@ -138,6 +138,16 @@ class AdapterRegistry:
     async def acquire(self, ref: str) -> Lease:
         """Resolve 'name' (newest version) or 'name@N', load it to CPU if needed, and lease it."""
         manifest = await self.resolve(ref)
+        try:
+            return await self._acquire(manifest)
+        except AdapterNotFound:
+            # 'name' meant a version another server has deleted since this one last looked (a rollback there), which
+            # its lease found gone, taking it out of the index: the name means its newest version left now
+            if parse_ref(ref)[1] is not None or self.store.contains(manifest.name, manifest.version):
+                raise
+            return await self._acquire(await self.resolve(ref))
+
+    async def _acquire(self, manifest: Manifest) -> Lease:
         with self._lock:
             entry = self._entry_locked(manifest)
             if entry.weights is None and entry.loading is None:

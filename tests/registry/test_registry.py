@@ -179,7 +179,7 @@ def test_a_load_whose_version_is_deleted_under_it_is_a_404(
     monkeypatch.setattr(store, "_read", read_during_delete)
 
     async def main() -> None:
-        with pytest.raises(AdapterNotFound, match="was deleted"):
+        with pytest.raises(AdapterNotFound, match="no adapter named 'a'"):  # 'a' looked up again: none left
             await registry.acquire("a")
 
     asyncio.run(main())
@@ -321,6 +321,26 @@ def test_another_servers_uploads_and_deletes_reach_the_registry(tmp_path: Path, 
         assert registry.state("a@1") == AdapterState.STORED and lease.weights.rank == 4 and unloaded == []
         lease.release()
         assert unloaded == ["a@1"] and registry.cpu_adapters == 0
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_a_rollback_through_another_server_serves_the_version_left(tmp_path: Path, peft_dir: Path) -> None:
+    """Another server deletes the newest version (a rollback): 'name' here still meant it until the next refresh,
+    and a request for 'name' that had to load it found its files gone and got 404 adapter_not_found ("bot@2 was
+    deleted") though bot@1 is stored. It is served bot@1; a request for bot@2 itself still gets the 404."""
+    registry, _, _ = registry_with(tmp_path, peft_dir, ["bot"])
+    other = new_store(tmp_path / "store")
+    other.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    assert registry.store.resolve("bot@2").key == "bot@2"  # seen here: 'bot' means it
+    other.delete("bot@2")
+
+    async def main() -> None:
+        with await registry.acquire("bot") as lease:
+            assert lease.key == "bot@1"
+        with pytest.raises(AdapterNotFound, match="no version 2"):
+            await registry.acquire("bot@2")
 
     asyncio.run(main())
     registry.close()
