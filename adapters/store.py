@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from adapters.bounds import check_magnitudes, check_tensors
 from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, reason
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
@@ -33,6 +32,8 @@ from adapters.validate import (
     AdapterLimits,
     ValidatedAdapter,
     adapter_files,
+    check_config,
+    check_weights,
     content_sha256,
     read_config,
     read_safetensors,
@@ -187,7 +188,7 @@ class AdapterStore:
 
     def read_weights(self, manifest: Manifest) -> LoraWeights:
         """Load a stored version into CPU memory. Its content must hash to the manifest's sha256 (a local
-        copy that does not is fetched again, once); its numbers are checked again, as versions stored by an
+        copy that does not is fetched again, once); it is checked again as an upload is, as versions stored by an
         older server (or altered in storage) may hold what no slot must receive."""
         for fresh in (False, True) if self.backend.copies else (False,):
             try:
@@ -232,8 +233,11 @@ class AdapterStore:
                 f"adapter {manifest.key} does not match its manifest's sha256: it was changed after it was stored; "
                 "delete it and upload it again"
             )
-        check_tensors(state)
-        check_magnitudes(weights)
+        # held to what an upload is held to now: a version stored by an older server, or altered in storage along with
+        # its manifest, was served as it was (a config declaring another rank than its tensors have, DoRA as a plain
+        # LoRA) or failed in the engine's packing with a KeyError (a module the served model does not have)
+        check_config(config, self.base)
+        check_weights(state, config, self.base, self.limits)
         return weights
 
     # -- following other processes ------------------------------------------------------------------

@@ -6,13 +6,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from peft_dirs import make_peft_dir, new_store
 
-from adapters.errors import AdapterNotFound, InvalidAdapterName
+from adapters.errors import AdapterNotFound, InvalidAdapterName, InvalidAdapterWeights, UnsupportedAdapter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -401,3 +403,54 @@ def test_content_that_does_not_match_its_manifest_is_refused(tmp_path: Path, pef
     save_file(state, weights)
     with pytest.raises(AdapterLoadFailed, match="sha256"):
         store.read_weights(manifest)
+
+
+def _twice_the_rank(state: dict, config: dict) -> None:
+    for key, tensor in list(state.items()):
+        state[key] = torch.cat([tensor, tensor], dim=0 if "lora_A" in key else 1)
+
+
+def _another_module(state: dict, config: dict) -> None:
+    for key in list(state):
+        state[key.replace("q_proj", "o_proj")] = state.pop(key)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (_twice_the_rank, InvalidAdapterWeights, "the config declares 4"),
+        (lambda state, config: config.update(use_dora=True), UnsupportedAdapter, "DoRA"),
+        (_another_module, InvalidAdapterWeights, "target_modules does not name it"),
+    ],
+    ids=["rank-not-declared", "dora", "untargeted-module"],
+)
+def test_a_version_altered_with_its_manifest_is_held_to_the_uploads_checks(
+    tmp_path: Path, peft_dir: Path, change: Callable[[dict, dict], None], error: type, match: str
+) -> None:
+    """A version stored by an older server, or altered in storage with a manifest to match (its sha256), had only
+    its numbers checked when read, and was served as it was: a config declaring another rank than its tensors have
+    with the config's scaling, DoRA as a plain LoRA, tensors on a module the config does not target (which PEFT
+    ignores) applied: answers PEFT never gives. It is refused as its upload would be."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from adapters.validate import content_sha256
+
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    version = root / "bot" / "1"
+    state = load_file(version / "adapter_model.safetensors")
+    config = json.loads((version / "adapter_config.json").read_text())
+    change(state, config)
+    save_file(state, version / "adapter_model.safetensors")
+    (version / "adapter_config.json").write_text(json.dumps(config))
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["sha256"] = content_sha256(config, state)
+    manifest["size_bytes"] = sum(
+        (version / f).stat().st_size for f in ("adapter_config.json", "adapter_model.safetensors")
+    )
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    store = new_store(root)
+    with pytest.raises(error, match=match):
+        store.read_weights(store.resolve("bot"))
