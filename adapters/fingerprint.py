@@ -23,8 +23,10 @@ class BaseFingerprint(BaseModel):
         if part.architecture != self.architecture:
             return f"it was made for a {part.architecture}, the served base model is a {self.architecture}"
         for name, shape in part.modules.items():
-            if self.modules.get(name) != shape:
-                return f"module {name!r} is {self.modules.get(name)} in the served base model, {shape} in the adapter's"
+            if name not in self.modules:
+                return f"module {name!r} is not a layer of the served base model that takes LoRA adapters"
+            if self.modules[name] != shape:
+                return f"module {name!r} is {self.modules[name]} in the served base model, {shape} in the adapter's"
         return None
 
 

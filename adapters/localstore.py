@@ -241,6 +241,9 @@ class LocalBackend:
             raise AdapterNotFound(f"adapter {manifest.key} was deleted")
         yield path
 
+    def local(self, manifest: Manifest) -> bool:
+        return True
+
     def scratch(self) -> contextlib.AbstractContextManager[Path]:
         return self._scratch.scratch()
 

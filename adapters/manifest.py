@@ -29,8 +29,13 @@ def _json_text(value: Any) -> str:
 TrainingMetadata = Annotated[str, BeforeValidator(_json_text), PlainSerializer(json.loads, return_type=dict[str, Any])]
 
 
+def is_name(name: str) -> bool:
+    """Whether an adapter may be called `name`."""
+    return _NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name):
+    if not is_name(name):
         raise InvalidAdapterName(
             f"invalid adapter name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
             "starting with a letter or digit"

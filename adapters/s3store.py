@@ -11,7 +11,10 @@ Layout under `s3://bucket/prefix/`:
 - `data/<name>/<N>/<file>`: the PEFT files, written only by N's owner, so nothing overwrites them.
 - `manifests/<name>/<N>.json`: written LAST, with `If-None-Match: *`: a version exists once its manifest
   does, so no process sees half a version; a writer that dies before it leaves a burnt number and objects no
-  manifest names, never served (deleting the name removes them).
+  manifest names, never served (deleting the name removes them). A delete of the whole name takes the files of an
+  upload in progress through another server too: the uploader checks its files once its manifest is written (and
+  stores them again under the next number if they went), the deleter checks for manifests written meanwhile once its
+  deletes are done (and withdraws them), so no version stays listed whose files are gone.
 What is relied on: that PutObject with `If-None-Match: *` succeeds for one writer of a key and answers 412
 to the others (AWS S3 since 2024-08, MinIO, Ceph, R2), and strong read-after-write and list-after-write
 consistency (AWS S3 since 2020-12, MinIO). A store that ignores the header gives no such guarantee.
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 _FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # 409 ConditionalRequestConflict: another conditional write of the key was in flight; its outcome decides
 _CONFLICT_RETRIES = 20
+# a version whose files a delete of the whole name took while it was stored is stored again under the next number
+_PUBLISH_ATTEMPTS = 3
 
 
 def _status(exc: ClientError) -> int:
@@ -185,38 +190,65 @@ class S3Backend:
                     del self._locks[name]
 
     def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
-        number = max([0, *self._numbered(f"{self.prefix}claims/{name}/"), *taken]) + 1
-        while not self._put_new(self._claim_key(name, number), b""):
-            number += 1  # another server owns it: the next one
-        for file in _FILES:
-            with _answers(f"write {name}@{number}"):
-                self._s3.upload_file(str(staged / file), self.bucket, self._data_key(name, number, file))
-        manifest = manifest_for(number)
-        if not self._put_new(self._manifest_key(name, number), manifest.model_dump_json(indent=2).encode()):
-            raise AdapterStoreUnavailable(
-                f"the manifest of {manifest.key} exists though this server owns the number: the store does not "
-                "honour If-None-Match (conditional writes), which a shared S3 store needs"
-            )
-        self._cache.adopt(manifest, staged)  # what was just stored is what this server will serve
-        return manifest
+        number = max([0, *self._numbered(f"{self.prefix}claims/{name}/"), *taken])
+        for _ in range(_PUBLISH_ATTEMPTS):
+            number += 1
+            while not self._put_new(self._claim_key(name, number), b""):
+                number += 1  # another server owns it: the next one
+            for file in _FILES:
+                with _answers(f"write {name}@{number}"):
+                    self._s3.upload_file(str(staged / file), self.bucket, self._data_key(name, number, file))
+            manifest = manifest_for(number)
+            if not self._put_new(self._manifest_key(name, number), manifest.model_dump_json(indent=2).encode()):
+                raise AdapterStoreUnavailable(
+                    f"the manifest of {manifest.key} exists though this server owns the number: the store does not "
+                    "honour If-None-Match (conditional writes), which a shared S3 store needs"
+                )
+            # A delete of the whole name through another server takes every file under the name, this version's
+            # too when it listed them before this manifest was written: the version would be listed and fail every
+            # load. Checked once the manifest is written, as remove() checks for manifests written meanwhile once its
+            # files are deleted: whichever of the two checks last sees the other's work.
+            if all(self._exists(self._data_key(name, number, file)) for file in _FILES):
+                self._cache.adopt(manifest, staged)  # what was just stored is what this server will serve
+                return manifest
+            log.warning("the files of %s were deleted while it was stored (the name was deleted); storing it again "
+                        "under the next number", manifest.key)  # fmt: skip
+            self._delete([self._manifest_key(name, number)], f"withdraw {manifest.key}")
+            self._delete([self._data_key(name, number, file) for file in _FILES], f"withdraw {manifest.key}")
+        raise AdapterStoreUnavailable(
+            f"adapter {name!r} was deleted through another server each of the {_PUBLISH_ATTEMPTS} times this upload "
+            "was stored; upload it again"
+        )
 
     def remove(self, name: str, numbers: list[int], whole: bool) -> None:
-        manifests = [{"Key": self._manifest_key(name, n)} for n in numbers]
-        with _answers(f"delete {name}"):
-            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": manifests, "Quiet": True})  # invisible
+        self._delete([self._manifest_key(name, n) for n in numbers], f"delete {name}")  # invisible
         # then the bytes; `whole` also takes what writers that died before their manifest left behind
         # (claims stay: they are the tombstones)
-        data = (
-            self._list(f"{self.prefix}data/{name}/")
-            if whole
-            else [obj for n in numbers for obj in self._list(f"{self.prefix}data/{name}/{n}/")]
-        )
-        for start in range(0, len(data), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": obj["Key"]} for obj in data[start : start + 1000]]
-            with _answers(f"delete {name}"):
-                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        data = [
+            obj["Key"]
+            for obj in (
+                self._list(f"{self.prefix}data/{name}/")
+                if whole
+                else [obj for n in numbers for obj in self._list(f"{self.prefix}data/{name}/{n}/")]
+            )
+        ]
+        self._delete(data, f"delete {name}")
+        if whole:
+            # the files of an upload in progress through another server went too: a manifest it wrote since this
+            # delete's scan names files no longer there (publish checks for them after writing it; this checks last
+            # otherwise), and is withdrawn
+            root = f"{self.prefix}data/{name}/"
+            emptied = {key[len(root) :].partition("/")[0] for key in data}
+            late = [n for n in self._numbered(f"{self.prefix}manifests/{name}/", ".json") if str(n) in emptied]
+            self._delete([self._manifest_key(name, n) for n in late if n not in numbers], f"delete {name}")
         for number in numbers:
             self._cache.drop(name, number)
+
+    def _delete(self, keys: list[str], what: str) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            with _answers(what):
+                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     @contextlib.contextmanager
     def open(self, manifest: Manifest, fresh: bool) -> Iterator[Path]:
@@ -256,6 +288,9 @@ class S3Backend:
                 return False
             raise
         return True
+
+    def local(self, manifest: Manifest) -> bool:
+        return self._cache.holds((manifest.name, manifest.version))
 
     def scratch(self) -> contextlib.AbstractContextManager[Path]:
         return self._scratch.scratch()
@@ -323,6 +358,10 @@ class _DiskCache:
             if dropped:
                 self._remove(path)
             self._evict()
+
+    def holds(self, key: tuple[str, int]) -> bool:
+        with self._mu:
+            return key in self._sizes
 
     def adopt(self, manifest: Manifest, staged: Path) -> None:
         """Keep a copy of a version this server just stored (the upload's own files)."""

@@ -21,11 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from adapters.bounds import check_magnitudes, check_tensors
 from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, reason
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
-from adapters.manifest import Manifest, adapter_key, check_name, parse_ref
+from adapters.manifest import Manifest, adapter_key, check_name, is_name, parse_ref
 from adapters.validate import (
     CONFIG_FILE,
     TRAINING_FILE,
@@ -33,6 +32,8 @@ from adapters.validate import (
     AdapterLimits,
     ValidatedAdapter,
     adapter_files,
+    check_config,
+    check_weights,
     content_sha256,
     read_config,
     read_safetensors,
@@ -95,6 +96,10 @@ class StoreBackend(Protocol):
     def open(self, manifest: Manifest, fresh: bool) -> AbstractContextManager[Path]:
         """A local directory holding the version's files while the context lasts (`fresh`: not a copy kept
         before). Raises AdapterNotFound when the version is gone."""
+        ...
+
+    def local(self, manifest: Manifest) -> bool:
+        """Whether `open` would find the version's files on this server (no call to a remote store)."""
         ...
 
     def scratch(self) -> AbstractContextManager[Path]:
@@ -183,7 +188,7 @@ class AdapterStore:
 
     def read_weights(self, manifest: Manifest) -> LoraWeights:
         """Load a stored version into CPU memory. Its content must hash to the manifest's sha256 (a local
-        copy that does not is fetched again, once); its numbers are checked again, as versions stored by an
+        copy that does not is fetched again, once); it is checked again as an upload is, as versions stored by an
         older server (or altered in storage) may hold what no slot must receive."""
         for fresh in (False, True) if self.backend.copies else (False,):
             try:
@@ -192,11 +197,20 @@ class AdapterStore:
             except AdapterNotFound:
                 self.recheck(manifest.name)  # deleted by another server: gone from the index too
                 raise
-            except AdapterLoadFailed:
+            except AdapterLoadFailed as exc:
+                # deleted by another server while it was read, its files taken from under the read: a 404, not a
+                # failure that tells the client to delete it
+                self.recheck(manifest.name)
+                if not self.contains(manifest.name, manifest.version):
+                    raise AdapterNotFound(f"adapter {manifest.key} was deleted") from exc
                 if fresh or not self.backend.copies:
                     raise
                 log.warning("the local copy of %s failed its check; fetching it again", manifest.key)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def local(self, manifest: Manifest) -> bool:
+        """Whether the version can be read without a call to a remote store."""
+        return self.backend.local(manifest)
 
     def _read(self, manifest: Manifest, path: Path) -> LoraWeights:
         try:
@@ -219,8 +233,11 @@ class AdapterStore:
                 f"adapter {manifest.key} does not match its manifest's sha256: it was changed after it was stored; "
                 "delete it and upload it again"
             )
-        check_tensors(state)
-        check_magnitudes(weights)
+        # held to what an upload is held to now: a version stored by an older server, or altered in storage along with
+        # its manifest, was served as it was (a config declaring another rank than its tensors have, DoRA as a plain
+        # LoRA) or failed in the engine's packing with a KeyError (a module the served model does not have)
+        check_config(config, self.base)
+        check_weights(state, config, self.base, self.limits)
         return weights
 
     # -- following other processes ------------------------------------------------------------------
@@ -232,7 +249,9 @@ class AdapterStore:
 
     def refresh(self) -> None:
         """Bring the whole index in step with the backend: names whose token changed are scanned again."""
-        tokens = self.backend.names()
+        # What the backend holds under a name no adapter can have is not the store's: no upload made it and no request
+        # can name it. A volume's lost+found (readable by root only) failed every scan, and so the server's start.
+        tokens = {name: token for name, token in self.backend.names().items() if is_name(name)}
         with self._mu:
             held = self._tokens.keys() | self._index.keys() | self._broken.keys()
         removed: list[str] = []

@@ -249,8 +249,8 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         if unknown:
             known = sorted({n.rsplit(".", 1)[-1] for n in base.modules} - VOCAB_MODULES)
             raise IncompatibleAdapter(
-                f"target_modules {unknown} do not exist in the served base model ({base.architecture}); "
-                f"its Linear modules are {known}"
+                f"target_modules {unknown} are not layers of the served base model ({base.architecture}) that take "
+                f"LoRA adapters; those are {known}"
             )
     excluded = config.get("exclude_modules")
     if not (excluded is None or isinstance(excluded, str) or _strings(excluded)):
@@ -367,6 +367,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, ValueError, OSError) as exc:
         damaged = f"{path.name} is a damaged safetensors file ({reason(exc)}); upload it again"
         raise UnsafeAdapterFormat(damaged) from exc
+    except RuntimeError as exc:  # torch maps the file for safetensors, and its error names the file (a server path)
+        raise UnsafeAdapterFormat(f"{path.name} could not be mapped into memory; upload it again") from exc
 
 
 def _module_of(key: str) -> str:
@@ -392,8 +394,8 @@ def check_weights(
     for module, lora in weights.modules.items():
         if module not in base.modules:
             raise IncompatibleAdapter(
-                f"module {module!r} does not exist in the served base model ({base.architecture}); "
-                "was the adapter trained on another model?"
+                f"module {module!r} is not a layer of the served base model ({base.architecture}) that takes LoRA "
+                "adapters; was the adapter trained on another model?"
             )
         in_features, out_features = base.modules[module]
         r = lora.rank

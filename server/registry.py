@@ -34,7 +34,7 @@ from adapters.errors import (
     reason,
 )
 from adapters.lora import LoraModule, LoraWeights
-from adapters.manifest import Manifest
+from adapters.manifest import Manifest, parse_ref
 from adapters.store import AdapterStore
 
 
@@ -122,6 +122,10 @@ class AdapterRegistry:
         self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
         self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
+        # Loads that fetch from a remote store (S3) have workers of their own: a store that stops answering holds
+        # each such load for minutes (botocore's timeouts and retries), and two of them held every load of versions
+        # this server keeps on its own disk behind them.
+        self._fetches = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-fetch")
         # Lookups of names the index lacks go to the store, a remote one for S3, and any client may name adapters
         # that exist nowhere: they get threads of their own, so that a flood of them on a slow store waits on
         # itself, not in the event loop's default pool where every prompt is tokenized.
@@ -134,6 +138,16 @@ class AdapterRegistry:
     async def acquire(self, ref: str) -> Lease:
         """Resolve 'name' (newest version) or 'name@N', load it to CPU if needed, and lease it."""
         manifest = await self.resolve(ref)
+        try:
+            return await self._acquire(manifest)
+        except AdapterNotFound:
+            # 'name' meant a version another server has deleted since this one last looked (a rollback there), which
+            # its lease found gone, taking it out of the index: the name means its newest version left now
+            if parse_ref(ref)[1] is not None or self.store.contains(manifest.name, manifest.version):
+                raise
+            return await self._acquire(await self.resolve(ref))
+
+    async def _acquire(self, manifest: Manifest) -> Lease:
         with self._lock:
             entry = self._entry_locked(manifest)
             if entry.weights is None and entry.loading is None:
@@ -143,7 +157,8 @@ class AdapterRegistry:
                 self._cpu.move_to_end(manifest.key)
                 return self._lease_locked(entry, entry.weights)
             if entry.loading is None:
-                entry.loading = self._executor.submit(self._load, entry)
+                workers = self._executor if self.store.local(manifest) else self._fetches
+                entry.loading = workers.submit(self._load, entry)
             loading = entry.loading
         try:
             # shielded: one waiter's cancellation must not cancel the load the others share
@@ -370,6 +385,7 @@ class AdapterRegistry:
     def close(self) -> None:
         """Stop the load workers, drop the CPU tier and close the store (server shutdown)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._fetches.shutdown(wait=True, cancel_futures=True)
         self._lookups.shutdown(wait=True, cancel_futures=True)
         self.store.close()
         with self._lock:

@@ -49,6 +49,9 @@ class Runtime:
         engine = await asyncio.to_thread(
             Engine, base.model, base.tokenizer, config, on_activation=metrics.observe_activation
         )
+        # and on the layers the engine serves LoRA on: a model may have other linear layers (Phi-3's fused qkv_proj
+        # and gate_up_proj), and an adapter on them was stored, then failed every request with a 500
+        fingerprint = fingerprint.restrict(name for name in fingerprint.modules if name in engine.lora_layers)
         store = await asyncio.to_thread(
             open_store,
             settings.adapter_store,

@@ -109,6 +109,59 @@ def test_racing_servers_get_distinct_numbers(url: str, tmp_path: Path) -> None:
         fresh.read_weights(manifest)
 
 
+@pytest.mark.parametrize("checks_last", ["uploader", "deleter"])
+def test_a_delete_of_the_name_racing_an_upload_elsewhere_leaves_no_version_without_its_files(
+    url: str, tmp_path: Path, peft_dir: Path, checks_last: str
+) -> None:
+    """A delete of a whole name takes every file under it, an upload's in progress through another server (no lock
+    in common) too: it listed them before that upload's manifest was written, which then named files no longer
+    there. That version was listed by every server and failed every load with 500 adapter_load_failed, but on the
+    uploading server, which served its own copy. Whichever of the two checks last now sees the other's work: the
+    uploader stores the version again under the next number, or the deleter withdraws it."""
+    uploader, deleter = s3_store(url, tmp_path / "up"), s3_store(url, tmp_path / "del")
+    uploader.put("bot", peft_dir)
+    deleter.resolve("bot")
+    at_manifest, go = threading.Event(), threading.Event()
+
+    def hold_manifest(request: Any, **_: Any) -> None:  # the files are up; the manifest waits for the delete
+        if request.url.endswith("/manifests/bot/2.json"):
+            at_manifest.set()
+            assert go.wait(10)
+
+    def hold_file_deletes(request: Any, **_: Any) -> None:  # the files are listed; their delete waits for the upload
+        if b"/data/bot/" in request.body:
+            go.set()
+            assert uploaded.wait(10)
+
+    uploader.backend._s3.meta.events.register("before-send.s3.PutObject", hold_manifest)
+    uploaded = threading.Event()
+    if checks_last == "deleter":
+        deleter.backend._s3.meta.events.register("before-send.s3.DeleteObjects", hold_file_deletes)
+    new = make_peft_dir(tmp_path / "new", seed=1)
+    stored: list = []
+    upload = threading.Thread(target=lambda: (stored.append(uploader.put("bot", new)), uploaded.set()))
+    upload.start()
+    assert at_manifest.wait(10)
+    delete = threading.Thread(target=deleter.delete, args=("bot",))
+    delete.start()
+    if checks_last == "uploader":
+        delete.join()
+        go.set()
+    upload.join()
+    delete.join()
+
+    fresh = s3_store(url, tmp_path / "fresh")
+    assert fresh.broken() == []
+    if checks_last == "uploader":  # stored again, after the delete
+        ((manifest, created),) = stored
+        assert created and manifest.version == 3
+        assert [m.key for m in fresh.versions("bot")] == ["bot@3"]
+        assert fresh.read_weights(fresh.resolve("bot")).rank == 4
+    else:  # stored, then deleted
+        with pytest.raises(AdapterNotFound):
+            fresh.resolve("bot")
+
+
 def test_another_server_is_followed(url: str, tmp_path: Path, peft_dir: Path) -> None:
     here, there = s3_store(url, tmp_path / "a"), s3_store(url, tmp_path / "b")
     removed: list[list[str]] = []

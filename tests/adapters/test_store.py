@@ -6,12 +6,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from peft_dirs import make_peft_dir, new_store
 
-from adapters.errors import AdapterNotFound, InvalidAdapterName
+from adapters.errors import AdapterNotFound, InvalidAdapterName, InvalidAdapterWeights, UnsupportedAdapter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,6 +197,30 @@ def test_unreadable_versions_are_listed_and_deletable(tmp_path: Path, peft_dir: 
     assert new_store(root).put("bot", make_peft_dir(tmp_path / "v3", seed=2))[0].version == 3
 
 
+def test_a_directory_beside_the_adapters_that_no_adapter_can_be_named_is_left_alone(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter directory on a volume of its own has the filesystem's lost+found, readable by root only: every
+    refresh scanned it as an adapter name, and its PermissionError failed the server's start (the image runs as uid
+    10001). Nothing under a name no adapter can have is the store's."""
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    lost = root / "lost+found"
+    (lost / "1").mkdir(parents=True)  # what fsck put back
+    lost.chmod(0)
+    scandir = os.scandir
+
+    def as_a_user(path: Any) -> Any:  # root reads it anyway
+        if isinstance(path, str | os.PathLike) and Path(path) == lost:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", as_a_user)
+    store = new_store(root)
+    assert [m.key for m in store.versions("bot")] == ["bot@1"]
+    assert store.broken() == []
+
+
 _KILLED_AFTER_RENAME = """
 import os, signal, sys
 sys.path[:0] = sys.argv[1:4]
@@ -309,6 +336,43 @@ def test_another_store_on_the_directory_is_followed(tmp_path: Path, peft_dir: Pa
     assert removed == [["bot@1"], ["bot@2"]] and len(here) == 0
 
 
+def _torch_mapping(path: Path) -> Any:
+    # safetensors' own open succeeded; torch, mapping the file it opens again, found it gone
+    raise RuntimeError(f"unable to open file <{path}> in read-only mode: No such file or directory (2)")
+
+
+@pytest.mark.parametrize("when", ["before its files are opened", "as safetensors opens them", "as torch maps them"])
+def test_a_version_deleted_elsewhere_while_it_is_read_is_not_found(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Another server deleting the version while this one read it took its files from under the read: the load
+    failed with 500 adapter_load_failed telling the client to delete it and upload it again, or with torch's error
+    naming the server's path, where the version was just gone (a few in a hundred reads of a name that another
+    process uploads and deletes in a loop)."""
+    import adapters.store
+    import adapters.validate
+
+    root = tmp_path / "store"
+    here, there = new_store(root), new_store(root)
+    there.put("bot", peft_dir)
+    manifest = here.resolve("bot")
+    module, function, read = {
+        "before its files are opened": (adapters.store, "read_safetensors", adapters.validate.read_safetensors),
+        "as safetensors opens them": (adapters.validate, "load_file", adapters.validate.load_file),
+        "as torch maps them": (adapters.validate, "load_file", _torch_mapping),
+    }[when]
+
+    def deleted_first(path: Path) -> Any:
+        there.delete("bot")
+        return read(path)
+
+    monkeypatch.setattr(module, function, deleted_first)
+    with pytest.raises(AdapterNotFound, match="was deleted") as raised:
+        here.read_weights(manifest)
+    assert str(tmp_path) not in str(raised.value)
+    assert len(here) == 0
+
+
 def test_numbers_are_never_reissued_across_stores(tmp_path: Path, peft_dir: Path) -> None:
     root = tmp_path / "store"
     here, there = new_store(root), new_store(root)
@@ -339,3 +403,54 @@ def test_content_that_does_not_match_its_manifest_is_refused(tmp_path: Path, pef
     save_file(state, weights)
     with pytest.raises(AdapterLoadFailed, match="sha256"):
         store.read_weights(manifest)
+
+
+def _twice_the_rank(state: dict, config: dict) -> None:
+    for key, tensor in list(state.items()):
+        state[key] = torch.cat([tensor, tensor], dim=0 if "lora_A" in key else 1)
+
+
+def _another_module(state: dict, config: dict) -> None:
+    for key in list(state):
+        state[key.replace("q_proj", "o_proj")] = state.pop(key)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (_twice_the_rank, InvalidAdapterWeights, "the config declares 4"),
+        (lambda state, config: config.update(use_dora=True), UnsupportedAdapter, "DoRA"),
+        (_another_module, InvalidAdapterWeights, "target_modules does not name it"),
+    ],
+    ids=["rank-not-declared", "dora", "untargeted-module"],
+)
+def test_a_version_altered_with_its_manifest_is_held_to_the_uploads_checks(
+    tmp_path: Path, peft_dir: Path, change: Callable[[dict, dict], None], error: type, match: str
+) -> None:
+    """A version stored by an older server, or altered in storage with a manifest to match (its sha256), had only
+    its numbers checked when read, and was served as it was: a config declaring another rank than its tensors have
+    with the config's scaling, DoRA as a plain LoRA, tensors on a module the config does not target (which PEFT
+    ignores) applied: answers PEFT never gives. It is refused as its upload would be."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from adapters.validate import content_sha256
+
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    version = root / "bot" / "1"
+    state = load_file(version / "adapter_model.safetensors")
+    config = json.loads((version / "adapter_config.json").read_text())
+    change(state, config)
+    save_file(state, version / "adapter_model.safetensors")
+    (version / "adapter_config.json").write_text(json.dumps(config))
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["sha256"] = content_sha256(config, state)
+    manifest["size_bytes"] = sum(
+        (version / f).stat().st_size for f in ("adapter_config.json", "adapter_model.safetensors")
+    )
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    store = new_store(root)
+    with pytest.raises(error, match=match):
+        store.read_weights(store.resolve("bot"))

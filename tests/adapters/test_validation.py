@@ -169,7 +169,7 @@ def test_module_missing_from_base(tmp_path: Path, peft_dir: Path) -> None:
         for key in [k for k in state if ".layers.1." in k]:
             state[key.replace(".layers.1.", ".layers.7.")] = state.pop(key)
 
-    with pytest.raises(errors.IncompatibleAdapter, match=r"layers\.7.*does not exist"):
+    with pytest.raises(errors.IncompatibleAdapter, match=r"layers\.7.*is not a layer of the served base model"):
         new_store(tmp_path / "store").put("deep", edit_weights(copy(peft_dir, tmp_path / "bad"), rename))
 
 

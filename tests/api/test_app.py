@@ -1,4 +1,5 @@
-"""The app factory's start-up behaviour: readiness, and the warning an open server gives off loopback."""
+"""The app factory's start-up behaviour: readiness, the warning an open server gives off loopback, and the layers
+adapters are checked against."""
 
 import logging
 from pathlib import Path
@@ -6,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from peft import LoraConfig, get_peft_model
+from peft_dirs import LIMITS
 from ready import wait_ready
+from tiny import save_tiny, tiny_model
 
+from adapters.fingerprint import base_fingerprint
+from adapters.localstore import LocalBackend
+from adapters.store import AdapterStore
+from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.app import create_app
@@ -40,3 +48,37 @@ def test_open_server_warns_off_loopback(
         wait_ready(client)
         assert client.get("/ready").json()["model"] == "llama"
     assert any("no API keys configured" in r.message for r in caplog.records) == warns
+
+
+def test_adapters_are_checked_against_the_layers_that_take_lora(tmp_path: Path) -> None:
+    """A base model may have linear layers the engine serves no LoRA on (Phi-3's fused qkv_proj and gate_up_proj): an
+    adapter on them, as PEFT trains it for that model, was stored (201) and then failed every request with 500
+    adapter_load_failed, telling the client to delete it and upload it again, which stored it again. Uploads are
+    checked against the layers the engine serves, and a version stored before is refused with a 4xx."""
+    model_dir = save_tiny(tmp_path / "phi3", "phi3")
+    get_peft_model(tiny_model("phi3"), LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    files = {
+        field: (tmp_path / "adapter" / file).read_bytes()
+        for field, file in (("config", CONFIG_FILE), ("weights", WEIGHTS_FILE))
+    }
+    # stored as a server checking against every linear layer did
+    AdapterStore(LocalBackend(tmp_path / "store"), base_fingerprint(tiny_model("phi3")), LIMITS).put(
+        "stored", tmp_path / "adapter"
+    )
+    base = load_base_model(str(model_dir), cache_dir=tmp_path, device="cpu", quantize=False, dtype=torch.float32)
+    settings = Settings(
+        adapter_dir=tmp_path / "store", cache_dir=tmp_path, device="cpu", max_seq_len=64, max_batch_size=2
+    )
+    with TestClient(create_app(settings, base=base)) as client:
+        wait_ready(client)
+        refused = client.post("/v1/adapters", data={"name": "phi"}, files=files)
+        assert refused.status_code == 422, refused.text
+        assert "qkv_proj" in refused.json()["error"]["message"]
+        assert [entry["name"] for entry in client.get("/v1/adapters").json()["data"]] == ["stored"]
+        body = {"inputs": "hi", "parameters": {"adapter_id": "stored", "max_new_tokens": 2}}
+        answer = client.post("/generate", json=body)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["code"] == "incompatible_adapter" and "qkv_proj" in answer.text
+        assert client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200

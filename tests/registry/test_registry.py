@@ -4,8 +4,10 @@ import asyncio
 import gc
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from peft_dirs import LIMITS, fingerprint, make_peft_dir, new_store
@@ -177,7 +179,7 @@ def test_a_load_whose_version_is_deleted_under_it_is_a_404(
     monkeypatch.setattr(store, "_read", read_during_delete)
 
     async def main() -> None:
-        with pytest.raises(AdapterNotFound, match="was deleted"):
+        with pytest.raises(AdapterNotFound, match="no adapter named 'a'"):  # 'a' looked up again: none left
             await registry.acquire("a")
 
     asyncio.run(main())
@@ -324,6 +326,26 @@ def test_another_servers_uploads_and_deletes_reach_the_registry(tmp_path: Path, 
     registry.close()
 
 
+def test_a_rollback_through_another_server_serves_the_version_left(tmp_path: Path, peft_dir: Path) -> None:
+    """Another server deletes the newest version (a rollback): 'name' here still meant it until the next refresh,
+    and a request for 'name' that had to load it found its files gone and got 404 adapter_not_found ("bot@2 was
+    deleted") though bot@1 is stored. It is served bot@1; a request for bot@2 itself still gets the 404."""
+    registry, _, _ = registry_with(tmp_path, peft_dir, ["bot"])
+    other = new_store(tmp_path / "store")
+    other.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    assert registry.store.resolve("bot@2").key == "bot@2"  # seen here: 'bot' means it
+    other.delete("bot@2")
+
+    async def main() -> None:
+        with await registry.acquire("bot") as lease:
+            assert lease.key == "bot@1"
+        with pytest.raises(AdapterNotFound, match="no version 2"):
+            await registry.acquire("bot@2")
+
+    asyncio.run(main())
+    registry.close()
+
+
 def test_the_refresh_thread_follows_the_store(tmp_path: Path, peft_dir: Path) -> None:
     registry, unloaded, _ = registry_with(tmp_path, peft_dir, ["a"])
     registry.store.start_refresh(0.05)
@@ -368,4 +390,44 @@ def test_lookups_of_names_stored_nowhere_hold_up_no_other_work(
         try:
             assert asyncio.run(main()) < 0.1
         finally:
+            registry.close()
+
+
+def test_a_store_that_stops_answering_holds_up_no_load_of_a_version_kept_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 store that stops answering holds each load fetching from it for minutes (botocore's 60 s timeouts,
+    retried, for each of its calls). Loads shared two workers, so two such loads held every other load behind them,
+    those of versions this server keeps on its own disk, which need no call to the store, included."""
+    from adapters.s3store import S3Backend
+
+    with s3_server("fetches") as env:
+        for key, value in env.items():  # read by boto3 itself, as in production
+            monkeypatch.setenv(key, value)
+        uploader = AdapterStore(S3Backend("s3://fetches/p", tmp_path / "up", 1 << 30), fingerprint(), LIMITS)
+        for i in range(3):
+            uploader.put(f"a{i}", make_peft_dir(tmp_path / f"p{i}", seed=i))
+        store = AdapterStore(S3Backend("s3://fetches/p", tmp_path / "cache", 1 << 30), fingerprint(), LIMITS)
+        store.read_weights(store.resolve("a0"))  # a copy on this server's disk
+        answering = threading.Event()
+
+        def hang(request: Any, **_: Any) -> None:
+            if "/a1/" in request.url or "/a2/" in request.url:
+                answering.wait(30)
+
+        store.backend._s3.meta.events.register("before-send.s3", hang)
+        registry = AdapterRegistry(store, max_cpu_adapters=8, pin_memory=False)
+
+        async def main() -> None:
+            hung = [asyncio.create_task(registry.acquire(f"a{i}")) for i in (1, 2)]
+            await asyncio.sleep(0.2)  # both fetches are waiting on the store
+            (await asyncio.wait_for(registry.acquire("a0"), 5)).release()
+            answering.set()
+            for lease in await asyncio.gather(*hung):
+                lease.release()
+
+        try:
+            asyncio.run(main())
+        finally:
+            answering.set()
             registry.close()
