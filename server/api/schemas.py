@@ -145,7 +145,7 @@ MAX_STOP_TOKEN_IDS = 1024  # vLLM's stop_token_ids: a set the engine checks each
 # A token id as JSON writes it: an integer. Lax mode read true as id 1 and 1.0 as id 1, letting a body that is
 # wrong look right.
 TokenId = Annotated[StrictInt, Field(ge=0)]
-MAX_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
+MAX_GUIDED_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
 
 
 def choice_spec(choices: list[str]) -> GrammarSpec:
@@ -168,7 +168,7 @@ class StructuredOutputs(BaseModel):
     json_: dict | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
-        None, min_length=1, max_length=MAX_CHOICES
+        None, min_length=1, max_length=MAX_GUIDED_CHOICES
     )
 
     def spec(self) -> GrammarSpec | None:
@@ -432,7 +432,7 @@ class OpenAISampling(BaseModel):
     guided_json: dict | str | None = Field(None, description="vLLM's: the answer is JSON of this schema.")
     guided_regex: str | None = Field(None, description="vLLM's: the answer matches this regex.")
     guided_choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
-        None, min_length=1, max_length=MAX_CHOICES, description="vLLM's: the answer is one of these strings."
+        None, min_length=1, max_length=MAX_GUIDED_CHOICES, description="vLLM's: the answer is one of these strings."
     )
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's (since v0.10): one of json, regex or choice, as the guided_ fields."
