@@ -136,8 +136,7 @@ class Inference:
         return ids
 
     async def encode_prompt(self, text: str) -> list[int]:
-        self._check_chars(len(text), "the prompt")
-        return await self.tokenizing.run(text_work(len(text.encode())), self.encode, text)
+        return (await self.encode_prompts([text]))[0]
 
     async def encode_prompts(self, texts: list[str]) -> list[list[int]]:
         """A batch's prompts, each checked against the character bound before any is tokenized (one too long refuses
