@@ -29,6 +29,7 @@ from server.tokenizer_workers import TokenizerWorkers
 
 T = TypeVar("T")
 Adapter = str | AdapterMix | None  # what a request runs on: an adapter ref, a mix, or the base model
+Run = tuple[list[int], SamplingParams]  # one request of several (choices, prompts): its prompt ids and sampling
 log = logging.getLogger("loraplex")
 BASE_LABEL = "-"  # the `adapter` label of base-model requests in metrics
 # the label of every adapter the store does not hold: labels never grow with what clients make up
@@ -135,8 +136,24 @@ class Inference:
         return ids
 
     async def encode_prompt(self, text: str) -> list[int]:
-        self._check_chars(len(text), "the prompt")
-        return await self.tokenizing.run(text_work(len(text.encode())), self.encode, text)
+        return (await self.encode_prompts([text]))[0]
+
+    async def encode_prompts(self, texts: list[str]) -> list[list[int]]:
+        """A batch's prompts, each checked against the character bound before any is tokenized (one too long refuses
+        the batch), then tokenized one after another: each job holds one of the client's share of requests."""
+        for i, text in enumerate(texts):
+            self._check_chars(len(text), f"prompt {i}" if len(texts) > 1 else "the prompt")
+        return [await self.tokenizing.run(text_work(len(text.encode())), self.encode, text) for text in texts]
+
+    def check_prompt_ids(self, prompts: list[list[int]]) -> None:
+        """Token-id prompts' ids: in the model's vocabulary and the tokenizer's (an echo decodes them). Their count
+        is checked with max_new_tokens, as a text prompt's tokens are."""
+        vocabulary = min(self.vocab_size, self.tokenizer_size)
+        for i, ids in enumerate(prompts):
+            bad = next((token for token in ids if token >= vocabulary), None)
+            if bad is not None:
+                which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+                raise InvalidTokens(f"{which}: token id {bad} is not in the vocabulary (0..{vocabulary - 1})")
 
     async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
@@ -343,11 +360,11 @@ class Inference:
             release()
             raise
 
-    async def _pinned(self, adapter: Adapter, choices: int) -> Adapter:
+    async def _pinned(self, adapter: Adapter, runs: int) -> Adapter:
         """`adapter` with each name resolved to the version it means now (`name@N`), where a request runs several
-        choices: they start one after another, and a version uploaded meanwhile must not serve some of them. A ref
-        that does not resolve is left as it is: each choice's stream refuses it, as for one choice."""
-        if adapter is None or choices == 1:
+        requests (choices, prompts): they start one after another, and a version uploaded meanwhile must not serve
+        some of them. A ref that does not resolve is left as it is: each run's stream refuses it, as for one."""
+        if adapter is None or runs == 1:
             return adapter
         try:
             if isinstance(adapter, str):
@@ -403,31 +420,26 @@ class Inference:
         grammar: CompiledGrammar | None = None,
     ) -> Generation:
         """Run to the end; a client that disconnects meanwhile cancels the request at once."""
-        return (await self.generate_many(request, prompt_ids, [sampling], adapter, grammar))[0]
+        return (await self.generate_many(request, [(prompt_ids, sampling)], adapter, grammar))[0]
 
     async def generate_many(
-        self,
-        request: Request,
-        prompt_ids: list[int],
-        samplings: list[SamplingParams],
-        adapter: Adapter,
-        grammar: CompiledGrammar | None = None,
+        self, request: Request, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
     ) -> list[Generation]:
-        """One Generation per sampling, run concurrently as requests of the same batch; the first error (queue
+        """One Generation per run, in order, run concurrently as requests of the same batch; the first error (queue
         full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
 
-        async def collect(sampling: SamplingParams) -> Generation:
+        async def collect(prompt_ids: list[int], sampling: SamplingParams) -> Generation:
             result = Generation(len(prompt_ids))
             async for event in self.stream(prompt_ids, sampling, adapter, grammar):
                 result.events.append(event)
             return result
 
-        adapter = await self._pinned(adapter, len(samplings))
+        adapter = await self._pinned(adapter, len(runs))
 
         async def collect_all() -> list[Generation]:
             try:
                 async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(collect(s)) for s in samplings]
+                    tasks = [group.create_task(collect(*run)) for run in runs]
             except ExceptionGroup as errors:  # the routes map one typed error; the first is the cause
                 raise errors.exceptions[0] from None
             return [t.result() for t in tasks]
@@ -435,18 +447,14 @@ class Inference:
         return await until_disconnected(request, collect_all)
 
     async def open_streams(
-        self,
-        prompt_ids: list[int],
-        samplings: list[SamplingParams],
-        adapter: Adapter,
-        grammar: CompiledGrammar | None = None,
+        self, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """(choice index, event) of several requests, as they come; errors before the first events raise here.
+        """(index of its run, event) of several requests, as they come; errors before the first events raise here.
         Closing the stream cancels every request still running."""
-        adapter = await self._pinned(adapter, len(samplings))
+        adapter = await self._pinned(adapter, len(runs))
         streams: list[AsyncIterator[TokenEvent]] = []
         try:
-            for sampling in samplings:
+            for prompt_ids, sampling in runs:
                 streams.append(await self.open_stream(prompt_ids, sampling, adapter, grammar))
         except BaseException:
             for opened in streams:

@@ -133,7 +133,8 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
     prompt_ids = await prompt_of(body, inference)
     prefill = body.parameters.details and body.parameters.decoder_input_details  # TGI streams no prefill
     samplings = choice_samplings(sampling_of(body, prompt_ids, inference, prefill), body.parameters.best_of or 1)
-    results = await inference.generate_many(request, prompt_ids, samplings, adapter_of(body, inference), grammar)
+    runs = [(prompt_ids, sampling) for sampling in samplings]
+    results = await inference.generate_many(request, runs, adapter_of(body, inference), grammar)
 
     def answer() -> TgiResponse:
         # best_of: the sequence of highest total logprob answers; the others go to details.best_of_sequences

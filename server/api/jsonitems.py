@@ -15,7 +15,7 @@ the plain count passes the bound, strings are found by their quotes, once their 
 import json
 
 from loraplex.errors import LoraplexError
-from server.api.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_SEQUENCES
+from server.api.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS_ENTRIES, MAX_PROMPTS, MAX_STOP_SEQUENCES
 from server.grammar import MAX_GRAMMAR_CHARS
 from server.mixing import MAX_MIX_ADAPTERS
 from server.tokenizer_pool import MAX_MESSAGES
@@ -32,10 +32,10 @@ class TooManyJsonItems(LoraplexError):
 
 
 def max_json_items(max_seq_len: int) -> int:
-    """The items of the largest honest request of any inference route, and so the bound: 30,752 at max_seq_len
-    2048, a body of them parsed in ~1.5 ms at worst (one-id lists: `[3],`)."""
+    """The items of the largest honest request of any inference route, and so the bound: 45,088 at max_seq_len
+    2048, a body of them parsed in ~2-3 ms at worst (one-id lists: `[3],`)."""
     return (
-        max_seq_len  # /detokenize's ids
+        MAX_PROMPTS * max_seq_len  # a batch of token-id prompts, each up to max_seq_len ids (/detokenize's: one)
         + MAX_GRAMMAR_CHARS // 2  # a JSON schema (its compact JSON): at most an item every two characters
         + 4 * MAX_MESSAGES  # each an object: its bracket, a comma inside, a comma after it, a list of parts
         + 3 * MAX_CONTENT_PARTS  # each an object: its bracket, a comma inside, a comma after it
@@ -77,6 +77,6 @@ def check_items(body: bytes, max_seq_len: int) -> None:
         raise TooManyJsonItems(
             f"the body holds more than {limit:,} JSON items (commas and opening brackets outside strings), more "
             f"than any request to this server needs at max_seq_len {max_seq_len}: send the prompt as text, not token "
-            f"ids, and lists within their bounds (at most max_seq_len ids, {MAX_MESSAGES:,} messages, "
+            f"ids, and lists within their bounds (at most max_seq_len ids a prompt, {MAX_MESSAGES:,} messages, "
             f"{MAX_STOP_SEQUENCES} stop sequences, {MAX_LOGIT_BIAS_ENTRIES:,} logit_bias entries)"
         )

@@ -46,7 +46,7 @@ from server.client_share import prefix_salt
 from server.engine import PromptToken, SamplingParams, TokenEvent
 from server.engine.requests import Top
 from server.grammar import CompiledGrammar
-from server.inference import Adapter, Generation, Inference, choice_samplings, until_disconnected
+from server.inference import Adapter, Generation, Inference, Run, choice_samplings, until_disconnected
 from server.runtime import Runtime
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -199,8 +199,9 @@ def _prompt_entry(token_id: int, logprob: float, rank: int, inference: Inference
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
-    """Usage as OpenAI's; `cached_tokens`: of the choices' prompts (one prompt, counted once), the fewest tokens one
-    found in the KV cache (the first choice's prompt warms it for the others')."""
+    """Usage as OpenAI's: each prompt counted once, however many choices it has; `cached_tokens`: of each prompt,
+    the fewest tokens one of its choices found in the KV cache (the first choice's prompt warms it for the
+    others'), summed over the prompts."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -209,9 +210,10 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Us
     )
 
 
-def _results_usage(prompt_tokens: int, results: list[Generation]) -> Usage:
-    cached = min(r.events[-1].cached_tokens for r in results)
-    return _usage(prompt_tokens, sum(len(r.tokens) for r in results), cached)
+def _results_usage(prompt_tokens: list[int], groups: list[list[Generation]]) -> Usage:
+    """The usage of each prompt's (of `prompt_tokens` tokens) choices answered (`groups`, one per prompt)."""
+    cached = sum(min(r.events[-1].cached_tokens for r in group) for group in groups)
+    return _usage(sum(prompt_tokens), sum(len(r.tokens) for group in groups for r in group), cached)
 
 
 def _salted(body: OpenAISampling) -> None:
@@ -237,32 +239,29 @@ def _cumulative_logprob(result: Generation) -> float:
 
 
 async def _open_streams(
-    request: Request,
-    prompt_ids: list[int],
-    samplings: list[SamplingParams],
-    adapter: Adapter,
-    grammar: CompiledGrammar | None,
-    inference: Inference,
+    request: Request, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None, inference: Inference
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
     """The choices' streams, opened while listening for the client: choices open one after another, each once
     the one before has its first token, so with the batch full they wait for rows; until the response starts,
     nothing else would hear a client that left, and its choices would run to max_tokens for nobody."""
-    return await until_disconnected(request, lambda: inference.open_streams(prompt_ids, samplings, adapter, grammar))
+    return await until_disconnected(request, lambda: inference.open_streams(runs, adapter, grammar))
 
 
 async def _choice_chunks(
-    events: AsyncIterator[tuple[int, TokenEvent]], count: int, prompt_tokens: int, include_usage: bool
+    events: AsyncIterator[tuple[int, TokenEvent]], prompt_tokens: list[int], per_prompt: int, include_usage: bool
 ) -> AsyncIterator[tuple[int, TokenEvent, OpenAIFinishReason | None, Usage | None]]:
-    """Per event of `count` choices: its choice index, the event, its finish reason and, on the event that ends
-    the last choice, the usage if asked for. Closing this cancels every choice still running."""
+    """Per event of the prompts' (of `prompt_tokens` tokens) `per_prompt` choices each (choice i of prompt p: index
+    p x per_prompt + i): its choice index, the event, its finish reason and, on the event that ends the last
+    choice, the usage if asked for. Closing this cancels every choice still running."""
     async with aclosing(events):  # type: ignore[type-var]
-        generated, running, cached = 0, count, prompt_tokens
+        generated, running, cached = 0, len(prompt_tokens) * per_prompt, list(prompt_tokens)
         async for index, event in events:
             generated += event.token_id is not None
             finish = _finish(event) if event.finish_reason else None
             running -= finish is not None
-            cached = min(cached, event.cached_tokens)
-            usage = _usage(prompt_tokens, generated, cached) if include_usage and not running else None
+            prompt = index // per_prompt
+            cached[prompt] = min(cached[prompt], event.cached_tokens)
+            usage = _usage(sum(prompt_tokens), generated, sum(cached)) if include_usage and not running else None
             yield index, event, finish, usage
 
 
@@ -275,19 +274,32 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     _salted(body)
     adapter = await _adapter(body, inference)
     grammar = await inference.grammar(body.grammar_spec())
-    prompt_ids = await inference.encode_prompt(body.text)
-    samplings = choice_samplings(_sampling(body, prompt_ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates)
+    texts, prompt_ids = body.prompts
+    if texts:
+        prompt_ids = await inference.encode_prompts(texts)
+    else:
+        inference.check_prompt_ids(prompt_ids)
+    # every prompt's checks before any runs: one that cannot run refuses the batch
+    runs = [
+        (ids, sampling)
+        for ids in prompt_ids
+        for sampling in choice_samplings(
+            _sampling(body, ids, inference, COMPLETION_DEFAULT_MAX_TOKENS), body.candidates
+        )
+    ]
+    prompt_tokens = [len(ids) for ids in prompt_ids]
+    echoes = await _echoes(body, texts, prompt_ids, inference)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echo = body.text if body.echo else ""  # each choice's text begins with the prompt's
-    if body.stream:
-        events = await _open_streams(request, prompt_ids, samplings, adapter, grammar, inference)
+    if body.stream:  # best_of is not streamed: a run per choice, choice p x n + i of prompt p
+        events = await _open_streams(request, runs, adapter, grammar, inference)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
-            offsets = [0] * body.n
-            echoes = [echo] * body.n  # the prompt goes out with each choice's first chunk, as vLLM streams it
-            async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
+            offsets = [0] * len(runs)
+            # the prompt goes out with each choice's first chunk, as vLLM streams it
+            pending = [echoes[index // body.n] for index in range(len(runs))]
+            async with aclosing(_choice_chunks(events, prompt_tokens, body.n, body.include_usage)) as choices:
                 async for index, event, finish, usage in choices:
-                    text, echoes[index] = echoes[index] + event.text, ""
+                    text, pending[index] = pending[index] + event.text, ""
                     scored = event.prompt_logprobs  # on the choice's first token: its first chunk's, as vLLM's
                     logprobs = None
                     if body.logprobs is not None and body.echo and scored is not None:
@@ -300,27 +312,40 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
                     yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=[choice])
 
         return sse_response(chunks(), OPENAI)
-    results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
-    if len(results) > body.n:  # best_of: the n of highest total logprob, best first (as vLLM)
-        results = sorted(results, key=_cumulative_logprob, reverse=True)[: body.n]
+    results = await inference.generate_many(request, runs, adapter, grammar)
+    # each prompt's candidates; best_of: the n of highest total logprob, best first (as vLLM)
+    groups = [results[p * body.candidates : (p + 1) * body.candidates] for p in range(len(prompt_ids))]
+    if body.candidates > body.n:
+        groups = [sorted(group, key=_cumulative_logprob, reverse=True)[: body.n] for group in groups]
     return await json_off_loop(
         lambda: CompletionResponse(
             id=rid,
             created=created,
             model=body.model,
-            usage=_results_usage(len(prompt_ids), results),
+            usage=_results_usage(prompt_tokens, groups),
             choices=[
                 CompletionChoice(
-                    index=i,
-                    text=echo + r.text,
+                    index=p * body.n + i,
+                    text=echoes[p] + r.text,
                     finish_reason=_finish(r.events[-1]),
                     logprobs=_choice_logprobs(body, r, inference),
                     prompt_logprobs=_scored_field(body, r.prompt_logprobs, inference),
                 )
-                for i, r in enumerate(results)
+                for p, group in enumerate(groups)
+                for i, r in enumerate(group)
             ],
         )
     )
+
+
+async def _echoes(
+    body: CompletionRequest, texts: list[str], prompt_ids: list[list[int]], inference: Inference
+) -> list[str]:
+    """What each prompt's choices' texts begin with: with echo, the prompt's text (token-id prompts' decoded, off
+    the event loop, as /detokenize decodes), else ""."""
+    if not body.echo:
+        return [""] * len(prompt_ids)
+    return texts or [await inference.detokenize(ids) for ids in prompt_ids]
 
 
 def _choice_logprobs(body: CompletionRequest, result: Generation, inference: Inference) -> CompletionLogprobs | None:
@@ -352,12 +377,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
     grammar = await inference.grammar(body.grammar_spec())
     prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
+    runs = [(prompt_ids, sampling) for sampling in samplings]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        events = await _open_streams(request, prompt_ids, samplings, adapter, grammar, inference)
+        events = await _open_streams(request, runs, adapter, grammar, inference)
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
-            async with aclosing(_choice_chunks(events, body.n, len(prompt_ids), body.include_usage)) as choices:
+            async with aclosing(_choice_chunks(events, [len(prompt_ids)], body.n, body.include_usage)) as choices:
                 for index in range(body.n):
                     yield ChatCompletionChunk(
                         id=rid,
@@ -388,13 +414,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                     )
 
         return sse_response(chunks(), OPENAI)
-    results = await inference.generate_many(request, prompt_ids, samplings, adapter, grammar)
+    results = await inference.generate_many(request, runs, adapter, grammar)
     return await json_off_loop(
         lambda: ChatCompletionResponse(
             id=rid,
             created=created,
             model=body.model,
-            usage=_results_usage(len(prompt_ids), results),
+            usage=_results_usage([len(prompt_ids)], [results]),
             prompt_logprobs=_prompt_logprobs(results[0].prompt_logprobs, inference),  # vLLM's: the response's
             choices=[
                 ChatChoice(

@@ -11,7 +11,7 @@ and a 4 MiB body of 2 million bad elements held the event loop (every client's r
 an error of 180 MB."""
 
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -79,6 +79,20 @@ def _unicode(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode)]  # text that reaches the tokenizer
 
+
+def counted_first(limit: int, what: str) -> BeforeValidator:
+    """A list refused past `limit` items before any item is validated: pydantic checks a max_length only once it has
+    validated every item, on the event loop (a 4 MiB body holds 1.2 million token ids, 0.16 s of validation, or
+    100,000 messages, 0.1 s)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"{len(value)} {what}; at most {limit}")
+        return value
+
+    return BeforeValidator(check)
+
+
 # request bodies: unknown fields ignored, and no NaN or Infinity in any float
 REQUEST = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -145,7 +159,7 @@ MAX_STOP_TOKEN_IDS = 1024  # vLLM's stop_token_ids: a set the engine checks each
 # A token id as JSON writes it: an integer. Lax mode read true as id 1 and 1.0 as id 1, letting a body that is
 # wrong look right.
 TokenId = Annotated[StrictInt, Field(ge=0)]
-MAX_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
+MAX_GUIDED_CHOICES = 1024  # guided_choice: answers one of these strings (its regex is bounded too, in characters)
 
 
 def choice_spec(choices: list[str]) -> GrammarSpec:
@@ -168,7 +182,7 @@ class StructuredOutputs(BaseModel):
     json_: dict | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
-        None, min_length=1, max_length=MAX_CHOICES
+        None, min_length=1, max_length=MAX_GUIDED_CHOICES
     )
 
     def spec(self) -> GrammarSpec | None:
@@ -432,7 +446,7 @@ class OpenAISampling(BaseModel):
     guided_json: dict | str | None = Field(None, description="vLLM's: the answer is JSON of this schema.")
     guided_regex: str | None = Field(None, description="vLLM's: the answer matches this regex.")
     guided_choice: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
-        None, min_length=1, max_length=MAX_CHOICES, description="vLLM's: the answer is one of these strings."
+        None, min_length=1, max_length=MAX_GUIDED_CHOICES, description="vLLM's: the answer is one of these strings."
     )
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's (since v0.10): one of json, regex or choice, as the guided_ fields."
@@ -512,8 +526,50 @@ def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object]
     return value
 
 
+# A prompt as token ids (OpenAI's and vLLM's), run as given: no special token is added. Counted before any id is
+# validated; max_seq_len bounds it after, as it bounds a text prompt's tokens
+PromptIds = Annotated[
+    list[TokenId], Field(min_length=1, fail_fast=True), counted_first(MAX_TOKEN_IDS, "token ids in a prompt")
+]
+# A batch of prompts: each of its choices is a request of its own, as n's are, so prompts x choices share n's bound
+MAX_PROMPTS = MAX_CHOICES
+
+
+def _batch(item: str) -> BeforeValidator:
+    return counted_first(MAX_PROMPTS, f"prompts ({item})")
+
+
+def _prompt_shape(value: object) -> str | None:
+    """The prompt's form, read from its first element: a union tried member by member would report each member's
+    errors, for each element of a long list. A batch's other elements are then held to the same form."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list) or not value:
+        return None
+    first = value[0]
+    return "texts" if isinstance(first, str) else "batch" if isinstance(first, list) else "ids"
+
+
+Prompt = Annotated[
+    Annotated[Text, Tag("text")]
+    | Annotated[list[Text], Field(fail_fast=True), _batch("strings"), Tag("texts")]
+    | Annotated[PromptIds, Tag("ids")]
+    | Annotated[list[PromptIds], Field(fail_fast=True), _batch("lists of token ids"), Tag("batch")],
+    Discriminator(
+        _prompt_shape,
+        custom_error_type="prompt_form",
+        custom_error_message="send the prompt as a string, a list of strings, a list of token ids or a list of "
+        "lists of token ids (a list of prompts holds at least one)",
+    ),
+]
+
+
 class CompletionRequest(OpenAISampling):
-    prompt: Text | list[Text] = Field(description="A string (a list must hold exactly one).")
+    prompt: Prompt = Field(
+        description=f"A string, or token ids (run as given: no special token is added); a list of strings or of "
+        f"token-id lists is a batch: its prompts' choices are answered in order (choice prompt x n + i), at most "
+        f"{MAX_CHOICES} choices in all (prompts x best_of, or n).",
+    )
     logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
@@ -554,20 +610,27 @@ class CompletionRequest(OpenAISampling):
             return self.logprobs
         return self.prompt_logprobs
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _one_text_prompt(cls, value: object) -> object:
-        # OpenAI also takes token ids and batches of prompts: refused by their shape, before pydantic would
-        # report each element of a long list
-        if isinstance(value, list) and value and isinstance(value[0], int | list):
-            raise ValueError("token-id prompts are not supported: send the prompt as text (a string)")
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("send one prompt per request (a list must hold exactly one string)")
-        return value
+    @model_validator(mode="after")
+    def _choices_within_bound(self) -> "CompletionRequest":
+        texts, token_prompts = self.prompts
+        prompts = len(texts) + len(token_prompts)
+        if prompts * self.candidates > MAX_CHOICES:
+            raise ValueError(
+                f"{prompts} prompts x {self.candidates} choices each ({'best_of' if self.best_of else 'n'}) make "
+                f"{prompts * self.candidates} requests; at most {MAX_CHOICES} a request: send fewer prompts at once"
+            )
+        return self
 
     @property
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> tuple[list[str], list[list[int]]]:
+        """The batch's prompts in order (one prompt: a batch of one), as texts or as token ids: the other list is
+        empty (a batch's prompts are of one form: Prompt)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt], []
+        if isinstance(prompt[0], str):
+            return cast(list[str], prompt), []
+        return [], [cast(list[int], prompt)] if isinstance(prompt[0], int) else cast(list[list[int]], prompt)
 
 
 class ContentPart(BaseModel):
@@ -585,19 +648,6 @@ class ContentPart(BaseModel):
         if isinstance(value, dict) and value.get("type") != "text":
             raise ValueError(f"only text content parts are supported (type 'text'), not {value.get('type')!r}")
         return value
-
-
-def counted_first(limit: int, what: str) -> BeforeValidator:
-    """A list refused past `limit` items before any item is validated: pydantic checks a max_length only once it has
-    validated every item, on the event loop (a 4 MiB body holds 1.2 million token ids, 0.16 s of validation, or
-    100,000 messages, 0.1 s)."""
-
-    def check(value: object) -> object:
-        if isinstance(value, list) and len(value) > limit:
-            raise ValueError(f"{len(value)} {what}; at most {limit} a request")
-        return value
-
-    return BeforeValidator(check)
 
 
 def bounded_parts(messages: object) -> object:

@@ -42,7 +42,7 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         ),
         ("/v1/chat/completions", {"model": "qwen3", "messages": []}, 422, "invalid_request", "messages"),
         ("/v1/completions", {"model": "qwen3", "prompt": "hi", "n": 9}, 422, "invalid_request", "n:"),
-        ("/v1/completions", {"model": "qwen3", "prompt": ["a", "b"]}, 422, "invalid_request", "one prompt"),
+        ("/v1/completions", {"model": "qwen3", "prompt": ["a"] * 3, "n": 3}, 422, "invalid_request", "9 requests"),
         ("/v1/completions", {"model": "Not A Name!", "prompt": "hi"}, 404, "model_not_found", "GET /v1/models"),
         (
             "/v1/completions",

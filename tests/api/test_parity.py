@@ -913,3 +913,102 @@ def test_tgi_decoder_input_details_score_the_prefill(client: TestClient, referen
     assert details["prefill"][0]["logprob"] is None
     picked = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     assert [t["logprob"] for t in details["prefill"][1:]] == pytest.approx(picked.tolist(), abs=1e-4)
+
+
+# ---- prompts as token ids, and batches of prompts --------------------------------------------------------
+
+
+def requests_run(client: TestClient) -> float:
+    """Requests that reached the engine's queue so far, whatever their end (loraplex_requests_total)."""
+    return sum(map(float, re.findall(r"^loraplex_requests_total\{.*\} (\S+)$", client.get("/metrics").text, re.M)))
+
+
+def test_completions_take_a_prompt_as_token_ids(client: TestClient, reference, monkeypatch) -> None:
+    """OpenAI's and vLLM's token-id prompt (lm-evaluation-harness sends `[[ids]]`): answered as the text those ids
+    encode, without tokenizing; its ids run as given (no special token added); echo decodes them. Ids outside the
+    vocabulary, lax ones (true), an empty prompt and one past max_seq_len are refused."""
+    # each computes its prompt afresh (a salt of its own), so that their logprobs are equal to the last bit
+    body = {"model": "m1", "prompt": "the cat sat", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    ids = tokens_of(client, body)
+    as_text = client.post("/v1/completions", json={**body, "cache_salt": "text"}).json()
+    inference = client.app.state.runtime.inference
+
+    def untokenized(text: str) -> list[int]:
+        raise AssertionError(f"a token-id prompt was tokenized: {text!r}")
+
+    monkeypatch.setattr(inference, "encode", untokenized)
+    for prompt in (ids, [ids]):
+        as_ids = client.post("/v1/completions", json={**body, "prompt": prompt, "cache_salt": str(prompt)}).json()
+        assert as_ids["choices"] == as_text["choices"] and as_ids["usage"] == as_text["usage"], prompt
+        streamed = sse(client, "/v1/completions", {**body, "prompt": prompt, "stream": True})
+        assert "".join(c["choices"][0]["text"] for c in streamed) == as_text["choices"][0]["text"]
+
+    # as given: this tokenizer adds no BOS to a text, and none is taken away from ids that begin with one (nor any
+    # added to those that do not); lm-evaluation-harness's loglikelihood request scores exactly these tokens, as PEFT
+    bare = [1, *ids]  # its BOS first
+    scoring = {**body, "prompt": [bare], "max_tokens": 1, "echo": True, "logprobs": 1}
+    choice = client.post("/v1/completions", json=scoring).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(bare) + 1 and lp["token_logprobs"][0] is None and lp["tokens"][0] == "<|bos|>"
+    picked = reference("m1", bare)[torch.arange(len(bare) - 1), torch.tensor(bare[1:])]
+    assert lp["token_logprobs"][1:-1] == pytest.approx(picked.tolist(), abs=1e-4)
+    decoded = client.post("/detokenize", json={"tokens": bare}).json()["prompt"]
+    assert choice["text"].startswith(decoded) and "".join(lp["tokens"][:-1]) == decoded
+    scored = client.post("/v1/completions", json={**scoring, "prompt_logprobs": 0}).json()["choices"][0]
+    assert len(scored["prompt_logprobs"]) == len(bare)
+
+    vocab = client.post("/v1/completions", json={**body, "prompt": [[*bare, 10**6]]})
+    assert error_of(vocab)["code"] == "invalid_tokens" and "token id 1000000" in error_of(vocab)["message"]
+    too_long = error_of(client.post("/v1/completions", json={**body, "prompt": [5] * MAX_SEQ_LEN}))
+    assert too_long["code"] == "prompt_too_long", too_long
+    for bad in ([True, 5], [5, 1.0], [5, "5"], [], [[]], [[5], [-1]], [[5], 5]):
+        error = error_of(client.post("/v1/completions", json={**body, "prompt": bad}))
+        assert error["code"] == "invalid_request" and "prompt" in error["message"], (bad, error)
+
+
+def test_a_batch_of_prompts_is_answered_in_openai_order(client: TestClient) -> None:
+    """Several prompts in one request (strings or token-id lists): choice i of prompt p is choice p x n + i, each
+    the answer that prompt gets alone (seeded: choice i with seed + i), usage summed over the prompts; streamed,
+    each chunk's index says the same. best_of picks within each prompt's candidates. One prompt that cannot run
+    refuses the batch before any runs; prompts x choices share n's bound."""
+    prompts = ["abc", "the dog", "zz"]
+    body = {"model": "m2", "max_tokens": 5, "temperature": 1.0, "seed": 7, "n": 2, "echo": True}
+    alone = [client.post("/v1/completions", json={**body, "prompt": p}).json() for p in prompts]
+    expected = [c["text"] for a in alone for c in a["choices"]]
+    assert all(text.startswith(p) for text, p in zip(expected, [p for p in prompts for _ in range(2)], strict=True))
+    batch = client.post("/v1/completions", json={**body, "prompt": prompts}).json()
+    assert [c["index"] for c in batch["choices"]] == list(range(6))
+    assert [c["text"] for c in batch["choices"]] == expected
+    for key in ("prompt_tokens", "completion_tokens"):
+        assert batch["usage"][key] == sum(a["usage"][key] for a in alone), key
+    as_ids = [tokens_of(client, {"prompt": p}) for p in prompts]
+    by_ids = client.post("/v1/completions", json={**body, "prompt": as_ids}).json()
+    assert [c["text"] for c in by_ids["choices"]] == expected and by_ids["usage"] == batch["usage"]
+
+    chunks = sse(client, "/v1/completions", {**body, "prompt": as_ids, "stream": True, "stream_options":
+                                             {"include_usage": True}})  # fmt: skip
+    texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(6)]
+    assert texts == expected
+    assert chunks[-1]["usage"]["prompt_tokens"] == batch["usage"]["prompt_tokens"]
+    assert chunks[-1]["usage"]["completion_tokens"] == batch["usage"]["completion_tokens"]
+
+    best = {**body, "n": 1, "best_of": 2, "logprobs": 0}
+    singles = [client.post("/v1/completions", json={**best, "prompt": p}).json()["choices"][0] for p in prompts[:2]]
+    picked = client.post("/v1/completions", json={**best, "prompt": prompts[:2]}).json()["choices"]
+    assert [(c["index"], c["text"]) for c in picked] == [(i, c["text"]) for i, c in enumerate(singles)]
+
+    before = requests_run(client)
+    too_long = error_of(client.post("/v1/completions", json={**body, "prompt": ["abc", "x" * 100]}))
+    assert too_long["code"] == "prompt_too_long" and requests_run(client) == before
+    bad_id = error_of(client.post("/v1/completions", json={**body, "prompt": [as_ids[0], [10**6]]}))
+    assert bad_id["code"] == "invalid_tokens" and "prompt 1: token id 1000000" in bad_id["message"]
+    assert requests_run(client) == before
+    for bad, says in (
+        (["abc", [5]], "prompt"),
+        ([[5], "abc"], "prompt"),
+        (["a"] * 9, "9 prompts"),
+    ):
+        assert says in error_of(client.post("/v1/completions", json={**body, "n": 1, "prompt": bad}))["message"]
+    assert len(client.post("/v1/completions", json={**body, "prompt": prompts[:2] * 2}).json()["choices"]) == 8
+    says = error_of(client.post("/v1/completions", json={**body, "n": 1, "best_of": 3, "prompt": prompts}))["message"]
+    assert "9 requests" in says and "best_of" in says

@@ -50,7 +50,7 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
     ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100_000}, AUTH, 422, "max_tokens_too_large"),
     # each bad element of a long list was an error of its own: seconds of the event loop, megabytes of answer
-    ("/v1/completions", {"model": MODEL, "prompt": [1] * 20_000}, AUTH, 422, "invalid_request"),
+    ("/v1/completions", {"model": MODEL, "prompt": [True] * 20_000}, AUTH, 422, "invalid_request"),
     # OpenAI's batch of token-id prompts, 250,000 of one id, under --max-request-mb: parsing it kept the interpreter
     # lock, and so every stream, for ~70 ms; refused unparsed
     ("/v1/completions", b'{"model": "", "prompt": [' + b"[3]," * 249_999 + b"[3]]}", AUTH, 413, "too_many_json_items"),

@@ -1,7 +1,7 @@
 """Issue 19 end to end, with the real clients against one real server on the embedded model (NF4, CPU):
 `openai` (structured output through `chat.completions.parse` with a Pydantic model, logprobs and top_logprobs,
-n with a seed), `text-generation` (grammar, details with top_n_tokens, best_of) and `lorax-client`
-(response_format on an adapter, merged_adapters)."""
+n with a seed, token-id prompts and batches of prompts), `text-generation` (grammar, details with top_n_tokens,
+best_of) and `lorax-client` (response_format on an adapter, merged_adapters)."""
 
 import json
 import re
@@ -139,6 +139,31 @@ def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai
                                            extra_body={"cache_salt": "alone"})  # fmt: skip
     assert plain.choices[0].message.content == alone.choices[0].message.content
     assert not plain.choices[0].message.tool_calls
+
+
+def test_openai_token_id_prompts_and_a_batch_of_prompts(client: openai.OpenAI, served: str) -> None:
+    """lm-evaluation-harness's loglikelihood requests through the openai client: `prompt=[[ids]]` with echo and
+    logprobs scores the ids as the text they encode is scored, and a batch of two prompts (texts, or token-id lists)
+    is answered per prompt in OpenAI's order, each prompt scored as alone, usage summed."""
+    model = "SmolLM2-135M-Instruct"
+    texts = ["The capital of France is", "Two plus two is"]
+    ids = [httpx.post(f"{served}/tokenize", json={"prompt": t}, timeout=60).json()["tokens"] for t in texts]
+    scoring = {"model": model, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    alone = [client.completions.create(prompt=t, **scoring) for t in texts]
+    by_ids = client.completions.create(prompt=[ids[0]], **scoring)
+    assert by_ids.choices[0].text.startswith(texts[0]) and by_ids.usage.prompt_tokens == len(ids[0])
+    # a scored prompt is computed whole, from no cached prefix: equal here, within a margin for steps of other shapes
+    expected = alone[0].choices[0].logprobs.token_logprobs[: len(ids[0])]
+    assert by_ids.choices[0].logprobs.token_logprobs[: len(ids[0])] == pytest.approx(expected, abs=1e-2)
+    for prompt in (texts, ids):
+        batch = client.completions.create(prompt=prompt, **scoring)
+        assert [c.index for c in batch.choices] == [0, 1]
+        assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+        for choice, one, text, tokens in zip(batch.choices, alone, texts, ids, strict=True):
+            assert choice.text.startswith(text) and choice.logprobs.token_logprobs[0] is None
+            assert choice.logprobs.token_logprobs[: len(tokens)] == pytest.approx(
+                one.choices[0].logprobs.token_logprobs[: len(tokens)], abs=1e-2
+            )
 
 
 def test_tgi_and_lorax_clients(served: str) -> None:
