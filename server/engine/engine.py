@@ -666,12 +666,17 @@ class Engine:
         if top_n:
             values, ids = logprobs.topk(top_n, dim=-1)  # [E, top_n] each
             parts += [ids.double().flatten(), values.double().flatten()]
-        flat = torch.cat(parts).to("cpu", non_blocking=True)  # pinned on CUDA: the copy does not block
+        return _Scores(*self._to_host(parts), len(targets), top_n)
+
+    def _to_host(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """`parts` (float64: it holds token ids exactly) as one host tensor, on its way in one copy that does not block
+        (pinned on CUDA), and the event that says it arrived (None on the CPU, where the copy is done)."""
+        flat = torch.cat(parts).to("cpu", non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return _Scores(flat, ready, len(targets), top_n)
+        return flat, ready
 
     def _prompt_tokens(self, row: _Row) -> tuple[PromptToken, ...]:
         """The row's prompt, every token scored by the chunks its steps scored, in prompt order."""
@@ -713,15 +718,10 @@ class Engine:
             picked = logprobs.gather(-1, tokens[:, None])[:, 0]  # [B]
             asking, top_ids, top_values = top_logprobs(logprobs, params)  # [m, N] each
         self._fed[: len(rows)].copy_(tokens)  # what the next step's decode tokens are, before the host knows
-        # float64 holds token ids exactly: one flat tensor, one copy
         parts = [tokens.double(), picked.double()]
         if asking:
             parts += [top_ids.double().flatten(), top_values.double().flatten()]
-        flat = torch.cat(parts).to("cpu", non_blocking=True)  # pinned on CUDA: the copy does not block
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
+        flat, ready = self._to_host(parts)
         return _Drawn(rows, flat, ready, masks, asking, top_ids.shape[-1] if asking else 0)
 
     def _take(self, drawn: _Drawn) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -158,15 +159,12 @@ def test_chats_are_charged_the_messages_they_render(server: tuple[str, Runtime])
     assert honest.result().json() == alone
 
 
-@pytest.fixture(scope="module")
-def keyed(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Runtime]]:
-    tmp = tmp_path_factory.mktemp("client-share")
-    base = load_base_model(
-        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
-    )
+@contextmanager
+def keyed_server(model_dir: Path, tmp: Path, **limits: int) -> Iterator[tuple[str, Runtime]]:
+    """A server with two inference keys (two clients) and an admin key, one adapter stored, and `limits`."""
+    base = load_base_model(str(model_dir), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32)
     settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=64, max_batch_size=1,
-                        max_queue=8, max_requests_per_client=2, api_key=["flood-key", "other-key"],
-                        admin_key=["admin-key"])  # fmt: skip
+                        api_key=["flood-key", "other-key"], admin_key=["admin-key"], **limits)  # fmt: skip
     app = create_app(settings, base=base)
     with serve_app(app) as url:
         wait_ready(url)
@@ -176,6 +174,13 @@ def keyed(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
                               headers={"Authorization": "Bearer admin-key"})  # fmt: skip
         assert uploaded.status_code == 201, uploaded.text
         yield url, app.state.runtime
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Runtime]]:
+    with keyed_server(tiny_model_dirs["llama"], tmp_path_factory.mktemp("client-share"), max_queue=8,
+                      max_requests_per_client=2) as server:  # fmt: skip
+        yield server
 
 
 def generate_as(url: str, key: str, stream: bool = False) -> httpx.Response:
@@ -207,22 +212,9 @@ def test_a_client_past_its_share_gets_429_while_another_client_is_served(keyed: 
 def shared_queue(
     tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Runtime]]:
-    """Keys tell the clients apart; no per-client share: only the queue's own sharing stands between them."""
-    tmp = tmp_path_factory.mktemp("shared-queue")
-    base = load_base_model(
-        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
-    )
-    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=64, max_batch_size=1,
-                        max_queue=3, api_key=["flood-key", "other-key"], admin_key=["admin-key"])  # fmt: skip
-    app = create_app(settings, base=base)
-    with serve_app(app) as url:
-        wait_ready(url)
-        peft = make_peft_dir(tmp / "adapter")
-        files = {"config": (peft / CONFIG_FILE).read_bytes(), "weights": (peft / WEIGHTS_FILE).read_bytes()}
-        uploaded = httpx.post(f"{url}/v1/adapters", data={"name": "adapter"}, files=files,
-                              headers={"Authorization": "Bearer admin-key"})  # fmt: skip
-        assert uploaded.status_code == 201, uploaded.text
-        yield url, app.state.runtime
+    """No per-client share: only the queue's own sharing stands between the two keys."""
+    with keyed_server(tiny_model_dirs["llama"], tmp_path_factory.mktemp("shared-queue"), max_queue=3) as server:
+        yield server
 
 
 def test_a_full_queue_gives_another_client_a_place_and_the_floods_newest_hears_429(

@@ -491,19 +491,35 @@ def test_a_flood_of_one_slow_grammar_costs_one_check(tokenizer, monkeypatch: pyt
     grammars.close()
 
 
+class HeldCompiles:
+    """Grammars whose compiles of regexes beginning "held" hold their thread until `release` is set (any other
+    compile takes `own_s` first), recording the order compiles start in; `ask` gets a grammar as a client."""
+
+    def __init__(self, tokenizer, monkeypatch: pytest.MonkeyPatch, timeout_s: float, own_s: float = 0.0) -> None:
+        self.release, self.order = threading.Event(), []
+        compile_now = Grammars._compile
+
+        def held(grammars: Grammars, spec: GrammarSpec) -> CompiledGrammar:
+            self.order.append(spec.text)
+            if spec.text.startswith("held"):
+                self.release.wait(10)
+            else:
+                time.sleep(own_s)
+            return compile_now(grammars, spec)
+
+        monkeypatch.setattr(Grammars, "_compile", held)
+        self.grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=timeout_s)
+
+    async def ask(self, client: str, spec: GrammarSpec) -> CompiledGrammar:
+        current_client.set(client)  # in its own task, so in a context of its own
+        return await self.grammars.get(spec)
+
+
 def test_a_grammar_that_never_got_a_thread_is_busy_not_slow(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A grammar whose deadline passes while every compile thread works on others' grammars hears 429 (retry), not
     that it is too slow; once the threads are free it compiles."""
-    release = threading.Event()
-    compile_now = Grammars._compile
-
-    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
-        if spec.kind == "regex" and spec.text.startswith("held"):
-            release.wait(10)
-        return compile_now(self, spec)
-
-    monkeypatch.setattr(Grammars, "_compile", held)
-    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=1.0)
+    held = HeldCompiles(tokenizer, monkeypatch, timeout_s=1.0)
+    grammars, release = held.grammars, held.release
 
     async def crowd() -> None:
         holding = [asyncio.create_task(grammars.get(GrammarSpec.regex(f"held{k}"))) for k in range(COMPILE_THREADS)]
@@ -523,22 +539,8 @@ def test_a_grammar_that_got_a_thread_late_is_not_refused_as_slow(tokenizer, monk
     """A grammar whose compile starts shortly before its deadline, once other clients' grammars leave a thread, is
     waited for (its check stops it within its own time): it was refused as one that 'did not compile within 2 s:
     simplify it', a 422 for a grammar that took a fraction of that, because of what others sent."""
-    release = threading.Event()
-    compile_now = Grammars._compile
-
-    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
-        if spec.text.startswith("held"):
-            release.wait(10)
-        else:  # its own compile, from the moment it got a thread
-            time.sleep(1.5)
-        return compile_now(self, spec)
-
-    monkeypatch.setattr(Grammars, "_compile", held)
-    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=2.0)
-
-    async def as_client(client: str, spec: GrammarSpec) -> CompiledGrammar:
-        current_client.set(client)
-        return await grammars.get(spec)
+    held = HeldCompiles(tokenizer, monkeypatch, timeout_s=2.0, own_s=1.5)  # its own compile: 1.5 s from its thread
+    grammars, release, as_client = held.grammars, held.release, held.ask
 
     async def crowd() -> CompiledGrammar:
         holding = [
@@ -561,21 +563,8 @@ def test_one_clients_flood_of_grammars_holds_anothers_for_a_job_of_its_own_at_mo
 ) -> None:
     """The compile threads serve the clients in turn: a grammar sent while another client has eight queued and two
     running is compiled next but one, not after the eight (in one queue it waited past its deadline: 429)."""
-    release, order = threading.Event(), []
-    compile_now = Grammars._compile
-
-    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
-        order.append(spec.text)
-        if spec.text.startswith("held"):
-            release.wait(10)
-        return compile_now(self, spec)
-
-    monkeypatch.setattr(Grammars, "_compile", held)
-    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=5.0)
-
-    async def as_client(client: str, spec: GrammarSpec) -> CompiledGrammar:
-        current_client.set(client)  # in its own task, so in a context of its own
-        return await grammars.get(spec)
+    held = HeldCompiles(tokenizer, monkeypatch, timeout_s=5.0)
+    grammars, release, order, as_client = held.grammars, held.release, held.order, held.ask
 
     async def crowd() -> CompiledGrammar:
         flood = [asyncio.create_task(as_client("flood", GrammarSpec.regex(f"held{k}"))) for k in range(10)]
@@ -600,21 +589,8 @@ def test_a_grammar_queued_behind_one_clients_flood_compiles_in_the_turn_of_anoth
     each of their clients: a client that queues a popular grammar behind eight of its own holds another client's
     request for it behind one job of its own at most. Queued in the first client's turn alone, it waited behind the
     whole flood (past the other's deadline: 429), so the fair turns did not hold for it."""
-    release, order = threading.Event(), []
-    compile_now = Grammars._compile
-
-    def held(self: Grammars, spec: GrammarSpec) -> CompiledGrammar:
-        order.append(spec.text)
-        if spec.text.startswith("held"):
-            release.wait(10)
-        return compile_now(self, spec)
-
-    monkeypatch.setattr(Grammars, "_compile", held)
-    grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], timeout_s=5.0)
-
-    async def as_client(client: str, spec: GrammarSpec) -> CompiledGrammar:
-        current_client.set(client)  # in its own task, so in a context of its own
-        return await grammars.get(spec)
+    held = HeldCompiles(tokenizer, monkeypatch, timeout_s=5.0)
+    grammars, release, order, as_client = held.grammars, held.release, held.order, held.ask
 
     async def crowd() -> CompiledGrammar:
         flood = [asyncio.create_task(as_client("flood", GrammarSpec.regex(f"held{k}"))) for k in range(10)]
