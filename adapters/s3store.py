@@ -7,7 +7,8 @@ worker threads; s3fs adds an async layer and pins botocore, obstore is young and
 
 Layout under `s3://bucket/prefix/`:
 - `claims/<name>/<N>`: written FIRST, with `If-None-Match: *`: exactly one writer creates it, so exactly one
-  writer owns number N. Never deleted: the tombstone that keeps N from being given again after a delete.
+  writer owns number N (the one whose random token it holds). Never deleted: the tombstone that keeps N from being
+  given again after a delete.
 - `data/<name>/<N>/<file>`: the PEFT files, written only by N's owner, so nothing overwrites them.
 - `manifests/<name>/<N>.json`: written LAST, with `If-None-Match: *`: a version exists once its manifest
   does, so no process sees half a version; a writer that dies before it leaves a burnt number and objects no
@@ -26,6 +27,7 @@ directory; the store checks every copy against the manifest's sha256 when it rea
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -122,7 +124,9 @@ class S3Backend:
         return found
 
     def _put_new(self, key: str, body: bytes) -> bool:
-        """Create `key` unless it exists: True if this call created it."""
+        """Create `key` unless it exists: True if this call created it. `body` is this write's own, no other writer's:
+        botocore sends a write again when its answer does not come, and a conditional write that was done is then
+        answered 412, as if another writer had created the key; what the key holds tells whose it is."""
         for _ in range(_CONFLICT_RETRIES):
             try:
                 with _answers(f"write {key}"):
@@ -130,11 +134,24 @@ class S3Backend:
                 return True
             except ClientError as exc:
                 if _status(exc) == 412:
-                    return False
+                    held = self._read_start(key, len(body) + 1)
+                    if held is not None:
+                        return held == body
+                    continue  # deleted since (the name was): created anew
                 if _status(exc) != 409:
                     raise AdapterStoreUnavailable(f"the adapter store refused to write {key}: {exc}") from exc
                 time.sleep(0.05)
         raise AdapterStoreUnavailable(f"the adapter store kept answering 409 to a write of {key}; retry")
+
+    def _read_start(self, key: str, size: int) -> bytes | None:
+        """The first `size` bytes of `key` (a store's object is read no further than needed), None if it is gone."""
+        try:
+            with _answers(f"read {key}"):
+                return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read(size)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise
 
     # -- the backend --------------------------------------------------------------------------------
 
@@ -193,7 +210,8 @@ class S3Backend:
         number = max([0, *self._numbered(f"{self.prefix}claims/{name}/"), *taken])
         for _ in range(_PUBLISH_ATTEMPTS):
             number += 1
-            while not self._put_new(self._claim_key(name, number), b""):
+            # each claim holds a token of its own, so that a claim sent again knows itself (see _put_new)
+            while not self._put_new(self._claim_key(name, number), secrets.token_hex(16).encode()):
                 number += 1  # another server owns it: the next one
             for file in _FILES:
                 with _answers(f"write {name}@{number}"):

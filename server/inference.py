@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from adapters.errors import AdapterError
+from adapters.errors import AdapterError, AdapterNotFound
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
@@ -374,6 +374,20 @@ class Inference:
         except AdapterError:
             return adapter
 
+    async def _on_one_version(self, adapter: Adapter, runs: int, start: Callable[[Adapter], Awaitable[T]]) -> T:
+        """`start(adapter pinned)` for a request of several runs (see `_pinned`), started once more on the version a
+        name means now where another server has deleted the one it meant (a rollback there), as `acquire` does for
+        one run: the runs' leases that found that version gone took it out of the index. Every run is started again,
+        so that all run on one version."""
+        pinned = await self._pinned(adapter, runs)
+        try:
+            return await start(pinned)
+        except AdapterNotFound:
+            again = await self._pinned(adapter, runs)
+            if again == pinned:  # a version named, or nothing moved: the 404 stands
+                raise
+            return await start(again)
+
     def _forget_labels(self, removed: list[str]) -> None:
         """The metrics' series of deleted versions (`name@N`), and of their names where no version is left."""
         names = []
@@ -428,39 +442,40 @@ class Inference:
         """One Generation per run, in order, run concurrently as requests of the same batch; the first error (queue
         full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
 
-        async def collect(prompt_ids: list[int], sampling: SamplingParams) -> Generation:
+        async def collect(prompt_ids: list[int], sampling: SamplingParams, pinned: Adapter) -> Generation:
             result = Generation(len(prompt_ids))
-            async for event in self.stream(prompt_ids, sampling, adapter, grammar):
+            async for event in self.stream(prompt_ids, sampling, pinned, grammar):
                 result.events.append(event)
             return result
 
-        adapter = await self._pinned(adapter, len(runs))
-
-        async def collect_all() -> list[Generation]:
+        async def collect_all(pinned: Adapter) -> list[Generation]:
             try:
                 async with asyncio.TaskGroup() as group:
-                    tasks = [group.create_task(collect(*run)) for run in runs]
+                    tasks = [group.create_task(collect(*run, pinned)) for run in runs]
             except ExceptionGroup as errors:  # the routes map one typed error; the first is the cause
                 raise errors.exceptions[0] from None
             return [t.result() for t in tasks]
 
-        return await until_disconnected(request, collect_all)
+        return await until_disconnected(request, lambda: self._on_one_version(adapter, len(runs), collect_all))
 
     async def open_streams(
         self, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(index of its run, event) of several requests, as they come; errors before the first events raise here.
         Closing the stream cancels every request still running."""
-        adapter = await self._pinned(adapter, len(runs))
-        streams: list[AsyncIterator[TokenEvent]] = []
-        try:
-            for prompt_ids, sampling in runs:
-                streams.append(await self.open_stream(prompt_ids, sampling, adapter, grammar))
-        except BaseException:
-            for opened in streams:
-                await opened.aclose()  # type: ignore[attr-defined]
-            raise
-        return _merged(streams)
+
+        async def open_all(pinned: Adapter) -> AsyncIterator[tuple[int, TokenEvent]]:
+            streams: list[AsyncIterator[TokenEvent]] = []
+            try:
+                for prompt_ids, sampling in runs:
+                    streams.append(await self.open_stream(prompt_ids, sampling, pinned, grammar))
+            except BaseException:
+                for opened in streams:
+                    await opened.aclose()  # type: ignore[attr-defined]
+                raise
+            return _merged(streams)
+
+        return await self._on_one_version(adapter, len(runs), open_all)
 
 
 async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:

@@ -1,16 +1,17 @@
 """The adapter registry: which adapters exist (the store) and which are loaded in CPU memory.
 
 Tiers: disk (the store) -> CPU (an LRU of `LoraWeights`, bounded by max_cpu_adapters) -> device slots (the
-engine's; it copies a lease's weights into a slot, and `on_unload(key)` tells it to drop one). Requests
-hold a `Lease` while they run (queued ones too): a leased adapter is never evicted, and a deleted one is
-freed when its last lease is released. Leases never grow the CPU tier past its bound: when every place in
-it is leased, loading or pinned, a load for one more adapter is refused (429) rather than queued requests
-holding any number of adapters in memory. Loads run in worker threads, never on the event loop, and
-concurrent acquires of one adapter share one load. The state lives behind one threading lock because leases
-are released from the engine thread as well as from the event loop.
+engine's; it copies a lease's weights into a slot, and `on_unload(key)` tells it to drop one). Requests hold a
+`Lease` while they run (queued ones too): a leased adapter is never evicted, and a deleted one is freed when
+its last lease is released, keeping its place in the CPU tier until then. Leases never grow the CPU tier past
+its bound: when every place in it is leased, loading or pinned, a load for one more adapter is refused (429)
+rather than queued requests holding any number of adapters in memory. Loads run in worker threads, never on
+the event loop, and concurrent acquires of one adapter share one load. The state lives behind one threading
+lock because leases are released from the engine thread as well as from the event loop.
 """
 
 import asyncio
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -121,6 +122,10 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}  # every adapter the registry holds anything about
         self._cpu: OrderedDict[str, _Entry] = OrderedDict()  # loaded ones, least recently used first
+        # deleted versions that leases still hold, out of the index (no new request is served them) but in memory
+        # until their last release: they keep their places in the CPU tier, or churn (upload, lease, delete, again)
+        # would hold any number of adapters past its bound
+        self._deleted: set[_Entry] = set()
         self._executor = ThreadPoolExecutor(load_workers, thread_name_prefix="adapter-load")
         # Loads that fetch from a remote store (S3) have workers of their own: a store that stops answering holds
         # each such load for minutes (botocore's timeouts and retries), and two of them held every load of versions
@@ -196,7 +201,10 @@ class AdapterRegistry:
         a client queueing requests for many adapters holds at most --max-cpu-adapters of them."""
         if entry.pinned:
             return  # pin() keeps pins under the bound, so a pinned adapter always has its place
-        held = sum(e.pinned or bool(e.refs and (e.weights is not None or e.loading)) for e in self._entries.values())
+        held = sum(
+            e.pinned or bool(e.refs and (e.weights is not None or e.loading))
+            for e in itertools.chain(self._entries.values(), self._deleted)
+        )
         if held < self.max_cpu_adapters:
             return
         self._forget_if_idle_locked(entry)
@@ -241,9 +249,8 @@ class AdapterRegistry:
             entry.loading = None
             entry.error = None
             entry.weights = weights
-            if entry.deleting:  # leases that started before the delete still get it; freed on release
-                return weights
-            self._cpu[entry.manifest.key] = entry
+            if not entry.deleting:  # leases that started before the delete still get it; freed on release
+                self._cpu[entry.manifest.key] = entry
             unloaded = self._evict_locked()
         self._unload(unloaded)
         return weights
@@ -258,6 +265,7 @@ class AdapterRegistry:
             if entry.refs:
                 return
             if entry.deleting:
+                self._deleted.discard(entry)
                 unloaded = [entry.manifest.key] if entry.weights is not None else []
                 entry.weights = None
             else:
@@ -270,8 +278,9 @@ class AdapterRegistry:
         even over the bound (only pins made while it is full of leases take it there: loads for leases are
         admitted only under it) and come back under it when released."""
         unloaded = []
+        room = self.max_cpu_adapters - len(self._deleted_loaded_locked())  # theirs until their last release
         for key, entry in list(self._cpu.items()):
-            if len(self._cpu) <= self.max_cpu_adapters:
+            if len(self._cpu) <= room:
                 break
             if entry.refs or entry.pinned:
                 continue
@@ -282,6 +291,9 @@ class AdapterRegistry:
             if self._metrics is not None:
                 self._metrics.count_eviction()
         return unloaded
+
+    def _deleted_loaded_locked(self) -> list[_Entry]:
+        return [e for e in self._deleted if e.weights is not None]
 
     def _forget_if_idle_locked(self, entry: _Entry) -> None:
         # keep the index of held entries small with thousands of adapters on disk
@@ -353,7 +365,9 @@ class AdapterRegistry:
                 entry.deleting = True
                 entry.pinned = False
                 self._cpu.pop(key, None)
-                if not entry.refs and entry.weights is not None:
+                if entry.refs:
+                    self._deleted.add(entry)
+                elif entry.weights is not None:
                     entry.weights = None
                     unloaded.append(key)
         self._unload(unloaded)
@@ -374,13 +388,14 @@ class AdapterRegistry:
     @property
     def cpu_adapters(self) -> int:
         with self._lock:
-            return len(self._cpu)
+            return len(self._cpu) + len(self._deleted_loaded_locked())
 
     @property
     def cpu_bytes(self) -> int:
         """Bytes of LoRA weights held in the CPU tier (what max_cpu_adapters bounds)."""
         with self._lock:
-            return sum(e.weights.nbytes for e in self._cpu.values() if e.weights is not None)
+            held = [*self._cpu.values(), *self._deleted_loaded_locked()]
+            return sum(e.weights.nbytes for e in held if e.weights is not None)
 
     def close(self) -> None:
         """Stop the load workers, drop the CPU tier and close the store (server shutdown)."""

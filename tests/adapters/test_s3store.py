@@ -14,7 +14,7 @@ from peft_dirs import LIMITS, fingerprint, make_peft_dir
 from s3_server import s3_server
 from test_parse_bounds import empty_tensors, weights_bytes
 
-from adapters.errors import AdapterLoadFailed, AdapterNotFound
+from adapters.errors import AdapterLoadFailed, AdapterNotFound, AdapterStoreUnavailable
 from adapters.store import AdapterStore
 
 BUCKET = "loraplex-test"
@@ -278,3 +278,45 @@ def test_a_hostile_store_is_read_no_further_than_a_version_can_take(url: str, tm
     with pytest.raises(AdapterLoadFailed, match="over the size its manifest gives"):
         store.read_weights(store.resolve("bot"))
     assert not [u for u in fetched if "/data/bot/" in u]
+
+
+@pytest.mark.parametrize("written", ["claims", "manifests"])
+def test_a_conditional_write_botocore_sends_again_after_it_was_done_is_this_servers(
+    url: str, tmp_path: Path, peft_dir: Path, written: str
+) -> None:
+    """botocore sends a write again when its answer does not come (a timeout, a reset connection, a proxy's 5xx); a
+    conditional write that was done is then answered 412, as if another server had written the key first. A manifest
+    so written failed the upload with 503 ("the store does not honour If-None-Match") though the version was stored,
+    and a claim gave up its number for the next one. What the key holds now tells whose the write was."""
+    store = s3_store(url, tmp_path / "cache")
+    sent_again: list[str] = []
+
+    def answer_lost(response: Any, attempts: int, request_dict: dict[str, Any], **_: Any) -> int | None:
+        # the store did the write and answered it; botocore is told to send it again, as when the answer is lost
+        if f"/{written}/bot/1" in request_dict["url"] and attempts == 1 and response[0].status_code == 200:
+            sent_again.append(request_dict["url"])
+            return 0  # the delay before the next attempt
+        return None
+
+    store.backend._s3.meta.events.register("needs-retry.s3.PutObject", answer_lost)
+    manifest, created = store.put("bot", peft_dir)
+    assert sent_again and created and manifest.key == "bot@1"
+    fresh = s3_store(url, tmp_path / "fresh")
+    assert fresh.resolve("bot") == manifest and fresh.read_weights(manifest).rank == 4
+
+
+def test_a_manifest_another_writer_put_under_this_servers_number_is_refused(
+    url: str, tmp_path: Path, peft_dir: Path
+) -> None:
+    """The manifest key of a number this server claimed holds another writer's manifest when the store ignores
+    conditional writes: that is still said, and nothing of it is taken for this server's version."""
+    store = s3_store(url, tmp_path / "cache")
+    prefix = url.split("/", 3)[3]
+
+    def written_first(request: Any, **_: Any) -> None:
+        if request.url.endswith("/manifests/bot/1.json"):
+            client().put_object(Bucket=BUCKET, Key=f"{prefix}/manifests/bot/1.json", Body=b"{}")
+
+    store.backend._s3.meta.events.register("before-send.s3.PutObject", written_first)
+    with pytest.raises(AdapterStoreUnavailable, match="does not honour If-None-Match"):
+        store.put("bot", peft_dir)

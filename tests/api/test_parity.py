@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 from peft_dirs import make_peft_dir
 from ready import wait_ready
 
+from adapters.localstore import LocalBackend
+from adapters.store import AdapterStore
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.app import create_app
@@ -405,6 +407,39 @@ def test_the_choices_of_one_request_run_on_one_version(
     assert texts == [alone["text"]] * 3
     for got in logprobs:
         assert got == pytest.approx(alone["logprobs"]["token_logprobs"], abs=1e-5)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_choices_of_one_request_run_on_the_version_a_rollback_left(
+    client: TestClient, tmp_path: Path, stream: bool
+) -> None:
+    """Another server deletes the newest version (a rollback): 'name' here still meant it until the next refresh,
+    and a request with n choices, which resolves the name once for all of them, got 404 adapter_not_found ("@2 was
+    deleted") though @1 is stored, where a request with one choice is served @1. Every choice runs @1; a request
+    naming the deleted version itself still gets the 404."""
+    name = f"rolledback{int(stream)}"
+    store = client.app.state.runtime.registry.store
+    for seed in (13, 14):
+        store.put(name, make_peft_dir(tmp_path / str(seed), seed=seed, target_modules=["q_proj", "v_proj", "o_proj"]))
+    body = {"model": name, "prompt": "rollback", "max_tokens": 4, "temperature": 0, "stream": stream}
+    alone = client.post("/v1/completions", json={**body, "model": f"{name}@1", "stream": False}).json()
+    other = AdapterStore(LocalBackend(store.backend.root), store.base, store.limits)
+    other.delete(f"{name}@2")
+    other.close()
+    assert store.resolve(name, recheck=False).key == f"{name}@2"  # not refreshed yet: 'name' here still means it
+    response = client.post("/v1/completions", json={**body, "n": 3})
+    assert response.status_code == 200, response.text
+    texts = ["", "", ""]
+    if stream:
+        for line in response.text.splitlines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                texts[choice["index"]] += choice["text"]
+    else:
+        texts = [choice["text"] for choice in response.json()["choices"]]
+    assert texts == [alone["choices"][0]["text"]] * 3
+    gone = client.post("/v1/completions", json={**body, "model": f"{name}@2", "n": 2})
+    assert f"{name}@2" in error_of(gone, 404)["message"]
 
 
 @pytest.mark.parametrize(

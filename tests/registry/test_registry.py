@@ -13,7 +13,13 @@ import pytest
 from peft_dirs import LIMITS, fingerprint, make_peft_dir, new_store
 from s3_server import s3_server
 
-from adapters.errors import AdapterLoadFailed, AdapterNotFound, IncompatibleAdapter, TooManyPinned
+from adapters.errors import (
+    AdapterLoadFailed,
+    AdapterNotFound,
+    IncompatibleAdapter,
+    TooManyAdaptersLoaded,
+    TooManyPinned,
+)
 from adapters.fingerprint import BaseFingerprint
 from adapters.localstore import LocalBackend
 from adapters.store import AdapterStore
@@ -118,6 +124,71 @@ def test_delete_while_leased(tmp_path: Path, peft_dir: Path) -> None:
         assert unloaded == [] and lease.weights.rank == 4  # the running request keeps its weights
         lease.release()
         assert unloaded == ["a@1"] and registry.cpu_bytes == 0
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_deleted_versions_keep_their_places_in_the_cpu_tier_while_leased(tmp_path: Path, peft_dir: Path) -> None:
+    """A version deleted while requests hold it stays in memory until its last lease is released; it left the CPU
+    tier's count at once, so uploading, leasing and deleting again and again held any number of adapters in memory
+    past --max-cpu-adapters. It keeps its place until then (no new request is served it), and is freed then."""
+    registry, unloaded, metrics = registry_with(tmp_path, peft_dir, [], max_cpu=2)
+
+    async def main() -> None:
+        leases = []
+        for i in range(2):  # the churn: upload, lease, delete
+            await registry.put(f"m{i}", peft_dir)
+            leases.append(await registry.acquire(f"m{i}"))
+            await registry.delete(f"m{i}")
+        await registry.put("m2", peft_dir)
+        with pytest.raises(TooManyAdaptersLoaded):
+            await registry.acquire("m2")
+        assert registry.cpu_adapters == 2 and unloaded == []
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("m0@1")
+        leases[0].release()
+        assert unloaded == ["m0@1"] and registry.cpu_adapters == 1
+        (await registry.acquire("m2")).release()
+        await registry.put("m3", peft_dir)
+        (await registry.acquire("m3")).release()  # m1, deleted and leased, holds one place: m2 makes room
+        assert unloaded == ["m0@1", "m2@1"] and metrics.evictions == 1 and registry.cpu_adapters == 2
+        leases[1].release()
+        assert unloaded == ["m0@1", "m2@1", "m1@1"] and registry.cpu_adapters == 1
+
+    asyncio.run(main())
+    registry.close()
+
+
+def test_a_version_deleted_while_it_loads_takes_its_place_once_loaded(tmp_path: Path, peft_dir: Path) -> None:
+    """The leases waiting for a load get its weights though the version was deleted meanwhile: they take a place in
+    the CPU tier as a version loaded for them does, and an unleased adapter makes room."""
+    store = new_store(tmp_path / "store")
+    for name in ("x", "y", "a"):
+        store.put(name, peft_dir)
+    loading, go = threading.Event(), threading.Event()
+    go.set()
+
+    def prepare(weights: Any) -> Any:
+        if not go.is_set():
+            loading.set()
+            assert go.wait(10)
+        return weights
+
+    unloaded: list[str] = []
+    registry = AdapterRegistry(store, max_cpu_adapters=2, on_unload=unloaded.append, prepare=prepare)
+
+    async def main() -> None:
+        for name in ("x", "y"):
+            (await registry.acquire(name)).release()
+        go.clear()
+        acquire = asyncio.ensure_future(registry.acquire("a"))
+        assert await asyncio.to_thread(loading.wait, 10)
+        await registry.delete("a")
+        go.set()
+        with await acquire as lease:
+            assert lease.key == "a@1" and unloaded == ["x@1"] and registry.cpu_adapters == 2
+        assert unloaded == ["x@1", "a@1"] and registry.cpu_adapters == 1
 
     asyncio.run(main())
     registry.close()
