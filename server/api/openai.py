@@ -5,6 +5,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -72,9 +73,11 @@ def _sampling(
 ) -> SamplingParams:
     limit, field = body.max_tokens_field
     max_new_tokens = inference.max_new_tokens(len(prompt_ids), limit, field, default)
+    min_tokens = inference.min_tokens(body.min_tokens, max_new_tokens, field, limit is not None)
     return SamplingParams(
-        max_new_tokens=max_new_tokens,
-        min_tokens=inference.min_tokens(body.min_tokens, max_new_tokens, field, limit is not None),
+        # max_tokens 0 (scores_only): the prompt is scored in a step, which draws a token; it is dropped (_unsampled)
+        max_new_tokens=max(max_new_tokens, 1),
+        min_tokens=min_tokens,
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
         top_p=body.top_p or 1.0,
         top_k=inference.top_k(None if body.top_k is None else max(body.top_k, 0)),  # vLLM's -1: off
@@ -115,6 +118,20 @@ async def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
 
 def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return "length" if event.finish_reason == "length" else "stop"
+
+
+def _unsampled(event: TokenEvent) -> TokenEvent:
+    """A scoring request's (max_tokens 0) event: the token its step drew was never asked for, so the event says
+    nothing was generated (no token, text or logprob), ended by length as vLLM's; its prompt's scores stay."""
+    if event.token_id is None:  # an end of its own (cancelled): as it is
+        return event
+    return replace(event, token_id=None, text="", logprob=None, top_logprobs=(), finish_reason="length")
+
+
+async def _unsampled_stream(events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async with aclosing(events):  # type: ignore[type-var]
+        async for index, event in events:
+            yield index, _unsampled(event)
 
 
 def _top(token_id: int, logprob: float, inference: Inference) -> TopLogprob:
@@ -292,6 +309,8 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:  # best_of is not streamed: a run per choice, choice p x n + i of prompt p
         events = await _open_streams(request, runs, adapter, grammar, inference)
+        if body.scores_only:
+            events = _unsampled_stream(events)
 
         async def chunks() -> AsyncIterator[CompletionResponse]:
             offsets = [0] * len(runs)
@@ -313,6 +332,8 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
 
         return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, runs, adapter, grammar)
+    if body.scores_only:
+        results = [Generation(r.prompt_tokens, [_unsampled(e) for e in r.events]) for r in results]
     # each prompt's candidates; best_of: the n of highest total logprob, best first (as vLLM)
     groups = [results[p * body.candidates : (p + 1) * body.candidates] for p in range(len(prompt_ids))]
     if body.candidates > body.n:

@@ -570,6 +570,12 @@ class CompletionRequest(OpenAISampling):
         f"token-id lists is a batch: its prompts' choices are answered in order (choice prompt x n + i), at most "
         f"{MAX_CHOICES} choices in all (prompts x best_of, or n).",
     )
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="At most this many new tokens; 0 (vLLM's, with echo only) generates none: the prompt is "
+        "answered, scored with logprobs, as scoring scripts ask.",
+    )
     logprobs: TopN | None = Field(None, description="Report each token's logprob and the N most likely tokens.")
     best_of: Choices | None = Field(
         None, description="Generate this many and answer the n of highest total logprob; not with stream."
@@ -594,6 +600,20 @@ class CompletionRequest(OpenAISampling):
         if self.stream and self.candidates > self.n:
             raise ValueError("best_of > n cannot be streamed: send stream false, or best_of equal to n")
         return self
+
+    @model_validator(mode="after")
+    def _nothing_generated_is_echoed(self) -> "CompletionRequest":
+        if self.scores_only and not self.echo:
+            raise ValueError(
+                "max_tokens 0 generates nothing: send echo true to have the prompt back (with logprobs, scored), "
+                "or max_tokens >= 1"
+            )
+        return self
+
+    @property
+    def scores_only(self) -> bool:
+        """max_tokens 0: nothing generated, the prompt answered (scored, with logprobs)."""
+        return self.max_tokens_field[0] == 0
 
     @property
     def candidates(self) -> int:

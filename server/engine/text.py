@@ -33,7 +33,8 @@ class TextStream:
     Decodes a short window (TGI's prefix/read offsets) so each token costs O(1), and waits while the text
     ends in an incomplete UTF-8 sequence (U+FFFD). A stop sequence counts only where it ends past the text of the
     first `min_tokens` tokens (vLLM's min_tokens: the answer is at least that long); `include_stop` (vLLM's
-    include_stop_str_in_output) keeps the stop sequence that ends the text.
+    include_stop_str_in_output) keeps the stop sequence that ends the text. Only the text that a later token's
+    search or delta reads is kept, so a token costs O(longest stop sequence + its text) however long the answer.
     """
 
     def __init__(
@@ -42,15 +43,18 @@ class TextStream:
         self._decode = window_decoder(tokenizer)
         self._stop = tuple(s for s in stop if s)
         self._include_stop = include_stop
+        # characters of earlier text that a stop sequence ending in new text may begin in
+        self._overlap = max((len(s) for s in self._stop), default=1) - 1
         # text that may begin a stop sequence waits, unless a stop stays in the text: then all text before it does
-        self._holdback = 0 if include_stop else max((len(s) for s in self._stop), default=1) - 1
+        self._holdback = 0 if include_stop else self._overlap
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
-        self._text = ""  # all decoded text so far (with stop sequences only: without, nothing is held back)
+        # the decoded text from the first character a push may read again (with stop sequences only: without,
+        # nothing is held back)
+        self._text = ""
         self._emitted = 0  # characters of _text already returned
         self._min_tokens = min_tokens
-        self._armed = 0  # characters of _text that the first min_tokens tokens made: no stop sequence ends in them
 
     def _decode_new(self) -> str:
         prefix = self._decode(self._ids[self._prefix : self._read])
@@ -83,13 +87,13 @@ class TextStream:
         self._ids.append(token_id)
         if not self._stop:  # every character goes out at once: no text to keep
             return self._decode_new(), False
-        searched = len(self._text)  # a stop ending by here was looked for at an earlier token
+        self._forget_read()
+        searched = len(self._text)  # a stop ending by here was looked for at an earlier token, or did not count
         self._text += self._decode_new()
-        if len(self._ids) <= self._min_tokens:
-            self._armed = len(self._text)
-        # A stop may straddle earlier text: each is looked for where it would end past both bounds.
-        after = max(searched, self._armed)
-        found = ((self._text.find(s, max(0, after - len(s) + 1)), s) for s in self._stop)
+        # The first min_tokens tokens' text ends nothing (their stops were not looked for, and the next token looks
+        # only past their text); a stop may straddle earlier text: each is looked for where it would end past it.
+        stops = self._stop if len(self._ids) > self._min_tokens else ()
+        found = ((self._text.find(s, max(0, searched - len(s) + 1)), s) for s in stops)
         hits = [(start, stop) for start, stop in found if start >= 0]
         if hits:
             start, stop = min(hits, key=lambda hit: hit[0])
@@ -102,6 +106,15 @@ class TextStream:
             return "", False
         delta, self._emitted = self._text[self._emitted : end], end
         return delta, False
+
+    def _forget_read(self) -> None:
+        """Drop the text no push reads again: deltas begin at _emitted, and the next search at most _overlap
+        characters before the end of the text so far. Kept whole, the text was copied by every token: quadratic in
+        the answer's length, on the engine thread that runs every request's host work between steps."""
+        cut = min(self._emitted, len(self._text) - self._overlap)
+        if cut > 0:
+            self._text = self._text[cut:]
+            self._emitted -= cut
 
     def flush(self) -> str:
         """The held-back tail, when the request ends for another reason than a stop sequence."""

@@ -938,6 +938,76 @@ def test_completions_echo_with_logprobs_scores_the_prompt_as_lm_eval_reads_it(cl
     assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))] and len(tokens) == len(ids) + 3
 
 
+def assert_same_scores(scored: dict, expected: dict) -> None:
+    """Two choices' legacy logprobs and vLLM prompt_logprobs alike, their logprobs within a tolerance (the same prompt,
+    computed in other batches)."""
+    legacy, other = scored["logprobs"], expected["logprobs"]
+    assert legacy["tokens"] == other["tokens"] and legacy["text_offset"] == other["text_offset"]
+    assert legacy["token_logprobs"][0] is None and other["token_logprobs"][0] is None
+    assert legacy["token_logprobs"][1:] == pytest.approx(other["token_logprobs"][1:], abs=1e-5)
+    assert legacy["top_logprobs"][0] is None and other["top_logprobs"][0] is None
+    for mine, theirs in zip(legacy["top_logprobs"][1:], other["top_logprobs"][1:], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-5)
+    assert scored["prompt_logprobs"][0] is None and expected["prompt_logprobs"][0] is None
+    for mine, theirs in zip(scored["prompt_logprobs"][1:], expected["prompt_logprobs"][1:], strict=True):
+        assert {t: (e["rank"], e["decoded_token"]) for t, e in mine.items()} == {
+            t: (e["rank"], e["decoded_token"]) for t, e in theirs.items()
+        }
+        logprobs = {t: e["logprob"] for t, e in theirs.items()}
+        assert {t: e["logprob"] for t, e in mine.items()} == pytest.approx(logprobs, abs=1e-5)
+
+
+def test_completions_max_tokens_0_with_echo_answers_the_prompt_scored(client: TestClient) -> None:
+    """vLLM's max_tokens 0 with echo, as scoring scripts send it: nothing generated (no token, text or logprob of
+    one, completion_tokens 0, finish_reason length), each choice the prompt and its tokens' logprobs, those of the
+    same request at max_tokens 1 but its generated token's. Stream and not, n 2, a batch of prompts, token ids;
+    an end of sequence forced on the step's token changes nothing. Without echo, or on chat, a 422."""
+    eos = min(client.app.state.runtime.engine.eos_ids)
+    prompts = ["the cat sat", "abc"]
+    body = {"model": "m1", "prompt": prompts, "echo": True, "logprobs": 2, "prompt_logprobs": 1, "n": 2,
+            "temperature": 1.0, "logit_bias": {str(eos): 100}}  # fmt: skip
+    one = client.post("/v1/completions", json={**body, "max_tokens": 1, "logit_bias": None}).json()
+    answer = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    assert answer["usage"]["completion_tokens"] == 0
+    assert answer["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    prompts_of = [p for p in prompts for _ in range(2)]  # choice i of prompt p: index p x n + i
+    assert [c["index"] for c in answer["choices"]] == list(range(4))
+    assert [c["text"] for c in answer["choices"]] == prompts_of
+    for scored, generated in zip(answer["choices"], one["choices"], strict=True):
+        assert scored["finish_reason"] == "length"
+        assert generated["text"].startswith(scored["text"])
+        # the generated token's entries last: without them, the same
+        prompt_only = {key: values[:-1] for key, values in generated["logprobs"].items()}
+        assert_same_scores(scored, {**generated, "logprobs": prompt_only})
+
+    as_ids = [tokens_of(client, {"prompt": p}) for p in prompts]
+    by_ids = client.post("/v1/completions", json={**body, "max_tokens": 0, "prompt": as_ids}).json()
+    assert [c["text"] for c in by_ids["choices"]] == prompts_of and by_ids["usage"] == answer["usage"]
+    for by_id, by_text in zip(by_ids["choices"], answer["choices"], strict=True):
+        assert by_id["finish_reason"] == "length"
+        assert_same_scores(by_id, by_text)
+
+    # the step's token drawn as the model would (it has text), not forced
+    streamed = {**body, "max_tokens": 0, "prompt": [as_ids[0]], "logit_bias": None, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+    chunks = sse(client, "/v1/completions", streamed)
+    assert sorted(c["choices"][0]["index"] for c in chunks) == [0, 1]  # one chunk per choice: the prompt's
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (prompts[0], "length")
+        assert_same_scores(choice, answer["choices"][0])
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+
+    text_only = {"model": "llama", "prompt": "abc", "max_tokens": 0, "echo": True, "temperature": 0}
+    plain = client.post("/v1/completions", json=text_only).json()
+    assert plain["choices"][0]["text"] == "abc" and plain["choices"][0]["logprobs"] is None
+    assert plain["usage"]["completion_tokens"] == 0
+    says = error_of(client.post("/v1/completions", json={**text_only, "echo": False}))["message"]
+    assert "max_tokens 0" in says and "echo" in says
+    assert "min_tokens" in error_of(client.post("/v1/completions", json={**text_only, "min_tokens": 1}))["message"]
+    assert "max_tokens" in error_of(client.post("/v1/chat/completions", json=chat(max_tokens=0)))["message"]
+
+
 def test_tgi_decoder_input_details_score_the_prefill(client: TestClient, reference) -> None:
     """TGI's decoder_input_details with details: the prefill's tokens with their logprobs, the first null."""
     params = {"max_new_tokens": 2, "details": True, "decoder_input_details": True, "adapter_id": "m1"}

@@ -1,10 +1,12 @@
 """Sampling functions and incremental text with stop sequences."""
 
+import random
+
 import pytest
 import torch
 from enginekit import sample_batch
 
-from loraplex.synthetic import byte_tokenizer
+from loraplex.synthetic import BYTE_VOCAB, byte_tokenizer
 from server.engine.sampling import SamplingParams, final_logprobs, repetition_penalty, top_k_filter, top_p_filter
 from server.engine.text import TextStream, window_decoder
 
@@ -99,12 +101,12 @@ def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
 
 
 def stream_until_stop(
-    tokenizer, text: str, stop: tuple[str, ...], min_tokens: int = 0, include_stop: bool = False
+    tokenizer, text: str | list[int], stop: tuple[str, ...], min_tokens: int = 0, include_stop: bool = False
 ) -> tuple[list[str], bool]:
-    """The deltas a TextStream lets out of `text`'s tokens fed one by one (the flushed tail last, where no stop
-    sequence ended it), and whether one did."""
+    """The deltas a TextStream lets out of `text`'s tokens (or of these token ids) fed one by one (the flushed tail
+    last, where no stop sequence ended it), and whether one did."""
     stream, deltas = TextStream(tokenizer, stop, min_tokens, include_stop), []
-    for token in tokenizer(text)["input_ids"]:
+    for token in tokenizer(text)["input_ids"] if isinstance(text, str) else text:
         delta, stopped = stream.push(token)
         deltas.append(delta)
         if stopped:
@@ -140,6 +142,76 @@ def test_include_stop_keeps_the_stop_sequence_and_holds_no_text_back(tokenizer) 
     assert stream_until_stop(tokenizer, "abcENDxy", ("cE",), include_stop=True) == (list("abcE"), True)
     assert stream_until_stop(tokenizer, "abcabc", ("b",), 2, include_stop=True) == (list("abcab"), True)
     assert stream_until_stop(tokenizer, "abc", ("x",), include_stop=True) == ([*"abc", ""], False)
+
+
+@pytest.mark.parametrize(("min_tokens", "include_stop"), [(0, False), (20_000, False), (0, True)])
+def test_a_long_answer_keeps_a_bounded_tail_of_its_text(tokenizer, min_tokens: int, include_stop: bool) -> None:
+    """With stop sequences, each token appended its text to all the text so far, a copy of it: quadratic in the
+    answer's length, on the engine thread. Only what a later search or delta reads is kept: at most the longest
+    stop's length and the new text, however long the answer."""
+    stop = ("never said", "x")
+    ids = tokenizer("abc é€😀 " * 2000)["input_ids"]
+    stream, text, kept = TextStream(tokenizer, stop, min_tokens, include_stop), "", 0
+    for token in ids:
+        delta, stopped = stream.push(token)
+        assert not stopped
+        text += delta
+        kept = max(kept, len(stream._text))
+    assert text + stream.flush() == tokenizer.decode(ids)
+    assert kept <= len(stop[0]) + 1
+
+
+def reference_stream(
+    pieces: list[str], stop: tuple[str, ...], min_tokens: int, include_stop: bool
+) -> tuple[list[str], bool]:
+    """What stream_until_stop gives for tokens whose texts are `pieces`, by the rules stated over the whole text
+    T(k) of the first k tokens: an occurrence of a stop sequence counts where it ends past T(min_tokens); the
+    answer ends at the first token whose T(k) holds one that counts, before the one that begins first (the stop
+    given first of two beginning there; include_stop: after it). Until then the output after token k is T(k) but
+    its last (longest stop - 1) characters (include_stop: all of it), and the end flushes the rest."""
+    stops = [s for s in stop if s]
+    holdback = max(map(len, stops)) - 1 if stops and not include_stop else 0
+    armed = len("".join(pieces[:min_tokens]))
+    out, deltas = "", []
+    for k in range(1, len(pieces) + 1):
+        text = "".join(pieces[:k])
+        counting = [(i, order, s) for order, s in enumerate(stops) for i in range(len(text))
+                    if text.startswith(s, i) and i + len(s) > armed]  # fmt: skip
+        if counting:
+            i, _, s = min(counting)
+            deltas.append(text[len(out) : i + len(s) if include_stop else i])
+            return deltas, True
+        now = text[: max(len(out), len(text) - holdback)]
+        deltas.append(now[len(out) :])
+        out = now
+    return [*deltas, "".join(pieces)[len(out) :]], False
+
+
+def test_text_stream_follows_the_stop_rules_on_random_streams() -> None:
+    """Random token streams (multi-byte characters, their bytes alone, tokens without text, words of several
+    characters a token, where two stops beginning at one character end in one token's text) against random stop
+    sequences that overlap each other and the text, with random min_tokens and include_stop: the deltas and the
+    stop are the reference's, the text each token adds being the stream's own without stop sequences."""
+    tokenizer, rng = byte_tokenizer(BYTE_VOCAB + 3), random.Random(0)  # words " w259" to " w261"
+    pieces = ["a", "b", "ab", "é", "€", "😀", " "]
+    alone = [*tokenizer("é")["input_ids"], tokenizer("😀")["input_ids"][0], tokenizer.bos_token_id]
+    words = list(range(BYTE_VOCAB, BYTE_VOCAB + 3))
+    for case in range(1000):
+        ids: list[int] = []
+        while len(ids) < rng.randint(1, 40):
+            ids += tokenizer(rng.choice(pieces))["input_ids"] if rng.random() < 0.8 else [rng.choice(alone + words)]
+        plain = TextStream(tokenizer, ())
+        texts = [plain.push(token)[0] for token in ids]
+        text = "".join(texts)
+        stop: list[str] = []
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(text) + 1)
+            stop.append(text[at : at + rng.randint(0, 5)] if rng.random() < 0.7 else rng.choice(["ab", "ba", "aba"]))
+        if rng.random() < 0.5:  # a prefix of another, before or after it: two stops beginning at one character
+            stop.insert(rng.randint(0, len(stop)), stop[0][: rng.randint(1, 4)])
+        min_tokens, include_stop = rng.randint(0, len(ids)), rng.random() < 0.5
+        expected = reference_stream(texts, tuple(stop), min_tokens, include_stop)
+        assert stream_until_stop(tokenizer, ids, tuple(stop), min_tokens, include_stop) == expected, (case, stop)
 
 
 class _OwnDecode(type(byte_tokenizer())):  # a tokenizer class with its own decoding rule
