@@ -558,44 +558,23 @@ def test_a_grammar_that_got_a_thread_late_is_not_refused_as_slow(tokenizer, monk
     grammars.close()
 
 
+@pytest.mark.parametrize("flood_asks_too", [False, True], ids=["own-grammar", "shared-grammar"])
 def test_one_clients_flood_of_grammars_holds_anothers_for_a_job_of_its_own_at_most(
-    tokenizer, monkeypatch: pytest.MonkeyPatch
+    flood_asks_too: bool, tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The compile threads serve the clients in turn: a grammar sent while another client has eight queued and two
-    running is compiled next but one, not after the eight (in one queue it waited past its deadline: 429)."""
+    running is compiled next but one, not after the eight (in one queue it waited past its deadline: 429). So is a
+    grammar the flooding client queued too, behind its own: a compile is shared by every request that asks for it
+    while it waits, and it waits in the turn of each of their clients (queued in the first client's turn alone, it
+    waited behind the whole flood, so the fair turns did not hold for it); it is compiled once."""
     held = HeldCompiles(tokenizer, monkeypatch, timeout_s=5.0)
     grammars, release, order, as_client = held.grammars, held.release, held.order, held.ask
 
     async def crowd() -> CompiledGrammar:
         flood = [asyncio.create_task(as_client("flood", GrammarSpec.regex(f"held{k}"))) for k in range(10)]
-        await asyncio.sleep(0.1)  # two run, eight wait
-        honest = asyncio.create_task(as_client("honest", GrammarSpec.regex(PATTERN)))
-        await asyncio.sleep(0.1)
-        release.set()
-        answer = await honest
-        await asyncio.gather(*flood)
-        return answer
-
-    honest = asyncio.run(crowd())
-    assert order.index(PATTERN) <= COMPILE_THREADS + 1, order
-    assert_takes(honest, tokenizer, "no, 42 ab cd.", refused="maybe")
-    grammars.close()
-
-
-def test_a_grammar_queued_behind_one_clients_flood_compiles_in_the_turn_of_another_that_asks(
-    tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A grammar's compile is shared by every request that asks for it while it waits, and it waits in the turn of
-    each of their clients: a client that queues a popular grammar behind eight of its own holds another client's
-    request for it behind one job of its own at most. Queued in the first client's turn alone, it waited behind the
-    whole flood (past the other's deadline: 429), so the fair turns did not hold for it."""
-    held = HeldCompiles(tokenizer, monkeypatch, timeout_s=5.0)
-    grammars, release, order, as_client = held.grammars, held.release, held.order, held.ask
-
-    async def crowd() -> CompiledGrammar:
-        flood = [asyncio.create_task(as_client("flood", GrammarSpec.regex(f"held{k}"))) for k in range(10)]
-        flood.append(asyncio.create_task(as_client("flood", GrammarSpec.regex(PATTERN))))  # behind its own ten
-        await asyncio.sleep(0.1)  # two run, nine wait
+        if flood_asks_too:
+            flood.append(asyncio.create_task(as_client("flood", GrammarSpec.regex(PATTERN))))  # behind its own ten
+        await asyncio.sleep(0.1)  # two run, the others wait
         honest = asyncio.create_task(as_client("honest", GrammarSpec.regex(PATTERN)))
         await asyncio.sleep(0.1)
         release.set()
