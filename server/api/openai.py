@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import replace
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -16,7 +17,7 @@ from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
 from server.api.jsonbody import OffLoopJsonRoute
-from server.api.render import json_off_loop
+from server.api.render import json_off_loop, rendered_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
     AssistantMessage,
@@ -312,23 +313,32 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
         if body.scores_only:
             events = _unsampled_stream(events)
 
-        async def chunks() -> AsyncIterator[CompletionResponse]:
-            offsets = [0] * len(runs)
-            # the prompt goes out with each choice's first chunk, as vLLM streams it
-            pending = [echoes[index // body.n] for index in range(len(runs))]
+        offsets = [0] * len(runs)
+        # the prompt goes out with each choice's first chunk, as vLLM streams it
+        pending = [echoes[index // body.n] for index in range(len(runs))]
+
+        def chunk(
+            index: int, event: TokenEvent, finish: OpenAIFinishReason | None, usage: Usage | None
+        ) -> CompletionResponse:
+            text, pending[index] = pending[index] + event.text, ""
+            scored = event.prompt_logprobs  # on the choice's first token: its first chunk's, as vLLM's
+            logprobs = None
+            if body.logprobs is not None and body.echo and scored is not None:
+                logprobs, offsets[index] = _echoed_logprobs(scored, [event], inference)
+            elif body.logprobs is not None:
+                logprobs = _completion_logprobs([event], inference, offsets[index])
+                offsets[index] += sum(len(t) for t in logprobs.tokens)
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs,
+                                      prompt_logprobs=_scored_field(body, scored, inference))  # fmt: skip
+            return CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=[choice])
+
+        async def chunks() -> AsyncIterator[CompletionResponse | bytes]:
             async with aclosing(_choice_chunks(events, prompt_tokens, body.n, body.include_usage)) as choices:
                 async for index, event, finish, usage in choices:
-                    text, pending[index] = pending[index] + event.text, ""
-                    scored = event.prompt_logprobs  # on the choice's first token: its first chunk's, as vLLM's
-                    logprobs = None
-                    if body.logprobs is not None and body.echo and scored is not None:
-                        logprobs, offsets[index] = _echoed_logprobs(scored, [event], inference)
-                    elif body.logprobs is not None:
-                        logprobs = _completion_logprobs([event], inference, offsets[index])
-                        offsets[index] += sum(len(t) for t in logprobs.tokens)
-                    choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs,
-                                              prompt_logprobs=_scored_field(body, scored, inference))  # fmt: skip
-                    yield CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=[choice])
+                    if event.prompt_logprobs is None:
+                        yield chunk(index, event, finish, usage)
+                    else:  # its prompt's scores, tens of objects a prompt token: built on the loop, they held it
+                        yield await rendered_off_loop(partial(chunk, index, event, finish, usage))
 
         return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, runs, adapter, grammar)
@@ -403,7 +413,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
     if body.stream:
         events = await _open_streams(request, runs, adapter, grammar, inference)
 
-        async def chunks() -> AsyncIterator[ChatCompletionChunk]:
+        async def chunks() -> AsyncIterator[ChatCompletionChunk | bytes]:
             async with aclosing(_choice_chunks(events, [len(prompt_ids)], body.n, body.include_usage)) as choices:
                 for index in range(body.n):
                     yield ChatCompletionChunk(
@@ -414,25 +424,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                     )
                 scored_sent = False  # the choices share their prompt: its scores go out once, as a response's field
                 async for index, event, finish, usage in choices:
-                    logprobs = _chat_logprobs([event], inference) if body.logprobs else None
-                    scored = None
-                    if event.prompt_logprobs is not None and not scored_sent:
-                        scored, scored_sent = _prompt_logprobs(event.prompt_logprobs, inference), True
-                    yield ChatCompletionChunk(
-                        id=rid,
-                        created=created,
-                        model=body.model,
-                        usage=usage,
-                        prompt_logprobs=scored,
-                        choices=[
-                            ChatChunkChoice(
-                                index=index,
-                                delta=ChatDelta(content=event.text),
-                                finish_reason=finish,
-                                logprobs=logprobs,
-                            )
-                        ],
+                    scores = event.prompt_logprobs if not scored_sent else None
+                    if scores is None:
+                        yield chat_chunk(index, event, finish, usage, None)
+                    else:  # the prompt's scores, tens of objects a prompt token: built on the loop, they held it
+                        scored_sent = True
+                        yield await rendered_off_loop(partial(chat_chunk, index, event, finish, usage, scores))
+
+        def chat_chunk(
+            index: int,
+            event: TokenEvent,
+            finish: OpenAIFinishReason | None,
+            usage: Usage | None,
+            scores: tuple[PromptToken, ...] | None,
+        ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=body.model,
+                usage=usage,
+                prompt_logprobs=_prompt_logprobs(scores, inference),
+                choices=[
+                    ChatChunkChoice(
+                        index=index,
+                        delta=ChatDelta(content=event.text),
+                        finish_reason=finish,
+                        logprobs=_chat_logprobs([event], inference) if body.logprobs else None,
                     )
+                ],
+            )
 
         return sse_response(chunks(), OPENAI)
     results = await inference.generate_many(request, runs, adapter, grammar)

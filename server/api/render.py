@@ -27,13 +27,19 @@ _threads = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
 async def json_off_loop(build: Callable[[], BaseModel | Sequence[BaseModel]]) -> Response:
     """`build()`'s model (or list of models, as a JSON array), built and serialized off the event loop: the JSON
     FastAPI would write for it as the route's response model, its fields holding models last."""
+    return Response(await rendered_off_loop(build), media_type="application/json")
+
+
+async def rendered_off_loop(build: Callable[[], BaseModel | Sequence[BaseModel]]) -> bytes:
+    """The JSON of json_off_loop's answer, for a stream's event (a streamed choice's first chunk may carry its
+    prompt's scores: tens of objects a prompt token)."""
 
     def render() -> bytes:
         built = build()
         return _json(built) if isinstance(built, BaseModel) else _array(built)
 
     run = functools.partial(contextvars.copy_context().run, render)  # as asyncio.to_thread would run it
-    return Response(await asyncio.get_running_loop().run_in_executor(_threads, run), media_type="application/json")
+    return await asyncio.get_running_loop().run_in_executor(_threads, run)
 
 
 def _holds_models(value: object) -> bool:

@@ -50,12 +50,16 @@ def _stream_error(exc: Exception) -> LoraplexError:
     return error
 
 
-async def _encode(events: AsyncGenerator[BaseModel], protocol: SseProtocol) -> AsyncGenerator[bytes]:
+async def _encode(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtocol) -> AsyncGenerator[bytes]:
     # When the client disconnects, this generator is cancelled; closing `events` cancels the request.
     # Cancellation is no Exception: it goes through, and no error event is written to a client that left.
+    # An event as bytes is its JSON, rendered off the event loop by its route (a large one: render.py).
     async with aclosing(events):
         try:
             async for event in events:
+                if isinstance(event, bytes):
+                    yield _event(event)
+                    continue
                 yield _event(event.model_dump_json(exclude_none=protocol.exclude_none).encode())
         except Exception as exc:  # raised on, it would drop the connection mid-body: a broken stream, no reason
             yield failed_stream_end(protocol, _stream_error(exc))
@@ -88,5 +92,5 @@ class EventStreamResponse(StreamingResponse):
             group.cancel_scope.cancel()  # cancels the body iterator, whose `finally` cancels the request
 
 
-def sse_response(events: AsyncGenerator[BaseModel], protocol: SseProtocol) -> StreamingResponse:
+def sse_response(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtocol) -> StreamingResponse:
     return EventStreamResponse(_encode(events, protocol), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -193,3 +193,25 @@ def test_choices_past_the_grammar_bound_are_refused_without_holding_the_event_lo
     spent = loop_cpu_seconds() - before
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_grammar", response.text
     assert "32768" in response.json()["error"]["message"] and spent < 0.04, spent
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="per-thread CPU times from Linux's /proc")
+def test_streamed_prompt_scores_do_not_hold_the_event_loop(url: str) -> None:
+    """A streamed choice's first chunk carries its prompt's scores: 8 prompts of max_seq_len - 1 token ids, echoed
+    with 20 logprobs and 20 prompt logprobs, are ~170,000 objects in 7 MB of JSON. Built and serialized on the event
+    loop they took ~0.2 s of its CPU at max_seq_len 512 (four times that at 2048), every other client's stream held
+    that long; they are rendered off it, as a non-streamed answer is. The chat route's shared prompt too."""
+    ids = [[3 + (7 * i + p) % 200 for i in range(511)] for p in range(8)]
+    scored = {"model": "", "max_tokens": 0, "echo": True, "logprobs": 20, "prompt_logprobs": 20, "stream": True}
+    chat = {"model": "", "messages": [{"role": "user", "content": "ab" * 240}], "n": 8, "max_tokens": 1}
+    for path, body, chunks in (
+        ("/v1/completions", {**scored, "prompt": ids}, 8),
+        ("/v1/chat/completions", {**chat, "prompt_logprobs": 20, "stream": True}, 16),
+    ):
+        before = loop_cpu_seconds()
+        response = httpx.post(f"{url}{path}", json=body, timeout=120)
+        spent = loop_cpu_seconds() - before
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        assert response.status_code == 200 and len(events) == chunks, response.text[-500:]
+        assert '"prompt_logprobs":[null,{' in response.text and "error" not in events[-1], path
+        assert spent < 0.05, (path, spent)
