@@ -60,14 +60,20 @@ class Settings(BaseSettings):
         description="Requests running at once (KV cache rows); default: what half the GPU "
         "memory free after the model holds, at most 256 (32 on a CPU).",
     )
-    max_queue: int = Field(256, ge=0, description="Waiting requests before new ones get 429.")
+    max_queue: int = Field(
+        256,
+        ge=0,
+        description="Waiting requests before new ones get 429. Shared between clients (API keys, or peer addresses "
+        "on a server without keys): when it is full, a client holding fewer waiting requests takes the place of the "
+        "newest request of the client holding the most, which gets the 429.",
+    )
     max_queue_per_adapter: int | None = Field(
         None,
         ge=1,
         description="Waiting requests for one adapter (the base model counts as one) before its new ones get 429 "
         "while other adapters' are still queued, so that one tenant's flood cannot fill the queue: half of the "
-        "queue keeps the other half for the other tenants. At most --max-queue; default: no share, so that a "
-        "server of one adapter keeps its whole queue.",
+        "queue keeps the other half for the other tenants. Shared between clients as the queue is. At most "
+        "--max-queue; default: no share, so that a server of one adapter keeps its whole queue.",
     )
     max_requests_per_client: int | None = Field(
         None,
