@@ -18,7 +18,7 @@ from enginekit import (
     run_to_end,
 )
 
-from server.engine import PromptToken, SamplingParams, TokenEvent
+from server.engine import Engine, PromptToken, SamplingParams, TokenEvent
 from server.engine.prefix_cache import BLOCK
 
 NEW_TOKENS = 4
@@ -175,6 +175,38 @@ def recorded_forwards(engine) -> list[tuple[int, torch.Tensor | None]]:
     return forwards
 
 
+Plan = list[tuple[str, list[int], SavedAdapter | None]]
+
+
+def run_beside(engine: Engine, ordinary: Plan, scoring: Plan, steps: int) -> Collector:
+    """The ordinary requests, a step after each, then the scoring ones (`steps` steps after each), run to the end."""
+    sink = Collector()
+    for request_id, prompt, adapter in ordinary:
+        engine.submit(request(prompt, greedy(NEW_TOKENS + 4), adapter, request_id), sink)
+        engine.step()
+    for request_id, prompt, adapter in scoring:
+        engine.submit(request(prompt, greedy(NEW_TOKENS, prompt_logprobs=3), adapter, request_id), sink)
+        for _ in range(steps):
+            engine.step()
+    run_to_end(engine)
+    return sink
+
+
+def assert_beside_as_alone_and_peft(
+    base: torch.nn.Module, runs: list[Collector], ordinary: Plan, scoring: Plan, tol: float = 1e-4
+) -> None:
+    """The ordinary requests answer beside the scoring ones as alone, and as PEFT does; the scoring ones' answers
+    and scored prompts are PEFT's."""
+    alone, beside = runs
+    for request_id, prompt, adapter in ordinary:
+        assert beside.tokens(request_id) == alone.tokens(request_id), request_id
+        assert beside.tokens(request_id) == reference_generate(base, adapter, prompt, NEW_TOKENS + 4)[0], request_id
+    for request_id, prompt, adapter in scoring:
+        assert beside.tokens(request_id) == reference_generate(base, adapter, prompt, NEW_TOKENS)[0], request_id
+        assert_scored_as(first_token_event(beside, request_id).prompt_logprobs, prompt,
+                         reference_scores(base, adapter, prompt), 3, tol)  # fmt: skip
+
+
 def test_graph_steps_and_eager_scoring_steps_interleave_on_the_cpu(family_setup, tokenizer) -> None:
     """The engine's graph path without CUDA: ordinary steps replay (a graph's layout: its bucket's width, every
     sample index's logits), steps scoring a prompt run eagerly at the same width; both follow each other while rows
@@ -188,27 +220,12 @@ def test_graph_steps_and_eager_scoring_steps_interleave_on_the_cpu(family_setup,
         engine = make_engine(base, tokenizer)
         graphs = engine._graphs = ReplayedGraphs(engine._graph_forward, engine.config.graph_buckets())
         forwards = recorded_forwards(engine)
-        sink = Collector()
-        for request_id, prompt, adapter in ordinary:
-            engine.submit(request(prompt, greedy(NEW_TOKENS + 4), adapter, request_id), sink)
-            engine.step()
-        for request_id, prompt, adapter in extra:
-            engine.submit(request(prompt, greedy(NEW_TOKENS, prompt_logprobs=3), adapter, request_id), sink)
-            engine.step()
-        run_to_end(engine)
-        runs.append(sink)
+        runs.append(run_beside(engine, ordinary, extra, steps=1))
         scoring_steps = [scored for _, scored in forwards if scored is not None]
         assert graphs.replays and len(forwards) == graphs.replays + len(scoring_steps)  # no eager step but these
         assert bool(scoring_steps) == bool(extra)
         assert all(width in graphs.buckets for width, _ in forwards)  # eager steps too: a graph's kernels
-    alone, beside = runs
-    for request_id, prompt, adapter in ordinary:
-        assert beside.tokens(request_id) == alone.tokens(request_id), request_id
-        assert beside.tokens(request_id) == reference_generate(base, adapter, prompt, NEW_TOKENS + 4)[0], request_id
-    for request_id, prompt, adapter in scoring:
-        assert beside.tokens(request_id) == reference_generate(base, adapter, prompt, NEW_TOKENS)[0], request_id
-        assert_scored_as(first_token_event(beside, request_id).prompt_logprobs, prompt,
-                         reference_scores(base, adapter, prompt), 3)  # fmt: skip
+    assert_beside_as_alone_and_peft(base, runs, ordinary, scoring)
 
 
 @pytest.mark.gpu
@@ -224,21 +241,5 @@ def test_cuda_graph_steps_and_scoring_steps_interleave_as_peft(family_setup, tok
     for extra in ([], scoring):
         engine = make_engine(base, tokenizer, max_batch_size=16, cuda_graphs=True)
         assert engine._graphs is not None
-        sink = Collector()
-        for request_id, prompt, adapter in ordinary:
-            engine.submit(request(prompt, greedy(NEW_TOKENS + 4), adapter, request_id), sink)
-            engine.step()
-        for request_id, prompt, adapter in extra:
-            engine.submit(request(prompt, greedy(NEW_TOKENS, prompt_logprobs=3), adapter, request_id), sink)
-            engine.step()
-            engine.step()
-        run_to_end(engine)
-        runs.append(sink)
-    alone, beside = runs
-    for request_id, prompt, adapter in ordinary:
-        assert beside.tokens(request_id) == alone.tokens(request_id), request_id
-        assert beside.tokens(request_id) == reference_generate(base, adapter, prompt, NEW_TOKENS + 4)[0], request_id
-    for request_id, prompt, adapter in scoring:
-        assert beside.tokens(request_id) == reference_generate(base, adapter, prompt, NEW_TOKENS)[0], request_id
-        assert_scored_as(first_token_event(beside, request_id).prompt_logprobs, prompt,
-                         reference_scores(base, adapter, prompt), 3, TOL_CUDA)  # fmt: skip
+        runs.append(run_beside(engine, ordinary, extra, steps=2))
+    assert_beside_as_alone_and_peft(base, runs, ordinary, scoring, TOL_CUDA)
