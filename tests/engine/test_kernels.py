@@ -523,7 +523,8 @@ def test_min_tokens_holds_back_eos_on_the_greedy_kernel(family_setup, tokenizer)
     """An all-greedy batch takes its tokens from greedy_pick, over the logits with the rows' banned tokens: an EOS
     biased to be drawn at once comes only after min_tokens (as transformers' min_new_tokens), and beside it a row
     biased the same way without min_tokens ends at once."""
-    base, adapters = family_setup("qwen3")
+    cpu_base, adapters = family_setup("qwen3")
+    base = copy.deepcopy(cpu_base).to(DEVICE)
     engine = make_engine(base, tokenizer, fused_kernels=True)
     picks = []
     pick = engine._greedy_pick
@@ -636,7 +637,8 @@ def test_engine_steps_past_the_per_row_kernels_match_peft(tmp_path, family_setup
     monkeypatch.setattr(FusedDecode, "segmented", staticmethod(recording))
     _, adapters = family_setup("llama")
     base = nf4_llama(tmp_path)
-    engine = make_engine(base, tokenizer, fused_kernels=True, max_prefill_tokens=32)
+    # eager steps: the recording reads each step's tiles, which a graph's capture holds only on the device
+    engine = make_engine(base, tokenizer, fused_kernels=True, max_prefill_tokens=32, cuda_graphs=False)
     rows = [None, *reversed(adapters)]
     sink = Collector()
     for i, adapter in enumerate(rows):
