@@ -3,6 +3,7 @@ their prompts are tokenized until they leave the engine (their grammars compilin
 and its /tokenize and /detokenize jobs, so that one client's flood can take neither the queue nor the tokenizer's
 or the grammar compiler's threads that every client shares."""
 
+import ipaddress
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,25 @@ current_client: ContextVar[str | None] = ContextVar("current_client", default=No
 # server with keys (what is cached answers sooner, which would tell one key's users what another's asked) and adds
 # the request's own cache_salt; None: shared by all
 prefix_salt: ContextVar[str | None] = ContextVar("prefix_salt", default=None)
+
+
+# An IPv6 host is given a whole /64 by its network (RFC 6177's smallest end-site prefix, what SLAAC addresses live
+# in): any of its 2**64 addresses is one client's, or a single host could be endless clients
+IPV6_CLIENT_PREFIX = 64
+
+
+def peer_client(host: str) -> str:
+    """The client a peer address is: an IPv4 address (an IPv4-mapped IPv6 one as IPv4) as itself, an IPv6 address
+    as its /64 network; anything else (a Unix socket's name) as given."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # a link-local address may carry its zone
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
+    return str(address)
 
 
 class ClientShareFull(LoraplexError):

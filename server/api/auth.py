@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.client_share import current_client, prefix_salt
+from server.client_share import current_client, peer_client, prefix_salt
 
 
 class Unauthorized(LoraplexError):
@@ -65,10 +65,10 @@ async def require_inference(request: Request) -> None:
 
 def client_of(settings: Settings, request: Request) -> str | None:
     """Whom a request's share counts against (--max-requests-per-client, --max-uploads-per-client): its key (a
-    digest of it) on a server with keys, else its peer address."""
+    digest of it) on a server with keys, else its peer address (an IPv6 one's /64: peer_client)."""
     if _keyed(settings):
         return "key:" + hashlib.sha256((_bearer(request.headers) or "").encode()).hexdigest()[:32]
-    return f"address:{request.client.host}" if request.client is not None else None
+    return f"address:{peer_client(request.client.host)}" if request.client is not None else None
 
 
 async def require_admin(request: Request) -> None:

@@ -35,6 +35,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.api.errors import error_body
+from server.client_share import peer_client
 
 HEAD_TIMEOUT_S = 30.0
 STALL_TIMEOUT_S = 60.0
@@ -147,7 +148,7 @@ class DeadlineH11Protocol(H11Protocol):
         # and the connection, never lost, held its place under the cap.
         transport.set_write_buffer_limits(high=0)
         if self.client:
-            self.peer = self.client[0]
+            self.peer = peer_client(self.client[0])  # an IPv6 host's /64 is one client
         self._await_head()
         if self.cap is not None:
             self.cap.admit(self, len(self.connections))

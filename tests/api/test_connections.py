@@ -32,6 +32,7 @@ from server.api.connections import (
     server_protocol,
 )
 from server.app import create_app
+from server.client_share import peer_client
 from server.metrics import Metrics
 
 DEADLINE_S = 1.0
@@ -406,3 +407,21 @@ def test_the_cap_leaves_descriptors_for_files() -> None:
     assert connections_allowed(4096, 1024) == 1024 - 256
     assert connections_allowed(100, 1024) == 100
     assert connections_allowed(4096, resource.RLIM_INFINITY) == 4096
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff:abcd:1234:5678", True),  # one host's /64: any address in it
+        ("2001:db8:1:2::1", "2001:db8:1:3::1", False),  # the next /64: another site's
+        ("fe80::1%eth0", "fe80::2%eth1", True),  # link-local, with zones
+        ("::ffff:192.0.2.7", "192.0.2.7", True),  # IPv4-mapped: the IPv4 address
+        ("192.0.2.7", "192.0.2.8", False),
+        ("127.0.0.1", "127.0.0.1", True),
+    ],
+)
+def test_a_peers_share_is_its_ipv4_address_or_its_ipv6_64(first: str, second: str, same: bool) -> None:
+    """Both per-client shares (connections here, requests and uploads through auth.client_of) count a peer as one
+    client: an IPv6 host, given a /64, could otherwise open each connection from a new address, endless clients."""
+    assert (peer_client(first) == peer_client(second)) is same
+    assert peer_client("") == "" and peer_client("not an address") == "not an address"
