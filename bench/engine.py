@@ -95,15 +95,28 @@ def baseline(model: nn.Module, loras: int, batch: int, shape: Shape, device: tor
 
 
 def engine_run(
-    engine: Engine, loras: list[LoraWeights | None], shape: Shape, tag: str, sampled: bool = False
+    engine: Engine,
+    loras: list[LoraWeights | None],
+    shape: Shape,
+    tag: str,
+    sampled: bool = False,
+    scoring: bool = False,
 ) -> dict[str, float]:
     """Submit one request per entry of `loras` at once (greedy, or seeded top-p sampling); aggregate and
-    decode-only tokens/s (from the moment every request has its first token: pure decode steps)."""
+    decode-only tokens/s (from the moment every request has its first token: pure decode steps). `scoring`: from
+    that moment on, one more request scoring its prompt (prompt_logprobs, as lm-evaluation-harness's loglikelihood
+    requests; prompt tokens, one new token) is always in the engine beside them, another sent as one ends; its
+    tokens are not counted, its prompts scored a second are."""
     first: dict[str, float] = {}
     times: list[float] = []
+    scored: list[float] = []  # when each scoring request ended
 
     def sink(event) -> None:
         now = time.perf_counter()
+        if event.request_id.startswith("score"):
+            if event.finish_reason is not None:
+                scored.append(now)
+            return
         first.setdefault(event.request_id, now)
         times.append(now)
 
@@ -115,15 +128,23 @@ def engine_run(
         prompt = torch.randint(10, engine.model.config.vocab_size, (shape.prompt,)).tolist()
         key = None if lora is None else f"{tag}-{i}"
         engine.submit(GenerationRequest(prompt, params, key, lora, request_id=f"{tag}{i}"), sink)
+    score = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
+    sent = 0
     while engine.step():
-        pass
+        decoding = len(first) == len(loras) and len(times) < len(loras) * shape.new_tokens
+        if scoring and decoding and sent == len(scored):
+            prompt = torch.randint(10, engine.model.config.vocab_size, (shape.prompt,)).tolist()
+            engine.submit(GenerationRequest(prompt, score, None, None, request_id=f"score-{tag}{sent}"), sink)
+            sent += 1
     wall = time.perf_counter() - start
     all_decoding = max(first.values())
     decode_tokens = sum(t > all_decoding for t in times)
+    window = max(times) - all_decoding
     return {
         "tok_s": len(loras) * shape.new_tokens / wall,
-        "decode_tok_s": decode_tokens / (max(times) - all_decoding),
+        "decode_tok_s": decode_tokens / window,
         "ttft_ms": 1000 * statistics.median(first[k] - start for k in first),
+        "scored_prompts_s": sum(t <= max(times) for t in scored) / window,
     }
 
 
@@ -210,6 +231,7 @@ def main() -> None:
     many_base = engine_run(engine, [None] * shape.requests, shape, "many-base")
     many_sampled = engine_run(engine, loras[: shape.requests], shape, "many-sampled", sampled=True)
     wide = engine_run(engine, loras, shape, "wide")
+    beside_scoring = engine_run(engine, loras[: shape.requests], shape, "beside-scoring", scoring=True)
     activation = sorted(engine.activation_seconds)
     results.update(
         {
@@ -225,6 +247,8 @@ def main() -> None:
             "engine_32_base_tok_s": many_base["tok_s"],
             "engine_32_base_decode_tok_s": many_base["decode_tok_s"],
             f"engine_{shape.wide_requests}_lora_decode_tok_s": wide["decode_tok_s"],
+            "engine_32_lora_beside_scoring_decode_tok_s": beside_scoring["decode_tok_s"],
+            "engine_32_lora_beside_scoring_prompts_s": beside_scoring["scored_prompts_s"],
             "lora_overhead_1_pct": 100 * (single_base["decode_tok_s"] / single["decode_tok_s"] - 1),
             "lora_overhead_32_pct": 100 * (many_base["tok_s"] / many_resident["tok_s"] - 1),
             "lora_overhead_32_decode_pct": 100 * (many_base["decode_tok_s"] / many_resident["decode_tok_s"] - 1),

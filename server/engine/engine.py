@@ -18,11 +18,9 @@ between clients (waiting.py): one client's flood delays another client's request
 keep it out of the queue.
 
 A request asking for its prompt's logprobs (prompt_logprobs) has every prompt position scored: it takes no cached
-prefix, and a step holding a chunk of its prompt keeps those positions' logits beside the sampled ones, so it runs
-eagerly, not as a captured graph (which replays the sampled tokens' logits alone), at the graph's width. It reads
-the same step buffers and the same tokens fed on the device as a graph would, and its draws are launched and taken
-as a graph step's: steps of either kind follow each other in any order. The scores reach the host with the
-request's first token.
+prefix, and a step holding a chunk of its prompt keeps those positions' logits beside the sampled ones: it replays
+its bucket's scoring graph (graphs.py), the same step with a wider head, and its draws are launched and taken as
+any step's. The scores reach the host with the request's first token.
 """
 
 import logging
@@ -39,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.lora import LoraWeights
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
-from server.engine.batching import plan_step
+from server.engine.batching import SCORED_TOKENS, plan_step
 from server.engine.config import EngineConfig
 from server.engine.constraints import StepMasks, fill_masks
 from server.engine.errors import (
@@ -204,7 +202,8 @@ class Engine:
                                 pin=self.device.type == "cuda")  # fmt: skip
         self._graphs: StepGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            self._graphs = StepGraphs(self._graph_forward, config.graph_buckets(), self._step.host, self.device)
+            self._graphs = StepGraphs(self._graph_forward, config.graph_buckets(), self._step.host, self.device,
+                                      SCORED_TOKENS)  # fmt: skip
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _wrap_targets(self) -> tuple[LoraStore, dict[str, MultiLoraLinear]]:
@@ -603,22 +602,18 @@ class Engine:
                     targets += prompt[row.prefilled + 1 : stop + 1]
             at += len(seqs[-1].tokens)
         tokens = at
-        if self._graphs is not None and not scored:
+        if self._graphs is not None:
             width = self._graphs.bucket(tokens)
             self._step.fill(seqs, width)
-            logits = self._graphs.run(self._step.host, width)
+            logits = self._graphs.run(self._step.host, width, scored)
         else:
-            # A graph replays a fixed layout of logits (the sampled tokens'): a step scoring prompt positions runs
-            # eagerly. With graphs, at the width of the graph it would have replayed, so that its other tokens run
-            # the kernels that graph runs.
-            width = self._graphs.bucket(tokens) if self._graphs is not None else tokens
-            segments = self._step.fill(seqs, width)
+            segments = self._step.fill(seqs, tokens)
             buffer = self._step.host.to(self.device, non_blocking=True)  # the host buffer itself on CPU
             keep = device_tensor(scored, self.device) if scored else None
-            logits = self._forward(self._step.views(buffer, width, len(sampled)), segments, keep)
+            logits = self._forward(self._step.views(buffer, tokens, len(sampled)), segments, keep)
         if scored:
             top_n = max(row.request.sampling.prompt_logprobs or 0 for row, _, _ in scoring)
-            scores = self._score(logits[len(sampled) :], targets, top_n)
+            scores = self._score(logits[logits.shape[0] - len(scored) :], targets, top_n)
             for row, first, count in scoring:
                 row.scores.append((scores, first, count))
         for row, end in chunks:
@@ -640,7 +635,7 @@ class Engine:
         self, tensors: StepTensors, segments: list[Segment] | None, scored: torch.Tensor | None = None
     ) -> torch.Tensor:
         # the step's flat tokens [1, N] -> logits [len(sample_index) + len(scored), V]: of its sampled tokens, then
-        # of its scored prompt positions (scored: [E] flat token indices; None: none, as in every captured step)
+        # of its scored prompt positions (scored: [E] flat token indices; None: none)
         self._lora_context.set(tensors.slots, segments)
         fed = self._fed[tensors.feed.clamp(min=0)]  # [N]
         ids = torch.where(tensors.feed >= 0, fed, tensors.ids[0])[None]  # [1, N]
@@ -649,8 +644,8 @@ class Engine:
                          logits_to_keep=keep, engine_step=StepContext(self.cache, tensors))  # fmt: skip
         return out.logits[0]
 
-    def _graph_forward(self, buffer: torch.Tensor, width: int) -> torch.Tensor:
-        return self._forward(self._step.views(buffer, width), None)
+    def _graph_forward(self, buffer: torch.Tensor, width: int, scored: torch.Tensor | None) -> torch.Tensor:
+        return self._forward(self._step.views(buffer, width), None, scored)
 
     # ---- scoring prompts, sampling and finishing ----------------------------------------------------
     def _score(self, logits: torch.Tensor, targets: list[int], top_n: int) -> _Scores:

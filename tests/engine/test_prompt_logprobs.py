@@ -4,6 +4,8 @@ the N most likely tokens there; the request's first token event carries them. Su
 leaves its own for others, and the requests beside it answer as they do without it."""
 
 import copy
+import functools
+from collections import Counter
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from enginekit import (
 )
 
 from server.engine import Engine, PromptToken, SamplingParams, TokenEvent
+from server.engine.batching import SCORED_TOKENS
+from server.engine.graphs import StepGraphs
 from server.engine.prefix_cache import BLOCK
 
 NEW_TOKENS = 4
@@ -147,19 +151,19 @@ def test_a_one_token_prompt_scores_nothing_and_the_bound_holds(family_setup, tok
         SamplingParams(prompt_logprobs=-1)
 
 
-class ReplayedGraphs:
-    """StepGraphs as the engine calls it, on the CPU: each replay runs the forward a graph captures (no adapter
-    segments, every sample index kept) on a copy of the step buffer, at the bucket's width; counts the replays."""
+class ReplayedGraphs(StepGraphs):
+    """StepGraphs as the engine runs it, on the CPU: each replay runs the forward its graph would have captured (no
+    adapter segments, every sample index kept, the static scored-index buffer read) on the static step buffer at
+    the bucket's width; counts the replays of each kind."""
 
-    def __init__(self, forward, buckets: list[int]) -> None:
-        self.forward, self.buckets, self.replays = forward, sorted(buckets), 0
+    def _capture(self, forward):  # type: ignore[no-untyped-def]
+        self.replays: Counter[bool] = Counter()
 
-    def bucket(self, tokens: int) -> int:
-        return next(b for b in self.buckets if b >= tokens)
+        def replay(width: int, scoring: bool) -> torch.Tensor:
+            self.replays[scoring] += 1
+            return forward(self._buffer, width, self._scored if scoring else None)
 
-    def run(self, step: torch.Tensor, width: int) -> torch.Tensor:
-        self.replays += 1
-        return self.forward(step.clone(), width)
+        return {(w, scoring): functools.partial(replay, w, scoring) for w in self.buckets for scoring in (False, True)}
 
 
 def recorded_forwards(engine) -> list[tuple[int, torch.Tensor | None]]:
@@ -207,32 +211,35 @@ def assert_beside_as_alone_and_peft(
                          reference_scores(base, adapter, prompt), 3, tol)  # fmt: skip
 
 
-def test_graph_steps_and_eager_scoring_steps_interleave_on_the_cpu(family_setup, tokenizer) -> None:
-    """The engine's graph path without CUDA: ordinary steps replay (a graph's layout: its bucket's width, every
-    sample index's logits), steps scoring a prompt run eagerly at the same width; both follow each other while rows
-    decode on tokens fed from the last step. Every answer and scored prompt is PEFT's, and the ordinary requests
-    answer as they do alone, where every step replays."""
+def test_graph_steps_and_scoring_graph_steps_interleave_on_the_cpu(family_setup, tokenizer) -> None:
+    """The engine's graph path without CUDA: every step replays (a graph's layout: its bucket's width, every sample
+    index's logits), those scoring a prompt their bucket's scoring graph, which keeps the logits of a static buffer
+    of SCORED_TOKENS positions; both follow each other while rows decode on tokens fed from the last step. Every
+    answer and scored prompt is PEFT's, and the ordinary requests answer as they do alone."""
     base, adapters = family_setup("llama")
     ordinary = [(f"o{i}", [*PROMPT[i:], 9], adapters[i % 4] if i % 3 else None) for i in range(4)]
     scoring = [(f"s{i}", [*PROMPT[2 * i :], 11 + i], adapters[(i + 1) % 4] if i % 2 else None) for i in range(3)]
     runs = []
     for extra in ([], scoring):
         engine = make_engine(base, tokenizer)
-        graphs = engine._graphs = ReplayedGraphs(engine._graph_forward, engine.config.graph_buckets())
+        graphs = ReplayedGraphs(engine._graph_forward, engine.config.graph_buckets(), engine._step.host,
+                                engine.device, SCORED_TOKENS)  # fmt: skip
+        engine._graphs = graphs
         forwards = recorded_forwards(engine)
         runs.append(run_beside(engine, ordinary, extra, steps=1))
-        scoring_steps = [scored for _, scored in forwards if scored is not None]
-        assert graphs.replays and len(forwards) == graphs.replays + len(scoring_steps)  # no eager step but these
-        assert bool(scoring_steps) == bool(extra)
-        assert all(width in graphs.buckets for width, _ in forwards)  # eager steps too: a graph's kernels
+        assert len(forwards) == graphs.replays.total() and graphs.replays[False]  # every step a replay
+        assert graphs.replays[True] == sum(scored is not None for _, scored in forwards)
+        assert bool(graphs.replays[True]) == bool(extra)
+        assert all(width in graphs.buckets for width, _ in forwards)
+        assert all(len(scored) == SCORED_TOKENS for _, scored in forwards if scored is not None)
     assert_beside_as_alone_and_peft(base, runs, ordinary, scoring)
 
 
 @pytest.mark.gpu
 def test_cuda_graph_steps_and_scoring_steps_interleave_as_peft(family_setup, tokenizer) -> None:
     """On CUDA with graphs: ordinary requests decode through graph replays fed on the device while requests scoring
-    their prompts join, whose steps run eagerly over the same step buffers and fed tokens; every answer is PEFT's,
-    every scored prompt PEFT's, and the ordinary requests answer as they do alone."""
+    their prompts join, whose steps replay their buckets' scoring graphs over the same step buffers and fed tokens;
+    every answer is PEFT's, every scored prompt PEFT's, and the ordinary requests answer as they do alone."""
     cpu_base, adapters = family_setup("llama")
     base = copy.deepcopy(cpu_base).cuda()
     ordinary = [(f"o{i}", [*PROMPT[i:], 9], adapters[i % 4] if i % 3 else None) for i in range(6)]
