@@ -219,7 +219,10 @@ def main() -> None:
 
     loras = random_loras(model, shape.wide_requests, 4, shape.rank, dtype)
     config = engine_config(shape, args.store_rank, cuda_graphs=not args.no_graphs)
-    engine = Engine(model, tokenizer, config)
+    start = time.perf_counter()
+    engine = Engine(model, tokenizer, config)  # its step graphs captured
+    sync(device)
+    results["engine_start_s"] = time.perf_counter() - start
     engine_run(engine, [loras[0]], shape, "warm")
     single = engine_run(engine, [loras[1]], shape, "one")
     single_base = engine_run(engine, [None], shape, "one-base")
