@@ -8,10 +8,17 @@ mixed request runs in the same batch as the rest.
 Derived adapters are keyed by their components' resolved versions and weights, built off the event loop, and
 kept in a small LRU (each is as large as its components together); one dropped from it frees its slot. Mix
 weights are any floats, so clients can ask for endless distinct mixes: the mixes alive at once (cached, held by
-a request, or being built) are bounded, and a new one past the bound is a 429 until one is released."""
+a request, or being built) are bounded, and a new one past the bound is a 429 until one is released.
+
+The mixes requests hold are shared between clients (an API key, or a peer address: client_share.current_client).
+A client refused a new mix for want of a place waits for one for a few seconds (a client retrying after its
+Retry-After keeps waiting); meanwhile a client holding its share of the places (the places over the clients holding
+or waiting for mixes) is refused a new one, so a place that frees goes to the client that waits, not back to the
+client that holds the most."""
 
 import asyncio
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -22,6 +29,7 @@ import torch
 from adapters.bounds import MAX_GAIN, excess_magnitude
 from adapters.lora import LoraModule, LoraWeights
 from loraplex.errors import LoraplexError
+from server.client_share import current_client
 
 MAX_MIX_ADAPTERS = 8
 MAX_MIX_WEIGHT = 100.0  # |weight|: beyond it a delta swamps the base model's output anyway
@@ -29,6 +37,8 @@ MAX_CACHED_MIXES = 8
 # Each mix is up to a max_lora_rank adapter in host memory: requests may hold this many beyond the cache's.
 MAX_LIVE_MIXES = 2 * MAX_CACHED_MIXES
 MIX_PREFIX = "mix:"  # engine keys of derived adapters: never a stored name (which has no ":")
+# How long a client refused a mix place counts as waiting for one: past its Retry-After (1 s), for a retry to come
+MIX_WAIT_S = 3.0
 
 
 class InvalidMix(LoraplexError):
@@ -93,6 +103,8 @@ class MixCache:
         self._max_in_use = max_in_use
         self._mixes: OrderedDict[str, LoraWeights] = OrderedDict()
         self._held: Counter[str] = Counter()  # requests holding each mix, cached, being built, or neither
+        self._holders: dict[str, Counter[str | None]] = {}  # each held mix's requests by client
+        self._waiting: dict[str | None, float] = {}  # clients refused a place: when they last were
         # mixes being built, each once, however many requests wait for it (the choices of one request with n > 1
         # among them): a build runs to its end in a worker thread, its result cached, whoever stopped waiting
         self._builds: dict[str, Future[LoraWeights]] = {}
@@ -104,16 +116,12 @@ class MixCache:
         """The mix of (resolved key, weights, mix weight) components, built in a worker thread on a miss (one build
         a key, shared by the requests asking for it meanwhile), and the call that releases the caller's hold on it
         (once)."""
+        client = current_client.get()
         with self._lock:
             mixed = self._mixes.get(key)
-            if key not in self._held and key not in self._builds:  # a mix no request holds or waits for
-                in_use = len(self._held.keys() | self._builds.keys())
-                if in_use >= self._max_in_use:
-                    raise TooManyMixes(
-                        f"{in_use} adapter mixes are held by requests, the most this server runs at once (half its "
-                        "adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
-                        "requests finish, or reuse the weights of a mix in use"
-                    )
+            new_place = key not in self._held and key not in self._builds  # a mix no request holds or waits for
+            if new_place:
+                self._check_place(client)
                 live = len(self._mixes.keys() | self._held.keys() | self._builds.keys())
                 if mixed is None and live >= self._max_live:
                     raise TooManyMixes(
@@ -129,7 +137,10 @@ class MixCache:
                 build = self._builds[key] = Future()
                 asyncio.get_running_loop().run_in_executor(None, self._build_into, key, components, build)
             self._held[key] += 1
-        release = self._release_of(key)
+            self._holders.setdefault(key, Counter())[client] += 1
+            if new_place:
+                self._waiting.pop(client, None)
+        release = self._release_of(key, client)
         if build is not None:
             try:  # shielded: one waiter's cancellation is not the build's, which others may wait for
                 mixed = await asyncio.shield(asyncio.wrap_future(build))
@@ -137,6 +148,30 @@ class MixCache:
                 release()
                 raise
         return mixed, release
+
+    def _check_place(self, client: str | None) -> None:
+        """Raise TooManyMixes unless `client` may take a place for a new mix (under the lock)."""
+        in_use = len(self._held.keys() | self._builds.keys())
+        now = time.monotonic()
+        self._waiting = {c: at for c, at in self._waiting.items() if now - at < MIX_WAIT_S}
+        if in_use >= self._max_in_use:
+            self._waiting[client] = now
+            raise TooManyMixes(
+                f"{in_use} adapter mixes are held by requests, the most this server runs at once (half its "
+                "adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
+                "requests finish, or reuse the weights of a mix in use"
+            )
+        if not self._waiting.keys() - {client}:
+            return
+        holding = Counter(c for holders in self._holders.values() for c in holders)  # client -> mixes it holds
+        sharing = holding.keys() | self._waiting.keys() | {client}
+        share = max(1, self._max_in_use // len(sharing))
+        if holding[client] >= share:
+            raise TooManyMixes(
+                f"this client (its API key, or its address on a server without keys) holds {holding[client]} "
+                f"adapter mixes, its share of the {self._max_in_use} this server runs at once while other clients "
+                "wait for one: retry when its requests finish, or reuse the weights of a mix it holds"
+            )
 
     def _build_into(self, key: str, components: list[tuple[str, LoraWeights, float]], build: Future) -> None:
         """Build the mix of `key` (in a worker thread), cache it and hand it (or why it cannot be built) to `build`."""
@@ -158,7 +193,7 @@ class MixCache:
         finally:
             build.set_result(built)
 
-    def _release_of(self, key: str) -> Callable[[], None]:
+    def _release_of(self, key: str, client: str | None) -> Callable[[], None]:
         released = False
 
         def release() -> None:
@@ -169,6 +204,12 @@ class MixCache:
                     self._held[key] -= 1
                     if not self._held[key]:
                         del self._held[key]
+                    holders = self._holders[key]
+                    holders[client] -= 1
+                    if not holders[client]:
+                        del holders[client]
+                    if not holders:
+                        del self._holders[key]
 
         return release
 

@@ -21,6 +21,8 @@ from peft import PeftModel
 
 from adapters.bounds import MAX_GAIN, check_magnitudes
 from adapters.lora import LoraModule, LoraWeights
+from server import mixing
+from server.client_share import current_client
 from server.engine import GenerationRequest
 from server.mixing import InvalidMix, MixCache, TooManyMixes, mix_key, mix_lora
 
@@ -153,6 +155,40 @@ def test_a_mix_is_held_to_the_bound_every_uploaded_adapter_obeys() -> None:
             assert f"{MAX_GAIN:g}" in str(refused.value)
         for weight in (0.5, -0.25):  # the refusals took no live mix: both fit in max_live 2
             await cache.acquire(f"mix:a0*{weight}", [("a0", near, weight)])
+
+    asyncio.run(run())
+
+
+def test_a_place_a_mix_frees_goes_to_the_client_waiting_not_to_the_one_holding_every_place(monkeypatch) -> None:
+    """Mix places (max_in_use 4) are shared between clients. With nobody waiting one client may take all four;
+    another is then refused (429) and waits: when one of the first client's requests ends, the first client's next
+    new mix is refused (it holds its share, 2 of 4, while another waits) and the waiting client's retry takes the
+    place. Once no one waits, or a refused client has not come back within MIX_WAIT_S, any client takes a free
+    place again."""
+    monkeypatch.setattr(mixing, "MIX_WAIT_S", 0.5)
+    lora = LoraWeights({"m": LoraModule(torch.ones(1, 4), torch.ones(4, 1), 1.0)})
+    cache = MixCache(max_lora_rank=8, prepare=lambda w: w, on_drop=lambda _: None, capacity=16, max_in_use=4)
+
+    async def acquire(client: str, weight: int):  # type: ignore[no-untyped-def]
+        current_client.set(client)
+        return (await cache.acquire(f"mix:a*{weight}", [("a", lora, float(weight))]))[1]
+
+    async def run() -> None:
+        hog = [await acquire("hog", weight) for weight in range(1, 5)]  # nobody waits: every place
+        with pytest.raises(TooManyMixes, match="held by requests"):
+            await acquire("other", 10)
+        hog.pop()()
+        with pytest.raises(TooManyMixes, match="its share") as refused:
+            await acquire("hog", 5)
+        assert refused.value.http_status == 429
+        await acquire("other", 10)  # the freed place: the other client no longer waits
+        hog.pop()()
+        hog.append(await acquire("hog", 6))  # nobody waits: the hog takes a free place again
+        with pytest.raises(TooManyMixes, match="held by requests"):
+            await acquire("third", 20)
+        hog.pop()()
+        await asyncio.sleep(0.6)  # the third client did not come back within MIX_WAIT_S
+        await acquire("hog", 7)
 
     asyncio.run(run())
 
