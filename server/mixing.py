@@ -12,9 +12,8 @@ a request, or being built) are bounded, and a new one past the bound is a 429 un
 
 The mixes requests hold are shared between clients (an API key, or a peer address: client_share.current_client).
 A client refused a new mix for want of a place waits for one for a few seconds (a client retrying after its
-Retry-After keeps waiting); meanwhile a client holding its share of the places (the places over the clients holding
-or waiting for mixes) is refused a new one, so a place that frees goes to the client that waits, not back to the
-client that holds the most."""
+Retry-After keeps waiting); meanwhile the free places go first to the waiting clients, the fewest mixes held first:
+a place that frees goes to a client that waits, not back to the client that holds every other one."""
 
 import asyncio
 import threading
@@ -104,7 +103,8 @@ class MixCache:
         self._mixes: OrderedDict[str, LoraWeights] = OrderedDict()
         self._held: Counter[str] = Counter()  # requests holding each mix, cached, being built, or neither
         self._holders: dict[str, Counter[str | None]] = {}  # each held mix's requests by client
-        self._waiting: dict[str | None, float] = {}  # clients refused a place: when they last were
+        # clients refused a place: (when they first were while waiting, when they last were)
+        self._waiting: dict[str | None, tuple[float, float]] = {}
         # mixes being built, each once, however many requests wait for it (the choices of one request with n > 1
         # among them): a build runs to its end in a worker thread, its result cached, whoever stopped waiting
         self._builds: dict[str, Future[LoraWeights]] = {}
@@ -150,27 +150,28 @@ class MixCache:
         return mixed, release
 
     def _check_place(self, client: str | None) -> None:
-        """Raise TooManyMixes unless `client` may take a place for a new mix (under the lock)."""
-        in_use = len(self._held.keys() | self._builds.keys())
+        """Raise TooManyMixes unless `client` may take a place for a new mix (under the lock): there is one, and
+        more than the other clients ahead of it (waiting since before it, holding no more mixes than it does)."""
+        free = self._max_in_use - len(self._held.keys() | self._builds.keys())
         now = time.monotonic()
-        self._waiting = {c: at for c, at in self._waiting.items() if now - at < MIX_WAIT_S}
-        if in_use >= self._max_in_use:
-            self._waiting[client] = now
+        self._waiting = {c: times for c, times in self._waiting.items() if now - times[1] < MIX_WAIT_S}
+        since = self._waiting.get(client, (now, now))[0]
+        if free <= 0:
+            self._waiting[client] = (since, now)
             raise TooManyMixes(
-                f"{in_use} adapter mixes are held by requests, the most this server runs at once (half its "
-                "adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
+                f"{self._max_in_use} adapter mixes are held by requests, the most this server runs at once (half "
+                "its adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
                 "requests finish, or reuse the weights of a mix in use"
             )
-        if not self._waiting.keys() - {client}:
-            return
         holding = Counter(c for holders in self._holders.values() for c in holders)  # client -> mixes it holds
-        sharing = holding.keys() | self._waiting.keys() | {client}
-        share = max(1, self._max_in_use // len(sharing))
-        if holding[client] >= share:
+        ahead = [c for c, (at, _) in self._waiting.items() if at < since and holding[c] <= holding[client]]
+        if len(ahead) >= free:
+            self._waiting[client] = (since, now)
             raise TooManyMixes(
                 f"this client (its API key, or its address on a server without keys) holds {holding[client]} "
-                f"adapter mixes, its share of the {self._max_in_use} this server runs at once while other clients "
-                "wait for one: retry when its requests finish, or reuse the weights of a mix it holds"
+                f"adapter mixes, and other clients holding no more wait for the free places ({len(ahead)} of them "
+                f"for {free}): retry when they have theirs or when this client's requests finish, or reuse the "
+                "weights of a mix it holds"
             )
 
     def _build_into(self, key: str, components: list[tuple[str, LoraWeights, float]], build: Future) -> None:

@@ -458,3 +458,50 @@ def test_a_clients_requests_count_against_its_share_while_their_adapter_loads(
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2, "adapter_id": "adapter"}}
     answers = past_two_waiting(url, [body, body])
     assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+
+
+@pytest.fixture(scope="module")
+def one_mix_place(
+    tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Runtime]]:
+    """--max-active-adapters 2: one place for a mix (half the slots)."""
+    with keyed_server(tiny_model_dirs["llama"], tmp_path_factory.mktemp("mix-place"), max_active_adapters=2) as server:
+        yield server
+
+
+def mix_as(url: str, key: str, weight: float) -> httpx.Response:
+    mix = {"ids": ["adapter"], "weights": [weight]}
+    body = {"model": "llama", "prompt": "hi", "max_tokens": 4, "temperature": 0, "merged_adapters": mix}
+    return post_as(url, key, "/v1/completions", body)
+
+
+def test_a_mix_place_that_frees_goes_to_the_client_waiting_for_one(one_mix_place: tuple[str, Runtime]) -> None:
+    """One key's mix request holds the only mix place (queued behind a held engine): another key's new mix is
+    refused with 429 too_many_adapter_mixes, and waits. When the first key's request ends, its own next new mix is
+    refused (the other key waits for the place), and the other key's retry takes the place: its answer is the one
+    the same request gets alone. The first key, refused since, is next. Before, the first key took the place
+    again, and could keep it for good."""
+    url, runtime = one_mix_place
+    engine = runtime.engine
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(mix_as, url, "flood-key", 0.5)
+            until(lambda: engine.num_waiting == 1)
+            refused = mix_as(url, "other-key", 0.7)
+            go.set()
+            assert held.result().status_code == 200, held.result().text
+    finally:
+        go.set()
+        restore()
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "too_many_adapter_mixes" and "held by requests" in error["message"], error
+    again = mix_as(url, "flood-key", 0.6)
+    assert again.status_code == 429, again.text
+    assert "other clients holding no more wait" in again.json()["error"]["message"], again.text
+    answer = mix_as(url, "other-key", 0.7)
+    assert answer.status_code == 200, answer.text
+    assert mix_as(url, "flood-key", 0.6).status_code == 200  # refused since, it is next: before another new mix
+    alone = mix_as(url, "other-key", 0.7)  # nobody waits now
+    assert alone.status_code == 200 and answer.json()["choices"] == alone.json()["choices"], alone.text

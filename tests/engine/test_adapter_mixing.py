@@ -162,9 +162,8 @@ def test_a_mix_is_held_to_the_bound_every_uploaded_adapter_obeys() -> None:
 def test_a_place_a_mix_frees_goes_to_the_client_waiting_not_to_the_one_holding_every_place(monkeypatch) -> None:
     """Mix places (max_in_use 4) are shared between clients. With nobody waiting one client may take all four;
     another is then refused (429) and waits: when one of the first client's requests ends, the first client's next
-    new mix is refused (it holds its share, 2 of 4, while another waits) and the waiting client's retry takes the
-    place. Once no one waits, or a refused client has not come back within MIX_WAIT_S, any client takes a free
-    place again."""
+    new mix is refused (a client holding fewer waits for the free place) and the waiting client's retry takes it.
+    Once no one waits, or a refused client has not come back within MIX_WAIT_S, any client takes a free place."""
     monkeypatch.setattr(mixing, "MIX_WAIT_S", 0.5)
     lora = LoraWeights({"m": LoraModule(torch.ones(1, 4), torch.ones(4, 1), 1.0)})
     cache = MixCache(max_lora_rank=8, prepare=lambda w: w, on_drop=lambda _: None, capacity=16, max_in_use=4)
@@ -178,7 +177,7 @@ def test_a_place_a_mix_frees_goes_to_the_client_waiting_not_to_the_one_holding_e
         with pytest.raises(TooManyMixes, match="held by requests"):
             await acquire("other", 10)
         hog.pop()()
-        with pytest.raises(TooManyMixes, match="its share") as refused:
+        with pytest.raises(TooManyMixes, match="other clients holding no more wait") as refused:
             await acquire("hog", 5)
         assert refused.value.http_status == 429
         await acquire("other", 10)  # the freed place: the other client no longer waits
