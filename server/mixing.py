@@ -12,8 +12,9 @@ a request, or being built) are bounded, and a new one past the bound is a 429 un
 
 The mixes requests hold are shared between clients (an API key, or a peer address: client_share.current_client).
 A client refused a new mix for want of a place waits for one for a few seconds (a client retrying after its
-Retry-After keeps waiting); meanwhile the free places go first to the waiting clients, the fewest mixes held first:
-a place that frees goes to a client that waits, not back to the client that holds every other one."""
+Retry-After keeps waiting); meanwhile a free place goes first to the clients that have waited longer than the asker
+and hold no more mixes than it does: a place that frees goes to a client that waits, not back to the client that
+holds every other one."""
 
 import asyncio
 import threading
