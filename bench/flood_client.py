@@ -8,10 +8,11 @@ honest client sees.
 Kinds: chat (chats of 1,024 empty messages, refused as too long once templated: tokenizer work only), detokenize
 (/detokenize of --ids ids, 1,000 by default), token_batches (/v1/completions whose prompt is OpenAI's batch of
 token-id prompts, a million one-id prompts in a body just under --mb MiB: cheap to send, the costliest JSON to
-parse per byte, and refused once parsed, as this server takes one text prompt) and generate (/v1/completions of
---max-tokens tokens on the base model, ignoring end of sequence: with more --connections than the server's
---max-queue, the queue stays full). --key sends a Bearer key, so that a server with keys tells this client from
-the others. Prints the answers' status codes as they come, and at the end.
+parse per byte, refused before it is parsed), generate (/v1/completions of --max-tokens tokens on the base model,
+ignoring end of sequence: with more --connections than the server's --max-queue, the queue stays full) and score
+(/v1/completions scoring a prompt of --ids token ids: echo with logprobs and max_tokens 0, as
+lm-evaluation-harness's loglikelihood requests). --key sends a Bearer key, so that a server with keys tells this
+client from the others. Prints the answers' status codes as they come, and at the end.
 """
 
 import argparse
@@ -31,6 +32,10 @@ def body(kind: str, ids: int, mb: int, max_tokens: int) -> tuple[str, bytes]:
     if kind == "generate":
         return "/v1/completions", json.dumps({
             "model": "", "prompt": "a flood of answers", "max_tokens": max_tokens, "ignore_eos": True
+        }).encode()  # fmt: skip
+    if kind == "score":
+        return "/v1/completions", json.dumps({
+            "model": "", "prompt": list(range(3, 3 + ids)), "max_tokens": 0, "echo": True, "logprobs": 1
         }).encode()  # fmt: skip
     if kind == "chat":
         return "/v1/chat/completions", json.dumps({
@@ -66,10 +71,11 @@ async def flood(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches", "generate"], default="chat")
+    parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches", "generate", "score"], default="chat")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--requests", type=int, help="stop after about this many answers (default: never)")
-    parser.add_argument("--ids", type=int, default=IDS, help="ids a /detokenize request (within the vocabulary)")
+    parser.add_argument("--ids", type=int, default=IDS,
+                        help="ids a /detokenize request, or a scored prompt (within the vocabulary)")  # fmt: skip
     parser.add_argument("--mb", type=int, default=MB, help="token_batches: bodies just under this many MiB")
     parser.add_argument("--max-tokens", type=int, default=32, help="generate: tokens an answer")
     parser.add_argument("--key", help="Bearer key")

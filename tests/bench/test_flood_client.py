@@ -29,11 +29,11 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    ("kind", "status"), [("chat", 422), ("detokenize", 200), ("token_batches", 413), ("generate", 200)]
+    ("kind", "status"), [("chat", 422), ("detokenize", 200), ("token_batches", 413), ("generate", 200), ("score", 200)]
 )
 def test_each_flood_gets_the_answers_it_is_built_to_cause(url: str, kind: str, status: int) -> None:
     """chat: templated, then refused as too long (the tokenizer's work only); detokenize: answered; token_batches:
-    refused unparsed, its items past any honest request's; generate: answered."""
+    refused unparsed, its items past any honest request's; generate and score: answered."""
     flags = ["--url", url, "--kind", kind, "--connections", "2", "--requests", "20", "--ids", "200"]
     flags += ["--max-tokens", "4"]
     done = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=60)
