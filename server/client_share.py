@@ -20,6 +20,9 @@ current_client: ContextVar[str | None] = ContextVar("current_client", default=No
 # server with keys (what is cached answers sooner, which would tell one key's users what another's asked) and adds
 # the request's own cache_salt; None: shared by all
 prefix_salt: ContextVar[str | None] = ContextVar("prefix_salt", default=None)
+# The HTTP request a unit of work is for (the API layer sets a new token for each): the runs of one request (its
+# choices, its prompts) share what it holds, as one request (mixing.py's mix places); None: not known
+current_request: ContextVar[object | None] = ContextVar("current_request", default=None)
 
 
 # An IPv6 host is given a whole /64 by its network (RFC 6177's smallest end-site prefix, what SLAAC addresses live
