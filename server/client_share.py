@@ -20,6 +20,9 @@ current_client: ContextVar[str | None] = ContextVar("current_client", default=No
 # server with keys (what is cached answers sooner, which would tell one key's users what another's asked) and adds
 # the request's own cache_salt; None: shared by all
 prefix_salt: ContextVar[str | None] = ContextVar("prefix_salt", default=None)
+# The HTTP request a unit of work is for (the API layer sets a new token for each): the runs of one request (its
+# choices, its prompts) share what it holds, as one request (mixing.py's mix places); None: not known
+current_request: ContextVar[object | None] = ContextVar("current_request", default=None)
 
 
 # An IPv6 host is given a whole /64 by its network (RFC 6177's smallest end-site prefix, what SLAAC addresses live
@@ -28,8 +31,8 @@ IPV6_CLIENT_PREFIX = 64
 
 
 def peer_client(host: str) -> str:
-    """The client a peer address is: an IPv4 address (an IPv4-mapped IPv6 one as IPv4) as itself, an IPv6 address
-    as its /64 network; anything else (a Unix socket's name) as given."""
+    """The client a peer address is: an IPv4 address (an IPv4-mapped or 6to4 IPv6 one as the IPv4 address it
+    carries) as itself, an IPv6 address as its /64 network; anything else (a Unix socket's name) as given."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])  # a link-local address may carry its zone
     except ValueError:
@@ -37,6 +40,8 @@ def peer_client(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
+        if address.sixtofour is not None:  # 2002::/16: one IPv4 host's /48, 2**16 /64s
+            return str(address.sixtofour)
         return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
     return str(address)
 

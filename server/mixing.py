@@ -14,7 +14,8 @@ The mixes requests hold are shared between clients (an API key, or a peer addres
 A client refused a new mix for want of a place waits for one for a few seconds (a client retrying after its
 Retry-After keeps waiting); meanwhile a free place goes first to the clients that have waited longer than the asker
 and hold no more mixes than it does: a place that frees goes to a client that waits, not back to the client that
-holds every other one."""
+holds every other one. Nor does a place stay taken for a client's new requests on its mix while others wait with no
+free place for them: a client overlapping its requests on one mix would never free its place."""
 
 import asyncio
 import threading
@@ -29,7 +30,7 @@ import torch
 from adapters.bounds import MAX_GAIN, excess_magnitude
 from adapters.lora import LoraModule, LoraWeights
 from loraplex.errors import LoraplexError
-from server.client_share import current_client
+from server.client_share import current_client, current_request
 
 MAX_MIX_ADAPTERS = 8
 MAX_MIX_WEIGHT = 100.0  # |weight|: beyond it a delta swamps the base model's output anyway
@@ -103,7 +104,8 @@ class MixCache:
         self._max_in_use = max_in_use
         self._mixes: OrderedDict[str, LoraWeights] = OrderedDict()
         self._held: Counter[str] = Counter()  # requests holding each mix, cached, being built, or neither
-        self._holders: dict[str, Counter[str | None]] = {}  # each held mix's requests by client
+        # each held mix's requests by client and HTTP request (client_share.current_request)
+        self._holders: dict[str, Counter[tuple[str | None, object | None]]] = {}
         # clients refused a place: (when they first were while waiting, when they last were)
         self._waiting: dict[str | None, tuple[float, float]] = {}
         # mixes being built, each once, however many requests wait for it (the choices of one request with n > 1
@@ -117,7 +119,7 @@ class MixCache:
         """The mix of (resolved key, weights, mix weight) components, built in a worker thread on a miss (one build
         a key, shared by the requests asking for it meanwhile), and the call that releases the caller's hold on it
         (once)."""
-        client = current_client.get()
+        client, request = current_client.get(), current_request.get()
         with self._lock:
             mixed = self._mixes.get(key)
             new_place = key not in self._held and key not in self._builds  # a mix no request holds or waits for
@@ -129,6 +131,8 @@ class MixCache:
                         f"{live} adapter mixes are in use, the most this server keeps at once: retry when requests "
                         "finish, or reuse the weights of a mix in use"
                     )
+            elif request is None or all(r is not request for _, r in self._holders.get(key, ())):
+                self._check_join(client)  # the runs of a request holding the mix (its choices) join it freely
             build = None
             if mixed is not None:
                 self._mixes.move_to_end(key)
@@ -138,10 +142,10 @@ class MixCache:
                 build = self._builds[key] = Future()
                 asyncio.get_running_loop().run_in_executor(None, self._build_into, key, components, build)
             self._held[key] += 1
-            self._holders.setdefault(key, Counter())[client] += 1
+            self._holders.setdefault(key, Counter())[client, request] += 1
             if new_place:
                 self._waiting.pop(client, None)
-        release = self._release_of(key, client)
+        release = self._release_of(key, (client, request))
         if build is not None:
             try:  # shielded: one waiter's cancellation is not the build's, which others may wait for
                 mixed = await asyncio.shield(asyncio.wrap_future(build))
@@ -153,10 +157,7 @@ class MixCache:
     def _check_place(self, client: str | None) -> None:
         """Raise TooManyMixes unless `client` may take a place for a new mix (under the lock): there is one, and
         more than the other clients ahead of it (waiting since before it, holding no more mixes than it does)."""
-        free = self._max_in_use - len(self._held.keys() | self._builds.keys())
-        now = time.monotonic()
-        self._waiting = {c: times for c, times in self._waiting.items() if now - times[1] < MIX_WAIT_S}
-        since = self._waiting.get(client, (now, now))[0]
+        free, since, now = self._free_places(client)
         if free <= 0:
             self._waiting[client] = (since, now)
             raise TooManyMixes(
@@ -164,8 +165,7 @@ class MixCache:
                 "its adapter slots, --max-active-adapters, so that stored adapters keep the rest): retry when "
                 "requests finish, or reuse the weights of a mix in use"
             )
-        holding = Counter(c for holders in self._holders.values() for c in holders)  # client -> mixes it holds
-        ahead = [c for c, (at, _) in self._waiting.items() if at < since and holding[c] <= holding[client]]
+        holding, ahead = self._ahead(client, since)
         if len(ahead) >= free:
             self._waiting[client] = (since, now)
             raise TooManyMixes(
@@ -174,6 +174,31 @@ class MixCache:
                 f"for {free}): retry when they have theirs or when this client's requests finish, or reuse the "
                 "weights of a mix it holds"
             )
+
+    def _check_join(self, client: str | None) -> None:
+        """Raise TooManyMixes where `client`, joining a held mix (under the lock), would keep its place taken while
+        clients ahead of it wait with no free place for each: the place frees when its requests end."""
+        free, since, _ = self._free_places(client)
+        holding, ahead = self._ahead(client, since)
+        if len(ahead) > free:
+            raise TooManyMixes(
+                f"this client (its API key, or its address on a server without keys) holds {holding[client]} "
+                f"adapter mixes, and {len(ahead)} other clients holding no more wait for a place ({free} free): a "
+                "new request on a mix in use would keep its place from them; retry when they have theirs"
+            )
+
+    def _free_places(self, client: str | None) -> tuple[int, float, float]:
+        """(free places, since when `client` waits, now), the clients waiting past MIX_WAIT_S forgotten."""
+        free = self._max_in_use - len(self._held.keys() | self._builds.keys())
+        now = time.monotonic()
+        self._waiting = {c: times for c, times in self._waiting.items() if now - times[1] < MIX_WAIT_S}
+        return free, self._waiting.get(client, (now, now))[0], now
+
+    def _ahead(self, client: str | None, since: float) -> tuple[Counter[str | None], list[str | None]]:
+        """(client -> mixes it holds, the clients ahead of `client`: waiting since before it, holding no more)."""
+        holding = Counter(c for holders in self._holders.values() for c in {c for c, _ in holders})
+        ahead = [c for c, (at, _) in self._waiting.items() if at < since and holding[c] <= holding[client]]
+        return holding, ahead
 
     def _build_into(self, key: str, components: list[tuple[str, LoraWeights, float]], build: Future) -> None:
         """Build the mix of `key` (in a worker thread), cache it and hand it (or why it cannot be built) to `build`."""
@@ -195,7 +220,7 @@ class MixCache:
         finally:
             build.set_result(built)
 
-    def _release_of(self, key: str, client: str | None) -> Callable[[], None]:
+    def _release_of(self, key: str, holder: tuple[str | None, object | None]) -> Callable[[], None]:
         released = False
 
         def release() -> None:
@@ -207,9 +232,9 @@ class MixCache:
                     if not self._held[key]:
                         del self._held[key]
                     holders = self._holders[key]
-                    holders[client] -= 1
-                    if not holders[client]:
-                        del holders[client]
+                    holders[holder] -= 1
+                    if not holders[holder]:
+                        del holders[holder]
                     if not holders:
                         del self._holders[key]
 

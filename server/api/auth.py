@@ -9,7 +9,7 @@ from starlette.datastructures import Headers
 
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.client_share import current_client, peer_client, prefix_salt
+from server.client_share import current_client, current_request, peer_client, prefix_salt
 
 
 class Unauthorized(LoraplexError):
@@ -60,6 +60,7 @@ async def require_inference(request: Request) -> None:
     authenticate(settings, request.headers)
     client = client_of(settings, request)
     current_client.set(client)
+    current_request.set(object())
     prefix_salt.set(client if _keyed(settings) else None)  # on a server without keys, every client is alike
 
 

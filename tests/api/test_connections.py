@@ -416,6 +416,9 @@ def test_the_cap_leaves_descriptors_for_files() -> None:
         ("2001:db8:1:2::1", "2001:db8:1:3::1", False),  # the next /64: another site's
         ("fe80::1%eth0", "fe80::2%eth1", True),  # link-local, with zones
         ("::ffff:192.0.2.7", "192.0.2.7", True),  # IPv4-mapped: the IPv4 address
+        ("2002:c000:207:1::1", "2002:c000:207:ffff::1", True),  # 6to4: an IPv4 host's /48, 2**16 /64s
+        ("2002:c000:207::1", "192.0.2.7", True),  # 6to4: the IPv4 address it embeds
+        ("2002:c000:207::1", "2002:c000:208::1", False),
         ("192.0.2.7", "192.0.2.8", False),
         ("127.0.0.1", "127.0.0.1", True),
     ],

@@ -505,3 +505,33 @@ def test_a_mix_place_that_frees_goes_to_the_client_waiting_for_one(one_mix_place
     assert mix_as(url, "flood-key", 0.6).status_code == 200  # refused since, it is next: before another new mix
     alone = mix_as(url, "other-key", 0.7)  # nobody waits now
     assert alone.status_code == 200 and answer.json()["choices"] == alone.json()["choices"], alone.text
+
+
+def test_a_client_cannot_keep_its_mix_place_by_overlapping_requests_on_it(one_mix_place: tuple[str, Runtime]) -> None:
+    """One key's mix request holds the only mix place (queued behind a held engine) and another key waits for it: the
+    first key's next request on the same mix is refused with 429 too_many_adapter_mixes, as its new mix would be.
+    Before, it joined the held mix, so the place never freed: a key that always has one more request on its mix
+    queued kept the place from every other key for good. Once the first request ends, the waiting key's retry takes
+    the place, and with nobody waiting requests on a held mix join it again."""
+    url, runtime = one_mix_place
+    engine = runtime.engine
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(mix_as, url, "flood-key", 0.5)
+            until(lambda: engine.num_waiting == 1)
+            refused = mix_as(url, "other-key", 0.7)
+            answer = pool.submit(mix_as, url, "flood-key", 0.5)  # before, it queued behind the first
+            until(lambda: answer.done() or engine.num_waiting == 2)
+            go.set()
+            assert held.result().status_code == 200, held.result().text
+            joined = answer.result()
+    finally:
+        go.set()
+        restore()
+    assert refused.status_code == 429, refused.text
+    assert joined.status_code == 429 and joined.headers["retry-after"] == "1", joined.text
+    error = joined.json()["error"]
+    assert error["code"] == "too_many_adapter_mixes" and "keep its place" in error["message"], error
+    assert mix_as(url, "other-key", 0.7).status_code == 200
+    assert mix_as(url, "flood-key", 0.5).status_code == 200

@@ -22,7 +22,7 @@ from peft import PeftModel
 from adapters.bounds import MAX_GAIN, check_magnitudes
 from adapters.lora import LoraModule, LoraWeights
 from server import mixing
-from server.client_share import current_client
+from server.client_share import current_client, current_request
 from server.engine import GenerationRequest
 from server.mixing import InvalidMix, MixCache, TooManyMixes, mix_key, mix_lora
 
@@ -188,6 +188,37 @@ def test_a_place_a_mix_frees_goes_to_the_client_waiting_not_to_the_one_holding_e
         hog.pop()()
         await asyncio.sleep(0.6)  # the third client did not come back within MIX_WAIT_S
         await acquire("hog", 7)
+
+    asyncio.run(run())
+
+
+def test_a_request_on_a_held_mix_is_refused_while_others_wait_but_the_runs_of_one_request_join(monkeypatch) -> None:
+    """One place (max_in_use 1), held by a client's request; another client is refused and waits. The first client's
+    new request on its held mix is refused too (joining would keep the place taken for as long as it overlaps
+    requests), while the later runs of the request holding it (its choices, started one after another) join it.
+    Once the waiting client has the place, or no one waits, requests on a held mix join it."""
+    lora = LoraWeights({"m": LoraModule(torch.ones(1, 4), torch.ones(4, 1), 1.0)})
+    cache = MixCache(max_lora_rank=8, prepare=lambda w: w, on_drop=lambda _: None, capacity=16, max_in_use=1)
+
+    async def acquire(client: str, request: object, weight: int):  # type: ignore[no-untyped-def]
+        current_client.set(client)
+        current_request.set(request)
+        return (await cache.acquire(f"mix:a*{weight}", [("a", lora, float(weight))]))[1]
+
+    async def run() -> None:
+        first = object()
+        holds = [await acquire("hog", first, 1)]
+        with pytest.raises(TooManyMixes, match="held by requests"):
+            await acquire("other", object(), 2)
+        holds.append(await acquire("hog", first, 1))  # the same request's next choice
+        with pytest.raises(TooManyMixes, match="keep its place") as refused:
+            await acquire("hog", object(), 1)
+        assert refused.value.http_status == 429
+        for release in holds:
+            release()
+        other = await acquire("other", object(), 2)
+        await acquire("other", object(), 2)  # nobody waits: a request on a held mix joins it
+        other()
 
     asyncio.run(run())
 
