@@ -475,6 +475,25 @@ def mix_as(url: str, key: str, weight: float) -> httpx.Response:
     return post_as(url, key, "/v1/completions", body)
 
 
+def mix_place_held(url: str, engine: Engine, late: Send | None = None) -> tuple[httpx.Response, httpx.Response | None]:
+    """With the engine held: the flood key's mix request (weight 0.5) queued, holding the only mix place; the other
+    key's new mix (0.7) sent, refused at once; then `late` sent. The engine let go: (the refusal, late's answer)."""
+    go, restore = paused(engine)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(mix_as, url, "flood-key", 0.5)
+            until(lambda: engine.num_waiting == 1)
+            refused = mix_as(url, "other-key", 0.7)
+            answer = pool.submit(late) if late is not None else None
+            until(lambda: answer is None or answer.done() or engine.num_waiting == 2)
+            go.set()
+            assert held.result().status_code == 200, held.result().text
+            return refused, answer.result() if answer is not None else None
+    finally:
+        go.set()
+        restore()
+
+
 def test_a_mix_place_that_frees_goes_to_the_client_waiting_for_one(one_mix_place: tuple[str, Runtime]) -> None:
     """One key's mix request holds the only mix place (queued behind a held engine): another key's new mix is
     refused with 429 too_many_adapter_mixes, and waits. When the first key's request ends, its own next new mix is
@@ -482,18 +501,7 @@ def test_a_mix_place_that_frees_goes_to_the_client_waiting_for_one(one_mix_place
     the same request gets alone. The first key, refused since, is next. Before, the first key took the place
     again, and could keep it for good."""
     url, runtime = one_mix_place
-    engine = runtime.engine
-    go, restore = paused(engine)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(mix_as, url, "flood-key", 0.5)
-            until(lambda: engine.num_waiting == 1)
-            refused = mix_as(url, "other-key", 0.7)
-            go.set()
-            assert held.result().status_code == 200, held.result().text
-    finally:
-        go.set()
-        restore()
+    refused, _ = mix_place_held(url, runtime.engine)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
     error = refused.json()["error"]
     assert error["code"] == "too_many_adapter_mixes" and "held by requests" in error["message"], error
@@ -514,21 +522,8 @@ def test_a_client_cannot_keep_its_mix_place_by_overlapping_requests_on_it(one_mi
     queued kept the place from every other key for good. Once the first request ends, the waiting key's retry takes
     the place, and with nobody waiting requests on a held mix join it again."""
     url, runtime = one_mix_place
-    engine = runtime.engine
-    go, restore = paused(engine)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            held = pool.submit(mix_as, url, "flood-key", 0.5)
-            until(lambda: engine.num_waiting == 1)
-            refused = mix_as(url, "other-key", 0.7)
-            answer = pool.submit(mix_as, url, "flood-key", 0.5)  # before, it queued behind the first
-            until(lambda: answer.done() or engine.num_waiting == 2)
-            go.set()
-            assert held.result().status_code == 200, held.result().text
-            joined = answer.result()
-    finally:
-        go.set()
-        restore()
+    # before, the late request queued behind the first
+    refused, joined = mix_place_held(url, runtime.engine, functools.partial(mix_as, url, "flood-key", 0.5))
     assert refused.status_code == 429, refused.text
     assert joined.status_code == 429 and joined.headers["retry-after"] == "1", joined.text
     error = joined.json()["error"]
