@@ -312,9 +312,9 @@ class Inference:
                     held[2]()  # the engine never took it
                 raise
         except LoraplexError as exc:
-            self.metrics.requests.labels(label, str(exc.http_status)).inc()
+            self.metrics.requests.labels(self._still(label), str(exc.http_status)).inc()
             raise
-        self.metrics.prompt_tokens.labels(label).inc(len(prompt_ids))
+        self.metrics.prompt_tokens.labels(self._still(label)).inc(len(prompt_ids))
         status = CLIENT_CLOSED
         generated = self.metrics.generated_tokens.labels(label)
         first = True
@@ -332,7 +332,8 @@ class Inference:
             raise
         finally:
             await token_stream.aclose()
-            self.metrics.requests.labels(label, status).inc()
+            # the version may have been deleted while it ran, and its series dropped: `label` would bring it back
+            self.metrics.requests.labels(self._still(label), status).inc()
 
     async def _hold(self, adapter: str | AdapterMix) -> tuple[str, LoraWeights, Callable[[], None]]:
         """(adapter key, weights, release) for the request's lifetime: a lease on the adapter, or on each
@@ -408,6 +409,12 @@ class Inference:
         except AdapterError:
             return UNKNOWN_LABEL
         return adapter  # a stored name (at most 64 characters) or name@N
+
+    def _still(self, label: str) -> str:
+        """`label`, or the unknown adapters' label once the adapter it names has left the store."""
+        if label in (BASE_LABEL, MIX_LABEL, UNKNOWN_LABEL):
+            return label
+        return self._label(label)
 
     async def open_stream(
         self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None

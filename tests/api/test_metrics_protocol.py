@@ -169,3 +169,29 @@ def test_routed_names() -> None:
         return newest[name]
 
     assert routed_names(["b@1", "a@1", "a@2", "gone@3"], lookup) == ["a", "a@1", "b", "gone@3"]
+
+
+@pytest.mark.parametrize("ref", ["gone", "gone-pinned@1"])
+def test_a_version_deleted_under_a_running_request_leaves_no_series(
+    client: TestClient, tmp_path: Path, ref: str
+) -> None:
+    """A deleted version's series are dropped (a name retrained daily must not grow the scrape for good): a request
+    still running on it when it is deleted must not bring them back when it ends."""
+    runtime: Runtime = client.app.state.runtime
+    name = ref.partition("@")[0]
+    upload(client, name, make_peft_dir(tmp_path / name, seed=3))
+    prompt = runtime.inference.encode("Hello")
+    sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    events = client.portal.call(runtime.inference.open_stream, prompt, sampling, ref)  # its first token is out
+
+    async def drain() -> int:
+        return sum([1 async for _ in events])
+
+    assert client.delete(f"/v1/adapters/{name}").status_code == 200
+    client.portal.call(drain)
+    adapters = {
+        sample.labels["adapter"]
+        for name in ("loraplex_requests_total", "loraplex_prompt_tokens_total", "loraplex_generated_tokens_total")
+        for sample in scrape(client).get(name.removesuffix("_total"), [])
+    }
+    assert not {name, f"{name}@1"} & adapters, adapters
