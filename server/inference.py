@@ -314,7 +314,7 @@ class Inference:
         except LoraplexError as exc:
             self.metrics.requests.labels(self._still(label), str(exc.http_status)).inc()
             raise
-        self.metrics.prompt_tokens.labels(self._still(label)).inc(len(prompt_ids))
+        self.metrics.prompt_tokens.labels(label).inc(len(prompt_ids))  # resolved after the hold, with no wait since
         status = CLIENT_CLOSED
         generated = self.metrics.generated_tokens.labels(label)
         first = True
