@@ -46,6 +46,8 @@ MANIFEST_FILE = "manifest.json"
 # A manifest is its fingerprint (~100 bytes a targeted module) and training metadata (validate.MAX_TRAINING_BYTES):
 # well under 4 MiB. A store read from afar (S3) is read no further than this.
 MAX_MANIFEST_BYTES = 16 << 20
+# an error names a name's versions one by one up to this many; past it, how many and their range
+_NAMED_VERSIONS = 8
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,9 @@ class AdapterStore:
         self._index: dict[str, Versions] = {}
         self._broken: dict[str, Broken] = {}
         self._names: list[str] = []  # sorted, for paginated listing; names with a servable version
+        # each indexed name's version numbers, ascending: the newest and a page of versions without a pass over them
+        # all (a name may have any number of versions, and requests resolve names on the event loop)
+        self._numbers: dict[str, list[int]] = {}
         self._tokens: dict[str, Hashable] = {}  # each name's backend token when the index last matched it
         self._listeners: list[Callable[[list[str]], None]] = []
         self._stop = threading.Event()
@@ -151,22 +156,47 @@ class AdapterStore:
                 )
             if not versions:
                 raise AdapterNotFound(f"no adapter named {name!r}; upload it first (POST /v1/adapters)")
+            numbers = self._numbers[name]
             if version is None:
-                return versions[max(versions)]
+                return versions[numbers[-1]]
             if version not in versions:
-                raise AdapterNotFound(f"adapter {name!r} has no version {version}; its versions are {sorted(versions)}")
+                raise AdapterNotFound(f"adapter {name!r} has no version {version}; {_describe(name, numbers)}")
             return versions[version]
 
     def contains(self, name: str, version: int) -> bool:
         with self._mu:
             return version in self._index.get(name, {})
 
+    def has(self, name: str) -> bool:
+        """Whether `name` has a servable version in the index."""
+        with self._mu:
+            return name in self._index
+
     def versions(self, name: str) -> list[Manifest]:
+        """Every version of `name`, oldest first: work and a list as long as the name has versions (tools and tests;
+        an answer to a client takes `version_page`)."""
         with self._mu:
             versions = self._index.get(check_name(name))
             if not versions:
                 raise AdapterNotFound(f"no adapter named {name!r}; upload it first (POST /v1/adapters)")
-            return [versions[v] for v in sorted(versions)]
+            return [versions[v] for v in self._numbers[name]]
+
+    def version_page(self, name: str, limit: int, after: int | None = None) -> tuple[list[Manifest], int | None, int]:
+        """Up to `limit` versions of `name`, newest first, older than version `after` (the previous page's cursor;
+        None: from the newest), the next cursor (None: no older version), and how many versions the name has.
+
+        A cursor is a version number: versions stored after the first page are newer than every cursor and never
+        show up in later pages, and one deleted meanwhile (the cursor's own included) just leaves them, so paging
+        through lists every version kept throughout exactly once. Work: a bisection and the page."""
+        with self._mu:
+            versions = self._index.get(check_name(name))
+            if not versions:
+                raise AdapterNotFound(f"no adapter named {name!r}; upload it first (POST /v1/adapters)")
+            numbers = self._numbers[name]
+            end = len(numbers) if after is None else bisect.bisect_left(numbers, after)
+            start = max(0, end - limit)
+            page = [versions[v] for v in reversed(numbers[start:end])]
+        return page, (page[-1].version if start > 0 and page else None), len(numbers)
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[Manifest], str | None]:
         """The newest version of up to `limit` names after `after`, in name order, and the next cursor."""
@@ -174,7 +204,7 @@ class AdapterStore:
             start = bisect.bisect_right(self._names, after) if after else 0
             names = self._names[start : start + limit]
             more = start + limit < len(self._names)
-            data = [self._index[n][max(self._index[n])] for n in names]
+            data = [self._index[n][self._numbers[n][-1]] for n in names]
         return data, (names[-1] if more and names else None)
 
     def broken(self) -> list[BrokenVersion]:
@@ -370,6 +400,7 @@ class AdapterStore:
 
     def _set_versions(self, name: str, versions: Versions, broken: Broken, token: Hashable | None = None) -> list[str]:
         """Replace the name's entry in the index; return the keys of the readable versions it lost."""
+        numbers = sorted(versions)  # outside the lock: requests read the index on the event loop
         with self._mu:
             if token is None:
                 self._tokens.pop(name, None)
@@ -382,12 +413,24 @@ class AdapterStore:
             old = self._index.get(name, {})
             if versions:
                 self._index[name] = versions
+                self._numbers[name] = numbers
                 if not old:
                     bisect.insort(self._names, name)
             elif old:
                 del self._index[name]
+                del self._numbers[name]
                 self._names.remove(name)
         return [adapter_key(name, number) for number in sorted(old.keys() - versions.keys())]
+
+
+def _describe(name: str, numbers: list[int]) -> str:
+    """A name's version numbers (ascending) in a message of bounded length."""
+    if len(numbers) <= _NAMED_VERSIONS:
+        return f"its versions are {numbers}"
+    return (
+        f"it has {len(numbers)} versions, {numbers[0]} to {numbers[-1]}: GET /v1/adapters/{name} lists them, "
+        "newest first"
+    )
 
 
 def _manifest(name: str, version: int, checked: ValidatedAdapter) -> Manifest:

@@ -391,12 +391,7 @@ class Inference:
 
     def _forget_labels(self, removed: list[str]) -> None:
         """The metrics' series of deleted versions (`name@N`), and of their names where no version is left."""
-        names = []
-        for name in {key.partition("@")[0] for key in removed}:
-            try:
-                self.registry.store.versions(name)
-            except AdapterError:
-                names.append(name)
+        names = [name for name in {key.partition("@")[0] for key in removed} if not self.registry.store.has(name)]
         self.metrics.forget_adapters([*removed, *names])
 
     def _label(self, adapter: str | AdapterMix | None) -> str:

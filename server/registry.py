@@ -357,8 +357,12 @@ class AdapterRegistry:
         """The store no longer has these versions (deleted here or by another server): no new lease, and
         each is freed once its last lease is released."""
         unloaded = []
+        gone = set(removed)
         with self._lock:
-            for key in removed:
+            # the held entries are few (the CPU tier, leases, pins, failures), the removed versions any number (a
+            # name deleted whole): the lock is held for the smaller of the two
+            held = [key for key in self._entries if key in gone] if len(gone) > len(self._entries) else gone
+            for key in held:
                 entry = self._entries.pop(key, None)
                 if entry is None:
                     continue

@@ -1,10 +1,12 @@
 """Real PEFT adapter directories on the tiny models, and the store limits the tests serve them under."""
 
 import functools
+import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tiny import tiny_model
 
 from adapters.fingerprint import BaseFingerprint, base_fingerprint
@@ -36,3 +38,21 @@ def make_peft_dir(path: Path, seed: int = 0, family: str = "llama", **lora: obje
 
 def new_store(root: Path, limits: AdapterLimits = LIMITS) -> AdapterStore:
     return AdapterStore(LocalBackend(root), fingerprint(), limits)
+
+
+def variants(src: Path, dest: Path, count: int, first: int = 0) -> list[Path]:
+    """`count` PEFT directories of distinct content (one lora_B value of `src` nudged apart; calls with a `first`
+    past the previous call's variants make others): many versions of one adapter, milliseconds each to make and
+    to store."""
+    state = load_file(src / "adapter_model.safetensors")
+    key = min(k for k in state if "lora_B" in k)
+    made = []
+    for i in range(first, first + count):
+        path = dest / f"variant-{i}"
+        path.mkdir(parents=True)
+        shutil.copyfile(src / "adapter_config.json", path / "adapter_config.json")
+        nudged = state[key].clone()
+        nudged.view(-1)[0] += (i + 1) * 1e-3
+        save_file({**state, key: nudged}, path / "adapter_model.safetensors")
+        made.append(path)
+    return made

@@ -1,0 +1,101 @@
+"""The store's pages of one name's versions (newest first, a version number as the cursor): every version listed
+once while versions are added and deleted between pages."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from peft_dirs import new_store, variants
+
+from adapters.errors import AdapterNotFound
+from adapters.store import AdapterStore
+
+
+def stored(tmp_path: Path, peft_dir: Path, count: int, name: str = "bot") -> tuple[AdapterStore, list[Path]]:
+    store = new_store(tmp_path / "store")
+    dirs = variants(peft_dir, tmp_path / "variants", count)
+    for path in dirs:
+        store.put(name, path)
+    return store, dirs
+
+
+def page_through(store: AdapterStore, name: str, limit: int, between: Callable[[int], None] | None = None) -> list[int]:
+    listed: list[int] = []
+    after = None
+    while True:
+        page, after, total = store.version_page(name, limit, after)
+        assert len(page) <= limit and total >= len(page)
+        listed += [m.version for m in page]
+        if after is None:
+            return listed
+        assert after == page[-1].version
+        if between is not None:
+            between(after)
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50, 249, 250, 1000])
+def test_many_versions_paged_through_newest_first_with_no_repeat_or_gap(
+    tmp_path: Path, peft_dir: Path, limit: int
+) -> None:
+    store, _ = stored(tmp_path, peft_dir, 250)
+    assert page_through(store, "bot", limit) == list(range(250, 0, -1))
+    first, cursor, total = store.version_page("bot", limit)
+    assert total == 250 and first[0] == store.resolve("bot")  # the first version listed is the one `bot` serves
+    assert cursor == (None if limit >= 250 else 251 - limit)
+
+
+def test_a_cursor_is_any_version_number(tmp_path: Path, peft_dir: Path) -> None:
+    store, _ = stored(tmp_path, peft_dir, 5)
+    store.delete("bot@3")
+    assert [m.version for m in store.version_page("bot", 10, 3)[0]] == [2, 1]  # deleted: what is older than it
+    assert [m.version for m in store.version_page("bot", 10, 99)[0]] == [5, 4, 2, 1]  # past the newest: every one
+    assert store.version_page("bot", 10, 1) == ([], None, 4)  # nothing older than the oldest
+    assert store.version_page("bot", 2, 5) == ([store.resolve("bot@4"), store.resolve("bot@2")], 2, 4)
+    with pytest.raises(AdapterNotFound, match="no adapter named 'ghost'"):
+        store.version_page("ghost", 10)
+
+
+def test_versions_added_between_pages_are_not_listed_and_none_is_repeated(tmp_path: Path, peft_dir: Path) -> None:
+    store, _ = stored(tmp_path, peft_dir, 40)
+    more = iter(variants(peft_dir, tmp_path / "more", 20, first=40))
+
+    def upload(_: int) -> None:
+        store.put("bot", next(more))
+        store.put("bot", next(more))
+
+    listed = page_through(store, "bot", 6, upload)
+    assert listed == list(range(40, 0, -1))  # the ones stored meanwhile are newer than every cursor
+    assert page_through(store, "bot", 1000) == list(range(40 + 2 * 6, 0, -1))  # a new listing shows them
+
+
+def test_versions_deleted_between_pages_drop_out_and_the_rest_are_listed_once(tmp_path: Path, peft_dir: Path) -> None:
+    """Each page deletes its cursor's own version (the last listed) and the next page's first: the next page starts
+    below the cursor all the same, and every version never deleted is listed once, in order."""
+    store, _ = stored(tmp_path, peft_dir, 60)
+    listed_then_deleted: set[int] = set()
+    deleted_unlisted: set[int] = set()
+
+    def delete(cursor: int) -> None:
+        store.delete(f"bot@{cursor}")
+        listed_then_deleted.add(cursor)
+        if cursor > 1:
+            store.delete(f"bot@{cursor - 1}")
+            deleted_unlisted.add(cursor - 1)
+
+    listed = page_through(store, "bot", 5, delete)
+    assert listed == [n for n in range(60, 0, -1) if n not in deleted_unlisted]  # in order, none twice, no gap
+    assert len(listed_then_deleted) == len(deleted_unlisted) == 10  # each page of 5 took 6 (1 deleted unlisted)
+    kept = [n for n in listed if n not in listed_then_deleted]
+    assert page_through(store, "bot", 1000) == kept and len(kept) == 60 - 20
+
+
+def test_a_missing_version_is_named_in_a_message_of_bounded_length(tmp_path: Path, peft_dir: Path) -> None:
+    store, _ = stored(tmp_path, peft_dir, 30)
+    with pytest.raises(AdapterNotFound) as missing:
+        store.resolve("bot@31", recheck=False)
+    message = str(missing.value)
+    assert "has no version 31; it has 30 versions, 1 to 30" in message and len(message) < 200
+    store.delete("bot")
+    few, _ = stored(tmp_path / "few", peft_dir, 2)
+    with pytest.raises(AdapterNotFound, match=r"its versions are \[1, 2\]"):
+        few.resolve("bot@3", recheck=False)
