@@ -1,4 +1,4 @@
-"""`loraplex adapters push|list|rm`: manage a running server's adapters."""
+"""`loraplex adapters push|list|versions|rm`: manage a running server's adapters."""
 
 import argparse
 import sys
@@ -10,7 +10,7 @@ from adapters.client import DEFAULT_SERVER, AdminClient, AdminClientError, Pushe
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     parser = subparsers.add_parser("adapters", help="upload, list and remove adapters on a running server")
-    commands = parser.add_subparsers(dest="adapters_command", required=True, metavar="{push,list,rm}")
+    commands = parser.add_subparsers(dest="adapters_command", required=True, metavar="{push,list,versions,rm}")
 
     push = commands.add_parser("push", help="upload a PEFT adapter directory (or a .tar.gz / .zip of one)")
     push.add_argument(
@@ -19,14 +19,18 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     push.add_argument("--name", required=True, help="adapter name; pushing new content adds a version")
     push.set_defaults(func=_runner(_push))
 
-    listing = commands.add_parser("list", help="list adapters and their versions")
+    listing = commands.add_parser("list", help="list adapters and their newest versions")
     listing.set_defaults(func=_runner(_list))
+
+    versions = commands.add_parser("versions", help="list every version of an adapter, oldest first")
+    versions.add_argument("name", metavar="NAME")
+    versions.set_defaults(func=_runner(_versions))
 
     rm = commands.add_parser("rm", help="delete NAME (every version) or NAME@N")
     rm.add_argument("ref", metavar="NAME[@N]")
     rm.set_defaults(func=_runner(_rm))
 
-    for command in (push, listing, rm):
+    for command in (push, listing, versions, rm):
         command.add_argument("--server", default=DEFAULT_SERVER, help=f"server URL (default {DEFAULT_SERVER})")
         command.add_argument("--api-key", default=None, help="an admin key, when the server has keys")
 
@@ -70,19 +74,30 @@ def _list(client: AdminClient, args: argparse.Namespace) -> None:
 
 # NAME serves the newest version (the last of VERSIONS, whose facts the other columns show); NAME@N any other.
 _HEADER = ("NAME", "VERSIONS", "RANK", "ORIGIN", "SIZE", "CREATED")
+# the newest versions a row shows (one request a name, however many it has); `versions NAME` lists them all
+_SHOWN_VERSIONS = 8
 
 
 def _row(m: dict[str, Any], client: AdminClient) -> tuple[str, ...]:
     try:
-        versions = ",".join(str(v["version"]) for v in client.versions(m["name"]))
+        page = client.version_page(m["name"], versions_limit=_SHOWN_VERSIONS)
     except AdminClientError as exc:
         if exc.code != "adapter_not_found":
             raise
         versions = "deleted"  # removed between the listing and this request
+    else:
+        versions = ",".join(str(v["version"]) for v in reversed(page["versions"]))
+        if page["versions_next"] is not None:
+            versions = f"...,{versions} (of {page['versions_total']})"
     size = f"{m['size_bytes'] / 2**20:.1f} MiB"
     return (m["name"], versions, str(m["rank"]), m["origin"], size, m["created_at"][:19])
 
 
+def _versions(client: AdminClient, args: argparse.Namespace) -> None:
+    for v in client.versions(args.name):
+        print(f"{args.name}@{v['version']}  {v['state']:<8}  {v['created_at'][:19]}  sha256 {v['sha256'][:12]}")
+
+
 def _rm(client: AdminClient, args: argparse.Namespace) -> None:
-    client.remove(args.ref)
-    print(f"deleted {args.ref}")
+    count = client.remove(args.ref)
+    print(f"deleted {args.ref}" + (f" ({count} versions)" if count != 1 else ""))

@@ -84,8 +84,26 @@ class AdminClient:
                 raise
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        """Every stored version of `name`, oldest first: version, sha256, created_at, state."""
-        return self._call("GET", f"/v1/adapters/{name}")["versions"]
+        """Every stored version of `name`, oldest first (the last is the one `name` serves): version, sha256,
+        created_at, state. Follows the server's pages (newest first); a version stored while they are read is left
+        out, one deleted meanwhile may be left out, and none is listed twice."""
+        listed: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"versions_limit": _PAGE}
+        while True:
+            page = self.version_page(name, **params)
+            listed.extend(page["versions"])
+            if page["versions_next"] is None:
+                return listed[::-1]
+            params["after"] = page["versions_next"]
+
+    def version_page(self, name: str, versions_limit: int = 100, after: int | None = None) -> dict[str, Any]:
+        """One page of `name`'s versions, newest first, older than version `after`: the manifest `name` (or
+        `name@N`) means, `versions`, `versions_next` (the `after` of the next page; None after the oldest) and
+        `versions_total`."""
+        params: dict[str, Any] = {"versions_limit": versions_limit}
+        if after is not None:
+            params["versions_after"] = after
+        return self._call("GET", f"/v1/adapters/{name}", params=params)
 
     def list(self) -> list[dict[str, Any]]:
         """Every adapter's newest version, following the pages."""
@@ -98,9 +116,9 @@ class AdminClient:
                 return manifests
             params["after"] = page["next"]
 
-    def remove(self, name: str) -> None:
-        """Delete 'name' (every version) or 'name@N'."""
-        self._call("DELETE", f"/v1/adapters/{name}")
+    def remove(self, name: str) -> int:
+        """Delete 'name' (every version) or 'name@N'; returns how many versions went."""
+        return self._call("DELETE", f"/v1/adapters/{name}")["versions_deleted"]
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         return self._request(method, url, **kwargs).json()

@@ -127,8 +127,9 @@ class FakeServer:
         if request.method == "GET" and request.url.path == "/v1/adapters":
             return httpx.Response(200, json={"data": [self.manifest], "next": None})
         if request.method == "GET" and request.url.path == "/v1/adapters/bot":
-            versions = [{"version": v, "sha256": "ab" * 32, "created_at": "", "state": "stored"} for v in (1, 2)]
-            return httpx.Response(200, json={**self.manifest, "versions": versions})
+            versions = [{"version": v, "sha256": "ab" * 32, "created_at": "", "state": "stored"} for v in (2, 1)]
+            page = {"versions": versions, "versions_next": None, "versions_total": 2}
+            return httpx.Response(200, json={**self.manifest, **page})
         if request.method == "POST":  # the tests push one content: 201 the first time, then 200 (already stored)
             self.uploads += 1
             return httpx.Response(201 if self.uploads == 1 else 200, json=self.manifest)

@@ -5,6 +5,7 @@ Expects `app.state.registry` (an AdapterRegistry) and `app.state.uploads` (Uploa
 """
 
 import asyncio
+import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from adapters.errors import (
 )
 from adapters.manifest import Manifest, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
+from loraplex.errors import LoraplexError
 from server.api.auth import require_admin
 from server.api.deps import NotReady
 from server.api.guard import RequestTimeout
@@ -37,6 +39,8 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depen
 
 _FILE_FIELDS = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
 _FORM_OVERHEAD = 64 << 10  # multipart boundaries and headers around the files
+MAX_PAGE = 1000  # adapters in a page of the listing, versions in a page of an adapter's
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")  # as a reference's `name@N`
 
 # An upload body has no whole-body deadline (512 MiB over a slow honest link takes minutes), but each
 # UPLOAD_WINDOW_BYTES of it must arrive within UPLOAD_WINDOW_S of the previous ones (nginx's client_body_timeout
@@ -218,7 +222,7 @@ async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
 @router.get("")
 async def list_adapters(
     registry: Registry,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
 ) -> dict[str, Any]:
     """The newest version of each adapter, in name order, with its state; its training metadata is shown by
@@ -238,13 +242,43 @@ async def list_adapters(
     return listing
 
 
+class InvalidCursor(LoraplexError):
+    http_status = 422
+    code = "invalid_request"
+
+
+def _version_cursor(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not _VERSION.fullmatch(value):
+        shown = value if len(value) <= 32 else value[:32] + "..."
+        raise InvalidCursor(
+            f"versions_after={shown!r} is not a version number: send the versions_next of the previous page "
+            "(a version number, e.g. 41), or leave versions_after out for the newest versions"
+        )
+    return int(value)
+
+
 @router.get("/{ref}")
-async def show_adapter(ref: str, registry: Registry) -> dict[str, Any]:
-    """'name': the newest version's manifest; 'name@N': that version's; both with every version's state.
-    The name is looked up in the store first: other servers sharing it may have changed it."""
-    await asyncio.to_thread(registry.store.recheck, parse_ref(ref)[0])
-    manifest = registry.store.resolve(ref, recheck=False)
-    versions = registry.store.versions(manifest.name)
+async def show_adapter(
+    ref: str,
+    registry: Registry,
+    versions_limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="versions in this page")] = 100,
+    versions_after: Annotated[
+        str | None, Query(description="the 'versions_next' cursor of the previous page: older versions follow")
+    ] = None,
+) -> dict[str, Any]:
+    """'name': the newest version's manifest; 'name@N': that version's; both with a page of the name's versions,
+    newest first, each with its state, `versions_next` (the cursor of the next, older page; null after the oldest)
+    and `versions_total`. The first page looks the name up in the store: other servers sharing it may have changed
+    it; the next pages read this server's index (refreshed every --store-refresh-s), each page's work its size."""
+    after = _version_cursor(versions_after)
+    if after is None:
+        await asyncio.to_thread(registry.store.recheck, parse_ref(ref)[0])
+        manifest = registry.store.resolve(ref, recheck=False)
+    else:
+        manifest = await registry.resolve(ref)
+    versions, cursor, total = registry.store.version_page(manifest.name, versions_limit, after)
     return {
         **_manifest_json(manifest),
         "state": registry.state(manifest.key),
@@ -257,10 +291,14 @@ async def show_adapter(ref: str, registry: Registry) -> dict[str, Any]:
             }
             for m in versions
         ],
+        "versions_next": cursor,
+        "versions_total": total,
     }
 
 
 @router.delete("/{ref}")
 async def delete_adapter(ref: str, registry: Registry) -> dict[str, Any]:
-    """'name' deletes every version, 'name@N' one."""
-    return {"deleted": await registry.delete(ref)}
+    """'name' deletes every version, 'name@N' one; answers how many went (not which: a name may have any number)."""
+    name, version = parse_ref(ref)
+    deleted = await registry.delete(ref)
+    return {"name": name, "version": version, "versions_deleted": len(deleted)}

@@ -10,7 +10,7 @@ import socket
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,9 +20,10 @@ import torch
 from e2e.server import serve_app
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from peft_dirs import LIMITS, make_peft_dir, new_store
+from peft_dirs import LIMITS, make_peft_dir, new_store, variants
 
 from adapters import cli
+from adapters import client as admin_client
 from adapters.client import AdminClient, AdminClientError
 from adapters.validate import AdapterLimits
 from loraplex.settings import Settings
@@ -87,7 +88,8 @@ def test_upload_versions_and_idempotency(client: TestClient, peft_dir: Path, tmp
     assert second.json()["origin"] == "trained" and second.json()["training"]["loss"] == 1.2
     shown = client.get("/v1/adapters/bot").json()
     assert shown["version"] == 2 and shown["state"] == "stored"
-    assert [v["version"] for v in shown["versions"]] == [1, 2]
+    assert [v["version"] for v in shown["versions"]] == [2, 1]  # newest first
+    assert shown["versions_next"] is None and shown["versions_total"] == 2
     assert client.get("/v1/adapters/bot@1").json()["sha256"] == first.json()["sha256"]
 
 
@@ -156,13 +158,84 @@ def test_list_show_delete(client: TestClient, peft_dir: Path) -> None:
     asyncio.run(registry.acquire("a")).release()
     assert client.get("/v1/adapters/a").json()["state"] == "on_cpu"
 
-    assert client.delete("/v1/adapters/a@1").json() == {"deleted": ["a@1"]}
-    assert client.delete("/v1/adapters/b").json() == {"deleted": ["b@1"]}
+    assert client.delete("/v1/adapters/a@1").json() == {"name": "a", "version": 1, "versions_deleted": 1}
+    assert client.delete("/v1/adapters/b").json() == {"name": "b", "version": None, "versions_deleted": 1}
     assert registry.cpu_adapters == 0
     assert_error(client.get("/v1/adapters/a"), 404, "adapter_not_found", "'a'")
     assert_error(client.delete("/v1/adapters/b"), 404, "adapter_not_found", "b")
     assert_error(client.get("/v1/adapters/x@0"), 400, "invalid_adapter_name", "NAME@VERSION")
     assert [m["name"] for m in client.get("/v1/adapters").json()["data"]] == ["c"]
+
+
+def version_pages(client: TestClient, ref: str, limit: int, between: Callable[[int], None] | None = None) -> list[int]:
+    """Every version `GET /v1/adapters/{ref}` lists, following `versions_next`; `between(cursor)` runs between
+    pages."""
+    listed: list[int] = []
+    params: dict = {"versions_limit": limit}
+    while True:
+        response = client.get(f"/v1/adapters/{ref}", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert len(page["versions"]) <= limit and page["version"] == int(ref.partition("@")[2] or page["version"])
+        listed += [v["version"] for v in page["versions"]]
+        if page["versions_next"] is None:
+            return listed
+        assert page["versions_next"] == listed[-1]
+        if between is not None:
+            between(page["versions_next"])
+        params["versions_after"] = page["versions_next"]
+
+
+def test_versions_are_paged_newest_first(client: TestClient, peft_dir: Path, tmp_path: Path) -> None:
+    """A name's versions come a page at a time, newest first, through `versions_next`; versions stored between
+    pages are newer than every cursor (a new first page shows them), and ones deleted drop out, without a repeat
+    or a gap in the others."""
+    dirs = variants(peft_dir, tmp_path / "variants", 30)
+    for path in dirs[:23]:
+        assert client.post("/v1/adapters", data={"name": "bot"}, files=files_of(path)).status_code == 201
+    shown = client.get("/v1/adapters/bot").json()
+    assert [v["version"] for v in shown["versions"]] == list(range(23, 0, -1)) and shown["versions_next"] is None
+    assert shown["versions_total"] == 23 and shown["version"] == 23 and shown["versions"][0]["state"] == "stored"
+    first = client.get("/v1/adapters/bot@3", params={"versions_limit": 5}).json()
+    assert first["version"] == 3 and first["sha256"] == shown["versions"][-3]["sha256"]
+    assert [v["version"] for v in first["versions"]] == [23, 22, 21, 20, 19] and first["versions_next"] == 19
+    for limit in (1, 5, 22, 23, 1000):
+        assert version_pages(client, "bot", limit) == list(range(23, 0, -1))
+        assert version_pages(client, "bot@7", limit) == list(range(23, 0, -1))
+
+    more = iter(dirs[23:])
+
+    def upload_and_delete(cursor: int) -> None:
+        assert client.post("/v1/adapters", data={"name": "bot"}, files=files_of(next(more))).status_code == 201
+        if cursor > 2:
+            assert client.delete(f"/v1/adapters/bot@{cursor - 2}").json()["versions_deleted"] == 1
+            deleted.add(cursor - 2)
+
+    deleted: set[int] = set()
+    listed = version_pages(client, "bot", 4, upload_and_delete)
+    assert listed == [n for n in range(23, 0, -1) if n not in deleted] and deleted == {18, 13, 8, 3}
+    assert version_pages(client, "bot", 1000) == [n for n in range(27, 0, -1) if n not in deleted]  # 4 uploaded
+    assert client.get("/v1/adapters/bot", params={"versions_after": 1}).json()["versions"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [({"versions_limit": 0}, "versions_limit: Input should be greater than or equal to 1"),
+     ({"versions_limit": 1001}, "versions_limit: Input should be less than or equal to 1000"),
+     ({"versions_limit": 10**9}, "versions_limit: Input should be less than or equal to 1000"),
+     ({"versions_limit": "many"}, "versions_limit: Input should be a valid integer"),
+     ({"versions_after": "abc"}, "versions_after='abc' is not a version number: send the versions_next"),
+     ({"versions_after": "0"}, "versions_after='0' is not a version number"),
+     ({"versions_after": "-3"}, "versions_after='-3' is not a version number"),
+     ({"versions_after": "bot@3"}, "versions_after='bot@3' is not a version number"),
+     ({"versions_after": "1" * 40}, "versions_after='11111111111111111111111111111111...' is not a version number"),
+     ({"versions_after": ""}, "versions_after='' is not a version number")],
+)  # fmt: skip
+def test_a_bad_page_of_versions_says_what_to_send(client: TestClient, peft_dir: Path, params: dict, match: str) -> None:
+    assert client.post("/v1/adapters", data={"name": "bot"}, files=files_of(peft_dir)).status_code == 201
+    assert_error(client.get("/v1/adapters/bot", params=params), 422, "invalid_request", match)
+    assert_error(client.get("/v1/adapters/bot@1", params=params), 422, "invalid_request", match)
+    assert_error(client.get("/v1/adapters/ghost", params=params), 422, "invalid_request", match)  # before the name
 
 
 def test_503_until_the_registry_is_up(tmp_path: Path) -> None:
@@ -220,6 +293,38 @@ def test_client_push_list_remove(server_url: str, peft_dir: Path, tmp_path: Path
         assert failure.value.http_status == 404 and failure.value.code == "adapter_not_found"
     with pytest.raises(AdminClientError, match="cannot reach"):
         AdminClient("http://127.0.0.1:9").list()
+
+
+def test_client_and_cli_follow_the_pages_of_versions(
+    server_url: str, peft_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client library returns every version, oldest first, across the server's pages (of 4 here, 1000 by
+    default); `list` asks for one page of a name's newest versions however many it has; `versions` lists them
+    all."""
+    monkeypatch.setattr(admin_client, "_PAGE", 4)
+    with AdminClient(server_url) as client:
+        for path in variants(peft_dir, tmp_path / "variants", 11):
+            client.push(path, "bot")
+        client.push(peft_dir, "solo")
+        assert [v["version"] for v in client.versions("bot")] == list(range(1, 12))
+        assert [v["version"] for v in client.versions("bot@5")] == list(range(1, 12))
+        page = client.version_page("bot", versions_limit=3, after=5)
+        assert [v["version"] for v in page["versions"]] == [4, 3, 2] and page["versions_next"] == 2
+        assert page["versions_total"] == 11 and page["version"] == 11
+        assert client.remove("bot@4") == 1
+        assert [v["version"] for v in client.versions("bot")] == [1, 2, 3, *range(5, 12)]
+        assert run_cli("adapters", "list", "--server", server_url) == 0
+        rows = capsys.readouterr().out.splitlines()
+        assert rows[1].startswith("bot ") and " ...,3,5,6,7,8,9,10,11 (of 10) " in rows[1]  # the 8 newest
+        assert rows[2].split()[:2] == ["solo", "1"]
+        assert run_cli("adapters", "versions", "bot", "--server", server_url) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == [f"bot@{n}" for n in (1, 2, 3, *range(5, 12))]
+        assert all(line.split()[1] == "stored" for line in lines)
+        assert run_cli("adapters", "rm", "bot", "--server", server_url) == 0
+        assert capsys.readouterr().out.strip() == "deleted bot (10 versions)"
+        assert run_cli("adapters", "versions", "bot", "--server", server_url) == 1
+        assert "no adapter named 'bot'" in capsys.readouterr().err
 
 
 def test_cli(server_url: str, peft_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
