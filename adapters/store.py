@@ -392,6 +392,26 @@ class AdapterStore:
         self._notify(removed)
         return [adapter_key(name, number) for number in gone]
 
+    def prune(self, name: str, keep: int, in_use: Callable[[list[str]], set[str]]) -> list[str]:
+        """Delete the oldest readable versions of `name` beyond its newest `keep` (at least 1: the newest, which
+        `name` serves, always stays), except those whose keys `in_use(keys)` returns; return the removed keys.
+        Unreadable versions are left to DELETE (they are listed under `broken`)."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, not {keep}")
+        with self.backend.lock(name):
+            versions, broken = self.backend.scan(name, self._known(name))
+            numbers = sorted(versions)
+            candidates = [adapter_key(name, number) for number in numbers[: max(0, len(numbers) - keep)]]
+            busy = in_use(candidates) if candidates else set()
+            gone = [number for number, key in zip(numbers, candidates, strict=False) if key not in busy]
+            for number in gone:
+                del versions[number]
+            removed = self._set_versions(name, versions, broken)  # new lookups 404 from now on
+            if gone:
+                self.backend.remove(name, gone, whole=False)
+        self._notify(removed)
+        return [adapter_key(name, number) for number in gone]
+
     # -- internals ----------------------------------------------------------------------------------
 
     def _known(self, name: str) -> Versions:

@@ -131,6 +131,15 @@ class Settings(BaseSettings):
         "(--admin-key), or on a server without keys a peer address (behind a proxy, one client); at most "
         "--max-concurrent-uploads; default: no share.",
     )
+    max_versions_per_adapter: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Versions kept per adapter name: after each upload, the name's oldest versions beyond this many "
+        "are deleted, except those this server is using (leased by a running or queued request, loading, or pinned; "
+        "pruned at a later upload once free). The newest, which the name serves, always stays. On a fleet, a version "
+        "another replica runs finishes its running requests there, as after a delete. Default: every version is kept.",
+    )
     max_request_mb: int = Field(
         4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."
     )

@@ -12,6 +12,7 @@ lock because leases are released from the engine thread as well as from the even
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,8 @@ from adapters.errors import (
 from adapters.lora import LoraModule, LoraWeights
 from adapters.manifest import Manifest, parse_ref
 from adapters.store import AdapterStore
+
+log = logging.getLogger(__name__)
 
 
 class AdapterState(StrEnum):
@@ -108,12 +111,15 @@ class AdapterRegistry:
         prepare: Callable[[LoraWeights], LoraWeights] | None = None,
         load_workers: int = 2,
         lookup_workers: int = 4,
+        keep_versions: int | None = None,
     ) -> None:
         """`on_unload(key)` is called (outside any lock) whenever an adapter leaves the CPU tier, so the
         engine can free its device slot; `pin_memory` defaults to whether CUDA is available; `prepare(weights)`
         runs on the load worker after each disk -> CPU load and returns what the CPU tier keeps instead (the
-        engine packs adapters there, off the request path, and hands back views of the pack)."""
+        engine packs adapters there, off the request path, and hands back views of the pack); `keep_versions`: after
+        each upload, delete the name's oldest versions beyond that many that no request here uses (None: keep all)."""
         self.store = store
+        self.keep_versions = keep_versions
         self.max_cpu_adapters = max_cpu_adapters
         self._on_unload = on_unload
         self._metrics = metrics
@@ -344,8 +350,30 @@ class AdapterRegistry:
     # -- managing -----------------------------------------------------------------------------------
 
     async def put(self, name: str, src: Path) -> tuple[Manifest, bool]:
-        """Validate and store a PEFT directory as the next version of `name` (see AdapterStore.put)."""
-        return await asyncio.to_thread(self.store.put, name, src)
+        """Validate and store a PEFT directory as the next version of `name` (see AdapterStore.put), then, with
+        `keep_versions`, delete its oldest versions beyond that many, except those in use (`prune`)."""
+        return await asyncio.to_thread(self._put, name, src)
+
+    def _put(self, name: str, src: Path) -> tuple[Manifest, bool]:
+        stored = self.store.put(name, src)
+        if self.keep_versions is not None:
+            try:
+                self.prune(name, self.keep_versions)
+            except Exception:  # the upload is stored either way; the next one prunes again
+                log.warning("pruning the old versions of %s failed", name, exc_info=True)
+        return stored
+
+    def prune(self, name: str, keep: int) -> list[str]:
+        """Blocking: delete the oldest versions of `name` beyond its newest `keep`, except any this server is using
+        (leased by a request, running or queued, loading, or pinned): those stay, and go at a later prune once free.
+        A request that takes a version while it is pruned finishes on it, as after a delete. Returns the removed
+        keys."""
+        return self.store.prune(name, keep, self._in_use)
+
+    def _in_use(self, keys: list[str]) -> set[str]:
+        with self._lock:
+            entries = [(key, self._entries.get(key)) for key in keys]
+            return {key for key, e in entries if e is not None and (e.refs or e.pinned or e.loading is not None)}
 
     async def delete(self, ref: str) -> list[str]:
         """Delete 'name' (all versions, unreadable ones included) or 'name@N'; return the removed keys. New

@@ -68,6 +68,7 @@ class Runtime:
             metrics=metrics,
             pin_memory=False,
             prepare=engine.prepare_adapter,
+            keep_versions=settings.max_versions_per_adapter,
         )
         scheduler = Scheduler(
             engine,

@@ -37,7 +37,9 @@ def make_app(root: Path, limits: AdapterLimits = LIMITS, **settings: object) -> 
     install_error_handlers(app)
     app.include_router(router)
     app.state.settings = config = Settings(adapter_dir=root, **settings)
-    app.state.registry = AdapterRegistry(new_store(root, limits), max_cpu_adapters=4)
+    app.state.registry = AdapterRegistry(
+        new_store(root, limits), max_cpu_adapters=4, keep_versions=config.max_versions_per_adapter
+    )
     app.state.uploads = UploadSlots(config.max_concurrent_uploads, config.max_uploads_per_client)
     return app
 
@@ -236,6 +238,26 @@ def test_a_bad_page_of_versions_says_what_to_send(client: TestClient, peft_dir: 
     assert_error(client.get("/v1/adapters/bot", params=params), 422, "invalid_request", match)
     assert_error(client.get("/v1/adapters/bot@1", params=params), 422, "invalid_request", match)
     assert_error(client.get("/v1/adapters/ghost", params=params), 422, "invalid_request", match)  # before the name
+
+
+def test_retention_keeps_the_newest_versions(tmp_path: Path, peft_dir: Path) -> None:
+    """--max-versions-per-adapter 2: each upload leaves the name's two newest versions; a version a request holds
+    stays past the cap until a later upload finds it free; another name is untouched."""
+    with TestClient(make_app(tmp_path / "store", max_versions_per_adapter=2)) as client:
+        dirs = variants(peft_dir, tmp_path / "variants", 5)
+        assert client.post("/v1/adapters", data={"name": "other"}, files=files_of(dirs[0])).status_code == 201
+        for path in dirs[:3]:
+            assert client.post("/v1/adapters", data={"name": "bot"}, files=files_of(path)).status_code == 201
+        assert version_pages(client, "bot", 1) == [3, 2]
+        assert_error(client.get("/v1/adapters/bot@1"), 404, "adapter_not_found", "its versions are [2, 3]")
+        registry: AdapterRegistry = client.app.state.registry
+        held = asyncio.run(registry.acquire("bot@2"))
+        assert client.post("/v1/adapters", data={"name": "bot"}, files=files_of(dirs[3])).status_code == 201
+        assert version_pages(client, "bot", 1) == [4, 3, 2]
+        held.release()
+        assert client.post("/v1/adapters", data={"name": "bot"}, files=files_of(dirs[4])).status_code == 201
+        assert version_pages(client, "bot", 10) == [5, 4]
+        assert version_pages(client, "other", 10) == [1]
 
 
 def test_503_until_the_registry_is_up(tmp_path: Path) -> None:

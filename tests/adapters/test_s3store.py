@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peft_dirs import LIMITS, fingerprint, make_peft_dir
+from peft_dirs import LIMITS, fingerprint, make_peft_dir, variants
 from s3_server import s3_server
 from test_parse_bounds import empty_tensors, weights_bytes
 
@@ -320,3 +320,19 @@ def test_a_manifest_another_writer_put_under_this_servers_number_is_refused(
     store.backend._s3.meta.events.register("before-send.s3.PutObject", written_first)
     with pytest.raises(AdapterStoreUnavailable, match="does not honour If-None-Match"):
         store.put("bot", peft_dir)
+
+
+def test_pruning_deletes_the_old_versions_objects_and_keeps_their_tombstones(
+    url: str, tmp_path: Path, peft_dir: Path
+) -> None:
+    store = s3_store(url, tmp_path / "cache")
+    for path in variants(peft_dir, tmp_path / "variants", 4):
+        store.put("bot", path)
+    assert store.prune("bot", 2, lambda keys: {"bot@1"}) == ["bot@2"]
+    assert [m.version for m in s3_store(url, tmp_path / "c2").versions("bot")] == [1, 3, 4]
+    prefix = url.split("/", 3)[3]
+    keys = {
+        o["Key"].removeprefix(prefix + "/") for o in client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]
+    }
+    assert not {k for k in keys if k.startswith(("manifests/bot/2", "data/bot/2/"))} and "claims/bot/2" in keys
+    assert store.put("bot", make_peft_dir(tmp_path / "new", seed=7))[0].version == 5  # a number never twice

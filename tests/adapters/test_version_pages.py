@@ -1,6 +1,8 @@
-"""The store's pages of one name's versions (newest first, a version number as the cursor): every version listed
-once while versions are added and deleted between pages."""
+"""The store's pages of one name's versions (newest first, a version number as the cursor) and the retention of a
+name's newest versions: every version listed once while versions are added and deleted between pages, and no
+version pruned while a request holds it."""
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from peft_dirs import new_store, variants
 
 from adapters.errors import AdapterNotFound
 from adapters.store import AdapterStore
+from server.registry import AdapterRegistry
 
 
 def stored(tmp_path: Path, peft_dir: Path, count: int, name: str = "bot") -> tuple[AdapterStore, list[Path]]:
@@ -99,3 +102,54 @@ def test_a_missing_version_is_named_in_a_message_of_bounded_length(tmp_path: Pat
     few, _ = stored(tmp_path / "few", peft_dir, 2)
     with pytest.raises(AdapterNotFound, match=r"its versions are \[1, 2\]"):
         few.resolve("bot@3", recheck=False)
+
+
+def test_pruning_keeps_the_newest_and_those_in_use(tmp_path: Path, peft_dir: Path) -> None:
+    store, _ = stored(tmp_path, peft_dir, 6)
+    removed: list[list[str]] = []
+    store.on_removed(removed.append)
+    asked: list[list[str]] = []
+
+    def in_use(keys: list[str]) -> set[str]:
+        asked.append(keys)
+        return {"bot@2"}
+
+    assert store.prune("bot", 3, in_use) == ["bot@1", "bot@3"]
+    assert asked == [["bot@1", "bot@2", "bot@3"]] and removed == [["bot@1", "bot@3"]]
+    assert [m.version for m in store.versions("bot")] == [2, 4, 5, 6]
+    assert [m.version for m in new_store(tmp_path / "store").versions("bot")] == [2, 4, 5, 6]  # gone from the disk
+    assert store.prune("bot", 4, in_use) == [] and len(asked) == 1  # four left: nothing past the cap, none asked
+    assert store.prune("bot", 1, lambda keys: set()) == ["bot@2", "bot@4", "bot@5"]
+    assert store.resolve("bot").version == 6
+    with pytest.raises(ValueError, match="at least 1"):
+        store.prune("bot", 0, lambda keys: set())
+
+
+def test_the_registry_prunes_after_an_upload_but_never_a_version_a_request_holds(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    registry = AdapterRegistry(new_store(tmp_path / "store"), max_cpu_adapters=4, keep_versions=2)
+    dirs = variants(peft_dir, tmp_path / "variants", 6)
+
+    async def scenario() -> None:
+        for path in dirs[:3]:
+            await registry.put("bot", path)
+        assert [m.version for m in registry.store.versions("bot")] == [2, 3]
+        held = await registry.acquire("bot@2")  # a request running on bot@2
+        registry.pin("bot@3")
+        await registry.put("bot", dirs[3])
+        await registry.put("bot", dirs[4])
+        assert [m.version for m in registry.store.versions("bot")] == [2, 3, 4, 5]  # in use: kept past the cap
+        assert held.weights.rank == 4 and registry.state("bot@2") == "active"
+        held.release()
+        registry.unpin("bot@3")
+        same, created = await registry.put("bot", dirs[4])  # the same content again: a successful upload, too
+        assert not created and same.version == 5
+        assert [m.version for m in registry.store.versions("bot")] == [4, 5]
+        with pytest.raises(AdapterNotFound):
+            await registry.acquire("bot@2")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        registry.close()
