@@ -865,7 +865,7 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
-    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays the fields'
         return _without_null_calls(self, handler)
 
 
@@ -906,7 +906,7 @@ class ChatDelta(BaseModel):
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
-    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays the fields'
         return _without_null_calls(self, handler)
 
 

@@ -142,7 +142,7 @@ class DeltaFunctionCall(BaseModel):
     arguments: str | None = None
 
     @model_serializer(mode="wrap")
-    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays the fields'
         return _without_nulls(self, handler)
 
 
@@ -156,7 +156,7 @@ class DeltaToolCall(BaseModel):
     function: DeltaFunctionCall
 
     @model_serializer(mode="wrap")
-    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays the fields'
         return _without_nulls(self, handler)
 
 

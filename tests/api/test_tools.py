@@ -8,9 +8,10 @@ import pytest
 from pydantic import ValidationError
 
 from loraplex.synthetic import BYTE_VOCAB, byte_tokenizer
-from server.api.schemas import ChatCompletionRequest
+from server.api.schemas import AssistantMessage, ChatCompletionRequest, ChatDelta
 from server.api.tools import CALLS_DEPTH, MAX_TOOLS, CallScanner, read_calls, rebased, tool_plan
 from server.grammar import MAX_GRAMMAR_CHARS, MAX_SCHEMA_DEPTH, Grammars, InvalidGrammar
+from server.tokenizer_workers import _with_argument_objects
 
 WEATHER = {
     "type": "object",
@@ -215,3 +216,24 @@ def test_history_tool_turns_are_passed_to_the_template_and_bounded() -> None:
     ]
     many = [{"role": "assistant", "tool_calls": [call] * 600}] * 2
     assert "1200 tool calls; at most 1024" in refusal(messages=many)
+
+
+def test_answers_without_calls_keep_their_shape_and_call_deltas_leave_out_what_they_do_not_carry() -> None:
+    assert AssistantMessage(content="hi").model_dump_json() == '{"role":"assistant","content":"hi"}'
+    assert ChatDelta(content="hi").model_dump_json() == '{"role":null,"content":"hi"}'
+    fragment = CallScanner("f")
+    fragment.feed("")
+    (delta,) = fragment.feed("{}")
+    assert ChatDelta(tool_calls=[delta]).model_dump_json() == (
+        '{"role":null,"content":null,"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}'
+    )
+
+
+def test_the_templates_take_a_calls_arguments_as_an_object_where_they_are_one() -> None:
+    def call(arguments: str) -> dict:
+        return {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": arguments}}]}
+
+    assert _with_argument_objects(call('{"a": [1]}'))["tool_calls"][0]["function"]["arguments"] == {"a": [1]}
+    for kept in ("[1]", "not json", "[" * 100_000):
+        assert _with_argument_objects(call(kept)) == call(kept)
+    assert _with_argument_objects({"role": "user", "content": "x"}) == {"role": "user", "content": "x"}
