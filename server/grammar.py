@@ -113,7 +113,9 @@ class GrammarSpec:
     text: str = ""  # the schema as sorted compact JSON, or the pattern as sent
 
     @classmethod
-    def json_schema(cls, schema: Any) -> "GrammarSpec":
+    def json_schema(cls, schema: Any, extra_depth: int = 0) -> "GrammarSpec":
+        """`extra_depth`: levels of objects and arrays the server put around schemas the client sent (each held to
+        the depth bound on its own)."""
         if isinstance(schema, str):  # TGI takes the schema as an object or as its JSON text
             _check_size(len(schema), "JSON schema")
             try:
@@ -126,7 +128,7 @@ class GrammarSpec:
             raise InvalidGrammar(
                 f"the JSON schema has over {MAX_GRAMMAR_CHARS} characters; at most {MAX_GRAMMAR_CHARS} are accepted"
             )
-        depth = _depth(schema)
+        depth = _depth(schema, MAX_SCHEMA_DEPTH + extra_depth) - extra_depth
         if depth > MAX_SCHEMA_DEPTH:
             raise InvalidGrammar(
                 f"the JSON schema nests {depth} levels of objects and arrays; at most {MAX_SCHEMA_DEPTH} are accepted"
@@ -211,8 +213,8 @@ def _chars_past(value: Any, limit: int) -> bool:
     return False
 
 
-def _depth(value: Any) -> int:
-    """Nesting of objects and arrays, walked without recursion (the value came from a client)."""
+def _depth(value: Any, limit: int = MAX_SCHEMA_DEPTH) -> int:
+    """Nesting of objects and arrays, walked without recursion (the value came from a client), up to past `limit`."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
@@ -220,7 +222,7 @@ def _depth(value: Any) -> int:
         if children is None:
             continue
         deepest = max(deepest, level)
-        if deepest > MAX_SCHEMA_DEPTH:
+        if deepest > limit:
             return deepest
         stack.extend((child, level + 1) for child in children)
     return deepest

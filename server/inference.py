@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -155,10 +155,21 @@ class Inference:
                 which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
                 raise InvalidTokens(f"{which}: token id {bad} is not in the vocabulary (0..{vocabulary - 1})")
 
-    async def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        self._check_chars(sum(len(m["content"]) for m in messages), "the messages' content")
-        work = chat_work(len(messages), sum(len(m["content"].encode()) for m in messages))
-        return await self.tokenizing.run(work, self.tokenizer_workers.chat, messages, add_generation_prompt)
+    async def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        tools_texts: list[str] | None = None,
+    ) -> list[int]:
+        """The chat's tokens, as the base model's template renders the messages (ChatMessage.template()) and `tools`
+        (OpenAI's tool objects; None: none), whose texts are `tools_texts` (their schemas, names and descriptions:
+        counted against the prompt's bound as the messages' text is)."""
+        texts = [text for m in messages for text in _template_texts(m)] + (tools_texts or [])
+        what = "the messages' content" + (" and the tools" if tools else "")
+        self._check_chars(sum(map(len, texts)), what)
+        work = chat_work(len(messages), sum(len(text.encode()) for text in texts))
+        return await self.tokenizing.run(work, self.tokenizer_workers.chat, messages, add_generation_prompt, tools)
 
     # ---- the tokenizer endpoints: the same bounds, threads and processes ------------------------------------
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
@@ -534,3 +545,12 @@ async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]],
     finally:
         if not task.done():
             task.cancel()
+
+
+def _template_texts(message: dict[str, Any]) -> list[str]:
+    """The texts of a message that its chat template renders: its content and its tool calls' names and arguments."""
+    calls = message.get("tool_calls") or []
+    return [
+        message["content"],
+        *(part for call in calls for part in (call["function"]["name"], call["function"]["arguments"])),
+    ]

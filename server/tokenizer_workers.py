@@ -12,6 +12,7 @@ so that pool's budget and each client's share still bound the work. A worker tha
 fails only the jobs it had; the next job starts the workers anew.
 """
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -21,14 +22,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from loraplex.errors import LoraplexError
 
 T = TypeVar("T")
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # ChatMessage.template()'s
 SERVER_POLL_S = 1.0  # how often a worker looks whether the server is still there
 
 
@@ -76,16 +77,43 @@ def _encode(text: str) -> list[int]:
     return _loaded()(text)["input_ids"]
 
 
-def _chat(messages: Messages, add_generation_prompt: bool) -> tuple[bool, list[int] | str]:
+def _chat(
+    messages: Messages, add_generation_prompt: bool, tools: list[dict] | None = None
+) -> tuple[bool, list[int] | str]:
     """(True, the chat's token ids) or (False, why the template refused it): the template's own exceptions (jinja's,
-    ValueError) come back as text, since not every exception class survives pickling."""
+    ValueError) come back as text, since not every exception class survives pickling. `tools`: OpenAI's tool
+    objects, for templates that render them (None: the template is called without)."""
     try:
         ids = _loaded().apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            [_with_argument_objects(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
+            **({"tools": tools} if tools else {}),
         )
     except Exception as exc:  # templates raise what they like on messages they refuse
         return False, str(exc)
     return True, list(ids)
+
+
+def _with_argument_objects(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message's tool calls with their arguments as objects, as transformers' chat templates take them
+    (OpenAI sends them as JSON text; vLLM reads them so too); arguments that are not a JSON object stay text. Read
+    here, in the worker, not on the server's event loop."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    read = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        try:
+            value = json.loads(arguments)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, dict):
+            call = {**call, "function": {**call["function"], "arguments": value}}
+        read.append(call)
+    return {**message, "tool_calls": read}
 
 
 def _offsets(text: str, add_special_tokens: bool) -> list[tuple[int, int, int]]:
@@ -141,10 +169,12 @@ class TokenizerWorkers:
         """`tokenizer(text)["input_ids"]`."""
         return self._run(_encode, text)
 
-    def chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+    def chat(
+        self, messages: Messages, add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
         """The chat's token ids as `tokenizer.apply_chat_template` gives them; InvalidChat where the template refuses
         the messages."""
-        done, result = self._run(_chat, messages, add_generation_prompt)
+        done, result = self._run(_chat, messages, add_generation_prompt, tools)
         if not done:
             raise InvalidChat(f"the base model's chat template refused these messages: {result}")
         assert isinstance(result, list)

@@ -44,10 +44,11 @@ from server.api.schemas import (
     Usage,
 )
 from server.api.sse import OPENAI, sse_response
+from server.api.tools import CallScanner, ToolPlan, read_calls
 from server.client_share import prefix_salt
 from server.engine import PromptToken, SamplingParams, TokenEvent
 from server.engine.requests import Top
-from server.grammar import CompiledGrammar
+from server.grammar import CompiledGrammar, InvalidGrammar
 from server.inference import Adapter, Generation, Inference, Run, choice_samplings, until_disconnected
 from server.runtime import Runtime
 
@@ -405,35 +406,53 @@ def _scored_field(
 async def chat_completions(body: ChatCompletionRequest, request: Request, inference: InferenceDep) -> Response:
     _salted(body)
     adapter = await _adapter(body, inference)
-    grammar = await inference.grammar(body.grammar_spec())
-    prompt_ids = await inference.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    tools = body.tool_plan  # None: a text answer
+    try:
+        grammar = await inference.grammar(body.grammar_spec())
+    except InvalidGrammar as exc:
+        if tools is None:
+            raise
+        raise InvalidGrammar(f"the tools' parameters: {exc}") from None
+    messages = [m.template() for m in body.messages]
+    if tools is None:
+        prompt_ids = await inference.encode_chat(messages)
+    else:
+        prompt_ids = await inference.encode_chat(messages, tools=tools.template_tools, tools_texts=tools.texts)
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
     runs = [(prompt_ids, sampling) for sampling in samplings]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         events = await _open_streams(request, runs, adapter, grammar, inference)
+        # each choice's calls, read as its text arrives
+        scanners = [CallScanner(tools.name) for _ in range(body.n)] if tools is not None else None
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk | bytes]:
             async with aclosing(_choice_chunks(events, [len(prompt_ids)], body.n, body.include_usage)) as choices:
                 for index in range(body.n):
+                    first = ChatDelta(role="assistant", content="" if tools is None else None)
                     yield ChatCompletionChunk(
-                        id=rid,
-                        created=created,
-                        model=body.model,
-                        choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))],
+                        id=rid, created=created, model=body.model, choices=[ChatChunkChoice(index=index, delta=first)]
                     )
                 scored_sent = False  # the choices share their prompt: its scores go out once, as a response's field
                 async for index, event, finish, usage in choices:
                     scores = event.prompt_logprobs if not scored_sent else None
+                    if scanners is not None:
+                        calls = scanners[index].feed(event.text)
+                        if not (calls or finish or usage or body.logprobs or scores):  # a call's head, unfinished
+                            continue
+                        delta = ChatDelta(tool_calls=calls or None)
+                    else:
+                        delta = ChatDelta(content=event.text)
                     if scores is None:
-                        yield chat_chunk(index, event, finish, usage, None)
+                        yield chat_chunk(index, event, delta, finish, usage, None)
                     else:  # the prompt's scores, tens of objects a prompt token: built on the loop, they held it
                         scored_sent = True
-                        yield await rendered_off_loop(partial(chat_chunk, index, event, finish, usage, scores))
+                        yield await rendered_off_loop(partial(chat_chunk, index, event, delta, finish, usage, scores))
 
         def chat_chunk(
             index: int,
             event: TokenEvent,
+            delta: ChatDelta,
             finish: OpenAIFinishReason | None,
             usage: Usage | None,
             scores: tuple[PromptToken, ...] | None,
@@ -447,8 +466,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                 choices=[
                     ChatChunkChoice(
                         index=index,
-                        delta=ChatDelta(content=event.text),
-                        finish_reason=finish,
+                        delta=delta,
+                        finish_reason=_tools_finish(finish, tools),
                         logprobs=_chat_logprobs([event], inference) if body.logprobs else None,
                     )
                 ],
@@ -466,11 +485,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=r.text),
-                    finish_reason=_finish(r.events[-1]),
+                    message=_message(r.text, tools),
+                    finish_reason=_tools_finish(_finish(r.events[-1]), tools),
                     logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
                 )
                 for i, r in enumerate(results)
             ],
         )
     )
+
+
+def _message(text: str, tools: ToolPlan | None) -> AssistantMessage:
+    """A whole answer's message: its text, or with tools its calls (content null, as OpenAI answers them)."""
+    if tools is None:
+        return AssistantMessage(content=text)
+    return AssistantMessage(content=None, tool_calls=read_calls(text, tools.name))
+
+
+def _tools_finish(finish: OpenAIFinishReason | None, tools: ToolPlan | None) -> OpenAIFinishReason | None:
+    """OpenAI's (and vLLM's) finish reason of an answer of calls: "tool_calls" for tool_choice "required", "stop"
+    for a named function; one cut by max_tokens is "length" either way."""
+    if finish == "stop" and tools is not None and tools.mode == "required":
+        return "tool_calls"
+    return finish

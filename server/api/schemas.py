@@ -11,6 +11,7 @@ and a 4 MiB body of 2 million bad elements held the event loop (every client's r
 an error of 180 MB."""
 
 from collections.abc import Callable
+from functools import cached_property
 from typing import Annotated, Literal, cast
 
 from pydantic import (
@@ -20,13 +21,28 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     StrictInt,
     StringConstraints,
     Tag,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
+from server.api.tools import (
+    MAX_TOOLS,
+    DeltaToolCall,
+    HistoryToolCall,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoiceMode,
+    ToolPlan,
+    check_tools,
+    tool_choice_form,
+    tool_plan,
+)
 from server.engine.sampling import MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY
 from server.grammar import JSON_OBJECT, MAX_GRAMMAR_CHARS, GrammarSpec, InvalidGrammar
 from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
@@ -375,7 +391,7 @@ class TgiStreamEvent(BaseModel):
 
 # ---- OpenAI --------------------------------------------------------------------------------------------
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class StreamOptions(BaseModel):
@@ -671,13 +687,17 @@ class ContentPart(BaseModel):
 
 
 def bounded_parts(messages: object) -> object:
-    """`messages` as sent, refused where their content parts together pass MAX_CONTENT_PARTS: counted before any
-    message is validated."""
+    """`messages` as sent, refused where their content parts, or the tool calls of their history, together pass
+    MAX_CONTENT_PARTS: counted before any message is validated."""
     if isinstance(messages, list):
-        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
-        if parts > MAX_CONTENT_PARTS:
-            raise ValueError(f"the messages hold {parts} content parts; at most {MAX_CONTENT_PARTS} in all: join a "
-                             "message's text parts into one string")  # fmt: skip
+        dicts = [m for m in messages if isinstance(m, dict)]
+        for key, what, fix in (
+            ("content", "content parts", "join a message's text parts into one string"),
+            ("tool_calls", "tool calls", "send fewer turns of the conversation"),
+        ):
+            count = sum(len(m[key]) for m in dicts if isinstance(m.get(key), list))
+            if count > MAX_CONTENT_PARTS:
+                raise ValueError(f"the messages hold {count} {what}; at most {MAX_CONTENT_PARTS} in all: {fix}")
     return messages
 
 
@@ -686,11 +706,24 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
+    tool_calls: Annotated[list[HistoryToolCall], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = Field(
+        None, description="An assistant's calls, earlier in the conversation."
+    )
+    tool_call_id: str | None = Field(None, max_length=256, description="A tool message: the call it answers.")
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def template(self) -> dict:
+        """The message as chat templates take it."""
+        out: dict = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [call.template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 Messages = Annotated[
@@ -701,26 +734,56 @@ Messages = Annotated[
 ]
 
 
-def _lets_tools_run(choice: object) -> bool:
-    return choice != "none"  # "auto", "required" or a named function: the model may or must call one
-
-
 class ChatCompletionRequest(OpenAISampling):
     messages: Messages
     logprobs: bool | None = None
     top_logprobs: TopN | None = None
+    tools: (
+        Annotated[list[Tool], Field(max_length=MAX_TOOLS, fail_fast=True), counted_first(MAX_TOOLS, "tools")] | None
+    ) = Field(
+        None,
+        description=f'Functions the answer calls (at most {MAX_TOOLS}), with tool_choice "required" or naming one.',
+    )
+    tool_choice: Annotated[ToolChoiceMode | NamedToolChoice | None, BeforeValidator(tool_choice_form)] = Field(
+        None,
+        description='"required": one or more calls of the tools; {"type": "function", "function": {"name": ...}}: a '
+        'call of that function; "none": a text answer, the tools unused. "auto" (the default with tools) is refused.',
+    )
+    parallel_tool_calls: bool | None = Field(None, description='false: tool_choice "required" makes one call.')
 
     @model_validator(mode="before")
     @classmethod
     def _unsupported(cls, value: object) -> object:
-        # tools with tool_choice "none" are what a client sends to forbid calls: answered as plain text
-        no_calls = isinstance(value, dict) and value.get("tool_choice") == "none"
-        tools = "this server does not call tools (no tool_calls come back); leave tools out, or send tool_choice"
         return refuse_unsupported(value, {
-            "tools": (lambda v: bool(v) and not no_calls, f'{tools} "none" to have them ignored'),
-            "tool_choice": (_lets_tools_run, 'without tools only "none" means anything; leave it out'),
-            "functions": (bool, "this server does not call functions; leave functions out"),
+            "functions": (bool, 'the legacy functions are not supported; send them as tools, with tool_choice'),
         })  # fmt: skip
+
+    @model_validator(mode="after")
+    def _tools_answerable(self) -> "ChatCompletionRequest":
+        check_tools(self.tools, self.tool_choice)
+        return self
+
+    @cached_property
+    def tool_plan(self) -> ToolPlan | None:
+        """What the tools ask for (None: no call, tool_choice "none" or no tools); InvalidGrammar where a tool's
+        schema is past the grammar's bounds."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        assert self.tool_choice is not None
+        return tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The answer's one constraint: a forced tool call's, or what OpenAISampling.grammar_spec reads."""
+        other = super().grammar_spec()
+        plan = self.tool_plan
+        if plan is None:
+            return other
+        if other is not None:
+            raise InvalidGrammar(
+                "tool_choice forces the answer to be tool calls, and response_format (or a guided_ field, or "
+                "structured_outputs) constrains it too: send one"
+            )
+        return plan.spec
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -788,9 +851,22 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+def _without_null_calls(model: BaseModel, handler: SerializerFunctionWrapHandler) -> dict:
+    """A message or delta without tool_calls when it has none: the shape of answers without tools is as before."""
+    out = handler(model)
+    if out.get("tool_calls", 0) is None:
+        del out["tool_calls"]
+    return out
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays the fields'
+        return _without_null_calls(self, handler)
 
 
 class TopLogprob(BaseModel):
@@ -827,6 +903,11 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler):  # no return type: the schema stays the fields'
+        return _without_null_calls(self, handler)
 
 
 class ChatChunkChoice(BaseModel):

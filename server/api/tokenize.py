@@ -38,9 +38,7 @@ async def tokenize(body: Annotated[TokenizeRequest, Body()], inference: Inferenc
             lambda: [TgiSimpleToken(id=i, text=text[start:stop], start=start, stop=stop) for i, start, stop in spans]
         )
     if isinstance(body, VllmTokenizeChat):
-        ids = await inference.encode_chat(
-            [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
-        )
+        ids = await inference.encode_chat([m.template() for m in body.messages], body.add_generation_prompt)
     else:
         ids = [i for i, _, _ in await inference.tokenize(body.prompt, body.add_special_tokens)]
     inference.check_tokenized(len(ids))

@@ -114,15 +114,16 @@ def test_openai_logprobs_and_seeded_n(client: openai.OpenAI) -> None:
 
 
 def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai.OpenAI) -> None:
-    """Tools and suffix would change what the answer is: each is a 422 that says what to send instead, and tools
-    the client forbids (tool_choice "none") are answered as plain text. Echo with logprobs (lm-evaluation-harness's
+    """Tools left to the model (tool_choice "auto", the default) and suffix would change what the answer is: each is
+    a 422 that says what to send instead, and tools the client forbids (tool_choice "none") are answered as plain
+    text. Echo with logprobs (lm-evaluation-harness's
     loglikelihood request) scores the prompt's tokens, the first with none."""
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
     model = "SmolLM2-135M-Instruct"
-    with pytest.raises(openai.UnprocessableEntityError, match=r'tools is not supported.*tool_choice "none"'):
+    with pytest.raises(openai.UnprocessableEntityError, match=r'tool_choice "auto".*"required".*"none"'):
         client.chat.completions.create(model=model, messages=messages, tools=[tool], max_tokens=4)
-    with pytest.raises(openai.UnprocessableEntityError, match="tool_choice is not supported"):
+    with pytest.raises(openai.UnprocessableEntityError, match='tool_choice "required" needs tools'):
         client.chat.completions.create(model=model, messages=messages, tool_choice="required", max_tokens=4)
     with pytest.raises(openai.UnprocessableEntityError, match="suffix is not supported"):
         client.completions.create(model=model, prompt="The sky is", max_tokens=4, suffix=" and that is all.")
