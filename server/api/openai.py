@@ -16,7 +16,7 @@ from adapters.errors import AdapterError, AdapterNotFound
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
-from server.api.jsonbody import OffLoopJsonRoute
+from server.api.jsonbody import OffLoopJsonRoute, read_off_loop
 from server.api.render import json_off_loop, rendered_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
@@ -406,7 +406,8 @@ def _scored_field(
 async def chat_completions(body: ChatCompletionRequest, request: Request, inference: InferenceDep) -> Response:
     _salted(body)
     adapter = await _adapter(body, inference)
-    tools = body.tool_plan  # None: a text answer
+    # None: a text answer. Planned off the loop: the tools' schemas are walked and dumped, up to every item of the body
+    tools = await read_off_loop(lambda: body.tool_plan) if body.tools else None
     try:
         grammar = await inference.grammar(body.grammar_spec())
     except InvalidGrammar as exc:
