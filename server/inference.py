@@ -548,9 +548,11 @@ async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]],
 
 
 def _template_texts(message: dict[str, Any]) -> list[str]:
-    """The texts of a message that its chat template renders: its content and its tool calls' names and arguments."""
+    """The texts of a message that its chat template renders: its content, the call it answers (a tool turn's
+    tool_call_id) and its tool calls' ids, names and arguments."""
     calls = message.get("tool_calls") or []
     return [
         message["content"],
-        *(part for call in calls for part in (call["function"]["name"], call["function"]["arguments"])),
+        message.get("tool_call_id") or "",
+        *(text for call in calls for text in (call["id"], call["function"]["name"], call["function"]["arguments"])),
     ]

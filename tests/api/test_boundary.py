@@ -261,6 +261,21 @@ def test_prompt_characters_are_bounded_before_tokenizing(client: TestClient, pat
     assert_422(client, path, body(path, "x" * 100_000), "characters", code="prompt_too_long")
 
 
+def test_the_ids_of_a_chats_tool_turns_count_against_the_prompts_characters(client: TestClient) -> None:
+    """Templates render a history's call ids and tool_call_ids (Mistral's do), which may take 256 characters each:
+    1,024 calls and as many tool turns carried ~0.5 MB past the character bound to the tokenizer uncounted."""
+    ids = [f"{i:0256d}" for i in range(8)]
+    calls = [{"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in ids]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *({"role": "tool", "tool_call_id": i, "content": "1"} for i in ids),
+    ]
+    status, answer = post(client, "/v1/chat/completions", {"model": "llama", "messages": messages, "max_tokens": 1})
+    assert status == 422 and answer["error"]["code"] == "prompt_too_long", answer
+    assert "characters" in answer["error"]["message"], answer
+
+
 def test_no_prompt_is_tokenized_or_templated_in_the_servers_process(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
