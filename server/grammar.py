@@ -12,7 +12,7 @@ matcher. Even at its mean, 16 constrained rows cost ~3.4 ms of CPU per step, und
 
 Compilation runs in a small pool of its own threads (never on the event loop or the engine thread), bounded
 in input size, schema depth, llguidance's fuel and time; grammars that passed are kept in an LRU keyed by
-(kind, canonical text) within a client's scope (the prefix cache's salt: a kept compile answers sooner, which
+(kind, compact text) within a client's scope (the prefix cache's salt: a kept compile answers sooner, which
 would tell one client what another sent), a full one forgetting the grammars of the client that made the most
 first (as the prefix cache's rows), and each request gets a matcher built from its grammar on those threads, which
 its choices copy. Not one matcher a grammar that every request copies: llguidance's copies share
@@ -107,10 +107,12 @@ class GrammarBusy(LoraplexError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What a request constrains its output to: the cache key, with the text in canonical form."""
+    """What a request constrains its output to: the cache key, with the text in compact form."""
 
     kind: GrammarKind
-    text: str = ""  # the schema as sorted compact JSON, or the pattern as sent
+    # the schema as compact JSON in the order sent (its properties are generated in their declared order, as
+    # OpenAI and vLLM generate them: a schema of "reasoning" then "answer" means that order), or the pattern
+    text: str = ""
 
     @classmethod
     def json_schema(cls, schema: Any, extra_depth: int = 0) -> "GrammarSpec":
@@ -134,7 +136,7 @@ class GrammarSpec:
                 f"the JSON schema nests {depth} levels of objects and arrays; at most {MAX_SCHEMA_DEPTH} are accepted"
             )
         _check_integer_bounds(schema)
-        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         _check_size(len(text), "JSON schema")
         return cls("json_schema", text)
 
@@ -188,7 +190,7 @@ def _check_integer_bounds(schema: dict) -> None:
 
 def _chars_past(value: Any, limit: int) -> bool:
     """Whether `value`'s compact JSON surely has over `limit` characters, from a count that stops past it: the walks
-    and the canonical dump below took 0.4 s of the event loop for a 2.8 MB schema before its size refused it. Counts
+    and the compact dump below took 0.4 s of the event loop for a 2.8 MB schema before its size refused it. Counts
     what JSON cannot write shorter: brackets, the commas between items, a key's quotes and colon, a scalar's one
     character (a string's two quotes)."""
     chars, stack = 0, [value]

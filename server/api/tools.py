@@ -187,31 +187,29 @@ class ToolPlan:
 def tool_plan(tools: list[Tool], choice: NamedToolChoice | str, parallel: bool) -> ToolPlan:
     """The plan of validated `tools` under a forcing `choice` ("required" or a named function); InvalidGrammar
     (422) for a schema the grammar's bounds refuse, naming its tool."""
-    canonical = []
+    compact = []
     for i, tool in enumerate(tools):
         try:
-            canonical.append(GrammarSpec.json_schema(parameters_of(tool.function)))
+            compact.append(GrammarSpec.json_schema(parameters_of(tool.function)))
         except InvalidGrammar as exc:
             raise InvalidGrammar(f"tools[{i}] ({tool.function.name}): its parameters: {exc}") from None
     template_tools = [tool.model_dump(exclude_none=True) for tool in tools]
     texts = [
         text
-        for s, t in zip(canonical, tools, strict=True)
+        for s, t in zip(compact, tools, strict=True)
         for text in (s.text, t.function.name, t.function.description or "")
     ]
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
-        spec = next(s for s, t in zip(canonical, tools, strict=True) if t.function.name == name)
+        spec = next(s for s, t in zip(compact, tools, strict=True) if t.function.name == name)
         return ToolPlan("named", spec, template_tools, texts, name)
-    return ToolPlan("required", calls_spec(tools, canonical, parallel), template_tools, texts)
+    return ToolPlan("required", calls_spec(tools, compact, parallel), template_tools, texts)
 
 
-def calls_spec(tools: list[Tool], canonical: list[GrammarSpec], parallel: bool) -> GrammarSpec:
+def calls_spec(tools: list[Tool], compact: list[GrammarSpec], parallel: bool) -> GrammarSpec:
     """The grammar of tool_choice "required": a JSON array of at least one call (at most one without
     parallel_tool_calls), each {"name": one of the tools' names, "parameters": that tool's arguments}."""
-    least = sum(
-        len(s.text) + len(t.function.name) + _CALLS_WRAPPER_CHARS for s, t in zip(canonical, tools, strict=True)
-    )
+    least = sum(len(s.text) + len(t.function.name) + _CALLS_WRAPPER_CHARS for s, t in zip(compact, tools, strict=True))
     if least > MAX_GRAMMAR_CHARS:
         raise InvalidGrammar(
             f'tool_choice "required" compiles the {len(tools)} tools\' parameters into one schema of about {least} '

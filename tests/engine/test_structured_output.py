@@ -114,6 +114,21 @@ def test_constrained_rows_validate_beside_unconstrained_rows_equal_to_peft(famil
             jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_properties_are_generated_in_their_declared_order(tokenizer, grammars) -> None:
+    """As OpenAI and vLLM generate them: a schema of "reasoning" then "answer" asks for the reasoning first."""
+    properties = {"zeta": {"type": "integer"}, "alpha": {"type": "integer"}}
+    for names in (["zeta", "alpha"], ["alpha", "zeta"]):
+        schema = {"type": "object", "properties": {name: properties[name] for name in names}, "required": names,
+                  "additionalProperties": False}  # fmt: skip
+        grammar = compiled(grammars, GrammarSpec.json_schema(schema))
+        assert_takes(grammar, tokenizer, f'{{"{names[0]}":1,"{names[1]}":2}}')
+        matcher = grammar.matcher()
+        for token in tokenizer('{"')["input_ids"]:  # the byte tokenizer: a token a character
+            matcher.advance(token)
+        with pytest.raises(ValueError):
+            matcher.advance(tokenizer(names[1])["input_ids"][0])
+
+
 def test_json_object_takes_any_object_and_nothing_else(tokenizer, grammars) -> None:
     assert_takes(compiled(grammars, JSON_OBJECT), tokenizer, '{"a":[1,{"b":null}],"c":"x"}', refused="[")
 
@@ -368,15 +383,15 @@ def test_a_request_that_exhausts_its_lexer_breaks_no_other_request_on_that_gramm
     grammars.close()
 
 
-def test_compiles_are_cached_by_canonical_text_and_bounded_in_time(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiles_are_cached_by_compact_text_and_bounded_in_time(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     compiles = []
     compile_once = Grammars._compile
     monkeypatch.setattr(Grammars, "_compile", lambda self, spec: compiles.append(spec) or compile_once(self, spec))
     grammars = Grammars(tokenizer, BYTE_VOCAB, [tokenizer.eos_token_id], capacity=2)
     schema = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
     first = compiled(grammars, schema)
-    same = compiled(grammars, GrammarSpec.json_schema('{"properties": {"a": {"type": "integer"}}, "type": "object"}'))
-    assert compiles == [schema]  # key order and whitespace do not matter
+    same = compiled(grammars, GrammarSpec.json_schema('{"type": "object",  "properties": {"a": {"type": "integer"}}}'))
+    assert compiles == [schema]  # whitespace does not matter
     assert same is not first  # each request has a matcher of its own, its lexer its own
     compiled(grammars, GrammarSpec.regex("a+"))
     compiled(grammars, GrammarSpec.regex("b+"))  # evicts the schema (least recently used)
