@@ -48,6 +48,9 @@ MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 # an error names a name's versions one by one up to this many; past it, how many and their range
 _NAMED_VERSIONS = 8
+# Versions one prune deletes at most: a store of S3 lists each version's objects to delete them, and the name's lock
+# is held meanwhile (its uploads and lookups wait); a name far past the cap comes down over several uploads
+PRUNE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -392,10 +395,12 @@ class AdapterStore:
         self._notify(removed)
         return [adapter_key(name, number) for number in gone]
 
-    def prune(self, name: str, keep: int, in_use: Callable[[list[str]], set[str]]) -> list[str]:
+    def prune(
+        self, name: str, keep: int, in_use: Callable[[list[str]], set[str]], batch: int = PRUNE_BATCH
+    ) -> list[str]:
         """Delete the oldest readable versions of `name` beyond its newest `keep` (at least 1: the newest, which
-        `name` serves, always stays), except those whose keys `in_use(keys)` returns; return the removed keys.
-        Unreadable versions are left to DELETE (they are listed under `broken`)."""
+        `name` serves, always stays), at most `batch` of them, except those whose keys `in_use(keys)` returns;
+        return the removed keys. Unreadable versions are left to DELETE (they are listed under `broken`)."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         with self.backend.lock(name):
@@ -403,7 +408,7 @@ class AdapterStore:
             numbers = sorted(versions)
             candidates = [adapter_key(name, number) for number in numbers[: max(0, len(numbers) - keep)]]
             busy = in_use(candidates) if candidates else set()
-            gone = [number for number, key in zip(numbers, candidates, strict=False) if key not in busy]
+            gone = [number for number, key in zip(numbers, candidates, strict=False) if key not in busy][:batch]
             for number in gone:
                 del versions[number]
             removed = self._set_versions(name, versions, broken)  # new lookups 404 from now on

@@ -22,7 +22,8 @@ from server.tokenizer_pool import MAX_MESSAGES
 
 ITEM_BYTES = (b",", b"[", b"{")
 # The fields besides those counted below, and the fields clients send that this server ignores (OpenAI's
-# metadata, or tools sent with tool_choice "none")
+# metadata). A chat's tools are rendered into its prompt and count against its characters as its messages do: their
+# items fit within the token-id prompts' share below.
 OTHER_ITEMS = 4096
 
 

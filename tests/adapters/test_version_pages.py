@@ -119,7 +119,8 @@ def test_pruning_keeps_the_newest_and_those_in_use(tmp_path: Path, peft_dir: Pat
     assert [m.version for m in store.versions("bot")] == [2, 4, 5, 6]
     assert [m.version for m in new_store(tmp_path / "store").versions("bot")] == [2, 4, 5, 6]  # gone from the disk
     assert store.prune("bot", 4, in_use) == [] and len(asked) == 1  # four left: nothing past the cap, none asked
-    assert store.prune("bot", 1, lambda keys: set()) == ["bot@2", "bot@4", "bot@5"]
+    assert store.prune("bot", 1, lambda keys: set(), batch=2) == ["bot@2", "bot@4"]  # a batch at a time
+    assert store.prune("bot", 1, lambda keys: set()) == ["bot@5"]
     assert store.resolve("bot").version == 6
     with pytest.raises(ValueError, match="at least 1"):
         store.prune("bot", 0, lambda keys: set())
