@@ -163,6 +163,14 @@ class Settings(BaseSettings):
         description="Run the LoRA deltas, RMSNorms, rotary embeddings and NF4 projections of steps of up to 256 "
         "tokens as Triton and CUDA kernels (CUDA only).",
     )
+    tool_call_parser: Literal["off", "hermes"] = Field(
+        "off",
+        description='Answer OpenAI tool_choice "auto" (the default where tools are sent: text or calls, as the model '
+        "chooses) by generating freely and reading the model's calls out of its text in this format, as vLLM's "
+        '--enable-auto-tool-choice --tool-call-parser: hermes, <tool_call>{"name": ..., "arguments": ...}'
+        '</tool_call> (Hermes 2 Pro, Qwen2.5 and many fine-tunes). off: "auto" is refused with a 422 saying '
+        'what to send instead ("required", a named function or "none", which run through the grammar engine).',
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
     @field_validator("api_key", "admin_key", "preload", mode="before")
