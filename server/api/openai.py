@@ -452,10 +452,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                             continue
                         delta = ChatDelta(tool_calls=calls or None)
                     elif readers is not None:
-                        content, calls = readers[index].delta(event.text, finish is not None)
-                        if not (content or calls or finish or usage or body.logprobs or scores):  # held back
+                        deltas = readers[index].deltas(event.text, finish is not None)
+                        if not (deltas or finish or usage or body.logprobs or scores):  # held back
                             continue
-                        delta = ChatDelta(content=content, tool_calls=calls or None)
+                        for delta in deltas[:-1]:  # a chunk each; the event's last carries its logprobs and end
+                            yield ChatCompletionChunk(
+                                id=rid, created=created, model=body.model,
+                                choices=[ChatChunkChoice(index=index, delta=delta)],
+                            )  # fmt: skip
+                        delta = deltas[-1] if deltas else ChatDelta()
                     else:
                         delta = ChatDelta(content=event.text)
                     finish = _tools_finish(finish, tools, readers is not None and readers[index].calls > 0)

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from server.api.schemas import ChatDelta
 from server.api.tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall, call_id
 
 
@@ -165,27 +166,36 @@ def read_answer(parser: ToolCallParser, text: str) -> tuple[str | None, list[Too
 
 
 class StreamedCalls:
-    """One streamed choice's parts as OpenAI streams them: text as content, and each call as two deltas, the
-    first holding its index, id, type, name and arguments "", the second its whole arguments (a call is known
-    to be one only once it is complete)."""
+    """One streamed choice's parts as OpenAI streams them, each delta a chunk's: text as content, and each call as
+    two deltas, the first holding its index, id, type, name and arguments "", the second its whole arguments (a
+    call is known to be one only once it is complete). A chunk holds one call delta at most: clients that read
+    `delta.tool_calls[0]` alone lose none."""
 
     def __init__(self, parser: ToolCallParser) -> None:
         self._parser = parser
         self.calls = 0
 
-    def delta(self, text: str, ended: bool) -> tuple[str | None, list[DeltaToolCall]]:
-        """The content and call deltas that `text` settles (all that is left, where the answer has `ended`)."""
+    def deltas(self, text: str, ended: bool) -> list[ChatDelta]:
+        """The deltas that `text` settles (all that is left, where the answer has `ended`), in the answer's order."""
         parts = self._parser.feed(text)
         if ended:
             parts += self._parser.finish()
-        content: list[str] = []
-        deltas: list[DeltaToolCall] = []
+        out: list[ChatDelta] = []
         for part in parts:
             if isinstance(part, str):
-                content.append(part)
+                if out and out[-1].content is not None:
+                    out[-1].content += part
+                else:
+                    out.append(ChatDelta(content=part))
                 continue
             head = DeltaFunctionCall(name=part.name, arguments="")
-            deltas.append(DeltaToolCall(index=self.calls, id=call_id(), type="function", function=head))
-            deltas.append(DeltaToolCall(index=self.calls, function=DeltaFunctionCall(arguments=part.arguments)))
+            out.append(
+                ChatDelta(tool_calls=[DeltaToolCall(index=self.calls, id=call_id(), type="function", function=head)])
+            )
+            out.append(
+                ChatDelta(
+                    tool_calls=[DeltaToolCall(index=self.calls, function=DeltaFunctionCall(arguments=part.arguments))]
+                )
+            )
             self.calls += 1
-        return "".join(content) or None, deltas
+        return out

@@ -81,10 +81,12 @@ def read_streamed(pieces: list[str]) -> tuple[str | None, list[tuple[str, str]]]
     content: list[str] = []
     calls: dict[int, dict] = {}
     for i, piece in enumerate(pieces):
-        text, deltas = streamed.delta(piece, ended=i == len(pieces) - 1)
-        assert text != ""  # nothing to say: None
-        content.append(text or "")
-        for delta in deltas:
+        for chunk in streamed.deltas(piece, ended=i == len(pieces) - 1):
+            assert chunk.content != "" and (chunk.content is None) != (chunk.tool_calls is None)
+            content.append(chunk.content or "")
+            if chunk.tool_calls is None:
+                continue
+            (delta,) = chunk.tool_calls  # one call delta a chunk
             if delta.id is not None:
                 assert delta.index == len(calls) and delta.type == "function" and delta.function.arguments == ""
                 assert delta.id.startswith("call_") and delta.function.name
