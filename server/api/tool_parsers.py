@@ -128,9 +128,14 @@ class Hermes(TaggedCalls):
         if not isinstance(call, dict):
             return None
         name, arguments = call.get("name"), call.get("arguments", {})
-        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        if not isinstance(name, str) or not _encodable(name) or not isinstance(arguments, dict):
             return None
-        return ParsedCall(name, json.dumps(arguments, ensure_ascii=False))
+        try:  # NaN, Infinity and numbers past a float's range are no JSON a client can read
+            text = json.dumps(arguments, ensure_ascii=False, allow_nan=False)
+        except (ValueError, RecursionError):
+            return None
+        # a lone surrogate ("\\ud800" in the model's JSON) stays escaped: the answer's UTF-8 cannot hold it
+        return ParsedCall(name, text if _encodable(text) else json.dumps(arguments))
 
 
 TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {"hermes": Hermes}
@@ -139,6 +144,15 @@ TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {"hermes": Hermes}
 def _text(parts: list[Part], text: str) -> None:
     if text:
         parts.append(text)
+
+
+def _encodable(text: str) -> bool:
+    """A non-empty text that UTF-8 can hold (not one with a lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return bool(text)
 
 
 def _prefix_at_end(text: str, marker: str) -> int:

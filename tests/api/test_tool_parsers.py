@@ -7,6 +7,7 @@ import typing
 import pytest
 
 from loraplex.settings import Settings
+from server.api.schemas import AssistantMessage
 from server.api.tool_parsers import TOOL_CALL_PARSERS, Hermes, ParsedCall, StreamedCalls, read_answer
 
 
@@ -38,6 +39,13 @@ ANSWERS: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         [("get_weather", '{"city": "Zürich 🌦", "note": "é"}')],
     ),
     ('<tool_call>{"name": "f"}</tool_call>', None, [("f", "{}")]),  # no arguments: none
+    # a lone surrogate, which UTF-8 cannot hold: escaped in the arguments, and a name of it no name
+    (
+        '<tool_call>{"name": "f", "arguments": {"x": "\\ud800 é"}}</tool_call>',
+        None,
+        [("f", '{"x": "\\ud800 \\u00e9"}')],
+    ),
+    ('<tool_call>{"name": "f\\udc00"}</tool_call>', '<tool_call>{"name": "f\\udc00"}</tool_call>', []),
     # not a call: the block stays text, markers included, where it was
     ("a <tool_call>{not json}</tool_call> b", "a <tool_call>{not json}</tool_call> b", []),
     ('<tool_call>{"name": 5, "arguments": {}}</tool_call>', '<tool_call>{"name": 5, "arguments": {}}</tool_call>', []),
@@ -47,6 +55,10 @@ ANSWERS: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         [],
     ),
     ("<tool_call>[1, 2]</tool_call>", "<tool_call>[1, 2]</tool_call>", []),
+    *[  # arguments no client could read as JSON
+        (f'<tool_call>{{"name": "f", "arguments": {{"x": {n}}}}}</tool_call>',) * 2 + ([],)
+        for n in ("NaN", "-Infinity", "1e999")
+    ],
     ("<tool_call>" + "[" * 100_000 + "</tool_call>", "<tool_call>" + "[" * 100_000 + "</tool_call>", []),
     (  # a bad block beside a good one: each read on its own
         f"<tool_call>oops</tool_call>{TIME}",
@@ -70,6 +82,7 @@ ANSWERS: list[tuple[str, str | None, list[tuple[str, str]]]] = [
 
 def read_whole(answer: str) -> tuple[str | None, list[tuple[str, str]]]:
     content, calls = read_answer(Hermes(), answer)
+    AssistantMessage(content=content, tool_calls=calls or None).model_dump_json()  # the answer's JSON holds it
     assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
     assert len({c.id for c in calls}) == len(calls)
     return content, [(c.function.name, c.function.arguments) for c in calls]
