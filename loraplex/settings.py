@@ -166,10 +166,10 @@ class Settings(BaseSettings):
     tool_call_parser: Literal["off", "hermes"] = Field(
         "off",
         description='Answer OpenAI tool_choice "auto" (the default where tools are sent: text or calls, as the model '
-        "chooses) by generating freely and reading the model's calls out of its text in this format, as vLLM's "
-        '--enable-auto-tool-choice --tool-call-parser: hermes, <tool_call>{"name": ..., "arguments": ...}'
-        '</tool_call> (Hermes 2 Pro, Qwen2.5 and many fine-tunes). off: "auto" is refused with a 422 saying '
-        'what to send instead ("required", a named function or "none", which run through the grammar engine).',
+        "chooses) by generating freely and reading the model's calls out of its text in this format, as vLLM's auto "
+        'tool choice does: hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> (Hermes 2 Pro, Qwen2.5 '
+        'and many models tuned from them). off: "auto" is refused with a 422 saying what to send instead '
+        '("required", a named function or "none", which run through the grammar engine).',
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
