@@ -137,8 +137,9 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Versions kept per adapter name: after each upload, the name's oldest versions beyond this many "
         "are deleted (at most 64 an upload), except those this server is using (leased by a running or queued "
-        "request, loading, or pinned; pruned at a later upload once free). The newest, which the name serves, always stays. On a fleet, a version "
-        "another replica runs finishes its running requests there, as after a delete. Default: every version is kept.",
+        "request, loading, or pinned; pruned at a later upload once free). The newest, which the name serves, always "
+        "stays. On a fleet, a version another replica runs finishes its running requests there, as after a delete. "
+        "Default: every version is kept.",
     )
     max_request_mb: int = Field(
         4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."
@@ -162,6 +163,14 @@ class Settings(BaseSettings):
         True,
         description="Run the LoRA deltas, RMSNorms, rotary embeddings and NF4 projections of steps of up to 256 "
         "tokens as Triton and CUDA kernels (CUDA only).",
+    )
+    tool_call_parser: Literal["off", "hermes"] = Field(
+        "off",
+        description='Answer OpenAI tool_choice "auto" (the default where tools are sent: text or calls, as the model '
+        "chooses) by generating freely and reading the model's calls out of its text in this format, as vLLM's auto "
+        'tool choice does: hermes, <tool_call>{"name": ..., "arguments": ...}</tool_call> (Hermes 2 Pro, Qwen2.5 '
+        'and many models tuned from them). off: "auto" is refused with a 422 saying what to send instead '
+        '("required", a named function or "none", which run through the grammar engine).',
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 

@@ -44,6 +44,7 @@ from server.api.schemas import (
     Usage,
 )
 from server.api.sse import OPENAI, sse_response
+from server.api.tool_parsers import TOOL_CALL_PARSERS, StreamedCalls, ToolCallParser, read_answer
 from server.api.tools import CallScanner, ToolPlan, read_calls
 from server.client_share import prefix_salt
 from server.engine import PromptToken, SamplingParams, TokenEvent
@@ -68,6 +69,11 @@ class ModelNotFound(AdapterNotFound):
 class MixOnAdapter(LoraplexError):
     http_status = 422
     code = "invalid_adapter_mix"
+
+
+class AutoToolChoiceOff(LoraplexError):
+    http_status = 422
+    code = "invalid_request"
 
 
 def _sampling(
@@ -405,11 +411,14 @@ def _scored_field(
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, inference: InferenceDep) -> Response:
     _salted(body)
+    parser = _tool_call_parser(body, request)
     adapter = await _adapter(body, inference)
     # None: a text answer. Planned off the loop: the tools' schemas are walked and dumped, up to every item of the body
     tools = await read_off_loop(lambda: body.tool_plan) if body.tools else None
+    forced = tools if tools is not None and tools.mode != "auto" else None  # calls forced by the grammar
+    spec = body.grammar_spec()
     try:
-        grammar = await inference.grammar(body.grammar_spec())
+        grammar = await inference.grammar(spec)
     except InvalidGrammar as exc:
         if tools is None:
             raise
@@ -424,13 +433,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         events = await _open_streams(request, runs, adapter, grammar, inference)
-        # each choice's calls, read as its text arrives
-        scanners = [CallScanner(tools.name) for _ in range(body.n)] if tools is not None else None
+        # each choice's calls, read as its text arrives: forced by the grammar, or told from its text by the parser
+        scanners = [CallScanner(forced.name) for _ in range(body.n)] if forced is not None else None
+        readers = [StreamedCalls(parser()) for _ in range(body.n)] if parser is not None else None
 
         async def chunks() -> AsyncIterator[ChatCompletionChunk | bytes]:
             async with aclosing(_choice_chunks(events, [len(prompt_ids)], body.n, body.include_usage)) as choices:
                 for index in range(body.n):
-                    first = ChatDelta(role="assistant", content="" if tools is None else None)
+                    first = ChatDelta(role="assistant", content="" if forced is None else None)
                     yield ChatCompletionChunk(
                         id=rid, created=created, model=body.model, choices=[ChatChunkChoice(index=index, delta=first)]
                     )
@@ -442,8 +452,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                         if not (calls or finish or usage or body.logprobs or scores):  # a call's head, unfinished
                             continue
                         delta = ChatDelta(tool_calls=calls or None)
+                    elif readers is not None:
+                        deltas = readers[index].deltas(event.text, finish is not None)
+                        if not (deltas or finish or usage or body.logprobs or scores):  # held back
+                            continue
+                        for delta in deltas[:-1]:  # a chunk each; the event's last carries its logprobs and end
+                            yield ChatCompletionChunk(
+                                id=rid, created=created, model=body.model,
+                                choices=[ChatChunkChoice(index=index, delta=delta)],
+                            )  # fmt: skip
+                        delta = deltas[-1] if deltas else ChatDelta()
                     else:
                         delta = ChatDelta(content=event.text)
+                    finish = _tools_finish(finish, tools, readers is not None and readers[index].calls > 0)
                     if scores is None:
                         yield chat_chunk(index, event, delta, finish, usage, None)
                     else:  # the prompt's scores, tens of objects a prompt token: built on the loop, they held it
@@ -468,7 +489,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                     ChatChunkChoice(
                         index=index,
                         delta=delta,
-                        finish_reason=_tools_finish(finish, tools),
+                        finish_reason=finish,
                         logprobs=_chat_logprobs([event], inference) if body.logprobs else None,
                     )
                 ],
@@ -486,8 +507,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
             choices=[
                 ChatChoice(
                     index=i,
-                    message=_message(r.text, tools),
-                    finish_reason=_tools_finish(_finish(r.events[-1]), tools),
+                    message=(message := _message(r.text, tools, parser)),
+                    finish_reason=_tools_finish(_finish(r.events[-1]), tools, bool(message.tool_calls)),
                     logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
                 )
                 for i, r in enumerate(results)
@@ -496,16 +517,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
     )
 
 
-def _message(text: str, tools: ToolPlan | None) -> AssistantMessage:
-    """A whole answer's message: its text, or with tools its calls (content null, as OpenAI answers them)."""
+def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> type[ToolCallParser] | None:
+    """The parser of a tool_choice "auto" request's answers (None for any other request); a 422 saying what to send
+    on a server without one."""
+    if not body.auto_tools:
+        return None
+    name = request.app.state.settings.tool_call_parser
+    if name == "off":
+        raise AutoToolChoiceOff(
+            "tool_choice \"auto\" (OpenAI's default where tools are sent) needs a parser of the model's own call "
+            "format, to tell its calls from its text, and this server runs without one: start it with "
+            f"--tool-call-parser ({', '.join(TOOL_CALL_PARSERS)}) where the model writes calls in that format. Or "
+            'send tool_choice "required" (the answer is one or more calls of the tools), {"type": "function", '
+            '"function": {"name": ...}} (a call of that function), or "none" (a text answer, the tools unused)'
+        )
+    return TOOL_CALL_PARSERS[name]
+
+
+def _message(text: str, tools: ToolPlan | None, parser: type[ToolCallParser] | None) -> AssistantMessage:
+    """A whole answer's message: its text; with forced calls, the calls (content null, as OpenAI answers them);
+    with tool_choice "auto", what the parser reads: text, calls or both."""
+    if parser is not None:
+        content, calls = read_answer(parser(), text)
+        return AssistantMessage(content=content, tool_calls=calls or None)
     if tools is None:
         return AssistantMessage(content=text)
     return AssistantMessage(content=None, tool_calls=read_calls(text, tools.name))
 
 
-def _tools_finish(finish: OpenAIFinishReason | None, tools: ToolPlan | None) -> OpenAIFinishReason | None:
-    """OpenAI's (and vLLM's) finish reason of an answer of calls: "tool_calls" for tool_choice "required", "stop"
-    for a named function; one cut by max_tokens is "length" either way."""
-    if finish == "stop" and tools is not None and tools.mode == "required":
+def _tools_finish(finish: OpenAIFinishReason | None, tools: ToolPlan | None, called: bool) -> OpenAIFinishReason | None:
+    """OpenAI's (and vLLM's) finish reason of an answer of calls: "tool_calls" for tool_choice "required", and for
+    "auto" where the answer `called` a tool; "stop" for a named function; one cut by max_tokens is "length" either
+    way."""
+    if finish == "stop" and tools is not None and (tools.mode == "required" or (tools.mode == "auto" and called)):
         return "tool_calls"
     return finish

@@ -742,12 +742,13 @@ class ChatCompletionRequest(OpenAISampling):
         Annotated[list[Tool], Field(max_length=MAX_TOOLS, fail_fast=True), counted_first(MAX_TOOLS, "tools")] | None
     ) = Field(
         None,
-        description=f'Functions the answer calls (at most {MAX_TOOLS}), with tool_choice "required" or naming one.',
+        description=f"Functions the answer may call (at most {MAX_TOOLS}): as tool_choice says.",
     )
     tool_choice: Annotated[ToolChoiceMode | NamedToolChoice | None, BeforeValidator(tool_choice_form)] = Field(
         None,
         description='"required": one or more calls of the tools; {"type": "function", "function": {"name": ...}}: a '
-        'call of that function; "none": a text answer, the tools unused. "auto" (the default with tools) is refused.',
+        'call of that function; "none": a text answer, the tools unused; "auto" (the default with tools): text or '
+        "calls, as the model chooses, read by the server's --tool-call-parser (refused on a server without one).",
     )
     parallel_tool_calls: bool | None = Field(None, description='false: tool_choice "required" makes one call.')
 
@@ -763,14 +764,18 @@ class ChatCompletionRequest(OpenAISampling):
         check_tools(self.tools, self.tool_choice)
         return self
 
+    @property
+    def auto_tools(self) -> bool:
+        """tool_choice "auto", sent or OpenAI's default where tools are sent: text or calls, as the model chooses."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
     @cached_property
     def tool_plan(self) -> ToolPlan | None:
         """What the tools ask for (None: no call, tool_choice "none" or no tools); InvalidGrammar where a tool's
         schema is past the grammar's bounds."""
-        if not self.tools or self.tool_choice in (None, "none", "auto"):
+        if not self.tools or self.tool_choice == "none":
             return None
-        assert self.tool_choice is not None
-        return tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+        return tool_plan(self.tools, self.tool_choice or "auto", self.parallel_tool_calls is not False)
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The answer's one constraint: a forced tool call's, or what OpenAISampling.grammar_spec reads."""
@@ -778,6 +783,14 @@ class ChatCompletionRequest(OpenAISampling):
         plan = self.tool_plan
         if plan is None:
             return other
+        if plan.spec is None:  # "auto": the answer is free, so that it can be text or calls
+            if other is not None:
+                raise InvalidGrammar(
+                    'tool_choice "auto" lets the model answer in text or call a tool, and response_format (or a '
+                    "guided_ field, or structured_outputs) constrains the answer to its form, which leaves no way to "
+                    'call: send tool_choice "none" for an answer of that form, or leave the constraint out'
+                )
+            return None
         if other is not None:
             raise InvalidGrammar(
                 "tool_choice forces the answer to be tool calls, and response_format (or a guided_ field, or "

@@ -3,7 +3,8 @@ format: `tool_choice` naming a function generates that function's arguments unde
 `"required"` generates a JSON array of calls, `[{"name": ..., "parameters": ...}, ...]`, under a schema that is an
 anyOf over the tools (each branch fixing the name and its parameters' schema), and the array is read into
 tool_calls. `"auto"` (OpenAI's default where tools are sent) lets the model choose between text and calls, which
-only a parser of each model's own format can tell apart: it is refused, saying what to send instead.
+only a parser of each model's own format can tell apart: its answer is generated freely and read by the parser
+that --tool-call-parser names (tool_parsers.py), and refused, saying what to send instead, on a server without one.
 
 The grammar generates compact JSON with the properties in the schema's order (llguidance's), so a "required"
 answer is `[{"name":"N","parameters":V},...]` to the byte: CallScanner reads it as it streams, and the same scanner
@@ -173,20 +174,21 @@ def parameters_of(function: FunctionDefinition) -> dict:
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """What a request's tools ask for: `mode` "named" (a call of `name`) or "required" (one or more calls), the
-    grammar of the answer, the tools as the chat template takes them and their texts (counted against the prompt's
-    bound: templates render them)."""
+    """What a request's tools ask for: `mode` "named" (a call of `name`), "required" (one or more calls) or "auto"
+    (text or calls, as the model chooses), the grammar of the answer (none for "auto"), the tools as the chat
+    template takes them and their texts (counted against the prompt's bound: templates render them)."""
 
-    mode: Literal["named", "required"]
-    spec: GrammarSpec
+    mode: Literal["named", "required", "auto"]
+    spec: GrammarSpec | None
     template_tools: list[dict]
     texts: list[str]
     name: str | None = None
 
 
 def tool_plan(tools: list[Tool], choice: NamedToolChoice | str, parallel: bool) -> ToolPlan:
-    """The plan of validated `tools` under a forcing `choice` ("required" or a named function); InvalidGrammar
-    (422) for a schema the grammar's bounds refuse, naming its tool."""
+    """The plan of validated `tools` under `choice` ("required", "auto" or a named function); InvalidGrammar (422)
+    for a schema the grammar's bounds refuse, naming its tool (held to them under "auto" too, whose answer they do
+    not constrain: the same tools are taken whatever the choice)."""
     compact = []
     for i, tool in enumerate(tools):
         try:
@@ -199,6 +201,8 @@ def tool_plan(tools: list[Tool], choice: NamedToolChoice | str, parallel: bool) 
         for s, t in zip(compact, tools, strict=True)
         for text in (s.text, t.function.name, t.function.description or "")
     ]
+    if choice == "auto":
+        return ToolPlan("auto", None, template_tools, texts)
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
         spec = next(s for s, t in zip(compact, tools, strict=True) if t.function.name == name)
@@ -271,13 +275,6 @@ def check_tools(tools: list[Tool] | None, choice: NamedToolChoice | str | None) 
         if name in seen:
             raise ValueError(f"tools name the function {name!r} twice: give each tool a name of its own")
         seen.add(name)
-    if choice is None or choice == "auto":
-        raise ValueError(
-            'tool_choice "auto" (OpenAI\'s default where tools are sent) is not supported: telling a call from text '
-            'needs a parser of each model\'s own format. Send tool_choice "required" (the answer is one or more '
-            'calls of the tools), {"type": "function", "function": {"name": ...}} (a call of that function), or '
-            '"none" (a text answer, the tools unused)'
-        )
     if isinstance(choice, NamedToolChoice) and choice.function.name not in seen:
         listed = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         raise ValueError(

@@ -46,8 +46,6 @@ NAMED = {"type": "function", "function": {"name": "weather"}}
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
-        ({"tools": [tool("weather")]}, 'tool_choice "auto"'),  # OpenAI's default with tools: auto
-        ({"tools": [tool("weather")], "tool_choice": "auto"}, 'Send tool_choice "required"'),
         ({"tool_choice": "required"}, 'tool_choice "required" needs tools'),
         ({"tool_choice": NAMED}, "needs tools"),
         ({"tools": [tool("weather"), tool("weather")], "tool_choice": "required"}, "'weather' twice"),
@@ -69,6 +67,13 @@ def test_tools_and_tool_choice_that_cannot_be_answered_as_asked_are_refused_sayi
 
 def test_none_keeps_tools_unused_and_forcing_choices_plan_a_grammar() -> None:
     assert chat(tools=[tool("weather")], tool_choice="none").tool_plan is None
+    for auto in (chat(tools=[tool("weather", WEATHER)]), chat(tools=[tool("weather")], tool_choice="auto")):
+        plan = auto.tool_plan  # OpenAI's default with tools: the tools go to the template, the answer is free
+        assert auto.auto_tools and plan is not None and plan.mode == "auto" and plan.spec is None
+        assert plan.template_tools[0]["function"]["name"] == "weather" and auto.grammar_spec() is None
+    with pytest.raises(InvalidGrammar, match='tool_choice "auto" lets the model answer in text or call a tool'):
+        chat(tools=[tool("weather")], response_format={"type": "json_object"}).grammar_spec()
+    assert not chat(tools=[tool("weather")], tool_choice="required").auto_tools
     named = chat(tools=[tool("weather", WEATHER), tool("time")], tool_choice=NAMED).tool_plan
     assert named is not None and named.mode == "named" and named.name == "weather"
     assert json.loads(named.spec.text) == WEATHER  # the function's own schema: its arguments are the answer

@@ -5,11 +5,16 @@ while an honest call runs beside it, unchanged."""
 
 import json
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
+
+from e2e.server import embedded_server
+from server.api.tool_parsers import Hermes, read_answer
 
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
@@ -141,8 +146,8 @@ def tools_with(**function: object) -> list[dict]:
 
 # (the body's fields besides model, messages and max_tokens, the status, the error code, a phrase of its message)
 HOSTILE: list[tuple[dict, int, str, str]] = [
-    ({"tools": TOOLS}, 422, "invalid_request", 'tool_choice "auto"'),
-    ({"tools": TOOLS, "tool_choice": "auto"}, 422, "invalid_request", 'Send tool_choice "required"'),
+    ({"tools": TOOLS}, 422, "invalid_request", 'tool_choice "auto"'),  # a server without --tool-call-parser
+    ({"tools": TOOLS, "tool_choice": "auto"}, 422, "invalid_request", 'send tool_choice "required"'),
     ({"tool_choice": "required"}, 422, "invalid_request", "needs tools"),
     ({"tools": [*TOOLS, TOOLS[0]], "tool_choice": "required"}, 422, "invalid_request", "twice"),
     (
@@ -205,3 +210,102 @@ def test_hostile_tools_requests_get_their_4xx_and_an_honest_call_beside_them_is_
     deltas = [d for chunk in [first, *beside] for c in chunk.choices for d in c.delta.tool_calls or []]
     assert [(deltas[0].function.name, "".join(d.function.arguments or "" for d in deltas))] == alone
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+# ---- tool_choice "auto", read by --tool-call-parser ---------------------------------------------------------
+
+SUM = [{"role": "user", "content": "What is 2+2? Answer with the number only."}]  # greedy: "2 + 2 = 4", then the end
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+# the embedded model writes no calls of its own (its template does not show tools), but greedy it repeats a turn
+# of its history when asked to: this one, text then a call in Hermes's format
+REPEATED_CALL = [
+    {"role": "user", "content": "Say hi"},
+    {"role": "assistant", "content": "Let me check.\n" + HERMES_CALL},
+    {"role": "user", "content": "Say it again, exactly the same."},
+]
+
+
+@pytest.fixture(scope="module")
+def auto_client(embedded_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """A server with --tool-call-parser hermes, started once for this module's "auto" tests (~15 s on two cores)."""
+    tmp = tmp_path_factory.mktemp("auto")
+    flags = ("--max-batch-size", "4", "--max-seq-len", "512", "--tool-call-parser", "hermes")
+    with embedded_server(tmp, embedded_cache_dir, *flags) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+
+
+def streamed_answers(client: openai.OpenAI, **params: object) -> list[tuple[str | None, list[tuple[str, str]], str]]:
+    """Each choice's content, calls and finish reason as its chunks add up; each chunk holds one call delta at most,
+    a call's first with its id, type and name, the next its arguments."""
+    content: dict[int, str] = {}
+    calls: dict[int, list[dict]] = {}
+    finish: dict[int, str] = {}
+    ids: list[str] = []
+    for chunk in client.chat.completions.create(stream=True, **params):  # type: ignore[call-overload]
+        for choice in chunk.choices:
+            content[choice.index] = content.get(choice.index, "") + (choice.delta.content or "")
+            own = calls.setdefault(choice.index, [])
+            assert len(choice.delta.tool_calls or []) <= 1, choice.delta
+            for delta in choice.delta.tool_calls or []:
+                if delta.id is not None:
+                    assert delta.index == len(own) and delta.type == "function" and delta.id.startswith("call_")
+                    ids.append(delta.id)
+                    own.append({"name": delta.function.name, "arguments": delta.function.arguments or ""})
+                else:
+                    assert delta.function.name is None and delta.index == len(own) - 1
+                    own[-1]["arguments"] += delta.function.arguments
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+    assert len(set(ids)) == len(ids)  # every call of every choice an id of its own
+    return [
+        ((content[i] or None) if calls[i] else content[i], [(c["name"], c["arguments"]) for c in calls[i]], finish[i])
+        for i in sorted(finish)
+    ]
+
+
+def whole_answer(choice) -> tuple[str | None, list[tuple[str, str]], str]:
+    calls = choice.message.tool_calls or []
+    assert len({c.id for c in calls}) == len(calls) and all(c.id.startswith("call_") for c in calls)
+    return choice.message.content, [(c.function.name, c.function.arguments) for c in calls], choice.finish_reason
+
+
+def test_auto_is_refused_naming_the_flag_on_a_server_without_a_parser(client: openai.OpenAI) -> None:
+    for choice in ({}, {"tool_choice": "auto"}):  # sent, or OpenAI's default where tools are sent
+        with pytest.raises(openai.UnprocessableEntityError, match=r'tool_choice "auto".*--tool-call-parser \(hermes\)'):
+            client.chat.completions.create(model=MODEL, messages=SUM, tools=TOOLS, max_tokens=8, **choice)
+
+
+def test_auto_answers_text_as_content_streamed_or_not(auto_client: openai.OpenAI) -> None:
+    """The model answers in text: its content, finish reason "stop", as the same request answers without tools
+    (the embedded template does not show them: the prompt is the same); each request computes its prompt afresh."""
+    params = {"model": MODEL, "messages": SUM, "max_tokens": 32, "temperature": 0}
+    plain = auto_client.chat.completions.create(**params, extra_body={"cache_salt": "plain"}).choices[0]
+    assert plain.finish_reason == "stop" and "4" in plain.message.content
+    whole = auto_client.chat.completions.create(**params, tools=TOOLS, extra_body={"cache_salt": "auto-whole"})
+    assert whole_answer(whole.choices[0]) == (plain.message.content, [], "stop")
+    streamed = streamed_answers(auto_client, **params, tools=TOOLS, tool_choice="auto",
+                                extra_body={"cache_salt": "auto-stream"})  # fmt: skip
+    assert streamed == [(plain.message.content, [], "stop")]
+    with pytest.raises(openai.UnprocessableEntityError, match="leaves no way to call"):
+        auto_client.chat.completions.create(**params, tools=TOOLS, response_format={"type": "json_object"})
+    named = auto_client.chat.completions.create(**params, tools=TOOLS, tool_choice=NAMED)  # forced, as before
+    assert [name for name, _ in calls_of(named.choices[0].message)] == ["get_weather"]
+
+
+def test_auto_reads_the_models_calls_out_of_its_text_streamed_or_not_each_choice_its_own(
+    auto_client: openai.OpenAI,
+) -> None:
+    """The text before the call is content, the call a tool call, finish reason "tool_calls"; streamed, the same,
+    for each of n choices, with ids of their own."""
+    params = {"model": MODEL, "messages": REPEATED_CALL, "tools": TOOLS, "max_tokens": 48, "temperature": 0}
+    raw = auto_client.chat.completions.create(**params, tool_choice="none", extra_body={"cache_salt": "raw"})
+    text = raw.choices[0].message.content
+    assert HERMES_CALL in text  # the model's answer, the tools unused: a call in the format, as asked
+    content, calls = read_answer(Hermes(), text)
+    expected = (content, [(c.function.name, c.function.arguments) for c in calls], "tool_calls")
+    assert content and calls and expected[1] == [("get_weather", '{"city": "Paris", "days": 3}')]  # text, then the call
+    whole = auto_client.chat.completions.create(**params, extra_body={"cache_salt": "calls-whole"})
+    assert whole_answer(whole.choices[0]) == expected
+    jsonschema.validate(json.loads(whole.choices[0].message.tool_calls[0].function.arguments), WEATHER)
+    streamed = streamed_answers(auto_client, **params, n=2, extra_body={"cache_salt": "calls-stream"})
+    assert streamed == [expected, expected]
