@@ -144,8 +144,9 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Versions kept per adapter name: after each upload, the name's oldest versions beyond this many "
         "are deleted (at most 64 an upload), except those this server is using (leased by a running or queued "
-        "request, loading, or pinned; pruned at a later upload once free). The newest, which the name serves, always stays. On a fleet, a version "
-        "another replica runs finishes its running requests there, as after a delete. Default: every version is kept.",
+        "request, loading, or pinned; pruned at a later upload once free). The newest, which the name serves, always "
+        "stays. On a fleet, a version another replica runs finishes its running requests there, as after a delete. "
+        "Default: every version is kept.",
     )
     max_request_mb: int = Field(
         4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."
