@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         description="Connections one peer address may hold open; past it its new ones are closed, so that one "
         "client cannot hold every connection (behind a proxy, one address is everyone); default: no share.",
     )
+    max_unsent_mb: int = Field(
+        512,
+        ge=1,
+        description="MiB of answers waiting in the server for clients that read them slowly or not at all, in all "
+        "(an answer with logprobs of 8 choices is ~30 MB). Past it the connections whose clients took the fewest "
+        "bytes a second since they fell behind are reset, one behind for less than a second last.",
+    )
     max_active_adapters: int | None = Field(
         None,
         ge=1,

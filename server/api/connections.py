@@ -16,6 +16,12 @@ so that a flood of silent connections cannot lock out a client with a request; w
 request under way, the new one is closed. A share for each peer address (nginx's limit_conn) keeps one client
 from holding every connection with requests it sends slowly.
 
+Neither bounds the memory that answers waiting for their clients hold: each connection's unsent bytes wait in its
+write buffer until the stall deadline, or for as long as its client takes a few bytes now and then, and an answer
+with logprobs of 8 choices is ~30 MB. The bytes of every connection behind its answer count against one budget
+(--max-unsent-mb); past it, the connections whose clients took the fewest bytes a second since they fell behind are
+reset, a connection behind for less than UNSENT_GRACE_S last (its client has had no time to read).
+
 A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
 and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
 
@@ -42,6 +48,7 @@ STALL_TIMEOUT_S = 60.0
 NR_OPEN = 1 << 20  # Linux's default ceiling on a process's descriptors, where the hard limit is unlimited
 FILES_RESERVE = 256  # descriptors kept from connections for the process's own files (adapters, logs, the store)
 CAP_LOG_EVERY_S = 10.0
+UNSENT_GRACE_S = 1.0  # a connection behind for less than this is reset past the budget last
 
 log = logging.getLogger("loraplex")
 
@@ -70,13 +77,19 @@ def connections_allowed(max_connections: int, open_files_limit: int) -> int:
 
 
 class ConnectionCap:
-    """One server's open connections: how many there may be, in all and from one peer address, and those waiting
-    for a request head, the longest waiting first (a dict keeps the order its keys were set in)."""
+    """One server's open connections: how many there may be, in all and from one peer address, those waiting for a
+    request head, the longest waiting first (a dict keeps the order its keys were set in), and those behind their
+    answers, with the bytes they may hold unsent in all."""
 
-    def __init__(self, max_connections: int, max_per_client: int | None = None) -> None:
+    def __init__(self, max_connections: int, max_per_client: int | None = None, max_unsent: int | None = None) -> None:
         self.max_connections = max_connections
         self.max_per_client = max_per_client
+        self.max_unsent = max_unsent
         self.waiting: dict[DeadlineH11Protocol, None] = {}
+        # connections with bytes unsent: when each fell behind, and how many bytes it then had unsent
+        self.behind: dict[DeadlineH11Protocol, tuple[float, int]] = {}
+        self._unsent_resets = 0
+        self._unsent_logged_at = -CAP_LOG_EVERY_S
         self.per_client: Counter[str] = Counter()
         self.open = 0  # connections made and not yet lost, those closing included
         self.on_close: Callable[[], None] | None = None  # called for each connection the cap closes (a metric)
@@ -101,9 +114,46 @@ class ConnectionCap:
                 oldest = next((c for c in new.connections if c is not new and c.transport.is_closing()), new)
             self._close(oldest)
 
+    def fell_behind(self, protocol: "DeadlineH11Protocol") -> None:
+        """Called as `protocol` has bytes left unsent (its writes paused): past the budget, reset the connections
+        whose clients took the fewest bytes a second since they fell behind, those behind for less than
+        UNSENT_GRACE_S last and the newest of them first, until the rest fit."""
+        now = time.monotonic()
+        self.behind[protocol] = (now, protocol.unsent())
+        if self.max_unsent is None:
+            return
+        unsent = sum(c.unsent() for c in self.behind)
+        if unsent <= self.max_unsent:
+            return
+
+        def first_reset(c: DeadlineH11Protocol) -> tuple[bool, float, float]:
+            since, unsent_then = self.behind[c]
+            if now - since < UNSENT_GRACE_S:
+                return True, 0.0, -since
+            return False, (unsent_then - c.unsent()) / (now - since), since
+
+        while unsent > self.max_unsent and self.behind:
+            victim = min(self.behind, key=first_reset)
+            unsent -= victim.unsent()
+            del self.behind[victim]
+            victim.reset()
+            self._unsent_resets += 1
+        if now - self._unsent_logged_at >= CAP_LOG_EVERY_S:
+            log.warning(
+                "reset %d connections whose clients read their answers slowest: past --max-unsent-mb (%d MiB) of "
+                "answers waiting for their clients",
+                self._unsent_resets,
+                self.max_unsent >> 20,
+            )
+            self._unsent_logged_at, self._unsent_resets = now, 0
+
+    def caught_up(self, protocol: "DeadlineH11Protocol") -> None:
+        self.behind.pop(protocol, None)
+
     def release(self, protocol: "DeadlineH11Protocol") -> None:
         self.open -= 1
         self.waiting.pop(protocol, None)
+        self.behind.pop(protocol, None)
         self.per_client[protocol.peer] -= 1
         if not self.per_client[protocol.peer]:
             del self.per_client[protocol.peer]
@@ -177,23 +227,28 @@ class DeadlineH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._stalled, self._unsent())
+            self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._stalled, self.unsent())
+        if self.cap is not None:
+            self.cap.fell_behind(self)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if self.cap is not None:
+            self.cap.caught_up(self)
 
-    def _unsent(self) -> int:
+    def unsent(self) -> int:
+        """Bytes of the answer in this process's write buffer, not yet taken by the kernel."""
         return self.transport.get_write_buffer_size()
 
     def _stalled(self, unsent_before: int) -> None:
         # reset when the client accepted no byte since the deadline was set; a slow reader's deadline starts again
-        if (unsent := self._unsent()) < unsent_before:
+        if (unsent := self.unsent()) < unsent_before:
             self._stall_timer = self.loop.call_later(self.stall_timeout_s, self._stalled, unsent)
         else:
-            self._reset()
+            self.reset()
 
     def end(self) -> None:
         """Close the connection; reset it when bytes for the client are still unsent (here or in the kernel), which
@@ -204,15 +259,15 @@ class DeadlineH11Protocol(H11Protocol):
             in_kernel = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] if sock else 0
         except OSError:  # not a TCP socket on Linux: only asyncio's own buffer is known
             in_kernel = 0
-        if self._unsent() or in_kernel:
-            self._reset()
+        if self.unsent() or in_kernel:
+            self.reset()
         else:
             self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
         pass  # uvicorn logged two warnings for every request with an Upgrade header: a log any client could flood
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         # A reset, not a close (nginx's reset_timedout_connection): a closed socket outlives its descriptor in the
         # kernel, holding its unsent bytes and retrying a client that accepts none for minutes; a linger of 0 makes
         # the close discard them and send RST.
@@ -251,8 +306,10 @@ class DeadlineH11Protocol(H11Protocol):
             self.end()
 
 
-def server_protocol(max_connections: int, max_per_client: int | None = None) -> type[DeadlineH11Protocol]:
+def server_protocol(
+    max_connections: int, max_per_client: int | None = None, max_unsent: int | None = None
+) -> type[DeadlineH11Protocol]:
     """The protocol of one server, its connections capped at `max_connections`, `max_per_client` from one peer
-    address."""
-    cap = ConnectionCap(max_connections, max_per_client)
+    address, the bytes of answers waiting for their clients at `max_unsent` in all (None: no budget)."""
+    cap = ConnectionCap(max_connections, max_per_client, max_unsent)
     return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"cap": cap})

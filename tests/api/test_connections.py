@@ -18,7 +18,7 @@ import pytest
 import torch
 from e2e.server import serve_app, wait_ready
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.basemodel import load_base_model
@@ -36,6 +36,7 @@ from server.client_share import peer_client
 from server.metrics import Metrics
 
 DEADLINE_S = 1.0
+MIB = 1 << 20
 
 
 class ShortDeadlines(DeadlineH11Protocol):
@@ -248,6 +249,7 @@ def small_app() -> FastAPI:
         return {"length": len(await request.body())}
 
     app.get("/big")(lambda: {"text": "x" * 40_000})  # under asyncio's 64 KiB write buffer limit
+    app.get("/mib")(lambda: Response(b"x" * MIB))  # a large answer, as logprobs of many choices make
     return app
 
 
@@ -389,6 +391,28 @@ def test_a_client_reading_slowly_but_steadily_gets_its_whole_answer() -> None:
                 time.sleep(DEADLINE_S / 4)
         assert time.monotonic() - start > 2 * DEADLINE_S and received.endswith(b'"}')
         assert json.loads(received.partition(b"\r\n\r\n")[2]) == {"text": "x" * 40_000}
+
+
+def test_answers_nobody_reads_are_bounded_in_all() -> None:
+    """Clients that read none of a large answer each held it whole in the server's memory until the stall deadline,
+    and for as long as they liked taking a few bytes now and then: a flood of them (an answer with logprobs of 8
+    choices is ~30 MB) held gigabytes. Past the budget the server resets the connections whose clients took the
+    fewest bytes a second since they fell behind; a client that reads gets its whole answer meanwhile."""
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little of the answer
+    listening.bind(("127.0.0.1", 0))
+    # the stall deadline's default (60 s): only the budget ends a connection within this test
+    with serve_app(small_app(), http=server_protocol(64, max_unsent=3 * MIB), sock=listening) as url:
+        unread = [connect(url, b"GET /mib HTTP/1.1\r\nHost: x\r\n\r\n", receive_buffer=4096) for _ in range(3)]
+        time.sleep(1.5)  # fallen behind for longer than a fresh answer's grace
+        later = [connect(url, b"GET /mib HTTP/1.1\r\nHost: x\r\n\r\n", receive_buffer=4096) for _ in range(2)]
+        assert httpx.get(f"{url}/mib", timeout=10).content == b"x" * MIB
+        ended = [read_until_closed(sock, 2) for sock in [*unread, *later]]
+        for sock in [*unread, *later]:
+            sock.close()
+    resets = [e is not None and e[1] for e in ended]
+    # 6 MiB asked for, 3 MiB held: the first three, behind longest at no rate, make room for the newer answers
+    assert resets == [True, True, True, False, False]
 
 
 def test_an_upgrade_request_is_served_as_plain_http_and_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
