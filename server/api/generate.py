@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference
-from server.api.jsonbody import OffLoopJsonRoute
+from server.api.jsonbody import OffLoopJsonRoute, read_where_cheapest
 from server.api.render import json_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
@@ -129,7 +129,7 @@ def _total_logprob(result: Generation) -> float:
 
 async def _generate(body: TgiRequest, request: Request, inference: Inference) -> Callable[[], TgiResponse]:
     """The request run to its end; what it returns builds the answer (off the event loop: see render.py)."""
-    grammar = await inference.grammar(body.parameters.grammar_spec())
+    grammar = await inference.grammar(await read_where_cheapest(request, body.parameters.grammar_spec))
     prompt_ids = await prompt_of(body, inference)
     prefill = body.parameters.details and body.parameters.decoder_input_details  # TGI streams no prefill
     samplings = choice_samplings(sampling_of(body, prompt_ids, inference, prefill), body.parameters.best_of or 1)
@@ -152,10 +152,10 @@ async def _generate(body: TgiRequest, request: Request, inference: Inference) ->
     return answer
 
 
-async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
+async def _events(body: TgiRequest, request: Request, inference: Inference) -> AsyncIterator[TgiStreamEvent]:
     if (body.parameters.best_of or 1) > 1:
         raise StreamedBestOf("best_of > 1 cannot be streamed (TGI's rule): use /generate, or best_of 1")
-    grammar = await inference.grammar(body.parameters.grammar_spec())
+    grammar = await inference.grammar(await read_where_cheapest(request, body.parameters.grammar_spec))
     prompt_ids = await prompt_of(body, inference)
     sampling = sampling_of(body, prompt_ids, inference)
     events = await inference.open_stream(prompt_ids, sampling, adapter_of(body, inference), grammar)
@@ -186,7 +186,7 @@ async def _events(body: TgiRequest, inference: Inference) -> AsyncIterator[TgiSt
 async def _stream(body: TgiRequest, request: Request, inference: Inference) -> StreamingResponse:
     # Until its first event the stream has no response that could hear the client leave: a client gone while
     # its request waits in the queue must cancel it, not leave it to run to max_new_tokens for nobody.
-    return sse_response(await until_disconnected(request, lambda: _events(body, inference)), TGI)
+    return sse_response(await until_disconnected(request, lambda: _events(body, request, inference)), TGI)
 
 
 @router.post("/generate", response_model=TgiResponse)

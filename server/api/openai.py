@@ -16,7 +16,7 @@ from adapters.errors import AdapterError, AdapterNotFound
 from loraplex.errors import LoraplexError
 from server.api.auth import require_inference
 from server.api.deps import get_inference, get_runtime
-from server.api.jsonbody import OffLoopJsonRoute, read_off_loop
+from server.api.jsonbody import OffLoopJsonRoute, read_off_loop, read_where_cheapest
 from server.api.render import json_off_loop, rendered_off_loop
 from server.api.schemas import (
     LOGPROB_FLOOR,
@@ -298,7 +298,7 @@ async def _choice_chunks(
 async def completions(body: CompletionRequest, request: Request, inference: InferenceDep) -> Response:
     _salted(body)
     adapter = await _adapter(body, inference)
-    grammar = await inference.grammar(body.grammar_spec())
+    grammar = await inference.grammar(await read_where_cheapest(request, body.grammar_spec))
     texts, prompt_ids = body.prompts
     if texts:
         prompt_ids = await inference.encode_prompts(texts)
@@ -416,7 +416,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
     # None: a text answer. Planned off the loop: the tools' schemas are walked and dumped, up to every item of the body
     tools = await read_off_loop(lambda: body.tool_plan) if body.tools else None
     forced = tools if tools is not None and tools.mode != "auto" else None  # calls forced by the grammar
-    spec = body.grammar_spec()
+    spec = await read_where_cheapest(request, body.grammar_spec)
     try:
         grammar = await inference.grammar(spec)
     except InvalidGrammar as exc:
