@@ -102,8 +102,9 @@ class Settings(BaseSettings):
         512,
         ge=1,
         description="MiB of answers waiting in the server for clients that read them slowly or not at all, in all "
-        "(an answer with logprobs of 8 choices is ~30 MB). Past it the connections whose clients took the fewest "
-        "bytes a second since they fell behind are reset, one behind for less than a second last.",
+        "(an answer with logprobs of 8 choices is ~30 MB): unsent bytes and streams' backlogs (events made and not "
+        "yet written, as estimated). Past it the connections whose clients took the fewest bytes a second since they "
+        "fell behind are reset, one behind for less than a second last.",
     )
     max_active_adapters: int | None = Field(
         None,

@@ -492,8 +492,10 @@ class Inference:
 
 
 async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """Interleave streams by arrival; an error in one raises here, and closing this cancels them all."""
-    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+    """Interleave streams by arrival; an error in one raises here, and closing this cancels them all. At most one
+    item a stream waits here: the rest of a stream read slowly waits in its own queue, where its connection's
+    backlog counts it (backlog.py)."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue(len(streams))
 
     async def pump(index: int, stream: AsyncIterator[TokenEvent]) -> None:
         try:

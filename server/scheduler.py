@@ -3,7 +3,7 @@ cancellation, latency hooks.
 
 Nothing here touches torch or waits on the device: the engine thread hands events over through a mailbox that
 wakes the event loop once per burst (a step's events), and leaving a stream early cancels its request in the
-engine.
+engine. The events waiting in a stream's queue count on its connection's backlog (backlog.py), on the event loop.
 """
 
 import asyncio
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 
+from server.backlog import Backlog, current_backlog, event_bytes
 from server.client_share import ClientShares
 from server.engine import Engine, GenerationRequest, TokenEvent
 from server.engine.errors import EngineError
@@ -61,6 +62,37 @@ class Mailbox:
             queue.put_nowait(event)
 
 
+class BacklogQueue(asyncio.Queue[TokenEvent]):
+    """A stream's events waiting for it to read them, their estimated bytes counted on `backlog` (a running total:
+    O(1) an event, on the event loop, where the mailbox delivers). Once closed it takes no more, and what it held no
+    longer counts."""
+
+    def __init__(self, backlog: Backlog) -> None:
+        super().__init__()
+        self._backlog = backlog
+        self._sizes: deque[int] = deque()  # each waiting event's estimate, in the queue's order
+        self._closed = False
+
+    def _put(self, event: TokenEvent) -> None:  # asyncio.Queue's hook, as LifoQueue's
+        if self._closed:  # the stream has left: nobody reads it (its get loops while the queue is empty)
+            return
+        size = event_bytes(event)
+        self._sizes.append(size)
+        self._backlog.add(size)
+        super()._put(event)
+
+    def _get(self) -> TokenEvent:
+        self._backlog.add(-self._sizes.popleft())
+        return super()._get()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backlog.add(-sum(self._sizes))
+            self._sizes.clear()
+            self._queue.clear()  # type: ignore[attr-defined]
+
+
 class TokenStream:
     """Async iterator of one request's TokenEvents; the last has finish_reason set.
 
@@ -69,12 +101,20 @@ class TokenStream:
     (a 4xx EngineError) is raised as itself.
     """
 
-    def __init__(self, engine: Engine, request: GenerationRequest, hooks: LatencyHooks, mailbox: Mailbox) -> None:
-        """A stream for `request`, which the caller submits to `engine` with `sink` as its events' sink."""
+    def __init__(
+        self,
+        engine: Engine,
+        request: GenerationRequest,
+        hooks: LatencyHooks,
+        mailbox: Mailbox,
+        backlog: Backlog | None = None,
+    ) -> None:
+        """A stream for `request`, which the caller submits to `engine` with `sink` as its events' sink; the events
+        waiting for it count on `backlog` (None: not counted)."""
         self.request_id = request.request_id
         self._engine = engine
         self._hooks = hooks
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue() if backlog is None else BacklogQueue(backlog)
         self._done = False
         self._submitted = time.perf_counter()
         self._last: float | None = None
@@ -113,6 +153,8 @@ class TokenStream:
         if not self._done:
             self._done = True
             self._engine.cancel(self.request_id)
+        if isinstance(self._queue, BacklogQueue):
+            self._queue.close()
 
 
 class Scheduler:
@@ -178,7 +220,7 @@ class Scheduler:
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         try:
-            stream = TokenStream(self.engine, request, self.hooks, self._mailbox)
+            stream = TokenStream(self.engine, request, self.hooks, self._mailbox, current_backlog.get())
             # last, as it may take another request's place (engine/waiting.py): the engine takes one only with the
             # request queued
             self.engine.submit(request, stream.sink, self.max_queue, self.max_queue_per_adapter)

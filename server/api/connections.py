@@ -18,14 +18,19 @@ from holding every connection with requests it sends slowly.
 
 Neither bounds the memory that answers waiting for their clients hold: each connection's unsent bytes wait in its
 write buffer until the stall deadline, or for as long as its client takes a few bytes now and then, and an answer
-with logprobs of 8 choices is ~30 MB. The bytes of every connection behind its answer count against one budget
-(--max-unsent-mb); past it, the connections whose clients took the fewest bytes a second since they fell behind are
-reset, a connection behind for less than UNSENT_GRACE_S last (its client has had no time to read).
+with logprobs of 8 choices is ~30 MB. A stream's write buffer holds about one event: the rest of its answer waits as
+events in its request's queue, its backlog (server/backlog.py), made at the engine's speed, and a client that takes a
+few bytes before each stall deadline holds it for as long as it likes. The bytes of every connection behind its
+answer, unsent and in its backlog, count against one budget (--max-unsent-mb); past it, the connections whose clients
+took the fewest bytes a second since they fell behind are reset (their requests cancelled, as a client that leaves
+cancels its own), a connection behind for less than UNSENT_GRACE_S last (its client has had no time to read). A
+connection is behind from when its writes pause until they resume with its backlog empty.
 
 A request that is not HTTP (a bad request line, header or framing) never reaches the app: h11 refuses it here,
 and uvicorn would answer in plain text. It gets the app's JSON error body instead, as every other 4xx does."""
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -36,11 +41,13 @@ import termios
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.api.errors import error_body
+from server.backlog import current_backlog
 from server.client_share import peer_client
 
 HEAD_TIMEOUT_S = 30.0
@@ -76,18 +83,32 @@ def connections_allowed(max_connections: int, open_files_limit: int) -> int:
     return max(1, min(max_connections, open_files_limit - FILES_RESERVE))
 
 
+@dataclass(slots=True)
+class Behind:
+    """A connection behind its answer."""
+
+    since: float  # when it fell behind
+    taken: int  # bytes its client has taken since then, up to when `unsent` was read
+    unsent: int  # bytes in its write buffer when last read: at least those there now (none are written while paused)
+    paused: bool = True  # its writes paused; once they resume it is behind until its backlog is written
+
+
 class ConnectionCap:
     """One server's open connections: how many there may be, in all and from one peer address, those waiting for a
     request head, the longest waiting first (a dict keeps the order its keys were set in), and those behind their
-    answers, with the bytes they may hold unsent in all."""
+    answers, with the bytes they may hold unsent and in their streams' backlogs in all.
+
+    Both totals are kept as they change, so that an event costs O(1): the backlogs' exactly (as estimated), the unsent
+    bytes as a bound (each behind connection's when last read), read again only where the two are past the budget."""
 
     def __init__(self, max_connections: int, max_per_client: int | None = None, max_unsent: int | None = None) -> None:
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self.max_unsent = max_unsent
         self.waiting: dict[DeadlineH11Protocol, None] = {}
-        # connections with bytes unsent: when each fell behind, and how many bytes it then had unsent
-        self.behind: dict[DeadlineH11Protocol, tuple[float, int]] = {}
+        self.behind: dict[DeadlineH11Protocol, Behind] = {}
+        self.unsent_bound = 0  # the sum of behind connections' `unsent`: at least the bytes they hold unsent
+        self.backlogs = 0  # bytes of streams' backlogs in every connection (as estimated)
         self._unsent_resets = 0
         self._unsent_logged_at = -CAP_LOG_EVERY_S
         self.per_client: Counter[str] = Counter()
@@ -115,27 +136,64 @@ class ConnectionCap:
             self._close(oldest)
 
     def fell_behind(self, protocol: "DeadlineH11Protocol") -> None:
-        """Called as `protocol` has bytes left unsent (its writes paused): past the budget, reset the connections
-        whose clients took the fewest bytes a second since they fell behind, those behind for less than
-        UNSENT_GRACE_S last and the newest of them first, until the rest fit."""
-        now = time.monotonic()
-        self.behind[protocol] = (now, protocol.unsent())
-        if self.max_unsent is None:
+        """Called as `protocol` has bytes left unsent (its writes paused): past the budget, reset connections (see
+        `_shed`)."""
+        behind = self.behind.get(protocol)
+        if behind is None:  # else behind still: its writes resumed, and paused again before its backlog was written
+            behind = self.behind[protocol] = Behind(time.monotonic(), 0, 0)
+        unsent = protocol.unsent()
+        self.unsent_bound += unsent - behind.unsent
+        behind.unsent, behind.paused = unsent, True
+        self._check()
+
+    def caught_up(self, protocol: "DeadlineH11Protocol") -> None:
+        """Called as `protocol`'s writes resume, its write buffer empty: caught up, unless its backlog still waits."""
+        behind = self.behind.get(protocol)
+        if behind is None:
             return
-        unsent = sum(c.unsent() for c in self.behind)
-        if unsent <= self.max_unsent:
+        behind.taken += behind.unsent
+        self.unsent_bound -= behind.unsent
+        behind.unsent, behind.paused = 0, False
+        if protocol.backlog <= 0:
+            del self.behind[protocol]
+
+    def backlog_changed(self, protocol: "DeadlineH11Protocol", nbytes: int) -> None:
+        """Called as `nbytes` more (fewer where negative) of `protocol`'s stream wait in its backlog."""
+        self.backlogs += nbytes
+        if nbytes > 0:
+            self._check()
+        elif protocol.backlog <= 0 and (behind := self.behind.get(protocol)) is not None and not behind.paused:
+            del self.behind[protocol]  # its backlog written, and its write buffer empty: caught up
+
+    def _check(self) -> None:
+        if self.max_unsent is not None and self.backlogs + self.unsent_bound > self.max_unsent:
+            self._shed()
+
+    def _shed(self) -> None:
+        """Past the budget, reset the connections whose clients took the fewest bytes a second since they fell
+        behind, those behind for less than UNSENT_GRACE_S last and the newest of them first, until the rest fit."""
+        assert self.max_unsent is not None
+        now = time.monotonic()
+        for c, behind in self.behind.items():  # what each holds unsent now, and so what its client has taken
+            if behind.unsent:
+                unsent = c.unsent()
+                behind.taken += behind.unsent - unsent
+                self.unsent_bound -= behind.unsent - unsent
+                behind.unsent = unsent
+        held = self.backlogs + self.unsent_bound
+        if held <= self.max_unsent:
             return
 
         def first_reset(c: DeadlineH11Protocol) -> tuple[bool, float, float]:
-            since, unsent_then = self.behind[c]
-            if now - since < UNSENT_GRACE_S:
-                return True, 0.0, -since
-            return False, (unsent_then - c.unsent()) / (now - since), since
+            behind = self.behind[c]
+            if now - behind.since < UNSENT_GRACE_S:
+                return True, 0.0, -behind.since
+            return False, behind.taken / (now - behind.since), behind.since
 
-        while unsent > self.max_unsent and self.behind:
+        while held > self.max_unsent and self.behind:
             victim = min(self.behind, key=first_reset)
-            unsent -= victim.unsent()
-            del self.behind[victim]
+            held -= self.behind[victim].unsent + victim.backlog
+            self._forget(victim)
             victim.reset()
             self._unsent_resets += 1
         if now - self._unsent_logged_at >= CAP_LOG_EVERY_S:
@@ -147,13 +205,19 @@ class ConnectionCap:
             )
             self._unsent_logged_at, self._unsent_resets = now, 0
 
-    def caught_up(self, protocol: "DeadlineH11Protocol") -> None:
-        self.behind.pop(protocol, None)
+    def _forget(self, protocol: "DeadlineH11Protocol") -> None:
+        """`protocol` holds nothing against the budget from now on (it is reset, or lost)."""
+        behind = self.behind.pop(protocol, None)
+        if behind is not None:
+            self.unsent_bound -= behind.unsent
+        self.backlogs -= protocol.backlog
+        protocol.backlog = 0
+        protocol.counted = False
 
     def release(self, protocol: "DeadlineH11Protocol") -> None:
         self.open -= 1
         self.waiting.pop(protocol, None)
-        self.behind.pop(protocol, None)
+        self._forget(protocol)
         self.per_client[protocol.peer] -= 1
         if not self.per_client[protocol.peer]:
             del self.per_client[protocol.peer]
@@ -181,6 +245,8 @@ class DeadlineH11Protocol(H11Protocol):
     stall_timeout_s = STALL_TIMEOUT_S
     cap: ConnectionCap | None = None  # one server's: set on the class that server_protocol makes
     peer = ""  # the peer address; a Unix socket's has none
+    backlog = 0  # bytes of its stream's events waiting to be written (server/backlog.py, as estimated)
+    counted = True  # its backlog counts against the cap's budget: until it is reset or lost
     _head_timer: asyncio.TimerHandle | None = None
     _stall_timer: asyncio.TimerHandle | None = None
 
@@ -204,7 +270,13 @@ class DeadlineH11Protocol(H11Protocol):
             self.cap.admit(self, len(self.connections))
 
     def handle_events(self) -> None:
-        super().handle_events()
+        # a request's task starts here (uvicorn creates it with a copy of this context): its streams' backlogs
+        # count on this connection
+        token = current_backlog.set(self)
+        try:
+            super().handle_events()
+        finally:
+            current_backlog.reset(token)
         if self.cap is not None and self.cycle is not None and not self.cycle.response_complete:
             self.cap.waiting.pop(self, None)  # a whole head: a request under way
 
@@ -238,6 +310,13 @@ class DeadlineH11Protocol(H11Protocol):
             self._stall_timer = None
         if self.cap is not None:
             self.cap.caught_up(self)
+
+    def add(self, nbytes: int) -> None:
+        """`nbytes` more (fewer where negative) of this connection's stream wait in its backlog (server/backlog.py)."""
+        if self.counted:
+            self.backlog += nbytes
+            if self.cap is not None:
+                self.cap.backlog_changed(self, nbytes)
 
     def unsent(self) -> int:
         """Bytes of the answer in this process's write buffer, not yet taken by the kernel."""
@@ -273,7 +352,8 @@ class DeadlineH11Protocol(H11Protocol):
         # the close discard them and send RST.
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):  # closed already: the abort has nothing left to discard
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:

@@ -14,10 +14,11 @@ from http import HTTPStatus
 import anyio
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from loraplex.errors import LoraplexError
 from server.api.errors import error_body
+from server.backlog import Backlog, current_backlog
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
@@ -81,6 +82,8 @@ class EventStreamResponse(StreamingResponse):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (backlog := current_backlog.get()) is not None:
+            send = _counted(send, backlog)
         async with anyio.create_task_group() as group:
 
             async def stream() -> None:
@@ -90,6 +93,21 @@ class EventStreamResponse(StreamingResponse):
             group.start_soon(stream)
             await self.listen_for_disconnect(receive)
             group.cancel_scope.cancel()  # cancels the body iterator, whose `finally` cancels the request
+
+
+def _counted(send: Send, backlog: Backlog) -> Send:
+    """`send`, each body counted on the connection's backlog until it is written: a rendered event waits for the
+    connection's writes to resume (the write buffer counts it once written)."""
+
+    async def counted(message: Message) -> None:
+        size = len(message.get("body", b""))
+        backlog.add(size)
+        try:
+            await send(message)
+        finally:
+            backlog.add(-size)
+
+    return counted
 
 
 def sse_response(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtocol) -> StreamingResponse:

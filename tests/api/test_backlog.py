@@ -1,0 +1,257 @@
+"""Streams' backlogs (server/backlog.py) count against --max-unsent-mb: a stream's write buffer holds about one
+event, and the rest of its answer waits in its request's queue, made at the engine's speed. Clients that read a few
+bytes now and then (never stalling long enough for the stall deadline) held it for as long as they liked."""
+
+import asyncio
+import gc
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from e2e.server import serve_app, wait_ready
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
+from server import scheduler
+from server.api.connections import UNSENT_GRACE_S, ConnectionCap, server_protocol
+from server.app import create_app
+from server.backlog import event_bytes
+from server.engine import TokenEvent
+
+MIB = 1 << 20
+BUDGET = MIB
+# no EOS (id 2, tests/tiny.py): each of 2 choices runs to max_tokens, each token with 20 alternatives: ~3 MB of
+# events estimated (server/backlog.py), three times the budget
+SLOW = {"model": "", "prompt": "hello", "max_tokens": 400, "n": 2, "logprobs": 20, "logit_bias": {"2": -100}}
+HONEST = {"inputs": "hello", "parameters": {"max_new_tokens": 200, "top_n_tokens": 5}}
+
+
+@dataclass
+class Served:
+    url: str
+    app: FastAPI
+    cap: ConnectionCap
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("backlog")
+    base = load_base_model(
+        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
+    )
+    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=512, max_batch_size=8)
+    app = create_app(settings, base=base)
+    protocol = server_protocol(64, max_unsent=BUDGET)
+    assert protocol.cap is not None
+    listening = socket.socket()
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little of an answer
+    listening.bind(("127.0.0.1", 0))
+    # the stall deadline's default (60 s): only the budget ends a connection within these tests
+    with serve_app(app, http=protocol, sock=listening) as url:
+        wait_ready(url)
+        yield Served(url, app, protocol.cap)
+
+
+@dataclass
+class Trickle:
+    """A client that reads its stream a few bytes at a time, well within any stall deadline."""
+
+    sock: socket.socket
+    received: bytearray = field(default_factory=bytearray)
+    reset: bool = False
+    closed: bool = False
+
+
+def trickle(url: str, body: dict, stop: threading.Event) -> tuple[Trickle, threading.Thread]:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window the server may fill
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    data = json.dumps({**body, "stream": True}).encode()
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    client = Trickle(sock)
+
+    def read() -> None:
+        sock.settimeout(0.05)
+        while not stop.wait(0.1):
+            try:
+                if not (chunk := sock.recv(256)):
+                    client.closed = True
+                    return
+                client.received += chunk
+            except ConnectionResetError:
+                client.reset = True
+                return
+            except TimeoutError:
+                pass
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return client, thread
+
+
+async def honest_stream(url: str) -> list[tuple[int, str]]:
+    """Each event's token and its text (logprobs differ in their last bits with the batch's size, and so may the
+    order of near ties among the top tokens)."""
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", f"{url}/generate_stream", json=HONEST) as r,
+    ):
+        assert r.status_code == 200
+        events = [json.loads(line.removeprefix("data:")) async for line in r.aiter_lines() if line.startswith("data:")]
+    assert events[-1]["details"]["generated_tokens"] == len(events)  # the whole answer
+    return [(e["token"]["id"], e["token"]["text"]) for e in events]
+
+
+def metric(url: str, name: str, labels: dict[str, str]) -> float:
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
+    samples = [s for f in families for s in f.samples if s.name == name and labels.items() <= s.labels.items()]
+    return sum(s.value for s in samples)
+
+
+def live_events() -> int:
+    gc.collect()
+    return sum(type(o) is TokenEvent for o in gc.get_objects())
+
+
+def test_streams_read_a_few_bytes_at_a_time_are_reset_past_the_budget_and_cancelled(served: Served) -> None:
+    """Three clients each read 256 bytes of a stream every 0.1 s (never stalling), each stream's backlog three times
+    the budget: past it they are reset, their requests cancelled in the engine (fewer tokens made than asked for) and
+    their events freed, while an honest stream beside them gets the answer it gets alone."""
+    url = served.url
+    alone = asyncio.run(honest_stream(url))
+    cancelled = {"adapter": "-", "status": "499"}
+    cancelled_before = metric(url, "loraplex_requests_total", cancelled)
+    generated_before = metric(url, "loraplex_generated_tokens_total", {"adapter": "-"})
+    stop = threading.Event()
+    slow = [trickle(url, SLOW, stop) for _ in range(3)]
+    try:
+        time.sleep(UNSENT_GRACE_S / 2)
+        together = asyncio.run(honest_stream(url))
+        deadline = time.monotonic() + 20
+        while not all(client.reset or client.closed for client, _ in slow) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for client, thread in slow:
+            thread.join()
+            client.sock.close()
+    assert together == alone
+    for client, _ in slow:
+        assert client.reset, "not reset"
+        assert client.received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in client.received
+    # each choice's request cancelled (the client gone), none run to its end
+    deadline = time.monotonic() + 10
+    while metric(url, "loraplex_requests_total", cancelled) - cancelled_before < 6:
+        assert time.monotonic() < deadline, "the slow clients' requests were not cancelled"
+        time.sleep(0.05)
+    assert metric(url, "loraplex_running_batch_size", {}) == 0
+    generated = metric(url, "loraplex_generated_tokens_total", {"adapter": "-"}) - generated_before
+    assert generated - len(together) < 3 * SLOW["n"] * SLOW["max_tokens"]
+    # nothing left waiting for them: the budget's count and the events themselves
+    assert served.cap.backlogs == 0 and not served.cap.behind
+    assert live_events() < 100
+
+
+def test_an_honest_stream_leaves_no_backlog(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that reads its stream as it comes holds no backlog once it has its answer, and the estimate of its
+    events covers the bytes they rendered to."""
+    estimated = []
+
+    def recorded(event: TokenEvent) -> int:
+        estimated.append(size := event_bytes(event))
+        return size
+
+    monkeypatch.setattr(scheduler, "event_bytes", recorded)
+    with httpx.Client(timeout=60) as client:
+        body = {**SLOW, "max_tokens": 100, "n": 1, "stream": True}
+        completions = client.post(f"{served.url}/v1/completions", json=body).content
+        count = len(estimated)
+        chat = {
+            "model": "",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 100,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "logit_bias": {"2": -100},
+            "stream": True,
+        }
+        chats = client.post(f"{served.url}/v1/chat/completions", json=chat).content
+    assert served.cap.backlogs == 0 and not served.cap.behind
+    # rendered within the estimate, and not far under it (a byte-level vocabulary's tokens are one byte)
+    for rendered, sizes in ((completions, estimated[:count]), (chats, estimated[count:])):
+        assert len(sizes) == 100
+        assert len(rendered) <= sum(sizes) <= 8 * len(rendered)
+
+
+class FakeConnection:
+    """What the cap reads of a connection: its unsent bytes, its backlog, and a reset."""
+
+    def __init__(self, cap: ConnectionCap, unsent: int = 0) -> None:
+        self.cap, self._unsent, self.backlog, self.counted, self.was_reset = cap, unsent, 0, True, False
+        self.peer = ""
+
+    def unsent(self) -> int:
+        return self._unsent
+
+    def add(self, nbytes: int) -> None:
+        if self.counted:
+            self.backlog += nbytes
+            self.cap.backlog_changed(self, nbytes)  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        self.was_reset = True
+
+
+def test_the_cap_counts_backlogs_with_unsent_bytes_and_resets_the_slowest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backlogs and unsent bytes count against one budget, kept as running totals; a connection is behind from its
+    writes' pause until they resume with its backlog written; past the budget the one that took the fewest bytes a
+    second is reset (one behind within its grace last), and what it held counts no more."""
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    cap = ConnectionCap(64, max_unsent=1000)
+    fast, slow, fresh, other = (FakeConnection(cap, 100) for _ in range(4))
+    for c in (fast, slow):
+        cap.fell_behind(c)  # type: ignore[arg-type]
+        c.add(300)
+    assert cap.unsent_bound == 200 and cap.backlogs == 600
+    other.add(100)  # a backlog with its writes running (a step's events, read at once): counted, not behind
+    assert cap.backlogs == 700 and other not in cap.behind
+    other.add(-100)
+    clock[0] += 2
+    fast._unsent = 0  # its client took 100 bytes: its writes resume, its backlog still waiting
+    cap.caught_up(fast)  # type: ignore[arg-type]
+    assert fast in cap.behind and cap.unsent_bound == 100
+    fast.add(300)
+    assert cap.backlogs == 900 and not any(c.was_reset for c in (fast, slow))
+    cap.fell_behind(fresh)  # type: ignore[arg-type]
+    # past the budget (1100): the slowest reset (no byte taken), not the fast one (50 bytes a second) nor the one
+    # behind within its grace
+    assert slow.was_reset and not fast.was_reset and not fresh.was_reset
+    assert slow not in cap.behind and slow.backlog == 0 and cap.backlogs == 600 and cap.unsent_bound == 100
+    slow.add(-300)  # its stream closing: forgotten already
+    assert cap.backlogs == 600
+    fast.add(-600)  # its backlog written, its writes running: caught up
+    assert fast not in cap.behind and cap.backlogs == 0
+    fresh.add(50)
+    cap.release(fresh)  # type: ignore[arg-type]
+    assert cap.backlogs == 0 and cap.unsent_bound == 0 and not cap.behind
+
+
+def test_an_events_estimate_grows_with_its_text_and_top_logprobs() -> None:
+    plain = TokenEvent("r", 0, 5, "a", -0.5, 3)
+    top = TokenEvent("r", 0, 5, "a", -0.5, 3, top_logprobs=tuple((i, -1.0) for i in range(20)))
+    assert event_bytes(plain) < event_bytes(top)
+    assert event_bytes(TokenEvent("r", 0, 5, "a" * 100, -0.5, 3)) > event_bytes(plain)
