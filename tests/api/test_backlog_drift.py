@@ -228,7 +228,10 @@ def test_totals_return_to_zero_however_requests_end(served: Served) -> None:
         with ThreadPoolExecutor(len(jobs)) as pool:
             for future in [pool.submit(job) for job in jobs]:
                 future.result()
-        for client in idle:  # and one more each, after the rest
+        for client in idle:  # and more each, after the rest: a third choice refused (the first two opened) among them
+            client.post(
+                "/v1/completions", json={**COMPLETION, "max_tokens": 480, "n": 3, "logprobs": 5, "stream": True}
+            )
             client.post("/v1/completions", json={**COMPLETION, "n": 2, "logprobs": 5})
             with client.stream("POST", "/generate_stream", json=TGI) as r:
                 read_slowly(r)
