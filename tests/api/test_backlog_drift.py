@@ -247,3 +247,42 @@ def test_totals_return_to_zero_however_requests_end(served: Served) -> None:
             client.close()
     settled(served, lambda: cap.open == 0)
     assert (cap.backlogs, cap.unsent_bound, dict(cap.behind), dict(cap.per_client)) == (0, 0, {}, {})
+
+
+def trickle(served: Served, address: str, body: dict) -> bool:
+    """A stream read 256 bytes every 0.1 s (never stalling): whether the server reset it."""
+    sock = connect(served, address)
+    try:
+        sock.sendall(request_bytes("/v1/completions", {**body, "stream": True}))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if not sock.recv(256):
+                    return False
+            except ConnectionResetError:
+                return True
+            time.sleep(0.1)
+        return False
+    finally:
+        sock.close()
+
+
+def test_totals_return_to_zero_after_the_cap_resets_connections(served: Served) -> None:
+    """Past the budget the slowest readers are reset, their requests cancelled: what they held counts no more, and the
+    totals are exactly zero once the rest have ended, a keep-alive connection still open."""
+    cap, scheduler = served.cap, served.app.state.runtime.scheduler
+    slow = {**COMPLETION, "max_tokens": 400, "n": 2, "logprobs": 20}  # ~3 MB of events estimated, past 1 MiB
+    with httpx.Client(base_url=served.url, transport=transport_from("127.0.0.60"), timeout=60) as kept:
+        slow_stream(kept)
+        cap.max_unsent = 1 << 20
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                resets = list(pool.map(lambda a: trickle(served, a, slow), ["127.0.0.61", "127.0.0.62", "127.0.0.63"]))
+        finally:
+            cap.max_unsent = BUDGET
+        assert any(resets)
+        kept.post("/v1/completions", json={**COMPLETION, "n": 2, "logprobs": 5})
+        settled(served, lambda: scheduler.running == 0 and scheduler.queue_depth == 0 and cap.open == 1)
+        assert (cap.backlogs, cap.unsent_bound, dict(cap.behind)) == (0, 0, {})
+    settled(served, lambda: cap.open == 0)
+    assert (cap.backlogs, cap.unsent_bound, dict(cap.behind), dict(cap.per_client)) == (0, 0, {}, {})
