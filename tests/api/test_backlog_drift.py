@@ -2,6 +2,7 @@
 once every request has ended, however it ended: a path that adds bytes and never takes them off creeps over days of
 honest traffic until the budget looks full, and every connection that pauses for a moment is reset."""
 
+import asyncio
 import json
 import socket
 import time
@@ -20,6 +21,7 @@ from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.api.connections import ConnectionCap, server_protocol
 from server.app import create_app
+from server.engine.sampling import SamplingParams
 
 BUDGET = 256 << 20  # never reached here: no connection is reset by it
 SHARE = 2  # requests under way for one client (its address): a third choice of one request is refused
@@ -286,3 +288,23 @@ def test_totals_return_to_zero_after_the_cap_resets_connections(served: Served) 
         assert (cap.backlogs, cap.unsent_bound, dict(cap.behind)) == (0, 0, {})
     settled(served, lambda: cap.open == 0)
     assert (cap.backlogs, cap.unsent_bound, dict(cap.behind), dict(cap.per_client)) == (0, 0, {}, {})
+
+
+def test_an_opened_stream_closed_unread_cancels_its_request(served: Served) -> None:
+    """A stream opened (its first event come) and closed before it was read, as open_streams closes the choices it
+    opened when a later one is refused: closing it cancels its request then, not once nothing refers to it (till
+    then the request ran for nobody, its events counted on a connection kept alive)."""
+    runtime = served.app.state.runtime
+    httpx.post(f"{served.url}/generate", json=TGI, timeout=60)  # the scheduler's mailbox: on the server's loop
+    loop = runtime.scheduler._mailbox.loop
+    cancelled = runtime.metrics.requests.labels("-", "499")
+
+    async def open_and_close() -> tuple[float, object]:
+        before = cancelled._value.get()
+        sampling = SamplingParams(max_new_tokens=480, ignore_eos=True)
+        opened = await runtime.inference.open_stream(runtime.inference.encode("hello"), sampling, None)
+        await opened.aclose()  # type: ignore[attr-defined]
+        return cancelled._value.get() - before, opened  # held: only its closing may end the request
+
+    count, _ = asyncio.run_coroutine_threadsafe(open_and_close(), loop).result(60)
+    assert count == 1
