@@ -4,7 +4,7 @@ submission to the scheduler, metrics, and cancellation when the client goes away
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -295,7 +295,7 @@ class Inference:
     # ---- running -------------------------------------------------------------------------------------------
     async def stream(
         self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent]:
         """Events of one request (its output constrained by `grammar`, if given: a matcher of its own). Errors
         before the first event (unknown adapter, queue full, prompt too long) raise typed errors; leaving early
         cancels the request in the engine."""
@@ -428,15 +428,7 @@ class Inference:
         """`stream`, started: waits for the first event so that errors before it (unknown adapter, queue
         full, prompt too long) raise here, while a streaming route can still answer with an HTTP error."""
         events = self.stream(prompt_ids, sampling, adapter, grammar)
-        first = await anext(events)
-
-        async def chained() -> AsyncIterator[TokenEvent]:
-            async with aclosing(events):
-                yield first
-                async for event in events:
-                    yield event
-
-        return chained()
+        return _Opened(await anext(events), events)
 
     async def generate(
         self,
@@ -489,6 +481,29 @@ class Inference:
             return _merged(streams)
 
         return await self._on_one_version(adapter, len(runs), open_all)
+
+
+class _Opened:
+    """A stream whose first event has come, that event put back in front. Closing it closes the stream, which cancels
+    its request, whether it was read or not (a generator closed before it started runs none of its body: the choices
+    open_streams had opened when a later one was refused ran on till nothing referred to them)."""
+
+    def __init__(self, first: TokenEvent, events: AsyncGenerator[TokenEvent]) -> None:
+        self._first: TokenEvent | None = first
+        self._events = events
+
+    def __aiter__(self) -> "_Opened":
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if (first := self._first) is not None:
+            self._first = None
+            return first
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._events.aclose()
 
 
 async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
