@@ -196,7 +196,7 @@ class ConnectionCap:
             self._forget(victim)
             victim.reset()
             self._unsent_resets += 1
-        if now - self._unsent_logged_at >= CAP_LOG_EVERY_S:
+        if self._unsent_resets and now - self._unsent_logged_at >= CAP_LOG_EVERY_S:  # (none behind: none reset)
             log.warning(
                 "reset %d connections whose clients read their answers slowest: past --max-unsent-mb (%d MiB) of "
                 "answers waiting for their clients",
