@@ -14,16 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from e2e.server import serve_app, wait_ready
-from fastapi import FastAPI
+from budgeted import Budgeted as Served
+from budgeted import serve_budgeted
 from prometheus_client.parser import text_string_to_metric_families
 
-from loraplex.basemodel import load_base_model
-from loraplex.settings import Settings
 from server import scheduler
-from server.api.connections import UNSENT_GRACE_S, ConnectionCap, server_protocol
-from server.app import create_app
+from server.api.connections import UNSENT_GRACE_S, ConnectionCap
 from server.backlog import event_bytes
 from server.engine import TokenEvent
 
@@ -35,30 +31,10 @@ SLOW = {"model": "", "prompt": "hello", "max_tokens": 400, "n": 2, "logprobs": 2
 HONEST = {"inputs": "hello", "parameters": {"max_new_tokens": 200, "top_n_tokens": 5}}
 
 
-@dataclass
-class Served:
-    url: str
-    app: FastAPI
-    cap: ConnectionCap
-
-
 @pytest.fixture(scope="module")
 def served(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("backlog")
-    base = load_base_model(
-        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
-    )
-    settings = Settings(adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=512, max_batch_size=8)
-    app = create_app(settings, base=base)
-    protocol = server_protocol(64, max_unsent=BUDGET)
-    assert protocol.cap is not None
-    listening = socket.socket()
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little of an answer
-    listening.bind(("127.0.0.1", 0))
-    # the stall deadline's default (60 s): only the budget ends a connection within these tests
-    with serve_app(app, http=protocol, sock=listening) as url:
-        wait_ready(url)
-        yield Served(url, app, protocol.cap)
+    with serve_budgeted(tiny_model_dirs["llama"], tmp_path_factory.mktemp("backlog"), BUDGET, 64) as server:
+        yield server
 
 
 @dataclass

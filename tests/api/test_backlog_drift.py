@@ -8,56 +8,24 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from e2e.server import serve_app, wait_ready
-from fastapi import FastAPI
+from budgeted import Budgeted as Served
+from budgeted import serve_budgeted
 
-from loraplex.basemodel import load_base_model
-from loraplex.settings import Settings
-from server.api.connections import ConnectionCap, server_protocol
-from server.app import create_app
 from server.engine.sampling import SamplingParams
 
 BUDGET = 256 << 20  # never reached here: no connection is reset by it
 SHARE = 2  # requests under way for one client (its address): a third choice of one request is refused
 
 
-@dataclass
-class Served:
-    url: str
-    port: int
-    app: FastAPI
-    cap: ConnectionCap
-
-
 @pytest.fixture(scope="module")
 def served(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("drift")
-    base = load_base_model(
-        str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
-    )
-    settings = Settings(
-        adapter_dir=tmp / "store",
-        cache_dir=tmp,
-        device="cpu",
-        max_seq_len=512,
-        max_batch_size=8,
-        max_requests_per_client=SHARE,
-    )
-    app = create_app(settings, base=base)
-    protocol = server_protocol(256, max_unsent=BUDGET)
-    assert protocol.cap is not None
-    listening = socket.socket()
-    listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little: writes pause
-    listening.bind(("127.0.0.1", 0))
-    with serve_app(app, http=protocol, sock=listening) as url:
-        wait_ready(url)
-        yield Served(url, listening.getsockname()[1], app, protocol.cap)
+    with serve_budgeted(tiny_model_dirs["llama"], tmp, BUDGET, 256, max_requests_per_client=SHARE) as server:
+        yield server
 
 
 NO_EOS = {"2": -100}  # no EOS (id 2, tests/tiny.py): each choice runs to its max_tokens
