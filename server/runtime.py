@@ -70,7 +70,8 @@ class Runtime:
             prepare=engine.prepare_adapter,
             keep_versions=settings.max_versions_per_adapter,
         )
-        scheduler = Scheduler(
+        scheduler = await asyncio.to_thread(
+            Scheduler,
             engine,
             settings.max_queue,
             LatencyHooks(time_to_first_token=metrics.ttft.observe, inter_token=metrics.itl.observe),

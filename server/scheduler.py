@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from server.backlog import Backlog, current_backlog, event_bytes
+from server.backlog import Backlog, EventSizes, current_backlog
 from server.client_share import ClientShares
 from server.engine import Engine, GenerationRequest, TokenEvent
 from server.engine.errors import EngineError
@@ -67,16 +67,17 @@ class BacklogQueue(asyncio.Queue[TokenEvent]):
     O(1) an event, on the event loop, where the mailbox delivers). Once closed it takes no more, and what it held no
     longer counts."""
 
-    def __init__(self, backlog: Backlog) -> None:
+    def __init__(self, backlog: Backlog, sizes: EventSizes) -> None:
         super().__init__()
         self._backlog = backlog
+        self._estimate = sizes
         self._sizes: deque[int] = deque()  # each waiting event's estimate, in the queue's order
         self._closed = False
 
     def _put(self, event: TokenEvent) -> None:  # asyncio.Queue's hook, as LifoQueue's
         if self._closed:  # the stream has left: nobody reads it (its get loops while the queue is empty)
             return
-        size = event_bytes(event)
+        size = self._estimate(event)
         self._sizes.append(size)
         self._backlog.add(size)
         super()._put(event)
@@ -107,14 +108,15 @@ class TokenStream:
         request: GenerationRequest,
         hooks: LatencyHooks,
         mailbox: Mailbox,
+        sizes: EventSizes,
         backlog: Backlog | None = None,
     ) -> None:
         """A stream for `request`, which the caller submits to `engine` with `sink` as its events' sink; the events
-        waiting for it count on `backlog` (None: not counted)."""
+        waiting for it count on `backlog` (None: not counted) at their `sizes`."""
         self.request_id = request.request_id
         self._engine = engine
         self._hooks = hooks
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue() if backlog is None else BacklogQueue(backlog)
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue() if backlog is None else BacklogQueue(backlog, sizes)
         self._done = False
         self._submitted = time.perf_counter()
         self._last: float | None = None
@@ -164,7 +166,9 @@ class Scheduler:
     counts as one), each shared between clients (engine/waiting.py): past that share an adapter's requests get 429
     while other adapters' are still queued. At most `max_requests_per_client` wait or run for one
     client (client_share.current_client), whatever adapters they name, counted with its jobs on the tokenizer's
-    threads (`client_shares`, which the tokenizer holds too). None: no share."""
+    threads (`client_shares`, which the tokenizer holds too). None: no share.
+
+    Made off the event loop: it decodes the vocabulary once, for the estimate of its streams' backlogs."""
 
     def __init__(
         self,
@@ -180,6 +184,7 @@ class Scheduler:
         self.client_shares = ClientShares(max_requests_per_client)
         self.hooks = hooks or LatencyHooks()
         self._mailbox: Mailbox | None = None
+        self.event_sizes = EventSizes.of(engine.tokenizer, engine.model.get_output_embeddings().out_features)
 
     @property
     def queue_depth(self) -> int:
@@ -220,7 +225,8 @@ class Scheduler:
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = Mailbox(loop)
         try:
-            stream = TokenStream(self.engine, request, self.hooks, self._mailbox, current_backlog.get())
+            backlog = current_backlog.get()
+            stream = TokenStream(self.engine, request, self.hooks, self._mailbox, self.event_sizes, backlog)
             # last, as it may take another request's place (engine/waiting.py): the engine takes one only with the
             # request queued
             self.engine.submit(request, stream.sink, self.max_queue, self.max_queue_per_adapter)

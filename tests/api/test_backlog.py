@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -17,10 +17,11 @@ import pytest
 from budgeted import Budgeted as Served
 from budgeted import serve_budgeted
 from prometheus_client.parser import text_string_to_metric_families
+from tiny import tiny_model
 
-from server import scheduler
+from loraplex.synthetic import byte_tokenizer
 from server.api.connections import UNSENT_GRACE_S, ConnectionCap
-from server.backlog import event_bytes
+from server.backlog import EventSizes
 from server.engine import TokenEvent
 
 MIB = 1 << 20
@@ -141,35 +142,65 @@ def test_streams_read_a_few_bytes_at_a_time_are_reset_past_the_budget_and_cancel
     assert live_events() < 100
 
 
+def recorded_estimates(served: Served, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each estimate the server's streams make from now on, in order."""
+    scheduler = served.app.state.runtime.scheduler
+    estimate, estimated = scheduler.event_sizes, []
+
+    def recorded(event: TokenEvent) -> int:
+        estimated.append(size := estimate(event))
+        return size
+
+    monkeypatch.setattr(scheduler, "event_sizes", recorded)
+    return estimated
+
+
+def chat_with_top_logprobs(bias: dict[str, int]) -> dict:
+    return {
+        "model": "",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 100,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "logit_bias": bias,
+        "stream": True,
+    }
+
+
 def test_an_honest_stream_leaves_no_backlog(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that reads its stream as it comes holds no backlog once it has its answer, and the estimate of its
     events covers the bytes they rendered to."""
-    estimated = []
-
-    def recorded(event: TokenEvent) -> int:
-        estimated.append(size := event_bytes(event))
-        return size
-
-    monkeypatch.setattr(scheduler, "event_bytes", recorded)
+    estimated = recorded_estimates(served, monkeypatch)
     with httpx.Client(timeout=60) as client:
         body = {**SLOW, "max_tokens": 100, "n": 1, "stream": True}
         completions = client.post(f"{served.url}/v1/completions", json=body).content
         count = len(estimated)
-        chat = {
-            "model": "",
-            "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": 100,
-            "logprobs": True,
-            "top_logprobs": 20,
-            "logit_bias": {"2": -100},
-            "stream": True,
-        }
-        chats = client.post(f"{served.url}/v1/chat/completions", json=chat).content
+        chats = client.post(f"{served.url}/v1/chat/completions", json=chat_with_top_logprobs({"2": -100})).content
     assert served.cap.backlogs == 0 and not served.cap.behind
     # rendered within the estimate, and not far under it (a byte-level vocabulary's tokens are one byte)
     for rendered, sizes in ((completions, estimated[:count]), (chats, estimated[count:])):
         assert len(sizes) == 100
-        assert len(rendered) <= sum(sizes) <= 8 * len(rendered)
+        assert len(rendered) <= sum(sizes) <= 5 * len(rendered)
+
+
+def test_the_estimate_covers_a_vocabularys_long_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens of 120 control characters (each rendered as a 6-byte escape, and 1-2 digits in `bytes`), biased to be
+    every event's token and all of its top logprobs: the stream renders within its estimate. A fixed size per entry
+    (that of a 16-byte token) was 6 times under it."""
+    model = tmp_path / "model"
+    long_tokens = [chr(1) * 120 + chr(65 + i) for i in range(20)]
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(long_tokens)
+    tokenizer.save_pretrained(model)
+    tiny_model(vocab_size=len(tokenizer)).save_pretrained(model)
+    ids = tokenizer.convert_tokens_to_ids(long_tokens)
+    with serve_budgeted(model, tmp_path, BUDGET, 8) as served:
+        estimated = recorded_estimates(served, monkeypatch)
+        body = chat_with_top_logprobs({str(i): 100 for i in ids})
+        rendered = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60).content
+    assert rendered.count(b"\\u0001" * 120) >= 100 * 21  # each event's token and its 20 alternatives
+    assert len(estimated) == 100
+    assert len(rendered) <= sum(estimated) <= 2 * len(rendered)
 
 
 class FakeConnection:
@@ -226,8 +257,11 @@ def test_the_cap_counts_backlogs_with_unsent_bytes_and_resets_the_slowest(monkey
     assert cap.backlogs == 0 and cap.unsent_bound == 0 and not cap.behind
 
 
-def test_an_events_estimate_grows_with_its_text_and_top_logprobs() -> None:
+def test_an_events_estimate_grows_with_its_text_its_top_logprobs_and_their_tokens_lengths() -> None:
+    sizes = EventSizes([1] * 20 + [100])  # tokens 0-19 of one byte, token 20 of 100
     plain = TokenEvent("r", 0, 5, "a", -0.5, 3)
     top = TokenEvent("r", 0, 5, "a", -0.5, 3, top_logprobs=tuple((i, -1.0) for i in range(20)))
-    assert event_bytes(plain) < event_bytes(top)
-    assert event_bytes(TokenEvent("r", 0, 5, "a" * 100, -0.5, 3)) > event_bytes(plain)
+    assert sizes(plain) < sizes(top)
+    assert sizes(TokenEvent("r", 0, 5, "a" * 100, -0.5, 3)) > sizes(plain)
+    assert sizes(TokenEvent("r", 0, 20, "a", -0.5, 3)) > sizes(plain)
+    assert sizes(replace(top, top_logprobs=((20, -1.0), *top.top_logprobs[1:]))) > sizes(top)
