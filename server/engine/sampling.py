@@ -133,17 +133,6 @@ def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None 
 Seen = tuple[torch.Tensor, int]
 
 
-def final_logprobs(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    seen: list[Seen | None],
-    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    banned: list[frozenset[int]] | None = None,
-) -> torch.Tensor:
-    """Each row's log-distribution to draw from [B, V] fp32: log_softmax of final_logits."""
-    return final_logits(logits, params, seen, allowed, banned).float().log_softmax(-1)
-
-
 def final_logits(
     logits: torch.Tensor,
     params: list[SamplingParams],

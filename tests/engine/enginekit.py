@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from adapters.lora import LoraWeights, lora_weights_from_state
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams, TokenEvent
-from server.engine.sampling import Seen, draw, final_logprobs
+from server.engine.sampling import Seen, draw, final_logits
 
 # Four adapters with different ranks, target sets and scaling rules (rsLoRA, rank/alpha patterns).
 ADAPTER_CONFIGS = {
@@ -41,6 +41,16 @@ class SavedAdapter:
     key: str
     path: Path
     weights: LoraWeights
+
+
+def final_logprobs(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    seen: list[Seen | None],
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each row's log-distribution to draw from [B, V] fp32, as the engine draws (log_softmax of final_logits)."""
+    return final_logits(logits, params, seen, allowed).float().log_softmax(-1)
 
 
 def save_adapter(base: torch.nn.Module, config: LoraConfig, path: Path, seed: int) -> SavedAdapter:

@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
-from enginekit import sample_batch
+from enginekit import final_logprobs, sample_batch
 
 from loraplex.synthetic import BYTE_VOCAB, byte_tokenizer
-from server.engine.sampling import SamplingParams, final_logprobs, repetition_penalty, top_k_filter, top_p_filter
+from server.engine.sampling import SamplingParams, repetition_penalty, top_k_filter, top_p_filter
 from server.engine.text import TextStream, window_decoder
 
 

@@ -5,10 +5,19 @@ import copy
 
 import pytest
 import torch
-from enginekit import Collector, SavedAdapter, greedy, greedy_log_softmax, make_engine, request, run_to_end
+from enginekit import (
+    Collector,
+    SavedAdapter,
+    final_logprobs,
+    greedy,
+    greedy_log_softmax,
+    make_engine,
+    request,
+    run_to_end,
+)
 from peft import PeftModel
 
-from server.engine.sampling import SamplingParams, final_logprobs, top_logprobs
+from server.engine.sampling import SamplingParams, top_logprobs
 
 NEW_TOKENS = 6
 

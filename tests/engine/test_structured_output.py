@@ -16,14 +16,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from enginekit import Collector, greedy, make_engine, reference_generate, request, run_to_end
+from enginekit import Collector, final_logprobs, greedy, make_engine, reference_generate, request, run_to_end
 
 from loraplex.synthetic import BYTE_VOCAB
 from server.client_share import current_client, prefix_salt
 from server.engine import SamplingParams
 from server.engine.constraints import fill_masks, mask_words
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
-from server.engine.sampling import final_logprobs
 from server.grammar import (
     CHECK_MEMORY_BYTES,
     COMPILE_THREADS,
