@@ -19,6 +19,7 @@ from server.api import generate, openai, tokenize
 from server.api.auth import require_inference
 from server.api.errors import error_body, install_error_handlers
 from server.api.guard import RequestGuard
+from server.api.intake import UploadSlots
 from server.metrics import Metrics
 from server.runtime import Runtime
 
@@ -84,7 +85,7 @@ def create_app(
     app.state.startup_error = None
     app.state.exit_code = 0
     app.state.metrics = Metrics()
-    app.state.uploads = adapters_api.UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
+    app.state.uploads = UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
     install_error_handlers(app)
     probes_and_docs = {
         "/health",

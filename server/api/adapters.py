@@ -7,8 +7,6 @@ Expects `app.state.registry` (an AdapterRegistry) and `app.state.uploads` (Uploa
 import asyncio
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,11 +17,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.archive import extract_archive
 from adapters.errors import (
-    AdapterTooLarge,
-    ClientUploadShareFull,
     InvalidAdapterName,
     InvalidUpload,
-    TooManyUploads,
     UnsafeAdapterFormat,
 )
 from adapters.manifest import Manifest, parse_ref
@@ -31,23 +26,14 @@ from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGH
 from loraplex.errors import LoraplexError
 from server.api.auth import require_admin
 from server.api.deps import NotReady
-from server.api.guard import RequestTimeout
-from server.client_share import ClientShares
+from server.api.intake import FORM_OVERHEAD, UploadSlots, limited
 from server.registry import AdapterRegistry
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(require_admin)])
 
 _FILE_FIELDS = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
-_FORM_OVERHEAD = 64 << 10  # multipart boundaries and headers around the files
 MAX_PAGE = 1000  # adapters in a page of the listing, versions in a page of an adapter's
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")  # as a reference's `name@N`
-
-# An upload body has no whole-body deadline (512 MiB over a slow honest link takes minutes), but each
-# UPLOAD_WINDOW_BYTES of it must arrive within UPLOAD_WINDOW_S of the previous ones (nginx's client_body_timeout
-# is the wait between two reads, which a byte a time never trips): 17 KiB/s at the least, or the upload ends with
-# 408 and frees its slot. Without it, --max-concurrent-uploads trickled uploads held every slot forever.
-UPLOAD_WINDOW_S = 60.0
-UPLOAD_WINDOW_BYTES = 1 << 20
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -58,70 +44,6 @@ def _registry(request: Request) -> AdapterRegistry:
 
 
 Registry = Annotated[AdapterRegistry, Depends(_registry)]
-
-
-class UploadSlots:
-    """Uploads in progress, at most `limit` at once: each keeps copies of its files on disk until it ends (the
-    parsed form's, the staged directory, the store's checked copy), each up to --max-adapter-mb, so unbounded
-    concurrent uploads could fill the disk. At most `per_client` of them one client's (current_client; None: no
-    share), so that one client cannot hold every slot while others wait. The slots are taken on the event loop only:
-    a plain counter."""
-
-    def __init__(self, limit: int, per_client: int | None) -> None:
-        self.limit = limit
-        self.taken = 0
-        self.shares = ClientShares(per_client, ClientUploadShareFull)
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """A slot for the block, held by the current client, freed however it ends; ClientUploadShareFull or
-        TooManyUploads at once when none is free to it."""
-        with self.shares.holding():
-            if self.taken >= self.limit:
-                raise TooManyUploads(
-                    f"{self.taken} adapter uploads are in progress, the most this server takes at once "
-                    "(--max-concurrent-uploads): retry when one has finished"
-                )
-            self.taken += 1
-            try:
-                yield
-            finally:
-                self.taken -= 1
-
-
-async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
-    """The request body, cut off as soon as it passes the limit (Content-Length is not trusted), or as soon as it
-    falls behind the least rate (UPLOAD_WINDOW_BYTES per UPLOAD_WINDOW_S). Either way the parser closes the files
-    it spooled so far, which removes them: nothing of the upload is left."""
-    loop = asyncio.get_running_loop()
-    chunks = aiter(stream)
-    seen = 0
-    window_seen = 0
-    window_end = loop.time() + UPLOAD_WINDOW_S
-    while True:
-        try:
-            # only the wait for the client is timed: a cancellation while the parser writes a chunk to disk, between
-            # two yields, would not be turned into this timeout's TimeoutError
-            async with asyncio.timeout_at(window_end):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the upload sent less than {UPLOAD_WINDOW_BYTES >> 10} KiB in {UPLOAD_WINDOW_S:g} s "
-                f"({seen} bytes came in all): send it at {UPLOAD_WINDOW_BYTES / UPLOAD_WINDOW_S / 1024:.0f} KiB/s "
-                "at the least"
-            ) from None
-        seen += len(chunk)
-        if seen > max_bytes:
-            raise AdapterTooLarge(
-                f"the upload is over the server's limit of {max_bytes / 2**20:.1f} MiB (--max-adapter-mb)"
-            )
-        window_seen += len(chunk)
-        if window_seen >= UPLOAD_WINDOW_BYTES:
-            window_seen = 0
-            window_end = loop.time() + UPLOAD_WINDOW_S
-        yield chunk
 
 
 class _WholeFormParser(MultiPartParser):
@@ -140,7 +62,7 @@ async def _read_form(request: Request, max_bytes: int) -> FormData:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidUpload("send the adapter as multipart/form-data (fields: name, config, weights | archive)")
     parser = _WholeFormParser(
-        request.headers, _limited(request.stream(), max_bytes + _FORM_OVERHEAD), max_files=4, max_fields=4
+        request.headers, limited(request.stream(), max_bytes + FORM_OVERHEAD), max_files=4, max_fields=4
     )
     try:
         form = await parser.parse()

@@ -3,7 +3,6 @@ any dependency runs, so the key check and the body limit cannot be dependencies:
 valid key gets its 401 before one byte of its body is read, and a body over the limit gets its 413 as soon
 as it passes the limit, never buffered whole."""
 
-import asyncio
 from collections.abc import Collection
 
 from starlette.datastructures import Headers
@@ -13,18 +12,7 @@ from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
 from server.api.auth import authenticate
 from server.api.errors import error_response
-
-
-class RequestTooLarge(LoraplexError):
-    http_status = 413
-    code = "request_too_large"
-
-
-class RequestTimeout(LoraplexError):
-    http_status = 408
-    code = "request_timeout"
-    # the rest of a body that stalled is never read: the connection ends
-    headers = {"Connection": "close"}  # noqa: RUF012 - read-only class constant
+from server.api.intake import read_body
 
 
 class AmbiguousLength(LoraplexError):
@@ -35,11 +23,6 @@ class AmbiguousLength(LoraplexError):
     http_status = 400
     code = "malformed_http"
     headers = {"Connection": "close"}  # noqa: RUF012 - read-only class constant
-
-
-# A JSON body (at most --max-request-mb) arrives whole within this: one sent a byte at a time, or shorter than its
-# Content-Length, would hold its connection for as long as its client likes
-BODY_TIMEOUT_S = 60.0
 
 
 class RequestGuard:
@@ -53,7 +36,6 @@ class RequestGuard:
         self.settings = settings
         self.open_paths = frozenset(open_paths)
         self.own_limit = own_limit
-        self.max_bytes = settings.max_request_mb << 20
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,40 +59,11 @@ class RequestGuard:
         await self.app(scope, receive, send)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Receive:
-        """Read the whole body, at most max_bytes of it (the route would buffer it all anyway), and hand the
-        app a `receive` that replays it, then listens on for the client's disconnect."""
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            raise self._too_large()
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":  # the app sees it, and ends
-                        break
-                    chunks.append(message.get("body", b""))
-                    size += len(chunks[-1])
-                    if size > self.max_bytes:
-                        raise self._too_large()
-                    if not message.get("more_body", False):
-                        message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-                        break
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({size} bytes came): send it whole, "
-                "with a Content-Length that matches it"
-            ) from None
-        pending: list[Message] = [message]
+        """Read the whole body, at most --max-request-mb of it (the route would buffer it all anyway), and hand the
+        app a `receive` that replays it (or the client's disconnect), then listens on for the client's disconnect."""
+        pending = [await read_body(scope, receive, self.settings.max_request_mb)]
 
         async def replayed() -> Message:
             return pending.pop() if pending else await receive()
 
         return replayed
-
-    def _too_large(self) -> RequestTooLarge:
-        return RequestTooLarge(
-            f"the request body is over this server's limit of {self.settings.max_request_mb} MiB "
-            "(--max-request-mb): send a shorter prompt or fewer messages"
-        )

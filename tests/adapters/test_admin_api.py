@@ -27,8 +27,9 @@ from adapters import client as admin_client
 from adapters.client import AdminClient, AdminClientError
 from adapters.validate import AdapterLimits
 from loraplex.settings import Settings
-from server.api.adapters import UploadSlots, router
+from server.api.adapters import router
 from server.api.errors import install_error_handlers
+from server.api.intake import UploadSlots
 from server.registry import AdapterRegistry
 
 

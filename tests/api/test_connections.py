@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
-from server.api import guard
+from server.api import intake
 from server.api.connections import (
     NR_OPEN,
     DeadlineH11Protocol,
@@ -147,7 +147,7 @@ def trickle(socks: list[socket.socket], stop: threading.Event) -> None:
 
 
 def test_a_body_that_never_ends_loses_its_connection(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(guard, "BODY_TIMEOUT_S", DEADLINE_S)
+    monkeypatch.setattr(intake, "BODY_TIMEOUT_S", DEADLINE_S)
     alone, _ = asyncio.run(honest_stream(url))
     head = "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     stalled = [

@@ -20,7 +20,7 @@ from peft_dirs import make_peft_dir
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
-from server.api import adapters
+from server.api import intake
 from server.api.connections import DeadlineH11Protocol
 from server.app import create_app
 
@@ -34,8 +34,8 @@ def served(
     tiny_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, FastAPI, Path]]:
     """The server's url, its app and its store's directory."""
-    monkeypatch.setattr(adapters, "UPLOAD_WINDOW_S", WINDOW_S)
-    monkeypatch.setattr(adapters, "UPLOAD_WINDOW_BYTES", WINDOW_BYTES)
+    monkeypatch.setattr(intake, "UPLOAD_WINDOW_S", WINDOW_S)
+    monkeypatch.setattr(intake, "UPLOAD_WINDOW_BYTES", WINDOW_BYTES)
     base = load_base_model(
         str(tiny_model_dirs["llama"]), cache_dir=tmp_path, device="cpu", quantize=False, dtype=torch.float32
     )
