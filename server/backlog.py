@@ -18,11 +18,12 @@ the bytes of chat chunks with 20 top logprobs, 3.8 times those of legacy complet
 
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # the API's streams import this module, and so does a fleet's ingress, which loads no torch
+    from transformers import PreTrainedTokenizerBase
 
-from server.engine import TokenEvent
+    from server.engine import TokenEvent
 
 # an event's fields besides its text and logprob entries, in the largest shape (a chat chunk: its id, model name of
 # up to 256 characters, index, finish reason and usage)
@@ -55,13 +56,13 @@ class EventSizes:
         self._entry = [ENTRY_BYTES + TOKEN_BYTE_BYTES * n for n in token_bytes]
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> "EventSizes":
+    def of(cls, tokenizer: "PreTrainedTokenizerBase", vocab_size: int) -> "EventSizes":
         """Sizes for the ids a model of `vocab_size` rows may name, each token decoded alone as logprobs report it
         (~0.3 s for 50,000 tokens); ids past the tokenizer's (a model's padding rows) have no text."""
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         return cls([len(text.encode()) for text in texts] + [0] * max(0, vocab_size - len(texts)))
 
-    def __call__(self, event: TokenEvent) -> int:
+    def __call__(self, event: "TokenEvent") -> int:
         entry = self._entry
         size = EVENT_BYTES + TEXT_BYTES * len(event.text) + sum(entry[i] for i, _ in event.top_logprobs)
         if event.token_id is not None:

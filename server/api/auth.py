@@ -72,8 +72,12 @@ def client_of(settings: Settings, request: Request) -> str | None:
     return f"address:{peer_client(request.client.host)}" if request.client is not None else None
 
 
-async def require_admin(request: Request) -> None:
-    settings = request.app.state.settings
+def admit_admin(settings: Settings, request: Request) -> None:
+    """A request that may manage adapters, as its client (current_client); Unauthorized or Forbidden otherwise."""
     if not authenticate(settings, request.headers):
         raise Forbidden("this key may only run inference; managing adapters needs an admin key")
     current_client.set(client_of(settings, request))
+
+
+async def require_admin(request: Request) -> None:
+    admit_admin(request.app.state.settings, request)

@@ -25,15 +25,17 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from adapters.errors import TooManyPinned
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.api.errors import error_body, error_response
+from server.api.auth import admit_admin
+from server.api.errors import error_response
+from server.api.intake import FORM_OVERHEAD, UploadSlots, limited, read_body
 from server.api.sse import OPENAI, TGI, failed_stream_end
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
-from server.fleet.routing import adapter_of
+from server.fleet.routing import adapter_of, is_upload
 
 if TYPE_CHECKING:  # torch and the model code load in the replicas alone: the ingress only forwards bytes
     from server.registry import AdapterRegistry
@@ -46,6 +48,8 @@ INGRESS = "LoraplexIngress"
 REPLICA_HEADER = "x-loraplex-replica"
 # the ingress only forwards bytes: it queues for the replicas, which bound their own work (--max-queue)
 INGRESS_MAX_ONGOING = 1000
+# a body up to this is read for its routing key on the ingress's event loop (a few ms for 4 MiB of JSON, off it)
+ROUTING_ON_LOOP_BYTES = 64 << 10
 _FLEET_ARGS = ("replicas", "max_replicas", "max_ongoing_requests")
 
 
@@ -142,26 +146,38 @@ class Replica:
 
 @serve.deployment(name=INGRESS, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
 class Ingress:
-    """The HTTP entry: reads the body (bounded), picks the routing key, forwards, streams the answer back."""
+    """The HTTP entry: reads the body by the rules a server reads its own by (server/api/intake.py), picks the
+    routing key, forwards, streams the answer back. An adapter upload is read by an admin's request alone, in one
+    of --max-concurrent-uploads slots: the ingress holds each body whole until a replica has it."""
 
-    def __init__(self, replicas: DeploymentHandle, max_body_bytes: int) -> None:
+    def __init__(self, replicas: DeploymentHandle, settings: Settings) -> None:
         self._replicas = replicas
-        self._max_body_bytes = max_body_bytes
+        self._settings = settings
+        self._uploads = UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
         self._base_name: str | None = None
 
     async def __call__(self, request: Request) -> Response:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self._max_body_bytes:
-                message = f"the request body is over {self._max_body_bytes >> 20} MiB"
-                return JSONResponse(error_body(message, "invalid_request_error", "request_too_large"), 413)
+        try:
+            if is_upload(request.method, request.url.path):
+                admit_admin(self._settings, request)
+                with self._uploads.hold():
+                    limit = (self._settings.max_adapter_mb << 20) + FORM_OVERHEAD
+                    body = b"".join([chunk async for chunk in limited(request.stream(), limit)])
+                    return await self._forward(request, body)
+            message = await read_body(request.scope, request.receive, self._settings.max_request_mb)
+        except LoraplexError as exc:
+            return error_response(exc)
+        if message["type"] == "http.disconnect":  # the client left: nobody reads an answer
+            return Response(status_code=499)
+        return await self._forward(request, message["body"])
+
+    async def _forward(self, request: Request, body: bytes) -> Response:
         forwarded = ForwardedRequest(
             request.method,
             request.url.path,
             request.scope["query_string"],
             list(request.scope["headers"]),
-            bytes(body),
+            body,
             tuple(request.client) if request.client else None,
         )
         try:
@@ -179,8 +195,12 @@ class Ingress:
         return response
 
     async def _adapter(self, request: ForwardedRequest) -> str | None:
-        """The routing key; None (any replica) for the base model, whose name a replica tells once."""
-        adapter = adapter_of(request.method, request.path, request.body)
+        """The routing key; None (any replica) for the base model, whose name a replica tells once. A large body is
+        parsed off the event loop, which every stream through the ingress shares."""
+        if len(request.body) <= ROUTING_ON_LOOP_BYTES:
+            adapter = adapter_of(request.method, request.path, request.body)
+        else:
+            adapter = await asyncio.to_thread(adapter_of, request.method, request.path, request.body)
         if adapter is None:
             return None
         if self._base_name is None:
@@ -229,8 +249,7 @@ def application(
     """The Serve application: `replicas` loraplex replicas of `settings` behind one ingress. A replica holds
     (Serve's multiplexed models) as many adapters as it has device slots."""
     replica = Replica.options(**deployment_options(settings, replicas, max_replicas, max_ongoing_requests))
-    max_body = max(settings.max_request_mb, settings.max_adapter_mb) << 20
-    return Ingress.bind(replica.bind(settings), max_body)
+    return Ingress.bind(replica.bind(settings), settings)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -7,18 +7,18 @@ import json
 # ingress never loads; a test keeps the two equal)
 MAX_NAME_CHARS = 256
 # the adapter routes manage the store: any replica answers them, whatever name they carry
-_ADMIN_PREFIX = "/v1/adapters"
+ADMIN_PREFIX = "/v1/adapters"
 
 
 def adapter_of(method: str, path: str, body: bytes) -> str | None:
     """The TGI `parameters.adapter_id`, else the OpenAI `model`, of a JSON request; None for the rest (GET,
     admin routes, bodies that are not a JSON object). The base model's served name is returned like any
     name: only a replica knows it, and the caller compares."""
-    if method != "POST" or path.startswith(_ADMIN_PREFIX) or not body:
+    if method != "POST" or path.startswith(ADMIN_PREFIX) or not body:
         return None
     try:
         payload = json.loads(body)
-    except ValueError:  # the replica answers the client's mistake with its own 422
+    except (ValueError, RecursionError):  # the replica answers the client's mistake with its own 422
         return None
     if not isinstance(payload, dict):
         return None
@@ -30,3 +30,8 @@ def adapter_of(method: str, path: str, body: bytes) -> str | None:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
         return None
     return name
+
+
+def is_upload(method: str, path: str) -> bool:
+    """An adapter upload (POST /v1/adapters): its body is read by the upload's rules, not a JSON body's."""
+    return method == "POST" and path.rstrip("/") == ADMIN_PREFIX

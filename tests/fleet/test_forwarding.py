@@ -1,18 +1,26 @@
 """What the Ray ingress relies on, without Ray: the routing key a request names, and the in-process call of
 the app that carries a request across and streams its answer back."""
 
+import ast
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from server.api import adapters as adapters_api
 from server.api import schemas
 from server.cli import run as serve_run
 from server.fleet import routing
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = {"server", "adapters", "loraplex", "training"}
 
 
 @pytest.mark.parametrize(
@@ -27,6 +35,7 @@ from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
         ("GET", "/v1/models", None, None),
         ("POST", "/generate", [1, 2], None),
         ("POST", "/generate", b"{not json", None),  # the replica answers with its own 422
+        ("POST", "/generate", b'{"inputs": ' + b"[" * 100_000, None),  # nested past the parser's depth: the same
     ],
 )
 def test_the_routing_key_is_the_adapter_the_routes_read(
@@ -38,6 +47,33 @@ def test_the_routing_key_is_the_adapter_the_routes_read(
 
 def test_the_routing_bound_is_the_routes_bound() -> None:
     assert routing.MAX_NAME_CHARS == schemas.MAX_NAME_CHARS
+    assert adapters_api.router.prefix == routing.ADMIN_PREFIX
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "upload"),
+    [("POST", "/v1/adapters", True), ("POST", "/v1/adapters/", True), ("GET", "/v1/adapters", False),
+     ("DELETE", "/v1/adapters/bot", False), ("POST", "/v1/adapters/bot", False), ("POST", "/generate", False)],
+)  # fmt: skip
+def test_an_upload_is_a_post_to_the_adapters_route(method: str, path: str, upload: bool) -> None:
+    assert routing.is_upload(method, path) == upload
+
+
+def test_the_ingress_loads_no_torch() -> None:
+    """The ingress only forwards bytes: the project's modules it imports load neither torch nor transformers, which
+    take seconds and hundreds of MB in every ingress process (the streams' backlog module once pulled in the
+    engine's)."""
+    tree = ast.parse((REPO / "server" / "fleet" / "ray_serve.py").read_text())
+    modules = [
+        node.module
+        for node in tree.body  # top level: not the imports under TYPE_CHECKING
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PROJECT
+    ]
+    assert "server.api.sse" in modules
+    code = "import sys\n" + "".join(f"import {module}\n" for module in modules)
+    code += "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip() == "[]"
 
 
 def _forwarded(path: str) -> ForwardedRequest:

@@ -4,6 +4,7 @@ one plain server does and land on the replica that holds their adapter (its `x-l
 a replica killed mid-stream fails that stream with a clear error, leaves the other replica's stream whole,
 and is replaced. Skipped without the `ray` extra (`make test-ray` installs it and runs this)."""
 
+import http.client
 import json
 import socket
 import threading
@@ -173,6 +174,46 @@ def stream_events(client: httpx.Client, body: dict, started: threading.Event | N
                 if started is not None:
                     started.set()
     return events
+
+
+def declared_but_unsent(port: int, path: str, length: int) -> tuple[int, dict]:
+    """The status and JSON body answered to a request head that declares `length` bytes of body, none of them sent."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_hostile_bodies_get_their_4xx_and_an_honest_stream_beside_them_is_unchanged(
+    fleet: httpx.Client, plain: TestClient
+) -> None:
+    """The ingress reads bodies by a server's rules: JSON nested past the parser's depth was a 500 from the
+    ingress's routing, and a head declaring 100 MiB (over --max-request-mb) waited for its body, which the ingress
+    would have buffered up to --max-adapter-mb on any route."""
+    adapter = ADAPTERS[1]
+    tokens = 200
+    body = tgi(adapter, long_prompt(plain, adapter, tokens), tokens)
+    expected = plain.post("/generate", json=body).json()["generated_text"]
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        honest = pool.submit(stream_events, fleet, body, started)
+        assert started.wait(60)
+        nested = fleet.post(
+            "/generate", content=b'{"inputs": ' + b"[" * 100_000, headers={"content-type": "application/json"}
+        )
+        # the replica's own answer (the routing's parse raised RecursionError, and the ingress answered 500)
+        assert nested.status_code == 413 and nested.json()["error"]["code"] == "too_many_json_items", nested.text
+        status, error = declared_but_unsent(fleet.base_url.port or 0, "/v1/completions", 100 << 20)
+        assert status == 413 and error["error"]["code"] == "request_too_large", error
+        assert "--max-request-mb" in error["error"]["message"]
+        events = honest.result(120)
+    assert events[-1]["generated_text"] == expected
 
 
 def test_a_killed_replica_fails_its_streams_clearly_and_is_replaced(fleet: httpx.Client, plain: TestClient) -> None:
