@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+# matched whole (fullmatch): a `$` also matches before a final newline, and "...lora_B.weight\n", a key PEFT drops
+# (leaving that lora_B at zero), was served as the module's lora_B
+_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def module_scaling(config: Mapping, module: str, rank: int) -> float:
 def split_peft_key(key: str) -> tuple[str, str] | None:
     """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0...q_proj', 'A')."""
     name = key.removeprefix(PEFT_PREFIX)
-    match = _KEY.match(name)
+    match = _KEY.fullmatch(name)
     return (match["module"], match["which"]) if match else None
 
 
