@@ -207,9 +207,12 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         )
     # Every module of the base is matched against these entries, at upload and at each load from disk: 180,000
     # pattern keys in a 4 MB config took ~9 s of the interpreter, stalling every stream. A config names each module
-    # at most once (or by a shorter name shared by many).
+    # at most once (or by a shorter name shared by many). A layers_pattern list is searched for each adapted module's
+    # layer index: a million names in a 4 MB config took 0.2 s a module, 45 s for an 8B model's 224 projections.
     most = max(64, 2 * len(base.modules))
-    for key in ("rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "layers_to_transform"):
+    for key in (
+        "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"
+    ):  # fmt: skip
         entries = config.get(key)
         if isinstance(entries, list | dict) and len(entries) > most:
             raise InvalidAdapterConfig(

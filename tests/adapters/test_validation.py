@@ -90,6 +90,12 @@ def test_garbage_weights_are_not_safetensors(tmp_path: Path, peft_dir: Path) -> 
         # each entry is matched against every module at upload and at every load: bounded by the base's modules
         ({"rank_pattern": {f"m{i}": 4 for i in range(5000)}}, errors.InvalidAdapterConfig, "5000 entries"),
         ({"target_modules": ["q_proj"] * 5000}, errors.InvalidAdapterConfig, "5000 entries"),
+        # each module's layer index is looked for under every name in the list
+        (
+            {"layers_to_transform": [0, 1], "layers_pattern": ["x"] * 4999 + ["layers"]},
+            errors.InvalidAdapterConfig,
+            "5000",
+        ),
     ],
 )
 def test_bad_config(tmp_path: Path, peft_dir: Path, changes: dict, error: type, match: str) -> None:
