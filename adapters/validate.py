@@ -235,7 +235,8 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
             if not _MODULE_PATH.fullmatch(module):
                 raise InvalidAdapterConfig(
                     f"{key} key {module!r} is not a module name: use a module's name or a dotted suffix of it, "
-                    "e.g. 'q_proj' or 'model.layers.0.self_attn.q_proj' (keys are not read as regular expressions)"
+                    "e.g. 'q_proj' or 'model.layers.0.self_attn.q_proj' (no regular expression: as in PEFT, '.' "
+                    "matches any character)"
                 )
             check(f"{key}[{module!r}]", value)
     targets = config.get("target_modules")

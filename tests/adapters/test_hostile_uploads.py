@@ -132,6 +132,24 @@ def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
     assert weights.modules["model.layers.1.self_attn.q_proj"].scaling == 3 / 2
 
 
+def test_a_dot_in_a_pattern_key_matches_any_character_as_in_peft(tmp_path: Path) -> None:
+    """PEFT reads a pattern key as a regular expression, in which '.' is any character: 'q.proj' names q_proj.
+    Read as a literal name it named nothing: the adapter's q_proj was served at lora_alpha / r, not at its
+    alpha_pattern value, and a PEFT adapter with such a rank_pattern key was refused."""
+    peft_dir = make_peft_dir(
+        tmp_path / "p", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v.proj": 2},
+        alpha_pattern={"q.proj": 24, "layers.1.self.attn.v_proj": 6},
+    )  # fmt: skip
+    store = new_store(tmp_path / "store")
+    weights = store.read_weights(store.put("p", peft_dir)[0])
+    peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
+    for name, module in weights.modules.items():
+        layer = peft.get_submodule(f"base_model.model.{name}")
+        assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
+    assert weights.modules["model.layers.0.self_attn.q_proj"].scaling == 24 / 4
+    assert weights.modules["model.layers.1.self_attn.v_proj"].scaling == 6 / 2
+
+
 # -- PEFT is the reference: an adapter PEFT would run otherwise than as x + s B A x is refused ----------------
 
 
