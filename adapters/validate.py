@@ -166,15 +166,19 @@ def _too_deep(what: str) -> str:
     return f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; PEFT writes flat objects"
 
 
+_CONTAINERS = (dict, list)
+
+
 def _shape(value: Any) -> tuple[int, int]:
-    """Nesting depth and number of values of parsed JSON, without recursion."""
-    deepest, values, level = 0, 0, [(value, 1)]
-    while level:
-        item, depth = level.pop()
-        deepest, values = max(deepest, depth), values + 1
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        level.extend((child, depth + 1) for child in children)
-    return deepest, values
+    """Nesting depth and number of values of parsed JSON, without recursion: a level at a time, its values counted
+    by their containers' lengths, only its containers looked into. A pass of the interpreter per value, holding the
+    lock, took 1.3-1.7 s for a 4 MiB config of `0,` or `{},` (15-25 times json.loads' own time), at the upload and at
+    every load of the version from disk."""
+    depth, values, level = 1, 1, [value] if type(value) in _CONTAINERS else []
+    while children := [child for item in level for child in (item.values() if type(item) is dict else item)]:
+        depth, values = depth + 1, values + len(children)
+        level = [child for child in children if type(child) in _CONTAINERS]  # json.loads makes plain ones
+    return depth, values
 
 
 def read_config(path: Path) -> dict[str, Any]:
