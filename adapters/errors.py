@@ -5,12 +5,23 @@ import errno
 
 from loraplex.errors import LoraplexError
 
+# A message quotes what it refuses: a name, a config value, a tensor's key, each as long as the client made it
+MAX_MESSAGE_CHARS = 2048
+
 
 class AdapterError(LoraplexError):
-    """Base of every adapter error: a bad upload, an unknown name, a failed load."""
+    """Base of every adapter error: a bad upload, an unknown name, a failed load. A message past MAX_MESSAGE_CHARS
+    (a name field of 1 MiB, a config value or a tensor's key of megabytes, quoted) is cut in its middle, keeping
+    what is wrong (its start) and how to fix it (its end): those made answers, and failed loads' states, as long."""
 
     http_status = 400
     code = "invalid_adapter"
+
+    def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            keep = MAX_MESSAGE_CHARS // 2
+            message = f"{message[:keep]} [...{len(message) - 2 * keep} characters...] {message[-keep:]}"
+        super().__init__(message)
 
 
 class InvalidAdapterName(AdapterError):

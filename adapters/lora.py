@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 PEFT_PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+# matched whole (fullmatch): a `$` also matches before a final newline, and "...lora_B.weight\n", a key PEFT drops
+# (leaving that lora_B at zero), was served as the module's lora_B
+_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight")
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,23 @@ class LoraWeights:
 
 
 def pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    """PEFT's rule for rank_pattern / alpha_pattern: the first key that is the module's name or a dotted
-    suffix of it. PEFT reads keys as regexes; uploads may only hold plain dotted module paths (see
-    adapters.validate), for which this comparison is the same rule, with no pattern from a client evaluated."""
+    r"""PEFT's rule for rank_pattern / alpha_pattern: the first key that matches the module's name or a dotted
+    suffix of it, as PEFT reads keys: as regexes, `re.match(rf"(.*\.)?({key})$", module)`. Uploads may only hold
+    keys of name characters and dots (see adapters.validate), in which the one character a regex reads otherwise
+    is '.', any character: 'q.proj' names q_proj (read literally it named nothing, and the module was served at
+    lora_alpha / r where PEFT applies the key's value). So keys are compared a character at a time, with no
+    pattern from a client evaluated."""
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
+        if _key_names(key, module):
             return value
     return default
+
+
+def _key_names(key: str, module: str) -> bool:
+    start = len(module) - len(key)  # the key spans the name's end: it has no repetition
+    if start < 0 or (start > 0 and module[start - 1] != "."):
+        return False
+    return all(k in (".", m) for k, m in zip(key, module[start:], strict=True))
 
 
 def module_scaling(config: Mapping, module: str, rank: int) -> float:
@@ -57,7 +69,7 @@ def module_scaling(config: Mapping, module: str, rank: int) -> float:
 def split_peft_key(key: str) -> tuple[str, str] | None:
     """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0...q_proj', 'A')."""
     name = key.removeprefix(PEFT_PREFIX)
-    match = _KEY.match(name)
+    match = _KEY.fullmatch(name)
     return (match["module"], match["which"]) if match else None
 
 

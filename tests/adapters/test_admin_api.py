@@ -142,6 +142,22 @@ def test_malformed_requests(client: TestClient, peft_dir: Path) -> None:
     assert client.get("/v1/adapters").json()["data"] == []
 
 
+def test_an_error_quotes_what_was_sent_in_bounded_length(client: TestClient, peft_dir: Path) -> None:
+    """Errors quote the value they refuse: a name field of 1 MiB (the multipart parser's bound on a text field), a
+    config field or a tensor's key of megabytes made an answer that long. The message keeps its start (what is
+    wrong) and its end (how to fix it)."""
+    files = files_of(peft_dir)
+    response = client.post("/v1/adapters", data={"name": "A" * 1_000_000}, files=files)
+    assert_error(response, 400, "invalid_adapter_name", "use 1-64 characters of a-z")
+    assert len(response.content) < 4096 and "invalid adapter name 'AAA" in response.text
+    config = json.loads(files["config"][1])
+    files["config"] = ("adapter_config.json", json.dumps({**config, "peft_type": "\x00" * 150_000}).encode())
+    response = client.post("/v1/adapters", data={"name": "x"}, files=files)
+    assert_error(response, 422, "invalid_adapter_config", "only LoRA adapters (peft_type 'LORA') can be served")
+    assert len(response.content) < 4096
+    assert client.get("/v1/adapters").json()["data"] == []
+
+
 def test_upload_over_the_limit_is_cut_off(tmp_path: Path, peft_dir: Path) -> None:
     with TestClient(make_app(tmp_path / "store", AdapterLimits(max_rank=16, max_bytes=1024))) as client:
         big = {"weights": ("adapter_model.safetensors", b"\0" * (200 << 10))}

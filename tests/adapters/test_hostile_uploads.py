@@ -3,12 +3,14 @@ it was. Each test reproduces one way an upload used to harm the server or other 
 
 import asyncio
 import bz2
+import functools
 import gzip
 import io
 import json
 import lzma
 import math
 import struct
+import sys
 import tarfile
 import time
 import tracemalloc
@@ -24,7 +26,7 @@ from e2e.server import serve_app
 from fastapi.testclient import TestClient
 from peft import PeftModel
 from peft_dirs import make_peft_dir, new_store
-from test_admin_api import assert_error, files_of, make_app
+from test_admin_api import assert_error, files_of, make_app, tar_bytes
 from test_validation import copy, edit_config, edit_weights
 from tiny import tiny_model
 
@@ -130,6 +132,24 @@ def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
         layer = peft.get_submodule(f"base_model.model.{name}")
         assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
     assert weights.modules["model.layers.1.self_attn.q_proj"].scaling == 3 / 2
+
+
+def test_a_dot_in_a_pattern_key_matches_any_character_as_in_peft(tmp_path: Path) -> None:
+    """PEFT reads a pattern key as a regular expression, in which '.' is any character: 'q.proj' names q_proj.
+    Read as a literal name it named nothing: the adapter's q_proj was served at lora_alpha / r, not at its
+    alpha_pattern value, and a PEFT adapter with such a rank_pattern key was refused."""
+    peft_dir = make_peft_dir(
+        tmp_path / "p", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v.proj": 2},
+        alpha_pattern={"q.proj": 24, "layers.1.self.attn.v_proj": 6},
+    )  # fmt: skip
+    store = new_store(tmp_path / "store")
+    weights = store.read_weights(store.put("p", peft_dir)[0])
+    peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
+    for name, module in weights.modules.items():
+        layer = peft.get_submodule(f"base_model.model.{name}")
+        assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
+    assert weights.modules["model.layers.0.self_attn.q_proj"].scaling == 24 / 4
+    assert weights.modules["model.layers.1.self_attn.v_proj"].scaling == 6 / 2
 
 
 # -- PEFT is the reference: an adapter PEFT would run otherwise than as x + s B A x is refused ----------------
@@ -740,3 +760,52 @@ def test_broken_and_failed_versions_are_listed_and_deletable(tmp_path: Path, pef
         assert client.delete("/v1/adapters/ghost").json()["versions_deleted"] == 1
         assert client.get("/v1/adapters").json()["broken"] == []
         assert [m["name"] for m in client.get("/v1/adapters").json()["data"]] == ["bot"]
+
+
+# -- an upload's disk work is off the event loop ------------------------------------------------------------
+
+
+@functools.cache
+def watch_removals() -> list[list[str]]:
+    """Every file or directory removed by a thread that runs an event loop is appended to each list in the answer
+    (audit hooks cannot be removed: one is installed, and records while a test holds a list in it)."""
+    recorders: list[list[str]] = []
+
+    def hook(event: str, args: tuple) -> None:
+        if recorders and event in ("os.remove", "os.rmdir") and asyncio_running():
+            for removed in recorders:
+                removed.append(str(args[0]))
+
+    sys.addaudithook(hook)
+    return recorders
+
+
+def asyncio_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["stored", "refused"])
+def test_an_uploads_files_are_removed_off_the_event_loop(client: TestClient, peft_dir: Path, kind: str) -> None:
+    """Removing what an upload left in its scratch directory (the archive, and the files it unpacked to) is the
+    disk's work in proportion to their size, ~0.1 s for 512 MiB: on the event loop it held every stream that long,
+    and a .tar.gz of 0.5 MB unpacks to the 512 MiB of --max-adapter-mb (zeros, in a file beside the adapter's)."""
+    config = (peft_dir / "adapter_config.json").read_bytes()
+    members = {
+        "adapter_config.json": config if kind == "stored" else config.replace(b'"LORA"', b'"IA3"'),
+        "adapter_model.safetensors": (peft_dir / "adapter_model.safetensors").read_bytes(),
+        "padding": bytes(256 << 10),
+    }
+    removed_on_loop: list[str] = []
+    watch_removals().append(removed_on_loop)
+    try:
+        response = client.post(
+            "/v1/adapters", data={"name": "bot"}, files={"archive": ("a.tar.gz", tar_bytes(members))}
+        )
+    finally:
+        watch_removals().remove(removed_on_loop)
+    assert response.status_code == (201 if kind == "stored" else 422), response.text
+    assert removed_on_loop == []

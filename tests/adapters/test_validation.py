@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft_dirs import make_peft_dir, new_store
 from safetensors.torch import load_file, save_file
 from tiny import tiny_model
@@ -90,6 +90,12 @@ def test_garbage_weights_are_not_safetensors(tmp_path: Path, peft_dir: Path) -> 
         # each entry is matched against every module at upload and at every load: bounded by the base's modules
         ({"rank_pattern": {f"m{i}": 4 for i in range(5000)}}, errors.InvalidAdapterConfig, "5000 entries"),
         ({"target_modules": ["q_proj"] * 5000}, errors.InvalidAdapterConfig, "5000 entries"),
+        # each module's layer index is looked for under every name in the list
+        (
+            {"layers_to_transform": [0, 1], "layers_pattern": ["x"] * 4999 + ["layers"]},
+            errors.InvalidAdapterConfig,
+            "5000",
+        ),
     ],
 )
 def test_bad_config(tmp_path: Path, peft_dir: Path, changes: dict, error: type, match: str) -> None:
@@ -137,6 +143,24 @@ def test_unpaired_or_foreign_tensors(tmp_path: Path, peft_dir: Path) -> None:
 
     with pytest.raises(errors.InvalidAdapterWeights, match="unexpected tensor"):
         new_store(tmp_path / "store").put("x", edit_weights(copy(peft_dir, tmp_path / "b"), add_bias))
+
+
+def test_a_weight_key_with_a_trailing_newline_is_refused(tmp_path: Path, peft_dir: Path) -> None:
+    """A key that ends in a newline is none PEFT loads (it drops it, leaving lora_B at zero), so served as
+    lora_B it would change the answers PEFT gives."""
+
+    key = next(k for k in load_file(peft_dir / "adapter_model.safetensors") if "lora_B" in k)
+
+    def add_newline(state: dict) -> None:
+        state[key + "\n"] = state.pop(key)
+
+    bad = edit_weights(copy(peft_dir, tmp_path / "bad"), add_newline)
+    peft = PeftModel.from_pretrained(tiny_model(), bad)
+    assert not peft.get_submodule(key.removesuffix(".weight") + ".default").weight.any()  # left as initialised
+    store = new_store(tmp_path / "store")
+    with pytest.raises(errors.InvalidAdapterWeights, match="unexpected tensor"):
+        store.put("x", bad)
+    assert len(store) == 0
 
 
 @pytest.mark.parametrize("alias", ["no-prefix", "default"])
