@@ -34,6 +34,7 @@ from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
 from adapters.gzipstream import MAX_HEADER
+from adapters.lora import LoraWeights
 from adapters.manifest import Manifest
 from adapters.multistream import MAX_MEMBERS
 from adapters.validate import AdapterLimits
@@ -116,6 +117,18 @@ def test_pattern_keys_that_are_not_module_paths_are_refused(
     assert_nothing_stored(client, tmp_path / "store")
 
 
+def served_as_peft_runs_it(peft_dir: Path, store_dir: Path) -> LoraWeights:
+    """The adapter's weights as the store reads them, after checking each module's rank and scaling against
+    PeftModel's."""
+    store = new_store(store_dir)
+    weights = store.read_weights(store.put("p", peft_dir)[0])
+    peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
+    for name, module in weights.modules.items():
+        layer = peft.get_submodule(f"base_model.model.{name}")
+        assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
+    return weights
+
+
 def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
     """PEFT's rule (a key names a module or a dotted suffix of its name), checked against PeftModel."""
     peft_dir = make_peft_dir(
@@ -125,12 +138,7 @@ def test_pattern_scalings_match_peft(tmp_path: Path) -> None:
         rank_pattern={"model.layers.1.self_attn.q_proj": 2},
         alpha_pattern={"v_proj": 24, "1.self_attn.q_proj": 3},
     )
-    store = new_store(tmp_path / "store")
-    weights = store.read_weights(store.put("p", peft_dir)[0])
-    peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
-    for name, module in weights.modules.items():
-        layer = peft.get_submodule(f"base_model.model.{name}")
-        assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
+    weights = served_as_peft_runs_it(peft_dir, tmp_path / "store")
     assert weights.modules["model.layers.1.self_attn.q_proj"].scaling == 3 / 2
 
 
@@ -142,12 +150,7 @@ def test_a_dot_in_a_pattern_key_matches_any_character_as_in_peft(tmp_path: Path)
         tmp_path / "p", r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v.proj": 2},
         alpha_pattern={"q.proj": 24, "layers.1.self.attn.v_proj": 6},
     )  # fmt: skip
-    store = new_store(tmp_path / "store")
-    weights = store.read_weights(store.put("p", peft_dir)[0])
-    peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
-    for name, module in weights.modules.items():
-        layer = peft.get_submodule(f"base_model.model.{name}")
-        assert module.rank == layer.r["default"] and math.isclose(module.scaling, layer.scaling["default"]), name
+    weights = served_as_peft_runs_it(peft_dir, tmp_path / "store")
     assert weights.modules["model.layers.0.self_attn.q_proj"].scaling == 24 / 4
     assert weights.modules["model.layers.1.self_attn.v_proj"].scaling == 6 / 2
 
