@@ -138,6 +138,7 @@ class GrammarSpec:
         _check_integer_bounds(schema)
         text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         _check_size(len(text), "JSON schema")
+        _check_unicode(text, "JSON schema")
         return cls("json_schema", text)
 
     @classmethod
@@ -145,6 +146,7 @@ class GrammarSpec:
         _check_size(len(pattern), "regex")
         if not pattern:
             raise InvalidGrammar("the regex is empty")
+        _check_unicode(pattern, "regex")
         return cls("regex", pattern)
 
 
@@ -154,6 +156,25 @@ JSON_OBJECT = GrammarSpec("json_object")
 def _check_size(chars: int, what: str) -> None:
     if chars > MAX_GRAMMAR_CHARS:
         raise InvalidGrammar(f"the {what} has {chars} characters; at most {MAX_GRAMMAR_CHARS} are accepted")
+
+
+def not_unicode(text: str) -> str | None:
+    """Why `text` is no text UTF-8 can hold, None where it is. JSON may escape half of a surrogate pair alone
+    ("\\ud800"): Python holds it, no UTF-8 can, and the tokenizer and llguidance raise on it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        pair = f"half of a UTF-16 surrogate pair ({text[exc.start]!r})"
+        return f"character {exc.start} is {pair}: send valid Unicode text"
+    return None
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # Checked here, not by llguidance at the compile: a chat's tools are rendered into its prompt under tool_choice
+    # "auto", which compiles nothing, and their texts were encoded to be counted (a 500)
+    why = not_unicode(text)
+    if why is not None:
+        raise InvalidGrammar(f"the {what} is not Unicode text: {why}")
 
 
 def _check_integer_bounds(schema: dict) -> None:
