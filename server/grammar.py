@@ -83,6 +83,7 @@ COMPILE_THREADS = 2  # each with its own worker process for the checks
 # own limits (2 allOf x 10 anyOf branches, each merging a 300-property object) peaks at 160 MB, and its compile here
 # takes as much again. 256 MiB leaves honest grammars many times their need and no grammar gigabytes.
 CHECK_MEMORY_BYTES = 256 << 20
+FORCED_WINDOW_TOKENS = 16  # of forced text tokenized at a mask (_PlainTextTokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class GrammarSpec:
         _check_integer_bounds(schema)
         text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
         _check_size(len(text), "JSON schema")
+        _check_unicode(text, "JSON schema")
         return cls("json_schema", text)
 
     @classmethod
@@ -145,6 +147,7 @@ class GrammarSpec:
         _check_size(len(pattern), "regex")
         if not pattern:
             raise InvalidGrammar("the regex is empty")
+        _check_unicode(pattern, "regex")
         return cls("regex", pattern)
 
 
@@ -154,6 +157,25 @@ JSON_OBJECT = GrammarSpec("json_object")
 def _check_size(chars: int, what: str) -> None:
     if chars > MAX_GRAMMAR_CHARS:
         raise InvalidGrammar(f"the {what} has {chars} characters; at most {MAX_GRAMMAR_CHARS} are accepted")
+
+
+def not_unicode(text: str) -> str | None:
+    """Why `text` is no text UTF-8 can hold, None where it is. JSON may escape half of a surrogate pair alone
+    ("\\ud800"): Python holds it, no UTF-8 can, and the tokenizer and llguidance raise on it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        pair = f"half of a UTF-16 surrogate pair ({text[exc.start]!r})"
+        return f"character {exc.start} is {pair}: send valid Unicode text"
+    return None
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # Checked here, not by llguidance at the compile: a chat's tools are rendered into its prompt under tool_choice
+    # "auto", which compiles nothing, and their texts were encoded to be counted (a 500)
+    why = not_unicode(text)
+    if why is not None:
+        raise InvalidGrammar(f"the {what} is not Unicode text: {why}")
 
 
 def _check_integer_bounds(schema: dict) -> None:
@@ -535,7 +557,14 @@ class _PlainTextTokenizer:
     """The tokenizer as llguidance reads it (TokenizerWrapper's interface), encoding a special token's text as
     plain text. llguidance tokenizes the bytes a grammar forces to pick the tokens it allows; the Rust tokenizer
     it builds from a fast tokenizer turns "<|im_end|>" in such bytes into the special token, which the matcher
-    then refuses (special tokens are never text to it): a grammar that spells one ended its request in a 500."""
+    then refuses (special tokens are never text to it): a grammar that spells one ended its request in a 500.
+
+    It tokenizes a window of the forced text, FORCED_WINDOW_TOKENS of the vocabulary's longest tokens long. At each
+    mask llguidance tokenizes all the bytes forced from there, and forces only the first token (it drops the last
+    few, which later bytes could merge with): a grammar forcing a long run (a{100000}, a const repeated by minItems:
+    megabytes) had every mask of its rows tokenize the whole run here, the interpreter lock held, on the engine
+    thread (0.2 to 1.4 s a token on SmolLM2's tokenizer, every other request's step waiting). The window's first
+    token is the run's: the window holds many tokens, each at most that long."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, read: "llguidance.LLTokenizer") -> None:
         # The Rust tokenizer itself, called straight: llguidance calls this on the engine thread while it fills a
@@ -548,10 +577,12 @@ class _PlainTextTokenizer:
         self.bos_token_id = tokenizer.bos_token_id
         self.tokens = [read.decode_bytes([i]) for i in range(read.vocab_size)]  # each token's bytes
         self.special_token_ids = list(tokenizer.all_special_ids)
+        # characters: each at least a byte, so the window holds at least as many bytes
+        self._window = FORCED_WINDOW_TOKENS * max(map(len, self.tokens))
 
     def __call__(self, text: str | bytes) -> list[int]:
         text = text.decode() if isinstance(text, bytes) else text
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self._backend.encode(text[: self._window], add_special_tokens=False).ids
 
 
 class _Checker:

@@ -31,9 +31,9 @@ from pydantic import (
 )
 
 from server.api.tools import (
+    MAX_TOOL_NAME_CHARS,
     MAX_TOOLS,
     DeltaToolCall,
-    HistoryToolCall,
     NamedToolChoice,
     Tool,
     ToolCall,
@@ -44,7 +44,7 @@ from server.api.tools import (
     tool_plan,
 )
 from server.engine.sampling import MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY
-from server.grammar import JSON_OBJECT, MAX_GRAMMAR_CHARS, GrammarSpec, InvalidGrammar
+from server.grammar import JSON_OBJECT, MAX_GRAMMAR_CHARS, GrammarSpec, InvalidGrammar, not_unicode
 from server.mixing import MAX_MIX_ADAPTERS, MAX_MIX_WEIGHT, AdapterMix
 from server.tokenizer_pool import MAX_MESSAGES
 
@@ -82,14 +82,10 @@ StopList = Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
 
 
 def _unicode(text: str) -> str:
-    # JSON may escape half of a surrogate pair alone ("\ud800"): Python holds it, no UTF-8 can, and the tokenizer
-    # raises on it (constrained strings are refused by pydantic itself; this covers the others)
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"character {exc.start} is half of a UTF-16 surrogate pair ({text[exc.start]!r}): send valid Unicode text"
-        ) from None
+    # constrained strings are refused by pydantic itself; this covers the others
+    why = not_unicode(text)
+    if why is not None:
+        raise ValueError(why)
     return text
 
 
@@ -699,6 +695,29 @@ def bounded_parts(messages: object) -> object:
             if count > MAX_CONTENT_PARTS:
                 raise ValueError(f"the messages hold {count} {what}; at most {MAX_CONTENT_PARTS} in all: {fix}")
     return messages
+
+
+# ---- the calls in a conversation's history (an assistant's tool_calls, answered by "tool" messages) -------
+
+
+class HistoryFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
+    # Text: templates render the arguments (an object where they are one), which the tokenizer then reads
+    arguments: Text = Field("", description="The arguments as JSON text, as the call was answered.")
+
+
+class HistoryToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field("", max_length=256)
+    type: Literal["function"] = "function"
+    function: HistoryFunctionCall
+
+    def template(self) -> dict:
+        """The call as chat templates take it (the arguments are read as an object in the tokenizer's process)."""
+        return {"id": self.id, "type": "function", "function": self.function.model_dump()}
 
 
 class ChatMessage(BaseModel):

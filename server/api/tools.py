@@ -98,28 +98,6 @@ def tool_choice_form(value: object) -> object:
     )
 
 
-# ---- the calls in a conversation's history (an assistant's tool_calls, answered by "tool" messages) -------
-
-
-class HistoryFunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
-    arguments: str = Field("", description="The arguments as JSON text, as the call was answered.")
-
-
-class HistoryToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    id: str = Field("", max_length=256)
-    type: Literal["function"] = "function"
-    function: HistoryFunctionCall
-
-    def template(self) -> dict:
-        """The call as chat templates take it (the arguments are read as an object in the tokenizer's process)."""
-        return {"id": self.id, "type": "function", "function": self.function.model_dump()}
-
-
 # ---- the answer's calls ----------------------------------------------------------------------------------
 
 

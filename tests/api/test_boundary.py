@@ -35,8 +35,14 @@ def body(path: str, prompt: str = "hi", **params: object) -> dict:
 @pytest.fixture(scope="module")
 def app_settings(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("boundary")
+    # hermes: tool_choice "auto" is answered, so the tools reach the template without a grammar
     settings = Settings(
-        adapter_dir=tmp / "store", cache_dir=tmp, device="cpu", max_seq_len=MAX_SEQ_LEN, max_batch_size=2
+        adapter_dir=tmp / "store",
+        cache_dir=tmp,
+        device="cpu",
+        max_seq_len=MAX_SEQ_LEN,
+        max_batch_size=2,
+        tool_call_parser="hermes",
     )
     return tiny_model_dirs["llama"], settings
 
@@ -210,24 +216,47 @@ def test_a_body_that_is_not_a_json_object_says_what_it_is(
     assert says in response.json()["error"]["message"], response.text
 
 
+# a history turn whose call's arguments (JSON text, rendered by templates) are "@"
+CALLED = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "@"}}]},
+    {"role": "tool", "tool_call_id": "c", "content": "1"},
+]
+# a tool whose parameters' schema (compiled, or rendered by templates under tool_choice "auto") names a property "@"
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"@": {"type": "string"}}}}}]
 SURROGATE_BODIES = [
-    *((path, json.dumps(body(path, "@"))) for path in ROUTES),
+    *((path, json.dumps(body(path, "@")), "invalid_request") for path in ROUTES),
     (
         "/v1/chat/completions",
         json.dumps({"model": "llama", "messages": [{"role": "user", "content": [{"type": "text", "text": "@"}]}]}),
+        "invalid_request",
     ),
-    ("/tokenize", json.dumps({"prompt": "@"})),
-    ("/tokenize", json.dumps({"inputs": "@"})),
-    ("/tokenize", json.dumps({"messages": [{"role": "user", "content": "@"}]})),
+    ("/v1/chat/completions", json.dumps({"model": "llama", "messages": CALLED}), "invalid_request"),
+    ("/tokenize", json.dumps({"prompt": "@"}), "invalid_request"),
+    ("/tokenize", json.dumps({"inputs": "@"}), "invalid_request"),
+    ("/tokenize", json.dumps({"messages": [{"role": "user", "content": "@"}]}), "invalid_request"),
+    ("/tokenize", json.dumps({"messages": CALLED}), "invalid_request"),
+    *(
+        (
+            "/v1/chat/completions",
+            json.dumps(body("/v1/chat/completions", tools=TOOLS, tool_choice=choice)),
+            "invalid_grammar",
+        )
+        for choice in ("auto", "required")
+    ),
+    ("/v1/completions", json.dumps(body("/v1/completions", guided_json={"const": "@"})), "invalid_grammar"),
+    ("/v1/completions", json.dumps(body("/v1/completions", guided_regex="@")), "invalid_grammar"),
+    ("/generate", json.dumps(body("/generate", grammar={"type": "json", "value": {"enum": ["@"]}})), "invalid_grammar"),
 ]
 
 
-@pytest.mark.parametrize(("path", "payload"), SURROGATE_BODIES)
-def test_text_that_is_not_unicode_is_a_422(client: TestClient, path: str, payload: str) -> None:
-    # JSON may escape half of a surrogate pair alone: Python holds it, no UTF-8 can, and the tokenizer raises
+@pytest.mark.parametrize(("path", "payload", "code"), SURROGATE_BODIES)
+def test_text_that_is_not_unicode_is_a_422(client: TestClient, path: str, payload: str, code: str) -> None:
+    # JSON may escape half of a surrogate pair alone: Python holds it, no UTF-8 can, and the tokenizer and the grammar
+    # engine raise on it
     status, answer = post(client, path, payload.replace('"@"', '"h\\ud800i"'))
     assert status == 422, (status, answer)
-    assert answer["error"]["code"] == "invalid_request" and "unicode" in answer["error"]["message"].lower(), answer
+    assert answer["error"]["code"] == code and "unicode" in answer["error"]["message"].lower(), answer
 
 
 @pytest.mark.parametrize(

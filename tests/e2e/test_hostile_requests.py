@@ -56,6 +56,18 @@ HOSTILE: list[tuple[str, object, dict[str, str], int, str | None]] = [
     ("/v1/completions", b'{"model": "", "prompt": [' + b"[3]," * 249_999 + b"[3]]}", AUTH, 413, "too_many_json_items"),
     ("/v1/chat/completions", b"[" * 10_000 + b"]" * 10_000, AUTH, 400, "bad_request"),
     ("/generate", {"inputs": "x" * 500_000}, AUTH, 422, "prompt_too_long"),
+    # half a surrogate pair in a history call's arguments, which the template renders: it reached the count of the
+    # prompt's bytes, a 500
+    (
+        "/v1/chat/completions",
+        b'{"model": "", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '
+        b'"\\ud800"}}]}, {"role": "user", "content": "hi"}]}',
+        AUTH,
+        422,
+        "invalid_request",
+    ),
+    # a grammar forcing a long run: the whole run was tokenized at every token, the interpreter lock held
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 8, "guided_regex": "a{100000}"}, AUTH, 200, None),
     *[
         ("/generate", {"inputs": "hi", "parameters": {"adapter_id": f"ghost-{i}"}}, AUTH, 404, "adapter_not_found")
         for i in range(8)

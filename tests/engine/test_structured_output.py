@@ -37,6 +37,7 @@ from server.grammar import (
     InvalidGrammar,
     _chars_past,
     _failure,
+    _PlainTextTokenizer,
 )
 
 NEW_TOKENS = 8
@@ -233,6 +234,44 @@ def test_a_grammar_that_allows_only_tokens_min_tokens_holds_back_is_a_dead_end(
     for i, adapter in enumerate([None, adapters[0]]):
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
     assert engine.num_running == 0
+
+
+def test_a_grammar_forcing_a_long_run_tokenizes_a_window_of_it_at_each_token(
+    family_setup, tokenizer, grammars, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a grammar forces its next bytes for a long way, llguidance tokenizes the forced text at every mask, on
+    the engine thread, through the tokenizer's Python (the interpreter lock held): the whole run, though a mask forces
+    only its first token. 10 characters of regex (a{100000}) cost 33 ms a token of each such row on SmolLM2's
+    tokenizer, a 16 KB const repeated by minItems 0.2 s (480 KB forced) to 1.4 s (2.4 MB), and every other request's
+    step waited that long. Only a window of the run is tokenized now, a few of the vocabulary's longest tokens long;
+    the forced answer is as before, and the rows beside answer as alone."""
+    tokenized: list[int] = []  # the tokens of each text tokenized
+    tokenize = _PlainTextTokenizer.__call__
+
+    def counted(self: _PlainTextTokenizer, text: str | bytes) -> list[int]:
+        ids = tokenize(self, text)
+        tokenized.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(_PlainTextTokenizer, "__call__", counted)
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    prompt = tokenizer("hello world")["input_ids"]
+    grammar = compiled(grammars, GrammarSpec.regex("a{50000}"))
+    for i in range(2):
+        constrained = request(prompt, greedy(NEW_TOKENS), None, f"c{i}")
+        constrained.grammar = grammar.matcher()
+        engine.submit(constrained, sink)
+    for i, adapter in enumerate([None, adapters[0]]):
+        engine.submit(request(prompt, greedy(NEW_TOKENS), adapter, f"r{i}"), sink)
+    tokenized.clear()
+    run_to_end(engine)
+    for i in range(2):
+        assert text_of(sink, tokenizer, f"c{i}") == "a" * NEW_TOKENS
+    for i, adapter in enumerate([None, adapters[0]]):
+        assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
+    assert tokenized and max(tokenized) <= 1024, max(tokenized)  # the run is 50,000 tokens of the byte vocabulary
 
 
 class FewBytes:
