@@ -33,7 +33,8 @@ again at each allOf or $ref that merges objects, each pair with its own fuel and
 stopped, each grammar is first checked in a worker process (server/grammar_check.py) that is killed at its
 deadline, and compiled here only once it has passed, so no grammar holds a compile thread for long. The worker's
 address space is limited too, so a grammar whose translation would take more memory ends the worker, not the
-server, and is refused."""
+server, and is refused. No check can see every mask before the answer runs, so a mask itself is kept from costing
+in proportion to what a grammar fixes ahead: grammars run with llguidance's forcing off (_without_forcing)."""
 
 import asyncio
 import copy
@@ -83,7 +84,6 @@ COMPILE_THREADS = 2  # each with its own worker process for the checks
 # own limits (2 allOf x 10 anyOf branches, each merging a 300-property object) peaks at 160 MB, and its compile here
 # takes as much again. 256 MiB leaves honest grammars many times their need and no grammar gigabytes.
 CHECK_MEMORY_BYTES = 256 << 20
-FORCED_WINDOW_TOKENS = 16  # of forced text tokenized at a mask (_PlainTextTokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -495,6 +495,7 @@ class Grammars:
             else:
                 schema = spec.text if spec.kind == "json_schema" else '{"type": "object"}'
                 grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
+            grammar = _without_forcing(grammar)
         except (ValueError, RuntimeError) as exc:  # a schema it cannot read
             raise InvalidGrammar(f"the {_WHAT[spec.kind]} cannot be compiled: {_without_backtrace(exc)}") from exc
         checker = self._checkers.get()
@@ -553,18 +554,30 @@ class Grammars:
             return self._ll_tokenizer
 
 
+NO_FORCING = '%llguidance {"no_forcing": true}\n'
+
+
+def _without_forcing(grammar: str) -> str:
+    """`grammar` (llguidance's top-level JSON, of one JSON schema or one regex) as Lark, with forcing off. Where a
+    grammar fixes the bytes ahead, llguidance computes all of them at the mask ("forcing"), to allow only the first
+    token of their canonical tokenization: a 16 KB const in an array of 100 arrays of 100 fixes 160 MB, which took
+    6 s and 3 GB on the engine thread at the first mask after a free choice, every other request's step waiting.
+    Forcing also had the fixed bytes tokenized at every mask, through the tokenizer's Python on the engine thread
+    (a{100000}: 33 ms a token on SmolLM2's tokenizer). Without it each mask allows the tokens that the fixed bytes
+    begin with, and costs what any mask does."""
+    top = json.loads(grammar)
+    for part in top["grammars"]:
+        schema = part.pop("json_schema", None)
+        lark = part.get("lark_grammar") or "start: %json " + json.dumps(schema, ensure_ascii=False)
+        part["lark_grammar"] = NO_FORCING + lark
+    return json.dumps(top, ensure_ascii=False)
+
+
 class _PlainTextTokenizer:
     """The tokenizer as llguidance reads it (TokenizerWrapper's interface), encoding a special token's text as
     plain text. llguidance tokenizes the bytes a grammar forces to pick the tokens it allows; the Rust tokenizer
     it builds from a fast tokenizer turns "<|im_end|>" in such bytes into the special token, which the matcher
-    then refuses (special tokens are never text to it): a grammar that spells one ended its request in a 500.
-
-    It tokenizes a window of the forced text, FORCED_WINDOW_TOKENS of the vocabulary's longest tokens long. At each
-    mask llguidance tokenizes all the bytes forced from there, and forces only the first token (it drops the last
-    few, which later bytes could merge with): a grammar forcing a long run (a{100000}, a const repeated by minItems:
-    megabytes) had every mask of its rows tokenize the whole run here, the interpreter lock held, on the engine
-    thread (0.2 to 1.4 s a token on SmolLM2's tokenizer, every other request's step waiting). The window's first
-    token is the run's: the window holds many tokens, each at most that long."""
+    then refuses (special tokens are never text to it): a grammar that spells one ended its request in a 500."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, read: "llguidance.LLTokenizer") -> None:
         # The Rust tokenizer itself, called straight: llguidance calls this on the engine thread while it fills a
@@ -577,12 +590,10 @@ class _PlainTextTokenizer:
         self.bos_token_id = tokenizer.bos_token_id
         self.tokens = [read.decode_bytes([i]) for i in range(read.vocab_size)]  # each token's bytes
         self.special_token_ids = list(tokenizer.all_special_ids)
-        # characters: each at least a byte, so the window holds at least as many bytes
-        self._window = FORCED_WINDOW_TOKENS * max(map(len, self.tokens))
 
     def __call__(self, text: str | bytes) -> list[int]:
         text = text.decode() if isinstance(text, bytes) else text
-        return self._backend.encode(text[: self._window], add_special_tokens=False).ids
+        return self._backend.encode(text, add_special_tokens=False).ids
 
 
 class _Checker:

@@ -9,6 +9,8 @@ import random
 import re
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ from server.grammar import (
     _PlainTextTokenizer,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 8
 SCHEMA = {
     "type": "object",
@@ -236,15 +239,14 @@ def test_a_grammar_that_allows_only_tokens_min_tokens_holds_back_is_a_dead_end(
     assert engine.num_running == 0
 
 
-def test_a_grammar_forcing_a_long_run_tokenizes_a_window_of_it_at_each_token(
+def test_a_grammar_fixing_a_long_run_has_none_of_it_tokenized_and_the_rows_beside_answer_as_alone(
     family_setup, tokenizer, grammars, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where a grammar forces its next bytes for a long way, llguidance tokenizes the forced text at every mask, on
-    the engine thread, through the tokenizer's Python (the interpreter lock held): the whole run, though a mask forces
-    only its first token. 10 characters of regex (a{100000}) cost 33 ms a token of each such row on SmolLM2's
-    tokenizer, a 16 KB const repeated by minItems 0.2 s (480 KB forced) to 1.4 s (2.4 MB), and every other request's
-    step waited that long. Only a window of the run is tokenized now, a few of the vocabulary's longest tokens long;
-    the forced answer is as before, and the rows beside answer as alone."""
+    """Where a grammar fixes its next bytes for a long way, llguidance forced them: at every mask it had the whole run
+    tokenized, on the engine thread, through the tokenizer's Python (the interpreter lock held), though a mask
+    allows one token. 10 characters of regex (a{100000}) cost 33 ms a token of each such row on SmolLM2's tokenizer,
+    and every other request's step waited. With forcing off nothing is tokenized at a mask; the answer is the run's,
+    and the rows beside answer as alone."""
     tokenized: list[int] = []  # the tokens of each text tokenized
     tokenize = _PlainTextTokenizer.__call__
 
@@ -271,7 +273,41 @@ def test_a_grammar_forcing_a_long_run_tokenizes_a_window_of_it_at_each_token(
         assert text_of(sink, tokenizer, f"c{i}") == "a" * NEW_TOKENS
     for i, adapter in enumerate([None, adapters[0]]):
         assert sink.tokens(f"r{i}") == reference_generate(base, adapter, prompt, NEW_TOKENS)[0]
-    assert tokenized and max(tokenized) <= 1024, max(tokenized)  # the run is 50,000 tokens of the byte vocabulary
+    assert not tokenized, tokenized  # the run is 50,000 tokens of the byte vocabulary
+
+
+# After a free choice (a boolean), a 16 KB const in 100 arrays of 100: 160 MB of fixed bytes
+FIXING_160_MB = """
+import asyncio, resource, torch
+from loraplex.synthetic import byte_tokenizer
+from server.engine.constraints import mask_words
+from server.grammar import Grammars, GrammarSpec
+
+tokenizer = byte_tokenizer()
+grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+rows = {"type": "array", "minItems": 100, "maxItems": 100, "items": {"const": "x" * 16000}}
+table = {"type": "array", "minItems": 100, "maxItems": 100, "items": rows}
+schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": table}, "required": ["a", "b"]}
+
+async def main():
+    matcher = (await grammars.get(GrammarSpec.json_schema(schema))).matcher()
+    mask = torch.zeros(mask_words(len(tokenizer)), dtype=torch.int32)
+    for token in tokenizer.encode('{"a":true,"b":[["xx', add_special_tokens=False):
+        matcher.fill_mask(mask)
+        matcher.advance(token)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)
+
+asyncio.run(main())
+"""
+
+
+def test_a_grammar_fixing_megabytes_after_a_free_choice_costs_a_mask_what_any_does() -> None:
+    """llguidance computed all the bytes a grammar fixes ahead at the mask (forcing): 160 MB fixed after a boolean
+    took 6 s and 3 GB of memory on the engine thread at the mask after the boolean, which no check before the answer
+    sees. Forcing off, the process that compiles the grammar and makes its masks peaks at a few hundred MB, most of it
+    Python and torch (3.2 GB before)."""
+    peak = subprocess.run([sys.executable, "-c", FIXING_160_MB], capture_output=True, text=True, check=True, cwd=REPO)
+    assert int(peak.stdout) < 1000, f"{peak.stdout.strip()} MB at the peak"
 
 
 class FewBytes:
