@@ -15,7 +15,7 @@ from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
 from server.api import adapters as adapters_api
-from server.api import generate, openai, tokenize
+from server.api import generate, openai, responses, tokenize
 from server.api.auth import require_inference
 from server.api.errors import error_body, install_error_handlers
 from server.api.guard import RequestGuard
@@ -99,6 +99,7 @@ def create_app(
     app.add_middleware(RequestGuard, settings=settings, open_paths=open_paths, own_limit=(adapters_api.router.prefix,))
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(adapters_api.router)
 

@@ -3,7 +3,7 @@
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import replace
 from functools import partial
@@ -410,6 +410,19 @@ def _scored_field(
     responses={200: {"content": {"text/event-stream": {}}, "description": "with stream: true"}},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, inference: InferenceDep) -> Response:
+    answer = await chat_answer(body, request, inference)
+    if isinstance(answer, AsyncIterator):
+        return sse_response(answer, OPENAI)
+    return await json_off_loop(answer)
+
+
+ChatAnswer = AsyncIterator[ChatCompletionChunk | bytes] | Callable[[], ChatCompletionResponse]
+
+
+async def chat_answer(body: ChatCompletionRequest, request: Request, inference: Inference) -> ChatAnswer:
+    """A chat request's answer: with stream, its chunks (those carrying a prompt's scores as their JSON, rendered
+    off the event loop), else the whole answer's builder (which json_off_loop runs off the loop). The Responses
+    API answers through it too."""
     _salted(body)
     parser = _tool_call_parser(body, request)
     adapter = await _adapter(body, inference)
@@ -495,25 +508,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, infere
                 ],
             )
 
-        return sse_response(chunks(), OPENAI)
+        return chunks()
     results = await inference.generate_many(request, runs, adapter, grammar)
-    return await json_off_loop(
-        lambda: ChatCompletionResponse(
-            id=rid,
-            created=created,
-            model=body.model,
-            usage=_results_usage([len(prompt_ids)], [results]),
-            prompt_logprobs=_prompt_logprobs(results[0].prompt_logprobs, inference),  # vLLM's: the response's
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=(message := _message(r.text, tools, parser)),
-                    finish_reason=_tools_finish(_finish(r.events[-1]), tools, bool(message.tool_calls)),
-                    logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
-                )
-                for i, r in enumerate(results)
-            ],
-        )
+    return lambda: ChatCompletionResponse(
+        id=rid,
+        created=created,
+        model=body.model,
+        usage=_results_usage([len(prompt_ids)], [results]),
+        prompt_logprobs=_prompt_logprobs(results[0].prompt_logprobs, inference),  # vLLM's: the response's
+        choices=[
+            ChatChoice(
+                index=i,
+                message=(message := _message(r.text, tools, parser)),
+                finish_reason=_tools_finish(_finish(r.events[-1]), tools, bool(message.tool_calls)),
+                logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
+            )
+            for i, r in enumerate(results)
+        ],
     )
 
 

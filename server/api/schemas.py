@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     StrictInt,
     StringConstraints,
@@ -402,6 +403,8 @@ def _is_token_id(key: object) -> bool:
 
 class OpenAISampling(BaseModel):
     model_config = REQUEST
+    # what the client calls max_completion_tokens, in errors (the Responses API's max_output_tokens)
+    _completion_limit_name: str = PrivateAttr("max_completion_tokens")
 
     model: str = Field(
         max_length=MAX_NAME_CHARS, description="An adapter name (`name` or `name@N`) or the base model's served name."
@@ -523,7 +526,7 @@ class OpenAISampling(BaseModel):
     def max_tokens_field(self) -> tuple[int | None, str]:
         """The completion limit the client sent, and the name it sent it under (for errors)."""
         if self.max_completion_tokens is not None:
-            return self.max_completion_tokens, "max_completion_tokens"
+            return self.max_completion_tokens, self._completion_limit_name
         return self.max_tokens, "max_tokens"
 
 

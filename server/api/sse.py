@@ -1,8 +1,10 @@
-"""Server-sent events from an async iterator of Pydantic models, in the TGI or the OpenAI protocol.
+"""Server-sent events from an async iterator of Pydantic models, in the TGI, the OpenAI or OpenAI's Responses
+protocol.
 
 The 200 goes out before the first event, so an error after it cannot change the status: the stream ends with
 one last event that says what went wrong, in the protocol's shape, which its clients raise on (TGI's and
-LoRAX's `{"error", "error_type"}`; OpenAI's `{"error": {"message", "type", "code"}}` then `[DONE]`, as vLLM)."""
+LoRAX's `{"error", "error_type"}`; OpenAI's `{"error": {"message", "type", "code"}}` then `[DONE]`, as vLLM; the
+Responses API's `error` event)."""
 
 import json
 import logging
@@ -30,15 +32,23 @@ class SseProtocol:
     done_marker: bool  # a last `data: [DONE]`, after an error event too
     exclude_none: bool  # unset fields left out, or sent as explicit nulls
     error_event: Callable[[LoraplexError], dict]  # the last event of a failed stream
+    named: bool = False  # each event has an `event:` line: its `type`
 
 
 # the message and code a non-streaming answer would carry, in each protocol's shape
 TGI = SseProtocol(False, True, lambda error: {"error": str(error), "error_type": error.code})
 OPENAI = SseProtocol(True, False, lambda error: error_body(str(error), error.error_type, error.code))
+RESPONSES = SseProtocol(
+    False,
+    False,
+    lambda error: {"type": "error", "code": error.code, "message": str(error), "param": None},
+    named=True,
+)
 
 
-def _event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
+def _event(payload: bytes, name: str | None = None) -> bytes:
+    head = b"" if name is None else b"event: " + name.encode() + b"\n"
+    return head + b"data: " + payload + b"\n\n"
 
 
 def _stream_error(exc: Exception) -> LoraplexError:
@@ -61,7 +71,8 @@ async def _encode(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtoc
                 if isinstance(event, bytes):
                     yield _event(event)
                     continue
-                yield _event(event.model_dump_json(exclude_none=protocol.exclude_none).encode())
+                name = getattr(event, "type", None) if protocol.named else None
+                yield _event(event.model_dump_json(exclude_none=protocol.exclude_none).encode(), name)
         except Exception as exc:  # raised on, it would drop the connection mid-body: a broken stream, no reason
             yield failed_stream_end(protocol, _stream_error(exc))
             return
@@ -71,7 +82,8 @@ async def _encode(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtoc
 
 def failed_stream_end(protocol: SseProtocol, error: LoraplexError) -> bytes:
     """The last bytes of a stream that failed after its 200: the protocol's error event, then its done marker."""
-    return _event(json.dumps(protocol.error_event(error)).encode()) + (DONE if protocol.done_marker else b"")
+    name = "error" if protocol.named else None
+    return _event(json.dumps(protocol.error_event(error)).encode(), name) + (DONE if protocol.done_marker else b"")
 
 
 class EventStreamResponse(StreamingResponse):

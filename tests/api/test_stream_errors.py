@@ -143,6 +143,29 @@ def test_an_openai_stream_that_fails_ends_with_an_error_chunk_then_done(
     no_asgi_traceback(caplog, server_faults=int(broken))
 
 
+@pytest.mark.parametrize("broken", [False, True], ids=["dead-end", "broken"])
+def test_a_responses_stream_that_fails_ends_with_its_error_event(
+    url: str, caplog: pytest.LogCaptureFixture, broken: bool
+) -> None:
+    """The Responses API's stream ends with an `error` event (its SSE `event:` line too), which the openai package
+    reads as ResponseErrorEvent; no [DONE] in that protocol."""
+    schema = BROKEN_SCHEMA if broken else {"type": "object"}
+    body = {"model": "qwen3", "input": "hello", "max_output_tokens": 8, "stream": True,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/responses", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    payloads = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert [p["type"] for p in payloads] == names and names[:2] == ["response.created", "response.in_progress"]
+    assert names[-1] == "error"  # after the stream started
+    code = "internal_error" if broken else "grammar_dead_end"
+    assert payloads[-1] == {"type": "error", "code": code, "message": BROKEN if broken else DEAD_END, "param": None}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    read = list(client.responses.create(**{k: v for k, v in body.items() if k != "stream"}, stream=True))
+    assert read[-1].type == "error" and read[-1].code == code
+    no_asgi_traceback(caplog, server_faults=2 * int(broken))
+
+
 def test_an_error_not_raised_on_purpose_ends_the_stream_as_an_internal_error(
     served: tuple[str, Inference], url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
