@@ -48,7 +48,7 @@ INGRESS = "LoraplexIngress"
 REPLICA_HEADER = "x-loraplex-replica"
 # the ingress only forwards bytes: it queues for the replicas, which bound their own work (--max-queue)
 INGRESS_MAX_ONGOING = 1000
-# a body up to this is read for its routing key on the ingress's event loop (a few ms for 4 MiB of JSON, off it)
+# a body up to this is read for its routing key on the ingress's event loop, a larger one off it (4 MiB: tens of ms)
 ROUTING_ON_LOOP_BYTES = 64 << 10
 _FLEET_ARGS = ("replicas", "max_replicas", "max_ongoing_requests")
 
