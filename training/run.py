@@ -1,21 +1,22 @@
 """`train(config)`: the whole run, callable from Python (tests, notebooks) and from `loraplex train`.
 
-Order matters: everything about the data, the push target and the checkpoint to resume from is checked,
-with the base tokenizer, before the model loads.
+Order matters: everything about the data, the device, the push target, the output directory and the checkpoint
+to resume from is checked, with the base model's config and tokenizer, before the model loads.
 """
 
 import logging
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoTokenizer
+from pydantic import ValidationError
 
 from adapters import client as admin
-from loraplex.basemodel import load_base_model, resolve_source
+from loraplex.basemodel import check_base_model, load_base_model, load_tokenizer, resolve_device
 from loraplex.settings import Settings
 from training.batching import choose_pad_id
 from training.checkpoint import plan_checkpoints
@@ -43,15 +44,17 @@ class TrainResult:
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     dataset = read_dataset(config.data, config.format)
-    cache_dir = config.cache_dir or Settings().cache_dir
-    source, _ = resolve_source(config.base_model, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    resolve_device(config.device)  # accelerate would train on the CPU, unasked, where --device cuda finds no CUDA
+    cache_dir = config.cache_dir or _server_cache_dir()
+    source, _ = check_base_model(config.base_model, cache_dir)
+    tokenizer = load_tokenizer(source)
     examples, dropped = tokenize_dataset(
         dataset, tokenizer, config.max_seq_len, config.data, chat_template=config.chat_template
     )
     train_rows, eval_rows = split(examples, config.eval_fraction, config.seed)
     if config.push:
         _check_push_target(config.push, config.api_key)  # a wrong URL or key is found now, not after training
+    _check_output(config.output)
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     fingerprint = run_fingerprint(
@@ -91,6 +94,34 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _server_cache_dir() -> Path:
+    """The server's model cache, so that both share one conversion of the embedded model. Settings reads every
+    LORAPLEX_* variable, so one set wrong for the server would stop training with a traceback."""
+    try:
+        return Settings().cache_dir
+    except ValidationError as exc:
+        wrong = "; ".join(
+            f"LORAPLEX_{str(err['loc'][0]).upper()}: {err['msg']}" if err["loc"] else err["msg"] for err in exc.errors()
+        )
+        raise TrainingError(
+            f"invalid environment variable ({wrong}): fix or unset it, or give --cache-dir; nothing was trained"
+        ) from None
+
+
+def _check_output(output: Path) -> None:
+    """The adapter can be written to `output`: found now, not when the training is over."""
+    if output.exists() and not output.is_dir():
+        raise TrainingError(f"--output {output} is a file, not a directory; nothing was trained")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as exc:
+        raise TrainingError(
+            f"--output {output}: cannot write there ({exc.strerror or exc}); nothing was trained"
+        ) from exc
 
 
 def _remove_checkpoints(root: Path) -> None:
