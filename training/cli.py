@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         transformers_logging.disable_progress_bar()  # its weight-loading bar, too
     try:
         config = config_from_args(args)
-        result = train(config, progress=not args.no_progress)
+        try:
+            result = train(config, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print(interrupted(config), file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except LoraplexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,6 +93,17 @@ def run(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {name: getattr(args, name) for name in TrainConfig.model_fields}
     return build_config(read_config_file(args.config) if args.config else {}, flags)
+
+
+def interrupted(config: TrainConfig) -> str:
+    """What Ctrl-C leaves: the checkpoint --resume goes on from, or none yet."""
+    from training.checkpoint import PREFIX, checkpoints
+
+    found = checkpoints(config.checkpoint_dir)
+    if not found:
+        return f"interrupted before the first checkpoint (one every --save-every {config.save_every} steps)"
+    step = int(found[0].name.removeprefix(PREFIX))
+    return f"interrupted: run the same command with --resume to go on from step {step} ({found[0]})"
 
 
 def summary(result) -> str:

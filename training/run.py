@@ -146,11 +146,11 @@ def _check_push_target(url: str, api_key: str | None) -> None:
 
 
 def _push(config: TrainConfig) -> admin.PushedManifest:
+    retry = f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
     try:
         with admin.AdminClient(config.push, api_key=config.api_key) as client:
             return client.push(config.output, config.name)
     except admin.AdminClientError as exc:
-        raise TrainingError(
-            f"the adapter was written to {config.output}, but --push failed: {exc} "
-            f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
-        ) from exc
+        raise TrainingError(f"the adapter was written to {config.output}, but --push failed: {exc} {retry}") from exc
+    except KeyboardInterrupt:  # the checkpoints are gone by now: what is left to do is the push
+        raise TrainingError(f"the adapter was written to {config.output}, but --push was interrupted {retry}") from None

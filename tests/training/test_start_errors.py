@@ -1,16 +1,25 @@
 """What `loraplex train` says when a run cannot start as asked: one line and exit code 2, before the model
 loads, never a traceback, and never a run that trains somewhere else than asked."""
 
+import json
 import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from test_cli import ctrl_c
 from test_config import parse
 from test_loop import ROWS
 
 import training.run
 from training import cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -71,3 +80,75 @@ def test_an_output_that_cannot_hold_the_adapter(data, tiny_model_dirs, tmp_path,
     output = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "out"
     err = run_train(capsys, data, output, tiny_model_dirs["llama"], "--device", "cpu")
     assert f"--output {output}" in err and "nothing was trained" in err
+
+
+def test_ctrl_c_says_how_to_go_on(data, tiny_model_dirs, tmp_path):
+    """Ctrl-C printed the traceback of wherever the loop was; now it names the checkpoint --resume goes on from."""
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(data), "--output", str(out), "--base-model", str(tiny_model_dirs["llama"])]
+    argv += ["--device", "cpu", "--rank", "4", "--batch-size", "2", "--max-steps", "100000", "--save-every", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplex", *argv, "--no-progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "checkpoints").glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        stderr = ctrl_c(proc)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert last.startswith("interrupted") and f"{newest}" in last and "--resume" in last, last
+    step = json.loads((newest / "checkpoint.json").read_text())["progress"]["step"]
+    assert f"step {step}" in last
+
+
+class HangingPush(BaseHTTPRequestHandler):
+    """A server that takes the key, then never answers the upload."""
+
+    posted = threading.Event()
+
+    def do_GET(self) -> None:
+        body = b'{"data": [], "next": null}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.posted.set()
+        time.sleep(120)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_ctrl_c_during_the_push_says_the_adapter_is_written(data, tiny_model_dirs, tmp_path):
+    """The checkpoints are removed before the push: "before the first checkpoint" would tell the user to start over."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HangingPush)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "out"
+    argv = ["train", "--data", str(data), "--output", str(out), "--base-model", str(tiny_model_dirs["llama"])]
+    argv += ["--device", "cpu", "--rank", "4", "--max-steps", "1", "--name", "bot"]
+    argv += ["--push", f"http://127.0.0.1:{server.server_address[1]}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplex", *argv, "--no-progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert HangingPush.posted.wait(240), proc.communicate(timeout=60)[1][-3000:]
+        stderr = ctrl_c(proc)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the adapter was written to {out}, but --push was interrupted (retry: "), last
+    assert (out / "adapter_model.safetensors").is_file()
