@@ -2,6 +2,7 @@
 failures, and the adapter commands against a fake admin API."""
 
 import logging
+import os
 import resource
 import signal
 import socket
@@ -130,6 +131,19 @@ def ctrl_c(proc: subprocess.Popen) -> str:
             pass
     proc.kill()
     return proc.communicate()[1]
+
+
+def test_a_misspelt_variable_is_refused_not_ignored(tmp_path: Path):
+    """LORAPLEX_ADMIN_KEYS (for LORAPLEX_ADMIN_KEY) was skipped: the server started without keys, its adapters open
+    to anyone's uploads and deletes."""
+    run = subprocess.run(
+        [sys.executable, "-m", "loraplex", "serve", "--base-model", str(tmp_path / "none"), "--port", "0"],
+        env={**os.environ, "LORAPLEX_ADMIN_KEYS": "secret"}, capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr.strip() == (
+        "loraplex serve: error: unknown variable LORAPLEX_ADMIN_KEYS (did you mean LORAPLEX_ADMIN_KEY?): every "
+        "LORAPLEX_* variable sets the `loraplex serve` flag of its name (`loraplex serve --help` lists them)"
+    )
 
 
 def test_bitsandbytes_kernels_warning_is_dropped_and_others_kept(caplog: pytest.LogCaptureFixture):

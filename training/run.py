@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from adapters import client as admin
 from loraplex.basemodel import check_base_model, load_base_model, load_tokenizer, resolve_device
-from loraplex.settings import Settings
+from loraplex.settings import Settings, describe_settings_error
 from training.batching import choose_pad_id
 from training.checkpoint import plan_checkpoints
 from training.config import TrainConfig
@@ -102,11 +102,9 @@ def _server_cache_dir() -> Path:
     try:
         return Settings().cache_dir
     except ValidationError as exc:
-        wrong = "; ".join(
-            f"LORAPLEX_{str(err['loc'][0]).upper()}: {err['msg']}" if err["loc"] else err["msg"] for err in exc.errors()
-        )
         raise TrainingError(
-            f"invalid environment variable ({wrong}): fix or unset it, or give --cache-dir; nothing was trained"
+            f"{describe_settings_error(exc, flags=False)}: fix or unset the variable, or give --cache-dir; nothing was "
+            "trained"
         ) from None
 
 
