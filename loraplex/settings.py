@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from loraplex.errors import validation_message
+
 CommaList = Annotated[list[str], NoDecode]
 
 
@@ -254,7 +256,7 @@ def describe_settings_error(exc: ValidationError, *, flags: bool = True) -> str:
     parts = []
     for err in exc.errors():
         if not err["loc"]:  # its message names what it checks
-            parts.append(str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"])
+            parts.append(validation_message(err))
             continue
         field = str(err["loc"][0])
         variable = f"{ENV_PREFIX}{field.upper()}"

@@ -1,11 +1,14 @@
 """The one training configuration: flags and an optional YAML file merged into a validated pydantic model."""
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
+from loraplex.errors import validation_message
 from training.errors import TrainingError
 
 DataFormat = Literal["auto", "chat", "prompt-completion", "text"]
@@ -146,6 +149,17 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Tr
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise TrainingError(f"invalid training option {where!r}: {first['msg']}") from exc
+        first: dict[tuple, ErrorDetails] = {}
+        for error in exc.errors():  # one per option: a union type (--target-modules) fails once per alternative
+            first.setdefault(error["loc"][:1], error)
+        raise TrainingError("; ".join(_describe(error) for error in first.values())) from exc
+
+
+def _describe(error: ErrorDetails) -> str:
+    if not error["loc"]:  # a check of several options: its message names them
+        return validation_message(error)
+    option = str(error["loc"][0])  # not pydantic's path into the option's type ('target_modules.list[str].1')
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(option, TrainConfig.model_fields, n=1)
+        return f"unknown training option {option!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"invalid training option {option!r}: {error['msg']}"
