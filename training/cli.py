@@ -113,10 +113,12 @@ def summary(result) -> str:
     losses = f"loss {_fmt(fit.first_loss)} -> {_fmt(fit.final_loss)}"
     if fit.eval_loss is not None:
         losses += f", eval loss {_fmt(fit.eval_loss)}"
-    dropped = f" ({result.dropped_rows} dropped: nothing to learn within --max-seq-len)" if result.dropped_rows else ""
+    notes = [f"{result.dropped_rows} dropped: nothing to learn within --max-seq-len"] if result.dropped_rows else []
+    notes += [f"{result.cut_rows} cut at --max-seq-len"] if result.cut_rows else []
+    rows = f" ({'; '.join(notes)})" if notes else ""
     rate = fit.real_tokens / max(fit.seconds, 1e-9)
     lines = [
-        f"trained {fit.steps} steps on {result.rows - result.dropped_rows} rows{dropped}",
+        f"trained {fit.steps} steps on {result.rows - result.dropped_rows} rows{rows}",
         *(_describe_resume(resume) for resume in fit.resumes),
         losses,
         f"{fit.trained_tokens:,} trained tokens, {fit.real_tokens:,} tokens through the model in {fit.seconds:.1f} s "

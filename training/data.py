@@ -37,6 +37,7 @@ class Row:
 class Example:
     input_ids: list[int]
     labels: list[int]
+    cut_from: int | None = None  # the row's length before max_seq_len cut trained tokens off its end
 
     @property
     def trained_tokens(self) -> int:
@@ -141,8 +142,11 @@ def tokenize_dataset(
         raise DataError("chat rows need a fast (Rust) tokenizer for the base model; use prompt-completion rows")
     examples = []
     for row in dataset.rows:
-        example = tokenize_row(row, dataset.format, tokenizer, path, chat_template=chat_template)
-        example = Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+        whole = tokenize_row(row, dataset.format, tokenizer, path, chat_template=chat_template)
+        cut = any(label != IGNORE for label in whole.labels[max_seq_len:])
+        example = Example(
+            whole.input_ids[:max_seq_len], whole.labels[:max_seq_len], len(whole.input_ids) if cut else None
+        )
         if example.trained_tokens:
             examples.append(example)
     if not examples:

@@ -37,6 +37,7 @@ class TrainResult:
     fit: FitResult
     rows: int
     dropped_rows: int  # rows whose every trained token lay beyond max_seq_len
+    cut_rows: int  # rows trained without their end: trained tokens lay beyond max_seq_len
     pushed: admin.PushedManifest | None  # the server's answer to --push
     main_process: bool  # False on the other processes of a multi-GPU run: they write and report nothing
     kept_checkpoints: Path | None  # with --keep-checkpoints; else they are removed once the adapter is written
@@ -61,6 +62,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         config, dataset, train_rows, eval_rows, world=accelerator.num_processes, device=accelerator.device.type
     )
     warn = log.warning if accelerator.is_main_process else _silent
+    cut = [example.cut_from for example in examples if example.cut_from is not None]
+    if cut:  # said before the model loads, so that a run can be stopped and started again with a longer limit
+        warn(
+            f"{len(cut)} of {len(dataset.rows)} rows are longer than --max-seq-len {config.max_seq_len} (the longest "
+            f"{max(cut)} tokens): cut there, their ends (EOS included) are not trained, so the adapter learns less "
+            "where to stop; raise --max-seq-len to train them whole"
+        )
     checkpoints = plan_checkpoints(config, fingerprint, warn)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -83,7 +91,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if config.push:
             pushed = _push(config)
     kept = config.checkpoint_dir if config.keep_checkpoints and config.checkpoint_dir.is_dir() else None
-    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed, accelerator.is_main_process, kept)
+    return TrainResult(
+        config.output, result, len(dataset.rows), dropped, len(cut), pushed, accelerator.is_main_process, kept
+    )
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
