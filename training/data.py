@@ -25,6 +25,7 @@ _SHAPES: dict[frozenset[str], RowFormat] = {
     frozenset({"text"}): "text",
 }
 _ROLES = {"system", "user", "assistant", "tool"}
+_JSONL = "JSONL holds one JSON object per line, each line a row"  # for a .json file of one array, or pretty-printed
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,14 @@ def read_dataset(path: Path, format: str = "auto") -> Dataset:
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            data = json.loads(line.decode("utf-8"))
+        try:  # utf-8-sig: past the byte order mark that some editors (Windows') start a UTF-8 file with
+            data = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
         except UnicodeDecodeError:
             raise DataError(f"{path} line {number}: not UTF-8 text") from None
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL}") from None
         if not isinstance(data, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}; {_JSONL}")
         rows.append(Row(number, data))
     if not rows:
         raise DataError(f"data file {path} holds no rows")
