@@ -42,7 +42,7 @@ class AdminClient:
         """Upload a PEFT directory (adapter_config.json, adapter_model.safetensors, optional training.json)
         or a .tar.gz / .zip of one; returns the stored version's manifest."""
         # imported here: adapters.validate loads torch, which listing and deleting need not wait for
-        from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
+        from adapters.validate import CHECKPOINTS_DIR, CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 
         path = Path(dir)
         if path.is_file() and path.name.endswith((".safetensors", ".json", *PICKLE_SUFFIXES)):
@@ -56,9 +56,15 @@ class AdminClient:
             if path.is_dir():
                 missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
                 if missing:
+                    unfinished = (path / CHECKPOINTS_DIR).is_dir()
+                    how = (
+                        "it holds the checkpoints of an unfinished `loraplex train` run: finish it by running it "
+                        "again with --resume"
+                        if unfinished
+                        else "write it with save_pretrained()"
+                    )
                     raise AdminClientError(
-                        f"{path} is not a PEFT adapter directory: {', '.join(missing)} missing "
-                        "(write it with save_pretrained())",
+                        f"{path} is not a PEFT adapter directory: {', '.join(missing)} missing ({how})",
                         400,
                         "invalid_adapter",
                     )

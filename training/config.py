@@ -126,7 +126,10 @@ class TrainConfig(BaseModel):
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output / "checkpoints"
+        # imported here: adapters.validate loads torch, which `loraplex train --help` must not wait for
+        from adapters.validate import CHECKPOINTS_DIR
+
+        return self.output / CHECKPOINTS_DIR
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

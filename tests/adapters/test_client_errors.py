@@ -104,3 +104,11 @@ def test_a_reference_that_is_no_adapter_is_refused_before_any_request(
             assert run_cli("adapters", command, ref, "--server", server_url) == 1
             assert "invalid adapter" in one_error_line(capsys)
         assert [v["version"] for v in client.versions("bot")] == [1, 2]
+
+
+def test_pushing_the_output_of_an_unfinished_training_run_says_to_finish_it(tmp_path: Path, capsys) -> None:
+    """It said 'write it with save_pretrained()', which a `loraplex train` user never calls."""
+    (tmp_path / "out" / "checkpoints" / "step-0000100").mkdir(parents=True)
+    assert run_cli("adapters", "push", str(tmp_path / "out"), "--name", "bot", "--server", "http://127.0.0.1:9") == 1
+    err = one_error_line(capsys)
+    assert "unfinished `loraplex train` run" in err and "--resume" in err and "save_pretrained" not in err
