@@ -8,6 +8,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from adapters.errors import InvalidAdapterName
+from adapters.names import check_name
 from loraplex.errors import validation_message
 from training.errors import TrainingError
 
@@ -110,10 +112,6 @@ class TrainConfig(BaseModel):
         if self.push and not self.name:
             raise ValueError("--push needs --name: the name the adapter gets on the server")
         if self.name:
-            # imported here: adapters.manifest loads torch, which `loraplex train --help` must not wait for
-            from adapters.errors import InvalidAdapterName
-            from adapters.manifest import check_name
-
             try:  # a bad name is found now, not after hours of training
                 check_name(self.name)
             except InvalidAdapterName as exc:
