@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 
+from adapters.errors import InvalidAdapterName
+from adapters.names import parse_ref
 from loraplex.errors import LoraplexError
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -34,13 +36,13 @@ class PushedManifest(dict[str, Any]):
 class AdminClient:
     def __init__(self, base_url: str = DEFAULT_SERVER, api_key: str | None = None, timeout: float = 300.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=_check_url(base_url).rstrip("/"), headers=headers, timeout=timeout)
 
     def push(self, dir: Path | str, name: str) -> PushedManifest:
         """Upload a PEFT directory (adapter_config.json, adapter_model.safetensors, optional training.json)
         or a .tar.gz / .zip of one; returns the stored version's manifest."""
         # imported here: adapters.validate loads torch, which listing and deleting need not wait for
-        from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
+        from adapters.validate import CHECKPOINTS_DIR, CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 
         path = Path(dir)
         if path.is_file() and path.name.endswith((".safetensors", ".json", *PICKLE_SUFFIXES)):
@@ -54,9 +56,15 @@ class AdminClient:
             if path.is_dir():
                 missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (path / f).is_file()]
                 if missing:
+                    unfinished = (path / CHECKPOINTS_DIR).is_dir()
+                    how = (
+                        "it holds the checkpoints of an unfinished `loraplex train` run: finish it by running it "
+                        "again with --resume"
+                        if unfinished
+                        else "write it with save_pretrained()"
+                    )
                     raise AdminClientError(
-                        f"{path} is not a PEFT adapter directory: {', '.join(missing)} missing "
-                        "(write it with save_pretrained())",
+                        f"{path} is not a PEFT adapter directory: {', '.join(missing)} missing ({how})",
                         400,
                         "invalid_adapter",
                     )
@@ -72,7 +80,7 @@ class AdminClient:
             else:
                 raise AdminClientError(f"{path}: no such adapter directory or archive", 400, "invalid_adapter")
             response = self._request("POST", "/v1/adapters", data={"name": name}, files=files)
-            return PushedManifest(response.json(), created=response.status_code == 201)
+            return PushedManifest(self._json(response), created=response.status_code == 201)
 
     def check_access(self) -> None:
         """Raise unless the server answers and accepts this client's key on the admin routes (a server still
@@ -103,7 +111,7 @@ class AdminClient:
         params: dict[str, Any] = {"versions_limit": versions_limit}
         if after is not None:
             params["versions_after"] = after
-        return self._call("GET", f"/v1/adapters/{name}", params=params)
+        return self._call("GET", _adapter_path(name), params=params)
 
     def list(self) -> list[dict[str, Any]]:
         """Every adapter's newest version, following the pages."""
@@ -118,10 +126,16 @@ class AdminClient:
 
     def remove(self, name: str) -> int:
         """Delete 'name' (every version) or 'name@N'; returns how many versions went."""
-        return self._call("DELETE", f"/v1/adapters/{name}")["versions_deleted"]
+        return self._call("DELETE", _adapter_path(name))["versions_deleted"]
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
-        return self._request(method, url, **kwargs).json()
+        return self._json(self._request(method, url, **kwargs))
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise self._not_loraplex(response, "not JSON") from None
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -134,8 +148,22 @@ class AdminClient:
             error = response.json()["error"]
             message, code = error["message"], error.get("code")
         except (ValueError, KeyError, TypeError):
-            message, code = response.text.strip() or response.reason_phrase, None
+            raise self._not_loraplex(response, "not a loraplex error") from None
         raise AdminClientError(message, response.status_code, code)
+
+    def _not_loraplex(self, response: httpx.Response, what: str) -> AdminClientError:
+        """An answer no loraplex server gives: another service on that port, or a proxy's own error page. Its
+        status is what helps; of its body, only the first line of plain text (never a page of HTML)."""
+        text = response.text.strip()
+        quoted = "" if not text or "html" in response.headers.get("content-type", "") else text.splitlines()[0][:200]
+        return AdminClientError(
+            f"the server at {self._http.base_url} answered {response.request.method} {response.request.url.path} "
+            f"with {response.status_code} {response.reason_phrase}, {what}"
+            + (f" ({quoted!r})" if quoted else "")
+            + ": is it a loraplex server (or a proxy in front of one)?",
+            response.status_code,
+            None,
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -145,3 +173,27 @@ class AdminClient:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+
+def _check_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host. Checked here because httpx refuses others only at the first
+    request, in words that do not say what to write ('localhost:8000' reads as the scheme 'localhost'), or raises."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise AdminClientError(
+            f"invalid server URL {url!r}: write it as http://HOST:PORT, e.g. {DEFAULT_SERVER}", 400, "invalid_url"
+        )
+    return url
+
+
+def _adapter_path(ref: str) -> str:
+    """The route of `ref` (NAME or NAME@N), checked first: pasted into the URL unchecked, 'bot#1' would lose '#1' as
+    a fragment (a delete of every version of bot), and '/', '?' or '..' would reach other routes."""
+    try:
+        parse_ref(ref)
+    except InvalidAdapterName as exc:
+        raise AdminClientError(str(exc), exc.http_status, exc.code) from None
+    return f"/v1/adapters/{ref}"

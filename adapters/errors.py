@@ -133,7 +133,8 @@ class TooManyAdaptersLoaded(AdapterError):
 
 
 class AdapterStoreUnavailable(AdapterError):
-    """The shared store (an S3 bucket) did not answer, or refused this server's credentials."""
+    """The shared store (an S3 bucket) did not answer, or refused this server's credentials; or the adapter
+    directory cannot be one."""
 
     http_status = 503
     code = "adapter_store_unavailable"

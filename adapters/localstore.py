@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
-from adapters.errors import AdapterNotFound
+from adapters.errors import AdapterNotFound, AdapterStoreUnavailable
 from adapters.manifest import Manifest
 from adapters.store import MANIFEST_FILE, Broken, BrokenVersion, Versions
 
@@ -166,9 +166,15 @@ class LocalBackend:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        (root / _LOCKS).mkdir(exist_ok=True)
-        (root / _VERSIONS).mkdir(exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / _LOCKS).mkdir(exist_ok=True)
+            (root / _VERSIONS).mkdir(exist_ok=True)
+        except OSError as exc:  # a file there, or a directory this server may not write: one line, not a traceback
+            why = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
+            raise AdapterStoreUnavailable(
+                f"cannot use the adapter directory {root}: {why} (choose another --adapter-dir)"
+            ) from exc
         self._scratch = ScratchSpace(root)
 
     def names(self) -> dict[str, Hashable | None]:

@@ -1,18 +1,18 @@
-"""Adapter names, references (`name` / `name@N`) and the manifest stored next to every version."""
+"""The manifest stored next to every version of an adapter."""
 
 import json
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
-from adapters.errors import InvalidAdapterName
 from adapters.fingerprint import BaseFingerprint
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-_NAME = re.compile(NAME_PATTERN)
-_REF = re.compile(r"^(?P<name>[^@]+)(?:@(?P<version>[1-9][0-9]{0,8}))?$")
+# re-exported: the store and the server import the name rules with the manifest
+from adapters.names import NAME_PATTERN
+from adapters.names import check_name as check_name
+from adapters.names import is_name as is_name
+from adapters.names import parse_ref as parse_ref
 
 Origin = Literal["uploaded", "trained"]
 
@@ -27,29 +27,6 @@ def _json_text(value: Any) -> str:
 # held in memory, and 16,384 JSON values as Python objects took ~1.4 MB a version (an 85 KB training.json), as text
 # its size (300 versions of one adapter had grown a server by 410 MB)
 TrainingMetadata = Annotated[str, BeforeValidator(_json_text), PlainSerializer(json.loads, return_type=dict[str, Any])]
-
-
-def is_name(name: str) -> bool:
-    """Whether an adapter may be called `name`."""
-    return _NAME.fullmatch(name) is not None
-
-
-def check_name(name: str) -> str:
-    if not is_name(name):
-        raise InvalidAdapterName(
-            f"invalid adapter name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """'support-bot' -> ('support-bot', None) (the newest version); 'support-bot@3' -> ('support-bot', 3)."""
-    match = _REF.fullmatch(ref)
-    if match is None:
-        raise InvalidAdapterName(f"invalid adapter reference {ref!r}: use NAME or NAME@VERSION, e.g. bot@2")
-    version = match["version"]
-    return check_name(match["name"]), int(version) if version else None
 
 
 def adapter_key(name: str, version: int) -> str:

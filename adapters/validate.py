@@ -31,6 +31,7 @@ from adapters.lora import lora_weights_from_state, pattern_value, split_peft_key
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINING_FILE = "training.json"
+CHECKPOINTS_DIR = "checkpoints"  # where `loraplex train` keeps a run's checkpoints, in its output directory
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Modules whose adaptation changes the vocabulary or embeddings: the slot-stacked kernels serve Linear
 # projections inside the blocks only.

@@ -89,7 +89,7 @@ def load_base_model(
     quantize=True gives NF4 weights with double quantization and `dtype` compute (bitsandbytes, on CUDA
     and on CPU); quantize=False keeps `dtype` weights (the fp32 reference path of the tests).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, default_name = check_base_model(base_model, cache_dir)
     dev = resolve_device(device)
@@ -101,14 +101,26 @@ def load_base_model(
         kwargs["quantization_config"] = nf4_config(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as exc:  # corrupt weights, a missing tokenizer, a hub error: one clear line, whatever raised
+    except Exception as exc:  # corrupt weights, a hub error: one clear line, whatever raised
         if isinstance(exc, BaseModelError):
             raise
         raise BaseModelError(f"cannot load base model {source!r}: {_first_line(exc)}") from exc
+    tokenizer = load_tokenizer(source)
     model.eval()
     model.requires_grad_(False)
     return LoadedBase(model, tokenizer, served_name or default_name, dev)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a source that check_base_model passed; a missing or broken one is one BaseModelError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError, ValueError or TypeError, in many lines
+        hint = " (save the tokenizer into the model directory too)" if Path(source).is_dir() else ""
+        why = _first_line(exc).rstrip(": ")
+        raise BaseModelError(f"cannot load the tokenizer of base model {source!r}{hint}: {why}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,6 +4,8 @@ Every class carries the HTTP status and error code the server answers with, so t
 status lives with the error, and the HTTP layer maps all of them in one handler.
 """
 
+from pydantic_core import ErrorDetails
+
 
 class LoraplexError(Exception):
     """Base of every error loraplex raises on purpose."""
@@ -20,3 +22,8 @@ class BaseModelError(LoraplexError):
     """The base model cannot be found or loaded (missing path, not a causal LM, missing package)."""
 
     code = "base_model_error"
+
+
+def validation_message(error: ErrorDetails) -> str:
+    """A pydantic error's message, without the "Value error, " it puts before a validator's own words."""
+    return str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]

@@ -1,10 +1,14 @@
 """The one configuration class. Read once at start-up; every other module receives values from it."""
 
+import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from loraplex.errors import validation_message
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -16,10 +20,13 @@ def _user_dir(kind: str) -> Path:
     return base / "loraplex" / ("" if kind == "cache" else "adapters")
 
 
+ENV_PREFIX = "LORAPLEX_"
+
+
 class Settings(BaseSettings):
     """Every `loraplex serve` flag, also readable as `LORAPLEX_<FLAG>` (lists comma-separated)."""
 
-    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     base_model: str | None = Field(
         None, description="Hub id or local directory of the base model; empty: the embedded SmolLM2-135M."
@@ -182,6 +189,23 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, values: object) -> object:
+        # pydantic-settings skips a LORAPLEX_* variable that names no setting: a misspelt LORAPLEX_ADMIN_KEYS would
+        # start a server without keys, whose adapters anyone may upload and delete
+        for variable in os.environ:
+            setting = variable.upper().removeprefix(ENV_PREFIX).lower()
+            if variable.upper().startswith(ENV_PREFIX) and setting not in cls.model_fields:
+                close = difflib.get_close_matches(setting, cls.model_fields, n=1)
+                raise ValueError(
+                    f"unknown variable {variable}"
+                    + (f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else "")
+                    + f": every {ENV_PREFIX}* variable sets the `loraplex serve` flag of its name (`loraplex serve "
+                    "--help` lists them)"
+                )
+        return values
+
     @field_validator("api_key", "admin_key", "preload", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -224,3 +248,19 @@ class Settings(BaseSettings):
                 f"({self.max_active_adapters}): every active adapter also keeps its CPU copy"
             )
         return self
+
+
+def describe_settings_error(exc: ValidationError, *, flags: bool = True) -> str:
+    """One line: each wrong setting as its flag and variable (only its variable with flags=False, for a command
+    without these flags), and each check of several settings or of the environment by its own message."""
+    parts = []
+    for err in exc.errors():
+        if not err["loc"]:  # its message names what it checks
+            parts.append(validation_message(err))
+            continue
+        field = str(err["loc"][0])
+        variable = f"{ENV_PREFIX}{field.upper()}"
+        parts.append(
+            f"--{field.replace('_', '-')} ({variable}): {err['msg']}" if flags else f"{variable}: {err['msg']}"
+        )
+    return "; ".join(parts)

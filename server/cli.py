@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from loraplex.errors import LoraplexError
 from loraplex.logs import configure
-from loraplex.settings import Settings
+from loraplex.settings import Settings, describe_settings_error
 
 log = logging.getLogger("loraplex")
 _METAVARS = {int: "N", Path: "DIR"}
@@ -87,15 +87,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else ""
-        where = f"--{field.replace('_', '-')} (LORAPLEX_{field.upper()})" if field else "settings"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 class CannotListen(LoraplexError):
     code = "cannot_listen"
 
@@ -121,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"loraplex serve: error: {describe_validation_error(exc)}", file=sys.stderr)
+        print(f"loraplex serve: error: {describe_settings_error(exc)}", file=sys.stderr)
         return 2
     configure(settings.log_level)
     if args.ray or args.replicas is not None or args.max_replicas is not None:

@@ -2,7 +2,9 @@
 failures, and the adapter commands against a fake admin API."""
 
 import logging
+import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -98,6 +100,50 @@ def test_serve_on_a_port_in_use_fails_at_once_in_one_line(tmp_path: Path):
         "(is another server running? choose another --port)"
     )
     assert time.monotonic() - began < 60 and not (tmp_path / "models").exists()  # nothing was converted or loaded
+
+
+def test_ctrl_c_while_waiting_for_a_server_is_one_line():
+    """Ctrl-C printed the traceback of wherever httpx was waiting."""
+    with socket.socket() as silent:  # a server that takes the connection and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplex", "adapters", "list", "--server", url],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        silent.settimeout(60)
+        connection, _ = silent.accept()
+        with connection:
+            connection.recv(1024)  # the request was sent: the command waits for its answer
+            stderr = ctrl_c(proc)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
+
+
+def ctrl_c(proc: subprocess.Popen) -> str:
+    """SIGINT, again every few seconds as a user presses Ctrl-C again: one that lands while Python runs a finalizer
+    is dropped ("Exception ignored in ..."). Returns stderr."""
+    for _ in range(12):
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.communicate(timeout=5)[1]
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    return proc.communicate()[1]
+
+
+def test_a_misspelt_variable_is_refused_not_ignored(tmp_path: Path):
+    """LORAPLEX_ADMIN_KEYS (for LORAPLEX_ADMIN_KEY) was skipped: the server started without keys, its adapters open
+    to anyone's uploads and deletes."""
+    run = subprocess.run(
+        [sys.executable, "-m", "loraplex", "serve", "--base-model", str(tmp_path / "none"), "--port", "0"],
+        env={**os.environ, "LORAPLEX_ADMIN_KEYS": "secret"}, capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and run.stderr.strip() == (
+        "loraplex serve: error: unknown variable LORAPLEX_ADMIN_KEYS (did you mean LORAPLEX_ADMIN_KEY?): every "
+        "LORAPLEX_* variable sets the `loraplex serve` flag of its name (`loraplex serve --help` lists them)"
+    )
 
 
 def test_bitsandbytes_kernels_warning_is_dropped_and_others_kept(caplog: pytest.LogCaptureFixture):

@@ -95,3 +95,20 @@ def test_a_model_that_fails_to_load_after_the_port_opens_stops_the_server(
     result = serve("--base-model", str(broken), "--port", "0", "--cache-dir", str(tmp_path), "--device", "cpu")
     assert result.returncode == 1
     assert "cannot load base model" in result.stderr
+
+
+def test_an_adapter_directory_that_cannot_be_one_stops_the_server_in_one_line(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """--adapter-dir naming a file (or a directory the server may not write) stopped the server with the
+    traceback of a mkdir."""
+    (tmp_path / "adapters").write_text("not a directory")
+    result = serve(
+        "--base-model", str(tiny_model_dirs["llama"]), "--port", "0", "--cache-dir", str(tmp_path), "--device", "cpu",
+        "--adapter-dir", str(tmp_path / "adapters"),
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        f"start-up failed: cannot use the adapter directory {tmp_path / 'adapters'}: a file is in the way"
+        in result.stderr
+    )

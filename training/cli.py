@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         transformers_logging.disable_progress_bar()  # its weight-loading bar, too
     try:
         config = config_from_args(args)
-        result = train(config, progress=not args.no_progress)
+        try:
+            result = train(config, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            print(interrupted(config), file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except LoraplexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +95,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return build_config(read_config_file(args.config) if args.config else {}, flags)
 
 
+def interrupted(config: TrainConfig) -> str:
+    """What Ctrl-C leaves: the checkpoint --resume goes on from, or none yet."""
+    from training.checkpoint import PREFIX, checkpoints
+
+    found = checkpoints(config.checkpoint_dir)
+    if not found:
+        return f"interrupted before the first checkpoint (one every --save-every {config.save_every} steps)"
+    step = int(found[0].name.removeprefix(PREFIX))
+    return f"interrupted: run the same command with --resume to go on from step {step} ({found[0]})"
+
+
 def summary(result) -> str:
     from adapters.cli import describe_push
 
@@ -98,10 +113,12 @@ def summary(result) -> str:
     losses = f"loss {_fmt(fit.first_loss)} -> {_fmt(fit.final_loss)}"
     if fit.eval_loss is not None:
         losses += f", eval loss {_fmt(fit.eval_loss)}"
-    dropped = f" ({result.dropped_rows} dropped: nothing to learn within --max-seq-len)" if result.dropped_rows else ""
+    notes = [f"{result.dropped_rows} dropped: nothing to learn within --max-seq-len"] if result.dropped_rows else []
+    notes += [f"{result.cut_rows} cut at --max-seq-len"] if result.cut_rows else []
+    rows = f" ({'; '.join(notes)})" if notes else ""
     rate = fit.real_tokens / max(fit.seconds, 1e-9)
     lines = [
-        f"trained {fit.steps} steps on {result.rows - result.dropped_rows} rows{dropped}",
+        f"trained {fit.steps} steps on {result.rows - result.dropped_rows} rows{rows}",
         *(_describe_resume(resume) for resume in fit.resumes),
         losses,
         f"{fit.trained_tokens:,} trained tokens, {fit.real_tokens:,} tokens through the model in {fit.seconds:.1f} s "

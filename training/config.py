@@ -1,11 +1,16 @@
 """The one training configuration: flags and an optional YAML file merged into a validated pydantic model."""
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
+from adapters.errors import InvalidAdapterName
+from adapters.names import check_name
+from loraplex.errors import validation_message
 from training.errors import TrainingError
 
 DataFormat = Literal["auto", "chat", "prompt-completion", "text"]
@@ -107,10 +112,6 @@ class TrainConfig(BaseModel):
         if self.push and not self.name:
             raise ValueError("--push needs --name: the name the adapter gets on the server")
         if self.name:
-            # imported here: adapters.manifest loads torch, which `loraplex train --help` must not wait for
-            from adapters.errors import InvalidAdapterName
-            from adapters.manifest import check_name
-
             try:  # a bad name is found now, not after hours of training
                 check_name(self.name)
             except InvalidAdapterName as exc:
@@ -123,7 +124,10 @@ class TrainConfig(BaseModel):
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output / "checkpoints"
+        # imported here: adapters.validate loads torch, which `loraplex train --help` must not wait for
+        from adapters.validate import CHECKPOINTS_DIR
+
+        return self.output / CHECKPOINTS_DIR
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -146,6 +150,17 @@ def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Tr
     try:
         return TrainConfig.model_validate(merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise TrainingError(f"invalid training option {where!r}: {first['msg']}") from exc
+        first: dict[tuple, ErrorDetails] = {}
+        for error in exc.errors():  # one per option: a union type (--target-modules) fails once per alternative
+            first.setdefault(error["loc"][:1], error)
+        raise TrainingError("; ".join(_describe(error) for error in first.values())) from exc
+
+
+def _describe(error: ErrorDetails) -> str:
+    if not error["loc"]:  # a check of several options: its message names them
+        return validation_message(error)
+    option = str(error["loc"][0])  # not pydantic's path into the option's type ('target_modules.list[str].1')
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(option, TrainConfig.model_fields, n=1)
+        return f"unknown training option {option!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"invalid training option {option!r}: {error['msg']}"

@@ -25,6 +25,7 @@ _SHAPES: dict[frozenset[str], RowFormat] = {
     frozenset({"text"}): "text",
 }
 _ROLES = {"system", "user", "assistant", "tool"}
+_JSONL = "JSONL holds one JSON object per line, each line a row"  # for a .json file of one array, or pretty-printed
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Row:
 class Example:
     input_ids: list[int]
     labels: list[int]
+    cut_from: int | None = None  # the row's length before max_seq_len cut trained tokens off its end
 
     @property
     def trained_tokens(self) -> int:
@@ -63,14 +65,14 @@ def read_dataset(path: Path, format: str = "auto") -> Dataset:
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            data = json.loads(line.decode("utf-8"))
+        try:  # utf-8-sig: past the byte order mark that some editors (Windows') start a UTF-8 file with
+            data = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
         except UnicodeDecodeError:
             raise DataError(f"{path} line {number}: not UTF-8 text") from None
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL}") from None
         if not isinstance(data, dict):
-            raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}; {_JSONL}")
         rows.append(Row(number, data))
     if not rows:
         raise DataError(f"data file {path} holds no rows")
@@ -141,8 +143,11 @@ def tokenize_dataset(
         raise DataError("chat rows need a fast (Rust) tokenizer for the base model; use prompt-completion rows")
     examples = []
     for row in dataset.rows:
-        example = tokenize_row(row, dataset.format, tokenizer, path, chat_template=chat_template)
-        example = Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len])
+        whole = tokenize_row(row, dataset.format, tokenizer, path, chat_template=chat_template)
+        cut = any(label != IGNORE for label in whole.labels[max_seq_len:])
+        example = Example(
+            whole.input_ids[:max_seq_len], whole.labels[:max_seq_len], len(whole.input_ids) if cut else None
+        )
         if example.trained_tokens:
             examples.append(example)
     if not examples:

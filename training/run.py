@@ -1,22 +1,23 @@
 """`train(config)`: the whole run, callable from Python (tests, notebooks) and from `loraplex train`.
 
-Order matters: everything about the data, the push target and the checkpoint to resume from is checked,
-with the base tokenizer, before the model loads.
+Order matters: everything about the data, the device, the push target, the output directory and the checkpoint
+to resume from is checked, with the base model's config and tokenizer, before the model loads.
 """
 
 import logging
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoTokenizer
+from pydantic import ValidationError
 
 from adapters import client as admin
-from loraplex.basemodel import load_base_model, resolve_source
-from loraplex.settings import Settings
+from loraplex.basemodel import check_base_model, load_base_model, load_tokenizer, resolve_device
+from loraplex.settings import Settings, describe_settings_error
 from training.batching import choose_pad_id
 from training.checkpoint import plan_checkpoints
 from training.config import TrainConfig
@@ -36,6 +37,7 @@ class TrainResult:
     fit: FitResult
     rows: int
     dropped_rows: int  # rows whose every trained token lay beyond max_seq_len
+    cut_rows: int  # rows trained without their end: trained tokens lay beyond max_seq_len
     pushed: admin.PushedManifest | None  # the server's answer to --push
     main_process: bool  # False on the other processes of a multi-GPU run: they write and report nothing
     kept_checkpoints: Path | None  # with --keep-checkpoints; else they are removed once the adapter is written
@@ -43,21 +45,30 @@ class TrainResult:
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     dataset = read_dataset(config.data, config.format)
-    cache_dir = config.cache_dir or Settings().cache_dir
-    source, _ = resolve_source(config.base_model, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    resolve_device(config.device)  # accelerate would train on the CPU, unasked, where --device cuda finds no CUDA
+    cache_dir = config.cache_dir or _server_cache_dir()
+    source, _ = check_base_model(config.base_model, cache_dir)
+    tokenizer = load_tokenizer(source)
     examples, dropped = tokenize_dataset(
         dataset, tokenizer, config.max_seq_len, config.data, chat_template=config.chat_template
     )
     train_rows, eval_rows = split(examples, config.eval_fraction, config.seed)
     if config.push:
         _check_push_target(config.push, config.api_key)  # a wrong URL or key is found now, not after training
+    _check_output(config.output)
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     fingerprint = run_fingerprint(
         config, dataset, train_rows, eval_rows, world=accelerator.num_processes, device=accelerator.device.type
     )
     warn = log.warning if accelerator.is_main_process else _silent
+    cut = [example.cut_from for example in examples if example.cut_from is not None]
+    if cut:  # said before the model loads, so that a run can be stopped and started again with a longer limit
+        warn(
+            f"{len(cut)} of {len(dataset.rows)} rows are longer than --max-seq-len {config.max_seq_len} (the longest "
+            f"{max(cut)} tokens): cut there, their ends (EOS included) are not trained, so the adapter learns less "
+            "where to stop; raise --max-seq-len to train them whole"
+        )
     checkpoints = plan_checkpoints(config, fingerprint, warn)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -80,7 +91,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         if config.push:
             pushed = _push(config)
     kept = config.checkpoint_dir if config.keep_checkpoints and config.checkpoint_dir.is_dir() else None
-    return TrainResult(config.output, result, len(dataset.rows), dropped, pushed, accelerator.is_main_process, kept)
+    return TrainResult(
+        config.output, result, len(dataset.rows), dropped, len(cut), pushed, accelerator.is_main_process, kept
+    )
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -91,6 +104,32 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _server_cache_dir() -> Path:
+    """The server's model cache, so that both share one conversion of the embedded model. Settings reads every
+    LORAPLEX_* variable, so one set wrong for the server would stop training with a traceback."""
+    try:
+        return Settings().cache_dir
+    except ValidationError as exc:
+        raise TrainingError(
+            f"{describe_settings_error(exc, flags=False)}: fix or unset the variable, or give --cache-dir; nothing was "
+            "trained"
+        ) from None
+
+
+def _check_output(output: Path) -> None:
+    """The adapter can be written to `output`: found now, not when the training is over."""
+    if output.exists() and not output.is_dir():
+        raise TrainingError(f"--output {output} is a file, not a directory; nothing was trained")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output):
+            pass
+    except OSError as exc:
+        raise TrainingError(
+            f"--output {output}: cannot write there ({exc.strerror or exc}); nothing was trained"
+        ) from exc
 
 
 def _remove_checkpoints(root: Path) -> None:
@@ -115,11 +154,11 @@ def _check_push_target(url: str, api_key: str | None) -> None:
 
 
 def _push(config: TrainConfig) -> admin.PushedManifest:
+    retry = f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
     try:
         with admin.AdminClient(config.push, api_key=config.api_key) as client:
             return client.push(config.output, config.name)
     except admin.AdminClientError as exc:
-        raise TrainingError(
-            f"the adapter was written to {config.output}, but --push failed: {exc} "
-            f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
-        ) from exc
+        raise TrainingError(f"the adapter was written to {config.output}, but --push failed: {exc} {retry}") from exc
+    except KeyboardInterrupt:  # the checkpoints are gone by now: what is left to do is the push
+        raise TrainingError(f"the adapter was written to {config.output}, but --push was interrupted {retry}") from None

@@ -65,3 +65,37 @@ def test_cli_reports_bad_data_before_loading_the_model(tmp_path, monkeypatch, ca
     assert cli.run(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "line 2: invalid JSON" in err
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "flags", "message"),
+    [
+        (
+            "data: a\noutput: b\n",
+            ["--push", "http://x"],
+            "--push needs --name: the name the adapter gets on the server",
+        ),
+        ("data: a\noutput: b\n", ["--force-resume"], "--force-resume only applies with --resume"),
+        (
+            "data: a\noutput: b\nbatch_szie: 4\nlearning-rate: 1.0e-4\n",
+            [],
+            "unknown training option 'batch_szie' (did you mean 'batch_size'?); unknown training option "
+            "'learning_rate'",
+        ),
+        (
+            "data: a\noutput: b\nrank: 0\nlr: x\n",
+            [],
+            "invalid training option 'lr': Input should be a valid number, unable to parse string as a number; "
+            "invalid training option 'rank': Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_an_error_names_every_wrong_option_in_user_words(tmp_path: Path, yaml_text: str, flags: list[str], message):
+    """A check of several options was reported as option 'config' (which is the --config flag) with pydantic's
+    'Value error,'; a misspelt key as 'Extra inputs are not permitted'; only the first of several errors."""
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(TrainingError) as failure:
+        cli.config_from_args(parse("--config", str(path), *flags))
+    text = str(failure.value)
+    assert text.startswith(message) and "Value error" not in text and "'config'" not in text, text

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,28 @@ def test_invalid_utf8_names_its_line(tmp_path: Path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match="line 2: not UTF-8"):
         read_dataset(path)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path: Path):
+    """Windows editors start UTF-8 files with one; it was refused as 'invalid JSON (Unexpected UTF-8 BOM ...)'."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\r\n{"text": "fine"}\r\n')
+    assert [row.data["text"] for row in read_dataset(path).rows] == ["ok", "fine"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{\n  "text": "one object over lines"\n}\n', "line 1: invalid JSON (Expecting property name enclosed in"),
+        ('[{"text": "a"}, {"text": "b"}]\n', "line 1: expected a JSON object, got list"),
+    ],
+)
+def test_a_json_file_that_is_not_jsonl_says_what_jsonl_is(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "rows.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(message)) as failure:
+        read_dataset(path)
+    assert str(failure.value).endswith("JSONL holds one JSON object per line, each line a row")
 
 
 def test_missing_file(tmp_path: Path):

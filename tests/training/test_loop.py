@@ -221,3 +221,16 @@ def test_failed_push_says_where_the_adapter_is(data, tiny_model_dirs, tmp_path, 
     with pytest.raises(TrainingError, match=r"adapter was written to .*/o, but --push failed"):
         train(cfg, progress=False)
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_rows_cut_at_max_seq_len_are_reported(data, tiny_model_dirs, tmp_path, caplog):
+    """Rows longer than --max-seq-len were cut silently: their ends, EOS included, untrained, so the adapter did not
+    learn where they stop. Now a warning before the model loads says how many and how long, and so does the summary."""
+    caplog.set_level(logging.WARNING, "loraplex.training")
+    result = train(config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, max_seq_len=16), progress=False)
+    longest = max(len(row["prompt"]) + len(row["completion"]) for row in ROWS) + 1  # a token a byte, then EOS
+    assert (
+        f"12 of 12 rows are longer than --max-seq-len 16 (the longest {longest} tokens): cut there, their ends (EOS "
+        "included) are not trained, so the adapter learns less where to stop; raise --max-seq-len to train them whole"
+    ) in caplog.messages
+    assert "trained 1 steps on 12 rows (12 cut at --max-seq-len)" in summary(result)
