@@ -7,12 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 from adapters.fingerprint import BaseFingerprint
-
-# re-exported: the store and the server import the name rules with the manifest
 from adapters.names import NAME_PATTERN
-from adapters.names import check_name as check_name
-from adapters.names import is_name as is_name
-from adapters.names import parse_ref as parse_ref
 
 Origin = Literal["uploaded", "trained"]
 

@@ -24,7 +24,8 @@ from typing import Protocol
 from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, reason
 from adapters.fingerprint import BaseFingerprint
 from adapters.lora import LoraWeights, lora_weights_from_state
-from adapters.manifest import Manifest, adapter_key, check_name, is_name, parse_ref
+from adapters.manifest import Manifest, adapter_key
+from adapters.names import check_name, is_name, parse_ref
 from adapters.validate import (
     CONFIG_FILE,
     TRAINING_FILE,

@@ -2,6 +2,7 @@
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,6 +22,8 @@ def _user_dir(kind: str) -> Path:
 
 
 ENV_PREFIX = "LORAPLEX_"
+# the rest of a variable Kubernetes gives every pod of a namespace for its Service named loraplex (service links)
+_SERVICE_LINK = re.compile(r"service_(host|port(_.+)?)|port_\d+_(tcp|udp|sctp)(_.+)?")
 
 
 class Settings(BaseSettings):
@@ -198,11 +201,12 @@ class Settings(BaseSettings):
             setting = variable.upper().removeprefix(ENV_PREFIX).lower()
             if variable.upper().startswith(ENV_PREFIX) and setting not in cls.model_fields:
                 close = difflib.get_close_matches(setting, cls.model_fields, n=1)
+                hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
+                if _SERVICE_LINK.fullmatch(setting):
+                    hint = " (Kubernetes sets it for a Service named loraplex: give the pod enableServiceLinks: false)"
                 raise ValueError(
-                    f"unknown variable {variable}"
-                    + (f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else "")
-                    + f": every {ENV_PREFIX}* variable sets the `loraplex serve` flag of its name (`loraplex serve "
-                    "--help` lists them)"
+                    f"unknown variable {variable}{hint}: every {ENV_PREFIX}* variable sets the `loraplex serve` flag "
+                    "of its name (`loraplex serve --help` lists them)"
                 )
         return values
 

@@ -20,7 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from adapters.errors import AdapterNotFound
-from adapters.manifest import parse_ref
+from adapters.names import parse_ref
 from server.mixing import MIX_PREFIX
 
 if TYPE_CHECKING:

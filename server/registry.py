@@ -36,7 +36,8 @@ from adapters.errors import (
     reason,
 )
 from adapters.lora import LoraModule, LoraWeights
-from adapters.manifest import Manifest, parse_ref
+from adapters.manifest import Manifest
+from adapters.names import parse_ref
 from adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from adapters.errors import (
     InvalidUpload,
     UnsafeAdapterFormat,
 )
-from adapters.manifest import Manifest, parse_ref
+from adapters.manifest import Manifest
+from adapters.names import parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from loraplex.errors import LoraplexError
 from server.api.auth import require_admin

@@ -133,7 +133,29 @@ def test_volumes_are_the_images_data_dirs(objects: list[Obj], dockerfile: list[I
         assert not claims and "emptyDir" in adapters
 
 
+def service_links(services: list[Obj]) -> dict[str, str]:
+    """The variables Kubernetes gives a pod for each Service of its namespace, unless enableServiceLinks is false
+    (Docker's link variables): a Service named loraplex gives LORAPLEX_PORT=tcp://IP:PORT, LORAPLEX_SERVICE_HOST..."""
+    links = {}
+    for service in services:
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        ports = service["spec"]["ports"]
+        links[f"{prefix}_SERVICE_HOST"] = "10.0.0.1"
+        links[f"{prefix}_SERVICE_PORT"] = str(ports[0]["port"])
+        links[f"{prefix}_PORT"] = f"tcp://10.0.0.1:{ports[0]['port']}"
+        for port in ports:
+            if "name" in port:
+                links[f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(port["port"])
+            tcp = f"{prefix}_PORT_{port['port']}_TCP"
+            links |= {tcp: f"tcp://10.0.0.1:{port['port']}", f"{tcp}_PROTO": "tcp", f"{tcp}_PORT": str(port["port"])}
+            links[f"{tcp}_ADDR"] = "10.0.0.1"
+    return links
+
+
 def test_settings_come_from_existing_variables(objects: list[Obj], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every variable the pod's server reads is a setting with a valid value, the ones Kubernetes adds included:
+    with service links on (its default), the Service named loraplex set LORAPLEX_PORT to tcp://IP:8000, which no
+    port reads, and the server never started."""
     fields = {f"LORAPLEX_{name.upper()}" for name in Settings.model_fields}
     env = container(objects)["env"]
     names = {e["name"] for e in env if e["name"].startswith("LORAPLEX_")}
@@ -141,6 +163,10 @@ def test_settings_come_from_existing_variables(objects: list[Obj], monkeypatch: 
     for item in env:
         if "value" in item:
             monkeypatch.setenv(item["name"], item["value"])
+    if pod_spec(one(objects, "Deployment")).get("enableServiceLinks", True):
+        services = [obj for obj in objects if obj["kind"] == "Service"]
+        for name, value in service_links(services).items():
+            monkeypatch.setenv(name, value)
     Settings()  # every literal value is valid
 
 
