@@ -12,18 +12,10 @@ import jsonschema
 import openai
 import pytest
 
+from e2e.test_tool_calls import MODEL, WEATHER
+
 pytestmark = pytest.mark.e2e
-MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 16},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "The weather of a city", "parameters": WEATHER}]
 
 
