@@ -110,7 +110,7 @@ def test_ctrl_c_while_waiting_for_a_server_is_one_line():
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "loraplex", "adapters", "list", "--server", url],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
         )  # fmt: skip
         silent.settimeout(60)
         connection, _ = silent.accept()
@@ -118,6 +118,13 @@ def test_ctrl_c_while_waiting_for_a_server_is_one_line():
             connection.recv(1024)  # the request was sent: the command waits for its answer
             stderr = ctrl_c(proc)
     assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted", stderr
+
+
+def sigint_default() -> None:
+    """Run in the child before the command: SIGINT as a terminal leaves it. A job a shell without job control starts
+    in the background (`cmd &` in a script, as a CI runner may) ignores SIGINT, and so does every process under it:
+    Python then installs no KeyboardInterrupt handler, and Ctrl-C would be tested as nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def ctrl_c(proc: subprocess.Popen) -> str:

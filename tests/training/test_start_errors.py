@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ctrl_c
+from test_cli import ctrl_c, sigint_default
 from test_config import parse
 from test_loop import ROWS
 
@@ -89,7 +89,7 @@ def test_ctrl_c_says_how_to_go_on(data, tiny_model_dirs, tmp_path):
     argv += ["--device", "cpu", "--rank", "4", "--batch-size", "2", "--max-steps", "100000", "--save-every", "2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraplex", *argv, "--no-progress"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
@@ -139,7 +139,7 @@ def test_ctrl_c_during_the_push_says_the_adapter_is_written(data, tiny_model_dir
     argv += ["--push", f"http://127.0.0.1:{server.server_address[1]}"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraplex", *argv, "--no-progress"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
     )  # fmt: skip
     try:
         assert HangingPush.posted.wait(240), proc.communicate(timeout=60)[1][-3000:]
