@@ -147,6 +147,10 @@ class GrammarSpec:
         _check_size(len(pattern), "regex")
         if not pattern:
             raise InvalidGrammar("the regex is empty")
+        if (len(pattern) - len(pattern.rstrip("\\"))) % 2:  # llguidance drops it, and runs the regex without it
+            raise InvalidGrammar(
+                "the regex ends in a lone backslash, an escape of nothing: escape it (\\\\) or leave it out"
+            )
         _check_unicode(pattern, "regex")
         return cls("regex", pattern)
 

@@ -50,7 +50,15 @@ from server.client_share import prefix_salt
 from server.engine import PromptToken, SamplingParams, TokenEvent
 from server.engine.requests import Top
 from server.grammar import CompiledGrammar, InvalidGrammar
-from server.inference import Adapter, Generation, Inference, Run, choice_samplings, until_disconnected
+from server.inference import (
+    Adapter,
+    EmptyPrompt,
+    Generation,
+    Inference,
+    Run,
+    choice_samplings,
+    until_disconnected,
+)
 from server.runtime import Runtime
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -441,6 +449,8 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
         prompt_ids = await inference.encode_chat(messages)
     else:
         prompt_ids = await inference.encode_chat(messages, tools=tools.template_tools, tools_texts=tools.texts)
+    if not prompt_ids:  # /tokenize counts such a chat as no tokens; the engine runs none
+        raise EmptyPrompt("the model's chat template renders these messages to no tokens; send a user message")
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
     runs = [(prompt_ids, sampling) for sampling in samplings]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

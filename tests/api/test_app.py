@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft_dirs import LIMITS
 from ready import wait_ready
 from tiny import save_tiny, tiny_model
+from transformers import AutoTokenizer
 
 from adapters.fingerprint import base_fingerprint
 from adapters.localstore import LocalBackend
@@ -82,3 +83,23 @@ def test_adapters_are_checked_against_the_layers_that_take_lora(tmp_path: Path) 
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["code"] == "incompatible_adapter" and "qkv_proj" in answer.text
         assert client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_a_prompt_of_no_tokens_is_a_422_saying_so(tmp_path: Path) -> None:
+    """A text prompt or a chat the model's template renders to nothing (this one writes nothing for any message;
+    the byte tokenizer adds no special token): the engine refuses a prompt of no tokens, and a chat's reached it as
+    a 500."""
+    model = save_tiny(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{% for message in messages %}{% endfor %}"
+    tokenizer.save_pretrained(model)
+    settings = Settings(
+        base_model=str(model), adapter_dir=tmp_path / "store", cache_dir=tmp_path, device="cpu", max_seq_len=64
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client, timeout=120)
+        chat = {"model": "model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+        for path, body in (("/v1/completions", {"model": "model", "prompt": "", "max_tokens": 2}),
+                           ("/v1/chat/completions", chat)):  # fmt: skip
+            answer = client.post(path, json=body)
+            assert answer.status_code == 422 and answer.json()["error"]["code"] == "empty_prompt", answer.text

@@ -388,6 +388,10 @@ def test_bad_grammars_are_refused_with_the_reason(grammars) -> None:
         compiled(grammars, GrammarSpec.json_schema({"type": "foo"}))
     with pytest.raises(InvalidGrammar, match="backreferences are not supported"):
         compiled(grammars, GrammarSpec.regex(r"(a)\1"))
+    for unfinished in ("x\\", "x\\\\\\"):  # llguidance dropped a lone last backslash: r"x\" ran as "x"
+        with pytest.raises(InvalidGrammar, match="ends in a lone backslash"):
+            GrammarSpec.regex(unfinished)
+    assert GrammarSpec.regex("x\\\\").text == "x\\\\"  # an escaped backslash is one
     with pytest.raises(InvalidGrammar, match="not valid JSON"):
         GrammarSpec.json_schema("{not json")
     with pytest.raises(InvalidGrammar, match=f"at most {MAX_GRAMMAR_CHARS}"):
