@@ -33,7 +33,7 @@ from loraplex.settings import Settings
 from server.api.auth import admit_admin
 from server.api.errors import error_response
 from server.api.intake import FORM_OVERHEAD, UploadSlots, limited, read_body
-from server.api.sse import OPENAI, TGI, failed_stream_end
+from server.api.sse import OPENAI, RESPONSES, TGI, failed_stream_end
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
 from server.fleet.routing import adapter_of, is_upload
 
@@ -215,7 +215,7 @@ class Ingress:
             # the status is sent: an event stream ends as a replica's own failed stream ends, in its route's
             # protocol, which the clients read; other bodies end short, which clients see as a broken response
             if (b"content-type", b"text/event-stream") in {(k.lower(), v.split(b";")[0]) for k, v in start.headers}:
-                protocol = OPENAI if path.startswith("/v1/") else TGI
+                protocol = RESPONSES if path.startswith("/v1/responses") else OPENAI if path.startswith("/v1/") else TGI
                 error = ReplicaFailed("the replica serving this stream failed and is being replaced: retry the request")
                 yield failed_stream_end(protocol, error)
         finally:
