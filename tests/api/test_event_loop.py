@@ -252,17 +252,26 @@ def test_a_schema_near_the_grammar_bound_is_read_without_holding_the_event_loop(
     """A JSON schema is walked three times (its size, its depth, its integers' bounds) and dumped compact before it
     is compiled: ~4 ms of CPU at the grammar's bound for an enum of 5,000 small arrays, on the event loop for every
     request that sends it (every other client's stream held that long). Here its last walk refuses it, for a bound
-    past 64 bits; 20 such requests took ~0.12 s of the loop's CPU, ~0.05 s with the schema read off it."""
-    schema = {"type": "object", "properties": {"a": {"enum": [[0]] * 5000}, "b": {"type": "integer", "maximum": 2**70}}}
-    if path == "/generate":
-        body = {"inputs": "hi", "parameters": {"grammar": {"type": "json", "value": schema}}}
-    else:
-        body = {"model": "", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "s",
-                "schema": schema}}}  # fmt: skip
-    data = json.dumps(body).encode()
-    before = loop_cpu_seconds()
-    for _ in range(20):
-        response = httpx.post(f"{url}{path}", content=data, headers={"Content-Type": "application/json"}, timeout=60)
-        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_grammar", response.text
-    spent = loop_cpu_seconds() - before
-    assert spent < 0.08, spent
+    past 64 bits. 20 such requests took ~0.12 s of the loop's CPU, ~0.05 s with the schema read off it, as much as
+    20 of the same JSON whose arrays are in a field the routes ignore (its parse stays on the loop at this size):
+    compared in one run, as the machine's load moves both."""
+    enum, past_64_bits = [[0]] * 5000, {"type": "integer", "maximum": 2**70}
+
+    def loop_cpu(schema: dict, ignored: list) -> float:
+        if path == "/generate":
+            body = {"inputs": "hi", "parameters": {"grammar": {"type": "json", "value": schema}}}
+        else:
+            body = {"model": "", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+                "name": "s", "schema": schema}}}  # fmt: skip
+        data = json.dumps({**body, "ignored": ignored}).encode()
+        before = loop_cpu_seconds()
+        for _ in range(20):
+            response = httpx.post(
+                f"{url}{path}", content=data, headers={"Content-Type": "application/json"}, timeout=60
+            )
+            assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_grammar", response.text
+        return loop_cpu_seconds() - before
+
+    plain = loop_cpu({"type": "object", "properties": {"b": past_64_bits}}, enum)
+    walked = loop_cpu({"type": "object", "properties": {"a": {"enum": enum}, "b": past_64_bits}}, [])
+    assert walked < 1.5 * plain, (walked, plain)
