@@ -17,7 +17,7 @@ from loraplex.settings import Settings
 from server.api import adapters as adapters_api
 from server.api import generate, openai, responses, tokenize
 from server.api.auth import require_inference
-from server.api.errors import error_body, install_error_handlers
+from server.api.errors import ERROR_RESPONSES, error_body, install_error_handlers
 from server.api.guard import RequestGuard
 from server.api.intake import UploadSlots
 from server.metrics import Metrics
@@ -78,6 +78,7 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         description="Many LoRA adapters served from one NF4 base model.",
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.runtime = None

@@ -6,6 +6,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from adapters.errors import disk_full
@@ -14,6 +15,24 @@ from loraplex.errors import LoraplexError
 
 def error_body(message: str, error_type: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": error_type, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str  # what is wrong, and what to send instead
+    type: str  # invalid_request_error (4xx) or server_error (5xx)
+    code: str | None  # the error's name, e.g. prompt_too_long
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# The statuses a route may answer with error_body, documented in the OpenAPI schema for every route (a client
+# generated from it, or a checker such as schemathesis, would otherwise take them as undocumented)
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorBody, "description": HTTPStatus(status).phrase}
+    for status in (400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 500, 503, 507)
+}
 
 
 def error_response(exc: LoraplexError) -> JSONResponse:
