@@ -20,7 +20,7 @@ from server.api.auth import require_inference
 from server.api.deps import get_inference
 from server.api.jsonbody import OffLoopJsonRoute, read_where_cheapest
 from server.api.openai import chat_answer
-from server.api.render import json_off_loop
+from server.api.render import json_off_loop, rendered_off_loop
 from server.api.responses_schemas import (
     FunctionChoice,
     IncompleteDetails,
@@ -35,7 +35,7 @@ from server.api.responses_schemas import (
     StreamEvent,
 )
 from server.api.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Usage
-from server.api.sse import RESPONSES, sse_response
+from server.api.sse import RESPONSES, Rendered, sse_response
 from server.inference import Inference
 
 router = APIRouter(
@@ -81,6 +81,7 @@ def _shell(body: ResponsesRequest, chat: ChatCompletionRequest) -> Shell:
     text_format = {"type": "text"}
     if body.text and body.text.format and body.text.format.type != "text":
         text_format = body.text.format.model_dump(by_alias=True, exclude_none=True)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def shell(**fields: Any) -> ResponseObject:
@@ -93,7 +94,7 @@ def _shell(body: ResponsesRequest, chat: ChatCompletionRequest) -> Shell:
             temperature=body.temperature,
             top_p=body.top_p,
             text={"format": text_format},
-            tools=[tool.model_dump(exclude_none=True) for tool in body.tools or []],
+            tools=tools,
             tool_choice=choice or ("auto" if chat.tools else "none"),
             parallel_tool_calls=body.parallel_tool_calls is not False,
             metadata=body.metadata or {},
@@ -151,11 +152,21 @@ class _Events:
         self.sequence = 0
         self.items: list[OutputItem] = []
         self.open: OutputMessage | OutputFunctionCall | None = None  # the item the answer is writing now
+        self._written: list[str] = []  # the open item's text or arguments so far, joined as it closes
 
     def event(self, kind: str, **fields: Any) -> StreamEvent:
         event = StreamEvent(type=kind, sequence_number=self.sequence, **fields)
         self.sequence += 1
         return event
+
+    async def carrying(self, kind: str, response: Callable[[], ResponseObject]) -> tuple[str, bytes]:
+        """An event that carries the response, built and rendered off the event loop: it repeats the request's
+        tools and instructions (up to the body's MiBs), and the first two and the last events of a stream carry it."""
+        sequence = self.sequence
+        self.sequence += 1
+        return kind, await rendered_off_loop(
+            lambda: StreamEvent(type=kind, sequence_number=sequence, response=response())
+        )
 
     def open_message(self) -> list[StreamEvent]:
         item = OutputMessage(id=_item_id("msg"), status="in_progress", content=[])
@@ -173,19 +184,19 @@ class _Events:
 
     def _opened(self, item: OutputMessage | OutputFunctionCall) -> dict[str, int]:
         self.items.append(item)
-        self.open = item
+        self.open, self._written = item, []
         return {"output_index": len(self.items) - 1}
 
     def text(self, delta: str) -> list[StreamEvent]:
         events = self.open_message() if not isinstance(self.open, OutputMessage) else []
         assert isinstance(self.open, OutputMessage)
-        self.open.content[0].text += delta
+        self._written.append(delta)
         where = {"item_id": self.open.id, "output_index": len(self.items) - 1, "content_index": 0}
         return [*events, self.event("response.output_text.delta", delta=delta, logprobs=[], **where)]
 
     def arguments(self, delta: str) -> list[StreamEvent]:
         assert isinstance(self.open, OutputFunctionCall)
-        self.open.arguments += delta
+        self._written.append(delta)
         where = {"item_id": self.open.id, "output_index": len(self.items) - 1}
         return [self.event("response.function_call_arguments.delta", delta=delta, **where)]
 
@@ -196,25 +207,27 @@ class _Events:
             return []
         item.status = status  # type: ignore[assignment]
         where = {"item_id": item.id, "output_index": self.items.index(item)}
+        written = "".join(self._written)
         if isinstance(item, OutputMessage):
-            text = item.content[0].text
+            text = item.content[0].text = written
             events = [
                 self.event("response.output_text.done", text=text, logprobs=[], content_index=0, **where),
                 self.event("response.content_part.done", part=OutputText(text=text), content_index=0, **where),
             ]
         else:
-            events = [
-                self.event("response.function_call_arguments.done", name=item.name, arguments=item.arguments, **where)
-            ]
+            item.arguments = written
+            events = [self.event("response.function_call_arguments.done", name=item.name, arguments=written, **where)]
         return [*events, self.event("response.output_item.done", item=item, output_index=where["output_index"])]
 
 
-async def _events(chunks: AsyncIterator[ChatCompletionChunk | bytes], shell: Shell) -> AsyncIterator[StreamEvent]:
+async def _events(
+    chunks: AsyncIterator[ChatCompletionChunk | bytes], shell: Shell
+) -> AsyncIterator[StreamEvent | Rendered]:
     """The chat answer's chunks (of one choice, the last with its usage) as the Responses API streams an answer.
     Closing this closes the chunks, which cancels the request."""
     events = _Events()
-    yield events.event("response.created", response=shell(status="in_progress", output=[]))
-    yield events.event("response.in_progress", response=shell(status="in_progress", output=[]))
+    for kind in ("response.created", "response.in_progress"):
+        yield await events.carrying(kind, lambda: shell(status="in_progress", output=[]))
     finish: str | None = None
     usage: Usage | None = None
     async with aclosing(chunks):  # type: ignore[type-var]
@@ -241,5 +254,7 @@ async def _events(chunks: AsyncIterator[ChatCompletionChunk | bytes], shell: She
     for event in events.close(ending["status"]):
         yield event
     assert usage is not None  # asked for: on the chunk that ends the answer
-    final = shell(output=events.items, usage=_usage(usage), **ending)
-    yield events.event(f"response.{final.status}", response=final)
+    counted = _usage(usage)
+    yield await events.carrying(
+        f"response.{ending['status']}", lambda: shell(output=events.items, usage=counted, **ending)
+    )

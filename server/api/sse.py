@@ -46,6 +46,10 @@ RESPONSES = SseProtocol(
 )
 
 
+# An event rendered off the event loop by its route: its JSON, or (a named protocol's) its name and its JSON
+Rendered = bytes | tuple[str, bytes]
+
+
 def _event(payload: bytes, name: str | None = None) -> bytes:
     head = b"" if name is None else b"event: " + name.encode() + b"\n"
     return head + b"data: " + payload + b"\n\n"
@@ -61,15 +65,18 @@ def _stream_error(exc: Exception) -> LoraplexError:
     return error
 
 
-async def _encode(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtocol) -> AsyncGenerator[bytes]:
+async def _encode(events: AsyncGenerator[BaseModel | Rendered], protocol: SseProtocol) -> AsyncGenerator[bytes]:
     # When the client disconnects, this generator is cancelled; closing `events` cancels the request.
     # Cancellation is no Exception: it goes through, and no error event is written to a client that left.
-    # An event as bytes is its JSON, rendered off the event loop by its route (a large one: render.py).
+    # A Rendered event was rendered off the event loop by its route (a large one: render.py).
     async with aclosing(events):
         try:
             async for event in events:
                 if isinstance(event, bytes):
                     yield _event(event)
+                    continue
+                if isinstance(event, tuple):
+                    yield _event(event[1], event[0])
                     continue
                 name = getattr(event, "type", None) if protocol.named else None
                 yield _event(event.model_dump_json(exclude_none=protocol.exclude_none).encode(), name)
@@ -122,5 +129,5 @@ def _counted(send: Send, backlog: Backlog) -> Send:
     return counted
 
 
-def sse_response(events: AsyncGenerator[BaseModel | bytes], protocol: SseProtocol) -> StreamingResponse:
+def sse_response(events: AsyncGenerator[BaseModel | Rendered], protocol: SseProtocol) -> StreamingResponse:
     return EventStreamResponse(_encode(events, protocol), media_type="text/event-stream", headers=SSE_HEADERS)
