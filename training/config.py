@@ -85,6 +85,11 @@ class TrainConfig(BaseModel):
     keep_checkpoints: bool = Field(
         False, description="Keep OUTPUT/checkpoints after the adapter is written (removed by default)."
     )
+    overwrite: bool = Field(
+        False,
+        description="Train into an OUTPUT that already holds an adapter, replacing it at the end (refused by "
+        "default, so that a command run again does not lose a finished adapter).",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
     push: str | None = Field(
         None, description="Server URL to upload the finished adapter to (checked before training starts)."

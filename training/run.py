@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from pydantic import ValidationError
 
 from adapters import client as admin
+from adapters.validate import WEIGHTS_FILE
 from loraplex.basemodel import check_base_model, load_base_model, load_tokenizer, resolve_device
 from loraplex.settings import Settings, describe_settings_error
 from training.batching import choose_pad_id
@@ -55,7 +56,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     train_rows, eval_rows = split(examples, config.eval_fraction, config.seed)
     if config.push:
         _check_push_target(config.push, config.api_key)  # a wrong URL or key is found now, not after training
-    _check_output(config.output)
+    _check_output(config)
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     fingerprint = run_fingerprint(
@@ -118,10 +119,17 @@ def _server_cache_dir() -> Path:
         ) from None
 
 
-def _check_output(output: Path) -> None:
-    """The adapter can be written to `output`: found now, not when the training is over."""
+def _check_output(config: TrainConfig) -> None:
+    """The adapter can be written to --output, and writing it loses no other: found now, not when the training is
+    over. A resume goes on with the run whose output is there, so it may replace that run's adapter."""
+    output = config.output
     if output.exists() and not output.is_dir():
         raise TrainingError(f"--output {output} is a file, not a directory; nothing was trained")
+    if (output / WEIGHTS_FILE).exists() and not (config.resume or config.overwrite):
+        raise TrainingError(
+            f"--output {output} already holds an adapter ({WEIGHTS_FILE}): give another --output, or add "
+            "--overwrite to replace it; nothing was trained"
+        )
     try:
         output.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output):

@@ -27,11 +27,12 @@ def data(write_jsonl) -> Path:
     return write_jsonl(ROWS)
 
 
+def must_not_load(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model loaded although the run cannot go as asked")
+
+
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    def must_not_load(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model loaded although the run cannot go as asked")
-
     monkeypatch.setattr(training.run, "load_base_model", must_not_load)
 
 
@@ -80,6 +81,43 @@ def test_an_output_that_cannot_hold_the_adapter(data, tiny_model_dirs, tmp_path,
     output = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "out"
     err = run_train(capsys, data, output, tiny_model_dirs["llama"], "--device", "cpu")
     assert f"--output {output}" in err and "nothing was trained" in err
+
+
+def finished_run(capsys: pytest.CaptureFixture[str], data: Path, output: Path, base: Path, *flags: str) -> list[str]:
+    """`loraplex train` into `output` run to its end (1 step unless `flags` say otherwise); returns its flags."""
+    argv = ["--data", str(data), "--output", str(output), "--base-model", str(base), "--device", "cpu"]
+    argv += ["--rank", "4", "--max-steps", "1", *flags, "--no-progress"]
+    assert cli.run(parse(*argv)) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
+    return argv
+
+
+def test_an_output_that_holds_an_adapter_is_not_trained_over(data, tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    """The same command run again trained a new adapter over the finished one, saying nothing."""
+    out = tmp_path / "out"
+    argv = finished_run(capsys, data, out, tiny_model_dirs["llama"])
+    written = {path.name: path.read_bytes() for path in out.iterdir()}
+    with monkeypatch.context() as patch:
+        patch.setattr(training.run, "load_base_model", must_not_load)
+        err = run_train(capsys, data, out, tiny_model_dirs["llama"], "--device", "cpu", "--rank", "8")
+    assert err == (
+        f"error: --output {out} already holds an adapter (adapter_model.safetensors): give another --output, or add "
+        "--overwrite to replace it; nothing was trained"
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == written
+
+    assert cli.run(parse(*argv, "--rank", "8", "--overwrite")) == 0, capsys.readouterr().err[-3000:]
+    assert json.loads((out / "training.json").read_text())["hyperparameters"]["rank"] == 8
+
+
+def test_a_resume_may_replace_the_adapter_of_its_own_run(data, tiny_model_dirs, tmp_path, capsys):
+    """A finished run's kept checkpoints are resumed to train it longer: its adapter is the one to replace."""
+    out = tmp_path / "out"
+    flags = ("--max-steps", "2", "--save-every", "1", "--keep-checkpoints")  # the last step saves no checkpoint
+    argv = finished_run(capsys, data, out, tiny_model_dirs["llama"], *flags)
+    assert cli.run(parse(*argv, "--max-steps", "3", "--resume", "--force-resume")) == 0, capsys.readouterr().err
+    results = json.loads((out / "training.json").read_text())["results"]
+    assert results["steps"] == 3 and results["resumed"] == [{"from_step": 1, "changed": {"max_steps": [2, 3]}}]
 
 
 def test_ctrl_c_says_how_to_go_on(data, tiny_model_dirs, tmp_path):
