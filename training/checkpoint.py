@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
 from training.config import TrainConfig
 from training.errors import CheckpointDamaged, TrainingError
-from training.fingerprint import Fingerprint, describe, differences
+from training.fingerprint import BASE_WEIGHTS, Fingerprint, describe, differences
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "checkpoint.json"
@@ -104,7 +104,16 @@ def plan_checkpoints(config: TrainConfig, fingerprint: Fingerprint, warn: Callab
         )
     if damaged:
         warn(f"--resume: skipping damaged checkpoint {'; '.join(damaged)}; resuming from {path.name}")
-    changes = differences(manifest.fingerprint, fingerprint)
+    compared = fingerprint
+    if BASE_WEIGHTS not in manifest.fingerprint:  # written before the base weights were recorded: nothing to compare
+        compared = {name: value for name, value in fingerprint.items() if name != BASE_WEIGHTS}
+    changes = differences(manifest.fingerprint, compared)
+    if BASE_WEIGHTS in changes and not config.force_resume:
+        raise TrainingError(
+            f"--resume: the base model's weights are not those {path.name} was trained on ({describe(changes)}); "
+            f"restore them, or remove {root} and run without --resume to start afresh (--force-resume goes on with "
+            "the new weights regardless)"
+        )
     if changes and not config.force_resume:
         raise TrainingError(
             f"--resume: {path.name} was written with other data or settings ({describe(changes)}); run with the "

@@ -60,7 +60,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     fingerprint = run_fingerprint(
-        config, dataset, train_rows, eval_rows, world=accelerator.num_processes, device=accelerator.device.type
+        config,
+        dataset,
+        train_rows,
+        eval_rows,
+        base_source=source,
+        world=accelerator.num_processes,
+        device=accelerator.device.type,
     )
     warn = log.warning if accelerator.is_main_process else _silent
     cut = [example.cut_from for example in examples if example.cut_from is not None]

@@ -1,4 +1,5 @@
-"""--resume against damaged checkpoints and changed settings, checked before the model loads; durable saves."""
+"""--resume against damaged checkpoints, changed settings and changed base weights, checked before the model loads;
+durable saves."""
 
 import json
 import logging
@@ -12,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from test_loop import ROWS, config
+from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
 import training.run
@@ -19,6 +21,7 @@ from loraplex.cli import main
 from training.checkpoint import MANIFEST_FILE, STATE_FILE, CheckpointPlan, Progress, plan_checkpoints, save_checkpoint
 from training.cli import summary
 from training.errors import TrainingError
+from training.fingerprint import base_weights
 from training.run import train
 
 WEIGHTS = "adapter_model.safetensors"
@@ -46,12 +49,13 @@ def run_copy(finished, tmp_path) -> Path:
     return out
 
 
+def _must_not_load(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model loaded before the checkpoint was checked")
+
+
 @pytest.fixture
 def no_model(monkeypatch) -> None:
-    def must_not_load(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model loaded before the checkpoint was checked")
-
-    monkeypatch.setattr(training.run, "load_base_model", must_not_load)
+    monkeypatch.setattr(training.run, "load_base_model", _must_not_load)
 
 
 def _cut_short(path: Path) -> None:
@@ -169,6 +173,71 @@ def test_forced_resume_goes_on_and_records_the_change(run_copy, finished, tiny_m
     assert resumed == [{"from_step": 6, "changed": {"lr": [0.005, 0.001]}}]
     assert "resumed from step 6, with changed settings: lr 0.005 -> 0.001 " in summary(result)
     assert json.loads((run_copy / "training.json").read_text())["hyperparameters"]["lr"] == 0.001
+
+
+def test_base_weights_changed_in_place_are_refused_before_the_model_loads(tiny_model_dirs, tmp_path, monkeypatch):
+    """Other weights saved under the base model's path between the interrupted run and its resume: the resume went on
+    training the adapter against them, and reported an ordinary resume."""
+    base = shutil.copytree(tiny_model_dirs["llama"], tmp_path / "base")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    out = tmp_path / "out"
+    train(config(data, base, out, max_steps=3, save_every=1, keep_checkpoints=True), progress=False)
+    save_tiny(base, "llama", seed=5)  # same architecture and shapes, other weights
+    resume = config(data, base, out, max_steps=3, save_every=1, resume=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(training.run, "load_base_model", _must_not_load)
+        with pytest.raises(TrainingError) as caught:
+            train(resume, progress=False)
+    assert str(caught.value) == (
+        "--resume: the base model's weights are not those step-0000002 was trained on (base_weights: "
+        f"model.safetensors rewritten); restore them, or remove {out / 'checkpoints'} and run without --resume to "
+        "start afresh (--force-resume goes on with the new weights regardless)"
+    )
+
+    result = train(resume.model_copy(update={"force_resume": True}), progress=False)
+    [resumed] = json.loads((out / "training.json").read_text())["results"]["resumed"]
+    assert resumed["from_step"] == 2 and list(resumed["changed"]) == ["base_weights"]
+    assert "with changed settings: base_weights: model.safetensors rewritten " in summary(result)
+
+
+def test_a_checkpoint_that_predates_base_weights_still_resumes(run_copy, finished, tiny_model_dirs):
+    """Checkpoints written before the base weights were recorded say nothing of them: nothing to compare, no refusal."""
+    cfg = _config(finished.parent / "data.jsonl", tiny_model_dirs, run_copy, resume=True)
+    manifest_path = run_copy / "checkpoints" / "step-0000006" / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    fingerprint = dict(manifest["fingerprint"])
+    del manifest["fingerprint"]["base_weights"]
+    manifest_path.write_text(json.dumps(manifest))
+    plan = plan_checkpoints(cfg, fingerprint, _no_warning)
+    assert plan.start.step == 6 and plan.start.resumes[-1].changed == {}
+    assert plan.fingerprint["base_weights"] == fingerprint["base_weights"]  # what the next checkpoints record
+
+
+def test_base_weights_are_sampled_not_read_whole(tmp_path):
+    """The base model is gigabytes, fingerprinted at every start: a few MiB of each weight file are read, spread
+    enough over it that a rewritten part of the file shows."""
+    weights = tmp_path / "model.safetensors"
+    with weights.open("wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used
+    (tmp_path / "config.json").write_text("{}")
+    before = _bytes_read()
+    fingerprint = base_weights(str(tmp_path))
+    assert _bytes_read() - before < 8 << 20
+    assert list(fingerprint) == ["model.safetensors"] and fingerprint["model.safetensors"]["bytes"] == 1 << 30
+    with weights.open("r+b") as f:  # 64 MiB of the file's 1024 rewritten, as a fine-tune of a few layers would
+        f.seek(600 << 20)
+        f.write(os.urandom(64 << 20))
+    assert base_weights(str(tmp_path)) != fingerprint  # the same size: only the sampled hash can tell
+
+
+def _bytes_read() -> int:
+    """What this process has read through read() calls so far, by the kernel's count."""
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+def _no_warning(message: str) -> None:
+    raise AssertionError(message)
 
 
 def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(run_copy, finished, tiny_model_dirs, no_model):
