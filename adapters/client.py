@@ -13,6 +13,12 @@ from loraplex.errors import LoraplexError
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 _PAGE = 1000
+# Seconds to wait on the server: to connect, and for each write or read of a request and its answer. Listing, reading
+# and deleting answer within a second on a working server: one silent for 30 s is stuck, or is no HTTP server, and a
+# user should not wait minutes to hear it. An upload of hundreds of MiB is answered only once the server has stored
+# and checked it, so it keeps the long wait.
+ANSWER_TIMEOUT = 30.0
+UPLOAD_TIMEOUT = 300.0
 
 
 class AdminClientError(LoraplexError):
@@ -34,9 +40,16 @@ class PushedManifest(dict[str, Any]):
 
 
 class AdminClient:
-    def __init__(self, base_url: str = DEFAULT_SERVER, api_key: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        base_url: str = DEFAULT_SERVER,
+        api_key: str | None = None,
+        timeout: float = ANSWER_TIMEOUT,
+        upload_timeout: float = UPLOAD_TIMEOUT,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=_check_url(base_url).rstrip("/"), headers=headers, timeout=timeout)
+        self._upload_timeout = upload_timeout
 
     def push(self, dir: Path | str, name: str) -> PushedManifest:
         """Upload a PEFT directory (adapter_config.json, adapter_model.safetensors, optional training.json)
@@ -79,7 +92,9 @@ class AdminClient:
                 files = {"archive": (path.name, stack.enter_context(path.open("rb")))}
             else:
                 raise AdminClientError(f"{path}: no such adapter directory or archive", 400, "invalid_adapter")
-            response = self._request("POST", "/v1/adapters", data={"name": name}, files=files)
+            response = self._request(
+                "POST", "/v1/adapters", data={"name": name}, files=files, timeout=self._upload_timeout
+            )
             return PushedManifest(self._json(response), created=response.status_code == 201)
 
     def check_access(self) -> None:
@@ -140,6 +155,13 @@ class AdminClient:
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, url, **kwargs)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            # connected, then no answer, or an upload no longer read: a stuck server, or no HTTP server at all
+            seconds = kwargs.get("timeout", self._http.timeout.read)
+            raise AdminClientError(
+                f"the server at {self._http.base_url} did not answer {method} {url} within {seconds:g} s: check that a "
+                "loraplex server is running there and is not stuck, then retry"
+            ) from exc
         except httpx.HTTPError as exc:
             raise AdminClientError(f"cannot reach the server at {self._http.base_url}: {exc}") from exc
         if response.is_success:
