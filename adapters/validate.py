@@ -26,6 +26,7 @@ from adapters.errors import (
     reason,
 )
 from adapters.fingerprint import BaseFingerprint
+from adapters.fullmatch import fullmatches
 from adapters.lora import lora_weights_from_state, pattern_value, split_peft_key
 
 CONFIG_FILE = "adapter_config.json"
@@ -51,6 +52,12 @@ MAX_JSON_BYTES = 4 << 20
 # (4 MiB of it held 100 MB per version).
 MAX_TRAINING_BYTES = 256 << 10
 MAX_TRAINING_VALUES = 16_384
+# A regex target_modules / exclude_modules (adapters.fullmatch runs it): honest ones name a few projections, or
+# enumerate layers (`model\.layers\.(0|1|...|125)\.self_attn\.(q|v)_proj`, ~500 characters)
+MAX_REGEX_CHARS = 4096
+# PEFT's keyword for every Linear layer but the output embedding, compared in any case: no regex to PEFT
+ALL_LINEAR = "all-linear"
+_REGEX_KEYS = ("target_modules", "exclude_modules")
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")  # ours, linear: never a client's pattern
 # PEFT features that make a layer compute something other than  x + s B A x  on the base model's own layers: an
 # adapter using one, served as a plain LoRA, would answer otherwise than PEFT does with it (its weights can still
@@ -264,6 +271,13 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
     excluded = config.get("exclude_modules")
     if not (excluded is None or isinstance(excluded, str) or _strings(excluded)):
         raise InvalidAdapterConfig("exclude_modules must be a list of module names or a regex")
+    for key in _REGEX_KEYS:
+        regex = config.get(key)
+        if isinstance(regex, str) and len(regex) > MAX_REGEX_CHARS:
+            raise InvalidAdapterConfig(
+                f"{key} is a regex of {len(regex)} characters; at most {MAX_REGEX_CHARS} are accepted: list the "
+                'module names instead, e.g. ["q_proj", "v_proj"]'
+            )
     layers = config.get("layers_to_transform")
     if not (layers is None or _integer(layers) or (isinstance(layers, list) and all(map(_integer, layers)))):
         raise InvalidAdapterConfig("layers_to_transform must be a layer index or a list of them")
@@ -284,10 +298,21 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _left_out_by_peft(config: dict[str, Any], module: str) -> str | None:
+def _regex_matches(config: dict[str, Any], modules: list[str]) -> dict[str, frozenset[str]]:
+    """For target_modules and exclude_modules given as a regex, which of `modules` it matches, as PEFT matches it
+    (re.fullmatch): one bounded run of both (adapters.fullmatch), for every module at once."""
+    patterns = {key: regex for key in _REGEX_KEYS if isinstance(regex := config.get(key), str)}
+    if patterns.get("target_modules", "").lower() == ALL_LINEAR:  # PEFT expands it to the Linear layers' names
+        del patterns["target_modules"]
+    if not patterns.get("exclude_modules", True):  # PEFT reads an empty exclude_modules as none
+        del patterns["exclude_modules"]
+    return fullmatches(patterns, modules) if patterns else {}
+
+
+def _left_out_by_peft(config: dict[str, Any], module: str, regex_matches: dict[str, frozenset[str]]) -> str | None:
     """Why PEFT puts no LoRA layer on `module` under this config (and drops the module's tensors as unexpected
-    keys), or None. PEFT's rule (check_target_module_exists), where it runs no regular expression of the client's:
-    a regex target_modules or exclude_modules is not judged."""
+    keys), or None. PEFT's rule (check_target_module_exists); a regex's matches are `regex_matches`
+    (_regex_matches)."""
 
     def named(names: list[str]) -> bool:
         return any(module == name or module.endswith("." + name) for name in names)
@@ -295,8 +320,14 @@ def _left_out_by_peft(config: dict[str, Any], module: str) -> str | None:
     excluded = config.get("exclude_modules")
     if isinstance(excluded, list) and named(excluded):
         return "exclude_modules names it"
+    if module in regex_matches.get("exclude_modules", ()):
+        return "the exclude_modules regex matches its name"
     targets = config["target_modules"]
-    if isinstance(targets, str) or module in targets:  # a module named in full takes no layer filter
+    if isinstance(targets, str):
+        # "all-linear" has no matches here: it takes every Linear layer, and the weights hold no other (check_weights)
+        matched = regex_matches.get("target_modules")
+        return None if matched is None or module in matched else "the target_modules regex does not match its name"
+    if module in targets:  # a module named in full takes no layer filter
         return None
     if not named(targets):
         return "target_modules does not name it"
@@ -400,6 +431,8 @@ def check_weights(
     except ValueError as exc:
         raise InvalidAdapterWeights(f"{exc}; save the adapter with PEFT's save_pretrained()") from exc
     check_tensors(state)
+    # run on the names of the base model's modules only: a module the base lacks is refused below
+    regex_matches = _regex_matches(config, [module for module in weights.modules if module in base.modules])
     for module, lora in weights.modules.items():
         if module not in base.modules:
             raise IncompatibleAdapter(
@@ -414,7 +447,7 @@ def check_weights(
                 f"its ({in_features} -> {out_features}) shape in the served base model; "
                 "was the adapter trained on another model?"
             )
-        left_out = _left_out_by_peft(config, module)
+        left_out = _left_out_by_peft(config, module, regex_matches)
         if left_out is not None:
             raise InvalidAdapterWeights(
                 f"module {module!r} has lora_A / lora_B tensors, but {left_out}: PEFT puts no LoRA layer there and "

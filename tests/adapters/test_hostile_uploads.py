@@ -9,6 +9,7 @@ import io
 import json
 import lzma
 import math
+import re
 import struct
 import sys
 import tarfile
@@ -25,7 +26,10 @@ import torch
 from e2e.server import serve_app
 from fastapi.testclient import TestClient
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils.error import NoMatchingPeftModuleError
 from peft_dirs import make_peft_dir, new_store
+from safetensors.torch import load_file
 from test_admin_api import assert_error, files_of, make_app, tar_bytes
 from test_validation import copy, edit_config, edit_weights
 from tiny import tiny_model
@@ -34,10 +38,10 @@ from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
 from adapters.gzipstream import MAX_HEADER
-from adapters.lora import LoraWeights
+from adapters.lora import LoraWeights, split_peft_key
 from adapters.manifest import Manifest
 from adapters.multistream import MAX_MEMBERS
-from adapters.validate import AdapterLimits
+from adapters.validate import MAX_REGEX_CHARS, AdapterLimits
 
 
 @pytest.fixture
@@ -190,6 +194,11 @@ def test_peft_features_a_plain_lora_does_not_compute_are_refused(
         {"exclude_modules": ["v_proj"]},
         {"layers_to_transform": [1]},
         {"layers_to_transform": 0, "layers_pattern": "layers"},
+        # regexes, which PEFT matches whole against each module's name (re.fullmatch)
+        {"target_modules": r".*\.q_proj"},
+        {"target_modules": r"model\.layers\.1\..*_proj"},
+        {"exclude_modules": r".*\.v_proj"},
+        {"exclude_modules": r"model\.layers\.0\..*"},
     ],
 )
 def test_tensors_of_modules_the_config_leaves_out_are_refused(
@@ -204,6 +213,83 @@ def test_tensors_of_modules_the_config_leaves_out_are_refused(
     # the same settings given to PEFT itself save only what it adapts: stored, and served as PEFT runs it
     made = make_peft_dir(tmp_path / "made", **{"target_modules": ["q_proj", "v_proj"], **config})
     assert upload(client, made, "made").status_code == 201
+
+
+def peft_adapted(peft_dir: Path) -> set[str]:
+    """The modules PeftModel puts a LoRA layer on, under the adapter's config."""
+    try:
+        peft = PeftModel.from_pretrained(tiny_model(), peft_dir)
+    except NoMatchingPeftModuleError:  # PEFT refuses to load an adapter whose config names no module
+        return set()
+    return {
+        name.removeprefix("base_model.model.") for name, layer in peft.named_modules() if isinstance(layer, LoraLayer)
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "peft_keeps_all"),
+    [
+        ({"target_modules": r".*\.(q_proj|v_proj)"}, True),
+        ({"target_modules": "ALL-LINEAR"}, True),  # PEFT's keyword for every Linear layer but the output embedding
+        ({"target_modules": r".*layers\.[01]\.self_attn\.[qv]_proj"}, True),
+        ({"target_modules": r".*\.(q_proj|v_proj)\n?"}, True),
+        ({"target_modules": r".*\.q_proj|v_proj"}, False),  # fullmatch: "v_proj" alone, not a name ending in it
+        ({"target_modules": r".*\.(q|v)_pro"}, False),  # a prefix of the names is no match
+        ({"target_modules": r"(?i).*\.[QV]_PROJ"}, True),
+        ({"target_modules": ""}, False),
+        ({"exclude_modules": ""}, True),  # PEFT reads an empty exclude_modules as none
+        ({"exclude_modules": "all-linear"}, True),  # a keyword of target_modules only: here a regex
+        ({"exclude_modules": r".*(?<!q_proj)"}, False),  # a lookbehind: every name but those ending in q_proj
+        ({"exclude_modules": r".*\.1\..*"}, False),
+    ],
+)
+def test_a_regex_target_or_exclude_is_judged_as_peft_matches_it(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict, peft_keeps_all: bool
+) -> None:
+    """A regex target_modules or exclude_modules was not judged: every lora_A / lora_B pair in the file was served,
+    where PEFT leaves out (and drops the tensors of) each module whose name the regex does not match whole, or
+    exclude_modules matches. The adapter is accepted exactly where PEFT puts a LoRA layer on each module it holds
+    tensors for, and then served on those modules at PEFT's ranks and scalings."""
+    edited = edit_config(copy(peft_dir, tmp_path / "edited"), **config)
+    held = {split_peft_key(key)[0] for key in load_file(edited / "adapter_model.safetensors")}
+    assert (held <= peft_adapted(edited)) == peft_keeps_all  # the case is what it says, as PEFT runs it
+    response = upload(client, edited)
+    if not peft_keeps_all:
+        assert_error(response, 422, "invalid_adapter_weights", "PEFT puts no LoRA layer there")
+        assert_nothing_stored(client, tmp_path / "store")
+        return
+    assert response.status_code == 201, response.text
+    assert set(served_as_peft_runs_it(edited, tmp_path / "served").modules) == held
+
+
+def test_an_invalid_or_overlong_regex_is_refused(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
+    """PEFT cannot load an adapter whose regex re refuses (it raises re.error at each module); the server stored and
+    served it. A regex past the bound is refused before anything runs it."""
+    for key in ("target_modules", "exclude_modules"):
+        bad = edit_config(copy(peft_dir, tmp_path / key), **{key: r".*\.(q_proj"})
+        with pytest.raises(re.error):
+            PeftModel.from_pretrained(tiny_model(), bad)
+        assert_error(upload(client, bad), 422, "invalid_adapter_config", f"{key} is not a regular expression")
+        long = "|".join([r".*\.q_proj", r".*\.v_proj"] * (MAX_REGEX_CHARS // 20))
+        response = upload(client, edit_config(bad, **{key: long}))
+        assert_error(response, 422, "invalid_adapter_config", f"{key} is a regex of {len(long)} characters")
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+@pytest.mark.parametrize("config", [{"target_modules": r"(.*)*\.q_proj"}, {"exclude_modules": r"(.*\.?)*o_proj"}])
+def test_a_regex_that_backtracks_exponentially_is_refused_in_bounded_time(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict
+) -> None:
+    """Python's re, PEFT's matcher, takes time exponential in a name's length on nested repetition: each of these
+    takes minutes or more on a module name of the adapter (model.layers.0.self_attn.v_proj), which is why the
+    regexes went unjudged and were stored. Judged, such a regex is refused within a bound, saying what to write
+    instead, and the server takes the next upload."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **config)
+    started = time.perf_counter()
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", "without nested repetition")
+    assert time.perf_counter() - started < 5
+    assert_nothing_stored(client, tmp_path / "store")
+    assert upload(client, peft_dir, "honest").status_code == 201
 
 
 def test_a_layers_pattern_is_a_name_not_a_regex(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:

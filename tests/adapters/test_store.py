@@ -421,8 +421,13 @@ def _another_module(state: dict, config: dict) -> None:
         (_twice_the_rank, InvalidAdapterWeights, "the config declares 4"),
         (lambda state, config: config.update(use_dora=True), UnsupportedAdapter, "DoRA"),
         (_another_module, InvalidAdapterWeights, "target_modules does not name it"),
+        (
+            lambda state, config: config.update(target_modules=r".*\.v_proj"),
+            InvalidAdapterWeights,
+            "the target_modules regex does not match its name",
+        ),
     ],
-    ids=["rank-not-declared", "dora", "untargeted-module"],
+    ids=["rank-not-declared", "dora", "untargeted-module", "untargeted-by-regex"],
 )
 def test_a_version_altered_with_its_manifest_is_held_to_the_uploads_checks(
     tmp_path: Path, peft_dir: Path, change: Callable[[dict, dict], None], error: type, match: str

@@ -101,6 +101,9 @@ HOSTILE = {
     "rank-not-declared": lambda: lora_files({"r": 16}),
     "untargeted-tensors": lambda: lora_files({"target_modules": ["q_proj"]}),
     "other-layers": lambda: lora_files({"layers_to_transform": [1]}),
+    "untargeted-by-regex": lambda: lora_files({"target_modules": r".*\.q_proj"}),
+    # Python's re, PEFT's matcher, backtracks for hours on the module names
+    "backtracking-regex": lambda: lora_files({"target_modules": r"(.*)*\.q_proj"}),
     "layer-replication": lambda: lora_files({"layer_replication": [[0, 30]]}),
     "activated-lora": lambda: lora_files({"alora_invocation_tokens": [1, 2]}),
     "bloated-training": lambda: {
