@@ -74,11 +74,11 @@ def adapter_of(body: TgiRequest, inference: Inference) -> Adapter:
     return p.merged_adapters.mix() if p.merged_adapters is not None else inference.adapter_ref(p.adapter_id)
 
 
-def finish_reason_of(event: TokenEvent, inference: Inference, sampling: SamplingParams) -> TgiFinishReason:
-    """TGI's reason: a stop that is neither EOS nor a stop sequence is a complete grammar, which TGI ends with EOS."""
+def finish_reason_of(event: TokenEvent) -> TgiFinishReason:
+    """TGI's reason: a stop that is not a stop sequence is EOS, or a complete grammar, which TGI ends with EOS."""
     if event.finish_reason == "length":
         return "length"
-    return "stop_sequence" if sampling.stop and event.token_id not in inference.eos_ids else "eos_token"
+    return "stop_sequence" if event.stop_reason is not None else "eos_token"
 
 
 def token_of(event: TokenEvent, inference: Inference, text: str | None = None) -> TgiToken:
@@ -114,7 +114,7 @@ def _sequence(
         texts = list(inference.stream_texts([e.token_id for e in result.tokens if e.token_id is not None]))
     return TgiBestOfSequence(
         generated_text=(body.inputs + result.text) if body.parameters.return_full_text else result.text,
-        finish_reason=finish_reason_of(result.events[-1], inference, sampling),
+        finish_reason=finish_reason_of(result.events[-1]),
         generated_tokens=len(result.tokens),
         seed=sampling.seed if not sampling.greedy else None,
         prefill=prefill,
@@ -173,7 +173,7 @@ async def _events(body: TgiRequest, request: Request, inference: Inference) -> A
                 if event.finish_reason is not None:
                     out.generated_text = text
                     out.details = TgiStreamDetails(
-                        finish_reason=finish_reason_of(event, inference, sampling),
+                        finish_reason=finish_reason_of(event),
                         prompt_tokens=len(prompt_ids),
                         generated_tokens=count,
                         seed=sampling.seed if not sampling.greedy else None,

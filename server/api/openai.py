@@ -141,7 +141,8 @@ def _unsampled(event: TokenEvent) -> TokenEvent:
     nothing was generated (no token, text or logprob), ended by length as vLLM's; its prompt's scores stay."""
     if event.token_id is None:  # an end of its own (cancelled): as it is
         return event
-    return replace(event, token_id=None, text="", logprob=None, top_logprobs=(), finish_reason="length")
+    return replace(event, token_id=None, text="", logprob=None, top_logprobs=(), finish_reason="length",
+                   stop_reason=None)  # fmt: skip
 
 
 async def _unsampled_stream(events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
@@ -343,7 +344,8 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
             elif body.logprobs is not None:
                 logprobs = _completion_logprobs([event], inference, offsets[index])
                 offsets[index] += sum(len(t) for t in logprobs.tokens)
-            choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs,
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish, stop_reason=event.stop_reason,
+                                      logprobs=logprobs,
                                       prompt_logprobs=_scored_field(body, scored, inference))  # fmt: skip
             return CompletionResponse(id=rid, created=created, model=body.model, usage=usage, choices=[choice])
 
@@ -374,6 +376,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
                     index=p * body.n + i,
                     text=echoes[p] + r.text,
                     finish_reason=_finish(r.events[-1]),
+                    stop_reason=r.events[-1].stop_reason,
                     logprobs=_choice_logprobs(body, r, inference),
                     prompt_logprobs=_scored_field(body, r.prompt_logprobs, inference),
                 )
@@ -487,7 +490,7 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
                         delta = deltas[-1] if deltas else ChatDelta()
                     else:
                         delta = ChatDelta(content=event.text)
-                    finish = _tools_finish(finish, tools, readers is not None and readers[index].calls > 0)
+                    finish = _tools_finish(finish, event, tools, readers is not None and readers[index].calls > 0)
                     if scores is None:
                         yield chat_chunk(index, event, delta, finish, usage, None)
                     else:  # the prompt's scores, tens of objects a prompt token: built on the loop, they held it
@@ -513,6 +516,7 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
                         index=index,
                         delta=delta,
                         finish_reason=finish,
+                        stop_reason=event.stop_reason,
                         logprobs=_chat_logprobs([event], inference) if body.logprobs else None,
                     )
                 ],
@@ -530,7 +534,8 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
             ChatChoice(
                 index=i,
                 message=(message := _message(r.text, tools, parser)),
-                finish_reason=_tools_finish(_finish(r.events[-1]), tools, bool(message.tool_calls)),
+                finish_reason=_tools_finish(_finish(r.events[-1]), r.events[-1], tools, bool(message.tool_calls)),
+                stop_reason=r.events[-1].stop_reason,
                 logprobs=_chat_logprobs(r.events, inference) if body.logprobs else None,
             )
             for i, r in enumerate(results)
@@ -566,10 +571,15 @@ def _message(text: str, tools: ToolPlan | None, parser: type[ToolCallParser] | N
     return AssistantMessage(content=None, tool_calls=read_calls(text, tools.name))
 
 
-def _tools_finish(finish: OpenAIFinishReason | None, tools: ToolPlan | None, called: bool) -> OpenAIFinishReason | None:
+def _tools_finish(
+    finish: OpenAIFinishReason | None, last: TokenEvent, tools: ToolPlan | None, called: bool
+) -> OpenAIFinishReason | None:
     """OpenAI's (and vLLM's) finish reason of an answer of calls: "tool_calls" for tool_choice "required", and for
     "auto" where the answer `called` a tool; "stop" for a named function; one cut by max_tokens is "length" either
-    way."""
-    if finish == "stop" and tools is not None and (tools.mode == "required" or (tools.mode == "auto" and called)):
+    way. A "required" answer that the client's own stop sequence or stop token cut (`last`'s stop_reason) stays
+    "stop": its calls are unfinished JSON, which "tool_calls" would pass off as calls to make."""
+    if finish != "stop" or tools is None:
+        return finish
+    if (tools.mode == "required" and last.stop_reason is None) or (tools.mode == "auto" and called):
         return "tool_calls"
     return finish

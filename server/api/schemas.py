@@ -869,10 +869,16 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
+# vLLM's stop_reason beside finish_reason "stop": the stop sequence or stop token id that ended the choice; null where
+# the model's end of sequence did (or a complete grammar)
+StopReason = int | str | None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: OpenAIFinishReason | None
+    stop_reason: StopReason = None
     logprobs: CompletionLogprobs | None = None
     prompt_logprobs: PromptLogprobs | None = None
 
@@ -922,6 +928,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: OpenAIFinishReason
+    stop_reason: StopReason = None
     logprobs: ChatLogprobs | None = None
 
 
@@ -949,6 +956,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: OpenAIFinishReason | None = None
+    stop_reason: StopReason = None
     logprobs: ChatLogprobs | None = None
 
 

@@ -109,6 +109,7 @@ class _Output(NamedTuple):
     top: Top
     finish: FinishReason | None  # decided by the token alone (EOS, a complete grammar, max tokens)
     textless: bool  # a stop token, whose text is left out (vLLM's include_stop_str_in_output keeps it)
+    stop_reason: int | None  # the token, where it is one of the request's stop_token_ids that ended it
 
 
 class _Drawn(NamedTuple):
@@ -762,6 +763,9 @@ class Engine:
                 self._grammar_failed(row, GrammarFailed(f"the grammar refused token {token}: {exc}"))
                 return
         eos = token in row.stops
+        # vLLM's stop_reason: the stop token id that ended the answer; None where EOS did (EOS first, as vLLM checks)
+        by_eos = token in self.eos_ids and not params.ignore_eos
+        stop_token = token if eos and not by_eos else None
         finish: FinishReason | None = None
         if eos or (grammar is not None and grammar.is_finished()):  # complete: only EOS could follow, so skip its step
             finish = "stop"
@@ -770,7 +774,7 @@ class Engine:
         if finish is not None:
             self._release(row, keep=True)
         textless = eos and not params.include_stop_str_in_output
-        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, textless))
+        self._pending.append(_Output(row, row.generated - 1, token, logprob, top, finish, textless, stop_token))
 
     def _deliver(self) -> None:
         """The text and events of the tokens taken last step, in order. A row whose text reaches a stop sequence
@@ -778,20 +782,20 @@ class Engine:
         pending, self._pending = self._pending, []
         for out in pending:
             row = out.row
-            finish = out.finish
+            finish, stop_reason = out.finish, out.stop_reason
             try:
                 if out.textless:  # the end of the sequence has no text of its own
                     text = row.text.flush()
                 else:
-                    text, stopped = row.text.push(out.token)
-                    if stopped:
-                        finish = "stop"
+                    text, stop = row.text.push(out.token)
+                    if stop is not None:
+                        finish, stop_reason = "stop", stop
                     elif finish is not None:
                         text += row.text.flush()
             except Exception as exc:  # this request's text alone (a tokenizer fault): it ends, the others go on
                 self._send(row, out.index, None, "", None, "error", error=exc)
                 continue
-            self._send(row, out.index, out.token, text, out.logprob, finish, top=out.top)
+            self._send(row, out.index, out.token, text, out.logprob, finish, top=out.top, stop_reason=stop_reason)
 
     def _send(
         self,
@@ -803,13 +807,14 @@ class Engine:
         finish: FinishReason | None,
         error: BaseException | None = None,
         top: Top = (),
+        stop_reason: int | str | None = None,
     ) -> None:
         request = row.request
         scored = None  # the prompt's scores go out with the first token, where asked for
         if token is not None and index == 0 and request.sampling.prompt_logprobs is not None:
             scored = self._prompt_tokens(row)
         event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error,
-                           top, row.cached, scored)  # fmt: skip
+                           top, row.cached, scored, stop_reason)  # fmt: skip
         if finish is not None and not row.ended:  # a row ended by its token alone was released when taken
             self._release(row, keep=finish != "error")
         try:

@@ -63,3 +63,6 @@ class TokenEvent:
     cached_tokens: int = 0  # prompt tokens found in the KV cache, not computed again
     # every prompt token, scored: on the request's first token event, where it asked for prompt_logprobs
     prompt_logprobs: tuple[PromptToken, ...] | None = None
+    # vLLM's stop_reason, on a last event ended by "stop": the stop sequence or stop token id that ended it (None:
+    # EOS, or a complete grammar)
+    stop_reason: int | str | None = None

@@ -81,12 +81,12 @@ class TextStream:
         self._prefix, self._read = self._read, cut
         return text[len(prefix) :]
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """(text delta, whether a stop sequence was hit). After a hit the delta ends before the stop text (with
+    def push(self, token_id: int) -> tuple[str, str | None]:
+        """(text delta, the stop sequence hit or None). After a hit the delta ends before the stop text (with
         include_stop: with it; the first one given where two begin at the same character)."""
         self._ids.append(token_id)
         if not self._stop:  # every character goes out at once: no text to keep
-            return self._decode_new(), False
+            return self._decode_new(), None
         self._forget_read()
         searched = len(self._text)  # a stop ending by here was looked for at an earlier token, or did not count
         self._text += self._decode_new()
@@ -100,12 +100,12 @@ class TextStream:
             end = start + len(stop) if self._include_stop else start
             delta = self._text[self._emitted : end]
             self._emitted = max(self._emitted, end)
-            return delta, True
+            return delta, stop
         end = len(self._text) - self._holdback
         if end <= self._emitted:
-            return "", False
+            return "", None
         delta, self._emitted = self._text[self._emitted : end], end
-        return delta, False
+        return delta, None
 
     def _forget_read(self) -> None:
         """Drop the text no push reads again: deltas begin at _emitted, and the next search at most _overlap

@@ -807,6 +807,36 @@ def test_vllm_include_stop_str_in_output_keeps_what_ended_the_answer(client: Tes
     assert "include_stop_str_in_output" in says
 
 
+def test_vllm_stop_reason_names_the_stop_sequence_or_token_that_ended_the_answer(client: TestClient) -> None:
+    """vLLM's stop_reason beside finish_reason: the stop sequence or the stop_token_ids token that ended a choice,
+    null for one ended by length or by a complete grammar; streamed on the choice's last chunk, on both OpenAI
+    routes. TGI's finish_reason tells a stop sequence from an end of sequence by it: a complete grammar of a request
+    with stop sequences is TGI's eos_token (it was stop_sequence)."""
+    body = {"model": "llama", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+    greedy = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert greedy["finish_reason"] == "length" and greedy["stop_reason"] is None
+    stop = greedy["text"][9:11]
+    first = client.post("/tokenize", json={"prompt": greedy["text"][0], "add_special_tokens": False}).json()["tokens"]
+    for extra, reason in (({"stop": ["never", stop]}, stop), ({"stop_token_ids": first[:1]}, first[0])):
+        out = client.post("/v1/completions", json={**body, **extra}).json()["choices"][0]
+        assert (out["finish_reason"], out["stop_reason"]) == ("stop", reason), extra
+        last = sse(client, "/v1/completions", {**body, **extra, "stream": True})[-1]["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == ("stop", reason), extra
+    answer = client.post("/v1/chat/completions", json=chat(max_tokens=20)).json()["choices"][0]
+    chat_stop = answer["message"]["content"][1:3]
+    cut = client.post("/v1/chat/completions", json=chat(max_tokens=20, stop=[chat_stop])).json()["choices"][0]
+    assert (cut["finish_reason"], cut["stop_reason"]) == ("stop", chat_stop)
+    last = sse(client, "/v1/chat/completions", chat(max_tokens=20, stop=[chat_stop], stream=True))[-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", chat_stop)
+    grammar = {**body, "guided_regex": "ab", "stop": ["zzz"]}  # the grammar completes: no stop sequence ended it
+    out = client.post("/v1/completions", json=grammar).json()["choices"][0]
+    assert (out["text"], out["finish_reason"], out["stop_reason"]) == ("ab", "stop", None)
+    regex = {"type": "regex", "value": "ab"}
+    assert tgi(client, grammar=regex, stop=["zzz"])["details"]["finish_reason"] == "eos_token"
+    said = tgi(client)["generated_text"]
+    assert tgi(client, stop=[said[-2:]])["details"]["finish_reason"] == "stop_sequence"
+
+
 def test_completions_echo_begins_each_choice_with_the_prompt(client: TestClient) -> None:
     """OpenAI's echo on /v1/completions: each choice's text is the prompt's then its own, streamed with its first
     chunk (as vLLM streams it)."""

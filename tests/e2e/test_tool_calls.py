@@ -108,6 +108,24 @@ def test_required_calls_are_of_the_tools_each_choice_its_own_and_streamed_alike(
     assert len(calls_of(one.choices[0].message)) == 1
 
 
+def test_a_required_answer_cut_by_the_clients_stop_sequence_is_not_passed_off_as_calls(client: openai.OpenAI) -> None:
+    """A "required" answer that the client's own stop sequence cuts is unfinished JSON: its finish reason stays
+    "stop", not "tool_calls" (which would have the client make calls of it), and vLLM's stop_reason names the
+    sequence, streamed or not; an answer that ends whole has none."""
+    params = {"model": MODEL, "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "max_tokens": 96,
+              "temperature": 0}  # fmt: skip
+    whole = client.chat.completions.create(**params, extra_body={"cache_salt": "uncut"}).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.model_extra["stop_reason"] is None
+    cut = {**params, "stop": ["parameters"]}  # every call's JSON holds it: {"name": ..., "parameters": ...}
+    choice = client.chat.completions.create(**cut, extra_body={"cache_salt": "cut"}).choices[0]
+    assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", "parameters")
+    last = [c for c in client.chat.completions.create(stream=True, **cut, extra_body={"cache_salt": "cut-stream"})
+            if c.choices and c.choices[0].finish_reason is not None]  # fmt: skip
+    assert [(c.choices[0].finish_reason, c.choices[0].model_extra["stop_reason"]) for c in last] == [
+        ("stop", "parameters")
+    ]
+
+
 def test_a_conversation_with_tool_turns_is_taken(client: openai.OpenAI) -> None:
     """An assistant's earlier calls and the tool messages answering them reach the chat template; the next answer
     can be text or another call."""

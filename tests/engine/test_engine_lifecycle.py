@@ -92,7 +92,7 @@ def test_stop_sequence_ends_the_request_and_is_cut_from_the_text(family_setup, t
     engine.submit(request(prompt, greedy(10, stop=(stop,)), None, "s"), sink)
     run_to_end(engine)
     out = "".join(e.text for e in sink.events["s"])
-    assert sink.finish("s") == "stop"
+    assert sink.finish("s") == "stop" and sink.events["s"][-1].stop_reason == stop  # vLLM's: what ended it
     assert out == text[: text.index(stop)]
 
 
@@ -106,6 +106,7 @@ def test_eos_ends_the_request(family_setup, tokenizer) -> None:
     engine.submit(request(prompt, SamplingParams(max_new_tokens=5), None, "e"), sink)
     run_to_end(engine)
     assert sink.finish("e") == "stop" and sink.tokens("e") == [first]
+    assert sink.events["e"][-1].stop_reason is None  # vLLM's: none names the end of sequence
 
 
 def test_a_stop_token_ends_the_request_at_its_first_draw_without_its_text(family_setup, tokenizer) -> None:
@@ -129,6 +130,8 @@ def test_a_stop_token_ends_the_request_at_its_first_draw_without_its_text(family
     run_to_end(engine)
     for name in ("stopped", "kept"):
         assert sink.tokens(name) == tokens[: cut + 1] and sink.finish(name) == "stop"
+        assert sink.events[name][-1].stop_reason == tokens[cut]  # vLLM's: the stop token's id
+    assert sink.events["free"][-1].stop_reason is None  # ended by length
     assert "".join(e.text for e in sink.events["stopped"]) == tokenizer.decode(tokens[:cut])
     assert "".join(e.text for e in sink.events["kept"]) == tokenizer.decode(tokens[: cut + 1])
 

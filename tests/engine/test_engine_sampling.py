@@ -95,7 +95,7 @@ def test_text_stream_holds_back_and_cuts_stop_sequences(tokenizer) -> None:
     pieces = [stream.push(t) for t in tokenizer("abcEN")["input_ids"]]
     assert "".join(p for p, _ in pieces) == "abc"  # "EN" may start "END": held back
     delta, stopped = stream.push(tokenizer("D")["input_ids"][0])
-    assert stopped and delta == ""
+    assert stopped == "END" and delta == ""
     plain = TextStream(tokenizer, ())
     assert "".join(plain.push(t)[0] for t in tokenizer("héllo")["input_ids"]) == "héllo"  # multi-byte waits
 
@@ -109,7 +109,8 @@ def stream_until_stop(
     for token in tokenizer(text)["input_ids"] if isinstance(text, str) else text:
         delta, stopped = stream.push(token)
         deltas.append(delta)
-        if stopped:
+        if stopped is not None:
+            assert stopped in stop
             return deltas, True
     return [*deltas, stream.flush()], False
 
@@ -231,11 +232,11 @@ def test_window_decoder_is_the_tokenizers_decode() -> None:
         expected = tokenizer.decode(ids, skip_special_tokens=True)
         assert window_decoder(tokenizer)(ids) == expected
         for stop in ((), ("W417", "w417")):
-            stream, text, stopped = TextStream(tokenizer, stop), "", False
+            stream, text, stopped = TextStream(tokenizer, stop), "", None
             for t in ids:
                 delta, stopped = stream.push(t)
                 text += delta
-                if stopped:
+                if stopped is not None:
                     break
-            assert stopped == bool(stop)
+            assert stopped in (stop or (None,))  # the stop sequence that ended it, None where none did
             assert text == (expected[: expected.lower().index("w417")] if stop else expected + stream.flush())
