@@ -272,6 +272,9 @@ def test_a_schema_near_the_grammar_bound_is_read_without_holding_the_event_loop(
             assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_grammar", response.text
         return loop_cpu_seconds() - before
 
-    plain = loop_cpu({"type": "object", "properties": {"b": past_64_bits}}, enum)
-    walked = loop_cpu({"type": "object", "properties": {"a": {"enum": enum}, "b": past_64_bits}}, [])
-    assert walked < 1.5 * plain, (walked, plain)
+    # alternated, each the least of its rounds: another process's burst of work lands in one round, not in all
+    rounds = [(loop_cpu({"type": "object", "properties": {"b": past_64_bits}}, enum),
+               loop_cpu({"type": "object", "properties": {"a": {"enum": enum}, "b": past_64_bits}}, []))
+              for _ in range(3)]  # fmt: skip
+    plain, walked = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    assert walked < 1.5 * plain, rounds
