@@ -288,6 +288,18 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
             "layers_pattern must be the name (or a list of names) of the module list holding the layers, e.g. "
             "'layers' (names are not read as regular expressions)"
         )
+    # LoraConfig refuses these combinations as it loads (ValueError): PEFT serves no answer for such an adapter
+    if isinstance(targets, str) and (layers is not None or pattern is not None):
+        raise InvalidAdapterConfig(
+            "layers_to_transform and layers_pattern cannot be used with a regex target_modules (PEFT refuses the "
+            "config): write the layers into the regex, e.g. 'model\\.layers\\.(0|1)\\..*\\.q_proj', or list the "
+            "module names"
+        )
+    if pattern and layers is None:
+        raise InvalidAdapterConfig(
+            "layers_pattern needs layers_to_transform (PEFT refuses the config without it): add the layers' "
+            "indices, or remove layers_pattern"
+        )
 
 
 def _strings(value: Any) -> bool:

@@ -297,6 +297,26 @@ def test_a_layers_pattern_is_a_name_not_a_regex(client: TestClient, tmp_path: Pa
     assert_error(upload(client, bad), 422, "invalid_adapter_config", "not read as regular expressions")
 
 
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"target_modules": r".*\.q_proj", "layers_to_transform": [0]}, "cannot be used with a regex"),
+        ({"target_modules": r".*\.q_proj", "layers_pattern": "layers"}, "cannot be used with a regex"),
+        ({"layers_pattern": "layers"}, "layers_pattern needs layers_to_transform"),
+    ],
+)
+def test_configs_peft_refuses_to_load_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict, says: str
+) -> None:
+    """LoraConfig raises on these as PEFT loads the adapter, so PEFT gives no answer the server's could equal; the
+    server stored and served them."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **config)
+    with pytest.raises(ValueError, match="layers_"):
+        PeftModel.from_pretrained(tiny_model(), bad)
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", says)
+    assert_nothing_stored(client, tmp_path / "store")
+
+
 def test_arrow_routing_is_refused(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
     bad = edit_config(copy(peft_dir, tmp_path / "bad"), arrow_config={"top_k": 2, "router_temperature": 1.0})
     assert_error(upload(client, bad), 422, "unsupported_adapter", "arrow_config")
