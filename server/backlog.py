@@ -67,6 +67,7 @@ class EventSizes:
         size = EVENT_BYTES + TEXT_BYTES * len(event.text) + sum(entry[i] for i, _ in event.top_logprobs)
         if event.token_id is not None:
             size += entry[event.token_id]
-        if event.prompt_logprobs:  # every prompt token, each with its alternatives
-            size += sum(entry[t.token_id] + sum(entry[i] for i, _ in t.top) for t in event.prompt_logprobs)
+        if (scores := event.prompt_logprobs) is not None:  # every scored prompt token and its alternatives
+            size += sum(entry[i] for i in scores.prompt[1:])
+            size += sum(entry[i] for ids in scores.tops() for i in ids.flatten().tolist())
         return size

@@ -47,7 +47,7 @@ from server.api.sse import OPENAI, sse_response
 from server.api.tool_parsers import TOOL_CALL_PARSERS, StreamedCalls, ToolCallParser, read_answer
 from server.api.tools import CallScanner, ToolPlan, read_calls
 from server.client_share import prefix_salt
-from server.engine import PromptToken, SamplingParams, TokenEvent
+from server.engine import PromptScores, SamplingParams, TokenEvent
 from server.engine.requests import Top
 from server.grammar import CompiledGrammar, InvalidGrammar
 from server.inference import (
@@ -198,11 +198,11 @@ def _legacy_logprobs(
 
 
 def _echoed_logprobs(
-    scored: tuple[PromptToken, ...], events: list[TokenEvent], inference: Inference
+    scored: PromptScores, events: list[TokenEvent], inference: Inference
 ) -> tuple[CompletionLogprobs, int]:
     """echo with logprobs: the prompt's tokens, then the events', in one legacy shape, and the characters of the
     prompt's tokens (where the answer's offsets go on)."""
-    out = _legacy_logprobs([(t.token_id, t.logprob, t.top) for t in scored], inference, 0)
+    out = _legacy_logprobs([(t.token_id, t.logprob, t.top) for t in scored.tokens()], inference, 0)
     offset = sum(len(text) for text in out.tokens)
     answer = _completion_logprobs(events, inference, offset)
     out.tokens += answer.tokens
@@ -212,13 +212,13 @@ def _echoed_logprobs(
     return out, offset + sum(len(text) for text in answer.tokens)
 
 
-def _prompt_logprobs(scored: tuple[PromptToken, ...] | None, inference: Inference) -> PromptLogprobs | None:
+def _prompt_logprobs(scored: PromptScores | None, inference: Inference) -> PromptLogprobs | None:
     """vLLM's prompt_logprobs: null for the first token; for each other, its own entry (its rank among the
     vocabulary) then the N most likely tokens' (ranks 1..N), keyed by token id."""
     if scored is None:
         return None
     out: PromptLogprobs = [None]
-    for token in scored[1:]:
+    for token in scored.tokens()[1:]:
         assert token.logprob is not None and token.rank is not None  # every token past the first is scored
         entry = {str(token.token_id): _prompt_entry(token.token_id, token.logprob, token.rank, inference)}
         for rank, (t, v) in enumerate(token.top, 1):
@@ -404,9 +404,7 @@ def _choice_logprobs(body: CompletionRequest, result: Generation, inference: Inf
     return _completion_logprobs(result.events, inference)
 
 
-def _scored_field(
-    body: CompletionRequest, scored: tuple[PromptToken, ...] | None, inference: Inference
-) -> PromptLogprobs | None:
+def _scored_field(body: CompletionRequest, scored: PromptScores | None, inference: Inference) -> PromptLogprobs | None:
     """vLLM's choice field prompt_logprobs: where prompt_logprobs was sent (echo with logprobs scores the prompt
     for the legacy logprobs alone)."""
     return _prompt_logprobs(scored, inference) if body.prompt_logprobs is not None else None
@@ -500,7 +498,7 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
             delta: ChatDelta,
             finish: OpenAIFinishReason | None,
             usage: Usage | None,
-            scores: tuple[PromptToken, ...] | None,
+            scores: PromptScores | None,
         ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=rid,
