@@ -16,7 +16,7 @@ from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
 from loraplex.errors import LoraplexError
 from server.client_share import current_client, prefix_salt
-from server.engine import GenerationRequest, PromptToken, SamplingParams, TokenEvent
+from server.engine import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from server.engine.text import TextStream
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
 from server.metrics import Metrics
@@ -100,7 +100,7 @@ class Generation:
         return [e for e in self.events if e.token_id is not None]
 
     @property
-    def prompt_logprobs(self) -> tuple[PromptToken, ...] | None:
+    def prompt_logprobs(self) -> PromptScores | None:
         """The prompt's tokens scored (where asked for: on the first token's event)."""
         return next((e.prompt_logprobs for e in self.events if e.prompt_logprobs is not None), None)
 

@@ -1,9 +1,9 @@
 """The asyncio facade over the engine thread: bounded queue (and each adapter's share of it), token streams,
 cancellation, latency hooks.
 
-Nothing here touches torch or waits on the device: the engine thread hands events over through a mailbox that
-wakes the event loop once per burst (a step's events), and leaving a stream early cancels its request in the
-engine. The events waiting in a stream's queue count on its connection's backlog (backlog.py), on the event loop.
+Nothing here runs or waits on the device: the engine thread hands events over through a mailbox that wakes the
+event loop once per burst (a step's events), and leaving a stream early cancels its request in the engine. The
+events waiting in a stream's queue count on its connection's backlog (backlog.py), on the event loop.
 """
 
 import asyncio
@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from server.backlog import Backlog, EventSizes, current_backlog
+from server.backlog import Backlog, EventSizes, current_backlog, score_shapes
 from server.client_share import ClientShares
 from server.engine import Engine, GenerationRequest, TokenEvent
 from server.engine.errors import EngineError
 
 LatencyHook = Callable[[float], None]  # seconds
+EventSize = Callable[[TokenEvent], int]  # an event's estimated bytes once rendered (backlog.py)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class BacklogQueue(asyncio.Queue[TokenEvent]):
     O(1) an event, on the event loop, where the mailbox delivers). Once closed it takes no more, and what it held no
     longer counts."""
 
-    def __init__(self, backlog: Backlog, sizes: EventSizes) -> None:
+    def __init__(self, backlog: Backlog, sizes: EventSize) -> None:
         super().__init__()
         self._backlog = backlog
         self._estimate = sizes
@@ -108,7 +109,7 @@ class TokenStream:
         request: GenerationRequest,
         hooks: LatencyHooks,
         mailbox: Mailbox,
-        sizes: EventSizes,
+        sizes: EventSize,
         backlog: Backlog | None = None,
     ) -> None:
         """A stream for `request`, which the caller submits to `engine` with `sink` as its events' sink; the events
@@ -226,7 +227,8 @@ class Scheduler:
             self._mailbox = Mailbox(loop)
         try:
             backlog = current_backlog.get()
-            stream = TokenStream(self.engine, request, self.hooks, self._mailbox, self.event_sizes, backlog)
+            sizes = partial(self.event_sizes, shapes=score_shapes.get())  # its prompt's scores, as its answer has them
+            stream = TokenStream(self.engine, request, self.hooks, self._mailbox, sizes, backlog)
             # last, as it may take another request's place (engine/waiting.py): the engine takes one only with the
             # request queued
             self.engine.submit(request, stream.sink, self.max_queue, self.max_queue_per_adapter)

@@ -106,7 +106,7 @@ def _sequence(
     if result.prompt_logprobs is not None:  # the first token has none (null), as TGI's
         prefill = [TgiInputToken(id=t.token_id, text=inference.token_text(t.token_id),
                                  logprob=None if t.logprob is None else max(t.logprob, LOGPROB_FLOOR))
-                   for t in result.prompt_logprobs]  # fmt: skip
+                   for t in result.prompt_logprobs.tokens()]  # fmt: skip
     # each token's own text: an event's text is what the answer adds, which holds back text that may begin a stop
     # sequence (then "" for a token, its text with a later one)
     texts: list[str | None] = [None] * len(result.tokens)

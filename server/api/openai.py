@@ -46,8 +46,9 @@ from server.api.schemas import (
 from server.api.sse import OPENAI, sse_response
 from server.api.tool_parsers import TOOL_CALL_PARSERS, StreamedCalls, ToolCallParser, read_answer
 from server.api.tools import CallScanner, ToolPlan, read_calls
+from server.backlog import ScoreShapes, score_shapes
 from server.client_share import prefix_salt
-from server.engine import PromptToken, SamplingParams, TokenEvent
+from server.engine import PromptScores, SamplingParams, TokenEvent
 from server.engine.requests import Top
 from server.grammar import CompiledGrammar, InvalidGrammar
 from server.inference import (
@@ -199,11 +200,11 @@ def _legacy_logprobs(
 
 
 def _echoed_logprobs(
-    scored: tuple[PromptToken, ...], events: list[TokenEvent], inference: Inference
+    scored: PromptScores, events: list[TokenEvent], inference: Inference
 ) -> tuple[CompletionLogprobs, int]:
     """echo with logprobs: the prompt's tokens, then the events', in one legacy shape, and the characters of the
     prompt's tokens (where the answer's offsets go on)."""
-    out = _legacy_logprobs([(t.token_id, t.logprob, t.top) for t in scored], inference, 0)
+    out = _legacy_logprobs([(t.token_id, t.logprob, t.top) for t in scored.tokens()], inference, 0)
     offset = sum(len(text) for text in out.tokens)
     answer = _completion_logprobs(events, inference, offset)
     out.tokens += answer.tokens
@@ -213,13 +214,13 @@ def _echoed_logprobs(
     return out, offset + sum(len(text) for text in answer.tokens)
 
 
-def _prompt_logprobs(scored: tuple[PromptToken, ...] | None, inference: Inference) -> PromptLogprobs | None:
+def _prompt_logprobs(scored: PromptScores | None, inference: Inference) -> PromptLogprobs | None:
     """vLLM's prompt_logprobs: null for the first token; for each other, its own entry (its rank among the
     vocabulary) then the N most likely tokens' (ranks 1..N), keyed by token id."""
     if scored is None:
         return None
     out: PromptLogprobs = [None]
-    for token in scored[1:]:
+    for token in scored.tokens()[1:]:
         assert token.logprob is not None and token.rank is not None  # every token past the first is scored
         entry = {str(token.token_id): _prompt_entry(token.token_id, token.logprob, token.rank, inference)}
         for rank, (t, v) in enumerate(token.top, 1):
@@ -323,6 +324,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     ]
     prompt_tokens = [len(ids) for ids in prompt_ids]
     echoes = await _echoes(body, texts, prompt_ids, inference)
+    score_shapes.set(_score_shapes(body))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:  # best_of is not streamed: a run per choice, choice p x n + i of prompt p
         events = await _open_streams(request, runs, adapter, grammar, inference)
@@ -397,6 +399,16 @@ async def _echoes(
     return texts or [await inference.detokenize(ids) for ids in prompt_ids]
 
 
+def _score_shapes(body: CompletionRequest) -> ScoreShapes:
+    """Where a choice's prompt scores go: its prompt_logprobs where sent, its legacy logprobs where echoed."""
+    shapes = ScoreShapes(0)
+    if body.prompt_logprobs is not None:
+        shapes |= ScoreShapes.PROMPT_LOGPROBS
+    if body.echo and body.logprobs is not None:
+        shapes |= ScoreShapes.ECHOED
+    return shapes
+
+
 def _choice_logprobs(body: CompletionRequest, result: Generation, inference: Inference) -> CompletionLogprobs | None:
     """A choice's legacy logprobs, where asked for: with echo, the prompt's tokens' first."""
     if body.logprobs is None:
@@ -407,9 +419,7 @@ def _choice_logprobs(body: CompletionRequest, result: Generation, inference: Inf
     return _completion_logprobs(result.events, inference)
 
 
-def _scored_field(
-    body: CompletionRequest, scored: tuple[PromptToken, ...] | None, inference: Inference
-) -> PromptLogprobs | None:
+def _scored_field(body: CompletionRequest, scored: PromptScores | None, inference: Inference) -> PromptLogprobs | None:
     """vLLM's choice field prompt_logprobs: where prompt_logprobs was sent (echo with logprobs scores the prompt
     for the legacy logprobs alone)."""
     return _prompt_logprobs(scored, inference) if body.prompt_logprobs is not None else None
@@ -455,6 +465,9 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
     if not prompt_ids:  # /tokenize counts such a chat as no tokens; the engine runs none
         raise EmptyPrompt("the model's chat template renders these messages to no tokens; send a user message")
     samplings = choice_samplings(_sampling(body, prompt_ids, inference, CHAT_DEFAULT_MAX_TOKENS), body.n)
+    # the choices share their prompt, whose scores the answer carries once: the first choice's (the others' would be
+    # computed whole, with no cached prefix, and held as unsent answers, for nothing)
+    samplings[1:] = [replace(sampling, prompt_logprobs=None) for sampling in samplings[1:]]
     runs = [(prompt_ids, sampling) for sampling in samplings]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -470,9 +483,8 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
                     yield ChatCompletionChunk(
                         id=rid, created=created, model=body.model, choices=[ChatChunkChoice(index=index, delta=first)]
                     )
-                scored_sent = False  # the choices share their prompt: its scores go out once, as a response's field
                 async for index, event, finish, usage in choices:
-                    scores = event.prompt_logprobs if not scored_sent else None
+                    scores = event.prompt_logprobs  # the first choice's first token's: the response's field
                     if scanners is not None:
                         calls = scanners[index].feed(event.text)
                         if not (calls or finish or usage or body.logprobs or scores):  # a call's head, unfinished
@@ -494,7 +506,6 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
                     if scores is None:
                         yield chat_chunk(index, event, delta, finish, usage, None)
                     else:  # the prompt's scores, tens of objects a prompt token: built on the loop, they held it
-                        scored_sent = True
                         yield await rendered_off_loop(partial(chat_chunk, index, event, delta, finish, usage, scores))
 
         def chat_chunk(
@@ -503,7 +514,7 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
             delta: ChatDelta,
             finish: OpenAIFinishReason | None,
             usage: Usage | None,
-            scores: tuple[PromptToken, ...] | None,
+            scores: PromptScores | None,
         ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=rid,

@@ -12,7 +12,7 @@ from server.engine.errors import (
     PromptTooLong,
     QueueFull,
 )
-from server.engine.requests import FinishReason, GenerationRequest, PromptToken, TokenEvent
+from server.engine.requests import FinishReason, GenerationRequest, PromptScores, PromptToken, TokenEvent
 from server.engine.sampling import SamplingParams
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "GenerationRequest",
     "KVCacheTooLarge",
     "LoraRankTooLarge",
+    "PromptScores",
     "PromptToken",
     "PromptTooLong",
     "QueueFull",

@@ -20,7 +20,8 @@ keep it out of the queue.
 A request asking for its prompt's logprobs (prompt_logprobs) has every prompt position scored: it takes no cached
 prefix, and a step holding a chunk of its prompt keeps those positions' logits beside the sampled ones: it replays
 its bucket's scoring graph (graphs.py), the same step with a wider head, and its draws are launched and taken as
-any step's. The scores reach the host with the request's first token.
+any step's. The scores reach the host with the request's first token, as the copies left them (PromptScores): their
+objects, tens a prompt token, are made where the event is consumed, not on this thread, which every request waits on.
 """
 
 import logging
@@ -62,7 +63,7 @@ from server.engine.multilora import (
     shrink_groups,
 )
 from server.engine.prefix_cache import KVRows
-from server.engine.requests import FinishReason, GenerationRequest, PromptToken, TokenEvent, Top
+from server.engine.requests import FinishReason, GenerationRequest, PromptScores, StepScores, TokenEvent, Top
 from server.engine.sampling import device_tensor, draw, final_logits, top_logprobs
 from server.engine.slots import SlotTable
 from server.engine.step import Segment, Sequence, StepBuffer, StepTensors
@@ -96,7 +97,7 @@ class _Row:
     ended: bool = False  # released: its KV row and slot are another request's now
     # its prompt's scored chunks (prompt_logprobs), until its first token's event carries them: (the step's scores,
     # the chunk's first position among them, its positions)
-    scores: list[tuple["_Scores", int, int]] = field(default_factory=list)
+    scores: list[tuple[StepScores, int, int]] = field(default_factory=list)
 
 
 class _Output(NamedTuple):
@@ -122,24 +123,6 @@ class _Drawn(NamedTuple):
     masks: StepMasks | None
     asking: list[int]  # rows (by position) that asked for top logprobs
     top_n: int  # columns of top logprobs per asking row
-
-
-class _Scores:
-    """A step's scored prompt positions (prompt_logprobs), launched on the device: each position's logprob of the
-    prompt token after it and that token's rank, then every position's top ids and logprobs, flat in one float64
-    host tensor, on its way from the device until `ready`; read on the host once, by the first of its rows to
-    send its first token."""
-
-    def __init__(self, flat: torch.Tensor, ready: torch.cuda.Event | None, count: int, top_n: int) -> None:
-        self.flat, self.ready, self.count, self.top_n = flat, ready, count, top_n
-        self._host: list[float] | None = None
-
-    def host(self) -> list[float]:
-        if self._host is None:
-            if self.ready is not None:
-                self.ready.synchronize()
-            self._host = self.flat.tolist()
-        return self._host
 
 
 class Engine:
@@ -649,7 +632,7 @@ class Engine:
         return self._forward(self._step.views(buffer, width), None, scored)
 
     # ---- scoring prompts, sampling and finishing ----------------------------------------------------
-    def _score(self, logits: torch.Tensor, targets: list[int], top_n: int) -> _Scores:
+    def _score(self, logits: torch.Tensor, targets: list[int], top_n: int) -> StepScores:
         """Each scored position's logprob of the prompt token after it, that token's rank and the top_n most likely
         tokens there, under the model's own distribution (vLLM's prompt_logprobs: no sampling parameter applies),
         launched on the device with one copy to the host."""
@@ -662,7 +645,7 @@ class Engine:
         if top_n:
             values, ids = logprobs.topk(top_n, dim=-1)  # [E, top_n] each
             parts += [ids.double().flatten(), values.double().flatten()]
-        return _Scores(*self._to_host(parts), len(targets), top_n)
+        return StepScores(*self._to_host(parts), len(targets), top_n)
 
     def _to_host(self, parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """`parts` (float64: it holds token ids exactly) as one host tensor, on its way in one copy that does not block
@@ -673,20 +656,6 @@ class Engine:
             ready = torch.cuda.Event()
             ready.record()
         return flat, ready
-
-    def _prompt_tokens(self, row: _Row) -> tuple[PromptToken, ...]:
-        """The row's prompt, every token scored by the chunks its steps scored, in prompt order."""
-        prompt, keep = row.request.prompt_ids, row.request.sampling.prompt_logprobs or 0
-        tokens = [PromptToken(prompt[0], None, None, ())]  # nothing before the first token to score it
-        for scores, first, count in row.scores:
-            host, e, n = scores.host(), scores.count, scores.top_n
-            for j in range(first, first + count):
-                ids = host[2 * e + j * n : 2 * e + j * n + keep]
-                values = host[2 * e + e * n + j * n : 2 * e + e * n + j * n + keep]
-                top = tuple((int(t), v) for t, v in zip(ids, values, strict=True))
-                tokens.append(PromptToken(prompt[len(tokens)], host[j], int(host[e + j]), top))
-        row.scores = []  # read once: the host copies go with them
-        return tuple(tokens)
 
     def _launch_sampling(self, rows: list[_Row], logits: torch.Tensor, drawn: list[int]) -> _Drawn:
         # logits: [len(rows), V]; drawn[i]: the tokens rows[i] drew before this draw. One device -> host copy
@@ -812,7 +781,10 @@ class Engine:
         request = row.request
         scored = None  # the prompt's scores go out with the first token, where asked for
         if token is not None and index == 0 and request.sampling.prompt_logprobs is not None:
-            scored = self._prompt_tokens(row)
+            for scores, _, _ in row.scores:  # arrived already: this token was copied after them, on the same stream
+                scores.wait()
+            scored = PromptScores(request.prompt_ids, request.sampling.prompt_logprobs, row.scores)
+            row.scores = []
         event = TokenEvent(request.request_id, index, token, text, logprob, len(request.prompt_ids), finish, error,
                            top, row.cached, scored, stop_reason)  # fmt: skip
         if finish is not None and not row.ended:  # a row ended by its token alone was released when taken

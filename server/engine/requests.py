@@ -1,9 +1,12 @@
 """What goes into the engine (GenerationRequest) and what comes out of it (TokenEvent)."""
 
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
+
+import torch
 
 from adapters.lora import LoraWeights
 from server.engine.constraints import TokenConstraint
@@ -21,6 +24,64 @@ class PromptToken(NamedTuple):
     logprob: float | None
     rank: int | None  # 1 + how many tokens are more likely there (vLLM counts ties as ahead: tokens at least as likely)
     top: Top  # the prompt_logprobs most likely tokens there
+
+
+class StepScores:
+    """A step's scored prompt positions (prompt_logprobs), launched on the device: each position's logprob of the
+    prompt token after it and that token's rank, then every position's top ids and logprobs, flat in one float64
+    host tensor (it holds token ids exactly), on its way from the device until `ready`."""
+
+    def __init__(self, flat: torch.Tensor, ready: torch.cuda.Event | None, count: int, top_n: int) -> None:
+        self.flat, self.ready, self.count, self.top_n = flat, ready, count, top_n
+
+    def wait(self) -> None:
+        """Until the copy has arrived (on the thread that launched it: no other touches the device)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def read(self, first: int, count: int, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions first .. first + count, once arrived: their logprobs [count], ranks [count], and their `keep`
+        most likely tokens' ids [count, keep] and logprobs [count, keep] (views of the flat tensor)."""
+        e, n, rows = self.count, self.top_n, slice(first, first + count)
+        top = self.flat[2 * e :].view(2, e, n)  # [2, E, N]: the ids, then their logprobs
+        return self.flat[:e][rows], self.flat[e : 2 * e][rows], top[0, rows, :keep], top[1, rows, :keep]
+
+
+class PromptScores:
+    """A request's prompt scored (SamplingParams.prompt_logprobs), as its steps' copies left it on the host: the
+    engine thread hands the tensors over, and each prompt token's PromptToken is made where the event is consumed
+    (tens of objects a token: ~10 ms for 2,047 tokens with 20 alternatives, which every other request's next token
+    waited for on the engine thread). Built once, by the first thread to ask."""
+
+    def __init__(self, prompt: list[int], keep: int, chunks: list[tuple[StepScores, int, int]]) -> None:
+        """`keep`: the alternatives asked for; `chunks`: (a step's scores, arrived, the chunk's first position among
+        them, its positions), in prompt order, every prompt position but the last."""
+        self.prompt, self.keep, self._chunks = prompt, keep, chunks
+        self._lock = threading.Lock()
+        self._tokens: tuple[PromptToken, ...] | None = None
+
+    def tops(self) -> Iterator[torch.Tensor]:
+        """The ids of each chunk's positions' `keep` most likely tokens, [count, keep] int64: at most SCORED_TOKENS x
+        20 ids, under torch's grain for parallel work (it would wait for the intra-op threads, the engine's)."""
+        for scores, first, count in self._chunks:
+            yield scores.read(first, count, self.keep)[2].long()
+
+    def tokens(self) -> tuple[PromptToken, ...]:
+        """Every prompt token, in prompt order, scored by the tokens before it (the first by none)."""
+        with self._lock:
+            if self._tokens is None:
+                self._tokens = self._build()
+            return self._tokens
+
+    def _build(self) -> tuple[PromptToken, ...]:
+        prompt = self.prompt
+        tokens = [PromptToken(prompt[0], None, None, ())]  # nothing before the first token to score it
+        for scores, first, count in self._chunks:
+            logprobs, ranks, ids, values = (part.tolist() for part in scores.read(first, count, self.keep))
+            for logprob, rank, top_ids, top_values in zip(logprobs, ranks, ids, values, strict=True):
+                top = tuple((int(t), v) for t, v in zip(top_ids, top_values, strict=True))
+                tokens.append(PromptToken(prompt[len(tokens)], logprob, int(rank), top))
+        return tuple(tokens)
 
 
 @dataclass
@@ -62,7 +123,7 @@ class TokenEvent:
     top_logprobs: Top = ()
     cached_tokens: int = 0  # prompt tokens found in the KV cache, not computed again
     # every prompt token, scored: on the request's first token event, where it asked for prompt_logprobs
-    prompt_logprobs: tuple[PromptToken, ...] | None = None
+    prompt_logprobs: PromptScores | None = None
     # vLLM's stop_reason, on a last event ended by "stop": the stop sequence or stop token id that ended it (None:
     # EOS, or a complete grammar)
     stop_reason: int | str | None = None

@@ -21,7 +21,7 @@ from tiny import tiny_model
 
 from loraplex.synthetic import byte_tokenizer
 from server.api.connections import UNSENT_GRACE_S, ConnectionCap
-from server.backlog import EventSizes
+from server.backlog import EventSizes, ScoreShapes
 from server.engine import TokenEvent
 
 MIB = 1 << 20
@@ -147,8 +147,8 @@ def recorded_estimates(served: Served, monkeypatch: pytest.MonkeyPatch) -> list[
     scheduler = served.app.state.runtime.scheduler
     estimate, estimated = scheduler.event_sizes, []
 
-    def recorded(event: TokenEvent) -> int:
-        estimated.append(size := estimate(event))
+    def recorded(event: TokenEvent, shapes: ScoreShapes) -> int:
+        estimated.append(size := estimate(event, shapes))
         return size
 
     monkeypatch.setattr(scheduler, "event_sizes", recorded)
@@ -201,6 +201,68 @@ def test_the_estimate_covers_a_vocabularys_long_tokens(tmp_path: Path, monkeypat
     assert rendered.count(b"\\u0001" * 120) >= 100 * 21  # each event's token and its 20 alternatives
     assert len(estimated) == 100
     assert len(rendered) <= sum(estimated) <= 2 * len(rendered)
+
+
+def scored_answers(url: str, estimated: list[int], asked: list[tuple[str, dict]]) -> list[tuple[int, int]]:
+    """(bytes rendered, bytes estimated) of each answer asked for (path, body), one after another."""
+    sizes = []
+    with httpx.Client(timeout=60) as client:
+        for path, body in asked:
+            before = len(estimated)
+            response = client.post(f"{url}{path}", json=body)
+            assert response.status_code == 200, response.text
+            sizes.append((len(response.content), sum(estimated[before:])))
+    return sizes
+
+
+def test_prompt_scores_are_estimated_as_their_answers_render_them(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt's scores (each token with up to 20 alternatives) are counted as the answer renders them, within the
+    other events' bounds: vLLM's prompt_logprobs, an echoed prompt's legacy logprobs, both, chat's once for all its
+    choices, TGI's prefill. Counted in the chat chunk's shape whatever the answer, the legacy logprobs were ~6 times
+    over, and chat's scores once per choice, for the choices after the first to drop: 8 choices, ~10 times."""
+    estimated = recorded_estimates(served, monkeypatch)
+    ids = [3 + (7 * i) % 250 for i in range(60)]
+    completion = {"model": "", "prompt": ids, "max_tokens": 1}
+    chat = {"model": "", "messages": [{"role": "user", "content": "ab" * 25}], "max_tokens": 1}
+    prefill = {"max_new_tokens": 1, "details": True, "decoder_input_details": True}
+    asked = [
+        ("/v1/completions", {**completion, "prompt_logprobs": 20, "stream": True}),
+        ("/v1/completions", {**completion, "echo": True, "logprobs": 20, "stream": True}),
+        ("/v1/completions", {**completion, "echo": True, "logprobs": 5, "prompt_logprobs": 5, "n": 2}),
+        ("/v1/chat/completions", {**chat, "prompt_logprobs": 20, "n": 8, "stream": True}),
+        ("/v1/chat/completions", {**chat, "prompt_logprobs": 20, "n": 8}),
+        ("/generate", {"inputs": "ab" * 30, "parameters": prefill}),
+    ]
+    for (path, body), (rendered, estimate) in zip(asked, scored_answers(served.url, estimated, asked), strict=True):
+        assert rendered <= estimate <= 5 * rendered, (path, body, estimate / rendered)
+
+
+def test_prompt_scores_of_long_tokens_are_estimated_at_their_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts of tokens of 120 letters, or of 120 control characters (each rendered as a 6-byte escape), scored:
+    their answers render within twice their estimates, the legacy logprobs of an echoed prompt too (each token's
+    text twice). A prompt score's token counted with a chat chunk's `bytes` list, at 10 bytes a byte, was ~5 times
+    over where its text is letters."""
+    model = tmp_path / "model"
+    letters = [chr(65 + i) * 120 + chr(97 + i) for i in range(10)]
+    controls = [chr(1) * 120 + chr(65 + i) for i in range(10)]
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(letters + controls)
+    tokenizer.save_pretrained(model)
+    tiny_model(vocab_size=len(tokenizer)).save_pretrained(model)
+    asked = []
+    for tokens in (letters, controls):
+        ids = tokenizer.convert_tokens_to_ids(tokens) * 6
+        completion = {"model": "", "prompt": ids, "max_tokens": 1, "stream": True}
+        asked += [("/v1/completions", {**completion, "prompt_logprobs": 1}),
+                  ("/v1/completions", {**completion, "echo": True, "logprobs": 1})]  # fmt: skip
+    with serve_budgeted(model, tmp_path, BUDGET, 8) as served:
+        sizes = scored_answers(served.url, recorded_estimates(served, monkeypatch), asked)
+    for (_, body), (rendered, estimate) in zip(asked, sizes, strict=True):
+        assert rendered <= estimate <= 2 * rendered, (body, estimate / rendered)
 
 
 class FakeConnection:
@@ -258,7 +320,7 @@ def test_the_cap_counts_backlogs_with_unsent_bytes_and_resets_the_slowest(monkey
 
 
 def test_an_events_estimate_grows_with_its_text_its_top_logprobs_and_their_tokens_lengths() -> None:
-    sizes = EventSizes([1] * 20 + [100])  # tokens 0-19 of one byte, token 20 of 100
+    sizes = EventSizes(["a"] * 20 + ["a" * 100])  # tokens 0-19 of one byte, token 20 of 100
     plain = TokenEvent("r", 0, 5, "a", -0.5, 3)
     top = TokenEvent("r", 0, 5, "a", -0.5, 3, top_logprobs=tuple((i, -1.0) for i in range(20)))
     assert sizes(plain) < sizes(top)

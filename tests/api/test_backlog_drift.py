@@ -86,7 +86,8 @@ def abandon(served: Served, address: str, path: str, body: dict, marker: bytes |
 
 
 def keep_alive(served: Served, address: str, rounds: int) -> None:
-    """One connection carrying requests in sequence: streamed and not, n > 1 with logprobs, refused ones."""
+    """One connection carrying requests in sequence: streamed and not, n > 1 with logprobs, prompts scored, refused
+    ones."""
     transport = transport_from(address)
     with httpx.Client(base_url=served.url, transport=transport, timeout=60) as client:
         for i in range(rounds):
@@ -103,6 +104,11 @@ def keep_alive(served: Served, address: str, rounds: int) -> None:
                     time.sleep(0.002 * (i % 2))  # now and then a client that reads a little slowly
             with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True, "logprobs": True,
                                                                    "top_logprobs": 3}) as r:  # fmt: skip
+                assert r.status_code == 200, r.read()
+                read_slowly(r)
+            # the prompt scored, in vLLM's shape and an echoed prompt's legacy logprobs
+            scored = {**COMPLETION, "n": 2, "echo": True, "logprobs": 5, "prompt_logprobs": 5, "stream": True}
+            with client.stream("POST", "/v1/completions", json=scored) as r:
                 assert r.status_code == 200, r.read()
                 read_slowly(r)
             # refused: a prompt past max_seq_len, max_tokens past it, a streamed best_of, a body that is no JSON

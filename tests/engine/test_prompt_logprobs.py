@@ -5,6 +5,7 @@ leaves its own for others, and the requests beside it answer as they do without 
 
 import copy
 import functools
+import time
 from collections import Counter
 
 import pytest
@@ -19,8 +20,9 @@ from enginekit import (
     request,
     run_to_end,
 )
+from tiny import tiny_model
 
-from server.engine import Engine, PromptToken, SamplingParams, TokenEvent
+from server.engine import Engine, PromptScores, PromptToken, SamplingParams, TokenEvent
 from server.engine.batching import SCORED_TOKENS
 from server.engine.graphs import StepGraphs
 from server.engine.prefix_cache import BLOCK
@@ -47,12 +49,14 @@ def first_token_event(sink: Collector, request_id: str) -> TokenEvent:
 
 
 def assert_scored_as(
-    scored: tuple[PromptToken, ...] | None, prompt: list[int], reference: torch.Tensor, n: int, tol: float = 1e-4
+    scores: PromptScores | None, prompt: list[int], reference: torch.Tensor, n: int, tol: float = 1e-4
 ) -> None:
-    """`scored` is the reference's scoring of `prompt` within `tol`: a token's rank counts the tokens more likely
+    """`scores` are the reference's scoring of `prompt` within `tol`: a token's rank counts the tokens more likely
     than it by more than tol, and at most those at least as likely less tol; the top tokens are the reference's
     top values, each id's own value (tokens closer than tol may swap places)."""
-    assert scored is not None and [t.token_id for t in scored] == prompt
+    assert scores is not None
+    scored = scores.tokens()
+    assert [t.token_id for t in scored] == prompt
     assert scored[0] == PromptToken(prompt[0], None, None, ())  # nothing before the first token scores it
     for p, token in enumerate(scored[1:]):
         row = reference[p]  # [V] the distribution after prompt[: p + 1]
@@ -144,11 +148,43 @@ def test_a_one_token_prompt_scores_nothing_and_the_bound_holds(family_setup, tok
     sink = Collector()
     engine.submit(request([7], greedy(2, prompt_logprobs=5), None, "one"), sink)
     run_to_end(engine)
-    assert first_token_event(sink, "one").prompt_logprobs == (PromptToken(7, None, None, ()),)
+    scores = first_token_event(sink, "one").prompt_logprobs
+    assert scores is not None and scores.tokens() == (PromptToken(7, None, None, ()),)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=-1)
+
+
+def test_the_engine_thread_hands_the_scores_over_unbuilt(tokenizer) -> None:
+    """The step that sends a request's first token with its prompt's scores (2,045 tokens, 20 alternatives each)
+    holds the engine's thread about as long as that step of the same request unscored: the scores' objects, tens a
+    token, are built where the event is consumed. Built in the step, they took ~7 times its CPU time, and every
+    other request's next token waited that long."""
+    engine = make_engine(tiny_model(max_position_embeddings=2048), tokenizer, max_seq_len=2048, max_prefill_tokens=512)
+    prompt = [3 + (7 * i) % 250 for i in range(2045)]
+    events: list[TokenEvent] = []
+
+    def first_token_step(prompt_logprobs: int | None) -> float:
+        """The CPU seconds of this thread (the engine's, here) in the step that sends the request's first token."""
+        sink = Collector()
+        engine.submit(request(prompt, greedy(3, prompt_logprobs=prompt_logprobs)), sink)
+        while not sink.events:
+            before = time.thread_time()
+            engine.step()
+            spent = time.thread_time() - before
+        run_to_end(engine)
+        events.append(next(iter(sink.events.values()))[0])
+        return spent
+
+    first_token_step(20)  # each kind's first steps are slower
+    first_token_step(None)
+    scored = min(first_token_step(20) for _ in range(3))
+    plain = min(first_token_step(None) for _ in range(3))
+    assert scored < 2 * plain, (scored, plain)
+    scores = events[-4].prompt_logprobs
+    assert scores is not None and [t.token_id for t in scores.tokens()] == prompt
+    assert all(len(t.top) == 20 for t in scores.tokens()[1:])
 
 
 class ReplayedGraphs(StepGraphs):
