@@ -54,8 +54,8 @@ class PromptScores:
     waited for on the engine thread). Built once, by the first thread to ask."""
 
     def __init__(self, prompt: list[int], keep: int, chunks: list[tuple[StepScores, int, int]]) -> None:
-        """`keep`: the alternatives asked for; `chunks`: (a step's scores, arrived, the chunk's first position among
-        them, its positions), in prompt order, every prompt position but the last."""
+        """`keep`: the alternatives asked for; `chunks`: (a step's scores, their copy arrived; the chunk's first
+        position among them; its positions), in prompt order, every prompt position but the last."""
         self.prompt, self.keep, self._chunks = prompt, keep, chunks
         self._lock = threading.Lock()
         self._tokens: tuple[PromptToken, ...] | None = None
