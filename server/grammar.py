@@ -259,8 +259,11 @@ def _depth(value: Any, limit: int = MAX_SCHEMA_DEPTH) -> int:
 class GrammarMatcher:
     """One request's matcher (engine.constraints.TokenConstraint): the parse state of its output so far."""
 
-    def __init__(self, matcher: "llguidance.LLMatcher") -> None:
+    def __init__(self, matcher: "llguidance.LLMatcher", family: "llguidance.LLMatcher | None" = None) -> None:
         self._matcher = matcher
+        # the matcher it was copied from: copies share its lexer, and their fills take turns at it (on two threads a
+        # request's choices were filled no faster than on one)
+        self.family = family
 
     def fill_mask(self, row: torch.Tensor) -> None:
         # row: int32 [W], contiguous, CPU: llguidance writes every word of it
@@ -322,7 +325,7 @@ class CompiledGrammar:
         self._pristine = matcher  # never advanced: only copied
 
     def matcher(self) -> GrammarMatcher:
-        return GrammarMatcher(self._pristine.deep_copy())
+        return GrammarMatcher(self._pristine.deep_copy(), self._pristine)
 
 
 _Key = tuple[str | None, GrammarSpec]  # (the request's prefix_salt, its spec)

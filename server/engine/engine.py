@@ -40,7 +40,7 @@ from adapters.lora import LoraWeights
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
 from server.engine.batching import SCORED_TOKENS, plan_step
 from server.engine.config import EngineConfig
-from server.engine.constraints import StepMasks, fill_masks
+from server.engine.constraints import MaskFiller, StepMasks
 from server.engine.errors import (
     AdapterTooLarge,
     EngineStopped,
@@ -172,6 +172,7 @@ class Engine:
         self._waiting = WaitingQueue()  # under _cv; its turns on the engine thread only
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
+        self._masks = MaskFiller()  # the steps' grammar masks; its threads start at the first costly step
         self._pending: list[_Output] = []  # the last step's tokens, delivered once the next step is launched
         self._in_flight: _Drawn | None = None  # the last step's draws, not taken by the host yet
         # the last step's drawn tokens on the device, in its sampled rows' order: what the next step feeds
@@ -229,6 +230,7 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join()
+        self._masks.close()
         self._fail_all(EngineStopped("the engine was stopped"))
 
     def submit(
@@ -664,7 +666,7 @@ class Engine:
         # vLLM's min_tokens: a row short of them draws no token that would end it
         banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
         # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
-        masks = fill_masks([r.request.grammar for r in rows], logits.shape[-1], banned)
+        masks = self._masks.fill([r.request.grammar for r in rows], logits.shape[-1], banned)
         # the copy reads ids already taken; _take_token writes the next one past them
         seen = [
             (r.seen[: len(r.ids)].to(self.device, non_blocking=True), len(r.request.prompt_ids))

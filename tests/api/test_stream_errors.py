@@ -34,6 +34,8 @@ class Stuck:
     """A grammar matcher whose first mask allows every token but EOS (one token streams), then none (a dead
     end), or that raises at its second mask (a broken matcher)."""
 
+    family = None
+
     def __init__(self, broken: bool) -> None:
         self.broken, self.masks = broken, 0
 

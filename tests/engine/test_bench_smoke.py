@@ -61,3 +61,14 @@ def test_segmented_lora_bench_tiny_runs(tmp_path) -> None:
     subprocess.run([sys.executable, str(BENCH.parent / "segmented_lora.py"), *flags], check=True, capture_output=True)
     (result,) = json.loads(out.read_text())["results"]
     assert {"dense_ms", "segmented_ms"} <= set(result) and result["tokens"] == 40
+
+
+def test_masks_bench_runs(tmp_path, embedded_cache_dir) -> None:
+    """bench/masks.py, shortened: each way of filling the masks of one and two rows of each grammar."""
+    out = tmp_path / "masks.json"
+    flags = ["--rows", "1,2", "--steps", "2", "--rounds", "1", "--vocab", "smollm2", "--threads", "2", "--executor"]
+    command = [sys.executable, str(BENCH.parent / "masks.py"), *flags, "--cache-dir", str(embedded_cache_dir)]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    results = json.loads(out.read_text())["results"]
+    assert [(r["grammar"], r["rows"]) for r in results] == [("json", 1), ("json", 2), ("words", 1), ("words", 2)]
+    assert all(r[way] > 0 for r in results for way in ("serial", "threads", "auto", "executor"))

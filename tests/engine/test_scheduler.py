@@ -40,6 +40,8 @@ def test_stream_yields_tokens_and_reports_latencies(engine, family_setup) -> Non
 class Stuck:
     """A grammar matcher whose second mask allows no token (a dead end), or raises (a broken matcher)."""
 
+    family = None
+
     def __init__(self, broken: bool) -> None:
         self.broken, self.masks = broken, 0
 

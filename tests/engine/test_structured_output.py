@@ -23,7 +23,7 @@ from enginekit import Collector, final_logprobs, greedy, make_engine, reference_
 from loraplex.synthetic import BYTE_VOCAB
 from server.client_share import current_client, prefix_salt
 from server.engine import SamplingParams
-from server.engine.constraints import fill_masks, mask_words
+from server.engine.constraints import MaskFiller, mask_words
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
 from server.grammar import (
     CHECK_MEMORY_BYTES,
@@ -157,6 +157,8 @@ def test_a_grammar_spelling_a_special_tokens_text_is_written_in_plain_tokens(tok
 
 class Failing:
     """A matcher that allows every token, then fails at its `at`-th mask (or refuses every token)."""
+
+    family = None
 
     def __init__(self, at: int, allow_none: bool = False, refuse: bool = False) -> None:
         self.at, self.allow_none, self.refuse, self.calls = at, allow_none, refuse, 0
@@ -370,10 +372,11 @@ def test_a_matcher_panic_reaches_the_client_without_its_backtrace() -> None:
 
 
 def test_masks_touch_constrained_rows_only() -> None:
-    assert fill_masks([None, None], 40) is None  # no constrained row: no work, no tensors
+    filler = MaskFiller()
+    assert filler.fill([None, None], 40) is None  # no constrained row: no work, no tensors
     only_5 = Failing(0)
     only_5.fill_mask = lambda row: row.copy_(torch.tensor([1 << 5, 0], dtype=torch.int32))  # type: ignore[method-assign]
-    masks = fill_masks([None, only_5, None], 40)
+    masks = filler.fill([None, only_5, None], 40)
     assert masks is not None and masks.rows == [1] and not masks.failed
     logits = torch.randn(3, 40)
     logits[2, 0] = float("inf")  # a hostile value in another row stays in that row
