@@ -10,6 +10,7 @@ beside it where the rows' masks cost enough for that to pay (MaskFiller)."""
 import functools
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -81,15 +82,14 @@ class MaskFiller:
     complex grammar costs 0.3-4 ms: 16 requests of a regex of words (1.5 ms a mask) took 22-26 ms a step on the engine
     thread alone and 11-12 ms on two threads (2 cores, bench/masks.py). But a hand-off to a thread costs about what a
     cheap mask does: rows of JSON mode (0.01-0.02 ms a mask) went 0.44-0.84x as fast on two threads. So each matcher's
-    fills are timed (a moving estimate, kept for the matchers of the last step), and a step's rows go to the threads
-    only where that saves at least `min_saving_s` by the estimates: their sum, less the larger of the costliest
-    family's and each thread's share of the sum. The matchers of one family (TokenConstraint.family) take turns
-    whatever the threads, so each family is filled by one thread, row after row: a request's n choices, alone, stay
-    on the engine thread (even llguidance's own LLExecutor filled them no faster than one thread: bench/masks.py
-    --choices --executor). The calling thread fills families too, taking them in turn with the threads, costliest
-    first. `threads` counts the calling thread; the others start once, at the first step that uses them. Where none
-    can start, this thread fills the step's rows, and every later step's: masks never depend on the pool. Not
-    thread-safe: one engine calls it."""
+    fills are timed (a moving estimate, kept for the matchers of the last step), and a step's rows go to as many threads
+    as threads_for finds worth it by the estimates. The matchers of one family (TokenConstraint.family) take turns
+    whatever the threads, so each family is filled by one thread, row after row: a request's n choices, alone, stay on
+    the engine thread (even llguidance's own LLExecutor filled them no faster than one thread: bench/masks.py --choices
+    --executor). The calling thread fills families too, taking them in turn with the threads, costliest first. `threads`
+    counts the calling thread; the others start once, at the first step that uses them. Where none can start, this
+    thread fills the step's rows, and every later step's: masks never depend on the pool. Not thread-safe: one engine
+    calls it."""
 
     def __init__(self, threads: int | None = None, min_saving_s: float = MIN_SAVING_S) -> None:
         self.threads = max(1, threads if threads is not None else min(os.cpu_count() or 1, MAX_MASK_THREADS))
@@ -124,11 +124,10 @@ class MaskFiller:
         for j, matcher in enumerate(matchers):
             families.setdefault(id(matcher.family if matcher.family is not None else matcher), []).append(j)
         units = [(sum(expected[j] for j in family), family) for family in families.values()]
-        total, longest = sum(expected), max(cost for cost, _ in units)
-        helpers = min(self.threads, len(units)) - 1
-        if helpers and total - max(longest, total / (helpers + 1)) >= self._min_saving_s:
+        threads = threads_for([cost for cost, _ in units], self.threads, self._min_saving_s)
+        if threads > 1:
             order = [family for _, family in sorted(units, key=lambda unit: unit[0], reverse=True)]
-            outcomes = self._fill_together(fill_row, order, len(rows), helpers)
+            outcomes = self._fill_together(fill_row, order, len(rows), threads - 1)
         else:
             outcomes = [fill_row(j) for j in range(len(rows))]
         estimates: dict[int, tuple[TokenConstraint, float]] = {}
@@ -176,6 +175,19 @@ class MaskFiller:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool, self.threads = None, 1
+
+
+def threads_for(costs: list[float], threads: int, min_saving_s: float) -> int:
+    """The threads, the caller's among them and at most `threads`, that fill a step whose families' masks are
+    estimated to cost `costs` seconds: more than the caller's alone only where they save at least `min_saving_s` by
+    the estimates (the costs' sum, less the larger of the costliest family's and each thread's share of the sum), and
+    as many as the work fills, each given a share worth that saving: waking a thread and taking its rows back cost
+    0.1-0.15 ms on 2 cores and on 16, so 16 rows of JSON mode (0.04 ms a mask, 128k tokens) on 8 threads took twice as
+    long as on one (bench/masks.py)."""
+    total = sum(costs)
+    filled = math.ceil(total / min_saving_s) if min_saving_s > 0 else len(costs)
+    used = max(1, min(threads, len(costs), filled))
+    return used if used > 1 and total - max(max(costs), total / used) >= min_saving_s else 1
 
 
 def _fill_one(matcher: TokenConstraint, row: torch.Tensor, banned: frozenset[int], vocab: int) -> BaseException | None:

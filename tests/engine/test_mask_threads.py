@@ -12,7 +12,7 @@ from enginekit import Collector, greedy, make_engine, reference_generate, reques
 
 from loraplex.synthetic import BYTE_VOCAB
 from server.engine import SamplingParams
-from server.engine.constraints import MaskFiller, TokenConstraint, mask_words
+from server.engine.constraints import MIN_SAVING_S, MaskFiller, TokenConstraint, mask_words, threads_for
 from server.engine.errors import GrammarDeadEnd, GrammarFailed
 from server.grammar import CompiledGrammar, Grammars, GrammarSpec
 
@@ -130,6 +130,20 @@ def test_rows_go_to_threads_only_once_their_fills_are_measured_costly() -> None:
         assert masks is not None and not masks.failed
     assert len(threads_of(costly)) == 2
     filler.close()
+
+
+@pytest.mark.parametrize(
+    ("costs_ms", "threads"),
+    [
+        ([0.04] * 16, 1),  # JSON mode's masks on 128k tokens: waking a thread costs more than they do
+        ([0.2] * 8, 4),  # 1.6 ms: four shares of 0.4 ms, not eight of 0.2 (each thread woken costs 0.1-0.15 ms)
+        ([3.0] * 16, 8),  # a costly regex's: every thread
+        ([5.0], 1),  # one row: nothing to share
+        ([5.0, 0.1], 1),  # the costliest bounds the step: a thread would save 0.1 ms
+    ],
+)
+def test_a_step_takes_as_many_threads_as_its_work_fills(costs_ms: list[float], threads: int) -> None:
+    assert threads_for([cost / 1000 for cost in costs_ms], 8, MIN_SAVING_S) == threads
 
 
 def test_a_family_of_costly_rows_is_filled_by_one_thread() -> None:
