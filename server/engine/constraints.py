@@ -106,10 +106,10 @@ class MaskFiller:
         GrammarDeadEnd when the grammar cannot go on (a mask with no token says so too), else as GrammarFailed.
         `banned[i]`: tokens row i may not draw now (its stop tokens, short of min_tokens), left out of its mask."""
         rows = [i for i, c in enumerate(constraints) if c is not None]
-        matchers = [c for c in constraints if c is not None]
-        if not rows:
+        if not rows:  # every step of unconstrained rows: nothing more
             self._estimates.clear()
             return None
+        matchers = [c for c in constraints if c is not None]
         masks = StepMasks(rows, torch.zeros(len(rows), mask_words(vocab), dtype=torch.int32))
         known = [self._estimates.get(id(m)) for m in matchers]
         expected = [e[1] if e is not None else 0.0 for e in known]  # a new matcher has none: taken as cheap

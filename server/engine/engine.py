@@ -735,8 +735,7 @@ class Engine:
                 return
         eos = token in row.stops
         # vLLM's stop_reason: the stop token id that ended the answer; None where EOS did (EOS first, as vLLM checks)
-        by_eos = token in self.eos_ids and not params.ignore_eos
-        stop_token = token if eos and not by_eos else None
+        stop_token = token if eos and (params.ignore_eos or token not in self.eos_ids) else None
         finish: FinishReason | None = None
         if eos or (grammar is not None and grammar.is_finished()):  # complete: only EOS could follow, so skip its step
             finish = "stop"
