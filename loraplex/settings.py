@@ -134,6 +134,14 @@ class Settings(BaseSettings):
         "request: lower keeps running streams smoother while new prompts arrive, higher gives first tokens sooner.",
     )
     max_adapter_mb: int = Field(512, ge=1, description="Largest accepted adapter upload, in MiB.")
+    switch_interval_ms: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="Longest a thread running Python keeps the interpreter lock from a thread waiting for it. The "
+        "engine's thread lets the lock go at each wait on the device and waits for it back while the event loop "
+        "serves requests: Python's default of 5 ms would delay the engine's steps under load.",
+    )
     max_concurrent_uploads: int = Field(
         4,
         ge=1,

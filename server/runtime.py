@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class Runtime:
                 device=settings.device,
                 served_name=settings.served_model_name,
             )
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)  # for the whole process: the engine's thread is in it
         config = EngineConfig.for_model(settings, base.model)
         # before the engine wraps the linear layers: adapters are checked against the model as PEFT sees it
         fingerprint = base_fingerprint(base.model)
