@@ -37,6 +37,7 @@ from tiny import tiny_model
 from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
+from adapters.fullmatch import MEMORY_BYTES
 from adapters.gzipstream import MAX_HEADER
 from adapters.lora import LoraWeights, split_peft_key
 from adapters.manifest import Manifest
@@ -290,6 +291,46 @@ def test_a_regex_that_backtracks_exponentially_is_refused_in_bounded_time(
     assert time.perf_counter() - started < 5
     assert_nothing_stored(client, tmp_path / "store")
     assert upload(client, peft_dir, "honest").status_code == 201
+
+
+def test_a_regex_past_the_memory_cap_is_refused_as_the_clients_fault(
+    client: TestClient, tmp_path: Path, peft_dir: Path
+) -> None:
+    """re keeps a repeated group's state for each repetition: this pattern needs gigabytes on any module name. The
+    child's memory cap stops it (a MemoryError the child answers with, within a second): the pattern's fault, as an
+    overrun deadline is, so a 422 that says so (it was called "not a regular expression"), not a 503 to retry."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), target_modules=r"(?:.?){100000000}")
+    started = time.perf_counter()
+    says = f"the regex of target_modules took more than {MEMORY_BYTES >> 20} MiB"
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", says)
+    assert time.perf_counter() - started < 5
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+@pytest.mark.parametrize("failure", ["cannot-start", "killed"])
+def test_a_regex_the_server_cannot_check_now_is_a_503_to_retry(
+    client: TestClient, tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The regex is matched in a child process. One that cannot be started (the host out of processes or memory,
+    EAGAIN / ENOMEM; here its interpreter is not there, an OSError from the same fork and exec) or that dies of a
+    signal (the kernel's out-of-memory killer; here its own SIGKILL) made the upload a 500, as if the server had
+    failed for good or the adapter were at fault. It is the server's passing state: a 503 with Retry-After, saying
+    to retry, that stores nothing, and the same upload is stored once a child runs."""
+    honest = edit_config(copy(peft_dir, tmp_path / "honest"), target_modules=r".*\.(q_proj|v_proj)")
+    child = tmp_path / "child"
+    if failure == "killed":
+        child.write_text("#!/bin/sh\nkill -KILL $$\n")
+        child.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(child))  # the interpreter the child runs
+    response = upload(client, honest)
+    assert response.status_code == 503 and response.headers["retry-after"] == "2", response.text
+    error = response.json()["error"]
+    assert error["code"] == "regex_check_unavailable" and error["type"] == "server_error"
+    assert error["message"].startswith("the server could not check the regex of target_modules now"), error
+    assert "retry" in error["message"] and str(tmp_path) not in error["message"], error
+    assert_nothing_stored(client, tmp_path / "store")
+    monkeypatch.undo()
+    assert upload(client, honest).status_code == 201
 
 
 def test_a_layers_pattern_is_a_name_not_a_regex(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:
