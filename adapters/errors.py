@@ -140,6 +140,15 @@ class AdapterStoreUnavailable(AdapterError):
     code = "adapter_store_unavailable"
 
 
+class RegexCheckUnavailable(AdapterError):
+    """The process that matches a config's regex (adapters.fullmatch) could not be started, or ended without an
+    answer (killed by a signal): the host out of processes or memory for now, not a fault of the adapter."""
+
+    http_status = 503
+    code = "regex_check_unavailable"
+    headers = {"Retry-After": "2"}  # noqa: RUF012 - read-only class constant
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether an error is the disk (or the user's quota) having no room left: the server's state, not the
     upload's, whatever file was being written."""

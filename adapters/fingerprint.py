@@ -1,8 +1,9 @@
-"""What an adapter must match in the base model: its architecture and the shapes of its Linear layers."""
+"""What an adapter must match in the base model: its architecture, the shapes of its Linear layers and the names of
+its other modules."""
 
 from collections.abc import Iterable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from adapters.lora import PEFT_PREFIX
@@ -13,10 +14,22 @@ class BaseFingerprint(BaseModel):
 
     architecture: str  # the model class, e.g. "LlamaForCausalLM"
     modules: dict[str, tuple[int, int]]  # full module name -> (in_features, out_features)
+    # Full names of the modules that are not Linear layers (norms, activations, embeddings, containers such as
+    # "model.layers.0.mlp"): PEFT matches target_modules against every module's name, a regex against the whole name,
+    # and refuses to load an adapter that matches one of these, or (an embedding) adapts it with another kind of layer.
+    # Six a decoder layer, fewer than its Linear ones: 761 names, 20 KB, for a 126-layer Llama (883 Linear). Only the
+    # served model's record holds them, to judge configs with: never written (a manifest records the Linear modules
+    # an adapter touches, restrict()), so stored records are as before, and one read back has none.
+    others: frozenset[str] = Field(default=frozenset(), exclude=True)
 
-    def restrict(self, names: Iterable[str]) -> "BaseFingerprint":
-        """The part an adapter touches; what its manifest records."""
-        return BaseFingerprint(architecture=self.architecture, modules={n: self.modules[n] for n in names})
+    def restrict(self, names: Iterable[str], keep_others: bool = False) -> "BaseFingerprint":
+        """The record of the Linear modules `names` alone: the part an adapter touches, what its manifest records; or,
+        `keep_others`, the served model's record of the layers it serves LoRA on."""
+        return BaseFingerprint(
+            architecture=self.architecture,
+            modules={n: self.modules[n] for n in names},
+            others=self.others if keep_others else frozenset(),
+        )
 
     def mismatch(self, part: "BaseFingerprint") -> str | None:
         """Why `part` (a stored adapter's fingerprint) does not fit this base, or None if it does."""
@@ -34,12 +47,15 @@ def base_fingerprint(model: nn.Module) -> BaseFingerprint:
     """Fingerprint of a base model: a plain or NF4 (bitsandbytes Linear4bit subclasses nn.Linear) model,
     or a PeftModel wrapping one (training records the fingerprint of the model it trained)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    modules = {}
-    for name, module in base.named_modules():
+    modules: dict[str, tuple[int, int]] = {}
+    names: set[str] = set()
+    for full_name, module in base.named_modules():
         # inside a PeftModel the original Linear sits at '<module>.base_layer', next to lora_A / lora_B
-        if isinstance(module, nn.Linear) and ".lora_" not in name:
-            modules[name.removeprefix(PEFT_PREFIX).removesuffix(".base_layer")] = (
-                module.in_features,
-                module.out_features,
-            )
-    return BaseFingerprint(architecture=type(base).__name__, modules=modules)
+        if ".lora_" in full_name:
+            continue
+        name = full_name.removeprefix(PEFT_PREFIX).removesuffix(".base_layer")
+        if isinstance(module, nn.Linear):
+            modules[name] = (module.in_features, module.out_features)
+        names.add(name)
+    # the root ("") is no module PEFT matches; a LoRA layer of a PeftModel has its base layer's name
+    return BaseFingerprint(architecture=type(base).__name__, modules=modules, others=names - modules.keys() - {""})

@@ -212,6 +212,18 @@ def _suffix_matches(target: str, base: BaseFingerprint) -> bool:
     return any(name == target or name.endswith("." + target) for name in base.modules)
 
 
+def _targeting_names(module: str) -> list[str]:
+    """The target_modules entries that name `module` as PEFT matches them (the name, or a name it ends with after a
+    dot): each dotted suffix of it, a few a name, so that a list is matched by set lookups."""
+    parts = module.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _linear_names(base: BaseFingerprint) -> list[str]:
+    """The names of the served model's layers that take LoRA adapters, e.g. ['down_proj', ..., 'v_proj']."""
+    return sorted({n.rsplit(".", 1)[-1] for n in base.modules} - VOCAB_MODULES)
+
+
 def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
     if config.get("peft_type") != "LORA":
         raise InvalidAdapterConfig(
@@ -261,12 +273,15 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
                 f"target_modules {vocab} would change the embeddings or the output vocabulary; "
                 "target only the attention and MLP projections"
             )
-        unknown = [t for t in targets if not _suffix_matches(t, base)]
+        # an entry naming modules that are not Linear layers is judged with the weights, by PEFT's whole rule
+        # (exclude_modules, layers_to_transform: PEFT may leave them out): _check_only_linear_adapted
+        entries = set(targets)
+        naming_others = {name for module in base.others for name in _targeting_names(module) if name in entries}
+        unknown = [t for t in targets if t not in naming_others and not _suffix_matches(t, base)]
         if unknown:
-            known = sorted({n.rsplit(".", 1)[-1] for n in base.modules} - VOCAB_MODULES)
             raise IncompatibleAdapter(
                 f"target_modules {unknown} are not layers of the served base model ({base.architecture}) that take "
-                f"LoRA adapters; those are {known}"
+                f"LoRA adapters; those are {_linear_names(base)}"
             )
     excluded = config.get("exclude_modules")
     if not (excluded is None or isinstance(excluded, str) or _strings(excluded)):
@@ -350,6 +365,34 @@ def _left_out_by_peft(config: dict[str, Any], module: str, regex_matches: dict[s
     if index is None or index not in (layers if isinstance(layers, list) else [layers]):
         return f"layers_to_transform leaves out its layer ({index})"
     return None
+
+
+def _check_only_linear_adapted(
+    config: dict[str, Any], base: BaseFingerprint, regex_matches: dict[str, frozenset[str]]
+) -> None:
+    """Refuse a config under which PEFT puts a LoRA layer on a module that is not a Linear layer (a norm, an
+    activation, a container such as 'mlp'): PEFT refuses to load the adapter ("Target module ... is not supported"),
+    or adapts an embedding with another kind of layer, which the server does not serve."""
+    targets = config["target_modules"]
+    if isinstance(targets, str):  # "all-linear" has no matches here: PEFT takes it for the Linear layers' names
+        matched = regex_matches.get("target_modules", frozenset()) & base.others
+    else:
+        entries = set(targets)
+        matched = {module for module in base.others if not entries.isdisjoint(_targeting_names(module))}
+    adapted = sorted(module for module in matched if _left_out_by_peft(config, module, regex_matches) is None)
+    if not adapted:
+        return
+    if isinstance(targets, str):
+        by = "the target_modules regex matches"
+    else:
+        by = f"target_modules entry {next(n for n in _targeting_names(adapted[0]) if n in targets)!r} names"
+    more = f" (and {len(adapted) - 1} more)" if len(adapted) > 1 else ""
+    raise IncompatibleAdapter(
+        f"{by} {adapted[0]!r}{more}, a module of the served base model ({base.architecture}) that is not a Linear "
+        "layer: PEFT cannot put a LoRA layer on it and refuses to load the adapter (an embedding it adapts with "
+        f"another kind of layer, which the server does not serve); target only Linear projections, such as "
+        f"{_linear_names(base)}"
+    )
 
 
 def _layer_index(module: str, pattern: str | list[str] | None) -> int | None:
@@ -443,8 +486,11 @@ def check_weights(
     except ValueError as exc:
         raise InvalidAdapterWeights(f"{exc}; save the adapter with PEFT's save_pretrained()") from exc
     check_tensors(state)
-    # run on the names of the base model's modules only: a module the base lacks is refused below
-    regex_matches = _regex_matches(config, [module for module in weights.modules if module in base.modules])
+    # run on the names of the base model's modules only (a module the base lacks is refused below): the adapter's, and
+    # those that are not Linear layers, which no config may adapt
+    held = [module for module in weights.modules if module in base.modules]
+    regex_matches = _regex_matches(config, held + sorted(base.others))
+    _check_only_linear_adapted(config, base, regex_matches)
     for module, lora in weights.modules.items():
         if module not in base.modules:
             raise IncompatibleAdapter(

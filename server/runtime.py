@@ -52,8 +52,10 @@ class Runtime:
             Engine, base.model, base.tokenizer, config, on_activation=metrics.observe_activation
         )
         # and on the layers the engine serves LoRA on: a model may have other linear layers (Phi-3's fused qkv_proj
-        # and gate_up_proj), and an adapter on them was stored, then failed every request with a 500
-        fingerprint = fingerprint.restrict(name for name in fingerprint.modules if name in engine.lora_layers)
+        # and gate_up_proj), and an adapter on them was stored, then failed every request with a 500; the modules that
+        # are not Linear layers are kept, to refuse configs that target them
+        served = (name for name in fingerprint.modules if name in engine.lora_layers)
+        fingerprint = fingerprint.restrict(served, keep_others=True)
         store = await asyncio.to_thread(
             open_store,
             settings.adapter_store,

@@ -26,6 +26,7 @@ import torch
 from e2e.server import serve_app
 from fastapi.testclient import TestClient
 from peft import PeftModel
+from peft.tuners import lora
 from peft.tuners.lora import LoraLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from peft_dirs import make_peft_dir, new_store
@@ -37,6 +38,7 @@ from tiny import tiny_model
 from adapters import errors
 from adapters.archive import extract_archive
 from adapters.bounds import MAX_GAIN
+from adapters.fullmatch import MEMORY_BYTES
 from adapters.gzipstream import MAX_HEADER
 from adapters.lora import LoraWeights, split_peft_key
 from adapters.manifest import Manifest
@@ -290,6 +292,135 @@ def test_a_regex_that_backtracks_exponentially_is_refused_in_bounded_time(
     assert time.perf_counter() - started < 5
     assert_nothing_stored(client, tmp_path / "store")
     assert upload(client, peft_dir, "honest").status_code == 201
+
+
+def test_a_regex_past_the_memory_cap_is_refused_as_the_clients_fault(
+    client: TestClient, tmp_path: Path, peft_dir: Path
+) -> None:
+    """re keeps a repeated group's state for each repetition: this pattern needs gigabytes on any module name. The
+    child's memory cap stops it (a MemoryError the child answers with, within a second): the pattern's fault, as an
+    overrun deadline is, so a 422 that says so (it was called "not a regular expression"), not a 503 to retry."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), target_modules=r"(?:.?){100000000}")
+    started = time.perf_counter()
+    says = f"the regex of target_modules took more than {MEMORY_BYTES >> 20} MiB"
+    assert_error(upload(client, bad), 422, "invalid_adapter_config", says)
+    assert time.perf_counter() - started < 5
+    assert_nothing_stored(client, tmp_path / "store")
+
+
+@pytest.mark.parametrize("failure", ["cannot-start", "killed"])
+def test_a_regex_the_server_cannot_check_now_is_a_503_to_retry(
+    client: TestClient, tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The regex is matched in a child process. One that cannot be started (the host out of processes or memory,
+    EAGAIN / ENOMEM; here its interpreter is not there, an OSError from the same fork and exec) or that dies of a
+    signal (the kernel's out-of-memory killer; here its own SIGKILL) made the upload a 500, as if the server had
+    failed for good or the adapter were at fault. It is the server's passing state: a 503 with Retry-After, saying
+    to retry, that stores nothing, and the same upload is stored once a child runs."""
+    honest = edit_config(copy(peft_dir, tmp_path / "honest"), target_modules=r".*\.(q_proj|v_proj)")
+    child = tmp_path / "child"
+    if failure == "killed":
+        child.write_text("#!/bin/sh\nkill -KILL $$\n")
+        child.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(child))  # the interpreter the child runs
+    response = upload(client, honest)
+    assert response.status_code == 503 and response.headers["retry-after"] == "2", response.text
+    error = response.json()["error"]
+    assert error["code"] == "regex_check_unavailable" and error["type"] == "server_error"
+    assert error["message"].startswith("the server could not check the regex of target_modules now"), error
+    assert "retry" in error["message"] and str(tmp_path) not in error["message"], error
+    assert_nothing_stored(client, tmp_path / "store")
+    monkeypatch.undo()
+    assert upload(client, honest).status_code == 201
+
+
+# -- target_modules matched against modules that are not Linear layers ------------------------------------
+
+HELD = {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}  # peft_dir's modules
+
+
+@pytest.mark.parametrize(
+    ("config", "module", "peft_layer"),
+    [
+        ({"target_modules": r".*\.(q_proj|v_proj|mlp)"}, "model.layers.0.mlp", None),  # a container
+        ({"target_modules": r".*(self_attn|mlp).*"}, "model.layers.0.mlp", None),  # the containers, and in them
+        ({"target_modules": r".*\.(q_proj|v_proj|norm)"}, "model.norm", None),
+        ({"target_modules": r".*_proj|.*\.act_fn"}, "model.layers.0.mlp.act_fn", None),
+        # loaded, with an Embedding LoRA layer, which the server does not serve
+        ({"target_modules": r".*(q_proj|v_proj|embed_tokens)"}, "model.embed_tokens", lora.Embedding),
+        (
+            {"target_modules": ["q_proj", "v_proj", "input_layernorm"], "layers_to_transform": [0, 1]},
+            "model.layers.0.input_layernorm",
+            None,
+        ),
+    ],
+)
+def test_a_config_that_targets_a_module_that_is_not_linear_is_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict, module: str, peft_layer: type | None
+) -> None:
+    """PEFT matches target_modules against every module of the model, not its Linear layers alone: it cannot put a
+    LoRA layer on a norm, an activation or a container, and refuses to load such an adapter; an embedding it adapts
+    with another kind of layer. The server judged configs on the Linear layers alone: it stored these regexes and
+    served them as LoRAs of the projections. Refused now, naming the module and what to target, and a stored
+    adapter of that name is left as it was."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), **config)
+    if peft_layer is None:
+        with pytest.raises(ValueError, match=r"(?s)^Target module .* is not supported"):
+            PeftModel.from_pretrained(tiny_model(), bad)
+    else:
+        layer = PeftModel.from_pretrained(tiny_model(), bad).get_submodule(f"base_model.model.{module}")
+        assert type(layer) is peft_layer
+    kept = upload(client, peft_dir, "kept")
+    assert kept.status_code == 201
+    for name in ("kept", "bad"):  # a new version of a stored adapter, a new adapter
+        response = upload(client, bad, name)
+        assert_error(response, 422, "incompatible_adapter", f"{module!r}")
+        message = response.json()["error"]["message"]
+        assert "not a Linear layer" in message and "target only Linear projections" in message, message
+        assert "'q_proj'" in message, message
+    listed = client.get("/v1/adapters").json()["data"]
+    assert listed == [{**{k: v for k, v in kept.json().items() if k != "training"}, "state": "stored"}]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")) == ["kept"]
+    store = new_store(tmp_path / "store")
+    assert set(store.read_weights(store.resolve("kept@1")).modules) == HELD
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["q_proj", "v_proj", "mlp"], "exclude_modules": ["mlp"]},
+        {"target_modules": r".*\.(q_proj|v_proj|mlp)", "exclude_modules": r".*\.mlp"},
+        {"target_modules": ["q_proj", "v_proj", "norm"], "layers_to_transform": [0, 1]},  # model.norm: in no layer
+    ],
+)
+def test_a_module_that_is_not_linear_named_but_left_out_by_peft_is_accepted(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict
+) -> None:
+    """PEFT judges a config's names with its whole rule: a module exclude_modules names, or outside
+    layers_to_transform, takes no LoRA layer, and PEFT loads the adapter on its projections. The server, which had
+    refused the entries as not its layers, stores it and serves it as PEFT runs it."""
+    edited = edit_config(copy(peft_dir, tmp_path / "edited"), **config)
+    assert peft_adapted(edited) == HELD
+    assert upload(client, edited).status_code == 201
+    assert set(served_as_peft_runs_it(edited, tmp_path / "served").modules) == HELD
+
+
+@pytest.mark.parametrize(
+    "target_modules",
+    [
+        ["q_proj", "v_proj"],
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "all-linear",
+        r".*\.(q_proj|v_proj)",
+        r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj",  # the containers' names, matching their projections
+    ],
+)
+def test_configs_that_target_linear_projections_are_stored(tmp_path: Path, target_modules: list[str] | str) -> None:
+    """What PEFT loads on the projections alone is stored and served as PEFT runs it: the common configs, and a
+    regex that names the containers but matches only the projections in them."""
+    made = make_peft_dir(tmp_path / "made", target_modules=target_modules)  # made by PEFT: it loads them
+    adapted = peft_adapted(made)
+    assert set(served_as_peft_runs_it(made, tmp_path / "store").modules) == adapted
 
 
 def test_a_layers_pattern_is_a_name_not_a_regex(client: TestClient, tmp_path: Path, peft_dir: Path) -> None:

@@ -14,7 +14,13 @@ import pytest
 import torch
 from peft_dirs import make_peft_dir, new_store
 
-from adapters.errors import AdapterNotFound, InvalidAdapterName, InvalidAdapterWeights, UnsupportedAdapter
+from adapters.errors import (
+    AdapterNotFound,
+    IncompatibleAdapter,
+    InvalidAdapterName,
+    InvalidAdapterWeights,
+    UnsupportedAdapter,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -426,8 +432,13 @@ def _another_module(state: dict, config: dict) -> None:
             InvalidAdapterWeights,
             "the target_modules regex does not match its name",
         ),
+        (
+            lambda state, config: config.update(target_modules=r".*\.(q_proj|v_proj|mlp)"),
+            IncompatibleAdapter,
+            "the target_modules regex matches 'model.layers.0.mlp'",
+        ),
     ],
-    ids=["rank-not-declared", "dora", "untargeted-module", "untargeted-by-regex"],
+    ids=["rank-not-declared", "dora", "untargeted-module", "untargeted-by-regex", "not-linear-by-regex"],
 )
 def test_a_version_altered_with_its_manifest_is_held_to_the_uploads_checks(
     tmp_path: Path, peft_dir: Path, change: Callable[[dict, dict], None], error: type, match: str

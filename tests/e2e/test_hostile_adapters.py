@@ -102,6 +102,8 @@ HOSTILE = {
     "untargeted-tensors": lambda: lora_files({"target_modules": ["q_proj"]}),
     "other-layers": lambda: lora_files({"layers_to_transform": [1]}),
     "untargeted-by-regex": lambda: lora_files({"target_modules": r".*\.q_proj"}),
+    # matches every decoder layer's mlp, which is no Linear layer: PEFT refuses to load it
+    "not-linear-by-regex": lambda: lora_files({"target_modules": r".*\.(q_proj|v_proj|mlp)"}),
     # Python's re, PEFT's matcher, backtracks for hours on the module names
     "backtracking-regex": lambda: lora_files({"target_modules": r"(.*)*\.q_proj"}),
     "layer-replication": lambda: lora_files({"layer_replication": [[0, 30]]}),
