@@ -233,4 +233,4 @@ def test_rows_cut_at_max_seq_len_are_reported(data, tiny_model_dirs, tmp_path, c
         f"12 of 12 rows are longer than --max-seq-len 16 (the longest {longest} tokens): cut there, their ends (EOS "
         "included) are not trained, so the adapter learns less where to stop; raise --max-seq-len to train them whole"
     ) in caplog.messages
-    assert "trained 1 steps on 12 rows (12 cut at --max-seq-len)" in summary(result)
+    assert "trained 1 step on 12 rows (12 cut at --max-seq-len)" in summary(result)
