@@ -300,6 +300,23 @@ def test_pushing_the_same_content_again_says_it_was_already_stored(fake_server: 
     assert capsys.readouterr().out.strip().startswith("already stored as bot@2, the same content")
 
 
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (401, "missing API key: send the header 'Authorization: Bearer <key>'"),
+        (403, "this key may only run inference; managing adapters needs an admin key"),
+    ],
+)
+def test_a_refused_key_names_the_flag_that_gives_one(monkeypatch: pytest.MonkeyPatch, status, message, capsys):
+    """The server's refusal speaks HTTP (the header a key goes in); the command line's says which flag sends it."""
+    error = {"error": {"message": message, "type": "x", "code": "invalid_api_key"}}
+    real_client = httpx.Client
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=error))
+    monkeypatch.setattr(admin.httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
+    assert main(["adapters", "list"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}; give an admin key with --api-key KEY"
+
+
 @pytest.mark.parametrize("file", ["adapter_model.safetensors", "adapter_config.json"])
 def test_pushing_one_file_suggests_its_directory(peft_dir: Path, file: str, capsys):
     assert main(["adapters", "push", str(peft_dir / file), "--name", "bot", "--server", "http://127.0.0.1:9"]) == 1
