@@ -51,8 +51,10 @@ def _runner(command: Callable[[AdminClient, argparse.Namespace], None]) -> Calla
 def describe_error(exc: AdminClientError) -> str:
     """The client's error as a command line says it: a key missing or refused names the flag that gives one (the
     server's own message speaks HTTP, of the header a key goes in)."""
-    if exc.http_status in (401, 403):
+    if exc.http_status == 401:
         return f"{exc}; give an admin key with --api-key KEY"
+    if exc.http_status == 403:  # the message says that an admin key is needed
+        return f"{exc}: give one with --api-key KEY"
     return str(exc)
 
 

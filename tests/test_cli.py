@@ -301,20 +301,20 @@ def test_pushing_the_same_content_again_says_it_was_already_stored(fake_server: 
 
 
 @pytest.mark.parametrize(
-    ("status", "message"),
+    ("status", "message", "hint"),
     [
-        (401, "missing API key: send the header 'Authorization: Bearer <key>'"),
-        (403, "this key may only run inference; managing adapters needs an admin key"),
+        (401, "missing API key: send the header 'Authorization: Bearer <key>'", "; give an admin key with"),
+        (403, "this key may only run inference; managing adapters needs an admin key", ": give one with"),
     ],
 )
-def test_a_refused_key_names_the_flag_that_gives_one(monkeypatch: pytest.MonkeyPatch, status, message, capsys):
+def test_a_refused_key_names_the_flag_that_gives_one(monkeypatch: pytest.MonkeyPatch, status, message, hint, capsys):
     """The server's refusal speaks HTTP (the header a key goes in); the command line's says which flag sends it."""
     error = {"error": {"message": message, "type": "x", "code": "invalid_api_key"}}
     real_client = httpx.Client
     transport = httpx.MockTransport(lambda request: httpx.Response(status, json=error))
     monkeypatch.setattr(admin.httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
     assert main(["adapters", "list"]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {message}; give an admin key with --api-key KEY"
+    assert capsys.readouterr().err.strip() == f"error: {message}{hint} --api-key KEY"
 
 
 @pytest.mark.parametrize("file", ["adapter_model.safetensors", "adapter_config.json"])
