@@ -41,11 +41,21 @@ def _runner(command: Callable[[AdminClient, argparse.Namespace], None]) -> Calla
             with AdminClient(args.server, args.api_key) as client:
                 command(client, args)
         except AdminClientError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {describe_error(exc)}", file=sys.stderr)
             return 1
         return 0
 
     return run
+
+
+def describe_error(exc: AdminClientError) -> str:
+    """The client's error as a command line says it: a key missing or refused names the flag that gives one (the
+    server's own message speaks HTTP, of the header a key goes in)."""
+    if exc.http_status == 401:
+        return f"{exc}; give an admin key with --api-key KEY"
+    if exc.http_status == 403:  # the message says that an admin key is needed
+        return f"{exc}: give one with --api-key KEY"
+    return str(exc)
 
 
 def describe_push(manifest: PushedManifest) -> str:

@@ -1,9 +1,12 @@
 """The `loraplex` command line: a quick start that loads nothing heavy, help that says everything, fast
 failures, and the adapter commands against a fake admin API."""
 
+import argparse
 import logging
 import os
+import re
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,7 +18,7 @@ import httpx
 import pytest
 
 from adapters import client as admin
-from loraplex.cli import main
+from loraplex.cli import build_parser, main
 from loraplex.logs import quiet_third_party
 from loraplex.settings import Settings
 from training.config import TrainConfig
@@ -74,6 +77,92 @@ def test_the_readme_flags_table_lists_every_serve_flag():
     for name in Settings.model_fields:
         flag = f"`--{name.replace('_', '-')}"
         assert any(row.startswith(f"| {flag}") or f", {flag}" in row.split("|")[1] for row in rows), flag
+
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# a variable the docs name as what not to set: a misspelling, and the ones Kubernetes' service links set
+NOT_SETTINGS = {"LORAPLEX_ADMIN_KEYS", "LORAPLEX_PORT", "LORAPLEX_SERVICE_HOST"}
+
+
+def doc_command_lines(text: str) -> list[str]:
+    """The shell lines a newcomer copies: each bash block's lines (continuations joined; a comment's `or:`
+    alternative too) and each inline `.venv/bin/...` or `make ...` command."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            code, *comment = re.split(r"(?:^|\s)#", line, maxsplit=1)
+            lines += [code, *(c.removeprefix(" or:") for c in comment if c.startswith(" or: "))]
+    lines += re.findall(r"`((?:\.venv/bin/|make )[^`]+)`", text)
+    return [line.strip() for line in lines if line.strip()]
+
+
+def shell_commands(line: str) -> list[list[str]]:
+    """A shell line's simple commands, as the words each runs with (redirections left out)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, ""
+    commands: list[list[str]] = [[]]
+    redirect = False
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            commands.append([])
+        elif set(token) <= set("<>"):
+            redirect = True
+        elif not redirect:
+            commands[-1].append(token)
+        else:
+            redirect = False
+    return [words for words in commands if words]
+
+
+def loraplex_argvs(line: str) -> list[list[str]]:
+    """The arguments each `loraplex` command of a shell line passes (`make serve ARGS=...` included)."""
+    argvs = []
+    for words in shell_commands(line):
+        if words[:2] == ["make", "serve"]:
+            args = [w.removeprefix("ARGS=") for w in words if w.startswith("ARGS=")]
+            argvs.append(["serve", *shlex.split(args[0] if args else "")])
+        for i, word in enumerate(words):
+            # after variables it runs with (VAR=value), or as `python -m loraplex`
+            if word.split("/")[-1] == "loraplex" and (all("=" in w for w in words[:i]) or words[i - 1] == "-m"):
+                argvs.append(words[i + 1 :])
+    return argvs
+
+
+def test_the_docs_loraplex_commands_parse():
+    """Every `loraplex` command the README and docs/ show, flags included, is one the command line takes, so a
+    renamed or removed flag cannot stay in a page a newcomer copies from."""
+    parser, seen = build_parser(), 0
+    parsers = [parser]
+    for each in parsers:  # no abbreviations: a flag renamed from --name to --names must not pass as its prefix
+        each.allow_abbrev = False
+        parsers += [p for a in each._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    for doc in DOCS:
+        for line in doc_command_lines(doc.read_text()):
+            for argv in loraplex_argvs(line):
+                try:
+                    parser.parse_args(argv)
+                except SystemExit as exc:
+                    assert exc.code == 0, f"{doc.name}: {line}"  # 0: --help
+                seen += 1
+    assert seen >= 15  # the tour, Adapters, Training, Ray Serve and the shared store's commands
+
+
+def test_the_docs_install_into_a_virtual_environment():
+    """A bare `pip install` goes to the system's Python, where a fresh Debian or Ubuntu has no pip or refuses
+    (externally managed): every install the docs show goes through a virtual environment's pip."""
+    for doc in DOCS:
+        for line in doc_command_lines(doc.read_text()):
+            for words in shell_commands(line):
+                runs_pip = words[0].split("/")[-1] in ("pip", "pip3") or words[1:3] == ["-m", "pip"]
+                assert not runs_pip or "/bin/" in words[0], f"{doc.name}: {line}"
+
+
+def test_the_docs_variables_are_settings():
+    """Every LORAPLEX_* variable the docs name sets a flag: the server refuses one that does not, at start."""
+    settings = {f"LORAPLEX_{name.upper()}" for name in Settings.model_fields}
+    for doc in DOCS:
+        named = set(re.findall(r"\bLORAPLEX_[A-Z_]*[A-Z]", doc.read_text()))
+        assert named - NOT_SETTINGS <= settings, f"{doc.name}: {named - NOT_SETTINGS - settings}"
 
 
 def test_train_help_shows_every_option_in_user_words(capsys):
@@ -209,6 +298,23 @@ def test_pushing_the_same_content_again_says_it_was_already_stored(fake_server: 
     assert capsys.readouterr().out.strip() == f"pushed bot@2 (rank 8, sha256 {'ab' * 6})"
     assert main(["adapters", "push", str(peft_dir), "--name", "bot"]) == 0
     assert capsys.readouterr().out.strip().startswith("already stored as bot@2, the same content")
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "hint"),
+    [
+        (401, "missing API key: send the header 'Authorization: Bearer <key>'", "; give an admin key with"),
+        (403, "this key may only run inference; managing adapters needs an admin key", ": give one with"),
+    ],
+)
+def test_a_refused_key_names_the_flag_that_gives_one(monkeypatch: pytest.MonkeyPatch, status, message, hint, capsys):
+    """The server's refusal speaks HTTP (the header a key goes in); the command line's says which flag sends it."""
+    error = {"error": {"message": message, "type": "x", "code": "invalid_api_key"}}
+    real_client = httpx.Client
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=error))
+    monkeypatch.setattr(admin.httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
+    assert main(["adapters", "list"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}{hint} --api-key KEY"
 
 
 @pytest.mark.parametrize("file", ["adapter_model.safetensors", "adapter_config.json"])

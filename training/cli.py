@@ -118,7 +118,7 @@ def summary(result) -> str:
     rows = f" ({'; '.join(notes)})" if notes else ""
     rate = fit.real_tokens / max(fit.seconds, 1e-9)
     lines = [
-        f"trained {fit.steps} steps on {result.rows - result.dropped_rows} rows{rows}",
+        f"trained {_count(fit.steps, 'step')} on {_count(result.rows - result.dropped_rows, 'row')}{rows}",
         *(_describe_resume(resume) for resume in fit.resumes),
         losses,
         f"{fit.trained_tokens:,} trained tokens, {fit.real_tokens:,} tokens through the model in {fit.seconds:.1f} s "
@@ -137,6 +137,10 @@ def _describe_resume(resume: "Resume") -> str:
 
     changed = f", with changed settings: {describe(resume.changed)}" if resume.changed else ""
     return f"resumed from step {resume.from_step}{changed} (counts and times cover the whole run)"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _fmt(value: float | None) -> str:

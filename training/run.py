@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from pydantic import ValidationError
 
 from adapters import client as admin
+from adapters.cli import describe_error
 from adapters.validate import WEIGHTS_FILE
 from loraplex.basemodel import check_base_model, load_base_model, load_tokenizer, resolve_device
 from loraplex.settings import Settings, describe_settings_error
@@ -164,15 +165,18 @@ def _check_push_target(url: str, api_key: str | None) -> None:
         with admin.AdminClient(url, api_key=api_key) as client:
             client.check_access()
     except admin.AdminClientError as exc:
-        raise TrainingError(f"--push {url}: {exc}; nothing was trained") from exc
+        raise TrainingError(f"--push {url}: {describe_error(exc)}; nothing was trained") from exc
 
 
 def _push(config: TrainConfig) -> admin.PushedManifest:
-    retry = f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push})"
+    key = " --api-key KEY" if config.api_key else ""
+    retry = f"(retry: loraplex adapters push {config.output} --name {config.name} --server {config.push}{key})"
     try:
         with admin.AdminClient(config.push, api_key=config.api_key) as client:
             return client.push(config.output, config.name)
     except admin.AdminClientError as exc:
-        raise TrainingError(f"the adapter was written to {config.output}, but --push failed: {exc} {retry}") from exc
+        raise TrainingError(
+            f"the adapter was written to {config.output}, but --push failed: {describe_error(exc)} {retry}"
+        ) from exc
     except KeyboardInterrupt:  # the checkpoints are gone by now: what is left to do is the push
         raise TrainingError(f"the adapter was written to {config.output}, but --push was interrupted {retry}") from None

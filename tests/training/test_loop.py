@@ -210,7 +210,8 @@ def test_push_checks_the_server_first_then_uploads_the_written_adapter(data, tin
 def test_refused_push_target_stops_before_training(data, tiny_model_dirs, tmp_path, fake_client, monkeypatch):
     monkeypatch.setattr(fake_client, "refuse", "check")
     cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://srv", name="bot")
-    with pytest.raises(TrainingError, match="--push http://srv: the key is refused; nothing was trained"):
+    refused = "--push http://srv: the key is refused; give an admin key with --api-key KEY; nothing was trained"
+    with pytest.raises(TrainingError, match=refused):
         train(cfg, progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -218,8 +219,9 @@ def test_refused_push_target_stops_before_training(data, tiny_model_dirs, tmp_pa
 def test_failed_push_says_where_the_adapter_is(data, tiny_model_dirs, tmp_path, fake_client, monkeypatch):
     monkeypatch.setattr(fake_client, "refuse", "push")
     cfg = config(data, tiny_model_dirs["llama"], tmp_path / "o", max_steps=1, push="http://srv", name="bot")
-    with pytest.raises(TrainingError, match=r"adapter was written to .*/o, but --push failed"):
-        train(cfg, progress=False)
+    with pytest.raises(TrainingError, match=r"adapter was written to .*/o, but --push failed") as failed:
+        train(cfg.model_copy(update={"api_key": "secret"}), progress=False)
+    assert str(failed.value).endswith("--name bot --server http://srv --api-key KEY)")  # the retry; not the key
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
 
 
@@ -233,4 +235,4 @@ def test_rows_cut_at_max_seq_len_are_reported(data, tiny_model_dirs, tmp_path, c
         f"12 of 12 rows are longer than --max-seq-len 16 (the longest {longest} tokens): cut there, their ends (EOS "
         "included) are not trained, so the adapter learns less where to stop; raise --max-seq-len to train them whole"
     ) in caplog.messages
-    assert "trained 1 steps on 12 rows (12 cut at --max-seq-len)" in summary(result)
+    assert "trained 1 step on 12 rows (12 cut at --max-seq-len)" in summary(result)
