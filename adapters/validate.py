@@ -8,7 +8,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +27,7 @@ from adapters.errors import (
 )
 from adapters.fingerprint import BaseFingerprint
 from adapters.fullmatch import fullmatches
-from adapters.lora import lora_weights_from_state, pattern_value, split_peft_key
+from adapters.lora import LoraWeights, lora_weights_from_state, pattern_value, split_peft_key
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -74,6 +74,29 @@ _UNSERVED_FEATURES = {
     "the server applies an adapter to every token; train a plain LoRA adapter",
     "arrow_config": "Arrow routes each token among several adapters, and the server serves one adapter a request; "
     "upload the task adapters themselves",
+}
+# init_lora_weights: PEFT builds each targeted layer with it before it loads the saved tensors over lora_A / lora_B.
+# These leave B A = 0 there (B zero; MiCA: A zero; orthogonal: B's columns orthogonal to A's rows), so a targeted
+# module the file holds no tensors for is unchanged, as served. "lora_ga" sets up from gradients that only its
+# preprocessing attaches: loaded from a file, PEFT takes the default init. PEFT's rule, case included
+# (LoraLayer.update_layer): "gaussian" and "mica" in any case, the others exactly.
+_ZERO_INITS = frozenset({"eva", "lora_ga"})
+_ZERO_INITS_ANY_CASE = frozenset({"gaussian", "mica"})
+LoraInit = Literal["zero", "random", "orthogonal"]  # what _lora_init finds
+# Inits under which PEFT changes each targeted base weight as it loads the adapter, before the saved tensors: the
+# adapter was trained, and PEFT runs it, on those weights, not on the served model's (_base_changing_init)
+_SUBTRACTED = (
+    "PEFT subtracts its initial B A from each targeted base weight as it loads the adapter, so the adapter runs on "
+    "other weights than the served base model's; convert it into a plain LoRA: save it with PEFT's "
+    "save_pretrained(..., path_initial_model_for_weight_conversion=...), which writes one with init_lora_weights true"
+)
+_BASE_CHANGING_INITS = {
+    "pissa": f"with PiSSA, {_SUBTRACTED}",
+    "corda": f"with CorDA (given preprocess_corda's data, without which PEFT refuses to load it), {_SUBTRACTED}",
+    "olora": f"with OLoRA, {_SUBTRACTED}",
+    "loftq": "as it loads the adapter, PEFT replaces each targeted base weight by LoftQ's quantized residual of it "
+    "(with bitsandbytes, on a GPU), so the adapter runs on other weights than the served base model's; train a LoRA "
+    "on the served base model, with init_lora_weights true",
 }
 
 
@@ -249,6 +272,7 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
     for feature, why in _UNSERVED_FEATURES.items():
         if config.get(feature):
             raise UnsupportedAdapter(f"{feature} is set: {why}")
+    _lora_init(config)
     _check_rank("r", config.get("r"))
     _check_alpha("lora_alpha", config.get("lora_alpha", 8))
     for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
@@ -314,6 +338,87 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         raise InvalidAdapterConfig(
             "layers_pattern needs layers_to_transform (PEFT refuses the config without it): add the layers' "
             "indices, or remove layers_pattern"
+        )
+
+
+def _lora_init(config: dict[str, Any]) -> LoraInit:
+    """What PEFT's initialization under init_lora_weights leaves in a targeted layer for the saved tensors to
+    replace: "zero" (B A = 0: true and _ZERO_INITS), "random" (false, and what PEFT reads as false: null, 0, "":
+    nn.Linear's random A and B, kept where the file has no tensors) or "orthogonal" (B A = 0, at even ranks only).
+    Refuses the inits under which PEFT runs the adapter on other base weights than the served model's, and the values
+    PEFT cannot load."""
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str):
+        method = _base_changing_init(init)
+        if method is not None:
+            raise UnsupportedAdapter(f"init_lora_weights is {json.dumps(init)[:80]}: {_BASE_CHANGING_INITS[method]}")
+        if init == "orthogonal":
+            return "orthogonal"
+        if init in _ZERO_INITS or init.lower() in _ZERO_INITS_ANY_CASE:
+            return "zero"
+    if init is True:
+        return "zero"
+    if not init:
+        return "random"
+    raise InvalidAdapterConfig(
+        f"init_lora_weights is {json.dumps(init)[:80]}, which PEFT cannot load (it raises on it): PEFT writes true, "
+        'false or the name of an initialization, e.g. "gaussian"; set it to true'
+    )
+
+
+def _base_changing_init(init: str) -> str | None:
+    """The _BASE_CHANGING_INITS key of an init_lora_weights value, told apart as PEFT does (LoraLayer.update_layer)."""
+    if init.startswith(("pissa", "corda")):
+        return init[:5]
+    if init.lower() == "olora" or init == "loftq":
+        return init.lower()
+    return None
+
+
+def _peft_targets(config: dict[str, Any], base: BaseFingerprint, regex_matches: dict[str, frozenset[str]]) -> list[str]:
+    """The Linear modules of the served base model that PEFT puts a LoRA layer on under this config; a regex's matches
+    are `regex_matches`, run on all of them."""
+    targets = config["target_modules"]
+    every_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    return [
+        module
+        for module in base.modules
+        # PEFT leaves the output embedding out of "all-linear"
+        if not (every_linear and module.rsplit(".", 1)[-1] in VOCAB_MODULES)
+        and _left_out_by_peft(config, module, regex_matches) is None
+    ]
+
+
+def _check_untrained_modules(
+    config: dict[str, Any],
+    base: BaseFingerprint,
+    weights: LoraWeights,
+    regex_matches: dict[str, frozenset[str]],
+    init: LoraInit,
+) -> None:
+    """Refuse what PEFT's initialization leaves on the modules it targets, the file's tensors aside: an odd rank it
+    cannot build orthogonally, random A and B on a module the file has no tensors for (served unchanged)."""
+    targeted = _peft_targets(config, base, regex_matches)
+    if init == "orthogonal":
+        ranks = {module: pattern_value(config.get("rank_pattern") or {}, module, config["r"]) for module in targeted}
+        odd = [module for module, rank in ranks.items() if rank % 2]
+        if odd:
+            more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+            raise InvalidAdapterConfig(
+                f'init_lora_weights is "orthogonal" and module {odd[0]!r}{more} has the odd rank {ranks[odd[0]]} (r, '
+                "or its rank_pattern entry): PEFT builds orthogonal LoRA layers of even rank only and refuses to load "
+                "the adapter; set init_lora_weights to true (the saved tensors replace the initialization)"
+            )
+        return
+    missing = [module for module in targeted if module not in weights.modules]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InvalidAdapterWeights(
+            f"init_lora_weights is {json.dumps(config['init_lora_weights'])}: PEFT starts each targeted module with "
+            f"random lora_A / lora_B and keeps them where {WEIGHTS_FILE} has none, and it has none for "
+            f"{missing[0]!r}{more}, which the config targets: PEFT would change that module at random where the server "
+            "leaves it as it is; set init_lora_weights to true (a module without tensors is then unchanged), or save "
+            "the tensors of every targeted module"
         )
 
 
@@ -486,10 +591,12 @@ def check_weights(
     except ValueError as exc:
         raise InvalidAdapterWeights(f"{exc}; save the adapter with PEFT's save_pretrained()") from exc
     check_tensors(state)
+    init = _lora_init(config)
     # run on the names of the base model's modules only (a module the base lacks is refused below): the adapter's, and
-    # those that are not Linear layers, which no config may adapt
-    held = [module for module in weights.modules if module in base.modules]
-    regex_matches = _regex_matches(config, held + sorted(base.others))
+    # those that are not Linear layers, which no config may adapt; and every Linear one under an init that leaves
+    # something on a targeted module the file holds no tensors for (_check_untrained_modules)
+    judged = [module for module in weights.modules if module in base.modules] if init == "zero" else list(base.modules)
+    regex_matches = _regex_matches(config, judged + sorted(base.others))
     _check_only_linear_adapted(config, base, regex_matches)
     for module, lora in weights.modules.items():
         if module not in base.modules:
@@ -519,6 +626,8 @@ def check_weights(
                 f"and the config declares {declared} for it (r, or its rank_pattern entry), from which PEFT "
                 "builds the layer and its scaling; save the adapter with PEFT's save_pretrained()"
             )
+    if init != "zero":
+        _check_untrained_modules(config, base, weights, regex_matches, init)
     check_magnitudes(weights)
     if weights.rank > limits.max_rank:
         raise AdapterRankTooLarge(

@@ -25,7 +25,7 @@ import pytest
 import torch
 from e2e.server import serve_app
 from fastapi.testclient import TestClient
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners import lora
 from peft.tuners.lora import LoraLayer
 from peft.utils.error import NoMatchingPeftModuleError
@@ -59,6 +59,25 @@ def upload(client: TestClient, peft_dir: Path, name: str = "bad"):
 def assert_nothing_stored(client: TestClient, root: Path) -> None:
     assert client.get("/v1/adapters").json()["data"] == []
     assert not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+
+def assert_refused_leaving_the_store(
+    client: TestClient, root: Path, good: Path, bad: Path, code: str, says: str
+) -> str:
+    """`bad` is refused (`code`, a message with `says`) as a new version of an adapter stored from `good` and as a
+    new adapter, and the stored one is left as it was; the message."""
+    kept = upload(client, good, "kept")
+    assert kept.status_code == 201, kept.text
+    for name in ("kept", "bad"):
+        response = upload(client, bad, name)
+        assert_error(response, 422, code, says)
+    listed = client.get("/v1/adapters").json()["data"]
+    assert listed == [{**{k: v for k, v in kept.json().items() if k != "training"}, "state": "stored"}]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["kept"]
+    store = new_store(root)
+    held = {split_peft_key(key)[0] for key in load_file(good / "adapter_model.safetensors")}
+    assert set(store.read_weights(store.resolve("kept@1")).modules) == held
+    return response.json()["error"]["message"]
 
 
 def set_first(which: str, value: float):
@@ -164,9 +183,12 @@ def test_a_dot_in_a_pattern_key_matches_any_character_as_in_peft(tmp_path: Path)
 # -- PEFT is the reference: an adapter PEFT would run otherwise than as x + s B A x is refused ----------------
 
 
+PROMPT = torch.tensor([[5, 9, 13, 7, 6, 20]])
+
+
 def peft_logits(peft_dir: Path) -> torch.Tensor:
     with torch.no_grad():
-        return PeftModel.from_pretrained(tiny_model(), peft_dir)(torch.tensor([[5, 9, 13, 7, 6, 20]])).logits
+        return PeftModel.from_pretrained(tiny_model(), peft_dir)(PROMPT).logits
 
 
 @pytest.mark.parametrize(
@@ -187,6 +209,169 @@ def test_peft_features_a_plain_lora_does_not_compute_are_refused(
     assert not torch.allclose(peft_logits(bad), peft_logits(plain), atol=1e-3)
     assert_error(upload(client, bad), 422, "unsupported_adapter", name)
     assert upload(client, plain, "plain").status_code == 201
+
+
+# -- init_lora_weights: PEFT builds each LoRA layer with it before it loads the saved tensors -----------------
+
+HELD = {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}  # peft_dir's modules
+UNTRAINED = "model.layers.1.self_attn.q_proj"  # one of them
+
+
+def without_tensors_of(src: Path, dest: Path, module: str) -> Path:
+    """A copy of `src` whose file holds no tensors for `module`, which its config targets."""
+
+    def drop(state: dict) -> None:
+        for key in [key for key in state if split_peft_key(key)[0] == module]:
+            del state[key]
+
+    return edit_weights(copy(src, dest), drop)
+
+
+@pytest.mark.parametrize(
+    ("init", "extra", "peft_refuses"),
+    [
+        ("pissa", {}, None),
+        ("pissa_niter_4", {}, None),
+        ("olora", {}, None),
+        ("OLoRA", {}, None),  # PEFT compares it in lower case
+        ("corda", {}, "preprocess_corda"),  # it needs the data preprocess_corda attaches to the model
+        # LoftQ needs scipy, and bitsandbytes on a GPU, to quantize the base weights: PEFT fails on what it misses
+        ("loftq", {"loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, "scipy|bitsandbytes|CUDA|cuda"),
+    ],
+)
+def test_inits_that_change_the_base_weights_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, init: str, extra: dict, peft_refuses: str | None
+) -> None:
+    """PiSSA, OLoRA, CorDA and LoftQ make PEFT change each targeted base weight as it loads the adapter (W - s B0 A0,
+    or LoftQ's quantized residual): the adapter was trained on those weights, and PEFT runs it on them. The server
+    stored it and served base + B A of its tensors, an answer PEFT never gives. Refused, saying how PEFT converts
+    it into a plain LoRA; a stored adapter of that name is left as it was."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), init_lora_weights=init, **extra)
+    if peft_refuses is not None:
+        with pytest.raises(Exception, match=peft_refuses):
+            PeftModel.from_pretrained(tiny_model(), bad)
+    else:
+        # peft_dir is the same file with init_lora_weights true, which PEFT runs as base + B A
+        assert not torch.allclose(peft_logits(bad), peft_logits(peft_dir), atol=1e-3)
+        peft = PeftModel.from_pretrained(tiny_model(), bad)
+        with torch.no_grad(), peft.disable_adapter():  # the base weights as PEFT left them
+            assert not torch.allclose(peft(PROMPT).logits, tiny_model()(PROMPT).logits, atol=1e-3)
+    message = assert_refused_leaving_the_store(
+        client, tmp_path / "store", peft_dir, bad, "unsupported_adapter", f"init_lora_weights is {json.dumps(init)}"
+    )
+    fix = "train a LoRA on the served base model" if init == "loftq" else "path_initial_model_for_weight_conversion"
+    assert fix in message and "other weights than the served base model's" in message, message
+
+
+def test_a_pissa_adapter_converted_as_peft_documents_is_stored(tmp_path: Path) -> None:
+    """What the refusal tells the client to do: PEFT's save_pretrained(..., path_initial_model_for_weight_conversion)
+    writes a plain LoRA (init_lora_weights true, twice the rank) that PEFT runs on the unchanged base model as the
+    PiSSA adapter ran on its changed one; it is stored."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    trained = get_peft_model(tiny_model(), config)
+    trained.save_pretrained(tmp_path / "initial")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:  # as training would
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        expected = trained(PROMPT).logits
+    converted = tmp_path / "converted"
+    trained.save_pretrained(converted, path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    assert json.loads((converted / "adapter_config.json").read_text())["init_lora_weights"] is True
+    assert torch.allclose(peft_logits(converted), expected, atol=1e-4)
+    weights = served_as_peft_runs_it(converted, tmp_path / "store")
+    assert {module.rank for module in weights.modules.values()} == {8}
+
+
+@pytest.mark.parametrize("init", ["foo", "EVA", "Orthogonal", "PISSA", "true", 1, 2.5, ["gaussian"]])
+def test_init_values_peft_cannot_load_are_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, init: object
+) -> None:
+    """PEFT raises on these as it builds the first LoRA layer (an unknown initialization, or one named in a case
+    PEFT does not read it in); the server stored and served them."""
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), init_lora_weights=init)
+    with pytest.raises((ValueError, AttributeError)):
+        PeftModel.from_pretrained(tiny_model(), bad)
+    message = assert_refused_leaving_the_store(
+        client, tmp_path / "store", peft_dir, bad, "invalid_adapter_config", "which PEFT cannot load"
+    )
+    assert "set it to true" in message, message
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"init_lora_weights": False},
+        {"init_lora_weights": None},  # what PEFT reads as false, as it does "" and 0
+        {"init_lora_weights": ""},
+        {"init_lora_weights": False, "target_modules": r".*\.(q_proj|v_proj)"},
+    ],
+)
+def test_a_random_init_of_a_targeted_module_without_tensors_is_refused(
+    client: TestClient, tmp_path: Path, peft_dir: Path, config: dict
+) -> None:
+    """With init_lora_weights false PEFT starts each LoRA layer with nn.Linear's random A and B, and keeps them on a
+    targeted module the file has no tensors for: that module's output changes at random, where the server left it
+    as it was. Refused, naming the module; with every targeted module's tensors in the file PEFT computes base + B A,
+    as the server does, and the adapter is stored."""
+    bad = edit_config(without_tensors_of(peft_dir, tmp_path / "bad", UNTRAINED), **config)
+    plain = edit_config(copy(bad, tmp_path / "plain"), init_lora_weights=True)  # base + B A of the tensors held
+    assert not torch.allclose(peft_logits(bad), peft_logits(plain), atol=1e-3)
+    message = assert_refused_leaving_the_store(
+        client, tmp_path / "store", peft_dir, bad, "invalid_adapter_weights", f"{UNTRAINED!r}, which the config targets"
+    )
+    assert "set init_lora_weights to true" in message, message
+    whole = edit_config(copy(peft_dir, tmp_path / "whole"), **config)
+    assert torch.allclose(peft_logits(whole), peft_logits(peft_dir), atol=1e-6)
+    assert set(served_as_peft_runs_it(whole, tmp_path / "served").modules) == HELD
+
+
+def test_a_random_init_of_every_linear_layer_is_stored(tmp_path: Path) -> None:
+    """ "all-linear" takes every Linear layer but the output embedding, which PEFT leaves out: an adapter with tensors
+    for all the others has every module PEFT targets."""
+    made = make_peft_dir(tmp_path / "made", target_modules="all-linear", init_lora_weights=False)
+    edit_config(made, target_modules="all-linear")  # PEFT saves the names it expanded the keyword to
+    assert set(served_as_peft_runs_it(made, tmp_path / "served").modules) == peft_adapted(made)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", "GAUSSIAN", "eva", "lora_ga", "mica", "MICA", "orthogonal"])
+def test_inits_that_leave_a_module_without_tensors_as_it_is_are_stored(
+    tmp_path: Path, peft_dir: Path, init: object
+) -> None:
+    """These start B A at zero (B zero; MiCA: A zero; orthogonal: B's columns orthogonal to A's rows; LoRA-GA, without
+    the gradients only its preprocessing attaches, as true) and leave the base weights as they are: PEFT computes base
+    + B A of the file's tensors, and a targeted module without tensors unchanged, as the server serves them."""
+    untrained = without_tensors_of(peft_dir, tmp_path / "untrained", UNTRAINED)
+    edited = edit_config(copy(untrained, tmp_path / "edited"), init_lora_weights=init)
+    assert torch.allclose(peft_logits(edited), peft_logits(untrained), atol=1e-5)
+    assert set(served_as_peft_runs_it(edited, tmp_path / "served").modules) == HELD - {UNTRAINED}
+
+
+@pytest.mark.parametrize(
+    ("r", "config", "module"),
+    [
+        (3, {}, "model.layers.0.self_attn.q_proj"),
+        # a targeted module the file has no tensors for, at the rank rank_pattern gives it
+        (
+            4,
+            {"target_modules": ["q_proj", "v_proj", "k_proj"], "rank_pattern": {"k_proj": 3}},
+            "layers.0.self_attn.k_proj",
+        ),
+    ],
+)
+def test_an_orthogonal_init_of_odd_rank_is_refused(
+    client: TestClient, tmp_path: Path, r: int, config: dict, module: str
+) -> None:
+    """PEFT's orthogonal initialization takes even ranks only: it refuses to load the adapter."""
+    good = make_peft_dir(tmp_path / "good", r=r)
+    bad = edit_config(copy(good, tmp_path / "bad"), init_lora_weights="orthogonal", **config)
+    with pytest.raises(ValueError, match="rank to be even"):
+        PeftModel.from_pretrained(tiny_model(), bad)
+    message = assert_refused_leaving_the_store(
+        client, tmp_path / "store", good, bad, "invalid_adapter_config", f"{module}'"
+    )
+    assert "odd rank 3" in message, message
 
 
 @pytest.mark.parametrize(
@@ -336,8 +521,6 @@ def test_a_regex_the_server_cannot_check_now_is_a_503_to_retry(
 
 # -- target_modules matched against modules that are not Linear layers ------------------------------------
 
-HELD = {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}  # peft_dir's modules
-
 
 @pytest.mark.parametrize(
     ("config", "module", "peft_layer"),
@@ -370,19 +553,11 @@ def test_a_config_that_targets_a_module_that_is_not_linear_is_refused(
     else:
         layer = PeftModel.from_pretrained(tiny_model(), bad).get_submodule(f"base_model.model.{module}")
         assert type(layer) is peft_layer
-    kept = upload(client, peft_dir, "kept")
-    assert kept.status_code == 201
-    for name in ("kept", "bad"):  # a new version of a stored adapter, a new adapter
-        response = upload(client, bad, name)
-        assert_error(response, 422, "incompatible_adapter", f"{module!r}")
-        message = response.json()["error"]["message"]
-        assert "not a Linear layer" in message and "target only Linear projections" in message, message
-        assert "'q_proj'" in message, message
-    listed = client.get("/v1/adapters").json()["data"]
-    assert listed == [{**{k: v for k, v in kept.json().items() if k != "training"}, "state": "stored"}]
-    assert sorted(p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")) == ["kept"]
-    store = new_store(tmp_path / "store")
-    assert set(store.read_weights(store.resolve("kept@1")).modules) == HELD
+    message = assert_refused_leaving_the_store(
+        client, tmp_path / "store", peft_dir, bad, "incompatible_adapter", f"{module!r}"
+    )
+    assert "not a Linear layer" in message and "target only Linear projections" in message, message
+    assert "'q_proj'" in message, message
 
 
 @pytest.mark.parametrize(

@@ -437,8 +437,22 @@ def _another_module(state: dict, config: dict) -> None:
             IncompatibleAdapter,
             "the target_modules regex matches 'model.layers.0.mlp'",
         ),
+        (lambda state, config: config.update(init_lora_weights="pissa"), UnsupportedAdapter, "with PiSSA"),
+        (
+            lambda state, config: config.update(init_lora_weights=False, target_modules=["q_proj", "v_proj", "k_proj"]),
+            InvalidAdapterWeights,
+            r"'model.layers.0.self_attn.k_proj' \(and 1 more\), which the config targets",
+        ),
     ],
-    ids=["rank-not-declared", "dora", "untargeted-module", "untargeted-by-regex", "not-linear-by-regex"],
+    ids=[
+        "rank-not-declared",
+        "dora",
+        "untargeted-module",
+        "untargeted-by-regex",
+        "not-linear-by-regex",
+        "base-changing-init",
+        "random-init-without-tensors",
+    ],
 )
 def test_a_version_altered_with_its_manifest_is_held_to_the_uploads_checks(
     tmp_path: Path, peft_dir: Path, change: Callable[[dict, dict], None], error: type, match: str

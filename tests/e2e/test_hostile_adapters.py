@@ -108,6 +108,11 @@ HOSTILE = {
     "backtracking-regex": lambda: lora_files({"target_modules": r"(.*)*\.q_proj"}),
     "layer-replication": lambda: lora_files({"layer_replication": [[0, 30]]}),
     "activated-lora": lambda: lora_files({"alora_invocation_tokens": [1, 2]}),
+    # PEFT subtracts PiSSA's initial B A from the base weights as it loads the adapter
+    "pissa-init": lambda: lora_files({"init_lora_weights": "pissa"}),
+    # PEFT keeps random lora_A / lora_B on the targeted modules of layers 1-29, which the file has no tensors for
+    "random-init": lambda: lora_files({"init_lora_weights": False}),
+    "unknown-init": lambda: lora_files({"init_lora_weights": "zeros"}),
     "bloated-training": lambda: {
         **lora_files(),
         "training": ("training.json", json.dumps({"x": [{}] * 20_000}).encode()),
