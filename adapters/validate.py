@@ -74,7 +74,37 @@ _UNSERVED_FEATURES = {
     "the server applies an adapter to every token; train a plain LoRA adapter",
     "arrow_config": "Arrow routes each token among several adapters, and the server serves one adapter a request; "
     "upload the task adapters themselves",
+    "kasa_config": "KaSA drops the smallest singular components of each targeted base weight and scales B A by "
+    "learned singular values (lora_diag), so PEFT runs it on other weights than the served base model's; train a "
+    "plain LoRA adapter",
+    "use_bdlora": "BD-LoRA keeps lora_A or lora_B as diagonal blocks, which the server does not serve; train a plain "
+    "LoRA adapter",
+    "use_qalora": "QALoRA averages the input over groups of qalora_group_size features before lora_A (on GPTQ base "
+    "models), which the server does not; train a plain LoRA adapter",
+    "target_parameters": "LoRA on parameters (e.g. MoE experts' weights) is not served, only on Linear modules; "
+    "target those with target_modules",
+    "megatron_config": "PEFT builds Megatron's tensor-parallel LoRA layers for it, and cannot load it without "
+    "Megatron; train the adapter on the Hugging Face model, without megatron_config",
+    # At inference these compute x + s B A x, but PEFT saves training state with the adapter, which the server does
+    # not take, and checks the sub-config's values as it loads it
+    "velora_config": "VeLoRA's adapter holds training state (lora_velora_embed tensors), which the server does not "
+    "store; at inference PEFT computes the plain LoRA of its lora_A / lora_B tensors: remove velora_config and the "
+    "lora_velora_embed tensors to upload that",
+    "monteclora_config": "MonteCLoRA's adapter holds training state (lora_monteclora_sampler tensors), which the "
+    "server does not store; at inference PEFT computes the plain LoRA of its lora_A / lora_B tensors: remove "
+    "monteclora_config and the lora_monteclora_sampler tensors to upload that",
 }
+# PEFT builds these sub-configs from any JSON object, {} included, and turns the feature on with it: set unless null
+_SUBCONFIGS = frozenset({"arrow_config", "kasa_config", "use_bdlora", "velora_config", "monteclora_config"})
+# Sub-configs of initializations that leave B A = 0 (or are refused): no effect on what the saved adapter computes,
+# but PEFT refuses to load an adapter whose value is not an object, or whose EVA bounds it refuses (EvaConfig)
+_INIT_SUBCONFIGS = ("eva_config", "corda_config", "lora_ga_config")
+# PEFT's TaskType: it refuses a config of another; each only picks PEFT's wrapper of the model (its logits are the
+# LoRA model's)
+_TASK_TYPES = frozenset({"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"})
+# bias: which base biases were trained, and saved with the adapter ("all", "lora_only"); such tensors are refused
+# (_check_no_base_biases), the value alone changes nothing. PEFT raises on others as it loads the adapter.
+_BIAS_VALUES = ("none", "all", "lora_only")
 # init_lora_weights: PEFT builds each targeted layer with it before it loads the saved tensors over lora_A / lora_B.
 # These leave B A = 0 there (B zero; MiCA: A zero; orthogonal: B's columns orthogonal to A's rows), so a targeted
 # module the file holds no tensors for is unchanged, as served. "lora_ga" sets up from gradients that only its
@@ -270,8 +300,10 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         if not isinstance(config.get(flag, False), bool):
             raise InvalidAdapterConfig(f"{flag} must be true or false, not {config[flag]!r}")
     for feature, why in _UNSERVED_FEATURES.items():
-        if config.get(feature):
+        value = config.get(feature)
+        if value is not None if feature in _SUBCONFIGS else value:
             raise UnsupportedAdapter(f"{feature} is set: {why}")
+    _check_fields_peft_loads(config)
     _lora_init(config)
     _check_rank("r", config.get("r"))
     _check_alpha("lora_alpha", config.get("lora_alpha", 8))
@@ -338,6 +370,38 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         raise InvalidAdapterConfig(
             "layers_pattern needs layers_to_transform (PEFT refuses the config without it): add the layers' "
             "indices, or remove layers_pattern"
+        )
+
+
+def _check_fields_peft_loads(config: dict[str, Any]) -> None:
+    """Refuse values of fields that change nothing the adapter computes, but on which PEFT raises as it loads it."""
+    bias = config.get("bias", "none")
+    if bias not in _BIAS_VALUES:
+        raise InvalidAdapterConfig(
+            f"bias is {json.dumps(bias)[:80]}, which PEFT cannot load: it must be one of {list(_BIAS_VALUES)}; set it "
+            'to "none"'
+        )
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_number(dropout) and dropout <= 1):
+        raise InvalidAdapterConfig(
+            f"lora_dropout is {json.dumps(dropout)[:80]}, which PEFT cannot load: it must be a probability, e.g. 0.05 "
+            "(it only acts in training)"
+        )
+    task = config.get("task_type")
+    if task is not None and task not in _TASK_TYPES:
+        raise InvalidAdapterConfig(
+            f"task_type is {json.dumps(task)[:80]}, which PEFT cannot load: it must be null or one of "
+            f'{sorted(_TASK_TYPES)}, e.g. "CAUSAL_LM"'
+        )
+    for key in _INIT_SUBCONFIGS:
+        if not isinstance(config.get(key, {}), dict | None):
+            raise InvalidAdapterConfig(f"{key} must be an object or null, as PEFT writes it (PEFT cannot load others)")
+    eva = config.get("eva_config") or {}
+    rho, tau = eva.get("rho", 2.0), eva.get("tau", 0.99)
+    if not (_number(rho) and rho >= 1 and _number(tau) and 0 <= tau <= 1):
+        raise InvalidAdapterConfig(
+            "eva_config's rho must be a number of at least 1 and its tau a number from 0 to 1, or PEFT cannot load the "
+            "adapter; save it with PEFT's save_pretrained()"
         )
 
 
@@ -428,6 +492,10 @@ def _strings(value: Any) -> bool:
 
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _regex_matches(config: dict[str, Any], modules: list[str]) -> dict[str, frozenset[str]]:
@@ -586,6 +654,7 @@ def check_weights(
             f"the adapter changes {vocab}, i.e. the embeddings or the output vocabulary; "
             "target only the attention and MLP projections"
         )
+    _check_no_base_biases(state)
     try:
         weights = lora_weights_from_state(state, config)
     except ValueError as exc:
@@ -635,6 +704,19 @@ def check_weights(
             "retrain with a smaller r or raise the limit"
         )
     return weights.rank
+
+
+def _check_no_base_biases(state: dict[str, torch.Tensor]) -> None:
+    """Refuse the base model's biases, which PEFT saves with an adapter trained with bias "all" or "lora_only" and
+    loads over the base model's: the server serves the base model's own."""
+    biases = sorted(key for key in state if key.endswith(".bias") and ".lora_" not in key)
+    if biases:
+        more = f" (and {len(biases) - 1} more)" if len(biases) > 1 else ""
+        raise UnsupportedAdapter(
+            f"{WEIGHTS_FILE} holds {biases[0]!r}{more}, a bias of the base model, which PEFT saves with an adapter "
+            'trained with bias "all" or "lora_only" and loads over the base model\'s bias; the server serves the base '
+            'model\'s own: train the adapter with bias="none"'
+        )
 
 
 def content_sha256(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
