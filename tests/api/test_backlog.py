@@ -194,7 +194,8 @@ def test_the_estimate_covers_a_vocabularys_long_tokens(tmp_path: Path, monkeypat
     tokenizer.save_pretrained(model)
     tiny_model(vocab_size=len(tokenizer)).save_pretrained(model)
     ids = tokenizer.convert_tokens_to_ids(long_tokens)
-    with serve_budgeted(model, tmp_path, BUDGET, 8) as served:
+    # a budget above the answer's ~1.6 MB: a client slowed by a busy machine must not be reset mid-answer
+    with serve_budgeted(model, tmp_path, 8 * MIB, 8) as served:
         estimated = recorded_estimates(served, monkeypatch)
         body = chat_with_top_logprobs({str(i): 100 for i in ids})
         rendered = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60).content
