@@ -269,12 +269,22 @@ class Inference:
             raise InvalidTokens(f"logit_bias: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
         return tuple(sorted(pairs.items()))
 
-    def stop_token_ids(self, ids: list[int] | None) -> frozenset[int]:
-        """vLLM's stop_token_ids as the engine takes them; ids past the model's logits are refused."""
+    def stop_token_ids(self, ids: list[int] | None, min_tokens: int, ignore_eos: bool) -> frozenset[int]:
+        """vLLM's stop_token_ids as the engine takes them; ids past the model's logits are refused, and so are stop
+        tokens that, with EOS, are the whole vocabulary under min_tokens, which holds every one of them back: the
+        engine would be left no token to draw (logits all -inf, a failed step told as the server's fault). A
+        vocabulary of at most MAX_STOP_TOKEN_IDS + 1 tokens (byte-level models) can be covered so."""
         bad = next((token for token in ids or () if token >= self.vocab_size), None)
         if bad is not None:
             raise InvalidTokens(f"stop_token_ids: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
-        return frozenset(ids or ())
+        stops = frozenset(ids or ())
+        if min_tokens and len(stops | (frozenset() if ignore_eos else self.eos_ids)) >= self.vocab_size:
+            raise InvalidTokens(
+                f"stop_token_ids: with the end-of-sequence token they are all {self.vocab_size} tokens of the "
+                "vocabulary, which min_tokens holds back: no token is left to draw; send fewer stop_token_ids, or "
+                "min_tokens 0"
+            )
+        return stops
 
     @staticmethod
     def temperature(temperature: float) -> float:

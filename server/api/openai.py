@@ -101,7 +101,7 @@ def _sampling(
         min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0,
         ignore_eos=body.ignore_eos,
-        stop_token_ids=inference.stop_token_ids(body.stop_token_ids),
+        stop_token_ids=inference.stop_token_ids(body.stop_token_ids, min_tokens, body.ignore_eos),
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         logit_bias=inference.logit_bias(body.logit_bias),

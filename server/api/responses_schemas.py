@@ -49,7 +49,8 @@ class TextPart(BaseModel):
     def _text_only(cls, value: object) -> object:
         if isinstance(value, dict) and value.get("type") not in ("input_text", "output_text"):
             raise ValueError(
-                f"only text content is supported (type 'input_text' or 'output_text'), not {value.get('type')!r}: "
+                f"only text content is supported (type 'input_text' or 'output_text'), not "
+                f"{str(value.get('type'))[:64]!r}: "
                 "the served models read text alone"
             )
         return value

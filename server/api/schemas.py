@@ -121,9 +121,12 @@ class MergedAdapters(BaseModel):
     weights: list[Annotated[float, Field(ge=-MAX_MIX_WEIGHT, le=MAX_MIX_WEIGHT)]] = Field(
         min_length=1, max_length=MAX_MIX_ADAPTERS, description="One weight per adapter."
     )
-    merge_strategy: str = Field("linear", description='"linear": the weighted sum of the adapters\' deltas.')
+    # bounded: a refused strategy is named in the error, which would otherwise repeat up to the whole body
+    merge_strategy: str = Field(
+        "linear", max_length=MAX_NAME_CHARS, description='"linear": the weighted sum of the adapters\' deltas.'
+    )
     density: float | None = None  # LoRAX's TIES/DARE knobs: accepted, unused by "linear"
-    majority_sign_method: str | None = None
+    majority_sign_method: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     @model_validator(mode="after")
     def _linear_and_paired(self) -> "MergedAdapters":
@@ -681,7 +684,9 @@ class ContentPart(BaseModel):
     @classmethod
     def _text_only(cls, value: object) -> object:
         if isinstance(value, dict) and value.get("type") != "text":
-            raise ValueError(f"only text content parts are supported (type 'text'), not {value.get('type')!r}")
+            raise ValueError(
+                f"only text content parts are supported (type 'text'), not {str(value.get('type'))[:64]!r}"
+            )
         return value
 
 
