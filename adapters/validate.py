@@ -261,10 +261,6 @@ def read_training(path: Path) -> dict[str, Any]:
     return training
 
 
-def _suffix_matches(target: str, base: BaseFingerprint) -> bool:
-    return any(name == target or name.endswith("." + target) for name in base.modules)
-
-
 def _targeting_names(module: str) -> list[str]:
     """The target_modules entries that name `module` as PEFT matches them (the name, or a name it ends with after a
     dot): each dotted suffix of it, a few a name, so that a list is matched by set lookups."""
@@ -332,8 +328,8 @@ def check_config(config: dict[str, Any], base: BaseFingerprint) -> None:
         # an entry naming modules that are not Linear layers is judged with the weights, by PEFT's whole rule
         # (exclude_modules, layers_to_transform: PEFT may leave them out): _check_only_linear_adapted
         entries = set(targets)
-        naming_others = {name for module in base.others for name in _targeting_names(module) if name in entries}
-        unknown = [t for t in targets if t not in naming_others and not _suffix_matches(t, base)]
+        named = {name for module in [*base.modules, *base.others] for name in _targeting_names(module)} & entries
+        unknown = [t for t in targets if t not in named]
         if unknown:
             raise IncompatibleAdapter(
                 f"target_modules {unknown} are not layers of the served base model ({base.architecture}) that take "
