@@ -101,9 +101,11 @@ def engine_run(
     tag: str,
     sampled: bool = False,
     scoring: bool = False,
+    penalized: int = 0,
 ) -> dict[str, float]:
     """Submit one request per entry of `loras` at once (greedy, or seeded top-p sampling); aggregate and
-    decode-only tokens/s (from the moment every request has its first token: pure decode steps). `scoring`: from
+    decode-only tokens/s (from the moment every request has its first token: pure decode steps). `penalized`: that
+    many of them with a repetition penalty, whose draws read their tokens so far on the host. `scoring`: from
     that moment on, one more request scoring its prompt (prompt_logprobs, as lm-evaluation-harness's loglikelihood
     requests; prompt tokens, one new token) is always in the engine beside them, another sent as one ends; its
     tokens are not counted, its prompts scored a second are."""
@@ -123,11 +125,13 @@ def engine_run(
     params = SamplingParams(max_new_tokens=shape.new_tokens, ignore_eos=True)
     if sampled:
         params = SamplingParams(max_new_tokens=shape.new_tokens, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True)
+    penalty = replace(params, repetition_penalty=1.1)
     start = time.perf_counter()
     for i, lora in enumerate(loras):
         prompt = torch.randint(10, engine.model.config.vocab_size, (shape.prompt,)).tolist()
         key = None if lora is None else f"{tag}-{i}"
-        engine.submit(GenerationRequest(prompt, params, key, lora, request_id=f"{tag}{i}"), sink)
+        request = GenerationRequest(prompt, penalty if i < penalized else params, key, lora, request_id=f"{tag}{i}")
+        engine.submit(request, sink)
     score = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
     sent = 0
     while engine.step():
@@ -235,6 +239,7 @@ def main() -> None:
     many_sampled = engine_run(engine, loras[: shape.requests], shape, "many-sampled", sampled=True)
     wide = engine_run(engine, loras, shape, "wide")
     beside_scoring = engine_run(engine, loras[: shape.requests], shape, "beside-scoring", scoring=True)
+    one_penalized = engine_run(engine, loras[: shape.requests], shape, "one-penalized", penalized=1)
     activation = sorted(engine.activation_seconds)
     results.update(
         {
@@ -252,6 +257,7 @@ def main() -> None:
             f"engine_{shape.wide_requests}_lora_decode_tok_s": wide["decode_tok_s"],
             "engine_32_lora_beside_scoring_decode_tok_s": beside_scoring["decode_tok_s"],
             "engine_32_lora_beside_scoring_prompts_s": beside_scoring["scored_prompts_s"],
+            "engine_32_lora_one_penalized_decode_tok_s": one_penalized["decode_tok_s"],
             "lora_overhead_1_pct": 100 * (single_base["decode_tok_s"] / single["decode_tok_s"] - 1),
             "lora_overhead_32_pct": 100 * (many_base["tok_s"] / many_resident["tok_s"] - 1),
             "lora_overhead_32_decode_pct": 100 * (many_base["decode_tok_s"] / many_resident["decode_tok_s"] - 1),

@@ -6,12 +6,12 @@ prompts still prefilling, up to the step's prompt-token budget (batching.py deci
 The forward's tokens are sampled on the device and come back in one copy. The next step does not wait for that
 copy: its decode tokens are fed from the device (step.py), so it is launched first, and the host takes the last
 step's tokens (ids, grammar state, ends by EOS or length), detokenizes them and sends their events while the
-device runs it. On CUDA the device then never waits for the host between steps. A request whose next draw reads
-what the host has not taken yet (a grammar's mask, a penalty over the tokens so far) makes the engine take the
-last step's tokens before it plans the next one. Requests leave the moment the host sees them finish or they are
-cancelled, freeing their row; a token drawn for a request after its end (its EOS or a stop sequence was still
-on the way) is discarded. Length ends are known ahead and cost nothing. A request that fails (at admission or
-in a forward) ends alone; the loop goes on.
+device runs it. On CUDA the device then never waits for the host between steps. A request whose next draw reads what
+the host has not taken yet (a grammar's mask, a penalty over the tokens so far) makes the engine take the last
+step's tokens after it launches the next forward and before it launches that forward's draws. Requests leave the
+moment the host sees them finish or they are cancelled, freeing their row; a token drawn for a request after its end
+(its EOS or a stop sequence was still on the way) is discarded. Length ends are known ahead and cost nothing. A
+request that fails (at admission or in a forward) ends alone; the loop goes on.
 
 Admission is fair between clients and, in each client's turns, between adapters, and a full queue is shared
 between clients (waiting.py): one client's flood delays another client's request by one row at most, and cannot
@@ -123,6 +123,11 @@ class _Drawn(NamedTuple):
     masks: StepMasks | None
     asking: list[int]  # rows (by position) that asked for top logprobs
     top_n: int  # columns of top logprobs per asking row
+
+
+def _reads_its_tokens(row: _Row) -> bool:
+    """Whether the row's next draw reads its tokens so far on the host: a grammar's mask, a penalty's counts."""
+    return row.request.grammar is not None or row.request.sampling.penalized
 
 
 class Engine:
@@ -373,10 +378,6 @@ class Engine:
         thread."""
         self._apply_commands()
         self._admit()
-        took = False
-        if self._in_flight is not None and not self._can_feed(self._in_flight):
-            self._take_in_flight()
-            took = True
         drawn = self._in_flight
         in_flight = {id(r) for r in drawn.rows} if drawn is not None else set()
         decoding: list[_Row] = []
@@ -393,9 +394,8 @@ class Engine:
         if plan:
             self._guarded([row for row, _ in plan], lambda: self._run(plan))
             return True
-        if self._in_flight is not None:
-            self._take_in_flight()
-            took = True
+        took = self._in_flight is not None
+        self._take_in_flight()
         self._deliver()
         return took
 
@@ -411,11 +411,6 @@ class Engine:
             self._take_in_flight()
         except Exception:  # the device itself failed: those rows end with the step's error
             log.exception("a step's drawn tokens could not be read")
-
-    def _can_feed(self, drawn: _Drawn) -> bool:
-        """Whether the next step may run before the host has taken `drawn`: no row of it that goes on reads its
-        tokens so far on the host to draw the next one (a grammar's mask, a penalty)."""
-        return not any(r.request.grammar is not None or r.request.sampling.penalized for r in drawn.rows if not r.ended)
 
     def _guarded(self, rows: list[_Row], work: Callable[[], None]) -> None:
         # A failing forward (e.g. out of memory) ends the requests in it, not the engine. The operator hears why
@@ -605,14 +600,19 @@ class Engine:
         for row, end in chunks:
             row.prefilled = end
             self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, end)
+        # On CUDA the step so far was only launched: taking the last step's tokens, their text and events overlap
+        # the device's work. A row whose draw reads its tokens so far on the host (a grammar's mask, a penalty) must
+        # see its last one first: the host takes them between the forward's launch and the draws', so the device
+        # runs the forward, not idles, while the host waits for them and advances the grammars.
+        take_first = previous is not None and any(_reads_its_tokens(r) and id(r) in feed for r in sampled)
+        if take_first:
+            self._take(previous)
         if sampled:  # a row's token of the last step counts among those drawn before, taken by the host or not
-            drawn = [r.generated + (id(r) in feed) for r in sampled]
+            drawn = [r.generated + (not take_first and id(r) in feed) for r in sampled]
             self._in_flight = self._launch_sampling(sampled, logits[: len(sampled)], drawn)
         else:
             self._in_flight = None
-        # On CUDA the step so far was only launched: taking the last step's tokens, their text and events overlap
-        # the device's work.
-        if previous is not None:
+        if previous is not None and not take_first:
             self._take(previous)
         self._deliver()
 
@@ -665,8 +665,10 @@ class Engine:
         params = [r.request.sampling for r in rows]
         # vLLM's min_tokens: a row short of them draws no token that would end it
         banned = [r.stops if n < p.min_tokens else frozenset() for r, n, p in zip(rows, drawn, params, strict=True)]
-        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's.
-        masks = self._masks.fill([r.request.grammar for r in rows], logits.shape[-1], banned)
+        # Grammar masks first: the forward was only launched, so this CPU work overlaps the device's. A row the last
+        # step's token ended (taken just before) has its draw computed in vain, and no mask.
+        grammars = [None if r.ended else r.request.grammar for r in rows]
+        masks = self._masks.fill(grammars, logits.shape[-1], banned)
         # the copy reads ids already taken; _take_token writes the next one past them
         seen = [
             (r.seen[: len(r.ids)].to(self.device, non_blocking=True), len(r.request.prompt_ids))

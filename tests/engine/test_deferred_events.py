@@ -37,9 +37,10 @@ def test_events_go_out_after_the_next_forward_is_launched(family_setup, tokenize
     assert log == ["forward", "forward", "event 0", "forward", "event 1", "event 2"]
 
 
-def logged_steps(engine, log: list[str]) -> None:
-    """Log each forward and each take of a step's tokens by the host, in order."""
-    forward, take = engine._forward, engine._take
+def logged_steps(engine, log: list[str], draws: bool = False) -> None:
+    """Log each forward, each take of a step's tokens by the host and (`draws`) each launch of a step's draws, in
+    order."""
+    forward, take, launch = engine._forward, engine._take, engine._launch_sampling
 
     def logged_forward(*args, **kwargs):
         log.append("forward")
@@ -49,7 +50,13 @@ def logged_steps(engine, log: list[str]) -> None:
         log.append("take")
         return take(drawn)
 
+    def logged_launch(*args, **kwargs):
+        log.append("draw")
+        return launch(*args, **kwargs)
+
     engine._forward, engine._take = logged_forward, logged_take
+    if draws:
+        engine._launch_sampling = logged_launch
 
 
 def test_the_next_step_runs_before_the_last_ones_tokens_are_taken(family_setup, tokenizer) -> None:
@@ -68,15 +75,16 @@ def test_the_next_step_runs_before_the_last_ones_tokens_are_taken(family_setup, 
 
 
 @pytest.mark.parametrize("reads_its_tokens", ["penalty", "grammar"])
-def test_a_request_whose_draw_reads_its_tokens_is_taken_before_the_next_step(
+def test_a_request_whose_draw_reads_its_tokens_is_taken_before_the_next_draw(
     family_setup, tokenizer, reads_its_tokens
 ) -> None:
     """A penalty counts the tokens so far on the host, a grammar's mask follows them: the host takes each step's
-    tokens before it plans the next, for the row beside it too, which keeps its answer."""
+    tokens after the next forward is launched and before that forward's draws are (the device runs the forward
+    meanwhile), for the row beside it too, which keeps its answer."""
     base, _ = family_setup("llama")
     engine = make_engine(base, tokenizer)
     log: list[str] = []
-    logged_steps(engine, log)
+    logged_steps(engine, log, draws=True)
     sink = Collector()
     reads = request([5, 6, 7], greedy(4, repetition_penalty=1.3), None, "r")
     if reads_its_tokens == "grammar":
@@ -87,7 +95,7 @@ def test_a_request_whose_draw_reads_its_tokens_is_taken_before_the_next_step(
     engine.submit(reads, sink)
     engine.submit(request([5, 6, 8], greedy(4), None, "plain"), sink)
     run_to_end(engine)
-    assert log[:2] == ["forward", "take"] and ["forward", "forward"] not in [log[i : i + 2] for i in range(len(log))]
+    assert log == ["forward", "draw", *["forward", "take", "draw"] * 3, "take"]
     assert len(sink.tokens("r")) == 4 and sink.finish("plain") == "length"
     assert sink.tokens("plain") == reference_generate(base, None, [5, 6, 8], 4)[0]
 
