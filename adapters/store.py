@@ -90,9 +90,13 @@ class StoreBackend(Protocol):
         """Held around every scan whose result updates the index, and around publish and remove."""
         ...
 
-    def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
+    def publish(
+        self, name: str, staged: Path, sha256: str, manifest_for: Callable[[int], Manifest], taken: set[int]
+    ) -> tuple[Manifest, bool]:
         """Store the directory `staged` as a new version of `name`, numbered above `taken` and above every
-        number ever given to the name, by any process; visible whole, once `manifest_for(number)` is stored."""
+        number ever given to the name, by any process; visible whole, once `manifest_for(number)` is stored. Called
+        under `lock(name)` once a scan found no version of content `sha256`; a backend whose lock does not exclude
+        other processes answers the version another process stored of that content meanwhile (created False)."""
         ...
 
     def remove(self, name: str, numbers: list[int], whole: bool) -> None:
@@ -365,12 +369,15 @@ class AdapterStore:
                     created = False
                     manifest = same[0]
                 else:
-                    manifest = self.backend.publish(
-                        name, staged, lambda number: _manifest(name, number, checked), {*versions, *broken}
+                    manifest, created = self.backend.publish(
+                        name,
+                        staged,
+                        checked.sha256,
+                        lambda number: _manifest(name, number, checked),
+                        {*versions, *broken},
                     )
                     versions[manifest.version] = manifest
                     removed = self._set_versions(name, versions, broken)
-                    created = True
         self._notify(removed)
         return manifest, created
 
