@@ -131,6 +131,11 @@ class AdapterStore:
         # each indexed name's version numbers, ascending: the newest and a page of versions without a pass over them
         # all (a name may have any number of versions, and requests resolve names on the event loop)
         self._numbers: dict[str, list[int]] = {}
+        # the same for unreadable versions, for their pages: the names that have some (sorted), each one's numbers
+        # (ascending), and how many there are in all
+        self._broken_names: list[str] = []
+        self._broken_numbers: dict[str, list[int]] = {}
+        self._broken_total = 0
         self._tokens: dict[str, Hashable] = {}  # each name's backend token when the index last matched it
         self._listeners: list[Callable[[list[str]], None]] = []
         self._stop = threading.Event()
@@ -216,9 +221,33 @@ class AdapterStore:
         return data, (names[-1] if more and names else None)
 
     def broken(self) -> list[BrokenVersion]:
-        """Every stored version that cannot be read, by name and version."""
+        """Every stored version that cannot be read, by name and version (tools and tests; an answer to a client takes
+        `broken_page`)."""
         with self._mu:
             return [b for name in sorted(self._broken) for _, b in sorted(self._broken[name].items())]
+
+    def broken_page(
+        self, limit: int, after: tuple[str, int] | None = None
+    ) -> tuple[list[BrokenVersion], str | None, int]:
+        """Up to `limit` stored versions that cannot be read, by name and version, after the version `after` (the
+        previous page's cursor, as (name, version); None: from the first), the next cursor (a key; None: no more) and
+        how many there are. As with `version_page`, a cursor need not be stored still: paging through lists every
+        version that stays unreadable throughout exactly once. Work: a bisection a name the page takes from."""
+        with self._mu:
+            names = self._broken_names
+            i = 0 if after is None else bisect.bisect_left(names, after[0])
+            page: list[BrokenVersion] = []
+            # one past the page: whether there is a next one
+            while i < len(names) and len(page) <= limit:
+                name = names[i]
+                numbers = self._broken_numbers[name]
+                start = bisect.bisect_right(numbers, after[1]) if after is not None and name == after[0] else 0
+                page += [self._broken[name][n] for n in numbers[start : start + limit + 1 - len(page)]]
+                i += 1
+            total = self._broken_total
+        more = len(page) > limit
+        page = page[:limit]
+        return page, (page[-1].key if more else None), total
 
     def __len__(self) -> int:
         with self._mu:
@@ -434,15 +463,22 @@ class AdapterStore:
     def _set_versions(self, name: str, versions: Versions, broken: Broken, token: Hashable | None = None) -> list[str]:
         """Replace the name's entry in the index; return the keys of the readable versions it lost."""
         numbers = sorted(versions)  # outside the lock: requests read the index on the event loop
+        broken_numbers = sorted(broken)
         with self._mu:
             if token is None:
                 self._tokens.pop(name, None)
             else:
                 self._tokens[name] = token
+            self._broken_total += len(broken) - len(self._broken.get(name, {}))
             if broken:
+                if name not in self._broken:
+                    bisect.insort(self._broken_names, name)
                 self._broken[name] = broken
-            else:
-                self._broken.pop(name, None)
+                self._broken_numbers[name] = broken_numbers
+            elif name in self._broken:
+                del self._broken[name]
+                del self._broken_numbers[name]
+                self._broken_names.remove(name)
             old = self._index.get(name, {})
             if versions:
                 self._index[name] = versions
