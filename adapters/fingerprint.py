@@ -21,6 +21,9 @@ class BaseFingerprint(BaseModel):
     # served model's record holds them, to judge configs with: never written (a manifest records the Linear modules
     # an adapter touches, restrict()), so stored records are as before, and one read back has none.
     others: frozenset[str] = Field(default=frozenset(), exclude=True)
+    # Whether the output embedding shares the input embedding's weight: PEFT's ensure_weight_tying then adapts both
+    # (adapters.validate). The served model's record only, as `others`.
+    tied_embeddings: bool = Field(default=False, exclude=True)
 
     def restrict(self, names: Iterable[str], keep_others: bool = False) -> "BaseFingerprint":
         """The record of the Linear modules `names` alone: the part an adapter touches, what its manifest records; or,
@@ -29,6 +32,7 @@ class BaseFingerprint(BaseModel):
             architecture=self.architecture,
             modules={n: self.modules[n] for n in names},
             others=self.others if keep_others else frozenset(),
+            tied_embeddings=self.tied_embeddings and keep_others,
         )
 
     def mismatch(self, part: "BaseFingerprint") -> str | None:
@@ -57,5 +61,12 @@ def base_fingerprint(model: nn.Module) -> BaseFingerprint:
         if isinstance(module, nn.Linear):
             modules[name] = (module.in_features, module.out_features)
         names.add(name)
+    # PEFT ties the adapters of the embeddings only where the checkpoint ties them (tie_word_embeddings), which is
+    # where transformers made the output embedding share the input embedding's weight
+    inputs = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    outputs = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    tied = inputs is not None and outputs is not None and outputs.weight is inputs.weight
     # the root ("") is no module PEFT matches; a LoRA layer of a PeftModel has its base layer's name
-    return BaseFingerprint(architecture=type(base).__name__, modules=modules, others=names - modules.keys() - {""})
+    return BaseFingerprint(
+        architecture=type(base).__name__, modules=modules, others=names - modules.keys() - {""}, tied_embeddings=tied
+    )

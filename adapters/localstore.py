@@ -223,13 +223,17 @@ class LocalBackend:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
+    def publish(
+        self, name: str, staged: Path, sha256: str, manifest_for: Callable[[int], Manifest], taken: set[int]
+    ) -> tuple[Manifest, bool]:
+        # the name's lock (flock) excludes every other process's writes since the caller's scan, which found no
+        # version of this content: no other can have stored it meanwhile
         # the counter, and every number on disk in case a counter was lost: never a number twice
         number = max([self._last_version(name), *taken]) + 1
         self._save_last_version(name, number)
         manifest = manifest_for(number)
         self._publish(staged, manifest)
-        return manifest
+        return manifest, True
 
     def remove(self, name: str, numbers: list[int], whole: bool) -> None:
         # rename out of sight first (atomic), then delete at leisure; a name left without versions goes

@@ -16,9 +16,20 @@ Layout under `s3://bucket/prefix/`:
   upload in progress through another server too: the uploader checks its files once its manifest is written (and
   stores them again under the next number if they went), the deleter checks for manifests written meanwhile once its
   deletes are done (and withdraws them), so no version stays listed whose files are gone.
+- `contents/<name>/<sha256>`: the number that holds, or is being given, that content; written once the version's
+  files are up and before its manifest, with `If-None-Match: *`. Servers share no lock, so two that store the same
+  content at once both find no version of it: the one that writes this object first stores its version, the other
+  answers that version (created: false) once its manifest is there, and deletes its own files (its claim stays, a
+  burnt number). One naming a number whose files are gone (deleted, withdrawn) is replaced at once; one naming a
+  number whose files are up but whose manifest is still missing after _CONTENT_WAIT_S (its writer died between the
+  two writes) is replaced then; replaced with `If-Match` on the ETag read, so that one writer takes it over. Kept
+  after deletes, as claims are: one small object per content a name was given.
 What is relied on: that PutObject with `If-None-Match: *` succeeds for one writer of a key and answers 412
-to the others (AWS S3 since 2024-08, MinIO, Ceph, R2), and strong read-after-write and list-after-write
-consistency (AWS S3 since 2020-12, MinIO). A store that ignores the header gives no such guarantee.
+to the others (AWS S3 since 2024-08, MinIO, Ceph, R2), that PutObject with `If-Match: <ETag>` replaces the object
+only while it has that ETag (AWS S3 since 2024-11, MinIO, R2), and strong read-after-write and list-after-write
+consistency (AWS S3 since 2020-12, MinIO). A store that ignores the headers gives no such guarantee.
+Left open: a writer stalled for longer than _CONTENT_WAIT_S between its content object and its manifest has its
+content object taken over, and its version and the taker's are both stored: one content twice, never half a version.
 
 Each server keeps the versions it serves in a local disk cache (LRU, bounded in bytes) under the adapter
 directory; the store checks every copy against the manifest's sha256 when it reads it.
@@ -57,6 +68,13 @@ _FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _CONFLICT_RETRIES = 20
 # a version whose files a delete of the whole name took while it was stored is stored again under the next number
 _PUBLISH_ATTEMPTS = 3
+# How long a content object naming a version whose files are up but whose manifest is not is waited on before it is
+# taken over: its writer has two small writes left (this object, then the manifest), which botocore retries for a few
+# seconds at most. A wait that long happens only after a writer died between them.
+_CONTENT_WAIT_S = 10.0
+_CONTENT_POLL_S = 0.1
+# a content object holds "<number> <token>": read no further than this
+_MAX_CONTENT_BYTES = 64
 
 
 def _status(exc: ClientError) -> int:
@@ -107,6 +125,9 @@ class S3Backend:
     def _data_key(self, name: str, number: int, file: str) -> str:
         return f"{self.prefix}data/{name}/{number}/{file}"
 
+    def _content_key(self, name: str, sha256: str) -> str:
+        return f"{self.prefix}contents/{name}/{sha256}"
+
     def _list(self, prefix: str) -> list[dict[str, Any]]:
         objects: list[dict[str, Any]] = []
         with _answers(f"list {prefix}"):
@@ -123,20 +144,24 @@ class S3Backend:
                 found[int(stem)] = obj
         return found
 
-    def _put_new(self, key: str, body: bytes) -> bool:
-        """Create `key` unless it exists: True if this call created it. `body` is this write's own, no other writer's:
-        botocore sends a write again when its answer does not come, and a conditional write that was done is then
-        answered 412, as if another writer had created the key; what the key holds tells whose it is."""
+    def _put_new(self, key: str, body: bytes, etag: str | None = None) -> bool:
+        """Create `key` unless it exists (`etag`: replace it unless it no longer has that ETag): True if this call
+        wrote it. `body` is this write's own, no other writer's: botocore sends a write again when its answer does not
+        come, and a conditional write that was done is then answered 412, as if another writer had written the key
+        first; what the key holds tells whose it is."""
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         for _ in range(_CONFLICT_RETRIES):
             try:
                 with _answers(f"write {key}"):
-                    self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                    self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, **condition)
                 return True
             except ClientError as exc:
-                if _status(exc) == 412:
+                if _status(exc) == 412 or (_status(exc) == 404 and etag is not None):
                     held = self._read_start(key, len(body) + 1)
                     if held is not None:
                         return held == body
+                    if etag is not None:
+                        return False  # deleted since it was read: the caller reads it again
                     continue  # deleted since (the name was): created anew
                 if _status(exc) != 409:
                     raise AdapterStoreUnavailable(f"the adapter store refused to write {key}: {exc}") from exc
@@ -171,24 +196,31 @@ class S3Backend:
                 versions[number] = known[number]
                 continue
             try:
-                with _answers(f"read the manifest of {name}@{number}"):
-                    body = self._s3.get_object(Bucket=self.bucket, Key=self._manifest_key(name, number))["Body"]
-                    text = body.read(MAX_MANIFEST_BYTES + 1)  # what the store sends is read only so far
-                if len(text) > MAX_MANIFEST_BYTES:
-                    raise ValueError(f"it takes over {MAX_MANIFEST_BYTES} bytes, more than a manifest can")
-                manifest = Manifest.model_validate_json(text)
-                if (manifest.name, manifest.version) != (name, number):
-                    raise ValueError(f"the manifest says {manifest.key}")
-            except ClientError as exc:  # deleted since the listing
-                if _status(exc) != 404:
-                    raise
-                continue
+                manifest = self._read_manifest(name, number)
             except ValueError as exc:  # pydantic's ValidationError is a ValueError
                 log.warning("%s@%d is not served: unreadable manifest (%s)", name, number, exc)
                 broken[number] = BrokenVersion(name, number, f"unreadable manifest: {exc}"[:500])
                 continue
-            versions[number] = manifest
+            if manifest is not None:  # else deleted since the listing
+                versions[number] = manifest
         return versions, broken
+
+    def _read_manifest(self, name: str, number: int) -> Manifest | None:
+        """The manifest of `name@number`, None if there is none; ValueError if it cannot be read as one."""
+        try:
+            with _answers(f"read the manifest of {name}@{number}"):
+                body = self._s3.get_object(Bucket=self.bucket, Key=self._manifest_key(name, number))["Body"]
+                text = body.read(MAX_MANIFEST_BYTES + 1)  # what the store sends is read only so far
+        except ClientError as exc:
+            if _status(exc) != 404:
+                raise
+            return None
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"it takes over {MAX_MANIFEST_BYTES} bytes, more than a manifest can")
+        manifest = Manifest.model_validate_json(text)
+        if (manifest.name, manifest.version) != (name, number):
+            raise ValueError(f"the manifest says {manifest.key}")
+        return manifest
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -206,16 +238,23 @@ class S3Backend:
                 else:
                     del self._locks[name]
 
-    def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
+    def publish(
+        self, name: str, staged: Path, sha256: str, manifest_for: Callable[[int], Manifest], taken: set[int]
+    ) -> tuple[Manifest, bool]:
         number = max([0, *self._numbered(f"{self.prefix}claims/{name}/"), *taken])
         for _ in range(_PUBLISH_ATTEMPTS):
             number += 1
             # each claim holds a token of its own, so that a claim sent again knows itself (see _put_new)
             while not self._put_new(self._claim_key(name, number), secrets.token_hex(16).encode()):
                 number += 1  # another server owns it: the next one
-            for file in _FILES:
+            data = [self._data_key(name, number, file) for file in _FILES]
+            for file, key in zip(_FILES, data, strict=True):
                 with _answers(f"write {name}@{number}"):
-                    self._s3.upload_file(str(staged / file), self.bucket, self._data_key(name, number, file))
+                    self._s3.upload_file(str(staged / file), self.bucket, key)
+            stored = self._take_content(name, number, sha256)
+            if stored is not None:  # another server stored this content meanwhile: that version is this upload's
+                self._delete(data, f"withdraw {name}@{number}")
+                return stored, False
             manifest = manifest_for(number)
             if not self._put_new(self._manifest_key(name, number), manifest.model_dump_json(indent=2).encode()):
                 raise AdapterStoreUnavailable(
@@ -226,17 +265,72 @@ class S3Backend:
             # too when it listed them before this manifest was written: the version would be listed and fail every
             # load. Checked once the manifest is written, as remove() checks for manifests written meanwhile once its
             # files are deleted: whichever of the two checks last sees the other's work.
-            if all(self._exists(self._data_key(name, number, file)) for file in _FILES):
+            if all(self._exists(key) for key in data):
                 self._cache.adopt(manifest, staged)  # what was just stored is what this server will serve
-                return manifest
+                return manifest, True
             log.warning("the files of %s were deleted while it was stored (the name was deleted); storing it again "
                         "under the next number", manifest.key)  # fmt: skip
+            # the content object names this number, whose files are gone: the next attempt takes it over at once
             self._delete([self._manifest_key(name, number)], f"withdraw {manifest.key}")
-            self._delete([self._data_key(name, number, file) for file in _FILES], f"withdraw {manifest.key}")
+            self._delete(data, f"withdraw {manifest.key}")
         raise AdapterStoreUnavailable(
             f"adapter {name!r} was deleted through another server each of the {_PUBLISH_ATTEMPTS} times this upload "
             "was stored; upload it again"
         )
+
+    def _take_content(self, name: str, number: int, sha256: str) -> Manifest | None:
+        """Make the content object of `sha256` name `number` (whose files are up): None once it does; or the version
+        of that content another server stored meanwhile, once its manifest is there."""
+        key = self._content_key(name, sha256)
+        body = f"{number} {secrets.token_hex(16)}".encode()
+        if self._put_new(key, body):
+            return None
+        waited: tuple[str, float] | None = None  # the ETag of the object waited on, and until when
+        give_up = time.monotonic() + 4 * _CONTENT_WAIT_S  # however often other writers replace it
+        while time.monotonic() < give_up:
+            held = self._read_content(key)
+            if held is None:  # removed by hand since: created anew
+                if self._put_new(key, body):
+                    return None
+                continue
+            other, etag = held
+            if waited is None or waited[0] != etag:
+                waited = (etag, time.monotonic() + _CONTENT_WAIT_S)
+            stale = other is None  # not what this store writes: replaced
+            if other is not None:
+                stored = self._stored(name, other, sha256)
+                if stored is not None:
+                    return stored
+                # its files are written before it: gone, they were deleted (or withdrawn) and nobody is storing it
+                stale = not all(self._exists(self._data_key(name, other, file)) for file in _FILES)
+            if stale or time.monotonic() >= waited[1]:
+                if self._put_new(key, body, etag):
+                    return None
+                continue  # another writer replaced it first: read it again
+            time.sleep(_CONTENT_POLL_S)
+        raise AdapterStoreUnavailable(
+            f"the adapter store's record of which version of {name!r} holds this content kept changing; retry"
+        )
+
+    def _read_content(self, key: str) -> tuple[int | None, str] | None:
+        """The number a content object names (None: it names none) and its ETag; None if there is no such object."""
+        try:
+            with _answers(f"read {key}"):
+                answer = self._s3.get_object(Bucket=self.bucket, Key=key)
+                head = answer["Body"].read(_MAX_CONTENT_BYTES).partition(b" ")[0]
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return None
+            raise
+        return (int(head) if head.isdigit() else None), answer["ETag"]
+
+    def _stored(self, name: str, number: int, sha256: str) -> Manifest | None:
+        """The manifest of `name@number` if it is there and holds content `sha256`."""
+        try:
+            manifest = self._read_manifest(name, number)
+        except ValueError:  # unreadable: listed as broken, and no version of this content
+            return None
+        return manifest if manifest is not None and manifest.sha256 == sha256 else None
 
     def remove(self, name: str, numbers: list[int], whole: bool) -> None:
         self._delete([self._manifest_key(name, n) for n in numbers], f"delete {name}")  # invisible

@@ -90,9 +90,13 @@ class StoreBackend(Protocol):
         """Held around every scan whose result updates the index, and around publish and remove."""
         ...
 
-    def publish(self, name: str, staged: Path, manifest_for: Callable[[int], Manifest], taken: set[int]) -> Manifest:
+    def publish(
+        self, name: str, staged: Path, sha256: str, manifest_for: Callable[[int], Manifest], taken: set[int]
+    ) -> tuple[Manifest, bool]:
         """Store the directory `staged` as a new version of `name`, numbered above `taken` and above every
-        number ever given to the name, by any process; visible whole, once `manifest_for(number)` is stored."""
+        number ever given to the name, by any process; visible whole, once `manifest_for(number)` is stored. Called
+        under `lock(name)` once a scan found no version of content `sha256`; a backend whose lock does not exclude
+        other processes answers the version another process stored of that content meanwhile (created False)."""
         ...
 
     def remove(self, name: str, numbers: list[int], whole: bool) -> None:
@@ -127,6 +131,11 @@ class AdapterStore:
         # each indexed name's version numbers, ascending: the newest and a page of versions without a pass over them
         # all (a name may have any number of versions, and requests resolve names on the event loop)
         self._numbers: dict[str, list[int]] = {}
+        # the same for unreadable versions, for their pages: the names that have some (sorted), each one's numbers
+        # (ascending), and how many there are in all
+        self._broken_names: list[str] = []
+        self._broken_numbers: dict[str, list[int]] = {}
+        self._broken_total = 0
         self._tokens: dict[str, Hashable] = {}  # each name's backend token when the index last matched it
         self._listeners: list[Callable[[list[str]], None]] = []
         self._stop = threading.Event()
@@ -212,9 +221,33 @@ class AdapterStore:
         return data, (names[-1] if more and names else None)
 
     def broken(self) -> list[BrokenVersion]:
-        """Every stored version that cannot be read, by name and version."""
+        """Every stored version that cannot be read, by name and version (tools and tests; an answer to a client takes
+        `broken_page`)."""
         with self._mu:
             return [b for name in sorted(self._broken) for _, b in sorted(self._broken[name].items())]
+
+    def broken_page(
+        self, limit: int, after: tuple[str, int] | None = None
+    ) -> tuple[list[BrokenVersion], str | None, int]:
+        """Up to `limit` stored versions that cannot be read, by name and version, after the version `after` (the
+        previous page's cursor, as (name, version); None: from the first), the next cursor (a key; None: no more) and
+        how many there are. As with `version_page`, a cursor need not be stored still: paging through lists every
+        version that stays unreadable throughout exactly once. Work: a bisection a name the page takes from."""
+        with self._mu:
+            names = self._broken_names
+            i = 0 if after is None else bisect.bisect_left(names, after[0])
+            page: list[BrokenVersion] = []
+            # one past the page: whether there is a next one
+            while i < len(names) and len(page) <= limit:
+                name = names[i]
+                numbers = self._broken_numbers[name]
+                start = bisect.bisect_right(numbers, after[1]) if after is not None and name == after[0] else 0
+                page += [self._broken[name][n] for n in numbers[start : start + limit + 1 - len(page)]]
+                i += 1
+            total = self._broken_total
+        more = len(page) > limit
+        page = page[:limit]
+        return page, (page[-1].key if more else None), total
 
     def __len__(self) -> int:
         with self._mu:
@@ -365,12 +398,15 @@ class AdapterStore:
                     created = False
                     manifest = same[0]
                 else:
-                    manifest = self.backend.publish(
-                        name, staged, lambda number: _manifest(name, number, checked), {*versions, *broken}
+                    manifest, created = self.backend.publish(
+                        name,
+                        staged,
+                        checked.sha256,
+                        lambda number: _manifest(name, number, checked),
+                        {*versions, *broken},
                     )
                     versions[manifest.version] = manifest
                     removed = self._set_versions(name, versions, broken)
-                    created = True
         self._notify(removed)
         return manifest, created
 
@@ -427,15 +463,22 @@ class AdapterStore:
     def _set_versions(self, name: str, versions: Versions, broken: Broken, token: Hashable | None = None) -> list[str]:
         """Replace the name's entry in the index; return the keys of the readable versions it lost."""
         numbers = sorted(versions)  # outside the lock: requests read the index on the event loop
+        broken_numbers = sorted(broken)
         with self._mu:
             if token is None:
                 self._tokens.pop(name, None)
             else:
                 self._tokens[name] = token
+            self._broken_total += len(broken) - len(self._broken.get(name, {}))
             if broken:
+                if name not in self._broken:
+                    bisect.insort(self._broken_names, name)
                 self._broken[name] = broken
-            else:
-                self._broken.pop(name, None)
+                self._broken_numbers[name] = broken_numbers
+            elif name in self._broken:
+                del self._broken[name]
+                del self._broken_numbers[name]
+                self._broken_names.remove(name)
             old = self._index.get(name, {})
             if versions:
                 self._index[name] = versions

@@ -111,8 +111,11 @@ _BIAS_VALUES = ("none", "all", "lora_only")
 # preprocessing attaches: loaded from a file, PEFT takes the default init. PEFT's rule, case included
 # (LoraLayer.update_layer): "gaussian" and "mica" in any case, the others exactly.
 _ZERO_INITS = frozenset({"eva", "lora_ga"})
-_ZERO_INITS_ANY_CASE = frozenset({"gaussian", "mica"})
-LoraInit = Literal["zero", "random", "orthogonal"]  # what _lora_init finds
+_ZERO_INITS_ANY_CASE = frozenset({"gaussian"})
+LoraInit = Literal["zero", "random", "orthogonal", "mica"]  # what _lora_init finds
+# The names PEFT tests a regex target_modules against (whole, as re.fullmatch) to tell whether it targets an
+# embedding, which ensure_weight_tying then adapts with its tied twin (EMBEDDING_LAYER_NAMES)
+_PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 # Inits under which PEFT changes each targeted base weight as it loads the adapter, before the saved tensors: the
 # adapter was trained, and PEFT runs it, on those weights, not on the served model's (_base_changing_init)
 _SUBTRACTED = (
@@ -404,7 +407,8 @@ def _check_fields_peft_loads(config: dict[str, Any]) -> None:
 def _lora_init(config: dict[str, Any]) -> LoraInit:
     """What PEFT's initialization under init_lora_weights leaves in a targeted layer for the saved tensors to
     replace: "zero" (B A = 0: true and _ZERO_INITS), "random" (false, and what PEFT reads as false: null, 0, "":
-    nn.Linear's random A and B, kept where the file has no tensors) or "orthogonal" (B A = 0, at even ranks only).
+    nn.Linear's random A and B, kept where the file has no tensors), "orthogonal" (B A = 0, at even ranks only) or
+    "mica" (B A = 0, at ranks up to min(in_features, out_features) only).
     Refuses the inits under which PEFT runs the adapter on other base weights than the served model's, and the values
     PEFT cannot load."""
     init = config.get("init_lora_weights", True)
@@ -414,6 +418,8 @@ def _lora_init(config: dict[str, Any]) -> LoraInit:
             raise UnsupportedAdapter(f"init_lora_weights is {json.dumps(init)[:80]}: {_BASE_CHANGING_INITS[method]}")
         if init == "orthogonal":
             return "orthogonal"
+        if init.lower() == "mica":
+            return "mica"
         if init in _ZERO_INITS or init.lower() in _ZERO_INITS_ANY_CASE:
             return "zero"
     if init is True:
@@ -457,10 +463,24 @@ def _check_untrained_modules(
     init: LoraInit,
 ) -> None:
     """Refuse what PEFT's initialization leaves on the modules it targets, the file's tensors aside: an odd rank it
-    cannot build orthogonally, random A and B on a module the file has no tensors for (served unchanged)."""
+    cannot build orthogonally, a rank past a module's smaller dimension it cannot start MiCA from, random A and B on a
+    module the file has no tensors for (served unchanged)."""
     targeted = _peft_targets(config, base, regex_matches)
+    ranks = {module: pattern_value(config.get("rank_pattern") or {}, module, config["r"]) for module in targeted}
+    if init == "mica":
+        # PEFT takes B from the base weight's last r singular vectors: there are min(in_features, out_features)
+        over = [module for module, rank in ranks.items() if rank > min(base.modules[module])]
+        if over:
+            more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+            raise InvalidAdapterConfig(
+                f"init_lora_weights is {json.dumps(config['init_lora_weights'])} and module {over[0]!r}{more} has the "
+                f"rank {ranks[over[0]]} (r, or its rank_pattern entry), over its {min(base.modules[over[0]])} "
+                "features (min(in_features, out_features)), the most singular vectors MiCA can start a layer from: "
+                "PEFT refuses to load the adapter; set init_lora_weights to true (the saved tensors replace the "
+                "initialization), or lower that rank"
+            )
+        return
     if init == "orthogonal":
-        ranks = {module: pattern_value(config.get("rank_pattern") or {}, module, config["r"]) for module in targeted}
         odd = [module for module, rank in ranks.items() if rank % 2]
         if odd:
             more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
@@ -661,8 +681,13 @@ def check_weights(
     # those that are not Linear layers, which no config may adapt; and every Linear one under an init that leaves
     # something on a targeted module the file holds no tensors for (_check_untrained_modules)
     judged = [module for module in weights.modules if module in base.modules] if init == "zero" else list(base.modules)
-    regex_matches = _regex_matches(config, judged + sorted(base.others))
+    ties = bool(config.get("ensure_weight_tying")) and base.tied_embeddings and init == "random"
+    # PEFT's own test of whether a regex targets an embedding, run with the modules' (it is a name, not a module)
+    tested = list(_PEFT_EMBEDDING_NAMES) if ties and isinstance(config["target_modules"], str) else []
+    regex_matches = _regex_matches(config, judged + sorted(base.others) + tested)
     _check_only_linear_adapted(config, base, regex_matches)
+    if tested:
+        _check_no_tied_embedding_adapted(config, regex_matches)
     for module, lora in weights.modules.items():
         if module not in base.modules:
             raise IncompatibleAdapter(
@@ -700,6 +725,22 @@ def check_weights(
             "retrain with a smaller r or raise the limit"
         )
     return weights.rank
+
+
+def _check_no_tied_embedding_adapted(config: dict[str, Any], regex_matches: dict[str, frozenset[str]]) -> None:
+    """Refuse a regex target_modules that PEFT reads as targeting an embedding, under ensure_weight_tying, on a base
+    model whose embeddings are tied, under an init that leaves random weights: PEFT then adds the input embedding to
+    the targets and ties the output embedding's adapter to it, both random where the file has no tensors (and an
+    embedding's tensors are refused)."""
+    named = [name for name in _PEFT_EMBEDDING_NAMES if name in regex_matches.get("target_modules", ())]
+    if named:
+        raise InvalidAdapterConfig(
+            f"ensure_weight_tying is true and the target_modules regex matches {named[0]!r}, which PEFT takes for a "
+            "tied embedding of the served base model: PEFT then puts LoRA layers on the input and output embeddings, "
+            f"and under init_lora_weights {json.dumps(config.get('init_lora_weights'))} starts them with random "
+            f"weights, which {WEIGHTS_FILE} does not replace (embeddings are not adapted here): set "
+            "ensure_weight_tying to false, or init_lora_weights to true"
+        )
 
 
 def _check_no_base_biases(state: dict[str, torch.Tensor]) -> None:

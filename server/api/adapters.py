@@ -35,7 +35,7 @@ from server.registry import AdapterRegistry
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depends(require_admin)])
 
 _FILE_FIELDS = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
-MAX_PAGE = 1000  # adapters in a page of the listing, versions in a page of an adapter's
+MAX_PAGE = 1000  # adapters in a page of the listing, versions in a page of an adapter's or of the broken ones
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")  # as a reference's `name@N`
 
 
@@ -163,10 +163,17 @@ async def list_adapters(
     registry: Registry,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
+    broken_limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="unreadable versions in this page")] = 100,
+    broken_after: Annotated[
+        str | None, Query(description="the 'broken_next' cursor of the previous page: the next unreadable versions")
+    ] = None,
 ) -> dict[str, Any]:
     """The newest version of each adapter, in name order, with its state; its training metadata is shown by
     GET /v1/adapters/{name} (up to 256 KiB each, a page of them would be built on the event loop). The first page
-    also lists, under `broken`, every stored version that cannot be read: never served, deletable with DELETE."""
+    also lists, under `broken`, a page of the stored versions that cannot be read (never served, deletable with
+    DELETE), by name and version, with `broken_next` (the cursor of the next page, given as `broken_after`; null
+    after the last) and `broken_total`; a request with `broken_after` lists the page it asks for."""
+    cursor_after = _broken_cursor(broken_after)
     manifests, cursor = registry.store.page(limit, after)
     listing: dict[str, Any] = {
         "data": [
@@ -174,16 +181,33 @@ async def list_adapters(
         ],
         "next": cursor,
     }
-    if after is None:
-        listing["broken"] = [
-            {"key": b.key, "name": b.name, "version": b.version, "error": b.error} for b in registry.store.broken()
-        ]
+    if after is None or cursor_after is not None:
+        broken, broken_next, total = registry.store.broken_page(broken_limit, cursor_after)
+        listing["broken"] = [{"key": b.key, "name": b.name, "version": b.version, "error": b.error} for b in broken]
+        listing["broken_next"] = broken_next
+        listing["broken_total"] = total
     return listing
 
 
 class InvalidCursor(LoraplexError):
     http_status = 422
     code = "invalid_request"
+
+
+def _broken_cursor(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        name, version = parse_ref(value)
+    except InvalidAdapterName:
+        version = None
+    if version is None:
+        shown = value if len(value) <= 32 else value[:32] + "..."
+        raise InvalidCursor(
+            f"broken_after={shown!r} is not a version's key: send the broken_next of the previous page (NAME@VERSION, "
+            "e.g. bot@3), or leave broken_after out for the first unreadable versions"
+        )
+    return name, version
 
 
 def _version_cursor(value: str | None) -> int | None:

@@ -121,7 +121,8 @@ def test_unsafe_uploads_are_refused(client: TestClient, peft_dir: Path, tmp_path
     dora = make_peft_dir(tmp_path / "dora", use_dora=True)
     response = client.post("/v1/adapters", data={"name": "d"}, files=files_of(dora))
     assert_error(response, 422, "unsupported_adapter", "DoRA")
-    assert client.get("/v1/adapters").json() == {"data": [], "next": None, "broken": []}
+    listing = {"data": [], "next": None, "broken": [], "broken_next": None, "broken_total": 0}
+    assert client.get("/v1/adapters").json() == listing
 
 
 def test_malformed_requests(client: TestClient, peft_dir: Path) -> None:
@@ -255,6 +256,41 @@ def test_a_bad_page_of_versions_says_what_to_send(client: TestClient, peft_dir: 
     assert_error(client.get("/v1/adapters/bot", params=params), 422, "invalid_request", match)
     assert_error(client.get("/v1/adapters/bot@1", params=params), 422, "invalid_request", match)
     assert_error(client.get("/v1/adapters/ghost", params=params), 422, "invalid_request", match)  # before the name
+
+
+def test_unreadable_versions_are_listed_a_page_at_a_time(tmp_path: Path, peft_dir: Path) -> None:
+    """`broken` listed every unreadable version in the first page of the listing, whatever its `limit`: a store with
+    many gave one answer of any size. They are paged as an adapter's versions are: `broken_limit`, `broken_next`,
+    `broken_after`, `broken_total`."""
+    root = tmp_path / "store"
+    new_store(root).put("bot", peft_dir)
+    keys = []
+    for name, count in (("bot", 130), ("ghost", 120)):
+        for number in range(2, 2 + count):
+            (root / name / str(number)).mkdir(parents=True)
+            (root / name / str(number) / "manifest.json").write_text("{")
+            keys.append(f"{name}@{number}")
+    with TestClient(make_app(root)) as client:
+        first = client.get("/v1/adapters", params={"limit": 1}).json()
+        assert [m["name"] for m in first["data"]] == ["bot"] and first["broken_total"] == 250
+        assert [b["key"] for b in first["broken"]] == keys[:100] and first["broken_next"] == keys[99]
+        listed, params = [], {"broken_limit": 7}
+        while True:
+            page = client.get("/v1/adapters", params=params).json()
+            assert len(page["broken"]) <= 7 and page["data"][0]["name"] == "bot"
+            listed += [b["key"] for b in page["broken"]]
+            if page["broken_next"] is None:
+                break
+            params["broken_after"] = page["broken_next"]
+        assert listed == keys
+        assert "broken" not in client.get("/v1/adapters", params={"after": "a"}).json()  # the first page's part
+        later = client.get("/v1/adapters", params={"after": "bot", "broken_after": "ghost@120"}).json()
+        assert later["data"] == [] and [b["key"] for b in later["broken"]] == ["ghost@121"]
+        for bad in ("bot", "bot@0", "BOT@3", "", "x" * 100):
+            response = client.get("/v1/adapters", params={"broken_after": bad})
+            assert_error(response, 422, "invalid_request", "is not a version's key: send the broken_next")
+        response = client.get("/v1/adapters", params={"broken_limit": 1001})
+        assert_error(response, 422, "invalid_request", "broken_limit: Input should be less than or equal to 1000")
 
 
 def test_retention_keeps_the_newest_versions(tmp_path: Path, peft_dir: Path) -> None:

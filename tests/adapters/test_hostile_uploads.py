@@ -374,6 +374,25 @@ def test_an_orthogonal_init_of_odd_rank_is_refused(
     assert "odd rank 3" in message, message
 
 
+@pytest.mark.parametrize("init", ["mica", "MiCA"])
+def test_a_mica_init_past_a_modules_smaller_dimension_is_refused(client: TestClient, tmp_path: Path, init: str) -> None:
+    """PEFT starts a MiCA layer from its base weight's last r singular vectors, and refuses to load an adapter whose
+    rank for a targeted module is past min(in_features, out_features), 32 for the tiny model's k_proj (64 -> 32),
+    here one the file has no tensors for; MiCA was taken for a zero init, whose untrained modules are not judged."""
+    good = make_peft_dir(tmp_path / "good")
+    config = {"init_lora_weights": init, "target_modules": ["q_proj", "v_proj", "k_proj"]}
+    bad = edit_config(copy(good, tmp_path / "bad"), rank_pattern={"k_proj": 33}, **config)
+    with pytest.raises(ValueError, match="MiCA requires `r` <= min"):
+        PeftModel.from_pretrained(tiny_model(), bad)
+    message = assert_refused_leaving_the_store(
+        client, tmp_path / "store", good, bad, "invalid_adapter_config", "layers.0.self_attn.k_proj'"
+    )
+    assert "rank 33" in message and "init_lora_weights to true" in message, message
+    at_most = edit_config(copy(good, tmp_path / "at-most"), rank_pattern={"k_proj": 32}, **config)
+    assert torch.allclose(peft_logits(at_most), peft_logits(good), atol=1e-5)  # B A = 0 where the file has none
+    assert upload(client, at_most, "at-most").status_code == 201
+
+
 @pytest.mark.parametrize(
     "config",
     [

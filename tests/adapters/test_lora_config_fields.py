@@ -11,14 +11,18 @@ import torch
 from fastapi.testclient import TestClient
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
-from peft_dirs import make_peft_dir
+from peft_dirs import LIMITS, make_peft_dir
 from safetensors.torch import load_file
 from test_admin_api import make_app
 from test_hostile_uploads import PROMPT, assert_refused_leaving_the_store, peft_logits, upload
 from test_validation import copy, edit_config, edit_weights
 from tiny import tiny_model
 
+from adapters.errors import InvalidAdapterConfig
+from adapters.fingerprint import base_fingerprint
+from adapters.localstore import LocalBackend
 from adapters.lora import split_peft_key
+from adapters.store import AdapterStore
 from adapters.validate import _UNSERVED_FEATURES
 
 # The fields _UNSERVED_FEATURES does not refuse outright, and how the validation treats a non-default value
@@ -50,7 +54,8 @@ JUDGED = {
     "lora_ga_config": "checked (an object): loaded from a file, LoRA-GA takes the default init",
     "qalora_group_size": "read only with use_qalora, which is refused",
     "runtime_config": "not saved (LoraConfig.to_dict drops it); device placement only",
-    "ensure_weight_tying": "ties the adapters of tied embeddings, whose adaptation is refused",
+    "ensure_weight_tying": "ties the adapters of tied embeddings, whose adaptation is refused; a regex PEFT reads as "
+    "naming one adds it, refused under a random init (_check_no_tied_embedding_adapted)",
 }
 
 
@@ -210,6 +215,37 @@ def test_base_biases_trained_with_the_adapter_are_refused(
 
 
 # -- values PEFT cannot load, of fields that change nothing otherwise ----------------------------------------
+
+
+def test_a_regex_that_peft_reads_as_a_tied_embedding_under_weight_tying_is_refused_at_random_init(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    """PEFT tests a regex target_modules against the bare names embed_tokens and lm_head; with ensure_weight_tying, on
+    a model whose embeddings are tied, a match adds the input embedding to the targets and ties the output
+    embedding's adapter to it. Under init_lora_weights false both start random and the file has no tensors for them
+    (an embedding's are refused): PEFT computes other logits than the server serves. Under true, or on an untied
+    model, PEFT computes the plain LoRA, which is served."""
+    regex = {"target_modules": r"embed_tokens|.*\.(q|v)_proj", "ensure_weight_tying": True}
+    bad = edit_config(copy(peft_dir, tmp_path / "bad"), init_lora_weights=False, **regex)
+    zero = edit_config(copy(peft_dir, tmp_path / "zero"), init_lora_weights=True, **regex)
+
+    def logits(path: Path, tied: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return PeftModel.from_pretrained(tiny_model(tie_word_embeddings=tied), path)(PROMPT).logits
+
+    assert differs(logits(bad, tied=True), logits(peft_dir, tied=True))
+    assert not differs(logits(zero, tied=True), logits(peft_dir, tied=True))
+    assert not differs(logits(bad, tied=False), logits(peft_dir, tied=False))
+    tied = AdapterStore(LocalBackend(tmp_path / "tied"), base_fingerprint(tiny_model(tie_word_embeddings=True)), LIMITS)
+    kept, _ = tied.put("kept", peft_dir)
+    for name in ("kept", "bad"):
+        with pytest.raises(InvalidAdapterConfig, match="ensure_weight_tying is true") as refused:
+            tied.put(name, bad)
+    assert "set ensure_weight_tying to false, or init_lora_weights to true" in str(refused.value)
+    assert tied.versions("kept") == [kept] and not tied.has("bad")
+    assert tied.put("zero", zero)[1]
+    untied = AdapterStore(LocalBackend(tmp_path / "untied"), base_fingerprint(tiny_model()), LIMITS)
+    assert untied.put("bad", bad)[1]
 
 
 @pytest.mark.parametrize(

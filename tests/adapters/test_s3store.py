@@ -67,6 +67,8 @@ def test_versions_deletes_and_numbers_never_reissued(url: str, tmp_path: Path, p
         "claims/bot/1",
         "claims/bot/2",
         "claims/bot/3",
+        f"contents/bot/{first.sha256}",  # kept, as claims are; it names 3 now
+        f"contents/bot/{second.sha256}",
         "manifests/bot/3.json",
         "data/bot/3/adapter_config.json",
         "data/bot/3/adapter_model.safetensors",
@@ -107,6 +109,77 @@ def test_racing_servers_get_distinct_numbers(url: str, tmp_path: Path) -> None:
     assert {m.sha256 for m in fresh.versions("race")} == {m.sha256 for m, _ in results}
     for manifest in fresh.versions("race"):
         fresh.read_weights(manifest)
+
+
+def test_two_servers_storing_the_same_content_at_once_store_one_version(
+    url: str, tmp_path: Path, peft_dir: Path
+) -> None:
+    """An identical upload is answered with the version that holds its content, found by a scan under the name's lock;
+    two servers share no lock, and both scanned before either stored: the content was stored twice, as two versions.
+    Now the content object, written with If-None-Match, tells the second which version holds it."""
+    stores = [s3_store(url, tmp_path / "a"), s3_store(url, tmp_path / "b")]
+    scanned = threading.Barrier(2, timeout=10)
+    claiming: set[int] = set()
+
+    def claim_once_both_scanned(request: Any, **_: Any) -> None:
+        if "/claims/bot/" in request.url and threading.get_ident() not in claiming:
+            claiming.add(threading.get_ident())
+            scanned.wait()
+
+    for store in stores:
+        store.backend._s3.meta.events.register("before-send.s3.PutObject", claim_once_both_scanned)
+    results: list = []
+    threads = [threading.Thread(target=lambda s=store: results.append(s.put("bot", peft_dir))) for store in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(created for _, created in results) == [False, True]
+    manifest = results[0][0]
+    assert results[1][0] == manifest
+    fresh = s3_store(url, tmp_path / "fresh")
+    assert fresh.versions("bot") == [manifest] and fresh.read_weights(manifest).rank == 4
+    prefix = url.split("/", 3)[3]
+    data = client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/data/")["Contents"]
+    assert {o["Key"].split("/")[-2] for o in data} == {str(manifest.version)}  # the other's files went
+    assert all(store.resolve("bot") == manifest for store in stores)
+
+
+def test_content_left_by_a_writer_that_died_before_its_manifest_is_stored_after_a_wait(
+    url: str, tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adapters.s3store
+
+    monkeypatch.setattr(adapters.s3store, "_CONTENT_WAIT_S", 0.5)
+    dying = s3_store(url, tmp_path / "dying")
+
+    def die_at_manifest(request: Any, **_: Any) -> None:
+        if "/manifests/" in request.url:
+            raise RuntimeError("the server died")
+
+    dying.backend._s3.meta.events.register("before-send.s3.PutObject", die_at_manifest)
+    with pytest.raises(RuntimeError):
+        dying.put("bot", peft_dir)
+    store = s3_store(url, tmp_path / "cache")
+    started = time.perf_counter()
+    manifest, created = store.put("bot", peft_dir)
+    assert created and manifest.key == "bot@2" and time.perf_counter() - started >= 0.5
+    assert s3_store(url, tmp_path / "fresh").versions("bot") == [manifest]
+
+
+def test_content_whose_version_was_deleted_is_stored_again_at_once(
+    url: str, tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adapters.s3store
+
+    monkeypatch.setattr(adapters.s3store, "_CONTENT_WAIT_S", 30.0)
+    store = s3_store(url, tmp_path / "cache")
+    store.put("bot", peft_dir)
+    store.put("bot", make_peft_dir(tmp_path / "v2", seed=1))
+    store.delete("bot@1")
+    started = time.perf_counter()
+    manifest, created = s3_store(url, tmp_path / "other").put("bot", peft_dir)
+    assert created and manifest.key == "bot@3" and time.perf_counter() - started < 5
 
 
 @pytest.mark.parametrize("checks_last", ["uploader", "deleter"])

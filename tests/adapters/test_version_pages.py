@@ -92,6 +92,69 @@ def test_versions_deleted_between_pages_drop_out_and_the_rest_are_listed_once(tm
     assert page_through(store, "bot", 1000) == kept and len(kept) == 60 - 20
 
 
+def with_broken(root: Path, peft_dir: Path, counts: dict[str, int]) -> tuple[AdapterStore, list[str]]:
+    """A store at `root` with one readable version of "bot" and `counts[name]` unreadable versions of each name (a
+    manifest cut off), and their keys in name and version order."""
+    store = new_store(root)
+    store.put("bot", peft_dir)
+    keys = []
+    for name, count in sorted(counts.items()):
+        for number in range(2, 2 + count):
+            (root / name / str(number)).mkdir(parents=True)
+            (root / name / str(number) / "manifest.json").write_text('{"name": ')
+        keys += [f"{name}@{number}" for number in sorted(range(2, 2 + count))]
+    store.refresh()
+    return store, keys
+
+
+def broken_pages(store: AdapterStore, limit: int, between: Callable[[str], None] | None = None) -> list[str]:
+    listed: list[str] = []
+    after = None
+    while True:
+        page, cursor, total = store.broken_page(limit, after)
+        assert len(page) <= limit and total >= len(page)
+        listed += [b.key for b in page]
+        if cursor is None:
+            return listed
+        assert cursor == page[-1].key
+        if between is not None:
+            between(cursor)
+        name, _, version = cursor.partition("@")
+        after = (name, int(version))
+
+
+@pytest.mark.parametrize("limit", [1, 7, 100, 299, 300, 1000])
+def test_unreadable_versions_are_paged_by_name_and_version(tmp_path: Path, peft_dir: Path, limit: int) -> None:
+    """The listing's `broken` section named every unreadable version in one answer, however many there were: 10,000
+    half-written manifests made an answer of megabytes, built on the event loop. They come a page at a time now."""
+    store, keys = with_broken(tmp_path / "store", peft_dir, {"bot": 150, "a": 1, "zeta": 120, "mid": 29})
+    assert len(keys) == 300 and keys[:3] == ["a@2", "bot@2", "bot@3"] and keys[-1] == "zeta@121"
+    assert broken_pages(store, limit) == keys
+    page, cursor, total = store.broken_page(limit)
+    assert (
+        total == 300 and [b.key for b in page] == keys[:limit] and cursor == (keys[limit - 1] if limit < 300 else None)
+    )
+
+
+def test_unreadable_versions_deleted_between_pages_drop_out_and_the_rest_are_listed_once(
+    tmp_path: Path, peft_dir: Path
+) -> None:
+    store, keys = with_broken(tmp_path / "store", peft_dir, {"bot": 20, "cat": 3, "dog": 20})
+    gone: set[str] = set()
+
+    def delete(cursor: str) -> None:  # the cursor's own version, and a name whole once it is reached
+        store.delete(cursor)
+        gone.add(cursor)
+        if cursor.startswith("bot@") and "cat@2" not in gone:
+            store.delete("cat")
+            gone.update({"cat@2", "cat@3", "cat@4"})
+
+    listed = broken_pages(store, 6, delete)
+    assert listed == [k for k in keys if not k.startswith("cat@")]
+    assert broken_pages(store, 1000) == [k for k in keys if k not in gone]
+    assert store.broken_page(5, ("zzz", 1)) == ([], None, len(keys) - len(gone))  # past the last: none
+
+
 def test_a_missing_version_is_named_in_a_message_of_bounded_length(tmp_path: Path, peft_dir: Path) -> None:
     store, _ = stored(tmp_path, peft_dir, 30)
     with pytest.raises(AdapterNotFound) as missing:

@@ -240,6 +240,8 @@ BOUNDS: dict[str, Bound] = {
     # ---- admin routes' query and path parameters: in the URL, which the HTTP server bounds (its head) ----
     "GET /v1/adapters query limit": Meta("1 to 1000 a page"),
     "GET /v1/adapters query after": Linear("a cursor, compared with names"),
+    "GET /v1/adapters query broken_limit": Meta("1 to 1000 a page"),
+    "GET /v1/adapters query broken_after": Linear("a version's key, parsed by its rule"),
     "GET /v1/adapters/{ref} path ref": Linear("a name, parsed by its rule"),
     "GET /v1/adapters/{ref} query versions_limit": Meta("1 to 1000 a page"),
     "GET /v1/adapters/{ref} query versions_after": Linear("a version number, matched by its rule"),
