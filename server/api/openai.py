@@ -554,10 +554,10 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
     )
 
 
-def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> type[ToolCallParser] | None:
-    """The parser of a tool_choice "auto" request's answers (None for any other request); a 422 saying what to send
-    on a server without one."""
-    if not body.auto_tools:
+def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> Callable[[], ToolCallParser] | None:
+    """A new parser of a tool_choice "auto" request's answers, each choice's own, that reads calls of its tools
+    alone (None for any other request); a 422 saying what to send on a server without one."""
+    if not body.auto_tools or body.tools is None:
         return None
     name = request.app.state.settings.tool_call_parser
     if name == "off":
@@ -568,10 +568,10 @@ def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> type[Too
             'send tool_choice "required" (the answer is one or more calls of the tools), {"type": "function", '
             '"function": {"name": ...}} (a call of that function), or "none" (a text answer, the tools unused)'
         )
-    return TOOL_CALL_PARSERS[name]
+    return partial(TOOL_CALL_PARSERS[name], [tool.function.name for tool in body.tools])
 
 
-def _message(text: str, tools: ToolPlan | None, parser: type[ToolCallParser] | None) -> AssistantMessage:
+def _message(text: str, tools: ToolPlan | None, parser: Callable[[], ToolCallParser] | None) -> AssistantMessage:
     """A whole answer's message: its text; with forced calls, the calls (content null, as OpenAI answers them);
     with tool_choice "auto", what the parser reads: text, calls or both."""
     if parser is not None:
