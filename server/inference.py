@@ -304,11 +304,18 @@ class Inference:
 
     # ---- running -------------------------------------------------------------------------------------------
     async def stream(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+        scoring: bool = False,
     ) -> AsyncGenerator[TokenEvent]:
         """Events of one request (its output constrained by `grammar`, if given: a matcher of its own). Errors
         before the first event (unknown adapter, queue full, prompt too long) raise typed errors; leaving early
-        cancels the request in the engine."""
+        cancels the request in the engine. `scoring`: a request of no tokens (OpenAI's max_tokens 0), whose
+        prompt is scored in a step, which draws a token (`sampling` asks for one): dropped here (`unsampled`),
+        before anything counts it as generated."""
         label = self._label(adapter)
         try:
             request = GenerationRequest(
@@ -341,6 +348,8 @@ class Inference:
         first = True
         try:
             async for event in token_stream:
+                if scoring:
+                    event = unsampled(event)
                 if first:  # every event of a request carries its count
                     self.metrics.prompt_tokens_cached.inc(event.cached_tokens)
                     first = False
@@ -433,11 +442,16 @@ class Inference:
         return self._label(label)
 
     async def open_stream(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+        scoring: bool = False,
     ) -> AsyncIterator[TokenEvent]:
         """`stream`, started: waits for the first event so that errors before it (unknown adapter, queue
         full, prompt too long) raise here, while a streaming route can still answer with an HTTP error."""
-        events = self.stream(prompt_ids, sampling, adapter, grammar)
+        events = self.stream(prompt_ids, sampling, adapter, grammar, scoring)
         return _Opened(await anext(events), events)
 
     async def generate(
@@ -452,14 +466,20 @@ class Inference:
         return (await self.generate_many(request, [(prompt_ids, sampling)], adapter, grammar))[0]
 
     async def generate_many(
-        self, request: Request, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
+        self,
+        request: Request,
+        runs: list[Run],
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+        scoring: bool = False,
     ) -> list[Generation]:
         """One Generation per run, in order, run concurrently as requests of the same batch; the first error (queue
-        full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
+        full, unknown adapter) cancels the others and raises, as does a client that disconnects. `scoring`: see
+        `stream`."""
 
         async def collect(prompt_ids: list[int], sampling: SamplingParams, pinned: Adapter) -> Generation:
             result = Generation(len(prompt_ids))
-            async for event in self.stream(prompt_ids, sampling, pinned, grammar):
+            async for event in self.stream(prompt_ids, sampling, pinned, grammar, scoring):
                 result.events.append(event)
             return result
 
@@ -474,16 +494,16 @@ class Inference:
         return await until_disconnected(request, lambda: self._on_one_version(adapter, len(runs), collect_all))
 
     async def open_streams(
-        self, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
+        self, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None, scoring: bool = False
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(index of its run, event) of several requests, as they come; errors before the first events raise here.
-        Closing the stream cancels every request still running."""
+        Closing the stream cancels every request still running. `scoring`: see `stream`."""
 
         async def open_all(pinned: Adapter) -> AsyncIterator[tuple[int, TokenEvent]]:
             streams: list[AsyncIterator[TokenEvent]] = []
             try:
                 for prompt_ids, sampling in runs:
-                    streams.append(await self.open_stream(prompt_ids, sampling, pinned, grammar))
+                    streams.append(await self.open_stream(prompt_ids, sampling, pinned, grammar, scoring))
             except BaseException:
                 for opened in streams:
                     await opened.aclose()  # type: ignore[attr-defined]
@@ -491,6 +511,15 @@ class Inference:
             return _merged(streams)
 
         return await self._on_one_version(adapter, len(runs), open_all)
+
+
+def unsampled(event: TokenEvent) -> TokenEvent:
+    """A scoring request's event: the token its step drew was never asked for, so the event says nothing was
+    generated (no token, text or logprob), ended by length as vLLM's; its prompt's scores stay."""
+    if event.token_id is None:  # an end of its own (cancelled): as it is
+        return event
+    return replace(event, token_id=None, text="", logprob=None, top_logprobs=(), finish_reason="length",
+                   stop_reason=None)  # fmt: skip
 
 
 class _Opened:
