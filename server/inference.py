@@ -14,7 +14,7 @@ from fastapi import Request
 from adapters.errors import AdapterError, AdapterNotFound
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, shown_int
 from server.client_share import current_client, prefix_salt
 from server.engine import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from server.engine.text import TextStream
@@ -153,7 +153,7 @@ class Inference:
             bad = next((token for token in ids if token >= vocabulary), None)
             if bad is not None:
                 which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-                raise InvalidTokens(f"{which}: token id {bad} is not in the vocabulary (0..{vocabulary - 1})")
+                raise InvalidTokens(f"{which}: {_outside(bad, vocabulary)}")
 
     async def encode_chat(
         self,
@@ -209,7 +209,7 @@ class Inference:
             )
         bad = next((i for i in ids if not 0 <= i < self.tokenizer_size), None)
         if bad is not None:
-            raise InvalidTokens(f"token id {bad} is not in the vocabulary (0..{self.tokenizer_size - 1})")
+            raise InvalidTokens(_outside(bad, self.tokenizer_size))
 
     def check_tokenized(self, tokens: int) -> None:
         """A /tokenize answer's tokens: at most max_seq_len. A text within the character bound can be ~250,000
@@ -241,8 +241,8 @@ class Inference:
             return min(default, room)
         if requested > room:
             raise MaxTokensTooLarge(
-                f"{field} {requested} + the prompt's {prompt_tokens} tokens exceed max_seq_len {self.max_seq_len}: "
-                f"send {field} <= {room}, or a shorter prompt"
+                f"{field} {shown_int(requested)} + the prompt's {prompt_tokens} tokens exceed max_seq_len "
+                f"{self.max_seq_len}: send {field} <= {room}, or a shorter prompt"
             )
         return requested
 
@@ -252,7 +252,8 @@ class Inference:
         if min_tokens is not None and min_tokens > max_new_tokens:
             limit = f"{field} {max_new_tokens}" if sent else f"{field} (not sent: {max_new_tokens} here)"
             raise MinTokensTooLarge(
-                f"min_tokens {min_tokens} exceeds {limit}: send min_tokens <= {max_new_tokens}, or a larger {field}"
+                f"min_tokens {shown_int(min_tokens)} exceeds {limit}: send min_tokens <= {max_new_tokens}, or a "
+                f"larger {field}"
             )
         return min_tokens or 0
 
@@ -266,7 +267,7 @@ class Inference:
         pairs = {int(token): bias for token, bias in (biases or {}).items()}
         bad = next((token for token in pairs if token >= self.vocab_size), None)
         if bad is not None:
-            raise InvalidTokens(f"logit_bias: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidTokens(f"logit_bias: {_outside(bad, self.vocab_size)}")
         return tuple(sorted(pairs.items()))
 
     def stop_token_ids(self, ids: list[int] | None, min_tokens: int, ignore_eos: bool) -> frozenset[int]:
@@ -276,7 +277,7 @@ class Inference:
         vocabulary of at most MAX_STOP_TOKEN_IDS + 1 tokens (byte-level models) can be covered so."""
         bad = next((token for token in ids or () if token >= self.vocab_size), None)
         if bad is not None:
-            raise InvalidTokens(f"stop_token_ids: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidTokens(f"stop_token_ids: {_outside(bad, self.vocab_size)}")
         stops = frozenset(ids or ())
         if min_tokens and len(stops | (frozenset() if ignore_eos else self.eos_ids)) >= self.vocab_size:
             raise InvalidTokens(
@@ -511,6 +512,10 @@ class Inference:
             return _merged(streams)
 
         return await self._on_one_version(adapter, len(runs), open_all)
+
+
+def _outside(token: int, vocabulary: int) -> str:
+    return f"token id {shown_int(token)} is not in the vocabulary (0..{vocabulary - 1})"
 
 
 def unsampled(event: TokenEvent) -> TokenEvent:
