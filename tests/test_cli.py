@@ -2,6 +2,7 @@
 failures, and the adapter commands against a fake admin API."""
 
 import argparse
+import ast
 import logging
 import os
 import re
@@ -131,11 +132,7 @@ def loraplex_argvs(line: str) -> list[list[str]]:
 def test_the_docs_loraplex_commands_parse():
     """Every `loraplex` command the README and docs/ show, flags included, is one the command line takes, so a
     renamed or removed flag cannot stay in a page a newcomer copies from."""
-    parser, seen = build_parser(), 0
-    parsers = [parser]
-    for each in parsers:  # no abbreviations: a flag renamed from --name to --names must not pass as its prefix
-        each.allow_abbrev = False
-        parsers += [p for a in each._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    parser, seen = build_parser(), 0  # flags whole: one renamed from --name to --names must not pass as its prefix
     for doc in DOCS:
         for line in doc_command_lines(doc.read_text()):
             for argv in loraplex_argvs(line):
@@ -145,6 +142,52 @@ def test_the_docs_loraplex_commands_parse():
                     assert exc.code == 0, f"{doc.name}: {line}"  # 0: --help
                 seen += 1
     assert seen >= 15  # the tour, Adapters, Training, Ray Serve and the shared store's commands
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and its subcommands' parsers, at every depth."""
+    parsers = [parser]
+    for each in parsers:
+        parsers += [p for a in each._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    return parsers
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--max-seq", "10"],  # --max-seq-len
+        ["train", "--dat", "rows.jsonl", "--output", "out"],  # --data
+        ["adapters", "push", "dir", "--nam", "a"],  # --name
+        ["adapters", "list", "--serv", "http://x"],  # --server
+    ],
+)
+def test_an_abbreviated_flag_is_refused(argv: list[str], capsys):
+    """A flag is taken written whole: an abbreviation would mean another flag once one beginning so is added."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    abbreviation = next(word for word in argv if word.startswith("--"))
+    assert exc.value.code == 2 and abbreviation in capsys.readouterr().err
+    assert all(not p.allow_abbrev for p in all_parsers(build_parser()))  # every subcommand's, one added later too
+
+
+def test_every_argument_parser_of_the_repository_takes_flags_whole():
+    """The benchmarks' command lines too: each ArgumentParser is made with allow_abbrev=False."""
+    calls = []
+    for path in REPO.glob("*/**/*.py"):
+        if path.parts[len(REPO.parts)].startswith(".") or path.parts[len(REPO.parts)] == "tests":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == (
+                "ArgumentParser"
+            ):
+                calls.append((path.relative_to(REPO), node.lineno, node))
+    whole = [
+        any(k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
+            for k in node.keywords)
+        for _, _, node in calls
+    ]  # fmt: skip
+    assert len(calls) >= 16
+    assert all(whole), [f"{path}:{line}" for (path, line, _), ok in zip(calls, whole, strict=True) if not ok]
 
 
 def test_the_docs_install_into_a_virtual_environment():
