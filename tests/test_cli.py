@@ -200,6 +200,15 @@ def test_the_docs_install_into_a_virtual_environment():
                 assert not runs_pip or "/bin/" in words[0], f"{doc.name}: {line}"
 
 
+def test_the_readme_installs_the_venv_package_before_the_first_make():
+    """`make` sets up .venv with `python3 -m venv`, which fails on a fresh Debian or Ubuntu until the python3-venv
+    package is installed: the README's first commands install it first."""
+    lines = doc_command_lines((REPO / "README.md").read_text())
+    first_make = next(i for i, line in enumerate(lines) if shell_commands(line)[0][0] == "make")
+    installs = [words for line in lines[:first_make] for words in shell_commands(line)]
+    assert any(words[-3:] == ["apt-get", "install", "python3-venv"] for words in installs), lines[:first_make]
+
+
 def test_the_docs_variables_are_settings():
     """Every LORAPLEX_* variable the docs name sets a flag: the server refuses one that does not, at start."""
     settings = {f"LORAPLEX_{name.upper()}" for name in Settings.model_fields}
