@@ -41,7 +41,9 @@ def timed(operands: tuple, config: AttentionConfig, shrink: OutputShrink | None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seqs", default="1,8,32,64", help="comma-separated sequence counts")
     parser.add_argument("--context", default="192,1024,4096", help="comma-separated KV lengths after the step")

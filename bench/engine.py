@@ -185,7 +185,9 @@ def profile_decode(engine: Engine, loras: list[LoraWeights], shape: Shape) -> st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny llama on CPU (smoke test)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")

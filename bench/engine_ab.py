@@ -27,7 +27,9 @@ from server.engine.kernels import nf4_mma
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("variants", type=Path, nargs="+", help="nf4_mma.cu variants to compare with this tree's")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every variant, alternating")

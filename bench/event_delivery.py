@@ -47,7 +47,9 @@ async def engine_thread_us(per_event: bool, streams: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()

@@ -69,7 +69,9 @@ async def flood(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--url", required=True)
     parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches", "generate", "score"], default="chat")
     parser.add_argument("--connections", type=int, default=8)

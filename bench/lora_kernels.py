@@ -108,7 +108,9 @@ def measure(layers: list[Layer], shape: dict[str, int], rows: int, device: torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--rows", default="1,16,32,64", help="rows of the steps measured, comma-separated")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")

@@ -108,7 +108,9 @@ def wide_tokenizer(small: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--rows", default="1,4,8,16", help="constrained rows of a step, comma-separated")
     parser.add_argument("--threads", type=int, help="threads filling masks, the engine's among them (default: the "
                         "engine's, min(cpu_count, 8))")  # fmt: skip

@@ -143,7 +143,9 @@ def engine_step(rows: int, measured: dict, read: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", default="1,32", help="comma-separated row counts (1: the GEMV)")
     parser.add_argument("--sweep", type=float, default=0.0, help="seconds to search configurations, per shape")

@@ -29,7 +29,9 @@ from server.engine.kernels.nf4_mma import nf4_mma, pick_config
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--rows", type=int, default=1, help="rows of x (tokens of a decode step)")
     parser.add_argument("--wide", action="store_true", help="nf4_wide's sums, not nf4_mma")
     args = parser.parse_args()

@@ -114,7 +114,9 @@ def loop_mix(code: str) -> collections.Counter[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--config", help="BLOCK_N,BLOCKS,num_warps (default: the launcher's choice)")
     parser.add_argument("--n", type=int, default=4096, help="output rows of the weight (picks the default config)")
     parser.add_argument("--k", type=int, default=4096, help="input columns of the weight")

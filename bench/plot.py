@@ -114,7 +114,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("reports", type=Path, nargs="+", help="one or two JSONs written by http_load.py --out")
     parser.add_argument("--label", action="append", help="a name per report (default: the file's stem)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="directory for the PNGs")

@@ -65,7 +65,9 @@ def write_adapters(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--config", required=True, help="preset (llama3-8b, tiny) or a config.json path")
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)

@@ -98,7 +98,9 @@ def measure(shape: dict[str, int], tokens: int, decode: int, run: int, slots: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--tokens", default="512,1024", help="tokens of the steps measured, comma-separated")
     parser.add_argument("--decode", default="0,64,256", help="decode tokens among them, comma-separated")
     parser.add_argument("--slots", default="16,64", help="adapter slots, comma-separated")

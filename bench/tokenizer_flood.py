@@ -61,7 +61,9 @@ def while_flooded(template: Callable[[], object], measure: Callable[[], float]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--rows", type=int, default=4, help="requests decoding")
     parser.add_argument("--tokens", type=int, default=24, help="tokens each generates")
     parser.add_argument("--messages", type=int, default=1024, help="empty messages in each long chat of the flood")

@@ -203,7 +203,9 @@ def table(cases: list[Case], baseline: Case) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (a smoke test of this script)")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per case (default 12; tiny: 2)")
     parser.add_argument("--warmup", type=int, help="seed recipe's untimed steps first (default 2; tiny: 1)")

@@ -7,6 +7,7 @@ that needs them, so `--help` and the adapter commands start in a fraction of a s
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from adapters import cli as adapters_cli
 from loraplex.logs import quiet_third_party
@@ -14,8 +15,17 @@ from server import cli as serve_cli
 from training import cli as train_cli
 
 
+class WholeFlags(argparse.ArgumentParser):
+    """A parser that takes flags written whole, never abbreviated (argparse's default): `--max-seq` read as
+    --max-seq-len would mean another flag, or none, once a flag beginning so is added. The subcommands' parsers
+    are of this class too: argparse makes them of their parent's."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = WholeFlags(
         prog="loraplex", description="Serve many LoRA adapters from one NF4 base model, and train new ones."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,train,adapters}")

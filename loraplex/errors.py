@@ -24,6 +24,20 @@ class BaseModelError(LoraplexError):
     code = "base_model_error"
 
 
+SHOWN_DIGITS = 24  # a client's number in an error message: at most this many of its digits
+
+
+def shown_int(value: int) -> str:
+    """A client's integer as an error message repeats it: whole where it is short, else its first digits and their
+    count. JSON numbers have no size bound short of the parser's (thousands of digits), which a message repeated
+    whole, kilobytes of them."""
+    digits = str(abs(value))
+    sign = "-" if value < 0 else ""
+    if len(digits) <= SHOWN_DIGITS:
+        return f"{sign}{digits}"
+    return f"{sign}{digits[:SHOWN_DIGITS]}... ({len(digits)} digits)"
+
+
 def validation_message(error: ErrorDetails) -> str:
     """A pydantic error's message, without the "Value error, " it puts before a validator's own words."""
     return str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]

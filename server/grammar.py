@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, shown_int
 from server.client_share import current_client, prefix_salt
 from server.engine.constraints import mask_words
 from server.engine.errors import GrammarDeadEnd
@@ -207,8 +207,9 @@ def _check_integer_bounds(schema: dict) -> None:
                 outside.append((key, bound))
     if integers and outside:
         key, bound = outside[0]
+        shown = shown_int(bound) if isinstance(bound, int) else bound
         raise InvalidGrammar(
-            f"the JSON schema has integers and a {key} of {bound}, outside 64-bit integers ({INT64_MIN} to "
+            f"the JSON schema has integers and a {key} of {shown}, outside 64-bit integers ({INT64_MIN} to "
             f"{INT64_MAX}), the range integers are generated in: a bound can reach an integer through allOf, $ref "
             "or a sibling keyword, so a schema with integers takes every bound within that range"
         )

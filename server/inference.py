@@ -14,7 +14,7 @@ from fastapi import Request
 from adapters.errors import AdapterError, AdapterNotFound
 from adapters.lora import LoraWeights
 from loraplex.basemodel import LoadedBase
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, shown_int
 from server.client_share import current_client, prefix_salt
 from server.engine import GenerationRequest, PromptScores, SamplingParams, TokenEvent
 from server.engine.text import TextStream
@@ -153,7 +153,7 @@ class Inference:
             bad = next((token for token in ids if token >= vocabulary), None)
             if bad is not None:
                 which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-                raise InvalidTokens(f"{which}: token id {bad} is not in the vocabulary (0..{vocabulary - 1})")
+                raise InvalidTokens(f"{which}: {_outside(bad, vocabulary)}")
 
     async def encode_chat(
         self,
@@ -209,7 +209,7 @@ class Inference:
             )
         bad = next((i for i in ids if not 0 <= i < self.tokenizer_size), None)
         if bad is not None:
-            raise InvalidTokens(f"token id {bad} is not in the vocabulary (0..{self.tokenizer_size - 1})")
+            raise InvalidTokens(_outside(bad, self.tokenizer_size))
 
     def check_tokenized(self, tokens: int) -> None:
         """A /tokenize answer's tokens: at most max_seq_len. A text within the character bound can be ~250,000
@@ -241,8 +241,8 @@ class Inference:
             return min(default, room)
         if requested > room:
             raise MaxTokensTooLarge(
-                f"{field} {requested} + the prompt's {prompt_tokens} tokens exceed max_seq_len {self.max_seq_len}: "
-                f"send {field} <= {room}, or a shorter prompt"
+                f"{field} {shown_int(requested)} + the prompt's {prompt_tokens} tokens exceed max_seq_len "
+                f"{self.max_seq_len}: send {field} <= {room}, or a shorter prompt"
             )
         return requested
 
@@ -252,7 +252,8 @@ class Inference:
         if min_tokens is not None and min_tokens > max_new_tokens:
             limit = f"{field} {max_new_tokens}" if sent else f"{field} (not sent: {max_new_tokens} here)"
             raise MinTokensTooLarge(
-                f"min_tokens {min_tokens} exceeds {limit}: send min_tokens <= {max_new_tokens}, or a larger {field}"
+                f"min_tokens {shown_int(min_tokens)} exceeds {limit}: send min_tokens <= {max_new_tokens}, or a "
+                f"larger {field}"
             )
         return min_tokens or 0
 
@@ -266,7 +267,7 @@ class Inference:
         pairs = {int(token): bias for token, bias in (biases or {}).items()}
         bad = next((token for token in pairs if token >= self.vocab_size), None)
         if bad is not None:
-            raise InvalidTokens(f"logit_bias: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidTokens(f"logit_bias: {_outside(bad, self.vocab_size)}")
         return tuple(sorted(pairs.items()))
 
     def stop_token_ids(self, ids: list[int] | None, min_tokens: int, ignore_eos: bool) -> frozenset[int]:
@@ -276,7 +277,7 @@ class Inference:
         vocabulary of at most MAX_STOP_TOKEN_IDS + 1 tokens (byte-level models) can be covered so."""
         bad = next((token for token in ids or () if token >= self.vocab_size), None)
         if bad is not None:
-            raise InvalidTokens(f"stop_token_ids: token id {bad} is not in the vocabulary (0..{self.vocab_size - 1})")
+            raise InvalidTokens(f"stop_token_ids: {_outside(bad, self.vocab_size)}")
         stops = frozenset(ids or ())
         if min_tokens and len(stops | (frozenset() if ignore_eos else self.eos_ids)) >= self.vocab_size:
             raise InvalidTokens(
@@ -304,11 +305,18 @@ class Inference:
 
     # ---- running -------------------------------------------------------------------------------------------
     async def stream(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+        scoring: bool = False,
     ) -> AsyncGenerator[TokenEvent]:
         """Events of one request (its output constrained by `grammar`, if given: a matcher of its own). Errors
         before the first event (unknown adapter, queue full, prompt too long) raise typed errors; leaving early
-        cancels the request in the engine."""
+        cancels the request in the engine. `scoring`: a request of no tokens (OpenAI's max_tokens 0), whose
+        prompt is scored in a step, which draws a token (`sampling` asks for one): dropped here (`unsampled`),
+        before anything counts it as generated."""
         label = self._label(adapter)
         try:
             request = GenerationRequest(
@@ -341,6 +349,8 @@ class Inference:
         first = True
         try:
             async for event in token_stream:
+                if scoring:
+                    event = unsampled(event)
                 if first:  # every event of a request carries its count
                     self.metrics.prompt_tokens_cached.inc(event.cached_tokens)
                     first = False
@@ -433,11 +443,16 @@ class Inference:
         return self._label(label)
 
     async def open_stream(
-        self, prompt_ids: list[int], sampling: SamplingParams, adapter: Adapter, grammar: CompiledGrammar | None = None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+        scoring: bool = False,
     ) -> AsyncIterator[TokenEvent]:
         """`stream`, started: waits for the first event so that errors before it (unknown adapter, queue
         full, prompt too long) raise here, while a streaming route can still answer with an HTTP error."""
-        events = self.stream(prompt_ids, sampling, adapter, grammar)
+        events = self.stream(prompt_ids, sampling, adapter, grammar, scoring)
         return _Opened(await anext(events), events)
 
     async def generate(
@@ -452,14 +467,20 @@ class Inference:
         return (await self.generate_many(request, [(prompt_ids, sampling)], adapter, grammar))[0]
 
     async def generate_many(
-        self, request: Request, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
+        self,
+        request: Request,
+        runs: list[Run],
+        adapter: Adapter,
+        grammar: CompiledGrammar | None = None,
+        scoring: bool = False,
     ) -> list[Generation]:
         """One Generation per run, in order, run concurrently as requests of the same batch; the first error (queue
-        full, unknown adapter) cancels the others and raises, as does a client that disconnects."""
+        full, unknown adapter) cancels the others and raises, as does a client that disconnects. `scoring`: see
+        `stream`."""
 
         async def collect(prompt_ids: list[int], sampling: SamplingParams, pinned: Adapter) -> Generation:
             result = Generation(len(prompt_ids))
-            async for event in self.stream(prompt_ids, sampling, pinned, grammar):
+            async for event in self.stream(prompt_ids, sampling, pinned, grammar, scoring):
                 result.events.append(event)
             return result
 
@@ -474,16 +495,16 @@ class Inference:
         return await until_disconnected(request, lambda: self._on_one_version(adapter, len(runs), collect_all))
 
     async def open_streams(
-        self, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None
+        self, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None = None, scoring: bool = False
     ) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(index of its run, event) of several requests, as they come; errors before the first events raise here.
-        Closing the stream cancels every request still running."""
+        Closing the stream cancels every request still running. `scoring`: see `stream`."""
 
         async def open_all(pinned: Adapter) -> AsyncIterator[tuple[int, TokenEvent]]:
             streams: list[AsyncIterator[TokenEvent]] = []
             try:
                 for prompt_ids, sampling in runs:
-                    streams.append(await self.open_stream(prompt_ids, sampling, pinned, grammar))
+                    streams.append(await self.open_stream(prompt_ids, sampling, pinned, grammar, scoring))
             except BaseException:
                 for opened in streams:
                     await opened.aclose()  # type: ignore[attr-defined]
@@ -491,6 +512,19 @@ class Inference:
             return _merged(streams)
 
         return await self._on_one_version(adapter, len(runs), open_all)
+
+
+def _outside(token: int, vocabulary: int) -> str:
+    return f"token id {shown_int(token)} is not in the vocabulary (0..{vocabulary - 1})"
+
+
+def unsampled(event: TokenEvent) -> TokenEvent:
+    """A scoring request's event: the token its step drew was never asked for, so the event says nothing was
+    generated (no token, text or logprob), ended by length as vLLM's; its prompt's scores stay."""
+    if event.token_id is None:  # an end of its own (cancelled): as it is
+        return event
+    return replace(event, token_id=None, text="", logprob=None, top_logprobs=(), finish_reason="length",
+                   stop_reason=None)  # fmt: skip
 
 
 class _Opened:

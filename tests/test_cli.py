@@ -2,6 +2,7 @@
 failures, and the adapter commands against a fake admin API."""
 
 import argparse
+import ast
 import logging
 import os
 import re
@@ -131,11 +132,7 @@ def loraplex_argvs(line: str) -> list[list[str]]:
 def test_the_docs_loraplex_commands_parse():
     """Every `loraplex` command the README and docs/ show, flags included, is one the command line takes, so a
     renamed or removed flag cannot stay in a page a newcomer copies from."""
-    parser, seen = build_parser(), 0
-    parsers = [parser]
-    for each in parsers:  # no abbreviations: a flag renamed from --name to --names must not pass as its prefix
-        each.allow_abbrev = False
-        parsers += [p for a in each._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    parser, seen = build_parser(), 0  # flags whole: one renamed from --name to --names must not pass as its prefix
     for doc in DOCS:
         for line in doc_command_lines(doc.read_text()):
             for argv in loraplex_argvs(line):
@@ -147,6 +144,52 @@ def test_the_docs_loraplex_commands_parse():
     assert seen >= 15  # the tour, Adapters, Training, Ray Serve and the shared store's commands
 
 
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and its subcommands' parsers, at every depth."""
+    parsers = [parser]
+    for each in parsers:
+        parsers += [p for a in each._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    return parsers
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--max-seq", "10"],  # --max-seq-len
+        ["train", "--dat", "rows.jsonl", "--output", "out"],  # --data
+        ["adapters", "push", "dir", "--nam", "a"],  # --name
+        ["adapters", "list", "--serv", "http://x"],  # --server
+    ],
+)
+def test_an_abbreviated_flag_is_refused(argv: list[str], capsys):
+    """A flag is taken written whole: an abbreviation would mean another flag once one beginning so is added."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    abbreviation = next(word for word in argv if word.startswith("--"))
+    assert exc.value.code == 2 and abbreviation in capsys.readouterr().err
+    assert all(not p.allow_abbrev for p in all_parsers(build_parser()))  # every subcommand's, one added later too
+
+
+def test_every_argument_parser_of_the_repository_takes_flags_whole():
+    """The benchmarks' command lines too: each ArgumentParser is made with allow_abbrev=False."""
+    calls = []
+    for path in REPO.glob("*/**/*.py"):
+        if path.parts[len(REPO.parts)].startswith(".") or path.parts[len(REPO.parts)] == "tests":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == (
+                "ArgumentParser"
+            ):
+                calls.append((path.relative_to(REPO), node.lineno, node))
+    whole = [
+        any(k.arg == "allow_abbrev" and isinstance(k.value, ast.Constant) and k.value.value is False
+            for k in node.keywords)
+        for _, _, node in calls
+    ]  # fmt: skip
+    assert len(calls) >= 16
+    assert all(whole), [f"{path}:{line}" for (path, line, _), ok in zip(calls, whole, strict=True) if not ok]
+
+
 def test_the_docs_install_into_a_virtual_environment():
     """A bare `pip install` goes to the system's Python, where a fresh Debian or Ubuntu has no pip or refuses
     (externally managed): every install the docs show goes through a virtual environment's pip."""
@@ -155,6 +198,15 @@ def test_the_docs_install_into_a_virtual_environment():
             for words in shell_commands(line):
                 runs_pip = words[0].split("/")[-1] in ("pip", "pip3") or words[1:3] == ["-m", "pip"]
                 assert not runs_pip or "/bin/" in words[0], f"{doc.name}: {line}"
+
+
+def test_the_readme_installs_the_venv_package_before_the_first_make():
+    """`make` sets up .venv with `python3 -m venv`, which fails on a fresh Debian or Ubuntu until the python3-venv
+    package is installed: the README's first commands install it first."""
+    lines = doc_command_lines((REPO / "README.md").read_text())
+    first_make = next(i for i, line in enumerate(lines) if shell_commands(line)[0][0] == "make")
+    installs = [words for line in lines[:first_make] for words in shell_commands(line)]
+    assert any(words[-3:] == ["apt-get", "install", "python3-venv"] for words in installs), lines[:first_make]
 
 
 def test_the_docs_variables_are_settings():

@@ -15,9 +15,6 @@ the plain count passes the bound, strings are found by their quotes, once their 
 import json
 
 from loraplex.errors import LoraplexError
-from server.api.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS_ENTRIES, MAX_PROMPTS, MAX_STOP_SEQUENCES
-from server.grammar import MAX_GRAMMAR_CHARS
-from server.mixing import MAX_MIX_ADAPTERS
 from server.tokenizer_pool import MAX_MESSAGES
 
 ITEM_BYTES = (b",", b"[", b"{")
@@ -35,6 +32,11 @@ class TooManyJsonItems(LoraplexError):
 def max_json_items(max_seq_len: int) -> int:
     """The items of the largest honest request of any inference route, and so the bound: 45,088 at max_seq_len
     2048, a body of them parsed in ~2-3 ms at worst (one-id lists: `[3],`)."""
+    # here, not above: a fleet's ingress counts items (items_within) and loads no torch, which these modules do
+    from server.api.schemas import MAX_CONTENT_PARTS, MAX_LOGIT_BIAS_ENTRIES, MAX_PROMPTS, MAX_STOP_SEQUENCES
+    from server.grammar import MAX_GRAMMAR_CHARS
+    from server.mixing import MAX_MIX_ADAPTERS
+
     return (
         MAX_PROMPTS * max_seq_len  # a batch of token-id prompts, each up to max_seq_len ids (/detokenize's: one)
         + MAX_GRAMMAR_CHARS // 2  # a JSON schema (its compact JSON): at most an item every two characters
@@ -73,6 +75,8 @@ def items_within(body: bytes, limit: int) -> bool:
 
 def check_items(body: bytes, max_seq_len: int) -> None:
     """TooManyJsonItems where `body` holds more items than any honest request (max_json_items)."""
+    from server.api.schemas import MAX_LOGIT_BIAS_ENTRIES, MAX_STOP_SEQUENCES  # here: see max_json_items
+
     limit = max_json_items(max_seq_len)
     if not items_within(body, limit):
         raise TooManyJsonItems(

@@ -92,7 +92,7 @@ def _sampling(
     max_new_tokens = inference.max_new_tokens(len(prompt_ids), limit, field, default)
     min_tokens = inference.min_tokens(body.min_tokens, max_new_tokens, field, limit is not None)
     return SamplingParams(
-        # max_tokens 0 (scores_only): the prompt is scored in a step, which draws a token; it is dropped (_unsampled)
+        # max_tokens 0 (scores_only): the prompt is scored in a step, which draws a token; the stream drops it
         max_new_tokens=max(max_new_tokens, 1),
         min_tokens=min_tokens,
         temperature=inference.temperature(1.0 if body.temperature is None else body.temperature),
@@ -135,21 +135,6 @@ async def _adapter(body: OpenAISampling, inference: Inference) -> Adapter:
 
 def _finish(event: TokenEvent) -> OpenAIFinishReason:
     return "length" if event.finish_reason == "length" else "stop"
-
-
-def _unsampled(event: TokenEvent) -> TokenEvent:
-    """A scoring request's (max_tokens 0) event: the token its step drew was never asked for, so the event says
-    nothing was generated (no token, text or logprob), ended by length as vLLM's; its prompt's scores stay."""
-    if event.token_id is None:  # an end of its own (cancelled): as it is
-        return event
-    return replace(event, token_id=None, text="", logprob=None, top_logprobs=(), finish_reason="length",
-                   stop_reason=None)  # fmt: skip
-
-
-async def _unsampled_stream(events: AsyncIterator[tuple[int, TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    async with aclosing(events):  # type: ignore[type-var]
-        async for index, event in events:
-            yield index, _unsampled(event)
 
 
 def _top(token_id: int, logprob: float, inference: Inference) -> TopLogprob:
@@ -274,12 +259,17 @@ def _cumulative_logprob(result: Generation) -> float:
 
 
 async def _open_streams(
-    request: Request, runs: list[Run], adapter: Adapter, grammar: CompiledGrammar | None, inference: Inference
+    request: Request,
+    runs: list[Run],
+    adapter: Adapter,
+    grammar: CompiledGrammar | None,
+    inference: Inference,
+    scoring: bool = False,
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
     """The choices' streams, opened while listening for the client: choices open one after another, each once
     the one before has its first token, so with the batch full they wait for rows; until the response starts,
     nothing else would hear a client that left, and its choices would run to max_tokens for nobody."""
-    return await until_disconnected(request, lambda: inference.open_streams(runs, adapter, grammar))
+    return await until_disconnected(request, lambda: inference.open_streams(runs, adapter, grammar, scoring))
 
 
 async def _choice_chunks(
@@ -327,9 +317,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
     score_shapes.set(_score_shapes(body))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:  # best_of is not streamed: a run per choice, choice p x n + i of prompt p
-        events = await _open_streams(request, runs, adapter, grammar, inference)
-        if body.scores_only:
-            events = _unsampled_stream(events)
+        events = await _open_streams(request, runs, adapter, grammar, inference, body.scores_only)
 
         offsets = [0] * len(runs)
         # the prompt goes out with each choice's first chunk, as vLLM streams it
@@ -360,9 +348,7 @@ async def completions(body: CompletionRequest, request: Request, inference: Infe
                         yield await rendered_off_loop(partial(chunk, index, event, finish, usage))
 
         return sse_response(chunks(), OPENAI)
-    results = await inference.generate_many(request, runs, adapter, grammar)
-    if body.scores_only:
-        results = [Generation(r.prompt_tokens, [_unsampled(e) for e in r.events]) for r in results]
+    results = await inference.generate_many(request, runs, adapter, grammar, body.scores_only)
     # each prompt's candidates; best_of: the n of highest total logprob, best first (as vLLM)
     groups = [results[p * body.candidates : (p + 1) * body.candidates] for p in range(len(prompt_ids))]
     if body.candidates > body.n:
@@ -554,10 +540,10 @@ async def chat_answer(body: ChatCompletionRequest, request: Request, inference: 
     )
 
 
-def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> type[ToolCallParser] | None:
-    """The parser of a tool_choice "auto" request's answers (None for any other request); a 422 saying what to send
-    on a server without one."""
-    if not body.auto_tools:
+def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> Callable[[], ToolCallParser] | None:
+    """A new parser of a tool_choice "auto" request's answers, each choice's own, that reads calls of its tools
+    alone (None for any other request); a 422 saying what to send on a server without one."""
+    if not body.auto_tools or body.tools is None:
         return None
     name = request.app.state.settings.tool_call_parser
     if name == "off":
@@ -568,10 +554,10 @@ def _tool_call_parser(body: ChatCompletionRequest, request: Request) -> type[Too
             'send tool_choice "required" (the answer is one or more calls of the tools), {"type": "function", '
             '"function": {"name": ...}} (a call of that function), or "none" (a text answer, the tools unused)'
         )
-    return TOOL_CALL_PARSERS[name]
+    return partial(TOOL_CALL_PARSERS[name], [tool.function.name for tool in body.tools])
 
 
-def _message(text: str, tools: ToolPlan | None, parser: type[ToolCallParser] | None) -> AssistantMessage:
+def _message(text: str, tools: ToolPlan | None, parser: Callable[[], ToolCallParser] | None) -> AssistantMessage:
     """A whole answer's message: its text; with forced calls, the calls (content null, as OpenAI answers them);
     with tool_choice "auto", what the parser reads: text, calls or both."""
     if parser is not None:

@@ -12,6 +12,7 @@ names them for the setting."""
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +30,12 @@ Part = str | ParsedCall  # text of the answer's content, or a call
 
 
 class ToolCallParser(ABC):
-    """Reads one choice's answer, as it arrives, into its content and its calls."""
+    """Reads one choice's answer, as it arrives, into its content and its calls: calls of the request's tools
+    (`names`) alone. A call of any other function stays text, as a call the parser cannot read does: the client
+    has no such function to run (and OpenAI's finish reason "tool_calls" would ask it to)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
 
     @abstractmethod
     def feed(self, text: str) -> list[Part]:
@@ -42,9 +48,10 @@ class ToolCallParser(ABC):
 
 class TaggedCalls(ToolCallParser):
     """Calls each wrapped in START ... END, anywhere in the answer. What is between the markers and reads as a
-    call (read_call) is a call; what does not, markers included, stays text where it was, as vLLM answers a call
-    it cannot read. The whitespace after a call (the format's line breaks between calls) is not content. A START
-    not closed when the answer ends is read up to the end (a model may stop at its end-of-turn token instead).
+    call (read_call) of one of the tools is a call; what does not, markers included, stays text where it was, as
+    vLLM answers a call it cannot read. The whitespace after a call (the format's line breaks between calls) is
+    not content. A START not closed when the answer ends is read up to the end (a model may stop at its
+    end-of-turn token instead).
 
     Held back, and so bounded by the answer's length (max_tokens, itself within --max-seq-len): the text that
     may be the beginning of START (shorter than START), and a call until its END (or the answer's end)."""
@@ -52,7 +59,8 @@ class TaggedCalls(ToolCallParser):
     START: ClassVar[str]
     END: ClassVar[str]
 
-    def __init__(self) -> None:
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__(names)
         self._held = ""  # outside a call: the text that may begin START
         self._call: list[str] | None = None  # inside a call: its text so far, in pieces (START excluded)
         self._tail = ""  # inside a call: its last characters, where END may have begun
@@ -104,7 +112,7 @@ class TaggedCalls(ToolCallParser):
 
     def _close(self, inner: str, end: str, parts: list[Part]) -> None:
         call = self.read_call(inner)
-        if call is None:
+        if call is None or call.name not in self.names:
             _text(parts, self.START + inner + end)
         else:
             parts.append(call)

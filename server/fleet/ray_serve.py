@@ -33,6 +33,7 @@ from loraplex.settings import Settings
 from server.api.auth import admit_admin
 from server.api.errors import error_response
 from server.api.intake import FORM_OVERHEAD, UploadSlots, limited, read_body
+from server.api.jsonitems import max_json_items
 from server.api.sse import OPENAI, RESPONSES, TGI, failed_stream_end
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
 from server.fleet.routing import adapter_of, is_upload
@@ -134,6 +135,11 @@ class Replica:
     def served_name(self) -> str:
         return self.app.state.runtime.base.served_name
 
+    def json_items(self) -> int:
+        """The most JSON items an inference route's body may hold: the ingress parses no body past it, and asks
+        here (computing it loads the schemas, and with them torch)."""
+        return max_json_items(self.app.state.settings.max_seq_len)
+
     def check_health(self) -> None:
         """Serve's liveness probe: a stopped engine only a restart cures, so the replica is replaced."""
         runtime = self.app.state.runtime
@@ -155,6 +161,7 @@ class Ingress:
         self._settings = settings
         self._uploads = UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
         self._base_name: str | None = None
+        self._max_items: int | None = None
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -195,12 +202,18 @@ class Ingress:
         return response
 
     async def _adapter(self, request: ForwardedRequest) -> str | None:
-        """The routing key; None (any replica) for the base model, whose name a replica tells once. A large body is
-        parsed off the event loop, which every stream through the ingress shares."""
+        """The routing key; None (any replica) for the base model, whose name a replica tells once, as it tells the
+        bound on a body's items. A large body is counted and parsed off the event loop, which every stream through
+        the ingress shares."""
+        if not request.body:
+            return None
+        if self._max_items is None:
+            self._max_items = await self._replicas.json_items.remote()
+        route = (request.method, request.path, request.body, self._max_items)
         if len(request.body) <= ROUTING_ON_LOOP_BYTES:
-            adapter = adapter_of(request.method, request.path, request.body)
+            adapter = adapter_of(*route)
         else:
-            adapter = await asyncio.to_thread(adapter_of, request.method, request.path, request.body)
+            adapter = await asyncio.to_thread(adapter_of, *route)
         if adapter is None:
             return None
         if self._base_name is None:

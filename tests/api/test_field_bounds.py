@@ -35,6 +35,8 @@ from server.app import create_app
 MAX_SEQ_LEN = 64  # test_boundary's app
 LONG = "x" * 100_000  # past the prompt's character bound at MAX_SEQ_LEN (32 a token)
 C, CHAT, RESP = "/v1/completions", "/v1/chat/completions", "/v1/responses"
+HUGE = int("9" * 4000)  # within the JSON parser's bound on digits (sys.get_int_max_str_digits)
+SHOWN = "9" * 24 + "... (4000 digits)"
 
 
 @dataclass(frozen=True)
@@ -419,6 +421,18 @@ def test_a_checked_bound_answers_its_probe(client: TestClient, name: str) -> Non
          "merge_strategy"),
         (CHAT, chat(messages=[{"role": "user", "content": [{"type": LONG}]}]), "text content parts"),
         (RESP, {"model": "llama", "input": [{"role": "user", "content": [{"type": LONG}]}]}, "text content"),
+        # integers of thousands of digits (JSON sets them no bound): their first digits and how many there are
+        (C, body(C, max_tokens=HUGE), f"max_tokens {SHOWN}"),
+        (CHAT, chat(max_completion_tokens=HUGE), f"max_completion_tokens {SHOWN}"),
+        (RESP, {"model": "llama", "input": "hi", "max_output_tokens": HUGE}, f"max_output_tokens {SHOWN}"),
+        ("/generate", body("/generate", max_new_tokens=HUGE), f"max_new_tokens {SHOWN}"),
+        (C, body(C, max_tokens=4, min_tokens=HUGE), f"min_tokens {SHOWN}"),
+        (CHAT, chat(stop_token_ids=[HUGE]), f"stop_token_ids: token id {SHOWN}"),
+        (C, {"model": "llama", "prompt": [HUGE]}, f"the prompt: token id {SHOWN}"),
+        (C, {"model": "llama", "prompt": [[1], [HUGE]]}, f"prompt 1: token id {SHOWN}"),
+        ("/detokenize", {"tokens": [-HUGE]}, f"token id -{SHOWN}"),
+        (CHAT, chat(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {
+            "type": "integer", "minimum": HUGE}}}), f"a minimum of {SHOWN}"),
     ],
 )  # fmt: skip
 def test_a_refused_value_is_not_echoed_whole(client: TestClient, path: str, payload: dict, says: str) -> None:  # noqa: F811

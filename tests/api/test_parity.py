@@ -10,6 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft_dirs import make_peft_dir
+from prometheus_client.parser import text_string_to_metric_families
 from ready import wait_ready
 
 from adapters.localstore import LocalBackend
@@ -1038,6 +1039,26 @@ def test_completions_max_tokens_0_with_echo_answers_the_prompt_scored(client: Te
     assert "max_tokens 0" in says and "echo" in says
     assert "min_tokens" in error_of(client.post("/v1/completions", json={**text_only, "min_tokens": 1}))["message"]
     assert "max_tokens" in error_of(client.post("/v1/chat/completions", json=chat(max_tokens=0)))["message"]
+
+
+def test_a_scoring_requests_drawn_token_is_not_counted_as_generated(client: TestClient) -> None:
+    """The token that the step scoring a max_tokens 0 request's prompt draws is dropped from its answer, and from
+    the generated tokens the metrics count, streamed or not; its prompt is counted, and a max_tokens 1 request's
+    token is (the counter is read where it moves)."""
+
+    def counted(name: str) -> float:
+        """m2's count (its choices run pinned to its version: "m2@N")."""
+        samples = [s for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples]
+        return sum(s.value for s in samples if s.name == name and s.labels["adapter"].partition("@")[0] == "m2")
+
+    generated, prompt = "loraplex_generated_tokens_total", "loraplex_prompt_tokens_total"
+    body = {"model": "m2", "prompt": ["the cat sat", "abc"], "n": 2, "echo": True, "logprobs": 1, "max_tokens": 0}
+    before = {name: counted(name) for name in (generated, prompt)}
+    assert client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 0
+    assert sse(client, "/v1/completions", {**body, "stream": True})
+    assert counted(generated) == before[generated] and counted(prompt) > before[prompt]
+    assert client.post("/v1/completions", json={**body, "max_tokens": 1}).json()["usage"]["completion_tokens"] == 4
+    assert counted(generated) == before[generated] + 4
 
 
 def test_tgi_decoder_input_details_score_the_prefill(client: TestClient, reference) -> None:

@@ -17,6 +17,7 @@ def block(name: str, arguments: object) -> str:
 
 WEATHER = block("get_weather", {"city": "Paris", "days": 3})
 TIME = block("get_time", {"zone": "CET"})
+TOOLS = ("get_weather", "get_time", "f")  # the request's tools: a call of another function is no call
 # (answer, content, calls as (name, arguments))
 ANSWERS: list[tuple[str, str | None, list[tuple[str, str]]]] = [
     ("The capital of France is Paris.", "The capital of France is Paris.", []),
@@ -77,11 +78,19 @@ ANSWERS: list[tuple[str, str | None, list[tuple[str, str]]]] = [
         [],
     ),  # the first end marker closes the block, wherever it is
     ("a < b and <tool> <tool_cal", "a < b and <tool> <tool_cal", []),
+    # a call of a function that is not among the tools: text, as a block that is no call, beside those that are
+    (block("rm_rf", {"path": "/"}), block("rm_rf", {"path": "/"}), []),
+    (
+        f"{block('get_weathers', {})}{TIME}",
+        block("get_weathers", {}),
+        [("get_time", '{"zone": "CET"}')],
+    ),
+    ('<tool_call>{"name": "F"}</tool_call>', '<tool_call>{"name": "F"}</tool_call>', []),  # names are exact
 ]
 
 
 def read_whole(answer: str) -> tuple[str | None, list[tuple[str, str]]]:
-    content, calls = read_answer(Hermes(), answer)
+    content, calls = read_answer(Hermes(TOOLS), answer)
     AssistantMessage(content=content, tool_calls=calls or None).model_dump_json()  # the answer's JSON holds it
     assert all(c.id.startswith("call_") and c.type == "function" for c in calls)
     assert len({c.id for c in calls}) == len(calls)
@@ -90,7 +99,7 @@ def read_whole(answer: str) -> tuple[str | None, list[tuple[str, str]]]:
 
 def read_streamed(pieces: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """The pieces through StreamedCalls, checked to be OpenAI's form of a stream, added up as a client does."""
-    streamed = StreamedCalls(Hermes())
+    streamed = StreamedCalls(Hermes(TOOLS))
     content: list[str] = []
     calls: dict[int, dict] = {}
     for i, piece in enumerate(pieces):
@@ -128,7 +137,7 @@ def test_an_answer_is_read_into_its_content_and_calls_whole_or_cut_at_any_point(
 
 
 def test_text_that_may_begin_a_call_is_held_back_only_until_it_cannot() -> None:
-    parser = Hermes()
+    parser = Hermes(TOOLS)
     assert parser.feed("Hello <tool") == ["Hello "]
     assert parser.feed("box> there") == ["<toolbox> there"]
     assert parser.feed("<tool_call>") == []
@@ -139,7 +148,7 @@ def test_text_that_may_begin_a_call_is_held_back_only_until_it_cannot() -> None:
 
 
 def test_held_back_text_is_no_longer_than_the_marker_outside_a_call() -> None:
-    parser = Hermes()
+    parser = Hermes(TOOLS)
     for piece in ["<", "t", "o", "o", "l", "_", "c", "a", "l", "l"]:
         assert parser.feed(piece) == []
     assert len(parser._held) == len(Hermes.START) - 1

@@ -319,7 +319,7 @@ def test_auto_reads_the_models_calls_out_of_its_text_streamed_or_not_each_choice
     raw = auto_client.chat.completions.create(**params, tool_choice="none", extra_body={"cache_salt": "raw"})
     text = raw.choices[0].message.content
     assert HERMES_CALL in text  # the model's answer, the tools unused: a call in the format, as asked
-    content, calls = read_answer(Hermes(), text)
+    content, calls = read_answer(Hermes(SCHEMAS), text)
     expected = (content, [(c.function.name, c.function.arguments) for c in calls], "tool_calls")
     assert content and calls and expected[1] == [("get_weather", '{"city": "Paris", "days": 3}')]  # text, then the call
     whole = auto_client.chat.completions.create(**params, extra_body={"cache_salt": "calls-whole"})
@@ -327,3 +327,19 @@ def test_auto_reads_the_models_calls_out_of_its_text_streamed_or_not_each_choice
     jsonschema.validate(json.loads(whole.choices[0].message.tool_calls[0].function.arguments), WEATHER)
     streamed = streamed_answers(auto_client, **params, n=2, extra_body={"cache_salt": "calls-stream"})
     assert streamed == [expected, expected]
+
+
+def test_auto_leaves_a_call_of_a_function_not_among_the_tools_as_text_streamed_or_not(
+    auto_client: openai.OpenAI,
+) -> None:
+    """The model repeats its call of get_weather, but this request's tools hold get_time alone: the client has no
+    get_weather to run, so the call stays in the content, as the model wrote it, and the finish reason is the
+    text's, not "tool_calls"."""
+    params = {"model": MODEL, "messages": REPEATED_CALL, "tools": [TOOLS[1]], "max_tokens": 48, "temperature": 0}
+    raw = auto_client.chat.completions.create(**params, tool_choice="none", extra_body={"cache_salt": "other-raw"})
+    text = raw.choices[0].message.content
+    assert HERMES_CALL in text and raw.choices[0].finish_reason == "stop"
+    whole = auto_client.chat.completions.create(**params, extra_body={"cache_salt": "other-whole"})
+    assert whole_answer(whole.choices[0]) == (text, [], "stop")
+    streamed = streamed_answers(auto_client, **params, extra_body={"cache_salt": "other-stream"})
+    assert streamed == [(text, [], "stop")]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from fastapi.responses import StreamingResponse
 
 from server.api import adapters as adapters_api
 from server.api import schemas
+from server.api.jsonitems import max_json_items
 from server.cli import run as serve_run
 from server.fleet import routing
 from server.fleet.asgi import ForwardedRequest, ResponseStart, call_app
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = {"server", "adapters", "loraplex", "training"}
+MAX_ITEMS = max_json_items(2048)  # the routes' bound at the default max_seq_len
 
 
 @pytest.mark.parametrize(
@@ -42,7 +45,24 @@ def test_the_routing_key_is_the_adapter_the_routes_read(
     method: str, path: str, body: object, adapter: str | None
 ) -> None:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
-    assert routing.adapter_of(method, path, raw) == adapter
+    assert routing.adapter_of(method, path, raw, MAX_ITEMS) == adapter
+
+
+def test_a_body_past_the_routes_item_bound_is_not_parsed_for_its_routing_key() -> None:
+    """4 MiB of one-id lists, more items than any route takes: the replica refuses it unparsed, and the ingress,
+    which parsed it for its routing key, held ~25 times its bytes (and the interpreter lock, ~0.3 s) for each such
+    body. Counted, it names no adapter, and costs a copy of its bytes or two; a body of as many items as the routes
+    take is still read for its key."""
+    past = b'{"model": "bot", "prompt": [' + b",".join([b"[3]"] * 1_000_000) + b"]}"
+    tracemalloc.start()
+    try:
+        assert routing.adapter_of("POST", "/v1/completions", past, MAX_ITEMS) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(past), peak
+    within = b'{"model": "bot", "prompt": [' + b",".join([b"[3]"] * (MAX_ITEMS // 2 - 8)) + b"]}"
+    assert routing.adapter_of("POST", "/v1/completions", within, MAX_ITEMS) == "bot"
 
 
 def test_the_routing_bound_is_the_routes_bound() -> None:

@@ -194,8 +194,8 @@ def test_hostile_bodies_get_their_4xx_and_an_honest_stream_beside_them_is_unchan
     fleet: httpx.Client, plain: TestClient
 ) -> None:
     """The ingress reads bodies by a server's rules: JSON nested past the parser's depth was a 500 from the
-    ingress's routing, and a head declaring 100 MiB (over --max-request-mb) waited for its body, which the ingress
-    would have buffered up to --max-adapter-mb on any route."""
+    ingress's routing, a head declaring 100 MiB (over --max-request-mb) waited for its body, which the ingress
+    would have buffered up to --max-adapter-mb on any route, and a body of a million items was parsed whole."""
     adapter = ADAPTERS[1]
     tokens = 200
     body = tgi(adapter, long_prompt(plain, adapter, tokens), tokens)
@@ -209,6 +209,10 @@ def test_hostile_bodies_get_their_4xx_and_an_honest_stream_beside_them_is_unchan
         )
         # the replica's own answer (the routing's parse raised RecursionError, and the ingress answered 500)
         assert nested.status_code == 413 and nested.json()["error"]["code"] == "too_many_json_items", nested.text
+        # more items than any route takes: counted, not parsed, by the ingress; refused by the replica
+        items = b'{"model": "' + adapter.encode() + b'", "prompt": [' + b",".join([b"[3]"] * 1_000_000) + b"]}"
+        many = fleet.post("/v1/completions", content=items, headers={"content-type": "application/json"})
+        assert many.status_code == 413 and many.json()["error"]["code"] == "too_many_json_items", many.text
         status, error = declared_but_unsent(fleet.base_url.port or 0, "/v1/completions", 100 << 20)
         assert status == 413 and error["error"]["code"] == "request_too_large", error
         assert "--max-request-mb" in error["error"]["message"]
