@@ -97,6 +97,7 @@ def create_app(
         app.swagger_ui_oauth2_redirect_url,
     }
     open_paths = probes_and_docs - {None} | ({"/metrics"} if settings.open_metrics else set())
+    app.state.open_paths = frozenset(open_paths)  # a fleet's ingress authenticates by them too (server/fleet)
     app.add_middleware(RequestGuard, settings=settings, open_paths=open_paths, own_limit=(adapters_api.router.prefix,))
     app.include_router(generate.router)
     app.include_router(openai.router)

@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from adapters.errors import TooManyPinned
 from loraplex.errors import LoraplexError
 from loraplex.settings import Settings
-from server.api.auth import admit_admin
+from server.api.auth import admit_admin, authenticate
 from server.api.errors import error_response
 from server.api.intake import FORM_OVERHEAD, UploadSlots, limited, read_body
 from server.api.jsonitems import max_json_items
@@ -135,6 +135,11 @@ class Replica:
     def served_name(self) -> str:
         return self.app.state.runtime.base.served_name
 
+    def open_paths(self) -> frozenset[str]:
+        """The paths that need no key (probes, docs): the ingress authenticates every other request before it reads
+        its body, as a server does."""
+        return self.app.state.open_paths
+
     def json_items(self) -> int:
         """The most JSON items an inference route's body may hold: the ingress parses no body past it, and asks
         here (computing it loads the schemas, and with them torch)."""
@@ -162,6 +167,7 @@ class Ingress:
         self._uploads = UploadSlots(settings.max_concurrent_uploads, settings.max_uploads_per_client)
         self._base_name: str | None = None
         self._max_items: int | None = None
+        self._open_paths: frozenset[str] | None = None
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -171,6 +177,12 @@ class Ingress:
                     limit = (self._settings.max_adapter_mb << 20) + FORM_OVERHEAD
                     body = b"".join([chunk async for chunk in limited(request.stream(), limit)])
                     return await self._forward(request, body)
+            # the key before the body: a client without one could otherwise make the ingress hold --max-request-mb
+            # of each of its requests (the replica checks the scope: admin routes)
+            if self._open_paths is None:
+                self._open_paths = await self._replicas.open_paths.remote()
+            if request.url.path not in self._open_paths:
+                authenticate(self._settings, request.headers)
             message = await read_body(request.scope, request.receive, self._settings.max_request_mb)
         except LoraplexError as exc:
             return error_response(exc)

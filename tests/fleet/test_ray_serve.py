@@ -40,6 +40,7 @@ SERVING = dict(
     max_prefill_tokens=64,
 )
 PROMPTS = ("The capital of", "Once upon a time", "hello", "zq")
+ADMIN_KEY = "fleet-admin-key"  # the fleet's: its client sends it
 
 
 def upload(client: httpx.Client | TestClient, name: str, path: Path) -> httpx.Response:
@@ -76,7 +77,10 @@ def plain(
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     tmp = tmp_path_factory.mktemp("fleet")
-    settings = Settings(base_model=str(tiny_model_dirs["llama"]), adapter_dir=tmp / "store", cache_dir=tmp, **SERVING)
+    settings = Settings(
+        base_model=str(tiny_model_dirs["llama"]), adapter_dir=tmp / "store", cache_dir=tmp, admin_key=[ADMIN_KEY],
+        **SERVING,
+    )  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -85,7 +89,8 @@ def fleet(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # room for every request of a test on one replica: routing must not spill to the other for lack of it
         serve.run(application(settings, replicas=2, max_ongoing_requests=32), name=APP_NAME, route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers) as client:
             yield client
     finally:
         serve.shutdown()
@@ -176,12 +181,15 @@ def stream_events(client: httpx.Client, body: dict, started: threading.Event | N
     return events
 
 
-def declared_but_unsent(port: int, path: str, length: int) -> tuple[int, dict]:
-    """The status and JSON body answered to a request head that declares `length` bytes of body, none of them sent."""
+def declared_but_unsent(port: int, path: str, length: int, key: str | None = ADMIN_KEY) -> tuple[int, dict]:
+    """The status and JSON body answered to a request head that declares `length` bytes of body, none of them sent
+    (the head with `key`, or none)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         connection.putrequest("POST", path)
         connection.putheader("Content-Type", "application/json")
+        if key is not None:
+            connection.putheader("Authorization", f"Bearer {key}")
         connection.putheader("Content-Length", str(length))
         connection.endheaders()
         response = connection.getresponse()
@@ -216,6 +224,11 @@ def test_hostile_bodies_get_their_4xx_and_an_honest_stream_beside_them_is_unchan
         status, error = declared_but_unsent(fleet.base_url.port or 0, "/v1/completions", 100 << 20)
         assert status == 413 and error["error"]["code"] == "request_too_large", error
         assert "--max-request-mb" in error["error"]["message"]
+        # a head without a key, or with a wrong one, is refused before its body is read, which the ingress would
+        # otherwise hold (up to --max-request-mb a request) for a client that may send nothing else
+        for key in (None, "not-a-key"):
+            status, error = declared_but_unsent(fleet.base_url.port or 0, "/v1/completions", 1 << 20, key)
+            assert status == 401 and error["error"]["code"] == "invalid_api_key", error
         events = honest.result(120)
     assert events[-1]["generated_text"] == expected
 
