@@ -514,7 +514,10 @@ class OpenAISampling(BaseModel):
                 raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries: {len(value)} sent")
             bad = next((key for key in value if not _is_token_id(key)), None)
             if bad is not None:
-                raise ValueError(f'keys are token ids written as strings, e.g. "50256"; got {bad[:24]!r}')
+                raise ValueError(
+                    f'keys are token ids written as strings of at most 12 digits, e.g. "50256"; got {bad[:24]!r}'
+                    + (f" ({len(bad)} characters)" if len(bad) > 24 else "")
+                )
         return value
 
     @property
