@@ -183,19 +183,25 @@ def test_unreadable_records_protect_nothing_and_stop_no_prune(
 
 
 def test_a_server_writes_its_record_once_for_each_version_newly_in_use(tmp_path: Path, peft_dir: Path) -> None:
-    """A request's lease of a version the record names costs no write to the store: only one newly in use does."""
+    """A request's lease of a version the record names costs no write to the store (nor does its release): only a
+    version newly in use does."""
     shared = Directory(tmp_path / "store")
     store = shared.open()
     for path in variants(peft_dir, tmp_path / "variants", 2):
         store.put("bot", path)
-    writes: list[bytes] = []
-    write = store.backend.write_in_use
+    writes: list[bytes | None] = []  # each write to the store: a record, or None for a delete
+    write, delete = store.backend.write_in_use, store.backend.delete_in_use
 
-    def counted(server: str, record: bytes) -> None:
+    def written(server: str, record: bytes) -> None:
         write(server, record)
         writes.append(record)
 
-    store.backend.write_in_use = counted  # type: ignore[method-assign]
+    def deleted(server: str) -> None:
+        delete(server)
+        writes.append(None)
+
+    store.backend.write_in_use = written  # type: ignore[method-assign]
+    store.backend.delete_in_use = deleted  # type: ignore[method-assign]
     registry = AdapterRegistry(store, max_cpu_adapters=4, pin_memory=False)
 
     async def scenario() -> None:
@@ -207,7 +213,7 @@ def test_a_server_writes_its_record_once_for_each_version_newly_in_use(tmp_path:
         assert len(writes) == 1
         held = await registry.acquire("bot@2")
         wait_for(lambda: len(writes) == 2)
-        assert InUseRecord.model_validate_json(writes[-1]).keys == ["bot@2"]  # bot@1 left use
+        assert writes[-1] is not None and InUseRecord.model_validate_json(writes[-1]).keys == ["bot@2"]
         held.release()
 
     try:
