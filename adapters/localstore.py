@@ -8,13 +8,16 @@ Several server processes may share the directory (one host's disk, NFS, a ReadWr
   becomes visible and kept after deletes: a tombstone, so a number is never given twice, across processes,
   deletes and crashes (a crash can burn a number, never reuse one);
 - each process's scratch directory holds a lock for as long as the process lives, so a process that starts
-  removes only what dead ones left, never an upload in progress elsewhere.
+  removes only what dead ones left, never an upload in progress elsewhere;
+- `<root>/.in-use/<server>.json` is a server's record of the versions it uses, written aside and renamed into place
+  (whole); its age is its mtime against that of a file created there now: both the file server's clock on NFS.
 """
 
 import contextlib
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -32,6 +35,7 @@ TMP_PREFIX = ".tmp-"
 _OWNER = ".owner"
 _LOCKS = ".locks"
 _VERSIONS = ".versions"
+_IN_USE = ".in-use"
 # a directory changed this recently may change again within the same timestamp tick (coarse on most
 # filesystems), unseen by a token taken now: such a name is scanned again at the next refresh
 _RACY_NS = 2_000_000_000
@@ -170,6 +174,7 @@ class LocalBackend:
             root.mkdir(parents=True, exist_ok=True)
             (root / _LOCKS).mkdir(exist_ok=True)
             (root / _VERSIONS).mkdir(exist_ok=True)
+            (root / _IN_USE).mkdir(exist_ok=True)
         except OSError as exc:  # a file there, or a directory this server may not write: one line, not a traceback
             why = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror
             raise AdapterStoreUnavailable(
@@ -256,6 +261,43 @@ class LocalBackend:
 
     def scratch(self) -> contextlib.AbstractContextManager[Path]:
         return self._scratch.scratch()
+
+    def write_in_use(self, server: str, record: bytes) -> None:
+        # not synced: a record a crash of this host loses is that of a server gone with it
+        tmp = self.root / _IN_USE / f"{TMP_PREFIX}{server}"  # one writer a server: its store's recorder thread
+        tmp.unlink(missing_ok=True)
+        tmp.write_bytes(record)
+        tmp.replace(self.root / _IN_USE / f"{server}.json")
+
+    def in_use_records(self, ttl_s: float, max_bytes: int) -> dict[str, bytes]:
+        folder = self.root / _IN_USE
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        try:
+            now = os.fstat(fd).st_mtime  # the clock that stamps the records
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        records = {}
+        for entry in os.scandir(folder):
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if now - info.st_mtime > ttl_s:
+                    # Its server stopped without removing it, crashed, or cannot write. One whose server rewrites it
+                    # right now may go with it: the next rewrite, a third of the TTL later, brings it back.
+                    os.unlink(entry.path)
+                    continue
+                if entry.name.startswith(".") or not entry.name.endswith(".json") or not stat.S_ISREG(info.st_mode):
+                    continue  # a write in progress (or not a record): not a symbolic link or a FIFO to follow
+                with open(os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+                    records[entry.name.removesuffix(".json")] = f.read(max_bytes + 1)
+            except FileNotFoundError:
+                continue  # replaced or removed meanwhile
+            except OSError as exc:  # not ours to read or remove: protects nothing
+                log.warning("the in-use record %s is ignored: it protects no version (%s)", entry.path, exc)
+        return records
+
+    def delete_in_use(self, server: str) -> None:
+        (self.root / _IN_USE / f"{server}.json").unlink(missing_ok=True)
 
     def close(self) -> None:
         self._scratch.close()

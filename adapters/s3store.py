@@ -24,6 +24,8 @@ Layout under `s3://bucket/prefix/`:
   number whose files are up but whose manifest is still missing after _CONTENT_WAIT_S (its writer died between the
   two writes) is replaced then; replaced with `If-Match` on the ETag read, so that one writer takes it over. Kept
   after deletes, as claims are: one small object per content a name was given.
+- `in-use/<server>`: a server's record of the versions it uses; its age is its LastModified against the Date of
+  the listing's answer, both the store's clock.
 What is relied on: that PutObject with `If-None-Match: *` succeeds for one writer of a key and answers 412
 to the others (AWS S3 since 2024-08, MinIO, Ceph, R2), that PutObject with `If-Match: <ETag>` replaces the object
 only while it has that ETag (AWS S3 since 2024-11, MinIO, R2), and strong read-after-write and list-after-write
@@ -36,6 +38,7 @@ directory; the store checks every copy against the manifest's sha256 when it rea
 """
 
 import contextlib
+import email.utils
 import logging
 import os
 import secrets
@@ -44,6 +47,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +132,15 @@ class S3Backend:
     def _content_key(self, name: str, sha256: str) -> str:
         return f"{self.prefix}contents/{name}/{sha256}"
 
-    def _list(self, prefix: str) -> list[dict[str, Any]]:
-        objects: list[dict[str, Any]] = []
+    def _in_use_key(self, server: str) -> str:
+        return f"{self.prefix}in-use/{server}"
+
+    def _pages(self, prefix: str) -> list[dict[str, Any]]:
         with _answers(f"list {prefix}"):
-            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                objects += page.get("Contents", [])
-        return objects
+            return list(self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix))
+
+    def _list(self, prefix: str) -> list[dict[str, Any]]:
+        return [obj for page in self._pages(prefix) for obj in page.get("Contents", [])]
 
     def _numbered(self, prefix: str, suffix: str = "") -> dict[int, dict[str, Any]]:
         """The objects `<prefix><N><suffix>`, by N."""
@@ -406,6 +413,33 @@ class S3Backend:
 
     def scratch(self) -> contextlib.AbstractContextManager[Path]:
         return self._scratch.scratch()
+
+    def write_in_use(self, server: str, record: bytes) -> None:
+        with _answers("write this server's in-use record"):
+            self._s3.put_object(Bucket=self.bucket, Key=self._in_use_key(server), Body=record)
+
+    def in_use_records(self, ttl_s: float, max_bytes: int) -> dict[str, bytes]:
+        root = self._in_use_key("")
+        live: list[str] = []
+        expired: list[str] = []
+        for page in self._pages(root):
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            now = email.utils.parsedate_to_datetime(date) if date else datetime.now(UTC)  # the store's clock
+            for obj in page.get("Contents", []):
+                old = (now - obj["LastModified"]).total_seconds() > ttl_s
+                (expired if old else live).append(obj["Key"])
+        # Their servers stopped without removing them, crashed, or cannot write. One whose server rewrites it right
+        # now may go with it: the next rewrite, a third of the TTL later, brings it back.
+        self._delete(expired, "delete expired in-use records")
+        records = {}
+        for key in live:
+            record = self._read_start(key, max_bytes + 1)
+            if record is not None:  # else removed since the listing
+                records[key[len(root) :]] = record
+        return records
+
+    def delete_in_use(self, server: str) -> None:
+        self._delete([self._in_use_key(server)], "delete this server's in-use record")
 
     def close(self) -> None:
         self._scratch.close()

@@ -8,10 +8,15 @@ in-memory index that requests read (never the backend), and keeping that index i
 processes did: `refresh()` every few seconds (`start_refresh`), and at once for a name or version that a
 lookup misses. Versions are immutable, so a manifest once read is never read again. Every version is checked
 against its manifest's sha256 when it is read, so `name@N` is the same adapter on every server, forever.
+
+Pruning through one server must not delete a version another server uses (a request leases it, it is loading, or
+it is pinned): each server keeps a record of the versions it uses in the backend (`share_in_use`), and a prune
+keeps every version that a record younger than `in_use_ttl_s` names, by the backend's own clock.
 """
 
 import bisect
 import logging
+import secrets
 import shutil
 import threading
 from collections.abc import Callable, Hashable, Mapping
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
+
+from pydantic import BaseModel
 
 from adapters.errors import AdapterError, AdapterLoadFailed, AdapterNotFound, reason
 from adapters.fingerprint import BaseFingerprint
@@ -52,6 +59,15 @@ _NAMED_VERSIONS = 8
 # Versions one prune deletes at most: a store of S3 lists each version's objects to delete them, and the name's lock
 # is held meanwhile (its uploads and lookups wait); a name far past the cap comes down over several uploads
 PRUNE_BATCH = 64
+# How long a server's record of the versions it uses counts after it was last written (the default of the server's
+# --store-in-use-ttl-s). Rewritten every third of it while any version is in use, so a record expires only once its
+# server stopped without removing it, crashed, or could not write to the store for two thirds of it.
+IN_USE_TTL_S = 30.0
+# A record holds a key (74 characters at most) a version used there: the CPU tier's bound (--max-cpu-adapters, 64 by
+# default) keeps it to a few KiB. Another server's record is read no further than this; a larger one is ignored.
+MAX_IN_USE_BYTES = 1 << 20
+# a new version in use rewrites the record at once, then no sooner than this: a burst of them costs one write
+_IN_USE_WRITE_GAP_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,12 @@ class BrokenVersion:
 
 Versions = dict[int, Manifest]
 Broken = dict[int, BrokenVersion]
+
+
+class InUseRecord(BaseModel):
+    """What a server's record in the store holds: the keys of the versions it uses. Fields added later are ignored."""
+
+    keys: list[str]
 
 
 class StoreBackend(Protocol):
@@ -116,14 +138,35 @@ class StoreBackend(Protocol):
         """A private temporary directory (on the store's filesystem, for a directory store), removed on exit."""
         ...
 
+    def write_in_use(self, server: str, record: bytes) -> None:
+        """Store (or replace, at once and whole) the in-use record of the server `server`."""
+        ...
+
+    def in_use_records(self, ttl_s: float, max_bytes: int) -> dict[str, bytes]:
+        """Every server's in-use record younger than `ttl_s` seconds by the store's own clock, by server, each read
+        no further than `max_bytes` + 1 bytes. Older ones are deleted."""
+        ...
+
+    def delete_in_use(self, server: str) -> None: ...
+
     def close(self) -> None: ...
 
 
 class AdapterStore:
-    def __init__(self, backend: StoreBackend, base: BaseFingerprint, limits: AdapterLimits) -> None:
+    def __init__(
+        self, backend: StoreBackend, base: BaseFingerprint, limits: AdapterLimits, in_use_ttl_s: float = IN_USE_TTL_S
+    ) -> None:
         self.backend = backend
         self.base = base
         self.limits = limits
+        self.in_use_ttl_s = in_use_ttl_s
+        self.server = secrets.token_hex(8)  # names this server's in-use record: random, one a store opened
+        self._used: Callable[[], set[str]] = set
+        self._recorded: set[str] = set()  # what the record in the backend surely names
+        self._record_kept = False  # whether the backend may hold a record of this server's
+        self._record_mu = threading.Lock()  # guards `_recorded` and the two below
+        self._record_due = threading.Event()  # a version the record does not name came into use
+        self._recorder: threading.Thread | None = None  # keeps the record while any version is in use
         self._mu = threading.Lock()  # guards the in-memory index
         self._index: dict[str, Versions] = {}
         self._broken: dict[str, Broken] = {}
@@ -348,9 +391,83 @@ class AdapterStore:
 
     def close(self) -> None:
         self._stop.set()
+        self._record_due.set()
         if self._refresher is not None:
             self._refresher.join()
+        with self._record_mu:
+            recorder = self._recorder
+        if recorder is not None:
+            recorder.join()
+        if self._record_kept:
+            try:
+                self.backend.delete_in_use(self.server)
+            except Exception:  # it expires in the store after in_use_ttl_s
+                log.warning("removing this server's record of the adapter versions it uses failed", exc_info=True)
         self.backend.close()
+
+    # -- versions in use, here and on other servers -------------------------------------------------
+
+    def share_in_use(self, used: Callable[[], set[str]]) -> None:
+        """Keep a record of the versions `used()` names (those this server uses) in the backend, so that no prune
+        through another server deletes them: written at once when one that it does not name comes into use
+        (`note_in_use`), rewritten every third of `in_use_ttl_s` while any is, removed when none is and at
+        `close()`. Versions that leave use stay in it until the next rewrite: a release costs no write."""
+        self._used = used
+
+    def note_in_use(self, key: str) -> None:
+        """The version `key` is in use here now (cheap: a write only when the record does not name it)."""
+        with self._record_mu:
+            if key in self._recorded or self._stop.is_set():
+                return
+            self._record_due.set()
+            if self._recorder is None:
+                self._recorder = threading.Thread(target=self._keep_record, name="adapter-in-use-record", daemon=True)
+                self._recorder.start()
+
+    def _keep_record(self) -> None:
+        while True:
+            due = self._record_due.wait(self.in_use_ttl_s / 3)
+            if self._stop.is_set():
+                return  # close() removes the record
+            self._record_due.clear()
+            used = self._used()
+            with self._record_mu:
+                # while it is rewritten, the record surely names only what the old and the new one both do: a
+                # version outside that coming into use meanwhile has it written again
+                self._recorded &= used
+            try:
+                if used:
+                    self._record_kept = True
+                    self.backend.write_in_use(self.server, InUseRecord(keys=sorted(used)).model_dump_json().encode())
+                elif self._record_kept:
+                    self.backend.delete_in_use(self.server)
+                    self._record_kept = False
+            except Exception:  # the store may be briefly unreachable: tried again at the next rewrite
+                log.warning("writing this server's record of the adapter versions it uses failed", exc_info=True)
+            else:
+                with self._record_mu:
+                    self._recorded = used
+                    if not used and not self._record_due.is_set():
+                        self._recorder = None  # nothing in use: no thread, no writes, until a version comes into use
+                        return
+            if due:
+                self._stop.wait(_IN_USE_WRITE_GAP_S)
+
+    def _used_elsewhere(self) -> set[str]:
+        """The keys that the live in-use records of the other servers name. A record that cannot be read as one
+        (too large, malformed: a broken or hostile writer) protects nothing, with a warning: it must neither stop
+        every prune nor make one delete more."""
+        keys: set[str] = set()
+        for server, record in self.backend.in_use_records(self.in_use_ttl_s, MAX_IN_USE_BYTES).items():
+            if server == self.server:
+                continue  # this server's own uses are its registry's, as they are now
+            try:
+                if len(record) > MAX_IN_USE_BYTES:
+                    raise ValueError(f"it takes over {MAX_IN_USE_BYTES} bytes")
+                keys.update(InUseRecord.model_validate_json(record).keys)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                log.warning("the in-use record of server %r is ignored: it protects no version (%s)", server, exc)
+        return keys
 
     def _rescan(self, name: str, token: Hashable | None) -> list[str]:
         with self._mu:
@@ -436,15 +553,19 @@ class AdapterStore:
         self, name: str, keep: int, in_use: Callable[[list[str]], set[str]], batch: int = PRUNE_BATCH
     ) -> list[str]:
         """Delete the oldest readable versions of `name` beyond its newest `keep` (at least 1: the newest, which
-        `name` serves, always stays), at most `batch` of them, except those whose keys `in_use(keys)` returns;
-        return the removed keys. Unreadable versions are left to DELETE (they are listed under `broken`)."""
+        `name` serves, always stays), at most `batch` of them, except those whose keys `in_use(keys)` returns (this
+        server's) and those the other servers' live in-use records name; return the removed keys. Unreadable
+        versions are left to DELETE (they are listed under `broken`).
+
+        A version another server starts using after its record was read here is deleted all the same, as by a
+        DELETE: its requests running there finish, later ones get 404."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         with self.backend.lock(name):
             versions, broken = self.backend.scan(name, self._known(name))
             numbers = sorted(versions)
             candidates = [adapter_key(name, number) for number in numbers[: max(0, len(numbers) - keep)]]
-            busy = in_use(candidates) if candidates else set()
+            busy = in_use(candidates) | self._used_elsewhere() if candidates else set()
             gone = [number for number, key in zip(numbers, candidates, strict=False) if key not in busy][:batch]
             for number in gone:
                 del versions[number]
@@ -520,14 +641,19 @@ def _manifest(name: str, version: int, checked: ValidatedAdapter) -> Manifest:
 
 
 def open_store(
-    location: str | None, adapter_dir: Path, base: BaseFingerprint, limits: AdapterLimits, cache_bytes: int
+    location: str | None,
+    adapter_dir: Path,
+    base: BaseFingerprint,
+    limits: AdapterLimits,
+    cache_bytes: int,
+    in_use_ttl_s: float,
 ) -> AdapterStore:
     """The store the settings name: `s3://bucket/prefix` (with `adapter_dir` as this server's cache of it,
     `cache_bytes` at most), or the directory `adapter_dir` itself."""
     if location:
         from adapters.s3store import S3Backend  # the s3 extra: imported only when an S3 store is configured
 
-        return AdapterStore(S3Backend(location, adapter_dir, cache_bytes), base, limits)
+        return AdapterStore(S3Backend(location, adapter_dir, cache_bytes), base, limits, in_use_ttl_s)
     from adapters.localstore import LocalBackend
 
-    return AdapterStore(LocalBackend(adapter_dir), base, limits)
+    return AdapterStore(LocalBackend(adapter_dir), base, limits, in_use_ttl_s)

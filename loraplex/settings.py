@@ -54,6 +54,16 @@ class Settings(BaseSettings):
         "added or deleted: how long a deleted version may still start requests here (a name or version not "
         "known here is looked up at once).",
     )
+    store_in_use_ttl_s: float = Field(
+        30.0,
+        ge=3,
+        le=86400,
+        description="Seconds a server's record in the adapter store of the adapter versions it uses (leased by a "
+        "request, loading, or pinned) counts after it was last written: a prune of old versions through any server "
+        "sharing the store keeps those that live records name. A server rewrites its record every third of this while "
+        "it uses any version and removes it when it stops; an older record (its server crashed, or cannot reach the "
+        "store) is deleted by the next prune that reads it. Give every server sharing a store the same value.",
+    )
     store_cache_mb: int = Field(
         8192, ge=1, description="With --adapter-store: local disk cache of the versions this server serves, in MiB."
     )
@@ -162,10 +172,9 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="Versions kept per adapter name: after each upload, the name's oldest versions beyond this many "
-        "are deleted (at most 64 an upload), except those this server is using (leased by a running or queued "
-        "request, loading, or pinned; pruned at a later upload once free). The newest, which the name serves, always "
-        "stays. On a fleet, a version another replica runs finishes its running requests there, as after a delete. "
-        "Default: every version is kept.",
+        "are deleted (at most 64 an upload), except those in use (leased by a running or queued request, loading, or "
+        "pinned) on this server or another sharing the store; they are pruned at a later upload once free. The "
+        "newest, which the name serves, always stays. Default: every version is kept.",
     )
     max_request_mb: int = Field(
         4, ge=1, description="Largest request body of the other routes (JSON), in MiB: a larger one gets 413."

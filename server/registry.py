@@ -144,6 +144,8 @@ class AdapterRegistry:
         self._lookups = ThreadPoolExecutor(lookup_workers, thread_name_prefix="adapter-lookup")
         # deletes through this server and those found in the shared store take one path: _forget
         store.on_removed(self._forget)
+        # the versions in use here are kept by prunes through other servers too
+        store.share_in_use(self._used)
 
     # -- serving ------------------------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class AdapterRegistry:
             if entry.weights is None and entry.loading is None:
                 self._admit_load_locked(entry)  # before the reservation: a refused acquire reserves nothing
             entry.refs += 1  # reserved from here on: never evicted while loading
+            self.store.note_in_use(manifest.key)
             if entry.weights is not None:
                 self._cpu.move_to_end(manifest.key)
                 return self._lease_locked(entry, entry.weights)
@@ -329,6 +332,7 @@ class AdapterRegistry:
                     f"{self.max_cpu_adapters} (--max-cpu-adapters); unpin one or raise the limit"
                 )
             entry.pinned = True
+            self.store.note_in_use(manifest.key)
         return manifest.key
 
     def unpin(self, ref: str) -> None:
@@ -365,16 +369,16 @@ class AdapterRegistry:
         return stored
 
     def prune(self, name: str, keep: int) -> list[str]:
-        """Blocking: delete the oldest versions of `name` beyond its newest `keep`, except any this server is using
-        (leased by a request, running or queued, loading, or pinned): those stay, and go at a later prune once free.
-        A request that takes a version while it is pruned finishes on it, as after a delete. Returns the removed
-        keys."""
-        return self.store.prune(name, keep, self._in_use)
+        """Blocking: delete the oldest versions of `name` beyond its newest `keep`, except any this server or another
+        sharing the store is using (leased by a request, running or queued, loading, or pinned): those stay, and go
+        at a later prune once free. A request that takes a version while it is pruned finishes on it, as after a
+        delete. Returns the removed keys."""
+        return self.store.prune(name, keep, lambda keys: self._used().intersection(keys))
 
-    def _in_use(self, keys: list[str]) -> set[str]:
+    def _used(self) -> set[str]:
+        """The keys of the versions in use here: leased, loading or pinned (at most the CPU tier's bound)."""
         with self._lock:
-            entries = [(key, self._entries.get(key)) for key in keys]
-            return {key for key, e in entries if e is not None and (e.refs or e.pinned or e.loading is not None)}
+            return {key for key, e in self._entries.items() if e.refs or e.pinned or e.loading is not None}
 
     async def delete(self, ref: str) -> list[str]:
         """Delete 'name' (all versions, unreadable ones included) or 'name@N'; return the removed keys. New

@@ -63,6 +63,7 @@ class Runtime:
             fingerprint,
             AdapterLimits(max_rank=settings.max_lora_rank, max_bytes=settings.max_adapter_mb * 2**20),
             settings.store_cache_mb * 2**20,
+            settings.store_in_use_ttl_s,
         )
         # the CPU tier keeps each adapter as views of the engine's (pinned) packed copy: one copy, pinned once
         registry = AdapterRegistry(
