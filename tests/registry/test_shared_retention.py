@@ -18,7 +18,8 @@ from s3_server import s3_server
 
 from adapters.errors import AdapterNotFound
 from adapters.localstore import LocalBackend
-from adapters.store import MAX_IN_USE_BYTES, AdapterStore, InUseRecord
+from adapters.store import IN_USE_TTL_S, MAX_IN_USE_BYTES, AdapterStore, InUseRecord
+from loraplex.settings import Settings
 from server.registry import AdapterRegistry, AdapterState
 
 BUCKET = "loraplex-retention"
@@ -241,3 +242,8 @@ def test_the_record_goes_when_nothing_is_in_use_and_when_the_server_stops(tmp_pa
     finally:
         registry.close()
     assert shared.records() == set()
+
+
+def test_the_stores_default_in_use_ttl_is_the_servers():
+    """A store opened by a tool or a test keeps its record as long as a server does by default."""
+    assert Settings.model_fields["store_in_use_ttl_s"].default == IN_USE_TTL_S
