@@ -241,6 +241,22 @@ def test_a_grammar_that_allows_only_tokens_min_tokens_holds_back_is_a_dead_end(
     assert engine.num_running == 0
 
 
+def test_a_grammar_complete_before_min_tokens_ends_the_answer_there(family_setup, tokenizer, grammars) -> None:
+    """min_tokens holds back the end of sequence, but once the grammar is complete nothing else may follow: the
+    answer ends there ("stop", its text the grammar's whole match), short of min_tokens, and not as an error."""
+    base, _ = family_setup("llama")
+    engine = make_engine(base, tokenizer)
+    sink = Collector()
+    prompt = tokenizer("hello world")["input_ids"]
+    sampling = SamplingParams(max_new_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS - 1)  # EOS held back
+    constrained = request(prompt, sampling, None, "complete")
+    constrained.grammar = compiled(grammars, GrammarSpec.regex("ab")).matcher()
+    engine.submit(constrained, sink)
+    run_to_end(engine)
+    assert sink.finish("complete") == "stop"
+    assert tokenizer.decode(sink.tokens("complete")) == "ab" and len(sink.tokens("complete")) < NEW_TOKENS - 1
+
+
 def test_a_grammar_fixing_a_long_run_has_none_of_it_tokenized_and_the_rows_beside_answer_as_alone(
     family_setup, tokenizer, grammars, monkeypatch: pytest.MonkeyPatch
 ) -> None:
