@@ -118,6 +118,20 @@ class Settings(BaseSettings):
         description="Connections one peer address may hold open; past it its new ones are closed, so that one "
         "client cannot hold every connection (behind a proxy, one address is everyone); default: no share.",
     )
+    head_timeout_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="Seconds a connection has to send a whole request head, new or kept alive between requests; "
+        "past it the connection is closed (a client that sends part of a head and then nothing holds a connection).",
+    )
+    stall_timeout_s: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="Seconds a client may take no byte of its answer before its connection is reset and its "
+        "request cancelled (nginx's send_timeout): a client that stops reading holds its connection and its answer.",
+    )
     max_unsent_mb: int = Field(
         512,
         ge=1,

@@ -149,7 +149,13 @@ def run(args: argparse.Namespace) -> int:
 
     # a model that fails to load after the port opened stops the server like Ctrl-C, with exit code 1
     app = create_app(settings, on_fatal=lambda: os.kill(os.getpid(), signal.SIGINT), on_ready=freeze_heap)
-    protocol = server_protocol(max_connections, settings.max_connections_per_client, settings.max_unsent_mb << 20)
+    protocol = server_protocol(
+        max_connections,
+        settings.max_connections_per_client,
+        settings.max_unsent_mb << 20,
+        settings.head_timeout_s,
+        settings.stall_timeout_s,
+    )
     app.state.metrics.watch_connections(protocol.cap)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)

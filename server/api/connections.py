@@ -4,8 +4,8 @@ uvicorn keeps forever a connection whose client sent part of a request head and 
 and one whose client stopped reading its response (a stream nobody reads holds its whole answer in memory, and
 its connection, after the request has ended). Each held connection is a file descriptor: hundreds of them and
 the process cannot accept an honest client, nor open a file. Here a head must arrive whole within
-HEAD_TIMEOUT_S (hyper's default, as TGI serves), on a new connection as on one kept alive (which replaces
-uvicorn's keep-alive timeout), and a response the client accepts no byte of for STALL_TIMEOUT_S (nginx's
+--head-timeout-s (30 s: hyper's default, as TGI serves), on a new connection as on one kept alive (which replaces
+uvicorn's keep-alive timeout), and a response the client accepts no byte of for --stall-timeout-s (60 s: nginx's
 send_timeout) is reset: the route hears the client leave, which cancels its request.
 
 Deadlines bound how long each connection is held, not how many are: clients that open connections faster than
@@ -50,7 +50,7 @@ from server.api.errors import error_body
 from server.backlog import current_backlog
 from server.client_share import peer_client
 
-HEAD_TIMEOUT_S = 30.0
+HEAD_TIMEOUT_S = 30.0  # the defaults of --head-timeout-s and --stall-timeout-s
 STALL_TIMEOUT_S = 60.0
 NR_OPEN = 1 << 20  # Linux's default ceiling on a process's descriptors, where the hard limit is unlimited
 FILES_RESERVE = 256  # descriptors kept from connections for the process's own files (adapters, logs, the store)
@@ -387,9 +387,15 @@ class DeadlineH11Protocol(H11Protocol):
 
 
 def server_protocol(
-    max_connections: int, max_per_client: int | None = None, max_unsent: int | None = None
+    max_connections: int,
+    max_per_client: int | None = None,
+    max_unsent: int | None = None,
+    head_timeout_s: float = HEAD_TIMEOUT_S,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
 ) -> type[DeadlineH11Protocol]:
     """The protocol of one server, its connections capped at `max_connections`, `max_per_client` from one peer
-    address, the bytes of answers waiting for their clients at `max_unsent` in all (None: no budget)."""
+    address, the bytes of answers waiting for their clients at `max_unsent` in all (None: no budget), a request
+    head due within `head_timeout_s` and a response's client reset after `stall_timeout_s` without taking a byte."""
     cap = ConnectionCap(max_connections, max_per_client, max_unsent)
-    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"cap": cap})
+    attributes = {"cap": cap, "head_timeout_s": head_timeout_s, "stall_timeout_s": stall_timeout_s}
+    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), attributes)

@@ -25,7 +25,9 @@ from loraplex.basemodel import load_base_model
 from loraplex.settings import Settings
 from server.api import intake
 from server.api.connections import (
+    HEAD_TIMEOUT_S,
     NR_OPEN,
+    STALL_TIMEOUT_S,
     DeadlineH11Protocol,
     connections_allowed,
     raise_open_files_limit,
@@ -37,11 +39,6 @@ from server.metrics import Metrics
 
 DEADLINE_S = 1.0
 MIB = 1 << 20
-
-
-class ShortDeadlines(DeadlineH11Protocol):
-    head_timeout_s = DEADLINE_S
-    stall_timeout_s = DEADLINE_S
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,9 @@ def url(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     # within kilobytes, not the megabytes loopback would buffer
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     listening.bind(("127.0.0.1", 0))
-    with serve_app(create_app(settings, base=base), http=ShortDeadlines, sock=listening) as url:
+    # the deadlines as --head-timeout-s and --stall-timeout-s set them (server/cli.py)
+    short = server_protocol(1024, head_timeout_s=DEADLINE_S, stall_timeout_s=DEADLINE_S)
+    with serve_app(create_app(settings, base=base), http=short, sock=listening) as url:
         wait_ready(url)
         yield url
 
@@ -350,14 +349,11 @@ def test_a_client_that_stops_reading_loses_its_connection_and_its_place() -> Non
     `Connection: close`) waited for those bytes forever: the connections were never lost and held the cap, so every
     new client was refused. They are reset, and a client with a request gets in."""
 
-    class Short(server_protocol(3)):  # type: ignore[misc, valid-type]
-        head_timeout_s = DEADLINE_S
-        stall_timeout_s = DEADLINE_S
-
     listening = socket.socket()
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel takes little of the answer
     listening.bind(("127.0.0.1", 0))
-    with serve_app(small_app(), http=Short, sock=listening) as url:
+    with serve_app(small_app(), http=server_protocol(3, head_timeout_s=DEADLINE_S, stall_timeout_s=DEADLINE_S),
+                   sock=listening) as url:  # fmt: skip
         big = b"GET /big HTTP/1.1\r\nHost: x\r\n"
         unread = [
             connect(url, big + b"\r\n", receive_buffer=4096),
@@ -376,13 +372,10 @@ def test_a_client_reading_slowly_but_steadily_gets_its_whole_answer() -> None:
     """The stall deadline resets a client that accepted no byte since it was set, not one whose answer takes longer
     than it to drain: 40 KB read 4 KiB at a time, over twice the deadline."""
 
-    class Short(server_protocol(3)):  # type: ignore[misc, valid-type]
-        stall_timeout_s = DEADLINE_S
-
     listening = socket.socket()
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     listening.bind(("127.0.0.1", 0))
-    with serve_app(small_app(), http=Short, sock=listening) as url:
+    with serve_app(small_app(), http=server_protocol(3, stall_timeout_s=DEADLINE_S), sock=listening) as url:
         sock = connect(url, b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", receive_buffer=4096)
         with contextlib.closing(sock):
             received, start = bytearray(), time.monotonic()
@@ -452,3 +445,9 @@ def test_a_peers_share_is_its_ipv4_address_or_its_ipv6_64(first: str, second: st
     client: an IPv6 host, given a /64, could otherwise open each connection from a new address, endless clients."""
     assert (peer_client(first) == peer_client(second)) is same
     assert peer_client("") == "" and peer_client("not an address") == "not an address"
+
+
+def test_the_settings_default_deadlines_are_the_protocols():
+    """A protocol made without them (tools, tests) keeps a server's default deadlines."""
+    fields = Settings.model_fields
+    assert (fields["head_timeout_s"].default, fields["stall_timeout_s"].default) == (HEAD_TIMEOUT_S, STALL_TIMEOUT_S)
