@@ -33,8 +33,8 @@ $(CLIENTS)/.installed:
 	touch $@
 
 # Test processes (pytest-xdist), each taking whole test files, so a module's costly fixture (a server, a
-# training) still starts once: their waits on servers and subprocesses overlap (on two cores the suite takes
-# ~7.5 min instead of ~14.5). TEST_WORKERS=0 runs it in this process.
+# training) still starts once: their waits on servers and subprocesses overlap (on two cores the suite, Ray's tests
+# included, takes ~15 min, using both cores throughout). TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 
 test: setup $(CLIENTS)/.installed

@@ -4,8 +4,14 @@ import os
 import sys
 from pathlib import Path
 
+# One compute thread for torch (OpenMP) in every test process and every server, trainer or script it starts (they
+# inherit the variable): `make test` runs two test processes, most of them beside a server, on as few as two cores,
+# where each process's team of one thread a core spun waiting on threads the others had descheduled (two processes
+# of two threads took twice as long as of one). Read by torch when it is imported: set before.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
-import torch
+import torch  # after the thread count above
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import tiny` from any test folder
 if not torch.cuda.is_available():  # before Triton is imported: its kernels then run on CPU tensors
