@@ -315,7 +315,7 @@ class Inference:
         """Events of one request (its output constrained by `grammar`, if given: a matcher of its own). Errors
         before the first event (unknown adapter, queue full, prompt too long) raise typed errors; leaving early
         cancels the request in the engine. `scoring`: a request of no tokens (OpenAI's max_tokens 0), whose
-        prompt is scored in a step, which draws a token (`sampling` asks for one): dropped here (`unsampled`),
+        prompt is scored in a step, which draws a token (`sampling` asks for one): dropped here (`_unsampled`),
         before anything counts it as generated."""
         label = self._label(adapter)
         try:
@@ -350,7 +350,7 @@ class Inference:
         try:
             async for event in token_stream:
                 if scoring:
-                    event = unsampled(event)
+                    event = _unsampled(event)
                 if first:  # every event of a request carries its count
                     self.metrics.prompt_tokens_cached.inc(event.cached_tokens)
                     first = False
@@ -518,7 +518,7 @@ def _outside(token: int, vocabulary: int) -> str:
     return f"token id {shown_int(token)} is not in the vocabulary (0..{vocabulary - 1})"
 
 
-def unsampled(event: TokenEvent) -> TokenEvent:
+def _unsampled(event: TokenEvent) -> TokenEvent:
     """A scoring request's event: the token its step drew was never asked for, so the event says nothing was
     generated (no token, text or logprob), ended by length as vLLM's; its prompt's scores stay."""
     if event.token_id is None:  # an end of its own (cancelled): as it is
