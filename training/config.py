@@ -67,6 +67,11 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per process).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(1024, ge=2, description="Tokens per row; longer rows are truncated.")
+    gradient_checkpointing: bool = Field(
+        True,
+        description="On CUDA, recompute each layer's activations in the backward pass instead of keeping them: "
+        "a fraction of the memory; off trains faster where the GPU holds them all (CPU runs always keep them).",
+    )
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the rows held out for an eval loss.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between eval losses.")
     save_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")

@@ -24,6 +24,7 @@ from training.batching import batches_per_epoch, collate, length_grouped_batches
 from training.checkpoint import CheckpointPlan, Progress, Resume, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import Example
+from training.errors import TrainingError
 from training.model import CausalLMLoss
 
 log = logging.getLogger("loraplex.training")
@@ -129,9 +130,12 @@ def fit(
             batch = {key: t.to(accelerator.device) for key, t in collate(rows, pad_id).items()}
             real += sum(len(e.input_ids) for e in rows)
             last = k == len(window) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
-                batch_loss, _ = loss_module(batch["input_ids"], batch["labels"])
-                accelerator.backward(batch_loss * world / step_tokens)
+            try:
+                with contextlib.nullcontext() if last else accelerator.no_sync(loss_module):
+                    batch_loss, _ = loss_module(batch["input_ids"], batch["labels"])
+                    accelerator.backward(batch_loss * world / step_tokens)
+            except torch.OutOfMemoryError as exc:
+                raise TrainingError(_out_of_memory(config, step, batch["input_ids"].shape, checkpoints)) from exc
             loss_sum += batch_loss.detach()
         accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -196,6 +200,16 @@ def _save(
         model = accelerator.unwrap_model(loss_module).model
         save_checkpoint(plan, progress, model, optimizer, scheduler)
     accelerator.wait_for_everyone()
+
+
+def _out_of_memory(config: TrainConfig, step: int, shape: torch.Size, checkpoints: CheckpointPlan | None) -> str:
+    """What to change after the device ran out of memory on a micro-batch of `shape` [rows, tokens]."""
+    fixes = "lower --batch-size (a higher --grad-accum keeps the rows of a step) or --max-seq-len"
+    if not config.gradient_checkpointing:
+        fixes += ", or drop --no-gradient-checkpointing (activations recomputed instead of kept)"
+    saved = checkpoints is not None and (checkpoints.resume_from is not None or step > config.save_every)
+    resume = "; --resume goes on from the last checkpoint" if saved else ""
+    return f"out of memory at step {step} on a micro-batch of {shape[0]} rows x {shape[1]} tokens: {fixes}{resume}"
 
 
 def _sum(accelerator: Accelerator, value):

@@ -85,7 +85,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     base = load_base_model(
         config.base_model, cache_dir=cache_dir, device=accelerator.device.type, quantize=True, dtype=dtype
     )
-    model = add_lora(base.model, config, gradient_checkpointing=cuda, compute_dtype=dtype)
+    model = add_lora(
+        base.model, config, gradient_checkpointing=cuda and config.gradient_checkpointing, compute_dtype=dtype
+    )
     pad_id = choose_pad_id(tokenizer)
     result = fit(model, train_rows, eval_rows, config, accelerator, pad_id, checkpoints=checkpoints, progress=progress)
 

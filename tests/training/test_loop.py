@@ -20,6 +20,7 @@ import training.run
 from training.cli import summary
 from training.config import TrainConfig
 from training.errors import TrainingError
+from training.model import CausalLMLoss
 from training.run import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,6 +147,29 @@ def test_resume_without_checkpoint_is_an_error_before_the_model_loads(data, tiny
 
 def _must_not_load(*args: object, **kwargs: object) -> None:
     raise AssertionError("the model loaded before the checkpoint was checked")
+
+
+def test_running_out_of_device_memory_names_what_to_change(data, tiny_model_dirs, tmp_path, monkeypatch):
+    """A micro-batch the device cannot hold (torch's OutOfMemoryError, raised at step 5's first forward) ends the
+    run in one line: the step and batch, the flags that lower the memory (gradient checkpointing among them, as it
+    was turned off) and the step-3 checkpoint to resume from."""
+    forward, calls = CausalLMLoss.forward, []
+
+    def out_of_memory_at_step_5(self: CausalLMLoss, *args: object, **kwargs: object) -> object:
+        calls.append(None)
+        if len(calls) == 9:  # two micro-batches a step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLMLoss, "forward", out_of_memory_at_step_5)
+    run = config(data, tiny_model_dirs["llama"], tmp_path / "out", gradient_checkpointing=False)
+    with pytest.raises(TrainingError) as caught:
+        train(run, progress=False)
+    message = str(caught.value)
+    assert re.fullmatch(r"out of memory at step 5 on a micro-batch of 4 rows x \d+ tokens: .*", message), message
+    assert "--batch-size" in message and "drop --no-gradient-checkpointing" in message, message
+    assert message.endswith("--resume goes on from the last checkpoint"), message
+    assert [p.name for p in run.checkpoint_dir.iterdir()] == ["step-0000003"]
 
 
 def test_two_process_ddp_on_cpu(data, tiny_model_dirs, tmp_path):
