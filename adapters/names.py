@@ -6,6 +6,8 @@ import re
 from adapters.errors import InvalidAdapterName
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# What parse_ref takes, as one pattern: a name, then optionally its version (what the HTTP schema states)
+REF_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}(@[1-9][0-9]{0,8})?$"
 _NAME = re.compile(NAME_PATTERN)
 _REF = re.compile(r"^(?P<name>[^@]+)(?:@(?P<version>[1-9][0-9]{0,8}))?$")
 

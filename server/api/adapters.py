@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -24,7 +25,7 @@ from adapters.errors import (
     UnsafeAdapterFormat,
 )
 from adapters.manifest import Manifest
-from adapters.names import parse_ref
+from adapters.names import NAME_PATTERN, REF_PATTERN, parse_ref
 from adapters.validate import CONFIG_FILE, PICKLE_SUFFIXES, TRAINING_FILE, WEIGHTS_FILE
 from loraplex.errors import LoraplexError
 from server.api.auth import require_admin
@@ -37,6 +38,42 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Depen
 _FILE_FIELDS = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, "training": TRAINING_FILE}
 MAX_PAGE = 1000  # adapters in a page of the listing, versions in a page of an adapter's or of the broken ones
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")  # as a reference's `name@N`
+# The path's adapter reference; its pattern is stated in the schema, and checked by parse_ref, whose messages say
+# how to write one (a FastAPI check would answer with a bare pattern mismatch)
+Ref = Annotated[
+    str,
+    PathParam(
+        description="NAME (its newest version) or NAME@VERSION",
+        json_schema_extra={"pattern": REF_PATTERN, "examples": ["support-bot", "support-bot@2"]},
+    ),
+]
+
+
+def _file(description: str) -> dict[str, str]:
+    return {"type": "string", "format": "binary", "description": description}
+
+
+# The upload's form, read by hand (its size bounded as it streams): stated here for the schema
+_UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": NAME_PATTERN, "description": "the adapter's name"},
+                        "config": _file(f"{CONFIG_FILE} of the PEFT directory (with weights)"),
+                        "weights": _file(f"{WEIGHTS_FILE} of the PEFT directory (with config)"),
+                        "training": _file(f"{TRAINING_FILE}: the training run's metadata (optional)"),
+                        "archive": _file("the PEFT directory as a .tar.gz or .zip, instead of config and weights"),
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def _registry(request: Request) -> AdapterRegistry:
@@ -133,7 +170,7 @@ def _manifest_json(manifest: Manifest) -> dict[str, Any]:
     return manifest.model_dump(mode="json")
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, openapi_extra=_UPLOAD_FORM)
 async def upload_adapter(request: Request, registry: Registry) -> JSONResponse:
     """201 with the new version's manifest; 200 with the existing one when the content is identical."""
     max_bytes = registry.store.limits.max_bytes
@@ -224,7 +261,7 @@ def _version_cursor(value: str | None) -> int | None:
 
 @router.get("/{ref}")
 async def show_adapter(
-    ref: str,
+    ref: Ref,
     registry: Registry,
     versions_limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="versions in this page")] = 100,
     versions_after: Annotated[
@@ -260,7 +297,7 @@ async def show_adapter(
 
 
 @router.delete("/{ref}")
-async def delete_adapter(ref: str, registry: Registry) -> dict[str, Any]:
+async def delete_adapter(ref: Ref, registry: Registry) -> dict[str, Any]:
     """'name' deletes every version, 'name@N' one; answers how many went (not which: a name may have any number)."""
     name, version = parse_ref(ref)
     deleted = await registry.delete(ref)

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import io
 import json
+import re
 import socket
 import tarfile
 import threading
@@ -25,6 +26,8 @@ from peft_dirs import LIMITS, make_peft_dir, new_store, variants
 from adapters import cli
 from adapters import client as admin_client
 from adapters.client import AdminClient, AdminClientError
+from adapters.errors import InvalidAdapterName
+from adapters.names import is_name, parse_ref
 from adapters.validate import AdapterLimits
 from loraplex.settings import Settings
 from server.api.adapters import router
@@ -566,3 +569,41 @@ def test_a_server_failure_mid_upload_is_a_json_error_and_stores_nothing(
         assert error["code"] == code and error["type"] == "server_error"
         assert [a["name"] for a in client.get("/v1/adapters").json()["data"]] == ["kept"]
         assert client.post("/v1/adapters", data={"name": "new"}, files=files_of(peft_dir)).status_code == 201
+
+
+def test_the_schema_states_the_upload_form_and_what_a_reference_may_be(client: TestClient, peft_dir: Path) -> None:
+    """The OpenAPI schema a client is generated from names the upload's form fields (the route reads its form by
+    hand) and the reference's pattern; the pattern takes exactly the references the server takes, and the server
+    still answers one it does not take with its own message."""
+    spec = client.get("/openapi.json").json()
+    form = spec["paths"]["/v1/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["name"]
+    assert set(form["properties"]) == {"name", "config", "weights", "training", "archive"}
+    name_pattern = re.compile(form["properties"]["name"]["pattern"])
+    ref_patterns = {
+        re.compile(next(p for p in op["parameters"] if p["name"] == "ref")["schema"]["pattern"])
+        for op in spec["paths"]["/v1/adapters/{ref}"].values()
+    }
+    assert len(ref_patterns) == 1
+    ref_pattern = ref_patterns.pop()
+    names = ["bot", "b", "a" * 64, "a" * 65, "Bot", "-bot", "b.o_t-1", "bot@", "b t", "bøt"]
+    refs = [*names, "bot@1", "bot@0", "bot@01", "bot@123456789", "bot@1234567890", "bot@2@3", "@2"]
+    for ref in refs:
+        try:
+            parse_ref(ref)
+        except InvalidAdapterName:
+            taken = False
+        else:
+            taken = True
+        assert bool(ref_pattern.fullmatch(ref)) == taken, ref
+    for name in names:
+        assert bool(name_pattern.fullmatch(name)) == is_name(name), name
+    # the fields the schema names are the ones the route reads: an upload by them is stored
+    with (
+        (peft_dir / "adapter_config.json").open("rb") as config,
+        (peft_dir / "adapter_model.safetensors").open("rb") as weights,
+    ):
+        stored = client.post("/v1/adapters", data={"name": "bot"}, files={"config": config, "weights": weights})
+    assert stored.status_code == 201, stored.text
+    refused = client.get("/v1/adapters/Bot@2")
+    assert refused.status_code == 400 and "use 1-64 characters" in refused.json()["error"]["message"], refused.text
