@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraplex.embedded import EMBEDDED_NAME, embedded_checkpoint
-from loraplex.errors import BaseModelError
+from loraplex.errors import BaseModelError, first_line
 from loraplex.synthetic import check_synthetic, is_synthetic, load_synthetic
 
 DeviceSpec = Literal["auto", "cuda", "cpu"]
@@ -69,7 +69,7 @@ def check_base_model(base_model: str | None, cache_dir: Path) -> tuple[str, str]
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot read the config of base model {source!r}: {_first_line(exc)}") from exc
+        raise BaseModelError(f"cannot read the config of base model {source!r}: {first_line(exc)}") from exc
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise BaseModelError(f"base model {source!r} is a {config.model_type!r} model, not a causal language model")
     return source, default_name
@@ -104,7 +104,7 @@ def load_base_model(
     except Exception as exc:  # corrupt weights, a hub error: one clear line, whatever raised
         if isinstance(exc, BaseModelError):
             raise
-        raise BaseModelError(f"cannot load base model {source!r}: {_first_line(exc)}") from exc
+        raise BaseModelError(f"cannot load base model {source!r}: {first_line(exc)}") from exc
     tokenizer = load_tokenizer(source)
     model.eval()
     model.requires_grad_(False)
@@ -119,10 +119,5 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # transformers raises OSError, ValueError or TypeError, in many lines
         hint = " (save the tokenizer into the model directory too)" if Path(source).is_dir() else ""
-        why = _first_line(exc).rstrip(": ")
+        why = first_line(exc).rstrip(": ")
         raise BaseModelError(f"cannot load the tokenizer of base model {source!r}{hint}: {why}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -27,6 +27,12 @@ class BaseModelError(LoraplexError):
 SHOWN_DIGITS = 24  # a client's number in an error message: at most this many of its digits
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (a library's may run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def shown_int(value: int) -> str:
     """A client's integer as an error message repeats it: whole where it is short, else its first digits and their
     count. JSON numbers have no size bound short of the parser's (thousands of digits), which a message repeated

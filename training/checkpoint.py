@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from loraplex.errors import first_line
 from training.config import TrainConfig
 from training.errors import CheckpointDamaged, TrainingError
 from training.fingerprint import BASE_WEIGHTS, Fingerprint, describe, differences
@@ -191,7 +192,7 @@ def load_checkpoint(
     except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
         # hashes matched, so these files were written so: e.g. by a torch version that this one cannot read
         raise TrainingError(
-            f"checkpoint {path} cannot be read ({_first_line(exc)}): remove it, and --resume falls back to the "
+            f"checkpoint {path} cannot be read ({first_line(exc)}): remove it, and --resume falls back to the "
             "one before"
         ) from exc
     try:
@@ -199,7 +200,7 @@ def load_checkpoint(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as exc:  # only reachable through --force-resume
-        raise TrainingError(f"checkpoint {path} does not fit this model ({_first_line(exc)})") from exc
+        raise TrainingError(f"checkpoint {path} does not fit this model ({first_line(exc)})") from exc
     if result.unexpected_keys:
         raise TrainingError(f"checkpoint {path} does not fit this model (were the LoRA targets changed?)")
     _set_rng_state(state["rng"])
@@ -240,11 +241,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _rng_state() -> dict:

@@ -28,6 +28,7 @@ def write_adapter(
     fit: FitResult,
     *,
     base_source: str,
+    base_commit: str | None = None,
     world: int,
 ) -> Path:
     """adapter_config.json + adapter_model.safetensors (safetensors only) + training.json in config.output,
@@ -41,7 +42,11 @@ def write_adapter(
     fingerprint = base_fingerprint(model)
     touched = [name.removeprefix("base_model.model.").removesuffix(".lora_A") for name in trained_modules]
     metadata: dict[str, Any] = {
-        "base_model": {"source": base_source, **fingerprint.restrict(touched).model_dump(mode="json")},
+        "base_model": {
+            "source": base_source,
+            **({"commit": base_commit} if base_commit else {}),  # a hub id's: the repository's commit trained on
+            **fingerprint.restrict(touched).model_dump(mode="json"),
+        },
         "dataset": {
             "file": config.data.name,
             "sha256": dataset.sha256,

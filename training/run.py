@@ -26,6 +26,7 @@ from training.config import TrainConfig
 from training.data import read_dataset, tokenize_dataset
 from training.errors import TrainingError
 from training.fingerprint import run_fingerprint
+from training.hub import pin_snapshot
 from training.loop import FitResult, fit
 from training.model import add_lora
 from training.output import write_adapter
@@ -49,7 +50,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     dataset = read_dataset(config.data, config.format)
     resolve_device(config.device)  # accelerate would train on the CPU, unasked, where --device cuda finds no CUDA
     cache_dir = config.cache_dir or _server_cache_dir()
-    source, _ = check_base_model(config.base_model, cache_dir)
+    base_model, commit = pin_snapshot(config.base_model, cache_dir)  # a hub id: one commit's files, in the cache
+    source, _ = check_base_model(base_model, cache_dir)
     tokenizer = load_tokenizer(source)
     examples, dropped = tokenize_dataset(
         dataset, tokenizer, config.max_seq_len, config.data, chat_template=config.chat_template
@@ -82,9 +84,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     random.seed(config.seed)
     cuda = accelerator.device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # CPUs lack fast bf16 matmuls; NF4 is stored alike
-    base = load_base_model(
-        config.base_model, cache_dir=cache_dir, device=accelerator.device.type, quantize=True, dtype=dtype
-    )
+    base = load_base_model(base_model, cache_dir=cache_dir, device=accelerator.device.type, quantize=True, dtype=dtype)
     model = add_lora(
         base.model, config, gradient_checkpointing=cuda and config.gradient_checkpointing, compute_dtype=dtype
     )
@@ -95,7 +95,10 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # write_adapter reads the adapter back and fsyncs it, so the checkpoints go only once it is safe
-        write_adapter(model, config, dataset, result, base_source=source, world=accelerator.num_processes)
+        named = config.base_model if commit else source  # a hub id by its name (and commit), not its cache path
+        write_adapter(
+            model, config, dataset, result, base_source=named, base_commit=commit, world=accelerator.num_processes
+        )
         if not config.keep_checkpoints:
             _remove_checkpoints(config.checkpoint_dir)
         if config.push:

@@ -1,5 +1,5 @@
-"""--resume against damaged checkpoints, changed settings and changed base weights, checked before the model loads;
-durable saves."""
+"""--resume against damaged checkpoints, changed settings and changed base weights (a directory's, a hub
+repository's new commit), checked before the model loads; durable saves."""
 
 import json
 import logging
@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -271,3 +272,34 @@ def test_save_fsyncs_files_and_directory_before_the_rename_and_keeps_two_good(ti
     save_checkpoint(plan, Progress(step=3), model, optimizer, scheduler)
     # the last two good ones: the damaged step 2 is no fallback, so step 1 stays
     assert sorted(p.name for p in plan.root.iterdir()) == ["step-0000001", "step-0000003"]
+
+
+def test_a_hub_base_is_trained_from_one_commit_and_a_new_commit_is_a_changed_base(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
+    """A base model named by hub id (a hub cache holding its repository, offline) is read from the snapshot of the
+    commit its branch names, and training.json names that commit. Once the branch names a commit of other weights, a
+    resume is refused before the model loads, as for a local directory whose weights were rewritten: it used to go on
+    against whatever the hub served by then."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--tinyorg--tiny-llama"
+    first, second = "1" * 40, "2" * 40
+    shutil.copytree(tiny_model_dirs["llama"], repo / "snapshots" / first)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    out = tmp_path / "out"
+    run = config(data, tiny_model_dirs["llama"], out, max_steps=3, save_every=1, keep_checkpoints=True)
+    run = run.model_copy(update={"base_model": "tinyorg/tiny-llama"})
+    train(run, progress=False)
+    base = json.loads((out / "training.json").read_text())["base_model"]
+    assert (base["source"], base["commit"]) == ("tinyorg/tiny-llama", first)
+
+    save_tiny(repo / "snapshots" / second, "llama", seed=5)  # the same architecture, other weights
+    (repo / "refs" / "main").write_text(second)
+    monkeypatch.setattr(training.run, "load_base_model", _must_not_load)
+    with pytest.raises(TrainingError, match=r"base_weights: model\.safetensors rewritten"):
+        train(run.model_copy(update={"resume": True}), progress=False)
