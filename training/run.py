@@ -26,7 +26,7 @@ from training.config import TrainConfig
 from training.data import read_dataset, tokenize_dataset
 from training.errors import TrainingError
 from training.fingerprint import run_fingerprint
-from training.hub import pin_snapshot
+from training.hub import fetch_weights, pin_snapshot
 from training.loop import FitResult, fit
 from training.model import add_lora
 from training.output import write_adapter
@@ -60,6 +60,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     if config.push:
         _check_push_target(config.push, config.api_key)  # a wrong URL or key is found now, not after training
     _check_output(config)
+    if commit:  # the checks above passed: now the gigabytes
+        fetch_weights(config.base_model, commit)
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     fingerprint = run_fingerprint(
