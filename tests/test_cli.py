@@ -267,12 +267,13 @@ def sigint_default() -> None:
 
 
 def ctrl_c(proc: subprocess.Popen) -> str:
-    """SIGINT, again every few seconds as a user presses Ctrl-C again: one that lands while Python runs a finalizer
-    is dropped ("Exception ignored in ..."). Returns stderr."""
-    for _ in range(12):
+    """SIGINT, again every 20 s as a user presses Ctrl-C again: one that lands while Python runs a finalizer is
+    dropped ("Exception ignored in ..."). Not sooner: a second one while a handled first one's exit is still under
+    way (seconds, on a loaded machine) kills the process by the signal instead of its exit status. Returns stderr."""
+    for _ in range(6):
         proc.send_signal(signal.SIGINT)
         try:
-            return proc.communicate(timeout=5)[1]
+            return proc.communicate(timeout=20)[1]
         except subprocess.TimeoutExpired:
             pass
     proc.kill()
