@@ -207,14 +207,19 @@ def test_work_is_charged_as_the_tokenizer_spends_it(smollm2: PreTrainedTokenizer
         "token strings": (lambda: smollm2.convert_ids_to_tokens(ids), ids_work(len(ids))),
     }
 
+    def within(per_byte: dict[str, float]) -> bool:
+        typical = statistics.median(per_byte.values())
+        return all(typical / 2 < seconds < 2 * typical for seconds in per_byte.values())
+
+    # Rounds of every job, each job's best time kept: a burst of other work on the machine slows no job in every
+    # run. At least 9; on a loaded machine up to 45, until each job has had a quiet run (a best only ever falls).
     best = dict.fromkeys(jobs, float("inf"))
-    for _round in range(9):  # rounds of every job: a burst of other work on the machine slows no job in every run
+    for done in range(1, 46):
         for name, (job, _) in jobs.items():
             began = time.perf_counter()
             job()
             best[name] = min(best[name], time.perf_counter() - began)
-    per_byte = {name: best[name] / work for name, (_, work) in jobs.items()}
-    typical = statistics.median(per_byte.values())
-    assert all(typical / 2 < seconds < 2 * typical for seconds in per_byte.values()), {
-        name: f"{seconds * 1e9:.0f} ns a byte" for name, seconds in per_byte.items()
-    }
+        per_byte = {name: best[name] / work for name, (_, work) in jobs.items()}
+        if done >= 9 and within(per_byte):
+            break
+    assert within(per_byte), {name: f"{seconds * 1e9:.0f} ns a byte" for name, seconds in per_byte.items()}

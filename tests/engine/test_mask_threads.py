@@ -115,14 +115,16 @@ def test_threads_fill_the_masks_and_failures_the_engine_thread_alone_fills(gramm
 
 
 def test_rows_go_to_threads_only_once_their_fills_are_measured_costly() -> None:
-    """Cheap rows stay on the engine thread step after step; costly ones (5 ms a mask, by their sleep) do too at
-    their first step, unmeasured, then go to the threads."""
-    filler = MaskFiller(2)
+    """Cheap rows stay on the engine thread step after step; costly ones (50 ms a mask, by their sleep) do too at
+    their first step, unmeasured, then go to the threads. The threads must save 20 ms a step here, not the default
+    0.5 ms, with costs scaled to match: on a loaded machine a cheap fill preempted for a few ms measures as costly,
+    and two of them in one step sent the cheap rows to the threads."""
+    filler = MaskFiller(2, min_saving_s=0.02)
     cheap = [Fake() for _ in range(4)]
     for _ in range(4):
         filler.fill(cheap, 64)
     assert threads_of(cheap) == {threading.get_ident()}
-    costly = [Fake(seconds=0.005) for _ in range(4)]
+    costly = [Fake(seconds=0.05) for _ in range(4)]
     filler.fill(costly, 64)
     assert threads_of(costly) == {threading.get_ident()}
     for _ in range(3):
