@@ -106,7 +106,9 @@ def plan_checkpoints(config: TrainConfig, fingerprint: Fingerprint, warn: Callab
     if damaged:
         warn(f"--resume: skipping damaged checkpoint {'; '.join(damaged)}; resuming from {path.name}")
     compared = fingerprint
-    if BASE_WEIGHTS not in manifest.fingerprint:  # written before the base weights were recorded: nothing to compare
+    # None: not recorded (a checkpoint from before base weights were, or of a hub id's base before it was trained from
+    # a snapshot): nothing to compare
+    if manifest.fingerprint.get(BASE_WEIGHTS) is None:
         compared = {name: value for name, value in fingerprint.items() if name != BASE_WEIGHTS}
     changes = differences(manifest.fingerprint, compared)
     if BASE_WEIGHTS in changes and not config.force_resume:

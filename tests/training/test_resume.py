@@ -202,13 +202,18 @@ def test_base_weights_changed_in_place_are_refused_before_the_model_loads(tiny_m
     assert "with changed settings: base_weights: model.safetensors rewritten " in summary(result)
 
 
-def test_a_checkpoint_that_predates_base_weights_still_resumes(run_copy, finished, tiny_model_dirs):
-    """Checkpoints written before the base weights were recorded say nothing of them: nothing to compare, no refusal."""
+@pytest.mark.parametrize("recorded", ["missing", "null"])
+def test_a_checkpoint_that_predates_base_weights_still_resumes(run_copy, finished, tiny_model_dirs, recorded):
+    """Checkpoints written before the base weights were recorded say nothing of them (missing), nor do those of a
+    hub id's base before it was trained from a snapshot (null): nothing to compare, no refusal."""
     cfg = _config(finished.parent / "data.jsonl", tiny_model_dirs, run_copy, resume=True)
     manifest_path = run_copy / "checkpoints" / "step-0000006" / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
     fingerprint = dict(manifest["fingerprint"])
-    del manifest["fingerprint"]["base_weights"]
+    if recorded == "missing":
+        del manifest["fingerprint"]["base_weights"]
+    else:
+        manifest["fingerprint"]["base_weights"] = None
     manifest_path.write_text(json.dumps(manifest))
     plan = plan_checkpoints(cfg, fingerprint, _no_warning)
     assert plan.start.step == 6 and plan.start.resumes[-1].changed == {}
