@@ -40,25 +40,30 @@ def streamed(client: openai.OpenAI, **params: object) -> tuple[list, object]:
     return events, events[-1].response
 
 
-@pytest.mark.parametrize("max_output_tokens", [4, 48])
+# greedy, the embedded model answers it in 7 tokens and ends ("The capital of France is Paris"): 4 cut it, 48 do not
+SHORT_ANSWER = f"{QUESTION} Say only the city."
+
+
+@pytest.mark.parametrize(("max_output_tokens", "cut"), [(4, True), (48, False)])
 def test_an_answer_is_the_chat_answer_to_the_same_conversation_streamed_or_not(
-    client: openai.OpenAI, max_output_tokens: int
+    client: openai.OpenAI, max_output_tokens: int, cut: bool
 ) -> None:
     """Instructions are the conversation's system message. An answer cut by max_output_tokens is incomplete, as
-    OpenAI says so; each request computes its prompt afresh (a cache_salt of its own), so greedy answers are equal."""
+    OpenAI says so, one that ends completed; each request computes its prompt afresh (a cache_salt of its own), so
+    greedy answers are equal."""
     chat = client.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": QUESTION}],
+        messages=[{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": SHORT_ANSWER}],
         max_tokens=max_output_tokens,
         temperature=0,
         extra_body={"cache_salt": f"chat-{max_output_tokens}"},
     )
-    params = {"model": MODEL, "instructions": "Answer in one word.", "input": QUESTION,
+    params = {"model": MODEL, "instructions": "Answer in one word.", "input": SHORT_ANSWER,
               "max_output_tokens": max_output_tokens, "temperature": 0}  # fmt: skip
     whole = client.responses.create(**params, extra_body={"cache_salt": f"whole-{max_output_tokens}"})
     choice = chat.choices[0]
     assert whole.output_text == choice.message.content and whole.id.startswith("resp_")
-    cut = choice.finish_reason == "length"
+    assert choice.finish_reason == ("length" if cut else "stop"), choice
     assert whole.status == ("incomplete" if cut else "completed")
     assert (whole.incomplete_details is not None) == cut
     assert (whole.usage.input_tokens, whole.usage.output_tokens) == (
