@@ -24,10 +24,14 @@ def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120)
 
 
-def streamed(client: openai.OpenAI, **params: object) -> tuple[list, object]:
+def streamed(client: openai.OpenAI, started: threading.Event | None = None, **params: object) -> tuple[list, object]:
     """The stream's events, checked as a client reads them (numbered in order, deltas inside their items), and the
-    response its last event carries."""
-    events = list(client.responses.create(stream=True, **params))  # type: ignore[call-overload]
+    response its last event carries; `started` is set once the first event is read."""
+    events = []
+    for event in client.responses.create(stream=True, **params):  # type: ignore[call-overload]
+        events.append(event)
+        if started is not None:
+            started.set()
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
     assert events[-1].type in ("response.completed", "response.incomplete")
@@ -145,16 +149,19 @@ HOSTILE = [
 def test_requests_it_cannot_answer_get_their_4xx_and_an_honest_stream_beside_them_is_unchanged(
     client: openai.OpenAI, server: str
 ) -> None:
-    params = {"model": MODEL, "input": QUESTION, "max_output_tokens": 48, "temperature": 0}
+    # 16 tokens (seconds on the CPU) outlast the refusals, each answered before any token is computed
+    params = {"model": MODEL, "input": QUESTION, "max_output_tokens": 16, "temperature": 0}
     alone = client.responses.create(**params, extra_body={"cache_salt": "honest-alone"}).output_text
     result: dict[str, str] = {}
+    started = threading.Event()
 
     def honest() -> None:
-        _, final = streamed(client, **params, extra_body={"cache_salt": "honest-beside"})
+        _, final = streamed(client, started, **params, extra_body={"cache_salt": "honest-beside"})
         result["text"] = final.output_text
 
     thread = threading.Thread(target=honest)
     thread.start()
+    assert started.wait(60)  # the honest request runs while the hostile ones come
     with httpx.Client(base_url=server, timeout=60) as http:
         for fields, says in HOSTILE:
             response = http.post("/v1/responses", json={**params, **fields})
