@@ -2,7 +2,7 @@
 before) and in the tokenizer's worker processes (server/tokenizer_workers.py): the embedded model on the CPU,
 --rows requests decoding, and two threads (the tokenizer pool's) doing one kind of job without pause, as one
 client flooding the server with such requests keeps them busy. Jobs: chats of --messages empty messages, chats of
-8, the prompt "hi" (what /tokenize of "hi" costs), and decoding 1,000 ids (/detokenize).
+8, the prompt "hi" (what /tokenize of "hi" costs), and decoding --ids ids (/detokenize; 1,000 by default).
 
     python3 bench/tokenizer_flood.py --out tokenizer_flood.json
 
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4, help="requests decoding")
     parser.add_argument("--tokens", type=int, default=24, help="tokens each generates")
     parser.add_argument("--messages", type=int, default=1024, help="empty messages in each long chat of the flood")
+    parser.add_argument("--ids", type=int, default=1000, help="ids in each decoding job of the flood")
     parser.add_argument("--jobs", help="the kinds of job to flood with, comma-separated (default: all)")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-bench")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
@@ -79,7 +80,7 @@ def main() -> None:
     engine = Engine(base.model, tokenizer, config)
     workers = TokenizerWorkers(tokenizer, processes=THREADS)
     long_chat, short_chat = ([{"role": "user", "content": ""}] * n for n in (args.messages, 8))
-    ids = [i % 30_000 + 100 for i in range(1000)]
+    ids = [i % 30_000 + 100 for i in range(args.ids)]
 
     def chat(messages: list[dict[str, str]]) -> object:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -88,7 +89,7 @@ def main() -> None:
         f"chat_of_{args.messages}": (lambda: chat(long_chat), lambda: workers.chat(long_chat)),
         "chat_of_8": (lambda: chat(short_chat), lambda: workers.chat(short_chat)),
         "encode_hi": (lambda: tokenizer("hi")["input_ids"], lambda: workers.encode("hi")),
-        "decode_1000": (lambda: tokenizer.decode(ids), lambda: workers.decode(ids)),
+        f"decode_{args.ids}": (lambda: tokenizer.decode(ids), lambda: workers.decode(ids)),
     }
 
     def measure() -> float:

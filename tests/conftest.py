@@ -26,6 +26,17 @@ from loraplex.embedded import embedded_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadfile`: the slowest files first, and the files sharing a session server on one process
+    (scheduling.py); any other mode is pytest-xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from scheduling import SlowestFirstFileScheduling
+
+    return SlowestFirstFileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

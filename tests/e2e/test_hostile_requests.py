@@ -84,6 +84,15 @@ def answer_of(response: httpx.Response) -> str:
     return choice["text"] if "text" in choice else choice["message"]["content"]
 
 
+@pytest.fixture(scope="module")
+def alone(keyed_server: tuple[str, Path]) -> list[str]:
+    """The HONEST requests' answers, each sent alone (one after another): what they must be beside anything, in
+    every test of this module (the same requests to the same server; computed once, ~4 s of CPU a request)."""
+    url, _ = keyed_server
+    with httpx.Client(base_url=url, timeout=300) as client:
+        return [answer_of(client.post(path, json=body, headers=AUTH)) for path, body in HONEST]
+
+
 async def post(client: httpx.AsyncClient, path: str, body: object, headers: dict[str, str]) -> httpx.Response:
     if isinstance(body, bytes):
         return await client.post(path, content=body, headers={"content-type": "application/json", **headers})
@@ -127,12 +136,11 @@ async def leave_early(client: httpx.AsyncClient) -> None:
         )
 
 
-def test_hostile_requests_harm_only_their_senders(keyed_server: tuple[str, Path]) -> None:
+def test_hostile_requests_harm_only_their_senders(keyed_server: tuple[str, Path], alone: list[str]) -> None:
     url, log = keyed_server
 
-    async def run() -> tuple[list[str], list[str], list[tuple[int, dict]], list[httpx.Response]]:
+    async def run() -> tuple[list[str], list[tuple[int, dict]], list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)) as client:
-            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
             honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
             await asyncio.sleep(0.3)  # the honest requests are running when the hostile ones arrive
             _, no_key, too_large, *hostile = await asyncio.gather(
@@ -142,9 +150,9 @@ def test_hostile_requests_harm_only_their_senders(keyed_server: tuple[str, Path]
                 *(post(client, path, body, headers) for path, body, headers, *_ in HOSTILE),
             )
             together = [answer_of(r) for r in await asyncio.gather(*honest)]
-            return alone, together, [no_key, too_large], hostile
+            return together, [no_key, too_large], hostile
 
-    alone, together, unread, hostile = asyncio.run(run())
+    together, unread, hostile = asyncio.run(run())
     assert together == alone
     assert unread[0][0] == 401 and unread[0][1]["error"]["code"] == "invalid_api_key"
     assert unread[1][0] == 413 and unread[1][1]["error"]["code"] == "request_too_large"
@@ -188,7 +196,9 @@ async def until_rows_are_full(url: str, seconds: float = 120) -> None:
         await asyncio.sleep(0.1)
 
 
-def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tuple[str, Path]) -> None:
+def test_streams_left_before_their_first_token_free_their_rows(
+    keyed_server: tuple[str, Path], alone: list[str]
+) -> None:
     """Clients that leave while their streams wait for rows (n choices open one after another; a full batch
     queues them): their requests are cancelled, not run to max_tokens for nobody ahead of honest ones."""
     url, _ = keyed_server
@@ -199,18 +209,17 @@ def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tup
         ("/generate_stream", {"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 400}}),
     ]
 
-    async def run() -> tuple[list[str], list[str]]:
+    async def run() -> list[str]:
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
             honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
             writers = [await open_stream_and_wait(url, path, body) for path, body in leaving]
             await until_rows_are_full(url)  # the leaving requests hold rows, and wait for them
             for writer in writers:
                 writer.close()
             together = [answer_of(r) for r in await asyncio.gather(*honest)]
-            return alone, together
+            return together
 
-    alone, together = asyncio.run(run())
+    together = asyncio.run(run())
     assert together == alone
     # left alone, the choices would hold all 8 rows for minutes (24 x 400 tokens on two cores)
     deadline = time.monotonic() + 10
@@ -219,51 +228,52 @@ def test_streams_left_before_their_first_token_free_their_rows(keyed_server: tup
         time.sleep(0.1)
 
 
-def test_silent_connections_past_the_cap_harm_no_honest_request(keyed_server: tuple[str, Path]) -> None:
+def test_silent_connections_past_the_cap_harm_no_honest_request(
+    keyed_server: tuple[str, Path], alone: list[str]
+) -> None:
     """More connections that never send a request than --max-connections, opened while honest requests are in
     flight: each closes the one silent longest, the honest answers are as alone, requests sent after them get
     in, and the log says so once."""
     url, log = keyed_server
     address = urlsplit(url)
 
-    async def run() -> tuple[list[str], list[str], list[str], bytes]:
+    async def run() -> tuple[list[str], list[str], bytes]:
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
             honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
             await asyncio.sleep(0.5)  # the honest requests under way
             silent = [
                 await asyncio.open_connection(address.hostname, address.port) for _ in range(KEYED_CONNECTIONS + 64)
             ]
-            later = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
+            # at once, as the honest requests beside the silent ones were sent: one batch, answers as alone
+            later = [answer_of(r) for r in await asyncio.gather(*(post(client, p, b, AUTH) for p, b in HONEST))]
             together = [answer_of(r) for r in await asyncio.gather(*honest)]
             first = await asyncio.wait_for(silent[0][0].read(), 10)  # closed: b""
             for _, writer in silent:
                 writer.close()
-            return alone, together, later, first
+            return together, later, first
 
-    alone, together, later, first = asyncio.run(run())
+    together, later, first = asyncio.run(run())
     assert together == alone and later == alone and first == b""
     logged = sum("past --max-connections (" in line for line in log.read_text().splitlines())
     assert 0 < logged <= 3  # a line every 10 s at most, not one a connection closed
 
 
-def test_a_tokenizing_flood_is_bounded_beside_honest_requests(keyed_server: tuple[str, Path]) -> None:
+def test_a_tokenizing_flood_is_bounded_beside_honest_requests(keyed_server: tuple[str, Path], alone: list[str]) -> None:
     """Hundreds of /tokenize requests of the longest text a prompt may be, beside honest requests: each is
     answered or refused at once with 429 tokenizer_busy (past the tokenizer's backlog, tests/api/
     test_tokenizer_pool.py), and the honest requests answer as alone."""
     url, _ = keyed_server
     text = "lorem ipsum " * 100  # within max_seq_len 512 tokens: a text past it is refused before its answer
 
-    async def run() -> tuple[list[str], list[str], list[httpx.Response]]:
+    async def run() -> tuple[list[str], list[httpx.Response]]:
         limits = httpx.Limits(max_connections=400)
         async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-            alone = [answer_of(await post(client, path, body, AUTH)) for path, body in HONEST]
             honest = [asyncio.create_task(post(client, path, body, AUTH)) for path, body in HONEST]
             flood = await asyncio.gather(*(post(client, "/tokenize", {"prompt": text}, AUTH) for _ in range(300)))
             together = [answer_of(r) for r in await asyncio.gather(*honest)]
-            return alone, together, flood
+            return together, flood
 
-    alone, together, flood = asyncio.run(run())
+    together, flood = asyncio.run(run())
     assert together == alone
     assert {r.status_code for r in flood} <= {200, 429} and any(r.status_code == 200 for r in flood)
     for busy in (r for r in flood if r.status_code == 429):
