@@ -32,6 +32,9 @@ def client(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         max_seq_len=MAX_SEQ_LEN,
         max_batch_size=4,
         max_lora_rank=16,
+        # no refresh in the background: the rollback tests need this server not to have seen another's delete yet,
+        # and one every 2 s (the default) could land between the delete and the request
+        store_refresh_s=3600,
     )
     base = load_base_model(
         str(tiny_model_dirs["llama"]), cache_dir=tmp, device="cpu", quantize=False, dtype=torch.float32
