@@ -31,6 +31,9 @@ def test_tiny_model_loads_in_nf4_on_cpu(tiny_model_dirs: dict[str, Path], tmp_pa
     assert all(m.weight.quant_state.quant_type == "nf4" for m in linears)
     assert all(m.weight.quant_state.nested for m in linears)  # double quantization
     assert base.served_name == family
+    # a CPU computes in fp32: its bf16 matmuls are emulated without AVX512-BF16
+    assert all(m.compute_dtype == torch.float32 for m in linears)
+    assert base.model.get_input_embeddings().weight.dtype == torch.float32
     out = base.model(torch.tensor([[5, 6, 7]])).logits
     assert out.shape == (1, 3, base.model.config.vocab_size) and torch.isfinite(out).all()
 

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from adapters import client as admin
 from adapters.cli import describe_error
 from adapters.validate import WEIGHTS_FILE
-from loraplex.basemodel import check_base_model, load_base_model, load_tokenizer, resolve_device
+from loraplex.basemodel import check_base_model, compute_dtype, load_base_model, load_tokenizer, resolve_device
 from loraplex.settings import Settings, describe_settings_error
 from training.batching import choose_pad_id
 from training.checkpoint import plan_checkpoints
@@ -85,7 +85,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     cuda = accelerator.device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32  # CPUs lack fast bf16 matmuls; NF4 is stored alike
+    dtype = compute_dtype(accelerator.device)
     base = load_base_model(base_model, cache_dir=cache_dir, device=accelerator.device.type, quantize=True, dtype=dtype)
     model = add_lora(
         base.model, config, gradient_checkpointing=cuda and config.gradient_checkpointing, compute_dtype=dtype

@@ -173,7 +173,7 @@ def test_trained_adapters_answer_concurrently_as_peft_does(adapter_server: dict,
 
     async def ask(model: str, salt: str) -> str:
         # each computes its prompt afresh (a cache_salt of its own): computed from the other's cached prefix, in other
-        # shapes, bf16 arithmetic may tip the base model's near-ties on this prompt
+        # shapes, the rounding may tip the base model's near-ties on this prompt
         chat = await client.chat.completions.create(
             model=model, messages=ASK, max_tokens=24, temperature=0, extra_body={"cache_salt": salt}
         )

@@ -132,7 +132,7 @@ def test_openai_features_the_server_lacks_are_refused_not_ignored(client: openai
     scored = echoed.choices[0].logprobs
     assert echoed.choices[0].text.startswith("The sky is") and len(scored.tokens) == echoed.usage.prompt_tokens + 1
     assert scored.token_logprobs[0] is None and all(lp <= 0 for lp in scored.token_logprobs[1:])
-    # each computes its prompt afresh (a salt of its own): from the other's cached prefix, bf16 arithmetic in other
+    # each computes its prompt afresh (a salt of its own): from the other's cached prefix, the rounding of other
     # shapes may tip a near tie
     plain = client.chat.completions.create(model=model, messages=messages, tools=[tool], tool_choice="none",
                                            max_tokens=4, temperature=0, extra_body={"cache_salt": "plain"})  # fmt: skip
