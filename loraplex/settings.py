@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="Requests running at once (KV cache rows); default: what half the GPU "
-        "memory free after the model holds, at most 256 (32 on a CPU).",
+        description="Requests running at once (KV cache rows); default: what half the memory free after the "
+        "model holds (the GPU's, or a CPU's available RAM), at most 256 on a GPU and 32 on a CPU.",
     )
     max_queue: int = Field(
         256,

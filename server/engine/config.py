@@ -31,13 +31,18 @@ log = logging.getLogger("loraplex.engine")
 
 
 def fit_batch_size(model: PreTrainedModel, max_seq_len: int) -> int:
-    """KV rows of max_seq_len tokens that KV_MEMORY_SHARE of the free GPU memory holds, up to AUTO_BATCH_CAP
-    (an H200 with an 8B NF4 model: the cap); CPU_BATCH_SIZE on a CPU."""
+    """KV rows of max_seq_len tokens that KV_MEMORY_SHARE of the free device memory (a CPU's: the available RAM)
+    holds, up to AUTO_BATCH_CAP on a GPU (an H200 with an 8B NF4 model: the cap) and CPU_BATCH_SIZE on a CPU
+    (the embedded model's 32 rows of 2,048 tokens are 3 GiB in fp32: more than some machines have free)."""
     weight = model.get_input_embeddings().weight
-    if weight.device.type != "cuda":
-        return CPU_BATCH_SIZE
     row = kv_row_bytes(model.config.get_text_config(), max_seq_len, weight.dtype)
-    return max(1, min(AUTO_BATCH_CAP, int(KV_MEMORY_SHARE * available_memory(weight.device) / row)))
+    most = AUTO_BATCH_CAP if weight.device.type == "cuda" else CPU_BATCH_SIZE
+    return rows_that_fit(available_memory(weight.device), row, most)
+
+
+def rows_that_fit(free_bytes: int, row_bytes: int, most: int) -> int:
+    """KV rows of `row_bytes` that KV_MEMORY_SHARE of `free_bytes` holds, up to `most`; at least 1."""
+    return max(1, min(most, int(KV_MEMORY_SHARE * free_bytes / row_bytes)))
 
 
 def slots_that_fit(free_bytes: int, slot_bytes: int, most: int) -> int:

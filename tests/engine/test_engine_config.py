@@ -11,8 +11,10 @@ from server.engine.config import (
     CPU_ADAPTER_SLOTS,
     CPU_BATCH_SIZE,
     DEFAULT_TARGETS,
+    KV_MEMORY_SHARE,
     SLOT_MEMORY_SHARE,
     EngineConfig,
+    rows_that_fit,
     slots_that_fit,
 )
 from server.engine.errors import LoraRankTooLarge
@@ -24,7 +26,7 @@ def test_settings_are_completed_for_the_model() -> None:
     context = model.config.max_position_embeddings
     config = EngineConfig.for_model(Settings(max_seq_len=context * 4), model)
     assert config.max_seq_len == context  # never beyond what the model was trained for
-    assert config.max_batch_size == CPU_BATCH_SIZE  # not set: a CPU gets the fixed default
+    assert config.max_batch_size == CPU_BATCH_SIZE  # not set: a tiny model's rows fit, up to a CPU's most
     assert EngineConfig.for_model(Settings(max_batch_size=3), model).max_batch_size == 3
 
 
@@ -54,6 +56,13 @@ def test_a_slot_counts_every_targets_a_and_b_at_the_largest_rank() -> None:
     assert layout.slot_bytes(16, torch.bfloat16) == expected
     store = LoraStore(layout, 3, 16, torch.bfloat16, torch.device("cpu"))
     assert store.a.nbytes + store.b.nbytes == 4 * expected  # three slots and the all-zero one
+
+
+def test_fitted_rows_take_half_of_the_free_memory() -> None:
+    mb = 1 << 20
+    assert rows_that_fit(3000 * mb, 94 * mb, CPU_BATCH_SIZE) == int(KV_MEMORY_SHARE * 3000 / 94)  # a small machine
+    assert rows_that_fit(24_000 * mb, 94 * mb, CPU_BATCH_SIZE) == CPU_BATCH_SIZE
+    assert rows_that_fit(10 * mb, 94 * mb, CPU_BATCH_SIZE) == 1  # never none: the cache's own check says why
 
 
 def test_fitted_slots_take_a_quarter_of_the_free_memory() -> None:
