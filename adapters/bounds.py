@@ -2,9 +2,9 @@
 product the kernels form from them overflows, checked after PEFT's scaling is applied.
 
 The bound. A LoRA layer adds  dy = s * B (A x)  to a projection. The engine folds the scaling s into B, casts
-A and sB to the serving dtype (bf16) and computes t = A x (the shrink) then dy = (sB) t (the expand). With
-|M| the largest row sum of |M| (the induced max-norm), every partial sum of the shrink is at most
-|A| * max|x|, and of the expand at most |sB| * |A| * max|x|. So we bound |A|, |sB|, their product (the
+A and sB to the serving dtype (bf16 on a GPU, fp32 on a CPU) and computes t = A x (the shrink) then
+dy = (sB) t (the expand). With |M| the largest row sum of |M| (the induced max-norm), every partial sum of the
+shrink is at most |A| * max|x|, and of the expand at most |sB| * |A| * max|x|. So we bound |A|, |sB|, their product (the
 layer's gain) and |s| itself (the engine multiplies every entry of B by it, even zeros: 0 * inf is NaN) by
 MAX_GAIN:
 - an entry is at most its row's sum, and MAX_GAIN is below fp16's largest value (65504): every entry stays
