@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from loraplex.basemodel import load_base_model
+from loraplex.settings import Settings
 from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.tokenizer_pool import THREADS
 from server.tokenizer_workers import TokenizerWorkers
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the engine thread's own: the flood's threads have the other cores
+    # the server's switch interval for its process (Runtime.start): the engine's thread waits for the interpreter
+    # lock behind the flood's threads up to this long each time it takes it back
+    sys.setswitchinterval(Settings.model_fields["switch_interval_ms"].default / 1000)
     base = load_base_model(None, cache_dir=args.cache_dir, device="cpu")
     tokenizer = base.tokenizer
     config = EngineConfig(max_batch_size=args.rows, max_active_adapters=1, max_lora_rank=8, max_seq_len=256,
