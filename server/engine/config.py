@@ -33,7 +33,7 @@ log = logging.getLogger("loraplex.engine")
 def fit_batch_size(model: PreTrainedModel, max_seq_len: int) -> int:
     """KV rows of max_seq_len tokens that KV_MEMORY_SHARE of the free device memory (a CPU's: the available RAM)
     holds, up to AUTO_BATCH_CAP on a GPU (an H200 with an 8B NF4 model: the cap) and CPU_BATCH_SIZE on a CPU
-    (the embedded model's 32 rows of 2,048 tokens are 3 GiB in fp32: more than some machines have free)."""
+    (the embedded model's 32 rows of 2,048 tokens are 3 GB in fp32: more than some machines have free)."""
     weight = model.get_input_embeddings().weight
     row = kv_row_bytes(model.config.get_text_config(), max_seq_len, weight.dtype)
     most = AUTO_BATCH_CAP if weight.device.type == "cuda" else CPU_BATCH_SIZE
