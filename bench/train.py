@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
+from loraplex.basemodel import compute_dtype
 from loraplex.synthetic import load_synthetic, synthetic_config
 from training.config import TrainConfig
 from training.data import Example
@@ -105,7 +106,7 @@ def seed_recipe(
     from transformers import TrainerCallback
 
     cuda = device.type == "cuda"
-    model, _ = load_synthetic(preset, device, torch.bfloat16 if cuda else torch.float32, quantize=True)
+    model, _ = load_synthetic(preset, device, compute_dtype(device), quantize=True)
     if prepare:
         model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
@@ -137,7 +138,7 @@ def loraplex_loop(
     tmp: Path, checkpointing: bool = True,
 ) -> Case:  # fmt: skip
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = compute_dtype(device)
     base, _ = load_synthetic(preset, device, dtype, quantize=True)
     examples = [Example(row, row) for row in rows]
     config = TrainConfig(
