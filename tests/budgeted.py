@@ -2,7 +2,8 @@
 
 import contextlib
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,3 +42,12 @@ def serve_budgeted(model_dir: Path, tmp: Path, budget: int, connections: int, **
     with serve_app(app, http=protocol, sock=listening) as url:
         wait_ready(url)
         yield Budgeted(url, listening.getsockname()[1], app, protocol.cap)
+
+
+def settled(until: Callable[[], bool], seconds: float = 60) -> None:
+    """Wait until `until()` holds: the server's own state after a client is done settles on the server's loop, as
+    it handles the connection's last writes and its close, a moment after the client has read its answer."""
+    deadline = time.monotonic() + seconds
+    while not until():
+        assert time.monotonic() < deadline, "the server did not settle"
+        time.sleep(0.05)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from budgeted import Budgeted as Served
-from budgeted import serve_budgeted
+from budgeted import serve_budgeted, settled
 
 from server.engine.sampling import SamplingParams
 
@@ -162,13 +162,6 @@ def slow_stream(client: httpx.Client) -> None:
         read_slowly(r)
 
 
-def settled(served: Served, until: Callable[[], bool], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not until():
-        assert time.monotonic() < deadline, "the server did not settle"
-        time.sleep(0.05)
-
-
 def test_totals_return_to_zero_however_requests_end(served: Served) -> None:
     """Many requests on several keep-alive connections, streams abandoned before their first event, mid-way and
     after their last event, n > 1 with logprobs, refused ones, non-streaming ones, pipelined and aborted ones: once
@@ -212,16 +205,16 @@ def test_totals_return_to_zero_however_requests_end(served: Served) -> None:
             with client.stream("POST", "/generate_stream", json=TGI) as r:
                 read_slowly(r)
 
-        settled(served, lambda: scheduler.running == 0 and scheduler.queue_depth == 0)
+        settled(lambda: scheduler.running == 0 and scheduler.queue_depth == 0)
         # every connection but the idle ones lost (the aborted ones' heads time out only at 30 s: closed by their
         # clients, they are lost at once)
-        settled(served, lambda: cap.open == len(idle))
+        settled(lambda: cap.open == len(idle))
         assert (cap.backlogs, cap.unsent_bound, dict(cap.behind)) == (0, 0, {})
         assert [c.backlog for c in cap.waiting] == [0] * len(idle)
     finally:
         for client in idle:
             client.close()
-    settled(served, lambda: cap.open == 0)
+    settled(lambda: cap.open == 0)
     assert (cap.backlogs, cap.unsent_bound, dict(cap.behind), dict(cap.per_client)) == (0, 0, {}, {})
 
 
@@ -258,9 +251,9 @@ def test_totals_return_to_zero_after_the_cap_resets_connections(served: Served) 
             cap.max_unsent = BUDGET
         assert any(resets)
         kept.post("/v1/completions", json={**COMPLETION, "n": 2, "logprobs": 5})
-        settled(served, lambda: scheduler.running == 0 and scheduler.queue_depth == 0 and cap.open == 1)
+        settled(lambda: scheduler.running == 0 and scheduler.queue_depth == 0 and cap.open == 1)
         assert (cap.backlogs, cap.unsent_bound, dict(cap.behind)) == (0, 0, {})
-    settled(served, lambda: cap.open == 0)
+    settled(lambda: cap.open == 0)
     assert (cap.backlogs, cap.unsent_bound, dict(cap.behind), dict(cap.per_client)) == (0, 0, {}, {})
 
 
