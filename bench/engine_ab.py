@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from bench.engine import SHAPE_8B, engine_config, engine_run, random_loras
 from loraplex.synthetic import load_synthetic
 from server.engine import Engine
+from server.engine.batching import SCORED_TOKENS
 from server.engine.graphs import StepGraphs
 from server.engine.kernels import nf4_mma
 
@@ -49,7 +50,8 @@ def main() -> None:
         source = tree_source.replace(tree_kernel, path.read_text())
         nf4_mma._source = lambda source=source: source  # the builds read it, once per launch shape
         nf4_mma._kernel.cache_clear()
-        graphs[path.stem] = StepGraphs(engine._graph_forward, config.graph_buckets(), engine._step.host, engine.device)
+        graphs[path.stem] = StepGraphs(engine._graph_forward, config.graph_buckets(), engine._step.host, engine.device,
+                                       SCORED_TOKENS)  # fmt: skip
 
     engine_run(engine, [loras[0]], shape, "warm")
     results: dict[str, list[dict[str, float]]] = {name: [] for name in graphs}

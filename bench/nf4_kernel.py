@@ -7,10 +7,15 @@ python bench/nf4_kernel.py --rows 8,16,32,64 --sweep 60 --out nf4.json  # also s
 python bench/nf4_kernel.py --rows 64 --shapes down_proj --sweep 120 --out nf4.json  # one shape (no step total)
 python bench/nf4_kernel.py --rows 1,16,32,64 --shapes all --out nf4.json  # the engine's launches: bandwidth share
 python bench/nf4_kernel.py --rows 1,16 --shapes all --mma-sweep 30 --out nf4.json  # also search nf4_mma's configs
+python bench/nf4_kernel.py --rows 1,8,16 --shapes none --step --out nf4.json  # a whole step's launches in order
 
 Each time is one call inside a CUDA graph (as in the engine's decode step), averaged over replays of a graph
 that runs the projection over enough copies of the weight (200 MB at least) that they come from memory, not
 from the 50 MB L2 cache, as in a decode step.
+
+--step times the engine's nf4_mma launches of a whole decode step in the engine's order instead (32 layers of q/k/v,
+o, gate/up, down, each layer its own weights), in one graph: once as the engine launches them, each asking L2 for
+the next launch's first bytes as its copies end, and once without that.
 """
 
 import argparse
@@ -24,13 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bitsandbytes.functional import quantize_4bit
 from bitsandbytes.nn import Linear4bit
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from server.engine.kernels.nf4 import nf4_gemv, nf4_matmul, pick_config, pick_matmul_config
-from server.engine.kernels.nf4_mma import nf4_mma
+from server.engine.kernels.nf4_mma import Nf4Segments, Part, nf4_mma, nf4_mma_segments
 from server.engine.kernels.nf4_wide import WIDE_ROWS, mma_rows, nf4_wide_sums
 
 # (out, in) of each projection of a Llama-3-8B layer, and how many of that shape one layer has
@@ -142,6 +148,51 @@ def engine_step(rows: int, measured: dict, read: float) -> dict:
     return {"kernel": kernel, "ms": ms, "gb": streamed / 1e9, "gb_s": gbs, "share_of_read": gbs / read}
 
 
+def whole_step(rows_list: list[int], read: float) -> dict:
+    """The engine's nf4_mma launches of a decode step in its order (LAYERS x ENGINE, each layer its own weights,
+    q/k/v and gate/up as one launch each), timed in one graph with and without each launch's look-ahead (`ahead`:
+    the next launch's first weight, as the engine gives it), at each row count nf4_mma serves."""
+
+    def part(n: int, k: int) -> Part:  # random weights quantized on the device (double quantization)
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / 64
+        weight, state = quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        return weight, state, None
+
+    layers = []
+    for _ in range(LAYERS):
+        q, k, v, o = part(4096, 4096), part(1024, 4096), part(1024, 4096), part(4096, 4096)
+        gate, up, down = part(14336, 4096), part(14336, 4096), part(4096, 14336)
+        layers.append((Nf4Segments([q, k, v]), o, Nf4Segments([gate, up]), down))
+    streamed = LAYERS * sum(nf4_bytes(*(SHAPES | GROUPS)[name][0]) * launches for name, launches in ENGINE.items())
+    results = {}
+    for rows in (rows for rows in rows_list if rows <= mma_rows(0)):
+        x, x_down = (torch.randn(rows, k, dtype=torch.bfloat16, device="cuda") for k in (4096, 14336))
+
+        def step(ahead: bool, x: torch.Tensor = x, x_down: torch.Tensor = x_down) -> list[torch.Tensor]:
+            outs = []
+            for i, (qkv, o, gate_up, down) in enumerate(layers):
+                after = (o, gate_up.parts[0], down, layers[(i + 1) % LAYERS][0].parts[0]) if ahead else (None,) * 4
+                outs.append(nf4_mma_segments(x, qkv, ahead=after[0]))
+                outs.append(nf4_mma(x, *o[:2], ahead=after[1]))
+                outs.append(nf4_mma_segments(x, gate_up, ahead=after[2]))
+                outs.append(nf4_mma(x_down, *down[:2], ahead=after[3]))
+            return outs
+
+        same = all(torch.equal(a, b) for a, b in zip(step(False), step(True), strict=True))
+        runs: dict[str, list[float]] = {"ahead": [], "none": []}
+        for round_ in range(2):  # alternated, so that drifts in clocks reach both alike
+            for name in ("ahead", "none") if round_ == 0 else ("none", "ahead"):
+                runs[name].append(graph_us(lambda name=name: step(name == "ahead"), 1, 20) / 1000)  # type: ignore[misc]
+        results[str(rows)] = {"same_bits": same} | {
+            name: {"ms": ms, "share_of_read": streamed / (min(ms) * 1e-3) / 1e9 / read} for name, ms in runs.items()
+        }
+        for name, ms in runs.items():
+            print(f"{rows} rows, a whole step's NF4 launches in order, look-ahead {name}: "
+                  f"{', '.join(f'{t:.3f}' for t in ms)} ms, {results[str(rows)][name]['share_of_read']:.0%} of the "
+                  f"read bandwidth (same bits: {same})", flush=True)  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -152,8 +203,11 @@ def main() -> None:
     parser.add_argument("--mma-sweep", type=float, default=0.0, help="seconds to search nf4_mma's, per shape")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes to measure (default: a "
                         f"step of single shapes; all: also the engine's), of {', '.join(SHAPES | GROUPS)}")  # fmt: skip
+    parser.add_argument("--step", action="store_true", help="also time a whole step's nf4_mma launches in the "
+                        "engine's order, with and without their look-ahead (--shapes none: that alone)")  # fmt: skip
     args = parser.parse_args()
-    shapes = list(SHAPES | GROUPS) if args.shapes == "all" else args.shapes.split(",")
+    named = {"all": list(SHAPES | GROUPS), "none": []}
+    shapes = named[args.shapes] if args.shapes in named else args.shapes.split(",")
     if unknown := set(shapes) - set(SHAPES | GROUPS):
         parser.error(f"unknown shapes {sorted(unknown)}; known: {', '.join(SHAPES | GROUPS)}")
     torch.manual_seed(0)
@@ -239,6 +293,8 @@ def main() -> None:
         print(f"{rows} rows, linear layers per decode step: bnb {step['bnb']:.2f} ms, fused {step['fused']:.2f} ms, "
               f"mma {step['mma']:.2f} ms, wide {step['wide']:.2f} ms, best found {step['best']:.2f} ms",
               flush=True)  # fmt: skip
+    if args.step:
+        results["whole_step"] = whole_step(list(map(int, args.rows.split(","))), results["read_gb_s"])
     args.out.write_text(json.dumps(results, indent=1))
 
 

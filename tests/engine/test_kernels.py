@@ -3,6 +3,7 @@ the HF RMSNorm modules, and, through the whole engine, PEFT. With CUDA they run 
 under Triton's CPU interpreter."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -619,6 +620,23 @@ def test_only_nf4_layers_the_gemv_reads_are_swapped() -> None:
         layer(torch.zeros(1, k, device=DEVICE))  # on the CPU the first forward quantizes
     fuse_nf4_linears(model)
     assert [type(layer).__name__ for layer in model] == ["FusedNf4Linear", "Linear4bit", "Linear4bit", "Linear"]
+
+
+def test_each_nf4_layer_looks_ahead_to_the_layer_a_step_runs_after_it(tmp_path) -> None:
+    """Every NF4 layer's `ahead` is the weight of the one the model runs next (a launch of several, q/k/v or
+    gate/up, takes its last layer's: the next launch's); the last layer's is none."""
+    model = nf4_llama(tmp_path)
+    fuse_nf4_linears(model)
+    called = []  # the fused layers in the order a forward runs them
+    for layer in model.modules():
+        if isinstance(layer, FusedNf4Linear):
+            layer.register_forward_pre_hook(lambda layer, _: called.append(layer))
+    with torch.no_grad():
+        model(torch.zeros(1, MAX_ROWS + 1, dtype=torch.long, device=DEVICE))  # bitsandbytes' matmul past MAX_ROWS
+    assert len(called) == 7 * model.config.num_hidden_layers
+    for layer, after in itertools.pairwise(called):
+        assert layer.ahead is not None and layer.ahead[0] is after.base.weight
+    assert called[-1].ahead is None
 
 
 def test_engine_steps_past_the_per_row_kernels_match_peft(tmp_path, family_setup, tokenizer, monkeypatch) -> None:

@@ -127,6 +127,21 @@ def test_nf4_mma_segments_match_each_weight_alone(rows, nested, bias, config) ->
         column += n
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_launch_looking_ahead_gives_the_same_bits(rows) -> None:
+    """Given the next launch's weight (one larger than the bytes asked of L2, one smaller), nf4_mma and its
+    segments give the same bits as without: the look-ahead only asks L2 for bytes."""
+    torch.manual_seed(0)
+    layers = [nf4_layer(n, K, True, False, "cuda")[0] for n in (72, 40)]
+    parts = [(layer.weight, layer.weight.quant_state, None) for layer in layers]
+    large = nf4_layer(4096, 4096, True, False, "cuda")[0]  # 8 MB of codes: past AHEAD_BYTES
+    x = torch.randn(rows, K, device="cuda").bfloat16()
+    alone, together = nf4_mma(x, *parts[0][:2]), nf4_mma_segments(x, Nf4Segments(parts))
+    for ahead in ((large.weight, large.weight.quant_state, None), parts[1]):
+        assert torch.equal(nf4_mma(x, *parts[0][:2], ahead=ahead), alone)
+        assert torch.equal(nf4_mma_segments(x, Nf4Segments(parts), ahead=ahead), together)
+
+
 @pytest.mark.parametrize("rows", [1, 16, MMA_ROWS + 8, 200])
 def test_a_shrink_group_projects_all_its_layers_in_one_launch(rows) -> None:
     """q/k/v-like bf16 NF4 layers in a step of up to MAX_ROWS tokens: the group's one launch (nf4_mma's; past

@@ -117,7 +117,7 @@ class FusedDecode:
             return None
         lora = LoraEpilogue(partial, chunks, b, slots, ranks)
         if mma_serves(x, lora):
-            return list(nf4_mma_segments(x, segments, lora).split(segments.n, dim=1))
+            return list(nf4_mma_segments(x, segments, lora, ahead=bases[-1].ahead).split(segments.n, dim=1))
         if rows == 1:  # the GEMV, each layer's delta in its epilogue
             return None
         y = nf4_wide_finished(x, segments.parts, lora) if wide_available(x, segments.parts) else None

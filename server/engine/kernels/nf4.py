@@ -555,6 +555,8 @@ class FusedNf4Linear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.zeroed = zeroed or ZeroedSums()  # split-K sums' zeros: the model's layers share one
+        # the weight of the launch after this layer's, which nf4_mma asks L2 for as its copies end (link_ahead)
+        self.ahead: Part | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in]
@@ -581,7 +583,7 @@ class FusedNf4Linear(nn.Module):
             weight, state, bias = self.base.weight, self.base.weight.quant_state, self._bias(compute)
             flat = x.to(compute).contiguous()
             if mma_serves(flat, lora, residual):
-                return nf4_mma(flat, weight, state, bias, lora, residual=residual).to(x.dtype)
+                return nf4_mma(flat, weight, state, bias, lora, residual=residual, ahead=self.ahead).to(x.dtype)
             if rows == 1:
                 y, expand = nf4_gemv(flat[0], weight, state, bias, lora).to(x.dtype)[None], None
             else:
@@ -623,3 +625,12 @@ def fuse_nf4_linears(model: nn.Module) -> None:
         if supported(module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, FusedNf4Linear(module, zeroed))
+    link_ahead([module for module in model.modules() if isinstance(module, FusedNf4Linear)])
+
+
+def link_ahead(layers: list[FusedNf4Linear]) -> None:
+    """Give each layer the weight of the layer after it (`ahead`): `layers` in the order a step runs them, as a
+    decoder's modules are declared (q, k, v, o, gate, up, down). A launch of several layers (q/k/v, gate/up) takes
+    its last one's. The last layer has none."""
+    for layer, after in itertools.pairwise(layers):
+        layer.ahead = (after.base.weight, after.base.weight.quant_state, None)

@@ -116,7 +116,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
     int n_2, int end_0, int end_1,
     const unsigned short* __restrict__ residual,  // [m, ldr] bf16 (HAS_RESIDUAL; one segment)
     int ldr,
-    int tiles) {                             // the launch's tiles of ROWS output rows, all segments
+    int tiles,                               // the launch's tiles of ROWS output rows, all segments
+    // the next launch's first weight bytes and scales, asked of L2 as this launch's copies end (none: 0 bytes)
+    const unsigned char* __restrict__ ahead, long long ahead_bytes,
+    const unsigned char* __restrict__ ahead_scales, long long ahead_scales_bytes) {
     __shared__ float code2_s[NESTED ? SEGMENTS * 256 : 1];  // each segment's
 #if PHASED
     // The tile's end without a barrier (where a CTA has several tiles): each warp stores its partial sums and arrives
@@ -492,4 +495,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) nf4_mma(
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) blocks[nt][0] = next_blocks[nt][0], blocks[nt][1] = next_blocks[nt][1];
     }
+    // The warp's share of the next launch's first bytes (lane 0) and of their scales (lane 1), asked of L2 as it
+    // leaves (sm_90's bulk prefetch; none before): DRAM would otherwise idle through this launch's tail, the kernels
+    // between the two and the next one's first round trip. 4 MB of each weight (AHEAD_BYTES) gained most.
+#if __CUDA_ARCH__ >= 900
+    if (lane < 2) {
+        const unsigned long long bytes = ((lane ? ahead_scales_bytes : ahead_bytes) + 15) & ~15ull;
+        const unsigned long long all = gridDim.x * WARPS, me = blockIdx.x * WARPS + warp, lines = (bytes + 127) >> 7;
+        const unsigned long long begin = (me * lines / all) << 7, end = min(((me + 1) * lines / all) << 7, bytes);
+        if (end > begin)
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+                         ::"l"((lane ? ahead_scales : ahead) + begin), "r"(unsigned(end - begin)) : "memory");
+    }
+#endif
 }

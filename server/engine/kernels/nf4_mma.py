@@ -31,6 +31,7 @@ _BTILE_BYTES = 64 * 1024
 # Tiles a CTA from which its tile ends go without a barrier (PHASED): faster at 7 a CTA (gate/up at 8 rows on the
 # H200), slower at 1-2, where the last epilogue's warp waits on a phase for the others (BENCHMARKS.md)
 _PHASED_TILES = 4
+AHEAD_BYTES = 4 << 20  # of the next launch's weight, asked of L2 by a launch given it (BENCHMARKS.md)
 _SUMS_BYTES = 40 * 1024  # the warps' partial sums at most (padded rows): fewer warps split K past it (64 rows)
 _CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1  # cuda.h: a kernel's static shared memory
 
@@ -257,13 +258,14 @@ def nf4_mma(
     config: tuple[int, int, int, int, int, int] | None = None,
     residual: torch.Tensor | None = None,
     ctas: int | None = None,
+    ahead: Part | None = None,
 ) -> torch.Tensor:
     """x [M, K] bf16 (M <= 64, unit column stride, rows 16-byte aligned) @ dequant(weight).T (+ bias,
     + each row's LoRA delta, then + residual [M, N] bf16 with unit column stride, added to the rounded output as
     `residual + layer(x)` adds it) -> [M, N] bf16; `state` is the weight's bitsandbytes QuantState (nf4, block
     size 64); config: pick_config's by default; ctas: at most this many CTAs (default: as many as the SMs hold at
     once; each takes tiles in turn)."""
-    return _launch(x, [(weight, state, bias)], lora, config, residual, ctas)
+    return _launch(x, [(weight, state, bias)], lora, config, residual, ctas, ahead)
 
 
 def nf4_mma_segments(
@@ -272,11 +274,23 @@ def nf4_mma_segments(
     lora: LoraEpilogue | None = None,
     config: tuple[int, int, int, int, int, int] | None = None,
     ctas: int | None = None,
+    ahead: Part | None = None,
 ) -> torch.Tensor:
     """nf4_mma for each weight of `segments` (supported()) in one launch -> [M, sum of N], the weights' outputs
     side by side; lora.partial is the shrink's [G, M, CHUNKS_PAD, R_PAD] for the G weights, lora.b their B
     columns side by side, [S+1, R, sum of N]."""
-    return _launch(x, segments.parts, lora, config, None, ctas)
+    return _launch(x, segments.parts, lora, config, None, ctas, ahead)
+
+
+def _ahead_args(ahead: Part | None, placeholder: torch.Tensor) -> list:
+    """The kernel's last four parameters: the first AHEAD_BYTES of the next launch's weight `ahead` and its scales
+    of those rows, which the CTAs ask L2 for as their copies end (none: zero bytes of a placeholder)."""
+    if ahead is None:
+        return [placeholder, 0, placeholder, 0]
+    weight, state, _ = ahead
+    rows = min(state.shape[0], max(1, AHEAD_BYTES // (state.shape[1] // 2)))
+    scales = state.absmax
+    return [weight, rows * state.shape[1] // 2, scales, rows * state.shape[1] // 64 * scales.element_size()]
 
 
 def _launch(
@@ -286,6 +300,7 @@ def _launch(
     config: tuple[int, int, int, int, int, int] | None,
     residual: torch.Tensor | None,
     ctas: int | None,
+    ahead: Part | None,
 ) -> torch.Tensor:
     m, k = x.shape
     ns = [state.shape[0] for _, state, _ in parts]
@@ -346,7 +361,8 @@ def _launch(
         args=[x, x.stride(0), m, weight, state.absmax, absmax2, code2, offset, out if bias is None else bias,
               partial, chunks, chunks_pad, rank, b, stride_bs, stride_br, slots, ranks, out, total, ns[0], k,
               partial_stride, *more, ends[0], ends[min(1, len(ends) - 1)],
-              out if residual is None else residual, 0 if residual is None else residual.stride(0), ends[-1]],
+              out if residual is None else residual, 0 if residual is None else residual.stride(0), ends[-1],
+              *_ahead_args(ahead, out)],
         shared_mem=shared_mem,
     )  # fmt: skip
     return out
