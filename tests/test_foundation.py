@@ -10,8 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, ViTConfig
 
+from loraplex import cpu_weights
 from loraplex.basemodel import check_base_model, load_base_model, nf4_config
 from loraplex.cli import build_parser
+from loraplex.cpu_weights import DequantizedLinear4bit
 from loraplex.errors import BaseModelError
 from loraplex.settings import Settings
 from server.cli import settings_from_args
@@ -23,11 +25,17 @@ def serve(*argv: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
-def test_tiny_model_loads_in_nf4_on_cpu(tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize(("family", "dense"), [("llama", True), ("qwen3", True), ("gemma", True), ("llama", False)])
+def test_tiny_model_loads_in_nf4_on_cpu(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, family: str, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dense: the NF4 layers' dequantized copies fit the memory available (else, the layers stay bitsandbytes')."""
+    if not dense:
+        monkeypatch.setattr(cpu_weights, "available_memory", lambda device: 1 << 20)
     base = load_base_model(str(tiny_model_dirs[family]), cache_dir=tmp_path, device="cpu")
     linears = [m for n, m in base.model.named_modules() if n.endswith(("q_proj", "down_proj"))]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    assert all(isinstance(m, DequantizedLinear4bit) == dense for m in linears)
     assert all(m.weight.quant_state.quant_type == "nf4" for m in linears)
     assert base.served_name == family
     # a CPU computes in fp32: its bf16 matmuls are emulated without AVX512-BF16
@@ -41,6 +49,13 @@ def test_tiny_model_loads_in_nf4_on_cpu(tiny_model_dirs: dict[str, Path], tmp_pa
     nested = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], **load)
     assert all(m.weight.quant_state.nested for n, m in nested.named_modules() if n.endswith(("q_proj", "down_proj")))
     assert torch.equal(nested(torch.tensor([[5, 6, 7]])).logits, out)
+    # training: the same gradients reach the inputs through the frozen NF4 layers
+    grads = []
+    for model in (base.model, nested):
+        embeds = model.get_input_embeddings()(torch.tensor([[5, 6, 7]])).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.square().sum().backward()
+        grads.append(embeds.grad)
+    assert torch.equal(*grads)
 
 
 def test_served_name_override(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:

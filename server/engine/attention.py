@@ -8,13 +8,13 @@ written by a faulty one) cannot reach another request's answer.
 """
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PretrainedConfig
 
+from loraplex.memory import available_memory
 from server.engine.errors import KVCacheTooLarge
 from server.engine.ragged_attention import ragged_attention
 from server.engine.step import StepTensors
@@ -25,18 +25,6 @@ OUTPUT_SHRINK = "loraplex_output_shrink"
 
 # (q [N, Hq, D], k_cache, v_cache, query_start, seq_rows, seq_lens, scale, sliding_window) -> [N, Hq, D]
 RaggedAttention = Callable[..., torch.Tensor]
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device` (free GPU memory, or available RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:  # MemAvailable counts the page cache the kernel would give back; "free" pages alone do not
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def kv_head_dim(text_config: PretrainedConfig) -> int:

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
-from server.engine.attention import available_memory, kv_row_bytes
+from loraplex.memory import available_memory
+from server.engine.attention import kv_row_bytes
 from server.engine.graphs import buckets_up_to
 from server.engine.multilora import LoraLayout, lora_targets
 

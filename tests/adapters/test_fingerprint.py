@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, get_peft_model
 from peft_dirs import make_peft_dir, new_store
 from tiny import save_tiny, tiny_model
@@ -24,7 +25,7 @@ def test_fingerprint_of_plain_nf4_and_peft_models(tmp_path: Path) -> None:
     assert len(plain.others) == 5 + 2 * 8  # model, embed_tokens, layers, norm, rotary_emb; 8 per decoder layer
 
     nf4 = load_base_model(str(save_tiny(tmp_path / "m", "qwen3")), cache_dir=tmp_path, device="cpu").model
-    assert type(nf4.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert isinstance(nf4.model.layers[0].mlp.down_proj, Linear4bit)
     assert base_fingerprint(nf4) == plain
     wrapped = get_peft_model(nf4, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     assert base_fingerprint(wrapped) == plain

@@ -10,9 +10,7 @@ from transformers import AutoModelForCausalLM
 from adapters.fingerprint import base_fingerprint
 from loraplex.basemodel import load_base_model
 from loraplex.errors import BaseModelError
-from loraplex.synthetic import BYTE_VOCAB, byte_tokenizer, check_synthetic, load_synthetic, synthetic_config
-
-CPU = torch.device("cpu")
+from loraplex.synthetic import BYTE_VOCAB, byte_tokenizer, check_synthetic, synthetic_config
 
 
 def test_llama3_8b_preset_has_the_published_shapes() -> None:
@@ -49,7 +47,8 @@ def test_bad_specs_fail_with_a_reason(tmp_path: Path, spec: str, message: str) -
 
 def test_nf4_layout_matches_a_loaded_checkpoint(tmp_path: Path) -> None:
     """Same modules quantized, same fingerprint: adapters made for the real model fit the random one."""
-    model, tokenizer = load_synthetic("random:tiny", CPU, torch.bfloat16, quantize=True)
+    synthetic = load_base_model("random:tiny", cache_dir=tmp_path, device="cpu")
+    model, tokenizer = synthetic.model, synthetic.tokenizer
     AutoModelForCausalLM.from_config(synthetic_config("random:tiny")).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = load_base_model(str(tmp_path), cache_dir=tmp_path, device="cpu")
