@@ -30,7 +30,7 @@ class DequantizedLinear4bit(Linear4bit):
     """An NF4 layer on a CPU that multiplies by its weight dequantized once (`dense`, [out, in] in the compute
     dtype), where bitsandbytes' CPU matmul dequantizes it at every call and then runs the same `linear`: the same
     outputs, the same gradients for the layers' inputs, without writing and reading the weight in fp32 each time.
-    The NF4 codes stay: they are the weight that is saved, measured and served elsewhere."""
+    Its NF4 codes and scales stay as they were."""
 
     dense: torch.Tensor
 
