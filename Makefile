@@ -34,7 +34,7 @@ $(CLIENTS)/.installed:
 
 # Test processes (pytest-xdist), each taking whole test files, so a module's costly fixture (a server, a
 # training) still starts once: their waits on servers and subprocesses overlap (on two cores the suite, Ray's tests
-# included, takes ~14 min, using both cores throughout; tests/scheduling.py hands out the slowest files first).
+# included, takes ~11 min, using both cores throughout; tests/scheduling.py hands out the slowest files first).
 # TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 
