@@ -39,16 +39,17 @@ class DequantizedLinear4bit(Linear4bit):
         return nn.functional.linear(x.to(self.dense.dtype), self.dense, bias).to(x.dtype)
 
 
-def dequantize_once(model: nn.Module, dtype: torch.dtype) -> bool:
+def dequantize_once(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every NF4 layer of `model` (on a CPU, its scales expanded) a DequantizedLinear4bit computing in `dtype`
-    where their dense copies fit in DENSE_MEMORY_SHARE of the available RAM; returns whether they did. The embedded
-    model's take 428 MB in fp32 (BENCHMARKS.md says what they save)."""
+    where their dense copies fit in DENSE_MEMORY_SHARE of the available RAM. The embedded model's take 428 MB in
+    fp32 (BENCHMARKS.md says what they save)."""
     layers = [module for module in model.modules() if type(module) is Linear4bit]
+    if not layers:
+        return
     need = sum(layer.out_features * layer.in_features for layer in layers) * dtype.itemsize
-    if not layers or need > DENSE_MEMORY_SHARE * available_memory(torch.device("cpu")):
-        if layers:
-            log.info("NF4 layers dequantized at every matmul: their %d MB in %s would not fit", need >> 20, dtype)
-        return False
+    if need > DENSE_MEMORY_SHARE * available_memory(torch.device("cpu")):
+        log.info("NF4 layers dequantized at every matmul: their %d MB in %s would not fit", need >> 20, dtype)
+        return
     for layer in layers:
         state = layer.weight.quant_state  # [out, in] codes; absmax fp32 (expand_nested_scales)
         dense = torch.ops.bitsandbytes.dequantize_4bit.default(
@@ -57,4 +58,3 @@ def dequantize_once(model: nn.Module, dtype: torch.dtype) -> bool:
         layer.__class__ = DequantizedLinear4bit
         layer.register_buffer("dense", dense, persistent=False)
     log.info("NF4 layers dequantized once for the CPU: %d MB in %s", need >> 20, dtype)
-    return True
