@@ -8,8 +8,9 @@ default q_proj/v_proj, paged_adamw_8bit, micro-batch 2 x accumulation 4, bf16, n
 It runs a second time after prepare_model_for_kbit_training (PEFT's default turns gradient checkpointing on),
 the memory-matched reference for loraplex, which checkpoints on CUDA.
 loraplex: length-grouped dynamic padding, labels masked on padding, micro-batch 8 x accumulation 1 (the
-same 8 rows per optimizer step), chunked loss; on q_proj/v_proj (like for like), with and without gradient
-checkpointing (`--no-gradient-checkpointing`: faster, more memory), and on all linear layers (its default).
+same 8 rows per optimizer step), chunked loss; on q_proj/v_proj (like for like), with gradient checkpointing
+in every layer, in half of them (`--checkpoint-share 0.5`) and in none (`--no-gradient-checkpointing`: faster,
+more memory), and on all linear layers (its default).
 Each case builds a fresh model and measures steady state: the seed recipe (one shape, [2, 512]) after
 `--warmup` untimed steps; loraplex, whose batch widths vary, after one untimed pass over the very batches it
 then times, so no first-seen-shape cost (allocator growth, kernel selection) lands in the timed steps, as in a
@@ -135,7 +136,7 @@ def seed_recipe(
 
 def loraplex_loop(
     preset: str, rows: list[list[int]], targets: list[str] | str, steps: int, warmup: int, device: torch.device,
-    tmp: Path, checkpointing: bool = True,
+    tmp: Path, checkpointing: bool = True, share: float = 1.0,
 ) -> Case:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = compute_dtype(device)
@@ -144,14 +145,18 @@ def loraplex_loop(
     config = TrainConfig(
         data=tmp / "synthetic.jsonl", output=tmp / "loraplex", rank=16, alpha=32, dropout=0.05,
         target_modules=targets, batch_size=EFFECTIVE_BATCH, grad_accum=1, max_seq_len=PAD_TO, lr=2e-4,
-        save_every=10**9, max_steps=steps, gradient_checkpointing=checkpointing,
+        save_every=10**9, max_steps=steps, gradient_checkpointing=checkpointing, checkpoint_share=share,
     )  # fmt: skip
     model = add_lora(base, config, gradient_checkpointing=cuda and checkpointing, compute_dtype=dtype)
     accelerator = Accelerator(cpu=not cuda)
     timed_rows = examples[warmup * EFFECTIVE_BATCH :]  # the rows the seed recipe's timed steps draw from
     fit(model, timed_rows, [], config, accelerator, pad_id=0, progress=False)  # untimed: every width once
     result = fit(model, timed_rows, [], config, accelerator, pad_id=0, progress=False)
-    name = "loraplex loop (length-grouped, dynamic pad)" + ("" if checkpointing else ", no gradient checkpointing")
+    name = "loraplex loop (length-grouped, dynamic pad)"
+    if not checkpointing:
+        name += ", no gradient checkpointing"
+    elif share < 1:
+        name += f", checkpointing {share:.0%} of the layers"
     label = "q_proj,v_proj" if targets != "all-linear" else "all-linear (default)"
     case = _case(name, label, f"{EFFECTIVE_BATCH} x 1", steps, result.real_tokens, result.seconds, device)
     case.peak_gb = result.peak_memory_bytes / 2**30 if cuda else case.peak_gb
@@ -227,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: seed_recipe(preset, rows, steps, warmup, device, tmp, prepare=True),
         lambda: loraplex_loop(preset, rows, SEED_TARGETS, steps, warmup, device, tmp),
         lambda: loraplex_loop(preset, rows, SEED_TARGETS, steps, warmup, device, tmp, checkpointing=False),
+        lambda: loraplex_loop(preset, rows, SEED_TARGETS, steps, warmup, device, tmp, share=0.5),
         lambda: loraplex_loop(preset, rows, "all-linear", steps, warmup, device, tmp),
     ):
         _fresh_state(device)
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     at_memory = f" at {memory:.2f}x peak memory" if memory else ""
     print(f"\nloraplex vs seed, same targets: {speedup:.2f}x real tokens/s{at_memory}")
     unchecked = cases[3].tokens_per_s / baseline.tokens_per_s
-    print(f"without gradient checkpointing: {unchecked:.2f}x")
+    half = cases[4].tokens_per_s / baseline.tokens_per_s
+    print(f"without gradient checkpointing: {unchecked:.2f}x; checkpointing half the layers: {half:.2f}x")
     if args.out:
         report = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_same_targets": speedup,
             "memory_ratio_same_targets": memory,
             "speedup_same_targets_no_checkpointing": unchecked,
+            "speedup_same_targets_half_checkpointing": half,
         }
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -72,6 +72,14 @@ class TrainConfig(BaseModel):
         description="On CUDA, recompute each layer's activations in the backward pass instead of keeping them: "
         "a fraction of the memory; off trains faster where the GPU holds them all (CPU runs always keep them).",
     )
+    checkpoint_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="With gradient checkpointing: the share of the decoder layers recomputed (the first ones, "
+        "rounded up); the rest keep their activations. Between 1 and 0 the speed and the memory go from "
+        "checkpointing's to --no-gradient-checkpointing's, about in proportion.",
+    )
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the rows held out for an eval loss.")
     eval_every: int = Field(50, ge=1, description="Optimizer steps between eval losses.")
     save_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
@@ -130,6 +138,8 @@ class TrainConfig(BaseModel):
             raise ValueError("--target-modules is empty")
         if self.force_resume and not self.resume:
             raise ValueError("--force-resume only applies with --resume")
+        if self.checkpoint_share < 1 and not self.gradient_checkpointing:
+            raise ValueError("--checkpoint-share only applies with gradient checkpointing: drop one of the two")
         return self
 
     @property

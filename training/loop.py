@@ -207,6 +207,8 @@ def _out_of_memory(config: TrainConfig, step: int, shape: torch.Size, checkpoint
     fixes = "lower --batch-size (a higher --grad-accum keeps the rows of a step) or --max-seq-len"
     if not config.gradient_checkpointing:
         fixes += ", or drop --no-gradient-checkpointing (activations recomputed instead of kept)"
+    elif config.checkpoint_share < 1:
+        fixes += f", or raise --checkpoint-share ({config.checkpoint_share}: more layers recomputed, fewer kept)"
     saved = checkpoints is not None and (checkpoints.resume_from is not None or step > config.save_every)
     resume = "; --resume goes on from the last checkpoint" if saved else ""
     return f"out of memory at step {step} on a micro-batch of {shape[0]} rows x {shape[1]} tokens: {fixes}{resume}"

@@ -1,6 +1,7 @@
 """The trainable model: LoRA on an NF4 base, and the loss module that the training loop calls."""
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -10,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from training.config import TrainConfig
 from training.data import IGNORE
@@ -20,13 +22,16 @@ LOSS_CHUNK = 1024  # positions per logits chunk: bounds [chunk, vocab] float32 l
 def add_lora(
     model: PreTrainedModel, config: TrainConfig, *, gradient_checkpointing: bool, compute_dtype: torch.dtype
 ) -> PeftModel:
-    """prepare_model_for_kbit_training + LoRA on config.target_modules ("all-linear": all but the head)."""
+    """prepare_model_for_kbit_training + LoRA on config.target_modules ("all-linear": all but the head); with
+    `gradient_checkpointing`, config.checkpoint_share of the decoder layers recompute their activations."""
     with _quiet_peft():
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    if gradient_checkpointing:
+        keep_activations(model, config.checkpoint_share)
     # prepare_model_for_kbit_training upcasts every frozen non-4-bit weight to float32, a guard for fp16
     # training. In bf16 it only costs: the embedding and head (2 x 0.5 B weights at a 128k vocab) double in
     # memory, and float32 norm weights promote the whole residual stream to float32 (twice the activation
@@ -56,6 +61,17 @@ def add_lora(
     resolved = peft_model.peft_config["default"]
     resolved.target_modules = sorted(resolved.target_modules)
     return peft_model
+
+
+def keep_activations(model: nn.Module, share: float) -> None:
+    """Leave checkpointing on in the first ceil(share x layers) decoder layers of a model that has it on in all
+    (transformers checks each layer's flag at every forward), off in the rest.
+    A layer that recomputes keeps only its input, one that does not keeps every activation its backward reads:
+    the memory and the time of a step go between the two ends with the share."""
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    recomputed = math.ceil(share * len(layers))
+    for layer in layers[recomputed:]:
+        layer.gradient_checkpointing = False
 
 
 @contextlib.contextmanager

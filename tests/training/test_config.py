@@ -77,6 +77,11 @@ def test_cli_reports_bad_data_before_loading_the_model(tmp_path, monkeypatch, ca
         ),
         ("data: a\noutput: b\n", ["--force-resume"], "--force-resume only applies with --resume"),
         (
+            "data: a\noutput: b\n",
+            ["--no-gradient-checkpointing", "--checkpoint-share", "0.5"],
+            "--checkpoint-share only applies with gradient checkpointing: drop one of the two",
+        ),
+        (
             "data: a\noutput: b\nbatch_szie: 4\nlearning-rate: 1.0e-4\n",
             [],
             "unknown training option 'batch_szie' (did you mean 'batch_size'?); unknown training option "

@@ -149,10 +149,19 @@ def _must_not_load(*args: object, **kwargs: object) -> None:
     raise AssertionError("the model loaded before the checkpoint was checked")
 
 
-def test_running_out_of_device_memory_names_what_to_change(data, tiny_model_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("memory_flags", "fix"),
+    [
+        ({"gradient_checkpointing": False}, "drop --no-gradient-checkpointing"),
+        ({"checkpoint_share": 0.25}, "raise --checkpoint-share (0.25: more layers recomputed"),
+    ],
+)
+def test_running_out_of_device_memory_names_what_to_change(
+    data, tiny_model_dirs, tmp_path, monkeypatch, memory_flags: dict, fix: str
+):
     """A micro-batch the device cannot hold (torch's OutOfMemoryError, raised at step 5's first forward) ends the
     run in one line: the step and batch, the flags that lower the memory (gradient checkpointing among them, as it
-    was turned off) and the step-3 checkpoint to resume from."""
+    was turned off or left to a share of the layers) and the step-3 checkpoint to resume from."""
     forward, calls = CausalLMLoss.forward, []
 
     def out_of_memory_at_step_5(self: CausalLMLoss, *args: object, **kwargs: object) -> object:
@@ -162,12 +171,12 @@ def test_running_out_of_device_memory_names_what_to_change(data, tiny_model_dirs
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(CausalLMLoss, "forward", out_of_memory_at_step_5)
-    run = config(data, tiny_model_dirs["llama"], tmp_path / "out", gradient_checkpointing=False)
+    run = config(data, tiny_model_dirs["llama"], tmp_path / "out", **memory_flags)
     with pytest.raises(TrainingError) as caught:
         train(run, progress=False)
     message = str(caught.value)
     assert re.fullmatch(r"out of memory at step 5 on a micro-batch of 4 rows x \d+ tokens: .*", message), message
-    assert "--batch-size" in message and "drop --no-gradient-checkpointing" in message, message
+    assert "--batch-size" in message and fix in message, message
     assert message.endswith("--resume goes on from the last checkpoint"), message
     assert [p.name for p in run.checkpoint_dir.iterdir()] == ["step-0000003"]
 
