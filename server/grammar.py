@@ -40,6 +40,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 import queue
 import selectors
 import subprocess
@@ -137,7 +138,11 @@ class GrammarSpec:
                 f"the JSON schema nests {depth} levels of objects and arrays; at most {MAX_SCHEMA_DEPTH} are accepted"
             )
         _check_integer_bounds(schema)
-        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+        try:
+            text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except ValueError:
+            _refuse_non_finite(schema)
+            raise  # a value other than NaN or Infinity, which no JSON reader makes: the server's fault
         _check_size(len(text), "JSON schema")
         _check_unicode(text, "JSON schema")
         return cls("json_schema", text)
@@ -213,6 +218,27 @@ def _check_integer_bounds(schema: dict) -> None:
             f"{INT64_MAX}), the range integers are generated in: a bound can reach an integer through allOf, $ref "
             "or a sibling keyword, so a schema with integers takes every bound within that range"
         )
+
+
+def _refuse_non_finite(schema: dict) -> None:
+    """Python's JSON reader (a body's, or a schema sent as text) takes NaN and Infinity, which are no JSON: the
+    compiler, reading the schema's text, refused them only as "expected value" at a column of a text the client never
+    sent. Called where the schema could not be written as JSON, so it walks only a schema that holds one."""
+    stack: list[tuple[str, Any]] = [("", schema)]
+    while stack:
+        pointer, item = stack.pop()
+        if isinstance(item, dict):
+            escaped = ((str(key).replace("~", "~0").replace("/", "~1"), child) for key, child in item.items())
+            stack.extend((f"{pointer}/{key}", child) for key, child in escaped)
+        elif isinstance(item, list):
+            stack.extend((f"{pointer}/{i}", child) for i, child in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            shown = pointer if len(pointer) <= 200 else pointer[:200] + "..."  # its keys may be long
+            raise InvalidGrammar(
+                f"the JSON schema holds {json.dumps(item)} at {shown} (a JSON pointer; a number past a double's "
+                "range, such as 1e999, reads as Infinity): NaN and Infinity are not JSON numbers, and a schema is "
+                "JSON; send a finite number there"
+            )
 
 
 def _chars_past(value: Any, limit: int) -> bool:

@@ -294,6 +294,19 @@ class TgiParameters(BaseModel):
     def _none_is_empty(cls, value: object) -> object:
         return [] if value is None else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, value: object) -> object:
+        # TGI's clients send these at their no-op values (null, 1.0, false), which are taken
+        return refuse_unsupported(value, {
+            "typical_p": (
+                lambda p: p not in (None, 1.0),
+                "typical sampling is not implemented; send 1.0 or null, or leave it out (top_p or top_k bound "
+                "the sampling instead)",
+            ),
+            "watermark": (bool, "watermarking is not implemented; send false, or leave it out"),
+        })  # fmt: skip
+
     @property
     def samples(self) -> bool:
         """TGI's rule: it samples when do_sample is set or any warper is (temperature != 1, top_k, top_p < 1)."""
@@ -537,8 +550,8 @@ class OpenAISampling(BaseModel):
 
 
 def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object], bool], str]]) -> object:
-    """Fields of OpenAI's that this server does not implement, refused where a client sends them in a form that
-    changes the answer: ignored (extra="ignore"), the answer would silently not be what was asked for.
+    """Fields of OpenAI's, vLLM's or TGI's that this server does not implement, refused where a client sends them in
+    a form that changes the answer: ignored (extra="ignore"), the answer would silently not be what was asked for.
     `refused`: field -> (whether a sent value asks for it, why and what to send instead)."""
     if isinstance(value, dict):
         for name, (asks, why) in refused.items():
@@ -1019,18 +1032,24 @@ class TgiTokenize(BaseModel):
     parameters: dict | None = None  # TGI accepts its generate parameters here and ignores them
 
 
-def _tokenize_kind(value: object) -> str:
+_TOKENIZE_KINDS = {TgiTokenize: "tgi", VllmTokenizeChat: "chat", VllmTokenizeCompletion: "completion"}
+
+
+def _tokenize_kind(value: object) -> str | None:
     # TGI sends `inputs`, vLLM `prompt` or `messages`: one route serves both protocols
     if isinstance(value, dict):
         return "tgi" if "inputs" in value else "chat" if "messages" in value else "completion"
-    return "tgi" if isinstance(value, TgiTokenize) else "chat" if isinstance(value, VllmTokenizeChat) else "completion"
+    return _TOKENIZE_KINDS.get(type(value))  # None: the body is not an object, which has no kind
 
 
 TokenizeRequest = Annotated[
     Annotated[TgiTokenize, Tag("tgi")]
     | Annotated[VllmTokenizeChat, Tag("chat")]
     | Annotated[VllmTokenizeCompletion, Tag("completion")],
-    Discriminator(_tokenize_kind),
+    # A body that is not an object (an array, or one not read as JSON for want of its content-type) is refused at
+    # the body itself, with pydantic's error for a model's input that is not an object: the error handler words
+    # that one as about the whole body, as on every other route (tried as one kind, it was about a field of that kind)
+    Discriminator(_tokenize_kind, custom_error_type="model_attributes_type"),
 ]
 
 

@@ -110,6 +110,17 @@ def test_non_finite_floats_are_422(client: TestClient, path: str, value: str) ->
         assert_422(client, path, raw, field)
 
 
+@pytest.mark.parametrize("path", TGI_ROUTES)
+def test_tgi_parameters_not_implemented_are_refused_unless_their_no_op_value(client: TestClient, path: str) -> None:
+    """typical_p and watermark change TGI's answer: ignored, the answer would not be the one asked for. TGI's clients
+    send them at their defaults, which change nothing."""
+    assert_422(client, path, sampled(path, typical_p=0.5), "typical_p is not supported: typical sampling is not")
+    assert_422(client, path, sampled(path, watermark=True), "watermark is not supported: watermarking is not")
+    for no_op in ({"typical_p": None, "watermark": False}, {"typical_p": 1.0}, {"typical_p": 1, "watermark": None}):
+        status, answer = post(client, path, sampled(path, **no_op))
+        assert status == 200, (no_op, answer)
+
+
 def test_sane_ranges(client: TestClient) -> None:
     assert_422(client, "/generate", body("/generate", temperature=1000), "temperature")
     assert_422(client, "/generate", body("/generate", repetition_penalty=1e-30), "repetition_penalty")
@@ -206,12 +217,17 @@ def test_a_long_list_of_bad_elements_is_one_short_error(
         (b'{"model": "llama", "prompt": "hi"}', "text/plain", 422, "content-type: application/json"),
         (b"", "application/json", 422, "no body"),
         (b"[1, 2]", "application/json", 422, "the body is an array: send a JSON object"),
+        (b'{"prompt": "hi"}', "application/x-www-form-urlencoded", 422, "content-type: application/json"),
+        (b"[]", "application/json", 422, "the body is an array: send a JSON object"),
+        (b"3", "application/json", 422, "the body is a number: send a JSON object"),
     ],
 )
+# /tokenize's body is one of three kinds (TGI's, vLLM's prompt or chat): a body of none was refused as about a field
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
 def test_a_body_that_is_not_a_json_object_says_what_it_is(
-    client: TestClient, payload: bytes, content_type: str, status: int, says: str
+    client: TestClient, path: str, payload: bytes, content_type: str, status: int, says: str
 ) -> None:
-    response = client.post("/v1/completions", content=payload, headers={"content-type": content_type})
+    response = client.post(path, content=payload, headers={"content-type": content_type})
     assert response.status_code == status, response.text
     assert says in response.json()["error"]["message"], response.text
 
@@ -257,6 +273,44 @@ def test_text_that_is_not_unicode_is_a_422(client: TestClient, path: str, payloa
     status, answer = post(client, path, payload.replace('"@"', '"h\\ud800i"'))
     assert status == 422, (status, answer)
     assert answer["error"]["code"] == code and "unicode" in answer["error"]["message"].lower(), answer
+
+
+# a schema whose number 123456.0 becomes NaN or Infinity, on each route and field that takes a JSON schema
+NUMBER_SCHEMA = {"type": "object", "properties": {"x": {"type": "number", "maximum": 123456.0}}}
+SCHEMA_BODIES = [
+    (
+        "/v1/chat/completions",
+        body("/v1/chat/completions", response_format={"type": "json_schema", "json_schema": {"schema": NUMBER_SCHEMA}}),
+    ),
+    ("/v1/completions", body("/v1/completions", guided_json=NUMBER_SCHEMA)),
+    ("/v1/completions", body("/v1/completions", structured_outputs={"json": json.dumps(NUMBER_SCHEMA)})),
+    ("/generate", body("/generate", grammar={"type": "json", "value": NUMBER_SCHEMA})),
+    ("/generate", body("/generate", grammar={"type": "json", "value": json.dumps(NUMBER_SCHEMA)})),
+    ("/generate", body("/generate", response_format={"type": "json_object", "schema": NUMBER_SCHEMA})),
+    (
+        "/v1/chat/completions",
+        body(
+            "/v1/chat/completions",
+            tools=[{"type": "function", "function": {"name": "f", "parameters": NUMBER_SCHEMA}}],
+            tool_choice="required",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "payload"), SCHEMA_BODIES)
+@pytest.mark.parametrize("value", ["NaN", "-Infinity", "1e999"])
+def test_a_schema_holding_nan_or_infinity_is_a_422_saying_where(
+    client: TestClient, path: str, payload: dict, value: str
+) -> None:
+    """Python's JSON reader takes NaN and Infinity (and 1e999 as Infinity), in a body and in a schema sent as text;
+    the grammar compiler, reading the schema as JSON, refused it only as "expected value at line 1 column N"."""
+    raw = json.dumps(payload).replace("123456.0", value)
+    status, answer = post(client, path, raw)
+    assert status == 422, (status, answer)
+    message = answer["error"]["message"]
+    assert answer["error"]["code"] == "invalid_grammar" and "/properties/x/maximum" in message, answer
+    assert "NaN and Infinity are not JSON numbers" in message and "send a finite number" in message, answer
 
 
 @pytest.mark.parametrize(
