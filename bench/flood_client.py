@@ -8,8 +8,9 @@ honest client sees.
 Kinds: chat (chats of 1,024 empty messages, refused as too long once templated: tokenizer work only), detokenize
 (/detokenize of --ids ids, 1,000 by default), token_batches (/v1/completions whose prompt is OpenAI's batch of
 token-id prompts, a million one-id prompts in a body just under --mb MiB: cheap to send, the costliest JSON to
-parse per byte, refused before it is parsed), generate (/v1/completions of --max-tokens tokens on the base model,
-ignoring end of sequence: with more --connections than the server's --max-queue, the queue stays full) and score
+parse per byte, refused before it is parsed), generate (/v1/completions of --n answers of --max-tokens tokens on the
+base model, ignoring end of sequence: with more --connections than the server's --max-queue, the queue stays full;
+with more connections x n than its --max-batch-size, every row runs this client's answers) and score
 (/v1/completions scoring a prompt of --ids token ids: echo with logprobs and max_tokens 0, as
 lm-evaluation-harness's loglikelihood requests). --key sends a Bearer key, so that a server with keys tells this
 client from the others. Prints the answers' status codes as they come, and at the end.
@@ -27,11 +28,11 @@ MB = 4  # the server's --max-request-mb by default
 BATCH_ITEM = "[3],"  # one prompt of one id in a batch, as it is written in the body
 
 
-def body(kind: str, ids: int, mb: int, max_tokens: int) -> tuple[str, bytes]:
+def body(kind: str, ids: int, mb: int, max_tokens: int, n: int = 1) -> tuple[str, bytes]:
     """The route and JSON body of one request of `kind`."""
     if kind == "generate":
         return "/v1/completions", json.dumps({
-            "model": "", "prompt": "a flood of answers", "max_tokens": max_tokens, "ignore_eos": True
+            "model": "", "prompt": "a flood of answers", "max_tokens": max_tokens, "n": n, "ignore_eos": True
         }).encode()  # fmt: skip
     if kind == "score":
         return "/v1/completions", json.dumps({
@@ -51,9 +52,10 @@ def body(kind: str, ids: int, mb: int, max_tokens: int) -> tuple[str, bytes]:
 
 
 async def flood(
-    url: str, kind: str, connections: int, requests: int | None, ids: int, mb: int, max_tokens: int, key: str | None
-) -> None:
-    path, content = body(kind, ids, mb, max_tokens)  # encoded once: the client's own CPU goes to sending
+    url: str, kind: str, connections: int, requests: int | None, ids: int, mb: int, max_tokens: int, n: int,
+    key: str | None,
+) -> None:  # fmt: skip
+    path, content = body(kind, ids, mb, max_tokens, n)  # encoded once: the client's own CPU goes to sending
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     codes: Counter[int] = Counter()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -80,10 +82,13 @@ def main() -> None:
                         help="ids a /detokenize request, or a scored prompt (within the vocabulary)")  # fmt: skip
     parser.add_argument("--mb", type=int, default=MB, help="token_batches: bodies just under this many MiB")
     parser.add_argument("--max-tokens", type=int, default=32, help="generate: tokens an answer")
+    parser.add_argument("--n", type=int, default=1, help="generate: answers a request (OpenAI's n)")
     parser.add_argument("--key", help="Bearer key")
     args = parser.parse_args()
     asyncio.run(
-        flood(args.url, args.kind, args.connections, args.requests, args.ids, args.mb, args.max_tokens, args.key)
+        flood(
+            args.url, args.kind, args.connections, args.requests, args.ids, args.mb, args.max_tokens, args.n, args.key
+        )
     )
 
 

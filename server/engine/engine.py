@@ -15,7 +15,13 @@ request that fails (at admission or in a forward) ends alone; the loop goes on.
 
 Admission is fair between clients and, in each client's turns, between adapters, and a full queue is shared
 between clients (waiting.py): one client's flood delays another client's request by one row at most, and cannot
-keep it out of the queue.
+keep it out of the queue. The rows are shared too: where every row runs and a client holding fewer than its share
+(the rows over the clients that run, wait or are paused) has a request waiting, the client holding the most rows past
+its share pauses one of its decoding rows, the one with the fewest tokens: its keys and values go to host memory, and
+its row to the waiting request. A paused row goes before its client's waiting requests in the admission order and,
+resumed into any free row, takes its keys and values back and decodes on as if never paused. Without it, one client's
+requests running long answers (n choices each, max_tokens in the thousands) held every row, and another client's
+request waited for them all. One client alone may hold every row.
 
 A request asking for its prompt's logprobs (prompt_logprobs) has every prompt position scored: it takes no cached
 prefix, and a step holding a chunk of its prompt keeps those positions' logits beside the sampled ones: it replays
@@ -28,8 +34,8 @@ import logging
 import math
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -37,6 +43,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.lora import LoraWeights
+from loraplex.memory import available_memory
 from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
 from server.engine.batching import SCORED_TOKENS, plan_step
 from server.engine.config import EngineConfig
@@ -98,6 +105,35 @@ class _Row:
     # its prompt's scored chunks (prompt_logprobs), until its first token's event carries them: (the step's scores,
     # the chunk's first position among them, its positions)
     scores: list[tuple[StepScores, int, int]] = field(default_factory=list)
+    # paused (another client's share of the rows): its first len(ids) - 1 positions' keys and values in host memory
+    # (KVCache.save); it holds no KV row and no slot
+    saved: list[torch.Tensor] | None = None
+
+
+class _RowShares:
+    """Each client's share of the KV rows in one admission pass: the rows over the clients that run, wait or are
+    paused (one at least); a client under it may take a row from the client holding the most past it."""
+
+    def __init__(self, rows: Iterable[_Row], asking: set[str | None], total: int) -> None:
+        self.total = total
+        self.asking = asking  # the clients with a request waiting or a row paused
+        self.recount(rows)
+
+    def recount(self, rows: Iterable[_Row]) -> None:
+        self.holding = Counter(row.request.client for row in rows)
+        self.share = max(1, self.total // max(1, len(self.asking | set(self.holding))))
+
+    def taking(self) -> bool:
+        """Whether a client asking for a row holds fewer than its share while another holds more than its own."""
+        share = self.share
+        return any(self.holding[c] < share for c in self.asking) and any(h > share for h in self.holding.values())
+
+    def giver(self, client: str | None) -> str | None:
+        """The client that gives `client` a row: `client` holds fewer than its share, the other the most past it."""
+        if self.holding[client] >= self.share:
+            return None
+        heaviest = max((c for c in self.holding if c != client), key=self.holding.__getitem__, default=None)
+        return heaviest if heaviest is not None and self.holding[heaviest] > self.share else None
 
 
 class _Output(NamedTuple):
@@ -174,6 +210,7 @@ class Engine:
         self.slots = SlotTable(config.max_active_adapters)
         self._kv_rows = KVRows(config.max_batch_size, config.prefix_cache)
         self._rows: dict[str, _Row] = {}
+        self._paused: dict[str, _Row] = {}  # request id -> a row paused for another client's share of the rows
         self._waiting = WaitingQueue()  # under _cv; its turns on the engine thread only
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
@@ -344,7 +381,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for a row: queued, or paused for another client's share of the rows."""
+        return len(self._waiting) + len(self._paused)
 
     @property
     def num_running(self) -> int:
@@ -354,7 +392,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopped or self._waiting.has_items or self._rows or self._cancels
+                while not (self._stopped or self._waiting.has_items or self._rows or self._paused or self._cancels
                            or self._deactivations or self._in_flight):  # fmt: skip
                     self._cv.wait()
                 if self._stopped:
@@ -444,7 +482,7 @@ class Engine:
             self._take_in_flight()
             self._deliver()  # a cancelled row's last token event comes before its end
         for request_id in cancels:
-            row = self._rows.get(request_id)
+            row = self._rows.get(request_id) or self._paused.get(request_id)
             if row is not None:
                 self._finish(row, "cancelled")
         for key in deactivations:
@@ -453,30 +491,135 @@ class Engine:
 
     def _admit(self) -> None:
         self.slots.begin_pass()
-        if not self._kv_rows.free:  # nothing to admit into: no O(waiting) pass while every row runs
-            return
+        shares = None  # counted once every row runs: a request of a client under its share may still take one
+        if not self._kv_rows.free:
+            shares = self._row_shares()
+            if not shares.taking():  # nothing to admit into: no O(waiting) pass while every row runs
+                return
+        ahead: dict[str | None, list[_Row]] = {}
+        for row in self._paused.values():
+            ahead.setdefault(row.request.client, []).append(row)
         with self._cv:
-            in_turn = self._waiting.in_turn()
+            in_turn = self._waiting.in_turn(ahead)
         admitted: set[str] = set()
-        served: list[GenerationRequest] = []  # in the order they left the queue in this pass
-        for request, sink in in_turn:
+        served: list[GenerationRequest] = []  # in the order they left the queue or resumed in this pass
+        for item in in_turn:
+            request = item.request if isinstance(item, _Row) else item[0]
             if not self._kv_rows.free:
-                break
+                shares = shares or self._row_shares()
+                if not self._pause_for(request, shares):
+                    if not shares.taking():
+                        break
+                    continue  # a later client may hold fewer than its share
             try:
-                if self._admit_one(request, sink):
+                if isinstance(item, _Row):
+                    if self._resume(item):
+                        served.append(request)
+                elif self._admit_one(*item):
                     admitted.add(request.request_id)
                     served.append(request)
+                else:
+                    continue
+                if shares is not None:
+                    shares.holding[request.client] += 1
             except Exception as exc:  # this request cannot run (e.g. its adapter cannot be activated): it alone ends
                 log.warning("request %s failed at admission: %s", request.request_id, exc)
-                admitted.add(request.request_id)
                 served.append(request)
-                self._end_unadmitted(request, sink, "error", exc)
+                if isinstance(item, _Row):
+                    self._finish(item, "error", error=exc)
+                else:
+                    admitted.add(request.request_id)
+                    self._end_unadmitted(request, item[1], "error", exc)
         if admitted:
             with self._cv:
                 self._waiting.remove(admitted)
+        if served:
             self._waiting.clients.served(request.client for request in served)
             self._waiting.adapters.served(request.adapter_key for request in served)
             self._active_snapshot = self.slots.active()
+
+    def _row_shares(self) -> _RowShares:
+        with self._cv:
+            clients = self._waiting.clients_waiting
+        clients |= {row.request.client for row in self._paused.values()}
+        return _RowShares(self._rows.values(), clients, self.config.max_batch_size)
+
+    def _pause_for(self, request: GenerationRequest, shares: _RowShares) -> bool:
+        """Free a row for `request` by pausing one of the client that gives its client a row (_RowShares.giver):
+        its decoding row with the fewest tokens, where host memory holds its keys and values twice over. False
+        where none gives one, or the request would not take the row (it waits for another's prefill)."""
+        giver = shares.giver(request.client)
+        scoring = request.sampling.prompt_logprobs is not None
+        if giver is None or (not scoring and self._kv_rows.worth_waiting(request.cache_scope, request.prompt_ids)):
+            return False
+        if self._in_flight is not None:  # the rows' tokens of the last step, taken first: a paused row has them all
+            self._take_in_flight()
+            self._deliver()
+            shares.recount(self._rows.values())
+            if self._kv_rows.free:  # rows those tokens ended
+                return True
+        decoding = [row for row in self._rows.values() if row.request.client == giver and row.generated
+                    and row.prefilled == len(row.request.prompt_ids)]  # fmt: skip
+        if not decoding:
+            return False
+        row = min(decoding, key=lambda r: len(r.ids))
+        if 2 * self.cache.row_bytes(len(row.ids)) > available_memory(torch.device("cpu")):
+            return False
+        self._pause(row)
+        shares.holding[giver] -= 1
+        return True
+
+    def _pause(self, row: _Row) -> None:
+        """Take a decoding row out of the batch, its keys and values into host memory (every position but its last
+        token's, which its next step writes) and its KV row and slot back; it waits in _paused."""
+        request, written = row.request, len(row.ids) - 1
+        row.saved = self.cache.save(row.row, written)
+        self._kv_rows.wrote(row.row, request.cache_scope, row.ids, written)
+        self._kv_rows.give_back(row.row, True, request.client)  # what it wrote may serve prompts meanwhile
+        if row.slot != self.no_adapter:
+            self.slots.release(row.slot)
+        del self._rows[request.request_id]
+        self._paused[request.request_id] = row
+
+    def _resume(self, row: _Row) -> bool:
+        """A paused row back in the batch, in a free row with its keys and values; False if its adapter must wait
+        for a slot."""
+        assert row.saved is not None
+        request, written = row.request, len(row.ids) - 1
+        slot = self._slot_for(request)
+        if slot is None:
+            return False
+        place = self._kv_rows.take(request.cache_scope, row.ids[:written], reuse=False)
+        try:
+            self.cache.restore(place.row, row.saved)
+        except BaseException:
+            self._kv_rows.give_back(place.row, keep=False)
+            if slot != self.no_adapter:
+                self.slots.release(slot)
+            raise
+        self._kv_rows.wrote(place.row, request.cache_scope, row.ids, written)
+        row.row, row.slot, row.saved = place.row, slot, None
+        del self._paused[request.request_id]
+        self._rows[request.request_id] = row
+        return True
+
+    def _slot_for(self, request: GenerationRequest) -> int | None:
+        """The slot of the request's adapter, activated if it was not (the no-adapter slot for the base model); None
+        if every slot is held by running rows."""
+        if request.adapter_key is None:
+            return self.no_adapter
+        acquired = self.slots.acquire(request.adapter_key)
+        if acquired is None:
+            return None  # wait; later requests may still fit
+        slot, needs_copy = acquired
+        if needs_copy:
+            try:
+                self._activate(request.adapter_key, request.lora, slot)
+            except BaseException:  # its hold on the slot ends with it, or none could reuse it
+                self.slots.release(slot)
+                self.slots.deactivate(request.adapter_key)  # its slot may hold half a copy
+                raise
+        return slot
 
     def _admit_one(self, request: GenerationRequest, sink: EventSink) -> bool:
         """Give `request` a row (and its adapter a slot); False if every slot is held by running rows, or if a prompt
@@ -485,23 +628,14 @@ class Engine:
         scoring = request.sampling.prompt_logprobs is not None
         if not scoring and self._kv_rows.worth_waiting(request.cache_scope, request.prompt_ids):
             return False
-        slot, activated = self.no_adapter, True
-        if request.adapter_key is not None:
-            acquired = self.slots.acquire(request.adapter_key)
-            if acquired is None:
-                return False  # wait; later requests may still fit
-            slot, needs_copy = acquired
-            activated = not needs_copy
+        slot = self._slot_for(request)
+        if slot is None:
+            return False
         try:
-            if not activated:
-                self._activate(request.adapter_key, request.lora, slot)
-                activated = True
             self._rows[request.request_id] = self._new_row(request, sink, slot)
-        except BaseException:  # the request ends unadmitted: its hold on the slot ends with it, or none could reuse it
+        except BaseException:  # the request ends unadmitted: its hold on the slot ends with it
             if slot != self.no_adapter:
                 self.slots.release(slot)
-                if not activated:
-                    self.slots.deactivate(request.adapter_key)  # its slot may hold half a copy
             raise
         return True
 
@@ -826,13 +960,17 @@ class Engine:
         """Free the row's KV row and slot. `keep`: its KV may serve later prompts (not after an error: a failed step,
         logits that were not finite)."""
         row.ended = True
-        del self._rows[row.request.request_id]
-        if keep:  # every token but the last went through a step; the last one's KV was never written
-            written = row.prefilled + max(row.generated - 1, 0)
-            self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, written)
-        self._kv_rows.give_back(row.row, keep, row.request.client)
-        if row.slot != self.no_adapter:
-            self.slots.release(row.slot)
+        if row.saved is not None:  # paused: it holds no KV row and no slot
+            del self._paused[row.request.request_id]
+            row.saved = None
+        else:
+            del self._rows[row.request.request_id]
+            if keep:  # every token but the last went through a step; the last one's KV was never written
+                written = row.prefilled + max(row.generated - 1, 0)
+                self._kv_rows.wrote(row.row, row.request.cache_scope, row.ids, written)
+            self._kv_rows.give_back(row.row, keep, row.request.client)
+            if row.slot != self.no_adapter:
+                self.slots.release(row.slot)
         if row.request.on_finish is not None:
             row.request.on_finish()
 
@@ -849,7 +987,7 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         self._salvage()
         self._deliver()
-        for row in list(self._rows.values()):
+        for row in [*self._rows.values(), *self._paused.values()]:
             self._finish(row, "error", error)
         with self._cv:
             waiting = self._waiting.clear()

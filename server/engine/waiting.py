@@ -19,7 +19,8 @@ Not thread-safe: the engine calls it under its lock.
 """
 
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from itertools import chain
 from typing import TypeVar
 
 from server.engine.errors import AdapterPlaceGiven, AdapterQueueFull, EngineError, QueueFull, QueuePlaceGiven
@@ -146,15 +147,28 @@ class WaitingQueue:
                 self._count(request, -1)
                 return
 
-    def in_turn(self) -> Iterator[Waiting]:
-        """The requests waiting, in admission order (the module's docstring). Snapshot taken at the call; the
-        iterator may be read without the lock."""
-        clients: dict[str | None, dict[str | None, list[Waiting]]] = {}  # each in the order of its oldest request
+    @property
+    def clients_waiting(self) -> set[str | None]:
+        """The clients with a request waiting."""
+        return set(self._per_client)
+
+    def in_turn(self, ahead: Mapping[str | None, Iterable[T]] | None = None) -> Iterator[Waiting | T]:
+        """The requests waiting, in admission order (the module's docstring), each client's items in `ahead` (the
+        engine's paused rows) before its requests. Snapshot taken at the call; the iterator may be read without
+        the lock."""
+        ahead = ahead or {}
+        # each client's (items ahead, requests by adapter), in the order of its items ahead, then of its oldest request
+        clients: dict[str | None, tuple[Iterable[T], dict[str | None, list[Waiting]]]] = {
+            client: (items, {}) for client, items in ahead.items()
+        }
         for waiting in self._items:
             request = waiting[0]
             if request.request_id not in self._leaving:
-                clients.setdefault(request.client, {}).setdefault(request.adapter_key, []).append(waiting)
-        turns = [round_robin(self.adapters.order(adapters)) for adapters in self.clients.order(clients)]
+                adapters = clients.setdefault(request.client, ((), {}))[1]
+                adapters.setdefault(request.adapter_key, []).append(waiting)
+        turns = [
+            chain(items, round_robin(self.adapters.order(adapters))) for items, adapters in self.clients.order(clients)
+        ]
         return round_robin(turns)
 
     def _count(self, request: GenerationRequest, delta: int) -> None:

@@ -4,6 +4,7 @@ grouped q/k/v and gate/up launches give what one launch a layer gives, and past 
 finished in its epilogue what their own launch after it gives."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -61,6 +62,29 @@ def test_graph_steps_fed_on_the_device_end_and_reuse_rows_as_peft(family_setup, 
         assert sink.tokens(f"r{i}") == expected, f"request {i}"
         assert sink.finish(f"r{i}") == ("stop" if eos in tokens else "length")
     assert ended_by_eos, "no request ended by EOS before its length"
+
+
+def test_a_row_paused_for_another_client_resumes_on_graphs_as_peft(family_setup, tokenizer) -> None:
+    """Every row decoding one client's answers: another client's request pauses one (its keys and values to host
+    memory, with the step launched before it taken first), and the paused row, resumed into a row of the device
+    cache, goes on with PEFT's tokens."""
+    cpu_base, adapters = family_setup("llama")
+    base = copy.deepcopy(cpu_base).cuda()
+    engine = make_engine(base, tokenizer, max_batch_size=2, cuda_graphs=True)
+    sink = Collector()
+    runs = {"h0": ([5, 6, 7, 8], adapters[0], 24), "h1": ([5, 6, 7, 9], adapters[1], 25), "g": ([9, 10], None, 5)}
+    for rid in ("h0", "h1"):
+        prompt, adapter, n = runs[rid]
+        engine.submit(dataclasses.replace(request(prompt, greedy(n), adapter, rid), client="hog"), sink)
+    while not all(len(sink.events.get(rid, ())) >= 3 for rid in ("h0", "h1")):
+        engine.step()
+    prompt, adapter, n = runs["g"]
+    engine.submit(dataclasses.replace(request(prompt, greedy(n), adapter, "g"), client="guest"), sink)
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 1, "no row was paused for the other client"
+    run_to_end(engine)
+    for rid, (prompt, adapter, n) in runs.items():
+        assert sink.tokens(rid) == reference_generate(base, adapter, prompt, n)[0], rid
 
 
 def nf4_tiny_llama(tmp_path, dtype: torch.dtype) -> torch.nn.Module:
