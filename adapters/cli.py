@@ -64,7 +64,9 @@ def describe_push(manifest: PushedManifest) -> str:
     facts = f"rank {manifest['rank']}, sha256 {manifest['sha256'][:12]}"
     if manifest.created:
         return f"pushed {ref} ({facts})"
-    return f"already stored as {ref}, the same content ({facts}): no new version"
+    # the server answers this only for the name's newest version, the one `name` serves: pushing an older version's
+    # content stores it anew
+    return f"already stored as {ref}, the same content as the name's newest version ({facts}): no new version"
 
 
 def _push(client: AdminClient, args: argparse.Namespace) -> None:

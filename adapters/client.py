@@ -31,8 +31,9 @@ class AdminClientError(LoraplexError):
 
 
 class PushedManifest(dict[str, Any]):
-    """The stored version's manifest, as the server answered it. `created` is False when the server already
-    held this content under the name (it answers 200 instead of 201) and gave no new version."""
+    """The stored version's manifest, as the server answered it. `created` is False when the name's newest version
+    already held this content (the server answers 200 instead of 201) and no new version was given; the content of
+    an older version is stored as a new version, which the name then serves."""
 
     def __init__(self, manifest: dict[str, Any], created: bool) -> None:
         super().__init__(manifest)

@@ -231,8 +231,8 @@ class LocalBackend:
     def publish(
         self, name: str, staged: Path, sha256: str, manifest_for: Callable[[int], Manifest], taken: set[int]
     ) -> tuple[Manifest, bool]:
-        # the name's lock (flock) excludes every other process's writes since the caller's scan, which found no
-        # version of this content: no other can have stored it meanwhile
+        # the name's lock (flock) excludes every other process's writes since the caller's scan, which found that the
+        # newest version does not hold this content: no other can have stored it meanwhile
         # the counter, and every number on disk in case a counter was lost: never a number twice
         number = max([self._last_version(name), *taken]) + 1
         self._save_last_version(name, number)

@@ -2,6 +2,7 @@
 
 import json
 from datetime import datetime
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
@@ -22,6 +23,12 @@ def _json_text(value: Any) -> str:
 # held in memory, and 16,384 JSON values as Python objects took ~1.4 MB a version (an 85 KB training.json), as text
 # its size (300 versions of one adapter had grown a server by 410 MB)
 TrainingMetadata = Annotated[str, BeforeValidator(_json_text), PlainSerializer(json.loads, return_type=dict[str, Any])]
+
+
+def compact_json(value: Any) -> bytes:
+    """`value` as the server's JSON answers write it (compact UTF-8, no NaN): answers built from parts, such as the
+    adapter listing, are byte for byte what the whole would have been."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def adapter_key(name: str, version: int) -> str:
@@ -47,3 +54,10 @@ class Manifest(BaseModel):
     @property
     def key(self) -> str:
         return adapter_key(self.name, self.version)
+
+    @cached_property
+    def listing_json(self) -> bytes:
+        """The manifest without its training metadata, as compact JSON: its entry in the adapter listing. Built once,
+        as a version never changes: a page of a thousand all-linear adapters (~210 modules each, every one's shapes)
+        took ~0.2 s of CPU to build and encode at every listing."""
+        return compact_json(self.model_dump(mode="json", exclude={"training"}))

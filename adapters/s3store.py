@@ -18,12 +18,14 @@ Layout under `s3://bucket/prefix/`:
   deletes are done (and withdraws them), so no version stays listed whose files are gone.
 - `contents/<name>/<sha256>`: the number that holds, or is being given, that content; written once the version's
   files are up and before its manifest, with `If-None-Match: *`. Servers share no lock, so two that store the same
-  content at once both find no version of it: the one that writes this object first stores its version, the other
-  answers that version (created: false) once its manifest is there, and deletes its own files (its claim stays, a
-  burnt number). One naming a number whose files are gone (deleted, withdrawn) is replaced at once; one naming a
-  number whose files are up but whose manifest is still missing after _CONTENT_WAIT_S (its writer died between the
-  two writes) is replaced then; replaced with `If-Match` on the ETag read, so that one writer takes it over. Kept
-  after deletes, as claims are: one small object per content a name was given.
+  content at once both find that the newest version does not hold it: the one that writes this object first stores
+  its version, the other answers that version (created: false) once its manifest is there, and deletes its own files
+  (its claim stays, a burnt number). One naming a version the uploader's scan found (an older version of that
+  content: the content is stored again, as the newest) or a number whose files are gone (deleted, withdrawn) is
+  replaced at once; one naming a number whose files are up but whose manifest is still missing after
+  _CONTENT_WAIT_S (its writer died between the two writes) is replaced then; replaced with `If-Match` on the ETag
+  read, so that one writer takes it over. Kept after deletes, as claims are: one small object per content a name
+  was given.
 - `in-use/<server>`: a server's record of the versions it uses; its age is its LastModified against the Date of
   the listing's answer, both the store's clock.
 What is relied on: that PutObject with `If-None-Match: *` succeeds for one writer of a key and answers 412
@@ -258,7 +260,7 @@ class S3Backend:
             for file, key in zip(_FILES, data, strict=True):
                 with _answers(f"write {name}@{number}"):
                     self._s3.upload_file(str(staged / file), self.bucket, key)
-            stored = self._take_content(name, number, sha256)
+            stored = self._take_content(name, number, sha256, taken)
             if stored is not None:  # another server stored this content meanwhile: that version is this upload's
                 self._delete(data, f"withdraw {name}@{number}")
                 return stored, False
@@ -285,9 +287,10 @@ class S3Backend:
             "was stored; upload it again"
         )
 
-    def _take_content(self, name: str, number: int, sha256: str) -> Manifest | None:
+    def _take_content(self, name: str, number: int, sha256: str, taken: set[int]) -> Manifest | None:
         """Make the content object of `sha256` name `number` (whose files are up): None once it does; or the version
-        of that content another server stored meanwhile, once its manifest is there."""
+        of that content another server stored meanwhile (a number outside `taken`, the versions the upload's scan
+        found), once its manifest is there."""
         key = self._content_key(name, sha256)
         body = f"{number} {secrets.token_hex(16)}".encode()
         if self._put_new(key, body):
@@ -303,8 +306,10 @@ class S3Backend:
             other, etag = held
             if waited is None or waited[0] != etag:
                 waited = (etag, time.monotonic() + _CONTENT_WAIT_S)
-            stale = other is None  # not what this store writes: replaced
-            if other is not None:
+            # not what this store writes, or a version the upload's scan found, which holds this content but is not
+            # the newest (the upload is stored to make it the newest again): replaced
+            stale = other is None or other in taken
+            if not stale:
                 stored = self._stored(name, other, sha256)
                 if stored is not None:
                     return stored

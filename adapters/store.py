@@ -3,8 +3,9 @@ processes may share (a directory, adapters.localstore; S3-compatible storage, ad
 
 The backend owns the bytes and the cross-process rules: a version number is allocated once, ever; a version
 becomes visible whole or not at all; a deleted number is never given again. This class owns what is the same
-for both: validation before anything is stored, identical uploads answered with the existing version, the
-in-memory index that requests read (never the backend), and keeping that index in step with what other
+for both: validation before anything is stored, an upload of the newest version's content answered with that
+version (content of an older version is stored anew, as the newest, so that the name serves it), the in-memory
+index that requests read (never the backend), and keeping that index in step with what other
 processes did: `refresh()` every few seconds (`start_refresh`), and at once for a name or version that a
 lookup misses. Versions are immutable, so a manifest once read is never read again. Every version is checked
 against its manifest's sha256 when it is read, so `name@N` is the same adapter on every server, forever.
@@ -117,8 +118,9 @@ class StoreBackend(Protocol):
     ) -> tuple[Manifest, bool]:
         """Store the directory `staged` as a new version of `name`, numbered above `taken` and above every
         number ever given to the name, by any process; visible whole, once `manifest_for(number)` is stored. Called
-        under `lock(name)` once a scan found no version of content `sha256`; a backend whose lock does not exclude
-        other processes answers the version another process stored of that content meanwhile (created False)."""
+        under `lock(name)` once a scan (which found the versions `taken`) found that the newest version does not hold
+        content `sha256`; a backend whose lock does not exclude other processes answers the version another process
+        stored of that content meanwhile, a number outside `taken` (created False)."""
         ...
 
     def remove(self, name: str, numbers: list[int], whole: bool) -> None:
@@ -494,8 +496,10 @@ class AdapterStore:
     def put(self, name: str, src: Path) -> tuple[Manifest, bool]:
         """Validate the PEFT directory `src` and store it as the next version of `name`.
 
-        Returns (manifest, created); identical content (same sha256) returns the existing version with
-        created=False. A `training.json` in `src` marks the adapter as trained and is kept in the manifest.
+        Returns (manifest, created); the content of the newest version (same sha256) returns that version with
+        created=False. The content of an older version is stored as a new version: a client that uploads it again
+        goes back to it, and was told it was stored while the name kept serving the newer content. A
+        `training.json` in `src` marks the adapter as trained and is kept in the manifest.
         """
         check_name(name)
         with self.backend.scratch() as scratch:
@@ -509,11 +513,11 @@ class AdapterStore:
             with self.backend.lock(name):
                 # what other processes wrote since the index was last refreshed counts too
                 versions, broken = self.backend.scan(name, self._known(name))
-                same = [m for m in versions.values() if m.sha256 == checked.sha256]
-                if same:
+                newest = versions[max(versions)] if versions else None
+                if newest is not None and newest.sha256 == checked.sha256:
                     removed = self._set_versions(name, versions, broken)
                     created = False
-                    manifest = same[0]
+                    manifest = newest
                 else:
                     manifest, created = self.backend.publish(
                         name,

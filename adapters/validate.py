@@ -387,7 +387,8 @@ def _check_fields_peft_loads(config: dict[str, Any]) -> None:
             "(it only acts in training)"
         )
     task = config.get("task_type")
-    if task is not None and task not in _TASK_TYPES:
+    # a JSON object or array is unhashable: a set lookup of one raised TypeError (a 500)
+    if task is not None and not (isinstance(task, str) and task in _TASK_TYPES):
         raise InvalidAdapterConfig(
             f"task_type is {json.dumps(task)[:80]}, which PEFT cannot load: it must be null or one of "
             f'{sorted(_TASK_TYPES)}, e.g. "CAUSAL_LM"'

@@ -20,6 +20,7 @@ import pytest
 import torch
 from e2e.server import serve_app
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from peft_dirs import LIMITS, make_peft_dir, new_store, variants
 
@@ -33,7 +34,7 @@ from loraplex.settings import Settings
 from server.api.adapters import router
 from server.api.errors import install_error_handlers
 from server.api.intake import UploadSlots
-from server.registry import AdapterRegistry
+from server.registry import AdapterRegistry, AdapterState
 
 
 def make_app(root: Path, limits: AdapterLimits = LIMITS, **settings: object) -> FastAPI:
@@ -294,6 +295,77 @@ def test_unreadable_versions_are_listed_a_page_at_a_time(tmp_path: Path, peft_di
             assert_error(response, 422, "invalid_request", "is not a version's key: send the broken_next")
         response = client.get("/v1/adapters", params={"broken_limit": 1001})
         assert_error(response, 422, "invalid_request", "broken_limit: Input should be less than or equal to 1000")
+
+
+def test_the_listing_is_the_json_it_was_with_each_versions_state_as_it_is_now(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing is encoded from each manifest's JSON, built once a version: byte for byte the answer FastAPI
+    encoded from the whole page, and each version's state read at each listing."""
+    root = tmp_path / "store"
+    store = new_store(root)
+    store.put("bot", peft_dir)
+    store.put("bot", make_peft_dir(tmp_path / "v2", seed=1, target_modules="all-linear", lora_alpha=0.1))
+    trained = make_peft_dir(tmp_path / "trained", seed=2)
+    (trained / "training.json").write_text(json.dumps({"loss": 0.5, "note": "déjà vu"}))  # never listed
+    store.put("trained", trained)
+    (root / "ghost" / "2").mkdir(parents=True)
+    (root / "ghost" / "2" / "manifest.json").write_text("{")
+    app = make_app(root)
+    registry = app.state.registry
+
+    def page(states: dict[str, str], **params: object) -> bytes:
+        manifests, cursor = registry.store.page(int(params.get("limit", 100)), params.get("after"))
+        listing: dict = {
+            "data": [{**m.model_dump(mode="json", exclude={"training"}), "state": states[m.key]} for m in manifests],
+            "next": cursor,
+        }
+        if "after" not in params:
+            error = registry.store.broken()[0].error
+            listing |= {"broken": [{"key": "ghost@2", "name": "ghost", "version": 2, "error": error}]}
+            listing |= {"broken_next": None, "broken_total": 1}
+        return JSONResponse(listing).body
+
+    stored = {"bot@2": "stored", "trained@1": "stored"}
+    state = registry.state
+    with TestClient(app) as client:
+        for params in ({}, {"limit": 1}, {"after": "bot"}):
+            response = client.get("/v1/adapters", params=params)
+            assert response.content == page(stored, **params) and response.headers["content-type"] == "application/json"
+        monkeypatch.setattr(registry, "state", lambda key: AdapterState.ON_CPU if key == "bot@2" else state(key))
+        assert client.get("/v1/adapters").content == page({**stored, "bot@2": "on_cpu"})
+
+
+def test_a_page_of_the_listing_is_built_off_the_event_loop(
+    tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of a thousand all-linear adapters (each manifest with its ~210 modules' shapes) took ~0.2 s to build
+    and encode on the event loop, every other client's requests and streams held meanwhile. The page is held here
+    while it is built: the server answers another request meanwhile."""
+    app = make_app(tmp_path / "store")
+    registry = app.state.registry
+    registry.store.put("bot", peft_dir)
+    building, answered = threading.Event(), threading.Event()
+    state = registry.state
+
+    def held_state(key: str) -> AdapterState:  # read as each entry of the page is built
+        building.set()
+        answered.wait(30)
+        return state(key)
+
+    monkeypatch.setattr(registry, "state", held_state)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        listed: list[httpx.Response] = []
+        lister = threading.Thread(target=lambda: listed.append(http.get("/v1/adapters")))
+        lister.start()
+        try:
+            assert building.wait(30)
+            other = httpx.get(f"{url}/v1/adapters", params={"limit": 0}, timeout=5)  # the event loop's answer alone
+            assert_error(other, 422, "invalid_request", "limit")
+        finally:
+            answered.set()
+            lister.join(60)
+    assert listed[0].status_code == 200 and [m["name"] for m in listed[0].json()["data"]] == ["bot"]
 
 
 def test_retention_keeps_the_newest_versions(tmp_path: Path, peft_dir: Path) -> None:

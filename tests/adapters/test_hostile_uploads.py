@@ -783,15 +783,19 @@ def test_malformed_multipart(client: TestClient, peft_dir: Path, tmp_path: Path)
     assert_nothing_stored(client, tmp_path / "store")
 
 
+def multipart_body(name: str, files: dict) -> bytes:
+    """The multipart body of an upload of `files` (as files_of gives them) as `name`, its boundary B."""
+    disposition = b'--B\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n\r\n%s\r\n'
+    parts = b"".join(disposition % (f.encode(), file.encode(), data) for f, (file, data) in files.items())
+    return b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\n%s\r\n' % name.encode() + parts + b"--B--\r\n"
+
+
 def test_a_body_cut_inside_a_part_is_refused_and_stores_nothing(client: TestClient, peft_dir: Path) -> None:
     """A multipart body that stops inside a part, its closing boundary never sent. Cut inside the training metadata it
     was stored, 201, as an uploaded adapter without it; cut inside the weights it was told they were missing."""
     assert upload(client, peft_dir, "honest").status_code == 201
     listing = client.get("/v1/adapters").json()
-    files = files_of(peft_dir, training={"steps": 10})
-    disposition = b'--B\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n\r\n%s\r\n'
-    parts = b"".join(disposition % (f.encode(), name.encode(), data) for f, (name, data) in files.items())
-    whole = b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\ncut\r\n' + parts + b"--B--\r\n"
+    whole = multipart_body("cut", files_of(peft_dir, training={"steps": 10}))
     headers = {"Content-Type": "multipart/form-data; boundary=B"}
     for cut in (whole.index(b"steps"), whole.index(b"safetensors") + 200):
         response = client.post("/v1/adapters", content=whole[:cut], headers=headers)
@@ -799,6 +803,17 @@ def test_a_body_cut_inside_a_part_is_refused_and_stores_nothing(client: TestClie
     assert client.get("/v1/adapters").json() == listing
     stored = client.post("/v1/adapters", content=whole, headers=headers)
     assert stored.status_code == 201 and stored.json()["origin"] == "trained", stored.text
+
+
+def test_the_media_type_is_read_in_any_case(client: TestClient, peft_dir: Path) -> None:
+    """Media types are case-insensitive (RFC 9110): a body sent as Multipart/Form-Data was refused as not being
+    multipart/form-data."""
+    body = multipart_body("cased", files_of(peft_dir))
+    for media_type, status in (("Multipart/Form-Data", 201), ("MULTIPART/FORM-DATA", 200)):
+        response = client.post("/v1/adapters", content=body, headers={"Content-Type": f"{media_type}; boundary=B"})
+        assert response.status_code == status and response.json()["name"] == "cased", response.text
+    response = client.post("/v1/adapters", content=body, headers={"Content-Type": "Application/Json"})
+    assert_error(response, 400, "invalid_upload", "multipart/form-data")
 
 
 def zero_rank(state: dict) -> None:

@@ -257,6 +257,8 @@ def test_a_regex_that_peft_reads_as_a_tied_embedding_under_weight_tying_is_refus
         ({"lora_dropout": None}, "lora_dropout"),
         ({"lora_dropout": 1.5}, "lora_dropout"),
         ({"task_type": "CHAT"}, "task_type"),
+        ({"task_type": {"a": 1}}, "task_type"),  # unhashable: looked up in a set, it raised TypeError (a 500)
+        ({"task_type": ["CAUSAL_LM"]}, "task_type"),
         ({"eva_config": {"rho": 0.5}}, "rho"),
         ({"eva_config": {"tau": "high"}}, "rho"),
         ({"eva_config": [2.0]}, "eva_config"),

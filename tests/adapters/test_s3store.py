@@ -111,6 +111,30 @@ def test_racing_servers_get_distinct_numbers(url: str, tmp_path: Path) -> None:
         fresh.read_weights(manifest)
 
 
+def put_once_both_scanned(stores: list[AdapterStore], name: str, src: Path) -> list:
+    """Each store's put of `src` as `name`, both scans done before either claims a number (two servers sharing no
+    lock), as each put's (manifest, created)."""
+    scanned = threading.Barrier(2, timeout=10)
+    claiming: set[int] = set()
+
+    def claim_once_both_scanned(request: Any, **_: Any) -> None:
+        if f"/claims/{name}/" in request.url and threading.get_ident() not in claiming:
+            claiming.add(threading.get_ident())
+            scanned.wait()
+
+    for store in stores:
+        store.backend._s3.meta.events.register("before-send.s3.PutObject", claim_once_both_scanned)
+    results: list = []
+    threads = [threading.Thread(target=lambda s=store: results.append(s.put(name, src))) for store in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for store in stores:
+        store.backend._s3.meta.events.unregister("before-send.s3.PutObject", claim_once_both_scanned)
+    return results
+
+
 def test_two_servers_storing_the_same_content_at_once_store_one_version(
     url: str, tmp_path: Path, peft_dir: Path
 ) -> None:
@@ -118,22 +142,7 @@ def test_two_servers_storing_the_same_content_at_once_store_one_version(
     two servers share no lock, and both scanned before either stored: the content was stored twice, as two versions.
     Now the content object, written with If-None-Match, tells the second which version holds it."""
     stores = [s3_store(url, tmp_path / "a"), s3_store(url, tmp_path / "b")]
-    scanned = threading.Barrier(2, timeout=10)
-    claiming: set[int] = set()
-
-    def claim_once_both_scanned(request: Any, **_: Any) -> None:
-        if "/claims/bot/" in request.url and threading.get_ident() not in claiming:
-            claiming.add(threading.get_ident())
-            scanned.wait()
-
-    for store in stores:
-        store.backend._s3.meta.events.register("before-send.s3.PutObject", claim_once_both_scanned)
-    results: list = []
-    threads = [threading.Thread(target=lambda s=store: results.append(s.put("bot", peft_dir))) for store in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = put_once_both_scanned(stores, "bot", peft_dir)
     assert sorted(created for _, created in results) == [False, True]
     manifest = results[0][0]
     assert results[1][0] == manifest
@@ -143,6 +152,31 @@ def test_two_servers_storing_the_same_content_at_once_store_one_version(
     data = client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/data/")["Contents"]
     assert {o["Key"].split("/")[-2] for o in data} == {str(manifest.version)}  # the other's files went
     assert all(store.resolve("bot") == manifest for store in stores)
+
+
+def test_the_content_of_an_older_version_is_stored_as_the_newest(
+    url: str, tmp_path: Path, peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A, B, then A again: the content object of A names version 1, which the upload's scan found, not the newest;
+    it was answered as "already stored" (bot@1) while `bot` kept serving B. It is stored again, as the newest, at
+    once; through two servers at once, once."""
+    import adapters.s3store
+
+    monkeypatch.setattr(adapters.s3store, "_CONTENT_WAIT_S", 30.0)
+    stores = [s3_store(url, tmp_path / "a"), s3_store(url, tmp_path / "b")]
+    a, _ = stores[0].put("bot", peft_dir)
+    b_dir = make_peft_dir(tmp_path / "b-dir", seed=1)
+    b, _ = stores[0].put("bot", b_dir)
+    started = time.perf_counter()
+    back, created = stores[0].put("bot", peft_dir)
+    assert created and back.key == "bot@3" and back.sha256 == a.sha256 and time.perf_counter() - started < 5
+    assert stores[1].resolve("bot") == back and stores[1].put("bot", peft_dir) == (back, False)
+    stores[0].put("bot", b_dir)  # B again, as bot@4; then A again through both servers at once
+    results = put_once_both_scanned(stores, "bot", peft_dir)
+    assert sorted(created for _, created in results) == [False, True] and results[0][0] == results[1][0]
+    fresh = s3_store(url, tmp_path / "fresh")
+    assert fresh.resolve("bot") == results[0][0] and results[0][0].sha256 == a.sha256
+    assert [m.sha256 for m in fresh.versions("bot")] == [a.sha256, b.sha256, a.sha256, b.sha256, a.sha256]
 
 
 def test_content_left_by_a_writer_that_died_before_its_manifest_is_stored_after_a_wait(

@@ -1,5 +1,6 @@
 """The on-disk store: versions, idempotent uploads, restart, concurrent writers, crashes mid-write."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -40,6 +41,19 @@ def test_versions_and_idempotent_uploads(tmp_path: Path, peft_dir: Path) -> None
         store.resolve("bot@3")
     with pytest.raises(InvalidAdapterName):
         store.resolve("bot@x")
+
+
+def test_the_content_of_an_older_version_is_stored_as_the_newest(tmp_path: Path, peft_dir: Path) -> None:
+    """Pushing A, B, then A again (to go back to A) was answered "already stored as bot@1", while `bot` kept serving
+    B: only the newest version's content is already stored; an older version's is stored again, as the newest."""
+    store = new_store(tmp_path / "store")
+    a, _ = store.put("bot", peft_dir)
+    b, _ = store.put("bot", make_peft_dir(tmp_path / "b", seed=1))
+    back, created = store.put("bot", peft_dir)
+    assert created and back.version == 3 and back.sha256 == a.sha256
+    assert store.resolve("bot") == back and new_store(tmp_path / "store").resolve("bot") == back
+    assert store.put("bot", peft_dir) == (back, False)
+    assert [m.sha256 for m in store.versions("bot")] == [a.sha256, b.sha256, a.sha256]
 
 
 def test_restart_finds_everything(tmp_path: Path, peft_dir: Path) -> None:
@@ -87,7 +101,8 @@ def test_pagination(tmp_path: Path, peft_dir: Path) -> None:
 
 def test_concurrent_uploads_of_one_name(tmp_path: Path) -> None:
     """Eight writers (two store instances, as two processes would have) race on one name: every distinct
-    content gets its own version, duplicates collapse, nothing is lost or half-written."""
+    content gets its own version, a duplicate of the newest version collapses into it (of an older one, it is stored
+    again, as the newest), nothing is lost or half-written."""
     dirs = [make_peft_dir(tmp_path / f"p{i}", seed=i) for i in range(6)]
     stores = [new_store(tmp_path / "store"), new_store(tmp_path / "store")]
     results: list = []
@@ -102,12 +117,13 @@ def test_concurrent_uploads_of_one_name(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    created = [m for m, c in results if c]
-    assert len(created) == 6 and sorted(m.version for m in created) == [1, 2, 3, 4, 5, 6]
-    assert len({m.sha256 for m, _ in results}) == 6
     reopened = new_store(tmp_path / "store")
-    assert [m.version for m in reopened.versions("race")] == [1, 2, 3, 4, 5, 6]
-    for manifest in reopened.versions("race"):
+    stored = reopened.versions("race")
+    assert sorted(m.version for m, created in results if created) == [m.version for m in stored]
+    assert [m.version for m in stored] == list(range(1, len(stored) + 1)) and len(stored) in (6, 7, 8)
+    assert len({m.sha256 for m in stored}) == 6 and all(m in stored for m, _ in results)
+    assert all(older.sha256 != newer.sha256 for older, newer in itertools.pairwise(stored))
+    for manifest in stored:
         reopened.read_weights(manifest)
 
 
