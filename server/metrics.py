@@ -116,6 +116,12 @@ class Metrics:
         self.adapter_evictions = Counter("loraplex_adapter_evictions", "Adapters evicted from the CPU tier", registry=r)
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting for a batch row", registry=r)
         self.batch_size = Gauge("loraplex_running_batch_size", "Requests in the running batch", registry=r)
+        self.paused = Gauge(
+            "loraplex_paused_requests",
+            "Requests paused for another client's share of the batch rows, their keys and values in host memory "
+            "(counted in loraplex_queue_depth too)",
+            registry=r,
+        )
         self.active_slots = Gauge(
             "loraplex_active_adapter_slots", "Device adapter slots holding an adapter", registry=r
         )
@@ -172,6 +178,7 @@ class Metrics:
         self,
         queue_depth: Callable[[], float],
         batch_size: Callable[[], float],
+        paused: Callable[[], float],
         active_slots: Callable[[], float],
         cpu_adapters: Callable[[], float],
         cpu_adapter_bytes: Callable[[], float],
@@ -186,6 +193,7 @@ class Metrics:
         `newest(name)`: that name's newest key (see routed_names)."""
         self.queue_depth.set_function(queue_depth)
         self.batch_size.set_function(batch_size)
+        self.paused.set_function(paused)
         self.active_slots.set_function(active_slots)
         self.cpu_adapters.set_function(cpu_adapters)
         self.cpu_adapter_bytes.set_function(cpu_adapter_bytes)

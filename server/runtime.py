@@ -86,6 +86,7 @@ class Runtime:
         metrics.bind_live(
             queue_depth=lambda: scheduler.queue_depth,
             batch_size=lambda: scheduler.running,
+            paused=lambda: engine.num_paused,
             active_slots=lambda: len(engine.active_adapters()),
             cpu_adapters=lambda: registry.cpu_adapters,
             cpu_adapter_bytes=lambda: registry.cpu_bytes,

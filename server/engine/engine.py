@@ -388,6 +388,11 @@ class Engine:
     def num_running(self) -> int:
         return len(self._rows)
 
+    @property
+    def num_paused(self) -> int:
+        """Requests paused for another client's share of the rows (counted in num_waiting too)."""
+        return len(self._paused)
+
     # ---- the loop (engine thread) -------------------------------------------------------------------
     def _loop(self) -> None:
         while True:

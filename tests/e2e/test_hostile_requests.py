@@ -171,7 +171,7 @@ def test_hostile_requests_harm_only_their_senders(keyed_server: tuple[str, Path]
 
 def gauges(url: str) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics", headers=AUTH).text.splitlines()
-    wanted = ("loraplex_queue_depth ", "loraplex_running_batch_size ")
+    wanted = ("loraplex_queue_depth ", "loraplex_running_batch_size ", "loraplex_paused_requests ")
     return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith(wanted)}
 
 
@@ -223,7 +223,8 @@ def test_streams_left_before_their_first_token_free_their_rows(
     assert together == alone
     # left alone, the choices would hold all 8 rows for minutes (24 x 400 tokens on two cores)
     deadline = time.monotonic() + 10
-    while (now := gauges(url)) != {"loraplex_queue_depth": 0.0, "loraplex_running_batch_size": 0.0}:
+    idle = {"loraplex_queue_depth": 0.0, "loraplex_running_batch_size": 0.0, "loraplex_paused_requests": 0.0}
+    while (now := gauges(url)) != idle:
         assert time.monotonic() < deadline, now
         time.sleep(0.1)
 

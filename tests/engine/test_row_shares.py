@@ -44,10 +44,11 @@ def test_a_client_holding_every_row_gives_one_to_another_clients_request(family_
     step_until(engine, lambda: all(len(sink.events.get(f"h{i}", ())) >= 3 for i in range(2)))
     engine.submit(of("guest", request(PROMPT_G, greedy(6), b, "g")), sink)
     assert step_until(engine, lambda: "g" in sink.events) <= 2  # its prompt's step: one row paused for it
-    assert engine.num_running == 2 and engine.num_waiting == 1
+    assert engine.num_running == 2 and engine.num_waiting == 1 and engine.num_paused == 1
     steps = step_until(engine, lambda: ended(sink, "g"))
     assert steps <= 6 and not ended(sink, "h0") and not ended(sink, "h1")
     step_until(engine, lambda: not engine.num_running and not engine.num_waiting)
+    assert engine.num_paused == 0
     assert sink.tokens("g") == reference_generate(base, b, PROMPT_G, 6)[0]
     for i in range(2):
         assert sink.tokens(f"h{i}") == reference_generate(base, a, PROMPT_H, 40 + i)[0], f"h{i}"
