@@ -12,10 +12,13 @@ so that pool's budget and each client's share still bound the work. A worker tha
 fails only the jobs it had; the next job starts the workers anew.
 """
 
+import functools
 import json
 import multiprocessing
 import os
 import pickle
+import re
+import secrets
 import signal
 import threading
 import time
@@ -82,18 +85,51 @@ def _chat(
 ) -> tuple[bool, list[int] | str]:
     """(True, the chat's token ids) or (False, why the template refused it): the template's own exceptions (jinja's,
     ValueError) come back as text, since not every exception class survives pickling. `tools`: OpenAI's tool
-    objects, for templates that render them (None: the template is called without)."""
+    objects, for templates that render them (None: the template is called without).
+
+    A message's content is text: one that spells a special token of the tokenizer (`<|im_end|>`, say) is rendered
+    as a placeholder, and its own tokens are those of its text, special tokens split, where tokenizing the rendered
+    chat made that text the control token, and a client could close its turn and open a system turn of its own (as
+    OpenAI's API does; vLLM and TGI take such text as control tokens)."""
+    tokenizer = _loaded()
+    texts: list[str] = []  # the contents that spell a special token, in the order of their placeholders
+    mark = secrets.token_hex(8)  # a client cannot spell a placeholder it does not know
     try:
-        ids = _loaded().apply_chat_template(
-            [_with_argument_objects(m) for m in messages],
+        rendered = tokenizer.apply_chat_template(
+            [_with_argument_objects(_text_apart(m, texts, mark)) for m in messages],
             add_generation_prompt=add_generation_prompt,
-            tokenize=True,
+            tokenize=not texts,
             return_dict=False,
             **({"tools": tools} if tools else {}),
         )
     except Exception as exc:  # templates raise what they like on messages they refuse
         return False, str(exc)
-    return True, list(ids)
+    if not texts:
+        return True, list(rendered)
+    ids: list[int] = []
+    for i, part in enumerate(re.split(f"\ue000{mark}-(\\d+)\ue000", rendered)):  # template text, then an index
+        if i % 2:
+            ids += tokenizer(texts[int(part)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif part:  # as the template's tokenize does: its control tokens are the tokenizer's
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return True, ids
+
+
+@functools.cache
+def _special_texts() -> tuple[str, ...]:
+    """What the worker's tokenizer reads as special tokens."""
+    tokenizer = _loaded()
+    added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return tuple({*tokenizer.all_special_tokens, *added})
+
+
+def _text_apart(message: dict[str, Any], texts: list[str], mark: str) -> dict[str, Any]:
+    """The message, its content a placeholder (kept in `texts`) where it spells a special token."""
+    content = message.get("content")
+    if not isinstance(content, str) or not any(special in content for special in _special_texts()):
+        return message
+    texts.append(content)
+    return {**message, "content": f"\ue000{mark}-{len(texts) - 1}\ue000"}  # private-use marks: no template alters them
 
 
 def _with_argument_objects(message: dict[str, Any]) -> dict[str, Any]:
@@ -172,8 +208,8 @@ class TokenizerWorkers:
     def chat(
         self, messages: Messages, add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> list[int]:
-        """The chat's token ids as `tokenizer.apply_chat_template` gives them; InvalidChat where the template refuses
-        the messages."""
+        """The chat's token ids as `tokenizer.apply_chat_template` gives them, but for a content that spells a special
+        token, which is text (_chat); InvalidChat where the template refuses the messages."""
         done, result = self._run(_chat, messages, add_generation_prompt, tools)
         if not done:
             raise InvalidChat(f"the base model's chat template refused these messages: {result}")
