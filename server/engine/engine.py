@@ -552,7 +552,8 @@ class Engine:
     def _pause_for(self, request: GenerationRequest, shares: _RowShares) -> bool:
         """Free a row for `request` by pausing one of the client that gives its client a row (_RowShares.giver):
         its decoding row with the fewest tokens, where host memory holds its keys and values twice over. False
-        where none gives one, or the request would not take the row (it waits for another's prefill)."""
+        where none gives one, or the request would not take the row: it waits for another's prefill, or its adapter
+        for a slot (a row paused for it then resumed into the row it left, to be paused again at the next pass)."""
         giver = shares.giver(request.client)
         scoring = request.sampling.prompt_logprobs is not None
         if giver is None or (not scoring and self._kv_rows.worth_waiting(request.cache_scope, request.prompt_ids)):
@@ -568,17 +569,25 @@ class Engine:
         if not decoding:
             return False
         row = min(decoding, key=lambda r: len(r.ids))
+        key, leaving = request.adapter_key, None if row.slot == self.no_adapter else row.slot
+        if key is not None and not self.slots.would_take(key, leaving):
+            return False
         if 2 * self.cache.row_bytes(len(row.ids)) > available_memory(torch.device("cpu")):
             return False
-        self._pause(row)
+        try:  # every position but its last token's, which its next step writes
+            saved = self.cache.save(row.row, len(row.ids) - 1)
+        except Exception:  # host memory ran out meanwhile, say: nothing has changed, and the request waits
+            log.exception("request %s could not be paused for another client's", row.request.request_id)
+            return False
+        self._pause(row, saved)
         shares.holding[giver] -= 1
         return True
 
-    def _pause(self, row: _Row) -> None:
-        """Take a decoding row out of the batch, its keys and values into host memory (every position but its last
-        token's, which its next step writes) and its KV row and slot back; it waits in _paused."""
+    def _pause(self, row: _Row, saved: list[torch.Tensor]) -> None:
+        """Take a decoding row out of the batch, its keys and values `saved` in host memory, its KV row and slot given
+        back; it waits in _paused."""
         request, written = row.request, len(row.ids) - 1
-        row.saved = self.cache.save(row.row, written)
+        row.saved = saved
         self._kv_rows.wrote(row.row, request.cache_scope, row.ids, written)
         self._kv_rows.give_back(row.row, True, request.client)  # what it wrote may serve prompts meanwhile
         if row.slot != self.no_adapter:

@@ -46,6 +46,14 @@ class SlotTable:
         self._users[slot] += 1
         return slot, True
 
+    def would_take(self, key: str, leaving: int | None = None) -> bool:
+        """Whether `acquire(key)` would give a slot now, once a row of slot `leaving` has left (None: none leaves),
+        changing nothing: the engine pauses a row for a request only where that request would then take it."""
+        slot = self._keys.get(key)
+        if slot is not None:
+            return key not in self._doomed and slot != self._closed
+        return bool(self._free) or any(self._users[s] == (s == leaving) for s in self._keys.values())
+
     def release(self, slot: int) -> None:
         self._users[slot] -= 1
         if self._users[slot] == 0:

@@ -128,3 +128,45 @@ def test_a_clients_items_ahead_go_before_its_waiting_requests_in_its_turns() -> 
              for item in queue.in_turn({"b": ["pb"], "c": ["pc1", "pc2"]})]  # fmt: skip
     assert order == ["pc1", "a1", "pb", "pc2", "a2", "b1"]
     assert queue.clients_waiting == {"a", "b"}
+
+
+def test_no_row_is_paused_for_a_request_whose_adapter_cannot_have_a_slot(family_setup, tokenizer) -> None:
+    """Four rows, two adapter slots, both held (A's three rows on one adapter, C's row on another): B's request for a
+    third adapter would be refused a slot, so no row is paused for it. Paused, A's row came back into the row it left
+    at the next pass and was paused again at the one after, every other step. B runs once C's slot is free."""
+    base, adapters = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_batch_size=4, max_active_adapters=2)
+    sink = Collector()
+    for i in range(3):
+        engine.submit(of("A", request(PROMPT_H, greedy(30), adapters[0], f"a{i}")), sink)
+    engine.submit(of("C", request(PROMPT_H, greedy(20), adapters[1], "c")), sink)
+    step_until(engine, lambda: all(len(sink.events.get(rid, ())) >= 2 for rid in ("a0", "a1", "a2", "c")))
+    engine.submit(of("B", request(PROMPT_G, greedy(5), adapters[2], "b")), sink)
+    paused = step_until(engine, lambda: engine.num_paused > 0 or ended(sink, "c"))
+    assert engine.num_paused == 0 and ended(sink, "c") and paused > 10, "a row was paused for nothing"
+    step_until(engine, lambda: not engine.num_running and not engine.num_waiting)
+    assert sink.tokens("b") == reference_generate(base, adapters[2], PROMPT_G, 5)[0]
+    for i in range(3):
+        assert sink.tokens(f"a{i}") == reference_generate(base, adapters[0], PROMPT_H, 30)[0]
+
+
+def test_a_row_that_cannot_be_saved_runs_on_and_the_request_waits(family_setup, tokenizer, monkeypatch) -> None:
+    """Host memory refusing the copy of a row's keys and values (raised by the save): nothing is paused, no request
+    ends, and the other client's request runs once a row frees."""
+    base, _ = family_setup("llama")
+    engine = make_engine(base, tokenizer, max_batch_size=2)
+
+    def no_memory(row: int, length: int) -> list:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(engine.cache, "save", no_memory)
+    sink = Collector()
+    for i in range(2):
+        engine.submit(of("hog", request(PROMPT_H, greedy(12 + i), None, f"h{i}")), sink)
+    step_until(engine, lambda: all(len(sink.events.get(f"h{i}", ())) >= 2 for i in range(2)))
+    engine.submit(of("guest", request(PROMPT_G, greedy(3), None, "g")), sink)
+    engine.step()
+    assert engine.num_paused == 0 and engine.num_running == 2 and "g" not in sink.events
+    step_until(engine, lambda: not engine.num_running and not engine.num_waiting)
+    for rid, prompt, n in (("h0", PROMPT_H, 12), ("h1", PROMPT_H, 13), ("g", PROMPT_G, 3)):
+        assert sink.finish(rid) == "length" and sink.tokens(rid) == reference_generate(base, None, prompt, n)[0]
