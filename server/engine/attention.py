@@ -73,11 +73,6 @@ class KVCache:
         for cache in (*self.k, *self.v):
             cache[target, :, :length].copy_(cache[source, :, :length])
 
-    def row_bytes(self, length: int) -> int:
-        """The bytes of `length` positions of a row, in every layer."""
-        cache = self.k[0]
-        return 2 * len(self.k) * cache.shape[1] * length * cache.shape[3] * cache.element_size()
-
     def save(self, row: int, length: int) -> list[torch.Tensor]:
         """Row `row`'s first `length` positions of every layer's k, then v ([kv_heads, length, head_dim] each),
         copied into host memory: a paused request's, while its row serves another."""

@@ -44,7 +44,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.lora import LoraWeights
 from loraplex.memory import available_memory
-from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim
+from server.engine.attention import ATTENTION_NAME, KVCache, StepContext, kv_head_dim, kv_row_bytes
 from server.engine.batching import SCORED_TOKENS, plan_step
 from server.engine.config import EngineConfig
 from server.engine.constraints import MaskFiller, StepMasks
@@ -498,6 +498,8 @@ class Engine:
         self.slots.begin_pass()
         shares = None  # counted once every row runs: a request of a client under its share may still take one
         if not self._kv_rows.free:
+            if not (self._waiting.has_items or self._paused):  # every row runs and none is asked for: no count
+                return
             shares = self._row_shares()
             if not shares.taking():  # nothing to admit into: no O(waiting) pass while every row runs
                 return
@@ -572,7 +574,8 @@ class Engine:
         key, leaving = request.adapter_key, None if row.slot == self.no_adapter else row.slot
         if key is not None and not self.slots.would_take(key, leaving):
             return False
-        if 2 * self.cache.row_bytes(len(row.ids)) > available_memory(torch.device("cpu")):
+        saved_bytes = kv_row_bytes(self.model.config.get_text_config(), len(row.ids), self.dtype)
+        if 2 * saved_bytes > available_memory(torch.device("cpu")):
             return False
         try:  # every position but its last token's, which its next step writes
             saved = self.cache.save(row.row, len(row.ids) - 1)
