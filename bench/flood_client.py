@@ -12,13 +12,15 @@ parse per byte, refused before it is parsed), generate (/v1/completions of --n a
 base model, ignoring end of sequence: with more --connections than the server's --max-queue, the queue stays full;
 with more connections x n than its --max-batch-size, every row runs this client's answers) and score
 (/v1/completions scoring a prompt of --ids token ids: echo with logprobs and max_tokens 0, as
-lm-evaluation-harness's loglikelihood requests). --key sends a Bearer key, so that a server with keys tells this
-client from the others. Prints the answers' status codes as they come, and at the end.
+lm-evaluation-harness's loglikelihood requests) and prompts (/v1/completions of a long prompt, --ids token ids,
+and --max-tokens tokens of answer: a client sending long documents). --key sends a Bearer key, so that a server
+with keys tells this client from the others. Prints the answers' status codes as they come, and at the end.
 """
 
 import argparse
 import asyncio
 import json
+import random
 from collections import Counter
 
 import httpx
@@ -26,6 +28,12 @@ import httpx
 IDS = 1000  # /detokenize's ids a request, by default
 MB = 4  # the server's --max-request-mb by default
 BATCH_ITEM = "[3],"  # one prompt of one id in a batch, as it is written in the body
+
+
+def long_prompt(ids: int, max_tokens: int) -> bytes:
+    """A prompts request: random ids, so that no prompt starts with another's cached tokens."""
+    prompt = [random.randrange(3, 256) for _ in range(ids)]
+    return json.dumps({"model": "", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}).encode()
 
 
 def body(kind: str, ids: int, mb: int, max_tokens: int, n: int = 1) -> tuple[str, bytes]:
@@ -38,6 +46,8 @@ def body(kind: str, ids: int, mb: int, max_tokens: int, n: int = 1) -> tuple[str
         return "/v1/completions", json.dumps({
             "model": "", "prompt": list(range(3, 3 + ids)), "max_tokens": 0, "echo": True, "logprobs": 1
         }).encode()  # fmt: skip
+    if kind == "prompts":
+        return "/v1/completions", long_prompt(ids, max_tokens)
     if kind == "chat":
         return "/v1/chat/completions", json.dumps({
             "model": "",
@@ -55,14 +65,18 @@ async def flood(
     url: str, kind: str, connections: int, requests: int | None, ids: int, mb: int, max_tokens: int, n: int,
     key: str | None,
 ) -> None:  # fmt: skip
-    path, content = body(kind, ids, mb, max_tokens, n)  # encoded once: the client's own CPU goes to sending
+    path, encoded = body(kind, ids, mb, max_tokens, n)  # encoded once: the client's own CPU goes to sending
+
+    def content() -> bytes:
+        return long_prompt(ids, max_tokens) if kind == "prompts" else encoded  # prompts: another each request
+
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     codes: Counter[int] = Counter()
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
 
         async def one_connection() -> None:
             while requests is None or codes.total() < requests:
-                codes[(await client.post(path, content=content, headers=headers)).status_code] += 1
+                codes[(await client.post(path, content=content(), headers=headers)).status_code] += 1
                 if codes.total() % 500 == 0:
                     print(dict(codes), flush=True)
 
@@ -75,13 +89,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["chat", "detokenize", "token_batches", "generate", "score"], default="chat")
+    kinds = ["chat", "detokenize", "token_batches", "generate", "score", "prompts"]
+    parser.add_argument("--kind", choices=kinds, default="chat")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--requests", type=int, help="stop after about this many answers (default: never)")
     parser.add_argument("--ids", type=int, default=IDS,
-                        help="ids a /detokenize request, or a scored prompt (within the vocabulary)")  # fmt: skip
+                        help="ids a /detokenize request or a prompt (score, prompts), in the vocabulary")  # fmt: skip
     parser.add_argument("--mb", type=int, default=MB, help="token_batches: bodies just under this many MiB")
-    parser.add_argument("--max-tokens", type=int, default=32, help="generate: tokens an answer")
+    parser.add_argument("--max-tokens", type=int, default=32, help="generate and prompts: tokens an answer")
     parser.add_argument("--n", type=int, default=1, help="generate: answers a request (OpenAI's n)")
     parser.add_argument("--key", help="Bearer key")
     args = parser.parse_args()

@@ -433,7 +433,13 @@ class Engine:
             elif (r.generated or drawing) and r.generated + drawing < r.request.sampling.max_new_tokens:
                 decoding.append(r)  # (a token on its way that is the request's last ends it: no step for it)
         budget = self.config.max_prefill_tokens if decoding else self.config.idle_prefill_tokens
-        plan = plan_step(decoding, prefilling, budget, lambda r: r.request.sampling.prompt_logprobs is not None)
+        plan = plan_step(
+            decoding,
+            prefilling,
+            budget,
+            scored=lambda r: r.request.sampling.prompt_logprobs is not None,
+            client=lambda r: r.request.client,
+        )
         if plan:
             self._guarded([row for row, _ in plan], lambda: self._run(plan))
             return True
