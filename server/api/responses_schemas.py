@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from server.api.request_config import REQUEST
 from server.api.schemas import (
     MAX_CONTENT_PARTS,
     MAX_NAME_CHARS,
-    REQUEST,
     ChatCompletionRequest,
     Text,
     bounded_parts,
@@ -39,7 +39,7 @@ CHAT_EXTRAS = (
 class TextPart(BaseModel):
     """A message's text: what the client wrote (input_text), or an earlier answer's (output_text)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["input_text", "output_text"]
     text: Text
@@ -57,7 +57,7 @@ class TextPart(BaseModel):
 
 
 class MessageItem(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
@@ -71,7 +71,7 @@ class MessageItem(BaseModel):
 class FunctionCallItem(BaseModel):
     """A call an earlier answer made, as the Responses API returned it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["function_call"]
     call_id: str = Field(max_length=256)
@@ -82,7 +82,7 @@ class FunctionCallItem(BaseModel):
 class FunctionCallOutputItem(BaseModel):
     """What the client's function returned for call `call_id`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["function_call_output"]
     call_id: str = Field(max_length=256)
@@ -112,7 +112,7 @@ InputItem = Annotated[
 
 
 class FunctionTool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["function"]
     name: ToolName
@@ -136,7 +136,7 @@ class FunctionTool(BaseModel):
 
 
 class FunctionChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["function"]
     name: ToolName
@@ -145,7 +145,7 @@ class FunctionChoice(BaseModel):
 class TextFormat(BaseModel):
     """`text.format`: a free answer, any JSON object, or JSON of a schema."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = REQUEST | ConfigDict(populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
     name: str = Field("response", max_length=MAX_NAME_CHARS)
@@ -170,7 +170,7 @@ class TextFormat(BaseModel):
 
 
 class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     format: TextFormat | None = None
 

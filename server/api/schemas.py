@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.api.request_config import REQUEST
 from server.api.tools import (
     MAX_TOOL_NAME_CHARS,
     MAX_TOOLS,
@@ -106,9 +107,6 @@ def counted_first(limit: int, what: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-# request bodies: unknown fields ignored, and no NaN or Infinity in any float
-REQUEST = ConfigDict(extra="ignore", allow_inf_nan=False)
-
 # ---- adapter mixing (LoRAX's merged_adapters; the OpenAI routes take it as an extra body field) -----------
 
 
@@ -160,7 +158,7 @@ class TgiGrammar(BaseModel):
 class LoraxResponseFormat(BaseModel):
     """LoRAX's parameters.response_format: {"type": "json_object", "schema": {...}} (no schema: any object)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = REQUEST | ConfigDict(populate_by_name=True)
 
     type: Literal["json_object"]
     schema_: dict | None = Field(None, alias="schema")
@@ -193,7 +191,7 @@ def choice_spec(choices: list[str]) -> GrammarSpec:
 class StructuredOutputs(BaseModel):
     """vLLM's structured_outputs (its guided_json, guided_regex and guided_choice since v0.10): one of them."""
 
-    model_config = ConfigDict(extra="forbid")  # vLLM's grammar, structural_tag, ...: not implemented, refused
+    model_config = REQUEST | ConfigDict(extra="forbid")  # vLLM's grammar, structural_tag, ...: not implemented, refused
 
     json_: dict | str | None = Field(None, alias="json")
     regex: str | None = None
@@ -218,7 +216,7 @@ def guided_spec(schema: dict | str | None, regex: str | None, choice: list[str] 
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = REQUEST | ConfigDict(populate_by_name=True)
 
     name: str = Field("response", max_length=MAX_NAME_CHARS)
     description: str | None = None
@@ -229,7 +227,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: text (no constraint), json_object (any object) or json_schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -337,7 +335,7 @@ class TgiParameters(BaseModel):
 
 
 class TgiRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     inputs: str = Field(min_length=1)
     parameters: TgiParameters = Field(default_factory=TgiParameters)
@@ -408,7 +406,7 @@ OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     include_usage: bool = False
 
 
@@ -691,7 +689,7 @@ class ContentPart(BaseModel):
     """One part of a message's content. The served models read text only: other parts (images, audio) are
     refused, rather than dropped, so that no one gets an answer about an input the model never saw."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["text"]
     text: Text
@@ -725,7 +723,7 @@ def bounded_parts(messages: object) -> object:
 
 
 class HistoryFunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
     # Text: templates render the arguments (an object where they are one), which the tokenizer then reads
@@ -733,7 +731,7 @@ class HistoryFunctionCall(BaseModel):
 
 
 class HistoryToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     id: str = Field("", max_length=256)
     type: Literal["function"] = "function"
@@ -745,7 +743,7 @@ class HistoryToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None

@@ -18,12 +18,12 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
 )
 
+from server.api.request_config import REQUEST
 from server.grammar import MAX_GRAMMAR_CHARS, GrammarSpec, InvalidGrammar
 
 MAX_TOOLS = 128  # OpenAI's bound on tools
@@ -57,7 +57,7 @@ ToolName = Annotated[str, AfterValidator(_tool_name)]
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     name: ToolName
     description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
@@ -66,14 +66,14 @@ class FunctionDefinition(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     name: ToolName
 
@@ -81,7 +81,7 @@ class NamedFunction(BaseModel):
 class NamedToolChoice(BaseModel):
     """tool_choice {"type": "function", "function": {"name": ...}}: the answer is a call of that function."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     type: Literal["function"]
     function: NamedFunction

@@ -414,3 +414,36 @@ def test_health_fails_once_the_engine_stopped(app_settings: tuple) -> None:
         c.app.state.runtime.engine.stop()  # type: ignore[attr-defined]
         response = c.get("/health")
         assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stopped"
+
+
+# Every value has its JSON type, as OpenAI's API wants: pydantic's lax mode read "2" and true as 2 and 1, "true" as
+# true, 2.0 as 2, so a client's mistyped field passed as a value it did not write
+MISTYPED = [
+    ("/v1/completions", body("/v1/completions", n="2"), "n"),
+    ("/v1/completions", body("/v1/completions", max_tokens=True), "max_tokens"),
+    ("/v1/completions", body("/v1/completions", max_tokens=4.0), "max_tokens"),
+    ("/v1/completions", body("/v1/completions", temperature="0.5"), "temperature"),
+    ("/v1/completions", body("/v1/completions", echo=1), "echo"),
+    ("/v1/completions", body("/v1/completions", logprobs=True), "logprobs"),
+    ("/v1/chat/completions", body("/v1/chat/completions", logprobs=1), "logprobs"),
+    ("/v1/chat/completions", body("/v1/chat/completions", stream="true"), "stream"),
+    ("/v1/chat/completions", body("/v1/chat/completions", seed="7"), "seed"),
+    ("/v1/chat/completions", body("/v1/chat/completions", stream_options={"include_usage": "yes"}), "include_usage"),
+    ("/v1/responses", {"model": "llama", "input": "hi", "max_output_tokens": "8"}, "max_output_tokens"),
+    ("/generate", body("/generate", max_new_tokens="8"), "max_new_tokens"),
+    ("/generate", body("/generate", do_sample="true"), "do_sample"),
+    ("/generate", {"inputs": "hi", "stream": 0}, "stream"),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": "false"}, "add_special_tokens"),
+    ("/detokenize", {"tokens": ["5"]}, "tokens.0"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "field"), MISTYPED, ids=lambda v: v if isinstance(v, str) else "")
+def test_a_value_of_another_json_type_is_refused_by_name(client: TestClient, path, payload, field) -> None:
+    assert_422(client, path, payload, field)
+
+
+def test_an_integer_is_a_number(client: TestClient) -> None:
+    """JSON has one number type: an integer where a float is asked is that float, as everywhere."""
+    assert post(client, "/v1/completions", body("/v1/completions", temperature=1, top_p=1, max_tokens=2))[0] == 200
+    assert post(client, "/generate", body("/generate", temperature=1, top_p=1, max_new_tokens=2))[0] == 200
