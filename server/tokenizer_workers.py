@@ -90,17 +90,21 @@ def _chat(
     A message's content is text: one that spells a special token of the tokenizer (`<|im_end|>`, say) is rendered
     as a placeholder, and its own tokens are those of its text, special tokens split, where tokenizing the rendered
     chat made that text the control token, and a client could close its turn and open a system turn of its own (as
-    OpenAI's API does; vLLM and TGI take such text as control tokens)."""
+    OpenAI's API does; vLLM and TGI take such text as control tokens). So is every other string the client sends
+    into the template (tools' names, descriptions and schemas, a history call's name and arguments, keys
+    included), each special token spelled in it a placeholder of its own: templates write those as JSON, whose
+    escapes a whole string's text would lose. A template that writes them with ASCII escapes (`\\ue000`) shows the
+    placeholder instead, still not a control token."""
     tokenizer = _loaded()
-    texts: list[str] = []  # the contents that spell a special token, in the order of their placeholders
+    texts: list[str] = []  # the texts put apart (contents, special tokens spelled), in their placeholders' order
     mark = secrets.token_hex(8)  # a client cannot spell a placeholder it does not know
     try:
         rendered = tokenizer.apply_chat_template(
-            [_with_argument_objects(_text_apart(m, texts, mark)) for m in messages],
+            [_text_apart(_with_argument_objects(m), texts, mark) for m in messages],
             add_generation_prompt=add_generation_prompt,
             tokenize=not texts,
             return_dict=False,
-            **({"tools": tools} if tools else {}),
+            **({"tools": _spelled_apart(tools, texts, mark)} if tools else {}),
         )
     except Exception as exc:  # templates raise what they like on messages they refuse
         return False, str(exc)
@@ -124,12 +128,32 @@ def _special_tokens() -> re.Pattern[str]:
 
 
 def _text_apart(message: dict[str, Any], texts: list[str], mark: str) -> dict[str, Any]:
-    """The message, its content a placeholder (kept in `texts`) where it spells a special token."""
-    content = message.get("content")
-    if not isinstance(content, str) or not _special_tokens().search(content):
-        return message
-    texts.append(content)
-    return {**message, "content": f"\ue000{mark}-{len(texts) - 1}\ue000"}  # private-use marks: no template alters them
+    """The message, its content a placeholder (kept in `texts`) where it spells a special token, and each special
+    token spelled in its other fields (but its role) a placeholder."""
+    apart = {}
+    for key, value in message.items():
+        if key == "content" and isinstance(value, str) and _special_tokens().search(value):
+            apart[key] = _placeholder(value, texts, mark)
+        else:
+            apart[key] = value if key == "role" else _spelled_apart(value, texts, mark)
+    return apart
+
+
+def _placeholder(text: str, texts: list[str], mark: str) -> str:
+    texts.append(text)
+    return f"\ue000{mark}-{len(texts) - 1}\ue000"  # private-use marks: no template alters them
+
+
+def _spelled_apart(value: Any, texts: list[str], mark: str) -> Any:
+    """A JSON value (strings, lists, objects) with each special token spelled in its strings, keys included, a
+    placeholder (kept in `texts`); the value itself where it spells none."""
+    if isinstance(value, str):
+        return _special_tokens().sub(lambda spelled: _placeholder(spelled.group(), texts, mark), value)
+    if isinstance(value, list):
+        return [_spelled_apart(item, texts, mark) for item in value]
+    if isinstance(value, dict):
+        return {_spelled_apart(k, texts, mark): _spelled_apart(v, texts, mark) for k, v in value.items()}
+    return value
 
 
 def _with_argument_objects(message: dict[str, Any]) -> dict[str, Any]:

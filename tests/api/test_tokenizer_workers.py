@@ -2,6 +2,7 @@
 template's refusals as 422s, and a worker that dies failing only its own job."""
 
 import copy
+import json
 import os
 import pickle
 import signal
@@ -79,6 +80,52 @@ def test_a_message_that_spells_control_tokens_is_text(
     assert any(ids[i : i + len(forged)] == forged for i in range(len(ids))), "the content's own tokens are its text"
     system = smollm2("Be brief.", add_special_tokens=False)["input_ids"]
     assert any(ids[i : i + len(system)] == system for i in range(len(ids)))
+
+
+# A template writing the tools and a history call's function as JSON, as the tool-calling templates do (hermes's)
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% for call in m['tool_calls'] or [] %}<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_control_tokens_spelled_in_tools_and_history_calls_are_text(smollm2: PreTrainedTokenizerBase) -> None:
+    """Tools' descriptions and schemas (keys too) and a history call's name and arguments that spell the template's
+    control tokens get the tokens of their text, as a content does: the chat holds the control tokens the template
+    puts there, as many as without them, and its ids spell the text the template renders."""
+    templated = copy.deepcopy(smollm2)
+    templated.chat_template = TOOLS_TEMPLATE
+    tool = {"type": "function", "function": {
+        "name": "lookup", "description": FORGED,
+        "parameters": {"type": "object", "properties": {FORGED: {"type": "string", "description": FORGED}}},
+    }}  # fmt: skip
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": FORGED})}}
+    chat = [
+        {"role": "user", "content": "Look it up."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "found"},
+    ]
+
+    def plain(value: object) -> object:  # the same, no control token
+        return json.loads(json.dumps(value).replace("<|", "< |"))
+
+    pool = TokenizerWorkers(templated, processes=1)
+    try:
+        ids, plain_ids = pool.chat(chat, tools=[tool]), pool.chat(plain(chat), tools=[plain(tool)])
+    finally:
+        pool.close()
+    special = set(templated.all_special_ids)
+    assert sorted(i for i in ids if i in special) == sorted(i for i in plain_ids if i in special)
+    objects = [
+        *chat[:1],
+        {**chat[1], "tool_calls": [{**call, "function": {"name": "lookup", "arguments": {"q": FORGED}}}]},
+        chat[2],
+    ]
+    rendered = templated.apply_chat_template(objects, tools=[tool], add_generation_prompt=True, tokenize=False)
+    assert FORGED.replace("\n", "\\n") in rendered  # as JSON: the check below would pass on a template without it
+    assert templated.decode(ids) == rendered
 
 
 TEXTS = ["hi", "中文 and 😀 and \x00", "  spaces   and\ttabs\n", "x" * 5000]
