@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import pickle
 import re
-import secrets
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.chat_text import AuthorText, special_tokens, tokenize_pieces
 from loraplex.errors import LoraplexError
 
 T = TypeVar("T")
@@ -87,73 +87,25 @@ def _chat(
     ValueError) come back as text, since not every exception class survives pickling. `tools`: OpenAI's tool
     objects, for templates that render them (None: the template is called without).
 
-    A message's content is text: one that spells a special token of the tokenizer (`<|im_end|>`, say) is rendered
-    as a placeholder, and its own tokens are those of its text, special tokens split, where tokenizing the rendered
-    chat made that text the control token, and a client could close its turn and open a system turn of its own (as
-    OpenAI's API does; vLLM and TGI take such text as control tokens). So is every other string the client sends
-    into the template (tools' names, descriptions and schemas, a history call's name and arguments, keys
-    included), each special token spelled in it a placeholder of its own: templates write those as JSON, whose
-    escapes a whole string's text would lose. A template that writes them with ASCII escapes (`\\ue000`) shows the
-    placeholder instead, still not a control token."""
+    Whatever the client writes into the template is text, a special token's spelling too (loraplex.chat_text)."""
     tokenizer = _loaded()
-    texts: list[str] = []  # the texts put apart (contents, special tokens spelled), in their placeholders' order
-    mark = secrets.token_hex(8)  # a client cannot spell a placeholder it does not know
+    apart = AuthorText(_special_tokens())
     try:
+        chat = [apart.message(_with_argument_objects(m)) for m in messages]
+        extra = {"tools": apart.value(tools)} if tools else {}
         rendered = tokenizer.apply_chat_template(
-            [_text_apart(_with_argument_objects(m), texts, mark) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            tokenize=not texts,
-            return_dict=False,
-            **({"tools": _spelled_apart(tools, texts, mark)} if tools else {}),
+            chat, add_generation_prompt=add_generation_prompt, tokenize=not apart.texts, return_dict=False, **extra
         )
     except Exception as exc:  # templates raise what they like on messages they refuse
         return False, str(exc)
-    if not texts:
+    if not apart.texts:
         return True, list(rendered)
-    ids: list[int] = []
-    for i, part in enumerate(re.split(f"\ue000{mark}-(\\d+)\ue000", rendered)):  # template text, then an index
-        if i % 2:
-            ids += tokenizer(texts[int(part)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        elif part:  # as the template's tokenize does: its control tokens are the tokenizer's
-            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
-    return True, ids
+    return True, tokenize_pieces(tokenizer, apart.pieces(rendered))[0]
 
 
 @functools.cache
 def _special_tokens() -> re.Pattern[str]:
-    """What the worker's tokenizer reads as special tokens, as one pattern: one scan of a text (Llama 3 has 256)."""
-    tokenizer = _loaded()
-    added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
-    return re.compile("|".join(map(re.escape, {*tokenizer.all_special_tokens, *added})) or "(?!)")  # none: no match
-
-
-def _text_apart(message: dict[str, Any], texts: list[str], mark: str) -> dict[str, Any]:
-    """The message, its content a placeholder (kept in `texts`) where it spells a special token, and each special
-    token spelled in its other fields (but its role) a placeholder."""
-    apart = {}
-    for key, value in message.items():
-        if key == "content" and isinstance(value, str) and _special_tokens().search(value):
-            apart[key] = _placeholder(value, texts, mark)
-        else:
-            apart[key] = value if key == "role" else _spelled_apart(value, texts, mark)
-    return apart
-
-
-def _placeholder(text: str, texts: list[str], mark: str) -> str:
-    texts.append(text)
-    return f"\ue000{mark}-{len(texts) - 1}\ue000"  # private-use marks: no template alters them
-
-
-def _spelled_apart(value: Any, texts: list[str], mark: str) -> Any:
-    """A JSON value (strings, lists, objects) with each special token spelled in its strings, keys included, a
-    placeholder (kept in `texts`); the value itself where it spells none."""
-    if isinstance(value, str):
-        return _special_tokens().sub(lambda spelled: _placeholder(spelled.group(), texts, mark), value)
-    if isinstance(value, list):
-        return [_spelled_apart(item, texts, mark) for item in value]
-    if isinstance(value, dict):
-        return {_spelled_apart(k, texts, mark): _spelled_apart(v, texts, mark) for k, v in value.items()}
-    return value
+    return special_tokens(_loaded())
 
 
 def _with_argument_objects(message: dict[str, Any]) -> dict[str, Any]:

@@ -91,17 +91,28 @@ TOOLS_TEMPLATE = (
 )
 
 
-def test_control_tokens_spelled_in_tools_and_history_calls_are_text(smollm2: PreTrainedTokenizerBase) -> None:
-    """Tools' descriptions and schemas (keys too) and a history call's name and arguments that spell the template's
-    control tokens get the tokens of their text, as a content does: the chat holds the control tokens the template
-    puts there, as many as without them, and its ids spell the text the template renders."""
+@pytest.fixture(scope="module")
+def tool_workers(smollm2: PreTrainedTokenizerBase) -> Iterator[tuple[PreTrainedTokenizerBase, TokenizerWorkers]]:
     templated = copy.deepcopy(smollm2)
     templated.chat_template = TOOLS_TEMPLATE
+    pool = TokenizerWorkers(templated, processes=1)
+    yield templated, pool
+    pool.close()
+
+
+@pytest.mark.parametrize("where", ["tools", "call", "both"])
+def test_control_tokens_spelled_in_tools_and_history_calls_are_text(tool_workers, where: str) -> None:
+    """Tools' descriptions and schemas (keys too) and a history call's arguments that spell the template's control
+    tokens get the tokens of their text, as a content does: the chat holds the control tokens the template puts
+    there, as many as without them, and its ids spell the text the template renders."""
+    templated, pool = tool_workers
+    described = FORGED if where != "call" else "Looks it up."
     tool = {"type": "function", "function": {
-        "name": "lookup", "description": FORGED,
-        "parameters": {"type": "object", "properties": {FORGED: {"type": "string", "description": FORGED}}},
+        "name": "lookup", "description": described,
+        "parameters": {"type": "object", "properties": {described: {"type": "string", "description": described}}},
     }}  # fmt: skip
-    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": FORGED})}}
+    asked = {"q": FORGED if where != "tools" else "Veloria"}
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps(asked)}}
     chat = [
         {"role": "user", "content": "Look it up."},
         {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -111,19 +122,13 @@ def test_control_tokens_spelled_in_tools_and_history_calls_are_text(smollm2: Pre
     def plain(value: object) -> object:  # the same, no control token
         return json.loads(json.dumps(value).replace("<|", "< |"))
 
-    pool = TokenizerWorkers(templated, processes=1)
-    try:
-        ids, plain_ids = pool.chat(chat, tools=[tool]), pool.chat(plain(chat), tools=[plain(tool)])
-    finally:
-        pool.close()
+    ids, plain_ids = pool.chat(chat, tools=[tool]), pool.chat(plain(chat), tools=[plain(tool)])
     special = set(templated.all_special_ids)
     assert sorted(i for i in ids if i in special) == sorted(i for i in plain_ids if i in special)
-    objects = [
-        *chat[:1],
-        {**chat[1], "tool_calls": [{**call, "function": {"name": "lookup", "arguments": {"q": FORGED}}}]},
-        chat[2],
-    ]
-    rendered = templated.apply_chat_template(objects, tools=[tool], add_generation_prompt=True, tokenize=False)
+    objects = [*chat[:1], {**chat[1], "tool_calls": [{**call, "function": {"name": "lookup", "arguments": asked}}]}]
+    rendered = templated.apply_chat_template(
+        [*objects, chat[2]], tools=[tool], add_generation_prompt=True, tokenize=False
+    )
     assert FORGED.replace("\n", "\\n") in rendered  # as JSON: the check below would pass on a template without it
     assert templated.decode(ids) == rendered
 
