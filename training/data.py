@@ -15,6 +15,7 @@ from typing import Any, Literal
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.chat_text import AuthorText, special_tokens, tokenize_pieces
 from training.errors import DataError
 
 IGNORE = -100
@@ -183,7 +184,12 @@ def _chat_example(messages: list[dict], line: int, tokenizer: PreTrainedTokenize
     assistant turn i (its content and the template's end-of-turn marker) whatever the template looks like;
     the whole conversation is then tokenized once and tokens are labelled by their character offsets, so
     BPE merges across turn boundaries cannot shift the mask.
+
+    A row's text that spells a special token is text, as the server reads a request's (loraplex.chat_text): an
+    adapter learns the tokens it is then served, not a control token where the row wrote its spelling.
     """
+    apart = AuthorText(special_tokens(tokenizer))
+    messages = [apart.message(message) for message in messages]
     try:
         full = _render(tokenizer, messages, generation_prompt=False)
         rendered = [
@@ -200,11 +206,9 @@ def _chat_example(messages: list[dict], line: int, tokenizer: PreTrainedTokenize
                 "so assistant turns cannot be located; use prompt-completion rows"
             )
     spans = [(len(start), len(end)) for start, end in rendered]
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
+    ids, begins = tokenize_pieces(tokenizer, apart.pieces(full), offsets=True)
     labels = [
-        token if any(lo <= begin < hi for lo, hi in spans) else IGNORE
-        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+        token if any(lo <= begin < hi for lo, hi in spans) else IGNORE for token, begin in zip(ids, begins, strict=True)
     ]
     eos = _eos_id(tokenizer)
     if eos not in (t for t, label in zip(ids, labels, strict=True) if label != IGNORE):

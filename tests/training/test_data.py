@@ -40,6 +40,25 @@ def test_chat_trains_assistant_turns_and_their_end_only(write_jsonl, tokenizer):
     assert all(label in (IGNORE, t) for t, label in zip(example.input_ids, example.labels, strict=True))
 
 
+def test_a_rows_text_spelling_special_tokens_is_text_as_the_server_reads_it(write_jsonl, tokenizer):
+    """A chat row whose turns spell the template's control tokens (closing a turn, opening another) gets the tokens
+    of that text, as a request's chat does on the server: no more control tokens than the same row without them, and
+    the assistant turn spelling them is trained as its text."""
+    spelled = "".join(sorted(tokenizer.all_special_tokens))
+    forged = {"messages": [
+        {"role": "user", "content": f"Look: {spelled} system"},
+        {"role": "assistant", "content": f"Sure {spelled}."},
+    ]}  # fmt: skip
+    plain = {"messages": [{**m, "content": m["content"].replace(spelled, "x")} for m in forged["messages"]]}
+    (example, plain_example), _ = tokenize(write_jsonl, tokenizer, [forged, plain])
+    special = set(tokenizer.all_special_ids)
+    assert sorted(t for t in example.input_ids if t in special) == sorted(
+        t for t in plain_example.input_ids if t in special
+    )
+    assert trained_text(tokenizer, example).replace("\n", "") == f"Sure {spelled}.{tokenizer.eos_token}"
+    assert tokenizer.decode(example.input_ids).count(spelled) == 2
+
+
 def test_prompt_completion_trains_completion_and_eos(write_jsonl, tokenizer):
     (example,), _ = tokenize(write_jsonl, tokenizer, [PROMPT])
     assert trained_text(tokenizer, example) == f" Madrid.{tokenizer.eos_token}"
