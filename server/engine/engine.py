@@ -30,6 +30,7 @@ any step's. The scores reach the host with the request's first token, as the cop
 objects, tens a prompt token, are made where the event is consumed, not on this thread, which every request waits on.
 """
 
+import itertools
 import logging
 import math
 import threading
@@ -108,6 +109,7 @@ class _Row:
     # paused (another client's share of the rows): its first len(ids) - 1 positions' keys and values in host memory
     # (KVCache.save); it holds no KV row and no slot
     saved: list[torch.Tensor] | None = None
+    turn: int | None = None  # its place in the prompts' rotation between clients, once its client's first (batching.py)
 
 
 class _RowShares:
@@ -211,6 +213,7 @@ class Engine:
         self._kv_rows = KVRows(config.max_batch_size, config.prefix_cache)
         self._rows: dict[str, _Row] = {}
         self._paused: dict[str, _Row] = {}  # request id -> a row paused for another client's share of the rows
+        self._turns = itertools.count()  # the prompts' rotation between clients (_turn)
         self._waiting = WaitingQueue()  # under _cv; its turns on the engine thread only
         self._cancels: set[str] = set()
         self._deactivations: list[str] = []
@@ -439,6 +442,7 @@ class Engine:
             budget,
             scored=lambda r: r.request.sampling.prompt_logprobs is not None,
             client=lambda r: r.request.client,
+            turn=self._turn,
         )
         if plan:
             self._guarded([row for row, _ in plan], lambda: self._run(plan))
@@ -447,6 +451,13 @@ class Engine:
         self._take_in_flight()
         self._deliver()
         return took
+
+    def _turn(self, row: _Row) -> int:
+        """The row's place in the prompts' rotation between clients: numbered when its prompt is first its client's
+        first still prefilling (plan_step asks then), so that it goes behind the other clients' waiting ones."""
+        if row.turn is None:
+            row.turn = next(self._turns)
+        return row.turn
 
     def _take_in_flight(self) -> None:
         drawn, self._in_flight = self._in_flight, None
