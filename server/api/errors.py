@@ -1,5 +1,7 @@
 """One place that turns errors into HTTP answers, in OpenAI's shape: {"error": {"message", "type", "code"}}."""
 
+import functools
+import re
 import sys
 from http import HTTPStatus
 
@@ -40,10 +42,35 @@ def error_response(exc: LoraplexError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.http_status, headers=getattr(exc, "headers", None))
 
 
+# Steps of pydantic's own in an error's place, not the request's: a validator (function-after[_unicode(), str]), a
+# type (list[constrained-str], tagged-union[...]), a member of a union of models (its class's name)
+_VALIDATOR_STEP = re.compile(r"[\[(]|^(constrained|tagged|function|json-or|lax-or|nullable)-|^(str|int|float|bool)$")
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    """The request models' class names: pydantic names a union's member model in an error's place."""
+    names, todo = set(), [BaseModel]
+    while todo:
+        for cls in todo.pop().__subclasses__():
+            todo.append(cls)
+            if cls.__module__.startswith("server."):
+                names.add(cls.__name__)
+    return frozenset(names)
+
+
+def _place(loc: tuple) -> str:
+    """An error's place as the client wrote the request: its fields and indexes, pydantic's own steps left out."""
+    steps = (p for p in loc if p != "body")
+    return ".".join(
+        str(p) for p in steps if not isinstance(p, str) or not (_VALIDATOR_STEP.search(p) or p in _model_names())
+    )
+
+
 def _describe(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p != "body")
+        loc = _place(err["loc"])
         if err["type"] == "json_invalid":  # the framework says only "JSON decode error", and the offset as a field
             return f"the body is not valid JSON: {err['ctx']['error']} at character {err['loc'][-1]}"
         if not loc and err["type"] in ("missing", "model_attributes_type"):

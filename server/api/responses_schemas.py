@@ -20,6 +20,7 @@ from server.api.schemas import (
     Text,
     bounded_parts,
     counted_first,
+    not_off,
     refuse_unsupported,
 )
 from server.api.tools import MAX_DESCRIPTION_CHARS, MAX_TOOL_NAME_CHARS, MAX_TOOLS, ToolChoiceMode, ToolName
@@ -228,7 +229,7 @@ class ResponsesRequest(BaseModel):
                 "this server keeps no responses: send the whole conversation in input (the earlier turns' messages, "
                 "function_call and function_call_output items)",
             ),
-            "background": (bool, "background responses are not supported: send the request without it"),
+            "background": (not_off(False), "background responses are not supported: send the request without it"),
         })  # fmt: skip
 
     def chat_request(self) -> ChatCompletionRequest:

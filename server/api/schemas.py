@@ -11,7 +11,7 @@ and a 4 MiB body of 2 million bad elements held the event loop (every client's r
 an error of 180 MB."""
 
 from collections.abc import Callable
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Annotated, Literal, cast
 
 from pydantic import (
@@ -30,6 +30,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticUndefined
 
 from server.api.request_config import REQUEST
 from server.api.tools import (
@@ -120,7 +121,7 @@ class MergedAdapters(BaseModel):
         min_length=1, max_length=MAX_MIX_ADAPTERS, description="One weight per adapter."
     )
     # bounded: a refused strategy is named in the error, which would otherwise repeat up to the whole body
-    merge_strategy: str = Field(
+    merge_strategy: str | None = Field(  # null: LoRAX's default, linear (lorax-client sends it so)
         "linear", max_length=MAX_NAME_CHARS, description='"linear": the weighted sum of the adapters\' deltas.'
     )
     density: float | None = None  # LoRAX's TIES/DARE knobs: accepted, unused by "linear"
@@ -128,7 +129,7 @@ class MergedAdapters(BaseModel):
 
     @model_validator(mode="after")
     def _linear_and_paired(self) -> "MergedAdapters":
-        if self.merge_strategy != "linear":
+        if self.merge_strategy not in (None, "linear"):
             raise ValueError(f'merge_strategy {self.merge_strategy!r} is not supported: use "linear"')
         if len(self.ids) != len(self.weights):
             raise ValueError(f"{len(self.ids)} ids but {len(self.weights)} weights: send one weight per adapter")
@@ -298,11 +299,11 @@ class TgiParameters(BaseModel):
         # TGI's clients send these at their no-op values (null, 1.0, false), which are taken
         return refuse_unsupported(value, {
             "typical_p": (
-                lambda p: p not in (None, 1.0),
+                lambda p: p is not None and (isinstance(p, bool) or p != 1.0),
                 "typical sampling is not implemented; send 1.0 or null, or leave it out (top_p or top_k bound "
                 "the sampling instead)",
             ),
-            "watermark": (bool, "watermarking is not implemented; send false, or leave it out"),
+            "watermark": (not_off(False), "watermarking is not implemented; send false, or leave it out"),
         })  # fmt: skip
 
     @property
@@ -420,6 +421,15 @@ class OpenAISampling(BaseModel):
     # what the client calls max_completion_tokens, in errors (the Responses API's max_output_tokens)
     _completion_limit_name: str = PrivateAttr("max_completion_tokens")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        # OpenAI's spec lets n, stream, echo, the penalties, ... be null, meaning their default
+        if isinstance(value, dict):
+            defaulted = _defaulted(cls)
+            return {key: item for key, item in value.items() if item is not None or key not in defaulted}
+        return value
+
     model: str = Field(
         max_length=MAX_NAME_CHARS, description="An adapter name (`name` or `name@N`) or the base model's served name."
     )
@@ -512,8 +522,8 @@ class OpenAISampling(BaseModel):
     @classmethod
     def _vllm_unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
-            "use_beam_search": (bool, "beam search is not implemented; use best_of (completions) or n"),
-            "guided_grammar": (bool, "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
+            "use_beam_search": (not_off(False), "beam search is not implemented; use best_of (completions) or n"),
+            "guided_grammar": (not_off(""), "grammars are JSON schemas or regexes here (guided_json, guided_regex)"),
         })  # fmt: skip
 
     @field_validator("logit_bias", mode="before")
@@ -545,6 +555,20 @@ class OpenAISampling(BaseModel):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, self._completion_limit_name
         return self.max_tokens, "max_tokens"
+
+
+@cache
+def _defaulted(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` whose default is a value, not null."""
+    return frozenset(
+        name for name, field in model.model_fields.items() if field.default not in (None, PydanticUndefined)
+    )
+
+
+def not_off(off: object) -> Callable[[object], bool]:
+    """Whether a value sent asks for the unsupported thing: anything but null or `off` itself (of its own type: 0 is
+    not false, nor "" an empty list)."""
+    return lambda value: value is not None and not (type(value) is type(off) and value == off)
 
 
 def refuse_unsupported(value: object, refused: dict[str, tuple[Callable[[object], bool], str]]) -> object:
@@ -622,7 +646,7 @@ class CompletionRequest(OpenAISampling):
     @classmethod
     def _unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
-            "suffix": (bool, "this server completes after the prompt, it does not insert; leave suffix out"),
+            "suffix": (not_off(""), "this server completes after the prompt, it does not insert; leave suffix out"),
         })  # fmt: skip
 
     @model_validator(mode="after")
@@ -797,7 +821,7 @@ class ChatCompletionRequest(OpenAISampling):
     @classmethod
     def _unsupported(cls, value: object) -> object:
         return refuse_unsupported(value, {
-            "functions": (bool, 'the legacy functions are not supported; send them as tools, with tool_choice'),
+            "functions": (not_off([]), 'the legacy functions are not supported; send them as tools, with tool_choice'),
         })  # fmt: skip
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ is no top-k at all), and the engine never sees it."""
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -447,3 +448,62 @@ def test_an_integer_is_a_number(client: TestClient) -> None:
     """JSON has one number type: an integer where a float is asked is that float, as everywhere."""
     assert post(client, "/v1/completions", body("/v1/completions", temperature=1, top_p=1, max_tokens=2))[0] == 200
     assert post(client, "/generate", body("/generate", temperature=1, top_p=1, max_new_tokens=2))[0] == 200
+
+
+def test_null_is_the_default_where_openai_lets_a_field_be_null(client: TestClient) -> None:
+    """OpenAI's spec lets n, stream, echo, the penalties, ... be null, meaning their defaults."""
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        plain = post(client, path, body(path, max_tokens=3, temperature=0))
+        nulls = dict.fromkeys(["n", "stream", "presence_penalty", "frequency_penalty", "logprobs", "seed"])
+        nulled = post(client, path, body(path, max_tokens=3, temperature=0, **nulls))
+        assert nulled[0] == plain[0] == 200, nulled
+        assert nulled[1]["choices"] == plain[1]["choices"]
+    assert_422(client, "/v1/completions", {"prompt": "hi", "model": None}, "model")  # no default: still refused
+
+
+# A field this server does not implement is taken at its no-op value alone, of its own type: a falsy value of another
+# type (0 for false, [] for "") was taken as off, and a truthy one was refused as asking for it
+UNSUPPORTED_OFF = [
+    ("/generate", {"watermark": False}, {"watermark": 0}, "watermark"),
+    ("/generate", {"typical_p": 1.0}, {"typical_p": True}, "typical_p"),
+    ("/v1/completions", {"suffix": ""}, {"suffix": 0}, "suffix"),
+    ("/v1/completions", {"use_beam_search": False}, {"use_beam_search": ""}, "use_beam_search"),
+    ("/v1/chat/completions", {"functions": []}, {"functions": {}}, "functions"),
+    ("/v1/chat/completions", {"guided_grammar": ""}, {"guided_grammar": False}, "guided_grammar"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "off", "other", "field"), UNSUPPORTED_OFF, ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_an_unsupported_field_is_off_only_at_its_own_no_op_value(client: TestClient, path, off, other, field) -> None:
+    assert post(client, path, body(path, max_tokens=2, max_new_tokens=2, **off))[0] == 200
+    assert_422(client, path, body(path, max_tokens=2, max_new_tokens=2, **other), field)
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "says"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "llama", "messages": [{"role": "user", "content": 5}]},
+            "messages.0.content:",
+        ),
+        ("/v1/completions", body("/v1/completions", stop=5), "stop: "),
+        (
+            "/v1/chat/completions",
+            body("/v1/chat/completions", tool_choice={"function": {"name": "f"}}),
+            "tool_choice.type:",
+        ),
+        ("/v1/responses", {"model": "llama", "input": 5}, "input: "),
+    ],
+)
+def test_an_errors_place_is_the_requests_not_pydantics(client: TestClient, path, payload, says) -> None:
+    """The place an error names is the request's fields and indexes: none of pydantic's own steps (validators,
+    types, a union's member models) that clients cannot read."""
+    status, answer = post(client, path, payload)
+    message = answer["error"]["message"]
+    assert status == 422 and says in message, message
+    assert not re.search(r"function-|constrained-|tagged-|\[|NamedToolChoice|\bstr\b\.", message.split(": ", 1)[1]), (
+        message
+    )

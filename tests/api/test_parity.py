@@ -322,6 +322,9 @@ def test_a_mix_of_one_adapter_at_weight_one_is_that_adapter(client: TestClient) 
     alone = tgi(client, adapter_id="m2")
     mixed = tgi(client, merged_adapters={"ids": ["m2"], "weights": [1.0], "merge_strategy": "linear"})
     assert mixed["generated_text"] == alone["generated_text"]
+    # lorax-client's defaults: no strategy (LoRAX's linear), density 0
+    defaults = {"merge_strategy": None, "density": 0.0, "majority_sign_method": None}
+    assert tgi(client, merged_adapters={"ids": ["m2"], "weights": [1.0], **defaults}) == mixed
     assert [t["logprob"] for t in mixed["details"]["tokens"]] == pytest.approx(
         [t["logprob"] for t in alone["details"]["tokens"]], abs=1e-4
     )
