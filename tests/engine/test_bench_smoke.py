@@ -33,6 +33,15 @@ def test_event_delivery_bench_runs() -> None:
     assert [line.split(":")[0].strip() for line in done.stdout.splitlines()] == ["per event", "mailbox"] * 2
 
 
+def test_prompt_turns_bench_runs() -> None:
+    script = BENCH.parent / "prompt_turns.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--requests", "200"], check=True, capture_output=True, text=True
+    )
+    lines = done.stdout.splitlines()
+    assert len(lines) == 8 and all(" p50 " in line for line in lines), lines
+
+
 def test_lora_kernels_bench_tiny_runs(tmp_path) -> None:
     """bench/lora_kernels.py --tiny launches every kind of LoRA kernel the step has, on CPU under the interpreter."""
     out = tmp_path / "lora.json"
