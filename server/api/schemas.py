@@ -421,15 +421,6 @@ class OpenAISampling(BaseModel):
     # what the client calls max_completion_tokens, in errors (the Responses API's max_output_tokens)
     _completion_limit_name: str = PrivateAttr("max_completion_tokens")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, value: object) -> object:
-        # OpenAI's spec lets n, stream, echo, the penalties, ... be null, meaning their default
-        if isinstance(value, dict):
-            defaulted = _defaulted(cls)
-            return {key: item for key, item in value.items() if item is not None or key not in defaulted}
-        return value
-
     model: str = Field(
         max_length=MAX_NAME_CHARS, description="An adapter name (`name` or `name@N`) or the base model's served name."
     )
@@ -517,6 +508,15 @@ class OpenAISampling(BaseModel):
         if len(asked) > 1:
             raise InvalidGrammar(f"{' and '.join(asked)} each constrain the answer: send one")
         return next(iter(asked.values()), None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, value: object) -> object:
+        # OpenAI's spec lets n, stream, echo, the penalties, ... be null, meaning their default
+        if isinstance(value, dict):
+            defaulted = _defaulted(cls)
+            return {key: item for key, item in value.items() if item is not None or key not in defaulted}
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -21,7 +21,9 @@ its share pauses one of its decoding rows, the one with the fewest tokens: its k
 its row to the waiting request. A paused row goes before its client's waiting requests in the admission order and,
 resumed into any free row, takes its keys and values back and decodes on as if never paused. Without it, one client's
 requests running long answers (n choices each, max_tokens in the thousands) held every row, and another client's
-request waited for them all. One client alone may hold every row.
+request waited for them all. One client alone may hold every row. Admitted prompts take each step's prompt budget in
+turns between clients (batching.py): one client's burst of long prompts holds another client's prompt for one of
+them at most.
 
 A request asking for its prompt's logprobs (prompt_logprobs) has every prompt position scored: it takes no cached
 prefix, and a step holding a chunk of its prompt keeps those positions' logits beside the sampled ones: it replays
