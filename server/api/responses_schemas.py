@@ -191,6 +191,9 @@ def _metadata(value: object) -> object:
     return value
 
 
+NO_LOGPROBS = "logprobs are not implemented on this route: leave it out, or ask /v1/chat/completions (logprobs)"
+
+
 class ResponsesRequest(BaseModel):
     model_config = REQUEST | ConfigDict(extra="allow")  # the Chat Completions extras (CHAT_EXTRAS) are read from it
 
@@ -230,6 +233,19 @@ class ResponsesRequest(BaseModel):
                 "function_call and function_call_output items)",
             ),
             "background": (not_off(False), "background responses are not supported: send the request without it"),
+            "truncation": (
+                lambda value: value is not None and value != "disabled",
+                'dropping input items to fit the model is not implemented: send "disabled" (a 422 names an input '
+                "that does not fit), or leave it out",
+            ),
+            "top_logprobs": (not_off(0), NO_LOGPROBS),
+            "logprobs": (not_off(False), NO_LOGPROBS),
+            # Chat Completions' names, which this route would otherwise ignore (extra fields are read only as
+            # CHAT_EXTRAS), answering other than asked
+            "max_tokens": (lambda value: value is not None, "this route's name for it is max_output_tokens"),
+            "max_completion_tokens": (lambda value: value is not None, "this route's name for it is max_output_tokens"),
+            "response_format": (lambda value: value is not None, 'this route\'s name for it is text.format'),
+            "n": (not_off(1), "this route answers one response a request: send n to /v1/chat/completions"),
         })  # fmt: skip
 
     def chat_request(self) -> ChatCompletionRequest:

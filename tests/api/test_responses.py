@@ -69,8 +69,6 @@ def test_the_answers_settings_are_the_chat_requests() -> None:
         parallel_tool_calls=False,
         seed=3,
         top_k=5,
-        n=4,  # no Responses field: one answer
-        logprobs=True,
     ).chat_request()
     assert (chat.max_completion_tokens, chat.temperature, chat.top_p, chat.seed, chat.top_k) == (7, 0.5, 0.9, 3, 5)
     assert chat.stream and chat.include_usage and chat.n == 1 and not chat.logprobs
@@ -108,10 +106,23 @@ def test_the_answers_settings_are_the_chat_requests() -> None:
         ({"instructions": "\ud800"}, "half of a UTF-16 surrogate pair"),
         ({"max_output_tokens": 0}, "greater than or equal to 1"),
         ({"temperature": float("nan")}, "finite number"),
+        ({"truncation": "auto"}, 'send "disabled"'),
+        ({"top_logprobs": 5}, "logprobs are not implemented on this route"),
+        ({"logprobs": True}, "logprobs are not implemented on this route"),
+        ({"max_tokens": 5}, "max_output_tokens"),
+        ({"max_completion_tokens": 5}, "max_output_tokens"),
+        ({"response_format": {"type": "json_object"}}, "text.format"),
+        ({"n": 3}, "one response a request"),
     ],
 )
 def test_what_the_server_cannot_answer_as_asked_is_refused_saying_what_to_send(fields: dict, says: str) -> None:
     assert says in refusal(**fields)
+
+
+def test_those_fields_at_their_no_op_values_are_taken() -> None:
+    read(
+        truncation="disabled", top_logprobs=0, logprobs=False, n=1, max_tokens=None, response_format=None
+    ).chat_request()
 
 
 def test_the_chat_requests_own_checks_apply() -> None:
