@@ -40,8 +40,8 @@ class AuthorText:
     def message(self, message: dict[str, Any]) -> dict[str, Any]:
         apart = {}
         for key, value in message.items():
-            if key == "content" and isinstance(value, str) and self.special.search(value):
-                apart[key] = self._placeholder(value)
+            if key == "content" and isinstance(value, str):  # one scan: a content can be a whole prompt's text
+                apart[key] = self._placeholder(value) if self.special.search(value) else value
             else:
                 apart[key] = value if key == "role" else self.value(value)
         return apart

@@ -244,7 +244,7 @@ class ResponsesRequest(BaseModel):
             # CHAT_EXTRAS), answering other than asked
             "max_tokens": (lambda value: value is not None, "this route's name for it is max_output_tokens"),
             "max_completion_tokens": (lambda value: value is not None, "this route's name for it is max_output_tokens"),
-            "response_format": (lambda value: value is not None, 'this route\'s name for it is text.format'),
+            "response_format": (lambda value: value is not None, "this route's name for it is text.format"),
             "n": (not_off(1), "this route answers one response a request: send n to /v1/chat/completions"),
         })  # fmt: skip
 
